@@ -1,0 +1,295 @@
+"""Offline recomputation of patient state and features from the archive, vectorized.
+
+An independent implementation of docs/patient-state.md (the state rules) and schemas/features.py
+(the feature semantics): it shares the specs (FEATURES, DERIVED) with the stream, never its code.
+Polars applies the state rules; DuckDB computes the window aggregations.
+
+Shapes
+    events  one row per canonical event: the CanonicalEvent fields (patient_id, code, value, unit,
+            effective_ms, issued_ms, status, source, fact_id, version, encounter_id, value_text,
+            event_id) plus its arrival position (partition, offset, idx).
+    points  one row per scoring point: patient_id, scoring_ms, partition, offset.
+
+    classify_events(events, ...)           events in arrival order + outcome, late_by_ms
+    scoring_points(events, ...)            the scoring points the rules produce
+    final_facts(events, ...)               the live facts in hindsight (latest versions)
+    features_at(events, points, ...)       points + every FEATURE_NAMES column, as of arrival
+    features_as_of_issued(events, points)  the same, from what was issued by the scoring time
+"""
+
+from __future__ import annotations
+
+import duckdb
+import polars as pl
+
+from schemas.canonical import Status
+from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec
+from wardwatch.settings import Settings
+
+ACCEPTED, CORRECTED, DUPLICATE, LATE = "accepted", "corrected", "duplicate", "late"
+# Internally the two kinds of duplicate stay apart: an alias's later versions must be ignored.
+_REDELIVERED, _ALIAS = "redelivered", "alias"
+_OUTCOME = {ACCEPTED: ACCEPTED, CORRECTED: CORRECTED, LATE: LATE, _REDELIVERED: DUPLICATE, _ALIAS: DUPLICATE}
+
+RETRACTED = Status.ENTERED_IN_ERROR.value
+
+# defaults come from the one settings object's declared defaults (no environment read here)
+DEFAULT_ALLOWED_LATENESS_MS: int = Settings.model_fields["allowed_lateness_s"].default * 1000
+DEFAULT_CROSS_SOURCE_TOLERANCE: float = Settings.model_fields["cross_source_tolerance"].default
+
+_FACT = ["patient_id", "fact_id"]
+_ARRIVAL = ["patient_id", "partition", "offset", "idx"]
+
+
+# --- state rules ---------------------------------------------------------------------------------
+
+
+def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
+                    cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+    """The events in arrival order (patient, partition, offset, idx) with two added columns:
+    `outcome` (accepted / corrected / duplicate / late) and `late_by_ms` (null unless late).
+
+    The rules are sequential by nature (the clock depends on which events were accepted, which
+    depends on the clock; an alias depends on which facts are live). They are applied exactly by a
+    vectorized fixpoint: given a guess of every row's outcome, one pass recomputes each row's
+    outcome from the outcomes of the rows *before* it (cumulative maxima per fact and per patient,
+    and an equality join for aliases). Each row depends only on earlier rows, so the k-th row of a
+    patient is right after k passes and the fixpoint is the sequential result; in practice it is
+    reached in 2-3 passes (a pass changes something only after a late first arrival of a fact or
+    an alias).
+
+    Readings of the rules where docs/patient-state.md leaves room:
+    - a new fact with status entered-in-error is accepted: it enters `known` and moves the clock
+      like any accepted fact, but is never live;
+    - the latest version wins: a retracted fact corrected again with another status is live again;
+    - state never expires here (no dedupe horizon, no pruning): the same results as the stream as
+      long as redeliveries arrive within the dedupe horizon of event time.
+    """
+    classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
+    return (classified
+            .with_columns(outcome=pl.col("_kind").replace_strict(_OUTCOME, return_dtype=pl.String),
+                          late_by_ms=pl.when(pl.col("_kind") == LATE)
+                          .then(pl.col("_clock") - allowed_lateness_ms - pl.col("effective_ms")))
+            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_clock"))
+
+
+def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
+                   cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+    """One point (patient_id, scoring_ms, partition, offset) per micro-batch message in which an
+    event was accepted or corrected; scoring_ms is the patient clock after that message."""
+    classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
+    clock_after = (pl.when(pl.col("_kind") == ACCEPTED).then(pl.col("effective_ms"))
+                   .cum_max().forward_fill().over("patient_id"))
+    return (classified
+            .with_columns(_clock_after=clock_after, _scores=pl.col("_kind").is_in([ACCEPTED, CORRECTED]))
+            .group_by("patient_id", "partition", "offset", maintain_order=True)
+            .agg(pl.col("_scores").any(), scoring_ms=pl.col("_clock_after").last())
+            .filter("_scores")
+            .select("patient_id", "scoring_ms", "partition", "offset"))
+
+
+def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
+    """Rows in arrival order with `_row`, `_kind` (internal outcome) and `_clock` (clock before the row)."""
+    rows = (events
+            .with_columns(pl.col("effective_ms", "issued_ms", "version", "partition", "offset", "idx").cast(pl.Int64),
+                          pl.col("value").cast(pl.Float64))
+            .sort(_ARRIVAL, maintain_order=True)
+            .with_row_index("_row")
+            # only a fact with several rows has a history; only a row sharing (patient, code,
+            # effective time) with another row can be or meet an alias: later steps skip the rest
+            .with_columns(_fact_repeats=pl.struct(_FACT).is_duplicated(),
+                          _key_shared=pl.struct("patient_id", "code", "effective_ms").is_duplicated()))
+    guess = pl.repeat(ACCEPTED, rows.height, dtype=pl.String, eager=True).alias("_kind")
+    for _ in range(rows.height + 1):  # converges within (longest patient history + 1) passes
+        step = _one_pass(rows, guess, lateness_ms, tolerance)
+        if step["_kind"].equals(guess):
+            return rows.with_columns(step)
+        guess = step["_kind"]
+    raise AssertionError("state rules did not converge")  # impossible: each row depends only on earlier rows
+
+
+def _one_pass(rows: pl.DataFrame, guess: pl.Series, lateness_ms: int, tolerance: float) -> pl.DataFrame:
+    """Each row's outcome given the guessed outcomes of the rows before it (rules 1-5)."""
+    r = rows.with_columns(guess)
+    # rules 1-2: the highest version `known` holds before this row; late arrivals never enter it
+    r = _over_repeated_facts(r, "_known_version", pl.when(pl.col("_kind") != LATE).then(pl.col("version"))
+                             .shift(1).cum_max().forward_fill())
+    # the patient clock before this row: max effective time of accepted new facts
+    r = r.with_columns(_clock=pl.when(pl.col("_kind") == ACCEPTED).then(pl.col("effective_ms"))
+                       .shift(1).cum_max().forward_fill().over("patient_id"))
+    is_new = pl.col("_known_version").is_null()
+    is_late = (is_new & (pl.col("effective_ms") < pl.col("_clock") - lateness_ms)).fill_null(False)
+    candidates = r.filter(is_new & ~is_late & pl.col("value").is_not_null() & pl.col("_key_shared"))
+    alias_rows = _alias_rows(r, candidates, tolerance)
+    kind = (pl.when(~is_new).then(pl.when(pl.col("version") <= pl.col("_known_version"))
+                                  .then(pl.lit(_REDELIVERED)).otherwise(pl.lit(CORRECTED)))
+            .when(is_late).then(pl.lit(LATE))
+            .when(pl.col("_row").is_in(alias_rows.implode())).then(pl.lit(_ALIAS))
+            .otherwise(pl.lit(ACCEPTED)))
+    return r.select(kind.alias("_kind"), pl.col("_clock"))
+
+
+def _alias_rows(r: pl.DataFrame, candidates: pl.DataFrame, tolerance: float) -> pl.Series:
+    """Rule 4: candidate rows (new, not late) matching a live fact of another source at that moment.
+
+    A fact is live at row i when it entered as accepted (not as an alias) and its current version
+    (its last accepted/corrected row before i) is not a retraction; the current version holds the
+    code, effective time and value to compare.
+    """
+    versions = _over_repeated_facts(_fact_versions(r), "_next_version_row", pl.col("_row").shift(-1))
+    live = versions.filter((pl.col("status") != RETRACTED) & pl.col("value").is_not_null() & pl.col("_key_shared"))
+    matches = (candidates.select("_row", "patient_id", "code", "effective_ms", "source", "value")
+               .join(live.select("_row", "_next_version_row", "patient_id", "code", "effective_ms", "source", "value"),
+                     on=["patient_id", "code", "effective_ms"], suffix="_live")
+               .filter(pl.col("_row_live") < pl.col("_row"),
+                       pl.col("_next_version_row").is_null() | (pl.col("_next_version_row") > pl.col("_row")),
+                       pl.col("source_live") != pl.col("source"),
+                       (pl.col("value_live") - pl.col("value")).abs() <= tolerance))
+    return matches["_row"].unique()
+
+
+def _fact_versions(classified: pl.DataFrame) -> pl.DataFrame:
+    """The rows that set a live-eligible fact's state (accepted entry, then corrections), in arrival order.
+    Retractions are kept: they end the previous version's visibility. An alias's rows are left out."""
+    entered = _over_repeated_facts(classified, "_entered_as_accepted", (pl.col("_kind") == ACCEPTED).any())
+    entered_as_accepted = pl.coalesce("_entered_as_accepted", pl.col("_kind") == ACCEPTED)
+    return entered.filter(pl.col("_kind").is_in([ACCEPTED, CORRECTED]) & entered_as_accepted).drop("_entered_as_accepted")
+
+
+def _over_repeated_facts(frame: pl.DataFrame, name: str, expr: pl.Expr) -> pl.DataFrame:
+    """Add `expr` evaluated per fact over the rows of facts seen more than once, null for the others.
+
+    Callers pass expressions about a fact's *other* rows, which a fact seen once does not have.
+    Skipping the one-row facts matters: a window over millions of tiny groups is slow.
+    """
+    repeated = frame.filter("_fact_repeats").select("_row", expr.over(_FACT).alias(name))
+    return frame.join(repeated, on="_row", how="left", maintain_order="left")
+
+
+def final_facts(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
+                cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+    """The live facts once everything has arrived (hindsight, e.g. for labels): each accepted fact at
+    its latest version, retracted facts removed; the event columns of that version."""
+    versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
+    return (versions.unique(subset=_FACT, keep="last", maintain_order=True)
+            .filter((pl.col("status") != RETRACTED) & pl.col("value").is_not_null())
+            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_clock"))
+
+
+# --- features ------------------------------------------------------------------------------------
+
+
+def features_at(events: pl.DataFrame, points: pl.DataFrame, *,
+                allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
+                cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+    """Every feature at each point, over the facts visible after the point's message: each fact at
+    its latest version with arrival position <= (partition, offset, any idx); retracted facts excluded.
+
+    Returns the points (input order, input columns) plus one column per FEATURE_NAMES entry.
+    """
+    versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
+    points = points.with_columns(pl.col("scoring_ms", "partition", "offset").cast(pl.Int64))
+    # one global order of message positions, so events and points compare by a single integer
+    positions = (pl.concat([versions.select("partition", "offset"), points.select("partition", "offset")])
+                 .unique().sort("partition", "offset").with_row_index("_pos")
+                 .with_columns(pl.col("_pos").cast(pl.Int64)))
+    versions = _over_repeated_facts(
+        versions.join(positions, on=["partition", "offset"], how="left", maintain_order="left"),
+        "_until", pl.col("_pos").shift(-1)).with_columns(_from=pl.col("_pos"))
+    at = points.join(positions, on=["partition", "offset"], how="left", maintain_order="left")["_pos"]
+    return _features(versions, points, at)
+
+
+def features_as_of_issued(events: pl.DataFrame, points: pl.DataFrame, *,
+                          allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
+                          cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+    """Every feature at each point from what could be known at the scoring time: each fact at its
+    highest version with issued_ms <= scoring_ms (training without leakage). The state rules
+    (dedupe, lateness, aliases) are the same as online; points need only patient_id, scoring_ms.
+    """
+    versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
+    # version v is the visible one from its issue time until a later version has been issued
+    issued_later = pl.col("issued_ms").reverse().cum_min().reverse().shift(-1)
+    versions = _over_repeated_facts(versions, "_until", issued_later).with_columns(_from=pl.col("issued_ms"))
+    points = points.with_columns(pl.col("scoring_ms").cast(pl.Int64))
+    return _features(versions, points, points["scoring_ms"])
+
+
+def _features(versions: pl.DataFrame, points: pl.DataFrame, at: pl.Series) -> pl.DataFrame:
+    """Window aggregations of every spec, then the derived features.
+
+    `versions` carry a visibility interval [_from, _until) in the same units as `at` (one value per
+    point): arrival positions or issue times. Intervals of one fact never overlap, so a point sees
+    at most one version of each fact.
+    """
+    facts = (versions.filter((pl.col("status") != RETRACTED) & pl.col("value").is_not_null())
+             .select("patient_id", "fact_id", "code", "effective_ms", "value", "_from", "_until"))
+    keyed = points.with_row_index("_point").with_columns(_at=at.cast(pl.Int64))
+    out = keyed
+    for code, specs in _specs_by_code().items():
+        aggregated = _window_aggregates(facts.filter(pl.col("code") == code), keyed, specs)
+        out = out.join(aggregated, on="_point", how="left", maintain_order="left")
+    counts = [s.name for s in FEATURES if s.agg == "count"]
+    out = out.with_columns(pl.col(counts).fill_null(0))
+    return _with_derived(out).select(*points.columns, *FEATURE_NAMES)
+
+
+def _specs_by_code() -> dict[str, list[FeatureSpec]]:
+    by_code: dict[str, list[FeatureSpec]] = {}
+    for spec in FEATURES:
+        by_code.setdefault(spec.code, []).append(spec)
+    return by_code
+
+
+def _aggregate_sql(spec: FeatureSpec) -> str:
+    in_window = f"FILTER (WHERE f.effective_ms > p.scoring_ms - {int(spec.window_s) * 1000})"
+    expr = {
+        # greatest (effective_ms, fact_id): a struct compares field by field
+        "last": f"arg_max(f.value, struct_pack(e := f.effective_ms, i := f.fact_id)) {in_window}",
+        "mean": f"avg(f.value) {in_window}",
+        "min": f"min(f.value) {in_window}",
+        "max": f"max(f.value) {in_window}",
+        "count": f"count(*) {in_window}",
+        "time_since_last_s": f"CAST(p.scoring_ms - max(f.effective_ms) {in_window} AS DOUBLE) / 1000",
+    }[spec.agg]
+    return f'{expr} AS "{spec.name}"'
+
+
+def _window_aggregates(facts: pl.DataFrame, points: pl.DataFrame, specs: list[FeatureSpec]) -> pl.DataFrame:
+    """The specs of one code at every point, via one band join in DuckDB.
+
+    The join is an equality join on (patient, day bucket): a fact is copied into its own bucket and
+    the next, and a point looks only in its own bucket, so it meets every fact of (T - MAX_WINDOW, T]
+    exactly once and nothing older. The join stays linear in the data (points x facts of two buckets)
+    instead of points x a patient's whole history.
+    """
+    bucket_ms = MAX_WINDOW_S * 1000
+    widest_ms = max(s.window_s for s in specs) * 1000
+    facts = facts.with_columns(_bucket=pl.col("effective_ms") // bucket_ms)
+    facts = pl.concat([facts, facts.with_columns(pl.col("_bucket") + 1)])
+    points = points.select("_point", "patient_id", "scoring_ms", "_at", _bucket=pl.col("scoring_ms") // bucket_ms)
+    sql = f"""
+        SELECT p._point, {", ".join(_aggregate_sql(s) for s in specs)}
+        FROM points p JOIN facts f ON f.patient_id = p.patient_id AND f._bucket = p._bucket
+        WHERE f.effective_ms <= p.scoring_ms AND f.effective_ms > p.scoring_ms - {widest_ms}
+          AND f._from <= p._at AND (f._until IS NULL OR f._until > p._at)
+        GROUP BY p._point, p.scoring_ms
+    """
+    with duckdb.connect() as con:
+        con.register("facts", facts.to_arrow())
+        con.register("points", points.to_arrow())
+        result = con.sql(sql).pl()
+    return result.with_columns(pl.col("_point").cast(points.schema["_point"]))
+
+
+def _with_derived(frame: pl.DataFrame) -> pl.DataFrame:
+    """Apply DERIVED in order with the shared scoring functions, once per distinct complete input
+    tuple (far fewer than points), then join the results back; a missing input gives missing."""
+    for d in DERIVED:
+        inputs = list(d.inputs)
+        combos = frame.select(inputs).unique().drop_nulls()
+        result = pl.Series(d.name, [d.fn(*args) for args in combos.iter_rows()], strict=False)
+        if result.dtype == pl.Null:
+            result = result.cast(pl.Float64)
+        frame = frame.join(combos.with_columns(result), on=inputs, how="left", maintain_order="left")
+    return frame

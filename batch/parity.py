@@ -1,0 +1,138 @@
+"""Online/offline parity: the features the stream published vs the features recomputed from the archive.
+
+Both frames have one row per scoring point (patient_id, scoring_ms, partition, offset) and one
+column per feature. Every online point is compared, feature by feature:
+
+    match  both missing, or both present and |online - offline| <= tolerance
+
+A point the offline side lacks compares as all-missing offline, so it shows up as mismatches.
+
+The late-events cross-check compares the late events the stream published with those the batch
+finds by applying the same lateness rule; a late event is identified by (event_id, partition,
+offset) and must agree on late_by_ms.
+
+The nightly stores only the mismatch rows (`parity_report` table: it stays small when the planes
+agree, and empty when they agree fully) and puts the summary in the `runs` table.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import polars as pl
+
+from schemas.features import FEATURE_NAMES
+
+POINT_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
+LATE_KEYS = ("event_id", "partition", "offset")
+
+PARITY_ROW_SCHEMA = {
+    "check": pl.String,  # "feature" or "late"
+    "patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
+    "feature": pl.String, "event_id": pl.String,
+    "online": pl.Float64, "offline": pl.Float64, "abs_diff": pl.Float64, "match": pl.Boolean,
+    "detail": pl.String,
+}
+
+
+def _long(frame: pl.DataFrame, features: list[str], value_name: str) -> pl.DataFrame:
+    """One row per (point, feature) holding the value in `value_name`; `_point` keeps the point order."""
+    present = [f for f in features if f in frame.columns]
+    return (frame.select([pl.col(k).cast(PARITY_ROW_SCHEMA[k]) for k in POINT_KEYS]
+                         + [pl.col(f).cast(pl.Float64) for f in present])
+            .with_row_index("_point")
+            .unpivot(index=["_point", *POINT_KEYS], on=present, variable_name="feature", value_name=value_name))
+
+
+def feature_parity(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: float = 1e-9,
+                   features: Iterable[str] = FEATURE_NAMES) -> pl.DataFrame:
+    """One row per (online point, feature): online, offline, abs_diff, match."""
+    features = list(features)
+    on = _long(online, features, "online")
+    off = _long(offline, features, "offline").drop("_point").unique(subset=[*POINT_KEYS, "feature"], keep="first")
+    both = on.join(off, on=[*POINT_KEYS, "feature"], how="left", nulls_equal=True)
+    diff = (pl.col("online") - pl.col("offline")).abs()
+    both_nan = pl.col("online").is_nan() & pl.col("offline").is_nan()
+    return (both
+            .with_columns(abs_diff=diff)
+            .with_columns(match=pl.when(pl.col("online").is_null() & pl.col("offline").is_null()).then(True)
+                          .when(pl.col("online").is_null() | pl.col("offline").is_null()).then(False)
+                          .otherwise(both_nan | (pl.col("abs_diff") <= tolerance)))
+            .sort("_point", "feature")
+            .drop("_point"))
+
+
+def late_parity(published: pl.DataFrame, recomputed: pl.DataFrame) -> pl.DataFrame:
+    """Late events found by only one side, or with a different late_by_ms; one row each."""
+    def keyed(frame: pl.DataFrame, name: str) -> pl.DataFrame:
+        return (frame.select(pl.col("event_id").cast(pl.String), pl.col("partition").cast(pl.Int64),
+                             pl.col("offset").cast(pl.Int64), pl.col("patient_id").cast(pl.String),
+                             pl.col("late_by_ms").cast(pl.Int64).alias(name))
+                .unique(subset=list(LATE_KEYS), keep="first"))
+
+    pub, rec = keyed(published, "published_late_by_ms"), keyed(recomputed, "recomputed_late_by_ms")
+    both = pub.join(rec, on=list(LATE_KEYS), how="full", coalesce=True, suffix="_rec")
+    detail = (pl.when(pl.col("recomputed_late_by_ms").is_null()).then(pl.lit("published only"))
+              .when(pl.col("published_late_by_ms").is_null()).then(pl.lit("recomputed only"))
+              .when(pl.col("published_late_by_ms") != pl.col("recomputed_late_by_ms")).then(pl.lit("late_by_ms differs"))
+              .otherwise(None))
+    return (both.with_columns(detail=detail, patient_id=pl.coalesce("patient_id", "patient_id_rec"))
+            .filter(pl.col("detail").is_not_null())
+            .sort(*LATE_KEYS)
+            .select(*LATE_KEYS, "patient_id", "published_late_by_ms", "recomputed_late_by_ms", "detail"))
+
+
+def _empty_late() -> pl.DataFrame:
+    return pl.DataFrame(schema={"event_id": pl.String, "partition": pl.Int64, "offset": pl.Int64,
+                                "patient_id": pl.String, "late_by_ms": pl.Int64})
+
+
+def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: float = 1e-9,
+                  late_published: pl.DataFrame | None = None, late_recomputed: pl.DataFrame | None = None,
+                  features: Iterable[str] = FEATURE_NAMES) -> tuple[pl.DataFrame, dict]:
+    """Compare per (point, feature); returns (rows, summary).
+
+    rows: every (point, feature) comparison plus one row per late-event disagreement, in the
+    PARITY_ROW_SCHEMA shape (`check` says which). Filter on `match` for the mismatches.
+    """
+    values = feature_parity(online, offline, tolerance=tolerance, features=features)
+    late = late_parity(late_published if late_published is not None else _empty_late(),
+                       late_recomputed if late_recomputed is not None else _empty_late())
+
+    feature_rows = values.with_columns(check=pl.lit("feature"), event_id=pl.lit(None, pl.String),
+                                       detail=pl.lit(None, pl.String))
+    late_rows = late.select(
+        check=pl.lit("late"), patient_id="patient_id", scoring_ms=pl.lit(None, pl.Int64), partition="partition",
+        offset="offset", feature=pl.lit(None, pl.String), event_id="event_id",
+        online=pl.col("published_late_by_ms").cast(pl.Float64),
+        offline=pl.col("recomputed_late_by_ms").cast(pl.Float64),
+        abs_diff=(pl.col("published_late_by_ms") - pl.col("recomputed_late_by_ms")).abs().cast(pl.Float64),
+        match=pl.lit(False), detail="detail")
+    rows = pl.concat([feature_rows.select(list(PARITY_ROW_SCHEMA)).cast(PARITY_ROW_SCHEMA),
+                      late_rows.select(list(PARITY_ROW_SCHEMA)).cast(PARITY_ROW_SCHEMA)])
+
+    mismatches = values.filter(~pl.col("match"))
+    per_feature = dict(mismatches.group_by("feature").len().sort("feature").iter_rows())
+    max_abs = values["abs_diff"].drop_nulls().drop_nans().max()
+    checked = values.height
+    summary = {
+        "points_checked": online.height,
+        "values_checked": checked,
+        "mismatched": mismatches.height,
+        "match_rate": 1.0 if checked == 0 else (checked - mismatches.height) / checked,
+        "per_feature_mismatches": per_feature,
+        "max_abs_diff": float(max_abs) if max_abs is not None else 0.0,
+        "late_published": 0 if late_published is None else late_published.unique(subset=list(LATE_KEYS)).height,
+        "late_recomputed": 0 if late_recomputed is None else late_recomputed.unique(subset=list(LATE_KEYS)).height,
+        "late_mismatched": late.height,
+    }
+    return rows, summary
+
+
+def parity_ok(summary: dict, max_unexplained_rate: float = 0.0) -> bool:
+    """True when the feature mismatch rate and the late-event disagreement rate are both within bound."""
+    values_checked = summary["values_checked"]
+    feature_rate = summary["mismatched"] / values_checked if values_checked else 0.0
+    late_seen = max(summary["late_published"], summary["late_recomputed"])
+    late_rate = summary["late_mismatched"] / late_seen if late_seen else 0.0
+    return feature_rate <= max_unexplained_rate and late_rate <= max_unexplained_rate

@@ -1,0 +1,133 @@
+"""Archive -> tables: read the Parquet archive and turn each kind into a clean, deduplicated table.
+
+Pure functions over Polars frames (the nightly, batch/nightly.py, wires them to DuckDB). Every
+table is sorted on a unique key, so the same archive always gives identical tables.
+
+Duplicates come from the archiver's at-least-once delivery (and from upstream redeliveries of the
+same record); each kind has one dedupe key, the first archived row wins:
+
+    canonical   event_id + arrival position (partition, offset, idx); idx keeps two copies inside
+                one micro-batch apart, since those are a real redelivery the rules must see
+    late        event_id + partition + offset of the canonical message
+    deadletter  source topic/partition/offset + reason (else the dead-letter record's own position)
+    features    snapshot_id
+    scores      snapshot_id
+    alerts      alert_id + kind
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from schemas.canonical import Status
+from schemas.features import FEATURE_NAMES
+from streams.archiver import ARCHIVE_SCHEMAS, part_files
+
+ARRIVAL = ("partition", "offset", "idx")
+POINT_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
+_KAFKA_POSITION = ("kafka_partition", "kafka_offset")
+
+
+def empty_archive_frame(kind: str) -> pl.DataFrame:
+    return pl.from_arrow(ARCHIVE_SCHEMAS[kind].empty_table())
+
+
+def read_archive(archive_dir: Path, kind: str) -> pl.DataFrame:
+    """Every finished part file of a kind as one frame (hidden temp files are never read)."""
+    files = part_files(archive_dir, kind)
+    if not files:
+        return empty_archive_frame(kind)
+    frames = [pl.read_parquet(f, hive_partitioning=False) for f in files]
+    return pl.concat([empty_archive_frame(kind), *frames], how="diagonal_relaxed")
+
+
+def _first_per_key(frame: pl.DataFrame, key: list[str], order: list[str]) -> pl.DataFrame:
+    """The first row per key in `order`, deterministic whatever order the files were read in."""
+    return frame.sort([*key, *order], nulls_last=True).unique(subset=key, keep="first", maintain_order=True)
+
+
+def canonical_events(raw: pl.DataFrame) -> pl.DataFrame:
+    """Deduplicated canonical events in arrival order (partition, offset, idx)."""
+    return _first_per_key(raw, ["event_id", *ARRIVAL], ["kafka_timestamp_ms"]).sort(*ARRIVAL)
+
+
+def late_events(raw: pl.DataFrame) -> pl.DataFrame:
+    return (_first_per_key(raw, ["event_id", "partition", "offset"], list(_KAFKA_POSITION))
+            .sort("partition", "offset", "event_id"))
+
+
+def dead_letters(raw: pl.DataFrame) -> pl.DataFrame:
+    has_source = pl.col("source_topic").is_not_null() & pl.col("source_offset").is_not_null()
+    dedupe_key = (pl.when(has_source)
+                  .then(pl.concat_str([pl.lit("source"), "source_topic", "source_partition", "source_offset",
+                                       pl.col("reason").fill_null("")], separator="|"))
+                  .otherwise(pl.concat_str([pl.lit("kafka"), *_KAFKA_POSITION], separator="|")))
+    return (_first_per_key(raw.with_columns(_dedupe_key=dedupe_key), ["_dedupe_key"], list(_KAFKA_POSITION))
+            .drop("_dedupe_key")
+            .sort("source_topic", "source_partition", "source_offset", *_KAFKA_POSITION, nulls_last=True))
+
+
+def features_online(raw: pl.DataFrame) -> pl.DataFrame:
+    """One row per published snapshot, features_json expanded to one Float64 column per feature."""
+    feature_struct = pl.Struct({name: pl.Float64 for name in FEATURE_NAMES})
+    return (_first_per_key(raw, ["snapshot_id"], list(_KAFKA_POSITION))
+            .with_columns(pl.col("features_json").str.json_decode(dtype=feature_struct).alias("_features"))
+            .select("snapshot_id", *POINT_KEYS, pl.col("_features").struct.unnest())
+            .sort("partition", "offset", "patient_id", "scoring_ms", "snapshot_id"))
+
+
+def scoring_points(online: pl.DataFrame) -> pl.DataFrame:
+    """The distinct scoring points of the online snapshots, in arrival order."""
+    return online.select(*POINT_KEYS).unique().sort("partition", "offset", "patient_id", "scoring_ms")
+
+
+def scores(raw: pl.DataFrame) -> pl.DataFrame:
+    return (_first_per_key(raw, ["snapshot_id"], list(_KAFKA_POSITION))
+            .sort("partition", "offset", "patient_id", "scoring_ms", "snapshot_id"))
+
+
+def alerts(raw: pl.DataFrame) -> pl.DataFrame:
+    return (_first_per_key(raw, ["alert_id", "kind"], list(_KAFKA_POSITION))
+            .rename({"resource_json": "resource"})
+            .sort("scoring_ms", "alert_id", "kind", nulls_last=True))
+
+
+def unreadable(raw: pl.DataFrame) -> pl.DataFrame:
+    return _first_per_key(raw, ["topic", *_KAFKA_POSITION], []).sort("topic", *_KAFKA_POSITION)
+
+
+def observation_versions(classified: pl.DataFrame) -> pl.DataFrame:
+    """Every version of every fact, once: its first arrival, that arrival's outcome and how often it arrived."""
+    arrivals = classified.group_by("event_id").len("arrivals")
+    return (classified.sort(*ARRIVAL)
+            .unique(subset=["event_id"], keep="first", maintain_order=True)
+            .join(arrivals, on="event_id", how="left")
+            .sort("fact_id", "version", "event_id"))
+
+
+def observations(versions: pl.DataFrame) -> pl.DataFrame:
+    """The current (highest) version of each fact, retracted facts excluded.
+
+    `outcome` is how the fact first entered the system (accepted, late, or duplicate = a
+    cross-source copy of another fact); `versions` counts its versions seen.
+    """
+    first_arrival = (versions.sort(*ARRIVAL).unique(subset=["fact_id"], keep="first", maintain_order=True)
+                     .select("fact_id", first_outcome="outcome"))
+    version_count = versions.group_by("fact_id").len("versions")
+    current = versions.sort("fact_id", "version", descending=[False, True]).unique(
+        subset=["fact_id"], keep="first", maintain_order=True)
+    return (current.filter(pl.col("status") != Status.ENTERED_IN_ERROR.value)
+            .drop("outcome", "arrivals")
+            .join(first_arrival, on="fact_id", how="left")
+            .join(version_count, on="fact_id", how="left")
+            .rename({"first_outcome": "outcome"})
+            .sort("fact_id"))
+
+
+def late_recomputed(classified: pl.DataFrame) -> pl.DataFrame:
+    """The events the batch finds late, in the shape of the late_events table's key columns."""
+    return (classified.filter(pl.col("outcome") == "late")
+            .select("event_id", "partition", "offset", "patient_id", "late_by_ms")
+            .sort("partition", "offset", "event_id"))

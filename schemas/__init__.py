@@ -1,0 +1,1 @@
+"""The contracts of wardwatch: pure, I/O-free data models and functions."""

@@ -1,0 +1,99 @@
+"""The alert a downstream app receives: a routing header plus a FHIR R4B RiskAssessment.
+
+    build_alert(decision, patient_id=..., encounter_id=..., probability=..., news2=...,
+                model_version=..., path=..., rationale=[...], basis_event_ids=[...]) ->
+    {"header": {alert_id, kind, tier, patient_id, encounter_id, scoring_ms, model_version, path},
+     "resource": <RiskAssessment as a JSON dict>}
+
+The resource id is the alert id (deterministic, see streams/alerting.py), so a consumer that
+upserts by id is idempotent. Status is "final"; a correction of an alert will later be published
+as "amended" or "entered-in-error" under the same id. Minimum necessary PHI: the patient and
+encounter ids only, never names.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
+
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
+# wardwatch tier -> risk-probability code and display
+QUALITATIVE_RISK: dict[str, tuple[str, str]] = {
+    "none": ("negligible", "Negligible likelihood"),
+    "low": ("low", "Low likelihood"),
+    "medium": ("moderate", "Moderate likelihood"),
+    "high": ("high", "High likelihood"),
+}
+OUTCOME = "clinical deterioration"
+HOUR_MS = 3_600_000
+
+
+def iso_utc(ms: int) -> str:
+    """Epoch milliseconds -> ISO-8601 UTC with millisecond precision, e.g. 2024-01-01T08:00:00.000Z."""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def build_alert(decision, *, patient_id: str, encounter_id: str | None, probability: float | None,
+                news2: int | None, model_version: str | None, path: str, rationale: Sequence[Mapping[str, Any]],
+                basis_event_ids: Sequence[str], horizon_h: int = 12) -> dict[str, Any]:
+    """`decision` is a streams.alerting.AlertDecision; `rationale` items carry feature, value, contribution."""
+    header = {
+        "alert_id": decision.alert_id,
+        "kind": decision.kind,
+        "tier": decision.tier,
+        "patient_id": patient_id,
+        "encounter_id": encounter_id,
+        "scoring_ms": decision.scoring_ms,
+        "model_version": model_version,
+        "path": path,
+    }
+    resource: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "id": decision.alert_id,
+        "status": "final",
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "occurrenceDateTime": iso_utc(decision.scoring_ms),
+        "method": {"text": f"wardwatch model {model_version}" if path == "model" else "NEWS2 rule"},
+        "prediction": [_prediction(decision, probability if path == "model" else None, news2, rationale, horizon_h)],
+    }
+    if encounter_id:
+        resource["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    if basis_event_ids:
+        resource["basis"] = [{"reference": f"Observation/{event_id}"} for event_id in basis_event_ids]
+
+    # our own output: an invalid resource is a bug here, never something to publish
+    resource = RiskAssessment.model_validate(resource).model_dump(mode="json", exclude_none=True)
+    return {"header": header, "resource": resource}
+
+
+def _prediction(decision, probability: float | None, news2: int | None, rationale: Sequence[Mapping[str, Any]],
+                horizon_h: int) -> dict[str, Any]:
+    code, display = QUALITATIVE_RISK[decision.tier]
+    start, end = decision.scoring_ms, decision.scoring_ms + horizon_h * HOUR_MS
+    prediction: dict[str, Any] = {
+        "outcome": {"text": OUTCOME},
+        "qualitativeRisk": {"coding": [{"system": RISK_PROBABILITY, "code": code, "display": display}]},
+        "whenPeriod": {"start": iso_utc(start), "end": iso_utc(end)},
+    }
+    if probability is not None:
+        if not 0.0 <= probability <= 1.0:  # FHIR only bounds it by 100 (ras-2); ours is a fraction
+            raise ValueError(f"probability must be within [0, 1], got {probability}")
+        prediction["probabilityDecimal"] = round(float(probability), 4)
+    reason_text = _rationale_text(rationale, news2)
+    if reason_text:
+        prediction["rationale"] = reason_text
+    return prediction
+
+
+def _rationale_text(rationale: Sequence[Mapping[str, Any]], news2: int | None) -> str:
+    parts = [f"{r['feature']}={_number(r['value'])}" for r in rationale]
+    text = f"top contributing features: {', '.join(parts)}" if parts else ""
+    if news2 is not None:
+        text = f"{text}; NEWS2 {news2}" if text else f"NEWS2 {news2}"
+    return text
+
+
+def _number(x: Any) -> str:
+    return f"{float(x):g}"

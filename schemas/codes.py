@@ -1,0 +1,141 @@
+"""Clinical codes and the one declarative mapping from EHR tables/columns to LOINC.
+
+Both ingest parsers (CDC and FHIR) map into these codes, so the same measurement from either source
+is recognisable downstream as the same fact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# canonical LOINC codes used by features and scores
+HEART_RATE = "8867-4"
+RESP_RATE = "9279-1"
+SPO2 = "59408-5"  # pulse oximetry; 2708-6 is accepted as an alias
+O2_FLOW = "3151-8"  # inhaled oxygen flow, L/min; > 0 means on oxygen
+SYSTOLIC_BP = "8480-6"
+DIASTOLIC_BP = "8462-4"
+TEMPERATURE = "8310-5"
+CONSCIOUSNESS = "80288-4"  # ACVPU, value holds the ordinal (A=0 ... U=4)
+LACTATE = "2524-7"
+WBC = "6690-2"
+CREATININE = "2160-0"
+PLATELETS = "777-3"
+BP_PANEL = "85354-9"
+
+# alternative codes that mean the same parameter -> canonical code
+ALIASES: dict[str, str] = {
+    "2708-6": SPO2,
+    "32693-4": LACTATE,
+    "26464-8": WBC,
+    "38483-4": CREATININE,
+    "26515-7": PLATELETS,
+}
+
+ACVPU = ("A", "C", "V", "P", "U")
+ACVPU_ORDINAL = {letter: i for i, letter in enumerate(ACVPU)}
+# SNOMED CT codes for AVPU levels as FHIR servers send them
+SNOMED_ACVPU = {
+    "248234008": "A",  # alert
+    "130987000": "C",  # acute confusion
+    "284592002": "V",  # responds to voice
+    "450847001": "P",  # responds to pain
+    "422768004": "U",  # unresponsive
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CodeInfo:
+    code: str
+    name: str
+    unit: str  # canonical UCUM code
+    plausible: tuple[float, float]  # values outside are dead-lettered as implausible
+
+
+CODES: dict[str, CodeInfo] = {
+    c.code: c
+    for c in (
+        CodeInfo(HEART_RATE, "heart_rate", "/min", (10, 300)),
+        CodeInfo(RESP_RATE, "resp_rate", "/min", (1, 80)),
+        CodeInfo(SPO2, "spo2", "%", (40, 100)),
+        CodeInfo(O2_FLOW, "o2_flow", "L/min", (0, 80)),
+        CodeInfo(SYSTOLIC_BP, "systolic_bp", "mm[Hg]", (30, 300)),
+        CodeInfo(DIASTOLIC_BP, "diastolic_bp", "mm[Hg]", (10, 200)),
+        CodeInfo(TEMPERATURE, "temperature", "Cel", (25, 45)),
+        CodeInfo(CONSCIOUSNESS, "consciousness", "{score}", (0, 4)),
+        CodeInfo(LACTATE, "lactate", "mmol/L", (0, 40)),
+        CodeInfo(WBC, "wbc", "10*3/uL", (0, 500)),
+        CodeInfo(CREATININE, "creatinine", "mg/dL", (0, 40)),
+        CodeInfo(PLATELETS, "platelets", "10*3/uL", (0, 3000)),
+    )
+}
+
+
+def canonical_code(code: str) -> str | None:
+    """The canonical code for a source code, or None when wardwatch does not use it."""
+    code = ALIASES.get(code, code)
+    return code if code in CODES else None
+
+
+# unit conversions to the canonical unit: (code, source unit) -> function
+def _f_to_c(v: float) -> float:
+    return round((v - 32.0) * 5.0 / 9.0, 2)
+
+
+UNIT_CONVERSIONS = {
+    (TEMPERATURE, "[degF]"): _f_to_c,
+    (TEMPERATURE, "degF"): _f_to_c,
+    (TEMPERATURE, "°F"): _f_to_c,
+    (WBC, "/uL"): lambda v: v / 1000.0,
+    (WBC, "10*9/L"): lambda v: v,
+    (PLATELETS, "10*9/L"): lambda v: v,
+    (CREATININE, "umol/L"): lambda v: round(v / 88.42, 3),
+    (HEART_RATE, "{beats}/min"): lambda v: v,
+    (RESP_RATE, "{breaths}/min"): lambda v: v,
+    (O2_FLOW, "L/min"): lambda v: v,
+    (SPO2, "%"): lambda v: v,
+}
+UNIT_ALIASES = {"Cel": "Cel", "C": "Cel", "°C": "Cel", "mmHg": "mm[Hg]", "bpm": "/min", "beats/min": "/min",
+                "breaths/min": "/min"}
+
+
+def to_canonical_unit(code: str, value: float, unit: str | None) -> float | None:
+    """Convert value to the canonical unit of code; None when the unit is unknown for that code."""
+    info = CODES[code]
+    if unit is None or unit == info.unit or UNIT_ALIASES.get(unit) == info.unit:
+        return value
+    conv = UNIT_CONVERSIONS.get((code, unit))
+    return conv(value) if conv else None
+
+
+# --- the one declarative CDC mapping: table -> column -> (code, unit in that column) -------------
+
+
+@dataclass(frozen=True, slots=True)
+class TableMapping:
+    table: str
+    patient_column: str
+    time_column: str
+    columns: dict[str, tuple[str, str]]  # column -> (canonical code, unit of the column)
+    encounter_column: str | None = None
+    pk_column: str = "id"  # names the row in fact ids: cdc:<table>:<pk>:<code>
+
+
+CDC_TABLES: dict[str, TableMapping] = {
+    "vital_signs": TableMapping(
+        table="vital_signs",
+        patient_column="patient_id",
+        time_column="measured_at",
+        encounter_column="encounter_id",
+        columns={
+            "heart_rate": (HEART_RATE, "/min"),
+            "respiratory_rate": (RESP_RATE, "/min"),
+            "spo2": (SPO2, "%"),
+            "oxygen_flow_rate_lpm": (O2_FLOW, "L/min"),
+            "systolic_bp": (SYSTOLIC_BP, "mm[Hg]"),
+            "diastolic_bp": (DIASTOLIC_BP, "mm[Hg]"),
+            "temperature": (TEMPERATURE, "Cel"),
+            "consciousness_level": (CONSCIOUSNESS, "{score}"),
+        },
+    ),
+}

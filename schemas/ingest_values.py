@@ -1,0 +1,71 @@
+"""Value checks shared by the CDC and FHIR parsers: times, numbers, plausibility, ACVPU.
+
+Each helper raises `Reject` so a parser can abandon the whole message in one place.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timedelta, timezone
+
+from schemas.codes import ACVPU_ORDINAL, CODES
+from schemas.deadletter import Reason
+from schemas.ingest_outcome import Reject
+
+# a clinical time outside this range is a unit mix-up (ms read as µs, seconds read as ms), not data
+_MIN_MS = 315_532_800_000  # 1980-01-01
+_MAX_MS = 4_102_444_800_000  # 2100-01-01
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_FRACTION = re.compile(r"(\.\d{6})\d+")  # nanosecond fractions: keep microseconds
+
+
+def iso_to_ms(text: str, what: str) -> int:
+    """ISO-8601 date or date-time -> epoch ms; a naive value is taken as UTC."""
+    try:
+        dt = datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip()))
+    except (ValueError, AttributeError) as exc:
+        raise Reject(Reason.BAD_VALUE, f"{what}: not an ISO-8601 date-time") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    # floor to ms with integer arithmetic, as CDC µs are floored: the same instant from both sources
+    # must give the same effective_ms (cross-source dedupe compares it exactly)
+    return checked_time_ms((dt - _EPOCH) // timedelta(milliseconds=1), what)
+
+
+def checked_time_ms(ms: int, what: str) -> int:
+    if not _MIN_MS <= ms < _MAX_MS:
+        raise Reject(Reason.BAD_VALUE, f"{what}: time outside 1980-2100 (wrong time unit?)")
+    return ms
+
+
+def finite_number(raw: object, what: str) -> float:
+    """A JSON number or numeric string as a finite float; booleans, NaN and Infinity are bad values."""
+    if isinstance(raw, bool):
+        raise Reject(Reason.BAD_VALUE, f"{what}: boolean where a number was expected")
+    if isinstance(raw, (int, float)):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError as exc:
+            raise Reject(Reason.BAD_VALUE, f"{what}: not a number") from exc
+    else:
+        raise Reject(Reason.BAD_VALUE, f"{what}: {type(raw).__name__} where a number was expected")
+    if not math.isfinite(value):
+        raise Reject(Reason.BAD_VALUE, f"{what}: NaN or Infinity")
+    return value
+
+
+def plausible(code: str, value: float, what: str) -> float:
+    low, high = CODES[code].plausible
+    if not low <= value <= high:
+        raise Reject(Reason.IMPLAUSIBLE_VALUE, f"{what}: outside plausible range [{low}, {high}]")
+    return value
+
+
+def acvpu_letter(raw: object, what: str) -> str:
+    letter = raw.strip().upper() if isinstance(raw, str) else None
+    if letter not in ACVPU_ORDINAL:
+        raise Reject(Reason.BAD_VALUE, f"{what}: not one of A, C, V, P, U")
+    return letter

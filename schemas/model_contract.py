@@ -1,0 +1,129 @@
+"""The model's input contract: a named, versioned, ordered feature list, checked against the ONNX
+model's signature when the model is loaded (never at scoring time).
+
+The card (`<model_dir>/<version>/card.json`, written by batch/registry.py) carries:
+
+    {version, created, features: [ordered names from schemas.features.FEATURE_NAMES],
+     input_name: "features", output_name: "probabilities", imputation: {feature: value},
+     training_range, metrics, sha256 (of model.onnx)}
+
+The ONNX input is float32 [None, len(features)], columns in `features` order; the output
+`output_name` is [N, 2] with column 1 = probability of deterioration.
+
+    contract = ModelContract.from_card(card)
+    check_contract(contract, session.get_inputs(), session.get_outputs())   # raises ContractError
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+from schemas.features import FEATURE_NAMES
+
+ONNX_FLOAT = "tensor(float)"
+
+
+class ContractError(Exception):
+    """The model on disk does not match its card, or the card does not match this code base."""
+
+
+class TensorSignature(Protocol):
+    """What check_contract reads from an input/output; onnxruntime's NodeArg satisfies it."""
+
+    name: str
+    shape: Sequence[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContract:
+    version: str
+    features: tuple[str, ...]
+    input_name: str
+    output_name: str
+    imputation: dict[str, float | None]
+    sha256: str | None = None
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> ModelContract:
+        missing = [k for k in ("version", "features", "input_name", "output_name", "imputation") if k not in card]
+        if missing:
+            raise ContractError(f"model card lacks {missing}; re-register the model with batch/registry.py")
+        return cls(
+            version=str(card["version"]),
+            features=tuple(card["features"]),
+            input_name=card["input_name"],
+            output_name=card["output_name"],
+            imputation=dict(card["imputation"] or {}),
+            sha256=card.get("sha256"),
+        )
+
+
+def check_contract(contract: ModelContract, onnx_inputs: Sequence[TensorSignature],
+                   onnx_outputs: Sequence[TensorSignature]) -> None:
+    """Raise ContractError listing every way the card and the ONNX signature disagree."""
+    problems = _feature_problems(contract) + _signature_problems(contract, onnx_inputs, onnx_outputs)
+    if problems:
+        listed = "\n  - ".join(problems)
+        raise ContractError(f"model {contract.version} violates its contract:\n  - {listed}")
+
+
+def _feature_problems(contract: ModelContract) -> list[str]:
+    problems = []
+    if not contract.features:
+        problems.append("card lists no features")
+    unknown = [f for f in contract.features if f not in FEATURE_NAMES]
+    if unknown:
+        problems.append(f"card features {unknown} are not in schemas.features.FEATURE_NAMES "
+                        "(renamed or removed feature? retrain against the current feature specs)")
+    duplicates = sorted({f for f in contract.features if contract.features.count(f) > 1})
+    if duplicates:
+        problems.append(f"card lists features more than once: {duplicates}")
+    no_value = [f for f in contract.features if not _is_finite_number(contract.imputation.get(f))]
+    if no_value:
+        problems.append(f"card imputation has no finite value for {no_value} "
+                        "(every feature needs one: a missing input is imputed before scoring)")
+    return problems
+
+
+def _signature_problems(contract: ModelContract, onnx_inputs: Sequence[TensorSignature],
+                        onnx_outputs: Sequence[TensorSignature]) -> list[str]:
+    problems = []
+    input_names = [i.name for i in onnx_inputs]
+    if len(onnx_inputs) != 1 or input_names[0] != contract.input_name:
+        problems.append(f"card input_name {contract.input_name!r} but the ONNX model has inputs {input_names} "
+                        "(expected exactly one)")
+    else:
+        node = onnx_inputs[0]
+        width = _dim(node.shape, 1)
+        if width is None:
+            problems.append(f"ONNX input {node.name!r} has shape {list(node.shape)}: its width must be a fixed "
+                            f"{len(contract.features)} (export with FloatTensorType([None, n_features]))")
+        elif width != len(contract.features):
+            problems.append(f"ONNX input {node.name!r} takes {width} features but the card lists "
+                            f"{len(contract.features)}: the card and model.onnx come from different trainings")
+        node_type = getattr(node, "type", ONNX_FLOAT)
+        if node_type != ONNX_FLOAT:
+            problems.append(f"ONNX input {node.name!r} is {node_type}, expected {ONNX_FLOAT} (float32)")
+
+    output = next((o for o in onnx_outputs if o.name == contract.output_name), None)
+    if output is None:
+        problems.append(f"card output_name {contract.output_name!r} but the ONNX model has outputs "
+                        f"{[o.name for o in onnx_outputs]} (export the classifier with zipmap disabled)")
+    elif _dim(output.shape, 1) not in (None, 2):
+        problems.append(f"ONNX output {output.name!r} has {_dim(output.shape, 1)} columns; expected 2 "
+                        "(column 1 = deterioration)")
+    return problems
+
+
+def _dim(shape: Sequence[Any] | None, axis: int) -> int | None:
+    """A fixed dimension, or None when it is symbolic/unknown."""
+    if not shape or len(shape) <= axis:
+        return None
+    d = shape[axis]
+    return d if isinstance(d, int) else None
+
+
+def _is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

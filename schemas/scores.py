@@ -1,0 +1,133 @@
+"""NEWS2 (Royal College of Physicians, 2017; SpO2 scale 1) and qSOFA (Sepsis-3) as plain functions.
+
+    from schemas.scores import news2, qsofa
+    news2(resp_rate, spo2, on_oxygen, systolic_bp, pulse, consciousness, temperature) -> int
+    qsofa(resp_rate, systolic_bp, altered_mentation) -> int
+
+Band edges follow the published charts. Charted values are integers except temperature (one
+decimal); a fractional value between two bands (e.g. SpO2 95.5) takes the band of the value rounded
+half-up to the chart's precision, which is how a nurse charts it.
+"""
+
+from __future__ import annotations
+
+import math
+
+CONSCIOUSNESS_LEVELS = ("A", "C", "V", "P", "U")
+
+
+def _chart_int(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def _chart_1dp(x: float) -> float:
+    return math.floor(x * 10 + 0.5) / 10
+
+
+def resp_rate_score(rr: float) -> int:
+    rr = _chart_int(rr)
+    if rr <= 8:
+        return 3
+    if rr <= 11:
+        return 1
+    if rr <= 20:
+        return 0
+    if rr <= 24:
+        return 2
+    return 3
+
+
+def spo2_scale1_score(spo2: float) -> int:
+    spo2 = _chart_int(spo2)
+    if spo2 <= 91:
+        return 3
+    if spo2 <= 93:
+        return 2
+    if spo2 <= 95:
+        return 1
+    return 0
+
+
+def air_or_oxygen_score(on_oxygen: bool) -> int:
+    return 2 if on_oxygen else 0
+
+
+def systolic_bp_score(sbp: float) -> int:
+    sbp = _chart_int(sbp)
+    if sbp <= 90:
+        return 3
+    if sbp <= 100:
+        return 2
+    if sbp <= 110:
+        return 1
+    if sbp <= 219:
+        return 0
+    return 3
+
+
+def pulse_score(pulse: float) -> int:
+    pulse = _chart_int(pulse)
+    if pulse <= 40:
+        return 3
+    if pulse <= 50:
+        return 1
+    if pulse <= 90:
+        return 0
+    if pulse <= 110:
+        return 1
+    if pulse <= 130:
+        return 2
+    return 3
+
+
+def consciousness_score(level: str) -> int:
+    if level not in CONSCIOUSNESS_LEVELS:
+        raise ValueError(f"consciousness must be one of {CONSCIOUSNESS_LEVELS}, got {level!r}")
+    return 0 if level == "A" else 3
+
+
+def temperature_score(temp_c: float) -> int:
+    t = _chart_1dp(temp_c)
+    if t <= 35.0:
+        return 3
+    if t <= 36.0:
+        return 1
+    if t <= 38.0:
+        return 0
+    if t <= 39.0:
+        return 1
+    return 2
+
+
+def news2_subscores(resp_rate, spo2, on_oxygen, systolic_bp, pulse, consciousness, temperature) -> dict[str, int]:
+    return {
+        "resp_rate": resp_rate_score(resp_rate),
+        "spo2": spo2_scale1_score(spo2),
+        "air_or_oxygen": air_or_oxygen_score(on_oxygen),
+        "systolic_bp": systolic_bp_score(systolic_bp),
+        "pulse": pulse_score(pulse),
+        "consciousness": consciousness_score(consciousness),
+        "temperature": temperature_score(temperature),
+    }
+
+
+def news2(resp_rate: float, spo2: float, on_oxygen: bool, systolic_bp: float, pulse: float,
+          consciousness: str, temperature: float) -> int:
+    """Aggregate NEWS2 score (0-20)."""
+    return sum(news2_subscores(resp_rate, spo2, on_oxygen, systolic_bp, pulse, consciousness, temperature).values())
+
+
+def news2_risk(total: int, any_three: bool) -> str:
+    """Clinical risk band: 'low', 'low-medium' (a single parameter scoring 3), 'medium', 'high'."""
+    if total >= 7:
+        return "high"
+    if total >= 5:
+        return "medium"
+    if any_three:
+        return "low-medium"
+    return "low"
+
+
+def qsofa(resp_rate: float, systolic_bp: float, altered_mentation: bool) -> int:
+    """qSOFA (0-3): RR >= 22, SBP <= 100, altered mentation. Positive at >= 2."""
+    return int(resp_rate >= 22) + int(systolic_bp <= 100) + int(bool(altered_mentation))

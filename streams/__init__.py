@@ -1,0 +1,1 @@
+"""The online plane: ingest worker, faust agents, state, scoring, alert policy, archiver."""

@@ -1,0 +1,381 @@
+"""Archiver: every output topic -> Parquet, crash-safe, at-least-once.
+
+Layout: <archive_dir>/<kind>/date=YYYY-MM-DD/part-<uuid>.parquet, kind one of ARCHIVE_SCHEMAS.
+The date is the record's clinical/scoring time where it has one, else the Kafka timestamp.
+
+One row per archived thing (`kafka_*` columns are the record's own position on its topic):
+
+    canonical   one row per event: CanonicalEvent fields (provenance as JSON) + event_id
+                + arrival position partition/offset/idx
+    late        the late event's fields + late_by_ms + partition/offset of its canonical message
+    deadletter  key and value as the original bytes + the ww.* headers as columns
+    features    snapshot_id, patient_id, scoring_ms, partition, offset, features_json
+    scores      the score record, rationale as rationale_json
+    alerts      the header fields + resource_json (the FHIR RiskAssessment)
+    unreadable  an output record the archiver could not decode: raw key/value + the error, so
+                nothing leaves the system unrecorded
+
+Durability: rows are buffered, written to a hidden `.part-*.tmp` file in the target directory,
+fsynced and renamed; only then are the consumed offsets committed. A crash therefore loses no
+record (it is re-read) but may archive one twice; batch/rebuild.py removes those duplicates by id.
+Readers glob `part-*.parquet`, so a left-over `.tmp` file is never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.canonical import CanonicalEvent
+from streams.topics import Topics
+from wardwatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# --- schemas: one fixed Arrow schema per kind, so every file of a kind reads the same ------------
+
+_S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.binary()
+
+_EVENT_FIELDS = [
+    ("patient_id", _S), ("code", _S), ("value", _F), ("unit", _S), ("effective_ms", _I),
+    ("issued_ms", _I), ("status", _S), ("source", _S), ("fact_id", _S), ("version", _I),
+    ("encounter_id", _S), ("code_system", _S), ("value_text", _S), ("provenance", _S), ("event_id", _S),
+]
+_KAFKA_FIELDS = [("kafka_partition", _I), ("kafka_offset", _I), ("kafka_timestamp_ms", _I)]
+
+ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {
+    "canonical": pa.schema([*_EVENT_FIELDS, ("partition", _I), ("offset", _I), ("idx", _I),
+                            ("kafka_timestamp_ms", _I)]),
+    "late": pa.schema([*_EVENT_FIELDS, ("late_by_ms", _I), ("partition", _I), ("offset", _I), *_KAFKA_FIELDS]),
+    "deadletter": pa.schema([
+        ("key", _B), ("value", _B), ("reason", _S), ("detail", _S), ("exception", _S), ("stage", _S),
+        ("source_topic", _S), ("source_partition", _I), ("source_offset", _I), ("other_headers_json", _S),
+        *_KAFKA_FIELDS]),
+    "features": pa.schema([("snapshot_id", _S), ("patient_id", _S), ("scoring_ms", _I), ("partition", _I),
+                           ("offset", _I), ("features_json", _S), *_KAFKA_FIELDS]),
+    "scores": pa.schema([("snapshot_id", _S), ("patient_id", _S), ("scoring_ms", _I), ("partition", _I),
+                         ("offset", _I), ("model_version", _S), ("path", _S), ("probability", _F),
+                         ("news2", _I), ("tier", _S), ("rationale_json", _S), *_KAFKA_FIELDS]),
+    "alerts": pa.schema([("alert_id", _S), ("kind", _S), ("tier", _S), ("patient_id", _S), ("encounter_id", _S),
+                         ("scoring_ms", _I), ("model_version", _S), ("path", _S), ("resource_json", _S),
+                         *_KAFKA_FIELDS]),
+    "unreadable": pa.schema([("topic", _S), ("key", _B), ("value", _B), ("error", _S), *_KAFKA_FIELDS]),
+}
+
+_DEADLETTER_HEADERS = {
+    "ww.reason": "reason", "ww.detail": "detail", "ww.exception": "exception", "ww.stage": "stage",
+    "ww.source.topic": "source_topic", "ww.source.partition": "source_partition",
+    "ww.source.offset": "source_offset",
+}
+
+
+def kinds_by_topic(topics: Topics) -> dict[str, str]:
+    return {topics.canonical: "canonical", topics.late: "late", topics.deadletter: "deadletter",
+            topics.features: "features", topics.scores: "scores", topics.alerts: "alerts"}
+
+
+# --- pure: one Kafka record -> archive rows ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """The parts of a Kafka message the archiver keeps (a plain value, so tests need no broker)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    kind: str
+    date: str  # YYYY-MM-DD, the partition directory
+    values: dict[str, Any]
+
+
+def utc_date(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _text(value: Any) -> str | None:
+    """Strings stay; other JSON values keep their JSON spelling (a tier sent as 2 becomes "2")."""
+    return value if value is None or isinstance(value, str) else _json_text(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _kafka(rec: RawRecord) -> dict[str, int]:
+    return {"kafka_partition": rec.partition, "kafka_offset": rec.offset, "kafka_timestamp_ms": rec.timestamp_ms}
+
+
+def _event_columns(d: dict[str, Any]) -> dict[str, Any]:
+    e = CanonicalEvent.from_dict(d)  # validates the fields and fills defaults
+    row = e.to_dict()
+    row["status"], row["source"] = e.status.value, e.source.value
+    row["provenance"] = _json_text(e.provenance)
+    return row
+
+
+def _canonical_rows(rec: RawRecord) -> list[Row]:
+    events = orjson.loads(rec.value)
+    if not isinstance(events, list):
+        raise ValueError("canonical value is not a JSON array")
+    rows = []
+    for idx, d in enumerate(events):
+        row = _event_columns(d) | {"partition": rec.partition, "offset": rec.offset, "idx": idx,
+                                   "kafka_timestamp_ms": rec.timestamp_ms}
+        rows.append(Row("canonical", utc_date(row["effective_ms"]), row))
+    return rows
+
+
+def _late_rows(rec: RawRecord) -> list[Row]:
+    d = orjson.loads(rec.value)
+    row = _event_columns(d["event"]) | {"late_by_ms": int(d["late_by_ms"]), "partition": _int(d.get("partition")),
+                                        "offset": _int(d.get("offset"))} | _kafka(rec)
+    return [Row("late", utc_date(row["effective_ms"]), row)]
+
+
+def _deadletter_rows(rec: RawRecord) -> list[Row]:
+    row: dict[str, Any] = {"key": rec.key, "value": rec.value}
+    other = {}
+    for name, raw in rec.headers:
+        text = None if raw is None else raw.decode("utf-8", errors="replace")
+        column = _DEADLETTER_HEADERS.get(name)
+        if column is None:
+            other[name] = text
+        elif column in ("source_partition", "source_offset"):
+            row[column] = int(text) if text and text.lstrip("-").isdigit() else None
+        else:
+            row[column] = text
+    row["other_headers_json"] = _json_text(other) if other else None
+    return [Row("deadletter", utc_date(rec.timestamp_ms), row | _kafka(rec))]
+
+
+def _snapshot_point(d: dict[str, Any]) -> dict[str, Any]:
+    return {"snapshot_id": str(d["snapshot_id"]), "patient_id": str(d["patient_id"]),
+            "scoring_ms": int(d["scoring_ms"]), "partition": _int(d.get("partition")), "offset": _int(d.get("offset"))}
+
+
+def _features_rows(rec: RawRecord) -> list[Row]:
+    d = orjson.loads(rec.value)
+    if not isinstance(d.get("features"), dict):
+        raise ValueError("features record has no features object")
+    row = _snapshot_point(d) | {"features_json": _json_text(d["features"])} | _kafka(rec)
+    return [Row("features", utc_date(row["scoring_ms"]), row)]
+
+
+def _scores_rows(rec: RawRecord) -> list[Row]:
+    d = orjson.loads(rec.value)
+    row = _snapshot_point(d) | {
+        "model_version": _text(d.get("model_version")), "path": _text(d.get("path")),
+        "probability": _float(d.get("probability")), "news2": _int(d.get("news2")), "tier": _text(d.get("tier")),
+        "rationale_json": _json_text(d.get("rationale")),
+    } | _kafka(rec)
+    return [Row("scores", utc_date(row["scoring_ms"]), row)]
+
+
+def _alerts_rows(rec: RawRecord) -> list[Row]:
+    d = orjson.loads(rec.value)
+    h = d["header"]
+    row = {"alert_id": str(h["alert_id"]), "kind": _text(h.get("kind")), "tier": _text(h.get("tier")),
+           "patient_id": _text(h.get("patient_id")), "encounter_id": _text(h.get("encounter_id")),
+           "scoring_ms": _int(h.get("scoring_ms")), "model_version": _text(h.get("model_version")),
+           "path": _text(h.get("path")), "resource_json": _json_text(d.get("resource"))} | _kafka(rec)
+    date_ms = row["scoring_ms"] if row["scoring_ms"] is not None else rec.timestamp_ms
+    return [Row("alerts", utc_date(date_ms), row)]
+
+
+_ROW_MAKERS = {"canonical": _canonical_rows, "late": _late_rows, "deadletter": _deadletter_rows,
+               "features": _features_rows, "scores": _scores_rows, "alerts": _alerts_rows}
+
+
+def rows_for(kind: str, rec: RawRecord) -> list[Row]:
+    """The archive rows of one record; an undecodable record becomes one `unreadable` row."""
+    try:
+        return _ROW_MAKERS[kind](rec)
+    except Exception as exc:  # data error: keep the bytes, never stop the archive
+        row = {"topic": rec.topic, "key": rec.key, "value": rec.value,
+               "error": f"{type(exc).__name__}: {exc}"[:1000]} | _kafka(rec)
+        return [Row("unreadable", utc_date(rec.timestamp_ms), row)]
+
+
+# --- durable files -------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_part(archive_dir: Path, kind: str, date: str, rows: list[dict[str, Any]]) -> Path:
+    """Write one part file atomically: hidden temp file, fsync, rename, fsync the directory."""
+    directory = archive_dir / kind / f"date={date}"
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    tmp = directory / f".{name}.tmp"
+    table = pa.Table.from_pylist(rows, schema=ARCHIVE_SCHEMAS[kind])
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    final = directory / name
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    return final
+
+
+def part_files(archive_dir: Path, kind: str) -> list[Path]:
+    """Every finished part file of a kind, in a stable order (temp files are never listed)."""
+    return sorted((archive_dir / kind).glob("date=*/part-*.parquet"))
+
+
+# --- wiring: the consumer-group worker -----------------------------------------------------------
+
+
+class Archiver:
+    """Consumes topics.outputs in one consumer group and lands them in Parquet.
+
+    `flush_rows` / `flush_interval_s` bound the rows per file and how long a row waits in memory.
+    """
+
+    def __init__(self, settings: Settings, topics: Topics, *, flush_rows: int = 10_000,
+                 flush_interval_s: float = 5.0, batch_size: int = 1000):
+        from confluent_kafka import Consumer
+
+        self.archive_dir = settings.archive_dir
+        self.flush_rows = flush_rows
+        self.flush_interval_s = flush_interval_s
+        self.batch_size = batch_size
+        self._kinds = kinds_by_topic(topics)
+        self._buffer: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._buffered_rows = 0
+        self._oldest_buffered: float | None = None
+        self._pending_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        self.consumed: dict[str, int] = {kind: 0 for kind in self._kinds.values()}
+        self.files_written = 0
+        self._consumer = Consumer({
+            **settings.kafka_client_config(),
+            "group.id": f"{settings.group_prefix}.archiver",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": int(settings.session_timeout_s * 1000),
+            "heartbeat.interval.ms": int(settings.heartbeat_interval_s * 1000),
+        })
+        self.assigned = threading.Event()
+        # flush before partitions move to another member, so it starts after our durable rows
+        self._consumer.subscribe(list(self._kinds), on_assign=lambda consumer, partitions: self.assigned.set(),
+                                 on_revoke=lambda consumer, partitions: self.flush())
+
+    def poll_once(self, timeout_s: float = 1.0) -> int:
+        """Consume up to batch_size records, buffer their rows, flush when due. Returns records seen."""
+        from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException
+
+        messages = self._consumer.consume(num_messages=self.batch_size, timeout=timeout_s)
+        seen = 0
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("archiver consume error: %s", err)
+                continue
+            ts_type, ts = msg.timestamp()
+            rec = RawRecord(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+                            timestamp_ms=int(time.time() * 1000) if ts_type == TIMESTAMP_NOT_AVAILABLE else ts,
+                            key=msg.key(), value=msg.value(), headers=tuple(msg.headers() or ()))
+            kind = self._kinds[rec.topic]
+            for row in rows_for(kind, rec):
+                self._buffer.setdefault((row.kind, row.date), []).append(row.values)
+                self._buffered_rows += 1
+            if self._oldest_buffered is None:
+                self._oldest_buffered = time.monotonic()
+            self._pending_offsets[(rec.topic, rec.partition)] = rec.offset + 1
+            self.consumed[kind] += 1
+            seen += 1
+        if self._flush_due():
+            self.flush()
+        return seen
+
+    def _flush_due(self) -> bool:
+        if self._oldest_buffered is None:
+            return False
+        return (self._buffered_rows >= self.flush_rows
+                or time.monotonic() - self._oldest_buffered >= self.flush_interval_s)
+
+    def flush(self) -> None:
+        """Make every buffered row durable, then commit the offsets of the records they came from."""
+        self._write_buffer()
+        if self._pending_offsets:
+            self._commit()
+            self._pending_offsets.clear()
+
+    def _write_buffer(self) -> None:
+        for (kind, date), rows in sorted(self._buffer.items()):
+            write_part(self.archive_dir, kind, date, rows)
+            self.files_written += 1
+        self._buffer.clear()
+        self._buffered_rows = 0
+        self._oldest_buffered = None
+
+    def _commit(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        offsets = [TopicPartition(t, p, o) for (t, p), o in sorted(self._pending_offsets.items())]
+        self._consumer.commit(offsets=offsets, asynchronous=False)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                self.poll_once()
+            self.flush()
+        finally:
+            self.close()
+
+    def drain(self, expected: dict[str, int] | None = None, idle_s: float = 3.0,
+              deadline_s: float = 60.0) -> dict[str, int]:
+        """Consume until `expected` records per kind were seen (or, without it, until nothing
+        arrived for idle_s after joining the group), or the deadline passes; flush and return the
+        records seen per kind."""
+        start = last_seen = time.monotonic()
+        while time.monotonic() - start < deadline_s:
+            if self.poll_once(timeout_s=0.5) or not self.assigned.is_set():
+                last_seen = time.monotonic()
+            if expected is not None and all(self.consumed.get(k, 0) >= n for k, n in expected.items()):
+                break
+            if expected is None and time.monotonic() - last_seen >= idle_s:
+                break
+        self.flush()
+        return dict(self.consumed)
+
+    def close(self) -> None:
+        self._consumer.close()

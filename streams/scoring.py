@@ -1,0 +1,302 @@
+"""In-process scoring: feature snapshots -> risk (model path) or NEWS2 (rule path).
+
+    scorer = Scorer(settings.model_dir, settings)
+    results = scorer.score([snapshot, ...])      # one batched session.run per call
+    scorer.reload_if_changed()                   # cheap: re-reads the registry's `current` pointer
+
+A snapshot is a dict of feature name -> value|None (schemas.features); derived features (NEWS2,
+qSOFA) are recomputed here from the base features, so a snapshot may carry them or not.
+
+Paths
+- model: the registry's current model is loaded and every NEWS2 input is present. Other missing
+  features take the card's imputation value.
+- rule: no model (no registry, no `current`, or the current model was refused), or any NEWS2
+  input is missing (`missing` lists them). Probability is None; the tier comes from NEWS2:
+  >= 7 high, 5-6 medium, a single parameter scoring 3 -> low, else none. Missing NEWS2 -> none.
+
+Model tiers (probability p): p >= high_threshold (0.7) high; p >= settings.alert_threshold medium;
+p >= settings.alert_reset low (elevated, below the alerting line); else none.
+
+Rationale (top 3 features pushing towards deterioration; imputed features are never listed):
+- model path, linear model (a LinearClassifier, optionally after a Scaler, read from the ONNX node
+  attributes with the `onnx` package): contribution = coefficient * scaled value, in log-odds.
+- model path, any other model (or `onnx` not installed): the features furthest from their
+  imputation values, contribution = |value - imputation| / max(|imputation|, 1).
+- rule path: the NEWS2 parameters, contribution = their NEWS2 sub-score.
+
+Model problems never stop scoring: no registry means rule path (logged once at startup); a
+model that fails its checks (sha256, contract, onnxruntime load) is refused with ContractError
+(see load_model), logged once, and the scorer keeps what it had (rule path at startup, the
+previous model on reload). Logs never carry patient data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence, TypedDict
+
+import numpy as np
+import onnxruntime as ort
+
+from schemas.features import DERIVED, derive
+from schemas.model_contract import ContractError, ModelContract, check_contract
+from schemas.scores import news2_risk
+from wardwatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["none", "low", "medium", "high"]
+ScoringPath = Literal["model", "rule"]
+
+DEFAULT_HIGH_THRESHOLD = 0.7
+TOP_REASONS = 3
+
+# NEWS2 and its sub-scores are derived from the same inputs, in the same order (schemas.features)
+NEWS2_INPUTS: tuple[str, ...] = next(d.inputs for d in DERIVED if d.name == "news2")
+_NEWS2_PARTS: tuple[str, ...] = tuple(d.name for d in DERIVED if d.name.startswith("news2_"))
+NEWS2_PART_INPUT: dict[str, str] = dict(zip(_NEWS2_PARTS, NEWS2_INPUTS, strict=True))
+
+_RULE_TIER: dict[str, Tier] = {"high": "high", "medium": "medium", "low-medium": "low", "low": "none"}
+
+
+class Reason(TypedDict):
+    feature: str
+    value: float
+    contribution: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    probability: float | None
+    path: ScoringPath
+    model_version: str | None
+    news2: int | None
+    tier: Tier
+    rationale: list[Reason] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # NEWS2 inputs absent from the snapshot
+
+
+# --- tiers (pure) --------------------------------------------------------------------------------
+
+
+def model_tier(probability: float, *, alert_threshold: float, high_threshold: float, alert_reset: float) -> Tier:
+    if probability >= high_threshold:
+        return "high"
+    if probability >= alert_threshold:
+        return "medium"
+    if probability >= alert_reset:
+        return "low"
+    return "none"
+
+
+def rule_tier(features: dict) -> Tier:
+    """Tier from NEWS2 (features as returned by schemas.features.derive)."""
+    total = features.get("news2")
+    if total is None:
+        return "none"
+    any_three = any(features.get(part) == 3 for part in _NEWS2_PARTS)
+    return _RULE_TIER[news2_risk(int(total), any_three)]
+
+
+def rule_rationale(features: dict) -> list[Reason]:
+    """The NEWS2 parameters with the highest non-zero sub-scores."""
+    reasons = [Reason(feature=NEWS2_PART_INPUT[part], value=float(features[NEWS2_PART_INPUT[part]]),
+                      contribution=float(features[part]))
+               for part in _NEWS2_PARTS if features.get(part)]
+    return sorted(reasons, key=lambda r: -r["contribution"])[:TOP_REASONS]
+
+
+# --- the model artifact --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinearTerms:
+    """Per-feature log-odds contribution = coef * (x - offset) * scale (a Scaler then a LinearClassifier)."""
+
+    offset: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    contract: ModelContract
+    session: ort.InferenceSession
+    linear: LinearTerms | None  # None: the model is not a recognisable linear model
+
+
+def read_current(model_dir: Path) -> str | None:
+    """The registry's current version, or None when there is no registry or no pointer."""
+    try:
+        version = (Path(model_dir) / "current").read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return version or None
+
+
+def load_model(model_dir: Path, version: str) -> LoadedModel:
+    """Load and verify one registered version; raises ContractError on any mismatch."""
+    if not version or Path(version).name != version or version in (".", ".."):
+        raise ContractError(f"registry pointer {version!r} is not a version directory name")
+    version_dir = Path(model_dir) / version
+    card = _read_card(version_dir / "card.json")
+    contract = ModelContract.from_card(card)
+    if contract.version != version:
+        raise ContractError(f"{version_dir}/card.json says version {contract.version!r}; "
+                            f"the registry pointer says {version!r}")
+    try:
+        model_bytes = (version_dir / "model.onnx").read_bytes()
+    except OSError as e:
+        raise ContractError(f"cannot read {version_dir}/model.onnx: {e}") from e
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    if not contract.sha256:
+        raise ContractError(f"{version_dir}/card.json has no sha256: refusing an unverifiable model")
+    if digest != contract.sha256:
+        raise ContractError(f"{version_dir}/model.onnx has sha256 {digest}, the card says {contract.sha256}: "
+                            "the file was modified after registration; re-register it or restore it")
+    session = _inference_session(model_bytes, version_dir)
+    check_contract(contract, session.get_inputs(), session.get_outputs())
+    return LoadedModel(contract, session, _linear_terms(model_bytes, len(contract.features)))
+
+
+def _read_card(path: Path) -> dict:
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ContractError(f"cannot read model card {path}: {e}") from e
+    if not isinstance(card, dict):
+        raise ContractError(f"model card {path} is not a JSON object")
+    return card
+
+
+def _inference_session(model_bytes: bytes, version_dir: Path) -> ort.InferenceSession:
+    # one thread, in-process: the worker scores small micro-batches and shares the host
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for a bad graph
+        raise ContractError(f"onnxruntime cannot load {version_dir}/model.onnx: {e}") from e
+
+
+def _linear_terms(model_bytes: bytes, n_features: int) -> LinearTerms | None:
+    """Coefficients of [Scaler ->] LinearClassifier, read from the node attributes; else None."""
+    try:
+        import onnx  # optional (the `train` extra); without it the rationale falls back to distances
+        from onnx import helper
+    except ImportError:
+        return None
+    graph = onnx.load_from_string(model_bytes).graph
+    ops = [n.op_type for n in graph.node]
+    if ops not in (["LinearClassifier"], ["Scaler", "LinearClassifier"]):
+        return None
+    attrs = {n.op_type: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in graph.node}
+    coef = np.asarray(attrs["LinearClassifier"].get("coefficients", []), dtype=np.float64)
+    if coef.size == 0 or coef.size % n_features:
+        return None
+    coef = coef.reshape(-1, n_features)[-1]  # the last row is the positive (deterioration) class
+    scaler = attrs.get("Scaler", {})
+    offset = np.broadcast_to(np.asarray(scaler.get("offset", [0.0]), dtype=np.float64), (n_features,))
+    scale = np.broadcast_to(np.asarray(scaler.get("scale", [1.0]), dtype=np.float64), (n_features,))
+    return LinearTerms(offset=offset, scale=scale, coef=coef)
+
+
+# --- the scorer ----------------------------------------------------------------------------------
+
+
+class Scorer:
+    def __init__(self, model_dir: Path, settings: Settings, *, high_threshold: float = DEFAULT_HIGH_THRESHOLD):
+        self.model_dir = Path(model_dir)
+        self.alert_threshold = settings.alert_threshold
+        self.alert_reset = settings.alert_reset
+        self.high_threshold = high_threshold
+        self.model: LoadedModel | None = None
+        self.model_error: str | None = None  # why the last load was refused, for health checks
+        self._pointer = read_current(self.model_dir)
+        if self._pointer is None:
+            log.warning("no current model in %s: scoring with the NEWS2 rule only", self.model_dir)
+        else:
+            self._load(self._pointer)
+
+    @property
+    def model_version(self) -> str | None:
+        return self.model.contract.version if self.model else None
+
+    def reload_if_changed(self) -> bool:
+        """Load the version `current` points at if it changed; True when a new model is now in use.
+
+        A refused version is logged once and not retried until the pointer changes again; the
+        scorer keeps the model it had. A removed pointer also keeps the model in use.
+        """
+        pointer = read_current(self.model_dir)
+        if pointer == self._pointer:
+            return False
+        self._pointer = pointer
+        if pointer is None:
+            log.warning("registry pointer %s/current disappeared; keeping model %s", self.model_dir, self.model_version)
+            return False
+        return self._load(pointer)
+
+    def _load(self, version: str) -> bool:
+        try:
+            model = load_model(self.model_dir, version)
+        except ContractError as e:
+            self.model_error = str(e)
+            log.error("refusing model %s; still using %s: %s", version, self.model_version or "the NEWS2 rule", e)
+            return False
+        self.model, self.model_error = model, None
+        log.info("scoring with model %s (%d features, rationale: %s)", version, len(model.contract.features),
+                 "linear" if model.linear else "distance from imputation")
+        return True
+
+    def score(self, snapshots: Sequence[dict]) -> list[ScoreResult]:
+        features = [derive(s) for s in snapshots]
+        missing = [[name for name in NEWS2_INPUTS if f.get(name) is None] for f in features]
+        model = self.model  # one model for the whole call, even if a reload races it
+        on_model = [i for i, m in enumerate(missing) if model is not None and not m]
+
+        results: list[ScoreResult | None] = [None] * len(features)
+        if on_model:
+            for i, result in zip(on_model, self._score_model(model, [features[i] for i in on_model])):
+                results[i] = result
+        for i, f in enumerate(features):
+            if results[i] is None:
+                results[i] = ScoreResult(probability=None, path="rule", model_version=None, news2=f.get("news2"),
+                                         tier=rule_tier(f), rationale=rule_rationale(f), missing=missing[i])
+        return results
+
+    def _score_model(self, model: LoadedModel, rows: list[dict]) -> list[ScoreResult]:
+        contract = model.contract
+        raw = np.array([[np.nan if r.get(name) is None else r[name] for name in contract.features] for r in rows],
+                       dtype=np.float64)
+        observed = ~np.isnan(raw)
+        imputation = np.array([contract.imputation[name] for name in contract.features], dtype=np.float64)
+        x = np.where(observed, raw, imputation)
+        [proba] = model.session.run([contract.output_name], {contract.input_name: x.astype(np.float32)})
+        if model.linear is not None:
+            weights = model.linear.coef * (x - model.linear.offset) * model.linear.scale
+        else:
+            weights = np.abs(x - imputation) / np.maximum(np.abs(imputation), 1.0)
+        weights = np.where(observed, weights, 0.0)  # an imputed value is not a reason
+
+        results = []
+        for row, p, w, r in zip(x, proba[:, 1], weights, rows):
+            p = float(p)
+            results.append(ScoreResult(
+                probability=p, path="model", model_version=contract.version, news2=r.get("news2"),
+                tier=model_tier(p, alert_threshold=self.alert_threshold, high_threshold=self.high_threshold,
+                                alert_reset=self.alert_reset),
+                rationale=_top_reasons(contract.features, row, w), missing=[]))
+        return results
+
+
+def _top_reasons(names: Sequence[str], values: np.ndarray, weights: np.ndarray) -> list[Reason]:
+    order = np.argsort(-weights, kind="stable")[:TOP_REASONS]
+    return [Reason(feature=names[i], value=float(values[i]), contribution=float(weights[i]))
+            for i in order if weights[i] > 0]

@@ -1,0 +1,242 @@
+"""The online per-patient state and the rules that update it (docs/patient-state.md), as pure code.
+
+    result = apply_batch(state, events, allowed_lateness_ms=..., dedupe_horizon_ms=...,
+                         cross_source_tolerance=...)
+    result.outcomes  # one Outcome per event, in arrival order: accepted | corrected | duplicate | late
+    result.state     # the new PatientState (the input state is never mutated)
+    result.changed   # any accepted or corrected -> the caller scores once at T = result.state.clock
+
+Expiry is applied *logically* on every lookup (a `known` entry older than clock - horizon counts as
+unknown; a live fact at or before clock - MAX_WINDOW never matches), so outcomes depend only on the
+arrival order of events, not on how they were cut into micro-batches nor on when the physical
+pruning ran. The batch plane can therefore replay the rules event by event.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from schemas.canonical import CanonicalEvent
+from schemas.features import MAX_WINDOW_S
+
+MAX_WINDOW_MS = MAX_WINDOW_S * 1000
+STATE_FORMAT = 1  # bump when the to_dict layout changes
+
+
+class Kind(StrEnum):
+    ACCEPTED = "accepted"
+    CORRECTED = "corrected"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+
+
+class DuplicateKind(StrEnum):
+    REDELIVERY = "redelivery"  # same fact, version already seen (rule 1)
+    CROSS_SOURCE = "cross_source"  # same measurement via the other source (rule 4)
+
+
+class Outcome(NamedTuple):
+    event: CanonicalEvent
+    kind: Kind
+    duplicate_kind: DuplicateKind | None = None
+    late_by_ms: int | None = None  # only for late events: clock - allowed_lateness - effective_ms
+
+
+# State rows are plain tuples, not objects: the whole state is serialised on every micro-batch (the
+# table write) and plain tuples go to JSON arrays as they are, with no conversion pass.
+#
+# known entry: (version, effective_ms, alias) -- the highest version seen, that version's effective
+#   time (drives expiry, event time only), and whether the fact is a cross-source alias (rule 4).
+Known = tuple[int, int, bool]
+# live fact: (effective_ms, fact_id, value, source, version) -- tuples sort by (effective_ms,
+#   fact_id), which is also the `last` tie-break.
+LiveFact = tuple[int, str, float, str, int]
+EFFECTIVE_MS, FACT_ID, VALUE, SOURCE, VERSION = range(5)
+
+
+@dataclass(frozen=True, slots=True)
+class PatientState:
+    """Per-patient state. Treat as immutable: apply_batch shares unchanged parts between states.
+
+    known: fact_id -> Known (dedupe; includes retracted facts and aliases)
+    facts: code -> live facts of that code, sorted by (effective_ms, fact_id)
+    clock: max effective_ms of accepted new facts, None before the first one
+    """
+
+    known: dict[str, Known] = field(default_factory=dict)
+    facts: dict[str, list[LiveFact]] = field(default_factory=dict)
+    clock: int | None = None
+
+    def live(self, code: str) -> list[LiveFact]:
+        return self.facts.get(code, [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready and compact (rows are arrays). Shares the state's containers: serialise it, don't edit it."""
+        return {"format": STATE_FORMAT, "clock": self.clock, "known": self.known, "facts": self.facts}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PatientState:
+        if d.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported patient state format {d.get('format')!r}")
+        # JSON gives lists; rows must be tuples again (bisect compares them with tuple keys)
+        return cls(
+            known=dict(zip(d["known"], map(tuple, d["known"].values()))),
+            facts={code: list(map(tuple, rows)) for code, rows in d["facts"].items()},
+            clock=d["clock"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    state: PatientState
+    outcomes: list[Outcome]
+    changed: bool  # any accepted or corrected: the caller makes a scoring point at state.clock
+
+    @property
+    def late(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.kind is Kind.LATE]
+
+
+def apply_batch(
+    state: PatientState | None,
+    events: list[CanonicalEvent],
+    *,
+    allowed_lateness_ms: int,
+    dedupe_horizon_ms: int,
+    cross_source_tolerance: float,
+) -> BatchResult:
+    """Apply one micro-batch of one patient's events in arrival order (rules 1-5), then prune."""
+    if dedupe_horizon_ms <= allowed_lateness_ms:
+        # otherwise a redelivery whose key expired could be accepted a second time
+        raise ValueError("dedupe horizon must exceed the allowed lateness")
+    draft = _Draft(state or PatientState())
+    outcomes: list[Outcome] = []
+    changed = False
+    for e in events:
+        outcome = draft.apply(e, allowed_lateness_ms, dedupe_horizon_ms, cross_source_tolerance)
+        changed = changed or outcome.kind is Kind.ACCEPTED or outcome.kind is Kind.CORRECTED
+        outcomes.append(outcome)
+    return BatchResult(draft.finish(dedupe_horizon_ms), outcomes, changed)
+
+
+class _Draft:
+    """A copy-on-write working copy of a PatientState: copies a part only when it first changes."""
+
+    __slots__ = ("base", "known", "facts", "clock", "_own_known", "_own_codes")
+
+    def __init__(self, base: PatientState):
+        self.base = base
+        self.known = base.known
+        self.facts = base.facts
+        self.clock = base.clock
+        self._own_known = False
+        self._own_codes: set[str] | None = None  # None: self.facts is still the base dict
+
+    # --- the rules -------------------------------------------------------------------------
+
+    def apply(self, e: CanonicalEvent, lateness_ms: int, horizon_ms: int, tolerance: float) -> Outcome:
+        entry = self.known.get(e.fact_id)
+        if entry is not None:
+            version, known_effective_ms, alias = entry
+            if self.clock is None or known_effective_ms >= self.clock - horizon_ms:  # not expired
+                if e.version <= version:  # rule 1
+                    return Outcome(e, Kind.DUPLICATE, DuplicateKind.REDELIVERY)
+                self._remember(e, alias)  # rule 2
+                if not alias:
+                    self._unlive(e, known_effective_ms)
+                    if not e.status.retracts:
+                        self._live(e)
+                return Outcome(e, Kind.CORRECTED)
+
+        if self.clock is not None and e.effective_ms < self.clock - lateness_ms:  # rule 3
+            return Outcome(e, Kind.LATE, late_by_ms=self.clock - lateness_ms - e.effective_ms)
+
+        if self._has_cross_source_twin(e, tolerance):  # rule 4
+            self._remember(e, alias=True)
+            return Outcome(e, Kind.DUPLICATE, DuplicateKind.CROSS_SOURCE)
+
+        if entry is not None and not alias:  # an expired key taken as new: drop any stale copy
+            self._unlive(e, known_effective_ms)
+        self._remember(e, alias=False)  # rule 5
+        if not e.status.retracts:
+            self._live(e)
+        if self.clock is None or e.effective_ms > self.clock:
+            self.clock = e.effective_ms
+        return Outcome(e, Kind.ACCEPTED)
+
+    def _has_cross_source_twin(self, e: CanonicalEvent, tolerance: float) -> bool:
+        if e.value is None:
+            return False
+        if self.clock is not None and e.effective_ms <= self.clock - MAX_WINDOW_MS:
+            return False  # facts that old are logically pruned
+        facts = self.facts.get(e.code)
+        if not facts:
+            return False
+        i = bisect_left(facts, (e.effective_ms,))
+        while i < len(facts) and facts[i][EFFECTIVE_MS] == e.effective_ms:
+            other = facts[i]
+            if other[SOURCE] != e.source and abs(e.value - other[VALUE]) <= tolerance:
+                return True
+            i += 1
+        return False
+
+    # --- copy-on-write mutations -----------------------------------------------------------
+
+    def _remember(self, e: CanonicalEvent, alias: bool) -> None:
+        if not self._own_known:
+            self.known = dict(self.known)
+            self._own_known = True
+        self.known[e.fact_id] = (e.version, e.effective_ms, alias)
+
+    def _writable(self, code: str) -> list[LiveFact]:
+        if self._own_codes is None:
+            self.facts = dict(self.facts)
+            self._own_codes = set()
+        if code not in self._own_codes:
+            self.facts[code] = list(self.facts.get(code, ()))
+            self._own_codes.add(code)
+        return self.facts[code]
+
+    def _live(self, e: CanonicalEvent) -> None:
+        insort(self._writable(e.code), (e.effective_ms, e.fact_id, e.value, e.source.value, e.version))
+
+    def _unlive(self, e: CanonicalEvent, known_effective_ms: int) -> None:
+        """Remove the live copy of e's fact, if any (it sits at the effective time `known` recorded)."""
+        key = (known_effective_ms, e.fact_id)
+        # the fact's code is e.code unless a correction changed it: then look everywhere
+        for code in (e.code, *(c for c in self.facts if c != e.code)):
+            facts = self.facts.get(code)
+            if not facts:
+                continue
+            i = bisect_left(facts, key)
+            if i < len(facts) and facts[i][:2] == key:
+                del self._writable(code)[i]
+                return
+
+    # --- pruning ---------------------------------------------------------------------------
+
+    def finish(self, horizon_ms: int) -> PatientState:
+        if self.clock is None:
+            return PatientState(self.known, self.facts, self.clock)
+        floor = self.clock - MAX_WINDOW_MS  # no window reaches a fact at or before this again
+        facts: dict[str, list[LiveFact]] = {}
+        for code, rows in self.facts.items():
+            i = bisect_left(rows, (floor + 1,))
+            if i < len(rows):
+                facts[code] = rows[i:] if i else rows
+        known = self.known
+        if self._crossed_gc_period(horizon_ms):
+            cutoff = self.clock - horizon_ms
+            known = {fid: k for fid, k in known.items() if k[1] >= cutoff}  # k[1]: effective_ms
+        return PatientState(known, facts, self.clock)
+
+    def _crossed_gc_period(self, horizon_ms: int) -> bool:
+        """Sweep `known` only when the clock enters a new period of horizon/8: lookups already treat
+        expired keys as unknown, so sweeping on every batch would only cost time. `known` thus holds
+        at most horizon * 9/8 of event time."""
+        period = max(horizon_ms // 8, 1)
+        old = self.base.clock
+        return self.clock is not None and (old is None or self.clock // period != old // period)

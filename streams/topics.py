@@ -1,0 +1,87 @@
+"""Every wardwatch topic, in one place: name, key, value shape and partition count.
+
+The dataflow (each hop is a real Kafka topic):
+
+    <cdc prefix>.vital_signs  key: {"patient_id"} (Debezium message.key.columns)  value: Debezium JSON
+    <prefix>.fhir.notifications  key: patient id  value: FHIR notification Bundle JSON
+        |  ingest worker (confluent-kafka, batched): parse, validate, normalize
+        v
+    <prefix>.canonical      key: patient id  value: JSON array of CanonicalEvent dicts (one patient)
+    <prefix>.deadletter     key: original key  value: original bytes, headers: reason, stage, ...
+        |  patient agent (faust): dedupe, order, lateness, features, scoring, alert policy
+        v
+    <prefix>.late           key: patient id  value: {"event": CanonicalEvent, "late_by_ms": int}
+    <prefix>.features       key: patient id  value: feature snapshot at a scoring point
+    <prefix>.scores         key: patient id  value: score record (every score, model or rule path)
+    <prefix>.alerts         key: patient id  value: {"header": {...}, "resource": RiskAssessment}
+        |  archiver (confluent-kafka): every output topic -> Parquet
+        v
+    data/archive/<topic>/date=YYYY-MM-DD/*.parquet  ->  batch nightly  ->  data/wardwatch.duckdb
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wardwatch.settings import Settings
+
+CDC_TABLES = ("vital_signs",)
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    cdc: dict[str, str]  # table -> raw Debezium topic
+    fhir: str
+    canonical: str
+    deadletter: str
+    late: str
+    features: str
+    scores: str
+    alerts: str
+    partitions: int
+
+    @property
+    def raw(self) -> list[str]:
+        return [*self.cdc.values(), self.fhir]
+
+    @property
+    def outputs(self) -> list[str]:
+        """Topics the archiver lands in Parquet."""
+        return [self.canonical, self.deadletter, self.late, self.features, self.scores, self.alerts]
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.raw, *self.outputs]
+
+
+def topics_for(settings: Settings) -> Topics:
+    p = settings.topic_prefix
+    return Topics(
+        cdc={t: f"{settings.cdc_topic_prefix}.{t}" for t in CDC_TABLES},
+        fhir=f"{p}.fhir.notifications",
+        canonical=f"{p}.canonical",
+        deadletter=f"{p}.deadletter",
+        late=f"{p}.late",
+        features=f"{p}.features",
+        scores=f"{p}.scores",
+        alerts=f"{p}.alerts",
+        partitions=settings.partitions,
+    )
+
+
+def ensure_topics(settings: Settings, topics: Topics, timeout_s: float = 30.0) -> None:
+    """Create every topic explicitly with its partition count (auto-creation would pick 4)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(settings.kafka_client_config())
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = [NewTopic(t, num_partitions=topics.partitions, replication_factor=1)
+              for t in topics.all if t not in existing]
+    if not wanted:
+        return
+    for topic, fut in admin.create_topics(wanted, operation_timeout=timeout_s).items():
+        try:
+            fut.result(timeout=timeout_s)
+        except Exception as exc:  # already exists is fine (a concurrent creator won)
+            if "TOPIC_ALREADY_EXISTS" not in str(exc).upper().replace(" ", "_"):
+                raise RuntimeError(f"could not create topic {topic}: {exc}") from exc

@@ -1,0 +1,314 @@
+"""Batch state rules and features on hand-made archives; every expectation is worked out here from
+docs/patient-state.md and the feature semantics, never by calling the code under test."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from batch.features import classify_events, features_as_of_issued, features_at, final_facts, scoring_points
+from schemas import codes
+from schemas.canonical import CanonicalEvent, Source, Status
+from schemas.features import FEATURE_NAMES, FEATURES
+
+MIN = 60_000
+HOUR = 60 * MIN
+T0 = 1_700_000_000_000
+LATENESS = HOUR
+TOL = 0.05
+RULES = {"allowed_lateness_ms": LATENESS, "cross_source_tolerance": TOL}
+
+
+def spec(code: str, agg: str):
+    """The first spec of (code, agg): tests read windows from the specs instead of repeating them."""
+    return next(s for s in FEATURES if s.code == code and s.agg == agg)
+
+
+HR_LAST, HR_MAX, HR_MEAN = spec(codes.HEART_RATE, "last"), spec(codes.HEART_RATE, "max"), spec(codes.HEART_RATE, "mean")
+HR_SINCE, HR_COUNT = spec(codes.HEART_RATE, "time_since_last_s"), spec(codes.HEART_RATE, "count")
+
+
+def event(fact_id: str, value: float | None, effective_ms: int, *, code: str = codes.HEART_RATE, version: int = 1,
+          status: Status = Status.FINAL, source: Source = Source.CDC, patient: str = "p1",
+          issued_ms: int | None = None) -> dict:
+    e = CanonicalEvent(patient_id=patient, code=code, value=value, unit=None, effective_ms=effective_ms,
+                       issued_ms=effective_ms if issued_ms is None else issued_ms, status=status, source=source,
+                       fact_id=fact_id, version=version)
+    d = e.to_dict()
+    del d["provenance"]
+    return d
+
+
+def retraction(fact_id: str, effective_ms: int, version: int, **kw) -> dict:
+    return event(fact_id, None, effective_ms, version=version, status=Status.ENTERED_IN_ERROR, **kw)
+
+
+class Archive:
+    """Events as the canonical topic delivered them: each send() is one micro-batch message."""
+
+    def __init__(self, partition: int = 0):
+        self.partition, self.next_offset, self.rows = partition, 0, []
+
+    def send(self, *events: dict) -> int:
+        offset = self.next_offset
+        for idx, e in enumerate(events):
+            self.rows.append({**e, "partition": self.partition, "offset": offset, "idx": idx})
+        self.next_offset += 1
+        return offset
+
+    def frame(self) -> pl.DataFrame:
+        return pl.DataFrame(self.rows, schema_overrides={"value": pl.Float64})
+
+    def point(self, scoring_ms: int, offset: int, patient: str = "p1") -> dict:
+        return {"patient_id": patient, "scoring_ms": scoring_ms, "partition": self.partition, "offset": offset}
+
+
+def outcomes(archive: Archive) -> list[tuple[str, int, str, int | None]]:
+    out = classify_events(archive.frame(), **RULES)
+    return list(out.select("fact_id", "version", "outcome", "late_by_ms").iter_rows())
+
+
+def features(archive: Archive, *points: dict) -> list[dict]:
+    return features_at(archive.frame(), pl.DataFrame(list(points)), **RULES).to_dicts()
+
+
+# --- state rules ---------------------------------------------------------------------------------
+
+
+def test_in_order_events_are_accepted():
+    a = Archive()
+    a.send(event("f1", 80, T0), event("f2", 82, T0 + 5 * MIN))
+    a.send(event("f3", 84, T0 + 10 * MIN))
+    assert outcomes(a) == [("f1", 1, "accepted", None), ("f2", 1, "accepted", None), ("f3", 1, "accepted", None)]
+
+
+def test_out_of_order_within_lateness_is_accepted_and_the_bound_is_inclusive():
+    a = Archive()
+    a.send(event("f1", 80, T0 + 3 * HOUR))
+    a.send(event("f2", 81, T0 + 3 * HOUR - 30 * MIN))  # 30 min behind the clock
+    a.send(event("f3", 82, T0 + 3 * HOUR - LATENESS))  # exactly at clock - lateness: not late
+    assert [o[2] for o in outcomes(a)] == ["accepted", "accepted", "accepted"]
+
+
+def test_beyond_lateness_is_late_with_exact_late_by_and_never_enters_state():
+    a = Archive()
+    a.send(event("f1", 80, T0 + 10 * HOUR))
+    a.send(event("old", 60, T0 + 8 * HOUR + 45 * MIN))  # clock 10:00 - 1 h lateness = 9:00; 15 min before
+    a.send(event("old", 60, T0 + 8 * HOUR + 45 * MIN))  # its redelivery: still unknown, so late again
+    a.send(event("f2", 81, T0 + 9 * HOUR + 30 * MIN))  # the late event did not move the clock back or forward
+    assert outcomes(a) == [("f1", 1, "accepted", None), ("old", 1, "late", 15 * MIN), ("old", 1, "late", 15 * MIN),
+                           ("f2", 1, "accepted", None)]
+
+
+def test_late_by_is_measured_against_the_clock_of_accepted_events_only():
+    a = Archive()
+    a.send(event("f1", 80, T0 + 10 * HOUR))
+    a.send(event("f1", 99, T0 + 20 * HOUR, version=2))  # a correction moving time forward: not the clock
+    a.send(event("f2", 70, T0 + 8 * HOUR))
+    assert outcomes(a)[2] == ("f2", 1, "late", 10 * HOUR - LATENESS - 8 * HOUR)
+
+
+def test_redelivery_and_stale_version_are_duplicates():
+    a = Archive()
+    a.send(event("f1", 80, T0, version=1))
+    a.send(event("f1", 80, T0, version=1))  # redelivery
+    a.send(event("f1", 85, T0, version=3))  # amendment
+    a.send(event("f1", 82, T0, version=2))  # stale version arriving after a newer one
+    assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "corrected", "duplicate"]
+
+
+def test_correction_is_never_late():
+    a = Archive()
+    a.send(event("f1", 80, T0))
+    a.send(event("f2", 81, T0 + 10 * HOUR))
+    a.send(event("f1", 90, T0, version=2))
+    assert [o[2] for o in outcomes(a)] == ["accepted", "accepted", "corrected"]
+
+
+def test_fact_whose_first_arrival_was_late_is_new_again_when_a_later_version_arrives():
+    a = Archive()
+    a.send(event("f1", 80, T0 + 10 * HOUR))
+    a.send(event("f2", 60, T0 + 5 * HOUR, version=1))  # late: never known
+    a.send(event("f2", 62, T0 + 9 * HOUR + 30 * MIN, version=2))  # new fact again, now within lateness
+    a.send(event("f2", 62, T0 + 9 * HOUR + 30 * MIN, version=2))  # and now known: a redelivery
+    assert outcomes(a) == [("f1", 1, "accepted", None), ("f2", 1, "late", 4 * HOUR), ("f2", 2, "accepted", None),
+                           ("f2", 2, "duplicate", None)]
+
+
+def test_cross_source_duplicate_within_tolerance_but_not_outside_or_same_source():
+    a = Archive()
+    a.send(event("cdc:1", 80.0, T0, source=Source.CDC))
+    a.send(event("fhir:1", 80.04, T0, source=Source.FHIR))  # same code, time, value within 0.05: alias
+    a.send(event("fhir:2", 80.06, T0, source=Source.FHIR))  # outside tolerance: its own fact
+    a.send(event("cdc:2", 80.0, T0, source=Source.CDC))  # same source as the live fact: its own fact
+    a.send(event("fhir:3", 80.0, T0 + MIN, source=Source.FHIR))  # another time: its own fact
+    a.send(event("fhir:4", 80.0, T0, code=codes.RESP_RATE, source=Source.FHIR))  # another code
+    assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "accepted", "accepted", "accepted", "accepted"]
+
+
+def test_alias_later_versions_are_corrections_without_effect():
+    a = Archive()
+    a.send(event("cdc:1", 80.0, T0, source=Source.CDC))
+    a.send(event("fhir:1", 80.0, T0, source=Source.FHIR))
+    a.send(event("fhir:1", 120.0, T0, source=Source.FHIR, version=2))
+    a.send(event("fhir:1", None, T0, source=Source.FHIR, version=3, status=Status.ENTERED_IN_ERROR))
+    assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "corrected", "corrected"]
+    [after] = features(a, a.point(T0, offset=3))
+    assert after[HR_LAST.name] == 80.0  # the CDC value, untouched by the alias's versions
+    assert after[HR_COUNT.name] == 1
+
+
+def test_no_alias_of_a_retracted_fact_and_alias_follows_an_amended_value():
+    a = Archive()
+    a.send(event("cdc:1", 80.0, T0, source=Source.CDC))
+    a.send(retraction("cdc:1", T0, version=2))
+    a.send(event("fhir:1", 80.0, T0, source=Source.FHIR))  # the CDC fact is not live any more
+    a.send(event("cdc:2", 90.0, T0 + MIN, source=Source.CDC))
+    a.send(event("cdc:2", 95.0, T0 + MIN, source=Source.CDC, version=2))
+    a.send(event("fhir:2", 90.0, T0 + MIN, source=Source.FHIR))  # compares with the amended 95: not an alias
+    a.send(event("fhir:3", 95.0, T0 + MIN, source=Source.FHIR))  # matches the amended value: alias
+    assert [o[2] for o in outcomes(a)] == ["accepted", "corrected", "accepted", "accepted", "corrected",
+                                           "accepted", "duplicate"]
+
+
+def test_patients_have_their_own_clock():
+    a = Archive()
+    a.send(event("a1", 80, T0 + 10 * HOUR, patient="a"))
+    a.send(event("b1", 80, T0, patient="b"))  # far behind a's clock, but b has no clock yet
+    assert [o[2] for o in outcomes(a)] == ["accepted", "accepted"]
+
+
+def test_scoring_points_follow_messages_with_accepted_or_corrected_events():
+    a = Archive()
+    a.send(event("f1", 80, T0), event("f2", 82, T0 + 10 * MIN))  # offset 0: clock T0+10min
+    a.send(event("f1", 80, T0))  # offset 1: only a duplicate, no point
+    a.send(event("f1", 85, T0, version=2))  # offset 2: a correction scores at the unchanged clock
+    a.send(event("old", 60, T0 - 2 * HOUR))  # offset 3: late only, no point
+    points = scoring_points(a.frame(), **RULES)
+    assert points.to_dicts() == [a.point(T0 + 10 * MIN, 0), a.point(T0 + 10 * MIN, 2)]
+
+
+def test_final_facts_hold_latest_versions_without_retractions_aliases_or_late_events():
+    a = Archive()
+    a.send(event("f1", 80, T0 + 10 * HOUR), event("f2", 70, T0 + 10 * HOUR, code=codes.RESP_RATE))
+    a.send(event("f1", 88, T0 + 10 * HOUR, version=2), retraction("f2", T0 + 10 * HOUR, version=2, code=codes.RESP_RATE))
+    a.send(event("fhir:1", 88, T0 + 10 * HOUR, source=Source.FHIR), event("late", 50, T0))
+    facts = final_facts(a.frame(), **RULES)
+    assert facts.select("fact_id", "value").rows() == [("f1", 88.0)]
+
+
+# --- features ------------------------------------------------------------------------------------
+
+
+def test_window_edges_exactly_w_ago_is_outside_and_t_is_inside():
+    t = T0 + 30 * HOUR
+    w = HR_MAX.window_s * 1000
+    a = Archive()
+    a.send(event("edge", 150, t - w), event("inside", 90, t - w + 1), event("now", 100, t))
+    [row] = features(a, a.point(t, 0))
+    assert row[HR_MAX.name] == 100  # 150 sits exactly W before T: outside the window
+    assert row[HR_LAST.name] == 100
+
+
+def test_aggregations_from_first_principles():
+    t = T0 + 30 * HOUR
+    values = {t - 50 * MIN: 90.0, t - 20 * MIN: 70.0, t - 5 * MIN: 110.0, t - 7 * HOUR: 60.0, t - 23 * HOUR: 50.0}
+    a = Archive()
+    a.send(*(event(f"f{i}", v, eff) for i, (eff, v) in enumerate(values.items())))
+    [row] = features(a, a.point(t, 0))
+
+    def window(s):
+        return [v for eff, v in values.items() if t - s.window_s * 1000 < eff <= t]
+
+    assert row[HR_MAX.name] == max(window(HR_MAX))
+    assert row[HR_MEAN.name] == pytest.approx(sum(window(HR_MEAN)) / len(window(HR_MEAN)))
+    assert row[HR_COUNT.name] == len(window(HR_COUNT))
+    assert row[HR_LAST.name] == 110.0
+    assert row[HR_SINCE.name] == pytest.approx(5 * 60)
+
+
+def test_last_breaks_a_time_tie_by_greatest_fact_id():
+    a = Archive()
+    a.send(event("b", 70, T0), event("c", 90, T0), event("a", 80, T0))
+    [row] = features(a, a.point(T0, 0))
+    assert row[HR_LAST.name] == 90
+
+
+def test_missing_is_none_and_count_is_zero():
+    a = Archive()
+    a.send(event("temp", 37.0, T0, code=codes.TEMPERATURE))
+    [row] = features(a, a.point(T0, 0))
+    assert list(row) == ["patient_id", "scoring_ms", "partition", "offset", *FEATURE_NAMES]
+    for s in FEATURES:
+        if s.code == codes.HEART_RATE:
+            assert row[s.name] == (0 if s.agg == "count" else None), s.name
+    assert row["news2"] is None  # an input is missing
+    assert row[spec(codes.TEMPERATURE, "last").name] == 37.0
+
+
+def test_point_sees_only_messages_up_to_its_offset():
+    a = Archive()
+    first = a.send(event("f1", 80, T0))
+    second = a.send(event("f1", 95, T0, version=2), event("f2", 100, T0 + MIN))
+    third = a.send(retraction("f2", T0 + MIN, version=2))
+    rows = features(a, a.point(T0, first), a.point(T0 + MIN, second), a.point(T0 + MIN, third))
+    assert [(r[HR_LAST.name], r[HR_COUNT.name]) for r in rows] == [(80, 1), (100, 2), (95, 1)]
+
+
+def test_redelivered_and_stale_versions_do_not_change_features():
+    a = Archive()
+    a.send(event("f1", 80, T0, version=2))
+    a.send(event("f1", 70, T0, version=1), event("f1", 80, T0, version=2))
+    rows = features(a, a.point(T0, 0), a.point(T0, 1))
+    assert [(r[HR_MEAN.name], r[HR_COUNT.name]) for r in rows] == [(80, 1), (80, 1)]
+
+
+def test_late_events_do_not_reach_features():
+    a = Archive()
+    a.send(event("f1", 80, T0 + 2 * HOUR))
+    a.send(event("old", 200, T0 + 30 * MIN))  # 30 min beyond the lateness bound, yet inside 6 h
+    [row] = features(a, a.point(T0 + 2 * HOUR, 1))
+    assert row[HR_MEAN.name] == 80 and row[HR_COUNT.name] == 1
+
+
+def test_derived_news2_and_qsofa_from_the_chart():
+    # RR 26 -> 3, SpO2 91 -> 3, on oxygen -> 2, SBP 95 -> 2, pulse 115 -> 2, V -> 3, 38.5 C -> 1: NEWS2 16.
+    # qSOFA: RR >= 22, SBP <= 100, altered mentation -> 3.
+    vitals = {codes.RESP_RATE: 26, codes.SPO2: 91, codes.O2_FLOW: 2, codes.SYSTOLIC_BP: 95, codes.HEART_RATE: 115,
+              codes.CONSCIOUSNESS: codes.ACVPU_ORDINAL["V"], codes.TEMPERATURE: 38.5}
+    a = Archive()
+    a.send(*(event(f"v{i}", value, T0, code=code) for i, (code, value) in enumerate(vitals.items())))
+    [row] = features(a, a.point(T0, 0))
+    assert row["news2"] == 16
+    assert (row["news2_resp_rate"], row["news2_consciousness"], row["news2_temperature"]) == (3, 3, 1)
+    assert row["qsofa"] == 3
+    assert row["on_oxygen"] == 1
+
+
+def test_points_keep_input_order_and_patients_stay_apart():
+    a = Archive()
+    a.send(event("a1", 80, T0, patient="a"))
+    a.send(event("b1", 120, T0, patient="b"))
+    rows = features(a, a.point(T0, 1, patient="b"), a.point(T0, 0, patient="a"))
+    assert [(r["patient_id"], r[HR_LAST.name]) for r in rows] == [("b", 120), ("a", 80)]
+
+
+def test_as_of_issued_uses_only_what_was_issued_by_the_scoring_time():
+    lactate = spec(codes.LACTATE, "last")
+    a = Archive()
+    a.send(event("lab", 2.0, T0, code=codes.LACTATE, issued_ms=T0 + 2 * HOUR))
+    a.send(event("lab", 5.0, T0, code=codes.LACTATE, version=2, issued_ms=T0 + 4 * HOUR))
+    points = pl.DataFrame({"patient_id": ["p1"] * 4,
+                           "scoring_ms": [T0 + HOUR, T0 + 2 * HOUR, T0 + 3 * HOUR, T0 + 4 * HOUR]})
+    out = features_as_of_issued(a.frame(), points, **RULES)
+    assert out[lactate.name].to_list() == [None, 2.0, 2.0, 5.0]
+    assert out["scoring_ms"].to_list() == points["scoring_ms"].to_list()
+
+
+def test_as_of_issued_drops_a_retraction_once_issued():
+    a = Archive()
+    a.send(event("f1", 80, T0, issued_ms=T0))
+    a.send(retraction("f1", T0, version=2, issued_ms=T0 + HOUR))
+    points = pl.DataFrame({"patient_id": ["p1", "p1"], "scoring_ms": [T0 + 30 * MIN, T0 + HOUR]})
+    out = features_as_of_issued(a.frame(), points, **RULES)
+    assert out[HR_COUNT.name].to_list() == [1, 0]

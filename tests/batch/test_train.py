@@ -1,0 +1,210 @@
+"""Labels, training, ONNX export and the model registry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import polars as pl
+import pytest
+
+from batch import registry
+from batch.train import MODEL_FEATURES, fit_pipeline, make_labels, to_onnx, train_model
+from schemas import codes
+from schemas.canonical import CanonicalEvent, Source, Status
+from schemas.features import FEATURE_NAMES
+
+HOUR = 3_600_000
+T0 = 1_700_000_000_000
+HR = "heart_rate_last_24h"
+
+
+def synthetic_features(n_patients: int = 40, points_per_patient: int = 15, seed: int = 1) -> pl.DataFrame:
+    """Noise in every feature except heart rate, which drives the label; some values missing."""
+    rng = np.random.default_rng(seed)
+    n = n_patients * points_per_patient
+    columns = {name: rng.normal(0, 1, n) for name in FEATURE_NAMES}
+    columns[HR] = rng.normal(90, 20, n)
+    columns["news2"] = rng.integers(0, 12, n).astype(float)
+    frame = pl.DataFrame({
+        "patient_id": [f"p{i // points_per_patient}" for i in range(n)],
+        "scoring_ms": [T0 + (i % points_per_patient) * HOUR for i in range(n)],
+        **columns,
+    })
+    missing = rng.random(n) < 0.1
+    return frame.with_columns(pl.when(pl.Series(missing)).then(None).otherwise(pl.col(HR)).alias(HR))
+
+
+def labels_for(features: pl.DataFrame, seed: int = 2) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    noisy = rng.random(features.height) < 0.05
+    high = features[HR].fill_null(90).to_numpy() > 100
+    return features.select("patient_id", "scoring_ms", label=pl.Series(high ^ noisy).cast(pl.Int8))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("models")
+    features = synthetic_features()
+    card = train_model(features, labels_for(features), model_dir, "v1")
+    return model_dir, card, features
+
+
+def session_for(model_dir, version) -> ort.InferenceSession:
+    return ort.InferenceSession(str(registry.model_path(model_dir, version)), providers=["CPUExecutionProvider"])
+
+
+# --- export fidelity -----------------------------------------------------------------------------
+
+
+def test_onnx_probabilities_equal_sklearn_predict_proba():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (300, 5)).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    y = (np.nan_to_num(x[:, 0]) + 0.3 * rng.normal(0, 1, 300) > 0).astype(int)
+    pipeline = fit_pipeline(x, y)
+    session = ort.InferenceSession(to_onnx(pipeline), providers=["CPUExecutionProvider"])
+    [probabilities] = session.run(["probabilities"], {"features": x})
+    assert probabilities.shape == (300, 2)
+    np.testing.assert_allclose(probabilities, pipeline.predict_proba(x), atol=1e-5)
+
+
+# --- train_model ---------------------------------------------------------------------------------
+
+
+def test_card_matches_the_onnx_signature(trained):
+    model_dir, card, _ = trained
+    session = session_for(model_dir, "v1")
+    [model_input] = session.get_inputs()
+    assert model_input.name == card["input_name"]
+    assert model_input.type == "tensor(float)"
+    assert model_input.shape[1] == len(card["features"])
+    assert card["features"] == list(MODEL_FEATURES)
+    assert card["output_name"] in [o.name for o in session.get_outputs()]
+    on_disk = json.loads(registry.card_path(model_dir, "v1").read_text())
+    assert on_disk == card
+
+
+def test_model_learns_the_signal_and_reports_held_out_metrics(trained):
+    model_dir, card, features = trained
+    assert card["n_train_patients"] + card["n_test_patients"] == features["patient_id"].n_unique()
+    assert card["n_test_patients"] >= 1
+    assert card["metrics"]["model"]["auroc"] > 0.85  # the label follows heart rate
+    assert card["metrics"]["news2"]["auroc"] < 0.7  # NEWS2 here is noise
+    assert 0 <= card["metrics"]["model"]["brier"] < card["metrics"]["news2"]["brier"]
+    lo, hi = card["training_range"]["min_scoring_ms"], card["training_range"]["max_scoring_ms"]
+    assert features["scoring_ms"].min() <= lo <= hi <= features["scoring_ms"].max()
+
+    session = session_for(model_dir, "v1")
+    rows = np.zeros((2, len(card["features"])), dtype=np.float32)
+    rows[:, card["features"].index(HR)] = [60, 140]
+    [probabilities] = session.run([card["output_name"]], {card["input_name"]: rows})
+    assert probabilities[0, 1] < 0.5 < probabilities[1, 1]
+
+
+def test_missing_input_is_imputed_with_the_card_values(trained):
+    model_dir, card, _ = trained
+    session = session_for(model_dir, "v1")
+    missing = np.full((1, len(card["features"])), np.nan, dtype=np.float32)
+    imputed = np.array([[card["imputation"][f] for f in card["features"]]], dtype=np.float32)
+    [with_nan] = session.run([card["output_name"]], {card["input_name"]: missing})
+    [with_values] = session.run([card["output_name"]], {card["input_name"]: imputed})
+    np.testing.assert_allclose(with_nan, with_values, atol=1e-6)
+    assert 80 < card["imputation"][HR] < 100  # the median of a N(90, 20) column
+
+
+def test_published_version_is_never_overwritten(trained):
+    model_dir, _, features = trained
+    with pytest.raises(FileExistsError):
+        train_model(features, labels_for(features), model_dir, "v1")
+
+
+def test_single_class_labels_are_refused(tmp_path):
+    features = synthetic_features(n_patients=6)
+    labels = features.select("patient_id", "scoring_ms", label=pl.lit(0, pl.Int8))
+    with pytest.raises(ValueError, match="single label class"):
+        train_model(features, labels, tmp_path, "v1")
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+
+def test_tampered_model_file_is_refused(tmp_path):
+    features = synthetic_features(n_patients=8)
+    train_model(features, labels_for(features), tmp_path, "v1")
+    assert registry.load_card(tmp_path, "v1")["version"] == "v1"
+    path = registry.model_path(tmp_path, "v1")
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(registry.ModelIntegrityError, match="does not match its card"):
+        registry.load_card(tmp_path, "v1")
+    with pytest.raises(registry.ModelIntegrityError):
+        registry.set_current(tmp_path, "v1")
+    assert registry.current_version(tmp_path) is None
+
+
+def test_current_pointer_round_trips(tmp_path):
+    assert registry.current_version(tmp_path) is None
+    assert registry.list_versions(tmp_path) == []
+    features = synthetic_features(n_patients=8)
+    for version in ("2024.1", "2024.2"):
+        train_model(features, labels_for(features), tmp_path, version)
+    registry.set_current(tmp_path, "2024.1")
+    assert registry.current_version(tmp_path) == "2024.1"
+    registry.set_current(tmp_path, "2024.2")
+    assert registry.current_version(tmp_path) == "2024.2"
+    assert registry.list_versions(tmp_path) == ["2024.1", "2024.2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2024.1", "2024.2", "current"]  # no temp files left
+
+
+def test_unknown_or_path_like_versions_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        registry.set_current(tmp_path, "missing")
+    with pytest.raises(ValueError, match="invalid model version"):
+        registry.load_card(tmp_path, "../elsewhere")
+
+
+# --- labels --------------------------------------------------------------------------------------
+
+
+def vital(fact_id: str, code: str, value: float | None, effective_ms: int, offset: int, *, version: int = 1,
+          status: Status = Status.FINAL) -> dict:
+    d = CanonicalEvent(patient_id="p1", code=code, value=value, unit=None, effective_ms=effective_ms,
+                       issued_ms=effective_ms, status=status, source=Source.CDC, fact_id=fact_id,
+                       version=version).to_dict()
+    del d["provenance"]
+    return {**d, "partition": 0, "offset": offset, "idx": 0}
+
+
+def points_at(*times_and_news2) -> pl.DataFrame:
+    return pl.DataFrame([{"patient_id": "p1", "scoring_ms": t, "partition": 0, "offset": 0, "news2": n}
+                         for t, n in times_and_news2], schema_overrides={"news2": pl.Int64})
+
+
+def test_low_blood_pressure_labels_the_preceding_twelve_hours():
+    events = pl.DataFrame([vital("hr", codes.HEART_RATE, 80, T0, 0),
+                           vital("sbp", codes.SYSTOLIC_BP, 85, T0 + 12 * HOUR, 1)])
+    points = points_at((T0, 0), (T0 + 12 * HOUR - 1, 0), (T0 - 1, 0), (T0 + 12 * HOUR, 0))
+    labels = make_labels(events, points, horizon_h=12)
+    # T+12h exactly is inside (T, T+12h]; 1 ms earlier than 12 h before is outside; T itself is not "after"
+    assert labels["label"].to_list() == [1, 1, 0, 0]
+    assert labels["label_low_sbp"].to_list() == [True, True, False, False]
+
+
+def test_lactate_threshold_and_retracted_values():
+    events = pl.DataFrame([
+        vital("lac1", codes.LACTATE, 4.0, T0 + HOUR, 0),
+        vital("lac2", codes.LACTATE, 3.9, T0 + 20 * HOUR, 1),
+        vital("sbp", codes.SYSTOLIC_BP, 80, T0 + 30 * HOUR, 2),
+        vital("sbp", codes.SYSTOLIC_BP, None, T0 + 30 * HOUR, 3, version=2, status=Status.ENTERED_IN_ERROR),
+    ], schema_overrides={"value": pl.Float64})
+    labels = make_labels(events, points_at((T0, 0), (T0 + 19 * HOUR, 0)), horizon_h=12)
+    assert labels["label"].to_list() == [1, 0]  # 4.0 counts; 3.9 does not; the retracted SBP 80 does not
+
+
+def test_later_high_news2_labels_earlier_points_only():
+    events = pl.DataFrame([vital("hr", codes.HEART_RATE, 80, T0, 0)])
+    points = points_at((T0, 3), (T0 + 4 * HOUR, 7), (T0 + 6 * HOUR, 2), (T0 + 20 * HOUR, 1))
+    labels = make_labels(events, points, horizon_h=12)
+    assert labels["label_news2_high"].to_list() == [True, False, False, False]
+    assert labels["label"].to_list() == [1, 0, 0, 0]

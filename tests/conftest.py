@@ -1,0 +1,39 @@
+"""Shared fixtures: one real embedded broker per test session; a fresh topic prefix and consumer
+group per test so tests never see each other's data."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from wardwatch.broker import EmbeddedBroker
+from wardwatch.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    b = EmbeddedBroker.start(log_path=log)
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def settings(broker, unique, tmp_path: Path) -> Settings:
+    return Settings(
+        bootstrap_servers=broker.bootstrap,
+        topic_prefix=f"t{unique}",
+        cdc_topic_prefix=f"t{unique}.ehr.public",
+        group_prefix=f"g{unique}",
+        data_dir=tmp_path / "data",
+        model_dir=tmp_path / "models",
+    )

@@ -1,0 +1,55 @@
+"""deploy/healthcheck.py: what a container's healthcheck reports, against the real broker."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from streams.topics import ensure_topics, topics_for
+
+SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
+
+
+@pytest.fixture(scope="module")
+def healthcheck():
+    spec = importlib.util.spec_from_file_location("wardwatch_healthcheck", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def ready_dirs(settings):
+    settings.data_dir.mkdir(parents=True)
+    settings.model_dir.mkdir(parents=True)
+    return settings
+
+
+@pytest.mark.integration
+def test_unhealthy_until_every_topic_exists_then_healthy(healthcheck, ready_dirs):
+    settings = ready_dirs
+    before = healthcheck.problems(settings)
+    assert len(before) == 1 and before[0].startswith("missing topics")
+    for topic in topics_for(settings).all:
+        assert topic in before[0]
+
+    ensure_topics(settings, topics_for(settings))
+
+    assert healthcheck.problems(settings) == []
+
+
+@pytest.mark.integration
+def test_a_missing_data_volume_is_reported(healthcheck, settings):
+    ensure_topics(settings, topics_for(settings))
+    settings.model_dir.mkdir(parents=True)
+
+    assert healthcheck.problems(settings) == [f"data dir {settings.data_dir} is not writable"]
+
+
+def test_an_unreachable_broker_is_reported(healthcheck, tmp_path):
+    from wardwatch.settings import Settings
+
+    settings = Settings(bootstrap_servers="127.0.0.1:1", data_dir=tmp_path, model_dir=tmp_path)
+    found = healthcheck.problems(settings)
+
+    assert len(found) == 1 and "unreachable" in found[0]

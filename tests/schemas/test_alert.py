@@ -1,0 +1,102 @@
+import pytest
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+from schemas.alert import build_alert
+from streams.alerting import AlertDecision
+
+T = 1_704_096_000_000  # 2024-01-01T08:00:00Z
+RATIONALE = [{"feature": "resp_rate_last_24h", "value": 26.0, "contribution": 1.4},
+             {"feature": "spo2_last_24h", "value": 91.0, "contribution": 0.9}]
+
+
+def decision(kind="open", tier="high", scoring_ms=T):
+    return AlertDecision(alert_id="3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b", kind=kind, tier=tier, episode=1,
+                         scoring_ms=scoring_ms)
+
+
+def model_alert(**changes):
+    args = dict(patient_id="p-17", encounter_id="enc-9", probability=0.8123, news2=6, model_version="2024-01-01.1",
+                path="model", rationale=RATIONALE, basis_event_ids=["a1b2", "c3d4"])
+    args.update(changes)
+    return build_alert(decision(), **args)
+
+
+def test_model_alert_is_a_valid_risk_assessment():
+    alert = model_alert()
+    resource = alert["resource"]
+    RiskAssessment.model_validate(resource)
+    assert resource["resourceType"] == "RiskAssessment"
+    assert resource["id"] == "3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b"  # the alert id: consumers upsert by it
+    assert resource["status"] == "final"
+    assert resource["subject"] == {"reference": "Patient/p-17"}
+    assert resource["encounter"] == {"reference": "Encounter/enc-9"}
+    assert resource["occurrenceDateTime"] == "2024-01-01T08:00:00Z"
+    assert resource["method"] == {"text": "wardwatch model 2024-01-01.1"}
+    assert resource["basis"] == [{"reference": "Observation/a1b2"}, {"reference": "Observation/c3d4"}]
+
+
+def test_prediction_carries_probability_risk_horizon_and_rationale():
+    [prediction] = model_alert()["resource"]["prediction"]
+    assert prediction["outcome"] == {"text": "clinical deterioration"}
+    assert prediction["probabilityDecimal"] == pytest.approx(0.8123)
+    assert prediction["qualitativeRisk"]["coding"][0]["system"] == \
+        "http://terminology.hl7.org/CodeSystem/risk-probability"
+    assert prediction["qualitativeRisk"]["coding"][0]["code"] == "high"
+    assert prediction["whenPeriod"] == {"start": "2024-01-01T08:00:00Z", "end": "2024-01-01T20:00:00Z"}
+    assert "resp_rate_last_24h=26" in prediction["rationale"] and "spo2_last_24h=91" in prediction["rationale"]
+    assert "NEWS2 6" in prediction["rationale"]
+
+
+def test_horizon_is_configurable():
+    alert = build_alert(decision(), patient_id="p", encounter_id=None, probability=0.6, news2=None, model_version="v",
+                        path="model", rationale=[], basis_event_ids=[], horizon_h=4)
+    assert alert["resource"]["prediction"][0]["whenPeriod"]["end"] == "2024-01-01T12:00:00Z"
+
+
+def test_header_routes_without_parsing_the_resource():
+    assert model_alert()["header"] == {
+        "alert_id": "3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b", "kind": "open", "tier": "high", "patient_id": "p-17",
+        "encounter_id": "enc-9", "scoring_ms": T, "model_version": "2024-01-01.1", "path": "model"}
+
+
+def test_rule_alert_has_no_probability():
+    alert = build_alert(decision(tier="medium"), patient_id="p-17", encounter_id=None, probability=None, news2=5,
+                        model_version=None, path="rule", rationale=[], basis_event_ids=[])
+    resource = alert["resource"]
+    RiskAssessment.model_validate(resource)
+    assert resource["method"] == {"text": "NEWS2 rule"}
+    assert "probabilityDecimal" not in resource["prediction"][0]
+    assert resource["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "moderate"
+    assert resource["prediction"][0]["rationale"] == "NEWS2 5"
+    assert "encounter" not in resource and "basis" not in resource
+
+
+@pytest.mark.parametrize("tier, code", [("none", "negligible"), ("low", "low"), ("medium", "moderate"),
+                                        ("high", "high")])
+def test_tier_maps_to_risk_probability(tier, code):
+    alert = build_alert(decision(kind="resolve", tier=tier), patient_id="p", encounter_id="e", probability=0.1,
+                        news2=0, model_version="v", path="model", rationale=[], basis_event_ids=[])
+    assert alert["resource"]["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == code
+    assert alert["header"]["kind"] == "resolve"
+
+
+@pytest.mark.parametrize("probability", [1.5, -0.1, float("nan")])
+def test_impossible_probability_is_refused(probability):
+    with pytest.raises(ValueError):
+        model_alert(probability=probability)
+
+
+def test_no_names_or_other_identifiers_beyond_the_ids():
+    resource = model_alert()["resource"]
+
+    def keys(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+
+    assert not {"name", "display"} & {k for k in keys(resource["subject"])}
+    assert not {"name", "birthDate", "identifier", "contained"} & set(keys(resource))

@@ -1,0 +1,268 @@
+"""Debezium change events -> canonical events, over the fixture corpus in tests/fixtures/ingest/cdc.
+
+Expected values are worked out by hand from the fixture text (see the comments), not from the parser.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from schemas import codes
+from schemas.canonical import Source, Status
+from schemas.cdc import parse_cdc
+from schemas.deadletter import Reason
+from schemas.ingest_outcome import Control, Ignored, Parsed, Rejected
+from tests.fixtures.ingest.corpus import (CDC_PREFIX, RawMessage, cdc_message, cdc_messages, cdc_names, raw_file,
+                                          replace_nth_value)
+
+MEASURED_MS = 1_718_460_396_123  # 2024-06-15T14:06:36.123275Z (fixture µs 1718460396123275)
+COMMIT_MS = 1_718_460_400_500
+ALL_VITAL_CODES = {codes.HEART_RATE, codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.SYSTOLIC_BP,
+                   codes.DIASTOLIC_BP, codes.TEMPERATURE, codes.CONSCIOUSNESS}
+
+
+def parse(msg: RawMessage, offset: int = 0):
+    return parse_cdc(msg.topic, msg.key, msg.value, partition=3, offset=offset, cdc_topic_prefix=CDC_PREFIX)
+
+
+def parsed(name: str) -> Parsed:
+    outcome = parse(cdc_message(name))
+    assert isinstance(outcome, Parsed), outcome
+    return outcome
+
+
+def by_code(outcome: Parsed):
+    result = {e.code: e for e in outcome.events}
+    assert len(result) == len(outcome.events), "one event per code"
+    return result
+
+
+def rejection(name: str):
+    outcome = parse(cdc_message(name))
+    assert isinstance(outcome, Rejected), outcome
+    return outcome.rejection
+
+
+# --- creates and snapshot reads ------------------------------------------------------------------
+
+
+def test_schema_wrapped_row_becomes_one_event_per_column():
+    events = by_code(parsed("create_schema_wrapped"))
+    assert {c: e.value for c, e in events.items()} == {
+        codes.HEART_RATE: 116, codes.RESP_RATE: 21,
+        codes.SPO2: 97.5,  # base64 "A88=" = 0x03CF = 975, scale 1
+        codes.O2_FLOW: 2.0,  # "FA==" = 20
+        codes.SYSTOLIC_BP: 91, codes.DIASTOLIC_BP: 45,
+        codes.TEMPERATURE: 38.4,  # "AYA=" = 384
+        codes.CONSCIOUSNESS: 2.0,  # V
+    }
+    hr = events[codes.HEART_RATE]
+    assert hr.patient_id == "MRN-0001" and hr.encounter_id == "ENC-0001"
+    assert hr.effective_ms == MEASURED_MS and hr.issued_ms == COMMIT_MS
+    assert hr.fact_id == "cdc:vital_signs:42:8867-4" and hr.version == 24023128
+    assert hr.status is Status.FINAL and hr.source is Source.CDC and hr.unit == "/min"
+    assert events[codes.CONSCIOUSNESS].value_text == "V"
+    assert hr.provenance == {
+        "table": "vital_signs", "pk": "42", "lsn": 24023128, "txId": 767, "source_ts_ms": COMMIT_MS,
+        "topic": "ehr.public.vital_signs", "partition": 3, "offset": 0, "op": "c", "snapshot": False,
+        "commit_lsn": 24022728,  # first element of the string-encoded source.sequence
+    }
+
+
+def test_bare_row_without_schemas_and_on_air_is_zero_oxygen_flow():
+    events = by_code(parsed("create_bare"))
+    assert events[codes.SPO2].value == 95.0 and events[codes.TEMPERATURE].value == 36.9
+    assert events[codes.CONSCIOUSNESS].value == 0.0 and events[codes.CONSCIOUSNESS].value_text == "A"
+    # flow column is null but on_supplemental_oxygen is false: breathing air is a fact
+    assert events[codes.O2_FLOW].value == 0.0 and events[codes.O2_FLOW].status is Status.FINAL
+    assert events[codes.HEART_RATE].fact_id == "cdc:vital_signs:7:8867-4"
+
+
+def test_sparse_row_with_string_decimals_and_iso_time_yields_only_present_columns():
+    events = by_code(parsed("create_bare_strings"))
+    assert {c: e.value for c, e in events.items()} == {codes.TEMPERATURE: 40.8, codes.SPO2: 91.5}
+    assert events[codes.TEMPERATURE].effective_ms == MEASURED_MS + 51 * 60_000  # 14:57:36.123275Z
+
+
+def test_zoned_timestamp_and_variable_scale_decimal():
+    events = by_code(parsed("zoned_variable_scale"))
+    assert events[codes.SPO2].value == 97.5  # {"scale": 2, "value": "JhY="} = 9750e-2
+    assert events[codes.HEART_RATE].effective_ms == MEASURED_MS  # 16:06:36.123+02:00
+
+
+@pytest.mark.parametrize("name", ["snapshot_read", "snapshot_read_bool"])
+def test_snapshot_reads_are_facts_flagged_as_snapshot(name):
+    outcome = parsed(name)
+    assert len(outcome.events) == 8
+    assert all(e.status is Status.FINAL and e.provenance["snapshot"] is True for e in outcome.events)
+    assert outcome.events[0].provenance["op"] == "r"
+
+
+def test_snapshot_sequence_with_null_commit_lsn():
+    assert parsed("snapshot_read").events[0].provenance["commit_lsn"] is None
+
+
+# --- updates -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["update_full", "update_default_identity"])
+def test_update_is_a_new_version_and_a_nulled_column_retracts(name):
+    events = by_code(parsed(name))
+    assert events[codes.HEART_RATE].value == 92 and events[codes.HEART_RATE].version == 24030000
+    spo2 = events[codes.SPO2]
+    assert spo2.status is Status.ENTERED_IN_ERROR and spo2.value is None
+    assert spo2.fact_id == "cdc:vital_signs:7:59408-5"  # same fact as the create: a retraction of it
+    assert all(e.status is Status.FINAL for c, e in events.items() if c != codes.SPO2)
+
+
+def test_update_with_unchanged_toasted_column_skips_that_column():
+    events = by_code(parsed("update_toasted"))
+    assert codes.CONSCIOUSNESS not in events
+    assert events[codes.HEART_RATE].value == 99
+
+
+def test_update_that_moves_the_row_to_another_patient_retracts_from_the_old_one():
+    outcome = parsed("update_patient_moved")
+    new = [e for e in outcome.events if e.patient_id == "MRN-0009"]
+    old = [e for e in outcome.events if e.patient_id == "MRN-0002"]
+    assert {e.code for e in new} == ALL_VITAL_CODES and all(e.status is Status.FINAL for e in new)
+    assert {e.code for e in old} == ALL_VITAL_CODES and all(e.status.retracts for e in old)
+
+
+# --- deletes, tombstones, primary-key change -----------------------------------------------------
+
+
+def test_delete_with_full_identity_retracts_every_code_then_tombstone_is_control():
+    delete, tombstone = (parse(m) for m in cdc_messages("delete_full"))
+    assert isinstance(delete, Parsed)
+    assert {e.code for e in delete.events} == ALL_VITAL_CODES
+    assert all(e.status is Status.ENTERED_IN_ERROR and e.value is None for e in delete.events)
+    assert {e.patient_id for e in delete.events} == {"MRN-0002"}
+    assert {e.effective_ms for e in delete.events} == {MEASURED_MS}
+    assert isinstance(tombstone, Control) and tombstone.kind == "tombstone"
+
+
+def test_delete_with_default_identity_takes_patient_from_key_and_time_from_commit():
+    events = parsed("delete_key_only").events
+    assert {e.patient_id for e in events} == {"MRN-0001"}
+    assert {e.fact_id for e in events} == {f"cdc:vital_signs:42:{c}" for c in ALL_VITAL_CODES}
+    assert {e.effective_ms for e in events} == {COMMIT_MS}
+
+
+def test_delete_without_patient_tells_the_operator_how_to_fix_it():
+    r = rejection("delete_no_patient")
+    assert r.reason is Reason.MISSING_PATIENT
+    assert "REPLICA IDENTITY FULL" in r.detail and "message.key.columns" in r.detail
+
+
+def test_primary_key_change_retracts_old_facts_and_creates_new_ones():
+    delete, tombstone, create = (parse(m) for m in cdc_messages("pk_change"))
+    assert {e.fact_id.split(":")[2] for e in delete.events} == {"7"}
+    assert all(e.status.retracts for e in delete.events)
+    assert isinstance(tombstone, Control)
+    assert {e.fact_id.split(":")[2] for e in create.events} == {"70"}
+    assert all(e.status is Status.FINAL for e in create.events)
+
+
+def test_redelivered_change_has_the_same_event_ids():
+    msg = cdc_message("create_bare")
+    first, again = parse(msg, offset=5), parse(msg, offset=900)  # a connector restart re-sends
+    assert [e.event_id for e in first.events] == [e.event_id for e in again.events]
+
+
+# --- rejections and ignored ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("heart_rate_5000", Reason.IMPLAUSIBLE_VALUE),
+    ("negative_spo2", Reason.IMPLAUSIBLE_VALUE),  # "zg==" = -50, scale 1
+    ("nan_spo2", Reason.BAD_VALUE),
+    ("wrong_type", Reason.BAD_VALUE),
+    ("missing_time", Reason.MISSING_TIME),
+    ("ms_time_without_schema", Reason.BAD_VALUE),
+    ("unknown_table", Reason.UNKNOWN_TABLE),
+])
+def test_bad_rows_reject_the_whole_message(name, reason):
+    assert rejection(name).reason is reason
+
+
+def test_rejection_detail_names_the_column_but_not_the_value():
+    detail = rejection("heart_rate_5000").detail
+    assert "heart_rate" in detail and "5000" not in detail and "MRN" not in detail
+
+
+@pytest.mark.parametrize("name", ["malformed.txt", "invalid_utf8.bin"])
+def test_undecodable_bytes_are_malformed_json(name):
+    outcome = parse_cdc(f"{CDC_PREFIX}.vital_signs", None, raw_file("cdc", name), partition=0, offset=0,
+                        cdc_topic_prefix=CDC_PREFIX)
+    assert isinstance(outcome, Rejected)
+    assert outcome.rejection.reason is Reason.MALFORMED_JSON
+    assert outcome.rejection.exception == "JSONDecodeError"
+
+
+@pytest.mark.parametrize(("name", "kind"), [("truncate", "truncate"), ("logical_message", "message")])
+def test_truncate_and_logical_messages_are_ignored(name, kind):
+    outcome = parse(cdc_message(name))
+    assert isinstance(outcome, Ignored) and outcome.kind == kind
+
+
+def test_json_that_is_not_an_envelope_is_invalid_structure():
+    outcome = parse(RawMessage(f"{CDC_PREFIX}.vital_signs", None, b"[1, 2, 3]"))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.INVALID_STRUCTURE
+
+
+def test_every_fixture_message_yields_exactly_one_outcome():
+    for name in cdc_names():
+        for msg in cdc_messages(name):
+            assert isinstance(parse(msg), Parsed | Rejected | Control | Ignored), name
+
+
+# --- never raises --------------------------------------------------------------------------------
+
+OUTCOMES = (Parsed, Rejected, Control, Ignored)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+COLUMNS = ["id", "patient_id", "measured_at", "heart_rate", "spo2", "oxygen_flow_rate_lpm",
+           "on_supplemental_oxygen", "consciousness_level", "temperature"]
+rows = st.dictionaries(st.sampled_from(COLUMNS), json_values, max_size=len(COLUMNS))
+envelopes = st.fixed_dictionaries({
+    "op": st.sampled_from(["c", "r", "u", "d", "t", "m", "x"]) | json_values,
+    "before": st.none() | rows, "after": st.none() | rows,
+    "source": st.fixed_dictionaries({"lsn": json_values, "ts_ms": json_values, "snapshot": json_values,
+                                     "sequence": json_values, "table": json_values}),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.none() | st.binary(max_size=64), value=st.none() | st.binary(max_size=256), topic=st.text(max_size=40))
+def test_arbitrary_bytes_never_raise(key, value, topic):
+    outcome = parse_cdc(topic, key, value, partition=0, offset=0, cdc_topic_prefix=CDC_PREFIX)
+    assert isinstance(outcome, OUTCOMES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(envelope=envelopes, key=st.none() | rows)
+def test_arbitrary_envelopes_never_raise(envelope, key):
+    outcome = parse_cdc(f"{CDC_PREFIX}.vital_signs", None if key is None else json.dumps(key).encode(),
+                        json.dumps(envelope).encode(), partition=0, offset=0, cdc_topic_prefix=CDC_PREFIX)
+    assert isinstance(outcome, OUTCOMES)
+    if isinstance(outcome, Rejected):
+        assert outcome.rejection.reason is not Reason.INTERNAL_ERROR, outcome
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(cdc_names()), n=st.integers(0, 10_000), new=json_values)
+def test_mutated_fixtures_never_raise_and_never_hit_internal_errors(name, n, new):
+    msg = cdc_messages(name)[0]
+    doc = replace_nth_value({"key": json.loads(msg.key or b"null"), "value": json.loads(msg.value)}, n, new)
+    key = None if doc["key"] is None else json.dumps(doc["key"]).encode()
+    outcome = parse(RawMessage(msg.topic, key, json.dumps(doc["value"]).encode()))
+    assert isinstance(outcome, OUTCOMES)
+    if isinstance(outcome, Rejected):
+        assert outcome.rejection.reason is not Reason.INTERNAL_ERROR, outcome

@@ -1,0 +1,216 @@
+"""FHIR subscription notifications -> canonical events, over tests/fixtures/ingest/fhir.
+
+Expected values are worked out by hand from the fixture text, not taken from the parser's output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from schemas import codes
+from schemas.canonical import Source, Status
+from schemas.deadletter import Reason
+from schemas.fhir import parse_notification
+from schemas.ingest_outcome import Control, Ignored, Parsed, Rejected
+from tests.fixtures.ingest.corpus import fhir_bundle, fhir_names, raw_file, replace_nth_value
+
+SUBSCRIPTION = "https://ehr.example.org/fhir/Subscription/ww-vitals"
+EFFECTIVE_MS = 1_718_460_396_537  # 2024-06-15T14:06:36.537419Z, floored to ms
+OUTCOMES = (Parsed, Rejected, Control, Ignored)
+
+
+def parse(raw: bytes | None, offset: int = 0):
+    return parse_notification(raw, topic="ww.fhir.notifications", partition=1, offset=offset)
+
+
+def parsed(name: str) -> Parsed:
+    outcome = parse(fhir_bundle(name))
+    assert isinstance(outcome, Parsed), outcome
+    return outcome
+
+
+def by_code(outcome: Parsed):
+    result = {e.code: e for e in outcome.events}
+    assert len(result) == len(outcome.events), "one event per code"
+    return result
+
+
+def rejection(name: str):
+    outcome = parse(fhir_bundle(name))
+    assert isinstance(outcome, Rejected), outcome
+    return outcome.rejection
+
+
+# --- status entry: R4 Parameters, R4B / R5 SubscriptionStatus ------------------------------------
+
+
+def test_r4_parameters_status_with_one_heart_rate():
+    outcome = parsed("r4_parameters_event")
+    assert outcome.subscription == SUBSCRIPTION and outcome.event_numbers == [12]  # "12" as valueString
+    (hr,) = outcome.events
+    assert (hr.patient_id, hr.code, hr.value, hr.unit) == ("MRN-0001", codes.HEART_RATE, 80, "/min")
+    assert hr.encounter_id == "enc-4d8ac7e31e96"
+    assert hr.effective_ms == EFFECTIVE_MS
+    assert hr.issued_ms == 1_718_460_400_000  # issued 14:06:40Z
+    assert hr.fact_id == "fhir:Observation/vs-hr-1:8867-4" and hr.version == 2  # meta.versionId "2"
+    assert hr.status is Status.FINAL and hr.source is Source.FHIR
+    assert hr.provenance["resource"] == "Observation/vs-hr-1" and hr.provenance["offset"] == 0
+
+
+def test_r4b_subscription_status_bundle_of_vitals():
+    outcome = parsed("r4b_status_event")
+    assert outcome.event_numbers == [28, 29, 30, 31]
+    events = by_code(outcome)
+    assert {c: e.value for c, e in events.items()} == {
+        codes.SYSTOLIC_BP: 96, codes.DIASTOLIC_BP: 68,  # BP panel components
+        codes.SPO2: 93,  # one event although both 2708-6 and 59408-5 are coded
+        codes.O2_FLOW: 2,  # the pulse-ox Observation's flow component (FiO2 component unused)
+        codes.TEMPERATURE: 38.5,  # 101.3 [degF]
+        codes.CONSCIOUSNESS: 3,  # SNOMED 450847001 responds to pain
+    }
+    assert events[codes.CONSCIOUSNESS].value_text == "P"
+    assert events[codes.SYSTOLIC_BP].fact_id == "fhir:Observation/vs-bp-1:8480-6"
+    assert events[codes.DIASTOLIC_BP].fact_id == "fhir:Observation/vs-bp-1:8462-4"
+    assert events[codes.TEMPERATURE].unit == "Cel"
+    # no `issued`: meta.lastUpdated 14:07:00Z is when the value became available
+    assert events[codes.SPO2].issued_ms == 1_718_460_420_000
+
+
+def test_r5_labs_with_unit_conversion_and_integer64_counters():
+    outcome = parsed("r5_labs_event")
+    assert outcome.event_numbers == [9007199254740993, 9007199254740994]  # > 2**53, exact
+    events = by_code(outcome)
+    assert events[codes.LACTATE].value == 4.2  # coded 32693-4, an alias of 2524-7
+    assert events[codes.WBC].value == 15.3 and events[codes.WBC].unit == "10*3/uL"  # 15300 /uL
+    assert events[codes.CREATININE].value == 1.9
+    # labs: collected 06:25, resulted 08:35:53.426799 -> the as-of time is the result time
+    assert events[codes.LACTATE].effective_ms == 1_719_210_300_000
+    assert events[codes.LACTATE].issued_ms == 1_719_218_153_426
+    assert events[codes.CREATININE].issued_ms == 1_719_219_600_000  # meta.lastUpdated 09:00Z
+
+
+@pytest.mark.parametrize(("name", "kind", "since"), [("r4b_handshake", "handshake", 0),
+                                                       ("r4_heartbeat", "heartbeat", 12)])
+def test_handshake_and_heartbeat_are_control(name, kind, since):
+    outcome = parse(fhir_bundle(name))
+    assert isinstance(outcome, Control) and outcome.kind == kind
+    assert outcome.detail["events_since_start"] == since and outcome.detail["subscription"] == SUBSCRIPTION
+
+
+# --- versions, retractions, references -----------------------------------------------------------
+
+
+def test_entered_in_error_panel_without_components_retracts_both_pressures():
+    events = parsed("r4b_entered_in_error").events
+    assert {e.fact_id for e in events} == {"fhir:Observation/vs-bp-1:8480-6", "fhir:Observation/vs-bp-1:8462-4"}
+    assert all(e.status is Status.ENTERED_IN_ERROR and e.value is None and e.version == 3 for e in events)
+
+
+def test_amended_observation_with_reference_only_subject():
+    (hr,) = parsed("r4b_amended_reference_only").events
+    assert hr.patient_id == "pt-e4f5d6254795"  # from "Patient/pt-e4f5d6254795"
+    assert hr.status is Status.AMENDED and hr.version == 4 and hr.value == 84
+    assert hr.issued_ms == hr.effective_ms  # neither issued nor lastUpdated: effective stands in
+
+
+def test_redelivered_notification_has_the_same_event_ids():
+    first, again = parse(fhir_bundle("r4b_status_event"), 1), parse(fhir_bundle("r4b_status_event"), 99)
+    assert [e.event_id for e in first.events] == [e.event_id for e in again.events]
+
+
+# --- skipped, ignored ----------------------------------------------------------------------------
+
+
+def test_unused_codes_and_encounters_are_skipped_but_counted():
+    outcome = parsed("r4b_mixed")
+    assert [e.code for e in outcome.events] == [codes.HEART_RATE]
+    assert outcome.skipped == {"unmapped_code": 1, "Encounter": 1}
+
+
+def test_notification_with_nothing_usable_is_ignored_but_keeps_its_event_numbers():
+    outcome = parse(fhir_bundle("r4b_unmapped_only"))
+    assert isinstance(outcome, Ignored)
+    assert outcome.detail["event_numbers"] == [39, 40] and outcome.detail["subscription"] == SUBSCRIPTION
+
+
+# --- rejections ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("heart_rate_5000", Reason.IMPLAUSIBLE_VALUE),
+    ("negative_spo2", Reason.IMPLAUSIBLE_VALUE),
+    ("cancelled_status", Reason.BAD_VALUE),
+    ("invalid_resource", Reason.INVALID_RESOURCE),
+    ("unknown_unit", Reason.UNKNOWN_UNIT),
+    ("subject_not_patient", Reason.MISSING_PATIENT),
+    ("missing_effective", Reason.MISSING_TIME),
+    ("r4b_id_only", Reason.NO_FHIR_SERVER),
+    ("wrong_resource_type", Reason.INVALID_STRUCTURE),
+    ("status_not_first", Reason.INVALID_STRUCTURE),
+])
+def test_bad_notifications_are_rejected_with_a_reason(name, reason):
+    assert rejection(name).reason is reason
+
+
+def test_invalid_resource_detail_names_the_field_not_the_value():
+    r = rejection("invalid_resource")
+    assert "effectiveDateTime" in r.detail and "yesterday" not in r.detail
+    assert r.exception == "ValidationError"
+
+
+def test_one_bad_observation_rejects_the_whole_notification():
+    bundle = json.loads(fhir_bundle("r4b_status_event"))
+    bundle["entry"][1]["resource"]["component"][0]["valueQuantity"]["value"] = 5000  # systolic
+    outcome = parse(json.dumps(bundle).encode())
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.IMPLAUSIBLE_VALUE
+
+
+@pytest.mark.parametrize("name", ["malformed.txt", "invalid_utf8.bin"])
+def test_undecodable_bytes_are_malformed_json(name):
+    outcome = parse(raw_file("fhir", name))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.MALFORMED_JSON
+
+
+def test_null_value_is_rejected():
+    outcome = parse(None)
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.INVALID_STRUCTURE
+
+
+def test_every_fixture_yields_exactly_one_outcome():
+    for name in fhir_names():
+        assert isinstance(parse(fhir_bundle(name)), OUTCOMES), name
+
+
+# --- never raises --------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=15,
+)
+
+
+def _mutations():
+    """Fixture bundles with one field replaced by arbitrary JSON: reaches the deep code paths."""
+    names = [n for n in fhir_names() if n.startswith("r4")]
+    return st.tuples(st.sampled_from(names), st.integers(0, 10_000), json_values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.none() | st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(raw):
+    assert isinstance(parse(raw), OUTCOMES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mutation=_mutations())
+def test_mutated_bundles_never_raise_and_never_hit_internal_errors(mutation):
+    name, n, new = mutation
+    doc = replace_nth_value(json.loads(fhir_bundle(name)), n, new)
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, OUTCOMES)
+    if isinstance(outcome, Rejected):
+        assert outcome.rejection.reason is not Reason.INTERNAL_ERROR, outcome

@@ -1,0 +1,164 @@
+import copy
+import json
+import uuid
+
+import pytest
+
+from streams.alerting import AlertPolicy, step
+from wardwatch.settings import Settings
+
+MIN = 60_000
+T0 = 1_704_096_000_000  # 2024-01-01T08:00Z
+# the published namespace; restating it here makes any change to it (which breaks consumers' dedupe) fail
+NAMESPACE = uuid.UUID("5b0d5f8e-6a36-5c3e-9a53-2f1d0c7e4a11")
+POLICY = AlertPolicy(alert_reset=0.4, resolve_after=2, suppression_ms=30 * MIN)
+
+
+def expected_id(patient, episode, tier, kind):
+    return str(uuid.uuid5(NAMESPACE, f"{patient}|{episode}|{tier}|{kind}"))
+
+
+def rule_point(minute, tier):
+    return dict(scoring_ms=T0 + minute * MIN, tier=tier, probability=None, news2=None, path="rule", model_version=None)
+
+
+def model_point(minute, tier, p, version="v1"):
+    return dict(scoring_ms=T0 + minute * MIN, tier=tier, probability=p, news2=None, path="model", model_version=version)
+
+
+def run(points, patient="p1", state=None, policy=POLICY):
+    decisions = []
+    for point in points:
+        state, out = step(state, patient_id=patient, policy=policy, **point)
+        decisions += out
+    return state, decisions
+
+
+def summary(decisions):
+    return [(d.kind, d.tier, d.episode, (d.scoring_ms - T0) // MIN) for d in decisions]
+
+
+RISE_AND_FALL = [rule_point(0, "none"), rule_point(5, "medium"), rule_point(10, "medium"), rule_point(15, "high"),
+                 rule_point(20, "low"), rule_point(25, "low")]
+
+
+def test_rising_edges_and_resolution():
+    _, decisions = run(RISE_AND_FALL)
+    # medium opens, staying medium is silent, high escalates, the second calm point resolves
+    assert summary(decisions) == [("open", "medium", 1, 5), ("escalate", "high", 1, 15), ("resolve", "low", 1, 25)]
+    assert [d.alert_id for d in decisions] == [expected_id("p1", 1, "medium", "open"),
+                                               expected_id("p1", 1, "high", "escalate"),
+                                               expected_id("p1", 1, "low", "resolve")]
+
+
+def test_replaying_the_same_sequence_gives_the_same_ids():
+    _, first = run(RISE_AND_FALL)
+    _, again = run(RISE_AND_FALL)
+    assert first == again
+    _, other_patient = run(RISE_AND_FALL, patient="p2")
+    assert not {d.alert_id for d in first} & {d.alert_id for d in other_patient}
+
+
+def test_restart_from_serialised_state_continues_identically():
+    _, straight = run(RISE_AND_FALL)
+    state, before = run(RISE_AND_FALL[:3])
+    restored = json.loads(json.dumps(state))  # what a changelog-backed table gives back
+    _, after = run(RISE_AND_FALL[3:], state=restored)
+    assert before + after == straight
+
+
+def test_model_version_change_inside_an_episode_changes_nothing():
+    points = [model_point(0, "medium", 0.6, "v1"), model_point(5, "high", 0.8, "v1"),
+              model_point(10, "none", 0.1, "v1"), model_point(15, "none", 0.1, "v1")]
+    switched = [dict(p, model_version="v2") if i >= 1 else p for i, p in enumerate(points)]
+    assert run(points)[1] == run(switched)[1]
+
+
+def test_dipping_and_coming_back_does_not_realert():
+    points = [rule_point(0, "high"), rule_point(5, "medium"), rule_point(10, "high"), rule_point(15, "low"),
+              rule_point(20, "high")]
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "high", 1, 0)]
+
+
+def test_resolution_needs_consecutive_calm_points():
+    points = [rule_point(0, "medium"), rule_point(5, "low"), rule_point(10, "medium"), rule_point(15, "none"),
+              rule_point(20, "none")]
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 20)]
+
+
+def test_model_path_hysteresis_uses_alert_reset():
+    # "low" at p 0.45 is above alert_reset 0.4: not calm, the episode stays open
+    points = [model_point(0, "medium", 0.55), model_point(5, "low", 0.45), model_point(10, "low", 0.45),
+              model_point(15, "none", 0.2), model_point(20, "low", 0.41), model_point(25, "none", 0.3),
+              model_point(30, "none", 0.39)]
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 30)]
+
+
+def test_resolve_after_is_configurable():
+    points = [rule_point(0, "medium"), rule_point(5, "low"), rule_point(10, "low"), rule_point(15, "low")]
+    _, decisions = run(points, policy=AlertPolicy(resolve_after=3))
+    assert summary(decisions)[-1] == ("resolve", "low", 1, 15)
+
+
+def test_reopening_inside_the_suppression_window_is_deferred_not_dropped():
+    points = [rule_point(0, "medium"), rule_point(5, "none"), rule_point(10, "none"),  # resolved at 10
+              rule_point(20, "medium"),  # episode 2 opens 10 min after the resolution: silent
+              rule_point(35, "high"),  # still inside the window (until 40): silent
+              rule_point(40, "high"),  # first point after the window: alerted now
+              rule_point(45, "high")]
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 10), ("open", "high", 2, 40)]
+    assert decisions[-1].alert_id == expected_id("p1", 2, "high", "open")
+
+
+def test_a_silent_episode_resolves_silently():
+    points = [rule_point(0, "medium"), rule_point(5, "none"), rule_point(10, "none"),
+              rule_point(15, "medium"), rule_point(20, "low"), rule_point(25, "low"),  # episode 2: silent
+              rule_point(45, "medium")]  # 35 min after the last *alerted* resolution: episode 3 alerts
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 10), ("open", "medium", 3, 45)]
+
+
+def test_after_the_window_a_new_episode_alerts_at_once():
+    points = [rule_point(0, "high"), rule_point(5, "none"), rule_point(10, "none"), rule_point(40, "medium")]
+    _, decisions = run(points)
+    assert summary(decisions)[-1] == ("open", "medium", 2, 40)
+
+
+def test_low_never_opens_an_episode():
+    state, decisions = run([rule_point(0, "low"), model_point(5, "low", 0.49), rule_point(10, "none")])
+    assert decisions == []
+    assert state["episode"] == 0 and not state["open"]
+
+
+def test_event_time_not_arrival_order_decides():
+    state, _ = run([rule_point(0, "medium")])
+    stale, decisions = step(state, patient_id="p1", policy=POLICY, **rule_point(-5, "high"))
+    assert decisions == [] and stale == state
+
+
+def test_same_time_rescore_after_a_correction_is_applied():
+    # a correction re-scores the patient at the same clock
+    _, decisions = run([rule_point(0, "medium"), rule_point(0, "high")])
+    assert summary(decisions) == [("open", "medium", 1, 0), ("escalate", "high", 1, 0)]
+
+
+def test_step_does_not_modify_its_input_and_state_is_json():
+    state, _ = run(RISE_AND_FALL[:2])
+    frozen = copy.deepcopy(state)
+    new_state, _ = step(state, patient_id="p1", policy=POLICY, **rule_point(15, "high"))
+    assert state == frozen
+    assert json.loads(json.dumps(new_state)) == new_state
+    assert new_state["tier"] == "high" and new_state["alerted_tier"] == "high"
+
+
+def test_unknown_tier_is_a_bug():
+    with pytest.raises(ValueError):
+        step(None, patient_id="p1", **rule_point(0, "critical"))
+
+
+def test_policy_from_settings_takes_alert_reset():
+    assert AlertPolicy.from_settings(Settings(alert_reset=0.25)).alert_reset == 0.25

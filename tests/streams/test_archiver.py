@@ -1,0 +1,212 @@
+"""Archiver: records -> Parquet rows (pure), crash-safe files, and the consumer-group worker on the
+real broker (nothing lost across restarts, duplicates only of the kind the rebuild removes)."""
+
+from __future__ import annotations
+
+
+import orjson
+import polars as pl
+import pytest
+
+from batch import rebuild
+from schemas import codes
+from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
+from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
+from streams.archiver import Archiver, RawRecord, part_files, rows_for, utc_date, write_part
+from streams.topics import ensure_topics, topics_for
+
+T0 = 1_718_000_000_000  # 2024-06-10 06:13:20 UTC
+DAY_MS = 24 * 3600 * 1000
+NOT_UTF8 = b"\xff\xfe{not json"
+
+
+def event(fact: str, effective_ms: int = T0, patient: str = "p1", value: float = 88.0) -> CanonicalEvent:
+    return CanonicalEvent(patient_id=patient, code=codes.HEART_RATE, value=value, unit="/min",
+                          effective_ms=effective_ms, issued_ms=effective_ms + 5, status=Status.FINAL,
+                          source=Source.FHIR, fact_id=fact, version=1, encounter_id="enc1",
+                          provenance={"resource": "Observation/1"})
+
+
+def record(value: bytes, *, topic="t.canonical", partition=2, offset=7, timestamp_ms=T0 + 3 * DAY_MS,
+           headers=()) -> RawRecord:
+    return RawRecord(topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms, key=b"p1",
+                     value=value, headers=tuple(headers))
+
+
+def snapshot(snapshot_id: str, scoring_ms: int = T0, offset: int = 0) -> dict:
+    return {"snapshot_id": snapshot_id, "patient_id": "p1", "scoring_ms": scoring_ms, "partition": 0,
+            "offset": offset, "features": {"heart_rate_last_24h": 88.0, "spo2_min_6h": None}}
+
+
+def score(snapshot_id: str) -> dict:
+    return {"snapshot_id": snapshot_id, "patient_id": "p1", "scoring_ms": T0, "partition": 0, "offset": 0,
+            "model_version": "m1", "path": "rule", "probability": None, "news2": 6, "tier": "medium",
+            "rationale": [{"feature": "news2", "value": 6}]}
+
+
+ALERT = {"header": {"alert_id": "a1", "kind": "open", "tier": "high", "patient_id": "p1", "encounter_id": "enc1",
+                    "scoring_ms": T0, "model_version": "m1", "path": "model"},
+         "resource": {"resourceType": "RiskAssessment", "status": "final"}}
+
+
+# --- pure: rows ----------------------------------------------------------------------------------
+
+
+def test_canonical_batch_becomes_one_row_per_event_with_its_arrival_position():
+    e1, e2 = event("f1"), event("f2", effective_ms=T0 - DAY_MS)
+    rows = rows_for("canonical", record(encode_batch([e1, e2])))
+    assert [(r.kind, r.date) for r in rows] == [("canonical", "2024-06-10"), ("canonical", "2024-06-09")]
+    first = rows[0].values
+    assert (first["partition"], first["offset"], first["idx"]) == (2, 7, 0)
+    assert rows[1].values["idx"] == 1
+    assert first["event_id"] == e1.event_id
+    assert (first["status"], first["source"], first["encounter_id"]) == ("final", "fhir", "enc1")
+    assert orjson.loads(first["provenance"]) == {"resource": "Observation/1"}
+
+
+def test_deadletter_keeps_original_bytes_and_headers_as_columns():
+    headers = deadletter_headers(Rejection(Reason.MALFORMED_JSON, "not UTF-8", "UnicodeDecodeError"),
+                                 Stage.INGEST_FHIR, "t.fhir.notifications", 3, 99)
+    [row] = rows_for("deadletter", record(NOT_UTF8, topic="t.deadletter", headers=headers))
+    v = row.values
+    assert v["value"] == NOT_UTF8
+    assert (v["reason"], v["stage"], v["exception"]) == ("malformed_json", "ingest.fhir", "UnicodeDecodeError")
+    assert (v["source_topic"], v["source_partition"], v["source_offset"]) == ("t.fhir.notifications", 3, 99)
+    assert row.date == utc_date(T0 + 3 * DAY_MS)  # no clinical time: the Kafka timestamp decides
+
+
+def test_snapshot_kinds_are_dated_by_scoring_time_and_keep_nested_values_as_json():
+    [f] = rows_for("features", record(orjson.dumps(snapshot("s1")), topic="t.features"))
+    assert f.date == "2024-06-10"
+    assert orjson.loads(f.values["features_json"]) == {"heart_rate_last_24h": 88.0, "spo2_min_6h": None}
+    [s] = rows_for("scores", record(orjson.dumps(score("s1")), topic="t.scores"))
+    assert (s.values["path"], s.values["news2"], s.values["probability"]) == ("rule", 6, None)
+    assert orjson.loads(s.values["rationale_json"]) == [{"feature": "news2", "value": 6}]
+    [a] = rows_for("alerts", record(orjson.dumps(ALERT), topic="t.alerts"))
+    assert (a.values["alert_id"], a.values["kind"], a.date) == ("a1", "open", "2024-06-10")
+    assert orjson.loads(a.values["resource_json"])["resourceType"] == "RiskAssessment"
+
+
+def test_late_record_keeps_its_canonical_position_and_lateness():
+    value = orjson.dumps({"event": event("f9").to_dict(), "late_by_ms": 1234, "partition": 1, "offset": 40})
+    [row] = rows_for("late", record(value, topic="t.late", partition=1, offset=3))
+    v = row.values
+    assert (v["late_by_ms"], v["partition"], v["offset"], v["kafka_offset"]) == (1234, 1, 40, 3)
+    assert v["event_id"] == event("f9").event_id
+
+
+@pytest.mark.parametrize("kind,value", [("canonical", NOT_UTF8), ("canonical", b'{"not": "an array"}'),
+                                        ("features", b'{"snapshot_id": "s"}'), ("alerts", b"[]")])
+def test_undecodable_output_record_is_kept_as_unreadable(kind, value):
+    [row] = rows_for(kind, record(value))
+    assert row.kind == "unreadable"
+    assert row.values["value"] == value
+    assert row.values["error"]
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_part_file_is_complete_and_no_temp_file_remains(tmp_path):
+    rows = [r.values for r in rows_for("canonical", record(encode_batch([event("f1"), event("f2")])))]
+    path = write_part(tmp_path, "canonical", "2024-06-10", rows)
+    assert path.parent == tmp_path / "canonical" / "date=2024-06-10"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert pl.read_parquet(path)["fact_id"].to_list() == ["f1", "f2"]
+
+
+def test_left_over_temp_file_is_never_read(tmp_path):
+    rows = [r.values for r in rows_for("canonical", record(encode_batch([event("f1")])))]
+    path = write_part(tmp_path, "canonical", "2024-06-10", rows)
+    (path.parent / ".part-crashed.parquet.tmp").write_bytes(b"PAR1 half written")
+    assert part_files(tmp_path, "canonical") == [path]
+    assert rebuild.read_archive(tmp_path, "canonical")["fact_id"].to_list() == ["f1"]
+
+
+# --- the worker on the real broker ---------------------------------------------------------------
+
+
+def produce(settings, messages: list[tuple[str, bytes, list]]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer(settings.kafka_client_config())
+    for topic, value, headers in messages:
+        producer.produce(topic, key=b"p1", value=value, headers=headers)
+    assert producer.flush(30) == 0
+
+
+class KilledBeforeWriting(Archiver):
+    """Dies with rows still in memory: nothing written, nothing committed."""
+
+    def flush(self) -> None:
+        pass
+
+
+class KilledBeforeCommitting(Archiver):
+    """Dies after its files are durable but before the offsets are committed."""
+
+    def _commit(self) -> None:
+        pass
+
+
+@pytest.mark.integration
+def test_archiver_lands_every_kind_and_restarts_without_loss(settings):
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    dl_headers = deadletter_headers(Rejection(Reason.MALFORMED_JSON, "not UTF-8"), Stage.INGEST_FHIR,
+                                    topics.fhir, 0, 5)
+    produce(settings, [
+        (topics.canonical, encode_batch([event("f1"), event("f2")]), []),
+        (topics.canonical, encode_batch([event("f3")]), []),
+        (topics.late, orjson.dumps({"event": event("f0").to_dict(), "late_by_ms": 10, "partition": 0,
+                                    "offset": 1}), []),
+        (topics.deadletter, NOT_UTF8, dl_headers),
+        (topics.features, orjson.dumps(snapshot("s1")), []),
+        (topics.features, orjson.dumps(snapshot("s2", offset=1)), []),
+        (topics.scores, orjson.dumps(score("s1")), []),
+        (topics.alerts, orjson.dumps(ALERT), []),
+    ])
+    first_batch = {"canonical": 2, "late": 1, "deadletter": 1, "features": 2, "scores": 1, "alerts": 1}
+
+    # 1. killed before writing: the next member of the group must see everything again
+    killed = KilledBeforeWriting(settings, topics)
+    assert killed.drain(first_batch, deadline_s=60) == first_batch
+    killed.close()
+    assert not list(settings.archive_dir.rglob("part-*.parquet"))
+
+    # 2. killed after writing, before committing: everything is archived, and will be re-read
+    archiver = KilledBeforeCommitting(settings, topics)
+    assert archiver.drain(first_batch, deadline_s=60) == first_batch
+    archiver.close()
+
+    # 3. a healthy restart re-reads the uncommitted records, plus one new one
+    produce(settings, [(topics.canonical, encode_batch([event("f4")]), [])])
+    archiver = Archiver(settings, topics)
+    again = first_batch | {"canonical": 3}
+    assert archiver.drain(again, deadline_s=60) == again
+    archiver.close()
+
+    # 4. and commits them: a further restart finds nothing new
+    archiver = Archiver(settings, topics)
+    assert sum(archiver.drain(None, idle_s=2, deadline_s=60).values()) == 0
+    archiver.close()
+
+    archive = settings.archive_dir
+    raw = rebuild.read_archive(archive, "canonical")
+    assert raw.height == 7  # f1 f2 f3 twice (step 2 and 3), f4 once
+    events = rebuild.canonical_events(raw)
+    assert events["fact_id"].to_list() == ["f1", "f2", "f3", "f4"]
+    assert events.select("partition", "offset").unique().height == 3
+    assert events.filter(pl.col("fact_id") == "f2")["idx"].to_list() == [1]
+
+    dead = rebuild.dead_letters(rebuild.read_archive(archive, "deadletter"))
+    assert dead.select("value", "reason", "source_topic", "source_offset").rows() == [
+        (NOT_UTF8, "malformed_json", topics.fhir, 5)]
+    online = rebuild.features_online(rebuild.read_archive(archive, "features"))
+    assert online.sort("snapshot_id")["heart_rate_last_24h"].to_list() == [88.0, 88.0]
+    assert rebuild.scores(rebuild.read_archive(archive, "scores"))["snapshot_id"].to_list() == ["s1"]
+    assert rebuild.alerts(rebuild.read_archive(archive, "alerts"))["alert_id"].to_list() == ["a1"]
+    late = rebuild.late_events(rebuild.read_archive(archive, "late"))
+    assert late.select("fact_id", "late_by_ms").rows() == [("f0", 10)]
+    assert sorted(p.name for p in (archive / "canonical").iterdir()) == ["date=2024-06-10"]
+    assert not list(archive.rglob("*.tmp"))

@@ -1,0 +1,423 @@
+"""The replayer: realistic Debezium and FHIR messages from a clinosim cohort, faults as announced.
+
+Messages are decoded here independently of the ingest parsers (schemas/cdc.py, schemas/fhir.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import subprocess
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from streams.replay import RawMessage, build_replay, generate_cohort
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MRN_SYSTEM = "http://hospital.example.org/identifiers/mrn"
+DISEASES = ("sepsis:severe", "bacterial_pneumonia:moderate", "cellulitis:mild")
+
+
+# --- independent decoding ------------------------------------------------------------------------
+
+
+def micros(text: str) -> int:
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return ((dt if dt.tzinfo else dt.replace(tzinfo=UTC)) - EPOCH) // timedelta(microseconds=1)
+
+
+def decode_row(row_schema: dict, row: dict | None) -> dict | None:
+    """Undo the JSON converter: Decimal bytes -> Decimal (scale from the schema)."""
+    if row is None:
+        return None
+    out = dict(row)
+    for f in row_schema["fields"]:
+        if f.get("name") == "org.apache.kafka.connect.data.Decimal" and row[f["field"]] is not None:
+            unscaled = int.from_bytes(base64.b64decode(row[f["field"]]), "big", signed=True)
+            out[f["field"]] = Decimal(unscaled).scaleb(-int(f["parameters"]["scale"]))
+    return out
+
+
+def decode_cdc(m: RawMessage) -> dict:
+    key = json.loads(m.key)
+    value = json.loads(m.value)
+    fields = {f["field"]: f for f in value["schema"]["fields"]}
+    p = value["payload"]
+    return {"key": key["payload"], "op": p["op"], "source": p["source"],
+            "before": decode_row(fields["before"], p["before"]), "after": decode_row(fields["after"], p["after"])}
+
+
+def parse_json(m: RawMessage) -> dict | None:
+    try:
+        return json.loads(m.value)
+    except (TypeError, ValueError):
+        return None
+
+
+def is_cdc_change(m: RawMessage) -> bool:
+    v = parse_json(m) if m.kind == "cdc" else None
+    return isinstance(v, dict) and "payload" in v
+
+
+def notification(m: RawMessage) -> dict | None:
+    b = parse_json(m) if m.kind == "fhir" else None
+    return b if isinstance(b, dict) and b.get("resourceType") == "Bundle" else None
+
+
+def observation(bundle: dict) -> dict | None:
+    return bundle["entry"][1]["resource"] if len(bundle["entry"]) > 1 else None
+
+
+def bad_positions(replay) -> set[int]:
+    return {b["position"] for b in replay.manifest["bad_messages"]}
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cohorts")
+
+
+@pytest.fixture(scope="module")
+def cohort(cache) -> Path:
+    return generate_cohort(cache, patients=3, seed=7, diseases=DISEASES)
+
+
+@pytest.fixture(scope="module")
+def replay(cohort):
+    return build_replay(cohort, seed=3)
+
+
+@pytest.fixture(scope="module")
+def csv_vitals(cohort) -> dict[tuple[str, int], dict]:
+    with (cohort / "csv" / "vital_signs.csv").open() as f:
+        return {(r["patient_id"], micros(r["timestamp"])): r for r in csv.DictReader(f)}
+
+
+# --- the cohort -----------------------------------------------------------------------------------
+
+
+def test_cohort_is_cached_and_patients_of_different_runs_do_not_collide(cache, cohort, monkeypatch):
+    def no_clinosim(*a, **k):
+        raise AssertionError("clinosim ran again for a cached cohort")
+
+    monkeypatch.setattr(subprocess, "run", no_clinosim)
+    assert generate_cohort(cache, patients=3, seed=7, diseases=DISEASES) == cohort
+
+    with (cohort / "csv" / "vital_signs.csv").open() as f:
+        csv_patients = {r["patient_id"] for r in csv.DictReader(f)}
+    patients = [json.loads(line) for line in (cohort / "fhir_r4" / "Patient.ndjson").open()]
+    mrns = {i["value"] for p in patients for i in p["identifier"] if i["system"] == MRN_SYSTEM}
+    assert len(csv_patients) == 3 and mrns == csv_patients
+    assert len({p["id"] for p in patients}) == 3
+    by_disease = json.loads((cohort / "cohort.json").read_text())["patients_by_disease"]
+    assert sorted(by_disease) == sorted(DISEASES)
+
+
+# --- CDC ------------------------------------------------------------------------------------------
+
+
+def test_cdc_inserts_are_debezium_envelopes_whose_values_decode_to_the_csv(replay, csv_vitals):
+    bad = bad_positions(replay)
+    inserts = [decode_cdc(m) for p, m in enumerate(replay.messages)
+               if is_cdc_change(m) and p not in bad and json.loads(m.value)["payload"]["op"] == "c"]
+    assert len({e["after"]["id"] for e in inserts}) == len(csv_vitals)  # every CSV row, once (plus redeliveries)
+    for e in inserts:
+        row, src = e["after"], e["source"]
+        assert e["before"] is None and e["key"] == {"id": row["id"], "patient_id": row["patient_id"]}
+        assert src["connector"] == "postgresql" and src["snapshot"] == "false" and src["table"] == "vital_signs"
+        assert src["schema"] == "public" and src["xmin"] is None and isinstance(src["txId"], int)
+        assert json.loads(src["sequence"])[1] == str(src["lsn"])
+        csv_row = csv_vitals[(row["patient_id"], row["measured_at"])]
+        for column in ("spo2", "temperature", "oxygen_flow_rate_lpm"):
+            assert row[column] == (Decimal(csv_row[column]) if csv_row[column] else None), column
+        for column in ("heart_rate", "respiratory_rate", "systolic_bp", "diastolic_bp"):
+            assert row[column] == (int(csv_row[column]) if csv_row[column] else None), column
+        assert row["on_supplemental_oxygen"] == (csv_row["on_supplemental_oxygen"] == "True")
+        assert row["consciousness_level"] == (csv_row["consciousness_level"] or None)
+        assert row["encounter_id"] is None or row["encounter_id"].startswith(f"ENC-{row['patient_id']}-")
+    assert any(e["after"]["encounter_id"] for e in inserts)
+
+
+def test_every_later_change_of_a_row_has_a_higher_lsn(replay):
+    lsns_by_row = defaultdict(list)
+    for m in replay.messages:
+        if is_cdc_change(m):
+            e = decode_cdc(m)
+            lsns_by_row[e["key"]["id"]].append((e["source"]["lsn"], e["op"]))
+    changed = [v for v in lsns_by_row.values() if {op for _, op in v} - {"c"}]
+    assert changed
+    for changes in changed:
+        ops_by_lsn = [op for _, op in sorted(set(changes))]
+        assert ops_by_lsn[0] == "c" and ops_by_lsn[1:] in (["u"], ["d"])
+
+
+# --- FHIR -----------------------------------------------------------------------------------------
+
+
+def test_notifications_are_valid_r4b_history_bundles_keyed_by_the_cdc_patient_id(replay, csv_vitals):
+    patients = {p for p, _ in csv_vitals}
+    bad = bad_positions(replay)
+    kinds = defaultdict(int)
+    last_event = {}
+    for p, m in enumerate(replay.messages):
+        if m.kind != "fhir" or p in bad:
+            continue
+        Bundle.model_validate_json(m.value)  # raises if not a valid R4B Bundle
+        bundle = json.loads(m.value)
+        status = bundle["entry"][0]["resource"]
+        assert bundle["type"] == "history" and status["resourceType"] == "SubscriptionStatus"
+        assert status["status"] == "active"
+        kinds[status["type"]] += 1
+        if status["type"] != "event-notification":
+            assert len(bundle["entry"]) == 1 and "notificationEvent" not in status
+            continue
+        obs = observation(bundle)
+        event = status["notificationEvent"][0]
+        assert event["focus"]["reference"] == f"Observation/{obs['id']}"
+        assert event["eventNumber"] == status["eventsSinceSubscriptionStart"]
+        mrn = obs["subject"]["identifier"]
+        assert mrn["system"] == MRN_SYSTEM and mrn["value"] in patients and m.key == mrn["value"].encode()
+        assert obs["meta"]["versionId"] in ("1", "2")
+        if obs["category"][0]["coding"][0]["code"] == "laboratory":
+            assert micros(obs["issued"]) > micros(obs["effectiveDateTime"])
+        number, subscription = int(event["eventNumber"]), status["subscription"]["reference"]
+        if m.value not in last_event.get(subscription, {}).get("seen", ()):  # duplicates repeat their number
+            assert number == last_event.get(subscription, {}).get("number", 0) + 1
+            last_event.setdefault(subscription, {"seen": set()}).update(number=number)
+            last_event[subscription]["seen"].add(m.value)
+    assert kinds["handshake"] >= 1 and kinds["heartbeat"] >= 1 and kinds["event-notification"] > 10
+
+
+def availability_us(m: RawMessage) -> int | None:
+    if is_cdc_change(m):
+        return json.loads(m.value)["payload"]["source"]["ts_us"]
+    bundle = notification(m)
+    return micros(bundle["timestamp"]) if bundle else None
+
+
+def test_messages_are_delivered_in_availability_order_apart_from_injected_faults(replay):
+    man = replay.manifest
+    faulted = bad_positions(replay) | {r["position"] for r in man["redelivered"] + man["duplicated_notifications"]}
+    faulted |= {p for r in man["reordered"] for p in r["positions"]}
+    times = [availability_us(m) for p, m in enumerate(replay.messages) if p not in faulted]
+    times = [t for t in times if t is not None]
+    assert times == sorted(times)
+    # a live EHR interleaves its patients rather than sending one patient's stay after another's
+    cdc_patients = [json.loads(m.key)["payload"]["patient_id"] for m in replay.messages if is_cdc_change(m)]
+    switches = sum(a != b for a, b in zip(cdc_patients, cdc_patients[1:]))
+    assert switches > 10 * len(set(cdc_patients))
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+
+def test_redeliveries_and_duplicated_notifications_are_byte_identical_later_copies(replay):
+    man = replay.manifest
+    assert len(man["redelivered"]) == man["fault_counts"]["redelivered"] > 0
+    assert len(man["duplicated_notifications"]) == man["fault_counts"]["duplicated_notifications"] > 0
+    for dup, kind in [(r, "cdc") for r in man["redelivered"]] + [(r, "fhir") for r in man["duplicated_notifications"]]:
+        copy, original = replay.messages[dup["position"]], replay.messages[dup["original_position"]]
+        assert dup["position"] > dup["original_position"] and copy == original and copy.kind == kind
+        # re-sent minutes later, as after a connector restart: not days later, past the dedupe horizon
+        before_copy = availability_us(replay.messages[dup["position"] - 1])
+        assert before_copy - availability_us(original) <= 30 * 60 * 1_000_000
+
+
+def test_lab_corrections_and_duplicates_target_labs_that_arrive_within_the_lateness_bound(replay):
+    """Labs take hours; a correction of a lab the stream already dropped as late would test nothing."""
+    man = replay.manifest
+    targets = {f.split(":")[1] for f in man["amended_fact_ids"] + man["retracted_fact_ids"] if f.startswith("fhir:")}
+    targets |= {f.split(":")[1] for d in man["duplicated_notifications"] for f in d["fact_ids"]}
+    firsts = {f"Observation/{o['id']}": o for b in map(notification, replay.messages) if b and (o := observation(b))
+              and o["meta"]["versionId"] == "1"}
+    assert len(targets) >= 3
+    for t in targets:
+        assert micros(firsts[t]["issued"]) - micros(firsts[t]["effectiveDateTime"]) < 3600 * 1_000_000
+
+
+def test_late_rows_must_be_later_than_the_allowed_lateness(cohort):
+    with pytest.raises(ValueError):
+        build_replay(cohort, late_by_s=1800, allowed_lateness_s=3600)
+
+
+def test_amendments_carry_a_higher_version_and_the_announced_value(replay):
+    man = replay.manifest
+    fhir_v2 = [observation(b) for b in map(notification, replay.messages) if b and observation(b)
+               and observation(b)["meta"]["versionId"] == "2" and observation(b)["status"] == "amended"]
+    assert fhir_v2
+    for obs in fhir_v2:
+        fact = next(f for f in man["amended_fact_ids"] if f.startswith(f"fhir:Observation/{obs['id']}:"))
+        assert obs["valueQuantity"]["value"] == man["amended_values"][fact]
+    updates = [decode_cdc(m) for m in replay.messages if is_cdc_change(m) and json.loads(m.value)["payload"]["op"] == "u"]
+    assert updates
+    for u in updates:
+        changed = {c for c in u["after"] if u["after"][c] != u["before"][c]}
+        assert changed == {"heart_rate"}
+        fact = f"cdc:vital_signs:{u['key']['id']}:8867-4"
+        assert fact in man["amended_fact_ids"] and man["amended_values"][fact] == u["after"]["heart_rate"]
+
+
+def test_retractions_are_entered_in_error_versions_and_full_row_deletes_with_tombstones(replay):
+    man = replay.manifest
+    retracted = [observation(b) for b in map(notification, replay.messages) if b and observation(b)
+                 and observation(b)["status"] == "entered-in-error"]
+    assert retracted and all(o["meta"]["versionId"] == "2" for o in retracted)
+    assert all(any(f.startswith(f"fhir:Observation/{o['id']}:") for f in man["retracted_fact_ids"]) for o in retracted)
+
+    inserted = {}
+    deletes = 0
+    for p, m in enumerate(replay.messages):
+        if not is_cdc_change(m):
+            continue
+        e = decode_cdc(m)
+        if e["op"] == "c":
+            inserted[e["key"]["id"]] = e["after"]
+        if e["op"] == "d":
+            deletes += 1
+            assert e["after"] is None and e["before"] == inserted[e["key"]["id"]]  # REPLICA IDENTITY FULL
+            tombstone = replay.messages[p + 1]
+            assert tombstone.key == m.key and tombstone.value is None
+            assert f"cdc:vital_signs:{e['key']['id']}:8867-4" in man["retracted_fact_ids"] or \
+                not e["before"]["heart_rate"]
+    assert deletes == sum(1 for f in {f.rsplit(":", 1)[0] for f in man["retracted_fact_ids"]} if f.startswith("cdc:"))
+
+
+def test_late_rows_arrive_long_after_newer_vitals_of_the_same_patient(replay):
+    man = replay.manifest
+    late_rows = {int(f.split(":")[2]) for f in man["late_fact_ids"]}
+    assert len(late_rows) == man["fault_counts"]["late"] > 0
+    newest = {}  # patient -> newest measured_at delivered so far
+    for m in replay.messages:
+        if not is_cdc_change(m) or json.loads(m.value)["payload"]["op"] != "c":
+            continue
+        row = decode_cdc(m)["after"]
+        if row["id"] in late_rows:
+            assert newest[row["patient_id"]] - row["measured_at"] > man["late_by_s"] * 1_000_000
+        newest[row["patient_id"]] = max(newest.get(row["patient_id"], 0), row["measured_at"])
+
+
+def test_cross_source_duplicates_repeat_an_earlier_cdc_vital_exactly(replay):
+    man = replay.manifest
+    assert len(man["cross_source_duplicate_fact_ids"]) == man["fault_counts"]["cross_source_duplicate"] > 0
+    seen_rows = {}
+    found = 0
+    for m in replay.messages:
+        if is_cdc_change(m):
+            row = decode_cdc(m)["after"]
+            if row:
+                seen_rows[(row["patient_id"], row["measured_at"])] = row
+        elif (b := notification(m)) and (obs := observation(b)):
+            fact = f"fhir:Observation/{obs['id']}:"
+            if not any(f.startswith(fact) for f in man["cross_source_duplicate_fact_ids"]):
+                continue
+            found += 1
+            row = seen_rows[(obs["subject"]["identifier"]["value"], micros(obs["effectiveDateTime"]))]
+            codings = {c["code"] for c in obs["code"]["coding"]}
+            column = "spo2" if codings == {"59408-5", "2708-6"} else "heart_rate" if codings == {"8867-4"} else None
+            assert column and Decimal(str(obs["valueQuantity"]["value"])) == row[column]
+    assert found == man["fault_counts"]["cross_source_duplicate"]
+
+
+def test_reordered_pairs_deliver_the_newer_of_two_close_measurements_first(replay):
+    man = replay.manifest
+    assert len(man["reordered"]) == man["fault_counts"]["reordered"] > 0
+    for r in man["reordered"]:
+        first, second = (decode_cdc(replay.messages[p])["after"] for p in r["positions"])
+        assert first["patient_id"] == second["patient_id"]
+        assert 0 <= first["measured_at"] - second["measured_at"] < 3600 * 1_000_000  # default allowed lateness
+
+
+def test_bad_messages_are_malformed_as_announced(replay):
+    bad = replay.manifest["bad_messages"]
+    assert {b["kind"] for b in bad} == {"bad_json", "bad_cdc_json", "bad_resource", "bad_heart_rate"}
+    for b in bad:
+        m = replay.messages[b["position"]]
+        assert m.kind == b["topic_kind"]
+        if b["kind"] in ("bad_json", "bad_cdc_json"):
+            assert parse_json(m) is None
+        elif b["kind"] == "bad_resource":
+            assert parse_json(m)["resourceType"] != "Bundle"
+        else:
+            assert decode_cdc(m)["after"]["heart_rate"] > 300
+
+
+# --- switches -------------------------------------------------------------------------------------
+
+
+def test_without_faults_every_message_is_a_clean_first_delivery(cohort, csv_vitals):
+    clean = build_replay(cohort, faults=False, seed=3)
+    man = clean.manifest
+    assert set(man["fault_counts"].values()) == {0}
+    assert not (man["late_fact_ids"] or man["amended_fact_ids"] or man["retracted_fact_ids"]
+                or man["cross_source_duplicate_fact_ids"] or man["redelivered"] or man["reordered"])
+    assert len(set(clean.messages)) == len(clean.messages)
+    ops = {json.loads(m.value)["payload"]["op"] for m in clean.messages if m.kind == "cdc"}
+    assert ops == {"c"} and man["counts"]["cdc"] == len(csv_vitals)
+    for m in clean.messages:
+        if m.kind == "fhir":
+            Bundle.model_validate_json(m.value)
+            obs = observation(json.loads(m.value))
+            assert obs is None or (obs["meta"]["versionId"] == "1" and obs["status"] == "final")
+    times = [availability_us(m) for m in clean.messages]
+    assert times == sorted(times)
+
+
+def test_the_build_is_deterministic_for_a_seed(cohort, replay):
+    again = build_replay(cohort, seed=3)
+    assert again.messages == replay.messages and again.manifest == replay.manifest
+    other = build_replay(cohort, seed=4)
+    assert other.manifest["late_fact_ids"] != replay.manifest["late_fact_ids"]
+
+
+def test_max_patients_keeps_only_that_many_patients(cohort):
+    small = build_replay(cohort, seed=3, max_patients=1)
+    assert len(small.manifest["patients"]) == 1
+    keys = {json.loads(m.key)["payload"]["patient_id"] for m in small.messages if m.kind == "cdc" and m.key}
+    keys |= {m.key.decode() for m in small.messages if m.kind == "fhir" and m.key}
+    assert keys == set(small.manifest["patients"])
+
+
+# --- publishing (real broker) ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_publish_delivers_every_message_to_its_topic_with_a_produce_timestamp(cohort, settings):
+    from confluent_kafka import Consumer, TopicPartition
+
+    from streams.replay import publish
+    from streams.topics import ensure_topics, topics_for
+
+    small = build_replay(cohort, seed=3, max_patients=1)
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    done = []
+    counts = publish(small, settings, topics, progress=done.append)
+    expected = {topics.cdc["vital_signs"]: [m for m in small.messages if m.kind == "cdc"],
+                topics.fhir: [m for m in small.messages if m.kind == "fhir"]}
+    assert counts["messages"] == len(small.messages) and done[-1] == len(small.messages)
+
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-replay",
+                         "enable.auto.commit": False})
+    consumer.assign([TopicPartition(t, p, 0) for t in expected for p in range(topics.partitions)])
+    received = defaultdict(list)
+    deadline = datetime.now() + timedelta(seconds=60)
+    try:
+        while sum(map(len, received.values())) < len(small.messages) and datetime.now() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                received[msg.topic()].append(msg)
+    finally:
+        consumer.close()
+    for topic, sent in expected.items():
+        got = received[topic]
+        assert sorted((m.key() or b"", m.value() or b"") for m in got) == sorted((m.key or b"", m.value or b"") for m in sent)
+        assert all(int(dict(m.headers())["ww.produced_ns"]) > 0 for m in got)

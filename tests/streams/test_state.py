@@ -1,0 +1,366 @@
+"""The per-patient rules of docs/patient-state.md, one behaviour per test, on hand-made sequences."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings as hyp_settings, strategies as st
+
+from schemas import codes
+from schemas.canonical import CanonicalEvent, Source, Status
+from streams.features import compute_features
+from streams.state import VALUE, DuplicateKind, Kind, PatientState, apply_batch
+
+T0 = 1_700_000_000_000  # 2023-11-14, ms
+MIN = 60_000
+HOUR = 60 * MIN
+LATENESS = 1 * HOUR
+HORIZON = 48 * HOUR
+TOLERANCE = 0.05
+
+
+def ev(fact_id: str, value: float | None = 80.0, eff: int = T0, *, version: int = 1,
+       code: str = codes.HEART_RATE, source: Source = Source.CDC, status: Status = Status.FINAL) -> CanonicalEvent:
+    return CanonicalEvent(
+        patient_id="p1", code=code, value=value, unit=None, effective_ms=eff, issued_ms=eff,
+        status=status, source=source, fact_id=fact_id, version=version,
+    )
+
+
+def apply(state, *events, lateness=LATENESS, horizon=HORIZON, tolerance=TOLERANCE):
+    return apply_batch(state, list(events), allowed_lateness_ms=lateness, dedupe_horizon_ms=horizon,
+                       cross_source_tolerance=tolerance)
+
+
+def kinds(result) -> list[str]:
+    return [o.kind for o in result.outcomes]
+
+
+def hr_values(state: PatientState) -> list[float]:
+    return [f[VALUE] for f in state.live(codes.HEART_RATE)]
+
+
+# --- rule 5: accepted ---------------------------------------------------------------------------
+
+
+def test_new_facts_are_accepted_become_live_and_advance_the_clock():
+    r = apply(None, ev("a", 80.0, T0), ev("b", 100.0, T0 + 10 * MIN))
+    assert kinds(r) == ["accepted", "accepted"]
+    assert r.changed
+    assert r.state.clock == T0 + 10 * MIN
+    assert hr_values(r.state) == [80.0, 100.0]
+
+
+# --- rule 1: redelivery / stale version ---------------------------------------------------------
+
+
+def test_redelivery_with_the_same_version_is_a_duplicate_and_changes_nothing():
+    first = apply(None, ev("a", 80.0))
+    again = apply(first.state, ev("a", 80.0))
+    assert kinds(again) == ["duplicate"]
+    assert again.outcomes[0].duplicate_kind == DuplicateKind.REDELIVERY
+    assert not again.changed
+    assert again.state.to_dict() == first.state.to_dict()
+
+
+def test_a_stale_lower_version_is_a_duplicate_and_keeps_the_newer_value():
+    r = apply(None, ev("a", 90.0, version=5), ev("a", 80.0, version=3))
+    assert kinds(r) == ["accepted", "duplicate"]
+    assert r.outcomes[1].duplicate_kind == "redelivery"
+    assert hr_values(r.state) == [90.0]
+
+
+def test_arrival_order_decides_which_version_is_a_correction():
+    newest_first = apply(None, ev("a", 90.0, version=2), ev("a", 80.0, version=1))
+    oldest_first = apply(None, ev("a", 80.0, version=1), ev("a", 90.0, version=2))
+    assert kinds(newest_first) == ["accepted", "duplicate"]
+    assert kinds(oldest_first) == ["accepted", "corrected"]
+    assert hr_values(newest_first.state) == hr_values(oldest_first.state) == [90.0]
+
+
+# --- rule 2: corrections ------------------------------------------------------------------------
+
+
+def test_an_amendment_replaces_the_value_and_the_features_follow():
+    s = apply(None, ev("a", 80.0, T0), ev("b", 100.0, T0 + 10 * MIN)).state
+    T = s.clock
+    assert compute_features(s, T)["heart_rate_mean_6h"] == 90.0  # (80 + 100) / 2
+    r = apply(s, ev("a", 120.0, T0, version=2, status=Status.AMENDED))
+    assert kinds(r) == ["corrected"]
+    assert r.changed
+    assert compute_features(r.state, T)["heart_rate_mean_6h"] == 110.0  # (120 + 100) / 2
+
+
+def test_an_amendment_can_move_the_effective_time():
+    s = apply(None, ev("a", 80.0, T0), ev("b", 100.0, T0 + 10 * MIN)).state
+    r = apply(s, ev("a", 80.0, T0 + 20 * MIN, version=2, status=Status.CORRECTED))
+    assert kinds(r) == ["corrected"]
+    # "a" is now the latest fact, and there is still exactly one copy of it
+    assert hr_values(r.state) == [100.0, 80.0]
+    assert compute_features(r.state, T0 + 20 * MIN)["heart_rate_last_24h"] == 80.0
+
+
+def test_entered_in_error_retracts_the_fact_and_the_features_change():
+    s = apply(None, ev("a", 80.0, T0), ev("b", 100.0, T0 + 10 * MIN)).state
+    T = s.clock
+    r = apply(s, ev("b", None, T0 + 10 * MIN, version=2, status=Status.ENTERED_IN_ERROR))
+    assert kinds(r) == ["corrected"]
+    f = compute_features(r.state, T)
+    assert f["heart_rate_last_24h"] == 80.0
+    assert f["heart_rate_mean_6h"] == 80.0
+    assert f["vitals_count_6h"] == 1
+
+
+def test_retracting_the_only_fact_makes_its_features_missing():
+    s = apply(None, ev("a", 80.0, T0)).state
+    r = apply(s, ev("a", None, T0, version=2, status=Status.ENTERED_IN_ERROR))
+    f = compute_features(r.state, T0)
+    assert f["heart_rate_last_24h"] is None
+    assert f["heart_rate_mean_6h"] is None
+    assert f["vitals_count_6h"] == 0
+    # the retraction is remembered: a redelivery of the original does not bring it back
+    again = apply(r.state, ev("a", 80.0, T0, version=1))
+    assert kinds(again) == ["duplicate"]
+    assert hr_values(again.state) == []
+
+
+def test_a_later_version_after_a_retraction_makes_the_fact_visible_again():
+    r = apply(None, ev("a", 80.0), ev("a", None, version=2, status=Status.ENTERED_IN_ERROR),
+              ev("a", 85.0, version=3, status=Status.AMENDED))
+    assert kinds(r) == ["accepted", "corrected", "corrected"]
+    assert hr_values(r.state) == [85.0]
+
+
+def test_corrections_are_never_late():
+    s = apply(None, ev("a", 80.0, T0), ev("b", 100.0, T0 + 5 * HOUR)).state
+    r = apply(s, ev("a", 60.0, T0, version=2, status=Status.AMENDED))
+    assert kinds(r) == ["corrected"]
+    assert compute_features(r.state, T0 + 5 * HOUR)["heart_rate_mean_6h"] == 80.0  # (60 + 100) / 2
+
+
+def test_a_correction_of_an_unknown_fact_is_a_new_fact():
+    r = apply(None, ev("a", 95.0, version=4, status=Status.AMENDED))
+    assert kinds(r) == ["accepted"]
+    assert hr_values(r.state) == [95.0]
+
+
+def test_a_retraction_of_an_unknown_fact_is_known_but_never_live():
+    r = apply(None, ev("a", None, version=2, status=Status.ENTERED_IN_ERROR))
+    assert kinds(r) == ["accepted"]
+    assert hr_values(r.state) == []
+    # the original arriving after its own retraction is a stale version
+    later = apply(r.state, ev("a", 80.0, version=1))
+    assert kinds(later) == ["duplicate"]
+    assert hr_values(later.state) == []
+
+
+# --- rule 3: lateness ---------------------------------------------------------------------------
+
+
+def test_an_event_beyond_the_lateness_bound_is_late_with_exact_late_by():
+    s = apply(None, ev("a", 80.0, T0 + 3 * HOUR)).state  # clock = T0 + 3 h, bound = T0 + 2 h
+    r = apply(s, ev("b", 90.0, T0 + 2 * HOUR - 5 * MIN))
+    assert kinds(r) == ["late"]
+    assert r.outcomes[0].late_by_ms == 5 * MIN
+    assert [o.event.fact_id for o in r.late] == ["b"]
+    assert not r.changed
+    assert r.state.to_dict() == s.to_dict()  # a late event never enters state
+    # ... not even its key: a redelivery is late again, not a duplicate
+    assert kinds(apply(r.state, ev("b", 90.0, T0 + 2 * HOUR - 5 * MIN))) == ["late"]
+
+
+def test_an_event_exactly_at_the_lateness_bound_is_accepted():
+    s = apply(None, ev("a", 80.0, T0 + 3 * HOUR)).state
+    r = apply(s, ev("b", 90.0, T0 + 2 * HOUR))
+    assert kinds(r) == ["accepted"]
+
+
+def test_an_out_of_order_event_inside_the_bound_is_accepted_and_shows_in_windows():
+    s = apply(None, ev("a", 80.0, T0 + 60 * MIN)).state
+    r = apply(s, ev("b", 100.0, T0 + 30 * MIN))
+    assert kinds(r) == ["accepted"]
+    assert r.state.clock == T0 + 60 * MIN  # the clock never goes back
+    f = compute_features(r.state, r.state.clock)
+    assert f["heart_rate_max_1h"] == 100.0
+    assert f["heart_rate_mean_6h"] == 90.0
+    assert f["heart_rate_last_24h"] == 80.0  # last is by effective time, not arrival
+
+
+def test_lateness_uses_the_clock_as_it_advances_inside_a_batch():
+    r = apply(None, ev("a", 80.0, T0 + 3 * HOUR), ev("b", 90.0, T0 + 1 * HOUR))
+    assert kinds(r) == ["accepted", "late"]
+    assert r.outcomes[1].late_by_ms == 1 * HOUR  # (3 h - 1 h) - 1 h
+    r = apply(None, ev("b", 90.0, T0 + 1 * HOUR), ev("a", 80.0, T0 + 3 * HOUR))
+    assert kinds(r) == ["accepted", "accepted"]
+
+
+# --- rule 4: cross-source duplicates --------------------------------------------------------------
+
+
+def test_the_same_measurement_from_the_other_source_within_tolerance_is_dropped():
+    r = apply(None, ev("cdc:1", 80.0), ev("fhir:1", 80.03, source=Source.FHIR))
+    assert kinds(r) == ["accepted", "duplicate"]
+    assert r.outcomes[1].duplicate_kind == DuplicateKind.CROSS_SOURCE
+    assert hr_values(r.state) == [80.0]
+
+
+def test_a_cross_source_value_outside_tolerance_is_a_separate_fact():
+    r = apply(None, ev("cdc:1", 80.0), ev("fhir:1", 80.5, source=Source.FHIR))
+    assert kinds(r) == ["accepted", "accepted"]
+    assert sorted(hr_values(r.state)) == [80.0, 80.5]
+
+
+def test_cross_source_needs_another_source_the_same_code_and_the_same_time():
+    base = apply(None, ev("cdc:1", 80.0)).state
+    same_source = ev("cdc:2", 80.0)
+    other_time = ev("fhir:1", 80.0, T0 + 1, source=Source.FHIR)
+    other_code = ev("fhir:2", 80.0, code=codes.RESP_RATE, source=Source.FHIR)
+    for event in (same_source, other_time, other_code):
+        assert kinds(apply(base, event)) == ["accepted"], event.fact_id
+
+
+def test_corrections_of_an_alias_are_recognised_and_ignored():
+    s = apply(None, ev("cdc:1", 80.0), ev("fhir:1", 80.0, source=Source.FHIR)).state
+    amended = apply(s, ev("fhir:1", 140.0, version=2, source=Source.FHIR, status=Status.AMENDED))
+    assert kinds(amended) == ["corrected"]
+    assert hr_values(amended.state) == [80.0]
+    retracted = apply(amended.state, ev("fhir:1", None, version=3, source=Source.FHIR,
+                                        status=Status.ENTERED_IN_ERROR))
+    assert kinds(retracted) == ["corrected"]
+    assert hr_values(retracted.state) == [80.0]
+    restored = apply(retracted.state, ev("fhir:1", 140.0, version=4, source=Source.FHIR, status=Status.AMENDED))
+    assert kinds(restored) == ["corrected"]
+    assert hr_values(restored.state) == [80.0]
+    redelivered = apply(restored.state, ev("fhir:1", 80.0, version=1, source=Source.FHIR))
+    assert kinds(redelivered) == ["duplicate"]
+    assert redelivered.outcomes[0].duplicate_kind == DuplicateKind.REDELIVERY
+
+
+def test_a_twin_beyond_the_longest_window_no_longer_matches_however_the_events_are_batched():
+    # only reachable with a lateness longer than the 24 h window
+    events = [ev("cdc:1", 80.0, T0), ev("x", 80.0, T0 + 25 * HOUR), ev("fhir:1", 80.0, T0, source=Source.FHIR)]
+    whole = apply(None, *events, lateness=30 * HOUR)
+    first = apply(None, *events[:2], lateness=30 * HOUR)
+    split = apply(first.state, events[2], lateness=30 * HOUR)
+    assert kinds(whole)[2] == kinds(split)[0] == "accepted"
+
+
+# --- pruning and expiry (event time only) -------------------------------------------------------
+
+
+def hourly_vitals(hours: int, start: int = T0):
+    """One batch per hour: heart rate and resp rate, each its own fact."""
+    for h in range(hours):
+        t = start + h * HOUR
+        yield [ev(f"hr:{h}", 80.0, t), ev(f"rr:{h}", 16.0, t, code=codes.RESP_RATE)]
+
+
+def test_pruning_bounds_the_state_as_the_clock_advances_over_days():
+    state = None
+    for batch in hourly_vitals(10 * 24):
+        state = apply(state, *batch).state
+    # live: facts in (clock - 24 h, clock], hourly -> exactly 24 per code
+    assert len(state.live(codes.HEART_RATE)) == 24
+    assert len(state.live(codes.RESP_RATE)) == 24
+    # known: about the 48 h dedupe horizon of keys, far below the 480 keys fed
+    assert 2 * 48 <= len(state.known) <= 2 * 60
+    assert len(orjson.dumps(state.to_dict())) < 20_000
+
+
+def test_a_dedupe_key_expires_on_event_time_so_an_old_redelivery_is_late():
+    s = apply(None, ev("old", 80.0, T0)).state
+    s = apply(s, ev("new", 80.0, T0 + 48 * HOUR + 1)).state  # "old" is now beyond the horizon
+    r = apply(s, ev("old", 80.0, T0))
+    assert kinds(r) == ["late"]
+    assert r.outcomes[0].late_by_ms == 47 * HOUR + 1
+    assert not r.changed
+
+
+def test_a_dedupe_key_expires_within_a_single_batch_too():
+    r = apply(None, ev("old", 80.0, T0), ev("new", 80.0, T0 + 48 * HOUR + 1), ev("old", 80.0, T0))
+    assert kinds(r) == ["accepted", "accepted", "late"]
+
+
+def test_a_dedupe_key_inside_the_horizon_is_still_a_duplicate_even_when_late():
+    s = apply(None, ev("old", 80.0, T0)).state
+    s = apply(s, ev("new", 80.0, T0 + 47 * HOUR)).state
+    assert kinds(apply(s, ev("old", 80.0, T0))) == ["duplicate"]
+
+
+def test_dedupe_keys_do_not_expire_on_wall_clock_time():
+    long_ago = 978_307_200_000  # 2001-01-01: decades of wall time ago
+    s = apply(None, ev("a", 80.0, long_ago)).state
+    r = apply(s, ev("a", 80.0, long_ago))
+    assert kinds(r) == ["duplicate"]
+
+
+def test_a_horizon_not_longer_than_the_lateness_is_refused():
+    with pytest.raises(ValueError):
+        apply(None, ev("a"), lateness=2 * HOUR, horizon=2 * HOUR)
+
+
+# --- purity and serialisation -------------------------------------------------------------------
+
+
+def test_apply_batch_does_not_mutate_its_input_state():
+    s = apply(None, ev("a", 80.0, T0), ev("b", 100.0, T0 + 10 * MIN), ev("c", 16.0, code=codes.RESP_RATE)).state
+    before = orjson.dumps(s.to_dict())  # a snapshot: to_dict shares the state's containers
+    apply(s, ev("a", 120.0, version=2, status=Status.AMENDED),
+          ev("b", None, T0 + 10 * MIN, version=2, status=Status.ENTERED_IN_ERROR),
+          ev("d", 90.0, T0 + 30 * HOUR), ev("e", 70.0, T0 + 30 * HOUR + 1))
+    assert orjson.dumps(s.to_dict()) == before
+
+
+def test_to_dict_from_dict_round_trip_through_json_preserves_behaviour():
+    s = apply(None, ev("cdc:1", 80.0, T0), ev("fhir:1", 80.0, T0, source=Source.FHIR),
+              ev("x", None, T0, status=Status.ENTERED_IN_ERROR), ev("b", 100.0, T0 + 20 * MIN)).state
+    restored = PatientState.from_dict(orjson.loads(orjson.dumps(s.to_dict())))
+    assert restored.to_dict() == s.to_dict()
+    follow_up = [
+        ev("cdc:1", 80.0, T0),  # redelivery
+        ev("fhir:1", 99.0, T0, version=2, source=Source.FHIR, status=Status.AMENDED),  # alias correction
+        ev("x", 70.0, T0, version=1),  # stale version of a retracted fact
+        ev("b", 110.0, T0 + 20 * MIN, version=2, status=Status.AMENDED),
+        ev("late", 1.0, T0 - 2 * HOUR),
+        ev("c", 120.0, T0 + 30 * MIN),
+    ]
+    a, b = apply(s, *follow_up), apply(restored, *follow_up)
+    assert a.outcomes == b.outcomes
+    assert kinds(a) == ["duplicate", "corrected", "duplicate", "corrected", "late", "accepted"]
+    assert compute_features(a.state, a.state.clock) == compute_features(b.state, b.state.clock)
+
+
+def test_from_dict_refuses_an_unknown_format():
+    with pytest.raises(ValueError):
+        PatientState.from_dict({"format": 999, "clock": None, "known": {}, "facts": {}})
+
+
+# --- batching does not matter: outcomes depend on arrival order only ------------------------------
+
+_event = st.builds(
+    ev,
+    fact_id=st.sampled_from(["a", "b", "c", "d"]),
+    value=st.sampled_from([80.0, 80.02, 81.0]),
+    # few distinct times (around the 24 h window and 48 h horizon) so twins and expiries happen
+    eff=st.sampled_from([0, 1, 2, 23, 25, 26, 49, 50, 51, 75]).map(lambda h: T0 + h * HOUR),
+    version=st.integers(1, 3),
+    source=st.sampled_from(list(Source)),
+    status=st.sampled_from([Status.FINAL, Status.AMENDED, Status.ENTERED_IN_ERROR]),
+)
+
+
+@hyp_settings(max_examples=300, deadline=None)
+@given(events=st.lists(_event, max_size=25), cuts=st.sets(st.integers(1, 24)),
+       lateness=st.sampled_from([1 * HOUR, 30 * HOUR]))
+def test_splitting_into_micro_batches_and_restoring_from_json_changes_no_outcome(events, cuts, lateness):
+    whole = apply(None, *events, lateness=lateness)
+    state, outcomes, bounds = None, [], [0, *sorted(c for c in cuts if c < len(events)), len(events)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        if state is not None:
+            state = PatientState.from_dict(orjson.loads(orjson.dumps(state.to_dict())))
+        r = apply(state, *events[lo:hi], lateness=lateness)
+        state, outcomes = r.state, outcomes + r.outcomes
+    assert outcomes == whole.outcomes
+    if whole.state.clock is not None:
+        T = whole.state.clock
+        assert compute_features(state, T) == compute_features(whole.state, T)

@@ -1,0 +1,57 @@
+import os
+import signal
+
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from wardwatch.broker import BrokerError, EmbeddedBroker, free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_broker_serves_produce_and_consume_then_stops_by_pid(tmp_path):
+    with EmbeddedBroker.start(log_path=tmp_path / "log") as b:
+        assert b.bootstrap.startswith("127.0.0.1:")
+        p = Producer({"bootstrap.servers": b.bootstrap})
+        p.produce("smoke", key=b"k", value=b"hello")
+        assert p.flush(10) == 0
+        c = Consumer({"bootstrap.servers": b.bootstrap, "group.id": "g", "auto.offset.reset": "earliest",
+                      "session.timeout.ms": 6000, "heartbeat.interval.ms": 2000})
+        c.subscribe(["smoke"])
+        got = None
+        for _ in range(100):
+            m = c.poll(0.5)
+            if m is not None and not m.error():
+                got = m.value()
+                break
+        c.close()
+        assert got == b"hello"
+        pid = b.pid
+    assert not _alive(pid)
+
+
+def test_broker_is_stopped_when_the_body_raises():
+    with pytest.raises(KeyboardInterrupt):
+        with EmbeddedBroker.start() as b:
+            pid = b.pid
+            raise KeyboardInterrupt  # what Ctrl-C raises
+    assert not _alive(pid)
+
+
+def test_port_in_use_is_a_clear_error():
+    with EmbeddedBroker.start() as b:
+        with pytest.raises(BrokerError):
+            EmbeddedBroker.start(port=b.port, timeout_s=5)
+
+
+def test_pause_and_resume():
+    with EmbeddedBroker.start() as b:
+        b.pause()
+        b.resume()
+        assert b.running

