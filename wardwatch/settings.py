@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Where the archive (Parquet) and the DuckDB file live")
 
     # worker
+    worker_batch_size: int = Field(2000, ge=1, description="Max canonical messages the worker takes per batch")
+    worker_batch_within_s: float = Field(0.005, gt=0, description="Max wait to fill a worker batch (seconds)")
     worker_web_port: int | None = Field(None, description="faust web port; None disables the web server")
 
     @property

@@ -1,0 +1,3 @@
+from wardwatch.cli import app
+
+app()

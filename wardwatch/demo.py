@@ -1,0 +1,193 @@
+"""`wardwatch demo`: the whole pipeline end to end on the embedded broker.
+
+replay (clinosim -> Debezium CDC + FHIR notifications, with faults) -> ingest worker -> faust worker
+-> archiver -> nightly rebuild + parity (+ retraining) -> a DuckDB file and a summary.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from streams.archiver import Archiver
+from streams.replay import build_replay, generate_cohort, publish
+from streams.topics import ensure_topics, topics_for
+from wardwatch.broker import EmbeddedBroker
+from wardwatch.procs import start_service, stop_service
+from wardwatch.settings import Settings
+
+BUNDLED_MODELS = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    patients: int = 8
+    seed: int = 7
+    faults: bool = True
+    train: bool = True
+    data_dir: Path = Path("data/demo")
+    cache_dir: Path = Path("data/cache")
+    bootstrap: str | None = None  # an existing broker instead of the embedded one
+    timeout_s: float = 150.0
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def _seed_models(model_dir: Path) -> None:
+    """The demo scores with the model shipped in the package until its own nightly trains one."""
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    if BUNDLED_MODELS.exists():
+        shutil.copytree(BUNDLED_MODELS, model_dir)
+    else:
+        model_dir.mkdir(parents=True)
+
+
+def _wait_for_outputs(archiver: Archiver, *, quiet_s: float, deadline: float) -> dict[str, int]:
+    """Consume until the pipeline has gone quiet (nothing new for quiet_s after the last record)."""
+    last_change, last = time.monotonic(), None
+    while time.monotonic() < deadline:
+        archiver.poll_once(timeout_s=0.5)
+        seen = tuple(sorted(archiver.consumed.items()))
+        if seen != last:
+            last, last_change = seen, time.monotonic()
+        elif archiver.consumed.get("canonical", 0) and time.monotonic() - last_change >= quiet_s:
+            break
+    archiver.flush()
+    return dict(archiver.consumed)
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
+    console = console or Console()
+    started = time.monotonic()
+    data_dir = opts.data_dir.resolve()
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # a demo run starts clean: its DuckDB reflects this run only
+    (data_dir / "logs").mkdir(parents=True)
+    with ExitStack() as stack, _progress(console) as progress:
+        step = progress.add_task("starting the embedded Kafka broker (Tansu)", total=None)
+        if opts.bootstrap:
+            bootstrap = opts.bootstrap
+        else:
+            broker = stack.enter_context(EmbeddedBroker.start(log_path=data_dir / "logs" / "broker.log"))
+            bootstrap = broker.bootstrap
+        settings = Settings(bootstrap_servers=bootstrap, data_dir=data_dir, model_dir=data_dir / "models",
+                            topic_prefix="demo", cdc_topic_prefix="demo.ehr.public", group_prefix="demo")
+        _seed_models(settings.model_dir)
+        topics = topics_for(settings)
+        ensure_topics(settings, topics)
+        progress.update(step, total=1, completed=1)
+
+        step = progress.add_task(f"generating {opts.patients} patients with clinosim (cached)", total=None)
+        cohort = generate_cohort(opts.cache_dir.resolve(), patients=opts.patients, seed=opts.seed)
+        replay = build_replay(cohort, faults=opts.faults, seed=opts.seed,
+                              allowed_lateness_s=settings.allowed_lateness_s,
+                              late_by_s=settings.allowed_lateness_s + 4 * 3600)
+        progress.update(step, total=1, completed=1)
+
+        step = progress.add_task("starting ingest and patient workers", total=None)
+        logs = data_dir / "logs"
+        ingest = start_service(["ingest"], settings, logs / "ingest.log")
+        stack.callback(stop_service, ingest)
+        worker = start_service(["worker"], settings, logs / "worker.log")
+        stack.callback(stop_service, worker)
+        archiver = Archiver(settings, topics, flush_interval_s=2.0)
+        stack.callback(archiver.close)
+        progress.update(step, total=1, completed=1)
+
+        n = len(replay.messages)
+        step = progress.add_task("replaying CDC + FHIR messages", total=n)
+        publish(replay, settings, topics, progress=lambda done: progress.update(step, completed=done))
+
+        step = progress.add_task("waiting for the stream to finish (archiving outputs)", total=None)
+        deadline = started + opts.timeout_s
+        for proc, name in ((ingest, "ingest"), (worker, "worker")):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the {name} worker exited with code {proc.returncode}: see {logs / name}.log")
+        consumed = _wait_for_outputs(archiver, quiet_s=4.0, deadline=deadline)
+        progress.update(step, total=1, completed=1)
+        stop_service(worker)
+        stop_service(ingest)
+
+        step = progress.add_task("nightly rebuild + parity (DuckDB/Polars)", total=None)
+        from batch.nightly import run_nightly
+
+        nightly = run_nightly(settings)
+        progress.update(step, total=1, completed=1)
+        card = None
+        if opts.train:
+            step = progress.add_task("retraining the model on the rebuilt state", total=None)
+            from batch.retrain import retrain
+
+            try:
+                card = retrain(settings, promote_if_none=False)
+            except ValueError as exc:  # e.g. a tiny cohort with a single label class
+                console.print(f"[yellow]retraining skipped: {exc}[/]")
+            progress.update(step, total=1, completed=1)
+
+    summary = summarize(settings, replay.manifest, nightly, consumed, card, time.monotonic() - started)
+    _print_summary(console, summary)
+    return summary
+
+
+def summarize(settings: Settings, manifest: dict, nightly: dict, consumed: dict, card: dict | None,
+              seconds: float) -> dict:
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        def one(sql: str) -> int:
+            return int(con.execute(sql).fetchone()[0] or 0)
+
+        canonical = one("SELECT count(*) FROM canonical_events")
+        duplicates = one("SELECT count(*) FROM canonical_events WHERE outcome = 'duplicate'")
+        summary = {
+            "events_in": manifest["messages"],
+            "events_canonical": canonical,
+            "dead_lettered": one("SELECT count(*) FROM dead_letters"),
+            "duplicates_dropped": duplicates,
+            "late_events": one("SELECT count(*) FROM late_events"),
+            "scores": one("SELECT count(*) FROM scores"),
+            "alerts": one("SELECT count(*) FROM alerts"),
+            "patients": one("SELECT count(DISTINCT patient_id) FROM canonical_events"),
+        }
+    parity = nightly.get("parity", {})
+    summary.update({
+        "parity_checked": int(parity.get("values_checked", 0)),
+        "parity_points": int(parity.get("points_checked", 0)),
+        "parity_mismatched": int(parity.get("mismatched", 0)),
+        "parity_ok": bool(nightly.get("parity_ok")),
+        "late_injected": len(manifest.get("late_fact_ids", [])),
+        "faults": manifest.get("fault_counts", {}),
+        "model_trained": card["version"] if card else None,
+        "model_auroc": (card or {}).get("metrics", {}).get("model", {}).get("auroc"),
+        "archived_records": consumed,
+        "duckdb_path": str(settings.duckdb_path),
+        "seconds": round(seconds, 1),
+    })
+    return summary
+
+
+def _print_summary(console: Console, s: dict) -> None:
+    t = Table(title="wardwatch demo", show_header=False)
+    for k in ("events_in", "events_canonical", "dead_lettered", "duplicates_dropped", "late_events", "scores",
+              "alerts", "parity_checked", "parity_mismatched", "model_trained", "duckdb_path", "seconds"):
+        t.add_row(k, str(s[k]))
+    console.print(t)
+    verdict = "[green]parity OK[/]" if s["parity_ok"] else "[red]parity FAILED[/]"
+    console.print(f"{verdict}: {s['parity_points']} scoring points, {s['parity_checked']} feature values compared.")
+    console.print(f"Open the database: duckdb {s['duckdb_path']}  (or `wardwatch query`)")
+
+
+def write_summary(summary: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
