@@ -1,0 +1,267 @@
+"""The ingest worker: raw CDC and FHIR messages -> canonical micro-batches. Stateless, at-least-once.
+
+    raw topics (CDC per table, FHIR notifications)
+        |  consume a batch (up to settings.ingest_batch_size messages)
+        |  parse each: schemas.cdc / schemas.fhir -> Parsed | Rejected | Control | Ignored
+        v
+    canonical   key: patient id  value: JSON array of that patient's events from this batch
+    deadletter  key: original key  value: original bytes  headers: reason, stage, origin
+        |  flush (wait for every ack), then commit the batch's offsets synchronously
+        v
+    a crash before the commit re-reads the batch: duplicates, never loss (dedupe is downstream)
+
+A plain confluent-kafka consumer-group worker rather than a faust agent: the hop is stateless, and
+batching the consume and the produce is what makes it fast. Data errors are dead-lettered and
+counted; broker errors (fatal client errors, failed deliveries) raise and stop the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from schemas.canonical import CanonicalEvent, encode_batch
+from schemas.cdc import parse_cdc
+from schemas.deadletter import Rejection, Stage, deadletter_headers
+from schemas.fhir import parse_notification
+from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Rejected
+from streams.topics import Topics, topics_for
+from wardwatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PRODUCED_NS_HEADER = "ww.produced_ns"  # producer wall clock at produce time, for latency benchmarks
+SOURCES = ("cdc", "fhir")
+# commit failures that only mean a rebalance took the partitions away: the batch is re-read elsewhere
+_REBALANCE_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
+                     KafkaError.REBALANCE_IN_PROGRESS, KafkaError._NO_OFFSET}
+
+
+# --- counters ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceCounters:
+    messages_in: int = 0
+    messages_parsed: int = 0
+    events_out: int = 0
+    dead_lettered: Counter = field(default_factory=Counter)  # by reason
+    control: Counter = field(default_factory=Counter)  # by kind
+    ignored: Counter = field(default_factory=Counter)  # whole messages, by kind
+    skipped: Counter = field(default_factory=Counter)  # parts of parsed messages (unused resources), by kind
+
+    def balanced(self) -> bool:
+        """Every message in is accounted for exactly once."""
+        return self.messages_in == (self.messages_parsed + sum(self.dead_lettered.values())
+                                    + sum(self.control.values()) + sum(self.ignored.values()))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "messages_in": self.messages_in, "messages_parsed": self.messages_parsed,
+            "events_out": self.events_out, "dead_lettered": dict(self.dead_lettered),
+            "control": dict(self.control), "ignored": dict(self.ignored), "skipped": dict(self.skipped),
+        }
+
+
+@dataclass
+class IngestCounters:
+    """Per-source counts; updated by the worker thread, read from any thread via snapshot()."""
+
+    sources: dict[str, SourceCounters] = field(default_factory=lambda: {s: SourceCounters() for s in SOURCES})
+    canonical_messages: int = 0
+    batches: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, source: str, outcome: Outcome) -> None:
+        with self._lock:
+            c = self.sources[source]
+            c.messages_in += 1
+            match outcome:
+                case Parsed(events=events, skipped=skipped):
+                    c.messages_parsed += 1
+                    c.events_out += len(events)
+                    c.skipped.update(skipped)
+                case Rejected(rejection=rejection):
+                    c.dead_lettered[rejection.reason.value] += 1
+                case Control(kind=kind):
+                    c.control[kind] += 1
+                case Ignored(kind=kind):
+                    c.ignored[kind] += 1
+
+    def record_batch(self, canonical_messages: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.canonical_messages += canonical_messages
+
+    def balanced(self) -> bool:
+        with self._lock:
+            return all(c.balanced() for c in self.sources.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**{s: c.snapshot() for s, c in self.sources.items()},
+                    "canonical_messages": self.canonical_messages, "batches": self.batches}
+
+
+# --- routing (pure) ------------------------------------------------------------------------------
+
+
+def group_by_patient(events: list[CanonicalEvent]) -> dict[str, list[CanonicalEvent]]:
+    """One canonical message per patient: its events in arrival order."""
+    batches: dict[str, list[CanonicalEvent]] = defaultdict(list)
+    for event in events:
+        batches[event.patient_id].append(event)
+    return dict(batches)
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+
+class IngestWorker:
+    def __init__(self, settings: Settings, topics: Topics, *, poll_timeout_s: float = 0.5):
+        self.settings = settings
+        self.topics = topics
+        self.poll_timeout_s = poll_timeout_s
+        self.counters = IngestCounters()
+        self._cdc_topics = set(topics.cdc.values())
+        self._delivery_errors: list[str] = []
+        self._consumer = Consumer(consumer_config(settings))
+        self._producer = Producer(producer_config(settings))
+        self._consumer.subscribe(topics.raw)
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("ingest worker started: group %s, %d raw topics", self.group_id, len(self.topics.raw))
+        try:
+            while not stop.is_set():
+                self.poll_once()
+        finally:
+            self.close()
+        log.info("ingest worker stopped: %s", self.counters.snapshot())
+
+    @property
+    def group_id(self) -> str:
+        return group_id(self.settings)
+
+    def poll_once(self) -> int:
+        """Consume one batch, publish it, wait for the acks, commit. Returns messages consumed."""
+        messages = self._consumer.consume(num_messages=self.settings.ingest_batch_size, timeout=self.poll_timeout_s)
+        records = [m for m in messages if not self._is_error(m)]
+        if not records:
+            return 0
+        events: list[CanonicalEvent] = []
+        for msg in records:
+            source, outcome = self.parse(msg)
+            self.counters.record(source, outcome)
+            if isinstance(outcome, Parsed):
+                events.extend(outcome.events)
+            elif isinstance(outcome, Rejected):
+                self._dead_letter(msg, outcome.rejection, Stage.INGEST_CDC if source == "cdc" else Stage.INGEST_FHIR)
+        patients = group_by_patient(events)
+        for patient, patient_events in patients.items():
+            self._produce(self.topics.canonical, patient.encode(), encode_batch(patient_events),
+                          [(PRODUCED_NS_HEADER, str(time.time_ns()).encode())])
+        self._flush()
+        self._commit(records)
+        self.counters.record_batch(len(patients))
+        return len(records)
+
+    def parse(self, msg: Message) -> tuple[str, Outcome]:
+        topic = msg.topic()
+        if topic in self._cdc_topics:
+            return "cdc", parse_cdc(topic, msg.key(), msg.value(), partition=msg.partition(), offset=msg.offset(),
+                                    cdc_topic_prefix=self.settings.cdc_topic_prefix)
+        return "fhir", parse_notification(msg.value(), topic=topic, partition=msg.partition(), offset=msg.offset())
+
+    def close(self) -> None:
+        try:
+            self._producer.flush(10)
+        finally:
+            self._consumer.close()  # leaves the group at once, so a restart rejoins quickly
+
+    # --- wiring details ------------------------------------------------------------------------
+
+    def _is_error(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return False
+        if err.fatal():
+            raise KafkaException(err)
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error (retrying): %s", err)
+        return True
+
+    def _dead_letter(self, msg: Message, rejection: Rejection, stage: Stage) -> None:
+        headers = deadletter_headers(rejection, stage, msg.topic(), msg.partition(), msg.offset())
+        self._produce(self.topics.deadletter, msg.key(), msg.value(), headers)
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
+                return
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self._producer.poll(0.1)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    def _flush(self) -> None:
+        remaining = self._producer.flush(30)
+        if self._delivery_errors or remaining:
+            errors, self._delivery_errors = self._delivery_errors[:3], []
+            # not committing: the batch will be re-read after the restart
+            raise KafkaException(f"ingest produce failed ({remaining} unacknowledged): {errors}")
+
+    def _commit(self, records: list[Message]) -> None:
+        offsets: dict[tuple[str, int], int] = {}
+        for msg in records:
+            tp = (msg.topic(), msg.partition())
+            offsets[tp] = max(offsets.get(tp, -1), msg.offset() + 1)
+        try:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                  asynchronous=False)
+        except KafkaException as exc:
+            if exc.args and exc.args[0].code() in _REBALANCE_ERRORS:
+                log.warning("commit lost to a rebalance; the batch will be re-read: %s", exc.args[0])
+                return
+            raise
+
+
+def group_id(settings: Settings) -> str:
+    return f"{settings.group_prefix}-ingest"
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    return {
+        **settings.kafka_client_config(),
+        "group.id": group_id(settings),
+        "session.timeout.ms": int(settings.session_timeout_s * 1000),
+        "heartbeat.interval.ms": int(settings.heartbeat_interval_s * 1000),
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,  # commit only after the outputs are acknowledged
+        "enable.partition.eof": False,
+    }
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    return {
+        **settings.kafka_client_config(),
+        "acks": "all",
+        "linger.ms": settings.ingest_linger_ms,
+        # Java-compatible hashing, so patient keys land where the faust (Java-partitioned) side expects
+        "partitioner": "murmur2_random",
+    }
+
+
+def run_ingest(settings: Settings, stop: threading.Event) -> IngestCounters:
+    """CLI entry point: run one ingest worker until `stop` is set; returns the final counters."""
+    worker = IngestWorker(settings, topics_for(settings))
+    worker.run(stop)
+    return worker.counters
