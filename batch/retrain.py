@@ -20,8 +20,8 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     The new version becomes `current` only when there is no current model yet (the promotion gate
     against an existing model comes with the offline-plane issue)."""
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
-        events = con.execute("SELECT * FROM canonical_events").pl()
-        points = con.execute('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online').pl()
+        events = con.sql("SELECT * FROM canonical_events").pl()
+        points = con.sql('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online').pl()
     if points.is_empty():
         raise ValueError("no scoring points in the DuckDB file: run the stream and `wardwatch batch nightly` first")
     lateness_ms = settings.allowed_lateness_s * 1000

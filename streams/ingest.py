@@ -54,7 +54,7 @@ class SourceCounters:
     dead_lettered: Counter = field(default_factory=Counter)  # by reason
     control: Counter = field(default_factory=Counter)  # by kind
     ignored: Counter = field(default_factory=Counter)  # whole messages, by kind
-    skipped: Counter = field(default_factory=Counter)  # parts of parsed messages (unused resources), by kind
+    skipped: Counter = field(default_factory=Counter)  # resources inside messages left unused, by kind
 
     def balanced(self) -> bool:
         """Every message in is accounted for exactly once."""
@@ -91,8 +91,9 @@ class IngestCounters:
                     c.dead_lettered[rejection.reason.value] += 1
                 case Control(kind=kind):
                     c.control[kind] += 1
-                case Ignored(kind=kind):
+                case Ignored(kind=kind, detail=detail):
                     c.ignored[kind] += 1
+                    c.skipped.update(detail.get("skipped") or {})
 
     def record_batch(self, canonical_messages: int) -> None:
         with self._lock:

@@ -355,7 +355,7 @@ def _field_schema(name: str, pg_type: str, precision: int, scale: int) -> dict[s
 def _debezium_schemas(table: str) -> tuple[dict, dict]:
     prefix = f"{SERVER_NAME}.public.{table}"
     row_fields = [_field_schema(*c) for c in VITAL_COLUMNS]
-    key_schema = {"type": "struct", "fields": [f for f in row_fields if f["field"] in ("id", "patient_id")],
+    key_schema = {"type": "struct", "fields": [f for f in row_fields if f["field"] == "patient_id"],
                   "optional": False, "name": f"{prefix}.Key"}
     row = {"type": "struct", "fields": row_fields, "optional": True, "name": f"{prefix}.Value"}
     source = {"type": "struct", "optional": False, "name": "io.debezium.connector.postgresql.Source", "field": "source",
@@ -415,7 +415,9 @@ class CommitInfo:
 
 
 def debezium_key(row_id: int, patient_id: str) -> bytes:
-    return orjson.dumps({"schema": _KEY_SCHEMA, "payload": {"id": row_id, "patient_id": patient_id}})
+    """Keyed by patient (message.key.columns=public.vital_signs:patient_id) so every change of one
+    patient lands in one partition, in commit order; the row id stays in the value."""
+    return orjson.dumps({"schema": _KEY_SCHEMA, "payload": {"patient_id": patient_id}})
 
 
 def debezium_value(op: str, before: dict | None, after: dict | None, commit: CommitInfo, table: str) -> bytes:

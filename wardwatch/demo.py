@@ -22,7 +22,7 @@ from streams.archiver import Archiver
 from streams.replay import build_replay, generate_cohort, publish
 from streams.topics import ensure_topics, topics_for
 from wardwatch.broker import EmbeddedBroker
-from wardwatch.procs import start_service, stop_service
+from wardwatch.procs import start_service, stop_service, wait_for_group
 from wardwatch.settings import Settings
 
 BUNDLED_MODELS = Path(__file__).parent / "models"
@@ -38,6 +38,9 @@ class DemoOptions:
     cache_dir: Path = Path("data/cache")
     bootstrap: str | None = None  # an existing broker instead of the embedded one
     timeout_s: float = 150.0
+    # A live EHR emits changes as they happen; replaying days of data in a burst would turn every
+    # poll batch into hours of event time. Pacing keeps arrival order close to emission order.
+    rate: float = 1000.0
 
 
 def _progress(console: Console) -> Progress:
@@ -105,11 +108,14 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
         stack.callback(stop_service, worker)
         archiver = Archiver(settings, topics, flush_interval_s=2.0)
         stack.callback(archiver.close)
+        # replay only once both consumer groups have their partitions: a live feed starts mid-stream
+        wait_for_group(settings, f"{settings.group_prefix}-ingest", alive=ingest)
+        wait_for_group(settings, f"{settings.group_prefix}-worker", alive=worker)
         progress.update(step, total=1, completed=1)
 
         n = len(replay.messages)
         step = progress.add_task("replaying CDC + FHIR messages", total=n)
-        publish(replay, settings, topics, progress=lambda done: progress.update(step, completed=done))
+        publish(replay, settings, topics, rate=opts.rate, progress=lambda done: progress.update(step, completed=done))
 
         step = progress.add_task("waiting for the stream to finish (archiving outputs)", total=None)
         deadline = started + opts.timeout_s

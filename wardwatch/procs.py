@@ -56,3 +56,26 @@ def kill_service(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=15)
+
+
+def wait_for_group(settings: Settings, group_id: str, timeout_s: float = 60.0,
+                   alive: subprocess.Popen | None = None) -> None:
+    """Block until consumer group `group_id` is Stable (its members joined and got partitions)."""
+    import time
+
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.kafka_client_config())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"the process for consumer group {group_id} exited with code {alive.returncode}")
+        try:
+            state = admin.describe_consumer_groups([group_id])[group_id].result(timeout=5).state
+            if state == ConsumerGroupState.STABLE:
+                return
+        except Exception:  # group not known yet
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"consumer group {group_id} did not become stable within {timeout_s:.0f}s")

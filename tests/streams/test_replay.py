@@ -132,7 +132,7 @@ def test_cdc_inserts_are_debezium_envelopes_whose_values_decode_to_the_csv(repla
     assert len({e["after"]["id"] for e in inserts}) == len(csv_vitals)  # every CSV row, once (plus redeliveries)
     for e in inserts:
         row, src = e["after"], e["source"]
-        assert e["before"] is None and e["key"] == {"id": row["id"], "patient_id": row["patient_id"]}
+        assert e["before"] is None and e["key"] == {"patient_id": row["patient_id"]}  # keyed by patient
         assert src["connector"] == "postgresql" and src["snapshot"] == "false" and src["table"] == "vital_signs"
         assert src["schema"] == "public" and src["xmin"] is None and isinstance(src["txId"], int)
         assert json.loads(src["sequence"])[1] == str(src["lsn"])
@@ -152,7 +152,7 @@ def test_every_later_change_of_a_row_has_a_higher_lsn(replay):
     for m in replay.messages:
         if is_cdc_change(m):
             e = decode_cdc(m)
-            lsns_by_row[e["key"]["id"]].append((e["source"]["lsn"], e["op"]))
+            lsns_by_row[(e["after"] or e["before"])["id"]].append((e["source"]["lsn"], e["op"]))
     changed = [v for v in lsns_by_row.values() if {op for _, op in v} - {"c"}]
     assert changed
     for changes in changed:
@@ -262,7 +262,7 @@ def test_amendments_carry_a_higher_version_and_the_announced_value(replay):
     for u in updates:
         changed = {c for c in u["after"] if u["after"][c] != u["before"][c]}
         assert changed == {"heart_rate"}
-        fact = f"cdc:vital_signs:{u['key']['id']}:8867-4"
+        fact = f"cdc:vital_signs:{u['after']['id']}:8867-4"
         assert fact in man["amended_fact_ids"] and man["amended_values"][fact] == u["after"]["heart_rate"]
 
 
@@ -280,13 +280,13 @@ def test_retractions_are_entered_in_error_versions_and_full_row_deletes_with_tom
             continue
         e = decode_cdc(m)
         if e["op"] == "c":
-            inserted[e["key"]["id"]] = e["after"]
+            inserted[e["after"]["id"]] = e["after"]
         if e["op"] == "d":
             deletes += 1
-            assert e["after"] is None and e["before"] == inserted[e["key"]["id"]]  # REPLICA IDENTITY FULL
+            assert e["after"] is None and e["before"] == inserted[e["before"]["id"]]  # REPLICA IDENTITY FULL
             tombstone = replay.messages[p + 1]
             assert tombstone.key == m.key and tombstone.value is None
-            assert f"cdc:vital_signs:{e['key']['id']}:8867-4" in man["retracted_fact_ids"] or \
+            assert f"cdc:vital_signs:{e['before']['id']}:8867-4" in man["retracted_fact_ids"] or \
                 not e["before"]["heart_rate"]
     assert deletes == sum(1 for f in {f.rsplit(":", 1)[0] for f in man["retracted_fact_ids"]} if f.startswith("cdc:"))
 

@@ -1,0 +1,346 @@
+"""`wardwatch bench`: the whole streaming pipeline against the plain baseline relay, in one run.
+
+    embedded broker (one for both measurements)
+      1. baseline  benchmarks.baseline.run_baseline: consume -> orjson -> produce, fed with the
+                   same raw message values the pipeline gets, as many of them
+      2. pipeline  replay (clinosim cohort, no faults, repeated with fresh patient ids)
+                     -> `wardwatch ingest` + `wardwatch worker` (child processes, fresh prefixes)
+                     -> scores topic, read by a confluent-kafka consumer in this process
+
+    pipeline events/s = raw messages / (last score record received - first measured message produced)
+    latency           = score record received - its `ww.produced_ns` header (the raw message's
+                        produce time, carried by ingest onto the canonical message, then by the worker)
+
+The pipeline is warmed up first (one patient, excluded from the figures) so the children's
+startup and group joins are not measured; the measured feed then goes as fast as one producer can.
+Completion is "no new score for `quiet_s` after the feed ended" (scoring points per message depend
+on the ingest batching, so there is no exact count to wait for), bounded by a hard deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.baseline import PRODUCED_NS_HEADER, percentile, run_baseline
+from streams.replay import RawMessage, Replay, build_replay, generate_cohort, load_patient_refs, publish
+from streams.topics import Topics, ensure_topics, topics_for
+from wardwatch.broker import EmbeddedBroker
+from wardwatch.procs import start_service, stop_service
+from wardwatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "wardwatch" / "models"  # as the demo seeds them
+WARMUP_SUFFIX = "-warmup"
+WARMUP_MESSAGES = 20  # a few keyed messages are enough for one score record
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+
+def id_pattern(ids: list[str]) -> re.Pattern[bytes]:
+    """Matches any of `ids` as a whole token: "C0-0001" matches in "ENC-C0-0001-6324" (the encounter
+    key embeds the MRN) but never inside "C0-00012" or "XC0-0001"."""
+    if not ids:
+        raise ValueError("no patient ids to rewrite")
+    alternatives = b"|".join(re.escape(i.encode()) for i in sorted(ids, key=len, reverse=True))
+    return re.compile(rb"(?<!\w)(" + alternatives + rb")(?!\w)")
+
+
+def with_suffix(messages: list[RawMessage], pattern: re.Pattern[bytes], suffix: str) -> list[RawMessage]:
+    """The same messages with every patient id (MRN, Patient resource id, and so the encounter keys
+    that embed the MRN) renamed `<id><suffix>`: new patients, identical clinical content."""
+    repl = rb"\1" + suffix.encode()
+
+    def rename(raw: bytes | None) -> bytes | None:
+        return None if raw is None else pattern.sub(repl, raw)
+
+    return [RawMessage(m.kind, m.table, rename(m.key), rename(m.value)) for m in messages]
+
+
+def repeated(messages: list[RawMessage], pattern: re.Pattern[bytes], repeat: int) -> list[RawMessage]:
+    """`repeat` back-to-back copies of the replay, copy r with patient ids suffixed `-r<r>`."""
+    return [m for r in range(repeat) for m in with_suffix(messages, pattern, f"-r{r}")]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreArrival:
+    received_ns: int
+    produced_ns: int | None  # the ww.produced_ns header, None when a hop dropped it
+    patient_id: str
+    path: str | None  # "model" | "rule"
+
+
+def pipeline_figures(n_events: int, first_produced_ns: int, arrivals: list[ScoreArrival]) -> dict:
+    """Events/s over the span from the first measured produce to the last score; latency in ms."""
+    latencies_ms = [(a.received_ns - a.produced_ns) / 1e6 for a in arrivals if a.produced_ns is not None]
+    span_s = (max(a.received_ns for a in arrivals) - first_produced_ns) / 1e9 if arrivals else 0.0
+    nan = float("nan")
+    return {
+        "pipeline_events_per_s": n_events / span_s if span_s > 0 else 0.0,
+        "latency_ms_p50": percentile(latencies_ms, 50) if latencies_ms else nan,
+        "latency_ms_p99": percentile(latencies_ms, 99) if latencies_ms else nan,
+        "latency_ms_max": max(latencies_ms) if latencies_ms else nan,
+        "n_events": n_events,
+        "n_scores": len(arrivals),
+        "n_scores_without_produced_ns": sum(1 for a in arrivals if a.produced_ns is None),
+        "n_patients": len({a.patient_id for a in arrivals}),
+        "scoring_paths": dict(Counter(a.path for a in arrivals)),
+        "pipeline_span_s": span_s,
+    }
+
+
+def machine_facts() -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def combine(pipeline: dict, baseline: dict, facts: dict) -> dict:
+    base_rate = baseline["baseline_events_per_s"]
+    return {
+        **pipeline,
+        "baseline_events_per_s": base_rate,
+        "ratio": pipeline["pipeline_events_per_s"] / base_rate if base_rate > 0 else float("nan"),
+        "baseline_latency_ms_p50": baseline["baseline_latency_ms_p50"],
+        "baseline_latency_ms_p99": baseline["baseline_latency_ms_p99"],
+        "baseline_n": baseline["n"],
+        **facts,
+    }
+
+
+# --- wiring: the scores consumer ------------------------------------------------------------------
+
+
+@dataclass
+class ScoreCollector:
+    """A background consumer of the scores topic that timestamps each record as it is handed over."""
+
+    settings: Settings
+    topic: str
+    arrivals: list[ScoreArrival] = field(default_factory=list)
+    error: BaseException | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bench-scores", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(10.0, self.settings.session_timeout_s * 2))
+
+    def wait_for(self, predicate, timeout_s: float) -> list[ScoreArrival] | None:
+        """A copy of the arrivals once predicate(arrivals) holds, or None after timeout_s."""
+        with self._changed:
+            ok = self._changed.wait_for(lambda: self.error is not None or predicate(self.arrivals),
+                                        max(0.0, timeout_s))
+            if self.error is not None:
+                raise self.error
+            return list(self.arrivals) if ok else None
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer, KafkaException
+
+        consumer = Consumer({
+            **self.settings.kafka_client_config(),
+            "group.id": f"{self.settings.group_prefix}.bench.scores",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": int(self.settings.session_timeout_s * 1000),
+            "heartbeat.interval.ms": int(self.settings.heartbeat_interval_s * 1000),
+            "fetch.wait.max.ms": 50,  # as the baseline's sink: no 500 ms fetch hold in the latency
+        })
+        try:
+            consumer.subscribe([self.topic])
+            while not self._stop.is_set():
+                batch = consumer.consume(num_messages=500, timeout=0.2)
+                received_ns = time.time_ns()
+                got = []
+                for msg in batch:
+                    if msg.error():
+                        raise KafkaException(msg.error())
+                    produced = next((v for k, v in msg.headers() or () if k == PRODUCED_NS_HEADER), None)
+                    record = orjson.loads(msg.value())
+                    got.append(ScoreArrival(received_ns, int(produced) if produced else None,
+                                            record["patient_id"], record.get("path")))
+                if got:
+                    with self._changed:
+                        self.arrivals.extend(got)
+                        self._changed.notify_all()
+        except BaseException as exc:  # handed to the caller's thread
+            with self._changed:
+                self.error = exc
+                self._changed.notify_all()
+        finally:
+            consumer.close()
+
+
+# --- wiring: the run ------------------------------------------------------------------------------
+
+CHECK_EVERY_S = 0.5  # how often a wait also checks that the child services are still running
+
+
+def _seed_models(model_dir: Path) -> None:
+    """Score with the model shipped in the package, as the demo does (rule path when there is none)."""
+    if BUNDLED_MODELS.exists():
+        shutil.copytree(BUNDLED_MODELS, model_dir)
+    else:
+        model_dir.mkdir(parents=True)
+
+
+def _check_alive(procs: dict[str, subprocess.Popen], logs: Path) -> None:
+    for name, proc in procs.items():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {name} service exited with code {proc.returncode}: see {logs / name}.log")
+
+
+def _is_measured(a: ScoreArrival) -> bool:
+    return not a.patient_id.endswith(WARMUP_SUFFIX)
+
+
+def _wait_for_warmup(collector: ScoreCollector, *, deadline: float, procs: dict, logs: Path) -> None:
+    """The first score proves ingest and worker have joined their groups and are processing."""
+    while collector.wait_for(lambda arrivals: len(arrivals) > 0, CHECK_EVERY_S) is None:
+        _check_alive(procs, logs)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no warm-up score before the deadline: see the logs in {logs}")
+
+
+def _wait_until_quiet(collector: ScoreCollector, *, fed_at: float, quiet_s: float, deadline: float,
+                      procs: dict, logs: Path) -> list[ScoreArrival]:
+    """The measured scores, once none arrived for quiet_s after the feed ended (or at the deadline)."""
+    seen = collector.wait_for(lambda _: True, 0)
+    quiet_since = fed_at
+    while time.monotonic() < deadline:
+        count = len(seen)
+        wait_s = min(CHECK_EVERY_S, deadline - time.monotonic())
+        if any(map(_is_measured, seen)):  # before the first measured score there is nothing to time out
+            wait_s = min(wait_s, quiet_since + quiet_s - time.monotonic())
+        newer = collector.wait_for(lambda arrivals: len(arrivals) > count, wait_s)
+        if newer is not None:
+            seen, quiet_since = newer, max(fed_at, time.monotonic())
+        elif any(map(_is_measured, seen)) and time.monotonic() - quiet_since >= quiet_s:
+            return [a for a in seen if _is_measured(a)]
+        _check_alive(procs, logs)
+    log.warning("pipeline benchmark hit its deadline before the scores went quiet")
+    return [a for a in collector.wait_for(lambda _: True, 0) if _is_measured(a)]
+
+
+def _bench_settings(bootstrap: str, data_dir: Path) -> Settings:
+    run = uuid.uuid4().hex[:8]  # fresh topics and groups: nothing from an earlier run is re-read
+    return Settings(bootstrap_servers=bootstrap, data_dir=data_dir, model_dir=data_dir / "models",
+                    topic_prefix=f"bench{run}", cdc_topic_prefix=f"bench{run}.ehr.public",
+                    group_prefix=f"bench{run}")
+
+
+def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], measured: list[RawMessage],
+                  *, quiet_s: float, deadline: float, console: Console) -> dict:
+    logs = settings.data_dir / "logs"
+    with ExitStack() as stack:
+        collector = ScoreCollector(settings, topics.scores)
+        collector.start()
+        stack.callback(collector.stop)
+        procs = {}
+        for name in ("ingest", "worker"):
+            procs[name] = start_service([name], settings, logs / f"{name}.log")
+            stack.callback(stop_service, procs[name])
+
+        with console.status("warming up: waiting for ingest and worker to score a warm-up patient"):
+            started = time.monotonic()
+            publish(Replay(warmup, {}), settings, topics)
+            _wait_for_warmup(collector, deadline=deadline, procs=procs, logs=logs)
+        console.log(f"pipeline warm ({time.monotonic() - started:.1f} s to the first score)")
+
+        with console.status(f"feeding {len(measured)} raw messages and waiting for the scores to go quiet"):
+            first_produced_ns = time.time_ns()  # publish stamps each message just after this
+            publish(Replay(measured, {}), settings, topics)
+            fed_at = time.monotonic()
+            arrivals = _wait_until_quiet(collector, fed_at=fed_at, quiet_s=quiet_s, deadline=deadline,
+                                         procs=procs, logs=logs)
+    return pipeline_figures(len(measured), first_produced_ns, arrivals)
+
+
+def run_bench(*, patients: int = 8, repeat: int = 10, console: Console | None = None, seed: int = 7,
+              data_dir: Path = Path("data/bench"), cache_dir: Path = Path("data/cache"),
+              quiet_s: float = 5.0, timeout_s: float = 900.0) -> dict:
+    """Measure the baseline and the pipeline on one embedded broker; print and return the figures.
+
+    data_dir is wiped first and holds the broker and service logs and the scoring model.
+    """
+    console = console or Console()
+    if patients < 1 or repeat < 1:
+        raise ValueError("patients and repeat must be at least 1")
+    deadline = time.monotonic() + timeout_s
+    data_dir = data_dir.resolve()
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    (data_dir / "logs").mkdir(parents=True)
+
+    with console.status(f"generating {patients} patients with clinosim (cached)"):
+        cohort = generate_cohort(cache_dir.resolve(), patients=patients, seed=seed)
+    with EmbeddedBroker.start(log_path=data_dir / "logs" / "broker.log") as broker:
+        settings = _bench_settings(broker.bootstrap, data_dir)
+        _seed_models(settings.model_dir)
+        replay = build_replay(cohort, faults=False, seed=seed, allowed_lateness_s=settings.allowed_lateness_s,
+                              late_by_s=settings.allowed_lateness_s + 3600)
+        mrns = replay.manifest["patients"]
+        refs = load_patient_refs(cohort)
+        pattern = id_pattern([*mrns, *(refs[m].removeprefix("Patient/") for m in mrns if m in refs)])
+        measured = repeated(replay.messages, pattern, repeat)
+        warmup = [m for m in with_suffix(replay.messages, pattern, WARMUP_SUFFIX) if m.key][:WARMUP_MESSAGES]
+
+        with console.status(f"baseline: relaying {len(measured)} messages through a plain loop"):
+            baseline = run_baseline(settings, len(measured), payloads=[m.value for m in measured if m.value],
+                                    timeout_s=max(30.0, min(300.0, deadline - time.monotonic())))
+        console.log(f"baseline: {baseline['baseline_events_per_s']:.0f} events/s")
+
+        topics = topics_for(settings)
+        ensure_topics(settings, topics)
+        pipeline = _run_pipeline(settings, topics, warmup, measured, quiet_s=quiet_s, deadline=deadline,
+                                 console=console)
+
+    result = combine(pipeline, baseline, machine_facts())
+    result.update({"patients": patients, "repeat": repeat, "seed": seed})
+    print_table(console, result)
+    return result
+
+
+def print_table(console: Console, r: dict) -> None:
+    t = Table(title="wardwatch bench (embedded broker)")
+    t.add_column("")
+    t.add_column("pipeline", justify="right")
+    t.add_column("baseline", justify="right")
+    t.add_row("events/s", f"{r['pipeline_events_per_s']:,.0f}", f"{r['baseline_events_per_s']:,.0f}")
+    t.add_row("latency p50 (ms)", f"{r['latency_ms_p50']:,.1f}", f"{r['baseline_latency_ms_p50']:,.1f}")
+    t.add_row("latency p99 (ms)", f"{r['latency_ms_p99']:,.1f}", f"{r['baseline_latency_ms_p99']:,.1f}")
+    t.add_row("latency max (ms)", f"{r['latency_ms_max']:,.1f}", "")
+    t.add_row("raw messages in", f"{r['n_events']:,}", f"{r['baseline_n']:,}")
+    t.add_row("score records out", f"{r['n_scores']:,}", "")
+    console.print(t)
+    console.print(f"pipeline / baseline throughput: {r['ratio']:.2f}   "
+                  f"({r['n_patients']} patients, scoring paths {r['scoring_paths']}, "
+                  f"{r['cpu_count']} CPUs, Python {r['python_version']}, {r['timestamp']})")
