@@ -11,7 +11,8 @@ Mapping (the table -> column -> LOINC declaration lives in schemas.codes.CDC_TAB
   null after the update retracts its fact (entered-in-error), unless `before` shows it was null already.
 - `d`: every mapped code of the row is retracted. The patient comes from `before` or else the key;
   the clinical time from `before` or else the commit time.
-- Tombstone (null value) -> Control("tombstone"); `m` (logical message) and `t` (truncate) -> Ignored.
+- Tombstone (null value) -> Control("tombstone"); `m` (logical message), `t` (truncate) and a row with no
+  mapped value -> Ignored.
 - On air is a fact: a null oxygen flow with on_supplemental_oxygen false is an O2 flow of 0.0.
 - An unchanged TOASTed column (`__debezium_unavailable_value`) is skipped: it carries no new value.
 
@@ -97,7 +98,8 @@ def _parse(topic: str, key: bytes | None, value: bytes | None, partition: int, o
         raise Reject(Reason.UNKNOWN_TABLE, f"no mapping for table {str(table)[:80]!r}")
     change = _Change(envelope, source, key_row, _column_schemas(value_schema), mapping,
                      topic, partition, offset)
-    return Parsed(change.retract_row() if op == "d" else change.row_events())
+    events = change.retract_row() if op == "d" else change.row_events()
+    return Parsed(events) if events else Ignored("no_values")  # e.g. only unchanged TOASTed columns
 
 
 class _Change:
@@ -241,7 +243,8 @@ def _column_schemas(value_schema: dict | None) -> dict[str, dict]:
     for name in ("after", "before"):
         for f in fields if isinstance(fields, list) else []:
             if isinstance(f, dict) and f.get("field") == name and isinstance(f.get("fields"), list):
-                return {c["field"]: c for c in f["fields"] if isinstance(c, dict) and "field" in c}
+                columns = [c for c in f["fields"] if isinstance(c, dict) and isinstance(c.get("field"), str)]
+                return {c["field"]: c for c in columns}
     return {}
 
 

@@ -125,7 +125,7 @@ def group_by_patient(events: list[CanonicalEvent]) -> dict[str, list[CanonicalEv
 
 
 class IngestWorker:
-    def __init__(self, settings: Settings, topics: Topics, *, poll_timeout_s: float = 0.5):
+    def __init__(self, settings: Settings, topics: Topics, *, poll_timeout_s: float = 0.02):
         self.settings = settings
         self.topics = topics
         self.poll_timeout_s = poll_timeout_s
@@ -156,17 +156,22 @@ class IngestWorker:
         if not records:
             return 0
         events: list[CanonicalEvent] = []
+        first_produced: dict[str, bytes] = {}  # patient -> earliest raw produce stamp (end-to-end latency)
         for msg in records:
             source, outcome = self.parse(msg)
             self.counters.record(source, outcome)
             if isinstance(outcome, Parsed):
                 events.extend(outcome.events)
+                stamp = _produced_ns(msg)
+                for e in outcome.events:
+                    first_produced.setdefault(e.patient_id, stamp)
             elif isinstance(outcome, Rejected):
                 self._dead_letter(msg, outcome.rejection, Stage.INGEST_CDC if source == "cdc" else Stage.INGEST_FHIR)
         patients = group_by_patient(events)
         for patient, patient_events in patients.items():
+            stamp = first_produced.get(patient) or str(time.time_ns()).encode()
             self._produce(self.topics.canonical, patient.encode(), encode_batch(patient_events),
-                          [(PRODUCED_NS_HEADER, str(time.time_ns()).encode())])
+                          [(PRODUCED_NS_HEADER, stamp)])
         self._flush()
         self._commit(records)
         self.counters.record_batch(len(patients))
@@ -235,6 +240,14 @@ class IngestWorker:
             raise
 
 
+def _produced_ns(msg: Message) -> bytes | None:
+    """The raw message's `ww.produced_ns` header (set by the replayer and benchmarks), if any."""
+    for k, v in msg.headers() or ():
+        if k == PRODUCED_NS_HEADER and v:
+            return v
+    return None
+
+
 def group_id(settings: Settings) -> str:
     return f"{settings.group_prefix}-ingest"
 
@@ -248,6 +261,9 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,  # commit only after the outputs are acknowledged
         "enable.partition.eof": False,
+        # Tansu answers a fetch only when fetch.wait.max.ms expires: keep it short, or every
+        # poll batch spans 0.5 s of input (and that much latency)
+        "fetch.wait.max.ms": 10,
     }
 
 

@@ -4,7 +4,13 @@ import orjson
 import pytest
 
 from benchmarks.pipeline import ScoreArrival, combine, id_pattern, pipeline_figures, repeated, run_bench, with_suffix
-from streams.replay import RawMessage
+from decimal import Decimal
+
+from schemas.cdc import parse_cdc
+from schemas.fhir import parse_notification
+from schemas.ingest_outcome import Parsed
+from streams.replay import (LAB_SUBSCRIPTION, CommitInfo, RawMessage, VitalRow, debezium_key, debezium_value,
+                            notification_bundle, row_payload, vital_observation)
 
 MRN, PATIENT_RESOURCE = "C0-0001", "pt-324a66a0db81"
 
@@ -47,6 +53,32 @@ def test_renaming_leaves_longer_ids_and_tombstones_alone():
     assert tombstone.value is None
 
 
+def test_renamed_replay_messages_parse_to_the_same_events_of_a_new_patient():
+    row = VitalRow(MRN, f"ENC-{MRN}-632486892592", 1_718_409_600_000_000,
+                   {"heart_rate": 112, "respiratory_rate": 24, "spo2": Decimal("93.0"), "temperature": Decimal("38.4")})
+    cdc = RawMessage("cdc", "vital_signs", debezium_key(7, MRN), debezium_value(
+        "c", None, row_payload(7, row), CommitInfo(24_024_000, 24_023_900, 7_400, row.measured_at_us,
+                                                   row.measured_at_us // 1000 + 20), "vital_signs"))
+    obs, _ = vital_observation(row, "heart_rate", 7, row.measured_at_us + 60_000_000, f"Patient/{PATIENT_RESOURCE}")
+    fhir = RawMessage("fhir", None, MRN.encode(), orjson.dumps(
+        notification_bundle(LAB_SUBSCRIPTION, "event-notification", 1, row.measured_at_us + 60_000_000, 1, obs)))
+
+    def events(messages):
+        cdc_out = parse_cdc("ehr.public.vital_signs", messages[0].key, messages[0].value, partition=0, offset=0,
+                            cdc_topic_prefix="ehr.public")
+        fhir_out = parse_notification(messages[1].value, topic="fhir", partition=0, offset=1)
+        assert isinstance(cdc_out, Parsed) and isinstance(fhir_out, Parsed)
+        return [e.to_dict() for e in [*cdc_out.events, *fhir_out.events]]
+
+    original = events([cdc, fhir])
+    renamed = events(with_suffix([cdc, fhir], id_pattern([MRN, PATIENT_RESOURCE]), "-r1"))
+
+    assert len(original) > 1 and {e["patient_id"] for e in renamed} == {"C0-0001-r1"}
+    for before, after in zip(original, renamed, strict=True):  # same facts, values and times
+        encounter = before["encounter_id"] and before["encounter_id"].replace(MRN, "C0-0001-r1")
+        assert after == {**before, "patient_id": "C0-0001-r1", "encounter_id": encounter}
+
+
 def test_each_repetition_has_its_own_patients():
     messages = [cdc_insert(1, MRN), lab_notification(MRN), cdc_insert(2, "C1-0001")]
     out = repeated(messages, id_pattern([MRN, "C1-0001", PATIENT_RESOURCE]), 3)
@@ -63,7 +95,7 @@ def test_figures_span_from_the_first_produce_to_the_last_score():
     ms = 1_000_000
     arrivals = [ScoreArrival(1_000 * ms, 990 * ms, "a", "rule"), ScoreArrival(1_500 * ms, 1_400 * ms, "b", "rule"),
                 ScoreArrival(3_000 * ms, 2_970 * ms, "a", "model"), ScoreArrival(2_000 * ms, None, "c", "rule")]
-    figures = pipeline_figures(n_events=400, first_produced_ns=0, arrivals=arrivals)
+    figures = pipeline_figures(n_events=400, first_produced_ns=0, fed_ns=2_000 * ms, arrivals=arrivals)
 
     assert figures["pipeline_events_per_s"] == pytest.approx(400 / 3.0)
     assert figures["latency_ms_p50"] == pytest.approx(30.0)  # of 10, 100, 30 ms; the headerless one is left out
@@ -71,10 +103,11 @@ def test_figures_span_from_the_first_produce_to_the_last_score():
     assert figures["n_scores"] == 4 and figures["n_scores_without_produced_ns"] == 1
     assert figures["n_patients"] == 3
     assert figures["scoring_paths"] == {"rule": 3, "model": 1}
+    assert figures["n_scores_restamped"] == 1  # produced at 2,970 ms, after the feed ended at 2,000 ms
 
 
 def test_no_scores_means_no_throughput():
-    figures = pipeline_figures(n_events=10, first_produced_ns=0, arrivals=[])
+    figures = pipeline_figures(n_events=10, first_produced_ns=0, fed_ns=1, arrivals=[])
     assert figures["pipeline_events_per_s"] == 0.0 and math.isnan(figures["latency_ms_p99"])
 
 
@@ -99,6 +132,8 @@ def test_a_small_run_measures_both_sides(tmp_path):
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["n_events"] > 0 and result["baseline_n"] == result["n_events"]
     assert result["n_scores"] > 0 and result["n_scores_without_produced_ns"] == 0
+    # the latency starts at the raw produce: ingest carries the raw header over, it does not re-stamp it
+    assert result["n_scores_restamped"] == 0
     assert result["n_patients"] == 2  # every replayed patient was scored; the warm-up patient is not counted
     assert result["latency_ms_p99"] >= result["latency_ms_p50"]
     assert result["cpu_count"] and result["python_version"] and result["timestamp"]

@@ -266,3 +266,12 @@ def test_mutated_fixtures_never_raise_and_never_hit_internal_errors(name, n, new
     assert isinstance(outcome, OUTCOMES)
     if isinstance(outcome, Rejected):
         assert outcome.rejection.reason is not Reason.INTERNAL_ERROR, outcome
+
+
+def test_row_without_any_mapped_value_is_ignored():
+    msg = cdc_message("create_bare")
+    doc = json.loads(msg.value)
+    doc["after"] = {**{c: None for c in doc["after"]}, "id": 7, "patient_id": "MRN-0002",
+                    "measured_at": doc["after"]["measured_at"]}
+    outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode()))
+    assert isinstance(outcome, Ignored) and outcome.kind == "no_values"

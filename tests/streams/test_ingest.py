@@ -22,8 +22,13 @@ from tests.fixtures.ingest.corpus import CDC_PREFIX, cdc_message, cdc_messages, 
 
 def test_counters_account_for_every_message_once():
     counters = IngestCounters()
-    cdc = lambda name: parse_cdc(*_fields(cdc_message(name)), partition=0, offset=0, cdc_topic_prefix=CDC_PREFIX)  # noqa: E731
-    fhir = lambda name: parse_notification(fhir_bundle(name), topic="f", partition=0, offset=0)  # noqa: E731
+
+    def cdc(name):
+        return parse_cdc(*_fields(cdc_message(name)), partition=0, offset=0, cdc_topic_prefix=CDC_PREFIX)
+
+    def fhir(name):
+        return parse_notification(fhir_bundle(name), topic="f", partition=0, offset=0)
+
     for outcome in (cdc("create_bare"), cdc("heart_rate_5000"), cdc("truncate"), cdc("nan_spo2")):
         counters.record("cdc", outcome)
     for outcome in (fhir("r4b_mixed"), fhir("r4b_handshake"), fhir("r4b_unmapped_only")):
@@ -58,11 +63,10 @@ DEADLINE_S = 90
 
 
 def _raw_corpus(settings, topics):
-    """(topic, key, value, expectation) of a mix of good and bad raw messages."""
-    cdc = lambda name: cdc_messages(name, prefix=settings.cdc_topic_prefix)  # noqa: E731
+    """(topic, key, value) of a mix of good and bad raw messages."""
     mix = []
     for name in ("create_schema_wrapped", "create_bare", "delete_full", "heart_rate_5000", "truncate"):
-        mix += [(m.topic, m.key, m.value) for m in cdc(name)]
+        mix += [(m.topic, m.key, m.value) for m in cdc_messages(name, prefix=settings.cdc_topic_prefix)]
     cdc_topic = topics.cdc["vital_signs"]
     mix.append((cdc_topic, b'{"id": 99}', raw_file("cdc", "malformed.txt")))
     for name in ("r4b_status_event", "r4b_handshake", "r4b_unmapped_only", "negative_spo2"):
