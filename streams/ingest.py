@@ -36,7 +36,7 @@ from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PRODUCED_NS_HEADER = "ww.produced_ns"  # producer wall clock at produce time, for latency benchmarks
+PRODUCED_NS_HEADER = "ww.produced_ns"  # wall clock of the earliest raw produce (else ours): latency benchmarks
 SOURCES = ("cdc", "fhir")
 # commit failures that only mean a rebalance took the partitions away: the batch is re-read elsewhere
 _REBALANCE_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
@@ -163,7 +163,7 @@ class IngestWorker:
             if isinstance(outcome, Parsed):
                 events.extend(outcome.events)
                 stamp = _produced_ns(msg)
-                for e in outcome.events:
+                for e in outcome.events if stamp else ():
                     first_produced.setdefault(e.patient_id, stamp)
             elif isinstance(outcome, Rejected):
                 self._dead_letter(msg, outcome.rejection, Stage.INGEST_CDC if source == "cdc" else Stage.INGEST_FHIR)
