@@ -17,17 +17,15 @@ from typing import Callable
 import orjson
 
 from schemas.alert import build_alert
-from schemas.canonical import decode_batch
+from schemas.canonical import decode_batch, make_event_id
 from schemas.codes import CODES
 from schemas.deadletter import Reason, Rejection
-from schemas.scores import CONSCIOUSNESS_LEVELS  # noqa: F401  (documents the ACVPU contract)
 from streams import alerting
 from streams.features import compute_features
 from streams.state import EFFECTIVE_MS, FACT_ID, VERSION, PatientState, apply_batch
-from schemas.canonical import make_event_id
 from wardwatch.settings import Settings
 
-# NEWS2 parameters whose latest facts are the basis of an alert
+# the codes whose latest facts are the basis of an alert
 _BASIS_CODES = tuple(CODES)
 
 
