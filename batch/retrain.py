@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import duckdb
-import polars as pl
 
 from batch import registry
 from batch.features import features_as_of_issued
@@ -31,9 +30,7 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
                          cross_source_tolerance=settings.cross_source_tolerance)
     version = version or datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S")
     settings.model_dir.mkdir(parents=True, exist_ok=True)
-    card = train_model(feats, labels.select(pl.exclude([c for c in feats.columns if c not in
-                                                        ("patient_id", "scoring_ms", "partition", "offset")])),
-                       settings.model_dir, version)
+    card = train_model(feats, labels, settings.model_dir, version)
     card["promoted"] = False
     if promote_if_none and registry.current_version(settings.model_dir) is None:
         registry.set_current(settings.model_dir, version)

@@ -52,6 +52,7 @@ NANO_TIMESTAMP = "io.debezium.time.NanoTimestamp"
 ZONED_TIMESTAMP = "io.debezium.time.ZonedTimestamp"
 TIMESTAMP_MS = ("io.debezium.time.Timestamp", "org.apache.kafka.connect.data.Timestamp")
 DATE_DAYS = ("io.debezium.time.Date", "org.apache.kafka.connect.data.Date")
+MAX_DECIMAL_SCALE = 1000  # PostgreSQL numeric scale range is [-1000, 1000]
 
 # the table's "on air" column: (flow column, on-oxygen flag column)
 ON_AIR_COLUMNS = {"vital_signs": ("oxygen_flow_rate_lpm", "on_supplemental_oxygen")}
@@ -258,13 +259,18 @@ def _text(raw: Any) -> str | None:
     return None
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _int_field(raw: Any, what: str) -> int:
     if isinstance(raw, bool) or raw is None:
         raise Reject(Reason.INVALID_STRUCTURE, f"{what} missing")
-    if isinstance(raw, int):
-        return raw
     if isinstance(raw, str) and _INTEGER.fullmatch(raw.strip()):
-        return int(raw)
+        raw = int(raw)
+    if isinstance(raw, int):
+        if not INT64_MIN <= raw <= INT64_MAX:  # Kafka Connect int64: anything wider cannot be real
+            raise Reject(Reason.BAD_VALUE, f"{what} is outside the int64 range")
+        return raw
     raise Reject(Reason.INVALID_STRUCTURE, f"{what} is not an integer")
 
 
@@ -279,7 +285,8 @@ def _commit_lsn(sequence: Any) -> int | None:
     """`source.sequence` is a JSON array inside a string: [last commit lsn, current lsn]."""
     try:
         items = orjson.loads(sequence) if isinstance(sequence, str) else sequence
-        return int(items[0]) if isinstance(items, list) and items and items[0] is not None else None
+        lsn = int(items[0]) if isinstance(items, list) and items and items[0] is not None else None
+        return lsn if lsn is None or INT64_MIN <= lsn <= INT64_MAX else None
     except (orjson.JSONDecodeError, ValueError, TypeError):
         return None
 
@@ -310,6 +317,8 @@ def _decode_number(raw: Any, schema: dict | None, what: str) -> float:
 
 def _unscaled(b64: str, scale: int, what: str) -> float:
     """Kafka Connect Decimal: base64 of the big-endian two's-complement unscaled integer."""
+    if abs(scale) > MAX_DECIMAL_SCALE:  # 10**scale of a hostile scale would hang the worker
+        raise Reject(Reason.BAD_VALUE, f"{what}: decimal scale out of range")
     try:
         unscaled = int.from_bytes(base64.b64decode(b64, validate=True), "big", signed=True)
     except (binascii.Error, ValueError) as exc:

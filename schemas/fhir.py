@@ -353,6 +353,9 @@ def _version(raw: Any) -> int:
     if raw is None:
         return 1
     try:
-        return int(str(raw))
+        version = int(str(raw))
     except ValueError as exc:
         raise Reject(Reason.BAD_VALUE, "meta.versionId is not an integer") from exc
+    if not 0 <= version < 2**63:  # the version orders facts as an int64 downstream
+        raise Reject(Reason.BAD_VALUE, "meta.versionId is outside the int64 range")
+    return version

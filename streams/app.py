@@ -13,6 +13,7 @@ Java/aiokafka default) for the changelog partition to equal the source partition
 from __future__ import annotations
 
 import logging
+import time
 
 import faust
 from confluent_kafka import Producer
@@ -25,6 +26,8 @@ from streams.topics import Topics, ensure_topics, topics_for
 from wardwatch.settings import Settings
 
 log = logging.getLogger("wardwatch.worker")
+
+MODEL_RELOAD_CHECK_S = 2.0  # how often the worker looks for a promoted model
 
 
 def _produced_ns(headers) -> int | None:
@@ -67,6 +70,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     processor = PatientProcessor(settings, scorer, AlertPolicy.from_settings(settings))
     producer = Producer({**settings.kafka_client_config(), "linger.ms": 2, "partitioner": "murmur2_random",
                          "enable.idempotence": False, "acks": "all"})
+    next_reload_check = [0.0]  # monotonic time of the next look at the registry's `current` pointer
     parsed: dict[str, tuple[bytes, PatientRecord]] = {}  # read-through cache: table bytes -> parsed record
 
     def load(patient: str) -> PatientRecord | None:
@@ -87,16 +91,18 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     @app.agent(canonical, name="patients")
     async def patients(stream):
         async for events in stream.take_events(settings.worker_batch_size, within=settings.worker_batch_within_s):
-            scorer.reload_if_changed()
+            if time.monotonic() >= next_reload_check[0]:  # a file read, not per batch on the hot path
+                scorer.reload_if_changed()
+                next_reload_check[0] = time.monotonic() + MODEL_RELOAD_CHECK_S
             msgs = [CanonicalMessage(ev.message.partition, ev.message.offset, ev.value,
-                                     _produced_ns(ev.message.headers)) for ev in events]
+                                     _produced_ns(ev.message.headers), ev.key) for ev in events]
             records, out = processor.process(msgs, load)
             send(topics.late, out.late)
             send(topics.features, out.features)
             send(topics.scores, out.scores)
             send(topics.alerts, out.alerts)
             for msg, rejection in out.rejected:
-                producer.produce(topics.deadletter, value=msg.value, headers=deadletter_headers(
+                producer.produce(topics.deadletter, key=msg.key, value=msg.value, headers=deadletter_headers(
                     rejection, Stage.PATIENT_STATE, topics.canonical, msg.partition, msg.offset))
             # outputs are durable before the batch is acked (at-least-once; ids make repeats idempotent)
             if producer.flush(30) != 0:

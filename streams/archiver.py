@@ -279,6 +279,7 @@ class Archiver:
         self._buffered_rows = 0
         self._oldest_buffered: float | None = None
         self._pending_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
+        self.seen_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last seen
         self.consumed: dict[str, int] = {kind: 0 for kind in self._kinds.values()}
         self.files_written = 0
         self._consumer = Consumer({
@@ -320,6 +321,7 @@ class Archiver:
             if self._oldest_buffered is None:
                 self._oldest_buffered = time.monotonic()
             self._pending_offsets[(rec.topic, rec.partition)] = rec.offset + 1
+            self.seen_offsets[(rec.topic, rec.partition)] = rec.offset + 1
             self.consumed[kind] += 1
             seen += 1
         if self._flush_due():

@@ -3,6 +3,7 @@
     raw topics (CDC per table, FHIR notifications)
         |  consume a batch (up to settings.ingest_batch_size messages)
         |  parse each: schemas.cdc / schemas.fhir -> Parsed | Rejected | Control | Ignored
+        |  encode each parsed message's events (one that cannot be encoded is Rejected: INTERNAL_ERROR)
         v
     canonical   key: patient id  value: JSON array of that patient's events from this batch
     deadletter  key: original key  value: original bytes  headers: reason, stage, origin
@@ -24,13 +25,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from schemas.canonical import CanonicalEvent, encode_batch
 from schemas.cdc import parse_cdc
-from schemas.deadletter import Rejection, Stage, deadletter_headers
+from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
 from schemas.fhir import parse_notification
-from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Rejected
+from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Rejected, rejected
 from streams.topics import Topics, topics_for
 from wardwatch.settings import Settings
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PRODUCED_NS_HEADER = "ww.produced_ns"  # wall clock of the earliest raw produce (else ours): latency benchmarks
 SOURCES = ("cdc", "fhir")
+_STAGES = {"cdc": Stage.INGEST_CDC, "fhir": Stage.INGEST_FHIR}
 # commit failures that only mean a rebalance took the partitions away: the batch is re-read elsewhere
 _REBALANCE_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
                      KafkaError.REBALANCE_IN_PROGRESS, KafkaError._NO_OFFSET}
@@ -113,12 +115,18 @@ class IngestCounters:
 # --- routing (pure) ------------------------------------------------------------------------------
 
 
-def group_by_patient(events: list[CanonicalEvent]) -> dict[str, list[CanonicalEvent]]:
-    """One canonical message per patient: its events in arrival order."""
-    batches: dict[str, list[CanonicalEvent]] = defaultdict(list)
-    for event in events:
-        batches[event.patient_id].append(event)
-    return dict(batches)
+def encode_events(parsed: Parsed) -> list[tuple[str, bytes]] | Rejected:
+    """(patient, event JSON) per event, or a rejection of the whole message when an event cannot be
+    written (e.g. an integer beyond 64 bits): found per message, it cannot poison the batch."""
+    try:
+        return [(e.patient_id, e.to_json()) for e in parsed.events]
+    except orjson.JSONEncodeError as exc:
+        return rejected(Reason.INTERNAL_ERROR, "parsed event is not JSON-encodable", type(exc).__name__)
+
+
+def batch_value(encoded_events: list[bytes]) -> bytes:
+    """One canonical message value from events encoded one by one: the bytes of encode_batch()."""
+    return b"[" + b",".join(encoded_events) + b"]"
 
 
 # --- the worker ----------------------------------------------------------------------------------
@@ -155,26 +163,27 @@ class IngestWorker:
         records = [m for m in messages if not self._is_error(m)]
         if not records:
             return 0
-        events: list[CanonicalEvent] = []
+        by_patient: dict[str, list[bytes]] = defaultdict(list)  # patient -> encoded events, arrival order
         first_produced: dict[str, bytes] = {}  # patient -> earliest raw produce stamp (end-to-end latency)
         for msg in records:
             source, outcome = self.parse(msg)
+            encoded = encode_events(outcome) if isinstance(outcome, Parsed) else []
+            if isinstance(encoded, Rejected):
+                outcome, encoded = encoded, []
             self.counters.record(source, outcome)
-            if isinstance(outcome, Parsed):
-                events.extend(outcome.events)
-                stamp = _produced_ns(msg)
-                for e in outcome.events if stamp else ():
-                    first_produced.setdefault(e.patient_id, stamp)
-            elif isinstance(outcome, Rejected):
-                self._dead_letter(msg, outcome.rejection, Stage.INGEST_CDC if source == "cdc" else Stage.INGEST_FHIR)
-        patients = group_by_patient(events)
-        for patient, patient_events in patients.items():
+            if isinstance(outcome, Rejected):
+                self._dead_letter(msg, outcome.rejection, _STAGES[source])
+            stamp = _produced_ns(msg) if encoded else None
+            for patient, event in encoded:
+                by_patient[patient].append(event)
+                if stamp:
+                    first_produced.setdefault(patient, stamp)
+        for patient, events in by_patient.items():
             stamp = first_produced.get(patient) or str(time.time_ns()).encode()
-            self._produce(self.topics.canonical, patient.encode(), encode_batch(patient_events),
-                          [(PRODUCED_NS_HEADER, stamp)])
+            self._produce(self.topics.canonical, patient.encode(), batch_value(events), [(PRODUCED_NS_HEADER, stamp)])
         self._flush()
         self._commit(records)
-        self.counters.record_batch(len(patients))
+        self.counters.record_batch(len(by_patient))
         return len(records)
 
     def parse(self, msg: Message) -> tuple[str, Outcome]:

@@ -10,6 +10,7 @@ After the whole batch: one batched scoring call, then the alert policy per patie
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +36,7 @@ class CanonicalMessage:
     offset: int
     value: bytes
     produced_ns: int | None = None  # when the raw input was produced (latency measurement)
+    key: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -69,12 +71,14 @@ def snapshot_id(patient_id: str, partition: int, offset: int) -> str:
 
 
 def _basis(state: PatientState, T: int) -> list[str]:
-    """Event ids of the latest fact of each code at T: what the score was based on."""
+    """Event ids of the latest fact of each code at T: what the score was based on.
+    Live facts are sorted by (effective_ms, fact_id), so the latest at T is one bisect away."""
     ids = []
     for code in _BASIS_CODES:
-        facts = [f for f in state.live(code) if f[EFFECTIVE_MS] <= T]
-        if facts:
-            ids.append(make_event_id(facts[-1][FACT_ID], facts[-1][VERSION]))
+        facts = state.live(code)
+        i = bisect_right(facts, T, key=lambda f: f[EFFECTIVE_MS])
+        if i:
+            ids.append(make_event_id(facts[i - 1][FACT_ID], facts[i - 1][VERSION]))
     return ids
 
 
@@ -99,35 +103,41 @@ class PatientProcessor:
                 if len(patients) != 1:
                     raise ValueError(f"a canonical message must hold one patient, found {len(patients)}")
             except Exception as exc:  # data error: dead-letter, keep going
-                out.rejected.append((msg, Rejection(Reason.INVALID_STRUCTURE, "undecodable canonical batch",
-                                                    type(exc).__name__)))
-                self.counters["rejected"] += 1
+                self._reject(out, msg, Reason.INVALID_STRUCTURE, "undecodable canonical batch", exc)
                 continue
             patient = events[0].patient_id
             rec = records.get(patient) or load(patient) or PatientRecord(PatientState(), alerting.initial_state())
-            result = apply_batch(rec.state, events, allowed_lateness_ms=self.lateness_ms,
-                                 dedupe_horizon_ms=self.horizon_ms,
-                                 cross_source_tolerance=self.settings.cross_source_tolerance)
+            try:
+                result = apply_batch(rec.state, events, allowed_lateness_ms=self.lateness_ms,
+                                     dedupe_horizon_ms=self.horizon_ms,
+                                     cross_source_tolerance=self.settings.cross_source_tolerance)
+                T = result.state.clock
+                features = compute_features(result.state, T) if result.changed and T is not None else None
+            except Exception as exc:  # a bug or an event the rules cannot take: keep it for replay after a fix
+                self._reject(out, msg, Reason.INTERNAL_ERROR, "patient state could not apply the batch", exc)
+                continue
             encounter = next((e.encounter_id for e in reversed(events) if e.encounter_id), rec.encounter_id)
-            rec = PatientRecord(result.state, rec.alert, encounter)
-            records[patient] = rec
+            records[patient] = PatientRecord(result.state, rec.alert, encounter)
             for o in result.outcomes:
                 self.counters[o.kind.value if o.duplicate_kind is None else f"duplicate_{o.duplicate_kind.value}"] += 1
             for o in result.late:
                 out.late.append((patient.encode(), orjson.dumps(
                     {"event": o.event.to_dict(), "late_by_ms": o.late_by_ms,
                      "partition": msg.partition, "offset": msg.offset}), []))
-            if result.changed and result.state.clock is not None:
-                T = result.state.clock
-                points.append((patient, T, msg, compute_features(result.state, T), _basis(result.state, T)))
+            if features is not None:
+                points.append((patient, T, msg, features, result.state))
 
         if points:
             scores = self.scorer.score([p[3] for p in points])
-            for (patient, T, msg, feats, basis), score in zip(points, scores, strict=True):
-                self._emit_point(patient, T, msg, feats, basis, score, records, out)
+            for (patient, T, msg, feats, state), score in zip(points, scores, strict=True):
+                self._emit_point(patient, T, msg, feats, state, score, records, out)
         return records, out
 
-    def _emit_point(self, patient, T, msg, feats, basis, score, records, out: Outputs) -> None:
+    def _reject(self, out: Outputs, msg: CanonicalMessage, reason: Reason, detail: str, exc: Exception) -> None:
+        out.rejected.append((msg, Rejection(reason, detail, type(exc).__name__)))
+        self.counters[f"rejected_{reason.value}"] += 1
+
+    def _emit_point(self, patient, T, msg, feats, state, score, records, out: Outputs) -> None:
         sid = snapshot_id(patient, msg.partition, msg.offset)
         key = patient.encode()
         headers = [("ww.produced_ns", str(msg.produced_ns).encode())] if msg.produced_ns else []
@@ -148,6 +158,6 @@ class PatientProcessor:
         for d in decisions:
             alert = build_alert(d, patient_id=patient, encounter_id=rec.encounter_id, probability=score.probability,
                                 news2=score.news2, model_version=score.model_version, path=score.path,
-                                rationale=score.rationale, basis_event_ids=basis)
+                                rationale=score.rationale, basis_event_ids=_basis(state, T))
             out.alerts.append((key, orjson.dumps(alert), headers))
             self.counters[f"alerts_{d.kind}"] += 1

@@ -937,9 +937,14 @@ def publish(replay: Replay, settings, topics, *, rate: float | None = None,
                          "partitioner": "murmur2_random"})  # the Java client's partitioner, as Debezium uses
     failures: list[str] = []
 
-    def on_delivery(err, _msg) -> None:
+    end_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last delivered
+
+    def on_delivery(err, msg) -> None:
         if err is not None:
             failures.append(str(err))
+        else:
+            tp = (msg.topic(), msg.partition())
+            end_offsets[tp] = max(end_offsets.get(tp, 0), msg.offset() + 1)
 
     counts: Counter[str] = Counter()
     started = time.monotonic()
@@ -965,4 +970,4 @@ def publish(replay: Replay, settings, topics, *, rate: float | None = None,
         raise KafkaException(f"replay publish incomplete: {remaining} undelivered, {len(failures)} failed"
                              + (f" (first: {failures[0]})" if failures else ""))
     return {"messages": sum(counts.values()), "cdc": counts["cdc"], "fhir": counts["fhir"],
-            "seconds": round(time.monotonic() - started, 3)}
+            "seconds": round(time.monotonic() - started, 3), "end_offsets": end_offsets}

@@ -256,7 +256,8 @@ class Scorer:
         return True
 
     def score(self, snapshots: Sequence[dict]) -> list[ScoreResult]:
-        features = [derive(s) for s in snapshots]
+        # stream snapshots already carry the derived scores; derive only what arrives without them
+        features = [s if "news2" in s else derive(s) for s in snapshots]
         missing = [[name for name in NEWS2_INPUTS if f.get(name) is None] for f in features]
         model = self.model  # one model for the whole call, even if a reload races it
         on_model = [i for i, m in enumerate(missing) if model is not None and not m]

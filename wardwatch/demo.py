@@ -22,7 +22,7 @@ from streams.archiver import Archiver
 from streams.replay import build_replay, generate_cohort, publish
 from streams.topics import ensure_topics, topics_for
 from wardwatch.broker import EmbeddedBroker
-from wardwatch.procs import start_service, stop_service, wait_for_group
+from wardwatch.procs import check_alive, start_service, stop_service, wait_for_commits, wait_for_group
 from wardwatch.settings import Settings
 
 BUNDLED_MODELS = Path(__file__).parent / "models"
@@ -48,7 +48,7 @@ def _progress(console: Console) -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-def _seed_models(model_dir: Path) -> None:
+def seed_models(model_dir: Path) -> None:
     """The demo scores with the model shipped in the package until its own nightly trains one."""
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -58,16 +58,40 @@ def _seed_models(model_dir: Path) -> None:
         model_dir.mkdir(parents=True)
 
 
-def _wait_for_outputs(archiver: Archiver, *, quiet_s: float, deadline: float) -> dict[str, int]:
-    """Consume until the pipeline has gone quiet (nothing new for quiet_s after the last record)."""
-    last_change, last = time.monotonic(), None
-    while time.monotonic() < deadline:
-        archiver.poll_once(timeout_s=0.5)
-        seen = tuple(sorted(archiver.consumed.items()))
-        if seen != last:
-            last, last_change = seen, time.monotonic()
-        elif archiver.consumed.get("canonical", 0) and time.monotonic() - last_change >= quiet_s:
-            break
+def _wait_for_quiet(archiver: Archiver, *, quiet_s: float, deadline: float, topics: set[str] | None = None) -> None:
+    """Consume until nothing new arrived (on `topics`, default all) for quiet_s."""
+    def seen():
+        return {tp: n for tp, n in archiver.seen_offsets.items() if topics is None or tp[0] in topics}
+
+    last, last_change = seen(), time.monotonic()
+    while time.monotonic() - last_change < quiet_s:
+        if time.monotonic() >= deadline:
+            raise TimeoutError("the stream did not finish before the demo's deadline")
+        archiver.poll_once(timeout_s=0.2)
+        if (now := seen()) != last:
+            last, last_change = now, time.monotonic()
+
+
+def _wait_until_processed(settings: Settings, archiver: Archiver, raw_end_offsets: dict, procs: dict,
+                          logs: Path, deadline: float) -> dict[str, int]:
+    """Wait on the pipeline's own progress, not on a timer:
+    1. the ingest group has committed every raw message (so every canonical batch and dead letter
+       is written), 2. the archiver has read the canonical topic to its end, 3. the worker group
+    has committed all of it (its outputs are flushed before it commits), 4. the archiver has read
+    those outputs."""
+    canonical = topics_for(settings).canonical
+
+    def keep_consuming() -> None:
+        check_alive(procs, logs)
+        archiver.poll_once(timeout_s=0.2)
+
+    wait_for_commits(settings, f"{settings.group_prefix}-ingest", raw_end_offsets, deadline=deadline,
+                     on_wait=keep_consuming)
+    _wait_for_quiet(archiver, quiet_s=1.0, deadline=deadline, topics={canonical})  # nothing new is coming
+    canonical_ends = {tp: n for tp, n in archiver.seen_offsets.items() if tp[0] == canonical}
+    wait_for_commits(settings, f"{settings.group_prefix}-worker", canonical_ends, deadline=deadline,
+                     on_wait=keep_consuming)
+    _wait_for_quiet(archiver, quiet_s=1.0, deadline=deadline)
     archiver.flush()
     return dict(archiver.consumed)
 
@@ -88,7 +112,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
             bootstrap = broker.bootstrap
         settings = Settings(bootstrap_servers=bootstrap, data_dir=data_dir, model_dir=data_dir / "models",
                             topic_prefix="demo", cdc_topic_prefix="demo.ehr.public", group_prefix="demo")
-        _seed_models(settings.model_dir)
+        seed_models(settings.model_dir)
         topics = topics_for(settings)
         ensure_topics(settings, topics)
         progress.update(step, total=1, completed=1)
@@ -115,14 +139,12 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
 
         n = len(replay.messages)
         step = progress.add_task("replaying CDC + FHIR messages", total=n)
-        publish(replay, settings, topics, rate=opts.rate, progress=lambda done: progress.update(step, completed=done))
+        published = publish(replay, settings, topics, rate=opts.rate,
+                            progress=lambda done: progress.update(step, completed=done))
 
-        step = progress.add_task("waiting for the stream to finish (archiving outputs)", total=None)
-        deadline = started + opts.timeout_s
-        for proc, name in ((ingest, "ingest"), (worker, "worker")):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the {name} worker exited with code {proc.returncode}: see {logs / name}.log")
-        consumed = _wait_for_outputs(archiver, quiet_s=4.0, deadline=deadline)
+        step = progress.add_task("waiting for the stream to process everything", total=None)
+        consumed = _wait_until_processed(settings, archiver, published["end_offsets"],
+                                         {"ingest": ingest, "worker": worker}, logs, started + opts.timeout_s)
         progress.update(step, total=1, completed=1)
         stop_service(worker)
         stop_service(ingest)

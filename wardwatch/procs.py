@@ -58,6 +58,13 @@ def kill_service(proc: subprocess.Popen) -> None:
         proc.wait(timeout=15)
 
 
+def check_alive(procs: dict[str, subprocess.Popen], logs: Path) -> None:
+    """Raise a clear error naming the service and its log when a child service has exited."""
+    for name, proc in procs.items():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {name} service exited with code {proc.returncode}: see {logs / name}.log")
+
+
 def wait_for_group(settings: Settings, group_id: str, timeout_s: float = 60.0,
                    alive: subprocess.Popen | None = None) -> None:
     """Block until consumer group `group_id` is Stable (its members joined and got partitions)."""
@@ -79,3 +86,35 @@ def wait_for_group(settings: Settings, group_id: str, timeout_s: float = 60.0,
             pass
         time.sleep(0.2)
     raise TimeoutError(f"consumer group {group_id} did not become stable within {timeout_s:.0f}s")
+
+
+def committed_offsets(settings: Settings, group_id: str, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The group's committed offsets (OffsetFetch answers exactly on Tansu, unlike end-offset queries)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.kafka_client_config())
+    request = ConsumerGroupTopicPartitions(group_id, [TopicPartition(t, p) for t, p in partitions])
+    result = admin.list_consumer_group_offsets([request])[group_id].result(timeout=10)
+    return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions}
+
+
+def wait_for_commits(settings: Settings, group_id: str, targets: dict[tuple[str, int], int], *,
+                     deadline: float, on_wait=None) -> None:
+    """Block until `group_id` has committed at least `targets` (offset after the last message) on
+    every partition: every message up to there is processed and its outputs acknowledged.
+    `on_wait()` runs between checks (e.g. keep consuming outputs, check children are alive)."""
+    import time
+
+    while True:
+        done = committed_offsets(settings, group_id, list(targets))
+        behind = {tp: n for tp, n in targets.items() if done.get(tp, -1) < n}
+        if not behind:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"consumer group {group_id} has not processed everything: {len(behind)} "
+                               f"partitions behind, e.g. {next(iter(behind))}")
+        if on_wait is not None:
+            on_wait()
+        else:
+            time.sleep(0.2)

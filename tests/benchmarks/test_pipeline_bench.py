@@ -1,16 +1,19 @@
 import math
+import threading
+import time
+from decimal import Decimal
 
 import orjson
 import pytest
 
-from benchmarks.pipeline import ScoreArrival, combine, id_pattern, pipeline_figures, repeated, run_bench, with_suffix
-from decimal import Decimal
-
+from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, combine, id_pattern,
+                                 pipeline_figures, repeated, run_bench, with_suffix)
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
 from streams.replay import (LAB_SUBSCRIPTION, CommitInfo, RawMessage, VitalRow, debezium_key, debezium_value,
                             notification_bundle, row_payload, vital_observation)
+from wardwatch.settings import Settings
 
 MRN, PATIENT_RESOURCE = "C0-0001", "pt-324a66a0db81"
 
@@ -118,6 +121,57 @@ def test_ratio_is_pipeline_over_baseline():
     assert out["ratio"] == 0.25 and out["baseline_n"] == 10 and out["cpu_count"] == 2
 
 
+# --- completion: the scores going quiet -----------------------------------------------------------
+
+
+def idle_collector(*arrivals: ScoreArrival) -> ScoreCollector:
+    """A collector whose consumer thread is not started: the test hands it the arrivals."""
+    collector = ScoreCollector(Settings(), "scores")
+    collector.arrivals.extend(arrivals)
+    return collector
+
+
+def hand_over(collector: ScoreCollector, arrival: ScoreArrival) -> None:
+    with collector._changed:
+        collector.arrivals.append(arrival)
+        collector._changed.notify_all()
+
+
+WARM = ScoreArrival(1, 1, f"C0-0001{WARMUP_SUFFIX}", "rule")
+
+
+def test_quiet_after_the_last_measured_score_returns_the_measured_ones(tmp_path):
+    first, second = ScoreArrival(2, 1, "C0-0001-r0", "rule"), ScoreArrival(3, 2, "C0-0001-r1", "model")
+    collector = idle_collector(WARM, first)
+    timer = threading.Timer(0.2, hand_over, (collector, second))
+    timer.start()
+    started = time.monotonic()
+    try:
+        arrivals, went_quiet = _wait_until_quiet(collector, quiet_s=1.0, deadline=started + 10, procs={},
+                                                 logs=tmp_path)
+    finally:
+        timer.cancel()
+
+    assert went_quiet and arrivals == [first, second]  # the warm-up score is not measured
+    assert time.monotonic() - started >= 0.2 + 1.0  # the late arrival restarted the quiet period
+
+
+def test_warm_up_scores_alone_wait_for_the_deadline_and_say_so(tmp_path):
+    collector = idle_collector(WARM)
+    started = time.monotonic()
+    arrivals, went_quiet = _wait_until_quiet(collector, quiet_s=0.1, deadline=started + 0.6, procs={}, logs=tmp_path)
+
+    assert arrivals == [] and not went_quiet
+    assert time.monotonic() - started >= 0.6
+
+
+def test_a_failed_scores_consumer_fails_the_wait(tmp_path):
+    collector = idle_collector()
+    collector.error = RuntimeError("broker gone")
+    with pytest.raises(RuntimeError, match="broker gone"):
+        _wait_until_quiet(collector, quiet_s=0.1, deadline=time.monotonic() + 5, procs={}, logs=tmp_path)
+
+
 # --- the whole run --------------------------------------------------------------------------------
 
 
@@ -130,6 +184,7 @@ def test_a_small_run_measures_both_sides(tmp_path):
     for key in ("pipeline_events_per_s", "baseline_events_per_s", "ratio", "latency_ms_p50", "latency_ms_p99",
                 "latency_ms_max", "baseline_latency_ms_p50", "baseline_latency_ms_p99"):
         assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["went_quiet"]  # the figures cover the whole feed, not a run cut by the deadline
     assert result["n_events"] > 0 and result["baseline_n"] == result["n_events"]
     assert result["n_scores"] > 0 and result["n_scores_without_produced_ns"] == 0
     # the latency starts at the raw produce: ingest carries the raw header over, it does not re-stamp it

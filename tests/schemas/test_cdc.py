@@ -189,6 +189,14 @@ def test_bad_rows_reject_the_whole_message(name, reason):
     assert rejection(name).reason is reason
 
 
+@pytest.mark.parametrize("spo2", [{"scale": 10**12, "value": "AQ=="}, {"scale": -(10**12), "value": "AQ=="}])
+def test_a_decimal_scale_beyond_postgres_range_is_a_bad_value_not_a_hang(spo2):
+    doc = json.loads(cdc_message("create_bare").value)
+    doc["after"]["spo2"] = spo2  # a VariableScaleDecimal; 10**scale would never finish
+    outcome = parse(RawMessage(f"{CDC_PREFIX}.vital_signs", None, json.dumps(doc).encode()))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.BAD_VALUE
+
+
 def test_rejection_detail_names_the_column_but_not_the_value():
     detail = rejection("heart_rate_5000").detail
     assert "heart_rate" in detail and "5000" not in detail and "MRN" not in detail
@@ -275,3 +283,17 @@ def test_row_without_any_mapped_value_is_ignored():
                     "measured_at": doc["after"]["measured_at"]}
     outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode()))
     assert isinstance(outcome, Ignored) and outcome.kind == "no_values"
+
+
+def test_an_lsn_wider_than_int64_is_a_bad_value_not_a_crash_later():
+    import orjson as _orjson
+
+    from schemas.cdc import parse_cdc
+    from schemas.ingest_outcome import Rejected
+
+    value = {"op": "c", "before": None, "ts_ms": 1718000000000,
+             "after": {"id": 1, "patient_id": "p1", "measured_at": 1718000000000000, "heart_rate": 80},
+             "source": {"table": "vital_signs", "lsn": str(2**70), "ts_ms": 1718000000000, "txId": 1}}
+    out = parse_cdc("ehr.public.vital_signs", None, _orjson.dumps(value), partition=0, offset=0,
+                    cdc_topic_prefix="ehr.public")
+    assert isinstance(out, Rejected) and out.rejection.reason.value == "bad_value"

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from schemas.canonical import Source, Status, decode_batch
+from schemas.canonical import Source, Status, decode_batch, encode_batch
 from schemas.cdc import parse_cdc
 from schemas.deadletter import Reason
 from schemas.fhir import parse_notification
-from streams.ingest import PRODUCED_NS_HEADER, IngestCounters, IngestWorker, group_by_patient, group_id
+from streams import ingest
+from streams.ingest import PRODUCED_NS_HEADER, IngestCounters, IngestWorker, group_id
 from streams.topics import ensure_topics, topics_for
+from wardwatch.settings import Settings
 from tests.fixtures.ingest.corpus import CDC_PREFIX, cdc_message, cdc_messages, fhir_bundle, raw_file
 
 # --- without a broker ----------------------------------------------------------------------------
@@ -49,12 +53,164 @@ def _fields(msg):
     return msg.topic, msg.key, msg.value
 
 
-def test_group_by_patient_keeps_arrival_order_within_each_patient():
-    a = parse_cdc(*_fields(cdc_message("create_schema_wrapped")), partition=0, offset=0, cdc_topic_prefix=CDC_PREFIX)
-    b = parse_cdc(*_fields(cdc_message("create_bare")), partition=0, offset=1, cdc_topic_prefix=CDC_PREFIX)
-    interleaved = [e for pair in zip(a.events, b.events) for e in pair]
-    groups = group_by_patient(interleaved)
-    assert groups == {"MRN-0001": a.events, "MRN-0002": b.events}
+class FakeMessage:
+    def __init__(self, topic, key, value, *, partition=0, offset=0, headers=None):
+        self._topic, self._key, self._value = topic, key, value
+        self._partition, self._offset, self._headers = partition, offset, headers
+
+    def topic(self):
+        return self._topic
+
+    def key(self):
+        return self._key
+
+    def value(self):
+        return self._value
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def headers(self):
+        return self._headers
+
+    def error(self):
+        return None
+
+
+class FakeBroker:
+    """Stands in for the worker's consumer and producer: hands out one batch, delivers on flush
+    (with `delivery_error`, if set), and logs flushes and commits in the order they happen."""
+
+    def __init__(self, batch, delivery_error=None):
+        self.batch, self.delivery_error = batch, delivery_error
+        self.pending, self.produced, self.calls = [], [], []
+
+    def subscribe(self, topics):
+        pass
+
+    def consume(self, num_messages, timeout):
+        batch, self.batch = self.batch, []
+        return batch
+
+    def commit(self, offsets, asynchronous):
+        self.calls.append(("commit", {(tp.topic, tp.partition): tp.offset for tp in offsets}))
+
+    def produce(self, topic, value, key, headers, on_delivery):
+        self.pending.append((on_delivery, FakeMessage(topic, key, value, headers=headers)))
+
+    def poll(self, timeout):
+        return 0
+
+    def flush(self, timeout):
+        for on_delivery, msg in self.pending:
+            on_delivery(self.delivery_error, msg)
+            if self.delivery_error is None:
+                self.produced.append(msg)
+        self.pending = []
+        self.calls.append(("flush",))
+        return 0
+
+    def on(self, topic):
+        return [m for m in self.produced if m.topic() == topic]
+
+
+FAKE_SETTINGS = Settings(topic_prefix="ww", cdc_topic_prefix=CDC_PREFIX)
+
+
+@pytest.fixture
+def fake_worker(monkeypatch):
+    """An IngestWorker wired to a FakeBroker holding `batch`: the worker's own code, no broker."""
+
+    def make(batch, delivery_error=None):
+        fake = FakeBroker(batch, delivery_error)
+        monkeypatch.setattr(ingest, "Consumer", lambda conf: fake)
+        monkeypatch.setattr(ingest, "Producer", lambda conf: fake)
+        return IngestWorker(FAKE_SETTINGS, topics_for(FAKE_SETTINGS)), fake
+
+    return make
+
+
+def _cdc(name, offset, value=None):
+    m = cdc_message(name)
+    return FakeMessage(m.topic, m.key, m.value if value is None else value, offset=offset)
+
+
+def _events(msg):
+    if msg.topic().startswith(CDC_PREFIX + "."):
+        return parse_cdc(msg.topic(), msg.key(), msg.value(), partition=0, offset=msg.offset(),
+                         cdc_topic_prefix=CDC_PREFIX).events
+    return parse_notification(msg.value(), topic=msg.topic(), partition=0, offset=msg.offset()).events
+
+
+def test_worker_publishes_one_message_per_patient_in_arrival_order_then_commits(fake_worker):
+    a, b = _cdc("create_schema_wrapped", 0), _cdc("create_bare", 1)  # MRN-0001, MRN-0002
+    f = FakeMessage(topics_for(FAKE_SETTINGS).fhir, b"MRN-0001", fhir_bundle("r4b_status_event"),
+                    headers=[(PRODUCED_NS_HEADER, b"123")])
+    worker, fake = fake_worker([a, b, f])
+    topics = worker.topics
+
+    assert worker.poll_once() == 3
+
+    canonical = {m.key(): m for m in fake.on(topics.canonical)}
+    assert set(canonical) == {b"MRN-0001", b"MRN-0002"} and len(fake.on(topics.canonical)) == 2
+    expected = {b"MRN-0001": _events(a) + _events(f), b"MRN-0002": _events(b)}
+    for key, events in expected.items():
+        assert canonical[key].value() == encode_batch(events)  # byte for byte the canonical contract
+        assert decode_batch(canonical[key].value()) == events
+    assert dict(canonical[b"MRN-0001"].headers())[PRODUCED_NS_HEADER] == b"123"  # forwarded from the raw message
+    assert fake.on(topics.deadletter) == []
+    assert fake.calls == [("flush",), ("commit", {(a.topic(), 0): 2, (f.topic(), 0): 1})]
+
+
+def test_an_lsn_wider_than_int64_is_dead_lettered_by_the_parser(fake_worker):
+    doc = json.loads(cdc_message("create_bare").value)
+    doc["source"]["lsn"] = "123456789012345678901234567890"
+    poison = _cdc("create_bare", 0, value=json.dumps(doc).encode())
+    worker, fake = fake_worker([poison])
+    assert worker.poll_once() == 1
+    (dead,) = fake.on(worker.topics.deadletter)
+    assert dict(dead.headers())["ww.reason"] == Reason.BAD_VALUE.value.encode()
+    assert dead.value() == poison.value()
+
+
+def test_a_message_whose_events_cannot_be_encoded_is_dead_lettered_not_fatal(fake_worker, monkeypatch):
+    # defence in depth: if a parser ever lets through an event no JSON encoder writes (here a value
+    # wider than 64 bits), it must not stop the worker on every restart
+    poison = _cdc("create_bare", 0)
+    good = _cdc("create_schema_wrapped", 1)
+    worker, fake = fake_worker([poison, good])
+    topics = worker.topics
+    real_parse = worker.parse
+
+    def parse(msg):
+        source, outcome = real_parse(msg)
+        if msg is poison:
+            outcome = ingest.Parsed([dataclasses.replace(outcome.events[0], value=2**70)])
+        return source, outcome
+
+    monkeypatch.setattr(worker, "parse", parse)
+    assert worker.poll_once() == 2
+
+    (dead,) = fake.on(topics.deadletter)
+    headers = dict(dead.headers())
+    assert (dead.key(), dead.value()) == (poison.key(), poison.value())
+    assert headers["ww.reason"] == Reason.INTERNAL_ERROR.value.encode() and headers["ww.exception"] == b"TypeError"
+    assert [m.key() for m in fake.on(topics.canonical)] == [b"MRN-0001"]
+    snap = worker.counters.snapshot()["cdc"]
+    assert snap["dead_lettered"] == {"internal_error": 1} and snap["messages_parsed"] == 1
+    assert snap["events_out"] == len(_events(good))
+    assert worker.counters.balanced()
+    assert fake.calls == [("flush",), ("commit", {(good.topic(), 0): 2})]
+
+
+def test_a_failed_delivery_stops_the_worker_without_committing(fake_worker):
+    worker, fake = fake_worker([_cdc("create_bare", 0)], delivery_error=KafkaError(KafkaError._MSG_TIMED_OUT))
+    with pytest.raises(KafkaException, match="ingest produce failed"):
+        worker.poll_once()
+    assert fake.calls == [("flush",)]  # never committed: the batch is re-read after the restart
 
 
 # --- through the real broker ---------------------------------------------------------------------
@@ -153,6 +309,7 @@ def test_worker_publishes_canonical_batches_and_dead_letters_bad_messages(settin
     assert sorted(reasons.values()) == sorted([Reason.IMPLAUSIBLE_VALUE, Reason.MALFORMED_JSON,
                                                Reason.IMPLAUSIBLE_VALUE, Reason.MALFORMED_JSON])
     assert reasons[raw_file("fhir", "invalid_utf8.bin")] == Reason.MALFORMED_JSON
+    assert Counter(snap["cdc"]["dead_lettered"]) + Counter(snap["fhir"]["dead_lettered"]) == Counter(reasons.values())
 
     # at-least-once: everything consumed was committed, so a restart would not re-read it
     committed = _committed_counts(settings, topics)
