@@ -139,3 +139,22 @@ CDC_TABLES: dict[str, TableMapping] = {
         },
     ),
 }
+
+
+# --- context facts: who and where the patient is, not measurements ------------------------------
+# Canonical events with code_system CONTEXT carry encounter and patient facts from CDC (encounters,
+# patients tables) and FHIR (Encounter, Patient). They never enter feature windows (the patient
+# agent keeps them in the patient record; the batch builds `encounters`/`patients` tables from them).
+# Their `value` is None; the payload is `value_text`. Only minimum necessary PHI: no names, no dates
+# of birth (birth year only).
+CONTEXT = "urn:wardwatch:context"
+ADMISSION = "admission"  # effective: admitted_at; value_text: encounter class (e.g. "inpatient")
+LOCATION = "location"  # effective: when the patient arrived on the ward (admission or transfer); value_text: ward
+DISCHARGE = "discharge"  # effective: discharged_at; value_text: None
+SEX = "sex"  # effective: the record's update time; value_text: male | female | other | unknown
+BIRTH_YEAR = "birth-year"  # effective: the record's update time; value: the year (an int as float)
+CONTEXT_CODES = (ADMISSION, LOCATION, DISCHARGE, SEX, BIRTH_YEAR)
+
+
+def is_context(code_system: str) -> bool:
+    return code_system == CONTEXT

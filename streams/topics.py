@@ -4,6 +4,9 @@ The dataflow (each hop is a real Kafka topic):
 
     <cdc prefix>.vital_signs  key: {"patient_id"} (Debezium message.key.columns)  value: Debezium JSON
     <prefix>.fhir.notifications  key: patient id  value: FHIR notification Bundle JSON
+        |  (the rest-hook receiver writes here; the subscription watcher reads it for gaps)
+        |  -> <prefix>.fhir.gaps  key: subscription  value: gap / missed-heartbeat record
+        |  -> <prefix>.fhir.subscription-state  (compacted) key: subscription  value: tracker state
         |  ingest worker (confluent-kafka, batched): parse, validate, normalize
         v
     <prefix>.canonical      key: patient id  value: JSON array of CanonicalEvent dicts (one patient)
@@ -14,6 +17,8 @@ The dataflow (each hop is a real Kafka topic):
     <prefix>.features       key: patient id  value: feature snapshot at a scoring point
     <prefix>.scores         key: patient id  value: score record (every score, model or rule path)
     <prefix>.alerts         key: patient id  value: {"header": {...}, "resource": RiskAssessment}
+    <prefix>.scores.shadow  key: patient id  value: score record of the shadow (candidate) model; never alerts
+    <prefix>.stats          (compacted) key: service instance  value: that instance's counters snapshot
         |  archiver (confluent-kafka): every output topic -> Parquet
         v
     data/archive/<topic>/date=YYYY-MM-DD/*.parquet  ->  batch nightly  ->  data/wardwatch.duckdb
@@ -23,9 +28,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from schemas import codes
 from wardwatch.settings import Settings
 
-CDC_TABLES = ("vital_signs",)
+CDC_TABLES = tuple(codes.CDC_TABLES)  # one raw Debezium topic per mapped EHR table
+COMPACTED = {"cleanup.policy": "compact"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,10 @@ class Topics:
     scores: str
     alerts: str
     partitions: int
+    gaps: str = ""
+    subscription_state: str = ""
+    scores_shadow: str = ""
+    stats: str = ""
 
     @property
     def raw(self) -> list[str]:
@@ -47,11 +58,17 @@ class Topics:
     @property
     def outputs(self) -> list[str]:
         """Topics the archiver lands in Parquet."""
-        return [self.canonical, self.deadletter, self.late, self.features, self.scores, self.alerts]
+        return [self.canonical, self.deadletter, self.late, self.features, self.scores, self.alerts,
+                self.scores_shadow, self.gaps]
+
+    @property
+    def compacted(self) -> list[str]:
+        """Topics that hold the latest value per key (state), not a history."""
+        return [self.subscription_state, self.stats]
 
     @property
     def all(self) -> list[str]:
-        return [*self.raw, *self.outputs]
+        return [*self.raw, *self.outputs, *self.compacted]
 
 
 def topics_for(settings: Settings) -> Topics:
@@ -66,6 +83,10 @@ def topics_for(settings: Settings) -> Topics:
         scores=f"{p}.scores",
         alerts=f"{p}.alerts",
         partitions=settings.partitions,
+        gaps=f"{p}.fhir.gaps",
+        subscription_state=f"{p}.fhir.subscription-state",
+        scores_shadow=f"{p}.scores.shadow",
+        stats=f"{p}.stats",
     )
 
 
@@ -75,7 +96,9 @@ def ensure_topics(settings: Settings, topics: Topics, timeout_s: float = 30.0) -
 
     admin = AdminClient(settings.kafka_client_config())
     existing = set(admin.list_topics(timeout=timeout_s).topics)
-    wanted = [NewTopic(t, num_partitions=topics.partitions, replication_factor=1)
+    compacted = set(topics.compacted)
+    wanted = [NewTopic(t, num_partitions=topics.partitions, replication_factor=1,
+                       config=COMPACTED if t in compacted else {})
               for t in topics.all if t not in existing]
     if not wanted:
         return
