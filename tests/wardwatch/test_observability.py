@@ -1,0 +1,70 @@
+import logging
+import urllib.error
+import urllib.request
+
+import orjson
+
+from wardwatch import observability as obs
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_log_lines_are_json_with_structured_fields(capsys):
+    obs.configure_logging("ingest", "INFO")
+    logging.getLogger("wardwatch.test").info("batch done", extra={"messages": 12, "topic": "ww.canonical"})
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    entry = orjson.loads(line)
+    assert entry["service"] == "ingest" and entry["level"] == "info" and entry["msg"] == "batch done"
+    assert entry["messages"] == 12 and entry["topic"] == "ww.canonical"
+    assert entry["ts"].endswith("Z")
+
+
+def test_exception_text_is_scrubbed_of_identifiers(capsys):
+    obs.configure_logging("worker", "INFO")
+    try:
+        raise ValueError("bad value for patient C0-0001 in Observation 8b0f8d2e-8f3c-4c56-9b0a-1c2d3e4f5a6b")
+    except ValueError:
+        logging.getLogger("wardwatch.test").exception("could not parse a message")
+    entry = orjson.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert entry["exc_type"] == "ValueError"
+    assert "C0-0001" not in entry["exc"] and "8b0f8d2e" not in entry["exc"]
+    assert "<redacted>" in entry["exc"]
+
+
+def test_metrics_health_and_readiness_endpoints():
+    ready = {"ok": False}
+    server = obs.serve(0, ready=lambda: ready["ok"])
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        obs.DEAD_LETTERS.labels(stage="ingest.cdc", reason="bad_json").inc(3)
+        status, body = _get(base + "/metrics")
+        assert status == 200
+        assert b'wardwatch_dead_letters_total{reason="bad_json",stage="ingest.cdc"}' in body
+        assert _get(base + "/healthz")[0] == 200
+        assert _get(base + "/readyz")[0] == 503  # not ready until the service says so
+        ready["ok"] = True
+        assert _get(base + "/readyz")[0] == 200
+        assert _get(base + "/nope")[0] == 404
+    finally:
+        server.shutdown()
+
+
+def test_a_failing_readiness_probe_means_not_ready():
+    def broken() -> bool:
+        raise RuntimeError("broker down")
+
+    server = obs.serve(0, ready=broken)
+    try:
+        assert _get(f"http://127.0.0.1:{server.server_port}/readyz")[0] == 503
+    finally:
+        server.shutdown()
+
+
+def test_disabled_when_no_port():
+    assert obs.serve(None) is None

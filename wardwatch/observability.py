@@ -1,0 +1,149 @@
+"""Logs and metrics for every wardwatch service, in one place.
+
+Logs: one JSON object per line on stderr: {"ts", "level", "service", "logger", "msg", ...}. Log
+messages name counts, topics, partitions, versions and reasons, never a patient identifier or a
+clinical value (tests/wardwatch/test_observability.py and the demo test scan the service logs for
+the identifiers they fed in). `redact` is the last line of defence for exception text, which can
+quote input: it is applied to every formatted exception.
+
+Metrics: Prometheus, served by `serve(settings, service, ready=...)` on settings.metrics_port:
+
+    GET /metrics   Prometheus text format
+    GET /healthz   200 while the process runs (liveness)
+    GET /readyz    200 when `ready()` says the service can do its work, else 503 (readiness)
+
+The metric objects live here so every module increments the same names:
+
+    wardwatch_messages_in_total{source}                 raw messages consumed by ingest
+    wardwatch_canonical_events_total{source}            canonical events published
+    wardwatch_dead_letters_total{stage,reason}          messages sent to the dead-letter topic
+    wardwatch_ignored_total{source,kind} / wardwatch_control_total{source,kind}
+    wardwatch_duplicates_total / wardwatch_late_events_total
+    wardwatch_scores_total{path,model_version} / wardwatch_alerts_total{tier,kind}
+    wardwatch_score_latency_seconds                     raw produce -> score record (histogram)
+    wardwatch_batch_size{stage}                         messages per processed batch (histogram)
+    wardwatch_model_info{version,path}                  1 for the model in use
+    wardwatch_consumer_lag{topic,partition}             where the broker reports it
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+# --- metrics -------------------------------------------------------------------------------------
+
+MESSAGES_IN = Counter("wardwatch_messages_in", "Raw messages consumed by ingest", ["source"])
+CANONICAL_EVENTS = Counter("wardwatch_canonical_events", "Canonical events published", ["source"])
+DEAD_LETTERS = Counter("wardwatch_dead_letters", "Messages sent to the dead-letter topic", ["stage", "reason"])
+IGNORED = Counter("wardwatch_ignored", "Valid messages wardwatch has no use for", ["source", "kind"])
+CONTROL = Counter("wardwatch_control", "Protocol messages (tombstones, handshakes, heartbeats)", ["source", "kind"])
+DUPLICATES = Counter("wardwatch_duplicates", "Canonical events dropped as duplicates by the patient state")
+LATE_EVENTS = Counter("wardwatch_late_events", "Events beyond the allowed lateness, sent to the late topic")
+SCORES = Counter("wardwatch_scores", "Score records published", ["path", "model_version"])
+ALERTS = Counter("wardwatch_alerts", "Alert records published", ["tier", "kind"])
+SCORE_LATENCY = Histogram("wardwatch_score_latency_seconds", "Raw input produced -> score record published",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+BATCH_SIZE = Histogram("wardwatch_batch_size", "Messages per processed batch", ["stage"],
+                       buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000))
+MODEL_INFO = Gauge("wardwatch_model_info", "1 for the model version in use", ["version", "path"])
+CONSUMER_LAG = Gauge("wardwatch_consumer_lag", "Messages behind the partition end", ["topic", "partition"])
+
+
+def set_model(version: str, path: str) -> None:
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(version=version, path=path).set(1)
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+# Values that look like clinical identifiers in free text (MRNs such as C0-0001, FHIR ids, UUIDs).
+# Exception messages are the one place input can leak into a log line; they are scrubbed.
+_IDENTIFIER_LIKE = re.compile(r"(?i)\b(?:[a-z]{1,4}\d?-)?\d{3,}(?:-\d+)*\b|\b[0-9a-f]{8}-[0-9a-f-]{27}\b")
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+def redact(text: str) -> str:
+    return _IDENTIFIER_LIKE.sub("<redacted>", text)
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str):
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        # structured fields passed as logging's `extra=` (counts, topics, versions)
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(service: str, level: str = "INFO", *, json_logs: bool = True) -> None:
+    """Replace the root handlers: JSON lines (default) or plain text for a developer's terminal."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service) if json_logs else
+                         logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# --- the metrics/health endpoint -----------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    ready: Callable[[], bool] = staticmethod(lambda: True)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/metrics":
+            self._answer(200, generate_latest(), CONTENT_TYPE_LATEST)
+        elif self.path == "/healthz":
+            self._answer(200, b'{"status":"ok"}', "application/json")
+        elif self.path == "/readyz":
+            try:
+                ok = bool(self.ready())
+            except Exception:  # a readiness probe that fails means not ready, never a crash
+                ok = False
+            self._answer(200 if ok else 503, b'{"ready":%s}' % (b"true" if ok else b"false"), "application/json")
+        else:
+            self._answer(404, b'{"error":"not found"}', "application/json")
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # scrapes are not worth a log line each
+        pass
+
+
+def serve(port: int | None, *, host: str = "127.0.0.1", ready: Callable[[], bool] = lambda: True
+          ) -> ThreadingHTTPServer | None:
+    """Start the metrics/health server in a daemon thread; None when `port` is None (disabled)."""
+    if port is None:
+        return None
+    handler = type("Handler", (_Handler,), {"ready": staticmethod(ready)})
+    server = ThreadingHTTPServer((host, port), handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    logging.getLogger(__name__).info("metrics and health endpoints listening", extra={"port": server.server_port})
+    return server
