@@ -218,6 +218,42 @@ def _is_measured(a: ScoreArrival) -> bool:
     return not a.patient_id.endswith(WARMUP_SUFFIX)
 
 
+def _phase_suffix(rate: int, copy: int) -> str:
+    return f"-p{rate}c{copy}"
+
+
+def paced_messages(messages: list[RawMessage], pattern: re.Pattern[bytes], rate: int, seconds: float
+                   ) -> list[RawMessage]:
+    """About `rate * seconds` raw messages: copies of the replay with fresh patient ids per copy."""
+    want = max(1, int(rate * seconds))
+    out: list[RawMessage] = []
+    copy = 0
+    while len(out) < want:
+        out.extend(with_suffix(messages, pattern, _phase_suffix(rate, copy)))
+        copy += 1
+    return out[:want]
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of a process (Linux /proc), None where unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_figures(rss_warm: int | None, rss_end: int | None, patients: int) -> dict:
+    """Worker RSS growth per 10k patients of live state (None when RSS could not be read)."""
+    if rss_warm is None or rss_end is None or patients <= 0:
+        return {"worker_rss_mb": None, "worker_rss_mb_per_10k_patients": None, "patients_in_state": patients}
+    return {"worker_rss_mb": round(rss_end / 2**20, 1),
+            "worker_rss_mb_per_10k_patients": round((rss_end - rss_warm) / 2**20 / patients * 10_000, 1),
+            "patients_in_state": patients}
+
+
 def _wait_for_warmup(collector: ScoreCollector, *, deadline: float, procs: dict, logs: Path) -> None:
     """The first score proves ingest and worker have joined their groups and are processing."""
     while collector.wait_for(lambda arrivals: len(arrivals) > 0, CHECK_EVERY_S) is None:
@@ -254,8 +290,28 @@ def _bench_settings(bootstrap: str, data_dir: Path) -> Settings:
                     group_prefix=f"bench{run}")
 
 
+def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, messages: list[RawMessage],
+               rate: int, *, quiet_s: float, deadline: float, procs: dict, logs: Path) -> dict:
+    """Offer `messages` at `rate` msg/s and report the latency of their scores."""
+    tag = f"-p{rate}c"
+    before = len(collector.snapshot())
+    started_ns = time.time_ns()
+    sent = publish(Replay(messages, {}), settings, topics, rate=rate)
+    fed_ns = time.time_ns()
+    _wait_until_quiet(collector, quiet_s=quiet_s, deadline=deadline, procs=procs, logs=logs)
+    arrivals = [a for a in collector.snapshot()[before:] if tag in a.patient_id]
+    figures = pipeline_figures(len(messages), started_ns, fed_ns, arrivals)
+    achieved = len(messages) / sent["seconds"] if sent["seconds"] > 0 else float("nan")
+    return {"offered_per_s": rate, "achieved_offer_per_s": round(achieved, 1),
+            "latency_ms_p50": figures["latency_ms_p50"], "latency_ms_p99": figures["latency_ms_p99"],
+            "latency_ms_max": figures["latency_ms_max"], "n_events": len(messages), "n_scores": len(arrivals),
+            # the pipeline kept up when its output rate matched the offer over the phase
+            "kept_up": figures["pipeline_events_per_s"] >= 0.9 * min(rate, achieved)}
+
+
 def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], measured: list[RawMessage],
-                  *, quiet_s: float, deadline: float, console: Console) -> dict:
+                  *, quiet_s: float, deadline: float, console: Console,
+                  paced: list[tuple[int, list[RawMessage]]] = ()) -> dict:
     logs = settings.data_dir / "logs"
     with ExitStack() as stack:
         collector = ScoreCollector(settings, topics.scores)
@@ -276,14 +332,27 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
             first_produced_ns = time.time_ns()  # publish stamps each message just after this
             publish(Replay(measured, {}), settings, topics)
             fed_ns = time.time_ns()
+            rss_warm = rss_bytes(procs["worker"].pid)
             arrivals, went_quiet = _wait_until_quiet(collector, quiet_s=quiet_s, deadline=deadline, procs=procs,
                                                      logs=logs)
-    return {**pipeline_figures(len(measured), first_produced_ns, fed_ns, arrivals), "went_quiet": went_quiet}
+        result = {**pipeline_figures(len(measured), first_produced_ns, fed_ns, arrivals), "went_quiet": went_quiet}
+        phases = []
+        for rate, messages in paced:
+            with console.status(f"paced load: {len(messages):,} raw messages at {rate:,}/s"):
+                phases.append(_run_paced(settings, topics, collector, messages, rate, quiet_s=quiet_s,
+                                         deadline=deadline, procs=procs, logs=logs))
+            console.log(f"paced {rate:,}/s: p50 {phases[-1]['latency_ms_p50']:.1f} ms, "
+                        f"p99 {phases[-1]['latency_ms_p99']:.1f} ms")
+        patients = len({a.patient_id for a in collector.snapshot()})
+        result["paced"] = phases
+        result.update(memory_figures(rss_warm, rss_bytes(procs["worker"].pid), patients))
+    return result
 
 
 def run_bench(*, patients: int = 8, repeat: int = 10, console: Console | None = None, seed: int = 7,
               data_dir: Path = Path("data/bench"), cache_dir: Path = Path("data/cache"),
-              quiet_s: float = 5.0, timeout_s: float = 900.0) -> dict:
+              quiet_s: float = 5.0, timeout_s: float = 900.0, rates: tuple[int, ...] = (1000, 10000),
+              paced_s: float = 10.0) -> dict:
     """Measure the baseline and the pipeline on one embedded broker; print and return the figures.
 
     data_dir is wiped first and holds the broker and service logs and the scoring model.
@@ -317,8 +386,9 @@ def run_bench(*, patients: int = 8, repeat: int = 10, console: Console | None = 
 
         topics = topics_for(settings)
         ensure_topics(settings, topics)
+        paced = [(rate, paced_messages(replay.messages, pattern, rate, paced_s)) for rate in rates]
         pipeline = _run_pipeline(settings, topics, warmup, measured, quiet_s=quiet_s, deadline=deadline,
-                                 console=console)
+                                 console=console, paced=paced)
 
     result = combine(pipeline, baseline, machine_facts())
     result.update({"patients": patients, "repeat": repeat, "seed": seed})
@@ -338,6 +408,17 @@ def print_table(console: Console, r: dict) -> None:
     t.add_row("raw messages in", f"{r['n_events']:,}", f"{r['baseline_n']:,}")
     t.add_row("score records out", f"{r['n_scores']:,}", "")
     console.print(t)
+    if r.get("paced"):
+        pt = Table(title="latency at an offered load (raw produce -> score record)")
+        for col in ("offered/s", "achieved offer/s", "p50 ms", "p99 ms", "max ms", "kept up"):
+            pt.add_column(col, justify="right")
+        for ph in r["paced"]:
+            pt.add_row(f"{ph['offered_per_s']:,}", f"{ph['achieved_offer_per_s']:,.0f}", f"{ph['latency_ms_p50']:,.1f}",
+                       f"{ph['latency_ms_p99']:,.1f}", f"{ph['latency_ms_max']:,.1f}", "yes" if ph["kept_up"] else "no")
+        console.print(pt)
+    if r.get("worker_rss_mb_per_10k_patients") is not None:
+        console.print(f"worker RSS {r['worker_rss_mb']} MB with {r['patients_in_state']:,} patients in state: "
+                      f"{r['worker_rss_mb_per_10k_patients']} MB per 10k patients")
     if not r["went_quiet"]:
         console.print(f"[yellow]the deadline came before the scores went quiet: events/s counts all "
                       f"{r['n_events']:,} raw messages over a partial span, so it overstates the pipeline[/]")

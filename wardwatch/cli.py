@@ -130,11 +130,22 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here"),
     patients: int = typer.Option(8, help="Patients in the replayed cohort"),
     repeat: int = typer.Option(10, help="Replay the cohort this many times (fresh patient ids each time)"),
+    rates: str = typer.Option("1000,10000", help="Offered loads (raw msg/s) for the latency phases, comma-separated; "
+                                                 "empty for none"),
+    paced_seconds: float = typer.Option(10.0, help="Length of each paced latency phase (seconds)"),
 ) -> None:
-    """Measure the pipeline against a plain confluent-kafka loop on the same broker."""
+    """Measure the pipeline against a plain confluent-kafka loop on the same broker.
+
+    Prints events/s (unpaced, as fast as one producer feeds) next to the baseline, latency
+    percentiles at each offered load, and the worker's memory per 10k patients.
+    """
     from benchmarks.pipeline import run_bench
 
-    result = run_bench(patients=patients, repeat=repeat, console=console)
+    try:
+        offered = tuple(int(r) for r in rates.split(",") if r.strip())
+    except ValueError:
+        raise typer.BadParameter("--rates takes integers separated by commas, e.g. 1000,10000")
+    result = run_bench(patients=patients, repeat=repeat, console=console, rates=offered, paced_s=paced_seconds)
     if json_path:
         import orjson
 

@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, combine, id_pattern,
-                                 pipeline_figures, repeated, run_bench, with_suffix)
+                                 memory_figures, paced_messages, pipeline_figures, repeated, run_bench, with_suffix)
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
@@ -92,6 +92,22 @@ def test_each_repetition_has_its_own_patients():
     assert [m.kind for m in out] == [m.kind for m in messages] * 3
     assert {orjson.loads(m.key)["payload"]["patient_id"] for m in out if m.kind == "cdc"} == {
         f"{p}-r{r}" for p in (MRN, "C1-0001") for r in range(3)}
+
+
+def test_paced_load_is_fresh_patients_of_the_requested_size():
+    pattern = id_pattern([MRN, PATIENT_RESOURCE])
+    messages = paced_messages([cdc_insert(1, MRN), lab_notification(MRN)], pattern, rate=5, seconds=1.0)
+    assert len(messages) == 5
+    keys = [orjson.loads(m.key)["payload"]["patient_id"] if m.kind == "cdc" else m.key.decode() for m in messages]
+    assert keys == ["C0-0001-p5c0", "C0-0001-p5c0", "C0-0001-p5c1", "C0-0001-p5c1", "C0-0001-p5c2"]
+
+
+def test_memory_per_10k_patients_is_the_growth_over_the_warm_worker():
+    mb = 2**20
+    figures = memory_figures(rss_warm=100 * mb, rss_end=150 * mb, patients=5000)
+    assert figures["worker_rss_mb"] == 150.0
+    assert figures["worker_rss_mb_per_10k_patients"] == 100.0  # 50 MB for 5k patients
+    assert memory_figures(None, 150 * mb, 10)["worker_rss_mb_per_10k_patients"] is None
 
 
 def test_figures_span_from_the_first_produce_to_the_last_score():
@@ -179,7 +195,7 @@ def test_a_failed_scores_consumer_fails_the_wait(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_small_run_measures_both_sides(tmp_path):
     result = run_bench(patients=2, repeat=1, data_dir=tmp_path / "bench", cache_dir=tmp_path / "cache",
-                       quiet_s=3.0, timeout_s=110)
+                       quiet_s=3.0, timeout_s=110, rates=(200,), paced_s=1.0)
 
     for key in ("pipeline_events_per_s", "baseline_events_per_s", "ratio", "latency_ms_p50", "latency_ms_p99",
                 "latency_ms_max", "baseline_latency_ms_p50", "baseline_latency_ms_p99"):
@@ -192,3 +208,8 @@ def test_a_small_run_measures_both_sides(tmp_path):
     assert result["n_patients"] == 2  # every replayed patient was scored; the warm-up patient is not counted
     assert result["latency_ms_p99"] >= result["latency_ms_p50"]
     assert result["cpu_count"] and result["python_version"] and result["timestamp"]
+    # the paced phase offered its own fresh patients and every one of them was scored
+    (phase,) = result["paced"]
+    assert phase["offered_per_s"] == 200 and phase["n_events"] == 200 and phase["n_scores"] > 0
+    assert math.isfinite(phase["latency_ms_p99"]) and phase["latency_ms_p99"] >= phase["latency_ms_p50"]
+    assert result["patients_in_state"] > result["n_patients"]  # warm-up + measured + paced patients
