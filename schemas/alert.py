@@ -1,14 +1,22 @@
 """The alert a downstream app receives: a routing header plus a FHIR R4B RiskAssessment.
 
     build_alert(decision, patient_id=..., encounter_id=..., probability=..., news2=...,
-                model_version=..., path=..., rationale=[...], basis_event_ids=[...]) ->
-    {"header": {alert_id, kind, tier, patient_id, encounter_id, scoring_ms, model_version, path},
+                model_version=..., path=..., rationale=[...], basis_event_ids=[...], ward=...) ->
+    {"header": {alert_id, kind, tier, patient_id, encounter_id, ward, scoring_ms, model_version, path,
+                status, original_alert_id, reason},
      "resource": <RiskAssessment as a JSON dict>}
 
-The resource id is the alert id (deterministic, see streams/alerting.py), so a consumer that
-upserts by id is idempotent. Status is "final"; a correction of an alert will later be published
-as "amended" or "entered-in-error" under the same id. Minimum necessary PHI: the patient and
-encounter ids only, never names.
+Header (routing without parsing the resource): `kind` open | escalate | resolve | correction;
+`ward` the patient's current ward (None when no LOCATION is known); `status` the resource status;
+`original_alert_id` the alert a correction corrects (else None); `reason` "discharge" for a
+resolution by discharge (else None). Every header alert_id is unique per message and deterministic
+(see streams/alerting.py), so a consumer drops duplicates by it.
+
+The resource id is the alert id; a correction (kind "correction") is published under the id of the
+alert it corrects, with status "amended" (new probability, basis, rationale) or "entered-in-error",
+so a consumer that upserts resources by id always holds the latest word on each alert. Minimum
+necessary PHI: the patient and encounter ids only, never names, birth dates or the ward (the ward
+is in the header for routing only).
 """
 
 from __future__ import annotations
@@ -37,22 +45,28 @@ def iso_utc(ms: int) -> str:
 
 def build_alert(decision, *, patient_id: str, encounter_id: str | None, probability: float | None,
                 news2: int | None, model_version: str | None, path: str, rationale: Sequence[Mapping[str, Any]],
-                basis_event_ids: Sequence[str], horizon_h: int = 12) -> dict[str, Any]:
+                basis_event_ids: Sequence[str], horizon_h: int = 12, ward: str | None = None) -> dict[str, Any]:
     """`decision` is a streams.alerting.AlertDecision; `rationale` items carry feature, value, contribution."""
+    status = getattr(decision, "status", "final")
+    original = getattr(decision, "original_alert_id", None)
     header = {
         "alert_id": decision.alert_id,
         "kind": decision.kind,
         "tier": decision.tier,
         "patient_id": patient_id,
         "encounter_id": encounter_id,
+        "ward": ward,
         "scoring_ms": decision.scoring_ms,
         "model_version": model_version,
         "path": path,
+        "status": status,
+        "original_alert_id": original,
+        "reason": getattr(decision, "reason", None),
     }
     resource: dict[str, Any] = {
         "resourceType": "RiskAssessment",
-        "id": decision.alert_id,
-        "status": "final",
+        "id": original or decision.alert_id,
+        "status": status,
         "subject": {"reference": f"Patient/{patient_id}"},
         "occurrenceDateTime": iso_utc(decision.scoring_ms),
         "method": {"text": f"wardwatch model {model_version}" if path == "model" else "NEWS2 rule"},

@@ -20,7 +20,22 @@ Rules
 - A scoring point older than the last one seen is stale and changes nothing (the patient clock
   never goes back, so this only happens on a replay of already-applied input).
 
-Alert ids: alert_id = uuid5(NAMESPACE, f"{patient_id}|{episode}|{tier}|{kind}").
+Corrections (correct()): the open episode keeps its alerts (open, escalate) with their basis, the
+(fact_id, version) of the observations each was based on. When a message corrects (amends or
+retracts) a fact in the basis of the episode's latest alert, the re-scored point decides:
+- its tier still meets the alert's tier: kind "correction", status "amended" (new probability and
+  basis); the alert stays the open one.
+- it does not: kind "correction", status "entered-in-error"; the alert is withdrawn. The previous
+  alert of the episode becomes the open one again; with none left the episode closes silently (no
+  suppression window: an error is not a recovery), so a still-alerting patient opens a new episode.
+  Later alerts in that episode carry a revision in their id, so no withdrawn id is ever reused.
+  correction id = uuid5(NAMESPACE, f"{original_id}|correction|{fact_id}@{version},...") over the
+  corrected basis facts, sorted: a restart that replays the correction repeats the id.
+Discharge (discharge()): a discharge at or after the open episode's first alert resolves it (kind
+"resolve", reason "discharge"); an episode that never alerted closes silently.
+
+Alert ids: alert_id = uuid5(NAMESPACE, f"{patient_id}|{episode}|{tier}|{kind}") (plus f"|{revision}"
+after an entered-in-error correction in that episode).
 - Deterministic: replaying the same scoring points from the same (or an empty) state gives the
   same ids, so a consumer drops duplicates after a restart or a rebuild.
 - Independent of wall clock, of scoring time and of the model version: a model hot-reload inside
@@ -33,12 +48,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Callable, Literal, Mapping, Sequence, TypedDict
 
 from wardwatch.settings import Settings
 
 Tier = Literal["none", "low", "medium", "high"]
-Kind = Literal["open", "escalate", "resolve"]
+Kind = Literal["open", "escalate", "resolve", "correction"]
+Status = Literal["final", "amended", "entered-in-error"]
+Basis = list[list]  # [[fact_id, version], ...]: the observations an alert was based on
 
 TIER_RANK: dict[str, int] = {"none": 0, "low": 1, "medium": 2, "high": 3}
 ALERTING_RANK = TIER_RANK["medium"]
@@ -74,6 +91,24 @@ class AlertState(TypedDict):
     news2: int | None
     path: str | None
     model_version: str | None
+    # the alerts of the open episode, oldest first (EpisodeAlert dicts); [] when closed (added in
+    # issue #5: a state without it loads as [])
+    alerts: list[dict]
+    revision: int  # entered-in-error corrections in the open episode (part of later alert ids)
+
+
+class EpisodeAlert(TypedDict):
+    """What a correction needs to know about an alert already sent (kept while its episode is open)."""
+    alert_id: str
+    kind: str
+    tier: str
+    scoring_ms: int
+    probability: float | None
+    news2: int | None
+    path: str | None
+    model_version: str | None
+    rationale: list
+    basis: Basis
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,22 +118,37 @@ class AlertDecision:
     tier: Tier
     episode: int
     scoring_ms: int
+    status: Status = "final"
+    original_alert_id: str | None = None  # corrections: the alert they correct
+    reason: str | None = None  # e.g. "discharge" for a resolution by discharge
 
 
 def initial_state() -> AlertState:
     return AlertState(episode=0, open=False, alerted_tier=None, calm_points=0, last_alert_ms=None,
                       last_resolve_ms=None, last_scoring_ms=None, tier="none", probability=None, news2=None,
-                      path=None, model_version=None)
+                      path=None, model_version=None, alerts=[], revision=0)
 
 
-def alert_id(patient_id: str, episode: int, tier: str, kind: str) -> str:
-    return str(uuid.uuid5(NAMESPACE, f"{patient_id}|{episode}|{tier}|{kind}"))
+def alert_id(patient_id: str, episode: int, tier: str, kind: str, revision: int = 0) -> str:
+    name = f"{patient_id}|{episode}|{tier}|{kind}" + (f"|{revision}" if revision else "")
+    return str(uuid.uuid5(NAMESPACE, name))
+
+
+def correction_id(original_alert_id: str, corrected: Mapping[str, int]) -> str:
+    facts = ",".join(f"{fact_id}@{version}" for fact_id, version in sorted(corrected.items()))
+    return str(uuid.uuid5(NAMESPACE, f"{original_alert_id}|correction|{facts}"))
+
+
+def _close(s: AlertState) -> None:
+    s.update(open=False, alerted_tier=None, calm_points=0, alerts=[], revision=0)
 
 
 def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, probability: float | None,
          news2: int | None, path: str, model_version: str | None,
-         policy: AlertPolicy = AlertPolicy()) -> tuple[AlertState, list[AlertDecision]]:
-    """Apply one scoring point; returns the new state (the input is not modified) and the alerts."""
+         policy: AlertPolicy = AlertPolicy(), rationale: Sequence = (),
+         basis: Callable[[], Basis] | None = None) -> tuple[AlertState, list[AlertDecision]]:
+    """Apply one scoring point; returns the new state (the input is not modified) and the alerts.
+    `basis` is called only when the point alerts (it costs a lookup per code)."""
     if tier not in TIER_RANK:
         raise ValueError(f"unknown tier {tier!r}; expected one of {list(TIER_RANK)}")
     s: AlertState = {**initial_state(), **(state or {})}
@@ -108,13 +158,14 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
              model_version=model_version)
 
     def decide(kind: Kind, at_tier: str) -> AlertDecision:
-        return AlertDecision(alert_id(patient_id, s["episode"], at_tier, kind), kind, at_tier, s["episode"], scoring_ms)
+        return AlertDecision(alert_id(patient_id, s["episode"], at_tier, kind, s["revision"]), kind, at_tier,
+                             s["episode"], scoring_ms)
 
     rank = TIER_RANK[tier]
     if not s["open"]:
         if rank < ALERTING_RANK:
             return s, []
-        s.update(episode=s["episode"] + 1, open=True, alerted_tier=None, calm_points=0)
+        s.update(episode=s["episode"] + 1, open=True, alerted_tier=None, calm_points=0, alerts=[], revision=0)
 
     calm = rank < ALERTING_RANK and not (path == "model" and (probability is None or probability >= policy.alert_reset))
     if calm:
@@ -122,7 +173,7 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
         if s["calm_points"] < policy.resolve_after:
             return s, []
         alerted = s["alerted_tier"] is not None
-        s.update(open=False, alerted_tier=None, calm_points=0)
+        _close(s)
         if not alerted:
             return s, []
         s["last_resolve_ms"] = scoring_ms
@@ -139,4 +190,58 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
     else:
         return s, []
     s.update(alerted_tier=tier, last_alert_ms=scoring_ms)
-    return s, [decide(kind, tier)]
+    d = decide(kind, tier)
+    s["alerts"] = [*s["alerts"], EpisodeAlert(
+        alert_id=d.alert_id, kind=kind, tier=tier, scoring_ms=scoring_ms, probability=probability, news2=news2,
+        path=path, model_version=model_version, rationale=list(rationale), basis=basis() if basis else [])]
+    return s, [d]
+
+
+def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int, tier: Tier,
+            probability: float | None, news2: int | None, path: str, model_version: str | None,
+            rationale: Sequence = (), basis: Callable[[], Basis] | None = None
+            ) -> tuple[AlertState, list[AlertDecision]]:
+    """Correct the open alert when `corrected` (fact_id -> new version, the corrections applied by
+    one message) touches its basis; the point is the re-score after those corrections. Call it
+    before step() for the same point. Returns the new state and at most one correction."""
+    s: AlertState = {**initial_state(), **(state or {})}
+    if not s["open"] or not s["alerts"] or not corrected:
+        return s, []
+    current = s["alerts"][-1]
+    in_basis = {fact_id: v for fact_id, version in current["basis"]
+                if (v := corrected.get(fact_id)) is not None and v > version}
+    if not in_basis:
+        return s, []
+    cid = correction_id(current["alert_id"], in_basis)
+    if TIER_RANK[tier] >= TIER_RANK[current["tier"]]:
+        amended = EpisodeAlert(**{**current, "scoring_ms": scoring_ms, "probability": probability, "news2": news2,
+                                  "path": path, "model_version": model_version, "rationale": list(rationale),
+                                  "basis": basis() if basis else current["basis"]})
+        s["alerts"] = [*s["alerts"][:-1], amended]
+        return s, [AlertDecision(cid, "correction", tier, s["episode"], scoring_ms, "amended", current["alert_id"])]
+    s["alerts"] = s["alerts"][:-1]
+    s["revision"] += 1
+    if s["alerts"]:
+        s["alerted_tier"] = s["alerts"][-1]["tier"]
+    else:  # the only alert was an error: close without a suppression window
+        s.update(open=False, alerted_tier=None, calm_points=0, alerts=[])
+    return s, [AlertDecision(cid, "correction", current["tier"], s["episode"], scoring_ms, "entered-in-error",
+                             current["alert_id"])]
+
+
+def discharge(state: dict | None, *, patient_id: str, discharged_ms: int) -> tuple[AlertState, list[AlertDecision]]:
+    """A discharge resolves the open episode if it happened at or after the episode's first alert."""
+    s: AlertState = {**initial_state(), **(state or {})}
+    if not s["open"]:
+        return s, []
+    if s["alerted_tier"] is None:  # never alerted: the consumer never saw it open
+        _close(s)
+        return s, []
+    if s["alerts"] and discharged_ms < s["alerts"][0]["scoring_ms"]:  # an earlier stay's discharge arriving late
+        return s, []
+    tier = s["tier"]
+    d = AlertDecision(alert_id(patient_id, s["episode"], tier, "resolve", s["revision"]), "resolve", tier,
+                      s["episode"], discharged_ms, reason="discharge")
+    _close(s)
+    s["last_scoring_ms"] = max(s["last_scoring_ms"] or discharged_ms, discharged_ms)
+    return s, [d]

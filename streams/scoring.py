@@ -24,6 +24,14 @@ Rationale (top 3 features pushing towards deterioration; imputed features are ne
   imputation values, contribution = |value - imputation| / max(|imputation|, 1).
 - rule path: the NEWS2 parameters, contribution = their NEWS2 sub-score.
 
+Shadow (candidate) model: `scorer.shadow` is a second Scorer that scores the same snapshots with a
+candidate version (settings.shadow_model_dir's `current` pointer, else the main registry's
+`candidate` pointer, see batch/registry.py). Its results carry path "shadow" and go to the
+scores.shadow topic only, never to the alert policy. It yields results only for the snapshots its
+model scored (no rule fallback: the rule path is the same as the main scorer's). A shadow that
+fails its checks is disabled with a log line and retried when its pointer changes; it never stops
+the worker and never changes the main scores. reload_if_changed() reloads both.
+
 Model problems never stop scoring: no registry means rule path (logged once at startup); a
 model that fails its checks (sha256, contract, onnxruntime load) is refused with ContractError
 (see load_model), logged once, and the scorer keeps what it had (rule path at startup, the
@@ -32,6 +40,7 @@ previous model on reload). Logs never carry patient data.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -50,7 +59,9 @@ from wardwatch.settings import Settings
 log = logging.getLogger(__name__)
 
 Tier = Literal["none", "low", "medium", "high"]
-ScoringPath = Literal["model", "rule"]
+ScoringPath = Literal["model", "rule", "shadow"]
+CURRENT_POINTER = "current"
+CANDIDATE_POINTER = "candidate"  # batch/registry.py CANDIDATE_FILE
 
 DEFAULT_HIGH_THRESHOLD = 0.7
 TOP_REASONS = 3
@@ -129,10 +140,10 @@ class LoadedModel:
     linear: LinearTerms | None  # None: the model is not a recognisable linear model
 
 
-def read_current(model_dir: Path) -> str | None:
-    """The registry's current version, or None when there is no registry or no pointer."""
+def read_current(model_dir: Path, pointer: str = CURRENT_POINTER) -> str | None:
+    """The version a registry pointer names, or None when there is no registry or no pointer."""
     try:
-        version = (Path(model_dir) / "current").read_text().strip()
+        version = (Path(model_dir) / pointer).read_text().strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
     return version or None
@@ -211,18 +222,24 @@ def _linear_terms(model_bytes: bytes, n_features: int) -> LinearTerms | None:
 
 
 class Scorer:
-    def __init__(self, model_dir: Path, settings: Settings, *, high_threshold: float = DEFAULT_HIGH_THRESHOLD):
+    def __init__(self, model_dir: Path, settings: Settings, *, high_threshold: float = DEFAULT_HIGH_THRESHOLD,
+                 pointer: str = CURRENT_POINTER, with_shadow: bool = True):
         self.model_dir = Path(model_dir)
+        self.pointer_name = pointer
         self.alert_threshold = settings.alert_threshold
         self.alert_reset = settings.alert_reset
         self.high_threshold = high_threshold
         self.model: LoadedModel | None = None
         self.model_error: str | None = None  # why the last load was refused, for health checks
-        self._pointer = read_current(self.model_dir)
+        self._pointer = read_current(self.model_dir, pointer)
         if self._pointer is None:
-            log.warning("no current model in %s: scoring with the NEWS2 rule only", self.model_dir)
+            self._no_model_at_start()
         else:
             self._load(self._pointer)
+        self.shadow: ShadowScorer | None = ShadowScorer.from_settings(settings, high_threshold) if with_shadow else None
+
+    def _no_model_at_start(self) -> None:
+        log.warning("no current model in %s: scoring with the NEWS2 rule only", self.model_dir)
 
     @property
     def model_version(self) -> str | None:
@@ -234,7 +251,9 @@ class Scorer:
         A refused version is logged once and not retried until the pointer changes again; the
         scorer keeps the model it had. A removed pointer also keeps the model in use.
         """
-        pointer = read_current(self.model_dir)
+        if self.shadow is not None:
+            self.shadow.reload_if_changed()
+        pointer = read_current(self.model_dir, self.pointer_name)
         if pointer == self._pointer:
             return False
         self._pointer = pointer
@@ -301,3 +320,54 @@ def _top_reasons(names: Sequence[str], values: np.ndarray, weights: np.ndarray) 
     order = np.argsort(-weights, kind="stable")[:TOP_REASONS]
     return [Reason(feature=names[i], value=float(values[i]), contribution=float(weights[i]))
             for i in order if weights[i] > 0]
+
+
+class ShadowScorer(Scorer):
+    """The candidate model: same loading and checks, path "shadow", no rule fallback, never fatal."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings, high_threshold: float = DEFAULT_HIGH_THRESHOLD) -> ShadowScorer:
+        if settings.shadow_model_dir is not None:
+            return cls(settings.shadow_model_dir, settings, high_threshold=high_threshold, pointer=CURRENT_POINTER,
+                       with_shadow=False)
+        return cls(settings.model_dir, settings, high_threshold=high_threshold, pointer=CANDIDATE_POINTER,
+                   with_shadow=False)
+
+    def _no_model_at_start(self) -> None:
+        pass  # no candidate is the normal case: nothing to say
+
+    def reload_if_changed(self) -> bool:
+        pointer = read_current(self.model_dir, self.pointer_name)
+        if pointer == self._pointer:
+            return False
+        self._pointer = pointer
+        if pointer is None:  # candidate withdrawn (or promoted): stop shadow-scoring
+            if self.model is not None:
+                log.info("shadow pointer %s/%s removed: shadow scoring off", self.model_dir, self.pointer_name)
+            self.model = None
+            return False
+        return self._load(pointer)
+
+    def _load(self, version: str) -> bool:
+        try:
+            model = load_model(self.model_dir, version)
+        except ContractError as e:
+            self.model, self.model_error = None, str(e)
+            log.error("shadow model %s refused, shadow scoring disabled (the worker goes on; point %s/%s at a "
+                      "valid version to retry): %s", version, self.model_dir, self.pointer_name, e)
+            return False
+        self.model, self.model_error = model, None
+        log.info("shadow-scoring with candidate model %s", version)
+        return True
+
+    def score_shadow(self, snapshots: Sequence[dict]) -> list[tuple[int, ScoreResult]]:
+        """(index into snapshots, result) for each snapshot the candidate model could score."""
+        model = self.model
+        if model is None or not snapshots:
+            return []
+        features = [s if "news2" in s else derive(s) for s in snapshots]
+        scorable = [i for i, f in enumerate(features) if all(f.get(name) is not None for name in NEWS2_INPUTS)]
+        if not scorable:
+            return []
+        results = self._score_model(model, [features[i] for i in scorable])
+        return [(i, dataclasses.replace(r, path="shadow")) for i, r in zip(scorable, results, strict=True)]

@@ -54,9 +54,29 @@ def test_horizon_is_configurable():
 
 
 def test_header_routes_without_parsing_the_resource():
-    assert model_alert()["header"] == {
+    assert model_alert(ward="ICU-3")["header"] == {
         "alert_id": "3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b", "kind": "open", "tier": "high", "patient_id": "p-17",
-        "encounter_id": "enc-9", "scoring_ms": T, "model_version": "2024-01-01.1", "path": "model"}
+        "encounter_id": "enc-9", "ward": "ICU-3", "scoring_ms": T, "model_version": "2024-01-01.1", "path": "model",
+        "status": "final", "original_alert_id": None, "reason": None}
+
+
+def test_ward_routes_in_the_header_and_stays_out_of_the_resource():
+    alert = model_alert(ward="Ward 7B")
+    assert "Ward 7B" not in str(alert["resource"])
+
+
+@pytest.mark.parametrize("status", ["amended", "entered-in-error"])
+def test_a_correction_is_published_under_the_corrected_alerts_id(status):
+    original = "3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b"
+    correction = AlertDecision(alert_id="0e0e0e0e-1111-5222-8333-444444444444", kind="correction", tier="high",
+                               episode=1, scoring_ms=T, status=status, original_alert_id=original)
+    alert = build_alert(correction, patient_id="p-17", encounter_id="enc-9", probability=0.75, news2=None,
+                        model_version="v2", path="model", rationale=RATIONALE, basis_event_ids=["e5"])
+    RiskAssessment.model_validate(alert["resource"])
+    assert alert["resource"]["id"] == original  # consumers upserting by id see the alert change status
+    assert alert["resource"]["status"] == status
+    assert alert["header"]["alert_id"] == correction.alert_id  # the message's own id, for dedupe
+    assert (alert["header"]["kind"], alert["header"]["original_alert_id"]) == ("correction", original)
 
 
 def test_rule_alert_has_no_probability():

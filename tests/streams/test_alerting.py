@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from streams.alerting import AlertPolicy, step
+from streams.alerting import AlertPolicy, correct, discharge, step
 from wardwatch.settings import Settings
 
 MIN = 60_000
@@ -162,3 +162,76 @@ def test_unknown_tier_is_a_bug():
 
 def test_policy_from_settings_takes_alert_reset():
     assert AlertPolicy.from_settings(Settings(alert_reset=0.25)).alert_reset == 0.25
+
+
+# --- corrections and discharge -------------------------------------------------------------------
+
+BASIS = lambda: [["hr:1", 1], ["rr:1", 1]]  # noqa: E731  the observations the alert was based on
+
+
+def opened(tier="high", minute=0):
+    state, [d] = step(None, patient_id="p1", policy=POLICY, basis=BASIS, **rule_point(minute, tier))
+    return state, d
+
+
+def test_retracting_a_basis_fact_that_made_the_risk_withdraws_the_alert():
+    state, original = opened("high")
+    state, [c] = correct(state, corrected={"rr:1": 2}, **rule_point(0, "none"))
+    assert (c.kind, c.status, c.original_alert_id, c.tier) == ("correction", "entered-in-error", original.alert_id,
+                                                               "high")
+    assert c.alert_id == str(uuid.uuid5(NAMESPACE, f"{original.alert_id}|correction|rr:1@2"))
+    assert not state["open"] and state["alerts"] == []
+    # the error is not a recovery: no suppression window, a real rise alerts at once with a fresh id
+    state, [again] = step(state, patient_id="p1", policy=POLICY, **rule_point(5, "medium"))
+    assert (again.kind, again.episode) == ("open", 2) and again.alert_id != original.alert_id
+
+
+def test_amending_a_basis_fact_that_keeps_the_tier_amends_the_alert():
+    state, original = opened("high")
+    new_basis = [["hr:1", 1], ["rr:1", 3]]
+    state, [c] = correct(state, corrected={"rr:1": 3}, basis=lambda: new_basis,
+                         **{**model_point(0, "high", 0.81), "scoring_ms": T0})
+    assert (c.status, c.original_alert_id, c.tier) == ("amended", original.alert_id, "high")
+    assert state["open"] and state["alerts"][-1]["basis"] == new_basis
+    assert state["alerts"][-1]["probability"] == 0.81
+    # a second amendment of the same fact version is the same correction; a later version is a new one
+    _, [again] = correct(state, corrected={"rr:1": 4}, **rule_point(0, "high"))
+    assert again.alert_id != c.alert_id
+
+
+def test_a_correction_outside_the_basis_changes_nothing():
+    state, _ = opened("high")
+    assert correct(state, corrected={"spo2:9": 2}, **rule_point(0, "none")) == (state, [])
+    assert correct(state, corrected={"rr:1": 1}, **rule_point(0, "none")) == (state, [])  # not newer
+
+
+def test_withdrawing_an_escalation_falls_back_to_the_open_alert_and_never_reuses_its_id():
+    state, first = opened("medium", 0)
+    state, [esc] = step(state, patient_id="p1", policy=POLICY, basis=lambda: [["rr:2", 1]], **rule_point(5, "high"))
+    state, [c] = correct(state, corrected={"rr:2": 2}, **rule_point(5, "medium"))
+    assert (c.status, c.original_alert_id) == ("entered-in-error", esc.alert_id)
+    assert state["open"] and state["alerted_tier"] == "medium"
+    state, [esc2] = step(state, patient_id="p1", policy=POLICY, **rule_point(10, "high"))
+    assert esc2.kind == "escalate" and esc2.alert_id not in {esc.alert_id, first.alert_id}
+    assert esc2.alert_id == str(uuid.uuid5(NAMESPACE, "p1|1|high|escalate|1"))
+
+
+def test_discharge_resolves_the_open_episode_once():
+    state, _ = opened("high", 0)
+    state, [d] = discharge(state, patient_id="p1", discharged_ms=T0 + 30 * MIN)
+    assert (d.kind, d.reason, d.tier, d.episode) == ("resolve", "discharge", "high", 1)
+    assert d.alert_id == expected_id("p1", 1, "high", "resolve")
+    assert discharge(state, patient_id="p1", discharged_ms=T0 + 30 * MIN)[1] == []  # redelivered: nothing
+
+
+def test_a_discharge_before_the_alert_does_not_resolve_it():
+    state, _ = opened("high", 60)
+    assert discharge(state, patient_id="p1", discharged_ms=T0)[1] == []
+
+
+def test_states_written_before_corrections_existed_still_step():
+    old = {k: v for k, v in opened("high")[0].items() if k not in ("alerts", "revision")}
+    state, corrections = correct(old, corrected={"rr:1": 2}, **rule_point(0, "none"))
+    assert corrections == [] and state["open"]  # no recorded basis: nothing to correct, nothing breaks
+    _, [d] = discharge(old, patient_id="p1", discharged_ms=T0)
+    assert d.kind == "resolve"

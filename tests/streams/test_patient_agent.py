@@ -89,3 +89,206 @@ def test_bad_messages_are_rejected_and_the_rest_of_the_batch_goes_on(processor):
     assert [m.value for m, _ in out.rejected][0] == b"{not json"  # original bytes, untouched
     assert [orjson.loads(v)["patient_id"] for _, v, _ in out.features] == ["p4"]
     assert "p3" not in store
+
+
+# --- corrections of an open alert ------------------------------------------------------------------
+
+NORMAL = dict(rr=16, spo2=97, flow=0.0, sbp=125, hr=72, acvpu=0, temp=37.0)
+
+
+def retraction(patient: str, t: int, row: int, code: str, version: int):
+    return CanonicalEvent(patient_id=patient, code=code, value=None, unit=None, effective_ms=t, issued_ms=t,
+                          status=Status.ENTERED_IN_ERROR, source=Source.CDC,
+                          fact_id=f"cdc:vital_signs:{row}:{code}", version=version)
+
+
+def amendment(patient: str, t: int, row: int, code: str, version: int, value: float):
+    return CanonicalEvent(patient_id=patient, code=code, value=value, unit=None, effective_ms=t, issued_ms=t,
+                          status=Status.AMENDED, source=Source.CDC, fact_id=f"cdc:vital_signs:{row}:{code}",
+                          version=version)
+
+
+def alerts_of(out):
+    return [orjson.loads(v) for _, v, _ in out.alerts]
+
+
+def test_retracting_the_value_that_raised_the_alert_publishes_entered_in_error(processor):
+    store: dict[str, PatientRecord] = {}
+    # RR 26 scores 3 and SpO2 93 scores 2: NEWS2 5, medium, on these two values
+    [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93}))], store))
+    assert opened["header"]["kind"] == "open" and opened["header"]["tier"] == "medium"
+
+    out = run(processor, [msg(1, [retraction("p1", T0, 1, codes.RESP_RATE, 2)])], store)
+
+    [correction] = alerts_of(out)
+    assert correction["header"]["kind"] == "correction"
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["resource"]["id"] == opened["resource"]["id"]
+    assert correction["resource"]["status"] == "entered-in-error"
+    assert correction["header"]["alert_id"] not in {opened["header"]["alert_id"]}
+    # reprocessing the same input after a restart repeats the correction's id exactly
+    fresh: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93}))], fresh)
+    [again] = alerts_of(run(processor, [msg(1, [retraction("p1", T0, 1, codes.RESP_RATE, 2)])], fresh))
+    assert again == correction
+
+
+def test_amending_a_basis_value_that_keeps_the_risk_high_publishes_amended(processor):
+    store: dict[str, PatientRecord] = {}
+    [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1))], store))  # NEWS2 >= 7: high
+    assert opened["header"]["tier"] == "high"
+
+    out = run(processor, [msg(1, [amendment("p1", T0, 1, codes.RESP_RATE, 2, 30.0)])], store)
+
+    [correction] = alerts_of(out)
+    assert correction["header"]["kind"] == "correction" and correction["resource"]["status"] == "amended"
+    assert correction["resource"]["id"] == opened["header"]["alert_id"]
+    basis = {b["reference"] for b in correction["resource"]["basis"]}
+    assert f"Observation/{make_event_id(f'cdc:vital_signs:1:{codes.RESP_RATE}', 2)}" in basis
+    assert f"Observation/{make_event_id(f'cdc:vital_signs:1:{codes.RESP_RATE}', 1)}" not in basis
+    assert "resp_rate_last_24h=30" in correction["resource"]["prediction"][0]["rationale"]
+
+
+def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1))], store)
+    run(processor, [msg(1, vitals("p1", T0 + 5 * MIN, 2))], store)  # the alert's basis is row 1; row 2 is later
+    out = run(processor, [msg(2, [amendment("p1", T0 + 5 * MIN, 2, codes.RESP_RATE, 3, 30.0)])], store)
+    assert out.alerts == [] and len(out.scores) == 1
+
+
+# --- patient context -----------------------------------------------------------------------------------
+
+
+def context(patient: str, code: str, t: int, *, text=None, encounter="enc-1", fact=None, version=1):
+    return CanonicalEvent(patient_id=patient, code=code, value=None, unit=None, effective_ms=t, issued_ms=t,
+                          status=Status.FINAL, source=Source.CDC, fact_id=fact or f"cdc:encounters:{code}:{t}",
+                          version=version, encounter_id=encounter, code_system=codes.CONTEXT, value_text=text)
+
+
+def test_context_events_are_not_measurements_and_do_not_score(processor):
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, [context("p1", codes.ADMISSION, T0, text="inpatient"),
+                                  context("p1", codes.LOCATION, T0, text="Ward 7B")])], store)
+    assert out.features == [] and out.scores == [] and out.rejected == []
+    rec = store["p1"]
+    assert rec.state.clock is None and rec.state.known == {}  # the measurement state never saw them
+    assert (rec.current_encounter, processor_ward(rec)) == ("enc-1", "Ward 7B")
+
+
+def processor_ward(rec):
+    from streams.patient_agent import context_view
+    return context_view(rec.context).ward
+
+
+def test_the_alert_header_names_the_current_ward_and_an_older_transfer_does_not_regress_it(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, [context("p1", codes.LOCATION, T0 - 60 * MIN, text="ED"),
+                            context("p1", codes.LOCATION, T0 - 10 * MIN, text="Ward 7B")])], store)
+    # arriving later but effective earlier: an old transfer, and a redelivery of the current one
+    run(processor, [msg(1, [context("p1", codes.LOCATION, T0 - 30 * MIN, text="Ward 2A"),
+                            context("p1", codes.LOCATION, T0 - 10 * MIN, text="Ward 7B")])], store)
+    [alert] = alerts_of(run(processor, [msg(2, vitals("p1", T0, 1))], store))
+    assert alert["header"]["ward"] == "Ward 7B"
+    assert "Ward 7B" not in orjson.dumps(alert["resource"]).decode()  # routing only, not in the resource
+
+
+def test_discharge_resolves_the_open_alert_once(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, [context("p1", codes.ADMISSION, T0 - 60 * MIN, text="inpatient")])], store)
+    [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0, 1))], store))
+    discharge = context("p1", codes.DISCHARGE, T0 + 60 * MIN)
+
+    [resolved] = alerts_of(run(processor, [msg(2, [discharge])], store))
+    assert resolved["header"]["kind"] == "resolve" and resolved["header"]["reason"] == "discharge"
+    assert resolved["header"]["encounter_id"] == "enc-1"
+    assert resolved["header"]["alert_id"] != opened["header"]["alert_id"]
+    assert alerts_of(run(processor, [msg(3, [discharge])], store)) == []  # redelivered: nothing more
+
+
+def test_records_written_before_context_existed_still_load():
+    old = orjson.dumps({"s": {"format": 1, "clock": T0, "known": {}, "facts": {}},
+                        "a": {"episode": 1, "open": True, "alerted_tier": "high", "calm_points": 0,
+                              "last_alert_ms": T0, "last_resolve_ms": None, "last_scoring_ms": T0, "tier": "high",
+                              "probability": None, "news2": 8, "path": "rule", "model_version": None},
+                        "e": "enc-0"})
+    rec = PatientRecord.from_bytes(old)
+    assert rec.context == {} and rec.current_encounter == "enc-0"
+    assert PatientRecord.from_bytes(rec.to_bytes()) == rec
+
+
+# --- audit trail of score records ---------------------------------------------------------------------
+
+
+def test_every_score_record_names_its_path_version_snapshot_and_watermark(processor):
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(5, vitals("p1", T0, 1), partition=2), msg(6, vitals("p1", T0 + MIN, 2), partition=2)],
+              store)
+    scores = [orjson.loads(v) for _, v, _ in out.scores]
+    snapshots = [orjson.loads(v) for _, v, _ in out.features]
+    for score, snap in zip(scores, snapshots, strict=True):
+        assert score["path"] == "rule" and score["model_version"] is None  # no registry here
+        assert score["snapshot_id"] == snap["snapshot_id"]
+        assert len(score["features_hash"]) == 32
+    assert [s["input_watermark"] for s in scores] == [{"partition": 2, "offset": 5, "event_ms": T0},
+                                                      {"partition": 2, "offset": 6, "event_ms": T0 + MIN}]
+    assert scores[0]["features_hash"] != scores[1]["features_hash"]  # different snapshots
+
+
+# --- shadow model -----------------------------------------------------------------------------------------
+
+
+def registry_with(tmp_path, versions: dict[str, dict] | None = None):
+    """The shipped model copied into a registry, once per version name (card edits per version)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    shipped = Path(__file__).parents[2] / "wardwatch" / "models" / "v0001"
+    root = tmp_path / "models"
+    for version, card_changes in (versions or {"v0001": {}}).items():
+        shutil.copytree(shipped, root / version)
+        card = json.loads((root / version / "card.json").read_text())
+        (root / version / "card.json").write_text(json.dumps({**card, "version": version, **card_changes}))
+    return root
+
+
+def test_a_candidate_model_shadow_scores_to_its_own_output_and_never_alerts(tmp_path):
+    root = registry_with(tmp_path, {"v0001": {}, "v0002-cand": {}})
+    (root / "current").write_text("v0001")
+    (root / "candidate").write_text("v0002-cand")
+    s = Settings(model_dir=root)
+    processor = PatientProcessor(s, Scorer(root, s))
+    store: dict[str, PatientRecord] = {}
+
+    out = run(processor, [msg(0, vitals("p1", T0, 1)), msg(1, vitals("p2", T0, 2))], store)
+
+    main = [orjson.loads(v) for _, v, _ in out.scores]
+    shadow = [orjson.loads(v) for _, v, _ in out.shadow]
+    assert {(r["path"], r["model_version"]) for r in main} == {("model", "v0001")}
+    assert {(r["path"], r["model_version"]) for r in shadow} == {("shadow", "v0002-cand")}
+    assert [r["snapshot_id"] for r in shadow] == [r["snapshot_id"] for r in main]
+    assert {a["header"]["model_version"] for a in alerts_of(out)} <= {"v0001"}  # alerts come from current only
+
+
+def test_a_shadow_that_breaks_its_contract_is_disabled_and_the_worker_goes_on(tmp_path, caplog):
+    root = registry_with(tmp_path, {"v0001": {}, "bad": {"features": ["no_such_feature"]}})
+    (root / "current").write_text("v0001")
+    (root / "candidate").write_text("bad")
+    s = Settings(model_dir=root)
+    with caplog.at_level("ERROR", logger="streams.scoring"):
+        processor = PatientProcessor(s, Scorer(root, s))
+    assert any("shadow model bad refused" in r.getMessage() for r in caplog.records)
+
+    out = run(processor, [msg(0, vitals("p1", T0, 1))], {})
+    assert out.shadow == [] and [orjson.loads(v)["path"] for _, v, _ in out.scores] == ["model"]
+
+
+def test_a_resolution_describes_the_point_that_resolved_it(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1))], store)  # high
+    run(processor, [msg(1, vitals("p1", T0 + 5 * MIN, 2, **{**NORMAL, "hr": 95}))], store)  # calm, NEWS2 1
+    [resolved] = alerts_of(run(processor, [msg(2, vitals("p1", T0 + 10 * MIN, 3, **NORMAL))], store))  # NEWS2 0
+    assert resolved["header"]["kind"] == "resolve" and resolved["header"]["reason"] is None
+    assert resolved["resource"]["prediction"][0]["rationale"] == "NEWS2 0"
+    assert resolved["header"]["scoring_ms"] == T0 + 10 * MIN

@@ -310,3 +310,41 @@ def test_reload_picks_up_a_registry_created_after_start(model_dir, settings):
     register(model_dir, "v1", onnx_bytes(fit_linear()))
     assert scorer.reload_if_changed() is True
     assert scorer.score([snapshot()])[0].path == "model"
+
+
+# --- shadow (candidate) model --------------------------------------------------------------------
+
+
+def test_shadow_follows_its_own_registry_and_scores_only_what_its_model_can(tmp_path, model_dir):
+    clf, candidate = fit_linear(seed=0), fit_linear(seed=1, flip=True)
+    register(model_dir, "v1", onnx_bytes(clf))
+    shadow_dir = tmp_path / "shadow"
+    register(shadow_dir, "cand", onnx_bytes(candidate))
+    s = Settings(model_dir=model_dir, shadow_model_dir=shadow_dir)
+    x = snapshot(resp_rate_last_24h=24.0, lactate_last_24h=3.0)
+
+    scorer = Scorer(model_dir, s)
+    no_temperature = snapshot()
+    del no_temperature["temperature_last_24h"]
+    shadowed = scorer.shadow.score_shadow([no_temperature, x])
+
+    assert [i for i, _ in shadowed] == [1]  # a snapshot the model cannot score has no shadow score
+    [(_, result)] = shadowed
+    assert (result.path, result.model_version) == ("shadow", "cand")
+    assert result.probability == pytest.approx(candidate.predict_proba(rows([x]))[0, 1], abs=1e-5)
+    assert scorer.score([x])[0].model_version == "v1"  # the main scores are untouched
+
+
+def test_candidate_pointer_in_the_main_registry_is_picked_up_and_dropped(model_dir, settings):
+    register(model_dir, "v1", onnx_bytes(fit_linear()))
+    register(model_dir, "v2", onnx_bytes(fit_linear(seed=2)), point=False)
+    scorer = Scorer(model_dir, settings)
+    assert scorer.shadow.score_shadow([snapshot()]) == []  # no candidate: no shadow scores
+
+    (model_dir / "candidate").write_text("v2\n")
+    scorer.reload_if_changed()
+    assert [r.model_version for _, r in scorer.shadow.score_shadow([snapshot()])] == ["v2"]
+
+    (model_dir / "candidate").unlink()  # promoted or withdrawn
+    scorer.reload_if_changed()
+    assert scorer.shadow.score_shadow([snapshot()]) == []
