@@ -1,0 +1,222 @@
+"""The rest-hook receiver: pure decisions, then real HTTP on 127.0.0.1 against the real broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import orjson
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from pydantic import SecretStr
+
+from schemas.deadletter import Reason
+from streams.receiver import Accept, BackgroundReceiver, Refuse, classify, content_type_ok, token_ok
+from streams.stats import read_stats, summarize
+from streams.topics import ensure_topics, topics_for
+from wardwatch.broker import free_port
+from wardwatch.procs import start_service, stop_service
+from tests.fixtures.ingest.corpus import fhir_bundle, raw_file
+
+SUBSCRIPTION = b"https://ehr.example.org/fhir/Subscription/ww-vitals"
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+DEADLINE_S = 30
+
+
+# --- pure ----------------------------------------------------------------------------------------
+
+
+def test_bearer_token_must_match_exactly_when_configured():
+    assert token_ok(None, None) and token_ok("Bearer anything", None)
+    assert token_ok("Bearer s3cret", "s3cret") and token_ok("bearer s3cret", "s3cret")
+    assert not token_ok(None, "s3cret")
+    assert not token_ok("Bearer s3cre", "s3cret")
+    assert not token_ok("Basic s3cret", "s3cret")
+
+
+def test_only_json_content_types_are_accepted():
+    assert content_type_ok("application/fhir+json") and content_type_ok("application/json")
+    assert not content_type_ok("text/plain") and not content_type_ok("application/octet-stream")
+
+
+def test_event_notification_is_keyed_by_its_patient():
+    assert classify(fhir_bundle("r4b_status_event")) == Accept(b"MRN-0001", "event")
+
+
+def test_handshake_and_id_only_notifications_are_accepted_keyed_by_subscription():
+    assert classify(fhir_bundle("r4b_handshake")) == Accept(SUBSCRIPTION, "handshake")
+    # id-only needs a fetch, which the ingest worker does: the receiver must not refuse it
+    assert classify(fhir_bundle("r4b_id_only")) == Accept(SUBSCRIPTION, "needs_fetch")
+
+
+def test_bad_bodies_are_refused_with_the_parser_reason():
+    assert classify(b"{not json").rejection.reason is Reason.MALFORMED_JSON
+    assert classify(fhir_bundle("wrong_resource_type")).rejection.reason is Reason.INVALID_STRUCTURE
+    refused = classify(fhir_bundle("heart_rate_5000"))
+    assert isinstance(refused, Refuse) and refused.rejection.reason is Reason.IMPLAUSIBLE_VALUE
+
+
+# --- real HTTP, real broker ----------------------------------------------------------------------
+
+
+def _receiver_settings(settings, **overrides):
+    return settings.model_copy(update={"receiver_port": 0, **overrides})
+
+
+def _read(settings, topic, expected: int, deadline_s: float = DEADLINE_S):
+    """Every message of `topic` from the beginning, once at least `expected` arrived (bounded)."""
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-reader",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
+    seen = []
+    try:
+        deadline = time.monotonic() + deadline_s
+        while len(seen) < expected:
+            assert time.monotonic() < deadline, f"only {len(seen)} of {expected} messages on {topic}"
+            seen += [m for m in consumer.consume(100, timeout=0.2) if m.error() is None]
+        return seen
+    finally:
+        consumer.close()
+
+
+@pytest.fixture
+def served(settings):
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+
+    def serve(**overrides):
+        receiver = BackgroundReceiver(_receiver_settings(settings, **overrides), topics)
+        started.append(receiver)
+        return receiver
+
+    started: list[BackgroundReceiver] = []
+    yield serve, topics
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.mark.integration
+def test_valid_notification_lands_on_the_topic_unchanged_keyed_by_patient(settings, served):
+    serve, topics = served
+    receiver = serve()
+    body = fhir_bundle("r4b_status_event")
+    response = httpx.post(f"{receiver.url}/fhir/notifications", content=body, headers=FHIR_JSON, timeout=10)
+    assert 200 <= response.status_code < 300
+    handshake = httpx.post(f"{receiver.url}/", content=fhir_bundle("r4b_handshake"),
+                           headers={"Content-Type": "application/json"}, timeout=10)
+    assert handshake.status_code == 200
+
+    landed = {m.key(): m.value() for m in _read(settings, topics.fhir, expected=2)}
+    assert landed == {b"MRN-0001": body, SUBSCRIPTION: fhir_bundle("r4b_handshake")}
+    assert httpx.get(f"{receiver.url}/healthz", timeout=5).status_code == 200
+    assert httpx.get(f"{receiver.url}/readyz", timeout=10).status_code == 200
+
+
+@pytest.mark.integration
+def test_bad_json_is_refused_with_an_operation_outcome_and_dead_lettered(settings, served):
+    serve, topics = served
+    receiver = serve()
+    body = raw_file("fhir", "malformed.txt")
+    response = httpx.post(f"{receiver.url}/fhir/notifications", content=body, headers=FHIR_JSON, timeout=10)
+    assert response.status_code == 400
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert "malformed_json" in outcome["issue"][0]["diagnostics"]
+
+    (dead,) = _read(settings, topics.deadletter, expected=1)
+    headers = {k: v.decode() for k, v in dead.headers()}
+    assert dead.value() == body
+    assert headers["ww.reason"] == "malformed_json" and headers["ww.stage"] == "receiver"
+    assert _read(settings, topics.fhir, expected=0, deadline_s=1) == []
+
+
+@pytest.mark.integration
+def test_wrong_content_type_too_large_and_wrong_token_are_refused(settings, served):
+    serve, _ = served
+    receiver = serve(receiver_token=SecretStr("s3cret"), receiver_max_bytes=1000)
+    url = f"{receiver.url}/fhir/notifications"
+    small = fhir_bundle("r4b_handshake")
+    assert len(small) < 1000 < len(fhir_bundle("r4b_status_event"))
+    auth = {"Authorization": "Bearer s3cret"}
+
+    assert httpx.post(url, content=small, headers=FHIR_JSON, timeout=10).status_code == 401
+    assert httpx.post(url, content=small, headers={**FHIR_JSON, "Authorization": "Bearer nope"},
+                      timeout=10).status_code == 401
+    assert httpx.post(url, content=small, headers={"Content-Type": "text/plain", **auth}, timeout=10).status_code == 415
+    assert httpx.post(url, content=fhir_bundle("r4b_status_event"), headers={**FHIR_JSON, **auth},
+                      timeout=10).status_code == 413
+    # a chunked body has no Content-Length: the limit must hold while reading it
+    chunks = iter([fhir_bundle("r4b_status_event")[:600], fhir_bundle("r4b_status_event")[600:]])
+    assert httpx.post(url, content=chunks, headers={**FHIR_JSON, **auth}, timeout=10).status_code == 413
+    assert httpx.post(url, content=small, headers={**FHIR_JSON, **auth}, timeout=10).status_code == 200
+
+
+@pytest.mark.integration
+def test_unreachable_broker_answers_503_with_retry_after(settings):
+    closed = settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}", "receiver_port": 0,
+                                         "receiver_ack_timeout_s": 1.0})
+    with BackgroundReceiver(closed) as receiver:
+        started = time.monotonic()
+        response = httpx.post(f"{receiver.url}/fhir/notifications", content=fhir_bundle("r4b_status_event"),
+                              headers=FHIR_JSON, timeout=10)
+        assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+        assert time.monotonic() - started < 5  # bounded by the ack timeout, not hanging
+        # a refused body cannot be dead-lettered either: 503 too, so the server retries it
+        bad = httpx.post(f"{receiver.url}/fhir/notifications", content=b"{", headers=FHIR_JSON, timeout=10)
+        assert bad.status_code == 503
+        assert httpx.get(f"{receiver.url}/readyz", timeout=10).status_code == 503
+        assert httpx.get(f"{receiver.url}/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.integration
+def test_requests_beyond_the_in_flight_bound_get_503(settings):
+    closed = settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}", "receiver_port": 0,
+                                         "receiver_ack_timeout_s": 3.0, "receiver_max_inflight": 1})
+    with BackgroundReceiver(closed) as receiver:
+        url = f"{receiver.url}/fhir/notifications"
+        first: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: first.append(
+            httpx.post(url, content=fhir_bundle("r4b_handshake"), headers=FHIR_JSON, timeout=10)))
+        waiting.start()
+        deadline = time.monotonic() + 5
+        while receiver.receiver.inflight < 1:  # the first request waits for an ack that never comes
+            assert time.monotonic() < deadline, "first request never got in flight"
+            time.sleep(0.01)
+        second = httpx.post(url, content=fhir_bundle("r4b_handshake"), headers=FHIR_JSON, timeout=10)
+        assert second.status_code == 503 and "Retry-After" in second.headers
+        assert "in flight" in orjson.loads(second.content)["issue"][0]["diagnostics"]
+        waiting.join(10)
+        assert first[0].status_code == 503  # and the first one times out on the missing broker
+
+
+@pytest.mark.integration
+def test_wardwatch_receiver_serves_until_sigterm_and_publishes_its_counters(settings, tmp_path):
+    port = free_port()
+    service_settings = settings.model_copy(update={"receiver_port": port, "stats_interval_s": 0.5})
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    proc = start_service(["receiver"], service_settings, tmp_path / "receiver.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + DEADLINE_S
+        while True:  # wait for the process to listen (its imports take a moment)
+            assert proc.poll() is None, (tmp_path / "receiver.log").read_text()
+            assert time.monotonic() < deadline, "receiver never answered /healthz"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        ok = httpx.post(f"{url}/fhir/notifications", content=fhir_bundle("r4b_status_event"), headers=FHIR_JSON,
+                        timeout=10)
+        bad = httpx.post(f"{url}/fhir/notifications", content=b"[]", headers=FHIR_JSON, timeout=10)
+        assert (ok.status_code, bad.status_code) == (200, 400)
+    finally:
+        assert stop_service(proc) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
+
+    summary = summarize(read_stats(settings, topics, timeout_s=30))  # the final snapshot, sent at shutdown
+    counters = summary["services"]["receiver"]["counters"]
+    assert counters["responses"] == {"200": 1, "400": 1}
+    assert counters["accepted"] == {"event": 1} and counters["dead_lettered"] == {"invalid_structure": 1}

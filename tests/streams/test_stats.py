@@ -1,0 +1,120 @@
+"""Counters snapshots: summing and accounting (pure), publishing and reading back through the real broker."""
+
+from __future__ import annotations
+
+import io
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+from rich.console import Console
+
+from streams.stats import (StatsPublisher, add_counters, latest_per_instance, read_stats, stats_table,
+                           summarize)
+from streams.topics import ensure_topics, topics_for
+
+
+def _record(service: str, counters: dict, updated: int = 1) -> bytes:
+    return orjson.dumps({"service": service, "instance": "x", "started_at_ms": 0, "updated_at_ms": updated,
+                         "counters": counters})
+
+
+def _source(messages_in, parsed, dead=None, control=None, ignored=None, events=0):
+    return {"messages_in": messages_in, "messages_parsed": parsed, "events_out": events,
+            "dead_lettered": dead or {}, "control": control or {}, "ignored": ignored or {}, "skipped": {}}
+
+
+def test_nested_counters_add_key_by_key():
+    total = add_counters({"cdc": {"messages_in": 3, "dead_lettered": {"bad_value": 1}}, "batches": 2},
+                         {"cdc": {"messages_in": 4, "dead_lettered": {"bad_value": 2, "malformed_json": 1}},
+                          "batches": 1, "fhir": {"messages_in": 5}})
+    assert total == {"cdc": {"messages_in": 7, "dead_lettered": {"bad_value": 3, "malformed_json": 1}},
+                     "batches": 3, "fhir": {"messages_in": 5}}
+
+
+def test_latest_record_per_instance_wins_and_bad_records_do_not_hide_others():
+    records = [
+        (b"ingest:a", _record("ingest", {"cdc": _source(1, 1)})),
+        (b"ingest:b", _record("ingest", {"cdc": _source(5, 5)})),
+        (b"ingest:a", _record("ingest", {"cdc": _source(10, 10)})),  # a's newer snapshot
+        (b"ingest:c", b"{not json"),
+        (b"ingest:d", _record("ingest", {"cdc": _source(2, 2)})),
+        (b"ingest:d", None),  # tombstone: instance d was removed
+    ]
+    latest = latest_per_instance(records)
+    assert set(latest) == {"ingest:a", "ingest:b"}
+    summary = summarize(latest)
+    ingest = summary["services"]["ingest"]
+    assert ingest["instances"] == 2 and ingest["counters"]["cdc"]["messages_in"] == 15
+
+
+def test_accounting_equation_is_checked_per_source():
+    ok = _source(10, 5, dead={"bad_value": 2}, control={"tombstone": 1}, ignored={"truncate": 2})
+    short = _source(10, 5, dead={"bad_value": 2})  # 3 messages unaccounted for
+    summary = summarize({
+        "ingest:a": orjson.loads(_record("ingest", {"cdc": ok, "fhir": short, "batches": 4})),
+        "worker:a": orjson.loads(_record("worker", {"dedupe": {"duplicates": 3}, "late": {"events": 1}})),
+    })
+    assert summary["services"]["ingest"]["balanced"] == {"cdc": True, "fhir": False}
+    assert summary["services"]["worker"]["balanced"] == {}  # no sources: nothing to balance
+    assert summary["balanced"] is False
+    text = _render(summary)
+    assert "BROKEN" in text and "holds" in text and "dedupe.duplicates" in text
+
+
+def _render(summary) -> str:
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(stats_table(summary))
+    return console.export_text()
+
+
+class _RecordingProducer:
+    def __init__(self):
+        self.sent = []
+
+    def produce(self, topic, key, value, headers, on_delivery):
+        self.sent.append((topic, key, orjson.loads(value)))
+
+
+def test_publisher_sends_at_most_once_per_interval_under_a_stable_instance_key():
+    producer = _RecordingProducer()
+    count = {"n": 0}
+    publisher = StatsPublisher("ingest", lambda: {"cdc": {"messages_in": count["n"]}}, producer, "p.stats",
+                               interval_s=2.0, clock_ms=lambda: 1_000)
+    assert publisher.maybe_publish(now_s=100.0)
+    count["n"] = 7
+    assert not publisher.maybe_publish(now_s=101.0)  # within the interval
+    assert publisher.maybe_publish(now_s=102.5)
+    assert [r["counters"]["cdc"]["messages_in"] for _, _, r in producer.sent] == [0, 7]
+    keys = {k for _, k, _ in producer.sent}
+    assert len(keys) == 1 and next(iter(keys)).decode().startswith("ingest:")
+    assert next(iter(keys)).decode().endswith(":1000")  # <service>:<host>:<pid>:<start ms>
+
+
+@pytest.mark.integration
+def test_published_snapshots_are_read_back_latest_per_instance(settings):
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    producer = Producer(settings.kafka_client_config())
+    counts = {"cdc": _source(3, 2, ignored={"truncate": 1}, events=16)}
+    first = StatsPublisher("ingest", lambda: counts, producer, topics.stats)
+    second = StatsPublisher("ingest", lambda: {"cdc": _source(4, 4, events=8)}, producer, topics.stats,
+                            clock_ms=lambda: 42)  # another instance (another start time)
+    first.publish()
+    counts = {"cdc": _source(9, 8, ignored={"truncate": 1}, events=40)}  # later, more processed
+    first.publish()
+    second.publish()
+    assert producer.flush(30) == 0
+
+    summary = summarize(read_stats(settings, topics, timeout_s=30))
+    ingest = summary["services"]["ingest"]
+    assert ingest["instances"] == 2
+    assert ingest["counters"]["cdc"]["messages_in"] == 13 and ingest["counters"]["cdc"]["events_out"] == 48
+    assert summary["balanced"] is True
+
+
+@pytest.mark.integration
+def test_reading_an_empty_stats_topic_gives_no_services(settings):
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    assert summarize(read_stats(settings, topics, timeout_s=30)) == {"services": {}, "balanced": True}

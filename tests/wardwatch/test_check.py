@@ -1,0 +1,111 @@
+"""`wardwatch check cdc|fhir FILE` through the real CLI, on fixture captures a platform team might feed it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from wardwatch.check import as_envelope
+from wardwatch.cli import app
+
+CHECK = Path(__file__).parents[1] / "fixtures" / "ingest" / "check"
+runner = CliRunner()
+
+
+def _run(*args: str) -> tuple[int, list[dict]]:
+    result = runner.invoke(app, ["check", *args])
+    lines = [orjson.loads(line) for line in result.stdout.splitlines() if line.strip()] if result.exit_code == 0 else []
+    return result.exit_code, lines
+
+
+def _by_kind(lines: list[dict], kind: str) -> list[dict]:
+    return [line for line in lines if line["kind"] == kind]
+
+
+def test_fhir_capture_prints_one_outcome_per_message_and_a_summary():
+    code, lines = _run("fhir", str(CHECK / "fhir.jsonl"))
+    assert code == 0  # rejected lines are results, not failures
+    events = _by_kind(lines, "event")
+    assert {e["line"] for e in events} == {1}
+    # the degF temperature prints in Cel: (101.3 - 32) * 5 / 9 = 38.5
+    (temp,) = [e["event"] for e in events if e["event"]["code"] == "8310-5"]
+    assert temp["unit"] == "Cel" and temp["value"] == pytest.approx(38.5)
+    assert temp["patient_id"] == "MRN-0001" and temp["source"] == "fhir" and temp["status"] == "final"
+    assert temp["effective"] == "2024-06-15T14:06:36.537Z"  # µs in the resource, ms in the event
+    assert temp["issued"] == "2024-06-15T14:07:00.000Z"  # no `issued`: meta.lastUpdated
+    assert "effective_ms" not in temp and temp["fact_id"] == "fhir:Observation/vs-temp-1:8310-5"
+    # the BP panel gives both pressures, each in mm[Hg]
+    assert {(e["event"]["code"], e["event"]["value"], e["event"]["unit"]) for e in events} >= {
+        ("8480-6", 96.0, "mm[Hg]"), ("8462-4", 68.0, "mm[Hg]")}
+
+    assert [(c["line"], c["type"]) for c in _by_kind(lines, "control")] == [(2, "handshake")]
+    rejected = {r["line"]: r["reason"] for r in _by_kind(lines, "rejected")}
+    # id-only cannot be fetched offline; an envelope's string value is the raw (broken) body
+    assert rejected == {3: "no_fhir_server", 4: "malformed_json", 5: "invalid_structure"}
+    assert [(i["line"], i["type"]) for i in _by_kind(lines, "ignored")] == [(6, "unmapped_code")]
+
+    summary = lines[-1]
+    assert summary["kind"] == "summary" and summary["source"] == "fhir"
+    assert summary["messages_in"] == 6 and summary["messages_parsed"] == 1 and summary["events_out"] == len(events)
+    assert summary["dead_lettered"] == {"no_fhir_server": 1, "malformed_json": 1, "invalid_structure": 1}
+    assert summary["balanced"] is True
+
+
+def test_cdc_capture_handles_envelopes_bare_values_tombstones_and_other_prefixes():
+    code, lines = _run("cdc", str(CHECK / "cdc.jsonl"))
+    assert code == 0
+    events = _by_kind(lines, "event")
+    # line 1 (envelope, no schema) and line 2 (bare, schema-wrapped) are wide vitals rows: 8 events each
+    assert [e["line"] for e in events] == [1] * 8 + [2] * 8
+    on_air = [e["event"] for e in events if e["line"] == 1 and e["event"]["code"] == "3151-8"]
+    assert on_air[0]["value"] == 0.0 and on_air[0]["unit"] == "L/min"  # null flow + not on oxygen = 0 L/min
+    # measured_at 1718460396123275 µs since the epoch
+    assert {e["event"]["effective"] for e in events if e["line"] == 1} == {"2024-06-15T14:06:36.123Z"}
+    assert _by_kind(lines, "control") == [{"kind": "control", "line": 3, "type": "tombstone",
+                                          "detail": {"table": "vital_signs"}}]
+    # line 4 is blank; line 5 is a truncate on a topic with another prefix: still the right table
+    assert [(i["line"], i["type"]) for i in _by_kind(lines, "ignored")] == [(5, "truncate")]
+    assert {r["line"]: r["reason"] for r in _by_kind(lines, "rejected")} == {6: "malformed_json",
+                                                                           7: "implausible_value"}
+    summary = lines[-1]
+    assert (summary["messages_in"], summary["messages_parsed"], summary["events_out"]) == (6, 2, 16)
+    assert summary["control"] == {"tombstone": 1} and summary["balanced"] is True
+
+
+def test_bare_lines_take_their_table_from_the_topic_option(tmp_path):
+    capture = tmp_path / "labs.jsonl"
+    capture.write_text((CHECK / "cdc.jsonl").read_text().splitlines()[1] + "\n")  # a vital_signs row, bare
+    code, lines = _run("cdc", str(capture), "--topic", "ehr.public.no_such_table")
+    assert code == 0
+    assert [(line["kind"], line.get("reason")) for line in lines[:-1]] == [("rejected", "unknown_table")]
+
+
+def test_invalid_utf8_line_is_rejected_not_fatal(tmp_path):
+    capture = tmp_path / "bytes.jsonl"
+    capture.write_bytes(b'\xff\xfe{"resourceType": "Bundle"}\n')
+    code, lines = _run("fhir", str(capture))
+    assert code == 0
+    assert lines[0]["kind"] == "rejected" and lines[0]["reason"] == "malformed_json"
+
+
+def test_usage_errors_exit_2():
+    assert runner.invoke(app, ["check", "fhir", str(CHECK / "missing.jsonl")]).exit_code == 2
+    assert runner.invoke(app, ["check", "hl7v2", str(CHECK / "fhir.jsonl")]).exit_code == 2
+
+
+def test_envelope_is_told_apart_from_bare_values():
+    assert as_envelope(b'{"topic": "t", "key": null, "value": {"op": "c"}, "headers": {}}') is not None
+    assert as_envelope(b'{"value": null}') is not None  # a tombstone envelope
+    # a Debezium value without schema, a wrapped one, and a FHIR Bundle are bare values
+    assert as_envelope(b'{"before": null, "after": {"value": 1}, "op": "c"}') is None
+    assert as_envelope(b'{"schema": {}, "payload": {"value": 1}}') is None
+    assert as_envelope(b'{"resourceType": "Bundle", "value": 1}') is None
+    assert as_envelope(b"not json") is None
+
+
+def test_help_shows_an_example():
+    result = runner.invoke(app, ["check", "--help"])
+    assert result.exit_code == 0 and "Example" in result.stdout
