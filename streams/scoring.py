@@ -32,10 +32,15 @@ model scored (no rule fallback: the rule path is the same as the main scorer's).
 fails its checks is disabled with a log line and retried when its pointer changes; it never stops
 the worker and never changes the main scores. reload_if_changed() reloads both.
 
-Model problems never stop scoring: no registry means rule path (logged once at startup); a
-model that fails its checks (sha256, contract, onnxruntime load) is refused with ContractError
-(see load_model), logged once, and the scorer keeps what it had (rule path at startup, the
-previous model on reload). Logs never carry patient data.
+Model problems:
+- no registry or no `current` pointer: rule path (logged once at startup).
+- at startup, `current` names a model that fails its checks (sha256, input contract against the
+  card and schemas.features, onnxruntime load): ContractError stops the worker with the reason. A
+  wrong model is an operator error to fix (`wardwatch model rollback`), not something to paper
+  over with the rule path while clinicians believe the model is scoring.
+- on reload, a promoted model that fails its checks is refused (logged once) and the scorer keeps
+  the model it had, so a bad promotion never takes a running worker down.
+Logs never carry patient data.
 """
 
 from __future__ import annotations
@@ -223,7 +228,7 @@ def _linear_terms(model_bytes: bytes, n_features: int) -> LinearTerms | None:
 
 class Scorer:
     def __init__(self, model_dir: Path, settings: Settings, *, high_threshold: float = DEFAULT_HIGH_THRESHOLD,
-                 pointer: str = CURRENT_POINTER, with_shadow: bool = True):
+                 pointer: str = CURRENT_POINTER, with_shadow: bool = True, strict: bool = True):
         self.model_dir = Path(model_dir)
         self.pointer_name = pointer
         self.alert_threshold = settings.alert_threshold
@@ -234,8 +239,10 @@ class Scorer:
         self._pointer = read_current(self.model_dir, pointer)
         if self._pointer is None:
             self._no_model_at_start()
-        else:
-            self._load(self._pointer)
+        elif not self._load(self._pointer) and strict:
+            raise ContractError(f"the current model {self._pointer!r} in {self.model_dir} cannot be used: "
+                                f"{self.model_error}. Fix or roll back the registry (`wardwatch model list`, "
+                                f"`wardwatch model rollback`) and start the worker again.")
         self.shadow: ShadowScorer | None = ShadowScorer.from_settings(settings, high_threshold) if with_shadow else None
 
     def _no_model_at_start(self) -> None:
@@ -329,9 +336,9 @@ class ShadowScorer(Scorer):
     def from_settings(cls, settings: Settings, high_threshold: float = DEFAULT_HIGH_THRESHOLD) -> ShadowScorer:
         if settings.shadow_model_dir is not None:
             return cls(settings.shadow_model_dir, settings, high_threshold=high_threshold, pointer=CURRENT_POINTER,
-                       with_shadow=False)
+                       with_shadow=False, strict=False)
         return cls(settings.model_dir, settings, high_threshold=high_threshold, pointer=CANDIDATE_POINTER,
-                   with_shadow=False)
+                   with_shadow=False, strict=False)
 
     def _no_model_at_start(self) -> None:
         pass  # no candidate is the normal case: nothing to say

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,12 @@ app = typer.Typer(help="wardwatch: streaming early-warning pipeline for hospital
                   add_completion=False)
 batch_app = typer.Typer(help="The offline plane: nightly rebuild, parity, retraining.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
+
+from wardwatch.deploy_cli import deploy_app  # noqa: E402  (the `deploy` group: one-shot services of docker-compose.yml)
+
+app.add_typer(deploy_app, name="deploy")
+model_app = typer.Typer(help="The model registry: list, promote, roll back.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 console = Console()
 
 
@@ -72,9 +79,26 @@ def ingest() -> None:
 @app.command()
 def worker(loglevel: str = typer.Option("WARN", help="faust log level")) -> None:
     """Run the faust worker: per-patient state, features, scoring, alerts."""
+    from schemas.model_contract import ContractError
     from streams.app import run_worker
 
-    run_worker(_settings(), loglevel=loglevel)
+    try:
+        run_worker(_settings(), loglevel=loglevel)
+    except ContractError as exc:
+        console.print(f"[red]worker not started:[/] {exc}")
+        raise typer.Exit(2)
+
+
+@app.command()
+def cds() -> None:
+    """Run the CDS Hooks service (patient-view): the latest risk per patient as a card, from the scores topic.
+
+    Listens on WARDWATCH_CDS_HOST:WARDWATCH_CDS_PORT (default 127.0.0.1:8082); discovery at /cds-services.
+    """
+    from streams.cds import run_cds
+
+    logging.basicConfig(level=logging.WARNING)
+    run_cds(_settings())
 
 
 @app.command()
@@ -90,6 +114,25 @@ def archiver() -> None:
     _run_until_signal(lambda stop: Archiver(settings, topics).run(stop))
 
 
+subscriptions_app = typer.Typer(help="FHIR subscriptions: the gap and heartbeat watcher (run without a subcommand).")
+app.add_typer(subscriptions_app, name="subscriptions")
+
+
+@subscriptions_app.callback(invoke_without_command=True)
+def subscriptions(ctx: typer.Context) -> None:
+    """Run the subscription watcher: every notification partition -> gap / heartbeat-missed records.
+
+    One instance per deployment (it reads all partitions). Grace and heartbeat timing:
+    WARDWATCH_FHIR_GAP_GRACE_S, WARDWATCH_FHIR_HEARTBEAT_PERIOD_S, WARDWATCH_FHIR_HEARTBEAT_MISSED_PERIODS."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from streams.subscription_watch import run_subscription_watch
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = _settings()
+    _run_until_signal(lambda stop: run_subscription_watch(settings, stop))
+
+
 @app.command()
 def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1")) -> None:
     """Run the embedded Tansu broker in the foreground (Ctrl-C stops it)."""
@@ -101,7 +144,8 @@ def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1")) -> None:
 
 
 @batch_app.command("nightly")
-def batch_nightly(full: bool = typer.Option(True, help="Rebuild everything (default) or only recent days")) -> None:
+def batch_nightly(full: bool = typer.Option(False, "--full",
+                                           help="Rebuild from every archive part (default: only parts not yet processed)")) -> None:
     """Rebuild the DuckDB file from the archive, recompute features offline and check parity."""
     from batch.nightly import run_nightly
 
@@ -109,8 +153,10 @@ def batch_nightly(full: bool = typer.Option(True, help="Rebuild everything (defa
     with console.status("nightly rebuild"):
         result = run_nightly(settings, full=full, progress=lambda step: console.log(step))
     p = result["parity"]
-    console.print(f"{result['duckdb_path']}: {p['points_checked']} scoring points, {p['values_checked']} values, "
-                  f"{p['mismatched']} mismatched")
+    console.print(f"{result['duckdb_path']}: {result['new_parts']} new archive parts, {p['points_checked']} scoring "
+                  f"points, {p['values_checked']} values, {p['mismatched']} mismatched")
+    if result.get("report_path"):
+        console.print(f"report: {result['report_path']}")
     if not result["parity_ok"]:
         raise typer.Exit(1)
 
@@ -123,6 +169,89 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name (
 
     card = retrain(_settings(), version=version, promote_if_none=promote_if_none)
     console.print_json(data={k: card[k] for k in ("version", "metrics", "promoted")})
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List model versions: which is current/candidate, held-out metrics, and whether model.onnx matches its card."""
+    from rich.table import Table
+
+    from batch.registry import describe
+
+    settings = _settings()
+    rows = describe(settings.model_dir)
+    if not rows:
+        console.print(f"no model versions in {settings.model_dir} (train one with `wardwatch batch train`)")
+        return
+    table = Table("version", "pointer", "sha256", "AUROC", "AUPRC", "NEWS2 AUROC", "gate", "created")
+
+    def num(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    for r in rows:
+        pointer = "current" if r["current"] else "candidate" if r["candidate"] else ""
+        integrity = "[green]ok[/]" if r["sha256"] == "ok" else f"[red]{r['sha256']}[/]"
+        table.add_row(r["version"], pointer, integrity, num(r["auroc"]), num(r["auprc"]), num(r["news2_auroc"]),
+                      r["gate"] or "-", r["created"] or "-")
+    console.print(table)
+
+
+@model_app.command("promote")
+def model_promote(version: str = typer.Argument(..., help="The version to make current"),
+                  reason: str = typer.Option("manual promotion", "--reason", help="Why (kept in the registry history)")) -> None:
+    """Make VERSION current after checking its sha256 and contract; the switch is atomic and recorded."""
+    from batch.registry import PromotionRefused, promote
+
+    try:
+        entry = promote(_settings().model_dir, version, why=reason)
+    except (PromotionRefused, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1)
+    console.print(f"current: {entry['from']} -> {entry['to']} (by {entry['who']} at {entry['at']})")
+
+
+@model_app.command("rollback")
+def model_rollback(reason: str = typer.Option("manual rollback", "--reason", help="Why (kept in the registry history)")) -> None:
+    """Point current back at the version it named before the last promotion."""
+    from batch.registry import PromotionRefused, rollback
+
+    try:
+        entry = rollback(_settings().model_dir, why=reason)
+    except (PromotionRefused, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1)
+    console.print(f"current: {entry['from']} -> {entry['to']} (by {entry['who']} at {entry['at']})")
+
+
+@batch_app.command("export")
+def batch_export(out_dir: Path = typer.Argument(..., help="Directory for the Parquet files (created)"),
+                 deidentify: bool = typer.Option(False, "--deidentify",
+                                                 help="Required: hash ids with WARDWATCH_DEID_SECRET, shift dates, drop free text")) -> None:
+    """Export the analyst tables as de-identified Parquet for use outside the clinical perimeter."""
+    from batch.export import ExportRefused, export_deidentified
+
+    if not deidentify:
+        console.print("[red]only de-identified exports leave the clinical perimeter:[/] pass --deidentify")
+        raise typer.Exit(2)
+    try:
+        written = export_deidentified(_settings(), out_dir)
+    except ExportRefused as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2)
+    for name, rows in written.items():
+        console.print(f"{out_dir / (name + '.parquet')}: {rows} rows")
+
+
+@batch_app.command("report")
+def batch_report(out: Optional[Path] = typer.Option(None, help="HTML file to write (default: <data_dir>/reports/nightly-<run>.html)")) -> None:
+    """Write the self-contained HTML report of the latest nightly run (parity, ROC/calibration vs NEWS2, alert burden)."""
+    from batch.report import write_report
+
+    settings = _settings()
+    if not settings.duckdb_path.exists():
+        console.print(f"[red]{settings.duckdb_path} does not exist:[/] run `wardwatch batch nightly` first")
+        raise typer.Exit(1)
+    console.print(f"report written to {write_report(settings, out)}")
 
 
 @app.command()
@@ -155,20 +284,109 @@ def bench(
 
 
 @app.command()
-def query() -> None:
-    """Open the reconciled DuckDB file (prints how when the duckdb CLI is not installed)."""
-    import shutil
-    import subprocess
+def query(
+    sql: Optional[str] = typer.Argument(None, help="SQL to run read-only; omit it for the schema summary"),
+    csv: bool = typer.Option(False, "--csv", help="Print the result as CSV instead of a table"),
+) -> None:
+    """Query the reconciled DuckDB file read-only; without SQL, list its tables and views and how to open it."""
+    from batch.catalog import query_result, schema_summary
 
     path = _settings().duckdb_path
     if not path.exists():
         console.print(f"[red]{path} does not exist:[/] run `wardwatch batch nightly` (or `wardwatch demo`) first")
         raise typer.Exit(1)
-    exe = shutil.which("duckdb")
-    if exe:
-        raise typer.Exit(subprocess.call([exe, "-readonly", str(path)]))
-    console.print(f"python -c \"import duckdb; con = duckdb.connect('{path}', read_only=True); "
-                  f"print(con.sql('SHOW TABLES'))\"")
+    if sql is None:
+        console.print(schema_summary(path))
+        return
+    import duckdb
+
+    try:
+        columns, rows = query_result(path, sql)
+    except duckdb.Error as exc:
+        console.print(f"[red]query failed:[/] {exc}")
+        raise typer.Exit(2)
+    if csv:
+        import csv as csv_module
+        import sys
+
+        writer = csv_module.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+@app.command()
+def receiver(
+    host: Optional[str] = typer.Option(None, help="Bind address (default WARDWATCH_RECEIVER_HOST, 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="Port (default WARDWATCH_RECEIVER_PORT, 8081)"),
+) -> None:
+    """Run the rest-hook receiver: a FHIR server POSTs notifications to /fhir/notifications; each is
+    stored on the notifications topic and answered 2xx only once the broker acknowledged it.
+
+    Token, size limit, in-flight bound and ack timeout: WARDWATCH_RECEIVER_* (see wardwatch/settings.py)."""
+    from streams.receiver import run_receiver
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = _settings()
+    overrides = {k: v for k, v in {"receiver_host": host, "receiver_port": port}.items() if v is not None}
+    run_receiver(settings.model_copy(update=overrides))
+
+
+class CheckSource(str, Enum):
+    cdc = "cdc"
+    fhir = "fhir"
+
+
+@app.command(epilog="Example: wardwatch check cdc captured.jsonl | grep '\"rejected\"'  "
+                    "(one message per line: a bare value, or {\"topic\", \"key\", \"value\", \"headers\"})")
+def check(
+    source: CheckSource = typer.Argument(..., help="Which parser: cdc (Debezium JSON) or fhir (notification Bundles)"),
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True,
+                                help="Raw messages, one per line: a bare message value or an envelope object "
+                                     '{"topic", "key", "value", "headers"}'),
+    topic: Optional[str] = typer.Option(None, help="Topic assumed for bare lines; for CDC its last segment is the "
+                                                   "table (default: ehr.public.vital_signs / ww.fhir.notifications)"),
+) -> None:
+    """Run the ingest parsers offline on FILE and print one JSON line per outcome (event, rejected,
+    control, ignored) and a summary. Exit code 0 even when messages are rejected. No Kafka, no FHIR server."""
+    import sys
+
+    from wardwatch.check import check_file
+
+    out = sys.stdout.buffer
+    check_file(source.value, file, topic, emit=lambda line: out.write(line + b"\n"))
+    out.flush()
+
+
+@app.command()
+def stats(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+    timeout: float = typer.Option(15.0, help="Seconds allowed to read the stats topic to its end"),
+) -> None:
+    """Show the counters every service instance published to the stats topic, summed per service
+    and source, and whether each source's accounting equation holds
+    (messages in = canonical-producing + dead-lettered + control + ignored)."""
+    from streams.stats import read_stats, stats_table, summarize
+    from streams.topics import topics_for
+
+    settings = _settings()
+    try:
+        summary = summarize(read_stats(settings, topics_for(settings), timeout_s=timeout))
+    except Exception as exc:  # KafkaException / TimeoutError: say what to check
+        console.print(f"[red]could not read the stats topic:[/] {exc} (is WARDWATCH_BOOTSTRAP_SERVERS right?)")
+        raise typer.Exit(1)
+    if as_json:
+        import orjson
+
+        typer.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    else:
+        console.print(stats_table(summary))
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def test_card_listing_a_feature_the_model_lacks_is_refused(model_dir, settings):
 
     with pytest.raises(ContractError, match="takes 3 features but the card lists 4"):
         load_model(model_dir, "v1")
-    scorer = Scorer(model_dir, settings)
+    with pytest.raises(ContractError, match="card lists 4"):  # the worker does not start on it
+        Scorer(model_dir, settings)
+    scorer = Scorer(model_dir, settings, strict=False)
     assert scorer.model_version is None and "card lists 4" in scorer.model_error
     assert scorer.score([snapshot()])[0].path == "rule"
 
@@ -204,8 +206,13 @@ def test_tampered_model_file_is_refused(model_dir, settings, caplog):
 
     with pytest.raises(ContractError, match="sha256"):
         load_model(model_dir, "v1")
+    # a worker must not start on a model it cannot trust: it stops and says what to do
+    with pytest.raises(ContractError, match=r"(?s)current model 'v1'.*sha256.*wardwatch model rollback"):
+        Scorer(model_dir, settings)
+    # a non-strict scorer (the shadow) logs once and scores nothing with it
+    caplog.clear()
     with caplog.at_level(logging.ERROR, logger="streams.scoring"):
-        scorer = Scorer(model_dir, settings)
+        scorer = Scorer(model_dir, settings, strict=False)
     [result] = scorer.score([snapshot(resp_rate_last_24h=26.0)])
     assert (result.path, result.model_version, result.probability) == ("rule", None, None)
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
