@@ -3,27 +3,50 @@
 Input: one Kafka message of a `<cdc prefix>.<table>` topic. Key and value may be wrapped as
 `{"schema": ..., "payload": ...}` (schemas.enable=true) or bare. Output: one Outcome.
 
-Mapping (the table -> column -> LOINC declaration lives in schemas.codes.CDC_TABLES):
-- One wide row becomes one CanonicalEvent per non-null mapped column.
-  fact_id = "cdc:<table>:<pk>:<code>", version = source.lsn, effective = the time column,
-  issued = source.ts_ms (commit time), status final.
-- `c`, `r` (snapshot read): the row's values. `u`: a new version of every column; a column that is
-  null after the update retracts its fact (entered-in-error), unless `before` shows it was null already.
-- `d`: every mapped code of the row is retracted. The patient comes from `before` or else the key;
-  the clinical time from `before` or else the commit time.
+The table -> shape -> columns declaration lives in schemas.codes.CDC_TABLES; this module interprets
+it and never names a table. Common to every shape:
+- version = source.lsn; provenance = table, pk, lsn, txId, source.ts_ms, Kafka topic/partition/offset,
+  op, snapshot flag and the commit lsn of `source.sequence`.
+- `c`, `r` (snapshot read): the row's facts. `u`: a new version of each fact (updates supersede); a
+  fact whose column is null after the update is retracted (entered-in-error) unless `before` shows it
+  was null already (without a full `before`, REPLICA IDENTITY DEFAULT, it is assumed set: a retraction
+  of an unknown fact is harmless downstream, a missed one leaves a stale value live). An update that
+  moves the row to another patient retracts the row's facts from the old patient.
+- `d`: the row's facts are retracted. The patient comes from `before` or else the key (Debezium keys
+  every topic by patient_id); the clinical time from `before` or else the commit time.
 - Tombstone (null value) -> Control("tombstone"); `m` (logical message), `t` (truncate) and a row with no
-  mapped value -> Ignored.
-- On air is a fact: a null oxygen flow with on_supplemental_oxygen false is an O2 flow of 0.0.
+  fact -> Ignored.
 - An unchanged TOASTed column (`__debezium_unavailable_value`) is skipped: it carries no new value.
+
+Shapes:
+- TableMapping (wide, vital_signs): one event per non-null mapped column, fact id
+  cdc:<table>:<pk>:<code>, effective = the time column, issued = commit time (source.ts_ms).
+  On air is a fact: a null oxygen flow with the on-oxygen flag false is an O2 flow of 0.0.
+- LongTable (lab_results): one row = one result. The code column goes through codes.canonical_code
+  (aliases accepted); a code wardwatch does not use -> Ignored("unmapped_code"). The value is
+  converted from the unit column to the code's canonical unit (no conversion -> UNKNOWN_UNIT).
+  fact id cdc:<table>:<pk>:<canonical code>, effective = collection time, issued = the result time
+  (labs are available hours after collection; the commit time only when the column is missing),
+  status from the status column (entered-in-error retracts). An update that changes the code retracts
+  the old code's fact. A delete whose `before` lacks the code retracts every code the table may carry.
+- ContextTable (encounters, patients): one CONTEXT event per declared fact present in the row
+  (value None and the payload in value_text; birth year as value, never the date). A per-time fact
+  (LOCATION) is named by its effective time, so each transfer is its own fact and a redelivery
+  dedupes; an update emits it only when its value changed (or `before` cannot tell). Deletes retract
+  the facts with a fixed id (admission, discharge, sex, birth year): per-time facts cannot be
+  enumerated from a `before` row, which holds at most the latest ward, so a deleted encounter's
+  location facts stay (downstream, its discharge retraction and missing admission say it is gone).
 
 Columns are decoded by the Debezium semantic type in the schema when present (MicroTimestamp,
 Timestamp, NanoTimestamp, ZonedTimestamp, Date, Decimal with `scale`, VariableScaleDecimal) and
-leniently without a schema (numbers, numeric strings, ISO strings, µs integers for the time column).
+leniently without a schema: numbers, numeric strings (decimal.handling.mode double / string), ISO
+strings, µs integers for timestamp columns and day integers for date columns.
 
 **One bad value rejects the whole message.** A value of the wrong type, NaN/Infinity, undecodable
-(BAD_VALUE) or outside schemas.codes plausible range (IMPLAUSIBLE_VALUE) sends the original message
-to the dead-letter topic; no event of that row is published. Half a row would look like a complete
-measurement downstream, and the dead-lettered original can be replayed whole once fixed.
+(BAD_VALUE), in a unit with no conversion (UNKNOWN_UNIT) or outside schemas.codes plausible range
+(IMPLAUSIBLE_VALUE) sends the original message to the dead-letter topic; no event of that row is
+published. Half a row would look like a complete measurement downstream, and the dead-lettered
+original can be replayed whole once fixed.
 """
 
 from __future__ import annotations
@@ -31,12 +54,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from datetime import date, timedelta
 from typing import Any
 
 import orjson
 
 from schemas.canonical import CanonicalEvent, Source, Status
-from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, O2_FLOW, TableMapping,
+from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONTEXT, CONTEXT_CODES, O2_FLOW,
+                          CdcMapping, ContextFact, ContextTable, LongTable, TableMapping, canonical_code,
                           to_canonical_unit)
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Reject, rejected
@@ -53,9 +78,11 @@ ZONED_TIMESTAMP = "io.debezium.time.ZonedTimestamp"
 TIMESTAMP_MS = ("io.debezium.time.Timestamp", "org.apache.kafka.connect.data.Timestamp")
 DATE_DAYS = ("io.debezium.time.Date", "org.apache.kafka.connect.data.Date")
 MAX_DECIMAL_SCALE = 1000  # PostgreSQL numeric scale range is [-1000, 1000]
+BIRTH_YEARS = (1880, 2100)  # a birth date outside is a unit mix-up, not a patient
 
-# the table's "on air" column: (flow column, on-oxygen flag column)
-ON_AIR_COLUMNS = {"vital_signs": ("oxygen_flow_rate_lpm", "on_supplemental_oxygen")}
+# the status column of a long table (FHIR Observation.status vocabulary)
+STATUSES = {s.value: s for s in (Status.PRELIMINARY, Status.FINAL, Status.AMENDED, Status.CORRECTED,
+                                 Status.ENTERED_IN_ERROR)}
 
 _INTEGER = re.compile(r"-?\d+")
 _MISSING_PATIENT_HINT = ("delete without patient_id: set REPLICA IDENTITY FULL on the table "
@@ -97,17 +124,19 @@ def _parse(topic: str, key: bytes | None, value: bytes | None, partition: int, o
     mapping = CDC_TABLES.get(table) if isinstance(table, str) else None
     if mapping is None:
         raise Reject(Reason.UNKNOWN_TABLE, f"no mapping for table {str(table)[:80]!r}")
-    change = _Change(envelope, source, key_row, _column_schemas(value_schema), mapping,
-                     topic, partition, offset)
+    change = _SHAPES[type(mapping)](envelope, source, key_row, _column_schemas(value_schema), mapping,
+                                    topic, partition, offset)
     events = change.retract_row() if op == "d" else change.row_events()
+    if isinstance(events, Ignored):
+        return events
     return Parsed(events) if events else Ignored("no_values")  # e.g. only unchanged TOASTed columns
 
 
 class _Change:
-    """One decoded change event; builds its canonical events."""
+    """One decoded change event of any table shape: what every shape shares."""
 
     def __init__(self, envelope: dict, source: dict, key_row: dict, schemas: dict[str, dict],
-                 mapping: TableMapping, topic: str, partition: int, offset: int):
+                 mapping: CdcMapping, topic: str, partition: int, offset: int):
         self.op = envelope["op"]
         self.before = envelope.get("before") if isinstance(envelope.get("before"), dict) else None
         self.after = envelope.get("after") if isinstance(envelope.get("after"), dict) else None
@@ -128,101 +157,286 @@ class _Change:
             "commit_lsn": _commit_lsn(source.get("sequence")),
         }
 
-    # --- c / r / u ---------------------------------------------------------------------------
+    def row_events(self) -> list[CanonicalEvent] | Ignored:  # c / r / u
+        raise NotImplementedError
 
-    def row_events(self) -> list[CanonicalEvent]:
-        row = self.after
-        if row is None:
+    def retract_row(self) -> list[CanonicalEvent] | Ignored:  # d
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------
+
+    def _after_row(self) -> tuple[dict, str]:
+        """The row of a c / r / u and its patient."""
+        if self.after is None:
             raise Reject(Reason.INVALID_STRUCTURE, f"op {self.op!r} without an 'after' row")
-        patient = self._patient(row)
+        patient = self._patient(self.after)
         if patient is None:
             raise Reject(Reason.MISSING_PATIENT, f"row has no {self.mapping.patient_column}")
-        effective_ms = self._time(row)
-        if effective_ms is None:
-            raise Reject(Reason.MISSING_TIME, f"row has no {self.mapping.time_column}")
-        encounter = _text(row.get(self.mapping.encounter_column)) if self.mapping.encounter_column else None
+        return self.after, patient
 
-        events = []
-        for column, (code, value, text) in self._values(row).items():
-            if value is not None:
-                events.append(self._event(patient, encounter, code, value, text, effective_ms, Status.FINAL))
-            elif self.op == "u" and self._was_set_before(column):
-                events.append(self._event(patient, encounter, code, None, None, effective_ms,
-                                          Status.ENTERED_IN_ERROR))
-        old_patient = self._patient(self.before) if self.before else None
-        if self.op == "u" and old_patient is not None and old_patient != patient:
-            # the row moved to another patient: its facts leave the old patient's record
-            events += self._retractions(old_patient, None, self._time(self.before) or effective_ms)
-        return events
+    def _deleted_row(self) -> tuple[dict, str]:
+        """The `before` row of a d (maybe only its key columns) and its patient."""
+        before = self.before or {}
+        patient = self._patient(before) or self._patient(self.key_row)
+        if patient is None:
+            raise Reject(Reason.MISSING_PATIENT, _MISSING_PATIENT_HINT)
+        return before, patient
+
+    def _moved_from(self, patient: str) -> str | None:
+        """The patient an update moved the row away from, if it did."""
+        old = self._patient(self.before) if self.op == "u" and self.before else None
+        return old if old is not None and old != patient else None
 
     def _was_set_before(self, column: str) -> bool:
         """Without a full `before` (REPLICA IDENTITY DEFAULT) assume it was set: a retraction of an
         unknown fact is harmless downstream, a missed one leaves a stale value live."""
         return self.before is None or column not in self.before or self.before[column] is not None
 
-    def _values(self, row: dict) -> dict[str, tuple[str, float | None, str | None]]:
-        """column -> (code, canonical value or None when null, text); unavailable columns omitted."""
-        values = {}
-        for column, (code, _unit) in self.mapping.columns.items():
-            raw = row.get(column)
-            if raw == UNAVAILABLE:
-                continue
-            values[column] = (code, *self._decode_value(code, raw, column))
-        on_air = ON_AIR_COLUMNS.get(self.mapping.table)
-        if on_air and on_air[0] in values and values[on_air[0]][1] is None:
-            if _decode_bool(row.get(on_air[1]), on_air[1]) is False:
-                values[on_air[0]] = (O2_FLOW, 0.0, None)
-        return values
-
-    def _decode_value(self, code: str, raw: Any, column: str) -> tuple[float | None, str | None]:
-        if raw is None:
-            return None, None
-        if code == CONSCIOUSNESS:
-            letter = acvpu_letter(raw, column)
-            return float(ACVPU_ORDINAL[letter]), letter
-        value = to_canonical_unit(code, _decode_number(raw, self.schemas.get(column), column),
-                                  self.mapping.columns[column][1])
-        if value is None:
-            raise Reject(Reason.UNKNOWN_UNIT, f"{column}: no conversion from the mapped unit")
-        return plausible(code, value, column), None
-
-    # --- d -----------------------------------------------------------------------------------
-
-    def retract_row(self) -> list[CanonicalEvent]:
-        before = self.before or {}
-        patient = self._patient(before) or self._patient(self.key_row)
-        if patient is None:
-            raise Reject(Reason.MISSING_PATIENT, _MISSING_PATIENT_HINT)
-        encounter = _text(before.get(self.mapping.encounter_column)) if self.mapping.encounter_column else None
-        # under REPLICA IDENTITY DEFAULT `before` has no time: the commit time stands in
-        effective_ms = self._time(before) if self.mapping.time_column in before else None
-        return self._retractions(patient, encounter, effective_ms or self.issued_ms)
-
-    def _retractions(self, patient: str, encounter: str | None, effective_ms: int) -> list[CanonicalEvent]:
-        codes = dict.fromkeys(code for code, _unit in self.mapping.columns.values())
-        return [self._event(patient, encounter, code, None, None, effective_ms, Status.ENTERED_IN_ERROR)
-                for code in codes]
-
-    # --- shared ------------------------------------------------------------------------------
-
     def _patient(self, row: dict) -> str | None:
         return _text(row.get(self.mapping.patient_column))
 
-    def _time(self, row: dict) -> int | None:
-        column = self.mapping.time_column
+    def _encounter(self, row: dict) -> str | None:
+        column = self.mapping.encounter_column
+        return _text(row.get(column)) if column else None
+
+    def _time(self, row: dict, column: str) -> int | None:
         raw = row.get(column)
         if raw is None or raw == UNAVAILABLE:
             return None
         return _decode_time_ms(raw, self.schemas.get(column), column)
 
-    def _event(self, patient: str, encounter: str | None, code: str, value: float | None,
-               text: str | None, effective_ms: int, status: Status) -> CanonicalEvent:
+    def _required_time(self, row: dict, column: str) -> int:
+        ms = self._time(row, column)
+        if ms is None:
+            raise Reject(Reason.MISSING_TIME, f"row has no {column}")
+        return ms
+
+    def _deleted_time(self, before: dict, column: str) -> int:
+        """Under REPLICA IDENTITY DEFAULT `before` has no time: the commit time stands in."""
+        return (self._time(before, column) if column in before else None) or self.issued_ms
+
+    def _event(self, patient: str, encounter: str | None, code: str, value: float | None, text: str | None,
+               effective_ms: int, status: Status, *, issued_ms: int | None = None,
+               fact_suffix: str = "") -> CanonicalEvent:
+        context = code in CONTEXT_CODES  # who/where facts: no unit, their own code system
         return CanonicalEvent(
-            patient_id=patient, code=code, value=value, unit=CODES[code].unit,
-            effective_ms=effective_ms, issued_ms=self.issued_ms, status=status, source=Source.CDC,
-            fact_id=f"cdc:{self.mapping.table}:{self.pk}:{code}", version=self.lsn,
-            encounter_id=encounter, value_text=text, provenance=self.provenance,
+            patient_id=patient, code=code, value=value, unit=None if context else CODES[code].unit,
+            effective_ms=effective_ms, issued_ms=self.issued_ms if issued_ms is None else issued_ms,
+            status=status, source=Source.CDC, fact_id=f"cdc:{self.mapping.table}:{self.pk}:{code}{fact_suffix}",
+            version=self.lsn, encounter_id=encounter, value_text=text, provenance=self.provenance,
+            **({"code_system": CONTEXT} if context else {}),
         )
+
+    def _retraction(self, patient: str, encounter: str | None, code: str, effective_ms: int,
+                    **kwargs: Any) -> CanonicalEvent:
+        return self._event(patient, encounter, code, None, None, effective_ms, Status.ENTERED_IN_ERROR, **kwargs)
+
+    def _number(self, code: str, raw: Any, column: str, unit: str | None) -> float:
+        """A measurement in the canonical unit of `code`, checked for plausibility."""
+        value = to_canonical_unit(code, _decode_number(raw, self.schemas.get(column), column), unit)
+        if value is None:
+            raise Reject(Reason.UNKNOWN_UNIT, f"{column}: no conversion from unit {str(unit)[:20]!r} "
+                                              f"to {CODES[code].unit} for {CODES[code].name}")
+        return plausible(code, value, column)
+
+
+# --- wide rows: one event per mapped column ------------------------------------------------------
+
+
+class _WideChange(_Change):
+    mapping: TableMapping
+
+    def row_events(self) -> list[CanonicalEvent]:
+        row, patient = self._after_row()
+        effective_ms = self._required_time(row, self.mapping.time_column)
+        encounter = self._encounter(row)
+        events = []
+        for column, (code, value, text) in self._values(row).items():
+            if value is not None:
+                events.append(self._event(patient, encounter, code, value, text, effective_ms, Status.FINAL))
+            elif self.op == "u" and self._was_set_before(column):
+                events.append(self._retraction(patient, encounter, code, effective_ms))
+        old_patient = self._moved_from(patient)
+        if old_patient is not None:  # the row's facts leave the old patient's record
+            events += self._retractions(old_patient, None, self._time(self.before, self.mapping.time_column)
+                                        or effective_ms)
+        return events
+
+    def _values(self, row: dict) -> dict[str, tuple[str, float | None, str | None]]:
+        """column -> (code, canonical value or None when null, text); unavailable columns omitted."""
+        values = {}
+        for column, (code, unit) in self.mapping.columns.items():
+            raw = row.get(column)
+            if raw == UNAVAILABLE:
+                continue
+            values[column] = (code, *self._decode_value(code, raw, column, unit))
+        on_air = self.mapping.on_air
+        if on_air and on_air[0] in values and values[on_air[0]][1] is None:
+            if _decode_bool(row.get(on_air[1]), on_air[1]) is False:
+                values[on_air[0]] = (O2_FLOW, 0.0, None)
+        return values
+
+    def _decode_value(self, code: str, raw: Any, column: str, unit: str) -> tuple[float | None, str | None]:
+        if raw is None:
+            return None, None
+        if code == CONSCIOUSNESS:
+            letter = acvpu_letter(raw, column)
+            return float(ACVPU_ORDINAL[letter]), letter
+        return self._number(code, raw, column, unit), None
+
+    def retract_row(self) -> list[CanonicalEvent]:
+        before, patient = self._deleted_row()
+        return self._retractions(patient, self._encounter(before), self._deleted_time(before, self.mapping.time_column))
+
+    def _retractions(self, patient: str, encounter: str | None, effective_ms: int) -> list[CanonicalEvent]:
+        codes = dict.fromkeys(code for code, _unit in self.mapping.columns.values())
+        return [self._retraction(patient, encounter, code, effective_ms) for code in codes]
+
+
+# --- long rows: one coded result per row ---------------------------------------------------------
+
+
+class _LongChange(_Change):
+    mapping: LongTable
+
+    def row_events(self) -> list[CanonicalEvent] | Ignored:
+        m = self.mapping
+        row, patient = self._after_row()
+        code = self._code(row)
+        effective_ms = self._required_time(row, m.time_column)
+        encounter = self._encounter(row)
+        events = []
+        moved_from, old_code = self._moved_from(patient), self._old_code(code)
+        if (moved_from is not None or old_code != code) and old_code is not None:
+            # the old fact leaves: the row moved to another patient, or names another test now
+            old_effective = self._time(self.before, m.time_column) or effective_ms
+            events.append(self._retraction(moved_from or patient, encounter, old_code, old_effective))
+        if code is None:
+            return events or Ignored("unmapped_code")
+        issued_ms = self._time(row, m.issued_column) or self.issued_ms  # (the commit time if missing)
+        status = self._status(row)
+        raw = row.get(m.value_column)
+        if raw == UNAVAILABLE:
+            return events
+        if status.retracts or raw is None:
+            if status.retracts or (self.op == "u" and self._was_set_before(m.value_column)):
+                events.append(self._retraction(patient, encounter, code, effective_ms, issued_ms=issued_ms))
+            return events
+        value = self._number(code, raw, m.value_column, _text(row.get(m.unit_column)))
+        events.append(self._event(patient, encounter, code, value, None, effective_ms, status, issued_ms=issued_ms))
+        return events
+
+    def _old_code(self, code: str | None) -> str | None:
+        """The code the row had before an update (the same code when `before` cannot tell)."""
+        raw = self.before.get(self.mapping.code_column) if self.op == "u" and self.before else None
+        return code if raw is None or raw == UNAVAILABLE else self._code(self.before)
+
+    def retract_row(self) -> list[CanonicalEvent] | Ignored:
+        m = self.mapping
+        before, patient = self._deleted_row()
+        if _text(before.get(m.code_column)) is not None:
+            code = self._code(before)
+            if code is None:
+                return Ignored("unmapped_code")
+            codes = (code,)
+        else:  # REPLICA IDENTITY DEFAULT: the code is unknown, retract every code the row may have had
+            codes = m.codes
+        effective_ms = self._deleted_time(before, m.time_column)
+        return [self._retraction(patient, self._encounter(before), c, effective_ms) for c in codes]
+
+    def _code(self, row: dict) -> str | None:
+        """The canonical code of the row's test; None when wardwatch does not use it."""
+        raw = _text(row.get(self.mapping.code_column))
+        code = canonical_code(raw) if raw else None
+        return code if code in self.mapping.codes else None
+
+    def _status(self, row: dict) -> Status:
+        raw = row.get(self.mapping.status_column)
+        if raw is None or raw == UNAVAILABLE:  # the column defaults to final
+            return Status.FINAL
+        status = STATUSES.get(raw.strip().lower()) if isinstance(raw, str) else None
+        if status is None:
+            raise Reject(Reason.BAD_VALUE, f"{self.mapping.status_column}: not one of {', '.join(STATUSES)}")
+        return status
+
+
+# --- context rows: encounter and patient facts ---------------------------------------------------
+
+
+class _ContextChange(_Change):
+    mapping: ContextTable
+
+    def row_events(self) -> list[CanonicalEvent]:
+        row, patient = self._after_row()
+        encounter = self._encounter(row)
+        events = []
+        for fact in self.mapping.facts:
+            if any(row.get(c) == UNAVAILABLE for c in (fact.presence, fact.text_column, fact.year_column) if c):
+                continue  # an unchanged TOASTed column carries no new value
+            if fact.presence and row.get(fact.presence) is None:
+                if self.op == "u" and not fact.per_time and self._was_set_before(fact.presence):
+                    events.append(self._retraction(patient, encounter, fact.code, self._effective(row, fact)))
+                continue
+            if self.op == "u" and fact.per_time and not self._changed(fact.presence):
+                continue  # e.g. the same ward again: not a transfer
+            effective_ms = self._effective(row, fact)
+            value, text = self._payload(row, fact)
+            events.append(self._event(patient, encounter, fact.code, value, text, effective_ms, Status.FINAL,
+                                      fact_suffix=f":{effective_ms}" if fact.per_time else ""))
+        moved_from = self._moved_from(patient)
+        if moved_from is not None:
+            events += self._retractions(moved_from, self._encounter(self.before), self.before)
+        return events
+
+    def retract_row(self) -> list[CanonicalEvent]:
+        before, patient = self._deleted_row()
+        return self._retractions(patient, self._encounter(before) or self._encounter(self.key_row), before)
+
+    def _retractions(self, patient: str, encounter: str | None, before: dict) -> list[CanonicalEvent]:
+        """Retract the facts with a fixed id; per-time facts cannot be enumerated (module docstring)."""
+        return [self._retraction(patient, encounter, f.code, self._deleted_time(before, f.time_column))
+                for f in self.mapping.facts if not f.per_time]
+
+    def _effective(self, row: dict, fact: ContextFact) -> int:
+        """The fact's time column; on an update its update-time column when it has one and it is set."""
+        if self.op == "u" and fact.update_time_column:
+            ms = self._time(row, fact.update_time_column)
+            if ms is not None:
+                return ms
+        # (a discharge retraction has no discharge time left: the update's commit time stands in)
+        ms = self._time(row, fact.time_column)
+        if ms is None and fact.time_column == fact.presence:
+            return self.issued_ms
+        if ms is None:
+            raise Reject(Reason.MISSING_TIME, f"row has no {fact.time_column}")
+        return ms
+
+    def _changed(self, column: str) -> bool:
+        """Whether an update changed the column (True when `before` cannot tell)."""
+        if self.before is None or column not in self.before or self.before[column] == UNAVAILABLE:
+            return True
+        return self.before[column] != self.after.get(column)
+
+    def _payload(self, row: dict, fact: ContextFact) -> tuple[float | None, str | None]:
+        """(value, value_text) of a present fact."""
+        if fact.year_column:
+            column = fact.year_column
+            return float(_decode_year(row.get(column), self.schemas.get(column), column)), None
+        raw = row.get(fact.text_column) if fact.text_column else None
+        if raw is None:
+            return None, None
+        text = _text(raw)
+        if text is None:
+            raise Reject(Reason.BAD_VALUE, f"{fact.text_column}: not a text")
+        if fact.allowed_text is not None:
+            text = text.lower()
+            if text not in fact.allowed_text:
+                raise Reject(Reason.BAD_VALUE, f"{fact.text_column}: not one of {', '.join(fact.allowed_text)}")
+        return None, text
+
+
+_SHAPES: dict[type, type[_Change]] = {TableMapping: _WideChange, LongTable: _LongChange,
+                                      ContextTable: _ContextChange}
 
 
 # --- envelope helpers ----------------------------------------------------------------------------
@@ -346,6 +560,33 @@ def _decode_time_ms(raw: Any, schema: dict | None, what: str) -> int:
     else:
         raise Reject(Reason.BAD_VALUE, f"{what}: unsupported time type {str(name)[:60]}")
     return checked_time_ms(ms, what)
+
+
+def _decode_year(raw: Any, schema: dict | None, what: str) -> int:
+    """The year of a date column: days since the epoch (Date, or any integer without a schema), an
+    ISO date string, or a timestamp type the schema names. Only the year leaves this function."""
+    name = schema.get("name") if isinstance(schema, dict) else None
+    if isinstance(raw, str) and _INTEGER.fullmatch(raw.strip()):
+        raw = int(raw)
+    if isinstance(raw, str):
+        try:
+            year = date.fromisoformat(raw.strip()[:10]).year
+        except ValueError as exc:
+            raise Reject(Reason.BAD_VALUE, f"{what}: not an ISO-8601 date") from exc
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        per_day = {None: 1, MICRO_TIMESTAMP: 86_400_000_000, NANO_TIMESTAMP: 86_400_000_000_000,
+                   **dict.fromkeys(DATE_DAYS, 1), **dict.fromkeys(TIMESTAMP_MS, 86_400_000)}.get(name)
+        if per_day is None:
+            raise Reject(Reason.BAD_VALUE, f"{what}: unsupported date type {str(name)[:60]}")
+        days = raw // per_day
+        if not -40_000 < days < 50_000:  # about 1860-2106: beyond is a unit mix-up
+            raise Reject(Reason.BAD_VALUE, f"{what}: date outside {BIRTH_YEARS[0]}-{BIRTH_YEARS[1]}")
+        year = (date(1970, 1, 1) + timedelta(days=days)).year
+    else:
+        raise Reject(Reason.BAD_VALUE, f"{what}: not a date")
+    if not BIRTH_YEARS[0] <= year <= BIRTH_YEARS[1]:
+        raise Reject(Reason.BAD_VALUE, f"{what}: date outside {BIRTH_YEARS[0]}-{BIRTH_YEARS[1]}")
+    return year
 
 
 def _decode_bool(raw: Any, what: str) -> bool | None:

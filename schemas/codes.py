@@ -108,38 +108,80 @@ def to_canonical_unit(code: str, value: float, unit: str | None) -> float | None
     return conv(value) if conv else None
 
 
-# --- the one declarative CDC mapping: table -> column -> (code, unit in that column) -------------
+# --- the one declarative CDC mapping: one entry per EHR table, saying its shape ------------------
+# schemas/cdc.py interprets these declarations and never names a table. The column names are those of
+# deploy/postgres/ehr-schema.sql (the contract with the hospital's database and the Debezium connector).
+# Three shapes:
+#   TableMapping  a wide row: one event per non-null mapped column (a flowsheet row of vitals)
+#   LongTable     a long row: one row is one coded result (code, value and unit in columns)
+#   ContextTable  a row that states CONTEXT facts (admission, ward, discharge, sex, birth year)
 
 
 @dataclass(frozen=True, slots=True)
 class TableMapping:
+    """Wide: one row, many measurements; fact id cdc:<table>:<pk>:<code>."""
+
     table: str
     patient_column: str
     time_column: str
     columns: dict[str, tuple[str, str]]  # column -> (canonical code, unit of the column)
     encounter_column: str | None = None
     pk_column: str = "id"  # names the row in fact ids: cdc:<table>:<pk>:<code>
+    # (flow column, on-oxygen flag column): a null flow with the flag false is a flow of 0 (on air)
+    on_air: tuple[str, str] | None = None
 
 
-CDC_TABLES: dict[str, TableMapping] = {
-    "vital_signs": TableMapping(
-        table="vital_signs",
-        patient_column="patient_id",
-        time_column="measured_at",
-        encounter_column="encounter_id",
-        columns={
-            "heart_rate": (HEART_RATE, "/min"),
-            "respiratory_rate": (RESP_RATE, "/min"),
-            "spo2": (SPO2, "%"),
-            "oxygen_flow_rate_lpm": (O2_FLOW, "L/min"),
-            "systolic_bp": (SYSTOLIC_BP, "mm[Hg]"),
-            "diastolic_bp": (DIASTOLIC_BP, "mm[Hg]"),
-            "temperature": (TEMPERATURE, "Cel"),
-            "consciousness_level": (CONSCIOUSNESS, "{score}"),
-        },
-    ),
-}
+@dataclass(frozen=True, slots=True)
+class LongTable:
+    """Long: one row is one result of a coded test; fact id cdc:<table>:<pk>:<canonical code>."""
 
+    table: str
+    patient_column: str
+    code_column: str  # LOINC; aliases accepted (canonical_code); other codes are ignored, counted
+    value_column: str
+    unit_column: str  # UCUM; converted to the code's canonical unit (to_canonical_unit)
+    time_column: str  # effective: when the specimen was collected
+    issued_column: str  # issued: when the result became available (hours after collection for labs)
+    status_column: str  # preliminary | final | amended | corrected | entered-in-error (retracts)
+    codes: tuple[str, ...]  # the codes a row may carry; a delete whose `before` lacks the code retracts each
+    encounter_column: str | None = None
+    pk_column: str = "id"
+
+
+@dataclass(frozen=True, slots=True)
+class ContextFact:
+    """One CONTEXT fact a row states (code ADMISSION, LOCATION, ...; see the context section below).
+
+    The fact exists while `present_column` (default: its text or year column) is non-null.
+    fact id cdc:<table>:<pk>:<code>, plus :<effective ms> when `per_time` (each transfer is its own fact).
+    """
+
+    code: str
+    time_column: str  # effective time on c / r (and on u unless update_time_column)
+    text_column: str | None = None  # value_text
+    year_column: str | None = None  # value = the year of this date (minimum necessary PHI: never the date)
+    present_column: str | None = None
+    update_time_column: str | None = None  # effective time on u: a transfer happens at updated_at
+    per_time: bool = False
+    allowed_text: tuple[str, ...] | None = None  # value_text vocabulary (lower case); others are bad values
+
+    @property
+    def presence(self) -> str | None:
+        return self.present_column or self.text_column or self.year_column
+
+
+@dataclass(frozen=True, slots=True)
+class ContextTable:
+    """A row of encounter or patient context: each declared fact becomes one CONTEXT event."""
+
+    table: str
+    patient_column: str
+    pk_column: str
+    facts: tuple[ContextFact, ...]
+    encounter_column: str | None = None
+
+
+CdcMapping = TableMapping | LongTable | ContextTable
 
 # --- context facts: who and where the patient is, not measurements ------------------------------
 # Canonical events with code_system CONTEXT carry encounter and patient facts from CDC (encounters,
@@ -158,3 +200,62 @@ CONTEXT_CODES = (ADMISSION, LOCATION, DISCHARGE, SEX, BIRTH_YEAR)
 
 def is_context(code_system: str) -> bool:
     return code_system == CONTEXT
+
+
+# --- the mapping itself ----------------------------------------------------------------------------
+ADMINISTRATIVE_SEX = ("male", "female", "other", "unknown")
+
+CDC_TABLES: dict[str, CdcMapping] = {
+    "vital_signs": TableMapping(
+        table="vital_signs",
+        patient_column="patient_id",
+        time_column="measured_at",
+        encounter_column="encounter_id",
+        columns={
+            "heart_rate": (HEART_RATE, "/min"),
+            "respiratory_rate": (RESP_RATE, "/min"),
+            "spo2": (SPO2, "%"),
+            "oxygen_flow_rate_lpm": (O2_FLOW, "L/min"),
+            "systolic_bp": (SYSTOLIC_BP, "mm[Hg]"),
+            "diastolic_bp": (DIASTOLIC_BP, "mm[Hg]"),
+            "temperature": (TEMPERATURE, "Cel"),
+            "consciousness_level": (CONSCIOUSNESS, "{score}"),
+        },
+        on_air=("oxygen_flow_rate_lpm", "on_supplemental_oxygen"),
+    ),
+    "lab_results": LongTable(
+        table="lab_results",
+        patient_column="patient_id",
+        encounter_column="encounter_id",
+        code_column="loinc_code",
+        value_column="value",
+        unit_column="unit",
+        time_column="collected_at",
+        issued_column="resulted_at",
+        status_column="status",
+        codes=(LACTATE, WBC, CREATININE, PLATELETS),
+    ),
+    "encounters": ContextTable(
+        table="encounters",
+        patient_column="patient_id",
+        pk_column="encounter_id",
+        encounter_column="encounter_id",
+        facts=(
+            ContextFact(ADMISSION, time_column="admitted_at", text_column="encounter_class",
+                        present_column="admitted_at"),
+            # a transfer is an update that changes the ward: its own fact, at the update's time
+            ContextFact(LOCATION, time_column="admitted_at", text_column="ward",
+                        update_time_column="updated_at", per_time=True),
+            ContextFact(DISCHARGE, time_column="discharged_at", present_column="discharged_at"),
+        ),
+    ),
+    "patients": ContextTable(
+        table="patients",
+        patient_column="patient_id",
+        pk_column="patient_id",
+        facts=(
+            ContextFact(SEX, time_column="updated_at", text_column="sex", allowed_text=ADMINISTRATIVE_SEX),
+            ContextFact(BIRTH_YEAR, time_column="updated_at", year_column="birth_date"),
+        ),
+    ),
+}

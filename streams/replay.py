@@ -5,6 +5,9 @@ schemas.enable=true, decimal.handling.mode=precise, REPLICA IDENTITY FULL); labs
 subscription notifications (a `history` Bundle: SubscriptionStatus, then the full Observation).
 Both are merged by availability time (vitals when charted, labs when issued), then realistic faults
 are injected and recorded in a manifest so tests and the demo can check that every one was handled.
+Last, the context tables are merged in by commit time, without faults: a `patients` row per patient
+(at registration, before the first admission) and an `encounters` insert per stay (in progress, at
+admission, before any of its vitals), updated to finished when the discharge falls within the replay.
 
     generate_cohort(cache, patients=8, seed=7)        -> cohort dir (csv/, fhir_r4/, cohort.json)
     build_replay(cohort_dir, faults=True, seed=0)     -> Replay(messages, manifest)
@@ -202,6 +205,31 @@ VITAL_COLUMNS: tuple[tuple[str, str, int, int], ...] = (
     ("consciousness_level", "text", 0, 0),
 )
 _MEASUREMENT_COLUMNS = VITAL_COLUMNS[4:]  # the ones clinosim's CSV fills
+# the context tables of deploy/postgres/ehr-schema.sql, in column order
+PATIENT_COLUMNS: tuple[tuple[str, str, int, int], ...] = (
+    ("patient_id", "text", 0, 0),
+    ("birth_date", "date", 0, 0),
+    ("sex", "text", 0, 0),
+    ("updated_at", "timestamp", 0, 0),
+)
+ENCOUNTER_COLUMNS: tuple[tuple[str, str, int, int], ...] = (
+    ("encounter_id", "text", 0, 0),
+    ("patient_id", "text", 0, 0),
+    ("encounter_class", "text", 0, 0),
+    ("status", "text", 0, 0),
+    ("ward", "text", 0, 0),
+    ("bed", "text", 0, 0),
+    ("admitted_at", "timestamp", 0, 0),
+    ("discharged_at", "timestamp", 0, 0),
+    ("updated_at", "timestamp", 0, 0),
+)
+# table -> (columns, NOT NULL columns)
+TABLE_COLUMNS = {
+    "vital_signs": (VITAL_COLUMNS, ("id", "patient_id", "measured_at")),
+    "patients": (PATIENT_COLUMNS, ("patient_id", "updated_at")),
+    "encounters": (ENCOUNTER_COLUMNS, ("encounter_id", "patient_id", "encounter_class", "status", "admitted_at",
+                                       "updated_at")),
+}
 _VITAL_MAPPING = codes.CDC_TABLES["vital_signs"]
 
 
@@ -315,6 +343,50 @@ def load_labs(cohort_dir: Path) -> list[LabResult]:
     return labs
 
 
+@dataclass(frozen=True, slots=True)
+class PatientRow:
+    patient_id: str
+    birth_year: int  # clinosim gives the age only: the year of the first admission minus the age
+    sex: str  # administrative gender: male | female | other | unknown
+
+
+@dataclass(frozen=True, slots=True)
+class EncounterRow:
+    encounter_id: str
+    patient_id: str
+    encounter_class: str
+    ward: str | None
+    bed: str | None
+    admitted_us: int
+    discharged_us: int | None
+
+
+CLINOSIM_SEX = {"M": "male", "F": "female", "O": "other", "U": "unknown"}
+
+
+def load_context(cohort_dir: Path) -> tuple[list[PatientRow], list[EncounterRow]]:
+    """The patients and encounters tables, from clinosim's patients.csv and encounters.csv."""
+    encounters = []
+    with (Path(cohort_dir) / "csv" / "encounters.csv").open() as f:
+        for r in csv.DictReader(f):
+            discharged = parse_time_us(r["discharge_datetime"]) if r.get("discharge_datetime") else None
+            encounters.append(EncounterRow(r["encounter_id"], r["patient_id"], r.get("encounter_type") or "inpatient",
+                                           r.get("ward_id") or None, r.get("bed_number") or None,
+                                           parse_time_us(r["admission_datetime"]), discharged))
+    first_admission: dict[str, int] = {}
+    for e in encounters:
+        first_admission[e.patient_id] = min(e.admitted_us, first_admission.get(e.patient_id, e.admitted_us))
+    patients = []
+    with (Path(cohort_dir) / "csv" / "patients.csv").open() as f:
+        for r in csv.DictReader(f):
+            admitted = first_admission.get(r["patient_id"])
+            if admitted is None:  # never admitted: nothing of theirs is replayed
+                continue
+            year = datetime.fromtimestamp(admitted // 1_000_000, UTC).year - int(r["age"])
+            patients.append(PatientRow(r["patient_id"], year, CLINOSIM_SEX.get(r.get("sex", "").upper(), "unknown")))
+    return patients, encounters
+
+
 def cdc_fact_ids(row_id: int, values: dict[str, Any]) -> list[str]:
     return [f"cdc:vital_signs:{row_id}:{code}" for column, (code, _) in _VITAL_MAPPING.columns.items()
             if values.get(column) is not None]
@@ -340,21 +412,25 @@ def encode_decimal(value: Decimal, scale: int) -> str:
     return base64.b64encode(unscaled.to_bytes(magnitude.bit_length() // 8 + 1, "big", signed=True)).decode()
 
 
-def _field_schema(name: str, pg_type: str, precision: int, scale: int) -> dict[str, Any]:
-    optional = name not in ("id", "patient_id", "measured_at")
+def _field_schema(name: str, pg_type: str, precision: int, scale: int,
+                  required: tuple[str, ...] = ("id", "patient_id", "measured_at")) -> dict[str, Any]:
+    optional = name not in required
     if pg_type == "numeric":
         return {"type": "bytes", "optional": optional, "name": "org.apache.kafka.connect.data.Decimal", "version": 1,
                 "parameters": {"scale": str(scale), "connect.decimal.precision": str(precision)}, "field": name}
     if pg_type == "timestamp":
         return {"type": "int64", "optional": optional, "name": "io.debezium.time.MicroTimestamp", "version": 1,
                 "field": name}
+    if pg_type == "date":
+        return {"type": "int32", "optional": optional, "name": "io.debezium.time.Date", "version": 1, "field": name}
     kafka_type = {"bigint": "int64", "int4": "int32", "boolean": "boolean", "text": "string"}[pg_type]
     return {"type": kafka_type, "optional": optional, "field": name}
 
 
 def _debezium_schemas(table: str) -> tuple[dict, dict]:
     prefix = f"{SERVER_NAME}.public.{table}"
-    row_fields = [_field_schema(*c) for c in VITAL_COLUMNS]
+    columns, required = TABLE_COLUMNS[table]
+    row_fields = [_field_schema(*c, required=required) for c in columns]
     key_schema = {"type": "struct", "fields": [f for f in row_fields if f["field"] == "patient_id"],
                   "optional": False, "name": f"{prefix}.Key"}
     row = {"type": "struct", "fields": row_fields, "optional": True, "name": f"{prefix}.Value"}
@@ -391,7 +467,7 @@ def _debezium_schemas(table: str) -> tuple[dict, dict]:
     return key_schema, value_schema
 
 
-_KEY_SCHEMA, _VALUE_SCHEMA = _debezium_schemas("vital_signs")
+_SCHEMAS = {table: _debezium_schemas(table) for table in TABLE_COLUMNS}  # table -> (key schema, value schema)
 
 
 def row_payload(row_id: int, row: VitalRow, values: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -414,10 +490,10 @@ class CommitInfo:
     emitted_ms: int  # when the connector processed it
 
 
-def debezium_key(row_id: int, patient_id: str) -> bytes:
-    """Keyed by patient (message.key.columns=public.vital_signs:patient_id) so every change of one
+def debezium_key(row_id: int, patient_id: str, table: str = "vital_signs") -> bytes:
+    """Keyed by patient (message.key.columns=public.<table>:patient_id) so every change of one
     patient lands in one partition, in commit order; the row id stays in the value."""
-    return orjson.dumps({"schema": _KEY_SCHEMA, "payload": {"patient_id": patient_id}})
+    return orjson.dumps({"schema": _SCHEMAS[table][0], "payload": {"patient_id": patient_id}})
 
 
 def debezium_value(op: str, before: dict | None, after: dict | None, commit: CommitInfo, table: str) -> bytes:
@@ -430,7 +506,7 @@ def debezium_value(op: str, before: dict | None, after: dict | None, commit: Com
     }
     payload = {"before": before, "after": after, "source": source, "transaction": None, "op": op,
                "ts_ms": commit.emitted_ms, "ts_us": commit.emitted_ms * 1000, "ts_ns": commit.emitted_ms * 1_000_000}
-    return orjson.dumps({"schema": _VALUE_SCHEMA, "payload": payload})
+    return orjson.dumps({"schema": _SCHEMAS[table][1], "payload": payload})
 
 
 # ================================================================================================
@@ -534,6 +610,7 @@ class Item:
     column: str | None = None  # for a cross-source duplicate: the CDC column it repeats
     subscription: str = LAB_SUBSCRIPTION
     fault: str | None = None
+    context: tuple[str, dict | None, dict] | None = None  # patients / encounters change: (table, before, after)
     # filled by commit()
     row_id: int | None = None
     messages: list["Delivered"] = field(default_factory=list)
@@ -816,6 +893,91 @@ def _deliver(stream: list[Delivered], rng: random.Random, plan: FaultPlan, invol
 
 
 # ================================================================================================
+# 7b. the context tables: patients and encounters, merged in by commit time
+# ================================================================================================
+
+REGISTRATION_LEAD_US = 10 * 60 * 1_000_000  # a patient is registered before the first admission
+ENCOUNTER_STATUS = ("in-progress", "finished")
+
+
+def _context_items(cohort_dir: Path, keep: set[str], stream: list[Delivered]) -> list[Item]:
+    """Each kept patient's row (at registration), each encounter's insert (at admission, before any of
+    its vitals) and, when the discharge falls within the replay's time span, the update that finishes it.
+    An encounter discharged after the span stays in progress, as it would be in a live EHR."""
+    patients, encounters = load_context(cohort_dir)
+    start, end = min(d.item.at_us for d in stream), max(d.item.at_us for d in stream)
+    first_seen: dict[str, int] = {}  # patient -> availability of their first message
+    for d in stream:
+        if d.item.patient_id in keep:
+            first_seen[d.item.patient_id] = min(d.item.at_us, first_seen.get(d.item.patient_id, d.item.at_us))
+    items = []
+    first_encounter: dict[str, int] = {}
+    for e in sorted((e for e in encounters if e.patient_id in keep), key=lambda e: (e.admitted_us, e.encounter_id)):
+        committed = e.admitted_us
+        if e.patient_id not in first_encounter:  # charted vitals may predate the admission's record
+            committed = min(committed, first_seen.get(e.patient_id, committed) - 1_000_000)
+            first_encounter[e.patient_id] = committed
+        admitted = encounter_payload(e, discharged=False)
+        items.append(Item(committed, "encounter_insert", e.patient_id, context=("encounters", None, admitted)))
+        if e.discharged_us is not None and start <= e.discharged_us <= end:
+            items.append(Item(e.discharged_us, "encounter_update", e.patient_id,
+                              context=("encounters", admitted, encounter_payload(e, discharged=True))))
+    for p in patients:
+        if p.patient_id in first_encounter:
+            registered = first_encounter[p.patient_id] - REGISTRATION_LEAD_US
+            row = {"patient_id": p.patient_id, "birth_date": _mid_year_days(p.birth_year), "sex": p.sex,
+                   "updated_at": registered}
+            items.append(Item(registered, "patient_insert", p.patient_id, context=("patients", None, row)))
+    return items
+
+
+def encounter_payload(e: EncounterRow, *, discharged: bool) -> dict[str, Any]:
+    """The encounters row as Debezium writes it (timestamps in µs): in progress, or finished."""
+    return {"encounter_id": e.encounter_id, "patient_id": e.patient_id, "encounter_class": e.encounter_class,
+            "status": ENCOUNTER_STATUS[discharged], "ward": e.ward, "bed": e.bed, "admitted_at": e.admitted_us,
+            "discharged_at": e.discharged_us if discharged else None,
+            "updated_at": e.discharged_us if discharged else e.admitted_us}
+
+
+def _mid_year_days(year: int) -> int:
+    """A birth_date for a birth year (days since the epoch, io.debezium.time.Date): clinosim has the age only."""
+    return (datetime(year, 7, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days
+
+
+def _with_context(stream: list[Delivered], context: list[Item], rng: random.Random) -> list[Delivered]:
+    """The stream with the context changes merged in by commit time. The other messages keep their
+    relative order (and so their faults and manifest); a context change takes an lsn just after the
+    last change committed before it, as PostgreSQL's lsns are global."""
+    pending = sorted(context, key=lambda i: (i.at_us, i.action != "patient_insert"))
+    out: list[Delivered] = []
+    lsn, tx_id, k = 24_020_000, 7_200, 0  # below the first change _commit numbers
+
+    def emit(it: Item) -> None:
+        nonlocal lsn, tx_id
+        last_commit_lsn, lsn = lsn + 48, lsn + rng.randint(8, 40)
+        tx_id += 1
+        table, before, after = it.context
+        commit = CommitInfo(lsn, last_commit_lsn, tx_id, it.at_us, it.at_us // 1000 + rng.randint(3, 40))
+        op = "u" if before is not None else "c"
+        message = RawMessage("cdc", table, debezium_key(0, it.patient_id, table),
+                             debezium_value(op, before, after, commit, table))
+        it.messages.append(Delivered(message, it))
+        out.append(it.messages[-1])
+
+    for d in stream:
+        while k < len(pending) and pending[k].at_us <= d.item.at_us:
+            emit(pending[k])
+            k += 1
+        if d.message.kind == "cdc" and d.message.value is not None and d.item.action in _OPS:
+            source = orjson.loads(d.message.value)["payload"]["source"]
+            lsn, tx_id = max(lsn, source["lsn"]), max(tx_id, source["txId"])
+        out.append(d)
+    for it in pending[k:]:
+        emit(it)
+    return out
+
+
+# ================================================================================================
 # 8. the public entry point and its manifest
 # ================================================================================================
 
@@ -845,6 +1007,7 @@ def build_replay(cohort_dir: Path, *, faults: bool = True, seed: int = 0, max_pa
     swaps: list[tuple[Delivered, Delivered]] = []
     if faults:
         stream, swaps = _deliver(stream, rng, plan, involved, allowed_lateness_s)
+    stream = _with_context(stream, _context_items(cohort_dir, keep, stream), random.Random(f"context-{seed}"))
     return Replay([d.message for d in stream], _manifest(stream, items, swaps, patients, faults, seed, late_by_s))
 
 

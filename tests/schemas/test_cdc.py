@@ -6,6 +6,7 @@ Expected values are worked out by hand from the fixture text (see the comments),
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -237,8 +238,13 @@ json_values = st.recursive(
     max_leaves=20,
 )
 COLUMNS = ["id", "patient_id", "measured_at", "heart_rate", "spo2", "oxygen_flow_rate_lpm",
-           "on_supplemental_oxygen", "consciousness_level", "temperature"]
-rows = st.dictionaries(st.sampled_from(COLUMNS), json_values, max_size=len(COLUMNS))
+           "on_supplemental_oxygen", "consciousness_level", "temperature",
+           # lab_results, encounters, patients (deploy/postgres/ehr-schema.sql)
+           "encounter_id", "loinc_code", "value", "unit", "status", "collected_at", "resulted_at",
+           "encounter_class", "ward", "admitted_at", "discharged_at", "updated_at", "birth_date", "sex"]
+column_values = json_values | st.sampled_from(["2524-7", "38483-4", "umol/L", "amended", "entered-in-error",
+                                               "female", "4E", "1936-03-02", "__debezium_unavailable_value"])
+rows = st.dictionaries(st.sampled_from(COLUMNS), column_values, max_size=len(COLUMNS))
 envelopes = st.fixed_dictionaries({
     "op": st.sampled_from(["c", "r", "u", "d", "t", "m", "x"]) | json_values,
     "before": st.none() | rows, "after": st.none() | rows,
@@ -254,20 +260,21 @@ def test_arbitrary_bytes_never_raise(key, value, topic):
     assert isinstance(outcome, OUTCOMES)
 
 
-@settings(max_examples=300, deadline=None)
-@given(envelope=envelopes, key=st.none() | rows)
-def test_arbitrary_envelopes_never_raise(envelope, key):
-    outcome = parse_cdc(f"{CDC_PREFIX}.vital_signs", None if key is None else json.dumps(key).encode(),
+@settings(max_examples=600, deadline=None)
+@given(envelope=envelopes, key=st.none() | rows, table=st.sampled_from(sorted(codes.CDC_TABLES)))
+def test_arbitrary_envelopes_never_raise(envelope, key, table):
+    outcome = parse_cdc(f"{CDC_PREFIX}.{table}", None if key is None else json.dumps(key).encode(),
                         json.dumps(envelope).encode(), partition=0, offset=0, cdc_topic_prefix=CDC_PREFIX)
     assert isinstance(outcome, OUTCOMES)
     if isinstance(outcome, Rejected):
         assert outcome.rejection.reason is not Reason.INTERNAL_ERROR, outcome
 
 
-@settings(max_examples=300, deadline=None)
-@given(name=st.sampled_from(cdc_names()), n=st.integers(0, 10_000), new=json_values)
-def test_mutated_fixtures_never_raise_and_never_hit_internal_errors(name, n, new):
-    msg = cdc_messages(name)[0]
+@settings(max_examples=600, deadline=None)
+@given(name=st.sampled_from(cdc_names()), which=st.integers(0, 2), n=st.integers(0, 10_000), new=column_values)
+def test_mutated_fixtures_never_raise_and_never_hit_internal_errors(name, which, n, new):
+    changes = [m for m in cdc_messages(name) if m.value is not None]  # e.g. a lifecycle's transfer, a pk change's create
+    msg = changes[which % len(changes)]
     doc = replace_nth_value({"key": json.loads(msg.key or b"null"), "value": json.loads(msg.value)}, n, new)
     key = None if doc["key"] is None else json.dumps(doc["key"]).encode()
     outcome = parse(RawMessage(msg.topic, key, json.dumps(doc["value"]).encode()))
@@ -297,3 +304,257 @@ def test_an_lsn_wider_than_int64_is_a_bad_value_not_a_crash_later():
     out = parse_cdc("ehr.public.vital_signs", None, _orjson.dumps(value), partition=0, offset=0,
                     cdc_topic_prefix="ehr.public")
     assert isinstance(out, Rejected) and out.rejection.reason.value == "bad_value"
+
+
+# --- lab_results: one row is one result ----------------------------------------------------------
+
+
+def utc_ms(text: str) -> int:
+    """Epoch ms of a UTC wall-clock time, worked out independently of the parser."""
+    return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp() * 1000)
+
+
+COLLECTED_MS = utc_ms("2024-06-15T14:00:00")  # the specimen was drawn
+RESULTED_MS = utc_ms("2024-06-15T15:30:00")  # the lab released the result
+LAB_CODES = {codes.LACTATE, codes.WBC, codes.CREATININE, codes.PLATELETS}
+
+
+def only_event(name: str, index: int = 0):
+    outcome = parse(cdc_messages(name)[index])
+    assert isinstance(outcome, Parsed), outcome
+    (event,) = outcome.events
+    return event
+
+
+def test_lab_result_is_one_event_at_collection_time_available_when_resulted():
+    lactate = only_event("lab_create_schema_wrapped")
+    assert (lactate.code, lactate.value, lactate.unit) == (codes.LACTATE, 4.2, "mmol/L")  # "AKQQ" = 42000e-4
+    assert lactate.patient_id == "MRN-0001" and lactate.encounter_id == "ENC-0001"
+    # windows use the collection time; what the model could have known uses the result time, not the commit
+    assert lactate.effective_ms == COLLECTED_MS and lactate.issued_ms == RESULTED_MS
+    assert lactate.fact_id == "cdc:lab_results:501:2524-7" and lactate.version == 25010000
+    assert lactate.status is Status.FINAL and lactate.source is Source.CDC
+    assert lactate.provenance == {
+        "table": "lab_results", "pk": "501", "lsn": 25010000, "txId": 1001, "source_ts_ms": 1718465400900,
+        "topic": "ehr.public.lab_results", "partition": 3, "offset": 0, "op": "c", "snapshot": False,
+        "commit_lsn": 25009600,
+    }
+
+
+def test_creatinine_in_umol_per_litre_is_converted_to_mg_per_dl_under_its_canonical_code():
+    creatinine = only_event("lab_creatinine_umol_bare")
+    # 38483-4 is an alias of 2160-0; 176.84 umol/L / 88.42 (umol/L per mg/dL) = 2.0 mg/dL
+    assert (creatinine.code, creatinine.value, creatinine.unit) == (codes.CREATININE, 2.0, "mg/dL")
+    assert creatinine.fact_id == "cdc:lab_results:502:2160-0" and creatinine.encounter_id is None
+
+
+def test_an_amended_lab_supersedes_the_first_result_as_a_new_version_of_the_same_fact():
+    amended = only_event("lab_amended")
+    assert amended.status is Status.AMENDED and amended.value == 3.4  # string decimal "3.4000"
+    assert amended.fact_id == "cdc:lab_results:503:2524-7" and amended.version == 25030000
+    assert amended.effective_ms == COLLECTED_MS  # the same specimen
+    assert amended.issued_ms == utc_ms("2024-06-15T17:45:00")  # known only from the amendment on
+
+
+def test_a_lab_set_to_entered_in_error_retracts_it():
+    retraction = only_event("lab_entered_in_error")
+    assert retraction.status is Status.ENTERED_IN_ERROR and retraction.value is None
+    assert retraction.fact_id == "cdc:lab_results:503:2524-7" and retraction.version > 25030000
+
+
+def test_a_lab_delete_without_the_code_retracts_every_lab_code_of_that_row_then_tombstone():
+    delete, tombstone = (parse(m) for m in cdc_messages("lab_delete_key_only"))
+    assert {e.fact_id for e in delete.events} == {f"cdc:lab_results:503:{c}" for c in LAB_CODES}
+    assert all(e.status.retracts and e.patient_id == "MRN-0001" for e in delete.events)
+    assert isinstance(tombstone, Control) and tombstone.kind == "tombstone"
+
+
+def test_a_lab_delete_with_the_full_row_retracts_just_its_result():
+    msg = cdc_messages("lab_delete_key_only")[0]
+    doc = json.loads(msg.value)
+    doc["payload"]["before"] = json.loads(cdc_message("lab_amended").value)["after"]
+    (event,) = parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode())).events
+    assert event.fact_id == "cdc:lab_results:503:2524-7" and event.status.retracts
+    assert event.effective_ms == COLLECTED_MS
+
+
+def lab_row_update(**changes) -> RawMessage:
+    """The amended lactate row updated again with `changes` (REPLICA IDENTITY FULL)."""
+    msg = cdc_message("lab_amended")
+    doc = json.loads(msg.value)
+    doc["before"], doc["after"] = doc["after"], {**doc["after"], **changes}
+    doc["source"]["lsn"] += 1000
+    return RawMessage(msg.topic, msg.key, json.dumps(doc).encode())
+
+
+def test_a_lab_whose_code_is_corrected_retracts_the_old_test_and_states_the_new_one():
+    outcome = parse(lab_row_update(loinc_code="6690-2", value="11.2000", unit="10*3/uL", status="corrected"))
+    facts = {e.fact_id: e for e in outcome.events}
+    assert facts["cdc:lab_results:503:2524-7"].status.retracts
+    wbc = facts["cdc:lab_results:503:6690-2"]
+    assert (wbc.value, wbc.status) == (11.2, Status.CORRECTED)
+
+
+def test_a_lab_row_moved_to_another_patient_leaves_the_old_patients_record():
+    outcome = parse(lab_row_update(patient_id="MRN-0009"))
+    by_patient = {e.patient_id: e for e in outcome.events}
+    assert by_patient["MRN-0001"].status.retracts and by_patient["MRN-0009"].value == 3.4
+
+
+def test_a_lab_with_an_unknown_status_is_a_bad_value():
+    outcome = parse(lab_row_update(status="maybe"))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.BAD_VALUE
+    assert "entered-in-error" in outcome.rejection.detail  # tells the operator the vocabulary
+
+
+def test_a_lab_code_wardwatch_does_not_use_is_ignored_and_counted():
+    outcome = parse(cdc_message("lab_unmapped_code"))
+    assert isinstance(outcome, Ignored) and outcome.kind == "unmapped_code"
+
+
+@pytest.mark.parametrize(("name", "reason", "words"), [
+    ("lab_absurd_value", Reason.IMPLAUSIBLE_VALUE, "plausible"),  # lactate 400 mmol/L
+    ("lab_unknown_unit", Reason.UNKNOWN_UNIT, "mg/dL"),  # lactate in mg/dL: no conversion declared
+])
+def test_impossible_or_unconvertible_labs_are_dead_lettered_with_a_reason(name, reason, words):
+    r = rejection(name)
+    assert r.reason is reason and words in r.detail and "MRN" not in r.detail
+
+
+# --- encounters: admission, location (transfers), discharge --------------------------------------
+
+ADMIT_MS, TRANSFER_MS, DISCHARGE_MS = (utc_ms("2024-06-15T12:54:00"), utc_ms("2024-06-16T03:10:00"),
+                                       utc_ms("2024-06-20T11:00:00"))
+
+
+def context(outcome) -> dict[str, object]:
+    assert isinstance(outcome, Parsed), outcome
+    assert all(e.code_system == codes.CONTEXT and e.source is Source.CDC for e in outcome.events)
+    result = {e.code: e for e in outcome.events}
+    assert len(result) == len(outcome.events), "one event per context code"
+    return result
+
+
+def test_an_encounters_admission_transfer_and_discharge_are_context_facts():
+    admit, transfer, discharge = (context(parse(m, offset=i)) for i, m in enumerate(cdc_messages("encounter_lifecycle")))
+
+    assert set(admit) == {codes.ADMISSION, codes.LOCATION}  # not discharged yet
+    assert admit[codes.ADMISSION].value_text == "inpatient" and admit[codes.ADMISSION].value is None
+    assert admit[codes.ADMISSION].effective_ms == ADMIT_MS
+    assert admit[codes.ADMISSION].fact_id == "cdc:encounters:ENC-0001:admission"
+    ward = admit[codes.LOCATION]
+    assert (ward.value_text, ward.effective_ms) == ("4E", ADMIT_MS)
+    assert ward.fact_id == f"cdc:encounters:ENC-0001:location:{ADMIT_MS}"
+    assert {e.encounter_id for e in admit.values()} == {"ENC-0001"}
+    assert {e.patient_id for e in admit.values()} == {"MRN-0001"}
+    assert ward.provenance["table"] == "encounters" and ward.provenance["pk"] == "ENC-0001"
+
+    # the transfer is a new location fact at the transfer time; the first ward stays a fact of its own
+    icu = transfer[codes.LOCATION]
+    assert (icu.value_text, icu.effective_ms) == ("ICU", TRANSFER_MS)
+    assert icu.fact_id == f"cdc:encounters:ENC-0001:location:{TRANSFER_MS}"
+    assert codes.DISCHARGE not in transfer  # `before` shows it was never discharged: nothing to retract
+
+    # the discharge: no new location (the ward did not change), the admission merely re-versioned
+    assert set(discharge) == {codes.ADMISSION, codes.DISCHARGE}
+    assert discharge[codes.DISCHARGE].effective_ms == DISCHARGE_MS
+    assert discharge[codes.DISCHARGE].fact_id == "cdc:encounters:ENC-0001:discharge"
+    assert discharge[codes.DISCHARGE].status is Status.FINAL
+    assert discharge[codes.ADMISSION].version > admit[codes.ADMISSION].version
+
+
+def test_a_redelivered_transfer_names_the_same_location_fact():
+    msg = cdc_messages("encounter_lifecycle")[1]
+    first, again = parse(msg, offset=1), parse(msg, offset=77)
+    assert [e.event_id for e in first.events] == [e.event_id for e in again.events]
+
+
+def test_an_encounter_update_without_before_still_records_the_transfer_and_retracts_any_discharge():
+    facts = context(parse(cdc_message("encounter_update_default_identity")))
+    assert (facts[codes.LOCATION].value_text, facts[codes.LOCATION].effective_ms) == ("ICU", TRANSFER_MS)
+    # discharged_at is null and nothing says it was before: a discharge undone must not keep the
+    # patient discharged (and their alerts silenced), so the (maybe unknown) discharge fact is retracted
+    assert facts[codes.DISCHARGE].status.retracts
+
+
+def test_a_snapshot_of_a_finished_encounter_with_iso_times_states_all_three_facts():
+    facts = context(parse(cdc_message("encounter_snapshot_iso")))
+    assert facts[codes.ADMISSION].value_text == "emergency"
+    assert facts[codes.ADMISSION].effective_ms == utc_ms("2024-06-10T08:15:00")
+    assert facts[codes.LOCATION].value_text == "AMU"
+    assert facts[codes.DISCHARGE].effective_ms == utc_ms("2024-06-10T20:40:00")
+    assert all(e.provenance["snapshot"] for e in facts.values())
+
+
+def test_an_encounter_delete_retracts_its_admission_and_discharge():
+    delete, tombstone = (parse(m) for m in cdc_messages("encounter_delete_key_only"))
+    facts = context(delete)
+    assert set(facts) == {codes.ADMISSION, codes.DISCHARGE}  # location facts are not enumerable
+    assert all(e.status.retracts and e.patient_id == "MRN-0001" and e.encounter_id == "ENC-0001"
+               for e in facts.values())
+    assert isinstance(tombstone, Control)
+
+
+def test_an_encounter_primary_key_change_retracts_the_old_encounter_and_admits_the_new_one():
+    delete, tombstone, create = (parse(m) for m in cdc_messages("encounter_pk_change"))
+    assert {e.fact_id for e in delete.events} == {"cdc:encounters:ENC-0001-A:admission",
+                                                  "cdc:encounters:ENC-0001-A:discharge"}
+    assert all(e.status.retracts for e in delete.events)
+    assert isinstance(tombstone, Control)
+    new = context(create)
+    assert new[codes.ADMISSION].fact_id == "cdc:encounters:ENC-0001-B:admission"
+    assert new[codes.LOCATION].value_text == "4E" and new[codes.ADMISSION].effective_ms == ADMIT_MS
+
+
+def test_an_encounter_without_its_admission_time_is_dead_lettered():
+    msg = cdc_messages("encounter_lifecycle")[0]
+    doc = json.loads(msg.value)
+    doc["payload"]["after"]["admitted_at"] = None
+    outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode()))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.MISSING_TIME
+
+
+# --- patients: sex and birth year (never the birth date) -----------------------------------------
+
+
+def test_a_patient_row_gives_sex_and_birth_year_only():
+    facts = context(parse(cdc_message("patient_create_schema_wrapped")))
+    assert set(facts) == {codes.SEX, codes.BIRTH_YEAR}
+    assert facts[codes.SEX].value_text == "female" and facts[codes.SEX].value is None
+    assert facts[codes.BIRTH_YEAR].value == 1936 and facts[codes.BIRTH_YEAR].value_text is None  # born 1936-03-02
+    assert {e.effective_ms for e in facts.values()} == {utc_ms("2024-06-15T12:50:00")}  # updated_at
+    assert facts[codes.SEX].fact_id == "cdc:patients:MRN-0001:sex"
+    assert facts[codes.BIRTH_YEAR].fact_id == "cdc:patients:MRN-0001:birth-year"
+    assert all(e.encounter_id is None for e in facts.values())
+    assert "03-02" not in json.dumps([e.to_dict() for e in facts.values()])  # minimum necessary PHI
+
+
+def test_a_bare_patient_row_with_a_day_count_and_capitalised_sex():
+    facts = context(parse(cdc_message("patient_bare")))
+    assert facts[codes.BIRTH_YEAR].value == 1987  # born 1987-12-31: the last day still counts
+    assert facts[codes.SEX].value_text == "male"
+
+
+@pytest.mark.parametrize(("birth_date", "year"), [("1987-12-31", 1987), ("1950-01-01T00:00:00", 1950), ("-7000", 1950)])
+def test_birth_dates_as_iso_strings_or_day_strings(birth_date, year):
+    msg = cdc_message("patient_bare")
+    doc = json.loads(msg.value)
+    doc["after"]["birth_date"] = birth_date
+    assert context(parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode())))[codes.BIRTH_YEAR].value == year
+
+
+@pytest.mark.parametrize(("column", "raw"), [("sex", "yes"), ("birth_date", 10**9), ("birth_date", "30/02/1950")])
+def test_a_patient_row_with_an_unreadable_value_is_a_bad_value(column, raw):
+    msg = cdc_message("patient_bare")
+    doc = json.loads(msg.value)
+    doc["after"][column] = raw
+    outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode()))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.BAD_VALUE
+
+
+def test_a_patient_delete_retracts_sex_and_birth_year():
+    msg = cdc_message("patient_bare")
+    doc = json.loads(msg.value)
+    doc["op"], doc["before"], doc["after"] = "d", {"patient_id": "MRN-0002"}, None
+    facts = context(parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode())))
+    assert set(facts) == {codes.SEX, codes.BIRTH_YEAR} and all(e.status.retracts for e in facts.values())

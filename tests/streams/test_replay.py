@@ -65,6 +65,10 @@ def is_cdc_change(m: RawMessage) -> bool:
     return isinstance(v, dict) and "payload" in v
 
 
+def is_vital_change(m: RawMessage) -> bool:
+    return m.table == "vital_signs" and is_cdc_change(m)
+
+
 def notification(m: RawMessage) -> dict | None:
     b = parse_json(m) if m.kind == "fhir" else None
     return b if isinstance(b, dict) and b.get("resourceType") == "Bundle" else None
@@ -128,7 +132,7 @@ def test_cohort_is_cached_and_patients_of_different_runs_do_not_collide(cache, c
 def test_cdc_inserts_are_debezium_envelopes_whose_values_decode_to_the_csv(replay, csv_vitals):
     bad = bad_positions(replay)
     inserts = [decode_cdc(m) for p, m in enumerate(replay.messages)
-               if is_cdc_change(m) and p not in bad and json.loads(m.value)["payload"]["op"] == "c"]
+               if is_vital_change(m) and p not in bad and json.loads(m.value)["payload"]["op"] == "c"]
     assert len({e["after"]["id"] for e in inserts}) == len(csv_vitals)  # every CSV row, once (plus redeliveries)
     for e in inserts:
         row, src = e["after"], e["source"]
@@ -149,15 +153,106 @@ def test_cdc_inserts_are_debezium_envelopes_whose_values_decode_to_the_csv(repla
 
 def test_every_later_change_of_a_row_has_a_higher_lsn(replay):
     lsns_by_row = defaultdict(list)
+    pk = {"vital_signs": "id", "encounters": "encounter_id", "patients": "patient_id"}
     for m in replay.messages:
         if is_cdc_change(m):
             e = decode_cdc(m)
-            lsns_by_row[(e["after"] or e["before"])["id"]].append((e["source"]["lsn"], e["op"]))
+            row = e["after"] or e["before"]
+            lsns_by_row[(m.table, row[pk[m.table]])].append((e["source"]["lsn"], e["op"]))
     changed = [v for v in lsns_by_row.values() if {op for _, op in v} - {"c"}]
     assert changed
     for changes in changed:
         ops_by_lsn = [op for _, op in sorted(set(changes))]
         assert ops_by_lsn[0] == "c" and ops_by_lsn[1:] in (["u"], ["d"])
+
+
+# --- the context tables: patients and encounters ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def csv_encounters(cohort) -> dict[str, dict]:
+    with (cohort / "csv" / "encounters.csv").open() as f:
+        return {r["encounter_id"]: r for r in csv.DictReader(f)}
+
+
+def context_changes(replay, table: str) -> list[tuple[int, dict]]:
+    """(position, decoded change) of every change of a context table, in delivery order."""
+    return [(p, decode_cdc(m)) for p, m in enumerate(replay.messages) if m.table == table]
+
+
+def days_to_year(days: int) -> int:
+    return (datetime(1970, 1, 1) + timedelta(days=days)).year
+
+
+def test_each_patient_has_one_patients_row_with_sex_and_the_birth_year_from_age(replay, cohort, csv_encounters):
+    with (cohort / "csv" / "patients.csv").open() as f:
+        csv_patients = {r["patient_id"]: r for r in csv.DictReader(f)}
+    rows = context_changes(replay, "patients")
+    assert sorted(e["after"]["patient_id"] for _, e in rows) == sorted(replay.manifest["patients"])
+    for _, e in rows:
+        row, source = e["after"], e["source"]
+        assert e["op"] == "c" and e["key"] == {"patient_id": row["patient_id"]} and source["table"] == "patients"
+        patient = csv_patients[row["patient_id"]]
+        assert row["sex"] == {"M": "male", "F": "female"}[patient["sex"]]
+        first_admission = min(r["admission_datetime"] for r in csv_encounters.values()
+                               if r["patient_id"] == row["patient_id"])
+        assert days_to_year(row["birth_date"]) == int(first_admission[:4]) - int(patient["age"])
+
+
+def test_each_stay_is_admitted_in_progress_on_its_ward(replay, csv_encounters):
+    inserts = [e for _, e in context_changes(replay, "encounters") if e["op"] == "c"]
+    kept = set(replay.manifest["patients"])
+    assert sorted(e["after"]["encounter_id"] for e in inserts) == sorted(
+        k for k, r in csv_encounters.items() if r["patient_id"] in kept)
+    for e in inserts:
+        row = e["after"]
+        stay = csv_encounters[row["encounter_id"]]
+        assert e["key"] == {"patient_id": stay["patient_id"]} == {"patient_id": row["patient_id"]}
+        assert (row["ward"], row["bed"], row["encounter_class"]) == (stay["ward_id"], stay["bed_number"],
+                                                                     stay["encounter_type"])
+        assert row["status"] == "in-progress" and row["discharged_at"] is None
+        assert row["admitted_at"] == row["updated_at"] == micros(stay["admission_datetime"])
+
+
+def test_a_stay_is_finished_only_when_its_discharge_falls_within_the_replay(replay, csv_encounters):
+    times = [t for t in map(availability_us, replay.messages) if t is not None]
+    updates = {e["after"]["encounter_id"]: e for _, e in context_changes(replay, "encounters") if e["op"] == "u"}
+    inserted = {e["after"]["encounter_id"]: e["after"] for _, e in context_changes(replay, "encounters")
+                if e["op"] == "c"}
+    assert updates, "the test cohort has stays discharged within the replay"
+    for encounter_id, admitted in inserted.items():
+        discharge = micros(csv_encounters[encounter_id]["discharge_datetime"])
+        if not min(times) <= discharge <= max(times):
+            assert encounter_id not in updates  # still in hospital when the replay ends
+            continue
+        u = updates[encounter_id]
+        assert u["before"] == admitted  # REPLICA IDENTITY FULL
+        assert {c for c in u["after"] if u["after"][c] != admitted[c]} == {"status", "discharged_at", "updated_at"}
+        assert u["after"]["status"] == "finished" and u["after"]["discharged_at"] == discharge
+        assert u["source"]["ts_us"] >= discharge
+
+
+def test_a_patient_is_registered_and_admitted_before_any_of_their_vitals_or_labs(replay):
+    first = {}  # (table or "fhir", patient) -> first position
+    for p, m in enumerate(replay.messages):
+        if is_cdc_change(m):
+            patient = json.loads(m.key)["payload"]["patient_id"]
+            first.setdefault((m.table, patient), p)
+        elif m.kind == "fhir" and m.key:
+            first.setdefault(("fhir", m.key.decode()), p)
+    for patient in replay.manifest["patients"]:
+        assert first[("patients", patient)] < first[("encounters", patient)] < first[("vital_signs", patient)]
+        assert first[("encounters", patient)] < first.get(("fhir", patient), len(replay.messages))
+
+
+def test_context_tables_do_not_change_the_faults(replay):
+    """The manifest's positions still point at the messages they describe once context rows are merged in."""
+    man = replay.manifest
+    assert man["counts"]["cdc_patient_insert"] == len(man["patients"])
+    for r in man["reordered"]:
+        assert all(replay.messages[p].table == "vital_signs" for p in r["positions"])
+    for r in man["redelivered"]:
+        assert replay.messages[r["position"]].table == "vital_signs"
 
 
 # --- FHIR -----------------------------------------------------------------------------------------
@@ -257,7 +352,7 @@ def test_amendments_carry_a_higher_version_and_the_announced_value(replay):
     for obs in fhir_v2:
         fact = next(f for f in man["amended_fact_ids"] if f.startswith(f"fhir:Observation/{obs['id']}:"))
         assert obs["valueQuantity"]["value"] == man["amended_values"][fact]
-    updates = [decode_cdc(m) for m in replay.messages if is_cdc_change(m) and json.loads(m.value)["payload"]["op"] == "u"]
+    updates = [decode_cdc(m) for m in replay.messages if is_vital_change(m) and json.loads(m.value)["payload"]["op"] == "u"]
     assert updates
     for u in updates:
         changed = {c for c in u["after"] if u["after"][c] != u["before"][c]}
@@ -276,7 +371,7 @@ def test_retractions_are_entered_in_error_versions_and_full_row_deletes_with_tom
     inserted = {}
     deletes = 0
     for p, m in enumerate(replay.messages):
-        if not is_cdc_change(m):
+        if not is_vital_change(m):
             continue
         e = decode_cdc(m)
         if e["op"] == "c":
@@ -297,7 +392,7 @@ def test_late_rows_arrive_long_after_newer_vitals_of_the_same_patient(replay):
     assert len(late_rows) == man["fault_counts"]["late"] > 0
     newest = {}  # patient -> newest measured_at delivered so far
     for m in replay.messages:
-        if not is_cdc_change(m) or json.loads(m.value)["payload"]["op"] != "c":
+        if not is_vital_change(m) or json.loads(m.value)["payload"]["op"] != "c":
             continue
         row = decode_cdc(m)["after"]
         if row["id"] in late_rows:
@@ -311,7 +406,7 @@ def test_cross_source_duplicates_repeat_an_earlier_cdc_vital_exactly(replay):
     seen_rows = {}
     found = 0
     for m in replay.messages:
-        if is_cdc_change(m):
+        if is_vital_change(m):
             row = decode_cdc(m)["after"]
             if row:
                 seen_rows[(row["patient_id"], row["measured_at"])] = row
@@ -360,8 +455,8 @@ def test_without_faults_every_message_is_a_clean_first_delivery(cohort, csv_vita
     assert not (man["late_fact_ids"] or man["amended_fact_ids"] or man["retracted_fact_ids"]
                 or man["cross_source_duplicate_fact_ids"] or man["redelivered"] or man["reordered"])
     assert len(set(clean.messages)) == len(clean.messages)
-    ops = {json.loads(m.value)["payload"]["op"] for m in clean.messages if m.kind == "cdc"}
-    assert ops == {"c"} and man["counts"]["cdc"] == len(csv_vitals)
+    ops = {json.loads(m.value)["payload"]["op"] for m in clean.messages if m.table == "vital_signs"}
+    assert ops == {"c"} and man["counts"]["cdc_insert"] == len(csv_vitals)
     for m in clean.messages:
         if m.kind == "fhir":
             Bundle.model_validate_json(m.value)
@@ -401,8 +496,10 @@ def test_publish_delivers_every_message_to_its_topic_with_a_produce_timestamp(co
     ensure_topics(settings, topics)
     done = []
     counts = publish(small, settings, topics, progress=done.append)
-    expected = {topics.cdc["vital_signs"]: [m for m in small.messages if m.kind == "cdc"],
-                topics.fhir: [m for m in small.messages if m.kind == "fhir"]}
+    expected = {topics.cdc[table]: [m for m in small.messages if m.table == table]
+                for table in ("vital_signs", "encounters", "patients")}
+    expected[topics.fhir] = [m for m in small.messages if m.kind == "fhir"]
+    assert all(expected.values())
     assert counts["messages"] == len(small.messages) and done[-1] == len(small.messages)
 
     consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-replay",
