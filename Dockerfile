@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every wardwatch service; the compose `command` picks the subcommand
-# (ingest, worker, archiver, batch nightly).
+# (ingest, worker, receiver, subscriptions, cds, archiver, deploy ..., batch nightly).
 
 # A specific patch release, so a rebuild next month runs the same interpreter.
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
@@ -47,6 +47,10 @@ COPY deploy/healthcheck.py /opt/wardwatch/healthcheck.py
 USER wardwatch
 # faust keeps its local table state under the working directory: the user's home is writable
 WORKDIR /home/wardwatch
+
+# compose overrides it per service; this one serves a plain `docker run`
+HEALTHCHECK --interval=30s --timeout=15s --start-period=30s --retries=3 \
+    CMD ["python", "/opt/wardwatch/healthcheck.py"]
 
 ENTRYPOINT ["wardwatch"]
 CMD ["--help"]

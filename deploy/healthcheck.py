@@ -7,11 +7,15 @@ data directory is writable and the model directory readable (the usual failure o
 with the wrong owner). It prints the problems, never any message content.
 
     python /opt/wardwatch/healthcheck.py      (the Dockerfile copies it there)
+    python /opt/wardwatch/healthcheck.py --port-setting receiver_port   also: that port accepts connections
+    python /opt/wardwatch/healthcheck.py --no-broker                     only the directories (the scheduler)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import socket
 import sys
 
 from streams.topics import topics_for
@@ -20,13 +24,21 @@ from wardwatch.settings import Settings
 TIMEOUT_S = 5.0
 
 
-def problems(settings: Settings) -> list[str]:
-    """Everything that stops a wardwatch service from working; empty when healthy."""
+def problems(settings: Settings, *, broker: bool = True, port_setting: str | None = None) -> list[str]:
+    """Everything that stops a wardwatch service from working; empty when healthy.
+
+    port_setting names a Settings field holding a port the service listens on (e.g. receiver_port):
+    the check then also connects to it on this host.
+    """
     found = []
     if not os.access(settings.data_dir, os.W_OK):
         found.append(f"data dir {settings.data_dir} is not writable")
     if not os.access(settings.model_dir, os.R_OK):
         found.append(f"model dir {settings.model_dir} is not readable")
+    if port_setting:
+        found += _not_listening(settings, port_setting)
+    if not broker:
+        return found
     try:
         existing = _topic_names(settings)
     except Exception as exc:  # unreachable broker, bad credentials, DNS
@@ -37,6 +49,15 @@ def problems(settings: Settings) -> list[str]:
     return found
 
 
+def _not_listening(settings: Settings, port_setting: str) -> list[str]:
+    port = getattr(settings, port_setting)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S):
+            return []
+    except OSError as exc:
+        return [f"nothing listens on port {port} ({port_setting}): {exc.strerror or exc}"]
+
+
 def _topic_names(settings: Settings) -> set[str]:
     from confluent_kafka.admin import AdminClient
 
@@ -44,8 +65,12 @@ def _topic_names(settings: Settings) -> set[str]:
     return set(AdminClient(conf).list_topics(timeout=TIMEOUT_S).topics)
 
 
-def main() -> int:
-    found = problems(Settings())
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="wardwatch container healthcheck")
+    parser.add_argument("--no-broker", action="store_true", help="skip the broker and topic checks")
+    parser.add_argument("--port-setting", help="Settings field of a port this service must be listening on")
+    args = parser.parse_args(argv)
+    found = problems(Settings(), broker=not args.no_broker, port_setting=args.port_setting)
     for problem in found:
         print(problem, file=sys.stderr)
     return 1 if found else 0

@@ -1,14 +1,15 @@
 """docker-compose.yml and the Dockerfile: valid Compose, self-consistent, and in step with the code.
 
 The file is parsed by a real Compose implementation (the compose-spec crate, via `compose_spec`),
-after the same ${VAR:-default} interpolation Compose does. The cross-checks make the deployment
-and the code unable to drift: topic names and partitions against streams/topics.py, WARDWATCH_*
-variables against wardwatch/settings.py, service commands against the CLI.
+after the same ${VAR:-default} interpolation Compose does (`docker compose config` too, where the
+plugin is installed). The cross-checks make the deployment and the code unable to drift: topics
+(created by `wardwatch deploy topics` from streams/topics.py) with the same settings as every
+service, WARDWATCH_* variables against wardwatch/settings.py, service commands against the CLI,
+the PostgreSQL server arguments, the one-shot init services' URLs, the Prometheus scrape config.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 from compose_spec import PyOptions
 
 from streams.topics import topics_for
+from wardwatch.deploy import topic_specs
 from wardwatch.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,9 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_PREFIX = "WARDWATCH_"
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+# long-running services that never talk to Kafka: the scheduler runs the nightly batch over the archive
+NO_KAFKA = {"scheduler"}
 
 OVERRIDES = {"WARDWATCH_TOPIC_PREFIX": "north", "WARDWATCH_CDC_TOPIC_PREFIX": "ehr2.public",
              "WARDWATCH_PARTITIONS": "12"}
@@ -102,7 +107,7 @@ def test_every_dependency_exists_and_can_satisfy_its_condition(compose):
 
 def test_wardwatch_services_wait_for_the_broker_and_the_topics(compose):
     for name, svc in wardwatch_services(compose).items():
-        if is_one_shot(svc):  # the nightly batch reads the archive, not Kafka
+        if is_one_shot(svc) or name in NO_KAFKA:
             continue
         deps = svc.get("depends_on") or {}
         assert deps.get("kafka", {}).get("condition") == "service_healthy", name
@@ -133,24 +138,23 @@ def test_wardwatch_variables_name_real_settings(compose):
                 assert var.removeprefix(ENV_PREFIX).lower() in fields, f"{name}: {var} is not a setting"
 
 
-def test_topics_init_creates_the_topics_of_the_code_with_default_settings(compose, monkeypatch):
-    init = compose["services"]["topics-init"]["environment"]
-    code = topics_for(settings_from_env({}, monkeypatch))
-
-    assert sorted(init["TOPICS"].split()) == sorted(code.all)
-    assert int(init["PARTITIONS"]) == code.partitions
+def test_topics_init_creates_the_topics_from_the_code(compose):
+    init = compose["services"]["topics-init"]
+    assert "build" in init and init["command"] == ["deploy", "topics"]
+    assert is_one_shot(init)
 
 
 @pytest.mark.parametrize("env", [{}, OVERRIDES], ids=["defaults", "overridden"])
 def test_topics_init_and_every_service_agree_on_topics_and_partitions(env, monkeypatch):
     compose = load_compose(env)
-    init = compose["services"]["topics-init"]["environment"]
+    init = topic_specs(settings_from_env(compose["services"]["topics-init"]["environment"], monkeypatch))
     for name, svc in wardwatch_services(compose).items():
         service_topics = topics_for(settings_from_env(svc["environment"], monkeypatch))
-        assert sorted(init["TOPICS"].split()) == sorted(service_topics.all), name
-        assert int(init["PARTITIONS"]) == service_topics.partitions, name
+        assert sorted(s.name for s in init) == sorted(service_topics.all), name
+        assert {s.partitions for s in init} == {service_topics.partitions}, name
     if env:
-        assert "north.canonical" in init["TOPICS"].split()
+        assert "north.canonical" in {s.name for s in init}
+        assert {s.partitions for s in init} == {12}
 
 
 def test_healthcheck_scripts_are_copied_into_the_image(compose):
@@ -184,27 +188,59 @@ def test_dockerfile_copies_every_package_the_project_installs():
         assert pattern.rstrip("*").rstrip(".") in copied, f"the image would be built without {pattern}"
 
 
-def test_service_commands_are_wardwatch_subcommands(compose):
-    try:
-        cli = importlib.import_module("wardwatch.cli")
-    except ModuleNotFoundError as exc:
-        if exc.name != "wardwatch.cli":
-            raise
-        pytest.skip("wardwatch.cli does not exist yet: service commands cannot be checked against the CLI")
+def _service_commands() -> list:
+    """(service, command words before the first option), one param per wardwatch service."""
+    params = []
+    for name, svc in sorted(wardwatch_services(load_compose()).items()):
+        words = []
+        for word in svc["command"]:
+            if word.startswith("-"):
+                break
+            words.append(word)
+        params.append(pytest.param(name, words, id=name))
+    return params
+
+
+@pytest.mark.parametrize("service, words", _service_commands())
+def test_service_command_is_a_wardwatch_subcommand_whose_help_runs(service, words):
+    import typer
+    from typer.testing import CliRunner
+
+    from wardwatch.cli import app
+
+    assert dockerfile_entrypoint() == ["wardwatch"]
+    command = typer.main.get_command(app)
+    for word in words:  # walk the groups (anything with .commands: typer may vendor its own click)
+        assert hasattr(command, "commands") and word in command.commands, \
+            f"{service}: `wardwatch {' '.join(words)}` is not a wardwatch command"
+        command = command.commands[word]
+    runnable_group = getattr(command, "invoke_without_command", False)  # e.g. `wardwatch subscriptions`
+    assert runnable_group or not hasattr(command, "commands"), \
+        f"{service}: `wardwatch {' '.join(words)}` names a group, not a command"
+
+    result = CliRunner().invoke(app, [*words, "--help"])
+    assert result.exit_code == 0, result.output
+
+
+def test_service_options_are_options_of_the_command():
+    """`--apply`, `--receiver`, ... in compose must be real options (a typo would fail at deploy time)."""
     import typer
 
-    root = typer.main.get_command(cli.app)
-    for name, svc in wardwatch_services(compose).items():
-        argv = [*dockerfile_entrypoint(), *svc["command"]]
-        assert argv[0] == "wardwatch", name
-        command = root
-        # walk the command groups (anything with .commands: typer may vendor its own click)
-        for word in argv[1:]:
-            if word.startswith("-") or not hasattr(command, "commands"):
-                break
-            command = command.commands.get(word)
-            assert command is not None, f"{name}: `{' '.join(argv)}` is not a wardwatch command"
-        assert not hasattr(command, "commands"), f"{name}: `{' '.join(argv)}` names a group, not a command"
+    from wardwatch.cli import app
+
+    root = typer.main.get_command(app)
+    for name, svc in wardwatch_services(load_compose()).items():
+        command, words = root, list(svc["command"])
+        while words and not words[0].startswith("-") and hasattr(command, "commands"):
+            command = command.commands.get(words.pop(0))
+            if command is None:
+                break  # reported by the test above
+        if command is None:
+            continue
+        known = {opt for param in command.params for opt in getattr(param, "opts", [])}
+        for word in words:
+            if word.startswith("--"):
+                assert word in known, f"{name}: {word} is not an option of its command"
 
 
 def _compose_cli() -> list[str] | None:
@@ -220,6 +256,153 @@ def test_docker_compose_itself_accepts_the_file():
     if cli is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    result = subprocess.run([*cli, "-f", str(COMPOSE), "--profile", "batch", "config", "-q"],
+    result = subprocess.run([*cli, "-f", str(COMPOSE), *(arg for p in sorted(PROFILES) for arg in ("--profile", p)), "config", "-q"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
+
+
+# --- references, profiles, pinned images -----------------------------------------------------------
+
+PROFILES = {"batch", "demo", "observability"}
+
+
+def test_profiles_are_known_and_default_services_never_need_a_profiled_one(compose):
+    services = compose["services"]
+    for name, svc in services.items():
+        assert set(svc.get("profiles") or []) <= PROFILES, f"{name}: unknown profile"
+        if svc.get("profiles"):
+            continue
+        for target in svc.get("depends_on") or {}:
+            assert not services[target].get("profiles"), \
+                f"{name} starts by default but depends on {target}, which only runs in a profile"
+
+
+def test_every_network_reference_is_declared(compose):
+    declared = set(compose.get("networks") or {}) | {"default"}
+    for name, svc in compose["services"].items():
+        assert set(svc.get("networks") or []) <= declared, name
+
+
+def test_every_third_party_image_is_pinned(compose):
+    for name, svc in compose["services"].items():
+        if "build" in svc:
+            continue
+        image = svc["image"]
+        tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+        assert tag and tag != "latest" and any(ch.isdigit() for ch in tag), f"{name}: {image} is not pinned"
+
+
+def test_workers_scale_with_a_replica_count(compose):
+    assert int(compose["services"]["worker"]["deploy"]["replicas"]) >= 1
+    assert int(load_compose({"WARDWATCH_WORKER_REPLICAS": "3"})["services"]["worker"]["deploy"]["replicas"]) == 3
+
+
+# --- the CDC path ----------------------------------------------------------------------------------
+
+
+def _server_settings(command: list[str]) -> dict[str, str]:
+    """`postgres -c name=value ...` -> {name: value}."""
+    return dict(command[i + 1].split("=", 1) for i, word in enumerate(command) if word == "-c")
+
+
+def test_postgres_runs_with_logical_wal_and_the_init_scripts(compose):
+    postgres = compose["services"]["postgres"]
+    assert postgres["command"][0] == "postgres"
+    server = _server_settings(postgres["command"])
+    assert server["wal_level"] == "logical"
+    assert int(server["max_replication_slots"]) >= 1 and int(server["max_wal_senders"]) >= 1
+
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in postgres["volumes"] if v.startswith("./")}
+    init = sorted((target, source) for target, source in mounts.items() if target.startswith("/docker-entrypoint-initdb.d/"))
+    assert [source for _, source in init] == ["./deploy/postgres/ehr-schema.sql", "./deploy/postgres/debezium.sh"]
+    # debezium.sh runs the SQL from its default path
+    assert mounts["/opt/ehr/debezium.sql"] == "./deploy/postgres/debezium.sql"
+    assert "/opt/ehr/debezium.sql" in (ROOT / "deploy" / "postgres" / "debezium.sh").read_text()
+
+
+def test_the_connector_reaches_the_database_compose_creates(compose, monkeypatch):
+    from wardwatch.deploy import EhrDatabase, connector_config
+
+    services = compose["services"]
+    db_env, connect_env = services["postgres"]["environment"], services["connect"]["environment"]
+    init = services["connector-init"]
+    config = connector_config(settings_from_env(init["environment"], monkeypatch),
+                              EhrDatabase(host=init["environment"]["EHR_DB_HOST"], name=init["environment"]["EHR_DB_NAME"],
+                                          user=init["environment"]["DEBEZIUM_DB_USER"]))["config"]
+
+    assert config["database.hostname"] in services and config["database.dbname"] == db_env["POSTGRES_DB"]
+    assert config["database.user"] == db_env["DEBEZIUM_DB_USER"]
+    # the password is resolved inside Connect by its env config provider, from the postgres secret
+    provider, variable = re.fullmatch(r"\$\{(\w+):(\w+)\}", config["database.password"]).groups()
+    assert connect_env["CONNECT_CONFIG_PROVIDERS"] == provider
+    assert connect_env[variable] == db_env["DEBEZIUM_DB_PASSWORD"]
+
+
+def _apply_url(svc: dict) -> str:
+    command = svc["command"]
+    return command[command.index("--apply") + 1]
+
+
+def _probed_port(svc: dict) -> int:
+    """The port a service's http-ok.sh healthcheck probes."""
+    test = svc["healthcheck"]["test"]
+    return int(test[test.index("/opt/wardwatch/http-ok.sh") + 2])
+
+
+def test_one_shot_inits_talk_to_the_healthy_services_they_wait_for(compose):
+    from urllib.parse import urlsplit
+
+    services = compose["services"]
+    for init in ("connector-init", "subscription-init"):
+        url = urlsplit(_apply_url(services[init]))
+        assert url.hostname in services, f"{init} talks to unknown host {url.hostname}"
+        assert services[init]["depends_on"][url.hostname]["condition"] == "service_healthy", init
+        assert _probed_port(services[url.hostname]) == url.port, f"{init} and {url.hostname}'s healthcheck disagree"
+
+
+def test_subscriptions_point_at_the_receiver_service(compose, monkeypatch):
+    from wardwatch.deploy import receiver_url
+
+    services = compose["services"]
+    command = services["subscription-init"]["command"]
+    host = command[command.index("--receiver") + 1]
+    receiver = services[host]
+    assert receiver["command"] == ["receiver"]
+    assert services["subscription-init"]["depends_on"][host]["condition"] == "service_healthy"
+    settings = settings_from_env(receiver["environment"], monkeypatch)
+    assert settings.receiver_host == "0.0.0.0", "the receiver must listen on the compose network"
+    assert receiver_url(settings, host) == f"http://receiver:{settings.receiver_port}/fhir/notifications"
+
+
+# --- observability ---------------------------------------------------------------------------------
+
+
+def test_prometheus_config_is_the_generated_one_and_scrapes_every_service(compose, monkeypatch):
+    from wardwatch.deploy import render_prometheus_config
+
+    prometheus = compose["services"]["prometheus"]
+    source = next(v.split(":")[0] for v in prometheus["volumes"] if v.endswith("/etc/prometheus/prometheus.yml:ro"))
+    settings = settings_from_env(compose["services"]["worker"]["environment"], monkeypatch)
+    assert (ROOT / source).read_text() == render_prometheus_config(settings), \
+        "regenerate it: wardwatch deploy prometheus --output deploy/prometheus/prometheus.yml"
+
+    import yaml
+
+    scraped = {job["job_name"] for job in yaml.safe_load((ROOT / source).read_text())["scrape_configs"]}
+    long_running = {n for n, s in wardwatch_services(compose).items() if not is_one_shot(s)} - NO_KAFKA
+    assert scraped == long_running
+
+
+# --- Dockerfile ------------------------------------------------------------------------------------
+
+
+def test_dockerfile_has_a_healthcheck_for_plain_docker_run():
+    assert re.search(r'^HEALTHCHECK .*\n?.*CMD \["python", "/opt/wardwatch/healthcheck.py"\]', DOCKERFILE.read_text(), re.M)
+
+
+def test_dockerfile_passes_hadolint():
+    exe = shutil.which("hadolint")
+    if exe is None:
+        pytest.skip("hadolint is not installed (not on PyPI); https://github.com/hadolint/hadolint")
+    result = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

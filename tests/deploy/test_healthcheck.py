@@ -53,3 +53,29 @@ def test_an_unreachable_broker_is_reported(healthcheck, tmp_path):
     found = healthcheck.problems(settings)
 
     assert len(found) == 1 and "unreachable" in found[0]
+
+
+def test_a_service_port_that_nobody_listens_on_is_reported(healthcheck, tmp_path):
+    import socket
+
+    from wardwatch.settings import Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+        settings = Settings(data_dir=tmp_path, model_dir=tmp_path, receiver_port=closed)
+        found = healthcheck.problems(settings, broker=False, port_setting="receiver_port")
+    assert len(found) == 1 and found[0].startswith(f"nothing listens on port {closed} (receiver_port)")
+
+
+def test_a_listening_service_port_and_no_broker_check_is_healthy(healthcheck, tmp_path):
+    import socket
+
+    from wardwatch.settings import Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        settings = Settings(bootstrap_servers="127.0.0.1:1", data_dir=tmp_path, model_dir=tmp_path,
+                            receiver_port=s.getsockname()[1])
+        assert healthcheck.problems(settings, broker=False, port_setting="receiver_port") == []

@@ -1,0 +1,76 @@
+"""`wardwatch deploy ...`: what an operator sees from the one-shot commands."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from streams.topics import topics_for
+from wardwatch.cli import app
+from wardwatch.procs import settings_env
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, ["deploy", *args], env=env)
+
+
+def test_connector_prints_the_connector_for_the_configured_prefix(clean_env):
+    result = invoke("connector", env={"WARDWATCH_CDC_TOPIC_PREFIX": "north.clinical"})
+
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)["config"]
+    assert config["topic.prefix"] == "north" and config["schema.include.list"] == "clinical"
+
+
+def test_subscriptions_print_resources_for_the_named_receiver_host(clean_env):
+    result = invoke("subscriptions", "--receiver", "rx.internal", "--heartbeat-s", "30",
+                    env={"WARDWATCH_RECEIVER_PORT": "9443"})
+
+    assert result.exit_code == 0, result.output
+    subs = [r for r in json.loads(result.stdout) if r["resourceType"] == "Subscription"]
+    assert {s["channel"]["endpoint"] for s in subs} == {"http://rx.internal:9443/fhir/notifications"}
+
+
+def test_prometheus_writes_the_config_with_the_metrics_port(clean_env, tmp_path):
+    out = tmp_path / "prometheus.yml"
+    result = invoke("prometheus", "--output", str(out), env={"WARDWATCH_METRICS_PORT": "9999"})
+
+    assert result.exit_code == 0, result.output
+    assert "port: 9999" in out.read_text() and "port: 9108" not in out.read_text()
+
+
+def test_scheduler_rejects_a_malformed_time_with_the_format(clean_env):
+    result = invoke("scheduler", "--at", "half past two")
+
+    assert result.exit_code == 1
+    assert "HH:MM" in result.output
+
+
+@pytest.mark.integration
+def test_topics_creates_every_topic_then_reports_nothing_new(settings, clean_env):
+    env = settings_env(settings)
+
+    first = invoke("topics", env=env)
+    second = invoke("topics", env=env)
+
+    n = len(topics_for(settings).all)
+    assert first.exit_code == 0, first.output
+    assert f"{n} topics present, {n} created" in first.output
+    assert f"{n} topics present, 0 created" in second.output
+
+
+def test_topics_fails_clearly_when_kafka_is_unreachable(clean_env):
+    result = invoke("topics", "--timeout-s", "2", env={"WARDWATCH_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+
+    assert result.exit_code == 1
+    assert "cannot reach Kafka at 127.0.0.1:1" in result.output
