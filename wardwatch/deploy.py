@@ -295,6 +295,7 @@ def send_until_success(deadline: float, send, what: str):
 
 # --- Prometheus ----------------------------------------------------------------------------------
 
+DEFAULT_METRICS_PORT = 9108  # compose sets WARDWATCH_METRICS_PORT to this in every container
 # every long-running wardwatch service serves /metrics on settings.metrics_port
 METRICS_SERVICES = ("ingest", "worker", "receiver", "subscriptions", "cds", "archiver")
 
@@ -305,7 +306,7 @@ def prometheus_config(settings: Settings, services: tuple[str, ...] = METRICS_SE
         "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
         "scrape_configs": [
             {"job_name": name,
-             "dns_sd_configs": [{"names": [name], "type": "A", "port": settings.metrics_port}]}
+             "dns_sd_configs": [{"names": [name], "type": "A", "port": settings.metrics_port or DEFAULT_METRICS_PORT}]}
             for name in services
         ],
     }

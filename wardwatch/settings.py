@@ -34,6 +34,16 @@ class Settings(BaseSettings):
     ingest_linger_ms: int = Field(5, ge=0, description="Producer linger for canonical micro-batches (ms)")
     cdc_topic_prefix: str = Field("ehr.public", description="Debezium topic prefix: <prefix>.<table>")
 
+    # FHIR server (id-only notifications are fetched from it) and subscription tracking
+    fhir_server_url: str | None = Field(None, description="FHIR base URL, e.g. https://ehr.example.org/fhir; None: id-only notifications are dead-lettered")
+    fhir_auth_token: SecretStr | None = Field(None, description="Bearer token for the FHIR server, if it needs one")
+    fhir_timeout_s: float = Field(5.0, gt=0, description="Timeout of one FHIR GET (seconds)")
+    fhir_retries: int = Field(3, ge=0, description="Retries of a FHIR GET after a timeout, connection error, 429 or 5xx")
+    fhir_retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay (seconds); doubles each retry")
+    fhir_gap_grace_s: float = Field(300.0, ge=0, description="Event time a missing notification may be late before its gap is reported")
+    fhir_heartbeat_period_s: float = Field(60.0, gt=0, description="The subscriptions' heartbeat period (seconds)")
+    fhir_heartbeat_missed_periods: int = Field(3, ge=1, description="Silent heartbeat periods before a subscription is reported heartbeat-missed")
+
     # patient state
     allowed_lateness_s: int = Field(12 * 3600, ge=0, description="Event-time lateness bound; older events go to the late topic")
     dedupe_horizon_s: int = Field(48 * 3600, ge=0, description="Event-time horizon for dedupe keys before they expire")
@@ -43,14 +53,48 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="Model registry directory (holds `current`)")
     alert_threshold: float = Field(0.5, description="Model probability at/above which an alert episode opens")
     alert_reset: float = Field(0.4, description="Probability below which an open alert episode resolves (hysteresis)")
+    shadow_model_dir: Path | None = Field(
+        None, description="Registry of the shadow (candidate) model: its `current` names the version to shadow-score. "
+                          "None: the main registry's `candidate` pointer, if any")
+
+    # CDS Hooks service (wardwatch cds)
+    cds_host: str = Field("127.0.0.1", description="Address the CDS Hooks service listens on")
+    cds_port: int = Field(8082, ge=0, le=65535, description="Port of the CDS Hooks service")
 
     # batch / archive
     data_dir: Path = Field(Path("data"), description="Where the archive (Parquet) and the DuckDB file live")
+
+    # promotion gate (batch/retrain.py): a new model must beat `current` and NEWS2 on held-out patients
+    gate_min_auroc_gain: float = Field(0.0, gt=float("-inf"),
+                                       description="Min AUROC gain over current and NEWS2 to promote a new model")
+    gate_min_auprc_gain: float = Field(0.0, gt=float("-inf"),
+                                       description="Min AUPRC gain over current and NEWS2 to promote a new model")
+    # de-identified export (batch/export.py): keys the HMAC of ids and the per-patient date shift
+    deid_secret: SecretStr | None = Field(None, description="Secret for the de-identified export; keep it outside the export")
 
     # worker
     worker_batch_size: int = Field(2000, ge=1, description="Max canonical messages the worker takes per batch")
     worker_batch_within_s: float = Field(0.005, gt=0, description="Max wait to fill a worker batch (seconds)")
     worker_web_port: int | None = Field(None, description="faust web port; None disables the web server")
+
+    # rest-hook receiver (streams/receiver.py)
+    receiver_host: str = Field("127.0.0.1", description="Address the rest-hook receiver binds (0.0.0.0 for all)")
+    receiver_port: int = Field(8081, ge=0, le=65535, description="Port of the rest-hook receiver (0: any free port)")
+    receiver_token: SecretStr | None = Field(None, description="Bearer token the FHIR server must send; None disables the check")
+    receiver_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest notification body accepted (bytes); larger -> 413")
+    receiver_max_inflight: int = Field(64, ge=1, description="Requests handled at once; more -> 503 with Retry-After")
+    receiver_ack_timeout_s: float = Field(10.0, gt=0, description="Max wait for the broker to acknowledge a write; then 503")
+
+    # deployment (wardwatch/deploy.py, docker-compose.yml)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Port of the Prometheus /metrics, /healthz and /readyz endpoints (None: off; compose sets 9108, one per container)")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the metrics endpoint (compose: 0.0.0.0)")
+    json_logs: bool = Field(True, description="Log one JSON object per line (false: plain text for a terminal)")
+    log_level: str = Field("INFO", description="Log level of the wardwatch services")
+    raw_retention_hours: int = Field(7 * 24, ge=1, description="Retention of the raw CDC and FHIR topics (hours); replays and gap recovery reach back this far")
+    nightly_at: str = Field("02:30", pattern=r"^\d{2}:\d{2}$", description="Time of day (HH:MM, container time) `wardwatch deploy scheduler` runs the nightly batch")
+
+    # counters published to the stats topic (streams/stats.py)
+    stats_interval_s: float = Field(2.0, gt=0, description="How often a service publishes its counters snapshot (seconds)")
 
     @property
     def archive_dir(self) -> Path:
