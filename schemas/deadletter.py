@@ -22,6 +22,9 @@ class Reason(StrEnum):
     UNKNOWN_UNIT = "unknown_unit"
     IMPLAUSIBLE_VALUE = "implausible_value"  # outside schemas.codes plausible range
     NO_FHIR_SERVER = "no_fhir_server"  # id-only payload and no server configured
+    FHIR_SERVER_NOT_CONFIGURED = "no_fhir_server"  # the same reason by its descriptive name (an alias)
+    RESOURCE_NOT_FOUND = "resource_not_found"  # id-only payload: the server answered 404/410 for a focus
+    FETCH_FAILED = "fetch_failed"  # id-only payload: server unreachable / erroring after retries; replayable
     TOO_LARGE = "too_large"
     INTERNAL_ERROR = "internal_error"  # a bug: the message is kept so it can be replayed after a fix
 
@@ -30,6 +33,7 @@ class Stage(StrEnum):
     INGEST_CDC = "ingest.cdc"
     INGEST_FHIR = "ingest.fhir"
     PATIENT_STATE = "patient_state"
+    RECEIVER = "receiver"  # the rest-hook receiver refused a POSTed notification
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,17 +10,31 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   Observation gives SpO2 (2708-6 and 59408-5 are one fact) and its O2-flow component.
   Units go to the canonical unit (degF -> Cel, WBC /uL -> 10*3/uL); ACVPU SNOMED codes -> ordinal + letter.
   fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (default 1).
-- Observations of unused codes, Encounters, Patients and other resources are skipped and counted;
-  a notification with nothing usable is Ignored (still carrying its event numbers for gap detection).
-- `empty` / `id-only` payloads need a FHIR server to fetch the resources: Rejected NO_FHIR_SERVER.
+- Encounter -> CONTEXT facts (schemas/codes.py, the same semantics as the CDC `encounters` table):
+  ADMISSION (period.start; value_text the encounter class: "IMP" -> "inpatient", ...), LOCATION (the
+  active location's display, else its Location id; effective its period.start, else period.start),
+  DISCHARGE (period.end, once the status is finished/completed). fact ids
+  "fhir:Encounter:<id>:admission" / ":location:<effective_ms>" / ":discharge"; version = meta.versionId,
+  else meta.lastUpdated in ms. A `planned` Encounter is skipped (nobody was admitted yet); status
+  `entered-in-error` or `cancelled` retracts those facts.
+- Patient -> SEX (gender) and BIRTH_YEAR (the year of birthDate, nothing finer), effective
+  meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`), else the Patient id, the same
+  ids Observation subjects resolve to. fact ids "fhir:Patient:<id>:sex" / ":birth-year".
+- Observations of unused codes and other resources are skipped and counted; a notification with
+  nothing usable is Ignored (still carrying its event numbers for gap detection).
+- `id-only` payloads (focus references, or entries without a resource) -> NeedsFetch: a Rejected
+  (FHIR_SERVER_NOT_CONFIGURED) carrying the references, which streams/fhir_fetch.py GETs from the FHIR
+  server before running `complete_notification()` back through this parser, so id-only and
+  full-resource notifications give identical canonical events.
 
-**One bad Observation rejects the whole notification** (invalid resource, unusable status, bad or
-implausible value, unknown unit, no patient or time): the dead-lettered original can be replayed
+**One bad resource (Observation, Encounter, Patient) rejects the whole notification** (invalid
+resource, unusable status, bad or implausible value, unknown unit, no patient or time): the dead-lettered original can be replayed
 whole, and its event numbers are not half-consumed.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -28,10 +42,11 @@ from typing import Any
 import orjson
 
 from schemas.canonical import LOINC, CanonicalEvent, Source, Status
-from schemas.codes import (ACVPU_ORDINAL, BP_PANEL, CODES, CONSCIOUSNESS, DIASTOLIC_BP, SNOMED_ACVPU,
-                           SYSTOLIC_BP, canonical_code, to_canonical_unit)
-from schemas.deadletter import Reason
-from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Reject, rejected
+from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES, CONSCIOUSNESS, CONTEXT,
+                           DIASTOLIC_BP, DISCHARGE, LOCATION, SEX, SNOMED_ACVPU, SYSTOLIC_BP, canonical_code,
+                           to_canonical_unit)
+from schemas.deadletter import Reason, Rejection
+from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import acvpu_letter, finite_number, iso_to_ms, plausible
 
 SNOMED = "http://snomed.info/sct"
@@ -60,6 +75,9 @@ class NotificationStatus:
     event_numbers: list[int]
     focus: list[str]
     fhir_version: str  # which fhir.resources model set validates the resources
+    # the server's clock: the latest notificationEvent timestamp, else the Bundle timestamp (event time
+    # of the notification itself, for gap grace periods); None when neither is readable
+    timestamp_ms: int | None = None
 
     def detail(self) -> dict[str, Any]:
         return {"subscription": self.subscription, "events_since_start": self.events_since_start,
@@ -88,23 +106,24 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
     entries = _dicts(bundle.get("entry"))
     if not entries:
         raise Reject(Reason.INVALID_STRUCTURE, "notification Bundle has no entries")
-    status = parse_status(entries[0].get("resource"), bundle.get("type"))
+    status = parse_status(entries[0].get("resource"), bundle.get("type"), bundle.get("timestamp"))
     if status.type in CONTROL_TYPES:
         return Control(status.type, status.detail())
     if status.type not in EVENT_TYPES:
         raise Reject(Reason.INVALID_STRUCTURE, f"unknown notification type {status.type[:40]!r}")
 
-    resources = [e.get("resource") for e in entries[1:]]
-    if any(not isinstance(r, dict) for r in resources) or (not resources and status.focus):
-        raise Reject(Reason.NO_FHIR_SERVER, "empty or id-only notification: resources must be fetched "
-                                            "from the FHIR server, which is not configured")
+    if references := references_to_fetch(entries[1:], status):
+        return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, NOT_CONFIGURED_DETAIL),
+                          references=tuple(references))
+    resources = [e["resource"] for e in entries[1:]]
     ctx = _Context(status, topic, partition, offset)
     events = []
     for resource in resources:
-        if resource.get("resourceType") == "Observation":
-            events += observation_events(resource, ctx)
-        else:
+        mapper = _MAPPERS.get(resource.get("resourceType"))
+        if mapper is None:
             ctx.skip(str(resource.get("resourceType"))[:40])
+        else:
+            events += mapper(resource, ctx)
     if not events:
         kind = max(ctx.skipped, key=ctx.skipped.get) if ctx.skipped else "empty"
         return Ignored(kind, {**status.detail(), "skipped": ctx.skipped})
@@ -115,7 +134,7 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
 # --- the status entry ----------------------------------------------------------------------------
 
 
-def parse_status(resource: Any, bundle_type: Any) -> NotificationStatus:
+def parse_status(resource: Any, bundle_type: Any, bundle_timestamp: Any = None) -> NotificationStatus:
     """R4 Parameters or R4B/R5 SubscriptionStatus -> NotificationStatus."""
     if not isinstance(resource, dict):
         raise Reject(Reason.INVALID_STRUCTURE, "entry[0] holds no status resource")
@@ -131,6 +150,7 @@ def parse_status(resource: Any, bundle_type: Any) -> NotificationStatus:
                 event_numbers=[n for n in (_counter(e.get("eventNumber")) for e in events) if n is not None],
                 focus=[f for f in (_reference(e.get("focus")) for e in events) if f],
                 fhir_version=version,
+                timestamp_ms=_server_time([e.get("timestamp") for e in events], bundle_timestamp),
             )
         if kind == "Parameters":
             params = _dicts(resource.get("parameter"))
@@ -143,10 +163,40 @@ def parse_status(resource: Any, bundle_type: Any) -> NotificationStatus:
                 event_numbers=[n for n in (_counter(e.get("event-number")) for e in events) if n is not None],
                 focus=[f for f in (_reference(e.get("focus")) for e in events) if f],
                 fhir_version=version,
+                timestamp_ms=_server_time([e.get("timestamp") for e in events], bundle_timestamp),
             )
     except (ValueError, TypeError) as exc:
         raise Reject(Reason.INVALID_STRUCTURE, "unreadable notification status counters") from exc
     raise Reject(Reason.INVALID_STRUCTURE, f"entry[0] is {str(kind)[:40]}, not a subscription status")
+
+
+def read_status(value: bytes | None) -> NotificationStatus | None:
+    """Only the status of a notification (for the subscription watcher); None when unreadable.
+
+    Never raises: the ingest worker dead-letters unreadable notifications, the watcher just counts them."""
+    try:
+        bundle = orjson.loads(value) if value is not None else None
+        entries = _dicts(bundle.get("entry")) if isinstance(bundle, dict) else []
+        if not entries or bundle.get("resourceType") != "Bundle":
+            return None
+        return parse_status(entries[0].get("resource"), bundle.get("type"), bundle.get("timestamp"))
+    except Exception:  # Reject, JSONDecodeError, anything: unreadable is an answer here
+        return None
+
+
+def _server_time(event_timestamps: list[Any], bundle_timestamp: Any) -> int | None:
+    """The latest readable notification-event timestamp, else the Bundle timestamp, else None."""
+    times = [t for t in (_lenient_ms(raw) for raw in event_timestamps) if t is not None]
+    return max(times) if times else _lenient_ms(bundle_timestamp)
+
+
+def _lenient_ms(raw: Any) -> int | None:
+    if not isinstance(raw, str):
+        return None
+    try:
+        return iso_to_ms(raw, "timestamp")
+    except Reject:
+        return None
 
 
 def _parts(param: dict) -> dict[str, Any]:
@@ -183,6 +233,51 @@ def _reference(raw: Any) -> str | None:
     if isinstance(raw, dict):
         raw = raw.get("reference")
     return raw if isinstance(raw, str) and raw else None
+
+
+# --- id-only payloads ----------------------------------------------------------------------------
+
+NOT_CONFIGURED_DETAIL = ("id-only notification: its resources must be fetched from the FHIR server; "
+                         "set WARDWATCH_FHIR_SERVER_URL (and WARDWATCH_FHIR_AUTH_TOKEN if it needs one), "
+                         "then replay this message from the dead-letter topic")
+# a resource reference, relative or absolute: .../<Type>/<id>[/_history/<version>]
+_REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(/_history/[A-Za-z0-9\-.]{1,64})?/?$")
+
+
+def relative_reference(reference: str | None) -> str | None:
+    """'https://host/fhir/Observation/1/_history/2' -> 'Observation/1/_history/2'; None if not a
+    fetchable resource reference (urn:uuid:..., contained '#x', garbage)."""
+    match = _REFERENCE.search(reference.strip()) if isinstance(reference, str) else None
+    if not match or set(match[2]) == {"."}:  # "." / ".." would walk the server's URL tree
+        return None
+    return f"{match[1]}/{match[2]}{match[3] or ''}"
+
+
+def references_to_fetch(entries: list[dict], status: NotificationStatus) -> list[str]:
+    """Resources the notification names but does not carry: the focus references and the fullUrls of
+    entries without a resource, minus the resources present. Empty for full-resource payloads."""
+    present = {f"{r.get('resourceType')}/{r.get('id')}" for e in entries if isinstance(r := e.get("resource"), dict)}
+    wanted = [relative_reference(f) for f in status.focus]
+    for entry in entries:
+        if not isinstance(entry.get("resource"), dict):
+            request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+            ref = relative_reference(entry.get("fullUrl")) or relative_reference(request.get("url"))
+            if ref is None:
+                raise Reject(Reason.INVALID_STRUCTURE, "notification entry has neither a resource nor a "
+                                                       "resource reference to fetch")
+            wanted.append(ref)
+    missing = [ref for ref in wanted if ref and ref.split("/_history/")[0] not in present]
+    return list(dict.fromkeys(missing))  # de-duplicated, focus order
+
+
+def complete_notification(value: bytes, fetched: dict[str, dict]) -> bytes:
+    """The full-resource equivalent of an id-only notification: the same status entry, the resources
+    it carried, then the fetched ones (reference -> resource) in reference order."""
+    bundle = orjson.loads(value)
+    entries = _dicts(bundle.get("entry"))
+    kept = [e for e in entries[1:] if isinstance(e.get("resource"), dict)]
+    added = [{"fullUrl": ref, "resource": resource} for ref, resource in fetched.items()]
+    return orjson.dumps({**bundle, "entry": [entries[0], *kept, *added]})
 
 
 # --- Observations --------------------------------------------------------------------------------
@@ -238,23 +333,27 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
 
 
 @cache
-def _observation_model(fhir_version: str):
-    if fhir_version == R5:
-        from fhir.resources.observation import Observation
-    else:
-        from fhir.resources.R4B.observation import Observation
-    return Observation
+def _resource_model(resource_type: str, fhir_version: str):
+    import importlib
+
+    package = "fhir.resources" if fhir_version == R5 else "fhir.resources.R4B"
+    return getattr(importlib.import_module(f"{package}.{resource_type.lower()}"), resource_type)
 
 
-def validate_observation(obs: dict, fhir_version: str) -> None:
-    """Structural FHIR validation (fhir.resources); the one place to swap for a faster check."""
+def validate_resource(resource: dict, fhir_version: str) -> None:
+    """Structural FHIR validation (fhir.resources); the one place to swap for a faster check.
+    Only called for the mapped types (Observation, Encounter, Patient)."""
+    kind = resource["resourceType"]
     try:
-        _observation_model(fhir_version).model_validate(obs)
+        _resource_model(kind, fhir_version).model_validate(resource)
     except ValueError as exc:  # pydantic ValidationError; its message would echo patient values
         errors = exc.errors(include_input=False) if hasattr(exc, "errors") else []
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in errors[:5])
-        raise Reject(Reason.INVALID_RESOURCE, f"invalid {fhir_version} Observation: {where}",
+        raise Reject(Reason.INVALID_RESOURCE, f"invalid {fhir_version} {kind}: {where}",
                      type(exc).__name__) from exc
+
+
+validate_observation = validate_resource  # the name earlier callers use
 
 
 def _measured_codes(obs: dict) -> list[tuple[str, dict]]:
@@ -359,3 +458,152 @@ def _version(raw: Any) -> int:
     if not 0 <= version < 2**63:  # the version orders facts as an int64 downstream
         raise Reject(Reason.BAD_VALUE, "meta.versionId is outside the int64 range")
     return version
+
+
+# --- Encounter and Patient -> CONTEXT facts ------------------------------------------------------
+
+# HL7 v3 ActCode encounter classes -> the vocabulary of the CDC `encounters.encounter_class` column
+ENCOUNTER_CLASSES = {
+    "IMP": "inpatient", "ACUTE": "inpatient", "NONAC": "inpatient", "EMER": "emergency", "AMB": "ambulatory",
+    "OBSENC": "observation", "SS": "short-stay", "HH": "home-health", "VR": "virtual", "PRENC": "pre-admission",
+}
+NOT_ADMITTED = {"planned"}  # nobody is on a ward yet: no facts
+RETRACTING = {"entered-in-error", "cancelled"}  # the encounter never happened: retract its facts
+ENDED = {"finished", "completed", "discharged"}  # R4B finished; R5 completed / discharged
+_INACTIVE_LOCATIONS = {"planned", "reserved"}
+ADMINISTRATIVE_GENDERS = {"male", "female", "other", "unknown"}
+BIRTH_YEARS = (1880, 2100)  # the same bound as the CDC patients table: outside is a data error
+MRN_TYPE = "MR"  # HL7 v2-0203 identifier type "Medical record number"
+
+
+def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
+    validate_resource(enc, ctx.status.fhir_version)
+    enc_id = _resource_id(enc)
+    status = enc.get("status")
+    if status in NOT_ADMITTED:
+        ctx.skip("Encounter")
+        return []
+    patient = _patient_id(enc.get("subject"))
+    if patient is None:
+        raise Reject(Reason.MISSING_PATIENT, "Encounter subject is not a Patient")
+    period = _period(enc.get("period") or enc.get("actualPeriod"))  # R5 renamed it actualPeriod
+    if period[0] is None:
+        raise Reject(Reason.MISSING_TIME, "Encounter has no period.start (the admission time)")
+    admitted_ms, discharged_ms = period
+    meta = enc.get("meta") if isinstance(enc.get("meta"), dict) else {}
+    version = _resource_version(meta)
+    issued_ms = iso_to_ms(meta["lastUpdated"], "meta.lastUpdated") if meta.get("lastUpdated") else admitted_ms
+    event_status = Status.ENTERED_IN_ERROR if status in RETRACTING else Status.FINAL
+    provenance = _provenance(f"Encounter/{enc_id}", ctx)
+
+    def fact(code: str, effective_ms: int, suffix: str, text: str | None) -> CanonicalEvent:
+        return CanonicalEvent(
+            patient_id=patient, code=code, value=None, unit=None, effective_ms=effective_ms, issued_ms=issued_ms,
+            status=event_status, source=Source.FHIR, fact_id=f"fhir:Encounter:{enc_id}:{suffix}", version=version,
+            encounter_id=enc_id, code_system=CONTEXT, value_text=None if event_status.retracts else text,
+            provenance=provenance,
+        )
+
+    events = [fact(ADMISSION, admitted_ms, ADMISSION, _encounter_class(enc.get("class")))]
+    location = _current_location(enc.get("location"))
+    if location is None:
+        ctx.skip("no_location")
+    else:
+        ward, arrived_ms = location
+        arrived_ms = admitted_ms if arrived_ms is None else arrived_ms
+        events.append(fact(LOCATION, arrived_ms, f"{LOCATION}:{arrived_ms}", ward))
+    if discharged_ms is not None and (status in ENDED or event_status.retracts):
+        events.append(fact(DISCHARGE, discharged_ms, DISCHARGE, None))
+    return events
+
+
+def patient_events(pat: dict, ctx: _Context) -> list[CanonicalEvent]:
+    validate_resource(pat, ctx.status.fhir_version)
+    pat_id = _resource_id(pat)
+    meta = pat.get("meta") if isinstance(pat.get("meta"), dict) else {}
+    if not meta.get("lastUpdated"):
+        raise Reject(Reason.MISSING_TIME, "Patient has no meta.lastUpdated (the record's update time)")
+    updated_ms = iso_to_ms(meta["lastUpdated"], "meta.lastUpdated")
+    patient = _mrn(pat.get("identifier")) or pat_id
+    common = dict(patient_id=patient, unit=None, effective_ms=updated_ms, issued_ms=updated_ms, status=Status.FINAL,
+                  source=Source.FHIR, version=_resource_version(meta), code_system=CONTEXT,
+                  provenance=_provenance(f"Patient/{pat_id}", ctx))
+    events = []
+    if pat.get("gender") in ADMINISTRATIVE_GENDERS:
+        events.append(CanonicalEvent(code=SEX, value=None, value_text=pat["gender"],
+                                     fact_id=f"fhir:Patient:{pat_id}:{SEX}", **common))
+    if isinstance(pat.get("birthDate"), str):
+        year = int(pat["birthDate"][:4])  # validated above as a FHIR date: YYYY[-MM[-DD]]
+        if not BIRTH_YEARS[0] <= year <= BIRTH_YEARS[1]:
+            raise Reject(Reason.BAD_VALUE, f"birthDate: year outside {BIRTH_YEARS[0]}-{BIRTH_YEARS[1]}")
+        events.append(CanonicalEvent(code=BIRTH_YEAR, value=float(year),
+                                     fact_id=f"fhir:Patient:{pat_id}:{BIRTH_YEAR}", **common))
+    if not events:
+        ctx.skip("Patient")
+    return events
+
+
+def _resource_id(resource: dict) -> str:
+    rid = resource.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise Reject(Reason.INVALID_STRUCTURE, f"{resource.get('resourceType')} without id")
+    return rid
+
+
+def _resource_version(meta: dict) -> int:
+    """meta.versionId; without one, meta.lastUpdated in ms still orders the versions of a resource."""
+    if meta.get("versionId") is None and isinstance(meta.get("lastUpdated"), str):
+        return iso_to_ms(meta["lastUpdated"], "meta.lastUpdated")
+    return _version(meta.get("versionId"))
+
+
+def _provenance(resource: str, ctx: _Context) -> dict[str, Any]:
+    return {"resource": resource, "subscription": ctx.status.subscription, "topic": ctx.topic,
+            "partition": ctx.partition, "offset": ctx.offset, "fhir_version": ctx.status.fhir_version}
+
+
+def _period(raw: Any) -> tuple[int | None, int | None]:
+    period = raw if isinstance(raw, dict) else {}
+    start, end = period.get("start"), period.get("end")
+    return (iso_to_ms(start, "period.start") if isinstance(start, str) else None,
+            iso_to_ms(end, "period.end") if isinstance(end, str) else None)
+
+
+def _encounter_class(raw: Any) -> str | None:
+    """R4/R4B class is a Coding, R5 a list of CodeableConcepts -> "inpatient", "emergency", ..."""
+    codings = [raw] if isinstance(raw, dict) and "code" in raw else []
+    for concept in raw if isinstance(raw, list) else []:
+        codings += _dicts(concept.get("coding")) if isinstance(concept, dict) else []
+    for coding in codings:
+        code = coding.get("code")
+        if isinstance(code, str) and code.strip():
+            code = code.strip()
+            return ENCOUNTER_CLASSES.get(code.upper(), code.lower())
+    return None
+
+
+def _current_location(raw: Any) -> tuple[str, int | None] | None:
+    """(ward, arrived at) of the active location, else of the last one that is not planned/reserved."""
+    candidates = [loc for loc in _dicts(raw) if loc.get("status") not in _INACTIVE_LOCATIONS]
+    active = [loc for loc in candidates if loc.get("status") == "active"]
+    for loc in (active or candidates)[-1:]:
+        ref = loc.get("location") if isinstance(loc.get("location"), dict) else {}
+        display = ref.get("display").strip() if isinstance(ref.get("display"), str) else ""
+        ward = display or _reference_id(_reference(ref), "Location")
+        if ward:
+            return ward, _period(loc.get("period"))[0]
+    return None
+
+
+def _mrn(identifiers: Any) -> str | None:
+    """The value of the identifier typed MR (medical record number), as Observation subjects carry it."""
+    for identifier in _dicts(identifiers):
+        concept = identifier.get("type") if isinstance(identifier.get("type"), dict) else {}
+        if any(c.get("code") == MRN_TYPE for c in _dicts(concept.get("coding"))):
+            value = identifier.get("value")
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+    return None
+
+
+_MAPPERS = {"Observation": observation_events, "Encounter": encounter_events, "Patient": patient_events}

@@ -44,6 +44,17 @@ class Ignored:
     detail: dict[str, Any] = field(default_factory=dict)  # FHIR: subscription + event_numbers, still counted for gaps
 
 
+@dataclass(frozen=True, slots=True)
+class NeedsFetch(Rejected):
+    """An id-only FHIR notification: the resources must be fetched from the FHIR server.
+
+    It *is* a Rejected (reason FHIR_SERVER_NOT_CONFIGURED), so a caller without a FHIR server
+    dead-letters it unchanged; a caller with one (streams/fhir_fetch.py) GETs `references` and parses
+    the completed notification instead."""
+
+    references: tuple[str, ...] = ()  # relative "Type/id" (or "Type/id/_history/v"), in focus order
+
+
 Outcome = Parsed | Rejected | Control | Ignored
 
 

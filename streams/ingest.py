@@ -31,7 +31,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from schemas.cdc import parse_cdc
 from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
 from schemas.fhir import parse_notification
-from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Rejected, rejected
+from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
+from streams.fhir_fetch import FhirClient, resolve
+from streams.stats import StatsPublisher
 from streams.topics import Topics, topics_for
 from wardwatch.settings import Settings
 
@@ -142,6 +144,11 @@ class IngestWorker:
         self._delivery_errors: list[str] = []
         self._consumer = Consumer(consumer_config(settings))
         self._producer = Producer(producer_config(settings))
+        # id-only FHIR notifications are completed from the FHIR server; without one they are dead-lettered
+        self._fhir = FhirClient(settings) if settings.fhir_server_url else None
+        # counters snapshot on the stats topic (`wardwatch stats`), sent with the next batch's flush
+        self.stats = StatsPublisher("ingest", self.counters.snapshot, self._producer, topics.stats,
+                                    interval_s=settings.stats_interval_s)
         self._consumer.subscribe(topics.raw)
 
     def run(self, stop: threading.Event) -> None:
@@ -149,6 +156,7 @@ class IngestWorker:
         try:
             while not stop.is_set():
                 self.poll_once()
+                self.stats.maybe_publish()  # after the batch flush: the counts are of acknowledged outputs
         finally:
             self.close()
         log.info("ingest worker stopped: %s", self.counters.snapshot())
@@ -191,13 +199,20 @@ class IngestWorker:
         if topic in self._cdc_topics:
             return "cdc", parse_cdc(topic, msg.key(), msg.value(), partition=msg.partition(), offset=msg.offset(),
                                     cdc_topic_prefix=self.settings.cdc_topic_prefix)
-        return "fhir", parse_notification(msg.value(), topic=topic, partition=msg.partition(), offset=msg.offset())
+        outcome = parse_notification(msg.value(), topic=topic, partition=msg.partition(), offset=msg.offset())
+        if isinstance(outcome, NeedsFetch):  # id-only: the only path that talks to the FHIR server
+            outcome = resolve(outcome, msg.value(), self._fhir, topic=topic, partition=msg.partition(),
+                              offset=msg.offset())
+        return "fhir", outcome
 
     def close(self) -> None:
         try:
+            self.stats.publish()  # the final counts
             self._producer.flush(10)
         finally:
             self._consumer.close()  # leaves the group at once, so a restart rejoins quickly
+            if self._fhir is not None:
+                self._fhir.close()
 
     # --- wiring details ------------------------------------------------------------------------
 

@@ -133,6 +133,34 @@ def subscriptions(ctx: typer.Context) -> None:
     _run_until_signal(lambda stop: run_subscription_watch(settings, stop))
 
 
+@subscriptions_app.command("recover")
+def subscriptions_recover() -> None:
+    """Ask the FHIR server ($events) for the notifications of every reported, still open gap and
+    republish them to the notifications topic. Prints one JSON line per gap."""
+    import orjson
+
+    from streams.fhir_fetch import FhirClient
+    from streams.subscription_watch import recover_gaps
+    from streams.topics import ensure_topics, topics_for
+
+    settings = _settings()
+    if not settings.fhir_server_url:
+        console.print("[red]no FHIR server configured:[/] set WARDWATCH_FHIR_SERVER_URL (and WARDWATCH_FHIR_AUTH_TOKEN "
+                      "if the server needs one)")
+        raise typer.Exit(2)
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    client = FhirClient(settings)
+    try:
+        results = recover_gaps(settings, topics, client)
+    finally:
+        client.close()
+    for result in results:
+        typer.echo(orjson.dumps(result).decode())
+    if not results:
+        console.print("no open gaps", style="green")
+
+
 @app.command()
 def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1")) -> None:
     """Run the embedded Tansu broker in the foreground (Ctrl-C stops it)."""

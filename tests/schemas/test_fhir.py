@@ -13,8 +13,8 @@ from hypothesis import given, settings, strategies as st
 from schemas import codes
 from schemas.canonical import Source, Status
 from schemas.deadletter import Reason
-from schemas.fhir import parse_notification
-from schemas.ingest_outcome import Control, Ignored, Parsed, Rejected
+from schemas.fhir import complete_notification, parse_notification, read_status, relative_reference
+from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Parsed, Rejected
 from tests.fixtures.ingest.corpus import fhir_bundle, fhir_names, raw_file, replace_nth_value
 
 SUBSCRIPTION = "https://ehr.example.org/fhir/Subscription/ww-vitals"
@@ -121,10 +121,151 @@ def test_redelivered_notification_has_the_same_event_ids():
     assert [e.event_id for e in first.events] == [e.event_id for e in again.events]
 
 
+# --- Encounter and Patient -> CONTEXT facts -------------------------------------------------------
+
+ENCOUNTER = "enc-4d8ac7e31e96"
+DAY_2024_06_15_MS = 1_718_409_600_000  # 2024-06-15T00:00:00Z
+
+
+def context_facts(name: str) -> dict[str, object]:
+    events = parsed(name).events
+    assert all(e.code_system == codes.CONTEXT and e.source is Source.FHIR for e in events)
+    return {e.code: e for e in events}
+
+
+def test_transferred_encounter_gives_admission_and_the_active_ward():
+    facts = context_facts("r4b_encounter_transferred")
+    assert set(facts) == {codes.ADMISSION, codes.LOCATION}  # still in progress: no discharge
+    admission, location = facts[codes.ADMISSION], facts[codes.LOCATION]
+    assert admission.value_text == "inpatient"  # v3 ActCode IMP, as the CDC encounter_class column says it
+    assert admission.effective_ms == DAY_2024_06_15_MS + (9 * 60 + 24) * 60_000  # period.start 09:24Z
+    assert admission.fact_id == f"fhir:Encounter:{ENCOUNTER}:admission"
+    # the active location (not the completed ED stay, not the planned ICU bed), since its own start 12:54Z
+    assert location.value_text == "Ward 5B"
+    assert location.effective_ms == DAY_2024_06_15_MS + (12 * 60 + 54) * 60_000
+    assert location.fact_id == f"fhir:Encounter:{ENCOUNTER}:location:{location.effective_ms}"
+    for fact in (admission, location):
+        assert (fact.patient_id, fact.encounter_id, fact.version) == ("MRN-0001", ENCOUNTER, 3)
+        assert fact.value is None and fact.status is Status.FINAL
+        assert fact.issued_ms == DAY_2024_06_15_MS + 16 * 3_600_000  # meta.lastUpdated 16:00Z
+
+
+def test_r5_completed_encounter_gives_discharge_and_versions_by_last_updated():
+    facts = context_facts("r5_encounter_discharged")
+    assert set(facts) == {codes.ADMISSION, codes.LOCATION, codes.DISCHARGE}
+    admitted_ms = 1_718_827_800_000  # actualPeriod.start 2024-06-19T22:10+02:00 = 20:10Z
+    assert facts[codes.ADMISSION].effective_ms == admitted_ms
+    assert facts[codes.ADMISSION].value_text == "emergency"  # R5 class: a list of CodeableConcepts, EMER
+    # a completed location without display or period: the Location id, since the admission
+    assert (facts[codes.LOCATION].value_text, facts[codes.LOCATION].effective_ms) == ("ward-7a", admitted_ms)
+    assert facts[codes.DISCHARGE].effective_ms == 1_718_878_500_000  # 2024-06-20T10:15Z
+    assert facts[codes.DISCHARGE].value_text is None
+    assert facts[codes.DISCHARGE].fact_id == "fhir:Encounter:enc-77aa01:discharge"
+    # no versionId: meta.lastUpdated 2024-06-20T10:30Z in ms orders the versions
+    assert {e.version for e in facts.values()} == {1_718_879_400_000}
+    assert facts[codes.ADMISSION].patient_id == "pt-e4f5d6254795"  # a reference-only subject
+
+
+def test_entered_in_error_encounter_retracts_the_same_facts():
+    before = context_facts("r4b_encounter_transferred")
+    retracted = context_facts("r4b_encounter_entered_in_error")
+    assert {e.fact_id for e in retracted.values()} == {e.fact_id for e in before.values()}
+    assert all(e.status is Status.ENTERED_IN_ERROR and e.version == 4 and e.value_text is None
+               for e in retracted.values())
+
+
+def test_planned_encounter_gives_no_facts():
+    bundle = json.loads(fhir_bundle("r4b_encounter_transferred"))
+    bundle["entry"][1]["resource"]["status"] = "planned"
+    outcome = parse(json.dumps(bundle).encode())
+    assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"Encounter": 1}
+
+
+def test_patient_gives_sex_and_birth_year_under_the_mrn():
+    facts = context_facts("r4b_patient")
+    assert set(facts) == {codes.SEX, codes.BIRTH_YEAR}
+    sex, year = facts[codes.SEX], facts[codes.BIRTH_YEAR]
+    assert (sex.patient_id, sex.value_text, sex.value) == ("MRN-0001", "female", None)  # the MR identifier
+    assert (year.patient_id, year.value, year.value_text) == ("MRN-0001", 1943.0, None)  # the year, no more
+    assert sex.fact_id == "fhir:Patient:pt-e4f5d6254795:sex"
+    assert year.fact_id == "fhir:Patient:pt-e4f5d6254795:birth-year"
+    assert {e.effective_ms for e in facts.values()} == {DAY_2024_06_15_MS + 8 * 3_600_000}  # lastUpdated
+    assert {e.version for e in facts.values()} == {2}
+
+
+def test_patient_without_an_mrn_falls_back_to_its_id():
+    bundle = json.loads(fhir_bundle("r4b_patient"))
+    del bundle["entry"][1]["resource"]["identifier"][1]["type"]
+    events = parse(json.dumps(bundle).encode()).events
+    assert {e.patient_id for e in events} == {"pt-e4f5d6254795"}
+
+
+def test_invalid_encounter_is_rejected_naming_the_field():
+    bundle = json.loads(fhir_bundle("r4b_encounter_transferred"))
+    bundle["entry"][1]["resource"]["period"]["start"] = "after lunch"
+    outcome = parse(json.dumps(bundle).encode())
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.INVALID_RESOURCE
+    assert "period" in outcome.rejection.detail and "lunch" not in outcome.rejection.detail
+
+
+# --- id-only payloads ----------------------------------------------------------------------------
+
+
+def test_id_only_notification_asks_for_its_focus_resources():
+    outcome = parse(fhir_bundle("r4b_id_only"))
+    assert isinstance(outcome, NeedsFetch) and outcome.references == ("Observation/vs-hr-9",)
+    # without a server it is simply a rejection that says what to set
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.FHIR_SERVER_NOT_CONFIGURED
+    assert "WARDWATCH_FHIR_SERVER_URL" in outcome.rejection.detail
+
+
+def test_r4_id_only_references_are_made_relative_in_focus_order():
+    outcome = parse(fhir_bundle("r4_id_only_parameters"))
+    assert isinstance(outcome, NeedsFetch)
+    assert outcome.references == ("Encounter/enc-4d8ac7e31e96", "Patient/pt-e4f5d6254795")
+
+
+def test_completed_id_only_notification_parses_like_the_full_resource_one():
+    with_resource = complete_notification(fhir_bundle("r4b_id_only"),
+                                          {"Observation/vs-hr-9": json.loads(fhir_bundle("server/Observation/vs-hr-9"))})
+    assert parse(with_resource) == parse(fhir_bundle("r4b_full_resource_hr9"))
+    (hr,) = parse(with_resource).events
+    assert (hr.patient_id, hr.value, hr.fact_id) == ("MRN-0001", 112, "fhir:Observation/vs-hr-9:8867-4")
+
+
+@pytest.mark.parametrize(("reference", "relative"), [
+    ("Observation/vs-hr-9", "Observation/vs-hr-9"),
+    ("https://ehr.example.org/fhir/Encounter/enc-1", "Encounter/enc-1"),
+    ("https://ehr.example.org/fhir/Observation/o.1/_history/3", "Observation/o.1/_history/3"),
+    ("urn:uuid:9a1c0e5e-0000-4000-8000-000000000001", None),
+    ("#contained", None),
+    ("Observation/../../admin", None),
+    ("https://ehr.example.org/fhir/Observation/..", None),
+])
+def test_relative_reference(reference, relative):
+    assert relative_reference(reference) == relative
+
+
+# --- status only (the subscription watcher) -------------------------------------------------------
+
+
+def test_read_status_gives_the_counters_and_the_servers_clock():
+    status = read_status(fhir_bundle("r4_id_only_parameters"))
+    assert status.subscription == SUBSCRIPTION and status.event_numbers == [48, 49]
+    assert status.timestamp_ms == DAY_2024_06_15_MS + 16 * 3_600_000 + 2_000  # the later event, 16:00:02Z
+    heartbeat = read_status(fhir_bundle("r4_heartbeat"))
+    assert heartbeat.type == "heartbeat" and heartbeat.event_numbers == []
+
+
+@pytest.mark.parametrize("raw", [None, b"", b"{", b"[]", b'{"resourceType": "Patient"}', b'{"resourceType": "Bundle"}'])
+def test_read_status_of_unreadable_messages_is_none(raw):
+    assert read_status(raw) is None
+
+
 # --- skipped, ignored ----------------------------------------------------------------------------
 
 
-def test_unused_codes_and_encounters_are_skipped_but_counted():
+def test_unused_codes_and_planned_encounters_are_skipped_but_counted():
     outcome = parsed("r4b_mixed")
     assert [e.code for e in outcome.events] == [codes.HEART_RATE]
     assert outcome.skipped == {"unmapped_code": 1, "Encounter": 1}
@@ -147,6 +288,7 @@ def test_notification_with_nothing_usable_is_ignored_but_keeps_its_event_numbers
     ("unknown_unit", Reason.UNKNOWN_UNIT),
     ("subject_not_patient", Reason.MISSING_PATIENT),
     ("missing_effective", Reason.MISSING_TIME),
+    ("encounter_without_start", Reason.MISSING_TIME),
     ("r4b_id_only", Reason.NO_FHIR_SERVER),
     ("wrong_resource_type", Reason.INVALID_STRUCTURE),
     ("status_not_first", Reason.INVALID_STRUCTURE),

@@ -1,0 +1,140 @@
+"""id-only FHIR notifications: GET the focus resources from the FHIR server, then parse the notification
+as if the server had sent them inline, so id-only and full-resource payloads give identical events.
+
+    NeedsFetch(references)                           (schemas.fhir.parse_notification)
+        |  GET <fhir_server_url>/<Type>/<id> for each reference (timeout, retries with backoff)
+        |  complete_notification(): the same status entry + the fetched resources
+        v
+    parse_notification() again -> Parsed | Rejected | Ignored
+
+Failures are data outcomes, never exceptions, so the ingest worker dead-letters the original bytes:
+    no server configured          -> FHIR_SERVER_NOT_CONFIGURED (replay after setting WARDWATCH_FHIR_SERVER_URL)
+    404 / 410 for a reference     -> RESOURCE_NOT_FOUND (deleted or never visible to this client)
+    timeouts, connection errors, 429 and 5xx after every retry, other 4xx (401/403: a token problem),
+    a body that is not the resource asked for -> FETCH_FAILED (replayable once the server is back)
+
+Runs inside the ingest worker, only for id-only notifications; full-resource ones never get here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import httpx
+import orjson
+
+from schemas.deadletter import Reason
+from schemas.fhir import complete_notification, parse_notification
+from schemas.ingest_outcome import NeedsFetch, Outcome, Rejected, rejected
+from wardwatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+_RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
+_GONE_STATUSES = {404, 410}
+
+
+class FetchError(Exception):
+    """A reference could not be fetched; `reason` is the dead-letter reason."""
+
+    def __init__(self, reason: Reason, detail: str, exception: str | None = None):
+        super().__init__(detail)
+        self.reason, self.detail, self.exception = reason, detail, exception
+
+
+class FhirClient:
+    """A small synchronous FHIR read client (the ingest worker is a synchronous loop)."""
+
+    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep):
+        if not settings.fhir_server_url:
+            raise ValueError("FhirClient needs settings.fhir_server_url (WARDWATCH_FHIR_SERVER_URL)")
+        headers = {"Accept": FHIR_JSON}
+        if settings.fhir_auth_token is not None:
+            headers["Authorization"] = f"Bearer {settings.fhir_auth_token.get_secret_value()}"
+        self._http = httpx.Client(base_url=settings.fhir_server_url.rstrip("/") + "/", headers=headers,
+                                  timeout=settings.fhir_timeout_s)
+        self.retries = settings.fhir_retries
+        self.backoff_s = settings.fhir_retry_backoff_s
+        self._sleep = sleep
+
+    def read(self, reference: str) -> dict:
+        """GET one relative reference ("Type/id" or "Type/id/_history/v") -> the resource as a dict."""
+        return _resource(self._get(reference), reference)
+
+    def subscription_events(self, subscription: str, first: int, last: int) -> bytes:
+        """The `$events` operation (R4B backport / R5): the notification Bundle (type query-event) of
+        event numbers first..last of a subscription ("Subscription/<id>"), as the server sent it."""
+        response = self._get(f"{subscription}/$events", params={"eventsSinceNumber": str(first),
+                                                                 "eventsUntilNumber": str(last),
+                                                                 "content": "full-resource"})
+        try:
+            bundle = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise FetchError(Reason.FETCH_FAILED, "$events: the body is not JSON", type(exc).__name__)
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise FetchError(Reason.FETCH_FAILED, "$events: the server did not answer with a Bundle")
+        return response.content
+
+    def _get(self, reference: str, params: dict[str, str] | None = None) -> httpx.Response:
+        """GET with retries on timeouts, connection errors, 408/429/5xx; 200 -> the response."""
+        attempt = 0
+        while True:
+            try:
+                response = self._http.get(reference, params=params)
+            except httpx.TransportError as exc:  # timeouts, refused connections, protocol errors
+                failure = FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: {type(exc).__name__}",
+                                     type(exc).__name__)
+            else:
+                if response.status_code == 200:
+                    return response
+                if response.status_code in _GONE_STATUSES:
+                    raise FetchError(Reason.RESOURCE_NOT_FOUND,
+                                     f"GET {_kind(reference)}: the FHIR server answered {response.status_code}")
+                failure = FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the FHIR server answered "
+                                                          f"{response.status_code}")
+                if response.status_code not in _RETRIED_STATUSES:
+                    raise failure  # 401/403/400...: retrying will not help, an operator must act
+            if attempt >= self.retries:
+                raise FetchError(failure.reason, f"{failure.detail} (after {attempt + 1} attempts)", failure.exception)
+            self._sleep(self.backoff_s * 2**attempt)
+            attempt += 1
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *, topic: str, partition: int,
+            offset: int) -> Outcome:
+    """Turn a NeedsFetch into the outcome of the completed notification; other outcomes pass through."""
+    if not isinstance(outcome, NeedsFetch):
+        return outcome
+    if client is None:
+        return Rejected(outcome.rejection)  # FHIR_SERVER_NOT_CONFIGURED, with what to set
+    try:
+        fetched = {ref: client.read(ref) for ref in outcome.references}
+    except FetchError as exc:
+        return rejected(exc.reason, exc.detail, exc.exception)
+    result = parse_notification(complete_notification(value, fetched), topic=topic, partition=partition,
+                                offset=offset)
+    if isinstance(result, NeedsFetch):  # the server returned resources other than the ones referenced
+        return rejected(Reason.FETCH_FAILED, "the fetched resources do not match the notification's references")
+    return result
+
+
+def _resource(response: httpx.Response, reference: str) -> dict:
+    try:
+        resource = orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the body is not JSON", type(exc).__name__)
+    kind, rid = reference.split("/")[:2]
+    if not isinstance(resource, dict) or resource.get("resourceType") != kind or resource.get("id") != rid:
+        raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the server returned a different resource")
+    return resource
+
+
+def _kind(reference: str) -> str:
+    """The resource type only: ids can identify patients and must not reach logs or headers."""
+    return reference.split("/")[0]

@@ -1,0 +1,189 @@
+"""id-only notifications completed from a FHIR server: a real HTTP server on 127.0.0.1 serves the
+resources (tests/fixtures/ingest/fhir/server/<Type>/<id>.json), then once through the real broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from pydantic import SecretStr
+
+from schemas import codes
+from schemas.canonical import decode_batch
+from schemas.deadletter import Reason
+from schemas.fhir import parse_notification
+from schemas.ingest_outcome import NeedsFetch, Parsed, Rejected
+from streams.fhir_fetch import FhirClient, resolve
+from streams.ingest import IngestWorker
+from streams.topics import ensure_topics, topics_for
+from wardwatch.settings import Settings
+from tests.fixtures.ingest.corpus import fhir_bundle
+from tests.streams.fhir_server import SERVED, FhirServer
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def fhir_server():
+    server = FhirServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def client_for(url: str, **overrides) -> FhirClient:
+    options = dict(fhir_server_url=url, fhir_auth_token=SecretStr(TOKEN), fhir_timeout_s=2.0, fhir_retries=2,
+                   fhir_retry_backoff_s=0.01)
+    return FhirClient(Settings(**{**options, **overrides}))
+
+
+def parse(raw: bytes):
+    return parse_notification(raw, topic="ww.fhir.notifications", partition=3, offset=7)
+
+
+def fetch_and_parse(name: str, client: FhirClient | None):
+    raw = fhir_bundle(name)
+    outcome = parse(raw)
+    assert isinstance(outcome, NeedsFetch)
+    return resolve(outcome, raw, client, topic="ww.fhir.notifications", partition=3, offset=7)
+
+
+def rejection(outcome):
+    assert isinstance(outcome, Rejected) and not isinstance(outcome, NeedsFetch), outcome
+    return outcome.rejection
+
+
+# --- the fetch ---------------------------------------------------------------------------------
+
+
+def test_id_only_gives_the_same_events_as_the_full_resource_notification(fhir_server):
+    outcome = fetch_and_parse("r4b_id_only", client_for(fhir_server.url))
+    assert outcome == parse(fhir_bundle("r4b_full_resource_hr9"))  # written by hand with the resource inline
+    assert [e.value for e in outcome.events] == [112]
+    assert fhir_server.requests == [("/fhir/Observation/vs-hr-9", f"Bearer {TOKEN}")]
+
+
+def test_r4_id_only_encounter_and_patient_become_context_facts(fhir_server):
+    outcome = fetch_and_parse("r4_id_only_parameters", client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed) and outcome.event_numbers == [48, 49]
+    assert sorted(e.code for e in outcome.events) == sorted(
+        [codes.ADMISSION, codes.LOCATION, codes.SEX, codes.BIRTH_YEAR])
+    assert {e.patient_id for e in outcome.events} == {"MRN-0001"}
+    # the absolute focus reference was fetched relative to the configured base URL
+    assert [path for path, _ in fhir_server.requests] == ["/fhir/Encounter/enc-4d8ac7e31e96",
+                                                          "/fhir/Patient/pt-e4f5d6254795"]
+
+
+def test_a_server_error_is_retried_until_it_answers(fhir_server):
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(500, b"oops"), (503, b"busy")])
+    outcome = fetch_and_parse("r4b_id_only", client_for(fhir_server.url, fhir_retries=2))
+    assert isinstance(outcome, Parsed) and [e.value for e in outcome.events] == [112]
+    assert len(fhir_server.requests) == 3
+
+
+def test_a_server_that_keeps_failing_dead_letters_as_fetch_failed(fhir_server):
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(500, b"oops")] * 5)
+    r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url, fhir_retries=1)))
+    assert r.reason is Reason.FETCH_FAILED and "500" in r.detail and "2 attempts" in r.detail
+    assert "vs-hr-9" not in r.detail  # ids stay out of dead-letter headers
+    assert len(fhir_server.requests) == 2
+
+
+@pytest.mark.parametrize("status", [404, 410])
+def test_a_missing_resource_is_dead_lettered_as_not_found_without_retrying(fhir_server, status):
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(status, b"{}")])
+    r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url)))
+    assert r.reason is Reason.RESOURCE_NOT_FOUND and str(status) in r.detail
+    assert len(fhir_server.requests) == 1
+
+
+def test_an_unauthorized_answer_is_not_retried(fhir_server):
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(401, b"{}")])
+    r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url)))
+    assert r.reason is Reason.FETCH_FAILED and "401" in r.detail
+    assert len(fhir_server.requests) == 1
+
+
+def test_a_slow_server_times_out_and_is_retried(fhir_server):
+    fhir_server.stall.set()
+    started = time.monotonic()
+    r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url, fhir_timeout_s=0.3, fhir_retries=1)))
+    assert r.reason is Reason.FETCH_FAILED and r.exception == "ReadTimeout"
+    assert len(fhir_server.requests) == 2
+    assert time.monotonic() - started < 5  # bounded by the timeouts, not by the server
+
+
+def test_an_unreachable_server_is_fetch_failed():
+    server = FhirServer()
+    url = server.url
+    server.stop()  # nothing listens on that port any more
+    r = rejection(fetch_and_parse("r4b_id_only", client_for(url, fhir_retries=1)))
+    assert r.reason is Reason.FETCH_FAILED and r.exception == "ConnectError"
+
+
+def test_a_server_answering_with_another_resource_is_fetch_failed(fhir_server):
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(200, (SERVED / "Patient/pt-e4f5d6254795.json").read_bytes())])
+    r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url)))
+    assert r.reason is Reason.FETCH_FAILED and "different resource" in r.detail
+
+
+def test_without_a_server_id_only_is_dead_lettered_saying_what_to_set():
+    r = rejection(fetch_and_parse("r4b_id_only", None))
+    assert r.reason is Reason.FHIR_SERVER_NOT_CONFIGURED and "WARDWATCH_FHIR_SERVER_URL" in r.detail
+
+
+def test_the_client_refuses_to_start_without_a_url():
+    with pytest.raises(ValueError, match="WARDWATCH_FHIR_SERVER_URL"):
+        FhirClient(Settings(fhir_server_url=None))
+
+
+# --- through the real broker ---------------------------------------------------------------------
+
+
+def _read_until(consumer: Consumer, enough, deadline_s: float = 60):
+    """Consume until `enough(messages)` holds; a deadline, never a fixed wait."""
+    messages, deadline = [], time.monotonic() + deadline_s
+    while not enough(messages):
+        assert time.monotonic() < deadline, f"only {len(messages)} messages arrived"
+        messages += [m for m in consumer.consume(100, timeout=0.2) if m.error() is None]
+    return messages
+
+
+@pytest.mark.integration
+def test_ingest_worker_fetches_id_only_notifications_into_canonical_events(settings, fhir_server):
+    settings = settings.model_copy(update={"fhir_server_url": fhir_server.url, "fhir_retry_backoff_s": 0.01})
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    producer = Producer(settings.kafka_client_config())
+    producer.produce(topics.fhir, key=b"MRN-0001", value=fhir_bundle("r4_id_only_parameters"))
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(404, b"{}")])  # deleted since notified
+    producer.produce(topics.fhir, key=b"MRN-0001", value=fhir_bundle("r4b_id_only"))
+    assert producer.flush(30) == 0
+
+    reader = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-reader",
+                       "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    reader.assign([TopicPartition(t, p, OFFSET_BEGINNING)
+                   for t in (topics.canonical, topics.deadletter) for p in range(topics.partitions)])
+    worker, stop = IngestWorker(settings, topics), threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        messages = _read_until(reader, lambda ms: {m.topic() for m in ms} == {topics.canonical, topics.deadletter})
+    finally:
+        stop.set()
+        thread.join(30)
+        reader.close()
+
+    (canonical,) = [m for m in messages if m.topic() == topics.canonical]
+    events = decode_batch(canonical.value())
+    assert canonical.key() == b"MRN-0001"
+    assert sorted(e.code for e in events) == sorted([codes.ADMISSION, codes.LOCATION, codes.SEX, codes.BIRTH_YEAR])
+    (dead,) = [m for m in messages if m.topic() == topics.deadletter]
+    headers = dict(dead.headers())
+    assert headers["ww.reason"] == Reason.RESOURCE_NOT_FOUND.value.encode()
+    assert dead.value() == fhir_bundle("r4b_id_only")  # the original id-only bytes, replayable
+    assert worker.counters.snapshot()["fhir"]["dead_lettered"] == {"resource_not_found": 1}

@@ -1,0 +1,165 @@
+"""The subscription watcher service through the real broker: a duplicate and a gap, then SIGKILL and restart."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from streams.subscription_watch import group_id
+from streams.topics import ensure_topics, topics_for
+from wardwatch.procs import kill_service, start_service, stop_service, wait_for_commits
+
+SUB = "https://ehr.example.org/fhir/Subscription/ww-vitals"
+T0 = 1_718_460_000_000  # 2024-06-15T14:00:00Z
+DEADLINE_S = 90
+pytestmark = pytest.mark.integration
+
+
+def iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def notification(kind: str, number: int, at_ms: int) -> bytes:
+    """An R4B notification Bundle (status only: the watcher never looks at the resources)."""
+    events = [{"eventNumber": str(number), "timestamp": iso(at_ms)}] if kind == "event-notification" else []
+    status = {"resourceType": "SubscriptionStatus", "status": "active", "type": kind,
+              "eventsSinceSubscriptionStart": str(number), "notificationEvent": events,
+              "subscription": {"reference": SUB}}
+    return orjson.dumps({"resourceType": "Bundle", "type": "history", "timestamp": iso(at_ms),
+                         "entry": [{"resource": status}]})
+
+
+def publish(settings, topic: str, messages: list[tuple[bytes | None, bytes]]) -> dict[tuple[str, int], int]:
+    """Produce (key, value) pairs; returns the offset after the last one per partition (commit targets)."""
+    ends: dict[tuple[str, int], int] = {}
+
+    def delivered(err, msg):
+        assert err is None, err
+        tp = (msg.topic(), msg.partition())
+        ends[tp] = max(ends.get(tp, 0), msg.offset() + 1)
+
+    producer = Producer({**settings.kafka_client_config(), "partitioner": "murmur2_random"})
+    for key, value in messages:
+        producer.produce(topic, key=key, value=value, on_delivery=delivered)
+    assert producer.flush(30) == 0
+    return ends
+
+
+def read_to_end(settings, topic: str, partitions: int) -> list:
+    """Every record of `topic`: a marker is appended to each partition and read back, so the read
+    provably reaches everything written before (end-offset queries can answer too low on Tansu)."""
+    marker = b"__test_end_marker__"
+    producer = Producer(settings.kafka_client_config())
+    marker_offsets: dict[int, int] = {}
+    for p in range(partitions):
+        producer.produce(topic, key=marker, value=b"{}", partition=p,
+                         on_delivery=lambda err, msg: marker_offsets.__setitem__(msg.partition(), msg.offset()))
+    assert producer.flush(30) == 0 and len(marker_offsets) == partitions
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-reader",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+    records, pending, deadline = [], dict(marker_offsets), time.monotonic() + DEADLINE_S
+    try:
+        while pending:
+            assert time.monotonic() < deadline, f"{topic} not read to its end"
+            for msg in consumer.consume(100, timeout=0.2):
+                if msg.error() is not None:
+                    continue
+                if msg.offset() >= pending.get(msg.partition(), float("inf")):
+                    pending.pop(msg.partition())
+                if msg.key() != marker:
+                    records.append(msg)
+    finally:
+        consumer.close()
+    return records
+
+
+def test_one_gap_record_survives_sigkill_and_restart(settings, tmp_path):
+    settings = settings.model_copy(update={"fhir_gap_grace_s": 60.0, "fhir_heartbeat_period_s": 3600.0})
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    group, logs = group_id(settings), tmp_path / "subscriptions.log"
+
+    def wait_processed(targets):
+        def alive():
+            assert watcher.poll() is None, f"the watcher exited: see {logs}"
+            time.sleep(0.2)
+
+        wait_for_commits(settings, group, targets, deadline=time.monotonic() + DEADLINE_S, on_wait=alive)
+
+    # notifications keyed by patient: one subscription's numbers land on different partitions
+    first = [(b"MRN-0001", notification("handshake", 0, T0)),
+             (b"MRN-0001", notification("event-notification", 1, T0 + 1_000)),
+             (b"MRN-0002", notification("event-notification", 2, T0 + 2_000)),
+             (b"MRN-0003", notification("event-notification", 3, T0 + 3_000)),
+             (b"MRN-0003", notification("event-notification", 3, T0 + 3_000)),  # re-sent by the server
+             (b"MRN-0004", notification("event-notification", 6, T0 + 6_000)),  # 4 and 5 never arrive
+             (b"MRN-0005", notification("event-notification", 7, T0 + 7_000))]
+    watcher = start_service(["subscriptions"], settings, logs)
+    try:
+        targets = publish(settings, topics.fhir, first)
+        assert len({p for _, p in targets}) > 1  # the test means something only across partitions
+        wait_processed(targets)
+        # all within the grace so far; a heartbeat 1000 s later (event time) makes the gap due
+        targets = publish(settings, topics.fhir, [(None, notification("heartbeat", 7, T0 + 1_000_000))])
+        wait_processed(targets)
+
+        gaps = read_to_end(settings, topics.gaps, topics.partitions)
+        assert len(gaps) == 1, [g.value() for g in gaps]
+        record = orjson.loads(gaps[0].value())
+        assert gaps[0].key() == SUB.encode()
+        assert (record["subscription"], record["kind"]) == (SUB, "gap")
+        assert (record["first_missing"], record["last_missing"]) == (4, 5)
+        # noticed when the first number past the gap was read (6 or 7: partitions interleave), plus the grace
+        assert T0 + 6_000 + 60_000 <= record["detected_at_ms"] <= T0 + 7_000 + 60_000
+
+        kill_service(watcher)  # SIGKILL: no clean shutdown
+        watcher = start_service(["subscriptions"], settings, logs)
+        targets = publish(settings, topics.fhir, [(b"MRN-0006", notification("event-notification", 8, T0 + 1_001_000)),
+                                                  (b"MRN-0005", notification("event-notification", 7, T0 + 7_000))])
+        wait_processed(targets)
+    finally:
+        stop_service(watcher)
+
+    after = read_to_end(settings, topics.gaps, topics.partitions)
+    assert [m.value() for m in after] == [gaps[0].value()]  # no second, different record
+    states = [orjson.loads(m.value()) for m in read_to_end(settings, topics.subscription_state, topics.partitions)
+              if m.key() == SUB.encode() and m.value() is not None]
+    latest = states[-1]
+    # restored, not restarted from scratch: 8 follows 7, the re-sent 7 is a duplicate like the re-sent 3
+    assert latest["high"] == 8 and latest["counts"]["duplicates"] == 2
+    assert [g[:2] for g in latest["gaps"]] == [[4, 5]] and latest["gaps"][0][3] is True
+
+
+def test_recover_republishes_the_missing_notifications_of_an_open_gap(settings):
+    from collections import deque
+
+    from streams.fhir_fetch import FhirClient
+    from streams.subscription_watch import recover_gaps
+    from streams.subscriptions import Gap, SubscriptionState
+    from tests.streams.fhir_server import FhirServer
+
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    saved = SubscriptionState(SUB, high=9, low=1, clock_ms=T0, gaps=[Gap(4, 5, T0, reported=True),
+                                                                      Gap(8, 8, T0, reported=False)])
+    publish(settings, topics.subscription_state, [(SUB.encode(), orjson.dumps(saved.to_dict()))])
+    missing = notification("query-event", 4, T0)  # stands in for the server's $events answer
+    server = FhirServer()
+    expected_path = "/fhir/Subscription/ww-vitals/$events?eventsSinceNumber=4&eventsUntilNumber=5&content=full-resource"
+    server.script[expected_path] = deque([(200, missing)])
+    client = FhirClient(settings.model_copy(update={"fhir_server_url": server.url}))
+    try:
+        results = recover_gaps(settings, topics, client)
+    finally:
+        client.close()
+        server.stop()
+
+    # only the reported gap: 8 is still within its grace and may arrive by itself
+    assert results == [{"subscription": SUB, "first_missing": 4, "last_missing": 5, "republished": True, "error": None}]
+    assert [path for path, _ in server.requests] == [expected_path]
+    republished = read_to_end(settings, topics.fhir, topics.partitions)
+    assert [(m.key(), m.value()) for m in republished] == [(SUB.encode(), missing)]

@@ -1,0 +1,178 @@
+"""The per-subscription tracker on sequences of notification statuses (no Kafka)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from schemas.fhir import NotificationStatus, read_status
+from streams.subscriptions import SubscriptionState, SubscriptionTracker
+from tests.fixtures.ingest.corpus import fhir_bundle
+
+SUB = "https://ehr.example.org/fhir/Subscription/ww-vitals"
+T0 = 1_718_460_000_000
+GRACE_MS = 60_000
+MINUTE = 60_000
+
+
+def event(*numbers: int, at: int, since: int | None = None, sub: str = SUB) -> NotificationStatus:
+    return NotificationStatus(type="event-notification", subscription=sub, events_since_start=since,
+                              event_numbers=list(numbers), focus=[], fhir_version="R4B", timestamp_ms=at)
+
+
+def control(kind: str, since: int, at: int) -> NotificationStatus:
+    return NotificationStatus(type=kind, subscription=SUB, events_since_start=since, event_numbers=[], focus=[],
+                              fhir_version="R4B", timestamp_ms=at)
+
+
+def tracker(**kw) -> SubscriptionTracker:
+    return SubscriptionTracker(**{"grace_ms": GRACE_MS, "heartbeat_period_ms": MINUTE, "missed_periods": 3, **kw})
+
+
+def feed(t: SubscriptionTracker, statuses) -> list[dict]:
+    records = []
+    for s in statuses:
+        records += t.observe(s, arrival_ms=s.timestamp_ms)
+    return records
+
+
+def gaps(records):
+    return [(r["first_missing"], r["last_missing"]) for r in records if r["kind"] == "gap"]
+
+
+def test_in_order_notifications_report_nothing():
+    t = tracker()
+    assert feed(t, [event(n, at=T0 + n * 1000) for n in range(1, 6)]) == []
+    assert t.states[SUB].high == 5 and t.stats()["events"] == 5
+
+
+def test_a_resent_notification_is_a_duplicate():
+    t = tracker()
+    feed(t, [event(1, at=T0), event(2, at=T0 + 1), event(2, at=T0 + 1), event(1, 2, at=T0 + 2)])
+    assert t.stats()["duplicates"] == 2 and t.stats()["events"] == 2
+
+
+def test_a_gap_is_reported_once_after_the_grace_in_event_time():
+    t = tracker()
+    assert feed(t, [event(1, at=T0), event(2, at=T0 + 1000), event(5, at=T0 + 2000)]) == []  # noticed at +2 s
+    assert feed(t, [event(6, at=T0 + 2000 + GRACE_MS - 1)]) == []  # 1 ms short of the grace
+    (record,) = feed(t, [event(7, at=T0 + 2000 + GRACE_MS)])
+    assert record["subscription"] == SUB and record["kind"] == "gap"
+    assert (record["first_missing"], record["last_missing"]) == (3, 4)
+    assert record["detected_at_ms"] == T0 + 2000 + GRACE_MS and record["last_seen_event_number"] == 7
+    assert feed(t, [event(8, at=T0 + 10 * GRACE_MS)]) == []  # never twice
+
+
+def test_a_late_arrival_inside_the_grace_closes_the_gap_silently():
+    t = tracker()
+    feed(t, [event(1, at=T0), event(3, at=T0 + 1000), event(2, at=T0 + 2000)])
+    assert feed(t, [event(4, at=T0 + 10 * GRACE_MS)]) == []
+    assert t.states[SUB].gaps == [] and t.stats().get("duplicates", 0) == 0
+
+
+def test_a_partly_filled_gap_reports_the_pieces_still_missing():
+    t = tracker()
+    feed(t, [event(1, at=T0), event(7, at=T0), event(4, at=T0 + 1000)])
+    assert gaps(feed(t, [event(8, at=T0 + GRACE_MS)])) == [(2, 3), (5, 6)]
+
+
+def test_a_fill_after_the_report_is_counted_as_late():
+    t = tracker()
+    feed(t, [event(1, at=T0), event(3, at=T0), event(4, at=T0 + GRACE_MS)])
+    feed(t, [event(2, at=T0 + GRACE_MS + 1)])
+    assert t.stats()["late_fills"] == 1 and t.states[SUB].gaps == []
+
+
+def test_out_of_order_arrival_across_partitions_is_not_a_gap():
+    t = tracker()
+    assert feed(t, [event(1, at=T0), event(4, at=T0 + 3), event(2, at=T0 + 1), event(3, at=T0 + 2),
+                    event(5, at=T0 + GRACE_MS * 2)]) == []
+
+
+def test_handshake_and_heartbeat_consume_no_numbers_but_move_the_clock():
+    t = tracker()
+    feed(t, [control("handshake", 0, T0), event(1, at=T0 + 1), event(3, at=T0 + 2)])
+    assert t.states[SUB].high == 3
+    # a quiet subscription: only its heartbeats move event time past the grace
+    (record,) = feed(t, [control("heartbeat", 3, T0 + 2 + GRACE_MS)])
+    assert (record["first_missing"], record["last_missing"]) == (2, 2)
+    assert t.stats()["heartbeat"] == 1 and t.stats()["events"] == 2
+
+
+def test_the_first_notification_seen_sets_the_baseline():
+    t = tracker()
+    assert feed(t, [event(40, at=T0), event(41, at=T0 + GRACE_MS * 2)]) == []  # 1..39 came before us
+
+
+def test_lower_numbers_read_late_from_other_partitions_move_the_baseline_down():
+    t = tracker()
+    feed(t, [event(3, at=T0 + 3), control("handshake", 0, T0), event(1, at=T0 + 1)])
+    assert [(g.first, g.last) for g in t.states[SUB].gaps] == [(2, 2)]  # the handshake says 1 and 2 exist
+    feed(t, [event(2, at=T0 + 2)])
+    assert t.states[SUB].gaps == [] and t.stats()["events"] == 3 and t.stats().get("duplicates", 0) == 0
+
+
+def test_numbers_below_the_settled_baseline_are_history_not_gaps():
+    t = tracker()
+    feed(t, [event(40, at=T0), event(41, at=T0 + GRACE_MS + 1)])
+    assert feed(t, [event(7, at=T0 + GRACE_MS + 2), event(42, at=T0 + 5 * GRACE_MS)]) == []
+    assert t.stats()["before_baseline"] == 1 and t.states[SUB].gaps == []
+
+
+def test_a_heartbeat_ahead_of_the_last_event_reveals_lost_notifications():
+    t = tracker()
+    feed(t, [event(1, at=T0), control("heartbeat", 3, T0 + 1000)])
+    assert gaps(feed(t, [control("heartbeat", 3, T0 + 1000 + GRACE_MS)])) == [(2, 3)]
+
+
+def test_subscriptions_are_tracked_separately():
+    t = tracker()
+    other = "https://ehr.example.org/fhir/Subscription/ww-labs"
+    feed(t, [event(1, at=T0), event(1, at=T0, sub=other), event(2, at=T0 + 1, sub=other)])
+    assert t.states[SUB].high == 1 and t.states[other].high == 2 and t.stats().get("duplicates", 0) == 0
+
+
+def test_a_notification_without_subscription_is_counted():
+    t = tracker()
+    assert t.observe(event(1, at=T0, sub=None), arrival_ms=T0) == [] and t.unattributed == 1
+
+
+def test_missed_heartbeats_are_reported_once_per_silence():
+    t = tracker()
+    t.observe(event(1, at=T0), arrival_ms=T0)
+    assert t.check_heartbeats(T0 + 3 * MINUTE - 1) == []
+    (record,) = t.check_heartbeats(T0 + 3 * MINUTE)
+    assert record["kind"] == "heartbeat-missed" and record["detected_at_ms"] == T0 + 3 * MINUTE
+    assert record["first_missing"] is None and record["last_seen_event_number"] == 1
+    assert t.check_heartbeats(T0 + 10 * MINUTE) == []  # still the same silence
+    t.observe(control("heartbeat", 1, T0 + 11 * MINUTE), arrival_ms=T0 + 11 * MINUTE)
+    assert t.check_heartbeats(T0 + 12 * MINUTE) == []  # the channel is back
+    assert len(t.check_heartbeats(T0 + 14 * MINUTE)) == 1  # and silent again
+
+
+def test_state_round_trips_through_json_and_keeps_reported_gaps_reported():
+    t = tracker()
+    feed(t, [event(1, at=T0), event(4, at=T0), event(5, at=T0 + GRACE_MS), event(5, at=T0 + GRACE_MS)])
+    saved = {s: orjson.loads(orjson.dumps(st.to_dict())) for s, st in t.states.items()}
+    restored = tracker(states={s: SubscriptionState.from_dict(d) for s, d in saved.items()})
+    assert restored.states[SUB] == t.states[SUB]
+    assert feed(restored, [event(6, at=T0 + 5 * GRACE_MS)]) == []  # the gap 2..3 was reported before
+    assert restored.stats()["duplicates"] == 1
+
+
+def test_gap_records_are_deterministic():
+    def run():
+        t = tracker()
+        return feed(t, [event(1, at=T0), event(4, at=T0 + 5), event(5, at=T0 + 5 + GRACE_MS)])
+
+    first, second = run(), run()
+    assert first == second and first[0]["id"]
+
+
+@pytest.mark.parametrize(("name", "numbers"), [("r4_parameters_event", [12]),  # counters as strings
+                                               ("r5_labs_event", [9007199254740993, 9007199254740994])])
+def test_real_status_shapes_feed_the_tracker(name, numbers):
+    t = tracker()
+    status = read_status(fhir_bundle(name))
+    t.observe(status, arrival_ms=T0)
+    assert t.states[status.subscription].high == numbers[-1]
