@@ -131,6 +131,26 @@ def batch_value(encoded_events: list[bytes]) -> bytes:
     return b"[" + b",".join(encoded_events) + b"]"
 
 
+def batch_values(encoded_events: list[bytes], max_bytes: int) -> list[bytes]:
+    """The events as few canonical message values as fit under max_bytes each, in order.
+
+    A backlog can hold thousands of one patient's events in one poll; one message for all of them
+    would exceed the broker's message size limit, and a worker that fails on it would fail again on
+    every restart. An event larger than max_bytes on its own still gets its own message."""
+    values: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 2  # the brackets
+    for event in encoded_events:
+        if chunk and size + len(event) + 1 > max_bytes:
+            values.append(batch_value(chunk))
+            chunk, size = [], 2
+        chunk.append(event)
+        size += len(event) + 1
+    if chunk:
+        values.append(batch_value(chunk))
+    return values
+
+
 # --- the worker ----------------------------------------------------------------------------------
 
 
@@ -186,12 +206,15 @@ class IngestWorker:
                 by_patient[patient].append(event)
                 if stamp:
                     first_produced.setdefault(patient, stamp)
+        canonical_messages = 0
         for patient, events in by_patient.items():
             stamp = first_produced.get(patient) or str(time.time_ns()).encode()
-            self._produce(self.topics.canonical, patient.encode(), batch_value(events), [(PRODUCED_NS_HEADER, stamp)])
+            for value in batch_values(events, self.settings.canonical_max_message_bytes):
+                self._produce(self.topics.canonical, patient.encode(), value, [(PRODUCED_NS_HEADER, stamp)])
+                canonical_messages += 1
         self._flush()
         self._commit(records)
-        self.counters.record_batch(len(by_patient))
+        self.counters.record_batch(canonical_messages)
         return len(records)
 
     def parse(self, msg: Message) -> tuple[str, Outcome]:

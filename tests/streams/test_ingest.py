@@ -331,3 +331,62 @@ def _committed_counts(settings, topics) -> dict[str, int]:
     finally:
         consumer.close()
 
+
+
+# --- a backlog: many events of one patient in one poll ------------------------------------------
+
+
+def test_batch_values_split_under_the_byte_cap_in_order():
+    events = [b'{"n":%d,"pad":"%s"}' % (i, b"x" * 40) for i in range(100)]
+    values = ingest.batch_values(events, max_bytes=1024)
+    assert len(values) > 1 and all(len(v) <= 1024 for v in values)
+    # concatenated, the chunks are exactly the events in arrival order
+    assert [e for v in values for e in json.loads(v)] == [json.loads(e) for e in events]
+    assert ingest.batch_values(events, max_bytes=10**9) == [ingest.batch_value(events)]
+    huge = b'{"pad":"%s"}' % (b"y" * 5000)
+    assert ingest.batch_values([huge], max_bytes=1024) == [b"[" + huge + b"]"]  # alone, not dropped
+
+
+@pytest.mark.integration
+def test_a_backlog_of_one_patient_beyond_the_message_limit_is_split_not_fatal(settings):
+    """Thousands of one patient's rows waiting when ingest starts (a restart after an outage)."""
+    settings = settings.model_copy(update={"canonical_max_message_bytes": 64 * 1024})
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    create = next(m for m in cdc_messages("create_bare", prefix=settings.cdc_topic_prefix))
+    row = json.loads(create.value)
+    backlog = []
+    for i in range(3000):  # ~8 events each: far beyond 64 KiB as one message
+        after = {**row["after"], "id": 10_000 + i}
+        value = json.dumps({**row, "after": after, "source": {**row["source"], "lsn": 1_000_000 + i}}).encode()
+        backlog.append((create.topic, create.key, value))
+    _produce(settings, backlog)
+
+    worker = IngestWorker(settings, topics)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    reader = _reader(settings, topics)
+    sizes, events = [], 0
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        def done() -> bool:  # ingest has read the whole backlog and we have read all it wrote
+            snap = worker.counters.snapshot()["cdc"]
+            return snap["messages_in"] == len(backlog) and events == snap["events_out"]
+
+        while not done():
+            assert time.monotonic() < deadline, f"timed out: {worker.counters.snapshot()}"
+            assert thread.is_alive(), "ingest worker died on the backlog"
+            for msg in reader.consume(num_messages=500, timeout=0.5):
+                assert msg.error() is None, msg.error()
+                if msg.topic() == topics.canonical:
+                    sizes.append(len(msg.value()))
+                    events += len(decode_batch(msg.value()))
+    finally:
+        stop.set()
+        thread.join(30)
+        reader.close()
+    snap = worker.counters.snapshot()
+    assert snap["cdc"]["messages_in"] == len(backlog) and not snap["cdc"]["dead_lettered"]
+    assert events == snap["cdc"]["events_out"] > 3000
+    assert max(sizes) <= 64 * 1024 and len(sizes) == snap["canonical_messages"]
