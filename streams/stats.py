@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import orjson
 
+from wardwatch import observability
+
 log = logging.getLogger(__name__)
 
 Counters = dict[str, Any]  # nested JSON object, integer leaves
@@ -68,6 +70,7 @@ class StatsPublisher:
         self.started_at_ms = clock_ms()
         self.key = instance_key(service, self.started_at_ms)
         self._last_publish = float("-inf")
+        observability.expose_counters(service, snapshot)  # the same counters on /metrics
 
     def maybe_publish(self, now_s: float | None = None) -> bool:
         """Publish when interval_s has passed since the last one (monotonic clock). True if it did."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from enum import Enum
 from pathlib import Path
@@ -31,6 +30,20 @@ def _settings() -> Settings:
         return load_settings()
     except Exception as exc:  # pydantic ValidationError: say which variable is wrong
         console.print(f"[red]invalid WARDWATCH_* settings:[/] {exc}")
+        raise typer.Exit(2)
+
+
+def _observe(service: str) -> None:
+    """Every long-running service: JSON logs and the metrics/health endpoint, from settings."""
+    from wardwatch import observability
+
+    settings = _settings()
+    observability.configure_logging(service, settings.log_level, json_logs=settings.json_logs)
+    try:
+        observability.serve(settings.metrics_port, host=settings.metrics_host)
+    except OSError as exc:
+        console.print(f"[red]cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}[/] "
+                      "(set WARDWATCH_METRICS_PORT to a free port, or unset it to turn metrics off)")
         raise typer.Exit(2)
 
 
@@ -71,7 +84,7 @@ def ingest() -> None:
     """Run the ingest worker: raw CDC + FHIR topics -> canonical micro-batches + dead letters."""
     from streams.ingest import run_ingest
 
-    logging.basicConfig(level=logging.WARNING)
+    _observe("ingest")
     settings = _settings()
     _run_until_signal(lambda stop: run_ingest(settings, stop))
 
@@ -97,7 +110,7 @@ def cds() -> None:
     """
     from streams.cds import run_cds
 
-    logging.basicConfig(level=logging.WARNING)
+    _observe("cds")
     run_cds(_settings())
 
 
@@ -107,7 +120,7 @@ def archiver() -> None:
     from streams.archiver import Archiver
     from streams.topics import ensure_topics, topics_for
 
-    logging.basicConfig(level=logging.WARNING)
+    _observe("archiver")
     settings = _settings()
     topics = topics_for(settings)
     ensure_topics(settings, topics)
@@ -128,7 +141,7 @@ def subscriptions(ctx: typer.Context) -> None:
         return
     from streams.subscription_watch import run_subscription_watch
 
-    logging.basicConfig(level=logging.WARNING)
+    _observe("subscriptions")
     settings = _settings()
     _run_until_signal(lambda stop: run_subscription_watch(settings, stop))
 
@@ -360,7 +373,7 @@ def receiver(
     Token, size limit, in-flight bound and ack timeout: WARDWATCH_RECEIVER_* (see wardwatch/settings.py)."""
     from streams.receiver import run_receiver
 
-    logging.basicConfig(level=logging.WARNING)
+    _observe("receiver")
     settings = _settings()
     overrides = {k: v for k, v in {"receiver_host": host, "receiver_port": port}.items() if v is not None}
     run_receiver(settings.model_copy(update=overrides))

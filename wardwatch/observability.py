@@ -6,24 +6,22 @@ clinical value (tests/wardwatch/test_observability.py and the demo test scan the
 the identifiers they fed in). `redact` is the last line of defence for exception text, which can
 quote input: it is applied to every formatted exception.
 
-Metrics: Prometheus, served by `serve(settings, service, ready=...)` on settings.metrics_port:
+Metrics: Prometheus, served by `serve(port, ready=...)` on settings.metrics_port:
 
     GET /metrics   Prometheus text format
     GET /healthz   200 while the process runs (liveness)
     GET /readyz    200 when `ready()` says the service can do its work, else 503 (readiness)
 
-The metric objects live here so every module increments the same names:
+Every service's counters are the ones it already keeps for the stats topic (streams/stats.py):
+`expose_counters(service, snapshot_fn)` (called by StatsPublisher) makes each integer leaf of the
+nested snapshot a sample, read at scrape time, so the hot path pays nothing:
 
-    wardwatch_messages_in_total{source}                 raw messages consumed by ingest
-    wardwatch_canonical_events_total{source}            canonical events published
-    wardwatch_dead_letters_total{stage,reason}          messages sent to the dead-letter topic
-    wardwatch_ignored_total{source,kind} / wardwatch_control_total{source,kind}
-    wardwatch_duplicates_total / wardwatch_late_events_total
-    wardwatch_scores_total{path,model_version} / wardwatch_alerts_total{tier,kind}
-    wardwatch_score_latency_seconds                     raw produce -> score record (histogram)
-    wardwatch_batch_size{stage}                         messages per processed batch (histogram)
-    wardwatch_model_info{version,path}                  1 for the model in use
-    wardwatch_consumer_lag{topic,partition}             where the broker reports it
+    wardwatch_counter_total{service="ingest", counter="cdc.dead_lettered.bad_json"}  3
+
+Plus what is not a counter of a snapshot:
+
+    wardwatch_score_latency_seconds     raw produce -> score record published (histogram)
+    wardwatch_model_info{version,path}  1 for the model in use
 """
 
 from __future__ import annotations
@@ -37,30 +35,58 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 # --- metrics -------------------------------------------------------------------------------------
 
-MESSAGES_IN = Counter("wardwatch_messages_in", "Raw messages consumed by ingest", ["source"])
-CANONICAL_EVENTS = Counter("wardwatch_canonical_events", "Canonical events published", ["source"])
-DEAD_LETTERS = Counter("wardwatch_dead_letters", "Messages sent to the dead-letter topic", ["stage", "reason"])
-IGNORED = Counter("wardwatch_ignored", "Valid messages wardwatch has no use for", ["source", "kind"])
-CONTROL = Counter("wardwatch_control", "Protocol messages (tombstones, handshakes, heartbeats)", ["source", "kind"])
-DUPLICATES = Counter("wardwatch_duplicates", "Canonical events dropped as duplicates by the patient state")
-LATE_EVENTS = Counter("wardwatch_late_events", "Events beyond the allowed lateness, sent to the late topic")
-SCORES = Counter("wardwatch_scores", "Score records published", ["path", "model_version"])
-ALERTS = Counter("wardwatch_alerts", "Alert records published", ["tier", "kind"])
 SCORE_LATENCY = Histogram("wardwatch_score_latency_seconds", "Raw input produced -> score record published",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-BATCH_SIZE = Histogram("wardwatch_batch_size", "Messages per processed batch", ["stage"],
-                       buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000))
 MODEL_INFO = Gauge("wardwatch_model_info", "1 for the model version in use", ["version", "path"])
-CONSUMER_LAG = Gauge("wardwatch_consumer_lag", "Messages behind the partition end", ["topic", "partition"])
 
 
 def set_model(version: str, path: str) -> None:
     MODEL_INFO.clear()
     MODEL_INFO.labels(version=version, path=path).set(1)
+
+
+def flatten(snapshot: dict, prefix: str = "") -> list[tuple[str, int]]:
+    """Integer leaves of a nested counters snapshot as (dotted path, value)."""
+    out: list[tuple[str, int]] = []
+    for key, value in snapshot.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += flatten(value, path + ".")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out.append((path, value))
+    return out
+
+
+class _SnapshotCollector:
+    """Reads every registered service's counters snapshot when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], dict]] = {}
+
+    def collect(self):
+        family = CounterMetricFamily("wardwatch_counter", "Cumulative counters of each wardwatch service",
+                                     labels=["service", "counter"])
+        for service, snapshot in list(self.sources.items()):
+            try:
+                leaves = flatten(snapshot())
+            except Exception:  # a scrape never takes a service down
+                continue
+            for path, value in leaves:
+                family.add_metric([service, path], value)
+        yield family
+
+
+_COLLECTOR = _SnapshotCollector()
+REGISTRY.register(_COLLECTOR)
+
+
+def expose_counters(service: str, snapshot: Callable[[], dict]) -> None:
+    _COLLECTOR.sources[service] = snapshot
 
 
 # --- logs ----------------------------------------------------------------------------------------

@@ -42,10 +42,15 @@ def test_metrics_health_and_readiness_endpoints():
     server = obs.serve(0, ready=lambda: ready["ok"])
     try:
         base = f"http://127.0.0.1:{server.server_port}"
-        obs.DEAD_LETTERS.labels(stage="ingest.cdc", reason="bad_json").inc(3)
+        counts = {"cdc": {"messages_in": 10, "dead_lettered": {"bad_json": 3}}, "healthy": True}
+        obs.expose_counters("ingest-test", lambda: counts)
         status, body = _get(base + "/metrics")
         assert status == 200
-        assert b'wardwatch_dead_letters_total{reason="bad_json",stage="ingest.cdc"}' in body
+        assert b'wardwatch_counter_total{counter="cdc.dead_lettered.bad_json",service="ingest-test"} 3.0' in body
+        assert b'counter="cdc.messages_in",service="ingest-test"} 10.0' in body
+        counts["cdc"]["messages_in"] = 12  # read at scrape time
+        assert b'counter="cdc.messages_in",service="ingest-test"} 12.0' in _get(base + "/metrics")[1]
+        assert b"healthy" not in _get(base + "/metrics")[1]  # booleans are not counters
         assert _get(base + "/healthz")[0] == 200
         assert _get(base + "/readyz")[0] == 503  # not ready until the service says so
         ready["ok"] = True
