@@ -1,20 +1,29 @@
 """The nightly: rebuild every table from the archive into a new DuckDB file, run parity, swap it in.
 
-    run_nightly(settings) -> summary dict
+    run_nightly(settings, full=...) -> summary dict
 
 Steps (each timed, each announced to `progress(step)`):
-    read        archive Parquet -> deduplicated frames (batch/rebuild.py)
+    read        archive part files -> deduplicated frames (batch/rebuild.py)
     classify    batch.features.classify_events over canonical events in arrival order
-    offline     batch.features.features_at at every online scoring point
+    offline     batch.features.features_at at every new online scoring point
+    labels      batch.train.make_labels (features as of `issued`, outcomes strictly after T)
     parity      batch/parity.py: online vs offline features, published vs recomputed late events
-    write       a new DuckDB file next to settings.duckdb_path, then os.replace over the old one
+    write       a new DuckDB file next to settings.duckdb_path (tables, comments, views), then
+                os.replace over the old one; then the HTML report (batch/report.py)
 
 Readers of the old file keep a consistent view until they reopen; a crash mid-build leaves the old
-file untouched. Every table except `runs` is a pure function of the archive (same archive, same
-tables); `runs` is carried over from the previous file and gains one row per run.
+file untouched. `runs` is carried over from the previous file and gains one row per run; every
+other table is a pure function of the archive.
 
-`full=False` rebuilds every table but recomputes offline features (and checks parity) only for the
-scoring points of the last two scoring days: the cheap nightly check. `full=True` covers all points.
+Incremental (`full=False`, the CLI default): the `archive_parts` table lists the part files the
+file was built from; a run reads only the other ones and takes everything else from the previous
+file. The unit of recomputation is the patient: a patient with an event in a new part (or a new
+scoring point) has their events reclassified and their labels recomputed from their whole history
+(the patient-state rules carry no expiry in the batch, and a label looks 12 h ahead, so an old
+point's label can change); offline features and parity are computed for new scoring points and for
+points at or after a newly archived event of the patient (the archiver can land a features part
+before the canonical part that point saw). Everyone else's rows are copied. Same archive, same tables as `full=True`: tests/batch/test_nightly.py checks it. A part
+file deleted from the archive stays in an incremental build until the next full one.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import orjson
 import polars as pl
 
 from batch import rebuild
+from batch.catalog import apply_comments, create_views
 from batch.parity import PARITY_ROW_SCHEMA, parity_ok, parity_report
 from schemas.features import FEATURE_NAMES
 from streams.archiver import ARCHIVE_SCHEMAS, part_files
@@ -41,7 +51,25 @@ log = logging.getLogger(__name__)
 
 FeaturesAt = Callable[..., pl.DataFrame]
 ClassifyEvents = Callable[..., pl.DataFrame]
-DAY_MS = 24 * 3600 * 1000
+MakeLabels = Callable[..., pl.DataFrame]
+
+POINT_KEYS = list(rebuild.POINT_KEYS)
+LABEL_COLUMNS = ("label", "label_news2_high", "label_low_sbp", "label_high_lactate")
+LABELS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
+                 "news2": pl.Float64, "label": pl.Int8, "label_news2_high": pl.Boolean,
+                 "label_low_sbp": pl.Boolean, "label_high_lactate": pl.Boolean}
+PARITY_ORDER = ["check", "partition", "offset", "patient_id", "scoring_ms", "feature", "event_id"]
+
+# table -> (archive kind, clean-up function); incremental runs append new parts to the previous table
+_ARCHIVE_TABLES = {
+    "late_events": ("late", rebuild.late_events),
+    "dead_letters": ("deadletter", rebuild.dead_letters),
+    "unreadable_records": ("unreadable", rebuild.unreadable),
+    "scores": ("scores", rebuild.scores),
+    "scores_shadow": ("scores_shadow", rebuild.scores_shadow),
+    "alerts": ("alerts", rebuild.alerts),
+    "gaps": ("gaps", rebuild.gaps),
+}
 
 
 def _default_recompute() -> tuple[FeaturesAt, ClassifyEvents]:
@@ -50,12 +78,17 @@ def _default_recompute() -> tuple[FeaturesAt, ClassifyEvents]:
     return features_at, classify_events
 
 
-def recent_points(points: pl.DataFrame, days: int = 2) -> pl.DataFrame:
-    """Scoring points on the last `days` UTC days that have any point."""
+def default_labels(events: pl.DataFrame, points: pl.DataFrame, *, allowed_lateness_ms: int,
+                   cross_source_tolerance: float) -> pl.DataFrame:
+    """Training labels at `points`: NEWS2 as of issue time, outcomes in hindsight (batch/train.py)."""
+    from batch.features import features_as_of_issued
+    from batch.train import make_labels
+
     if points.is_empty():
-        return points
-    last_day_start = points["scoring_ms"].max() // DAY_MS * DAY_MS
-    return points.filter(pl.col("scoring_ms") >= last_day_start - (days - 1) * DAY_MS)
+        return pl.DataFrame(schema=LABELS_SCHEMA)
+    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
+    news2 = features_as_of_issued(events, points, **rules).select(*POINT_KEYS, "news2")
+    return make_labels(events, news2, **rules)
 
 
 def _no_null_columns(frame: pl.DataFrame) -> pl.DataFrame:
@@ -73,68 +106,192 @@ def _write_table(con: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame)
         con.unregister("_incoming")
 
 
-def previous_runs(duckdb_path: Path) -> pl.DataFrame | None:
+def _read_tables(duckdb_path: Path, names: list[str] | None = None) -> dict[str, pl.DataFrame]:
+    """Tables of an existing DuckDB file as frames (TIMESTAMPTZ handed back in UTC)."""
     if not duckdb_path.exists():
-        return None
+        return {}
     with duckdb.connect(str(duckdb_path), read_only=True) as con:
-        tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        if "runs" not in tables:
-            return None
-        old = pl.from_arrow(con.sql("SELECT * FROM runs ORDER BY started_at, run_id").to_arrow_table())
-    # DuckDB hands TIMESTAMPTZ back in its session zone; compare and append in UTC
-    return old.with_columns(pl.col(pl.Datetime).dt.convert_time_zone("UTC"))
+        present = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()]
+        wanted = [t for t in present if names is None or t in names]
+        out = {t: pl.from_arrow(con.sql(f'SELECT * FROM "{t}"').to_arrow_table()) for t in wanted}
+    return {t: f.with_columns(pl.col(pl.Datetime).dt.convert_time_zone("UTC")) for t, f in out.items()}
 
 
-def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_tolerance: float, full: bool,
-                 features_at: FeaturesAt, classify_events: ClassifyEvents,
-                 step: Callable[[str], None]) -> tuple[dict[str, pl.DataFrame], dict]:
-    """Every table except `runs`, plus the parity summary. Pure given the archive."""
+def previous_runs(duckdb_path: Path) -> pl.DataFrame | None:
+    runs = _read_tables(duckdb_path, ["runs"]).get("runs")
+    return None if runs is None else runs.sort("started_at", "run_id")
+
+
+# --- archive parts -------------------------------------------------------------------------------
+
+
+def archive_parts(archive_dir: Path) -> pl.DataFrame:
+    """Every finished part file: kind, path relative to the archive, size."""
+    rows = [{"kind": kind, "path": str(f.relative_to(archive_dir)), "bytes": f.stat().st_size}
+            for kind in ARCHIVE_SCHEMAS for f in part_files(archive_dir, kind)]
+    return pl.DataFrame(rows, schema={"kind": pl.String, "path": pl.String, "bytes": pl.Int64}).sort("kind", "path")
+
+
+def read_parts(archive_dir: Path, kind: str, paths: list[str]) -> pl.DataFrame:
+    frames = [pl.read_parquet(archive_dir / p, hive_partitioning=False) for p in paths]
+    return pl.concat([rebuild.empty_archive_frame(kind), *frames], how="diagonal_relaxed")
+
+
+def _previous_state(target: Path, full: bool) -> dict[str, pl.DataFrame]:
+    """The previous file's tables when an incremental run can build on them, else {}."""
+    if full:
+        return {}
+    previous = _read_tables(target)
+    needed = {"archive_parts", "canonical_events", "features_online", "features_offline", "labels",
+              "parity_report", *_ARCHIVE_TABLES}
+    if not needed <= set(previous):
+        return {}  # first run, or a file from before incremental runs existed: build everything
+    return previous
+
+
+def _as_raw(kind: str, table: pl.DataFrame) -> pl.DataFrame:
+    """A previous table back in its archive shape, so it merges with new rows by the same rule."""
+    if kind == "alerts":
+        table = table.rename({"resource": "resource_json"})
+    return table.select(list(ARCHIVE_SCHEMAS[kind].names)).cast(
+        dict(rebuild.empty_archive_frame(kind).schema))
+
+
+def _merged(kind: str, previous: pl.DataFrame | None, new_raw: pl.DataFrame) -> pl.DataFrame:
+    if previous is None:
+        return new_raw
+    return pl.concat([_as_raw(kind, previous), new_raw], how="diagonal_relaxed")
+
+
+def _patients(frame: pl.DataFrame) -> pl.Series:
+    return frame["patient_id"].unique()
+
+
+# --- the build -----------------------------------------------------------------------------------
+
+
+def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_tolerance: float,
+                 features_at: FeaturesAt, classify_events: ClassifyEvents, make_labels: MakeLabels,
+                 step: Callable[[str], None], previous: dict[str, pl.DataFrame] | None = None,
+                 ) -> tuple[dict[str, pl.DataFrame], dict, dict]:
+    """Every table except `runs`, the parity summary of this run, and run facts. Pure given the
+    archive and the previous tables (`previous` empty or None: a full build)."""
+    previous = previous or {}
+    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
+
     step("read")
-    raw = {kind: rebuild.read_archive(archive_dir, kind) for kind in ARCHIVE_SCHEMAS}
-    events = rebuild.canonical_events(raw["canonical"])
-    online = rebuild.features_online(raw["features"])
-    late_published = rebuild.late_events(raw["late"])
+    parts = archive_parts(archive_dir)
+    done = set(previous["archive_parts"]["path"].to_list()) if previous else set()
+    new_parts = parts.filter(~pl.col("path").is_in(sorted(done)))
+    new_raw = {kind: read_parts(archive_dir, kind, new_parts.filter(pl.col("kind") == kind)["path"].to_list())
+               for kind in ARCHIVE_SCHEMAS}
+
+    prev_events = previous.get("canonical_events")
+    raw_events = (new_raw["canonical"] if prev_events is None else pl.concat(
+        [_as_raw("canonical", prev_events.drop("outcome", "late_by_ms")), new_raw["canonical"]],
+        how="diagonal_relaxed"))
+    events = rebuild.canonical_events(raw_events)
+    new_online = rebuild.features_online(new_raw["features"])
+    online = (new_online if "features_online" not in previous else
+              pl.concat([previous["features_online"], new_online], how="diagonal_relaxed")
+              .unique(subset=["snapshot_id"], keep="first")
+              .sort("partition", "offset", "patient_id", "scoring_ms", "snapshot_id"))
+    points = rebuild.scoring_points(online)
+    prev_offline = previous.get("features_offline")
+    new_points = points if prev_offline is None else _points_to_redo(points, prev_offline, new_raw["canonical"])
+    # the patients whose state this run recomputes: new events or new scoring points
+    recompute = (events["patient_id"].unique() if not previous else
+                 pl.concat([_patients(new_raw["canonical"]), _patients(new_points)]).unique())
+    their_events = events.filter(pl.col("patient_id").is_in(recompute.implode()))
 
     step("classify")
-    classified = classify_events(events, allowed_lateness_ms=allowed_lateness_ms,
-                                 cross_source_tolerance=cross_source_tolerance).sort(*rebuild.ARRIVAL)
+    classified = _with_outcomes(their_events, classify_events(their_events, **rules))
+    if prev_events is not None:
+        kept = prev_events.filter(~pl.col("patient_id").is_in(recompute.implode()))
+        classified = pl.concat([kept, classified.select(kept.columns)], how="vertical_relaxed")
+    classified = classified.sort(*rebuild.ARRIVAL)
     versions = rebuild.observation_versions(classified)
 
     step("offline")
-    points = rebuild.scoring_points(online)
-    if not full:
-        points = recent_points(points)
-    offline = features_at(events, points, allowed_lateness_ms=allowed_lateness_ms,
-                          cross_source_tolerance=cross_source_tolerance)
+    offline_new = features_at(their_events, new_points, **rules)
+    offline = offline_new if prev_offline is None else pl.concat(
+        [prev_offline.join(new_points, on=POINT_KEYS, how="anti"), offline_new.select(prev_offline.columns)],
+        how="vertical_relaxed")
     offline = offline.sort("partition", "offset", "patient_id", "scoring_ms")
 
+    step("labels")
+    their_points = points.filter(pl.col("patient_id").is_in(recompute.implode()))
+    labels = _labels(make_labels(their_events, their_points, **rules))
+    if "labels" in previous:
+        kept = previous["labels"].filter(~pl.col("patient_id").is_in(recompute.implode()))
+        labels = pl.concat([kept.cast(LABELS_SCHEMA), labels], how="vertical_relaxed")
+    labels = labels.sort("partition", "offset", "patient_id", "scoring_ms")
+
     step("parity")
-    checked_online = online.join(points, on=list(rebuild.POINT_KEYS), how="semi")
-    rows, summary = parity_report(checked_online, offline, late_published=late_published,
+    late_published = rebuild.late_events(_merged("late", previous.get("late_events"), new_raw["late"]))
+    checked_online = online.join(new_points, on=POINT_KEYS, how="semi")
+    rows, summary = parity_report(checked_online, offline_new, late_published=late_published,
                                   late_recomputed=rebuild.late_recomputed(classified))
+    mismatches = rows.filter(~pl.col("match")).cast(PARITY_ROW_SCHEMA)
+    if "parity_report" in previous:  # other points keep their verdict; late checks are redone in full
+        earlier = (previous["parity_report"].filter(pl.col("check") == "feature").cast(PARITY_ROW_SCHEMA)
+                   .join(new_points.cast({k: PARITY_ROW_SCHEMA[k] for k in POINT_KEYS}), on=POINT_KEYS, how="anti"))
+        mismatches = pl.concat([earlier, mismatches])
 
     tables = {
         "canonical_events": classified,
         "observation_versions": versions,
         "observations": rebuild.observations(versions),
-        "late_events": late_published,
-        "dead_letters": rebuild.dead_letters(raw["deadletter"]),
-        "unreadable_records": rebuild.unreadable(raw["unreadable"]),
+        "patients": rebuild.patients(events),
+        "encounters": rebuild.encounters(events),
         "features_online": online,
         "features_offline": offline,
-        "scores": rebuild.scores(raw["scores"]),
-        "alerts": rebuild.alerts(raw["alerts"]),
+        "labels": labels,
         # mismatches only: empty when the planes agree, and small when they nearly do
-        "parity_report": rows.filter(~pl.col("match")).cast(PARITY_ROW_SCHEMA),
+        "parity_report": mismatches.sort(PARITY_ORDER, nulls_last=True),
+        "archive_parts": parts,
     }
-    return tables, summary
+    for name, (kind, clean) in _ARCHIVE_TABLES.items():
+        tables[name] = late_published if name == "late_events" else clean(
+            _merged(kind, previous.get(name), new_raw[kind]))
+    facts = {"new_parts": new_parts.height, "recomputed_patients": recompute.len()}
+    return tables, summary, facts
 
 
-def _run_row(run_id: str, started: datetime, finished: datetime, full: bool, archive_files: int,
+def _with_outcomes(events: pl.DataFrame, classified: pl.DataFrame) -> pl.DataFrame:
+    """Every event with the outcome the rules gave it; context facts (which the feature rules skip)
+    get outcome "context", so canonical_events keeps every event the archive holds."""
+    outcomes = classified.select(*rebuild.ARRIVAL, "outcome", "late_by_ms").cast(
+        {c: pl.Int64 for c in (*rebuild.ARRIVAL, "late_by_ms")})
+    return (events.join(outcomes, on=list(rebuild.ARRIVAL), how="left", maintain_order="left")
+            .with_columns(outcome=pl.col("outcome").fill_null(pl.lit("context"))))
+
+
+def _points_to_redo(points: pl.DataFrame, done: pl.DataFrame, new_events: pl.DataFrame) -> pl.DataFrame:
+    """Points without offline features yet, plus points at or after a newly archived event of the
+    same patient: the archiver may land a features part before the canonical part it depends on,
+    so an event can arrive in the archive after points that already saw it on the stream."""
+    first_new = (new_events.group_by("patient_id", "partition").agg(pl.col("offset").min().alias("_first_new"))
+                 .cast({"partition": pl.Int64}))
+    stale = (points.join(first_new, on=["patient_id", "partition"])
+             .filter(pl.col("offset") >= pl.col("_first_new")).select(POINT_KEYS))
+    missing = points.join(done.select(POINT_KEYS), on=POINT_KEYS, how="anti")
+    return pl.concat([missing, stale]).unique().sort("partition", "offset", "patient_id", "scoring_ms")
+
+
+def _labels(frame: pl.DataFrame) -> pl.DataFrame:
+    if "news2" not in frame.columns:
+        frame = frame.with_columns(news2=pl.lit(None, pl.Float64))
+    return frame.select(list(LABELS_SCHEMA)).cast(LABELS_SCHEMA)
+
+
+def _run_row(run_id: str, started: datetime, finished: datetime, full: bool, archive_files: int, facts: dict,
              counts: dict[str, int], timings: dict[str, float], summary: dict, ok: bool) -> pl.DataFrame:
     return pl.DataFrame([{
         "run_id": run_id, "started_at": started, "finished_at": finished, "full": full,
-        "archive_files": archive_files,
+        "archive_files": archive_files, "new_parts": facts["new_parts"],
+        "recomputed_patients": facts["recomputed_patients"],
         "counts_json": orjson.dumps(counts, option=orjson.OPT_SORT_KEYS).decode(),
         "timings_json": orjson.dumps(timings, option=orjson.OPT_SORT_KEYS).decode(),
         "points_checked": summary["points_checked"], "values_checked": summary["values_checked"],
@@ -143,19 +300,26 @@ def _run_row(run_id: str, started: datetime, finished: datetime, full: bool, arc
         "late_published": summary["late_published"], "late_recomputed": summary["late_recomputed"],
         "late_mismatched": summary["late_mismatched"], "parity_ok": ok,
         "parity_json": orjson.dumps(summary, option=orjson.OPT_SORT_KEYS).decode(),
-    }], schema_overrides={"started_at": pl.Datetime("us", "UTC"), "finished_at": pl.Datetime("us", "UTC")})
+        # filled in by batch/retrain.py when a model is trained after this run
+        "model_version": None, "gate_decision": None, "gate_reasons_json": None, "model_metrics_json": None,
+    }], schema_overrides={"started_at": pl.Datetime("us", "UTC"), "finished_at": pl.Datetime("us", "UTC"),
+                          "model_version": pl.String, "gate_decision": pl.String, "gate_reasons_json": pl.String,
+                          "model_metrics_json": pl.String})
 
 
 def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[str], None] | None = None,
-                features_at: FeaturesAt | None = None, classify_events: ClassifyEvents | None = None) -> dict:
+                features_at: FeaturesAt | None = None, classify_events: ClassifyEvents | None = None,
+                make_labels: MakeLabels | None = None, report: bool = True) -> dict:
     """Rebuild the DuckDB file from the archive and swap it in; returns counts, parity and the path.
 
-    `features_at` / `classify_events` default to batch.features (parameters so tests can stand in).
-    """
+    `full=False` builds on the previous file (only new archive parts; same result). `features_at` /
+    `classify_events` / `make_labels` default to batch.features / batch.train (parameters so tests
+    can stand in). `report` writes the HTML report of the run next to the database."""
     if features_at is None or classify_events is None:
         default_features_at, default_classify = _default_recompute()
         features_at = features_at or default_features_at
         classify_events = classify_events or default_classify
+    make_labels = make_labels or default_labels
 
     run_id = uuid.uuid4().hex
     started = datetime.now(timezone.utc)
@@ -171,13 +335,13 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
             progress(name)
 
     archive_dir, target = settings.archive_dir, settings.duckdb_path
-    tables, summary = build_tables(
+    previous = _previous_state(target, full)
+    tables, summary, facts = build_tables(
         archive_dir, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
-        cross_source_tolerance=settings.cross_source_tolerance, full=full,
-        features_at=features_at, classify_events=classify_events, step=step)
+        cross_source_tolerance=settings.cross_source_tolerance, features_at=features_at,
+        classify_events=classify_events, make_labels=make_labels, step=step, previous=previous)
     ok = parity_ok(summary)
     counts = {name: frame.height for name, frame in tables.items()}
-    archive_files = sum(len(part_files(archive_dir, kind)) for kind in ARCHIVE_SCHEMAS)
 
     step("write")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -187,18 +351,25 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
             for name, frame in tables.items():
                 _write_table(con, name, frame)
             step(None)
-            run = _run_row(run_id, started, datetime.now(timezone.utc), full, archive_files, counts, timings,
-                           summary, ok)
+            run = _run_row(run_id, started, datetime.now(timezone.utc), full or not previous,
+                           tables["archive_parts"].height, facts, counts, timings, summary, ok)
             old = previous_runs(target)
             runs = run if old is None else pl.concat([old, run], how="diagonal_relaxed")
             _write_table(con, "runs", runs)
+            create_views(con)
+            apply_comments(con)
             con.execute("CHECKPOINT")
         os.replace(building, target)
     finally:
         for leftover in (building, building.with_name(building.name + ".wal")):
             leftover.unlink(missing_ok=True)
 
-    log.info("nightly run %s: %d tables, parity ok=%s, mismatched=%d", run_id, len(tables) + 1, ok,
-             summary["mismatched"])
-    return {"run_id": run_id, "duckdb_path": str(target), "counts": counts | {"runs": runs.height},
-            "parity": summary, "parity_ok": ok, "timings": timings}
+    log.info("nightly run %s: %d tables, %d new parts, parity ok=%s, mismatched=%d", run_id, len(tables) + 1,
+             facts["new_parts"], ok, summary["mismatched"])
+    result = {"run_id": run_id, "duckdb_path": str(target), "counts": counts | {"runs": runs.height},
+              "parity": summary, "parity_ok": ok, "timings": timings, **facts}
+    if report:
+        from batch.report import write_report
+
+        result["report_path"] = str(write_report(settings))
+    return result

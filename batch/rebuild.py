@@ -13,6 +13,11 @@ same record); each kind has one dedupe key, the first archived row wins:
     features    snapshot_id
     scores      snapshot_id
     alerts      alert_id + kind
+    scores_shadow  snapshot_id (+ model_version: a shadow score is per candidate model)
+    gaps        the gap record's own Kafka position
+
+Context facts (code_system schemas.codes.CONTEXT: admission, location, discharge, sex, birth year)
+are not observations: they become the `patients` and `encounters` tables instead.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
+from schemas import codes
 from schemas.canonical import Status
 from schemas.features import FEATURE_NAMES
 from streams.archiver import ARCHIVE_SCHEMAS, part_files
@@ -98,8 +104,22 @@ def unreadable(raw: pl.DataFrame) -> pl.DataFrame:
     return _first_per_key(raw, ["topic", *_KAFKA_POSITION], []).sort("topic", *_KAFKA_POSITION)
 
 
+def scores_shadow(raw: pl.DataFrame) -> pl.DataFrame:
+    return (_first_per_key(raw, ["snapshot_id", "model_version"], list(_KAFKA_POSITION))
+            .sort("partition", "offset", "patient_id", "scoring_ms", "snapshot_id", "model_version", nulls_last=True))
+
+
+def gaps(raw: pl.DataFrame) -> pl.DataFrame:
+    return _first_per_key(raw, list(_KAFKA_POSITION), []).sort(*_KAFKA_POSITION)
+
+
+_IS_CONTEXT = pl.col("code_system") == codes.CONTEXT
+
+
 def observation_versions(classified: pl.DataFrame) -> pl.DataFrame:
-    """Every version of every fact, once: its first arrival, that arrival's outcome and how often it arrived."""
+    """Every version of every measured fact (context facts excluded), once: its first arrival, that
+    arrival's outcome and how often it arrived."""
+    classified = classified.filter(~_IS_CONTEXT.fill_null(False))
     arrivals = classified.group_by("event_id").len("arrivals")
     return (classified.sort(*ARRIVAL)
             .unique(subset=["event_id"], keep="first", maintain_order=True)
@@ -131,3 +151,66 @@ def late_recomputed(classified: pl.DataFrame) -> pl.DataFrame:
     return (classified.filter(pl.col("outcome") == "late")
             .select("event_id", "partition", "offset", "patient_id", "late_by_ms")
             .sort("partition", "offset", "event_id"))
+
+
+# --- context facts -> patients and encounters ----------------------------------------------------
+
+
+def context_facts(events: pl.DataFrame) -> pl.DataFrame:
+    """The current version of every context fact (highest version), retracted facts removed."""
+    return (events.filter(_IS_CONTEXT.fill_null(False))
+            .sort("fact_id", "version", "event_id", descending=[False, True, False])
+            .unique(subset=["fact_id"], keep="first", maintain_order=True)
+            .filter(pl.col("status") != Status.ENTERED_IN_ERROR.value))
+
+
+def _latest(facts: pl.DataFrame, code: str, key: str, value: pl.Expr, name: str) -> pl.DataFrame:
+    """Per key, the value of the latest fact of `code` by (effective_ms, issued_ms, fact_id)."""
+    return (facts.filter(pl.col("code") == code)
+            .sort(key, "effective_ms", "issued_ms", "fact_id")
+            .group_by(key, maintain_order=True).agg(value.last().alias(name)))
+
+
+def patients(events: pl.DataFrame) -> pl.DataFrame:
+    """One row per patient with any canonical event: sex, birth year (no names, no birth dates) and
+    the span of their measurements."""
+    facts = context_facts(events)
+    measured = events.filter(~_IS_CONTEXT.fill_null(False))
+    base = (events.select("patient_id").unique()
+            .join(measured.group_by("patient_id").agg(first_effective_ms=pl.col("effective_ms").min(),
+                                                      last_effective_ms=pl.col("effective_ms").max()),
+                  on="patient_id", how="left"))
+    encounter_count = (events.filter(pl.col("encounter_id").is_not_null())
+                       .group_by("patient_id").agg(encounters=pl.col("encounter_id").n_unique()))
+    return (base
+            .join(_latest(facts, codes.SEX, "patient_id", pl.col("value_text"), "sex"), on="patient_id", how="left")
+            .join(_latest(facts, codes.BIRTH_YEAR, "patient_id", pl.col("value").cast(pl.Int64), "birth_year"),
+                  on="patient_id", how="left")
+            .join(encounter_count, on="patient_id", how="left")
+            .with_columns(pl.col("encounters").fill_null(0).cast(pl.Int64))
+            .select("patient_id", "sex", "birth_year", "encounters", "first_effective_ms", "last_effective_ms")
+            .sort("patient_id"))
+
+
+def encounters(events: pl.DataFrame) -> pl.DataFrame:
+    """One row per encounter id seen on any event: class, admission/discharge times, the latest ward."""
+    facts = context_facts(events).filter(pl.col("encounter_id").is_not_null())
+    seen = (events.filter(pl.col("encounter_id").is_not_null())
+            .group_by("encounter_id").agg(pl.col("patient_id").sort().first(),
+                                          first_effective_ms=pl.col("effective_ms").min(),
+                                          last_effective_ms=pl.col("effective_ms").max()))
+    admissions = (facts.filter(pl.col("code") == codes.ADMISSION).sort("encounter_id", "effective_ms", "fact_id")
+                  .group_by("encounter_id", maintain_order=True)
+                  .agg(admitted_ms=pl.col("effective_ms").first(), encounter_class=pl.col("value_text").last()))
+    discharges = (facts.filter(pl.col("code") == codes.DISCHARGE)
+                  .group_by("encounter_id").agg(discharged_ms=pl.col("effective_ms").max()))
+    locations = facts.filter(pl.col("code") == codes.LOCATION).group_by("encounter_id").agg(
+        ward_moves=pl.len().cast(pl.Int64))
+    ward = _latest(facts, codes.LOCATION, "encounter_id", pl.col("value_text"), "ward")
+    out = seen
+    for part in (admissions, discharges, ward, locations):
+        out = out.join(part, on="encounter_id", how="left")
+    return (out.with_columns(pl.col("ward_moves").fill_null(0))
+            .select("encounter_id", "patient_id", "encounter_class", "admitted_ms", "discharged_ms", "ward",
+                    "ward_moves", "first_effective_ms", "last_effective_ms")
+            .sort("encounter_id"))

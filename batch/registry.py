@@ -3,6 +3,8 @@
     <model_dir>/<version>/model.onnx
     <model_dir>/<version>/card.json     the model card; its sha256 pins model.onnx
     <model_dir>/current                 text file holding the version to serve
+    <model_dir>/candidate               text file naming a version to shadow-score (optional)
+    <model_dir>/history.jsonl           every pointer change: who, when, why, from, to
 
 A card is only handed out after the model file's digest matches it, so a tampered or half-copied
 model is refused loudly instead of served.
@@ -83,14 +85,188 @@ def current_version(model_dir: Path | str) -> str | None:
 def set_current(model_dir: Path | str, version: str) -> None:
     """Point `current` at a verified version; the pointer is replaced atomically (never half-written)."""
     load_card(model_dir, version)  # refuse to point at a missing or tampered model
+    _write_pointer(model_dir, CURRENT_FILE, version)
+
+
+# --- pointers, verification, promotion and rollback ---------------------------------------------
+#
+#     <model_dir>/candidate       text file naming a version the worker may shadow-score (same format
+#                                 as `current`); set when a trained model fails the promotion gate
+#     <model_dir>/history.jsonl   one JSON line per pointer change: who, when, why, from, to
+
+CANDIDATE_FILE = "candidate"
+HISTORY_FILE = "history.jsonl"
+
+
+def _write_pointer(model_dir: Path | str, name: str, version: str) -> None:
+    """Replace a pointer file atomically (temp file, fsync, rename): readers see old or new, never half."""
     root = Path(model_dir)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".current.")
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(version + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, root / CURRENT_FILE)
+        os.replace(tmp, root / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def candidate_version(model_dir: Path | str) -> str | None:
+    """The version the `candidate` pointer names, or None."""
+    try:
+        text = (Path(model_dir) / CANDIDATE_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def set_candidate(model_dir: Path | str, version: str) -> None:
+    """Point `candidate` at a verified version (the worker shadow-scores it; it never alerts)."""
+    load_card(model_dir, version)
+    _write_pointer(model_dir, CANDIDATE_FILE, version)
+
+
+def clear_candidate(model_dir: Path | str) -> None:
+    (Path(model_dir) / CANDIDATE_FILE).unlink(missing_ok=True)
+
+
+def integrity(model_dir: Path | str, version: str) -> str:
+    """'ok', 'tampered' (model.onnx differs from the card's sha256) or 'missing' (no model file)."""
+    if not model_path(model_dir, version).is_file():
+        return "missing"
+    try:
+        load_card(model_dir, version)
+    except ModelIntegrityError:
+        return "tampered"
+    return "ok"
+
+
+def contract_problems(model_dir: Path | str, version: str) -> list[str]:
+    """Why `version` must not be served: integrity, card and ONNX signature checks (empty = servable).
+
+    The same checks the scorer applies when it loads a model, run before a pointer moves."""
+    from schemas.model_contract import ContractError, ModelContract, check_contract
+
+    try:
+        card = load_card(model_dir, version)
+    except (OSError, ValueError) as exc:  # missing files, bad JSON, ModelIntegrityError
+        return [f"{type(exc).__name__}: {exc}"]
+    try:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model_path(model_dir, version)), providers=["CPUExecutionProvider"])
+        check_contract(ModelContract.from_card(card), session.get_inputs(), session.get_outputs())
+    except ContractError as exc:
+        return [str(exc)]
+    except Exception as exc:  # onnxruntime cannot load the file: not servable
+        return [f"onnxruntime cannot load model.onnx: {type(exc).__name__}: {exc}"]
+    return []
+
+
+def read_history(model_dir: Path | str) -> list[dict]:
+    path = Path(model_dir) / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_history(model_dir: Path | str, entry: dict) -> None:
+    with open(Path(model_dir) / HISTORY_FILE, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _audit(action: str, pointer: str, previous: str | None, version: str | None, who: str | None,
+           why: str) -> dict:
+    import getpass
+    from datetime import UTC, datetime
+
+    return {"at": datetime.now(UTC).isoformat(timespec="seconds"), "action": action, "pointer": pointer,
+            "from": previous, "to": version, "who": who or getpass.getuser(), "why": why}
+
+
+class PromotionRefused(ValueError):
+    """The version failed the checks a model must pass before it is served."""
+
+
+def promote(model_dir: Path | str, version: str, *, why: str, who: str | None = None) -> dict:
+    """Make `version` current after the hash and contract checks; record who/when/why. Returns the entry."""
+    problems = contract_problems(model_dir, version)
+    if problems:
+        raise PromotionRefused(f"refusing to promote {version!r}:\n  - " + "\n  - ".join(problems))
+    previous = current_version(model_dir)
+    _write_pointer(model_dir, CURRENT_FILE, version)
+    if candidate_version(model_dir) == version:
+        clear_candidate(model_dir)
+    entry = _audit("promote", CURRENT_FILE, previous, version, who, why)
+    _append_history(model_dir, entry)
+    return entry
+
+
+def _current_stack(history: list[dict]) -> list[str]:
+    """The versions `current` has pointed at, oldest first, with rolled-back ones removed."""
+    stack: list[str] = []
+    for e in history:
+        if e.get("pointer", CURRENT_FILE) != CURRENT_FILE:
+            continue
+        if e["action"] == "promote":
+            if not stack and e.get("from"):
+                stack.append(e["from"])  # the version that was current before the history began
+            stack.append(e["to"])
+        elif e["action"] == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+def rollback(model_dir: Path | str, *, why: str, who: str | None = None) -> dict:
+    """Point `current` back at the version it named before the last promotion (still verified)."""
+    stack = _current_stack(read_history(model_dir))
+    now = current_version(model_dir)
+    if len(stack) < 2 or stack[-1] != now:
+        raise PromotionRefused(
+            f"nothing to roll back to: the history in {Path(model_dir) / HISTORY_FILE} has no earlier current "
+            f"version for {now!r}; use `wardwatch model promote VERSION` to choose one")
+    target = stack[-2]
+    problems = contract_problems(model_dir, target)
+    if problems:
+        raise PromotionRefused(f"refusing to roll back to {target!r}:\n  - " + "\n  - ".join(problems))
+    _write_pointer(model_dir, CURRENT_FILE, target)
+    entry = _audit("rollback", CURRENT_FILE, now, target, who, why)
+    _append_history(model_dir, entry)
+    return entry
+
+
+def describe(model_dir: Path | str) -> list[dict]:
+    """One row per version for `wardwatch model list`: pointers, integrity, held-out metrics, gate."""
+    current, candidate = current_version(model_dir), candidate_version(model_dir)
+    rows = []
+    for version in list_versions(model_dir):
+        try:
+            card = json.loads(card_path(model_dir, version).read_text())
+        except ValueError:
+            card = {}
+        metrics = card.get("metrics") or {}
+        rows.append({
+            "version": version, "current": version == current, "candidate": version == candidate,
+            "sha256": integrity(model_dir, version), "created": card.get("created"),
+            "auroc": (metrics.get("model") or {}).get("auroc"), "auprc": (metrics.get("model") or {}).get("auprc"),
+            "news2_auroc": (metrics.get("news2") or {}).get("auroc"),
+            "gate": (card.get("gate") or {}).get("decision"),
+        })
+    return rows
+
+
+def write_card(model_dir: Path | str, version: str, card: dict) -> None:
+    """Rewrite a card atomically (its sha256 pins model.onnx, which never changes)."""
+    path = card_path(model_dir, version)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".card.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(card, indent=2) + "\n")
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

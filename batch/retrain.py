@@ -1,23 +1,138 @@
-"""Retraining from the rebuilt DuckDB file: features as of `issued` (no leakage) at every online
-scoring point, labels from canonical state, a model written to the registry."""
+"""Retraining from the rebuilt DuckDB file and the promotion gate.
+
+    retrain(settings) -> card
+
+Features as of `issued` (no leakage) at every online scoring point, labels from canonical state
+(batch/train.py), a new version in the registry. Then the gate decides what the new version becomes:
+
+    promote     it beats `current` and NEWS2 on the held-out patients by the configured margins
+                (settings.gate_min_auroc_gain / gate_min_auprc_gain) and passes the contract check:
+                `current` points at it (registry.promote records who/when/why)
+    candidate   otherwise: the `candidate` pointer names it, so the worker can shadow-score it
+
+`current` is evaluated on the same held-out rows as the new model (its card's metrics come from
+another split and are not comparable). The decision and its reasons go into the new card (`gate`)
+and into the latest `runs` row of the DuckDB file.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import duckdb
+import numpy as np
+import orjson
+import polars as pl
 
 from batch import registry
 from batch.features import features_as_of_issued
-from batch.train import make_labels, train_model
+from batch.train import make_labels, split_patients, train_model
 from wardwatch.settings import Settings
+
+GATE_METRICS = ("auroc", "auprc")
+_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    decision: str  # "promote" or "candidate"
+    reasons: list[str]
+    compared: dict = field(default_factory=dict)  # {"new": {...}, "current": {...} | None, "news2": {...}}
+    margins: dict = field(default_factory=dict)
+
+    @property
+    def promote(self) -> bool:
+        return self.decision == "promote"
+
+
+def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_auroc_gain: float,
+                  min_auprc_gain: float, contract_problems: list[str] = ()) -> GateDecision:
+    """Promote only when every gate metric of `new` is at least the reference's plus its margin, for
+    NEWS2 and (when there is one) the current model, and the contract holds. Pure: metrics in, verdict out.
+
+    Each metrics dict holds `auroc` and `auprc` on the same held-out rows; None means not computable
+    (one class only), which never passes."""
+    margins = {"auroc": min_auroc_gain, "auprc": min_auprc_gain}
+    reasons: list[str] = [f"contract: {p}" for p in contract_problems]
+    references = {"NEWS2": news2, "current model": current}
+    if news2 is None:
+        reasons.append("no NEWS2 metrics on the held-out rows: cannot show the model beats the rule")
+    passed = []
+    for name, ref in references.items():
+        if ref is None:
+            continue
+        for metric in GATE_METRICS:
+            mine, theirs = new.get(metric), ref.get(metric)
+            if mine is None or theirs is None:
+                reasons.append(f"{metric} vs {name} not computable (held-out rows hold one class)")
+            elif mine - theirs < margins[metric]:
+                reasons.append(f"{metric} {mine:.4f} does not beat {name} {theirs:.4f} by {margins[metric]:g}")
+            else:
+                passed.append(f"{metric} {mine:.4f} beats {name} {theirs:.4f} by >= {margins[metric]:g}")
+    compared = {"new": new, "news2": news2, "current": current}
+    if reasons:
+        return GateDecision("candidate", reasons, compared, margins)
+    return GateDecision("promote", passed, compared, margins)
+
+
+def _held_out(features: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+    """The rows batch.train.train_model evaluates on: same join, same patient split (defaults)."""
+    keys = [k for k in _KEYS if k in features.columns and k in labels.columns]
+    data = features.join(labels.select(*keys, "label").unique(subset=keys), on=keys).filter(
+        pl.col("label").is_not_null())
+    _, test_ids = split_patients(data["patient_id"].to_list())
+    return data.filter(pl.col("patient_id").is_in(sorted(test_ids)))
+
+
+def model_metrics_on(model_dir, version: str, rows: pl.DataFrame) -> dict:
+    """AUROC/AUPRC of a registered model scored with onnxruntime on `rows` (features + label)."""
+    import onnxruntime as ort
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    card = registry.load_card(model_dir, version)
+    session = ort.InferenceSession(str(registry.model_path(model_dir, version)), providers=["CPUExecutionProvider"])
+    x = rows.select(pl.col(f).cast(pl.Float64) for f in card["features"]).to_numpy().astype(np.float32)
+    probability = session.run([card["output_name"]], {card["input_name"]: x})[0][:, card.get("positive_class_index", 1)]
+    y = rows["label"].to_numpy().astype(int)
+    if len(set(y.tolist())) < 2:
+        return {"auroc": None, "auprc": None, "n_rows": len(y)}
+    return {"auroc": float(roc_auc_score(y, probability)), "auprc": float(average_precision_score(y, probability)),
+            "n_rows": len(y)}
+
+
+def apply_gate(settings: Settings, version: str, decision: GateDecision, *, promote_if_none: bool = True) -> str:
+    """Move the pointers as the gate decided; returns what the version became."""
+    model_dir = settings.model_dir
+    no_current = registry.current_version(model_dir) is None
+    if decision.promote and (promote_if_none or not no_current):
+        registry.promote(model_dir, version, who="batch retrain", why="promotion gate: " + "; ".join(decision.reasons))
+        return "promoted"
+    if registry.integrity(model_dir, version) == "ok":
+        registry.set_candidate(model_dir, version)
+    return "candidate"
+
+
+def record_in_runs(settings: Settings, card: dict) -> None:
+    """Write the gate's decision and the held-out metrics into the latest `runs` row."""
+    path = settings.duckdb_path
+    with duckdb.connect(str(path)) as con:
+        for column in ("model_version", "gate_decision", "gate_reasons_json", "model_metrics_json"):
+            con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {column} VARCHAR")
+        latest = con.execute("SELECT run_id FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 1").fetchone()
+        if latest is None:
+            return
+        gate = card.get("gate", {})
+        con.execute("UPDATE runs SET model_version = ?, gate_decision = ?, gate_reasons_json = ?, "
+                    "model_metrics_json = ? WHERE run_id = ?",
+                    [card["version"], gate.get("decision"), orjson.dumps(gate.get("reasons", [])).decode(),
+                     orjson.dumps(card.get("metrics", {}), option=orjson.OPT_SORT_KEYS).decode(), latest[0]])
 
 
 def retrain(settings: Settings, *, version: str | None = None, promote_if_none: bool = True) -> dict:
-    """Train a new model version from settings.duckdb_path into settings.model_dir; returns its card.
+    """Train a new version from settings.duckdb_path into settings.model_dir, gate it; returns its card.
 
-    The new version becomes `current` only when there is no current model yet (the promotion gate
-    against an existing model comes with the offline-plane issue)."""
+    `promote_if_none=False` keeps even a gate-passing model out of an empty `current` (as candidate)."""
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         events = con.sql("SELECT * FROM canonical_events").pl()
         points = con.sql('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online').pl()
@@ -31,8 +146,18 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     version = version or datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S")
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     card = train_model(feats, labels, settings.model_dir, version)
-    card["promoted"] = False
-    if promote_if_none and registry.current_version(settings.model_dir) is None:
-        registry.set_current(settings.model_dir, version)
-        card["promoted"] = True
+
+    current = registry.current_version(settings.model_dir)
+    current_metrics = None
+    if current is not None and registry.integrity(settings.model_dir, current) == "ok":
+        current_metrics = model_metrics_on(settings.model_dir, current, _held_out(feats, labels))
+    decision = gate_decision(card["metrics"]["model"], card["metrics"].get("news2"), current_metrics,
+                             min_auroc_gain=settings.gate_min_auroc_gain,
+                             min_auprc_gain=settings.gate_min_auprc_gain,
+                             contract_problems=registry.contract_problems(settings.model_dir, version))
+    outcome = apply_gate(settings, version, decision, promote_if_none=promote_if_none)
+    card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome}
+    card["promoted"] = outcome == "promoted"
+    registry.write_card(settings.model_dir, version, card)
+    record_in_runs(settings, card)
     return card

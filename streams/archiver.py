@@ -12,6 +12,8 @@ One row per archived thing (`kafka_*` columns are the record's own position on i
     features    snapshot_id, patient_id, scoring_ms, partition, offset, features_json
     scores      the score record, rationale as rationale_json
     alerts      the header fields + resource_json (the FHIR RiskAssessment)
+    scores_shadow  the shadow (candidate) model's score records, in the scores shape
+    gaps        FHIR subscription gap / missed-heartbeat records: subscription, gap_kind, record_json
     unreadable  an output record the archiver could not decode: raw key/value + the error, so
                 nothing leaves the system unrecorded
 
@@ -72,6 +74,10 @@ ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {
                          *_KAFKA_FIELDS]),
     "unreadable": pa.schema([("topic", _S), ("key", _B), ("value", _B), ("error", _S), *_KAFKA_FIELDS]),
 }
+# the shadow (candidate) model's scores have the shape of the served scores
+ARCHIVE_SCHEMAS["scores_shadow"] = ARCHIVE_SCHEMAS["scores"]
+# FHIR subscription gaps / missed heartbeats: the record as JSON plus the fields analysts filter on
+ARCHIVE_SCHEMAS["gaps"] = pa.schema([("subscription", _S), ("gap_kind", _S), ("record_json", _S), *_KAFKA_FIELDS])
 
 _DEADLETTER_HEADERS = {
     "ww.reason": "reason", "ww.detail": "detail", "ww.exception": "exception", "ww.stage": "stage",
@@ -81,8 +87,11 @@ _DEADLETTER_HEADERS = {
 
 
 def kinds_by_topic(topics: Topics) -> dict[str, str]:
-    return {topics.canonical: "canonical", topics.late: "late", topics.deadletter: "deadletter",
-            topics.features: "features", topics.scores: "scores", topics.alerts: "alerts"}
+    kinds = {topics.canonical: "canonical", topics.late: "late", topics.deadletter: "deadletter",
+             topics.features: "features", topics.scores: "scores", topics.alerts: "alerts",
+             topics.scores_shadow: "scores_shadow", topics.gaps: "gaps"}
+    kinds.pop("", None)  # a Topics built without the newer topics
+    return kinds
 
 
 # --- pure: one Kafka record -> archive rows ------------------------------------------------------
@@ -199,6 +208,20 @@ def _scores_rows(rec: RawRecord) -> list[Row]:
     return [Row("scores", utc_date(row["scoring_ms"]), row)]
 
 
+def _scores_shadow_rows(rec: RawRecord) -> list[Row]:
+    return [Row("scores_shadow", row.date, row.values) for row in _scores_rows(rec)]
+
+
+def _gaps_rows(rec: RawRecord) -> list[Row]:
+    d = orjson.loads(rec.value)
+    if not isinstance(d, dict):
+        raise ValueError("gap record is not a JSON object")
+    subscription = d.get("subscription") or (rec.key.decode("utf-8", errors="replace") if rec.key else None)
+    row = {"subscription": _text(subscription), "gap_kind": _text(d.get("kind") or d.get("type")),
+           "record_json": _json_text(d)} | _kafka(rec)
+    return [Row("gaps", utc_date(rec.timestamp_ms), row)]
+
+
 def _alerts_rows(rec: RawRecord) -> list[Row]:
     d = orjson.loads(rec.value)
     h = d["header"]
@@ -211,7 +234,8 @@ def _alerts_rows(rec: RawRecord) -> list[Row]:
 
 
 _ROW_MAKERS = {"canonical": _canonical_rows, "late": _late_rows, "deadletter": _deadletter_rows,
-               "features": _features_rows, "scores": _scores_rows, "alerts": _alerts_rows}
+               "features": _features_rows, "scores": _scores_rows, "alerts": _alerts_rows,
+               "scores_shadow": _scores_shadow_rows, "gaps": _gaps_rows}
 
 
 def rows_for(kind: str, rec: RawRecord) -> list[Row]:

@@ -2,7 +2,8 @@
 
 The dataflow (each hop is a real Kafka topic):
 
-    <cdc prefix>.vital_signs  key: {"patient_id"} (Debezium message.key.columns)  value: Debezium JSON
+    <cdc prefix>.<table>  key: {"patient_id"} (Debezium message.key.columns)  value: Debezium JSON
+        (one topic per table of schemas.codes.CDC_TABLES: vital_signs, lab_results, encounters, patients)
     <prefix>.fhir.notifications  key: patient id  value: FHIR notification Bundle JSON
         |  (the rest-hook receiver writes here; the subscription watcher reads it for gaps)
         |  -> <prefix>.fhir.gaps  key: subscription  value: gap / missed-heartbeat record

@@ -209,7 +209,7 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name (
     from batch.retrain import retrain
 
     card = retrain(_settings(), version=version, promote_if_none=promote_if_none)
-    console.print_json(data={k: card[k] for k in ("version", "metrics", "promoted")})
+    console.print_json(data={k: card.get(k) for k in ("version", "metrics", "promoted", "gate")})
 
 
 @model_app.command("list")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.nightly import recent_points, run_nightly
+from batch.nightly import run_nightly
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
 from schemas.features import FEATURE_NAMES
@@ -227,7 +227,7 @@ def test_running_twice_gives_identical_tables_and_one_more_run(settings):
     assert second["runs"].num_rows == 2
     assert second["runs"].column("run_id")[0] == first["runs"].column("run_id")[0]
     # nothing left behind next to the database
-    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["archive", "wardwatch.duckdb"]
+    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["archive", "reports", "wardwatch.duckdb"]
 
 
 def test_parity_passes_when_the_planes_agree(settings):
@@ -270,33 +270,25 @@ def test_empty_archive_builds_empty_tables(settings):
     assert summary["parity_ok"]
 
 
-def test_recent_points_keeps_the_last_two_scoring_days():
-    day = 24 * HOUR_MS
-    points = pl.DataFrame({"patient_id": ["p"] * 4, "scoring_ms": [0, day + 5, 2 * day + 7, 2 * day + 9],
-                           "partition": [0] * 4, "offset": [0, 1, 2, 3]})
-    assert recent_points(points)["offset"].to_list() == [1, 2, 3]
-
-
-def test_incremental_run_checks_only_recent_points(settings):
-    build_archive(settings.archive_dir)
-    old = feature_rows()[0] | {"snapshot_id": "old", "scoring_ms": T0 - 3 * 24 * HOUR_MS, "offset": 99}
-    write(settings.archive_dir, "features", "old", [old], date="2024-06-07")
-    assert run_nightly(settings, full=True, **STANDINS)["parity"]["points_checked"] == len(ONLINE) + 1
-    assert run_nightly(settings, full=False, **STANDINS)["parity"]["points_checked"] == len(ONLINE)
-
-
 def hr_features(last, max_1h, mean_6h, since_s, count_6h) -> dict:
     return {"heart_rate_last_24h": last, "heart_rate_max_1h": max_1h, "heart_rate_mean_6h": mean_6h,
             "heart_rate_time_since_last_s_24h": since_s, "vitals_count_6h": count_6h}
 
 
+def hr_trend(mean_1h, max_6h, slope_6h, delta_24h) -> dict:
+    return {"heart_rate_mean_1h": mean_1h, "heart_rate_max_6h": max_6h, "heart_rate_slope_6h": slope_6h,
+            "heart_rate_delta_24h": delta_24h}
+
+
 # every feature of the scenario, worked out by hand from schemas/features.py and docs/patient-state.md
 HAND_FEATURES = {
-    (0, 0): hr_features(80.0, 80.0, 80.0, 0.0, 1),
-    (0, 1): hr_features(90.0, 90.0, 85.0, 0.0, 2),  # B is the latest; the redelivered A changes nothing
-    (0, 2): hr_features(90.0, 90.0, 87.5, 0.0, 2),  # A corrected to 85
-    (0, 4): hr_features(85.0, 85.0, 85.0, 600.0, 1),  # B retracted: A is all that is left, 10 min old
-    (1, 0): {"spo2_last_24h": 95.0, "spo2_min_6h": 95.0, "vitals_count_6h": 0},
+    (0, 0): hr_features(80.0, 80.0, 80.0, 0.0, 1) | hr_trend(80.0, 80.0, None, None),
+    # B is the latest; the redelivered A changes nothing; slope: +10 over 10 min = 60 per hour
+    (0, 1): hr_features(90.0, 90.0, 85.0, 0.0, 2) | hr_trend(85.0, 90.0, 60.0, 10.0),
+    (0, 2): hr_features(90.0, 90.0, 87.5, 0.0, 2) | hr_trend(87.5, 90.0, 30.0, 5.0),  # A corrected to 85
+    # B retracted: A is all that is left, 10 min old
+    (0, 4): hr_features(85.0, 85.0, 85.0, 600.0, 1) | hr_trend(85.0, 85.0, None, None),
+    (1, 0): {"spo2_last_24h": 95.0, "spo2_min_6h": 95.0, "spo2_min_1h": 95.0, "vitals_count_6h": 0},
 }
 
 

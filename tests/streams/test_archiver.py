@@ -166,7 +166,8 @@ def test_archiver_lands_every_kind_and_restarts_without_loss(settings):
         (topics.scores, orjson.dumps(score("s1")), []),
         (topics.alerts, orjson.dumps(ALERT), []),
     ])
-    first_batch = {"canonical": 2, "late": 1, "deadletter": 1, "features": 2, "scores": 1, "alerts": 1}
+    first_batch = {"canonical": 2, "late": 1, "deadletter": 1, "features": 2, "scores": 1, "alerts": 1,
+                   "scores_shadow": 0, "gaps": 0}
 
     # 1. killed before writing: the next member of the group must see everything again
     killed = KilledBeforeWriting(settings, topics)

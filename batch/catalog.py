@@ -1,0 +1,213 @@
+"""The analyst-facing catalog of the DuckDB file: a comment on every table and column (`COMMENT ON`),
+the views in batch/views.sql, and the read-only helpers behind `wardwatch query`.
+
+Column comments are looked up per table first, then by column name (a column means the same thing
+in every table that has it), then from the feature specs. A column nobody documented gets a comment
+saying so, and tests/batch/test_catalog.py fails on it: document new columns here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from schemas import codes
+from schemas.features import DERIVED, FEATURES
+
+VIEWS_SQL = Path(__file__).with_name("views.sql")
+LABEL_HORIZON_MS = 12 * 3600 * 1000  # batch.train.make_labels' default horizon
+UNDOCUMENTED = "undocumented column: describe it in batch/catalog.py"
+
+TABLES: dict[str, str] = {
+    "canonical_events": "Every canonical event as it arrived (deduplicated archive copies), in arrival order, "
+                        "with the outcome the patient-state rules give it (docs/patient-state.md).",
+    "observation_versions": "Every version of every measured fact (context facts excluded), once, with how it "
+                            "first arrived and how often.",
+    "observations": "The current (highest) version of each measured fact; retracted facts and context facts excluded.",
+    "patients": "One row per patient: sex and birth year from context facts (no names, no birth dates).",
+    "encounters": "One row per encounter: class, admission/discharge times and the latest ward from context facts.",
+    "late_events": "Events the stream published as too late (beyond the lateness bound); they never entered state.",
+    "dead_letters": "Input the pipeline rejected, with the reason and where it came from.",
+    "unreadable_records": "Output records the archiver could not decode, kept as raw bytes.",
+    "features_online": "The feature snapshots the stream published, one column per feature.",
+    "features_offline": "The same features recomputed by the batch from the archive at every online scoring point.",
+    "scores": "Every score the stream published (model or NEWS2 rule path).",
+    "scores_shadow": "Scores of the shadow (candidate) model; they never alert.",
+    "alerts": "Alerts the stream published, with the FHIR RiskAssessment JSON.",
+    "gaps": "FHIR subscription gaps and missed heartbeats detected by the subscription watcher.",
+    "labels": "The training label at every online scoring point (batch/train.py LABEL_DEFINITION).",
+    "parity_report": "Online vs offline disagreements only (empty when the planes agree).",
+    "archive_parts": "The archive part files the DuckDB file was built from (what incremental runs skip).",
+    "runs": "One row per nightly run: counts, timings, parity and the promotion gate's decision.",
+}
+
+_MS = " (ms since epoch, UTC)"
+COLUMNS: dict[str, str] = {
+    "patient_id": "Patient identifier from the EHR",
+    "encounter_id": "Encounter (hospital stay) identifier from the EHR",
+    "code": "Canonical code: LOINC for measurements, a schemas.codes CONTEXT code for context facts",
+    "code_system": f"Code system of `code`: http://loinc.org or {codes.CONTEXT}",
+    "value": "Value in canonical units; null for retractions and text-valued context facts",
+    "unit": "UCUM unit of `value`",
+    "value_text": "Text value: ACVPU letter, encounter class, ward, sex",
+    "effective_ms": "Clinical time of the fact (when measured)" + _MS,
+    "issued_ms": "When the value became available (FHIR issued, CDC commit)" + _MS,
+    "status": "final, preliminary, amended, corrected or entered-in-error (a retraction)",
+    "source": "Input the event came from: cdc or fhir",
+    "fact_id": "Names one clinical fact across its versions",
+    "version": "Orders the versions of one fact (CDC lsn, FHIR versionId)",
+    "event_id": "Names one version of one fact (hash of fact_id and version)",
+    "provenance": "Where the event came from in its source, as JSON",
+    "partition": "Partition of the canonical message the event/point belongs to",
+    "offset": "Offset of the canonical message the event/point belongs to",
+    "idx": "Position of the event inside its canonical micro-batch",
+    "kafka_timestamp_ms": "Kafka timestamp of the archived record" + _MS,
+    "kafka_partition": "Partition of the archived record on its own topic",
+    "kafka_offset": "Offset of the archived record on its own topic",
+    "outcome": "accepted, corrected, duplicate or late (docs/patient-state.md); context for context facts",
+    "late_by_ms": "How far beyond the lateness bound a late event was (ms)",
+    "arrivals": "How many times this version arrived",
+    "versions": "How many versions of the fact were seen",
+    "sex": "Administrative sex: male, female, other or unknown",
+    "birth_year": "Year of birth (the only date of birth kept)",
+    "encounters": "Number of distinct encounters",
+    "first_effective_ms": "Earliest clinical time seen" + _MS,
+    "last_effective_ms": "Latest clinical time seen" + _MS,
+    "encounter_class": "Encounter class from the admission fact (e.g. inpatient)",
+    "admitted_ms": "Admission time" + _MS,
+    "discharged_ms": "Discharge time, null while admitted" + _MS,
+    "ward": "The latest ward the patient moved to",
+    "ward_moves": "Number of location facts (admission and transfers)",
+    "key": "Kafka key of the record, raw bytes",
+    "reason": "Dead-letter reason (schemas/deadletter.py)",
+    "detail": "Human-readable detail of the reason or disagreement",
+    "exception": "Exception class that rejected the record",
+    "stage": "Pipeline stage that rejected the record",
+    "source_topic": "Topic the rejected record was read from",
+    "source_partition": "Partition the rejected record was read from",
+    "source_offset": "Offset the rejected record was read from",
+    "other_headers_json": "Other Kafka headers of the record, as JSON",
+    "topic": "Topic of the unreadable record",
+    "error": "Why the archiver could not decode the record",
+    "snapshot_id": "Deterministic id of the feature snapshot / score",
+    "scoring_ms": "Scoring time T: the patient clock after the scored message" + _MS,
+    "model_version": "Model version that scored; null on the NEWS2 rule path",
+    "path": "model (ONNX) or rule (NEWS2 fallback)",
+    "probability": "Predicted probability of deterioration (model path)",
+    "news2": "NEWS2 aggregate score at the scoring point",
+    "tier": "Risk tier: low, medium or high",
+    "rationale_json": "Top contributing features, as JSON",
+    "alert_id": "Deterministic alert id (consumers drop duplicates by it)",
+    "kind": "Alert kind (open, escalate, ...) / archive kind of a part file",
+    "resource": "The FHIR RiskAssessment resource, JSON",
+    "subscription": "FHIR Subscription the gap belongs to",
+    "gap_kind": "Kind of the gap record (gap, missed heartbeat, ...)",
+    "record_json": "The gap record, JSON",
+    "label": "1 when the patient deteriorated within (T, T + 12 h], else 0",
+    "label_news2_high": "Label criterion: a later scoring point with NEWS2 >= 7",
+    "label_low_sbp": "Label criterion: systolic BP <= 90 mm[Hg] in the window",
+    "label_high_lactate": "Label criterion: lactate >= 4 mmol/L in the window",
+    "check": "feature (a feature value) or late (a late-event cross-check)",
+    "feature": "Feature name",
+    "online": "Value the stream published",
+    "offline": "Value the batch recomputed",
+    "abs_diff": "Absolute difference online - offline",
+    "match": "Whether online and offline agree",
+    "bytes": "Size of the part file",
+}
+PER_TABLE: dict[str, dict[str, str]] = {
+    "archive_parts": {"kind": "Archive kind (canonical, features, scores, ...)",
+                      "path": "Part file path relative to the archive directory"},
+    "parity_report": {"event_id": "The late event disagreed on (check = late)",
+                      "scoring_ms": "Scoring time of the point (check = feature)" + _MS},
+    "observations": {"outcome": "How the fact first entered the system: accepted, late or duplicate"},
+    "runs": {
+        "run_id": "Id of the nightly run", "started_at": "When the run started (UTC)",
+        "finished_at": "When the run finished writing (UTC)", "full": "True for a full rebuild",
+        "archive_files": "Archive part files in the archive", "new_parts": "Part files this run processed first",
+        "recomputed_patients": "Patients whose state this run recomputed",
+        "counts_json": "Rows per table, JSON", "timings_json": "Seconds per step, JSON",
+        "points_checked": "Scoring points parity checked in this run", "values_checked": "Feature values compared",
+        "mismatched": "Feature values that disagreed", "match_rate": "Share of values that agreed",
+        "max_abs_diff": "Largest absolute online/offline difference",
+        "late_published": "Late events the stream published", "late_recomputed": "Late events the batch found",
+        "late_mismatched": "Late events found by one side only or with another late_by_ms",
+        "parity_ok": "Whether the unexplained mismatch rate was within bound", "parity_json": "Parity summary, JSON",
+        "model_version": "Version trained after this run", "gate_decision": "promote or candidate",
+        "gate_reasons_json": "Why the gate decided so, JSON",
+        "model_metrics_json": "Held-out metrics of the new model and NEWS2, JSON",
+    },
+}
+
+
+def _feature_docs() -> dict[str, str]:
+    docs = {}
+    for spec in FEATURES:
+        name = codes.CODES[spec.code].name
+        docs[spec.name] = (f"Feature: {spec.agg} of {name} ({spec.code}) over the {spec.window_s // 3600} h "
+                           "window ending at scoring_ms; null when the window is empty")
+    for d in DERIVED:
+        docs[d.name] = f"Derived feature {d.name} from {', '.join(d.inputs)}; null when an input is missing"
+    return docs
+
+
+FEATURE_DOCS = _feature_docs()
+
+
+def column_comment(table: str, column: str) -> str:
+    return PER_TABLE.get(table, {}).get(column) or COLUMNS.get(column) or FEATURE_DOCS.get(column) or UNDOCUMENTED
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def apply_comments(con: duckdb.DuckDBPyConnection) -> None:
+    """COMMENT ON every table and column of the main schema."""
+    tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()]
+    for table in tables:
+        con.execute(f'COMMENT ON TABLE "{table}" IS {_quote(TABLES.get(table, "undocumented table"))}')
+        for (column,) in con.execute("SELECT column_name FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = ?", [table]).fetchall():
+            con.execute(f'COMMENT ON COLUMN "{table}"."{column}" IS {_quote(column_comment(table, column))}')
+
+
+def views_sql() -> str:
+    from string import Template
+
+    from batch import train
+
+    return Template(VIEWS_SQL.read_text()).substitute(
+        SYSTOLIC_BP=codes.SYSTOLIC_BP, LACTATE=codes.LACTATE, LOW_SBP=f"{train.LOW_SYSTOLIC_BP:g}",
+        HIGH_LACTATE=f"{train.HIGH_LACTATE:g}", NEWS2_HIGH=train.NEWS2_EMERGENCY, HORIZON_MS=LABEL_HORIZON_MS)
+
+
+def create_views(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(views_sql())
+
+
+def schema_summary(path: Path) -> str:
+    """Tables and views with their comments and row counts, and how to open the file elsewhere."""
+    lines = [f"{path} (open read-only)", ""]
+    with duckdb.connect(str(path), read_only=True) as con:
+        for name, comment in con.execute(
+                "SELECT table_name, comment FROM duckdb_tables() WHERE schema_name = 'main' ORDER BY 1").fetchall():
+            rows = con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+            lines.append(f"  table {name} ({rows} rows): {comment or ''}")
+        for name, comment in con.execute(
+                "SELECT view_name, comment FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
+                "ORDER BY 1").fetchall():
+            lines.append(f"  view  {name}: {comment or ''}")
+    lines += ["", "Column comments: SELECT table_name, column_name, comment FROM duckdb_columns();",
+              f"duckdb CLI:  duckdb -readonly {path}",
+              f"Python:      import duckdb; con = duckdb.connect('{path}', read_only=True); con.sql('FROM patients')",
+              "Here:        wardwatch query \"SELECT * FROM alert_outcomes\" [--csv]"]
+    return "\n".join(lines)
+
+
+def query_result(path: Path, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run SQL on a read-only connection (writes fail): column names and rows."""
+    with duckdb.connect(str(path), read_only=True) as con:
+        cursor = con.execute(sql)
+        columns = [d[0] for d in cursor.description or []]
+        return columns, cursor.fetchall()

@@ -1,0 +1,164 @@
+"""De-identified export: Parquet copies of the analyst tables for use outside the clinical perimeter.
+
+    export_deidentified(settings, out_dir) -> {table: rows}
+
+Every exported table has an explicit column policy (POLICY); a column not listed is not exported,
+so a column added to the DuckDB file later stays inside until someone decides how to export it.
+
+    hash       identifiers (patient, encounter, fact, event, snapshot, alert ids) are replaced by
+               HMAC-SHA256(settings.deid_secret, "<kind>|<id>") in hex: stable across tables and
+               exports with the same secret (analysts can join), not reversible without it
+    shift      times (ms since epoch) move by the patient's offset: a whole number of days in
+               -365..-1 or +1..+365 derived from the patient's HMAC, the same in every table, so
+               intervals within a patient are exact
+    keep       codes, values, units, statuses, scores, labels, model versions
+    age_band   birth year becomes a 10-year age band at the patient's first measurement (90+ capped)
+
+Never exported: names (wardwatch stores none), free text (value_text, rationale, provenance, dead
+letters), the RiskAssessment JSON, wards, Kafka positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from schemas.features import FEATURE_NAMES
+from wardwatch.settings import Settings
+
+DAY_MS = 24 * 3600 * 1000
+MAX_SHIFT_DAYS = 365
+MIN_SECRET_CHARS = 16
+
+
+class ExportRefused(ValueError):
+    """The export cannot run safely (no secret, no database)."""
+
+
+@dataclass(frozen=True)
+class TablePolicy:
+    hash: dict[str, str] = field(default_factory=dict)  # column -> id kind (the HMAC domain)
+    shift: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
+    age_band: bool = False  # patients only: birth_year -> age_band
+
+
+_PATIENT = {"patient_id": "patient"}
+_SCORE_KEEP = ("model_version", "path", "probability", "news2", "tier")
+POLICY: dict[str, TablePolicy] = {
+    "patients": TablePolicy(_PATIENT, ("first_effective_ms", "last_effective_ms"), ("sex", "encounters"),
+                            age_band=True),
+    "encounters": TablePolicy(_PATIENT | {"encounter_id": "encounter"},
+                              ("admitted_ms", "discharged_ms", "first_effective_ms", "last_effective_ms"),
+                              ("encounter_class", "ward_moves")),
+    "observations": TablePolicy(_PATIENT | {"encounter_id": "encounter", "fact_id": "fact", "event_id": "event"},
+                                ("effective_ms", "issued_ms"),
+                                ("code", "code_system", "value", "unit", "status", "source", "version", "outcome",
+                                 "versions", "late_by_ms")),
+    "features_offline": TablePolicy(_PATIENT, ("scoring_ms",), FEATURE_NAMES),
+    "labels": TablePolicy(_PATIENT, ("scoring_ms",),
+                          ("news2", "label", "label_news2_high", "label_low_sbp", "label_high_lactate")),
+    "scores": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP),
+    "scores_shadow": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP),
+    "alerts": TablePolicy(_PATIENT | {"encounter_id": "encounter", "alert_id": "alert"}, ("scoring_ms",),
+                          ("kind", "tier", "model_version", "path")),
+    "alert_outcomes": TablePolicy(_PATIENT | {"encounter_id": "encounter", "alert_id": "alert"},
+                                  ("scoring_ms", "outcome_ms"),
+                                  ("kind", "tier", "model_version", "path", "outcome_criterion", "outcome_followed",
+                                   "lead_time_h")),
+}
+
+
+# --- pure: keyed hashes, shifts, bands -----------------------------------------------------------
+
+
+def keyed_hash(secret: bytes, kind: str, value: str) -> str:
+    return hmac.new(secret, f"{kind}|{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def shift_days(secret: bytes, patient_id: str) -> int:
+    """The patient's date shift in whole days: -365..-1 or 1..365, never 0 (a shift must move dates)."""
+    digest = hmac.new(secret, f"shift|{patient_id}".encode(), hashlib.sha256).digest()
+    n = int.from_bytes(digest[:8], "big") % (2 * MAX_SHIFT_DAYS)  # 0 .. 729
+    return n - MAX_SHIFT_DAYS if n < MAX_SHIFT_DAYS else n - MAX_SHIFT_DAYS + 1
+
+
+def age_band(birth_year: int | None, at_ms: int | None) -> str | None:
+    if birth_year is None or at_ms is None:
+        return None
+    age = datetime.fromtimestamp(at_ms / 1000, tz=timezone.utc).year - birth_year
+    if age >= 90:
+        return "90+"
+    low = max(age, 0) // 10 * 10
+    return f"{low}-{low + 9}"
+
+
+def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
+    """One table through its policy: hashed ids, shifted times, kept columns; nothing else."""
+    policy = POLICY[name]
+    patients = frame["patient_id"].unique().drop_nulls().to_list()
+    offsets = pl.DataFrame({"patient_id": patients,
+                            "_shift_ms": [shift_days(secret, p) * DAY_MS for p in patients]},
+                           schema={"patient_id": pl.String, "_shift_ms": pl.Int64})
+    out = frame.join(offsets, on="patient_id", how="left", maintain_order="left")
+    columns = []
+    for column, kind in policy.hash.items():
+        values = out[column].unique().drop_nulls().to_list()
+        mapping = {v: keyed_hash(secret, kind, str(v)) for v in values}
+        columns.append(pl.col(column).cast(pl.String).replace_strict(mapping, default=None, return_dtype=pl.String))
+    columns += [(pl.col(c) + pl.col("_shift_ms")).alias(c) for c in policy.shift if c in out.columns]
+    columns += [pl.col(c) for c in policy.keep if c in out.columns]
+    if policy.age_band:
+        columns.append(pl.struct("birth_year", "first_effective_ms")
+                       .map_elements(lambda r: age_band(r["birth_year"], r["first_effective_ms"]),
+                                     return_dtype=pl.String).alias("age_band"))
+    return out.select(columns)
+
+
+# --- wiring --------------------------------------------------------------------------------------
+
+
+def _secret(settings: Settings) -> bytes:
+    secret = settings.deid_secret.get_secret_value() if settings.deid_secret else ""
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ExportRefused(
+            "the de-identified export needs WARDWATCH_DEID_SECRET (at least 16 characters), e.g. "
+            "`export WARDWATCH_DEID_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')`; "
+            "keep it out of the export: whoever holds it can re-identify the ids")
+    return secret.encode()
+
+
+def export_deidentified(settings: Settings, out_dir: Path, *, compression: str = "zstd") -> dict[str, int]:
+    """Write OUT_DIR/<table>.parquet for every table in POLICY present in the DuckDB file, plus
+    manifest.json (tables, rows, the policy; never the secret). Returns rows per table."""
+    secret = _secret(settings)
+    if not settings.duckdb_path.exists():
+        raise ExportRefused(f"{settings.duckdb_path} does not exist: run `wardwatch batch nightly` first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, int] = {}
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        present = {r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() UNION SELECT view_name FROM duckdb_views() "
+            "WHERE NOT internal").fetchall()}
+        for name in POLICY:
+            if name not in present:
+                continue
+            frame = pl.from_arrow(con.sql(f'SELECT * FROM "{name}"').to_arrow_table())
+            clean = deidentify(name, frame, secret)
+            tmp = out_dir / f".{name}.parquet.tmp"
+            clean.write_parquet(tmp, compression=compression)
+            tmp.replace(out_dir / f"{name}.parquet")
+            written[name] = clean.height
+    manifest = {"tables": written, "policy": {n: {"hashed": sorted(p.hash), "shifted": list(p.shift),
+                                                  "kept": list(p.keep), "age_band": p.age_band}
+                                              for n, p in POLICY.items() if n in written},
+                "date_shift": f"whole days, per patient, within +-{MAX_SHIFT_DAYS}, never 0"}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return written

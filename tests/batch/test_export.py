@@ -1,0 +1,135 @@
+"""The de-identified export: no original identifier anywhere, intervals within a patient preserved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from pydantic import SecretStr
+from typer.testing import CliRunner
+
+from batch.export import ExportRefused, age_band, export_deidentified, shift_days
+from batch.nightly import run_nightly
+from schemas import codes
+from schemas.canonical import LOINC, CanonicalEvent, Source, Status
+from tests.batch.test_nightly import canonical
+from tests.batch.test_rebuild import STANDINS, T0, kafka, write
+from wardwatch.cli import app
+from wardwatch.settings import Settings
+
+HOUR_MS = 3600 * 1000
+PATIENTS = ("MRN-0012345678", "MRN-0087654321")
+ENCOUNTERS = ("ENC-5550001111", "ENC-5550002222")
+SECRET = "correct horse battery staple 42"
+
+
+def event(patient: int, n: int, code: str, value, effective_ms: int, system=LOINC, text=None) -> CanonicalEvent:
+    return CanonicalEvent(patient_id=PATIENTS[patient], code=code, value=value, unit=None, effective_ms=effective_ms,
+                          issued_ms=effective_ms + 60_000, status=Status.FINAL, source=Source.CDC,
+                          fact_id=f"cdc:vital_signs:98765{patient}{n}:{code}", version=1,
+                          encounter_id=ENCOUNTERS[patient], code_system=system, value_text=text,
+                          provenance={"table": "vital_signs", "row": f"98765{patient}{n}"})
+
+
+def build(settings: Settings) -> None:
+    messages = {}
+    for p in (0, 1):
+        messages[(p, 0)] = [
+            event(p, 0, codes.ADMISSION, None, T0 - 5 * HOUR_MS, codes.CONTEXT, "inpatient"),
+            event(p, 1, codes.LOCATION, None, T0 - 5 * HOUR_MS, codes.CONTEXT, "Ward Nightingale"),
+            event(p, 2, codes.BIRTH_YEAR, 1941.0 + 40 * p, T0 - 5 * HOUR_MS, codes.CONTEXT),
+            event(p, 3, codes.HEART_RATE, 80.0, T0),
+            event(p, 4, codes.HEART_RATE, 95.0, T0 + 2 * HOUR_MS),
+        ]
+    write(settings.archive_dir, "canonical", "a", canonical(messages))
+    features, scores = [], []
+    for p in (0, 1):
+        point = {"snapshot_id": f"snap-{PATIENTS[p]}", "patient_id": PATIENTS[p], "scoring_ms": T0 + 2 * HOUR_MS,
+                 "partition": p, "offset": 0}
+        features.append(point | {"features_json": "{}"} | kafka(0, p))
+        scores.append(point | {"model_version": "m1", "path": "model", "probability": 0.7, "news2": 3,
+                               "tier": "high", "rationale_json": f'[{{"patient": "{PATIENTS[p]}"}}]'} | kafka(0, p))
+    write(settings.archive_dir, "features", "a", features)
+    write(settings.archive_dir, "scores", "a", scores)
+    alert = {"alert_id": f"alert-for-{PATIENTS[0]}", "kind": "open", "tier": "high", "patient_id": PATIENTS[0],
+             "encounter_id": ENCOUNTERS[0], "scoring_ms": T0 + 2 * HOUR_MS, "model_version": "m1", "path": "model",
+             "resource_json": f'{{"subject": {{"reference": "Patient/{PATIENTS[0]}"}}}}'}
+    write(settings.archive_dir, "alerts", "a", [alert | kafka(0, 0)])
+    run_nightly(settings, **STANDINS)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    s = Settings(data_dir=tmp_path / "data", deid_secret=SecretStr(SECRET))
+    build(s)
+    return s
+
+
+ORIGINALS = [*PATIENTS, *ENCOUNTERS, "98765", "Nightingale", "snap-", "alert-for", "1941", "1981"]
+
+
+def test_export_holds_no_original_identifier_in_any_cell_or_byte(settings, tmp_path):
+    out = tmp_path / "export"
+    written = export_deidentified(settings, out, compression="uncompressed")
+    assert written["observations"] == 4 and written["patients"] == 2 and written["alerts"] == 1
+    for path in out.iterdir():
+        raw = path.read_bytes()
+        for original in ORIGINALS:
+            assert original.encode() not in raw, (path.name, original)
+        if path.suffix != ".parquet":
+            continue
+        table = pl.read_parquet(path)
+        for column, dtype in table.schema.items():
+            if dtype == pl.String:
+                for cell in table[column].drop_nulls().to_list():
+                    assert not any(o in cell for o in ORIGINALS), (path.name, column, cell)
+    assert "resource" not in pl.read_parquet(out / "alerts.parquet").columns
+
+
+def test_intervals_within_a_patient_are_kept_and_dates_move_by_whole_days(settings, tmp_path):
+    out = tmp_path / "export"
+    export_deidentified(settings, out)
+    observations = pl.read_parquet(out / "observations.parquet").sort("patient_id", "effective_ms")
+    encounters = pl.read_parquet(out / "encounters.parquet")
+    scores = pl.read_parquet(out / "scores.parquet")
+    for patient, rows in observations.group_by("patient_id"):
+        times = rows["effective_ms"].to_list()
+        assert times[1] - times[0] == 2 * HOUR_MS  # the two heart rates, 2 h apart
+        shift = times[0] - T0
+        assert shift % (24 * HOUR_MS) == 0 and 0 < abs(shift) <= 365 * 24 * HOUR_MS
+        admitted = encounters.filter(pl.col("patient_id") == patient[0])["admitted_ms"][0]
+        assert times[0] - admitted == 5 * HOUR_MS  # same shift in another table
+        assert scores.filter(pl.col("patient_id") == patient[0])["scoring_ms"][0] == times[1]
+
+
+def test_ids_are_stable_keyed_hashes_and_birth_year_becomes_an_age_band(settings, tmp_path):
+    export_deidentified(settings, tmp_path / "one")
+    export_deidentified(settings, tmp_path / "two")
+    one = pl.read_parquet(tmp_path / "one" / "patients.parquet").sort("patient_id")
+    two = pl.read_parquet(tmp_path / "two" / "patients.parquet").sort("patient_id")
+    assert one.equals(two)
+    assert "birth_year" not in one.columns
+    assert sorted(one["age_band"].to_list()) == ["40-49", "80-89"]  # born 1941 and 1981, measured in 2024
+    other = Settings(data_dir=settings.data_dir, deid_secret=SecretStr("another secret, 16+ chars"))
+    export_deidentified(other, tmp_path / "three")
+    three = pl.read_parquet(tmp_path / "three" / "patients.parquet")
+    assert set(three["patient_id"]).isdisjoint(set(one["patient_id"]))
+
+
+def test_export_refuses_to_run_without_a_secret(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    with pytest.raises(ExportRefused, match="WARDWATCH_DEID_SECRET"):
+        export_deidentified(settings, tmp_path / "out")
+    result = CliRunner().invoke(app, ["batch", "export", "--deidentify", str(tmp_path / "out")],
+                                env={"WARDWATCH_DATA_DIR": str(tmp_path / "data"), "WARDWATCH_DEID_SECRET": ""})
+    assert result.exit_code == 2 and "WARDWATCH_DEID_SECRET" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_shift_is_never_zero_and_bands_cap_at_90():
+    shifts = {shift_days(b"k" * 16, f"p{i}") for i in range(2000)}
+    assert 0 not in shifts and min(shifts) >= -365 and max(shifts) <= 365 and len(shifts) > 500
+    assert age_band(1930, T0) == "90+"
+    assert age_band(2000, T0) == "20-29"
+    assert age_band(None, T0) is None

@@ -1,0 +1,128 @@
+"""No leakage: features at a scoring time T depend only on what was issued by T, and labels only on
+what happens strictly after T.
+
+The oracle is the truncated archive itself: cutting every event issued after T (or effective after
+T) must not change any feature at T. Events arrive in issue order (as they would from the EHR), so
+the truncated archive is a prefix of the full one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from batch.features import features_as_of_issued
+from batch.train import make_labels
+from schemas import codes
+from schemas.canonical import CanonicalEvent, Source, Status
+from schemas.features import FEATURE_NAMES
+
+HOUR = 3_600_000
+T0 = 1_718_000_000_000
+
+
+def _event(patient: str, n: int, code: str, value, effective_ms: int, issued_ms: int, version=1,
+           status=Status.FINAL, fact=None) -> CanonicalEvent:
+    return CanonicalEvent(patient_id=patient, code=code, value=value, unit=None, effective_ms=effective_ms,
+                          issued_ms=issued_ms, status=status, source=Source.FHIR, fact_id=fact or f"{patient}-{n}",
+                          version=version)
+
+
+def history(patient: str, seed: int) -> list[CanonicalEvent]:
+    """36 h of hourly vitals, labs issued hours after collection, an amendment and a retraction
+    issued later than the values they change."""
+    rng = np.random.default_rng(seed)
+    events = []
+    for h in range(36):
+        t = T0 + h * HOUR
+        for code, mean, sd in ((codes.HEART_RATE, 90, 15), (codes.RESP_RATE, 18, 4), (codes.SPO2, 95, 2),
+                               (codes.SYSTOLIC_BP, 115, 20), (codes.TEMPERATURE, 37.2, 0.6)):
+            events.append(_event(patient, len(events), code, round(float(rng.normal(mean, sd)), 1), t, t + 60_000))
+        events.append(_event(patient, len(events), codes.O2_FLOW, float(h % 3), t, t + 60_000))
+        events.append(_event(patient, len(events), codes.CONSCIOUSNESS, 0.0, t, t + 60_000))
+        if h % 8 == 2:  # a lab drawn now, resulted 3 h later
+            events.append(_event(patient, len(events), codes.LACTATE, round(float(rng.uniform(0.5, 5)), 2), t,
+                                 t + 3 * HOUR))
+    def at(code: str, hour: int) -> CanonicalEvent:
+        return next(e for e in events if e.code == code and e.effective_ms == T0 + hour * HOUR)
+
+    amended = at(codes.HEART_RATE, 5)  # corrected 5 h after it was issued
+    events.append(_event(patient, 0, amended.code, amended.value + 30, amended.effective_ms,
+                         amended.issued_ms + 5 * HOUR, version=2, status=Status.AMENDED, fact=amended.fact_id))
+    retracted = at(codes.RESP_RATE, 12)  # entered in error 2 h later
+    events.append(_event(patient, 0, retracted.code, None, retracted.effective_ms, retracted.issued_ms + 2 * HOUR,
+                         version=2, status=Status.ENTERED_IN_ERROR, fact=retracted.fact_id))
+    return events
+
+
+def frame(events: list[CanonicalEvent]) -> pl.DataFrame:
+    """Events in arrival order = issue order; one message per issue time and patient."""
+    events = sorted(events, key=lambda e: (e.issued_ms, e.patient_id, e.fact_id, e.version))
+    rows, offsets = [], {}
+    for e in events:
+        key = (e.patient_id, e.issued_ms)
+        offset = offsets.setdefault(key, len(offsets))
+        idx = sum(1 for r in rows if r["offset"] == offset)
+        rows.append(e.to_dict() | {"status": e.status.value, "source": e.source.value, "provenance": None,
+                                   "partition": 0, "offset": offset, "idx": idx})
+    return pl.DataFrame(rows).drop("provenance")
+
+
+EVENTS = history("p1", 1) + history("p2", 2)
+ALL = frame(EVENTS)
+# sampled scoring points: every 2.5 h across the stay, both patients, including the amendment window
+POINTS = pl.DataFrame([{"patient_id": p, "scoring_ms": T0 + k * 150 * 60_000} for p in ("p1", "p2")
+                       for k in range(1, 14)])
+
+
+def values(features: pl.DataFrame) -> dict:
+    return features.select(FEATURE_NAMES).row(0, named=True)
+
+
+def same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=0, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("point", list(POINTS.iter_rows(named=True)), ids=lambda p: f"{p['patient_id']}@{p['scoring_ms']}")
+def test_features_at_t_do_not_change_when_the_future_is_cut_off(point):
+    t = point["scoring_ms"]
+    full = values(features_as_of_issued(ALL, pl.DataFrame([point])))
+    past = frame([e for e in EVENTS if e.issued_ms <= t and e.effective_ms <= t])
+    truncated = values(features_as_of_issued(past, pl.DataFrame([point])))
+    differing = {name: (full[name], truncated[name]) for name in FEATURE_NAMES if not same(full[name], truncated[name])}
+    assert differing == {}
+
+
+def test_the_amendment_is_invisible_until_it_is_issued():
+    amended = next(e for e in EVENTS if e.version == 2 and e.status == Status.AMENDED and e.patient_id == "p1")
+    original_issued = amended.issued_ms - 5 * HOUR
+    point = {"patient_id": "p1", "scoring_ms": original_issued}  # the original is live, the fix not yet issued
+    before = values(features_as_of_issued(ALL, pl.DataFrame([point])))
+    t = amended.issued_ms
+    after = values(features_as_of_issued(ALL, pl.DataFrame([{"patient_id": "p1", "scoring_ms": t}])))
+    assert before["heart_rate_last_24h"] == amended.value - 30  # the original value
+    in_window = [e.value for e in EVENTS if e.patient_id == "p1" and e.code == codes.HEART_RATE and e.version == 1
+                 and t - 6 * HOUR < e.effective_ms <= t and e.fact_id != amended.fact_id]
+    assert after["heart_rate_max_6h"] == max([*in_window, amended.value])
+
+
+def test_labels_look_only_strictly_after_t():
+    t = T0 + 10 * HOUR
+    point = pl.DataFrame({"patient_id": ["p9"] * 4, "scoring_ms": [t, t, t, t], "partition": [0, 1, 2, 3],
+                          "offset": [0, 0, 0, 0], "news2": [0, 0, 0, 0]})
+
+    def label_with_low_bp_at(effective_ms: int) -> int:
+        events = frame([_event("p9", 1, codes.HEART_RATE, 80.0, t - HOUR, t - HOUR),
+                        _event("p9", 2, codes.SYSTOLIC_BP, 85.0, effective_ms, effective_ms)])
+        return make_labels(events, point.head(1))["label"][0]
+
+    assert label_with_low_bp_at(t - HOUR) == 0  # known at T: a feature, never the label
+    assert label_with_low_bp_at(t) == 0  # at T itself: not the future
+    assert label_with_low_bp_at(t + 1) == 1
+    assert label_with_low_bp_at(t + 12 * HOUR) == 1
+    assert label_with_low_bp_at(t + 12 * HOUR + 1) == 0  # beyond the horizon

@@ -1,0 +1,280 @@
+"""The nightly's new tables (patients, encounters, labels, shadow scores, gaps), the catalog
+(comments, views) and true incremental runs (only new archive parts; the same tables as --full)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import orjson
+import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from batch.nightly import run_nightly
+from schemas import codes
+from schemas.canonical import CanonicalEvent, Source, Status
+from tests.batch.test_rebuild import A1, A2, B1, B2, C1, D1, STANDINS, T0, frame, hr, kafka, tables, write
+from wardwatch.settings import Settings
+
+HOUR_MS = 3600 * 1000
+
+
+def ctx(fact: str, code: str, effective_ms: int, *, text: str | None = None, value: float | None = None,
+        patient="p1", encounter: str | None = "e1", version=1, status=Status.FINAL) -> CanonicalEvent:
+    return CanonicalEvent(patient_id=patient, code=code, value=value, unit=None, effective_ms=effective_ms,
+                          issued_ms=effective_ms, status=status, source=Source.CDC, fact_id=fact, version=version,
+                          encounter_id=encounter, code_system=codes.CONTEXT, value_text=text)
+
+
+ADMIT = ctx("adm", codes.ADMISSION, T0 - HOUR_MS, text="inpatient")
+WARD7 = ctx("loc1", codes.LOCATION, T0 - HOUR_MS, text="ward 7")
+SEX_F = ctx("sex1", codes.SEX, T0 - HOUR_MS, text="female", encounter=None)
+BORN = ctx("by1", codes.BIRTH_YEAR, T0 - HOUR_MS, value=1950.0, encounter=None)
+ICU = ctx("loc2", codes.LOCATION, T0 + 5 * 60_000, text="ICU")
+DISCHARGED = ctx("dis", codes.DISCHARGE, T0 + 10 * 60_000)
+P2_BORN = ctx("by2", codes.BIRTH_YEAR, T0, value=1980.0, patient="p2", encounter="e2")
+P2_BORN_RETRACTED = ctx("by2", codes.BIRTH_YEAR, T0, patient="p2", encounter="e2", version=2,
+                        status=Status.ENTERED_IN_ERROR)
+
+# (partition, offset) -> micro-batch; stage 1 is what the archive held at the first night
+STAGE1 = {(0, 0): [A1, ADMIT, WARD7, SEX_F, BORN], (0, 1): [B1, A1]}
+STAGE2 = {(0, 2): [A2, ICU], (0, 3): [C1], (0, 4): [B2, DISCHARGED], (1, 0): [D1, P2_BORN], (1, 1): [P2_BORN_RETRACTED]}
+POINTS = {(0, 0): ("p1", T0), (0, 1): ("p1", B1.effective_ms), (0, 2): ("p1", B1.effective_ms),
+          (0, 4): ("p1", B1.effective_ms), (1, 0): ("p2", T0), (1, 1): ("p2", T0)}
+
+
+def canonical(messages: dict) -> list[dict]:
+    rows = []
+    for (partition, offset), events in sorted(messages.items()):
+        for idx, e in enumerate(events):
+            d = e.to_dict() | {"status": e.status.value, "source": e.source.value,
+                               "provenance": orjson.dumps(e.provenance).decode()}
+            rows.append(d | {"partition": partition, "offset": offset, "idx": idx, "kafka_timestamp_ms": T0})
+    return rows
+
+
+def point_rows(positions) -> tuple[list[dict], list[dict]]:
+    features, scores = [], []
+    for i, pos in enumerate(positions):
+        patient, scoring_ms = POINTS[pos]
+        point = {"snapshot_id": f"s{pos[0]}-{pos[1]}", "patient_id": patient, "scoring_ms": scoring_ms,
+                 "partition": pos[0], "offset": pos[1]}
+        features.append(point | {"features_json": orjson.dumps({"heart_rate_last_24h": 80.0}).decode()} | kafka(0, i))
+        scores.append(point | {"model_version": "m1", "path": "model", "probability": 0.1 * (i + 1), "news2": i,
+                               "tier": "low", "rationale_json": "[]"} | kafka(0, i))
+    return features, scores
+
+
+def stage1(archive: Path) -> None:
+    write(archive, "canonical", "s1", canonical(STAGE1))
+    features, scores = point_rows([(0, 0), (0, 1)])
+    write(archive, "features", "s1", features)
+    write(archive, "scores", "s1", scores)
+
+
+def stage2(archive: Path) -> None:
+    write(archive, "canonical", "s2", canonical(STAGE2 | {(0, 1): STAGE1[(0, 1)]}))  # (0, 1) re-archived
+    features, scores = point_rows([(0, 1), (0, 2), (0, 4), (1, 0), (1, 1)])
+    write(archive, "features", "s2", features)
+    write(archive, "scores", "s2", scores)
+    write(archive, "scores_shadow", "s2", [s | {"model_version": "cand"} for s in scores])
+    late = {k: v for k, v in canonical({(0, 3): [C1]})[0].items() if k not in ("idx", "kafka_timestamp_ms")}
+    write(archive, "late", "s2", [late | {"late_by_ms": 70 * 60_000} | kafka(0, 0)])
+    write(archive, "gaps", "s2", [{"subscription": "sub-1", "gap_kind": "gap",
+                                   "record_json": '{"last_seen": 4, "arrived": 7}'} | kafka(0, 0)])
+    alert = {"alert_id": "al1", "kind": "open", "tier": "high", "patient_id": "p1", "encounter_id": "e1",
+             "scoring_ms": T0, "model_version": "m1", "path": "model", "resource_json": "{}"}
+    write(archive, "alerts", "s2", [alert | kafka(0, 0)])
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", allowed_lateness_s=3600)
+
+
+def twin(settings: Settings) -> Settings:
+    """Another data dir with a copy of the archive (for the full rebuild to compare with)."""
+    other = Settings(data_dir=settings.data_dir.parent / "full", allowed_lateness_s=settings.allowed_lateness_s)
+    shutil.copytree(settings.archive_dir, other.archive_dir)
+    return other
+
+
+def assert_same_tables(a: Path, b: Path, float_tolerance: float = 0.0) -> None:
+    """Every table but `runs` equal; floats within `float_tolerance` (means and slopes sum in an
+    order DuckDB chooses, so a recomputation over another set of rows may differ in the last bit)."""
+    first, second = tables(a), tables(b)
+    assert set(first) == set(second)
+    for name in first:
+        if name == "runs":
+            continue
+        if float_tolerance == 0.0:
+            assert first[name].equals(second[name]), name
+            continue
+        left, right = pl.from_arrow(first[name]), pl.from_arrow(second[name])
+        assert left.schema == right.schema and left.height == right.height, name
+        for column, dtype in left.schema.items():
+            if dtype.is_float():
+                diff = (left[column] - right[column]).abs().fill_nan(0.0).max()
+                assert left[column].is_null().equals(right[column].is_null()), (name, column)
+                assert diff is None or diff <= float_tolerance, (name, column, diff)
+            else:
+                assert left[column].equals(right[column]), (name, column)
+
+
+# --- new tables ----------------------------------------------------------------------------------
+
+
+def test_patients_and_encounters_come_from_context_facts(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    assert frame(db, "SELECT patient_id, sex, birth_year, encounters FROM patients").rows() == [
+        ("p1", "female", 1950, 1), ("p2", None, None, 1)]  # p2's birth year was entered in error
+    encounters = frame(db, "SELECT encounter_id, patient_id, encounter_class, admitted_ms, discharged_ms, ward, "
+                           "ward_moves FROM encounters")
+    assert encounters.rows() == [("e1", "p1", "inpatient", T0 - HOUR_MS, T0 + 10 * 60_000, "ICU", 2),
+                                 ("e2", "p2", None, None, None, None, 0)]
+
+
+def test_observations_exclude_context_facts(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    for table in ("observations", "observation_versions"):
+        systems = frame(db, f"SELECT DISTINCT code_system FROM {table}")["code_system"].to_list()
+        assert systems == ["http://loinc.org"], table
+    assert frame(db, "SELECT count(*) AS n FROM canonical_events WHERE code_system = "
+                     f"'{codes.CONTEXT}'")["n"][0] == 8  # kept in the raw event table
+
+
+def test_shadow_scores_gaps_and_labels_are_tables(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    assert frame(db, "SELECT DISTINCT model_version FROM scores_shadow").rows() == [("cand",)]
+    assert frame(db, "SELECT subscription, gap_kind FROM gaps").rows() == [("sub-1", "gap")]
+    labels = frame(db, 'SELECT patient_id, "offset", label FROM labels ORDER BY "partition", "offset"')
+    assert labels.height == len(POINTS)
+    assert set(labels["label"].to_list()) == {0}  # nothing in the scenario deteriorates
+
+
+# --- catalog -------------------------------------------------------------------------------------
+
+
+def test_every_table_and_column_is_documented(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    with duckdb.connect(str(db), read_only=True) as con:
+        undocumented_tables = con.execute("SELECT table_name FROM duckdb_tables() WHERE comment IS NULL "
+                                          "OR comment LIKE 'undocumented%'").fetchall()
+        undocumented = con.execute("SELECT c.table_name, c.column_name FROM duckdb_columns() c "
+                                   "JOIN duckdb_tables() t USING (schema_name, table_name) "
+                                   "WHERE c.comment IS NULL OR c.comment LIKE 'undocumented%'").fetchall()
+        tables_seen = con.execute("SELECT count(*) FROM duckdb_tables()").fetchone()[0]
+        views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    assert undocumented_tables == []
+    assert undocumented == []
+    assert tables_seen == 18
+    assert {"patient_timeline", "alert_outcomes", "model_performance_daily"} <= views
+
+
+def test_alert_outcome_and_lead_time(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    low_bp = CanonicalEvent(patient_id="p1", code=codes.SYSTOLIC_BP, value=85.0, unit="mm[Hg]",
+                            effective_ms=T0 + 3 * HOUR_MS, issued_ms=T0 + 3 * HOUR_MS, status=Status.FINAL,
+                            source=Source.CDC, fact_id="sbp", version=1)
+    write(settings.archive_dir, "canonical", "s3", canonical({(0, 5): [low_bp]}))
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    outcome = frame(db, "SELECT alert_id, outcome_followed, outcome_criterion, lead_time_h FROM alert_outcomes")
+    assert outcome.rows() == [("al1", True, "systolic BP <= 90", 3.0)]
+
+
+def test_daily_auroc_matches_sklearn(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    # give the labels a mix of classes so AUROC is defined, then compare the view with sklearn
+    with duckdb.connect(str(db)) as con:
+        con.execute("UPDATE labels SET label = CASE WHEN \"offset\" IN (1, 4) THEN 1 ELSE 0 END")
+        rows = con.execute('SELECT s.probability, l.label FROM scores s JOIN labels l '
+                           'USING (patient_id, scoring_ms, "partition", "offset")').fetchall()
+        (auroc,) = con.execute("SELECT auroc FROM model_performance_daily").fetchone()
+    assert auroc == pytest.approx(roc_auc_score([r[1] for r in rows], [r[0] for r in rows]))
+
+
+# --- incremental ---------------------------------------------------------------------------------
+
+
+def test_incremental_after_new_parts_equals_full_rebuild(settings):
+    stage1(settings.archive_dir)
+    first = run_nightly(settings, full=False, **STANDINS)
+    assert first["new_parts"] == 3
+    stage2(settings.archive_dir)
+    second = run_nightly(settings, full=False, **STANDINS)
+    assert second["new_parts"] == 7
+    assert second["recomputed_patients"] == 2
+    full = twin(settings)
+    run_nightly(full, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path)
+
+
+def test_incremental_only_recomputes_touched_patients(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    more = CanonicalEvent(patient_id="p2", code=codes.SPO2, value=91.0, unit="%", effective_ms=T0 + HOUR_MS,
+                          issued_ms=T0 + HOUR_MS, status=Status.FINAL, source=Source.FHIR, fact_id="E", version=1)
+    write(settings.archive_dir, "canonical", "s3", canonical({(1, 2): [more]}))
+    result = run_nightly(settings, full=False, **STANDINS)
+    assert (result["new_parts"], result["recomputed_patients"]) == (1, 1)
+    full = twin(settings)
+    run_nightly(full, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path)
+
+
+def test_running_incremental_twice_is_idempotent(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    before = tables(settings.duckdb_path)
+    again = run_nightly(settings, full=False, **STANDINS)
+    assert (again["new_parts"], again["recomputed_patients"]) == (0, 0)
+    after = tables(settings.duckdb_path)
+    for name in before:
+        if name != "runs":
+            assert before[name].equals(after[name]), name
+    runs = frame(settings.duckdb_path, "SELECT \"full\", new_parts FROM runs ORDER BY started_at")
+    assert runs.rows() == [(True, 10), (False, 0)]
+
+
+def test_incremental_with_the_real_recomputation_equals_full(settings):
+    stage1(settings.archive_dir)
+    run_nightly(settings, full=False)
+    stage2(settings.archive_dir)
+    run_nightly(settings, full=False)
+    full = twin(settings)
+    run_nightly(full, full=True)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path, float_tolerance=1e-9)
+
+
+def test_events_archived_after_the_points_that_saw_them_are_recomputed(settings):
+    """The archiver may land a features part before the canonical part its point saw."""
+    stage1(settings.archive_dir)
+    newer = hr("E", 1, B1.effective_ms, 100.0)  # ties with B on time; the greater fact id is "last"
+    features, scores = point_rows([(0, 2)])
+    write(settings.archive_dir, "features", "early", features)
+    write(settings.archive_dir, "scores", "early", scores)
+    run_nightly(settings, full=False, **STANDINS)
+    query = 'SELECT heart_rate_last_24h FROM features_offline WHERE "offset" = 2'
+    assert frame(settings.duckdb_path, query).item() == 90.0  # E is not in the archive yet
+    write(settings.archive_dir, "canonical", "late", canonical({(0, 2): [newer]}))
+    later = run_nightly(settings, full=False, **STANDINS)
+    assert later["parity"]["points_checked"] == 1  # only the point at (0, 2) is checked again
+    assert frame(settings.duckdb_path, query).item() == 100.0
+    full = twin(settings)
+    run_nightly(full, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path)

@@ -1,0 +1,131 @@
+"""The model registry's pointers and its CLI: list, promote (hash + contract checked), rollback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from batch import registry
+from wardwatch.cli import app
+
+BUNDLED = Path(__file__).parents[2] / "wardwatch" / "models" / "v0001"
+
+
+def add_version(model_dir: Path, version: str, auroc: float = 0.7) -> None:
+    """A real ONNX model (the bundled one) registered under another version name."""
+    target = model_dir / version
+    target.mkdir(parents=True)
+    shutil.copy(BUNDLED / "model.onnx", target / "model.onnx")
+    card = json.loads((BUNDLED / "card.json").read_text())
+    card["version"] = version
+    card["metrics"] = {"model": {"auroc": auroc, "auprc": 0.3}, "news2": {"auroc": 0.6, "auprc": 0.2}}
+    (target / "card.json").write_text(json.dumps(card))
+
+
+def tamper(model_dir: Path, version: str) -> None:
+    path = registry.model_path(model_dir, version)
+    path.write_bytes(path.read_bytes() + b"\0")
+
+
+@pytest.fixture
+def models(tmp_path) -> Path:
+    model_dir = tmp_path / "models"
+    for i, version in enumerate(("v1", "v2", "v3")):
+        add_version(model_dir, version, auroc=0.7 + i / 100)
+    return model_dir
+
+
+def cli(model_dir: Path, *args: str):
+    return CliRunner().invoke(app, ["model", *args], env={"WARDWATCH_MODEL_DIR": str(model_dir)})
+
+
+def test_promote_switches_current_and_records_who_when_why(models):
+    registry.promote(models, "v1", why="first", who="alice")
+    entry = registry.promote(models, "v2", why="better AUROC", who="bob")
+    assert registry.current_version(models) == "v2"
+    assert (entry["from"], entry["to"], entry["who"], entry["why"]) == ("v1", "v2", "bob", "better AUROC")
+    assert [(e["action"], e["to"]) for e in registry.read_history(models)] == [("promote", "v1"), ("promote", "v2")]
+    assert all(e["at"] for e in registry.read_history(models))
+
+
+def test_tampered_model_is_refused_by_promote_and_current_stays(models):
+    registry.promote(models, "v1", why="first")
+    tamper(models, "v2")
+    with pytest.raises(registry.PromotionRefused, match="does not match its card"):
+        registry.promote(models, "v2", why="should fail")
+    assert registry.current_version(models) == "v1"
+    assert len(registry.read_history(models)) == 1
+
+
+def test_card_that_breaks_the_contract_is_refused(models):
+    card = json.loads(registry.card_path(models, "v3").read_text())
+    card["features"] = card["features"][:-1]  # the ONNX input is one wider than the card now says
+    del card["imputation"][card["features"][0]]
+    registry.card_path(models, "v3").write_text(json.dumps(card))
+    problems = registry.contract_problems(models, "v3")
+    assert any("takes" in p and "features" in p for p in problems)
+    with pytest.raises(registry.PromotionRefused):
+        registry.promote(models, "v3", why="x")
+    assert registry.current_version(models) is None
+
+
+def test_rollback_walks_back_through_promotions(models):
+    for version in ("v1", "v2", "v3"):
+        registry.promote(models, version, why="next")
+    assert registry.rollback(models, why="v3 alerts too much")["to"] == "v2"
+    assert registry.current_version(models) == "v2"
+    assert registry.rollback(models, why="v2 too")["to"] == "v1"
+    with pytest.raises(registry.PromotionRefused, match="nothing to roll back to"):
+        registry.rollback(models, why="no earlier version")
+    assert registry.current_version(models) == "v1"
+
+
+def test_rollback_refuses_a_tampered_previous_version(models):
+    registry.promote(models, "v1", why="a")
+    registry.promote(models, "v2", why="b")
+    tamper(models, "v1")
+    with pytest.raises(registry.PromotionRefused, match="roll back to 'v1'"):
+        registry.rollback(models, why="c")
+    assert registry.current_version(models) == "v2"
+
+
+def test_promoting_the_candidate_clears_the_candidate_pointer(models):
+    registry.set_candidate(models, "v2")
+    assert registry.candidate_version(models) == "v2"
+    registry.promote(models, "v2", why="shadow looked good")
+    assert registry.candidate_version(models) is None
+    # pointers are plain text files the worker reads, same format as `current`
+    assert (models / "current").read_text() == "v2\n"
+
+
+def test_cli_list_shows_pointers_metrics_and_tampering(models, monkeypatch):
+    from wardwatch import cli as cli_module
+
+    monkeypatch.setattr(cli_module.console, "width", 200)  # a terminal wide enough for every column
+    registry.promote(models, "v1", why="a")
+    registry.set_candidate(models, "v3")
+    tamper(models, "v2")
+    result = cli(models, "list")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if " v1 " in line or " v2 " in line or " v3 " in line]
+    v1, v2, v3 = (next(r for r in rows if f" {v} " in r) for v in ("v1", "v2", "v3"))
+    assert "current" in v1 and "ok" in v1 and "0.700" in v1
+    assert "tampered" in v2
+    assert "candidate" in v3 and "0.720" in v3
+
+
+def test_cli_promote_and_rollback(models):
+    assert cli(models, "promote", "v1", "--reason", "initial").exit_code == 0
+    result = cli(models, "promote", "v2")
+    assert result.exit_code == 0 and "v1 -> v2" in result.output
+    tamper(models, "v3")
+    refused = cli(models, "promote", "v3")
+    assert refused.exit_code == 1 and "refusing to promote" in refused.output
+    result = cli(models, "rollback", "--reason", "alert storm")
+    assert result.exit_code == 0 and "v2 -> v1" in result.output
+    assert registry.current_version(models) == "v1"
+    assert registry.read_history(models)[-1]["why"] == "alert storm"

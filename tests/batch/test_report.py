@@ -1,0 +1,92 @@
+"""The nightly HTML report and `wardwatch query`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from batch.nightly import run_nightly
+from batch.report import auc, reliability, render, roc_points
+from tests.batch.test_nightly import stage1, stage2
+from tests.batch.test_rebuild import STANDINS, build_archive
+from wardwatch.cli import app
+from wardwatch.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", allowed_lateness_s=3600)
+
+
+def test_nightly_writes_a_self_contained_report_with_its_parity_numbers(settings):
+    build_archive(settings.archive_dir, skew={(0, 2): 91.0})  # one mismatch, so the numbers are not all zero
+    result = run_nightly(settings, **STANDINS)
+    report = Path(result["report_path"])
+    assert report.exists() and result["run_id"] in report.name
+    text = report.read_text()
+    p = result["parity"]
+    cells = re.findall(r"<td>([^<]*)</td>", text)
+    assert cells[:3] == [str(p["points_checked"]), str(p["values_checked"]), str(p["mismatched"])]
+    assert "heart_rate_last_24h" in text  # the feature that mismatched
+    assert "http" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from elsewhere
+    assert "<script" not in text
+
+
+def test_report_cli_writes_where_asked(settings, tmp_path):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    run_nightly(settings, report=False, **STANDINS)
+    out = tmp_path / "r.html"
+    result = CliRunner().invoke(app, ["batch", "report", "--out", str(out)],
+                                env={"WARDWATCH_DATA_DIR": str(settings.data_dir)})
+    assert result.exit_code == 0, result.output
+    assert "Alert burden" in out.read_text()
+
+
+def test_roc_matches_sklearn_and_is_drawn_for_model_and_news2():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300).astype(float)
+    probability = np.clip(0.3 * y + rng.random(300) * 0.7, 0, 1)
+    news2 = np.round(3 * y + rng.integers(0, 6, 300))  # many ties
+    assert auc(*roc_points(y, probability)) == pytest.approx(roc_auc_score(y, probability))
+    assert auc(*roc_points(y, news2)) == pytest.approx(roc_auc_score(y, news2))
+    run = {"run_id": "r1", "started_at": "2024-06-10", "full": True, "new_parts": 3, "points_checked": 300,
+           "values_checked": 9000, "mismatched": 0, "match_rate": 1.0, "max_abs_diff": 0.0, "late_published": 0,
+           "late_recomputed": 0, "late_mismatched": 0, "parity_ok": True, "parity_json": orjson.dumps({}).decode()}
+    html = render({"run": run, "labelled": list(zip(probability, news2, y)), "alerts_opened": 6,
+                   "patient_days": 12.0})
+    assert html.count("<svg") == 2
+    assert f"model AUROC {roc_auc_score(y, probability):.3f}" in html
+    assert f"NEWS2 AUROC {roc_auc_score(y, news2):.3f}" in html
+    assert "<td>50</td>" in html  # 6 alerts over 12 patient-days = 50 per 100 patient-days
+
+
+def test_reliability_bins_predicted_against_observed():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.05, 0.05, 0.95, 0.95, 0.55, 0.55])
+    assert reliability(y, p) == [(0.05, 0.0, 2), (0.55, 0.5, 2), (0.95, 1.0, 2)]
+
+
+def test_query_prints_rows_csv_and_the_schema_summary(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    run_nightly(settings, report=False, **STANDINS)
+    env = {"WARDWATCH_DATA_DIR": str(settings.data_dir)}
+    runner = CliRunner()
+    csv = runner.invoke(app, ["query", "SELECT patient_id, sex FROM patients ORDER BY 1", "--csv"], env=env)
+    assert csv.exit_code == 0, csv.output
+    assert csv.output.splitlines() == ["patient_id,sex", "p1,female", "p2,"]
+    table = runner.invoke(app, ["query", "SELECT count(*) AS n FROM alert_outcomes"], env=env)
+    assert table.exit_code == 0 and "1" in table.output
+    summary = runner.invoke(app, ["query"], env=env)
+    assert summary.exit_code == 0
+    assert "table patients" in summary.output and "view  alert_outcomes" in summary.output
+    assert "duckdb -readonly" in summary.output
+    refused = runner.invoke(app, ["query", "DELETE FROM patients"], env=env)
+    assert refused.exit_code == 2 and "read-only" in refused.output.lower()

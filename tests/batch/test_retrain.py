@@ -1,0 +1,97 @@
+"""The promotion gate: a new model is promoted only when it beats current and NEWS2 by the margins."""
+
+from __future__ import annotations
+
+import duckdb
+import orjson
+import pytest
+
+from batch import registry
+from batch.retrain import GateDecision, apply_gate, gate_decision, record_in_runs
+from tests.batch.test_registry import add_version, tamper
+from wardwatch.settings import Settings
+
+NEWS2 = {"auroc": 0.70, "auprc": 0.30}
+CURRENT = {"auroc": 0.75, "auprc": 0.35}
+
+
+def decide(new, current=CURRENT, news2=NEWS2, auroc_gain=0.01, auprc_gain=0.01, problems=()):
+    return gate_decision(new, news2, current, min_auroc_gain=auroc_gain, min_auprc_gain=auprc_gain,
+                         contract_problems=list(problems))
+
+
+def test_better_model_is_promoted():
+    decision = decide({"auroc": 0.80, "auprc": 0.40})
+    assert decision.promote
+    assert any("beats current model" in r for r in decision.reasons)
+
+
+def test_worse_than_current_is_kept_as_candidate_with_the_reason():
+    decision = decide({"auroc": 0.74, "auprc": 0.40})
+    assert not decision.promote and decision.decision == "candidate"
+    assert decision.reasons == ["auroc 0.7400 does not beat current model 0.7500 by 0.01"]
+
+
+def test_better_than_current_but_not_news2_by_the_margin_is_rejected():
+    decision = decide({"auroc": 0.80, "auprc": 0.305}, current={"auroc": 0.6, "auprc": 0.2})
+    assert not decision.promote
+    assert decision.reasons == ["auprc 0.3050 does not beat NEWS2 0.3000 by 0.01"]
+
+
+def test_margin_is_inclusive_and_configurable():
+    new = {"auroc": 0.76, "auprc": 0.36}
+    assert decide(new, auroc_gain=0.01, auprc_gain=0.01).promote
+    assert not decide(new, auroc_gain=0.02, auprc_gain=0.0).promote
+
+
+def test_first_model_is_judged_against_news2_only():
+    assert decide({"auroc": 0.72, "auprc": 0.32}, current=None).promote
+    assert not decide({"auroc": 0.65, "auprc": 0.32}, current=None).promote
+
+
+def test_uncomputable_metrics_and_contract_problems_never_pass():
+    assert not decide({"auroc": None, "auprc": None}).promote
+    decision = decide({"auroc": 0.9, "auprc": 0.9}, problems=["ONNX input takes 28 features"])
+    assert not decision.promote and decision.reasons == ["contract: ONNX input takes 28 features"]
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    models = tmp_path / "models"
+    add_version(models, "v1")
+    add_version(models, "v2")
+    registry.promote(models, "v1", why="first")
+    return Settings(model_dir=models, data_dir=tmp_path / "data")
+
+
+def test_a_passing_model_becomes_current(settings):
+    assert apply_gate(settings, "v2", GateDecision("promote", ["auroc beats"])) == "promoted"
+    assert registry.current_version(settings.model_dir) == "v2"
+    assert registry.read_history(settings.model_dir)[-1]["why"] == "promotion gate: auroc beats"
+
+
+def test_a_failing_model_becomes_the_candidate_and_current_stays(settings):
+    assert apply_gate(settings, "v2", GateDecision("candidate", ["auroc worse"])) == "candidate"
+    assert registry.current_version(settings.model_dir) == "v1"
+    assert registry.candidate_version(settings.model_dir) == "v2"
+
+
+def test_a_tampered_failing_model_is_not_even_the_candidate(settings):
+    tamper(settings.model_dir, "v2")
+    assert apply_gate(settings, "v2", GateDecision("candidate", ["contract"])) == "candidate"
+    assert registry.candidate_version(settings.model_dir) is None
+
+
+def test_decision_is_recorded_in_the_latest_run(settings):
+    settings.data_dir.mkdir()
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ)")
+        con.execute("INSERT INTO runs VALUES ('old', '2024-01-01 00:00+00'), ('new', '2024-01-02 00:00+00')")
+    card = {"version": "v2", "metrics": {"model": {"auroc": 0.8}},
+            "gate": {"decision": "candidate", "reasons": ["auroc worse"]}}
+    record_in_runs(settings, card)
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        rows = con.execute("SELECT run_id, model_version, gate_decision, gate_reasons_json FROM runs "
+                           "ORDER BY run_id").fetchall()
+    assert rows[0] == ("new", "v2", "candidate", orjson.dumps(["auroc worse"]).decode())
+    assert rows[1][1:] == (None, None, None)

@@ -1,0 +1,28 @@
+"""The model shipped in the package (wardwatch/models): the worker and the demo score with it until a
+nightly trains their own, so it must fit the current feature specs."""
+
+from __future__ import annotations
+
+from schemas.features import FEATURE_NAMES
+from streams.scoring import Scorer, load_model, read_current
+from wardwatch.demo import BUNDLED_MODELS
+from wardwatch.settings import Settings
+
+
+def test_the_shipped_model_is_trained_on_the_current_feature_list():
+    version = read_current(BUNDLED_MODELS)
+    assert version is not None, "wardwatch/models/current must name the shipped version"
+    model = load_model(BUNDLED_MODELS, version)  # checks sha256, the card and the ONNX signature
+    assert model.contract.features == FEATURE_NAMES, (
+        "the feature specs changed: retrain the shipped model (see batch/train.py and the README)")
+
+
+def test_the_shipped_model_scores_a_complete_snapshot_on_the_model_path():
+    # a deteriorating patient: every NEWS2 input present, trends and labs missing (imputed)
+    snapshot = {name: None for name in FEATURE_NAMES} | {
+        "resp_rate_last_24h": 26.0, "spo2_last_24h": 91.0, "o2_flow_last_24h": 2.0, "systolic_bp_last_24h": 92.0,
+        "heart_rate_last_24h": 125.0, "consciousness_last_24h": 0.0, "temperature_last_24h": 38.9,
+        "heart_rate_slope_6h": 8.0, "systolic_bp_delta_24h": -30.0}
+    [result] = Scorer(BUNDLED_MODELS, Settings()).score([snapshot])
+    assert result.path == "model"
+    assert 0.0 <= result.probability <= 1.0
