@@ -35,6 +35,7 @@ import asyncio
 import hmac
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -252,18 +253,24 @@ class Receiver:
                 self.counters.dead_lettered(decision.rejection.reason.value)
                 r = decision.rejection
                 return self._answer(400, "invalid", f"{r.reason.value}: {r.detail}")
-            await self._write(self.topics.fhir, decision.key, body, [])
+            partition, offset = await self._write(self.topics.fhir, decision.key, body, [])
         except BrokerUnavailable as exc:
             return self._answer(503, "transient", f"notification not stored: {exc}; retry later", retry=True)
         self.counters.accepted(decision.kind)
-        return self._answer(200, "informational", "notification stored", severity="information")
+        # where it was stored, so a sender can trace it (and the demo can wait for ingest to pass it)
+        return self._answer(200, "informational", "notification stored", severity="information",
+                            headers={STORED_HEADER: f"{partition}:{offset}"})
 
-    async def _write(self, topic: str, key: bytes | None, value: bytes, headers: list) -> None:
-        """Produce and wait for the broker's acknowledgement (or raise BrokerUnavailable)."""
+    async def _write(self, topic: str, key: bytes | None, value: bytes, headers: list) -> tuple[int, int]:
+        """Produce and wait for the broker's acknowledgement (or raise BrokerUnavailable).
+        Returns the (partition, offset) the broker stored it at."""
         loop = asyncio.get_running_loop()
         acked: asyncio.Future = loop.create_future()
+        stored: list[tuple[int, int]] = []
 
-        def on_delivery(err, _msg) -> None:  # runs on the poll thread
+        def on_delivery(err, msg) -> None:  # runs on the poll thread
+            if err is None:
+                stored.append((msg.partition(), msg.offset()))
             loop.call_soon_threadsafe(_settle, acked, err)
 
         try:
@@ -276,6 +283,7 @@ class Receiver:
             raise BrokerUnavailable(f"no broker acknowledgement within {self.settings.receiver_ack_timeout_s}s") from exc
         if err is not None:
             raise BrokerUnavailable(f"broker refused the write ({err.name()})")
+        return stored[0]
 
     def _answer(self, status: int, code: str, diagnostics: str, *, severity: str = "error", retry: bool = False,
                 headers: dict[str, str] | None = None) -> web.Response:
@@ -285,6 +293,32 @@ class Receiver:
             headers["Retry-After"] = RETRY_AFTER_S
         return web.Response(status=status, body=operation_outcome(severity, code, diagnostics),
                             content_type="application/fhir+json", headers=headers)
+
+
+STORED_HEADER = "X-Wardwatch-Stored"  # "<partition>:<offset>" of the notifications topic
+
+
+def post_notification(client, url: str, body: bytes, *, token: str | None = None, deadline_s: float = 60.0
+                      ) -> tuple[int, int] | None:
+    """POST one notification as a FHIR server's rest-hook does, retrying 503 (Retry-After) until
+    stored; returns the (partition, offset) it was stored at, or None when the receiver refused it
+    as invalid (400: it is on the dead-letter topic). Raises on any other answer (a wrong token,
+    size or content type is the sender's configuration to fix) or when the deadline passes.
+    `client` is an httpx.Client."""
+    headers = {"Content-Type": "application/fhir+json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    give_up = time.monotonic() + deadline_s
+    while True:
+        response = client.post(url, content=body, headers=headers)
+        if response.status_code == 200:
+            partition, offset = response.headers[STORED_HEADER].split(":")
+            return int(partition), int(offset)
+        if response.status_code == 400:
+            return None
+        if response.status_code != 503 or time.monotonic() >= give_up:
+            raise RuntimeError(f"receiver answered {response.status_code}: {response.text[:300]}")
+        time.sleep(min(float(response.headers.get("Retry-After", 1)), max(0.0, give_up - time.monotonic())))
 
 
 def _settle(future: asyncio.Future, err) -> None:

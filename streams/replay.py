@@ -1088,11 +1088,15 @@ def _changed_values(item: Item) -> dict[str, float]:
 
 
 def publish(replay: Replay, settings, topics, *, rate: float | None = None,
-            progress: Callable[[int], None] | None = None, flush_timeout_s: float = 60.0) -> dict[str, int]:
+            progress: Callable[[int], None] | None = None, flush_timeout_s: float = 60.0,
+            post_fhir: Callable[[bytes], tuple[int, int] | None] | None = None) -> dict[str, int]:
     """Produce the replay in order; CDC to topics.cdc[table], FHIR to topics.fhir.
 
     Each message carries header `ww.produced_ns` (time.time_ns() at produce) for latency metrics.
     `rate` paces production to that many messages per second. Raises if anything is undelivered.
+    `post_fhir(body) -> (partition, offset) | None`: send FHIR notifications this way instead (e.g.
+    POST them to the rest-hook receiver, as a FHIR server does; streams.receiver.post_notification);
+    None means refused as invalid (dead-lettered by the receiver, never on the notifications topic).
     """
     from confluent_kafka import KafkaException, Producer
 
@@ -1117,6 +1121,15 @@ def publish(replay: Replay, settings, topics, *, rate: float | None = None,
             if delay > 0:
                 time.sleep(delay)
         topic = topics.cdc[m.table] if m.kind == "cdc" else topics.fhir
+        if m.kind == "fhir" and post_fhir is not None:
+            stored = post_fhir(m.value)
+            if stored is not None:  # None: refused as invalid (the receiver dead-lettered it)
+                partition, offset = stored
+                end_offsets[(topic, partition)] = max(end_offsets.get((topic, partition), 0), offset + 1)
+            counts[m.kind] += 1
+            if progress is not None:
+                progress(n)
+            continue
         while True:
             try:
                 producer.produce(topic, key=m.key, value=m.value, on_delivery=on_delivery,

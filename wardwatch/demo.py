@@ -1,12 +1,17 @@
 """`wardwatch demo`: the whole pipeline end to end on the embedded broker.
 
-replay (clinosim -> Debezium CDC + FHIR notifications, with faults) -> ingest worker -> faust worker
--> archiver -> nightly rebuild + parity (+ retraining) -> a DuckDB file and a summary.
+replay (clinosim -> Debezium CDC + FHIR notifications, with faults)
+    CDC rows     -> the Debezium topics (as Debezium would produce them)
+    FHIR bundles -> HTTP POST to `wardwatch receiver` (as a FHIR server's rest-hook does)
+-> `wardwatch ingest` -> `wardwatch worker` (+ `wardwatch subscriptions`, the gap watcher)
+-> archiver -> nightly rebuild + parity (+ retraining) -> a DuckDB file and a summary, with the
+services' own counters (the stats topic) next to what the replay injected.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -56,6 +61,27 @@ def seed_models(model_dir: Path) -> None:
         shutil.copytree(BUNDLED_MODELS, model_dir)
     else:
         model_dir.mkdir(parents=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_receiver(url: str, proc, logs: Path, deadline: float) -> None:
+    import httpx
+
+    while True:
+        check_alive({"receiver": proc}, logs)
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the receiver did not become ready: see {logs}/receiver.log")
+        time.sleep(0.2)
 
 
 def _wait_for_quiet(archiver: Archiver, *, quiet_s: float, deadline: float, topics: set[str] | None = None) -> None:
@@ -111,7 +137,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
             broker = stack.enter_context(EmbeddedBroker.start(log_path=data_dir / "logs" / "broker.log"))
             bootstrap = broker.bootstrap
         settings = Settings(bootstrap_servers=bootstrap, data_dir=data_dir, model_dir=data_dir / "models",
-                            topic_prefix="demo", cdc_topic_prefix="demo.ehr.public", group_prefix="demo")
+                            topic_prefix="demo", cdc_topic_prefix="demo.ehr.public", group_prefix="demo",
+                            receiver_port=free_port())
         seed_models(settings.model_dir)
         topics = topics_for(settings)
         ensure_topics(settings, topics)
@@ -124,30 +151,47 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
                               late_by_s=settings.allowed_lateness_s + 4 * 3600)
         progress.update(step, total=1, completed=1)
 
-        step = progress.add_task("starting ingest and patient workers", total=None)
+        step = progress.add_task("starting receiver, ingest, patient worker and subscription watcher", total=None)
         logs = data_dir / "logs"
-        ingest = start_service(["ingest"], settings, logs / "ingest.log")
-        stack.callback(stop_service, ingest)
-        worker = start_service(["worker"], settings, logs / "worker.log")
-        stack.callback(stop_service, worker)
+        services = {}
+        for name in ("receiver", "ingest", "worker", "subscriptions"):
+            services[name] = start_service([name], settings, logs / f"{name}.log")
+            stack.callback(stop_service, services[name])
+        ingest, worker = services["ingest"], services["worker"]
+        receiver_url = f"http://{settings.receiver_host}:{settings.receiver_port}"
         archiver = Archiver(settings, topics, flush_interval_s=2.0)
         stack.callback(archiver.close)
         # replay only once both consumer groups have their partitions: a live feed starts mid-stream
         wait_for_group(settings, f"{settings.group_prefix}-ingest", alive=ingest)
         wait_for_group(settings, f"{settings.group_prefix}-worker", alive=worker)
+        _wait_for_receiver(receiver_url, services["receiver"], logs, started + opts.timeout_s)
+        while not archiver.assigned.is_set():  # its group must own the output partitions before they fill
+            if time.monotonic() >= started + opts.timeout_s:
+                raise TimeoutError("the archiver got no partitions before the demo's deadline")
+            archiver.poll_once(timeout_s=0.2)
         progress.update(step, total=1, completed=1)
+
+        import httpx
+
+        from streams.receiver import post_notification
 
         n = len(replay.messages)
-        step = progress.add_task("replaying CDC + FHIR messages", total=n)
-        published = publish(replay, settings, topics, rate=opts.rate,
-                            progress=lambda done: progress.update(step, completed=done))
+        step = progress.add_task("replaying CDC rows + POSTing FHIR notifications", total=n)
+        with httpx.Client(timeout=30) as http:
+            published = publish(replay, settings, topics, rate=opts.rate,
+                                progress=lambda done: progress.update(step, completed=done),
+                                post_fhir=lambda body: post_notification(http, f"{receiver_url}/fhir/notifications",
+                                                                         body))
 
         step = progress.add_task("waiting for the stream to process everything", total=None)
-        consumed = _wait_until_processed(settings, archiver, published["end_offsets"],
-                                         {"ingest": ingest, "worker": worker}, logs, started + opts.timeout_s)
+        consumed = _wait_until_processed(settings, archiver, published["end_offsets"], services, logs,
+                                         started + opts.timeout_s)
         progress.update(step, total=1, completed=1)
-        stop_service(worker)
-        stop_service(ingest)
+        for name in ("subscriptions", "worker", "ingest", "receiver"):  # each publishes its final counters
+            stop_service(services[name])
+        from streams.stats import read_stats, summarize as summarize_stats
+
+        stats = summarize_stats(read_stats(settings, topics, timeout_s=30))
 
         step = progress.add_task("nightly rebuild + parity (DuckDB/Polars)", total=None)
         from batch.nightly import run_nightly
@@ -166,6 +210,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
             progress.update(step, total=1, completed=1)
 
     summary = summarize(settings, replay.manifest, nightly, consumed, card, time.monotonic() - started)
+    summary["service_counters"] = stats
+    summary["accounting_ok"] = stats["balanced"]
     _print_summary(console, summary)
     return summary
 
@@ -212,6 +258,16 @@ def _print_summary(console: Console, s: dict) -> None:
               "alerts", "parity_checked", "parity_mismatched", "model_trained", "duckdb_path", "seconds"):
         t.add_row(k, str(s[k]))
     console.print(t)
+    ingest = s.get("service_counters", {}).get("services", {}).get("ingest", {}).get("counters", {})
+    for source in ("cdc", "fhir"):
+        c = ingest.get(source)
+        if c:
+            console.print(f"ingest {source}: {c['messages_in']} messages in = {c['messages_parsed']} with events "
+                          f"+ {sum(c['dead_lettered'].values())} dead-lettered + {sum(c['control'].values())} control "
+                          f"+ {sum(c['ignored'].values())} ignored -> {c['events_out']} canonical events")
+    if "accounting_ok" in s:
+        console.print("[green]accounting OK[/]: every raw message is accounted for" if s["accounting_ok"]
+                      else "[red]accounting FAILED[/]: see `wardwatch stats`")
     verdict = "[green]parity OK[/]" if s["parity_ok"] else "[red]parity FAILED[/]"
     console.print(f"{verdict}: {s['parity_points']} scoring points, {s['parity_checked']} feature values compared.")
     console.print(f"Open the database: duckdb {s['duckdb_path']}  (or `wardwatch query`)")

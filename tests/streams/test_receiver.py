@@ -12,7 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pydantic import SecretStr
 
 from schemas.deadletter import Reason
-from streams.receiver import Accept, BackgroundReceiver, Refuse, classify, content_type_ok, token_ok
+from streams.receiver import Accept, BackgroundReceiver, Refuse, classify, content_type_ok, token_ok, post_notification
 from streams.stats import read_stats, summarize
 from streams.topics import ensure_topics, topics_for
 from wardwatch.broker import free_port
@@ -111,6 +111,24 @@ def test_valid_notification_lands_on_the_topic_unchanged_keyed_by_patient(settin
     assert landed == {b"MRN-0001": body, SUBSCRIPTION: fhir_bundle("r4b_handshake")}
     assert httpx.get(f"{receiver.url}/healthz", timeout=5).status_code == 200
     assert httpx.get(f"{receiver.url}/readyz", timeout=10).status_code == 200
+
+
+@pytest.mark.integration
+def test_post_notification_reports_where_it_was_stored(settings, served):
+    serve, topics = served
+    receiver = serve()
+    bodies = [fhir_bundle("r4b_status_event"), fhir_bundle("r4b_handshake")]
+    with httpx.Client(timeout=10) as client:
+        stored = [post_notification(client, f"{receiver.url}/fhir/notifications", b) for b in bodies]
+    by_position = {(m.partition(), m.offset()): m.value() for m in _read(settings, topics.fhir, expected=2)}
+    assert [by_position[pos] for pos in stored] == bodies
+    with httpx.Client(timeout=10) as client:  # refused as invalid: dead-lettered, not stored
+        assert post_notification(client, f"{receiver.url}/fhir/notifications", b"{not json") is None
+    guarded = serve(receiver_token=SecretStr("s3cret"))  # a sender without the token must be told, loudly
+    with httpx.Client(timeout=10) as client, pytest.raises(RuntimeError, match="401"):
+        post_notification(client, f"{guarded.url}/fhir/notifications", bodies[0])
+    with httpx.Client(timeout=10) as client:
+        assert post_notification(client, f"{guarded.url}/fhir/notifications", bodies[0], token="s3cret") is not None
 
 
 @pytest.mark.integration
