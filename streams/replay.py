@@ -1087,6 +1087,9 @@ def _changed_values(item: Item) -> dict[str, float]:
 # ================================================================================================
 
 
+MAX_PACING_LAG_S = 0.02  # how far a paced publish may fall behind its schedule before it shifts it
+
+
 def publish(replay: Replay, settings, topics, *, rate: float | None = None,
             progress: Callable[[int], None] | None = None, flush_timeout_s: float = 60.0,
             post_fhir: Callable[[bytes], tuple[int, int] | None] | None = None) -> dict[str, int]:
@@ -1114,12 +1117,17 @@ def publish(replay: Replay, settings, topics, *, rate: float | None = None,
             end_offsets[tp] = max(end_offsets.get(tp, 0), msg.offset() + 1)
 
     counts: Counter[str] = Counter()
-    started = time.monotonic()
+    started = schedule_start = time.monotonic()
     for n, m in enumerate(replay.messages, start=1):
         if rate:  # pacing, not synchronisation: hold each message until its slot
-            delay = started + n / rate - time.monotonic()
+            delay = schedule_start + n / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            elif delay < -MAX_PACING_LAG_S:
+                # behind (a slow POST, a loaded machine): move the schedule instead of catching up in a
+                # burst. A replay compresses days into seconds, so a burst of a few hundred
+                # milliseconds is hours of event time arriving at once, out of step across topics.
+                schedule_start -= delay + MAX_PACING_LAG_S
         topic = topics.cdc[m.table] if m.kind == "cdc" else topics.fhir
         if m.kind == "fhir" and post_fhir is not None:
             stored = post_fhir(m.value)

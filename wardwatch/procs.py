@@ -106,6 +106,8 @@ def wait_for_commits(settings: Settings, group_id: str, targets: dict[tuple[str,
     `on_wait()` runs between checks (e.g. keep consuming outputs, check children are alive)."""
     import time
 
+    if not targets:  # nothing to wait for (the admin API refuses an empty partition list)
+        return
     while True:
         done = committed_offsets(settings, group_id, list(targets))
         behind = {tp: n for tp, n in targets.items() if done.get(tp, -1) < n}
@@ -118,3 +120,61 @@ def wait_for_commits(settings: Settings, group_id: str, targets: dict[tuple[str,
             on_wait()
         else:
             time.sleep(0.2)
+
+
+END_MARKER_KEY = b"__wardwatch_end_marker__"
+
+
+def read_to_end(settings: Settings, topic: str, partitions: int, timeout_s: float = 60.0) -> list[tuple[int, int, bytes | None, bytes | None]]:
+    """Every record of `topic` as (partition, offset, key, value), in offset order per partition.
+
+    The embedded broker reports end offsets too low (the base offset of the last record batch + 1),
+    so an end offset cannot say when a read is complete. Instead this appends an end marker (a
+    tombstone keyed END_MARKER_KEY, left out of the result) to every partition and reads up to it.
+    For topics nobody else consumes afterwards (tests, benchmarks), and only once their writers stopped."""
+    import time
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    marks: dict[int, int] = {}
+
+    def delivered(err, msg) -> None:
+        if err is None:
+            marks[msg.partition()] = msg.offset()
+
+    producer = Producer({**settings.kafka_client_config(), "linger.ms": 0, "acks": "all"})
+    for p in range(partitions):
+        producer.produce(topic, key=END_MARKER_KEY, value=None, partition=p, on_delivery=delivered)
+    if producer.flush(timeout_s) != 0 or len(marks) != partitions:
+        raise TimeoutError(f"could not append end markers to {topic} within {timeout_s:.0f}s")
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-reader",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    records: list[tuple[int, int, bytes | None, bytes | None]] = []
+    reached: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(reached) < partitions:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{topic}: read {len(records)} records but not up to the end markers of "
+                                   f"partitions {sorted(set(marks) - reached)} within {timeout_s:.0f}s")
+            for msg in consumer.consume(1000, timeout=0.2):
+                if msg.error():
+                    continue
+                p, offset = msg.partition(), msg.offset()
+                if p in reached or offset > marks[p]:
+                    continue
+                if offset == marks[p]:
+                    reached.add(p)
+                elif msg.key() != END_MARKER_KEY:
+                    records.append((p, offset, msg.key(), msg.value()))
+    finally:
+        consumer.close()
+    return records
+
+
+def total_committed(settings: Settings, group_id: str, topic: str, partitions: int) -> int:
+    """The sum of a group's committed offsets on `topic` (0 where it has committed nothing): a
+    progress gauge for waiting on a consumer without reading its outputs."""
+    done = committed_offsets(settings, group_id, [(topic, p) for p in range(partitions)])
+    return sum(max(n, 0) for n in done.values())
