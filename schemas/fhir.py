@@ -304,7 +304,7 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
     issued = obs.get("issued") or meta.get("lastUpdated")
     issued_ms = iso_to_ms(issued, "issued") if issued else effective_ms
     version = _version(meta.get("versionId"))
-    encounter = _reference_id(_reference(obs.get("encounter")), "Encounter")
+    encounter = _business_id(obs.get("encounter"), "Encounter")
     provenance = {"resource": f"Observation/{obs_id}", "subscription": ctx.status.subscription,
                   "topic": ctx.topic, "partition": ctx.partition, "offset": ctx.offset,
                   "fhir_version": ctx.status.fhir_version}
@@ -421,12 +421,28 @@ def _consciousness(holder: dict) -> tuple[float, str] | None:
 
 def _patient_id(subject: Any) -> str | None:
     """The MRN (subject.identifier.value) when present, else the id of a Patient reference."""
-    if not isinstance(subject, dict):
+    return _business_id(subject, "Patient")
+
+
+def _own_identifier(resource: dict) -> str | None:
+    """A resource's first identifier value (e.g. an Encounter's visit number), if any."""
+    identifiers = resource.get("identifier")
+    for identifier in identifiers if isinstance(identifiers, list) else ():
+        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str) and identifier["value"].strip():
+            return identifier["value"].strip()
+    return None
+
+
+def _business_id(reference: Any, resource_type: str) -> str | None:
+    """The EHR's own key of a referenced resource: reference.identifier.value (the MRN, the visit
+    number: what the EHR database and so the CDC rows use) when present, else the resource id of
+    the reference. A FHIR server's resource ids are its own and rarely equal the database keys."""
+    if not isinstance(reference, dict):
         return None
-    identifier = subject.get("identifier")
+    identifier = reference.get("identifier")
     if isinstance(identifier, dict) and isinstance(identifier.get("value"), str) and identifier["value"].strip():
         return identifier["value"].strip()
-    return _reference_id(_reference(subject), "Patient")
+    return _reference_id(_reference(reference), resource_type)
 
 
 def _reference_id(reference: str | None, resource_type: str) -> str | None:
@@ -479,6 +495,7 @@ MRN_TYPE = "MR"  # HL7 v2-0203 identifier type "Medical record number"
 def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
     validate_resource(enc, ctx.status.fhir_version)
     enc_id = _resource_id(enc)
+    encounter_key = _own_identifier(enc) or enc_id  # the visit number the EHR rows (and CDC) use
     status = enc.get("status")
     if status in NOT_ADMITTED:
         ctx.skip("Encounter")
@@ -500,7 +517,7 @@ def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
         return CanonicalEvent(
             patient_id=patient, code=code, value=None, unit=None, effective_ms=effective_ms, issued_ms=issued_ms,
             status=event_status, source=Source.FHIR, fact_id=f"fhir:Encounter:{enc_id}:{suffix}", version=version,
-            encounter_id=enc_id, code_system=CONTEXT, value_text=None if event_status.retracts else text,
+            encounter_id=encounter_key, code_system=CONTEXT, value_text=None if event_status.retracts else text,
             provenance=provenance,
         )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -356,3 +357,21 @@ def test_mutated_bundles_never_raise_and_never_hit_internal_errors(mutation):
     assert isinstance(outcome, OUTCOMES)
     if isinstance(outcome, Rejected):
         assert outcome.rejection.reason is not Reason.INTERNAL_ERROR, outcome
+
+
+def test_the_ehr_visit_number_names_the_encounter_when_the_server_sends_it():
+    """A FHIR server's resource ids are its own; the CDC rows carry the EHR's visit number. Both
+    planes must agree on one encounter key, so an identifier wins over the resource id."""
+    bundle = orjson.loads(fhir_bundle("r4b_encounter_transferred"))
+    enc = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter")
+    enc["identifier"] = [{"system": "urn:hospital:visit-number", "value": "ENC-MRN-0001-77"}]
+    events = parse(orjson.dumps(bundle), 1).events
+    assert {e.encounter_id for e in events} == {"ENC-MRN-0001-77"}
+    assert all(e.fact_id.startswith(f"fhir:Encounter:{ENCOUNTER}:") for e in events)  # the fact stays the resource's
+
+    bundle = orjson.loads(fhir_bundle("r4b_status_event"))
+    for entry in bundle["entry"][1:]:
+        entry["resource"]["encounter"] = {"reference": "Encounter/enc-server-id",
+                                          "identifier": {"value": "ENC-MRN-0001-77"}}
+    observations = parse(orjson.dumps(bundle), 1).events
+    assert observations and {e.encounter_id for e in observations} == {"ENC-MRN-0001-77"}
