@@ -15,6 +15,10 @@ Shapes
     final_facts(events, ...)               the live facts in hindsight (latest versions)
     features_at(events, points, ...)       points + every FEATURE_NAMES column, as of arrival
     features_as_of_issued(events, points)  the same, from what was issued by the scoring time
+
+Context events (code_system == schemas.codes.CONTEXT: encounter and patient facts) are not
+measurements: every function here leaves them out before applying the state rules, as the patient
+agent keeps them out of the patient's state, so they neither move the clock nor enter a feature.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import duckdb
 import polars as pl
 
+from schemas import codes
 from schemas.canonical import Status
 from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec
 from wardwatch.settings import Settings
@@ -46,7 +51,8 @@ _ARRIVAL = ["patient_id", "partition", "offset", "idx"]
 
 def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
                     cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
-    """The events in arrival order (patient, partition, offset, idx) with two added columns:
+    """The measurement events (context facts left out) in arrival order (patient, partition, offset,
+    idx) with two added columns:
     `outcome` (accepted / corrected / duplicate / late) and `late_by_ms` (null unless late).
 
     The rules are sequential by nature (the clock depends on which events were accepted, which
@@ -90,7 +96,7 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
 
 def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
     """Rows in arrival order with `_row`, `_kind` (internal outcome) and `_clock` (clock before the row)."""
-    rows = (events
+    rows = (measurements(events)
             .with_columns(pl.col("effective_ms", "issued_ms", "version", "partition", "offset", "idx").cast(pl.Int64),
                           pl.col("value").cast(pl.Float64))
             .sort(_ARRIVAL, maintain_order=True)
@@ -234,6 +240,14 @@ def _features(versions: pl.DataFrame, points: pl.DataFrame, at: pl.Series) -> pl
     return _with_derived(out).select(*points.columns, *FEATURE_NAMES)
 
 
+def measurements(events: pl.DataFrame) -> pl.DataFrame:
+    """The events without context facts (code_system CONTEXT); an archive without a code_system
+    column predates context facts and holds measurements only."""
+    if "code_system" not in events.columns:
+        return events
+    return events.filter(pl.col("code_system").is_null() | (pl.col("code_system") != codes.CONTEXT))
+
+
 def _specs_by_code() -> dict[str, list[FeatureSpec]]:
     by_code: dict[str, list[FeatureSpec]] = {}
     for spec in FEATURES:
@@ -243,16 +257,53 @@ def _specs_by_code() -> dict[str, list[FeatureSpec]]:
 
 def _aggregate_sql(spec: FeatureSpec) -> str:
     in_window = f"FILTER (WHERE f.effective_ms > p.scoring_ms - {int(spec.window_s) * 1000})"
+    # the greatest / least (effective_ms, fact_id): a struct compares field by field
+    last = f"arg_max(f.value, struct_pack(e := f.effective_ms, i := f.fact_id)) {in_window}"
+    first = f"arg_min(f.value, struct_pack(e := f.effective_ms, i := f.fact_id)) {in_window}"
     expr = {
-        # greatest (effective_ms, fact_id): a struct compares field by field
-        "last": f"arg_max(f.value, struct_pack(e := f.effective_ms, i := f.fact_id)) {in_window}",
-        "mean": f"avg(f.value) {in_window}",
+        "last": last,
+        # a left fold in (effective_ms, fact_id) order, as the spec sums (avg's order is the join's)
+        "mean": f"list_reduce(list(f.value ORDER BY f.effective_ms, f.fact_id) {in_window}, lambda a, b: a + b) "
+                f"/ count(*) {in_window}",
         "min": f"min(f.value) {in_window}",
         "max": f"max(f.value) {in_window}",
         "count": f"count(*) {in_window}",
         "time_since_last_s": f"CAST(p.scoring_ms - max(f.effective_ms) {in_window} AS DOUBLE) / 1000",
+        "delta": f"CASE WHEN count(*) {in_window} >= 2 THEN {last} - {first} END",
+        # the window's facts in (effective_ms, fact_id) order; _SLOPE_STAGES fits the line
+        "slope": f"list(struct_pack(e := f.effective_ms, v := f.value) ORDER BY f.effective_ms, f.fact_id) {in_window}",
     }[spec.agg]
     return f'{expr} AS "{spec.name}"'
+
+
+# The slope from a window's ordered facts, in the spec's arithmetic and summation order (hours from
+# the window's first fact, centred sums added first to last), so it is the stream's result to the
+# last bit. A stage per step: a lambda may read a column, but an aggregate inside a lambda would be
+# recomputed per element. {c} is the column; list_reduce is a left fold.
+_SLOPE_STAGES = (
+    # times: only when the window spans two distinct times (else the slope is missing); a window
+    # without facts gives a NULL list, never an empty one (list_reduce refuses those)
+    """CASE WHEN len("{c}") >= 2 AND "{c}"[-1].e > "{c}"[1].e
+         THEN list_transform("{c}", lambda x: CAST(x.e - "{c}"[1].e AS DOUBLE) / 3600000.0) END AS "{c}:t",
+       list_transform("{c}", lambda x: x.v) AS "{c}:v" """,
+    """list_reduce("{c}:t", lambda a, b: a + b) / len("{c}:t") AS "{c}:mean_t",
+       CASE WHEN "{c}:t" IS NOT NULL THEN list_reduce("{c}:v", lambda a, b: a + b) / len("{c}:v") END
+         AS "{c}:mean_v" """,
+    """list_reduce(list_transform("{c}:t", lambda t, i: (t - "{c}:mean_t") * ("{c}:v"[i] - "{c}:mean_v")),
+                   lambda a, b: a + b)
+       / list_reduce(list_transform("{c}:t", lambda t: (t - "{c}:mean_t") * (t - "{c}:mean_t")), lambda a, b: a + b)
+       AS "{c}:slope" """,
+)
+
+
+def _with_slopes(select_sql: str, slope_columns: list[str]) -> str:
+    """Wrap the aggregating query so each slope column (ordered facts) becomes its slope per hour."""
+    sql = select_sql
+    for stage in _SLOPE_STAGES:
+        sql = f"SELECT *, {', '.join(stage.format(c=c) for c in slope_columns)} FROM ({sql})"
+    helpers = [f'"{c}{suffix}"' for c in slope_columns for suffix in (":t", ":v", ":mean_t", ":mean_v", ":slope")]
+    replaced = ", ".join(f'"{c}:slope" AS "{c}"' for c in slope_columns)
+    return f"SELECT * EXCLUDE ({', '.join(helpers)}) REPLACE ({replaced}) FROM ({sql})"
 
 
 def _window_aggregates(facts: pl.DataFrame, points: pl.DataFrame, specs: list[FeatureSpec]) -> pl.DataFrame:
@@ -275,6 +326,9 @@ def _window_aggregates(facts: pl.DataFrame, points: pl.DataFrame, specs: list[Fe
           AND f._from <= p._at AND (f._until IS NULL OR f._until > p._at)
         GROUP BY p._point, p.scoring_ms
     """
+    slopes = [s.name for s in specs if s.agg == "slope"]
+    if slopes:
+        sql = _with_slopes(sql, slopes)
     with duckdb.connect() as con:
         con.register("facts", facts.to_arrow())
         con.register("points", points.to_arrow())

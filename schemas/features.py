@@ -16,10 +16,24 @@ Semantics of one feature at a scoring point (patient p, scoring time T in ms):
     max    maximum
     count  number of facts (0 when empty, never missing)
     time_since_last_s   (T - greatest effective_ms) / 1000
-  An empty window gives None (missing) for every aggregation except count. Missing is explicit,
-  never zero.
-- Derived features are functions of base features at the same scoring point; if any input is
-  missing the derived feature is missing.
+    delta  value of the last fact minus value of the first, both by (effective_ms, fact_id);
+           needs >= 2 facts (one subtraction of two stored values: both planes agree exactly)
+    slope  ordinary least-squares slope of value over effective time, in value units per hour:
+               t_i = (effective_ms_i - effective_ms of the window's first fact) / 3_600_000
+               slope = sum((t_i - mean(t)) * (v_i - mean(v))) / sum((t_i - mean(t))^2)
+           (centred sums: no cancellation between large sums); needs >= 2 facts at >= 2
+           distinct effective times (otherwise the denominator is 0).
+  An empty window gives None (missing) for every aggregation except count; delta and slope are
+  also missing when the window lacks what they need. Missing is explicit, never zero.
+- Facts whose value is None never enter a window; events of another code system
+  (schemas.codes.CONTEXT: encounter and patient facts) never enter features at all.
+- Floats: both planes compute in IEEE double with the same operations in the same order, so they
+  agree to the last bit: every sum (mean, and slope's means and centred sums) adds the window's
+  facts one at a time in (effective_ms, fact_id) order, starting from the first; slope measures t
+  in hours from the window's first fact, t_i = (effective_ms_i - effective_ms_first) / 3_600_000.
+  last, min, max, count, time_since_last_s and delta are exact copies or one operation on the same
+  inputs. Outputs are not rounded. (The parity report still allows |online - offline| <= 1e-9,
+  batch/parity.py.)
 """
 
 from __future__ import annotations
@@ -30,8 +44,8 @@ from typing import Callable, Literal
 from schemas import codes
 from schemas.scores import news2, news2_subscores, qsofa
 
-Aggregation = Literal["last", "mean", "min", "max", "count", "time_since_last_s"]
-AGGREGATIONS: tuple[str, ...] = ("last", "mean", "min", "max", "count", "time_since_last_s")
+Aggregation = Literal["last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope"]
+AGGREGATIONS: tuple[str, ...] = ("last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope")
 
 HOUR = 3600
 
@@ -43,6 +57,12 @@ class FeatureSpec:
     agg: Aggregation
     window_s: int
 
+    def __post_init__(self) -> None:
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"feature {self.name!r}: unknown aggregation {self.agg!r}; use one of {AGGREGATIONS}")
+        if self.window_s <= 0:
+            raise ValueError(f"feature {self.name!r}: window_s must be a positive number of seconds")
+
 
 @dataclass(frozen=True, slots=True)
 class DerivedSpec:
@@ -51,29 +71,54 @@ class DerivedSpec:
     fn: Callable[..., float | int]
 
 
+# Names carry the aggregation and the window (heart_rate_slope_6h). Short windows (1 h) catch an
+# acute change in frequently charted vitals, 6 h a trend across a few observation rounds, 24 h the
+# labs (drawn once or twice a day) and the last known value of anything. The order is the model's
+# input order (schemas/model_contract.py): retrain when it changes.
 FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("heart_rate_last_24h", codes.HEART_RATE, "last", 24 * HOUR),
+    FeatureSpec("heart_rate_mean_1h", codes.HEART_RATE, "mean", 1 * HOUR),
     FeatureSpec("heart_rate_max_1h", codes.HEART_RATE, "max", 1 * HOUR),
     FeatureSpec("heart_rate_mean_6h", codes.HEART_RATE, "mean", 6 * HOUR),
+    FeatureSpec("heart_rate_max_6h", codes.HEART_RATE, "max", 6 * HOUR),
+    FeatureSpec("heart_rate_slope_6h", codes.HEART_RATE, "slope", 6 * HOUR),
+    FeatureSpec("heart_rate_delta_24h", codes.HEART_RATE, "delta", 24 * HOUR),
     FeatureSpec("heart_rate_time_since_last_s_24h", codes.HEART_RATE, "time_since_last_s", 24 * HOUR),
     FeatureSpec("resp_rate_last_24h", codes.RESP_RATE, "last", 24 * HOUR),
     FeatureSpec("resp_rate_mean_1h", codes.RESP_RATE, "mean", 1 * HOUR),
     FeatureSpec("resp_rate_max_6h", codes.RESP_RATE, "max", 6 * HOUR),
+    FeatureSpec("resp_rate_slope_6h", codes.RESP_RATE, "slope", 6 * HOUR),
+    FeatureSpec("resp_rate_time_since_last_s_24h", codes.RESP_RATE, "time_since_last_s", 24 * HOUR),
     FeatureSpec("spo2_last_24h", codes.SPO2, "last", 24 * HOUR),
+    FeatureSpec("spo2_min_1h", codes.SPO2, "min", 1 * HOUR),
     FeatureSpec("spo2_min_6h", codes.SPO2, "min", 6 * HOUR),
+    FeatureSpec("spo2_slope_6h", codes.SPO2, "slope", 6 * HOUR),
     FeatureSpec("o2_flow_last_24h", codes.O2_FLOW, "last", 24 * HOUR),
     FeatureSpec("systolic_bp_last_24h", codes.SYSTOLIC_BP, "last", 24 * HOUR),
     FeatureSpec("systolic_bp_min_6h", codes.SYSTOLIC_BP, "min", 6 * HOUR),
+    FeatureSpec("systolic_bp_slope_6h", codes.SYSTOLIC_BP, "slope", 6 * HOUR),
+    FeatureSpec("systolic_bp_delta_24h", codes.SYSTOLIC_BP, "delta", 24 * HOUR),
     FeatureSpec("temperature_last_24h", codes.TEMPERATURE, "last", 24 * HOUR),
     FeatureSpec("temperature_max_24h", codes.TEMPERATURE, "max", 24 * HOUR),
+    FeatureSpec("temperature_slope_6h", codes.TEMPERATURE, "slope", 6 * HOUR),
+    FeatureSpec("temperature_time_since_last_s_24h", codes.TEMPERATURE, "time_since_last_s", 24 * HOUR),
     FeatureSpec("consciousness_last_24h", codes.CONSCIOUSNESS, "last", 24 * HOUR),
+    FeatureSpec("consciousness_max_24h", codes.CONSCIOUSNESS, "max", 24 * HOUR),  # worst ACVPU level
     FeatureSpec("lactate_last_24h", codes.LACTATE, "last", 24 * HOUR),
+    FeatureSpec("lactate_max_24h", codes.LACTATE, "max", 24 * HOUR),
+    FeatureSpec("lactate_delta_24h", codes.LACTATE, "delta", 24 * HOUR),
+    FeatureSpec("lactate_time_since_last_s_24h", codes.LACTATE, "time_since_last_s", 24 * HOUR),
     FeatureSpec("wbc_last_24h", codes.WBC, "last", 24 * HOUR),
+    FeatureSpec("wbc_max_24h", codes.WBC, "max", 24 * HOUR),
+    FeatureSpec("wbc_time_since_last_s_24h", codes.WBC, "time_since_last_s", 24 * HOUR),
     FeatureSpec("creatinine_last_24h", codes.CREATININE, "last", 24 * HOUR),
+    FeatureSpec("creatinine_delta_24h", codes.CREATININE, "delta", 24 * HOUR),
+    FeatureSpec("creatinine_time_since_last_s_24h", codes.CREATININE, "time_since_last_s", 24 * HOUR),
     FeatureSpec("vitals_count_6h", codes.HEART_RATE, "count", 6 * HOUR),
 )
 
 MAX_WINDOW_S = max(f.window_s for f in FEATURES)
+FEATURE_CODES: frozenset[str] = frozenset(f.code for f in FEATURES)  # codes that feed any feature
 
 _NEWS2_INPUTS = (
     "resp_rate_last_24h",

@@ -312,3 +312,85 @@ def test_as_of_issued_drops_a_retraction_once_issued():
     points = pl.DataFrame({"patient_id": ["p1", "p1"], "scoring_ms": [T0 + 30 * MIN, T0 + HOUR]})
     out = features_as_of_issued(a.frame(), points, **RULES)
     assert out[HR_COUNT.name].to_list() == [1, 0]
+
+
+# --- delta and slope ------------------------------------------------------------------------------
+
+HR_SLOPE, HR_DELTA = spec(codes.HEART_RATE, "slope"), spec(codes.HEART_RATE, "delta")
+
+
+def test_slope_per_hour_and_delta_on_an_out_of_order_sequence():
+    a = Archive()
+    a.send(event("c", 98, T0 + HOUR))
+    a.send(event("b", 86, T0 + 20 * MIN), event("a", 80, T0))  # behind the clock, within lateness
+    [row] = features(a, a.point(T0 + HOUR, 1))
+    # t = 0, 1/3, 1 h, v = 80, 86, 98: mean t 4/9, mean v 88; sxy = 32/9 + 2/9 + 50/9 = 84/9;
+    # sxx = 16/81 + 1/81 + 25/81 = 42/81; slope = 18 per hour; delta by effective time: 98 - 80
+    assert row[HR_SLOPE.name] == pytest.approx(18.0, abs=1e-9)
+    assert row[HR_DELTA.name] == 18.0
+
+
+def test_slope_and_delta_follow_amendments_and_retractions():
+    a = Archive()
+    a.send(event("a", 80, T0), event("b", 92, T0 + 2 * HOUR))
+    a.send(event("b", 104, T0 + 2 * HOUR, version=2, status=Status.AMENDED))
+    a.send(event("c", 200, T0 + 2 * HOUR + 30 * MIN))
+    a.send(retraction("c", T0 + 2 * HOUR + 30 * MIN, version=2))
+    rows = features(a, *(a.point(T0 + 2 * HOUR, o) for o in range(2)),
+                    *(a.point(T0 + 2 * HOUR + 30 * MIN, o) for o in (2, 3)))
+    assert [r[HR_SLOPE.name] for r in rows][:2] == [6.0, 12.0]  # 12 / 2 h, then 24 / 2 h
+    assert [r[HR_DELTA.name] for r in rows] == [12.0, 24.0, 120.0, 24.0]
+    assert rows[3][HR_SLOPE.name] == pytest.approx(12.0)  # the 200 is gone again
+
+
+def test_slope_is_missing_without_two_distinct_times_and_delta_without_two_facts():
+    a = Archive()
+    a.send(event("a", 80, T0))
+    a.send(event("b", 95, T0))
+    rows = features(a, a.point(T0, 0), a.point(T0, 1))
+    assert [(r[HR_SLOPE.name], r[HR_DELTA.name]) for r in rows] == [(None, None), (None, 15.0)]
+
+
+def test_duplicates_do_not_weigh_twice_in_the_slope():
+    a = Archive()
+    a.send(event("cdc:1", 80.0, T0, source=Source.CDC), event("cdc:2", 98.0, T0 + HOUR, source=Source.CDC),
+           event("cdc:3", 110.0, T0 + 2 * HOUR, source=Source.CDC))
+    a.send(event("cdc:3", 110.0, T0 + 2 * HOUR, source=Source.CDC),
+           event("fhir:3", 110.0, T0 + 2 * HOUR, source=Source.FHIR))
+    [row] = features(a, a.point(T0 + 2 * HOUR, 1))
+    # 80, 98, 110 at 0, 1, 2 h: mean t 1, mean v 96; sxy = 16 + 14 = 30; sxx = 2; slope 15
+    # (110 counted twice would give 40.5 / 2.75 = 14.73)
+    assert row[HR_SLOPE.name] == pytest.approx(15.0, abs=1e-9)
+    assert row[HR_DELTA.name] == 30.0
+    assert row[HR_COUNT.name] == 3
+
+
+# --- context facts --------------------------------------------------------------------------------
+
+
+def context_event(fact_id: str, effective_ms: int, code: str = codes.LOCATION, **kw) -> dict:
+    e = CanonicalEvent(patient_id="p1", code=code, value=None, unit=None, effective_ms=effective_ms,
+                       issued_ms=effective_ms, status=Status.FINAL, source=Source.CDC, fact_id=fact_id, version=1,
+                       code_system=codes.CONTEXT, value_text="ward-7", **kw)
+    d = e.to_dict()
+    del d["provenance"]
+    return d
+
+
+def test_context_facts_never_reach_state_rules_scoring_points_or_features():
+    a = Archive()
+    a.send(event("f1", 80, T0))
+    a.send(context_event("ctx:1", T0 + 10 * HOUR))  # would move the clock 10 h ahead if it counted
+    a.send(event("f2", 70, T0 - 30 * MIN))  # so this stays within lateness
+    assert outcomes(a) == [("f1", 1, "accepted", None), ("f2", 1, "accepted", None)]
+    assert scoring_points(a.frame(), **RULES).to_dicts() == [a.point(T0, 0), a.point(T0, 2)]
+    [row] = features(a, a.point(T0, 2))
+    assert row[HR_COUNT.name] == 2 and row[HR_LAST.name] == 80
+    assert final_facts(a.frame(), **RULES)["fact_id"].to_list() == ["f1", "f2"]
+
+
+def test_an_archive_without_code_system_is_all_measurements():
+    a = Archive()
+    a.send(event("f1", 80, T0))
+    [row] = features_at(a.frame().drop("code_system"), pl.DataFrame([a.point(T0, 0)]), **RULES).to_dicts()
+    assert row[HR_LAST.name] == 80

@@ -193,3 +193,68 @@ def test_a_retraction_of_an_input_makes_news2_missing():
     assert [o.kind for o in after.outcomes] == ["corrected"]
     assert compute_features(state, T)["news2"] == 14
     assert compute_features(after.state, T)["news2"] is None
+
+
+# --- delta and slope ----------------------------------------------------------------------------
+
+
+def test_delta_is_last_minus_first_and_slope_is_per_hour():
+    f = features_at(T, fact(HR, 80.0, T - 2 * HOUR), fact(HR, 92.0, T))
+    assert f["heart_rate_delta_24h"] == 12.0
+    assert f["heart_rate_slope_6h"] == 6.0  # 12 beats/min over 2 h
+
+
+def test_slope_is_the_least_squares_fit_not_the_end_to_end_change():
+    # t = 0, 1, 2 h, v = 80, 100, 84: mean t 1, mean v 88; sxy = (-1)(-8) + 0 + (1)(-4) = 4; sxx = 2
+    f = features_at(T, fact(HR, 80.0, T - 2 * HOUR), fact(HR, 100.0, T - HOUR), fact(HR, 84.0, T))
+    assert f["heart_rate_slope_6h"] == 2.0
+    assert f["heart_rate_delta_24h"] == 4.0
+
+
+def test_a_falling_blood_pressure_has_a_negative_slope_and_delta():
+    sbp = codes.SYSTOLIC_BP
+    f = features_at(T, fact(sbp, 130.0, T - 4 * HOUR), fact(sbp, 100.0, T - HOUR))
+    assert f["systolic_bp_slope_6h"] == -10.0  # -30 mm[Hg] over 3 h
+    assert f["systolic_bp_delta_24h"] == -30.0
+
+
+def test_slope_and_delta_need_two_facts_and_slope_two_distinct_times():
+    one = features_at(T, fact(HR, 80.0, T - HOUR))
+    assert one["heart_rate_slope_6h"] is None and one["heart_rate_delta_24h"] is None
+    same_time = features_at(T, fact(HR, 80.0, T - HOUR, fact_id="a"), fact(HR, 95.0, T - HOUR, fact_id="b"))
+    assert same_time["heart_rate_slope_6h"] is None  # no time span to fit over
+    assert same_time["heart_rate_delta_24h"] == 15.0  # ordered by fact_id at equal times: b - a
+
+
+def test_slope_window_and_delta_window_differ():
+    # the 50 is 7 h old: outside the 6 h slope window, inside the 24 h delta window
+    f = features_at(T, fact(HR, 50.0, T - 7 * HOUR), fact(HR, 80.0, T - 2 * HOUR), fact(HR, 92.0, T))
+    assert f["heart_rate_slope_6h"] == 6.0
+    assert f["heart_rate_delta_24h"] == 42.0
+
+
+def test_lab_delta_and_time_since_last():
+    f = features_at(T, fact(codes.CREATININE, 1.0, T - 20 * HOUR), fact(codes.CREATININE, 1.5, T - 2 * HOUR))
+    assert f["creatinine_delta_24h"] == 0.5
+    assert f["creatinine_time_since_last_s_24h"] == 7200.0
+    assert f["lactate_time_since_last_s_24h"] is None  # never measured: missing, not zero
+
+
+# --- robustness ---------------------------------------------------------------------------------
+
+
+def test_facts_of_codes_no_feature_reads_are_ignored():
+    context = CanonicalEvent(patient_id="p1", code=codes.LOCATION, value=None, unit=None, effective_ms=T - HOUR,
+                             issued_ms=T - HOUR, status=Status.FINAL, source=Source.CDC, fact_id="ctx:1", version=1,
+                             code_system=codes.CONTEXT, value_text="ward-7")
+    platelets = fact(codes.PLATELETS, 150.0, T - HOUR)
+    with_them = features_at(T, fact(HR, 80.0, T - HOUR), context, platelets)
+    assert with_them == features_at(T, fact(HR, 80.0, T - HOUR))
+
+
+def test_a_live_fact_without_a_value_is_not_a_measurement():
+    # the state keeps whatever it was given; a value-less fact must not crash or count
+    f = features_at(T, fact(HR, 80.0, T - 2 * HOUR), fact(HR, None, T - HOUR), fact(HR, 92.0, T))
+    assert f["vitals_count_6h"] == 2
+    assert f["heart_rate_mean_6h"] == 86.0
+    assert f["heart_rate_slope_6h"] == 6.0

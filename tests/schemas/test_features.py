@@ -1,0 +1,68 @@
+"""The feature specs as data: what the model's input contract and both planes rely on."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from schemas import codes
+from schemas.features import (AGGREGATIONS, DERIVED, FEATURE_CODES, FEATURE_NAMES, FEATURES, HOUR, MAX_WINDOW_S,
+                              FeatureSpec)
+
+
+def test_names_are_unique():
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
+
+
+def test_every_base_name_says_its_parameter_aggregation_and_window():
+    for s in FEATURES:
+        if s.agg == "count":
+            continue  # vitals_count_6h counts the observation rounds via heart rate
+        hours = s.window_s // HOUR
+        assert s.window_s % HOUR == 0, s.name
+        assert s.name == f"{codes.CODES[s.code].name}_{s.agg}_{hours}h", s.name
+
+
+def test_every_spec_reads_a_known_code_and_a_window_the_state_keeps():
+    assert all(s.code in codes.CODES for s in FEATURES)
+    assert MAX_WINDOW_S == 24 * HOUR  # streams/state.py prunes live facts at this age
+    assert all(0 < s.window_s <= MAX_WINDOW_S for s in FEATURES)
+    assert FEATURE_CODES == {s.code for s in FEATURES}
+    assert not any(c in FEATURE_CODES for c in codes.CONTEXT_CODES)
+
+
+def test_the_issue_list_is_covered():
+    by_param = {}
+    for s in FEATURES:
+        by_param.setdefault(codes.CODES[s.code].name, set()).add((s.agg, s.window_s // HOUR))
+    for param in ("heart_rate", "resp_rate", "spo2", "o2_flow", "systolic_bp", "temperature", "consciousness",
+                  "lactate", "wbc", "creatinine"):
+        assert ("last", 24) in by_param[param], param  # the last known value of every parameter
+    assert {("slope", 6), ("delta", 24)} <= by_param["heart_rate"]
+    assert {("min", 1), ("min", 6), ("slope", 6)} <= by_param["spo2"]
+    assert {("min", 6), ("slope", 6), ("delta", 24)} <= by_param["systolic_bp"]
+    assert {("max", 24), ("delta", 24), ("time_since_last_s", 24)} <= by_param["lactate"]
+    assert {("delta", 24), ("time_since_last_s", 24)} <= by_param["creatinine"]
+    assert {1, 6, 24} == {w for aggs in by_param.values() for _, w in aggs}
+    assert {s.agg for s in FEATURES} == set(AGGREGATIONS)
+    assert {"news2", "qsofa", "on_oxygen", "news2_spo2"} <= {d.name for d in DERIVED}
+    assert 40 <= len(FEATURE_NAMES) <= 55  # a reasonable model input
+
+
+def test_derived_inputs_are_base_features():
+    base = {s.name for s in FEATURES}
+    for d in DERIVED:
+        assert set(d.inputs) <= base, d.name
+
+
+def test_a_spec_with_an_unknown_aggregation_or_no_window_is_refused():
+    with pytest.raises(ValueError, match="unknown aggregation 'median'"):
+        FeatureSpec("heart_rate_median_6h", codes.HEART_RATE, "median", 6 * HOUR)
+    with pytest.raises(ValueError, match="window_s must be a positive"):
+        FeatureSpec("heart_rate_last_0h", codes.HEART_RATE, "last", 0)
+
+
+def test_names_are_plain_identifiers():
+    # they become DuckDB column names and ONNX card entries
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", n) for n in FEATURE_NAMES)
