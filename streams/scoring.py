@@ -202,7 +202,9 @@ def _inference_session(model_bytes: bytes, version_dir: Path) -> ort.InferenceSe
 
 
 def _linear_terms(model_bytes: bytes, n_features: int) -> LinearTerms | None:
-    """Coefficients of [Scaler ->] LinearClassifier, read from the node attributes; else None."""
+    """Coefficients of [Imputer ->] [Scaler ->] LinearClassifier, read from the node attributes; else
+    None. (The Imputer does not change a contribution: the scorer fills missing features with the
+    card's imputation values before the model sees them, and never lists imputed features.)"""
     try:
         import onnx  # optional (the `train` extra); without it the rationale falls back to distances
         from onnx import helper
@@ -210,6 +212,8 @@ def _linear_terms(model_bytes: bytes, n_features: int) -> LinearTerms | None:
         return None
     graph = onnx.load_from_string(model_bytes).graph
     ops = [n.op_type for n in graph.node]
+    if ops and ops[0] == "Imputer":
+        ops = ops[1:]
     if ops not in (["LinearClassifier"], ["Scaler", "LinearClassifier"]):
         return None
     attrs = {n.op_type: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in graph.node}

@@ -26,3 +26,7 @@ def test_the_shipped_model_scores_a_complete_snapshot_on_the_model_path():
     [result] = Scorer(BUNDLED_MODELS, Settings()).score([snapshot])
     assert result.path == "model"
     assert 0.0 <= result.probability <= 1.0
+    # the rationale comes from the model's own coefficients (Imputer -> Scaler -> LinearClassifier)
+    assert load_model(BUNDLED_MODELS, read_current(BUNDLED_MODELS)).linear is not None
+    assert result.rationale and all(r["feature"] in snapshot and snapshot[r["feature"]] is not None
+                                    for r in result.rationale)  # imputed features never explain a score
