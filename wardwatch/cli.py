@@ -303,12 +303,21 @@ def bench(
     rates: str = typer.Option("1000,10000", help="Offered loads (raw msg/s) for the latency phases, comma-separated; "
                                                  "empty for none"),
     paced_seconds: float = typer.Option(10.0, help="Length of each paced latency phase (seconds)"),
+    batch: bool = typer.Option(False, "--batch", help="Benchmark the nightly rebuild + parity instead, on a large "
+                                                      "archive, next to a plain DuckDB scan of the same Parquet"),
+    events: int = typer.Option(5_000_000, help="With --batch: canonical events in the archive"),
 ) -> None:
     """Measure the pipeline against a plain confluent-kafka loop on the same broker.
 
     Prints events/s (unpaced, as fast as one producer feeds) next to the baseline, latency
     percentiles at each offered load, and the worker's memory per 10k patients.
     """
+    if batch:
+        from benchmarks.batch import run_batch_bench
+
+        result = run_batch_bench(events=events, patients=patients, console=console)
+        _write_json(result, json_path)
+        return
     from benchmarks.pipeline import run_bench
 
     try:
@@ -316,6 +325,10 @@ def bench(
     except ValueError:
         raise typer.BadParameter("--rates takes integers separated by commas, e.g. 1000,10000")
     result = run_bench(patients=patients, repeat=repeat, console=console, rates=offered, paced_s=paced_seconds)
+    _write_json(result, json_path)
+
+
+def _write_json(result: dict, json_path: Optional[Path]) -> None:
     if json_path:
         import orjson
 
