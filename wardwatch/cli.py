@@ -22,6 +22,30 @@ from wardwatch.deploy_cli import deploy_app  # noqa: E402  (the `deploy` group: 
 app.add_typer(deploy_app, name="deploy")
 model_app = typer.Typer(help="The model registry: list, promote, roll back.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+config_app = typer.Typer(help="The settings every service reads (WARDWATCH_* environment variables).",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table")) -> None:
+    """Print the effective settings (environment over defaults) with secrets masked."""
+    from wardwatch.settings import Settings, describe_settings
+
+    rows = describe_settings(_settings())
+    if as_json:
+        import orjson
+
+        typer.echo(orjson.dumps({r["name"]: r["value"] for r in rows}, option=orjson.OPT_INDENT_2).decode())
+        return
+    from rich.table import Table
+
+    table = Table(title="wardwatch settings", show_lines=False)
+    for col in ("variable", "value", "source", "meaning"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["variable"], str(r["value"]), r["source"], r["description"])
+    console.print(table)
 console = Console()
 
 

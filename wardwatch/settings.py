@@ -120,3 +120,21 @@ class Settings(BaseSettings):
 def load_settings(**overrides) -> Settings:
     """Read the environment once; explicit overrides win (used by the CLI and tests)."""
     return Settings(**overrides)
+
+
+def describe_settings(settings: Settings) -> list[dict]:
+    """Every setting with its environment variable, value (secrets masked), source and meaning."""
+    import os
+
+    rows = []
+    for name, field in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = "********" if value.get_secret_value() else ""
+        elif isinstance(value, Path):
+            value = str(value)
+        variable = f"WARDWATCH_{name.upper()}"
+        rows.append({"name": name, "variable": variable, "value": value,
+                     "source": "environment" if variable in os.environ else "default",
+                     "description": field.description or ""})
+    return rows
