@@ -37,3 +37,12 @@ def settings(broker, unique, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         model_dir=tmp_path / "models",
     )
+
+
+@pytest.fixture(scope="session")
+def cohort_cache() -> Path:
+    """Where generated clinosim cohorts are cached across runs (the repo's data/cache, git-ignored,
+    as the demo uses): clinosim runs once per machine for each cohort size and seed."""
+    path = Path(__file__).resolve().parents[1] / "data" / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -22,9 +22,9 @@ DEADLINE_S = 120
 
 
 @pytest.fixture(scope="module")
-def cohort(request):
-    # pytest's cache directory survives between runs: clinosim runs once per machine
-    return generate_cohort(request.config.cache.mkdir("wardwatch-cohorts"), patients=3, seed=11)
+def cohort(cohort_cache):
+    # cached in data/cache (tests/conftest.py): clinosim runs once per machine
+    return generate_cohort(cohort_cache, patients=3, seed=11)
 
 
 def _stats_json(settings) -> dict:
