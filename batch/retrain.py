@@ -82,7 +82,10 @@ def _held_out(features: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
     data = features.join(labels.select(*keys, "label").unique(subset=keys), on=keys).filter(
         pl.col("label").is_not_null())
     _, test_ids = split_patients(data["patient_id"].to_list())
-    return data.filter(pl.col("patient_id").is_in(sorted(test_ids)))
+    held_out = data.filter(pl.col("patient_id").is_in(sorted(test_ids)))
+    if "at_risk" in labels.columns:  # the onset label: rows already deteriorated at T are not evaluated
+        held_out = held_out.join(labels.filter(pl.col("at_risk")).select(keys).unique(), on=keys, how="semi")
+    return held_out
 
 
 def model_metrics_on(model_dir, version: str, rows: pl.DataFrame) -> dict:
@@ -145,7 +148,7 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
                          cross_source_tolerance=settings.cross_source_tolerance)
     version = version or datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S")
     settings.model_dir.mkdir(parents=True, exist_ok=True)
-    card = train_model(feats, labels, settings.model_dir, version)
+    card = train_model(feats, labels, settings.model_dir, version, alert_threshold=settings.alert_threshold)
 
     current = registry.current_version(settings.model_dir)
     current_metrics = None

@@ -1,21 +1,39 @@
-"""Labels and the first deterioration model: logistic regression exported to ONNX with a model card.
+"""Labels and the deterioration model: logistic regression exported to ONNX with a model card.
 
-Label (horizon H = 12 h by default), for a scoring point of patient p at time T:
+The label is an *onset*: will a patient who is not deteriorated now become so within the horizon?
+(Asking "will this patient be deteriorated" mostly asks "is NEWS2 already high", which a ward
+already knows.) Horizon H = 12 h by default; for a scoring point of patient p at time T:
 
-    label = 1 when, in (T, T + H],
-      - a later scoring point of p has NEWS2 >= 7 (the emergency-response trigger), or
-      - p has a systolic BP <= 90 mm[Hg] (effective time in the window), or
-      - p has a lactate >= 4 mmol/L (effective time in the window);
-    otherwise 0.
+    deteriorated state     NEWS2 >= 7 (the emergency-response trigger), or systolic BP <= 90 mm[Hg],
+                           or lactate >= 4 mmol/L
+    at_risk                p has not been in that state at T or at any earlier scoring point, by what
+                           was known then: NEWS2, the latest systolic BP and the latest lactate of the
+                           last 24 h, as of `issued` (the model's own features news2,
+                           systolic_bp_last_24h, lactate_last_24h)
+    onset_ms               the first deterioration event in (T, T + H]: a later scoring point of p with
+                           NEWS2 >= 7, or a systolic BP <= 90 / lactate >= 4 effective in the window
+                           (the facts in hindsight: latest versions, retractions removed)
+    label                  1 when at_risk and there is an onset in (T, T + H]; otherwise 0
 
-The vitals and labs are the facts in hindsight (latest versions, retractions removed): a label is
-ground truth, not what was known at T. The features, in contrast, come from
-batch.features.features_as_of_issued, so training never sees the future.
+So the label predicts the *first* onset of a patient. Rows that are not at_risk keep label 0 (there
+is no new onset to predict) and are excluded from training and from every discrimination and
+calibration metric; they still count for the alert burden. Later episodes are not labelled: with
+vitals hovering at a threshold (NEWS2 6, 7, 6, 7) "onset" would again mean "NEWS2 is already
+almost 7". ICU transfer and death are not in the canonical events, so they are not part of the
+label. A fact effective before T but issued after T neither excludes the point (it was not known)
+nor counts as its onset (it is not after T).
+
+The features come from batch.features.features_as_of_issued, so training never sees the future.
 
 The model (impute missing with training medians -> standardize -> logistic regression) is exported
 with skl2onnx: input "features" float32 [None, n_features] in the card's feature order, NaN meaning
 missing (the graph imputes it with the card's `imputation` values); output "probabilities" float32
-[N, 2] (column 1 = deterioration).
+[N, 2] (column 1 = onset of deterioration within the horizon).
+
+Evaluation (held-out patients; the model and NEWS2 on the same rows): AUROC, AUPRC, Brier, a
+reliability table, and at the operating threshold (settings.alert_threshold for the model, NEWS2 >=
+5 for the rule) the alert rate per 100 patient-days, the sensitivity for onset episodes and the
+median lead time (operating_metrics).
 """
 
 from __future__ import annotations
@@ -53,55 +71,99 @@ OUTPUT_NAME = "probabilities"
 NEWS2_EMERGENCY = 7
 LOW_SYSTOLIC_BP = 90.0
 HIGH_LACTATE = 4.0
-LABEL_DEFINITION = (f"deterioration within (T, T+horizon]: a later scoring point with NEWS2 >= {NEWS2_EMERGENCY}, "
-                    f"or systolic BP <= {LOW_SYSTOLIC_BP:g} mm[Hg], or lactate >= {HIGH_LACTATE:g} mmol/L "
-                    "(effective time in the window; facts in hindsight)")
+HORIZON_H = 12.0
+NEWS2_ALERT = 5  # the rule's operating point: "urgent review" (RCP 2017)
+DEFAULT_ALERT_THRESHOLD = 0.5  # settings.alert_threshold's default; retrain passes the setting
+# what is known at T about the deteriorated state: features as of `issued`
+STATE_FEATURES = ("news2", "systolic_bp_last_24h", "lactate_last_24h")
+LABEL_DEFINITION = (f"first onset of deterioration within (T, T+horizon]: the patient has not been deteriorated "
+                    f"at T or any earlier scoring point, as known then (NEWS2 < {NEWS2_EMERGENCY}, latest systolic BP of 24 h > {LOW_SYSTOLIC_BP:g} mm[Hg], latest "
+                    f"lactate of 24 h < {HIGH_LACTATE:g} mmol/L, as of issued) and then has a later scoring point with "
+                    f"NEWS2 >= {NEWS2_EMERGENCY}, or a systolic BP <= {LOW_SYSTOLIC_BP:g} / lactate >= "
+                    f"{HIGH_LACTATE:g} effective in the window (facts in hindsight); rows of patients already "
+                    "deteriorated are excluded (at_risk = false); ICU transfer and death are not in the data")
 
 _KEYS = ("patient_id", "scoring_ms", "partition", "offset")
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
 
 
 # --- labels --------------------------------------------------------------------------------------
 
 
-def make_labels(events_df: pl.DataFrame, points_df: pl.DataFrame, horizon_h: float = 12, *,
+def make_labels(events_df: pl.DataFrame, points_df: pl.DataFrame, horizon_h: float = HORIZON_H, *,
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
                 cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
-    """The points (input order and columns) plus `label` (0/1) and one boolean per criterion:
+    """The points (input order and columns) plus `label` (0/1), `at_risk`, `onset_ms` (the onset
+    time when label = 1, else null) and one boolean per criterion met in (T, T + H]:
     label_news2_high, label_low_sbp, label_high_lactate.
 
-    NEWS2 comes from points_df's `news2` column when present (e.g. the features frame), otherwise
-    it is computed as of issue time at each point.
+    The state at T comes from points_df's STATE_FEATURES columns when present (e.g. the features
+    frame); the missing ones are computed as of issue time at each point.
     """
-    horizon_ms = int(horizon_h * 3600 * 1000)
+    horizon_ms = int(horizon_h * HOUR_MS)
+    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
     points = points_df.with_columns(pl.col("scoring_ms").cast(pl.Int64))
-    news2 = (points["news2"] if "news2" in points.columns else
-             features_as_of_issued(events_df, points.select("patient_id", "scoring_ms"),
-                                   allowed_lateness_ms=allowed_lateness_ms,
-                                   cross_source_tolerance=cross_source_tolerance)["news2"])
-    facts = final_facts(events_df, allowed_lateness_ms=allowed_lateness_ms,
-                        cross_source_tolerance=cross_source_tolerance)
+    known = _known_at(events_df, points, rules)
+    deteriorated = ((known["news2"] >= NEWS2_EMERGENCY) | (known["systolic_bp_last_24h"] <= LOW_SYSTOLIC_BP)
+                    | (known["lactate_last_24h"] >= HIGH_LACTATE)).fill_null(False)
+    facts = final_facts(events_df, **rules)
     criteria = {
-        "label_news2_high": points.select("patient_id", t=pl.col("scoring_ms")).filter(news2 >= NEWS2_EMERGENCY),
+        "label_news2_high": points.select("patient_id", t=pl.col("scoring_ms")).filter(known["news2"] >= NEWS2_EMERGENCY),
         "label_low_sbp": facts.filter((pl.col("code") == codes.SYSTOLIC_BP) & (pl.col("value") <= LOW_SYSTOLIC_BP))
                               .select("patient_id", t=pl.col("effective_ms")),
         "label_high_lactate": facts.filter((pl.col("code") == codes.LACTATE) & (pl.col("value") >= HIGH_LACTATE))
                                    .select("patient_id", t=pl.col("effective_ms")),
     }
-    out = points
-    for name, times in criteria.items():
-        out = out.with_columns(_within_horizon(points, times, horizon_ms).alias(name))
-    return out.with_columns(label=pl.any_horizontal(list(criteria)).cast(pl.Int8))
+    firsts = {name: _first_within(points, times, horizon_ms) for name, times in criteria.items()}
+    out = points.with_columns(pl.Series(name, first.is_not_null()) for name, first in firsts.items())
+    first_event = pl.DataFrame(firsts).select(pl.min_horizontal(list(firsts)).alias("t"))["t"]
+    at_risk = ~_ever(points, deteriorated)
+    label = at_risk & first_event.is_not_null()
+    return out.with_columns(
+        label=label.cast(pl.Int8),
+        at_risk=at_risk,
+        onset_ms=pl.when(label).then(first_event).otherwise(None).cast(pl.Int64),
+    )
 
 
-def _within_horizon(points: pl.DataFrame, times: pl.DataFrame, horizon_ms: int) -> pl.Series:
-    """Per point (input order): does the patient have a time in (scoring_ms, scoring_ms + horizon]?
-    The next time strictly after T is an as-of join looking forward."""
+def _known_at(events_df: pl.DataFrame, points: pl.DataFrame, rules: dict) -> pl.DataFrame:
+    """STATE_FEATURES per point (input order): taken from `points` when there, else as of issue time."""
+    missing = [c for c in STATE_FEATURES if c not in points.columns]
+    known = points.select(pl.col(c).cast(pl.Float64) for c in STATE_FEATURES if c in points.columns)
+    if missing:
+        computed = features_as_of_issued(events_df, points.select("patient_id", "scoring_ms"), **rules)
+        known = known.with_columns(computed.select(pl.col(c).cast(pl.Float64) for c in missing))
+    return known
+
+
+def _ever(points: pl.DataFrame, state: pl.Series) -> pl.Series:
+    """Per point (input order): was `state` true at this or any earlier point of the patient? Points
+    at the same time share one answer (the same facts were known)."""
+    frame = points.select("patient_id", "scoring_ms").with_columns(_s=state)
+    per_time = (frame.group_by("patient_id", "scoring_ms").agg(pl.col("_s").any()).sort("scoring_ms")
+                .with_columns(_ever=pl.col("_s").cum_max().over("patient_id")))
+    return frame.join(per_time, on=["patient_id", "scoring_ms"], how="left", maintain_order="left")["_ever"]
+
+
+def _first_within(points: pl.DataFrame, times: pl.DataFrame, horizon_ms: int) -> pl.Series:
+    """Per point (input order): the patient's first time in (scoring_ms, scoring_ms + horizon], or
+    null. The next time strictly after T is an as-of join looking forward."""
     left = points.select("patient_id", "scoring_ms").with_row_index("_point").sort("scoring_ms")
     right = times.with_columns(pl.col("t").cast(pl.Int64)).sort("t")
     nxt = left.join_asof(right, left_on="scoring_ms", right_on="t", by="patient_id",
                          strategy="forward", allow_exact_matches=False, check_sortedness=False)  # sorted above
-    within = (pl.col("t") - pl.col("scoring_ms") <= horizon_ms).fill_null(False).alias("within")
-    return nxt.sort("_point").select(within)["within"]
+    within = pl.when(pl.col("t") - pl.col("scoring_ms") <= horizon_ms).then(pl.col("t")).alias("t")
+    return nxt.sort("_point").select(within)["t"]
+
+
+def labelled_rows(events_df: pl.DataFrame, points_df: pl.DataFrame, *, horizon_h: float = HORIZON_H,
+                  allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
+                  cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+    """Features as of `issued` at every point, with their labels (the training table)."""
+    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
+    features = features_as_of_issued(events_df, points_df, **rules)
+    return make_labels(events_df, features, horizon_h, **rules)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -119,11 +181,13 @@ def split_patients(patient_ids, test_fraction: float = 0.25, seed: int = 0) -> t
 
 
 def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Path | str, version: str, *,
-                test_fraction: float = 0.25, seed: int = 0) -> dict:
-    """Train, evaluate on held-out patients, export model.onnx + card.json under out_dir/version.
+                test_fraction: float = 0.25, seed: int = 0,
+                alert_threshold: float = DEFAULT_ALERT_THRESHOLD) -> dict:
+    """Train on the at-risk rows of the training patients, evaluate on the held-out patients, export
+    model.onnx + card.json under out_dir/version.
 
-    Rows are matched on the point keys both frames share. Returns the card. Refuses to overwrite an
-    existing version (published versions are immutable).
+    Rows are matched on the point keys both frames share; labels without `at_risk` count as all at
+    risk. Returns the card. Refuses to overwrite an existing version (published versions are immutable).
     """
     registry.check_version_name(version)
     target = Path(out_dir) / version
@@ -131,20 +195,32 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         raise FileExistsError(f"model version {version!r} already exists in {out_dir}")
 
     data = _joined(features_df, labels_df)
+    # split on every patient (retrain._held_out does the same), then keep the rows at risk
     train_ids, test_ids = split_patients(data["patient_id"].to_list(), test_fraction, seed)
-    train = data.filter(pl.col("patient_id").is_in(list(train_ids)))
-    test = data.filter(pl.col("patient_id").is_in(list(test_ids)))
+    train_all = data.filter(pl.col("patient_id").is_in(list(train_ids)))
+    test_all = data.filter(pl.col("patient_id").is_in(list(test_ids)))
+    train, test = train_all.filter(pl.col("at_risk")), test_all.filter(pl.col("at_risk"))
     x_train, y_train = _matrix(train), train["label"].to_numpy().astype(int)
-    x_test, y_test = _matrix(test), test["label"].to_numpy().astype(int)
+    y_test = test["label"].to_numpy().astype(int)
     if len(set(y_train)) < 2:
         raise ValueError("training rows hold a single label class; cannot fit a classifier")
 
     pipeline = fit_pipeline(x_train, y_train)
     imputation = dict(zip(MODEL_FEATURES, (float(v) for v in pipeline.named_steps["impute"].statistics_)))
 
-    metrics = {"model": _metrics(y_test, pipeline.predict_proba(x_test)[:, 1])}
+    # every held-out row (at risk or not) is scored, for the alert burden; the rest use the at-risk rows
+    scored = test_all.with_columns(_score=pl.Series(pipeline.predict_proba(_matrix(test_all))[:, 1]))
+    probability = scored.filter(pl.col("at_risk"))["_score"].to_numpy()
+    metrics = {"model": _metrics(y_test, probability)
+               | {"reliability": reliability_table(y_test, probability),
+                  "operating": operating_metrics(scored, threshold=alert_threshold)}}
     if "news2" in data.columns:
-        metrics["news2"] = _news2_metrics(train, test, imputation.get("news2"))
+        metrics["news2"] = _news2_metrics(train, test_all, imputation.get("news2"))
+    metrics["evaluation"] = {
+        "rows": "held-out patients' scoring points at risk (not already deteriorated at T)",
+        "excluded_rows_already_deteriorated": test_all.height - test.height,
+        "operating_rows": "every held-out scoring point, at risk or not (the alert burden a ward would see)",
+    }
 
     onnx_bytes = to_onnx(pipeline)
     card = {
@@ -157,12 +233,15 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         "positive_class_index": 1,
         "imputation": imputation,
         "label": LABEL_DEFINITION,
+        "horizon_h": HORIZON_H,
         "training_range": {"min_scoring_ms": int(train["scoring_ms"].min()),
                            "max_scoring_ms": int(train["scoring_ms"].max())},
         "n_train_patients": len(train_ids),
         "n_test_patients": len(test_ids),
         "n_train_rows": train.height,
         "n_test_rows": test.height,
+        "n_excluded_rows": data.height - train.height - test.height,
+        "train_positive_fraction": round(float(y_train.mean()), 4),
         "metrics": metrics,
         "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
     }
@@ -186,13 +265,20 @@ def _joined(features_df: pl.DataFrame, labels_df: pl.DataFrame) -> pl.DataFrame:
     missing = [f for f in MODEL_FEATURES if f not in features_df.columns]
     if missing:
         raise ValueError(f"features frame lacks model inputs: {missing}")
-    labels = labels_df.select(*keys, "label").unique(subset=keys, keep="first")
-    return features_df.join(labels, on=keys, how="inner").filter(pl.col("label").is_not_null())
+    labels = labels_df.with_columns(
+        at_risk=pl.col("at_risk") if "at_risk" in labels_df.columns else pl.lit(True),
+        onset_ms=pl.col("onset_ms") if "onset_ms" in labels_df.columns else pl.lit(None, pl.Int64),
+    ).select(*keys, "label", "at_risk", "onset_ms").unique(subset=keys, keep="first")
+    features = features_df.drop("label", "at_risk", "onset_ms", strict=False)
+    return features.join(labels, on=keys, how="inner").filter(pl.col("label").is_not_null())
 
 
 def _matrix(frame: pl.DataFrame) -> np.ndarray:
     """Model inputs in card order, float32, missing as NaN (exactly what the ONNX model receives)."""
     return frame.select(pl.col(f).cast(pl.Float64) for f in MODEL_FEATURES).to_numpy().astype(np.float32)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
 
 
 def _metrics(y: np.ndarray, score: np.ndarray, probability: np.ndarray | None = None) -> dict:
@@ -209,17 +295,81 @@ def _metrics(y: np.ndarray, score: np.ndarray, probability: np.ndarray | None = 
     }
 
 
-def _news2_metrics(train: pl.DataFrame, test: pl.DataFrame, fill: float | None) -> dict:
-    """NEWS2 on the same held-out rows: the score ranks for AUROC/AUPRC; for Brier it is mapped to
-    a probability by a one-feature logistic fit on the training rows. Missing NEWS2 takes the
-    training median (as the model's input does)."""
+def reliability_table(y: np.ndarray, probability: np.ndarray, bins: int = 10) -> list[dict]:
+    """Calibration by deciles of the predicted probability: per bin the rows, the mean predicted
+    and the observed positive fraction. Tied predictions stay in one bin, so a coarse score (NEWS2
+    mapped to a probability) gives fewer, larger bins."""
+    y, probability = np.asarray(y, dtype=float), np.asarray(probability, dtype=float)
+    if len(y) == 0:
+        return []
+    edges = np.unique(np.quantile(probability, np.linspace(0, 1, bins + 1)[1:-1]))
+    which = np.searchsorted(edges, probability, side="left")  # bin i holds p <= edges[i]
+    table = []
+    for b in np.unique(which):
+        inside = which == b
+        table.append({"bin": int(len(table) + 1), "n": int(inside.sum()),
+                      "min_predicted": float(probability[inside].min()),
+                      "max_predicted": float(probability[inside].max()),
+                      "mean_predicted": float(probability[inside].mean()),
+                      "observed": float(y[inside].mean())})
+    return table
+
+
+def operating_metrics(rows: pl.DataFrame, *, threshold: float, score: str = "_score",
+                      horizon_h: float = HORIZON_H) -> dict:
+    """What a ward would live with at one threshold. `rows`: patient_id, scoring_ms, the score,
+    label and onset_ms (the onset when label = 1), ideally every scoring point of each patient.
+
+    alerts                    rising edges: a point at/above the threshold whose previous point of
+                              the patient was below it (or absent), as the stream alerts
+    patient_days              per patient, first to last scoring point
+    onset episodes            distinct (patient, onset_ms) of the positive rows
+    sensitivity               episodes with a point at/above the threshold in [onset - H, onset)
+    median_lead_time_h        onset minus the first such point, over the detected episodes
+    A missing score never alerts.
+    """
+    horizon_ms = int(horizon_h * HOUR_MS)
+    ordered = rows.sort("patient_id", "scoring_ms").with_columns(
+        _high=(pl.col(score).cast(pl.Float64) >= threshold).fill_null(False))
+    edges = ordered.with_columns(_prev=pl.col("_high").shift(1).over("patient_id").fill_null(False)).filter(
+        pl.col("_high") & ~pl.col("_prev"))
+    span = ordered.group_by("patient_id").agg(d=(pl.col("scoring_ms").max() - pl.col("scoring_ms").min()))
+    patient_days = float(span["d"].sum() or 0) / DAY_MS
+    episodes = ordered.filter((pl.col("label") == 1) & pl.col("onset_ms").is_not_null()).select(
+        "patient_id", "onset_ms").unique()
+    high = ordered.filter(pl.col("_high")).select("patient_id", t=pl.col("scoring_ms"))
+    first_alert = (episodes.join(high, on="patient_id", how="inner")
+                   .filter((pl.col("t") >= pl.col("onset_ms") - horizon_ms) & (pl.col("t") < pl.col("onset_ms")))
+                   .group_by("patient_id", "onset_ms").agg(pl.col("t").min()))
+    lead_h = ((first_alert["onset_ms"] - first_alert["t"]) / HOUR_MS).to_numpy()
+    return {
+        "threshold": threshold,
+        "alerts": edges.height,
+        "patient_days": round(patient_days, 3),
+        "alerts_per_100_patient_days": round(100 * edges.height / patient_days, 3) if patient_days else None,
+        "onset_episodes": episodes.height,
+        "episodes_detected": first_alert.height,
+        "sensitivity": first_alert.height / episodes.height if episodes.height else None,
+        "median_lead_time_h": float(np.median(lead_h)) if len(lead_h) else None,
+    }
+
+
+def _news2_metrics(train: pl.DataFrame, test_all: pl.DataFrame, fill: float | None) -> dict:
+    """NEWS2 on the same held-out rows: the score ranks for AUROC/AUPRC; for Brier and the
+    reliability table it is mapped to a probability by a one-feature logistic fit on the training
+    rows. Missing NEWS2 takes the training median (as the model's input does), except for the
+    operating point (NEWS2 >= 5), where a missing score never alerts."""
     def news2(frame: pl.DataFrame) -> np.ndarray:
         return frame["news2"].cast(pl.Float64).fill_null(fill if fill is not None else 0.0).to_numpy()
 
     calibration = LogisticRegression().fit(news2(train).reshape(-1, 1), train["label"].to_numpy().astype(int))
+    test = test_all.filter(pl.col("at_risk"))
     score = news2(test)
     probability = calibration.predict_proba(score.reshape(-1, 1))[:, 1]
-    return _metrics(test["label"].to_numpy().astype(int), score, probability)
+    y = test["label"].to_numpy().astype(int)
+    return _metrics(y, score, probability) | {
+        "reliability": reliability_table(y, probability),
+        "operating": operating_metrics(test_all, threshold=NEWS2_ALERT, score="news2")}
 
 
 def to_onnx(pipeline: Pipeline) -> bytes:

@@ -226,6 +226,25 @@ def batch_nightly(full: bool = typer.Option(False, "--full",
         raise typer.Exit(1)
 
 
+@batch_app.command("dataset", epilog="Then: WARDWATCH_DATA_DIR=data/train WARDWATCH_MODEL_DIR=data/train/models "
+                   "wardwatch batch train")
+def batch_dataset(
+    patients: int = typer.Option(300, help="Inpatients to generate (a mix of diseases and severities)"),
+    seed: int = typer.Option(11, help="Seed for the cohort and the injected faults"),
+    out: Path = typer.Option(Path("data/train"), help="Where the archive, DuckDB file and dataset.json go (wiped first)"),
+    cache_dir: Path = typer.Option(Path("data/cache"), help="clinosim cohort cache (keyed by its parameters)"),
+    faults: bool = typer.Option(True, help="Inject the replay's realistic faults, as in production"),
+) -> None:
+    """Training data through the real pipeline: clinosim -> replay -> stream -> archive -> nightly rebuild."""
+    from batch.dataset import DatasetOptions, build_dataset
+
+    summary = build_dataset(DatasetOptions(patients=patients, seed=seed, out=out, cache_dir=cache_dir,
+                                           faults=faults), console)
+    console.print_json(data={k: summary[k] for k in ("duckdb_path", "labels", "parity_ok", "seconds")})
+    if not summary["parity_ok"]:
+        raise typer.Exit(1)
+
+
 @batch_app.command("train")
 def batch_train(version: Optional[str] = typer.Option(None, help="Version name (default: a timestamp)"),
                 promote_if_none: bool = typer.Option(True, help="Make it current when no model is current")) -> None:

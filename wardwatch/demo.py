@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from streams.archiver import Archiver
-from streams.replay import build_replay, generate_cohort, publish
+from streams.replay import DEFAULT_DISEASES, build_replay, generate_cohort, publish
 from streams.topics import ensure_topics, topics_for
 from wardwatch.broker import EmbeddedBroker
 from wardwatch.procs import check_alive, start_service, stop_service, wait_for_commits, wait_for_group
@@ -46,6 +46,7 @@ class DemoOptions:
     # A live EHR emits changes as they happen; replaying days of data in a burst would turn every
     # poll batch into hours of event time. Pacing keeps arrival order close to emission order.
     rate: float = 1000.0
+    diseases: tuple[str, ...] = DEFAULT_DISEASES  # "name[:severity]" clinosim runs (batch/dataset.py widens the mix)
 
 
 def _progress(console: Console) -> Progress:
@@ -145,7 +146,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
         progress.update(step, total=1, completed=1)
 
         step = progress.add_task(f"generating {opts.patients} patients with clinosim (cached)", total=None)
-        cohort = generate_cohort(opts.cache_dir.resolve(), patients=opts.patients, seed=opts.seed)
+        cohort = generate_cohort(opts.cache_dir.resolve(), patients=opts.patients, seed=opts.seed,
+                                 diseases=opts.diseases)
         replay = build_replay(cohort, faults=opts.faults, seed=opts.seed,
                               allowed_lateness_s=settings.allowed_lateness_s,
                               late_by_s=settings.allowed_lateness_s + 4 * 3600)

@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 
 from batch import registry
-from batch.train import MODEL_FEATURES, fit_pipeline, make_labels, to_onnx, train_model
+from batch.train import (MODEL_FEATURES, NEWS2_ALERT, fit_pipeline, make_labels, operating_metrics,
+                         reliability_table, to_onnx, train_model)
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
 from schemas.features import FEATURE_NAMES
@@ -208,3 +209,125 @@ def test_later_high_news2_labels_earlier_points_only():
     labels = make_labels(events, points, horizon_h=12)
     assert labels["label_news2_high"].to_list() == [True, False, False, False]
     assert labels["label"].to_list() == [1, 0, 0, 0]
+
+
+# --- the onset label -----------------------------------------------------------------------------
+
+
+def test_onset_within_the_horizon_is_positive_and_beyond_it_negative():
+    t = T0 + 24 * HOUR
+    base = [vital("hr", codes.HEART_RATE, 80, t - HOUR, 0)]
+
+    def label_with_low_bp_at(effective_ms: int) -> dict:
+        events = pl.DataFrame(base + [vital("sbp", codes.SYSTOLIC_BP, 85, effective_ms, 1)])
+        return make_labels(events, points_at((t, 2)), horizon_h=12).row(0, named=True)
+
+    at_5h = label_with_low_bp_at(t + 5 * HOUR)
+    assert (at_5h["at_risk"], at_5h["label"], at_5h["onset_ms"]) == (True, 1, t + 5 * HOUR)
+    at_13h = label_with_low_bp_at(t + 13 * HOUR)
+    assert (at_13h["at_risk"], at_13h["label"], at_13h["onset_ms"]) == (True, 0, None)
+
+
+def test_a_patient_already_deteriorated_at_t_is_not_at_risk():
+    t = T0 + 24 * HOUR
+    events = pl.DataFrame([vital("sbp1", codes.SYSTOLIC_BP, 85, t - 2 * HOUR, 0),  # known at T
+                           vital("sbp2", codes.SYSTOLIC_BP, 80, t + 3 * HOUR, 1)])
+    row = make_labels(events, points_at((t, 3)), horizon_h=12).row(0, named=True)
+    assert row["at_risk"] is False
+    assert row["label"] == 0 and row["onset_ms"] is None  # nothing new to predict: excluded from training
+
+    # already deteriorated by NEWS2 alone (SBP fine), or by a lactate of the last 24 h
+    events = pl.DataFrame([vital("sbp", codes.SYSTOLIC_BP, 80, t + 3 * HOUR, 0)])
+    assert make_labels(events, points_at((t, 7)), horizon_h=12)["at_risk"].to_list() == [False]
+    lactate = [vital("lac", codes.LACTATE, 5.0, t - 3 * HOUR, 0), vital("sbp", codes.SYSTOLIC_BP, 80, t + HOUR, 1)]
+    assert make_labels(pl.DataFrame(lactate), points_at((t, 2)), horizon_h=12)["at_risk"].to_list() == [False]
+
+
+def test_only_the_first_onset_is_labelled():
+    events = pl.DataFrame([vital("sbp1", codes.SYSTOLIC_BP, 85, T0, 0),
+                           vital("sbp2", codes.SYSTOLIC_BP, 118, T0 + 2 * HOUR, 1),  # recovered
+                           vital("sbp3", codes.SYSTOLIC_BP, 88, T0 + 6 * HOUR, 2)])
+    labels = make_labels(events, points_at((T0 - HOUR, 1), (T0 + HOUR, 2), (T0 + 3 * HOUR, 2)), horizon_h=12)
+    assert labels["at_risk"].to_list() == [True, False, False]  # once deteriorated, never at risk again
+    assert labels["label"].to_list() == [1, 0, 0]
+    assert labels["onset_ms"].to_list() == [T0, None, None]
+
+
+def test_the_onset_is_the_first_deterioration_event_of_any_criterion():
+    events = pl.DataFrame([vital("hr", codes.HEART_RATE, 80, T0, 0),
+                           vital("lac", codes.LACTATE, 4.5, T0 + 8 * HOUR, 1),
+                           vital("sbp", codes.SYSTOLIC_BP, 85, T0 + 9 * HOUR, 2)])
+    labels = make_labels(events, points_at((T0, 1), (T0 + 4 * HOUR, 8)), horizon_h=12)
+    # the later point scoring NEWS2 8 at T0+4h comes first; that point itself is already deteriorated
+    assert labels["onset_ms"].to_list() == [T0 + 4 * HOUR, None]
+    assert labels.select("label_news2_high", "label_low_sbp", "label_high_lactate").row(0) == (True, True, True)
+
+
+def test_rows_already_deteriorated_are_left_out_of_training_and_evaluation(tmp_path):
+    features = synthetic_features(n_patients=20)
+    labels = labels_for(features).with_columns(at_risk=pl.Series([i % 4 != 0 for i in range(features.height)]))
+    card = train_model(features, labels, tmp_path, "v1")
+    excluded = labels.filter(~pl.col("at_risk")).height
+    assert card["n_excluded_rows"] == excluded
+    assert card["n_train_rows"] + card["n_test_rows"] == features.height - excluded
+    assert card["metrics"]["model"]["n_rows"] == card["n_test_rows"] == card["metrics"]["news2"]["n_rows"]
+
+
+# --- evaluation at the operating threshold -------------------------------------------------------
+
+
+def stay(patient: str, onset_h: float, high_at_h: tuple[float, ...]) -> list[dict]:
+    """Scoring points every 2 h over 24 h; the score is 0.9 at `high_at_h`, else 0.1; points in the
+    12 h before the onset are positive."""
+    rows = []
+    for h in range(0, 25, 2):
+        positive = onset_h - 12 <= h < onset_h
+        rows.append({"patient_id": patient, "scoring_ms": T0 + h * HOUR, "_score": 0.9 if h in high_at_h else 0.1,
+                     "label": int(positive), "onset_ms": T0 + int(onset_h * HOUR) if positive else None})
+    return rows
+
+
+def test_sensitivity_lead_time_and_alert_rate_on_four_patients():
+    rows = pl.DataFrame(stay("a", 10, (4, 6))  # alerted 6 h before its onset
+                        + stay("b", 20, (10, 14))  # alerted 10 h before (twice: 2 rising edges)
+                        + stay("c", 10, (12,))  # alerted only after the onset: missed
+                        + stay("d", 22, (4,)))  # alerted 18 h before: outside the 12 h window, missed
+    m = operating_metrics(rows, threshold=0.5)
+    assert m["onset_episodes"] == 4
+    assert m["episodes_detected"] == 2
+    assert m["sensitivity"] == 0.5
+    assert m["median_lead_time_h"] == 8.0  # median of 6 h and 10 h
+    assert m["alerts"] == 5  # a: 1, b: 2, c: 1, d: 1
+    assert m["patient_days"] == 4.0  # 24 h each
+    assert m["alerts_per_100_patient_days"] == 125.0
+
+
+def test_a_missing_score_never_alerts():
+    rows = pl.DataFrame(stay("a", 10, ())).with_columns(_score=pl.lit(None, pl.Float64))
+    m = operating_metrics(rows, threshold=0.5)
+    assert (m["alerts"], m["episodes_detected"], m["sensitivity"]) == (0, 0, 0.0)
+    assert m["median_lead_time_h"] is None
+
+
+def test_reliability_table_by_deciles_keeps_ties_together():
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0, 1, 1000)
+    y = (rng.uniform(0, 1, 1000) < p).astype(int)  # calibrated by construction
+    table = reliability_table(y, p)
+    assert len(table) == 10 and all(row["n"] == 100 for row in table)
+    assert all(abs(row["mean_predicted"] - row["observed"]) < 0.15 for row in table)
+
+    coarse = reliability_table([0] * 9 + [1] + [0] * 2 + [1] * 8, [0.05] * 10 + [0.85] * 10)
+    assert [(r["n"], r["mean_predicted"], r["observed"]) for r in coarse] == [(10, 0.05, 0.1), (10, 0.85, 0.8)]
+
+
+def test_card_reports_the_model_and_news2_at_their_operating_points(trained):
+    _, card, _ = trained
+    model, news2 = card["metrics"]["model"], card["metrics"]["news2"]
+    assert model["operating"]["threshold"] == 0.5
+    assert news2["operating"]["threshold"] == NEWS2_ALERT
+    for metrics in (model, news2):
+        assert sum(row["n"] for row in metrics["reliability"]) == metrics["n_rows"]
+        assert metrics["operating"]["patient_days"] > 0
+        assert metrics["operating"]["onset_episodes"] == 0  # these labels carry no onset times
+        assert metrics["operating"]["sensitivity"] is None

@@ -1,0 +1,61 @@
+"""`wardwatch batch dataset` end to end on a tiny cohort: clinosim (cached) -> replay -> stream ->
+archive -> nightly, then the training table is read back from the DuckDB file it leaves."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from batch.dataset import DATASET_FILE, DatasetOptions, build_dataset
+from batch.train import labelled_rows
+from wardwatch.cli import app
+
+MIX = ("sepsis:severe", "heart_failure_exacerbation:moderate", "cellulitis:mild")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, cohort_cache):
+    out = tmp_path_factory.mktemp("dataset") / "train"
+    summary = build_dataset(DatasetOptions(patients=3, seed=5, out=out, cache_dir=cohort_cache, diseases=MIX,
+                                           timeout_s=240))
+    return out, summary
+
+
+def test_the_cohort_mixes_the_requested_diseases(dataset, cohort_cache):
+    _, summary = dataset
+    [cohort] = [p for p in cohort_cache.glob("cohort-p3-s5-*")
+                if json.loads((p / "cohort.json").read_text())["diseases"] == list(MIX)]
+    by_disease = json.loads((cohort / "cohort.json").read_text())["patients_by_disease"]
+    assert {d: len(ids) for d, ids in by_disease.items()} == {d: 1 for d in MIX}
+    assert summary["diseases"] == list(MIX)
+
+
+def test_the_stream_output_is_rebuilt_into_a_database_to_train_on(dataset):
+    out, summary = dataset
+    assert json.loads((out / DATASET_FILE).read_text()) == summary
+    with duckdb.connect(summary["duckdb_path"], read_only=True) as con:
+        # the summary reports the nightly's parity verdict (parity itself: tests/batch/test_parity*.py)
+        assert con.execute("SELECT parity_ok FROM runs").fetchall() == [(summary["parity_ok"],)]
+        [(patients,)] = con.execute("SELECT count(DISTINCT patient_id) FROM canonical_events").fetchall()
+        [(points,)] = con.execute("SELECT count(*) FROM features_online").fetchall()
+        events = con.sql("SELECT * FROM canonical_events").pl()
+        online = con.sql('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online').pl()
+    assert patients == 3
+    assert points > 0
+
+    labels = summary["labels"]
+    assert labels["patients"] == 3
+    assert labels["at_risk_points"] + labels["excluded_already_deteriorated"] == labels["scoring_points"]
+    assert labels["onset_positive_points"] <= labels["at_risk_points"]
+    rows = labelled_rows(events, online)  # what `wardwatch batch train` reads
+    assert rows.height == labels["scoring_points"]
+    assert int(rows["label"].sum()) == labels["onset_positive_points"]
+
+
+def test_the_command_is_registered_with_help():
+    result = CliRunner().invoke(app, ["batch", "dataset", "--help"])
+    assert result.exit_code == 0
+    assert "--patients" in result.output and "clinosim" in result.output
