@@ -27,3 +27,30 @@ def _create_worker_consumer(self, transport):
 def set_fetch_max_wait_ms(wait_ms: int) -> None:
     _wait_ms[0] = int(wait_ms)
     faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
+
+
+def broker_credentials(settings):
+    """faust's broker_credentials from the same settings every confluent-kafka client reads
+    (Settings.kafka_client_config): PLAINTEXT -> None, SSL -> SSLCredentials, SASL_* -> SASLCredentials
+    (with a TLS context for SASL_SSL). One source of truth, so the worker can never talk to the
+    broker differently from ingest, the receiver or the archiver."""
+    import ssl
+
+    import faust
+
+    protocol = settings.kafka_security_protocol.upper()
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    if protocol not in ("SASL_PLAINTEXT", "SASL_SSL"):
+        raise ValueError(f"WARDWATCH_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r}: use PLAINTEXT, "
+                         "SSL, SASL_PLAINTEXT or SASL_SSL")
+    if not settings.kafka_sasl_mechanism:
+        raise ValueError("SASL needs WARDWATCH_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+    password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+    return faust.SASLCredentials(username=settings.kafka_sasl_username, password=password, ssl_context=context,
+                                 mechanism=settings.kafka_sasl_mechanism)
