@@ -8,10 +8,12 @@ Shapes
     events  one row per canonical event: the CanonicalEvent fields (patient_id, code, value, unit,
             effective_ms, issued_ms, status, source, fact_id, version, encounter_id, value_text,
             event_id) plus its arrival position (partition, offset, idx).
-    points  one row per scoring point: patient_id, scoring_ms, partition, offset.
+    points  one row per scoring point: patient_id, scoring_ms, partition, offset, and idx (the
+            index in the message of the last event the point saw; without it, the whole message).
 
     classify_events(events, ...)           events in arrival order + outcome, late_by_ms
-    scoring_points(events, ...)            the scoring points the rules produce
+    scoring_points(events, ...)            the scoring points schemas/cadence.py gives, with idx,
+                                           trigger and snapshot_id
     final_facts(events, ...)               the live facts in hindsight (latest versions)
     features_at(events, points, ...)       points + every FEATURE_NAMES column, as of arrival
     features_as_of_issued(events, points)  the same, from what was issued by the scoring time
@@ -27,6 +29,7 @@ import duckdb
 import polars as pl
 
 from schemas import codes
+from schemas.cadence import VITAL_SIGN_CODES, Trigger, snapshot_id
 from schemas.canonical import Status
 from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec
 from wardwatch.settings import Settings
@@ -41,6 +44,8 @@ RETRACTED = Status.ENTERED_IN_ERROR.value
 # defaults come from the one settings object's declared defaults (no environment read here)
 DEFAULT_ALLOWED_LATENESS_MS: int = Settings.model_fields["allowed_lateness_s"].default * 1000
 DEFAULT_CROSS_SOURCE_TOLERANCE: float = Settings.model_fields["cross_source_tolerance"].default
+DEFAULT_MIN_INTERVAL_MS: int = Settings.model_fields["scoring_min_interval_s"].default * 1000
+END_OF_MESSAGE = 2**62  # the idx of a point given without one: it sees its whole message
 
 _FACT = ["patient_id", "fact_id"]
 _ARRIVAL = ["patient_id", "partition", "offset", "idx"]
@@ -79,19 +84,45 @@ def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_
             .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_clock"))
 
 
+POINTS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
+                 "idx": pl.Int64, "trigger": pl.String, "snapshot_id": pl.String}
+
+
 def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
-                   cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
-    """One point (patient_id, scoring_ms, partition, offset) per micro-batch message in which an
-    event was accepted or corrected; scoring_ms is the patient clock after that message."""
+                   cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE,
+                   min_interval_ms: int = DEFAULT_MIN_INTERVAL_MS) -> pl.DataFrame:
+    """The scoring points of schemas/cadence.py, in arrival order (POINTS_SCHEMA).
+
+    Runs (adjacent measurement events of one message sharing an effective time) and what each could
+    trigger are vectorized; which runs do trigger is one pass over the candidate runs in arrival
+    order, because the minimum interval counts from the last point actually taken."""
     classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
+    message = pl.struct("patient_id", "partition", "offset")
+    new_run = ((message != message.shift(1)) | (pl.col("effective_ms") != pl.col("effective_ms").shift(1))).fill_null(True)
     clock_after = (pl.when(pl.col("_kind") == ACCEPTED).then(pl.col("effective_ms"))
                    .cum_max().forward_fill().over("patient_id"))
-    return (classified
-            .with_columns(_clock_after=clock_after, _scores=pl.col("_kind").is_in([ACCEPTED, CORRECTED]))
-            .group_by("patient_id", "partition", "offset", maintain_order=True)
-            .agg(pl.col("_scores").any(), scoring_ms=pl.col("_clock_after").last())
-            .filter("_scores")
-            .select("patient_id", "scoring_ms", "partition", "offset"))
+    vital = (pl.col("_kind") == ACCEPTED) & pl.col("code").is_in(list(VITAL_SIGN_CODES))
+    runs = (classified
+            .with_columns(_run=new_run.cum_sum(), _clock_after=clock_after)
+            .group_by("_run", maintain_order=True)
+            .agg(pl.col("patient_id", "partition", "offset").first(), pl.col("idx").last(),
+                 pl.col("effective_ms").first(), pl.col("_clock_after").last(),
+                 _vital=pl.col("event_id").filter(vital).first(),
+                 _correction=pl.col("event_id").filter(pl.col("_kind") == CORRECTED).first())
+            .filter(pl.col("_vital").is_not_null() | pl.col("_correction").is_not_null()))
+    points, vitals_scored_ms = [], {}
+    for patient, partition, offset, idx, T, clock, vital_event, correction_event in runs.select(
+            "patient_id", "partition", "offset", "idx", "effective_ms", "_clock_after", "_vital",
+            "_correction").iter_rows():
+        last = vitals_scored_ms.get(patient)
+        if vital_event is not None and (last is None or (T > last and T - last >= min_interval_ms)):
+            vitals_scored_ms[patient] = T
+            points.append((patient, T, partition, offset, idx, Trigger.VITALS.value, vital_event))
+        elif correction_event is not None and last is not None:
+            points.append((patient, clock, partition, offset, idx, Trigger.CORRECTION.value, correction_event))
+    return (pl.DataFrame([(*p[:6], snapshot_id(p[0], p[5], p[1], p[6])) for p in points],
+                         schema=POINTS_SCHEMA, orient="row")
+            .sort("partition", "offset", "idx", maintain_order=True))
 
 
 def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
@@ -188,21 +219,24 @@ def final_facts(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLO
 def features_at(events: pl.DataFrame, points: pl.DataFrame, *,
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
                 cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
-    """Every feature at each point, over the facts visible after the point's message: each fact at
-    its latest version with arrival position <= (partition, offset, any idx); retracted facts excluded.
+    """Every feature at each point, over the facts visible at the point's arrival position: each
+    fact at its latest version with arrival position <= (partition, offset, idx) of the point (a
+    point without idx sees its whole message); retracted facts excluded.
 
     Returns the points (input order, input columns) plus one column per FEATURE_NAMES entry.
     """
     versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
     points = points.with_columns(pl.col("scoring_ms", "partition", "offset").cast(pl.Int64))
-    # one global order of message positions, so events and points compare by a single integer
-    positions = (pl.concat([versions.select("partition", "offset"), points.select("partition", "offset")])
-                 .unique().sort("partition", "offset").with_row_index("_pos")
+    point_idx = pl.col("idx").cast(pl.Int64).fill_null(END_OF_MESSAGE) if "idx" in points.columns else pl.lit(END_OF_MESSAGE)
+    at_position = points.select("partition", "offset", idx=point_idx)
+    # one global order of arrival positions, so events and points compare by a single integer
+    positions = (pl.concat([versions.select("partition", "offset", "idx"), at_position])
+                 .unique().sort("partition", "offset", "idx").with_row_index("_pos")
                  .with_columns(pl.col("_pos").cast(pl.Int64)))
     versions = _over_repeated_facts(
-        versions.join(positions, on=["partition", "offset"], how="left", maintain_order="left"),
+        versions.join(positions, on=["partition", "offset", "idx"], how="left", maintain_order="left"),
         "_until", pl.col("_pos").shift(-1)).with_columns(_from=pl.col("_pos"))
-    at = points.join(positions, on=["partition", "offset"], how="left", maintain_order="left")["_pos"]
+    at = at_position.join(positions, on=["partition", "offset", "idx"], how="left", maintain_order="left")["_pos"]
     return _features(versions, points, at)
 
 

@@ -5,9 +5,12 @@
 Steps (each timed, each announced to `progress(step)`):
     read        archive part files -> deduplicated frames (batch/rebuild.py)
     classify    batch.features.classify_events over canonical events in arrival order
-    offline     batch.features.features_at at every new online scoring point
+    offline     batch.features.scoring_points derives the scoring points (schemas/cadence.py) of the
+                recomputed patients; batch.features.features_at at every new online scoring point, at
+                its arrival position (idx from the derived point with the same snapshot_id)
     labels      batch.train.make_labels (features as of `issued`, outcomes strictly after T)
-    parity      batch/parity.py: online vs offline features, published vs recomputed late events
+    parity      batch/parity.py: online vs offline features, published vs recomputed late events,
+                online vs derived scoring points (of the recomputed patients)
     write       a new DuckDB file next to settings.duckdb_path (tables, comments, views), then
                 os.replace over the old one; then the HTML report (batch/report.py)
 
@@ -76,6 +79,12 @@ def _default_recompute() -> tuple[FeaturesAt, ClassifyEvents]:
     from batch.features import classify_events, features_at
 
     return features_at, classify_events
+
+
+def _default_scoring_points() -> Callable[..., pl.DataFrame]:
+    from batch.features import scoring_points
+
+    return scoring_points
 
 
 def default_labels(events: pl.DataFrame, points: pl.DataFrame, *, allowed_lateness_ms: int,
@@ -174,9 +183,12 @@ def _patients(frame: pl.DataFrame) -> pl.Series:
 def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_tolerance: float,
                  features_at: FeaturesAt, classify_events: ClassifyEvents, make_labels: MakeLabels,
                  step: Callable[[str], None], previous: dict[str, pl.DataFrame] | None = None,
+                 scoring_points: Callable[..., pl.DataFrame] | None = None, min_interval_ms: int = 0,
                  ) -> tuple[dict[str, pl.DataFrame], dict, dict]:
     """Every table except `runs`, the parity summary of this run, and run facts. Pure given the
-    archive and the previous tables (`previous` empty or None: a full build)."""
+    archive and the previous tables (`previous` empty or None: a full build). Without
+    `scoring_points` the online points are taken as given (no point check; features after each
+    point's whole message)."""
     previous = previous or {}
     rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
 
@@ -214,9 +226,17 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     versions = rebuild.observation_versions(classified)
 
     step("offline")
-    offline_new = features_at(their_events, new_points, **rules)
-    offline = offline_new if prev_offline is None else pl.concat(
-        [prev_offline.join(new_points, on=POINT_KEYS, how="anti"), offline_new.select(prev_offline.columns)],
+    checked_online = online.join(new_points, on=POINT_KEYS, how="semi")
+    derived = feature_points = None
+    if scoring_points is not None:
+        derived = scoring_points(their_events, **rules, min_interval_ms=min_interval_ms)
+        # each online point at its arrival position: the idx of the derived point with its snapshot_id
+        feature_points = (checked_online.select("snapshot_id", *POINT_KEYS)
+                          .join(derived.select("snapshot_id", "idx"), on="snapshot_id", how="left"))
+    offline_new = features_at(their_events, new_points if feature_points is None else feature_points, **rules)
+    stored_new = offline_new.select(*POINT_KEYS, *FEATURE_NAMES)
+    offline = stored_new if prev_offline is None else pl.concat(
+        [prev_offline.join(new_points, on=POINT_KEYS, how="anti"), stored_new.select(prev_offline.columns)],
         how="vertical_relaxed")
     offline = offline.sort("partition", "offset", "patient_id", "scoring_ms")
 
@@ -230,14 +250,18 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
 
     step("parity")
     late_published = rebuild.late_events(_merged("late", previous.get("late_events"), new_raw["late"]))
-    checked_online = online.join(new_points, on=POINT_KEYS, how="semi")
+    their_online = None if derived is None else online.filter(pl.col("patient_id").is_in(recompute.implode()))
     rows, summary = parity_report(checked_online, offline_new, late_published=late_published,
-                                  late_recomputed=rebuild.late_recomputed(classified))
+                                  late_recomputed=rebuild.late_recomputed(classified),
+                                  online_points=their_online, offline_points=derived)
     mismatches = rows.filter(~pl.col("match")).cast(PARITY_ROW_SCHEMA)
     if "parity_report" in previous:  # other points keep their verdict; late checks are redone in full
         earlier = (previous["parity_report"].filter(pl.col("check") == "feature").cast(PARITY_ROW_SCHEMA)
                    .join(new_points.cast({k: PARITY_ROW_SCHEMA[k] for k in POINT_KEYS}), on=POINT_KEYS, how="anti"))
-        mismatches = pl.concat([earlier, mismatches])
+        # point checks are redone for the recomputed patients (their whole history)
+        earlier_points = (previous["parity_report"].filter(pl.col("check") == "point").cast(PARITY_ROW_SCHEMA)
+                          .filter(~pl.col("patient_id").is_in(recompute.implode())))
+        mismatches = pl.concat([earlier, earlier_points, mismatches])
 
     tables = {
         "canonical_events": classified,
@@ -315,6 +339,8 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
     `full=False` builds on the previous file (only new archive parts; same result). `features_at` /
     `classify_events` / `make_labels` default to batch.features / batch.train (parameters so tests
     can stand in). `report` writes the HTML report of the run next to the database."""
+    # the point check needs the real recomputation (stand-ins of features_at don't take idx)
+    scoring_points = _default_scoring_points() if features_at is None and classify_events is None else None
     if features_at is None or classify_events is None:
         default_features_at, default_classify = _default_recompute()
         features_at = features_at or default_features_at
@@ -339,7 +365,8 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
     tables, summary, facts = build_tables(
         archive_dir, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
         cross_source_tolerance=settings.cross_source_tolerance, features_at=features_at,
-        classify_events=classify_events, make_labels=make_labels, step=step, previous=previous)
+        classify_events=classify_events, make_labels=make_labels, step=step, previous=previous,
+        scoring_points=scoring_points, min_interval_ms=settings.scoring_min_interval_s * 1000)
     ok = parity_ok(summary)
     counts = {name: frame.height for name, frame in tables.items()}
 

@@ -5,7 +5,15 @@ column per feature. Every online point is compared, feature by feature:
 
     match  both missing, or both present and |online - offline| <= tolerance
 
-A point the offline side lacks compares as all-missing offline, so it shows up as mismatches.
+A point the offline side lacks compares as all-missing offline, so it shows up as mismatches. When
+both frames carry `snapshot_id` (schemas/cadence.py), points are matched by it.
+
+The scoring-point check (`offline_points` given): the batch derives the scoring points itself from
+the cadence rule, and every online point must be one of them and vice versa, matched by snapshot_id
+(a function of patient, trigger, T and the triggering event, never of offsets). A point only one side
+has is a failure with its reason ("online only": the stream scored where the rule does not;
+"offline only": the rule scores where the stream did not). An offline point beyond the last archived
+online snapshot of its partition is "pending" (the archiver has not landed it yet), not a failure.
 
 The late-events cross-check compares the late events the stream published with those the batch
 finds by applying the same lateness rule; a late event is identified by (event_id, partition,
@@ -27,7 +35,7 @@ POINT_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
 LATE_KEYS = ("event_id", "partition", "offset")
 
 PARITY_ROW_SCHEMA = {
-    "check": pl.String,  # "feature" or "late"
+    "check": pl.String,  # "feature", "late" or "point"
     "patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
     "feature": pl.String, "event_id": pl.String,
     "online": pl.Float64, "offline": pl.Float64, "abs_diff": pl.Float64, "match": pl.Boolean,
@@ -35,22 +43,24 @@ PARITY_ROW_SCHEMA = {
 }
 
 
-def _long(frame: pl.DataFrame, features: list[str], value_name: str) -> pl.DataFrame:
+def _long(frame: pl.DataFrame, features: list[str], value_name: str, keys: list[str]) -> pl.DataFrame:
     """One row per (point, feature) holding the value in `value_name`; `_point` keeps the point order."""
     present = [f for f in features if f in frame.columns]
-    return (frame.select([pl.col(k).cast(PARITY_ROW_SCHEMA[k]) for k in POINT_KEYS]
+    return (frame.select([pl.col(k).cast(PARITY_ROW_SCHEMA.get(k, pl.String)) for k in keys]
                          + [pl.col(f).cast(pl.Float64) for f in present])
             .with_row_index("_point")
-            .unpivot(index=["_point", *POINT_KEYS], on=present, variable_name="feature", value_name=value_name))
+            .unpivot(index=["_point", *keys], on=present, variable_name="feature", value_name=value_name))
 
 
 def feature_parity(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: float = 1e-9,
                    features: Iterable[str] = FEATURE_NAMES) -> pl.DataFrame:
     """One row per (online point, feature): online, offline, abs_diff, match."""
     features = list(features)
-    on = _long(online, features, "online")
-    off = _long(offline, features, "offline").drop("_point").unique(subset=[*POINT_KEYS, "feature"], keep="first")
-    both = on.join(off, on=[*POINT_KEYS, "feature"], how="left", nulls_equal=True)
+    by_id = "snapshot_id" in online.columns and "snapshot_id" in offline.columns
+    keys = ["snapshot_id", *POINT_KEYS] if by_id else list(POINT_KEYS)
+    on = _long(online, features, "online", keys)
+    off = _long(offline, features, "offline", keys).drop("_point").unique(subset=[*keys, "feature"], keep="first")
+    both = on.join(off, on=[*keys, "feature"], how="left", nulls_equal=True)
     diff = (pl.col("online") - pl.col("offline")).abs()
     both_nan = pl.col("online").is_nan() & pl.col("offline").is_nan()
     return (both
@@ -59,7 +69,25 @@ def feature_parity(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: fl
                           .when(pl.col("online").is_null() | pl.col("offline").is_null()).then(False)
                           .otherwise(both_nan | (pl.col("abs_diff") <= tolerance)))
             .sort("_point", "feature")
-            .drop("_point"))
+            .drop("_point", *(["snapshot_id"] if by_id else [])))
+
+
+def point_parity(online: pl.DataFrame, offline_points: pl.DataFrame) -> pl.DataFrame:
+    """Scoring points only one side has, by snapshot_id: one row each with `detail` online only /
+    offline only / pending (see the module docstring)."""
+    cols = ["snapshot_id", *POINT_KEYS]
+    on = online.select([pl.col(c).cast(PARITY_ROW_SCHEMA.get(c, pl.String)) for c in cols]).unique("snapshot_id")
+    off = offline_points.select([pl.col(c).cast(PARITY_ROW_SCHEMA.get(c, pl.String)) for c in cols])
+    reached = on.group_by("partition").agg(pl.col("offset").max().alias("_reached"))
+    offline_only = (off.join(on, on="snapshot_id", how="anti")
+                    .join(reached, on="partition", how="left")
+                    .with_columns(detail=pl.when(pl.col("_reached").is_not_null() & (pl.col("offset") <= pl.col("_reached")))
+                                  .then(pl.lit("offline only: the rule scores here, the stream did not"))
+                                  .otherwise(pl.lit("pending: after the last archived online snapshot")))
+                    .drop("_reached"))
+    online_only = (on.join(off, on="snapshot_id", how="anti")
+                   .with_columns(detail=pl.lit("online only: the stream scored where the rule does not")))
+    return pl.concat([online_only, offline_only]).sort("partition", "offset", "patient_id", "scoring_ms")
 
 
 def late_parity(published: pl.DataFrame, recomputed: pl.DataFrame) -> pl.DataFrame:
@@ -89,11 +117,14 @@ def _empty_late() -> pl.DataFrame:
 
 def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: float = 1e-9,
                   late_published: pl.DataFrame | None = None, late_recomputed: pl.DataFrame | None = None,
-                  features: Iterable[str] = FEATURE_NAMES) -> tuple[pl.DataFrame, dict]:
+                  features: Iterable[str] = FEATURE_NAMES, online_points: pl.DataFrame | None = None,
+                  offline_points: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict]:
     """Compare per (point, feature); returns (rows, summary).
 
     rows: every (point, feature) comparison plus one row per late-event disagreement, in the
     PARITY_ROW_SCHEMA shape (`check` says which). Filter on `match` for the mismatches.
+    With `offline_points`, the online points (`online_points`, default `online`) are checked against
+    them too (check "point"; a pending point is reported with match = True).
     """
     values = feature_parity(online, offline, tolerance=tolerance, features=features)
     late = late_parity(late_published if late_published is not None else _empty_late(),
@@ -108,8 +139,15 @@ def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: flo
         offline=pl.col("recomputed_late_by_ms").cast(pl.Float64),
         abs_diff=(pl.col("published_late_by_ms") - pl.col("recomputed_late_by_ms")).abs().cast(pl.Float64),
         match=pl.lit(False), detail="detail")
+    points = point_parity(online if online_points is None else online_points,
+                          offline_points) if offline_points is not None else None
+    point_rows = [] if points is None else [points.select(
+        check=pl.lit("point"), patient_id="patient_id", scoring_ms="scoring_ms", partition="partition",
+        offset="offset", feature=pl.lit(None, pl.String), event_id=pl.lit(None, pl.String),
+        online=pl.lit(None, pl.Float64), offline=pl.lit(None, pl.Float64), abs_diff=pl.lit(None, pl.Float64),
+        match=pl.col("detail").str.starts_with("pending"), detail="detail").cast(PARITY_ROW_SCHEMA)]
     rows = pl.concat([feature_rows.select(list(PARITY_ROW_SCHEMA)).cast(PARITY_ROW_SCHEMA),
-                      late_rows.select(list(PARITY_ROW_SCHEMA)).cast(PARITY_ROW_SCHEMA)])
+                      late_rows.select(list(PARITY_ROW_SCHEMA)).cast(PARITY_ROW_SCHEMA), *point_rows])
 
     mismatches = values.filter(~pl.col("match"))
     per_feature = dict(mismatches.group_by("feature").len().sort("feature").iter_rows())
@@ -126,13 +164,22 @@ def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: flo
         "late_recomputed": 0 if late_recomputed is None else late_recomputed.unique(subset=list(LATE_KEYS)).height,
         "late_mismatched": late.height,
     }
+    if points is not None:
+        def count(prefix: str) -> int:
+            return points.filter(pl.col("detail").str.starts_with(prefix)).height
+        summary |= {"points_offline": offline_points.height, "points_online_only": count("online only"),
+                    "points_offline_only": count("offline only"), "points_pending": count("pending")}
     return rows, summary
 
 
 def parity_ok(summary: dict, max_unexplained_rate: float = 0.0) -> bool:
-    """True when the feature mismatch rate and the late-event disagreement rate are both within bound."""
+    """True when the feature mismatch rate, the late-event disagreement rate and the rate of scoring
+    points only one side has are all within bound."""
     values_checked = summary["values_checked"]
     feature_rate = summary["mismatched"] / values_checked if values_checked else 0.0
     late_seen = max(summary["late_published"], summary["late_recomputed"])
     late_rate = summary["late_mismatched"] / late_seen if late_seen else 0.0
-    return feature_rate <= max_unexplained_rate and late_rate <= max_unexplained_rate
+    unmatched = summary.get("points_online_only", 0) + summary.get("points_offline_only", 0)
+    points_seen = max(summary["points_checked"], summary.get("points_offline", 0))
+    point_rate = unmatched / points_seen if points_seen else 0.0
+    return feature_rate <= max_unexplained_rate and late_rate <= max_unexplained_rate and point_rate <= max_unexplained_rate

@@ -4,8 +4,11 @@ the new patient records and every output record out. streams/app.py binds it to 
 For each canonical message (all events of one patient, in arrival order):
   context events (code_system CONTEXT: admission, location, discharge, sex, birth year) -> the
     patient's context in the record; never the measurement state, never a scoring point
-  measurement events -> apply_batch (dedupe, lateness, corrections) -> late records
-  if a measurement changed: a scoring point at T = patient clock, features as of T
+  measurement events, run by run (adjacent events of one effective time: one CDC row or FHIR
+    panel) -> apply_batch (dedupe, lateness, corrections) -> late records
+  after each run: a scoring point if schemas/cadence.py says so ("vitals": a new vitals set, at
+    most once per scoring_min_interval_s; "correction": a re-score after a correction), features
+    as of its T over the facts visible after the run's last event
   if a discharge advanced the context: a discharge step (resolves an open alert episode)
 After the whole batch: one batched scoring call (and one for the shadow model), then per patient in
 arrival order: alert corrections (a corrected fact in the open alert's basis), the alert policy, and
@@ -18,11 +21,14 @@ LOCATION with the greatest effective time; the current encounter is the ADMISSIO
 is discharged when the DISCHARGE is at or after that ADMISSION.
 
 Score record (scores and scores.shadow topics), one per scoring point:
-  {snapshot_id, patient_id, scoring_ms, partition, offset,      the point and its feature snapshot
+  {snapshot_id, patient_id, scoring_ms, partition, offset, idx, the point (idx: its run's last event
+   trigger, trigger_event_id,                                   in the message) and what triggered it
    features_hash,                                               blake2b of the snapshot's features
-   input_watermark: {partition, offset, event_ms},              input consumed up to, patient clock
+   input_watermark: {partition, offset, idx, event_ms},         input consumed up to, patient clock
    model_version, path (model | rule | shadow), probability, news2, tier, rationale, missing}
-The snapshot itself is on the features topic under the same snapshot_id.
+The snapshot itself is on the features topic under the same snapshot_id, which is
+schemas.cadence.snapshot_id(patient, trigger, T, trigger_event_id): no Kafka offset in it, so a
+restart's re-emission or a replay cut into other messages repeats it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Callable, NamedTuple
 import orjson
 
 from schemas.alert import build_alert
+from schemas.cadence import VITAL_SIGN_CODES, Trigger, snapshot_id
 from schemas.canonical import decode_batch, make_event_id
 from schemas.codes import ADMISSION, CODES, DISCHARGE, LOCATION, is_context
 from schemas.deadletter import Reason, Rejection
@@ -105,14 +112,16 @@ class PatientRecord:
     alert: dict
     encounter_id: str | None = None  # from measurement events; the context's encounter wins
     context: dict = field(default_factory=dict)  # context code -> entry (see apply_context)
+    vitals_scored_ms: int | None = None  # T of the patient's last "vitals" scoring point (cadence)
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({"s": self.state.to_dict(), "a": self.alert, "e": self.encounter_id, "c": self.context})
+        return orjson.dumps({"s": self.state.to_dict(), "a": self.alert, "e": self.encounter_id, "c": self.context,
+                             "v": self.vitals_scored_ms})
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "PatientRecord":
-        d = orjson.loads(raw)  # records written before issue #5 have no "c"
-        return cls(PatientState.from_dict(d["s"]), d["a"], d.get("e"), d.get("c") or {})
+        d = orjson.loads(raw)  # records written before issue #5 have no "c" (nor "v": the next vitals set scores)
+        return cls(PatientState.from_dict(d["s"]), d["a"], d.get("e"), d.get("c") or {}, d.get("v"))
 
     @property
     def current_encounter(self) -> str | None:
@@ -132,10 +141,6 @@ class Outputs:
     rejected: list[tuple[CanonicalMessage, Rejection]] = field(default_factory=list)
 
 
-def snapshot_id(patient_id: str, partition: int, offset: int) -> str:
-    return hashlib.blake2b(f"{patient_id}|{partition}|{offset}".encode(), digest_size=12).hexdigest()
-
-
 def features_hash(features: dict) -> str:
     return hashlib.blake2b(orjson.dumps(features, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
 
@@ -152,14 +157,54 @@ def _basis(state: PatientState, T: int) -> list[list]:
     return basis
 
 
+# --- scoring cadence (pure; the rule is schemas/cadence.py) ----------------------------------------
+
+
+def measurement_runs(events: list) -> list[tuple[list[int], list]]:
+    """The message's measurement events cut into runs: adjacent events sharing one effective time
+    (one CDC row, one FHIR panel), each with the events' indices in the message. Context events are
+    left out and do not cut a run."""
+    runs: list[tuple[list[int], list]] = []
+    for i, e in enumerate(events):
+        if is_context(e.code_system):
+            continue
+        if runs and runs[-1][1][-1].effective_ms == e.effective_ms:
+            runs[-1][0].append(i)
+            runs[-1][1].append(e)
+        else:
+            runs.append(([i], [e]))
+    return runs
+
+
+def scoring_trigger(outcomes: list, *, vitals_scored_ms: int | None,
+                    min_interval_ms: int) -> tuple[Trigger, str] | None:
+    """Whether one applied run makes a scoring point: (trigger, event_id of the triggering event) or None."""
+    T = outcomes[0].event.effective_ms  # a run shares one effective time
+    vital = next((o.event for o in outcomes if o.kind is Kind.ACCEPTED and o.event.code in VITAL_SIGN_CODES), None)
+    if vital is not None and (vitals_scored_ms is None
+                              or (T > vitals_scored_ms and T - vitals_scored_ms >= min_interval_ms)):
+        return Trigger.VITALS, vital.event_id
+    correction = next((o.event for o in outcomes if o.kind is Kind.CORRECTED), None)
+    if correction is not None and vitals_scored_ms is not None:  # nothing scored yet: nothing to correct
+        return Trigger.CORRECTION, correction.event_id
+    return None
+
+
 class _Point(NamedTuple):
     patient: str
     T: int
     msg: CanonicalMessage
+    idx: int  # index in the message of the run's last event
+    trigger: Trigger
+    trigger_event_id: str
     features: dict
-    state: PatientState
-    corrected: dict  # fact_id -> version of the corrections this message applied
+    state: PatientState  # as of the point
+    corrected: dict  # fact_id -> version of the corrections the point's run applied
     context: PatientContext  # as of this message (ward and encounter of its alerts)
+
+    @property
+    def snapshot_id(self) -> str:
+        return snapshot_id(self.patient, self.trigger, self.T, self.trigger_event_id)
 
 
 class _Discharge(NamedTuple):
@@ -176,6 +221,7 @@ class PatientProcessor:
         self.policy = policy or alerting.AlertPolicy.from_settings(settings)
         self.lateness_ms = settings.allowed_lateness_s * 1000
         self.horizon_ms = settings.dedupe_horizon_s * 1000
+        self.min_interval_ms = settings.scoring_min_interval_s * 1000
         self.counters: Counter[str] = Counter()
 
     def process(self, messages: list[CanonicalMessage],
@@ -195,37 +241,42 @@ class PatientProcessor:
             patient = events[0].patient_id
             rec = records.get(patient) or load(patient) or PatientRecord(PatientState(), alerting.initial_state())
             context_events = [e for e in events if is_context(e.code_system)]
-            measurements = [e for e in events if not is_context(e.code_system)] if context_events else events
-            state, features, T, corrected = rec.state, None, None, {}
+            state, scored, points, outcomes = rec.state, rec.vitals_scored_ms, [], []
             try:
                 context, context_changed = apply_context(rec.context, context_events)
-                if measurements:
-                    result = apply_batch(rec.state, measurements, allowed_lateness_ms=self.lateness_ms,
+                for indices, run in measurement_runs(events):
+                    result = apply_batch(state, run, allowed_lateness_ms=self.lateness_ms,
                                          dedupe_horizon_ms=self.horizon_ms,
                                          cross_source_tolerance=self.settings.cross_source_tolerance)
-                    state, T = result.state, result.state.clock
-                    features = compute_features(state, T) if result.changed and T is not None else None
+                    state = result.state
+                    outcomes += zip(indices, result.outcomes)
+                    trigger = scoring_trigger(result.outcomes, vitals_scored_ms=scored,
+                                              min_interval_ms=self.min_interval_ms)
+                    if trigger is None:
+                        continue
+                    T = run[0].effective_ms if trigger[0] is Trigger.VITALS else state.clock
+                    scored = T if trigger[0] is Trigger.VITALS else scored
+                    corrected = {o.event.fact_id: o.event.version for o in result.outcomes if o.kind is Kind.CORRECTED}
+                    points.append((T, indices[-1], *trigger, compute_features(state, T), state, corrected))
             except Exception as exc:  # a bug or an event the rules cannot take: keep it for replay after a fix
                 self._reject(out, msg, Reason.INTERNAL_ERROR, "patient state could not apply the batch", exc)
                 continue
             self.counters["context_applied"] += len(context_changed)
             self.counters["context_unchanged"] += len(context_events) - len(context_changed)
-            encounter = next((e.encounter_id for e in reversed(measurements) if e.encounter_id), rec.encounter_id)
-            records[patient] = PatientRecord(state, rec.alert, encounter, context)
-            if measurements:
-                for o in result.outcomes:
-                    self.counters[o.kind.value if o.duplicate_kind is None
-                                  else f"duplicate_{o.duplicate_kind.value}"] += 1
-                    if o.kind is Kind.CORRECTED:
-                        corrected[o.event.fact_id] = o.event.version
-                for o in result.late:
+            encounter = next((e.encounter_id for _, o in reversed(outcomes) if (e := o.event).encounter_id),
+                             rec.encounter_id)
+            records[patient] = PatientRecord(state, rec.alert, encounter, context, scored)
+            for idx, o in outcomes:
+                self.counters[o.kind.value if o.duplicate_kind is None
+                              else f"duplicate_{o.duplicate_kind.value}"] += 1
+                if o.kind is Kind.LATE:
                     out.late.append((patient.encode(), orjson.dumps(
                         {"event": o.event.to_dict(), "late_by_ms": o.late_by_ms,
-                         "partition": msg.partition, "offset": msg.offset}), []))
+                         "partition": msg.partition, "offset": msg.offset, "idx": idx}), []))
             view = context_view(context)
             view = view._replace(encounter_id=view.encounter_id or encounter)
-            if features is not None:
-                steps.append(_Point(patient, T, msg, features, state, corrected, view))
+            steps += (_Point(patient, T, msg, idx, trigger, trigger_event, features, at, corrected, view)
+                      for T, idx, trigger, trigger_event, features, at, corrected in points)
             if DISCHARGE in context_changed and view.discharged_ms is not None:
                 steps.append(_Discharge(patient, view.discharged_ms, msg, view))
 
@@ -253,20 +304,21 @@ class PatientProcessor:
 
     @staticmethod
     def _score_record(p: _Point, score) -> dict:
-        return {"snapshot_id": snapshot_id(p.patient, p.msg.partition, p.msg.offset), "patient_id": p.patient,
-                "scoring_ms": p.T, "partition": p.msg.partition, "offset": p.msg.offset,
+        return {"snapshot_id": p.snapshot_id, "patient_id": p.patient,
+                "scoring_ms": p.T, "partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
+                "trigger": p.trigger.value, "trigger_event_id": p.trigger_event_id,
                 "features_hash": features_hash(p.features),
-                "input_watermark": {"partition": p.msg.partition, "offset": p.msg.offset, "event_ms": p.T},
+                "input_watermark": {"partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
+                                    "event_ms": p.state.clock},
                 "model_version": score.model_version, "path": score.path, "probability": score.probability,
                 "news2": score.news2, "tier": score.tier, "rationale": score.rationale, "missing": score.missing}
 
     def _emit_point(self, p: _Point, score, records, out: Outputs) -> None:
         patient, T = p.patient, p.T
         key, headers = patient.encode(), _headers(p.msg)
-        out.features.append((key, orjson.dumps({"snapshot_id": snapshot_id(patient, p.msg.partition, p.msg.offset),
-                                                "patient_id": patient, "scoring_ms": T,
-                                                "partition": p.msg.partition, "offset": p.msg.offset,
-                                                "features": p.features}), headers))
+        out.features.append((key, orjson.dumps({"snapshot_id": p.snapshot_id, "patient_id": patient, "scoring_ms": T,
+                                                "partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
+                                                "trigger": p.trigger.value, "features": p.features}), headers))
         out.scores.append((key, orjson.dumps(self._score_record(p, score)), headers))
         self.counters["scores"] += 1
         rec = records[patient]
@@ -275,7 +327,7 @@ class PatientProcessor:
                      basis=lambda: _basis(p.state, T))
         alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, **point)
         alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy, **point)
-        records[patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context)
+        records[patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context, rec.vitals_scored_ms)
         before = {a["alert_id"]: a for a in rec.alert.get("alerts", [])}
         after = {a["alert_id"]: a for a in alert_state["alerts"]}
         for d in decisions + raised:
@@ -286,7 +338,7 @@ class PatientProcessor:
     def _emit_discharge(self, s: _Discharge, records, out: Outputs) -> None:
         rec = records[s.patient]
         alert_state, decisions = alerting.discharge(rec.alert, patient_id=s.patient, discharged_ms=s.discharged_ms)
-        records[s.patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context)
+        records[s.patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context, rec.vitals_scored_ms)
         for d in decisions:
             self._publish(s.patient, d, alert_state, s.context, out, _headers(s.msg))
 

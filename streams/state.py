@@ -4,10 +4,10 @@
                          cross_source_tolerance=...)
     result.outcomes  # one Outcome per event, in arrival order: accepted | corrected | duplicate | late
     result.state     # the new PatientState (the input state is never mutated)
-    result.changed   # any accepted or corrected -> the caller scores once at T = result.state.clock
+    result.changed   # any accepted or corrected (when to score: schemas/cadence.py)
 
 Expiry is applied *logically* on every lookup (a `known` entry older than clock - horizon counts as
-unknown; a live fact at or before clock - MAX_WINDOW never matches), so outcomes depend only on the
+unknown; a live fact at or before clock - lateness - MAX_WINDOW never matches), so outcomes depend only on the
 arrival order of events, not on how they were cut into micro-batches nor on when the physical
 pruning ran. The batch plane can therefore replay the rules event by event.
 """
@@ -93,7 +93,7 @@ class PatientState:
 class BatchResult:
     state: PatientState
     outcomes: list[Outcome]
-    changed: bool  # any accepted or corrected: the caller makes a scoring point at state.clock
+    changed: bool  # any accepted or corrected
 
     @property
     def late(self) -> list[Outcome]:
@@ -119,7 +119,7 @@ def apply_batch(
         outcome = draft.apply(e, allowed_lateness_ms, dedupe_horizon_ms, cross_source_tolerance)
         changed = changed or outcome.kind is Kind.ACCEPTED or outcome.kind is Kind.CORRECTED
         outcomes.append(outcome)
-    return BatchResult(draft.finish(dedupe_horizon_ms), outcomes, changed)
+    return BatchResult(draft.finish(dedupe_horizon_ms, allowed_lateness_ms), outcomes, changed)
 
 
 class _Draft:
@@ -154,7 +154,7 @@ class _Draft:
         if self.clock is not None and e.effective_ms < self.clock - lateness_ms:  # rule 3
             return Outcome(e, Kind.LATE, late_by_ms=self.clock - lateness_ms - e.effective_ms)
 
-        if self._has_cross_source_twin(e, tolerance):  # rule 4
+        if self._has_cross_source_twin(e, lateness_ms, tolerance):  # rule 4
             self._remember(e, alias=True)
             return Outcome(e, Kind.DUPLICATE, DuplicateKind.CROSS_SOURCE)
 
@@ -167,10 +167,10 @@ class _Draft:
             self.clock = e.effective_ms
         return Outcome(e, Kind.ACCEPTED)
 
-    def _has_cross_source_twin(self, e: CanonicalEvent, tolerance: float) -> bool:
+    def _has_cross_source_twin(self, e: CanonicalEvent, lateness_ms: int, tolerance: float) -> bool:
         if e.value is None:
             return False
-        if self.clock is not None and e.effective_ms <= self.clock - MAX_WINDOW_MS:
+        if self.clock is not None and e.effective_ms <= self.clock - lateness_ms - MAX_WINDOW_MS:
             return False  # facts that old are logically pruned
         facts = self.facts.get(e.code)
         if not facts:
@@ -218,10 +218,12 @@ class _Draft:
 
     # --- pruning ---------------------------------------------------------------------------
 
-    def finish(self, horizon_ms: int) -> PatientState:
+    def finish(self, horizon_ms: int, lateness_ms: int) -> PatientState:
         if self.clock is None:
             return PatientState(self.known, self.facts, self.clock)
-        floor = self.clock - MAX_WINDOW_MS  # no window reaches a fact at or before this again
+        # a vitals point can be as old as clock - lateness (an out-of-order set that is not late), so
+        # no window reaches a fact at or before this again
+        floor = self.clock - lateness_ms - MAX_WINDOW_MS
         facts: dict[str, list[LiveFact]] = {}
         for code, rows in self.facts.items():
             i = bisect_left(rows, (floor + 1,))

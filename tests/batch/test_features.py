@@ -178,14 +178,24 @@ def test_patients_have_their_own_clock():
     assert [o[2] for o in outcomes(a)] == ["accepted", "accepted"]
 
 
-def test_scoring_points_follow_messages_with_accepted_or_corrected_events():
+def points_of(archive: Archive, **rules) -> list[tuple[int, int, int, str]]:
+    """(scoring_ms, offset, idx, trigger) of each scoring point the batch derives."""
+    points = scoring_points(archive.frame(), **{**RULES, **rules})
+    return list(points.select("scoring_ms", "offset", "idx", "trigger").iter_rows())
+
+
+def test_scoring_points_follow_vitals_sets_and_corrections():
     a = Archive()
-    a.send(event("f1", 80, T0), event("f2", 82, T0 + 10 * MIN))  # offset 0: clock T0+10min
+    a.send(event("f1", 80, T0), event("f2", 82, T0 + 10 * MIN))  # offset 0: two vitals sets, 10 min apart
     a.send(event("f1", 80, T0))  # offset 1: only a duplicate, no point
-    a.send(event("f1", 85, T0, version=2))  # offset 2: a correction scores at the unchanged clock
+    a.send(event("f1", 85, T0, version=2))  # offset 2: a correction re-scores at the clock
     a.send(event("old", 60, T0 - 2 * HOUR))  # offset 3: late only, no point
-    points = scoring_points(a.frame(), **RULES)
-    assert points.to_dicts() == [a.point(T0 + 10 * MIN, 0), a.point(T0 + 10 * MIN, 2)]
+    a.send(event("lab", 2.0, T0 + 20 * MIN, code=codes.LACTATE))  # offset 4: a lab alone, no point
+    a.send(event("f3", 90, T0 + 12 * MIN))  # offset 5: within the minimum interval of the last point
+    assert points_of(a, min_interval_ms=5 * MIN) == [(T0, 0, 0, "vitals"), (T0 + 10 * MIN, 0, 1, "vitals"),
+                                                     (T0 + 10 * MIN, 2, 0, "correction")]
+    # with no minimum interval every newer vitals set scores, at its own time (not the lab's clock)
+    assert points_of(a, min_interval_ms=0)[-1] == (T0 + 12 * MIN, 5, 0, "vitals")
 
 
 def test_final_facts_hold_latest_versions_without_retractions_aliases_or_late_events():
@@ -383,7 +393,8 @@ def test_context_facts_never_reach_state_rules_scoring_points_or_features():
     a.send(context_event("ctx:1", T0 + 10 * HOUR))  # would move the clock 10 h ahead if it counted
     a.send(event("f2", 70, T0 - 30 * MIN))  # so this stays within lateness
     assert outcomes(a) == [("f1", 1, "accepted", None), ("f2", 1, "accepted", None)]
-    assert scoring_points(a.frame(), **RULES).to_dicts() == [a.point(T0, 0), a.point(T0, 2)]
+    # f2 is older than the point at T0: it waits for the next vitals set; the context fact scores nothing
+    assert points_of(a) == [(T0, 0, 0, "vitals")]
     [row] = features(a, a.point(T0, 2))
     assert row[HR_COUNT.name] == 2 and row[HR_LAST.name] == 80
     assert final_facts(a.frame(), **RULES)["fact_id"].to_list() == ["f1", "f2"]

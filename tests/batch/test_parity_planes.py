@@ -10,22 +10,29 @@ one plane strays from the spec. The parity report's 1e-9 tolerance is a margin, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import orjson
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from batch.features import classify_events, features_at
+from batch.features import classify_events, features_at, scoring_points
 from schemas import codes
-from schemas.canonical import CanonicalEvent, Source, Status
+from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
 from schemas.features import AGGREGATIONS, FEATURE_NAMES, FEATURES
 from streams.features import compute_features
+from streams.patient_agent import CanonicalMessage, PatientProcessor
+from streams.scoring import Scorer
 from streams.state import apply_batch
+from wardwatch.settings import Settings
 
 LATENESS_MS = 2 * 3600 * 1000
 HORIZON_MS = 48 * 3600 * 1000
 TOL = 0.05
 MIN = 60_000
 T0 = 1_700_000_000_000
+MIN_INTERVAL_MS = 30 * MIN  # steps are 20 min apart: some vitals sets fall inside it
 
 VITALS = [codes.HEART_RATE, codes.RESP_RATE, codes.SPO2, codes.SYSTOLIC_BP, codes.TEMPERATURE,
           codes.CONSCIOUSNESS, codes.O2_FLOW, codes.LACTATE, codes.WBC, codes.CREATININE]
@@ -42,8 +49,8 @@ def test_the_generator_covers_every_aggregation():
 
 
 @st.composite
-def patient_streams(draw):
-    """A list of micro-batches (lists of events) for 1-2 patients, in arrival order."""
+def patient_events(draw):
+    """Events of 1-2 patients, in arrival order."""
     events: list[CanonicalEvent] = []
     n = draw(st.integers(5, 40))
     for i in range(n):
@@ -77,38 +84,62 @@ def patient_streams(draw):
                 patient_id=patient, code=code, value=None if kind == "retract" else min(hi, value + 3), unit=None,
                 effective_ms=t, issued_ms=t + MIN, fact_id=ev.fact_id, version=2, source=source,
                 status=Status.ENTERED_IN_ERROR if kind == "retract" else Status.AMENDED))
-    # cut into micro-batches of one patient each, keeping arrival order
-    batches, sizes = [], draw(st.lists(st.integers(1, 4), min_size=len(events), max_size=len(events)))
-    i = 0
-    for size in sizes:
-        if i >= len(events):
-            break
-        chunk = events[i:i + size]
-        i += size
-        for p in ("p1", "p2"):
-            mine = [e for e in chunk if e.patient_id == p]
-            if mine:
-                batches.append(mine)
-    return batches
+    return events
 
 
-def online(batches):
-    """Stream side: apply each micro-batch (one Kafka message) and snapshot where it changed.
-    Context facts stay out of the state, as the patient agent keeps them (schemas/codes.py)."""
-    states, rows, late = {}, [], set()
+def split(draw, events: list[CanonicalEvent]) -> list[list[CanonicalEvent]]:
+    """Cut each patient's events (arrival order kept) into micro-batch messages at random places;
+    never inside a run of one effective time (schemas/cadence.py: the ingest worker keeps one raw
+    record's events in one message). Messages are in the order of their first event."""
+    messages: dict[int, list[CanonicalEvent]] = {}
+    open_message: dict[str, int] = {}
+    last_time: dict[str, int] = {}
+    for i, e in enumerate(events):
+        p = e.patient_id
+        measurement = not codes.is_context(e.code_system)
+        may_cut = p not in open_message or (measurement and last_time.get(p) != e.effective_ms)
+        if p not in open_message or (may_cut and draw(st.booleans())):
+            open_message[p] = i
+            messages[i] = []
+        messages[open_message[p]].append(e)
+        if measurement:
+            last_time[p] = e.effective_ms
+    return [messages[i] for i in sorted(messages)]
+
+
+@st.composite
+def patient_streams(draw):
+    """A list of micro-batches (lists of events of one patient), in arrival order."""
+    return split(draw, draw(patient_events()))
+
+
+@st.composite
+def two_splits(draw):
+    events = draw(patient_events())
+    return split(draw, events), split(draw, events)
+
+
+def online(batches, min_interval_ms: int = MIN_INTERVAL_MS):
+    """Stream side: the patient agent over the micro-batches (partition 0, offset = message index),
+    one worker batch per message. Returns the snapshots (features flattened in), the late events and
+    the alert ids, as published."""
+    s = Settings(model_dir=Path("/nonexistent/wardwatch-models"), allowed_lateness_s=LATENESS_MS // 1000,
+                 dedupe_horizon_s=HORIZON_MS // 1000, cross_source_tolerance=TOL,
+                 scoring_min_interval_s=min_interval_ms // 1000)
+    processor = PatientProcessor(s, Scorer(s.model_dir, s))  # no registry: the NEWS2 rule scores
+    records: dict = {}
+    rows, late, alerts = [], set(), []
     for offset, batch in enumerate(batches):
-        p = batch[0].patient_id
-        batch = [e for e in batch if not codes.is_context(e.code_system)]
-        if not batch:
-            continue
-        r = apply_batch(states.get(p), batch, allowed_lateness_ms=LATENESS_MS, dedupe_horizon_ms=HORIZON_MS,
-                        cross_source_tolerance=TOL)
-        states[p] = r.state
-        late |= {(o.event.event_id, offset, o.late_by_ms) for o in r.late}
-        if r.changed:
-            rows.append({"patient_id": p, "scoring_ms": r.state.clock, "partition": 0, "offset": offset,
-                         **compute_features(r.state, r.state.clock)})
-    return rows, late
+        new, out = processor.process([CanonicalMessage(0, offset, encode_batch(batch))], records.get)
+        records.update(new)
+        for _, value, _ in out.features:
+            d = orjson.loads(value)
+            rows.append({k: v for k, v in d.items() if k != "features"} | d["features"])
+        for _, value, _ in out.late:
+            d = orjson.loads(value)
+            late.add((d["event"]["event_id"], d["offset"], d["late_by_ms"]))
+        alerts += [orjson.loads(value)["header"]["alert_id"] for _, value, _ in out.alerts]
+    return rows, late, alerts
 
 
 def offline_frame(batches) -> pl.DataFrame:
@@ -127,30 +158,47 @@ def same(a, b) -> bool:
     return float(a) == float(b)
 
 
-@hsettings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(patient_streams())
-def test_online_features_equal_offline_recomputation(batches):
-    rows, late_online = online(batches)
+RULES = {"allowed_lateness_ms": LATENESS_MS, "cross_source_tolerance": TOL}
+POINT = ["patient_id", "snapshot_id", "scoring_ms", "partition", "offset", "idx", "trigger"]
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patient_streams(), st.sampled_from([0, MIN_INTERVAL_MS]))
+def test_online_points_and_features_equal_offline_recomputation(batches, min_interval_ms):
+    rows, late_online, _ = online(batches, min_interval_ms)
     events = offline_frame(batches)
-    classified = classify_events(events, allowed_lateness_ms=LATENESS_MS, cross_source_tolerance=TOL)
+    classified = classify_events(events, **RULES)
     late_offline = {(r["event_id"], r["offset"], r["late_by_ms"])
                     for r in classified.filter(pl.col("outcome") == "late").iter_rows(named=True)}
     assert late_online == late_offline
+    # the batch derives the scoring points itself: the same points, at the same arrival positions
+    points = scoring_points(events, **RULES, min_interval_ms=min_interval_ms)
+    assert [tuple(r[k] for k in POINT) for r in rows] == list(points.select(POINT).iter_rows())
     if not rows:
         return
-    points = pl.DataFrame([{k: r[k] for k in ("patient_id", "scoring_ms", "partition", "offset")} for r in rows])
-    offline = features_at(events, points, allowed_lateness_ms=LATENESS_MS, cross_source_tolerance=TOL)
-    assert offline.height == len(rows)
-    for on, off in zip(rows, offline.iter_rows(named=True)):
-        assert (on["patient_id"], on["offset"]) == (off["patient_id"], off["offset"])
+    offline = features_at(events, points, **RULES)
+    for on, off in zip(rows, offline.iter_rows(named=True), strict=True):
         diffs = {f: (on[f], off[f]) for f in FEATURE_NAMES if not same(on[f], off[f])}
-        assert not diffs, f"point {on['patient_id']}@{on['offset']}: {diffs}"
+        assert not diffs, f"point {on['patient_id']}@{on['offset']}.{on['idx']}: {diffs}"
+
+
+@hsettings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(two_splits(), st.sampled_from([0, MIN_INTERVAL_MS]))
+def test_cutting_the_same_events_into_other_messages_changes_no_point_snapshot_or_alert(splits, min_interval_ms):
+    (rows_a, _, alerts_a), (rows_b, _, alerts_b) = (online(batches, min_interval_ms) for batches in splits)
+
+    def by_patient(rows):  # offsets differ between the two cuts; what was scored must not
+        return sorted((r["patient_id"], r["snapshot_id"], r["scoring_ms"], r["trigger"],
+                       tuple(r[f] for f in FEATURE_NAMES)) for r in rows)
+
+    assert by_patient(rows_a) == by_patient(rows_b)
+    assert sorted(alerts_a) == sorted(alerts_b)
 
 
 # --- hand-written sequences through both planes --------------------------------------------------
-# Each case: (the scoring time in hours after T0, micro-batches in arrival order, the values both
-# planes must give at the scoring point of the last message; its scoring time is the patient clock). Expected values are worked out by
-# hand in the comments.
+# Each case: (the patient clock in hours after T0 after the last message, micro-batches in arrival
+# order, the values both planes must give at that time after the last message). Expected values are
+# worked out by hand in the comments.
 
 HOUR = 3600_000
 HR, LACTATE, TEMP = codes.HEART_RATE, codes.LACTATE, codes.TEMPERATURE
@@ -216,13 +264,16 @@ HAND_CASES = {
 @pytest.mark.parametrize("case", list(HAND_CASES))
 def test_both_planes_give_the_hand_computed_values(case):
     hours, batches, expected = HAND_CASES[case]
-    rows, _ = online(batches)
-    last = rows[-1]
-    assert last["offset"] == len(batches) - 1, "the last message must make a scoring point"
-    assert last["scoring_ms"] == T0 + hours * HOUR
-    point = pl.DataFrame([{k: last[k] for k in ("patient_id", "scoring_ms", "partition", "offset")}])
-    [offline] = features_at(offline_frame(batches), point, allowed_lateness_ms=LATENESS_MS,
-                            cross_source_tolerance=TOL).to_dicts()
+    state = None
+    for batch in batches:
+        state = apply_batch(state, [e for e in batch if not codes.is_context(e.code_system)],
+                            allowed_lateness_ms=LATENESS_MS, dedupe_horizon_ms=HORIZON_MS,
+                            cross_source_tolerance=TOL).state
+    assert state.clock == T0 + hours * HOUR
+    last = compute_features(state, state.clock)
+    # a point without idx sees its whole message: here the last one
+    point = pl.DataFrame([{"patient_id": "p1", "scoring_ms": state.clock, "partition": 0, "offset": len(batches) - 1}])
+    [offline] = features_at(offline_frame(batches), point, **RULES).to_dicts()
     for name, value in expected.items():
         for plane, got in (("stream", last[name]), ("batch", offline[name])):
             if value is None:

@@ -17,6 +17,7 @@ import pytest
 
 from batch.nightly import run_nightly
 from schemas import codes
+from schemas.cadence import snapshot_id
 from schemas.canonical import CanonicalEvent, Source, Status
 from schemas.features import FEATURE_NAMES
 from streams.archiver import ARCHIVE_SCHEMAS
@@ -98,6 +99,15 @@ MESSAGES = {(0, 0): [A1], (0, 1): [B1, A1], (0, 2): [A2], (0, 3): [C1], (0, 4): 
 # the scoring points the stream published, with the heart_rate_last_24h it computed
 ONLINE = {(0, 0): ("p1", T0, 80.0), (0, 1): ("p1", B1.effective_ms, 90.0), (0, 2): ("p1", B1.effective_ms, 90.0),
           (0, 4): ("p1", B1.effective_ms, 85.0), (1, 0): ("p2", T0, None)}
+# what made each point (schemas/cadence.py): a new vitals set, or a correction; its snapshot id follows
+TRIGGERS = {(0, 0): ("vitals", A1), (0, 1): ("vitals", B1), (0, 2): ("correction", A2),
+            (0, 4): ("correction", B2), (1, 0): ("vitals", D1)}
+
+
+def online_snapshot_id(position: tuple[int, int]) -> str:
+    patient, scoring_ms, _ = ONLINE[position]
+    trigger, event = TRIGGERS[position]
+    return snapshot_id(patient, trigger, scoring_ms, event.event_id)
 DEADLETTER_BYTES = b"\xff\xfe not json"
 
 
@@ -123,7 +133,7 @@ def feature_rows(skew: dict[tuple[int, int], float] | None = None,
         features = {name: None for name in FEATURE_NAMES} | {"heart_rate_last_24h": (skew or {}).get((partition, offset), hr_last)}
         if published is not None:
             features = {name: None for name in FEATURE_NAMES} | published[(partition, offset)]
-        rows.append({"snapshot_id": f"s{partition}-{offset}", "patient_id": patient, "scoring_ms": scoring_ms,
+        rows.append({"snapshot_id": online_snapshot_id((partition, offset)), "patient_id": patient, "scoring_ms": scoring_ms,
                      "partition": partition, "offset": offset, "features_json": orjson.dumps(features).decode()}
                     | kafka(0, i))
     return rows

@@ -222,16 +222,18 @@ def test_records_written_before_context_existed_still_load():
 
 def test_every_score_record_names_its_path_version_snapshot_and_watermark(processor):
     store: dict[str, PatientRecord] = {}
-    out = run(processor, [msg(5, vitals("p1", T0, 1), partition=2), msg(6, vitals("p1", T0 + MIN, 2), partition=2)],
-              store)
+    out = run(processor, [msg(5, vitals("p1", T0, 1), partition=2),
+                          msg(6, vitals("p1", T0 + 15 * MIN, 2), partition=2)], store)
     scores = [orjson.loads(v) for _, v, _ in out.scores]
     snapshots = [orjson.loads(v) for _, v, _ in out.features]
     for score, snap in zip(scores, snapshots, strict=True):
         assert score["path"] == "rule" and score["model_version"] is None  # no registry here
         assert score["snapshot_id"] == snap["snapshot_id"]
         assert len(score["features_hash"]) == 32
-    assert [s["input_watermark"] for s in scores] == [{"partition": 2, "offset": 5, "event_ms": T0},
-                                                      {"partition": 2, "offset": 6, "event_ms": T0 + MIN}]
+    last_idx = len(vitals("p1", T0, 1)) - 1  # a vitals row is scored after its last event
+    assert [s["input_watermark"] for s in scores] == [
+        {"partition": 2, "offset": 5, "idx": last_idx, "event_ms": T0},
+        {"partition": 2, "offset": 6, "idx": last_idx, "event_ms": T0 + 15 * MIN}]
     assert scores[0]["features_hash"] != scores[1]["features_hash"]  # different snapshots
 
 

@@ -1,0 +1,116 @@
+"""Scoring cadence in the patient agent (schemas/cadence.py): when a patient is scored, on sequences,
+and that cutting the same events into other messages changes no point, snapshot or alert."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from schemas import codes
+from schemas.canonical import CanonicalEvent, Source, Status
+from streams.patient_agent import PatientProcessor, PatientRecord
+from streams.scoring import Scorer
+from tests.streams.test_patient_agent import NORMAL, T0, MIN, amendment, msg, run, vitals
+from wardwatch.settings import Settings
+
+INTERVAL_S = 300
+
+
+@pytest.fixture
+def processor(tmp_path):
+    s = Settings(model_dir=tmp_path / "no-models", allowed_lateness_s=3600, scoring_min_interval_s=INTERVAL_S)
+    return PatientProcessor(s, Scorer(s.model_dir, s))
+
+
+def lab(t: int, row: int, value: float = 4.5) -> CanonicalEvent:
+    return CanonicalEvent(patient_id="p1", code=codes.LACTATE, value=value, unit=None, effective_ms=t, issued_ms=t,
+                          status=Status.FINAL, source=Source.CDC, fact_id=f"cdc:lab_results:{row}", version=1)
+
+
+def points(out) -> list[tuple[int, str, int]]:
+    """(scoring_ms, trigger, idx) of each published snapshot."""
+    return [(d["scoring_ms"], d["trigger"], d["idx"]) for d in (orjson.loads(v) for _, v, _ in out.features)]
+
+
+def test_a_vitals_row_is_one_point_after_its_last_event(processor):
+    row = vitals("p1", T0, 1)
+    assert points(run(processor, [msg(0, row)], {})) == [(T0, "vitals", len(row) - 1)]
+
+
+def test_a_lab_alone_does_not_score_and_the_next_vitals_set_picks_it_up(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)
+    assert points(run(processor, [msg(1, [lab(T0 + 10 * MIN, 1)])], store)) == []
+    out = run(processor, [msg(2, vitals("p1", T0 + 20 * MIN, 2, **NORMAL))], store)
+    [snapshot] = [orjson.loads(v) for _, v, _ in out.features]
+    assert snapshot["scoring_ms"] == T0 + 20 * MIN and snapshot["features"]["lactate_last_24h"] == 4.5
+
+
+def test_vitals_sets_within_the_minimum_interval_are_not_scored(processor):
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, vitals("p1", T0, 1) + vitals("p1", T0 + 2 * MIN, 2)),
+                          msg(1, vitals("p1", T0 + INTERVAL_S * 1000, 3))], store)
+    assert [p[0] for p in points(out)] == [T0, T0 + INTERVAL_S * 1000]
+
+
+def test_two_vitals_sets_in_one_message_are_two_points_each_seeing_only_what_came_before(processor):
+    first, second = vitals("p1", T0, 1, hr=80), vitals("p1", T0 + 30 * MIN, 2, hr=120)
+    out = run(processor, [msg(0, first + second)], {})
+    snapshots = [orjson.loads(v) for _, v, _ in out.features]
+    assert [(s["scoring_ms"], s["idx"]) for s in snapshots] == [(T0, len(first) - 1),
+                                                                 (T0 + 30 * MIN, len(first) + len(second) - 1)]
+    assert [s["features"]["heart_rate_last_24h"] for s in snapshots] == [80, 120]
+
+
+def test_out_of_order_vitals_within_lateness_update_state_but_do_not_score(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1))], store)
+    assert points(run(processor, [msg(1, vitals("p1", T0 - 20 * MIN, 2))], store)) == []
+    out = run(processor, [msg(2, vitals("p1", T0 + 20 * MIN, 3))], store)
+    [snapshot] = [orjson.loads(v) for _, v, _ in out.features]
+    assert snapshot["features"]["vitals_count_6h"] == 3  # the out-of-order set counts at the next point
+
+
+def test_late_vitals_never_score(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0 + 3 * 3600_000, 1))], store)
+    out = run(processor, [msg(1, vitals("p1", T0, 2))], store)
+    assert out.late and points(out) == []
+
+
+def test_a_correction_rescores_at_the_clock_even_inside_the_minimum_interval(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1))], store)
+    out = run(processor, [msg(1, [amendment("p1", T0, 1, codes.RESP_RATE, 2, 30.0)])], store)
+    assert points(out) == [(T0, "correction", 0)]
+    assert [orjson.loads(v)["header"]["kind"] for _, v, _ in out.alerts] == ["correction"]
+
+
+def test_a_correction_before_any_point_does_not_score(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, [lab(T0, 1)])], store)
+    corrected = CanonicalEvent.from_dict({**lab(T0, 1, 5.0).to_dict(), "version": 2, "status": "amended"})
+    assert points(run(processor, [msg(1, [corrected])], store)) == []
+
+
+def test_the_same_events_cut_into_other_messages_give_the_same_points_snapshots_and_alerts(processor):
+    # raw records in arrival order: high, a lab, high inside the interval, calm, calm, a correction
+    # raising the calm row 3 again (its own time, not adjacent to that row), calm
+    rows = [vitals("p1", T0, 1), [lab(T0 + 5 * MIN, 1)], vitals("p1", T0 + 2 * MIN, 2),
+            vitals("p1", T0 + 15 * MIN, 3, **NORMAL), vitals("p1", T0 + 30 * MIN, 4, **NORMAL),
+            [amendment("p1", T0 + 15 * MIN, 3, codes.RESP_RATE, 4, 26.0)], vitals("p1", T0 + 45 * MIN, 5, **NORMAL)]
+
+    def published(cut: list[int]):
+        """The raw records in order, cut into messages of the given numbers of records."""
+        messages, i = [], 0
+        for n in cut:
+            messages.append(msg(len(messages), [e for r in rows[i:i + n] for e in r]))
+            i += n
+        out = run(processor, messages, {})
+        snapshots = [(d["snapshot_id"], d["scoring_ms"], d["trigger"], d["features"])
+                     for d in (orjson.loads(v) for _, v, _ in out.features)]
+        return snapshots, [orjson.loads(v)["header"]["alert_id"] for _, v, _ in out.alerts]
+
+    one_by_one = published([1] * len(rows))
+    assert one_by_one == published([len(rows)]) == published([2, 3, 2]) == published([3, 1, 3])
+    assert len(one_by_one[0]) == 5 and len(one_by_one[1]) >= 2  # points and alerts to compare
