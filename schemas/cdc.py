@@ -65,7 +65,7 @@ from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONT
                           to_canonical_unit)
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Reject, rejected
-from schemas.ingest_values import acvpu_letter, checked_time_ms, finite_number, iso_to_ms, plausible
+from schemas.ingest_values import reject_future_measurements, acvpu_letter, checked_time_ms, finite_number, iso_to_ms, plausible
 
 UNAVAILABLE = "__debezium_unavailable_value"
 
@@ -129,6 +129,7 @@ def _parse(topic: str, key: bytes | None, value: bytes | None, partition: int, o
     events = change.retract_row() if op == "d" else change.row_events()
     if isinstance(events, Ignored):
         return events
+    reject_future_measurements(events)
     return Parsed(events) if events else Ignored("no_values")  # e.g. only unchanged TOASTed columns
 
 

@@ -25,6 +25,7 @@ class Reason(StrEnum):
     FHIR_SERVER_NOT_CONFIGURED = "no_fhir_server"  # the same reason by its descriptive name (an alias)
     RESOURCE_NOT_FOUND = "resource_not_found"  # id-only payload: the server answered 404/410 for a focus
     FETCH_FAILED = "fetch_failed"  # id-only payload: server unreachable / erroring after retries; replayable
+    FUTURE_TIME = "future_time"  # a measurement's effective time after it was recorded (a wrong clock)
     TOO_LARGE = "too_large"
     INTERNAL_ERROR = "internal_error"  # a bug: the message is kept so it can be replayed after a fix
 

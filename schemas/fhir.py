@@ -47,7 +47,7 @@ from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES
                            to_canonical_unit)
 from schemas.deadletter import Reason, Rejection
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
-from schemas.ingest_values import acvpu_letter, finite_number, iso_to_ms, plausible
+from schemas.ingest_values import reject_future_measurements, acvpu_letter, finite_number, iso_to_ms, plausible
 
 SNOMED = "http://snomed.info/sct"
 CONTROL_TYPES = ("handshake", "heartbeat", "query-status")
@@ -127,6 +127,7 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
     if not events:
         kind = max(ctx.skipped, key=ctx.skipped.get) if ctx.skipped else "empty"
         return Ignored(kind, {**status.detail(), "skipped": ctx.skipped})
+    reject_future_measurements(events)
     return Parsed(events, subscription=status.subscription, event_numbers=status.event_numbers,
                   skipped=ctx.skipped)
 

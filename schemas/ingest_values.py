@@ -69,3 +69,20 @@ def acvpu_letter(raw: object, what: str) -> str:
     if letter not in ACVPU_ORDINAL:
         raise Reject(Reason.BAD_VALUE, f"{what}: not one of A, C, V, P, U")
     return letter
+
+
+# A measurement cannot be taken after it was recorded. An effective time more than this past the
+# event's issued time (the commit time of a CDC row, a lab's resulted_at, FHIR `issued`) is a wrong
+# clock or a typo (2099 for 2024), and accepting it would move the patient's event-time clock
+# decades ahead and make every later real measurement "late". Context facts (admissions, transfers)
+# may legitimately be planned ahead and never move the clock, so they are exempt.
+MAX_FUTURE_SKEW_MS = 3_600_000
+
+
+def reject_future_measurements(events) -> None:
+    from schemas.codes import CONTEXT
+
+    for e in events:
+        if e.code_system != CONTEXT and e.effective_ms > e.issued_ms + MAX_FUTURE_SKEW_MS:
+            raise Reject(Reason.FUTURE_TIME, f"{e.code}: effective time is "
+                                             f"{(e.effective_ms - e.issued_ms) / 3_600_000:.1f} h after it was recorded")
