@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.canonical import CanonicalEvent
+from streams.commits import commit_offsets
 from streams.topics import Topics
 from wardwatch.settings import Settings
 
@@ -317,14 +318,18 @@ class Archiver:
         })
         self.assigned = threading.Event()
         # flush before partitions move to another member, so it starts after our durable rows
+        self._callback_error: Exception | None = None
         self._consumer.subscribe(list(self._kinds), on_assign=lambda consumer, partitions: self.assigned.set(),
-                                 on_revoke=lambda consumer, partitions: self.flush())
+                                 on_revoke=self._on_revoke)
 
     def poll_once(self, timeout_s: float = 1.0) -> int:
         """Consume up to batch_size records, buffer their rows, flush when due. Returns records seen."""
         from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException
 
         messages = self._consumer.consume(num_messages=self.batch_size, timeout=timeout_s)
+        if self._callback_error is not None:
+            error, self._callback_error = self._callback_error, None
+            raise error
         seen = 0
         for msg in messages:
             err = msg.error()
@@ -374,10 +379,15 @@ class Archiver:
         self._oldest_buffered = None
 
     def _commit(self) -> None:
-        from confluent_kafka import TopicPartition
+        commit_offsets(self._consumer, self._pending_offsets, log)
 
-        offsets = [TopicPartition(t, p, o) for (t, p), o in sorted(self._pending_offsets.items())]
-        self._consumer.commit(offsets=offsets, asynchronous=False)
+    def _on_revoke(self, consumer, partitions) -> None:
+        # runs inside consume(): an exception here would surface as a bare KafkaError (not an
+        # Exception), so keep it and raise it from poll_once instead
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - re-raised by poll_once
+            self._callback_error = exc
 
     def run(self, stop: threading.Event) -> None:
         try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from schemas.cdc import parse_cdc
 from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
@@ -34,6 +34,7 @@ from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
 from streams.fhir_fetch import FhirClient, resolve
 from streams.stats import StatsPublisher
+from streams.commits import commit_offsets
 from streams.topics import Topics, topics_for
 from wardwatch.settings import Settings
 
@@ -42,9 +43,6 @@ log = logging.getLogger(__name__)
 PRODUCED_NS_HEADER = "ww.produced_ns"  # wall clock of the earliest raw produce (else ours): latency benchmarks
 SOURCES = ("cdc", "fhir")
 _STAGES = {"cdc": Stage.INGEST_CDC, "fhir": Stage.INGEST_FHIR}
-# commit failures that only mean a rebalance took the partitions away: the batch is re-read elsewhere
-_REBALANCE_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
-                     KafkaError.REBALANCE_IN_PROGRESS, KafkaError._NO_OFFSET}
 
 
 # --- counters ------------------------------------------------------------------------------------
@@ -126,6 +124,19 @@ def encode_events(parsed: Parsed) -> list[tuple[str, bytes]] | Rejected:
         return rejected(Reason.INTERNAL_ERROR, "parsed event is not JSON-encodable", type(exc).__name__)
 
 
+DEADLETTER_HEADROOM = 64 * 1024  # key and headers of a dead letter
+
+
+def too_large(encoded_events: list[tuple[str, bytes]], max_bytes: int) -> Rejected | None:
+    """A message whose single event could never be written as a canonical message (e.g. a huge text
+    column) is dead-lettered; producing it would fail the batch on every restart."""
+    biggest = max((len(event) for _, event in encoded_events), default=0)
+    if biggest + 2 > max_bytes:
+        return rejected(Reason.TOO_LARGE, f"an event of {biggest} bytes exceeds the canonical message limit "
+                                          f"of {max_bytes} bytes")
+    return None
+
+
 def batch_value(encoded_events: list[bytes]) -> bytes:
     """One canonical message value from events encoded one by one: the bytes of encode_batch()."""
     return b"[" + b",".join(encoded_events) + b"]"
@@ -196,6 +207,8 @@ class IngestWorker:
         for msg in records:
             source, outcome = self.parse(msg)
             encoded = encode_events(outcome) if isinstance(outcome, Parsed) else []
+            if not isinstance(encoded, Rejected):
+                encoded = too_large(encoded, self.settings.canonical_max_message_bytes) or encoded
             if isinstance(encoded, Rejected):
                 outcome, encoded = encoded, []
             self.counters.record(source, outcome)
@@ -251,7 +264,13 @@ class IngestWorker:
 
     def _dead_letter(self, msg: Message, rejection: Rejection, stage: Stage) -> None:
         headers = deadletter_headers(rejection, stage, msg.topic(), msg.partition(), msg.offset())
-        self._produce(self.topics.deadletter, msg.key(), msg.value(), headers)
+        value = msg.value()
+        if value is not None and len(value) > self.settings.max_message_bytes - DEADLETTER_HEADROOM:
+            # larger than anything we may write: the dead letter points at the original on its raw
+            # topic (partition and offset are in the headers) instead of failing on every restart
+            headers.append(("ww.value.omitted_bytes", str(len(value)).encode()))
+            value = None
+        self._produce(self.topics.deadletter, msg.key(), value, headers)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
         while True:
@@ -277,14 +296,7 @@ class IngestWorker:
         for msg in records:
             tp = (msg.topic(), msg.partition())
             offsets[tp] = max(offsets.get(tp, -1), msg.offset() + 1)
-        try:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                                  asynchronous=False)
-        except KafkaException as exc:
-            if exc.args and exc.args[0].code() in _REBALANCE_ERRORS:
-                log.warning("commit lost to a rebalance; the batch will be re-read: %s", exc.args[0])
-                return
-            raise
+        commit_offsets(self._consumer, offsets, log)
 
 
 def _produced_ns(msg: Message) -> bytes | None:
@@ -319,6 +331,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         **settings.kafka_client_config(),
         "acks": "all",
         "linger.ms": settings.ingest_linger_ms,
+        "message.max.bytes": settings.max_message_bytes,  # a large raw message can still be dead-lettered whole
         # Java-compatible hashing, so patient keys land where the faust (Java-partitioned) side expects
         "partitioner": "murmur2_random",
     }

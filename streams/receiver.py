@@ -42,6 +42,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from confluent_kafka import KafkaException
 
 from schemas.deadletter import Reason, Rejection, Stage
 from schemas.fhir import parse_notification, parse_status
@@ -138,7 +139,11 @@ def receiver_deadletter_headers(rejection: Rejection, path: str) -> list[tuple[s
 
 
 class BrokerUnavailable(Exception):
-    pass
+    """The broker could not take the write now: 503, the FHIR server retries."""
+
+
+class Unstorable(Exception):
+    """The broker can never take this write (e.g. larger than its message limit): 413, do not retry."""
 
 
 class Receiver:
@@ -152,12 +157,17 @@ class Receiver:
         self.counters = ReceiverCounters()
         self._token = settings.receiver_token.get_secret_value() if settings.receiver_token else None
         self._inflight = 0
+        if settings.receiver_max_bytes > settings.max_message_bytes - 64 * 1024:
+            raise ValueError(f"WARDWATCH_RECEIVER_MAX_BYTES ({settings.receiver_max_bytes}) must stay below "
+                             f"WARDWATCH_MAX_MESSAGE_BYTES ({settings.max_message_bytes}) minus 64 KiB: a "
+                             "notification the receiver accepts must fit on the topic")
         ack_timeout_ms = max(1, int(settings.receiver_ack_timeout_s * 1000))
         self._producer = Producer({
             **settings.kafka_client_config(),
             "acks": "all",
             "linger.ms": 2,
             "partitioner": "murmur2_random",  # Java-compatible: the same partition as the other writers of the key
+            "message.max.bytes": settings.max_message_bytes,  # >= receiver_max_bytes (checked at start)
             "message.timeout.ms": ack_timeout_ms,  # give up (and let the server retry) when we do
             "socket.connection.setup.timeout.ms": min(ack_timeout_ms, 10_000),
         })
@@ -256,6 +266,8 @@ class Receiver:
             partition, offset = await self._write(self.topics.fhir, decision.key, body, [])
         except BrokerUnavailable as exc:
             return self._answer(503, "transient", f"notification not stored: {exc}; retry later", retry=True)
+        except Unstorable as exc:
+            return self._answer(413, "too-costly", f"notification cannot be stored: {exc}")
         self.counters.accepted(decision.kind)
         # where it was stored, so a sender can trace it (and the demo can wait for ingest to pass it)
         return self._answer(200, "informational", "notification stored", severity="information",
@@ -277,6 +289,8 @@ class Receiver:
             self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
         except BufferError as exc:
             raise BrokerUnavailable("producer queue full") from exc
+        except KafkaException as exc:  # e.g. MSG_SIZE_TOO_LARGE: retrying can never store it
+            raise Unstorable(f"{exc.args[0].name() if exc.args else exc}") from exc
         try:
             err = await asyncio.wait_for(acked, self.settings.receiver_ack_timeout_s)
         except asyncio.TimeoutError as exc:

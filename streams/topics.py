@@ -91,15 +91,29 @@ def topics_for(settings: Settings) -> Topics:
     )
 
 
+def topic_configs(settings: Settings, topics: Topics) -> dict[str, dict[str, str]]:
+    """The broker configs of every topic, in one place (ensure_topics and `wardwatch deploy topics`):
+    compacted state topics; raw topics with a bounded retention (they are the replay source); the
+    topics that take a whole raw message (notifications, dead letters) sized for the largest one."""
+    retention = {"cleanup.policy": "delete", "retention.ms": str(settings.raw_retention_hours * 3_600_000)}
+    large = {"max.message.bytes": str(settings.max_message_bytes)}
+    configs: dict[str, dict[str, str]] = {}
+    for name in topics.all:
+        config = dict(COMPACTED) if name in topics.compacted else dict(retention) if name in topics.raw else {}
+        if name in (topics.fhir, topics.deadletter):
+            config.update(large)
+        configs[name] = config
+    return configs
+
+
 def ensure_topics(settings: Settings, topics: Topics, timeout_s: float = 30.0) -> None:
     """Create every topic explicitly with its partition count (auto-creation would pick 4)."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(settings.kafka_client_config())
     existing = set(admin.list_topics(timeout=timeout_s).topics)
-    compacted = set(topics.compacted)
-    wanted = [NewTopic(t, num_partitions=topics.partitions, replication_factor=1,
-                       config=COMPACTED if t in compacted else {})
+    configs = topic_configs(settings, topics)
+    wanted = [NewTopic(t, num_partitions=topics.partitions, replication_factor=1, config=configs[t])
               for t in topics.all if t not in existing]
     if not wanted:
         return

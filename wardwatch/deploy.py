@@ -20,7 +20,7 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 from schemas import codes
-from streams.topics import COMPACTED, topics_for
+from streams.topics import topic_configs, topics_for
 from wardwatch.settings import Settings
 
 
@@ -42,11 +42,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     """Every topic of streams.topics: compacted state topics, raw topics with a bounded retention
     (they are the replay source), outputs with the broker default (the archiver lands them)."""
     topics = topics_for(settings)
-    raw, compacted = set(topics.raw), set(topics.compacted)
-    retention = {"cleanup.policy": "delete", "retention.ms": str(settings.raw_retention_hours * 3_600_000)}
-    return [TopicSpec(name, topics.partitions,
-                      dict(COMPACTED) if name in compacted else dict(retention) if name in raw else {})
-            for name in topics.all]
+    configs = topic_configs(settings, topics)
+    return [TopicSpec(name, topics.partitions, configs[name]) for name in topics.all]
 
 
 def partition_mismatches(specs: list[TopicSpec], existing: dict[str, int]) -> list[str]:

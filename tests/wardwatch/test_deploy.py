@@ -42,8 +42,13 @@ def test_topic_specs_cover_every_topic_with_its_cleanup_policy():
     for name in topics.compacted:
         assert specs[name].config == {"cleanup.policy": "compact"}
     for name in topics.raw:
-        assert specs[name].config == {"cleanup.policy": "delete", "retention.ms": str(48 * 3600 * 1000)}
+        assert specs[name].config["cleanup.policy"] == "delete"
+        assert specs[name].config["retention.ms"] == str(48 * 3600 * 1000)
     assert specs[topics.canonical].config == {}
+    # the topics that take a whole raw message are sized like the producers that write to them
+    for name in (topics.fhir, topics.deadletter):
+        assert specs[name].config["max.message.bytes"] == str(settings.max_message_bytes)
+    assert "max.message.bytes" not in specs[topics.cdc["vital_signs"]].config
 
 
 def test_partition_mismatches_name_the_topic_and_both_counts():
