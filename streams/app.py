@@ -5,18 +5,29 @@
         -> late / features / scores / alerts (confluent-kafka producer, flushed before the batch is acked)
         -> deadletter (undecodable canonical messages)
 
-State: table `patient_state` (changelog-backed) holds PatientRecord bytes per patient. It uses the
-producer's partitioner for its changelog, so every producer of `canonical` must use murmur2 (the
-Java/aiokafka default) for the changelog partition to equal the source partition.
+State: table `patient_state` (changelog-backed) holds PatientRecord bytes per patient, plus one
+`__wardwatch_next_offset__:<p>` record per canonical partition. Every record is written to the
+changelog partition of the canonical partition it came from (explicitly, not by the partitioner), so
+a partition's state moves with it between workers.
+
+Durability (docs/patient-state.md, "Durability"): a batch is acked only after its outputs and its
+changelog writes are acknowledged, so a committed offset never runs ahead of the state; recovery reads
+each changelog partition up to a barrier record it writes itself, because the embedded broker reports
+the high watermark too low.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 
 import faust
 from confluent_kafka import Producer
+from faust.tables.manager import TableManager
+from faust.tables.recovery import Recovery
+from faust.types import TP
 
 from schemas.deadletter import Stage, deadletter_headers
 from streams.alerting import AlertPolicy
@@ -43,12 +54,150 @@ def _produced_ns(headers) -> int | None:
     return None
 
 
+RECOVERY_BARRIER_KEY = "__wardwatch_recovery_barrier__"  # never a patient id; written as a tombstone
+NEXT_OFFSET_PREFIX = "__wardwatch_next_offset__:"  # + source partition; never a patient id
+CHANGELOG_CONFIRM_TIMEOUT_S = 30.0
+
+
+class DurableTable(faust.Table):
+    """A faust Table whose changelog writes can be awaited.
+
+    faust commits source offsets after `producer.flush()`, but its buffer flush can return while
+    changelog records are still queued (it gives up after 0.1 s without progress, and a record being
+    handed to aiokafka is not counted). The agent awaits `confirm_changelog()` before a batch is acked,
+    so a committed source offset always has its table writes durable in the changelog."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._unconfirmed: list = []  # changelog sends not yet acknowledged by the broker
+
+    def send_changelog(self, *args, **kwargs):
+        fut = super().send_changelog(*args, **kwargs)
+        self._unconfirmed.append(fut)
+        return fut
+
+    async def confirm_changelog(self, timeout_s: float = CHANGELOG_CONFIRM_TIMEOUT_S) -> None:
+        pending, self._unconfirmed = self._unconfirmed, []
+        if not pending:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"the table changelog was not acknowledged within {timeout_s:.0f} s: "
+                               "is the broker up?") from None
+
+    def next_offset(self, partition: int) -> int | None:
+        raw = self.get(next_offset_key(partition))
+        return int(raw) if raw is not None else None
+
+    def put(self, partition: int, key: str, value: bytes) -> None:
+        """Set `key` and write its changelog record to `partition` (the source partition it belongs
+        to), whatever the partitioner would pick for the key: `table[key] = ` hashes the JSON-encoded
+        key, which lands a patient in another partition than its canonical messages, so a second
+        worker recovering that partition would not find the patient."""
+        self.data[key] = value  # the store directly; the changelog record follows
+        self.send_changelog(partition, key, value)
+
+    def set_next_offset(self, partition: int, offset: int) -> None:
+        self.put(partition, next_offset_key(partition), str(offset).encode())
+
+    async def write_barrier(self, partition: int) -> int:
+        """Append a tombstone to one changelog partition; returns its offset, which the produce
+        response gives exactly (unlike the broker's high watermark)."""
+        fut = faust.Table.send_changelog(self, partition, RECOVERY_BARRIER_KEY, None, value_serializer="raw")
+        metadata = await asyncio.wait_for(fut, CHANGELOG_CONFIRM_TIMEOUT_S)
+        return metadata.offset
+
+
+class ExactEndRecovery(Recovery):
+    """faust recovery that reads each active changelog partition to its real end.
+
+    faust stops recovery at the changelog's high watermark (ListOffsets). The embedded broker (Tansu)
+    answers it with the base offset of the *last record batch* + 1, not the log end: recovery then
+    misses the rest of that batch on every restart and rebalance, and for a partition a worker keeps
+    it can even roll an in-memory value back. Instead, on assignment the worker appends a barrier
+    record to each of its changelog partitions (the source partitions are paused, so nothing follows
+    it) and recovers up to the barrier's own offset, which the produce response gives exactly. Standby
+    partitions keep faust's estimate: they are only a warm start, and take-over recovers them again."""
+
+    async def _build_highwaters(self, consumer, tps, destination, title: str) -> None:
+        if title != "active" or not tps:
+            return await super()._build_highwaters(consumer, tps, destination, title)
+        started = time.monotonic()
+        tps = list(tps)
+        offsets = await asyncio.gather(*(self.tp_to_table[tp].write_barrier(tp.partition) for tp in tps))
+        destination.clear()
+        destination.update(dict(zip(tps, offsets)))  # faust's convention: the offset of the last record
+        log.info("recovery barriers written to %d changelog partitions in %.2f s", len(tps),
+                 time.monotonic() - started)
+
+
+def next_offset_key(partition: int) -> str:
+    """Table key of the next canonical offset the table has not applied, for one source partition.
+    Its changelog record is written to that partition explicitly, so it moves with the partition."""
+    return f"{NEXT_OFFSET_PREFIX}{partition}"
+
+
+def sequence_batch(msgs: list[CanonicalMessage], next_offsets: dict[int, int | None]
+                   ) -> tuple[list[CanonicalMessage], dict[int, int], dict[int, int]]:
+    """Keep a batch in step with the table, per source partition:
+    - a message below the partition's next offset was applied already (a replay after a restart or a
+      rewind): dropped;
+    - a message above it means messages in between were never applied (the committed offset ran
+      ahead of the table, or the consumer skipped them): that partition's rest of the batch is
+      dropped and the partition is rewound to the next offset;
+    - no next offset yet (a partition the table has never seen): anything goes.
+    Returns (messages to apply, partition -> new next offset, partition -> offset to rewind to)."""
+    expected = dict(next_offsets)
+    keep: list[CanonicalMessage] = []
+    advanced: dict[int, int] = {}
+    rewind: dict[int, int] = {}
+    for m in msgs:
+        p, want = m.partition, expected.get(m.partition)
+        if p in rewind or (want is not None and m.offset < want):
+            continue
+        if want is not None and m.offset > want:
+            rewind[p] = want
+            continue
+        keep.append(m)
+        expected[p] = advanced[p] = m.offset + 1
+    return keep, advanced, rewind
+
+
+def _exit_unacked(batch: asyncio.Future) -> None:
+    """End the process at once, so faust cannot ack (and later commit) a batch that did not complete:
+    after a restart it is processed again. Only infrastructure errors and bugs get here (bad data is
+    dead-lettered per message), and both must stop the worker loudly."""
+    exc = batch.exception() if batch.done() and not batch.cancelled() else None
+    log.critical("a batch could not be completed (%s); exiting without acking it, it is reprocessed "
+                 "after the restart", type(exc).__name__ if exc else "cancelled", exc_info=exc)
+    logging.shutdown()
+    os._exit(70)
+
+
+async def _finish_or_exit(batch: asyncio.Future) -> None:
+    """At shutdown: finish the batch in progress (outputs and changelog durable) before faust acks it."""
+    try:
+        await batch
+    except BaseException:  # failed, or cancelled again while finishing
+        _exit_unacked(batch)
+
+
+class ExactEndTableManager(TableManager):
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = ExactEndRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
 def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     topics = topics or topics_for(settings)
     app = faust.App(
         f"{settings.group_prefix}-worker",
         broker=f"kafka://{settings.bootstrap_servers}",
         store="memory://",  # the changelog topic is the durable copy
+        datadir=str(settings.data_dir / "faust"),  # faust's own files; its default litters the cwd
         topic_partitions=topics.partitions,
         topic_allow_declare=True,
         broker_session_timeout=settings.session_timeout_s,
@@ -57,9 +206,13 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         web_port=settings.worker_web_port or 6066,
         web_bind="127.0.0.1",
         producer_linger_ms=1,
-        stream_wait_empty=False,
+        # a rebalance waits for the batch in progress to finish (outputs and changelog acknowledged), so
+        # a revoked partition's last table writes land before its new owner's recovery barrier
+        stream_wait_empty=True,
         table_cleanup_interval=3600.0,
         consumer_auto_offset_reset="earliest",
+        Table=DurableTable,
+        TableManager=ExactEndTableManager,
     )
     canonical = app.topic(topics.canonical, key_type=bytes, value_type=bytes, key_serializer="raw",
                           value_serializer="raw", partitions=topics.partitions)
@@ -88,29 +241,66 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         for key, value, headers in records:
             producer.produce(topic, key=key, value=value, headers=headers)
 
+    async def process_batch(events) -> None:
+        """One taken batch: state, outputs and table; returns once outputs and changelog are durable."""
+        if time.monotonic() >= next_reload_check[0]:  # a file read, not per batch on the hot path
+            scorer.reload_if_changed()
+            next_reload_check[0] = time.monotonic() + MODEL_RELOAD_CHECK_S
+        msgs = [CanonicalMessage(ev.message.partition, ev.message.offset, ev.value,
+                                 _produced_ns(ev.message.headers), ev.key) for ev in events]
+        next_offsets = {p: table.next_offset(p) for p in {m.partition for m in msgs}}
+        if unseen := [TP(topics.canonical, p) for p, n in next_offsets.items() if n is None]:
+            # nothing applied from these partitions yet: they start at their first message (faust can
+            # drop messages fetched during a rebalance and not re-read them when nothing is committed)
+            for tp, first in (await app.consumer.earliest_offsets(*unseen)).items():
+                next_offsets[tp.partition] = first
+        msgs, advanced, rewind = sequence_batch(msgs, next_offsets)
+        records, out = processor.process(msgs, load)
+        send(topics.late, out.late)
+        send(topics.features, out.features)
+        send(topics.scores, out.scores)
+        send(topics.alerts, out.alerts)
+        send(topics.scores_shadow, out.shadow)  # candidate model's scores; never alerts
+        for msg, rejection in out.rejected:
+            producer.produce(topics.deadletter, key=msg.key, value=msg.value, headers=deadletter_headers(
+                rejection, Stage.PATIENT_STATE, topics.canonical, msg.partition, msg.offset))
+        # outputs are durable before the batch is acked (at-least-once; ids make repeats idempotent)
+        if producer.flush(30) != 0:
+            raise RuntimeError("output producer could not deliver within 30 s: is the broker up?")
+        partition_of = {m.key: m.partition for m in msgs}  # canonical messages are keyed by patient id
+        for patient, rec in records.items():
+            raw = rec.to_bytes()
+            partition = partition_of.get(patient.encode())
+            if partition is None:  # a producer broke the key contract: keep the state, say so
+                log.warning("a canonical message's key is not its patient id; its state goes where faust's "
+                            "partitioner puts it, which another worker may not recover")
+                table[patient] = raw
+            else:
+                table.put(partition, patient, raw)
+            parsed[patient] = (raw, rec)
+        for partition, offset in advanced.items():  # after the patients: same changelog partition, in order
+            table.set_next_offset(partition, offset)
+        # the batch is acked (and its offsets become committable) only once its state is durable:
+        # a restart then finds every committed message in the recovered table
+        await table.confirm_changelog()
+        for partition, offset in rewind.items():  # messages were skipped: read them again, in order
+            log.warning("canonical partition %d: messages from offset %d were not applied; rewinding to it",
+                        partition, offset)
+            await app.consumer.seek(TP(topics.canonical, partition), offset)
+
     @app.agent(canonical, name="patients")
     async def patients(stream):
         async for events in stream.take_events(settings.worker_batch_size, within=settings.worker_batch_within_s):
-            if time.monotonic() >= next_reload_check[0]:  # a file read, not per batch on the hot path
-                scorer.reload_if_changed()
-                next_reload_check[0] = time.monotonic() + MODEL_RELOAD_CHECK_S
-            msgs = [CanonicalMessage(ev.message.partition, ev.message.offset, ev.value,
-                                     _produced_ns(ev.message.headers), ev.key) for ev in events]
-            records, out = processor.process(msgs, load)
-            send(topics.late, out.late)
-            send(topics.features, out.features)
-            send(topics.scores, out.scores)
-            send(topics.alerts, out.alerts)
-            for msg, rejection in out.rejected:
-                producer.produce(topics.deadletter, key=msg.key, value=msg.value, headers=deadletter_headers(
-                    rejection, Stage.PATIENT_STATE, topics.canonical, msg.partition, msg.offset))
-            # outputs are durable before the batch is acked (at-least-once; ids make repeats idempotent)
-            if producer.flush(30) != 0:
-                raise RuntimeError("output producer could not deliver within 30 s: is the broker up?")
-            for patient, rec in records.items():
-                raw = rec.to_bytes()
-                table[patient] = raw
-                parsed[patient] = (raw, rec)
+            # faust acks a taken batch as soon as this loop body is left, even by an exception or by the
+            # cancellation at shutdown: let the batch finish first, or end the process before the ack
+            batch = asyncio.ensure_future(process_batch(events))
+            try:
+                await asyncio.shield(batch)
+            except asyncio.CancelledError:
+                await _finish_or_exit(batch)
+                raise
+            except Exception:
+                _exit_unacked(batch)
 
     @app.on_rebalance_complete.connect
     async def _forget_cache(sender, **kwargs):  # another worker may have changed a patient we held
@@ -123,6 +313,7 @@ def run_worker(settings: Settings, loglevel: str = "WARN") -> None:
     """Blocking: run the faust worker until SIGTERM/SIGINT."""
     topics = topics_for(settings)
     ensure_topics(settings, topics)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates its datadir inside, not parents
     app = create_app(settings, topics)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

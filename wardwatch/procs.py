@@ -125,7 +125,8 @@ def wait_for_commits(settings: Settings, group_id: str, targets: dict[tuple[str,
 END_MARKER_KEY = b"__wardwatch_end_marker__"
 
 
-def read_to_end(settings: Settings, topic: str, partitions: int, timeout_s: float = 60.0) -> list[tuple[int, int, bytes | None, bytes | None]]:
+def read_to_end(settings: Settings, topic: str, partitions: int,
+                timeout_s: float = 60.0) -> list[tuple[int, int, bytes | None, bytes | None]]:
     """Every record of `topic` as (partition, offset, key, value), in offset order per partition.
 
     The embedded broker reports end offsets too low (the base offset of the last record batch + 1),
@@ -178,3 +179,4 @@ def total_committed(settings: Settings, group_id: str, topic: str, partitions: i
     progress gauge for waiting on a consumer without reading its outputs."""
     done = committed_offsets(settings, group_id, [(topic, p) for p in range(partitions)])
     return sum(max(n, 0) for n in done.values())
+

@@ -1,0 +1,42 @@
+"""The worker's bookkeeping that keeps the table and the canonical stream in step, without Kafka."""
+
+from __future__ import annotations
+
+from streams.app import sequence_batch
+from streams.patient_agent import CanonicalMessage
+
+
+def msg(partition: int, offset: int) -> CanonicalMessage:
+    return CanonicalMessage(partition, offset, b"[]", key=b"p1")
+
+
+def offsets(msgs) -> list[tuple[int, int]]:
+    return [(m.partition, m.offset) for m in msgs]
+
+
+def test_messages_in_step_are_applied_and_advance_the_next_offset():
+    keep, advanced, rewind = sequence_batch([msg(0, 5), msg(1, 2), msg(0, 6)], {0: 5, 1: 2})
+    assert offsets(keep) == [(0, 5), (1, 2), (0, 6)]
+    assert advanced == {0: 7, 1: 3}
+    assert rewind == {}
+
+
+def test_a_replay_of_applied_messages_is_dropped():
+    # after a restart the consumer resumes from the committed offset, which may lag the table
+    keep, advanced, rewind = sequence_batch([msg(0, 3), msg(0, 4), msg(0, 5)], {0: 5})
+    assert offsets(keep) == [(0, 5)]
+    assert advanced == {0: 6} and rewind == {}
+
+
+def test_a_skipped_message_rewinds_its_partition_and_holds_back_the_rest_of_it():
+    batch = [msg(0, 7), msg(1, 0), msg(0, 8), msg(1, 1)]
+    keep, advanced, rewind = sequence_batch(batch, {0: 5, 1: 0})
+    assert offsets(keep) == [(1, 0), (1, 1)]  # the other partition is unaffected
+    assert rewind == {0: 5}  # offsets 5 and 6 were never applied: read again from 5
+    assert advanced == {1: 2}
+
+
+def test_a_partition_without_a_next_offset_takes_what_comes():
+    keep, advanced, rewind = sequence_batch([msg(2, 40), msg(2, 41)], {2: None})
+    assert offsets(keep) == [(2, 40), (2, 41)]
+    assert advanced == {2: 42} and rewind == {}

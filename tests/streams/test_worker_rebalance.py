@@ -1,0 +1,94 @@
+"""Two patient workers in one consumer group split the patients; when one is SIGKILLed mid-stream the
+survivor takes over its partitions, and the results equal a single worker's (issues #4, #8)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from streams.topics import ensure_topics, topics_for
+from tests.streams.worker_runs import (Publisher, canonical_messages, collect_results, recovery_seconds,
+                                      wait_for_assignment, wait_for_progress)
+from wardwatch.procs import (check_alive, committed_offsets, kill_service, start_service, stop_service,
+                             wait_for_commits, wait_for_group)
+
+PATIENTS, ROWS = 16, 40  # 640 canonical messages over 4 partitions
+RATE = 15.0  # messages/s until the takeover is done; then the rest at once
+
+
+def _sibling(settings, suffix: str):
+    return settings.model_copy(update={"topic_prefix": settings.topic_prefix + suffix,
+                                       "cdc_topic_prefix": settings.cdc_topic_prefix + suffix,
+                                       "group_prefix": settings.group_prefix + suffix})
+
+
+@pytest.mark.timeout(200)
+def test_survivor_takes_over_a_killed_workers_partitions_and_ends_like_a_single_worker(settings, tmp_path):
+    messages = canonical_messages(PATIENTS, ROWS)
+    ref_settings, pair_settings = _sibling(settings, "s"), _sibling(settings, "p")
+    ref_topics, topics = topics_for(ref_settings), topics_for(pair_settings)
+    assert topics.partitions == 4
+    ensure_topics(ref_settings, ref_topics)
+    ensure_topics(pair_settings, topics)
+    group, ref_group = f"{pair_settings.group_prefix}-worker", f"{ref_settings.group_prefix}-worker"
+    canonical_tps = [(topics.canonical, p) for p in range(topics.partitions)]
+    deadline = time.monotonic() + 170
+    logs = tmp_path
+
+    everything = set(range(topics.partitions))
+    ref_worker = start_service(["worker", "--loglevel", "INFO"], ref_settings, logs / "single.log")
+    survivor = start_service(["worker", "--loglevel", "INFO"], pair_settings, logs / "survivor.log")
+    victim = start_service(["worker", "--loglevel", "INFO"], pair_settings, logs / "victim.log")
+    try:
+        wait_for_group(ref_settings, ref_group, alive=ref_worker)
+        # both joined: the patients are split between them
+        held = wait_for_assignment(logs / "victim.log", topics.canonical, lambda ps: 0 < len(ps) < len(everything),
+                                   deadline=deadline, alive=victim)
+        wait_for_assignment(logs / "survivor.log", topics.canonical, lambda ps: ps == everything - held,
+                            deadline=deadline, alive=survivor)
+        ref_pub = Publisher(ref_settings, ref_topics.canonical, messages).start()
+        pub = Publisher(pair_settings, topics.canonical, messages, rate=RATE).start()
+
+        # let both process for a while, then crash one of them
+        progress = wait_for_progress(pair_settings, group, topics.canonical, topics.partitions, 40,
+                                     deadline=deadline, alive=survivor)
+        check_alive({"victim": victim}, logs)
+        at_kill = committed_offsets(pair_settings, group, canonical_tps)
+        kill_service(victim)
+        killed = time.monotonic()
+        # the takeover is done when every partition (the victim's too) commits past where it stood
+        wait_for_assignment(logs / "survivor.log", topics.canonical, lambda ps: ps == everything,
+                            deadline=deadline, alive=survivor)
+        rebalanced = time.monotonic() - killed
+        for tp in canonical_tps:
+            wait_for_commits(pair_settings, group, {tp: at_kill[tp] + 1}, deadline=deadline,
+                             on_wait=lambda: check_alive({"survivor": survivor}, logs))
+        takeover = time.monotonic() - killed
+        assert not pub.done, "the stream ended before the takeover: lower RATE or raise ROWS"
+        pub.rate = None
+
+        ends = pub.join(deadline - time.monotonic())
+        ref_ends = ref_pub.join(deadline - time.monotonic())
+        procs = {"survivor": survivor, "single worker": ref_worker}
+        wait_for_commits(pair_settings, group, ends, deadline=deadline, on_wait=lambda: check_alive(procs, logs))
+        wait_for_commits(ref_settings, ref_group, ref_ends, deadline=deadline,
+                         on_wait=lambda: check_alive(procs, logs))
+    finally:
+        for proc in (victim, survivor, ref_worker):
+            stop_service(proc)
+    print(f"\nkilled the worker holding canonical partitions {sorted(held)} after {progress} commits; the "
+          f"survivor was assigned them {rebalanced:.1f}s later and committed on every partition "
+          f"{takeover:.1f}s after the kill; its recovery took {recovery_seconds(logs / 'survivor.log')[-1]:.2f}s")
+
+    ref = collect_results(ref_settings, ref_topics)
+    got = collect_results(pair_settings, topics)
+    all_facts = set().union(*(facts for _, _, facts in messages))
+    assert ref.known_fact_ids() == all_facts
+    assert got.known_fact_ids() == all_facts  # nothing the victim held was lost
+    assert got.state == ref.state
+    # rows are 15 min apart, more than the scoring cadence (scoring_min_interval_s): each one is a point
+    assert got.snapshot_points == {(p, o) for (_, p), end in ends.items() for o in range(end)} == ref.snapshot_points
+    assert set(got.features) == set(ref.features) and set(got.scores) == set(ref.scores)
+    assert got.alerts == ref.alerts and ref.alerts
+    assert got.differing_repeats() == []

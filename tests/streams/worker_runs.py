@@ -1,0 +1,213 @@
+"""Shared by the worker restart and rebalance tests: a synthetic canonical stream, publishing it, and
+reading back everything the `wardwatch worker` processes produced (table changelog and outputs)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import orjson
+from confluent_kafka import Producer
+
+from schemas import codes
+from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
+from streams.app import NEXT_OFFSET_PREFIX
+from streams.topics import Topics
+from wardwatch.procs import read_to_end, total_committed
+from wardwatch.settings import Settings
+
+T0 = 1_718_000_000_000
+ROW_MS = 15 * 60_000
+CALM = {codes.RESP_RATE: 16, codes.SPO2: 97, codes.O2_FLOW: 0.0, codes.SYSTOLIC_BP: 125, codes.HEART_RATE: 75,
+        codes.CONSCIOUSNESS: 0, codes.TEMPERATURE: 37.0}
+SICK = {codes.RESP_RATE: 27, codes.SPO2: 90, codes.O2_FLOW: 2.0, codes.SYSTOLIC_BP: 88, codes.HEART_RATE: 135,
+        codes.CONSCIOUSNESS: 3, codes.TEMPERATURE: 39.5}  # NEWS2 well above 7
+
+
+def canonical_messages(patients: int, rows: int) -> list[tuple[bytes, bytes, set[str]]]:
+    """(key, value, fact ids) of canonical messages, one vitals row (7 events) each, patients
+    interleaved in event-time order. Each patient swings between calm and sick, so alerts open and
+    resolve several times."""
+    out = []
+    for r in range(rows):
+        for i in range(patients):
+            patient = f"p{i:03d}"
+            row_id = i * 10_000 + r
+            values = SICK if (r // 6 + i) % 3 == 0 else CALM
+            t = T0 + r * ROW_MS + i * 1000
+            events = [CanonicalEvent(patient_id=patient, code=code, value=float(v), unit=None, effective_ms=t,
+                                     issued_ms=t, status=Status.FINAL, source=Source.CDC,
+                                     fact_id=f"cdc:vital_signs:{row_id}:{code}", version=1)
+                      for code, v in values.items()]
+            out.append((patient.encode(), encode_batch(events), {e.fact_id for e in events}))
+    return out
+
+
+class Publisher:
+    """Publishes canonical messages keyed by patient with murmur2 (what the worker's changelog
+    partitioning requires), optionally paced, in a background thread; records where each landed."""
+
+    def __init__(self, settings: Settings, topic: str, messages, rate: float | None = None):
+        self.settings, self.topic, self.messages, self.rate = settings, topic, messages, rate
+        self.end_offsets: dict[tuple[str, int], int] = {}
+        self.delivered = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="canonical-publisher", daemon=True)
+
+    def _delivered(self, err, msg) -> None:
+        if err is not None:
+            self.error = RuntimeError(f"publish failed: {err}")
+            return
+        tp = (msg.topic(), msg.partition())
+        self.end_offsets[tp] = max(self.end_offsets.get(tp, 0), msg.offset() + 1)
+        self.delivered += 1
+
+    def _run(self) -> None:
+        try:
+            producer = Producer({**self.settings.kafka_client_config(), "partitioner": "murmur2_random",
+                                 "linger.ms": 5, "acks": "all"})
+            started = time.monotonic()
+            for n, (key, value, _) in enumerate(self.messages):
+                if self.rate:  # pace: message n goes out at n / rate seconds
+                    ahead = n / self.rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        producer.poll(0)
+                        time.sleep(ahead)
+                producer.produce(self.topic, key=key, value=value, on_delivery=self._delivered)
+                producer.poll(0)
+            if producer.flush(30) != 0:
+                raise RuntimeError("the canonical publisher could not deliver within 30 s")
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+
+    def start(self) -> "Publisher":
+        self.thread.start()
+        return self
+
+    @property
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def join(self, timeout_s: float) -> dict[tuple[str, int], int]:
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            raise TimeoutError(f"publishing {len(self.messages)} canonical messages took over {timeout_s:.0f}s")
+        if self.error:
+            raise self.error
+        return self.end_offsets
+
+
+@dataclass
+class Results:
+    """What a worker group left behind, read back from Kafka."""
+
+    state: dict[str, dict]  # patient -> latest PatientRecord (decoded) in the table changelog
+    next_offsets: dict[int, int]  # canonical partition -> next offset the table has not applied
+    features: dict[str, set[bytes]] = field(default_factory=dict)  # snapshot id -> distinct values seen
+    scores: dict[str, set[bytes]] = field(default_factory=dict)
+    alerts: dict[str, set[bytes]] = field(default_factory=dict)  # alert id -> distinct values seen
+    snapshot_points: set[tuple[int, int]] = field(default_factory=set)  # (partition, offset) scored
+    output_records: int = 0
+
+    def known_fact_ids(self) -> set[str]:
+        return {fact for rec in self.state.values() for fact in rec["s"]["known"]}
+
+    def differing_repeats(self) -> list[str]:
+        """Ids published more than once with different contents (must be none)."""
+        return [i for kind in (self.features, self.scores, self.alerts) for i, vs in kind.items() if len(vs) > 1]
+
+
+def changelog_topic(settings: Settings) -> str:
+    return f"{settings.group_prefix}-worker-patient_state-changelog"
+
+
+def collect_results(settings: Settings, topics: Topics, timeout_s: float = 60.0) -> Results:
+    latest: dict[str, bytes | None] = {}
+    for _, _, key, value in read_to_end(settings, changelog_topic(settings), topics.partitions, timeout_s):
+        latest[orjson.loads(key)] = value  # in offset order per partition; a key lives in one partition
+    state = {k: orjson.loads(v) for k, v in latest.items() if v is not None and not k.startswith("__wardwatch")}
+    next_offsets = {int(k.removeprefix(NEXT_OFFSET_PREFIX)): int(v) for k, v in latest.items()
+                    if k.startswith(NEXT_OFFSET_PREFIX)}
+    res = Results(state, next_offsets)
+    by_kind = {topics.features: (res.features, lambda d: d["snapshot_id"]),
+               topics.scores: (res.scores, lambda d: d["snapshot_id"]),
+               topics.alerts: (res.alerts, lambda d: d["header"]["alert_id"])}
+    for topic, (seen, id_of) in by_kind.items():
+        grouped: dict[str, set[bytes]] = defaultdict(set)
+        for _, _, _, value in read_to_end(settings, topic, topics.partitions, timeout_s):
+            d = orjson.loads(value)
+            grouped[id_of(d)].add(value)
+            res.output_records += 1
+            if topic == topics.features:
+                res.snapshot_points.add((d["partition"], d["offset"]))
+        seen.update(grouped)
+    return res
+
+
+def wait_for_progress(settings: Settings, group: str, topic: str, partitions: int, beyond: int, *,
+                      deadline: float, alive=None) -> int:
+    """Block until `group` has committed more than `beyond` messages of `topic` in total; returns the
+    new total."""
+    while True:
+        done = total_committed(settings, group, topic, partitions)
+        if done > beyond:
+            return done
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"the worker exited with code {alive.returncode} before committing")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"group {group} committed nothing beyond {beyond} messages in time")
+        time.sleep(0.1)
+
+
+def assigned_partitions(log_path: Path, topic: str) -> set[int] | None:
+    """The partitions of `topic` a worker was assigned last, read from its INFO log: the embedded
+    broker lists no members in DescribeGroups, so the worker's own account is the only one."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    found = re.findall(r"\|\s*" + re.escape(topic) + r"\s*\|\s*\{([^}]*)\}", text)
+    if not found:
+        return None
+    partitions: set[int] = set()
+    for item in (i.strip() for i in found[-1].split(",")):
+        if "-" in item:
+            first, last = item.split("-")
+            partitions.update(range(int(first), int(last) + 1))
+        elif item:
+            partitions.add(int(item))
+    return partitions
+
+
+def wait_for_assignment(log_path: Path, topic: str, want: Callable[[set[int]], bool], *, deadline: float,
+                        alive=None) -> set[int]:
+    """Block until the worker logging to `log_path` holds partitions of `topic` that satisfy `want`."""
+    while True:
+        got = assigned_partitions(log_path, topic)
+        if got is not None and want(got):
+            return got
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"the worker exited with code {alive.returncode}: see {log_path}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{log_path.name}: assigned {got} of {topic}, not what the test waits for")
+        time.sleep(0.1)
+
+
+def recovery_seconds(log_path: Path) -> list[float]:
+    """From a worker's INFO log: for each assignment, seconds from being assigned partitions to
+    "Worker ready" (changelog recovery included)."""
+    from datetime import datetime
+
+    def at(line: str) -> datetime:
+        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+
+    out, assigned = [], None
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "Executing _on_partitions_assigned" in line and line.startswith("["):
+            assigned = at(line)
+        elif "Recovery]: Worker ready" in line and line.startswith("[") and assigned is not None:
+            out.append((at(line) - assigned).total_seconds())
+            assigned = None
+    return out
