@@ -33,7 +33,10 @@ from schemas.deadletter import Stage, deadletter_headers
 from streams.alerting import AlertPolicy
 from streams.patient_agent import CanonicalMessage, PatientProcessor, PatientRecord
 from streams.scoring import Scorer
+from streams.faust_tuning import broker_credentials, set_fetch_max_wait_ms
+from streams.stats import StatsPublisher
 from streams.topics import Topics, ensure_topics, topics_for
+from wardwatch import observability
 from wardwatch.settings import Settings
 
 log = logging.getLogger("wardwatch.worker")
@@ -193,9 +196,12 @@ class ExactEndTableManager(TableManager):
 
 def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     topics = topics or topics_for(settings)
+    set_fetch_max_wait_ms(settings.worker_fetch_wait_ms)
     app = faust.App(
         f"{settings.group_prefix}-worker",
         broker=f"kafka://{settings.bootstrap_servers}",
+        broker_credentials=broker_credentials(settings),
+        loghandlers=[observability.json_handler("worker", settings.log_level)] if settings.json_logs else [],
         store="memory://",  # the changelog topic is the durable copy
         datadir=str(settings.data_dir / "faust"),  # faust's own files; its default litters the cwd
         topic_partitions=topics.partitions,
@@ -223,6 +229,8 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     processor = PatientProcessor(settings, scorer, AlertPolicy.from_settings(settings))
     producer = Producer({**settings.kafka_client_config(), "linger.ms": 2, "partitioner": "murmur2_random",
                          "enable.idempotence": False, "acks": "all"})
+    stats = StatsPublisher("worker", lambda: dict(processor.counters), producer, topics.stats,
+                           interval_s=settings.stats_interval_s)  # also on /metrics (wardwatch.observability)
     next_reload_check = [0.0]  # monotonic time of the next look at the registry's `current` pointer
     parsed: dict[str, tuple[bytes, PatientRecord]] = {}  # read-through cache: table bytes -> parsed record
 
@@ -245,6 +253,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         """One taken batch: state, outputs and table; returns once outputs and changelog are durable."""
         if time.monotonic() >= next_reload_check[0]:  # a file read, not per batch on the hot path
             scorer.reload_if_changed()
+            observability.set_model(scorer.model_version or "none", "model" if scorer.model_version else "rule")
             next_reload_check[0] = time.monotonic() + MODEL_RELOAD_CHECK_S
         msgs = [CanonicalMessage(ev.message.partition, ev.message.offset, ev.value,
                                  _produced_ns(ev.message.headers), ev.key) for ev in events]
@@ -261,6 +270,8 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         send(topics.scores, out.scores)
         send(topics.alerts, out.alerts)
         send(topics.scores_shadow, out.shadow)  # candidate model's scores; never alerts
+        stats.maybe_publish()  # goes out with this flush
+        observe_latency(msgs, len(out.scores))
         for msg, rejection in out.rejected:
             producer.produce(topics.deadletter, key=msg.key, value=msg.value, headers=deadletter_headers(
                 rejection, Stage.PATIENT_STATE, topics.canonical, msg.partition, msg.offset))
@@ -302,11 +313,25 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
             except Exception:
                 _exit_unacked(batch)
 
+    @app.timer(settings.stats_interval_s)
+    async def _publish_stats() -> None:  # also while idle, so `wardwatch stats` is never stale
+        stats.publish()
+        producer.poll(0)
+
     @app.on_rebalance_complete.connect
     async def _forget_cache(sender, **kwargs):  # another worker may have changed a patient we held
         parsed.clear()
 
     return app
+
+
+def observe_latency(msgs: list[CanonicalMessage], scores: int) -> None:
+    """Raw produce -> scored, for the batch's earliest input (the metrics histogram)."""
+    if not scores:
+        return
+    stamps = [m.produced_ns for m in msgs if m.produced_ns]
+    if stamps:
+        observability.SCORE_LATENCY.observe(max(0.0, (time.time_ns() - min(stamps)) / 1e9))
 
 
 def run_worker(settings: Settings, loglevel: str = "WARN") -> None:
@@ -315,5 +340,6 @@ def run_worker(settings: Settings, loglevel: str = "WARN") -> None:
     ensure_topics(settings, topics)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates its datadir inside, not parents
     app = create_app(settings, topics)
+    observability.serve(settings.metrics_port, host=settings.metrics_host)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -114,13 +114,15 @@ def ingest() -> None:
 
 
 @app.command()
-def worker(loglevel: str = typer.Option("WARN", help="faust log level")) -> None:
+def worker(loglevel: Optional[str] = typer.Option(None, help="Log level (default: WARDWATCH_LOG_LEVEL)")) -> None:
     """Run the faust worker: per-patient state, features, scoring, alerts."""
     from schemas.model_contract import ContractError
     from streams.app import run_worker
 
+    settings = _settings()
+    level = (loglevel or settings.log_level).upper()
     try:
-        run_worker(_settings(), loglevel=loglevel)
+        run_worker(settings.model_copy(update={"log_level": level}), loglevel={"WARNING": "WARN"}.get(level, level))
     except ContractError as exc:
         console.print(f"[red]worker not started:[/] {exc}")
         raise typer.Exit(2)

@@ -91,7 +91,7 @@ def test_service_logs_are_json_and_name_no_patient(demo):
     assert identifiers
     logs = Path(demo["duckdb_path"]).parent / "logs"
     checked = 0
-    for name in ("receiver", "ingest", "subscriptions"):
+    for name in ("receiver", "ingest", "subscriptions", "worker"):
         for line in (logs / f"{name}.log").read_text().splitlines():
             if not line.startswith("{"):
                 continue  # librdkafka writes its own plain lines to stderr (broker addresses only)
