@@ -352,7 +352,7 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
 def run_bench(*, patients: int = 8, repeat: int = 10, console: Console | None = None, seed: int = 7,
               data_dir: Path = Path("data/bench"), cache_dir: Path = Path("data/cache"),
               quiet_s: float = 5.0, timeout_s: float = 900.0, rates: tuple[int, ...] = (1000, 10000),
-              paced_s: float = 10.0) -> dict:
+              paced_s: float = 10.0, state_patients: int = 1000) -> dict:
     """Measure the baseline and the pipeline on one embedded broker; print and return the figures.
 
     data_dir is wiped first and holds the broker and service logs and the scoring model.
@@ -392,6 +392,11 @@ def run_bench(*, patients: int = 8, repeat: int = 10, console: Console | None = 
 
     result = combine(pipeline, baseline, machine_facts())
     result.update({"patients": patients, "repeat": repeat, "seed": seed})
+    if state_patients:
+        from benchmarks.memory import state_memory
+
+        with console.status(f"memory of live state: {state_patients} patients in a clean process"):
+            result.update(state_memory(state_patients, cache_dir=cache_dir, model_dir=data_dir / "models"))
     print_table(console, result)
     return result
 
@@ -416,9 +421,13 @@ def print_table(console: Console, r: dict) -> None:
             pt.add_row(f"{ph['offered_per_s']:,}", f"{ph['achieved_offer_per_s']:,.0f}", f"{ph['latency_ms_p50']:,.1f}",
                        f"{ph['latency_ms_p99']:,.1f}", f"{ph['latency_ms_max']:,.1f}", "yes" if ph["kept_up"] else "no")
         console.print(pt)
-    if r.get("worker_rss_mb_per_10k_patients") is not None:
-        console.print(f"worker RSS {r['worker_rss_mb']} MB with {r['patients_in_state']:,} patients in state: "
-                      f"{r['worker_rss_mb_per_10k_patients']} MB per 10k patients")
+    if r.get("worker_rss_mb") is not None:
+        console.print(f"worker RSS at the end: {r['worker_rss_mb']} MB with {r['patients_in_state']:,} patients "
+                      f"(includes the fetch buffers of any backlog)")
+    if r.get("state_rss_mb_per_10k_patients") is not None:
+        console.print(f"live patient state: {r['state_rss_mb_per_10k_patients']} MB RSS per 10k patients "
+                      f"(record bytes {r['state_table_mb_per_10k_patients']} MB; measured on {r['state_patients']:,} "
+                      f"patients with full windows, all parsed in memory)")
     if not r["went_quiet"]:
         console.print(f"[yellow]the deadline came before the scores went quiet: events/s counts all "
                       f"{r['n_events']:,} raw messages over a partial span, so it overstates the pipeline[/]")

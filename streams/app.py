@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 
 import faust
 from confluent_kafka import Producer
@@ -232,7 +233,9 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     stats = StatsPublisher("worker", lambda: dict(processor.counters), producer, topics.stats,
                            interval_s=settings.stats_interval_s)  # also on /metrics (wardwatch.observability)
     next_reload_check = [0.0]  # monotonic time of the next look at the registry's `current` pointer
-    parsed: dict[str, tuple[bytes, PatientRecord]] = {}  # read-through cache: table bytes -> parsed record
+    # read-through cache: table bytes -> parsed record, for the recently active patients only (parsed
+    # records are several times the size of their bytes; the table keeps every patient anyway)
+    parsed = RecentCache(settings.worker_parsed_cache_patients)
 
     def load(patient: str) -> PatientRecord | None:
         raw = table.get(patient)
@@ -323,6 +326,26 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         parsed.clear()
 
     return app
+
+
+class RecentCache(OrderedDict):
+    """A dict that keeps only the `capacity` most recently set or read keys."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if len(self) > self.capacity:
+            self.popitem(last=False)
 
 
 def observe_latency(msgs: list[CanonicalMessage], scores: int) -> None:

@@ -351,6 +351,7 @@ def bench(
     batch: bool = typer.Option(False, "--batch", help="Benchmark the nightly rebuild + parity instead, on a large "
                                                       "archive, next to a plain DuckDB scan of the same Parquet"),
     events: int = typer.Option(5_000_000, help="With --batch: canonical events in the archive"),
+    state_patients: int = typer.Option(1000, help="Patients for the live-state memory measurement (0: skip)"),
 ) -> None:
     """Measure the pipeline against a plain confluent-kafka loop on the same broker.
 
@@ -369,7 +370,8 @@ def bench(
         offered = tuple(int(r) for r in rates.split(",") if r.strip())
     except ValueError:
         raise typer.BadParameter("--rates takes integers separated by commas, e.g. 1000,10000")
-    result = run_bench(patients=patients, repeat=repeat, console=console, rates=offered, paced_s=paced_seconds)
+    result = run_bench(patients=patients, repeat=repeat, console=console, rates=offered, paced_s=paced_seconds,
+                       state_patients=state_patients)
     _write_json(result, json_path)
 
 

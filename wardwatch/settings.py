@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     # worker
     worker_batch_size: int = Field(2000, ge=1, description="Max canonical messages the worker takes per batch")
     worker_batch_within_s: float = Field(0.005, gt=0, description="Max wait to fill a worker batch (seconds)")
+    worker_parsed_cache_patients: int = Field(5000, ge=1, description="Parsed patient records the worker keeps in memory beyond the table's bytes (most recently active)")
     worker_fetch_wait_ms: int = Field(10, ge=1, description="The worker consumer's fetch.max.wait.ms (faust hard-codes 1500; a broker that holds fetches that long adds it to every event's latency)")
     worker_web_port: int | None = Field(None, description="faust web port; None disables the web server")
 

@@ -195,7 +195,7 @@ def test_a_failed_scores_consumer_fails_the_wait(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_small_run_measures_both_sides(tmp_path):
     result = run_bench(patients=2, repeat=1, data_dir=tmp_path / "bench", cache_dir=tmp_path / "cache",
-                       quiet_s=3.0, timeout_s=110, rates=(200,), paced_s=1.0)
+                       quiet_s=3.0, timeout_s=110, rates=(200,), paced_s=1.0, state_patients=16)
 
     for key in ("pipeline_events_per_s", "baseline_events_per_s", "ratio", "latency_ms_p50", "latency_ms_p99",
                 "latency_ms_max", "baseline_latency_ms_p50", "baseline_latency_ms_p99"):
@@ -213,3 +213,5 @@ def test_a_small_run_measures_both_sides(tmp_path):
     assert phase["offered_per_s"] == 200 and phase["n_events"] == 200 and phase["n_scores"] > 0
     assert math.isfinite(phase["latency_ms_p99"]) and phase["latency_ms_p99"] >= phase["latency_ms_p50"]
     assert result["patients_in_state"] > result["n_patients"]  # warm-up + measured + paced patients
+    # live state measured in a clean process: 16 patients with full windows take some memory
+    assert result["state_patients"] == 16 and result["state_table_mb_per_10k_patients"] > 0

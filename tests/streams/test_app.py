@@ -40,3 +40,13 @@ def test_a_partition_without_a_next_offset_takes_what_comes():
     keep, advanced, rewind = sequence_batch([msg(2, 40), msg(2, 41)], {2: None})
     assert offsets(keep) == [(2, 40), (2, 41)]
     assert advanced == {2: 42} and rewind == {}
+
+
+def test_recent_cache_keeps_only_the_most_recently_used_patients():
+    from streams.app import RecentCache
+
+    cache = RecentCache(2)
+    cache["a"], cache["b"] = 1, 2
+    assert cache.get("a") == 1  # a is now the most recent
+    cache["c"] = 3
+    assert list(cache) == ["a", "c"] and cache.get("b") is None
