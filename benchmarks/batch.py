@@ -40,8 +40,9 @@ from schemas.canonical import CanonicalEvent
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
+from streams.app import RecentCache
 from streams.archiver import RawRecord, rows_for, write_part
-from streams.patient_agent import CanonicalMessage, PatientProcessor, PatientRecord
+from streams.patient_agent import CanonicalMessage, PatientProcessor
 from streams.replay import build_replay, generate_cohort
 from streams.scoring import Scorer
 from streams.topics import topics_for
@@ -136,13 +137,16 @@ def build_archive(settings: Settings, messages: list[list[CanonicalEvent]], n_ev
     """Run the online plane over n_events canonical events and archive everything it publishes."""
     topics = topics_for(settings)
     processor = PatientProcessor(settings, Scorer(settings.model_dir, settings))
-    table: dict[str, PatientRecord] = {}
+    # copies run back to back, so a finished copy's patients never come back: keep the recent ones
+    # only (as the worker's parsed cache does), or 5M events would hold every record in memory
+    table = RecentCache(1000)
     writer = ArchiveWriter(settings.archive_dir)
     next_offset = [0] * settings.partitions
     output_offset: dict[str, int] = defaultdict(int)  # one offset sequence per output topic
     task = progress.add_task("online plane in-process -> archive", total=n_events) if progress else None
     started = time.perf_counter()
     events = 0
+    patients: set[str] = set()
     for poll in canonical_polls(messages, n_events):
         batch = []
         for patient, patient_events in poll.items():
@@ -154,7 +158,9 @@ def build_archive(settings: Settings, messages: list[list[CanonicalEvent]], n_ev
             writer.add("canonical", RawRecord(topics.canonical, partition, offset, 0, patient.encode(), value))
             events += len(patient_events)
         records, out = processor.process(batch, table.get)
-        table.update(records)
+        for patient, record in records.items():
+            table[patient] = record
+        patients.update(records)
         for kind, outputs in (("late", out.late), ("features", out.features), ("scores", out.scores),
                               ("alerts", out.alerts)):
             for key, value, headers in outputs:
@@ -164,7 +170,7 @@ def build_archive(settings: Settings, messages: list[list[CanonicalEvent]], n_ev
             progress.update(task, completed=events)
     writer.close()
     seconds = time.perf_counter() - started
-    return {"events": events, "patients": len(table), "online_seconds": round(seconds, 2),
+    return {"events": events, "patients": len(patients), "online_seconds": round(seconds, 2),
             "online_events_per_s": round(events / seconds, 1) if seconds else None,
             "archive_rows": dict(writer.rows),
             "archive_mb": round(sum(f.stat().st_size for f in settings.archive_dir.rglob("*.parquet")) / 2**20, 1)}
