@@ -3,7 +3,7 @@ the views in batch/views.sql, and the read-only helpers behind `wardwatch query`
 
 Column comments are looked up per table first, then by column name (a column means the same thing
 in every table that has it), then from the feature specs. A column nobody documented gets a comment
-saying so, and tests/batch/test_catalog.py fails on it: document new columns here.
+saying so, and tests/batch/test_nightly.py fails on it: document new columns here.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ TABLES: dict[str, str] = {
     "scores_shadow": "Scores of the shadow (candidate) model; they never alert.",
     "alerts": "Alerts the stream published, with the FHIR RiskAssessment JSON.",
     "gaps": "FHIR subscription gaps and missed heartbeats detected by the subscription watcher.",
-    "labels": "The training label at every online scoring point (batch/train.py LABEL_DEFINITION).",
+    "labels": "The first-onset training label at every online scoring point (batch/train.py LABEL_DEFINITION); "
+              "rows with at_risk = false (already deteriorated) are not evaluated.",
     "parity_report": "Online vs offline disagreements only (empty when the planes agree).",
     "archive_parts": "The archive part files the DuckDB file was built from (what incremental runs skip).",
     "runs": "One row per nightly run: counts, timings, parity and the promotion gate's decision.",
@@ -104,10 +105,20 @@ COLUMNS: dict[str, str] = {
     "subscription": "FHIR Subscription the gap belongs to",
     "gap_kind": "Kind of the gap record (gap, missed heartbeat, ...)",
     "record_json": "The gap record, JSON",
-    "label": "1 when the patient deteriorated within (T, T + 12 h], else 0",
-    "label_news2_high": "Label criterion: a later scoring point with NEWS2 >= 7",
-    "label_low_sbp": "Label criterion: systolic BP <= 90 mm[Hg] in the window",
-    "label_high_lactate": "Label criterion: lactate >= 4 mmol/L in the window",
+    "label": "1 when the patient is at risk at T and the first onset of deterioration falls in (T, T + 12 h] "
+             "(NEWS2 >= 7, systolic BP <= 90 or lactate >= 4), else 0",
+    "at_risk": "Not deteriorated at T or any earlier scoring point, as known then (NEWS2 < 7, latest systolic BP "
+               "of 24 h > 90, latest lactate of 24 h < 4, as of issued); only these rows are evaluated",
+    "onset_ms": "Time of the first deterioration event in (T, T + 12 h] when label = 1, else null" + _MS,
+    "label_news2_high": "A later scoring point with NEWS2 >= 7 in (T, T + 12 h], at risk or not",
+    "label_low_sbp": "A systolic BP <= 90 mm[Hg] effective in (T, T + 12 h], at risk or not",
+    "label_high_lactate": "A lactate >= 4 mmol/L effective in (T, T + 12 h], at risk or not",
+    "trigger": "What made the scoring point: vitals (a new vitals set) or correction (a re-score after one)",
+    "trigger_event_id": "event_id of the run's first event that triggered the point (part of snapshot_id)",
+    "features_hash": "blake2b of the snapshot's features, to tie a score to the exact snapshot it scored",
+    "input_watermark": "Input the stream had consumed when it scored: partition, offset, idx, and event_ms "
+                       "(the patient clock)",
+    "original_alert_id": "The alert a correction corrects; null for other kinds",
     "check": "feature (a feature value) or late (a late-event cross-check)",
     "feature": "Feature name",
     "online": "Value the stream published",
@@ -116,12 +127,19 @@ COLUMNS: dict[str, str] = {
     "match": "Whether online and offline agree",
     "bytes": "Size of the part file",
 }
+_POINT_IDX = ("Position in the canonical message of the last event of the run that made the point "
+              "(null in archive parts from before the stream sent it)")
 PER_TABLE: dict[str, dict[str, str]] = {
     "archive_parts": {"kind": "Archive kind (canonical, features, scores, ...)",
                       "path": "Part file path relative to the archive directory"},
     "parity_report": {"event_id": "The late event disagreed on (check = late)",
                       "scoring_ms": "Scoring time of the point (check = feature)" + _MS},
     "observations": {"outcome": "How the fact first entered the system: accepted, late or duplicate"},
+    "labels": {"news2": "NEWS2 at the scoring point from the facts issued by T (what training sees)"},
+    "alerts": {"ward": "The patient's ward when the alert was raised (routing header; null when unknown)",
+               "status": "Status of the RiskAssessment: final, amended or entered-in-error (corrections)",
+               "reason": "Why the alert was resolved: discharge; null otherwise"},
+    **{table: {"idx": _POINT_IDX} for table in ("features_online", "scores", "scores_shadow")},
     "runs": {
         "run_id": "Id of the nightly run", "started_at": "When the run started (UTC)",
         "finished_at": "When the run finished writing (UTC)", "full": "True for a full rebuild",
@@ -179,7 +197,7 @@ def views_sql() -> str:
 
     return Template(VIEWS_SQL.read_text()).substitute(
         SYSTOLIC_BP=codes.SYSTOLIC_BP, LACTATE=codes.LACTATE, LOW_SBP=f"{train.LOW_SYSTOLIC_BP:g}",
-        HIGH_LACTATE=f"{train.HIGH_LACTATE:g}", NEWS2_HIGH=train.NEWS2_EMERGENCY, HORIZON_MS=LABEL_HORIZON_MS)
+        HIGH_LACTATE=f"{train.HIGH_LACTATE:g}", NEWS2_HIGH=train.NEWS2_EMERGENCY)
 
 
 def create_views(con: duckdb.DuckDBPyConnection) -> None:

@@ -7,8 +7,10 @@ Steps (each timed, each announced to `progress(step)`):
     classify    batch.features.classify_events over canonical events in arrival order
     offline     batch.features.scoring_points derives the scoring points (schemas/cadence.py) of the
                 recomputed patients; batch.features.features_at at every new online scoring point, at
-                its arrival position (idx from the derived point with the same snapshot_id)
-    labels      batch.train.make_labels (features as of `issued`, outcomes strictly after T)
+                its arrival position (the snapshot's idx; for part files from before snapshots carried
+                it, the idx of the derived point with the same snapshot_id)
+    labels      batch.train.make_labels: the first-onset label (label, at_risk, onset_ms), the state
+                at T from batch.train.STATE_FEATURES as of `issued`, outcomes strictly after T
     parity      batch/parity.py: online vs offline features, published vs recomputed late events,
                 online vs derived scoring points (of the recomputed patients)
     write       a new DuckDB file next to settings.duckdb_path (tables, comments, views), then
@@ -20,7 +22,8 @@ other table is a pure function of the archive.
 
 Incremental (`full=False`, the CLI default): the `archive_parts` table lists the part files the
 file was built from; a run reads only the other ones and takes everything else from the previous
-file. The unit of recomputation is the patient: a patient with an event in a new part (or a new
+file (a previous file missing a column this version writes is rebuilt in full). The unit of
+recomputation is the patient: a patient with an event in a new part (or a new
 scoring point) has their events reclassified and their labels recomputed from their whole history
 (the patient-state rules carry no expiry in the batch, and a label looks 12 h ahead, so an old
 point's label can change); offline features and parity are computed for new scoring points and for
@@ -57,10 +60,10 @@ ClassifyEvents = Callable[..., pl.DataFrame]
 MakeLabels = Callable[..., pl.DataFrame]
 
 POINT_KEYS = list(rebuild.POINT_KEYS)
-LABEL_COLUMNS = ("label", "label_news2_high", "label_low_sbp", "label_high_lactate")
+LABEL_COLUMNS = ("label", "at_risk", "onset_ms", "label_news2_high", "label_low_sbp", "label_high_lactate")
 LABELS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
-                 "news2": pl.Float64, "label": pl.Int8, "label_news2_high": pl.Boolean,
-                 "label_low_sbp": pl.Boolean, "label_high_lactate": pl.Boolean}
+                 "news2": pl.Float64, "label": pl.Int8, "at_risk": pl.Boolean, "onset_ms": pl.Int64,
+                 "label_news2_high": pl.Boolean, "label_low_sbp": pl.Boolean, "label_high_lactate": pl.Boolean}
 PARITY_ORDER = ["check", "partition", "offset", "patient_id", "scoring_ms", "feature", "event_id"]
 
 # table -> (archive kind, clean-up function); incremental runs append new parts to the previous table
@@ -89,15 +92,16 @@ def _default_scoring_points() -> Callable[..., pl.DataFrame]:
 
 def default_labels(events: pl.DataFrame, points: pl.DataFrame, *, allowed_lateness_ms: int,
                    cross_source_tolerance: float) -> pl.DataFrame:
-    """Training labels at `points`: NEWS2 as of issue time, outcomes in hindsight (batch/train.py)."""
+    """Training labels at `points`: the state at T as of issue time, outcomes in hindsight (batch/train.py)."""
     from batch.features import features_as_of_issued
-    from batch.train import make_labels
+    from batch.train import STATE_FEATURES, make_labels
 
     if points.is_empty():
         return pl.DataFrame(schema=LABELS_SCHEMA)
     rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
-    news2 = features_as_of_issued(events, points, **rules).select(*POINT_KEYS, "news2")
-    return make_labels(events, news2, **rules)
+    # every state feature make_labels needs, so it does not compute the features a second time
+    known = features_as_of_issued(events, points, **rules).select(*POINT_KEYS, *STATE_FEATURES)
+    return make_labels(events, known, **rules)
 
 
 def _no_null_columns(frame: pl.DataFrame) -> pl.DataFrame:
@@ -156,7 +160,18 @@ def _previous_state(target: Path, full: bool) -> dict[str, pl.DataFrame]:
               "parity_report", *_ARCHIVE_TABLES}
     if not needed <= set(previous):
         return {}  # first run, or a file from before incremental runs existed: build everything
+    if any(not set(columns) <= set(previous[name].columns) for name, columns in _current_columns().items()):
+        return {}  # a file from before a column was added: its rows lack it, so build everything
     return previous
+
+
+def _current_columns() -> dict[str, list[str]]:
+    """Columns this version writes into the tables an incremental run builds on."""
+    columns = {name: [("resource" if c == "resource_json" else c) for c in ARCHIVE_SCHEMAS[kind].names]
+               for name, (kind, _) in _ARCHIVE_TABLES.items()}
+    return columns | {"canonical_events": list(ARCHIVE_SCHEMAS["canonical"].names),
+                      "features_online": ["snapshot_id", *POINT_KEYS, "idx", "trigger"],
+                      "labels": list(LABELS_SCHEMA)}
 
 
 def _as_raw(kind: str, table: pl.DataFrame) -> pl.DataFrame:
@@ -187,8 +202,8 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
                  ) -> tuple[dict[str, pl.DataFrame], dict, dict]:
     """Every table except `runs`, the parity summary of this run, and run facts. Pure given the
     archive and the previous tables (`previous` empty or None: a full build). Without
-    `scoring_points` the online points are taken as given (no point check; features after each
-    point's whole message)."""
+    `scoring_points` the online points are taken as given (no point check; features at each
+    snapshot's idx, or after its whole message when the snapshot has none)."""
     previous = previous or {}
     rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
 
@@ -227,13 +242,17 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
 
     step("offline")
     checked_online = online.join(new_points, on=POINT_KEYS, how="semi")
-    derived = feature_points = None
+    # each online point at its arrival position: the idx the snapshot carries
+    feature_points = checked_online.select("snapshot_id", *POINT_KEYS, "idx")
+    derived = None
     if scoring_points is not None:
         derived = scoring_points(their_events, **rules, min_interval_ms=min_interval_ms)
-        # each online point at its arrival position: the idx of the derived point with its snapshot_id
-        feature_points = (checked_online.select("snapshot_id", *POINT_KEYS)
-                          .join(derived.select("snapshot_id", "idx"), on="snapshot_id", how="left"))
-    offline_new = features_at(their_events, new_points if feature_points is None else feature_points, **rules)
+        # snapshots archived before they carried idx: the idx of the derived point with the same id
+        feature_points = (feature_points
+                          .join(derived.select("snapshot_id", _derived_idx=pl.col("idx")), on="snapshot_id", how="left")
+                          .with_columns(idx=pl.coalesce(pl.col("idx").cast(pl.Int64), pl.col("_derived_idx").cast(pl.Int64)))
+                          .drop("_derived_idx"))
+    offline_new = features_at(their_events, feature_points, **rules)
     stored_new = offline_new.select(*POINT_KEYS, *FEATURE_NAMES)
     offline = stored_new if prev_offline is None else pl.concat(
         [prev_offline.join(new_points, on=POINT_KEYS, how="anti"), stored_new.select(prev_offline.columns)],
@@ -305,8 +324,10 @@ def _points_to_redo(points: pl.DataFrame, done: pl.DataFrame, new_events: pl.Dat
 
 
 def _labels(frame: pl.DataFrame) -> pl.DataFrame:
-    if "news2" not in frame.columns:
-        frame = frame.with_columns(news2=pl.lit(None, pl.Float64))
+    """The labels table's columns; a labeller without the onset columns counts every row at risk
+    (as batch.train does)."""
+    defaults = {"news2": pl.lit(None, pl.Float64), "at_risk": pl.lit(True), "onset_ms": pl.lit(None, pl.Int64)}
+    frame = frame.with_columns(**{c: v for c, v in defaults.items() if c not in frame.columns})
     return frame.select(list(LABELS_SCHEMA)).cast(LABELS_SCHEMA)
 
 

@@ -76,11 +76,12 @@ def dead_letters(raw: pl.DataFrame) -> pl.DataFrame:
 
 
 def features_online(raw: pl.DataFrame) -> pl.DataFrame:
-    """One row per published snapshot, features_json expanded to one Float64 column per feature."""
+    """One row per published snapshot: the point (idx and trigger null in part files from before
+    the stream sent them), features_json expanded to one Float64 column per feature."""
     feature_struct = pl.Struct({name: pl.Float64 for name in FEATURE_NAMES})
     return (_first_per_key(raw, ["snapshot_id"], list(_KAFKA_POSITION))
             .with_columns(pl.col("features_json").str.json_decode(dtype=feature_struct).alias("_features"))
-            .select("snapshot_id", *POINT_KEYS, pl.col("_features").struct.unnest())
+            .select("snapshot_id", *POINT_KEYS, "idx", "trigger", pl.col("_features").struct.unnest())
             .sort("partition", "offset", "patient_id", "scoring_ms", "snapshot_id"))
 
 

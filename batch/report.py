@@ -4,9 +4,12 @@
 
 Sections, all read from the DuckDB file:
     parity        the latest run's summary and per-feature mismatch counts
-    ROC           the served risk (model probability) vs NEWS2 on the same labelled scoring points
-    calibration   predicted vs observed deterioration rate in ten probability bins; NEWS2's observed
-                  rate per clinical band (NEWS2 is a score, not a probability)
+    onset label   scoring points at risk / already deteriorated (batch/train.py: only at-risk rows are
+                  evaluated), onset episodes, and how many an alert (open or escalate) preceded within
+                  the horizon, with the median lead time to the onset
+    ROC           the served risk (model probability) vs NEWS2 on the same labelled at-risk points
+    calibration   predicted vs observed onset rate in ten probability bins; NEWS2's observed rate per
+                  clinical band (NEWS2 is a score, not a probability); at-risk points
     alert burden  alerts opened per 100 patient-days; a patient-day is a day between a patient's
                   first and last measurement
 
@@ -22,6 +25,7 @@ import duckdb
 import numpy as np
 import orjson
 
+from batch.catalog import LABEL_HORIZON_MS
 from wardwatch.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
@@ -55,6 +59,21 @@ def reliability(y: np.ndarray, probability: np.ndarray, bins: int = 10) -> list[
 
 def alerts_per_100_patient_days(alerts_opened: int, patient_days: float) -> float | None:
     return None if patient_days <= 0 else 100.0 * alerts_opened / patient_days
+
+
+def onset_detection(episodes: list[tuple[str, int]], alerts: list[tuple[str, int]],
+                    horizon_ms: int = LABEL_HORIZON_MS) -> tuple[int, float | None]:
+    """Episodes (patient, onset_ms) with an alert (patient, scoring_ms) in [onset - horizon, onset),
+    and the median lead time in hours from each one's first such alert to its onset."""
+    times: dict[str, list[int]] = {}
+    for patient, t in alerts:
+        times.setdefault(patient, []).append(t)
+    leads = []
+    for patient, onset in episodes:
+        before = [t for t in times.get(patient, []) if onset - horizon_ms <= t < onset]
+        if before:
+            leads.append((onset - min(before)) / 3_600_000)
+    return len(leads), float(np.median(leads)) if leads else None
 
 
 # --- SVG -----------------------------------------------------------------------------------------
@@ -107,13 +126,22 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
     run = con.execute("SELECT * FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 1")
     columns = [d[0] for d in run.description]
     latest = dict(zip(columns, run.fetchone()))
+    # the onset label is evaluated on at-risk rows only (already deteriorated patients are excluded)
     labelled = con.execute("""
         SELECT s.probability, s.news2, l.label FROM scores s
         JOIN labels l USING (patient_id, scoring_ms, "partition", "offset")
-        WHERE s.news2 IS NOT NULL""").fetchall()
+        WHERE s.news2 IS NOT NULL AND l.at_risk""").fetchall()
+    points, at_risk = con.execute("SELECT count(*), count(*) FILTER (WHERE at_risk) FROM labels").fetchone()
+    episodes = con.execute("SELECT DISTINCT patient_id, onset_ms FROM labels "
+                           "WHERE label = 1 AND at_risk AND onset_ms IS NOT NULL").fetchall()
+    raised = con.execute("SELECT patient_id, scoring_ms FROM alerts "
+                         "WHERE kind IN ('open', 'escalate') AND scoring_ms IS NOT NULL").fetchall()
     opened = con.execute("SELECT count(*) FROM alerts WHERE kind = 'open'").fetchone()[0]
     span_ms = con.execute("SELECT coalesce(sum(last_effective_ms - first_effective_ms), 0) FROM patients").fetchone()[0]
-    return {"run": latest, "labelled": labelled, "alerts_opened": int(opened), "patient_days": float(span_ms) / DAY_MS}
+    detected, lead_h = onset_detection(episodes, raised)
+    return {"run": latest, "labelled": labelled, "alerts_opened": int(opened), "patient_days": float(span_ms) / DAY_MS,
+            "onset": {"points": int(points), "at_risk": int(at_risk), "episodes": len(episodes),
+                      "detected": detected, "median_lead_time_h": lead_h}}
 
 
 def render(data: dict) -> str:
@@ -132,8 +160,17 @@ def render(data: dict) -> str:
     if per_feature:
         sections.append(_table(["feature", "mismatches"], sorted(per_feature.items())))
 
+    onset = data.get("onset")
+    if onset is not None:
+        sections.append(f"<h2>Onset label (horizon {LABEL_HORIZON_MS // 3_600_000} h)</h2>")
+        sections.append(_table(
+            ["scoring points", "at risk", "already deteriorated (not evaluated)", "onset episodes",
+             "episodes with an alert before onset", "median lead time (h)"],
+            [[onset["points"], onset["at_risk"], onset["points"] - onset["at_risk"], onset["episodes"],
+              onset["detected"], onset["median_lead_time_h"]]]))
+
     rows = [r for r in data["labelled"] if r[0] is not None]
-    sections.append("<h2>Discrimination: served model vs NEWS2 (same labelled scoring points)</h2>")
+    sections.append("<h2>Discrimination: served model vs NEWS2 (same labelled at-risk scoring points)</h2>")
     y = np.array([r[2] for r in rows], dtype=float)
     if len(rows) and 0 < y.sum() < len(y):
         probability = np.array([r[0] for r in rows], dtype=float)

@@ -16,36 +16,57 @@ SELECT patient_id, scoring_ms, epoch_ms(scoring_ms), 'alert', kind, NULL, tier, 
 FROM alerts;
 COMMENT ON VIEW patient_timeline IS 'One row per patient, time and item: observations (current versions), scores and alerts; kind says which';
 
--- The events that make a label positive (the same criteria as batch/train.py, facts in hindsight).
+-- The onset episodes of the label (batch/train.py make_labels): one row per patient and onset time that some
+-- at-risk scoring point predicts, with the criterion met at that time (facts in hindsight, as the label uses).
 CREATE OR REPLACE VIEW label_events AS
-SELECT patient_id, effective_ms AS event_ms, 'systolic BP <= $LOW_SBP' AS criterion
-FROM observations WHERE code = '$SYSTOLIC_BP' AND value <= $LOW_SBP
-UNION ALL
-SELECT patient_id, effective_ms, 'lactate >= $HIGH_LACTATE' FROM observations WHERE code = '$LACTATE' AND value >= $HIGH_LACTATE
-UNION ALL
-SELECT patient_id, scoring_ms, 'NEWS2 >= $NEWS2_HIGH' FROM labels WHERE news2 >= $NEWS2_HIGH;
-COMMENT ON VIEW label_events IS 'Deterioration events that make a label positive: low systolic BP, high lactate, NEWS2 emergency score';
+WITH criteria AS (
+    SELECT patient_id, effective_ms AS event_ms, 'systolic BP <= $LOW_SBP' AS criterion
+    FROM observations WHERE code = '$SYSTOLIC_BP' AND value <= $LOW_SBP
+    UNION ALL
+    SELECT patient_id, effective_ms, 'lactate >= $HIGH_LACTATE' FROM observations WHERE code = '$LACTATE' AND value >= $HIGH_LACTATE
+    UNION ALL
+    SELECT patient_id, scoring_ms, 'NEWS2 >= $NEWS2_HIGH' FROM labels WHERE news2 >= $NEWS2_HIGH
+), onsets AS (
+    SELECT patient_id, onset_ms, count(*) AS positive_points, min(scoring_ms) AS first_positive_ms
+    FROM labels WHERE label = 1 AND at_risk AND onset_ms IS NOT NULL
+    GROUP BY patient_id, onset_ms
+)
+SELECT o.patient_id, o.onset_ms, epoch_ms(o.onset_ms) AS onset_utc,
+       string_agg(DISTINCT c.criterion, ', ' ORDER BY c.criterion) AS criterion,
+       o.positive_points, o.first_positive_ms
+FROM onsets o
+LEFT JOIN criteria c ON c.patient_id = o.patient_id AND c.event_ms = o.onset_ms
+GROUP BY o.patient_id, o.onset_ms, o.positive_points, o.first_positive_ms
+ORDER BY o.onset_ms, o.patient_id;
+COMMENT ON VIEW label_events IS 'Onset episodes of the first-onset label: patient, onset time, criterion met then (low systolic BP, high lactate, NEWS2 emergency score), how many at-risk scoring points predicted it';
 
--- Each alert, whether a label event followed within the horizon, and the lead time to the first one.
+-- Each alert against the label of its scoring point: was the patient at risk then (not yet deteriorated),
+-- did the first onset follow within the horizon, and the lead time to it. outcome_followed is null when the
+-- alert cannot be evaluated: the patient was already deteriorated, or the alert is not at a labelled point.
 CREATE OR REPLACE VIEW alert_outcomes AS
-SELECT a.alert_id, a.kind, a.tier, a.patient_id, a.encounter_id, a.scoring_ms, a.model_version, a.path,
-       min(e.event_ms) AS outcome_ms,
-       arg_min(e.criterion, e.event_ms) AS outcome_criterion,
-       min(e.event_ms) IS NOT NULL AS outcome_followed,
-       (min(e.event_ms) - a.scoring_ms) / 3600000.0 AS lead_time_h
+WITH at_point AS (  -- every label row of one patient and time carries the same at_risk and onset
+    SELECT patient_id, scoring_ms, bool_or(at_risk) AS at_risk, min(onset_ms) AS onset_ms
+    FROM labels GROUP BY patient_id, scoring_ms
+)
+SELECT a.alert_id, a.kind, a.tier, a.patient_id, a.encounter_id, a.ward, a.scoring_ms, a.model_version, a.path,
+       l.at_risk,
+       CASE WHEN l.at_risk THEN l.onset_ms END AS outcome_ms,
+       CASE WHEN l.at_risk THEN e.criterion END AS outcome_criterion,
+       CASE WHEN l.at_risk THEN l.onset_ms IS NOT NULL END AS outcome_followed,
+       CASE WHEN l.at_risk THEN (l.onset_ms - a.scoring_ms) / 3600000.0 END AS lead_time_h
 FROM alerts a
-LEFT JOIN label_events e
-  ON e.patient_id = a.patient_id AND e.event_ms > a.scoring_ms AND e.event_ms <= a.scoring_ms + $HORIZON_MS
-GROUP BY a.alert_id, a.kind, a.tier, a.patient_id, a.encounter_id, a.scoring_ms, a.model_version, a.path
+LEFT JOIN at_point l ON l.patient_id = a.patient_id AND l.scoring_ms = a.scoring_ms
+LEFT JOIN label_events e ON e.patient_id = a.patient_id AND e.onset_ms = l.onset_ms
 ORDER BY a.scoring_ms, a.alert_id, a.kind;
-COMMENT ON VIEW alert_outcomes IS 'Each alert: did a label event follow within the horizon (outcome_followed), which, and the lead time in hours';
+COMMENT ON VIEW alert_outcomes IS 'Each alert against the onset label of its scoring point: at_risk, did the first onset follow within the horizon (outcome_followed; null when not evaluable), its criterion and the lead time in hours';
 
 -- Per UTC day and model version: discrimination (AUROC by the rank-sum formula, ties averaged) of the
--- served risk and of NEWS2 on the same labelled scoring points, and the alert rate.
+-- served risk and of NEWS2 on the same labelled at-risk scoring points (the label's evaluation rows), and the
+-- alert rate over every scored point.
 CREATE OR REPLACE VIEW model_performance_daily AS
 WITH scored AS (
     SELECT CAST(epoch_ms(s.scoring_ms) AS DATE) AS day, coalesce(s.model_version, 'news2-rule') AS model_version,
-           s.patient_id, coalesce(s.probability, s.news2) AS risk, s.news2 AS news2, l.label
+           s.patient_id, coalesce(s.probability, s.news2) AS risk, s.news2 AS news2, l.label, l.at_risk
     FROM scores s JOIN labels l USING (patient_id, scoring_ms, "partition", "offset")
     WHERE coalesce(s.probability, s.news2) IS NOT NULL AND s.news2 IS NOT NULL
 ), ranked AS (
@@ -54,24 +75,29 @@ WITH scored AS (
              + (count(*) OVER (PARTITION BY day, model_version, risk) - 1) / 2.0 AS risk_rank,
            rank() OVER (PARTITION BY day, model_version ORDER BY news2)
              + (count(*) OVER (PARTITION BY day, model_version, news2) - 1) / 2.0 AS news2_rank
-    FROM scored
+    FROM scored WHERE at_risk
 ), perf AS (
-    SELECT day, model_version, count(*) AS scored_points, count(DISTINCT patient_id) AS patients,
-           sum(label) AS positives,
+    SELECT day, model_version, count(*) AS at_risk_points, sum(label) AS positives,
            (sum(risk_rank) FILTER (WHERE label = 1) - sum(label) * (sum(label) + 1) / 2.0)
              / nullif(sum(label) * (count(*) - sum(label)), 0) AS auroc,
            (sum(news2_rank) FILTER (WHERE label = 1) - sum(label) * (sum(label) + 1) / 2.0)
              / nullif(sum(label) * (count(*) - sum(label)), 0) AS news2_auroc
     FROM ranked GROUP BY day, model_version
+), volume AS (
+    SELECT day, model_version, count(*) AS scored_points, count(DISTINCT patient_id) AS patients
+    FROM scored GROUP BY day, model_version
 ), opened AS (
     SELECT CAST(epoch_ms(scoring_ms) AS DATE) AS day, coalesce(model_version, 'news2-rule') AS model_version,
            count(*) AS alerts_opened
     FROM alerts WHERE kind = 'open' GROUP BY 1, 2
 )
-SELECT p.day, p.model_version, p.scored_points, p.patients, p.positives,
-       p.positives / p.scored_points AS positive_rate, p.auroc, p.news2_auroc,
+SELECT v.day, v.model_version, v.scored_points, v.patients,
+       coalesce(p.at_risk_points, 0) AS at_risk_points, coalesce(p.positives, 0) AS positives,
+       p.positives / p.at_risk_points AS positive_rate, p.auroc, p.news2_auroc,
        coalesce(o.alerts_opened, 0) AS alerts_opened,
-       100.0 * coalesce(o.alerts_opened, 0) / p.patients AS alerts_per_100_patients
-FROM perf p LEFT JOIN opened o USING (day, model_version)
-ORDER BY p.day, p.model_version;
-COMMENT ON VIEW model_performance_daily IS 'Per UTC day and model version: AUROC of the served risk and of NEWS2 on labelled scoring points, positives, alerts opened per 100 patients scored';
+       100.0 * coalesce(o.alerts_opened, 0) / v.patients AS alerts_per_100_patients
+FROM volume v
+LEFT JOIN perf p USING (day, model_version)
+LEFT JOIN opened o USING (day, model_version)
+ORDER BY v.day, v.model_version;
+COMMENT ON VIEW model_performance_daily IS 'Per UTC day and model version: AUROC of the served risk and of NEWS2 on labelled at-risk scoring points, onset positives among them, alerts opened per 100 patients scored';

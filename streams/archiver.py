@@ -9,9 +9,13 @@ One row per archived thing (`kafka_*` columns are the record's own position on i
                 + arrival position partition/offset/idx
     late        the late event's fields + late_by_ms + partition/offset of its canonical message
     deadletter  key and value as the original bytes + the ww.* headers as columns
-    features    snapshot_id, patient_id, scoring_ms, partition, offset, features_json
-    scores      the score record, rationale as rationale_json
+    features    snapshot_id, patient_id, scoring_ms, partition, offset, idx, trigger, features_json
+    scores      the score record (point, trigger, trigger_event_id, features_hash, input_watermark as a
+                struct), rationale as rationale_json
     alerts      the header fields + resource_json (the FHIR RiskAssessment)
+
+Columns added later (idx, trigger, ... of features/scores; ward, status, original_alert_id, reason of
+alerts) are nullable: part files written before them read with nulls there.
     scores_shadow  the shadow (candidate) model's score records, in the scores shape
     gaps        FHIR subscription gap / missed-heartbeat records: subscription, gap_kind, record_json
     unreadable  an output record the archiver could not decode: raw key/value + the error, so
@@ -56,6 +60,10 @@ _EVENT_FIELDS = [
     ("encounter_id", _S), ("code_system", _S), ("value_text", _S), ("provenance", _S), ("event_id", _S),
 ]
 _KAFKA_FIELDS = [("kafka_partition", _I), ("kafka_offset", _I), ("kafka_timestamp_ms", _I)]
+# a scoring point (docs/patient-state.md "Scoring points"): idx is its run's last event in the message
+_POINT_FIELDS = [("snapshot_id", _S), ("patient_id", _S), ("scoring_ms", _I), ("partition", _I), ("offset", _I),
+                 ("idx", _I), ("trigger", _S)]
+_WATERMARK = pa.struct([("partition", _I), ("offset", _I), ("idx", _I), ("event_ms", _I)])
 
 ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {
     "canonical": pa.schema([*_EVENT_FIELDS, ("partition", _I), ("offset", _I), ("idx", _I),
@@ -65,14 +73,13 @@ ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {
         ("key", _B), ("value", _B), ("reason", _S), ("detail", _S), ("exception", _S), ("stage", _S),
         ("source_topic", _S), ("source_partition", _I), ("source_offset", _I), ("other_headers_json", _S),
         *_KAFKA_FIELDS]),
-    "features": pa.schema([("snapshot_id", _S), ("patient_id", _S), ("scoring_ms", _I), ("partition", _I),
-                           ("offset", _I), ("features_json", _S), *_KAFKA_FIELDS]),
-    "scores": pa.schema([("snapshot_id", _S), ("patient_id", _S), ("scoring_ms", _I), ("partition", _I),
-                         ("offset", _I), ("model_version", _S), ("path", _S), ("probability", _F),
+    "features": pa.schema([*_POINT_FIELDS, ("features_json", _S), *_KAFKA_FIELDS]),
+    "scores": pa.schema([*_POINT_FIELDS, ("trigger_event_id", _S), ("features_hash", _S),
+                         ("input_watermark", _WATERMARK), ("model_version", _S), ("path", _S), ("probability", _F),
                          ("news2", _I), ("tier", _S), ("rationale_json", _S), *_KAFKA_FIELDS]),
     "alerts": pa.schema([("alert_id", _S), ("kind", _S), ("tier", _S), ("patient_id", _S), ("encounter_id", _S),
-                         ("scoring_ms", _I), ("model_version", _S), ("path", _S), ("resource_json", _S),
-                         *_KAFKA_FIELDS]),
+                         ("ward", _S), ("scoring_ms", _I), ("model_version", _S), ("path", _S), ("status", _S),
+                         ("original_alert_id", _S), ("reason", _S), ("resource_json", _S), *_KAFKA_FIELDS]),
     "unreadable": pa.schema([("topic", _S), ("key", _B), ("value", _B), ("error", _S), *_KAFKA_FIELDS]),
 }
 # the shadow (candidate) model's scores have the shape of the served scores
@@ -188,7 +195,16 @@ def _deadletter_rows(rec: RawRecord) -> list[Row]:
 
 def _snapshot_point(d: dict[str, Any]) -> dict[str, Any]:
     return {"snapshot_id": str(d["snapshot_id"]), "patient_id": str(d["patient_id"]),
-            "scoring_ms": int(d["scoring_ms"]), "partition": _int(d.get("partition")), "offset": _int(d.get("offset"))}
+            "scoring_ms": int(d["scoring_ms"]), "partition": _int(d.get("partition")), "offset": _int(d.get("offset")),
+            "idx": _int(d.get("idx")), "trigger": _text(d.get("trigger"))}
+
+
+def _watermark(value: Any) -> dict[str, int | None] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("input_watermark is not an object")
+    return {name: _int(value.get(name)) for name in _WATERMARK.names}
 
 
 def _features_rows(rec: RawRecord) -> list[Row]:
@@ -202,6 +218,8 @@ def _features_rows(rec: RawRecord) -> list[Row]:
 def _scores_rows(rec: RawRecord) -> list[Row]:
     d = orjson.loads(rec.value)
     row = _snapshot_point(d) | {
+        "trigger_event_id": _text(d.get("trigger_event_id")), "features_hash": _text(d.get("features_hash")),
+        "input_watermark": _watermark(d.get("input_watermark")),
         "model_version": _text(d.get("model_version")), "path": _text(d.get("path")),
         "probability": _float(d.get("probability")), "news2": _int(d.get("news2")), "tier": _text(d.get("tier")),
         "rationale_json": _json_text(d.get("rationale")),
@@ -228,8 +246,10 @@ def _alerts_rows(rec: RawRecord) -> list[Row]:
     h = d["header"]
     row = {"alert_id": str(h["alert_id"]), "kind": _text(h.get("kind")), "tier": _text(h.get("tier")),
            "patient_id": _text(h.get("patient_id")), "encounter_id": _text(h.get("encounter_id")),
-           "scoring_ms": _int(h.get("scoring_ms")), "model_version": _text(h.get("model_version")),
-           "path": _text(h.get("path")), "resource_json": _json_text(d.get("resource"))} | _kafka(rec)
+           "ward": _text(h.get("ward")), "scoring_ms": _int(h.get("scoring_ms")),
+           "model_version": _text(h.get("model_version")), "path": _text(h.get("path")),
+           "status": _text(h.get("status")), "original_alert_id": _text(h.get("original_alert_id")),
+           "reason": _text(h.get("reason")), "resource_json": _json_text(d.get("resource"))} | _kafka(rec)
     date_ms = row["scoring_ms"] if row["scoring_ms"] is not None else rec.timestamp_ms
     return [Row("alerts", utc_date(date_ms), row)]
 

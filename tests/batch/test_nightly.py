@@ -181,28 +181,75 @@ def test_every_table_and_column_is_documented(settings):
     assert {"patient_timeline", "alert_outcomes", "model_performance_daily"} <= views
 
 
-def test_alert_outcome_and_lead_time(settings):
+LOW_BP = CanonicalEvent(patient_id="p1", code=codes.SYSTOLIC_BP, value=85.0, unit="mm[Hg]",
+                        effective_ms=T0 + 3 * HOUR_MS, issued_ms=T0 + 3 * HOUR_MS, status=Status.FINAL,
+                        source=Source.CDC, fact_id="sbp", version=1)
+ALERT = {"alert_id": "al1", "kind": "open", "tier": "high", "patient_id": "p1", "encounter_id": "e1",
+         "scoring_ms": T0, "model_version": "m1", "path": "model", "resource_json": "{}"}
+
+
+def deteriorate(archive: Path) -> None:
+    """p1's systolic BP drops to 85 three hours after T0; the stream scores and alerts right then."""
+    write(archive, "canonical", "s3", canonical({(0, 5): [LOW_BP]}))
+    point = {"snapshot_id": "s0-5", "patient_id": "p1", "scoring_ms": LOW_BP.effective_ms, "partition": 0,
+             "offset": 5, "idx": 0, "trigger": "vitals"}
+    write(archive, "features", "s3", [point | {"features_json": "{}"} | kafka(0, 9)])
+    write(archive, "scores", "s3", [point | {"model_version": "m1", "path": "model", "probability": 0.9,
+                                             "news2": 5, "tier": "high", "rationale_json": "[]"} | kafka(0, 9)])
+    write(archive, "alerts", "s3", [ALERT | {"alert_id": "al2", "scoring_ms": LOW_BP.effective_ms} | kafka(0, 1)])
+
+
+def test_labels_predict_the_first_onset_and_exclude_the_already_deteriorated(settings):
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)
-    low_bp = CanonicalEvent(patient_id="p1", code=codes.SYSTOLIC_BP, value=85.0, unit="mm[Hg]",
-                            effective_ms=T0 + 3 * HOUR_MS, issued_ms=T0 + 3 * HOUR_MS, status=Status.FINAL,
-                            source=Source.CDC, fact_id="sbp", version=1)
-    write(settings.archive_dir, "canonical", "s3", canonical({(0, 5): [low_bp]}))
+    deteriorate(settings.archive_dir)
     db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
-    outcome = frame(db, "SELECT alert_id, outcome_followed, outcome_criterion, lead_time_h FROM alert_outcomes")
-    assert outcome.rows() == [("al1", True, "systolic BP <= 90", 3.0)]
+    p1 = frame(db, "SELECT scoring_ms, label, at_risk, onset_ms FROM labels WHERE patient_id = 'p1' "
+                   'ORDER BY "partition", "offset"')
+    before = [(T0, 1, True, LOW_BP.effective_ms)] + [(B1.effective_ms, 1, True, LOW_BP.effective_ms)] * 3
+    # once the low BP is known the patient is deteriorated: no onset left to predict
+    assert p1.rows() == before + [(LOW_BP.effective_ms, 0, False, None)]
+    p2 = frame(db, "SELECT DISTINCT label, at_risk, onset_ms FROM labels WHERE patient_id = 'p2'")
+    assert p2.rows() == [(0, True, None)]
+    onsets = frame(db, "SELECT patient_id, onset_ms, criterion, positive_points FROM label_events")
+    assert onsets.rows() == [("p1", LOW_BP.effective_ms, "systolic BP <= 90", 4)]
+
+
+def test_alert_outcomes_are_judged_against_the_onset_label(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    deteriorate(settings.archive_dir)
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    outcome = frame(db, "SELECT alert_id, at_risk, outcome_followed, outcome_criterion, lead_time_h "
+                        "FROM alert_outcomes ORDER BY alert_id")
+    assert outcome.rows() == [
+        ("al1", True, True, "systolic BP <= 90", 3.0),  # 3 h before the onset
+        ("al2", False, None, None, None),  # raised at the onset itself: nothing left to predict
+    ]
+
+
+def test_daily_performance_counts_only_at_risk_points(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    deteriorate(settings.archive_dir)
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    day = frame(db, "SELECT scored_points, at_risk_points, positives, alerts_opened FROM model_performance_daily")
+    # 7 scored points, the one after the low BP is not at risk; p1's 4 earlier points precede the onset
+    assert day.rows() == [(7, 6, 4, 2)]
 
 
 def test_daily_auroc_matches_sklearn(settings):
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)
     db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
-    # give the labels a mix of classes so AUROC is defined, then compare the view with sklearn
+    # a mix of classes so AUROC is defined, and one point already deteriorated (left out of the AUROC)
     with duckdb.connect(str(db)) as con:
-        con.execute("UPDATE labels SET label = CASE WHEN \"offset\" IN (1, 4) THEN 1 ELSE 0 END")
+        con.execute('UPDATE labels SET label = CASE WHEN "offset" IN (1, 4) THEN 1 ELSE 0 END, '
+                    'at_risk = NOT ("partition" = 0 AND "offset" = 2)')
         rows = con.execute('SELECT s.probability, l.label FROM scores s JOIN labels l '
-                           'USING (patient_id, scoring_ms, "partition", "offset")').fetchall()
+                           'USING (patient_id, scoring_ms, "partition", "offset") WHERE l.at_risk').fetchall()
         (auroc,) = con.execute("SELECT auroc FROM model_performance_daily").fetchone()
+    assert len(rows) == len(POINTS) - 1
     assert auroc == pytest.approx(roc_auc_score([r[1] for r in rows], [r[0] for r in rows]))
 
 
@@ -275,6 +322,38 @@ def test_events_archived_after_the_points_that_saw_them_are_recomputed(settings)
     later = run_nightly(settings, full=False, **STANDINS)
     assert later["parity"]["points_checked"] == 1  # only the point at (0, 2) is checked again
     assert frame(settings.duckdb_path, query).item() == 100.0
+    full = twin(settings)
+    run_nightly(full, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path)
+
+
+def test_offline_features_are_taken_at_the_snapshots_own_position(settings):
+    """A snapshot's archived idx is used as is, even for a point the batch's rule does not derive."""
+    first = hr("X", 1, T0, 80.0, patient="p3")
+    later = hr("Z", 1, T0 + 10 * 60_000, 70.0, patient="p3")
+    corrected = hr("X", 2, T0, 90.0, Status.CORRECTED, patient="p3")  # later in the same message
+    write(settings.archive_dir, "canonical", "p3", canonical({(2, 0): [first, later, corrected]}))
+    point = {"snapshot_id": "not-derived", "patient_id": "p3", "scoring_ms": T0, "partition": 2, "offset": 0,
+             "idx": 0, "trigger": "vitals"}
+    write(settings.archive_dir, "features", "p3",
+          [point | {"features_json": orjson.dumps({"heart_rate_last_24h": 80.0}).decode()} | kafka(0, 0)])
+    result = run_nightly(settings)  # the real recomputation
+    offline = frame(settings.duckdb_path, "SELECT heart_rate_last_24h FROM features_offline")
+    assert offline.rows() == [(80.0,)]  # before the correction, as the stream saw it
+    assert "heart_rate_last_24h" not in result["parity"]["per_feature_mismatches"]
+    assert result["parity"]["points_online_only"] == 1  # the point itself is what parity blames
+
+
+def test_a_file_from_before_the_onset_label_is_rebuilt_in_full(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    with duckdb.connect(str(settings.duckdb_path)) as con:  # the shape an older version wrote
+        con.execute("ALTER TABLE labels DROP COLUMN at_risk")
+        con.execute("ALTER TABLE labels DROP COLUMN onset_ms")
+        con.execute("ALTER TABLE features_online DROP COLUMN idx")
+    again = run_nightly(settings, full=False, **STANDINS)
+    assert again["recomputed_patients"] == 2
     full = twin(settings)
     run_nightly(full, full=True, **STANDINS)
     assert_same_tables(settings.duckdb_path, full.duckdb_path)

@@ -12,8 +12,8 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from batch.nightly import run_nightly
-from batch.report import auc, reliability, render, roc_points
-from tests.batch.test_nightly import stage1, stage2
+from batch.report import auc, onset_detection, reliability, render, roc_points
+from tests.batch.test_nightly import deteriorate, stage1, stage2
 from tests.batch.test_rebuild import STANDINS, build_archive
 from wardwatch.cli import app
 from wardwatch.settings import Settings
@@ -47,6 +47,26 @@ def test_report_cli_writes_where_asked(settings, tmp_path):
                                 env={"WARDWATCH_DATA_DIR": str(settings.data_dir)})
     assert result.exit_code == 0, result.output
     assert "Alert burden" in out.read_text()
+
+
+def test_report_evaluates_the_onset_label_on_at_risk_points(settings):
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    deteriorate(settings.archive_dir)  # p1 deteriorates 3 h after an alert; a second alert comes at the onset
+    text = Path(run_nightly(settings, **STANDINS)["report_path"]).read_text()
+    onset = text[text.index("Onset label"):text.index("Discrimination")]
+    cells = re.findall(r"<td>([^<]*)</td>", onset)
+    # 7 points, 1 already deteriorated; the one onset was preceded by the first alert by 3 h
+    assert cells == ["7", "6", "1", "1", "1", "3"]
+
+
+def test_onset_counts_as_detected_only_by_an_alert_within_the_horizon_before_it():
+    hour = 3_600_000
+    episodes = [("p1", 20 * hour), ("p2", 20 * hour), ("p3", 20 * hour)]
+    alerts = [("p1", 15 * hour), ("p1", 18 * hour),  # the first one inside the 12 h counts
+              ("p2", 20 * hour), ("p2", 21 * hour),  # at or after the onset: too late
+              ("p3", 7 * hour)]  # 13 h before: outside the horizon
+    assert onset_detection(episodes, alerts) == (1, 5.0)
 
 
 def test_roc_matches_sklearn_and_is_drawn_for_model_and_news2():

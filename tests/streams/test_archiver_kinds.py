@@ -1,10 +1,14 @@
-"""The archiver lands the shadow scores and the FHIR subscription gaps too."""
+"""The archiver lands the shadow scores and the FHIR subscription gaps too, and the scoring-point and
+alert header fields added after the first archives (older part files still read)."""
 
 from __future__ import annotations
 
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from streams.archiver import ARCHIVE_SCHEMAS, RawRecord, kinds_by_topic, rows_for
+from batch import rebuild
+from streams.archiver import ARCHIVE_SCHEMAS, RawRecord, kinds_by_topic, rows_for, write_part
 from streams.topics import topics_for
 from wardwatch.settings import Settings
 
@@ -42,3 +46,54 @@ def test_gap_record_keeps_its_json_and_subscription():
 def test_undecodable_gap_is_kept_as_unreadable():
     [row] = rows_for("gaps", record("x.fhir.gaps", b"not json"))
     assert row.kind == "unreadable" and row.values["value"] == b"not json"
+
+
+POINT = {"snapshot_id": "s1", "patient_id": "p1", "scoring_ms": T, "partition": 1, "offset": 2, "idx": 3,
+         "trigger": "correction"}
+
+
+def test_scoring_point_keeps_its_position_in_the_message_and_its_trigger(tmp_path):
+    [f] = rows_for("features", record("x.features", POINT | {"features": {"heart_rate_last_24h": 88.0}}))
+    score = POINT | {"trigger_event_id": "ev9", "features_hash": "abc123",
+                     "input_watermark": {"partition": 1, "offset": 2, "idx": 3, "event_ms": T + 60_000},
+                     "model_version": "m1", "path": "model", "probability": 0.3, "news2": 4, "tier": "low",
+                     "rationale": []}
+    [s] = rows_for("scores", record("x.scores", score))
+    assert (f.values["idx"], f.values["trigger"]) == (3, "correction")
+    write_part(tmp_path, "features", f.date, [f.values])
+    write_part(tmp_path, "scores", s.date, [s.values])
+    # what the nightly reads back from the files
+    features = rebuild.read_archive(tmp_path, "features")
+    assert features.select("idx", "trigger").rows() == [(3, "correction")]
+    scores = rebuild.read_archive(tmp_path, "scores")
+    assert scores.select("idx", "trigger", "trigger_event_id", "features_hash").rows() == [
+        (3, "correction", "ev9", "abc123")]
+    assert scores["input_watermark"].struct.field("event_ms").to_list() == [T + 60_000]
+
+
+def test_part_files_from_before_the_new_point_columns_still_read(tmp_path):
+    old_schema = pa.schema([(n, ARCHIVE_SCHEMAS["features"].field(n).type) for n in ARCHIVE_SCHEMAS["features"].names
+                            if n not in ("idx", "trigger")])
+    directory = tmp_path / "features" / "date=2024-06-10"
+    directory.mkdir(parents=True)
+    row = {k: v for k, v in POINT.items() if k not in ("idx", "trigger")} | {
+        "features_json": '{"heart_rate_last_24h": 88.0}', "kafka_partition": 0, "kafka_offset": 7,
+        "kafka_timestamp_ms": T}
+    pq.write_table(pa.Table.from_pylist([row], schema=old_schema), directory / "part-old.parquet")
+    online = rebuild.features_online(rebuild.read_archive(tmp_path, "features"))
+    assert online.select("snapshot_id", "idx", "trigger", "heart_rate_last_24h").rows() == [("s1", None, None, 88.0)]
+
+
+def test_alert_header_routing_fields_become_columns():
+    correction = {"header": {"alert_id": "a2", "kind": "correction", "tier": "low", "patient_id": "p1",
+                             "encounter_id": "e1", "ward": "ward 7", "scoring_ms": T, "model_version": "m1",
+                             "path": "model", "status": "entered-in-error", "original_alert_id": "a1",
+                             "reason": None},
+                  "resource": {"resourceType": "RiskAssessment", "status": "entered-in-error"}}
+    [row] = rows_for("alerts", record("x.alerts", correction))
+    assert (row.values["ward"], row.values["status"], row.values["original_alert_id"], row.values["reason"]) == (
+        "ward 7", "entered-in-error", "a1", None)
+    resolved = {"header": correction["header"] | {"kind": "resolve", "status": "final", "original_alert_id": None,
+                                                  "reason": "discharge"}, "resource": {}}
+    [row] = rows_for("alerts", record("x.alerts", resolved))
+    assert (row.values["kind"], row.values["reason"]) == ("resolve", "discharge")
