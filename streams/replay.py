@@ -388,8 +388,12 @@ def load_context(cohort_dir: Path) -> tuple[list[PatientRow], list[EncounterRow]
 
 
 def cdc_fact_ids(row_id: int, values: dict[str, Any]) -> list[str]:
+    """The facts schemas.cdc makes of a vitals row: one per non-null mapped column, plus the O2 flow
+    of 0.0 that an empty flow column with the on-oxygen flag false stands for (on air is a fact)."""
+    flow, flag = _VITAL_MAPPING.on_air or (None, None)
+    on_air = flow is not None and values.get(flow) is None and values.get(flag) is False
     return [f"cdc:vital_signs:{row_id}:{code}" for column, (code, _) in _VITAL_MAPPING.columns.items()
-            if values.get(column) is not None]
+            if values.get(column) is not None or (on_air and column == flow)]
 
 
 def fhir_fact_id(observation: dict[str, Any], code: str) -> str:
@@ -1078,8 +1082,9 @@ def _changed_values(item: Item) -> dict[str, float]:
     if item.action == "fhir":
         return {fhir_fact_id(item.resource, item.code): item.resource["valueQuantity"]["value"]}
     old, new = item.row.values, item.new_values
-    ids = dict(zip((c for c in _VITAL_MAPPING.columns if new.get(c) is not None), cdc_fact_ids(item.target.row_id, new)))
-    return {ids[c]: float(new[c]) for c in ids if new[c] != old.get(c)}
+    row_id = item.target.row_id
+    return {f"cdc:vital_signs:{row_id}:{code}": float(new[c]) for c, (code, _) in _VITAL_MAPPING.columns.items()
+            if new.get(c) is not None and new[c] != old.get(c)}
 
 
 # ================================================================================================
