@@ -263,7 +263,7 @@ def test_ten_thousand_bad_inputs_crash_nothing_lose_nothing_and_leave_valid_even
         expected = reference_events(replay.messages, topics, settings)  # what a clean run ingests
         expected_dead = rejected_count(bad, topics, settings)
         started = time.monotonic()
-        published = publish_messages(settings, topics, messages, rate=2000)
+        published = publish_messages(settings, topics, messages, rate=1000)  # a replay compresses days into seconds: keep cross-topic skew small
         pipe.wait_processed(published["end_offsets"], deadline=time.monotonic() + DEADLINE_S)
         seconds = time.monotonic() - started
         pipe.check_alive()  # zero crashes: both services are still running after all of it
