@@ -1,25 +1,22 @@
 """Shared by the worker restart and rebalance tests: a synthetic canonical stream, publishing it, and
-reading back everything the `wardwatch worker` processes produced (table changelog and outputs)."""
+reading back everything the `wardwatch worker` processes produced (table changelog and outputs: the
+readers live in wardwatch/worker_results.py, which `wardwatch soak` uses too)."""
 
 from __future__ import annotations
 
 import re
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import orjson
 from confluent_kafka import Producer
 
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
-from streams.app import NEXT_OFFSET_PREFIX
-from streams.topics import Topics
-from wardwatch.procs import read_to_end, total_committed
 from wardwatch.settings import Settings
+from wardwatch.worker_results import (Results, changelog_topic, collect_results,  # noqa: F401 (re-exported)
+                                      recovery_seconds, wait_for_progress)
 
 T0 = 1_718_000_000_000
 ROW_MS = 15 * 60_000
@@ -102,68 +99,6 @@ class Publisher:
         return self.end_offsets
 
 
-@dataclass
-class Results:
-    """What a worker group left behind, read back from Kafka."""
-
-    state: dict[str, dict]  # patient -> latest PatientRecord (decoded) in the table changelog
-    next_offsets: dict[int, int]  # canonical partition -> next offset the table has not applied
-    features: dict[str, set[bytes]] = field(default_factory=dict)  # snapshot id -> distinct values seen
-    scores: dict[str, set[bytes]] = field(default_factory=dict)
-    alerts: dict[str, set[bytes]] = field(default_factory=dict)  # alert id -> distinct values seen
-    snapshot_points: set[tuple[int, int]] = field(default_factory=set)  # (partition, offset) scored
-    output_records: int = 0
-
-    def known_fact_ids(self) -> set[str]:
-        return {fact for rec in self.state.values() for fact in rec["s"]["known"]}
-
-    def differing_repeats(self) -> list[str]:
-        """Ids published more than once with different contents (must be none)."""
-        return [i for kind in (self.features, self.scores, self.alerts) for i, vs in kind.items() if len(vs) > 1]
-
-
-def changelog_topic(settings: Settings) -> str:
-    return f"{settings.group_prefix}-worker-patient_state-changelog"
-
-
-def collect_results(settings: Settings, topics: Topics, timeout_s: float = 60.0) -> Results:
-    latest: dict[str, bytes | None] = {}
-    for _, _, key, value in read_to_end(settings, changelog_topic(settings), topics.partitions, timeout_s):
-        latest[orjson.loads(key)] = value  # in offset order per partition; a key lives in one partition
-    state = {k: orjson.loads(v) for k, v in latest.items() if v is not None and not k.startswith("__wardwatch")}
-    next_offsets = {int(k.removeprefix(NEXT_OFFSET_PREFIX)): int(v) for k, v in latest.items()
-                    if k.startswith(NEXT_OFFSET_PREFIX)}
-    res = Results(state, next_offsets)
-    by_kind = {topics.features: (res.features, lambda d: d["snapshot_id"]),
-               topics.scores: (res.scores, lambda d: d["snapshot_id"]),
-               topics.alerts: (res.alerts, lambda d: d["header"]["alert_id"])}
-    for topic, (seen, id_of) in by_kind.items():
-        grouped: dict[str, set[bytes]] = defaultdict(set)
-        for _, _, _, value in read_to_end(settings, topic, topics.partitions, timeout_s):
-            d = orjson.loads(value)
-            grouped[id_of(d)].add(value)
-            res.output_records += 1
-            if topic == topics.features:
-                res.snapshot_points.add((d["partition"], d["offset"]))
-        seen.update(grouped)
-    return res
-
-
-def wait_for_progress(settings: Settings, group: str, topic: str, partitions: int, beyond: int, *,
-                      deadline: float, alive=None) -> int:
-    """Block until `group` has committed more than `beyond` messages of `topic` in total; returns the
-    new total."""
-    while True:
-        done = total_committed(settings, group, topic, partitions)
-        if done > beyond:
-            return done
-        if alive is not None and alive.poll() is not None:
-            raise RuntimeError(f"the worker exited with code {alive.returncode} before committing")
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"group {group} committed nothing beyond {beyond} messages in time")
-        time.sleep(0.1)
-
-
 def assigned_partitions(log_path: Path, topic: str) -> set[int] | None:
     """The partitions of `topic` a worker was assigned last, read from its INFO log: the embedded
     broker lists no members in DescribeGroups, so the worker's own account is the only one."""
@@ -193,21 +128,3 @@ def wait_for_assignment(log_path: Path, topic: str, want: Callable[[set[int]], b
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{log_path.name}: assigned {got} of {topic}, not what the test waits for")
         time.sleep(0.1)
-
-
-def recovery_seconds(log_path: Path) -> list[float]:
-    """From a worker's INFO log: for each assignment, seconds from being assigned partitions to
-    "Worker ready" (changelog recovery included)."""
-    from datetime import datetime
-
-    def at(line: str) -> datetime:
-        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
-
-    out, assigned = [], None
-    for line in log_path.read_text(errors="replace").splitlines():
-        if "Executing _on_partitions_assigned" in line and line.startswith("["):
-            assigned = at(line)
-        elif "Recovery]: Worker ready" in line and line.startswith("[") and assigned is not None:
-            out.append((at(line) - assigned).total_seconds())
-            assigned = None
-    return out
