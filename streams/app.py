@@ -19,7 +19,6 @@ the high watermark too low.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -133,62 +132,9 @@ class ExactEndRecovery(Recovery):
         offsets = await asyncio.gather(*(self.tp_to_table[tp].write_barrier(tp.partition) for tp in tps))
         destination.clear()
         destination.update(dict(zip(tps, offsets)))  # faust's convention: the offset of the last record
-        self.barriers = dict(zip(tps, offsets))
         log.info("recovery barriers written to %d changelog partitions in %.2f s", len(tps),
                  time.monotonic() - started)
 
-    async def on_recovery_completed(self, generation_id: int = 0) -> None:
-        """Before the streams resume, check the recovered table against the changelog itself, read
-        with a plain client up to the barriers, and repair what differs: faust's own reading can skip
-        records (seen under SIGKILL chaos at scale), and a stale patient record would be applied on."""
-        barriers, self.barriers = getattr(self, "barriers", {}), {}
-        if barriers:
-            started = time.monotonic()
-            repaired = 0
-            for tp, barrier in barriers.items():
-                table = self.tp_to_table[tp]
-                latest = await asyncio.to_thread(read_changelog, self.app.kafka_client_config, tp.topic,
-                                                 tp.partition, barrier)
-                for key, value in latest.items():
-                    if key == RECOVERY_BARRIER_KEY:
-                        continue
-                    if value is None:
-                        repaired += table.data.pop(key, None) is not None
-                    elif table.data.get(key) != value:
-                        table.data[key] = value
-                        repaired += 1
-            log.log(logging.WARNING if repaired else logging.INFO,
-                    "recovered table checked against the changelog in %.2f s: %d records repaired",
-                    time.monotonic() - started, repaired)
-        await super().on_recovery_completed(generation_id)
-
-
-def read_changelog(client_config: dict, topic: str, partition: int, last_offset: int,
-                   timeout_s: float = 120.0) -> dict[str, bytes | None]:
-    """The latest value per key of one changelog partition, offsets 0..last_offset (blocking)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    consumer = Consumer({**client_config, "group.id": f"wardwatch-recovery-check-{os.getpid()}",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10, "enable.partition.eof": False})
-    latest: dict[str, bytes | None] = {}
-    try:
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        deadline = time.monotonic() + timeout_s
-        position = -1
-        while position < last_offset:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read changelog {topic}[{partition}] to offset {last_offset}")
-            for msg in consumer.consume(num_messages=1000, timeout=0.2):
-                if msg.error() is not None:
-                    continue
-                position = msg.offset()
-                if position > last_offset:
-                    break
-                key = msg.key()
-                latest[json.loads(key) if key else None] = msg.value()
-    finally:
-        consumer.close()
-    return latest
 
 
 def next_offset_key(partition: int) -> str:
@@ -276,7 +222,6 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         Table=DurableTable,
         TableManager=ExactEndTableManager,
     )
-    app.kafka_client_config = settings.kafka_client_config()  # for the recovery check's plain client
     canonical = app.topic(topics.canonical, key_type=bytes, value_type=bytes, key_serializer="raw",
                           value_serializer="raw", partitions=topics.partitions)
     table = app.Table("patient_state", default=None, partitions=topics.partitions, use_partitioner=True,
