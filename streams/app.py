@@ -136,7 +136,6 @@ class ExactEndRecovery(Recovery):
                  time.monotonic() - started)
 
 
-
 def next_offset_key(partition: int) -> str:
     """Table key of the next canonical offset the table has not applied, for one source partition.
     Its changelog record is written to that partition explicitly, so it moves with the partition."""
