@@ -104,3 +104,23 @@ def recovery_seconds(log_path: Path) -> list[float]:
             out.append((at(line) - assigned).total_seconds())
             assigned = None
     return out
+
+
+def wait_for_applied(settings: Settings, topics: Topics, ends: dict, *, deadline: float, on_wait=None) -> None:
+    """Block until the worker's table has applied every canonical message up to `ends` ((topic,
+    partition) -> offset after the last message), by the table's own next-offset markers in its
+    changelog. Correctness rests on those markers; the group's committed offset can lag them (faust
+    can stall its commit behind an offset it skipped), so this does not wait on commits."""
+    import time
+
+    wanted = {p: n for (_, p), n in ends.items()}
+    while True:
+        applied = collect_results(settings, topics, timeout_s=max(5.0, deadline - time.monotonic())).next_offsets
+        behind = {p: n for p, n in wanted.items() if applied.get(p, 0) < n}
+        if not behind:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the worker has not applied everything: partitions behind {sorted(behind)}")
+        if on_wait is not None:
+            on_wait()
+        time.sleep(0.5)

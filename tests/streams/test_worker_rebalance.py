@@ -11,7 +11,8 @@ from streams.topics import ensure_topics, topics_for
 from tests.streams.worker_runs import (Publisher, canonical_messages, collect_results, recovery_seconds,
                                       wait_for_assignment, wait_for_progress)
 from wardwatch.procs import (check_alive, committed_offsets, kill_service, start_service, stop_service,
-                             wait_for_commits, wait_for_group)
+                             wait_for_group)
+from wardwatch.worker_results import wait_for_applied
 
 PATIENTS, ROWS = 16, 40  # 640 canonical messages over 4 partitions
 RATE = 15.0  # messages/s until the takeover is done; then the rest at once
@@ -57,13 +58,12 @@ def test_survivor_takes_over_a_killed_workers_partitions_and_ends_like_a_single_
         at_kill = committed_offsets(pair_settings, group, canonical_tps)
         kill_service(victim)
         killed = time.monotonic()
-        # the takeover is done when every partition (the victim's too) commits past where it stood
+        # the takeover is done when every partition (the victim's too) is applied past where it stood
         wait_for_assignment(logs / "survivor.log", topics.canonical, lambda ps: ps == everything,
                             deadline=deadline, alive=survivor)
         rebalanced = time.monotonic() - killed
-        for tp in canonical_tps:
-            wait_for_commits(pair_settings, group, {tp: at_kill[tp] + 1}, deadline=deadline,
-                             on_wait=lambda: check_alive({"survivor": survivor}, logs))
+        wait_for_applied(pair_settings, topics, {tp: at_kill[tp] + 1 for tp in canonical_tps}, deadline=deadline,
+                         on_wait=lambda: check_alive({"survivor": survivor}, logs))
         takeover = time.monotonic() - killed
         assert not pub.done, "the stream ended before the takeover: lower RATE or raise ROWS"
         pub.rate = None
@@ -71,14 +71,15 @@ def test_survivor_takes_over_a_killed_workers_partitions_and_ends_like_a_single_
         ends = pub.join(deadline - time.monotonic())
         ref_ends = ref_pub.join(deadline - time.monotonic())
         procs = {"survivor": survivor, "single worker": ref_worker}
-        wait_for_commits(pair_settings, group, ends, deadline=deadline, on_wait=lambda: check_alive(procs, logs))
-        wait_for_commits(ref_settings, ref_group, ref_ends, deadline=deadline,
+        # applied by the table's own markers, not committed: a commit can lag (see wait_for_applied)
+        wait_for_applied(pair_settings, topics, ends, deadline=deadline, on_wait=lambda: check_alive(procs, logs))
+        wait_for_applied(ref_settings, ref_topics, ref_ends, deadline=deadline,
                          on_wait=lambda: check_alive(procs, logs))
     finally:
         for proc in (victim, survivor, ref_worker):
             stop_service(proc)
     print(f"\nkilled the worker holding canonical partitions {sorted(held)} after {progress} commits; the "
-          f"survivor was assigned them {rebalanced:.1f}s later and committed on every partition "
+          f"survivor was assigned them {rebalanced:.1f}s later and applied on every partition "
           f"{takeover:.1f}s after the kill; its recovery took {recovery_seconds(logs / 'survivor.log')[-1]:.2f}s")
 
     ref = collect_results(ref_settings, ref_topics)
