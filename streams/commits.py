@@ -1,4 +1,6 @@
-"""Committing consumer offsets when a rebalance may already have taken the partitions away.
+"""At-least-once plumbing shared by the confluent-kafka services: producing with every delivery
+checked before a commit, and committing consumer offsets when a rebalance may already have taken
+the partitions away.
 
 A synchronous commit after the group moved on (the broker paused past the session timeout, a slow
 batch) fails with one of REBALANCE_ERRORS. That is not data loss: the uncommitted records are read
@@ -30,3 +32,32 @@ def commit_offsets(consumer, offsets: dict[tuple[str, int], int], log: logging.L
             log.warning("commit lost to a rebalance; those records will be re-read: %s", exc.args[0].name())
             return False
         raise
+
+
+class AckedProducer:
+    """A producer whose writes are all acknowledged, or an error raised, before the caller commits:
+    produce() waits out a full local queue; flush_or_raise() waits for every delivery and raises if
+    any failed (the caller then does not commit, so its input is re-read after the restart)."""
+
+    def __init__(self, producer, name: str):
+        self.producer = producer
+        self.name = name
+        self._errors: list[str] = []
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=self._on_delivery)
+                return
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self.producer.poll(0.1)
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+
+    def flush_or_raise(self, timeout_s: float = 30.0) -> None:
+        remaining = self.producer.flush(timeout_s)
+        if self._errors or remaining:
+            errors, self._errors = self._errors[:3], []
+            raise KafkaException(f"{self.name} produce failed ({remaining} unacknowledged): {errors}")

@@ -34,7 +34,7 @@ from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
 from streams.fhir_fetch import FhirClient, resolve
 from streams.stats import StatsPublisher
-from streams.commits import commit_offsets
+from streams.commits import AckedProducer, commit_offsets
 from streams.topics import Topics, topics_for
 from wardwatch.settings import Settings
 
@@ -172,9 +172,9 @@ class IngestWorker:
         self.poll_timeout_s = poll_timeout_s
         self.counters = IngestCounters()
         self._cdc_topics = set(topics.cdc.values())
-        self._delivery_errors: list[str] = []
         self._consumer = Consumer(consumer_config(settings))
         self._producer = Producer(producer_config(settings))
+        self._acked = AckedProducer(self._producer, "ingest")
         # id-only FHIR notifications are completed from the FHIR server; without one they are dead-lettered
         self._fhir = FhirClient(settings) if settings.fhir_server_url else None
         # counters snapshot on the stats topic (`wardwatch stats`), sent with the next batch's flush
@@ -273,23 +273,10 @@ class IngestWorker:
         self._produce(self.topics.deadletter, msg.key(), value, headers)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
-                return
-            except BufferError:  # local queue full: let deliveries drain, then retry
-                self._producer.poll(0.1)
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
+        self._acked.produce(topic, key, value, headers)
 
     def _flush(self) -> None:
-        remaining = self._producer.flush(30)
-        if self._delivery_errors or remaining:
-            errors, self._delivery_errors = self._delivery_errors[:3], []
-            # not committing: the batch will be re-read after the restart
-            raise KafkaException(f"ingest produce failed ({remaining} unacknowledged): {errors}")
+        self._acked.flush_or_raise()  # raising means not committing: the batch is re-read after a restart
 
     def _commit(self, records: list[Message]) -> None:
         offsets: dict[tuple[str, int], int] = {}

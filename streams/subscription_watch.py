@@ -38,6 +38,7 @@ from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer
                              Message, Producer, TopicPartition)
 
 from schemas.fhir import read_status, relative_reference
+from streams.commits import AckedProducer
 from streams.fhir_fetch import FetchError, FhirClient
 from streams.stats import StatsPublisher
 from streams.subscriptions import SubscriptionState, SubscriptionTracker
@@ -67,9 +68,9 @@ class SubscriptionWatcher:
         self.messages = 0
         self.unreadable = 0
         self._newest_arrival_ms = 0
-        self._delivery_errors: list[str] = []
         self._producer = Producer({**settings.kafka_client_config(), "acks": "all",
                                    "partitioner": "murmur2_random"})  # same key -> partition as Java clients
+        self._acked = AckedProducer(self._producer, "subscription watcher")
         self.tracker = SubscriptionTracker(
             grace_ms=int(settings.fhir_gap_grace_s * 1000),
             heartbeat_period_ms=int(settings.fhir_heartbeat_period_s * 1000),
@@ -173,22 +174,10 @@ class SubscriptionWatcher:
         return True
 
     def _produce(self, topic: str, key: bytes, value: bytes, headers: list) -> None:
-        while True:
-            try:
-                self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=self._on_delivery)
-                return
-            except BufferError:
-                self._producer.poll(0.1)
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
+        self._acked.produce(topic, key, value, headers)
 
     def _flush(self) -> None:
-        remaining = self._producer.flush(30)
-        if self._delivery_errors or remaining:
-            errors, self._delivery_errors = self._delivery_errors[:3], []
-            raise KafkaException(f"subscription watcher produce failed ({remaining} unacknowledged): {errors}")
+        self._acked.flush_or_raise()
 
     def _commit(self, messages: list[Message]) -> None:
         offsets: dict[int, int] = {}
