@@ -61,3 +61,17 @@ class AckedProducer:
         if self._errors or remaining:
             errors, self._errors = self._errors[:3], []
             raise KafkaException(f"{self.name} produce failed ({remaining} unacknowledged): {errors}")
+
+
+def skip_consumer_error(msg, log: logging.Logger) -> bool:
+    """True when `msg` is an error event rather than a record: fatal client errors raise (the
+    service stops and is restarted), partition EOF is silent, anything else is logged (the client
+    retries by itself)."""
+    err = msg.error()
+    if err is None:
+        return False
+    if err.fatal():
+        raise KafkaException(err)
+    if err.code() != KafkaError._PARTITION_EOF:
+        log.warning("consumer error (retrying): %s", err)
+    return True

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, Message, Producer
 
 from schemas.cdc import parse_cdc
 from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
@@ -34,7 +34,7 @@ from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
 from streams.fhir_fetch import FhirClient, resolve
 from streams.stats import StatsPublisher
-from streams.commits import AckedProducer, commit_offsets
+from streams.commits import AckedProducer, commit_offsets, skip_consumer_error
 from streams.topics import Topics, topics_for
 from wardwatch.settings import Settings
 
@@ -253,14 +253,7 @@ class IngestWorker:
     # --- wiring details ------------------------------------------------------------------------
 
     def _is_error(self, msg: Message) -> bool:
-        err = msg.error()
-        if err is None:
-            return False
-        if err.fatal():
-            raise KafkaException(err)
-        if err.code() != KafkaError._PARTITION_EOF:
-            log.warning("consumer error (retrying): %s", err)
-        return True
+        return skip_consumer_error(msg, log)
 
     def _dead_letter(self, msg: Message, rejection: Rejection, stage: Stage) -> None:
         headers = deadletter_headers(rejection, stage, msg.topic(), msg.partition(), msg.offset())

@@ -34,11 +34,11 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException,
+from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException,
                              Message, Producer, TopicPartition)
 
 from schemas.fhir import read_status, relative_reference
-from streams.commits import AckedProducer
+from streams.commits import AckedProducer, skip_consumer_error
 from streams.fhir_fetch import FetchError, FhirClient
 from streams.stats import StatsPublisher
 from streams.subscriptions import SubscriptionState, SubscriptionTracker
@@ -164,14 +164,7 @@ class SubscriptionWatcher:
         return arrival
 
     def _is_error(self, msg: Message) -> bool:
-        err = msg.error()
-        if err is None:
-            return False
-        if err.fatal():
-            raise KafkaException(err)
-        if err.code() != KafkaError._PARTITION_EOF:
-            log.warning("consumer error (retrying): %s", err)
-        return True
+        return skip_consumer_error(msg, log)
 
     def _produce(self, topic: str, key: bytes, value: bytes, headers: list) -> None:
         self._acked.produce(topic, key, value, headers)
