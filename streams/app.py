@@ -61,6 +61,7 @@ def _produced_ns(headers) -> int | None:
 RECOVERY_BARRIER_KEY = "__wardwatch_recovery_barrier__"  # never a patient id; written as a tombstone
 NEXT_OFFSET_PREFIX = "__wardwatch_next_offset__:"  # + source partition; never a patient id
 CHANGELOG_CONFIRM_TIMEOUT_S = 30.0
+COMMIT_RETRY_S = 1.0
 
 
 class DurableTable(faust.Table):
@@ -297,10 +298,17 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         # the batch is acked (and its offsets become committable) only once its state is durable:
         # a restart then finds every committed message in the recovered table
         await table.confirm_changelog()
+        committer.applied(advanced)
         for partition, offset in rewind.items():  # messages were skipped: read them again, in order
             log.warning("canonical partition %d: messages from offset %d were not applied; rewinding to it",
                         partition, offset)
             await app.consumer.seek(TP(topics.canonical, partition), offset)
+
+    committer = AppliedOffsetCommitter(app, topics.canonical)
+
+    @app.task
+    async def _commit_applied() -> None:
+        await committer.run()
 
     @app.agent(canonical, name="patients")
     async def patients(stream):
@@ -325,7 +333,50 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     async def _forget_cache(sender, **kwargs):  # another worker may have changed a patient we held
         parsed.clear()
 
+    @app.on_partitions_revoked.connect
+    async def _forget_pending_commits(sender, revoked, **kwargs):  # another worker may commit beyond them now
+        committer.forget()
+
     return app
+
+
+class AppliedOffsetCommitter:
+    """Commits, per canonical partition, the next offset the table has durably applied.
+
+    faust commits only a contiguous run of acked offsets, and stops at the first offset it never saw
+    acked: after a restart or a rewind that can be forever (its acked list then also grows without
+    bound), so a worker that has applied everything keeps an old committed offset and a restart
+    re-reads hours of input. The table's next-offset markers are the truth; this commits them once
+    their batch is durable, at most one commit in flight, newest offsets winning. faust's own commits
+    still run but never move an offset backwards (it only commits beyond its last commit)."""
+
+    def __init__(self, app: faust.App, topic: str) -> None:
+        self.app, self.topic = app, topic
+        self._pending: dict[int, int] = {}
+        self._wanted = asyncio.Event()
+
+    def applied(self, next_offsets: dict[int, int]) -> None:
+        """A batch is durable: these partitions may be committed up to these offsets."""
+        if next_offsets:
+            self._pending.update(next_offsets)
+            self._wanted.set()
+
+    def forget(self) -> None:
+        self._pending.clear()
+
+    async def run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            offsets, self._pending = self._pending, {}
+            try:  # faust's commit path: drops revoked partitions, records the commit as its own
+                await self.app.consumer._commit_offsets({TP(self.topic, p): o for p, o in offsets.items()})
+            except Exception as exc:  # e.g. a rebalance in progress: try again shortly
+                log.info("commit of applied offsets failed (%s); retrying", type(exc).__name__)
+                for p, o in offsets.items():
+                    self._pending.setdefault(p, o)  # unless a newer batch superseded it
+                await asyncio.sleep(COMMIT_RETRY_S)
+                self._wanted.set()
 
 
 class RecentCache(OrderedDict):

@@ -109,8 +109,9 @@ def recovery_seconds(log_path: Path) -> list[float]:
 def wait_for_applied(settings: Settings, topics: Topics, ends: dict, *, deadline: float, on_wait=None) -> None:
     """Block until the worker's table has applied every canonical message up to `ends` ((topic,
     partition) -> offset after the last message), by the table's own next-offset markers in its
-    changelog. Correctness rests on those markers; the group's committed offset can lag them (faust
-    can stall its commit behind an offset it skipped), so this does not wait on commits."""
+    changelog. Correctness rests on those markers; the worker commits them once durable
+    (streams.app.AppliedOffsetCommitter), but a commit lost to a rebalance only lands with the next
+    batch, so this does not wait on commits."""
     import time
 
     wanted = {p: n for (_, p), n in ends.items()}
