@@ -9,12 +9,16 @@ A plain confluent-kafka loop that does no clinical work at all:
     <prefix>.bench.<run>.out  same key, value and headers
         |  sink: a separate consumer; latency = receive time - ww.produced_ns
         v
-    {"baseline_events_per_s", "baseline_latency_ms_p50", "baseline_latency_ms_p99", "n"}
+    {"baseline_events_per_s", "baseline_latency_ms_p50", "baseline_latency_ms_p99", ...}
 
-The relay and the sink join their consumer groups *before* the feeder starts, so the latency is the
-hop latency of a live feed (not time spent queued in a pre-filled topic), and the throughput is the
-relay's rate over its active span, fed by one producer going as fast as it can. Whatever the pipeline
-does on top of this costs the difference.
+Two modes, both used by `wardwatch bench`:
+- capacity (no rate): the input topic is filled *before* the relay starts, so events/s is the relay's
+  own rate over its active span (first message consumed -> output flushed). Fed live by one producer,
+  the relay would only measure that producer (a 68k-message run measured 16k/s live and ~4x that
+  pre-filled).
+- live (a rate): the relay and the sink join their groups first, then the feeder offers that many
+  messages/s; the latency is the hop latency of a live feed at that load, next to the pipeline's.
+Whatever the pipeline does on top of this costs the difference.
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def summarize(relayed: int, relay_s: float, latencies_ns: list[int]) -> dict:
         "baseline_events_per_s": relayed / relay_s if relayed and relay_s > 0 else 0.0,
         "baseline_latency_ms_p50": percentile(latencies_ms, 50) if latencies_ms else math.nan,
         "baseline_latency_ms_p99": percentile(latencies_ms, 99) if latencies_ms else math.nan,
+        "baseline_latency_ms_max": max(latencies_ms) if latencies_ms else math.nan,
         "n": len(latencies_ns),
     }
 
@@ -267,16 +272,20 @@ def _remaining(deadline: float) -> float:
 
 
 def run_baseline(settings: Settings, n_messages: int, *, payloads: list[bytes] | None = None,
-                 timeout_s: float = 120.0) -> dict:
+                 rate: float | None = None, timeout_s: float = 120.0) -> dict:
     """Relay n_messages through a plain consume-loads-dumps-produce loop and measure it.
 
+    rate None (capacity): the input topic is filled first, then the relay starts, so events/s is what
+    the relay can do, not how fast one producer feeds it. Its latencies would only be queueing time:
+    they are reported as nan.
+    rate r (live): the relay and the sink join first, then the feeder offers r messages/s; the
+    latencies are the hop latency at that load.
     payloads: the raw values to send (cycled when fewer than n_messages), e.g. the pipeline
     benchmark's own input; by default ~1 KB Debezium vital-sign events.
-    Returns {"baseline_events_per_s", "baseline_latency_ms_p50", "baseline_latency_ms_p99", "n"},
-    n being the distinct messages that reached the output before timeout_s ran out.
+    Returns {"baseline_events_per_s", "baseline_latency_ms_p50", "baseline_latency_ms_p99",
+    "baseline_latency_ms_max", "n", "feed_per_s"}, n being the distinct messages that reached the
+    output before timeout_s ran out.
     """
-    from confluent_kafka import Producer
-
     if n_messages < 1:
         raise ValueError("n_messages must be at least 1")
     payloads = payloads or debezium_vital_signs(n_messages)
@@ -296,29 +305,24 @@ def run_baseline(settings: Settings, n_messages: int, *, payloads: list[bytes] |
                          args=(settings, f"{group}.sink", dst, n_messages, sink_ready, stop, sink_result)),
     ]
     try:
-        for t in threads:
-            t.start()
-        # feed only once both consumers own their partitions, so no join time lands in a latency
-        if not (relay_ready.wait(_remaining(deadline)) and sink_ready.wait(_remaining(deadline))):
-            raise TimeoutError("baseline consumers did not get their partitions in time")
-
-        feeder = Producer(_producer_config(settings))
-        failures: list[str] = []
-        on_delivery = _delivery_counter(failures)
-        for i in range(n_messages):
-            key = orjson.dumps({"patient_id": f"P{i % N_PATIENTS:05d}"})
-            headers = [(PRODUCED_NS_HEADER, str(time.time_ns()).encode()), (SEQ_HEADER, str(i).encode())]
-            _produce(feeder, src, payloads[i % len(payloads)], key, headers, on_delivery)
-            feeder.poll(0)
-        if feeder.flush(_remaining(deadline)) or failures:
-            raise RuntimeError(f"feeder: {len(failures)} deliveries failed or unflushed")
-
+        if rate is None:
+            feed_s = _feed(settings, src, payloads, n_messages, None, deadline)
+            for t in threads:
+                t.start()
+        else:
+            for t in threads:
+                t.start()
+            # feed only once both consumers own their partitions, so no join time lands in a latency
+            if not (relay_ready.wait(_remaining(deadline)) and sink_ready.wait(_remaining(deadline))):
+                raise TimeoutError("baseline consumers did not get their partitions in time")
+            feed_s = _feed(settings, src, payloads, n_messages, rate, deadline)
         for t in threads:
             t.join(_remaining(deadline))
     finally:
         stop.set()  # ends the loops at once if the deadline passed
         for t in threads:
-            t.join(timeout=max(10.0, settings.session_timeout_s * 2))  # consumer close leaves the group
+            if t.is_alive() or t.ident is not None:
+                t.join(timeout=max(10.0, settings.session_timeout_s * 2))  # consumer close leaves the group
         _delete_topics(settings, [src, dst])
 
     for err in (relay_result.error, sink_result.error):
@@ -327,4 +331,30 @@ def run_baseline(settings: Settings, n_messages: int, *, payloads: list[bytes] |
     if len(sink_result.seen) < n_messages:
         log.warning("baseline timed out: %d of %d messages reached the output", len(sink_result.seen), n_messages)
     relay_s = (relay_result.finished or time.perf_counter()) - (relay_result.started or time.perf_counter())
-    return summarize(relay_result.relayed, relay_s, sink_result.latencies_ns)
+    figures = summarize(relay_result.relayed, relay_s, [] if rate is None else sink_result.latencies_ns)
+    figures["n"] = len(sink_result.seen)
+    figures["feed_per_s"] = n_messages / feed_s if feed_s > 0 else float("nan")
+    return figures
+
+
+def _feed(settings: Settings, topic: str, payloads: list[bytes], n: int, rate: float | None,
+          deadline: float) -> float:
+    """Produce n messages (at `rate` per second, or as fast as possible); returns the seconds it took."""
+    from confluent_kafka import Producer
+
+    feeder = Producer(_producer_config(settings))
+    failures: list[str] = []
+    on_delivery = _delivery_counter(failures)
+    started = time.perf_counter()
+    for i in range(n):
+        if rate is not None:
+            ahead = started + i / rate - time.perf_counter()
+            if ahead > 0.001:  # sleep in steps of a millisecond or more; the loop itself is faster
+                time.sleep(ahead)
+        key = orjson.dumps({"patient_id": f"P{i % N_PATIENTS:05d}"})
+        headers = [(PRODUCED_NS_HEADER, str(time.time_ns()).encode()), (SEQ_HEADER, str(i).encode())]
+        _produce(feeder, topic, payloads[i % len(payloads)], key, headers, on_delivery)
+        feeder.poll(0)
+    if feeder.flush(_remaining(deadline)) or failures:
+        raise RuntimeError(f"feeder: {len(failures)} deliveries failed or unflushed")
+    return time.perf_counter() - started

@@ -344,7 +344,7 @@ def batch_report(out: Optional[Path] = typer.Option(None, help="HTML file to wri
 def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here"),
     patients: int = typer.Option(8, help="Patients in the replayed cohort"),
-    repeat: int = typer.Option(10, help="Replay the cohort this many times (fresh patient ids each time)"),
+    repeat: int = typer.Option(60, help="Replay the cohort this many times (fresh patient ids each time)"),
     rates: str = typer.Option("1000,10000", help="Offered loads (raw msg/s) for the latency phases, comma-separated; "
                                                  "empty for none"),
     paced_seconds: float = typer.Option(10.0, help="Length of each paced latency phase (seconds)"),
@@ -382,14 +382,15 @@ def soak(
     seed: int = typer.Option(7, help="Seed of the kill moments"),
     kill_ingest: bool = typer.Option(False, "--kill-ingest/--no-kill-ingest",
                                      help="Also SIGKILL the ingest worker at about half of the kill moments"),
-    rate: Optional[float] = typer.Option(None, help="Raw messages/s fed to each pipeline (default: the feed lasts "
+    rate: Optional[float] = typer.Option(None, help="Raw messages/s fed to the shared ingest (default: the feed lasts "
                                                     "25 s per kill + 20 s)"),
     data_dir: Path = typer.Option(Path("data/soak"), help="Archives, DuckDB file and service logs (wiped first)"),
     bootstrap: Optional[str] = typer.Option(None, help="Use this Kafka instead of a fresh embedded broker"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the figures as JSON here"),
 ) -> None:
     """Chaos soak: replay through ingest + worker while SIGKILLing the worker at random moments, and
-    compare with an undisturbed reference run of the same replay on the same broker.
+    compare with an undisturbed worker fed the same canonical stream (one ingest, its canonical
+    topic mirrored record for record to the killed worker's), on the same broker.
 
     Checks: no alert lost, every duplicate alert identical, the accounting equation, the same
     scoring points and feature values, and nightly parity on the chaos run's archive. Exits 1 when
