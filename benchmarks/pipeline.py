@@ -181,7 +181,7 @@ class ScoreCollector:
             "enable.auto.commit": False,
             "session.timeout.ms": int(self.settings.session_timeout_s * 1000),
             "heartbeat.interval.ms": int(self.settings.heartbeat_interval_s * 1000),
-            "fetch.wait.max.ms": 50,  # as the baseline's sink: no 500 ms fetch hold in the latency
+            "fetch.wait.max.ms": 10,  # as the baseline's sink: no 500 ms fetch hold in the latency
         })
         try:
             consumer.subscribe([self.topic])

@@ -18,20 +18,47 @@ REBALANCE_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
                     KafkaError.REBALANCE_IN_PROGRESS, KafkaError._NO_OFFSET}
 
 
-def commit_offsets(consumer, offsets: dict[tuple[str, int], int], log: logging.Logger) -> bool:
-    """Commit `offsets` ((topic, partition) -> next offset) synchronously; False when a rebalance
-    took them (the records will be re-read elsewhere)."""
+def commit_offsets(consumer, offsets: dict[tuple[str, int], int], log: logging.Logger, *,
+                   asynchronous: bool = False) -> bool:
+    """Commit `offsets` ((topic, partition) -> next offset); False when a rebalance took them (the
+    records will be re-read elsewhere). asynchronous: send the commit and return at once; its result
+    reaches the consumer's `on_commit` callback (see CommitResults)."""
     if not offsets:
         return True
     try:
         consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
-                        asynchronous=False)
+                        asynchronous=asynchronous)
         return True
     except KafkaException as exc:
         if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].code() in REBALANCE_ERRORS:
             log.warning("commit lost to a rebalance; those records will be re-read: %s", exc.args[0].name())
             return False
         raise
+
+
+class CommitResults:
+    """The `on_commit` callback for asynchronous commits, and what it saw.
+
+    A commit lost to a rebalance is logged (the records are re-read elsewhere); any other failure is
+    kept and raised by raise_failure(), which the service calls before its next batch: it stops
+    instead of running on with offsets it cannot commit."""
+
+    def __init__(self, log: logging.Logger):
+        self.log = log
+        self.failure: KafkaError | None = None
+
+    def __call__(self, err, partitions) -> None:
+        errors = [err] if err is not None else [tp.error for tp in partitions or () if tp.error is not None]
+        for error in errors:
+            if error.code() in REBALANCE_ERRORS:
+                self.log.warning("commit lost to a rebalance; those records will be re-read: %s", error.name())
+            elif self.failure is None:
+                self.failure = error
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise KafkaException(failure)
 
 
 class AckedProducer:

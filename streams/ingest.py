@@ -34,7 +34,7 @@ from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
 from streams.fhir_fetch import FhirClient, resolve
 from streams.stats import StatsPublisher
-from streams.commits import AckedProducer, commit_offsets, skip_consumer_error
+from streams.commits import AckedProducer, CommitResults, commit_offsets, skip_consumer_error
 from streams.topics import Topics, topics_for
 from wardwatch.settings import Settings
 
@@ -172,7 +172,11 @@ class IngestWorker:
         self.poll_timeout_s = poll_timeout_s
         self.counters = IngestCounters()
         self._cdc_topics = set(topics.cdc.values())
-        self._consumer = Consumer(consumer_config(settings))
+        # commits are sent without waiting for the answer (a broker round trip per batch off the
+        # latency path); a failure other than a rebalance stops the worker before its next batch
+        self._commits = CommitResults(log)
+        self._last_commit: dict[tuple[str, int], int] = {}
+        self._consumer = Consumer({**consumer_config(settings), "on_commit": self._commits})
         self._producer = Producer(producer_config(settings))
         self._acked = AckedProducer(self._producer, "ingest")
         # id-only FHIR notifications are completed from the FHIR server; without one they are dead-lettered
@@ -198,6 +202,7 @@ class IngestWorker:
 
     def poll_once(self) -> int:
         """Consume one batch, publish it, wait for the acks, commit. Returns messages consumed."""
+        self._commits.raise_failure()  # an earlier asynchronous commit failed: stop, re-read after restart
         messages = self._consumer.consume(num_messages=self.settings.ingest_batch_size, timeout=self.poll_timeout_s)
         records = [m for m in messages if not self._is_error(m)]
         if not records:
@@ -245,6 +250,8 @@ class IngestWorker:
         try:
             self.stats.publish()  # the final counts
             self._producer.flush(10)
+            # the last asynchronous commit may still be in flight: make it certain before leaving
+            commit_offsets(self._consumer, self._last_commit, log)
         finally:
             self._consumer.close()  # leaves the group at once, so a restart rejoins quickly
             if self._fhir is not None:
@@ -276,7 +283,9 @@ class IngestWorker:
         for msg in records:
             tp = (msg.topic(), msg.partition())
             offsets[tp] = max(offsets.get(tp, -1), msg.offset() + 1)
-        commit_offsets(self._consumer, offsets, log)
+        # the outputs are acknowledged already (flush): the commit need not be awaited
+        commit_offsets(self._consumer, offsets, log, asynchronous=True)
+        self._last_commit.update(offsets)
 
 
 def _produced_ns(msg: Message) -> bytes | None:
