@@ -268,6 +268,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
             for tp, first in (await app.consumer.earliest_offsets(*unseen)).items():
                 next_offsets[tp.partition] = first
         msgs, advanced, rewind = sequence_batch(msgs, next_offsets)
+        started = time.perf_counter()
         records, out = processor.process(msgs, load)
         send(topics.late, out.late)
         send(topics.features, out.features)
@@ -280,8 +281,10 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
             producer.produce(topics.deadletter, key=msg.key, value=msg.value, headers=deadletter_headers(
                 rejection, Stage.PATIENT_STATE, topics.canonical, msg.partition, msg.offset))
         # outputs are durable before the batch is acked (at-least-once; ids make repeats idempotent)
+        processed = time.perf_counter()
         if producer.flush(30) != 0:
             raise RuntimeError("output producer could not deliver within 30 s: is the broker up?")
+        flushed = time.perf_counter()
         partition_of = {m.key: m.partition for m in msgs}  # canonical messages are keyed by patient id
         for patient, rec in records.items():
             raw = rec.to_bytes()
@@ -299,6 +302,8 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         # a restart then finds every committed message in the recovered table
         await table.confirm_changelog()
         committer.applied(advanced)
+        observability.observe_batch(len(msgs), process=processed - started, outputs=flushed - processed,
+                                    changelog=time.perf_counter() - flushed)
         for partition, offset in rewind.items():  # messages were skipped: read them again, in order
             log.warning("canonical partition %d: messages from offset %d were not applied; rewinding to it",
                         partition, offset)

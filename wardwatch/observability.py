@@ -42,7 +42,19 @@ from prometheus_client.core import CounterMetricFamily
 
 SCORE_LATENCY = Histogram("wardwatch_score_latency_seconds", "Raw input produced -> score record published",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+BATCH_PHASE = Histogram("wardwatch_worker_batch_phase_seconds",
+                        "Time a worker batch spends per phase: process (state, features, scoring, alert "
+                        "policy), outputs (flush to the broker), changelog (table writes acknowledged)",
+                        ["phase"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+BATCH_MESSAGES = Histogram("wardwatch_worker_batch_messages", "Canonical messages per worker batch",
+                           buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000))
 MODEL_INFO = Gauge("wardwatch_model_info", "1 for the model version in use", ["version", "path"])
+
+
+def observe_batch(messages: int, **phase_seconds: float) -> None:
+    BATCH_MESSAGES.observe(messages)
+    for phase, seconds in phase_seconds.items():
+        BATCH_PHASE.labels(phase=phase).observe(seconds)
 
 
 def set_model(version: str, path: str) -> None:

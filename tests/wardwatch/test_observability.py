@@ -73,3 +73,18 @@ def test_a_failing_readiness_probe_means_not_ready():
 
 def test_disabled_when_no_port():
     assert obs.serve(None) is None
+
+
+def test_worker_batch_phases_are_scraped_as_histograms():
+    server = obs.serve(0)
+    try:
+        obs.observe_batch(40, process=0.03, outputs=0.004, changelog=0.002)
+        body = _get(f"http://127.0.0.1:{server.server_port}/metrics")[1].decode()
+        # an operator reads where a batch's time goes, and how big batches are
+        assert 'wardwatch_worker_batch_phase_seconds_bucket{le="0.05",phase="process"}' in body
+        process_sum = next(float(line.split()[-1]) for line in body.splitlines()
+                           if line.startswith('wardwatch_worker_batch_phase_seconds_sum{phase="process"}'))
+        assert process_sum >= 0.03
+        assert "wardwatch_worker_batch_messages_count" in body
+    finally:
+        server.shutdown()
