@@ -1,13 +1,14 @@
 """Per-message CPU cost of the codec, without Kafka: ingest parse + encode, worker decode.
 
-    python -m benchmarks.codec [--patients 8] [--seed 7] [--repeat 3]
+    python -m benchmarks.codec [--patients 8] [--seed 7] [--repeat 10]    (~3 s, the cohort cached)
 
 On the replay of a clinosim cohort (streams/replay.py, no faults; the cohort is cached in
 data/cache), single-threaded, in this process:
 
 - ingest: each raw message through the ingest worker's pure path (schemas.cdc.parse_cdc or
   schemas.fhir.parse_notification, then streams.ingest.encode_events), grouped per patient into
-  canonical message values per poll of settings.ingest_batch_size records (streams.ingest.batch_values), as IngestWorker.poll_once does.
+  canonical message values (streams.ingest.batch_values) per poll of settings.ingest_batch_size
+  records, as IngestWorker.poll_once does; also for the CDC and the FHIR messages alone.
 - worker: schemas.canonical.decode_batch of every canonical value, as PatientProcessor.process does.
 - baselines, measured in the same run: orjson.loads + orjson.dumps of the same raw values (the least
   any relay that reads JSON does), and orjson.loads of the same canonical values.
@@ -35,6 +36,7 @@ from streams.ingest import batch_values, encode_events
 from streams.replay import build_replay, generate_cohort
 from streams.topics import topics_for
 from wardwatch.settings import Settings
+
 
 @dataclass(frozen=True)
 class RawRecord:
@@ -105,31 +107,27 @@ STAGES = ("ingest parse+encode", "  of which CDC messages", "  of which FHIR mes
 
 
 def measure(records: list[RawRecord], settings: Settings, repeat: int) -> dict[str, float]:
-    """events/s and raw messages/s of each stage (STAGES), plus the corpus sizes."""
+    """events/s and raw messages/s of each of STAGES, plus the corpus sizes."""
     def ingest(subset: list[RawRecord]) -> list[bytes]:
         return ingest_pass(subset, settings.cdc_topic_prefix, settings.canonical_max_message_bytes,
                            settings.ingest_batch_size)
 
-    by_source = {"  of which CDC messages": [r for r in records if r.is_cdc],
-                 "  of which FHIR messages": [r for r in records if not r.is_cdc]}
+    cdc, fhir = [r for r in records if r.is_cdc], [r for r in records if not r.is_cdc]
     values = ingest(records)
     n_events = worker_pass(values)
-    sizes = {"ingest parse+encode": (records, n_events), "raw baseline (orjson loads+dumps)": (records, n_events),
-             "worker decode": (records, n_events), "canonical baseline (orjson loads)": (records, n_events),
-             **{stage: (subset, worker_pass(ingest(subset))) for stage, subset in by_source.items()}}
-    runs = {
-        "ingest parse+encode": lambda: ingest(records),
-        **{stage: (lambda subset=subset: ingest(subset)) for stage, subset in by_source.items()},
-        "raw baseline (orjson loads+dumps)": lambda: raw_baseline_pass(records),
-        "worker decode": lambda: worker_pass(values),
-        "canonical baseline (orjson loads)": lambda: canonical_baseline_pass(values),
-    }
+    stages = [  # (one pass, its raw messages, its canonical events), in the order of STAGES
+        (lambda: ingest(records), records, n_events),
+        (lambda: ingest(cdc), cdc, worker_pass(ingest(cdc))),
+        (lambda: ingest(fhir), fhir, worker_pass(ingest(fhir))),
+        (lambda: raw_baseline_pass(records), records, n_events),
+        (lambda: worker_pass(values), records, n_events),
+        (lambda: canonical_baseline_pass(values), records, n_events),
+    ]
     figures: dict[str, float] = {"messages": len(records), "events": n_events, "canonical_values": len(values)}
-    for stage in STAGES:
-        seconds = best_seconds(runs[stage], repeat)
-        subset, events = sizes[stage]
-        figures[f"{stage} events/s"] = events / seconds
-        figures[f"{stage} messages/s"] = len(subset) / seconds
+    for name, (run, messages, events) in zip(STAGES, stages, strict=True):
+        seconds = best_seconds(run, repeat)
+        figures[f"{name} events/s"] = events / seconds
+        figures[f"{name} messages/s"] = len(messages) / seconds
     return figures
 
 

@@ -61,42 +61,46 @@ class CanonicalEvent:
     code_system: str = LOINC
     value_text: str | None = None  # e.g. ACVPU letter for consciousness (value holds its ordinal)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # event_id, hashed on first use and kept (a hash per access was a hot spot, and the worker reads
+    # few of them); not compared: equal facts and versions give equal ids
+    _event_id: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def event_id(self) -> str:
-        return make_event_id(self.fact_id, self.version)
+        if self._event_id is None:
+            object.__setattr__(self, "_event_id", make_event_id(self.fact_id, self.version))
+        return self._event_id
 
     def to_dict(self) -> dict[str, Any]:
         """A shallow dict (dataclasses.asdict deep-copies provenance: 20x slower on the ingest hot path).
         It shares `provenance` with the event: serialise it, don't mutate it."""
-        d = {name: getattr(self, name) for name in _FIELD_NAMES}
-        d["event_id"] = self.event_id
-        return d
+        return {"patient_id": self.patient_id, "code": self.code, "value": self.value, "unit": self.unit,
+                "effective_ms": self.effective_ms, "issued_ms": self.issued_ms, "status": self.status,
+                "source": self.source, "fact_id": self.fact_id, "version": self.version,
+                "encounter_id": self.encounter_id, "code_system": self.code_system,
+                "value_text": self.value_text, "provenance": self.provenance, "event_id": self.event_id}
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict())
+        """The JSON of to_dict(), as an exact-size copy: the ingest keeps a poll's worth of these alive,
+        and keeping orjson's own result (an over-allocated buffer shrunk in place) costs 1-4 µs each in
+        malloc; the copy costs 0.1-0.3 µs. (A dict serialises faster than the dataclass itself.)"""
+        return memoryview(orjson.dumps(self.to_dict())).tobytes()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CanonicalEvent":
-        return cls(
-            patient_id=d["patient_id"],
-            code=d["code"],
-            value=d.get("value"),
-            unit=d.get("unit"),
-            effective_ms=int(d["effective_ms"]),
-            issued_ms=int(d["issued_ms"]),
-            status=Status(d["status"]),
-            source=Source(d["source"]),
-            fact_id=d["fact_id"],
-            version=int(d["version"]),
-            encounter_id=d.get("encounter_id"),
-            code_system=d.get("code_system", LOINC),
-            value_text=d.get("value_text"),
-            provenance=d.get("provenance") or {},
-        )
+        """An event from to_dict() output (or its JSON). Its event_id is recomputed, never trusted."""
+        try:  # a dict lookup rather than Status(...): an Enum call is a Python call per event
+            status, source = _STATUSES[d["status"]], _SOURCES[d["source"]]
+        except (KeyError, TypeError):  # missing, unknown or unhashable: the Enum's own error
+            status, source = Status(d["status"]), Source(d["source"])
+        return cls(d["patient_id"], d["code"], d.get("value"), d.get("unit"), int(d["effective_ms"]),
+                   int(d["issued_ms"]), status, source, d["fact_id"], int(d["version"]), d.get("encounter_id"),
+                   d.get("code_system", LOINC), d.get("value_text"), d.get("provenance") or {})
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(CanonicalEvent))
+_STATUSES = {s.value: s for s in Status}
+_SOURCES = {s.value: s for s in Source}
 
 
 def make_event_id(fact_id: str, version: int) -> str:
@@ -112,4 +116,5 @@ def encode_batch(events: list[CanonicalEvent]) -> bytes:
 
 
 def decode_batch(raw: bytes) -> list[CanonicalEvent]:
-    return [CanonicalEvent.from_dict(d) for d in orjson.loads(raw)]
+    from_dict = CanonicalEvent.from_dict
+    return [from_dict(d) for d in orjson.loads(raw)]

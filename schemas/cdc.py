@@ -59,7 +59,7 @@ from typing import Any
 
 import orjson
 
-from schemas.canonical import CanonicalEvent, Source, Status
+from schemas.canonical import LOINC, CanonicalEvent, Source, Status
 from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONTEXT, CONTEXT_CODES, O2_FLOW,
                           CdcMapping, ContextFact, ContextTable, LongTable, TableMapping, canonical_code,
                           to_canonical_unit)
@@ -124,8 +124,8 @@ def _parse(topic: str, key: bytes | None, value: bytes | None, partition: int, o
     mapping = CDC_TABLES.get(table) if isinstance(table, str) else None
     if mapping is None:
         raise Reject(Reason.UNKNOWN_TABLE, f"no mapping for table {str(table)[:80]!r}")
-    change = _SHAPES[type(mapping)](envelope, source, key_row, _column_schemas(value_schema), mapping,
-                                    topic, partition, offset)
+    change = _SHAPES[type(mapping)](envelope, source, key_row, _column_schemas(value_schema, mapping.table),
+                                    mapping, topic, partition, offset)
     events = change.retract_row() if op == "d" else change.row_events()
     if isinstance(events, Ignored):
         return events
@@ -151,6 +151,7 @@ class _Change:
         self.pk = _text((row or {}).get(mapping.pk_column)) or _text(key_row.get(mapping.pk_column))
         if self.pk is None:
             raise Reject(Reason.INVALID_STRUCTURE, f"no primary key column {mapping.pk_column!r} in row or key")
+        self.fact_prefix = f"cdc:{mapping.table}:{self.pk}:"  # + code: the row's fact ids
         self.provenance = {
             "table": mapping.table, "pk": self.pk, "lsn": self.lsn, "txId": source.get("txId"),
             "source_ts_ms": self.issued_ms, "topic": topic, "partition": partition, "offset": offset,
@@ -219,14 +220,11 @@ class _Change:
     def _event(self, patient: str, encounter: str | None, code: str, value: float | None, text: str | None,
                effective_ms: int, status: Status, *, issued_ms: int | None = None,
                fact_suffix: str = "") -> CanonicalEvent:
-        context = code in CONTEXT_CODES  # who/where facts: no unit, their own code system
-        return CanonicalEvent(
-            patient_id=patient, code=code, value=value, unit=None if context else CODES[code].unit,
-            effective_ms=effective_ms, issued_ms=self.issued_ms if issued_ms is None else issued_ms,
-            status=status, source=Source.CDC, fact_id=f"cdc:{self.mapping.table}:{self.pk}:{code}{fact_suffix}",
-            version=self.lsn, encounter_id=encounter, value_text=text, provenance=self.provenance,
-            **({"code_system": CONTEXT} if context else {}),
-        )
+        unit, code_system = _UNIT_AND_SYSTEM[code]
+        return CanonicalEvent(patient, code, value, unit, effective_ms,
+                              self.issued_ms if issued_ms is None else issued_ms, status, Source.CDC,
+                              self.fact_prefix + code + fact_suffix, self.lsn, encounter, code_system, text,
+                              self.provenance)
 
     def _retraction(self, patient: str, encounter: str | None, code: str, effective_ms: int,
                     **kwargs: Any) -> CanonicalEvent:
@@ -268,22 +266,20 @@ class _WideChange(_Change):
         values = {}
         for column, (code, unit) in self.mapping.columns.items():
             raw = row.get(column)
-            if raw == UNAVAILABLE:
+            if raw is None:
+                values[column] = (code, None, None)
+            elif raw == UNAVAILABLE:
                 continue
-            values[column] = (code, *self._decode_value(code, raw, column, unit))
+            elif code == CONSCIOUSNESS:
+                letter = acvpu_letter(raw, column)
+                values[column] = (code, float(ACVPU_ORDINAL[letter]), letter)
+            else:
+                values[column] = (code, self._number(code, raw, column, unit), None)
         on_air = self.mapping.on_air
         if on_air and on_air[0] in values and values[on_air[0]][1] is None:
             if _decode_bool(row.get(on_air[1]), on_air[1]) is False:
                 values[on_air[0]] = (O2_FLOW, 0.0, None)
         return values
-
-    def _decode_value(self, code: str, raw: Any, column: str, unit: str) -> tuple[float | None, str | None]:
-        if raw is None:
-            return None, None
-        if code == CONSCIOUSNESS:
-            letter = acvpu_letter(raw, column)
-            return float(ACVPU_ORDINAL[letter]), letter
-        return self._number(code, raw, column, unit), None
 
     def retract_row(self) -> list[CanonicalEvent]:
         before, patient = self._deleted_row()
@@ -439,19 +435,23 @@ class _ContextChange(_Change):
 _SHAPES: dict[type, type[_Change]] = {TableMapping: _WideChange, LongTable: _LongChange,
                                       ContextTable: _ContextChange}
 
+# code -> (unit, code system) of its events; who/where (context) facts: no unit, their own code system
+_UNIT_AND_SYSTEM = {**{code: (info.unit, LOINC) for code, info in CODES.items()},
+                    **dict.fromkeys(CONTEXT_CODES, (None, CONTEXT))}
+
 
 # --- envelope helpers ----------------------------------------------------------------------------
 
 
 def _unwrap(doc: Any) -> tuple[Any, dict | None]:
     """(payload, schema) of a schema-wrapped message, or (doc, None) when bare."""
-    if isinstance(doc, dict) and set(doc) == {"schema", "payload"}:
+    if isinstance(doc, dict) and len(doc) == 2 and "schema" in doc and "payload" in doc:
         schema = doc["schema"] if isinstance(doc["schema"], dict) else None
         return doc["payload"], schema
     return doc, None
 
 
-def _column_schemas(value_schema: dict | None) -> dict[str, dict]:
+def _column_schemas(value_schema: dict | None, table: str) -> dict[str, dict]:
     """column -> field schema, from the envelope's `after` (or `before`) struct."""
     if not value_schema:
         return {}
@@ -459,9 +459,23 @@ def _column_schemas(value_schema: dict | None) -> dict[str, dict]:
     for name in ("after", "before"):
         for f in fields if isinstance(fields, list) else []:
             if isinstance(f, dict) and f.get("field") == name and isinstance(f.get("fields"), list):
-                columns = [c for c in f["fields"] if isinstance(c, dict) and isinstance(c.get("field"), str)]
-                return {c["field"]: c for c in columns}
+                return _columns_by_name(table, f["fields"])
     return {}
+
+
+# table -> (the row struct's field list, its columns by name): every message of a table repeats the
+# same struct, and comparing it with the last one is cheaper than indexing it again; a changed struct
+# (a schema change) replaces the entry. Callers only read the dict.
+_LAST_COLUMNS: dict[str, tuple[list, dict[str, dict]]] = {}
+
+
+def _columns_by_name(table: str, fields: list) -> dict[str, dict]:
+    last = _LAST_COLUMNS.get(table)
+    if last is not None and last[0] == fields:
+        return last[1]
+    columns = {c["field"]: c for c in fields if isinstance(c, dict) and isinstance(c.get("field"), str)}
+    _LAST_COLUMNS[table] = (fields, columns)
+    return columns
 
 
 def _text(raw: Any) -> str | None:

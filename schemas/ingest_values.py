@@ -9,7 +9,7 @@ import math
 import re
 from datetime import datetime, timedelta, timezone
 
-from schemas.codes import ACVPU_ORDINAL, CODES
+from schemas.codes import ACVPU_ORDINAL, CODES, CONTEXT
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Reject
 
@@ -80,8 +80,6 @@ MAX_FUTURE_SKEW_MS = 3_600_000
 
 
 def reject_future_measurements(events) -> None:
-    from schemas.codes import CONTEXT
-
     for e in events:
         if e.code_system != CONTEXT and e.effective_ms > e.issued_ms + MAX_FUTURE_SKEW_MS:
             raise Reject(Reason.FUTURE_TIME, f"{e.code}: effective time is "

@@ -558,3 +558,25 @@ def test_a_patient_delete_retracts_sex_and_birth_year():
     doc["op"], doc["before"], doc["after"] = "d", {"patient_id": "MRN-0002"}, None
     facts = context(parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode())))
     assert set(facts) == {codes.SEX, codes.BIRTH_YEAR} and all(e.status.retracts for e in facts.values())
+
+
+# --- column schemas are reused across messages of a table, never across a schema change ---------
+
+
+def with_flow_scale(msg: RawMessage, scale: str) -> RawMessage:
+    """The message with its O2 flow column declared at another Decimal scale (a connector schema change)."""
+    doc = json.loads(msg.value)
+    for struct in doc["schema"]["fields"]:
+        for column in struct.get("fields") or []:
+            if column.get("field") == "oxygen_flow_rate_lpm":
+                column["parameters"]["scale"] = scale
+    return RawMessage(msg.topic, msg.key, json.dumps(doc).encode())
+
+
+def test_a_schema_change_between_messages_of_one_table_decodes_each_by_its_own_schema():
+    original = cdc_message("create_schema_wrapped")  # O2 flow "FA==" is the unscaled integer 20, scale 1
+    rescaled, unscaled = with_flow_scale(original, "2"), with_flow_scale(original, "0")
+    flows = [by_code(parse(m))[codes.O2_FLOW].value for m in (original, rescaled, original, unscaled, unscaled)]
+    assert flows == [2.0, 0.2, 2.0, 20.0, 20.0]
+    assert parse(with_flow_scale(original, "x")).rejection.reason is Reason.BAD_VALUE  # not an integer scale
+    assert by_code(parse(original))[codes.O2_FLOW].value == 2.0
