@@ -309,7 +309,13 @@ class Scorer:
         observed = ~np.isnan(raw)
         imputation = np.array([contract.imputation[name] for name in contract.features], dtype=np.float64)
         x = np.where(observed, raw, imputation)
-        [proba] = model.session.run([contract.output_name], {contract.input_name: x.astype(np.float32)})
+        # one run per row: onnxruntime's kernels differ by batch size (a row alone and the same row in
+        # a batch of 64 can differ in the 7th digit), so a snapshot re-scored after a restart, in
+        # another batch, must take the same path to get the same probability and the same decision.
+        # A run of one row costs ~6 us here, next to ~300 us of features per scoring point.
+        x32 = x.astype(np.float32)
+        proba = np.vstack([model.session.run([contract.output_name], {contract.input_name: x32[i:i + 1]})[0]
+                           for i in range(len(x32))])
         if model.linear is not None:
             weights = model.linear.coef * (x - model.linear.offset) * model.linear.scale
         else:
