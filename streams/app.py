@@ -143,7 +143,8 @@ def next_offset_key(partition: int) -> str:
     return f"{NEXT_OFFSET_PREFIX}{partition}"
 
 
-def sequence_batch(msgs: list[CanonicalMessage], next_offsets: dict[int, int | None]
+def sequence_batch(msgs: list[CanonicalMessage], next_offsets: dict[int, int | None],
+                   awaiting: frozenset[int] | set[int] = frozenset()
                    ) -> tuple[list[CanonicalMessage], dict[int, int], dict[int, int]]:
     """Keep a batch in step with the table, per source partition:
     - a message below the partition's next offset was applied already (a replay after a restart or a
@@ -151,6 +152,9 @@ def sequence_batch(msgs: list[CanonicalMessage], next_offsets: dict[int, int | N
     - a message above it means messages in between were never applied (the committed offset ran
       ahead of the table, or the consumer skipped them): that partition's rest of the batch is
       dropped and the partition is rewound to the next offset;
+    - a partition in `awaiting` was rewound already and its seek has not shown yet: messages above
+      the next offset are the ones fetched before the seek, dropped without another rewind (one
+      seek per gap, not one per batch until the fetch buffer drains);
     - no next offset yet (a partition the table has never seen): anything goes.
     Returns (messages to apply, partition -> new next offset, partition -> offset to rewind to)."""
     expected = dict(next_offsets)
@@ -162,11 +166,37 @@ def sequence_batch(msgs: list[CanonicalMessage], next_offsets: dict[int, int | N
         if p in rewind or (want is not None and m.offset < want):
             continue
         if want is not None and m.offset > want:
-            rewind[p] = want
+            if p not in awaiting:
+                rewind[p] = want
             continue
         keep.append(m)
         expected[p] = advanced[p] = m.offset + 1
     return keep, advanced, rewind
+
+
+class PendingRewinds:
+    """Partitions the worker has rewound (sought back) whose first re-read message has not arrived.
+
+    A rewind is settled when its partition advances (the message at the sought offset was applied).
+    One not settled within `retry_s` is no longer awaited, so the next gap seeks again: a seek can be
+    lost to a rebalance."""
+
+    def __init__(self, retry_s: float = 5.0):
+        self.retry_s = retry_s
+        self._issued: dict[int, float] = {}  # partition -> monotonic time of its seek
+
+    def awaiting(self, now: float) -> set[int]:
+        return {p for p, at in self._issued.items() if now - at < self.retry_s}
+
+    def issued(self, partition: int, now: float) -> None:
+        self._issued[partition] = now
+
+    def settled(self, partitions) -> None:
+        for p in partitions:
+            self._issued.pop(p, None)
+
+    def clear(self) -> None:  # a rebalance: faust seeks every assigned partition itself
+        self._issued.clear()
 
 
 def _exit_unacked(batch: asyncio.Future) -> None:
@@ -237,6 +267,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     # read-through cache: table bytes -> parsed record, for the recently active patients only (parsed
     # records are several times the size of their bytes; the table keeps every patient anyway)
     parsed = RecentCache(settings.worker_parsed_cache_patients)
+    rewinds = PendingRewinds()
 
     def load(patient: str) -> PatientRecord | None:
         raw = table.get(patient)
@@ -267,7 +298,8 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
             # drop messages fetched during a rebalance and not re-read them when nothing is committed)
             for tp, first in (await app.consumer.earliest_offsets(*unseen)).items():
                 next_offsets[tp.partition] = first
-        msgs, advanced, rewind = sequence_batch(msgs, next_offsets)
+        msgs, advanced, rewind = sequence_batch(msgs, next_offsets, rewinds.awaiting(time.monotonic()))
+        rewinds.settled(advanced)
         started = time.perf_counter()
         records, out = processor.process(msgs, load)
         send(topics.late, out.late)
@@ -308,6 +340,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
             log.warning("canonical partition %d: messages from offset %d were not applied; rewinding to it",
                         partition, offset)
             await app.consumer.seek(TP(topics.canonical, partition), offset)
+            rewinds.issued(partition, time.monotonic())
 
     committer = AppliedOffsetCommitter(app, topics.canonical)
 
@@ -341,6 +374,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     @app.on_partitions_revoked.connect
     async def _forget_pending_commits(sender, revoked, **kwargs):  # another worker may commit beyond them now
         committer.forget()
+        rewinds.clear()
 
     return app
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.app import sequence_batch
+from streams.app import PendingRewinds, sequence_batch
 from streams.patient_agent import CanonicalMessage
 
 
@@ -40,6 +40,28 @@ def test_a_partition_without_a_next_offset_takes_what_comes():
     keep, advanced, rewind = sequence_batch([msg(2, 40), msg(2, 41)], {2: None})
     assert offsets(keep) == [(2, 40), (2, 41)]
     assert advanced == {2: 42} and rewind == {}
+
+
+def test_a_partition_already_rewound_drops_the_stale_messages_without_seeking_again():
+    # fetched before the seek took effect: 7 and 8 arrive again after the rewind to 5 was issued
+    keep, advanced, rewind = sequence_batch([msg(0, 7), msg(0, 8)], {0: 5}, awaiting={0})
+    assert keep == [] and rewind == {} and advanced == {}
+    # then the seek shows: 5 arrives and the partition moves on from there, in order
+    keep, advanced, rewind = sequence_batch([msg(0, 9), msg(0, 5), msg(0, 6)], {0: 5}, awaiting={0})
+    assert offsets(keep) == [(0, 5), (0, 6)] and advanced == {0: 7} and rewind == {}
+
+
+def test_a_rewind_is_awaited_until_its_partition_advances_or_for_a_while_only():
+    rewinds = PendingRewinds(retry_s=5.0)
+    rewinds.issued(0, now=100.0)
+    rewinds.issued(1, now=100.0)
+    assert rewinds.awaiting(now=101.0) == {0, 1}
+    rewinds.settled({0: 6})  # partition 0 applied the message it was rewound to
+    assert rewinds.awaiting(now=101.0) == {1}
+    assert rewinds.awaiting(now=105.5) == set()  # a lost seek: the next gap seeks again
+    rewinds.issued(2, now=200.0)
+    rewinds.clear()  # a rebalance re-seeks everything
+    assert rewinds.awaiting(now=200.1) == set()
 
 
 def test_recent_cache_keeps_only_the_most_recently_used_patients():
