@@ -27,6 +27,7 @@ from collections import OrderedDict
 import faust
 from confluent_kafka import Producer
 from faust.tables.manager import TableManager
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.tables.recovery import Recovery
 from faust.types import TP
 
@@ -252,6 +253,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         Table=DurableTable,
         TableManager=ExactEndTableManager,
     )
+    app.transport.Consumer = AppliedOnlyConsumer  # before faust creates its consumer
     canonical = app.topic(topics.canonical, key_type=bytes, value_type=bytes, key_serializer="raw",
                           value_serializer="raw", partitions=topics.partitions)
     table = app.Table("patient_state", default=None, partitions=topics.partitions, use_partitioner=True,
@@ -339,7 +341,10 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         for partition, offset in rewind.items():  # messages were skipped: read them again, in order
             log.warning("canonical partition %d: messages from offset %d were not applied; rewinding to it",
                         partition, offset)
-            await app.consumer.seek(TP(topics.canonical, partition), offset)
+            # seek_wait, not seek: faust's seek calls the aiokafka consumer from this thread while it
+            # runs in its own, and the fetcher then never re-reads the partition (seen in the chaos
+            # soak: one partition stuck at the same offset across five restarts)
+            await app.consumer.seek_wait({TP(topics.canonical, partition): offset})
             rewinds.issued(partition, time.monotonic())
 
     committer = AppliedOffsetCommitter(app, topics.canonical)
@@ -385,9 +390,9 @@ class AppliedOffsetCommitter:
     faust commits only a contiguous run of acked offsets, and stops at the first offset it never saw
     acked: after a restart or a rewind that can be forever (its acked list then also grows without
     bound), so a worker that has applied everything keeps an old committed offset and a restart
-    re-reads hours of input. The table's next-offset markers are the truth; this commits them once
-    their batch is durable, at most one commit in flight, newest offsets winning. faust's own commits
-    still run but never move an offset backwards (it only commits beyond its last commit)."""
+    re-reads hours of input; and it can run ahead of the table (see AppliedOnlyConsumer, which turns
+    faust's own commits off). The table's next-offset markers are the truth; this commits them once
+    their batch is durable, at most one commit in flight, newest offsets winning."""
 
     def __init__(self, app: faust.App, topic: str) -> None:
         self.app, self.topic = app, topic
@@ -416,6 +421,17 @@ class AppliedOffsetCommitter:
                     self._pending.setdefault(p, o)  # unless a newer batch superseded it
                 await asyncio.sleep(COMMIT_RETRY_S)
                 self._wanted.set()
+
+
+class AppliedOnlyConsumer(AIOKafkaConsumer):
+    """faust's consumer without faust's own offset commits: the worker commits only what its table
+    applied (AppliedOffsetCommitter). faust counts as committable every offset it saw a jump over
+    (its "gaps": messages it dropped in a rebalance, or the re-read after a rewind) and the messages
+    a batch dropped as out of step, so its commits ran ahead of the table; each restart then began
+    past unapplied messages and had to rewind (in the chaos soak, for tens of seconds per restart)."""
+
+    def _filter_committable_offsets(self, tps) -> dict:
+        return {}
 
 
 class RecentCache(OrderedDict):
