@@ -39,7 +39,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.baseline import PRODUCED_NS_HEADER, percentile, run_baseline
+from benchmarks.baseline import POLL_S, PRODUCED_NS_HEADER, percentile, run_baseline
 from streams.replay import RawMessage, Replay, build_replay, generate_cohort, load_patient_refs, publish
 from streams.topics import Topics, ensure_topics, topics_for
 from wardwatch.broker import EmbeddedBroker
@@ -186,7 +186,9 @@ class ScoreCollector:
         try:
             consumer.subscribe([self.topic])
             while not self._stop.is_set():
-                batch = consumer.consume(num_messages=500, timeout=0.2)
+                # a short timeout: consume() holds what it has until 500 records or the timeout, and
+                # that wait would count as pipeline latency
+                batch = consumer.consume(num_messages=500, timeout=POLL_S)
                 received_ns = time.time_ns()
                 got = []
                 for msg in batch:
