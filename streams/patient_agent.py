@@ -10,7 +10,7 @@ For each canonical message (all events of one patient, in arrival order):
     most once per scoring_min_interval_s; "correction": a re-score after a correction), features
     as of its T over the facts visible after the run's last event
   if a discharge advanced the context: a discharge step (resolves an open alert episode)
-After the whole batch: one batched scoring call (and one for the shadow model), then per patient in
+After the whole batch: one scoring call (and one for the shadow model), then per patient in
 arrival order: alert corrections (a corrected fact in the open alert's basis), the alert policy, and
 discharges.
 

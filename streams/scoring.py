@@ -1,7 +1,7 @@
 """In-process scoring: feature snapshots -> risk (model path) or NEWS2 (rule path).
 
     scorer = Scorer(settings.model_dir, settings)
-    results = scorer.score([snapshot, ...])      # one batched session.run per call
+    results = scorer.score([snapshot, ...])      # one session.run per snapshot: bit-identical whatever the batch
     scorer.reload_if_changed()                   # cheap: re-reads the registry's `current` pointer
 
 A snapshot is a dict of feature name -> value|None (schemas.features); derived features (NEWS2,
