@@ -166,7 +166,9 @@ def batch_values(encoded_events: list[bytes], max_bytes: int) -> list[bytes]:
 
 
 class IngestWorker:
-    def __init__(self, settings: Settings, topics: Topics, *, poll_timeout_s: float = 0.02):
+    # consume() holds a batch until it is full or this runs out: it is latency on every raw message
+    # (20 ms gave an ingest hop of 36 ms p50 at 1k msg/s, 5 ms gives 18 ms, at the same throughput)
+    def __init__(self, settings: Settings, topics: Topics, *, poll_timeout_s: float = 0.005):
         self.settings = settings
         self.topics = topics
         self.poll_timeout_s = poll_timeout_s
