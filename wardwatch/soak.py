@@ -36,7 +36,8 @@ Afterwards the chaos worker must match the reference worker:
                             passes parity
 
 "Caught up" is read from each worker's table (its next-offset markers, tailed from the changelog),
-not from the group's committed offset, which can lag what the table applied after a restart. A
+the truth the worker commits from once a batch is durable (a commit lost to a rebalance lands only
+with the next batch); the committed offsets are checked against it at the end. A
 kill's recovery time is from the SIGKILL until the restarted worker's table applies new messages (a
 next-offset marker after its recovery barrier): ~15 s here, 6 s of it the dead member's session
 timeout. How far the chaos worker is behind at each kill (and the reference, for comparison) is in
