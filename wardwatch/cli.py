@@ -355,8 +355,9 @@ def bench(
 ) -> None:
     """Measure the pipeline against a plain confluent-kafka loop on the same broker.
 
-    Prints events/s (unpaced, as fast as one producer feeds) next to the baseline, latency
-    percentiles at each offered load, and the worker's memory per 10k patients.
+    Prints events/s (unpaced: a backlog fed as fast as one producer goes) next to the baseline's
+    (a plain relay of the same payloads, pre-filled), latency percentiles at each offered load next
+    to the relay's at the same load, and the worker's memory per 10k patients.
     """
     if batch:
         from benchmarks.batch import run_batch_bench
