@@ -199,11 +199,16 @@ def deteriorate(archive: Path) -> None:
     write(archive, "alerts", "s3", [ALERT | {"alert_id": "al2", "scoring_ms": LOW_BP.effective_ms} | kafka(0, 1)])
 
 
-def test_labels_predict_the_first_onset_and_exclude_the_already_deteriorated(settings):
+def nightly_after_deterioration(settings) -> Path:
+    """The rebuilt file of both stages plus p1's deterioration (a low BP after alert al1)."""
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)
     deteriorate(settings.archive_dir)
-    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    return Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+
+
+def test_labels_predict_the_first_onset_and_exclude_the_already_deteriorated(settings):
+    db = nightly_after_deterioration(settings)
     p1 = frame(db, "SELECT scoring_ms, label, at_risk, onset_ms FROM labels WHERE patient_id = 'p1' "
                    'ORDER BY "partition", "offset"')
     before = [(T0, 1, True, LOW_BP.effective_ms)] + [(B1.effective_ms, 1, True, LOW_BP.effective_ms)] * 3
@@ -216,10 +221,7 @@ def test_labels_predict_the_first_onset_and_exclude_the_already_deteriorated(set
 
 
 def test_alert_outcomes_are_judged_against_the_onset_label(settings):
-    stage1(settings.archive_dir)
-    stage2(settings.archive_dir)
-    deteriorate(settings.archive_dir)
-    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    db = nightly_after_deterioration(settings)
     outcome = frame(db, "SELECT alert_id, at_risk, outcome_followed, outcome_criterion, lead_time_h "
                         "FROM alert_outcomes ORDER BY alert_id")
     assert outcome.rows() == [
@@ -229,10 +231,7 @@ def test_alert_outcomes_are_judged_against_the_onset_label(settings):
 
 
 def test_daily_performance_counts_only_at_risk_points(settings):
-    stage1(settings.archive_dir)
-    stage2(settings.archive_dir)
-    deteriorate(settings.archive_dir)
-    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    db = nightly_after_deterioration(settings)
     day = frame(db, "SELECT scored_points, at_risk_points, positives, alerts_opened FROM model_performance_daily")
     # 7 scored points, the one after the low BP is not at risk; p1's 4 earlier points precede the onset
     assert day.rows() == [(7, 6, 4, 2)]
