@@ -324,7 +324,7 @@ def run_baseline(settings: Settings, n_messages: int, *, payloads: list[bytes] |
     finally:
         stop.set()  # ends the loops at once if the deadline passed
         for t in threads:
-            if t.is_alive() or t.ident is not None:
+            if t.ident is not None:  # started (capacity mode starts them only after the feed)
                 t.join(timeout=max(10.0, settings.session_timeout_s * 2))  # consumer close leaves the group
         _delete_topics(settings, [src, dst])
 

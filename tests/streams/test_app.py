@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from streams.app import PendingRewinds, sequence_batch
+from collections import defaultdict
+from types import SimpleNamespace
+
+from streams.app import AppliedOnlyConsumer, PendingRewinds, sequence_batch
 from streams.patient_agent import CanonicalMessage
 
 
@@ -62,6 +65,16 @@ def test_a_rewind_is_awaited_until_its_partition_advances_or_for_a_while_only():
     rewinds.issued(2, now=200.0)
     rewinds.clear()  # a rebalance re-seeks everything
     assert rewinds.awaiting(now=200.1) == set()
+
+
+def test_faust_never_commits_and_its_ack_records_do_not_pile_up():
+    # faust's ack bookkeeping, as its consumer keeps it: one entry per acked message until its commit
+    consumer = SimpleNamespace(_acked=defaultdict(list, {"tp0": [5, 6, 7], "tp1": [2]}),
+                               _acked_index=defaultdict(set, {"tp0": {5, 6, 7}, "tp1": {2}}),
+                               _gap=defaultdict(list, {"tp0": ["3-4"]}))
+    assert AppliedOnlyConsumer._filter_committable_offsets(consumer, ["tp0"]) == {}  # nothing of faust's
+    assert "tp0" not in consumer._acked and "tp0" not in consumer._acked_index and "tp0" not in consumer._gap
+    assert consumer._acked["tp1"] == [2]  # a partition not asked about is left alone
 
 
 def test_recent_cache_keeps_only_the_most_recently_used_patients():
