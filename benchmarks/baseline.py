@@ -19,12 +19,17 @@ Two modes, both used by `wardwatch bench`:
 - live (a rate): the relay and the sink join their groups first, then the feeder offers that many
   messages/s; the latency is the hop latency of a live feed at that load, next to the pipeline's.
 Whatever the pipeline does on top of this costs the difference.
+
+The relay runs in a process of its own, as the pipeline's ingest and worker do; the feeder and the
+sink share the benchmark's process, as the pipeline's feeder and score collector do. (A relay thread
+next to them shared their GIL: at 1k/s that alone added ~15 ms to its p99.)
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import random
 import threading
 import time
@@ -216,7 +221,7 @@ def _delivery_counter(failures: list[str]):
 
 
 def _relay(settings: Settings, group_id: str, src: str, dst: str, n: int,
-           ready: threading.Event, stop: threading.Event, result: _RelayResult) -> None:
+           ready, stop, result: _RelayResult) -> None:
     from confluent_kafka import Consumer, KafkaException, Producer
 
     consumer = Consumer(_consumer_config(settings, group_id))
@@ -244,6 +249,16 @@ def _relay(settings: Settings, group_id: str, src: str, dst: str, n: int,
         result.error = exc
     finally:
         consumer.close()
+
+
+def _relay_process(settings: Settings, group_id: str, src: str, dst: str, n: int, ready, stop, results) -> None:
+    """The relay's own process: runs _relay and sends its _RelayResult back (errors as text: an
+    exception from librdkafka need not pickle)."""
+    result = _RelayResult()
+    _relay(settings, group_id, src, dst, n, ready, stop, result)
+    if result.error is not None:
+        result.error = RuntimeError(f"baseline relay: {type(result.error).__name__}: {result.error}")
+    results.send(result)
 
 
 def _sink(settings: Settings, group_id: str, topic: str, n: int,
@@ -297,35 +312,41 @@ def run_baseline(settings: Settings, n_messages: int, *, payloads: list[bytes] |
     src, dst = f"{settings.topic_prefix}.bench.{run}.in", f"{settings.topic_prefix}.bench.{run}.out"
     _create_topics(settings, [src, dst], timeout_s=min(30.0, timeout_s))
 
-    stop = threading.Event()
-    relay_ready, sink_ready = threading.Event(), threading.Event()
-    relay_result, sink_result = _RelayResult(), _SinkResult()
+    # spawn, not fork: this process runs librdkafka and console threads that a fork would copy mid-state
+    mp = multiprocessing.get_context("spawn")
+    stop, relay_ready, sink_ready = mp.Event(), mp.Event(), threading.Event()
+    from_relay, to_caller = mp.Pipe(duplex=False)
+    sink_result = _SinkResult()
     group = f"{settings.group_prefix}.bench.{run}"
-    threads = [
-        threading.Thread(target=_relay, name="baseline-relay", daemon=True,
-                         args=(settings, f"{group}.relay", src, dst, n_messages, relay_ready, stop, relay_result)),
-        threading.Thread(target=_sink, name="baseline-sink", daemon=True,
-                         args=(settings, f"{group}.sink", dst, n_messages, sink_ready, stop, sink_result)),
-    ]
+    relay = mp.Process(target=_relay_process, name="baseline-relay", daemon=True,
+                       args=(settings, f"{group}.relay", src, dst, n_messages, relay_ready, stop, to_caller))
+    sink = threading.Thread(target=_sink, name="baseline-sink", daemon=True,
+                            args=(settings, f"{group}.sink", dst, n_messages, sink_ready, stop, sink_result))
+    relay_result = _RelayResult(error=TimeoutError("the baseline relay did not finish before the deadline"))
     try:
         if rate is None:
             feed_s = _feed(settings, src, payloads, n_messages, None, deadline)
-            for t in threads:
-                t.start()
+            relay.start()
+            sink.start()
         else:
-            for t in threads:
-                t.start()
+            relay.start()
+            sink.start()
             # feed only once both consumers own their partitions, so no join time lands in a latency
             if not (relay_ready.wait(_remaining(deadline)) and sink_ready.wait(_remaining(deadline))):
                 raise TimeoutError("baseline consumers did not get their partitions in time")
             feed_s = _feed(settings, src, payloads, n_messages, rate, deadline)
-        for t in threads:
-            t.join(_remaining(deadline))
+        if from_relay.poll(_remaining(deadline)):
+            relay_result = from_relay.recv()
+        sink.join(_remaining(deadline))
     finally:
         stop.set()  # ends the loops at once if the deadline passed
-        for t in threads:
-            if t.ident is not None:  # started (capacity mode starts them only after the feed)
-                t.join(timeout=max(10.0, settings.session_timeout_s * 2))  # consumer close leaves the group
+        grace_s = max(10.0, settings.session_timeout_s * 2)  # consumer close leaves the group
+        if sink.ident is not None:  # started (capacity mode starts it only after the feed)
+            sink.join(timeout=grace_s)
+        if relay.pid is not None:
+            relay.join(timeout=grace_s)
+            if relay.exitcode is None:
+                relay.kill()
         _delete_topics(settings, [src, dst])
 
     for err in (relay_result.error, sink_result.error):
@@ -333,7 +354,7 @@ def run_baseline(settings: Settings, n_messages: int, *, payloads: list[bytes] |
             raise err
     if len(sink_result.seen) < n_messages:
         log.warning("baseline timed out: %d of %d messages reached the output", len(sink_result.seen), n_messages)
-    relay_s = (relay_result.finished or time.perf_counter()) - (relay_result.started or time.perf_counter())
+    relay_s = (relay_result.finished or 0.0) - (relay_result.started or 0.0)
     figures = summarize(relay_result.relayed, relay_s, [] if rate is None else sink_result.latencies_ns)
     figures["n"] = len(sink_result.seen)
     figures["feed_per_s"] = n_messages / feed_s if feed_s > 0 else float("nan")

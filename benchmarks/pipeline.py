@@ -11,6 +11,10 @@
     latency           = score record received - its `ww.produced_ns` header (the raw message's
                         produce time, carried by ingest onto the canonical message, then by the worker)
 
+Max sustained rate: after the unpaced run, paced phases at 90% of its events/s, then 80% of the
+previous try, until one keeps up without its latency growing over the phase (`sustained`), at most
+SEARCH_TRIES times; the relay is then measured at that rate too.
+
 The pipeline is warmed up first (the replay's first messages, renamed `-warmup` and excluded from the
 figures) so the children's startup and group joins are not measured; the measured feed then goes as
 fast as one producer can.
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 
 WARMUP_SUFFIX = "-warmup"
 WARMUP_MESSAGES = 20  # a few keyed messages are enough for one score record
+GROWTH_SLACK_MS = 20.0  # latency jitter at a steady load, not a queue (backlog_grew)
+SEARCH_TRIES = 4
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -111,6 +117,31 @@ def pipeline_figures(n_events: int, first_produced_ns: int, fed_ns: int, arrival
         "scoring_paths": dict(Counter(a.path or "unknown" for a in arrivals)),
         "pipeline_span_s": span_s,
     }
+
+
+def backlog_grew(arrivals: list[ScoreArrival]) -> bool:
+    """True when a phase's latency grew over it, i.e. a queue built up: the median latency of the
+    last quarter of its messages (by produce time) is over twice the first quarter's plus slack.
+    Too few stamped scores to tell count as grown."""
+    stamped = sorted((a for a in arrivals if a.produced_ns is not None), key=lambda a: a.produced_ns)
+    if len(stamped) < 8:
+        return True
+    quarter = len(stamped) // 4
+    first = percentile([(a.received_ns - a.produced_ns) / 1e6 for a in stamped[:quarter]], 50)
+    last = percentile([(a.received_ns - a.produced_ns) / 1e6 for a in stamped[-quarter:]], 50)
+    return last > 2 * first + GROWTH_SLACK_MS
+
+
+def search_rates(capacity_per_s: float, tries: int = 4) -> list[int]:
+    """Offered loads to try, highest first: 90% of the unpaced capacity, then 80% of each previous
+    one, rounded down to 100 msg/s (never below 100)."""
+    rates, rate = [], 0.9 * capacity_per_s
+    for _ in range(tries):
+        rounded = max(100, int(rate // 100) * 100)
+        if rounded not in rates:
+            rates.append(rounded)
+        rate *= 0.8
+    return rates
 
 
 def machine_facts() -> dict:
@@ -219,18 +250,19 @@ def _is_measured(a: ScoreArrival) -> bool:
     return not a.patient_id.endswith(WARMUP_SUFFIX)
 
 
-def _phase_suffix(rate: int, copy: int) -> str:
-    return f"-p{rate}c{copy}"
+def _phase_suffix(tag: str, rate: int, copy: int) -> str:
+    return f"-{tag}{rate}c{copy}"
 
 
-def paced_messages(messages: list[RawMessage], pattern: re.Pattern[bytes], rate: int, seconds: float
-                   ) -> list[RawMessage]:
-    """About `rate * seconds` raw messages: copies of the replay with fresh patient ids per copy."""
+def paced_messages(messages: list[RawMessage], pattern: re.Pattern[bytes], rate: int, seconds: float,
+                   tag: str = "p") -> list[RawMessage]:
+    """About `rate * seconds` raw messages: copies of the replay with fresh patient ids per copy
+    (`-<tag><rate>c<copy>`: a phase's tag and rate make its patients its own)."""
     want = max(1, int(rate * seconds))
     out: list[RawMessage] = []
     copy = 0
     while len(out) < want:
-        out.extend(with_suffix(messages, pattern, _phase_suffix(rate, copy)))
+        out.extend(with_suffix(messages, pattern, _phase_suffix(tag, rate, copy)))
         copy += 1
     return out[:want]
 
@@ -292,9 +324,10 @@ def _bench_settings(bootstrap: str, data_dir: Path) -> Settings:
 
 
 def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, messages: list[RawMessage],
-               rate: int, *, quiet_s: float, deadline: float, procs: dict, logs: Path) -> dict:
-    """Offer `messages` at `rate` msg/s and report the latency of their scores."""
-    tag = f"-p{rate}c"
+               rate: int, *, quiet_s: float, deadline: float, procs: dict, logs: Path, tag: str = "p") -> dict:
+    """Offer `messages` (made by paced_messages with this tag and rate) at `rate` msg/s and report the
+    latency of their scores."""
+    tag = f"-{tag}{rate}c"
     before = len(collector.snapshot())
     started_ns = time.time_ns()
     sent = publish(Replay(messages, {}), settings, topics, rate=rate)
@@ -307,12 +340,14 @@ def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, me
             "latency_ms_p50": figures["latency_ms_p50"], "latency_ms_p99": figures["latency_ms_p99"],
             "latency_ms_max": figures["latency_ms_max"], "n_events": len(messages), "n_scores": len(arrivals),
             # the pipeline kept up when its output rate matched the offer over the phase
-            "kept_up": figures["pipeline_events_per_s"] >= 0.9 * min(rate, achieved)}
+            "kept_up": figures["pipeline_events_per_s"] >= 0.9 * min(rate, achieved),
+            "latency_grew": backlog_grew(arrivals)}
 
 
 def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], measured: list[RawMessage],
                   *, quiet_s: float, deadline: float, console: Console,
-                  paced: list[tuple[int, list[RawMessage]]] = ()) -> dict:
+                  paced: list[tuple[int, list[RawMessage]]] = (), search=None) -> dict:
+    """search: None, or rate -> messages for a max-sustained-rate phase at that rate."""
     logs = settings.data_dir / "logs"
     with ExitStack() as stack:
         collector = ScoreCollector(settings, topics.scores)
@@ -344,6 +379,18 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
                                          deadline=deadline, procs=procs, logs=logs))
             console.log(f"paced {rate:,}/s: p50 {phases[-1]['latency_ms_p50']:.1f} ms, "
                         f"p99 {phases[-1]['latency_ms_p99']:.1f} ms")
+        result["sustained"], result["sustained_tried_per_s"] = None, []
+        for rate in search_rates(result["pipeline_events_per_s"], SEARCH_TRIES) if search else ():
+            result["sustained_tried_per_s"].append(rate)
+            with console.status(f"max sustained rate: trying {rate:,} raw messages/s"):
+                phase = _run_paced(settings, topics, collector, search(rate), rate, quiet_s=quiet_s,
+                                   deadline=deadline, procs=procs, logs=logs, tag="s")
+            ok = phase["kept_up"] and not phase["latency_grew"]
+            console.log(f"{rate:,}/s: p50 {phase['latency_ms_p50']:.1f} ms, p99 {phase['latency_ms_p99']:.1f} ms, "
+                        f"{'sustained' if ok else 'not sustained'}")
+            if ok:
+                result["sustained"] = phase
+                break
         patients = len({a.patient_id for a in collector.snapshot()})
         result["paced"] = phases
         result.update(memory_figures(rss_warm, rss_bytes(procs["worker"].pid), patients))
@@ -353,7 +400,7 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
 def run_bench(*, patients: int = 8, repeat: int = 60, console: Console | None = None, seed: int = 7,
               data_dir: Path = Path("data/bench"), cache_dir: Path = Path("data/cache"),
               quiet_s: float = 5.0, timeout_s: float = 900.0, rates: tuple[int, ...] = (1000, 10000),
-              paced_s: float = 10.0, state_patients: int = 1000) -> dict:
+              paced_s: float = 10.0, state_patients: int = 1000, find_sustained: bool = True) -> dict:
     """Measure the baseline and the pipeline on one embedded broker; print and return the figures.
 
     data_dir is wiped first and holds the broker and service logs and the scoring model.
@@ -394,10 +441,19 @@ def run_bench(*, patients: int = 8, repeat: int = 60, console: Console | None = 
         topics = topics_for(settings)
         ensure_topics(settings, topics)
         paced = [(rate, paced_messages(replay.messages, pattern, rate, paced_s)) for rate in rates]
-        pipeline = _run_pipeline(settings, topics, warmup, measured, quiet_s=quiet_s, deadline=deadline,
-                                 console=console, paced=paced)
+        def search(rate: int) -> list[RawMessage]:
+            return paced_messages(replay.messages, pattern, rate, paced_s, tag="s")
 
-    for phase in pipeline["paced"]:
+        pipeline = _run_pipeline(settings, topics, warmup, measured, quiet_s=quiet_s, deadline=deadline,
+                                 console=console, paced=paced,
+                                 search=search if find_sustained else None)
+        if pipeline["sustained"] is not None:
+            rate = pipeline["sustained"]["offered_per_s"]
+            with console.status(f"baseline latency: {rate:,} messages/s for {paced_s:.0f} s"):
+                baseline_paced[rate] = run_baseline(settings, int(rate * paced_s), payloads=payloads, rate=rate,
+                                                    timeout_s=max(30.0, min(300.0, deadline - time.monotonic())))
+
+    for phase in [*pipeline["paced"], *filter(None, [pipeline["sustained"]])]:
         base = baseline_paced[phase["offered_per_s"]]
         phase.update({f"baseline_{k}": base[f"baseline_{k}"]
                       for k in ("latency_ms_p50", "latency_ms_p99", "latency_ms_max")})
@@ -424,17 +480,23 @@ def print_table(console: Console, r: dict) -> None:
     t.add_row("raw messages in", f"{r['n_events']:,}", f"{r['baseline_n']:,}")
     t.add_row("score records out", f"{r['n_scores']:,}", "")
     console.print(t)
-    if r.get("paced"):
-        pt = Table(title="latency at an offered load (raw produce -> score record)")
-        for col in ("offered/s", "achieved offer/s", "p50 ms", "p99 ms", "max ms", "kept up",
+    if r.get("paced") or r.get("sustained"):
+        pt = Table(title="latency at an offered load (raw produce -> score record; "max": the highest load tried that was sustained)")
+        for col in ("offered/s", "achieved offer/s", "p50 ms", "p99 ms", "max ms", "sustained",
                     "baseline p50 ms", "baseline p99 ms"):
             pt.add_column(col, justify="right")
-        for ph in r["paced"]:
-            pt.add_row(f"{ph['offered_per_s']:,}", f"{ph['achieved_offer_per_s']:,.0f}", f"{ph['latency_ms_p50']:,.1f}",
-                       f"{ph['latency_ms_p99']:,.1f}", f"{ph['latency_ms_max']:,.1f}", "yes" if ph["kept_up"] else "no",
+        sustained = [{**r["sustained"], "label": f"{r['sustained']['offered_per_s']:,} max"}
+                     ] if r.get("sustained") else []
+        for ph in [*r["paced"], *sustained]:
+            pt.add_row(ph.get("label", f"{ph['offered_per_s']:,}"), f"{ph['achieved_offer_per_s']:,.0f}",
+                       f"{ph['latency_ms_p50']:,.1f}", f"{ph['latency_ms_p99']:,.1f}", f"{ph['latency_ms_max']:,.1f}",
+                       "yes" if ph["kept_up"] and not ph["latency_grew"] else "no",
                        f"{ph.get('baseline_latency_ms_p50', float('nan')):,.1f}",
                        f"{ph.get('baseline_latency_ms_p99', float('nan')):,.1f}")
         console.print(pt)
+    if r.get("sustained_tried_per_s") and r.get("sustained") is None:
+        tried = ", ".join(f"{rate:,}" for rate in r["sustained_tried_per_s"])
+        console.print(f"[yellow]none of the offered loads tried was sustained ({tried} msg/s)[/]")
     if r.get("worker_rss_mb") is not None:
         console.print(f"worker RSS at the end: {r['worker_rss_mb']} MB with {r['patients_in_state']:,} patients "
                       f"(includes the fetch buffers of any backlog)")

@@ -352,12 +352,16 @@ def bench(
                                                       "archive, next to a plain DuckDB scan of the same Parquet"),
     events: int = typer.Option(5_000_000, help="With --batch: canonical events in the archive"),
     state_patients: int = typer.Option(1000, help="Patients for the live-state memory measurement (0: skip)"),
+    sustained: bool = typer.Option(True, "--sustained/--no-sustained",
+                                   help="Search the max sustained rate: paced phases from 90% of the unpaced "
+                                        "events/s down, until one keeps up with a steady latency"),
 ) -> None:
     """Measure the pipeline against a plain confluent-kafka loop on the same broker.
 
     Prints events/s (unpaced: a backlog fed as fast as one producer goes) next to the baseline's
     (a plain relay of the same payloads, pre-filled), latency percentiles at each offered load next
-    to the relay's at the same load, and the worker's memory per 10k patients.
+    to the relay's at the same load, the max sustained rate with its latency, and the worker's memory
+    per 10k patients. The relay runs in a process of its own, as ingest and worker do.
     """
     if batch:
         from benchmarks.batch import run_batch_bench
@@ -372,7 +376,7 @@ def bench(
     except ValueError:
         raise typer.BadParameter("--rates takes integers separated by commas, e.g. 1000,10000")
     result = run_bench(patients=patients, repeat=repeat, console=console, rates=offered, paced_s=paced_seconds,
-                       state_patients=state_patients)
+                       state_patients=state_patients, find_sustained=sustained)
     _write_json(result, json_path)
 
 

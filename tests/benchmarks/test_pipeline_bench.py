@@ -6,8 +6,9 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, combine, id_pattern,
-                                 memory_figures, paced_messages, pipeline_figures, repeated, run_bench, with_suffix)
+from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, backlog_grew, combine,
+                                 id_pattern, memory_figures, paced_messages, pipeline_figures, repeated, run_bench,
+                                 search_rates, with_suffix)
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
@@ -100,6 +101,42 @@ def test_paced_load_is_fresh_patients_of_the_requested_size():
     assert len(messages) == 5
     keys = [orjson.loads(m.key)["payload"]["patient_id"] if m.kind == "cdc" else m.key.decode() for m in messages]
     assert keys == ["C0-0001-p5c0", "C0-0001-p5c0", "C0-0001-p5c1", "C0-0001-p5c1", "C0-0001-p5c2"]
+
+
+def test_a_search_phase_has_patients_of_its_own_even_at_a_fixed_phase_rate():
+    pattern = id_pattern([MRN, PATIENT_RESOURCE])
+    fixed = paced_messages([cdc_insert(1, MRN)], pattern, rate=2, seconds=1.0)
+    search = paced_messages([cdc_insert(1, MRN)], pattern, rate=2, seconds=1.0, tag="s")
+    patients = [{orjson.loads(m.key)["payload"]["patient_id"] for m in msgs} for msgs in (fixed, search)]
+    assert patients == [{"C0-0001-p2c0", "C0-0001-p2c1"}, {"C0-0001-s2c0", "C0-0001-s2c1"}]
+
+
+def _arrivals(latencies_ms: list[float]) -> list[ScoreArrival]:
+    """One score per 10 ms of produce time, with these latencies."""
+    ms = 1_000_000
+    return [ScoreArrival(i * 10 * ms + int(lat * ms), i * 10 * ms, f"p{i}", "rule") for i, lat in enumerate(latencies_ms)]
+
+
+def test_a_steady_latency_is_no_backlog_even_with_jitter():
+    assert not backlog_grew(_arrivals([30, 45, 28, 60, 33, 31, 40, 29, 35, 70, 32, 30]))
+
+
+def test_a_latency_that_climbs_over_the_phase_is_a_backlog():
+    assert backlog_grew(_arrivals([30 + 40 * i for i in range(12)]))  # 30 ms -> 470 ms: a queue building
+
+
+def test_arrival_order_does_not_matter_only_produce_time():
+    climbing = _arrivals([30 + 40 * i for i in range(12)])
+    assert backlog_grew(list(reversed(climbing)))
+
+
+def test_too_few_scores_to_tell_count_as_not_sustained():
+    assert backlog_grew(_arrivals([30, 30, 30]))
+
+
+def test_search_starts_below_the_capacity_and_steps_down():
+    assert search_rates(6612.0) == [5900, 4700, 3800, 3000]  # 90% of 6,612, then x0.8 each, in 100s
+    assert search_rates(150.0) == [100]  # never below 100/s, never the same rate twice
 
 
 def test_memory_per_10k_patients_is_the_growth_over_the_warm_worker():
@@ -214,6 +251,12 @@ def test_a_small_run_measures_both_sides(tmp_path):
     assert math.isfinite(phase["latency_ms_p99"]) and phase["latency_ms_p99"] >= phase["latency_ms_p50"]
     # next to the baseline's hop latency at the same offered load
     assert math.isfinite(phase["baseline_latency_ms_p99"]) and phase["baseline_latency_ms_p99"] > 0
+    # the max sustained rate was searched below the unpaced capacity; a sustained phase has the
+    # relay's latency at the same rate next to it
+    assert result["sustained_tried_per_s"] and result["sustained_tried_per_s"][0] <= result["pipeline_events_per_s"]
+    if result["sustained"] is not None:
+        assert result["sustained"]["kept_up"] and not result["sustained"]["latency_grew"]
+        assert math.isfinite(result["sustained"]["baseline_latency_ms_p99"])
     assert result["patients_in_state"] > result["n_patients"]  # warm-up + measured + paced patients
     # live state measured in a clean process: 16 patients with full windows take some memory
     assert result["state_patients"] == 16 and result["state_table_mb_per_10k_patients"] > 0
