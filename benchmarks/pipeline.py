@@ -481,7 +481,8 @@ def print_table(console: Console, r: dict) -> None:
     t.add_row("score records out", f"{r['n_scores']:,}", "")
     console.print(t)
     if r.get("paced") or r.get("sustained"):
-        pt = Table(title="latency at an offered load (raw produce -> score record; "max": the highest load tried that was sustained)")
+        pt = Table(title="latency at an offered load (raw produce -> score record; max: the highest load tried "
+                         "that was sustained)")
         for col in ("offered/s", "achieved offer/s", "p50 ms", "p99 ms", "max ms", "sustained",
                     "baseline p50 ms", "baseline p99 ms"):
             pt.add_column(col, justify="right")
