@@ -241,6 +241,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         topic_allow_declare=True,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
+        consumer_group_instance_id=settings.group_instance_id(),
         web_enabled=settings.worker_web_port is not None,
         web_port=settings.worker_web_port or 6066,
         web_bind="127.0.0.1",

@@ -303,8 +303,10 @@ def group_id(settings: Settings) -> str:
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
+    static = {"group.instance.id": settings.group_instance_id()} if settings.static_membership else {}
     return {
         **settings.kafka_client_config(),
+        **static,
         "group.id": group_id(settings),
         "session.timeout.ms": int(settings.session_timeout_s * 1000),
         "heartbeat.interval.ms": int(settings.heartbeat_interval_s * 1000),

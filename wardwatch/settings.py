@@ -5,6 +5,7 @@ Pass it down; never call os.getenv deep in modules.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -28,6 +29,10 @@ class Settings(BaseSettings):
     # consumer-group timing; Tansu holds JoinGroup ~half the session timeout, so keep it short
     session_timeout_s: float = Field(6.0, description="Consumer group session timeout (seconds)")
     heartbeat_interval_s: float = Field(2.0, description="Consumer group heartbeat interval (seconds)")
+    # static group membership (KIP-345) for the ingest and the worker: a restarted process with the same
+    # id takes its partitions back at once instead of waiting out its dead predecessor's session
+    static_membership: bool = Field(False, description="Join the ingest and worker groups as a static member (group.instance.id); needs an id unique per process within each group")
+    instance_id: str | None = Field(None, description="The static member id (default: the host name, which a compose replica keeps across container restarts)")
 
     # ingest
     ingest_batch_size: int = Field(5000, ge=1, description="Max raw messages the ingest worker reads per poll")
@@ -108,6 +113,12 @@ class Settings(BaseSettings):
     @property
     def duckdb_path(self) -> Path:
         return self.data_dir / "wardwatch.duckdb"
+
+    def group_instance_id(self) -> str | None:
+        """The group.instance.id of this process's ingest or worker consumer (None: dynamic membership)."""
+        if not self.static_membership:
+            return None
+        return self.instance_id or socket.gethostname()
 
     def kafka_client_config(self) -> dict[str, str]:
         """librdkafka settings shared by every confluent-kafka client (security included)."""

@@ -400,9 +400,11 @@ def _step(progress: Progress, description: str):
 
 def _settings(bootstrap: str, data_dir: Path, run: str, suffix: str, model_dir: Path) -> Settings:
     prefix = f"soak{run}{suffix}"
+    # static members, as compose deploys them: a restarted worker or ingest takes its partitions back
+    # without waiting out its killed predecessor's session (each group has one member per run)
     return Settings(bootstrap_servers=bootstrap, data_dir=data_dir / suffix, model_dir=model_dir,
                     topic_prefix=prefix, cdc_topic_prefix=f"{prefix}.ehr.public", group_prefix=prefix,
-                    stats_interval_s=1.0)
+                    stats_interval_s=1.0, static_membership=True, instance_id=f"soak-{suffix}")
 
 
 def _replay(opts: SoakOptions, settings: Settings) -> tuple[list[RawMessage], int]:

@@ -85,3 +85,18 @@ def test_recent_cache_keeps_only_the_most_recently_used_patients():
     assert cache.get("a") == 1  # a is now the most recent
     cache["c"] = 3
     assert list(cache) == ["a", "c"] and cache.get("b") is None
+
+
+def test_the_worker_joins_as_a_static_member_only_when_settings_say_so(settings, tmp_path):
+    import faust
+
+    from streams.app import create_app
+    from streams.topics import topics_for
+    from wardwatch.demo import seed_models
+
+    seed_models(tmp_path / "models")
+    for static, expected in ((False, None), (True, "worker-7")):
+        s = settings.model_copy(update={"data_dir": tmp_path, "model_dir": tmp_path / "models",
+                                        "static_membership": static, "instance_id": "worker-7"})
+        app = create_app(s, topics_for(s))  # builds the faust app; its consumer joins only when it starts
+        assert isinstance(app, faust.App) and app.conf.consumer_group_instance_id == expected

@@ -390,3 +390,9 @@ def test_a_backlog_of_one_patient_beyond_the_message_limit_is_split_not_fatal(se
     assert snap["cdc"]["messages_in"] == len(backlog) and not snap["cdc"]["dead_lettered"]
     assert events == snap["cdc"]["events_out"] > 3000
     assert max(sizes) <= 64 * 1024 and len(sizes) == snap["canonical_messages"]
+
+
+def test_a_static_ingest_joins_with_its_instance_id_and_a_dynamic_one_without(settings):
+    static = settings.model_copy(update={"static_membership": True, "instance_id": "ingest-1"})
+    assert ingest.consumer_config(static)["group.instance.id"] == "ingest-1"
+    assert "group.instance.id" not in ingest.consumer_config(settings)

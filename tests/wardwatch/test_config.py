@@ -1,3 +1,5 @@
+import socket
+
 import orjson
 from typer.testing import CliRunner
 
@@ -20,3 +22,10 @@ def test_config_show_masks_secrets_and_says_where_each_value_came_from(monkeypat
     rows = {r["name"]: r for r in describe_settings(Settings())}
     assert rows["partitions"]["source"] == "environment" and rows["partitions"]["variable"] == "WARDWATCH_PARTITIONS"
     assert rows["allowed_lateness_s"]["source"] == "default" and rows["allowed_lateness_s"]["description"]
+
+
+def test_static_membership_is_off_by_default_and_takes_the_host_name_unless_given_an_id():
+    assert Settings().group_instance_id() is None  # dynamic: several workers on one host never collide
+    assert Settings(static_membership=True).group_instance_id() == socket.gethostname()  # a compose replica's own
+    assert Settings(static_membership=True, instance_id="worker-2").group_instance_id() == "worker-2"
+    assert Settings(instance_id="worker-2").group_instance_id() is None  # an id alone does not turn it on
