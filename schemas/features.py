@@ -39,10 +39,11 @@ Semantics of one feature at a scoring point (patient p, scoring time T in ms):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Literal
 
 from schemas import codes
-from schemas.scores import news2, news2_subscores, qsofa
+from schemas.scores import news2_subscores, qsofa
 
 Aggregation = Literal["last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope"]
 AGGREGATIONS: tuple[str, ...] = ("last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope")
@@ -131,13 +132,20 @@ _NEWS2_INPUTS = (
 )
 
 
+@lru_cache(maxsize=1, typed=True)
+def _news2_parts(rr, spo2, o2_flow, sbp, hr, acvpu, temp) -> dict[str, int]:
+    """The sub-scores of one set of inputs. news2 and its seven sub-scores are derived one after the
+    other from the same inputs: they share one evaluation (a pure function; the result is only read)."""
+    return news2_subscores(rr, spo2, o2_flow > 0, sbp, hr, codes.ACVPU[int(acvpu)], temp)
+
+
 def _news2(rr, spo2, o2_flow, sbp, hr, acvpu, temp) -> int:
-    return news2(rr, spo2, o2_flow > 0, sbp, hr, codes.ACVPU[int(acvpu)], temp)
+    return sum(_news2_parts(rr, spo2, o2_flow, sbp, hr, acvpu, temp).values())  # schemas.scores.news2
 
 
 def _news2_sub(part: str):
     def fn(rr, spo2, o2_flow, sbp, hr, acvpu, temp) -> int:
-        return news2_subscores(rr, spo2, o2_flow > 0, sbp, hr, codes.ACVPU[int(acvpu)], temp)[part]
+        return _news2_parts(rr, spo2, o2_flow, sbp, hr, acvpu, temp)[part]
 
     return fn
 
@@ -160,7 +168,15 @@ FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES) + tuple(d.name 
 def derive(base: dict[str, float | int | None]) -> dict[str, float | int | None]:
     """Add the derived features to a dict of base features (shared by both planes: pure scoring rules)."""
     out = dict(base)
-    for d in DERIVED:
-        args = [out.get(n) for n in d.inputs]
-        out[d.name] = None if any(a is None for a in args) else d.fn(*args)
+    add_derived(out)
     return out
+
+
+def add_derived(features: dict[str, float | int | None]) -> None:
+    """derive() in place, in DERIVED order (a derived feature may read an earlier one)."""
+    inputs: tuple[str, ...] = ()
+    args: list = []
+    for d in DERIVED:
+        if d.inputs is not inputs:  # NEWS2 and its sub-scores share one inputs tuple: look it up once
+            inputs, args = d.inputs, list(map(features.get, d.inputs))
+        features[d.name] = None if None in args else d.fn(*args)

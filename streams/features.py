@@ -1,15 +1,16 @@
 """Features of one patient at scoring time T, computed from the live facts of its PatientState.
 
-Iterates over schemas.features.FEATURES (never a hard-coded code or window); the semantics are
-documented there. Facts per code are sorted by (effective_ms, fact_id), so each window is two
+Iterates over schemas.features.FEATURES (never a hard-coded code or window), grouped once at import
+by code and window with each aggregation a direct function (_PLAN); the semantics are documented
+there. Facts per code are sorted by (effective_ms, fact_id), so each window is two
 bisects, `last` is the window's final element and `first` (for delta) its first one. Only codes
 some spec reads are looked at: anything else in the state (e.g. a context fact) is never touched.
 
 Floats follow the spec's arithmetic to the letter (sums as left folds in window order, slope times
 in hours from the window's first fact), because the batch reproduces them to the last bit.
 
-Cost per scoring point (not per event: a patient is scored once per micro-batch): two bisects and
-one pass over the window per distinct (code, window), plus a pass for mean, min, max and slope.
+Cost per scoring point: per code with facts a bisect for T, then per window (widest first, until
+one is empty) a bisect and one pass over it, plus a pass for mean, min, max and slope.
 State is pruned at MAX_WINDOW_S (streams/state.py), so a window holds at most a day of one code's
 facts.
 """
@@ -17,64 +18,88 @@ facts.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 
-from schemas.features import FEATURES, derive
+from schemas.features import FEATURES, add_derived
 from streams.state import EFFECTIVE_MS, VALUE, LiveFact, PatientState
 
 MS_PER_HOUR = 3_600_000
 
+# an aggregation over a non-empty window: (facts, their values, T) -> feature value
+Aggregate = Callable[[Sequence[LiveFact], list[float], int], float | int | None]
+
 
 def compute_features(state: PatientState, T: int) -> dict[str, float | int | None]:
     """Every base feature (in FEATURES order), then the derived ones (schemas.features.derive)."""
-    windows: dict[tuple[str, int], _Window] = {}  # specs often share (code, window): slice once
-    base: dict[str, float | int | None] = {}
-    for spec in FEATURES:
-        key = (spec.code, spec.window_s)
-        window = windows.get(key)
-        if window is None:
-            window = windows[key] = _window(state.live(spec.code), T, spec.window_s * 1000)
-        base[spec.name] = _aggregate(spec.agg, window, T)
-    return derive(base)
+    values = list(_EMPTY_WINDOW)  # what an empty window gives: missing, or 0 for a count
+    for code, windows in _PLAN:
+        facts = state.facts.get(code)
+        if not facts:
+            continue
+        hi = bisect_left(facts, (T + 1,))  # every window of a code ends at T
+        for width_ms, aggregations in windows:  # widest first
+            lo = bisect_left(facts, (T - width_ms + 1,), 0, hi)
+            if lo == hi:
+                break  # the narrower windows are empty too
+            window, window_values = _with_values(facts[lo:hi])
+            if window:
+                for i, aggregate in aggregations:
+                    values[i] = aggregate(window, window_values, T)
+    features = dict(zip(_BASE_NAMES, values))
+    add_derived(features)
+    return features
 
 
-# a window's facts and their values, index for index
-_Window = tuple[Sequence[LiveFact], list[float]]
+_value = itemgetter(VALUE)
 
 
-def _window(facts: list[LiveFact], T: int, width_ms: int) -> _Window:
-    """Facts with T - width < effective_ms <= T (times are integer ms) that carry a value."""
-    lo = bisect_left(facts, (T - width_ms + 1,))
-    hi = bisect_left(facts, (T + 1,))
-    window = facts[lo:hi]
-    values = [f[VALUE] for f in window]
+def _with_values(window: list[LiveFact]) -> tuple[list[LiveFact], list[float]]:
+    """The window's facts that carry a value, and their values, index for index."""
+    values = list(map(_value, window))
     if None in values:  # not a measurement (the batch drops these too); never expected, so check cheaply
         window = [f for f in window if f[VALUE] is not None]
-        values = [f[VALUE] for f in window]
+        values = list(map(_value, window))
     return window, values
 
 
-def _aggregate(agg: str, window: _Window, T: int) -> float | int | None:
-    facts, values = window
-    if agg == "count":
-        return len(facts)
-    if not facts:
-        return None  # missing is explicit, never zero
-    if agg == "last":
-        return values[-1]
-    if agg == "time_since_last_s":
-        return (T - facts[-1][EFFECTIVE_MS]) / 1000
-    if agg == "delta":
-        return values[-1] - values[0] if len(values) >= 2 else None
-    if agg == "slope":
-        return _slope_per_hour(facts, values)
-    if agg == "mean":
-        return _left_sum(values) / len(values)
-    if agg == "min":
-        return min(values)
-    if agg == "max":
-        return max(values)
-    raise ValueError(f"unknown aggregation {agg!r}")
+# --- the aggregations, over a window that is not empty (schemas/features.py has their semantics) ----
+
+
+def _last(facts: Sequence[LiveFact], values: list[float], T: int) -> float:
+    return values[-1]
+
+
+def _mean(facts: Sequence[LiveFact], values: list[float], T: int) -> float:
+    return _left_sum(values) / len(values)
+
+
+def _min(facts: Sequence[LiveFact], values: list[float], T: int) -> float:
+    return min(values)
+
+
+def _max(facts: Sequence[LiveFact], values: list[float], T: int) -> float:
+    return max(values)
+
+
+def _count(facts: Sequence[LiveFact], values: list[float], T: int) -> int:
+    return len(facts)
+
+
+def _time_since_last_s(facts: Sequence[LiveFact], values: list[float], T: int) -> float:
+    return (T - facts[-1][EFFECTIVE_MS]) / 1000
+
+
+def _delta(facts: Sequence[LiveFact], values: list[float], T: int) -> float | None:
+    return values[-1] - values[0] if len(values) >= 2 else None
+
+
+def _slope(facts: Sequence[LiveFact], values: list[float], T: int) -> float | None:
+    return _slope_per_hour(facts, values)
+
+
+AGGREGATES: dict[str, Aggregate] = {"last": _last, "mean": _mean, "min": _min, "max": _max, "count": _count,
+                                    "time_since_last_s": _time_since_last_s, "delta": _delta, "slope": _slope}
 
 
 def _left_sum(xs: list[float]) -> float:
@@ -102,3 +127,27 @@ def _slope_per_hour(facts: Sequence[LiveFact], values: list[float]) -> float | N
         sxy += dt * (v - mean_v)
         sxx += dt * dt
     return sxy / sxx
+
+
+# --- the specs as a plan, made once at import ----------------------------------------------------
+
+
+# code -> its windows, widest first: (width_ms, ((position of the spec in FEATURES, its aggregation), ...))
+_CodePlan = tuple[str, tuple[tuple[int, tuple[tuple[int, Aggregate], ...]], ...]]
+
+
+def _plan() -> tuple[_CodePlan, ...]:
+    """FEATURES grouped by code, then by window (widest first), so each window is sliced once per
+    scoring point. A window holds the facts with T - width < effective_ms <= T (integer ms)."""
+    grouped: dict[str, dict[int, list[tuple[int, Aggregate]]]] = {}
+    for i, spec in enumerate(FEATURES):
+        if spec.agg not in AGGREGATES:
+            raise ValueError(f"feature {spec.name!r}: no stream implementation of aggregation {spec.agg!r}")
+        grouped.setdefault(spec.code, {}).setdefault(spec.window_s * 1000, []).append((i, AGGREGATES[spec.agg]))
+    return tuple((code, tuple((width_ms, tuple(aggs)) for width_ms, aggs in sorted(windows.items(), reverse=True)))
+                 for code, windows in grouped.items())
+
+
+_PLAN = _plan()
+_BASE_NAMES = tuple(spec.name for spec in FEATURES)
+_EMPTY_WINDOW = tuple(0 if spec.agg == "count" else None for spec in FEATURES)

@@ -48,11 +48,14 @@ from schemas.codes import ADMISSION, CODES, DISCHARGE, LOCATION, is_context
 from schemas.deadletter import Reason, Rejection
 from streams import alerting
 from streams.features import compute_features
-from streams.state import EFFECTIVE_MS, FACT_ID, VERSION, Kind, PatientState, apply_batch
+from streams.state import EFFECTIVE_MS, FACT_ID, VERSION, DuplicateKind, Kind, PatientState, apply_batch
 from wardwatch.settings import Settings
 
 # the codes whose latest facts are the basis of an alert
 _BASIS_CODES = tuple(CODES)
+# counter name of each outcome: its kind, or duplicate_<kind of duplicate>
+_OUTCOME_COUNTER = {(kind, None): kind.value for kind in Kind} | {
+    (Kind.DUPLICATE, duplicate): f"duplicate_{duplicate.value}" for duplicate in DuplicateKind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +204,15 @@ class _Point(NamedTuple):
     state: PatientState  # as of the point
     corrected: dict  # fact_id -> version of the corrections the point's run applied
     context: PatientContext  # as of this message (ward and encounter of its alerts)
+    snapshot_id: str  # schemas.cadence.snapshot_id of the point
+    features_hash: str  # features_hash(features), in its score and shadow records
 
-    @property
-    def snapshot_id(self) -> str:
-        return snapshot_id(self.patient, self.trigger, self.T, self.trigger_event_id)
+
+def _point(patient: str, T: int, msg: CanonicalMessage, idx: int, trigger: Trigger, trigger_event_id: str,
+           features: dict, state: PatientState, corrected: dict, context: PatientContext) -> _Point:
+    """A point with its two hashes, computed once (the features, score and shadow records share them)."""
+    return _Point(patient, T, msg, idx, trigger, trigger_event_id, features, state, corrected, context,
+                  snapshot_id(patient, trigger, T, trigger_event_id), features_hash(features))
 
 
 class _Discharge(NamedTuple):
@@ -267,15 +275,14 @@ class PatientProcessor:
                              rec.encounter_id)
             records[patient] = PatientRecord(state, rec.alert, encounter, context, scored)
             for idx, o in outcomes:
-                self.counters[o.kind.value if o.duplicate_kind is None
-                              else f"duplicate_{o.duplicate_kind.value}"] += 1
+                self.counters[_OUTCOME_COUNTER[o.kind, o.duplicate_kind]] += 1
                 if o.kind is Kind.LATE:
                     out.late.append((patient.encode(), orjson.dumps(
                         {"event": o.event.to_dict(), "late_by_ms": o.late_by_ms,
                          "partition": msg.partition, "offset": msg.offset, "idx": idx}), []))
             view = context_view(context)
             view = view._replace(encounter_id=view.encounter_id or encounter)
-            steps += (_Point(patient, T, msg, idx, trigger, trigger_event, features, at, corrected, view)
+            steps += (_point(patient, T, msg, idx, trigger, trigger_event, features, at, corrected, view)
                       for T, idx, trigger, trigger_event, features, at, corrected in points)
             if DISCHARGE in context_changed and view.discharged_ms is not None:
                 steps.append(_Discharge(patient, view.discharged_ms, msg, view))
@@ -307,7 +314,7 @@ class PatientProcessor:
         return {"snapshot_id": p.snapshot_id, "patient_id": p.patient,
                 "scoring_ms": p.T, "partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
                 "trigger": p.trigger.value, "trigger_event_id": p.trigger_event_id,
-                "features_hash": features_hash(p.features),
+                "features_hash": p.features_hash,
                 "input_watermark": {"partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
                                     "event_ms": p.state.clock},
                 "model_version": score.model_version, "path": score.path, "probability": score.probability,
@@ -325,9 +332,14 @@ class PatientProcessor:
         point = dict(scoring_ms=T, tier=score.tier, probability=score.probability, news2=score.news2,
                      path=score.path, model_version=score.model_version, rationale=score.rationale,
                      basis=lambda: _basis(p.state, T))
-        alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, **point)
+        alert_state, decisions = rec.alert, []
+        if p.corrected:  # (without corrections, correct() changes nothing: step() fills in the same defaults)
+            alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, **point)
         alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy, **point)
-        records[patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context, rec.vitals_scored_ms)
+        # step() returns a new dict: the record owns it
+        records[patient] = PatientRecord(rec.state, alert_state, rec.encounter_id, rec.context, rec.vitals_scored_ms)
+        if not decisions and not raised:
+            return  # most points: nothing to publish
         before = {a["alert_id"]: a for a in rec.alert.get("alerts", [])}
         after = {a["alert_id"]: a for a in alert_state["alerts"]}
         for d in decisions + raised:

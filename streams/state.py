@@ -226,9 +226,12 @@ class _Draft:
         floor = self.clock - lateness_ms - MAX_WINDOW_MS
         facts: dict[str, list[LiveFact]] = {}
         for code, rows in self.facts.items():
+            if rows and rows[0][EFFECTIVE_MS] > floor:
+                facts[code] = rows  # nothing to drop: most codes on most batches
+                continue
             i = bisect_left(rows, (floor + 1,))
             if i < len(rows):
-                facts[code] = rows[i:] if i else rows
+                facts[code] = rows[i:]
         known = self.known
         if self._crossed_gc_period(horizon_ms):
             cutoff = self.clock - horizon_ms

@@ -1,7 +1,10 @@
+import random
+
+import orjson
 import pytest
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from schemas.alert import build_alert
+from schemas.alert import build_alert, fhir_datetime, iso_utc
 from streams.alerting import AlertDecision
 
 T = 1_704_096_000_000  # 2024-01-01T08:00:00Z
@@ -120,3 +123,38 @@ def test_no_names_or_other_identifiers_beyond_the_ids():
 
     assert not {"name", "display"} & {k for k in keys(resource["subject"])}
     assert not {"name", "birthDate", "identifier", "contained"} & set(keys(resource))
+
+
+# --- the resource is published exactly as the FHIR model serialises it ----------------------------
+
+
+def fhir_dump(resource: dict) -> bytes:
+    """What publishing the model's own serialisation would write (what build_alert did before it built
+    the serialised form directly)."""
+    return orjson.dumps(RiskAssessment.model_validate(resource).model_dump(mode="json", exclude_none=True))
+
+
+@pytest.mark.parametrize("status, original", [("final", None), ("amended", "orig-1"), ("entered-in-error", "orig-1")])
+@pytest.mark.parametrize("path, probability", [("model", 0.0), ("model", 0.8123), ("model", 0.123456789),
+                                               ("model", 1.0), ("model", 1 / 3), ("rule", None)])
+@pytest.mark.parametrize("encounter_id, basis, rationale, news2", [
+    ("enc-9", ["a1b2", "c3d4"], RATIONALE, 6), (None, [], [], None), ("", ["e5"], [], 0), ("e", [], RATIONALE, None)])
+@pytest.mark.parametrize("scoring_ms", [T, T + 1, T + 10, T + 250, T + 999, 1_718_417_760_123])
+def test_the_resource_is_byte_for_byte_the_fhir_models_own_serialisation(status, original, path, probability,
+                                                                          encounter_id, basis, rationale, news2,
+                                                                          scoring_ms):
+    d = AlertDecision(alert_id="3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b", kind="correction" if original else "open",
+                      tier="high", episode=1, scoring_ms=scoring_ms, status=status, original_alert_id=original)
+    resource = build_alert(d, patient_id="p-17", encounter_id=encounter_id, probability=probability, news2=news2,
+                           model_version="v2", path=path, rationale=rationale, basis_event_ids=basis)["resource"]
+    assert orjson.dumps(resource) == fhir_dump(resource)
+
+
+def test_fhir_datetime_is_how_the_model_writes_an_iso_utc_time():
+    rng = random.Random(5)
+    times = [0, 1, T, T + 1, T + 999] + [rng.randrange(946_684_800_000, 4_102_444_800_000) for _ in range(2000)]
+    for ms in times:  # 2000-01-01 .. 2100-01-01, any millisecond
+        dumped = RiskAssessment.model_validate({"resourceType": "RiskAssessment", "status": "final",
+                                                "subject": {"reference": "Patient/p"},
+                                                "occurrenceDateTime": iso_utc(ms)}).model_dump(mode="json")
+        assert fhir_datetime(ms) == dumped["occurrenceDateTime"], ms
