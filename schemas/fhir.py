@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import orjson
@@ -342,16 +342,91 @@ def _resource_model(resource_type: str, fhir_version: str):
 
 
 def validate_resource(resource: dict, fhir_version: str) -> None:
-    """Structural FHIR validation (fhir.resources); the one place to swap for a faster check.
-    Only called for the mapped types (Observation, Encounter, Patient)."""
+    """Structural FHIR validation (fhir.resources). Only called for the mapped types (Observation,
+    Encounter, Patient).
+
+    fhir.resources checks each element of a resource on its own, except for the choice ([x]) elements
+    and required primitives, which it checks together. So the other elements can be checked apart
+    from the rest: those that repeat across messages (a lab's code, a patient's subject) are checked
+    once per distinct value (_element_is_valid, cached) and the rest of the resource without them
+    (a required one replaced by a valid stand-in), for about half the cost. Anything that fails there
+    is validated whole again, so a rejection and its detail are exactly fhir.resources' own
+    (tests/schemas/test_ingest_golden.py)."""
     kind = resource["resourceType"]
+    model = _resource_model(kind, fhir_version)
+    apart = [name for name in _validated_apart(kind, fhir_version) if name in resource]
+    if apart and _parts_are_valid(model, resource, apart, fhir_version):
+        return
     try:
-        _resource_model(kind, fhir_version).model_validate(resource)
+        model.model_validate(resource)
     except ValueError as exc:  # pydantic ValidationError; its message would echo patient values
         errors = exc.errors(include_input=False) if hasattr(exc, "errors") else []
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in errors[:5])
         raise Reject(Reason.INVALID_RESOURCE, f"invalid {fhir_version} {kind}: {where}",
                      type(exc).__name__) from exc
+
+
+# Elements whose values recur across messages (the same patient, encounter, lab test, performer):
+# validated once per distinct value. Elements fhir.resources checks together with others are left
+# out by _validated_apart, whatever this lists.
+REPEATING_ELEMENTS = {
+    "Observation": ("code", "subject", "encounter", "category", "performer", "referenceRange", "interpretation",
+                    "method"),
+    "Encounter": ("subject", "type", "serviceProvider"),
+}
+# the smallest valid resource of each type, to validate one element in; its elements stand in for
+# required ones in the rest
+_MINIMAL = {
+    ("Observation", R4B): {"resourceType": "Observation", "status": "final", "code": {"text": "-"}},
+    ("Observation", R5): {"resourceType": "Observation", "status": "final", "code": {"text": "-"}},
+    ("Encounter", R4B): {"resourceType": "Encounter", "status": "planned", "class": {"code": "IMP"}},
+    ("Encounter", R5): {"resourceType": "Encounter", "status": "planned"},
+}
+
+
+@cache
+def _validated_apart(kind: str, fhir_version: str) -> tuple[str, ...]:
+    """REPEATING_ELEMENTS of `kind` that fhir.resources validates on their own: neither a choice ([x])
+    element nor a required primitive (those are checked across elements)."""
+    if (kind, fhir_version) not in _MINIMAL:
+        return ()
+    model = _resource_model(kind, fhir_version)
+    blank = model.model_construct()
+    checked_together = {name for names in blank.get_one_of_many_fields().values() for name in names}
+    checked_together |= {name for pair in blank.get_required_fields() for name in pair if name}
+    stand_ins = _MINIMAL[kind, fhir_version]
+    separable = {
+        name for name, f in model.model_fields.items()
+        if name not in checked_together
+        and f.alias in (None, name)  # not aliased: its Python name (`class_fhir`) would be a second key for it
+        and (not f.is_required() or name in stand_ins)  # a required one stays present in the rest, as its stand-in
+    }
+    return tuple(name for name in REPEATING_ELEMENTS.get(kind, ()) if name in separable)
+
+
+def _parts_are_valid(model, resource: dict, apart: list[str], fhir_version: str) -> bool:
+    """Whether fhir.resources accepts the resource, checked as its `apart` elements and the rest."""
+    kind = resource["resourceType"]
+    try:
+        if not all(_element_is_valid(kind, fhir_version, name, orjson.dumps(resource[name])) for name in apart):
+            return False
+        stand_ins = _MINIMAL[kind, fhir_version]
+        rest = {k: v for k, v in resource.items() if k not in apart}
+        rest.update((name, stand_ins[name]) for name in apart if name in stand_ins)  # required: still present
+        model.model_validate(rest)
+    except Exception:  # invalid, or not even encodable (an integer beyond 64 bits): the whole resource decides
+        return False
+    return True
+
+
+@lru_cache(maxsize=16_384)  # bounded: values are per patient / encounter; a few MB at most
+def _element_is_valid(kind: str, fhir_version: str, name: str, value_json: bytes) -> bool:
+    try:
+        _resource_model(kind, fhir_version).model_validate({**_MINIMAL[kind, fhir_version],
+                                                            name: orjson.loads(value_json)})
+    except Exception:  # not only ValidationError: whatever it is, validating the whole resource decides
+        return False
+    return True
 
 
 validate_observation = validate_resource  # the name earlier callers use
