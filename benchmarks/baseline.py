@@ -251,6 +251,17 @@ def _relay(settings: Settings, group_id: str, src: str, dst: str, n: int,
         consumer.close()
 
 
+def _await_relay(relay, results, deadline: float) -> _RelayResult:
+    """The relay process's result, or one carrying why there is none (it died, or the deadline came)."""
+    while not results.poll(min(0.2, _remaining(deadline))):
+        if not relay.is_alive() and not results.poll():
+            return _RelayResult(error=RuntimeError(f"the baseline relay process exited with code {relay.exitcode} "
+                                                   "before relaying everything"))
+        if _remaining(deadline) <= 0:
+            return _RelayResult(error=TimeoutError("the baseline relay did not finish before the deadline"))
+    return results.recv()
+
+
 def _relay_process(settings: Settings, group_id: str, src: str, dst: str, n: int, ready, stop, results) -> None:
     """The relay's own process: runs _relay and sends its _RelayResult back (errors as text: an
     exception from librdkafka need not pickle)."""
@@ -322,7 +333,7 @@ def run_baseline(settings: Settings, n_messages: int, *, payloads: list[bytes] |
                        args=(settings, f"{group}.relay", src, dst, n_messages, relay_ready, stop, to_caller))
     sink = threading.Thread(target=_sink, name="baseline-sink", daemon=True,
                             args=(settings, f"{group}.sink", dst, n_messages, sink_ready, stop, sink_result))
-    relay_result = _RelayResult(error=TimeoutError("the baseline relay did not finish before the deadline"))
+    relay_result = _RelayResult(error=RuntimeError("the baseline relay did not start"))
     try:
         if rate is None:
             feed_s = _feed(settings, src, payloads, n_messages, None, deadline)
@@ -335,8 +346,7 @@ def run_baseline(settings: Settings, n_messages: int, *, payloads: list[bytes] |
             if not (relay_ready.wait(_remaining(deadline)) and sink_ready.wait(_remaining(deadline))):
                 raise TimeoutError("baseline consumers did not get their partitions in time")
             feed_s = _feed(settings, src, payloads, n_messages, rate, deadline)
-        if from_relay.poll(_remaining(deadline)):
-            relay_result = from_relay.recv()
+        relay_result = _await_relay(relay, from_relay, deadline)
         sink.join(_remaining(deadline))
     finally:
         stop.set()  # ends the loops at once if the deadline passed
