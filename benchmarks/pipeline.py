@@ -83,8 +83,17 @@ def with_suffix(messages: list[RawMessage], pattern: re.Pattern[bytes], suffix: 
 
 
 def repeated(messages: list[RawMessage], pattern: re.Pattern[bytes], repeat: int) -> list[RawMessage]:
-    """`repeat` back-to-back copies of the replay, copy r with patient ids suffixed `-r<r>`."""
-    return [m for r in range(repeat) for m in with_suffix(messages, pattern, f"-r{r}")]
+    """`repeat` copies of the replay, copy r with patient ids suffixed `-r<r>`, interleaved."""
+    return interleaved([with_suffix(messages, pattern, f"-r{r}") for r in range(repeat)])
+
+
+def interleaved(copies: list[list[RawMessage]]) -> list[RawMessage]:
+    """Copies of one replay (each in event-time order, all with the same times) merged message by
+    message: one ward of concurrent patients in event-time order. Back to back, each copy would replay
+    days of its patients' history within a few hundred messages, and the ordinary skew between the
+    raw topics in one ingest poll would be days of event time: most events late, and cheap (measured:
+    75% of a backlog's events late, against none interleaved)."""
+    return [m for step in zip(*copies, strict=True) for m in step]
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,12 +268,8 @@ def paced_messages(messages: list[RawMessage], pattern: re.Pattern[bytes], rate:
     """About `rate * seconds` raw messages: copies of the replay with fresh patient ids per copy
     (`-<tag><rate>c<copy>`: a phase's tag and rate make its patients its own)."""
     want = max(1, int(rate * seconds))
-    out: list[RawMessage] = []
-    copy = 0
-    while len(out) < want:
-        out.extend(with_suffix(messages, pattern, _phase_suffix(tag, rate, copy)))
-        copy += 1
-    return out[:want]
+    copies = -(-want // len(messages))  # enough copies, interleaved: every copy is cut at the same time
+    return interleaved([with_suffix(messages, pattern, _phase_suffix(tag, rate, c)) for c in range(copies)])[:want]
 
 
 def rss_bytes(pid: int) -> int | None:

@@ -90,9 +90,18 @@ def test_each_repetition_has_its_own_patients():
     assert len(out) == 9
     keys = [m.key for m in out]
     assert len(set(keys)) == 9
-    assert [m.kind for m in out] == [m.kind for m in messages] * 3
     assert {orjson.loads(m.key)["payload"]["patient_id"] for m in out if m.kind == "cdc"} == {
         f"{p}-r{r}" for p in (MRN, "C1-0001") for r in range(3)}
+
+
+def test_copies_are_interleaved_in_event_time_order_like_concurrent_patients():
+    messages = [cdc_insert(1, MRN), lab_notification(MRN), cdc_insert(2, "C1-0001")]
+    out = repeated(messages, id_pattern([MRN, "C1-0001", PATIENT_RESOURCE]), 3)
+
+    # the replay's first message of every copy, then its second of every copy, ...: never one copy's
+    # whole history before the next copy starts
+    assert [m.kind for m in out] == ["cdc"] * 3 + ["fhir"] * 3 + ["cdc"] * 3
+    assert [m.key for m in out[:3]] == [with_suffix(messages[:1], id_pattern([MRN]), f"-r{r}")[0].key for r in range(3)]
 
 
 def test_paced_load_is_fresh_patients_of_the_requested_size():
@@ -100,7 +109,7 @@ def test_paced_load_is_fresh_patients_of_the_requested_size():
     messages = paced_messages([cdc_insert(1, MRN), lab_notification(MRN)], pattern, rate=5, seconds=1.0)
     assert len(messages) == 5
     keys = [orjson.loads(m.key)["payload"]["patient_id"] if m.kind == "cdc" else m.key.decode() for m in messages]
-    assert keys == ["C0-0001-p5c0", "C0-0001-p5c0", "C0-0001-p5c1", "C0-0001-p5c1", "C0-0001-p5c2"]
+    assert keys == ["C0-0001-p5c0", "C0-0001-p5c1", "C0-0001-p5c2", "C0-0001-p5c0", "C0-0001-p5c1"]
 
 
 def test_a_search_phase_has_patients_of_its_own_even_at_a_fixed_phase_rate():
