@@ -417,17 +417,9 @@ def _replay(opts: SoakOptions, settings: Settings) -> tuple[list[RawMessage], in
     pattern = id_pattern([*mrns, *(refs[m].removeprefix("Patient/") for m in mrns if m in refs)])
     per_copy = events_in(replay.messages, topics_for(settings), settings)
     copies = max(1, -(-opts.events // per_copy))  # ceiling
-    return interleaved(repeated(replay.messages, pattern, copies), copies), copies
-
-
-def interleaved(messages: list[RawMessage], copies: int) -> list[RawMessage]:
-    """Back-to-back copies merged round-robin, each copy's own order kept: every patient's stay then
-    spans the whole feed instead of a few seconds of it, so every kill lands in the middle of every
-    patient's stay (back to back, 13 days of a copy pass in ~2 s)."""
-    size = len(messages) // copies
-    parts = [messages[i * size:(i + 1) * size] for i in range(copies)]
-    out = [m for group in zip(*parts) for m in group]
-    return out + messages[copies * size:]  # nothing is left over when the copies are equal
+    # interleaved copies (benchmarks.pipeline.repeated): every patient's stay spans the whole feed
+    # instead of a few seconds of it, so every kill lands in the middle of every patient's stay
+    return repeated(replay.messages, pattern, copies), copies
 
 
 def run_soak(opts: SoakOptions, console: Console | None = None) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 
 from streams.app import NEXT_OFFSET_PREFIX
-from wardwatch.soak import (canonical_accounting, compare, interleaved, is_recovery_barrier, kill_moments,
+from wardwatch.soak import (canonical_accounting, compare, is_recovery_barrier, kill_moments,
                             mirror_accounting, next_offset_marker, raw_accounting)
 from wardwatch.worker_results import Results
 
@@ -121,8 +121,3 @@ def test_kill_moments_fall_one_per_slice_before_the_tail_and_follow_the_seed():
     assert [int(m * 6) for m in moments] == [0, 1, 2, 3, 4]  # slice k of 6; the 6th is the tail
     assert moments == kill_moments(5, seed=7) != kill_moments(5, seed=8)
 
-
-def test_interleaving_keeps_each_copys_order():
-    copies = [[("a", i) for i in range(3)], [("b", i) for i in range(3)]]
-    merged = interleaved(copies[0] + copies[1], 2)
-    assert merged == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
