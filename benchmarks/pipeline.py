@@ -11,9 +11,9 @@
     latency           = score record received - its `ww.produced_ns` header (the raw message's
                         produce time, carried by ingest onto the canonical message, then by the worker)
 
-Max sustained rate: after the unpaced run, paced phases at 90% of its events/s, then 80% of the
-previous try, until one keeps up without its latency growing over the phase (`sustained`), at most
-SEARCH_TRIES times; the relay is then measured at that rate too.
+Max sustained rate: after the unpaced run, paced phases from 20% of its events/s up by 25% a step,
+until one is not sustained (it fell behind, its latency grew, or it routed events late: `sustained`);
+the highest sustained one is reported, and the relay is then measured at that rate too.
 
 The pipeline is warmed up first (the replay's first messages, renamed `-warmup` and excluded from the
 figures) so the children's startup and group joins are not measured; the measured feed then goes as
@@ -58,7 +58,7 @@ WARMUP_MESSAGES = 20  # a few keyed messages are enough for one score record
 WARMUP_RATE = 100  # raw messages/s
 GROWTH_SLACK_MS = 20.0  # latency jitter at a steady load, not a queue (backlog_grew)
 MAX_LATE_SHARE = 0.01  # of a phase's events, for the phase to count as sustained
-SEARCH_TRIES = 8  # 90% of capacity down to ~19% of it
+SEARCH_TRIES = 8  # 20% of capacity up to 90% of it takes 7
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -149,15 +149,16 @@ def backlog_grew(arrivals: list[ScoreArrival]) -> bool:
     return last > 2 * first + GROWTH_SLACK_MS
 
 
-def search_rates(capacity_per_s: float, tries: int = 4) -> list[int]:
-    """Offered loads to try, highest first: 90% of the unpaced capacity, then 80% of each previous
-    one, rounded down to 100 msg/s (never below 100)."""
-    rates, rate = [], 0.9 * capacity_per_s
-    for _ in range(tries):
+def search_rates(capacity_per_s: float, tries: int = SEARCH_TRIES) -> list[int]:
+    """Offered loads to try, lowest first: 20% of the unpaced capacity, then 25% more each time, up to
+    90% of it, rounded down to 100 msg/s (never below 100). Lowest first, because a phase the
+    pipeline could not sustain leaves work behind that the next phase would be measured on."""
+    rates, rate = [], 0.2 * capacity_per_s
+    while len(rates) < tries and rate <= 0.9 * capacity_per_s:
         rounded = max(100, int(rate // 100) * 100)
         if rounded not in rates:
             rates.append(rounded)
-        rate *= 0.8
+        rate *= 1.25
     return rates
 
 
@@ -427,9 +428,9 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
             ok = sustained(phase)
             console.log(f"{rate:,}/s: p50 {phase['latency_ms_p50']:.1f} ms, p99 {phase['latency_ms_p99']:.1f} ms, "
                         f"{'sustained' if ok else 'not sustained'}")
-            if ok:
-                result["sustained"] = phase
+            if not ok:
                 break
+            result["sustained"] = phase
         patients = len({a.patient_id for a in collector.snapshot()})
         result["paced"] = phases
         result.update(memory_figures(rss_warm, rss_bytes(procs["worker"].pid), patients))
