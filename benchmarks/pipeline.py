@@ -341,6 +341,22 @@ def worker_outcomes(settings: Settings, topics: Topics) -> dict:
             "late_share": late_share(counters)}
 
 
+def _wait_until_drained(settings: Settings, topics: Topics, *, deadline: float, procs: dict, logs: Path) -> dict:
+    """The worker's outcome counts once they stop moving. Scores go quiet before the work does: late
+    events are applied without a score, and the next phase must not be measured on this one's tail.
+    The counters are published every stats interval, so they are polled at that pace."""
+    last = worker_outcomes(settings, topics)
+    while time.monotonic() < deadline:
+        time.sleep(settings.stats_interval_s + 1.0)
+        check_alive(procs, logs)
+        now = worker_outcomes(settings, topics)
+        if now == last:
+            return now
+        last = now
+    log.warning("pipeline benchmark hit its deadline before the worker's counters settled")
+    return last
+
+
 def _bench_settings(bootstrap: str, data_dir: Path) -> Settings:
     run = uuid.uuid4().hex[:8]  # fresh topics and groups: nothing from an earlier run is re-read
     return Settings(bootstrap_servers=bootstrap, data_dir=data_dir, model_dir=data_dir / "models",
@@ -359,7 +375,7 @@ def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, me
     sent = publish(Replay(messages, {}), settings, topics, rate=rate)
     fed_ns = time.time_ns()
     _wait_until_quiet(collector, quiet_s=quiet_s, deadline=deadline, procs=procs, logs=logs)
-    outcomes = worker_outcomes(settings, topics)
+    outcomes = _wait_until_drained(settings, topics, deadline=deadline, procs=procs, logs=logs)
     phase_late = late_share({"accepted": outcomes["worker_accepted"] - outcomes_before["worker_accepted"],
                              "late": outcomes["worker_late"] - outcomes_before["worker_late"]})
     arrivals = [a for a in collector.snapshot()[before:] if tag in a.patient_id]
@@ -410,8 +426,9 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
             rss_warm = rss_bytes(procs["worker"].pid)
             arrivals, went_quiet = _wait_until_quiet(collector, quiet_s=quiet_s, deadline=deadline, procs=procs,
                                                      logs=logs)
+            outcomes = _wait_until_drained(settings, topics, deadline=deadline, procs=procs, logs=logs)
         result = {**pipeline_figures(len(measured), first_produced_ns, fed_ns, arrivals), "went_quiet": went_quiet,
-                  **worker_outcomes(settings, topics)}
+                  **outcomes}
         phases = []
         for rate, messages in paced:
             with console.status(f"paced load: {len(messages):,} raw messages at {rate:,}/s"):
