@@ -414,7 +414,7 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
         with console.status("warming up: waiting for ingest and worker to score a warm-up patient"):
             started = time.monotonic()
             # paced: all at once, its days of history could reach the worker out of step across the raw
-            # topics, every vitals row late and nothing scored (seen once in CI)
+            # topics, and a vitals row that arrives late is not scored
             publish(Replay(warmup, {}), settings, topics, rate=WARMUP_RATE)
             _wait_for_warmup(collector, deadline=deadline, procs=procs, logs=logs)
         console.log(f"pipeline warm ({time.monotonic() - started:.1f} s to the first score)")
