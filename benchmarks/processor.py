@@ -33,12 +33,12 @@ import tempfile
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
+from benchmarks.codec import best_seconds
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed, Rejected
@@ -116,15 +116,6 @@ def baseline_pass(messages: list[CanonicalMessage]) -> None:
         orjson.loads(m.value)
 
 
-def best_cpu_seconds(run: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.process_time()
-        run()
-        best = min(best, time.process_time() - started)
-    return best
-
-
 def measure(settings: Settings, messages: list[CanonicalMessage], *, batch_messages: int,
             repeat: int) -> dict[str, float]:
     scorer = Scorer(settings.model_dir, settings)
@@ -132,8 +123,8 @@ def measure(settings: Settings, messages: list[CanonicalMessage], *, batch_messa
     result = processor_pass(settings, scorer, batches)  # also warms up onnxruntime and the imports
     events = sum(len(orjson.loads(m.value)) for m in messages)
     points = len(result.outputs.scores)
-    worker_s = best_cpu_seconds(lambda: processor_pass(settings, scorer, batches), repeat)
-    baseline_s = best_cpu_seconds(lambda: baseline_pass(messages), repeat)
+    worker_s = best_seconds(lambda: processor_pass(settings, scorer, batches), repeat, time.process_time)
+    baseline_s = best_seconds(lambda: baseline_pass(messages), repeat, time.process_time)
     return {
         "messages": len(messages), "batches": len(batches), "events": events, "points": points,
         "patients": len(result.records), "alerts": len(result.outputs.alerts), "late": len(result.outputs.late),
