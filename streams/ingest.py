@@ -303,7 +303,8 @@ def group_id(settings: Settings) -> str:
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
-    static = {"group.instance.id": settings.group_instance_id()} if settings.static_membership else {}
+    instance_id = settings.group_instance_id()  # None: dynamic membership
+    static = {"group.instance.id": instance_id} if instance_id else {}
     return {
         **settings.kafka_client_config(),
         **static,
