@@ -25,14 +25,16 @@ import time
 from collections import OrderedDict
 
 import faust
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from faust.tables.manager import TableManager
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.tables.recovery import Recovery
+from faust.serializers import codecs
 from faust.types import TP
 
 from schemas.deadletter import Stage, deadletter_headers
 from streams.alerting import AlertPolicy
+from streams.commits import AckedProducer
 from streams.patient_agent import CanonicalMessage, PatientProcessor, PatientRecord
 from streams.scoring import Scorer
 from streams.faust_tuning import broker_credentials, set_fetch_max_wait_ms
@@ -66,43 +68,53 @@ COMMIT_RETRY_S = 1.0
 
 
 class DurableTable(faust.Table):
-    """A faust Table whose changelog writes can be awaited.
+    """A faust Table whose changelog is written by a confluent-kafka producer, and confirmed.
 
-    faust commits source offsets after `producer.flush()`, but its buffer flush can return while
-    changelog records are still queued (it gives up after 0.1 s without progress, and a record being
-    handed to aiokafka is not counted). The agent awaits `confirm_changelog()` before a batch is acked,
-    so a committed source offset always has its table writes durable in the changelog."""
+    faust's own changelog writes go through aiokafka, in Python: batch building, CRCs and request
+    encoding cost the worker about a tenth of its CPU at full load (py-spy), and its buffer flush
+    can return while records are still queued. The worker writes the changelog itself instead
+    (`put`, into librdkafka, whose work runs off the GIL) and calls `confirm_changelog()` before a
+    batch counts as applied, so a committed source offset always has its table writes durable.
+    faust still reads the changelog back on recovery: same topic, same key and value encoding.
+
+    The changelog producer is idempotent: per partition its records land in the order they were
+    produced, so a batch's next-offset marker (written last) is never durable before the patient
+    records it vouches for."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._unconfirmed: list = []  # changelog sends not yet acknowledged by the broker
+        self._changelog: AckedProducer | None = None
 
-    def send_changelog(self, *args, **kwargs):
-        fut = super().send_changelog(*args, **kwargs)
-        self._unconfirmed.append(fut)
-        return fut
+    def write_changelog_with(self, settings: Settings) -> None:
+        self._changelog = AckedProducer(Producer(changelog_producer_config(settings)), "table changelog")
+
+    def _send(self, partition: int | None, key: str, value: bytes) -> None:
+        if self._changelog is None:
+            raise RuntimeError("DurableTable.write_changelog_with() was not called")
+        self._changelog.produce(self.changelog_topic.get_topic_name(),
+                                codecs.dumps(self.key_serializer, key), value, partition=partition)
 
     async def confirm_changelog(self, timeout_s: float = CHANGELOG_CONFIRM_TIMEOUT_S) -> None:
-        pending, self._unconfirmed = self._unconfirmed, []
-        if not pending:
+        if self._changelog is None:
             return
+        # in a thread: the flush blocks, and faust's timers and commits go on meanwhile
         try:
-            await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
-        except asyncio.TimeoutError:
-            raise RuntimeError(f"the table changelog was not acknowledged within {timeout_s:.0f} s: "
-                               "is the broker up?") from None
+            await asyncio.to_thread(self._changelog.flush_or_raise, timeout_s)
+        except KafkaException as exc:
+            raise RuntimeError(f"the table changelog was not acknowledged within {timeout_s:.0f} s "
+                               f"({exc}): is the broker up?") from None
 
     def next_offset(self, partition: int) -> int | None:
         raw = self.get(next_offset_key(partition))
         return int(raw) if raw is not None else None
 
-    def put(self, partition: int, key: str, value: bytes) -> None:
+    def put(self, partition: int | None, key: str, value: bytes) -> None:
         """Set `key` and write its changelog record to `partition` (the source partition it belongs
-        to), whatever the partitioner would pick for the key: `table[key] = ` hashes the JSON-encoded
+        to), whatever the partitioner would pick for the key: the partitioner hashes the JSON-encoded
         key, which lands a patient in another partition than its canonical messages, so a second
-        worker recovering that partition would not find the patient."""
+        worker recovering that partition would not find the patient. None: the partitioner's choice."""
         self.data[key] = value  # the store directly; the changelog record follows
-        self.send_changelog(partition, key, value)
+        self._send(partition, key, value)
 
     def set_next_offset(self, partition: int, offset: int) -> None:
         self.put(partition, next_offset_key(partition), str(offset).encode())
@@ -230,6 +242,16 @@ class ExactEndTableManager(TableManager):
 CHANGELOG_BATCH_BYTES = 1_000_000  # within Kafka's default max.message.bytes (1,048,588)
 
 
+def changelog_producer_config(settings: Settings) -> dict:
+    """The table changelog's producer. A batch writes one whole patient record (~17 KB with a day of
+    facts) per patient it touched: with 16 KB batches (aiokafka's default) each record was a produce
+    request of its own, and with many patients in flight the changelog fell behind (1k msg/s over 72
+    concurrent patients: 1.6 s per worker batch, against 72 ms with room for many records per batch).
+    Idempotent, so that records land in produce order per partition (see DurableTable)."""
+    return {**settings.kafka_client_config(), "acks": "all", "enable.idempotence": True, "linger.ms": 1,
+            "batch.size": CHANGELOG_BATCH_BYTES, "partitioner": "murmur2_random"}
+
+
 def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     topics = topics or topics_for(settings)
     set_fetch_max_wait_ms(settings.worker_fetch_wait_ms)
@@ -248,12 +270,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         web_enabled=settings.worker_web_port is not None,
         web_port=settings.worker_web_port or 6066,
         web_bind="127.0.0.1",
-        producer_linger_ms=1,
-        # a batch writes one whole patient record (~17 KB with a day of facts) per patient it touched: at
-        # aiokafka's default 16 KB batch size each record went in a request of its own, and with many
-        # patients in flight the changelog fell behind (1k msg/s over 72 concurrent patients: 1.6 s per
-        # batch, against 72 ms with room for many records per partition batch)
-        producer_max_batch_size=CHANGELOG_BATCH_BYTES,
+        producer_linger_ms=1,  # faust's own producer writes only the recovery barriers
         # a rebalance waits for the batch in progress to finish (outputs and changelog acknowledged), so
         # a revoked partition's last table writes land before its new owner's recovery barrier
         stream_wait_empty=True,
@@ -267,6 +284,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
                           value_serializer="raw", partitions=topics.partitions)
     table = app.Table("patient_state", default=None, partitions=topics.partitions, use_partitioner=True,
                       key_type=str, value_type=bytes)
+    table.write_changelog_with(settings)
 
     scorer = Scorer(settings.model_dir, settings)
     processor = PatientProcessor(settings, scorer, AlertPolicy.from_settings(settings))
@@ -291,9 +309,11 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         parsed[patient] = (raw, rec)
         return rec
 
+    outputs = AckedProducer(producer, "worker outputs")  # a failed delivery raises at the flush
+
     def send(topic: str, records) -> None:
         for key, value, headers in records:
-            producer.produce(topic, key=key, value=value, headers=headers)
+            outputs.produce(topic, key, value, headers)
 
     async def process_batch(events) -> None:
         """One taken batch: state, outputs and table; returns once outputs and changelog are durable."""
@@ -321,23 +341,24 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         stats.maybe_publish()  # goes out with this flush
         observe_latency(msgs, len(out.scores))
         for msg, rejection in out.rejected:
-            producer.produce(topics.deadletter, key=msg.key, value=msg.value, headers=deadletter_headers(
+            outputs.produce(topics.deadletter, msg.key, msg.value, deadletter_headers(
                 rejection, Stage.PATIENT_STATE, topics.canonical, msg.partition, msg.offset))
-        # outputs are durable before the batch is acked (at-least-once; ids make repeats idempotent)
+        # outputs are durable before the table records that the batch was applied (at-least-once; ids
+        # make repeats idempotent); in a thread, so faust's timers and commits go on meanwhile
         processed = time.perf_counter()
-        if producer.flush(30) != 0:
-            raise RuntimeError("output producer could not deliver within 30 s: is the broker up?")
+        try:
+            await asyncio.to_thread(outputs.flush_or_raise, 30.0)
+        except KafkaException as exc:
+            raise RuntimeError(f"the worker's outputs were not delivered ({exc}): is the broker up?") from None
         flushed = time.perf_counter()
         partition_of = {m.key: m.partition for m in msgs}  # canonical messages are keyed by patient id
         for patient, rec in records.items():
             raw = rec.to_bytes()
             partition = partition_of.get(patient.encode())
             if partition is None:  # a producer broke the key contract: keep the state, say so
-                log.warning("a canonical message's key is not its patient id; its state goes where faust's "
+                log.warning("a canonical message's key is not its patient id; its state goes where the "
                             "partitioner puts it, which another worker may not recover")
-                table[patient] = raw
-            else:
-                table.put(partition, patient, raw)
+            table.put(partition, patient, raw)
             parsed[patient] = (raw, rec)
         for partition, offset in advanced.items():  # after the patients: same changelog partition, in order
             table.set_next_offset(partition, offset)

@@ -71,10 +71,14 @@ class AckedProducer:
         self.name = name
         self._errors: list[str] = []
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> None:
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None,
+                partition: int | None = None) -> None:
+        """partition None: the producer's partitioner picks it from the key."""
+        where = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=self._on_delivery)
+                self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=self._on_delivery,
+                                      **where)
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 self.producer.poll(0.1)

@@ -102,15 +102,13 @@ def test_the_worker_joins_as_a_static_member_only_when_settings_say_so(settings,
         assert isinstance(app, faust.App) and app.conf.consumer_group_instance_id == expected
 
 
-def test_a_changelog_request_carries_many_patient_records_yet_fits_a_default_kafka_message(settings, tmp_path):
-    from streams.app import create_app
-    from streams.topics import topics_for
-    from wardwatch.demo import seed_models
+def test_a_changelog_request_carries_many_patient_records_yet_fits_a_default_kafka_message(settings):
+    from streams.app import changelog_producer_config
 
-    seed_models(tmp_path / "models")
-    s = settings.model_copy(update={"data_dir": tmp_path, "model_dir": tmp_path / "models"})
-    batch_bytes = create_app(s, topics_for(s)).conf.producer_max_batch_size
-    # a patient record with a day of facts is ~17 KB (README, live state): at aiokafka's 16 KB default
-    # every record was a produce request of its own, and the changelog fell seconds behind at 1k msg/s
-    assert batch_bytes >= 50 * 17_000
-    assert batch_bytes <= 1_048_588  # Kafka's default max.message.bytes: a batch the broker accepts
+    config = changelog_producer_config(settings)
+    # a patient record with a day of facts is ~17 KB (README, live state): at 16 KB batches every record
+    # was a produce request of its own, and the changelog fell seconds behind at 1k msg/s
+    assert config["batch.size"] >= 50 * 17_000
+    assert config["batch.size"] <= 1_048_588  # Kafka's default max.message.bytes: a batch the broker accepts
+    # records land in produce order per partition: a batch's next-offset marker never before its patients
+    assert config["enable.idempotence"] is True and config["acks"] == "all"
