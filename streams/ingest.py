@@ -11,6 +11,13 @@
         v
     a crash before the commit re-reads the batch: duplicates, never loss (dedupe is downstream)
 
+Event-time alignment (streams/alignment.py): of each batch only the messages within max_skew of event
+time of the slowest active raw partition are published (merged in event-time order); a partition that
+ran ahead is sought back to its first held-back message and paused until the others catch up. In a
+backlog (restart after an outage, first load) the small raw topics would otherwise be read days of
+event time ahead of vital signs, whose events would then all be late downstream. Held-back messages
+are neither counted, dead-lettered nor committed: they are read again after the resume.
+
 A plain confluent-kafka consumer-group worker rather than a faust agent: the hop is stateless, and
 batching the consume and the produce is what makes it fast. Data errors are dead-lettered and
 counted; broker errors (fatal client errors, failed deliveries) raise and stop the worker.
@@ -26,12 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from schemas.cdc import parse_cdc
 from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
+from streams.alignment import Aligner
 from streams.fhir_fetch import FhirClient, resolve
 from streams.stats import StatsPublisher
 from streams.commits import AckedProducer, CommitResults, commit_offsets, skip_consumer_error
@@ -186,7 +194,12 @@ class IngestWorker:
         # counters snapshot on the stats topic (`wardwatch stats`), sent with the next batch's flush
         self.stats = StatsPublisher("ingest", self.counters.snapshot, self._producer, topics.stats,
                                     interval_s=settings.stats_interval_s)
-        self._consumer.subscribe(topics.raw)
+        # max skew 0: no alignment (every consumed message is published at once)
+        self.aligner = (Aligner(int(settings.ingest_max_skew_s * 1000), settings.ingest_idle_s)
+                        if settings.ingest_max_skew_s else None)
+        self._prepared: dict[int, tuple[str, Outcome, list[tuple[str, bytes]]]] = {}  # id(msg) -> parse, this batch
+        # paused state does not survive a reassignment in librdkafka: the clocks are reset with it
+        self._consumer.subscribe(topics.raw, on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def run(self, stop: threading.Event) -> None:
         log.info("ingest worker started: group %s, %d raw topics", self.group_id, len(self.topics.raw))
@@ -197,27 +210,35 @@ class IngestWorker:
         finally:
             self.close()
         log.info("ingest worker stopped: %s", self.counters.snapshot())
+        if self.aligner is not None:
+            log.info("ingest alignment: %s", self.aligner.counters)
 
     @property
     def group_id(self) -> str:
         return group_id(self.settings)
 
     def poll_once(self) -> int:
-        """Consume one batch, publish it, wait for the acks, commit. Returns messages consumed."""
+        """Consume one batch, publish it (with alignment: the part within the event-time bound), wait
+        for the acks, commit what was published. Returns the messages published (held-back ones are
+        not: they are consumed again after their partition resumes)."""
         self._commits.raise_failure()  # an earlier asynchronous commit failed: stop, re-read after restart
+        if self.aligner is not None and self.aligner.paused:  # nothing paused (live): no call at all
+            self._resume_due()
         messages = self._consumer.consume(num_messages=self.settings.ingest_batch_size, timeout=self.poll_timeout_s)
         records = [m for m in messages if not self._is_error(m)]
         if not records:
             return 0
-        by_patient: dict[str, list[bytes]] = defaultdict(list)  # patient -> encoded events, arrival order
+        try:
+            records = self._align(records) if self.aligner is not None else records
+            return self._publish(records) if records else 0
+        finally:
+            self._prepared.clear()
+
+    def _publish(self, records: list[Message]) -> int:
+        by_patient: dict[str, list[bytes]] = defaultdict(list)  # patient -> encoded events, publish order
         first_produced: dict[str, bytes] = {}  # patient -> earliest raw produce stamp (end-to-end latency)
         for msg in records:
-            source, outcome = self.parse(msg)
-            encoded = encode_events(outcome) if isinstance(outcome, Parsed) else []
-            if not isinstance(encoded, Rejected):
-                encoded = too_large(encoded, self.settings.canonical_max_message_bytes) or encoded
-            if isinstance(encoded, Rejected):
-                outcome, encoded = encoded, []
+            source, outcome, encoded = self._prepared.get(id(msg)) or self._prepare(msg)
             self.counters.record(source, outcome)
             if isinstance(outcome, Rejected):
                 self._dead_letter(msg, outcome.rejection, _STAGES[source])
@@ -236,6 +257,51 @@ class IngestWorker:
         self._commit(records)
         self.counters.record_batch(canonical_messages)
         return len(records)
+
+    def _prepare(self, msg: Message) -> tuple[str, Outcome, list[tuple[str, bytes]]]:
+        """Parse and encode one message: (source, outcome, encoded events); an outcome whose events
+        cannot be written becomes Rejected with no events."""
+        source, outcome = self.parse(msg)
+        encoded = encode_events(outcome) if isinstance(outcome, Parsed) else []
+        if not isinstance(encoded, Rejected):
+            encoded = too_large(encoded, self.settings.canonical_max_message_bytes) or encoded
+        if isinstance(encoded, Rejected):
+            outcome, encoded = encoded, []
+        return source, outcome, encoded
+
+    def _event_time(self, msg: Message) -> int | None:
+        """The greatest effective_ms the message would publish (None: it publishes no event)."""
+        prepared = self._prepared[id(msg)] = self._prepare(msg)
+        _, outcome, encoded = prepared
+        return max(e.effective_ms for e in outcome.events) if encoded else None
+
+    def _align(self, records: list[Message]) -> list[Message]:
+        """The batch's messages to publish now, in event-time order; seek back and pause the
+        partitions whose next message is beyond the bound."""
+        batch: dict[tuple[str, int], list[Message]] = defaultdict(list)
+        for msg in records:
+            batch[(msg.topic(), msg.partition())].append(msg)
+        plan = self.aligner.take(batch, self._event_time, time.monotonic())
+        if plan.held:
+            held = [TopicPartition(t, p, msg.offset()) for (t, p), msg in plan.held.items()]
+            self._consumer.pause(held)  # first: no fetch may start between the seek and the pause
+            for tp in held:
+                self._consumer.seek(tp)
+            log.debug("alignment: paused %d raw partitions ahead in event time", len(held))
+        return plan.taken
+
+    def _resume_due(self) -> None:
+        resumed = self.aligner.resume(time.monotonic())
+        if resumed:
+            self._consumer.resume([TopicPartition(t, p) for t, p in resumed])
+
+    def _on_assign(self, consumer, partitions) -> None:
+        if self.aligner is not None:
+            self.aligner.assign([(tp.topic, tp.partition) for tp in partitions], time.monotonic())
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        if self.aligner is not None:
+            self.aligner.revoke([(tp.topic, tp.partition) for tp in partitions])
 
     def parse(self, msg: Message) -> tuple[str, Outcome]:
         topic = msg.topic()

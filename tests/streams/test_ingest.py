@@ -88,8 +88,17 @@ class FakeBroker:
         self.batch, self.delivery_error = batch, delivery_error
         self.pending, self.produced, self.calls = [], [], []
 
-    def subscribe(self, topics):
-        pass
+    def subscribe(self, topics, on_assign=None, on_revoke=None):
+        self.on_assign, self.on_revoke = on_assign, on_revoke
+
+    def pause(self, partitions):
+        self.calls.append(("pause", [(tp.topic, tp.partition) for tp in partitions]))
+
+    def seek(self, tp):
+        self.calls.append(("seek", (tp.topic, tp.partition, tp.offset)))
+
+    def resume(self, partitions):
+        self.calls.append(("resume", [(tp.topic, tp.partition) for tp in partitions]))
 
     def consume(self, num_messages, timeout):
         batch, self.batch = self.batch, []
@@ -396,3 +405,182 @@ def test_a_static_ingest_joins_with_its_instance_id_and_a_dynamic_one_without(se
     static = settings.model_copy(update={"static_membership": True, "instance_id": "ingest-1"})
     assert ingest.consumer_config(static)["group.instance.id"] == "ingest-1"
     assert "group.instance.id" not in ingest.consumer_config(settings)
+
+
+# --- a backlog across raw topics: event-time aligned consumption ---------------------------------
+
+DAY_MS, HOUR_MS = 86_400_000, 3_600_000
+BACKLOG_T0_MS = 1_718_409_600_000  # 2024-06-15T00:00Z
+
+
+def _backlog(settings, topics, *, patients=4, days=3, vitals_every_min=2, labs_every_h=4):
+    """(topic, key, value) of a backlog: the same patients' vital signs (a big topic: a row every
+    `vitals_every_min`) and lab results (a small one: every `labs_every_h`) over the same `days`, each
+    topic in event-time order, keyed by patient as Debezium's message.key.columns does. The labs also
+    carry one malformed message and one tombstone, so held-back messages that are no events are seen too."""
+    vitals = json.loads(cdc_message("create_bare").value)
+    lab = json.loads(cdc_message("lab_creatinine_umol_bare").value)
+    mrns = [f"MRN-B{i:03d}" for i in range(patients)]
+    raw, lsn, row_id = {"vitals": [], "labs": []}, 10_000, 0
+
+    def add(kind, topic, mrn, doc, after, commit_ms):
+        nonlocal lsn, row_id
+        lsn, row_id = lsn + 100, row_id + 1
+        source = {k: v for k, v in doc["source"].items() if k not in ("ts_us", "ts_ns")}
+        value = {**doc, "after": {**doc["after"], **after, "id": row_id, "patient_id": mrn},
+                 "source": {**source, "lsn": lsn, "ts_ms": commit_ms}, "ts_ms": commit_ms + 10}
+        value.pop("ts_us", None), value.pop("ts_ns", None)
+        raw[kind].append((topic, json.dumps({"patient_id": mrn}).encode(), json.dumps(value).encode()))
+
+    for step in range(days * 24 * 60 // vitals_every_min):
+        t_ms = BACKLOG_T0_MS + step * vitals_every_min * 60_000
+        for mrn in mrns:
+            add("vitals", topics.cdc["vital_signs"], mrn, vitals, {"measured_at": t_ms * 1000}, t_ms + 30_000)
+    for step in range(days * 24 // labs_every_h):
+        t_ms = BACKLOG_T0_MS + step * labs_every_h * HOUR_MS
+        for mrn in mrns:
+            add("labs", topics.cdc["lab_results"], mrn, lab,
+                {"collected_at": t_ms * 1000, "resulted_at": (t_ms + HOUR_MS) * 1000}, t_ms + HOUR_MS)
+        if step == days * 24 // labs_every_h // 2:  # mid-way: read ahead, held back, re-read
+            raw["labs"].append((topics.cdc["lab_results"], json.dumps({"patient_id": mrns[0]}).encode(),
+                                raw_file("cdc", "malformed.txt")))
+            raw["labs"].append((topics.cdc["lab_results"], json.dumps({"patient_id": mrns[1]}).encode(), None))
+    return raw["vitals"] + raw["labs"]
+
+
+def _expected_events(settings, raw) -> tuple[Counter, int]:
+    """The events the parsers make of `raw` (event id -> count) and the widest event-time span of
+    one raw message's events."""
+    events, span = Counter(), 0
+    for topic, key, value in raw:
+        outcome = parse_cdc(topic, key, value, partition=0, offset=0, cdc_topic_prefix=settings.cdc_topic_prefix)
+        found = getattr(outcome, "events", [])  # dead letters and control messages have none
+        times = [e.effective_ms for e in found]
+        events.update(e.event_id for e in found)
+        span = max(span, max(times) - min(times)) if times else span
+    return events, span
+
+
+def _run_backlog(settings, max_skew_s):
+    """Pre-fill the backlog, run the ingest over it until every raw message is accounted for and
+    every canonical event read back; returns the worker, the raw messages, each patient's events in
+    canonical order, the dead letters and the seconds the ingest took."""
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    raw = _backlog(settings, topics)
+    _produce(settings, raw)
+
+    worker = IngestWorker(settings.model_copy(update={"ingest_max_skew_s": max_skew_s or 0}), topics)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    reader = _reader(settings, topics)
+    by_patient, dead, read_events = defaultdict(list), [], 0
+    started = time.monotonic()
+    thread.start()
+    try:
+        deadline = started + DEADLINE_S
+
+        def done() -> bool:
+            snap = worker.counters.snapshot()["cdc"]
+            return (snap["messages_in"] == len(raw) and read_events == snap["events_out"]
+                    and len(dead) == sum(snap["dead_lettered"].values()))
+
+        while not done():
+            assert time.monotonic() < deadline, f"timed out: {worker.counters.snapshot()}"
+            assert thread.is_alive(), "ingest worker died"
+            for msg in reader.consume(num_messages=1000, timeout=0.2):
+                assert msg.error() is None, msg.error()
+                if msg.topic() == topics.canonical:
+                    events = decode_batch(msg.value())
+                    by_patient[msg.key().decode()] += events  # one patient per key: per partition, in order
+                    read_events += len(events)
+                else:
+                    dead.append(msg)
+        elapsed = time.monotonic() - started
+        for msg in reader.consume(num_messages=1000, timeout=1.0):  # nothing more may come
+            assert msg.topic() != topics.canonical and msg.topic() != topics.deadletter, "published twice"
+    finally:
+        stop.set()
+        thread.join(30)
+        reader.close()
+    assert not thread.is_alive()
+    return worker, raw, by_patient, dead, elapsed
+
+
+def _behind_ms(by_patient) -> list[int]:
+    """For each canonical event, how far behind its patient's event-time clock (the greatest
+    effective_ms published before it for that patient) it came: what the worker's lateness rule sees."""
+    behind = []
+    for events in by_patient.values():
+        clock = None
+        for e in events:
+            behind.append(0 if clock is None else max(0, clock - e.effective_ms))
+            clock = e.effective_ms if clock is None else max(clock, e.effective_ms)
+    return behind
+
+
+def _assert_every_message_once(settings, worker, raw, by_patient, dead):
+    snap = worker.counters.snapshot()["cdc"]
+    assert snap["messages_in"] == len(raw) and worker.counters.balanced()  # each raw message counted once
+    assert snap["dead_lettered"] == {"malformed_json": 1} and snap["control"] == {"tombstone": 1}
+    expected, _ = _expected_events(settings, raw)
+    published = Counter(e.event_id for events in by_patient.values() for e in events)
+    assert published == expected  # nothing lost, nothing twice
+    assert len(dead) == 1 and dead[0].value() == raw_file("cdc", "malformed.txt")  # one dead letter, not one per re-read
+    committed = _committed_counts(settings, topics_for(settings))
+    assert committed == dict(Counter(topic for topic, _, _ in raw))  # commits cover exactly what was published
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_a_backlog_across_raw_topics_comes_out_in_event_time_order_within_the_skew(settings):
+    """Three days of four patients' vital signs (8,640 rows) and lab results (72) waiting when the
+    ingest starts: the labs topic fits in one fetch, the vitals take many. Aligned, no patient's event
+    is published more than max_skew (+ one raw message's own event-time span) behind an event of that
+    patient already published: downstream (12 h allowed lateness) none is late."""
+    max_skew_s = 3600
+    worker, raw, by_patient, dead, elapsed = _run_backlog(settings, max_skew_s)
+    _assert_every_message_once(settings, worker, raw, by_patient, dead)
+    _, span = _expected_events(settings, raw)
+    behind = _behind_ms(by_patient)
+    print(f"aligned: {len(raw)} raw messages in {elapsed:.1f} s, worst {max(behind) / HOUR_MS:.2f} h behind, "
+          f"{worker.aligner.counters}")
+    assert max(behind) <= max_skew_s * 1000 + span
+    assert worker.aligner.counters.pauses > 0  # the labs did run ahead: the bound was what kept them back
+    assert not worker.aligner.paused  # nothing left waiting
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_the_same_backlog_without_alignment_comes_out_days_out_of_order(settings):
+    """The control of the test above: with alignment off, the labs are published days ahead of the
+    vitals, which then come far behind their patients' clocks (downstream: late, unscored)."""
+    worker, raw, by_patient, dead, elapsed = _run_backlog(settings, None)
+    _assert_every_message_once(settings, worker, raw, by_patient, dead)
+    behind = _behind_ms(by_patient)
+    late = sum(b > settings.allowed_lateness_s * 1000 for b in behind)
+    print(f"unaligned: {len(raw)} raw messages in {elapsed:.1f} s, worst {max(behind) / HOUR_MS:.2f} h behind, "
+          f"{late} of {len(behind)} events beyond the allowed lateness")
+    assert worker.aligner is None
+    assert max(behind) > settings.allowed_lateness_s * 1000 and late > 0
+
+
+@pytest.mark.timeout(30)
+def test_a_partition_ahead_in_event_time_is_paused_at_its_first_held_message_and_nothing_of_it_counted(fake_worker):
+    vitals = _cdc("create_bare", 0)  # measured 2024-06-15T14:06Z
+    lab = json.loads(cdc_message("lab_creatinine_umol_bare").value)
+    ahead_us = lab["after"]["collected_at"] + 8 * HOUR_MS * 1000  # beyond the default max skew of 6 h
+    lab["after"].update(collected_at=ahead_us, resulted_at=ahead_us)
+    lab["source"].update(ts_ms=ahead_us // 1000)
+    lab_topic = cdc_message("lab_creatinine_umol_bare").topic
+    held = FakeMessage(lab_topic, b'{"patient_id": "MRN-0002"}', json.dumps(lab).encode(), offset=0)
+    malformed = FakeMessage(lab_topic, b'{"patient_id": "MRN-0002"}', raw_file("cdc", "malformed.txt"), offset=1)
+    worker, fake = fake_worker([held, malformed, vitals])
+
+    assert worker.poll_once() == 1  # only the vitals: the labs are 8 h ahead of them
+    assert fake.calls == [("pause", [(lab_topic, 0)]), ("seek", (lab_topic, 0, 0)), ("flush",),
+                          ("commit", {(vitals.topic(), 0): 1})]
+    assert fake.on(worker.topics.deadletter) == []  # the malformed lab is dead-lettered when re-read, once
+    snap = worker.counters.snapshot()["cdc"]
+    assert snap["messages_in"] == 1 and worker.counters.balanced()
+    assert worker.aligner.paused == {(lab_topic, 0)}
