@@ -151,12 +151,13 @@ def backlog_grew(arrivals: list[ScoreArrival]) -> bool:
 
 def search_rates(capacity_per_s: float, tries: int = SEARCH_TRIES) -> list[int]:
     """Offered loads to try, lowest first: 20% of the unpaced capacity, then 25% more each time, up to
-    90% of it, rounded down to 100 msg/s (never below 100). Lowest first, because a phase the
-    pipeline could not sustain leaves work behind that the next phase would be measured on."""
+    90% of it, rounded down to 100 msg/s (to 10 below 1,000/s of capacity). Lowest first, because a
+    phase the pipeline could not sustain leaves work behind that the next phase would be measured on."""
+    step = 100 if capacity_per_s >= 1000 else 10
     rates, rate = [], 0.2 * capacity_per_s
     while len(rates) < tries and rate <= 0.9 * capacity_per_s:
-        rounded = max(100, int(rate // 100) * 100)
-        if rounded not in rates:
+        rounded = int(rate // step) * step
+        if rounded > 0 and rounded not in rates:
             rates.append(rounded)
         rate *= 1.25
     return rates
@@ -292,6 +293,62 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a process has used so far (Linux /proc), None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float | None]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+class CpuSampler:
+    """Samples the CPU time of the pipeline's processes in the background, so that a phase's CPU can
+    be read over its working span (first produce to last score) rather than up to the end of its
+    drain, whose idle polling would count as work."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.2):
+        self.pids, self.interval_s = pids, interval_s
+        self.samples: list[tuple[int, dict[str, float | None]]] = []  # (time.time_ns, snapshot)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> "CpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time_ns(), cpu_snapshot(self.pids)))
+            if self._stop.wait(self.interval_s):
+                return
+
+    def at(self, t_ns: int) -> dict[str, float | None]:
+        """The snapshot taken last at or before t_ns (the first one if none)."""
+        samples = list(self.samples)
+        before = [snap for ts, snap in samples if ts <= t_ns]
+        return before[-1] if before else samples[0][1]
+
+    def per_message(self, start_ns: int, end_ns: int, messages: int) -> dict:
+        return cpu_per_message(self.at(start_ns), self.at(end_ns), messages)
+
+
+def cpu_per_message(before: dict[str, float | None], after: dict[str, float | None], messages: int) -> dict:
+    """CPU µs per raw message of each process over a phase: where the time goes, whatever else the
+    machine ran meanwhile (latency and events/s move with a busy machine; CPU per message hardly does)."""
+    return {name: round((after[name] - before[name]) / messages * 1e6, 1)
+            if messages and before.get(name) is not None and after.get(name) is not None else None
+            for name in before}
+
+
 def memory_figures(rss_warm: int | None, rss_end: int | None, patients: int) -> dict:
     """Worker RSS growth per 10k patients of live state (None when RSS could not be read)."""
     if rss_warm is None or rss_end is None or patients <= 0:
@@ -365,7 +422,8 @@ def _bench_settings(bootstrap: str, data_dir: Path) -> Settings:
 
 
 def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, messages: list[RawMessage],
-               rate: int, *, quiet_s: float, deadline: float, procs: dict, logs: Path, tag: str = "p") -> dict:
+               rate: int, *, quiet_s: float, deadline: float, procs: dict, logs: Path, tag: str = "p",
+               cpu: CpuSampler | None = None) -> dict:
     """Offer `messages` (made by paced_messages with this tag and rate) at `rate` msg/s and report the
     latency of their scores."""
     tag = f"-{tag}{rate}c"
@@ -380,6 +438,7 @@ def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, me
                              "late": outcomes["worker_late"] - outcomes_before["worker_late"]})
     arrivals = [a for a in collector.snapshot()[before:] if tag in a.patient_id]
     figures = pipeline_figures(len(messages), started_ns, fed_ns, arrivals)
+    worked_ns = max((a.received_ns for a in arrivals), default=fed_ns)
     achieved = len(messages) / sent["seconds"] if sent["seconds"] > 0 else float("nan")
     return {"offered_per_s": rate, "achieved_offer_per_s": round(achieved, 1),
             "latency_ms_p50": figures["latency_ms_p50"], "latency_ms_p99": figures["latency_ms_p99"],
@@ -388,7 +447,8 @@ def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, me
             "kept_up": figures["pipeline_events_per_s"] >= 0.9 * min(rate, achieved),
             "latency_grew": backlog_grew(arrivals),
             # late events are cheap and unscored: a phase that made them did not do the whole work
-            "late_share": phase_late}
+            "late_share": phase_late,
+            "cpu_us_per_msg": cpu.per_message(started_ns, worked_ns, len(messages)) if cpu else None}
 
 
 def sustained(phase: dict) -> bool:
@@ -399,7 +459,7 @@ def sustained(phase: dict) -> bool:
 
 def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], measured: list[RawMessage],
                   *, quiet_s: float, deadline: float, console: Console,
-                  paced: list[tuple[int, list[RawMessage]]] = (), search=None) -> dict:
+                  paced: list[tuple[int, list[RawMessage]]] = (), search=None, broker_pid: int | None = None) -> dict:
     """search: None, or rate -> messages for a max-sustained-rate phase at that rate."""
     logs = settings.data_dir / "logs"
     with ExitStack() as stack:
@@ -418,6 +478,8 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
             publish(Replay(warmup, {}), settings, topics, rate=WARMUP_RATE)
             _wait_for_warmup(collector, deadline=deadline, procs=procs, logs=logs)
         console.log(f"pipeline warm ({time.monotonic() - started:.1f} s to the first score)")
+        pids = {name: proc.pid for name, proc in procs.items()} | ({"broker": broker_pid} if broker_pid else {})
+        cpu = stack.enter_context(CpuSampler(pids))
 
         with console.status(f"feeding {len(measured)} raw messages and waiting for the scores to go quiet"):
             first_produced_ns = time.time_ns()  # publish stamps each message just after this
@@ -428,12 +490,13 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
                                                      logs=logs)
             outcomes = _wait_until_drained(settings, topics, deadline=deadline, procs=procs, logs=logs)
         result = {**pipeline_figures(len(measured), first_produced_ns, fed_ns, arrivals), "went_quiet": went_quiet,
-                  **outcomes}
+                  **outcomes, "cpu_us_per_msg": cpu.per_message(
+                      first_produced_ns, max((a.received_ns for a in arrivals), default=fed_ns), len(measured))}
         phases = []
         for rate, messages in paced:
             with console.status(f"paced load: {len(messages):,} raw messages at {rate:,}/s"):
                 phases.append(_run_paced(settings, topics, collector, messages, rate, quiet_s=quiet_s,
-                                         deadline=deadline, procs=procs, logs=logs))
+                                         deadline=deadline, procs=procs, logs=logs, cpu=cpu))
             console.log(f"paced {rate:,}/s: p50 {phases[-1]['latency_ms_p50']:.1f} ms, "
                         f"p99 {phases[-1]['latency_ms_p99']:.1f} ms")
         result["sustained"], result["sustained_tried_per_s"] = None, []
@@ -441,7 +504,7 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
             result["sustained_tried_per_s"].append(rate)
             with console.status(f"max sustained rate: trying {rate:,} raw messages/s"):
                 phase = _run_paced(settings, topics, collector, search(rate), rate, quiet_s=quiet_s,
-                                   deadline=deadline, procs=procs, logs=logs, tag="s")
+                                   deadline=deadline, procs=procs, logs=logs, tag="s", cpu=cpu)
             ok = sustained(phase)
             console.log(f"{rate:,}/s: p50 {phase['latency_ms_p50']:.1f} ms, p99 {phase['latency_ms_p99']:.1f} ms, "
                         f"{'sustained' if ok else 'not sustained'}")
@@ -503,7 +566,7 @@ def run_bench(*, patients: int = 8, repeat: int = 60, console: Console | None = 
 
         pipeline = _run_pipeline(settings, topics, warmup, measured, quiet_s=quiet_s, deadline=deadline,
                                  console=console, paced=paced,
-                                 search=search if find_sustained else None)
+                                 search=search if find_sustained else None, broker_pid=broker.pid)
         if pipeline["sustained"] is not None:
             rate = pipeline["sustained"]["offered_per_s"]
             with console.status(f"baseline latency: {rate:,} messages/s for {paced_s:.0f} s"):
@@ -556,6 +619,20 @@ def print_table(console: Console, r: dict) -> None:
                        f"{ph.get('baseline_latency_ms_p50', float('nan')):,.1f}",
                        f"{ph.get('baseline_latency_ms_p99', float('nan')):,.1f}")
         console.print(pt)
+    phases = [*r.get("paced", []), *filter(None, [r.get("sustained")])]
+    cpu_rows = [("backlog", r.get("cpu_us_per_msg")),
+                *((f"{ph['offered_per_s']:,}/s", ph.get("cpu_us_per_msg")) for ph in phases)]
+    if any(cpu for _, cpu in cpu_rows):
+        ct = Table(title="CPU per raw message (µs, each process; the machine has "
+                         f"{r['cpu_count']} cores for all of them and the load generator)")
+        names = sorted({n for _, cpu in cpu_rows if cpu for n in cpu})
+        ct.add_column("phase")
+        for n in names:
+            ct.add_column(n, justify="right")
+        for label, cpu in cpu_rows:
+            if cpu:
+                ct.add_row(label, *(f"{cpu[n]:,.0f}" if cpu.get(n) is not None else "" for n in names))
+        console.print(ct)
     if r.get("sustained_tried_per_s") and r.get("sustained") is None:
         tried = ", ".join(f"{rate:,}" for rate in r["sustained_tried_per_s"])
         console.print(f"[yellow]none of the offered loads tried was sustained ({tried} msg/s)[/]")

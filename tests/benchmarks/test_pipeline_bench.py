@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, backlog_grew, combine,
-                                 id_pattern, late_share, memory_figures, paced_messages, pipeline_figures, repeated,
+                                 CpuSampler, cpu_per_message, cpu_seconds, id_pattern, late_share, memory_figures, paced_messages, pipeline_figures, repeated,
                                  run_bench, search_rates, sustained, with_suffix)
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
@@ -160,7 +160,10 @@ def test_search_climbs_from_a_fifth_of_the_capacity_to_nine_tenths_of_it():
     # 20% of 5,000, then x1.25 each, in 100s, while within 90% of it
     assert search_rates(5000.0) == [1000, 1200, 1500, 1900, 2400, 3000, 3800]
     assert search_rates(5000.0, tries=3) == [1000, 1200, 1500]
-    assert search_rates(150.0) == [100]  # never below 100/s, never the same rate twice
+    # a small pipeline (a tiny backlog measures little capacity) is searched in 10s, never above 90% of it,
+    # never the same rate twice
+    assert search_rates(150.0) == [30, 40, 50, 70, 90, 110]
+    assert search_rates(20.0) == [10]
 
 
 def test_memory_per_10k_patients_is_the_growth_over_the_warm_worker():
@@ -169,6 +172,41 @@ def test_memory_per_10k_patients_is_the_growth_over_the_warm_worker():
     assert figures["worker_rss_mb"] == 150.0
     assert figures["worker_rss_mb_per_10k_patients"] == 100.0  # 50 MB for 5k patients
     assert memory_figures(None, 150 * mb, 10)["worker_rss_mb_per_10k_patients"] is None
+
+
+def test_cpu_seconds_of_a_process_grow_with_the_work_it_does():
+    import os
+
+    before = cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn 0.3 s of this process's CPU
+        pass
+    after = cpu_seconds(os.getpid())
+    assert before is not None and 0.2 <= after - before <= 5.0
+    assert cpu_seconds(2**22 + 1) is None  # no such process
+
+
+def test_cpu_per_message_is_each_process_cpu_over_the_phase_divided_by_its_messages():
+    per_msg = cpu_per_message({"worker": 10.0, "ingest": 2.0, "broker": None},
+                              {"worker": 12.5, "ingest": 2.1, "broker": 7.0}, messages=5000)
+    assert per_msg == {"worker": 500.0, "ingest": 20.0, "broker": None}  # µs; unreadable stays unknown
+    assert cpu_per_message({"worker": 1.0}, {"worker": 2.0}, messages=0) == {"worker": None}
+
+
+def test_a_phase_cpu_is_read_over_its_working_span_not_its_idle_drain():
+    sampler = CpuSampler({"worker": 0})
+    sampler.samples = [(0, {"worker": 1.0}), (1_000, {"worker": 2.0}), (2_000, {"worker": 3.0}),
+                       (9_000, {"worker": 3.5})]  # the drain after the last score adds 0.5 s of polling
+    assert sampler.per_message(start_ns=500, end_ns=2_500, messages=1000) == {"worker": 2000.0}
+    assert sampler.at(-5) == {"worker": 1.0}  # before the first sample: the first one
+
+
+def test_the_sampler_records_the_processes_while_it_runs():
+    import os
+
+    with CpuSampler({"me": os.getpid()}, interval_s=0.01) as sampler:
+        time.sleep(0.1)
+    assert len(sampler.samples) >= 3 and all(snap["me"] is not None for _, snap in sampler.samples)
 
 
 def test_figures_span_from_the_first_produce_to_the_last_score():
