@@ -377,7 +377,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
             await app.consumer.seek_wait({TP(topics.canonical, partition): offset})
             rewinds.issued(partition, time.monotonic())
 
-    committer = AppliedOffsetCommitter(app, topics.canonical)
+    committer = AppliedOffsetCommitter(app, topics.canonical, settings.commit_interval_s)
 
     @app.task
     async def _commit_applied() -> None:
@@ -422,10 +422,10 @@ class AppliedOffsetCommitter:
     bound), so a worker that has applied everything keeps an old committed offset and a restart
     re-reads hours of input; and it can run ahead of the table (see AppliedOnlyConsumer, which turns
     faust's own commits off). The table's next-offset markers are the truth; this commits them once
-    their batch is durable, at most one commit in flight, newest offsets winning."""
+    their batch is durable, at most one commit in flight and one per interval, newest offsets winning."""
 
-    def __init__(self, app: faust.App, topic: str) -> None:
-        self.app, self.topic = app, topic
+    def __init__(self, app: faust.App, topic: str, interval_s: float = 0.0) -> None:
+        self.app, self.topic, self.interval_s = app, topic, interval_s
         self._pending: dict[int, int] = {}
         self._wanted = asyncio.Event()
 
@@ -451,6 +451,9 @@ class AppliedOffsetCommitter:
                     self._pending.setdefault(p, o)  # unless a newer batch superseded it
                 await asyncio.sleep(COMMIT_RETRY_S)
                 self._wanted.set()
+                continue
+            # each commit is a broker request: at most one per interval, newer offsets pile up meanwhile
+            await asyncio.sleep(self.interval_s)
 
 
 class AppliedOnlyConsumer(AIOKafkaConsumer):

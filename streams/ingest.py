@@ -185,7 +185,9 @@ class IngestWorker:
         # commits are sent without waiting for the answer (a broker round trip per batch off the
         # latency path); a failure other than a rebalance stops the worker before its next batch
         self._commits = CommitResults(log)
-        self._last_commit: dict[tuple[str, int], int] = {}
+        self._last_commit: dict[tuple[str, int], int] = {}  # every owned partition's published offset
+        self._uncommitted: dict[tuple[str, int], int] = {}  # published since the last commit
+        self._next_commit_at = 0.0  # monotonic; commits at most every settings.commit_interval_s
         self._consumer = Consumer({**consumer_config(settings), "on_commit": self._commits})
         self._producer = Producer(producer_config(settings))
         self._acked = AckedProducer(self._producer, "ingest")
@@ -227,6 +229,8 @@ class IngestWorker:
         messages = self._consumer.consume(num_messages=self.settings.ingest_batch_size, timeout=self.poll_timeout_s)
         records = [m for m in messages if not self._is_error(m)]
         if not records:
+            if self._uncommitted and time.monotonic() >= self._next_commit_at:  # idle: commit the rest
+                self._commit_uncommitted()
             return 0
         try:
             records = self._align(records) if self.aligner is not None else records
@@ -300,8 +304,15 @@ class IngestWorker:
             self.aligner.assign([(tp.topic, tp.partition) for tp in partitions], time.monotonic())
 
     def _on_revoke(self, consumer, partitions) -> None:
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        # what was published from them is committed now, while they are still ours; and never again
+        # later (at close), which would move the next owner's committed offset back
+        commit_offsets(self._consumer, {tp: o for tp, o in self._uncommitted.items() if tp in revoked}, log)
+        for tp in revoked:
+            self._uncommitted.pop(tp, None)
+            self._last_commit.pop(tp, None)
         if self.aligner is not None:
-            self.aligner.revoke([(tp.topic, tp.partition) for tp in partitions])
+            self.aligner.revoke(list(revoked))
 
     def parse(self, msg: Message) -> tuple[str, Outcome]:
         topic = msg.topic()
@@ -320,6 +331,7 @@ class IngestWorker:
             self._producer.flush(10)
             # the last asynchronous commit may still be in flight: make it certain before leaving
             commit_offsets(self._consumer, self._last_commit, log)
+            self._uncommitted.clear()
         finally:
             self._consumer.close()  # leaves the group at once, so a restart rejoins quickly
             if self._fhir is not None:
@@ -351,9 +363,17 @@ class IngestWorker:
         for msg in records:
             tp = (msg.topic(), msg.partition())
             offsets[tp] = max(offsets.get(tp, -1), msg.offset() + 1)
+        self._last_commit.update(offsets)
+        self._uncommitted.update(offsets)
+        # each commit is a broker request: at most one per commit interval (Kafka Streams' commit.interval.ms)
+        if time.monotonic() >= self._next_commit_at:
+            self._commit_uncommitted()
+
+    def _commit_uncommitted(self) -> None:
+        offsets, self._uncommitted = self._uncommitted, {}
         # the outputs are acknowledged already (flush): the commit need not be awaited
         commit_offsets(self._consumer, offsets, log, asynchronous=True)
-        self._last_commit.update(offsets)
+        self._next_commit_at = time.monotonic() + self.settings.commit_interval_s
 
 
 def _produced_ns(msg: Message) -> bytes | None:

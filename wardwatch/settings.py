@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     nightly_at: str = Field("02:30", pattern=r"^\d{2}:\d{2}$", description="Time of day (HH:MM, container time) `wardwatch deploy scheduler` runs the nightly batch")
 
     # counters published to the stats topic (streams/stats.py)
+    commit_interval_s: float = Field(0.1, gt=0, description="How often the ingest and the worker commit consumer offsets, at most (seconds): each commit is a broker request, and a restart re-reads at most this much (deduplicated downstream)")
     stats_interval_s: float = Field(2.0, gt=0, description="How often a service publishes its counters snapshot (seconds)")
 
     @property

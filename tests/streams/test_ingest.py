@@ -113,6 +113,9 @@ class FakeBroker:
     def poll(self, timeout):
         return 0
 
+    def close(self):
+        self.calls.append(("close",))
+
     def flush(self, timeout):
         for on_delivery, msg in self.pending:
             on_delivery(self.delivery_error, msg)
@@ -584,3 +587,35 @@ def test_a_partition_ahead_in_event_time_is_paused_at_its_first_held_message_and
     snap = worker.counters.snapshot()["cdc"]
     assert snap["messages_in"] == 1 and worker.counters.balanced()
     assert worker.aligner.paused == {(lab_topic, 0)}
+
+
+@pytest.mark.timeout(30)
+def test_commits_go_out_at_most_once_per_interval_and_the_rest_when_idle_or_revoked(fake_worker, monkeypatch):
+    """Each commit is a broker request: one per batch was hundreds a second at 1k msg/s."""
+    now = [1000.0]
+    monkeypatch.setattr(ingest.time, "monotonic", lambda: now[0])
+    first = _cdc("create_bare", 0)
+    tp = (first.topic(), 0)
+    worker, fake = fake_worker([first])
+    interval = worker.settings.commit_interval_s
+
+    worker.poll_once()
+    assert fake.calls[-1] == ("commit", {tp: 1})  # the first batch commits at once
+
+    fake.calls.clear()
+    fake.batch, now[0] = [_cdc("create_bare", 1)], now[0] + interval / 2
+    worker.poll_once()
+    assert fake.calls == [("flush",)]  # published and acknowledged, commit deferred
+    worker.poll_once()  # idle, the interval not over yet
+    assert fake.calls == [("flush",)]
+    now[0] += interval
+    worker.poll_once()  # idle and due: what was deferred goes out
+    assert fake.calls == [("flush",), ("commit", {tp: 2})]
+
+    fake.calls.clear()
+    fake.batch, now[0] = [_cdc("create_bare", 2)], now[0] + interval / 10
+    worker.poll_once()
+    fake.on_revoke(fake, [TopicPartition(*tp)])  # the partition goes to another ingest
+    assert fake.calls == [("flush",), ("commit", {tp: 3})]  # committed while still ours
+    worker.close()  # and never again: that would move the next owner's committed offset back
+    assert ("commit", {tp: 3}) not in fake.calls[2:]
