@@ -12,8 +12,9 @@ The rules, per assigned raw (topic, partition):
   next message when that is known (a held-back message, or the head of its part of a batch):
   a partition whose next message is at t has nothing older to publish.
 - active: unpaused partitions that delivered something within `idle_s` of wall clock (assignment
-  and resumption start that clock), and paused ones (they are known to hold data). Idle
-  partitions (caught up, empty) hold nobody back, as Flink's `withIdleness`.
+  and resumption start that clock) and are not caught up (read to the high watermark of their last
+  fetch), and paused ones (they are known to hold data). Idle partitions (caught up, quiet, empty)
+  hold nobody back, as Flink's `withIdleness`: live, every partition is caught up and nothing waits.
 - bound = min(position of the active partitions) + max_skew_ms. A partition without a position
   (nothing published, nothing known of its next message) does not hold others back.
 - a partition just assigned has delivered nothing yet: its data may be older than anything seen. Until
@@ -52,6 +53,7 @@ class PartitionClock:
     paused: bool = False
     fresh: bool = False  # assigned, has delivered nothing since
     seen_s: float = 0.0  # wall clock of the last delivery, assignment or resumption
+    caught_up: bool = False  # read to its high watermark at its last fetch: nothing older waits in it
 
     @property
     def position(self) -> int | None:
@@ -111,7 +113,16 @@ class Aligner:
         return frozenset(self._paused)
 
     def is_idle(self, clock: PartitionClock, now: float) -> bool:
-        return not clock.paused and now - clock.seen_s >= self.idle_s
+        """Holds nobody back: caught up with its log, or quiet for idle_s. A paused partition is neither."""
+        return not clock.paused and (clock.caught_up or now - clock.seen_s >= self.idle_s)
+
+    def set_caught_up(self, caught_up: Mapping[TopicPartition, bool]) -> None:
+        """Which partitions have been read to their high watermark. Live, every partition is: a lab
+        result whose collection time is hours behind the vital signs then holds nothing back (waiting
+        for its partition could only add latency: it has nothing older to deliver)."""
+        for tp, up in caught_up.items():
+            if (clock := self.clocks.get(tp)) is not None:
+                clock.caught_up = up
 
     def _cap(self, now: float) -> int | None:
         """The low water mark while an assigned partition has delivered nothing and is not idle yet:
@@ -155,7 +166,7 @@ class Aligner:
             live[tp] = (messages, clock)
             index[tp] = 0
             arrival = self._push_head(tp, messages, clock, event_time, index, heads, positions, plan, arrival)
-            if tp not in positions and clock.frontier is not None:
+            if tp not in positions and clock.frontier is not None and not clock.caught_up:
                 floor = clock.frontier if floor is None else min(floor, clock.frontier)
 
         for t, _, _ in heads:
@@ -179,7 +190,7 @@ class Aligner:
             index[tp] += 1
             del positions[tp]
             arrival = self._push_head(tp, messages, clock, event_time, index, heads, positions, plan, arrival)
-            if tp not in positions:  # exhausted: its frontier holds the others from now on
+            if tp not in positions and not clock.caught_up:  # exhausted, more to read: it holds the others
                 floor = clock.frontier if floor is None else min(floor, clock.frontier)
 
         for t, _, tp in heads:  # held back from its head on

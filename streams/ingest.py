@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,12 +194,12 @@ class IngestWorker:
         self._acked = AckedProducer(self._producer, "ingest")
         # id-only FHIR notifications are completed from the FHIR server; without one they are dead-lettered
         self._fhir = FhirClient(settings) if settings.fhir_server_url else None
-        # counters snapshot on the stats topic (`wardwatch stats`), sent with the next batch's flush
-        self.stats = StatsPublisher("ingest", self.counters.snapshot, self._producer, topics.stats,
-                                    interval_s=settings.stats_interval_s)
         # max skew 0: no alignment (every consumed message is published at once)
         self.aligner = (Aligner(int(settings.ingest_max_skew_s * 1000), settings.ingest_idle_s)
                         if settings.ingest_max_skew_s else None)
+        # counters snapshot on the stats topic (`wardwatch stats`), sent with the next batch's flush
+        self.stats = StatsPublisher("ingest", self.stats_snapshot, self._producer, topics.stats,
+                                    interval_s=settings.stats_interval_s)
         self._prepared: dict[int, tuple[str, Outcome, list[tuple[str, bytes]]]] = {}  # id(msg) -> parse, this batch
         # paused state does not survive a reassignment in librdkafka: the clocks are reset with it
         self._consumer.subscribe(topics.raw, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -214,6 +215,14 @@ class IngestWorker:
         log.info("ingest worker stopped: %s", self.counters.snapshot())
         if self.aligner is not None:
             log.info("ingest alignment: %s", self.aligner.counters)
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The counters, and what alignment cost: pauses, resumes, messages delivered but held back
+        (read again after the resume)."""
+        snapshot = self.counters.snapshot()
+        if self.aligner is not None:
+            snapshot["alignment"] = dataclasses.asdict(self.aligner.counters)
+        return snapshot
 
     @property
     def group_id(self) -> str:
@@ -285,6 +294,7 @@ class IngestWorker:
         batch: dict[tuple[str, int], list[Message]] = defaultdict(list)
         for msg in records:
             batch[(msg.topic(), msg.partition())].append(msg)
+        self.aligner.set_caught_up(self._caught_up())
         plan = self.aligner.take(batch, self._event_time, time.monotonic())
         if plan.held:
             held = [TopicPartition(t, p, msg.offset()) for (t, p), msg in plan.held.items()]
@@ -294,7 +304,19 @@ class IngestWorker:
             log.debug("alignment: paused %d raw partitions ahead in event time", len(held))
         return plan.taken
 
+    def _caught_up(self) -> dict[tuple[str, int], bool]:
+        """Per tracked partition: read to the high watermark of its last fetch (local calls, no broker
+        request). Unknown (no fetch yet) counts as not caught up. The embedded broker can report the
+        watermark low, which can only make a partition look caught up a little early."""
+        tps = [TopicPartition(t, p) for t, p in self.aligner.clocks]
+        status = {}
+        for tp in self._consumer.position(tps) if tps else ():
+            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            status[(tp.topic, tp.partition)] = high >= 0 and tp.offset >= high
+        return status
+
     def _resume_due(self) -> None:
+        self.aligner.set_caught_up(self._caught_up())
         resumed = self.aligner.resume(time.monotonic())
         if resumed:
             self._consumer.resume([TopicPartition(t, p) for t, p in resumed])

@@ -76,6 +76,29 @@ def test_an_idle_partition_holds_nobody_back():
     assert [t for _, t in times(plan)] == [10, 90, 150] and not plan.held
 
 
+def test_a_caught_up_partition_holds_nobody_back_however_far_behind_its_last_event():
+    """Live, a lab result collected hours before the current vitals must not make them wait: its
+    partition has nothing older to deliver."""
+    a = aligner(A, B)
+    a.take({B: msgs(B, 0)}, event_time, now=0.0)  # the lab, collected long before
+    a.set_caught_up({A: True, B: True})
+    plan = a.take({A: msgs(A, 500, 600)}, event_time, now=0.1)
+    assert [t for _, t in times(plan)] == [500, 600] and not plan.held
+    # the same lab partition with more to read (a backlog) holds the vitals at its frontier + SKEW
+    a = aligner(A, B)
+    a.take({B: msgs(B, 0)}, event_time, now=0.0)
+    a.set_caught_up({A: True, B: False})
+    plan = a.take({A: msgs(A, 50, 500)}, event_time, now=0.1)
+    assert [t for _, t in times(plan)] == [50] and plan.held == {A: (A, 1, 500)}
+
+
+def test_caught_up_partitions_in_the_batch_are_still_merged_and_cut_at_the_bound():
+    a = aligner(A, B)
+    a.set_caught_up({A: False, B: True})  # the small labs topic, read whole in one fetch
+    plan = a.take({A: msgs(A, 0, 50), B: msgs(B, 0, 40, 400)}, event_time, now=0.0)
+    assert times(plan) == [(A, 0), (B, 0), (B, 40), (A, 50)] and plan.held == {B: (B, 2, 400)}
+
+
 def test_a_partition_without_a_frontier_holds_nobody_back():
     a = aligner(A, B, C)
     a.take({C: msgs(C, None)}, event_time, now=0.0)  # C delivered only a control message: no position

@@ -116,6 +116,12 @@ class FakeBroker:
     def close(self):
         self.calls.append(("close",))
 
+    def position(self, partitions):
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]  # nothing fetched yet
+
+    def get_watermark_offsets(self, partition, cached):
+        return -1001, -1001
+
     def flush(self, timeout):
         for on_delivery, msg in self.pending:
             on_delivery(self.delivery_error, msg)
@@ -551,6 +557,8 @@ def test_a_backlog_across_raw_topics_comes_out_in_event_time_order_within_the_sk
     assert max(behind) <= max_skew_s * 1000 + span
     assert worker.aligner.counters.pauses > 0  # the labs did run ahead: the bound was what kept them back
     assert not worker.aligner.paused  # nothing left waiting
+    # what alignment cost is on the stats topic with the counters (`wardwatch stats`)
+    assert worker.stats_snapshot()["alignment"] == dataclasses.asdict(worker.aligner.counters)
 
 
 @pytest.mark.integration
@@ -564,7 +572,7 @@ def test_the_same_backlog_without_alignment_comes_out_days_out_of_order(settings
     late = sum(b > settings.allowed_lateness_s * 1000 for b in behind)
     print(f"unaligned: {len(raw)} raw messages in {elapsed:.1f} s, worst {max(behind) / HOUR_MS:.2f} h behind, "
           f"{late} of {len(behind)} events beyond the allowed lateness")
-    assert worker.aligner is None
+    assert worker.aligner is None and "alignment" not in worker.stats_snapshot()
     assert max(behind) > settings.allowed_lateness_s * 1000 and late > 0
 
 
