@@ -248,7 +248,7 @@ def changelog_producer_config(settings: Settings) -> dict:
     request of its own, and with many patients in flight the changelog fell behind (1k msg/s over 72
     concurrent patients: 1.6 s per worker batch, against 72 ms with room for many records per batch).
     Idempotent, so that records land in produce order per partition (see DurableTable)."""
-    return {**settings.kafka_client_config(), "acks": "all", "enable.idempotence": True, "linger.ms": 1,
+    return {**settings.kafka_client_config("worker-changelog"), "acks": "all", "enable.idempotence": True, "linger.ms": 1,
             "batch.size": CHANGELOG_BATCH_BYTES, "partitioner": "murmur2_random"}
 
 
@@ -259,6 +259,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         f"{settings.group_prefix}-worker",
         broker=f"kafka://{settings.bootstrap_servers}",
         broker_credentials=broker_credentials(settings),
+        broker_client_id="wardwatch-worker-faust",
         loghandlers=[observability.json_handler("worker", settings.log_level)] if settings.json_logs else [],
         store="memory://",  # the changelog topic is the durable copy
         datadir=str(settings.data_dir / "faust"),  # faust's own files; its default litters the cwd
@@ -288,7 +289,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
 
     scorer = Scorer(settings.model_dir, settings)
     processor = PatientProcessor(settings, scorer, AlertPolicy.from_settings(settings))
-    producer = Producer({**settings.kafka_client_config(), "linger.ms": 2, "partitioner": "murmur2_random",
+    producer = Producer({**settings.kafka_client_config("worker"), "linger.ms": 2, "partitioner": "murmur2_random",
                          "enable.idempotence": False, "acks": "all"})
     stats = StatsPublisher("worker", lambda: dict(processor.counters), producer, topics.stats,
                            interval_s=settings.stats_interval_s)  # also on /metrics (wardwatch.observability)

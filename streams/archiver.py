@@ -328,7 +328,7 @@ class Archiver:
         self.consumed: dict[str, int] = {kind: 0 for kind in self._kinds.values()}
         self.files_written = 0
         self._consumer = Consumer({
-            **settings.kafka_client_config(),
+            **settings.kafka_client_config("archiver"),
             "group.id": f"{settings.group_prefix}.archiver",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,

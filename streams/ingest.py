@@ -414,7 +414,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
     instance_id = settings.group_instance_id()  # None: dynamic membership
     static = {"group.instance.id": instance_id} if instance_id else {}
     return {
-        **settings.kafka_client_config(),
+        **settings.kafka_client_config("ingest"),
         **static,
         "group.id": group_id(settings),
         "session.timeout.ms": int(settings.session_timeout_s * 1000),
@@ -430,7 +430,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 
 def producer_config(settings: Settings) -> dict[str, Any]:
     return {
-        **settings.kafka_client_config(),
+        **settings.kafka_client_config("ingest"),
         "acks": "all",
         "linger.ms": settings.ingest_linger_ms,
         "message.max.bytes": settings.max_message_bytes,  # a large raw message can still be dead-lettered whole

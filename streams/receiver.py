@@ -163,7 +163,7 @@ class Receiver:
                              "notification the receiver accepts must fit on the topic")
         ack_timeout_ms = max(1, int(settings.receiver_ack_timeout_s * 1000))
         self._producer = Producer({
-            **settings.kafka_client_config(),
+            **settings.kafka_client_config("receiver"),
             "acks": "all",
             "linger.ms": 2,
             "partitioner": "murmur2_random",  # Java-compatible: the same partition as the other writers of the key

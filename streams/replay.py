@@ -1108,7 +1108,7 @@ def publish(replay: Replay, settings, topics, *, rate: float | None = None,
     """
     from confluent_kafka import KafkaException, Producer
 
-    producer = Producer({**settings.kafka_client_config(), "linger.ms": 5, "acks": "all",
+    producer = Producer({**settings.kafka_client_config("replay"), "linger.ms": 5, "acks": "all",
                          "partitioner": "murmur2_random"})  # the Java client's partitioner, as Debezium uses
     failures: list[str] = []
 

@@ -123,9 +123,12 @@ class Settings(BaseSettings):
             return None
         return self.instance_id or socket.gethostname()
 
-    def kafka_client_config(self) -> dict[str, str]:
-        """librdkafka settings shared by every confluent-kafka client (security included)."""
+    def kafka_client_config(self, client: str | None = None) -> dict[str, str]:
+        """librdkafka settings shared by every confluent-kafka client (security included). `client`
+        names it to the broker (client.id `wardwatch-<client>`): per-client request metrics and logs."""
         conf = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.kafka_security_protocol}
+        if client:
+            conf["client.id"] = f"wardwatch-{client}"
         if self.kafka_sasl_mechanism:
             conf["sasl.mechanism"] = self.kafka_sasl_mechanism
             conf["sasl.username"] = self.kafka_sasl_username or ""

@@ -29,3 +29,15 @@ def test_static_membership_is_off_by_default_and_takes_the_host_name_unless_give
     assert Settings(static_membership=True).group_instance_id() == socket.gethostname()  # a compose replica's own
     assert Settings(static_membership=True, instance_id="worker-2").group_instance_id() == "worker-2"
     assert Settings(instance_id="worker-2").group_instance_id() is None  # an id alone does not turn it on
+
+
+def test_each_service_names_itself_to_the_broker_and_keeps_the_shared_security_settings():
+    from streams.app import changelog_producer_config
+    from streams.ingest import consumer_config, producer_config
+
+    s = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="PLAIN", kafka_sasl_username="u",
+                 kafka_sasl_password="p")
+    assert "client.id" not in s.kafka_client_config()  # librdkafka's default unless a service says who it is
+    assert consumer_config(s)["client.id"] == producer_config(s)["client.id"] == "wardwatch-ingest"
+    assert changelog_producer_config(s)["client.id"] == "wardwatch-worker-changelog"
+    assert consumer_config(s)["sasl.password"] == "p" and consumer_config(s)["security.protocol"] == "SASL_SSL"
