@@ -499,13 +499,14 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
                                          deadline=deadline, procs=procs, logs=logs, cpu=cpu))
             console.log(f"paced {rate:,}/s: p50 {phases[-1]['latency_ms_p50']:.1f} ms, "
                         f"p99 {phases[-1]['latency_ms_p99']:.1f} ms")
-        result["sustained"], result["sustained_tried_per_s"] = None, []
+        result["sustained"], result["sustained_tried_per_s"], result["search_phases"] = None, [], []
         for rate in search_rates(result["pipeline_events_per_s"], SEARCH_TRIES) if search else ():
             result["sustained_tried_per_s"].append(rate)
             with console.status(f"max sustained rate: trying {rate:,} raw messages/s"):
                 phase = _run_paced(settings, topics, collector, search(rate), rate, quiet_s=quiet_s,
                                    deadline=deadline, procs=procs, logs=logs, tag="s", cpu=cpu)
             ok = sustained(phase)
+            result["search_phases"].append(phase)  # every phase tried, the failed one included
             console.log(f"{rate:,}/s: p50 {phase['latency_ms_p50']:.1f} ms, p99 {phase['latency_ms_p99']:.1f} ms, "
                         f"{'sustained' if ok else 'not sustained'}")
             if not ok:
