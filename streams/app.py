@@ -101,8 +101,7 @@ class DurableTable(faust.Table):
         try:
             await asyncio.to_thread(self._changelog.flush_or_raise, timeout_s)
         except KafkaException as exc:
-            raise RuntimeError(f"the table changelog was not acknowledged within {timeout_s:.0f} s "
-                               f"({exc}): is the broker up?") from None
+            raise RuntimeError(f"the table changelog was not acknowledged ({exc}): is the broker up?") from None
 
     def next_offset(self, partition: int) -> int | None:
         raw = self.get(next_offset_key(partition))
