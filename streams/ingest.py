@@ -194,9 +194,13 @@ class IngestWorker:
         self._acked = AckedProducer(self._producer, "ingest")
         # id-only FHIR notifications are completed from the FHIR server; without one they are dead-lettered
         self._fhir = FhirClient(settings) if settings.fhir_server_url else None
+        max_skew_s = settings.ingest_max_skew()
+        if max_skew_s and max_skew_s >= settings.allowed_lateness_s:
+            raise ValueError(f"WARDWATCH_INGEST_MAX_SKEW_S ({max_skew_s:g}) must stay below "
+                             f"WARDWATCH_ALLOWED_LATENESS_S ({settings.allowed_lateness_s}): an event may come out "
+                             "that far behind its patient's clock, and beyond the allowed lateness it is late")
         # max skew 0: no alignment (every consumed message is published at once)
-        self.aligner = (Aligner(int(settings.ingest_max_skew_s * 1000), settings.ingest_idle_s)
-                        if settings.ingest_max_skew_s else None)
+        self.aligner = Aligner(int(max_skew_s * 1000), settings.ingest_idle_s) if max_skew_s else None
         # counters snapshot on the stats topic (`wardwatch stats`), sent with the next batch's flush
         self.stats = StatsPublisher("ingest", self.stats_snapshot, self._producer, topics.stats,
                                     interval_s=settings.stats_interval_s)

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     # ingest
     ingest_batch_size: int = Field(5000, ge=1, description="Max raw messages the ingest worker reads per poll")
     ingest_linger_ms: int = Field(100, ge=0, description="Producer linger for canonical micro-batches (ms). Every poll is flushed at once whatever the linger: a long one only keeps a poll's messages in one produce request")
-    ingest_max_skew_s: float = Field(6 * 3600, ge=0, description="Event-time alignment: how far (event time) a raw partition may be read ahead of the slowest active one; keep it well below allowed_lateness_s, or a backlog makes vitals late. 0: off")
+    ingest_max_skew_s: float | None = Field(None, ge=0, description="Event-time alignment: how far (event time) a raw partition may be read ahead of the slowest active one; below allowed_lateness_s, or a backlog makes vitals late. Default: half of allowed_lateness_s. 0: off")
     ingest_idle_s: float = Field(2.0, gt=0, description="Event-time alignment: a raw partition that delivered nothing for this long (wall clock) holds no other back")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024, description="Largest message wardwatch writes (producer message.max.bytes; raw notifications and dead-letter topics are created with it)")
     canonical_max_message_bytes: int = Field(512 * 1024, ge=1024, description="Max bytes of one canonical micro-batch message (below the broker's message.max.bytes)")
@@ -122,6 +122,11 @@ class Settings(BaseSettings):
         if not self.static_membership:
             return None
         return self.instance_id or socket.gethostname()
+
+    def ingest_max_skew(self) -> float:
+        """The ingest's event-time alignment bound in seconds (0: off): half the allowed lateness
+        unless set."""
+        return self.allowed_lateness_s / 2 if self.ingest_max_skew_s is None else self.ingest_max_skew_s
 
     def kafka_client_config(self, client: str | None = None) -> dict[str, str]:
         """librdkafka settings shared by every confluent-kafka client (security included). `client`

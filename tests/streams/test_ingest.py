@@ -580,7 +580,7 @@ def test_the_same_backlog_without_alignment_comes_out_days_out_of_order(settings
 def test_a_partition_ahead_in_event_time_is_paused_at_its_first_held_message_and_nothing_of_it_counted(fake_worker):
     vitals = _cdc("create_bare", 0)  # measured 2024-06-15T14:06Z
     lab = json.loads(cdc_message("lab_creatinine_umol_bare").value)
-    ahead_us = lab["after"]["collected_at"] + 8 * HOUR_MS * 1000  # beyond the default max skew of 6 h
+    ahead_us = lab["after"]["collected_at"] + 8 * HOUR_MS * 1000  # beyond the default max skew (6 h: half of 12 h)
     lab["after"].update(collected_at=ahead_us, resulted_at=ahead_us)
     lab["source"].update(ts_ms=ahead_us // 1000)
     lab_topic = cdc_message("lab_creatinine_umol_bare").topic
@@ -627,3 +627,17 @@ def test_commits_go_out_at_most_once_per_interval_and_the_rest_when_idle_or_revo
     assert fake.calls == [("flush",), ("commit", {tp: 3})]  # committed while still ours
     worker.close()  # and never again: that would move the next owner's committed offset back
     assert ("commit", {tp: 3}) not in fake.calls[2:]
+
+
+def test_a_max_skew_at_or_beyond_the_allowed_lateness_is_refused_at_start(monkeypatch):
+    fake = FakeBroker([])
+    monkeypatch.setattr(ingest, "Consumer", lambda conf: fake)
+    monkeypatch.setattr(ingest, "Producer", lambda conf: fake)
+    too_wide = FAKE_SETTINGS.model_copy(update={"ingest_max_skew_s": 12 * 3600, "allowed_lateness_s": 12 * 3600})
+    with pytest.raises(ValueError, match="INGEST_MAX_SKEW_S"):
+        IngestWorker(too_wide, topics_for(too_wide))
+    off = too_wide.model_copy(update={"ingest_max_skew_s": 0})  # alignment off: nothing to check
+    assert IngestWorker(off, topics_for(off)).aligner is None
+    # unset, the bound follows the allowed lateness: half of it
+    short = FAKE_SETTINGS.model_copy(update={"allowed_lateness_s": 3600})
+    assert IngestWorker(short, topics_for(short)).aligner.max_skew_ms == 1800 * 1000
