@@ -388,9 +388,9 @@ def _wait_until_quiet(collector: ScoreCollector, *, quiet_s: float, deadline: fl
 
 
 def worker_outcomes(settings: Settings, topics: Topics) -> dict:
-    """The worker's accepted and late event counts so far, from the stats topic. A backlog read from
-    several raw topics at once reaches the worker out of step across them (a small topic is read hours
-    of event time ahead of a big one), and its late events are cheap: events/s must say how many."""
+    """The worker's accepted and late event counts so far, from the stats topic. Late events are cheap
+    and unscored, so events/s must say how many there were: a backlog read out of step across the raw
+    topics made half of them late before the ingest aligned its partitions in event time."""
     from streams.stats import read_stats, summarize
 
     counters = summarize(read_stats(settings, topics)).get("services", {}).get("worker", {}).get("counters", {})
@@ -602,9 +602,10 @@ def print_table(console: Console, r: dict) -> None:
     t.add_row("score records out", f"{r['n_scores']:,}", "")
     console.print(t)
     if r.get("late_share") is not None:
+        why = ("; read out of step across the raw topics, they went to the late topic, unscored, which "
+               "flatters events/s") if r["worker_late"] else ""
         console.print(f"late canonical events in the backlog: {r['worker_late']:,} of "
-                      f"{r['worker_late'] + r['worker_accepted']:,} ({r['late_share']:.0%}; read out of step across the "
-                      f"raw topics, they are routed to the late topic, unscored, which flatters events/s)")
+                      f"{r['worker_late'] + r['worker_accepted']:,} ({r['late_share']:.0%}{why})")
     if r.get("paced") or r.get("sustained"):
         pt = Table(title="latency at an offered load (raw produce -> score record; max: the highest load tried "
                          "that was sustained)")

@@ -205,7 +205,9 @@ def test_the_sampler_records_the_processes_while_it_runs():
     import os
 
     with CpuSampler({"me": os.getpid()}, interval_s=0.01) as sampler:
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while len(sampler.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # a polled condition: the sampler's thread appends on its own schedule
     assert len(sampler.samples) >= 3 and all(snap["me"] is not None for _, snap in sampler.samples)
 
 

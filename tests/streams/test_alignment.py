@@ -190,9 +190,12 @@ def test_the_escape_waits_for_a_just_assigned_partition_to_deliver_or_go_idle():
     assert b.resume(IDLE + 0.1) == [B]  # vitals never delivered: idle, the labs go on
 
 
-def test_nothing_paused_costs_no_work():
+def test_with_nothing_paused_nothing_resumes():
+    # (and the ingest does not even ask while nothing is paused: the live fake-broker tests in
+    # tests/streams/test_ingest.py see no pause, seek or resume call)
     a = aligner(A)
-    assert a.resume(0.0) == []
+    a.take({A: msgs(A, 0, 5_000)}, event_time, now=0.0)
+    assert a.resume(10.0) == [] and not a.paused
 
 
 # --- rebalance ------------------------------------------------------------------------------------
