@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, backlog_grew, combine,
                                  CpuSampler, cpu_per_message, cpu_seconds, id_pattern, late_share, memory_figures, paced_messages, pipeline_figures, repeated,
-                                 run_bench, search_rates, sustained, with_suffix)
+                                 run_bench, search_rates, split_by_capacity, sustained, with_suffix)
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
@@ -164,6 +164,13 @@ def test_search_climbs_from_a_fifth_of_the_capacity_to_nine_tenths_of_it():
     # never the same rate twice
     assert search_rates(150.0) == [30, 40, 50, 70, 90, 110]
     assert search_rates(20.0) == [10]
+
+
+def test_overloads_run_after_the_sustained_rate_search_and_the_rest_before_it():
+    paced = [(1000, ["a"]), (10000, ["b"]), (3500, ["c"])]
+    within, beyond = split_by_capacity(paced, 3500.0)
+    assert within == [(1000, ["a"]), (3500, ["c"])]
+    assert beyond == [(10000, ["b"])]
 
 
 def test_memory_per_10k_patients_is_the_growth_over_the_warm_worker():
