@@ -419,6 +419,10 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     async def _forget_cache(sender, **kwargs):  # another worker may have changed a patient we held
         parsed.clear()
 
+    @app.on_before_shutdown.connect
+    async def _confirm_last_batch(sender, **kwargs):  # durable, so a restart need not apply it again
+        await confirmations.wait()
+
     @app.on_partitions_revoked.connect
     async def _forget_pending_commits(sender, revoked, **kwargs):  # another worker may commit beyond them now
         # the last batch's changelog is durable before a new owner writes its recovery barrier
@@ -488,7 +492,8 @@ class ChangelogConfirmations:
         self._pending: asyncio.Future | None = None
 
     def start(self, advanced: dict[int, int]) -> None:
-        """The batch's changelog records are produced: confirm them, then commit `advanced`."""
+        """The batch's changelog records are produced: confirm them, then commit `advanced`. The
+        previous confirmation was waited for (the batch's output flush did)."""
         self._pending = asyncio.ensure_future(self._confirm(advanced, time.perf_counter()))
 
     async def wait(self) -> None:
