@@ -13,7 +13,7 @@
 
 Order of the phases: the unpaced backlog; the paced loads (`--rates`) up to its events/s; the search
 for the max sustained rate; the paced loads beyond its events/s last, since an overload leaves the
-broker slower for a while. Max sustained rate: paced phases from 20% of the backlog's events/s up by
+embedded broker slower (each stored record batch makes its fetches dearer). Max sustained rate: paced phases from 20% of the backlog's events/s up by
 25% a step, until one is not sustained (it fell behind, its latency grew, or it routed events late:
 `sustained`); the highest sustained one is reported, and the relay is then measured at that rate too.
 
@@ -167,8 +167,9 @@ def search_rates(capacity_per_s: float, tries: int = SEARCH_TRIES) -> list[int]:
 
 def split_by_capacity(paced: list[tuple[int, list]], capacity_per_s: float) -> tuple[list, list]:
     """The paced phases to run before the max-sustained-rate search (at most the backlog's events/s)
-    and after it (overloads). An overload leaves the broker slower for a while: a search run after a
-    10k/s phase once failed at 700/s where a 1k/s phase before it was sustained."""
+    and after it (overloads). The embedded broker's fetches slow down with every record batch its
+    partitions hold (README, "The embedded broker"), and an overload adds many of them: a search run
+    after a 10k/s phase once failed at 700/s where a 1k/s phase before it was sustained."""
     return ([(rate, m) for rate, m in paced if rate <= capacity_per_s],
             [(rate, m) for rate, m in paced if rate > capacity_per_s])
 
