@@ -46,6 +46,7 @@ from wardwatch.settings import Settings
 log = logging.getLogger("wardwatch.worker")
 
 MODEL_RELOAD_CHECK_S = 2.0  # how often the worker looks for a promoted model
+REWIND_CHECK_S = 1.0  # how often the worker looks for rewinds whose re-read did not show
 
 
 def _produced_ns(headers) -> int | None:
@@ -199,6 +200,11 @@ class PendingRewinds:
 
     def awaiting(self, now: float) -> set[int]:
         return {p for p, at in self._issued.items() if now - at < self.retry_s}
+
+    def overdue(self, now: float) -> list[int]:
+        """Partitions whose re-read has not shown within `retry_s`: seek them again even if no new
+        message arrives (at the end of a stream none does, and a lost seek stranded a partition)."""
+        return sorted(p for p, at in self._issued.items() if now - at >= self.retry_s)
 
     def issued(self, partition: int, now: float) -> None:
         self._issued[partition] = now
@@ -409,6 +415,18 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
                 raise
             except Exception:
                 _exit_unacked(batch)
+
+    @app.timer(REWIND_CHECK_S)
+    async def _retry_rewinds() -> None:
+        for partition in rewinds.overdue(time.monotonic()):
+            offset = table.next_offset(partition)
+            if offset is None:  # nothing applied there yet: no gap to close
+                rewinds.settled([partition])
+                continue
+            log.warning("canonical partition %d: the rewind to offset %d was not re-read; seeking again",
+                        partition, offset)
+            await app.consumer.seek_wait({TP(topics.canonical, partition): offset})
+            rewinds.issued(partition, time.monotonic())
 
     @app.timer(settings.stats_interval_s)
     async def _publish_stats() -> None:  # also while idle, so `wardwatch stats` is never stale

@@ -67,6 +67,18 @@ def test_a_rewind_is_awaited_until_its_partition_advances_or_for_a_while_only():
     assert rewinds.awaiting(now=200.1) == set()
 
 
+def test_a_rewind_whose_re_read_never_shows_is_due_again_without_new_messages():
+    rewinds = PendingRewinds(retry_s=5.0)
+    rewinds.issued(0, now=100.0)
+    rewinds.issued(3, now=102.0)
+    assert rewinds.overdue(now=104.9) == []  # the seek may still be on its way
+    assert rewinds.overdue(now=105.0) == [0]
+    rewinds.settled({3: 12})
+    assert rewinds.overdue(now=200.0) == [0]  # the settled one is not sought again
+    rewinds.issued(0, now=200.0)  # sought again: awaited afresh
+    assert rewinds.overdue(now=201.0) == [] and rewinds.awaiting(now=201.0) == {0}
+
+
 def test_faust_never_commits_and_its_ack_records_do_not_pile_up():
     # faust's ack bookkeeping, as its consumer keeps it: one entry per acked message until its commit
     consumer = SimpleNamespace(_acked=defaultdict(list, {"tp0": [5, 6, 7], "tp1": [2]}),
