@@ -13,9 +13,10 @@
 
 Order of the phases: the unpaced backlog; the paced loads (`--rates`) up to its events/s; the search
 for the max sustained rate; the paced loads beyond its events/s last, since an overload leaves the
-embedded broker slower (each stored record batch makes its fetches dearer). Max sustained rate: paced phases from 20% of the backlog's events/s up by
-25% a step, until one is not sustained (it fell behind, its latency grew, or it routed events late:
-`sustained`); the highest sustained one is reported, and the relay is then measured at that rate too.
+embedded broker slower (each stored record batch makes its fetches dearer). Max sustained rate:
+paced phases from 20% of the backlog's events/s up by 25% a step, until one is not sustained (it
+fell behind, its latency grew, or it routed events late: `sustained`); the highest sustained one is
+reported, and the relay is then measured at that rate too.
 
 The pipeline is warmed up first (the replay's first messages, renamed `-warmup` and excluded from the
 figures) so the children's startup and group joins are not measured; the measured feed then goes as
@@ -531,7 +532,7 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
             result["sustained"] = phase
         for rate, messages in beyond:
             run_paced(rate, messages)
-        phases.sort(key=lambda phase: phase["offered_per_s"])  # in the order of the requested rates
+        phases.sort(key=lambda phase: phase["offered_per_s"])  # by offered load, whatever order they ran in
         patients = len({a.patient_id for a in collector.snapshot()})
         result["paced"] = phases
         result.update(memory_figures(rss_warm, rss_bytes(procs["worker"].pid), patients))

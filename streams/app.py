@@ -390,11 +390,14 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         for partition, offset in rewind.items():  # messages were skipped: read them again, in order
             log.warning("canonical partition %d: messages from offset %d were not applied; rewinding to it",
                         partition, offset)
-            # seek_wait, not seek: faust's seek calls the aiokafka consumer from this thread while it
-            # runs in its own, and the fetcher then never re-reads the partition (seen in the chaos
-            # soak: one partition stuck at the same offset across five restarts)
-            await app.consumer.seek_wait({TP(topics.canonical, partition): offset})
-            rewinds.issued(partition, time.monotonic())
+            await seek_back(partition, offset)
+
+    async def seek_back(partition: int, offset: int) -> None:
+        # seek_wait, not seek: faust's seek calls the aiokafka consumer from this thread while it runs
+        # in its own, and the fetcher then never re-reads the partition (seen in the chaos soak: one
+        # partition stuck at the same offset across five restarts)
+        await app.consumer.seek_wait({TP(topics.canonical, partition): offset})
+        rewinds.issued(partition, time.monotonic())
 
     committer = AppliedOffsetCommitter(app, topics.canonical, settings.commit_interval_s)
 
@@ -425,8 +428,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
                 continue
             log.warning("canonical partition %d: the rewind to offset %d was not re-read; seeking again",
                         partition, offset)
-            await app.consumer.seek_wait({TP(topics.canonical, partition): offset})
-            rewinds.issued(partition, time.monotonic())
+            await seek_back(partition, offset)
 
     @app.timer(settings.stats_interval_s)
     async def _publish_stats() -> None:  # also while idle, so `wardwatch stats` is never stale
