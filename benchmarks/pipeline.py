@@ -16,7 +16,8 @@ for the max sustained rate; the paced loads beyond its events/s last, since an o
 embedded broker slower (each stored record batch makes its fetches dearer). Max sustained rate:
 paced phases from 20% of the backlog's events/s up by 25% a step, until one is not sustained (it
 fell behind, its latency grew, or it routed events late: `sustained`); the highest sustained one is
-reported, and the relay is then measured at that rate too.
+reported, and the relay is then measured at that rate too. Every phase replays the cohort's days
+shifted to after the previous phase's (`Epochs`), as a live feed's event time would go on.
 
 The pipeline is warmed up first (the replay's first messages, renamed `-warmup` and excluded from the
 figures) so the children's startup and group joins are not measured; the measured feed then goes as
@@ -166,13 +167,41 @@ def search_rates(capacity_per_s: float, tries: int = SEARCH_TRIES) -> list[int]:
     return rates
 
 
-def split_by_capacity(paced: list[tuple[int, list]], capacity_per_s: float) -> tuple[list, list]:
-    """The paced phases to run before the max-sustained-rate search (at most the backlog's events/s)
+def split_by_capacity(rates: list[int], capacity_per_s: float) -> tuple[list[int], list[int]]:
+    """The paced rates to run before the max-sustained-rate search (at most the backlog's events/s)
     and after it (overloads). The embedded broker's fetches slow down with every record batch its
     partitions hold (README, "The embedded broker"), and an overload adds many of them: a search run
     after a 10k/s phase once failed at 700/s where a 1k/s phase before it was sustained."""
-    return ([(rate, m) for rate, m in paced if rate <= capacity_per_s],
-            [(rate, m) for rate, m in paced if rate > capacity_per_s])
+    return [rate for rate in rates if rate <= capacity_per_s], [rate for rate in rates if rate > capacity_per_s]
+
+
+def epoch_step_s(replay: Replay) -> int:
+    """How far apart in event time to put successive replays of one cohort: its time span plus a day
+    (more than the allowed lateness and the alignment skew), in whole days."""
+    start_us, end_us = replay.manifest["time_span_us"]
+    return ((end_us - start_us) // 86_400_000_000 + 2) * 86_400
+
+
+class Epochs:
+    """The cohort's replays one after another in event time, as a live feed's would be: the n-th call
+    of next() gives the replay shifted by n steps. Each phase of the bench takes the next one when it
+    runs: had every phase replayed the same days, event time would go back by weeks at each phase, the
+    ingest's event-time alignment (whose partition clocks only go forward) would let any raw partition
+    run ahead, and under an overload vitals would reach the worker late (measured: 22-35% of a 10k/s
+    phase's events, against none with epochs)."""
+
+    def __init__(self, build, first: Replay):
+        self.build, self.step_s, self.used = build, epoch_step_s(first), 1
+
+    def next(self) -> Replay:
+        replay = self.build(self.used * self.step_s)
+        self.used += 1
+        return replay
+
+
+def event_span_ms(replay: Replay) -> list[int]:
+    start_us, end_us = replay.manifest["time_span_us"]
+    return [start_us // 1000, end_us // 1000]
 
 
 def machine_facts() -> dict:
@@ -470,9 +499,10 @@ def sustained(phase: dict) -> bool:
 
 
 def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], measured: list[RawMessage],
-                  *, quiet_s: float, deadline: float, console: Console,
-                  paced: list[tuple[int, list[RawMessage]]] = (), search=None, broker_pid: int | None = None) -> dict:
-    """search: None, or rate -> messages for a max-sustained-rate phase at that rate."""
+                  *, quiet_s: float, deadline: float, console: Console, rates: list[int] = (),
+                  phase_feed=None, find_sustained: bool = False, broker_pid: int | None = None) -> dict:
+    """phase_feed(rate, tag) -> (messages, event span): the feed of a paced phase (tag "p") or of a
+    max-sustained-rate try (tag "s"), made when the phase is about to run."""
     logs = settings.data_dir / "logs"
     with ExitStack() as stack:
         collector = ScoreCollector(settings, topics.scores)
@@ -506,23 +536,27 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
                       first_produced_ns, max((a.received_ns for a in arrivals), default=fed_ns), len(measured))}
         phases = []
 
-        def run_paced(rate: int, messages: list[RawMessage]) -> None:
-            with console.status(f"paced load: {len(messages):,} raw messages at {rate:,}/s"):
-                phases.append(_run_paced(settings, topics, collector, messages, rate, quiet_s=quiet_s,
-                                         deadline=deadline, procs=procs, logs=logs, cpu=cpu))
+        def run_phase(rate: int, tag: str) -> dict:
+            messages, span = phase_feed(rate, tag)
+            phase = _run_paced(settings, topics, collector, messages, rate, quiet_s=quiet_s, deadline=deadline,
+                               procs=procs, logs=logs, tag=tag, cpu=cpu)
+            return {**phase, "event_span_ms": span}
+
+        def run_paced(rate: int) -> None:
+            with console.status(f"paced load: {rate:,} raw messages/s"):
+                phases.append(run_phase(rate, "p"))
             console.log(f"paced {rate:,}/s: p50 {phases[-1]['latency_ms_p50']:.1f} ms, "
                         f"p99 {phases[-1]['latency_ms_p99']:.1f} ms")
 
         capacity = result["pipeline_events_per_s"]
-        within, beyond = split_by_capacity(paced, capacity)
-        for rate, messages in within:
-            run_paced(rate, messages)
+        within, beyond = split_by_capacity(rates, capacity)
+        for rate in within:
+            run_paced(rate)
         result["sustained"], result["sustained_tried_per_s"], result["search_phases"] = None, [], []
-        for rate in search_rates(capacity, SEARCH_TRIES) if search else ():
+        for rate in search_rates(capacity, SEARCH_TRIES) if find_sustained else ():
             result["sustained_tried_per_s"].append(rate)
             with console.status(f"max sustained rate: trying {rate:,} raw messages/s"):
-                phase = _run_paced(settings, topics, collector, search(rate), rate, quiet_s=quiet_s,
-                                   deadline=deadline, procs=procs, logs=logs, tag="s", cpu=cpu)
+                phase = run_phase(rate, "s")
             ok = sustained(phase)
             result["search_phases"].append(phase)  # every phase tried, the failed one included
             console.log(f"{rate:,}/s: p50 {phase['latency_ms_p50']:.1f} ms, p99 {phase['latency_ms_p99']:.1f} ms, "
@@ -530,8 +564,8 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
             if not ok:
                 break
             result["sustained"] = phase
-        for rate, messages in beyond:
-            run_paced(rate, messages)
+        for rate in beyond:
+            run_paced(rate)
         phases.sort(key=lambda phase: phase["offered_per_s"])  # by offered load, whatever order they ran in
         patients = len({a.patient_id for a in collector.snapshot()})
         result["paced"] = phases
@@ -561,13 +595,19 @@ def run_bench(*, patients: int = 8, repeat: int = 60, console: Console | None = 
     with EmbeddedBroker.start(log_path=data_dir / "logs" / "broker.log") as broker:
         settings = _bench_settings(broker.bootstrap, data_dir)
         seed_models(settings.model_dir)
-        replay = build_replay(cohort, faults=False, seed=seed, allowed_lateness_s=settings.allowed_lateness_s,
-                              late_by_s=settings.allowed_lateness_s + 3600)
+
+        def build(shift_s: int) -> Replay:
+            return build_replay(cohort, faults=False, seed=seed, allowed_lateness_s=settings.allowed_lateness_s,
+                                late_by_s=settings.allowed_lateness_s + 3600, shift_s=shift_s)
+
+        replay = build(0)  # the warm-up's: later feeds follow it in event time (Epochs)
+        epochs = Epochs(build, replay)
         mrns = replay.manifest["patients"]
         refs = load_patient_refs(cohort)
         pattern = id_pattern([*mrns, *(refs[m].removeprefix("Patient/") for m in mrns if m in refs)])
-        measured = repeated(replay.messages, pattern, repeat)
         warmup = with_suffix([m for m in replay.messages if m.key][:WARMUP_MESSAGES], pattern, WARMUP_SUFFIX)
+        backlog = epochs.next()
+        measured = repeated(backlog.messages, pattern, repeat)
 
         payloads = [m.value for m in measured if m.value]
         with console.status(f"baseline: relaying {len(measured)} pre-filled messages through a plain loop"):
@@ -582,13 +622,15 @@ def run_bench(*, patients: int = 8, repeat: int = 60, console: Console | None = 
 
         topics = topics_for(settings)
         ensure_topics(settings, topics)
-        paced = [(rate, paced_messages(replay.messages, pattern, rate, paced_s)) for rate in rates]
-        def search(rate: int) -> list[RawMessage]:
-            return paced_messages(replay.messages, pattern, rate, paced_s, tag="s")
+
+        def phase_feed(rate: int, tag: str) -> tuple[list[RawMessage], list[int]]:
+            feed = epochs.next()
+            return paced_messages(feed.messages, pattern, rate, paced_s, tag=tag), event_span_ms(feed)
 
         pipeline = _run_pipeline(settings, topics, warmup, measured, quiet_s=quiet_s, deadline=deadline,
-                                 console=console, paced=paced,
-                                 search=search if find_sustained else None, broker_pid=broker.pid)
+                                 console=console, rates=list(rates), phase_feed=phase_feed,
+                                 find_sustained=find_sustained, broker_pid=broker.pid)
+        pipeline["event_span_ms"] = event_span_ms(backlog)
         if pipeline["sustained"] is not None:
             rate = pipeline["sustained"]["offered_per_s"]
             with console.status(f"baseline latency: {rate:,} messages/s for {paced_s:.0f} s"):

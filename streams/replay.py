@@ -34,7 +34,7 @@ import uuid
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from importlib.metadata import version as package_version
@@ -904,11 +904,12 @@ REGISTRATION_LEAD_US = 10 * 60 * 1_000_000  # a patient is registered before the
 ENCOUNTER_STATUS = ("in-progress", "finished")
 
 
-def _context_items(cohort_dir: Path, keep: set[str], stream: list[Delivered]) -> list[Item]:
+def _context_items(cohort_dir: Path, keep: set[str], stream: list[Delivered], shift_us: int = 0) -> list[Item]:
     """Each kept patient's row (at registration), each encounter's insert (at admission, before any of
     its vitals) and, when the discharge falls within the replay's time span, the update that finishes it.
     An encounter discharged after the span stays in progress, as it would be in a live EHR."""
     patients, encounters = load_context(cohort_dir)
+    encounters = [shifted_encounter(e, shift_us) for e in encounters]
     start, end = min(d.item.at_us for d in stream), max(d.item.at_us for d in stream)
     first_seen: dict[str, int] = {}  # patient -> availability of their first message
     for d in stream:
@@ -987,18 +988,24 @@ def _with_context(stream: list[Delivered], context: list[Item], rng: random.Rand
 
 
 def build_replay(cohort_dir: Path, *, faults: bool = True, seed: int = 0, max_patients: int | None = None,
-                 late_by_s: int = 8 * 3600, allowed_lateness_s: int = 3600, plan: FaultPlan = FaultPlan()) -> Replay:
+                 late_by_s: int = 8 * 3600, allowed_lateness_s: int = 3600, plan: FaultPlan = FaultPlan(),
+                 shift_s: int = 0) -> Replay:
     """The cohort as raw CDC and FHIR messages in delivery order, with faults and their manifest.
 
     `late_by_s`: how far behind newer rows of the same patient a late row is delivered; it must
     exceed `allowed_lateness_s` (pass settings.allowed_lateness_s) so the stream routes those rows
     to the late topic. The other faults target facts that are on time under that bound, so they
     exercise dedupe and corrections rather than the late path.
+    `shift_s`: every clinical and commit time moved this far (birth years stay): a replay that follows
+    another in one stream without its event time going back (the manifest's `time_span_us` says where
+    a replay's times lie).
     """
     if late_by_s <= allowed_lateness_s:
         raise ValueError("late_by_s must exceed allowed_lateness_s, or the 'late' rows are not late")
     cohort_dir = Path(cohort_dir)
-    vitals, labs = load_vitals(cohort_dir), load_labs(cohort_dir)
+    shift_us = shift_s * 1_000_000
+    vitals = [replace(v, measured_at_us=v.measured_at_us + shift_us) if shift_us else v for v in load_vitals(cohort_dir)]
+    labs = [shifted_lab(lab, shift_us) for lab in load_labs(cohort_dir)]
     patients = sorted({v.patient_id for v in vitals}, key=patient_sort_key)[:max_patients]
     keep = set(patients)
     vitals = [v for v in vitals if v.patient_id in keep]
@@ -1011,8 +1018,27 @@ def build_replay(cohort_dir: Path, *, faults: bool = True, seed: int = 0, max_pa
     swaps: list[tuple[Delivered, Delivered]] = []
     if faults:
         stream, swaps = _deliver(stream, rng, plan, involved, allowed_lateness_s)
-    stream = _with_context(stream, _context_items(cohort_dir, keep, stream), random.Random(f"context-{seed}"))
+    stream = _with_context(stream, _context_items(cohort_dir, keep, stream, shift_us), random.Random(f"context-{seed}"))
     return Replay([d.message for d in stream], _manifest(stream, items, swaps, patients, faults, seed, late_by_s))
+
+
+def shifted_lab(lab: LabResult, shift_us: int) -> LabResult:
+    """The lab result with its effective and issued times (and the Observation's) moved by shift_us."""
+    if not shift_us:
+        return lab
+    effective, issued = lab.effective_us + shift_us, lab.issued_us + shift_us
+    obs = {**lab.resource, "effectiveDateTime": format_time_us(effective),
+           "meta": {**lab.resource.get("meta", {}), "lastUpdated": format_time_us(issued)}}
+    if "issued" in obs:
+        obs["issued"] = format_time_us(issued)
+    return replace(lab, effective_us=effective, issued_us=issued, resource=obs)
+
+
+def shifted_encounter(e: EncounterRow, shift_us: int) -> EncounterRow:
+    if not shift_us:
+        return e
+    return replace(e, admitted_us=e.admitted_us + shift_us,
+                   discharged_us=None if e.discharged_us is None else e.discharged_us + shift_us)
 
 
 def _manifest(stream: list[Delivered], items: list[Item], swaps: list[tuple[Delivered, Delivered]],
@@ -1060,6 +1086,8 @@ def _manifest(stream: list[Delivered], items: list[Item], swaps: list[tuple[Deli
         "seed": seed,
         "faults": faults,
         "late_by_s": late_by_s,
+        # first and last commit (CDC) or notification (FHIR) time; clinical times lie at or before them
+        "time_span_us": [min(d.item.at_us for d in stream), max(d.item.at_us for d in stream)],
         "patients": patients,
         "messages": len(stream),
         "counts": dict(sorted(counts.items())),

@@ -7,12 +7,12 @@ import orjson
 import pytest
 
 from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, backlog_grew, combine,
-                                 CpuSampler, cpu_per_message, cpu_seconds, id_pattern, late_share, memory_figures, paced_messages, pipeline_figures, repeated,
+                                 CpuSampler, Epochs, cpu_per_message, event_span_ms, cpu_seconds, id_pattern, late_share, memory_figures, paced_messages, pipeline_figures, repeated,
                                  run_bench, search_rates, split_by_capacity, sustained, with_suffix)
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
-from streams.replay import (LAB_SUBSCRIPTION, CommitInfo, RawMessage, VitalRow, debezium_key, debezium_value,
+from streams.replay import (LAB_SUBSCRIPTION, CommitInfo, RawMessage, Replay, VitalRow, debezium_key, debezium_value,
                             notification_bundle, row_payload, vital_observation)
 from wardwatch.settings import Settings
 
@@ -167,10 +167,26 @@ def test_search_climbs_from_a_fifth_of_the_capacity_to_nine_tenths_of_it():
 
 
 def test_overloads_run_after_the_sustained_rate_search_and_the_rest_before_it():
-    paced = [(1000, ["a"]), (10000, ["b"]), (3500, ["c"])]
-    within, beyond = split_by_capacity(paced, 3500.0)
-    assert within == [(1000, ["a"]), (3500, ["c"])]
-    assert beyond == [(10000, ["b"])]
+    within, beyond = split_by_capacity([1000, 10000, 3500], 3500.0)
+    assert within == [1000, 3500]
+    assert beyond == [10000]
+
+
+def test_each_epoch_starts_more_than_a_day_after_the_previous_one_ends():
+    day_us = 86_400_000_000
+    span_us = 13 * day_us + 5 * 3_600_000_000  # 13 days 5 hours
+    built = []
+
+    def build(shift_s: int) -> Replay:
+        built.append(shift_s)
+        start = 1_700_000_000_000_000 + shift_s * 1_000_000
+        return Replay([], {"time_span_us": [start, start + span_us]})
+
+    epochs = Epochs(build, build(0))
+    spans = [event_span_ms(build(0))] + [event_span_ms(epochs.next()) for _ in range(3)]
+    assert built == [0, 0, 15 * 86_400, 30 * 86_400, 45 * 86_400]  # whole days: 13 days 5 h + a day, rounded up
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start - end > 86_400_000  # more than a day: beyond the allowed lateness and the alignment skew
 
 
 def test_memory_per_10k_patients_is_the_growth_over_the_warm_worker():
@@ -333,5 +349,9 @@ def test_a_small_run_measures_both_sides(tmp_path):
         assert sustained(result["sustained"])
         assert math.isfinite(result["sustained"]["baseline_latency_ms_p99"])
     assert result["patients_in_state"] > result["n_patients"]  # warm-up + measured + paced patients
+    # every phase replays days of its own, after the backlog's and each other's: event time never goes back
+    spans = sorted([result["event_span_ms"], *(p["event_span_ms"] for p in result["paced"] + result["search_phases"])])
+    assert spans[0] == result["event_span_ms"]
+    assert all(end < start for (_, end), (start, _) in zip(spans, spans[1:]))
     # live state measured in a clean process: 16 patients with full windows take some memory
     assert result["state_patients"] == 16 and result["state_table_mb_per_10k_patients"] > 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from schemas.codes import is_context
 from streams.replay import RawMessage, build_replay, generate_cohort
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -479,6 +480,48 @@ def test_max_patients_keeps_only_that_many_patients(cohort):
     keys = {json.loads(m.key)["payload"]["patient_id"] for m in small.messages if m.kind == "cdc" and m.key}
     keys |= {m.key.decode() for m in small.messages if m.kind == "fhir" and m.key}
     assert keys == set(small.manifest["patients"])
+
+
+def _canonical_events(replay) -> list:
+    """Every canonical event the ingest parsers make of the replay, in delivery order."""
+    from schemas.cdc import parse_cdc
+    from schemas.fhir import parse_notification
+    from schemas.ingest_outcome import Parsed
+    from streams.topics import topics_for
+    from wardwatch.settings import Settings
+
+    settings = Settings()
+    topics = topics_for(settings)
+    events = []
+    for m in replay.messages:
+        if m.kind == "cdc":
+            outcome = parse_cdc(topics.cdc[m.table], m.key, m.value, partition=0, offset=0,
+                                cdc_topic_prefix=settings.cdc_topic_prefix)
+        else:
+            outcome = parse_notification(m.value, topic=topics.fhir, partition=0, offset=0)
+        if isinstance(outcome, Parsed):
+            events += outcome.events
+    return events
+
+
+def test_a_shifted_replay_is_the_same_facts_moved_in_time_by_the_shift(cohort):
+    day_ms = 86_400_000
+    plain = build_replay(cohort, faults=False, seed=3)
+    shifted = build_replay(cohort, faults=False, seed=3, shift_s=20 * 86_400)
+    before, after = _canonical_events(plain), _canonical_events(shifted)
+    assert len(before) == len(after) > 100
+    for a, b in zip(before, after, strict=True):
+        assert (b.patient_id, b.code, b.value, b.value_text, b.source, b.status) == \
+            (a.patient_id, a.code, a.value, a.value_text, a.source, a.status)
+        if not is_context(a.code_system):  # a stay's location fact is named by its time
+            assert b.fact_id == a.fact_id
+        if a.effective_ms > 0:  # context facts such as the birth year keep their time
+            assert b.effective_ms - a.effective_ms in (0, 20 * day_ms)
+    moved = sum(b.effective_ms - a.effective_ms == 20 * day_ms for a, b in zip(before, after))
+    assert moved >= 0.9 * len(before)  # every measurement and stay; not the birth years
+    start, end = plain.manifest["time_span_us"]
+    assert shifted.manifest["time_span_us"] == [start + 20 * day_ms * 1000, end + 20 * day_ms * 1000]
+    assert start < end
 
 
 # --- publishing (real broker) ---------------------------------------------------------------------
