@@ -498,6 +498,17 @@ def sustained(phase: dict) -> bool:
     return phase["kept_up"] and not phase["latency_grew"] and (phase.get("late_share") or 0.0) < MAX_LATE_SHARE
 
 
+def sustained_verdict(phase: dict) -> str:
+    """`sustained` in words: yes, or no and every reason why."""
+    if sustained(phase):
+        return "yes"
+    late = phase.get("late_share") or 0.0
+    reasons = [*(["fell behind"] if not phase["kept_up"] else []),
+               *(["latency grew"] if phase["latency_grew"] else []),
+               *([f"{late:.0%} late"] if late >= MAX_LATE_SHARE else [])]
+    return "no: " + ", ".join(reasons)
+
+
 def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], measured: list[RawMessage],
                   *, quiet_s: float, deadline: float, console: Console, rates: list[int] = (),
                   phase_feed=None, find_sustained: bool = False, broker_pid: int | None = None) -> dict:
@@ -680,7 +691,7 @@ def print_table(console: Console, r: dict) -> None:
         for ph in [*r["paced"], *max_row]:
             pt.add_row(ph.get("label", f"{ph['offered_per_s']:,}"), f"{ph['achieved_offer_per_s']:,.0f}",
                        f"{ph['latency_ms_p50']:,.1f}", f"{ph['latency_ms_p99']:,.1f}", f"{ph['latency_ms_max']:,.1f}",
-                       "yes" if sustained(ph) else "no",
+                       sustained_verdict(ph),
                        f"{ph.get('baseline_latency_ms_p50', float('nan')):,.1f}",
                        f"{ph.get('baseline_latency_ms_p99', float('nan')):,.1f}")
         console.print(pt)

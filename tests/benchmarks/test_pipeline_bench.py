@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, backlog_grew, combine,
                                  CpuSampler, Epochs, cpu_per_message, event_span_ms, cpu_seconds, id_pattern, late_share, memory_figures, paced_messages, pipeline_figures, repeated,
-                                 run_bench, search_rates, split_by_capacity, sustained, with_suffix)
+                                 run_bench, search_rates, split_by_capacity, sustained, sustained_verdict, with_suffix)
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
@@ -170,6 +170,15 @@ def test_overloads_run_after_the_sustained_rate_search_and_the_rest_before_it():
     within, beyond = split_by_capacity([1000, 10000, 3500], 3500.0)
     assert within == [1000, 3500]
     assert beyond == [10000]
+
+
+def test_a_phase_that_was_not_sustained_says_why():
+    ok = {"kept_up": True, "latency_grew": False, "late_share": 0.0}
+    assert sustained_verdict(ok) == "yes"
+    assert sustained_verdict({**ok, "late_share": 0.004}) == "yes"  # under 1% late
+    assert sustained_verdict({**ok, "latency_grew": True}) == "no: latency grew"
+    assert sustained_verdict({"kept_up": False, "latency_grew": True, "late_share": 0.35}) == \
+        "no: fell behind, latency grew, 35% late"
 
 
 def test_each_epoch_starts_more_than_a_day_after_the_previous_one_ends():
