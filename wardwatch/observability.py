@@ -54,7 +54,12 @@ MODEL_INFO = Gauge("wardwatch_model_info", "1 for the model version in use", ["v
 def observe_batch(messages: int, **phase_seconds: float) -> None:
     BATCH_MESSAGES.observe(messages)
     for phase, seconds in phase_seconds.items():
-        BATCH_PHASE.labels(phase=phase).observe(seconds)
+        observe_phase(phase, seconds)
+
+
+def observe_phase(phase: str, seconds: float) -> None:
+    """One phase of a worker batch that ends after the batch does (its changelog confirmation)."""
+    BATCH_PHASE.labels(phase=phase).observe(seconds)
 
 
 def set_model(version: str, path: str) -> None:

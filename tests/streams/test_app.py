@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from types import SimpleNamespace
 
-from streams.app import AppliedOnlyConsumer, PendingRewinds, sequence_batch
+import pytest
+
+from streams.app import AppliedOnlyConsumer, ChangelogConfirmations, PendingRewinds, sequence_batch
 from streams.patient_agent import CanonicalMessage
 
 
@@ -136,3 +139,85 @@ def test_faust_recovery_can_read_the_compressed_changelog_the_worker_writes(sett
     readable = {"lz4": codec.has_lz4, "zstd": codec.has_zstd, "snappy": codec.has_snappy,
                 "gzip": codec.has_gzip, "none": lambda: True}
     assert readable[changelog_producer_config(settings)["compression.type"]]()
+
+
+class _ChangelogAwaitingAck:
+    """A table whose changelog acknowledgement arrives when the test says so."""
+
+    def __init__(self, fails: bool = False):
+        self.acknowledged = asyncio.Event()
+        self.fails = fails
+
+    async def confirm_changelog(self) -> None:
+        await self.acknowledged.wait()
+        if self.fails:
+            raise RuntimeError("the table changelog was not acknowledged")
+
+
+class _Committer:
+    def __init__(self):
+        self.committable: list[dict[int, int]] = []
+
+    def applied(self, next_offsets: dict[int, int]) -> None:
+        self.committable.append(next_offsets)
+
+
+def test_a_batch_becomes_committable_only_once_its_changelog_is_acknowledged():
+    async def scenario():
+        table, committer = _ChangelogAwaitingAck(), _Committer()
+        confirmations = ChangelogConfirmations(table, committer)
+        confirmations.start({0: 10, 3: 7})
+        await asyncio.sleep(0.01)  # the next batch is processed meanwhile
+        unacknowledged = list(committer.committable)
+        waiting = asyncio.ensure_future(confirmations.wait())
+        await asyncio.sleep(0.01)
+        waited_before_ack = not waiting.done()
+        table.acknowledged.set()
+        await asyncio.wait_for(waiting, 5)
+        return unacknowledged, waited_before_ack, committer.committable
+
+    unacknowledged, waited_before_ack, committable = asyncio.run(scenario())
+    assert unacknowledged == []
+    assert waited_before_ack  # the next batch's flush (and a revocation) waits for it
+    assert committable == [{0: 10, 3: 7}]
+
+
+def test_a_cancelled_wait_leaves_the_confirmation_running():
+    async def scenario():
+        table, committer = _ChangelogAwaitingAck(), _Committer()
+        confirmations = ChangelogConfirmations(table, committer)
+        confirmations.start({1: 5})
+        waiting = asyncio.ensure_future(confirmations.wait())
+        await asyncio.sleep(0.01)
+        waiting.cancel()  # a shutdown cancels the agent while it waits
+        table.acknowledged.set()
+        await asyncio.wait_for(confirmations.wait(), 5)
+        return committer.committable
+
+    assert asyncio.run(scenario()) == [{1: 5}]
+
+
+def test_a_changelog_that_is_not_acknowledged_ends_the_worker_without_committing(monkeypatch):
+    exits: list[int] = []
+
+    class Exited(Exception):  # os._exit never returns; SystemExit would escape the event loop
+        pass
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        raise Exited(code)
+
+    monkeypatch.setattr("streams.app.os._exit", exit_)
+    monkeypatch.setattr("streams.app.logging.shutdown", lambda: None)
+
+    async def scenario():
+        table, committer = _ChangelogAwaitingAck(fails=True), _Committer()
+        confirmations = ChangelogConfirmations(table, committer)
+        confirmations.start({2: 9})
+        table.acknowledged.set()
+        with pytest.raises(Exited):
+            await asyncio.wait_for(confirmations.wait(), 5)
+        return committer.committable
+
+    assert asyncio.run(scenario()) == []
+    assert exits == [70]  # the supervisor restarts it; the batch is applied again
