@@ -15,8 +15,9 @@ Order of the phases: the unpaced backlog; the paced loads (`--rates`) up to its 
 for the max sustained rate; the paced loads beyond its events/s last, since an overload leaves the
 embedded broker slower (each stored record batch makes its fetches dearer). Max sustained rate:
 paced phases from 20% of the backlog's events/s up by 25% a step, until one is not sustained (it
-fell behind, its latency grew, or it routed events late: `sustained`); the highest sustained one is
-reported, and the relay is then measured at that rate too. Every phase replays the cohort's days
+fell behind, its latency grew, or it routed events late: `sustained`), or by halves below the first
+if even that one is not (`next_search_rate`); the highest sustained one is reported, and the relay
+is then measured at that rate too. Every phase replays the cohort's days
 shifted to after the previous phase's (`Epochs`), as a live feed's event time would go on.
 
 The pipeline is warmed up first (the replay's first messages, renamed `-warmup` and excluded from the
@@ -63,6 +64,7 @@ WARMUP_RATE = 100  # raw messages/s
 GROWTH_SLACK_MS = 20.0  # latency jitter at a steady load, not a queue (backlog_grew)
 MAX_LATE_SHARE = 0.01  # of a phase's events, for the phase to count as sustained
 SEARCH_TRIES = 8  # 20% of capacity up to 90% of it takes 7
+SEARCH_DOWN_TRIES = 3  # halvings below the lowest of them, when even that was not sustained
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -165,6 +167,28 @@ def search_rates(capacity_per_s: float, tries: int = SEARCH_TRIES) -> list[int]:
             rates.append(rounded)
         rate *= 1.25
     return rates
+
+
+def next_search_rate(capacity_per_s: float, tried: list[tuple[int, bool]], *, tries: int = SEARCH_TRIES,
+                     down_tries: int = SEARCH_DOWN_TRIES) -> int | None:
+    """The next offered load of the max-sustained-rate search, or None when it is over. `tried`: the
+    loads tried so far, in order, with whether each was sustained. Up search_rates() while each is
+    sustained; the first that is not ends it. If even the lowest is not, down by halves until one is
+    (that is the max) or down_tries more have failed: the embedded broker slows over a run, and a
+    search that finds nothing says less than a lower rate that was sustained."""
+    up = search_rates(capacity_per_s, tries)
+    if not tried:
+        return up[0] if up else None
+    if any(ok for _, ok in tried):  # climbing
+        rate, ok = tried[-1]
+        later = [r for r in up if r > rate]
+        return later[0] if ok and later and all(ok for _, ok in tried) else None
+    if len(tried) > down_tries:
+        return None
+    half = tried[-1][0] / 2
+    step = 100 if half >= 1000 else 10
+    lower = int(half // step) * step
+    return lower if lower > 0 else None
 
 
 def split_by_capacity(rates: list[int], capacity_per_s: float) -> tuple[list[int], list[int]]:
@@ -564,17 +588,18 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
         for rate in within:
             run_paced(rate)
         result["sustained"], result["sustained_tried_per_s"], result["search_phases"] = None, [], []
-        for rate in search_rates(capacity, SEARCH_TRIES) if find_sustained else ():
+        tried: list[tuple[int, bool]] = []
+        while find_sustained and (rate := next_search_rate(capacity, tried)) is not None:
             result["sustained_tried_per_s"].append(rate)
             with console.status(f"max sustained rate: trying {rate:,} raw messages/s"):
                 phase = run_phase(rate, "s")
             ok = sustained(phase)
-            result["search_phases"].append(phase)  # every phase tried, the failed one included
+            tried.append((rate, ok))
+            result["search_phases"].append(phase)  # every phase tried, the failed ones included
             console.log(f"{rate:,}/s: p50 {phase['latency_ms_p50']:.1f} ms, p99 {phase['latency_ms_p99']:.1f} ms, "
-                        f"{'sustained' if ok else 'not sustained'}")
-            if not ok:
-                break
-            result["sustained"] = phase
+                        f"{sustained_verdict(phase)}")
+            if ok:
+                result["sustained"] = phase
         for rate in beyond:
             run_paced(rate)
         phases.sort(key=lambda phase: phase["offered_per_s"])  # by offered load, whatever order they ran in

@@ -353,8 +353,9 @@ def bench(
     events: int = typer.Option(5_000_000, help="With --batch: canonical events in the archive"),
     state_patients: int = typer.Option(1000, help="Patients for the live-state memory measurement (0: skip)"),
     sustained: bool = typer.Option(True, "--sustained/--no-sustained",
-                                   help="Search the max sustained rate: paced phases from 90% of the unpaced "
-                                        "events/s down, until one keeps up with a steady latency"),
+                                   help="Search the max sustained rate: paced phases from 20% of the unpaced "
+                                        "events/s up by 25% a step while each keeps up with a steady "
+                                        "latency (by halves below 20% if even that one does not)"),
 ) -> None:
     """Measure the pipeline against a plain confluent-kafka loop on the same broker.
 

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, backlog_grew, combine,
                                  CpuSampler, Epochs, cpu_per_message, event_span_ms, cpu_seconds, id_pattern, late_share, memory_figures, paced_messages, pipeline_figures, repeated,
-                                 run_bench, search_rates, split_by_capacity, sustained, sustained_verdict, with_suffix)
+                                 next_search_rate, run_bench, search_rates, split_by_capacity, sustained, sustained_verdict, with_suffix)
 from schemas.cdc import parse_cdc
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
@@ -164,6 +164,22 @@ def test_search_climbs_from_a_fifth_of_the_capacity_to_nine_tenths_of_it():
     # never the same rate twice
     assert search_rates(150.0) == [30, 40, 50, 70, 90, 110]
     assert search_rates(20.0) == [10]
+
+
+def test_the_search_climbs_while_sustained_and_goes_down_by_halves_when_even_the_lowest_is_not():
+    up = search_rates(5000.0)  # 1000, 1200, 1500, ...
+    assert next_search_rate(5000.0, []) == 1000
+    assert next_search_rate(5000.0, [(1000, True)]) == 1200
+    assert next_search_rate(5000.0, [(1000, True), (1200, True)]) == 1500
+    assert next_search_rate(5000.0, [(1000, True), (1200, False)]) is None  # max: 1000
+    assert next_search_rate(5000.0, [(r, True) for r in up]) is None  # every one sustained: over
+    # the lowest was not sustained: halves, until one is or three more have failed
+    assert next_search_rate(3290.0, [(600, False)]) == 300
+    assert next_search_rate(3290.0, [(600, False), (300, False)]) == 150
+    assert next_search_rate(3290.0, [(600, False), (300, False), (150, False)]) == 70
+    assert next_search_rate(3290.0, [(600, False), (300, False), (150, False), (70, False)]) is None
+    assert next_search_rate(3290.0, [(600, False), (300, True)]) is None  # max: 300
+    assert next_search_rate(30000.0, [(6000, False)]) == 3000
 
 
 def test_overloads_run_after_the_sustained_rate_search_and_the_rest_before_it():
