@@ -17,8 +17,8 @@ embedded broker slower (each stored record batch makes its fetches dearer). Max 
 paced phases from 20% of the backlog's events/s up by 25% a step, until one is not sustained (it
 fell behind, its latency grew, or it routed events late: `sustained`), or by halves below the first
 if even that one is not (`next_search_rate`); the highest sustained one is reported, and the relay
-is then measured at that rate too. Every phase replays the cohort's days
-shifted to after the previous phase's (`Epochs`), as a live feed's event time would go on.
+is then measured at that rate too. Every phase replays the cohort's days shifted to after the
+previous phase's (`Epochs`), as a live feed's event time would go on.
 
 The pipeline is warmed up first (the replay's first messages, renamed `-warmup` and excluded from the
 figures) so the children's startup and group joins are not measured; the measured feed then goes as
