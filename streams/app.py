@@ -441,8 +441,13 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         parsed.clear()
 
     @app.on_before_shutdown.connect
-    async def _confirm_last_batch(sender, **kwargs):  # durable, so a restart need not apply it again
+    async def _confirm_last_batch(sender, **kwargs):
+        # durable and committed, so a restart re-reads nothing this worker applied
         await confirmations.wait()
+        try:
+            await committer.flush()
+        except Exception as exc:  # the batch is durable: a restart finds it applied and skips it
+            log.warning("the last applied offsets were not committed at shutdown (%s)", type(exc).__name__)
 
     @app.on_partitions_revoked.connect
     async def _forget_pending_commits(sender, revoked, **kwargs):  # another worker may commit beyond them now
@@ -477,6 +482,12 @@ class AppliedOffsetCommitter:
 
     def forget(self) -> None:
         self._pending.clear()
+
+    async def flush(self) -> None:
+        """Commit what is pending now, whatever the interval (a graceful stop)."""
+        if self._pending:
+            offsets, self._pending = self._pending, {}
+            await self.app.consumer._commit_offsets({TP(self.topic, p): o for p, o in offsets.items()})
 
     async def run(self) -> None:
         while True:

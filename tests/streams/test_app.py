@@ -221,3 +221,30 @@ def test_a_changelog_that_is_not_acknowledged_ends_the_worker_without_committing
 
     assert asyncio.run(scenario()) == []
     assert exits == [70]  # the supervisor restarts it; the batch is applied again
+
+
+def test_a_graceful_stop_commits_the_applied_offsets_the_interval_held_back():
+    from faust.types import TP
+
+    from streams.app import AppliedOffsetCommitter
+
+    class _Consumer:
+        def __init__(self):
+            self.commits: list[dict] = []
+
+        async def _commit_offsets(self, offsets):
+            self.commits.append(dict(offsets))
+            return True
+
+    class _App:
+        consumer = _Consumer()
+
+    async def scenario():
+        committer = AppliedOffsetCommitter(_App(), "canonical", interval_s=3600.0)
+        committer.applied({0: 5})
+        committer.applied({0: 7, 2: 3})  # newer offsets win
+        await committer.flush()
+        await committer.flush()  # nothing pending: no commit request
+        return _App.consumer.commits
+
+    assert asyncio.run(scenario()) == [{TP("canonical", 0): 7, TP("canonical", 2): 3}]

@@ -16,8 +16,9 @@ import pytest
 from streams.topics import ensure_topics, topics_for
 from tests.streams.worker_runs import (Publisher, canonical_messages, collect_results, recovery_seconds,
                                       wait_for_progress)
-from wardwatch.procs import (check_alive, kill_service, start_service, stop_service, total_committed,
-                             wait_for_commits, wait_for_group)
+from wardwatch.procs import (check_alive, committed_offsets, kill_service, start_service, stop_service,
+                             total_committed, wait_for_commits, wait_for_group)
+from wardwatch.worker_results import wait_for_applied
 
 PATIENTS, ROWS = 16, 60  # 960 canonical messages, 6,720 events
 RATE = 10.0  # messages/s while the kills go on (a restart after SIGKILL takes ~15 s: session timeout)
@@ -105,3 +106,29 @@ def test_sigkilled_worker_ends_with_the_same_state_and_alerts_as_an_undisturbed_
     assert set(got.alerts) == set(ref.alerts) and ref.alerts
     assert got.differing_repeats() == []  # a repeat after a restart is the same record, same id
     assert {i: vs for i, vs in got.alerts.items()} == ref.alerts
+
+
+@pytest.mark.timeout(120)
+def test_a_sigterm_commits_everything_the_worker_applied(settings, tmp_path):
+    """A deploy restarts workers with SIGTERM: the restart must not re-read what was applied. With a
+    commit interval longer than the test, only the stop itself can commit the second burst."""
+    stopping = _sibling(settings, "t").model_copy(update={"commit_interval_s": 600.0})
+    topics = topics_for(stopping)
+    ensure_topics(stopping, topics)
+    group = f"{stopping.group_prefix}-worker"
+    messages = canonical_messages(8, 10)
+    deadline = time.monotonic() + 100
+    worker = start_service(["worker", "--loglevel", "INFO"], stopping, tmp_path / "worker.log")
+    try:
+        wait_for_group(stopping, group, alive=worker)
+        Publisher(stopping, topics.canonical, messages[:8]).start().join(30)
+        wait_for_progress(stopping, group, topics.canonical, topics.partitions, 0, deadline=deadline, alive=worker)
+        ends = Publisher(stopping, topics.canonical, messages[8:]).start().join(30)  # the interval holds its commits
+        wait_for_applied(stopping, topics, ends, deadline=deadline, on_wait=lambda: check_alive({"worker": worker},
+                                                                                               tmp_path))
+        held_back = committed_offsets(stopping, group, list(ends))
+    finally:
+        assert stop_service(worker) == 0
+    committed = committed_offsets(stopping, group, list(ends))
+    assert held_back != ends  # the interval held the second burst's commit back while the worker ran
+    assert committed == ends
