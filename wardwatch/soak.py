@@ -257,13 +257,13 @@ class _Run:
 # --- pure helpers ---------------------------------------------------------------------------------
 
 
-def events_in(messages: list[RawMessage], topics: Topics, settings: Settings) -> int:
-    """How many canonical events the ingest parsers make of `messages` (offline)."""
+def parsed_events(messages: list[RawMessage], topics: Topics, settings: Settings) -> list:
+    """The canonical events the ingest parsers make of `messages` (offline), in message order."""
     from schemas.cdc import parse_cdc
     from schemas.fhir import parse_notification
     from schemas.ingest_outcome import Parsed
 
-    n = 0
+    events = []
     for m in messages:
         if m.kind == "cdc":
             outcome = parse_cdc(topics.cdc[m.table], m.key, m.value, partition=-1, offset=-1,
@@ -271,8 +271,13 @@ def events_in(messages: list[RawMessage], topics: Topics, settings: Settings) ->
         else:
             outcome = parse_notification(m.value, topic=topics.fhir, partition=-1, offset=-1)
         if isinstance(outcome, Parsed):
-            n += len(outcome.events)
-    return n
+            events += outcome.events
+    return events
+
+
+def events_in(messages: list[RawMessage], topics: Topics, settings: Settings) -> int:
+    """How many canonical events the ingest parsers make of `messages` (offline)."""
+    return len(parsed_events(messages, topics, settings))
 
 
 def kill_moments(kills: int, seed: int) -> list[float]:

@@ -484,24 +484,12 @@ def test_max_patients_keeps_only_that_many_patients(cohort):
 
 def _canonical_events(replay) -> list:
     """Every canonical event the ingest parsers make of the replay, in delivery order."""
-    from schemas.cdc import parse_cdc
-    from schemas.fhir import parse_notification
-    from schemas.ingest_outcome import Parsed
     from streams.topics import topics_for
     from wardwatch.settings import Settings
+    from wardwatch.soak import parsed_events
 
     settings = Settings()
-    topics = topics_for(settings)
-    events = []
-    for m in replay.messages:
-        if m.kind == "cdc":
-            outcome = parse_cdc(topics.cdc[m.table], m.key, m.value, partition=0, offset=0,
-                                cdc_topic_prefix=settings.cdc_topic_prefix)
-        else:
-            outcome = parse_notification(m.value, topic=topics.fhir, partition=0, offset=0)
-        if isinstance(outcome, Parsed):
-            events += outcome.events
-    return events
+    return parsed_events(replay.messages, topics_for(settings), settings)
 
 
 def test_a_shifted_replay_is_the_same_facts_moved_in_time_by_the_shift(cohort):
@@ -513,9 +501,9 @@ def test_a_shifted_replay_is_the_same_facts_moved_in_time_by_the_shift(cohort):
     for a, b in zip(before, after, strict=True):
         assert (b.patient_id, b.code, b.value, b.value_text, b.source, b.status) == \
             (a.patient_id, a.code, a.value, a.value_text, a.source, a.status)
-        if not is_context(a.code_system):  # a stay's location fact is named by its time
-            assert b.fact_id == a.fact_id
-        if a.effective_ms > 0:  # context facts such as the birth year keep their time
+        if not is_context(a.code_system):  # every measurement moves, under its own fact id
+            assert b.fact_id == a.fact_id and b.effective_ms - a.effective_ms == 20 * day_ms
+        elif a.effective_ms > 0:  # context: stays move (a location fact is named by its time); birth years stay
             assert b.effective_ms - a.effective_ms in (0, 20 * day_ms)
     moved = sum(b.effective_ms - a.effective_ms == 20 * day_ms for a, b in zip(before, after))
     assert moved >= 0.9 * len(before)  # every measurement and stay; not the birth years
