@@ -93,12 +93,34 @@ class CanonicalEvent:
             status, source = _STATUSES[d["status"]], _SOURCES[d["source"]]
         except (KeyError, TypeError):  # missing, unknown or unhashable: the Enum's own error
             status, source = Status(d["status"]), Source(d["source"])
-        return cls(d["patient_id"], d["code"], d.get("value"), d.get("unit"), int(d["effective_ms"]),
-                   int(d["issued_ms"]), status, source, d["fact_id"], int(d["version"]), d.get("encounter_id"),
-                   d.get("code_system", LOINC), d.get("value_text"), d.get("provenance") or {})
+        event = cls(d["patient_id"], d["code"], d.get("value"), d.get("unit"), int(d["effective_ms"]),
+                    int(d["issued_ms"]), status, source, d["fact_id"], int(d["version"]), d.get("encounter_id"),
+                    d.get("code_system", LOINC), d.get("value_text"), d.get("provenance") or {})
+        if not event._fits():  # a record that decodes but would fail further on: name, table key, Arrow
+            raise ValueError("a canonical event field has the wrong type or is out of range")
+        return event
+
+    def _fits(self) -> bool:
+        """The types and ranges every consumer of a decoded event relies on (the worker's table keys
+        and outputs, the archive's Arrow columns): the types the ingest writes, times and integer values
+        exact as doubles (so sums of times still fit int64; JSON gives Python any size), versions that
+        fit int64, and a non-empty patient id."""
+        value = self.value
+        return (type(self.patient_id) is str and self.patient_id != "" and type(self.code) is str
+                and type(self.fact_id) is str and type(self.code_system) is str
+                and (value is None or type(value) is float
+                     or (type(value) is int and -_MAX_EXACT <= value <= _MAX_EXACT))
+                and -_MAX_EXACT <= self.effective_ms <= _MAX_EXACT and -_MAX_EXACT <= self.issued_ms <= _MAX_EXACT
+                and 0 <= self.version <= _MAX_INT64
+                and (self.unit is None or type(self.unit) is str)
+                and (self.encounter_id is None or type(self.encounter_id) is str)
+                and (self.value_text is None or type(self.value_text) is str)
+                and type(self.provenance) is dict)
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(CanonicalEvent))
+_MAX_EXACT = 2**53  # ms: the year 287,396
+_MAX_INT64 = 2**63 - 1
 _STATUSES = {s.value: s for s in Status}
 _SOURCES = {s.value: s for s in Source}
 

@@ -36,7 +36,7 @@ from faust.types import TP
 from schemas.deadletter import Stage, deadletter_headers
 from streams.alerting import AlertPolicy
 from streams.commits import AckedProducer
-from streams.patient_agent import CanonicalMessage, PatientProcessor, PatientRecord
+from streams.patient_agent import RESERVED_KEY_PREFIX, CanonicalMessage, PatientProcessor, PatientRecord
 from streams.scoring import Scorer
 from streams.faust_tuning import broker_credentials, set_fetch_max_wait_ms
 from streams.stats import StatsPublisher
@@ -63,8 +63,8 @@ def _produced_ns(headers) -> int | None:
     return None
 
 
-RECOVERY_BARRIER_KEY = "__wardwatch_recovery_barrier__"  # never a patient id; written as a tombstone
-NEXT_OFFSET_PREFIX = "__wardwatch_next_offset__:"  # + source partition; never a patient id
+RECOVERY_BARRIER_KEY = f"{RESERVED_KEY_PREFIX}recovery_barrier__"  # never a patient id; written as a tombstone
+NEXT_OFFSET_PREFIX = f"{RESERVED_KEY_PREFIX}next_offset__:"  # + source partition; never a patient id
 CHANGELOG_CONFIRM_TIMEOUT_S = 30.0
 COMMIT_RETRY_S = 1.0
 

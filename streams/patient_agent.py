@@ -51,6 +51,8 @@ from streams.features import compute_features
 from streams.state import EFFECTIVE_MS, FACT_ID, VERSION, DuplicateKind, Kind, PatientState, apply_batch
 from wardwatch.settings import Settings
 
+# table keys the worker writes besides patient records (streams/app.py) begin with this: never a patient id
+RESERVED_KEY_PREFIX = "__wardwatch_"
 # the codes whose latest facts are the basis of an alert
 _BASIS_CODES = tuple(CODES)
 # counter name of each outcome: its kind, or duplicate_<kind of duplicate>
@@ -243,10 +245,12 @@ class PatientProcessor:
                 patients = {e.patient_id for e in events}
                 if len(patients) != 1:
                     raise ValueError(f"a canonical message must hold one patient, found {len(patients)}")
+                patient = events[0].patient_id
+                if patient.startswith(RESERVED_KEY_PREFIX):  # would read or overwrite the worker's own table rows
+                    raise ValueError("a patient id may not begin with the worker's reserved table key prefix")
             except Exception as exc:  # data error: dead-letter, keep going
                 self._reject(out, msg, Reason.INVALID_STRUCTURE, "undecodable canonical batch", exc)
                 continue
-            patient = events[0].patient_id
             rec = records.get(patient) or load(patient) or PatientRecord(PatientState(), alerting.initial_state())
             context_events = [e for e in events if is_context(e.code_system)]
             state, scored, points, outcomes = rec.state, rec.vitals_scored_ms, [], []

@@ -93,8 +93,14 @@ def test_a_new_version_gets_a_new_event_id_and_equality_ignores_nothing_else():
     assert heart_rate(value=73.0) != first
 
 
-@pytest.mark.parametrize("change, error", [({"status": "bogus"}, ValueError), ({"source": ["cdc"]}, ValueError),
-                                           ({"version": "seven"}, ValueError)])
+@pytest.mark.parametrize("change, error", [
+    ({"status": "bogus"}, ValueError), ({"source": ["cdc"]}, ValueError), ({"version": "seven"}, ValueError),
+    # fields that decode but would fail the worker's table keys and outputs, or the archive's columns
+    ({"patient_id": 42}, ValueError), ({"patient_id": True}, ValueError), ({"patient_id": ""}, ValueError),
+    ({"value": "80"}, ValueError), ({"value": True}, ValueError), ({"value": 2**60}, ValueError),
+    ({"effective_ms": 1e20}, ValueError), ({"issued_ms": -(2**60)}, ValueError), ({"version": -1}, ValueError),
+    ({"fact_id": 7}, ValueError), ({"unit": 5}, ValueError), ({"encounter_id": ["e1"]}, ValueError),
+    ({"code_system": None}, ValueError), ({"value_text": 3}, ValueError), ({"provenance": [1]}, ValueError)])
 def test_an_undecodable_event_raises_for_the_worker_to_dead_letter(change, error):
     raw = orjson.dumps([{**heart_rate().to_dict(), **change}])
     with pytest.raises(error):

@@ -77,18 +77,42 @@ def test_late_events_are_output_with_late_by_and_not_scored(processor):
     assert out.features == []
 
 
+def raw_msg(offset: int, patient: str, **change) -> CanonicalMessage:
+    """A message of one vitals event with fields replaced as a faulty producer might write them."""
+    return CanonicalMessage(0, offset, orjson.dumps([{**vitals(patient, T0, offset)[0].to_dict(), **change}]),
+                            key=str(patient).encode())
+
+
 def test_bad_messages_are_rejected_and_the_rest_of_the_batch_goes_on(processor):
     store: dict[str, PatientRecord] = {}
     two_patients = vitals("p1", T0, 1)[:1] + vitals("p2", T0, 2)[:1]
-    not_a_number = [CanonicalEvent.from_dict({**vitals("p3", T0, 3)[0].to_dict(), "value": "high"})]
-    messages = [CanonicalMessage(0, 0, b"{not json", key=b"p9"), msg(1, two_patients), msg(2, not_a_number),
-                msg(3, vitals("p4", T0, 4))]
+    messages = [CanonicalMessage(0, 0, b"{not json", key=b"p9"), msg(1, two_patients),
+                raw_msg(2, "p3", value="high"), raw_msg(3, "p5", patient_id=42),
+                raw_msg(4, "p6", effective_ms=1e20),  # decodes to an int beyond int64
+                raw_msg(5, "__wardwatch_next_offset__:0"),  # the table key of partition 0's next offset
+                raw_msg(6, "p7", provenance=["not", "a", "dict"]), msg(7, vitals("p4", T0, 4))]
     out = run(processor, messages, store)
-    reasons = [(m.offset, r.reason) for m, r in out.rejected]
-    assert reasons == [(0, Reason.INVALID_STRUCTURE), (1, Reason.INVALID_STRUCTURE), (2, Reason.INTERNAL_ERROR)]
+    assert [(m.offset, r.reason) for m, r in out.rejected] == [(n, Reason.INVALID_STRUCTURE) for n in range(7)]
     assert [m.value for m, _ in out.rejected][0] == b"{not json"  # original bytes, untouched
     assert [orjson.loads(v)["patient_id"] for _, v, _ in out.features] == ["p4"]
-    assert "p3" not in store
+    assert list(store) == ["p4"]
+    assert all(r.to_bytes() for r in store.values())  # the table write of the batch goes through
+
+
+def test_an_event_the_rules_cannot_take_is_an_internal_error_and_the_batch_goes_on(processor, monkeypatch):
+    from streams import patient_agent
+
+    def apply_batch(state, events, **kwargs):
+        if events[0].patient_id == "p3":
+            raise RuntimeError("a bug in the rules")
+        return real_apply_batch(state, events, **kwargs)
+
+    real_apply_batch = patient_agent.apply_batch
+    monkeypatch.setattr(patient_agent, "apply_batch", apply_batch)
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, vitals("p3", T0, 3)), msg(1, vitals("p4", T0, 4))], store)
+    assert [(m.offset, r.reason) for m, r in out.rejected] == [(0, Reason.INTERNAL_ERROR)]
+    assert list(store) == ["p4"]
 
 
 # --- corrections of an open alert ------------------------------------------------------------------
