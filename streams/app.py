@@ -67,6 +67,7 @@ RECOVERY_BARRIER_KEY = f"{RESERVED_KEY_PREFIX}recovery_barrier__"  # never a pat
 NEXT_OFFSET_PREFIX = f"{RESERVED_KEY_PREFIX}next_offset__:"  # + source partition; never a patient id
 CHANGELOG_CONFIRM_TIMEOUT_S = 30.0
 COMMIT_RETRY_S = 1.0
+SHUTDOWN_COMMIT_TIMEOUT_S = 10.0
 
 
 class DurableTable(faust.Table):
@@ -344,6 +345,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         msgs = [CanonicalMessage(ev.message.partition, ev.message.offset, ev.value,
                                  _produced_ns(ev.message.headers), ev.key) for ev in events]
         next_offsets = {p: table.next_offset(p) for p in {m.partition for m in msgs}}
+        applied_before = {p: n for p, n in next_offsets.items() if n is not None}
         if unseen := [TP(topics.canonical, p) for p, n in next_offsets.items() if n is None]:
             # nothing applied from these partitions yet: they start at their first message (faust can
             # drop messages fetched during a rebalance and not re-read them when nothing is committed)
@@ -383,8 +385,10 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         for partition, offset in advanced.items():  # after the patients: same changelog partition, in order
             table.set_next_offset(partition, offset)
         # its offsets become committable only once its state is durable (a restart then finds every
-        # committed message in the recovered table); confirmed while the next batch is processed
-        confirmations.start(advanced)
+        # committed message in the recovered table); confirmed while the next batch is processed.
+        # Partitions it only re-read are committed at the table's offset again: their re-read follows
+        # a restart or rebalance whose commit was lost, and nothing else would commit them
+        confirmations.start({**applied_before, **advanced})
         observability.observe_batch(len(msgs), process=processed - started, outputs=flushed - processed)
         for partition, offset in rewind.items():  # messages were skipped: read them again, in order
             log.warning("canonical partition %d: messages from offset %d were not applied; rewinding to it",
@@ -445,9 +449,13 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         # durable and committed, so a restart re-reads nothing this worker applied
         await confirmations.wait()
         try:
-            await committer.flush()
-        except Exception as exc:  # the batch is durable: a restart finds it applied and skips it
-            log.warning("the last applied offsets were not committed at shutdown (%s)", type(exc).__name__)
+            committed = await committer.flush()
+        except Exception as exc:  # (a timeout too) the batch is durable: a restart finds it applied and skips it
+            committed, reason = False, type(exc).__name__
+        else:
+            reason = "the group rebalanced"
+        if not committed:
+            log.warning("the last applied offsets were not committed at shutdown (%s)", reason)
 
     @app.on_partitions_revoked.connect
     async def _forget_pending_commits(sender, revoked, **kwargs):  # another worker may commit beyond them now
@@ -473,6 +481,7 @@ class AppliedOffsetCommitter:
         self.app, self.topic, self.interval_s = app, topic, interval_s
         self._pending: dict[int, int] = {}
         self._wanted = asyncio.Event()
+        self._in_flight: asyncio.Future | None = None
 
     def applied(self, next_offsets: dict[int, int]) -> None:
         """A batch is durable: these partitions may be committed up to these offsets."""
@@ -483,23 +492,44 @@ class AppliedOffsetCommitter:
     def forget(self) -> None:
         self._pending.clear()
 
-    async def flush(self) -> None:
-        """Commit what is pending now, whatever the interval (a graceful stop)."""
-        if self._pending:
-            offsets, self._pending = self._pending, {}
-            await self.app.consumer._commit_offsets({TP(self.topic, p): o for p, o in offsets.items()})
+    async def flush(self, timeout_s: float = SHUTDOWN_COMMIT_TIMEOUT_S) -> bool:
+        """Commit what is pending now, whatever the interval (a graceful stop), after the commit in
+        flight. Bounded: an unreachable broker must not hold the stop (the batch is durable anyway).
+        True if everything pending was committed."""
+        if self._in_flight is not None:
+            await asyncio.wait({self._in_flight}, timeout=timeout_s)
+        if not self._pending:
+            return True
+        offsets, self._pending = self._pending, {}
+        return not await asyncio.wait_for(self._commit(offsets), timeout_s)
+
+    async def _commit(self, offsets: dict[int, int]) -> dict[int, int]:
+        """Commit through faust's path (it drops revoked partitions and records the commit as its own).
+        Returns the offsets it did not commit of partitions this worker still owns."""
+        if await self.app.consumer._commit_offsets({TP(self.topic, p): o for p, o in offsets.items()}):
+            return {}
+        # faust answers False, without raising, when the group rebalanced since ("already rebalanced")
+        # or nothing is assigned any more: a partition that stayed with this worker must still be
+        # committed, or its committed offset stays behind what the table applied
+        owned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.topic}
+        return {p: o for p, o in offsets.items() if p in owned}
 
     async def run(self) -> None:
         while True:
             await self._wanted.wait()
             self._wanted.clear()
             offsets, self._pending = self._pending, {}
-            try:  # faust's commit path: drops revoked partitions, records the commit as its own
-                await self.app.consumer._commit_offsets({TP(self.topic, p): o for p, o in offsets.items()})
-            except Exception as exc:  # e.g. a rebalance in progress: try again shortly
+            self._in_flight = asyncio.ensure_future(self._commit(offsets))
+            try:  # shielded: a stop cancels this task, and flush() then waits for the commit instead
+                missed = await asyncio.shield(self._in_flight)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # e.g. a rebalance in progress
                 log.info("commit of applied offsets failed (%s); retrying", type(exc).__name__)
-                for p, o in offsets.items():
-                    self._pending.setdefault(p, o)  # unless a newer batch superseded it
+                missed = offsets
+            if missed:  # try again shortly, unless a newer batch superseded them
+                for p, o in missed.items():
+                    self._pending.setdefault(p, o)
                 await asyncio.sleep(COMMIT_RETRY_S)
                 self._wanted.set()
                 continue

@@ -248,3 +248,69 @@ def test_a_graceful_stop_commits_the_applied_offsets_the_interval_held_back():
         return _App.consumer.commits
 
     assert asyncio.run(scenario()) == [{TP("canonical", 0): 7, TP("canonical", 2): 3}]
+
+
+class _CommittingConsumer:
+    """faust's consumer as the committer sees it: `_commit_offsets` answers from `answers` (then True),
+    `owned` is the assignment."""
+
+    def __init__(self, answers=(), owned=(0, 1, 2, 3), hang: bool = False):
+        self.answers, self.owned, self.hang = list(answers), owned, hang
+        self.commits: list[dict] = []
+
+    async def _commit_offsets(self, offsets):
+        self.commits.append({tp.partition: o for tp, o in offsets.items()})
+        if self.hang:  # a broker that never answers
+            await asyncio.Event().wait()
+        return self.answers.pop(0) if self.answers else True
+
+    def assignment(self):
+        from faust.types import TP
+        return {TP("canonical", p) for p in self.owned}
+
+
+def _committer(consumer, interval_s: float = 0.0):
+    from streams.app import AppliedOffsetCommitter
+
+    class _App:
+        pass
+
+    app = _App()
+    app.consumer = consumer
+    return AppliedOffsetCommitter(app, "canonical", interval_s=interval_s)
+
+
+def test_a_commit_lost_to_a_rebalance_is_made_again_for_the_partitions_the_worker_kept(monkeypatch):
+    monkeypatch.setattr("streams.app.COMMIT_RETRY_S", 0.01)
+    consumer = _CommittingConsumer(answers=[False], owned=(0,))  # faust: "already rebalanced", no exception
+
+    async def scenario():
+        committer = _committer(consumer)
+        running = asyncio.ensure_future(committer.run())
+        committer.applied({0: 7, 3: 2})  # the last batch of the stream: nothing else will commit partition 0
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+        running.cancel()
+
+    asyncio.run(scenario())
+    # partition 3 went to another worker in the rebalance: its new owner commits it
+    assert consumer.commits == [{0: 7, 3: 2}, {0: 7}]
+
+
+def test_a_graceful_stop_waits_for_the_commit_in_flight_and_a_silent_broker_cannot_hold_it():
+    async def stop_while_committing(consumer, timeout_s):
+        committer = _committer(consumer, interval_s=3600.0)
+        running = asyncio.ensure_future(committer.run())
+        committer.applied({1: 4})
+        await asyncio.sleep(0.01)  # the commit is in flight
+        committer.applied({1: 9})  # held back by the interval
+        running.cancel()  # the stop cancels the committer's task...
+        return await committer.flush(timeout_s=timeout_s)  # ...and the stop's own commit follows
+
+    answering = _CommittingConsumer()
+    assert asyncio.run(stop_while_committing(answering, 5.0)) is True
+    assert answering.commits == [{1: 4}, {1: 9}]
+
+    silent = _CommittingConsumer(hang=True)
+    with pytest.raises(asyncio.TimeoutError):  # the shutdown handler logs it and the stop goes on
+        asyncio.run(asyncio.wait_for(stop_while_committing(silent, 0.2), 5))

@@ -133,3 +133,38 @@ def test_a_sigterm_commits_everything_the_worker_applied(settings, tmp_path):
     committed = committed_offsets(stopping, group, list(ends))
     assert held_back != ends  # the interval held the second burst's commit back while the worker ran
     assert committed == ends
+
+
+@pytest.mark.timeout(150)
+def test_a_restart_commits_what_was_applied_before_it_even_with_no_new_input(settings, tmp_path):
+    """A worker killed before its commit leaves the group's offset behind the table. The restart
+    re-reads those messages and drops them as applied; it must also commit past them, or the
+    partitions show lag (and are re-read at every restart) until new input arrives."""
+    crashing = _sibling(settings, "k").model_copy(update={"commit_interval_s": 600.0})
+    topics = topics_for(crashing)
+    ensure_topics(crashing, topics)
+    group = f"{crashing.group_prefix}-worker"
+    messages = canonical_messages(8, 10)
+    deadline = time.monotonic() + 130
+    worker = start_service(["worker", "--loglevel", "INFO"], crashing, tmp_path / "worker-0.log")
+    try:
+        wait_for_group(crashing, group, alive=worker)
+        Publisher(crashing, topics.canonical, messages[:8]).start().join(30)
+        wait_for_progress(crashing, group, topics.canonical, topics.partitions, 0, deadline=deadline, alive=worker)
+        ends = Publisher(crashing, topics.canonical, messages[8:]).start().join(30)  # the interval holds its commits
+        wait_for_applied(crashing, topics, ends, deadline=deadline,
+                         on_wait=lambda: check_alive({"worker": worker}, tmp_path))
+    finally:
+        kill_service(worker)
+    behind = committed_offsets(crashing, group, list(ends))
+    assert behind != ends  # the kill left applied messages uncommitted
+
+    restarted = crashing.model_copy(update={"commit_interval_s": 0.1})
+    worker = start_service(["worker", "--loglevel", "INFO"], restarted, tmp_path / "worker-1.log")
+    try:  # no new input: only the re-read of applied messages can move the commit
+        wait_for_commits(restarted, group, ends, deadline=deadline,
+                         on_wait=lambda: check_alive({"worker": worker}, tmp_path))
+    finally:
+        exit_code = stop_service(worker)
+    assert exit_code == 0
+    assert committed_offsets(restarted, group, list(ends)) == ends
