@@ -18,8 +18,8 @@ Columns added later (idx, trigger, ... of features/scores; ward, status, origina
 alerts) are nullable: part files written before them read with nulls there.
     scores_shadow  the shadow (candidate) model's score records, in the scores shape
     gaps        FHIR subscription gap / missed-heartbeat records: subscription, gap_kind, record_json
-    unreadable  an output record the archiver could not decode: raw key/value + the error, so
-                nothing leaves the system unrecorded
+    unreadable  an output record the archiver could not decode, or whose values do not fit its kind's
+                schema: raw key/value + the error, so nothing leaves the system unrecorded
 
 Durability: rows are buffered, written to a hidden `.part-*.tmp` file in the target directory,
 fsynced and renamed; only then are the consumed offsets committed. A crash therefore loses no
@@ -259,10 +259,67 @@ _ROW_MAKERS = {"canonical": _canonical_rows, "late": _late_rows, "deadletter": _
                "scores_shadow": _scores_shadow_rows, "gaps": _gaps_rows}
 
 
+# --- what Arrow can store: checked per row, so one badly typed record cannot fail a whole file ----
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_EXACT_FLOAT_INT = 2**53  # Arrow refuses a larger int in a float64 column (not exactly representable)
+
+
+def _columns(kind: str, *types: pa.DataType) -> tuple[str, ...]:
+    return tuple(f.name for f in ARCHIVE_SCHEMAS[kind] if f.type in types)
+
+
+# kind -> its columns by Arrow type (every type a schema above uses is one of these)
+_COLUMNS = {kind: (_columns(kind, _S), _columns(kind, _I), _columns(kind, _F), _columns(kind, _B),
+                   _columns(kind, _WATERMARK)) for kind in ARCHIVE_SCHEMAS}
+
+
+def _fits_int(v: Any) -> bool:
+    return type(v) is int and _INT64_MIN <= v <= _INT64_MAX  # type(): a bool is refused too
+
+
+_NULLABLE_STR = frozenset({str, type(None)})
+
+
+def misfit_column(kind: str, values: dict[str, Any]) -> str | None:
+    """The first column whose value the kind's Arrow schema cannot hold, or None when the row fits.
+    Plain type checks, inlined: this runs for every archived row."""
+    strings, ints, floats, binaries, watermarks = _COLUMNS[kind]
+    get = values.get
+    for name in strings:  # orjson never decodes a lone surrogate, so every str encodes as UTF-8
+        if type(get(name)) not in _NULLABLE_STR:
+            return name
+    for name in ints:
+        v = get(name)
+        if v is not None and (type(v) is not int or not _INT64_MIN <= v <= _INT64_MAX):
+            return name
+    for name in floats:
+        v = get(name)
+        if v is not None and type(v) is not float and not (type(v) is int and abs(v) <= _EXACT_FLOAT_INT):
+            return name
+    for name in binaries:
+        v = get(name)
+        if v is not None and type(v) is not bytes:
+            return name
+    for name in watermarks:
+        v = get(name)
+        if v is not None and not (isinstance(v, dict) and all(
+                v.get(field) is None or _fits_int(v.get(field)) for field in _WATERMARK.names)):
+            return name
+    return None
+
+
 def rows_for(kind: str, rec: RawRecord) -> list[Row]:
-    """The archive rows of one record; an undecodable record becomes one `unreadable` row."""
+    """The archive rows of one record; a record that cannot be decoded, or whose rows do not fit
+    their Arrow schema, becomes one `unreadable` row."""
     try:
-        return _ROW_MAKERS[kind](rec)
+        rows = _ROW_MAKERS[kind](rec)
+        for row in rows:
+            column = misfit_column(row.kind, row.values)
+            if column is not None:  # the type only: the value may be clinical
+                raise TypeError(f"{row.kind} column {column}: a {type(row.values[column]).__name__} does not fit "
+                                f"{ARCHIVE_SCHEMAS[row.kind].field(column).type}")
+        return rows
     except Exception as exc:  # data error: keep the bytes, never stop the archive
         row = {"topic": rec.topic, "key": rec.key, "value": rec.value,
                "error": f"{type(exc).__name__}: {exc}"[:1000]} | _kafka(rec)

@@ -14,6 +14,7 @@ from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
 from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
 from streams.archiver import Archiver, RawRecord, part_files, rows_for, utc_date, write_part
 from streams.topics import ensure_topics, topics_for
+from wardwatch.settings import Settings
 
 T0 = 1_718_000_000_000  # 2024-06-10 06:13:20 UTC
 DAY_MS = 24 * 3600 * 1000
@@ -102,6 +103,95 @@ def test_undecodable_output_record_is_kept_as_unreadable(kind, value):
     assert row.kind == "unreadable"
     assert row.values["value"] == value
     assert row.values["error"]
+
+
+GOOD_EVENT = event("f1").to_dict()
+BIG = 10**20  # beyond int64: orjson reads it as a float, the row makers' int() makes it a big int again
+
+
+@pytest.mark.parametrize("kind,value,column", [
+    ("canonical", orjson.dumps([GOOD_EVENT, GOOD_EVENT | {"fact_id": "f2", "value": "80"}]), "value"),
+    ("canonical", orjson.dumps([GOOD_EVENT | {"patient_id": 123}]), "patient_id"),
+    ("canonical", orjson.dumps([GOOD_EVENT | {"value": 2**53 + 1}]), "value"),  # no exact float64
+    ("canonical", orjson.dumps([GOOD_EVENT | {"version": 2**63}]), "version"),
+    ("late", orjson.dumps({"event": GOOD_EVENT, "late_by_ms": float(BIG)}), "late_by_ms"),
+    ("features", orjson.dumps(snapshot("s1") | {"idx": float(BIG)}), "idx"),
+    ("scores", orjson.dumps(score("s1") | {"news2": float(BIG)}), "news2"),
+    ("scores", orjson.dumps(score("s1") | {"input_watermark": {"offset": float(BIG)}}), "input_watermark"),
+])
+def test_record_that_decodes_but_does_not_fit_its_columns_is_kept_as_unreadable(tmp_path, kind, value, column):
+    [row] = rows_for(kind, record(value))
+    assert row.kind == "unreadable" and row.values["value"] == value
+    assert f"column {column}:" in row.values["error"]
+    assert "80" not in row.values["error"]  # names the type, not the (clinical) value
+    write_part(tmp_path, "unreadable", row.date, [row.values])
+
+
+class StandInConsumer:
+    """confluent_kafka.Consumer for the archiver without a broker: hands out `messages` once."""
+
+    def __init__(self, config):
+        self.messages, self.commits = [], []
+
+    def subscribe(self, topics, on_assign, on_revoke):
+        pass
+
+    def consume(self, num_messages, timeout):
+        messages, self.messages = self.messages, []
+        return messages
+
+    def commit(self, offsets, asynchronous):
+        self.commits.append({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def close(self):
+        pass
+
+
+class Message:
+    def __init__(self, topic: str, offset: int, value: bytes):
+        self._topic, self._offset, self._value = topic, offset, value
+
+    def error(self):
+        return None
+
+    def timestamp(self):
+        from confluent_kafka import TIMESTAMP_CREATE_TIME
+
+        return TIMESTAMP_CREATE_TIME, T0
+
+    def topic(self):
+        return self._topic
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return b"p1"
+
+    def value(self):
+        return self._value
+
+    def headers(self):
+        return None
+
+
+def test_one_badly_typed_record_does_not_stop_the_archive(monkeypatch, tmp_path):
+    monkeypatch.setattr("confluent_kafka.Consumer", StandInConsumer)
+    settings = Settings(topic_prefix="t", data_dir=tmp_path)
+    topics = topics_for(settings)
+    archiver = Archiver(settings, topics, flush_rows=1)
+    bad = orjson.dumps([event("f2").to_dict() | {"value": "80"}])  # decodes, but no float64 column holds it
+    archiver._consumer.messages = [Message(topics.canonical, 0, encode_batch([event("f1")])),
+                                   Message(topics.canonical, 1, bad)]
+
+    assert archiver.poll_once() == 2
+    assert rebuild.read_archive(settings.archive_dir, "canonical")["fact_id"].to_list() == ["f1"]
+    unreadable = rebuild.read_archive(settings.archive_dir, "unreadable")
+    assert unreadable.select("value", "kafka_offset").rows() == [(bad, 1)]
+    assert archiver._consumer.commits == [{(topics.canonical, 0): 2}]
 
 
 # --- files ---------------------------------------------------------------------------------------
