@@ -221,7 +221,10 @@ def _counter(raw: Any) -> int | None:
         return None
     if isinstance(raw, bool):
         raise ValueError("boolean counter")
-    return int(str(raw).strip())
+    counter = int(str(raw).strip())
+    if not 0 <= counter < 2**63:  # kept and serialised as an int64 downstream (the watcher's state)
+        raise ValueError("counter outside the int64 range")
+    return counter
 
 
 def _required_text(raw: Any, what: str) -> str:

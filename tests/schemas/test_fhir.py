@@ -40,7 +40,11 @@ def by_code(outcome: Parsed):
 
 
 def rejection(name: str):
-    outcome = parse(fhir_bundle(name))
+    return rejection_of(fhir_bundle(name))
+
+
+def rejection_of(body: bytes):
+    outcome = parse(body)
     assert isinstance(outcome, Rejected), outcome
     return outcome.rejection
 
@@ -261,6 +265,26 @@ def test_read_status_gives_the_counters_and_the_servers_clock():
 @pytest.mark.parametrize("raw", [None, b"", b"{", b"[]", b'{"resourceType": "Patient"}', b'{"resourceType": "Bundle"}'])
 def test_read_status_of_unreadable_messages_is_none(raw):
     assert read_status(raw) is None
+
+
+def with_counter(name: str, field: bytes, value: str) -> bytes:
+    """The fixture with the first `field` counter (an R4B string) replaced by `value`."""
+    body, before = fhir_bundle(name), b'"' + field + b'": "'
+    start = body.index(before) + len(before)
+    return body[:start] + value.encode() + body[body.index(b'"', start):]
+
+
+@pytest.mark.parametrize(("name", "field", "value"), [
+    ("r4b_handshake", b"eventsSinceSubscriptionStart", "100000000000000000000"),
+    ("r4b_handshake", b"eventsSinceSubscriptionStart", "-1"),
+    ("r4b_status_event", b"eventNumber", str(2**63)),
+])
+def test_counters_outside_the_int64_range_make_the_status_unreadable(name, field, value):
+    body = with_counter(name, field, value)
+    assert rejection_of(body).reason is Reason.INVALID_STRUCTURE
+    assert read_status(body) is None  # the watcher counts it as unreadable
+    largest = with_counter(name, field, str(2**63 - 1))
+    assert not isinstance(parse(largest), Rejected) and read_status(largest) is not None
 
 
 # --- skipped, ignored ----------------------------------------------------------------------------

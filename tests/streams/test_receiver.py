@@ -57,6 +57,13 @@ def test_bad_bodies_are_refused_with_the_parser_reason():
     assert isinstance(refused, Refuse) and refused.rejection.reason is Reason.IMPLAUSIBLE_VALUE
 
 
+def test_a_counter_beyond_int64_is_refused():
+    oversized = fhir_bundle("r4b_handshake").replace(b'"eventsSinceSubscriptionStart": "0"',
+                                                     b'"eventsSinceSubscriptionStart": "100000000000000000000"')
+    refused = classify(oversized)
+    assert isinstance(refused, Refuse) and refused.rejection.reason is Reason.INVALID_STRUCTURE
+
+
 # --- real HTTP, real broker ----------------------------------------------------------------------
 
 

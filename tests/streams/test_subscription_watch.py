@@ -1,21 +1,24 @@
-"""The subscription watcher service through the real broker: a duplicate and a gap, then SIGKILL and restart."""
+"""The subscription watcher: a notification it cannot read with stand-in Kafka clients, then the service
+through the real broker (a duplicate and a gap, then SIGKILL and restart)."""
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, Consumer, Producer, TopicPartition
 
-from streams.subscription_watch import group_id
+from streams import subscription_watch
+from streams.subscription_watch import SubscriptionWatcher, group_id
 from streams.topics import ensure_topics, topics_for
 from wardwatch.procs import kill_service, start_service, stop_service, wait_for_commits
+from wardwatch.settings import Settings
 
 SUB = "https://ehr.example.org/fhir/Subscription/ww-vitals"
 T0 = 1_718_460_000_000  # 2024-06-15T14:00:00Z
 DEADLINE_S = 90
-pytestmark = pytest.mark.integration
 
 
 def iso(ms: int) -> str:
@@ -30,6 +33,73 @@ def notification(kind: str, number: int, at_ms: int) -> bytes:
               "subscription": {"reference": SUB}}
     return orjson.dumps({"resourceType": "Bundle", "type": "history", "timestamp": iso(at_ms),
                          "entry": [{"resource": status}]})
+
+
+class StandInKafka:
+    """The watcher's Consumer and Producer without a broker: one partition, every write acknowledged."""
+
+    def __init__(self, config):
+        self.messages, self.produced, self.commits = [], [], []
+
+    def list_topics(self, topic, timeout):
+        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+
+    def committed(self, partitions, timeout):
+        return partitions
+
+    def assign(self, partitions):
+        pass
+
+    def consume(self, num_messages, timeout):
+        messages, self.messages = self.messages, []
+        return messages
+
+    def commit(self, offsets, asynchronous):
+        self.commits.append([(tp.partition, tp.offset) for tp in offsets])
+
+    def produce(self, topic, key, value, headers=None, on_delivery=None, **kw):
+        self.produced.append((topic, key))
+
+    def flush(self, timeout=None):
+        return 0
+
+    def close(self):
+        pass
+
+
+class Notification:
+    def __init__(self, value: bytes, offset: int):
+        self._value, self._offset = value, offset
+
+    def error(self):
+        return None
+
+    def value(self):
+        return self._value
+
+    def timestamp(self):
+        return TIMESTAMP_CREATE_TIME, T0
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+
+def test_a_counter_beyond_int64_is_counted_unreadable_and_committed(monkeypatch):
+    monkeypatch.setattr(subscription_watch, "Consumer", StandInKafka)
+    monkeypatch.setattr(subscription_watch, "Producer", StandInKafka)
+    monkeypatch.setattr(subscription_watch, "restore_states", lambda *args, **kwargs: {})
+    settings = Settings(topic_prefix="t")
+    watcher = SubscriptionWatcher(settings, topics_for(settings))
+    oversized = notification("handshake", 0, T0).replace(b'"eventsSinceSubscriptionStart":"0"',
+                                                         b'"eventsSinceSubscriptionStart":"100000000000000000000"')
+    watcher._consumer.messages = [Notification(oversized, 5)]
+
+    assert watcher.poll_once() == 1  # not a crash loop: its state is never written
+    assert watcher.snapshot()["subscriptions"]["unreadable"] == 1
+    assert watcher._consumer.commits == [[(0, 6)]]
 
 
 def publish(settings, topic: str, messages: list[tuple[bytes | None, bytes]]) -> dict[tuple[str, int], int]:
@@ -77,6 +147,7 @@ def read_to_end(settings, topic: str, partitions: int) -> list:
     return records
 
 
+@pytest.mark.integration
 def test_one_gap_record_survives_sigkill_and_restart(settings, tmp_path):
     settings = settings.model_copy(update={"fhir_gap_grace_s": 60.0, "fhir_heartbeat_period_s": 3600.0})
     topics = topics_for(settings)
@@ -134,6 +205,7 @@ def test_one_gap_record_survives_sigkill_and_restart(settings, tmp_path):
     assert [g[:2] for g in latest["gaps"]] == [[4, 5]] and latest["gaps"][0][3] is True
 
 
+@pytest.mark.integration
 def test_recover_republishes_the_missing_notifications_of_an_open_gap(settings):
     from collections import deque
 
