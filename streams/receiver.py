@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
 from schemas.deadletter import Reason, Rejection, Stage
 from schemas.fhir import parse_notification, parse_status
@@ -143,7 +143,7 @@ class BrokerUnavailable(Exception):
 
 
 class Unstorable(Exception):
-    """The broker can never take this write (e.g. larger than its message limit): 413, do not retry."""
+    """The broker can never take this write (larger than its message limit): 413, do not retry."""
 
 
 class Receiver:
@@ -289,8 +289,13 @@ class Receiver:
             self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
         except BufferError as exc:
             raise BrokerUnavailable("producer queue full") from exc
-        except KafkaException as exc:  # e.g. MSG_SIZE_TOO_LARGE: retrying can never store it
-            raise Unstorable(f"{exc.args[0].name() if exc.args else exc}") from exc
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:  # a retry can never store it
+                raise Unstorable(error.name()) from exc
+            # anything else (e.g. _UNKNOWN_TOPIC while a topic is missing) may pass: the server retries
+            name = error.name() if error is not None else "unknown error"
+            raise BrokerUnavailable(f"producer refused the write ({name})") from exc
         try:
             err = await asyncio.wait_for(acked, self.settings.receiver_ack_timeout_s)
         except asyncio.TimeoutError as exc:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import httpx
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from aiohttp.test_utils import TestClient, TestServer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import SecretStr
 
 from schemas.deadletter import Reason
-from streams.receiver import Accept, BackgroundReceiver, Refuse, classify, content_type_ok, token_ok, post_notification
+from streams.receiver import (Accept, BackgroundReceiver, Receiver, Refuse, classify, content_type_ok, post_notification,
+                              token_ok)
 from streams.stats import read_stats, summarize
 from streams.topics import ensure_topics, topics_for
 from wardwatch.broker import free_port
 from wardwatch.procs import start_service, stop_service
+from wardwatch.settings import Settings
 from tests.fixtures.ingest.corpus import fhir_bundle, raw_file
 
 SUBSCRIPTION = b"https://ehr.example.org/fhir/Subscription/ww-vitals"
@@ -62,6 +66,51 @@ def test_a_counter_beyond_int64_is_refused():
                                                      b'"eventsSinceSubscriptionStart": "100000000000000000000"')
     refused = classify(oversized)
     assert isinstance(refused, Refuse) and refused.rejection.reason is Reason.INVALID_STRUCTURE
+
+
+# --- real HTTP, stand-in producer ----------------------------------------------------------------
+
+
+class RefusingProducer:
+    """A producer whose produce() raises `code` at once, as librdkafka does for a message over its size
+    limit or a topic known not to exist; the stats topic takes its writes."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+    def produce(self, topic, **kwargs):
+        if not topic.endswith(".stats"):
+            raise KafkaException(KafkaError(self.code))
+
+    def poll(self, timeout):
+        return 0
+
+    def flush(self, timeout=None):
+        return 0
+
+
+def post_with_producer(monkeypatch, producer, body: bytes, headers=FHIR_JSON):
+    """POST `body` to a receiver whose producer is `producer`; the aiohttp response, read."""
+    monkeypatch.setattr("confluent_kafka.Producer", lambda config: producer)
+    receiver = Receiver(Settings(topic_prefix="t"))
+
+    async def post():
+        async with TestClient(TestServer(receiver.app)) as client:
+            response = await client.post("/fhir/notifications", data=body, headers=headers)
+            await response.read()
+            return response
+
+    return asyncio.run(post())
+
+
+def test_only_a_write_over_the_size_limit_is_unstorable_the_rest_is_retried(monkeypatch):
+    unknown_topic = RefusingProducer(KafkaError._UNKNOWN_TOPIC)
+    for name in ("r4b_status_event", "heart_rate_5000"):  # stored, and refused (its dead letter)
+        response = post_with_producer(monkeypatch, unknown_topic, fhir_bundle(name))
+        assert response.status == 503 and int(response.headers["Retry-After"]) > 0
+    too_large = post_with_producer(monkeypatch, RefusingProducer(KafkaError.MSG_SIZE_TOO_LARGE),
+                                   fhir_bundle("r4b_status_event"))
+    assert too_large.status == 413 and "Retry-After" not in too_large.headers
 
 
 # --- real HTTP, real broker ----------------------------------------------------------------------
