@@ -93,13 +93,23 @@ def patient_keys(request: Any) -> list[str]:
 
 
 def _mrn(patient: Any) -> str | None:
-    if not isinstance(patient, dict):
+    if not isinstance(patient, dict):  # CDS Hooks sends null for a prefetch the client could not fetch
         return None
-    identifiers = [i for i in patient.get("identifier") or [] if isinstance(i, dict) and isinstance(i.get("value"), str)]
-    typed = [i for i in identifiers
-             if any(c.get("code") == "MR" for c in ((i.get("type") or {}).get("coding") or []) if isinstance(c, dict))]
+    raw = patient.get("identifier") or []
+    if not isinstance(raw, list):
+        raise BadRequest("`prefetch.patient.identifier` must be an array (a FHIR Patient)")
+    identifiers = [i for i in raw if isinstance(i, dict) and isinstance(i.get("value"), str)]
+    typed = [i for i in identifiers if "MR" in _type_codes(i)]
     chosen = typed or (identifiers if len(identifiers) == 1 else [])
     return chosen[0]["value"].strip() or None if chosen else None
+
+
+def _type_codes(identifier: dict) -> list[Any]:
+    type_ = identifier.get("type") or {}
+    coding = (type_.get("coding") or []) if isinstance(type_, dict) else None
+    if not isinstance(coding, list):
+        raise BadRequest("`prefetch.patient.identifier[].type` must be a CodeableConcept with a `coding` array")
+    return [c.get("code") for c in coding if isinstance(c, dict)]
 
 
 def _iso(ms: int) -> str:
@@ -157,7 +167,9 @@ class LatestScores:
             patient, scoring_ms = record["patient_id"], int(record["scoring_ms"])
             if not isinstance(patient, str):
                 raise TypeError("patient_id is not a string")
-        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+            record = record | {"scoring_ms": scoring_ms}  # kept converted: the next update compares it
+            card(record)  # a record that cannot make a card is skipped here, not a 500 when it is asked for
+        except (TypeError, KeyError, ValueError, OverflowError, OSError):  # JSONDecodeError is a ValueError
             self.records_skipped += 1  # our own topic: a bug upstream, counted (never a patient value in logs)
             return False
         self.records_read += 1

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
 import httpx
 import orjson
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import Producer
 
-from streams.cds import BadRequest, LatestScores, card, patient_keys
+from streams.cds import SERVICE_ID, BadRequest, LatestScores, card, make_app, patient_keys
 from streams.topics import ensure_topics, topics_for
 from wardwatch.procs import start_service, stop_service
 
@@ -58,6 +60,24 @@ def test_latest_is_by_scoring_time_not_arrival():
     assert (latest.records_read, latest.records_skipped, len(latest.by_patient)) == (2, 1, 1)
 
 
+@pytest.mark.parametrize("bad", [{"scoring_ms": 1e20}, {"probability": "0.8"},
+                                 {"rationale": "resp_rate"}, {"rationale": [{"feature": "x"}]}, {"missing": [5]},
+                                 {"tier": ["high"]}])
+def test_a_score_that_cannot_make_a_card_is_skipped_and_counted(bad):
+    latest = LatestScores.empty()
+    assert latest.update(orjson.dumps(score(minute=5))) is True
+    assert latest.update(orjson.dumps(score(minute=10) | bad)) is False
+    assert latest.records_skipped == 1 and card(latest.get(["p-1"]))["summary"].startswith("Deterioration risk HIGH")
+
+
+def test_a_scoring_time_sent_as_a_string_is_kept_as_a_number():
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score(minute=5) | {"scoring_ms": str(T + 5 * 60_000)}))
+    latest.update(orjson.dumps(score(minute=10, tier="low")))  # the next score compares with it
+    assert latest.get(["p-1"])["tier"] == "low"
+    assert "2024-01-01T08:10:00Z" in card(latest.get(["p-1"]))["detail"]
+
+
 def test_patient_keys_prefer_the_mrn_then_the_fhir_id():
     request = {"hook": "patient-view", "context": {"patientId": "Patient/123"},
                "prefetch": {"patient": {"resourceType": "Patient", "id": "123", "identifier": [
@@ -67,11 +87,35 @@ def test_patient_keys_prefer_the_mrn_then_the_fhir_id():
     assert patient_keys({"context": {"patientId": "123"}}) == ["123"]
 
 
+MALFORMED_PATIENTS = [{"identifier": 5}, {"identifier": [{"value": "M1", "type": "MR"}]},
+                      {"identifier": [{"value": "M1", "type": {"coding": {"code": "MR"}}}]}]
+
+
 @pytest.mark.parametrize("request_body", [[], {"hook": "patient-view"}, {"context": {"patientId": ""}},
-                                          {"hook": "order-select", "context": {"patientId": "1"}}])
+                                          {"hook": "order-select", "context": {"patientId": "1"}},
+                                          *({"context": {"patientId": "1"}, "prefetch": {"patient": patient}}
+                                            for patient in MALFORMED_PATIENTS)])
 def test_malformed_requests_are_refused(request_body):
     with pytest.raises(BadRequest):
         patient_keys(request_body)
+
+
+def test_over_http_a_malformed_request_is_a_400_and_a_bad_score_never_a_500():
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score(minute=5) | {"scoring_ms": str(T + 5 * 60_000)}))
+    latest.update(orjson.dumps(score(minute=10, tier="low")))
+
+    async def post(body: dict) -> tuple[int, dict]:
+        async with TestClient(TestServer(make_app(latest))) as client:
+            response = await client.post(f"/cds-services/{SERVICE_ID}", json=body)
+            return response.status, await response.json()
+
+    status, answer = asyncio.run(post({"hook": "patient-view", "context": {"patientId": "p-1"}}))
+    assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk LOW")
+    for patient in MALFORMED_PATIENTS:
+        status, answer = asyncio.run(post({"hook": "patient-view", "context": {"patientId": "p-1"},
+                                           "prefetch": {"patient": patient}}))
+        assert status == 400 and "identifier" in answer["error"]
 
 
 # --- over real HTTP, fed from the real broker -------------------------------------------------------------
