@@ -115,7 +115,9 @@ def token_ok(authorization: str | None, expected: str | None) -> bool:
     if expected is None:
         return True
     scheme, _, given = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
+    # aiohttp keeps header bytes that are not UTF-8 as surrogates: turn them back into those bytes
+    given_bytes = given.strip().encode("utf-8", errors="surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given_bytes, expected.encode())
 
 
 def operation_outcome(severity: str, code: str, diagnostics: str) -> bytes:

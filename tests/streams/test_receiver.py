@@ -39,6 +39,11 @@ def test_bearer_token_must_match_exactly_when_configured():
     assert not token_ok("Basic s3cret", "s3cret")
 
 
+def test_a_token_that_is_not_utf8_is_a_wrong_token():
+    assert not token_ok("Bearer \udcff\udcfe", "s3cret")  # how aiohttp hands over the bytes ff fe
+    assert token_ok("Bearer p\u00e4ss", "p\u00e4ss")
+
+
 def test_only_json_content_types_are_accepted():
     assert content_type_ok("application/fhir+json") and content_type_ok("application/json")
     assert not content_type_ok("text/plain") and not content_type_ok("application/octet-stream")
@@ -111,6 +116,26 @@ def test_only_a_write_over_the_size_limit_is_unstorable_the_rest_is_retried(monk
     too_large = post_with_producer(monkeypatch, RefusingProducer(KafkaError.MSG_SIZE_TOO_LARGE),
                                    fhir_bundle("r4b_status_event"))
     assert too_large.status == 413 and "Retry-After" not in too_large.headers
+
+
+def test_an_authorization_header_that_is_not_utf8_gets_401(monkeypatch):
+    # no broker: the token is checked before anything is written
+    monkeypatch.setattr("confluent_kafka.Producer", lambda config: RefusingProducer(KafkaError._UNKNOWN_TOPIC))
+    receiver = Receiver(Settings(topic_prefix="t", receiver_token=SecretStr("s3cret")))
+    body = fhir_bundle("r4b_handshake")
+
+    async def post_raw() -> bytes:  # an HTTP client would refuse to send these header bytes
+        async with TestServer(receiver.app) as server:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"POST /fhir/notifications HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+                         b"Authorization: Bearer \xff\xfe\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+            status_line = await reader.readline()
+            writer.close()
+            return status_line
+
+    assert asyncio.run(post_raw()).split()[1] == b"401"
 
 
 # --- real HTTP, real broker ----------------------------------------------------------------------
