@@ -57,7 +57,8 @@ class StatsPublisher:
     """Publishes `snapshot()` under this instance's key, at most every `interval_s` and at shutdown.
 
     Uses the service's own producer (so the record goes out with its next flush). A failed delivery
-    is logged, not raised: the counters are about the data path, not part of it."""
+    is logged, not raised: the counters are about the data path, not part of it. `not_sent` counts
+    the snapshots the producer did not take (queue full, or refused at once, e.g. a missing topic)."""
 
     def __init__(self, service: str, snapshot: Callable[[], Counters], producer, topic: str, *,
                  interval_s: float = 2.0, clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000):
@@ -70,6 +71,7 @@ class StatsPublisher:
         self.started_at_ms = clock_ms()
         self.key = instance_key(service, self.started_at_ms)
         self._last_publish = float("-inf")
+        self.not_sent = 0
         observability.expose_counters(service, snapshot)  # the same counters on /metrics
 
     def maybe_publish(self, now_s: float | None = None) -> bool:
@@ -82,12 +84,20 @@ class StatsPublisher:
         return True
 
     def publish(self) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
         value = stats_record(self.service, self.key, self.started_at_ms, self._clock_ms(), self._snapshot())
         try:
             self._producer.produce(self.topic, key=self.key.encode(), value=value, headers=[],
                                    on_delivery=_log_failure)
         except BufferError:  # local queue full: skip this snapshot, the next one carries the same totals
+            self.not_sent += 1
             log.warning("stats snapshot skipped: producer queue full")
+        except KafkaException as exc:  # e.g. the stats topic is missing: never stop the service for it
+            self.not_sent += 1
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            reason = error.name() if error is not None else "KafkaException"  # never the snapshot itself
+            log.warning("stats snapshot not sent to %s: %s", self.topic, reason)
 
 
 def _log_failure(err, msg) -> None:

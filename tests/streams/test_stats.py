@@ -6,7 +6,7 @@ import io
 
 import orjson
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from rich.console import Console
 
 from streams.stats import (StatsPublisher, add_counters, latest_per_instance, read_stats, stats_table,
@@ -89,6 +89,21 @@ def test_publisher_sends_at_most_once_per_interval_under_a_stable_instance_key()
     keys = {k for _, k, _ in producer.sent}
     assert len(keys) == 1 and next(iter(keys)).decode().startswith("ingest:")
     assert next(iter(keys)).decode().endswith(":1000")  # <service>:<host>:<pid>:<start ms>
+
+
+class _RefusingProducer:
+    """produce() raises at once, as librdkafka does for a topic it knows does not exist."""
+
+    def produce(self, topic, key, value, headers, on_delivery):
+        raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC))
+
+
+def test_a_snapshot_the_producer_refuses_is_counted_and_logged_without_data(caplog):
+    publisher = StatsPublisher("receiver", lambda: {"responses": {"200": 1}}, _RefusingProducer(), "p.stats")
+    publisher.publish()  # e.g. the receiver's final snapshot: its shutdown must go on to the flush
+    assert publisher.maybe_publish(now_s=100.0)
+    assert publisher.not_sent == 2
+    assert "_UNKNOWN_TOPIC" in caplog.text and "200" not in caplog.text
 
 
 @pytest.mark.integration
