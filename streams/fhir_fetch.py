@@ -12,6 +12,7 @@ Failures are data outcomes, never exceptions, so the ingest worker dead-letters 
     404 / 410 for a reference     -> RESOURCE_NOT_FOUND (deleted or never visible to this client)
     timeouts, connection errors, 429 and 5xx after every retry, other 4xx (401/403: a token problem),
     a body that is not the resource asked for -> FETCH_FAILED (replayable once the server is back)
+    anything unexpected (a bug)   -> INTERNAL_ERROR (replayable after the fix)
 
 Runs inside the ingest worker, only for id-only notifications; full-resource ones never get here.
 """
@@ -115,10 +116,13 @@ def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *,
         return Rejected(outcome.rejection)  # FHIR_SERVER_NOT_CONFIGURED, with what to set
     try:
         fetched = {ref: client.read(ref) for ref in outcome.references}
+        result = parse_notification(complete_notification(value, fetched), topic=topic, partition=partition,
+                                    offset=offset)
     except FetchError as exc:
         return rejected(exc.reason, exc.detail, exc.exception)
-    result = parse_notification(complete_notification(value, fetched), topic=topic, partition=partition,
-                                offset=offset)
+    except Exception as exc:  # a bug (e.g. JSON orjson reads but cannot write back): keep the message for replay
+        return rejected(Reason.INTERNAL_ERROR, "unexpected error completing an id-only notification",
+                        type(exc).__name__)
     if isinstance(result, NeedsFetch):  # the server returned resources other than the ones referenced
         return rejected(Reason.FETCH_FAILED, "the fetched resources do not match the notification's references")
     return result

@@ -278,7 +278,12 @@ class IngestWorker:
     def _prepare(self, msg: Message) -> tuple[str, Outcome, list[tuple[str, bytes]]]:
         """Parse and encode one message: (source, outcome, encoded events); an outcome whose events
         cannot be written becomes Rejected with no events."""
-        source, outcome = self.parse(msg)
+        try:
+            source, outcome = self.parse(msg)
+        except Exception as exc:  # parsers never raise; if one does, its message must not fail every restart
+            source = "cdc" if msg.topic() in self._cdc_topics else "fhir"
+            outcome = rejected(Reason.INTERNAL_ERROR, f"unexpected error parsing a {source} message",
+                               type(exc).__name__)
         encoded = encode_events(outcome) if isinstance(outcome, Parsed) else []
         if not isinstance(encoded, Rejected):
             encoded = too_large(encoded, self.settings.canonical_max_message_bytes) or encoded

@@ -20,7 +20,7 @@ from streams.fhir_fetch import FhirClient, resolve
 from streams.ingest import IngestWorker
 from streams.topics import ensure_topics, topics_for
 from wardwatch.settings import Settings
-from tests.fixtures.ingest.corpus import fhir_bundle
+from tests.fixtures.ingest.corpus import fhir_bundle, nested_too_deep_to_write
 from tests.streams.fhir_server import SERVED, FhirServer
 
 TOKEN = "s3cret-token"
@@ -129,6 +129,15 @@ def test_a_server_answering_with_another_resource_is_fetch_failed(fhir_server):
     fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(200, (SERVED / "Patient/pt-e4f5d6254795.json").read_bytes())])
     r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url)))
     assert r.reason is Reason.FETCH_FAILED and "different resource" in r.detail
+
+
+def test_a_notification_too_deeply_nested_to_complete_is_an_internal_error_not_a_crash(fhir_server):
+    # orjson reads JSON nested up to 1024 levels but writes only 255: completing it fails after the fetch
+    raw = nested_too_deep_to_write("r4b_id_only")
+    outcome = parse(raw)
+    assert isinstance(outcome, NeedsFetch)
+    result = resolve(outcome, raw, client_for(fhir_server.url), topic="ww.fhir.notifications", partition=3, offset=7)
+    assert rejection(result).reason is Reason.INTERNAL_ERROR
 
 
 def test_without_a_server_id_only_is_dead_lettered_saying_what_to_set():

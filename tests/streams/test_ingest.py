@@ -19,7 +19,8 @@ from streams import ingest
 from streams.ingest import PRODUCED_NS_HEADER, IngestCounters, IngestWorker, group_id
 from streams.topics import ensure_topics, topics_for
 from wardwatch.settings import Settings
-from tests.fixtures.ingest.corpus import CDC_PREFIX, cdc_message, cdc_messages, fhir_bundle, raw_file
+from tests.fixtures.ingest.corpus import (CDC_PREFIX, cdc_message, cdc_messages, fhir_bundle,
+                                         nested_too_deep_to_write, raw_file)
 
 # --- without a broker ----------------------------------------------------------------------------
 
@@ -220,6 +221,57 @@ def test_a_message_whose_events_cannot_be_encoded_is_dead_lettered_not_fatal(fak
     snap = worker.counters.snapshot()["cdc"]
     assert snap["dead_lettered"] == {"internal_error": 1} and snap["messages_parsed"] == 1
     assert snap["events_out"] == len(_events(good))
+    assert worker.counters.balanced()
+    assert fake.calls == [("flush",), ("commit", {(good.topic(), 0): 2})]
+
+
+class ServedResources:
+    """A FHIR client answering every read with a minimal resource of the referenced type and id."""
+
+    def read(self, reference):
+        kind, rid = reference.split("/")[:2]
+        return {"resourceType": kind, "id": rid}
+
+    def close(self):
+        pass
+
+
+def test_an_id_only_notification_too_deep_to_complete_is_dead_lettered_and_committed(fake_worker):
+    # legal JSON that orjson reads but cannot write back: completing it from the FHIR server fails
+    poison = FakeMessage(topics_for(FAKE_SETTINGS).fhir, b"k", nested_too_deep_to_write("r4b_id_only"), offset=5)
+    worker, fake = fake_worker([poison])
+    worker._fhir = ServedResources()
+
+    assert worker.poll_once() == 1
+
+    (dead,) = fake.on(worker.topics.deadletter)
+    assert dict(dead.headers())["ww.reason"] == Reason.INTERNAL_ERROR.value.encode()
+    assert dead.value() == poison.value()
+    assert worker.counters.snapshot()["fhir"]["dead_lettered"] == {"internal_error": 1}
+    assert fake.calls == [("flush",), ("commit", {(poison.topic(), 0): 6})]
+
+
+def test_a_parser_that_raises_dead_letters_its_message_and_the_batch_goes_on(fake_worker, monkeypatch):
+    # defence in depth: parsers return outcomes, but an exception escaping one must not stop the
+    # worker on the same message at every restart
+    poison, good = _cdc("create_bare", 0), _cdc("create_schema_wrapped", 1)
+    worker, fake = fake_worker([poison, good])
+    real_parse = worker.parse
+
+    def parse(msg):
+        if msg is poison:
+            raise RecursionError("a bug")
+        return real_parse(msg)
+
+    monkeypatch.setattr(worker, "parse", parse)
+    assert worker.poll_once() == 2
+
+    (dead,) = fake.on(worker.topics.deadletter)
+    headers = dict(dead.headers())
+    assert dead.value() == poison.value()
+    assert headers["ww.reason"] == Reason.INTERNAL_ERROR.value.encode() and headers["ww.exception"] == b"RecursionError"
+    assert headers["ww.stage"] == b"ingest.cdc"
+    assert [m.key() for m in fake.on(worker.topics.canonical)] == [b"MRN-0001"]
     assert worker.counters.balanced()
     assert fake.calls == [("flush",), ("commit", {(good.topic(), 0): 2})]
 
