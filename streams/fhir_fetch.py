@@ -10,8 +10,9 @@ as if the server had sent them inline, so id-only and full-resource payloads giv
 Failures are data outcomes, never exceptions, so the ingest worker dead-letters the original bytes:
     no server configured          -> FHIR_SERVER_NOT_CONFIGURED (replay after setting WARDWATCH_FHIR_SERVER_URL)
     404 / 410 for a reference     -> RESOURCE_NOT_FOUND (deleted or never visible to this client)
-    timeouts, connection errors, 429 and 5xx after every retry, other 4xx (401/403: a token problem),
-    a body that is not the resource asked for -> FETCH_FAILED (replayable once the server is back)
+    timeouts, connection errors, undecodable (e.g. broken gzip) bodies, 429 and 5xx after every retry,
+    other 4xx (401/403: a token problem), a body that is not the resource asked for
+                                  -> FETCH_FAILED (replayable once the server is back)
     anything unexpected (a bug)   -> INTERNAL_ERROR (replayable after the fix)
 
 Runs inside the ingest worker, only for id-only notifications; full-resource ones never get here.
@@ -80,12 +81,12 @@ class FhirClient:
         return response.content
 
     def _get(self, reference: str, params: dict[str, str] | None = None) -> httpx.Response:
-        """GET with retries on timeouts, connection errors, 408/429/5xx; 200 -> the response."""
+        """GET with retries on timeouts, connection errors, undecodable bodies, 408/429/5xx; 200 -> the response."""
         attempt = 0
         while True:
             try:
                 response = self._http.get(reference, params=params)
-            except httpx.TransportError as exc:  # timeouts, refused connections, protocol errors
+            except httpx.HTTPError as exc:  # timeouts, refused connections, protocol errors, undecodable bodies
                 failure = FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: {type(exc).__name__}",
                                      type(exc).__name__)
             else:

@@ -13,8 +13,9 @@ SERVED = HERE / "fhir" / "server"
 
 
 class FhirServer:
-    """GET /fhir/<Type>/<id> from the fixture directory; `script` queues (status, body) answers per
-    path first. `stall` makes every answer wait (released at teardown) to provoke client timeouts."""
+    """GET /fhir/<Type>/<id> from the fixture directory; `script` queues (status, body) or (status, body,
+    extra headers) answers per path first. `stall` makes every answer wait (released at teardown) to
+    provoke client timeouts."""
 
     def __init__(self):
         self.requests: list[tuple[str, str | None]] = []  # (path, Authorization header)
@@ -28,10 +29,12 @@ class FhirServer:
                 server.requests.append((self.path, self.headers.get("Authorization")))
                 if server.stall.is_set():
                     server.release.wait(10)
-                status, body = server.answer(self.path)
+                status, body, *extra = server.answer(self.path)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/fhir+json")
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 

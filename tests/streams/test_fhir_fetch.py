@@ -117,6 +117,14 @@ def test_a_slow_server_times_out_and_is_retried(fhir_server):
     assert time.monotonic() - started < 5  # bounded by the timeouts, not by the server
 
 
+def test_a_body_that_does_not_match_its_content_encoding_is_retried_then_fetch_failed(fhir_server):
+    broken = (200, b"not gzip at all", {"Content-Encoding": "gzip"})
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([broken] * 2)
+    r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url, fhir_retries=1)))
+    assert r.reason is Reason.FETCH_FAILED and r.exception == "DecodingError"
+    assert len(fhir_server.requests) == 2
+
+
 def test_an_unreachable_server_is_fetch_failed():
     server = FhirServer()
     url = server.url
