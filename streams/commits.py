@@ -20,20 +20,29 @@ REBALANCE_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
 
 def commit_offsets(consumer, offsets: dict[tuple[str, int], int], log: logging.Logger, *,
                    asynchronous: bool = False) -> bool:
-    """Commit `offsets` ((topic, partition) -> next offset); False when a rebalance took them (the
-    records will be re-read elsewhere). asynchronous: send the commit and return at once; its result
-    reaches the consumer's `on_commit` callback (see CommitResults)."""
+    """Commit `offsets` ((topic, partition) -> next offset); False when a rebalance took any of them
+    (those records will be re-read elsewhere); any other failure, of even one partition, raises.
+    asynchronous: send the commit and return at once; its result reaches the consumer's `on_commit`
+    callback (see CommitResults)."""
     if not offsets:
         return True
     try:
-        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
-                        asynchronous=asynchronous)
-        return True
+        results = consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
+                                  asynchronous=asynchronous)
     except KafkaException as exc:
         if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].code() in REBALANCE_ERRORS:
             log.warning("commit lost to a rebalance; those records will be re-read: %s", exc.args[0].name())
             return False
         raise
+    # librdkafka raises only when every partition failed: the others report one by one (asynchronous: None)
+    errors = [tp.error for tp in results or () if tp.error is not None]
+    for error in errors:
+        if error.code() not in REBALANCE_ERRORS:
+            raise KafkaException(error)
+    if errors:
+        log.warning("commit lost to a rebalance; those records will be re-read: %s", errors[0].name())
+        return False
+    return True
 
 
 class CommitResults:

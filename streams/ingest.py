@@ -337,13 +337,15 @@ class IngestWorker:
     def _on_revoke(self, consumer, partitions) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         # what was published from them is committed now, while they are still ours; and never again
-        # later (at close), which would move the next owner's committed offset back
-        commit_offsets(self._consumer, {tp: o for tp, o in self._uncommitted.items() if tp in revoked}, log)
+        # later (at close), which would move the next owner's committed offset back: forgotten first,
+        # so a commit that raises (the worker stops) leaves nothing of them for close() to commit
+        uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp in revoked}
         for tp in revoked:
             self._uncommitted.pop(tp, None)
             self._last_commit.pop(tp, None)
         if self.aligner is not None:
             self.aligner.revoke(list(revoked))
+        commit_offsets(self._consumer, uncommitted, log)
 
     def parse(self, msg: Message) -> tuple[str, Outcome]:
         topic = msg.topic()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from streams.commits import CommitResults
+from streams.commits import CommitResults, commit_offsets
 from streams.ingest import IngestWorker
 from streams.topics import ensure_topics, topics_for
 from tests.fixtures.ingest.corpus import cdc_messages
@@ -42,6 +42,33 @@ def test_a_failure_on_one_partition_counts_like_a_request_failure():
     results(None, [TopicPartition("t", 1, 3), failed])
     with pytest.raises(KafkaException):
         results.raise_failure()
+
+
+class PartlyFailingConsumer:
+    """A synchronous commit as librdkafka answers it when only some partitions failed: no exception,
+    each partition with its own .error (read-only on a real TopicPartition, hence SimpleNamespace)."""
+
+    def __init__(self, errors: dict[int, KafkaError]):
+        self.errors = errors  # partition -> its commit error
+
+    def commit(self, offsets, asynchronous):
+        return [SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=tp.offset,
+                                error=self.errors.get(tp.partition)) for tp in offsets]
+
+
+OFFSETS = {("raw", 0): 10, ("raw", 1): 20}
+
+
+def test_a_sync_commit_that_failed_on_one_partition_raises():
+    consumer = PartlyFailingConsumer({1: KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)})
+    with pytest.raises(KafkaException):
+        commit_offsets(consumer, OFFSETS, log)
+
+
+def test_a_sync_commit_lost_to_a_rebalance_on_one_partition_returns_false(caplog):
+    consumer = PartlyFailingConsumer({1: KafkaError(KafkaError.ILLEGAL_GENERATION)})
+    assert commit_offsets(consumer, OFFSETS, log) is False
+    assert "lost to a rebalance" in caplog.text
 
 
 @pytest.mark.integration

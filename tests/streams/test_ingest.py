@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -88,6 +89,7 @@ class FakeBroker:
     def __init__(self, batch, delivery_error=None):
         self.batch, self.delivery_error = batch, delivery_error
         self.pending, self.produced, self.calls = [], [], []
+        self.commit_errors = {}  # partition -> the error a synchronous commit reports for it
 
     def subscribe(self, topics, on_assign=None, on_revoke=None):
         self.on_assign, self.on_revoke = on_assign, on_revoke
@@ -107,6 +109,9 @@ class FakeBroker:
 
     def commit(self, offsets, asynchronous):
         self.calls.append(("commit", {(tp.topic, tp.partition): tp.offset for tp in offsets}))
+        if not asynchronous:  # librdkafka answers per partition; .error is read-only on a real TopicPartition
+            return [SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=tp.offset,
+                                    error=self.commit_errors.get(tp.partition)) for tp in offsets]
 
     def produce(self, topic, value, key, headers, on_delivery):
         self.pending.append((on_delivery, FakeMessage(topic, key, value, headers=headers)))
@@ -679,6 +684,32 @@ def test_commits_go_out_at_most_once_per_interval_and_the_rest_when_idle_or_revo
     assert fake.calls == [("flush",), ("commit", {tp: 3})]  # committed while still ours
     worker.close()  # and never again: that would move the next owner's committed offset back
     assert ("commit", {tp: 3}) not in fake.calls[2:]
+
+
+def test_a_stop_whose_last_commit_failed_on_a_partition_raises_and_still_closes(fake_worker):
+    worker, fake = fake_worker([_cdc("create_bare", 0)])
+    worker.poll_once()
+    fake.commit_errors = {0: KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)}
+    with pytest.raises(KafkaException):
+        worker.close()  # not a clean stop: those records are re-read after the restart
+    assert fake.calls[-1] == ("close",)
+
+
+def test_a_revoke_whose_commit_failed_stops_the_worker_and_close_never_commits_those_partitions(
+        fake_worker, monkeypatch):
+    monkeypatch.setattr(ingest.time, "monotonic", lambda: 1000.0)  # the commit interval never runs out
+    first = _cdc("create_bare", 0)
+    tp = (first.topic(), 0)
+    worker, fake = fake_worker([first])
+    worker.poll_once()  # the first batch commits at once
+    fake.batch = [_cdc("create_bare", 1)]
+    worker.poll_once()  # this one waits for the commit interval
+    fake.commit_errors = {0: KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE)}
+    with pytest.raises(KafkaException):
+        fake.on_revoke(fake, [TopicPartition(*tp)])
+    fake.commit_errors = {}
+    worker.close()  # the partition may be another ingest's by now: committing it would move its offset back
+    assert [c for c in fake.calls if c[0] == "commit"] == [("commit", {tp: 1}), ("commit", {tp: 2})]
 
 
 def test_a_max_skew_at_or_beyond_the_allowed_lateness_is_refused_at_start(monkeypatch):
