@@ -20,8 +20,9 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
 - Patient -> SEX (gender) and BIRTH_YEAR (the year of birthDate, nothing finer), effective
   meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`), else the Patient id, the same
   ids Observation subjects resolve to. fact ids "fhir:Patient:<id>:sex" / ":birth-year".
-- Observations of unused codes and other resources are skipped and counted; a notification with
-  nothing usable is Ignored (still carrying its event numbers for gap detection).
+- Observations of unused codes and other resources are skipped and counted (by resource type; a type
+  FHIR does not define as "other"); a notification with nothing usable is Ignored (still carrying its
+  event numbers for gap detection).
 - `id-only` payloads (focus references, or entries without a resource) -> NeedsFetch: a Rejected
   (FHIR_SERVER_NOT_CONFIGURED) carrying the references, which streams/fhir_fetch.py GETs from the FHIR
   server before running `complete_notification()` back through this parser, so id-only and
@@ -54,6 +55,37 @@ CONTROL_TYPES = ("handshake", "heartbeat", "query-status")
 EVENT_TYPES = ("event-notification", "query-event")
 USED_STATUSES = {s.value: s for s in Status}  # final, preliminary, amended, corrected, entered-in-error
 R4B, R5 = "R4B", "R5"
+# the resource types of FHIR R4B and R5 (as fhir.resources defines them): a skipped resource of any
+# other type is counted as OTHER_TYPE, so input cannot add counter keys (stats, /metrics, logs)
+RESOURCE_TYPES = frozenset("""
+    Account ActivityDefinition ActorDefinition AdministrableProductDefinition AdverseEvent AllergyIntolerance
+    Appointment AppointmentResponse ArtifactAssessment AuditEvent Basic Binary BiologicallyDerivedProduct
+    BiologicallyDerivedProductDispense BodyStructure Bundle CapabilityStatement CarePlan CareTeam CatalogEntry
+    ChargeItem ChargeItemDefinition Citation Claim ClaimResponse ClinicalImpression ClinicalUseDefinition
+    CodeSystem Communication CommunicationRequest CompartmentDefinition Composition ConceptMap Condition
+    ConditionDefinition Consent Contract Coverage CoverageEligibilityRequest CoverageEligibilityResponse
+    DetectedIssue Device DeviceAssociation DeviceDefinition DeviceDispense DeviceMetric DeviceRequest
+    DeviceUsage DeviceUseStatement DiagnosticReport DocumentManifest DocumentReference Encounter
+    EncounterHistory Endpoint EnrollmentRequest EnrollmentResponse EpisodeOfCare EventDefinition Evidence
+    EvidenceReport EvidenceVariable ExampleScenario ExplanationOfBenefit FamilyMemberHistory Flag FormularyItem
+    GenomicStudy Goal GraphDefinition Group GuidanceResponse HealthcareService ImagingSelection ImagingStudy
+    Immunization ImmunizationEvaluation ImmunizationRecommendation ImplementationGuide Ingredient InsurancePlan
+    InventoryItem InventoryReport Invoice Library Linkage List Location ManufacturedItemDefinition Measure
+    MeasureReport Media Medication MedicationAdministration MedicationDispense MedicationKnowledge
+    MedicationRequest MedicationStatement MedicinalProductDefinition MessageDefinition MessageHeader
+    MolecularSequence NamingSystem NutritionIntake NutritionOrder NutritionProduct Observation
+    ObservationDefinition OperationDefinition OperationOutcome Organization OrganizationAffiliation
+    PackagedProductDefinition Parameters Patient PaymentNotice PaymentReconciliation Permission Person
+    PlanDefinition Practitioner PractitionerRole Procedure Provenance Questionnaire QuestionnaireResponse
+    RegulatedAuthorization RelatedPerson RequestGroup RequestOrchestration Requirements ResearchDefinition
+    ResearchElementDefinition ResearchStudy ResearchSubject RiskAssessment Schedule SearchParameter
+    ServiceRequest Slot Specimen SpecimenDefinition StructureDefinition StructureMap Subscription
+    SubscriptionStatus SubscriptionTopic Substance SubstanceDefinition SubstanceNucleicAcid SubstancePolymer
+    SubstanceProtein SubstanceReferenceInformation SubstanceSourceMaterial SupplyDelivery SupplyRequest Task
+    TerminologyCapabilities TestPlan TestReport TestScript Transport ValueSet VerificationResult
+    VisionPrescription
+""".split())
+OTHER_TYPE = "other"
 
 
 def parse_notification(value: bytes | None, *, topic: str, partition: int, offset: int) -> Outcome:
@@ -119,9 +151,10 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
     ctx = _Context(status, topic, partition, offset)
     events = []
     for resource in resources:
-        mapper = _MAPPERS.get(resource.get("resourceType"))
+        kind = resource.get("resourceType")
+        mapper = _MAPPERS.get(kind)
         if mapper is None:
-            ctx.skip(str(resource.get("resourceType"))[:40])
+            ctx.skip(kind if kind in RESOURCE_TYPES else OTHER_TYPE)
         else:
             events += mapper(resource, ctx)
     if not events:

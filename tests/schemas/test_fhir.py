@@ -302,6 +302,17 @@ def test_notification_with_nothing_usable_is_ignored_but_keeps_its_event_numbers
     assert outcome.detail["event_numbers"] == [39, 40] and outcome.detail["subscription"] == SUBSCRIPTION
 
 
+def test_resource_types_fhir_does_not_define_are_counted_as_other_so_counter_keys_stay_bounded():
+    # skipped kinds become the ingest's counter keys (stats, /metrics, the stop log line)
+    doc = json.loads(fhir_bundle("r4b_unmapped_only"))
+    made_up = [{"fullUrl": f"urn:uuid:{i}", "resource": {"resourceType": f"Zz{i}", "id": "a"}} for i in range(1000)]
+    known = {"fullUrl": "urn:uuid:c", "resource": {"resourceType": "Condition", "id": "c"}}
+    doc["entry"] += [*made_up, known]
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Ignored) and outcome.kind == "other"
+    assert outcome.detail["skipped"] == {"unmapped_code": 1, "Encounter": 1, "Condition": 1, "other": 1000}
+
+
 # --- rejections ----------------------------------------------------------------------------------
 
 
