@@ -34,12 +34,15 @@ ALIASES: dict[str, str] = {
 
 ACVPU = ("A", "C", "V", "P", "U")
 ACVPU_ORDINAL = {letter: i for i, letter in enumerate(ACVPU)}
-# SNOMED CT codes for AVPU levels as FHIR servers send them
+# SNOMED CT codes for ACVPU levels as FHIR servers send them: HL7 UK Care Connect's ACVPU value set,
+# plus the voice and pain codes clinosim emits (so its FHIR output scores V and P, not dead letters)
 SNOMED_ACVPU = {
-    "248234008": "A",  # alert
+    "248234008": "A",  # mentally alert
     "130987000": "C",  # acute confusion
-    "284592002": "V",  # responds to voice
+    "300202002": "V",  # responds to voice
+    "248236005": "V",  # responds to voice (clinosim)
     "450847001": "P",  # responds to pain
+    "248237001": "P",  # responds to pain (clinosim)
     "422768004": "U",  # unresponsive
 }
 

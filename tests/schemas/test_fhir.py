@@ -97,6 +97,27 @@ def test_r5_labs_with_unit_conversion_and_integer64_counters():
     assert events[codes.CREATININE].issued_ms == 1_719_219_600_000  # meta.lastUpdated 09:00Z
 
 
+@pytest.mark.parametrize("snomed, letter", [
+    ("248234008", "A"), ("130987000", "C"), ("300202002", "V"), ("450847001", "P"), ("422768004", "U"),
+    ("248236005", "V"), ("248237001", "P"),  # clinosim's codes for voice and pain
+])
+def test_each_acvpu_snomed_code_is_its_level(snomed, letter):
+    body = fhir_bundle("r4b_status_event").replace(b'"450847001"', f'"{snomed}"'.encode())
+    loc = by_code(parsed_body(body))[codes.CONSCIOUSNESS]
+    assert (loc.value_text, loc.value) == (letter, float(codes.ACVPU_ORDINAL[letter]))
+
+
+def test_a_snomed_code_outside_acvpu_is_a_bad_value():
+    body = fhir_bundle("r4b_status_event").replace(b'"450847001"', b'"284592002"')
+    assert rejection_of(body).reason is Reason.BAD_VALUE
+
+
+def parsed_body(body: bytes) -> Parsed:
+    outcome = parse(body)
+    assert isinstance(outcome, Parsed), outcome
+    return outcome
+
+
 @pytest.mark.parametrize(("name", "kind", "since"), [("r4b_handshake", "handshake", 0),
                                                        ("r4_heartbeat", "heartbeat", 12)])
 def test_handshake_and_heartbeat_are_control(name, kind, since):
