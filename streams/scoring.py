@@ -11,8 +11,14 @@ Paths
 - model: the registry's current model is loaded and every NEWS2 input is present. Other missing
   features take the card's imputation value.
 - rule: no model (no registry, no `current`, or the current model was refused), or any NEWS2
-  input is missing (`missing` lists them). Probability is None; the tier comes from NEWS2:
-  >= 7 high, 5-6 medium, a single parameter scoring 3 -> low, else none. Missing NEWS2 -> none.
+  input is missing (`missing` lists them). Probability is None; the tier comes from NEWS2 and its
+  triggers (RCP 2017): >= 7 high (emergency response), 5-6 medium (urgent response), a single
+  parameter scoring 3 also medium (its own trigger: urgent ward-based response), else none.
+  Missing NEWS2 -> none.
+- NEWS2 is the floor of the model path: a point whose NEWS2 tier is above the model's takes the
+  NEWS2 tier, with path "rule" and the NEWS2 rationale (the probability stays on the record). The
+  model adds earlier warnings; it never silences the national escalation standard, and it is
+  trained only on patients not yet deteriorated (NEWS2 >= 7 is part of its label).
 
 Model tiers (probability p): p >= high_threshold (0.7) high; p >= settings.alert_threshold medium;
 p >= settings.alert_reset low (elevated, below the alerting line); else none.
@@ -59,6 +65,7 @@ import onnxruntime as ort
 from schemas.features import DERIVED, derive
 from schemas.model_contract import ContractError, ModelContract, check_contract
 from schemas.scores import news2_risk
+from streams.alerting import TIER_RANK
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,7 +83,8 @@ NEWS2_INPUTS: tuple[str, ...] = next(d.inputs for d in DERIVED if d.name == "new
 _NEWS2_PARTS: tuple[str, ...] = tuple(d.name for d in DERIVED if d.name.startswith("news2_"))
 NEWS2_PART_INPUT: dict[str, str] = dict(zip(_NEWS2_PARTS, NEWS2_INPUTS, strict=True))
 
-_RULE_TIER: dict[str, Tier] = {"high": "high", "medium": "medium", "low-medium": "low", "low": "none"}
+# NEWS2 risk band -> tier: a single parameter scoring 3 ("low-medium") is a trigger of its own, so it alerts
+_RULE_TIER: dict[str, Tier] = {"high": "high", "medium": "medium", "low-medium": "medium", "low": "none"}
 
 
 class Reason(TypedDict):
@@ -116,6 +124,14 @@ def rule_tier(features: dict) -> Tier:
         return "none"
     any_three = any(features.get(part) == 3 for part in _NEWS2_PARTS)
     return _RULE_TIER[news2_risk(int(total), any_three)]
+
+
+def with_news2_floor(result: ScoreResult, features: dict) -> ScoreResult:
+    """A model result, or the NEWS2 rule's when NEWS2 puts the point in a higher tier."""
+    tier = rule_tier(features)
+    if TIER_RANK[tier] <= TIER_RANK[result.tier]:
+        return result
+    return dataclasses.replace(result, path="rule", tier=tier, rationale=rule_rationale(features))
 
 
 def rule_rationale(features: dict) -> list[Reason]:
@@ -295,7 +311,7 @@ class Scorer:
         results: list[ScoreResult | None] = [None] * len(features)
         if on_model:
             for i, result in zip(on_model, self._score_model(model, [features[i] for i in on_model])):
-                results[i] = result
+                results[i] = with_news2_floor(result, features[i])
         for i, f in enumerate(features):
             if results[i] is None:
                 results[i] = ScoreResult(probability=None, path="rule", model_version=None, news2=f.get("news2"),

@@ -59,6 +59,18 @@ def test_a_changed_message_is_one_scoring_point_and_a_high_news2_opens_one_alert
     assert f"Observation/{make_event_id(f'cdc:vital_signs:1:{codes.HEART_RATE}', 1)}" in basis
 
 
+def test_a_single_news2_parameter_scoring_3_opens_an_alert_and_keeps_it_open(processor):
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "sbp": 85}))], store)
+    alerts = [orjson.loads(v) for _, v, _ in out.alerts]
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in alerts] == [("open", "medium")]
+    # still SBP 85 on the next two sets: not calm, so the episode is not resolved
+    out = run(processor, [msg(1, vitals("p1", T0 + 15 * MIN, 2, **{**NORMAL, "sbp": 85})),
+                          msg(2, vitals("p1", T0 + 30 * MIN, 3, **{**NORMAL, "sbp": 85}))], store)
+    assert out.alerts == []
+    assert store["p1"].alert["open"]
+
+
 def test_reprocessing_after_a_restart_adds_no_point_and_no_alert(processor):
     store: dict[str, PatientRecord] = {}
     batch = [msg(0, vitals("p1", T0, 1))]

@@ -270,7 +270,9 @@ def test_mixed_batch_keeps_the_order(model_dir, settings):
 @pytest.mark.parametrize("changes, news2, tier", [
     ({}, 0, "none"),
     ({"resp_rate_last_24h": 22.0, "heart_rate_last_24h": 95.0}, 3, "none"),  # 2 + 1, no single 3
-    ({"resp_rate_last_24h": 26.0}, 3, "low"),  # a single parameter scoring 3
+    ({"resp_rate_last_24h": 26.0}, 3, "medium"),  # a single parameter scoring 3: a trigger of its own
+    ({"systolic_bp_last_24h": 85.0}, 3, "medium"),
+    ({"consciousness_last_24h": 2}, 3, "medium"),  # responds to voice
     ({"resp_rate_last_24h": 22.0, "spo2_last_24h": 94.0, "heart_rate_last_24h": 95.0, "temperature_last_24h": 38.5},
      5, "medium"),  # 2 + 1 + 1 + 1
     ({"resp_rate_last_24h": 26.0, "spo2_last_24h": 93.0, "heart_rate_last_24h": 115.0}, 7, "high"),  # 3 + 2 + 2
@@ -281,6 +283,25 @@ def test_no_registry_scores_with_news2(settings, changes, news2, tier):
     [result] = scorer.score([snapshot(**changes)])
     assert (result.path, result.probability, result.model_version) == ("rule", None, None)
     assert (result.news2, result.tier, result.missing) == (news2, tier, [])
+
+
+def test_news2_is_the_floor_of_the_model_path(model_dir, settings):
+    """The model (RR, SpO2, lactate here) sees a well patient; NEWS2 sees SBP 85, pulse 135 and a patient
+    responding to pain (9: emergency), or SBP 85 alone (a single 3: urgent). The alert must not wait."""
+    register(model_dir, "v1", onnx_bytes(fit_linear()))
+    well = dict(resp_rate_last_24h=12.0, spo2_last_24h=99.0, lactate_last_24h=0.5)
+    shocked = snapshot(**well, systolic_bp_last_24h=85.0, heart_rate_last_24h=135.0, consciousness_last_24h=3)
+    one_three = snapshot(**well, systolic_bp_last_24h=85.0)
+    sick_by_model = snapshot(resp_rate_last_24h=35.0, spo2_last_24h=86.0, lactate_last_24h=8.0, o2_flow_last_24h=2.0)
+
+    floor, single, model = Scorer(model_dir, settings).score([shocked, one_three, sick_by_model])
+
+    assert floor.probability < 0.4  # the model alone would not alert
+    assert (floor.path, floor.tier, floor.news2, floor.model_version) == ("rule", "high", 9, "v1")
+    assert [r["feature"] for r in floor.rationale] == ["systolic_bp_last_24h", "heart_rate_last_24h",
+                                                       "consciousness_last_24h"]
+    assert (single.path, single.tier) == ("rule", "medium")
+    assert (model.path, model.tier) == ("model", "high")  # above its NEWS2 tier: the model's own
 
 
 def test_rule_rationale_lists_the_highest_news2_parameters(settings):
