@@ -18,6 +18,7 @@ Identity (see streams/dedupe.py for the rule):
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -97,8 +98,17 @@ class CanonicalEvent:
                     int(d["issued_ms"]), status, source, d["fact_id"], int(d["version"]), d.get("encounter_id"),
                     d.get("code_system", LOINC), d.get("value_text"), d.get("provenance") or {})
         if not event._fits():  # a record that decodes but would fail further on: name, table key, Arrow
-            raise ValueError("a canonical event field has the wrong type or is out of range")
+            field_name = event._misfit()  # the field and its type only: the value may be clinical
+            raise ValueError(f"canonical event field {field_name}: a {type(getattr(event, field_name)).__name__} "
+                             "of the wrong type or out of range")
         return event
+
+    def _misfit(self) -> str:
+        """The first field _fits() refuses (the slow path, for the error message)."""
+        for name in _FIELD_NAMES:
+            if name != "_event_id" and not dataclasses.replace(_VALID, **{name: getattr(self, name)})._fits():
+                return name
+        return "?"
 
     def _fits(self) -> bool:
         """The types and ranges every consumer of a decoded event relies on (the worker's table keys
@@ -119,6 +129,7 @@ class CanonicalEvent:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(CanonicalEvent))
+_VALID = CanonicalEvent("p", "c", 0.0, None, 0, 0, Status.FINAL, Source.CDC, "f", 1)  # every field fits
 _MAX_EXACT = 2**53  # ms: the year 287,396
 _MAX_INT64 = 2**63 - 1
 _STATUSES = {s.value: s for s in Status}

@@ -112,3 +112,9 @@ def test_an_event_missing_a_required_field_raises():
     del d["fact_id"]
     with pytest.raises(KeyError):
         decode_batch(orjson.dumps([d]))
+
+
+def test_the_error_names_the_field_and_its_type_but_not_the_value():  # the value may be clinical
+    with pytest.raises(ValueError) as info:
+        decode_batch(orjson.dumps([{**heart_rate().to_dict(), "value": "80"}]))
+    assert "field value: a str" in str(info.value) and "80" not in str(info.value)
