@@ -1,7 +1,7 @@
 """The alert a downstream app receives: a routing header plus a FHIR R4B RiskAssessment.
 
     build_alert(decision, patient_id=..., encounter_id=..., probability=..., news2=...,
-                model_version=..., path=..., rationale=[...], basis_event_ids=[...], ward=...) ->
+                model_version=..., path=..., rationale=[...], basis=[[fact_id, version], ...], ward=...) ->
     {"header": {alert_id, kind, tier, patient_id, encounter_id, ward, scoring_ms, model_version, path,
                 status, original_alert_id, reason},
      "resource": <RiskAssessment as a JSON dict>}
@@ -11,6 +11,12 @@ Header (routing without parsing the resource): `kind` open | escalate | resolve 
 `original_alert_id` the alert a correction corrects (else None); `reason` "discharge" for a
 resolution by discharge (else None). Every header alert_id is unique per message and deterministic
 (see streams/alerting.py), so a consumer drops duplicates by it.
+
+`basis` names the readings the score was based on (the latest fact of each parameter): a fact that
+came from FHIR references its Observation version (`Observation/<id>/_history/<versionId>`, resolvable
+on the EHR's FHIR server); every entry carries the canonical event's id as an identifier (system
+CANONICAL_EVENT_SYSTEM: the archive's `event_id`, for analysts), and a fact from the EHR database
+(CDC) says its table, row and LOINC code, as it has no Observation to point to.
 
 The resource id is the alert id; a correction (kind "correction") is published under the id of the
 alert it corrects, with status "amended" (new probability, basis, rationale) or "entered-in-error",
@@ -26,6 +32,8 @@ from typing import Any, Mapping, Sequence
 
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
+from schemas.canonical import make_event_id
+
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 # wardwatch tier -> risk-probability code and display
 QUALITATIVE_RISK: dict[str, tuple[str, str]] = {
@@ -34,6 +42,7 @@ QUALITATIVE_RISK: dict[str, tuple[str, str]] = {
     "medium": ("moderate", "Moderate likelihood"),
     "high": ("high", "High likelihood"),
 }
+CANONICAL_EVENT_SYSTEM = "urn:wardwatch:canonical-event"  # identifier values: schemas.canonical.make_event_id
 OUTCOME = "clinical deterioration"
 HOUR_MS = 3_600_000
 
@@ -55,7 +64,7 @@ def fhir_datetime(ms: int) -> str:
 
 def build_alert(decision, *, patient_id: str, encounter_id: str | None, probability: float | None,
                 news2: int | None, model_version: str | None, path: str, rationale: Sequence[Mapping[str, Any]],
-                basis_event_ids: Sequence[str], horizon_h: int = 12, ward: str | None = None) -> dict[str, Any]:
+                basis: Sequence[Sequence], horizon_h: int = 12, ward: str | None = None) -> dict[str, Any]:
     """`decision` is a streams.alerting.AlertDecision; `rationale` items carry feature, value, contribution."""
     status = getattr(decision, "status", "final")
     original = getattr(decision, "original_alert_id", None)
@@ -86,14 +95,31 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
     if encounter_id:
         resource["encounter"] = {"reference": f"Encounter/{encounter_id}"}
     resource["occurrenceDateTime"] = fhir_datetime(decision.scoring_ms)
-    if basis_event_ids:
-        resource["basis"] = [{"reference": f"Observation/{event_id}"} for event_id in basis_event_ids]
+    if basis:
+        resource["basis"] = [basis_reference(fact_id, version) for fact_id, version in basis]
     resource["prediction"] = [_prediction(decision, probability if path == "model" else None, news2, rationale,
                                           horizon_h)]
 
     # our own output: an invalid resource is a bug here, never something to publish
     RiskAssessment.model_validate(resource)
     return {"header": header, "resource": resource}
+
+
+_FHIR_OBSERVATION = "fhir:Observation/"  # schemas/fhir.py: fact_id = fhir:Observation/<id>:<code>
+
+
+def basis_reference(fact_id: str, version: int) -> dict[str, Any]:
+    """One basis entry, in the field order the FHIR model serialises (reference, identifier, display)."""
+    entry: dict[str, Any] = {}
+    if fact_id.startswith(_FHIR_OBSERVATION):
+        observation_id = fact_id[len(_FHIR_OBSERVATION):].rsplit(":", 1)[0]  # FHIR ids have no ":"
+        entry["reference"] = f"Observation/{observation_id}/_history/{version}"
+    entry["identifier"] = {"system": CANONICAL_EVENT_SYSTEM, "value": make_event_id(fact_id, version)}
+    if fact_id.startswith("cdc:") and fact_id.count(":") >= 3:  # schemas/cdc.py: cdc:<table>:<pk>:<code>
+        _, table, rest = fact_id.split(":", 2)
+        row, code = rest.rsplit(":", 1)
+        entry["display"] = f"EHR {table} row {row}, LOINC {code}"
+    return entry
 
 
 def _prediction(decision, probability: float | None, news2: int | None, rationale: Sequence[Mapping[str, Any]],

@@ -43,7 +43,7 @@ import orjson
 
 from schemas.alert import build_alert
 from schemas.cadence import VITAL_SIGN_CODES, Trigger, snapshot_id
-from schemas.canonical import decode_batch, make_event_id
+from schemas.canonical import decode_batch
 from schemas.codes import ADMISSION, CODES, DISCHARGE, LOCATION, is_context
 from schemas.deadletter import Reason, Rejection
 from streams import alerting
@@ -366,7 +366,7 @@ class PatientProcessor:
                             probability=described.get("probability"), news2=described.get("news2"),
                             model_version=described.get("model_version"), path=described.get("path") or "rule",
                             rationale=described.get("rationale") or [],
-                            basis_event_ids=[make_event_id(f, v) for f, v in described.get("basis", [])],
+                            basis=described.get("basis", []),
                             ward=context.ward)
         out.alerts.append((patient.encode(), orjson.dumps(alert), headers))
         self.counters[f"alerts_{d.kind}" if d.kind != "correction" else f"alerts_correction_{d.status}"] += 1

@@ -5,9 +5,11 @@ import pytest
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from schemas.alert import build_alert, fhir_datetime, iso_utc
+from schemas.canonical import make_event_id
 from streams.alerting import AlertDecision
 
 T = 1_704_096_000_000  # 2024-01-01T08:00:00Z
+BASIS = [["fhir:Observation/vs-bp-1:8480-6", 2], ["cdc:vital_signs:42:8867-4", 7]]
 RATIONALE = [{"feature": "resp_rate_last_24h", "value": 26.0, "contribution": 1.4},
              {"feature": "spo2_last_24h", "value": 91.0, "contribution": 0.9}]
 
@@ -19,7 +21,7 @@ def decision(kind="open", tier="high", scoring_ms=T):
 
 def model_alert(**changes):
     args = dict(patient_id="p-17", encounter_id="enc-9", probability=0.8123, news2=6, model_version="2024-01-01.1",
-                path="model", rationale=RATIONALE, basis_event_ids=["a1b2", "c3d4"])
+                path="model", rationale=RATIONALE, basis=BASIS)
     args.update(changes)
     return build_alert(decision(), **args)
 
@@ -35,7 +37,13 @@ def test_model_alert_is_a_valid_risk_assessment():
     assert resource["encounter"] == {"reference": "Encounter/enc-9"}
     assert resource["occurrenceDateTime"] == "2024-01-01T08:00:00Z"
     assert resource["method"] == {"text": "wardwatch model 2024-01-01.1"}
-    assert resource["basis"] == [{"reference": "Observation/a1b2"}, {"reference": "Observation/c3d4"}]
+    # the FHIR reading's Observation version; the database reading's table row; both the canonical event id
+    assert resource["basis"] == [
+        {"reference": "Observation/vs-bp-1/_history/2",
+         "identifier": {"system": "urn:wardwatch:canonical-event",
+                        "value": make_event_id("fhir:Observation/vs-bp-1:8480-6", 2)}},
+        {"identifier": {"system": "urn:wardwatch:canonical-event", "value": make_event_id("cdc:vital_signs:42:8867-4", 7)},
+         "display": "EHR vital_signs row 42, LOINC 8867-4"}]
 
 
 def test_prediction_carries_probability_risk_horizon_and_rationale():
@@ -52,7 +60,7 @@ def test_prediction_carries_probability_risk_horizon_and_rationale():
 
 def test_horizon_is_configurable():
     alert = build_alert(decision(), patient_id="p", encounter_id=None, probability=0.6, news2=None, model_version="v",
-                        path="model", rationale=[], basis_event_ids=[], horizon_h=4)
+                        path="model", rationale=[], basis=[], horizon_h=4)
     assert alert["resource"]["prediction"][0]["whenPeriod"]["end"] == "2024-01-01T12:00:00Z"
 
 
@@ -74,7 +82,7 @@ def test_a_correction_is_published_under_the_corrected_alerts_id(status):
     correction = AlertDecision(alert_id="0e0e0e0e-1111-5222-8333-444444444444", kind="correction", tier="high",
                                episode=1, scoring_ms=T, status=status, original_alert_id=original)
     alert = build_alert(correction, patient_id="p-17", encounter_id="enc-9", probability=0.75, news2=None,
-                        model_version="v2", path="model", rationale=RATIONALE, basis_event_ids=["e5"])
+                        model_version="v2", path="model", rationale=RATIONALE, basis=[["fhir:Observation/vs-hr-1:8867-4", 3]])
     RiskAssessment.model_validate(alert["resource"])
     assert alert["resource"]["id"] == original  # consumers upserting by id see the alert change status
     assert alert["resource"]["status"] == status
@@ -84,7 +92,7 @@ def test_a_correction_is_published_under_the_corrected_alerts_id(status):
 
 def test_rule_alert_has_no_probability():
     alert = build_alert(decision(tier="medium"), patient_id="p-17", encounter_id=None, probability=None, news2=5,
-                        model_version=None, path="rule", rationale=[], basis_event_ids=[])
+                        model_version=None, path="rule", rationale=[], basis=[])
     resource = alert["resource"]
     RiskAssessment.model_validate(resource)
     assert resource["method"] == {"text": "NEWS2 rule"}
@@ -98,7 +106,7 @@ def test_rule_alert_has_no_probability():
                                         ("high", "high")])
 def test_tier_maps_to_risk_probability(tier, code):
     alert = build_alert(decision(kind="resolve", tier=tier), patient_id="p", encounter_id="e", probability=0.1,
-                        news2=0, model_version="v", path="model", rationale=[], basis_event_ids=[])
+                        news2=0, model_version="v", path="model", rationale=[], basis=[])
     assert alert["resource"]["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == code
     assert alert["header"]["kind"] == "resolve"
 
@@ -122,7 +130,10 @@ def test_no_names_or_other_identifiers_beyond_the_ids():
                 yield from keys(v)
 
     assert not {"name", "display"} & {k for k in keys(resource["subject"])}
-    assert not {"name", "birthDate", "identifier", "contained"} & set(keys(resource))
+    assert not {"name", "birthDate", "identifier", "contained"} & set(keys({**resource, "basis": None}))
+    # the basis identifies readings, not people: canonical event ids only
+    assert {b["identifier"]["system"] for b in resource["basis"]} == {"urn:wardwatch:canonical-event"}
+    assert not {"name", "birthDate", "contained"} & set(keys(resource["basis"]))
 
 
 # --- the resource is published exactly as the FHIR model serialises it ----------------------------
@@ -138,7 +149,8 @@ def fhir_dump(resource: dict) -> bytes:
 @pytest.mark.parametrize("path, probability", [("model", 0.0), ("model", 0.8123), ("model", 0.123456789),
                                                ("model", 1.0), ("model", 1 / 3), ("rule", None)])
 @pytest.mark.parametrize("encounter_id, basis, rationale, news2", [
-    ("enc-9", ["a1b2", "c3d4"], RATIONALE, 6), (None, [], [], None), ("", ["e5"], [], 0), ("e", [], RATIONALE, None)])
+    ("enc-9", BASIS, RATIONALE, 6), (None, [], [], None), ("", [["fhir:Observation/o:8867-4", 1]], [], 0),
+    ("e", [], RATIONALE, None)])
 @pytest.mark.parametrize("scoring_ms", [T, T + 1, T + 10, T + 250, T + 999, 1_718_417_760_123])
 def test_the_resource_is_byte_for_byte_the_fhir_models_own_serialisation(status, original, path, probability,
                                                                           encounter_id, basis, rationale, news2,
@@ -146,7 +158,7 @@ def test_the_resource_is_byte_for_byte_the_fhir_models_own_serialisation(status,
     d = AlertDecision(alert_id="3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b", kind="correction" if original else "open",
                       tier="high", episode=1, scoring_ms=scoring_ms, status=status, original_alert_id=original)
     resource = build_alert(d, patient_id="p-17", encounter_id=encounter_id, probability=probability, news2=news2,
-                           model_version="v2", path=path, rationale=rationale, basis_event_ids=basis)["resource"]
+                           model_version="v2", path=path, rationale=rationale, basis=basis)["resource"]
     assert orjson.dumps(resource) == fhir_dump(resource)
 
 

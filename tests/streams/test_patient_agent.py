@@ -55,8 +55,8 @@ def test_a_changed_message_is_one_scoring_point_and_a_high_news2_opens_one_alert
     alerts = [orjson.loads(v) for _, v, _ in out.alerts]
     assert [a["header"]["kind"] for a in alerts] == ["open"]  # a rising edge, not every tick
     # the basis names the latest fact of each parameter at the scoring time
-    basis = {b["reference"] for b in alerts[0]["resource"]["basis"]}
-    assert f"Observation/{make_event_id(f'cdc:vital_signs:1:{codes.HEART_RATE}', 1)}" in basis
+    basis = {b["identifier"]["value"] for b in alerts[0]["resource"]["basis"]}
+    assert make_event_id(f"cdc:vital_signs:1:{codes.HEART_RATE}", 1) in basis
 
 
 def test_a_single_news2_parameter_scoring_3_opens_an_alert_and_keeps_it_open(processor):
@@ -179,9 +179,9 @@ def test_amending_a_basis_value_that_keeps_the_risk_high_publishes_amended(proce
     [correction] = alerts_of(out)
     assert correction["header"]["kind"] == "correction" and correction["resource"]["status"] == "amended"
     assert correction["resource"]["id"] == opened["header"]["alert_id"]
-    basis = {b["reference"] for b in correction["resource"]["basis"]}
-    assert f"Observation/{make_event_id(f'cdc:vital_signs:1:{codes.RESP_RATE}', 2)}" in basis
-    assert f"Observation/{make_event_id(f'cdc:vital_signs:1:{codes.RESP_RATE}', 1)}" not in basis
+    basis = {b["identifier"]["value"] for b in correction["resource"]["basis"]}
+    assert make_event_id(f"cdc:vital_signs:1:{codes.RESP_RATE}", 2) in basis
+    assert make_event_id(f"cdc:vital_signs:1:{codes.RESP_RATE}", 1) not in basis
     assert "resp_rate_last_24h=30" in correction["resource"]["prediction"][0]["rationale"]
 
 
