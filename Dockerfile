@@ -21,8 +21,10 @@ COPY streams/ streams/
 COPY batch/ batch/
 COPY wardwatch/ wardwatch/
 COPY benchmarks/ benchmarks/
-# every dependency ships manylinux wheels, so no compiler is needed; the cache keeps rebuilds fast
-RUN --mount=type=cache,target=/root/.cache/pip pip install .
+# every dependency ships manylinux wheels, so no compiler is needed; the cache keeps rebuilds fast.
+# The train extra (scikit-learn, skl2onnx, onnx): `batch nightly` labels with batch.train, and
+# `batch train` retrains, in this image
+RUN --mount=type=cache,target=/root/.cache/pip pip install '.[train]'
 
 # --- runtime: the venv and nothing else from the build ---------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

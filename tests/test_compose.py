@@ -10,6 +10,7 @@ the PostgreSQL server arguments, the one-shot init services' URLs, the Prometheu
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -188,6 +189,66 @@ def test_dockerfile_copies_every_package_the_project_installs():
     copied = set(re.findall(r"^COPY\s+(\w+)/\s", DOCKERFILE.read_text(), re.M))
     for pattern in include:
         assert pattern.rstrip("*").rstrip(".") in copied, f"the image would be built without {pattern}"
+
+
+def _extras_the_image_installs() -> list[str]:
+    """The project's extras in the Dockerfile's `pip install '.[a,b]'` (none for `pip install .`)."""
+    match = re.search(r"pip install '?\.(?:\[([\w,-]+)\])?'?\s*$", DOCKERFILE.read_text(), re.M)
+    assert match, "the Dockerfile does not pip install the project"
+    return match[1].split(",") if match[1] else []
+
+
+def _distributions_in_image() -> set[str]:
+    """Every distribution that install puts in the image: the project's requirements with those
+    extras, and theirs, as this environment's package metadata declares them."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in project["dependencies"]]
+    for extra in _extras_the_image_installs():
+        todo += [Requirement(r) for r in project["optional-dependencies"][extra]]
+    seen: set[tuple[str, str]] = set()  # (distribution, extra or "")
+    while todo:
+        req = todo.pop()
+        for extra in {"", *req.extras}:
+            if (canonicalize_name(req.name), extra) in seen:
+                continue
+            seen.add((canonicalize_name(req.name), extra))
+            for spec in requires(req.name) or []:
+                dep = Requirement(spec)
+                if dep.marker is None or dep.marker.evaluate({"extra": extra}):
+                    todo.append(dep)
+    return {name for name, _ in seen}
+
+
+def test_the_image_installs_every_library_the_code_imports():
+    """`wardwatch batch nightly` labels with batch.train, which needs scikit-learn: an image without
+    it fails every nightly (and `batch train`) with ModuleNotFoundError."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    ours = {pattern.rstrip("*").rstrip(".") for pattern in include}
+    provided_by = packages_distributions()  # import name -> distributions
+    in_image = _distributions_in_image()
+    missing = {}
+    for package in sorted(ours):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names} - ours - sys.stdlib_module_names:
+                    if not {canonicalize_name(d) for d in provided_by.get(top, [top])} & in_image:
+                        missing.setdefault(top, str(path.relative_to(ROOT)))
+    assert not missing, f"imported, but not installed in the image (module: first importer): {missing}"
 
 
 def _service_commands() -> list:
