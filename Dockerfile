@@ -45,6 +45,10 @@ RUN groupadd --system --gid 10001 wardwatch \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY deploy/healthcheck.py /opt/wardwatch/healthcheck.py
+# The shipped model registry, `current` pointer included, where WARDWATCH_MODEL_DIR points: Docker
+# fills a new named volume with the image's content at its mount point, so a fresh `models` volume
+# scores with the shipped model. Owned by the runtime user: promote and rollback rewrite the pointer.
+COPY --chown=wardwatch:wardwatch wardwatch/models/ /var/lib/wardwatch/models/
 
 USER wardwatch
 # faust keeps its local table state under the working directory: the user's home is writable

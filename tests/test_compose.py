@@ -184,6 +184,26 @@ def test_dockerfile_builds_a_venv_and_runs_it_unprivileged():
     assert dockerfile_entrypoint() == ["wardwatch"]
 
 
+def test_a_fresh_models_volume_starts_with_the_shipped_model(compose):
+    """Docker fills a new named volume with what the image holds at its mount point: with the shipped
+    registry there, a fresh deployment's workers score with the shipped model, not the NEWS2 rule."""
+    from batch import registry
+
+    text = DOCKERFILE.read_text()
+    runtime_user = re.findall(r"^USER\s+(\S+)", text, re.M)[-1]
+    copies = {dest.rstrip("/"): (source.rstrip("/"), options)  # destination -> (source, options)
+              for options, source, dest in re.findall(r"^COPY\s+((?:--\S+\s+)*)(\S+)\s+(\S+)\s*$", text, re.M)}
+    for name, svc in wardwatch_services(compose).items():
+        model_dir = svc["environment"]["WARDWATCH_MODEL_DIR"]
+        assert f"models:{model_dir}" in svc["volumes"], f"{name}: WARDWATCH_MODEL_DIR is not the models volume"
+        assert model_dir in copies, f"the image has no model registry at {model_dir}"
+        source, options = copies[model_dir]
+        assert f"--chown={runtime_user}" in options, "the runtime user could not promote or roll back"
+        current = registry.current_version(ROOT / source)
+        assert current is not None and registry.integrity(ROOT / source, current) == "ok", \
+            f"{source}/current names no intact model"
+
+
 def test_dockerfile_copies_every_package_the_project_installs():
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     copied = set(re.findall(r"^COPY\s+(\w+)/\s", DOCKERFILE.read_text(), re.M))
