@@ -340,22 +340,67 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-def test_a_compose_implementation_accepts_the_file():
+def resolve_with_compose(compose_file: Path = COMPOSE) -> dict:
+    """`<compose> config` of the file with every profile: the services as the implementation resolves
+    them (anchors, merge keys, ${...} defaults; WARDWATCH_* variables of this shell left out)."""
     cli = _compose_cli()
     if cli is None:
         pytest.skip("no Compose implementation: neither `docker compose` nor podman-compose with podman "
                     "(apt-get install podman; pip install podman-compose)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     profiles = [arg for p in sorted(PROFILES) for arg in ("--profile", p)]
-    result = subprocess.run([*cli, "-f", str(COMPOSE), *profiles, "config"],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    result = subprocess.run([*cli, "-f", str(compose_file), *profiles, "config"],
+                            capture_output=True, text=True, timeout=60, cwd=compose_file.parent, env=env)
     assert result.returncode == 0, result.stderr
-    resolved = yaml.safe_load(result.stdout)
+    return yaml.safe_load(result.stdout)
+
+
+def container_environment(service: dict, project_dir: Path) -> dict[str, str]:
+    """The environment a container of a resolved service starts with: its env files, then
+    `environment`, which wins (the Compose spec's order). `docker compose config` has merged the
+    files in already; podman-compose lists them and reads them when it creates the container."""
+    from dotenv import dotenv_values
+
+    env: dict[str, str] = {}
+    for entry in service.get("env_file") or []:
+        path = project_dir / (entry if isinstance(entry, str) else entry["path"])
+        if path.is_file():
+            env.update(dotenv_values(path))
+    return env | {name: str(value) for name, value in (service.get("environment") or {}).items()}
+
+
+def test_a_compose_implementation_accepts_the_file():
+    resolved = resolve_with_compose()
     # the implementation resolved the anchors and defaults the way the services need them
     assert set(resolved["services"]) == set(yaml.safe_load(COMPOSE.read_text())["services"])
     worker_env = resolved["services"]["worker"]["environment"]
     assert worker_env["WARDWATCH_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert str(worker_env["WARDWATCH_METRICS_PORT"]) == "9108"
+
+
+def test_a_setting_in_wardwatch_env_reaches_the_containers(tmp_path):
+    """An .env file only fills this file's ${...}; the receiver's token must reach the receiver (else
+    it accepts any request) and subscription-init (which gives it to the FHIR server)."""
+    shutil.copy(COMPOSE, tmp_path / COMPOSE.name)
+    (tmp_path / "wardwatch.env").write_text("WARDWATCH_RECEIVER_TOKEN=s3cret\nWARDWATCH_LOG_LEVEL=DEBUG\n")
+    services = wardwatch_services(resolve_with_compose(tmp_path / COMPOSE.name))
+    assert {"receiver", "subscription-init"} <= set(services)
+    for name, svc in services.items():
+        env = container_environment(svc, tmp_path)
+        assert env.get("WARDWATCH_RECEIVER_TOKEN") == "s3cret", f"{name} runs without the receiver token"
+        assert env.get("WARDWATCH_LOG_LEVEL") == "DEBUG", name
+
+
+def test_wardwatch_env_example_names_settings_the_compose_file_does_not_override(compose):
+    """A variable in wardwatch.env that the compose file also sets would be silently ignored."""
+    example = (ROOT / "wardwatch.env.example").read_text()
+    named = re.findall(r"^#?\s*(WARDWATCH_\w+)=", example, re.M)
+    assert "WARDWATCH_RECEIVER_TOKEN" in named
+    fields = set(Settings.model_fields)
+    overridden = {var for svc in wardwatch_services(compose).values() for var in svc.get("environment") or {}}
+    for var in named:
+        assert var.removeprefix(ENV_PREFIX).lower() in fields, f"{var} is not a setting"
+        assert var not in overridden, f"{var} is set by docker-compose.yml, which wins over wardwatch.env"
 
 
 # --- references, profiles, pinned images -----------------------------------------------------------
