@@ -403,6 +403,19 @@ def test_wardwatch_env_example_names_settings_the_compose_file_does_not_override
         assert var not in overridden, f"{var} is set by docker-compose.yml, which wins over wardwatch.env"
 
 
+ONE_SHOTS = {"topics-init", "connector-init", "subscription-init", "nightly", "feeder"}
+
+
+def test_one_shot_services_never_restart_under_a_real_compose(compose):
+    """A one-shot that restarts runs again after exiting 0, for ever: the feeder would insert its demo
+    cohort again and again. The merge keys must resolve the same in every implementation."""
+    assert {name for name, svc in compose["services"].items() if is_one_shot(svc)} == ONE_SHOTS
+    resolved = resolve_with_compose()["services"]
+    for name in ONE_SHOTS:
+        assert resolved[name].get("restart") == "no", f"{name} resolves to restart: {resolved[name].get('restart')}"
+        assert not has_healthcheck(resolved[name]), f"{name} resolves to a healthcheck"
+
+
 # --- references, profiles, pinned images -----------------------------------------------------------
 
 PROFILES = {"batch", "demo", "observability"}
