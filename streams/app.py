@@ -282,6 +282,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         store="memory://",  # the changelog topic is the durable copy
         datadir=str(settings.data_dir / "faust"),  # faust's own files; its default litters the cwd
         topic_partitions=topics.partitions,
+        topic_replication_factor=settings.replication_factor,  # the changelog, like every other topic
         topic_allow_declare=True,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,

@@ -113,7 +113,8 @@ def ensure_topics(settings: Settings, topics: Topics, timeout_s: float = 30.0) -
     admin = AdminClient(settings.kafka_client_config())
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     configs = topic_configs(settings, topics)
-    wanted = [NewTopic(t, num_partitions=topics.partitions, replication_factor=1, config=configs[t])
+    wanted = [NewTopic(t, num_partitions=topics.partitions, replication_factor=settings.replication_factor,
+                       config=configs[t])
               for t in topics.all if t not in existing]
     if not wanted:
         return

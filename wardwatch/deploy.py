@@ -69,7 +69,8 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     problems = partition_mismatches(specs, existing)
     if problems:
         raise DeployError("; ".join(problems) + ": recreate these topics or set WARDWATCH_PARTITIONS to match")
-    wanted = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=1, config=s.config)
+    wanted = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=settings.replication_factor,
+                       config=s.config)
               for s in specs if s.name not in existing]
     created = []
     for topic, fut in (admin.create_topics(wanted, operation_timeout=timeout_s).items() if wanted else []):
@@ -152,7 +153,7 @@ def connector_config(settings: Settings, db: EhrDatabase = EhrDatabase()) -> dic
             # the broker does not auto-create topics: Connect creates the heartbeat topic itself
             # (the CDC topics already exist, made by `wardwatch deploy topics`)
             "topic.creation.default.partitions": "1",
-            "topic.creation.default.replication.factor": "1",
+            "topic.creation.default.replication.factor": str(settings.replication_factor),
         },
     }
 

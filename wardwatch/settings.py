@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("ww", description="Prefix of every wardwatch topic (lets tests and tenants share a broker)")
     group_prefix: str = Field("wardwatch", description="Prefix of every consumer group id")
     partitions: int = Field(4, ge=1, description="Partition count of the per-patient topics")
+    replication_factor: int = Field(1, ge=1, description="Replication factor of every topic wardwatch creates (its own, the CDC topics, the worker's changelog, the connector's heartbeat topic); at most the number of brokers, e.g. 3 on a production cluster")
     kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
     kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
     kafka_sasl_username: str | None = None
