@@ -7,8 +7,8 @@ Steps (each timed, each announced to `progress(step)`):
     classify    batch.features.classify_events over canonical events in arrival order
     offline     batch.features.scoring_points derives the scoring points (schemas/cadence.py) of the
                 recomputed patients; batch.features.features_at at every new online scoring point, at
-                its arrival position (the snapshot's idx; for part files from before snapshots carried
-                it, the idx of the derived point with the same snapshot_id)
+                the arrival position (partition, offset, idx) the rule derives for its snapshot_id,
+                never the position the stream claims (a snapshot the rule does not derive: its own)
     labels      batch.train.make_labels: the first-onset label (label, at_risk, onset_ms), the state
                 at T from batch.train.STATE_FEATURES as of `issued`, outcomes strictly after T
     parity      batch/parity.py: online vs offline features, published vs recomputed late events,
@@ -242,17 +242,16 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
 
     step("offline")
     checked_online = online.join(new_points, on=POINT_KEYS, how="semi")
-    # each online point at its arrival position: the idx the snapshot carries
     feature_points = checked_online.select("snapshot_id", *POINT_KEYS, "idx")
     derived = None
     if scoring_points is not None:
         derived = scoring_points(their_events, **rules, min_interval_ms=min_interval_ms)
-        # snapshots archived before they carried idx: the idx of the derived point with the same id
-        feature_points = (feature_points
-                          .join(derived.select("snapshot_id", _derived_idx=pl.col("idx")), on="snapshot_id", how="left")
-                          .with_columns(idx=pl.coalesce(pl.col("idx").cast(pl.Int64), pl.col("_derived_idx").cast(pl.Int64)))
-                          .drop("_derived_idx"))
+        feature_points = _at_derived_positions(feature_points, derived)
     offline_new = features_at(their_events, feature_points, **rules)
+    if derived is not None:  # stored and compared under the point the stream published
+        offline_new = offline_new.with_columns(partition=pl.col("_online_partition").cast(pl.Int64),
+                                               offset=pl.col("_online_offset").cast(pl.Int64)).drop(
+            "_online_partition", "_online_offset")
     stored_new = offline_new.select(*POINT_KEYS, *FEATURE_NAMES)
     offline = stored_new if prev_offline is None else pl.concat(
         [prev_offline.join(new_points, on=POINT_KEYS, how="anti"), stored_new.select(prev_offline.columns)],
@@ -309,6 +308,23 @@ def _with_outcomes(events: pl.DataFrame, classified: pl.DataFrame) -> pl.DataFra
         {c: pl.Int64 for c in (*rebuild.ARRIVAL, "late_by_ms")})
     return (events.join(outcomes, on=list(rebuild.ARRIVAL), how="left", maintain_order="left")
             .with_columns(outcome=pl.col("outcome").fill_null(pl.lit("context"))))
+
+
+def _at_derived_positions(points: pl.DataFrame, derived: pl.DataFrame) -> pl.DataFrame:
+    """The online points placed where the batch's own rule puts them, so the offline features never
+    take the stream's word for where it scored (the point check reports a point the stream placed
+    elsewhere). A snapshot the rule does not derive keeps its own position (the point check blames
+    it as online only); one without idx (archived before snapshots carried it) sees its whole
+    message. The online partition and offset are kept aside as _online_partition/_online_offset."""
+    rule = derived.unique("snapshot_id", keep="first").select(
+        "snapshot_id", _partition="partition", _offset="offset", _idx="idx")
+    found = pl.col("_partition").is_not_null()
+    return (points.join(rule, on="snapshot_id", how="left", maintain_order="left")
+            .with_columns(_online_partition="partition", _online_offset="offset")
+            .with_columns(partition=pl.when(found).then("_partition").otherwise("partition").cast(pl.Int64),
+                          offset=pl.when(found).then("_offset").otherwise("offset").cast(pl.Int64),
+                          idx=pl.when(found).then("_idx").otherwise("idx").cast(pl.Int64))
+            .drop("_partition", "_offset", "_idx"))
 
 
 def _points_to_redo(points: pl.DataFrame, done: pl.DataFrame, new_events: pl.DataFrame) -> pl.DataFrame:

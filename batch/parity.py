@@ -12,8 +12,10 @@ The scoring-point check (`offline_points` given): the batch derives the scoring 
 the cadence rule, and every online point must be one of them and vice versa, matched by snapshot_id
 (a function of patient, trigger, T and the triggering event, never of offsets). A point only one side
 has is a failure with its reason ("online only": the stream scored where the rule does not;
-"offline only": the rule scores where the stream did not). An offline point beyond the last archived
-online snapshot of its partition is "pending" (the archiver has not landed it yet), not a failure.
+"offline only": the rule scores where the stream did not), and so is a point both have at different
+arrival positions (partition, offset, idx) ("moved": the stream scored before or after the events
+the rule says the point sees). An offline point beyond the last archived online snapshot of its
+partition is "pending" (the archiver has not landed it yet), not a failure.
 
 The late-events cross-check compares the late events the stream published with those the batch
 finds by applying the same lateness rule; a late event is identified by (event_id, partition,
@@ -105,11 +107,25 @@ def agrees_long(tolerance: float) -> pl.Expr:
 
 
 def point_parity(online: pl.DataFrame, offline_points: pl.DataFrame) -> pl.DataFrame:
-    """Scoring points only one side has, by snapshot_id: one row each with `detail` online only /
-    offline only / pending (see the module docstring)."""
+    """Scoring points only one side has, or placed differently, by snapshot_id: one row each with
+    `detail` online only / offline only / pending / moved (see the module docstring)."""
     cols = ["snapshot_id", *POINT_KEYS]
-    on = online.select([pl.col(c).cast(PARITY_ROW_SCHEMA.get(c, pl.String)) for c in cols]).unique("snapshot_id")
-    off = offline_points.select([pl.col(c).cast(PARITY_ROW_SCHEMA.get(c, pl.String)) for c in cols])
+
+    def keyed(frame: pl.DataFrame) -> pl.DataFrame:
+        idx = pl.col("idx") if "idx" in frame.columns else pl.lit(None)
+        return frame.select(*[pl.col(c).cast(PARITY_ROW_SCHEMA.get(c, pl.String)) for c in cols],
+                            idx.cast(pl.Int64).alias("idx"))
+
+    on, off = keyed(online).unique("snapshot_id"), keyed(offline_points)
+    both = on.join(off, on="snapshot_id", suffix="_rule")
+    # the same point taken at another arrival position saw other events; an online idx is null in
+    # part files from before snapshots carried it, and then only partition and offset can be checked
+    moved = (both.filter((pl.col("partition") != pl.col("partition_rule")) | (pl.col("offset") != pl.col("offset_rule"))
+                         | (pl.col("idx") != pl.col("idx_rule")).fill_null(False))
+             .with_columns(detail=pl.format("moved: the stream scored at (partition, offset, idx) ({}, {}, {}), "
+                                            "the rule at ({}, {}, {})", "partition", "offset",
+                                            pl.col("idx").cast(pl.String).fill_null("?"), "partition_rule", "offset_rule", "idx_rule"))
+             .select(*cols, "idx", "detail"))
     reached = on.group_by("partition").agg(pl.col("offset").max().alias("_reached"))
     offline_only = (off.join(on, on="snapshot_id", how="anti")
                     .join(reached, on="partition", how="left")
@@ -119,7 +135,8 @@ def point_parity(online: pl.DataFrame, offline_points: pl.DataFrame) -> pl.DataF
                     .drop("_reached"))
     online_only = (on.join(off, on="snapshot_id", how="anti")
                    .with_columns(detail=pl.lit("online only: the stream scored where the rule does not")))
-    return pl.concat([online_only, offline_only]).sort("partition", "offset", "patient_id", "scoring_ms")
+    return (pl.concat([online_only, offline_only, moved]).drop("idx")
+            .sort("partition", "offset", "patient_id", "scoring_ms", "detail"))
 
 
 def late_parity(published: pl.DataFrame, recomputed: pl.DataFrame) -> pl.DataFrame:
@@ -197,7 +214,8 @@ def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: flo
         def count(prefix: str) -> int:
             return points.filter(pl.col("detail").str.starts_with(prefix)).height
         summary |= {"points_offline": offline_points.height, "points_online_only": count("online only"),
-                    "points_offline_only": count("offline only"), "points_pending": count("pending")}
+                    "points_offline_only": count("offline only"), "points_moved": count("moved"),
+                    "points_pending": count("pending")}
     return rows, summary
 
 
@@ -208,7 +226,7 @@ def parity_ok(summary: dict, max_unexplained_rate: float = 0.0) -> bool:
     feature_rate = summary["mismatched"] / values_checked if values_checked else 0.0
     late_seen = max(summary["late_published"], summary["late_recomputed"])
     late_rate = summary["late_mismatched"] / late_seen if late_seen else 0.0
-    unmatched = summary.get("points_online_only", 0) + summary.get("points_offline_only", 0)
+    unmatched = sum(summary.get(k, 0) for k in ("points_online_only", "points_offline_only", "points_moved"))
     points_seen = max(summary["points_checked"], summary.get("points_offline", 0))
     point_rate = unmatched / points_seen if points_seen else 0.0
     return feature_rate <= max_unexplained_rate and late_rate <= max_unexplained_rate and point_rate <= max_unexplained_rate

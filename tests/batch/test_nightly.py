@@ -12,9 +12,12 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from batch.features import scoring_points
 from batch.nightly import run_nightly
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
+from streams.features import compute_features
+from streams.state import apply_batch
 from tests.batch.test_rebuild import A1, A2, B1, B2, C1, D1, STANDINS, T0, frame, hr, kafka, tables, write
 from wardwatch.settings import Settings
 
@@ -341,6 +344,46 @@ def test_offline_features_are_taken_at_the_snapshots_own_position(settings):
     assert offline.rows() == [(80.0,)]  # before the correction, as the stream saw it
     assert "heart_rate_last_24h" not in result["parity"]["per_feature_mismatches"]
     assert result["parity"]["points_online_only"] == 1  # the point itself is what parity blames
+
+
+def snapshot_row(settings: Settings, point: dict, seen: list[CanonicalEvent], position: int) -> dict:
+    """An archived snapshot of `point` with the features the stream computes after `seen`."""
+    state = apply_batch(None, seen, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
+                        dedupe_horizon_ms=settings.dedupe_horizon_s * 1000,
+                        cross_source_tolerance=settings.cross_source_tolerance).state
+    features = compute_features(state, point["scoring_ms"])
+    return point | {"features_json": orjson.dumps(features).decode()} | kafka(0, position)
+
+
+# one CDC row at T0: heart rate and SpO2, one run of two events, so one scoring point after both
+HR_P3 = hr("HR1", 1, T0, 80.0, patient="p3")
+SPO2_P3 = hr("SP1", 1, T0, 97.0, patient="p3", code=codes.SPO2)
+
+
+def derived_point(settings: Settings, messages: dict) -> dict:
+    events = pl.DataFrame(canonical(messages))
+    [point] = scoring_points(events, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
+                             min_interval_ms=settings.scoring_min_interval_s * 1000).to_dicts()
+    return point
+
+
+def test_a_snapshot_taken_mid_run_fails_parity_even_with_the_right_id(settings):
+    """The stream scores after the heart rate but before the SpO2 of the same run, and says so."""
+    messages = {(2, 0): [HR_P3, SPO2_P3]}
+    write(settings.archive_dir, "canonical", "p3", canonical(messages))
+    point = derived_point(settings, messages)
+    assert (point["offset"], point["idx"]) == (0, 1)  # the rule scores after the whole run
+    early = point | {"idx": 0}
+    write(settings.archive_dir, "features", "p3", [snapshot_row(settings, early, [HR_P3], 0)])
+    result = run_nightly(settings, report=False)  # the real recomputation
+    assert not result["parity_ok"]
+    # the batch recomputes at its own position (SpO2 seen), not where the stream claims it scored
+    assert frame(settings.duckdb_path, "SELECT spo2_last_24h FROM features_offline").item() == 97.0
+    report = frame(settings.duckdb_path, "SELECT feature, online, offline, detail FROM parity_report "
+                                         "WHERE \"check\" = 'point' OR feature = 'spo2_last_24h' ORDER BY \"check\"")
+    assert report.rows() == [
+        ("spo2_last_24h", None, 97.0, None),
+        (None, None, None, "moved: the stream scored at (partition, offset, idx) (2, 0, 0), the rule at (2, 0, 1)")]
 
 
 def test_a_file_from_before_the_onset_label_is_rebuilt_in_full(settings):
