@@ -119,8 +119,9 @@ COLUMNS: dict[str, str] = {
     "input_watermark": "Input the stream had consumed when it scored: partition, offset, idx, and event_ms "
                        "(the patient clock)",
     "original_alert_id": "The alert a correction corrects; null for other kinds",
-    "check": "feature (a feature value), late (a late-event cross-check) or point (a scoring point only one "
-             "side has, or taken at another arrival position: see detail)",
+    "check": "feature (a feature value), late (a late-event cross-check), point (a scoring point only one "
+             "side has, or taken at another arrival position: see detail) or copies (a snapshot published "
+             "again with another value of `feature`; online is the first copy's)",
     "feature": "Feature name",
     "online": "Value the stream published",
     "offline": "Value the batch recomputed",

@@ -220,6 +220,7 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
         how="diagonal_relaxed"))
     events = rebuild.canonical_events(raw_events)
     new_online = rebuild.features_online(new_raw["features"])
+    copies = _repeated_snapshots(previous.get("features_online"), new_raw["features"])
     online = (new_online if "features_online" not in previous else
               pl.concat([previous["features_online"], new_online], how="diagonal_relaxed")
               .unique(subset=["snapshot_id"], keep="first")
@@ -271,7 +272,7 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     their_online = None if derived is None else online.filter(pl.col("patient_id").is_in(recompute.implode()))
     rows, summary = parity_report(checked_online, offline_new, late_published=late_published,
                                   late_recomputed=rebuild.late_recomputed(classified),
-                                  online_points=their_online, offline_points=derived)
+                                  online_points=their_online, offline_points=derived, online_copies=copies)
     mismatches = rows.filter(~pl.col("match")).cast(PARITY_ROW_SCHEMA)
     if "parity_report" in previous:  # other points keep their verdict; late checks are redone in full
         earlier = (previous["parity_report"].filter(pl.col("check") == "feature").cast(PARITY_ROW_SCHEMA)
@@ -279,7 +280,11 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
         # point checks are redone for the recomputed patients (their whole history)
         earlier_points = (previous["parity_report"].filter(pl.col("check") == "point").cast(PARITY_ROW_SCHEMA)
                           .filter(~pl.col("patient_id").is_in(recompute.implode())))
-        mismatches = pl.concat([earlier, earlier_points, mismatches])
+        # copies that differed stay reported; a later copy that differs again gives the same row
+        is_copies = pl.col("check") == "copies"
+        copy_rows = pl.concat([previous["parity_report"].filter(is_copies).cast(PARITY_ROW_SCHEMA),
+                               mismatches.filter(is_copies)]).unique(maintain_order=True)
+        mismatches = pl.concat([earlier, earlier_points, mismatches.filter(~is_copies), copy_rows])
 
     tables = {
         "canonical_events": classified,
@@ -299,6 +304,17 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
             _merged(kind, previous.get(name), new_raw[kind]))
     facts = {"new_parts": new_parts.height, "recomputed_patients": recompute.len()}
     return tables, summary, facts
+
+
+def _repeated_snapshots(kept: pl.DataFrame | None, raw: pl.DataFrame) -> pl.DataFrame:
+    """Every copy of the snapshots archived more than once, for the parity check of copies: the copy
+    an earlier run kept (features_online) first, then the new part files' copies."""
+    ids = raw["snapshot_id"] if kept is None else pl.concat([kept["snapshot_id"], raw["snapshot_id"]])
+    repeated = ids.filter(ids.is_duplicated()).unique().implode()
+    new = rebuild.snapshot_copies(raw.filter(pl.col("snapshot_id").is_in(repeated)))
+    if kept is None:
+        return new
+    return pl.concat([kept.filter(pl.col("snapshot_id").is_in(repeated)), new], how="diagonal_relaxed")
 
 
 def _with_outcomes(events: pl.DataFrame, classified: pl.DataFrame) -> pl.DataFrame:

@@ -17,6 +17,11 @@ arrival positions (partition, offset, idx) ("moved": the stream scored before or
 the rule says the point sees). An offline point beyond the last archived online snapshot of its
 partition is "pending" (the archiver has not landed it yet), not a failure.
 
+The copies check (`online_copies` given): a restart makes the stream publish some snapshots again,
+under the same snapshot_id. Identical copies are at-least-once delivery; copies with different
+feature values mean the stream's state after the restart was not the state before it (what parity
+exists to catch), so they fail even when the first copy matches the offline side.
+
 The late-events cross-check compares the late events the stream published with those the batch
 finds by applying the same lateness rule; a late event is identified by (event_id, partition,
 offset) and must agree on late_by_ms.
@@ -37,7 +42,7 @@ POINT_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
 LATE_KEYS = ("event_id", "partition", "offset")
 
 PARITY_ROW_SCHEMA = {
-    "check": pl.String,  # "feature", "late" or "point"
+    "check": pl.String,  # "feature", "late", "point" or "copies"
     "patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
     "feature": pl.String, "event_id": pl.String,
     "online": pl.Float64, "offline": pl.Float64, "abs_diff": pl.Float64, "match": pl.Boolean,
@@ -46,6 +51,7 @@ PARITY_ROW_SCHEMA = {
 
 
 _OFF = "\x00offline"  # suffix of the offline copy of a feature column while comparing
+_DIFFERS = "\x00differs"  # suffix of "this snapshot's copies disagree on the feature"
 
 
 def feature_parity(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: float = 1e-9,
@@ -139,6 +145,22 @@ def point_parity(online: pl.DataFrame, offline_points: pl.DataFrame) -> pl.DataF
             .sort("partition", "offset", "patient_id", "scoring_ms", "detail"))
 
 
+def copy_parity(copies: pl.DataFrame, features: Iterable[str] = FEATURE_NAMES) -> pl.DataFrame:
+    """Snapshots the stream published more than once with different values (`copies`: every copy,
+    each snapshot's first copy first). One row per (snapshot, feature) whose copies differ, with the
+    first copy's value: the one features_online keeps. Identical copies (at-least-once delivery) pass."""
+    features = [f for f in features if f in copies.columns]
+    per_snapshot = copies.group_by("snapshot_id", maintain_order=True).agg(
+        *[pl.col(k).first() for k in POINT_KEYS], *[pl.col(f).first() for f in features],
+        *[(pl.col(f).n_unique() > 1).alias(f + _DIFFERS) for f in features])
+    rows = [per_snapshot.filter(pl.col(f + _DIFFERS)).select("snapshot_id", *POINT_KEYS, feature=pl.lit(f),
+                                                             online=pl.col(f))
+            for f in features]
+    empty = pl.DataFrame(schema={"snapshot_id": pl.String, **{k: PARITY_ROW_SCHEMA[k] for k in POINT_KEYS},
+                                 "feature": pl.String, "online": pl.Float64})
+    return pl.concat([empty, *[r.cast(empty.schema) for r in rows]]).sort(*POINT_KEYS, "snapshot_id", "feature")
+
+
 def late_parity(published: pl.DataFrame, recomputed: pl.DataFrame) -> pl.DataFrame:
     """Late events found by only one side, or with a different late_by_ms; one row each."""
     def keyed(frame: pl.DataFrame, name: str) -> pl.DataFrame:
@@ -167,13 +189,16 @@ def _empty_late() -> pl.DataFrame:
 def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: float = 1e-9,
                   late_published: pl.DataFrame | None = None, late_recomputed: pl.DataFrame | None = None,
                   features: Iterable[str] = FEATURE_NAMES, online_points: pl.DataFrame | None = None,
-                  offline_points: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict]:
+                  offline_points: pl.DataFrame | None = None,
+                  online_copies: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict]:
     """Compare per (point, feature); returns (rows, summary).
 
     rows: every disagreement, in the PARITY_ROW_SCHEMA shape (`check` says which: a feature value,
-    a late event, a scoring point); `match` is False except for pending points.
+    a late event, a scoring point, copies of a snapshot); `match` is False except for pending points.
     With `offline_points`, the online points (`online_points`, default `online`) are checked against
-    them too (check "point"; a pending point is reported with match = True).
+    them too (check "point"; a pending point is reported with match = True). With `online_copies`
+    (every archived copy of the snapshots published more than once), copies that differ are
+    reported (check "copies", see copy_parity).
     """
     values, stats = feature_parity(online, offline, tolerance=tolerance, features=features)
     late = late_parity(late_published if late_published is not None else _empty_late(),
@@ -195,8 +220,15 @@ def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: flo
         offset="offset", feature=pl.lit(None, pl.String), event_id=pl.lit(None, pl.String),
         online=pl.lit(None, pl.Float64), offline=pl.lit(None, pl.Float64), abs_diff=pl.lit(None, pl.Float64),
         match=pl.col("detail").str.starts_with("pending"), detail="detail").cast(PARITY_ROW_SCHEMA)]
+    copies = copy_parity(online_copies, features) if online_copies is not None else None
+    copy_rows = [] if copies is None else [copies.select(
+        check=pl.lit("copies"), patient_id="patient_id", scoring_ms="scoring_ms", partition="partition",
+        offset="offset", feature="feature", event_id=pl.lit(None, pl.String), online="online",
+        offline=pl.lit(None, pl.Float64), abs_diff=pl.lit(None, pl.Float64), match=pl.lit(False),
+        detail=pl.lit("the stream published this snapshot more than once, with different values")
+    ).cast(PARITY_ROW_SCHEMA)]
     rows = pl.concat([feature_rows.select(list(PARITY_ROW_SCHEMA)).cast(PARITY_ROW_SCHEMA),
-                      late_rows.select(list(PARITY_ROW_SCHEMA)).cast(PARITY_ROW_SCHEMA), *point_rows])
+                      late_rows.select(list(PARITY_ROW_SCHEMA)).cast(PARITY_ROW_SCHEMA), *point_rows, *copy_rows])
 
     checked = stats["values_checked"]
     summary = {
@@ -216,6 +248,8 @@ def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: flo
         summary |= {"points_offline": offline_points.height, "points_online_only": count("online only"),
                     "points_offline_only": count("offline only"), "points_moved": count("moved"),
                     "points_pending": count("pending")}
+    if copies is not None:
+        summary["snapshots_with_differing_copies"] = copies["snapshot_id"].n_unique()
     return rows, summary
 
 
@@ -226,7 +260,9 @@ def parity_ok(summary: dict, max_unexplained_rate: float = 0.0) -> bool:
     feature_rate = summary["mismatched"] / values_checked if values_checked else 0.0
     late_seen = max(summary["late_published"], summary["late_recomputed"])
     late_rate = summary["late_mismatched"] / late_seen if late_seen else 0.0
-    unmatched = sum(summary.get(k, 0) for k in ("points_online_only", "points_offline_only", "points_moved"))
-    points_seen = max(summary["points_checked"], summary.get("points_offline", 0))
+    unmatched = sum(summary.get(k, 0) for k in ("points_online_only", "points_offline_only", "points_moved",
+                                                 "snapshots_with_differing_copies"))
+    # a failure in a run that checked nothing else (a re-emitted copy of an old snapshot) still fails
+    points_seen = max(summary["points_checked"], summary.get("points_offline", 0), unmatched)
     point_rate = unmatched / points_seen if points_seen else 0.0
     return feature_rate <= max_unexplained_rate and late_rate <= max_unexplained_rate and point_rate <= max_unexplained_rate

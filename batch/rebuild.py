@@ -10,7 +10,7 @@ same record); each kind has one dedupe key, the first archived row wins:
                 one micro-batch apart, since those are a real redelivery the rules must see
     late        event_id + partition + offset of the canonical message
     deadletter  source topic/partition/offset + reason (else the dead-letter record's own position)
-    features    snapshot_id
+    features    snapshot_id (copies that differ are a parity failure, not a duplicate)
     scores      snapshot_id
     alerts      alert_id + kind
     scores_shadow  snapshot_id (+ model_version: a shadow score is per candidate model)
@@ -78,11 +78,21 @@ def dead_letters(raw: pl.DataFrame) -> pl.DataFrame:
 def features_online(raw: pl.DataFrame) -> pl.DataFrame:
     """One row per published snapshot: the point (idx and trigger null in part files from before
     the stream sent them), features_json expanded to one Float64 column per feature."""
-    feature_struct = pl.Struct({name: pl.Float64 for name in FEATURE_NAMES})
-    return (_first_per_key(raw, ["snapshot_id"], list(_KAFKA_POSITION))
-            .with_columns(pl.col("features_json").str.json_decode(dtype=feature_struct).alias("_features"))
-            .select("snapshot_id", *POINT_KEYS, "idx", "trigger", pl.col("_features").struct.unnest())
+    return (_expanded(_first_per_key(raw, ["snapshot_id"], list(_KAFKA_POSITION)))
             .sort("partition", "offset", "patient_id", "scoring_ms", "snapshot_id"))
+
+
+def snapshot_copies(raw: pl.DataFrame) -> pl.DataFrame:
+    """Every archived copy of each snapshot, expanded as in features_online, each snapshot's copies
+    in Kafka order (the first is the one features_online keeps). A restart re-emits snapshots: the
+    copies must agree, and batch/parity.py checks that they do."""
+    return _expanded(raw.sort("snapshot_id", *_KAFKA_POSITION, nulls_last=True))
+
+
+def _expanded(snapshots: pl.DataFrame) -> pl.DataFrame:
+    feature_struct = pl.Struct({name: pl.Float64 for name in FEATURE_NAMES})
+    return (snapshots.with_columns(pl.col("features_json").str.json_decode(dtype=feature_struct).alias("_features"))
+            .select("snapshot_id", *POINT_KEYS, "idx", "trigger", pl.col("_features").struct.unnest()))
 
 
 def scoring_points(online: pl.DataFrame) -> pl.DataFrame:

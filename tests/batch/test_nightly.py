@@ -285,6 +285,21 @@ def test_incremental_only_recomputes_touched_patients(settings):
     assert_same_tables(settings.duckdb_path, full.duckdb_path)
 
 
+def test_a_differing_copy_archived_on_a_later_night_fails_that_night(settings):
+    stage1(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    features, _ = point_rows([(0, 0)])
+    changed = features[0] | {"features_json": orjson.dumps({"heart_rate_last_24h": 999.0}).decode()} | kafka(0, 9)
+    write(settings.archive_dir, "features", "restart", [changed])
+    second = run_nightly(settings, full=False, **STANDINS)
+    assert (second["parity"]["points_checked"], second["parity_ok"]) == (0, False)  # nothing else checked
+    copies = 'SELECT "offset", feature, online FROM parity_report WHERE "check" = \'copies\''
+    assert frame(settings.duckdb_path, copies).rows() == [(0, "heart_rate_last_24h", 80.0)]
+    full = twin(settings)
+    run_nightly(full, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path)
+
+
 def test_running_incremental_twice_is_idempotent(settings):
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)

@@ -265,6 +265,22 @@ def test_parity_names_a_skewed_online_feature(settings):
     assert report.rows() == [("feature", "p1", 2, "heart_rate_last_24h", 91.0, 90.0)]
 
 
+def test_a_snapshot_re_emitted_with_other_values_fails_parity(settings):
+    """A restart re-emits snapshots under the same id: copies that differ mean the stream's state
+    changed across the restart, even when the first copy agrees with the batch."""
+    build_archive(settings.archive_dir)  # identical copies of two snapshots already: those pass
+    first = feature_rows()[0]
+    changed = orjson.loads(first["features_json"]) | {"heart_rate_last_24h": 999.0}
+    write(settings.archive_dir, "features", "c",
+          [first | {"features_json": orjson.dumps(changed).decode()} | kafka(0, 7)])
+    summary = run_nightly(settings, **STANDINS)
+    assert summary["parity"]["mismatched"] == 0  # the first copy is the one compared with the batch
+    assert not summary["parity_ok"]
+    report = frame(Path(summary["duckdb_path"]),
+                   "SELECT \"check\", patient_id, \"offset\", feature, online FROM parity_report")
+    assert report.rows() == [("copies", "p1", 0, "heart_rate_last_24h", 80.0)]
+
+
 def test_missing_late_record_is_flagged(settings):
     build_archive(settings.archive_dir)
     for f in (settings.archive_dir / "late").rglob("*.parquet"):
