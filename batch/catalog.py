@@ -38,7 +38,8 @@ TABLES: dict[str, str] = {
     "gaps": "FHIR subscription gaps and missed heartbeats detected by the subscription watcher.",
     "labels": "The first-onset training label at every online scoring point (batch/train.py LABEL_DEFINITION); "
               "rows with at_risk = false (already deteriorated) are not evaluated.",
-    "parity_report": "Online vs offline disagreements only (empty when the planes agree).",
+    "parity_report": "Online vs offline disagreements, and scoring points still pending (match = true; "
+                     "checked again by the next run); empty when the planes agree and nothing is pending.",
     "archive_parts": "The archive part files the DuckDB file was built from (what incremental runs skip).",
     "runs": "One row per nightly run: counts, timings, parity and the promotion gate's decision.",
 }
@@ -126,7 +127,7 @@ COLUMNS: dict[str, str] = {
     "online": "Value the stream published",
     "offline": "Value the batch recomputed",
     "abs_diff": "Absolute difference online - offline",
-    "match": "Whether online and offline agree",
+    "match": "Whether online and offline agree (true only on a pending point: not judged yet)",
     "bytes": "Size of the part file",
 }
 _POINT_IDX = ("Position in the canonical message of the last event of the run that made the point "

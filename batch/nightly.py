@@ -23,10 +23,10 @@ other table is a pure function of the archive.
 Incremental (`full=False`, the CLI default): the `archive_parts` table lists the part files the
 file was built from; a run reads only the other ones and takes everything else from the previous
 file (a previous file missing a column this version writes is rebuilt in full). The unit of
-recomputation is the patient: a patient with an event in a new part (or a new
-scoring point) has their events reclassified and their labels recomputed from their whole history
-(the patient-state rules carry no expiry in the batch, and a label looks 12 h ahead, so an old
-point's label can change); offline features and parity are computed for new scoring points and for
+recomputation is the patient: a patient with an event in a new part (or a new scoring point, or a
+point parity left pending) has their events reclassified and their labels recomputed from their
+whole history (the patient-state rules carry no expiry in the batch, and a label looks 12 h ahead,
+so an old point's label can change); offline features and parity are computed for new scoring points and for
 points at or after a newly archived event of the patient (the archiver can land a features part
 before the canonical part that point saw). Everyone else's rows are copied. Same archive, same tables as `full=True`: tests/batch/test_nightly.py checks it. A part
 file deleted from the archive stays in an incremental build until the next full one.
@@ -48,7 +48,7 @@ import polars as pl
 
 from batch import rebuild
 from batch.catalog import apply_comments, create_views
-from batch.parity import PARITY_ROW_SCHEMA, parity_ok, parity_report
+from batch.parity import PARITY_ROW_SCHEMA, last_online_offsets, parity_ok, parity_report
 from schemas.features import FEATURE_NAMES
 from streams.archiver import ARCHIVE_SCHEMAS, part_files
 from wardwatch.settings import Settings
@@ -65,6 +65,7 @@ LABELS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": p
                  "news2": pl.Float64, "label": pl.Int8, "at_risk": pl.Boolean, "onset_ms": pl.Int64,
                  "label_news2_high": pl.Boolean, "label_low_sbp": pl.Boolean, "label_high_lactate": pl.Boolean}
 PARITY_ORDER = ["check", "partition", "offset", "patient_id", "scoring_ms", "feature", "event_id"]
+_PENDING = (pl.col("check") == "point") & pl.col("detail").str.starts_with("pending")
 
 # table -> (archive kind, clean-up function); incremental runs append new parts to the previous table
 _ARCHIVE_TABLES = {
@@ -228,9 +229,11 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     points = rebuild.scoring_points(online)
     prev_offline = previous.get("features_offline")
     new_points = points if prev_offline is None else _points_to_redo(points, prev_offline, new_raw["canonical"])
-    # the patients whose state this run recomputes: new events or new scoring points
+    # the patients whose state this run recomputes: new events or new scoring points, or a point
+    # still pending (the stream's snapshot may have been archived since, or will never be)
     recompute = (events["patient_id"].unique() if not previous else
-                 pl.concat([_patients(new_raw["canonical"]), _patients(new_points)]).unique())
+                 pl.concat([_patients(new_raw["canonical"]), _patients(new_points),
+                            _patients(previous["parity_report"].filter(_PENDING))]).unique())
     their_events = events.filter(pl.col("patient_id").is_in(recompute.implode()))
 
     step("classify")
@@ -272,8 +275,10 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     their_online = None if derived is None else online.filter(pl.col("patient_id").is_in(recompute.implode()))
     rows, summary = parity_report(checked_online, offline_new, late_published=late_published,
                                   late_recomputed=rebuild.late_recomputed(classified),
-                                  online_points=their_online, offline_points=derived, online_copies=copies)
-    mismatches = rows.filter(~pl.col("match")).cast(PARITY_ROW_SCHEMA)
+                                  online_points=their_online, offline_points=derived, online_copies=copies,
+                                  reached=last_online_offsets(online))
+    # the disagreements, and the pending points: the next run checks those again
+    mismatches = rows.filter(~pl.col("match") | _PENDING).cast(PARITY_ROW_SCHEMA)
     if "parity_report" in previous:  # other points keep their verdict; late checks are redone in full
         earlier = (previous["parity_report"].filter(pl.col("check") == "feature").cast(PARITY_ROW_SCHEMA)
                    .join(new_points.cast({k: PARITY_ROW_SCHEMA[k] for k in POINT_KEYS}), on=POINT_KEYS, how="anti"))
@@ -295,7 +300,7 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
         "features_online": online,
         "features_offline": offline,
         "labels": labels,
-        # mismatches only: empty when the planes agree, and small when they nearly do
+        # disagreements and pending points only: empty when the planes agree, small when they nearly do
         "parity_report": mismatches.sort(PARITY_ORDER, nulls_last=True),
         "archive_parts": parts,
     }

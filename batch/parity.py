@@ -26,8 +26,10 @@ The late-events cross-check compares the late events the stream published with t
 finds by applying the same lateness rule; a late event is identified by (event_id, partition,
 offset) and must agree on late_by_ms.
 
-The nightly stores only the mismatch rows (`parity_report` table: it stays small when the planes
-agree, and empty when they agree fully) and puts the summary in the `runs` table.
+The nightly stores only the mismatch rows and the pending points (`parity_report` table: it stays
+small when the planes agree, and empty when they agree fully and nothing is pending) and puts the
+summary in the `runs` table. An incremental run checks the patients of stored pending points again,
+so a snapshot the stream never published ends as "offline only", as a full run reports it.
 """
 
 from __future__ import annotations
@@ -112,9 +114,17 @@ def agrees_long(tolerance: float) -> pl.Expr:
             .otherwise((a.is_nan() & b.is_nan()) | ((a - b).abs() <= tolerance)))
 
 
-def point_parity(online: pl.DataFrame, offline_points: pl.DataFrame) -> pl.DataFrame:
+def last_online_offsets(online: pl.DataFrame) -> pl.DataFrame:
+    """Per partition, the offset of the last archived online snapshot (`_reached`)."""
+    return online.group_by(pl.col("partition").cast(pl.Int64)).agg(
+        pl.col("offset").cast(pl.Int64).max().alias("_reached"))
+
+
+def point_parity(online: pl.DataFrame, offline_points: pl.DataFrame,
+                 reached: pl.DataFrame | None = None) -> pl.DataFrame:
     """Scoring points only one side has, or placed differently, by snapshot_id: one row each with
-    `detail` online only / offline only / pending / moved (see the module docstring)."""
+    `detail` online only / offline only / pending / moved (see the module docstring). `reached`
+    (last_online_offsets of every archived snapshot, not only `online`'s) defaults to `online`'s."""
     cols = ["snapshot_id", *POINT_KEYS]
 
     def keyed(frame: pl.DataFrame) -> pl.DataFrame:
@@ -132,7 +142,7 @@ def point_parity(online: pl.DataFrame, offline_points: pl.DataFrame) -> pl.DataF
                                             "the rule at ({}, {}, {})", "partition", "offset",
                                             pl.col("idx").cast(pl.String).fill_null("?"), "partition_rule", "offset_rule", "idx_rule"))
              .select(*cols, "idx", "detail"))
-    reached = on.group_by("partition").agg(pl.col("offset").max().alias("_reached"))
+    reached = last_online_offsets(on) if reached is None else reached
     offline_only = (off.join(on, on="snapshot_id", how="anti")
                     .join(reached, on="partition", how="left")
                     .with_columns(detail=pl.when(pl.col("_reached").is_not_null() & (pl.col("offset") <= pl.col("_reached")))
@@ -190,15 +200,16 @@ def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: flo
                   late_published: pl.DataFrame | None = None, late_recomputed: pl.DataFrame | None = None,
                   features: Iterable[str] = FEATURE_NAMES, online_points: pl.DataFrame | None = None,
                   offline_points: pl.DataFrame | None = None,
-                  online_copies: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict]:
+                  online_copies: pl.DataFrame | None = None,
+                  reached: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict]:
     """Compare per (point, feature); returns (rows, summary).
 
     rows: every disagreement, in the PARITY_ROW_SCHEMA shape (`check` says which: a feature value,
     a late event, a scoring point, copies of a snapshot); `match` is False except for pending points.
     With `offline_points`, the online points (`online_points`, default `online`) are checked against
-    them too (check "point"; a pending point is reported with match = True). With `online_copies`
-    (every archived copy of the snapshots published more than once), copies that differ are
-    reported (check "copies", see copy_parity).
+    them too (check "point"; a pending point is reported with match = True; `reached`: see
+    point_parity). With `online_copies` (every archived copy of the snapshots published more than
+    once), copies that differ are reported (check "copies", see copy_parity).
     """
     values, stats = feature_parity(online, offline, tolerance=tolerance, features=features)
     late = late_parity(late_published if late_published is not None else _empty_late(),
@@ -214,7 +225,7 @@ def parity_report(online: pl.DataFrame, offline: pl.DataFrame, *, tolerance: flo
         abs_diff=(pl.col("published_late_by_ms") - pl.col("recomputed_late_by_ms")).abs().cast(pl.Float64),
         match=pl.lit(False), detail="detail")
     points = point_parity(online if online_points is None else online_points,
-                          offline_points) if offline_points is not None else None
+                          offline_points, reached) if offline_points is not None else None
     point_rows = [] if points is None else [points.select(
         check=pl.lit("point"), patient_id="patient_id", scoring_ms="scoring_ms", partition="partition",
         offset="offset", feature=pl.lit(None, pl.String), event_id=pl.lit(None, pl.String),

@@ -99,7 +99,8 @@ def settings(tmp_path: Path) -> Settings:
 
 def twin(settings: Settings) -> Settings:
     """Another data dir with a copy of the archive (for the full rebuild to compare with)."""
-    other = Settings(data_dir=settings.data_dir.parent / "full", allowed_lateness_s=settings.allowed_lateness_s)
+    other = Settings(data_dir=settings.data_dir.parent / "full", allowed_lateness_s=settings.allowed_lateness_s,
+                     scoring_min_interval_s=settings.scoring_min_interval_s)
     shutil.copytree(settings.archive_dir, other.archive_dir)
     return other
 
@@ -399,6 +400,50 @@ def test_a_snapshot_taken_mid_run_fails_parity_even_with_the_right_id(settings):
     assert report.rows() == [
         ("spo2_last_24h", None, 97.0, None),
         (None, None, None, "moved: the stream scored at (partition, offset, idx) (2, 0, 0), the rule at (2, 0, 1)")]
+
+
+# p's point at (0, 0), which the stream never published; q's at (0, 1), which it did
+P_AT_0 = hr("P1", 1, T0, 80.0, patient="p")
+Q_AT_1 = hr("Q1", 1, T0 + 60_000, 70.0, patient="q")
+
+
+def archive_q(settings: Settings, name: str) -> None:
+    write(settings.archive_dir, "canonical", name, canonical({(0, 1): [Q_AT_1]}))
+    write(settings.archive_dir, "features", name,
+          [snapshot_row(settings, derived_point(settings, {(0, 1): [Q_AT_1]}), [Q_AT_1], 0)])
+
+
+def assert_offline_only_as_in_full(settings: Settings) -> None:
+    full = twin(settings)
+    run_nightly(full, full=True, report=False)
+    query = 'SELECT "check", patient_id, detail FROM parity_report'
+    assert frame(settings.duckdb_path, query).rows() == [
+        ("point", "p", "offline only: the rule scores here, the stream did not")]
+    assert_same_tables(settings.duckdb_path, full.duckdb_path, float_tolerance=1e-9)
+
+
+def test_a_point_the_stream_never_published_stops_being_pending_in_incremental_runs(tmp_path):
+    """Night 1: p's point is pending (no snapshot archived yet). Night 2: a snapshot after it on the
+    same partition is archived, of another patient: p's point is now 'offline only', as in --full."""
+    settings = Settings(data_dir=tmp_path / "data", allowed_lateness_s=3600, scoring_min_interval_s=0)
+    write(settings.archive_dir, "canonical", "n1", canonical({(0, 0): [P_AT_0]}))
+    first = run_nightly(settings, full=False, report=False)
+    assert (first["parity"]["points_pending"], first["parity_ok"]) == (1, True)
+    archive_q(settings, "n2")
+    assert not run_nightly(settings, full=False, report=False)["parity_ok"]
+    assert_offline_only_as_in_full(settings)
+
+
+def test_a_point_behind_another_patients_snapshot_is_not_pending(tmp_path):
+    """Night 2 recomputes only p (its event's part landed late): q's snapshot of night 1, after p's
+    point on the same partition, still shows the stream went past it."""
+    settings = Settings(data_dir=tmp_path / "data", allowed_lateness_s=3600, scoring_min_interval_s=0)
+    archive_q(settings, "n1")
+    run_nightly(settings, full=False, report=False)
+    write(settings.archive_dir, "canonical", "n2", canonical({(0, 0): [P_AT_0]}))
+    second = run_nightly(settings, full=False, report=False)
+    assert (second["recomputed_patients"], second["parity_ok"]) == (1, False)
+    assert_offline_only_as_in_full(settings)
 
 
 def test_a_file_from_before_the_onset_label_is_rebuilt_in_full(settings):
