@@ -14,7 +14,8 @@ Steps (each timed, each announced to `progress(step)`):
     parity      batch/parity.py: online vs offline features, published vs recomputed late events,
                 online vs derived scoring points (of the recomputed patients)
     write       a new DuckDB file next to settings.duckdb_path (tables, comments, views), then
-                os.replace over the old one; then the HTML report (batch/report.py)
+                os.replace over the old one (removing the old one's stale WAL first); then the HTML
+                report (batch/report.py)
 
 Readers of the old file keep a consistent view until they reopen; a crash mid-build leaves the old
 file untouched. `runs` is carried over from the previous file and gains one row per run; every
@@ -368,6 +369,10 @@ def _labels(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(list(LABELS_SCHEMA)).cast(LABELS_SCHEMA)
 
 
+def _wal(database: Path) -> Path:
+    return database.with_name(database.name + ".wal")
+
+
 def _run_row(run_id: str, started: datetime, finished: datetime, full: bool, archive_files: int, facts: dict,
              counts: dict[str, int], timings: dict[str, float], summary: dict, ok: bool) -> pl.DataFrame:
     return pl.DataFrame([{
@@ -444,9 +449,13 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
             create_views(con)
             apply_comments(con)
             con.execute("CHECKPOINT")
+        # a read-write session on the old file killed before its checkpoint leaves <file>.wal: DuckDB
+        # would replay it into the new file and refuse to open it. Its changes were read with the
+        # old file above (a read-only open replays the WAL); the file it belongs to is replaced whole.
+        _wal(target).unlink(missing_ok=True)
         os.replace(building, target)
     finally:
-        for leftover in (building, building.with_name(building.name + ".wal")):
+        for leftover in (building, _wal(building)):
             leftover.unlink(missing_ok=True)
 
     log.info("nightly run %s: %d tables, %d new parts, parity ok=%s, mismatched=%d", run_id, len(tables) + 1,

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -254,6 +256,29 @@ def test_daily_auroc_matches_sklearn(settings):
         (auroc,) = con.execute("SELECT auroc FROM model_performance_daily").fetchone()
     assert len(rows) == len(POINTS) - 1
     assert auroc == pytest.approx(roc_auc_score([r[1] for r in rows], [r[0] for r in rows]))
+
+
+# --- the swap ------------------------------------------------------------------------------------
+
+
+def test_a_session_killed_before_its_checkpoint_does_not_break_the_next_file(settings):
+    """A write to the live file (batch/retrain.py record_in_runs) killed before DuckDB checkpoints
+    leaves <file>.wal behind; the next nightly replaces the file, and the new file must open."""
+    stage1(settings.archive_dir)
+    run_nightly(settings, **STANDINS)
+    killed = f"""
+import duckdb, os
+con = duckdb.connect({str(settings.duckdb_path)!r})
+con.execute("SET checkpoint_threshold = '1GB'")
+con.execute("UPDATE runs SET model_version = 'v-killed'")
+os._exit(9)
+"""
+    subprocess.run([sys.executable, "-c", killed], check=False)
+    assert settings.duckdb_path.with_name(settings.duckdb_path.name + ".wal").exists()
+    run_nightly(settings, full=False, **STANDINS)
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        versions = con.execute("SELECT model_version FROM runs ORDER BY started_at").fetchall()
+    assert versions == [("v-killed",), (None,)]  # the killed session's committed update is carried over
 
 
 # --- incremental ---------------------------------------------------------------------------------
