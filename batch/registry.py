@@ -82,6 +82,24 @@ def current_version(model_dir: Path | str) -> str | None:
     return text or None
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write a file and fsync it: a rename that publishes it must never reach the disk before its
+    bytes do (after a power loss, a pointer could name an empty model file)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_directory(path: Path | str) -> None:
+    """fsync a directory, so the entries created or renamed in it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def set_current(model_dir: Path | str, version: str) -> None:
     """Point `current` at a verified version; the pointer is replaced atomically (never half-written)."""
     load_card(model_dir, version)  # refuse to point at a missing or tampered model
@@ -99,18 +117,21 @@ HISTORY_FILE = "history.jsonl"
 
 
 def _write_pointer(model_dir: Path | str, name: str, version: str) -> None:
-    """Replace a pointer file atomically (temp file, fsync, rename): readers see old or new, never half."""
-    root = Path(model_dir)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.")
+    """Replace a pointer file atomically (temp file, fsync, rename, fsync of the directory): readers
+    see old or new, never half, and the change survives a power loss."""
+    _replace_synced(Path(model_dir) / name, (version + "\n").encode())
+
+
+def _replace_synced(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(version + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / name)
+        write_synced(Path(tmp), data)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
 
 
 def candidate_version(model_dir: Path | str) -> str | None:
@@ -260,13 +281,5 @@ def describe(model_dir: Path | str) -> list[dict]:
 
 
 def write_card(model_dir: Path | str, version: str, card: dict) -> None:
-    """Rewrite a card atomically (its sha256 pins model.onnx, which never changes)."""
-    path = card_path(model_dir, version)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".card.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(card, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Rewrite a card atomically and durably (its sha256 pins model.onnx, which never changes)."""
+    _replace_synced(card_path(model_dir, version), (json.dumps(card, indent=2) + "\n").encode())

@@ -386,13 +386,18 @@ def to_onnx(pipeline: Pipeline) -> bytes:
 
 
 def _publish(target: Path, onnx_bytes: bytes, card: dict) -> None:
-    """Write model + card into a temporary directory, then rename it into place in one step."""
+    """Write model + card into a temporary directory, then rename it into place in one step.
+
+    Files, directory and rename are fsynced before returning: a `current` pointer written next
+    must never survive a power loss that the model it names did not."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        (staging / registry.MODEL_FILE).write_bytes(onnx_bytes)
-        (staging / registry.CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        registry.write_synced(staging / registry.MODEL_FILE, onnx_bytes)
+        registry.write_synced(staging / registry.CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
+        registry.fsync_directory(staging)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    registry.fsync_directory(target.parent)

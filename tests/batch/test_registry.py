@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -129,3 +130,19 @@ def test_cli_promote_and_rollback(models):
     assert result.exit_code == 0 and "v2 -> v1" in result.output
     assert registry.current_version(models) == "v1"
     assert registry.read_history(models)[-1]["why"] == "alert storm"
+
+
+def test_a_rewritten_card_is_on_disk_before_it_replaces_the_old_one(models, monkeypatch):
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    card = json.loads(registry.card_path(models, "v1").read_text()) | {"promoted": True}
+    registry.write_card(models, "v1", card)
+    # the new card's bytes, then the directory holding the rename
+    assert synced == [registry.card_path(models, "v1").stat().st_ino, (models / "v1").stat().st_ino]
+    assert registry.load_card(models, "v1")["promoted"] is True

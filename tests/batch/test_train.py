@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -156,6 +158,39 @@ def test_current_pointer_round_trips(tmp_path):
     assert registry.current_version(tmp_path) == "2024.2"
     assert registry.list_versions(tmp_path) == ["2024.1", "2024.2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2024.1", "2024.2", "current"]  # no temp files left
+
+
+def record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, object]]:
+    """("fsync", inode) and ("replace", file name) in the order they happen."""
+    events: list[tuple[str, object]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events
+
+
+def test_a_published_model_is_on_disk_before_current_names_it(tmp_path, monkeypatch):
+    """After a power loss, `current` must never name a model file whose bytes were still in cache."""
+    features = synthetic_features(n_patients=8)
+    events = record_fsyncs_and_renames(monkeypatch)
+    train_model(features, labels_for(features), tmp_path, "v1")
+    registry.set_current(tmp_path, "v1")
+    pointer = events.index(("replace", "current"))
+    synced_before = {inode for kind, inode in events[:pointer] if kind == "fsync"}
+    version = tmp_path / "v1"
+    # the files, the version directory's entries, and its rename into the registry
+    on_disk = [version / "model.onnx", version / "card.json", version, tmp_path]
+    assert {p.stat().st_ino for p in on_disk} <= synced_before
+    assert ("fsync", tmp_path.stat().st_ino) in events[pointer:]  # and the pointer's own rename
 
 
 def test_unknown_or_path_like_versions_are_refused(tmp_path):
