@@ -169,7 +169,8 @@ def _feature_docs() -> dict[str, str]:
         docs[spec.name] = (f"Feature: {spec.agg} of {name} ({spec.code}) over the {spec.window_s // 3600} h "
                            "window ending at scoring_ms; null when the window is empty")
     for d in DERIVED:
-        docs[d.name] = f"Derived feature {d.name} from {', '.join(d.inputs)}; null when an input is missing"
+        docs[d.name] = (f"Derived feature {d.name} from {', '.join(d.inputs + d.optional)}; null when "
+                        + ("an input is missing" if d.inputs else "its function says so (schemas/features.py)"))
     return docs
 
 

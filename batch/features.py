@@ -374,10 +374,13 @@ def _with_derived(frame: pl.DataFrame) -> pl.DataFrame:
     """Apply DERIVED in order with the shared scoring functions, once per distinct complete input
     tuple (far fewer than points), then join the results back; a missing input gives missing."""
     for d in DERIVED:
-        inputs = list(d.inputs)
-        combos = frame.select(inputs).unique().drop_nulls()
+        inputs = [*d.inputs, *d.optional]
+        combos = frame.select(inputs).unique()
+        if d.inputs:  # a missing required input gives missing; an optional one is passed as None
+            combos = combos.drop_nulls(list(d.inputs))
         result = pl.Series(d.name, [d.fn(*args) for args in combos.iter_rows()], strict=False)
-        if result.dtype == pl.Null:
-            result = result.cast(pl.Float64)
-        frame = frame.join(combos.with_columns(result), on=inputs, how="left", maintain_order="left")
+        if result.dtype == pl.Null:  # no complete input: every derived feature is an integer score or flag
+            result = result.cast(pl.Int64)
+        frame = frame.join(combos.with_columns(result), on=inputs, how="left", maintain_order="left",
+                           nulls_equal=True)
     return frame

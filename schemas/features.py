@@ -68,8 +68,10 @@ class FeatureSpec:
 @dataclass(frozen=True, slots=True)
 class DerivedSpec:
     name: str
-    inputs: tuple[str, ...]  # names of base features, in the order `fn` takes them
-    fn: Callable[..., float | int]
+    inputs: tuple[str, ...]  # names of features (base, or derived earlier), in the order `fn` takes them
+    fn: Callable[..., float | int | None]
+    # inputs `fn` takes after `inputs`, possibly None (the rest: a missing input makes the feature missing)
+    optional: tuple[str, ...] = ()
 
 
 # Names carry the aggregation and the window (heart_rate_slope_6h). Short windows (1 h) catch an
@@ -116,15 +118,36 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("creatinine_delta_24h", codes.CREATININE, "delta", 24 * HOUR),
     FeatureSpec("creatinine_time_since_last_s_24h", codes.CREATININE, "time_since_last_s", 24 * HOUR),
     FeatureSpec("vitals_count_6h", codes.HEART_RATE, "count", 6 * HOUR),
+    # when SpO2 and oxygen were last charted: NEWS2's air/oxygen is read at the latest SpO2 (on_oxygen)
+    FeatureSpec("spo2_time_since_last_s_24h", codes.SPO2, "time_since_last_s", 24 * HOUR),
+    FeatureSpec("o2_flow_time_since_last_s_24h", codes.O2_FLOW, "time_since_last_s", 24 * HOUR),
 )
 
 MAX_WINDOW_S = max(f.window_s for f in FEATURES)
 FEATURE_CODES: frozenset[str] = frozenset(f.code for f in FEATURES)  # codes that feed any feature
 
+# oxygen charted this long before the latest SpO2 still belongs to its observation round (clinosim
+# charts the flow 5 s before the saturation)
+SAME_ROUND_S = 10 * 60
+
+
+def _on_oxygen(flow: float | None, o2_age_s: float | None, spo2_age_s: float | None) -> int | None:
+    """NEWS2's "air or oxygen" at the latest SpO2 reading: 1 when a flow above 0 was charted in that
+    observation round. A round without a flow is air: FHIR feeds chart oxygen only while it is given,
+    so an older flow is a past episode, not the present one (a CDC row charts air as flow 0). None
+    when neither SpO2 nor oxygen was charted in 24 h; without the times (a snapshot archived before
+    they existed) the latest flow decides, as it used to."""
+    if flow is None:
+        return None if spo2_age_s is None else 0
+    if o2_age_s is None or spo2_age_s is None:
+        return int(flow > 0)
+    return int(flow > 0 and o2_age_s <= spo2_age_s + SAME_ROUND_S)
+
+
 _NEWS2_INPUTS = (
     "resp_rate_last_24h",
     "spo2_last_24h",
-    "o2_flow_last_24h",
+    "on_oxygen",
     "systolic_bp_last_24h",
     "heart_rate_last_24h",
     "consciousness_last_24h",
@@ -133,19 +156,19 @@ _NEWS2_INPUTS = (
 
 
 @lru_cache(maxsize=1, typed=True)
-def _news2_parts(rr, spo2, o2_flow, sbp, hr, acvpu, temp) -> dict[str, int]:
+def _news2_parts(rr, spo2, on_oxygen, sbp, hr, acvpu, temp) -> dict[str, int]:
     """The sub-scores of one set of inputs. news2 and its seven sub-scores are derived one after the
     other from the same inputs: they share one evaluation (a pure function; the result is only read)."""
-    return news2_subscores(rr, spo2, o2_flow > 0, sbp, hr, codes.ACVPU[int(acvpu)], temp)
+    return news2_subscores(rr, spo2, on_oxygen == 1, sbp, hr, codes.ACVPU[int(acvpu)], temp)
 
 
-def _news2(rr, spo2, o2_flow, sbp, hr, acvpu, temp) -> int:
-    return sum(_news2_parts(rr, spo2, o2_flow, sbp, hr, acvpu, temp).values())  # schemas.scores.news2
+def _news2(rr, spo2, on_oxygen, sbp, hr, acvpu, temp) -> int:
+    return sum(_news2_parts(rr, spo2, on_oxygen, sbp, hr, acvpu, temp).values())  # schemas.scores.news2
 
 
 def _news2_sub(part: str):
-    def fn(rr, spo2, o2_flow, sbp, hr, acvpu, temp) -> int:
-        return _news2_parts(rr, spo2, o2_flow, sbp, hr, acvpu, temp)[part]
+    def fn(rr, spo2, on_oxygen, sbp, hr, acvpu, temp) -> int:
+        return _news2_parts(rr, spo2, on_oxygen, sbp, hr, acvpu, temp)[part]
 
     return fn
 
@@ -155,7 +178,8 @@ def _qsofa(rr, sbp, acvpu) -> int:
 
 
 DERIVED: tuple[DerivedSpec, ...] = (
-    DerivedSpec("on_oxygen", ("o2_flow_last_24h",), lambda flow: int(flow > 0)),
+    DerivedSpec("on_oxygen", (), _on_oxygen,
+                optional=("o2_flow_last_24h", "o2_flow_time_since_last_s_24h", "spo2_time_since_last_s_24h")),
     DerivedSpec("news2", _NEWS2_INPUTS, _news2),
     *(DerivedSpec(f"news2_{part}", _NEWS2_INPUTS, _news2_sub(part))
       for part in ("resp_rate", "spo2", "air_or_oxygen", "systolic_bp", "pulse", "consciousness", "temperature")),
@@ -174,9 +198,14 @@ def derive(base: dict[str, float | int | None]) -> dict[str, float | int | None]
 
 def add_derived(features: dict[str, float | int | None]) -> None:
     """derive() in place, in DERIVED order (a derived feature may read an earlier one)."""
-    inputs: tuple[str, ...] = ()
+    inputs: tuple[str, ...] | None = None
     args: list = []
     for d in DERIVED:
         if d.inputs is not inputs:  # NEWS2 and its sub-scores share one inputs tuple: look it up once
             inputs, args = d.inputs, list(map(features.get, d.inputs))
-        features[d.name] = None if None in args else d.fn(*args)
+        if None in args:
+            features[d.name] = None
+        elif d.optional:
+            features[d.name] = d.fn(*args, *map(features.get, d.optional))
+        else:
+            features[d.name] = d.fn(*args)

@@ -314,7 +314,9 @@ HAND_FEATURES = {
     (0, 2): hr_features(90.0, 90.0, 87.5, 0.0, 2) | hr_trend(87.5, 90.0, 30.0, 5.0),  # A corrected to 85
     # B retracted: A is all that is left, 10 min old
     (0, 4): hr_features(85.0, 85.0, 85.0, 600.0, 1) | hr_trend(85.0, 85.0, None, None),
-    (1, 0): {"spo2_last_24h": 95.0, "spo2_min_6h": 95.0, "spo2_min_1h": 95.0, "vitals_count_6h": 0},
+    # an SpO2 charted without oxygen: air at that reading
+    (1, 0): {"spo2_last_24h": 95.0, "spo2_min_6h": 95.0, "spo2_min_1h": 95.0, "vitals_count_6h": 0,
+             "spo2_time_since_last_s_24h": 0.0, "on_oxygen": 0},
 }
 
 

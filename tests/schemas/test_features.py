@@ -8,7 +8,7 @@ import pytest
 
 from schemas import codes
 from schemas.features import (AGGREGATIONS, DERIVED, FEATURE_CODES, FEATURE_NAMES, FEATURES, HOUR, MAX_WINDOW_S,
-                              FeatureSpec)
+                              FeatureSpec, derive)
 
 
 def test_names_are_unique():
@@ -50,10 +50,36 @@ def test_the_issue_list_is_covered():
     assert 40 <= len(FEATURE_NAMES) <= 55  # a reasonable model input
 
 
-def test_derived_inputs_are_base_features():
-    base = {s.name for s in FEATURES}
+def test_derived_inputs_are_base_features_or_derived_before():
+    known = {s.name for s in FEATURES}
     for d in DERIVED:
-        assert set(d.inputs) <= base, d.name
+        assert set(d.inputs) | set(d.optional) <= known, d.name
+        known.add(d.name)
+
+
+VITALS_ON_AIR = {"resp_rate_last_24h": 16.0, "spo2_last_24h": 97.0, "systolic_bp_last_24h": 125.0,
+                 "heart_rate_last_24h": 72.0, "consciousness_last_24h": 0, "temperature_last_24h": 37.0,
+                 "spo2_time_since_last_s_24h": 0.0}
+
+
+@pytest.mark.parametrize("oxygen, on_oxygen", [
+    ({}, 0),  # SpO2 charted, oxygen never: air (a FHIR feed charts oxygen only while it is given)
+    ({"o2_flow_last_24h": 2.0, "o2_flow_time_since_last_s_24h": 20 * 3600.0}, 0),  # a flow from an earlier round
+    ({"o2_flow_last_24h": 2.0, "o2_flow_time_since_last_s_24h": 5.0}, 1),  # charted 5 s before the SpO2
+    ({"o2_flow_last_24h": 2.0, "o2_flow_time_since_last_s_24h": 0.0}, 1),  # one CDC row: SpO2 and flow
+    ({"o2_flow_last_24h": 0.0, "o2_flow_time_since_last_s_24h": 0.0}, 0),  # a CDC row that charts air
+])
+def test_air_or_oxygen_is_read_at_the_latest_spo2(oxygen, on_oxygen):
+    features = derive({**VITALS_ON_AIR, **oxygen})
+    assert features["on_oxygen"] == on_oxygen
+    assert (features["news2_air_or_oxygen"], features["news2"]) == (2 * on_oxygen, 2 * on_oxygen)
+
+
+def test_without_spo2_or_oxygen_there_is_no_news2_and_without_times_the_latest_flow_decides():
+    no_spo2 = {k: v for k, v in VITALS_ON_AIR.items() if not k.startswith("spo2")}
+    assert derive(no_spo2)["on_oxygen"] is None and derive(no_spo2)["news2"] is None
+    archived = {k: v for k, v in VITALS_ON_AIR.items() if k != "spo2_time_since_last_s_24h"}  # before the times
+    assert derive({**archived, "o2_flow_last_24h": 2.0})["news2_air_or_oxygen"] == 2
 
 
 def test_a_spec_with_an_unknown_aggregation_or_no_window_is_refused():

@@ -175,8 +175,18 @@ def test_derived_scores_are_missing_when_an_input_is_missing():
     no_sbp = features_at(T, *_full_set(T - 10 * MIN, SYSTOLIC_BP=None))
     assert no_sbp["news2"] is None
     assert no_sbp["qsofa"] is None
+    no_spo2_nor_flow = features_at(T, *_full_set(T - 10 * MIN, SPO2=None, O2_FLOW=None))
+    assert no_spo2_nor_flow["on_oxygen"] is None and no_spo2_nor_flow["news2"] is None
+
+
+def test_oxygen_counts_only_in_the_round_of_the_latest_spo2():
+    """A FHIR feed charts a flow only while oxygen is given: an earlier round's flow is a past episode."""
     no_flow = features_at(T, *_full_set(T - 10 * MIN, O2_FLOW=None))
-    assert no_flow["on_oxygen"] is None
+    assert (no_flow["on_oxygen"], no_flow["news2_air_or_oxygen"], no_flow["news2"]) == (0, 0, 12)
+    earlier = features_at(T, fact(codes.O2_FLOW, 2.0, T - 20 * HOUR), *_full_set(T - 10 * MIN, O2_FLOW=None))
+    assert (earlier["o2_flow_last_24h"], earlier["on_oxygen"], earlier["news2"]) == (2.0, 0, 12)
+    same_round = features_at(T, fact(codes.O2_FLOW, 2.0, T - 10 * MIN - 5_000), *_full_set(T - 10 * MIN, O2_FLOW=None))
+    assert (same_round["on_oxygen"], same_round["news2"]) == (1, 14)
 
 
 def test_a_retraction_of_an_input_makes_news2_missing():

@@ -3,7 +3,7 @@ nightly trains their own, so it must fit the current feature specs."""
 
 from __future__ import annotations
 
-from schemas.features import FEATURE_NAMES
+from schemas.features import FEATURE_NAMES, FEATURES, derive
 from streams.scoring import Scorer, load_model, read_current
 from wardwatch.demo import BUNDLED_MODELS
 from wardwatch.settings import Settings
@@ -18,15 +18,18 @@ def test_the_shipped_model_is_trained_on_the_current_feature_list():
 
 
 def test_the_shipped_model_scores_a_complete_snapshot_on_the_model_path():
-    # a deteriorating patient: every NEWS2 input present, trends and labs missing (imputed)
-    snapshot = {name: None for name in FEATURE_NAMES} | {
-        "resp_rate_last_24h": 26.0, "spo2_last_24h": 91.0, "o2_flow_last_24h": 2.0, "systolic_bp_last_24h": 92.0,
-        "heart_rate_last_24h": 125.0, "consciousness_last_24h": 0.0, "temperature_last_24h": 38.9,
+    # a patient on the way down: every NEWS2 input present (NEWS2 3, no single 3, so the NEWS2 floor
+    # leaves the tier to the model), trends and labs missing (imputed)
+    snapshot = {spec.name: None for spec in FEATURES} | {  # base features: the scorer derives the rest
+        "resp_rate_last_24h": 20.0, "spo2_last_24h": 95.0, "o2_flow_last_24h": 0.0, "systolic_bp_last_24h": 112.0,
+        "heart_rate_last_24h": 95.0, "consciousness_last_24h": 0.0, "temperature_last_24h": 38.2,
+        "spo2_time_since_last_s_24h": 0.0, "o2_flow_time_since_last_s_24h": 0.0,
         "heart_rate_slope_6h": 8.0, "systolic_bp_delta_24h": -30.0}
     [result] = Scorer(BUNDLED_MODELS, Settings()).score([snapshot])
     assert result.path == "model"
     assert 0.0 <= result.probability <= 1.0
     # the rationale comes from the model's own coefficients (Imputer -> Scaler -> LinearClassifier)
     assert load_model(BUNDLED_MODELS, read_current(BUNDLED_MODELS)).linear is not None
-    assert result.rationale and all(r["feature"] in snapshot and snapshot[r["feature"]] is not None
+    observed = derive(snapshot)  # the base features given, and what the scorer derives from them
+    assert result.rationale and all(observed[r["feature"]] is not None
                                     for r in result.rationale)  # imputed features never explain a score
