@@ -194,6 +194,12 @@ class _Change:
         unknown fact is harmless downstream, a missed one leaves a stale value live."""
         return self.before is None or column not in self.before or self.before[column] is not None
 
+    def _changed(self, column: str) -> bool:
+        """Whether an update changed the column (True when `before` cannot tell)."""
+        if self.before is None or column not in self.before or self.before[column] == UNAVAILABLE:
+            return True
+        return self.before[column] != self.after.get(column)
+
     def _patient(self, row: dict) -> str | None:
         return _text(row.get(self.mapping.patient_column))
 
@@ -253,13 +259,24 @@ class _WideChange(_Change):
         for column, (code, value, text) in self._values(row).items():
             if value is not None:
                 events.append(self._event(patient, encounter, code, value, text, effective_ms, Status.FINAL))
-            elif self.op == "u" and self._was_set_before(column):
+            elif self.op == "u" and (self._was_set_before(column) or self._charted_air_before(column)):
                 events.append(self._retraction(patient, encounter, code, effective_ms))
         old_patient = self._moved_from(patient)
         if old_patient is not None:  # the row's facts leave the old patient's record
             events += self._retractions(old_patient, None, self._time(self.before, self.mapping.time_column)
                                         or effective_ms)
         return events
+
+    def _charted_air_before(self, column: str) -> bool:
+        """Whether the flow column was null before with the on-air flag false: the row then carried a
+        derived flow of 0 (air), which an update that no longer says so must retract."""
+        on_air = self.mapping.on_air
+        if not on_air or column != on_air[0] or self.before is None:
+            return False
+        try:
+            return _decode_bool(self.before.get(on_air[1]), on_air[1]) is False
+        except Reject:  # an unreadable old flag: retract, a retraction of an unknown fact is harmless
+            return True
 
     def _values(self, row: dict) -> dict[str, tuple[str, float | None, str | None]]:
         """column -> (code, canonical value or None when null, text); unavailable columns omitted."""
@@ -311,6 +328,10 @@ class _LongChange(_Change):
         if code is None:
             return events or Ignored("unmapped_code")
         issued_ms = self._time(row, m.issued_column) or self.issued_ms  # (the commit time if missing)
+        if self.op == "u" and not self._changed(m.issued_column):
+            # a new version (an amendment, a retraction) under the old result time became available at
+            # its commit: dating it back would let as-of joins (training) see it before it existed
+            issued_ms = max(issued_ms, self.issued_ms)
         status = self._status(row)
         raw = row.get(m.value_column)
         if raw == UNAVAILABLE:
@@ -374,8 +395,9 @@ class _ContextChange(_Change):
                 if self.op == "u" and not fact.per_time and self._was_set_before(fact.presence):
                     events.append(self._retraction(patient, encounter, fact.code, self._effective(row, fact)))
                 continue
-            if self.op == "u" and fact.per_time and not self._changed(fact.presence):
-                continue  # e.g. the same ward again: not a transfer
+            moved_here = self._moved_from(patient) is not None
+            if self.op == "u" and fact.per_time and not self._changed(fact.presence) and not moved_here:
+                continue  # e.g. the same ward again: not a transfer (unless the row moved to this patient)
             effective_ms = self._effective(row, fact)
             value, text = self._payload(row, fact)
             events.append(self._event(patient, encounter, fact.code, value, text, effective_ms, Status.FINAL,
@@ -407,12 +429,6 @@ class _ContextChange(_Change):
         if ms is None:
             raise Reject(Reason.MISSING_TIME, f"row has no {fact.time_column}")
         return ms
-
-    def _changed(self, column: str) -> bool:
-        """Whether an update changed the column (True when `before` cannot tell)."""
-        if self.before is None or column not in self.before or self.before[column] == UNAVAILABLE:
-            return True
-        return self.before[column] != self.after.get(column)
 
     def _payload(self, row: dict, fact: ContextFact) -> tuple[float | None, str | None]:
         """(value, value_text) of a present fact."""

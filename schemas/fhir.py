@@ -9,7 +9,7 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   wardwatch code becomes one event per code: a BP panel gives systolic and diastolic, a pulse-oximetry
   Observation gives SpO2 (2708-6 and 59408-5 are one fact) and its O2-flow component.
   Units go to the canonical unit (degF -> Cel, WBC /uL -> 10*3/uL); ACVPU SNOMED codes -> ordinal + letter.
-  fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (default 1).
+  fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (else meta.lastUpdated in ms, else 1).
 - Encounter -> CONTEXT facts (schemas/codes.py, the same semantics as the CDC `encounters` table):
   ADMISSION (period.start; value_text the encounter class: "IMP" -> "inpatient", ...), LOCATION (the
   active location's display, else its Location id; effective its period.start, else period.start),
@@ -340,7 +340,7 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
     meta = obs.get("meta") if isinstance(obs.get("meta"), dict) else {}
     issued = obs.get("issued") or meta.get("lastUpdated")
     issued_ms = iso_to_ms(issued, "issued") if issued else effective_ms
-    version = _version(meta.get("versionId"))
+    version = _resource_version(meta)  # an Observation without versionId: lastUpdated orders its versions
     encounter = _business_id(obs.get("encounter"), "Encounter")
     provenance = {"resource": f"Observation/{obs_id}", "subscription": ctx.status.subscription,
                   "topic": ctx.topic, "partition": ctx.partition, "offset": ctx.offset,

@@ -133,6 +133,30 @@ def test_update_that_moves_the_row_to_another_patient_retracts_from_the_old_one(
     assert {e.code for e in old} == ALL_VITAL_CODES and all(e.status.retracts for e in old)
 
 
+def _changed(msg: RawMessage, **changes) -> RawMessage:
+    """The message with its envelope (payload) fields or `after` columns changed."""
+    doc = json.loads(msg.value)
+    envelope = doc.get("payload", doc)
+    for name, value in changes.items():
+        if name in ("before", "after", "op"):
+            envelope[name] = value
+        else:
+            envelope["after"][name] = value
+    return RawMessage(msg.topic, msg.key, json.dumps(doc).encode())
+
+
+def test_an_update_that_no_longer_says_on_air_retracts_the_air_flow_it_charted():
+    msg = cdc_message("update_full")
+    before = json.loads(msg.value).get("payload", json.loads(msg.value))["before"]
+    on_air = dict(before, oxygen_flow_rate_lpm=None, on_supplemental_oxygen=False)  # charted flow 0 (air)
+    for flag in (True, None):  # now on oxygen with the flow not charted, or the flag cleared
+        update = _changed(msg, before=on_air, after=dict(on_air, on_supplemental_oxygen=flag))
+        flow = by_code(parse(update))[codes.O2_FLOW]
+        assert flow.status is Status.ENTERED_IN_ERROR and flow.fact_id == "cdc:vital_signs:7:3151-8"
+    unchanged = _changed(msg, before=on_air, after=dict(on_air))
+    assert by_code(parse(unchanged))[codes.O2_FLOW].value == 0.0  # still air
+
+
 # --- deletes, tombstones, primary-key change -----------------------------------------------------
 
 
@@ -356,6 +380,17 @@ def test_an_amended_lab_supersedes_the_first_result_as_a_new_version_of_the_same
     assert amended.issued_ms == utc_ms("2024-06-15T17:45:00")  # known only from the amendment on
 
 
+def test_an_amendment_under_the_old_result_time_is_known_from_its_commit_on():
+    """A lab system that amends without a new result time: the new value must not be dated back, or
+    training's as-of joins see it before it existed (DOMAIN.md section 3)."""
+    msg = cdc_message("lab_amended")
+    envelope = json.loads(msg.value).get("payload", json.loads(msg.value))
+    outcome = parse(_changed(msg, resulted_at=envelope["before"]["resulted_at"]))
+    (amended,) = outcome.events
+    assert amended.status is Status.AMENDED
+    assert amended.issued_ms == envelope["source"]["ts_ms"] > utc_ms("2024-06-15T17:45:00")  # its commit
+
+
 def test_a_lab_set_to_entered_in_error_retracts_it():
     retraction = only_event("lab_entered_in_error")
     assert retraction.status is Status.ENTERED_IN_ERROR and retraction.value is None
@@ -467,6 +502,15 @@ def test_a_redelivered_transfer_names_the_same_location_fact():
     msg = cdc_messages("encounter_lifecycle")[1]
     first, again = parse(msg, offset=1), parse(msg, offset=77)
     assert [e.event_id for e in first.events] == [e.event_id for e in again.events]
+
+
+def test_an_encounter_moved_to_another_patient_states_its_ward_there():
+    transfer = cdc_messages("encounter_lifecycle")[1]
+    after = json.loads(transfer.value).get("payload", json.loads(transfer.value))["after"]
+    moved = parse(_changed(transfer, before=dict(after), after=dict(after, patient_id="MRN-0009")))
+    new = {e.code: e for e in moved.events if e.patient_id == "MRN-0009"}
+    assert new[codes.LOCATION].value_text == after["ward"] and new[codes.ADMISSION].status is Status.FINAL
+    assert all(e.status.retracts for e in moved.events if e.patient_id == "MRN-0001")
 
 
 def test_an_encounter_update_without_before_still_records_the_transfer_and_retracts_any_discharge():

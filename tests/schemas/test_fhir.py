@@ -97,6 +97,25 @@ def test_r5_labs_with_unit_conversion_and_integer64_counters():
     assert events[codes.CREATININE].issued_ms == 1_719_219_600_000  # meta.lastUpdated 09:00Z
 
 
+def test_an_observation_without_version_id_is_ordered_by_last_updated():
+    """versionId is optional in FHIR: without it, an amendment must still be a newer version, or the
+    worker drops it as a redelivery of the first (DOMAIN.md section 3: versionId / lastUpdated)."""
+    doc = json.loads(fhir_bundle("r4_parameters_event"))
+
+    def version_at(last_updated: str, status: str) -> int:
+        for entry in doc["entry"]:
+            resource = entry.get("resource", {})
+            if resource.get("resourceType") == "Observation":
+                resource["meta"] = {"lastUpdated": last_updated}
+                resource["status"] = status
+        (hr,) = parsed_body(json.dumps(doc).encode()).events
+        return hr.version
+
+    first = version_at("2024-06-15T14:07:00Z", "final")
+    amended = version_at("2024-06-15T15:00:00Z", "amended")
+    assert amended > first > 1
+
+
 @pytest.mark.parametrize("snomed, letter", [
     ("248234008", "A"), ("130987000", "C"), ("300202002", "V"), ("450847001", "P"), ("422768004", "U"),
     ("248236005", "V"), ("248237001", "P"),  # clinosim's codes for voice and pain
