@@ -131,11 +131,13 @@ def observation_versions(classified: pl.DataFrame) -> pl.DataFrame:
     """Every version of every measured fact (context facts excluded), once: its first arrival, that
     arrival's outcome and how often it arrived."""
     classified = classified.filter(~_IS_CONTEXT.fill_null(False))
-    arrivals = classified.group_by("event_id").len("arrivals")
+    # per patient: a row moved to another patient keeps its fact id, so the old patient's retraction
+    # and the new patient's fact share an event id (each patient's state is separate, as in the stream)
+    arrivals = classified.group_by("patient_id", "event_id").len("arrivals")
     return (classified.sort(*ARRIVAL)
-            .unique(subset=["event_id"], keep="first", maintain_order=True)
-            .join(arrivals, on="event_id", how="left")
-            .sort("fact_id", "version", "event_id"))
+            .unique(subset=["patient_id", "event_id"], keep="first", maintain_order=True)
+            .join(arrivals, on=["patient_id", "event_id"], how="left")
+            .sort("fact_id", "version", "event_id", "patient_id"))
 
 
 def observations(versions: pl.DataFrame) -> pl.DataFrame:
@@ -144,17 +146,18 @@ def observations(versions: pl.DataFrame) -> pl.DataFrame:
     `outcome` is how the fact first entered the system (accepted, late, or duplicate = a
     cross-source copy of another fact); `versions` counts its versions seen.
     """
-    first_arrival = (versions.sort(*ARRIVAL).unique(subset=["fact_id"], keep="first", maintain_order=True)
-                     .select("fact_id", first_outcome="outcome"))
-    version_count = versions.group_by("fact_id").len("versions")
+    key = ["patient_id", "fact_id"]  # (see observation_versions: a moved row's fact leaves one patient)
+    first_arrival = (versions.sort(*ARRIVAL).unique(subset=key, keep="first", maintain_order=True)
+                     .select(*key, first_outcome="outcome"))
+    version_count = versions.group_by(key).len("versions")
     current = versions.sort("fact_id", "version", descending=[False, True]).unique(
-        subset=["fact_id"], keep="first", maintain_order=True)
+        subset=key, keep="first", maintain_order=True)
     return (current.filter(pl.col("status") != Status.ENTERED_IN_ERROR.value)
             .drop("outcome", "arrivals")
-            .join(first_arrival, on="fact_id", how="left")
-            .join(version_count, on="fact_id", how="left")
+            .join(first_arrival, on=key, how="left")
+            .join(version_count, on=key, how="left")
             .rename({"first_outcome": "outcome"})
-            .sort("fact_id"))
+            .sort("fact_id", "patient_id"))
 
 
 def late_recomputed(classified: pl.DataFrame) -> pl.DataFrame:
@@ -171,7 +174,7 @@ def context_facts(events: pl.DataFrame) -> pl.DataFrame:
     """The current version of every context fact (highest version), retracted facts removed."""
     return (events.filter(_IS_CONTEXT.fill_null(False))
             .sort("fact_id", "version", "event_id", descending=[False, True, False])
-            .unique(subset=["fact_id"], keep="first", maintain_order=True)
+            .unique(subset=["patient_id", "fact_id"], keep="first", maintain_order=True)
             .filter(pl.col("status") != Status.ENTERED_IN_ERROR.value))
 
 

@@ -328,3 +328,25 @@ def test_nightly_with_the_real_recomputation_agrees_with_hand_computed_features(
     assert summary["parity"]["mismatched"] == 0, summary["parity"]["per_feature_mismatches"]
     assert summary["parity"]["late_mismatched"] == 0
     assert summary["parity_ok"]
+
+
+def test_a_row_moved_to_another_patient_leaves_its_fact_with_the_new_patient():
+    """A CDC update that moves a vitals row to another patient retracts the fact from the old one and
+    states it for the new one, both as version 2 of one fact id (so one event id): the analysts'
+    observations must keep it for the new patient, whichever arrived first."""
+    from batch.rebuild import observation_versions, observations
+    from schemas.canonical import make_event_id
+
+    fact = f"cdc:vital_signs:7:{codes.HEART_RATE}"
+
+    def version(patient, v, status, value, offset):
+        return {"patient_id": patient, "fact_id": fact, "version": v, "event_id": make_event_id(fact, v),
+                "status": status, "value": value, "code": codes.HEART_RATE, "code_system": "http://loinc.org",
+                "outcome": "accepted" if value is not None else "corrected", "partition": 0, "offset": offset,
+                "idx": 0}
+
+    first = version("MRN-0002", 1, "final", 80.0, 0)
+    for moved in ([version("MRN-0009", 2, "final", 80.0, 1), version("MRN-0002", 2, "entered-in-error", None, 2)],
+                  [version("MRN-0002", 2, "entered-in-error", None, 1), version("MRN-0009", 2, "final", 80.0, 2)]):
+        current = observations(observation_versions(pl.DataFrame([first, *moved])))
+        assert current.select("patient_id", "value").rows() == [("MRN-0009", 80.0)]
