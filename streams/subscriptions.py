@@ -116,6 +116,7 @@ class SubscriptionTracker:
         state = self.states.setdefault(status.subscription, SubscriptionState(status.subscription))
         state.last_arrival_ms = max(state.last_arrival_ms or arrival_ms, arrival_ms)
         event_time = status.timestamp_ms if status.timestamp_ms is not None else arrival_ms
+        newest = state.clock_ms is None or event_time > state.clock_ms  # not read late from another partition
         state.clock_ms = max(state.clock_ms or event_time, event_time)
         if state.settle_until_ms is None:
             state.settle_until_ms = state.clock_ms + self.grace_ms
@@ -123,6 +124,12 @@ class SubscriptionTracker:
         if status.type in CONTROL_TYPES:
             state.count(status.type)
             if status.type == "handshake" and status.events_since_start is not None:
+                if state.high is not None and status.events_since_start < state.high and newest:
+                    # the counter went back in a handshake newer than anything seen: the server restarted
+                    # or recreated the subscription, and reuses numbers from here (an older handshake
+                    # read late from another partition is not a reset)
+                    state.count("counter_resets")
+                    state.high, state.low, state.gaps = None, None, []
                 _track_from(state, status.events_since_start + 1)  # nothing before it
             elif state.high is None and status.events_since_start is not None:
                 state.high = status.events_since_start  # baseline: that many events happened before

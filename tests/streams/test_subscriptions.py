@@ -99,6 +99,16 @@ def test_handshake_and_heartbeat_consume_no_numbers_but_move_the_clock():
     assert t.stats()["heartbeat"] == 1 and t.stats()["events"] == 2
 
 
+def test_a_handshake_that_resets_the_counter_starts_the_numbering_again():
+    """A server that restarts or recreates the subscription counts from 0 again: the renumbered events
+    are new, not duplicates, and a gap among them is still found."""
+    t = tracker()
+    feed(t, [event(n, at=T0 + n) for n in range(1, 51)])
+    assert feed(t, [control("handshake", 0, T0 + 100), event(1, at=T0 + 101), event(3, at=T0 + 102)]) == []
+    assert gaps(feed(t, [event(4, at=T0 + 102 + GRACE_MS)])) == [(2, 2)]
+    assert t.states[SUB].counts.get("counter_resets") == 1 and t.states[SUB].counts.get("duplicate_events", 0) == 0
+
+
 def test_the_first_notification_seen_sets_the_baseline():
     t = tracker()
     assert feed(t, [event(40, at=T0), event(41, at=T0 + GRACE_MS * 2)]) == []  # 1..39 came before us
