@@ -108,24 +108,34 @@ def test_sigkilled_worker_ends_with_the_same_state_and_alerts_as_an_undisturbed_
     assert {i: vs for i, vs in got.alerts.items()} == ref.alerts
 
 
+def _holding_commits(settings, suffix: str):
+    """Settings, topics and group of a worker whose commit interval (600 s) outlasts the test, so after
+    its first commit only a stop can commit what it applies."""
+    held = _sibling(settings, suffix).model_copy(update={"commit_interval_s": 600.0})
+    topics = topics_for(held)
+    ensure_topics(held, topics)
+    return held, topics, f"{held.group_prefix}-worker"
+
+
+def _two_bursts(held, topics, group, worker, *, deadline: float, logs) -> dict:
+    """A first burst, committed; then a second one, applied with its commit held back. Its ends."""
+    messages = canonical_messages(8, 10)
+    wait_for_group(held, group, alive=worker)
+    Publisher(held, topics.canonical, messages[:8]).start().join(30)
+    wait_for_progress(held, group, topics.canonical, topics.partitions, 0, deadline=deadline, alive=worker)
+    ends = Publisher(held, topics.canonical, messages[8:]).start().join(30)
+    wait_for_applied(held, topics, ends, deadline=deadline, on_wait=lambda: check_alive({"worker": worker}, logs))
+    return ends
+
+
 @pytest.mark.timeout(120)
 def test_a_sigterm_commits_everything_the_worker_applied(settings, tmp_path):
     """A deploy restarts workers with SIGTERM: the restart must not re-read what was applied. With a
     commit interval longer than the test, only the stop itself can commit the second burst."""
-    stopping = _sibling(settings, "t").model_copy(update={"commit_interval_s": 600.0})
-    topics = topics_for(stopping)
-    ensure_topics(stopping, topics)
-    group = f"{stopping.group_prefix}-worker"
-    messages = canonical_messages(8, 10)
-    deadline = time.monotonic() + 100
+    stopping, topics, group = _holding_commits(settings, "t")
     worker = start_service(["worker", "--loglevel", "INFO"], stopping, tmp_path / "worker.log")
     try:
-        wait_for_group(stopping, group, alive=worker)
-        Publisher(stopping, topics.canonical, messages[:8]).start().join(30)
-        wait_for_progress(stopping, group, topics.canonical, topics.partitions, 0, deadline=deadline, alive=worker)
-        ends = Publisher(stopping, topics.canonical, messages[8:]).start().join(30)  # the interval holds its commits
-        wait_for_applied(stopping, topics, ends, deadline=deadline, on_wait=lambda: check_alive({"worker": worker},
-                                                                                               tmp_path))
+        ends = _two_bursts(stopping, topics, group, worker, deadline=time.monotonic() + 100, logs=tmp_path)
         held_back = committed_offsets(stopping, group, list(ends))
     finally:
         exit_code = stop_service(worker)  # asserted below, so a failure above is not masked
@@ -140,20 +150,11 @@ def test_a_restart_commits_what_was_applied_before_it_even_with_no_new_input(set
     """A worker killed before its commit leaves the group's offset behind the table. The restart
     re-reads those messages and drops them as applied; it must also commit past them, or the
     partitions show lag (and are re-read at every restart) until new input arrives."""
-    crashing = _sibling(settings, "k").model_copy(update={"commit_interval_s": 600.0})
-    topics = topics_for(crashing)
-    ensure_topics(crashing, topics)
-    group = f"{crashing.group_prefix}-worker"
-    messages = canonical_messages(8, 10)
+    crashing, topics, group = _holding_commits(settings, "k")
     deadline = time.monotonic() + 130
     worker = start_service(["worker", "--loglevel", "INFO"], crashing, tmp_path / "worker-0.log")
     try:
-        wait_for_group(crashing, group, alive=worker)
-        Publisher(crashing, topics.canonical, messages[:8]).start().join(30)
-        wait_for_progress(crashing, group, topics.canonical, topics.partitions, 0, deadline=deadline, alive=worker)
-        ends = Publisher(crashing, topics.canonical, messages[8:]).start().join(30)  # the interval holds its commits
-        wait_for_applied(crashing, topics, ends, deadline=deadline,
-                         on_wait=lambda: check_alive({"worker": worker}, tmp_path))
+        ends = _two_bursts(crashing, topics, group, worker, deadline=deadline, logs=tmp_path)
     finally:
         kill_service(worker)
     behind = committed_offsets(crashing, group, list(ends))
