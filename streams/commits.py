@@ -29,20 +29,22 @@ def commit_offsets(consumer, offsets: dict[tuple[str, int], int], log: logging.L
     try:
         results = consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())],
                                   asynchronous=asynchronous)
-    except KafkaException as exc:
-        if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].code() in REBALANCE_ERRORS:
-            log.warning("commit lost to a rebalance; those records will be re-read: %s", exc.args[0].name())
-            return False
-        raise
-    # librdkafka raises only when every partition failed: the others report one by one (asynchronous: None)
-    errors = [tp.error for tp in results or () if tp.error is not None]
+    except KafkaException as exc:  # every partition failed
+        errors = [kafka_error(exc)]
+    else:  # librdkafka raises only when every partition failed: the others report one by one (asynchronous: None)
+        errors = [tp.error for tp in results or () if tp.error is not None]
     for error in errors:
-        if error.code() not in REBALANCE_ERRORS:
-            raise KafkaException(error)
+        if error is None or error.code() not in REBALANCE_ERRORS:
+            raise KafkaException(error) if error is not None else KafkaException("commit failed")
     if errors:
         log.warning("commit lost to a rebalance; those records will be re-read: %s", errors[0].name())
         return False
     return True
+
+
+def kafka_error(exc: KafkaException) -> KafkaError | None:
+    """The KafkaError a confluent-kafka exception carries, if any (its code says what to do)."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
 
 
 class CommitResults:

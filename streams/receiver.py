@@ -47,6 +47,7 @@ from confluent_kafka import KafkaError, KafkaException
 from schemas.deadletter import Reason, Rejection, Stage
 from schemas.fhir import parse_notification, parse_status
 from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Rejected
+from streams.commits import kafka_error
 from streams.stats import StatsPublisher
 from streams.topics import Topics, topics_for
 from wardwatch.settings import Settings
@@ -292,7 +293,7 @@ class Receiver:
         except BufferError as exc:
             raise BrokerUnavailable("producer queue full") from exc
         except KafkaException as exc:
-            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            error = kafka_error(exc)
             if error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:  # a retry can never store it
                 raise Unstorable(error.name()) from exc
             # anything else (e.g. _UNKNOWN_TOPIC while a topic is missing) may pass: the server retries

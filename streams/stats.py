@@ -84,7 +84,9 @@ class StatsPublisher:
         return True
 
     def publish(self) -> None:
-        from confluent_kafka import KafkaError, KafkaException
+        from confluent_kafka import KafkaException
+
+        from streams.commits import kafka_error
 
         value = stats_record(self.service, self.key, self.started_at_ms, self._clock_ms(), self._snapshot())
         try:
@@ -95,7 +97,7 @@ class StatsPublisher:
             log.warning("stats snapshot skipped: producer queue full")
         except KafkaException as exc:  # e.g. the stats topic is missing: never stop the service for it
             self.not_sent += 1
-            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            error = kafka_error(exc)
             reason = error.name() if error is not None else "KafkaException"  # never the snapshot itself
             log.warning("stats snapshot not sent to %s: %s", self.topic, reason)
 

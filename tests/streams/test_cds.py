@@ -58,6 +58,8 @@ def test_latest_is_by_scoring_time_not_arrival():
     latest.update(b"{not json")
     assert latest.get(["p-1"])["tier"] == "medium"
     assert (latest.records_read, latest.records_skipped, len(latest.by_patient)) == (2, 1, 1)
+    assert latest.card_for(["Patient/x", "p-1"]) == card(latest.get(["p-1"]))  # the latest record's card
+    assert latest.card_for(["p-2"]) is None
 
 
 @pytest.mark.parametrize("bad", [{"scoring_ms": 1e20}, {"probability": "0.8"},
