@@ -49,10 +49,16 @@ def test_injected_faults_are_accounted_for(demo):
 def test_alerts_are_valid_risk_assessments_with_deterministic_ids(demo):
     assert demo["alerts"] > 0
     with duckdb.connect(demo["duckdb_path"], read_only=True) as con:
-        rows = con.execute("SELECT alert_id, resource FROM alerts").fetchall()
-    for alert_id, resource in rows:
+        rows = con.execute("SELECT alert_id, kind, original_alert_id, resource FROM alerts").fetchall()
+    for alert_id, kind, original_alert_id, resource in rows:
         ra = RiskAssessment.model_validate(orjson.loads(resource))
-        assert ra.id == alert_id
+        # a correction amends the alert it corrects: the same FHIR resource id, a new alert_id
+        if kind == "correction":
+            assert original_alert_id and original_alert_id != alert_id
+            assert ra.id == original_alert_id
+        else:
+            assert original_alert_id is None
+            assert ra.id == alert_id
         assert ra.subject.reference.startswith("Patient/")
 
 
