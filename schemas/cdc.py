@@ -32,7 +32,11 @@ Shapes:
 - ContextTable (encounters, patients): one CONTEXT event per declared fact present in the row
   (value None and the payload in value_text; birth year as value, never the date). A per-time fact
   (LOCATION) is named by its effective time, so each transfer is its own fact and a redelivery
-  dedupes; an update emits it only when its value changed (or `before` cannot tell). Deletes retract
+  dedupes; an update emits it only when its value changed (or `before` cannot tell). An update and a
+  snapshot read state it at the row's update time (the admission time when that is null): a snapshot
+  row shows only the latest ward, which held from the row's last change, not from admission, so a
+  re-snapshot restates the transfer's fact (or, when the last change was e.g. the discharge, states
+  the same ward from then) and never rewrites the ward an earlier fact gave. Deletes retract
   the facts with a fixed id (admission, discharge, sex, birth year): per-time facts cannot be
   enumerated from a `before` row, which holds at most the latest ward, so a deleted encounter's
   location facts stay (downstream, its discharge retraction and missing admission say it is gone).
@@ -417,7 +421,8 @@ class _ContextChange(_Change):
                 for f in self.mapping.facts if not f.per_time]
 
     def _effective(self, row: dict, fact: ContextFact) -> int:
-        """The fact's time column; on an update its update-time column when it has one and it is set."""
+        """The fact's time column; on an update or a snapshot read its update-time column when it has
+        one and it is set."""
         if self.op == "u" and fact.update_time_column:
             ms = self._time(row, fact.update_time_column)
             if ms is not None:
@@ -426,8 +431,13 @@ class _ContextChange(_Change):
         ms = self._time(row, fact.time_column)
         if ms is None and fact.time_column == fact.presence:
             return self.issued_ms
-        if ms is None:
+        if ms is None:  # a snapshot read needs it even with an update time: its row is whole, as a create's
             raise Reject(Reason.MISSING_TIME, f"row has no {fact.time_column}")
+        if self.op == "r" and fact.update_time_column:
+            # a snapshot row is the row after its latest change: its ward holds from that change, not
+            # from admission (that would restate the admission ward's fact as the current ward)
+            updated = self._time(row, fact.update_time_column)
+            return ms if updated is None else updated
         return ms
 
     def _payload(self, row: dict, fact: ContextFact) -> tuple[float | None, str | None]:

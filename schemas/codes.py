@@ -160,11 +160,11 @@ class ContextFact:
     """
 
     code: str
-    time_column: str  # effective time on c / r (and on u unless update_time_column)
+    time_column: str  # effective time on c (and on u / r unless update_time_column is set in the row)
     text_column: str | None = None  # value_text
     year_column: str | None = None  # value = the year of this date (minimum necessary PHI: never the date)
     present_column: str | None = None
-    update_time_column: str | None = None  # effective time on u: a transfer happens at updated_at
+    update_time_column: str | None = None  # effective time on u / r: a transfer happens at updated_at
     per_time: bool = False
     allowed_text: tuple[str, ...] | None = None  # value_text vocabulary (lower case); others are bad values
 
@@ -246,7 +246,8 @@ CDC_TABLES: dict[str, CdcMapping] = {
         facts=(
             ContextFact(ADMISSION, time_column="admitted_at", text_column="encounter_class",
                         present_column="admitted_at"),
-            # a transfer is an update that changes the ward: its own fact, at the update's time
+            # a transfer is an update that changes the ward: its own fact, at the update's time (a
+            # snapshot read states the ward at updated_at too: the row shows only the latest ward)
             ContextFact(LOCATION, time_column="admitted_at", text_column="ward",
                         update_time_column="updated_at", per_time=True),
             ContextFact(DISCHARGE, time_column="discharged_at", present_column="discharged_at"),

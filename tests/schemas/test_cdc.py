@@ -526,8 +526,104 @@ def test_a_snapshot_of_a_finished_encounter_with_iso_times_states_all_three_fact
     assert facts[codes.ADMISSION].value_text == "emergency"
     assert facts[codes.ADMISSION].effective_ms == utc_ms("2024-06-10T08:15:00")
     assert facts[codes.LOCATION].value_text == "AMU"
+    assert facts[codes.LOCATION].effective_ms == utc_ms("2024-06-10T20:40:00")  # updated_at, the row's last change
     assert facts[codes.DISCHARGE].effective_ms == utc_ms("2024-06-10T20:40:00")
     assert all(e.provenance["snapshot"] for e in facts.values())
+
+
+SNAPSHOT_LSN = 27_000_000  # a re-snapshot reads the rows at a WAL position after every change above
+
+
+def snapshot_of(msg: RawMessage) -> RawMessage:
+    """The row of a change event as a Debezium snapshot read (op r) taken after it: no `before`, the
+    snapshot flag set and the snapshot's own lsn."""
+    doc = json.loads(msg.value)
+    envelope = doc.get("payload", doc)
+    envelope["op"], envelope["before"] = "r", None
+    envelope["source"].update(snapshot="true", lsn=SNAPSHOT_LSN, sequence=json.dumps([None, str(SNAPSHOT_LSN)]))
+    return RawMessage(msg.topic, msg.key, json.dumps(doc).encode())
+
+
+def ward_at(events, ms: int) -> str | None:
+    """The ward a patient was on at `ms`, from location facts as both planes keep them: per fact id
+    the highest version, then the fact with the latest effective time at or before `ms`."""
+    current = {}
+    for e in sorted(events, key=lambda e: e.version):
+        if e.code == codes.LOCATION:
+            current[e.fact_id] = e
+    stated = sorted((e.effective_ms, e.value_text) for e in current.values()
+                    if not e.status.retracts and e.effective_ms <= ms)
+    return stated[-1][1] if stated else None
+
+
+def test_a_resnapshot_of_a_transferred_encounter_restates_its_facts_and_keeps_the_ward_history():
+    admit, transfer, _ = (parse(m, offset=i) for i, m in enumerate(cdc_messages("encounter_lifecycle")))
+    delivered = admit.events + transfer.events
+    snapshot = context(parse(snapshot_of(cdc_messages("encounter_lifecycle")[1]), offset=9))
+
+    # the current ward is stated at its transfer time: the same fact the transfer delivered
+    assert (snapshot[codes.LOCATION].value_text, snapshot[codes.LOCATION].effective_ms) == ("ICU", TRANSFER_MS)
+    assert f"cdc:encounters:ENC-0001:location:{ADMIT_MS}" not in {e.fact_id for e in snapshot.values()}
+    # every fact of the snapshot is one already delivered, with the same content (a newer version of
+    # it: the snapshot's lsn is its version, so its event ids are not the change events')
+    latest = {e.fact_id: e for e in sorted(delivered, key=lambda e: e.version)}
+    for e in snapshot.values():
+        assert e.fact_id in latest, e.fact_id
+        was = latest[e.fact_id]
+        assert (e.value_text, e.value, e.effective_ms, e.status) == (was.value_text, was.value, was.effective_ms,
+                                                                      was.status)
+    # so 4E from admission to the transfer stays 4E
+    after = delivered + list(snapshot.values())
+    for ms in (ADMIT_MS, TRANSFER_MS - 1, TRANSFER_MS):
+        assert ward_at(after, ms) == ward_at(delivered, ms)
+    assert ward_at(after, ADMIT_MS) == "4E"
+
+
+def test_a_snapshot_of_a_never_seen_transferred_encounter_states_its_ward_at_the_ward_time():
+    facts = context(parse(snapshot_of(cdc_messages("encounter_lifecycle")[1])))
+    assert (facts[codes.LOCATION].value_text, facts[codes.LOCATION].effective_ms) == ("ICU", TRANSFER_MS)
+    assert facts[codes.LOCATION].fact_id == f"cdc:encounters:ENC-0001:location:{TRANSFER_MS}"
+    assert facts[codes.ADMISSION].effective_ms == ADMIT_MS  # the admission keeps its own time
+    assert ward_at(facts.values(), TRANSFER_MS - 1) is None  # the row does not say where it was before
+
+
+def test_a_resnapshot_of_a_discharged_encounter_keeps_the_ward_history_and_the_discharge_time():
+    delivered = [e for m in cdc_messages("encounter_lifecycle") for e in parse(m).events]
+    snapshot = context(parse(snapshot_of(cdc_messages("encounter_lifecycle")[2])))
+    assert snapshot[codes.DISCHARGE].effective_ms == DISCHARGE_MS and snapshot[codes.ADMISSION].effective_ms == ADMIT_MS
+    # the row's last change was the discharge, so its ward is stated from then: a true statement,
+    # later than the transfer (which the row no longer shows), never over the earlier wards
+    assert (snapshot[codes.LOCATION].value_text, snapshot[codes.LOCATION].effective_ms) == ("ICU", DISCHARGE_MS)
+    after = delivered + list(snapshot.values())
+    for ms in (ADMIT_MS, TRANSFER_MS - 1, TRANSFER_MS, DISCHARGE_MS):
+        assert ward_at(after, ms) == ward_at(delivered, ms)
+
+
+@pytest.mark.parametrize("op", ["r", "u"])
+@pytest.mark.parametrize("updated_at", [None, "absent"])
+def test_an_encounter_row_without_its_ward_time_states_the_ward_at_admission(op, updated_at):
+    after = dict(json.loads(cdc_messages("encounter_lifecycle")[0].value)["payload"]["after"])
+    if updated_at == "absent":
+        del after["updated_at"]
+    else:
+        after["updated_at"] = updated_at
+    msg = _changed(snapshot_of(cdc_messages("encounter_lifecycle")[0]), op=op, after=after)
+    facts = context(parse(msg))
+    assert (facts[codes.LOCATION].value_text, facts[codes.LOCATION].effective_ms) == ("4E", ADMIT_MS)
+
+
+@pytest.mark.parametrize("op", ["r", "u"])
+def test_an_encounter_row_with_an_unreadable_ward_time_is_dead_lettered(op):
+    msg = _changed(snapshot_of(cdc_messages("encounter_lifecycle")[1]), op=op, updated_at="yesterday")
+    outcome = parse(msg)
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.BAD_VALUE
+    assert "updated_at" in outcome.rejection.detail
+
+
+def test_a_snapshot_of_an_encounter_without_its_admission_time_is_dead_lettered_like_a_create():
+    msg = _changed(snapshot_of(cdc_messages("encounter_lifecycle")[1]), admitted_at=None)
+    outcome = parse(msg)
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.MISSING_TIME
 
 
 def test_an_encounter_delete_retracts_its_admission_and_discharge():
