@@ -15,6 +15,13 @@ and no per-partition ingest worker can see its gaps. This one small service read
     a SIGKILL before the commit re-reads the batch from the state saved with the previous one: the
     re-read numbers count as duplicates and any record is republished identically (deterministic id)
 
+Gaps and missed heartbeats come due against a catch-up clock (streams.subscriptions.CatchUpClock): while
+a backlog is read (after an outage), the arrival time up to which *every* partition has been read, a
+partition at its end (the consumer's partition-EOF events) not holding it back; once all are at their
+end, the watcher's own clock. The consumer hands a backlog over a partition at a time, so the newest
+arrival read alone would race ahead and report numbers, and channels, still waiting on a partition not
+read yet.
+
 On start the state topic is read to its true end (a marker is written to each partition and read
 back: end-offset queries can answer too low on some brokers) before any notification is consumed.
 Unreadable notifications are counted, not dead-lettered: the ingest worker dead-letters them.
@@ -34,14 +41,14 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException,
+from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException,
                              Message, Producer, TopicPartition)
 
 from schemas.fhir import read_status, relative_reference
 from streams.commits import AckedProducer, skip_consumer_error
 from streams.fhir_fetch import FetchError, FhirClient
 from streams.stats import StatsPublisher
-from streams.subscriptions import SubscriptionState, SubscriptionTracker
+from streams.subscriptions import CatchUpClock, SubscriptionState, SubscriptionTracker
 from streams.topics import Topics, ensure_topics, topics_for
 from wardwatch.settings import Settings
 
@@ -67,7 +74,6 @@ class SubscriptionWatcher:
         self._wall_ms = wall_clock_ms
         self.messages = 0
         self.unreadable = 0
-        self._newest_arrival_ms = 0
         self._producer = Producer({**settings.kafka_client_config(), "acks": "all",
                                    "partitioner": "murmur2_random"})  # same key -> partition as Java clients
         self._acked = AckedProducer(self._producer, "subscription watcher")
@@ -76,13 +82,17 @@ class SubscriptionWatcher:
             heartbeat_period_ms=int(settings.fhir_heartbeat_period_s * 1000),
             missed_periods=settings.fhir_heartbeat_missed_periods,
             states=restore_states(settings, topics, self._producer),
+            read_to_ms=0,  # nothing read yet: no gap is reported before the clock moves
         )
         self._consumer = Consumer({
             **settings.kafka_client_config(), "group.id": group_id(settings), "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "enable.partition.eof": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,  # the catch-up clock needs to know when a partition is read to its end
             "fetch.wait.max.ms": 10,  # Tansu answers a fetch only when this expires
         })
-        self._consumer.assign(self._start_positions())
+        start = self._start_positions()
+        self.clock = CatchUpClock([tp.partition for tp in start])
+        self._consumer.assign(start)
         self.stats = StatsPublisher("subscriptions", self.snapshot, self._producer, topics.stats,
                                     interval_s=settings.stats_interval_s)
 
@@ -98,27 +108,32 @@ class SubscriptionWatcher:
 
     def poll_once(self) -> int:
         """Consume a batch, track it, publish records and state, flush, commit. Returns messages consumed."""
-        messages = [m for m in self._consumer.consume(self.batch_size, timeout=self.poll_timeout_s)
-                    if not self._is_error(m)]
+        messages: list[Message] = []
         records: list[dict[str, Any]] = []
         changed: set[str] = set()
-        for msg in messages:
+        for msg in self._consumer.consume(self.batch_size, timeout=self.poll_timeout_s):
+            if self._is_partition_end(msg):  # in order: a partition's end follows its last message
+                self.clock.reached_end(msg.partition())
+                continue
+            if self._is_error(msg):
+                continue
+            messages.append(msg)
             self.messages += 1
+            arrival_ms = self._arrival_ms(msg)
+            self.clock.read(msg.partition(), arrival_ms)
             status = read_status(msg.value())
             if status is None:
                 self.unreadable += 1
                 continue
-            arrival_ms = self._arrival_ms(msg)
             records += self.tracker.observe(status, arrival_ms)
             if status.subscription:
                 changed.add(status.subscription)
-        # heartbeats: the watcher's own clock once caught up; while reading a backlog, the newest
-        # arrival time read, so channels that were alive while the watcher was down are not reported
-        now_ms = self._newest_arrival_ms if messages else self._wall_ms()
-        missed = self.tracker.check_heartbeats(now_ms)
-        records += missed
-        changed |= {r["subscription"] for r in missed}
-        if not messages and not missed:
+        # gaps held back and missed heartbeats: as of the time up to which every partition has been
+        # read (the watcher's own clock once caught up), not the newest arrival on the partition read first
+        due = self.tracker.advance(self.clock.now_ms(self._wall_ms()))
+        records += due
+        changed |= {r["subscription"] for r in due}
+        if not messages and not due:
             return 0
         for record in records:
             self._produce(self.topics.gaps, record["subscription"].encode(), orjson.dumps(record),
@@ -133,6 +148,11 @@ class SubscriptionWatcher:
             log.warning("subscription %s: %s %s..%s", record["kind"], record["subscription"],
                         record["first_missing"], record["last_missing"])
         return len(messages)
+
+    @property
+    def caught_up(self) -> bool:
+        """Every partition read to its end (the watcher's own clock is in charge)."""
+        return self.clock.caught_up
 
     def snapshot(self) -> dict[str, Any]:
         return {"subscriptions": {"messages": self.messages, "unreadable": self.unreadable, **self.tracker.stats()}}
@@ -159,9 +179,12 @@ class SubscriptionWatcher:
 
     def _arrival_ms(self, msg: Message) -> int:
         kind, ts = msg.timestamp()
-        arrival = ts if kind != TIMESTAMP_NOT_AVAILABLE and ts > 0 else self._wall_ms()
-        self._newest_arrival_ms = max(self._newest_arrival_ms, arrival)
-        return arrival
+        return ts if kind != TIMESTAMP_NOT_AVAILABLE and ts > 0 else self._wall_ms()
+
+    @staticmethod
+    def _is_partition_end(msg: Message) -> bool:
+        err = msg.error()
+        return err is not None and err.code() == KafkaError._PARTITION_EOF
 
     def _is_error(self, msg: Message) -> bool:
         return skip_consumer_error(msg, log)

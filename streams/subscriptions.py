@@ -25,9 +25,17 @@ skips numbers); after that, numbers below `low` are history from before the watc
 
 **Missed heartbeats use wall clocks**, necessarily: a silent channel sends nothing, so no event time can
 ever reveal it. `last_arrival_ms` is the Kafka timestamp of the subscription's latest message (the
-receiver's clock when it arrived); `check_heartbeats(now_ms)` compares it with `now_ms`, which the
-watcher takes from its own clock when it has caught up and from the newest Kafka timestamp while it
-reads a backlog (so a restart after downtime does not report channels that were in fact alive).
+receiver's clock when it arrived); `check_heartbeats(now_ms)` compares it with `now_ms`, the watcher's
+`CatchUpClock`: its own clock once every partition is read to its end, and while it reads a backlog the
+arrival time up to which *every* partition has been read (so a restart after downtime reports neither
+channels that were in fact alive nor numbers still waiting on a partition not read yet).
+
+**Read before reported:** one subscription's notifications spread over every partition, and a backlog
+is read a partition at a time, so one partition's notifications can take a subscription's event time
+far past a gap whose numbers wait, unread, on another. The tracker is told how far every partition has
+been read (`advance(read_to_ms)`, arrival time) and reports a gap only once that has reached the
+subscription's latest arrival: anything that could still fill it has been read. Without `read_to_ms`
+(a single ordered feed) a gap is reported as soon as it is due in event time.
 
 Records (value of `<prefix>.fhir.gaps`, key = subscription), deterministic so a re-run republishes
 identical ones:
@@ -99,13 +107,15 @@ def gap_record(state: SubscriptionState, gap: Gap, grace_ms: int) -> dict[str, A
 
 
 class SubscriptionTracker:
-    """Tracks every subscription seen; `observe` and `check_heartbeats` return the records to publish."""
+    """Tracks every subscription seen; `observe`, `advance` and `check_heartbeats` return the records to
+    publish. read_to_ms: the arrival time up to which every partition has been read (None: all of it)."""
 
     def __init__(self, *, grace_ms: int, heartbeat_period_ms: int, missed_periods: int,
-                 states: dict[str, SubscriptionState] | None = None):
+                 states: dict[str, SubscriptionState] | None = None, read_to_ms: int | None = None):
         self.grace_ms = grace_ms
         self.heartbeat_timeout_ms = heartbeat_period_ms * missed_periods
         self.states: dict[str, SubscriptionState] = states if states is not None else {}
+        self.read_to_ms = read_to_ms
         self.unattributed = 0  # notifications without a subscription reference
 
     def observe(self, status: NotificationStatus, arrival_ms: int) -> list[dict[str, Any]]:
@@ -141,6 +151,13 @@ class SubscriptionTracker:
             _open_gap(state, status.events_since_start)  # the server says it sent more than we got
         return self._due_gaps(state)
 
+    def advance(self, read_to_ms: int) -> list[dict[str, Any]]:
+        """Every partition has been read up to arrival time `read_to_ms`: the gaps that were due but held
+        back for a partition not read yet, and the missed heartbeats, as of then."""
+        self.read_to_ms = max(self.read_to_ms or read_to_ms, read_to_ms)
+        records = [r for state in self.states.values() for r in self._due_gaps(state)]
+        return records + self.check_heartbeats(self.read_to_ms)
+
     def check_heartbeats(self, now_ms: int) -> list[dict[str, Any]]:
         """A heartbeat-missed record for each subscription silent for k heartbeat periods (once per silence)."""
         records = []
@@ -167,6 +184,8 @@ class SubscriptionTracker:
                 **totals}
 
     def _due_gaps(self, state: SubscriptionState) -> list[dict[str, Any]]:
+        if self.read_to_ms is not None and (state.last_arrival_ms or 0) > self.read_to_ms:
+            return []  # a partition not read that far may still hold the missing numbers
         records = []
         for gap in state.gaps:
             if not gap.reported and state.clock_ms - gap.noticed_at_ms >= self.grace_ms:
@@ -234,3 +253,42 @@ def _fill(state: SubscriptionState, n: int) -> bool:
                 state.count("late_fills")  # arrived after its gap was reported
             return True
     return False
+
+
+class CatchUpClock:
+    """The subscription watcher's clock: the arrival time up to which every partition has been read.
+
+    While a backlog is read, the consumer hands it over a partition (a fetch) at a time, so the newest
+    arrival read races ahead on one partition while another is unread. The clock is the minimum over
+    the partitions still behind of the newest arrival read on each; a partition read to its end (EOF)
+    does not hold it back (it may stay idle for ever), one not read at all holds it where it is. Once
+    every partition is at its end the watcher's own clock (`wall_ms`) takes over. It never goes back.
+    """
+
+    def __init__(self, partitions: list[int]):
+        self._newest: dict[int, int | None] = dict.fromkeys(partitions)
+        self._at_end: set[int] = set()
+        self._now_ms = 0
+
+    def read(self, partition: int, arrival_ms: int) -> None:
+        newest = self._newest.get(partition)
+        self._newest[partition] = arrival_ms if newest is None else max(newest, arrival_ms)
+        self._at_end.discard(partition)  # more was written: behind again until its next EOF
+
+    def reached_end(self, partition: int) -> None:
+        self._at_end.add(partition)
+
+    @property
+    def caught_up(self) -> bool:
+        return self._at_end.issuperset(self._newest)
+
+    def now_ms(self, wall_ms: int) -> int:
+        behind = [self._newest[p] for p in self._newest if p not in self._at_end]
+        if not behind:
+            candidate = wall_ms
+        elif None in behind:
+            candidate = self._now_ms  # a partition not read yet: anything in it may be older
+        else:
+            candidate = min(behind)
+        self._now_ms = max(self._now_ms, candidate)
+        return self._now_ms

@@ -1,5 +1,6 @@
-"""The subscription watcher: a notification it cannot read with stand-in Kafka clients, then the service
-through the real broker (a duplicate and a gap, then SIGKILL and restart)."""
+"""The subscription watcher: a notification it cannot read and a backlog read one partition ahead, with
+stand-in Kafka clients, then the service through the real broker (a duplicate and a gap, then SIGKILL
+and restart; a backlog after an outage)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, Consumer, KafkaError, Producer, TopicPartition
 
 from streams import subscription_watch
 from streams.subscription_watch import SubscriptionWatcher, group_id
+from streams.subscriptions import SubscriptionState
 from streams.topics import ensure_topics, topics_for
 from wardwatch.procs import kill_service, start_service, stop_service, wait_for_commits
 from wardwatch.settings import Settings
 
 SUB = "https://ehr.example.org/fhir/Subscription/ww-vitals"
+LABS = "https://ehr.example.org/fhir/Subscription/ww-labs"
+ADT = "https://ehr.example.org/fhir/Subscription/ww-adt"
 T0 = 1_718_460_000_000  # 2024-06-15T14:00:00Z
 DEADLINE_S = 90
 
@@ -25,24 +29,27 @@ def iso(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
-def notification(kind: str, number: int, at_ms: int) -> bytes:
+def notification(kind: str, number: int, at_ms: int, subscription: str = SUB) -> bytes:
     """An R4B notification Bundle (status only: the watcher never looks at the resources)."""
     events = [{"eventNumber": str(number), "timestamp": iso(at_ms)}] if kind == "event-notification" else []
     status = {"resourceType": "SubscriptionStatus", "status": "active", "type": kind,
               "eventsSinceSubscriptionStart": str(number), "notificationEvent": events,
-              "subscription": {"reference": SUB}}
+              "subscription": {"reference": subscription}}
     return orjson.dumps({"resourceType": "Bundle", "type": "history", "timestamp": iso(at_ms),
                          "entry": [{"resource": status}]})
 
 
 class StandInKafka:
-    """The watcher's Consumer and Producer without a broker: one partition, every write acknowledged."""
+    """The watcher's Consumer and Producer without a broker: `partitions`, every write acknowledged."""
+
+    partitions = 1
 
     def __init__(self, config):
         self.messages, self.produced, self.commits = [], [], []
 
     def list_topics(self, topic, timeout):
-        return SimpleNamespace(topics={topic: SimpleNamespace(error=None, partitions={0: None})})
+        return SimpleNamespace(topics={topic: SimpleNamespace(error=None,
+                                                              partitions=dict.fromkeys(range(self.partitions)))})
 
     def committed(self, partitions, timeout):
         return partitions
@@ -58,7 +65,7 @@ class StandInKafka:
         self.commits.append([(tp.partition, tp.offset) for tp in offsets])
 
     def produce(self, topic, key, value, headers=None, on_delivery=None, **kw):
-        self.produced.append((topic, key))
+        self.produced.append((topic, key, value))
 
     def flush(self, timeout=None):
         return 0
@@ -68,8 +75,8 @@ class StandInKafka:
 
 
 class Notification:
-    def __init__(self, value: bytes, offset: int):
-        self._value, self._offset = value, offset
+    def __init__(self, value: bytes, offset: int, partition: int = 0, arrival_ms: int = T0):
+        self._value, self._offset, self._partition, self._arrival_ms = value, offset, partition, arrival_ms
 
     def error(self):
         return None
@@ -78,13 +85,23 @@ class Notification:
         return self._value
 
     def timestamp(self):
-        return TIMESTAMP_CREATE_TIME, T0
+        return TIMESTAMP_CREATE_TIME, self._arrival_ms
 
     def partition(self):
-        return 0
+        return self._partition
 
     def offset(self):
         return self._offset
+
+
+class PartitionEnd(Notification):
+    """The event confluent-kafka delivers when a partition is read to its end (enable.partition.eof)."""
+
+    def __init__(self, partition: int, offset: int):
+        super().__init__(b"", offset, partition)
+
+    def error(self):
+        return KafkaError(KafkaError._PARTITION_EOF)
 
 
 def test_a_counter_beyond_int64_is_counted_unreadable_and_committed(monkeypatch):
@@ -100,6 +117,73 @@ def test_a_counter_beyond_int64_is_counted_unreadable_and_committed(monkeypatch)
     assert watcher.poll_once() == 1  # not a crash loop: its state is never written
     assert watcher.snapshot()["subscriptions"]["unreadable"] == 1
     assert watcher._consumer.commits == [[(0, 6)]]
+
+
+# an outage's backlog: 20 minutes of notifications the watcher reads only when it is back
+OUTAGE_SETTINGS = {"fhir_gap_grace_s": 60.0, "fhir_heartbeat_period_s": 60.0, "fhir_heartbeat_missed_periods": 3}
+SILENCE_MS = 3 * 60_000  # heartbeat-missed after three silent periods
+BACKLOG_END = T0 + 1_200_500  # both subscriptions' last arrival
+
+
+def outage_backlog() -> dict[int, list[tuple[bytes, int]]]:
+    """Per partition, (notification, arrival ms) in arrival order: ww-vitals numbers 1..40 every 30 s
+    alternate between partitions 1 and 0 (25 never arrives: the one true gap); ww-labs and ww-adt send
+    only their heartbeat, every minute, ww-labs all on partition 1, ww-adt all on partition 0."""
+    backlog: dict[int, list[tuple[bytes, int]]] = {0: [], 1: []}
+    for n in range(1, 41):
+        if n != 25:
+            backlog[n % 2].append((notification("event-notification", n, T0 + n * 30_000), T0 + n * 30_000 + 500))
+    for k in range(1, 21):
+        for partition, subscription in ((1, LABS), (0, ADT)):
+            backlog[partition].append((notification("heartbeat", 0, T0 + k * 60_000, subscription),
+                                       T0 + k * 60_000 + 500))
+    return {p: sorted(messages, key=lambda m: m[1]) for p, messages in backlog.items()}
+
+
+def saved_before_outage() -> dict[str, SubscriptionState]:
+    """The saved states of the heartbeat-only subscriptions: the watcher last heard from them just before
+    it went down."""
+    return {sub: SubscriptionState(sub, high=0, low=1, clock_ms=T0, last_arrival_ms=T0) for sub in (LABS, ADT)}
+
+
+def alarms(values: list[bytes]) -> list[tuple]:
+    records = [orjson.loads(v) for v in values]
+    return sorted((r["subscription"], r["kind"], r["first_missing"], r["last_missing"]) for r in records)
+
+
+def heartbeat_detections(values: list[bytes]) -> list[tuple[str, int]]:
+    records = [orjson.loads(v) for v in values]
+    return sorted((r["subscription"], r["detected_at_ms"]) for r in records if r["kind"] == "heartbeat-missed")
+
+
+class TwoPartitions(StandInKafka):
+    partitions = 2
+
+
+def test_a_backlog_read_one_partition_ahead_raises_no_false_alarm(monkeypatch):
+    """After an outage the consumer hands over the backlog a partition at a time: numbers on the partition
+    read second must not be reported missing, nor a channel whose heartbeats are there reported silent."""
+    monkeypatch.setattr(subscription_watch, "Consumer", TwoPartitions)
+    monkeypatch.setattr(subscription_watch, "Producer", StandInKafka)
+    monkeypatch.setattr(subscription_watch, "restore_states", lambda *args, **kwargs: saved_before_outage())
+    settings = Settings(topic_prefix="t", **OUTAGE_SETTINGS)
+    topics = topics_for(settings)
+    wall_ms = BACKLOG_END + 10_000  # back shortly after the last notification
+    watcher = SubscriptionWatcher(settings, topics, wall_clock_ms=lambda: wall_ms)
+    for partition, messages in outage_backlog().items():
+        watcher._consumer.messages = [Notification(value, offset, partition, arrival)
+                                      for offset, (value, arrival) in enumerate(messages)]
+        watcher._consumer.messages.append(PartitionEnd(partition, len(messages)))
+        watcher.poll_once()
+    watcher.poll_once()
+
+    def published():
+        return [value for topic, _, value in watcher._producer.produced if topic == topics.gaps]
+
+    assert alarms(published()) == [(SUB, "gap", 25, 25)]  # the one true gap, no silence
+    wall_ms = BACKLOG_END + 3_600_000  # an hour without a notification: every channel is dead
+    watcher.poll_once()
+    assert heartbeat_detections(published()) == [(sub, BACKLOG_END + SILENCE_MS) for sub in sorted((SUB, LABS, ADT))]
 
 
 def publish(settings, topic: str, messages: list[tuple[bytes | None, bytes]]) -> dict[tuple[str, int], int]:
@@ -235,3 +319,40 @@ def test_recover_republishes_the_missing_notifications_of_an_open_gap(settings):
     assert [path for path, _ in server.requests] == [expected_path]
     republished = read_to_end(settings, topics.fhir, topics.partitions)
     assert [(m.key(), m.value()) for m in republished] == [(SUB.encode(), missing)]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_backlog_after_an_outage_raises_only_the_true_alarms(settings):
+    """The same outage through the real broker: the backlog is written to two partitions while the
+    watcher is down, then read in small batches as librdkafka hands it over (a partition at a time, in
+    an order the test does not choose: either way one heartbeat-only subscription looks silent)."""
+    settings = settings.model_copy(update=OUTAGE_SETTINGS)
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    publish(settings, topics.subscription_state, [(sub.encode(), orjson.dumps(state.to_dict()))
+                                                  for sub, state in saved_before_outage().items()])
+    producer = Producer(settings.kafka_client_config())
+    backlog = outage_backlog()
+    for partition, messages in backlog.items():
+        for value, arrival in messages:  # the receiver's timestamps, from before the watcher came back
+            producer.produce(topics.fhir, key=b"MRN-0001", value=value, partition=partition, timestamp=arrival)
+    assert producer.flush(30) == 0
+    total = sum(len(messages) for messages in backlog.values())
+
+    wall_ms = BACKLOG_END + 10_000
+    watcher = SubscriptionWatcher(settings, topics, wall_clock_ms=lambda: wall_ms, batch_size=10)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while watcher.messages < total or not watcher.caught_up:
+            assert time.monotonic() < deadline, f"read {watcher.messages} of {total}, caught up: {watcher.caught_up}"
+            watcher.poll_once()
+        caught_up = [m.value() for m in read_to_end(settings, topics.gaps, topics.partitions)]
+        wall_ms = BACKLOG_END + 3_600_000
+        watcher.poll_once()
+    finally:
+        watcher.close()
+
+    assert alarms(caught_up) == [(SUB, "gap", 25, 25)]
+    after = [m.value() for m in read_to_end(settings, topics.gaps, topics.partitions)]
+    assert heartbeat_detections(after) == [(sub, BACKLOG_END + SILENCE_MS) for sub in sorted((SUB, LABS, ADT))]

@@ -1,4 +1,5 @@
-"""The per-subscription tracker on sequences of notification statuses (no Kafka)."""
+"""The per-subscription tracker on sequences of notification statuses, and the watcher's catch-up clock
+(no Kafka)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import orjson
 import pytest
 
 from schemas.fhir import NotificationStatus, read_status
-from streams.subscriptions import SubscriptionState, SubscriptionTracker
+from streams.subscriptions import CatchUpClock, SubscriptionState, SubscriptionTracker
 from tests.fixtures.ingest.corpus import fhir_bundle
 
 SUB = "https://ehr.example.org/fhir/Subscription/ww-vitals"
@@ -158,6 +159,45 @@ def test_missed_heartbeats_are_reported_once_per_silence():
     t.observe(control("heartbeat", 1, T0 + 11 * MINUTE), arrival_ms=T0 + 11 * MINUTE)
     assert t.check_heartbeats(T0 + 12 * MINUTE) == []  # the channel is back
     assert len(t.check_heartbeats(T0 + 14 * MINUTE)) == 1  # and silent again
+
+
+def test_a_due_gap_waits_until_every_partition_is_read_up_to_the_subscription():
+    """A backlog read a partition at a time: the numbers read first make the gap due in event time, but
+    the partition holding the missing ones has not been read that far yet."""
+    t = tracker(read_to_ms=0)
+    # one partition's share: 2 and 4 are missing, and due in event time once 6 is read
+    assert feed(t, [event(1, at=T0), event(3, at=T0 + 1000), event(5, at=T0 + 2000),
+                    event(6, at=T0 + 2000 + GRACE_MS)]) == []
+    assert t.advance(T0 + 1000) == []  # every partition read only up to there
+    feed(t, [event(2, at=T0 + 500)])  # the other partition's share: 4 never came
+    assert gaps(t.advance(T0 + 2000 + GRACE_MS)) == [(4, 4)]
+    assert t.advance(T0 + 2001 + GRACE_MS) == [] and t.stats().get("late_fills", 0) == 0  # once, nothing late
+
+
+def test_the_catch_up_clock_is_the_slowest_partition_still_behind():
+    clock = CatchUpClock([0, 1, 2])
+    clock.reached_end(2)  # idle: nothing to read there, it must not hold the clock
+    clock.read(0, T0 + 100)
+    clock.read(0, T0 + 500)
+    assert clock.now_ms(wall_ms=T0 + 9_000) == 0  # partition 1 not read at all: anything in it may be older
+    clock.read(1, T0 + 200)
+    assert clock.now_ms(wall_ms=T0 + 9_000) == T0 + 200
+    clock.reached_end(1)
+    assert clock.now_ms(wall_ms=T0 + 9_000) == T0 + 500 and not clock.caught_up
+    clock.reached_end(0)
+    assert clock.now_ms(wall_ms=T0 + 9_000) == T0 + 9_000 and clock.caught_up  # the wall clock takes over
+
+
+def test_the_catch_up_clock_never_goes_back():
+    clock = CatchUpClock([0, 1])
+    clock.read(0, T0 + 500)
+    clock.reached_end(0)
+    clock.reached_end(1)
+    assert clock.now_ms(wall_ms=T0 + 1_000) == T0 + 1_000
+    clock.read(1, T0 + 300)  # a new message stamped by a receiver whose clock is behind
+    assert not clock.caught_up and clock.now_ms(wall_ms=T0 + 2_000) == T0 + 1_000
+    clock.reached_end(1)
+    assert clock.now_ms(wall_ms=T0 + 900) == T0 + 1_000  # nor with the wall clock set back
 
 
 def test_state_round_trips_through_json_and_keeps_reported_gaps_reported():
