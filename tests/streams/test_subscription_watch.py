@@ -170,6 +170,7 @@ def test_a_backlog_read_one_partition_ahead_raises_no_false_alarm(monkeypatch):
     topics = topics_for(settings)
     wall_ms = BACKLOG_END + 10_000  # back shortly after the last notification
     watcher = SubscriptionWatcher(settings, topics, wall_clock_ms=lambda: wall_ms)
+    watcher.poll_once()  # before the first fetch returns: nothing read yet, so nothing is known silent
     for partition, messages in outage_backlog().items():
         watcher._consumer.messages = [Notification(value, offset, partition, arrival)
                                       for offset, (value, arrival) in enumerate(messages)]
