@@ -641,7 +641,8 @@ def _decode_year(raw: Any, schema: dict | None, what: str) -> int:
             raise Reject(Reason.BAD_VALUE, f"{what}: not an ISO-8601 date") from exc
     elif isinstance(raw, int) and not isinstance(raw, bool):
         per_day = {None: 1, MICRO_TIMESTAMP: 86_400_000_000, NANO_TIMESTAMP: 86_400_000_000_000,
-                   **dict.fromkeys(DATE_DAYS, 1), **dict.fromkeys(TIMESTAMP_MS, 86_400_000)}.get(name)
+                   **dict.fromkeys(DATE_DAYS, 1), **dict.fromkeys(TIMESTAMP_MS, 86_400_000)
+                   }.get(name) if isinstance(name, str | None) else None  # a list name is unhashable
         if per_day is None:
             raise Reject(Reason.BAD_VALUE, f"{what}: unsupported date type {str(name)[:60]}")
         days = raw // per_day

@@ -720,3 +720,24 @@ def test_a_schema_change_between_messages_of_one_table_decodes_each_by_its_own_s
     assert flows == [2.0, 0.2, 2.0, 20.0, 20.0]
     assert parse(with_flow_scale(original, "x")).rejection.reason is Reason.BAD_VALUE  # not an integer scale
     assert by_code(parse(original))[codes.O2_FLOW].value == 2.0
+
+
+@pytest.mark.parametrize("name", ["patient_create_schema_wrapped", "create_schema_wrapped", "lab_create_schema_wrapped"])
+@pytest.mark.parametrize("semantic_type", [[], {}, 7])
+def test_a_column_schema_whose_type_name_is_not_a_string_rejects_the_message_as_a_bad_value(name, semantic_type):
+    """A hostile schema (a Debezium semantic type name that is a list, an object or a number) once
+    raised TypeError in the date decoder: an internal error. Each such column alone is now BAD_VALUE,
+    as an unknown type name is: the value's unit cannot be known."""
+    msg = next(m for m in cdc_messages(name) if m.value is not None)
+    after = next(f for f in json.loads(msg.value)["schema"]["fields"] if f.get("field") == "after")
+    typed = [i for i, c in enumerate(after["fields"]) if str(c.get("name", "")).startswith("io.debezium")
+             or str(c.get("name", "")).startswith("org.apache.kafka")]
+    assert typed
+    for i in typed:
+        value = json.loads(msg.value)
+        for side in value["schema"]["fields"]:
+            if side.get("field") in ("before", "after"):
+                side["fields"][i]["name"] = semantic_type
+        outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(value).encode()))
+        assert isinstance(outcome, Rejected), outcome
+        assert outcome.rejection.reason is Reason.BAD_VALUE, outcome
