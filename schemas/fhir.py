@@ -27,6 +27,14 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   (FHIR_SERVER_NOT_CONFIGURED) carrying the references, which streams/fhir_fetch.py GETs from the FHIR
   server before running `complete_notification()` back through this parser, so id-only and
   full-resource notifications give identical canonical events.
+- A DELETE entry (`request.method` DELETE, no resource) retracts what the resource's version before the
+  delete said, as a CDC delete does: each of its facts entered-in-error, value None, issued at the
+  delete (response.lastModified, else the notification's timestamp), version the delete's own
+  (response.etag W/"n"), else one past the version before (lastUpdated ms: the delete's time or 1 ms
+  later), so it orders after every earlier version. That version is the resource the notification
+  carries as version n-1, else a NeedsFetch reference: `Type/id/_history/<n-1>` (vread), or
+  `Type/id/_history` when n is unknown. A delete of a type wardwatch does not map is skipped and
+  counted like its updates; id-only references to a deleted resource are not fetched (gone: 410).
 
 **One bad resource (Observation, Encounter, Patient) rejects the whole notification** (invalid
 resource, unusable status, bad or implausible value, unknown unit, no patient or time): the dead-lettered original can be replayed
@@ -35,6 +43,7 @@ whole, and its event numbers are not half-consumed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
@@ -147,22 +156,32 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
     if references := references_to_fetch(entries[1:], status):
         return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, NOT_CONFIGURED_DETAIL),
                           references=tuple(references))
-    resources = [e["resource"] for e in entries[1:]]
     ctx = _Context(status, topic, partition, offset)
+    carried = _carried_versions(entries[1:])
     events = []
-    for resource in resources:
-        kind = resource.get("resourceType")
-        mapper = _MAPPERS.get(kind)
-        if mapper is None:
-            ctx.skip(kind if kind in RESOURCE_TYPES else OTHER_TYPE)
-        else:
-            events += mapper(resource, ctx)
+    for entry in entries[1:]:
+        resource = entry.get("resource")
+        if (deleted := _delete_of(entry)) is not None:
+            prior = resource if isinstance(resource, dict) else carried.get(deleted.prior_reference)
+            events += deleted_events(deleted, prior, ctx)
+        elif isinstance(resource, dict):
+            events += _resource_events(resource, ctx)
+        # else: an id-only entry of a resource this notification also deletes: the delete supersedes it
     if not events:
         kind = max(ctx.skipped, key=ctx.skipped.get) if ctx.skipped else "empty"
         return Ignored(kind, {**status.detail(), "skipped": ctx.skipped})
     reject_future_measurements(events)
     return Parsed(events, subscription=status.subscription, event_numbers=status.event_numbers,
                   skipped=ctx.skipped)
+
+
+def _resource_events(resource: dict, ctx: _Context) -> list[CanonicalEvent]:
+    kind = resource.get("resourceType")
+    mapper = _MAPPERS.get(kind)
+    if mapper is None:
+        ctx.skip(kind if kind in RESOURCE_TYPES else OTHER_TYPE)
+        return []
+    return mapper(resource, ctx)
 
 
 # --- the status entry ----------------------------------------------------------------------------
@@ -292,29 +311,161 @@ def relative_reference(reference: str | None) -> str | None:
 
 def references_to_fetch(entries: list[dict], status: NotificationStatus) -> list[str]:
     """Resources the notification names but does not carry: the focus references and the fullUrls of
-    entries without a resource, minus the resources present. Empty for full-resource payloads."""
+    entries without a resource, minus the resources present and the ones it deletes (gone: 410); then
+    for each DELETE of a mapped type, the version before the delete (`_Delete.prior_reference`) unless
+    the notification carries it. Empty for full-resource payloads."""
     present = {f"{r.get('resourceType')}/{r.get('id')}" for e in entries if isinstance(r := e.get("resource"), dict)}
+    carried = _carried_versions(entries)
     wanted = [relative_reference(f) for f in status.focus]
+    deleted, priors = set(), []
     for entry in entries:
-        if not isinstance(entry.get("resource"), dict):
+        if (delete := _delete_of(entry)) is not None:
+            deleted.add(delete.reference)
+            if not isinstance(entry.get("resource"), dict) and delete.kind in _MAPPERS \
+                    and delete.prior_reference not in carried:
+                priors.append(delete.prior_reference)
+        elif not isinstance(entry.get("resource"), dict):
             request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
             ref = relative_reference(entry.get("fullUrl")) or relative_reference(request.get("url"))
             if ref is None:
                 raise Reject(Reason.INVALID_STRUCTURE, "notification entry has neither a resource nor a "
                                                        "resource reference to fetch")
             wanted.append(ref)
-    missing = [ref for ref in wanted if ref and ref.split("/_history/")[0] not in present]
-    return list(dict.fromkeys(missing))  # de-duplicated, focus order
+    missing = [ref for ref in wanted if ref and _unversioned(ref) not in present | deleted]
+    return list(dict.fromkeys(missing + priors))  # de-duplicated, focus order, then the deletes'
 
 
 def complete_notification(value: bytes, fetched: dict[str, dict]) -> bytes:
     """The full-resource equivalent of an id-only notification: the same status entry, the resources
-    it carried, then the fetched ones (reference -> resource) in reference order."""
+    it carried, its DELETE entries (each with the version before the delete as its resource, when it
+    was fetched), then the other fetched resources (reference -> resource) in reference order."""
     bundle = orjson.loads(value)
     entries = _dicts(bundle.get("entry"))
-    kept = [e for e in entries[1:] if isinstance(e.get("resource"), dict)]
-    added = [{"fullUrl": ref, "resource": resource} for ref, resource in fetched.items()]
+    kept, priors = [], set()
+    for entry in entries[1:]:
+        if (delete := _delete_of(entry)) is not None and delete.prior_reference in fetched \
+                and not isinstance(entry.get("resource"), dict):
+            kept.append({**entry, "resource": fetched[delete.prior_reference]})
+            priors.add(delete.prior_reference)
+        elif delete is not None or isinstance(entry.get("resource"), dict):
+            kept.append(entry)
+    added = [{"fullUrl": ref, "resource": resource} for ref, resource in fetched.items() if ref not in priors]
     return orjson.dumps({**bundle, "entry": [entries[0], *kept, *added]})
+
+
+def _unversioned(reference: str) -> str:
+    return reference.split("/_history")[0]
+
+
+# --- deletes -------------------------------------------------------------------------------------
+
+HISTORY = "_history"
+_ETAG = re.compile(r'^(?:W/)?"?([0-9]{1,18})"?$')  # W/"3": the version the delete created
+
+
+@dataclass(frozen=True)
+class _Delete:
+    """A DELETE entry: `request.method` DELETE, no resource (the server no longer has one)."""
+
+    reference: str  # "Type/id"
+    version: int | None  # the version the delete created (response.etag), when readable
+    deleted_ms: int | None  # when (response.lastModified), when readable
+
+    @property
+    def kind(self) -> str:
+        return self.reference.split("/")[0]
+
+    @property
+    def prior_reference(self) -> str:
+        """What to read for the version before the delete: a vread of version n-1 when the delete's
+        version n is known, else the instance history (`Type/id/_history`: its newest version before
+        the delete, see version_before_delete)."""
+        if self.version is not None and self.version > 1:
+            return f"{self.reference}/{HISTORY}/{self.version - 1}"
+        return f"{self.reference}/{HISTORY}"
+
+
+def _delete_of(entry: dict) -> _Delete | None:
+    """The DELETE an entry records, else None."""
+    request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+    method = request.get("method")
+    if not isinstance(method, str) or method.upper() != "DELETE":
+        return None
+    ref = relative_reference(request.get("url")) or relative_reference(entry.get("fullUrl"))
+    if ref is None:  # e.g. a conditional delete "Observation?identifier=..." without a fullUrl
+        raise Reject(Reason.INVALID_STRUCTURE, "DELETE entry names no resource")
+    response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
+    return _Delete(_unversioned(ref), _etag_version(response.get("etag")), _lenient_ms(response.get("lastModified")))
+
+
+def _etag_version(raw: Any) -> int | None:
+    match = _ETAG.match(raw.strip()) if isinstance(raw, str) else None
+    return int(match[1]) if match else None
+
+
+def _carried_versions(entries: list[dict]) -> dict[str, dict]:
+    """The versioned resources the notification carries, by "Type/id/_history/<versionId>": the version
+    before a delete, when it is one of them (an update and a delete in one notification), is not read."""
+    carried = {}
+    for entry in entries:
+        resource = entry.get("resource")
+        meta = resource.get("meta") if isinstance(resource, dict) else None
+        if isinstance(meta, dict) and isinstance(meta.get("versionId"), str) and _delete_of(entry) is None:
+            carried[f"{resource.get('resourceType')}/{resource.get('id')}/{HISTORY}/{meta['versionId']}"] = resource
+    return carried
+
+
+def version_before_delete(history: Any, reference: str) -> dict | None:
+    """From an instance history Bundle (`GET Type/id/_history`), the newest version of `reference`
+    older than its newest delete (or the newest version when the history lists no delete); None if
+    there is none. Pure: streams/fhir_fetch.py reads the history."""
+    kind, rid = reference.split("/")[:2]
+    versions, deletes = [], []
+    for entry in _dicts(history.get("entry") if isinstance(history, dict) else None):
+        resource = entry.get("resource")
+        try:
+            if isinstance(resource, dict):
+                if resource.get("resourceType") == kind and resource.get("id") == rid:
+                    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+                    versions.append((_resource_version(meta), resource))
+            elif (delete := _delete_of(entry)) is not None and delete.version is not None:
+                deletes.append(delete.version)
+        except Reject:  # an unreadable version or entry: not a candidate
+            continue
+    if deletes:  # a re-creation after the delete must not be taken for the deleted version
+        versions = [(v, r) for v, r in versions if v < max(deletes)]
+    return max(versions, key=lambda vr: vr[0])[1] if versions else None
+
+
+def deleted_events(deleted: _Delete, prior: dict | None, ctx: _Context) -> list[CanonicalEvent]:
+    """The retractions of a delete: each fact the version before it gave, entered-in-error, with no
+    value, issued when it was deleted, at a version after every earlier one of the resource (the CDC
+    delete's shape: downstream applies both alike). A type wardwatch does not map is skipped, as its
+    updates are."""
+    if deleted.kind not in _MAPPERS:
+        ctx.skip(deleted.kind if deleted.kind in RESOURCE_TYPES else OTHER_TYPE)
+        return []
+    if not isinstance(prior, dict):  # references_to_fetch asked for it: only a bug gets here
+        raise Reject(Reason.RESOURCE_NOT_FOUND, f"{deleted.kind} DELETE without the version before it")
+    if f"{prior.get('resourceType')}/{prior.get('id')}" != deleted.reference:
+        raise Reject(Reason.INVALID_STRUCTURE, f"{deleted.kind} DELETE entry carries a different resource")
+    # mapped as if it had been marked entered-in-error: no value is read, so a retraction needs only
+    # what identifies the facts (patient, codes, times)
+    marked = {**prior, "status": "entered-in-error"} if "status" in prior else prior  # Patient has none
+    meta = prior.get("meta") if isinstance(prior.get("meta"), dict) else {}
+    version = _version_after(meta, deleted)
+    issued_ms = deleted.deleted_ms or ctx.status.timestamp_ms
+    return [dataclasses.replace(e, status=Status.ENTERED_IN_ERROR, value=None, value_text=None, version=version,
+                                issued_ms=e.issued_ms if issued_ms is None else issued_ms)
+            for e in _MAPPERS[deleted.kind](marked, ctx)]
+
+
+def _version_after(meta: dict, deleted: _Delete) -> int:
+    """A version ordering after the one before the delete: the delete's own (etag) version, else the next.
+    Without versionIds, versions are lastUpdated ms: the delete's time, else the next ms."""
+    before = _resource_version(meta)
+    after = deleted.version if meta.get("versionId") is not None else deleted.deleted_ms
+    return max(before + 1, after or 0)
 
 
 # --- Observations --------------------------------------------------------------------------------

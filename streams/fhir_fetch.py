@@ -2,20 +2,25 @@
 as if the server had sent them inline, so id-only and full-resource payloads give identical events.
 
     NeedsFetch(references)                           (schemas.fhir.parse_notification)
-        |  GET <fhir_server_url>/<Type>/<id> for each reference (timeout, retries with backoff)
-        |  complete_notification(): the same status entry + the fetched resources
+        |  GET <fhir_server_url>/<Type>/<id> for each reference (timeout, retries with backoff);
+        |  for a DELETE entry the version before the delete: vread <Type>/<id>/_history/<n-1> when the
+        |  delete's version n is known (its response.etag), else the instance history <Type>/<id>/_history
+        |  complete_notification(): the same status entry + the fetched resources (a DELETE entry gets the
+        |  version before it, which the parser turns into retractions of that version's facts)
         v
     parse_notification() again -> Parsed | Rejected | Ignored
 
 Failures are data outcomes, never exceptions, so the ingest worker dead-letters the original bytes:
     no server configured          -> FHIR_SERVER_NOT_CONFIGURED (replay after setting WARDWATCH_FHIR_SERVER_URL)
-    404 / 410 for a reference     -> RESOURCE_NOT_FOUND (deleted or never visible to this client)
+    404 / 410 for a reference     -> RESOURCE_NOT_FOUND (deleted or never visible to this client; for the
+                                     version before a DELETE: a server without vread / history)
     timeouts, connection errors, undecodable (e.g. broken gzip) bodies, 429 and 5xx after every retry,
     other 4xx (401/403: a token problem), a body that is not the resource asked for
                                   -> FETCH_FAILED (replayable once the server is back)
     anything unexpected (a bug)   -> INTERNAL_ERROR (replayable after the fix)
 
-Runs inside the ingest worker, only for id-only notifications; full-resource ones never get here.
+Runs inside the ingest worker, only for id-only notifications and DELETE entries whose version before
+the delete the notification does not carry; other full-resource ones never get here.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import httpx
 import orjson
 
 from schemas.deadletter import Reason
-from schemas.fhir import complete_notification, parse_notification
+from schemas.fhir import HISTORY, complete_notification, parse_notification, version_before_delete
 from schemas.ingest_outcome import NeedsFetch, Outcome, Rejected, rejected
 from wardwatch.settings import Settings
 
@@ -63,8 +68,23 @@ class FhirClient:
         self._sleep = sleep
 
     def read(self, reference: str) -> dict:
-        """GET one relative reference ("Type/id" or "Type/id/_history/v") -> the resource as a dict."""
+        """GET one relative reference ("Type/id" or "Type/id/_history/v") -> the resource as a dict;
+        "Type/id/_history" (a DELETE whose version is unknown) -> its newest version before the delete."""
+        if reference.endswith(f"/{HISTORY}"):
+            return self._version_before_delete(reference)
         return _resource(self._get(reference), reference)
+
+    def _version_before_delete(self, reference: str) -> dict:
+        try:
+            history = orjson.loads(self._get(reference).content)
+        except orjson.JSONDecodeError as exc:
+            raise FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the body is not JSON", type(exc).__name__)
+        if not isinstance(history, dict) or history.get("resourceType") != "Bundle":
+            raise FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the server did not answer with a Bundle")
+        resource = version_before_delete(history, reference)
+        if resource is None:
+            raise FetchError(Reason.RESOURCE_NOT_FOUND, f"GET {_kind(reference)}: no version before the delete")
+        return resource
 
     def subscription_events(self, subscription: str, first: int, last: int) -> bytes:
         """The `$events` operation (R4B backport / R5): the notification Bundle (type query-event) of
@@ -141,5 +161,7 @@ def _resource(response: httpx.Response, reference: str) -> dict:
 
 
 def _kind(reference: str) -> str:
-    """The resource type only: ids can identify patients and must not reach logs or headers."""
-    return reference.split("/")[0]
+    """The resource type (and whether a version or the history was read) only: ids can identify patients
+    and must not reach logs or headers."""
+    parts = reference.split("/")
+    return f"{parts[0]}/{HISTORY}" if HISTORY in parts[2:3] else parts[0]

@@ -14,9 +14,10 @@
 
 What is refused (400) and why:
 - Not JSON, not a Bundle, no status entry, an invalid resource, an implausible value, ...: whatever
-  `parse_notification` rejects, except the two payloads it can only reject for lack of a fetch
-  (`id-only` and `empty`, reason no_fhir_server): those are valid notifications, so they are
-  forwarded and the ingest worker fetches or dead-letters them.
+  `parse_notification` rejects, except the payloads it can only reject for lack of a fetch
+  (`id-only`, `empty`, a DELETE entry whose version before the delete must be read; reason
+  no_fhir_server): those are valid notifications, so they are forwarded and the ingest worker
+  fetches or dead-letters them.
 - A refused body is written to the dead-letter topic (stage "receiver", the parser's reason, the
   original bytes) *before* the 400 is answered; if that write fails the answer is 503, so the body is
   never lost silently. Its headers have no source topic/offset: it never was on a topic.

@@ -14,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 from schemas import codes
 from schemas.canonical import Source, Status
 from schemas.deadletter import Reason
-from schemas.fhir import complete_notification, parse_notification, read_status, relative_reference
+from schemas.fhir import (complete_notification, parse_notification, read_status, relative_reference,
+                          version_before_delete)
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Parsed, Rejected
 from tests.fixtures.ingest.corpus import fhir_bundle, fhir_names, raw_file, replace_nth_value
 
@@ -276,6 +277,95 @@ def test_completed_id_only_notification_parses_like_the_full_resource_one():
     assert parse(with_resource) == parse(fhir_bundle("r4b_full_resource_hr9"))
     (hr,) = parse(with_resource).events
     assert (hr.patient_id, hr.value, hr.fact_id) == ("MRN-0001", 112, "fhir:Observation/vs-hr-9:8867-4")
+
+
+# --- deletes (a history entry DELETE without a resource) -----------------------------------------
+
+DELETED_MS = 1_718_461_200_000  # 2024-06-15T14:20:00Z, the DELETE entries' response.lastModified
+BP_SERVED = "server/Observation/vs-bp-1/_history"
+
+
+def without_etag(name: str) -> bytes:
+    bundle = json.loads(fhir_bundle(name))
+    for entry in bundle["entry"]:
+        entry.get("response", {}).pop("etag", None)
+    return json.dumps(bundle).encode()
+
+
+def deleting(reference: str) -> bytes:
+    """r4b_delete_bp deleting `reference` instead (its focus too)."""
+    bundle = json.loads(fhir_bundle("r4b_delete_bp"))
+    bundle["entry"][0]["resource"]["notificationEvent"][0]["focus"]["reference"] = reference
+    bundle["entry"][1]["request"]["url"] = bundle["entry"][1]["fullUrl"] = reference
+    return json.dumps(bundle).encode()
+
+
+def test_a_delete_asks_for_the_version_before_it_not_for_the_gone_resource():
+    outcome = parse(fhir_bundle("r4b_delete_bp"))  # deleted as version 2 (response.etag W/"2")
+    assert isinstance(outcome, NeedsFetch) and outcome.references == ("Observation/vs-bp-1/_history/1",)
+    assert outcome.rejection.reason is Reason.FHIR_SERVER_NOT_CONFIGURED  # without a server: dead-lettered
+    # the delete's version unknown: the instance history, where fhir_fetch finds the version before it
+    assert parse(without_etag("r4b_delete_bp")).references == ("Observation/vs-bp-1/_history",)
+
+
+def test_a_completed_delete_retracts_exactly_the_facts_the_delivered_version_gave():
+    delivered = [e for e in parsed("r4b_status_event").events if e.fact_id.startswith("fhir:Observation/vs-bp-1:")]
+    completed = complete_notification(fhir_bundle("r4b_delete_bp"), {
+        "Observation/vs-bp-1/_history/1": json.loads(fhir_bundle(f"{BP_SERVED}/1"))})
+    outcome = parse(completed)
+    assert isinstance(outcome, Parsed) and outcome.event_numbers == [40]
+    retracted = {e.fact_id: e for e in outcome.events}
+    assert set(retracted) == {e.fact_id for e in delivered} and len(delivered) == 2  # systolic and diastolic
+    for fact in delivered:
+        r = retracted[fact.fact_id]
+        assert (r.status, r.value, r.value_text) == (Status.ENTERED_IN_ERROR, None, None)
+        assert r.version == 2 > fact.version  # the delete's version: it supersedes the delivered one
+        assert (r.patient_id, r.code, r.effective_ms, r.encounter_id) == (
+            fact.patient_id, fact.code, fact.effective_ms, fact.encounter_id)
+        assert r.issued_ms == DELETED_MS  # it became known when it was deleted
+
+
+def test_update_and_delete_of_one_observation_in_one_notification_ends_retracted():
+    # full-resource: the updated version 2 is carried, so the delete (version 3) needs no server
+    outcome = parse(fhir_bundle("r4b_update_and_delete_bp"))
+    assert isinstance(outcome, Parsed), outcome  # was internal_error (a KeyError on the DELETE entry)
+    versions = {(e.code, e.version): e for e in outcome.events}
+    assert sorted(versions) == [(codes.DIASTOLIC_BP, 2), (codes.DIASTOLIC_BP, 3),
+                                (codes.SYSTOLIC_BP, 2), (codes.SYSTOLIC_BP, 3)]
+    assert versions[codes.SYSTOLIC_BP, 2].value == 104  # the update ...
+    assert all(e.status.retracts and e.value is None for (_, v), e in versions.items() if v == 3)  # ... retracted
+
+
+def test_a_delete_whose_previous_version_is_not_carried_is_fetched_even_with_an_update():
+    bundle = json.loads(fhir_bundle("r4b_update_and_delete_bp"))
+    bundle["entry"][2]["response"]["etag"] = 'W/"4"'  # version 3 happened in between: it must be read
+    assert parse(json.dumps(bundle).encode()).references == ("Observation/vs-bp-1/_history/3",)
+
+
+@pytest.mark.parametrize(("reference", "kind"), [("Condition/c-1", "Condition"), ("Widget/w-1", "other")])
+def test_a_delete_of_a_type_wardwatch_does_not_map_is_skipped_and_counted_like_its_updates(reference, kind):
+    outcome = parse(deleting(reference))
+    assert isinstance(outcome, Ignored) and outcome.kind == kind  # nothing to fetch, nothing dead-lettered
+    assert outcome.detail["skipped"] == {kind: 1} and outcome.detail["event_numbers"] == [40]
+
+
+def test_a_delete_of_a_resource_versioned_by_last_updated_orders_after_it():
+    prior = json.loads(fhir_bundle(f"{BP_SERVED}/1"))
+    prior["meta"] = {"lastUpdated": "2024-06-15T14:07:00Z"}  # no versionId: versions are lastUpdated ms
+    outcome = parse(complete_notification(without_etag("r4b_delete_bp"), {"Observation/vs-bp-1/_history": prior}))
+    assert {e.version for e in outcome.events} == {DELETED_MS}  # the delete's time, after 14:07:00
+
+
+def test_the_version_before_the_newest_delete_is_picked_from_the_history():
+    v1, v2 = json.loads(fhir_bundle(f"{BP_SERVED}/1")), json.loads(fhir_bundle(f"{BP_SERVED}/2"))
+    recreated = {**v2, "meta": {"versionId": "4"}}
+    gone = {"request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"etag": 'W/"3"'}}
+    history = {"resourceType": "Bundle", "type": "history",
+               "entry": [{"resource": recreated}, gone, {"resource": v1}, {"resource": v2}]}
+    assert version_before_delete(history, "Observation/vs-bp-1/_history") == v2  # not the re-created 4
+    assert version_before_delete({**history, "entry": [{"resource": v1}, {"resource": v2}]},
+                                 "Observation/vs-bp-1/_history") == v2
+    assert version_before_delete({**history, "entry": [gone]}, "Observation/vs-bp-1/_history") is None
 
 
 @pytest.mark.parametrize(("reference", "relative"), [

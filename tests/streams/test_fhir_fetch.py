@@ -3,6 +3,7 @@ resources (tests/fixtures/ingest/fhir/server/<Type>/<id>.json), then once throug
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -17,7 +18,9 @@ from schemas.deadletter import Reason
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import NeedsFetch, Parsed, Rejected
 from streams.fhir_fetch import FhirClient, resolve
+from streams.features import compute_features
 from streams.ingest import IngestWorker
+from streams.state import Kind, apply_batch
 from streams.topics import ensure_topics, topics_for
 from wardwatch.settings import Settings
 from tests.fixtures.ingest.corpus import fhir_bundle, nested_too_deep_to_write
@@ -156,6 +159,94 @@ def test_without_a_server_id_only_is_dead_lettered_saying_what_to_set():
 def test_the_client_refuses_to_start_without_a_url():
     with pytest.raises(ValueError, match="WARDWATCH_FHIR_SERVER_URL"):
         FhirClient(Settings(fhir_server_url=None))
+
+
+# --- deletes ---------------------------------------------------------------------------------------
+
+BP_V1 = "/fhir/Observation/vs-bp-1/_history/1"
+
+
+def resolve_body(raw: bytes, client: FhirClient | None):
+    outcome = parse(raw)
+    assert isinstance(outcome, NeedsFetch), outcome
+    return resolve(outcome, raw, client, topic="ww.fhir.notifications", partition=3, offset=7)
+
+
+def strip(name: str, *drop: str) -> bytes:
+    """A fixture notification with entries' `drop` keys removed (resource: id-only; etag: version unknown)."""
+    bundle = json.loads(fhir_bundle(name))
+    for entry in bundle["entry"][1:]:
+        for key in drop:
+            entry.pop(key, None)
+            entry.get("response", {}).pop(key, None)
+    return json.dumps(bundle).encode()
+
+
+@pytest.mark.timeout(60)
+def test_a_deleted_reading_is_retracted_and_stops_counting_in_the_features(fhir_server):
+    delivered = parse(fhir_bundle("r4b_status_event"))
+    outcome = fetch_and_parse("r4b_delete_bp", client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome  # was resource_not_found: the GET of the deleted resource
+    assert [path for path, _ in fhir_server.requests] == [BP_V1]  # the vread of the version before
+    bp = {e.fact_id: e.version for e in delivered.events if e.fact_id.startswith("fhir:Observation/vs-bp-1:")}
+    assert {e.fact_id: e.version for e in outcome.events} == {fact: 2 for fact in bp} and set(bp.values()) == {1}
+    assert all(e.status.retracts and e.value is None for e in outcome.events)
+
+    # the patient's state as the worker keeps it: the systolic pressure is gone from its features
+    rules = dict(allowed_lateness_ms=3_600_000, dedupe_horizon_ms=48 * 3_600_000, cross_source_tolerance=0.05)
+    before = apply_batch(None, delivered.events, **rules).state
+    after = apply_batch(before, outcome.events, **rules)
+    at = max(e.effective_ms for e in delivered.events)
+    assert compute_features(before, at)["systolic_bp_last_24h"] == 96
+    assert {o.kind for o in after.outcomes} == {Kind.CORRECTED}
+    assert compute_features(after.state, at)["systolic_bp_last_24h"] is None
+    assert not after.state.live(codes.SYSTOLIC_BP) and not after.state.live(codes.DIASTOLIC_BP)
+
+
+@pytest.mark.timeout(60)
+def test_a_delete_of_unknown_version_reads_the_history_and_takes_the_version_before_it(fhir_server):
+    v1, v2 = (json.loads((SERVED / f"Observation/vs-bp-1/_history/{v}.json").read_bytes()) for v in (1, 2))
+    history = {"resourceType": "Bundle", "type": "history", "entry": [
+        {"resource": {**v2, "meta": {"versionId": "4"}}},  # re-created after the delete: still live
+        {"request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"etag": 'W/"3"'}},
+        {"resource": v2}, {"resource": v1}]}
+    fhir_server.script["/fhir/Observation/vs-bp-1/_history"] = deque([(200, json.dumps(history).encode())])
+    outcome = resolve_body(strip("r4b_delete_bp", "etag"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome
+    assert {e.version for e in outcome.events} == {3}  # one past version 2: below the re-created 4
+    assert [path for path, _ in fhir_server.requests] == ["/fhir/Observation/vs-bp-1/_history"]
+
+
+@pytest.mark.timeout(60)
+def test_id_only_update_and_delete_in_one_notification_reads_only_the_version_before_the_delete(fhir_server):
+    outcome = resolve_body(strip("r4b_update_and_delete_bp", "resource"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome  # the current resource is gone (410): it is not requested
+    assert [path for path, _ in fhir_server.requests] == ["/fhir/Observation/vs-bp-1/_history/2"]
+    assert sorted((e.code, e.version, e.status.value) for e in outcome.events) == [
+        (codes.DIASTOLIC_BP, 3, "entered-in-error"), (codes.SYSTOLIC_BP, 3, "entered-in-error")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status", [404, 410])
+def test_a_version_before_the_delete_the_server_cannot_read_is_dead_lettered_as_not_found(fhir_server, status):
+    fhir_server.script[BP_V1] = deque([(status, b"{}")])
+    r = rejection(fetch_and_parse("r4b_delete_bp", client_for(fhir_server.url)))
+    assert r.reason is Reason.RESOURCE_NOT_FOUND and f"Observation/_history: the FHIR server answered {status}" in r.detail
+    assert "vs-bp-1" not in r.detail
+
+
+@pytest.mark.timeout(60)
+def test_a_history_without_a_version_before_the_delete_is_dead_lettered_as_not_found(fhir_server):
+    gone = {"resourceType": "Bundle", "type": "history", "entry": [
+        {"request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"etag": 'W/"2"'}}]}
+    fhir_server.script["/fhir/Observation/vs-bp-1/_history"] = deque([(200, json.dumps(gone).encode())])
+    r = rejection(resolve_body(strip("r4b_delete_bp", "etag"), client_for(fhir_server.url)))
+    assert r.reason is Reason.RESOURCE_NOT_FOUND and "no version before the delete" in r.detail
+
+
+def test_without_a_server_a_delete_is_dead_lettered_saying_what_to_set():
+    r = rejection(fetch_and_parse("r4b_delete_bp", None))
+    assert r.reason is Reason.FHIR_SERVER_NOT_CONFIGURED and "WARDWATCH_FHIR_SERVER_URL" in r.detail
 
 
 # --- through the real broker ---------------------------------------------------------------------

@@ -59,6 +59,13 @@ def test_handshake_and_id_only_notifications_are_accepted_keyed_by_subscription(
     assert classify(fhir_bundle("r4b_id_only")) == Accept(SUBSCRIPTION, "needs_fetch")
 
 
+def test_notifications_with_deletes_are_accepted_not_refused():
+    # an update and a delete of one Observation: was refused (400) as internal_error
+    assert classify(fhir_bundle("r4b_update_and_delete_bp")) == Accept(b"MRN-0001", "event")
+    # a delete alone needs the version before it, which the ingest worker reads from the FHIR server
+    assert classify(fhir_bundle("r4b_delete_bp")) == Accept(SUBSCRIPTION, "needs_fetch")
+
+
 def test_bad_bodies_are_refused_with_the_parser_reason():
     assert classify(b"{not json").rejection.reason is Reason.MALFORMED_JSON
     assert classify(fhir_bundle("wrong_resource_type")).rejection.reason is Reason.INVALID_STRUCTURE
