@@ -177,6 +177,8 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
 
 def _resource_events(resource: dict, ctx: _Context) -> list[CanonicalEvent]:
     kind = resource.get("resourceType")
+    if not isinstance(kind, str):  # e.g. a list: unhashable, and no type wardwatch maps
+        kind = OTHER_TYPE
     mapper = _MAPPERS.get(kind)
     if mapper is None:
         ctx.skip(kind if kind in RESOURCE_TYPES else OTHER_TYPE)

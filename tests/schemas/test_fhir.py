@@ -443,6 +443,16 @@ def test_resource_types_fhir_does_not_define_are_counted_as_other_so_counter_key
     assert outcome.detail["skipped"] == {"unmapped_code": 1, "Encounter": 1, "Condition": 1, "other": 1000}
 
 
+def test_a_resource_whose_type_is_not_a_string_is_counted_as_other_and_the_rest_is_read():
+    # a list or object resourceType was an unhashable lookup key: an internal error for the whole bundle
+    doc = json.loads(fhir_bundle("r4b_unmapped_only"))
+    doc["entry"] += [{"fullUrl": "urn:uuid:x", "resource": {"resourceType": ["Observation"], "id": "a"}},
+                     {"fullUrl": "urn:uuid:y", "resource": {"resourceType": {"x": 1}, "id": "b"}}]
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Ignored) and outcome.kind == "other"
+    assert outcome.detail["skipped"] == {"unmapped_code": 1, "Encounter": 1, "other": 2}
+
+
 # --- rejections ----------------------------------------------------------------------------------
 
 
