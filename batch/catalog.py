@@ -141,7 +141,10 @@ PER_TABLE: dict[str, dict[str, str]] = {
     "labels": {"news2": "NEWS2 at the scoring point from the facts issued by T (what training sees)"},
     "alerts": {"ward": "The patient's ward when the alert was raised (routing header; null when unknown)",
                "status": "Status of the RiskAssessment: final, amended or entered-in-error (corrections)",
-               "reason": "Why the alert was resolved: discharge; null otherwise"},
+               "reason": "Why the alert was resolved: discharge; null otherwise",
+               "preliminary_basis": "LOINC codes of the readings the alert rests on that are preliminary results "
+                                    "(the RiskAssessment says so too); empty when all are final, null in archive "
+                                    "parts from before the stream sent it. Filter: len(preliminary_basis) > 0"},
     **{table: {"idx": _POINT_IDX} for table in ("features_online", "scores", "scores_shadow")},
     "runs": {
         "run_id": "Id of the nightly run", "started_at": "When the run started (UTC)",

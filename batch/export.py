@@ -68,7 +68,7 @@ POLICY: dict[str, TablePolicy] = {
     "scores": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP),
     "scores_shadow": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP),
     "alerts": TablePolicy(_PATIENT | {"encounter_id": "encounter", "alert_id": "alert"}, ("scoring_ms",),
-                          ("kind", "tier", "model_version", "path")),
+                          ("kind", "tier", "model_version", "path", "preliminary_basis")),
     "alert_outcomes": TablePolicy(_PATIENT | {"encounter_id": "encounter", "alert_id": "alert"},
                                   ("scoring_ms", "outcome_ms"),
                                   ("kind", "tier", "model_version", "path", "outcome_criterion", "outcome_followed",

@@ -3,13 +3,14 @@
     build_alert(decision, patient_id=..., encounter_id=..., probability=..., news2=...,
                 model_version=..., path=..., rationale=[...], basis=[[fact_id, version], ...], ward=...) ->
     {"header": {alert_id, kind, tier, patient_id, encounter_id, ward, scoring_ms, model_version, path,
-                status, original_alert_id, reason},
+                status, original_alert_id, reason, preliminary_basis},
      "resource": <RiskAssessment as a JSON dict>}
 
 Header (routing without parsing the resource): `kind` open | escalate | resolve | correction;
 `ward` the patient's current ward (None when no LOCATION is known); `status` the resource status;
 `original_alert_id` the alert a correction corrects (else None); `reason` "discharge" for a
-resolution by discharge (else None). Every header alert_id is unique per message and deterministic
+resolution by discharge (else None); `preliminary_basis` the LOINC codes of the basis readings that
+are preliminary results, in basis order ([] when every reading is final: filter on it). Every header alert_id is unique per message and deterministic
 (see streams/alerting.py), so a consumer drops duplicates by it.
 
 `basis` names the readings the score was based on (the latest fact of each parameter): a fact that
@@ -17,6 +18,12 @@ came from FHIR references its Observation version (`Observation/<id>/_history/<v
 on the EHR's FHIR server); every entry carries the canonical event's id as an identifier (system
 CANONICAL_EVENT_SYSTEM: the archive's `event_id`, for analysts), and a fact from the EHR database
 (CDC) says its table, row and LOINC code, as it has no Observation to point to.
+
+A preliminary result in the basis (an entry [fact_id, version, code]; FHIR Observation.status or the
+CDC status column `preliminary`) is used like a final one, but the alert says so: its basis entry's
+display names it a preliminary result, and a RiskAssessment.note lists those parameters and their
+LOINC codes (never their values). When the result becomes final the alert is amended without the
+flag (streams/alerting.py).
 
 The resource id is the alert id; a correction (kind "correction") is published under the id of the
 alert it corrects, with status "amended" (new probability, basis, rationale) or "entered-in-error",
@@ -33,6 +40,7 @@ from typing import Any, Mapping, Sequence
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from schemas.canonical import make_event_id
+from schemas.codes import parameter_name
 
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 # wardwatch tier -> risk-probability code and display
@@ -81,6 +89,7 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         "status": status,
         "original_alert_id": original,
         "reason": getattr(decision, "reason", None),
+        "preliminary_basis": [entry[2] for entry in basis if len(entry) > 2],
     }
     # Built directly in the form the FHIR model serialises (its field order, its dateTime format, no
     # nulls): the same bytes as RiskAssessment.model_validate(...).model_dump(mode="json",
@@ -96,9 +105,12 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         resource["encounter"] = {"reference": f"Encounter/{encounter_id}"}
     resource["occurrenceDateTime"] = fhir_datetime(decision.scoring_ms)
     if basis:
-        resource["basis"] = [basis_reference(fact_id, version) for fact_id, version in basis]
+        resource["basis"] = [basis_reference(*entry) for entry in basis]
     resource["prediction"] = [_prediction(decision, probability if path == "model" else None, news2, rationale,
                                           horizon_h)]
+    if header["preliminary_basis"]:
+        names = ", ".join(parameter_name(code) for code in header["preliminary_basis"])
+        resource["note"] = [{"text": f"Based on preliminary results, which may change when final: {names}."}]
 
     # our own output: an invalid resource is a bug here, never something to publish
     RiskAssessment.model_validate(resource)
@@ -108,8 +120,9 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
 _FHIR_OBSERVATION = "fhir:Observation/"  # schemas/fhir.py: fact_id = fhir:Observation/<id>:<code>
 
 
-def basis_reference(fact_id: str, version: int) -> dict[str, Any]:
-    """One basis entry, in the field order the FHIR model serialises (reference, identifier, display)."""
+def basis_reference(fact_id: str, version: int, preliminary_code: str | None = None) -> dict[str, Any]:
+    """One basis entry, in the field order the FHIR model serialises (reference, identifier, display).
+    `preliminary_code`: the reading's code when it is a preliminary result (None: final)."""
     entry: dict[str, Any] = {}
     if fact_id.startswith(_FHIR_OBSERVATION):
         observation_id = fact_id[len(_FHIR_OBSERVATION):].rsplit(":", 1)[0]  # FHIR ids have no ":"
@@ -119,6 +132,10 @@ def basis_reference(fact_id: str, version: int) -> dict[str, Any]:
         _, table, rest = fact_id.split(":", 2)
         row, code = rest.rsplit(":", 1)
         entry["display"] = f"EHR {table} row {row}, LOINC {code}"
+        if preliminary_code is not None:
+            entry["display"] += " (preliminary result)"
+    elif preliminary_code is not None:
+        entry["display"] = f"{parameter_name(preliminary_code)}, preliminary result"
     return entry
 
 

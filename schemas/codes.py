@@ -74,6 +74,12 @@ CODES: dict[str, CodeInfo] = {
 }
 
 
+def parameter_name(code: str) -> str:
+    """A code's parameter for a human, e.g. "lactate (LOINC 2524-7)"."""
+    info = CODES.get(code)
+    return f"{info.name.replace('_', ' ')} (LOINC {code})" if info else f"LOINC {code}"
+
+
 def canonical_code(code: str) -> str | None:
     """The canonical code for a source code, or None when wardwatch does not use it."""
     code = ALIASES.get(code, code)

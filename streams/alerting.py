@@ -31,6 +31,11 @@ retracts) a fact in the basis of the episode's latest alert, the re-scored point
   Later alerts in that episode carry a revision in their id, so no withdrawn id is ever reused.
   correction id = uuid5(NAMESPACE, f"{original_id}|correction|{fact_id}@{version},...") over the
   corrected basis facts, sorted: a restart that replays the correction repeats the id.
+A preliminary result in the basis that becomes final (a new version of the same fact, status final)
+is such a correction too, whether or not its value changed: the alert the consumer holds says it rests
+on a preliminary reading, and the amended one no longer does (its basis names the final version). So
+a clinician who saw "based on preliminary results" sees it cleared, or the alert withdrawn if the
+final value no longer supports its tier.
 Discharge (discharge()): a discharge at or after the open episode's first alert resolves it (kind
 "resolve", reason "discharge"); an episode that never alerted closes silently.
 
@@ -55,7 +60,9 @@ from wardwatch.settings import Settings
 Tier = Literal["none", "low", "medium", "high"]
 Kind = Literal["open", "escalate", "resolve", "correction"]
 Status = Literal["final", "amended", "entered-in-error"]
-Basis = list[list]  # [[fact_id, version], ...]: the observations an alert was based on
+# [[fact_id, version], ...]: the observations an alert was based on; a preliminary reading's entry
+# adds its code, [fact_id, version, code] (streams.patient_agent._basis)
+Basis = list[list]
 
 TIER_RANK: dict[str, int] = {"none": 0, "low": 1, "medium": 2, "high": 3}
 ALERTING_RANK = TIER_RANK["medium"]
@@ -208,7 +215,7 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
     if not s["open"] or not s["alerts"] or not corrected:
         return s, []
     current = s["alerts"][-1]
-    in_basis = {fact_id: v for fact_id, version in current["basis"]
+    in_basis = {fact_id: v for fact_id, version, *_ in current["basis"]
                 if (v := corrected.get(fact_id)) is not None and v > version}
     if not in_basis:
         return s, []

@@ -14,8 +14,8 @@ One row per archived thing (`kafka_*` columns are the record's own position on i
                 struct), rationale as rationale_json
     alerts      the header fields + resource_json (the FHIR RiskAssessment)
 
-Columns added later (idx, trigger, ... of features/scores; ward, status, original_alert_id, reason of
-alerts) are nullable: part files written before them read with nulls there.
+Columns added later (idx, trigger, ... of features/scores; ward, status, original_alert_id, reason,
+preliminary_basis of alerts) are nullable: part files written before them read with nulls there.
     scores_shadow  the shadow (candidate) model's score records, in the scores shape
     gaps        FHIR subscription gap / missed-heartbeat records: subscription, gap_kind, record_json
     unreadable  an output record the archiver could not decode, or whose values do not fit its kind's
@@ -64,6 +64,7 @@ _KAFKA_FIELDS = [("kafka_partition", _I), ("kafka_offset", _I), ("kafka_timestam
 _POINT_FIELDS = [("snapshot_id", _S), ("patient_id", _S), ("scoring_ms", _I), ("partition", _I), ("offset", _I),
                  ("idx", _I), ("trigger", _S)]
 _WATERMARK = pa.struct([("partition", _I), ("offset", _I), ("idx", _I), ("event_ms", _I)])
+_CODES = pa.list_(_S)  # e.g. an alert's preliminary_basis: LOINC codes
 
 ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {
     "canonical": pa.schema([*_EVENT_FIELDS, ("partition", _I), ("offset", _I), ("idx", _I),
@@ -79,7 +80,8 @@ ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {
                          ("news2", _I), ("tier", _S), ("rationale_json", _S), *_KAFKA_FIELDS]),
     "alerts": pa.schema([("alert_id", _S), ("kind", _S), ("tier", _S), ("patient_id", _S), ("encounter_id", _S),
                          ("ward", _S), ("scoring_ms", _I), ("model_version", _S), ("path", _S), ("status", _S),
-                         ("original_alert_id", _S), ("reason", _S), ("resource_json", _S), *_KAFKA_FIELDS]),
+                         ("original_alert_id", _S), ("reason", _S), ("resource_json", _S),
+                         ("preliminary_basis", _CODES), *_KAFKA_FIELDS]),
     "unreadable": pa.schema([("topic", _S), ("key", _B), ("value", _B), ("error", _S), *_KAFKA_FIELDS]),
 }
 # the shadow (candidate) model's scores have the shape of the served scores
@@ -249,7 +251,8 @@ def _alerts_rows(rec: RawRecord) -> list[Row]:
            "ward": _text(h.get("ward")), "scoring_ms": _int(h.get("scoring_ms")),
            "model_version": _text(h.get("model_version")), "path": _text(h.get("path")),
            "status": _text(h.get("status")), "original_alert_id": _text(h.get("original_alert_id")),
-           "reason": _text(h.get("reason")), "resource_json": _json_text(d.get("resource"))} | _kafka(rec)
+           "reason": _text(h.get("reason")), "resource_json": _json_text(d.get("resource")),
+           "preliminary_basis": h.get("preliminary_basis")} | _kafka(rec)
     date_ms = row["scoring_ms"] if row["scoring_ms"] is not None else rec.timestamp_ms
     return [Row("alerts", utc_date(date_ms), row)]
 
@@ -271,7 +274,7 @@ def _columns(kind: str, *types: pa.DataType) -> tuple[str, ...]:
 
 # kind -> its columns by Arrow type (every type a schema above uses is one of these)
 _COLUMNS = {kind: (_columns(kind, _S), _columns(kind, _I), _columns(kind, _F), _columns(kind, _B),
-                   _columns(kind, _WATERMARK)) for kind in ARCHIVE_SCHEMAS}
+                   _columns(kind, _WATERMARK), _columns(kind, _CODES)) for kind in ARCHIVE_SCHEMAS}
 
 
 def _fits_int(v: Any) -> bool:
@@ -284,7 +287,7 @@ _NULLABLE_STR = frozenset({str, type(None)})
 def misfit_column(kind: str, values: dict[str, Any]) -> str | None:
     """The first column whose value the kind's Arrow schema cannot hold, or None when the row fits.
     Plain type checks, inlined: this runs for every archived row."""
-    strings, ints, floats, binaries, watermarks = _COLUMNS[kind]
+    strings, ints, floats, binaries, watermarks, code_lists = _COLUMNS[kind]
     get = values.get
     for name in strings:  # orjson never decodes a lone surrogate, so every str encodes as UTF-8
         if type(get(name)) not in _NULLABLE_STR:
@@ -305,6 +308,10 @@ def misfit_column(kind: str, values: dict[str, Any]) -> str | None:
         v = get(name)
         if v is not None and not (isinstance(v, dict) and all(
                 v.get(field) is None or _fits_int(v.get(field)) for field in _WATERMARK.names)):
+            return name
+    for name in code_lists:
+        v = get(name)
+        if v is not None and not (type(v) is list and all(type(code) is str for code in v)):
             return name
     return None
 

@@ -12,9 +12,11 @@ then its MRN (identifier typed MR, else the only identifier) is tried first, the
 Answers `{"cards": []}` for a patient wardwatch has not scored, 400 (with a JSON `error` saying
 what to fix) for a malformed request.
 
-Card: summary (< 140 chars, no identifiers: the tier and the probability or NEWS2), indicator by
-tier (high critical, medium warning, low/none info), source.label "wardwatch", detail (markdown:
-the top contributing features, the scoring time and the model version or NEWS2 rule).
+Card: summary (< 140 chars, no identifiers: the tier and the probability or NEWS2, and "preliminary
+results" when a reading the score rests on is a preliminary result), indicator by tier (high
+critical, medium warning, low/none info), source.label "wardwatch", detail (markdown: the top
+contributing features, the scoring time, the model version or NEWS2 rule, and which parameters were
+preliminary: the score record's `preliminary_basis` codes, never their values).
 
 State: the latest score record per patient (the greatest scoring_ms; a tie goes to the later
 record), so memory grows with the number of patients, never with the number of scores. It is fed
@@ -39,6 +41,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from schemas.codes import parameter_name
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,8 +129,16 @@ def card(record: dict) -> dict:
     else:
         measure = f"NEWS2 {news2}" if news2 is not None else "NEWS2 unavailable (missing vital signs)"
         method = "NEWS2 rule"
-    summary = f"Deterioration risk {tier.upper()} ({measure})"[:SUMMARY_MAX]
+    preliminary = record.get("preliminary_basis") or []  # (absent from records written before it existed)
+    if not isinstance(preliminary, list) or not all(isinstance(code, str) for code in preliminary):
+        raise TypeError("preliminary_basis is not a list of codes")
+    flag = "; based on preliminary results" if preliminary else ""
+    summary = f"Deterioration risk {tier.upper()} ({measure}){flag}"[:SUMMARY_MAX]
     lines = [f"Scored at {_iso(record['scoring_ms'])} by {method}."]
+    if preliminary:
+        lines.append("")
+        lines.append(f"Based on preliminary results, which may change when final: "
+                     f"{', '.join(parameter_name(code) for code in preliminary)}.")
     reasons = record.get("rationale") or []
     if reasons:
         lines.append("")

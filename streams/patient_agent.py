@@ -25,7 +25,8 @@ Score record (scores and scores.shadow topics), one per scoring point:
    trigger, trigger_event_id,                                   in the message) and what triggered it
    features_hash,                                               blake2b of the snapshot's features
    input_watermark: {partition, offset, idx, event_ms},         input consumed up to, patient clock
-   model_version, path (model | rule | shadow), probability, news2, tier, rationale, missing}
+   model_version, path (model | rule | shadow), probability, news2, tier, rationale, missing,
+   preliminary_basis}                                           codes whose latest reading at T is preliminary
 The snapshot itself is on the features topic under the same snapshot_id, which is
 schemas.cadence.snapshot_id(patient, trigger, T, trigger_event_id): no Kafka offset in it, so a
 restart's re-emission or a replay cut into other messages repeats it.
@@ -48,7 +49,8 @@ from schemas.codes import ADMISSION, CODES, DISCHARGE, LOCATION, is_context
 from schemas.deadletter import Reason, Rejection
 from streams import alerting
 from streams.features import compute_features
-from streams.state import EFFECTIVE_MS, FACT_ID, VERSION, DuplicateKind, Kind, PatientState, apply_batch
+from streams.state import (EFFECTIVE_MS, FACT_ID, VERSION, DuplicateKind, Kind, PatientState, apply_batch,
+                           is_preliminary)
 from wardwatch.settings import Settings
 
 # table keys the worker writes besides patient records (streams/app.py) begin with this: never a patient id
@@ -150,16 +152,43 @@ def features_hash(features: dict) -> str:
     return hashlib.blake2b(orjson.dumps(features, option=orjson.OPT_SORT_KEYS), digest_size=16).hexdigest()
 
 
+def _latest(facts: list, T: int):
+    """The latest of a code's live facts at T, or None. They are sorted by (effective_ms, fact_id), so
+    it is one bisect away, and mostly the last one (T is mostly the clock)."""
+    if facts and facts[-1][EFFECTIVE_MS] <= T:
+        return facts[-1]
+    i = bisect_right(facts, T, key=lambda f: f[EFFECTIVE_MS])
+    return facts[i - 1] if i else None
+
+
 def _basis(state: PatientState, T: int) -> list[list]:
-    """[fact_id, version] of the latest fact of each code at T: what the score was based on.
-    Live facts are sorted by (effective_ms, fact_id), so the latest at T is one bisect away."""
+    """[fact_id, version] of the latest fact of each code at T: what the score was based on; a
+    preliminary reading's entry adds its code, [fact_id, version, code] (schemas/alert.py flags it)."""
     basis = []
     for code in _BASIS_CODES:
-        facts = state.live(code)
-        i = bisect_right(facts, T, key=lambda f: f[EFFECTIVE_MS])
-        if i:
-            basis.append([facts[i - 1][FACT_ID], facts[i - 1][VERSION]])
+        fact = _latest(state.live(code), T)
+        if fact is not None:
+            basis.append([fact[FACT_ID], fact[VERSION], code] if is_preliminary(fact) else [fact[FACT_ID], fact[VERSION]])
     return basis
+
+
+def preliminary_codes(state: PatientState, T: int) -> list[str]:
+    """The codes whose latest fact at T (a basis entry) is a preliminary result, in basis order.
+    Runs at every scoring point: _latest inlined (a third of the cost)."""
+    found = []
+    for code in _BASIS_CODES:
+        facts = state.facts.get(code)
+        if not facts:
+            continue
+        fact = facts[-1]
+        if fact[EFFECTIVE_MS] > T:  # a point before the code's latest fact (out-of-order vitals): bisect
+            i = bisect_right(facts, T, key=lambda f: f[EFFECTIVE_MS])
+            if not i:
+                continue
+            fact = facts[i - 1]
+        if is_preliminary(fact):
+            found.append(code)
+    return found
 
 
 # --- scoring cadence (pure; the rule is schemas/cadence.py) ----------------------------------------
@@ -208,13 +237,16 @@ class _Point(NamedTuple):
     context: PatientContext  # as of this message (ward and encounter of its alerts)
     snapshot_id: str  # schemas.cadence.snapshot_id of the point
     features_hash: str  # features_hash(features), in its score and shadow records
+    preliminary: list[str]  # preliminary_codes(state, T), in its score and shadow records
 
 
 def _point(patient: str, T: int, msg: CanonicalMessage, idx: int, trigger: Trigger, trigger_event_id: str,
            features: dict, state: PatientState, corrected: dict, context: PatientContext) -> _Point:
-    """A point with its two hashes, computed once (the features, score and shadow records share them)."""
+    """A point with its two hashes and preliminary codes, computed once (the features, score and shadow
+    records share them)."""
     return _Point(patient, T, msg, idx, trigger, trigger_event_id, features, state, corrected, context,
-                  snapshot_id(patient, trigger, T, trigger_event_id), features_hash(features))
+                  snapshot_id(patient, trigger, T, trigger_event_id), features_hash(features),
+                  preliminary_codes(state, T))
 
 
 class _Discharge(NamedTuple):
@@ -322,7 +354,8 @@ class PatientProcessor:
                 "input_watermark": {"partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
                                     "event_ms": p.state.clock},
                 "model_version": score.model_version, "path": score.path, "probability": score.probability,
-                "news2": score.news2, "tier": score.tier, "rationale": score.rationale, "missing": score.missing}
+                "news2": score.news2, "tier": score.tier, "rationale": score.rationale, "missing": score.missing,
+                "preliminary_basis": p.preliminary}
 
     def _emit_point(self, p: _Point, score, records, out: Outputs) -> None:
         patient, T = p.patient, p.T

@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from schemas.canonical import CanonicalEvent
+from schemas.canonical import CanonicalEvent, Status
 from schemas.features import MAX_WINDOW_S
 
 MAX_WINDOW_MS = MAX_WINDOW_S * 1000
-STATE_FORMAT = 1  # bump when the to_dict layout changes
+STATE_FORMAT = 2  # bump when the to_dict layout changes (2: a live fact may carry the preliminary mark)
+# formats from_dict reads: a format-1 state is a format-2 state whose facts are all taken as final (its
+# layout did not keep the status; a preliminary reading in it goes unflagged until it is superseded)
+READABLE_FORMATS = (1, STATE_FORMAT)
 
 
 class Kind(StrEnum):
@@ -52,9 +55,17 @@ class Outcome(NamedTuple):
 #   time (drives expiry, event time only), and whether the fact is a cross-source alias (rule 4).
 Known = tuple[int, int, bool]
 # live fact: (effective_ms, fact_id, value, source, version) -- tuples sort by (effective_ms,
-#   fact_id), which is also the `last` tie-break.
-LiveFact = tuple[int, str, float, str, int]
-EFFECTIVE_MS, FACT_ID, VALUE, SOURCE, VERSION = range(5)
+#   fact_id), which is also the `last` tie-break. A preliminary result carries a sixth element, True
+#   (is_preliminary): final ones, nearly all facts, cost nothing more to store or serialise.
+LiveFact = tuple[int, str, float, str, int] | tuple[int, str, float, str, int, bool]
+EFFECTIVE_MS, FACT_ID, VALUE, SOURCE, VERSION, PRELIMINARY = range(6)
+
+
+def is_preliminary(fact: LiveFact) -> bool:
+    return len(fact) > PRELIMINARY
+
+
+_PRELIMINARY = Status.PRELIMINARY  # a global: an Enum class attribute costs ~150 ns per event (Python 3.11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +90,7 @@ class PatientState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PatientState:
-        if d.get("format") != STATE_FORMAT:
+        if d.get("format") not in READABLE_FORMATS:
             raise ValueError(f"unsupported patient state format {d.get('format')!r}")
         # JSON gives lists; rows must be tuples again (bisect compares them with tuple keys)
         return cls(
@@ -201,7 +212,8 @@ class _Draft:
         return self.facts[code]
 
     def _live(self, e: CanonicalEvent) -> None:
-        insort(self._writable(e.code), (e.effective_ms, e.fact_id, e.value, e.source.value, e.version))
+        fact = (e.effective_ms, e.fact_id, e.value, e.source.value, e.version)
+        insort(self._writable(e.code), (*fact, True) if e.status is _PRELIMINARY else fact)
 
     def _unlive(self, e: CanonicalEvent, known_effective_ms: int) -> None:
         """Remove the live copy of e's fact, if any (it sits at the effective time `known` recorded)."""

@@ -68,7 +68,33 @@ def test_header_routes_without_parsing_the_resource():
     assert model_alert(ward="ICU-3")["header"] == {
         "alert_id": "3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b", "kind": "open", "tier": "high", "patient_id": "p-17",
         "encounter_id": "enc-9", "ward": "ICU-3", "scoring_ms": T, "model_version": "2024-01-01.1", "path": "model",
-        "status": "final", "original_alert_id": None, "reason": None}
+        "status": "final", "original_alert_id": None, "reason": None, "preliminary_basis": []}
+
+
+# a preliminary reading's basis entry adds its code (streams.patient_agent._basis)
+PRELIMINARY_BASIS = [["fhir:Observation/lab-7:2524-7", 1, "2524-7"], ["cdc:lab_results:9:2160-0", 4, "2160-0"],
+                     ["cdc:vital_signs:42:8867-4", 7]]
+
+
+def test_an_alert_on_preliminary_results_says_so_in_header_basis_and_note():
+    alert = model_alert(basis=PRELIMINARY_BASIS)
+    assert alert["header"]["preliminary_basis"] == ["2524-7", "2160-0"]  # routing: filter without the resource
+    resource = alert["resource"]
+    RiskAssessment.model_validate(resource)
+    assert [b.get("display") for b in resource["basis"]] == [
+        "lactate (LOINC 2524-7), preliminary result",
+        "EHR lab_results row 9, LOINC 2160-0 (preliminary result)",
+        "EHR vital_signs row 42, LOINC 8867-4"]  # the final reading is not flagged
+    assert resource["basis"][0]["reference"] == "Observation/lab-7/_history/1"
+    assert resource["note"] == [{"text": "Based on preliminary results, which may change when final: "
+                                         "lactate (LOINC 2524-7), creatinine (LOINC 2160-0)."}]
+
+
+def test_an_alert_on_final_results_is_not_flagged():
+    alert = model_alert(basis=[entry[:2] for entry in PRELIMINARY_BASIS])
+    assert alert["header"]["preliminary_basis"] == []
+    assert "note" not in alert["resource"]
+    assert "preliminary" not in orjson.dumps(alert["resource"]).decode()
 
 
 def test_ward_routes_in_the_header_and_stays_out_of_the_resource():
@@ -150,7 +176,7 @@ def fhir_dump(resource: dict) -> bytes:
                                                ("model", 1.0), ("model", 1 / 3), ("rule", None)])
 @pytest.mark.parametrize("encounter_id, basis, rationale, news2", [
     ("enc-9", BASIS, RATIONALE, 6), (None, [], [], None), ("", [["fhir:Observation/o:8867-4", 1]], [], 0),
-    ("e", [], RATIONALE, None)])
+    ("e", [], RATIONALE, None), ("enc-9", PRELIMINARY_BASIS, RATIONALE, 6)])
 @pytest.mark.parametrize("scoring_ms", [T, T + 1, T + 10, T + 250, T + 999, 1_718_417_760_123])
 def test_the_resource_is_byte_for_byte_the_fhir_models_own_serialisation(status, original, path, probability,
                                                                           encounter_id, basis, rationale, news2,

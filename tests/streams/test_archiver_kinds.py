@@ -97,3 +97,23 @@ def test_alert_header_routing_fields_become_columns():
                                                   "reason": "discharge"}, "resource": {}}
     [row] = rows_for("alerts", record("x.alerts", resolved))
     assert (row.values["kind"], row.values["reason"]) == ("resolve", "discharge")
+
+
+def test_an_alerts_preliminary_basis_is_a_list_column_analysts_filter_on(tmp_path):
+    header = {"alert_id": "a1", "kind": "open", "tier": "high", "patient_id": "p1", "encounter_id": "e1",
+              "ward": None, "scoring_ms": T, "model_version": None, "path": "rule", "status": "final",
+              "original_alert_id": None, "reason": None}
+    flagged = rows_for("alerts", record("x.alerts", {"header": header | {"preliminary_basis": ["2524-7"]},
+                                                     "resource": {}}))
+    final = rows_for("alerts", record("x.alerts", {"header": header | {"alert_id": "a2", "preliminary_basis": []},
+                                                   "resource": {}}))
+    before = rows_for("alerts", record("x.alerts", {"header": header | {"alert_id": "a3"}, "resource": {}}))
+    rows = [r.values for r in flagged + final + before]
+    assert [r["preliminary_basis"] for r in rows] == [["2524-7"], [], None]  # null: sent before the field existed
+    write_part(tmp_path, "alerts", flagged[0].date, rows)
+    alerts = rebuild.alerts(rebuild.read_archive(tmp_path, "alerts"))
+    assert alerts.filter(alerts["preliminary_basis"].list.len() > 0)["alert_id"].to_list() == ["a1"]
+    # not a list of codes: the record is kept as unreadable, never a failed part file
+    [bad] = rows_for("alerts", record("x.alerts", {"header": header | {"preliminary_basis": "2524-7"},
+                                                   "resource": {}}))
+    assert bad.kind == "unreadable" and "preliminary_basis" in bad.values["error"]

@@ -40,6 +40,17 @@ def test_model_card_names_tier_probability_features_time_and_version():
     assert "resp_rate_last_24h = 28" in c["detail"] and "spo2_last_24h = 90" in c["detail"]
 
 
+def test_a_score_resting_on_preliminary_results_says_so_on_the_card():
+    c = card(score() | {"preliminary_basis": ["2524-7", "9279-1"]})
+    assert c["summary"] == "Deterioration risk HIGH (probability 0.83); based on preliminary results"
+    assert len(c["summary"]) < 140
+    assert ("Based on preliminary results, which may change when final: lactate (LOINC 2524-7), "
+            "resp rate (LOINC 9279-1).") in c["detail"]
+    # all final, or a record from before the field existed: no flag
+    for record in (score() | {"preliminary_basis": []}, score()):
+        assert "preliminary" not in card(record)["summary"] + card(record)["detail"]
+
+
 @pytest.mark.parametrize("tier, indicator", [("high", "critical"), ("medium", "warning"), ("low", "info"),
                                              ("none", "info")])
 def test_indicator_follows_the_tier(tier, indicator):
@@ -64,7 +75,8 @@ def test_latest_is_by_scoring_time_not_arrival():
 
 @pytest.mark.parametrize("bad", [{"scoring_ms": 1e20}, {"probability": "0.8"},
                                  {"rationale": "resp_rate"}, {"rationale": [{"feature": "x"}]}, {"missing": [5]},
-                                 {"tier": ["high"]}])
+                                 {"tier": ["high"]}, {"preliminary_basis": "2524-7"},
+                                 {"preliminary_basis": [{"code": "2524-7"}]}])
 def test_a_score_that_cannot_make_a_card_is_skipped_and_counted(bad):
     latest = LatestScores.empty()
     assert latest.update(orjson.dumps(score(minute=5))) is True

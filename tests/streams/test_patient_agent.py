@@ -3,6 +3,8 @@ idempotence when a batch is reprocessed after a restart."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
@@ -191,6 +193,81 @@ def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
     run(processor, [msg(1, vitals("p1", T0 + 5 * MIN, 2))], store)  # the alert's basis is row 1; row 2 is later
     out = run(processor, [msg(2, [amendment("p1", T0 + 5 * MIN, 2, codes.RESP_RATE, 3, 30.0)])], store)
     assert out.alerts == [] and len(out.scores) == 1
+
+
+# --- preliminary results: an alert that rests on one says so ---------------------------------------------
+
+
+def lactate(patient: str, t: int, value: float, status: Status, version: int = 1):
+    """A lab result from the FHIR feed: a new Observation version per status change."""
+    return CanonicalEvent(patient_id=patient, code=codes.LACTATE, value=value, unit="mmol/L", effective_ms=t,
+                          issued_ms=t, status=status, source=Source.FHIR,
+                          fact_id=f"fhir:Observation/lac-1:{codes.LACTATE}", version=version)
+
+
+def test_an_alert_resting_on_a_preliminary_lactate_is_flagged_in_header_resource_and_score(processor):
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, [lactate("p1", T0 - 30 * MIN, 4.2, Status.PRELIMINARY)]),
+                          msg(1, vitals("p1", T0, 1))], store)
+    [opened] = alerts_of(out)
+    assert opened["header"]["kind"] == "open" and opened["header"]["preliminary_basis"] == [codes.LACTATE]
+    [flagged] = [b for b in opened["resource"]["basis"] if "preliminary" in b.get("display", "")]
+    assert flagged["reference"] == "Observation/lac-1/_history/1"
+    assert opened["resource"]["note"] == [{"text": "Based on preliminary results, which may change when final: "
+                                                   "lactate (LOINC 2524-7)."}]
+    assert "4.2" not in opened["resource"]["note"][0]["text"]  # names the parameter, never the value
+    [score] = [orjson.loads(v) for _, v, _ in out.scores]
+    assert score["preliminary_basis"] == [codes.LACTATE]  # what the CDS card says it from
+
+
+def test_the_same_alert_on_a_final_lactate_is_not_flagged(processor):
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, [lactate("p1", T0 - 30 * MIN, 4.2, Status.FINAL)]),
+                          msg(1, vitals("p1", T0, 1))], store)
+    [opened] = alerts_of(out)
+    assert opened["header"]["preliminary_basis"] == [] and "note" not in opened["resource"]
+    assert not any("preliminary" in b.get("display", "") for b in opened["resource"]["basis"])
+    assert [orjson.loads(v)["preliminary_basis"] for _, v, _ in out.scores] == [[]]
+
+
+def test_a_preliminary_basis_result_made_final_with_the_same_value_amends_the_alert_and_clears_the_flag(processor):
+    def replay(store):
+        opened = alerts_of(run(processor, [msg(0, [lactate("p1", T0 - 30 * MIN, 4.2, Status.PRELIMINARY)]),
+                                           msg(1, vitals("p1", T0, 1))], store))
+        return opened + alerts_of(run(processor, [msg(2, [lactate("p1", T0 - 30 * MIN, 4.2, Status.FINAL,
+                                                                  version=2)])], store))
+
+    store: dict[str, PatientRecord] = {}
+    [opened, correction] = replay(store)
+    assert opened["header"]["preliminary_basis"] == [codes.LACTATE]
+    opened_id = opened["header"]["alert_id"]
+    assert (correction["header"]["kind"], correction["header"]["status"]) == ("correction", "amended")
+    assert correction["header"]["original_alert_id"] == opened_id and correction["resource"]["id"] == opened_id
+    assert correction["header"]["preliminary_basis"] == [] and "note" not in correction["resource"]
+    assert {"reference": "Observation/lac-1/_history/2",
+            "identifier": {"system": "urn:wardwatch:canonical-event",
+                           "value": make_event_id(f"fhir:Observation/lac-1:{codes.LACTATE}", 2)}} \
+        in correction["resource"]["basis"]
+    assert correction["header"]["tier"] == "high"  # the same value: the same risk
+    assert replay({}) == [opened, correction]  # a replay from scratch repeats them, ids included
+    # a redelivery of the final version changes nothing more
+    assert alerts_of(run(processor, [msg(3, [lactate("p1", T0 - 30 * MIN, 4.2, Status.FINAL, version=2)])],
+                         store)) == []
+
+
+def test_a_preliminary_vital_made_final_with_another_value_corrects_the_alert_as_any_amendment(processor):
+    store: dict[str, PatientRecord] = {}
+    # RR 26 scores 3 and SpO2 93 scores 2: NEWS2 5, medium, resting on a preliminary RR
+    row = vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93})
+    row = [dataclasses.replace(e, status=Status.PRELIMINARY) if e.code == codes.RESP_RATE else e for e in row]
+    [opened] = alerts_of(run(processor, [msg(0, row)], store))
+    assert opened["header"]["tier"] == "medium" and opened["header"]["preliminary_basis"] == [codes.RESP_RATE]
+
+    final = dataclasses.replace(row[0], value=16.0, status=Status.FINAL, version=2)  # RR 16 scores 0
+    assert final.code == codes.RESP_RATE
+    [correction] = alerts_of(run(processor, [msg(1, [final])], store))
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["resource"]["status"] == "entered-in-error"  # the final value no longer supports it
 
 
 # --- patient context -----------------------------------------------------------------------------------

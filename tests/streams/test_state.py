@@ -9,7 +9,7 @@ from hypothesis import given, settings as hyp_settings, strategies as st
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
 from streams.features import compute_features
-from streams.state import VALUE, DuplicateKind, Kind, PatientState, apply_batch
+from streams.state import VALUE, DuplicateKind, Kind, PatientState, apply_batch, is_preliminary
 
 T0 = 1_700_000_000_000  # 2023-11-14, ms
 MIN = 60_000
@@ -336,6 +336,36 @@ def test_to_dict_from_dict_round_trip_through_json_preserves_behaviour():
 def test_from_dict_refuses_an_unknown_format():
     with pytest.raises(ValueError):
         PatientState.from_dict({"format": 999, "clock": None, "known": {}, "facts": {}})
+
+
+# --- preliminary results: carried with the live fact, so an alert can say so ---------------------
+
+
+def preliminary_flags(state: PatientState) -> list[bool]:
+    return [is_preliminary(f) for f in state.live(codes.HEART_RATE)]
+
+
+def test_a_preliminary_result_is_marked_live_and_its_final_version_clears_the_mark():
+    r = apply(None, ev("a", 80.0, T0, status=Status.PRELIMINARY), ev("b", 90.0, T0 + 10 * MIN))
+    assert preliminary_flags(r.state) == [True, False]
+    restored = PatientState.from_dict(orjson.loads(orjson.dumps(r.state.to_dict())))  # the changelog round trip
+    assert preliminary_flags(restored) == [True, False]
+    final = apply(restored, ev("a", 80.0, T0, version=2, status=Status.FINAL))
+    assert kinds(final) == ["corrected"]
+    assert preliminary_flags(final.state) == [False, False] and hr_values(final.state) == [80.0, 90.0]
+    # features use the value only: the mark changes none of them
+    assert compute_features(r.state, T0 + 10 * MIN) == compute_features(final.state, T0 + 10 * MIN)
+
+
+def test_a_state_written_in_format_1_loads_with_its_facts_taken_as_final():
+    """Format 1 (before the preliminary mark) kept no status: its facts load as final ones, unchanged,
+    and the state is written back in the current format."""
+    old = {"format": 1, "clock": T0, "known": {"a": [1, T0, False]},
+           "facts": {codes.HEART_RATE: [[T0, "a", 80.0, "cdc", 1]]}}
+    s = PatientState.from_dict(orjson.loads(orjson.dumps(old)))
+    assert preliminary_flags(s) == [False] and hr_values(s) == [80.0]
+    assert s.to_dict()["format"] == 2
+    assert kinds(apply(s, ev("a", 80.0, T0))) == ["duplicate"]  # its dedupe memory still holds
 
 
 # --- batching does not matter: outcomes depend on arrival order only ------------------------------
