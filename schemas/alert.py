@@ -10,8 +10,9 @@ Header (routing without parsing the resource): `kind` open | escalate | resolve 
 `ward` the patient's current ward (None when no LOCATION is known); `status` the resource status;
 `original_alert_id` the alert a correction corrects (else None); `reason` "discharge" for a
 resolution by discharge (else None); `preliminary_basis` the LOINC codes of the basis readings that
-are preliminary results, in basis order ([] when every reading is final: filter on it). Every header alert_id is unique per message and deterministic
-(see streams/alerting.py), so a consumer drops duplicates by it.
+are preliminary results, in basis order ([] when every reading is final: filter on it). Every header
+alert_id is unique per message and deterministic (see streams/alerting.py), so a consumer drops
+duplicates by it.
 
 `basis` names the readings the score was based on (the latest fact of each parameter): a fact that
 came from FHIR references its Observation version (`Observation/<id>/_history/<versionId>`, resolvable

@@ -168,7 +168,8 @@ def _basis(state: PatientState, T: int) -> list[list]:
     for code in _BASIS_CODES:
         fact = _latest(state.live(code), T)
         if fact is not None:
-            basis.append([fact[FACT_ID], fact[VERSION], code] if is_preliminary(fact) else [fact[FACT_ID], fact[VERSION]])
+            entry = [fact[FACT_ID], fact[VERSION]]
+            basis.append([*entry, code] if is_preliminary(fact) else entry)
     return basis
 
 
