@@ -4,13 +4,13 @@ of canonical messages must give, byte for byte, the outputs it gave when the fix
 The corpus (tests/fixtures/processor/corpus.jsonl.gz) is the replay of the 8-patient clinosim cohort
 (seed 7) with its faults (redeliveries, cross-source twins, amendments, retractions, late rows,
 context changes), parsed by the ingest and cut into canonical messages as benchmarks/processor.py
-cuts them; then two made-up patients for what the cohort lacks (synthetic_messages: alert
-corrections, amended and entered-in-error, a resolution by discharge, the rule path); then two
-messages the worker must dead-letter (added by load_corpus). It is stored, not generated, so the test
-depends on neither clinosim nor the ingest parsers. Each variant runs it through a fresh processor
-with the shipped model as `current` and as `candidate` (shadow scores) and compares a sha256 per
-output kind (every record, in order) and of the final patient records (their table bytes) with
-tests/fixtures/processor/golden.json.
+cuts them; then three made-up patients for what the cohort lacks (synthetic_messages: alert
+corrections, amended and entered-in-error, a resolution by discharge, the rule path, an alert on a
+preliminary result made final); then two messages the worker must dead-letter (added by
+load_corpus). It is stored, not generated, so the test depends on neither clinosim nor the ingest
+parsers. Each variant runs it through a fresh processor with the shipped model as `current` and as
+`candidate` (shadow scores) and compares a sha256 per output kind (every record, in order) and of
+the final patient records (their table bytes) with tests/fixtures/processor/golden.json.
 
 This is what proves a speed-up of the worker changed nothing. When outputs are meant to change (the
 shipped model is retrained, the feature list or an output format changes), regenerate after checking
@@ -109,7 +109,8 @@ def test_processor_outputs_are_byte_for_byte_the_golden_ones(variant, tmp_path):
 
 def synthetic_messages(partition: int, first_offset: int) -> list[CanonicalMessage]:
     """G-0001: admitted, alerted, its alert amended then withdrawn by corrections of its basis, a new
-    episode, discharged while alerting. G-0002: vitals without every NEWS2 input (the rule path)."""
+    episode, discharged while alerting. G-0002: vitals without every NEWS2 input (the rule path).
+    G-0003: an alert resting on a preliminary lactate (flagged), amended when the lactate is final."""
     from schemas import codes
     from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
 
@@ -128,7 +129,11 @@ def synthetic_messages(partition: int, first_offset: int) -> list[CanonicalMessa
         return CanonicalEvent(patient, code, None, None, t, t, Status.FINAL, Source.CDC, f"cdc:encounters:{code}:{t}",
                               1, f"ENC-{patient}", codes.CONTEXT, text)
 
-    g1, g2 = "G-0001", "G-0002"
+    def lactate(patient, t, status, version):
+        return [CanonicalEvent(patient, codes.LACTATE, 4.2, "mmol/L", t, t, status, Source.FHIR,
+                               f"fhir:Observation/lac-{patient}:{codes.LACTATE}", version, f"ENC-{patient}")]
+
+    g1, g2, g3 = "G-0001", "G-0002", "G-0003"
     batches = [
         [context(g1, codes.ADMISSION, t0, "inpatient"), context(g1, codes.LOCATION, t0, "4E")],
         row(g1, t0 + 10 * minute, 1, high),
@@ -141,6 +146,9 @@ def synthetic_messages(partition: int, first_offset: int) -> list[CanonicalMessa
         [context(g1, codes.DISCHARGE, t0 + 180 * minute)],
         row(g2, t0, 5, {codes.HEART_RATE: 120, codes.RESP_RATE: 25}),
         row(g2, t0 + 20 * minute, 6, {codes.HEART_RATE: 125, codes.RESP_RATE: 26, codes.SPO2: 91}),
+        lactate(g3, t0 - 30 * minute, Status.PRELIMINARY, 1),
+        row(g3, t0, 7, high),
+        lactate(g3, t0 - 30 * minute, Status.FINAL, 2),
     ]
     return [CanonicalMessage(partition, first_offset + i, encode_batch(events), None, events[0].patient_id.encode())
             for i, events in enumerate(batches)]
