@@ -91,7 +91,10 @@ class PatientState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PatientState:
         if d.get("format") not in READABLE_FORMATS:
-            raise ValueError(f"unsupported patient state format {d.get('format')!r}")
+            # a state written by a newer wardwatch (a rolled-back image): stop rather than guess, since a
+            # guess would lose dedupe state (docs/operations.md, "Upgrade and roll back wardwatch")
+            raise ValueError(f"unsupported patient state format {d.get('format')!r}: this worker reads formats "
+                             f"{READABLE_FORMATS}; run a wardwatch version that reads it (docs/operations.md)")
         # JSON gives lists; rows must be tuples again (bisect compares them with tuple keys)
         return cls(
             known=dict(zip(d["known"], map(tuple, d["known"].values()))),
