@@ -16,9 +16,10 @@ discharges.
 
 Context rule (event time): per context code the record holds the event with the greatest
 (effective_ms, version); a newer version of the held fact replaces it whatever its time, and its
-retraction removes it. A redelivered or older event changes nothing. The current ward is the
-LOCATION with the greatest effective time; the current encounter is the ADMISSION's; the patient
-is discharged when the DISCHARGE is at or after that ADMISSION.
+retraction removes it. A redelivered or older event changes nothing, nor does a newer version of the
+held fact with the same content (a restatement: its version is kept, no change is reported). The
+current ward is the LOCATION with the greatest effective time; the current encounter is the
+ADMISSION's; the patient is discharged when the DISCHARGE is at or after that ADMISSION.
 
 Score record (scores and scores.shadow topics), one per scoring point:
   {snapshot_id, patient_id, scoring_ms, partition, offset, idx, the point (idx: its run's last event
@@ -97,10 +98,19 @@ def apply_context(context: dict, events: list) -> tuple[dict, list[str]]:
                 del ctx[e.code]
                 changed.append(e.code)
             continue
+        entry = [e.effective_ms, e.version, e.fact_id, e.value_text, e.value, e.encounter_id]
+        if same_fact_newer and _ctx_content(entry) == _ctx_content(held):
+            ctx[e.code] = entry  # a restatement (e.g. a re-snapshot): nothing changed
+            continue
         if held is None or same_fact_newer or (e.effective_ms, e.version) > (held[CTX_EFFECTIVE], held[CTX_VERSION]):
-            ctx[e.code] = [e.effective_ms, e.version, e.fact_id, e.value_text, e.value, e.encounter_id]
+            ctx[e.code] = entry
             changed.append(e.code)
     return ctx, changed
+
+
+def _ctx_content(entry: list) -> list:
+    """A context entry without its version: what the patient's context uses."""
+    return [*entry[:CTX_VERSION], *entry[CTX_VERSION + 1:]]
 
 
 def context_view(context: dict) -> PatientContext:

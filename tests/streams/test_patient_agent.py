@@ -195,6 +195,22 @@ def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
     assert out.alerts == [] and len(out.scores) == 1
 
 
+
+def test_a_restated_context_fact_changes_nothing_and_does_not_resolve_again(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, [context("p1", codes.ADMISSION, T0 - 60 * MIN, text="inpatient")])], store)
+    discharge = context("p1", codes.DISCHARGE, T0, fact="cdc:encounters:1:discharge")
+    run(processor, [msg(1, [discharge])], store)
+    # the patient is still on the ward's feed after the discharge was charted: a new episode opens
+    [opened] = alerts_of(run(processor, [msg(2, vitals("p1", T0 + 10 * MIN, 1))], store))
+    assert opened["header"]["kind"] == "open"
+    before = processor.counters["context_applied"]
+    # a re-snapshot re-reads the discharge row: a higher version, the same content
+    out = run(processor, [msg(3, [dataclasses.replace(discharge, version=9000)])], store)
+    assert out.alerts == []  # the open episode is not resolved by a discharge it has already seen
+    assert processor.counters["context_applied"] == before and processor.counters["context_unchanged"] == 1
+
+
 # --- preliminary results: an alert that rests on one says so ---------------------------------------------
 
 
