@@ -35,11 +35,14 @@ from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, Fea
 from wardwatch.settings import Settings
 
 ACCEPTED, CORRECTED, DUPLICATE, LATE = "accepted", "corrected", "duplicate", "late"
-# Internally the two kinds of duplicate stay apart: an alias's later versions must be ignored.
-_REDELIVERED, _ALIAS = "redelivered", "alias"
-_OUTCOME = {ACCEPTED: ACCEPTED, CORRECTED: CORRECTED, LATE: LATE, _REDELIVERED: DUPLICATE, _ALIAS: DUPLICATE}
+# Internally the kinds of duplicate stay apart: an alias's later versions must be ignored, and a
+# restatement (a higher version, the same content) sets no version of a fact.
+_REDELIVERED, _RESTATED, _ALIAS = "redelivered", "restated", "alias"
+_OUTCOME = {ACCEPTED: ACCEPTED, CORRECTED: CORRECTED, LATE: LATE, _REDELIVERED: DUPLICATE, _RESTATED: DUPLICATE,
+            _ALIAS: DUPLICATE}
 
 RETRACTED = Status.ENTERED_IN_ERROR.value
+PRELIMINARY = Status.PRELIMINARY.value
 
 # defaults come from the one settings object's declared defaults (no environment read here)
 DEFAULT_ALLOWED_LATENESS_MS: int = Settings.model_fields["allowed_lateness_s"].default * 1000
@@ -68,6 +71,10 @@ def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_
     patient is right after k passes and the fixpoint is the sequential result; in practice it is
     reached in 2-3 passes (a pass changes something only after a late first arrival of a fact or
     an alias).
+
+    A restatement (rule 2: a higher version whose content equals the fact's current one) compares
+    the row with the fact's last accepted or corrected row before it; every new version of an alias
+    is one.
 
     Readings of the rules where docs/patient-state.md leaves room:
     - a new fact with status entered-in-error is accepted: it enters `known` and moves the clock
@@ -158,12 +165,35 @@ def _one_pass(rows: pl.DataFrame, guess: pl.Series, lateness_ms: int, tolerance:
     is_late = (is_new & (pl.col("effective_ms") < pl.col("_clock") - lateness_ms)).fill_null(False)
     candidates = r.filter(is_new & ~is_late & pl.col("value").is_not_null() & pl.col("_key_shared"))
     alias_rows = _alias_rows(r, candidates, tolerance)
-    kind = (pl.when(~is_new).then(pl.when(pl.col("version") <= pl.col("_known_version"))
-                                  .then(pl.lit(_REDELIVERED)).otherwise(pl.lit(CORRECTED)))
+    r = _with_current_content(r)
+    kind = (pl.when(~is_new).then(pl.when(pl.col("version") <= pl.col("_known_version")).then(pl.lit(_REDELIVERED))
+                                  .when(_restates).then(pl.lit(_RESTATED))
+                                  .otherwise(pl.lit(CORRECTED)))
             .when(is_late).then(pl.lit(LATE))
             .when(pl.col("_row").is_in(alias_rows.implode())).then(pl.lit(_ALIAS))
             .otherwise(pl.lit(ACCEPTED)))
     return r.select(kind.alias("_kind"), pl.col("_clock"))
+
+
+def _with_current_content(r: pl.DataFrame) -> pl.DataFrame:
+    """Add the fact's current content before each row (`_cur_*`: the columns of its last accepted,
+    corrected or alias row; null for a row with no such row before it)."""
+    sets_content = pl.col("_kind").is_in([ACCEPTED, CORRECTED, _ALIAS])
+    r = _over_repeated_facts(r, "_content_row", pl.when(sets_content).then(pl.col("_row")).shift(1).forward_fill())
+    current = r.filter("_fact_repeats").select(
+        pl.col("_row").alias("_content_row"),
+        *(pl.col(c).alias(f"_cur_{c}") for c in ("_kind", "code", "value", "effective_ms", "status")))
+    return r.join(current, on="_content_row", how="left", maintain_order="left")
+
+
+# rule 2: the row restates the fact's current content: an alias (its content is never used); a
+# retraction of a retracted fact; or the same code, value, effective time and preliminary mark
+_restates = ((pl.col("_cur__kind") == _ALIAS)
+             | ((pl.col("_cur_status") == RETRACTED) & (pl.col("status") == RETRACTED))
+             | ((pl.col("_cur_status") != RETRACTED) & (pl.col("status") != RETRACTED)
+                & (pl.col("code") == pl.col("_cur_code")) & (pl.col("effective_ms") == pl.col("_cur_effective_ms"))
+                & pl.col("value").eq_missing(pl.col("_cur_value"))
+                & ((pl.col("status") == PRELIMINARY) == (pl.col("_cur_status") == PRELIMINARY)))).fill_null(False)
 
 
 def _alias_rows(r: pl.DataFrame, candidates: pl.DataFrame, tolerance: float) -> pl.Series:

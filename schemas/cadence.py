@@ -14,7 +14,8 @@ restart or a rebuild finds the same points, snapshots and alerts.
   after it (0: every newer vitals set). Point at T. Labs and other codes never trigger by themselves:
   the next vitals set picks them up. Late events never trigger (they are not accepted).
 - Trigger "correction": otherwise, the run holds a *corrected* event (an amendment or a retraction
-  of a known fact) and the patient has a vitals point already. Point at T = the patient clock after
+  of a known fact; not a restatement, a new version with the same content, which is a duplicate) and
+  the patient has a vitals point already. Point at T = the patient clock after
   the run (a re-score "now" with the corrected facts), never rate-limited: an open alert whose basis
   changed must be corrected at once. It does not move the last vitals point.
 - At most one point per run; "vitals" wins when both apply.

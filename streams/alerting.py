@@ -35,7 +35,9 @@ A preliminary result in the basis that becomes final (a new version of the same 
 is such a correction too, whether or not its value changed: the alert the consumer holds says it rests
 on a preliminary reading, and the amended one no longer does (its basis names the final version). So
 a clinician who saw "based on preliminary results" sees it cleared, or the alert withdrawn if the
-final value no longer supports its tier.
+final value no longer supports its tier. A new version that changes nothing (a restatement: a
+re-snapshot, a versionId bump; docs/patient-state.md rule 2) is not a correction and never reaches
+correct().
 Discharge (discharge()): a discharge at or after the open episode's first alert resolves it (kind
 "resolve", reason "discharge"); an episode that never alerted closes silently.
 

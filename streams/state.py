@@ -6,6 +6,11 @@
     result.state     # the new PatientState (the input state is never mutated)
     result.changed   # any accepted or corrected (when to score: schemas/cadence.py)
 
+A higher version of a known fact whose content equals the fact's current content (a Debezium
+re-snapshot, a FHIR versionId bump for a note) is a restatement (rule 2): a duplicate, not a
+correction. So that it can be told even for a fact that has no live copy any more, `known` keeps
+the content of a retracted fact (retracted) and of a pruned one (its code, value and mark).
+
 Expiry is applied *logically* on every lookup (a `known` entry older than clock - horizon counts as
 unknown; a live fact at or before clock - lateness - MAX_WINDOW never matches), so outcomes depend only on the
 arrival order of events, not on how they were cut into micro-batches nor on when the physical
@@ -23,10 +28,14 @@ from schemas.canonical import CanonicalEvent, Status
 from schemas.features import MAX_WINDOW_S
 
 MAX_WINDOW_MS = MAX_WINDOW_S * 1000
-STATE_FORMAT = 2  # bump when the to_dict layout changes (2: a live fact may carry the preliminary mark)
+# bump when the to_dict layout changes (2: a live fact may carry the preliminary mark; 3: a known entry
+# may carry the content of a fact without a live copy)
+STATE_FORMAT = 3
 # formats from_dict reads: a format-1 state is a format-2 state whose facts are all taken as final (its
-# layout did not keep the status; a preliminary reading in it goes unflagged until it is superseded)
-READABLE_FORMATS = (1, STATE_FORMAT)
+# layout did not keep the status; a preliminary reading in it goes unflagged until it is superseded); a
+# format-1 or 2 state is a format-3 state whose retracted and pruned facts have an unknown content (any
+# higher version of one is a correction, as before)
+READABLE_FORMATS = (1, 2, STATE_FORMAT)
 
 
 class Kind(StrEnum):
@@ -38,6 +47,7 @@ class Kind(StrEnum):
 
 class DuplicateKind(StrEnum):
     REDELIVERY = "redelivery"  # same fact, version already seen (rule 1)
+    RESTATEMENT = "restatement"  # same fact, higher version, same content (rule 2)
     CROSS_SOURCE = "cross_source"  # same measurement via the other source (rule 4)
 
 
@@ -53,7 +63,11 @@ class Outcome(NamedTuple):
 #
 # known entry: (version, effective_ms, alias) -- the highest version seen, that version's effective
 #   time (drives expiry, event time only), and whether the fact is a cross-source alias (rule 4).
-Known = tuple[int, int, bool]
+#   A fact without a live copy carries a fourth element, its content (GONE), so that a restatement of it
+#   is recognised: None when it is retracted, (code, value, is_preliminary) when its live copy was
+#   pruned. A live fact's content is its live copy. (A format-1/2 state has no fourth element: unknown.)
+Known = tuple[int, int, bool] | tuple[int, int, bool, tuple[str, float, bool] | None]
+GONE = 3
 # live fact: (effective_ms, fact_id, value, source, version) -- tuples sort by (effective_ms,
 #   fact_id), which is also the `last` tie-break. A preliminary result carries a sixth element, True
 #   (is_preliminary): final ones, nearly all facts, cost nothing more to store or serialise.
@@ -154,32 +168,57 @@ class _Draft:
     def apply(self, e: CanonicalEvent, lateness_ms: int, horizon_ms: int, tolerance: float) -> Outcome:
         entry = self.known.get(e.fact_id)
         if entry is not None:
-            version, known_effective_ms, alias = entry
+            known_effective_ms, alias = entry[1], entry[2]
             if self.clock is None or known_effective_ms >= self.clock - horizon_ms:  # not expired
-                if e.version <= version:  # rule 1
+                if e.version <= entry[0]:  # rule 1
                     return Outcome(e, Kind.DUPLICATE, DuplicateKind.REDELIVERY)
-                self._remember(e, alias)  # rule 2
-                if not alias:
-                    self._unlive(e, known_effective_ms)
-                    if not e.status.retracts:
-                        self._live(e)
+                # rule 2. An alias's content is never used: every new version of it restates it
+                if alias or self._restates(e, entry):
+                    self._set_known(e.fact_id, (e.version, e.effective_ms, *entry[2:]))
+                    return Outcome(e, Kind.DUPLICATE, DuplicateKind.RESTATEMENT)
+                retracts = e.status.retracts
+                self._remember(e, False, retracts)
+                self._unlive(e, known_effective_ms)
+                if not retracts:
+                    self._live(e)
                 return Outcome(e, Kind.CORRECTED)
 
         if self.clock is not None and e.effective_ms < self.clock - lateness_ms:  # rule 3
             return Outcome(e, Kind.LATE, late_by_ms=self.clock - lateness_ms - e.effective_ms)
 
         if self._has_cross_source_twin(e, lateness_ms, tolerance):  # rule 4
-            self._remember(e, alias=True)
+            self._remember(e, True, False)
             return Outcome(e, Kind.DUPLICATE, DuplicateKind.CROSS_SOURCE)
 
         if entry is not None and not alias:  # an expired key taken as new: drop any stale copy
             self._unlive(e, known_effective_ms)
-        self._remember(e, alias=False)  # rule 5
-        if not e.status.retracts:
+        retracts = e.status.retracts
+        self._remember(e, False, retracts)  # rule 5
+        if not retracts:
             self._live(e)
         if self.clock is None or e.effective_ms > self.clock:
             self.clock = e.effective_ms
         return Outcome(e, Kind.ACCEPTED)
+
+    def _restates(self, e: CanonicalEvent, entry: Known) -> bool:
+        """Whether e (a higher version of a known fact, not an alias) has the fact's current content:
+        retracted again, or the same code, value, effective time and preliminary mark."""
+        if len(entry) > GONE and entry[GONE] is None:  # retracted: only another retraction restates it
+            return e.status.retracts
+        if e.status.retracts or e.effective_ms != entry[1]:
+            return False
+        preliminary = e.status is _PRELIMINARY
+        if len(entry) > GONE:  # its live copy was pruned: the entry keeps the content
+            code, value, was_preliminary = entry[GONE]
+            return code == e.code and value == e.value and was_preliminary == preliminary
+        facts = self.facts.get(e.code)  # its live copy, under the same code if the content is the same
+        if not facts:
+            return False
+        i = bisect_left(facts, (e.effective_ms, e.fact_id))
+        if i == len(facts):
+            return False
+        fact = facts[i]
+        return fact[FACT_ID] == e.fact_id and fact[VALUE] == e.value and is_preliminary(fact) == preliminary
 
     def _has_cross_source_twin(self, e: CanonicalEvent, lateness_ms: int, tolerance: float) -> bool:
         if e.value is None:
@@ -199,11 +238,16 @@ class _Draft:
 
     # --- copy-on-write mutations -----------------------------------------------------------
 
-    def _remember(self, e: CanonicalEvent, alias: bool) -> None:
+    def _remember(self, e: CanonicalEvent, alias: bool, retracts: bool) -> None:
+        # a retracted fact has no live copy: its entry says it is retracted
+        self._set_known(e.fact_id, (e.version, e.effective_ms, alias, None) if retracts else
+                        (e.version, e.effective_ms, alias))
+
+    def _set_known(self, fact_id: str, entry: Known) -> None:
         if not self._own_known:
             self.known = dict(self.known)
             self._own_known = True
-        self.known[e.fact_id] = (e.version, e.effective_ms, alias)
+        self.known[fact_id] = entry
 
     def _writable(self, code: str) -> list[LiveFact]:
         if self._own_codes is None:
@@ -247,6 +291,10 @@ class _Draft:
             i = bisect_left(rows, (floor + 1,))
             if i < len(rows):
                 facts[code] = rows[i:]
+            for fact in rows[:i]:  # a pruned fact's content moves to its known entry (rule 2 compares it)
+                entry = self.known.get(fact[FACT_ID])
+                if entry is not None and len(entry) == GONE:
+                    self._set_known(fact[FACT_ID], (*entry, (code, fact[VALUE], is_preliminary(fact))))
         known = self.known
         if self._crossed_gc_period(horizon_ms):
             cutoff = self.clock - horizon_ms

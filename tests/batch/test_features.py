@@ -146,13 +146,14 @@ def test_cross_source_duplicate_within_tolerance_but_not_outside_or_same_source(
     assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "accepted", "accepted", "accepted", "accepted"]
 
 
-def test_alias_later_versions_are_corrections_without_effect():
+def test_alias_later_versions_are_restatements_without_effect():
     a = Archive()
     a.send(event("cdc:1", 80.0, T0, source=Source.CDC))
     a.send(event("fhir:1", 80.0, T0, source=Source.FHIR))
     a.send(event("fhir:1", 120.0, T0, source=Source.FHIR, version=2))
     a.send(event("fhir:1", None, T0, source=Source.FHIR, version=3, status=Status.ENTERED_IN_ERROR))
-    assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "corrected", "corrected"]
+    assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "duplicate", "duplicate"]
+    assert points_of(a, min_interval_ms=0) == [(T0, 0, 0, "vitals")]  # no content-free correction point
     [after] = features(a, a.point(T0, offset=3))
     assert after[HR_LAST.name] == 80.0  # the CDC value, untouched by the alias's versions
     assert after[HR_COUNT.name] == 1
@@ -196,6 +197,24 @@ def test_scoring_points_follow_vitals_sets_and_corrections():
                                                      (T0 + 10 * MIN, 2, 0, "correction")]
     # with no minimum interval every newer vitals set scores, at its own time (not the lab's clock)
     assert points_of(a, min_interval_ms=0)[-1] == (T0 + 12 * MIN, 5, 0, "vitals")
+
+
+def test_a_restatement_is_a_duplicate_and_makes_no_correction_point():
+    a = Archive()
+    a.send(event("f1", 80, T0), event("f2", 82, T0 + 10 * MIN, status=Status.PRELIMINARY))  # offset 0
+    a.send(event("f1", 80, T0, version=900), event("f2", 82, T0 + 10 * MIN, version=900,
+                                                  status=Status.PRELIMINARY))  # 1: a re-snapshot
+    a.send(event("f1", 80, T0, version=900))  # 2: its redelivery
+    a.send(event("f2", 82, T0 + 10 * MIN, version=901))  # 3: the preliminary result made final: a change
+    a.send(retraction("f1", T0, version=901))  # 4
+    a.send(retraction("f1", T0, version=902))  # 5: retracted again
+    a.send(event("f1", 80, T0 + MIN, version=903))  # 6: back, at another time
+    assert [o[2] for o in outcomes(a)] == ["accepted", "accepted", "duplicate", "duplicate", "duplicate",
+                                           "corrected", "corrected", "duplicate", "corrected"]
+    assert [p[1:] for p in points_of(a, min_interval_ms=0)] == [
+        (0, 0, "vitals"), (0, 1, "vitals"), (3, 0, "correction"), (4, 0, "correction"), (6, 0, "correction")]
+    # the facts keep the version that set their content
+    assert final_facts(a.frame(), **RULES).select("fact_id", "version").rows() == [("f2", 901), ("f1", 903)]
 
 
 def test_final_facts_hold_latest_versions_without_retractions_aliases_or_late_events():

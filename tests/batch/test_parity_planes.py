@@ -1,8 +1,9 @@
 """The two independent implementations of one spec agree: the stream's incremental state
 (streams/state.py + streams/features.py) and the batch's vectorized recomputation
 (batch/features.py), on random event sequences with duplicates (both kinds), reordering inside and
-beyond the lateness bound, amendments, retractions, facts sharing a time (slope and delta edge
-cases) and context facts (which must never reach a feature).
+beyond the lateness bound, amendments, retractions, restatements (a higher version with the same
+content: a re-snapshot, a retraction repeated), preliminary results made final, facts sharing a time
+(slope and delta edge cases) and context facts (which must never reach a feature).
 
 Every feature of FEATURE_NAMES must agree to the last bit: schemas/features.py fixes the float
 arithmetic and its order, so any difference (even the 1e-15 a different summation order gives) means
@@ -10,6 +11,7 @@ one plane strays from the spec. The parity report's 1e-9 tolerance is a margin, 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import orjson
@@ -52,8 +54,12 @@ def test_the_generator_covers_every_aggregation():
 def patient_events(draw):
     """Events of 1-2 patients, in arrival order."""
     events: list[CanonicalEvent] = []
+    later: list[CanonicalEvent] = []  # new versions held back to arrive in a later message (their own run)
     n = draw(st.integers(5, 40))
     for i in range(n):
+        if later and draw(st.booleans()):
+            events += later
+            later = []
         patient = draw(st.sampled_from(["p1", "p2"]))
         code = draw(st.sampled_from(VITALS))
         lo, hi = VALUES[code]
@@ -68,10 +74,12 @@ def patient_events(draw):
                                          status=Status.FINAL, source=Source.CDC, fact_id=f"ctx:{i}", version=1,
                                          code_system=codes.CONTEXT, value_text="ward-7"))
         source = draw(st.sampled_from([Source.CDC, Source.FHIR]))
+        status = draw(st.sampled_from([Status.FINAL] * 3 + [Status.PRELIMINARY]))
         ev = CanonicalEvent(patient_id=patient, code=code, value=value, unit=None, effective_ms=t, issued_ms=t,
-                            status=Status.FINAL, source=source, fact_id=f"{source}:{i}:{code}", version=1)
+                            status=status, source=source, fact_id=f"{source}:{i}:{code}", version=1)
         events.append(ev)
-        kind = draw(st.sampled_from(["none"] * 5 + ["redeliver", "cross", "amend", "retract"]))
+        kind = draw(st.sampled_from(["none"] * 5 + ["redeliver", "cross", "amend", "retract", "restate", "finalise"]))
+        new_versions = later if draw(st.booleans()) else events
         if kind == "redeliver":
             events.append(ev)
         elif kind == "cross":
@@ -79,12 +87,20 @@ def patient_events(draw):
             events.append(CanonicalEvent(patient_id=patient, code=code, value=value + draw(st.sampled_from([0, 0.01, 1])),
                                          unit=None, effective_ms=t, issued_ms=t, status=Status.FINAL, source=other,
                                          fact_id=f"{other}:x{i}:{code}", version=1))
+            if draw(st.booleans()):  # a new version of the twin (of an alias: never used)
+                new_versions.append(dataclasses.replace(events[-1], version=2, value=min(hi, value + 3)))
         elif kind in ("amend", "retract"):
-            events.append(CanonicalEvent(
+            new_versions.append(CanonicalEvent(
                 patient_id=patient, code=code, value=None if kind == "retract" else min(hi, value + 3), unit=None,
                 effective_ms=t, issued_ms=t + MIN, fact_id=ev.fact_id, version=2, source=source,
                 status=Status.ENTERED_IN_ERROR if kind == "retract" else Status.AMENDED))
-    return events
+            if draw(st.booleans()):  # the same version's content again, at a higher version
+                new_versions.append(dataclasses.replace(new_versions[-1], version=3, issued_ms=t + 2 * MIN))
+        elif kind == "restate":  # a re-snapshot, or a FHIR versionId bump for a note: the same content
+            new_versions.append(dataclasses.replace(ev, version=2, issued_ms=t + MIN))
+        elif kind == "finalise":  # the same value, final: a change only if it was preliminary
+            new_versions.append(dataclasses.replace(ev, version=2, issued_ms=t + MIN, status=Status.FINAL))
+    return events + later
 
 
 def split(draw, events: list[CanonicalEvent]) -> list[list[CanonicalEvent]]:

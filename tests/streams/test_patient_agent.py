@@ -196,6 +196,39 @@ def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
 
 
 
+def resnapshot(events, lsn: int):
+    """The same rows read again by a Debezium snapshot (op r): identical content, the snapshot's lsn."""
+    return [dataclasses.replace(e, version=lsn) for e in events]
+
+
+def test_a_resnapshot_of_a_basis_row_makes_no_scoring_point_and_no_correction_alert(processor):
+    store: dict[str, PatientRecord] = {}
+    [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1))], store))
+    assert opened["header"]["kind"] == "open"
+    before = dict(processor.counters)
+
+    out = run(processor, [msg(1, resnapshot(vitals("p1", T0, 1), 9000))], store)
+
+    assert out.alerts == [] and out.scores == [] and out.features == []  # no content-free "amended"
+    assert processor.counters["duplicate_restatement"] - before.get("duplicate_restatement", 0) == 7
+    assert processor.counters["corrected"] == before.get("corrected", 0)
+    # its redelivery is a plain duplicate, and a real amendment after it still corrects the alert
+    out = run(processor, [msg(2, resnapshot(vitals("p1", T0, 1), 9000))], store)
+    assert out.scores == [] and processor.counters["duplicate_redelivery"] - before.get("duplicate_redelivery", 0) == 7
+    [correction] = alerts_of(run(processor, [msg(3, [amendment("p1", T0, 1, codes.RESP_RATE, 9001, 30.0)])], store))
+    assert correction["header"]["kind"] == "correction" and correction["resource"]["status"] == "amended"
+
+
+def test_retracting_a_retracted_basis_value_again_publishes_nothing_more(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93}))], store)
+    [withdrawn] = alerts_of(run(processor, [msg(1, [retraction("p1", T0, 1, codes.RESP_RATE, 2)])], store))
+    assert withdrawn["resource"]["status"] == "entered-in-error"
+    out = run(processor, [msg(2, [retraction("p1", T0, 1, codes.RESP_RATE, 3)])], store)  # e.g. a re-snapshot
+    assert out.alerts == [] and out.scores == []
+    assert processor.counters["duplicate_restatement"] == 1
+
+
 def test_a_restated_context_fact_changes_nothing_and_does_not_resolve_again(processor):
     store: dict[str, PatientRecord] = {}
     run(processor, [msg(0, [context("p1", codes.ADMISSION, T0 - 60 * MIN, text="inpatient")])], store)

@@ -9,7 +9,7 @@ from hypothesis import given, settings as hyp_settings, strategies as st
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
 from streams.features import compute_features
-from streams.state import VALUE, DuplicateKind, Kind, PatientState, apply_batch, is_preliminary
+from streams.state import STATE_FORMAT, VALUE, DuplicateKind, Kind, PatientState, apply_batch, is_preliminary
 
 T0 = 1_700_000_000_000  # 2023-11-14, ms
 MIN = 60_000
@@ -131,6 +131,68 @@ def test_a_later_version_after_a_retraction_makes_the_fact_visible_again():
     assert hr_values(r.state) == [85.0]
 
 
+
+def restated(result) -> list:
+    return [(o.kind, o.duplicate_kind) for o in result.outcomes]
+
+
+RESTATEMENT = (Kind.DUPLICATE, DuplicateKind.RESTATEMENT)
+
+
+def test_a_higher_version_with_the_same_content_is_a_restatement_not_a_correction():
+    # a Debezium re-snapshot (op r) re-reads the row with the snapshot's lsn; a FHIR server bumps
+    # meta.versionId for a note: the same value, time and status
+    s = apply(None, ev("a", 80.0, T0), ev("b", 100.0, T0 + 10 * MIN)).state
+    r = apply(s, ev("a", 80.0, T0, version=900), ev("b", 100.0, T0 + 10 * MIN, version=900, status=Status.AMENDED))
+    assert restated(r) == [RESTATEMENT, RESTATEMENT]
+    assert not r.changed
+    assert r.state.facts == s.facts and r.state.clock == s.clock  # no live fact changed
+    # `known` moved on: the restatement's redelivery is a plain duplicate, an older version stale
+    again = apply(r.state, ev("a", 80.0, T0, version=900), ev("a", 80.0, T0, version=800))
+    assert [o.duplicate_kind for o in again.outcomes] == [DuplicateKind.REDELIVERY] * 2
+    # a real change after it is still a correction
+    for changed in (ev("a", 81.0, T0, version=901), ev("a", 80.0, T0 + 1, version=901),
+                    ev("a", 80.0, T0, version=901, status=Status.PRELIMINARY),
+                    ev("a", 80.0, T0, version=901, code=codes.RESP_RATE),
+                    ev("a", None, T0, version=901, status=Status.ENTERED_IN_ERROR)):
+        assert kinds(apply(r.state, changed)) == ["corrected"], changed
+
+
+def test_a_retraction_of_a_retracted_fact_is_a_restatement():
+    s = apply(None, ev("a", 80.0), ev("a", None, version=2, status=Status.ENTERED_IN_ERROR)).state
+    r = apply(s, ev("a", None, version=3, status=Status.ENTERED_IN_ERROR))
+    assert restated(r) == [RESTATEMENT] and not r.changed
+    # a new fact that arrives retracted is retracted too; a value brings either back
+    s = apply(s, ev("b", None, status=Status.ENTERED_IN_ERROR)).state
+    assert restated(apply(s, ev("b", None, version=2, status=Status.ENTERED_IN_ERROR))) == [RESTATEMENT]
+    assert kinds(apply(s, ev("a", 80.0, version=3), ev("b", 80.0, version=2))) == ["corrected", "corrected"]
+
+
+def test_a_pruned_fact_is_still_recognised_when_restated_however_it_was_batched():
+    # "a" leaves the live facts (older than clock - lateness - 24 h) but stays within the 48 h dedupe
+    # horizon: its content moves to its `known` entry, which survives the changelog round trip
+    s = apply(None, ev("a", 80.0, T0, status=Status.PRELIMINARY), ev("b", 90.0, T0 + 30 * HOUR)).state
+    assert hr_values(s) == [90.0]
+    s = PatientState.from_dict(orjson.loads(orjson.dumps(s.to_dict())))
+    assert restated(apply(s, ev("a", 80.0, T0, version=2, status=Status.PRELIMINARY))) == [RESTATEMENT]
+    assert kinds(apply(s, ev("a", 80.0, T0, version=2))) == ["corrected"]  # made final
+    assert kinds(apply(s, ev("a", 70.0, T0, version=2, status=Status.PRELIMINARY))) == ["corrected"]
+    # the same in one batch, where "a" is still physically live when restated
+    one = apply(None, ev("a", 80.0, T0, status=Status.PRELIMINARY), ev("b", 90.0, T0 + 30 * HOUR),
+                ev("a", 80.0, T0, version=2, status=Status.PRELIMINARY))
+    assert restated(one)[2] == RESTATEMENT
+
+
+def test_a_state_written_in_format_2_keeps_todays_corrections_for_facts_without_a_live_copy():
+    """Format 2 did not keep the content of a retracted or pruned fact: unknown, so any higher version
+    of one is a correction (a retraction of a retracted fact re-scores once more, as before)."""
+    old = {"format": 2, "clock": T0, "known": {"a": [2, T0, False], "b": [1, T0, False]},
+           "facts": {codes.HEART_RATE: [[T0, "b", 80.0, "cdc", 1]]}}
+    s = PatientState.from_dict(orjson.loads(orjson.dumps(old)))
+    assert kinds(apply(s, ev("a", None, version=3, status=Status.ENTERED_IN_ERROR))) == ["corrected"]
+    assert restated(apply(s, ev("b", 80.0, version=2))) == [RESTATEMENT]  # live: its copy is the content
+
+
 def test_corrections_are_never_late():
     s = apply(None, ev("a", 80.0, T0), ev("b", 100.0, T0 + 5 * HOUR)).state
     r = apply(s, ev("a", 60.0, T0, version=2, status=Status.AMENDED))
@@ -219,17 +281,20 @@ def test_cross_source_needs_another_source_the_same_code_and_the_same_time():
         assert kinds(apply(base, event)) == ["accepted"], event.fact_id
 
 
-def test_corrections_of_an_alias_are_recognised_and_ignored():
+def test_new_versions_of_an_alias_are_recognised_and_ignored_as_restatements():
+    # an alias's content is never used (rule 4), so whatever a new version says changes nothing:
+    # a restatement, never a correction (which would make a content-free correction point)
     s = apply(None, ev("cdc:1", 80.0), ev("fhir:1", 80.0, source=Source.FHIR)).state
     amended = apply(s, ev("fhir:1", 140.0, version=2, source=Source.FHIR, status=Status.AMENDED))
-    assert kinds(amended) == ["corrected"]
+    assert [(o.kind, o.duplicate_kind) for o in amended.outcomes] == [("duplicate", DuplicateKind.RESTATEMENT)]
+    assert not amended.changed
     assert hr_values(amended.state) == [80.0]
     retracted = apply(amended.state, ev("fhir:1", None, version=3, source=Source.FHIR,
                                         status=Status.ENTERED_IN_ERROR))
-    assert kinds(retracted) == ["corrected"]
+    assert retracted.outcomes[0].duplicate_kind == DuplicateKind.RESTATEMENT
     assert hr_values(retracted.state) == [80.0]
     restored = apply(retracted.state, ev("fhir:1", 140.0, version=4, source=Source.FHIR, status=Status.AMENDED))
-    assert kinds(restored) == ["corrected"]
+    assert restored.outcomes[0].duplicate_kind == DuplicateKind.RESTATEMENT
     assert hr_values(restored.state) == [80.0]
     redelivered = apply(restored.state, ev("fhir:1", 80.0, version=1, source=Source.FHIR))
     assert kinds(redelivered) == ["duplicate"]
@@ -321,15 +386,16 @@ def test_to_dict_from_dict_round_trip_through_json_preserves_behaviour():
     assert restored.to_dict() == s.to_dict()
     follow_up = [
         ev("cdc:1", 80.0, T0),  # redelivery
-        ev("fhir:1", 99.0, T0, version=2, source=Source.FHIR, status=Status.AMENDED),  # alias correction
+        ev("fhir:1", 99.0, T0, version=2, source=Source.FHIR, status=Status.AMENDED),  # alias: a restatement
         ev("x", 70.0, T0, version=1),  # stale version of a retracted fact
+        ev("x", None, T0, version=2, status=Status.ENTERED_IN_ERROR),  # retracted again: a restatement
         ev("b", 110.0, T0 + 20 * MIN, version=2, status=Status.AMENDED),
         ev("late", 1.0, T0 - 2 * HOUR),
         ev("c", 120.0, T0 + 30 * MIN),
     ]
     a, b = apply(s, *follow_up), apply(restored, *follow_up)
     assert a.outcomes == b.outcomes
-    assert kinds(a) == ["duplicate", "corrected", "duplicate", "corrected", "late", "accepted"]
+    assert kinds(a) == ["duplicate", "duplicate", "duplicate", "duplicate", "corrected", "late", "accepted"]
     assert compute_features(a.state, a.state.clock) == compute_features(b.state, b.state.clock)
 
 
@@ -364,7 +430,7 @@ def test_a_state_written_in_format_1_loads_with_its_facts_taken_as_final():
            "facts": {codes.HEART_RATE: [[T0, "a", 80.0, "cdc", 1]]}}
     s = PatientState.from_dict(orjson.loads(orjson.dumps(old)))
     assert preliminary_flags(s) == [False] and hr_values(s) == [80.0]
-    assert s.to_dict()["format"] == 2
+    assert s.to_dict()["format"] == STATE_FORMAT
     assert kinds(apply(s, ev("a", 80.0, T0))) == ["duplicate"]  # its dedupe memory still holds
 
 
