@@ -47,14 +47,32 @@ def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         table.add_row(r["variable"], str(r["value"]), r["source"], r["description"])
     console.print(table)
 console = Console()
+err_console = Console(stderr=True)  # errors never mix with a command's output (query --csv, check)
 
 
 def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    from wardwatch.settings import settings_errors
+
     try:
         return load_settings()
-    except Exception as exc:  # pydantic ValidationError: say which variable is wrong
-        console.print(f"[red]invalid WARDWATCH_* settings:[/] {exc}")
+    except ValidationError as exc:
+        lines = settings_errors(exc)
+        err_console.print("[red]invalid settings:[/] " + "\n  ".join(lines), highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+
+
+def _kafka_settings() -> Settings:
+    """Settings of a command that needs the broker: stop in one line when it cannot be reached."""
+    from wardwatch.preflight import broker_problem
+
+    settings = _settings()
+    problem = broker_problem(settings)
+    if problem:
+        err_console.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    return settings
 
 
 def _observe(service: str) -> None:
@@ -108,8 +126,8 @@ def ingest() -> None:
     """Run the ingest worker: raw CDC + FHIR topics -> canonical micro-batches + dead letters."""
     from streams.ingest import run_ingest
 
+    settings = _kafka_settings()
     _observe("ingest")
-    settings = _settings()
     _run_until_signal(lambda stop: run_ingest(settings, stop))
 
 
@@ -119,7 +137,7 @@ def worker(loglevel: Optional[str] = typer.Option(None, help="Log level (default
     from schemas.model_contract import ContractError
     from streams.app import run_worker
 
-    settings = _settings()
+    settings = _kafka_settings()
     level = (loglevel or settings.log_level).upper()
     try:
         run_worker(settings.model_copy(update={"log_level": level}), loglevel={"WARNING": "WARN"}.get(level, level))
@@ -136,8 +154,9 @@ def cds() -> None:
     """
     from streams.cds import run_cds
 
+    settings = _kafka_settings()
     _observe("cds")
-    run_cds(_settings())
+    run_cds(settings)
 
 
 @app.command()
@@ -146,8 +165,8 @@ def archiver() -> None:
     from streams.archiver import Archiver
     from streams.topics import ensure_topics, topics_for
 
+    settings = _kafka_settings()
     _observe("archiver")
-    settings = _settings()
     topics = topics_for(settings)
     ensure_topics(settings, topics)
     _run_until_signal(lambda stop: Archiver(settings, topics).run(stop))
@@ -167,8 +186,8 @@ def subscriptions(ctx: typer.Context) -> None:
         return
     from streams.subscription_watch import run_subscription_watch
 
+    settings = _kafka_settings()
     _observe("subscriptions")
-    settings = _settings()
     _run_until_signal(lambda stop: run_subscription_watch(settings, stop))
 
 
@@ -187,6 +206,7 @@ def subscriptions_recover() -> None:
         console.print("[red]no FHIR server configured:[/] set WARDWATCH_FHIR_SERVER_URL (and WARDWATCH_FHIR_AUTH_TOKEN "
                       "if the server needs one)")
         raise typer.Exit(2)
+    _kafka_settings()
     topics = topics_for(settings)
     ensure_topics(settings, topics)
     client = FhirClient(settings)
@@ -475,8 +495,8 @@ def receiver(
     Token, size limit, in-flight bound and ack timeout: WARDWATCH_RECEIVER_* (see wardwatch/settings.py)."""
     from streams.receiver import run_receiver
 
+    settings = _kafka_settings()
     _observe("receiver")
-    settings = _settings()
     overrides = {k: v for k, v in {"receiver_host": host, "receiver_port": port}.items() if v is not None}
     run_receiver(settings.model_copy(update=overrides))
 
@@ -518,7 +538,7 @@ def stats(
     from streams.stats import read_stats, stats_table, summarize
     from streams.topics import topics_for
 
-    settings = _settings()
+    settings = _kafka_settings()
     try:
         summary = summarize(read_stats(settings, topics_for(settings), timeout_s=timeout))
     except Exception as exc:  # KafkaException / TimeoutError: say what to check

@@ -29,6 +29,12 @@ def _settings():
     return settings_or_exit()
 
 
+def _kafka_settings():
+    from wardwatch.cli import _kafka_settings as settings_or_exit
+
+    return settings_or_exit()
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]{exc}[/]")
     raise typer.Exit(1)
@@ -180,7 +186,7 @@ def redrive(
     from wardwatch.deploy import DeployError, redrive_deadletters
 
     try:
-        counts = redrive_deadletters(_settings(), set(reason) if reason else None, dry_run=dry_run, idle_s=idle_s)
+        counts = redrive_deadletters(_kafka_settings(), set(reason) if reason else None, dry_run=dry_run, idle_s=idle_s)
     except DeployError as exc:
         _fail(exc)
     verb = "would be redriven" if dry_run else "redriven"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -165,3 +165,21 @@ def describe_settings(settings: Settings) -> list[dict]:
                      "source": "environment" if variable in os.environ else "default",
                      "description": field.description or ""})
     return rows
+
+
+def settings_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, named by its environment variable, with what it should be
+    (a secret's value is never shown)."""
+    fields = Settings.model_fields
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        field = fields.get(name)
+        if field is None:
+            lines.append(error["msg"])
+            continue
+        secret = "SecretStr" in str(field.annotation)
+        shown = "(secret)" if secret else repr(error.get("input"))
+        meaning = f" ({field.description})" if field.description else ""
+        lines.append(f"WARDWATCH_{name.upper()}={shown}: {error['msg']}{meaning}")
+    return lines

@@ -1,0 +1,36 @@
+"""Checks a command runs before it starts work, so a newcomer's mistake costs one clear line.
+
+Without them a wrong WARDWATCH_BOOTSTRAP_SERVERS makes the ingest and the worker retry for ever,
+the archiver die in a traceback after 30 s, and librdkafka print a line to stderr every 50 ms.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from wardwatch.settings import Settings
+
+BROKER_WAIT_S = 15.0
+
+_quiet = logging.getLogger("wardwatch.preflight.librdkafka")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False  # librdkafka's connection errors: the one-line message below says it all
+
+
+def broker_problem(settings: Settings, timeout_s: float | None = None) -> str | None:
+    """None when the broker answers a metadata request within timeout_s (default BROKER_WAIT_S); else
+    what to do, in one line."""
+    timeout_s = BROKER_WAIT_S if timeout_s is None else timeout_s
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.kafka_client_config("preflight") | {"logger": _quiet})
+    try:
+        admin.list_topics(timeout=timeout_s)
+        return None
+    except KafkaException as exc:
+        error = exc.args[0]
+        why = error.str() if hasattr(error, "str") else str(error)
+    return (f"cannot reach the Kafka broker at {settings.bootstrap_servers} within {timeout_s:g} s ({why}): "
+            "start it (`wardwatch broker` runs an embedded one on 127.0.0.1:9092; `docker compose up -d kafka`) "
+            "or point WARDWATCH_BOOTSTRAP_SERVERS at it (and check WARDWATCH_KAFKA_SECURITY_PROTOCOL / SASL)")
