@@ -246,6 +246,9 @@ def rollback(model_dir: Path | str, *, why: str, who: str | None = None) -> dict
     """Point `current` back at the version it named before the last promotion (still verified)."""
     stack = _current_stack(read_history(model_dir))
     now = current_version(model_dir)
+    if now is None:
+        raise PromotionRefused(f"nothing to roll back to: no model is current in {Path(model_dir)}; use "
+                               "`wardwatch model promote VERSION` to choose one")
     if len(stack) < 2 or stack[-1] != now:
         raise PromotionRefused(
             f"nothing to roll back to: the history in {Path(model_dir) / HISTORY_FILE} has no earlier current "

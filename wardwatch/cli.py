@@ -50,8 +50,17 @@ console = Console()
 err_console = Console(stderr=True)  # errors never mix with a command's output (query --csv, check)
 
 
+def _fail(message: str, code: int = 2) -> None:
+    """One red line on stderr (not wrapped, so it can be grepped and copied), then exit."""
+    from rich.markup import escape
+
+    err_console.print(f"[red]{escape(message)}[/]", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
 def _settings() -> Settings:
     from pydantic import ValidationError
+    from rich.markup import escape
 
     from wardwatch.settings import settings_errors
 
@@ -59,7 +68,7 @@ def _settings() -> Settings:
         return load_settings()
     except ValidationError as exc:
         lines = settings_errors(exc)
-        err_console.print("[red]invalid settings:[/] " + "\n  ".join(lines), highlight=False, soft_wrap=True)
+        err_console.print("[red]invalid settings:[/] " + escape("\n  ".join(lines)), highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 
@@ -70,8 +79,7 @@ def _kafka_settings() -> Settings:
     settings = _settings()
     problem = broker_problem(settings)
     if problem:
-        err_console.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        _fail(problem)
     return settings
 
 
@@ -233,12 +241,22 @@ def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1")) -> None:
 @batch_app.command("nightly")
 def batch_nightly(full: bool = typer.Option(False, "--full",
                                            help="Rebuild from every archive part (default: only parts not yet processed)")) -> None:
-    """Rebuild the DuckDB file from the archive, recompute features offline and check parity."""
+    """Rebuild the DuckDB file from the archive, recompute features offline and check parity.
+
+    Reads WARDWATCH_DATA_DIR/archive (the archiver's Parquet parts) and writes WARDWATCH_DATA_DIR/wardwatch.duckdb
+    and an HTML report under WARDWATCH_DATA_DIR/reports. Exits 1 when parity fails."""
     from batch.nightly import run_nightly
 
     settings = _settings()
-    with console.status("nightly rebuild"):
-        result = run_nightly(settings, full=full, progress=lambda step: console.log(step))
+    if not settings.archive_dir.is_dir():
+        _fail(f"no archive at {settings.archive_dir}: the archiver (`wardwatch archiver`) writes it; point "
+              "WARDWATCH_DATA_DIR at the directory that holds archive/", code=1)
+    with console.status("nightly rebuild") as status:
+        def progress(step: str) -> None:
+            status.update(f"nightly rebuild: {step}")
+            console.log(step)
+
+        result = run_nightly(settings, full=full, progress=progress)
     p = result["parity"]
     console.print(f"{result['duckdb_path']}: {result['new_parts']} new archive parts, {p['points_checked']} scoring "
                   f"points, {p['values_checked']} values, {p['mismatched']} mismatched")
@@ -267,14 +285,74 @@ def batch_dataset(
         raise typer.Exit(1)
 
 
-@batch_app.command("train")
-def batch_train(version: Optional[str] = typer.Option(None, help="Version name (default: a timestamp)"),
-                promote_if_none: bool = typer.Option(True, help="Make it current when no model is current")) -> None:
-    """Train a model from the rebuilt DuckDB file into the model registry."""
+@batch_app.command("train", epilog="Example: WARDWATCH_DATA_DIR=data/train WARDWATCH_MODEL_DIR=data/train/models "
+                                   "wardwatch batch train --version v0002")
+def batch_train(version: Optional[str] = typer.Option(None, help="Version name: letters, digits, '.', '_', '-' "
+                                                                 "(default: v<UTC timestamp>)"),
+                promote_if_none: bool = typer.Option(True, help="Make it current when no model is current (the gate "
+                                                                "still has to pass)"),
+                as_json: bool = typer.Option(False, "--json", help="Print the whole model card as JSON")) -> None:
+    """Train a model on the nightly's DuckDB file (WARDWATCH_DATA_DIR/wardwatch.duckdb) into the model registry
+    (WARDWATCH_MODEL_DIR), then run the promotion gate: it becomes `current` only when it beats the current model
+    and NEWS2 on the held-out patients (WARDWATCH_GATE_MIN_AUROC_GAIN / _AUPRC_GAIN), else `candidate`."""
+    import duckdb
+
+    from batch.registry import check_version_name
     from batch.retrain import retrain
 
-    card = retrain(_settings(), version=version, promote_if_none=promote_if_none)
-    console.print_json(data={k: card.get(k) for k in ("version", "metrics", "promoted", "gate")})
+    settings = _settings()
+    if not settings.duckdb_path.exists():
+        _fail(f"{settings.duckdb_path} does not exist: run `wardwatch batch nightly` (or `wardwatch batch dataset`) "
+              "first, or point WARDWATCH_DATA_DIR at the directory that holds wardwatch.duckdb")
+    try:
+        if version is not None:
+            check_version_name(version)
+        if version is not None and (settings.model_dir / version).exists():
+            raise FileExistsError(f"model version {version!r} already exists in {settings.model_dir}: "
+                                  "choose another --version (see `wardwatch model list`)")
+    except (ValueError, FileExistsError) as exc:
+        _fail(str(exc))
+    try:
+        with console.status(f"training on {settings.duckdb_path}"):
+            card = retrain(settings, version=version, promote_if_none=promote_if_none)
+    except ValueError as exc:  # too little data: no points, one patient, one label class
+        _fail(f"cannot train on {settings.duckdb_path}: {exc}. A model needs patients who deteriorate and patients "
+              "who do not: build more data (`wardwatch batch dataset --patients 300`; README, 'The offline plane')")
+    except duckdb.Error as exc:
+        _fail(f"cannot read {settings.duckdb_path}: {exc} (is it a wardwatch nightly file? rebuild it with "
+              "`wardwatch batch nightly --full`)")
+    if as_json:
+        typer.echo(orjson_dumps(card))
+        return
+    console.print(train_summary(card, settings.model_dir), highlight=False, soft_wrap=True)
+
+
+def orjson_dumps(data: dict) -> str:
+    import orjson
+
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
+
+
+def train_summary(card: dict, model_dir: Path) -> str:
+    """What a data scientist reads after `batch train`: held-out metrics next to NEWS2, and the gate's verdict."""
+    def num(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    metrics = card["metrics"]
+    model, news2 = metrics["model"], metrics.get("news2") or {}
+    gate = card.get("gate", {})
+    lines = [f"{card['version']} in {model_dir}: {card['n_train_patients']} training / {card['n_test_patients']} "
+             f"held-out patients, {model.get('n_rows')} held-out rows at risk ({model.get('positives')} positive)",
+             f"  model  AUROC {num(model.get('auroc'))}  AUPRC {num(model.get('auprc'))}  Brier {num(model.get('brier'))}",
+             f"  NEWS2  AUROC {num(news2.get('auroc'))}  AUPRC {num(news2.get('auprc'))}",
+             f"gate: {gate.get('decision', '?')}" + (f", kept as {gate['outcome']}" if gate.get("outcome") not in
+                                                      (None, gate.get("decision"), "promoted") else "")]
+    lines += [f"  - {reason}" for reason in gate.get("reasons", [])]
+    if model.get("auroc") is None:
+        lines.append("held-out metrics are not computable (the held-out rows hold one class): too little data for "
+                     "this model to be judged; build more (`wardwatch batch dataset --patients 300`)")
+    lines.append(f"card: {model_dir / card['version'] / 'card.json'}  (--json prints it)")
+    return "\n".join(lines)
 
 
 @model_app.command("list")
@@ -306,13 +384,16 @@ def model_list() -> None:
 def model_promote(version: str = typer.Argument(..., help="The version to make current"),
                   reason: str = typer.Option("manual promotion", "--reason", help="Why (kept in the registry history)")) -> None:
     """Make VERSION current after checking its sha256 and contract; the switch is atomic and recorded."""
-    from batch.registry import PromotionRefused, promote
+    from batch.registry import PromotionRefused, check_version_name, promote
 
+    model_dir = _settings().model_dir
     try:
-        entry = promote(_settings().model_dir, version, why=reason)
+        if not (model_dir / check_version_name(version)).is_dir():
+            raise PromotionRefused(f"no model version {version!r} in {model_dir} (WARDWATCH_MODEL_DIR): "
+                                   "`wardwatch model list` shows the versions there")
+        entry = promote(model_dir, version, why=reason)
     except (PromotionRefused, ValueError) as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1)
+        _fail(str(exc), code=1)
     console.print(f"current: {entry['from']} -> {entry['to']} (by {entry['who']} at {entry['at']})")
 
 
@@ -324,8 +405,7 @@ def model_rollback(reason: str = typer.Option("manual rollback", "--reason", hel
     try:
         entry = rollback(_settings().model_dir, why=reason)
     except (PromotionRefused, ValueError) as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1)
+        _fail(str(exc), code=1)
     console.print(f"current: {entry['from']} -> {entry['to']} (by {entry['who']} at {entry['at']})")
 
 
@@ -456,8 +536,8 @@ def query(
 
     path = _settings().duckdb_path
     if not path.exists():
-        console.print(f"[red]{path} does not exist:[/] run `wardwatch batch nightly` (or `wardwatch demo`) first")
-        raise typer.Exit(1)
+        _fail(f"{path} does not exist: run `wardwatch batch nightly` first, or point WARDWATCH_DATA_DIR at the "
+              "directory that holds wardwatch.duckdb (the demo's: WARDWATCH_DATA_DIR=data/demo)", code=1)
     if sql is None:
         console.print(schema_summary(path))
         return

@@ -275,7 +275,9 @@ def _print_summary(console: Console, s: dict) -> None:
                       else "[red]accounting FAILED[/]: see `wardwatch stats`")
     verdict = "[green]parity OK[/]" if s["parity_ok"] else "[red]parity FAILED[/]"
     console.print(f"{verdict}: {s['parity_points']} scoring points, {s['parity_checked']} feature values compared.")
-    console.print(f"Open the database: duckdb {s['duckdb_path']}  (or `wardwatch query`)")
+    # `wardwatch query` reads WARDWATCH_DATA_DIR (default data/), not the demo's directory
+    console.print(f"Open the database: `WARDWATCH_DATA_DIR={Path(s['duckdb_path']).parent} wardwatch query` "
+                  f"(or duckdb -readonly {s['duckdb_path']})", highlight=False, soft_wrap=True)
 
 
 def write_summary(summary: dict, path: Path) -> None:

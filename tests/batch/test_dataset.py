@@ -4,6 +4,7 @@ archive -> nightly, then the training table is read back from the DuckDB file it
 from __future__ import annotations
 
 import json
+import os
 
 import duckdb
 import pytest
@@ -59,3 +60,25 @@ def test_the_command_is_registered_with_help():
     result = CliRunner().invoke(app, ["batch", "dataset", "--help"])
     assert result.exit_code == 0
     assert "--patients" in result.output and "clinosim" in result.output
+
+
+@pytest.mark.timeout(240)
+def test_train_on_the_dataset_reports_held_out_metrics_and_the_gate_or_why_it_cannot(dataset, tmp_path,
+                                                                                     monkeypatch):
+    out, _ = dataset
+    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
+        monkeypatch.delenv(name)
+    env = {"WARDWATCH_DATA_DIR": str(out), "WARDWATCH_MODEL_DIR": str(tmp_path / "models")}
+
+    result = CliRunner().invoke(app, ["batch", "train", "--version", "t1"], env=env)
+
+    assert isinstance(result.exception, (SystemExit, type(None))), result.output  # never a traceback
+    if result.exit_code == 0:  # a readable summary, not the card's reliability tables
+        assert "t1 in" in result.output and "held-out" in result.output and "gate:" in result.output
+        assert "reliability" not in result.output
+        card = json.loads((tmp_path / "models" / "t1" / "card.json").read_text())
+        assert f"{card['n_test_patients']} held-out patients" in result.output
+        if card["metrics"]["model"]["auroc"] is None:  # the held-out patients hold one class: say what that means
+            assert "held-out metrics are not computable" in result.output and "--patients 300" in result.output
+    else:  # three patients may hold one label class: say so
+        assert result.exit_code == 2 and "cannot train on" in result.output, result.output

@@ -47,3 +47,71 @@ def test_an_invalid_setting_is_named_by_its_variable_with_its_value_and_meaning(
     assert "Partition count of the per-patient topics" in result.output
     assert "WARDWATCH_STATS_INTERVAL_S='-1': Input should be greater than 0" in result.output
     assert "errors.pydantic.dev" not in result.output
+
+
+def test_train_without_the_nightly_file_says_where_it_looked_and_what_to_run(clean_env, tmp_path):
+    result = invoke("batch", "train", env={"WARDWATCH_DATA_DIR": str(tmp_path / "nowhere"),
+                                           "WARDWATCH_MODEL_DIR": str(tmp_path / "models")})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"{tmp_path / 'nowhere' / 'wardwatch.duckdb'} does not exist" in result.output
+    assert "wardwatch batch nightly" in result.output and "WARDWATCH_DATA_DIR" in result.output
+    assert not (tmp_path / "models").exists()
+
+
+def test_train_on_too_little_data_says_why_and_how_to_get_more(clean_env, tmp_path):
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "wardwatch.duckdb")) as con:  # a nightly file with no scoring point yet
+        con.execute("CREATE TABLE canonical_events (patient_id VARCHAR)")
+        con.execute('CREATE TABLE features_online (patient_id VARCHAR, scoring_ms BIGINT, "partition" INTEGER, '
+                    '"offset" BIGINT)')
+
+    result = invoke("batch", "train", env={"WARDWATCH_DATA_DIR": str(tmp_path),
+                                           "WARDWATCH_MODEL_DIR": str(tmp_path / "models")})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "cannot train on" in result.output and "no scoring points" in result.output
+    assert "wardwatch batch dataset --patients 300" in result.output
+
+
+def test_train_refuses_a_taken_or_malformed_version_before_training(clean_env, tmp_path):
+    (tmp_path / "wardwatch.duckdb").touch()
+    (tmp_path / "models" / "v0001").mkdir(parents=True)
+    env = {"WARDWATCH_DATA_DIR": str(tmp_path), "WARDWATCH_MODEL_DIR": str(tmp_path / "models")}
+
+    taken = invoke("batch", "train", "--version", "v0001", env=env)
+    malformed = invoke("batch", "train", "--version", "../v2", env=env)
+
+    assert taken.exit_code == 2 and "model version 'v0001' already exists" in taken.output, taken.output
+    assert malformed.exit_code == 2 and "invalid model version name '../v2'" in malformed.output, malformed.output
+
+
+def test_promoting_a_version_that_is_not_there_names_it_and_the_registry(clean_env, tmp_path):
+    result = invoke("model", "promote", "v9", env={"WARDWATCH_MODEL_DIR": str(tmp_path)})
+
+    assert result.exit_code == 1
+    assert f"no model version 'v9' in {tmp_path}" in result.output and "wardwatch model list" in result.output
+    assert "FileNotFoundError" not in result.output
+
+
+def test_rolling_back_with_no_current_model_says_so(clean_env, tmp_path):
+    result = invoke("model", "rollback", env={"WARDWATCH_MODEL_DIR": str(tmp_path)})
+
+    assert result.exit_code == 1
+    assert "no model is current" in result.output and "None" not in result.output
+
+
+def test_nightly_without_an_archive_points_at_the_data_dir_and_writes_nothing(clean_env, tmp_path):
+    result = invoke("batch", "nightly", env={"WARDWATCH_DATA_DIR": str(tmp_path / "typo")})
+
+    assert result.exit_code == 1
+    assert f"no archive at {tmp_path / 'typo' / 'archive'}" in result.output and "WARDWATCH_DATA_DIR" in result.output
+    assert not (tmp_path / "typo").exists()  # no empty database to mistake for a real one
+
+
+def test_query_without_the_file_says_which_setting_picks_it(clean_env, tmp_path):
+    result = invoke("query", env={"WARDWATCH_DATA_DIR": str(tmp_path)})
+
+    assert result.exit_code == 1
+    assert "WARDWATCH_DATA_DIR" in result.output and "data/demo" in result.output
