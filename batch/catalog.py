@@ -94,14 +94,17 @@ COLUMNS: dict[str, str] = {
     "error": "Why the archiver could not decode the record",
     "snapshot_id": "Deterministic id of the feature snapshot / score",
     "scoring_ms": "Scoring time T: the patient clock after the scored message" + _MS,
-    "model_version": "Model version that scored; null on the NEWS2 rule path",
-    "path": "model (ONNX) or rule (NEWS2 fallback)",
-    "probability": "Predicted probability of deterioration (model path)",
+    "model_version": "Model version that scored; null when no model did (no model current, or a NEWS2 input "
+                     "missing: the rule path without a probability)",
+    "path": "model (the ONNX model's tier); rule (NEWS2's tier: no model scored, or NEWS2's tier was above the "
+            "model's, which keeps its probability and model_version); shadow (scores_shadow: the candidate model)",
+    "probability": "Predicted probability of deterioration; null when no model scored (rule path without a model)",
     "news2": "NEWS2 aggregate score at the scoring point",
-    "tier": "Risk tier: low, medium or high",
+    "tier": "Risk tier: none, low (model probability at/above WARDWATCH_ALERT_RESET, below the alert threshold), "
+            "medium or high (streams/scoring.py); alerts open at medium",
     "rationale_json": "Top contributing features, as JSON",
     "alert_id": "Deterministic alert id (consumers drop duplicates by it)",
-    "kind": "Alert kind (open, escalate, ...) / archive kind of a part file",
+    "kind": "Alert kind: open, escalate, resolve or correction (streams/alerting.py)",
     "resource": "The FHIR RiskAssessment resource, JSON",
     "subscription": "FHIR Subscription the gap belongs to",
     "gap_kind": "Kind of the gap record (gap, missed heartbeat, ...)",
@@ -139,7 +142,9 @@ PER_TABLE: dict[str, dict[str, str]] = {
                       "scoring_ms": "Scoring time of the point (check = feature)" + _MS},
     "observations": {"outcome": "How the fact first entered the system: accepted, late or duplicate"},
     "labels": {"news2": "NEWS2 at the scoring point from the facts issued by T (what training sees)"},
-    "alerts": {"ward": "The patient's ward when the alert was raised (routing header; null when unknown)",
+    "alerts": {"tier": "open/escalate: the tier alerted, medium or high; resolve: the tier at resolution (none "
+                       "or low), or the patient's latest tier on a resolve by discharge (streams/alerting.py)",
+               "ward": "The patient's ward when the alert was raised (routing header; null when unknown)",
                "status": "Status of the RiskAssessment: final, amended or entered-in-error (corrections)",
                "reason": "Why the alert was resolved: discharge; null otherwise",
                "preliminary_basis": "LOINC codes of the readings the alert rests on that are preliminary results "

@@ -58,7 +58,7 @@ FROM alerts a
 LEFT JOIN at_point l ON l.patient_id = a.patient_id AND l.scoring_ms = a.scoring_ms
 LEFT JOIN label_events e ON e.patient_id = a.patient_id AND e.onset_ms = l.onset_ms
 ORDER BY a.scoring_ms, a.alert_id, a.kind;
-COMMENT ON VIEW alert_outcomes IS 'Each alert against the onset label of its scoring point: at_risk, did the first onset follow within the horizon (outcome_followed; null when not evaluable), its criterion and the lead time in hours';
+COMMENT ON VIEW alert_outcomes IS 'Each alert record (every kind: filter kind = ''open'' for episodes opened) against the onset label of its scoring point: at_risk, did the first onset follow within the horizon (outcome_followed; null when not evaluable), its criterion and the lead time in hours';
 
 -- Per UTC day and model version: discrimination (AUROC by the rank-sum formula, ties averaged) of the
 -- served risk and of NEWS2 on the same labelled at-risk scoring points (the label's evaluation rows), and the

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import duckdb
 import orjson
@@ -14,10 +16,12 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from batch.catalog import column_comment
 from batch.features import scoring_points
 from batch.nightly import run_nightly
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
+from streams import alerting, scoring
 from streams.features import compute_features
 from streams.state import apply_batch
 from tests.batch.test_rebuild import A1, A2, B1, B2, C1, D1, STANDINS, T0, frame, hr, kafka, tables, write
@@ -185,6 +189,16 @@ def test_every_table_and_column_is_documented(settings):
     assert undocumented == []
     assert tables_seen == 18
     assert {"patient_timeline", "alert_outcomes", "model_performance_daily"} <= views
+
+
+@pytest.mark.parametrize("table, column, values", [
+    ("scores", "tier", get_args(scoring.Tier)), ("scores_shadow", "path", get_args(scoring.ScoringPath)),
+    ("scores", "path", get_args(scoring.ScoringPath)), ("alerts", "kind", get_args(alerting.Kind)),
+    ("alerts", "status", get_args(alerting.Status)), ("canonical_events", "status", [s.value for s in Status]),
+])
+def test_an_enumerated_column_comment_names_every_value_the_stream_writes(table, column, values):
+    comment = column_comment(table, column)  # what an analyst reads in duckdb_columns()
+    assert [v for v in values if not re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", comment)] == [], comment
 
 
 LOW_BP = CanonicalEvent(patient_id="p1", code=codes.SYSTOLIC_BP, value=85.0, unit="mm[Hg]",
