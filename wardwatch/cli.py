@@ -20,7 +20,8 @@ app.add_typer(batch_app, name="batch")
 from wardwatch.deploy_cli import deploy_app  # noqa: E402  (the `deploy` group: one-shot services of docker-compose.yml)
 
 app.add_typer(deploy_app, name="deploy")
-model_app = typer.Typer(help="The model registry: list, promote, roll back.", no_args_is_help=True)
+model_app = typer.Typer(help="The model registry in WARDWATCH_MODEL_DIR (default models/): list, promote, roll back.",
+                        no_args_is_help=True)
 app.add_typer(model_app, name="model")
 config_app = typer.Typer(help="The settings every service reads (WARDWATCH_* environment variables).",
                          no_args_is_help=True)
@@ -131,7 +132,10 @@ def demo(
 
 @app.command()
 def ingest() -> None:
-    """Run the ingest worker: raw CDC + FHIR topics -> canonical micro-batches + dead letters."""
+    """Run the ingest worker: raw CDC + FHIR topics -> canonical micro-batches + dead letters.
+
+    Broker and topics from WARDWATCH_BOOTSTRAP_SERVERS / WARDWATCH_TOPIC_PREFIX (`wardwatch config show`); exits 2
+    when the broker does not answer within 15 s. SIGTERM/Ctrl-C stops it cleanly."""
     from streams.ingest import run_ingest
 
     settings = _kafka_settings()
@@ -141,7 +145,10 @@ def ingest() -> None:
 
 @app.command()
 def worker(loglevel: Optional[str] = typer.Option(None, help="Log level (default: WARDWATCH_LOG_LEVEL)")) -> None:
-    """Run the faust worker: per-patient state, features, scoring, alerts."""
+    """Run the faust worker: per-patient state, features, scoring, alerts.
+
+    Scores with the model WARDWATCH_MODEL_DIR's `current` names (NEWS2 rule without one); exits 2 when the broker
+    (WARDWATCH_BOOTSTRAP_SERVERS) does not answer within 15 s."""
     from schemas.model_contract import ContractError
     from streams.app import run_worker
 
@@ -169,7 +176,9 @@ def cds() -> None:
 
 @app.command()
 def archiver() -> None:
-    """Run the archiver: output topics -> Parquet under the data directory."""
+    """Run the archiver: output topics -> Parquet under WARDWATCH_DATA_DIR/archive (what `batch nightly` reads).
+
+    Exits 2 when the broker (WARDWATCH_BOOTSTRAP_SERVERS) does not answer within 15 s."""
     from streams.archiver import Archiver
     from streams.topics import ensure_topics, topics_for
 
@@ -526,12 +535,14 @@ def _write_json(result: dict, json_path: Optional[Path]) -> None:
         console.print(f"written to {json_path}")
 
 
-@app.command()
+@app.command(epilog="Example: WARDWATCH_DATA_DIR=data/demo wardwatch query \"SELECT kind, count(*) FROM alerts "
+                    "GROUP BY kind\" --csv")
 def query(
     sql: Optional[str] = typer.Argument(None, help="SQL to run read-only; omit it for the schema summary"),
     csv: bool = typer.Option(False, "--csv", help="Print the result as CSV instead of a table"),
 ) -> None:
-    """Query the reconciled DuckDB file read-only; without SQL, list its tables and views and how to open it."""
+    """Query the reconciled DuckDB file (WARDWATCH_DATA_DIR/wardwatch.duckdb) read-only; without SQL, list its
+    tables and views with their comments and how to open it elsewhere."""
     from batch.catalog import query_result, schema_summary
 
     path = _settings().duckdb_path
