@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,8 +28,8 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
 
     # consumer-group timing; Tansu holds JoinGroup ~half the session timeout, so keep it short
-    session_timeout_s: float = Field(6.0, description="Consumer group session timeout (seconds)")
-    heartbeat_interval_s: float = Field(2.0, description="Consumer group heartbeat interval (seconds)")
+    session_timeout_s: float = Field(6.0, gt=0, description="Consumer group session timeout (seconds)")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="Consumer group heartbeat interval (seconds; below the session timeout)")
     # static group membership (KIP-345) for the ingest and the worker: a restarted process with the same
     # id takes its partitions back at once instead of waiting out its dead predecessor's session
     static_membership: bool = Field(False, description="Join the ingest and worker groups as a static member (group.instance.id); needs an id unique per process within each group")
@@ -61,8 +61,8 @@ class Settings(BaseSettings):
 
     # scoring
     model_dir: Path = Field(Path("models"), description="Model registry directory (holds `current`)")
-    alert_threshold: float = Field(0.5, description="Model probability at/above which an alert episode opens")
-    alert_reset: float = Field(0.4, description="Probability below which an open alert episode resolves (hysteresis)")
+    alert_threshold: float = Field(0.5, ge=0, le=1, description="Model probability at/above which an alert episode opens")
+    alert_reset: float = Field(0.4, ge=0, le=1, description="Probability below which an open alert episode resolves (hysteresis; at most alert_threshold)")
     scoring_min_interval_s: int = Field(300, ge=0, description="Event time between two vitals scoring points of a patient (seconds; 0: every new vitals set; schemas/cadence.py)")
     shadow_model_dir: Path | None = Field(
         None, description="Registry of the shadow (candidate) model: its `current` names the version to shadow-score. "
@@ -117,6 +117,18 @@ class Settings(BaseSettings):
     @property
     def duckdb_path(self) -> Path:
         return self.data_dir / "wardwatch.duckdb"
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> "Settings":
+        # pairs that only make sense together: say which two variables disagree
+        if self.alert_reset > self.alert_threshold:
+            raise ValueError(f"WARDWATCH_ALERT_RESET={self.alert_reset} is above WARDWATCH_ALERT_THRESHOLD="
+                             f"{self.alert_threshold}: an episode would resolve at probabilities that open one")
+        if self.heartbeat_interval_s >= self.session_timeout_s:
+            raise ValueError(f"WARDWATCH_HEARTBEAT_INTERVAL_S={self.heartbeat_interval_s} must be below "
+                             f"WARDWATCH_SESSION_TIMEOUT_S={self.session_timeout_s} (Kafka drops a member that "
+                             f"misses heartbeats for a session timeout)")
+        return self
 
     def group_instance_id(self) -> str | None:
         """The group.instance.id of this process's ingest or worker consumer (None: dynamic membership)."""
@@ -175,8 +187,8 @@ def settings_errors(exc: ValidationError) -> list[str]:
     for error in exc.errors():
         name = str(error["loc"][0]) if error["loc"] else ""
         field = fields.get(name)
-        if field is None:
-            lines.append(error["msg"])
+        if field is None:  # a check across settings (_settings_agree): its message names them
+            lines.append(error["msg"].removeprefix("Value error, "))
             continue
         secret = "SecretStr" in str(field.annotation)
         shown = "(secret)" if secret else repr(error.get("input"))

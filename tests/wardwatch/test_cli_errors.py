@@ -49,6 +49,21 @@ def test_an_invalid_setting_is_named_by_its_variable_with_its_value_and_meaning(
     assert "errors.pydantic.dev" not in result.output
 
 
+@pytest.mark.parametrize(("env", "says"), [
+    ({"WARDWATCH_ALERT_RESET": "0.6"}, "WARDWATCH_ALERT_RESET=0.6 is above WARDWATCH_ALERT_THRESHOLD=0.5"),
+    ({"WARDWATCH_ALERT_THRESHOLD": "0.3"}, "WARDWATCH_ALERT_RESET=0.4 is above WARDWATCH_ALERT_THRESHOLD=0.3"),
+    ({"WARDWATCH_HEARTBEAT_INTERVAL_S": "6"}, "WARDWATCH_HEARTBEAT_INTERVAL_S=6.0 must be below WARDWATCH_SESSION_TIMEOUT_S=6.0"),
+    ({"WARDWATCH_ALERT_THRESHOLD": "2"}, "WARDWATCH_ALERT_THRESHOLD='2': Input should be less than or equal to 1"),
+])
+def test_settings_that_contradict_each_other_are_refused_naming_both(clean_env, env, says):
+    # an alert that resolves above the probability that opens it would open and resolve on one point
+    result = invoke("config", "show", env=env)
+
+    assert result.exit_code == 2
+    assert says in result.output
+    assert "Value error" not in result.output
+
+
 def test_train_without_the_nightly_file_says_where_it_looked_and_what_to_run(clean_env, tmp_path):
     result = invoke("batch", "train", env={"WARDWATCH_DATA_DIR": str(tmp_path / "nowhere"),
                                            "WARDWATCH_MODEL_DIR": str(tmp_path / "models")})
