@@ -150,7 +150,12 @@ PER_TABLE: dict[str, dict[str, str]] = {
                "preliminary_basis": "LOINC codes of the readings the alert rests on that are preliminary results "
                                     "(the RiskAssessment says so too); empty when all are final, null in archive "
                                     "parts from before the stream sent it. Filter: len(preliminary_basis) > 0"},
-    **{table: {"idx": _POINT_IDX} for table in ("features_online", "scores", "scores_shadow")},
+    **{table: {"idx": _POINT_IDX,
+               "preliminary_basis": "LOINC codes of the readings the score rests on that are preliminary results; "
+                                    "empty when all are final, null in archive parts from before the stream sent "
+                                    "it. Filter: len(preliminary_basis) > 0"}
+       for table in ("scores", "scores_shadow")},
+    "features_online": {"idx": _POINT_IDX},
     "runs": {
         "run_id": "Id of the nightly run", "started_at": "When the run started (UTC)",
         "finished_at": "When the run finished writing (UTC)", "full": "True for a full rebuild",

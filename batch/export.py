@@ -51,7 +51,7 @@ class TablePolicy:
 
 
 _PATIENT = {"patient_id": "patient"}
-_SCORE_KEEP = ("model_version", "path", "probability", "news2", "tier")
+_SCORE_KEEP = ("model_version", "path", "probability", "news2", "tier", "preliminary_basis")
 POLICY: dict[str, TablePolicy] = {
     "patients": TablePolicy(_PATIENT, ("first_effective_ms", "last_effective_ms"), ("sex", "encounters"),
                             age_band=True),

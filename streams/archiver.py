@@ -15,7 +15,7 @@ One row per archived thing (`kafka_*` columns are the record's own position on i
     alerts      the header fields + resource_json (the FHIR RiskAssessment)
 
 Columns added later (idx, trigger, ... of features/scores; ward, status, original_alert_id, reason,
-preliminary_basis of alerts) are nullable: part files written before them read with nulls there.
+preliminary_basis of alerts and scores) are nullable: part files written before them read with nulls there.
     scores_shadow  the shadow (candidate) model's score records, in the scores shape
     gaps        FHIR subscription gap / missed-heartbeat records: subscription, gap_kind, record_json
     unreadable  an output record the archiver could not decode, or whose values do not fit its kind's
@@ -77,7 +77,8 @@ ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {
     "features": pa.schema([*_POINT_FIELDS, ("features_json", _S), *_KAFKA_FIELDS]),
     "scores": pa.schema([*_POINT_FIELDS, ("trigger_event_id", _S), ("features_hash", _S),
                          ("input_watermark", _WATERMARK), ("model_version", _S), ("path", _S), ("probability", _F),
-                         ("news2", _I), ("tier", _S), ("rationale_json", _S), *_KAFKA_FIELDS]),
+                         ("news2", _I), ("tier", _S), ("rationale_json", _S), ("preliminary_basis", _CODES),
+                         *_KAFKA_FIELDS]),
     "alerts": pa.schema([("alert_id", _S), ("kind", _S), ("tier", _S), ("patient_id", _S), ("encounter_id", _S),
                          ("ward", _S), ("scoring_ms", _I), ("model_version", _S), ("path", _S), ("status", _S),
                          ("original_alert_id", _S), ("reason", _S), ("resource_json", _S),
@@ -224,7 +225,7 @@ def _scores_rows(rec: RawRecord) -> list[Row]:
         "input_watermark": _watermark(d.get("input_watermark")),
         "model_version": _text(d.get("model_version")), "path": _text(d.get("path")),
         "probability": _float(d.get("probability")), "news2": _int(d.get("news2")), "tier": _text(d.get("tier")),
-        "rationale_json": _json_text(d.get("rationale")),
+        "rationale_json": _json_text(d.get("rationale")), "preliminary_basis": d.get("preliminary_basis"),
     } | _kafka(rec)
     return [Row("scores", utc_date(row["scoring_ms"]), row)]
 

@@ -71,6 +71,21 @@ def test_scoring_point_keeps_its_position_in_the_message_and_its_trigger(tmp_pat
     assert scores["input_watermark"].struct.field("event_ms").to_list() == [T + 60_000]
 
 
+def test_a_scores_preliminary_basis_is_a_list_column_analysts_filter_on(tmp_path):
+    score = POINT | {"trigger_event_id": "ev9", "features_hash": "abc123", "input_watermark": None,
+                     "model_version": "m1", "path": "model", "probability": 0.8, "news2": 4, "tier": "high",
+                     "rationale": []}
+    rows = [r for i, basis in enumerate((["2524-7"], [], None))
+            for r in rows_for("scores", record("x.scores", score | {"snapshot_id": f"s{i}"} |
+                                               ({} if basis is None else {"preliminary_basis": basis})))]
+    assert [r.values["preliminary_basis"] for r in rows] == [["2524-7"], [], None]  # null: sent before it existed
+    write_part(tmp_path, "scores", rows[0].date, [r.values for r in rows])
+    scores = rebuild.scores(rebuild.read_archive(tmp_path, "scores"))
+    assert scores.filter(scores["preliminary_basis"].list.len() > 0)["snapshot_id"].to_list() == ["s0"]
+    [bad] = rows_for("scores", record("x.scores", score | {"preliminary_basis": "2524-7"}))
+    assert bad.kind == "unreadable" and "preliminary_basis" in bad.values["error"]
+
+
 def test_part_files_from_before_the_new_point_columns_still_read(tmp_path):
     old_schema = pa.schema([(n, ARCHIVE_SCHEMAS["features"].field(n).type) for n in ARCHIVE_SCHEMAS["features"].names
                             if n not in ("idx", "trigger")])
