@@ -35,6 +35,9 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   carries as version n-1, else a NeedsFetch reference: `Type/id/_history/<n-1>` (vread), or
   `Type/id/_history` when n is unknown. A delete of a type wardwatch does not map is skipped and
   counted like its updates; id-only references to a deleted resource are not fetched (gone: 410).
+- An id-only reference the server answers 410 Gone (a notification of a delete without a DELETE entry)
+  is completed by streams/fhir_fetch.py with the DELETE entry `gone_delete_entry()` builds from the
+  instance history, so it is retracted exactly as a DELETE entry is.
 
 **One bad resource (Observation, Encounter, Patient) rejects the whole notification** (invalid
 resource, unusable status, bad or implausible value, unknown unit, no patient or time): the dead-lettered original can be replayed
@@ -337,10 +340,11 @@ def references_to_fetch(entries: list[dict], status: NotificationStatus) -> list
     return list(dict.fromkeys(missing + priors))  # de-duplicated, focus order, then the deletes'
 
 
-def complete_notification(value: bytes, fetched: dict[str, dict]) -> bytes:
+def complete_notification(value: bytes, fetched: dict[str, dict], gone: dict[str, dict] | None = None) -> bytes:
     """The full-resource equivalent of an id-only notification: the same status entry, the resources
     it carried, its DELETE entries (each with the version before the delete as its resource, when it
-    was fetched), then the other fetched resources (reference -> resource) in reference order."""
+    was fetched), then the other fetched resources (reference -> resource) in reference order, then a
+    DELETE entry for each reference the server answered 410 Gone (`gone`: reference -> gone_delete_entry)."""
     bundle = orjson.loads(value)
     entries = _dicts(bundle.get("entry"))
     kept, priors = [], set()
@@ -352,7 +356,7 @@ def complete_notification(value: bytes, fetched: dict[str, dict]) -> bytes:
         elif delete is not None or isinstance(entry.get("resource"), dict):
             kept.append(entry)
     added = [{"fullUrl": ref, "resource": resource} for ref, resource in fetched.items() if ref not in priors]
-    return orjson.dumps({**bundle, "entry": [entries[0], *kept, *added]})
+    return orjson.dumps({**bundle, "entry": [entries[0], *kept, *added, *(gone or {}).values()]})
 
 
 def _unversioned(reference: str) -> str:
@@ -422,21 +426,76 @@ def version_before_delete(history: Any, reference: str) -> dict | None:
     older than its newest delete (or the newest version when the history lists no delete); None if
     there is none. Pure: streams/fhir_fetch.py reads the history."""
     kind, rid = reference.split("/")[:2]
-    versions, deletes = [], []
+    versions = []
     for entry in _dicts(history.get("entry") if isinstance(history, dict) else None):
         resource = entry.get("resource")
-        try:
-            if isinstance(resource, dict):
-                if resource.get("resourceType") == kind and resource.get("id") == rid:
-                    meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
-                    versions.append((_resource_version(meta), resource))
-            elif (delete := _delete_of(entry)) is not None and delete.version is not None:
-                deletes.append(delete.version)
-        except Reject:  # an unreadable version or entry: not a candidate
-            continue
-    if deletes:  # a re-creation after the delete must not be taken for the deleted version
-        versions = [(v, r) for v, r in versions if v < max(deletes)]
+        if isinstance(resource, dict) and resource.get("resourceType") == kind and resource.get("id") == rid:
+            meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
+            try:
+                versions.append((_resource_version(meta), resource))
+            except Reject:  # an unreadable version: not a candidate
+                continue
+    if (newest := _newest_delete(history, reference)) is not None and newest[0].version is not None:
+        # a re-creation after the delete must not be taken for the deleted version
+        versions = [(v, r) for v, r in versions if v < newest[0].version]
     return max(versions, key=lambda vr: vr[0])[1] if versions else None
+
+
+def gone_delete_entry(reference: str, history: Any) -> dict | None:
+    """For a resource ("Type/id") the server answers 410 Gone: an id-only notification of its delete
+    carries no DELETE entry, so build the one a notification would have carried, from the instance
+    history (`GET Type/id/_history`): the newest delete's response (etag, lastModified) and the version
+    before it as its resource; the parser then retracts that version's facts as for a DELETE entry.
+    None when the history has no version before the delete. A type wardwatch does not map needs no
+    history (history None): its DELETE entry has no resource and is skipped and counted."""
+    entry = {"fullUrl": reference, "request": {"method": "DELETE", "url": reference}}
+    if not maps_type(reference):
+        return entry
+    prior = version_before_delete(history, reference)
+    if prior is None:
+        return None
+    newest = _newest_delete(history, reference)
+    response = newest[1] if newest is not None else {}
+    kept = {k: response[k] for k in ("etag", "lastModified") if isinstance(response.get(k), str)}
+    return {**entry, "response": kept, "resource": prior}
+
+
+def maps_type(reference: str) -> bool:
+    """Whether wardwatch maps the type of a reference ("Type/id..."): only those have facts to retract."""
+    return reference.split("/")[0] in _MAPPERS
+
+
+def _newest_delete(history: Any, reference: str) -> tuple[_Delete, dict] | None:
+    """The newest delete an instance history lists and its response: the highest etag version, else (no
+    versions) the first listed (histories list the newest first); None when it lists none."""
+    deletes = []
+    for entry in _dicts(history.get("entry") if isinstance(history, dict) else None):
+        try:
+            if (delete := _history_delete(entry, reference)) is not None:
+                response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
+                deletes.append((delete, response))
+        except Reject:  # an unreadable entry: not a delete
+            continue
+    versioned = [d for d in deletes if d[0].version is not None]
+    return max(versioned, key=lambda d: d[0].version) if versioned else next(iter(deletes), None)
+
+
+_DELETED_STATUSES = ("204", "410")
+
+
+def _history_delete(entry: dict, reference: str) -> _Delete | None:
+    """A delete in an instance history: an entry without a resource that is a DELETE request, or (servers
+    that omit the request) whose response.status is 204 or 410."""
+    if isinstance(entry.get("resource"), dict):
+        return None
+    if (delete := _delete_of(entry)) is not None:
+        return delete
+    response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
+    status = response.get("status")
+    if isinstance(status, str) and status.strip()[:3] in _DELETED_STATUSES:
+        return _Delete(_unversioned(reference), _etag_version(response.get("etag")),
+                       _lenient_ms(response.get("lastModified")))
+    return None
 
 
 def deleted_events(deleted: _Delete, prior: dict | None, ctx: _Context) -> list[CanonicalEvent]:

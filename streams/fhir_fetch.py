@@ -4,23 +4,32 @@ as if the server had sent them inline, so id-only and full-resource payloads giv
     NeedsFetch(references)                           (schemas.fhir.parse_notification)
         |  GET <fhir_server_url>/<Type>/<id> for each reference (timeout, retries with backoff);
         |  for a DELETE entry the version before the delete: vread <Type>/<id>/_history/<n-1> when the
-        |  delete's version n is known (its response.etag), else the instance history <Type>/<id>/_history
+        |  delete's version n is known (its response.etag), else the instance history <Type>/<id>/_history;
+        |  a reference answered 410 Gone (deleted; id-only notifications of deletes carry no DELETE entry):
+        |  the instance history <Type>/<id>/_history, whose version before the newest delete it retracts
         |  complete_notification(): the same status entry + the fetched resources (a DELETE entry gets the
-        |  version before it, which the parser turns into retractions of that version's facts)
+        |  version before it, which the parser turns into retractions of that version's facts; a gone
+        |  reference becomes such a DELETE entry, with the history's delete etag / lastModified)
         v
     parse_notification() again -> Parsed | Rejected | Ignored
 
 Failures are data outcomes, never exceptions, so the ingest worker dead-letters the original bytes:
     no server configured          -> FHIR_SERVER_NOT_CONFIGURED (replay after setting WARDWATCH_FHIR_SERVER_URL)
-    404 / 410 for a reference     -> RESOURCE_NOT_FOUND (deleted or never visible to this client; for the
-                                     version before a DELETE: a server without vread / history)
+    404 for a reference           -> RESOURCE_NOT_FOUND (never visible to this client)
+    410 for a reference           -> the retractions of its version before the delete (see above); its history
+                                     answered 404 / 410 or without a version before the delete -> RESOURCE_NOT_FOUND
+                                     ("deleted (410) and its history could not be read: ..."); other failures of
+                                     the history read as below, with the same prefix
+    404 / 410 for the version before a DELETE entry (vread or history; a server without either)
+                                  -> RESOURCE_NOT_FOUND
     timeouts, connection errors, undecodable (e.g. broken gzip) bodies, 429 and 5xx after every retry,
     other 4xx (401/403: a token problem), a body that is not the resource asked for
                                   -> FETCH_FAILED (replayable once the server is back)
     anything unexpected (a bug)   -> INTERNAL_ERROR (replayable after the fix)
 
 Runs inside the ingest worker, only for id-only notifications and DELETE entries whose version before
-the delete the notification does not carry; other full-resource ones never get here.
+the delete the notification does not carry; other full-resource ones never get here. Details and logs
+name resource types only, never ids.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import httpx
 import orjson
 
 from schemas.deadletter import Reason
-from schemas.fhir import HISTORY, complete_notification, parse_notification, version_before_delete
+from schemas.fhir import (HISTORY, complete_notification, gone_delete_entry, maps_type, parse_notification,
+                          version_before_delete)
 from schemas.ingest_outcome import NeedsFetch, Outcome, Rejected, rejected
 from wardwatch.settings import Settings
 
@@ -50,6 +60,10 @@ class FetchError(Exception):
     def __init__(self, reason: Reason, detail: str, exception: str | None = None):
         super().__init__(detail)
         self.reason, self.detail, self.exception = reason, detail, exception
+
+
+class Gone(FetchError):
+    """The server answered 410 Gone: the resource existed and was deleted."""
 
 
 class FhirClient:
@@ -75,16 +89,34 @@ class FhirClient:
         return _resource(self._get(reference), reference)
 
     def _version_before_delete(self, reference: str) -> dict:
+        resource = version_before_delete(self._history(reference), reference)
+        if resource is None:
+            raise FetchError(Reason.RESOURCE_NOT_FOUND, f"GET {_kind(reference)}: no version before the delete")
+        return resource
+
+    def delete_entry(self, reference: str) -> dict:
+        """For "Type/id" answered 410 Gone: the DELETE entry that retracts its version before the delete,
+        from the instance history (schemas.fhir.gone_delete_entry); a type wardwatch does not map is not read."""
+        if not maps_type(reference):
+            return gone_delete_entry(reference, None)
+        history = f"{reference}/{HISTORY}"
+        try:
+            entry = gone_delete_entry(reference, self._history(history))
+            if entry is None:
+                raise FetchError(Reason.RESOURCE_NOT_FOUND, f"GET {_kind(history)}: no version before the delete")
+        except FetchError as exc:  # the reason of the history read: a 5xx stays replayable (fetch_failed)
+            raise FetchError(exc.reason, f"GET {_kind(reference)}: deleted (410) and its history could not be "
+                                         f"read: {exc.detail}", exc.exception) from exc
+        return entry
+
+    def _history(self, reference: str) -> dict:
         try:
             history = orjson.loads(self._get(reference).content)
         except orjson.JSONDecodeError as exc:
             raise FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the body is not JSON", type(exc).__name__)
         if not isinstance(history, dict) or history.get("resourceType") != "Bundle":
             raise FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the server did not answer with a Bundle")
-        resource = version_before_delete(history, reference)
-        if resource is None:
-            raise FetchError(Reason.RESOURCE_NOT_FOUND, f"GET {_kind(reference)}: no version before the delete")
-        return resource
+        return history
 
     def subscription_events(self, subscription: str, first: int, last: int) -> bytes:
         """The `$events` operation (R4B backport / R5): the notification Bundle (type query-event) of
@@ -113,8 +145,9 @@ class FhirClient:
                 if response.status_code == 200:
                     return response
                 if response.status_code in _GONE_STATUSES:
-                    raise FetchError(Reason.RESOURCE_NOT_FOUND,
-                                     f"GET {_kind(reference)}: the FHIR server answered {response.status_code}")
+                    raise (Gone if response.status_code == 410 else FetchError)(
+                        Reason.RESOURCE_NOT_FOUND, f"GET {_kind(reference)}: the FHIR server answered "
+                                                   f"{response.status_code}")
                 failure = FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the FHIR server answered "
                                                           f"{response.status_code}")
                 if response.status_code not in _RETRIED_STATUSES:
@@ -136,8 +169,8 @@ def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *,
     if client is None:
         return Rejected(outcome.rejection)  # FHIR_SERVER_NOT_CONFIGURED, with what to set
     try:
-        fetched = {ref: client.read(ref) for ref in outcome.references}
-        result = parse_notification(complete_notification(value, fetched), topic=topic, partition=partition,
+        fetched, gone = _fetch(client, outcome.references)
+        result = parse_notification(complete_notification(value, fetched, gone), topic=topic, partition=partition,
                                     offset=offset)
     except FetchError as exc:
         return rejected(exc.reason, exc.detail, exc.exception)
@@ -147,6 +180,20 @@ def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *,
     if isinstance(result, NeedsFetch):  # the server returned resources other than the ones referenced
         return rejected(Reason.FETCH_FAILED, "the fetched resources do not match the notification's references")
     return result
+
+
+def _fetch(client: FhirClient, references: tuple[str, ...]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(reference -> resource, reference -> DELETE entry of a resource answered 410 Gone). Only a current
+    read ("Type/id") that is gone means a delete; a version read answered 410 stays resource_not_found."""
+    fetched, gone = {}, {}
+    for ref in references:
+        try:
+            fetched[ref] = client.read(ref)
+        except Gone:
+            if ref.count("/") != 1:
+                raise
+            gone[ref] = client.delete_entry(ref)
+    return fetched, gone
 
 
 def _resource(response: httpx.Response, reference: str) -> dict:

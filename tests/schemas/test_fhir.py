@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 from schemas import codes
 from schemas.canonical import Source, Status
 from schemas.deadletter import Reason
-from schemas.fhir import (complete_notification, parse_notification, read_status, relative_reference,
-                          version_before_delete)
+from schemas.fhir import (complete_notification, gone_delete_entry, parse_notification, read_status,
+                          relative_reference, version_before_delete)
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Parsed, Rejected
 from tests.fixtures.ingest.corpus import fhir_bundle, fhir_names, raw_file, replace_nth_value
 
@@ -366,6 +366,29 @@ def test_the_version_before_the_newest_delete_is_picked_from_the_history():
     assert version_before_delete({**history, "entry": [{"resource": v1}, {"resource": v2}]},
                                  "Observation/vs-bp-1/_history") == v2
     assert version_before_delete({**history, "entry": [gone]}, "Observation/vs-bp-1/_history") is None
+
+
+@pytest.mark.parametrize("delete", [
+    {"request": {"method": "DELETE", "url": "Observation/vs-bp-1/_history/3"},
+     "response": {"status": "204", "etag": 'W/"3"', "lastModified": "2024-06-15T14:20:00Z"}},
+    {"fullUrl": "Observation/vs-bp-1", "response": {"status": "410 Gone", "etag": 'W/"3"',
+                                                    "lastModified": "2024-06-15T14:20:00Z"}},  # no request
+], ids=["delete-request", "status-only"])
+def test_a_gone_resource_becomes_the_delete_entry_of_the_version_before_its_newest_delete(delete):
+    v1, v2 = json.loads(fhir_bundle(f"{BP_SERVED}/1")), json.loads(fhir_bundle(f"{BP_SERVED}/2"))
+    history = {"resourceType": "Bundle", "type": "history", "entry": [delete, {"resource": v2}, {"resource": v1}]}
+    entry = gone_delete_entry("Observation/vs-bp-1", history)
+    assert entry == {"fullUrl": "Observation/vs-bp-1", "request": {"method": "DELETE", "url": "Observation/vs-bp-1"},
+                     "response": {"etag": 'W/"3"', "lastModified": "2024-06-15T14:20:00Z"}, "resource": v2}
+    # completed into an id-only notification, it retracts v2's facts at version 3, issued when deleted
+    focus_only = json.loads(fhir_bundle("r4b_delete_bp"))  # its status entry: focus Observation/vs-bp-1
+    focus_only["entry"] = focus_only["entry"][:1]
+    assert parse(json.dumps(focus_only).encode()).references == ("Observation/vs-bp-1",)
+    outcome = parse(complete_notification(json.dumps(focus_only).encode(), {}, {"Observation/vs-bp-1": entry}))
+    assert sorted((e.code, e.version, e.issued_ms, e.status) for e in outcome.events) == [
+        (codes.DIASTOLIC_BP, 3, DELETED_MS, Status.ENTERED_IN_ERROR), (codes.SYSTOLIC_BP, 3, DELETED_MS,
+                                                                      Status.ENTERED_IN_ERROR)]
+    assert gone_delete_entry("Observation/vs-bp-1", {**history, "entry": [delete]}) is None  # nothing before it
 
 
 @pytest.mark.parametrize(("reference", "relative"), [

@@ -15,8 +15,10 @@ from pydantic import SecretStr
 from schemas import codes
 from schemas.canonical import decode_batch
 from schemas.deadletter import Reason
-from schemas.fhir import parse_notification
-from schemas.ingest_outcome import NeedsFetch, Parsed, Rejected
+from schemas.canonical import Status
+from schemas.fhir import complete_notification, parse_notification
+from schemas.ingest_outcome import Ignored, NeedsFetch, Parsed, Rejected
+from schemas.ingest_values import iso_to_ms
 from streams.fhir_fetch import FhirClient, resolve
 from streams.features import compute_features
 from streams.ingest import IngestWorker
@@ -96,12 +98,11 @@ def test_a_server_that_keeps_failing_dead_letters_as_fetch_failed(fhir_server):
     assert len(fhir_server.requests) == 2
 
 
-@pytest.mark.parametrize("status", [404, 410])
-def test_a_missing_resource_is_dead_lettered_as_not_found_without_retrying(fhir_server, status):
-    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(status, b"{}")])
+def test_a_missing_resource_is_dead_lettered_as_not_found_without_retrying(fhir_server):
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(404, b"{}")])  # unknown: not a delete (410)
     r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url)))
-    assert r.reason is Reason.RESOURCE_NOT_FOUND and str(status) in r.detail
-    assert len(fhir_server.requests) == 1
+    assert r.reason is Reason.RESOURCE_NOT_FOUND and "404" in r.detail
+    assert len(fhir_server.requests) == 1  # no history read: nothing says it was deleted
 
 
 def test_an_unauthorized_answer_is_not_retried(fhir_server):
@@ -247,6 +248,113 @@ def test_a_history_without_a_version_before_the_delete_is_dead_lettered_as_not_f
 def test_without_a_server_a_delete_is_dead_lettered_saying_what_to_set():
     r = rejection(fetch_and_parse("r4b_delete_bp", None))
     assert r.reason is Reason.FHIR_SERVER_NOT_CONFIGURED and "WARDWATCH_FHIR_SERVER_URL" in r.detail
+
+
+# --- a focus the server answers 410 Gone (id-only notification of a delete, no DELETE entry) -------
+
+BP = "/fhir/Observation/vs-bp-1"
+DELETED_AT = "2024-06-15T14:20:00Z"
+
+
+def id_only(*focus: str) -> bytes:
+    """r4b_id_only naming `focus` instead: one notification event and one id-only entry (a fullUrl) each."""
+    bundle = json.loads(fhir_bundle("r4b_id_only"))
+    status = bundle["entry"][0]
+    event = status["resource"]["notificationEvent"][0]
+    status["resource"]["notificationEvent"] = [{**event, "eventNumber": str(32 + i), "focus": {"reference": ref}}
+                                               for i, ref in enumerate(focus)]
+    status["resource"]["eventsSinceSubscriptionStart"] = str(31 + len(focus))
+    bundle["entry"] = [status, *({"fullUrl": f"https://ehr.example.org/fhir/{ref}"} for ref in focus)]
+    return json.dumps(bundle).encode()
+
+
+def served_bp(version: int) -> dict:
+    return json.loads((SERVED / f"Observation/vs-bp-1/_history/{version}.json").read_bytes())
+
+
+def bp_deleted(fhir_server, delete: dict | None = None) -> None:
+    """vs-bp-1 deleted as version 3 after versions 1 and 2: 410 for the resource, its history newest first."""
+    delete = delete or {"request": {"method": "DELETE", "url": "Observation/vs-bp-1/_history/3"},
+                        "response": {"status": "204", "etag": 'W/"3"', "lastModified": DELETED_AT}}
+    history = {"resourceType": "Bundle", "type": "history",
+               "entry": [delete, {"resource": served_bp(2)}, {"resource": served_bp(1)}]}
+    fhir_server.script[BP] = deque([(410, b'{"resourceType": "OperationOutcome"}')])
+    fhir_server.script[f"{BP}/_history"] = deque([(200, json.dumps(history).encode())])
+
+
+@pytest.mark.timeout(60)
+def test_an_id_only_notification_of_a_deleted_reading_retracts_it_and_it_stops_counting(fhir_server):
+    bp_deleted(fhir_server)
+    outcome = resolve_body(id_only("Observation/vs-bp-1"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome  # was resource_not_found: the 410 of the focus
+    assert [path for path, _ in fhir_server.requests] == [BP, f"{BP}/_history"]
+    # exactly the facts of the last version (2), retracted at the delete's version 3, issued when deleted
+    v2 = parse(complete_notification(id_only("Observation/vs-bp-1"), {"Observation/vs-bp-1": served_bp(2)}))
+    assert {e.fact_id: e.version for e in v2.events} == {e.fact_id: 2 for e in outcome.events}
+    assert len(outcome.events) == 2 and {e.version for e in outcome.events} == {3}
+    for r, fact in zip(sorted(outcome.events, key=lambda e: e.fact_id), sorted(v2.events, key=lambda e: e.fact_id)):
+        assert (r.status, r.value, r.value_text) == (Status.ENTERED_IN_ERROR, None, None)
+        assert (r.patient_id, r.code, r.effective_ms, r.encounter_id) == (
+            fact.patient_id, fact.code, fact.effective_ms, fact.encounter_id)
+        assert r.issued_ms == iso_to_ms(DELETED_AT, "lastModified")
+
+    # applied to the patient's state as the worker keeps it: the systolic pressure is gone from its features
+    delivered = parse(fhir_bundle("r4b_status_event"))
+    rules = dict(allowed_lateness_ms=3_600_000, dedupe_horizon_ms=48 * 3_600_000, cross_source_tolerance=0.05)
+    before = apply_batch(None, delivered.events, **rules).state
+    after = apply_batch(before, outcome.events, **rules)
+    at = max(e.effective_ms for e in delivered.events)
+    assert compute_features(before, at)["systolic_bp_last_24h"] == 96
+    assert compute_features(after.state, at)["systolic_bp_last_24h"] is None
+    assert not after.state.live(codes.SYSTOLIC_BP) and not after.state.live(codes.DIASTOLIC_BP)
+
+
+@pytest.mark.timeout(60)
+def test_a_delete_the_history_lists_by_its_status_only_is_still_the_delete(fhir_server):
+    # some servers list a delete without its request: no resource, response.status 204 / 410
+    bp_deleted(fhir_server, {"fullUrl": "https://ehr.example.org/fhir/Observation/vs-bp-1",
+                             "response": {"status": "410 Gone", "lastModified": DELETED_AT}})
+    outcome = resolve_body(id_only("Observation/vs-bp-1"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome
+    assert {e.version for e in outcome.events} == {3}  # no etag: one past the version before (2)
+    # issued when deleted, not at the notification's timestamp (14:07:01)
+    assert {e.issued_ms for e in outcome.events} == {iso_to_ms(DELETED_AT, "lastModified")}
+    assert all(e.status.retracts for e in outcome.events)
+
+
+@pytest.mark.timeout(60)
+def test_a_notification_naming_a_deleted_and_a_live_reading_gives_both(fhir_server):
+    bp_deleted(fhir_server)
+    outcome = resolve_body(id_only("Observation/vs-bp-1", "Observation/vs-hr-9"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome  # was resource_not_found for the whole notification
+    assert outcome.event_numbers == [32, 33]
+    assert {e.code: (e.version, e.value) for e in outcome.events} == {
+        codes.SYSTOLIC_BP: (3, None), codes.DIASTOLIC_BP: (3, None), codes.HEART_RATE: (1, 112)}
+    assert len(outcome.events) == 3
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("history", [
+    (404, b'{"resourceType": "OperationOutcome"}'),
+    (410, b'{"resourceType": "OperationOutcome"}'),
+    (200, json.dumps({"resourceType": "Bundle", "type": "history", "entry": [
+        {"request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"etag": 'W/"2"'}}]}).encode()),
+], ids=["404", "410", "no-version-before"])
+def test_a_deleted_reading_whose_history_cannot_be_read_is_dead_lettered_as_not_found(fhir_server, history):
+    fhir_server.script[BP] = deque([(410, b"{}")])
+    fhir_server.script[f"{BP}/_history"] = deque([history])
+    r = rejection(resolve_body(id_only("Observation/vs-bp-1"), client_for(fhir_server.url)))
+    assert r.reason is Reason.RESOURCE_NOT_FOUND
+    assert r.detail.startswith("GET Observation: deleted (410) and its history could not be read: ")
+    assert "vs-bp-1" not in r.detail
+    assert [path for path, _ in fhir_server.requests] == [BP, f"{BP}/_history"]
+
+
+def test_a_deleted_resource_of_a_type_wardwatch_does_not_map_is_skipped_without_reading_its_history(fhir_server):
+    fhir_server.script["/fhir/Condition/c-1"] = deque([(410, b"{}")])
+    outcome = resolve_body(id_only("Condition/c-1"), client_for(fhir_server.url))
+    assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"Condition": 1}
+    assert [path for path, _ in fhir_server.requests] == ["/fhir/Condition/c-1"]
 
 
 # --- through the real broker ---------------------------------------------------------------------
