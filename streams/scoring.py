@@ -20,7 +20,7 @@ Paths
   model adds earlier warnings; it never silences the national escalation standard, and it is
   trained only on patients not yet deteriorated (NEWS2 >= 7 is part of its label).
 
-Model tiers (probability p): p >= high_threshold (0.7) high; p >= settings.alert_threshold medium;
+Model tiers (probability p): p >= max(high_threshold (0.7), alert_threshold) high; p >= settings.alert_threshold medium;
 p >= settings.alert_reset low (elevated, below the alerting line); else none.
 
 Rationale (top 3 features pushing towards deterioration; imputed features are never listed):
@@ -108,7 +108,8 @@ class ScoreResult:
 
 
 def model_tier(probability: float, *, alert_threshold: float, high_threshold: float, alert_reset: float) -> Tier:
-    if probability >= high_threshold:
+    # nothing below the alert threshold alerts: a threshold raised above the high cut-off raises it too
+    if probability >= max(high_threshold, alert_threshold):
         return "high"
     if probability >= alert_threshold:
         return "medium"

@@ -177,6 +177,13 @@ def test_model_tiers(p, tier):
     assert model_tier(p, alert_threshold=0.5, high_threshold=0.7, alert_reset=0.4) == tier
 
 
+@pytest.mark.parametrize("p, tier", [(0.95, "high"), (0.8, "high"), (0.79, "low"), (0.7, "low"), (0.4, "low"),
+                                     (0.39, "none")])
+def test_an_alert_threshold_above_the_high_cut_off_is_where_alerts_start(p, tier):
+    # an operator raising the threshold to 0.8 gets no alert (medium or high) below 0.8
+    assert model_tier(p, alert_threshold=0.8, high_threshold=0.7, alert_reset=0.4) == tier
+
+
 def test_scored_tier_follows_the_probability(model_dir, settings):
     clf = fit_linear()
     register(model_dir, "v1", onnx_bytes(clf))
