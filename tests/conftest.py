@@ -3,6 +3,7 @@ group per test so tests never see each other's data."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -37,6 +38,14 @@ def settings(broker, unique, tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         model_dir=tmp_path / "models",
     )
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No WARDWATCH_* variable of the shell running the tests reaches the code under test."""
+    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
+        monkeypatch.delenv(name)
+    return monkeypatch
 
 
 @pytest.fixture(scope="session")

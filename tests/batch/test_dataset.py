@@ -4,7 +4,6 @@ archive -> nightly, then the training table is read back from the DuckDB file it
 from __future__ import annotations
 
 import json
-import os
 
 import duckdb
 import pytest
@@ -63,10 +62,8 @@ def test_the_command_is_registered_with_help():
 
 
 @pytest.mark.timeout(240)
-def test_train_on_the_dataset_reports_held_out_metrics_and_the_gate(dataset, tmp_path, monkeypatch):
+def test_train_on_the_dataset_reports_held_out_metrics_and_the_gate(dataset, tmp_path, clean_env):
     out, _ = dataset
-    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
-        monkeypatch.delenv(name)
     env = {"WARDWATCH_DATA_DIR": str(out), "WARDWATCH_MODEL_DIR": str(tmp_path / "models")}
 
     result = CliRunner().invoke(app, ["batch", "train", "--version", "t1"], env=env)

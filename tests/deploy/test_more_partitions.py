@@ -4,7 +4,6 @@ worker state."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -21,9 +20,7 @@ def documented_settings() -> dict[str, str]:
     return {name.lower(): value for name, value in re.findall(r"^WARDWATCH_(\w+)=(\S+)", section, re.M)}
 
 
-def test_the_documented_settings_pass_topics_init_next_to_the_old_deployment(monkeypatch):
-    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
-        monkeypatch.delenv(name)
+def test_the_documented_settings_pass_topics_init_next_to_the_old_deployment(clean_env):
     old, new = Settings(), Settings(**documented_settings())
     assert new.partitions > old.partitions
 

@@ -103,8 +103,5 @@ def _settings():
 
 
 @pytest.fixture(autouse=True)
-def _no_wardwatch_env(monkeypatch):
-    import os
-
-    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
-        monkeypatch.delenv(name)
+def _no_wardwatch_env(clean_env):
+    pass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 from typer.testing import CliRunner
@@ -10,13 +9,6 @@ from typer.testing import CliRunner
 from wardwatch import preflight
 from wardwatch.broker import free_port
 from wardwatch.cli import app
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
-        monkeypatch.delenv(name)
-    return monkeypatch
 
 
 def invoke(*args: str, env: dict[str, str] | None = None):

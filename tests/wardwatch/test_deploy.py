@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import UTC, datetime, time, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,9 +23,8 @@ from wardwatch.settings import Settings
 
 
 @pytest.fixture(autouse=True)
-def no_wardwatch_env(monkeypatch):
-    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
-        monkeypatch.delenv(name)
+def no_wardwatch_env(clean_env):
+    pass
 
 
 # --- topics ----------------------------------------------------------------------------------------

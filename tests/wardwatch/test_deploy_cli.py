@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from typer.testing import CliRunner
@@ -11,13 +10,6 @@ from typer.testing import CliRunner
 from streams.topics import topics_for
 from wardwatch.cli import app
 from wardwatch.procs import settings_env
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    for name in [k for k in os.environ if k.startswith("WARDWATCH_")]:
-        monkeypatch.delenv(name)
-    return monkeypatch
 
 
 def invoke(*args: str, env: dict[str, str] | None = None):
