@@ -20,7 +20,10 @@ a backlog is read (after an outage), the arrival time up to which *every* partit
 partition at its end (the consumer's partition-EOF events) not holding it back; once all are at their
 end, the watcher's own clock. The consumer hands a backlog over a partition at a time, so the newest
 arrival read alone would race ahead and report numbers, and channels, still waiting on a partition not
-read yet.
+read yet. A partition that delivers neither a message nor its end for one heartbeat-missed timeout
+(no leader, a persistent fetch error) stops holding the clock back, with a warning: a stuck partition
+must not silence the alarms. The stats say whether the watcher is caught up and how many partitions
+are stalled.
 
 On start the state topic is read to its true end (a marker is written to each partition and read
 back: end-offset queries can answer too low on some brokers) before any notification is consumed.
@@ -91,7 +94,8 @@ class SubscriptionWatcher:
             "fetch.wait.max.ms": 10,  # Tansu answers a fetch only when this expires
         })
         start = self._start_positions()
-        self.clock = CatchUpClock([tp.partition for tp in start])
+        # a partition stuck this long would delay a missed-heartbeat alarm by as much again: release it
+        self.clock = CatchUpClock([tp.partition for tp in start], stall_ms=self.tracker.heartbeat_timeout_ms)
         self._consumer.assign(start)
         self.stats = StatsPublisher("subscriptions", self.snapshot, self._producer, topics.stats,
                                     interval_s=settings.stats_interval_s)
@@ -130,7 +134,9 @@ class SubscriptionWatcher:
                 changed.add(status.subscription)
         # gaps held back and missed heartbeats: as of the time up to which every partition has been
         # read (the watcher's own clock once caught up), not the newest arrival on the partition read first
+        stalled_before = self.clock.stalled
         due = self.tracker.advance(self.clock.now_ms(self._wall_ms()))
+        self._log_stalls(stalled_before)
         records += due
         changed |= {r["subscription"] for r in due}
         if not messages and not due:
@@ -155,7 +161,10 @@ class SubscriptionWatcher:
         return self.clock.caught_up
 
     def snapshot(self) -> dict[str, Any]:
-        return {"subscriptions": {"messages": self.messages, "unreadable": self.unreadable, **self.tracker.stats()}}
+        # caught_up (0/1) and stalled_partitions are current values, like the tracker's open_gaps
+        return {"subscriptions": {"messages": self.messages, "unreadable": self.unreadable, **self.tracker.stats(),
+                                  "caught_up": int(self.clock.caught_up),
+                                  "stalled_partitions": len(self.clock.stalled)}}
 
     def close(self) -> None:
         try:
@@ -176,6 +185,14 @@ class SubscriptionWatcher:
         committed = self._consumer.committed(partitions, timeout=30)
         return [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
                 for tp in committed]
+
+    def _log_stalls(self, before: frozenset[int]) -> None:
+        for partition in sorted(self.clock.stalled - before):
+            log.warning("notifications partition %d: no message and no end of partition for %.0f s; it no longer "
+                        "holds back gap and heartbeat-missed checks (alarms for numbers on it may be false)",
+                        partition, self.clock.stall_ms / 1000)
+        for partition in sorted(before - self.clock.stalled):
+            log.info("notifications partition %d: progressing again", partition)
 
     def _arrival_ms(self, msg: Message) -> int:
         kind, ts = msg.timestamp()

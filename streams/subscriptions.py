@@ -263,27 +263,50 @@ class CatchUpClock:
     the partitions still behind of the newest arrival read on each; a partition read to its end (EOF)
     does not hold it back (it may stay idle for ever), one not read at all holds it where it is. Once
     every partition is at its end the watcher's own clock (`wall_ms`) takes over. It never goes back.
+
+    A partition that makes no progress (no message, no EOF) for `stall_ms` of wall clock is *stalled*
+    (no leader, a persistent fetch error) and stops holding the clock back: otherwise one stuck
+    partition would silence every gap and heartbeat-missed alarm for ever. Progress is timed with the
+    `wall_ms` of the `now_ms` call that follows it (one per poll), so the clock stays pure. A stalled
+    partition that delivers again holds the clock again (from where it is: never back).
     """
 
-    def __init__(self, partitions: list[int]):
+    def __init__(self, partitions: list[int], stall_ms: int):
+        if stall_ms <= 0:
+            raise ValueError("stall_ms must be > 0")
+        self.stall_ms = stall_ms
         self._newest: dict[int, int | None] = dict.fromkeys(partitions)
         self._at_end: set[int] = set()
+        self._progress_wall: dict[int, int | None] = dict.fromkeys(partitions)  # None: progress not timed yet
+        self._stalled: set[int] = set()
         self._now_ms = 0
 
     def read(self, partition: int, arrival_ms: int) -> None:
         newest = self._newest.get(partition)
         self._newest[partition] = arrival_ms if newest is None else max(newest, arrival_ms)
         self._at_end.discard(partition)  # more was written: behind again until its next EOF
+        self._progress_wall[partition] = None
 
     def reached_end(self, partition: int) -> None:
         self._at_end.add(partition)
+        self._progress_wall[partition] = None
 
     @property
     def caught_up(self) -> bool:
         return self._at_end.issuperset(self._newest)
 
+    @property
+    def stalled(self) -> frozenset[int]:
+        """Partitions behind that made no progress for stall_ms (as of the last now_ms)."""
+        return frozenset(self._stalled)
+
     def now_ms(self, wall_ms: int) -> int:
-        behind = [self._newest[p] for p in self._newest if p not in self._at_end]
+        for p, since in self._progress_wall.items():
+            if since is None:  # progress since the last call (or the first call): start its timer now
+                self._progress_wall[p] = wall_ms
+        self._stalled = {p for p in self._newest if p not in self._at_end
+                         and wall_ms - self._progress_wall[p] >= self.stall_ms}
+        behind = [self._newest[p] for p in self._newest if p not in self._at_end and p not in self._stalled]
         if not behind:
             candidate = wall_ms
         elif None in behind:

@@ -187,6 +187,41 @@ def test_a_backlog_read_one_partition_ahead_raises_no_false_alarm(monkeypatch):
     assert heartbeat_detections(published()) == [(sub, BACKLOG_END + SILENCE_MS) for sub in sorted((SUB, LABS, ADT))]
 
 
+def test_a_partition_that_never_delivers_does_not_silence_the_heartbeat_alarm(monkeypatch, caplog):
+    """Partition 1 has no leader: neither a message nor its end ever comes. After one heartbeat-missed
+    timeout it stops holding the clock back, with one warning, and the stats show it; the dead channel
+    on partition 0 is then reported."""
+    monkeypatch.setattr(subscription_watch, "Consumer", TwoPartitions)
+    monkeypatch.setattr(subscription_watch, "Producer", StandInKafka)
+    monkeypatch.setattr(subscription_watch, "restore_states", lambda *args, **kwargs: {})
+    settings = Settings(topic_prefix="t", **OUTAGE_SETTINGS)
+    topics = topics_for(settings)
+    wall_ms = T0 + 1_000
+    watcher = SubscriptionWatcher(settings, topics, wall_clock_ms=lambda: wall_ms)
+    watcher._consumer.messages = [Notification(notification("heartbeat", 0, T0, ADT), 0, 0, T0),
+                                  PartitionEnd(0, 1)]
+    watcher.poll_once()
+
+    def published():
+        return [value for topic, _, value in watcher._producer.produced if topic == topics.gaps]
+
+    stats = watcher.snapshot()["subscriptions"]
+    assert (stats["caught_up"], stats["stalled_partitions"]) == (0, 0)
+    wall_ms = T0 + SILENCE_MS  # ww-adt silent for a timeout: due, but partition 1 might still hold its heartbeat
+    watcher.poll_once()
+    assert published() == [] and watcher.snapshot()["subscriptions"]["stalled_partitions"] == 0
+    wall_ms = T0 + 1_000 + SILENCE_MS  # partition 1 silent for a timeout too: stalled
+    with caplog.at_level("WARNING", logger=subscription_watch.__name__):
+        watcher.poll_once()
+        wall_ms += 60_000
+        watcher.poll_once()
+    assert heartbeat_detections(published()) == [(ADT, T0 + SILENCE_MS)]
+    stats = watcher.snapshot()["subscriptions"]
+    assert (stats["caught_up"], stats["stalled_partitions"]) == (0, 1)
+    stalls = [r.getMessage() for r in caplog.records if "no end of partition" in r.getMessage()]
+    assert len(stalls) == 1 and "partition 1" in stalls[0] and "ww-adt" not in stalls[0]  # once, no ids
+
+
 def publish(settings, topic: str, messages: list[tuple[bytes | None, bytes]]) -> dict[tuple[str, int], int]:
     """Produce (key, value) pairs; returns the offset after the last one per partition (commit targets)."""
     ends: dict[tuple[str, int], int] = {}

@@ -14,6 +14,7 @@ SUB = "https://ehr.example.org/fhir/Subscription/ww-vitals"
 T0 = 1_718_460_000_000
 GRACE_MS = 60_000
 MINUTE = 60_000
+STALL_MS = 3 * MINUTE  # the watcher's: one heartbeat-missed timeout
 
 
 def event(*numbers: int, at: int, since: int | None = None, sub: str = SUB) -> NotificationStatus:
@@ -175,7 +176,7 @@ def test_a_due_gap_waits_until_every_partition_is_read_up_to_the_subscription():
 
 
 def test_the_catch_up_clock_is_the_slowest_partition_still_behind():
-    clock = CatchUpClock([0, 1, 2])
+    clock = CatchUpClock([0, 1, 2], stall_ms=STALL_MS)
     clock.reached_end(2)  # idle: nothing to read there, it must not hold the clock
     clock.read(0, T0 + 100)
     clock.read(0, T0 + 500)
@@ -189,7 +190,7 @@ def test_the_catch_up_clock_is_the_slowest_partition_still_behind():
 
 
 def test_the_catch_up_clock_never_goes_back():
-    clock = CatchUpClock([0, 1])
+    clock = CatchUpClock([0, 1], stall_ms=STALL_MS)
     clock.read(0, T0 + 500)
     clock.reached_end(0)
     clock.reached_end(1)
@@ -198,6 +199,55 @@ def test_the_catch_up_clock_never_goes_back():
     assert not clock.caught_up and clock.now_ms(wall_ms=T0 + 2_000) == T0 + 1_000
     clock.reached_end(1)
     assert clock.now_ms(wall_ms=T0 + 900) == T0 + 1_000  # nor with the wall clock set back
+
+
+def test_a_partition_stuck_without_message_or_end_stops_holding_the_clock_after_the_stall_time():
+    """No leader, a persistent fetch error: neither a message nor an EOF ever comes. The clock (and every
+    gap and heartbeat-missed alarm with it) must not stay frozen for ever."""
+    clock = CatchUpClock([0, 1], stall_ms=STALL_MS)
+    clock.read(0, T0 + 500)
+    clock.reached_end(0)
+    assert clock.now_ms(wall_ms=T0 + 1_000) == 0  # partition 1 may still deliver older notifications
+    assert clock.now_ms(wall_ms=T0 + 1_000 + STALL_MS - 1) == 0 and clock.stalled == frozenset()
+    assert clock.now_ms(wall_ms=T0 + 1_000 + STALL_MS) == T0 + 1_000 + STALL_MS  # released: the wall clock
+    assert clock.stalled == {1} and not clock.caught_up  # caught up it is not: partition 1 was never read
+    assert clock.now_ms(wall_ms=T0 + 10 * STALL_MS) == T0 + 10 * STALL_MS
+
+
+def test_a_stuck_partition_releases_the_clock_to_the_slowest_partition_still_progressing():
+    clock = CatchUpClock([0, 1, 2], stall_ms=STALL_MS)
+    clock.read(0, T0 + 100)
+    clock.read(2, T0 + 900)
+    assert clock.now_ms(wall_ms=T0) == 0  # partition 1 not read yet
+    clock.read(0, T0 + 300)  # partition 0 keeps delivering: only 1 is stuck
+    clock.read(2, T0 + 950)
+    assert clock.now_ms(wall_ms=T0 + STALL_MS) == T0 + 300 and clock.stalled == {1}
+
+
+def test_a_partition_making_progress_is_never_released():
+    """A backlog read slowly: every poll brings something, so the partition holds the clock however long
+    the catch-up takes (the wall clock passes many stall times)."""
+    clock = CatchUpClock([0, 1], stall_ms=STALL_MS)
+    clock.reached_end(0)
+    wall = T0
+    for k in range(1, 11):
+        clock.read(1, T0 + k * 1_000)
+        wall += STALL_MS - 1
+        assert clock.now_ms(wall_ms=wall) == T0 + k * 1_000 and clock.stalled == frozenset()
+    clock.reached_end(1)  # an EOF is progress too: read to its end, the wall clock takes over
+    assert clock.now_ms(wall_ms=wall + STALL_MS) == wall + STALL_MS and clock.caught_up
+
+
+def test_a_released_partition_that_delivers_again_holds_the_clock_but_never_sends_it_back():
+    clock = CatchUpClock([0, 1], stall_ms=STALL_MS)
+    clock.reached_end(0)
+    clock.now_ms(wall_ms=T0)
+    assert clock.now_ms(wall_ms=T0 + STALL_MS) == T0 + STALL_MS and clock.stalled == {1}
+    clock.read(1, T0 + 5_000)  # its leader is back: an old notification, far behind the clock
+    assert clock.now_ms(wall_ms=T0 + STALL_MS + 1_000) == T0 + STALL_MS  # held, not sent back
+    assert clock.stalled == frozenset()
+    clock.read(1, T0 + STALL_MS + 500)
+    assert clock.now_ms(wall_ms=T0 + STALL_MS + 2_000) == T0 + STALL_MS + 500
 
 
 def test_state_round_trips_through_json_and_keeps_reported_gaps_reported():
