@@ -501,8 +501,8 @@ def _history_delete(entry: dict, reference: str) -> _Delete | None:
 def deleted_events(deleted: _Delete, prior: dict | None, ctx: _Context) -> list[CanonicalEvent]:
     """The retractions of a delete: each fact the version before it gave, entered-in-error, with no
     value, issued when it was deleted, at a version after every earlier one of the resource (the CDC
-    delete's shape: downstream applies both alike). A type wardwatch does not map is skipped, as its
-    updates are."""
+    delete's shape: downstream applies both alike). A type wardwatch does not map, or a version its updates
+    would skip (a planned Encounter), is skipped and counted, as its updates are."""
     if deleted.kind not in _MAPPERS:
         ctx.skip(deleted.kind if deleted.kind in RESOURCE_TYPES else OTHER_TYPE)
         return []
@@ -510,6 +510,11 @@ def deleted_events(deleted: _Delete, prior: dict | None, ctx: _Context) -> list[
         raise Reject(Reason.RESOURCE_NOT_FOUND, f"{deleted.kind} DELETE without the version before it")
     if f"{prior.get('resourceType')}/{prior.get('id')}" != deleted.reference:
         raise Reject(Reason.INVALID_STRUCTURE, f"{deleted.kind} DELETE entry carries a different resource")
+    if deleted.kind == "Encounter" and prior.get("status") in NOT_ADMITTED:
+        # its updates gave no facts (encounter_events): nothing to retract; marking it entered-in-error would
+        # map an admission that never happened (or, without period.start, reject the notification)
+        ctx.skip("Encounter")
+        return []
     # mapped as if it had been marked entered-in-error: no value is read, so a retraction needs only
     # what identifies the facts (patient, codes, times)
     marked = {**prior, "status": "entered-in-error"} if "status" in prior else prior  # Patient has none

@@ -342,6 +342,28 @@ def test_a_delete_whose_previous_version_is_not_carried_is_fetched_even_with_an_
     assert parse(json.dumps(bundle).encode()).references == ("Observation/vs-bp-1/_history/3",)
 
 
+def planned_encounter(period: dict | None) -> dict:
+    """The served Encounter as it was before admission: planned, usually without a period.start yet."""
+    enc = json.loads(fhir_bundle("server/Encounter/enc-4d8ac7e31e96"))
+    planned = {k: v for k, v in enc.items() if k not in ("period", "location")}
+    return {**planned, "status": "planned", "meta": {"versionId": "1", "lastUpdated": "2024-06-15T08:00:00Z"},
+            **({"period": period} if period else {})}
+
+
+@pytest.mark.parametrize("period", [None, {"start": "2024-06-16T09:00:00Z"}], ids=["no-start", "planned-start"])
+def test_a_deleted_planned_encounter_is_skipped_like_its_updates_and_the_rest_is_read(period):
+    bundle = json.loads(deleting("Encounter/enc-4d8ac7e31e96"))  # deleted as version 2
+    hr = json.loads(fhir_bundle("server/Observation/vs-hr-9"))
+    bundle["entry"].append({"fullUrl": "Observation/vs-hr-9", "resource": hr})
+    completed = complete_notification(json.dumps(bundle).encode(),
+                                      {"Encounter/enc-4d8ac7e31e96/_history/1": planned_encounter(period)})
+    outcome = parse(completed)
+    # was missing_time (no period.start), or retractions of an admission that never happened
+    assert isinstance(outcome, Parsed), outcome
+    assert [(e.code, e.value) for e in outcome.events] == [(codes.HEART_RATE, 112)]
+    assert outcome.skipped == {"Encounter": 1}  # nobody was admitted: nothing to retract, counted as its updates
+
+
 @pytest.mark.parametrize(("reference", "kind"), [("Condition/c-1", "Condition"), ("Widget/w-1", "other")])
 def test_a_delete_of_a_type_wardwatch_does_not_map_is_skipped_and_counted_like_its_updates(reference, kind):
     outcome = parse(deleting(reference))

@@ -350,6 +350,23 @@ def test_a_deleted_reading_whose_history_cannot_be_read_is_dead_lettered_as_not_
     assert [path for path, _ in fhir_server.requests] == [BP, f"{BP}/_history"]
 
 
+@pytest.mark.timeout(60)
+def test_a_deleted_planned_encounter_is_skipped_and_the_live_reading_beside_it_is_read(fhir_server):
+    enc = "/fhir/Encounter/enc-4d8ac7e31e96"
+    served = json.loads((SERVED / "Encounter/enc-4d8ac7e31e96.json").read_bytes())
+    planned = {**{k: v for k, v in served.items() if k not in ("period", "location")},  # no period.start yet
+               "status": "planned", "meta": {"versionId": "1", "lastUpdated": "2024-06-15T08:00:00Z"}}
+    history = {"resourceType": "Bundle", "type": "history", "entry": [
+        {"request": {"method": "DELETE", "url": "Encounter/enc-4d8ac7e31e96/_history/2"},
+         "response": {"status": "204", "etag": 'W/"2"', "lastModified": DELETED_AT}}, {"resource": planned}]}
+    fhir_server.script[enc] = deque([(410, b'{"resourceType": "OperationOutcome"}')])
+    fhir_server.script[f"{enc}/_history"] = deque([(200, json.dumps(history).encode())])
+    outcome = resolve_body(id_only("Encounter/enc-4d8ac7e31e96", "Observation/vs-hr-9"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome  # was missing_time for the whole notification
+    assert [(e.code, e.value) for e in outcome.events] == [(codes.HEART_RATE, 112)]
+    assert outcome.skipped == {"Encounter": 1}  # never admitted: no facts to retract, counted like its updates
+
+
 def test_a_deleted_resource_of_a_type_wardwatch_does_not_map_is_skipped_without_reading_its_history(fhir_server):
     fhir_server.script["/fhir/Condition/c-1"] = deque([(410, b"{}")])
     outcome = resolve_body(id_only("Condition/c-1"), client_for(fhir_server.url))
