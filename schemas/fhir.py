@@ -422,23 +422,28 @@ def _carried_versions(entries: list[dict]) -> dict[str, dict]:
 
 
 def version_before_delete(history: Any, reference: str) -> dict | None:
-    """From an instance history Bundle (`GET Type/id/_history`), the newest version of `reference`
-    older than its newest delete (or the newest version when the history lists no delete); None if
-    there is none. Pure: streams/fhir_fetch.py reads the history."""
+    """From an instance history Bundle (`GET Type/id/_history`), the version of `reference` its newest
+    delete deleted (or the newest version when the history lists no delete); None if there is none. The
+    newest delete is the one with the highest etag version, else the first listed (FHIR lists history
+    newest first); the version before it is the newest one older than its version, else (no version) the
+    first listed after it, so a re-creation after the delete is never taken for it. A DELETE without an
+    etag means the newest delete when the history is read. Pure: streams/fhir_fetch.py reads the history."""
     kind, rid = reference.split("/")[:2]
-    versions = []
-    for entry in _dicts(history.get("entry") if isinstance(history, dict) else None):
+    versions = []  # (position in the history, version, resource)
+    for at, entry in enumerate(_dicts(history.get("entry") if isinstance(history, dict) else None)):
         resource = entry.get("resource")
         if isinstance(resource, dict) and resource.get("resourceType") == kind and resource.get("id") == rid:
             meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
             try:
-                versions.append((_resource_version(meta), resource))
+                versions.append((at, _resource_version(meta), resource))
             except Reject:  # an unreadable version: not a candidate
                 continue
-    if (newest := _newest_delete(history, reference)) is not None and newest[0].version is not None:
-        # a re-creation after the delete must not be taken for the deleted version
-        versions = [(v, r) for v, r in versions if v < newest[0].version]
-    return max(versions, key=lambda vr: vr[0])[1] if versions else None
+    if (newest := _newest_delete(history, reference)) is not None:
+        delete, _, delete_at = newest
+        if delete.version is None:  # by position: the first version listed after the delete
+            return next((r for at, _, r in versions if at > delete_at), None)
+        versions = [(at, v, r) for at, v, r in versions if v < delete.version]
+    return max(versions, key=lambda avr: avr[1])[2] if versions else None
 
 
 def gone_delete_entry(reference: str, history: Any) -> dict | None:
@@ -465,15 +470,15 @@ def maps_type(reference: str) -> bool:
     return reference.split("/")[0] in _MAPPERS
 
 
-def _newest_delete(history: Any, reference: str) -> tuple[_Delete, dict] | None:
-    """The newest delete an instance history lists and its response: the highest etag version, else (no
-    versions) the first listed (histories list the newest first); None when it lists none."""
+def _newest_delete(history: Any, reference: str) -> tuple[_Delete, dict, int] | None:
+    """The newest delete an instance history lists, its response and its position: the highest etag
+    version, else (no versions) the first listed (histories list the newest first); None when it lists none."""
     deletes = []
-    for entry in _dicts(history.get("entry") if isinstance(history, dict) else None):
+    for at, entry in enumerate(_dicts(history.get("entry") if isinstance(history, dict) else None)):
         try:
             if (delete := _history_delete(entry, reference)) is not None:
                 response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
-                deletes.append((delete, response))
+                deletes.append((delete, response, at))
         except Reject:  # an unreadable entry: not a delete
             continue
     versioned = [d for d in deletes if d[0].version is not None]

@@ -391,6 +391,26 @@ def test_the_version_before_the_newest_delete_is_picked_from_the_history():
 
 
 @pytest.mark.parametrize("delete", [
+    {"request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"status": "204"}},
+    {"fullUrl": "Observation/vs-bp-1", "response": {"status": "410 Gone"}},  # listed by its status only
+], ids=["delete-request", "status-only"])
+def test_without_delete_versions_the_version_listed_after_the_newest_delete_is_taken_not_a_re_creation(delete):
+    v1, v2 = json.loads(fhir_bundle(f"{BP_SERVED}/1")), json.loads(fhir_bundle(f"{BP_SERVED}/2"))
+    recreated = {**v2, "meta": {"versionId": "4"}}
+    # newest first, as FHIR history is sorted: re-created as 4 after a delete that names no version
+    history = {"resourceType": "Bundle", "type": "history",
+               "entry": [{"resource": recreated}, delete, {"resource": v2}, {"resource": v1}]}
+    assert version_before_delete(history, "Observation/vs-bp-1/_history") == v2  # was the live version 4
+    assert gone_delete_entry("Observation/vs-bp-1", history)["resource"] == v2
+    # deleted twice: the newest delete (the first listed) is the one
+    older = [{"resource": {**v1, "meta": {"versionId": "1"}}}]
+    twice = {**history, "entry": [delete, {"resource": recreated}, delete, {"resource": v2}, *older]}
+    assert version_before_delete(twice, "Observation/vs-bp-1/_history") == recreated
+    assert version_before_delete({**history, "entry": [{"resource": recreated}, delete]},
+                                 "Observation/vs-bp-1/_history") is None  # nothing listed before the delete
+
+
+@pytest.mark.parametrize("delete", [
     {"request": {"method": "DELETE", "url": "Observation/vs-bp-1/_history/3"},
      "response": {"status": "204", "etag": 'W/"3"', "lastModified": "2024-06-15T14:20:00Z"}},
     {"fullUrl": "Observation/vs-bp-1", "response": {"status": "410 Gone", "etag": 'W/"3"',

@@ -219,6 +219,20 @@ def test_a_delete_of_unknown_version_reads_the_history_and_takes_the_version_bef
 
 
 @pytest.mark.timeout(60)
+def test_a_late_delete_without_versions_does_not_retract_the_re_created_reading(fhir_server):
+    v1, v2 = (json.loads((SERVED / f"Observation/vs-bp-1/_history/{v}.json").read_bytes()) for v in (1, 2))
+    history = {"resourceType": "Bundle", "type": "history", "entry": [
+        {"resource": {**v2, "meta": {"versionId": "4"}}},  # re-created after the delete: live
+        {"request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"status": "204"}},  # no etag
+        {"resource": v2}, {"resource": v1}]}
+    fhir_server.script["/fhir/Observation/vs-bp-1/_history"] = deque([(200, json.dumps(history).encode())])
+    outcome = resolve_body(strip("r4b_delete_bp", "etag"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome
+    # version 2's facts, one past it: below the live 4 (was version 5, retracting the re-created reading)
+    assert {e.version for e in outcome.events} == {3} and all(e.status.retracts for e in outcome.events)
+
+
+@pytest.mark.timeout(60)
 def test_id_only_update_and_delete_in_one_notification_reads_only_the_version_before_the_delete(fhir_server):
     outcome = resolve_body(strip("r4b_update_and_delete_bp", "resource"), client_for(fhir_server.url))
     assert isinstance(outcome, Parsed), outcome  # the current resource is gone (410): it is not requested
