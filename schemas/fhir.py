@@ -410,15 +410,26 @@ def _etag_version(raw: Any) -> int | None:
 
 
 def _carried_versions(entries: list[dict]) -> dict[str, dict]:
-    """The versioned resources the notification carries, by "Type/id/_history/<versionId>": the version
-    before a delete, when it is one of them (an update and a delete in one notification), is not read."""
-    carried = {}
+    """The versioned resources the notification carries, by "Type/id/_history/<versionId>", and the newest
+    of each resource (by versionId, else lastUpdated) by "Type/id/_history", the version a delete without
+    an etag needs: the version before a delete, when it is one of them (an update and a delete in one
+    notification), is not read."""
+    carried, newest = {}, {}
     for entry in entries:
         resource = entry.get("resource")
         meta = resource.get("meta") if isinstance(resource, dict) else None
-        if isinstance(meta, dict) and isinstance(meta.get("versionId"), str) and _delete_of(entry) is None:
-            carried[f"{resource.get('resourceType')}/{resource.get('id')}/{HISTORY}/{meta['versionId']}"] = resource
-    return carried
+        if not isinstance(meta, dict) or _delete_of(entry) is not None:
+            continue
+        ref = f"{resource.get('resourceType')}/{resource.get('id')}/{HISTORY}"
+        if isinstance(meta.get("versionId"), str):
+            carried[f"{ref}/{meta['versionId']}"] = resource
+        try:
+            version = _resource_version(meta)
+        except Reject:  # an unreadable version: not a candidate (its own mapping rejects it)
+            continue
+        if ref not in newest or version > newest[ref][0]:
+            newest[ref] = (version, resource)
+    return {**carried, **{ref: resource for ref, (_, resource) in newest.items()}}
 
 
 def version_before_delete(history: Any, reference: str) -> dict | None:

@@ -336,6 +336,25 @@ def test_update_and_delete_of_one_observation_in_one_notification_ends_retracted
     assert all(e.status.retracts and e.value is None for (_, v), e in versions.items() if v == 3)  # ... retracted
 
 
+@pytest.mark.parametrize("by", ["versionId", "lastUpdated"])
+def test_an_update_and_a_delete_without_an_etag_retract_the_newest_carried_version_without_a_server(by):
+    plain = parse(without_etag("r4b_update_and_delete_bp"))  # the delete's version unknown
+    assert isinstance(plain, Parsed) and plain.events[-1].status.retracts, plain  # was no_fhir_server
+    bundle = json.loads(without_etag("r4b_update_and_delete_bp"))
+    older = json.loads(fhir_bundle(f"{BP_SERVED}/1"))  # also carried, listed last: the order does not decide
+    bundle["entry"].append({"fullUrl": "https://ehr.example.org/fhir/Observation/vs-bp-1", "resource": older})
+    if by == "lastUpdated":  # no versionIds: versions are lastUpdated ms
+        for entry in bundle["entry"][1:]:
+            entry.get("resource", {}).get("meta", {}).pop("versionId", None)
+    outcome = parse(json.dumps(bundle).encode())
+    assert isinstance(outcome, Parsed), outcome  # was NeedsFetch: no_fhir_server without a server
+    newest = max(e.version for e in outcome.events if not e.status.retracts)
+    retracted = [e for e in outcome.events if e.status.retracts]
+    assert sorted(e.code for e in retracted) == [codes.DIASTOLIC_BP, codes.SYSTOLIC_BP]
+    assert all(e.value is None and e.version > newest for e in retracted)  # after the update: it ends retracted
+    assert {e.version for e in retracted} == ({3} if by == "versionId" else {DELETED_MS})
+
+
 def test_a_delete_whose_previous_version_is_not_carried_is_fetched_even_with_an_update():
     bundle = json.loads(fhir_bundle("r4b_update_and_delete_bp"))
     bundle["entry"][2]["response"]["etag"] = 'W/"4"'  # version 3 happened in between: it must be read
