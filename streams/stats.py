@@ -177,8 +177,10 @@ def summarize(latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def read_stats(settings, topics, *, timeout_s: float = 10.0, quiet_s: float = 0.3) -> dict[str, dict[str, Any]]:
     """Read the stats topic from the beginning to its end: the latest record per instance.
 
-    The end is where the high watermarks were when we started and no fetch returned anything for
-    quiet_s (the embedded broker may report watermarks too low, so they alone do not prove the end).
+    The end is where the high watermarks were when we started, plus quiet_s more of reading (the
+    embedded broker may report watermarks too low, so they alone do not prove the end). The quiet_s
+    counts from reaching those watermarks, not from the last record: services keep publishing, and
+    with a few instances a gap of quiet_s between records may never come.
     Raises TimeoutError when the end is not reached within timeout_s."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
@@ -197,7 +199,7 @@ def read_stats(settings, topics, *, timeout_s: float = 10.0, quiet_s: float = 0.
         consumer.assign([TopicPartition(topics.stats, p, OFFSET_BEGINNING) for p in partitions])
         records: list[tuple[bytes | None, bytes | None]] = []
         position = {p: 0 for p in partitions}
-        last_data = time.monotonic()
+        reached_ends_at = None
         while True:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"could not read the stats topic {topics.stats} to its end within {timeout_s:.0f}s")
@@ -206,10 +208,9 @@ def read_stats(settings, topics, *, timeout_s: float = 10.0, quiet_s: float = 0.
                 if msg.error() is None:
                     records.append((msg.key(), msg.value()))
                     position[msg.partition()] = msg.offset() + 1
-            if batch:
-                last_data = time.monotonic()
-            caught_up = all(position[p] >= ends[p] for p in partitions)
-            if caught_up and time.monotonic() - last_data >= quiet_s:
+            if reached_ends_at is None and all(position[p] >= ends[p] for p in partitions):
+                reached_ends_at = time.monotonic()
+            if reached_ends_at is not None and time.monotonic() - reached_ends_at >= quiet_s:
                 return latest_per_instance(records)
     finally:
         consumer.close()

@@ -129,6 +129,38 @@ def test_published_snapshots_are_read_back_latest_per_instance(settings):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_stats_are_read_while_services_keep_publishing(settings):
+    # several instances publish every few hundred ms: the reader must not wait for a lull that never comes
+    import threading
+
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    producer = Producer(settings.kafka_client_config())
+    publishers = [StatsPublisher("ingest", lambda: {"cdc": _source(1, 1, events=1)}, producer, topics.stats,
+                                 clock_ms=lambda i=i: i) for i in range(8)]
+    stop = threading.Event()
+
+    def publish_forever():
+        while not stop.is_set():
+            for publisher in publishers:
+                publisher.publish()
+                producer.poll(0)
+                stop.wait(0.02)  # 8 instances: a record every 20 ms, never a 0.3 s lull
+
+    thread = threading.Thread(target=publish_forever, daemon=True)
+    thread.start()
+    try:
+        stop.wait(1.0)
+        summary = summarize(read_stats(settings, topics, timeout_s=10))
+    finally:
+        stop.set()
+        thread.join(5)
+        producer.flush(10)
+    assert summary["services"]["ingest"]["instances"] == 8
+
+
+@pytest.mark.integration
 def test_reading_an_empty_stats_topic_gives_no_services(settings):
     topics = topics_for(settings)
     ensure_topics(settings, topics)
