@@ -16,7 +16,8 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   DISCHARGE (period.end, once the status is finished/completed). fact ids
   "fhir:Encounter:<id>:admission" / ":location:<effective_ms>" / ":discharge"; version = meta.versionId,
   else meta.lastUpdated in ms. A `planned` Encounter is skipped (nobody was admitted yet); status
-  `entered-in-error` or `cancelled` retracts those facts.
+  `entered-in-error` or `cancelled` retracts those facts (one without a period.start never gave any: a
+  cancelled booking is skipped like a planned one).
 - Patient -> SEX (gender) and BIRTH_YEAR (the year of birthDate, nothing finer), effective
   meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`), else the Patient id, the same
   ids Observation subjects resolve to. fact ids "fhir:Patient:<id>:sex" / ":birth-year".
@@ -849,6 +850,9 @@ def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
     if patient is None:
         raise Reject(Reason.MISSING_PATIENT, "Encounter subject is not a Patient")
     period = _period(enc.get("period") or enc.get("actualPeriod"))  # R5 renamed it actualPeriod
+    if period[0] is None and status in RETRACTING:  # a cancelled booking: without a start it never gave facts
+        ctx.skip("Encounter")
+        return []
     if period[0] is None:
         raise Reject(Reason.MISSING_TIME, "Encounter has no period.start (the admission time)")
     admitted_ms, discharged_ms = period

@@ -227,6 +227,18 @@ def test_planned_encounter_gives_no_facts():
     assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"Encounter": 1}
 
 
+@pytest.mark.parametrize("status", ["cancelled", "entered-in-error"])
+def test_a_cancelled_booking_without_a_start_gives_no_facts_and_is_not_dead_lettered(status):
+    # it was never admitted (an admission needs period.start), so there is nothing to retract
+    bundle = json.loads(fhir_bundle("r4b_encounter_transferred"))
+    enc = bundle["entry"][1]["resource"]
+    enc["status"] = status
+    enc.pop("period", None)
+    enc.pop("location", None)
+    outcome = parse(json.dumps(bundle).encode())
+    assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"Encounter": 1}, outcome
+
+
 def test_patient_gives_sex_and_birth_year_under_the_mrn():
     facts = context_facts("r4b_patient")
     assert set(facts) == {codes.SEX, codes.BIRTH_YEAR}
