@@ -25,6 +25,10 @@ class BrokerError(RuntimeError):
     pass
 
 
+class PortTaken(BrokerError):
+    """The port was free when picked and taken before the broker bound it."""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -51,14 +55,15 @@ def broker_binary() -> str:
         raise BrokerError(f"no Tansu binary for this platform: {exc}") from exc
 
 
-def wait_for_metadata(bootstrap: str, timeout_s: float) -> None:
-    """Block until the broker answers a metadata request (not merely accepts TCP)."""
+def wait_for_metadata(bootstrap: str, timeout_s: float, alive=lambda: True) -> None:
+    """Block until the broker answers a metadata request (not merely accepts TCP); stop early once
+    alive() says the broker process is gone."""
     from confluent_kafka.admin import AdminClient
 
     deadline = time.monotonic() + timeout_s
     admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000})
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         try:
             md = admin.list_topics(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
             if md.brokers:
@@ -66,7 +71,8 @@ def wait_for_metadata(bootstrap: str, timeout_s: float) -> None:
         except Exception as exc:  # KafkaException while the broker boots
             last = exc
         time.sleep(0.05)
-    raise BrokerError(f"broker at {bootstrap} did not answer metadata within {timeout_s:.0f}s ({last})")
+    if alive():  # (a broker process that is gone: the caller says why)
+        raise BrokerError(f"broker at {bootstrap} did not answer metadata within {timeout_s:.0f}s ({last})")
 
 
 @dataclass
@@ -87,10 +93,22 @@ class EmbeddedBroker:
     @classmethod
     def start(cls, *, port: int | None = None, log_path: Path | None = None, timeout_s: float = 30.0,
               cert: Path | None = None, key: Path | None = None) -> "EmbeddedBroker":
-        if port is None:
-            port = free_port()
-        elif not _port_free(port):
-            raise BrokerError(f"port {port} on 127.0.0.1 is in use: pick another or omit it for a free one")
+        if port is not None:
+            if not _port_free(port):
+                raise BrokerError(f"port {port} on 127.0.0.1 is in use: pick another or omit it for a free one")
+            return cls._start(port, log_path, timeout_s, cert, key)
+        # a free port can be taken by another process before Tansu binds it: then try another one
+        for attempt in range(3):
+            try:
+                return cls._start(free_port(), log_path, timeout_s, cert, key)
+            except PortTaken:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start(cls, port: int, log_path: Path | None, timeout_s: float, cert: Path | None,
+               key: Path | None) -> "EmbeddedBroker":
         url = f"tcp://127.0.0.1:{port}"
         cmd = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                "--storage-engine", "memory://tansu/"]
@@ -111,9 +129,13 @@ class EmbeddedBroker:
                     break
                 except OSError:
                     time.sleep(0.02)
+            # (the port may accept connections for another process that holds it: Tansu then exits)
+            wait_for_metadata(broker.bootstrap, max(1.0, deadline - time.monotonic()),
+                              alive=lambda: proc.poll() is None)
             if proc.poll() is not None:
+                if not _port_free(port):
+                    raise PortTaken(f"Tansu exited at start with code {proc.returncode}: port {port} is in use")
                 raise BrokerError(f"Tansu exited at start with code {proc.returncode} (port {port} in use?)")
-            wait_for_metadata(broker.bootstrap, max(1.0, deadline - time.monotonic()))
         except BaseException:
             broker.stop()
             raise

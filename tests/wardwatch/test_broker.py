@@ -50,6 +50,26 @@ def test_port_in_use_is_a_clear_error():
             EmbeddedBroker.start(port=b.port, timeout_s=5)
 
 
+@pytest.mark.timeout(60)
+def test_a_free_port_taken_before_the_broker_binds_it_is_replaced_by_another(monkeypatch):
+    import socket
+
+    from wardwatch import broker as broker_module
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # another process wins the race for the port
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = iter([taken.getsockname()[1]])
+    real_free_port = broker_module.free_port
+    monkeypatch.setattr(broker_module, "free_port", lambda: next(picks, None) or real_free_port())
+    try:
+        with EmbeddedBroker.start(timeout_s=20) as b:
+            assert b.port != taken.getsockname()[1]
+            assert b.running
+    finally:
+        taken.close()
+
+
 def test_pause_and_resume():
     with EmbeddedBroker.start() as b:
         b.pause()
