@@ -1,10 +1,9 @@
 import os
-import signal
 
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from wardwatch.broker import BrokerError, EmbeddedBroker, free_port
+from wardwatch.broker import BrokerError, EmbeddedBroker
 
 
 def _alive(pid: int) -> bool:
