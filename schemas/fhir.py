@@ -161,11 +161,13 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
         return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, NOT_CONFIGURED_DETAIL),
                           references=tuple(references))
     ctx = _Context(status, topic, partition, offset)
-    carried = _carried_versions(entries[1:])
+    carried = None  # read only when the notification deletes something (nearly none do)
     events = []
     for entry in entries[1:]:
         resource = entry.get("resource")
         if (deleted := _delete_of(entry)) is not None:
+            if not isinstance(resource, dict) and carried is None:
+                carried = _carried_versions(entries[1:])
             prior = resource if isinstance(resource, dict) else carried.get(deleted.prior_reference)
             events += deleted_events(deleted, prior, ctx)
         elif isinstance(resource, dict):
@@ -321,15 +323,17 @@ def references_to_fetch(entries: list[dict], status: NotificationStatus) -> list
     for each DELETE of a mapped type, the version before the delete (`_Delete.prior_reference`) unless
     the notification carries it. Empty for full-resource payloads."""
     present = {f"{r.get('resourceType')}/{r.get('id')}" for e in entries if isinstance(r := e.get("resource"), dict)}
-    carried = _carried_versions(entries)
+    carried = None  # read only when the notification deletes something (nearly none do)
     wanted = [relative_reference(f) for f in status.focus]
     deleted, priors = set(), []
     for entry in entries:
         if (delete := _delete_of(entry)) is not None:
             deleted.add(delete.reference)
-            if not isinstance(entry.get("resource"), dict) and delete.kind in _MAPPERS \
-                    and delete.prior_reference not in carried:
-                priors.append(delete.prior_reference)
+            if not isinstance(entry.get("resource"), dict) and delete.kind in _MAPPERS:
+                if carried is None:
+                    carried = _carried_versions(entries)
+                if delete.prior_reference not in carried:
+                    priors.append(delete.prior_reference)
         elif not isinstance(entry.get("resource"), dict):
             request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
             ref = relative_reference(entry.get("fullUrl")) or relative_reference(request.get("url"))
@@ -337,7 +341,8 @@ def references_to_fetch(entries: list[dict], status: NotificationStatus) -> list
                 raise Reject(Reason.INVALID_STRUCTURE, "notification entry has neither a resource nor a "
                                                        "resource reference to fetch")
             wanted.append(ref)
-    missing = [ref for ref in wanted if ref and _unversioned(ref) not in present | deleted]
+    known = present | deleted
+    missing = [ref for ref in wanted if ref and _unversioned(ref) not in known]
     return list(dict.fromkeys(missing + priors))  # de-duplicated, focus order, then the deletes'
 
 
