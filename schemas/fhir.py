@@ -38,7 +38,9 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   counted like its updates; id-only references to a deleted resource are not fetched (gone: 410).
 - An id-only reference the server answers 410 Gone (a notification of a delete without a DELETE entry)
   is completed by streams/fhir_fetch.py with the DELETE entry `gone_delete_entry()` builds from the
-  instance history, so it is retracted exactly as a DELETE entry is.
+  instance history (read page by page until `history_decides()`), so it is retracted exactly as a DELETE
+  entry is; a version reference `Type/id/_history/n` answered 410 (the version the delete created) with
+  the DELETE entry of version n `gone_version_delete()` describes, holding the vread of version n-1.
 
 **One bad resource (Observation, Encounter, Patient) rejects the whole notification** (invalid
 resource, unusable status, bad or implausible value, unknown unit, no patient or time): the dead-lettered original can be replayed
@@ -157,9 +159,10 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
     if status.type not in EVENT_TYPES:
         raise Reject(Reason.INVALID_STRUCTURE, f"unknown notification type {status.type[:40]!r}")
 
-    if references := references_to_fetch(entries[1:], status):
+    references, priors = _to_fetch(entries[1:], status)
+    if references:
         return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, NOT_CONFIGURED_DETAIL),
-                          references=tuple(references))
+                          references=tuple(references), priors=tuple(priors))
     ctx = _Context(status, topic, partition, offset)
     carried = None  # read only when the notification deletes something (nearly none do)
     events = []
@@ -322,6 +325,12 @@ def references_to_fetch(entries: list[dict], status: NotificationStatus) -> list
     entries without a resource, minus the resources present and the ones it deletes (gone: 410); then
     for each DELETE of a mapped type, the version before the delete (`_Delete.prior_reference`) unless
     the notification carries it. Empty for full-resource payloads."""
+    return _to_fetch(entries, status)[0]
+
+
+def _to_fetch(entries: list[dict], status: NotificationStatus) -> tuple[list[str], list[str]]:
+    """(references_to_fetch, the ones among them that are the version before a DELETE entry: a 410 for
+    one of those means it cannot be read, not that it is itself a delete)."""
     present = {f"{r.get('resourceType')}/{r.get('id')}" for e in entries if isinstance(r := e.get("resource"), dict)}
     carried = None  # read only when the notification deletes something (nearly none do)
     wanted = [relative_reference(f) for f in status.focus]
@@ -343,7 +352,8 @@ def references_to_fetch(entries: list[dict], status: NotificationStatus) -> list
             wanted.append(ref)
     known = present | deleted
     missing = [ref for ref in wanted if ref and _unversioned(ref) not in known]
-    return list(dict.fromkeys(missing + priors))  # de-duplicated, focus order, then the deletes'
+    # de-duplicated, focus order, then the deletes'; a focus of a deleted resource was dropped above
+    return list(dict.fromkeys(missing + priors)), list(dict.fromkeys(priors))
 
 
 def complete_notification(value: bytes, fetched: dict[str, dict], gone: dict[str, dict] | None = None) -> bytes:
@@ -480,6 +490,29 @@ def gone_delete_entry(reference: str, history: Any) -> dict | None:
     response = newest[1] if newest is not None else {}
     kept = {k: response[k] for k in ("etag", "lastModified") if isinstance(response.get(k), str)}
     return {**entry, "response": kept, "resource": prior}
+
+
+def gone_version_delete(reference: str) -> tuple[dict, str | None]:
+    """For a version read ("Type/id/_history/n") the server answers 410 Gone: servers answer so for the
+    version a delete created, so it is handled as a DELETE entry whose etag is W/"n" would be. Returns
+    that DELETE entry without its resource, and what to read for the version before it (the vread of
+    `_history/<n-1>`, or the instance history when n is not a number: `_Delete.prior_reference`), to put
+    as its resource; None for a type wardwatch does not map (skipped and counted like its updates). No
+    lastModified: its retractions are issued at the notification's timestamp, as such a DELETE's are."""
+    resource, version = reference.split(f"/{HISTORY}/")
+    entry = {"fullUrl": resource, "request": {"method": "DELETE", "url": reference}}
+    delete = _Delete(resource, _etag_version(version), None)
+    if delete.version is not None:
+        entry["response"] = {"etag": f'W/"{delete.version}"'}
+    return entry, delete.prior_reference if maps_type(reference) else None
+
+
+def history_decides(history: Any, reference: str) -> bool:
+    """Whether the instance history read so far (its first pages, newest first as FHIR lists it) already
+    holds what version_before_delete needs: a delete and a version before it. Older pages list only older
+    versions, so streams/fhir_fetch.py stops paging there; without a delete it reads on, as the newest
+    delete may lie behind a re-created resource's later versions."""
+    return _newest_delete(history, reference) is not None and version_before_delete(history, reference) is not None
 
 
 def maps_type(reference: str) -> bool:

@@ -53,6 +53,8 @@ class NeedsFetch(Rejected):
     the completed notification instead."""
 
     references: tuple[str, ...] = ()  # relative "Type/id" (or "Type/id/_history/v"), in focus order
+    # those of them that are the version before a DELETE entry: a 410 for one is a failed read, not a delete
+    priors: tuple[str, ...] = ()
 
 
 Outcome = Parsed | Rejected | Control | Ignored

@@ -6,10 +6,17 @@ as if the server had sent them inline, so id-only and full-resource payloads giv
         |  for a DELETE entry the version before the delete: vread <Type>/<id>/_history/<n-1> when the
         |  delete's version n is known (its response.etag), else the instance history <Type>/<id>/_history;
         |  a reference answered 410 Gone (deleted; id-only notifications of deletes carry no DELETE entry):
-        |  the instance history <Type>/<id>/_history, whose version before the newest delete it retracts
+        |    <Type>/<id>: the instance history, whose version before the newest delete it retracts;
+        |    <Type>/<id>/_history/<n> (servers answer a vread of the version a delete created so): as a
+        |    DELETE entry with etag W/"n", the vread of <n-1>
+        |  the instance history is read page by page (HAPI pages it by 20) along its `next` links, only on
+        |  the configured server (scheme, host and port: another one would get the token), until the version
+        |  before the newest delete is listed, at most WARDWATCH_FHIR_HISTORY_MAX_PAGES pages (each is a
+        |  blocking GET of the worker; next links going round in a circle must not stall it)
         |  complete_notification(): the same status entry + the fetched resources (a DELETE entry gets the
         |  version before it, which the parser turns into retractions of that version's facts; a gone
-        |  reference becomes such a DELETE entry, with the history's delete etag / lastModified)
+        |  reference becomes such a DELETE entry, with the history's delete etag / lastModified, or for a
+        |  gone version its etag and no lastModified: issued at the notification's timestamp)
         v
     parse_notification() again -> Parsed | Rejected | Ignored
 
@@ -20,11 +27,16 @@ Failures are data outcomes, never exceptions, so the ingest worker dead-letters 
                                      answered 404 / 410 or without a version before the delete -> RESOURCE_NOT_FOUND
                                      ("deleted (410) and its history could not be read: ..."); other failures of
                                      the history read as below, with the same prefix
+    410 for a version reference   -> the same, from the vread of the version before it ("deleted (410) and the
+                                     version before it could not be read: ..."); a 404 -> RESOURCE_NOT_FOUND
     404 / 410 for the version before a DELETE entry (vread or history; a server without either)
-                                  -> RESOURCE_NOT_FOUND
+                                  -> RESOURCE_NOT_FOUND (a 410 there is a failed read, not another delete)
     timeouts, connection errors, undecodable (e.g. broken gzip) bodies, 429 and 5xx after every retry,
     other 4xx (401/403: a token problem), a body that is not the resource asked for
                                   -> FETCH_FAILED (replayable once the server is back)
+    a history whose next page is on another server (not read: set WARDWATCH_FHIR_SERVER_URL to the address the
+    server names itself by, if it is the same), or without the version before the delete in its first
+    WARDWATCH_FHIR_HISTORY_MAX_PAGES pages -> FETCH_FAILED (replayable after that change)
     anything unexpected (a bug)   -> INTERNAL_ERROR (replayable after the fix)
 
 Runs inside the ingest worker, only for id-only notifications and DELETE entries whose version before
@@ -42,8 +54,8 @@ import httpx
 import orjson
 
 from schemas.deadletter import Reason
-from schemas.fhir import (HISTORY, complete_notification, gone_delete_entry, maps_type, parse_notification,
-                          version_before_delete)
+from schemas.fhir import (HISTORY, complete_notification, gone_delete_entry, gone_version_delete, history_decides,
+                          maps_type, parse_notification, version_before_delete)
 from schemas.ingest_outcome import NeedsFetch, Outcome, Rejected, rejected
 from wardwatch.settings import Settings
 
@@ -75,9 +87,10 @@ class FhirClient:
         headers = {"Accept": FHIR_JSON}
         if settings.fhir_auth_token is not None:
             headers["Authorization"] = f"Bearer {settings.fhir_auth_token.get_secret_value()}"
-        self._http = httpx.Client(base_url=settings.fhir_server_url.rstrip("/") + "/", headers=headers,
-                                  timeout=settings.fhir_timeout_s)
+        self._base = httpx.URL(settings.fhir_server_url.rstrip("/") + "/")
+        self._http = httpx.Client(base_url=self._base, headers=headers, timeout=settings.fhir_timeout_s)
         self.retries = settings.fhir_retries
+        self.history_pages = settings.fhir_history_max_pages
         self.backoff_s = settings.fhir_retry_backoff_s
         self._sleep = sleep
 
@@ -93,6 +106,21 @@ class FhirClient:
         if resource is None:
             raise FetchError(Reason.RESOURCE_NOT_FOUND, f"GET {_kind(reference)}: no version before the delete")
         return resource
+
+    def version_delete_entry(self, reference: str) -> dict:
+        """For "Type/id/_history/n" answered 410 Gone (the version a delete created): the DELETE entry with
+        etag W/"n" and the version before it, read as for a DELETE entry (schemas.fhir.gone_version_delete);
+        a type wardwatch does not map is not read."""
+        entry, prior = gone_version_delete(reference)
+        if prior is None:
+            return entry
+        if prior.endswith(f"/{HISTORY}"):  # n is no version number: as a 410 of the resource itself
+            return self.delete_entry(prior.removesuffix(f"/{HISTORY}"))
+        try:
+            return {**entry, "resource": self.read(prior)}
+        except FetchError as exc:  # the reason of the vread: a 5xx stays replayable (fetch_failed)
+            raise FetchError(exc.reason, f"GET {_kind(reference)}: deleted (410) and the version before it could "
+                                         f"not be read: {exc.detail}", exc.exception) from exc
 
     def delete_entry(self, reference: str) -> dict:
         """For "Type/id" answered 410 Gone: the DELETE entry that retracts its version before the delete,
@@ -110,13 +138,45 @@ class FhirClient:
         return entry
 
     def _history(self, reference: str) -> dict:
-        try:
-            history = orjson.loads(self._get(reference).content)
-        except orjson.JSONDecodeError as exc:
-            raise FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the body is not JSON", type(exc).__name__)
-        if not isinstance(history, dict) or history.get("resourceType") != "Bundle":
-            raise FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the server did not answer with a Bundle")
+        """The instance history ("Type/id/_history"), its pages' entries in one Bundle: servers page it (HAPI
+        by 20), so the `next` links are followed until the version before the newest delete is read
+        (schemas.fhir.history_decides) or there is no next page. At most `fhir_history_max_pages` pages: each
+        is a blocking GET (with its retries) of the ingest worker, and a resource with thousands of versions,
+        or a server whose next links go round in a circle, must not stall every partition it reads."""
+        kind = _kind(reference)
+        page = self._history_page(reference, kind)
+        history, pages = {**page, "entry": _list(page.get("entry"))}, 1
+        while not history_decides(history, reference) and (link := _next_link(page)) is not None:
+            if pages == self.history_pages:
+                raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the version before the delete is not in the "
+                                                      f"first {pages} pages of the history (raise "
+                                                      f"WARDWATCH_FHIR_HISTORY_MAX_PAGES, then replay)")
+            page = self._history_page(self._same_server(link, kind), kind)
+            history["entry"] += _list(page.get("entry"))
+            pages += 1
         return history
+
+    def _history_page(self, url: str, kind: str) -> dict:
+        try:
+            page = orjson.loads(self._get(url, kind=kind).content)
+        except orjson.JSONDecodeError as exc:
+            raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the body is not JSON", type(exc).__name__)
+        if not isinstance(page, dict) or page.get("resourceType") != "Bundle":
+            raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the server did not answer with a Bundle")
+        return page
+
+    def _same_server(self, link: str, kind: str) -> str:
+        """A next link as an absolute URL, relative ones resolved against the server's base URL (FHIR's rule);
+        one on another scheme, host or port is refused: the request, with its token, would go there."""
+        try:
+            url = self._base.join(link)
+        except httpx.InvalidURL as exc:
+            raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the next page link is not a URL", type(exc).__name__)
+        if (url.scheme, url.host, url.port) != (self._base.scheme, self._base.host, self._base.port):
+            raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the next page of the history is on another server "
+                                                  f"and was not read (it would get the token); if that is this "
+                                                  f"server's own address, set WARDWATCH_FHIR_SERVER_URL to it")
+        return str(url)
 
     def subscription_events(self, subscription: str, first: int, last: int) -> bytes:
         """The `$events` operation (R4B backport / R5): the notification Bundle (type query-event) of
@@ -132,24 +192,24 @@ class FhirClient:
             raise FetchError(Reason.FETCH_FAILED, "$events: the server did not answer with a Bundle")
         return response.content
 
-    def _get(self, reference: str, params: dict[str, str] | None = None) -> httpx.Response:
-        """GET with retries on timeouts, connection errors, undecodable bodies, 408/429/5xx; 200 -> the response."""
+    def _get(self, reference: str, params: dict[str, str] | None = None, *, kind: str | None = None) -> httpx.Response:
+        """GET with retries on timeouts, connection errors, undecodable bodies, 408/429/5xx; 200 -> the response.
+        `kind` names what is read in details (default: the reference's _kind; a next-page URL holds ids)."""
+        kind = kind or _kind(reference)
         attempt = 0
         while True:
             try:
                 response = self._http.get(reference, params=params)
             except httpx.HTTPError as exc:  # timeouts, refused connections, protocol errors, undecodable bodies
-                failure = FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: {type(exc).__name__}",
-                                     type(exc).__name__)
+                failure = FetchError(Reason.FETCH_FAILED, f"GET {kind}: {type(exc).__name__}", type(exc).__name__)
             else:
                 if response.status_code == 200:
                     return response
                 if response.status_code in _GONE_STATUSES:
                     raise (Gone if response.status_code == 410 else FetchError)(
-                        Reason.RESOURCE_NOT_FOUND, f"GET {_kind(reference)}: the FHIR server answered "
-                                                   f"{response.status_code}")
-                failure = FetchError(Reason.FETCH_FAILED, f"GET {_kind(reference)}: the FHIR server answered "
-                                                          f"{response.status_code}")
+                        Reason.RESOURCE_NOT_FOUND, f"GET {kind}: the FHIR server answered {response.status_code}")
+                failure = FetchError(Reason.FETCH_FAILED,
+                                     f"GET {kind}: the FHIR server answered {response.status_code}")
                 if response.status_code not in _RETRIED_STATUSES:
                     raise failure  # 401/403/400...: retrying will not help, an operator must act
             if attempt >= self.retries:
@@ -169,7 +229,7 @@ def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *,
     if client is None:
         return Rejected(outcome.rejection)  # FHIR_SERVER_NOT_CONFIGURED, with what to set
     try:
-        fetched, gone = _fetch(client, outcome.references)
+        fetched, gone = _fetch(client, outcome.references, outcome.priors)
         result = parse_notification(complete_notification(value, fetched, gone), topic=topic, partition=partition,
                                     offset=offset)
     except FetchError as exc:
@@ -182,17 +242,19 @@ def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *,
     return result
 
 
-def _fetch(client: FhirClient, references: tuple[str, ...]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """(reference -> resource, reference -> DELETE entry of a resource answered 410 Gone). Only a current
-    read ("Type/id") that is gone means a delete; a version read answered 410 stays resource_not_found."""
+def _fetch(client: FhirClient, references: tuple[str, ...],
+           priors: tuple[str, ...] = ()) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(reference -> resource, reference -> DELETE entry of a resource answered 410 Gone). A read ("Type/id")
+    or a version read ("Type/id/_history/n": the version the delete created) answered 410 means a delete;
+    the version before a DELETE entry (`priors`) or a history answered 410 stays resource_not_found."""
     fetched, gone = {}, {}
     for ref in references:
         try:
             fetched[ref] = client.read(ref)
         except Gone:
-            if ref.count("/") != 1:
+            if ref in priors or ref.endswith(f"/{HISTORY}"):
                 raise
-            gone[ref] = client.delete_entry(ref)
+            gone[ref] = client.delete_entry(ref) if ref.count("/") == 1 else client.version_delete_entry(ref)
     return fetched, gone
 
 
@@ -205,6 +267,19 @@ def _resource(response: httpx.Response, reference: str) -> dict:
     if not isinstance(resource, dict) or resource.get("resourceType") != kind or resource.get("id") != rid:
         raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the server returned a different resource")
     return resource
+
+
+def _next_link(bundle: dict) -> str | None:
+    """The url of a Bundle's link with relation "next" (the next page), if any."""
+    links = bundle.get("link")
+    for link in links if isinstance(links, list) else ():
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return link["url"].strip() or None
+    return None
+
+
+def _list(raw) -> list:
+    return raw if isinstance(raw, list) else []
 
 
 def _kind(reference: str) -> str:

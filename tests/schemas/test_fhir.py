@@ -14,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 from schemas import codes
 from schemas.canonical import Source, Status
 from schemas.deadletter import Reason
-from schemas.fhir import (complete_notification, gone_delete_entry, parse_notification, read_status,
+from schemas.fhir import (complete_notification, gone_delete_entry, gone_version_delete, history_decides,
+                          parse_notification, read_status,
                           relative_reference, version_before_delete)
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Parsed, Rejected
 from tests.fixtures.ingest.corpus import fhir_bundle, fhir_names, raw_file, replace_nth_value
@@ -315,6 +316,7 @@ def deleting(reference: str) -> bytes:
 def test_a_delete_asks_for_the_version_before_it_not_for_the_gone_resource():
     outcome = parse(fhir_bundle("r4b_delete_bp"))  # deleted as version 2 (response.etag W/"2")
     assert isinstance(outcome, NeedsFetch) and outcome.references == ("Observation/vs-bp-1/_history/1",)
+    assert outcome.priors == outcome.references  # a 410 for it is a failed read, not a delete of version 1
     assert outcome.rejection.reason is Reason.FHIR_SERVER_NOT_CONFIGURED  # without a server: dead-lettered
     # the delete's version unknown: the instance history, where fhir_fetch finds the version before it
     assert parse(without_etag("r4b_delete_bp")).references == ("Observation/vs-bp-1/_history",)
@@ -462,6 +464,44 @@ def test_a_gone_resource_becomes_the_delete_entry_of_the_version_before_its_newe
         (codes.DIASTOLIC_BP, 3, DELETED_MS, Status.ENTERED_IN_ERROR), (codes.SYSTOLIC_BP, 3, DELETED_MS,
                                                                       Status.ENTERED_IN_ERROR)]
     assert gone_delete_entry("Observation/vs-bp-1", {**history, "entry": [delete]}) is None  # nothing before it
+
+
+def test_a_version_read_answered_410_becomes_the_delete_entry_of_that_version():
+    entry, prior = gone_version_delete("Observation/vs-bp-1/_history/3")
+    assert prior == "Observation/vs-bp-1/_history/2"  # the vread of the version before the delete
+    assert entry == {"fullUrl": "Observation/vs-bp-1", "response": {"etag": 'W/"3"'},
+                     "request": {"method": "DELETE", "url": "Observation/vs-bp-1/_history/3"}}
+    focus_only = json.loads(fhir_bundle("r4b_delete_bp"))
+    focus_only["entry"] = focus_only["entry"][:1]
+    focus_only["entry"][0]["resource"]["notificationEvent"][0]["focus"]["reference"] = "Observation/vs-bp-1/_history/3"
+    raw = json.dumps(focus_only).encode()
+    assert parse(raw).references == ("Observation/vs-bp-1/_history/3",) and parse(raw).priors == ()
+    v2 = json.loads(fhir_bundle(f"{BP_SERVED}/2"))
+    outcome = parse(complete_notification(raw, {}, {"Observation/vs-bp-1/_history/3": {**entry, "resource": v2}}))
+    notified_ms = DELETED_MS + 1_000  # no lastModified: issued at the notification's timestamp (14:20:01)
+    assert sorted((e.code, e.version, e.issued_ms, e.status, e.value) for e in outcome.events) == [
+        (codes.DIASTOLIC_BP, 3, notified_ms, Status.ENTERED_IN_ERROR, None),
+        (codes.SYSTOLIC_BP, 3, notified_ms, Status.ENTERED_IN_ERROR, None)]
+    # a version that is no number: read as a 410 of the resource itself (its history); unmapped: nothing read
+    assert gone_version_delete("Observation/vs-bp-1/_history/v3")[1] == "Observation/vs-bp-1/_history"
+    assert gone_version_delete("Condition/c-1/_history/2")[1] is None
+
+
+def test_a_history_decides_once_it_lists_a_delete_and_a_version_before_it():
+    v1, v2 = json.loads(fhir_bundle(f"{BP_SERVED}/1")), json.loads(fhir_bundle(f"{BP_SERVED}/2"))
+    recreated = {"resource": {**v2, "meta": {"versionId": "4"}}}
+    delete = {"request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"etag": 'W/"3"'}}
+    untyped = {"request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"status": "204"}}
+
+    def decides(*entries) -> bool:
+        return history_decides({"resourceType": "Bundle", "entry": list(entries)}, "Observation/vs-bp-1/_history")
+
+    assert not decides(delete)  # the version before it is on a later page
+    assert decides(delete, {"resource": v2})
+    assert not decides(recreated)  # the newest delete may be behind the re-created versions
+    assert not decides(recreated, untyped)
+    assert decides(recreated, untyped, {"resource": v2}) and decides(recreated, delete, {"resource": v1})
+    assert not decides({"resource": v1}, {"resource": v2})  # no delete listed yet: read on
 
 
 @pytest.mark.parametrize(("reference", "relative"), [

@@ -248,6 +248,7 @@ def test_a_version_before_the_delete_the_server_cannot_read_is_dead_lettered_as_
     r = rejection(fetch_and_parse("r4b_delete_bp", client_for(fhir_server.url)))
     assert r.reason is Reason.RESOURCE_NOT_FOUND and f"Observation/_history: the FHIR server answered {status}" in r.detail
     assert "vs-bp-1" not in r.detail
+    assert [path for path, _ in fhir_server.requests] == [BP_V1]  # a 410 here is no delete of version 1
 
 
 @pytest.mark.timeout(60)
@@ -290,10 +291,8 @@ def bp_deleted(fhir_server, delete: dict | None = None) -> None:
     """vs-bp-1 deleted as version 3 after versions 1 and 2: 410 for the resource, its history newest first."""
     delete = delete or {"request": {"method": "DELETE", "url": "Observation/vs-bp-1/_history/3"},
                         "response": {"status": "204", "etag": 'W/"3"', "lastModified": DELETED_AT}}
-    history = {"resourceType": "Bundle", "type": "history",
-               "entry": [delete, {"resource": served_bp(2)}, {"resource": served_bp(1)}]}
     fhir_server.script[BP] = deque([(410, b'{"resourceType": "OperationOutcome"}')])
-    fhir_server.script[f"{BP}/_history"] = deque([(200, json.dumps(history).encode())])
+    fhir_server.histories[f"{BP}/_history"] = [delete, {"resource": served_bp(2)}, {"resource": served_bp(1)}]
 
 
 @pytest.mark.timeout(60)
@@ -386,6 +385,164 @@ def test_a_deleted_resource_of_a_type_wardwatch_does_not_map_is_skipped_without_
     outcome = resolve_body(id_only("Condition/c-1"), client_for(fhir_server.url))
     assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"Condition": 1}
     assert [path for path, _ in fhir_server.requests] == ["/fhir/Condition/c-1"]
+
+
+def features_after(events) -> dict:
+    """The features of r4b_status_event's patient before and after `events`, as the worker keeps its state."""
+    delivered = parse(fhir_bundle("r4b_status_event"))
+    rules = dict(allowed_lateness_ms=3_600_000, dedupe_horizon_ms=48 * 3_600_000, cross_source_tolerance=0.05)
+    before = apply_batch(None, delivered.events, **rules).state
+    after = apply_batch(before, events, **rules).state
+    at = max(e.effective_ms for e in delivered.events)
+    assert compute_features(before, at)["systolic_bp_last_24h"] == 96
+    return compute_features(after, at)
+
+
+def bp_facts(version: int) -> dict[str, int]:
+    """fact id -> version of what vs-bp-1's `version` gave."""
+    v = parse(complete_notification(id_only("Observation/vs-bp-1"), {"Observation/vs-bp-1": served_bp(version)}))
+    return {e.fact_id: e.version for e in v.events}
+
+
+# --- a history the server pages ----------------------------------------------------------------------
+
+HISTORY = f"{BP}/_history"
+
+
+def bp_recreated(*versions: int) -> list[dict]:
+    """History entries of vs-bp-1 re-created after a delete: version 2's content as each of `versions`."""
+    return [{"resource": {**served_bp(2), "meta": {**served_bp(2)["meta"], "versionId": str(v)}}} for v in versions]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("link", [
+    None,  # absolute, as HAPI writes them
+    lambda path, page: f"Observation/vs-bp-1/_history?_page={page}",  # relative to the base URL
+    lambda path, page: f"{path}?_page={page}",  # an absolute path on this server
+], ids=["absolute", "relative", "absolute-path"])
+def test_a_gone_reading_whose_version_before_the_delete_is_on_the_second_page_is_retracted(fhir_server, link):
+    bp_deleted(fhir_server)
+    fhir_server.page_size = 1  # page 1: the delete only; page 2: version 2; page 3: version 1
+    if link:
+        fhir_server.next_link = link
+    outcome = resolve_body(id_only("Observation/vs-bp-1"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome  # was resource_not_found: no version before the delete on page 1
+    assert [path for path, _ in fhir_server.requests] == [BP, HISTORY, f"{HISTORY}?_page=2"]  # not page 3
+    assert {e.fact_id: e.version for e in outcome.events} == {fact: 3 for fact in bp_facts(2)}
+    assert all(e.status.retracts and e.value is None for e in outcome.events)
+    assert features_after(outcome.events)["systolic_bp_last_24h"] is None
+
+
+@pytest.mark.timeout(60)
+def test_a_delete_behind_a_page_of_re_created_versions_retracts_the_version_before_it_not_the_live_one(fhir_server):
+    # deleted (no etag), then re-created as 4, 5 and 6: page 1 holds only the live versions
+    fhir_server.histories[HISTORY] = [*bp_recreated(6, 5, 4), {
+        "request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"status": "204"}},
+        {"resource": served_bp(2)}, {"resource": served_bp(1)}]
+    fhir_server.page_size = 2
+    outcome = resolve_body(strip("r4b_delete_bp", "etag"), client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome
+    # version 2's facts, one past it; was the live version 6, retracted at version 7
+    assert {e.fact_id: e.version for e in outcome.events} == {fact: 3 for fact in bp_facts(2)}
+    assert [path for path, _ in fhir_server.requests] == [HISTORY, f"{HISTORY}?_page=2", f"{HISTORY}?_page=3"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("elsewhere", ["another-port", "another-host", "https"])
+def test_a_next_page_on_another_server_is_not_read(fhir_server, elsewhere):
+    other = FhirServer()  # a server that would get the token
+    try:
+        fhir_server.next_link = {
+            "another-port": lambda path, page: f"{other.origin}{path}?_page={page}",
+            "another-host": lambda path, page: f"https://fhir.elsewhere.example{path}?_page={page}",
+            "https": lambda path, page: f"{fhir_server.origin.replace('http:', 'https:')}{path}?_page={page}",
+        }[elsewhere]
+        bp_deleted(fhir_server)
+        fhir_server.page_size = 1
+        r = rejection(resolve_body(id_only("Observation/vs-bp-1", "Observation/vs-hr-9"), client_for(fhir_server.url)))
+        assert other.requests == []
+    finally:
+        other.stop()
+    assert r.reason is Reason.FETCH_FAILED  # was resource_not_found: the next page was never read
+    assert r.detail.startswith("GET Observation: deleted (410) and its history could not be read: GET "
+                               "Observation/_history: the next page of the history is on another server")
+    assert "vs-bp-1" not in r.detail and "elsewhere" not in r.detail and str(other.origin) not in r.detail
+    assert [path for path, _ in fhir_server.requests] == [BP, HISTORY]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("pages", "read"), [(3, False), (6, True)])
+def test_the_history_is_read_up_to_the_page_bound(fhir_server, pages, read):
+    # re-created as 4 to 7 after the delete: version 2 is on page 6 at one entry a page
+    fhir_server.histories[HISTORY] = [*bp_recreated(7, 6, 5, 4), {
+        "request": {"method": "DELETE", "url": "Observation/vs-bp-1"}, "response": {"status": "204"}},
+        {"resource": served_bp(2)}, {"resource": served_bp(1)}]
+    fhir_server.page_size = 1
+    outcome = resolve_body(strip("r4b_delete_bp", "etag"), client_for(fhir_server.url, fhir_history_max_pages=pages))
+    assert len(fhir_server.requests) == pages
+    if read:
+        assert isinstance(outcome, Parsed) and {e.version for e in outcome.events} == {3}, outcome
+    else:  # was the live version 7, retracted
+        r = rejection(outcome)
+        assert r.reason is Reason.FETCH_FAILED and "WARDWATCH_FHIR_HISTORY_MAX_PAGES" in r.detail
+        assert r.detail == ("GET Observation/_history: the version before the delete is not in the first 3 pages "
+                            "of the history (raise WARDWATCH_FHIR_HISTORY_MAX_PAGES, then replay)")
+
+
+@pytest.mark.timeout(60)
+def test_next_links_going_round_in_a_circle_stop_at_the_page_bound(fhir_server):
+    fhir_server.histories[HISTORY] = [*bp_recreated(5, 4), {"resource": served_bp(2)}]  # no delete listed
+    fhir_server.page_size = 1
+    fhir_server.next_link = lambda path, page: f"{fhir_server.origin}{path}"  # every page links to page 1
+    r = rejection(resolve_body(strip("r4b_delete_bp", "etag"), client_for(fhir_server.url, fhir_history_max_pages=4)))
+    assert r.reason is Reason.FETCH_FAILED and "first 4 pages" in r.detail
+    assert [path for path, _ in fhir_server.requests] == [HISTORY] * 4
+
+
+# --- a versioned focus of the deleting version, answered 410 Gone ------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_versioned_focus_of_a_delete_answered_410_retracts_the_version_before_it(fhir_server):
+    fhir_server.script[f"{BP}/_history/3"] = deque([(410, b'{"resourceType": "OperationOutcome"}')])
+    outcome = resolve_body(id_only("Observation/vs-bp-1/_history/3", "Observation/vs-hr-9"),
+                           client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed), outcome  # was resource_not_found for the whole notification
+    assert [path for path, _ in fhir_server.requests] == [f"{BP}/_history/3", f"{BP}/_history/2",
+                                                          "/fhir/Observation/vs-hr-9"]
+    retracted = {e.fact_id: e for e in outcome.events if e.code != codes.HEART_RATE}
+    # version 2's facts (above the delivered version 1), retracted at the delete's version 3
+    assert {fact: e.version for fact, e in retracted.items()} == {fact: 3 for fact in bp_facts(2)}
+    assert all((e.status, e.value, e.value_text) == (Status.ENTERED_IN_ERROR, None, None) for e in retracted.values())
+    assert [(e.value, e.version) for e in outcome.events if e.code == codes.HEART_RATE] == [(112, 1)]  # still read
+    features = features_after(outcome.events)
+    assert features["systolic_bp_last_24h"] is None
+
+
+@pytest.mark.timeout(60)
+def test_a_versioned_focus_answered_410_whose_version_before_cannot_be_read_is_not_found(fhir_server):
+    fhir_server.script[f"{BP}/_history/3"] = deque([(410, b"{}")])
+    fhir_server.script[f"{BP}/_history/2"] = deque([(404, b"{}")])
+    r = rejection(resolve_body(id_only("Observation/vs-bp-1/_history/3"), client_for(fhir_server.url)))
+    assert r.reason is Reason.RESOURCE_NOT_FOUND
+    assert r.detail == ("GET Observation/_history: deleted (410) and the version before it could not be read: "
+                        "GET Observation/_history: the FHIR server answered 404")
+
+
+@pytest.mark.timeout(60)
+def test_a_versioned_focus_answered_404_stays_not_found(fhir_server):
+    fhir_server.script[f"{BP}/_history/3"] = deque([(404, b"{}")])  # never visible: nothing says it was deleted
+    r = rejection(resolve_body(id_only("Observation/vs-bp-1/_history/3"), client_for(fhir_server.url)))
+    assert r.reason is Reason.RESOURCE_NOT_FOUND
+    assert r.detail == "GET Observation/_history: the FHIR server answered 404"
+    assert [path for path, _ in fhir_server.requests] == [f"{BP}/_history/3"]
+
+
+def test_a_versioned_focus_of_a_type_wardwatch_does_not_map_answered_410_is_skipped(fhir_server):
+    fhir_server.script["/fhir/Condition/c-1/_history/2"] = deque([(410, b"{}")])
+    outcome = resolve_body(id_only("Condition/c-1/_history/2"), client_for(fhir_server.url))
+    assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"Condition": 1}  # was resource_not_found
+    assert [path for path, _ in fhir_server.requests] == ["/fhir/Condition/c-1/_history/2"]
 
 
 # --- through the real broker ---------------------------------------------------------------------
