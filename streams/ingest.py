@@ -360,7 +360,7 @@ class IngestWorker:
 
     def close(self) -> None:
         try:
-            self.stats.publish()  # the final counts
+            self.stats.publish(final=True)  # the final counts
             self._producer.flush(10)
             # the last asynchronous commit may still be in flight: make it certain before leaving
             commit_offsets(self._consumer, self._last_commit, log)

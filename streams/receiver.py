@@ -203,7 +203,7 @@ class Receiver:
     async def _stop(self, _app: web.Application) -> None:
         if self._stats_task:
             self._stats_task.cancel()
-        self._stats.publish()  # the final counts
+        self._stats.publish(final=True)  # the final counts
         await asyncio.to_thread(self._producer.flush, 5)
         self._stop_polling.set()
         if self._poller:

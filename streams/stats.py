@@ -1,4 +1,4 @@
-"""Counters snapshots on the compacted stats topic: how services publish them, how `wardwatch stats` reads them.
+"""Counters and gauges snapshots on the compacted stats topic: how services publish them, how `wardwatch stats` reads them.
 
 Record format on `<prefix>.stats` (compacted: the latest record per key is the instance's current state):
 
@@ -6,13 +6,31 @@ Record format on `<prefix>.stats` (compacted: the latest record per key is the i
     value  {"service": "ingest",                     which service wrote it
             "instance": <the key>,
             "started_at_ms": int, "updated_at_ms": int,   wall clock (only says how fresh the snapshot is)
-            "counters": {...}}                       the service's cumulative counters since it started
+            "interval_ms": int,                      how often the instance publishes
+            "counters": {...},                       the service's cumulative counters since it started
+            "gauges": {...},                         its current values (may be absent: none)
+            "stopped": true}                         only on the final snapshot of a clean shutdown
 
-Counters are cumulative per instance, so the totals of a service are the sum over its instances'
-latest snapshots (an instance that stopped keeps its final snapshot: totals cover every run since
-the topic began). `counters` is a nested JSON object whose leaves are integers; summing merges
-objects key by key and adds the integers, so any service can publish any counters without a change
-here. The ingest worker publishes IngestCounters.snapshot():
+Two kinds of values, two rules:
+
+- Counters are cumulative per instance (since *this* instance started), so the totals of a service
+  are the sum over its instances' latest snapshots (an instance that stopped keeps its final
+  snapshot: totals cover every run since the topic began). `counters` is a nested JSON object whose
+  leaves are integers; summing merges objects key by key and adds the integers, so any service can
+  publish any counters without a change here.
+- Gauges are values as of the snapshot (the subscription watcher's `open_gaps`, `caught_up`,
+  `stalled_partitions`, the subscriptions it tracks). They are never summed: a stopped instance's
+  last `open_gaps` says nothing about now, and after a restart the new instance reports the same
+  gaps again. `summarize` keeps the gauges of the *live* instances only, one entry per instance:
+  live = its latest snapshot is not marked `stopped` and is at most LIVE_WINDOW_MS (or 5 publishing
+  intervals, if longer) older than the reader's clock. A killed instance (no final snapshot) thus
+  drops out after that window.
+
+Records written before gauges existed (no `gauges` object) are read too: their counters are summed
+as before, except the subscription watcher's values that are gauges now (LEGACY_GAUGES), which are
+moved to its gauges.
+
+The ingest worker publishes IngestCounters.snapshot():
 
     {"cdc":  {"messages_in", "messages_parsed", "events_out", "dead_lettered": {reason: n},
               "control": {kind: n}, "ignored": {kind: n}, "skipped": {kind: n}},
@@ -22,9 +40,12 @@ A nested object with `messages_in` is a *source*: `wardwatch stats` checks its a
 messages_in == messages_parsed + dead_lettered + control + ignored.
 
 Hook for other services (e.g. the patient worker in streams/app.py): create a
-`StatsPublisher("worker", snapshot_fn, producer, topics.stats)` next to the service's producer,
-call `maybe_publish()` from its loop (after its outputs are flushed) and `publish()` at shutdown,
-with counters such as {"dedupe": {"duplicates": n, ...}, "late": {"events": n}}.
+`StatsPublisher("worker", snapshot_fn, producer, topics.stats, gauges=gauges_fn)` next to the
+service's producer, call `maybe_publish()` from its loop (after its outputs are flushed) and
+`publish(final=True)` at shutdown, with counters such as {"dedupe": {"duplicates": n, ...},
+"late": {"events": n}}. A value that can go down belongs in the gauges; a count a restarted
+instance restores from a state topic is published as the part this instance counted (as the
+subscription watcher does), so that it still sums.
 """
 
 from __future__ import annotations
@@ -41,38 +62,55 @@ from wardwatch import observability
 
 log = logging.getLogger(__name__)
 
-Counters = dict[str, Any]  # nested JSON object, integer leaves
+Counters = dict[str, Any]  # nested JSON object, integer leaves (gauges have the same shape)
+
+LIVE_WINDOW_MS = 30_000  # a snapshot older than this (or 5 publishing intervals) is of a gone instance
+DEFAULT_INTERVAL_MS = 2_000  # records written before `interval_ms` existed: the default stats_interval_s
+# records written before `gauges` existed: per service, the counters objects that held gauges, and the
+# keys in them that are counters (every other key there was a gauge)
+LEGACY_GAUGES = {"subscriptions": {"subscriptions": {"messages", "unreadable", "unattributed"}}}
 
 
 def instance_key(service: str, started_at_ms: int) -> str:
     return f"{service}:{socket.gethostname()}:{os.getpid()}:{started_at_ms}"
 
 
-def stats_record(service: str, instance: str, started_at_ms: int, updated_at_ms: int, counters: Counters) -> bytes:
-    return orjson.dumps({"service": service, "instance": instance, "started_at_ms": started_at_ms,
-                         "updated_at_ms": updated_at_ms, "counters": counters})
+def stats_record(service: str, instance: str, started_at_ms: int, updated_at_ms: int, counters: Counters,
+                 gauges: Counters | None = None, *, interval_ms: int = DEFAULT_INTERVAL_MS,
+                 stopped: bool = False) -> bytes:
+    record = {"service": service, "instance": instance, "started_at_ms": started_at_ms,
+              "updated_at_ms": updated_at_ms, "interval_ms": interval_ms, "counters": counters,
+              "gauges": gauges or {}}
+    if stopped:
+        record["stopped"] = True
+    return orjson.dumps(record)
 
 
 class StatsPublisher:
-    """Publishes `snapshot()` under this instance's key, at most every `interval_s` and at shutdown.
+    """Publishes `snapshot()` (counters) and `gauges()` under this instance's key, at most every
+    `interval_s` and at shutdown (`publish(final=True)`: marks the instance stopped).
 
     Uses the service's own producer (so the record goes out with its next flush). A failed delivery
     is logged, not raised: the counters are about the data path, not part of it. `not_sent` counts
     the snapshots the producer did not take (queue full, or refused at once, e.g. a missing topic)."""
 
     def __init__(self, service: str, snapshot: Callable[[], Counters], producer, topic: str, *,
-                 interval_s: float = 2.0, clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000):
+                 gauges: Callable[[], Counters] | None = None, interval_s: float = 2.0,
+                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000):
         self.service = service
         self.topic = topic
         self.interval_s = interval_s
         self._snapshot = snapshot
+        self._gauges = gauges or dict
         self._producer = producer
         self._clock_ms = clock_ms
         self.started_at_ms = clock_ms()
         self.key = instance_key(service, self.started_at_ms)
         self._last_publish = float("-inf")
         self.not_sent = 0
-        observability.expose_counters(service, snapshot)  # the same counters on /metrics
+        observability.expose_counters(service, snapshot)  # the same counters and gauges on /metrics
+        if gauges is not None:
+            observability.expose_gauges(service, gauges)
 
     def maybe_publish(self, now_s: float | None = None) -> bool:
         """Publish when interval_s has passed since the last one (monotonic clock). True if it did."""
@@ -83,12 +121,15 @@ class StatsPublisher:
         self._last_publish = now_s
         return True
 
-    def publish(self) -> None:
+    def publish(self, *, final: bool = False) -> None:
+        """Send a snapshot now; `final` (at a clean shutdown) marks the instance stopped, so its
+        gauges stop counting as current at once."""
         from confluent_kafka import KafkaException
 
         from streams.commits import kafka_error
 
-        value = stats_record(self.service, self.key, self.started_at_ms, self._clock_ms(), self._snapshot())
+        value = stats_record(self.service, self.key, self.started_at_ms, self._clock_ms(), self._snapshot(),
+                             self._gauges(), interval_ms=int(self.interval_s * 1000), stopped=final)
         try:
             self._producer.produce(self.topic, key=self.key.encode(), value=value, headers=[],
                                    on_delivery=_log_failure)
@@ -126,8 +167,33 @@ def latest_per_instance(records: list[tuple[bytes | None, bytes | None]]) -> dic
             log.warning("unreadable stats record skipped")
             continue
         if isinstance(record, dict) and isinstance(record.get("service"), str) and isinstance(record.get("counters"), dict):
-            latest[key.decode(errors="replace")] = record
+            latest[key.decode(errors="replace")] = _current_format(record)
     return latest
+
+
+def _current_format(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as the current format has it: an old one (no `gauges`) gets its gauges moved out of
+    its counters (LEGACY_GAUGES); a `gauges` that is not an object counts as none."""
+    if "gauges" in record:
+        return record if isinstance(record["gauges"], dict) else {**record, "gauges": {}}
+    counters, gauges = dict(record["counters"]), {}
+    for name, counter_keys in LEGACY_GAUGES.get(record["service"], {}).items():
+        values = counters.get(name)
+        if isinstance(values, dict):
+            counters[name] = {k: v for k, v in values.items() if k in counter_keys}
+            gauges[name] = {k: v for k, v in values.items() if k not in counter_keys}
+    return {**record, "counters": counters, "gauges": gauges}
+
+
+def is_live(record: dict[str, Any], now_ms: int) -> bool:
+    """Whether the instance that wrote `record` (its latest snapshot) is still running, as far as
+    the topic can say: not stopped cleanly, and heard from recently."""
+    if record.get("stopped") is True:
+        return False
+    interval_ms = record.get("interval_ms")
+    interval_ms = interval_ms if isinstance(interval_ms, int) and interval_ms > 0 else DEFAULT_INTERVAL_MS
+    updated = record.get("updated_at_ms")
+    return isinstance(updated, int) and now_ms - updated <= max(LIVE_WINDOW_MS, 5 * interval_ms)
 
 
 def add_counters(total: Counters, more: Counters) -> Counters:
@@ -152,18 +218,33 @@ def _total(counts: Any) -> int:
     return sum(v for v in counts.values() if isinstance(v, int)) if isinstance(counts, dict) else 0
 
 
-def summarize(latest: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Sum the latest snapshot of every instance per service; check each source's accounting.
+def summarize(latest: dict[str, dict[str, Any]], now_ms: int | None = None) -> dict[str, Any]:
+    """Sum the counters of the latest snapshot of every instance per service; check each source's
+    accounting; keep the gauges of the live instances (is_live at now_ms, default the wall clock),
+    per instance, never summed.
 
-    {"services": {service: {"instances": n, "updated_at_ms": newest, "counters": summed,
+    {"services": {service: {"instances": n, "live_instances": n, "updated_at_ms": newest,
+                            "counters": summed over every instance,
+                            "gauges": {instance key: {"updated_at_ms": ms, "values": gauges}},  (live only)
+                            "gauges_left_out": n,   (instances with gauges, stopped or silent: not shown)
                             "balanced": {source: bool}}},
      "balanced": bool}   (true when every source of every service balances)"""
+    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     services: dict[str, dict[str, Any]] = {}
-    for record in latest.values():
-        s = services.setdefault(record["service"], {"instances": 0, "updated_at_ms": 0, "counters": {}})
+    for key, record in sorted(latest.items()):
+        record = _current_format(record)
+        s = services.setdefault(record["service"], {"instances": 0, "live_instances": 0, "updated_at_ms": 0,
+                                                    "counters": {}, "gauges": {}, "gauges_left_out": 0})
         s["instances"] += 1
         s["updated_at_ms"] = max(s["updated_at_ms"], int(record.get("updated_at_ms") or 0))
         s["counters"] = add_counters(s["counters"], record["counters"])
+        if is_live(record, now_ms):
+            s["live_instances"] += 1
+            if record["gauges"]:
+                s["gauges"][key] = {"updated_at_ms": int(record.get("updated_at_ms") or 0),
+                                    "values": record["gauges"]}
+        elif record["gauges"]:
+            s["gauges_left_out"] += 1
     for s in services.values():
         s["balanced"] = {name: source_balanced(c) for name, c in s["counters"].items()
                          if isinstance(c, dict) and "messages_in" in c}
@@ -227,12 +308,14 @@ def stats_table(summary: dict[str, Any]):
     """A rich Table of summarize()'s result: per service, each source's counts with by-kind detail."""
     from rich.table import Table
 
-    table = Table(title="wardwatch counters (latest snapshot of every instance, summed)")
+    table = Table(title="wardwatch counters (latest snapshot of every instance, summed) and gauges "
+                        "(current values of each live instance, never summed)")
     for name, justify in (("service", "left"), ("counter", "left"), ("source / kind", "left"), ("count", "right")):
         table.add_column(name, justify=justify)
     for service, s in summary["services"].items():
-        rows = _service_rows(s)
-        label = f"{service} ({s['instances']} instance{'s' if s['instances'] != 1 else ''})"
+        rows = _service_rows(s) + _gauge_rows(s)
+        label = (f"{service} ({s['instances']} instance{'s' if s['instances'] != 1 else ''}, "
+                 f"{s.get('live_instances', 0)} live)")
         for i, row in enumerate(rows):
             table.add_row(label if i == 0 else "", *row)
         table.add_section()
@@ -252,6 +335,19 @@ def _service_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
                 rows += [("", f"  {kind}", str(n)) for kind, n in sorted(value.items())]
         ok = s["balanced"][source]
         rows.append(("accounting equation", source, "[green]holds[/]" if ok else "[red]BROKEN[/]"))
+    return rows
+
+
+def _gauge_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Gauges per live instance, named by host:pid (the key without the service and start time)."""
+    rows = []
+    for key, entry in s.get("gauges", {}).items():
+        parts = key.split(":")
+        instance = ":".join(parts[1:3]) if len(parts) >= 4 else key
+        rows += [(f"gauge {path}", f"now, {instance}", str(n))
+                 for name, values in entry["values"].items() for path, n in _flatten(name, values)]
+    if s.get("gauges_left_out"):
+        rows.append(("gauges not shown", "stopped or silent instances", str(s["gauges_left_out"])))
     return rows
 
 

@@ -23,7 +23,8 @@ arrival read alone would race ahead and report numbers, and channels, still wait
 read yet. A partition that delivers neither a message nor its end for one heartbeat-missed timeout
 (no leader, a persistent fetch error) stops holding the clock back, with a warning: a stuck partition
 must not silence the alarms. The stats say whether the watcher is caught up and how many partitions
-are stalled.
+are stalled: gauges, like the open gaps and the subscriptions tracked (streams/stats.py never sums
+them); the per-kind counts restored with the state are published as what this instance counted.
 
 On start the state topic is read to its true end (a marker is written to each partition and read
 back: end-offset queries can answer too low on some brokers) before any notification is consumed.
@@ -98,7 +99,7 @@ class SubscriptionWatcher:
         self.clock = CatchUpClock([tp.partition for tp in start], stall_ms=self.tracker.heartbeat_timeout_ms)
         self._consumer.assign(start)
         self.stats = StatsPublisher("subscriptions", self.snapshot, self._producer, topics.stats,
-                                    interval_s=settings.stats_interval_s)
+                                    gauges=self.gauges, interval_s=settings.stats_interval_s)
 
     def run(self, stop: threading.Event) -> None:
         log.info("subscription watcher started: %d subscriptions restored", len(self.tracker.states))
@@ -108,7 +109,7 @@ class SubscriptionWatcher:
                 self.stats.maybe_publish()
         finally:
             self.close()
-        log.info("subscription watcher stopped: %s", self.snapshot())
+        log.info("subscription watcher stopped: %s %s", self.snapshot(), self.gauges())
 
     def poll_once(self) -> int:
         """Consume a batch, track it, publish records and state, flush, commit. Returns messages consumed."""
@@ -161,14 +162,18 @@ class SubscriptionWatcher:
         return self.clock.caught_up
 
     def snapshot(self) -> dict[str, Any]:
-        # caught_up (0/1) and stalled_partitions are current values, like the tracker's open_gaps
-        return {"subscriptions": {"messages": self.messages, "unreadable": self.unreadable, **self.tracker.stats(),
-                                  "caught_up": int(self.clock.caught_up),
+        """Counters of this instance (streams/stats.py sums them over the instances)."""
+        return {"subscriptions": {"messages": self.messages, "unreadable": self.unreadable,
+                                  "unattributed": self.tracker.unattributed, **self.tracker.counted_here()}}
+
+    def gauges(self) -> dict[str, Any]:
+        """Current values (never summed): subscriptions tracked, open gaps, caught_up (0/1), stalled partitions."""
+        return {"subscriptions": {**self.tracker.gauges(), "caught_up": int(self.clock.caught_up),
                                   "stalled_partitions": len(self.clock.stalled)}}
 
     def close(self) -> None:
         try:
-            self.stats.publish()
+            self.stats.publish(final=True)
             self._producer.flush(10)
         finally:
             self._consumer.close()

@@ -117,6 +117,8 @@ class SubscriptionTracker:
         self.states: dict[str, SubscriptionState] = states if states is not None else {}
         self.read_to_ms = read_to_ms
         self.unattributed = 0  # notifications without a subscription reference
+        # the per-kind counts restored with the states were counted by earlier instances
+        self._restored_counts = self._counts()
 
     def observe(self, status: NotificationStatus, arrival_ms: int) -> list[dict[str, Any]]:
         """One notification's status (arrival_ms: its Kafka timestamp) -> gap records now due."""
@@ -174,14 +176,26 @@ class SubscriptionTracker:
                             "last_seen_event_number": state.high})
         return records
 
-    def stats(self) -> dict[str, Any]:
+    def _counts(self) -> dict[str, int]:
         totals: dict[str, int] = {}
         for state in self.states.values():
             for k, v in state.counts.items():
                 totals[k] = totals.get(k, 0) + v
-        open_gaps = sum(1 for s in self.states.values() for g in s.gaps)
-        return {"subscriptions": len(self.states), "open_gaps": open_gaps, "unattributed": self.unattributed,
-                **totals}
+        return totals
+
+    def stats(self) -> dict[str, Any]:
+        """Every subscription's per-kind counts since it was first seen (across restarts), with the gauges."""
+        return {**self.gauges(), "unattributed": self.unattributed, **self._counts()}
+
+    def counted_here(self) -> dict[str, int]:
+        """The per-kind counts of this tracker alone (the restored ones left out): counters that add
+        up across the instances of the watcher, as the stats topic needs."""
+        restored = self._restored_counts
+        return {k: v - restored.get(k, 0) for k, v in self._counts().items()}
+
+    def gauges(self) -> dict[str, int]:
+        """Current values: never added across instances (a restart tracks the same subscriptions and gaps)."""
+        return {"subscriptions": len(self.states), "open_gaps": sum(len(s.gaps) for s in self.states.values())}
 
     def _due_gaps(self, state: SubscriptionState) -> list[dict[str, Any]]:
         if self.read_to_ms is not None and (state.last_arrival_ms or 0) > self.read_to_ms:

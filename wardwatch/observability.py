@@ -18,7 +18,12 @@ nested snapshot a sample, read at scrape time, so the hot path pays nothing:
 
     wardwatch_counter_total{service="ingest", counter="cdc.dead_lettered.bad_json"}  3
 
-Plus what is not a counter of a snapshot:
+and the service's gauges (its current values, e.g. the subscription watcher's open gaps), given
+with `expose_gauges(service, gauges_fn)`, as gauges (they go down too):
+
+    wardwatch_gauge{service="subscriptions", gauge="subscriptions.open_gaps"}  1
+
+Plus what is not in a snapshot:
 
     wardwatch_score_latency_seconds     raw produce -> score record published (histogram)
     wardwatch_model_info{version,path}  1 for the model in use
@@ -36,7 +41,7 @@ from typing import Callable
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # --- metrics -------------------------------------------------------------------------------------
 
@@ -80,22 +85,27 @@ def flatten(snapshot: dict, prefix: str = "") -> list[tuple[str, int]]:
 
 
 class _SnapshotCollector:
-    """Reads every registered service's counters snapshot when Prometheus scrapes."""
+    """Reads every registered service's counters and gauges snapshots when Prometheus scrapes."""
 
     def __init__(self) -> None:
         self.sources: dict[str, Callable[[], dict]] = {}
+        self.gauges: dict[str, Callable[[], dict]] = {}
 
     def collect(self):
-        family = CounterMetricFamily("wardwatch_counter", "Cumulative counters of each wardwatch service",
-                                     labels=["service", "counter"])
-        for service, snapshot in list(self.sources.items()):
-            try:
-                leaves = flatten(snapshot())
-            except Exception:  # a scrape never takes a service down
-                continue
-            for path, value in leaves:
-                family.add_metric([service, path], value)
-        yield family
+        counters = CounterMetricFamily("wardwatch_counter", "Cumulative counters of each wardwatch service",
+                                       labels=["service", "counter"])
+        gauges = GaugeMetricFamily("wardwatch_gauge", "Current values of each wardwatch service",
+                                   labels=["service", "gauge"])
+        for family, sources in ((counters, self.sources), (gauges, self.gauges)):
+            for service, snapshot in list(sources.items()):
+                try:
+                    leaves = flatten(snapshot())
+                except Exception:  # a scrape never takes a service down
+                    continue
+                for path, value in leaves:
+                    family.add_metric([service, path], value)
+        yield counters
+        yield gauges
 
 
 _COLLECTOR = _SnapshotCollector()
@@ -104,6 +114,10 @@ REGISTRY.register(_COLLECTOR)
 
 def expose_counters(service: str, snapshot: Callable[[], dict]) -> None:
     _COLLECTOR.sources[service] = snapshot
+
+
+def expose_gauges(service: str, gauges: Callable[[], dict]) -> None:
+    _COLLECTOR.gauges[service] = gauges
 
 
 # --- logs ----------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 from rich.console import Console
 
-from streams.stats import (StatsPublisher, add_counters, latest_per_instance, read_stats, stats_table,
-                           summarize)
+from streams.stats import (StatsPublisher, add_counters, latest_per_instance, read_stats, stats_record,
+                           stats_table, summarize)
 from streams.topics import ensure_topics, topics_for
 
 
@@ -60,6 +60,65 @@ def test_accounting_equation_is_checked_per_source():
     assert summary["balanced"] is False
     text = _render(summary)
     assert "BROKEN" in text and "holds" in text and "dedupe.duplicates" in text
+
+
+NOW = 1_800_000_000_000
+
+
+def _watcher(instance: str, open_gaps: int, messages: int, *, updated: int = NOW, stopped: bool = False) -> dict:
+    return orjson.loads(stats_record("subscriptions", instance, 0, updated,
+                                     {"subscriptions": {"messages": messages, "events": messages}},
+                                     {"subscriptions": {"open_gaps": open_gaps, "caught_up": 1}}, stopped=stopped))
+
+
+def test_a_stopped_or_silent_instance_gauges_do_not_add_to_a_live_ones_but_its_counters_still_sum():
+    latest = {
+        "subscriptions:h1:1:1": _watcher("subscriptions:h1:1:1", 2, 10, updated=NOW - 60_000, stopped=True),
+        "subscriptions:h1:2:2": _watcher("subscriptions:h1:2:2", 3, 7, updated=NOW - 120_000),  # killed: silent
+        "subscriptions:h2:3:3": _watcher("subscriptions:h2:3:3", 2, 4, updated=NOW - 1_000),  # the running one
+    }
+    watcher = summarize(latest, now_ms=NOW)["services"]["subscriptions"]
+    assert watcher["counters"]["subscriptions"] == {"messages": 21, "events": 21}
+    assert (watcher["instances"], watcher["live_instances"], watcher["gauges_left_out"]) == (3, 1, 2)
+    assert watcher["gauges"] == {"subscriptions:h2:3:3": {"updated_at_ms": NOW - 1_000, "values": {
+        "subscriptions": {"open_gaps": 2, "caught_up": 1}}}}
+    text = _render(summarize(latest, now_ms=NOW))
+    assert "gauge subscriptions.open_gaps" in text and "now, h2:3" in text and "h1:" not in text
+    assert "1 live" in text and "stopped or silent instances" in text
+    # the same, every instance stopped: no gauge at all rather than stale ones
+    assert summarize(latest, now_ms=NOW + 3_600_000)["services"]["subscriptions"]["gauges"] == {}
+
+
+def test_records_of_the_old_format_are_read_with_their_gauges_out_of_the_counters():
+    old = {"service": "subscriptions", "instance": "subscriptions:h:1:0", "started_at_ms": 0, "updated_at_ms": NOW,
+           "counters": {"subscriptions": {"messages": 5, "unreadable": 1, "unattributed": 0, "events": 4,
+                                          "subscriptions": 1, "open_gaps": 2, "caught_up": 1,
+                                          "stalled_partitions": 0}}}
+    ingest = {"service": "ingest", "instance": "ingest:h:2:0", "started_at_ms": 0, "updated_at_ms": NOW,
+              "counters": {"cdc": _source(3, 3)}}
+    latest = latest_per_instance([(b"subscriptions:h:1:0", orjson.dumps(old)), (b"ingest:h:2:0", orjson.dumps(ingest))])
+    summary = summarize(latest, now_ms=NOW)
+    watcher = summary["services"]["subscriptions"]
+    assert watcher["counters"] == {"subscriptions": {"messages": 5, "unreadable": 1, "unattributed": 0}}
+    # (its per-kind counts were totals restored across restarts then: not summable either)
+    assert watcher["gauges"]["subscriptions:h:1:0"]["values"] == {"subscriptions": {
+        "events": 4, "subscriptions": 1, "open_gaps": 2, "caught_up": 1, "stalled_partitions": 0}}
+    assert summary["services"]["ingest"]["counters"]["cdc"]["messages_in"] == 3 and summary["balanced"]
+
+
+def test_the_final_snapshot_of_a_clean_shutdown_marks_the_instance_stopped():
+    producer = _RecordingProducer()
+    publisher = StatsPublisher("subscriptions", lambda: {"subscriptions": {"messages": 1}}, producer, "p.stats",
+                               gauges=lambda: {"subscriptions": {"open_gaps": 1}}, interval_s=5.0,
+                               clock_ms=lambda: NOW)
+    publisher.publish()
+    publisher.publish(final=True)
+    first, final = (r for _, _, r in producer.sent)
+    assert first["gauges"] == {"subscriptions": {"open_gaps": 1}} and first["interval_ms"] == 5_000
+    assert "stopped" not in first and final["stopped"] is True
+    key = publisher.key
+    assert summarize({key: first}, now_ms=NOW)["services"]["subscriptions"]["gauges"]
+    assert summarize({key: final}, now_ms=NOW)["services"]["subscriptions"]["gauges"] == {}
 
 
 def _render(summary) -> str:

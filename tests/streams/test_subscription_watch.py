@@ -205,18 +205,18 @@ def test_a_partition_that_never_delivers_does_not_silence_the_heartbeat_alarm(mo
     def published():
         return [value for topic, _, value in watcher._producer.produced if topic == topics.gaps]
 
-    stats = watcher.snapshot()["subscriptions"]
+    stats = watcher.gauges()["subscriptions"]
     assert (stats["caught_up"], stats["stalled_partitions"]) == (0, 0)
     wall_ms = T0 + SILENCE_MS  # ww-adt silent for a timeout: due, but partition 1 might still hold its heartbeat
     watcher.poll_once()
-    assert published() == [] and watcher.snapshot()["subscriptions"]["stalled_partitions"] == 0
+    assert published() == [] and watcher.gauges()["subscriptions"]["stalled_partitions"] == 0
     wall_ms = T0 + 1_000 + SILENCE_MS  # partition 1 silent for a timeout too: stalled
     with caplog.at_level("WARNING", logger=subscription_watch.__name__):
         watcher.poll_once()
         wall_ms += 60_000
         watcher.poll_once()
     assert heartbeat_detections(published()) == [(ADT, T0 + SILENCE_MS)]
-    stats = watcher.snapshot()["subscriptions"]
+    stats = watcher.gauges()["subscriptions"]
     assert (stats["caught_up"], stats["stalled_partitions"]) == (0, 1)
     stalls = [r.getMessage() for r in caplog.records if "no end of partition" in r.getMessage()]
     assert len(stalls) == 1 and "partition 1" in stalls[0] and "ww-adt" not in stalls[0]  # once, no ids

@@ -276,3 +276,16 @@ def test_real_status_shapes_feed_the_tracker(name, numbers):
     status = read_status(fhir_bundle(name))
     t.observe(status, arrival_ms=T0)
     assert t.states[status.subscription].high == numbers[-1]
+
+
+def test_a_restored_tracker_counts_only_what_it_saw_itself_and_reports_its_gaps_as_gauges():
+    # the stats topic sums counters over the watcher's instances: a restored count would be summed twice
+    t = tracker()
+    feed(t, [event(1, at=T0), event(4, at=T0), event(4, at=T0)])
+    restored = tracker(states={s: SubscriptionState.from_dict(orjson.loads(orjson.dumps(st.to_dict())))
+                               for s, st in t.states.items()})
+    assert restored.counted_here() == {k: 0 for k in t.counted_here()}
+    feed(restored, [event(5, at=T0), event(5, at=T0)])
+    assert restored.counted_here()["events"] == 1 and restored.counted_here()["duplicates"] == 1
+    assert t.counted_here()["events"] + restored.counted_here()["events"] == restored.stats()["events"] == 3
+    assert restored.gauges() == {"subscriptions": 1, "open_gaps": 1}  # 2..3, still open after the restart

@@ -60,6 +60,21 @@ def test_metrics_health_and_readiness_endpoints():
         server.shutdown()
 
 
+def test_gauges_are_scraped_as_gauges_not_as_counters():
+    server = obs.serve(0)
+    try:
+        gauges = {"subscriptions": {"open_gaps": 2}}
+        obs.expose_gauges("watcher-test", lambda: gauges)
+        body = _get(f"http://127.0.0.1:{server.server_port}/metrics")[1]
+        assert b"# TYPE wardwatch_gauge gauge" in body
+        assert b'wardwatch_gauge{gauge="subscriptions.open_gaps",service="watcher-test"} 2.0' in body
+        assert b'counter="subscriptions.open_gaps"' not in body
+        gauges["subscriptions"]["open_gaps"] = 0  # a gauge goes down: read at scrape time
+        assert b'service="watcher-test"} 0.0' in _get(f"http://127.0.0.1:{server.server_port}/metrics")[1]
+    finally:
+        server.shutdown()
+
+
 def test_a_failing_readiness_probe_means_not_ready():
     def broken() -> bool:
         raise RuntimeError("broker down")
