@@ -42,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from schemas.codes import parameter_name
+from wardwatch.listen import run_http
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,8 @@ class ScoresFeed(threading.Thread):
 
 
 def run_cds(settings: Settings) -> None:
-    """Blocking: serve CDS Hooks on settings.cds_host:cds_port until SIGINT/SIGTERM."""
+    """Blocking: serve CDS Hooks on settings.cds_host:cds_port until SIGINT/SIGTERM (cds_port 0: any
+    free port, logged once bound: wardwatch/listen.py)."""
     from streams.topics import ensure_topics, topics_for
 
     topics = topics_for(settings)
@@ -280,9 +282,8 @@ def run_cds(settings: Settings) -> None:
         feed.stop_event.set()
 
     app.on_cleanup.append(stop_feed)
-    log.warning("CDS Hooks service on http://%s:%d/cds-services (scores from %s)", settings.cds_host,
-                settings.cds_port, topics.scores)
-    web.run_app(app, host=settings.cds_host, port=settings.cds_port, print=None, access_log=None)
+    run_http(app, settings.cds_host, settings.cds_port, log=log, what="CDS Hooks service",
+             after=f"/cds-services (scores from {topics.scores})")
     feed.join(timeout=10)
     if feed.error is not None:
         raise SystemExit(f"the CDS service stopped because it could not read {topics.scores}: {feed.error}; "

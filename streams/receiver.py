@@ -51,6 +51,7 @@ from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Rejected
 from streams.commits import kafka_error
 from streams.stats import StatsPublisher
 from streams.topics import Topics, topics_for
+from wardwatch.listen import run_http
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -375,7 +376,8 @@ class ReceiverCounters:
 
 
 def run_receiver(settings: Settings) -> None:
-    """CLI entry point: serve until SIGINT/SIGTERM (aiohttp handles the signals and cleans up)."""
+    """CLI entry point: serve until SIGINT/SIGTERM (aiohttp handles the signals and cleans up).
+    receiver_port 0: any free port, logged once bound (wardwatch/listen.py)."""
     from streams.topics import ensure_topics
 
     receiver = Receiver(settings)
@@ -383,10 +385,9 @@ def run_receiver(settings: Settings) -> None:
         ensure_topics(settings, receiver.topics, timeout_s=10)
     except Exception as exc:  # serve anyway: /readyz says 503 until the broker and topics are there
         log.warning("could not check/create the topics (%s); /readyz answers 503 until they exist", exc)
-    log.warning("rest-hook receiver on http://%s:%d%s -> %s", settings.receiver_host, settings.receiver_port,
-                NOTIFICATION_PATHS[0], receiver.topics.fhir)
-    web.run_app(receiver.app, host=settings.receiver_host, port=settings.receiver_port, print=None,
-                access_log=None)  # access logs would carry nothing useful and cost a line per notification
+    # (no access log: it would carry nothing useful and cost a line per notification)
+    run_http(receiver.app, settings.receiver_host, settings.receiver_port, log=log, what="rest-hook receiver",
+             after=f"{NOTIFICATION_PATHS[0]} -> {receiver.topics.fhir}")
 
 
 class BackgroundReceiver:

@@ -11,7 +11,6 @@ services' own counters (the stats topic) next to what the replay injected.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from streams.archiver import Archiver
 from streams.replay import DEFAULT_DISEASES, build_replay, generate_cohort, publish
 from streams.topics import ensure_topics, topics_for
 from wardwatch.broker import EmbeddedBroker
-from wardwatch.procs import check_alive, start_service, stop_service, wait_for_commits, wait_for_group
+from wardwatch.procs import (check_alive, start_http_service, start_service, stop_service, wait_for_commits,
+                             wait_for_group)
 from wardwatch.settings import Settings
 
 BUNDLED_MODELS = Path(__file__).parent / "models"
@@ -65,12 +65,6 @@ def seed_models(model_dir: Path) -> None:
         shutil.copytree(BUNDLED_MODELS, model_dir)
     else:
         model_dir.mkdir(parents=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for_receiver(url: str, proc, logs: Path, deadline: float) -> None:
@@ -142,7 +136,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
             bootstrap = broker.bootstrap
         settings = Settings(bootstrap_servers=bootstrap, data_dir=data_dir, model_dir=data_dir / "models",
                             topic_prefix="demo", cdc_topic_prefix="demo.ehr.public", group_prefix="demo",
-                            receiver_port=free_port())
+                            receiver_port=0)  # any free port: the receiver binds it and logs which
         seed_models(settings.model_dir)
         topics = topics_for(settings)
         ensure_topics(settings, topics)
@@ -159,11 +153,13 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
         step = progress.add_task("starting receiver, ingest, patient worker and subscription watcher", total=None)
         logs = data_dir / "logs"
         services = {}
-        for name in ("receiver", "ingest", "worker", "subscriptions"):
+        for name in ("ingest", "worker", "subscriptions"):
             services[name] = start_service([name], settings, logs / f"{name}.log")
             stack.callback(stop_service, services[name])
+        services["receiver"], receiver_port = start_http_service(["receiver"], settings, logs / "receiver.log")
+        stack.callback(stop_service, services["receiver"])
         ingest, worker = services["ingest"], services["worker"]
-        receiver_url = f"http://{settings.receiver_host}:{settings.receiver_port}"
+        receiver_url = f"http://{settings.receiver_host}:{receiver_port}"
         archiver = Archiver(settings, topics, flush_interval_s=2.0)
         stack.callback(archiver.close)
         # replay only once both consumer groups have their partitions: a live feed starts mid-stream

@@ -37,6 +37,22 @@ def start_service(command: list[str], settings: Settings, log_path: Path | None 
             out.close()
 
 
+def start_http_service(command: list[str], settings: Settings, log_path: Path, *, timeout_s: float = 60.0
+                       ) -> tuple[subprocess.Popen, int]:
+    """Start an HTTP service (`receiver`, `cds`) as start_service does and wait until it listens;
+    returns the process and its port. Give the service port 0 in `settings`: it binds a free port
+    itself, so no other process can take it between a pick and the bind (wardwatch/listen.py)."""
+    from wardwatch.listen import wait_for_listening
+
+    offset = log_path.stat().st_size if log_path.exists() else 0  # a log appended to by an earlier run
+    proc = start_service(command, settings, log_path)
+    try:
+        return proc, wait_for_listening(proc, log_path, offset=offset, timeout_s=timeout_s)
+    except BaseException:
+        stop_service(proc)
+        raise
+
+
 def stop_service(proc: subprocess.Popen, timeout_s: float = 15.0) -> int | None:
     """SIGTERM, then SIGKILL after timeout_s; returns the exit code."""
     if proc.poll() is None:

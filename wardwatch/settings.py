@@ -71,7 +71,7 @@ class Settings(BaseSettings):
 
     # CDS Hooks service (wardwatch cds)
     cds_host: str = Field("127.0.0.1", description="Address the CDS Hooks service listens on")
-    cds_port: int = Field(8082, ge=0, le=65535, description="Port of the CDS Hooks service")
+    cds_port: int = Field(8082, ge=0, le=65535, description="Port of the CDS Hooks service (0: any free port, logged once bound)")
 
     # batch / archive
     data_dir: Path = Field(Path("data"), description="Where the archive (Parquet) and the DuckDB file live")
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
 
     # rest-hook receiver (streams/receiver.py)
     receiver_host: str = Field("127.0.0.1", description="Address the rest-hook receiver binds (0.0.0.0 for all)")
-    receiver_port: int = Field(8081, ge=0, le=65535, description="Port of the rest-hook receiver (0: any free port)")
+    receiver_port: int = Field(8081, ge=0, le=65535, description="Port of the rest-hook receiver (0: any free port, logged once bound)")
     receiver_token: SecretStr | None = Field(None, description="Bearer token the FHIR server must send; None disables the check")
     receiver_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest notification body accepted (bytes); larger -> 413")
     receiver_max_inflight: int = Field(64, ge=1, description="Requests handled at once; more -> 503 with Retry-After")

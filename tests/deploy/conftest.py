@@ -1,5 +1,6 @@
 """A real PostgreSQL for the deploy tests: initdb + pg_ctl into a temporary directory, on a free
-port, started with the server arguments docker-compose.yml gives the postgres service.
+port (another one if it is taken before the server binds it), started with the server arguments
+docker-compose.yml gives the postgres service.
 
 PostgreSQL refuses to run as root; under root (CI containers) the server runs as the `postgres`
 user that Debian's postgresql package creates. Skips only when no PostgreSQL binaries exist
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,37 +78,71 @@ class PostgresServer:
         return name
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    bin_dir = postgres_bin_dir()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl, psql): apt-get install -y postgresql")
+class PortTaken(RuntimeError):
+    """The port was free when picked and taken before PostgreSQL bound it."""
+
+
+def start_postgres(run_as: list[str], bin_dir: Path, data: Path, workdir: Path, *, pick_port=_free_port,
+                   tries: int = 3) -> int:
+    """pg_ctl start on a free port; returns the port. PostgreSQL cannot bind port 0 and report the
+    port it got, so a port another process took between the pick and the bind (another test's
+    broker, on a busy machine) is replaced by another pick, `tries` times."""
+    log = workdir / "server.log"
+    for attempt in range(tries):
+        port = pick_port()
+        logged = log.stat().st_size if log.exists() else 0
+        options = " ".join([*compose_postgres_args(), "-c", f"port={port}", "-c", "listen_addresses=127.0.0.1",
+                            "-c", f"unix_socket_directories={workdir}", "-c", "fsync=off"])
+        started = subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log),
+                                  "-w", "-t", "60", "start"], capture_output=True, text=True, timeout=90)
+        if started.returncode == 0:
+            return port
+        said = log.read_bytes()[logged:].decode(errors="replace") if log.exists() else ""
+        if "Address already in use" not in said:
+            raise RuntimeError(f"pg_ctl start failed ({started.returncode}): {started.stderr.strip()}\n{said[-2000:]}")
+        if attempt == tries - 1:
+            raise PortTaken(f"port {port} was taken before PostgreSQL bound it, {tries} times in a row")
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def running_postgres(bin_dir: Path, *, pick_port=_free_port):
+    """A PostgreSQL server in a temporary directory, stopped and removed on exit."""
     as_root = os.geteuid() == 0
-    if as_root:
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to run the server as")
     # not pytest's tmp_path: its parents are private to the current user, the server may be another
     workdir = Path(tempfile.mkdtemp(prefix="wardwatch-pg-"))
     data = workdir / "data"
     run_as = ["runuser", "-u", "postgres", "--"] if as_root else []
     if as_root:
+        owner = pwd.getpwnam("postgres")
         os.chown(workdir, owner.pw_uid, owner.pw_gid)
-    port = _free_port()
     try:
         subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", ADMIN, "--auth=trust",
                         "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-        options = " ".join([*compose_postgres_args(), "-c", f"port={port}", "-c", "listen_addresses=127.0.0.1",
-                            "-c", f"unix_socket_directories={workdir}", "-c", "fsync=off"])
-        subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l",
-                        str(workdir / "server.log"), "-w", "-t", "60", "start"],
-                       check=True, capture_output=True, timeout=90)
-        yield PostgresServer(bin_dir, port)
+        yield PostgresServer(bin_dir, start_postgres(run_as, bin_dir, data, workdir, pick_port=pick_port))
     finally:
         subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def postgres_or_skip() -> Path:
+    """The PostgreSQL binaries, or skip the test when it cannot run a server here."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl, psql): apt-get install -y postgresql")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run the server as")
+    return bin_dir
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    with running_postgres(postgres_or_skip()) as server:
+        yield server
 
 
 @pytest.fixture

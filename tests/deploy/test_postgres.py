@@ -105,3 +105,21 @@ def _settings():
 @pytest.fixture(autouse=True)
 def _no_wardwatch_env(clean_env):
     pass
+
+
+@pytest.mark.timeout(180)
+def test_a_free_port_taken_before_postgres_binds_it_is_replaced_by_another():
+    # on a busy CI machine another process can take the picked port before the server binds it
+    import socket
+
+    from tests.deploy.conftest import _free_port, postgres_or_skip, running_postgres
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        picks = iter([taken])
+        with running_postgres(postgres_or_skip(), pick_port=lambda: next(picks, None) or _free_port()) as server:
+            assert server.port != taken
+            with psycopg.connect(server.dsn()) as conn:
+                assert conn.execute("SELECT current_setting('port')").fetchone()[0] == str(server.port)

@@ -20,8 +20,8 @@ from streams.replay import RawMessage
 from streams.topics import ensure_topics, topics_for
 from tests.integration.pipeline import (Pipeline, archived, archived_events, cohort, publish_messages, record_figures,
                                         reference_events, valid_replay)
-from wardwatch.broker import EmbeddedBroker, free_port
-from wardwatch.procs import check_alive, start_service, stop_service, wait_for_group
+from wardwatch.broker import EmbeddedBroker
+from wardwatch.procs import check_alive, start_http_service, start_service, stop_service, wait_for_group
 
 PAUSE_S = 10.0
 RATE = 80  # raw messages/s: the replay (~720 messages) lasts ~9 s, so the pause lands mid-stream
@@ -91,20 +91,20 @@ def test_pipeline_and_receiver_survive_a_frozen_broker_and_lose_nothing(settings
     deadline = time.monotonic() + DEADLINE_S
     with EmbeddedBroker.start(log_path=tmp_path / "broker.log") as broker:
         settings = settings.model_copy(update={
-            "bootstrap_servers": broker.bootstrap, "receiver_port": free_port(),
+            "bootstrap_servers": broker.bootstrap, "receiver_port": 0,  # any free port, read back from its log
             "receiver_ack_timeout_s": ACK_TIMEOUT_S})
         replay = valid_replay(cohort(request), settings)
         messages, held = hold_back_one_notification(replay.messages)
-        receiver_url = f"http://127.0.0.1:{settings.receiver_port}"
-        notify = f"{receiver_url}/fhir/notifications"
 
         # the in-process archiver is in the group from the start and is not polled during the pause:
         # it must come back too (test_in_process_archiver_survives_a_frozen_broker_it_was_not_polling)
         with Pipeline(settings, tmp_path / "logs", archive_from_start=True) as pipe:
             topics = pipe.topics
             expected = reference_events(replay.messages, topics, settings)
-            receiver = start_service(["receiver"], settings, tmp_path / "logs" / "receiver.log")
+            receiver, port = start_http_service(["receiver"], settings, tmp_path / "logs" / "receiver.log")
             pipe.procs["receiver"] = receiver  # checked alive and stopped with the others
+            receiver_url = f"http://127.0.0.1:{port}"
+            notify = f"{receiver_url}/fhir/notifications"
             wait_ready(receiver_url, receiver, deadline)
 
             published: dict = {}

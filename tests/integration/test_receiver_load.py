@@ -18,8 +18,7 @@ import pytest
 from streams.topics import ensure_topics, topics_for
 from tests.fixtures.ingest.corpus import fhir_bundle
 from tests.integration.pipeline import record_figures, rss_kb
-from wardwatch.broker import free_port
-from wardwatch.procs import read_to_end, start_service, stop_service
+from wardwatch.procs import read_to_end, start_http_service, stop_service
 
 NOTIFICATIONS = 3000
 CONCURRENCY = 32  # client connections; the receiver handles at most MAX_INFLIGHT at once, so some get 503
@@ -103,14 +102,14 @@ def wait_healthy(base: str, proc, deadline: float) -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_concurrent_notifications_are_stored_exactly_once_and_bad_ones_refused(settings, tmp_path):
-    settings = settings.model_copy(update={"receiver_port": free_port(), "receiver_max_inflight": MAX_INFLIGHT,
+    settings = settings.model_copy(update={"receiver_port": 0, "receiver_max_inflight": MAX_INFLIGHT,
                                            "receiver_max_bytes": MAX_BYTES})
     topics = topics_for(settings)
     ensure_topics(settings, topics)
-    base = f"http://127.0.0.1:{settings.receiver_port}"
-    url = f"{base}/fhir/notifications"
     deadline = time.monotonic() + 180
-    proc = start_service(["receiver"], settings, tmp_path / "receiver.log")
+    proc, port = start_http_service(["receiver"], settings, tmp_path / "receiver.log")
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/fhir/notifications"
     try:
         wait_healthy(base, proc, deadline)
         rss_before = rss_kb(proc.pid)
@@ -160,12 +159,12 @@ def with_note(body: bytes, note_bytes: int) -> bytes:
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_notification_under_the_default_size_limit_is_stored_or_refused_with_4xx(settings, tmp_path):
-    settings = settings.model_copy(update={"receiver_port": free_port()})  # default receiver_max_bytes
+    settings = settings.model_copy(update={"receiver_port": 0})  # default receiver_max_bytes
     ensure_topics(settings, topics_for(settings))
-    base = f"http://127.0.0.1:{settings.receiver_port}"
     body = with_note(notification(1), 2_000_000)
     assert len(body) < settings.receiver_max_bytes
-    proc = start_service(["receiver"], settings, tmp_path / "receiver.log")
+    proc, port = start_http_service(["receiver"], settings, tmp_path / "receiver.log")
+    base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc, time.monotonic() + 60)
         status = httpx.post(f"{base}/fhir/notifications", content=body, headers=FHIR_JSON, timeout=30).status_code

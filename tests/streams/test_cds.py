@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import httpx
@@ -14,7 +13,7 @@ from confluent_kafka import Producer
 
 from streams.cds import SERVICE_ID, BadRequest, LatestScores, card, make_app, patient_keys
 from streams.topics import ensure_topics, topics_for
-from wardwatch.procs import start_service, stop_service
+from wardwatch.procs import start_http_service, stop_service
 
 T = 1_704_096_000_000  # 2024-01-01T08:00:00Z
 REASONS = [{"feature": "resp_rate_last_24h", "value": 28.0, "contribution": 1.42},
@@ -135,12 +134,6 @@ def test_over_http_a_malformed_request_is_a_400_and_a_bad_score_never_a_500():
 # --- over real HTTP, fed from the real broker -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def publish(settings, topic: str, records: list[dict]) -> None:
     producer = Producer({**settings.kafka_client_config(), "linger.ms": 1})
     for r in records:
@@ -173,16 +166,16 @@ def wait_for_card(base: str, patient_id: str, proc, expect, timeout_s: float = 6
 
 @pytest.mark.integration
 def test_cds_service_over_http_serves_the_latest_score_and_rebuilds_after_restart(settings, tmp_path):
-    settings = settings.model_copy(update={"cds_port": free_port()})
+    settings = settings.model_copy(update={"cds_port": 0})  # any free port, read back from the log
     topics = topics_for(settings)
     ensure_topics(settings, topics)
     publish(settings, topics.scores, [score("p-1", 0, tier="medium", probability=0.55),
                                       score("p-1", 15, tier="high", probability=0.83),
                                       score("p-2", 3, path="rule", tier="medium", news2=5)])
     publish(settings, topics.scores_shadow, [score("p-3", 1, path="model", version="cand")])  # never served
-    base = f"http://127.0.0.1:{settings.cds_port}"
 
-    proc = start_service(["cds"], settings, log_path=tmp_path / "cds.log")
+    proc, port = start_http_service(["cds"], settings, tmp_path / "cds.log")
+    base = f"http://127.0.0.1:{port}"
     try:
         [c] = wait_for_card(base, "p-1", proc, lambda cards: cards and "HIGH" in cards[0]["summary"])
         assert c["indicator"] == "critical" and c["source"]["label"] == "wardwatch"
@@ -209,7 +202,8 @@ def test_cds_service_over_http_serves_the_latest_score_and_rebuilds_after_restar
         stop_service(proc)
 
     # Kafka is the durable store: a fresh process rebuilds the same latest score by re-reading
-    proc = start_service(["cds"], settings, log_path=tmp_path / "cds.log")
+    proc, port = start_http_service(["cds"], settings, tmp_path / "cds.log")  # the same log, appended to
+    base = f"http://127.0.0.1:{port}"
     try:
         [c] = wait_for_card(base, "p-1", proc, lambda cards: cards and "LOW" in cards[0]["summary"])
         assert "probability 0.42" in c["summary"]

@@ -18,8 +18,8 @@ from streams.receiver import (Accept, BackgroundReceiver, Receiver, Refuse, clas
                               token_ok)
 from streams.stats import read_stats, summarize
 from streams.topics import ensure_topics, topics_for
-from wardwatch.broker import free_port
-from wardwatch.procs import start_service, stop_service
+from wardwatch.broker import closed_port
+from wardwatch.procs import start_http_service, stop_service
 from wardwatch.settings import Settings
 from tests.fixtures.ingest.corpus import fhir_bundle, raw_file
 
@@ -260,53 +260,54 @@ def test_wrong_content_type_too_large_and_wrong_token_are_refused(settings, serv
 
 @pytest.mark.integration
 def test_unreachable_broker_answers_503_with_retry_after(settings):
-    closed = settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}", "receiver_port": 0,
-                                         "receiver_ack_timeout_s": 1.0})
-    with BackgroundReceiver(closed) as receiver:
-        started = time.monotonic()
-        response = httpx.post(f"{receiver.url}/fhir/notifications", content=fhir_bundle("r4b_status_event"),
-                              headers=FHIR_JSON, timeout=10)
-        assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
-        assert time.monotonic() - started < 5  # bounded by the ack timeout, not hanging
-        # a refused body cannot be dead-lettered either: 503 too, so the server retries it
-        bad = httpx.post(f"{receiver.url}/fhir/notifications", content=b"{", headers=FHIR_JSON, timeout=10)
-        assert bad.status_code == 503
-        assert httpx.get(f"{receiver.url}/readyz", timeout=10).status_code == 503
-        assert httpx.get(f"{receiver.url}/healthz", timeout=5).status_code == 200
+    with closed_port() as port:  # no broker there, nor can one start there
+        closed = settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{port}", "receiver_port": 0,
+                                             "receiver_ack_timeout_s": 1.0})
+        with BackgroundReceiver(closed) as receiver:
+            started = time.monotonic()
+            response = httpx.post(f"{receiver.url}/fhir/notifications", content=fhir_bundle("r4b_status_event"),
+                                  headers=FHIR_JSON, timeout=10)
+            assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+            assert time.monotonic() - started < 5  # bounded by the ack timeout, not hanging
+            # a refused body cannot be dead-lettered either: 503 too, so the server retries it
+            bad = httpx.post(f"{receiver.url}/fhir/notifications", content=b"{", headers=FHIR_JSON, timeout=10)
+            assert bad.status_code == 503
+            assert httpx.get(f"{receiver.url}/readyz", timeout=10).status_code == 503
+            assert httpx.get(f"{receiver.url}/healthz", timeout=5).status_code == 200
 
 
 @pytest.mark.integration
 def test_requests_beyond_the_in_flight_bound_get_503(settings):
-    closed = settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}", "receiver_port": 0,
-                                         "receiver_ack_timeout_s": 3.0, "receiver_max_inflight": 1})
-    with BackgroundReceiver(closed) as receiver:
-        url = f"{receiver.url}/fhir/notifications"
-        first: list[httpx.Response] = []
-        waiting = threading.Thread(target=lambda: first.append(
-            httpx.post(url, content=fhir_bundle("r4b_handshake"), headers=FHIR_JSON, timeout=10)))
-        waiting.start()
-        deadline = time.monotonic() + 5
-        while receiver.receiver.inflight < 1:  # the first request waits for an ack that never comes
-            assert time.monotonic() < deadline, "first request never got in flight"
-            time.sleep(0.01)
-        second = httpx.post(url, content=fhir_bundle("r4b_handshake"), headers=FHIR_JSON, timeout=10)
-        assert second.status_code == 503 and "Retry-After" in second.headers
-        assert "in flight" in orjson.loads(second.content)["issue"][0]["diagnostics"]
-        waiting.join(10)
-        assert first[0].status_code == 503  # and the first one times out on the missing broker
+    with closed_port() as port:  # no broker there, nor can one start there
+        closed = settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{port}", "receiver_port": 0,
+                                             "receiver_ack_timeout_s": 3.0, "receiver_max_inflight": 1})
+        with BackgroundReceiver(closed) as receiver:
+            url = f"{receiver.url}/fhir/notifications"
+            first: list[httpx.Response] = []
+            waiting = threading.Thread(target=lambda: first.append(
+                httpx.post(url, content=fhir_bundle("r4b_handshake"), headers=FHIR_JSON, timeout=10)))
+            waiting.start()
+            deadline = time.monotonic() + 5
+            while receiver.receiver.inflight < 1:  # the first request waits for an ack that never comes
+                assert time.monotonic() < deadline, "first request never got in flight"
+                time.sleep(0.01)
+            second = httpx.post(url, content=fhir_bundle("r4b_handshake"), headers=FHIR_JSON, timeout=10)
+            assert second.status_code == 503 and "Retry-After" in second.headers
+            assert "in flight" in orjson.loads(second.content)["issue"][0]["diagnostics"]
+            waiting.join(10)
+            assert first[0].status_code == 503  # and the first one times out on the missing broker
 
 
 @pytest.mark.integration
 def test_wardwatch_receiver_serves_until_sigterm_and_publishes_its_counters(settings, tmp_path):
-    port = free_port()
-    service_settings = settings.model_copy(update={"receiver_port": port, "stats_interval_s": 0.5})
+    service_settings = settings.model_copy(update={"receiver_port": 0, "stats_interval_s": 0.5})
     topics = topics_for(settings)
     ensure_topics(settings, topics)
-    proc = start_service(["receiver"], service_settings, tmp_path / "receiver.log")
+    proc, port = start_http_service(["receiver"], service_settings, tmp_path / "receiver.log")
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + DEADLINE_S
-        while True:  # wait for the process to listen (its imports take a moment)
+        while True:  # its port is bound; the app may still be starting
             assert proc.poll() is None, (tmp_path / "receiver.log").read_text()
             assert time.monotonic() < deadline, "receiver never answered /healthz"
             try:

@@ -74,3 +74,18 @@ def test_pause_and_resume():
         b.pause()
         b.resume()
         assert b.running
+
+
+def test_a_closed_port_refuses_connections_and_no_server_can_take_it_while_held():
+    import socket
+
+    from wardwatch.broker import closed_port
+
+    with closed_port() as port:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        with socket.socket() as server:  # as a broker binds: SO_REUSEADDR, then listen
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError):
+                server.bind(("127.0.0.1", port))
+                server.listen()

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from wardwatch import preflight
-from wardwatch.broker import free_port
+from wardwatch.broker import closed_port
 from wardwatch.cli import app
 
 
@@ -20,9 +20,9 @@ def invoke(*args: str, env: dict[str, str] | None = None):
 def test_a_command_that_needs_the_broker_says_in_one_line_that_it_cannot_reach_it(command, clean_env, capfd,
                                                                                  tmp_path):
     clean_env.setattr(preflight, "BROKER_WAIT_S", 1.0)
-    nobody = f"127.0.0.1:{free_port()}"  # a port nothing listens on
-
-    result = invoke(*command, env={"WARDWATCH_BOOTSTRAP_SERVERS": nobody, "WARDWATCH_DATA_DIR": str(tmp_path)})
+    with closed_port() as port:  # nothing listens on it, and nothing can start to
+        nobody = f"127.0.0.1:{port}"
+        result = invoke(*command, env={"WARDWATCH_BOOTSTRAP_SERVERS": nobody, "WARDWATCH_DATA_DIR": str(tmp_path)})
 
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)  # not a KafkaException traceback
