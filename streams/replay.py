@@ -4,7 +4,8 @@ Vital signs arrive as Debezium PostgreSQL change events for a `vital_signs` tabl
 schemas.enable=true, decimal.handling.mode=precise, REPLICA IDENTITY FULL); labs arrive as FHIR R4B
 subscription notifications (a `history` Bundle: SubscriptionStatus, then the full Observation).
 Both are merged by availability time (vitals when charted, labs when issued), then realistic faults
-are injected and recorded in a manifest so tests and the demo can check that every one was handled.
+are injected and recorded in a manifest so tests and the demo can check that every one was handled
+(with them, as labs do, a few results are reported preliminary first and final minutes later).
 Last, the context tables are merged in by commit time, without faults: a `patients` row per patient
 (at registration, before the first admission) and an `encounters` insert per stay (in progress, at
 admission, before any of its vitals), updated to finished when the discharge falls within the replay.
@@ -91,6 +92,9 @@ class FaultPlan:
     fhir_retractions: int = 1
     cdc_retractions: int = 1
     bad_messages: int = 4
+    # realism rather than a fault: labs reported preliminary first, final minutes later (one with the
+    # same value, one corrected); an alert resting on one says so until the final amends it
+    preliminary_results: int = 2
     reorder_within_s: int = 1800  # well inside the default allowed lateness (3600 s)
 
 
@@ -585,7 +589,7 @@ def vital_observation(row: VitalRow, column: str, row_id: int, at_us: int,
 
 
 def next_version(obs: dict[str, Any], at_us: int, status: str, value: float | None = None) -> dict[str, Any]:
-    """Version 2 of an Observation: amended (new value) or entered-in-error."""
+    """The next version of an Observation: amended (new value), entered-in-error, or final (of a preliminary)."""
     new = json.loads(json.dumps(obs))
     new["meta"] = {**new["meta"], "versionId": str(int(new["meta"]["versionId"]) + 1), "lastUpdated": format_time_us(at_us)}
     new["status"] = status
@@ -637,7 +641,7 @@ class Delivered:
 
 
 def _plan(vitals: list[VitalRow], labs: list[LabResult], rng: random.Random, faults: bool,
-          plan: FaultPlan, late_by_s: int, allowed_lateness_s: int) -> list[Item]:
+          plan: FaultPlan, late_by_s: int, allowed_lateness_s: int, seed: int = 0) -> list[Item]:
     # vitals are committed a little after measurement (charting delay); labs are available when issued
     inserts = [Item(v.measured_at_us + rng.randint(20, 180) * 1_000_000, "insert", v.patient_id, row=v)
                for v in vitals]
@@ -657,6 +661,10 @@ def _plan(vitals: list[VitalRow], labs: list[LabResult], rng: random.Random, fau
         *_cdc_corrections(inserts, pick, plan),
         *_fhir_corrections(on_time_labs(results, allowed_lateness_s), pick, plan),
         *_bad_messages(inserts, start, end, plan.bad_messages),
+        # with an rng of its own, after every other pick: a seed's other faults, row ids and lsns stay
+        # as they were before preliminary results existed
+        *_preliminary_results(on_time_labs(results, allowed_lateness_s),
+                              pick.sharing(random.Random(f"preliminary-{seed}")), plan.preliminary_results),
     ]
     return [*inserts, *results, *protocol, *added]
 
@@ -670,6 +678,12 @@ class _Picker:
 
     def free(self, item: Item) -> bool:
         return id(item) not in self.used
+
+    def sharing(self, rng: random.Random) -> _Picker:
+        """A picker drawing from rng that takes part in the same one-fault-per-item bookkeeping."""
+        other = _Picker(rng)
+        other.used = self.used
+        return other
 
     def take(self, *items: Item) -> None:
         self.used.update(id(i) for i in items)
@@ -759,6 +773,32 @@ def _fhir_corrections(results: list[Item], pick: _Picker, plan: FaultPlan) -> li
         at = src.at_us + pick.rng.randint(30, 120) * 60_000_000
         out.append(Item(at, "fhir", src.patient_id, resource=next_version(src.resource, at, "entered-in-error"),
                         code=src.code, target=src, fault="retracted"))
+    return out
+
+
+def _preliminary_results(results: list[Item], pick: _Picker, n: int) -> list[Item]:
+    """Labs first reported preliminary, then final (version 2) some minutes later. Preferably the first
+    lactate of a stay: drawn when sepsis is first suspected, so close to when an alert opens, whose
+    basis then holds a preliminary reading; then other lactates, then other labs. The first keeps its
+    value (an alert resting on it is amended only to drop the flag), the others change it (a real
+    correction). The preliminary item itself is rewritten."""
+    lactates = [i for i in results if i.code == codes.LACTATE]
+    first: dict[tuple[str, str], Item] = {}  # (patient, encounter) -> its first on-time lactate
+    for i in sorted(lactates, key=lambda i: parse_time_us(i.resource["effectiveDateTime"])):
+        first.setdefault((i.patient_id, json.dumps(i.resource.get("encounter"), sort_keys=True)), i)
+    chosen = pick.pick(list(first.values()), n)
+    chosen += pick.pick(lactates, n - len(chosen))
+    chosen += pick.pick(results, n - len(chosen))  # too few on-time lactates: other labs
+    out = []
+    for k, src in enumerate(chosen):
+        src.resource = {**src.resource, "status": "preliminary"}  # a copy: the cohort's LabResult stays final
+        src.fault = "preliminary"
+        old = src.resource["valueQuantity"]["value"]
+        at = src.at_us + pick.rng.randint(20, 90) * 60_000_000
+        final = next_version(src.resource, at, "final", None if k == 0 else round(old * 1.2 + 0.2, 2))
+        final["issued"] = format_time_us(at)  # issued: when this version was made available
+        out.append(Item(at, "fhir", src.patient_id, resource=final, code=src.code, target=src,
+                        fault="finalised"))
     return out
 
 
@@ -1012,7 +1052,7 @@ def build_replay(cohort_dir: Path, *, faults: bool = True, seed: int = 0, max_pa
     labs = [lab for lab in labs if lab.patient_id in keep]
 
     rng = random.Random(seed)
-    items = _plan(vitals, labs, rng, faults, plan, late_by_s, allowed_lateness_s)
+    items = _plan(vitals, labs, rng, faults, plan, late_by_s, allowed_lateness_s, seed)
     stream = _commit(items, rng, load_patient_refs(cohort_dir))
     involved = {id(i) for i in items if i.fault is not None} | {id(i.target) for i in items if i.target is not None}
     swaps: list[tuple[Delivered, Delivered]] = []
@@ -1068,6 +1108,12 @@ def _manifest(stream: list[Delivered], items: list[Item], swaps: list[tuple[Deli
                          "fact_ids": [*a.item.fact_ids(), *b.item.fact_ids()]} for a, b in swaps),
                        key=lambda r: r["positions"])
     amended = [i for i in items if i.fault == "amended"]
+    # each preliminary result and its final version (the final's target), once each in the stream
+    preliminary = [{"fact_id": fhir_fact_id(i.resource, i.code), "position": first_position[id(i.target)],
+                    "final_position": first_position[id(i)],
+                    "preliminary_value": i.target.resource["valueQuantity"]["value"],
+                    "final_value": i.resource["valueQuantity"]["value"]}
+                   for i in items if i.fault == "finalised"]
     bad = [{"position": first_position[id(i)], "kind": i.action if i.action != "insert" else "bad_heart_rate",
             "topic_kind": i.messages[0].message.kind, "fact_ids": i.fact_ids()}
            for i in items if i.fault == "bad"]
@@ -1081,6 +1127,7 @@ def _manifest(stream: list[Delivered], items: list[Item], swaps: list[tuple[Deli
         "duplicated_notifications": len(duplicated),
         "reordered": len(reordered),
         "bad_messages": len(bad),
+        "preliminary": len(preliminary),
     }
     return {
         "seed": seed,
@@ -1102,6 +1149,8 @@ def _manifest(stream: list[Delivered], items: list[Item], swaps: list[tuple[Deli
         "duplicated_notifications": sorted(duplicated, key=lambda r: r["position"]),
         "reordered": reordered,
         "bad_messages": sorted(bad, key=lambda r: r["position"]),
+        # labs delivered preliminary (version 1), then final (version 2) with the same or a changed value
+        "preliminary_results": sorted(preliminary, key=lambda r: r["position"]),
     }
 
 

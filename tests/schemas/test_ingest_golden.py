@@ -5,7 +5,8 @@ detail and exception, and byte for byte the same canonical events (streams.inges
 
 The messages (tests/fixtures/ingest_golden/corpus.jsonl.gz, stored so the test needs no clinosim):
 - the replay of the 8-patient clinosim cohort (seed 7) with its faults (malformed JSON, a bad
-  resource, an impossible value, redeliveries, amendments, retractions, context rows);
+  resource, an impossible value, redeliveries, amendments, retractions, preliminary results and
+  their final versions, context rows);
 - every raw-message fixture of tests/fixtures/ingest (CDC and FHIR, good and bad);
 - hostile_fhir(): hand-written invalid notifications (wrong types, missing required fields, bad
   dates, unknown resourceType, unknown fields, a Bundle with one invalid entry, ...);

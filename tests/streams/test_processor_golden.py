@@ -3,14 +3,15 @@ of canonical messages must give, byte for byte, the outputs it gave when the fix
 
 The corpus (tests/fixtures/processor/corpus.jsonl.gz) is the replay of the 8-patient clinosim cohort
 (seed 7) with its faults (redeliveries, cross-source twins, amendments, retractions, late rows,
-context changes), parsed by the ingest and cut into canonical messages as benchmarks/processor.py
-cuts them; then three made-up patients for what the cohort lacks (synthetic_messages: alert
-corrections, amended and entered-in-error, a resolution by discharge, the rule path, an alert on a
-preliminary result made final); then two messages the worker must dead-letter (added by
-load_corpus). It is stored, not generated, so the test depends on neither clinosim nor the ingest
-parsers. Each variant runs it through a fresh processor with the shipped model as `current` and as
-`candidate` (shadow scores) and compares a sha256 per output kind (every record, in order) and of
-the final patient records (their table bytes) with tests/fixtures/processor/golden.json.
+context changes, lactates reported preliminary then final: one under an alert that its final amends),
+parsed by the ingest and cut into canonical messages as benchmarks/processor.py cuts them; then three
+made-up patients for what the cohort lacks (synthetic_messages: alert corrections, amended and
+entered-in-error, a resolution by discharge, the rule path, an alert on a preliminary result made
+final); then two messages the worker must dead-letter (added by load_corpus). It is stored, not
+generated, so the test depends on neither clinosim nor the ingest parsers. Each variant runs it
+through a fresh processor with the shipped model as `current` and as `candidate` (shadow scores) and
+compares a sha256 per output kind (every record, in order) and of the final patient records (their
+table bytes) with tests/fixtures/processor/golden.json.
 
 This is what proves a speed-up of the worker changed nothing. When outputs are meant to change (the
 shipped model is retrained, the feature list or an output format changes), regenerate after checking

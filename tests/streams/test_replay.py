@@ -79,6 +79,11 @@ def observation(bundle: dict) -> dict | None:
     return bundle["entry"][1]["resource"] if len(bundle["entry"]) > 1 else None
 
 
+def observation_id(fact_id: str) -> str:
+    """The Observation id of a FHIR fact id, "fhir:Observation/<id>:<code>"."""
+    return fact_id.split("/", 1)[1].rsplit(":", 1)[0]
+
+
 def bad_positions(replay) -> set[int]:
     return {b["position"] for b in replay.manifest["bad_messages"]}
 
@@ -333,11 +338,52 @@ def test_lab_corrections_and_duplicates_target_labs_that_arrive_within_the_laten
     man = replay.manifest
     targets = {f.split(":")[1] for f in man["amended_fact_ids"] + man["retracted_fact_ids"] if f.startswith("fhir:")}
     targets |= {f.split(":")[1] for d in man["duplicated_notifications"] for f in d["fact_ids"]}
+    targets |= {r["fact_id"].split(":")[1] for r in man["preliminary_results"]}
     firsts = {f"Observation/{o['id']}": o for b in map(notification, replay.messages) if b and (o := observation(b))
               and o["meta"]["versionId"] == "1"}
     assert len(targets) >= 3
     for t in targets:
         assert micros(firsts[t]["issued"]) - micros(firsts[t]["effectiveDateTime"]) < 3600 * 1_000_000
+
+
+def test_preliminary_results_come_first_then_their_final_version_as_announced(replay):
+    """A lab reported preliminary, then final minutes later: once with the same value (only the flag
+    goes), once with a changed value (a real correction)."""
+    man = replay.manifest
+    prelim = man["preliminary_results"]
+    assert len(prelim) == man["fault_counts"]["preliminary"] == 2
+    assert sorted(r["final_value"] == r["preliminary_value"] for r in prelim) == [False, True]
+    for r in prelim:
+        first, final = (observation(notification(replay.messages[p])) for p in (r["position"], r["final_position"]))
+        assert r["position"] < r["final_position"] and first["id"] == final["id"] == observation_id(r["fact_id"])
+        assert (first["status"], first["meta"]["versionId"], first["valueQuantity"]["value"]) == \
+            ("preliminary", "1", r["preliminary_value"])
+        assert (final["status"], final["meta"]["versionId"], final["valueQuantity"]["value"]) == \
+            ("final", "2", r["final_value"])
+        assert final["effectiveDateTime"] == first["effectiveDateTime"]
+        # made available minutes later, not days: the dedupe horizon still knows the preliminary version
+        assert 0 < micros(final["issued"]) - micros(first["issued"]) <= 2 * 3600 * 1_000_000
+        assert replay.messages[r["final_position"]].key == replay.messages[r["position"]].key  # same patient
+    # every preliminary Observation is announced, and takes part in no other fault: delivered exactly
+    # twice (preliminary, final), never duplicated, amended or retracted
+    deliveries = defaultdict(list)
+    for b in map(notification, replay.messages):
+        if b and (obs := observation(b)):
+            deliveries[obs["id"]].append(obs["status"])
+    announced = {observation_id(r["fact_id"]) for r in prelim}
+    assert {i for i, statuses in deliveries.items() if "preliminary" in statuses} == announced
+    assert all(deliveries[i] == ["preliminary", "final"] for i in announced)
+    others = man["amended_fact_ids"] + man["retracted_fact_ids"] + [f for d in man["duplicated_notifications"]
+                                                                   for f in d["fact_ids"]]
+    assert not {r["fact_id"] for r in prelim} & set(others)
+
+
+def test_the_ingest_reads_a_preliminary_result_then_its_final_version(replay):
+    events = defaultdict(list)  # fact id -> (status, version, value), in delivery order
+    for e in _canonical_events(replay):
+        events[e.fact_id].append((e.status.value, e.version, e.value))
+    for r in replay.manifest["preliminary_results"]:
+        assert events[r["fact_id"]] == [("preliminary", 1, r["preliminary_value"]), ("final", 2, r["final_value"])]
 
 
 def test_late_rows_must_be_later_than_the_allowed_lateness(cohort):
@@ -454,7 +500,8 @@ def test_without_faults_every_message_is_a_clean_first_delivery(cohort, csv_vita
     man = clean.manifest
     assert set(man["fault_counts"].values()) == {0}
     assert not (man["late_fact_ids"] or man["amended_fact_ids"] or man["retracted_fact_ids"]
-                or man["cross_source_duplicate_fact_ids"] or man["redelivered"] or man["reordered"])
+                or man["cross_source_duplicate_fact_ids"] or man["redelivered"] or man["reordered"]
+                or man["preliminary_results"])
     assert len(set(clean.messages)) == len(clean.messages)
     ops = {json.loads(m.value)["payload"]["op"] for m in clean.messages if m.table == "vital_signs"}
     assert ops == {"c"} and man["counts"]["cdc_insert"] == len(csv_vitals)

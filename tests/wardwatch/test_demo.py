@@ -46,6 +46,23 @@ def test_injected_faults_are_accounted_for(demo):
 
 
 @pytest.mark.timeout(240)
+def test_preliminary_lab_results_are_used_then_corrected_by_their_final_version(demo):
+    """Labs report some results preliminary first: the stream accepts the preliminary version and takes
+    the final one as a correction, even when its value is unchanged (the flag an alert carries goes)."""
+    with duckdb.connect(demo["duckdb_path"], read_only=True) as con:
+        rows = con.execute("SELECT fact_id, version, status, value, outcome FROM canonical_events WHERE fact_id IN "
+                           "(SELECT fact_id FROM canonical_events WHERE status = 'preliminary') "
+                           "ORDER BY fact_id, version").fetchall()
+    versions: dict[str, list] = {}
+    for fact_id, *rest in rows:
+        versions.setdefault(fact_id, []).append(rest)
+    assert len(versions) == demo["faults"]["preliminary"] > 0
+    for (v1, s1, _, o1), (v2, s2, _, o2) in versions.values():
+        assert (v1, s1, o1, v2, s2, o2) == (1, "preliminary", "accepted", 2, "final", "corrected")
+    assert sorted(v[0][2] == v[1][2] for v in versions.values()) == [False, True]  # one corrected value, one same
+
+
+@pytest.mark.timeout(240)
 def test_alerts_are_valid_risk_assessments_with_deterministic_ids(demo):
     assert demo["alerts"] > 0
     with duckdb.connect(demo["duckdb_path"], read_only=True) as con:
