@@ -457,6 +457,10 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
             reason = "the group rebalanced"
         if not committed:
             log.warning("the last applied offsets were not committed at shutdown (%s)", reason)
+        # the final counters, marked stopped: `wardwatch stats` stops counting this instance as live at once
+        stats.publish(final=True)
+        if producer.flush(5.0):
+            log.warning("the final stats snapshot was not delivered at shutdown")
 
     @app.on_partitions_revoked.connect
     async def _forget_pending_commits(sender, revoked, **kwargs):  # another worker may commit beyond them now

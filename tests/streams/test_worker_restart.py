@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from streams.stats import read_stats, summarize
 from streams.topics import ensure_topics, topics_for
 from tests.streams.worker_runs import (Publisher, canonical_messages, collect_results, recovery_seconds,
                                       wait_for_progress)
@@ -143,6 +144,10 @@ def test_a_sigterm_commits_everything_the_worker_applied(settings, tmp_path):
     committed = committed_offsets(stopping, group, list(ends))
     assert held_back != ends  # the interval held the second burst's commit back while the worker ran
     assert committed == ends
+    # and its last counters say it stopped, so `wardwatch stats` no longer lists it as live
+    workers = [r for r in read_stats(stopping, topics).values() if r["service"] == "worker"]
+    assert len(workers) == 1 and workers[0].get("stopped") is True
+    assert summarize(read_stats(stopping, topics))["services"]["worker"]["live_instances"] == 0
 
 
 @pytest.mark.timeout(150)
