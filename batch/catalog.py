@@ -140,7 +140,9 @@ PER_TABLE: dict[str, dict[str, str]] = {
                       "path": "Part file path relative to the archive directory"},
     "parity_report": {"event_id": "The late event disagreed on (check = late)",
                       "scoring_ms": "Scoring time of the point (check = feature)" + _MS},
-    "observations": {"outcome": "How the fact first entered the system: accepted, late or duplicate"},
+    "observations": {"outcome": "How the fact first entered the system: accepted, late, duplicate (a "
+                                "cross-source copy) or corrected (the final result of the other source's "
+                                "preliminary one, which it replaced)"},
     "labels": {"news2": "NEWS2 at the scoring point from the facts issued by T (what training sees)"},
     "alerts": {"tier": "open/escalate: the tier alerted, medium or high; resolve: the tier at resolution (none "
                        "or low), or the patient's latest tier on a resolve by discharge (streams/alerting.py)",

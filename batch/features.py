@@ -81,14 +81,16 @@ def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_
       like any accepted fact, but is never live;
     - the latest version wins: a retracted fact corrected again with another status is live again;
     - state never expires here (no dedupe horizon, no pruning): the same results as the stream as
-      long as redeliveries arrive within the dedupe horizon of event time.
+      long as redeliveries arrive within the dedupe horizon of event time. The one exception is the
+      final result of a preliminary one through the other source (rule 4): it is checked before
+      lateness, so the stream's pruning bound (clock - lateness - MAX_WINDOW) is applied to it.
     """
     classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
     return (classified
             .with_columns(outcome=pl.col("_kind").replace_strict(_OUTCOME, return_dtype=pl.String),
                           late_by_ms=pl.when(pl.col("_kind") == LATE)
                           .then(pl.col("_clock") - allowed_lateness_ms - pl.col("effective_ms")))
-            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_clock"))
+            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_supersedes", "_clock"))
 
 
 POINTS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
@@ -133,7 +135,8 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
 
 
 def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
-    """Rows in arrival order with `_row`, `_kind` (internal outcome) and `_clock` (clock before the row)."""
+    """Rows in arrival order with `_row`, `_kind` (internal outcome), `_supersedes` (the fact_id of the
+    preliminary result a final twin replaces, on that corrected row) and `_clock` (clock before the row)."""
     rows = (measurements(events)
             .with_columns(pl.col("effective_ms", "issued_ms", "version", "partition", "offset", "idx").cast(pl.Int64),
                           pl.col("value").cast(pl.Float64))
@@ -143,18 +146,19 @@ def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.
             # effective time) with another row can be or meet an alias: later steps skip the rest
             .with_columns(_fact_repeats=pl.struct(_FACT).is_duplicated(),
                           _key_shared=pl.struct("patient_id", "code", "effective_ms").is_duplicated()))
-    guess = pl.repeat(ACCEPTED, rows.height, dtype=pl.String, eager=True).alias("_kind")
+    guess = pl.DataFrame({"_kind": pl.repeat(ACCEPTED, rows.height, dtype=pl.String, eager=True),
+                          "_supersedes": pl.repeat(None, rows.height, dtype=pl.String, eager=True)})
     for _ in range(rows.height + 1):  # converges within (longest patient history + 1) passes
         step = _one_pass(rows, guess, lateness_ms, tolerance)
-        if step["_kind"].equals(guess):
-            return rows.with_columns(step)
-        guess = step["_kind"]
+        if step.select(guess.columns).equals(guess):
+            return rows.hstack(step)
+        guess = step.select(guess.columns)
     raise AssertionError("state rules did not converge")  # impossible: each row depends only on earlier rows
 
 
-def _one_pass(rows: pl.DataFrame, guess: pl.Series, lateness_ms: int, tolerance: float) -> pl.DataFrame:
+def _one_pass(rows: pl.DataFrame, guess: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
     """Each row's outcome given the guessed outcomes of the rows before it (rules 1-5)."""
-    r = rows.with_columns(guess)
+    r = rows.hstack(guess)
     # rules 1-2: the highest version `known` holds before this row; late arrivals never enter it
     r = _over_repeated_facts(r, "_known_version", pl.when(pl.col("_kind") != LATE).then(pl.col("version"))
                              .shift(1).cum_max().forward_fill())
@@ -164,26 +168,54 @@ def _one_pass(rows: pl.DataFrame, guess: pl.Series, lateness_ms: int, tolerance:
     is_new = pl.col("_known_version").is_null()
     is_late = (is_new & (pl.col("effective_ms") < pl.col("_clock") - lateness_ms)).fill_null(False)
     candidates = r.filter(is_new & ~is_late & pl.col("value").is_not_null() & pl.col("_key_shared"))
-    alias_rows = _alias_rows(r, candidates, tolerance)
+    versions = _live_versions(r)
+    alias_rows = _alias_rows(versions, candidates, tolerance)
     r = _with_current_content(r)
+    # rule 4, a final result of a live preliminary one through the other source: a new fact (before
+    # rule 3: never late) or a new version of an alias
+    is_alias = pl.col("_cur__kind") == _ALIAS
+    final = ((pl.col("status") != PRELIMINARY) & (pl.col("status") != RETRACTED) & pl.col("value").is_not_null()
+             & pl.col("_key_shared"))
+    finals = r.filter(final & (is_new | (is_alias & (pl.col("version") > pl.col("_known_version"))).fill_null(False)))
+    r = r.drop("_supersedes").join(_finalising_rows(versions, finals, lateness_ms), on="_row", how="left",
+                                   maintain_order="left")
+    finalises = pl.col("_supersedes").is_not_null()
     kind = (pl.when(~is_new).then(pl.when(pl.col("version") <= pl.col("_known_version")).then(pl.lit(_REDELIVERED))
+                                  .when(finalises).then(pl.lit(CORRECTED))
                                   .when(_restates).then(pl.lit(_RESTATED))
                                   .otherwise(pl.lit(CORRECTED)))
+            .when(finalises).then(pl.lit(CORRECTED))
             .when(is_late).then(pl.lit(LATE))
             .when(pl.col("_row").is_in(alias_rows.implode())).then(pl.lit(_ALIAS))
             .otherwise(pl.lit(ACCEPTED)))
-    return r.select(kind.alias("_kind"), pl.col("_clock"))
+    return r.select(kind.alias("_kind"), pl.col("_supersedes"), pl.col("_clock"))
 
 
 def _with_current_content(r: pl.DataFrame) -> pl.DataFrame:
     """Add the fact's current content before each row (`_cur_*`: the columns of its last accepted,
-    corrected or alias row; null for a row with no such row before it)."""
+    corrected or alias row; null for a row with no such row before it). A preliminary result replaced
+    by its final twin since that row is an alias (`_cur__kind`)."""
     sets_content = pl.col("_kind").is_in([ACCEPTED, CORRECTED, _ALIAS])
     r = _over_repeated_facts(r, "_content_row", pl.when(sets_content).then(pl.col("_row")).shift(1).forward_fill())
     current = r.filter("_fact_repeats").select(
         pl.col("_row").alias("_content_row"),
         *(pl.col(c).alias(f"_cur_{c}") for c in ("_kind", "code", "value", "effective_ms", "status")))
-    return r.join(current, on="_content_row", how="left", maintain_order="left")
+    r = r.join(current, on="_content_row", how="left", maintain_order="left")
+    replaced = r.filter(pl.col("_supersedes").is_not_null()).select("patient_id", fact_id="_supersedes",
+                                                                    _replaced_row="_row")
+    if replaced.is_empty():  # nearly always: no preliminary result was made final through the other source
+        return r
+    # only a later row of the replaced fact can see it: those facts repeat
+    later = (r.filter("_fact_repeats").select("_row", "patient_id", "fact_id").sort("_row")
+             .join_asof(replaced.sort("_replaced_row"), left_on="_row", right_on="_replaced_row",
+                        by=["patient_id", "fact_id"], strategy="backward", allow_exact_matches=False,
+                        check_sortedness=False)
+             .select("_row", "_replaced_row"))
+    alias_since = pl.col("_replaced_row").is_not_null() & (pl.col("_content_row").is_null()
+                                                            | (pl.col("_replaced_row") > pl.col("_content_row")))
+    return (r.join(later, on="_row", how="left", maintain_order="left")
+            .with_columns(_cur__kind=pl.when(alias_since).then(pl.lit(_ALIAS)).otherwise(pl.col("_cur__kind")))
+            .drop("_replaced_row"))
 
 
 # rule 2: the row restates the fact's current content: an alias (its content is never used); a
@@ -196,41 +228,77 @@ _restates = ((pl.col("_cur__kind") == _ALIAS)
                 & ((pl.col("status") == PRELIMINARY) == (pl.col("_cur_status") == PRELIMINARY)))).fill_null(False)
 
 
-def _alias_rows(r: pl.DataFrame, candidates: pl.DataFrame, tolerance: float) -> pl.Series:
-    """Rule 4: candidate rows (new, not late) matching a live fact of another source at that moment.
+def _live_versions(r: pl.DataFrame) -> pl.DataFrame:
+    """The versions a candidate row of rules 4 can match, with `_next_version_row` (the fact's next
+    version row, or the row of the final twin that replaced it).
 
-    A fact is live at row i when it entered as accepted (not as an alias) and its current version
-    (its last accepted/corrected row before i) is not a retraction; the current version holds the
-    code, effective time and value to compare.
+    A fact is live at row i when it entered as accepted or as a final twin (not as an alias) and its
+    current version (its last accepted/corrected row before i) is not a retraction, nor replaced
+    before i by a final twin; the current version holds the code, effective time, value and status
+    to compare. A row does not end the fact it replaces for itself (`>=`), so that it still finds it.
     """
-    versions = _over_repeated_facts(_fact_versions(r), "_next_version_row", pl.col("_row").shift(-1))
-    live = versions.filter((pl.col("status") != RETRACTED) & pl.col("value").is_not_null() & pl.col("_key_shared"))
-    matches = (candidates.select("_row", "patient_id", "code", "effective_ms", "source", "value")
-               .join(live.select("_row", "_next_version_row", "patient_id", "code", "effective_ms", "source", "value"),
-                     on=["patient_id", "code", "effective_ms"], suffix="_live")
-               .filter(pl.col("_row_live") < pl.col("_row"),
-                       pl.col("_next_version_row").is_null() | (pl.col("_next_version_row") > pl.col("_row")),
-                       pl.col("source_live") != pl.col("source"),
-                       (pl.col("value_live") - pl.col("value")).abs() <= tolerance))
+    versions = _over_repeated_facts(_fact_versions(r), "_next_version_row", pl.col("_row").shift(-1), "_vrow")
+    return (versions.filter((pl.col("status") != RETRACTED) & pl.col("value").is_not_null() & pl.col("_key_shared"))
+            .select("_row", "_next_version_row", "patient_id", "fact_id", "code", "effective_ms", "source", "value",
+                    "status"))
+
+
+def _live_at(candidates: pl.DataFrame, versions: pl.DataFrame) -> pl.DataFrame:
+    """Each candidate row joined with the versions live at it with the same (patient, code, effective
+    time) from the other source (`*_live` columns)."""
+    return (candidates.join(versions, on=["patient_id", "code", "effective_ms"], suffix="_live")
+            .filter(pl.col("_row_live") < pl.col("_row"),
+                    pl.col("_next_version_row").is_null() | (pl.col("_next_version_row") >= pl.col("_row")),
+                    pl.col("source_live") != pl.col("source")))
+
+
+def _alias_rows(versions: pl.DataFrame, candidates: pl.DataFrame, tolerance: float) -> pl.Series:
+    """Rule 4: candidate rows (new, not late) matching a live fact of another source within tolerance."""
+    matches = (_live_at(candidates.select("_row", "patient_id", "code", "effective_ms", "source", "value"), versions)
+               .filter((pl.col("value_live") - pl.col("value")).abs() <= tolerance))
     return matches["_row"].unique()
 
 
+def _finalising_rows(versions: pl.DataFrame, finals: pl.DataFrame, lateness_ms: int) -> pl.DataFrame:
+    """Rule 4, a final result of a preliminary one: `finals` rows (final results, new or of an alias)
+    matching a live preliminary fact of another source, whatever its value, that is not logically
+    pruned (the stream's state drops facts at or before clock - lateness - MAX_WINDOW); per row the
+    first such fact by fact_id (`_supersedes`)."""
+    not_pruned = pl.col("_clock").is_null() | (pl.col("effective_ms") > pl.col("_clock") - lateness_ms
+                                                - MAX_WINDOW_S * 1000)
+    return (_live_at(finals.filter(not_pruned).select("_row", "patient_id", "code", "effective_ms", "source"),
+                     versions.filter(pl.col("status") == PRELIMINARY))
+            .group_by("_row").agg(_supersedes=pl.col("fact_id").min()))
+
+
 def _fact_versions(classified: pl.DataFrame) -> pl.DataFrame:
-    """The rows that set a live-eligible fact's state (accepted entry, then corrections), in arrival order.
-    Retractions are kept: they end the previous version's visibility. An alias's rows are left out."""
-    entered = _over_repeated_facts(classified, "_entered_as_accepted", (pl.col("_kind") == ACCEPTED).any())
-    entered_as_accepted = pl.coalesce("_entered_as_accepted", pl.col("_kind") == ACCEPTED)
-    return entered.filter(pl.col("_kind").is_in([ACCEPTED, CORRECTED]) & entered_as_accepted).drop("_entered_as_accepted")
+    """The rows that set a live-eligible fact's state (its entry, accepted or as a final twin, then
+    corrections), in arrival order. Retractions are kept: they end the previous version's visibility;
+    so does a final twin replacing a preliminary fact (rule 4): a retraction of that fact is added at
+    the twin's row. An alias's rows are left out. `_vrow` numbers the rows (an added one shares `_row`)."""
+    enters = (pl.col("_kind") == ACCEPTED) | pl.col("_supersedes").is_not_null()
+    entered = _over_repeated_facts(classified, "_entered", enters.any())
+    versions = (entered.filter(pl.col("_kind").is_in([ACCEPTED, CORRECTED]) & pl.coalesce("_entered", enters))
+                .drop("_entered"))
+    replaced = versions.filter(pl.col("_supersedes").is_not_null())
+    if replaced.is_empty():  # nearly always: no preliminary result was made final through the other source
+        return versions.with_row_index("_vrow")
+    ends = replaced.with_columns(fact_id=pl.col("_supersedes"), status=pl.lit(RETRACTED),
+                                 value=pl.lit(None, pl.Float64), _supersedes=pl.lit(None, pl.String))
+    # a replaced fact has a row more now: _fact_repeats must say so (_over_repeated_facts relies on it)
+    return (pl.concat([versions, ends]).sort("_row", maintain_order=True)
+            .with_columns(_fact_repeats=pl.struct(_FACT).is_duplicated()).with_row_index("_vrow"))
 
 
-def _over_repeated_facts(frame: pl.DataFrame, name: str, expr: pl.Expr) -> pl.DataFrame:
+def _over_repeated_facts(frame: pl.DataFrame, name: str, expr: pl.Expr, key: str = "_row") -> pl.DataFrame:
     """Add `expr` evaluated per fact over the rows of facts seen more than once, null for the others.
 
     Callers pass expressions about a fact's *other* rows, which a fact seen once does not have.
-    Skipping the one-row facts matters: a window over millions of tiny groups is slow.
+    Skipping the one-row facts matters: a window over millions of tiny groups is slow. `key`: a
+    column unique in `frame` (_fact_versions' frames have `_vrow`: an added row shares `_row`).
     """
-    repeated = frame.filter("_fact_repeats").select("_row", expr.over(_FACT).alias(name))
-    return frame.join(repeated, on="_row", how="left", maintain_order="left")
+    repeated = frame.filter("_fact_repeats").select(key, expr.over(_FACT).alias(name))
+    return frame.join(repeated, on=key, how="left", maintain_order="left")
 
 
 def final_facts(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
@@ -240,7 +308,7 @@ def final_facts(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLO
     versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
     return (versions.unique(subset=_FACT, keep="last", maintain_order=True)
             .filter((pl.col("status") != RETRACTED) & pl.col("value").is_not_null())
-            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_clock"))
+            .drop("_row", "_vrow", "_fact_repeats", "_key_shared", "_kind", "_supersedes", "_clock"))
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -265,7 +333,7 @@ def features_at(events: pl.DataFrame, points: pl.DataFrame, *,
                  .with_columns(pl.col("_pos").cast(pl.Int64)))
     versions = _over_repeated_facts(
         versions.join(positions, on=["partition", "offset", "idx"], how="left", maintain_order="left"),
-        "_until", pl.col("_pos").shift(-1)).with_columns(_from=pl.col("_pos"))
+        "_until", pl.col("_pos").shift(-1), "_vrow").with_columns(_from=pl.col("_pos"))
     at = at_position.join(positions, on=["partition", "offset", "idx"], how="left", maintain_order="left")["_pos"]
     return _features(versions, points, at)
 
@@ -280,7 +348,7 @@ def features_as_of_issued(events: pl.DataFrame, points: pl.DataFrame, *,
     versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
     # version v is the visible one from its issue time until a later version has been issued
     issued_later = pl.col("issued_ms").reverse().cum_min().reverse().shift(-1)
-    versions = _over_repeated_facts(versions, "_until", issued_later).with_columns(_from=pl.col("issued_ms"))
+    versions = _over_repeated_facts(versions, "_until", issued_later, "_vrow").with_columns(_from=pl.col("issued_ms"))
     points = points.with_columns(pl.col("scoring_ms").cast(pl.Int64))
     return _features(versions, points, points["scoring_ms"])
 

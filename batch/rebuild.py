@@ -143,8 +143,9 @@ def observation_versions(classified: pl.DataFrame) -> pl.DataFrame:
 def observations(versions: pl.DataFrame) -> pl.DataFrame:
     """The current (highest) version of each fact, retracted facts excluded.
 
-    `outcome` is how the fact first entered the system (accepted, late, or duplicate = a
-    cross-source copy of another fact); `versions` counts its versions seen.
+    `outcome` is how the fact first entered the system (accepted, late, duplicate = a
+    cross-source copy of another fact, or corrected = the final result of the other source's
+    preliminary one, which it replaced); `versions` counts its versions seen.
     """
     key = ["patient_id", "fact_id"]  # (see observation_versions: a moved row's fact leaves one patient)
     first_arrival = (versions.sort(*ARRIVAL).unique(subset=key, keep="first", maintain_order=True)

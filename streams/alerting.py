@@ -31,8 +31,9 @@ retracts) a fact in the basis of the episode's latest alert, the re-scored point
   Later alerts in that episode carry a revision in their id, so no withdrawn id is ever reused.
   correction id = uuid5(NAMESPACE, f"{original_id}|correction|{fact_id}@{version},...") over the
   corrected basis facts, sorted: a restart that replays the correction repeats the id.
-A preliminary result in the basis that becomes final (a new version of the same fact, status final)
-is such a correction too, whether or not its value changed: the alert the consumer holds says it rests
+A preliminary result in the basis that becomes final (a new version of the same fact, status final,
+or a final result of the same measurement through the other source, which replaces it:
+docs/patient-state.md rule 4) is such a correction too, whether or not its value changed: the alert the consumer holds says it rests
 on a preliminary reading, and the amended one no longer does (its basis names the final version). So
 a clinician who saw "based on preliminary results" sees it cleared, or the alert withdrawn if the
 final value no longer supports its tier. A new version that changes nothing (a restatement: a
@@ -208,17 +209,25 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
 
 def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int, tier: Tier,
             probability: float | None, news2: int | None, path: str, model_version: str | None,
-            rationale: Sequence = (), basis: Callable[[], Basis] | None = None
-            ) -> tuple[AlertState, list[AlertDecision]]:
+            rationale: Sequence = (), basis: Callable[[], Basis] | None = None,
+            superseded: Mapping[str, str] | None = None) -> tuple[AlertState, list[AlertDecision]]:
     """Correct the open alert when `corrected` (fact_id -> new version, the corrections applied by
     one message) touches its basis; the point is the re-score after those corrections. Call it
-    before step() for the same point. Returns the new state and at most one correction."""
+    before step() for the same point. Returns the new state and at most one correction.
+    `superseded`: preliminary fact_id -> the fact_id (in `corrected`) of the final result that came
+    through the other source and replaced it (docs/patient-state.md rule 4): a basis naming the
+    preliminary fact is touched by that correction."""
     s: AlertState = {**initial_state(), **(state or {})}
     if not s["open"] or not s["alerts"] or not corrected:
         return s, []
     current = s["alerts"][-1]
-    in_basis = {fact_id: v for fact_id, version, *_ in current["basis"]
-                if (v := corrected.get(fact_id)) is not None and v > version}
+    superseded = superseded or {}
+    in_basis = {}
+    for fact_id, version, *_ in current["basis"]:
+        if (v := corrected.get(fact_id)) is not None and v > version:
+            in_basis[fact_id] = v
+        elif (final := superseded.get(fact_id)) is not None:
+            in_basis[final] = corrected[final]  # the id names the final result's fact and version
     if not in_basis:
         return s, []
     cid = correction_id(current["alert_id"], in_basis)

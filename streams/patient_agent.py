@@ -245,6 +245,7 @@ class _Point(NamedTuple):
     features: dict
     state: PatientState  # as of the point
     corrected: dict  # fact_id -> version of the corrections the point's run applied
+    superseded: dict  # fact_id of a preliminary result -> fact_id of its final cross-source twin (in corrected)
     context: PatientContext  # as of this message (ward and encounter of its alerts)
     snapshot_id: str  # schemas.cadence.snapshot_id of the point
     features_hash: str  # features_hash(features), in its score and shadow records
@@ -252,10 +253,10 @@ class _Point(NamedTuple):
 
 
 def _point(patient: str, T: int, msg: CanonicalMessage, idx: int, trigger: Trigger, trigger_event_id: str,
-           features: dict, state: PatientState, corrected: dict, context: PatientContext) -> _Point:
+           features: dict, state: PatientState, corrected: dict, superseded: dict, context: PatientContext) -> _Point:
     """A point with its two hashes and preliminary codes, computed once (the features, score and shadow
     records share them)."""
-    return _Point(patient, T, msg, idx, trigger, trigger_event_id, features, state, corrected, context,
+    return _Point(patient, T, msg, idx, trigger, trigger_event_id, features, state, corrected, superseded, context,
                   snapshot_id(patient, trigger, T, trigger_event_id), features_hash(features),
                   preliminary_codes(state, T))
 
@@ -312,7 +313,9 @@ class PatientProcessor:
                     T = run[0].effective_ms if trigger[0] is Trigger.VITALS else state.clock
                     scored = T if trigger[0] is Trigger.VITALS else scored
                     corrected = {o.event.fact_id: o.event.version for o in result.outcomes if o.kind is Kind.CORRECTED}
-                    points.append((T, indices[-1], *trigger, compute_features(state, T), state, corrected))
+                    superseded = {o.supersedes: o.event.fact_id for o in result.outcomes if o.supersedes}
+                    points.append((T, indices[-1], *trigger, compute_features(state, T), state, corrected,
+                                   superseded))
             except Exception as exc:  # a bug or an event the rules cannot take: keep it for replay after a fix
                 self._reject(out, msg, Reason.INTERNAL_ERROR, "patient state could not apply the batch", exc)
                 continue
@@ -329,8 +332,8 @@ class PatientProcessor:
                          "partition": msg.partition, "offset": msg.offset, "idx": idx}), []))
             view = context_view(context)
             view = view._replace(encounter_id=view.encounter_id or encounter)
-            steps += (_point(patient, T, msg, idx, trigger, trigger_event, features, at, corrected, view)
-                      for T, idx, trigger, trigger_event, features, at, corrected in points)
+            steps += (_point(patient, T, msg, idx, trigger, trigger_event, features, at, corrected, superseded, view)
+                      for T, idx, trigger, trigger_event, features, at, corrected, superseded in points)
             if DISCHARGE in context_changed and view.discharged_ms is not None:
                 steps.append(_Discharge(patient, view.discharged_ms, msg, view))
 
@@ -382,7 +385,8 @@ class PatientProcessor:
                      basis=lambda: _basis(p.state, T))
         alert_state, decisions = rec.alert, []
         if p.corrected:  # (without corrections, correct() changes nothing: step() fills in the same defaults)
-            alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, **point)
+            alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, superseded=p.superseded,
+                                                      **point)
         alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy, **point)
         # step() returns a new dict: the record owns it
         records[patient] = PatientRecord(rec.state, alert_state, rec.encounter_id, rec.context, rec.vitals_scored_ms)

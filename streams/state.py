@@ -11,6 +11,10 @@ re-snapshot, a FHIR versionId bump for a note) is a restatement (rule 2): a dupl
 correction. So that it can be told even for a fact that has no live copy any more, `known` keeps
 the content of a retracted fact (retracted) and of a pruned one (its code, value and mark).
 
+A final result whose preliminary version is live through the other source (same code and effective
+time, any value) replaces it (rule 4): outcome corrected, with `supersedes` naming the replaced fact,
+which becomes the alias.
+
 Expiry is applied *logically* on every lookup (a `known` entry older than clock - horizon counts as
 unknown; a live fact at or before clock - lateness - MAX_WINDOW never matches), so outcomes depend only on the
 arrival order of events, not on how they were cut into micro-batches nor on when the physical
@@ -56,6 +60,8 @@ class Outcome(NamedTuple):
     kind: Kind
     duplicate_kind: DuplicateKind | None = None
     late_by_ms: int | None = None  # only for late events: clock - allowed_lateness - effective_ms
+    # only for a final result replacing its preliminary cross-source twin (rule 4): the twin's fact_id
+    supersedes: str | None = None
 
 
 # State rows are plain tuples, not objects: the whole state is serialised on every micro-batch (the
@@ -172,6 +178,8 @@ class _Draft:
             if self.clock is None or known_effective_ms >= self.clock - horizon_ms:  # not expired
                 if e.version <= entry[0]:  # rule 1
                     return Outcome(e, Kind.DUPLICATE, DuplicateKind.REDELIVERY)
+                if alias and (twin := self._preliminary_twin(e, lateness_ms)) is not None:  # rule 4
+                    return self._finalise(e, twin, None)
                 # rule 2. An alias's content is never used: every new version of it restates it
                 if alias or self._restates(e, entry):
                     self._set_known(e.fact_id, (e.version, e.effective_ms, *entry[2:]))
@@ -182,6 +190,10 @@ class _Draft:
                 if not retracts:
                     self._live(e)
                 return Outcome(e, Kind.CORRECTED)
+
+        # rule 4, before rule 3: the final version of a live preliminary result is a correction, never late
+        if (twin := self._preliminary_twin(e, lateness_ms)) is not None:
+            return self._finalise(e, twin, entry)
 
         if self.clock is not None and e.effective_ms < self.clock - lateness_ms:  # rule 3
             return Outcome(e, Kind.LATE, late_by_ms=self.clock - lateness_ms - e.effective_ms)
@@ -235,6 +247,39 @@ class _Draft:
                 return True
             i += 1
         return False
+
+    def _preliminary_twin(self, e: CanonicalEvent, lateness_ms: int) -> LiveFact | None:
+        """The live preliminary result that e, a final result through the other source (same code, same
+        effective time, any value), is the final version of: the first by fact_id, or None."""
+        if e.value is None or e.status is _PRELIMINARY or e.status.retracts:
+            return None
+        if self.clock is not None and e.effective_ms <= self.clock - lateness_ms - MAX_WINDOW_MS:
+            return None  # facts that old are logically pruned
+        facts = self.facts.get(e.code)
+        if not facts:
+            return None
+        i = bisect_left(facts, (e.effective_ms,))
+        while i < len(facts) and facts[i][EFFECTIVE_MS] == e.effective_ms:
+            other = facts[i]
+            if other[SOURCE] != e.source and is_preliminary(other) and other[VALUE] is not None:
+                return other
+            i += 1
+        return None
+
+    def _finalise(self, e: CanonicalEvent, twin: LiveFact, stale: Known | None) -> Outcome:
+        """e replaces its preliminary twin: e's fact is live (no longer an alias, if it was one) and the
+        twin's becomes the alias, so that its later versions are restatements. The clock stays: the
+        twin was accepted at this effective time."""
+        twin_id = twin[FACT_ID]
+        facts = self._writable(e.code)
+        del facts[bisect_left(facts, twin[:2])]
+        known = self.known.get(twin_id)  # (none if its key expired while it stayed live)
+        self._set_known(twin_id, (known[0] if known else twin[VERSION], twin[EFFECTIVE_MS], True))
+        if stale is not None and not stale[2]:  # an expired key of e taken as new: drop any stale copy
+            self._unlive(e, stale[1])
+        self._remember(e, False, False)
+        self._live(e)
+        return Outcome(e, Kind.CORRECTED, supersedes=twin_id)
 
     # --- copy-on-write mutations -----------------------------------------------------------
 

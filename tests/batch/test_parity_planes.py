@@ -2,8 +2,10 @@
 (streams/state.py + streams/features.py) and the batch's vectorized recomputation
 (batch/features.py), on random event sequences with duplicates (both kinds), reordering inside and
 beyond the lateness bound, amendments, retractions, restatements (a higher version with the same
-content: a re-snapshot, a retraction repeated), preliminary results made final, facts sharing a time
-(slope and delta edge cases) and context facts (which must never reach a feature).
+content: a re-snapshot, a retraction repeated), preliminary results made final (through the same
+source, or only through the other one: a final twin, perhaps of another value, perhaps long after the
+lateness bound), facts sharing a time (slope and delta edge cases) and context facts (which must never
+reach a feature).
 
 Every feature of FEATURE_NAMES must agree to the last bit: schemas/features.py fixes the float
 arithmetic and its order, so any difference (even the 1e-15 a different summation order gives) means
@@ -55,6 +57,7 @@ def patient_events(draw):
     """Events of 1-2 patients, in arrival order."""
     events: list[CanonicalEvent] = []
     later: list[CanonicalEvent] = []  # new versions held back to arrive in a later message (their own run)
+    at_end: list[CanonicalEvent] = []  # held back to the end: hours after the lateness bound has passed
     n = draw(st.integers(5, 40))
     for i in range(n):
         if later and draw(st.booleans()):
@@ -74,16 +77,18 @@ def patient_events(draw):
                                          status=Status.FINAL, source=Source.CDC, fact_id=f"ctx:{i}", version=1,
                                          code_system=codes.CONTEXT, value_text="ward-7"))
         source = draw(st.sampled_from([Source.CDC, Source.FHIR]))
-        status = draw(st.sampled_from([Status.FINAL] * 3 + [Status.PRELIMINARY]))
+        kind = draw(st.sampled_from(["none"] * 5 + ["redeliver", "cross", "amend", "retract", "restate", "finalise",
+                                                    "twin_final", "twin_preliminary"]))
+        status = (Status.PRELIMINARY if kind.startswith("twin")
+                  else draw(st.sampled_from([Status.FINAL] * 3 + [Status.PRELIMINARY])))
         ev = CanonicalEvent(patient_id=patient, code=code, value=value, unit=None, effective_ms=t, issued_ms=t,
                             status=status, source=source, fact_id=f"{source}:{i}:{code}", version=1)
         events.append(ev)
-        kind = draw(st.sampled_from(["none"] * 5 + ["redeliver", "cross", "amend", "retract", "restate", "finalise"]))
-        new_versions = later if draw(st.booleans()) else events
+        new_versions = [events, later, at_end][draw(st.integers(0, 2))]
+        other = Source.FHIR if source is Source.CDC else Source.CDC
         if kind == "redeliver":
             events.append(ev)
         elif kind == "cross":
-            other = Source.FHIR if source is Source.CDC else Source.CDC
             events.append(CanonicalEvent(patient_id=patient, code=code, value=value + draw(st.sampled_from([0, 0.01, 1])),
                                          unit=None, effective_ms=t, issued_ms=t, status=Status.FINAL, source=other,
                                          fact_id=f"{other}:x{i}:{code}", version=1))
@@ -100,7 +105,17 @@ def patient_events(draw):
             new_versions.append(dataclasses.replace(ev, version=2, issued_ms=t + MIN))
         elif kind == "finalise":  # the same value, final: a change only if it was preliminary
             new_versions.append(dataclasses.replace(ev, version=2, issued_ms=t + MIN, status=Status.FINAL))
-    return events + later
+        elif kind.startswith("twin"):  # the final result comes through the other source only
+            twin = CanonicalEvent(patient_id=patient, code=code, value=value, unit=None, effective_ms=t, issued_ms=t,
+                                  status=Status.PRELIMINARY, source=other, fact_id=f"{other}:t{i}:{code}", version=1)
+            if kind == "twin_preliminary":  # both sources sent the preliminary result: the twin is its alias
+                events.append(twin)
+            final_value = min(hi, value + draw(st.sampled_from([0, 0.01, 3])))  # the same value, or a correction
+            new_versions.append(dataclasses.replace(twin, value=final_value, status=Status.FINAL, issued_ms=t + MIN,
+                                                    version=2 if kind == "twin_preliminary" else 1))
+            if draw(st.booleans()):  # the first source's own final version comes too (of an alias now: unused)
+                new_versions.append(dataclasses.replace(ev, version=2, issued_ms=t + 2 * MIN, status=Status.FINAL))
+    return events + later + at_end
 
 
 def split(draw, events: list[CanonicalEvent]) -> list[list[CanonicalEvent]]:
@@ -259,6 +274,11 @@ HAND_CASES = {
     # 92 amended to 104: slope 24 / 2 h = 12, delta 24
     "amendment": (2, [[hr("a", 80, 0)], [hr("b", 92, 2)], [hr("b", 104, 2, version=2, status=Status.AMENDED)]],
                   {"heart_rate_slope_6h": 12.0, "heart_rate_delta_24h": 24.0}),
+    # a preliminary 80 whose final version comes through FHIR only, as 86: it replaces the 80 (not a
+    # second reading): 86@0, 92@2 -> slope 6 / 2 h = 3, delta 6, two readings
+    "a final twin corrects a preliminary result": (
+        2, [[hr("a", 80, 0, status=Status.PRELIMINARY)], [hr("b", 92, 2)], [hr("fhir:a", 86, 0, source=Source.FHIR)]],
+        {"heart_rate_slope_6h": 3.0, "heart_rate_delta_24h": 6.0, "vitals_count_6h": 2}),
     # two readings at one time: no slope; delta orders them by fact_id: "b" (90) - "a" (80)
     "one time only": (0, [[hr("b", 90, 0), hr("a", 80, 0)]],
                       {"heart_rate_slope_6h": None, "heart_rate_delta_24h": 10.0, "vitals_count_6h": 2}),

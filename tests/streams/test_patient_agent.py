@@ -319,6 +319,59 @@ def test_a_preliminary_vital_made_final_with_another_value_corrects_the_alert_as
     assert correction["resource"]["status"] == "entered-in-error"  # the final value no longer supports it
 
 
+def cdc_lactate(patient: str, t: int, value: float, status: Status, version: int = 1):
+    """The same lab result from the CDC feed (a row of the lab results table)."""
+    return dataclasses.replace(lactate(patient, t, value, status, version), source=Source.CDC,
+                               fact_id=f"cdc:lab_results:7:{codes.LACTATE}")
+
+
+@pytest.mark.parametrize("preliminary_from", ["cdc", "fhir"])
+def test_a_preliminary_basis_result_made_final_only_through_the_other_source_amends_the_alert(processor,
+                                                                                              preliminary_from):
+    """The preliminary lactate comes through one source, its final version through the other only
+    (its cross-source twin): the alert is amended with the flag removed, as for the same source."""
+    first, then = (cdc_lactate, lactate) if preliminary_from == "cdc" else (lactate, cdc_lactate)
+
+    def replay(store):
+        opened = alerts_of(run(processor, [msg(0, [first("p1", T0 - 30 * MIN, 4.2, Status.PRELIMINARY)]),
+                                           msg(1, vitals("p1", T0, 1))], store))
+        return opened + alerts_of(run(processor, [msg(2, [then("p1", T0 - 30 * MIN, 4.2, Status.FINAL)])], store))
+
+    store: dict[str, PatientRecord] = {}
+    [opened, correction] = replay(store)
+    assert opened["header"]["preliminary_basis"] == [codes.LACTATE]
+    assert (correction["header"]["kind"], correction["header"]["status"]) == ("correction", "amended")
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["header"]["preliminary_basis"] == [] and "note" not in correction["resource"]
+    final_id = then("p1", T0 - 30 * MIN, 4.2, Status.FINAL).event_id  # the basis names the final result
+    assert final_id in {b["identifier"]["value"] for b in correction["resource"]["basis"]}
+    assert not any("preliminary" in b.get("display", "") for b in correction["resource"]["basis"])
+    assert correction["header"]["tier"] == "high"
+    assert replay({}) == [opened, correction]  # a replay from scratch repeats them, ids included
+    # the first source's own final version comes too: nothing more to correct
+    assert alerts_of(run(processor, [msg(3, [first("p1", T0 - 30 * MIN, 4.2, Status.FINAL, version=2)])],
+                         store)) == []
+
+
+def test_a_final_twin_with_another_value_corrects_the_alert_as_any_amendment(processor):
+    store: dict[str, PatientRecord] = {}
+    # RR 26 (preliminary, CDC) scores 3 and SpO2 93 scores 2: NEWS2 5, medium
+    row = vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93})
+    row = [dataclasses.replace(e, status=Status.PRELIMINARY) if e.code == codes.RESP_RATE else e for e in row]
+    [opened] = alerts_of(run(processor, [msg(0, row)], store))
+    assert opened["header"]["preliminary_basis"] == [codes.RESP_RATE]
+    # the final RR through FHIR says 16 (scores 0): the alert no longer holds
+    final = dataclasses.replace(row[0], value=16.0, status=Status.FINAL, source=Source.FHIR,
+                                fact_id=f"fhir:Observation/rr-1:{codes.RESP_RATE}")
+    out = run(processor, [msg(1, [final])], store)
+    [correction] = alerts_of(out)
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["resource"]["status"] == "entered-in-error"
+    # the re-score counts the final value only (not both), unflagged
+    [score] = [orjson.loads(v) for _, v, _ in out.scores]
+    assert (score["news2"], score["preliminary_basis"]) == (2, [])
+
+
 # --- patient context -----------------------------------------------------------------------------------
 
 

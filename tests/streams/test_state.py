@@ -423,6 +423,69 @@ def test_a_preliminary_result_is_marked_live_and_its_final_version_clears_the_ma
     assert compute_features(r.state, T0 + 10 * MIN) == compute_features(final.state, T0 + 10 * MIN)
 
 
+OTHER = {Source.CDC: Source.FHIR, Source.FHIR: Source.CDC}
+
+
+@pytest.mark.parametrize("source", [Source.CDC, Source.FHIR])
+@pytest.mark.parametrize("final_value", [80.0, 80.03, 95.0])
+def test_a_preliminary_result_made_final_only_through_the_other_source_is_corrected_by_it(source, final_value):
+    """The final version of a preliminary result may arrive through the other source only (its twin):
+    it replaces the preliminary one, mark and value (the same value within tolerance, or a correction),
+    so an alert resting on it is amended instead of saying "preliminary" for ever."""
+    other = OTHER[source]
+    prelim = ev(f"{source}:1", 80.0, status=Status.PRELIMINARY, source=source)
+    s = apply(None, prelim, ev("b", 90.0, T0 + 10 * MIN)).state
+    final = apply(s, ev(f"{other}:1", final_value, source=other))
+    assert kinds(final) == ["corrected"] and final.changed
+    assert final.outcomes[0].supersedes == f"{source}:1"
+    assert preliminary_flags(final.state) == [False, False] and hr_values(final.state) == [final_value, 90.0]
+    assert final.state.clock == T0 + 10 * MIN
+    # the preliminary fact is now the alias: its own final version (or any other) changes nothing more
+    later = apply(final.state, ev(f"{source}:1", 80.0, version=2, source=source))
+    assert [(o.kind, o.duplicate_kind) for o in later.outcomes] == [RESTATEMENT]
+    assert hr_values(later.state) == [final_value, 90.0]
+
+
+def test_a_preliminary_twin_made_final_through_the_alias_replaces_the_live_preliminary_one_and_only_then():
+    # both sources sent the preliminary result (the second is an alias); the final one comes through
+    # the alias only
+    s = apply(None, ev("cdc:1", 80.0, status=Status.PRELIMINARY),
+              ev("fhir:1", 80.0, source=Source.FHIR, status=Status.PRELIMINARY)).state
+    assert preliminary_flags(s) == [True]
+    final = apply(s, ev("fhir:1", 80.0, version=2, source=Source.FHIR))
+    assert kinds(final) == ["corrected"] and final.outcomes[0].supersedes == "cdc:1"
+    assert preliminary_flags(final.state) == [False]
+    assert [f[1] for f in final.state.live(codes.HEART_RATE)] == ["fhir:1"]
+    # a preliminary version of the alias is still a restatement: only a final result replaces
+    again = apply(s, ev("fhir:1", 80.0, version=2, source=Source.FHIR, status=Status.PRELIMINARY))
+    assert [(o.kind, o.duplicate_kind) for o in again.outcomes] == [RESTATEMENT]
+    # and only a final result of a live preliminary one through the other source replaces anything:
+    # a final live result: the other source's final one is its alias (rule 4), whatever the order
+    assert kinds(apply(None, ev("cdc:1", 80.0), ev("fhir:1", 80.0, source=Source.FHIR))) == ["accepted", "duplicate"]
+    # a preliminary result from the other source finalises nothing (another value: another fact, as before)
+    r = apply(None, ev("cdc:1", 80.0, status=Status.PRELIMINARY),
+              ev("fhir:1", 95.0, source=Source.FHIR, status=Status.PRELIMINARY))
+    assert kinds(r) == ["accepted", "accepted"] and preliminary_flags(r.state) == [True, True]
+    # the same source, another time or another code: another measurement
+    base = apply(None, ev("cdc:1", 80.0, status=Status.PRELIMINARY)).state
+    for event in (ev("cdc:2", 80.0), ev("fhir:1", 80.0, T0 + 1, source=Source.FHIR),
+                  ev("fhir:2", 80.0, code=codes.RESP_RATE, source=Source.FHIR)):
+        assert kinds(apply(base, event)) == ["accepted"], event.fact_id
+    # a retraction through the other source retracts nothing it does not know
+    gone = apply(base, ev("fhir:1", None, source=Source.FHIR, status=Status.ENTERED_IN_ERROR))
+    assert kinds(gone) == ["accepted"] and preliminary_flags(gone.state) == [True]
+
+
+def test_a_final_twin_is_never_late_while_its_preliminary_result_is_live():
+    # like a correction (rule 2): the 1 h lateness bound has long passed, the fact is still live
+    s = apply(None, ev("cdc:1", 80.0, status=Status.PRELIMINARY), ev("b", 90.0, T0 + 5 * HOUR)).state
+    final = apply(s, ev("fhir:1", 80.0, source=Source.FHIR))
+    assert kinds(final) == ["corrected"] and preliminary_flags(final.state) == [False, False]
+    # once pruned (beyond lateness + 24 h) nothing is live to correct: late, as before
+    s = apply(s, ev("c", 90.0, T0 + 30 * HOUR)).state
+    assert kinds(apply(s, ev("fhir:1", 80.0, source=Source.FHIR))) == ["late"]
+
+
 def test_a_state_written_in_format_1_loads_with_its_facts_taken_as_final():
     """Format 1 (before the preliminary mark) kept no status: its facts load as final ones, unchanged,
     and the state is written back in the current format."""
@@ -444,7 +507,7 @@ _event = st.builds(
     eff=st.sampled_from([0, 1, 2, 23, 25, 26, 49, 50, 51, 75]).map(lambda h: T0 + h * HOUR),
     version=st.integers(1, 3),
     source=st.sampled_from(list(Source)),
-    status=st.sampled_from([Status.FINAL, Status.AMENDED, Status.ENTERED_IN_ERROR]),
+    status=st.sampled_from([Status.FINAL, Status.AMENDED, Status.ENTERED_IN_ERROR, Status.PRELIMINARY]),
 )
 
 
