@@ -24,7 +24,8 @@ TABLES: dict[str, str] = {
                         "with the outcome the patient-state rules give it (docs/patient-state.md).",
     "observation_versions": "Every version of every measured fact (context facts excluded), once, with how it "
                             "first arrived and how often.",
-    "observations": "The current (highest) version of each measured fact; retracted facts and context facts excluded.",
+    "observations": "The current (highest) version of each measured fact; retracted facts, context facts and "
+                    "preliminary results replaced by the other source's final one excluded.",
     "patients": "One row per patient: sex and birth year from context facts (no names, no birth dates).",
     "encounters": "One row per encounter: class, admission/discharge times and the latest ward from context facts.",
     "late_events": "Events the stream published as too late (beyond the lateness bound); they never entered state.",
@@ -69,6 +70,8 @@ COLUMNS: dict[str, str] = {
     "kafka_offset": "Offset of the archived record on its own topic",
     "outcome": "accepted, corrected, duplicate or late (docs/patient-state.md); context for context facts",
     "late_by_ms": "How far beyond the lateness bound a late event was (ms)",
+    "supersedes": "On the final result of the other source's preliminary one: the fact_id of that preliminary "
+                  "fact, which it replaced (docs/patient-state.md rule 4); null otherwise",
     "arrivals": "How many times this version arrived",
     "versions": "How many versions of the fact were seen",
     "sex": "Administrative sex: male, female, other or unknown",

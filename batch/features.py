@@ -60,8 +60,10 @@ _ARRIVAL = ["patient_id", "partition", "offset", "idx"]
 def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
                     cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
     """The measurement events (context facts left out) in arrival order (patient, partition, offset,
-    idx) with two added columns:
-    `outcome` (accepted / corrected / duplicate / late) and `late_by_ms` (null unless late).
+    idx) with three added columns:
+    `outcome` (accepted / corrected / duplicate / late), `late_by_ms` (null unless late) and
+    `supersedes` (on the final result of the other source's preliminary one, rule 4: the fact_id of the
+    preliminary fact it replaced, which the stream no longer uses; else null).
 
     The rules are sequential by nature (the clock depends on which events were accepted, which
     depends on the clock; an alias depends on which facts are live). They are applied exactly by a
@@ -90,7 +92,8 @@ def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_
             .with_columns(outcome=pl.col("_kind").replace_strict(_OUTCOME, return_dtype=pl.String),
                           late_by_ms=pl.when(pl.col("_kind") == LATE)
                           .then(pl.col("_clock") - allowed_lateness_ms - pl.col("effective_ms")))
-            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_supersedes", "_clock"))
+            .rename({"_supersedes": "supersedes"})
+            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_clock"))
 
 
 POINTS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,

@@ -171,7 +171,7 @@ def _current_columns() -> dict[str, list[str]]:
     """Columns this version writes into the tables an incremental run builds on."""
     columns = {name: [("resource" if c == "resource_json" else c) for c in ARCHIVE_SCHEMAS[kind].names]
                for name, (kind, _) in _ARCHIVE_TABLES.items()}
-    return columns | {"canonical_events": list(ARCHIVE_SCHEMAS["canonical"].names),
+    return columns | {"canonical_events": [*ARCHIVE_SCHEMAS["canonical"].names, "supersedes"],
                       "features_online": ["snapshot_id", *POINT_KEYS, "idx", "trigger"],
                       "labels": list(LABELS_SCHEMA)}
 
@@ -326,7 +326,7 @@ def _repeated_snapshots(kept: pl.DataFrame | None, raw: pl.DataFrame) -> pl.Data
 def _with_outcomes(events: pl.DataFrame, classified: pl.DataFrame) -> pl.DataFrame:
     """Every event with the outcome the rules gave it; context facts (which the feature rules skip)
     get outcome "context", so canonical_events keeps every event the archive holds."""
-    outcomes = classified.select(*rebuild.ARRIVAL, "outcome", "late_by_ms").cast(
+    outcomes = classified.select(*rebuild.ARRIVAL, "outcome", "late_by_ms", "supersedes").cast(
         {c: pl.Int64 for c in (*rebuild.ARRIVAL, "late_by_ms")})
     return (events.join(outcomes, on=list(rebuild.ARRIVAL), how="left", maintain_order="left")
             .with_columns(outcome=pl.col("outcome").fill_null(pl.lit("context"))))

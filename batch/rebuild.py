@@ -141,7 +141,9 @@ def observation_versions(classified: pl.DataFrame) -> pl.DataFrame:
 
 
 def observations(versions: pl.DataFrame) -> pl.DataFrame:
-    """The current (highest) version of each fact, retracted facts excluded.
+    """The current (highest) version of each fact, retracted facts excluded, and so are preliminary
+    results that the other source's final one replaced (rule 4: the stream no longer uses them; their
+    versions stay in observation_versions).
 
     `outcome` is how the fact first entered the system (accepted, late, duplicate = a
     cross-source copy of another fact, or corrected = the final result of the other source's
@@ -153,8 +155,11 @@ def observations(versions: pl.DataFrame) -> pl.DataFrame:
     version_count = versions.group_by(key).len("versions")
     current = versions.sort("fact_id", "version", descending=[False, True]).unique(
         subset=key, keep="first", maintain_order=True)
+    replaced = (versions.filter(pl.col("supersedes").is_not_null()).select("patient_id", fact_id="supersedes")
+                if "supersedes" in versions.columns else versions.clear().select(*key))
     return (current.filter(pl.col("status") != Status.ENTERED_IN_ERROR.value)
-            .drop("outcome", "arrivals")
+            .join(replaced, on=key, how="anti")
+            .drop("outcome", "arrivals", "supersedes", strict=False)
             .join(first_arrival, on=key, how="left")
             .join(version_count, on=key, how="left")
             .rename({"first_outcome": "outcome"})

@@ -493,6 +493,7 @@ def test_a_file_from_before_the_onset_label_is_rebuilt_in_full(settings):
         con.execute("ALTER TABLE labels DROP COLUMN at_risk")
         con.execute("ALTER TABLE labels DROP COLUMN onset_ms")
         con.execute("ALTER TABLE features_online DROP COLUMN idx")
+        con.execute("ALTER TABLE canonical_events DROP COLUMN supersedes")
     again = run_nightly(settings, full=False, **STANDINS)
     assert again["recomputed_patients"] == 2
     full = twin(settings)

@@ -51,7 +51,8 @@ def classify_standin(events: pl.DataFrame, *, allowed_lateness_ms: int, cross_so
         outcomes.append(outcome)
         late_by.append(by)
     return events.with_columns(outcome=pl.Series(outcomes, dtype=pl.String),
-                               late_by_ms=pl.Series(late_by, dtype=pl.Int64))
+                               late_by_ms=pl.Series(late_by, dtype=pl.Int64),
+                               supersedes=pl.lit(None, pl.String))  # (no cross-source rule 4 here)
 
 
 def features_at_standin(events: pl.DataFrame, points: pl.DataFrame, **rules) -> pl.DataFrame:
@@ -350,3 +351,29 @@ def test_a_row_moved_to_another_patient_leaves_its_fact_with_the_new_patient():
                   [version("MRN-0002", 2, "entered-in-error", None, 1), version("MRN-0009", 2, "final", 80.0, 2)]):
         current = observations(observation_versions(pl.DataFrame([first, *moved])))
         assert current.select("patient_id", "value").rows() == [("MRN-0009", 80.0)]
+
+
+def test_a_preliminary_result_replaced_by_the_other_sources_final_one_is_no_current_observation():
+    """A lab sent a lactate preliminary through CDC (4.5) and its final only through FHIR (1.5, same
+    time): the stream uses 1.5 alone (rule 4), so an analyst's max lactate from `observations` must be
+    1.5 too; the preliminary version stays in observation_versions, pointing at nothing current."""
+    from batch.features import classify_events
+    from batch.rebuild import observation_versions, observations
+    from schemas.canonical import CanonicalEvent, Source
+
+    t = 1_800_000_000_000
+
+    def event(fact, source, value, status, offset):
+        e = CanonicalEvent("MRN-0001", codes.LACTATE, value, "mmol/L", t, t, status, source, fact, 1)
+        return {**{k: v for k, v in e.to_dict().items() if k != "provenance"}, "partition": 0, "offset": offset, "idx": 0}
+
+    events = pl.DataFrame([event("cdc:labs:1:2524-7", Source.CDC, 4.5, Status.PRELIMINARY, 0),
+                           event("fhir:Observation/9:2524-7", Source.FHIR, 1.5, Status.FINAL, 1)],
+                          infer_schema_length=None)
+    classified = classify_events(events, allowed_lateness_ms=3_600_000, cross_source_tolerance=0.05)
+    assert classified["supersedes"].to_list() == [None, "cdc:labs:1:2524-7"]
+    versions = observation_versions(classified)
+    current = observations(versions)
+    assert current.select("fact_id", "value", "outcome").rows() == [("fhir:Observation/9:2524-7", 1.5, "corrected")]
+    assert "supersedes" not in current.columns  # (holds a fact id: observations are exported de-identified)
+    assert sorted(versions["fact_id"].to_list()) == ["cdc:labs:1:2524-7", "fhir:Observation/9:2524-7"]
