@@ -39,6 +39,12 @@ Failures are data outcomes, never exceptions, so the ingest worker dead-letters 
     WARDWATCH_FHIR_HISTORY_MAX_PAGES pages -> FETCH_FAILED (replayable after that change)
     anything unexpected (a bug)   -> INTERNAL_ERROR (replayable after the fix)
 
+A server that failed every retry (timeouts, connection errors, 408/429/5xx) is not asked again for
+WARDWATCH_FHIR_UNAVAILABLE_PAUSE_S: id-only notifications are FETCH_FAILED at once meanwhile (they would
+be after their retries anyway). The ingest worker reads CDC and FHIR in one loop, so without the pause
+an outage would hold every batch for the retries of each id-only notification in it (4 attempts of 5 s
+by default) and the vital signs behind them would reach the patient worker minutes late.
+
 Runs inside the ingest worker, only for id-only notifications and DELETE entries whose version before
 the delete the notification does not carry; other full-resource ones never get here. Details and logs
 name resource types only, never ids.
@@ -81,7 +87,8 @@ class Gone(FetchError):
 class FhirClient:
     """A small synchronous FHIR read client (the ingest worker is a synchronous loop)."""
 
-    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic):
         if not settings.fhir_server_url:
             raise ValueError("FhirClient needs settings.fhir_server_url (WARDWATCH_FHIR_SERVER_URL)")
         headers = {"Accept": FHIR_JSON}
@@ -92,7 +99,10 @@ class FhirClient:
         self.retries = settings.fhir_retries
         self.history_pages = settings.fhir_history_max_pages
         self.backoff_s = settings.fhir_retry_backoff_s
+        self.unavailable_pause_s = settings.fhir_unavailable_pause_s
+        self._unavailable_until = float("-inf")  # (monotonic) no GET before then: the server just failed
         self._sleep = sleep
+        self._monotonic = monotonic
 
     def read(self, reference: str) -> dict:
         """GET one relative reference ("Type/id" or "Type/id/_history/v") -> the resource as a dict;
@@ -196,6 +206,11 @@ class FhirClient:
         """GET with retries on timeouts, connection errors, undecodable bodies, 408/429/5xx; 200 -> the response.
         `kind` names what is read in details (default: the reference's _kind; a next-page URL holds ids)."""
         kind = kind or _kind(reference)
+        paused_s = self._unavailable_until - self._monotonic()
+        if paused_s > 0:
+            raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: not sent, the FHIR server failed every retry moments "
+                                                  f"ago (asked again in {paused_s:.0f} s; redrive fetch_failed once "
+                                                  f"it is back)")
         attempt = 0
         while True:
             try:
@@ -213,9 +228,18 @@ class FhirClient:
                 if response.status_code not in _RETRIED_STATUSES:
                     raise failure  # 401/403/400...: retrying will not help, an operator must act
             if attempt >= self.retries:
+                self._pause_after(failure)
                 raise FetchError(failure.reason, f"{failure.detail} (after {attempt + 1} attempts)", failure.exception)
             self._sleep(self.backoff_s * 2**attempt)
             attempt += 1
+
+    def _pause_after(self, failure: FetchError) -> None:
+        if self.unavailable_pause_s <= 0:
+            return
+        self._unavailable_until = self._monotonic() + self.unavailable_pause_s
+        log.warning("the FHIR server failed every retry (%s): id-only notifications are dead-lettered "
+                    "fetch_failed for the next %.0f s", failure.exception or failure.detail.split(": ", 1)[-1],
+                    self.unavailable_pause_s)
 
     def close(self) -> None:
         self._http.close()

@@ -98,6 +98,55 @@ def test_a_server_that_keeps_failing_dead_letters_as_fetch_failed(fhir_server):
     assert len(fhir_server.requests) == 2
 
 
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_after_a_server_failed_every_retry_notifications_are_dead_lettered_at_once_for_a_while(fhir_server):
+    """An outage must not hold the ingest worker (and the CDC vital signs it also reads) for each id-only
+    notification's own retries: once one failed them all, the next ones fail at once, without a GET,
+    until the pause is over; then the server is asked again."""
+    clock = Clock()
+    client = FhirClient(Settings(fhir_server_url=fhir_server.url, fhir_retries=1, fhir_retry_backoff_s=0.01,
+                                 fhir_unavailable_pause_s=30.0), monotonic=clock)
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(503, b"busy")] * 2)
+    first = rejection(fetch_and_parse("r4b_id_only", client))
+    assert first.reason is Reason.FETCH_FAILED and len(fhir_server.requests) == 2  # its own retries
+
+    clock.now += 29
+    second = rejection(fetch_and_parse("r4b_id_only", client))
+    assert second.reason is Reason.FETCH_FAILED and "redrive fetch_failed" in second.detail
+    assert "vs-hr-9" not in second.detail
+    assert len(fhir_server.requests) == 2  # not asked
+
+    clock.now += 2  # the pause is over and the server is back
+    outcome = fetch_and_parse("r4b_id_only", client)
+    assert isinstance(outcome, Parsed) and [e.value for e in outcome.events] == [112]
+    assert len(fhir_server.requests) == 3
+
+
+def test_a_missing_resource_or_a_refused_token_does_not_pause_the_reads(fhir_server):
+    clock = Clock()
+    client = FhirClient(Settings(fhir_server_url=fhir_server.url, fhir_unavailable_pause_s=30.0), monotonic=clock)
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(404, b"{}"), (401, b"{}")])
+    assert rejection(fetch_and_parse("r4b_id_only", client)).reason is Reason.RESOURCE_NOT_FOUND
+    assert rejection(fetch_and_parse("r4b_id_only", client)).reason is Reason.FETCH_FAILED  # the 401
+    assert isinstance(fetch_and_parse("r4b_id_only", client), Parsed)  # the server answers: read at once
+    assert len(fhir_server.requests) == 3
+
+
+def test_a_pause_of_zero_keeps_asking_after_every_failure(fhir_server):
+    client = FhirClient(Settings(fhir_server_url=fhir_server.url, fhir_retries=0, fhir_unavailable_pause_s=0))
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(503, b"busy")])
+    assert rejection(fetch_and_parse("r4b_id_only", client)).reason is Reason.FETCH_FAILED
+    assert isinstance(fetch_and_parse("r4b_id_only", client), Parsed)
+    assert len(fhir_server.requests) == 2
+
+
 def test_a_missing_resource_is_dead_lettered_as_not_found_without_retrying(fhir_server):
     fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(404, b"{}")])  # unknown: not a delete (410)
     r = rejection(fetch_and_parse("r4b_id_only", client_for(fhir_server.url)))
