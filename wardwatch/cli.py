@@ -626,7 +626,8 @@ def stats(
     """Show the counters every service instance published to the stats topic, summed per service
     and source, and whether each source's accounting equation holds
     (messages in = canonical-producing + dead-lettered + control + ignored); and the gauges (current
-    values, e.g. open gaps) of each live instance, never summed (stopped instances' are left out)."""
+    values, e.g. open gaps) of each live instance, never summed (an instance that stopped, or has not
+    published for 30 s or 5 of its intervals, is left out)."""
     from streams.stats import read_stats, stats_table, summarize
     from streams.topics import topics_for
 
