@@ -233,38 +233,31 @@ class _Draft:
         return fact[FACT_ID] == e.fact_id and fact[VALUE] == e.value and is_preliminary(fact) == preliminary
 
     def _has_cross_source_twin(self, e: CanonicalEvent, lateness_ms: int, tolerance: float) -> bool:
-        if e.value is None:
-            return False
-        if self.clock is not None and e.effective_ms <= self.clock - lateness_ms - MAX_WINDOW_MS:
-            return False  # facts that old are logically pruned
-        facts = self.facts.get(e.code)
-        if not facts:
-            return False
-        i = bisect_left(facts, (e.effective_ms,))
-        while i < len(facts) and facts[i][EFFECTIVE_MS] == e.effective_ms:
-            other = facts[i]
-            if other[SOURCE] != e.source and abs(e.value - other[VALUE]) <= tolerance:
-                return True
-            i += 1
-        return False
+        return e.value is not None and any(abs(e.value - other[VALUE]) <= tolerance
+                                           for other in self._other_source_at(e, lateness_ms))
 
     def _preliminary_twin(self, e: CanonicalEvent, lateness_ms: int) -> LiveFact | None:
         """The live preliminary result that e, a final result through the other source (same code, same
         effective time, any value), is the final version of: the first by fact_id, or None."""
         if e.value is None or e.status is _PRELIMINARY or e.status.retracts:
             return None
+        return next((other for other in self._other_source_at(e, lateness_ms)
+                     if is_preliminary(other) and other[VALUE] is not None), None)
+
+    def _other_source_at(self, e: CanonicalEvent, lateness_ms: int) -> list[LiveFact]:
+        """The live facts of e's code at e's effective time from the other source (by fact_id; mostly none)."""
         if self.clock is not None and e.effective_ms <= self.clock - lateness_ms - MAX_WINDOW_MS:
-            return None  # facts that old are logically pruned
+            return []  # facts that old are logically pruned
         facts = self.facts.get(e.code)
         if not facts:
-            return None
+            return []
+        found = []
         i = bisect_left(facts, (e.effective_ms,))
         while i < len(facts) and facts[i][EFFECTIVE_MS] == e.effective_ms:
-            other = facts[i]
-            if other[SOURCE] != e.source and is_preliminary(other) and other[VALUE] is not None:
-                return other
+            if facts[i][SOURCE] != e.source:
+                found.append(facts[i])
             i += 1
-        return None
+        return found
 
     def _finalise(self, e: CanonicalEvent, twin: LiveFact, stale: Known | None) -> Outcome:
         """e replaces its preliminary twin: e's fact is live (no longer an alias, if it was one) and the
