@@ -97,20 +97,20 @@ class CanonicalEvent:
         event = cls(d["patient_id"], d["code"], d.get("value"), d.get("unit"), int(d["effective_ms"]),
                     int(d["issued_ms"]), status, source, d["fact_id"], int(d["version"]), d.get("encounter_id"),
                     d.get("code_system", LOINC), d.get("value_text"), d.get("provenance") or {})
-        if not event._fits():  # a record that decodes but would fail further on: name, table key, Arrow
-            field_name = event._misfit()  # the field and its type only: the value may be clinical
+        if not event.fits():  # a record that decodes but would fail further on: name, table key, Arrow
+            field_name = event.misfit()  # the field and its type only: the value may be clinical
             raise ValueError(f"canonical event field {field_name}: a {type(getattr(event, field_name)).__name__} "
                              "of the wrong type or out of range")
         return event
 
-    def _misfit(self) -> str:
-        """The first field _fits() refuses (the slow path, for the error message)."""
+    def misfit(self) -> str:
+        """The first field fits() refuses (the slow path, for the error message)."""
         for name in _FIELD_NAMES:
-            if name != "_event_id" and not dataclasses.replace(_VALID, **{name: getattr(self, name)})._fits():
+            if name != "_event_id" and not dataclasses.replace(_VALID, **{name: getattr(self, name)}).fits():
                 return name
         return "?"
 
-    def _fits(self) -> bool:
+    def fits(self) -> bool:
         """The types and ranges every consumer of a decoded event relies on (the worker's table keys
         and outputs, the archive's Arrow columns): the types the ingest writes, times and integer values
         exact as doubles (so sums of times still fit int64; JSON gives Python any size), versions that

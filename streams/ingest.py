@@ -126,7 +126,14 @@ class IngestCounters:
 
 def encode_events(parsed: Parsed) -> list[tuple[str, bytes]] | Rejected:
     """(patient, event JSON) per event, or a rejection of the whole message when an event cannot be
-    written (e.g. an integer beyond 64 bits): found per message, it cannot poison the batch."""
+    written (e.g. an integer beyond 64 bits) or would not be read back: found per message, it cannot
+    poison the batch. The worker decodes a canonical message whole and dead-letters it whole when one
+    event does not fit (CanonicalEvent.from_dict), so an event the parsers let through with, say, a
+    negative Debezium lsn as its version took the patient's valid events of the batch with it."""
+    for e in parsed.events:
+        if not e.fits():
+            return rejected(Reason.BAD_VALUE, f"canonical event field {e.misfit()}: of the wrong type or out of "
+                                              "range (e.g. a negative version)", "ValueError")
     try:
         return [(e.patient_id, e.to_json()) for e in parsed.events]
     except orjson.JSONEncodeError as exc:

@@ -200,9 +200,28 @@ def test_an_lsn_wider_than_int64_is_dead_lettered_by_the_parser(fake_worker):
     assert dead.value() == poison.value()
 
 
+def test_an_event_the_worker_could_not_decode_is_dead_lettered_by_the_ingest_alone(fake_worker):
+    """A negative Debezium lsn fits int64, so the parser took it as the facts' version; the worker refuses
+    negative versions and dead-letters the whole canonical message, so the patient's valid events of
+    the same batch went with it (found by the 10k bad-input test). The ingest now refuses it alone."""
+    doc = json.loads(cdc_message("create_bare").value)
+    doc["source"]["lsn"] = -64147295770
+    poison = _cdc("create_bare", 0, value=json.dumps(doc).encode())
+    good = _cdc("create_schema_wrapped", 1)  # the same patient, MRN-0001
+    worker, fake = fake_worker([poison, good])
+    assert worker.poll_once() == 2
+    (dead,) = fake.on(worker.topics.deadletter)
+    headers = dict(dead.headers())
+    assert headers["ww.reason"] == Reason.BAD_VALUE.value.encode() and b"version" in headers["ww.detail"]
+    assert dead.value() == poison.value()
+    (canonical,) = fake.on(worker.topics.canonical)
+    assert decode_batch(canonical.value()) == _events(good)  # readable by the worker, and only the good events
+    assert worker.counters.balanced()
+
+
 def test_a_message_whose_events_cannot_be_encoded_is_dead_lettered_not_fatal(fake_worker, monkeypatch):
-    # defence in depth: if a parser ever lets through an event no JSON encoder writes (here a value
-    # wider than 64 bits), it must not stop the worker on every restart
+    # defence in depth: if a parser ever lets through an event no JSON encoder writes (here a set in
+    # its provenance), it must not stop the worker on every restart
     poison = _cdc("create_bare", 0)
     good = _cdc("create_schema_wrapped", 1)
     worker, fake = fake_worker([poison, good])
@@ -212,7 +231,7 @@ def test_a_message_whose_events_cannot_be_encoded_is_dead_lettered_not_fatal(fak
     def parse(msg):
         source, outcome = real_parse(msg)
         if msg is poison:
-            outcome = ingest.Parsed([dataclasses.replace(outcome.events[0], value=2**70)])
+            outcome = ingest.Parsed([dataclasses.replace(outcome.events[0], provenance={"seen": {1, 2}})])
         return source, outcome
 
     monkeypatch.setattr(worker, "parse", parse)
