@@ -238,8 +238,7 @@ class FhirClient:
             return
         self._unavailable_until = self._monotonic() + self.unavailable_pause_s
         log.warning("the FHIR server failed every retry (%s): id-only notifications are dead-lettered "
-                    "fetch_failed for the next %.0f s", failure.exception or failure.detail.split(": ", 1)[-1],
-                    self.unavailable_pause_s)
+                    "fetch_failed for the next %.0f s", failure.detail, self.unavailable_pause_s)
 
     def close(self) -> None:
         self._http.close()

@@ -343,8 +343,8 @@ def test_a_row_moved_to_another_patient_leaves_its_fact_with_the_new_patient():
     def version(patient, v, status, value, offset):
         return {"patient_id": patient, "fact_id": fact, "version": v, "event_id": make_event_id(fact, v),
                 "status": status, "value": value, "code": codes.HEART_RATE, "code_system": "http://loinc.org",
-                "outcome": "accepted" if value is not None else "corrected", "partition": 0, "offset": offset,
-                "idx": 0}
+                "outcome": "accepted" if value is not None else "corrected", "supersedes": None, "partition": 0,
+                "offset": offset, "idx": 0}
 
     first = version("MRN-0002", 1, "final", 80.0, 0)
     for moved in ([version("MRN-0009", 2, "final", 80.0, 1), version("MRN-0002", 2, "entered-in-error", None, 2)],
