@@ -51,6 +51,7 @@ subscription watcher does), so that it still sums.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -196,6 +197,15 @@ def is_live(record: dict[str, Any], now_ms: int) -> bool:
     return isinstance(updated, int) and now_ms - updated <= max(LIVE_WINDOW_MS, 5 * interval_ms)
 
 
+def _updated_ms(record: dict[str, Any]) -> int:
+    """Its updated_at_ms, 0 when it is no finite number: one record of another shape must not stop
+    `wardwatch stats` from showing the others."""
+    updated = record.get("updated_at_ms")
+    if isinstance(updated, float) and math.isfinite(updated):
+        return int(updated)
+    return updated if isinstance(updated, int) and not isinstance(updated, bool) else 0
+
+
 def add_counters(total: Counters, more: Counters) -> Counters:
     """Merge nested counters: objects key by key, integers added. Returns a new dict."""
     out = dict(total)
@@ -236,13 +246,12 @@ def summarize(latest: dict[str, dict[str, Any]], now_ms: int | None = None) -> d
         s = services.setdefault(record["service"], {"instances": 0, "live_instances": 0, "updated_at_ms": 0,
                                                     "counters": {}, "gauges": {}, "gauges_left_out": 0})
         s["instances"] += 1
-        s["updated_at_ms"] = max(s["updated_at_ms"], int(record.get("updated_at_ms") or 0))
+        s["updated_at_ms"] = max(s["updated_at_ms"], _updated_ms(record))
         s["counters"] = add_counters(s["counters"], record["counters"])
         if is_live(record, now_ms):
             s["live_instances"] += 1
             if record["gauges"]:
-                s["gauges"][key] = {"updated_at_ms": int(record.get("updated_at_ms") or 0),
-                                    "values": record["gauges"]}
+                s["gauges"][key] = {"updated_at_ms": _updated_ms(record), "values": record["gauges"]}
         elif record["gauges"]:
             s["gauges_left_out"] += 1
     for s in services.values():

@@ -48,6 +48,15 @@ def test_latest_record_per_instance_wins_and_bad_records_do_not_hide_others():
     assert ingest["instances"] == 2 and ingest["counters"]["cdc"]["messages_in"] == 15
 
 
+@pytest.mark.parametrize("updated", ["soon", [1], {"ms": 1}])
+def test_a_record_whose_update_time_is_not_a_number_does_not_hide_the_others(updated):
+    odd = orjson.dumps({"service": "ingest", "instance": "x", "started_at_ms": 0, "updated_at_ms": updated,
+                        "counters": {"cdc": _source(1, 1)}})
+    latest = latest_per_instance([(b"ingest:a", odd), (b"ingest:b", _record("ingest", {"cdc": _source(5, 5)}, 7))])
+    ingest = summarize(latest, now_ms=NOW)["services"]["ingest"]
+    assert ingest["counters"]["cdc"]["messages_in"] == 6 and ingest["updated_at_ms"] == 7
+
+
 def test_accounting_equation_is_checked_per_source():
     ok = _source(10, 5, dead={"bad_value": 2}, control={"tombstone": 1}, ignored={"truncate": 2})
     short = _source(10, 5, dead={"bad_value": 2})  # 3 messages unaccounted for
