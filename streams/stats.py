@@ -168,7 +168,7 @@ def latest_per_instance(records: list[tuple[bytes | None, bytes | None]]) -> dic
             log.warning("unreadable stats record skipped")
             continue
         if isinstance(record, dict) and isinstance(record.get("service"), str) and isinstance(record.get("counters"), dict):
-            latest[key.decode(errors="replace")] = _current_format(record)
+            latest[key.decode(errors="replace")] = record  # summarize() reads it in the current format
     return latest
 
 
