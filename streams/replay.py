@@ -656,15 +656,16 @@ def _plan(vitals: list[VitalRow], labs: list[LabResult], rng: random.Random, fau
 
     pick = _Picker(rng)
     _make_late(inserts, pick, plan.late, late_by_s)  # moves rows in place: no new items
+    labs_on_time = on_time_labs(results, allowed_lateness_s)
     added = [
         *_cross_source_duplicates(inserts, pick, plan.cross_source_duplicates),
         *_cdc_corrections(inserts, pick, plan),
-        *_fhir_corrections(on_time_labs(results, allowed_lateness_s), pick, plan),
+        *_fhir_corrections(labs_on_time, pick, plan),
         *_bad_messages(inserts, start, end, plan.bad_messages),
         # with an rng of its own, after every other pick: a seed's other faults, row ids and lsns stay
         # as they were before preliminary results existed
-        *_preliminary_results(on_time_labs(results, allowed_lateness_s),
-                              pick.sharing(random.Random(f"preliminary-{seed}")), plan.preliminary_results),
+        *_preliminary_results(labs_on_time, pick.sharing(random.Random(f"preliminary-{seed}")),
+                              plan.preliminary_results),
     ]
     return [*inserts, *results, *protocol, *added]
 
