@@ -39,13 +39,18 @@ def bind_free_port(host: str) -> socket.socket:
     return sock
 
 
+def log_listening(log, what: str, host: str, port: int, after: str = "") -> None:
+    """The line wait_for_listening reads (WARNING: shown at every log level but ERROR)."""
+    log.warning("%s listening on http://%s:%d%s", what, url_host(host), port, after, extra={"port": port})
+
+
 def run_http(app, host: str, port: int, *, log, what: str, after: str = "") -> None:
     """Serve `app` (aiohttp) until SIGINT/SIGTERM; port 0: any free port. Logs `<what> listening on
-    http://host:port<after>` once the port is bound (WARNING: shown at every log level but ERROR)."""
+    http://host:port<after>` once the port is bound (log_listening)."""
     from aiohttp import web
 
     def listening(bound: int) -> None:
-        log.warning("%s listening on http://%s:%d%s", what, url_host(host), bound, after, extra={"port": bound})
+        log_listening(log, what, host, bound, after)
 
     if port == 0:
         sock = bind_free_port(host)

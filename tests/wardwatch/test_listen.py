@@ -10,19 +10,34 @@ import orjson
 import pytest
 
 from wardwatch import observability
-from wardwatch.listen import listening_port, wait_for_listening
+from wardwatch.listen import listening_port, log_listening, wait_for_listening
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
 
 
 def _line(json_logs: bool, host: str, port: int) -> str:
-    record = logging.LogRecord("streams.receiver", logging.WARNING, __file__, 1, "%s listening on http://%s:%d%s",
-                               ("rest-hook receiver", host, port, "/fhir/notifications -> t.fhir"), None)
+    """The line the services log (wardwatch.listen.log_listening), as either log format writes it."""
+    log, captured = logging.getLogger("test_listen.receiver"), _Records()
+    log.addHandler(captured)
+    try:
+        log_listening(log, "rest-hook receiver", host, port, "/fhir/notifications -> t.fhir")
+    finally:
+        log.removeHandler(captured)
+    (record,) = captured.records
     formatter = (observability.JsonFormatter("receiver") if json_logs else
                  logging.Formatter("%(asctime)s %(levelname)s receiver %(name)s: %(message)s"))
     return formatter.format(record)
 
 
 @pytest.mark.parametrize("json_logs", [True, False])
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
 def test_the_port_is_read_from_the_listening_line_in_either_log_format(json_logs, host):
     line = _line(json_logs, host, 43817)
     if json_logs:
