@@ -304,14 +304,19 @@ def test_a_preliminary_basis_result_made_final_with_the_same_value_amends_the_al
                          store)) == []
 
 
-def test_a_preliminary_vital_made_final_with_another_value_corrects_the_alert_as_any_amendment(processor):
-    store: dict[str, PatientRecord] = {}
-    # RR 26 scores 3 and SpO2 93 scores 2: NEWS2 5, medium, resting on a preliminary RR
+def medium_alert_on_a_preliminary_rr(processor, store: dict) -> tuple[list, dict]:
+    """RR 26 (preliminary, CDC) scores 3 and SpO2 93 scores 2: NEWS2 5, a medium alert resting on the
+    preliminary RR. Returns the vitals row and the alert."""
     row = vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93})
     row = [dataclasses.replace(e, status=Status.PRELIMINARY) if e.code == codes.RESP_RATE else e for e in row]
     [opened] = alerts_of(run(processor, [msg(0, row)], store))
     assert opened["header"]["tier"] == "medium" and opened["header"]["preliminary_basis"] == [codes.RESP_RATE]
+    return row, opened
 
+
+def test_a_preliminary_vital_made_final_with_another_value_corrects_the_alert_as_any_amendment(processor):
+    store: dict[str, PatientRecord] = {}
+    row, opened = medium_alert_on_a_preliminary_rr(processor, store)
     final = dataclasses.replace(row[0], value=16.0, status=Status.FINAL, version=2)  # RR 16 scores 0
     assert final.code == codes.RESP_RATE
     [correction] = alerts_of(run(processor, [msg(1, [final])], store))
@@ -355,11 +360,7 @@ def test_a_preliminary_basis_result_made_final_only_through_the_other_source_ame
 
 def test_a_final_twin_with_another_value_corrects_the_alert_as_any_amendment(processor):
     store: dict[str, PatientRecord] = {}
-    # RR 26 (preliminary, CDC) scores 3 and SpO2 93 scores 2: NEWS2 5, medium
-    row = vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93})
-    row = [dataclasses.replace(e, status=Status.PRELIMINARY) if e.code == codes.RESP_RATE else e for e in row]
-    [opened] = alerts_of(run(processor, [msg(0, row)], store))
-    assert opened["header"]["preliminary_basis"] == [codes.RESP_RATE]
+    row, opened = medium_alert_on_a_preliminary_rr(processor, store)
     # the final RR through FHIR says 16 (scores 0): the alert no longer holds
     final = dataclasses.replace(row[0], value=16.0, status=Status.FINAL, source=Source.FHIR,
                                 fact_id=f"fhir:Observation/rr-1:{codes.RESP_RATE}")
