@@ -75,9 +75,12 @@ def _settings() -> Settings:
 
 def _kafka_settings() -> Settings:
     """Settings of a command that needs the broker: stop in one line when it cannot be reached."""
+    return _require_broker(_settings())
+
+
+def _require_broker(settings: Settings) -> Settings:
     from wardwatch.preflight import broker_problem
 
-    settings = _settings()
     problem = broker_problem(settings)
     if problem:
         _fail(problem)
@@ -223,7 +226,7 @@ def subscriptions_recover() -> None:
         console.print("[red]no FHIR server configured:[/] set WARDWATCH_FHIR_SERVER_URL (and WARDWATCH_FHIR_AUTH_TOKEN "
                       "if the server needs one)")
         raise typer.Exit(2)
-    _kafka_settings()
+    _require_broker(settings)
     topics = topics_for(settings)
     ensure_topics(settings, topics)
     client = FhirClient(settings)

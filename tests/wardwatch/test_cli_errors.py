@@ -16,13 +16,15 @@ def invoke(*args: str, env: dict[str, str] | None = None):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("command", [["ingest"], ["archiver"], ["stats"], ["deploy", "redrive", "--dry-run"]])
+@pytest.mark.parametrize("command", [["ingest"], ["archiver"], ["stats"], ["deploy", "redrive", "--dry-run"],
+                                     ["subscriptions", "recover"]])
 def test_a_command_that_needs_the_broker_says_in_one_line_that_it_cannot_reach_it(command, clean_env, capfd,
                                                                                  tmp_path):
     clean_env.setattr(preflight, "BROKER_WAIT_S", 1.0)
     with closed_port() as port:  # nothing listens on it, and nothing can start to
         nobody = f"127.0.0.1:{port}"
-        result = invoke(*command, env={"WARDWATCH_BOOTSTRAP_SERVERS": nobody, "WARDWATCH_DATA_DIR": str(tmp_path)})
+        result = invoke(*command, env={"WARDWATCH_BOOTSTRAP_SERVERS": nobody, "WARDWATCH_DATA_DIR": str(tmp_path),
+                                   "WARDWATCH_FHIR_SERVER_URL": "http://127.0.0.1:9/fhir"})  # (recover needs one)
 
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)  # not a KafkaException traceback
