@@ -216,10 +216,12 @@ def test_stats_are_read_while_services_keep_publishing(settings):
                 producer.poll(0)
                 stop.wait(0.02)  # 8 instances: a record every 20 ms, never a 0.3 s lull
 
+    for publisher in publishers:  # every instance is in the topic before the read starts
+        publisher.publish()
+    producer.flush(10)
     thread = threading.Thread(target=publish_forever, daemon=True)
     thread.start()
     try:
-        stop.wait(1.0)
         summary = summarize(read_stats(settings, topics, timeout_s=10))
     finally:
         stop.set()
