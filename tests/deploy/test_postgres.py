@@ -12,6 +12,8 @@ from schemas import codes
 from tests.deploy.conftest import ADMIN, DEBEZIUM_PASSWORD
 from wardwatch.deploy import PUBLICATION_NAME, connector_config
 
+pytestmark = pytest.mark.usefixtures("clean_env")  # no WARDWATCH_* of the shell
+
 
 def mapped_columns(mapping) -> set[str]:
     """Every column a CDC mapping reads (fields named *_column, the wide `columns`, `on_air`, and
@@ -100,11 +102,6 @@ def _settings():
     from wardwatch.settings import Settings
 
     return Settings()
-
-
-@pytest.fixture(autouse=True)
-def _no_wardwatch_env(clean_env):
-    pass
 
 
 @pytest.mark.timeout(180)

@@ -21,10 +21,7 @@ from wardwatch.deploy import (BACKPORT, DeployError, EhrDatabase, cdc_prefix_par
                               topic_specs, TopicSpec)
 from wardwatch.settings import Settings
 
-
-@pytest.fixture(autouse=True)
-def no_wardwatch_env(clean_env):
-    pass
+pytestmark = pytest.mark.usefixtures("clean_env")  # no WARDWATCH_* of the shell
 
 
 # --- topics ----------------------------------------------------------------------------------------
