@@ -123,9 +123,9 @@ class AlertsReader:
 
 
 def worker_counters(pipe: Pipeline) -> dict:
-    """The worker's published counters, as `wardwatch stats` sums them. A short quiet time: two services
-    publish every 0.5 s, so read_stats' default 0.3 s without a record may never come; a read that
-    stops short only returns older counters, and the callers wait on a condition."""
+    """The worker's published counters, as `wardwatch stats` sums them. A short quiet time (read past the
+    watermarks for 0.05 s, not read_stats' 0.3 s): each call is one poll of wait_for_counter, and a read
+    that stops short only returns older counters, which the caller's condition waits out."""
     latest = read_stats(pipe.settings, pipe.topics, timeout_s=10, quiet_s=0.05)
     services = summarize(latest)["services"]
     return services.get("worker", {}).get("counters", {})
