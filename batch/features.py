@@ -179,7 +179,9 @@ def _one_pass(rows: pl.DataFrame, guess: pl.DataFrame, lateness_ms: int, toleran
     is_alias = pl.col("_cur__kind") == _ALIAS
     final = ((pl.col("status") != PRELIMINARY) & (pl.col("status") != RETRACTED) & pl.col("value").is_not_null()
              & pl.col("_key_shared"))
-    finals = r.filter(final & (is_new | (is_alias & (pl.col("version") > pl.col("_known_version"))).fill_null(False)))
+    # ... or a new version of the fact itself made final that is not a restatement (rule 2 then 4)
+    newer = pl.col("version") > pl.col("_known_version")
+    finals = r.filter(final & (is_new | (newer & (is_alias.fill_null(False) | ~_restates))).fill_null(False))
     r = r.drop("_supersedes").join(_finalising_rows(versions, finals, lateness_ms), on="_row", how="left",
                                    maintain_order="left")
     finalises = pl.col("_supersedes").is_not_null()
@@ -256,9 +258,13 @@ def _live_at(candidates: pl.DataFrame, versions: pl.DataFrame) -> pl.DataFrame:
 
 
 def _alias_rows(versions: pl.DataFrame, candidates: pl.DataFrame, tolerance: float) -> pl.Series:
-    """Rule 4: candidate rows (new, not late) matching a live fact of another source within tolerance."""
-    matches = (_live_at(candidates.select("_row", "patient_id", "code", "effective_ms", "source", "value"), versions)
-               .filter((pl.col("value_live") - pl.col("value")).abs() <= tolerance))
+    """Rule 4: candidate rows (new, not late) matching a live fact of another source within tolerance,
+    or preliminary ones matching a final one."""
+    matches = (_live_at(candidates.select("_row", "patient_id", "code", "effective_ms", "source", "value", "status"),
+                        versions)
+               .filter(((pl.col("value_live") - pl.col("value")).abs() <= tolerance)
+                       # a preliminary result of one already final through the other source, whatever its value
+                       | ((pl.col("status") == PRELIMINARY) & (pl.col("status_live") != PRELIMINARY))))
     return matches["_row"].unique()
 
 

@@ -13,7 +13,8 @@ the content of a retracted fact (retracted) and of a pruned one (its code, value
 
 A final result whose preliminary version is live through the other source (same code and effective
 time, any value) replaces it (rule 4): outcome corrected, with `supersedes` naming the replaced fact,
-which becomes the alias.
+which becomes the alias. This holds for a new fact and for a fact's own new version made final; and a
+preliminary result arriving after the other source's final one is its alias, whatever its value.
 
 Expiry is applied *logically* on every lookup (a `known` entry older than clock - horizon counts as
 unknown; a live fact at or before clock - lateness - MAX_WINDOW never matches), so outcomes depend only on the
@@ -184,6 +185,10 @@ class _Draft:
                 if alias or self._restates(e, entry):
                     self._set_known(e.fact_id, (e.version, e.effective_ms, *entry[2:]))
                     return Outcome(e, Kind.DUPLICATE, DuplicateKind.RESTATEMENT)
+                # rule 4: made final, it also replaces the other source's live preliminary result (both
+                # sources sent the preliminary result, too far apart in value to be one fact)
+                if (twin := self._preliminary_twin(e, lateness_ms)) is not None:
+                    return self._finalise(e, twin, entry)
                 retracts = e.status.retracts
                 self._remember(e, False, retracts)
                 self._unlive(e, known_effective_ms)
@@ -233,8 +238,13 @@ class _Draft:
         return fact[FACT_ID] == e.fact_id and fact[VALUE] == e.value and is_preliminary(fact) == preliminary
 
     def _has_cross_source_twin(self, e: CanonicalEvent, lateness_ms: int, tolerance: float) -> bool:
-        return e.value is not None and any(abs(e.value - other[VALUE]) <= tolerance
-                                           for other in self._other_source_at(e, lateness_ms))
+        """A live fact of the other source that e repeats: within tolerance, or, e being a preliminary
+        result, a final one whatever its value (the preliminary version of a result already final)."""
+        if e.value is None:
+            return False
+        preliminary = e.status is _PRELIMINARY
+        return any(abs(e.value - other[VALUE]) <= tolerance or (preliminary and not is_preliminary(other))
+                   for other in self._other_source_at(e, lateness_ms))
 
     def _preliminary_twin(self, e: CanonicalEvent, lateness_ms: int) -> LiveFact | None:
         """The live preliminary result that e, a final result through the other source (same code, same

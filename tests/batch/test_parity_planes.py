@@ -4,7 +4,8 @@
 beyond the lateness bound, amendments, retractions, restatements (a higher version with the same
 content: a re-snapshot, a retraction repeated), preliminary results made final (through the same
 source, or only through the other one: a final twin, perhaps of another value, perhaps long after the
-lateness bound), facts sharing a time (slope and delta edge cases) and context facts (which must never
+lateness bound; both sources' preliminary versions apart in value, made final through one; the other
+source's preliminary version arriving after the final result), facts sharing a time (slope and delta edge cases) and context facts (which must never
 reach a feature).
 
 Every feature of FEATURE_NAMES must agree to the last bit: schemas/features.py fixes the float
@@ -78,8 +79,10 @@ def patient_events(draw):
                                          code_system=codes.CONTEXT, value_text="ward-7"))
         source = draw(st.sampled_from([Source.CDC, Source.FHIR]))
         kind = draw(st.sampled_from(["none"] * 5 + ["redeliver", "cross", "amend", "retract", "restate", "finalise",
-                                                    "twin_final", "twin_preliminary"]))
-        status = (Status.PRELIMINARY if kind.startswith("twin")
+                                                    "twin_final", "twin_preliminary", "prelim_apart",
+                                                    "prelim_after_final"]))
+        status = (Status.PRELIMINARY if kind.startswith("twin") or kind == "prelim_apart"
+                  else Status.FINAL if kind == "prelim_after_final"
                   else draw(st.sampled_from([Status.FINAL] * 3 + [Status.PRELIMINARY])))
         ev = CanonicalEvent(patient_id=patient, code=code, value=value, unit=None, effective_ms=t, issued_ms=t,
                             status=status, source=source, fact_id=f"{source}:{i}:{code}", version=1)
@@ -115,6 +118,25 @@ def patient_events(draw):
                                                     version=2 if kind == "twin_preliminary" else 1))
             if draw(st.booleans()):  # the first source's own final version comes too (of an alias now: unused)
                 new_versions.append(dataclasses.replace(ev, version=2, issued_ms=t + 2 * MIN, status=Status.FINAL))
+        elif kind == "prelim_apart":  # both sources sent the preliminary result, too far apart to be one fact;
+            # the final version comes through one of them only (perhaps the other's later, unused)
+            twin = CanonicalEvent(patient_id=patient, code=code, value=max(lo, value - 2), unit=None, effective_ms=t,
+                                  issued_ms=t, status=Status.PRELIMINARY, source=other, fact_id=f"{other}:a{i}:{code}",
+                                  version=1)
+            events.append(twin)
+            first, second = draw(st.permutations([ev, twin]))
+            new_versions.append(dataclasses.replace(first, version=2, issued_ms=t + MIN, status=Status.FINAL,
+                                                    value=min(hi, value + draw(st.sampled_from([0, 1])))))
+            if draw(st.booleans()):
+                new_versions.append(dataclasses.replace(second, version=2, issued_ms=t + 2 * MIN, status=Status.FINAL))
+        elif kind == "prelim_after_final":  # the other source's preliminary version lags the final result
+            prelim = CanonicalEvent(patient_id=patient, code=code, value=value + draw(st.sampled_from([0, 2])),
+                                    unit=None, effective_ms=t, issued_ms=t - MIN, status=Status.PRELIMINARY,
+                                    source=other, fact_id=f"{other}:l{i}:{code}", version=1)
+            new_versions.append(prelim)
+            if draw(st.booleans()):
+                new_versions.append(dataclasses.replace(prelim, version=2, issued_ms=t + MIN, status=Status.FINAL,
+                                                        value=value))
     return events + later + at_end
 
 

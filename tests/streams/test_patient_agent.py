@@ -360,6 +360,27 @@ def test_a_preliminary_basis_result_made_final_only_through_the_other_source_ame
                          store)) == []
 
 
+def test_when_both_sources_sent_the_preliminary_result_apart_in_value_its_final_version_clears_the_flag(processor):
+    """Both feeds carried the preliminary lactate, at values too far apart to be one fact; the final
+    version comes through the CDC row only. Both preliminary facts leave the basis: the alert is
+    amended unflagged, and the FHIR preliminary reading no longer counts."""
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, [cdc_lactate("p1", T0 - 30 * MIN, 4.2, Status.PRELIMINARY),
+                                  lactate("p1", T0 - 30 * MIN, 2.4, Status.PRELIMINARY)]),
+                          msg(1, vitals("p1", T0, 1))], store)
+    [opened] = alerts_of(out)
+    assert opened["header"]["preliminary_basis"] == [codes.LACTATE]
+    final = cdc_lactate("p1", T0 - 30 * MIN, 4.2, Status.FINAL, version=2)
+    [correction] = alerts_of(run(processor, [msg(2, [final])], store))
+    assert (correction["header"]["kind"], correction["header"]["status"]) == ("correction", "amended")
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["header"]["preliminary_basis"] == [] and "note" not in correction["resource"]
+    basis = {b["identifier"]["value"] for b in correction["resource"]["basis"]}
+    assert final.event_id in basis
+    assert lactate("p1", T0 - 30 * MIN, 2.4, Status.PRELIMINARY).event_id not in basis
+    assert [f[2] for f in store["p1"].state.live(codes.LACTATE)] == [4.2]
+
+
 def test_a_final_twin_with_another_value_corrects_the_alert_as_any_amendment(processor):
     store: dict[str, PatientRecord] = {}
     row, opened = medium_alert_on_a_preliminary_rr(processor, store)

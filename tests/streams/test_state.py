@@ -476,6 +476,45 @@ def test_a_preliminary_twin_made_final_through_the_alias_replaces_the_live_preli
     assert kinds(gone) == ["accepted"] and preliminary_flags(gone.state) == [True]
 
 
+@pytest.mark.parametrize("final_source", [Source.CDC, Source.FHIR])
+def test_when_both_sources_sent_a_preliminary_result_apart_in_value_its_final_version_replaces_both(final_source):
+    """Both sources sent the preliminary result with values too far apart to be one fact (two facts);
+    its final version comes through one source only, as a new version of its own fact. The other
+    source's preliminary fact leaves the live facts too, or it would count as a second reading and
+    keep its alert "preliminary" for ever."""
+    s = apply(None, ev("cdc:1", 80.0, status=Status.PRELIMINARY),
+              ev("fhir:1", 95.0, source=Source.FHIR, status=Status.PRELIMINARY)).state
+    assert preliminary_flags(s) == [True, True]
+    own, other = (("cdc:1", "fhir:1") if final_source is Source.CDC else ("fhir:1", "cdc:1"))
+    final = apply(s, ev(own, 88.0, version=2, source=final_source, status=Status.FINAL))
+    assert kinds(final) == ["corrected"] and final.outcomes[0].supersedes == other
+    assert [f[1] for f in final.state.live(codes.HEART_RATE)] == [own]
+    assert hr_values(final.state) == [88.0] and preliminary_flags(final.state) == [False]
+    # the replaced fact is the alias: its own final version changes nothing more
+    later = apply(final.state, ev(other, 91.0, version=2, source=OTHER[final_source], status=Status.FINAL))
+    assert [(o.kind, o.duplicate_kind) for o in later.outcomes] == [RESTATEMENT]
+    assert hr_values(later.state) == [88.0]
+    # a preliminary new version replaces nothing; neither does a final one with no other preliminary
+    assert kinds(apply(s, ev(own, 88.0, version=2, source=final_source, status=Status.PRELIMINARY))) == ["corrected"]
+    alone = apply(None, ev("cdc:1", 80.0, status=Status.PRELIMINARY)).state
+    assert apply(alone, ev("cdc:1", 88.0, version=2)).outcomes[0].supersedes is None
+
+
+@pytest.mark.parametrize("value", [80.0, 95.0])
+def test_a_preliminary_result_arriving_after_the_other_sources_final_one_is_its_alias(value):
+    """The final result came first through one source; the other source's preliminary version of it
+    arrives after (a lagging feed). Whatever its value it is that result's earlier version, not a
+    second reading: it never goes live, and its own later final version is a restatement."""
+    s = apply(None, ev("cdc:1", 80.0), ev("b", 90.0, T0 + 10 * MIN)).state
+    late_prelim = apply(s, ev("fhir:1", value, source=Source.FHIR, status=Status.PRELIMINARY))
+    assert [(o.kind, o.duplicate_kind) for o in late_prelim.outcomes] == [(Kind.DUPLICATE, DuplicateKind.CROSS_SOURCE)]
+    assert hr_values(late_prelim.state) == [80.0, 90.0] and preliminary_flags(late_prelim.state) == [False, False]
+    final = apply(late_prelim.state, ev("fhir:1", 80.0, version=2, source=Source.FHIR))
+    assert [(o.kind, o.duplicate_kind) for o in final.outcomes] == [RESTATEMENT]
+    # a final result of the other source at another value is still another fact (as before)
+    assert kinds(apply(s, ev("fhir:2", 95.0, source=Source.FHIR))) == ["accepted"]
+
+
 def test_a_final_twin_is_never_late_while_its_preliminary_result_is_live():
     # like a correction (rule 2): the 1 h lateness bound has long passed, the fact is still live
     s = apply(None, ev("cdc:1", 80.0, status=Status.PRELIMINARY), ev("b", 90.0, T0 + 5 * HOUR)).state
