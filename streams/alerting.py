@@ -22,7 +22,15 @@ Rules
 
 Corrections (correct()): the open episode keeps its alerts (open, escalate) with their basis, the
 (fact_id, version) of the observations each was based on. When a message corrects (amends or
-retracts) a fact in the basis of the episode's latest alert, the re-scored point decides:
+retracts) a fact in the basis of the episode's latest alert, a re-score *at that alert's scoring
+time* with the corrected facts decides (streams/patient_agent.py makes it; the correction's own
+scoring point, at the patient clock, is published as usual and goes to step()). Judged at the clock
+instead, an alert whose patient had improved since would be withdrawn as entered-in-error by any
+correction of its basis, even one that changes nothing at its time (a lactate made final, a
+temperature amended within its NEWS2 band), and one whose patient had worsened would be amended
+whatever the error. Limit: when the alert is older than the lateness bound (its time before
+clock - allowed_lateness) the state may no longer hold every reading of its windows (pruning,
+docs/patient-state.md), so the re-score is the correction's point at the clock, as it was.
 - its tier still meets the alert's tier: kind "correction", status "amended" (new probability and
   basis); the alert stays the open one.
 - it does not: kind "correction", status "entered-in-error"; the alert is withdrawn. The previous
@@ -212,24 +220,17 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
             rationale: Sequence = (), basis: Callable[[], Basis] | None = None,
             superseded: Mapping[str, str] | None = None) -> tuple[AlertState, list[AlertDecision]]:
     """Correct the open alert when `corrected` (fact_id -> new version, the corrections applied by
-    one message) touches its basis; the point is the re-score after those corrections. Call it
-    before step() for the same point. Returns the new state and at most one correction.
+    one message) touches its basis; the point is the re-score after those corrections at the alert's
+    own scoring time (corrected_alert() names the alert; see the module docstring). Call it before
+    step() for the correction's scoring point. Returns the new state and at most one correction.
     `superseded`: preliminary fact_id -> the fact_id (in `corrected`) of the final result that came
     through the other source and replaced it (docs/patient-state.md rule 4): a basis naming the
     preliminary fact is touched by that correction."""
     s: AlertState = {**initial_state(), **(state or {})}
-    if not s["open"] or not s["alerts"] or not corrected:
+    touched = corrected_alert(s, corrected=corrected, superseded=superseded)
+    if touched is None:
         return s, []
-    current = s["alerts"][-1]
-    superseded = superseded or {}
-    in_basis = {}
-    for fact_id, version, *_ in current["basis"]:
-        if (v := corrected.get(fact_id)) is not None and v > version:
-            in_basis[fact_id] = v
-        elif (final := superseded.get(fact_id)) is not None:
-            in_basis[final] = corrected[final]  # the id names the final result's fact and version
-    if not in_basis:
-        return s, []
+    current, in_basis = touched
     cid = correction_id(current["alert_id"], in_basis)
     if TIER_RANK[tier] >= TIER_RANK[current["tier"]]:
         amended = EpisodeAlert(**{**current, "scoring_ms": scoring_ms, "probability": probability, "news2": news2,
@@ -245,6 +246,24 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
         s.update(open=False, alerted_tier=None, calm_points=0, alerts=[])
     return s, [AlertDecision(cid, "correction", current["tier"], s["episode"], scoring_ms, "entered-in-error",
                              current["alert_id"])]
+
+
+def corrected_alert(state: dict | None, *, corrected: Mapping[str, int],
+                    superseded: Mapping[str, str] | None = None) -> tuple[EpisodeAlert, dict[str, int]] | None:
+    """The open alert whose basis these corrections touch (the episode's latest), with the touched
+    facts (fact_id -> new version; a superseded preliminary fact is named by its final result), or None.
+    The caller re-scores the point correct() decides on at that alert's scoring time."""
+    if not state or not state.get("open") or not state.get("alerts") or not corrected:
+        return None
+    current = state["alerts"][-1]
+    superseded = superseded or {}
+    in_basis = {}
+    for fact_id, version, *_ in current["basis"]:
+        if (v := corrected.get(fact_id)) is not None and v > version:
+            in_basis[fact_id] = v
+        elif (final := superseded.get(fact_id)) is not None:
+            in_basis[final] = corrected[final]  # the id names the final result's fact and version
+    return (current, in_basis) if in_basis else None
 
 
 def discharge(state: dict | None, *, patient_id: str, discharged_ms: int) -> tuple[AlertState, list[AlertDecision]]:

@@ -186,6 +186,29 @@ def test_amending_a_basis_value_that_keeps_the_risk_high_publishes_amended(proce
     assert make_event_id(f"cdc:vital_signs:1:{codes.RESP_RATE}", 1) not in basis
     assert "resp_rate_last_24h=30" in correction["resource"]["prediction"][0]["rationale"]
 
+def test_a_correction_is_judged_at_the_alert_time_not_after_the_patient_improved(processor):
+    store: dict[str, PatientRecord] = {}
+    [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1))], store))  # NEWS2 19: high
+    # an hour later the patient is better (SBP 85 alone: medium), still in the episode: nothing new
+    assert run(processor, [msg(1, vitals("p1", T0 + 60 * MIN, 2, **{**NORMAL, "sbp": 85}))], store).alerts == []
+
+    # the alert's temperature is amended 39.5 -> 39.4: the same NEWS2 band, the same risk at T0
+    out = run(processor, [msg(2, [amendment("p1", T0, 1, codes.TEMPERATURE, 5, 39.4)])], store)
+
+    # the high alert is amended, not withdrawn as entered-in-error (it was right), and no new episode opens
+    [correction] = alerts_of(out)
+    assert (correction["header"]["kind"], correction["resource"]["status"]) == ("correction", "amended")
+    assert correction["resource"]["id"] == opened["header"]["alert_id"]
+    assert correction["header"]["tier"] == "high" and correction["header"]["scoring_ms"] == T0
+    assert correction["resource"]["occurrenceDateTime"] == opened["resource"]["occurrenceDateTime"]
+    assert correction["resource"]["prediction"][0]["rationale"].endswith("NEWS2 19")
+    basis = {b["identifier"]["value"] for b in correction["resource"]["basis"]}
+    assert make_event_id(f"cdc:vital_signs:1:{codes.TEMPERATURE}", 5) in basis
+    # the correction's own scoring point, at the patient clock, is published as every point is
+    [score] = [orjson.loads(v) for _, v, _ in out.scores]
+    assert (score["scoring_ms"], score["tier"]) == (T0 + 60 * MIN, "medium")
+
+
 
 def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
     store: dict[str, PatientRecord] = {}
