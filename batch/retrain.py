@@ -138,7 +138,8 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     `promote_if_none=False` keeps even a gate-passing model out of an empty `current` (as candidate)."""
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         events = con.sql("SELECT * FROM canonical_events").pl()
-        points = con.sql('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online').pl()
+        points = con.sql('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online '
+                         'ORDER BY ALL').pl()
     if points.is_empty():
         raise ValueError("no scoring points in the DuckDB file: run the stream and `wardwatch batch nightly` first")
     lateness_ms = settings.allowed_lateness_s * 1000

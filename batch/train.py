@@ -66,6 +66,7 @@ from schemas.features import FEATURE_NAMES
 # linear model the clinical band edges it cannot learn itself.
 MODEL_FEATURES: tuple[str, ...] = FEATURE_NAMES
 INPUT_NAME = "features"
+GRAPH_NAME = "wardwatch_deterioration"
 OUTPUT_NAME = "probabilities"
 
 NEWS2_EMERGENCY = 7
@@ -270,7 +271,10 @@ def _joined(features_df: pl.DataFrame, labels_df: pl.DataFrame) -> pl.DataFrame:
         onset_ms=pl.col("onset_ms") if "onset_ms" in labels_df.columns else pl.lit(None, pl.Int64),
     ).select(*keys, "label", "at_risk", "onset_ms").unique(subset=keys, keep="first")
     features = features_df.drop("label", "at_risk", "onset_ms", strict=False)
-    return features.join(labels, on=keys, how="inner").filter(pl.col("label").is_not_null())
+    # in key order: polars' unique and join give rows in no set order, and the fit's float sums
+    # follow the row order, so the same data would give other model bytes and metrics each run
+    return (features.join(labels, on=keys, how="inner").filter(pl.col("label").is_not_null())
+            .sort(keys, maintain_order=True))
 
 
 def _matrix(frame: pl.DataFrame) -> np.ndarray:
@@ -376,6 +380,7 @@ def to_onnx(pipeline: Pipeline) -> bytes:
     """The fitted pipeline as an ONNX model: input INPUT_NAME float32 [None, n], output OUTPUT_NAME [N, 2]."""
     onx = convert_sklearn(
         pipeline,
+        name=GRAPH_NAME,  # skl2onnx names the graph with a random uuid otherwise: other bytes every export
         initial_types=[(INPUT_NAME, FloatTensorType([None, pipeline.n_features_in_]))],
         options={id(pipeline.named_steps["classify"]): {"zipmap": False}},  # a plain [N, 2] tensor
     )

@@ -117,6 +117,20 @@ def test_missing_input_is_imputed_with_the_card_values(trained):
     assert 80 < card["imputation"][HR] < 100  # the median of a N(90, 20) column
 
 
+def test_the_same_data_gives_the_same_model_bytes_and_metrics_in_any_row_order(trained, tmp_path):
+    """Retraining on the same nightly file must reproduce the model: a data scientist checks a shipped
+    model (README: cp data/train/models-ship/v0001) by its sha256. The rows come in another order
+    (polars joins and DuckDB scans promise none) and the version has another name."""
+    model_dir, card, features = trained
+    labels = labels_for(features)
+    again = train_model(features.sample(fraction=1.0, shuffle=True, seed=5),
+                        labels.sample(fraction=1.0, shuffle=True, seed=6), tmp_path, "v1")
+    assert registry.model_path(tmp_path, "v1").read_bytes() == registry.model_path(model_dir, "v1").read_bytes()
+    assert again["sha256"] == card["sha256"]
+    assert again["metrics"] == card["metrics"]
+    assert again["imputation"] == card["imputation"]
+
+
 def test_published_version_is_never_overwritten(trained):
     model_dir, _, features = trained
     with pytest.raises(FileExistsError):
