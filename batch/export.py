@@ -15,7 +15,10 @@ so a column added to the DuckDB file later stays inside until someone decides ho
     age_band   birth year becomes a 10-year age band at the patient's first measurement (90+ capped)
 
 Never exported: names (wardwatch stores none), free text (value_text, rationale, provenance, dead
-letters), the RiskAssessment JSON, wards, Kafka positions.
+letters), the RiskAssessment JSON, wards, Kafka positions, and a fact's `version` (for CDC rows the
+database's log sequence number, one clock shared by every patient: it would undo the date shifts).
+For the same reason rows are written sorted by their de-identified values (patient hash, shifted
+times, hashes), never in the database's order, which follows real time across patients.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ POLICY: dict[str, TablePolicy] = {
                               ("encounter_class", "ward_moves")),
     "observations": TablePolicy(_PATIENT | {"encounter_id": "encounter", "fact_id": "fact", "event_id": "event"},
                                 ("effective_ms", "issued_ms"),
-                                ("code", "code_system", "value", "unit", "status", "source", "version", "outcome",
+                                ("code", "code_system", "value", "unit", "status", "source", "outcome",
                                  "versions", "late_by_ms")),
     "features_offline": TablePolicy(_PATIENT, ("scoring_ms",), FEATURE_NAMES),
     "labels": TablePolicy(_PATIENT, ("scoring_ms",),
@@ -101,7 +104,8 @@ def age_band(birth_year: int | None, at_ms: int | None) -> str | None:
 
 
 def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
-    """One table through its policy: hashed ids, shifted times, kept columns; nothing else."""
+    """One table through its policy: hashed ids, shifted times, kept columns; nothing else. Rows in
+    the order of those values, so the row order says nothing the columns do not."""
     policy = POLICY[name]
     patients = frame["patient_id"].unique().drop_nulls().to_list()
     offsets = pl.DataFrame({"patient_id": patients,
@@ -119,7 +123,8 @@ def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
         columns.append(pl.struct("birth_year", "first_effective_ms")
                        .map_elements(lambda r: age_band(r["birth_year"], r["first_effective_ms"]),
                                      return_dtype=pl.String).alias("age_band"))
-    return out.select(columns)
+    order = ["patient_id", *(c for c in policy.shift if c in out.columns), *(c for c in policy.hash if c != "patient_id")]
+    return out.select(columns).sort(order, nulls_last=True, maintain_order=True)
 
 
 # --- wiring --------------------------------------------------------------------------------------

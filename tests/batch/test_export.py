@@ -133,3 +133,79 @@ def test_shift_is_never_zero_and_bands_cap_at_90():
     assert age_band(1930, T0) == "90+"
     assert age_band(2000, T0) == "20-29"
     assert age_band(None, T0) is None
+
+
+# --- a ward of interleaved patients: what the database's order would give away ------------------
+
+WARD = tuple(f"MRN-77{p:08d}" for p in range(6))
+LSN0 = 7_700_000_000  # CDC versions are the database's log sequence numbers: one clock for every patient
+TEN_MIN = 10 * 60_000
+
+
+def ward_event(patient: int, k: int, code: str, value: float, effective_ms: int, fact: int | None = None,
+               status=Status.FINAL) -> CanonicalEvent:
+    return CanonicalEvent(patient_id=WARD[patient], code=code, value=value, unit=None, effective_ms=effective_ms,
+                          issued_ms=effective_ms + 60_000, status=status, source=Source.CDC,
+                          fact_id=f"cdc:vital_signs:{4000 + (k if fact is None else fact)}:{code}",
+                          version=LSN0 + 1000 * k, encounter_id=f"ENC-{WARD[patient]}",
+                          provenance={"table": "vital_signs"})
+
+
+def build_ward(settings: Settings) -> None:
+    """Six patients whose heart rates are charted in turns, 10 min apart, 3 rounds: row ids, log
+    positions, canonical offsets and scoring times all follow real time across the patients. Then a
+    correction of patient 0's last heart rate re-scores it at that reading's time (a second point at
+    the same patient and scoring_ms), a low systolic BP of patient 1 after its points (an onset) and
+    one of patient 2 known before its last point (no longer at risk)."""
+    messages, points = {}, []
+    for k in range(18):
+        patient, t = k % 6, T0 + k * TEN_MIN
+        messages[(0, k)] = [ward_event(patient, k, codes.HEART_RATE, 80.0 + k, t)]
+        points.append((patient, t, k))
+    last0 = T0 + 12 * TEN_MIN
+    messages[(0, 18)] = [ward_event(0, 18, codes.HEART_RATE, 120.0, last0, fact=12, status=Status.AMENDED)]
+    points.append((0, last0, 18))
+    messages[(0, 19)] = [ward_event(1, 19, codes.SYSTOLIC_BP, 85.0, T0 + 19 * TEN_MIN)]
+    messages[(0, 20)] = [ward_event(2, 20, codes.SYSTOLIC_BP, 85.0, T0 + 13 * TEN_MIN)]
+    write(settings.archive_dir, "canonical", "a", canonical(messages))
+    features, scores, alerts = [], [], []
+    for i, (patient, t, offset) in enumerate(points):
+        point = {"snapshot_id": f"snap-{offset}", "patient_id": WARD[patient], "scoring_ms": t, "partition": 0,
+                 "offset": offset}
+        features.append(point | {"features_json": "{}"} | kafka(0, i))
+        scores.append(point | {"model_version": "m1", "path": "model", "probability": 0.1, "news2": 1, "tier": "none",
+                               "rationale_json": "[]"} | kafka(0, i))
+        if offset < 6:  # each patient's first point opens an alert
+            alerts.append({"alert_id": f"alert-{offset}", "kind": "open", "tier": "medium", "patient_id": WARD[patient],
+                           "encounter_id": f"ENC-{WARD[patient]}", "scoring_ms": t, "model_version": "m1",
+                           "path": "model", "resource_json": "{}"} | kafka(0, i))
+    write(settings.archive_dir, "features", "a", features)
+    write(settings.archive_dir, "scores", "a", scores)
+    write(settings.archive_dir, "alerts", "a", alerts)
+    run_nightly(settings, **STANDINS)
+
+
+@pytest.fixture
+def ward(tmp_path: Path) -> Settings:
+    s = Settings(data_dir=tmp_path / "data", deid_secret=SecretStr(SECRET))
+    build_ward(s)
+    return s
+
+
+def test_nothing_in_the_export_orders_patients_in_real_time(ward, tmp_path):
+    """The date shift hides when each patient was in hospital only if nothing else keeps a clock
+    shared by all patients: not the CDC log sequence numbers (`version`), and not the row order,
+    which in the database follows row ids, canonical offsets or scoring times across patients."""
+    out = tmp_path / "export"
+    export_deidentified(ward, out)
+    log_positions = {LSN0 + 1000 * k for k in range(21)}
+    for path in sorted(out.glob("*.parquet")):
+        table = pl.read_parquet(path)
+        for column, dtype in table.schema.items():
+            if dtype.is_integer():
+                assert log_positions.isdisjoint(table[column].drop_nulls().to_list()), (path.name, column)
+        times = [c for c in ("effective_ms", "admitted_ms", "scoring_ms", "first_effective_ms") if c in table.columns]
+        key = ["patient_id", times[0]]
+        assert table.select(key).equals(table.select(key).sort(key, nulls_last=True)), path.name
+    assert "version" not in pl.read_parquet(out / "observations.parquet").columns
+
