@@ -8,6 +8,10 @@ so a column added to the DuckDB file later stays inside until someone decides ho
     hash       identifiers (patient, encounter, fact, event, snapshot, alert ids) are replaced by
                HMAC-SHA256(settings.deid_secret, "<kind>|<id>") in hex: stable across tables and
                exports with the same secret (analysts can join), not reversible without it
+    point_id   features_offline, labels, scores and scores_shadow: the scoring point (patient,
+               scoring_ms and its canonical partition/offset) hashed the same way, the key that
+               joins them one to one (a correction re-scores a patient at the time of an earlier
+               point, so patient_id + scoring_ms is not unique)
     shift      times (ms since epoch) move by the patient's offset: a whole number of days in
                -365..-1 or +1..+365 derived from the patient's HMAC, the same in every table, so
                intervals within a patient are exact
@@ -51,6 +55,7 @@ class TablePolicy:
     shift: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
     age_band: bool = False  # patients only: birth_year -> age_band
+    point_id: bool = False  # a hashed scoring-point key from patient_id, scoring_ms, partition, offset
 
 
 _PATIENT = {"patient_id": "patient"}
@@ -65,11 +70,14 @@ POLICY: dict[str, TablePolicy] = {
                                 ("effective_ms", "issued_ms"),
                                 ("code", "code_system", "value", "unit", "status", "source", "outcome",
                                  "versions", "late_by_ms")),
-    "features_offline": TablePolicy(_PATIENT, ("scoring_ms",), FEATURE_NAMES),
-    "labels": TablePolicy(_PATIENT, ("scoring_ms",),
-                          ("news2", "label", "label_news2_high", "label_low_sbp", "label_high_lactate")),
-    "scores": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP),
-    "scores_shadow": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP),
+    "features_offline": TablePolicy(_PATIENT, ("scoring_ms",), FEATURE_NAMES, point_id=True),
+    # at_risk: rows already deteriorated are left out of training and evaluation (batch/train.py)
+    "labels": TablePolicy(_PATIENT, ("scoring_ms", "onset_ms"),
+                          ("news2", "label", "at_risk", "label_news2_high", "label_low_sbp", "label_high_lactate"),
+                          point_id=True),
+    "scores": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP, point_id=True),
+    "scores_shadow": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP,
+                                 point_id=True),
     "alerts": TablePolicy(_PATIENT | {"encounter_id": "encounter", "alert_id": "alert"}, ("scoring_ms",),
                           ("kind", "tier", "model_version", "path", "preliminary_basis")),
     "alert_outcomes": TablePolicy(_PATIENT | {"encounter_id": "encounter", "alert_id": "alert"},
@@ -112,8 +120,13 @@ def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
                             "_shift_ms": [shift_days(secret, p) * DAY_MS for p in patients]},
                            schema={"patient_id": pl.String, "_shift_ms": pl.Int64})
     out = frame.join(offsets, on="patient_id", how="left", maintain_order="left")
+    hashed = dict(policy.hash)
+    if policy.point_id:
+        point = pl.concat_str([pl.col(c).cast(pl.String) for c in ("patient_id", "scoring_ms", "partition", "offset")],
+                              separator="|")
+        out, hashed = out.with_columns(point_id=point), {"point_id": "point", **hashed}
     columns = []
-    for column, kind in policy.hash.items():
+    for column, kind in hashed.items():
         values = out[column].unique().drop_nulls().to_list()
         mapping = {v: keyed_hash(secret, kind, str(v)) for v in values}
         columns.append(pl.col(column).cast(pl.String).replace_strict(mapping, default=None, return_dtype=pl.String))
@@ -123,7 +136,7 @@ def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
         columns.append(pl.struct("birth_year", "first_effective_ms")
                        .map_elements(lambda r: age_band(r["birth_year"], r["first_effective_ms"]),
                                      return_dtype=pl.String).alias("age_band"))
-    order = ["patient_id", *(c for c in policy.shift if c in out.columns), *(c for c in policy.hash if c != "patient_id")]
+    order = ["patient_id", *(c for c in policy.shift if c in out.columns), *(c for c in hashed if c != "patient_id")]
     return out.select(columns).sort(order, nulls_last=True, maintain_order=True)
 
 
@@ -161,7 +174,8 @@ def export_deidentified(settings: Settings, out_dir: Path, *, compression: str =
             clean.write_parquet(tmp, compression=compression)
             tmp.replace(out_dir / f"{name}.parquet")
             written[name] = clean.height
-    manifest = {"tables": written, "policy": {n: {"hashed": sorted(p.hash), "shifted": list(p.shift),
+    manifest = {"tables": written, "policy": {n: {"hashed": sorted([*p.hash, *(["point_id"] if p.point_id else [])]),
+                                                  "shifted": list(p.shift),
                                                   "kept": list(p.keep), "age_band": p.age_band}
                                               for n, p in POLICY.items() if n in written},
                 "date_shift": f"whole days, per patient, within +-{MAX_SHIFT_DAYS}, never 0"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pytest
 from pydantic import SecretStr
@@ -209,3 +210,24 @@ def test_nothing_in_the_export_orders_patients_in_real_time(ward, tmp_path):
         assert table.select(key).equals(table.select(key).sort(key, nulls_last=True)), path.name
     assert "version" not in pl.read_parquet(out / "observations.parquet").columns
 
+
+def test_exported_labels_say_which_rows_count_and_join_their_features_one_to_one(ward, tmp_path):
+    """Training or evaluating outside the perimeter needs what batch.train uses: at_risk (rows of
+    patients already deteriorated are left out), the onset time, and a key joining each label to
+    its own point's features and score (a correction re-scores a patient at an earlier point's
+    time, so patient_id + scoring_ms is not one point)."""
+    out = tmp_path / "export"
+    export_deidentified(ward, out)
+    labels = pl.read_parquet(out / "labels.parquet")
+    features = pl.read_parquet(out / "features_offline.parquet")
+    scores = pl.read_parquet(out / "scores.parquet")
+    with duckdb.connect(str(ward.duckdb_path), read_only=True) as con:
+        inside = con.sql("SELECT at_risk, label, onset_ms - scoring_ms AS lead FROM labels").pl()
+    assert labels.height == inside.height == 19
+    assert sorted(labels.select("at_risk", "label", lead=pl.col("onset_ms") - pl.col("scoring_ms")).rows(),
+                  key=str) == sorted(inside.rows(), key=str)
+    assert labels["at_risk"].to_list().count(False) >= 1 and labels["label"].sum() >= 1  # both kinds of row
+    assert features.select("patient_id", "scoring_ms").n_unique() == 18  # the correction point shares a time
+    assert labels["point_id"].n_unique() == features["point_id"].n_unique() == scores["point_id"].n_unique() == 19
+    assert labels.join(features, on="point_id").height == 19
+    assert labels.join(scores, on="point_id").height == 19
