@@ -17,6 +17,9 @@ and into the latest `runs` row of the DuckDB file.
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -117,19 +120,49 @@ def apply_gate(settings: Settings, version: str, decision: GateDecision, *, prom
 
 
 def record_in_runs(settings: Settings, card: dict) -> None:
-    """Write the gate's decision and the held-out metrics into the latest `runs` row."""
+    """Write the gate's decision and the held-out metrics into the latest `runs` row.
+
+    The file is updated in place when nobody else has it open. An analyst's read-only session
+    (`duckdb -readonly`, a notebook, `wardwatch query`) holds a lock that refuses writers, and
+    the model is already published by then: so, when only readers hold it, a copy is updated and
+    swapped in as the nightly swaps its new file (readers keep their view until they reopen)."""
     path = settings.duckdb_path
-    with duckdb.connect(str(path)) as con:
-        for column in ("model_version", "gate_decision", "gate_reasons_json", "model_metrics_json"):
-            con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {column} VARCHAR")
-        latest = con.execute("SELECT run_id FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 1").fetchone()
-        if latest is None:
-            return
-        gate = card.get("gate", {})
-        con.execute("UPDATE runs SET model_version = ?, gate_decision = ?, gate_reasons_json = ?, "
-                    "model_metrics_json = ? WHERE run_id = ?",
-                    [card["version"], gate.get("decision"), orjson.dumps(gate.get("reasons", [])).decode(),
-                     orjson.dumps(card.get("metrics", {}), option=orjson.OPT_SORT_KEYS).decode(), latest[0]])
+    try:
+        with duckdb.connect(str(path)) as con:
+            _record(con, card)
+        return
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        conflict = exc
+    wal = path.with_name(path.name + ".wal")
+    copy = path.with_name(f".{path.name}.{uuid.uuid4().hex}.recording")
+    try:
+        # a read-only session of our own proves the holders only read, and keeps writers out while copying
+        with duckdb.connect(str(path), read_only=True):
+            if wal.exists():  # a writer's unfinished log: the bytes alone would lose its changes
+                raise conflict
+            shutil.copyfile(path, copy)
+        with duckdb.connect(str(copy)) as con:
+            _record(con, card)
+            con.execute("CHECKPOINT")
+        os.replace(copy, path)
+    finally:
+        for leftover in (copy, copy.with_name(copy.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+
+
+def _record(con: duckdb.DuckDBPyConnection, card: dict) -> None:
+    for column in ("model_version", "gate_decision", "gate_reasons_json", "model_metrics_json"):
+        con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {column} VARCHAR")
+    latest = con.execute("SELECT run_id FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 1").fetchone()
+    if latest is None:
+        return
+    gate = card.get("gate", {})
+    con.execute("UPDATE runs SET model_version = ?, gate_decision = ?, gate_reasons_json = ?, "
+                "model_metrics_json = ? WHERE run_id = ?",
+                [card["version"], gate.get("decision"), orjson.dumps(gate.get("reasons", [])).decode(),
+                 orjson.dumps(card.get("metrics", {}), option=orjson.OPT_SORT_KEYS).decode(), latest[0]])
 
 
 def retrain(settings: Settings, *, version: str | None = None, promote_if_none: bool = True) -> dict:

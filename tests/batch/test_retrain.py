@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import duckdb
 import orjson
 import pytest
@@ -95,3 +98,26 @@ def test_decision_is_recorded_in_the_latest_run(settings):
                            "ORDER BY run_id").fetchall()
     assert rows[0] == ("new", "v2", "candidate", orjson.dumps(["auroc worse"]).decode())
     assert rows[1][1:] == (None, None, None)
+
+
+def test_the_decision_is_recorded_while_an_analyst_has_the_file_open_read_only(settings):
+    """`duckdb -readonly` or a notebook on the nightly file holds a lock that refuses writers; by the
+    time the gate's decision is recorded the model is published and the pointers have moved, so
+    `batch train` must not fail there (it said "cannot read ...: rebuild it with nightly --full")."""
+    settings.data_dir.mkdir()
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ)")
+        con.execute("INSERT INTO runs VALUES ('new', '2024-01-02 00:00+00')")
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
+         "con.sql('SELECT count(*) FROM runs').fetchall(); print('open', flush=True); sys.stdin.read()",
+         str(settings.duckdb_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        record_in_runs(settings, {"version": "v2", "metrics": {}, "gate": {"decision": "promote", "reasons": []}})
+    finally:
+        reader.communicate("", timeout=30)
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT run_id, model_version, gate_decision FROM runs").fetchall() == [
+            ("new", "v2", "promote")]
+    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["wardwatch.duckdb"]  # no copy left behind
