@@ -7,7 +7,8 @@
     <model_dir>/history.jsonl           every pointer change: who, when, why, from, to
 
 A card is only handed out after the model file's digest matches it, so a tampered or half-copied
-model is refused loudly instead of served.
+model is refused loudly instead of served. The model file carries the contract it was trained with
+(features, imputation: schemas/model_contract.py), so an edited card is refused too.
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def contract_problems(model_dir: Path | str, version: str) -> list[str]:
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(model_path(model_dir, version)), providers=["CPUExecutionProvider"])
-        check_contract(ModelContract.from_card(card), session.get_inputs(), session.get_outputs())
+        check_contract(ModelContract.from_card(card), session.get_inputs(), session.get_outputs(),
+                       session.get_modelmeta().custom_metadata_map)
     except ContractError as exc:
         return [str(exc)]
     except Exception as exc:  # onnxruntime cannot load the file: not servable

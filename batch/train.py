@@ -61,6 +61,7 @@ from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TO
                             final_facts)
 from schemas import codes
 from schemas.features import FEATURE_NAMES
+from schemas.model_contract import CONTRACT_METADATA_KEY, contract_metadata
 
 # Every feature is numeric (consciousness is its ACVPU ordinal); the NEWS2 sub-scores give a
 # linear model the clinical band edges it cannot learn itself.
@@ -223,7 +224,7 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         "operating_rows": "every held-out scoring point, at risk or not (the alert burden a ward would see)",
     }
 
-    onnx_bytes = to_onnx(pipeline)
+    onnx_bytes = to_onnx(pipeline, imputation)
     card = {
         "version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -376,8 +377,10 @@ def _news2_metrics(train: pl.DataFrame, test_all: pl.DataFrame, fill: float | No
         "operating": operating_metrics(test_all, threshold=NEWS2_ALERT, score="news2")}
 
 
-def to_onnx(pipeline: Pipeline) -> bytes:
-    """The fitted pipeline as an ONNX model: input INPUT_NAME float32 [None, n], output OUTPUT_NAME [N, 2]."""
+def to_onnx(pipeline: Pipeline, imputation: dict[str, float] | None = None) -> bytes:
+    """The fitted pipeline as an ONNX model: input INPUT_NAME float32 [None, n], output OUTPUT_NAME [N, 2].
+    With `imputation` (the card's), the contract is embedded in the model's metadata, so that an edit of
+    the card after registration is caught when the model is loaded (schemas/model_contract.py)."""
     onx = convert_sklearn(
         pipeline,
         name=GRAPH_NAME,  # skl2onnx names the graph with a random uuid otherwise: other bytes every export
@@ -387,6 +390,10 @@ def to_onnx(pipeline: Pipeline) -> bytes:
     outputs = [o.name for o in onx.graph.output]
     if OUTPUT_NAME not in outputs:
         raise RuntimeError(f"ONNX export has outputs {outputs}, expected {OUTPUT_NAME!r}")
+    if imputation is not None:
+        entry = onx.metadata_props.add()
+        entry.key = CONTRACT_METADATA_KEY
+        entry.value = contract_metadata(MODEL_FEATURES, imputation, INPUT_NAME, OUTPUT_NAME)
     return onx.SerializeToString()
 
 

@@ -11,18 +11,27 @@ The ONNX input is float32 [None, len(features)], columns in `features` order; th
 `output_name` is [N, 2] with column 1 = probability of deterioration.
 
     contract = ModelContract.from_card(card)
-    check_contract(contract, session.get_inputs(), session.get_outputs())   # raises ContractError
+    check_contract(contract, session.get_inputs(), session.get_outputs(),   # raises ContractError
+                   session.get_modelmeta().custom_metadata_map)
+
+The card's sha256 pins model.onnx, but not the card itself: an edited feature list would feed every
+feature to the wrong weight, silently. So training writes the contract into the ONNX model's own
+metadata (CONTRACT_METADATA_KEY, covered by the sha256), and the check compares the card with it. A
+model registered before that has no such entry and is checked as before.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from schemas.features import FEATURE_NAMES
 
 ONNX_FLOAT = "tensor(float)"
+# the ONNX metadata_props key holding the contract the model was trained with (contract_metadata)
+CONTRACT_METADATA_KEY = "wardwatch.contract"
 
 
 class ContractError(Exception):
@@ -60,10 +69,19 @@ class ModelContract:
         )
 
 
+def contract_metadata(features: Sequence[str], imputation: Mapping[str, float | None], input_name: str,
+                      output_name: str) -> str:
+    """The contract as training embeds it in the ONNX model (CONTRACT_METADATA_KEY): canonical JSON."""
+    return json.dumps({"features": list(features), "imputation": dict(imputation), "input_name": input_name,
+                       "output_name": output_name}, sort_keys=True, separators=(",", ":"))
+
+
 def check_contract(contract: ModelContract, onnx_inputs: Sequence[TensorSignature],
-                   onnx_outputs: Sequence[TensorSignature]) -> None:
-    """Raise ContractError listing every way the card and the ONNX signature disagree."""
-    problems = _feature_problems(contract) + _signature_problems(contract, onnx_inputs, onnx_outputs)
+                   onnx_outputs: Sequence[TensorSignature], metadata: Mapping[str, str] | None = None) -> None:
+    """Raise ContractError listing every way the card and the ONNX signature disagree. `metadata`: the
+    ONNX model's metadata_props (onnxruntime: session.get_modelmeta().custom_metadata_map)."""
+    problems = (_feature_problems(contract) + _signature_problems(contract, onnx_inputs, onnx_outputs)
+                + _embedded_problems(contract, metadata or {}))
     if problems:
         listed = "\n  - ".join(problems)
         raise ContractError(f"model {contract.version} violates its contract:\n  - {listed}")
@@ -85,6 +103,25 @@ def _feature_problems(contract: ModelContract) -> list[str]:
         problems.append(f"card imputation has no finite value for {no_value} "
                         "(every feature needs one: a missing input is imputed before scoring)")
     return problems
+
+
+def _embedded_problems(contract: ModelContract, metadata: Mapping[str, str]) -> list[str]:
+    """The card against the contract embedded in the model at training (none embedded: nothing to check)."""
+    raw = metadata.get(CONTRACT_METADATA_KEY)
+    if raw is None:
+        return []
+    try:
+        embedded = json.loads(raw)
+        trained = {k: embedded[k] for k in ("features", "imputation", "input_name", "output_name")}
+    except (ValueError, TypeError, KeyError):
+        return [f"model.onnx metadata {CONTRACT_METADATA_KEY!r} is unreadable: re-register the model"]
+    card = {"features": list(contract.features), "imputation": contract.imputation,
+            "input_name": contract.input_name, "output_name": contract.output_name}
+    differ = [k for k in trained if trained[k] != card[k]]
+    if differ:
+        return [f"card {differ} differ from the contract model.onnx was trained with (the card was edited "
+                "after registration; its features would meet the wrong weights): restore card.json"]
+    return []
 
 
 def _signature_problems(contract: ModelContract, onnx_inputs: Sequence[TensorSignature],

@@ -192,7 +192,8 @@ def load_model(model_dir: Path, version: str) -> LoadedModel:
         raise ContractError(f"{version_dir}/model.onnx has sha256 {digest}, the card says {contract.sha256}: "
                             "the file was modified after registration; re-register it or restore it")
     session = _inference_session(model_bytes, version_dir)
-    check_contract(contract, session.get_inputs(), session.get_outputs())
+    check_contract(contract, session.get_inputs(), session.get_outputs(),
+                   session.get_modelmeta().custom_metadata_map)
     return LoadedModel(contract, session, _linear_terms(model_bytes, len(contract.features)))
 
 

@@ -17,6 +17,8 @@ from batch.train import (MODEL_FEATURES, NEWS2_ALERT, fit_pipeline, make_labels,
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
 from schemas.features import FEATURE_NAMES
+from schemas.model_contract import ContractError
+from streams.scoring import load_model
 
 HOUR = 3_600_000
 T0 = 1_700_000_000_000
@@ -158,6 +160,30 @@ def test_tampered_model_file_is_refused(tmp_path):
     with pytest.raises(registry.ModelIntegrityError):
         registry.set_current(tmp_path, "v1")
     assert registry.current_version(tmp_path) is None
+
+
+@pytest.mark.parametrize("edit", ["reversed features", "swapped imputation"])
+def test_a_card_edited_after_registration_is_refused_where_the_model_is_loaded(tmp_path, edit):
+    """The sha256 pins model.onnx, not the card: the contract is embedded in the model at training, so
+    an edited card (its features would meet the wrong weights) is caught by promote and by the scorer."""
+    features = synthetic_features(n_patients=8)
+    train_model(features, labels_for(features), tmp_path, "v1")
+    assert registry.contract_problems(tmp_path, "v1") == []
+    path = registry.card_path(tmp_path, "v1")
+    card = json.loads(path.read_text())
+    if edit == "reversed features":
+        card["features"] = card["features"][::-1]
+    else:
+        first, second = card["features"][:2]
+        imputation = card["imputation"]
+        imputation[first], imputation[second] = imputation[second] + 1.0, imputation[first]
+    path.write_text(json.dumps(card))
+    [problem] = registry.contract_problems(tmp_path, "v1")
+    assert "differ from the contract model.onnx was trained with" in problem
+    with pytest.raises(registry.PromotionRefused):
+        registry.promote(tmp_path, "v1", why="edited card")
+    with pytest.raises(ContractError, match="restore card.json"):
+        load_model(tmp_path, "v1")
 
 
 def test_current_pointer_round_trips(tmp_path):
