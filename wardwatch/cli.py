@@ -60,17 +60,22 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _settings() -> Settings:
+    import os
+
     from pydantic import ValidationError
     from rich.markup import escape
 
-    from wardwatch.settings import settings_errors
+    from wardwatch.settings import settings_errors, unknown_variables
 
+    lines = unknown_variables(os.environ)  # refused, not ignored: a typo'd variable would go unnoticed
     try:
-        return load_settings()
+        settings = load_settings()
     except ValidationError as exc:
-        lines = settings_errors(exc)
+        lines += settings_errors(exc)
+    if lines:
         err_console.print("[red]invalid settings:[/] " + escape("\n  ".join(lines)), highlight=False, soft_wrap=True)
         raise typer.Exit(2)
+    return settings
 
 
 def _kafka_settings() -> Settings:

@@ -5,7 +5,9 @@ Pass it down; never call os.getenv deep in modules.
 
 from __future__ import annotations
 
+import difflib
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -161,6 +163,27 @@ class Settings(BaseSettings):
 def load_settings(**overrides) -> Settings:
     """Read the environment once; explicit overrides win (used by the CLI and tests)."""
     return Settings(**overrides)
+
+
+# WARDWATCH_* names docker-compose.yml substitutes itself (from the shell or .env), not settings: a shell
+# that exports them for `docker compose` may run wardwatch commands too
+COMPOSE_VARIABLES = frozenset({"WARDWATCH_VERSION", "WARDWATCH_WORKER_REPLICAS"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per WARDWATCH_* variable that names no setting, with the closest one. pydantic reads
+    only the names it knows, so a typo would be silently ignored: WARDWATCH_RECEIVER_TOKN leaves the
+    receiver open to anyone, WARDWATCH_PARTITONS=8 creates 4-partition topics."""
+    known = {f"WARDWATCH_{name.upper()}" for name in Settings.model_fields}
+    lines = []
+    for variable in sorted(environ):
+        upper = variable.upper()  # pydantic-settings matches names case-insensitively
+        if not upper.startswith("WARDWATCH_") or upper in known or upper in COMPOSE_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}?" if close else "`wardwatch config show` lists the settings"
+        lines.append(f"{variable} is not a wardwatch setting ({hint}); rename or unset it")
+    return lines
 
 
 def describe_settings(settings: Settings) -> list[dict]:

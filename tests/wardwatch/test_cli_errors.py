@@ -43,6 +43,26 @@ def test_an_invalid_setting_is_named_by_its_variable_with_its_value_and_meaning(
     assert "errors.pydantic.dev" not in result.output
 
 
+def test_a_misspelt_variable_is_refused_with_the_setting_it_resembles(clean_env):
+    # pydantic reads only the names it knows: the typo was ignored and the default used in silence
+    # (4-partition topics here; an open receiver for WARDWATCH_RECEIVER_TOKN)
+    result = invoke("config", "show", "--json", env={"WARDWATCH_PARTITONS": "8", "WARDWATCH_RECEIVER_TOKN": "s3cret"})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "WARDWATCH_PARTITONS is not a wardwatch setting (did you mean WARDWATCH_PARTITIONS?)" in result.output
+    assert "WARDWATCH_RECEIVER_TOKN is not a wardwatch setting (did you mean WARDWATCH_RECEIVER_TOKEN?)" in result.output
+    assert "s3cret" not in result.output
+
+
+def test_the_compose_files_own_variables_are_not_taken_for_typos(clean_env):
+    # docker-compose.yml substitutes them; the shell that exports them may run wardwatch too
+    result = invoke("config", "show", "--json", env={"WARDWATCH_WORKER_REPLICAS": "3", "WARDWATCH_VERSION": "0.1.0",
+                                                     "WARDWATCH_PARTITIONS": "8"})
+
+    assert result.exit_code == 0, result.output
+    assert '"partitions": 8' in result.output
+
+
 @pytest.mark.parametrize(("env", "says"), [
     ({"WARDWATCH_ALERT_RESET": "0.6"}, "WARDWATCH_ALERT_RESET=0.6 is above WARDWATCH_ALERT_THRESHOLD=0.5"),
     ({"WARDWATCH_ALERT_THRESHOLD": "0.3"}, "WARDWATCH_ALERT_RESET=0.4 is above WARDWATCH_ALERT_THRESHOLD=0.3"),
