@@ -38,7 +38,8 @@ def broker_credentials(settings):
 
     import faust
 
-    protocol = settings.kafka_security_protocol.upper()
+    # Settings guarantees one of the four protocols, and a mechanism with SASL_*
+    protocol = settings.kafka_security_protocol
     if protocol == "PLAINTEXT":
         return None
     context = None
@@ -46,11 +47,6 @@ def broker_credentials(settings):
         context = ssl.create_default_context(cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
     if protocol == "SSL":
         return faust.SSLCredentials(context)
-    if protocol not in ("SASL_PLAINTEXT", "SASL_SSL"):
-        raise ValueError(f"WARDWATCH_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r}: use PLAINTEXT, "
-                         "SSL, SASL_PLAINTEXT or SASL_SSL")
-    if not settings.kafka_sasl_mechanism:
-        raise ValueError("SASL needs WARDWATCH_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
     password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
     return faust.SASLCredentials(username=settings.kafka_sasl_username, password=password, ssl_context=context,
                                  mechanism=settings.kafka_sasl_mechanism)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 import typer
 from rich.console import Console
@@ -160,6 +160,8 @@ def worker(loglevel: Optional[str] = typer.Option(None, help="Log level (default
     from schemas.model_contract import ContractError
     from streams.app import run_worker
 
+    if loglevel and loglevel.upper() not in get_args(Settings.model_fields["log_level"].annotation):
+        _fail(f"--loglevel {loglevel}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
     settings = _kafka_settings()
     level = (loglevel or settings.log_level).upper()
     try:

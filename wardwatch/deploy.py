@@ -59,8 +59,8 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     specs = topic_specs(settings)
-    admin = AdminClient(settings.kafka_client_config())
     try:
+        admin = AdminClient(settings.kafka_client_config())
         metadata = admin.list_topics(timeout=timeout_s)
     except Exception as exc:
         raise DeployError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}; "

@@ -24,13 +24,21 @@ def broker_problem(settings: Settings, timeout_s: float | None = None) -> str | 
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient(settings.kafka_client_config("preflight") | {"logger": _quiet})
+    try:
+        admin = AdminClient(settings.kafka_client_config("preflight") | {"logger": _quiet})
+    except KafkaException as exc:  # librdkafka refused the settings themselves, e.g. a CA file it cannot load
+        return (f"the Kafka client settings are refused ({_why(exc)}): check WARDWATCH_KAFKA_SECURITY_PROTOCOL, "
+                "WARDWATCH_KAFKA_SASL_* and WARDWATCH_KAFKA_SSL_CAFILE")
     try:
         admin.list_topics(timeout=timeout_s)
         return None
     except KafkaException as exc:
-        error = exc.args[0]
-        why = error.str() if hasattr(error, "str") else str(error)
+        why = _why(exc)
     return (f"cannot reach the Kafka broker at {settings.bootstrap_servers} within {timeout_s:g} s ({why}): "
             "start it (`wardwatch broker` runs an embedded one on 127.0.0.1:9092; `docker compose up -d kafka`) "
             "or point WARDWATCH_BOOTSTRAP_SERVERS at it (and check WARDWATCH_KAFKA_SECURITY_PROTOCOL / SASL)")
+
+
+def _why(exc: Exception) -> str:
+    error = exc.args[0] if exc.args else exc
+    return error.str() if hasattr(error, "str") else str(error)

@@ -9,8 +9,9 @@ import difflib
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,8 +24,11 @@ class Settings(BaseSettings):
     group_prefix: str = Field("wardwatch", description="Prefix of every consumer group id")
     partitions: int = Field(4, ge=1, description="Partition count of the per-patient topics")
     replication_factor: int = Field(1, ge=1, description="Replication factor of every topic wardwatch creates (its own, the CDC topics, the worker's changelog, the connector's heartbeat topic); at most the number of brokers, e.g. 3 on a production cluster")
-    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
-    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    # the mechanisms both clients have: this librdkafka build has no GSSAPI, and OAUTHBEARER needs a token source
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
@@ -106,7 +110,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Port of the Prometheus /metrics, /healthz and /readyz endpoints (None: off; compose sets 9108, one per container)")
     metrics_host: str = Field("127.0.0.1", description="Bind address of the metrics endpoint (compose: 0.0.0.0)")
     json_logs: bool = Field(True, description="Log one JSON object per line (false: plain text for a terminal)")
-    log_level: str = Field("INFO", description="Log level of the wardwatch services")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Log level of the wardwatch services")
     raw_retention_hours: int = Field(7 * 24, ge=1, description="Retention of the raw CDC and FHIR topics (hours); replays and gap recovery reach back this far")
     nightly_at: str = Field("02:30", pattern=r"^\d{2}:\d{2}$", description="Time of day (HH:MM, container time) `wardwatch deploy scheduler` runs the nightly batch")
 
@@ -122,6 +127,12 @@ class Settings(BaseSettings):
     def duckdb_path(self) -> Path:
         return self.data_dir / "wardwatch.duckdb"
 
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", "log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value):
+        # librdkafka and logging take these in any case; checked against the list after
+        return value.upper() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _settings_agree(self) -> "Settings":
         # pairs that only make sense together: say which two variables disagree
@@ -132,6 +143,23 @@ class Settings(BaseSettings):
             raise ValueError(f"WARDWATCH_HEARTBEAT_INTERVAL_S={self.heartbeat_interval_s} must be below "
                              f"WARDWATCH_SESSION_TIMEOUT_S={self.session_timeout_s} (Kafka drops a member that "
                              f"misses heartbeats for a session timeout)")
+        protocol = self.kafka_security_protocol
+        # without these, librdkafka refuses the config in a traceback, or the credentials are never sent
+        if protocol.startswith("SASL_") and not self.kafka_sasl_mechanism:
+            raise ValueError(f"WARDWATCH_KAFKA_SECURITY_PROTOCOL={protocol} needs WARDWATCH_KAFKA_SASL_MECHANISM "
+                             "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+        sasl_set = [v for v, on in (("WARDWATCH_KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                                    ("WARDWATCH_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                                    ("WARDWATCH_KAFKA_SASL_PASSWORD", self.kafka_sasl_password)) if on]
+        if sasl_set and not protocol.startswith("SASL_"):
+            raise ValueError(f"{', '.join(sasl_set)} set, but WARDWATCH_KAFKA_SECURITY_PROTOCOL={protocol} never "
+                             "sends SASL credentials: set it to SASL_SSL (or SASL_PLAINTEXT)")
+        if self.kafka_ssl_cafile and protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(f"WARDWATCH_KAFKA_SSL_CAFILE set, but WARDWATCH_KAFKA_SECURITY_PROTOCOL={protocol} does "
+                             "not use TLS: set it to SSL or SASL_SSL")
+        if self.kafka_ssl_cafile and not self.kafka_ssl_cafile.is_file():
+            raise ValueError(f"WARDWATCH_KAFKA_SSL_CAFILE={self.kafka_ssl_cafile} is not a file (in a container: "
+                             "mount the CA certificate there)")
         return self
 
     def group_instance_id(self) -> str | None:

@@ -78,6 +78,53 @@ def test_settings_that_contradict_each_other_are_refused_naming_both(clean_env, 
     assert "Value error" not in result.output
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("env", "says"), [
+    # each of these was a KafkaException or logging traceback once a service built its first client
+    ({"WARDWATCH_KAFKA_SECURITY_PROTOCOL": "SASL-SSL"},
+     "WARDWATCH_KAFKA_SECURITY_PROTOCOL='SASL-SSL': Input should be 'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or 'SASL_SSL'"),
+    ({"WARDWATCH_KAFKA_SECURITY_PROTOCOL": "sasl_ssl"},  # librdkafka would fall back to GSSAPI, not built in
+     "WARDWATCH_KAFKA_SECURITY_PROTOCOL=SASL_SSL needs WARDWATCH_KAFKA_SASL_MECHANISM"),
+    ({"WARDWATCH_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "WARDWATCH_KAFKA_SASL_USERNAME": "ww",
+      "WARDWATCH_KAFKA_SASL_PASSWORD": "s3cret"},  # credentials a PLAINTEXT client would never send
+     "WARDWATCH_KAFKA_SASL_MECHANISM, WARDWATCH_KAFKA_SASL_USERNAME, WARDWATCH_KAFKA_SASL_PASSWORD set, but "
+     "WARDWATCH_KAFKA_SECURITY_PROTOCOL=PLAINTEXT never sends SASL credentials"),
+    ({"WARDWATCH_KAFKA_SECURITY_PROTOCOL": "SSL", "WARDWATCH_KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
+     "WARDWATCH_KAFKA_SSL_CAFILE=/nonexistent/ca.pem is not a file"),
+    ({"WARDWATCH_LOG_LEVEL": "VERBOSE"}, "WARDWATCH_LOG_LEVEL='VERBOSE': Input should be 'DEBUG', 'INFO'"),
+])
+def test_a_wrong_broker_security_or_log_setting_stops_a_service_in_one_line(env, says, clean_env, capfd):
+    clean_env.setattr(preflight, "BROKER_WAIT_S", 1.0)
+    with closed_port() as port:
+        result = invoke("ingest", env={"WARDWATCH_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", **env})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert says in result.output
+    assert "s3cret" not in result.output
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_ca_file_librdkafka_cannot_load_is_said_in_one_line(clean_env, tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    clean_env.setattr(preflight, "BROKER_WAIT_S", 1.0)
+    with closed_port() as port:
+        result = invoke("ingest", env={"WARDWATCH_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+                                       "WARDWATCH_KAFKA_SECURITY_PROTOCOL": "SSL",
+                                       "WARDWATCH_KAFKA_SSL_CAFILE": str(tmp_path / "ca.pem")})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output  # not a KafkaException
+    assert "the Kafka client settings are refused" in result.output and "ssl.ca.location" in result.output
+    assert "WARDWATCH_KAFKA_SSL_CAFILE" in result.output
+
+
+def test_the_worker_refuses_an_unknown_log_level_option(clean_env):
+    result = invoke("worker", "--loglevel", "verbose")
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "--loglevel verbose: use DEBUG, INFO, WARNING, ERROR or CRITICAL" in result.output
+
+
 def test_train_without_the_nightly_file_says_where_it_looked_and_what_to_run(clean_env, tmp_path):
     result = invoke("batch", "train", env={"WARDWATCH_DATA_DIR": str(tmp_path / "nowhere"),
                                            "WARDWATCH_MODEL_DIR": str(tmp_path / "models")})
