@@ -36,8 +36,11 @@ def _kafka_settings():
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]{exc}[/]")
-    raise typer.Exit(1)
+    """The CLI's one red line (markup escaped, not wrapped): a server's answer quoted in the message can
+    hold square brackets, and a one-shot's log is read with grep."""
+    from wardwatch.cli import _fail as fail
+
+    fail(str(exc), code=1)
 
 
 @deploy_app.command("topics")

@@ -48,6 +48,25 @@ def test_scheduler_rejects_a_malformed_time_with_the_format(clean_env):
     assert "HH:MM" in result.output
 
 
+def test_a_failed_apply_shows_the_servers_answer_verbatim_on_one_line(clean_env, monkeypatch):
+    from wardwatch import deploy
+    from wardwatch.deploy import DeployError
+
+    answer = ("could not PUT Subscription/wardwatch-observation to the FHIR server at http://fhir:8080/fhir: HTTP 422: "
+              "endpoint [/fhir/notifications] refused for [resthook] channels [/]")  # illustrative
+
+    def refuse(*args, **kwargs):
+        raise DeployError(answer)
+
+    monkeypatch.setattr(deploy, "put_fhir_resources", refuse)
+    result = invoke("subscriptions", "--apply", "http://fhir:8080/fhir")
+
+    # rich took the brackets for markup: '[/fhir/notifications]' raised a MarkupError traceback, and
+    # '[resthook]' would have vanished; long answers were wrapped at 80 columns in the container log
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert answer in result.output.splitlines()
+
+
 @pytest.mark.integration
 def test_topics_creates_every_topic_then_reports_nothing_new(settings, clean_env):
     env = settings_env(settings)
