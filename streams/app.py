@@ -278,7 +278,6 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         broker=f"kafka://{settings.bootstrap_servers}",
         broker_credentials=broker_credentials(settings),
         broker_client_id="wardwatch-worker-faust",
-        loghandlers=[observability.json_handler("worker", settings.log_level)] if settings.json_logs else [],
         store="memory://",  # the changelog topic is the durable copy
         datadir=str(settings.data_dir / "faust"),  # faust's own files; its default litters the cwd
         topic_partitions=topics.partitions,
@@ -628,10 +627,17 @@ def observe_latency(msgs: list[CanonicalMessage], scores: int) -> None:
 
 def run_worker(settings: Settings, loglevel: str = "WARN") -> None:
     """Blocking: run the faust worker until SIGTERM/SIGINT."""
+    # JSON lines: set up here, before the app logs (the model it loads), and faust's own set-up skipped:
+    # it adds its plain-text handler on stdout next to any handler given, so every line reached the
+    # container log twice, once not as JSON
+    if settings.json_logs:
+        observability.configure_logging("worker", loglevel)
     topics = topics_for(settings)
     ensure_topics(settings, topics)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates its datadir inside, not parents
     app = create_app(settings, topics)
     observability.serve(settings.metrics_port, host=settings.metrics_host)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False,
+                          override_logging=not settings.json_logs)
+    worker.spinner = None  # faust's terminal progress spinner: escape codes on stdout, in a service's log
     worker.execute_from_commandline()

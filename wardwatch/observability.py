@@ -153,13 +153,6 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def json_handler(service: str, level: str = "INFO") -> logging.Handler:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service))
-    handler.setLevel(level.upper())
-    return handler
-
-
 def configure_logging(service: str, level: str = "INFO", *, json_logs: bool = True) -> None:
     """Replace the root handlers: JSON lines (default) or plain text for a developer's terminal."""
     handler = logging.StreamHandler(sys.stderr)
