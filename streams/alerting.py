@@ -22,7 +22,8 @@ Rules
 
 Corrections (correct()): the open episode keeps its alerts (open, escalate) with their basis, the
 (fact_id, version) of the observations each was based on. When a message corrects (amends or
-retracts) a fact in the basis of the episode's latest alert, a re-score *at that alert's scoring
+retracts) a fact in the basis of one of the episode's alerts (the open one and an escalation stand
+together, so each alert the fact is in is corrected, oldest first), a re-score *at that alert's scoring
 time* with the corrected facts decides (streams/patient_agent.py makes it; the correction's own
 scoring point, at the patient clock, is published as usual and goes to step()). Judged at the clock
 instead, an alert whose patient had improved since would be withdrawn as entered-in-error by any
@@ -33,8 +34,8 @@ clock - allowed_lateness) the state may no longer hold every reading of its wind
 docs/patient-state.md), so the re-score is the correction's point at the clock, as it was.
 - its tier still meets the alert's tier: kind "correction", status "amended" (new probability and
   basis); the alert stays the open one.
-- it does not: kind "correction", status "entered-in-error"; the alert is withdrawn. The previous
-  alert of the episode becomes the open one again; with none left the episode closes silently (no
+- it does not: kind "correction", status "entered-in-error"; the alert is withdrawn. The latest
+  alert left in the episode sets its tier again; with none left the episode closes silently (no
   suppression window: an error is not a recovery), so a still-alerting patient opens a new episode.
   Later alerts in that episode carry a revision in their id, so no withdrawn id is ever reused.
   correction id = uuid5(NAMESPACE, f"{original_id}|correction|{fact_id}@{version},...") over the
@@ -218,52 +219,68 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
 def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int, tier: Tier,
             probability: float | None, news2: int | None, path: str, model_version: str | None,
             rationale: Sequence = (), basis: Callable[[], Basis] | None = None,
-            superseded: Mapping[str, str] | None = None) -> tuple[AlertState, list[AlertDecision]]:
-    """Correct the open alert when `corrected` (fact_id -> new version, the corrections applied by
-    one message) touches its basis; the point is the re-score after those corrections at the alert's
-    own scoring time (corrected_alert() names the alert; see the module docstring). Call it before
-    step() for the correction's scoring point. Returns the new state and at most one correction.
-    `superseded`: preliminary fact_id -> the fact_id (in `corrected`) of the final result that came
-    through the other source and replaced it (docs/patient-state.md rule 4): a basis naming the
-    preliminary fact is touched by that correction."""
+            superseded: Mapping[str, str] | None = None,
+            rescore: Callable[[EpisodeAlert], dict | None] | None = None) -> tuple[AlertState, list[AlertDecision]]:
+    """Correct each alert of the open episode whose basis `corrected` (fact_id -> new version, the
+    corrections applied by one message) touches, oldest first: the open one and any escalation stand
+    together, so one resting on a corrected reading must not stand unamended because a later one was
+    corrected. The keyword point is the re-score after those corrections; `rescore(alert)` gives the
+    point at that alert's own scoring time instead (None: use the keyword point; see the module
+    docstring). Call it before step() for the correction's scoring point. Returns the new state and
+    one correction per touched alert. `superseded`: preliminary fact_id -> the fact_id (in
+    `corrected`) of the final result that came through the other source and replaced it
+    (docs/patient-state.md rule 4): a basis naming the preliminary fact is touched by that correction."""
     s: AlertState = {**initial_state(), **(state or {})}
-    touched = corrected_alert(s, corrected=corrected, superseded=superseded)
-    if touched is None:
+    touched = corrected_alerts(s, corrected=corrected, superseded=superseded)
+    if not touched:
         return s, []
-    current, in_basis = touched
-    cid = correction_id(current["alert_id"], in_basis)
-    if TIER_RANK[tier] >= TIER_RANK[current["tier"]]:
-        amended = EpisodeAlert(**{**current, "scoring_ms": scoring_ms, "probability": probability, "news2": news2,
-                                  "path": path, "model_version": model_version, "rationale": list(rationale),
-                                  "basis": basis() if basis else current["basis"]})
-        s["alerts"] = [*s["alerts"][:-1], amended]
-        return s, [AlertDecision(cid, "correction", tier, s["episode"], scoring_ms, "amended", current["alert_id"])]
-    s["alerts"] = s["alerts"][:-1]
-    s["revision"] += 1
-    if s["alerts"]:
-        s["alerted_tier"] = s["alerts"][-1]["tier"]
-    else:  # the only alert was an error: close without a suppression window
-        s.update(open=False, alerted_tier=None, calm_points=0, alerts=[])
-    return s, [AlertDecision(cid, "correction", current["tier"], s["episode"], scoring_ms, "entered-in-error",
-                             current["alert_id"])]
+    default = dict(scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
+                   model_version=model_version, rationale=rationale, basis=basis)
+    decisions = []
+    for current, in_basis in touched:
+        point = (rescore(current) if rescore else None) or default
+        cid = correction_id(current["alert_id"], in_basis)
+        at = [a["alert_id"] for a in s["alerts"]].index(current["alert_id"])
+        if TIER_RANK[point["tier"]] >= TIER_RANK[current["tier"]]:
+            made = point.get("basis")
+            amended = EpisodeAlert(**{**current, "scoring_ms": point["scoring_ms"],
+                                      "probability": point["probability"], "news2": point["news2"],
+                                      "path": point["path"], "model_version": point["model_version"],
+                                      "rationale": list(point.get("rationale", ())),
+                                      "basis": made() if made else current["basis"]})
+            s["alerts"] = [*s["alerts"][:at], amended, *s["alerts"][at + 1:]]
+            decisions.append(AlertDecision(cid, "correction", point["tier"], s["episode"], point["scoring_ms"],
+                                           "amended", current["alert_id"]))
+            continue
+        s["alerts"] = [*s["alerts"][:at], *s["alerts"][at + 1:]]
+        s["revision"] += 1
+        if s["alerts"]:  # the latest left is the highest tier alerted (escalations only go up)
+            s["alerted_tier"] = s["alerts"][-1]["tier"]
+        else:  # the only alert left was an error: close without a suppression window
+            s.update(open=False, alerted_tier=None, calm_points=0, alerts=[])
+        decisions.append(AlertDecision(cid, "correction", current["tier"], s["episode"], point["scoring_ms"],
+                                       "entered-in-error", current["alert_id"]))
+    return s, decisions
 
 
-def corrected_alert(state: dict | None, *, corrected: Mapping[str, int],
-                    superseded: Mapping[str, str] | None = None) -> tuple[EpisodeAlert, dict[str, int]] | None:
-    """The open alert whose basis these corrections touch (the episode's latest), with the touched
-    facts (fact_id -> new version; a superseded preliminary fact is named by its final result), or None.
-    The caller re-scores the point correct() decides on at that alert's scoring time."""
+def corrected_alerts(state: dict | None, *, corrected: Mapping[str, int],
+                     superseded: Mapping[str, str] | None = None) -> list[tuple[EpisodeAlert, dict[str, int]]]:
+    """The open episode's alerts whose basis these corrections touch, oldest first, each with the touched
+    facts (fact_id -> new version; a superseded preliminary fact is named by its final result)."""
     if not state or not state.get("open") or not state.get("alerts") or not corrected:
-        return None
-    current = state["alerts"][-1]
+        return []
     superseded = superseded or {}
-    in_basis = {}
-    for fact_id, version, *_ in current["basis"]:
-        if (v := corrected.get(fact_id)) is not None and v > version:
-            in_basis[fact_id] = v
-        elif (final := superseded.get(fact_id)) is not None:
-            in_basis[final] = corrected[final]  # the id names the final result's fact and version
-    return (current, in_basis) if in_basis else None
+    touched = []
+    for alert in state["alerts"]:
+        in_basis = {}
+        for fact_id, version, *_ in alert["basis"]:
+            if (v := corrected.get(fact_id)) is not None and v > version:
+                in_basis[fact_id] = v
+            elif (final := superseded.get(fact_id)) is not None:
+                in_basis[final] = corrected[final]  # the id names the final result's fact and version
+        if in_basis:
+            touched.append((alert, in_basis))
+    return touched
 
 
 def discharge(state: dict | None, *, patient_id: str, discharged_ms: int) -> tuple[AlertState, list[AlertDecision]]:

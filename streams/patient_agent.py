@@ -386,7 +386,7 @@ class PatientProcessor:
         alert_state, decisions = rec.alert, []
         if p.corrected:  # (without corrections, correct() changes nothing: step() fills in the same defaults)
             alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, superseded=p.superseded,
-                                                      **self._at_alert_time(p, rec.alert, point))
+                                                      rescore=lambda alert: self._at_alert_time(p, alert), **point)
         alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy, **point)
         # step() returns a new dict: the record owns it
         records[patient] = PatientRecord(rec.state, alert_state, rec.encounter_id, rec.context, rec.vitals_scored_ms)
@@ -399,17 +399,14 @@ class PatientProcessor:
             described = after.get(d.original_alert_id or d.alert_id) or before.get(d.original_alert_id)
             self._publish(patient, d, described or alert_state, p.context, out, headers)
 
-    def _at_alert_time(self, p: _Point, alert_state: dict, point: dict) -> dict:
-        """The point a correction of the open alert is judged on: the alert re-scored at its own time
-        with the corrected facts (streams/alerting.py), not the correction's point at the clock, where
-        the patient may have improved or worsened since. Within the lateness bound the state holds
-        every reading of the alert's windows; an older alert is judged at the clock."""
-        touched = alerting.corrected_alert(alert_state, corrected=p.corrected, superseded=p.superseded)
-        if touched is None:
-            return point
-        at = touched[0]["scoring_ms"]
+    def _at_alert_time(self, p: _Point, alert: alerting.EpisodeAlert) -> dict | None:
+        """The point a correction of an alert is judged on: the alert re-scored at its own time with the
+        corrected facts (streams/alerting.py), not the correction's point at the clock, where the patient
+        may have improved or worsened since. Within the lateness bound the state holds every reading of
+        the alert's windows; an older alert is judged at the clock (None: the correction's own point)."""
+        at = alert["scoring_ms"]
         if at == p.T or at < p.state.clock - self.lateness_ms:
-            return point
+            return None
         [score] = self.scorer.score([compute_features(p.state, at)])
         return dict(scoring_ms=at, tier=score.tier, probability=score.probability, news2=score.news2,
                     path=score.path, model_version=score.model_version, rationale=score.rationale,

@@ -216,6 +216,47 @@ def test_withdrawing_an_escalation_falls_back_to_the_open_alert_and_never_reuses
     assert esc2.alert_id == str(uuid.uuid5(NAMESPACE, "p1|1|high|escalate|1"))
 
 
+def escalated_over_a_shared_reading():
+    """An open medium alert (basis hr:1, rr:1) escalated to high (basis hr:1, rr:2): both stand."""
+    state, first = opened("medium", 0)
+    state, [esc] = step(state, patient_id="p1", policy=POLICY, basis=lambda: [["hr:1", 1], ["rr:2", 1]],
+                        **rule_point(5, "high"))
+    return state, first, esc
+
+
+def test_a_reading_in_the_open_alerts_basis_only_corrects_the_open_alert_under_an_escalation():
+    """The open alert stands next to its escalation: a retracted reading it rested on must withdraw it,
+    not leave it standing on an error because only the latest alert was looked at."""
+    state, first, esc = escalated_over_a_shared_reading()
+    state, [c] = correct(state, corrected={"rr:1": 2}, **rule_point(5, "none"))
+    assert (c.status, c.original_alert_id, c.tier) == ("entered-in-error", first.alert_id, "medium")
+    # the escalation stands: the episode stays open at its tier
+    assert state["open"] and state["alerted_tier"] == "high"
+    assert [a["alert_id"] for a in state["alerts"]] == [esc.alert_id]
+    # judged at its own time (rescore) the open alert may still hold: then it is amended in place
+    state2, _, _ = escalated_over_a_shared_reading()
+    state2, [amended] = correct(state2, corrected={"rr:1": 2}, rescore=lambda alert: rule_point(0, "medium")
+                                | {"basis": lambda: [["hr:1", 1], ["rr:1", 2]]}, **rule_point(5, "none"))
+    assert (amended.status, amended.original_alert_id) == ("amended", first.alert_id)
+    assert [a["basis"] for a in state2["alerts"]] == [[["hr:1", 1], ["rr:1", 2]], [["hr:1", 1], ["rr:2", 1]]]
+
+
+def test_a_reading_both_alerts_rest_on_corrects_each_of_them_oldest_first():
+    state, first, esc = escalated_over_a_shared_reading()
+    seen = []
+
+    def at_own_time(alert):  # each alert is judged at its own time: both fall below their tier there
+        seen.append(alert["alert_id"])
+        return rule_point((alert["scoring_ms"] - T0) // MIN, "low")
+
+    state, corrections = correct(state, corrected={"hr:1": 2}, rescore=at_own_time, **rule_point(5, "high"))
+    assert seen == [first.alert_id, esc.alert_id]
+    assert [(c.status, c.original_alert_id) for c in corrections] == [("entered-in-error", first.alert_id),
+                                                                      ("entered-in-error", esc.alert_id)]
+    assert len({c.alert_id for c in corrections}) == 2
+    assert not state["open"] and state["alerts"] == []  # nothing stands: closed, no suppression window
+
+
 def test_discharge_resolves_the_open_episode_once():
     state, _ = opened("high", 0)
     state, [d] = discharge(state, patient_id="p1", discharged_ms=T0 + 30 * MIN)

@@ -210,6 +210,26 @@ def test_a_correction_is_judged_at_the_alert_time_not_after_the_patient_improved
 
 
 
+def test_an_error_in_the_open_alerts_basis_withdraws_it_under_an_escalation_that_stands(processor):
+    """The open alert and its escalation both stand (README, consuming alerts): an amended reading that
+    only the open alert rested on must withdraw it, not leave it standing on an error."""
+    store: dict[str, PatientRecord] = {}
+    [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93}))], store))
+    assert (opened["header"]["kind"], opened["header"]["tier"]) == ("open", "medium")  # NEWS2 5
+    [escalated] = alerts_of(run(processor, [msg(1, vitals("p1", T0 + 60 * MIN, 2))], store))
+    assert (escalated["header"]["kind"], escalated["header"]["tier"]) == ("escalate", "high")
+
+    # the first row's RR was 16, not 26: at T0 the patient scored NEWS2 2, no alert
+    out = run(processor, [msg(2, [amendment("p1", T0, 1, codes.RESP_RATE, 5, 16.0)])], store)
+    [correction] = alerts_of(out)
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["resource"]["status"] == "entered-in-error"
+    assert correction["resource"]["occurrenceDateTime"] == opened["resource"]["occurrenceDateTime"]
+    # the escalation rests on the second row only: it stands, and the episode with it
+    alert_state = store["p1"].alert
+    assert alert_state["open"] and [a["alert_id"] for a in alert_state["alerts"]] == [escalated["header"]["alert_id"]]
+
+
 def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
     store: dict[str, PatientRecord] = {}
     run(processor, [msg(0, vitals("p1", T0, 1))], store)
