@@ -8,6 +8,7 @@ saying so, and tests/batch/test_nightly.py fails on it: document new columns her
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -243,6 +244,20 @@ def schema_summary(path: Path) -> str:
               f"Python:      import duckdb; con = duckdb.connect('{path}', read_only=True); con.sql('FROM patients')",
               "Here:        wardwatch query \"SELECT * FROM alert_outcomes\" [--csv]"]
     return "\n".join(lines)
+
+
+def query_csv(path: Path, sql: str) -> str:
+    """Run SQL on a read-only connection and return the result as DuckDB writes CSV: a header line, NULL
+    empty and an empty string quoted (""), booleans true/false, lists [1, 2], timestamps ISO. Python's
+    csv module would print NULL and '' alike, True/False and a list's repr. Empty for a statement
+    without a result."""
+    with duckdb.connect(str(path), read_only=True) as con, tempfile.TemporaryDirectory() as tmp:
+        relation = con.sql(sql)
+        if relation is None:
+            return ""
+        out = Path(tmp) / "result.csv"
+        relation.to_csv(str(out))
+        return out.read_text()
 
 
 def query_result(path: Path, sql: str) -> tuple[list[str], list[tuple]]:

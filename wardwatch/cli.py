@@ -553,7 +553,7 @@ def query(
 ) -> None:
     """Query the reconciled DuckDB file (WARDWATCH_DATA_DIR/wardwatch.duckdb) read-only; without SQL, list its
     tables and views with their comments and how to open it elsewhere."""
-    from batch.catalog import query_result, schema_summary
+    from batch.catalog import query_csv, query_result, schema_summary
 
     path = _settings().duckdb_path
     if not path.exists():
@@ -565,18 +565,14 @@ def query(
     import duckdb
 
     try:
+        if csv:
+            import sys
+
+            sys.stdout.write(query_csv(path, sql))
+            return
         columns, rows = query_result(path, sql)
     except duckdb.Error as exc:
-        console.print(f"[red]query failed:[/] {exc}")
-        raise typer.Exit(2)
-    if csv:
-        import csv as csv_module
-        import sys
-
-        writer = csv_module.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
-        return
+        _fail(f"query failed: {exc}")
     from rich.table import Table
 
     table = Table(*columns)

@@ -102,6 +102,11 @@ def test_query_prints_rows_csv_and_the_schema_summary(settings):
     csv = runner.invoke(app, ["query", "SELECT patient_id, sex FROM patients ORDER BY 1", "--csv"], env=env)
     assert csv.exit_code == 0, csv.output
     assert csv.output.splitlines() == ["patient_id,sex", "p1,female", "p2,"]
+    # as DuckDB writes CSV: NULL empty, an empty string "", booleans and lists readable back
+    typed = runner.invoke(app, ["query", "SELECT NULL AS a, '' AS b, true AS c, [1, 2] AS d, 'x,y' AS e", "--csv"],
+                          env=env)
+    assert typed.exit_code == 0, typed.output
+    assert typed.output.splitlines() == ["a,b,c,d,e", ',"",true,"[1, 2]","x,y"']
     table = runner.invoke(app, ["query", "SELECT count(*) AS n FROM alert_outcomes"], env=env)
     assert table.exit_code == 0 and "1" in table.output
     summary = runner.invoke(app, ["query"], env=env)
