@@ -49,6 +49,20 @@ def test_report_cli_writes_where_asked(settings, tmp_path):
     assert "Alert burden" in out.read_text()
 
 
+def test_a_quiet_nights_report_still_shows_what_parity_has_checked_in_the_file(settings):
+    """An incremental run with no new archive parts checks no point: its own row says 0, so the report
+    also sums the runs since the last full rebuild."""
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    first = run_nightly(settings, report=False, **STANDINS)
+    quiet = run_nightly(settings, full=False, **STANDINS)  # as `wardwatch batch nightly` runs
+    assert quiet["parity"]["points_checked"] == 0 < first["parity"]["points_checked"]
+    text = Path(quiet["report_path"]).read_text()
+    since = text[text.index("Since the last full rebuild"):text.index("Onset label")]
+    cells = re.findall(r"<td>([^<]*)</td>", since)
+    assert cells[:4] == ["2", *(str(first["parity"][k]) for k in ("points_checked", "values_checked", "mismatched"))]
+
+
 def test_report_evaluates_the_onset_label_on_at_risk_points(settings):
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)
