@@ -2,11 +2,13 @@
 -- Placeholders (a dollar sign and a name) are filled from schemas/codes.py and batch/train.py, so the clinical
 -- thresholds live in one place.
 
--- One row per patient, time and item: observations (current versions), scores and alerts together.
+-- One row per patient, time and item: observations (current versions), scores and alerts together. A
+-- measurement both feeds carried is shown once: its cross-source copy (outcome duplicate) is left out.
 CREATE OR REPLACE VIEW patient_timeline AS
 SELECT patient_id, effective_ms AS time_ms, epoch_ms(effective_ms) AS time_utc, 'observation' AS kind,
        code AS item, value, value_text AS detail, encounter_id
 FROM observations
+WHERE outcome IS DISTINCT FROM 'duplicate'
 UNION ALL
 SELECT patient_id, scoring_ms, epoch_ms(scoring_ms), 'score', coalesce(model_version, 'news2-rule'), probability,
        'news2=' || coalesce(CAST(news2 AS VARCHAR), '?') || ' tier=' || coalesce(tier, '?'), NULL
@@ -14,7 +16,7 @@ FROM scores
 UNION ALL
 SELECT patient_id, scoring_ms, epoch_ms(scoring_ms), 'alert', kind, NULL, tier, encounter_id
 FROM alerts;
-COMMENT ON VIEW patient_timeline IS 'One row per patient, time and item: observations (current versions), scores and alerts; kind says which';
+COMMENT ON VIEW patient_timeline IS 'One row per patient, time and item: observations (current versions; a measurement both feeds carried once), scores and alerts; kind says which';
 
 -- The onset episodes of the label (batch/train.py make_labels): one row per patient and onset time that some
 -- at-risk scoring point predicts, with the criterion met at that time (facts in hindsight, as the label uses).

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -189,6 +190,22 @@ def test_every_table_and_column_is_documented(settings):
     assert undocumented == []
     assert tables_seen == 18
     assert {"patient_timeline", "alert_outcomes", "model_performance_daily"} <= views
+
+
+def test_the_patient_timeline_shows_a_measurement_both_feeds_carried_once(settings):
+    """The same heart rate through CDC and FHIR is one measurement: `observations` keeps both rows (the
+    copy with outcome duplicate, documented), but the timeline an analyst reads shows it once."""
+    twin = dataclasses.replace(B1, source=Source.FHIR, fact_id="fhir:Observation/b:8867-4",
+                               provenance={"resource": "Observation/b"})
+    write(settings.archive_dir, "canonical", "s1", canonical(STAGE1 | {(0, 2): [twin]}))
+    run_nightly(settings)  # the real rules (the stand-ins know no cross-source copy)
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        copies = con.execute("SELECT outcome FROM observations WHERE effective_ms = ? ORDER BY outcome",
+                             [B1.effective_ms]).fetchall()
+        shown = con.execute("SELECT count(*) FROM patient_timeline WHERE kind = 'observation' AND time_ms = ?",
+                            [B1.effective_ms]).fetchone()[0]
+    assert copies == [("accepted",), ("duplicate",)]
+    assert shown == 1
 
 
 @pytest.mark.parametrize("table, column, values", [
