@@ -79,3 +79,10 @@ def test_a_listening_service_port_and_no_broker_check_is_healthy(healthcheck, tm
         settings = Settings(bootstrap_servers="127.0.0.1:1", data_dir=tmp_path, model_dir=tmp_path,
                             receiver_port=s.getsockname()[1])
         assert healthcheck.problems(settings, broker=False, port_setting="receiver_port") == []
+
+
+def test_invalid_settings_are_unhealthy_in_one_line_not_a_traceback(healthcheck, monkeypatch, capsys):
+    monkeypatch.setenv("WARDWATCH_PARTITIONS", "many")
+    assert healthcheck.main(["--no-broker"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("invalid settings: WARDWATCH_PARTITIONS") and "Traceback" not in err
