@@ -13,6 +13,7 @@ HEART_RATE = "8867-4"
 RESP_RATE = "9279-1"
 SPO2 = "59408-5"  # pulse oximetry; 2708-6 is accepted as an alias
 O2_FLOW = "3151-8"  # inhaled oxygen flow, L/min; > 0 means on oxygen
+FIO2 = "3150-0"  # inhaled oxygen concentration, %; above 21 (room air) means on oxygen
 SYSTOLIC_BP = "8480-6"
 DIASTOLIC_BP = "8462-4"
 TEMPERATURE = "8310-5"
@@ -62,6 +63,8 @@ CODES: dict[str, CodeInfo] = {
         CodeInfo(RESP_RATE, "resp_rate", "/min", (1, 80)),
         CodeInfo(SPO2, "spo2", "%", (40, 100)),
         CodeInfo(O2_FLOW, "o2_flow", "L/min", (0, 80)),
+        # room air is 21 %: a lower concentration is not a measurement (e.g. a fraction sent as "%")
+        CodeInfo(FIO2, "fio2", "%", (21, 100)),
         CodeInfo(SYSTOLIC_BP, "systolic_bp", "mm[Hg]", (30, 300)),
         CodeInfo(DIASTOLIC_BP, "diastolic_bp", "mm[Hg]", (10, 200)),
         CodeInfo(TEMPERATURE, "temperature", "Cel", (25, 45)),
@@ -91,6 +94,10 @@ def _f_to_c(v: float) -> float:
     return round((v - 32.0) * 5.0 / 9.0, 2)
 
 
+def _fraction_to_percent(v: float) -> float:
+    return round(v * 100.0, 1)  # 0.28 * 100 is 28.000000000000004: one decimal gives 28.0
+
+
 UNIT_CONVERSIONS = {
     (TEMPERATURE, "[degF]"): _f_to_c,
     (TEMPERATURE, "degF"): _f_to_c,
@@ -102,6 +109,10 @@ UNIT_CONVERSIONS = {
     (HEART_RATE, "{beats}/min"): lambda v: v,
     (RESP_RATE, "{breaths}/min"): lambda v: v,
     (O2_FLOW, "L/min"): lambda v: v,
+    # FiO2 as a fraction (0.28): UCUM's dimensionless "1", a volume fraction, or an annotation
+    (FIO2, "1"): _fraction_to_percent,
+    (FIO2, "L/L"): _fraction_to_percent,
+    (FIO2, "{fraction}"): _fraction_to_percent,
     (SPO2, "%"): lambda v: v,
 }
 UNIT_ALIASES = {"Cel": "Cel", "C": "Cel", "°C": "Cel", "mmHg": "mm[Hg]", "bpm": "/min", "beats/min": "/min",

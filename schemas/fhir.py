@@ -7,7 +7,7 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
 - `handshake`, `heartbeat`, `query-status` -> Control (they carry no clinical facts).
 - Event notifications with full resources: each Observation whose code (or a component's code) is a
   wardwatch code becomes one event per code: a BP panel gives systolic and diastolic, a pulse-oximetry
-  Observation gives SpO2 (2708-6 and 59408-5 are one fact) and its O2-flow component.
+  Observation gives SpO2 (2708-6 and 59408-5 are one fact) and its O2-flow and FiO2 (3150-0) components.
   Units go to the canonical unit (degF -> Cel, WBC /uL -> 10*3/uL); ACVPU SNOMED codes -> ordinal + letter.
   fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (else meta.lastUpdated in ms, else 1).
 - Encounter -> CONTEXT facts (schemas/codes.py, the same semantics as the CDC `encounters` table):

@@ -74,16 +74,41 @@ def test_r4b_subscription_status_bundle_of_vitals():
     assert {c: e.value for c, e in events.items()} == {
         codes.SYSTOLIC_BP: 96, codes.DIASTOLIC_BP: 68,  # BP panel components
         codes.SPO2: 93,  # one event although both 2708-6 and 59408-5 are coded
-        codes.O2_FLOW: 2,  # the pulse-ox Observation's flow component (FiO2 component unused)
+        codes.O2_FLOW: 2,  # the pulse-ox Observation's flow component
+        codes.FIO2: 28,  # and its inhaled oxygen concentration component (3150-0): oxygen for NEWS2 too
         codes.TEMPERATURE: 38.5,  # 101.3 [degF]
         codes.CONSCIOUSNESS: 3,  # SNOMED 450847001 responds to pain
     }
     assert events[codes.CONSCIOUSNESS].value_text == "P"
+    assert events[codes.FIO2].fact_id == "fhir:Observation/vs-spo2-1:3150-0" and events[codes.FIO2].unit == "%"
+    assert events[codes.FIO2].effective_ms == events[codes.SPO2].effective_ms  # the same observation round
     assert events[codes.SYSTOLIC_BP].fact_id == "fhir:Observation/vs-bp-1:8480-6"
     assert events[codes.DIASTOLIC_BP].fact_id == "fhir:Observation/vs-bp-1:8462-4"
     assert events[codes.TEMPERATURE].unit == "Cel"
     # no `issued`: meta.lastUpdated 14:07:00Z is when the value became available
     assert events[codes.SPO2].issued_ms == 1_718_460_420_000
+
+
+def with_fio2(quantity: dict) -> bytes:
+    """The r4b bundle with the pulse-ox Observation's FiO2 component holding `quantity`."""
+    doc = json.loads(fhir_bundle("r4b_status_event"))
+    [component] = [c for e in doc["entry"] for c in e.get("resource", {}).get("component", [])
+                   if c["code"]["coding"][0]["code"] == codes.FIO2]
+    component["valueQuantity"] = quantity
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("unit", ["1", "L/L", "{fraction}"])
+def test_fio2_sent_as_a_fraction_is_a_percentage(unit):
+    # 0.28 * 100 is 28.000000000000004 in floats: the conversion gives 28.0 exactly
+    events = by_code(parsed_body(with_fio2({"value": 0.28, "system": "http://unitsofmeasure.org", "code": unit})))
+    assert events[codes.FIO2].value == 28.0 and events[codes.FIO2].unit == "%"
+
+
+def test_fio2_below_room_air_is_implausible():
+    # a fraction sent under "%" (0.28 %) is no concentration anyone breathes: dead-lettered, not read as air
+    body = with_fio2({"value": 0.28, "system": "http://unitsofmeasure.org", "code": "%"})
+    assert rejection_of(body).reason is Reason.IMPLAUSIBLE_VALUE
 
 
 def test_r5_labs_with_unit_conversion_and_integer64_counters():
