@@ -34,10 +34,11 @@ from enum import StrEnum
 
 from schemas import codes
 
-# the NEWS2 parameters: a new measurement of any of them is a new vitals set
+# the NEWS2 parameters: a new measurement of any of them is a new vitals set (air or oxygen is
+# charted as a flow or as an inhaled concentration, FiO2)
 VITAL_SIGN_CODES: frozenset[str] = frozenset({
-    codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.SYSTOLIC_BP, codes.HEART_RATE, codes.CONSCIOUSNESS,
-    codes.TEMPERATURE,
+    codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.FIO2, codes.SYSTOLIC_BP, codes.HEART_RATE,
+    codes.CONSCIOUSNESS, codes.TEMPERATURE,
 })
 
 

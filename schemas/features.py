@@ -121,6 +121,10 @@ FEATURES: tuple[FeatureSpec, ...] = (
     # when SpO2 and oxygen were last charted: NEWS2's air/oxygen is read at the latest SpO2 (on_oxygen)
     FeatureSpec("spo2_time_since_last_s_24h", codes.SPO2, "time_since_last_s", 24 * HOUR),
     FeatureSpec("o2_flow_time_since_last_s_24h", codes.O2_FLOW, "time_since_last_s", 24 * HOUR),
+    # oxygen charted as an inhaled concentration (venturi mask, high flow) instead of a flow. Appended:
+    # a model reads its inputs by name from its card, so one trained before these ignores them
+    FeatureSpec("fio2_last_24h", codes.FIO2, "last", 24 * HOUR),
+    FeatureSpec("fio2_time_since_last_s_24h", codes.FIO2, "time_since_last_s", 24 * HOUR),
 )
 
 MAX_WINDOW_S = max(f.window_s for f in FEATURES)
@@ -129,19 +133,27 @@ FEATURE_CODES: frozenset[str] = frozenset(f.code for f in FEATURES)  # codes tha
 # oxygen charted this long before the latest SpO2 still belongs to its observation round (clinosim
 # charts the flow 5 s before the saturation)
 SAME_ROUND_S = 10 * 60
+ROOM_AIR_FIO2 = 21.0  # % oxygen in room air: an FiO2 above it is supplemental oxygen
 
 
-def _on_oxygen(flow: float | None, o2_age_s: float | None, spo2_age_s: float | None) -> int | None:
-    """NEWS2's "air or oxygen" at the latest SpO2 reading: 1 when a flow above 0 was charted in that
-    observation round. A round without a flow is air: FHIR feeds chart oxygen only while it is given,
-    so an older flow is a past episode, not the present one (a CDC row charts air as flow 0). None
-    when neither SpO2 nor oxygen was charted in 24 h; without the times (a snapshot archived before
-    they existed) the latest flow decides, as it used to."""
-    if flow is None:
+def _on_oxygen(flow: float | None, o2_age_s: float | None, spo2_age_s: float | None,
+               fio2: float | None = None, fio2_age_s: float | None = None) -> int | None:
+    """NEWS2's "air or oxygen" at the latest SpO2 reading: 1 when a flow above 0 or an FiO2 above 21 %
+    (room air) was charted in that observation round. A round without either is air: FHIR feeds chart
+    oxygen only while it is given, so an older flow or FiO2 is a past episode, not the present one (a
+    CDC row charts air as flow 0). None when neither SpO2 nor oxygen was charted in 24 h; without the
+    times (a snapshot archived before they existed) the latest flow and FiO2 decide, as the flow used
+    to. A snapshot archived before FiO2 was read has no FiO2 keys: the flow alone decides, as before."""
+    if flow is None and fio2 is None:
         return None if spo2_age_s is None else 0
-    if o2_age_s is None or spo2_age_s is None:
-        return int(flow > 0)
-    return int(flow > 0 and o2_age_s <= spo2_age_s + SAME_ROUND_S)
+    return int(_given(flow, 0.0, o2_age_s, spo2_age_s) or _given(fio2, ROOM_AIR_FIO2, fio2_age_s, spo2_age_s))
+
+
+def _given(value: float | None, air: float, age_s: float | None, spo2_age_s: float | None) -> bool:
+    """Oxygen charted as `value` (air at `air` or below) in the latest SpO2's round."""
+    if value is None or value <= air:
+        return False
+    return age_s is None or spo2_age_s is None or age_s <= spo2_age_s + SAME_ROUND_S
 
 
 _NEWS2_INPUTS = (
@@ -179,7 +191,8 @@ def _qsofa(rr, sbp, acvpu) -> int:
 
 DERIVED: tuple[DerivedSpec, ...] = (
     DerivedSpec("on_oxygen", (), _on_oxygen,
-                optional=("o2_flow_last_24h", "o2_flow_time_since_last_s_24h", "spo2_time_since_last_s_24h")),
+                optional=("o2_flow_last_24h", "o2_flow_time_since_last_s_24h", "spo2_time_since_last_s_24h",
+                          "fio2_last_24h", "fio2_time_since_last_s_24h")),
     DerivedSpec("news2", _NEWS2_INPUTS, _news2),
     *(DerivedSpec(f"news2_{part}", _NEWS2_INPUTS, _news2_sub(part))
       for part in ("resp_rate", "spo2", "air_or_oxygen", "systolic_bp", "pulse", "consciousness", "temperature")),

@@ -40,10 +40,11 @@ T0 = 1_700_000_000_000
 MIN_INTERVAL_MS = 30 * MIN  # steps are 20 min apart: some vitals sets fall inside it
 
 VITALS = [codes.HEART_RATE, codes.RESP_RATE, codes.SPO2, codes.SYSTOLIC_BP, codes.TEMPERATURE,
-          codes.CONSCIOUSNESS, codes.O2_FLOW, codes.LACTATE, codes.WBC, codes.CREATININE]
+          codes.CONSCIOUSNESS, codes.O2_FLOW, codes.FIO2, codes.LACTATE, codes.WBC, codes.CREATININE]
 VALUES = {codes.HEART_RATE: (40, 160), codes.RESP_RATE: (6, 35), codes.SPO2: (85, 100),
           codes.SYSTOLIC_BP: (80, 200), codes.TEMPERATURE: (34, 41), codes.CONSCIOUSNESS: (0, 4),
-          codes.O2_FLOW: (0, 6), codes.LACTATE: (0, 8), codes.WBC: (1, 30), codes.CREATININE: (0, 6)}
+          codes.O2_FLOW: (0, 6), codes.FIO2: (21, 40),  # room air (21 %: not oxygen) up to a venturi mask
+          codes.LACTATE: (0, 8), codes.WBC: (1, 30), codes.CREATININE: (0, 6)}
 # decimals as the EHR sends them (37.4 C, 1.35 mg/dL), so sums carry rounding error
 DECIMALS = [0.0, 0.0, 0.1, 0.35, 0.04]
 
@@ -255,6 +256,9 @@ def test_cutting_the_same_events_into_other_messages_changes_no_point_snapshot_o
 
 HOUR = 3600_000
 HR, LACTATE, TEMP = codes.HEART_RATE, codes.LACTATE, codes.TEMPERATURE
+# a round scoring NEWS2 0 on air: RR 16, SpO2 97, SBP 125, HR 72, alert, 37.0 C
+ROUND_ON_AIR = {codes.RESP_RATE: 16, codes.SPO2: 97, codes.SYSTOLIC_BP: 125, codes.HEART_RATE: 72,
+                codes.CONSCIOUSNESS: 0, codes.TEMPERATURE: 37.0}
 
 
 def hr(fact_id: str, value: float | None, hours: float, *, code: str = HR, version: int = 1,
@@ -317,6 +321,19 @@ HAND_CASES = {
                           [hr("l2", 4.3, 6, code=LACTATE), hr("t2", 38.0, 6, code=TEMP)]],
                          {"temperature_slope_6h": 2.0, "lactate_delta_24h": 2.2, "lactate_max_24h": 4.3,
                           "lactate_time_since_last_s_24h": 0.0, "heart_rate_slope_6h": None}),
+    # oxygen charted as FiO2 28 % (a venturi mask: the pulse-ox Observation's component, at the SpO2's
+    # time), no flow at all: on oxygen, NEWS2 air/oxygen 2, the rest 0. The round an hour before was
+    # on air. Before FiO2 was read: 0 and NEWS2 0
+    "FiO2 without a flow is oxygen": (
+        1, [[hr(f"r1:{c}", v, 0, code=c) for c, v in ROUND_ON_AIR.items()],
+            [hr("r2:fio2", 28, 1, code=codes.FIO2)] + [hr(f"r2:{c}", v, 1, code=c) for c, v in ROUND_ON_AIR.items()]],
+        {"fio2_last_24h": 28.0, "fio2_time_since_last_s_24h": 0.0, "o2_flow_last_24h": None,
+         "on_oxygen": 1, "news2_air_or_oxygen": 2, "news2": 2}),
+    # the next round an hour later charts no FiO2: back on air (a past FiO2 is a past episode)
+    "an FiO2 of an earlier round is not oxygen now": (
+        2, [[hr("r1:fio2", 28, 1, code=codes.FIO2)] + [hr(f"r1:{c}", v, 1, code=c) for c, v in ROUND_ON_AIR.items()],
+            [hr(f"r2:{c}", v, 2, code=c) for c, v in ROUND_ON_AIR.items()]],
+        {"fio2_last_24h": 28.0, "fio2_time_since_last_s_24h": 3600.0, "on_oxygen": 0, "news2": 0}),
 }
 
 @pytest.mark.parametrize("case", list(HAND_CASES))

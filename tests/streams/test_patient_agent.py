@@ -576,3 +576,48 @@ def test_a_resolution_describes_the_point_that_resolved_it(processor):
     assert resolved["header"]["kind"] == "resolve" and resolved["header"]["reason"] is None
     assert resolved["resource"]["prediction"][0]["rationale"] == "NEWS2 0"
     assert resolved["header"]["scoring_ms"] == T0 + 10 * MIN
+
+
+def fhir_round(patient: str, t: int, n: int, *, fio2: float | None = None, rr=22, spo2=95, hr=95):
+    """One FHIR observation round without a flow: RR 22 (2), SpO2 95 (1), pulse 95 (1), the rest
+    normal: NEWS2 4 on air. `fio2` adds the pulse-ox Observation's FiO2 component (venturi mask)."""
+    values = {codes.RESP_RATE: rr, codes.SPO2: spo2, codes.SYSTOLIC_BP: 125, codes.HEART_RATE: hr,
+              codes.CONSCIOUSNESS: 0, codes.TEMPERATURE: 37.0, **({codes.FIO2: fio2} if fio2 is not None else {})}
+    resource = {codes.FIO2: "spo2"}  # FiO2 is a component of the pulse-ox Observation
+    return [CanonicalEvent(patient_id=patient, code=code, value=float(v), unit=None, effective_ms=t, issued_ms=t,
+                           status=Status.FINAL, source=Source.FHIR,
+                           fact_id=f"fhir:Observation/{resource.get(code, code)}-{n}:{code}", version=1)
+            for code, v in values.items()]
+
+
+def test_oxygen_charted_as_fio2_without_a_flow_scores_news2_and_raises_the_missed_medium_alert(processor):
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, fhir_round("p1", T0, 1))], store)  # on air: NEWS2 4, no alert
+    [on_air] = [orjson.loads(v)["features"] for _, v, _ in out.features]
+    assert (on_air["news2"], on_air["on_oxygen"], alerts_of(out)) == (4, 0, [])
+
+    # the next round on a venturi mask: FiO2 28 % charted with the SpO2, no flow anywhere
+    out = run(processor, [msg(1, fhir_round("p1", T0 + 30 * MIN, 2, fio2=28.0))], store)
+    [snapshot] = [orjson.loads(v) for _, v, _ in out.features]
+    features = snapshot["features"]
+    # before, the FiO2 was never read: air, NEWS2 4 and no alert
+    assert (features["on_oxygen"], features["news2_air_or_oxygen"], features["news2"]) == (1, 2, 6)
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in alerts_of(out)] == [("open", "medium")]
+    assert features["fio2_last_24h"] == 28.0 and features["o2_flow_last_24h"] is None
+    [opened] = alerts_of(out)
+    basis = {b["identifier"]["value"] for b in opened["resource"]["basis"]}
+    assert make_event_id(f"fhir:Observation/spo2-2:{codes.FIO2}", 1) in basis  # the FiO2 it rests on
+
+
+def test_an_fio2_charted_on_its_own_is_a_new_vitals_set(processor):
+    # oxygen started after the round (FiO2 35 % charted alone, 10 min later): a NEWS2 parameter
+    # changed, so it is a scoring point like a flow charted alone (schemas/cadence.py VITAL_SIGN_CODES)
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, fhir_round("p1", T0, 1))], store)  # NEWS2 4
+    started = CanonicalEvent(patient_id="p1", code=codes.FIO2, value=35.0, unit="%", effective_ms=T0 + 10 * MIN,
+                             issued_ms=T0 + 10 * MIN, status=Status.FINAL, source=Source.FHIR,
+                             fact_id=f"fhir:Observation/fio2-1:{codes.FIO2}", version=1)
+    out = run(processor, [msg(1, [started])], store)
+    [snapshot] = [orjson.loads(v) for _, v, _ in out.features]
+    assert (snapshot["trigger"], snapshot["scoring_ms"], snapshot["features"]["news2"]) == ("vitals", T0 + 10 * MIN, 6)
+    assert [a["header"]["tier"] for a in alerts_of(out)] == ["medium"]

