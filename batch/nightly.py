@@ -171,8 +171,11 @@ def _current_columns() -> dict[str, list[str]]:
     """Columns this version writes into the tables an incremental run builds on."""
     columns = {name: [("resource" if c == "resource_json" else c) for c in ARCHIVE_SCHEMAS[kind].names]
                for name, (kind, _) in _ARCHIVE_TABLES.items()}
+    # every feature is a column of both feature tables: a feature appended to schemas/features.py is
+    # a new column, which an incremental run would not add to the previous file's features_offline
     return columns | {"canonical_events": [*ARCHIVE_SCHEMAS["canonical"].names, "supersedes"],
-                      "features_online": ["snapshot_id", *POINT_KEYS, "idx", "trigger"],
+                      "features_online": ["snapshot_id", *POINT_KEYS, "idx", "trigger", *FEATURE_NAMES],
+                      "features_offline": [*POINT_KEYS, *FEATURE_NAMES],
                       "labels": list(LABELS_SCHEMA)}
 
 

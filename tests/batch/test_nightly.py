@@ -516,3 +516,21 @@ def test_a_file_from_before_the_onset_label_is_rebuilt_in_full(settings):
     full = twin(settings)
     run_nightly(full, full=True, **STANDINS)
     assert_same_tables(settings.duckdb_path, full.duckdb_path)
+
+
+@pytest.mark.parametrize("table", ["features_offline", "features_online"])
+def test_a_file_from_before_a_feature_was_added_is_rebuilt_in_full(settings, table):
+    """A feature appended to schemas/features.py (fio2_last_24h, ...) is a new column of both feature
+    tables: an incremental run on a file without it rebuilds everything, or features_offline would
+    keep the old file's columns for ever (and features_online would get it after the others)."""
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    with duckdb.connect(str(settings.duckdb_path)) as con:  # the shape the version before FiO2 wrote
+        con.execute(f"ALTER TABLE {table} DROP COLUMN fio2_last_24h")
+        con.execute(f"ALTER TABLE {table} DROP COLUMN fio2_time_since_last_s_24h")
+    again = run_nightly(settings, full=False, **STANDINS)
+    assert again["recomputed_patients"] == 2
+    full = twin(settings)
+    run_nightly(full, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path)
