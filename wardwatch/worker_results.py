@@ -91,17 +91,29 @@ def wait_for_progress(settings: Settings, group: str, topic: str, partitions: in
 
 def recovery_seconds(log_path: Path) -> list[float]:
     """From a worker's INFO log: for each assignment, seconds from being assigned partitions to
-    "Worker ready" (changelog recovery included)."""
-
-    def at(line: str) -> datetime:
-        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+    "Worker ready" (changelog recovery included). Reads JSON lines (the default) and faust's plain
+    text (WARDWATCH_JSON_LOGS=false)."""
+    import json
 
     out, assigned = [], None
     for line in log_path.read_text(errors="replace").splitlines():
-        if "Executing _on_partitions_assigned" in line and line.startswith("["):
-            assigned = at(line)
-        elif "Recovery]: Worker ready" in line and line.startswith("[") and assigned is not None:
-            out.append((at(line) - assigned).total_seconds())
+        if line.startswith("{"):  # {"ts": "2026-11-26T12:59:38.141Z", ..., "msg": ...}
+            try:
+                entry = json.loads(line)
+                at, msg = datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ"), str(entry["msg"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        elif line.startswith("["):  # [2026-11-26 12:59:38,141] [pid] [INFO] ...
+            try:
+                at, msg = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f"), line
+            except ValueError:
+                continue
+        else:
+            continue
+        if "Executing _on_partitions_assigned" in msg:
+            assigned = at
+        elif "Recovery]: Worker ready" in msg and assigned is not None:
+            out.append((at - assigned).total_seconds())
             assigned = None
     return out
 

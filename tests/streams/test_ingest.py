@@ -347,8 +347,9 @@ def test_worker_publishes_canonical_batches_and_dead_letters_bad_messages(settin
     ensure_topics(settings, topics)
     raw = _raw_corpus(settings, topics)
     _produce(settings, raw)
-    # by hand: 8 + 8 events (two creates) + 8 retractions (delete) + 6 (FHIR vitals bundle)
-    expected_events, expected_dead = 30, 4  # heart rate 5000, malformed CDC, negative SpO2, invalid UTF-8
+    # by hand: 8 + 8 events (two creates) + 8 retractions (delete) + 7 (FHIR vitals bundle: BP 2, SpO2,
+    # its O2 flow and FiO2 components, temperature, consciousness)
+    expected_events, expected_dead = 31, 4  # heart rate 5000, malformed CDC, negative SpO2, invalid UTF-8
 
     worker = IngestWorker(settings, topics)
     stop = threading.Event()
@@ -386,7 +387,7 @@ def test_worker_publishes_canonical_batches_and_dead_letters_bad_messages(settin
         assert {e.patient_id for e in events} == {msg.key().decode()}
         assert int(dict(msg.headers())[PRODUCED_NS_HEADER]) > 0
         events_by_patient[msg.key().decode()] += events
-    assert {p: len(e) for p, e in events_by_patient.items()} == {"MRN-0001": 14, "MRN-0002": 16}
+    assert {p: len(e) for p, e in events_by_patient.items()} == {"MRN-0001": 15, "MRN-0002": 16}  # 8 + 7 FHIR
     retractions = [e for e in events_by_patient["MRN-0002"] if e.status is Status.ENTERED_IN_ERROR]
     assert len(retractions) == 8 and all(e.source is Source.CDC for e in retractions)
 

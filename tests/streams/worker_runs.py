@@ -101,19 +101,13 @@ class Publisher:
 
 def assigned_partitions(log_path: Path, topic: str) -> set[int] | None:
     """The partitions of `topic` a worker was assigned last, read from its INFO log: the embedded
-    broker lists no members in DescribeGroups, so the worker's own account is the only one."""
+    broker lists no members in DescribeGroups, so the worker's own account is the only one. aiokafka
+    logs the whole assignment at each rebalance (in JSON lines or plain text alike)."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    found = re.findall(r"\|\s*" + re.escape(topic) + r"\s*\|\s*\{([^}]*)\}", text)
-    if not found:
+    assigned = re.findall(r"Setting newly assigned partitions \{(.*?)\} for group", text)
+    if not assigned:
         return None
-    partitions: set[int] = set()
-    for item in (i.strip() for i in found[-1].split(",")):
-        if "-" in item:
-            first, last = item.split("-")
-            partitions.update(range(int(first), int(last) + 1))
-        elif item:
-            partitions.add(int(item))
-    return partitions
+    return {int(p) for p in re.findall(r"topic='" + re.escape(topic) + r"', partition=(\d+)", assigned[-1])}
 
 
 def wait_for_assignment(log_path: Path, topic: str, want: Callable[[set[int]], bool], *, deadline: float,

@@ -8,7 +8,7 @@ import orjson
 from streams.app import NEXT_OFFSET_PREFIX
 from wardwatch.soak import (canonical_accounting, compare, is_recovery_barrier, kill_moments,
                             mirror_accounting, next_offset_marker, raw_accounting)
-from wardwatch.worker_results import Results
+from wardwatch.worker_results import Results, recovery_seconds
 
 
 def _alert(alert_id: str, tier: str = "high") -> bytes:
@@ -121,3 +121,20 @@ def test_kill_moments_fall_one_per_slice_before_the_tail_and_follow_the_seed():
     assert [int(m * 6) for m in moments] == [0, 1, 2, 3, 4]  # slice k of 6; the 6th is the tail
     assert moments == kill_moments(5, seed=7) != kill_moments(5, seed=8)
 
+
+
+def test_recovery_seconds_reads_the_workers_json_log_and_faust_plain_text(tmp_path):
+    """The soak's and the restart tests' 'assignment to ready' figures: the worker logs JSON lines by
+    default (faust's own set-up, plain text, only with WARDWATCH_JSON_LOGS=false)."""
+    json_log = tmp_path / "worker.log"
+    json_log.write_text(
+        '{"ts":"2026-11-26T12:59:38.141Z","level":"info","logger":"faust.app.base",'
+        '"msg":"Executing _on_partitions_assigned"}\n'
+        '%3|1795697843.714|FAIL|librdkafka noise\n'
+        '{"ts":"2026-11-26T12:59:40.391Z","level":"info","logger":"streams.app",'
+        '"msg":"[^---ExactEndRecovery]: Worker ready"}\n')
+    assert recovery_seconds(json_log) == [2.25]
+    plain = tmp_path / "plain.log"
+    plain.write_text("[2026-11-26 12:59:38,141] [7] [INFO] Executing _on_partitions_assigned \n"
+                     "[2026-11-26 12:59:38,641] [7] [INFO] [^---ExactEndRecovery]: Worker ready \n")
+    assert recovery_seconds(plain) == [0.5]
