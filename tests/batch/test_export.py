@@ -60,11 +60,16 @@ def build(settings: Settings) -> None:
     run_nightly(settings, **STANDINS)
 
 
+def built(tmp_path: Path, build_archive) -> Settings:
+    """Settings with the export secret, over a nightly file of the archive `build_archive` writes."""
+    s = Settings(data_dir=tmp_path / "data", deid_secret=SecretStr(SECRET))
+    build_archive(s)
+    return s
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    s = Settings(data_dir=tmp_path / "data", deid_secret=SecretStr(SECRET))
-    build(s)
-    return s
+    return built(tmp_path, build)
 
 
 ORIGINALS = [*PATIENTS, *ENCOUNTERS, "98765", "Nightingale", "snap-", "alert-for", "1941", "1981"]
@@ -188,9 +193,7 @@ def build_ward(settings: Settings) -> None:
 
 @pytest.fixture
 def ward(tmp_path: Path) -> Settings:
-    s = Settings(data_dir=tmp_path / "data", deid_secret=SecretStr(SECRET))
-    build_ward(s)
-    return s
+    return built(tmp_path, build_ward)
 
 
 def test_nothing_in_the_export_orders_patients_in_real_time(ward, tmp_path):
