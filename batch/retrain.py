@@ -143,13 +143,22 @@ def record_in_runs(settings: Settings, card: dict) -> None:
             if wal.exists():  # a writer's unfinished log: the bytes alone would lose its changes
                 raise conflict
             shutil.copyfile(path, copy)
+            copied = _identity(path)
         with duckdb.connect(str(copy)) as con:
             _record(con, card)
             con.execute("CHECKPOINT")
+        if _identity(path) != copied:  # a nightly swapped its new file in meanwhile: never overwrite it
+            raise conflict
         os.replace(copy, path)
     finally:
         for leftover in (copy, copy.with_name(copy.name + ".wal")):
             leftover.unlink(missing_ok=True)
+
+
+def _identity(path) -> tuple[int, int, int]:
+    """Which file `path` is now, and whether it changed: inode, size and modification time."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _record(con: duckdb.DuckDBPyConnection, card: dict) -> None:

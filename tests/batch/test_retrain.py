@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import duckdb
 import orjson
 import pytest
 
-from batch import registry
+from batch import registry, retrain
 from batch.retrain import GateDecision, apply_gate, gate_decision, record_in_runs
 from tests.batch.test_registry import add_version, tamper
 from wardwatch.settings import Settings
@@ -100,6 +103,21 @@ def test_decision_is_recorded_in_the_latest_run(settings):
     assert rows[1][1:] == (None, None, None)
 
 
+@contextmanager
+def analyst_reading(path: Path):
+    """Another process holding the DuckDB file open read-only (a lock that refuses writers), as
+    `duckdb -readonly` or a notebook does, until the block ends."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
+         "con.sql('SELECT count(*) FROM runs').fetchall(); print('open', flush=True); sys.stdin.read()",
+         str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        yield
+    finally:
+        reader.communicate("", timeout=30)
+
+
 def test_the_decision_is_recorded_while_an_analyst_has_the_file_open_read_only(settings):
     """`duckdb -readonly` or a notebook on the nightly file holds a lock that refuses writers; by the
     time the gate's decision is recorded the model is published and the pointers have moved, so
@@ -108,16 +126,34 @@ def test_the_decision_is_recorded_while_an_analyst_has_the_file_open_read_only(s
     with duckdb.connect(str(settings.duckdb_path)) as con:
         con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ)")
         con.execute("INSERT INTO runs VALUES ('new', '2024-01-02 00:00+00')")
-    reader = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
-         "con.sql('SELECT count(*) FROM runs').fetchall(); print('open', flush=True); sys.stdin.read()",
-         str(settings.duckdb_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert reader.stdout.readline().strip() == "open"
+    with analyst_reading(settings.duckdb_path):
         record_in_runs(settings, {"version": "v2", "metrics": {}, "gate": {"decision": "promote", "reasons": []}})
-    finally:
-        reader.communicate("", timeout=30)
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         assert con.execute("SELECT run_id, model_version, gate_decision FROM runs").fetchall() == [
             ("new", "v2", "promote")]
     assert sorted(p.name for p in settings.data_dir.iterdir()) == ["wardwatch.duckdb"]  # no copy left behind
+
+
+def test_recording_beside_a_reader_never_overwrites_a_file_swapped_in_meanwhile(settings, monkeypatch):
+    """The decision goes into a copy swapped in when readers hold the file: if the nightly swapped its new
+    file in while the copy was written, the copy (of the old file) must not replace it."""
+    settings.data_dir.mkdir()
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ)")
+        con.execute("INSERT INTO runs VALUES ('old', '2024-01-02 00:00+00')")
+    newer = settings.data_dir / "nightly-new.duckdb"
+    with duckdb.connect(str(newer)) as con:
+        con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ)")
+        con.execute("INSERT INTO runs VALUES ('tonight', '2024-01-03 00:00+00')")
+    record = retrain._record
+
+    def nightly_swaps_first(con, card):  # writing the copy: the nightly's swap lands now
+        os.replace(newer, settings.duckdb_path)
+        record(con, card)
+
+    monkeypatch.setattr(retrain, "_record", nightly_swaps_first)
+    with analyst_reading(settings.duckdb_path), pytest.raises(duckdb.IOException):  # the reader forces the copy
+        record_in_runs(settings, {"version": "v2", "metrics": {}, "gate": {"decision": "promote", "reasons": []}})
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT run_id FROM runs").fetchall() == [("tonight",)]
+    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["wardwatch.duckdb"]
