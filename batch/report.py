@@ -146,7 +146,8 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
                bool_and(parity_ok) FROM runs
         WHERE started_at >= (SELECT coalesce(max(started_at), TIMESTAMPTZ '-infinity') FROM runs WHERE "full")
         """).fetchone()
-    return {"run": latest, "since_full": since_full, "labelled": labelled, "alerts_opened": int(opened), "patient_days": float(span_ms) / DAY_MS,
+    return {"run": latest, "since_full": since_full, "labelled": labelled, "alerts_opened": int(opened),
+            "patient_days": float(span_ms) / DAY_MS,
             "onset": {"points": int(points), "at_risk": int(at_risk), "episodes": len(episodes),
                       "detected": detected, "median_lead_time_h": lead_h}}
 

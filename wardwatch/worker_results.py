@@ -93,13 +93,11 @@ def recovery_seconds(log_path: Path) -> list[float]:
     """From a worker's INFO log: for each assignment, seconds from being assigned partitions to
     "Worker ready" (changelog recovery included). Reads JSON lines (the default) and faust's plain
     text (WARDWATCH_JSON_LOGS=false)."""
-    import json
-
     out, assigned = [], None
     for line in log_path.read_text(errors="replace").splitlines():
         if line.startswith("{"):  # {"ts": "2026-11-26T12:59:38.141Z", ..., "msg": ...}
             try:
-                entry = json.loads(line)
+                entry = orjson.loads(line)
                 at, msg = datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ"), str(entry["msg"])
             except (ValueError, KeyError, TypeError):
                 continue
