@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from tests.streams.worker_runs import assigned_partitions
 from wardwatch.procs import start_service, stop_service, wait_for_group
 
 
@@ -25,3 +26,27 @@ def test_the_worker_logs_faust_lines_once_and_as_json(settings, tmp_path):
     entries = [orjson.loads(line) for line in lines if line.startswith("{")]
     starting = [e for e in entries if e["msg"] == "[^Worker]: Starting..."]
     assert len(starting) == 1 and starting[0]["service"] == "worker" and starting[0]["level"] == "info"
+
+
+def test_the_assignment_read_from_the_log_is_the_latest_even_when_it_is_empty(tmp_path):
+    """The rebalance tests wait on the partitions a worker holds, read from aiokafka's line (JSON by
+    default, plain text with WARDWATCH_JSON_LOGS=false). A worker left with no partition logs
+    'set()': reading the assignment before it would let a wait pass on partitions it no longer holds."""
+    def line(partitions: str) -> str:
+        return orjson.dumps({"ts": "2026-11-26T12:59:38.141Z", "level": "info", "service": "worker",
+                             "logger": "aiokafka.consumer.group_coordinator",
+                             "msg": f"Setting newly assigned partitions {partitions} for group g-worker"}).decode()
+
+    log = tmp_path / "worker.log"
+    assert assigned_partitions(log, "t.canonical") is None  # no log yet
+    log.write_text(line("{TopicPartition(topic='t.canonical', partition=2), TopicPartition(topic='t.leader', "
+                        "partition=0), TopicPartition(topic='t.canonical', partition=0)}") + "\n")
+    assert assigned_partitions(log, "t.canonical") == {0, 2}
+    assert assigned_partitions(log, "t.leader") == {0}
+    with log.open("a") as f:
+        f.write(line("set()") + "\n")
+    assert assigned_partitions(log, "t.canonical") == set()
+    with log.open("a") as f:  # faust's own logging set-up writes plain text
+        f.write("[2026-11-26 13:00:01,002] [7] [INFO] Setting newly assigned partitions "
+                "{TopicPartition(topic='t.canonical', partition=1)} for group g-worker \n")
+    assert assigned_partitions(log, "t.canonical") == {1}

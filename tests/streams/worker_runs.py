@@ -104,7 +104,8 @@ def assigned_partitions(log_path: Path, topic: str) -> set[int] | None:
     broker lists no members in DescribeGroups, so the worker's own account is the only one. aiokafka
     logs the whole assignment at each rebalance (in JSON lines or plain text alike)."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    assigned = re.findall(r"Setting newly assigned partitions \{(.*?)\} for group", text)
+    # an empty assignment is logged as 'set()': it must read as no partitions, not as the one before
+    assigned = re.findall(r"Setting newly assigned partitions (set\(\)|\{.*?\}) for group", text)
     if not assigned:
         return None
     return {int(p) for p in re.findall(r"topic='" + re.escape(topic) + r"', partition=(\d+)", assigned[-1])}
