@@ -146,6 +146,9 @@ def test_shift_is_never_zero_and_bands_cap_at_90():
 WARD = tuple(f"MRN-77{p:08d}" for p in range(6))
 LSN0 = 7_700_000_000  # CDC versions are the database's log sequence numbers: one clock for every patient
 TEN_MIN = 10 * 60_000
+ROUNDS = 3
+CHARTED = len(WARD) * ROUNDS  # heart rates, one scoring point each
+POINTS = CHARTED + 1  # and the correction's point, at the time of the reading it corrects
 
 
 def ward_event(patient: int, k: int, code: str, value: float, effective_ms: int, fact: int | None = None,
@@ -164,15 +167,17 @@ def build_ward(settings: Settings) -> None:
     the same patient and scoring_ms), a low systolic BP of patient 1 after its points (an onset) and
     one of patient 2 known before its last point (no longer at risk)."""
     messages, points = {}, []
-    for k in range(18):
-        patient, t = k % 6, T0 + k * TEN_MIN
+    for k in range(CHARTED):
+        patient, t = k % len(WARD), T0 + k * TEN_MIN
         messages[(0, k)] = [ward_event(patient, k, codes.HEART_RATE, 80.0 + k, t)]
         points.append((patient, t, k))
-    last0 = T0 + 12 * TEN_MIN
-    messages[(0, 18)] = [ward_event(0, 18, codes.HEART_RATE, 120.0, last0, fact=12, status=Status.AMENDED)]
-    points.append((0, last0, 18))
-    messages[(0, 19)] = [ward_event(1, 19, codes.SYSTOLIC_BP, 85.0, T0 + 19 * TEN_MIN)]
-    messages[(0, 20)] = [ward_event(2, 20, codes.SYSTOLIC_BP, 85.0, T0 + 13 * TEN_MIN)]
+    last = CHARTED - len(WARD)  # patient 0's last heart rate
+    last0 = T0 + last * TEN_MIN
+    k = CHARTED
+    messages[(0, k)] = [ward_event(0, k, codes.HEART_RATE, 120.0, last0, fact=last, status=Status.AMENDED)]
+    points.append((0, last0, k))
+    messages[(0, k + 1)] = [ward_event(1, k + 1, codes.SYSTOLIC_BP, 85.0, T0 + (k + 1) * TEN_MIN)]
+    messages[(0, k + 2)] = [ward_event(2, k + 2, codes.SYSTOLIC_BP, 85.0, last0 + TEN_MIN)]  # patient 2's: +2
     write(settings.archive_dir, "canonical", "a", canonical(messages))
     features, scores, alerts = [], [], []
     for i, (patient, t, offset) in enumerate(points):
@@ -181,7 +186,7 @@ def build_ward(settings: Settings) -> None:
         features.append(point | {"features_json": "{}"} | kafka(0, i))
         scores.append(point | {"model_version": "m1", "path": "model", "probability": 0.1, "news2": 1, "tier": "none",
                                "rationale_json": "[]"} | kafka(0, i))
-        if offset < 6:  # each patient's first point opens an alert
+        if offset < len(WARD):  # each patient's first point opens an alert
             alerts.append({"alert_id": f"alert-{offset}", "kind": "open", "tier": "medium", "patient_id": WARD[patient],
                            "encounter_id": f"ENC-{WARD[patient]}", "scoring_ms": t, "model_version": "m1",
                            "path": "model", "resource_json": "{}"} | kafka(0, i))
@@ -202,7 +207,9 @@ def test_nothing_in_the_export_orders_patients_in_real_time(ward, tmp_path):
     which in the database follows row ids, canonical offsets or scoring times across patients."""
     out = tmp_path / "export"
     export_deidentified(ward, out)
-    log_positions = {LSN0 + 1000 * k for k in range(21)}
+    with duckdb.connect(str(ward.duckdb_path), read_only=True) as con:  # every log position the file holds
+        log_positions = {v for (v,) in con.execute("SELECT version FROM canonical_events").fetchall()}
+    assert log_positions and min(log_positions) >= LSN0  # all CDC rows: LSNs
     for path in sorted(out.glob("*.parquet")):
         table = pl.read_parquet(path)
         for column, dtype in table.schema.items():
@@ -226,11 +233,11 @@ def test_exported_labels_say_which_rows_count_and_join_their_features_one_to_one
     scores = pl.read_parquet(out / "scores.parquet")
     with duckdb.connect(str(ward.duckdb_path), read_only=True) as con:
         inside = con.sql("SELECT at_risk, label, onset_ms - scoring_ms AS lead FROM labels").pl()
-    assert labels.height == inside.height == 19
+    assert labels.height == inside.height == POINTS
     assert sorted(labels.select("at_risk", "label", lead=pl.col("onset_ms") - pl.col("scoring_ms")).rows(),
                   key=str) == sorted(inside.rows(), key=str)
     assert labels["at_risk"].to_list().count(False) >= 1 and labels["label"].sum() >= 1  # both kinds of row
-    assert features.select("patient_id", "scoring_ms").n_unique() == 18  # the correction point shares a time
-    assert labels["point_id"].n_unique() == features["point_id"].n_unique() == scores["point_id"].n_unique() == 19
-    assert labels.join(features, on="point_id").height == 19
-    assert labels.join(scores, on="point_id").height == 19
+    assert features.select("patient_id", "scoring_ms").n_unique() == POINTS - 1  # the correction shares a time
+    assert labels["point_id"].n_unique() == features["point_id"].n_unique() == scores["point_id"].n_unique() == POINTS
+    assert labels.join(features, on="point_id").height == POINTS
+    assert labels.join(scores, on="point_id").height == POINTS
