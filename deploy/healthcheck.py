@@ -21,7 +21,7 @@ import sys
 from pydantic import ValidationError
 
 from streams.topics import topics_for
-from wardwatch.settings import Settings, settings_errors
+from wardwatch.settings import Settings, settings_errors, unknown_variables
 
 TIMEOUT_S = 5.0
 
@@ -72,12 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-broker", action="store_true", help="skip the broker and topic checks")
     parser.add_argument("--port-setting", help="Settings field of a port this service must be listening on")
     args = parser.parse_args(argv)
+    # unhealthy, and why in one line each, on whatever makes the service itself stop (wardwatch/cli.py)
+    found = [f"invalid settings: {line}" for line in unknown_variables(os.environ)]
     try:
         settings = Settings()
-    except ValidationError as exc:  # unhealthy, and why in one line each (the service stops on the same)
-        found = [f"invalid settings: {line}" for line in settings_errors(exc)]
+    except ValidationError as exc:
+        found += [f"invalid settings: {line}" for line in settings_errors(exc)]
     else:
-        found = problems(settings, broker=not args.no_broker, port_setting=args.port_setting)
+        if not found:
+            found = problems(settings, broker=not args.no_broker, port_setting=args.port_setting)
     for problem in found:
         print(problem, file=sys.stderr)
     return 1 if found else 0

@@ -89,3 +89,12 @@ def test_invalid_settings_are_unhealthy_in_one_line_not_a_traceback(healthcheck,
     assert "Traceback" not in err
     [line] = err.splitlines()  # one line per invalid setting, and only one is
     assert line.startswith("invalid settings: WARDWATCH_PARTITIONS='many': Input should be a valid integer")
+
+
+def test_a_misspelt_setting_is_unhealthy_as_the_service_refuses_to_start(healthcheck, clean_env, capsys):
+    """The CLI refuses a WARDWATCH_* variable that names no setting (the service never starts): the
+    container's healthcheck must not call it healthy meanwhile."""
+    clean_env.setenv("WARDWATCH_PARTITONS", "8")
+    assert healthcheck.main(["--no-broker"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("invalid settings: WARDWATCH_PARTITONS is not a wardwatch setting")
