@@ -48,6 +48,15 @@ a clinician who saw "based on preliminary results" sees it cleared, or the alert
 final value no longer supports its tier. A new version that changes nothing (a restatement: a
 re-snapshot, a versionId bump; docs/patient-state.md rule 2) is not a correction and never reaches
 correct().
+After the episode is over (resolved, or discharged) its alerts stand no more, but a reading one of them
+rested on may still be amended or entered in error. Such an alert is kept (AlertState.closed) while it is
+within the lateness bound of the patient clock (AlertPolicy.correctable_ms), and a correction of its basis
+re-scores it at its own time as above: if its tier no longer holds, it is withdrawn (kind "correction",
+status "entered-in-error"), so a record or an audit never keeps an alert that rested on an error. If the
+tier holds, nothing is published: an amendment of an alert that no longer stands changes nothing a consumer
+shows (and would read as standing again), so only the kept basis is brought up to date. An alert older
+than the bound is not judged: its windows may be pruned, and at the clock the patient's state says nothing
+about the alert's time.
 Discharge (discharge()): a discharge at or after the open episode's first alert resolves it (kind
 "resolve", reason "discharge"); an episode that never alerted closes silently.
 
@@ -90,10 +99,13 @@ class AlertPolicy:
     alert_reset: float = 0.4  # model probability below which a point can be calm
     resolve_after: int = 2  # consecutive calm scoring points that resolve an episode
     suppression_ms: int = 30 * MINUTE_MS  # re-alert hold-off after an alerted resolution
+    # how long (event time behind the latest scoring point) a closed episode's alert can still be
+    # withdrawn by a correction: the lateness bound, beyond which its windows may be pruned
+    correctable_ms: int = 12 * 60 * MINUTE_MS
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> AlertPolicy:
-        return cls(alert_reset=settings.alert_reset, **overrides)
+        return cls(alert_reset=settings.alert_reset, correctable_ms=settings.allowed_lateness_s * 1000, **overrides)
 
 
 class AlertState(TypedDict):
@@ -114,6 +126,9 @@ class AlertState(TypedDict):
     # issue #5: a state without it loads as [])
     alerts: list[dict]
     revision: int  # entered-in-error corrections in the open episode (part of later alert ids)
+    # alerts of closed episodes still within AlertPolicy.correctable_ms, oldest first: EpisodeAlert dicts
+    # plus their "episode" (a correction can still withdraw them); a state without it loads as []
+    closed: list[dict]
 
 
 class EpisodeAlert(TypedDict):
@@ -145,7 +160,7 @@ class AlertDecision:
 def initial_state() -> AlertState:
     return AlertState(episode=0, open=False, alerted_tier=None, calm_points=0, last_alert_ms=None,
                       last_resolve_ms=None, last_scoring_ms=None, tier="none", probability=None, news2=None,
-                      path=None, model_version=None, alerts=[], revision=0)
+                      path=None, model_version=None, alerts=[], revision=0, closed=[])
 
 
 def alert_id(patient_id: str, episode: int, tier: str, kind: str, revision: int = 0) -> str:
@@ -159,6 +174,9 @@ def correction_id(original_alert_id: str, corrected: Mapping[str, int]) -> str:
 
 
 def _close(s: AlertState) -> None:
+    """End the open episode; its alerts are kept as closed ones (a correction may still withdraw them)."""
+    if s["alerts"]:
+        s["closed"] = [*s["closed"], *({**a, "episode": s["episode"]} for a in s["alerts"])]
     s.update(open=False, alerted_tier=None, calm_points=0, alerts=[], revision=0)
 
 
@@ -175,6 +193,8 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
         return s, []
     s.update(last_scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
              model_version=model_version)
+    if s["closed"] and s["closed"][0]["scoring_ms"] < scoring_ms - policy.correctable_ms:
+        s["closed"] = [a for a in s["closed"] if a["scoring_ms"] >= scoring_ms - policy.correctable_ms]
 
     def decide(kind: Kind, at_tier: str) -> AlertDecision:
         return AlertDecision(alert_id(patient_id, s["episode"], at_tier, kind, s["revision"]), kind, at_tier,
@@ -231,12 +251,12 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
     `corrected`) of the final result that came through the other source and replaced it
     (docs/patient-state.md rule 4): a basis naming the preliminary fact is touched by that correction."""
     s: AlertState = {**initial_state(), **(state or {})}
+    decisions = _correct_closed(s, corrected, superseded, rescore)
     touched = corrected_alerts(s, corrected=corrected, superseded=superseded)
     if not touched:
-        return s, []
+        return s, decisions
     default = dict(scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
                    model_version=model_version, rationale=rationale, basis=basis)
-    decisions = []
     for current, in_basis in touched:
         point = (rescore(current) if rescore else None) or default
         cid = correction_id(current["alert_id"], in_basis)
@@ -263,15 +283,43 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
     return s, decisions
 
 
+def _correct_closed(s: AlertState, corrected: Mapping[str, int], superseded: Mapping[str, str] | None,
+                    rescore: Callable[[EpisodeAlert], dict | None] | None) -> list[AlertDecision]:
+    """Withdraw each closed episode's alert whose basis the corrections touch and whose tier no longer holds
+    at its own time (module docstring); one it still holds only gets its basis brought up to date."""
+    touched = _touched(s["closed"], corrected, superseded) if s["closed"] and corrected else []
+    decisions = []
+    for current, in_basis in touched:
+        point = rescore(current) if rescore else None
+        if point is None:  # beyond the lateness bound: not judged (see the module docstring)
+            continue
+        at = [a["alert_id"] for a in s["closed"]].index(current["alert_id"])
+        if TIER_RANK[point["tier"]] >= TIER_RANK[current["tier"]]:
+            made = point.get("basis")
+            if made:
+                s["closed"] = [*s["closed"][:at], {**current, "basis": made()}, *s["closed"][at + 1:]]
+            continue
+        s["closed"] = [*s["closed"][:at], *s["closed"][at + 1:]]
+        decisions.append(AlertDecision(correction_id(current["alert_id"], in_basis), "correction", current["tier"],
+                                       current["episode"], point["scoring_ms"], "entered-in-error",
+                                       current["alert_id"]))
+    return decisions
+
+
 def corrected_alerts(state: dict | None, *, corrected: Mapping[str, int],
                      superseded: Mapping[str, str] | None = None) -> list[tuple[EpisodeAlert, dict[str, int]]]:
     """The open episode's alerts whose basis these corrections touch, oldest first, each with the touched
     facts (fact_id -> new version; a superseded preliminary fact is named by its final result)."""
     if not state or not state.get("open") or not state.get("alerts") or not corrected:
         return []
+    return _touched(state["alerts"], corrected, superseded)
+
+
+def _touched(alerts: Sequence[dict], corrected: Mapping[str, int],
+             superseded: Mapping[str, str] | None) -> list[tuple[EpisodeAlert, dict[str, int]]]:
     superseded = superseded or {}
     touched = []
-    for alert in state["alerts"]:
+    for alert in alerts:
         in_basis = {}
         for fact_id, version, *_ in alert["basis"]:
             if (v := corrected.get(fact_id)) is not None and v > version:

@@ -392,7 +392,7 @@ class PatientProcessor:
         records[patient] = PatientRecord(rec.state, alert_state, rec.encounter_id, rec.context, rec.vitals_scored_ms)
         if not decisions and not raised:
             return  # most points: nothing to publish
-        before = {a["alert_id"]: a for a in rec.alert.get("alerts", [])}
+        before = {a["alert_id"]: a for a in (*rec.alert.get("alerts", []), *rec.alert.get("closed", []))}
         after = {a["alert_id"]: a for a in alert_state["alerts"]}
         for d in decisions + raised:
             # the alert the resource describes: a raised one, an amended one, or a withdrawn one as it was

@@ -257,6 +257,75 @@ def test_a_reading_both_alerts_rest_on_corrects_each_of_them_oldest_first():
     assert not state["open"] and state["alerts"] == []  # nothing stands: closed, no suppression window
 
 
+def resolved_episode(close=None):
+    """An open high alert on BASIS at minute 0, then two calm points: the episode resolves at minute 10
+    (or `close` ends it)."""
+    state, original = opened("high", 0)
+    if close:
+        state = close(state)
+    else:
+        state, [resolved] = run([rule_point(5, "low"), rule_point(10, "low")], state=state)[0:2]
+        assert resolved.kind == "resolve"
+    assert not state["open"]
+    return state, original
+
+
+def judged_at(tier):
+    """A rescore at the alert's own time that gives `tier` there."""
+    return lambda alert: rule_point((alert["scoring_ms"] - T0) // MIN, tier)
+
+
+def test_a_resolved_alert_whose_basis_was_an_error_is_withdrawn():
+    """The episode is over, but the record must not keep an alert that rested on an error: a retraction
+    of its reading, judged at the alert's time, withdraws it."""
+    state, original = resolved_episode()
+    state, [c] = correct(state, corrected={"rr:1": 2}, rescore=judged_at("none"), **rule_point(0, "none"))
+    assert (c.kind, c.status, c.original_alert_id, c.tier, c.episode) == (
+        "correction", "entered-in-error", original.alert_id, "high", 1)
+    assert c.scoring_ms == T0  # judged at the alert's time
+    assert c.alert_id == str(uuid.uuid5(NAMESPACE, f"{original.alert_id}|correction|rr:1@2"))
+    assert not state["open"] and state["closed"] == []
+    # withdrawn once: a later correction of the same reading finds nothing to withdraw
+    assert correct(state, corrected={"rr:1": 3}, rescore=judged_at("none"), **rule_point(0, "none"))[1] == []
+    # the next episode is unaffected: it opens as it would have
+    _, [again] = step(state, patient_id="p1", policy=POLICY, **rule_point(60, "medium"))
+    assert (again.kind, again.episode) == ("open", 2)
+
+
+def test_a_resolved_alert_that_still_holds_at_its_time_publishes_nothing():
+    """An amendment of an alert that no longer stands changes nothing a consumer shows; its kept basis
+    follows the amendment, so a later error in the same reading is judged on the new version."""
+    state, original = resolved_episode()
+    new_basis = [["hr:1", 1], ["rr:1", 2]]
+    state, decisions = correct(state, corrected={"rr:1": 2}, **rule_point(0, "none"),
+                               rescore=lambda alert: rule_point(0, "high") | {"basis": lambda: new_basis})
+    assert decisions == [] and [a["basis"] for a in state["closed"]] == [new_basis]
+    _, [c] = correct(state, corrected={"rr:1": 3}, rescore=judged_at("low"), **rule_point(0, "none"))
+    assert (c.status, c.original_alert_id) == ("entered-in-error", original.alert_id)
+
+
+def test_a_discharged_episodes_alert_can_still_be_withdrawn():
+    state, original = resolved_episode(
+        close=lambda s: discharge(s, patient_id="p1", discharged_ms=T0 + 30 * MIN)[0])
+    _, [c] = correct(state, corrected={"hr:1": 2}, rescore=judged_at("low"), **rule_point(0, "none"))
+    assert (c.status, c.original_alert_id) == ("entered-in-error", original.alert_id)
+
+
+def test_a_closed_alert_beyond_the_lateness_bound_is_not_judged():
+    state, _ = resolved_episode()
+    # not judgeable at its time (the rescore says so): nothing is published, the alert is kept
+    kept, decisions = correct(state, corrected={"rr:1": 2}, rescore=lambda alert: None, **rule_point(0, "none"))
+    assert decisions == [] and len(kept["closed"]) == 1
+    # a scoring point more than the bound after the alert forgets it (event time, not wall clock)
+    policy = AlertPolicy(correctable_ms=60 * MIN)
+    state, _ = step(state, patient_id="p1", policy=policy, **rule_point(60, "none"))
+    assert len(state["closed"]) == 1  # exactly at the bound: kept
+    state, _ = step(state, patient_id="p1", policy=policy, **rule_point(61, "none"))
+    assert state["closed"] == []
+    assert correct(state, corrected={"rr:1": 2}, rescore=judged_at("none"), **rule_point(0, "none"))[1] == []
+    assert AlertPolicy.from_settings(Settings(allowed_lateness_s=7200)).correctable_ms == 7200 * 1000
+
+
 def test_discharge_resolves_the_open_episode_once():
     state, _ = opened("high", 0)
     state, [d] = discharge(state, patient_id="p1", discharged_ms=T0 + 30 * MIN)

@@ -230,6 +230,30 @@ def test_an_error_in_the_open_alerts_basis_withdraws_it_under_an_escalation_that
     assert alert_state["open"] and [a["alert_id"] for a in alert_state["alerts"]] == [escalated["header"]["alert_id"]]
 
 
+def test_an_error_behind_an_alert_whose_episode_resolved_withdraws_it(processor):
+    """The patient recovered and the episode resolved; then the reading the alert rested on is entered
+    in error. The alert is history now, but it rested on an error: it is withdrawn (DOMAIN.md: if an
+    alert depended on it, publish a correcting alert), once, and the patient's next episode is untouched."""
+    store: dict[str, PatientRecord] = {}
+    [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93}))], store))
+    assert (opened["header"]["kind"], opened["header"]["tier"]) == ("open", "medium")
+    calm = run(processor, [msg(1, vitals("p1", T0 + 10 * MIN, 2, **NORMAL)),
+                           msg(2, vitals("p1", T0 + 20 * MIN, 3, **NORMAL))], store)
+    assert [a["header"]["kind"] for a in alerts_of(calm)] == ["resolve"]
+
+    out = run(processor, [msg(3, [retraction("p1", T0, 1, codes.RESP_RATE, 2)])], store)
+
+    [correction] = alerts_of(out)
+    assert (correction["header"]["kind"], correction["resource"]["status"]) == ("correction", "entered-in-error")
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["resource"]["id"] == opened["resource"]["id"]
+    assert correction["resource"]["occurrenceDateTime"] == opened["resource"]["occurrenceDateTime"]
+    assert correction["resource"]["basis"] == opened["resource"]["basis"]  # the alert as it was published
+    assert not store["p1"].alert["open"] and store["p1"].alert["closed"] == []
+    # an amendment of the same reading later withdraws nothing more
+    assert alerts_of(run(processor, [msg(4, [amendment("p1", T0, 1, codes.RESP_RATE, 3, 27.0)])], store)) == []
+
+
 def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
     store: dict[str, PatientRecord] = {}
     run(processor, [msg(0, vitals("p1", T0, 1))], store)
