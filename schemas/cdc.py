@@ -133,7 +133,7 @@ def _parse(topic: str, key: bytes | None, value: bytes | None, partition: int, o
     events = change.retract_row() if op == "d" else change.row_events()
     if isinstance(events, Ignored):
         return events
-    reject_future_measurements(events)
+    reject_future_measurements(events, change.issued_ms)  # the commit time: the database's clock
     return Parsed(events) if events else Ignored("no_values")  # e.g. only unchanged TOASTed columns
 
 

@@ -630,7 +630,7 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
                 ctx.skip("no_value")
             else:
                 values.setdefault(code, value)
-    return [
+    events = [
         CanonicalEvent(
             patient_id=patient, code=code, value=value, unit=CODES[code].unit,
             effective_ms=effective_ms, issued_ms=issued_ms, status=status, source=Source.FHIR,
@@ -639,6 +639,11 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
         )
         for code, (value, text) in values.items()
     ]
+    if not issued:
+        # the effective time stands in for the issued time, so it bounds nothing: the notification's
+        # timestamp (the server's clock) does (_parse checks every event against its issued time)
+        reject_future_measurements(events, ctx.status.timestamp_ms)
+    return events
 
 
 @cache

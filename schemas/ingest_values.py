@@ -79,8 +79,16 @@ def acvpu_letter(raw: object, what: str) -> str:
 MAX_FUTURE_SKEW_MS = 3_600_000
 
 
-def reject_future_measurements(events) -> None:
+def reject_future_measurements(events, recorded_ms: int | None = None) -> None:
+    """recorded_ms: when the source's own server recorded the message (a CDC row's commit time; a FHIR
+    notification's timestamp for an Observation with neither `issued` nor meta.lastUpdated, whose
+    effective time stands in for its issued time), None when unknown. It bounds the effective time too:
+    the issued time can come from the clock that dated the measurement (a lab's resulted_at), so one
+    wrong clock moves both."""
     for e in events:
-        if e.code_system != CONTEXT and e.effective_ms > e.issued_ms + MAX_FUTURE_SKEW_MS:
+        if e.code_system == CONTEXT:
+            continue
+        recorded = e.issued_ms if recorded_ms is None else min(e.issued_ms, recorded_ms)
+        if e.effective_ms > recorded + MAX_FUTURE_SKEW_MS:
             raise Reject(Reason.FUTURE_TIME, f"{e.code}: effective time is "
-                                             f"{(e.effective_ms - e.issued_ms) / 3_600_000:.1f} h after it was recorded")
+                                             f"{(e.effective_ms - recorded) / 3_600_000:.1f} h after it was recorded")

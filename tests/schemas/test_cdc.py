@@ -391,6 +391,20 @@ def test_an_amendment_under_the_old_result_time_is_known_from_its_commit_on():
     assert amended.issued_ms == envelope["source"]["ts_ms"] > utc_ms("2024-06-15T17:45:00")  # its commit
 
 
+def test_a_lab_dated_decades_ahead_by_a_wrong_lab_clock_is_dead_lettered_though_its_result_time_agrees():
+    """A lab system whose clock says 2099 writes both collected_at and resulted_at in 2099: measured
+    against its own result time the collection looks fine, but the row was committed in 2024.
+    Accepted, it would move the patient's clock 75 years ahead and every later reading would be late."""
+    msg = cdc_message("lab_creatinine_umol_bare")
+    year_2099_us = utc_ms("2099-06-15T14:00:00") * 1000
+    outcome = parse(_changed(msg, collected_at=year_2099_us, resulted_at=year_2099_us + 5_400_000_000))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.FUTURE_TIME
+    # an hour past its commit is a clock off by a little: still taken (MAX_FUTURE_SKEW_MS)
+    commit_us = 1_718_465_400_900 * 1000
+    assert isinstance(parse(_changed(msg, collected_at=commit_us + 3_000_000_000,
+                                     resulted_at=commit_us + 3_500_000_000)), Parsed)
+
+
 def test_a_lab_set_to_entered_in_error_retracts_it():
     retraction = only_event("lab_entered_in_error")
     assert retraction.status is Status.ENTERED_IN_ERROR and retraction.value is None

@@ -188,6 +188,19 @@ def test_amended_observation_with_reference_only_subject():
     assert hr.issued_ms == hr.effective_ms  # neither issued nor lastUpdated: effective stands in
 
 
+def test_an_observation_dated_decades_ahead_without_an_issued_time_is_dead_lettered():
+    """Neither `issued` nor meta.lastUpdated: the effective time stands in for the issued time, so only
+    the notification's timestamp (the server's clock, 2024) shows that 2099 is a wrong clock. Accepted, it
+    would move the patient's clock 75 years ahead and every later reading would be late."""
+    body = fhir_bundle("r4b_amended_reference_only")
+    outcome = parse(body.replace(b'"effectiveDateTime": "2024-06-15T14:06:36Z"',
+                                 b'"effectiveDateTime": "2099-06-15T14:06:36Z"'))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.FUTURE_TIME
+    # half an hour after the notification: a clock off by a little, still taken (MAX_FUTURE_SKEW_MS)
+    assert isinstance(parse(body.replace(b'"effectiveDateTime": "2024-06-15T14:06:36Z"',
+                                         b'"effectiveDateTime": "2024-06-15T14:37:00Z"')), Parsed)
+
+
 def test_redelivered_notification_has_the_same_event_ids():
     first, again = parse(fhir_bundle("r4b_status_event"), 1), parse(fhir_bundle("r4b_status_event"), 99)
     assert [e.event_id for e in first.events] == [e.event_id for e in again.events]
