@@ -37,6 +37,7 @@ import orjson
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from schemas.cdc import parse_cdc
+from schemas.codes import is_context
 from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
@@ -299,10 +300,17 @@ class IngestWorker:
         return source, outcome, encoded
 
     def _event_time(self, msg: Message) -> int | None:
-        """The greatest effective_ms the message would publish (None: it publishes no event)."""
+        """The greatest effective_ms the message would publish (None: it publishes no event); a context
+        fact counts at most from when it was recorded. A context fact may be dated ahead (an admission
+        booked for next week, exempt from the future-time check): at its own time its partition would stay
+        paused until every other partition had read that far, in a backlog to its end, and the transfers
+        and discharges behind it with it. Live, it is published at once anyway (nothing holds it)."""
         prepared = self._prepared[id(msg)] = self._prepare(msg)
         _, outcome, encoded = prepared
-        return max(e.effective_ms for e in outcome.events) if encoded else None
+        if not encoded:
+            return None
+        return max(min(e.effective_ms, e.issued_ms) if is_context(e.code_system) else e.effective_ms
+                   for e in outcome.events)
 
     def _align(self, records: list[Message]) -> list[Message]:
         """The batch's messages to publish now, in event-time order; seek back and pause the

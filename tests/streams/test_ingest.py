@@ -675,6 +675,27 @@ def test_a_partition_ahead_in_event_time_is_paused_at_its_first_held_message_and
 
 
 @pytest.mark.timeout(30)
+def test_an_admission_booked_ahead_does_not_pause_its_partition_and_the_discharges_behind_it(fake_worker):
+    """An encounter row created today for an admission in two days: its context facts are dated then,
+    but known now. Held at their own time, in a backlog the encounters partition would stay paused
+    until the vitals had been read to their end, and every admission, transfer and discharge behind it
+    with it."""
+    vitals = _cdc("create_bare", 0)  # measured 2024-06-15T14:06Z; its partition has more to read
+    booked_msg = cdc_messages("encounter_lifecycle")[0]  # created 2024-06-15T12:55Z
+    booked = json.loads(booked_msg.value)
+    planned_us = booked["payload"]["after"]["admitted_at"] + 48 * HOUR_MS * 1000
+    booked["payload"]["after"].update(encounter_id="ENC-BOOKED", admitted_at=planned_us, updated_at=planned_us)
+    booking = FakeMessage(booked_msg.topic, booked_msg.key, json.dumps(booked).encode(), offset=0)
+    behind = FakeMessage(booked_msg.topic, booked_msg.key, booked_msg.value, offset=1)  # an admission at 12:54Z
+    worker, fake = fake_worker([booking, behind, vitals])
+
+    assert worker.poll_once() == 3
+    assert not worker.aligner.paused and not [c for c in fake.calls if c[0] in ("pause", "seek")]
+    published = [e for m in fake.on(worker.topics.canonical) for e in decode_batch(m.value())]
+    assert [e.encounter_id for e in published if e.code == "admission"] == ["ENC-BOOKED", "ENC-0001"]
+
+
+@pytest.mark.timeout(30)
 def test_commits_go_out_at_most_once_per_interval_and_the_rest_when_idle_or_revoked(fake_worker, monkeypatch):
     """Each commit is a broker request: one per batch was hundreds a second at 1k msg/s."""
     now = [1000.0]
