@@ -133,6 +133,15 @@ class Settings(BaseSettings):
         # librdkafka and logging take these in any case; checked against the list after
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("receiver_token", "fhir_auth_token")
+    @classmethod
+    def _token_not_blank(cls, value):
+        # an empty value (WARDWATCH_RECEIVER_TOKEN= in wardwatch.env, or a ${TOKEN} the shell left unset)
+        # would silently mean "no token": an open receiver, or "Bearer " sent to the FHIR server
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("set but empty: give the token, or unset the variable for none")
+        return value
+
     @model_validator(mode="after")
     def _settings_agree(self) -> "Settings":
         # pairs that only make sense together: say which two variables disagree

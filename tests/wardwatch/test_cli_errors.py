@@ -191,3 +191,14 @@ def test_query_without_the_file_says_which_setting_picks_it(clean_env, tmp_path)
 
     assert result.exit_code == 1
     assert "WARDWATCH_DATA_DIR" in result.output and "data/demo" in result.output
+
+
+@pytest.mark.parametrize("variable", ["WARDWATCH_RECEIVER_TOKEN", "WARDWATCH_FHIR_AUTH_TOKEN"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_a_token_set_to_nothing_is_refused_instead_of_meaning_no_token(clean_env, variable, value):
+    # WARDWATCH_RECEIVER_TOKEN= (or a ${TOKEN} the shell left unset) opened the receiver to anyone in
+    # silence, and an empty FHIR token sent `Authorization: Bearer ` to the server
+    result = invoke("config", "show", "--json", env={variable: value})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"{variable}=(secret): Value error, set but empty" in result.output
