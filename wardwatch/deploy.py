@@ -253,6 +253,17 @@ def subscription_resources(settings: Settings, endpoint: str | None = None,
             + [subscription(settings, r, endpoint, heartbeat_s) for r in SUBSCRIBED_RESOURCES])
 
 
+def without_secrets(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The resources as printed for a reader: each channel's Authorization header (the receiver token)
+    masked, as `wardwatch config show` masks it; --apply sends the real one."""
+    def masked(header: str) -> str:
+        name, _, _ = header.partition(":")
+        return f"{name}: Bearer ********" if name.strip().lower() == "authorization" else header
+
+    return [{**r, "channel": {**r["channel"], "header": [masked(h) for h in r["channel"]["header"]]}}
+            if "header" in r.get("channel", {}) else r for r in resources]
+
+
 def put_fhir_resources(fhir_url: str, resources: list[dict[str, Any]], timeout_s: float = 180.0) -> None:
     """(Talks to the FHIR server.) PUT each resource by id (idempotent: a rerun updates in place),
     retrying while the server starts."""

@@ -92,13 +92,15 @@ def subscriptions(
     heartbeat_s: int = typer.Option(60, min=1, help="Heartbeat period the FHIR server promises (seconds)"),
     timeout_s: float = typer.Option(300.0, help="How long to wait for the FHIR server (seconds)"),
 ) -> None:
-    """Generate the R4B SubscriptionTopics and backport Subscriptions (rest-hook to the receiver)."""
-    from wardwatch.deploy import DeployError, put_fhir_resources, receiver_url, subscription_resources
+    """Generate the R4B SubscriptionTopics and backport Subscriptions (rest-hook to the receiver); printed
+    with the receiver token masked, sent with it by --apply."""
+    from wardwatch.deploy import (DeployError, put_fhir_resources, receiver_url, subscription_resources,
+                                  without_secrets)
 
     settings = _settings()
     resources = subscription_resources(settings, receiver_url(settings, receiver), heartbeat_s)
-    if apply is None:
-        print(json.dumps(resources, indent=2))
+    if apply is None:  # to check what will be sent: the receiver token stays out of terminals and logs
+        print(json.dumps(without_secrets(resources), indent=2))
         return
     try:
         put_fhir_resources(apply, resources, timeout_s=timeout_s)

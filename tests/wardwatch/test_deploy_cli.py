@@ -33,6 +33,25 @@ def test_subscriptions_print_resources_for_the_named_receiver_host(clean_env):
     assert {s["channel"]["endpoint"] for s in subs} == {"http://rx.internal:9443/fhir/notifications"}
 
 
+def test_subscriptions_print_the_receiver_token_masked_and_apply_sends_it(clean_env, monkeypatch):
+    # printed to check what will be sent, the token went to the terminal, a CI log or a ticket
+    from wardwatch import deploy
+
+    env = {"WARDWATCH_RECEIVER_TOKEN": "s3cret-rx-token"}
+    result = invoke("subscriptions", env=env)
+
+    assert result.exit_code == 0, result.output
+    assert "s3cret-rx-token" not in result.output
+    subs = [r for r in json.loads(result.stdout) if r["resourceType"] == "Subscription"]
+    assert subs and all(s["channel"]["header"] == ["Authorization: Bearer ********"] for s in subs)
+
+    sent = []
+    monkeypatch.setattr(deploy, "put_fhir_resources", lambda url, resources, **kw: sent.extend(resources))
+    assert invoke("subscriptions", "--apply", "http://fhir:8080/fhir", env=env).exit_code == 0
+    assert {tuple(r["channel"]["header"]) for r in sent if r["resourceType"] == "Subscription"} == {
+        ("Authorization: Bearer s3cret-rx-token",)}
+
+
 def test_prometheus_writes_the_config_with_the_metrics_port(clean_env, tmp_path):
     out = tmp_path / "prometheus.yml"
     result = invoke("prometheus", "--output", str(out), env={"WARDWATCH_METRICS_PORT": "9999"})
