@@ -153,11 +153,18 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class PlainFormatter(logging.Formatter):
+    """Plain text for a terminal, with exception text scrubbed as in the JSON lines."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
+        return redact(super().formatException(ei))
+
+
 def configure_logging(service: str, level: str = "INFO", *, json_logs: bool = True) -> None:
     """Replace the root handlers: JSON lines (default) or plain text for a developer's terminal."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service) if json_logs else
-                         logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+                         PlainFormatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -37,6 +37,18 @@ def test_exception_text_is_scrubbed_of_identifiers(capsys):
     assert "<redacted>" in entry["exc"]
 
 
+def test_exception_text_is_scrubbed_in_plain_text_logs_too(capsys):
+    # WARDWATCH_JSON_LOGS=false printed the traceback as it was, identifiers included
+    obs.configure_logging("worker", "INFO", json_logs=False)
+    try:
+        raise ValueError("bad value for patient C0-0001 in Observation 8b0f8d2e-8f3c-4c56-9b0a-1c2d3e4f5a6b")
+    except ValueError:
+        logging.getLogger("wardwatch.test").exception("could not parse a message")
+    err = capsys.readouterr().err
+    assert "could not parse a message" in err and "ValueError" in err
+    assert "C0-0001" not in err and "8b0f8d2e" not in err and "<redacted>" in err
+
+
 def test_metrics_health_and_readiness_endpoints():
     ready = {"ok": False}
     server = obs.serve(0, ready=lambda: ready["ok"])
