@@ -20,6 +20,7 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 from schemas import codes
+from schemas.deadletter import Stage
 from streams.topics import topic_configs, topics_for
 from wardwatch.settings import Settings
 
@@ -351,24 +352,38 @@ def next_run(now: datetime, at: time) -> datetime:
 
 SOURCE_TOPIC_HEADER = "ww.source.topic"
 REASON_HEADER = "ww.reason"
+STAGE_HEADER = "ww.stage"
 REDRIVEN_HEADER = "ww.redriven-from"
 
 
-def redrive_target(headers: dict[str, bytes], redrivable: set[str], reasons: set[str] | None) -> str | None:
+def redrive_target(headers: dict[str, bytes], redrivable: set[str], reasons: set[str] | None,
+                   posted_to: str | None = None) -> str | None:
     """The topic a dead letter goes back to (the one it came from), or None to leave it: another
-    reason than asked for, or a source that is not a wardwatch input topic."""
+    reason than asked for, or a source that is not a wardwatch input topic. A notification the
+    receiver refused came over HTTP, not from a topic: it goes to `posted_to`, the notifications
+    topic the receiver would have written it to (a FHIR server does not resend what got a 400)."""
     reason = headers.get(REASON_HEADER, b"").decode(errors="replace")
     source = headers.get(SOURCE_TOPIC_HEADER, b"").decode(errors="replace")
+    if not source and headers.get(STAGE_HEADER) == Stage.RECEIVER.value.encode():
+        source = posted_to or ""
     if reasons and reason not in reasons:
         return None
     return source if source in redrivable else None
 
 
+def redrive_group(settings: Settings, reasons: set[str] | None) -> str:
+    """The redrive consumer group: one per choice of reasons. A group remembers what it read, not only
+    what it sent back, so with one group for all, `--reason unknown_unit` moved past the fetch_failed
+    dead letters it kept, and a later `--reason fetch_failed` never saw them."""
+    base = f"{settings.group_prefix}-redrive"
+    return f"{base}-{'+'.join(sorted(reasons))}" if reasons else base
+
+
 def redrive_deadletters(settings: Settings, reasons: set[str] | None, *, dry_run: bool = False,
                         idle_s: float = 5.0, timeout_s: float = 600.0) -> dict[str, int]:
     """(Talks to Kafka.) Send dead letters back to their source topic, original key and value, after
-    the fix that makes them parse. A consumer group (<group_prefix>-redrive) remembers what was
-    handled, so a second run never sends the same dead letter twice; the pipeline's dedupe makes a
+    the fix that makes them parse. A consumer group per choice of reasons (redrive_group) remembers
+    what was handled, so a second run for the same reasons never sends the same dead letter twice; the pipeline's dedupe makes a
     redrive of already-processed facts harmless. Stops when no dead letter arrived for idle_s.
     Returns counts: redriven, skipped (kept: other reason or source)."""
     import time as clock
@@ -377,7 +392,7 @@ def redrive_deadletters(settings: Settings, reasons: set[str] | None, *, dry_run
 
     topics = topics_for(settings)
     redrivable = {*topics.raw, topics.canonical}
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-redrive",
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": redrive_group(settings, reasons),
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
                          "session.timeout.ms": int(settings.session_timeout_s * 1000),
                          "heartbeat.interval.ms": int(settings.heartbeat_interval_s * 1000),
@@ -400,7 +415,7 @@ def redrive_deadletters(settings: Settings, reasons: set[str] | None, *, dry_run
                 if msg.error():
                     raise DeployError(f"reading {topics.deadletter} failed: {msg.error()}")
                 headers = dict(msg.headers() or [])
-                target = redrive_target(headers, redrivable, reasons)
+                target = redrive_target(headers, redrivable, reasons, topics.fhir)
                 if target is None:
                     counts["skipped"] += 1
                     continue

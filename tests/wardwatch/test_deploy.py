@@ -255,6 +255,18 @@ def test_redrive_target_is_the_source_topic_for_the_asked_reasons():
     assert redrive_target({}, inputs, None) is None
 
 
+def test_a_notification_the_receiver_refused_is_redriven_to_the_notifications_topic():
+    # it came over HTTP (no ww.source.topic): it was kept for ever, and the FHIR server never resends a 400
+    from wardwatch.deploy import redrive_target
+
+    refused = {"ww.reason": b"unknown_unit", "ww.stage": b"receiver", "ww.source.http": b"POST /fhir/notifications"}
+    inputs = {"ehr.public.vital_signs", "ww.fhir.notifications"}
+
+    assert redrive_target(refused, inputs, {"unknown_unit"}, "ww.fhir.notifications") == "ww.fhir.notifications"
+    assert redrive_target(refused, inputs, {"bad_value"}, "ww.fhir.notifications") is None
+    assert redrive_target({**refused, "ww.stage": b"ingest.fhir"}, inputs, None, "ww.fhir.notifications") is None
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_redrive_sends_dead_letters_back_once(settings):
@@ -289,3 +301,54 @@ def test_redrive_sends_dead_letters_back_once(settings):
         consumer.close()
     assert [(m.key(), m.value()) for m in seen] == [(b"k0", b"v0")]
     assert dict(seen[0].headers())["ww.redriven-from"].startswith(topics.deadletter.encode())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_redrive_for_one_reason_leaves_the_others_for_a_later_redrive(settings):
+    """One consumer group for every run moved past the dead letters a run kept: after `--reason
+    bad_value`, `--reason unknown_unit` found nothing. A notification the receiver refused goes to
+    the notifications topic."""
+    from confluent_kafka import Producer
+
+    from streams.receiver import receiver_deadletter_headers
+    from schemas.deadletter import Reason, Rejection
+    from wardwatch.deploy import redrive_deadletters
+
+    topics = topics_for(settings)
+    create_topics(settings)
+    vitals = topics.cdc["vital_signs"]
+    producer = Producer(settings.kafka_client_config())
+    for i, reason in enumerate(["bad_value", "unknown_unit"]):
+        producer.produce(topics.deadletter, key=f"k{i}".encode(), value=f"v{i}".encode(),
+                         headers=[("ww.reason", reason.encode()), ("ww.source.topic", vitals.encode())])
+    producer.produce(topics.deadletter, value=b"posted", headers=receiver_deadletter_headers(
+        Rejection(Reason.UNKNOWN_UNIT, "heart rate: no conversion"), "/fhir/notifications"))
+    assert producer.flush(10) == 0
+
+    assert redrive_deadletters(settings, {"bad_value"}, idle_s=2) == {"redriven": 1, "skipped": 2}
+    assert redrive_deadletters(settings, {"unknown_unit"}, idle_s=2) == {"redriven": 2, "skipped": 1}
+    assert redrive_deadletters(settings, {"unknown_unit"}, idle_s=2) == {"redriven": 0, "skipped": 0}
+    assert sorted((m.key(), m.value()) for m in read_all(settings, vitals)) == [(b"k0", b"v0"), (b"k1", b"v1")]
+    assert [m.value() for m in read_all(settings, topics.fhir)] == [b"posted"]
+
+
+def read_all(settings, topic: str, expected_quiet_s: float = 3.0) -> list:
+    """Every message of a topic, read until it has been quiet for a while."""
+    import time as clock
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-check-{topic}",
+                         "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10})
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
+    seen, quiet_since = [], clock.monotonic()
+    try:
+        while clock.monotonic() - quiet_since < expected_quiet_s:
+            batch = [m for m in consumer.consume(10, timeout=0.5) if not m.error()]
+            if batch:
+                seen += batch
+                quiet_since = clock.monotonic()
+    finally:
+        consumer.close()
+    return seen
