@@ -43,7 +43,8 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   the DELETE entry of version n `gone_version_delete()` describes, holding the vread of version n-1.
 
 **One bad resource (Observation, Encounter, Patient) rejects the whole notification** (invalid
-resource, unusable status, bad or implausible value, unknown unit, no patient or time): the dead-lettered original can be replayed
+resource, unusable status, bad or implausible value, a value with a comparator (`<35`: a bound,
+not a measurement), unknown unit, no patient or time): the dead-lettered original can be replayed
 whole, and its event numbers are not half-consumed.
 """
 
@@ -68,6 +69,7 @@ from schemas.ingest_values import reject_future_measurements, acvpu_letter, fini
 SNOMED = "http://snomed.info/sct"
 CONTROL_TYPES = ("handshake", "heartbeat", "query-status")
 EVENT_TYPES = ("event-notification", "query-event")
+COMPARATORS = ("<", "<=", ">=", ">", "ad")  # Quantity.comparator (R5 adds "ad")
 USED_STATUSES = {s.value: s for s in Status}  # final, preliminary, amended, corrected, entered-in-error
 R4B, R5 = "R4B", "R5"
 # the resource types of FHIR R4B and R5 (as fhir.resources defines them): a skipped resource of any
@@ -785,6 +787,11 @@ def _value(code: str, holder: dict) -> tuple[float, str | None] | None:
     what = CODES[code].name
     if not isinstance(quantity, dict):
         raise Reject(Reason.BAD_VALUE, f"{what}: valueQuantity is not an object")
+    if (comparator := quantity.get("comparator")) is not None:
+        # "<35" or ">38.0" is a bound, not a reading: scored as the bound it could fall in the wrong
+        # NEWS2 band (>38.0 is 38.1 or more: 1 point, not 0). Which value to read it as is a clinical call.
+        named = comparator if comparator in COMPARATORS else "unrecognised"  # the validator lets any string by
+        raise Reject(Reason.BAD_VALUE, f"{what}: value has a comparator ({named}), a bound and not a measurement")
     number = finite_number(quantity.get("value"), what)
     # the UCUM code first, then the display unit; no unit at all means the canonical unit
     for unit in [u for u in (quantity.get("code"), quantity.get("unit")) if u] or [None]:

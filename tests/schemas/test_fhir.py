@@ -111,6 +111,23 @@ def test_fio2_below_room_air_is_implausible():
     assert rejection_of(body).reason is Reason.IMPLAUSIBLE_VALUE
 
 
+def with_temperature(quantity: dict) -> bytes:
+    """The r4b bundle with the temperature Observation's valueQuantity replaced by `quantity`."""
+    doc = json.loads(fhir_bundle("r4b_status_event"))
+    [obs] = [e["resource"] for e in doc["entry"][1:] if e["resource"]["code"]["coding"][0]["code"] == codes.TEMPERATURE]
+    obs["valueQuantity"] = quantity
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">"])
+def test_a_value_with_a_comparator_is_dead_lettered_not_scored_as_the_bound(comparator):
+    # ">38.0 Cel" is 38.1 or more (NEWS2 1 point): read as 38.0 it scored 0, silently
+    body = with_temperature({"value": 38.0, "comparator": comparator, "unit": "Cel",
+                             "system": "http://unitsofmeasure.org", "code": "Cel"})
+    r = rejection_of(body)
+    assert r.reason is Reason.BAD_VALUE and "comparator" in r.detail and "38" not in r.detail
+
+
 def test_r5_labs_with_unit_conversion_and_integer64_counters():
     outcome = parsed("r5_labs_event")
     assert outcome.event_numbers == [9007199254740993, 9007199254740994]  # > 2**53, exact
