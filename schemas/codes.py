@@ -115,7 +115,8 @@ UNIT_CONVERSIONS = {
     (FIO2, "{fraction}"): _fraction_to_percent,
     (SPO2, "%"): lambda v: v,
 }
-UNIT_ALIASES = {"Cel": "Cel", "C": "Cel", "°C": "Cel", "mmHg": "mm[Hg]", "bpm": "/min", "beats/min": "/min",
+# "degC" is not UCUM but EHRs send it, as they send "degF" (converted above)
+UNIT_ALIASES = {"Cel": "Cel", "C": "Cel", "°C": "Cel", "degC": "Cel", "mmHg": "mm[Hg]", "bpm": "/min", "beats/min": "/min",
                 "breaths/min": "/min"}
 
 

@@ -128,6 +128,13 @@ def test_a_value_with_a_comparator_is_dead_lettered_not_scored_as_the_bound(comp
     assert r.reason is Reason.BAD_VALUE and "comparator" in r.detail and "38" not in r.detail
 
 
+@pytest.mark.parametrize("unit", ["Cel", "degC", "°C", "C"])
+def test_a_celsius_temperature_is_read_in_each_spelling_of_the_unit(unit):
+    # "degC" was dead-lettered as an unknown unit while "degF" was converted: a fever lost from NEWS2
+    events = by_code(parsed_body(with_temperature({"value": 38.2, "unit": unit, "code": unit})))
+    assert events[codes.TEMPERATURE].value == 38.2 and events[codes.TEMPERATURE].unit == "Cel"
+
+
 def test_r5_labs_with_unit_conversion_and_integer64_counters():
     outcome = parsed("r5_labs_event")
     assert outcome.event_numbers == [9007199254740993, 9007199254740994]  # > 2**53, exact
