@@ -60,8 +60,8 @@ import orjson
 
 from schemas.canonical import LOINC, CanonicalEvent, Source, Status
 from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES, CONSCIOUSNESS, CONTEXT,
-                           DIASTOLIC_BP, DISCHARGE, LOCATION, SEX, SNOMED_ACVPU, SYSTOLIC_BP, canonical_code,
-                           to_canonical_unit)
+                           DIASTOLIC_BP, DISCHARGE, FIO2, LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2, SYSTOLIC_BP,
+                           canonical_code, to_canonical_unit)
 from schemas.deadletter import Reason, Rejection
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import reject_future_measurements, acvpu_letter, finite_number, iso_to_ms, plausible
@@ -621,8 +621,11 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
                   "fhir_version": ctx.status.fhir_version}
 
     if status.retracts:
-        # a retracted panel may arrive stripped of its components: retract both pressures
-        codes = [code for code, _ in measured] or [SYSTOLIC_BP, DIASTOLIC_BP]
+        # a retracted Observation may arrive stripped of some or all of its components: retract every
+        # component it can carry (both pressures of a panel; a pulse oximetry's oxygen, else still
+        # "on oxygen" for NEWS2). A retraction of a fact never seen changes nothing.
+        codes = [code for code, _ in measured]
+        codes += [c for c in RETRACTED_WITH.get(_loinc(obs.get("code")), ()) if c not in codes]
         values = {code: (None, None) for code in codes}
     else:
         values = {}
@@ -745,6 +748,10 @@ def _element_is_valid(kind: str, fhir_version: str, name: str, value_json: bytes
 
 
 validate_observation = validate_resource  # the name earlier callers use
+
+
+# an Observation's code -> the components an entered-in-error version of it retracts, sent or not
+RETRACTED_WITH: dict[str, tuple[str, ...]] = {BP_PANEL: (SYSTOLIC_BP, DIASTOLIC_BP), SPO2: (O2_FLOW, FIO2)}
 
 
 def _measured_codes(obs: dict) -> list[tuple[str, dict]]:

@@ -205,6 +205,21 @@ def test_entered_in_error_panel_without_components_retracts_both_pressures():
     assert all(e.status is Status.ENTERED_IN_ERROR and e.value is None and e.version == 3 for e in events)
 
 
+def test_entered_in_error_observations_stripped_of_some_components_retract_all_of_them():
+    # sent with the diastolic only, the panel left its systolic live (NEWS2 kept scoring it); a pulse
+    # oximetry sent without its components left its oxygen flow live (+2 NEWS2 points for oxygen)
+    doc = json.loads(fhir_bundle("r4b_status_event"))
+    bp, spo2 = (e["resource"] for e in doc["entry"][1:3])
+    assert (bp["id"], spo2["id"]) == ("vs-bp-1", "vs-spo2-1")
+    bp["component"] = bp["component"][1:]  # diastolic only
+    del spo2["component"]
+    bp["status"] = spo2["status"] = "entered-in-error"
+    retracted = {e.fact_id for e in parsed_body(json.dumps(doc).encode()).events if e.status is Status.ENTERED_IN_ERROR}
+    assert retracted == {"fhir:Observation/vs-bp-1:8480-6", "fhir:Observation/vs-bp-1:8462-4",
+                         "fhir:Observation/vs-spo2-1:59408-5", "fhir:Observation/vs-spo2-1:3151-8",
+                         "fhir:Observation/vs-spo2-1:3150-0"}
+
+
 def test_amended_observation_with_reference_only_subject():
     (hr,) = parsed("r4b_amended_reference_only").events
     assert hr.patient_id == "pt-e4f5d6254795"  # from "Patient/pt-e4f5d6254795"
