@@ -43,7 +43,8 @@ from functools import lru_cache
 from typing import Callable, Literal
 
 from schemas import codes
-from schemas.scores import news2_subscores, qsofa
+from schemas.scores import (air_or_oxygen_score, consciousness_score, news2_subscores, pulse_score, qsofa,
+                            resp_rate_score, spo2_scale1_score, systolic_bp_score, temperature_score)
 
 Aggregation = Literal["last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope"]
 AGGREGATIONS: tuple[str, ...] = ("last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope")
@@ -183,6 +184,24 @@ def _news2_sub(part: str):
         return _news2_parts(rr, spo2, on_oxygen, sbp, hr, acvpu, temp)[part]
 
     return fn
+
+
+_NEWS2_PART_SCORES = {"resp_rate": resp_rate_score, "spo2": spo2_scale1_score,
+                      "air_or_oxygen": lambda on_oxygen: air_or_oxygen_score(on_oxygen == 1),
+                      "systolic_bp": systolic_bp_score, "pulse": pulse_score,
+                      "consciousness": lambda acvpu: consciousness_score(codes.ACVPU[int(acvpu)]),
+                      "temperature": temperature_score}
+
+
+def news2_charted_parts(features: dict) -> dict[str, int]:
+    """The NEWS2 sub-scores ("news2_<part>" -> points) of the parameters charted: all seven when NEWS2 is
+    known, else those whose input is present, each scored on its own (a sub-score needs only its input).
+    For the rule's triggers, not a feature: NEWS2 and its sub-score features stay missing then."""
+    if features.get("news2") is not None:
+        return {f"news2_{part}": features[f"news2_{part}"] for part in _NEWS2_PART_SCORES}
+    return {f"news2_{part}": score(features[name])
+            for (part, score), name in zip(_NEWS2_PART_SCORES.items(), _NEWS2_INPUTS, strict=True)
+            if features.get(name) is not None}
 
 
 def _qsofa(rr, sbp, acvpu) -> int:

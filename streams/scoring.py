@@ -14,7 +14,8 @@ Paths
   input is missing (`missing` lists them). Probability is None; the tier comes from NEWS2 and its
   triggers (RCP 2017): >= 7 high (emergency response), 5-6 medium (urgent response), a single
   parameter scoring 3 also medium (its own trigger: urgent ward-based response), else none.
-  Missing NEWS2 -> none.
+  Missing NEWS2 (an input not charted in 24 h): the charted parameters still trigger, a single 3
+  and the sum of their points (NEWS2 is at least that); nothing charted -> none.
 - NEWS2 is the floor of the model path: a point whose NEWS2 tier is above the model's takes the
   NEWS2 tier, with path "rule" and the NEWS2 rationale (the probability stays on the record). The
   model adds earlier warnings; it never silences the national escalation standard, and it is
@@ -62,7 +63,7 @@ from typing import Literal, Sequence, TypedDict
 import numpy as np
 import onnxruntime as ort
 
-from schemas.features import DERIVED, derive
+from schemas.features import DERIVED, derive, news2_charted_parts
 from schemas.model_contract import ContractError, ModelContract, check_contract
 from schemas.scores import news2_risk
 from streams.alerting import TIER_RANK
@@ -119,12 +120,12 @@ def model_tier(probability: float, *, alert_threshold: float, high_threshold: fl
 
 
 def rule_tier(features: dict) -> Tier:
-    """Tier from NEWS2 (features as returned by schemas.features.derive)."""
-    total = features.get("news2")
-    if total is None:
-        return "none"
-    any_three = any(features.get(part) == 3 for part in _NEWS2_PARTS)
-    return _RULE_TIER[news2_risk(int(total), any_three)]
+    """Tier from NEWS2 (features as returned by schemas.features.derive). With an input missing, the
+    parameters charted still trigger: a single one scoring 3 is a trigger of its own, and NEWS2 is at
+    least the sum of their points (sub-scores are >= 0), so the tier that sum reaches holds whatever the
+    missing ones score. Nothing charted -> none."""
+    parts = news2_charted_parts(features)
+    return _RULE_TIER[news2_risk(sum(parts.values()), 3 in parts.values())] if parts else "none"
 
 
 def with_news2_floor(result: ScoreResult, features: dict) -> ScoreResult:
@@ -138,8 +139,8 @@ def with_news2_floor(result: ScoreResult, features: dict) -> ScoreResult:
 def rule_rationale(features: dict) -> list[Reason]:
     """The NEWS2 parameters with the highest non-zero sub-scores."""
     reasons = [Reason(feature=NEWS2_PART_INPUT[part], value=float(features[NEWS2_PART_INPUT[part]]),
-                      contribution=float(features[part]))
-               for part in _NEWS2_PARTS if features.get(part)]
+                      contribution=float(points))
+               for part, points in news2_charted_parts(features).items() if points]
     return sorted(reasons, key=lambda r: -r["contribution"])[:TOP_REASONS]
 
 

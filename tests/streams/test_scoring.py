@@ -257,10 +257,38 @@ def test_missing_news2_input_falls_back_to_the_rule(model_dir, settings):
 
     results = Scorer(model_dir, settings).score([no_temperature, snapshot(spo2_last_24h=None)])
 
-    assert [(r.path, r.probability, r.model_version, r.news2, r.tier) for r in results] == [("rule", None, None, None,
-                                                                                             "none")] * 2
+    # RR 30 scores 3 whatever the temperature: its own trigger (see the test below)
+    assert [(r.path, r.probability, r.model_version, r.news2, r.tier) for r in results] == [
+        ("rule", None, None, None, "medium"), ("rule", None, None, None, "none")]
     assert results[0].missing == ["temperature_last_24h"]
     assert results[1].missing == ["spo2_last_24h"]
+
+
+@pytest.mark.parametrize("changes, tier, rationale", [
+    # a single parameter scoring 3 triggers, whatever the missing one would score (RCP 2017)
+    ({"resp_rate_last_24h": 30.0}, "medium", [("resp_rate_last_24h", 3.0)]),
+    ({"consciousness_last_24h": 4}, "medium", [("consciousness_last_24h", 3.0)]),  # unresponsive
+    # NEWS2 is at least the charted parameters' sum: 3 + 3 + 2 is high, 2 + 2 + 1 medium
+    ({"systolic_bp_last_24h": 85.0, "spo2_last_24h": 90.0, "o2_flow_last_24h": 2.0}, "high",
+     [("spo2_last_24h", 3.0), ("systolic_bp_last_24h", 3.0), ("on_oxygen", 2.0)]),
+    ({"spo2_last_24h": 93.0, "o2_flow_last_24h": 2.0, "heart_rate_last_24h": 95.0}, "medium",
+     [("spo2_last_24h", 2.0), ("on_oxygen", 2.0), ("heart_rate_last_24h", 1.0)]),
+    ({"resp_rate_last_24h": 22.0, "heart_rate_last_24h": 95.0}, "none", [("resp_rate_last_24h", 2.0),
+                                                                          ("heart_rate_last_24h", 1.0)]),
+])
+def test_charted_news2_parameters_trigger_when_another_is_missing(model_dir, settings, changes, tier, rationale):
+    """Temperature not charted in 24 h: NEWS2 is unknown, but an RR of 30 or a patient in shock is not
+    less urgent for it. Before, any missing input made the tier none: no alert, an 'info' card."""
+    register(model_dir, "v1", onnx_bytes(fit_linear()))
+    [result] = Scorer(model_dir, settings).score([snapshot(**changes, temperature_last_24h=None)])
+    assert (result.path, result.news2, result.tier, result.missing) == ("rule", None, tier, ["temperature_last_24h"])
+    assert [(r["feature"], r["contribution"]) for r in result.rationale] == rationale
+
+
+def test_nothing_charted_for_news2_is_no_tier(settings):
+    empty = {name: None for name in NORMAL}
+    [result] = Scorer(settings.model_dir, settings).score([empty])
+    assert (result.path, result.news2, result.tier, result.rationale) == ("rule", None, "none", [])
 
 
 def test_mixed_batch_keeps_the_order(model_dir, settings):
