@@ -16,7 +16,7 @@ Shapes
                                            trigger and snapshot_id
     final_facts(events, ...)               the live facts in hindsight (latest versions)
     features_at(events, points, ...)       points + every FEATURE_NAMES column, as of arrival
-    features_as_of_issued(events, points)  the same, from what was issued by the scoring time
+    features_as_of_issued(events, points)  the same, from what was issued when the point was scored
 
 Context events (code_system == schemas.codes.CONTEXT: encounter and patient facts) are not
 measurements: every function here leaves them out before applying the state rules, as the patient
@@ -350,16 +350,43 @@ def features_at(events: pl.DataFrame, points: pl.DataFrame, *,
 def features_as_of_issued(events: pl.DataFrame, points: pl.DataFrame, *,
                           allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
                           cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
-    """Every feature at each point from what could be known at the scoring time: each fact at its
-    highest version with issued_ms <= scoring_ms (training without leakage). The state rules
-    (dedupe, lateness, aliases) are the same as online; points need only patient_id, scoring_ms.
+    """Every feature at each point from what could be known when it was scored: each fact at its
+    highest version issued by then (known_at_ms), effective in the windows ending at scoring_ms
+    (training without leakage). The state rules (dedupe, lateness, aliases) are the same as online;
+    points need only patient_id, scoring_ms (then known at scoring_ms); with partition and offset
+    (and idx) the issue time of the message that triggered the point counts too.
     """
     versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
     # version v is the visible one from its issue time until a later version has been issued
     issued_later = pl.col("issued_ms").reverse().cum_min().reverse().shift(-1)
     versions = _over_repeated_facts(versions, "_until", issued_later, "_vrow").with_columns(_from=pl.col("issued_ms"))
     points = points.with_columns(pl.col("scoring_ms").cast(pl.Int64))
-    return _features(versions, points, points["scoring_ms"])
+    return _features(versions, points, known_at_ms(events, points))
+
+
+def known_at_ms(events: pl.DataFrame, points: pl.DataFrame) -> pl.Series:
+    """Per point (input order): the issue time up to which it could know facts. The scoring time, or
+    later when the readings of the message that triggered it (up to the point's idx) were issued later:
+    the stream scores a point when that message arrives, with its readings in the features. A CDC
+    vitals row is committed (issued) a minute or two after it was charted at T, so `issued <= T`
+    would train every vitals point on the round before it, while the served model sees the round
+    itself (time since the last heart rate 0 s, not an hour). Points without partition and offset:
+    the scoring time."""
+    scoring = points["scoring_ms"].cast(pl.Int64)
+    if not {"partition", "offset"} <= set(points.columns) or events.is_empty():
+        return scoring
+    message = ["patient_id", "partition", "offset"]
+    point_idx = pl.col("idx").cast(pl.Int64).fill_null(END_OF_MESSAGE) if "idx" in points.columns else pl.lit(END_OF_MESSAGE)
+    position = [pl.col("patient_id"), pl.col("partition", "offset").cast(pl.Int64)]
+    issued = (events.select(*position, pl.col("idx").cast(pl.Int64), pl.col("issued_ms").cast(pl.Int64))
+              .sort("idx").with_columns(_issued=pl.col("issued_ms").cum_max().over(message)))
+    seen = (points.select(*position, idx=point_idx)
+            .with_row_index("_point").sort("idx")
+            .join_asof(issued.select(*message, "idx", "_issued"), on="idx", by=message, strategy="backward",
+                       check_sortedness=False)  # sorted above
+            .sort("_point"))
+    # a point whose message has no event of its patient (none in `events`) knows what was issued by T
+    return pl.DataFrame({"t": scoring, "i": seen["_issued"]}).select(known_at_ms=pl.max_horizontal("t", "i"))["known_at_ms"]
 
 
 def _features(versions: pl.DataFrame, points: pl.DataFrame, at: pl.Series) -> pl.DataFrame:

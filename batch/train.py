@@ -20,10 +20,12 @@ is no new onset to predict) and are excluded from training and from every discri
 calibration metric; they still count for the alert burden. Later episodes are not labelled: with
 vitals hovering at a threshold (NEWS2 6, 7, 6, 7) "onset" would again mean "NEWS2 is already
 almost 7". ICU transfer and death are not in the canonical events, so they are not part of the
-label. A fact effective before T but issued after T neither excludes the point (it was not known)
-nor counts as its onset (it is not after T).
+label. A fact effective before T but issued after the point was scored neither excludes the point
+(it was not known) nor counts as its onset (it is not after T).
 
-The features come from batch.features.features_as_of_issued, so training never sees the future.
+The features come from batch.features.features_as_of_issued, so training never sees the future: what
+was issued by the time the point was scored (known_at_ms), which includes the point's own vitals
+round (committed a minute or two after it was charted at T), as the served model sees it.
 
 The model (impute missing with training medians -> standardize -> logistic regression) is exported
 with skl2onnx: input "features" float32 [None, n_features] in the card's feature order, NaN meaning
@@ -134,7 +136,8 @@ def _known_at(events_df: pl.DataFrame, points: pl.DataFrame, rules: dict) -> pl.
     missing = [c for c in STATE_FEATURES if c not in points.columns]
     known = points.select(pl.col(c).cast(pl.Float64) for c in STATE_FEATURES if c in points.columns)
     if missing:
-        computed = features_as_of_issued(events_df, points.select("patient_id", "scoring_ms"), **rules)
+        position = [c for c in ("patient_id", "scoring_ms", "partition", "offset", "idx") if c in points.columns]
+        computed = features_as_of_issued(events_df, points.select(position), **rules)
         known = known.with_columns(computed.select(pl.col(c).cast(pl.Float64) for c in missing))
     return known
 

@@ -1,5 +1,6 @@
-"""No leakage: features at a scoring time T depend only on what was issued by T, and labels only on
-what happens strictly after T.
+"""No leakage: features at a scoring time T depend only on what was issued by T (or, for a point given
+with its message, by when that message was issued: the stream scored it then), and labels only on what
+happens strictly after T.
 
 The oracle is the truncated archive itself: cutting every event issued after T (or effective after
 T) must not change any feature at T. Events arrive in issue order (as they would from the EHR), so
@@ -14,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batch.features import features_as_of_issued
+from batch.features import features_as_of_issued, features_at
 from batch.train import make_labels
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
@@ -126,3 +127,31 @@ def test_labels_look_only_strictly_after_t():
     assert label_with_low_bp_at(t + 1) == 1
     assert label_with_low_bp_at(t + 12 * HOUR) == 1
     assert label_with_low_bp_at(t + 12 * HOUR + 1) == 0  # beyond the horizon
+
+
+def _vitals_points(events: pl.DataFrame) -> pl.DataFrame:
+    """The scoring point of every vitals round as the stream takes it: at the charting time T, on the
+    arrival of the message that carries the round (issued, i.e. committed, a minute after T)."""
+    return (events.filter(pl.col("code") == codes.HEART_RATE)
+            .join(events.group_by("patient_id", "partition", "offset").agg(pl.col("idx").max().alias("last")),
+                  on=["patient_id", "partition", "offset"])
+            .select("patient_id", scoring_ms="effective_ms", partition="partition", offset="offset", idx="last")
+            .unique().sort("patient_id", "scoring_ms"))
+
+
+def test_a_vitals_point_is_trained_on_its_own_round_as_the_served_model_sees_it():
+    """The stream scores a vitals round when its message arrives, with the round in the features. Its
+    readings are issued (committed) a minute after they were charted at T: training must see them too,
+    or every training row is one round stale (time since the last heart rate an hour, not 0 s) and the
+    held-out metrics describe another model than the one served. Labs resulted hours later stay out."""
+    points = _vitals_points(ALL)
+    trained = features_as_of_issued(ALL, points)
+    served = features_at(ALL, points)  # by arrival position: what the online scorer sees
+    differing = {(row["patient_id"], row["scoring_ms"], name)
+                 for row, online in zip(trained.iter_rows(named=True), served.iter_rows(named=True))
+                 for name in FEATURE_NAMES if not same(row[name], online[name])}
+    assert differing == set()
+    assert trained["heart_rate_time_since_last_s_24h"].to_list() == [0.0] * points.height
+    drawn_at_t2 = T0 + 2 * HOUR  # a lactate drawn with the round at hour 2, resulted 3 h later
+    at_t2 = trained.filter(pl.col("scoring_ms") == drawn_at_t2)
+    assert at_t2["lactate_last_24h"].to_list() == [None, None]
