@@ -134,12 +134,11 @@ def make_labels(events_df: pl.DataFrame, points_df: pl.DataFrame, horizon_h: flo
 def _known_at(events_df: pl.DataFrame, points: pl.DataFrame, rules: dict) -> pl.DataFrame:
     """STATE_FEATURES per point (input order): taken from `points` when there, else as of issue time."""
     missing = [c for c in STATE_FEATURES if c not in points.columns]
-    known = points.select(pl.col(c).cast(pl.Float64) for c in STATE_FEATURES if c in points.columns)
-    if missing:
+    if missing:  # (a select of no column has no rows: add the computed ones to the points instead)
         position = [c for c in ("patient_id", "scoring_ms", "partition", "offset", "idx") if c in points.columns]
         computed = features_as_of_issued(events_df, points.select(position), **rules)
-        known = known.with_columns(computed.select(pl.col(c).cast(pl.Float64) for c in missing))
-    return known
+        points = points.with_columns(computed.select(missing).get_columns())
+    return points.select(pl.col(c).cast(pl.Float64) for c in STATE_FEATURES)
 
 
 def _ever(points: pl.DataFrame, state: pl.Series) -> pl.Series:

@@ -318,6 +318,19 @@ def test_a_patient_already_deteriorated_at_t_is_not_at_risk():
     assert make_labels(pl.DataFrame(lactate), points_at((t, 2)), horizon_h=12)["at_risk"].to_list() == [False]
 
 
+def test_labels_of_bare_points_compute_the_state_at_t_themselves():
+    """make_labels on points alone (no feature column): the state at T is computed as of issue time, as
+    its docstring says, instead of failing on a frame of no rows."""
+    t = T0 + 24 * HOUR
+    events = pl.DataFrame([vital("sbp1", codes.SYSTOLIC_BP, 85, t - 2 * HOUR, 0),  # known at T: not at risk
+                           vital("hr", codes.HEART_RATE, 80, t + HOUR, 1),
+                           vital("sbp2", codes.SYSTOLIC_BP, 120, t + 2 * HOUR, 2)])
+    points = pl.DataFrame({"patient_id": ["p1", "p1"], "scoring_ms": [t - 3 * HOUR, t]})
+    labels = make_labels(events, points, horizon_h=12)
+    assert labels["at_risk"].to_list() == [True, False]
+    assert labels["label"].to_list() == [1, 0]
+    assert labels["onset_ms"].to_list() == [t - 2 * HOUR, None]
+
 def test_only_the_first_onset_is_labelled():
     events = pl.DataFrame([vital("sbp1", codes.SYSTOLIC_BP, 85, T0, 0),
                            vital("sbp2", codes.SYSTOLIC_BP, 118, T0 + 2 * HOUR, 1),  # recovered
