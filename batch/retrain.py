@@ -68,7 +68,8 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
         for metric in GATE_METRICS:
             mine, theirs = new.get(metric), ref.get(metric)
             if mine is None or theirs is None:
-                reasons.append(f"{metric} vs {name} not computable (held-out rows hold one class)")
+                reasons.append(f"{metric} vs {name} not computable (the {new.get('n_rows', '?')} held-out rows at "
+                               f"risk hold {new.get('positives', '?')} positive: one class or none)")
             elif mine - theirs < margins[metric]:
                 reasons.append(f"{metric} {mine:.4f} does not beat {name} {theirs:.4f} by {margins[metric]:g}")
             else:

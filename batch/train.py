@@ -290,13 +290,14 @@ def _matrix(frame: pl.DataFrame) -> np.ndarray:
 
 def _metrics(y: np.ndarray, score: np.ndarray, probability: np.ndarray | None = None) -> dict:
     """AUROC/AUPRC of a ranking score and Brier of a probability (the score itself by default).
-    AUROC and AUPRC are None when the rows hold one class only."""
+    AUROC and AUPRC are None when the rows hold one class only, Brier too when there are no rows (every
+    held-out patient already deteriorated at each point): not computable, which the gate refuses."""
     probability = score if probability is None else probability
     two_classes = len(set(y.tolist())) == 2
     return {
         "auroc": float(roc_auc_score(y, score)) if two_classes else None,
         "auprc": float(average_precision_score(y, score)) if two_classes else None,
-        "brier": float(brier_score_loss(y, probability, labels=[0, 1])),
+        "brier": float(brier_score_loss(y, probability, labels=[0, 1])) if len(y) else None,
         "n_rows": int(len(y)),
         "positives": int(y.sum()),
     }
@@ -372,7 +373,7 @@ def _news2_metrics(train: pl.DataFrame, test_all: pl.DataFrame, fill: float | No
     calibration = LogisticRegression().fit(news2(train).reshape(-1, 1), train["label"].to_numpy().astype(int))
     test = test_all.filter(pl.col("at_risk"))
     score = news2(test)
-    probability = calibration.predict_proba(score.reshape(-1, 1))[:, 1]
+    probability = calibration.predict_proba(score.reshape(-1, 1))[:, 1] if len(score) else score
     y = test["label"].to_numpy().astype(int)
     return _metrics(y, score, probability) | {
         "reliability": reliability_table(y, probability),

@@ -368,7 +368,7 @@ def train_summary(card: dict, model_dir: Path) -> str:
                                                       (None, gate.get("decision"), "promoted") else "")]
     lines += [f"  - {reason}" for reason in gate.get("reasons", [])]
     if model.get("auroc") is None:
-        lines.append("held-out metrics are not computable (the held-out rows hold one class): too little data for "
+        lines.append("held-out metrics are not computable (the held-out rows hold one class, or none): too little data for "
                      "this model to be judged; build more (`wardwatch batch dataset --patients 300`)")
     lines.append(f"card: {model_dir / card['version'] / 'card.json'}  (--json prints it)")
     return "\n".join(lines)

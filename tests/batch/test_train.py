@@ -146,6 +146,24 @@ def test_single_class_labels_are_refused(tmp_path):
         train_model(features, labels, tmp_path, "v1")
 
 
+
+def test_held_out_patients_with_no_row_at_risk_give_a_model_whose_metrics_are_not_computable(tmp_path):
+    """Every held-out patient already deteriorated at each point: no held-out row to judge the model on.
+    It is published with metrics None (the gate keeps it as a candidate), not a scikit-learn error."""
+    from batch.retrain import gate_decision
+    from batch.train import split_patients
+
+    features = synthetic_features(n_patients=8)
+    _, held_out = split_patients(features["patient_id"].to_list())
+    labels = labels_for(features).with_columns(at_risk=~pl.col("patient_id").is_in(sorted(held_out)))
+    card = train_model(features, labels, tmp_path, "v1")
+    model = card["metrics"]["model"]
+    assert (model["n_rows"], model["auroc"], model["auprc"], model["brier"]) == (0, None, None, None)
+    assert card["metrics"]["news2"]["auroc"] is None and card["metrics"]["model"]["reliability"] == []
+    decision = gate_decision(model, card["metrics"]["news2"], None, min_auroc_gain=0, min_auprc_gain=0)
+    assert decision.decision == "candidate"
+    assert "auroc vs NEWS2 not computable (the 0 held-out rows at risk hold 0 positive" in decision.reasons[0]
+
 # --- registry ------------------------------------------------------------------------------------
 
 
