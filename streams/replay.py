@@ -110,6 +110,8 @@ def generate_cohort(cache_dir: Path, *, patients: int, seed: int,
     Patients are spread round-robin over `diseases` ("name" or "name:severity"). clinosim names
     every run's patients FORCED-0001.., so each run's ids are rewritten to be unique (C<run>-0001).
     """
+    if patients < 1:  # an empty cohort would be cached under its parameters, and every replay of it fail
+        raise ValueError(f"a cohort needs at least one patient, not {patients}")
     params = {"patients": patients, "seed": seed, "diseases": list(diseases), "clinosim": package_version("clinosim")}
     digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=6).hexdigest()
     target = Path(cache_dir) / f"cohort-p{patients}-s{seed}-{digest}"

@@ -118,7 +118,7 @@ def _run_until_signal(run) -> None:
 
 @app.command()
 def demo(
-    patients: int = typer.Option(8, help="Patients to generate with clinosim"),
+    patients: int = typer.Option(8, min=1, help="Patients to generate with clinosim"),
     seed: int = typer.Option(7, help="Seed for the cohort and the injected faults"),
     faults: bool = typer.Option(True, help="Inject realistic faults (duplicates, late, amendments, ...)"),
     train: bool = typer.Option(True, help="Retrain a model on the rebuilt state at the end"),
@@ -288,7 +288,7 @@ def batch_nightly(full: bool = typer.Option(False, "--full",
 @batch_app.command("dataset", epilog="Then: WARDWATCH_DATA_DIR=data/train WARDWATCH_MODEL_DIR=data/train/models "
                    "wardwatch batch train")
 def batch_dataset(
-    patients: int = typer.Option(300, help="Inpatients to generate (a mix of diseases and severities)"),
+    patients: int = typer.Option(300, min=1, help="Inpatients to generate (a mix of diseases and severities)"),
     seed: int = typer.Option(11, help="Seed for the cohort and the injected faults"),
     out: Path = typer.Option(Path("data/train"), help="Where the archive, DuckDB file and dataset.json go (wiped first)"),
     cache_dir: Path = typer.Option(Path("data/cache"), help="clinosim cohort cache (keyed by its parameters)"),

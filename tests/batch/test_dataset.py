@@ -79,3 +79,19 @@ def test_train_on_the_dataset_reports_held_out_metrics_and_the_gate(dataset, tmp
     # the seeded dataset's one held-out patient gives rows of one class: the summary says what that means
     assert card["metrics"]["model"]["auroc"] is None
     assert "held-out metrics are not computable" in result.output and "--patients 300" in result.output
+
+
+@pytest.mark.parametrize("patients", ["0", "-3"])
+def test_a_cohort_of_no_patient_is_refused_before_anything_runs_or_is_cached(patients, tmp_path, monkeypatch):
+    """`--patients 0` used to generate an empty cohort, cache it under its parameters (every later run
+    with them reused it) and stop with a FileNotFoundError traceback about encounters.csv."""
+    import batch.dataset
+    from streams.replay import generate_cohort
+
+    monkeypatch.setattr(batch.dataset, "build_dataset", lambda *a, **k: pytest.fail("the pipeline must not start"))
+    result = CliRunner().invoke(app, ["batch", "dataset", "--patients", patients, "--out", str(tmp_path / "out"),
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "--patients" in result.output
+    with pytest.raises(ValueError, match="at least one patient"):
+        generate_cohort(tmp_path / "cache", patients=int(patients), seed=11)
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
