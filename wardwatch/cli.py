@@ -127,8 +127,12 @@ def demo(
     bootstrap: Optional[str] = typer.Option(None, help="Use this Kafka instead of the embedded broker"),
 ) -> None:
     """Run the whole pipeline end to end on the embedded broker and print a summary."""
-    from wardwatch.demo import DemoOptions, run_demo, write_summary
+    from wardwatch.demo import DemoOptions, check_wipeable, run_demo, write_summary
 
+    try:
+        check_wipeable(data_dir.resolve())
+    except ValueError as exc:
+        _fail(str(exc))
     summary = run_demo(DemoOptions(patients=patients, seed=seed, faults=faults, train=train, data_dir=data_dir,
                                    bootstrap=bootstrap), console)
     if summary_json:
@@ -296,7 +300,12 @@ def batch_dataset(
 ) -> None:
     """Training data through the real pipeline: clinosim -> replay -> stream -> archive -> nightly rebuild."""
     from batch.dataset import DatasetOptions, build_dataset
+    from wardwatch.demo import check_wipeable
 
+    try:
+        check_wipeable(out.resolve())
+    except ValueError as exc:
+        _fail(str(exc))
     summary = build_dataset(DatasetOptions(patients=patients, seed=seed, out=out, cache_dir=cache_dir,
                                            faults=faults), console)
     console.print_json(data={k: summary[k] for k in ("duckdb_path", "labels", "parity_ok", "seconds")})

@@ -120,10 +120,27 @@ def _wait_until_processed(settings: Settings, archiver: Archiver, raw_end_offset
     return dict(archiver.consumed)
 
 
+# what a run leaves in its data directory: one of them marks a directory a new run may wipe
+RUN_MARKERS = ("logs", "archive", "wardwatch.duckdb")
+
+
+def check_wipeable(data_dir: Path) -> None:
+    """Refuse to wipe a directory that is neither empty nor an earlier run's (`--out .`, a home
+    directory, `data` with the clinosim cache in it): ValueError naming it."""
+    if not data_dir.exists():
+        return
+    if not data_dir.is_dir():
+        raise ValueError(f"{data_dir} is a file, not a directory: choose a new or empty directory")
+    if any(data_dir.iterdir()) and not any((data_dir / name).exists() for name in RUN_MARKERS):
+        raise ValueError(f"refusing to wipe {data_dir}: it is not empty and holds no earlier run "
+                         f"({', '.join(RUN_MARKERS)}); choose a new or empty directory")
+
+
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
     console = console or Console()
     started = time.monotonic()
     data_dir = opts.data_dir.resolve()
+    check_wipeable(data_dir)
     if data_dir.exists():
         shutil.rmtree(data_dir)  # a demo run starts clean: its DuckDB reflects this run only
     (data_dir / "logs").mkdir(parents=True)

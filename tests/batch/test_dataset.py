@@ -95,3 +95,29 @@ def test_a_cohort_of_no_patient_is_refused_before_anything_runs_or_is_cached(pat
     with pytest.raises(ValueError, match="at least one patient"):
         generate_cohort(tmp_path / "cache", patients=int(patients), seed=11)
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["batch", "dataset", "--out"], ["demo", "--data-dir"]])
+def test_a_directory_that_holds_no_earlier_run_is_never_wiped(command, tmp_path, monkeypatch):
+    """--out / --data-dir is wiped first: `--out .` in a checkout, or `--out data` (the clinosim cache),
+    used to be deleted whole. Only an empty directory or an earlier run's (logs/, archive/,
+    wardwatch.duckdb) is wiped."""
+    import wardwatch.demo
+
+    def no_broker(*a, **k):
+        raise RuntimeError("the pipeline must not start")
+
+    monkeypatch.setattr(wardwatch.demo.EmbeddedBroker, "start", no_broker)
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, [*command, str(tmp_path), "--cache-dir" if command[0] == "batch" else "--seed",
+                                      str(tmp_path / "cache") if command[0] == "batch" else "7"])
+    assert result.exit_code == 2 and "refusing to wipe" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    from wardwatch.demo import check_wipeable
+
+    earlier = tmp_path / "earlier"
+    (earlier / "logs").mkdir(parents=True)
+    (earlier / "dataset.json").write_text("{}")
+    check_wipeable(earlier)  # an earlier run's directory: wiped as before
+    check_wipeable(tmp_path / "new")
