@@ -12,6 +12,17 @@ then its MRN (identifier typed MR, else the only identifier) is tried first, the
 Answers `{"cards": []}` for a patient wardwatch has not scored, 400 (with a JSON `error` saying
 what to fix) for a malformed request.
 
+Client authentication (CDS Hooks "Trusting CDS Clients"): with WARDWATCH_CDS_JWKS_FILE set, every
+service call must carry `Authorization: Bearer <JWT>`, signed (ES384 or RS384 unless
+WARDWATCH_CDS_ALGORITHMS says otherwise; never `none` or HMAC) by the key of that JWK Set its `kid`
+names, with an `iss` of WARDWATCH_CDS_ISSUERS, an `aud` of WARDWATCH_CDS_AUDIENCE (the URL of the
+service endpoint the client calls), `exp`, `iat` and a `jti` not used before; else 401 with
+`WWW-Authenticate: Bearer` and a JSON `error` naming what is wrong (never a claim's value). The keys
+are the file's, exchanged out of band: a `jku` header is never fetched (it would let the token name
+the key that verifies it). Discovery and /healthz stay open: they hold no patient data. Without a
+JWK Set the service takes anonymous calls, and starts only on a loopback address or with
+WARDWATCH_CDS_ALLOW_ANONYMOUS=true (load_client_auth).
+
 Card: summary (< 140 chars, no identifiers: the tier and the probability or NEWS2, and "preliminary
 results" when a reading the score rests on is a preliminary result), indicator by tier (high
 critical, medium warning, low/none info), source.label "wardwatch", detail (markdown: the top
@@ -29,15 +40,20 @@ are never served. Logs never carry patient ids or values.
 
 from __future__ import annotations
 
+import heapq
+import ipaddress
 import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+import jwt
 import orjson
 from aiohttp import web
 
@@ -65,8 +81,16 @@ DISCOVERY = {"services": [{
 }]}
 
 
+ECHO_MAX = 64  # characters of a request value an error message may quote (a 1 MB `hook` is not echoed back)
+
+
 class BadRequest(ValueError):
     """The CDS Hooks request cannot be answered as sent; the message says what to fix."""
+
+
+def _echo(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= ECHO_MAX else shown[:ECHO_MAX] + "..."
 
 
 # --- pure: request -> patient keys, score record -> card --------------------------------------------------
@@ -77,7 +101,7 @@ def patient_keys(request: Any) -> list[str]:
     if not isinstance(request, dict):
         raise BadRequest("the request body must be a JSON object (a CDS Hooks request)")
     if request.get("hook", HOOK) != HOOK:
-        raise BadRequest(f"this service answers the {HOOK!r} hook, not {request.get('hook')!r}")
+        raise BadRequest(f"this service answers the {HOOK!r} hook, not {_echo(request.get('hook'))}")
     ctx = request.get("context")
     if not isinstance(ctx, dict):
         raise BadRequest("the request has no `context` object")
@@ -200,14 +224,202 @@ class LatestScores:
         return next((self.cards[k] for k in keys if k in self.by_patient), None)
 
 
+# --- pure: CDS client authentication (CDS Hooks "Trusting CDS Clients") -------------------------------------
+
+LEEWAY_S = 30  # clock skew allowed between the EHR and this host on exp and iat
+# A token may not be valid for longer than this from now: it bounds how long a jti must be remembered,
+# so the in-memory replay cache is enough (and a restart, which forgets it, reopens a short window only)
+MAX_TOKEN_LIFETIME_S = 15 * 60
+SEEN_TOKENS_MAX = 100_000  # jti entries kept at most (a few MB)
+REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "jti"]
+# which key types can verify which algorithms (a JWK without `alg` is tried with the allowed ones of its type)
+KEY_TYPE_ALGORITHMS = {"EC": ("ES",), "RSA": ("RS", "PS"), "OKP": ("EdDSA",)}
+
+
+class AuthConfigError(ValueError):
+    """`wardwatch cds` cannot start with these settings; the message is one line saying what to set."""
+
+
+class Unauthorized(Exception):
+    """A service call without a valid client token; the message says what is wrong in general terms."""
+
+    def __init__(self, message: str, *, token_sent: bool = True):
+        super().__init__(message)
+        self.token_sent = token_sent
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+class SeenTokens:
+    """The (iss, jti) of every accepted token until it expires: a token is accepted once. In memory and
+    bounded: a restart forgets it, which re-opens a replay window of at most MAX_TOKEN_LIFETIME_S for
+    tokens captured before it; when full of live tokens, the one expiring first is forgotten first."""
+
+    def __init__(self, capacity: int = SEEN_TOKENS_MAX):
+        self.capacity = capacity
+        self._until: dict[tuple[str, str], float] = {}
+        self._heap: list[tuple[float, tuple[str, str]]] = []
+
+    def first_use(self, key: tuple[str, str], until: float, now: float) -> bool:
+        """True (and remembered until `until`) the first time `key` is seen while it is valid."""
+        if key in self._until:  # (an expired token never gets here: it was refused first)
+            return False
+        while self._heap and (self._heap[0][0] < now or len(self._until) >= self.capacity):
+            _, old = heapq.heappop(self._heap)
+            self._until.pop(old, None)
+        self._until[key] = until
+        heapq.heappush(self._heap, (until, key))
+        return True
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+@dataclass
+class ClientAuth:
+    """What a CDS client's token is checked against (built once at start by load_client_auth)."""
+
+    keys: dict[tuple[str, str], jwt.PyJWK]  # (kid, alg) -> the public key, bound to that algorithm
+    issuers: list[str]
+    audience: str
+    algorithms: list[str]
+    seen: SeenTokens = field(default_factory=SeenTokens)
+
+    def describe(self) -> str:
+        kids = {kid for kid, _ in self.keys}
+        return (f"signed JWT required on every service call ({len(kids)} client key(s), {len(self.issuers)} "
+                f"issuer(s), algorithms {', '.join(self.algorithms)})")
+
+
+def client_keys(jwks: Any, algorithms: list[str]) -> dict[tuple[str, str], jwt.PyJWK]:
+    """(kid, alg) -> verifying key, for every key of a JWK Set and allowed algorithm it can verify."""
+    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list) or not jwks["keys"]:
+        raise AuthConfigError("is not a JWK Set: a JSON object with a non-empty `keys` array")
+    keys: dict[tuple[str, str], jwt.PyJWK] = {}
+    for jwk in jwks["keys"]:
+        if not isinstance(jwk, dict) or not isinstance(jwk.get("kid"), str) or not jwk["kid"]:
+            raise AuthConfigError("has a key without a `kid` (CDS Hooks: the token's kid names its key)")
+        kid, kty = jwk["kid"], jwk.get("kty")
+        if kty == "oct" or "d" in jwk:
+            raise AuthConfigError(f"key {kid!r} is a secret or private key: give the clients' public keys only")
+        if jwk.get("use", "sig") != "sig":
+            continue  # an encryption key of the client: never a signature
+        prefixes = KEY_TYPE_ALGORITHMS.get(kty, ())
+        for alg in algorithms:
+            if not alg.startswith(prefixes) or jwk.get("alg", alg) != alg:
+                continue
+            try:
+                keys[(kid, alg)] = jwt.PyJWK(jwk, algorithm=alg)
+            except jwt.PyJWTError as e:
+                raise AuthConfigError(f"key {kid!r} is not a usable {alg} public key ({type(e).__name__})") from None
+    if not keys:
+        raise AuthConfigError(f"has no key that can verify {', '.join(algorithms)} (WARDWATCH_CDS_ALGORITHMS)")
+    return keys
+
+
+def load_client_auth(settings: Settings) -> ClientAuth | None:
+    """The client checks `wardwatch cds` runs with (None: anonymous calls), or AuthConfigError: one
+    line saying what to set. Anonymous only where nobody else can connect (a loopback address), unless
+    the operator says so: on the compose network every container reaches the port."""
+    if settings.cds_jwks_file is None:
+        if is_loopback(settings.cds_host) or settings.cds_allow_anonymous:
+            return None
+        raise AuthConfigError(
+            f"WARDWATCH_CDS_HOST={settings.cds_host} without WARDWATCH_CDS_JWKS_FILE would serve every patient's "
+            "risk to anyone who reaches the port: set WARDWATCH_CDS_JWKS_FILE (the EHRs' public keys), "
+            "WARDWATCH_CDS_ISSUERS and WARDWATCH_CDS_AUDIENCE to require signed tokens, or "
+            "WARDWATCH_CDS_ALLOW_ANONYMOUS=true to accept that")
+    where = f"WARDWATCH_CDS_JWKS_FILE={settings.cds_jwks_file}"
+    try:
+        jwks = orjson.loads(Path(settings.cds_jwks_file).read_bytes())
+    except OSError as e:
+        raise AuthConfigError(f"{where} cannot be read ({e.strerror}; in a container: mount the file there)") from None
+    except orjson.JSONDecodeError:
+        raise AuthConfigError(f"{where} is not JSON (a JWK Set of the CDS clients' public keys)") from None
+    try:
+        keys = client_keys(jwks, settings.cds_algorithms)
+    except AuthConfigError as e:
+        raise AuthConfigError(f"{where} {e}") from None
+    audience = settings.cds_audience or ""
+    # CDS Hooks: aud is the URL of the endpoint called, and a service's endpoint is <base>/cds-services/<id>
+    endpoint = f"/cds-services/{SERVICE_ID}"
+    if not audience.startswith(("https://", "http://")) or not audience.rstrip("/").endswith(endpoint):
+        raise AuthConfigError(f"WARDWATCH_CDS_AUDIENCE={audience} is not this service's endpoint URL as the EHR "
+                              f"calls it: https://<host>[/<path>]{endpoint}")
+    return ClientAuth(keys, list(settings.cds_issuers), audience.rstrip("/"), list(settings.cds_algorithms))
+
+
+def authenticate(auth: ClientAuth, authorization: str | None, now: float | None = None) -> None:
+    """Check the Authorization header of a service call; Unauthorized says what is wrong."""
+    if not authorization:
+        raise Unauthorized("no bearer token: a CDS client must send `Authorization: Bearer <JWT>` signed with "
+                           "its key (CDS Hooks: Trusting CDS Clients)", token_sent=False)
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("the Authorization header is not `Bearer <JWT>`")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.DecodeError:
+        raise Unauthorized("the bearer token is not a JWT") from None
+    alg, kid = header.get("alg"), header.get("kid")
+    if alg not in auth.algorithms:  # none and HMAC are never in the list (settings.py)
+        raise Unauthorized(f"the token's signing algorithm is not accepted (only {', '.join(auth.algorithms)})")
+    key = auth.keys.get((kid, alg)) if isinstance(kid, str) else None
+    if key is None:
+        raise Unauthorized("the token's `kid` names no trusted client key for its algorithm")
+    try:
+        claims = jwt.decode(token, key, algorithms=[alg], audience=[auth.audience, auth.audience + "/"],
+                            issuer=auth.issuers, leeway=LEEWAY_S,
+                            options={"require": REQUIRED_CLAIMS, "verify_signature": True})
+    except jwt.MissingRequiredClaimError as e:
+        raise Unauthorized(f"the token has no `{e.claim}` claim (CDS Hooks requires iss, aud, exp, iat, jti)") from None
+    except jwt.InvalidSignatureError:
+        raise Unauthorized("the token's signature does not verify with the client's key") from None
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("the token has expired") from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthorized("the token is not valid yet (issued in the future)") from None
+    except jwt.InvalidIssuerError:
+        raise Unauthorized("the token's issuer (`iss`) is not a trusted CDS client") from None
+    except jwt.InvalidAudienceError:
+        raise Unauthorized("the token's audience (`aud`) is not this service's endpoint") from None
+    except jwt.PyJWTError:  # a malformed claim or token: said in general terms, never quoted
+        raise Unauthorized("the token is not a valid JWT for this service") from None
+    now = time.time() if now is None else now  # wall clock: authentication, not event time
+    jti, exp = claims["jti"], int(claims["exp"])  # (exp: PyJWT checked it is an integer date)
+    if not isinstance(jti, str) or not jti:
+        raise Unauthorized("the token's `jti` must be a non-empty string")
+    if exp > now + MAX_TOKEN_LIFETIME_S + LEEWAY_S:
+        raise Unauthorized(f"the token is valid for too long (at most {MAX_TOKEN_LIFETIME_S // 60} minutes ahead)")
+    if not auth.seen.first_use((claims["iss"], jti), exp + LEEWAY_S, now):
+        raise Unauthorized("the token was already used (`jti` replayed): sign a new token for every call")
+
+
 # --- wiring: HTTP and the Kafka feed ---------------------------------------------------------------------
 
 
-def make_app(latest: LatestScores) -> web.Application:
+def make_app(latest: LatestScores, auth: ClientAuth | None = None) -> web.Application:
+    """auth None: anonymous service calls (load_client_auth decides when that is allowed)."""
+
     async def discovery(_request: web.Request) -> web.Response:
         return web.json_response(DISCOVERY)
 
     async def service(request: web.Request) -> web.Response:
+        if auth is not None:  # before the body is read: an unauthenticated caller learns nothing
+            try:
+                authenticate(auth, request.headers.get("Authorization"))
+            except Unauthorized as e:
+                # RFC 6750: a missing token gets the bare challenge, a bad one error="invalid_token"
+                challenge = 'Bearer realm="wardwatch"' + (', error="invalid_token"' if e.token_sent else "")
+                return web.json_response({"error": str(e)}, status=401, headers={"WWW-Authenticate": challenge})
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -266,17 +478,26 @@ class ScoresFeed(threading.Thread):
             consumer.close()
 
 
-def run_cds(settings: Settings) -> None:
+def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     """Blocking: serve CDS Hooks on settings.cds_host:cds_port until SIGINT/SIGTERM (cds_port 0: any
-    free port, logged once bound: wardwatch/listen.py)."""
+    free port, logged once bound: wardwatch/listen.py). `auth`: load_client_auth(settings)."""
     from streams.topics import ensure_topics, topics_for
 
+    if auth is not None:
+        log.info("CDS client authentication: %s", auth.describe())
+    elif is_loopback(settings.cds_host):
+        log.info("CDS client authentication: off, anonymous service calls accepted (loopback address only); "
+                 "set WARDWATCH_CDS_JWKS_FILE to require the EHR's signed tokens")
+    else:
+        log.warning("CDS client authentication: off, anonymous service calls accepted from anyone who reaches "
+                    "the port (WARDWATCH_CDS_ALLOW_ANONYMOUS=true); set WARDWATCH_CDS_JWKS_FILE to require the "
+                    "EHR's signed tokens")
     topics = topics_for(settings)
     ensure_topics(settings, topics)
     latest = LatestScores.empty()
     feed = ScoresFeed(settings, topics.scores, latest)
     feed.start()
-    app = make_app(latest)
+    app = make_app(latest, auth)
 
     async def stop_feed(_app: web.Application) -> None:
         feed.stop_event.set()

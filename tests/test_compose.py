@@ -529,6 +529,19 @@ def test_subscriptions_point_at_the_receiver_service(compose, monkeypatch):
     assert receiver_url(settings, host) == f"http://receiver:{settings.receiver_port}/fhir/notifications"
 
 
+def test_the_cds_service_takes_no_anonymous_calls_on_the_compose_network_unless_told(monkeypatch):
+    """Every container on the network reaches the cds port: without the EHRs' keys it must not start
+    (anyone could read any patient's risk by id), unless the operator sets the flag for a demo."""
+    from streams.cds import AuthConfigError, load_client_auth
+
+    settings = settings_from_env(load_compose()["services"]["cds"]["environment"], monkeypatch)
+    assert settings.cds_host == "0.0.0.0"
+    with pytest.raises(AuthConfigError, match="WARDWATCH_CDS_ALLOW_ANONYMOUS=true"):
+        load_client_auth(settings)
+    told = load_compose({"WARDWATCH_CDS_ALLOW_ANONYMOUS": "true"})["services"]["cds"]["environment"]
+    assert load_client_auth(settings_from_env(told, monkeypatch)) is None
+
+
 # --- observability ---------------------------------------------------------------------------------
 
 

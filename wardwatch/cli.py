@@ -180,12 +180,19 @@ def cds() -> None:
     """Run the CDS Hooks service (patient-view): the latest risk per patient as a card, from the scores topic.
 
     Listens on WARDWATCH_CDS_HOST:WARDWATCH_CDS_PORT (default 127.0.0.1:8082); discovery at /cds-services.
+    Service calls need the EHR's signed JWT when WARDWATCH_CDS_JWKS_FILE is set; without it the service
+    starts only on a loopback address or with WARDWATCH_CDS_ALLOW_ANONYMOUS=true (exit 2 otherwise).
     """
-    from streams.cds import run_cds
+    from streams.cds import AuthConfigError, load_client_auth, run_cds
 
-    settings = _kafka_settings()
+    settings = _settings()
+    try:  # before the broker: a service that would be open to anyone never starts
+        auth = load_client_auth(settings)
+    except AuthConfigError as exc:
+        _fail(str(exc))
+    _require_broker(settings)
     _observe("cds")
-    run_cds(settings)
+    run_cds(settings, auth)
 
 
 @app.command()

@@ -20,6 +20,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
+        if isinstance(value, list):  # the comma-separated form the setting reads (str() would be "['a']")
+            value = ",".join(value)
         env[f"WARDWATCH_{name.upper()}"] = str(value)
     return env
 

@@ -9,10 +9,15 @@ import difflib
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# JWS algorithms a CDS client may sign with: asymmetric only. CDS Hooks forbids `none` (no integrity)
+# and every symmetric (HMAC) one: the service would have to hold the client's signing secret
+ASYMMETRIC_JWS_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                             "EdDSA")
 
 
 class Settings(BaseSettings):
@@ -79,6 +84,14 @@ class Settings(BaseSettings):
     # CDS Hooks service (wardwatch cds)
     cds_host: str = Field("127.0.0.1", description="Address the CDS Hooks service listens on")
     cds_port: int = Field(8082, ge=0, le=65535, description="Port of the CDS Hooks service (0: any free port, logged once bound)")
+    # client authentication (CDS Hooks "Trusting CDS Clients"): the EHR signs a short-lived JWT per call
+    cds_jwks_file: Path | None = Field(None, description="JWK Set (JSON file) of the public keys of the CDS clients (EHRs) trusted to call the service: every service call must then carry `Authorization: Bearer <JWT>` signed by one of them. None: no token is checked, which `wardwatch cds` accepts only on a loopback WARDWATCH_CDS_HOST or with WARDWATCH_CDS_ALLOW_ANONYMOUS")
+    cds_issuers: Annotated[list[str], NoDecode] = Field(
+        [], description="The `iss` values accepted in CDS clients' tokens, comma-separated (required with WARDWATCH_CDS_JWKS_FILE)")
+    cds_audience: str | None = Field(None, description="The `aud` a CDS client's token must carry: the URL of this service's endpoint as the EHR calls it, https://<host>/cds-services/wardwatch-deterioration (required with WARDWATCH_CDS_JWKS_FILE)")
+    cds_algorithms: Annotated[list[str], NoDecode] = Field(
+        ["ES384", "RS384"], description="JWS algorithms accepted for CDS clients' tokens, comma-separated: asymmetric only (default: ES384 and RS384, the ones CDS Hooks recommends)")
+    cds_allow_anonymous: bool = Field(False, description="Without WARDWATCH_CDS_JWKS_FILE, let `wardwatch cds` listen on a non-loopback address anyway: anyone who reaches the port reads any patient's latest risk")
 
     # batch / archive
     data_dir: Path = Field(Path("data"), description="Where the archive (Parquet) and the DuckDB file live")
@@ -142,6 +155,25 @@ class Settings(BaseSettings):
             raise ValueError("set but empty: give the token, or unset the variable for none")
         return value
 
+    @field_validator("cds_issuers", "cds_algorithms", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        # an environment variable holds "a,b" (NoDecode: not JSON); blanks between commas are dropped
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cds_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value):
+        refused = [alg for alg in value if alg not in ASYMMETRIC_JWS_ALGORITHMS]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} refused: CDS Hooks allows only asymmetric signatures "
+                             f"({', '.join(ASYMMETRIC_JWS_ALGORITHMS)}), never none or HMAC")
+        if not value:
+            raise ValueError("empty: no CDS client could sign a token the service accepts")
+        return value
+
     @model_validator(mode="after")
     def _settings_agree(self) -> "Settings":
         # pairs that only make sense together: say which two variables disagree
@@ -169,6 +201,22 @@ class Settings(BaseSettings):
         if self.kafka_ssl_cafile and not self.kafka_ssl_cafile.is_file():
             raise ValueError(f"WARDWATCH_KAFKA_SSL_CAFILE={self.kafka_ssl_cafile} is not a file (in a container: "
                              "mount the CA certificate there)")
+        # CDS client authentication: a token is only as good as the checks of who issued it and for whom
+        if self.cds_jwks_file is not None:
+            missing = [v for v, on in (("WARDWATCH_CDS_ISSUERS", self.cds_issuers),
+                                       ("WARDWATCH_CDS_AUDIENCE", self.cds_audience)) if not on]
+            if missing:
+                raise ValueError(f"WARDWATCH_CDS_JWKS_FILE set without {' and '.join(missing)}: the CDS service "
+                                 "must know which issuers it trusts and the URL their tokens are for")
+            if self.cds_allow_anonymous:
+                raise ValueError("WARDWATCH_CDS_ALLOW_ANONYMOUS=true and WARDWATCH_CDS_JWKS_FILE set: the service "
+                                 "requires tokens when it has the clients' keys; unset one of them")
+        else:
+            orphans = [v for v, on in (("WARDWATCH_CDS_ISSUERS", self.cds_issuers),
+                                       ("WARDWATCH_CDS_AUDIENCE", self.cds_audience)) if on]
+            if orphans:
+                raise ValueError(f"{', '.join(orphans)} set, but no WARDWATCH_CDS_JWKS_FILE: without the clients' "
+                                 "public keys the CDS service checks no token; set it too")
         return self
 
     def group_instance_id(self) -> str | None:

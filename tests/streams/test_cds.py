@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import time
+import uuid
 
 import httpx
+import jwt
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import Producer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from streams.cds import SERVICE_ID, BadRequest, LatestScores, card, make_app, patient_keys
+from streams.cds import (SERVICE_ID, AuthConfigError, BadRequest, LatestScores, SeenTokens, card,
+                         load_client_auth, make_app, patient_keys)
 from streams.topics import ensure_topics, topics_for
 from wardwatch.procs import start_http_service, stop_service
 
@@ -131,6 +139,198 @@ def test_over_http_a_malformed_request_is_a_400_and_a_bad_score_never_a_500():
         assert status == 400 and "identifier" in answer["error"]
 
 
+def test_a_huge_hook_value_is_not_echoed_back_whole():
+    with pytest.raises(BadRequest) as refused:
+        patient_keys({"hook": "x" * 100_000, "context": {"patientId": "1"}})
+    assert "patient-view" in str(refused.value) and len(str(refused.value)) < 200
+
+
+# --- client authentication (CDS Hooks "Trusting CDS Clients") ---------------------------------------------
+
+ISSUER = "https://ehr.example.org"
+AUDIENCE = f"https://wardwatch.example.org/cds-services/{SERVICE_ID}"
+KID = "ehr-2024"
+
+
+@pytest.fixture(scope="module")
+def ehr_key():
+    return ec.generate_private_key(ec.SECP384R1())  # the EHR's signing key (CDS Hooks recommends ES384)
+
+
+def write_jwks(path, private_key, kid=KID):
+    public = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(private_key.public_key()))
+    path.write_bytes(orjson.dumps({"keys": [public | {"kid": kid, "use": "sig"}]}))
+    return path
+
+
+@pytest.fixture
+def client_auth(ehr_key, tmp_path, clean_env):
+    from wardwatch.settings import Settings
+
+    settings = Settings(cds_host="0.0.0.0", cds_jwks_file=write_jwks(tmp_path / "jwks.json", ehr_key),
+                        cds_issuers=ISSUER, cds_audience=AUDIENCE)
+    return load_client_auth(settings)
+
+
+def claims(**changes) -> dict:
+    now = int(time.time())
+    base = {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 300, "iat": now, "jti": str(uuid.uuid4()),
+            "tenant": "north"}
+    return {k: v for k, v in (base | changes).items() if v is not None}
+
+
+def signed(key, payload: dict | None = None, kid=KID, alg="ES384") -> str:
+    return jwt.encode(claims() if payload is None else payload, key, algorithm=alg, headers={"kid": kid})
+
+
+def forged(alg: str, secret: bytes = b"") -> str:
+    """A token PyJWT refuses to make: alg none (no signature), or HMAC keyed with the public key."""
+    def b64(raw: bytes) -> bytes:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+    signing_input = b64(orjson.dumps({"alg": alg, "typ": "JWT", "kid": KID})) + b"." + b64(orjson.dumps(claims()))
+    signature = b64(hmac.new(secret, signing_input, hashlib.sha256).digest()) if alg == "HS256" else b""
+    return (signing_input + b"." + signature).decode()
+
+
+def call(latest: LatestScores, auth, headers: dict, *, path: str = f"/cds-services/{SERVICE_ID}",
+         tokens: int = 1) -> list[tuple[int, dict, dict]]:
+    """POST (GET for discovery and health) `tokens` times; [(status, body, response headers)]."""
+    async def go():
+        answers = []
+        async with TestClient(TestServer(make_app(latest, auth))) as client:
+            for _ in range(tokens):
+                if path.startswith("/cds-services/"):
+                    response = await client.post(path, headers=headers, json={
+                        "hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-1"}})
+                else:
+                    response = await client.get(path, headers=headers)
+                answers.append((response.status, await response.json(), dict(response.headers)))
+        return answers
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def scored() -> LatestScores:
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score(minute=5, tier="high")))
+    return latest
+
+
+def test_a_call_with_a_valid_client_token_gets_the_card(scored, client_auth, ehr_key):
+    [(status, body, _)] = call(scored, client_auth, {"Authorization": f"Bearer {signed(ehr_key)}"})
+    assert status == 200 and body["cards"][0]["summary"].startswith("Deterioration risk HIGH")
+    # aud as an array holding the endpoint URL is the spec's other form
+    [(status, body, _)] = call(scored, client_auth, {
+        "Authorization": f"Bearer {signed(ehr_key, claims(aud=[AUDIENCE]))}"})
+    assert status == 200 and body["cards"]
+
+
+UNAUTHORIZED = ("no token", "not bearer", "wrong key", "unknown kid", "wrong iss", "wrong aud", "expired", "no jti",
+                "no exp", "no iat", "valid for a day", "alg none", "HS256 keyed with the public key")
+
+
+def _unauthorized_calls(ehr_key) -> dict[str, dict]:
+    other_key = ec.generate_private_key(ec.SECP384R1())  # not in the JWK Set, signing under the trusted kid
+    public_pem = ehr_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    long_ago = int(time.time()) - 3600
+    return {
+        "no token": {},
+        "not bearer": {"Authorization": f"Basic {base64.b64encode(b'ehr:secret').decode()}"},
+        "wrong key": {"Authorization": f"Bearer {signed(other_key)}"},
+        "unknown kid": {"Authorization": f"Bearer {signed(ehr_key, kid='someone-else')}"},
+        "wrong iss": {"Authorization": f"Bearer {signed(ehr_key, claims(iss='https://attacker.example'))}"},
+        "wrong aud": {"Authorization": f"Bearer {signed(ehr_key, claims(aud='https://other.example/cds-services/x'))}"},
+        "expired": {"Authorization": f"Bearer {signed(ehr_key, claims(iat=long_ago, exp=long_ago + 300))}"},
+        "no jti": {"Authorization": f"Bearer {signed(ehr_key, claims(jti=None))}"},
+        "no exp": {"Authorization": f"Bearer {signed(ehr_key, claims(exp=None))}"},
+        "no iat": {"Authorization": f"Bearer {signed(ehr_key, claims(iat=None))}"},
+        "valid for a day": {"Authorization": f"Bearer {signed(ehr_key, claims(exp=int(time.time()) + 86400))}"},
+        "alg none": {"Authorization": f"Bearer {forged('none')}"},
+        "HS256 keyed with the public key": {"Authorization": f"Bearer {forged('HS256', public_pem)}"},
+    }
+
+
+@pytest.mark.parametrize("case", UNAUTHORIZED)
+def test_a_call_without_a_valid_client_token_is_a_401_without_the_card(case, scored, client_auth, ehr_key):
+    headers = _unauthorized_calls(ehr_key)[case]
+    [(status, body, response_headers)] = call(scored, client_auth, headers)
+    assert status == 401 and "cards" not in body, (case, body)
+    assert response_headers["WWW-Authenticate"].startswith("Bearer")
+    sent = headers.get("Authorization", "").partition(" ")[2]
+    # what is wrong, in general terms: never the token, nor a claim's value
+    assert body["error"] and (not sent or sent not in body["error"])
+    for value in ("attacker.example", "other.example", "someone-else", "north"):
+        assert value not in body["error"]
+
+
+def test_a_replayed_token_is_refused(scored, client_auth, ehr_key):
+    headers = {"Authorization": f"Bearer {signed(ehr_key)}"}
+    first, replay = call(scored, client_auth, headers, tokens=2)
+    assert first[0] == 200 and first[1]["cards"]
+    assert replay[0] == 401 and "already used" in replay[1]["error"] and "cards" not in replay[1]
+    assert call(scored, client_auth, {"Authorization": f"Bearer {signed(ehr_key)}"})[0][0] == 200  # a new jti
+
+
+def test_the_replay_memory_is_bounded_and_forgets_expired_tokens():
+    seen = SeenTokens(capacity=3)
+    assert seen.first_use(("ehr", "a"), until=100, now=0) and not seen.first_use(("ehr", "a"), until=100, now=50)
+    assert seen.first_use(("other-ehr", "a"), until=100, now=50)  # a jti is unique per issuer
+    seen.first_use(("ehr", "b"), until=200, now=50)
+    seen.first_use(("ehr", "c"), until=300, now=150)  # a, other-a expired: forgotten
+    assert len(seen) == 2
+    seen.first_use(("ehr", "d"), until=400, now=150)
+    seen.first_use(("ehr", "e"), until=500, now=150)  # full: b (the first to expire) goes
+    assert len(seen) == 3 and not seen.first_use(("ehr", "e"), until=500, now=160)
+
+
+def test_discovery_and_health_stay_open_with_client_authentication(scored, client_auth):
+    [(status, body, _)] = call(scored, client_auth, {}, path="/cds-services")
+    assert status == 200 and body["services"][0]["id"] == SERVICE_ID
+    [(status, body, _)] = call(scored, client_auth, {}, path="/healthz")
+    assert status == 200 and body["patients"] == 1
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "cds.internal"])
+def test_without_client_keys_the_service_refuses_a_non_loopback_address_unless_told(host, clean_env):
+    from wardwatch.settings import Settings
+
+    with pytest.raises(AuthConfigError) as refused:
+        load_client_auth(Settings(cds_host=host))
+    message = str(refused.value)
+    assert "\n" not in message and "WARDWATCH_CDS_JWKS_FILE" in message
+    assert "WARDWATCH_CDS_ALLOW_ANONYMOUS=true" in message
+    assert load_client_auth(Settings(cds_host=host, cds_allow_anonymous=True)) is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.53"])
+def test_on_a_loopback_address_the_service_still_takes_anonymous_calls(host, clean_env):
+    from wardwatch.settings import Settings
+
+    assert load_client_auth(Settings(cds_host=host)) is None
+
+
+def test_a_jwks_the_service_cannot_use_stops_it_in_one_line(ehr_key, tmp_path, clean_env):
+    from wardwatch.settings import Settings
+
+    def refusal(jwks_path, audience=AUDIENCE) -> str:
+        with pytest.raises(AuthConfigError) as refused:
+            load_client_auth(Settings(cds_jwks_file=jwks_path, cds_issuers=ISSUER, cds_audience=audience))
+        return str(refused.value)
+
+    assert "cannot be read" in refusal(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "is not JSON" in refusal(tmp_path / "bad.json")
+    (tmp_path / "secret.json").write_text('{"keys": [{"kty": "oct", "kid": "k", "k": "c2VjcmV0"}]}')
+    assert "public keys only" in refusal(tmp_path / "secret.json")
+    private = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(ehr_key)) | {"kid": KID}
+    (tmp_path / "private.json").write_bytes(orjson.dumps({"keys": [private]}))
+    assert "public keys only" in refusal(tmp_path / "private.json")
+    assert "private" not in refusal(write_jwks(tmp_path / "ok.json", ehr_key), "https://wardwatch.example.org")
+    assert f"/cds-services/{SERVICE_ID}" in refusal(tmp_path / "ok.json", "https://wardwatch.example.org/cds-services")
+
+
 # --- over real HTTP, fed from the real broker -------------------------------------------------------------
 
 
@@ -212,3 +412,34 @@ def test_cds_service_over_http_serves_the_latest_score_and_rebuilds_after_restar
         assert health["patients"] == 2 and health["records_read"] == 4
     finally:
         stop_service(proc)
+
+
+@pytest.mark.integration
+def test_cds_service_with_client_keys_answers_only_signed_calls(settings, tmp_path, ehr_key):
+    settings = settings.model_copy(update={
+        "cds_port": 0, "cds_jwks_file": write_jwks(tmp_path / "jwks.json", ehr_key), "cds_issuers": [ISSUER],
+        "cds_audience": AUDIENCE})
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    publish(settings, topics.scores, [score("p-9", 0, tier="high", probability=0.91)])
+
+    proc, port = start_http_service(["cds"], settings, tmp_path / "cds.log")
+    base = f"http://127.0.0.1:{port}"
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-9"}}
+    try:
+        deadline, cards = time.monotonic() + 60, []
+        while not cards and time.monotonic() < deadline:  # (a new token each call: a jti is used once)
+            signed_call = httpx.post(f"{base}/cds-services/{SERVICE_ID}", json=body, timeout=5,
+                                     headers={"Authorization": f"Bearer {signed(ehr_key)}"})
+            assert signed_call.status_code == 200, signed_call.text
+            cards = signed_call.json()["cards"]
+            time.sleep(0.2)
+        assert cards and "probability 0.91" in cards[0]["summary"]
+        anonymous = httpx.post(f"{base}/cds-services/{SERVICE_ID}", json=body, timeout=5)
+        assert anonymous.status_code == 401 and "cards" not in anonymous.json()
+        assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+        assert httpx.get(f"{base}/cds-services", timeout=5).status_code == 200  # discovery: no patient data
+    finally:
+        stop_service(proc)
+    log = (tmp_path / "cds.log").read_text()
+    assert "CDS client authentication: signed JWT required" in log and ISSUER not in log

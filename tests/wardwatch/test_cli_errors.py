@@ -202,3 +202,58 @@ def test_a_token_set_to_nothing_is_refused_instead_of_meaning_no_token(clean_env
 
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert f"{variable}=(secret): Value error, set but empty" in result.output
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"WARDWATCH_CDS_JWKS_FILE": "/etc/wardwatch/cds-jwks.json"},
+     "WARDWATCH_CDS_JWKS_FILE set without WARDWATCH_CDS_ISSUERS and WARDWATCH_CDS_AUDIENCE"),
+    ({"WARDWATCH_CDS_ISSUERS": "https://ehr.example.org"},
+     "WARDWATCH_CDS_ISSUERS set, but no WARDWATCH_CDS_JWKS_FILE"),
+    ({"WARDWATCH_CDS_JWKS_FILE": "/k.json", "WARDWATCH_CDS_ISSUERS": "https://ehr.example.org",
+      "WARDWATCH_CDS_AUDIENCE": "https://ww.example.org/cds-services/wardwatch-deterioration",
+      "WARDWATCH_CDS_ALLOW_ANONYMOUS": "true"},
+     "WARDWATCH_CDS_ALLOW_ANONYMOUS=true and WARDWATCH_CDS_JWKS_FILE set"),
+    ({"WARDWATCH_CDS_ALGORITHMS": "ES384,HS256,none"},
+     "WARDWATCH_CDS_ALGORITHMS='ES384,HS256,none': Value error, HS256, none refused: CDS Hooks allows only "
+     "asymmetric signatures"),
+])
+def test_cds_client_authentication_settings_that_cannot_work_are_refused(clean_env, env, says):
+    # a JWK Set without the issuers and audience to check would accept any token its keys signed;
+    # issuers without keys would look like authentication while none is checked
+    result = invoke("config", "show", env=env)
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert says in result.output
+
+
+def test_cds_issuers_and_algorithms_are_comma_separated(clean_env):
+    from wardwatch.procs import settings_env
+    from wardwatch.settings import Settings
+
+    clean_env.setenv("WARDWATCH_CDS_ISSUERS", "https://ehr.example.org, https://ehr2.example.org/")
+    clean_env.setenv("WARDWATCH_CDS_JWKS_FILE", "/k.json")
+    clean_env.setenv("WARDWATCH_CDS_AUDIENCE", "https://ww.example.org/cds-services/wardwatch-deterioration")
+    settings = Settings()
+    assert settings.cds_issuers == ["https://ehr.example.org", "https://ehr2.example.org/"]
+    assert settings.cds_algorithms == ["ES384", "RS384"]
+    env = settings_env(settings)  # a child process started with these settings reads the same lists
+    assert env["WARDWATCH_CDS_ISSUERS"] == "https://ehr.example.org,https://ehr2.example.org/"
+    assert env["WARDWATCH_CDS_ALGORITHMS"] == "ES384,RS384"
+
+
+@pytest.mark.timeout(60)
+def test_the_cds_service_refuses_to_listen_beyond_loopback_without_client_keys(clean_env):
+    # anyone on the compose network could read any patient's latest risk by id
+    clean_env.setattr(preflight, "BROKER_WAIT_S", 1.0)
+    with closed_port() as port:
+        broker = {"WARDWATCH_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "WARDWATCH_CDS_HOST": "0.0.0.0"}
+        refused = invoke("cds", env=broker)
+        told = invoke("cds", env=broker | {"WARDWATCH_CDS_ALLOW_ANONYMOUS": "true"})
+
+    assert refused.exit_code == 2 and isinstance(refused.exception, SystemExit), refused.output
+    assert refused.output.count("\n") == 1
+    assert "WARDWATCH_CDS_HOST=0.0.0.0 without WARDWATCH_CDS_JWKS_FILE" in refused.output
+    assert "WARDWATCH_CDS_ALLOW_ANONYMOUS=true" in refused.output
+    assert "cannot reach the Kafka broker" not in refused.output  # refused before it tries the broker
+    # told to accept anonymous calls, it goes on (to the broker, which is not there here)
+    assert told.exit_code == 2 and "cannot reach the Kafka broker" in told.output, told.output
