@@ -48,6 +48,7 @@ from schemas.cadence import VITAL_SIGN_CODES, Trigger, snapshot_id
 from schemas.canonical import decode_batch
 from schemas.codes import ADMISSION, CODES, DISCHARGE, LOCATION, is_context
 from schemas.deadletter import Reason, Rejection
+from schemas.features import FEATURES
 from streams import alerting
 from streams.features import compute_features
 from streams.state import (EFFECTIVE_MS, FACT_ID, VERSION, DuplicateKind, Kind, PatientState, apply_batch,
@@ -56,8 +57,12 @@ from wardwatch.settings import Settings
 
 # table keys the worker writes besides patient records (streams/app.py) begin with this: never a patient id
 RESERVED_KEY_PREFIX = "__wardwatch_"
-# the codes whose latest facts are the basis of an alert
-_BASIS_CODES = tuple(CODES)
+# an alert's basis: the latest fact of each code a feature reads, if it lies within that code's longest
+# feature window at T (the readings the score could use): never a code no feature reads (diastolic BP,
+# platelets), nor a reading older than every window (a lactate from last week)
+_BASIS_WINDOW_MS = {code: max(f.window_s for f in FEATURES if f.code == code) * 1000
+                    for code in CODES if any(f.code == code for f in FEATURES)}
+_BASIS_CODES = tuple(_BASIS_WINDOW_MS)
 # counter name of each outcome: its kind, or duplicate_<kind of duplicate>
 _OUTCOME_COUNTER = {(kind, None): kind.value for kind in Kind} | {
     (Kind.DUPLICATE, duplicate): f"duplicate_{duplicate.value}" for duplicate in DuplicateKind}
@@ -172,12 +177,13 @@ def _latest(facts: list, T: int):
 
 
 def _basis(state: PatientState, T: int) -> list[list]:
-    """[fact_id, version] of the latest fact of each code at T: what the score was based on; a
-    preliminary reading's entry adds its code, [fact_id, version, code] (schemas/alert.py flags it)."""
+    """[fact_id, version] of the latest fact of each code at T in its window (_BASIS_WINDOW_MS): what the
+    score was based on; a preliminary reading's entry adds its code, [fact_id, version, code]
+    (schemas/alert.py flags it)."""
     basis = []
     for code in _BASIS_CODES:
         fact = _latest(state.live(code), T)
-        if fact is not None:
+        if fact is not None and fact[EFFECTIVE_MS] > T - _BASIS_WINDOW_MS[code]:
             entry = [fact[FACT_ID], fact[VERSION]]
             basis.append([*entry, code] if is_preliminary(fact) else entry)
     return basis
@@ -197,7 +203,7 @@ def preliminary_codes(state: PatientState, T: int) -> list[str]:
             if not i:
                 continue
             fact = facts[i - 1]
-        if is_preliminary(fact):
+        if is_preliminary(fact) and fact[EFFECTIVE_MS] > T - _BASIS_WINDOW_MS[code]:
             found.append(code)
     return found
 

@@ -323,6 +323,30 @@ def lactate(patient: str, t: int, value: float, status: Status, version: int = 1
                           fact_id=f"fhir:Observation/lac-1:{codes.LACTATE}", version=version)
 
 
+def test_the_alert_basis_names_only_readings_the_score_could_use(processor):
+    """DOMAIN.md: the basis references the score's input Observations. A code no feature reads (diastolic
+    BP, platelets) and a reading older than every window of its code (a lactate 30 h before) are not
+    inputs: they are not in the basis, and an amendment of one publishes no correction of the alert."""
+    store: dict[str, PatientRecord] = {}
+    old_lactate = lactate("p1", T0 - 30 * 60 * MIN, 4.2, Status.FINAL)
+    platelets = CanonicalEvent(patient_id="p1", code=codes.PLATELETS, value=120.0, unit=None,
+                               effective_ms=T0 - 30 * MIN, issued_ms=T0 - 30 * MIN, status=Status.FINAL,
+                               source=Source.CDC, fact_id=f"cdc:lab_results:7:{codes.PLATELETS}", version=1)
+    diastolic = dataclasses.replace(vitals("p1", T0, 1)[0], code=codes.DIASTOLIC_BP, value=60.0,
+                                    fact_id=f"cdc:vital_signs:1:{codes.DIASTOLIC_BP}")
+    out = run(processor, [msg(0, [old_lactate]), msg(1, [platelets]), msg(2, vitals("p1", T0, 1) + [diastolic])],
+              store)
+    [opened] = alerts_of(out)
+    basis = {b["identifier"]["value"] for b in opened["resource"]["basis"]}
+    assert basis == {make_event_id(f"cdc:vital_signs:1:{code}", 1) for code in (
+        codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.SYSTOLIC_BP, codes.HEART_RATE, codes.CONSCIOUSNESS,
+        codes.TEMPERATURE)}
+
+    amended = dataclasses.replace(platelets, value=90.0, status=Status.AMENDED, version=2)
+    out = run(processor, [msg(3, [amended])], store)
+    assert len(out.scores) == 1 and alerts_of(out) == []
+
+
 def test_an_alert_resting_on_a_preliminary_lactate_is_flagged_in_header_resource_and_score(processor):
     store: dict[str, PatientRecord] = {}
     out = run(processor, [msg(0, [lactate("p1", T0 - 30 * MIN, 4.2, Status.PRELIMINARY)]),
