@@ -539,8 +539,13 @@ def soak(
     """
     import signal
 
+    from wardwatch.demo import check_wipeable
     from wardwatch.soak import SoakOptions, run_soak, write_json
 
+    try:
+        check_wipeable(data_dir.resolve())
+    except ValueError as exc:
+        _fail(str(exc))
     # SIGTERM unwinds like Ctrl-C, so the broker and the child services are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     figures = run_soak(SoakOptions(events=events, kills=kills, seed=seed, kill_ingest=kill_ingest, rate=rate,

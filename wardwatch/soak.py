@@ -67,7 +67,7 @@ from streams.archiver import Archiver
 from streams.replay import RawMessage, Replay, build_replay, generate_cohort, load_patient_refs, publish
 from streams.topics import Topics, ensure_topics, topics_for
 from wardwatch.broker import EmbeddedBroker
-from wardwatch.demo import _wait_for_quiet, seed_models
+from wardwatch.demo import _wait_for_quiet, check_wipeable, seed_models
 from wardwatch.mirror import TopicMirror
 from wardwatch.procs import (committed_offsets, kill_service, start_service, stop_service, wait_for_commits,
                              wait_for_group)
@@ -434,6 +434,7 @@ def run_soak(opts: SoakOptions, console: Console | None = None) -> dict:
     started = time.monotonic()
     deadline = started + opts.timeout_s
     data_dir = opts.data_dir.resolve()
+    check_wipeable(data_dir)  # never a directory that holds no earlier run (wardwatch.demo)
     if data_dir.exists():
         shutil.rmtree(data_dir)  # each soak starts clean: its archive and logs are this run's only
     (data_dir / "logs").mkdir(parents=True)

@@ -97,7 +97,7 @@ def test_a_cohort_of_no_patient_is_refused_before_anything_runs_or_is_cached(pat
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
 
 
-@pytest.mark.parametrize("command", [["batch", "dataset", "--out"], ["demo", "--data-dir"]])
+@pytest.mark.parametrize("command", [["batch", "dataset", "--out"], ["demo", "--data-dir"], ["soak", "--data-dir"]])
 def test_a_directory_that_holds_no_earlier_run_is_never_wiped(command, tmp_path, monkeypatch):
     """--out / --data-dir is wiped first: `--out .` in a checkout, or `--out data` (the clinosim cache),
     used to be deleted whole. Only an empty directory or an earlier run's (logs/, archive/,
