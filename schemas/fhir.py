@@ -43,7 +43,8 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   the DELETE entry of version n `gone_version_delete()` describes, holding the vread of version n-1.
 
 **One bad resource (Observation, Encounter, Patient) rejects the whole notification** (invalid
-resource, unusable status, bad or implausible value, a value with a comparator (`<35`: a bound,
+resource, unusable status (`cancelled`, `unknown`; a `registered` one, a lab ordered but not yet resulted,
+is skipped and counted), bad or implausible value, a value with a comparator (`<35`: a bound,
 not a measurement), unknown unit, no patient or time): the dead-lettered original can be replayed
 whole, and its event numbers are not half-consumed.
 """
@@ -604,6 +605,9 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
     obs_id = obs.get("id")
     if not isinstance(obs_id, str) or not obs_id:
         raise Reject(Reason.INVALID_STRUCTURE, "Observation without id")
+    if obs.get("status") == "registered":  # ordered, no result yet (a lab order): nothing to score, nothing wrong
+        ctx.skip("not_yet_resulted")
+        return []
     status = USED_STATUSES.get(obs.get("status"))
     if status is None:
         raise Reject(Reason.BAD_VALUE, f"Observation status {str(obs.get('status'))[:20]!r} is not ingested")

@@ -639,6 +639,27 @@ def test_unused_codes_and_planned_encounters_are_skipped_but_counted():
     assert outcome.skipped == {"unmapped_code": 1, "Encounter": 1}
 
 
+def test_a_registered_observation_is_skipped_and_counted_and_the_rest_is_read():
+    """`registered`: ordered, no result yet. The subscriptions filter `Observation?`, so every lab order
+    arrives so: nothing to score and nothing wrong. It used to dead-letter the whole notification, the
+    vital signs in it included."""
+    doc = json.loads(fhir_bundle("r4b_mixed"))
+    [hr] = [e["resource"] for e in doc["entry"] if e.get("resource", {}).get("resourceType") == "Observation"
+            and e["resource"]["code"]["coding"][0]["code"] == codes.HEART_RATE]
+    ordered = {k: v for k, v in hr.items() if k != "valueQuantity"} | {
+        "id": "lab-order-1", "status": "registered",
+        "code": {"coding": [{"system": "http://loinc.org", "code": codes.LACTATE}]}}
+    doc["entry"].append({"fullUrl": "Observation/lab-order-1", "resource": ordered})
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Parsed) and [e.code for e in outcome.events] == [codes.HEART_RATE]
+    assert outcome.skipped == {"unmapped_code": 1, "Encounter": 1, "not_yet_resulted": 1}
+    # with the heart rate only ordered too, it publishes nothing and is accounted for as ignored
+    hr["status"] = "registered"
+    del hr["valueQuantity"]
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Ignored) and outcome.detail["skipped"]["not_yet_resulted"] == 2
+
+
 def test_notification_with_nothing_usable_is_ignored_but_keeps_its_event_numbers():
     outcome = parse(fhir_bundle("r4b_unmapped_only"))
     assert isinstance(outcome, Ignored)
