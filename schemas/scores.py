@@ -129,5 +129,7 @@ def news2_risk(total: int, any_three: bool) -> str:
 
 
 def qsofa(resp_rate: float, systolic_bp: float, altered_mentation: bool) -> int:
-    """qSOFA (0-3): RR >= 22, SBP <= 100, altered mentation. Positive at >= 2."""
-    return int(resp_rate >= 22) + int(systolic_bp <= 100) + int(bool(altered_mentation))
+    """qSOFA (0-3): RR >= 22, SBP <= 100, altered mentation. Positive at >= 2. RR and SBP are charted
+    as integers, as for NEWS2: an RR of 21.6 is charted 22 and counts for both scores alike."""
+    return (int(_chart_int(resp_rate) >= 22) + int(_chart_int(systolic_bp) <= 100)
+            + int(bool(altered_mentation)))

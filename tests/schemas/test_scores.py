@@ -77,6 +77,9 @@ def test_news2_trigger_bands(total, any_three, band):
     (22, 100, False, 2),
     (21, 101, True, 1),
     (22, 100, True, 3),
+    # fractional values take the charted integer, as NEWS2 does (RR 21.6 scores NEWS2's 21-24 band)
+    (21.5, 101, False, 1), (21.49, 101, False, 0),
+    (22, 100.4, False, 2), (22, 100.5, False, 1),
 ])
 def test_qsofa_boundaries(rr, sbp, altered, expected):
     assert scores.qsofa(rr, sbp, altered) == expected
