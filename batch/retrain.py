@@ -99,7 +99,10 @@ def model_metrics_on(model_dir, version: str, rows: pl.DataFrame) -> dict:
 
     card = registry.load_card(model_dir, version)
     session = ort.InferenceSession(str(registry.model_path(model_dir, version)), providers=["CPUExecutionProvider"])
-    x = rows.select(pl.col(f).cast(pl.Float64) for f in card["features"]).to_numpy().astype(np.float32)
+    # a feature the rows no longer have (renamed or dropped since the model was trained) is missing, as
+    # the worker serves it (the model imputes it): the gate still compares, it does not crash
+    x = rows.select(pl.col(f).cast(pl.Float64) if f in rows.columns else pl.lit(None, pl.Float64).alias(f)
+                    for f in card["features"]).to_numpy().astype(np.float32)
     probability = session.run([card["output_name"]], {card["input_name"]: x})[0][:, card.get("positive_class_index", 1)]
     y = rows["label"].to_numpy().astype(int)
     if len(set(y.tolist())) < 2:

@@ -103,6 +103,23 @@ def test_decision_is_recorded_in_the_latest_run(settings):
     assert rows[1][1:] == (None, None, None)
 
 
+def test_the_current_model_is_judged_on_rows_without_a_feature_it_reads_as_the_worker_serves_it(settings):
+    """A feature renamed or dropped since the current model was trained: the worker serves the model with
+    it missing (imputed), so the gate scores it so too, instead of failing the whole training run."""
+    import random
+
+    import polars as pl
+
+    features = registry.load_card(settings.model_dir, "v1")["features"]
+    rnd = random.Random(7)
+    rows = pl.DataFrame({f: [rnd.uniform(0, 100) for _ in range(40)] for f in features}
+                        | {"label": [i % 3 == 0 for i in range(40)]})
+    gone = features[0]
+    without = retrain.model_metrics_on(settings.model_dir, "v1", rows.drop(gone))
+    as_missing = retrain.model_metrics_on(settings.model_dir, "v1", rows.with_columns(pl.lit(None).alias(gone)))
+    assert without == as_missing and without["auroc"] is not None and without["n_rows"] == 40
+
+
 @contextmanager
 def analyst_reading(path: Path):
     """Another process holding the DuckDB file open read-only (a lock that refuses writers), as
