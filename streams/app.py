@@ -627,17 +627,16 @@ def observe_latency(msgs: list[CanonicalMessage], scores: int) -> None:
 
 def run_worker(settings: Settings, loglevel: str = "WARN") -> None:
     """Blocking: run the faust worker until SIGTERM/SIGINT."""
-    # JSON lines: set up here, before the app logs (the model it loads), and faust's own set-up skipped:
-    # it adds its plain-text handler on stdout next to any handler given, so every line reached the
-    # container log twice, once not as JSON
-    if settings.json_logs:
-        observability.configure_logging("worker", loglevel)
+    # wardwatch's handler (JSON lines, or plain text scrubbed of identifiers as every service's), set up
+    # here, before the app logs (the model it loads), and faust's own set-up skipped: it adds its
+    # plain-text handler on stdout next to any handler given (every line twice, once not as JSON), and
+    # its tracebacks are not scrubbed
+    observability.configure_logging("worker", loglevel, json_logs=settings.json_logs)
     topics = topics_for(settings)
     ensure_topics(settings, topics)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates its datadir inside, not parents
     app = create_app(settings, topics)
     observability.serve(settings.metrics_port, host=settings.metrics_host)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False,
-                          override_logging=not settings.json_logs)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
     worker.spinner = None  # faust's terminal progress spinner: escape codes on stdout, in a service's log
     worker.execute_from_commandline()

@@ -91,8 +91,8 @@ def wait_for_progress(settings: Settings, group: str, topic: str, partitions: in
 
 def recovery_seconds(log_path: Path) -> list[float]:
     """From a worker's INFO log: for each assignment, seconds from being assigned partitions to
-    "Worker ready" (changelog recovery included). Reads JSON lines (the default) and faust's plain
-    text (WARDWATCH_JSON_LOGS=false)."""
+    "Worker ready" (changelog recovery included). Reads JSON lines (the default), wardwatch's plain
+    text (WARDWATCH_JSON_LOGS=false) and faust's own (workers before it was replaced)."""
     out, assigned = [], None
     for line in log_path.read_text(errors="replace").splitlines():
         if line.startswith("{"):  # {"ts": "2026-11-26T12:59:38.141Z", ..., "msg": ...}
@@ -101,9 +101,14 @@ def recovery_seconds(log_path: Path) -> list[float]:
                 at, msg = datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ"), str(entry["msg"])
             except (ValueError, KeyError, TypeError):
                 continue
-        elif line.startswith("["):  # [2026-11-26 12:59:38,141] [pid] [INFO] ...
+        elif line.startswith("["):  # faust's: [2026-11-26 12:59:38,141] [pid] [INFO] ...
             try:
                 at, msg = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f"), line
+            except ValueError:
+                continue
+        elif line[:1].isdigit():  # wardwatch's plain text: 2026-11-26 12:59:38,141 INFO worker ...
+            try:
+                at, msg = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f"), line
             except ValueError:
                 continue
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 import pytest
 
@@ -26,6 +28,26 @@ def test_the_worker_logs_faust_lines_once_and_as_json(settings, tmp_path):
     entries = [orjson.loads(line) for line in lines if line.startswith("{")]
     starting = [e for e in entries if e["msg"] == "[^Worker]: Starting..."]
     assert len(starting) == 1 and starting[0]["service"] == "worker" and starting[0]["level"] == "info"
+
+
+@pytest.mark.timeout(120)
+def test_in_plain_text_the_worker_logs_through_wardwatchs_scrubbing_formatter_once(settings, tmp_path):
+    """WARDWATCH_JSON_LOGS=false (a developer's terminal): the worker's lines go through wardwatch's
+    plain formatter, which scrubs identifiers from tracebacks (wardwatch/observability.py), not faust's
+    own set-up, which printed them as they were."""
+    log = tmp_path / "worker.log"
+    proc = start_service(["worker"], settings.model_copy(update={"log_level": "INFO", "json_logs": False}), log)
+    try:
+        wait_for_group(settings, f"{settings.group_prefix}-worker", alive=proc)
+    finally:
+        assert stop_service(proc) == 0, log.read_text()
+
+    lines = log.read_text().splitlines()
+    ours = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO worker [\w.]+: ")
+    faust_own = [line for line in lines if re.match(r"^\[\d{4}-\d\d-\d\d ", line)]  # [2026-.. ..] [pid] [INFO]
+    assert not faust_own, f"{len(faust_own)} lines from faust's own handler, e.g. {faust_own[0]!r}"
+    starting = [line for line in lines if line.endswith("[^Worker]: Starting...")]
+    assert len(starting) == 1 and ours.match(starting[0]), starting
 
 
 def test_the_assignment_read_from_the_log_is_the_latest_even_when_it_is_empty(tmp_path):

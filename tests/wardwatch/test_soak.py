@@ -138,3 +138,7 @@ def test_recovery_seconds_reads_the_workers_json_log_and_faust_plain_text(tmp_pa
     plain.write_text("[2026-11-26 12:59:38,141] [7] [INFO] Executing _on_partitions_assigned \n"
                      "[2026-11-26 12:59:38,641] [7] [INFO] [^---ExactEndRecovery]: Worker ready \n")
     assert recovery_seconds(plain) == [0.5]
+    ours = tmp_path / "ours.log"  # WARDWATCH_JSON_LOGS=false: wardwatch's plain text
+    ours.write_text("2026-11-26 12:59:38,141 INFO worker faust.app.base: Executing _on_partitions_assigned\n"
+                    "2026-11-26 12:59:39,391 INFO worker streams.app: [^---ExactEndRecovery]: Worker ready\n")
+    assert recovery_seconds(ours) == [1.25]
