@@ -369,6 +369,8 @@ def authenticate(auth: ClientAuth, authorization: str | None, now: float | None 
         header = jwt.get_unverified_header(token)
     except jwt.DecodeError:
         raise Unauthorized("the bearer token is not a JWT") from None
+    except jwt.PyJWTError:  # a header PyJWT refuses (a kid that is not a string, a `crit` it cannot honour)
+        raise Unauthorized("the token's header is not valid for this service") from None
     alg, kid = header.get("alg"), header.get("kid")
     if alg not in auth.algorithms:  # none and HMAC are never in the list (settings.py)
         raise Unauthorized(f"the token's signing algorithm is not accepted (only {', '.join(auth.algorithms)})")

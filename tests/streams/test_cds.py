@@ -183,12 +183,14 @@ def signed(key, payload: dict | None = None, kid=KID, alg="ES384") -> str:
     return jwt.encode(claims() if payload is None else payload, key, algorithm=alg, headers={"kid": kid})
 
 
-def forged(alg: str, secret: bytes = b"") -> str:
-    """A token PyJWT refuses to make: alg none (no signature), or HMAC keyed with the public key."""
+def forged(alg: str, secret: bytes = b"", **header) -> str:
+    """A token PyJWT refuses to make: alg none (no signature), HMAC keyed with the public key, or a
+    header it refuses to read (`header` overrides)."""
     def b64(raw: bytes) -> bytes:
         return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
-    signing_input = b64(orjson.dumps({"alg": alg, "typ": "JWT", "kid": KID})) + b"." + b64(orjson.dumps(claims()))
+    header = {"alg": alg, "typ": "JWT", "kid": KID} | header
+    signing_input = b64(orjson.dumps(header)) + b"." + b64(orjson.dumps(claims()))
     signature = b64(hmac.new(secret, signing_input, hashlib.sha256).digest()) if alg == "HS256" else b""
     return (signing_input + b"." + signature).decode()
 
@@ -227,7 +229,8 @@ def test_a_call_with_a_valid_client_token_gets_the_card(scored, client_auth, ehr
 
 
 UNAUTHORIZED = ("no token", "not bearer", "wrong key", "unknown kid", "wrong iss", "wrong aud", "expired", "no jti",
-                "no exp", "no iat", "valid for a day", "alg none", "HS256 keyed with the public key")
+                "no exp", "no iat", "valid for a day", "alg none", "HS256 keyed with the public key",
+                "kid not a string", "unknown critical header")
 
 
 def _unauthorized_calls(ehr_key) -> dict[str, dict]:
@@ -249,6 +252,9 @@ def _unauthorized_calls(ehr_key) -> dict[str, dict]:
         "valid for a day": {"Authorization": f"Bearer {signed(ehr_key, claims(exp=int(time.time()) + 86400))}"},
         "alg none": {"Authorization": f"Bearer {forged('none')}"},
         "HS256 keyed with the public key": {"Authorization": f"Bearer {forged('HS256', public_pem)}"},
+        # headers PyJWT refuses before any key is looked up: a 401 like the others, not a 500
+        "kid not a string": {"Authorization": f"Bearer {forged('ES384', kid=2024)}"},
+        "unknown critical header": {"Authorization": f"Bearer {forged('ES384', crit=['exp-v9'], **{'exp-v9': 1})}"},
     }
 
 
@@ -257,7 +263,9 @@ def test_a_call_without_a_valid_client_token_is_a_401_without_the_card(case, sco
     headers = _unauthorized_calls(ehr_key)[case]
     [(status, body, response_headers)] = call(scored, client_auth, headers)
     assert status == 401 and "cards" not in body, (case, body)
-    assert response_headers["WWW-Authenticate"].startswith("Bearer")
+    # RFC 6750: a call without a token gets the bare challenge, a refused token error="invalid_token"
+    assert response_headers["WWW-Authenticate"] == 'Bearer realm="wardwatch"' + (
+        "" if case == "no token" else ', error="invalid_token"')
     sent = headers.get("Authorization", "").partition(" ")[2]
     # what is wrong, in general terms: never the token, nor a claim's value
     assert body["error"] and (not sent or sent not in body["error"])
