@@ -251,12 +251,12 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
     `corrected`) of the final result that came through the other source and replaced it
     (docs/patient-state.md rule 4): a basis naming the preliminary fact is touched by that correction."""
     s: AlertState = {**initial_state(), **(state or {})}
-    decisions = _correct_closed(s, corrected, superseded, rescore)
+    default = dict(scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
+                   model_version=model_version, rationale=rationale, basis=basis)
+    decisions = _correct_closed(s, corrected, superseded, rescore, default)
     touched = corrected_alerts(s, corrected=corrected, superseded=superseded)
     if not touched:
         return s, decisions
-    default = dict(scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
-                   model_version=model_version, rationale=rationale, basis=basis)
     for current, in_basis in touched:
         point = (rescore(current) if rescore else None) or default
         cid = correction_id(current["alert_id"], in_basis)
@@ -284,13 +284,17 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
 
 
 def _correct_closed(s: AlertState, corrected: Mapping[str, int], superseded: Mapping[str, str] | None,
-                    rescore: Callable[[EpisodeAlert], dict | None] | None) -> list[AlertDecision]:
+                    rescore: Callable[[EpisodeAlert], dict | None] | None, default: dict) -> list[AlertDecision]:
     """Withdraw each closed episode's alert whose basis the corrections touch and whose tier no longer holds
     at its own time (module docstring); one it still holds only gets its basis brought up to date."""
     touched = _touched(s["closed"], corrected, superseded) if s["closed"] and corrected else []
     decisions = []
     for current, in_basis in touched:
         point = rescore(current) if rescore else None
+        if point is None and current["scoring_ms"] == default["scoring_ms"]:
+            # the correction's own point is at the alert's time (discharged before the next round: the
+            # clock has not moved), so it is the alert's judgement; rescore gives None there
+            point = default
         if point is None:  # beyond the lateness bound: not judged (see the module docstring)
             continue
         at = [a["alert_id"] for a in s["closed"]].index(current["alert_id"])

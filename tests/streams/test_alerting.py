@@ -311,10 +311,28 @@ def test_a_discharged_episodes_alert_can_still_be_withdrawn():
     assert (c.status, c.original_alert_id) == ("entered-in-error", original.alert_id)
 
 
+def test_a_discharge_before_the_next_round_leaves_the_alert_judged_by_the_corrections_own_point():
+    """Alerted, then discharged (say to intensive care) before another reading: the patient clock is
+    still the alert's time, so the correction's point is the alert re-scored at its own time (rescore
+    gives None there, as for the open episode): it withdraws the alert, or keeps it where it holds."""
+    def discharged(s):
+        return discharge(s, patient_id="p1", discharged_ms=T0 + 5 * MIN)[0]
+
+    state, original = resolved_episode(close=discharged)
+    state, [c] = correct(state, corrected={"rr:1": 2}, rescore=lambda alert: None, **rule_point(0, "none"))
+    assert (c.kind, c.status, c.original_alert_id, c.scoring_ms) == (
+        "correction", "entered-in-error", original.alert_id, T0)
+    assert state["closed"] == []
+    state, original = resolved_episode(close=discharged)
+    state, decisions = correct(state, corrected={"rr:1": 2}, rescore=lambda alert: None, **rule_point(0, "high"))
+    assert decisions == [] and [a["alert_id"] for a in state["closed"]] == [original.alert_id]
+
+
 def test_a_closed_alert_beyond_the_lateness_bound_is_not_judged():
     state, _ = resolved_episode()
-    # not judgeable at its time (the rescore says so): nothing is published, the alert is kept
-    kept, decisions = correct(state, corrected={"rr:1": 2}, rescore=lambda alert: None, **rule_point(0, "none"))
+    # not judgeable at its time (the rescore says so): nothing is published, the alert is kept; the
+    # correction's point is at the clock (minute 10, the resolve), not at the alert's time
+    kept, decisions = correct(state, corrected={"rr:1": 2}, rescore=lambda alert: None, **rule_point(10, "none"))
     assert decisions == [] and len(kept["closed"]) == 1
     # a scoring point more than the bound after the alert forgets it (event time, not wall clock)
     policy = AlertPolicy(correctable_ms=60 * MIN)

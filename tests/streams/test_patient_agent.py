@@ -254,6 +254,26 @@ def test_an_error_behind_an_alert_whose_episode_resolved_withdraws_it(processor)
     assert alerts_of(run(processor, [msg(4, [amendment("p1", T0, 1, codes.RESP_RATE, 3, 27.0)])], store)) == []
 
 
+def test_an_error_behind_an_alert_of_a_patient_discharged_before_the_next_round_withdraws_it(processor):
+    """Alerted, then discharged (to intensive care, say) before any other reading; then the reading the
+    alert rested on is entered in error. The patient clock has not moved since the alert, so the
+    correction's own point is the alert's time: it was judged nowhere and the alert stood on an error."""
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, [context("p1", codes.ADMISSION, T0 - 60 * MIN, text="inpatient")])], store)
+    [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93}))], store))
+    assert (opened["header"]["kind"], opened["header"]["tier"]) == ("open", "medium")
+    [resolved] = alerts_of(run(processor, [msg(2, [context("p1", codes.DISCHARGE, T0 + 5 * MIN)])], store))
+    assert resolved["header"]["reason"] == "discharge"
+
+    out = run(processor, [msg(3, [retraction("p1", T0, 1, codes.RESP_RATE, 2)])], store)
+
+    [correction] = alerts_of(out)
+    assert (correction["header"]["kind"], correction["resource"]["status"]) == ("correction", "entered-in-error")
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["resource"]["occurrenceDateTime"] == opened["resource"]["occurrenceDateTime"]
+    assert store["p1"].alert["closed"] == []
+
+
 def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
     store: dict[str, PatientRecord] = {}
     run(processor, [msg(0, vitals("p1", T0, 1))], store)
