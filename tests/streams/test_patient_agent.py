@@ -345,10 +345,12 @@ def lactate(patient: str, t: int, value: float, status: Status, version: int = 1
 
 def test_the_alert_basis_names_only_readings_the_score_could_use(processor):
     """DOMAIN.md: the basis references the score's input Observations. A code no feature reads (diastolic
-    BP, platelets) and a reading older than every window of its code (a lactate 30 h before) are not
-    inputs: they are not in the basis, and an amendment of one publishes no correction of the alert."""
+    BP, platelets) and a reading older than every window of its code (a preliminary lactate 24.5 h
+    before: still held in the state, which keeps the lateness bound beyond the 24 h windows) are not
+    inputs: they are not in the basis, the alert is not flagged as resting on a preliminary result,
+    and an amendment of one publishes no correction of the alert."""
     store: dict[str, PatientRecord] = {}
-    old_lactate = lactate("p1", T0 - 30 * 60 * MIN, 4.2, Status.FINAL)
+    old_lactate = lactate("p1", T0 - 24 * 60 * MIN - 30 * MIN, 4.2, Status.PRELIMINARY)
     platelets = CanonicalEvent(patient_id="p1", code=codes.PLATELETS, value=120.0, unit=None,
                                effective_ms=T0 - 30 * MIN, issued_ms=T0 - 30 * MIN, status=Status.FINAL,
                                source=Source.CDC, fact_id=f"cdc:lab_results:7:{codes.PLATELETS}", version=1)
@@ -361,6 +363,8 @@ def test_the_alert_basis_names_only_readings_the_score_could_use(processor):
     assert basis == {make_event_id(f"cdc:vital_signs:1:{code}", 1) for code in (
         codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.SYSTOLIC_BP, codes.HEART_RATE, codes.CONSCIOUSNESS,
         codes.TEMPERATURE)}
+    assert opened["header"]["preliminary_basis"] == [] and "note" not in opened["resource"]
+    assert [orjson.loads(v)["preliminary_basis"] for _, v, _ in out.scores][-1] == []
 
     amended = dataclasses.replace(platelets, value=90.0, status=Status.AMENDED, version=2)
     out = run(processor, [msg(3, [amended])], store)
