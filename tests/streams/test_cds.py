@@ -291,6 +291,9 @@ def test_the_replay_memory_is_bounded_and_forgets_expired_tokens():
     seen.first_use(("ehr", "d"), until=400, now=150)
     seen.first_use(("ehr", "e"), until=500, now=150)  # full: b (the first to expire) goes
     assert len(seen) == 3 and not seen.first_use(("ehr", "e"), until=500, now=160)
+    assert not seen.first_use(("ehr", "c"), until=300, now=160)  # the later-expiring ones are kept
+    assert not seen.first_use(("ehr", "d"), until=400, now=160)
+    assert seen.first_use(("ehr", "b"), until=200, now=160)  # b was forgotten: it is new again
 
 
 def test_discovery_and_health_stay_open_with_client_authentication(scored, client_auth):
