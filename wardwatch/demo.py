@@ -120,30 +120,41 @@ def _wait_until_processed(settings: Settings, archiver: Archiver, raw_end_offset
     return dict(archiver.consumed)
 
 
-# what a run leaves in its data directory: one of them marks a directory a new run may wipe
-RUN_MARKERS = ("logs", "archive", "wardwatch.duckdb")
+# written into every run's data directory: a directory holding it is a run's, and the next run wipes it
+RUN_MARK = ".wardwatch-run"
+# what runs left before the mark (demo, batch dataset, soak): a directory holding nothing else is theirs
+RUN_ENTRIES = frozenset({"archive", "faust", "logs", "models", "reports", "wardwatch.duckdb", "wardwatch.duckdb.wal",
+                         "dataset.json", "r", "k"})
 
 
 def check_wipeable(data_dir: Path) -> None:
     """Refuse to wipe a directory that is neither empty nor an earlier run's (`--out .`, a home
-    directory, `data` with the clinosim cache in it): ValueError naming it."""
+    directory, `data` with the clinosim cache in it): ValueError naming it. A run's directory holds
+    RUN_MARK, or (runs before it) nothing but RUN_ENTRIES: a home directory with a `logs` folder is not."""
     if not data_dir.exists():
         return
     if not data_dir.is_dir():
         raise ValueError(f"{data_dir} is a file, not a directory: choose a new or empty directory")
-    if any(data_dir.iterdir()) and not any((data_dir / name).exists() for name in RUN_MARKERS):
-        raise ValueError(f"refusing to wipe {data_dir}: it is not empty and holds no earlier run "
-                         f"({', '.join(RUN_MARKERS)}); choose a new or empty directory")
+    entries = {p.name for p in data_dir.iterdir()}
+    if entries and RUN_MARK not in entries and not entries <= RUN_ENTRIES:
+        raise ValueError(f"refusing to wipe {data_dir}: it is not empty and is not an earlier run's (no {RUN_MARK}; "
+                         f"it holds {len(entries - RUN_ENTRIES)} other entries); choose a new or empty directory")
+
+
+def start_run_dir(data_dir: Path) -> None:
+    """Wipe an earlier run's directory (check_wipeable first) and mark the new one as a run's."""
+    check_wipeable(data_dir)
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    (data_dir / "logs").mkdir(parents=True)
+    (data_dir / RUN_MARK).write_text("a wardwatch run's directory: the next demo, batch dataset or soak wipes it\n")
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
     console = console or Console()
     started = time.monotonic()
     data_dir = opts.data_dir.resolve()
-    check_wipeable(data_dir)
-    if data_dir.exists():
-        shutil.rmtree(data_dir)  # a demo run starts clean: its DuckDB reflects this run only
-    (data_dir / "logs").mkdir(parents=True)
+    start_run_dir(data_dir)  # a demo run starts clean: its DuckDB reflects this run only
     with ExitStack() as stack, _progress(console) as progress:
         step = progress.add_task("starting the embedded Kafka broker (Tansu)", total=None)
         if opts.bootstrap:

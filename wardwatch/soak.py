@@ -49,7 +49,6 @@ each kill falls at a random moment of its own slice of the feed.
 from __future__ import annotations
 
 import random
-import shutil
 import threading
 import time
 import uuid
@@ -67,7 +66,7 @@ from streams.archiver import Archiver
 from streams.replay import RawMessage, Replay, build_replay, generate_cohort, load_patient_refs, publish
 from streams.topics import Topics, ensure_topics, topics_for
 from wardwatch.broker import EmbeddedBroker
-from wardwatch.demo import _wait_for_quiet, check_wipeable, seed_models
+from wardwatch.demo import _wait_for_quiet, seed_models, start_run_dir
 from wardwatch.mirror import TopicMirror
 from wardwatch.procs import (committed_offsets, kill_service, start_service, stop_service, wait_for_commits,
                              wait_for_group)
@@ -434,10 +433,7 @@ def run_soak(opts: SoakOptions, console: Console | None = None) -> dict:
     started = time.monotonic()
     deadline = started + opts.timeout_s
     data_dir = opts.data_dir.resolve()
-    check_wipeable(data_dir)  # never a directory that holds no earlier run (wardwatch.demo)
-    if data_dir.exists():
-        shutil.rmtree(data_dir)  # each soak starts clean: its archive and logs are this run's only
-    (data_dir / "logs").mkdir(parents=True)
+    start_run_dir(data_dir)  # each soak starts clean: its archive and logs are this run's only
     phases: dict[str, float] = {}
     mark = [time.monotonic()]
 

@@ -114,10 +114,32 @@ def test_a_directory_that_holds_no_earlier_run_is_never_wiped(command, tmp_path,
     assert result.exit_code == 2 and "refusing to wipe" in result.output
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
-    from wardwatch.demo import check_wipeable
+    from wardwatch.demo import RUN_MARK, check_wipeable
 
     earlier = tmp_path / "earlier"
     (earlier / "logs").mkdir(parents=True)
     (earlier / "dataset.json").write_text("{}")
-    check_wipeable(earlier)  # an earlier run's directory: wiped as before
+    check_wipeable(earlier)  # a run's directory from before the mark (nothing but what runs leave): wiped
     check_wipeable(tmp_path / "new")
+    # a home directory that happens to hold a `logs` folder is not a run's
+    home = tmp_path / "home"
+    (home / "logs").mkdir(parents=True)
+    (home / "thesis.tex").write_text("years")
+    with pytest.raises(ValueError, match="refusing to wipe"):
+        check_wipeable(home)
+    (earlier / "models-ship").mkdir()  # what an analyst adds to a marked run's directory goes with it
+    (earlier / RUN_MARK).write_text("")
+    check_wipeable(earlier)
+
+
+def test_a_run_marks_its_directory_before_it_starts(tmp_path, monkeypatch):
+    import wardwatch.demo
+    from wardwatch.demo import RUN_MARK, DemoOptions, run_demo
+
+    def no_broker(*a, **k):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(wardwatch.demo.EmbeddedBroker, "start", no_broker)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_demo(DemoOptions(data_dir=tmp_path / "run"))
+    assert (tmp_path / "run" / RUN_MARK).exists() and (tmp_path / "run" / "logs").is_dir()
