@@ -329,7 +329,9 @@ def operating_metrics(rows: pl.DataFrame, *, threshold: float, score: str = "_sc
     label and onset_ms (the onset when label = 1), ideally every scoring point of each patient.
 
     alerts                    rising edges: a point at/above the threshold whose previous point of
-                              the patient was below it (or absent), as the stream alerts
+                              the patient was below it (or absent); a simplification of the stream's
+                              policy (hysteresis, suppression, the NEWS2 floor: streams/alerting.py),
+                              whose real alerts `wardwatch batch report` counts
     patient_days              per patient, first to last scoring point
     onset episodes            distinct (patient, onset_ms) of the positive rows
     sensitivity               episodes with a point at/above the threshold in [onset - H, onset)
