@@ -352,10 +352,16 @@ def write_part(archive_dir: Path, kind: str, date: str, rows: list[dict[str, Any
     name = f"part-{uuid.uuid4().hex}.parquet"
     tmp = directory / f".{name}.tmp"
     table = pa.Table.from_pylist(rows, schema=ARCHIVE_SCHEMAS[kind])
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        # a full disk fails mid-file: the half-written file would hold on to the space the
+        # restarted archiver needs (nothing reads or removes a .tmp file later)
+        tmp.unlink(missing_ok=True)
+        raise
     final = directory / name
     os.replace(tmp, final)
     _fsync_dir(directory)
@@ -479,6 +485,12 @@ class Archiver:
             while not stop.is_set():
                 self.poll_once()
             self.flush()
+        except Exception as exc:
+            # e.g. a full or read-only archive volume: stop loudly; the buffered records' offsets are not
+            # committed, so the restarted archiver reads them again
+            log.critical("archiver stopped (%s: %s); the records not yet written are re-read after the restart",
+                         type(exc).__name__, exc)
+            raise
         finally:
             self.close()
 

@@ -195,6 +195,41 @@ def test_one_badly_typed_record_does_not_stop_the_archive(monkeypatch, tmp_path)
     assert archiver._consumer.commits == [{(topics.canonical, 0): 2}]
 
 
+def test_full_disk_stops_the_archiver_without_a_commit_or_a_left_over_file_and_a_restart_loses_nothing(
+        monkeypatch, tmp_path, caplog):
+    import errno
+    import threading
+
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr("confluent_kafka.Consumer", StandInConsumer)
+    settings = Settings(topic_prefix="t", data_dir=tmp_path)
+    topics = topics_for(settings)
+    batch = [Message(topics.canonical, 0, encode_batch([event("f1")]))]
+    write_table = pq.write_table
+
+    def disk_full(table, where, **kwargs):
+        where.write(b"PAR1 half a file")  # what fitted before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    archiver = Archiver(settings, topics, flush_rows=1)
+    archiver._consumer.messages = list(batch)
+    with pytest.raises(OSError, match="No space left"):
+        archiver.run(threading.Event())
+    assert archiver._consumer.commits == []  # not durable, so not committed: re-read after the restart
+    assert [p for p in settings.archive_dir.rglob("*") if p.is_file()] == []  # no half file holds the space
+    assert any(r.levelname == "CRITICAL" and "No space left" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(pq, "write_table", write_table)  # space freed; compose restarts the archiver
+    restarted = Archiver(settings, topics, flush_rows=1)
+    restarted._consumer.messages = list(batch)  # the uncommitted record is delivered again
+    assert restarted.poll_once() == 1
+    assert rebuild.read_archive(settings.archive_dir, "canonical")["fact_id"].to_list() == ["f1"]
+    assert restarted._consumer.commits == [{(topics.canonical, 0): 1}]
+    assert not list(settings.archive_dir.rglob("*.tmp"))
+
+
 # --- files ---------------------------------------------------------------------------------------
 
 
