@@ -18,7 +18,9 @@ Steps (each timed, each announced to `progress(step)`):
                 report (batch/report.py)
 
 Readers of the old file keep a consistent view until they reopen; a crash mid-build leaves the old
-file untouched. `runs` is carried over from the previous file and gains one row per run; every
+file untouched. One run at a time per file (a lock next to it): a second run started meanwhile (the
+scheduler's and one by hand) stops with NightlyBusy, and the run holding the lock removes the build
+files a killed run left behind. `runs` is carried over from the previous file and gains one row per run; every
 other table is a pure function of the archive.
 
 Incremental (`full=False`, the CLI default): the `archive_parts` table lists the part files the
@@ -35,10 +37,12 @@ file deleted from the archive stays in an incremental build until the next full 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -55,6 +59,11 @@ from streams.archiver import ARCHIVE_SCHEMAS, part_files
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class NightlyBusy(RuntimeError):
+    """Another nightly run is building the same DuckDB file."""
+
 
 FeaturesAt = Callable[..., pl.DataFrame]
 ClassifyEvents = Callable[..., pl.DataFrame]
@@ -397,6 +406,22 @@ def _run_row(run_id: str, started: datetime, finished: datetime, full: bool, arc
                           "model_metrics_json": pl.String})
 
 
+@contextmanager
+def _only_run(target: Path):
+    """Hold the lock of `target` for this run, or raise NightlyBusy. flock: the kernel drops it when
+    the process dies, so a killed run never leaves the next one locked out."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NightlyBusy(f"another nightly run is building {target}; wait for it to finish") from None
+        # a run killed mid-write (the scheduler's container stopped) left its whole new file behind
+        for stale in target.parent.glob(f".{target.name}.*.building*"):
+            stale.unlink(missing_ok=True)
+        yield
+
+
 def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[str], None] | None = None,
                 features_at: FeaturesAt | None = None, classify_events: ClassifyEvents | None = None,
                 make_labels: MakeLabels | None = None, report: bool = True) -> dict:
@@ -427,39 +452,40 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
             progress(name)
 
     archive_dir, target = settings.archive_dir, settings.duckdb_path
-    previous = _previous_state(target, full)
-    tables, summary, facts = build_tables(
-        archive_dir, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
-        cross_source_tolerance=settings.cross_source_tolerance, features_at=features_at,
-        classify_events=classify_events, make_labels=make_labels, step=step, previous=previous,
-        scoring_points=scoring_points, min_interval_ms=settings.scoring_min_interval_s * 1000)
-    ok = parity_ok(summary)
-    counts = {name: frame.height for name, frame in tables.items()}
+    with _only_run(target):  # held until the new file is in place
+        previous = _previous_state(target, full)
+        tables, summary, facts = build_tables(
+            archive_dir, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
+            cross_source_tolerance=settings.cross_source_tolerance, features_at=features_at,
+            classify_events=classify_events, make_labels=make_labels, step=step, previous=previous,
+            scoring_points=scoring_points, min_interval_ms=settings.scoring_min_interval_s * 1000)
+        ok = parity_ok(summary)
+        counts = {name: frame.height for name, frame in tables.items()}
 
-    step("write")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = target.with_name(f".{target.name}.{run_id}.building")
-    try:
-        with duckdb.connect(str(building)) as con:
-            for name, frame in tables.items():
-                _write_table(con, name, frame)
-            step(None)
-            run = _run_row(run_id, started, datetime.now(timezone.utc), full or not previous,
-                           tables["archive_parts"].height, facts, counts, timings, summary, ok)
-            old = previous_runs(target)
-            runs = run if old is None else pl.concat([old, run], how="diagonal_relaxed")
-            _write_table(con, "runs", runs)
-            create_views(con)
-            apply_comments(con)
-            con.execute("CHECKPOINT")
-        # a read-write session on the old file killed before its checkpoint leaves <file>.wal: DuckDB
-        # would replay it into the new file and refuse to open it. Its changes were read with the
-        # old file above (a read-only open replays the WAL); the file it belongs to is replaced whole.
-        _wal(target).unlink(missing_ok=True)
-        os.replace(building, target)
-    finally:
-        for leftover in (building, _wal(building)):
-            leftover.unlink(missing_ok=True)
+        step("write")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        building = target.with_name(f".{target.name}.{run_id}.building")
+        try:
+            with duckdb.connect(str(building)) as con:
+                for name, frame in tables.items():
+                    _write_table(con, name, frame)
+                step(None)
+                run = _run_row(run_id, started, datetime.now(timezone.utc), full or not previous,
+                               tables["archive_parts"].height, facts, counts, timings, summary, ok)
+                old = previous_runs(target)
+                runs = run if old is None else pl.concat([old, run], how="diagonal_relaxed")
+                _write_table(con, "runs", runs)
+                create_views(con)
+                apply_comments(con)
+                con.execute("CHECKPOINT")
+            # a read-write session on the old file killed before its checkpoint leaves <file>.wal: DuckDB
+            # would replay it into the new file and refuse to open it. Its changes were read with the
+            # old file above (a read-only open replays the WAL); the file it belongs to is replaced whole.
+            _wal(target).unlink(missing_ok=True)
+            os.replace(building, target)
+        finally:
+            for leftover in (building, _wal(building)):
+                leftover.unlink(missing_ok=True)
 
     log.info("nightly run %s: %d tables, %d new parts, parity ok=%s, mismatched=%d", run_id, len(tables) + 1,
              facts["new_parts"], ok, summary["mismatched"])

@@ -275,7 +275,7 @@ def batch_nightly(full: bool = typer.Option(False, "--full",
 
     Reads WARDWATCH_DATA_DIR/archive (the archiver's Parquet parts) and writes WARDWATCH_DATA_DIR/wardwatch.duckdb
     and an HTML report under WARDWATCH_DATA_DIR/reports. Exits 1 when parity fails."""
-    from batch.nightly import run_nightly
+    from batch.nightly import NightlyBusy, run_nightly
 
     settings = _settings()
     if not settings.archive_dir.is_dir():
@@ -286,7 +286,10 @@ def batch_nightly(full: bool = typer.Option(False, "--full",
             status.update(f"nightly rebuild: {step}")
             console.log(step)
 
-        result = run_nightly(settings, full=full, progress=progress)
+        try:
+            result = run_nightly(settings, full=full, progress=progress)
+        except NightlyBusy as exc:  # the scheduler's run and one started by hand: the first one wins
+            _fail(str(exc), code=1)
     p = result["parity"]
     console.print(f"{result['duckdb_path']}: {result['new_parts']} new archive parts, {p['points_checked']} scoring "
                   f"points, {p['values_checked']} values, {p['mismatched']} mismatched")

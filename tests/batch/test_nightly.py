@@ -312,6 +312,52 @@ os._exit(9)
     assert versions == [("v-killed",), (None,)]  # the killed session's committed update is carried over
 
 
+def test_a_second_nightly_started_while_one_runs_stops_instead_of_racing_it(settings):
+    """The scheduler's run and one started by hand (`docker compose run --rm nightly`) must not both
+    build and swap the file: the second stops at once and says why; the first completes."""
+    import threading
+
+    from batch.nightly import NightlyBusy
+
+    stage1(settings.archive_dir)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_features_at(*args, **kwargs):
+        inside.set()
+        assert release.wait(60), "the test never let the first run go on"
+        return STANDINS["features_at"](*args, **kwargs)
+
+    first: dict = {}
+    runner = threading.Thread(target=lambda: first.update(
+        run_nightly(settings, features_at=slow_features_at, classify_events=STANDINS["classify_events"])))
+    runner.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(NightlyBusy, match="another nightly run"):
+            run_nightly(settings, **STANDINS)
+    finally:
+        release.set()
+        runner.join(60)
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:  # the first run completed, alone
+        assert con.execute("SELECT run_id FROM runs").fetchall() == [(first["run_id"],)]
+    run_nightly(settings, **STANDINS)  # and once it is done, the next run goes ahead
+
+
+def test_the_build_file_of_a_killed_run_is_removed_by_the_next_run(settings):
+    """A nightly killed mid-write (its container stopped) leaves a whole new DuckDB file next to the
+    live one; on the shared data volume it would stay for good."""
+    stage1(settings.archive_dir)
+    target = settings.duckdb_path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    killed = [target.with_name(f".{target.name}.deadbeef.building"),
+              target.with_name(f".{target.name}.deadbeef.building.wal")]
+    for path in killed:
+        path.write_bytes(b"half a database")
+    run_nightly(settings, **STANDINS)
+    assert sorted(p.name for p in target.parent.iterdir() if "building" in p.name) == []
+    assert target.exists()
+
+
 # --- incremental ---------------------------------------------------------------------------------
 
 
