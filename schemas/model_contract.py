@@ -59,14 +59,17 @@ class ModelContract:
         missing = [k for k in ("version", "features", "input_name", "output_name", "imputation") if k not in card]
         if missing:
             raise ContractError(f"model card lacks {missing}; re-register the model with batch/registry.py")
-        return cls(
-            version=str(card["version"]),
-            features=tuple(card["features"]),
-            input_name=card["input_name"],
-            output_name=card["output_name"],
-            imputation=dict(card["imputation"] or {}),
-            sha256=card.get("sha256"),
-        )
+        try:
+            return cls(
+                version=str(card["version"]),
+                features=tuple(card["features"]),
+                input_name=card["input_name"],
+                output_name=card["output_name"],
+                imputation=dict(card["imputation"] or {}),
+                sha256=card.get("sha256"),
+            )
+        except (TypeError, ValueError) as e:  # e.g. "features": 7 in a hand-edited card: refused, not a crash
+            raise ContractError(f"model card fields have the wrong type ({e}); re-register the model") from None
 
 
 def contract_metadata(features: Sequence[str], imputation: Mapping[str, float | None], input_name: str,
