@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from schemas.codes import ACVPU, CONSCIOUSNESS
+
 
 class Source(StrEnum):
     CDC = "cdc"
@@ -108,13 +110,14 @@ class CanonicalEvent:
         for name in _FIELD_NAMES:
             if name != "_event_id" and not dataclasses.replace(_VALID, **{name: getattr(self, name)}).fits():
                 return name
-        return "?"
+        return "value" if self.code == CONSCIOUSNESS else "?"  # fits alone, not as a consciousness
 
     def fits(self) -> bool:
         """The types and ranges every consumer of a decoded event relies on (the worker's table keys
         and outputs, the archive's Arrow columns): the types the ingest writes, times and integer values
         exact as doubles (so sums of times still fit int64; JSON gives Python any size), versions that
-        fit int64, and a non-empty patient id."""
+        fit int64, a non-empty patient id, and a consciousness value that is an ACVPU ordinal (NEWS2
+        indexes ACVPU with it)."""
         value = self.value
         return (type(self.patient_id) is str and self.patient_id != "" and type(self.code) is str
                 and type(self.fact_id) is str and type(self.code_system) is str
@@ -122,6 +125,7 @@ class CanonicalEvent:
                      or (type(value) is int and -_MAX_EXACT <= value <= _MAX_EXACT))
                 and -_MAX_EXACT <= self.effective_ms <= _MAX_EXACT and -_MAX_EXACT <= self.issued_ms <= _MAX_EXACT
                 and 0 <= self.version <= _MAX_INT64
+                and (self.code != CONSCIOUSNESS or value is None or value in _ACVPU_ORDINALS)
                 and (self.unit is None or type(self.unit) is str)
                 and (self.encounter_id is None or type(self.encounter_id) is str)
                 and (self.value_text is None or type(self.value_text) is str)
@@ -131,6 +135,7 @@ class CanonicalEvent:
 _FIELD_NAMES = tuple(f.name for f in fields(CanonicalEvent))
 _VALID = CanonicalEvent("p", "c", 0.0, None, 0, 0, Status.FINAL, Source.CDC, "f", 1)  # every field fits
 _MAX_EXACT = 2**53  # ms: the year 287,396
+_ACVPU_ORDINALS = frozenset(range(len(ACVPU)))  # 0 .. 4 (2.0 == 2: a float ordinal fits)
 _MAX_INT64 = 2**63 - 1
 _STATUSES = {s.value: s for s in Status}
 _SOURCES = {s.value: s for s in Source}

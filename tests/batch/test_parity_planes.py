@@ -138,7 +138,10 @@ def patient_events(draw):
             if draw(st.booleans()):
                 new_versions.append(dataclasses.replace(prelim, version=2, issued_ms=t + MIN, status=Status.FINAL,
                                                         value=value))
-    return events + later + at_end
+    # consciousness is an ACVPU ordinal (A=0 ... U=4, schemas/codes.py): the decoder dead-letters any
+    # other value, so the generator's decimals and twin offsets are cut to the ordinal below them
+    return [dataclasses.replace(e, value=float(min(4, int(e.value))))
+            if e.code == codes.CONSCIOUSNESS and e.value is not None else e for e in events + later + at_end]
 
 
 def split(draw, events: list[CanonicalEvent]) -> list[list[CanonicalEvent]]:

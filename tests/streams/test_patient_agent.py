@@ -104,9 +104,11 @@ def test_bad_messages_are_rejected_and_the_rest_of_the_batch_goes_on(processor):
                 raw_msg(2, "p3", value="high"), raw_msg(3, "p5", patient_id=42),
                 raw_msg(4, "p6", effective_ms=1e20),  # decodes to an int beyond int64
                 raw_msg(5, "__wardwatch_next_offset__:0"),  # the table key of partition 0's next offset
-                raw_msg(6, "p7", provenance=["not", "a", "dict"]), msg(7, vitals("p4", T0, 4))]
+                raw_msg(6, "p7", provenance=["not", "a", "dict"]),
+                raw_msg(7, "p8", code=codes.CONSCIOUSNESS, value=5.0),  # no ACVPU level: NEWS2 would index past U
+                msg(8, vitals("p4", T0, 4))]
     out = run(processor, messages, store)
-    assert [(m.offset, r.reason) for m, r in out.rejected] == [(n, Reason.INVALID_STRUCTURE) for n in range(7)]
+    assert [(m.offset, r.reason) for m, r in out.rejected] == [(n, Reason.INVALID_STRUCTURE) for n in range(8)]
     assert [m.value for m, _ in out.rejected][0] == b"{not json"  # original bytes, untouched
     assert [orjson.loads(v)["patient_id"] for _, v, _ in out.features] == ["p4"]
     assert list(store) == ["p4"]
