@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from schemas.canonical import CanonicalEvent
 from streams.commits import commit_offsets
 from streams.topics import Topics
+from wardwatch.observability import redact
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -488,8 +489,9 @@ class Archiver:
         except Exception as exc:
             # e.g. a full or read-only archive volume: stop loudly; the buffered records' offsets are not
             # committed, so the restarted archiver reads them again
+            # (the message scrubbed: a conversion error may quote a row's value, a patient id)
             log.critical("archiver stopped (%s: %s); the records not yet written are re-read after the restart",
-                         type(exc).__name__, exc)
+                         type(exc).__name__, redact(str(exc)))
             raise
         finally:
             self.close()

@@ -221,6 +221,18 @@ def test_full_disk_stops_the_archiver_without_a_commit_or_a_left_over_file_and_a
     assert [p for p in settings.archive_dir.rglob("*") if p.is_file()] == []  # no half file holds the space
     assert any(r.levelname == "CRITICAL" and "No space left" in r.getMessage() for r in caplog.records)
 
+    def unconvertible(table, where, **kwargs):  # an error quoting a row's value, as pyarrow's do
+        raise ValueError("could not convert 'C0-0001' for column patient_id")
+
+    monkeypatch.setattr(pq, "write_table", unconvertible)
+    caplog.clear()
+    failing = Archiver(settings, topics, flush_rows=1)
+    failing._consumer.messages = list(batch)
+    with pytest.raises(ValueError):
+        failing.run(threading.Event())
+    [stopped] = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
+    assert "C0-0001" not in stopped and "<redacted>" in stopped  # no patient id in the log
+
     monkeypatch.setattr(pq, "write_table", write_table)  # space freed; compose restarts the archiver
     restarted = Archiver(settings, topics, flush_rows=1)
     restarted._consumer.messages = list(batch)  # the uncommitted record is delivered again
