@@ -60,9 +60,12 @@ class ModelContract:
         if missing:
             raise ContractError(f"model card lacks {missing}; re-register the model with batch/registry.py")
         try:
+            features = tuple(card["features"])
+            if not all(type(f) is str for f in features):  # a list among them breaks the checks' lookups
+                raise TypeError("a feature name is not a string")
             return cls(
                 version=str(card["version"]),
-                features=tuple(card["features"]),
+                features=features,
                 input_name=card["input_name"],
                 output_name=card["output_name"],
                 imputation=dict(card["imputation"] or {}),

@@ -382,15 +382,19 @@ def test_reload_to_a_refused_version_keeps_the_current_model(model_dir, settings
     assert scorer.score([snapshot()])[0].model_version == "v1"
 
 
-def test_reload_to_a_version_whose_card_has_wrong_types_keeps_the_current_model(model_dir, settings):
-    """A hand-edited card ("features": 7) must be refused like any bad model, not raise out of the
-    reload and stop the worker (which then could not start again on it)."""
+@pytest.mark.parametrize("features", [lambda names: 7,
+                                      lambda names: [*names[:-1], [names[-1]]]],  # a name as a list: unhashable
+                         ids=["features-7", "a-feature-name-as-a-list"])
+def test_reload_to_a_version_whose_card_has_wrong_types_keeps_the_current_model(model_dir, settings, features):
+    """A hand-edited card ("features": 7, or a feature name that is no string) must be refused like
+    any bad model, not raise out of the reload and stop the worker (which then could not start
+    again on it)."""
     import json
 
     register(model_dir, "v1", onnx_bytes(fit_linear()))
     bad = register(model_dir, "v2", onnx_bytes(fit_linear(seed=3)), point=False)
     card = json.loads((bad / "card.json").read_text())
-    (bad / "card.json").write_text(json.dumps(card | {"features": 7}))
+    (bad / "card.json").write_text(json.dumps(card | {"features": features(card["features"])}))
     scorer = Scorer(model_dir, settings)
 
     (model_dir / "current").write_text("v2")
