@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from schemas.canonical import CanonicalEvent, Source, Status, decode_batch, encode_batch, make_event_id
-from schemas.codes import CONTEXT
+from schemas.codes import ACVPU, ACVPU_ORDINAL, CONSCIOUSNESS, CONTEXT
 
 HEART_RATE_ID = hashlib.blake2b(b"cdc:vital_signs:42:8867-4|7", digest_size=12).hexdigest()
 
@@ -105,6 +105,22 @@ def test_an_undecodable_event_raises_for_the_worker_to_dead_letter(change, error
     raw = orjson.dumps([{**heart_rate().to_dict(), **change}])
     with pytest.raises(error):
         decode_batch(raw)
+
+
+def test_a_consciousness_value_decodes_only_as_an_acvpu_ordinal():
+    """NEWS2 reads the level as ACVPU[int(value)]: 5 raised IndexError in the worker, and -1 (U: 3
+    points) or 2.5 (V) would score a level nobody charted. The ingest's values (schemas/cdc.py,
+    schemas/fhir.py: float ordinals 0.0 .. 4.0, None for a retraction) must still decode."""
+    def consciousness(value):
+        return heart_rate(code=CONSCIOUSNESS, unit="{score}", value=value,
+                          value_text=ACVPU[int(value)] if value in range(len(ACVPU)) else None)
+
+    written = [consciousness(float(ACVPU_ORDINAL[letter])) for letter in ACVPU] + [consciousness(None)]
+    assert decode_batch(encode_batch(written)) == written
+    assert decode_batch(orjson.dumps([consciousness(2).to_dict()]))[0].value == 2  # an int ordinal is one too
+    for value in (5.0, -1.0, 2.5):
+        with pytest.raises(ValueError, match="field value: a float"):
+            decode_batch(orjson.dumps([consciousness(value).to_dict()]))
 
 
 def test_an_event_missing_a_required_field_raises():
