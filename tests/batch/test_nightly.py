@@ -338,6 +338,7 @@ def test_a_second_nightly_started_while_one_runs_stops_instead_of_racing_it(sett
     finally:
         release.set()
         runner.join(60)
+    assert not runner.is_alive(), "the first run did not finish within 60 s of its release"
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:  # the first run completed, alone
         assert con.execute("SELECT run_id FROM runs").fetchall() == [(first["run_id"],)]
     run_nightly(settings, **STANDINS)  # and once it is done, the next run goes ahead
