@@ -41,6 +41,7 @@ from streams.scoring import Scorer
 from streams.faust_tuning import broker_credentials, set_fetch_max_wait_ms
 from streams.stats import StatsPublisher
 from streams.topics import Topics, ensure_topics, topics_for
+from streams.watchdog import StallWatchdog, WatermarkProbe
 from wardwatch import observability
 from wardwatch.settings import Settings
 
@@ -108,6 +109,12 @@ class DurableTable(faust.Table):
 
     def next_offset(self, partition: int) -> int | None:
         raw = self.get(next_offset_key(partition))
+        return int(raw) if raw is not None else None
+
+    def applied_offset(self, partition: int) -> int | None:
+        """next_offset() for another thread (the stall watchdog): a plain read of the store, without
+        faust's per-read sensors."""
+        raw = self.data.get(next_offset_key(partition))
         return int(raw) if raw is not None else None
 
     def put(self, partition: int | None, key: str, value: bytes) -> None:
@@ -409,6 +416,20 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
     async def _commit_applied() -> None:
         await committer.run()
 
+    app.consumption_watchdog = None  # run_worker's /readyz: always ready without a watchdog
+    if settings.worker_stall_timeout_s:
+        def read_applied() -> dict[int, int | None]:
+            assigned = [tp.partition for tp in app.consumer.assignment() if tp.topic == topics.canonical]
+            return {p: table.applied_offset(p) for p in assigned}
+
+        watchdog = app.consumption_watchdog = StallWatchdog(
+            settings.worker_stall_timeout_s, WatermarkProbe(settings, topics.canonical), read_applied,
+            busy=lambda: bool(app.rebalancing or app.in_recovery))
+
+        @app.task
+        async def _watch_consumption() -> None:  # once faust's consumer exists
+            watchdog.start()
+
     @app.agent(canonical, name="patients")
     async def patients(stream):
         async for events in stream.take_events(settings.worker_batch_size, within=settings.worker_batch_within_s):
@@ -446,6 +467,8 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
 
     @app.on_before_shutdown.connect
     async def _confirm_last_batch(sender, **kwargs):
+        if app.consumption_watchdog:  # a stop is not a stall, however long it takes
+            app.consumption_watchdog.stop()
         # durable and committed, so a restart re-reads nothing this worker applied
         await confirmations.wait()
         try:
@@ -636,7 +659,9 @@ def run_worker(settings: Settings, loglevel: str = "WARN") -> None:
     ensure_topics(settings, topics)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates its datadir inside, not parents
     app = create_app(settings, topics)
-    observability.serve(settings.metrics_port, host=settings.metrics_host)
+    watchdog = app.consumption_watchdog
+    observability.serve(settings.metrics_port, host=settings.metrics_host,
+                        ready=watchdog.ready if watchdog else (lambda: True))
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
     worker.spinner = None  # faust's terminal progress spinner: escape codes on stdout, in a service's log
     worker.execute_from_commandline()

@@ -1,0 +1,68 @@
+"""Is a consumer making progress? The watchdog behind the worker's /readyz and its stall exit.
+
+A worker can be up, in its group, "ready" in faust's sense, and still apply nothing: a fetcher that
+stopped fetching, an event loop stuck in an await. Nothing crashes, so nothing restarts it, and
+every alert behind it waits. The watch compares, per assigned partition, the offset the consumer
+has applied with the partition's end offset, read by an independent client:
+
+    lag = end - applied      (applied: the next offset not yet applied; nothing applied: the low watermark)
+
+A partition is *stalled* when it had lag and its applied offset did not move across successful
+observations spanning `stall_after_s`. A partition with no lag is idle, not stalled, however long.
+An observation that could not be made (the broker did not answer, the assignment could not be
+read) starts every partition's clock again: a broker outage is not the worker's stall, and once the
+broker is back the worker gets the whole window to move again.
+
+The embedded broker (Tansu) reports the end offset as the base offset of the partition's last record
+batch + 1, which can be below the true end: the lag is then underestimated, never overestimated, so
+a stall of a whole last batch is still seen and a caught-up partition is never called stalled.
+
+Pure: the caller gives the time (monotonic seconds) and the offsets; no Kafka here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Track:
+    applied: int
+    since: float  # when `applied` last moved, messages were first seen waiting, or tracking (re)started
+
+
+class ConsumptionWatch:
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = stall_after_s
+        self._tracks: dict[int, _Track] = {}
+        self.lag: dict[int, int] = {}
+
+    def observe(self, now: float, applied: dict[int, int | None], watermarks: dict[int, tuple[int, int]]) -> None:
+        """One observation of every assigned partition: applied (next offset, None if nothing applied
+        yet) and its (low, high) watermarks. Partitions no longer assigned are forgotten."""
+        lag: dict[int, int] = {}
+        for partition, (low, high) in watermarks.items():
+            position = applied.get(partition)
+            position = low if position is None else max(position, low)  # retention may have moved past it
+            lag[partition] = max(0, high - position)
+            track = self._tracks.get(partition)
+            waiting_before = self.lag.get(partition, 0) > 0  # the clock starts when messages are first seen waiting
+            if track is None or track.applied != position or not lag[partition] or not waiting_before:
+                self._tracks[partition] = _Track(position, now)
+        for partition in set(self._tracks) - set(watermarks):
+            del self._tracks[partition]
+        self.lag = lag
+
+    def unobservable(self) -> None:
+        """An observation failed: nothing is known, every clock starts again at the next one."""
+        self._tracks.clear()
+        self.lag = {}
+
+    def stalled(self, now: float) -> dict[int, float]:
+        """Partitions with lag and no progress for `stall_after_s`: partition -> seconds without progress."""
+        return {p: now - t.since for p, t in self._tracks.items()
+                if self.lag.get(p, 0) > 0 and now - t.since >= self.stall_after_s}
+
+    def seconds_without_progress(self, now: float) -> float:
+        """The longest time any partition with lag has gone without progress (0: none has lag)."""
+        return max((now - t.since for p, t in self._tracks.items() if self.lag.get(p, 0) > 0), default=0.0)

@@ -1,0 +1,76 @@
+"""The consumption watch: a partition with messages waiting and nothing applied for the window is
+stalled; an idle partition, one that moves, or one that could not be observed is not."""
+
+from streams.progress import ConsumptionWatch
+
+WINDOW = 60.0
+
+
+def _watch_over(observations):
+    """Feed (time, applied, watermarks) observations; returns the watch."""
+    watch = ConsumptionWatch(WINDOW)
+    for now, applied, watermarks in observations:
+        watch.observe(now, applied, watermarks)
+    return watch
+
+
+def test_a_partition_with_waiting_messages_that_never_moves_is_stalled_once_the_window_passes():
+    watch = _watch_over([(t, {0: 10}, {0: (0, 25)}) for t in (0.0, 30.0, 59.0)])
+    assert watch.stalled(59.0) == {}  # within the window
+    watch.observe(60.0, {0: 10}, {0: (0, 25)})
+    assert watch.stalled(60.0) == {0: 60.0}
+    assert watch.lag == {0: 15}
+    assert watch.seconds_without_progress(60.0) == 60.0
+
+
+def test_a_partition_that_applies_something_in_each_window_is_not_stalled_however_long_it_lags():
+    watch = _watch_over([(t, {0: int(t)}, {0: (0, 10_000)}) for t in range(0, 600, 50)])
+    assert watch.stalled(599.0) == {}
+    assert watch.seconds_without_progress(599.0) < WINDOW
+
+
+def test_an_idle_partition_with_nothing_waiting_is_never_stalled():
+    watch = _watch_over([(t, {0: 25}, {0: (0, 25)}) for t in range(0, 3600, 60)])
+    assert watch.stalled(3600.0) == {}
+    assert watch.seconds_without_progress(3600.0) == 0.0
+    # and the clock starts when messages arrive, not when the partition last moved
+    watch.observe(3600.0, {0: 25}, {0: (0, 30)})
+    watch.observe(3630.0, {0: 25}, {0: (0, 30)})
+    assert watch.stalled(3630.0) == {}
+    watch.observe(3660.0, {0: 25}, {0: (0, 30)})
+    assert watch.stalled(3660.0) == {0: 60.0}
+
+
+def test_nothing_applied_yet_counts_from_the_low_watermark():
+    watch = _watch_over([(0.0, {3: None}, {3: (100, 140)}), (60.0, {3: None}, {3: (100, 140)})])
+    assert watch.lag == {3: 40}
+    assert watch.stalled(60.0) == {3: 60.0}
+    # an empty partition (low == high) has nothing waiting
+    watch = _watch_over([(0.0, {3: None}, {3: (7, 7)}), (60.0, {3: None}, {3: (7, 7)})])
+    assert watch.stalled(60.0) == {}
+
+
+def test_an_applied_offset_below_the_retention_start_counts_from_the_low_watermark():
+    watch = _watch_over([(0.0, {0: 5}, {0: (50, 60)})])
+    assert watch.lag == {0: 10}
+
+
+def test_a_failed_observation_gives_every_partition_the_whole_window_again():
+    # a broker outage of 5 min is not the worker's stall: after it, the worker gets a full window
+    watch = _watch_over([(0.0, {0: 10}, {0: (0, 25)}), (30.0, {0: 10}, {0: (0, 25)})])
+    watch.unobservable()
+    assert watch.stalled(330.0) == {}
+    watch.observe(330.0, {0: 10}, {0: (0, 25)})
+    assert watch.stalled(389.0) == {}
+    watch.observe(390.0, {0: 10}, {0: (0, 25)})
+    assert watch.stalled(390.0) == {0: 60.0}
+
+
+def test_only_the_stuck_partition_is_named_and_a_revoked_one_is_forgotten():
+    watch = ConsumptionWatch(WINDOW)
+    watch.observe(0.0, {0: 10, 1: 0}, {0: (0, 25), 1: (0, 25)})
+    watch.observe(60.0, {0: 10, 1: 20}, {0: (0, 25), 1: (0, 25)})
+    assert watch.stalled(60.0) == {0: 60.0}
+    watch.observe(61.0, {1: 21}, {1: (0, 25)})  # partition 0 went to another worker
+    assert watch.stalled(61.0) == {}
+    assert watch.lag == {1: 4}

@@ -1,0 +1,192 @@
+"""The worker's consumption watchdog on the real embedded broker: it reads the broker's watermarks
+with its own client, says the worker is not ready and exits it when a partition with messages
+waiting applies nothing for the window; and a real worker whose fetcher stops is restarted clean."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+
+from streams.topics import ensure_topics, topics_for
+from streams.watchdog import STALL_EXIT_CODE, StallWatchdog, WatermarkProbe
+from tests.streams.worker_runs import Publisher, canonical_messages, collect_results
+from wardwatch.procs import start_service, stop_service, wait_for_group
+from wardwatch.worker_results import wait_for_applied
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _produce(settings, topic: str, partition: int, n: int) -> None:
+    producer = Producer(settings.kafka_client_config())
+    for i in range(n):
+        producer.produce(topic, value=b"x", key=b"k", partition=partition)
+    assert producer.flush(30) == 0
+
+
+@pytest.mark.timeout(120)
+def test_the_watchdog_sees_waiting_messages_on_the_broker_and_calls_a_partition_that_never_moves_stalled(settings):
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    _produce(settings, topics.canonical, 1, 12)
+    applied: dict[int, int | None] = {0: None, 1: None}
+    stalls = []
+    clock, busy = _Clock(), [False]
+    dog = StallWatchdog(30.0, WatermarkProbe(settings, topics.canonical), lambda: dict(applied),
+                        busy=lambda: busy[0], on_stall=lambda s, lag: stalls.append((s, lag)), clock=clock)
+    try:
+        assert not dog.ready()  # nothing observed yet
+        dog.check()
+        assert dog.watch.lag[1] >= 1 and dog.watch.lag[0] == 0  # partition 1's messages wait, 0 is empty
+        assert dog.ready() and not stalls
+        busy[0] = True
+        assert not dog.ready()  # rebalancing or recovering
+        busy[0] = False
+
+        clock.now += 30.0
+        dog.check()
+        assert [set(s) for s, _ in stalls] == [{1}] and stalls[0][1][1] >= 1
+        assert not dog.ready()
+        assert dog.gauges()["consumption"]["seconds_without_progress"] == 30
+
+        applied[1] = 12  # the worker applied everything: ready again, nothing waits
+        stalls.clear()
+        clock.now += 30.0
+        dog.check()
+        assert dog.watch.lag == {0: 0, 1: 0} and dog.ready() and not stalls
+    finally:
+        dog.probe.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_round_that_cannot_be_observed_is_not_ready_and_restarts_the_window(settings):
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    _produce(settings, topics.canonical, 0, 3)
+    clock, failing = _Clock(), [False]
+    stalls = []
+
+    def read_applied():
+        if failing[0]:
+            raise RuntimeError("the consumer is not started")
+        return {0: None}
+
+    dog = StallWatchdog(30.0, WatermarkProbe(settings, topics.canonical), read_applied, busy=lambda: False,
+                        on_stall=lambda s, lag: stalls.append(s), clock=clock)
+    try:
+        dog.check()
+        failing[0] = True
+        clock.now += 20.0
+        dog.check()
+        assert not dog.ready()
+        failing[0] = False
+        clock.now += 20.0
+        dog.check()  # 40 s since the first look, but the failed round restarted the window
+        assert not stalls and dog.ready()
+        clock.now += 30.0
+        dog.check()
+        assert [set(s) for s in stalls] == [{0}]
+    finally:
+        dog.probe.close()
+
+
+# Loaded into the worker through PYTHONPATH: once the marker file exists, faust's fetcher returns no
+# records any more, as the stalled worker of a CI run did (joined, ready, and then fetched nothing).
+# Its first empty answer writes `<marker>.seen`: a fetch already waiting when the marker appeared may
+# still return what arrives meanwhile.
+STALLING_FETCHER = '''
+import asyncio, os
+from faust.transport.drivers import aiokafka as _driver
+
+_fetch = _driver.AIOKafkaConsumerThread._fetch_records
+
+async def _stalling_fetch(self, consumer, active_partitions, timeout=None, max_records=None):
+    marker = os.environ["WW_TEST_STALL_MARKER"]
+    if os.path.exists(marker):
+        open(marker + ".seen", "w").close()
+        await asyncio.sleep(timeout or 0.1)
+        return {}
+    return await _fetch(self, consumer, active_partitions, timeout=timeout, max_records=max_records)
+
+_driver.AIOKafkaConsumerThread._fetch_records = _stalling_fetch
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _readyz(port: int) -> int | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(settings, tmp_path, monkeypatch):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(STALLING_FETCHER)
+    marker = tmp_path / "stall"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("WW_TEST_STALL_MARKER", str(marker))
+    port = _free_port()
+    stalling = settings.model_copy(update={"worker_stall_timeout_s": 6.0, "metrics_port": port, "log_level": "INFO"})
+    topics = topics_for(stalling)
+    ensure_topics(stalling, topics)
+    messages = canonical_messages(4, 6)
+    first, rest = messages[:8], messages[8:]
+    deadline = time.monotonic() + 200
+
+    log = tmp_path / "worker-0.log"
+    worker = start_service(["worker"], stalling, log)
+    try:
+        wait_for_group(stalling, f"{stalling.group_prefix}-worker", alive=worker)
+        ends = Publisher(stalling, topics.canonical, first).start().join(60)
+        wait_for_applied(stalling, topics, ends, deadline=deadline)
+        while _readyz(port) != 200:  # consuming, caught up: ready
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+        marker.touch()  # from now on the worker fetches nothing
+        seen = Path(f"{marker}.seen")
+        while not seen.exists():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        rest_ends = Publisher(stalling, topics.canonical, rest).start().join(60)
+        stalled_at = time.monotonic()
+        code = worker.wait(timeout=60)
+        waited = time.monotonic() - stalled_at
+    finally:
+        stop_service(worker)
+    text = log.read_text()
+    assert code == STALL_EXIT_CODE, text[-3000:]
+    (line,) = [line for line in text.splitlines() if "have messages waiting and none was applied" in line]
+    assert '"level":"critical"' in line and "p0" not in line  # partitions and counts, never a patient id
+    assert waited >= 5.0  # not before the window (6 s from the first look that saw the rest waiting)
+
+    # the restart (a supervisor's job; compose's `restart: unless-stopped`) applies what waited
+    marker.unlink()
+    applied_before = collect_results(stalling, topics).next_offsets
+    assert sum(applied_before.values()) == len(first)  # the stall held: nothing of the rest was applied
+    worker = start_service(["worker"], stalling, tmp_path / "worker-1.log")
+    try:
+        wait_for_applied(stalling, topics, {**ends, **rest_ends}, deadline=deadline)  # later ends are higher
+    finally:
+        assert stop_service(worker) == 0
+    results = collect_results(stalling, topics)
+    assert results.known_fact_ids() == set().union(*(facts for _, _, facts in messages))
