@@ -39,6 +39,7 @@ from streams.commits import AckedProducer
 from streams.patient_agent import RESERVED_KEY_PREFIX, CanonicalMessage, PatientProcessor, PatientRecord
 from streams.scoring import Scorer
 from streams.faust_tuning import broker_credentials, set_fetch_max_wait_ms
+from streams.gc_tuning import freeze_startup_heap
 from streams.stats import StatsPublisher
 from streams.topics import Topics, ensure_topics, topics_for
 from streams.watchdog import StallWatchdog, WatermarkProbe
@@ -659,6 +660,7 @@ def run_worker(settings: Settings, loglevel: str = "WARN") -> None:
     ensure_topics(settings, topics)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates its datadir inside, not parents
     app = create_app(settings, topics)
+    freeze_startup_heap()  # imports and the loaded model
     watchdog = app.consumption_watchdog
     observability.serve(settings.metrics_port, host=settings.metrics_host,
                         ready=watchdog.ready if watchdog else (lambda: True))
