@@ -63,7 +63,7 @@ from typing import Any
 
 import orjson
 
-from schemas.canonical import LOINC, CanonicalEvent, Source, Status
+from schemas.canonical import LOINC, CanonicalEvent, Source, Status, new_event
 from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONTEXT, CONTEXT_CODES, O2_FLOW,
                           CdcMapping, ContextFact, ContextTable, LongTable, TableMapping, canonical_code,
                           to_canonical_unit)
@@ -231,10 +231,9 @@ class _Change:
                effective_ms: int, status: Status, *, issued_ms: int | None = None,
                fact_suffix: str = "") -> CanonicalEvent:
         unit, code_system = _UNIT_AND_SYSTEM[code]
-        return CanonicalEvent(patient, code, value, unit, effective_ms,
-                              self.issued_ms if issued_ms is None else issued_ms, status, Source.CDC,
-                              self.fact_prefix + code + fact_suffix, self.lsn, encounter, code_system, text,
-                              self.provenance)
+        return new_event(patient, code, value, unit, effective_ms, self.issued_ms if issued_ms is None else issued_ms,
+                         status, Source.CDC, self.fact_prefix + code + fact_suffix, self.lsn, encounter, code_system,
+                         text, self.provenance)
 
     def _retraction(self, patient: str, encounter: str | None, code: str, effective_ms: int,
                     **kwargs: Any) -> CanonicalEvent:
