@@ -242,17 +242,22 @@ class _Draft:
         result, a final one whatever its value (the preliminary version of a result already final)."""
         if e.value is None:
             return False
+        others = self._other_source_at(e, lateness_ms)
+        if not others:  # nearly always: no generator to make
+            return False
         preliminary = e.status is _PRELIMINARY
         return any(abs(e.value - other[VALUE]) <= tolerance or (preliminary and not is_preliminary(other))
-                   for other in self._other_source_at(e, lateness_ms))
+                   for other in others)
 
     def _preliminary_twin(self, e: CanonicalEvent, lateness_ms: int) -> LiveFact | None:
         """The live preliminary result that e, a final result through the other source (same code, same
         effective time, any value), is the final version of: the first by fact_id, or None."""
         if e.value is None or e.status is _PRELIMINARY or e.status.retracts:
             return None
-        return next((other for other in self._other_source_at(e, lateness_ms)
-                     if is_preliminary(other) and other[VALUE] is not None), None)
+        others = self._other_source_at(e, lateness_ms)
+        if not others:  # nearly always: no generator to make
+            return None
+        return next((other for other in others if is_preliminary(other) and other[VALUE] is not None), None)
 
     def _other_source_at(self, e: CanonicalEvent, lateness_ms: int) -> list[LiveFact]:
         """The live facts of e's code at e's effective time from the other source (by fact_id; mostly none)."""
