@@ -97,9 +97,8 @@ class CanonicalEvent:
         except (KeyError, TypeError):  # missing, unknown or unhashable: the Enum's own error
             status, source = Status(d["status"]), Source(d["source"])
         event = new_event(d["patient_id"], d["code"], d.get("value"), d.get("unit"), int(d["effective_ms"]),
-                              int(d["issued_ms"]), status, source, d["fact_id"], int(d["version"]),
-                              d.get("encounter_id"), d.get("code_system", LOINC), d.get("value_text"),
-                              d.get("provenance") or {})
+                          int(d["issued_ms"]), status, source, d["fact_id"], int(d["version"]), d.get("encounter_id"),
+                          d.get("code_system", LOINC), d.get("value_text"), d.get("provenance") or {})
         if not event.fits():  # a record that decodes but would fail further on: name, table key, Arrow
             field_name = event.misfit()  # the field and its type only: the value may be clinical
             raise ValueError(f"canonical event field {field_name}: a {type(getattr(event, field_name)).__name__} "
@@ -148,6 +147,8 @@ def new_event(*args) -> CanonicalEvent:
     event = _Unfrozen(*args)
     event.__class__ = CanonicalEvent
     return event
+
+
 _VALID = CanonicalEvent("p", "c", 0.0, None, 0, 0, Status.FINAL, Source.CDC, "f", 1)  # every field fits
 _MAX_EXACT = 2**53  # ms: the year 287,396
 _ACVPU_ORDINALS = frozenset(range(len(ACVPU)))  # 0 .. 4 (2.0 == 2: a float ordinal fits)
