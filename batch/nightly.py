@@ -18,8 +18,9 @@ Steps (each timed, each announced to `progress(step)`):
                 report (batch/report.py)
 
 Readers of the old file keep a consistent view until they reopen; a crash mid-build leaves the old
-file untouched. One run at a time per file (a lock next to it): a second run started meanwhile (the
-scheduler's and one by hand) stops with NightlyBusy, and the run holding the lock removes the build
+file untouched. One writer at a time per file (a lock next to it, writer_lock): a second run started
+meanwhile (the scheduler's and one by hand) stops with NightlyBusy, a run started while `batch train`
+records its decision (batch/retrain.py) waits for it, and the writer holding the lock removes the build
 files a killed run left behind. `runs` is carried over from the previous file and gains one row per run; every
 other table is a pure function of the archive.
 
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 
 
 class NightlyBusy(RuntimeError):
-    """Another nightly run is building the same DuckDB file."""
+    """Another writer (a nightly run, a `batch train` recording its decision) holds the DuckDB file's lock."""
 
 
 FeaturesAt = Callable[..., pl.DataFrame]
@@ -406,20 +407,62 @@ def _run_row(run_id: str, started: datetime, finished: datetime, full: bool, arc
                           "model_metrics_json": pl.String})
 
 
+LOCK_POLL_S = 0.2
+# how long a nightly waits for a `batch train` recording its decision (an UPDATE, or a copy of the
+# file when an analyst has it open): seconds, so the scheduler's run does not fail on it
+NIGHTLY_WAITS_FOR_RECORD_S = 300.0
+NIGHTLY = "nightly"
+TRAIN = "batch train"
+
+
+def lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
+def _holder(lock) -> str:
+    lock.seek(0)
+    return lock.read().split(" since ")[0].strip()
+
+
 @contextmanager
-def _only_run(target: Path):
-    """Hold the lock of `target` for this run, or raise NightlyBusy. flock: the kernel drops it when
-    the process dies, so a killed run never leaves the next one locked out."""
+def writer_lock(target: Path, who: str, *, patience: Callable[[str], float] = lambda holder: 0.0,
+                on_wait: Callable[[str], None] | None = None):
+    """Hold the lock every writer of `target` takes (the nightly's build and swap, `batch train`'s
+    decision), waiting up to `patience(holder)` seconds for it, else raise NightlyBusy. flock: the
+    kernel drops it when the process dies, so a killed run never leaves the next one locked out.
+    The lock file names its holder, so a waiter can tell a nightly (minutes) from a train's record
+    (seconds). Whoever holds it removes what killed nightlies left: no writer is running meanwhile."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(f".{target.name}.lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise NightlyBusy(f"another nightly run is building {target}; wait for it to finish") from None
-        # a run killed mid-write (the scheduler's container stopped) left its whole new file behind
+    with open(lock_path(target), "a+") as lock:
+        started, tries = time.monotonic(), 0
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder, waited = _holder(lock), time.monotonic() - started
+                # never before a second try: the label may still be the previous holder's
+                if tries and waited >= patience(holder):
+                    raise NightlyBusy(_busy(target, who, holder, waited)) from None
+                if on_wait is not None and tries == 1:
+                    on_wait(holder)
+                tries += 1
+                time.sleep(LOCK_POLL_S)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{who} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        lock.flush()
+        # a nightly killed mid-write (the scheduler's container stopped) left its whole new file behind
         for stale in target.parent.glob(f".{target.name}.*.building*"):
             stale.unlink(missing_ok=True)
         yield
+
+
+def _busy(target: Path, who: str, holder: str, waited: float) -> str:
+    if holder == NIGHTLY and who == NIGHTLY:
+        return f"another nightly run is building {target}; wait for it to finish"
+    return (f"{holder or 'another writer'} still holds {lock_path(target)} after {waited:.0f} s of waiting "
+            f"({who} writes {target} only while no other writer does)")
 
 
 def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[str], None] | None = None,
@@ -452,7 +495,9 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
             progress(name)
 
     archive_dir, target = settings.archive_dir, settings.duckdb_path
-    with _only_run(target):  # held until the new file is in place
+    # refuse at once when another nightly builds the file; wait a while for a train's record
+    patience = lambda holder: 0.0 if holder == NIGHTLY else NIGHTLY_WAITS_FOR_RECORD_S  # noqa: E731
+    with writer_lock(target, NIGHTLY, patience=patience):  # held until the new file is in place
         previous = _previous_state(target, full)
         tables, summary, facts = build_tables(
             archive_dir, allowed_lateness_ms=settings.allowed_lateness_s * 1000,

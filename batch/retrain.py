@@ -22,6 +22,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import duckdb
 import numpy as np
@@ -30,6 +31,7 @@ import polars as pl
 
 from batch import registry
 from batch.features import features_as_of_issued
+from batch.nightly import TRAIN, NightlyBusy, writer_lock
 from batch.train import make_labels, split_patients, train_model
 from wardwatch.settings import Settings
 
@@ -123,17 +125,31 @@ def apply_gate(settings: Settings, version: str, decision: GateDecision, *, prom
     return "candidate"
 
 
-def record_in_runs(settings: Settings, card: dict) -> None:
-    """Write the gate's decision and the held-out metrics into the latest `runs` row.
+RECORD_WAIT_S = 1800.0  # a nightly takes minutes (3 min for 5 M events, benchmarks/results/bench-batch.json)
+
+
+def record_in_runs(settings: Settings, card: dict, *, run_id: str | None = None, wait_s: float = RECORD_WAIT_S,
+                   on_wait: Callable[[str], None] | None = None) -> None:
+    """Write the gate's decision and the held-out metrics into the `runs` row of `run_id` (the run
+    whose file the model was trained on; None: the latest row).
+
+    Under the lock every writer of the file takes (batch.nightly.writer_lock): a nightly swapping
+    its new file in meanwhile would lose this update, or this update its row. The model is already
+    published by now, so a nightly in progress is waited for (up to `wait_s`, then NightlyBusy;
+    `on_wait(holder)` once when it has to wait) rather than the decision dropped.
 
     The file is updated in place when nobody else has it open. An analyst's read-only session
     (`duckdb -readonly`, a notebook, `wardwatch query`) holds a lock that refuses writers, and
     the model is already published by then: so, when only readers hold it, a copy is updated and
     swapped in as the nightly swaps its new file (readers keep their view until they reopen)."""
-    path = settings.duckdb_path
+    with writer_lock(settings.duckdb_path, TRAIN, patience=lambda holder: wait_s, on_wait=on_wait):
+        _record_in_file(settings.duckdb_path, card, run_id)
+
+
+def _record_in_file(path, card: dict, run_id: str | None) -> None:
     try:
         with duckdb.connect(str(path)) as con:
-            _record(con, card)
+            _record(con, card, run_id)
         return
     except duckdb.IOException as exc:
         if "lock" not in str(exc).lower():
@@ -149,7 +165,7 @@ def record_in_runs(settings: Settings, card: dict) -> None:
             shutil.copyfile(path, copy)
             copied = _identity(path)
         with duckdb.connect(str(copy)) as con:
-            _record(con, card)
+            _record(con, card, run_id)
             con.execute("CHECKPOINT")
         if _identity(path) != copied:  # a nightly swapped its new file in meanwhile: never overwrite it
             raise conflict
@@ -165,24 +181,34 @@ def _identity(path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _record(con: duckdb.DuckDBPyConnection, card: dict) -> None:
+def latest_run(con: duckdb.DuckDBPyConnection) -> str | None:
+    latest = con.execute("SELECT run_id FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 1").fetchall()
+    return latest[0][0] if latest else None
+
+
+def _record(con: duckdb.DuckDBPyConnection, card: dict, run_id: str | None = None) -> None:
     for column in ("model_version", "gate_decision", "gate_reasons_json", "model_metrics_json"):
         con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {column} VARCHAR")
-    latest = con.execute("SELECT run_id FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 1").fetchone()
-    if latest is None:
+    # a nightly waited for has added its own row since: the model belongs to the run it was trained on
+    run_id = run_id or latest_run(con)
+    if run_id is None:
         return
     gate = card.get("gate", {})
     con.execute("UPDATE runs SET model_version = ?, gate_decision = ?, gate_reasons_json = ?, "
                 "model_metrics_json = ? WHERE run_id = ?",
                 [card["version"], gate.get("decision"), orjson.dumps(gate.get("reasons", [])).decode(),
-                 orjson.dumps(card.get("metrics", {}), option=orjson.OPT_SORT_KEYS).decode(), latest[0]])
+                 orjson.dumps(card.get("metrics", {}), option=orjson.OPT_SORT_KEYS).decode(), run_id])
 
 
-def retrain(settings: Settings, *, version: str | None = None, promote_if_none: bool = True) -> dict:
+def retrain(settings: Settings, *, version: str | None = None, promote_if_none: bool = True,
+            record_wait_s: float = RECORD_WAIT_S, on_wait: Callable[[str], None] | None = None) -> dict:
     """Train a new version from settings.duckdb_path into settings.model_dir, gate it; returns its card.
 
-    `promote_if_none=False` keeps even a gate-passing model out of an empty `current` (as candidate)."""
+    `promote_if_none=False` keeps even a gate-passing model out of an empty `current` (as candidate).
+    The decision goes into the runs row of the file trained on (record_in_runs: `record_wait_s`,
+    `on_wait`); NightlyBusy when a nightly kept the file longer, after the model is published."""
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        trained_on = latest_run(con) if _has_runs(con) else None
         events = con.sql("SELECT * FROM canonical_events").pl()
         points = con.sql('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online '
                          'ORDER BY ALL').pl()
@@ -209,5 +235,14 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome}
     card["promoted"] = outcome == "promoted"
     registry.write_card(settings.model_dir, version, card)
-    record_in_runs(settings, card)
+    try:
+        record_in_runs(settings, card, run_id=trained_on, wait_s=record_wait_s, on_wait=on_wait)
+    except NightlyBusy as exc:  # what the operator has to know: the model is live, the runs row is not
+        raise NightlyBusy(f"model {version} is in {settings.model_dir} ({outcome}; its card holds the gate's "
+                          f"decision) but the decision is not in the runs table: {exc}") from None
     return card
+
+
+def _has_runs(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' "
+                            "AND table_name = 'runs'").fetchall()[0][0])

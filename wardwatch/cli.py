@@ -329,12 +329,16 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
                                                                  "(default: v<UTC timestamp>)"),
                 promote_if_none: bool = typer.Option(True, help="Make it current when no model is current (the gate "
                                                                 "still has to pass)"),
-                as_json: bool = typer.Option(False, "--json", help="Print the whole model card as JSON")) -> None:
+                as_json: bool = typer.Option(False, "--json", help="Print the whole model card as JSON"),
+                record_wait_s: float = typer.Option(1800.0, min=0, help="How long to wait for a nightly run "
+                                                    "holding the DuckDB file before recording the decision (s)")) -> None:
     """Train a model on the nightly's DuckDB file (WARDWATCH_DATA_DIR/wardwatch.duckdb) into the model registry
     (WARDWATCH_MODEL_DIR), then run the promotion gate: it becomes `current` only when it beats the current model
-    and NEWS2 on the held-out patients (WARDWATCH_GATE_MIN_AUROC_GAIN / _AUPRC_GAIN), else `candidate`."""
+    and NEWS2 on the held-out patients (WARDWATCH_GATE_MIN_AUROC_GAIN / _AUPRC_GAIN), else `candidate`.
+    The decision goes into the file's `runs` table; a nightly run writing the file meanwhile is waited for."""
     import duckdb
 
+    from batch.nightly import NightlyBusy
     from batch.registry import check_version_name
     from batch.retrain import retrain
 
@@ -352,7 +356,15 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
         _fail(str(exc))
     try:
         with console.status(f"training on {settings.duckdb_path}"):
-            card = retrain(settings, version=version, promote_if_none=promote_if_none)
+            def waiting(holder: str) -> None:  # else a train would seem to hang while a nightly runs
+                err_console.print(f"waiting for {holder or 'another writer'} to finish with {settings.duckdb_path} "
+                                  f"(up to {record_wait_s:.0f} s) to record the gate's decision",
+                                  highlight=False, soft_wrap=True)
+
+            card = retrain(settings, version=version, promote_if_none=promote_if_none,
+                           record_wait_s=record_wait_s, on_wait=waiting)
+    except NightlyBusy as exc:  # the model is published; only its row in `runs` is missing
+        _fail(str(exc), code=1)
     except ValueError as exc:  # too little data: no points, one patient, one label class
         _fail(f"cannot train on {settings.duckdb_path}: {exc}. A model needs patients who deteriorate and patients "
               "who do not: build more data (`wardwatch batch dataset --patients 300`; README, 'The offline plane')")

@@ -344,6 +344,34 @@ def test_a_second_nightly_started_while_one_runs_stops_instead_of_racing_it(sett
     run_nightly(settings, **STANDINS)  # and once it is done, the next run goes ahead
 
 
+def test_a_nightly_started_while_a_train_records_its_decision_waits_for_it(settings):
+    """`batch train` holds the file's lock for the seconds it takes to record its gate decision; the
+    scheduler's nightly starting then must not fail for the night, as it does for another nightly."""
+    import threading
+
+    from batch.nightly import TRAIN, writer_lock
+
+    stage1(settings.archive_dir)
+    holding, release = threading.Event(), threading.Event()
+
+    def train_records():
+        with writer_lock(settings.duckdb_path, TRAIN):
+            holding.set()
+            release.wait(60)
+
+    recorder = threading.Thread(target=train_records)
+    recorder.start()
+    try:
+        assert holding.wait(60)
+        threading.Timer(1.0, release.set).start()
+        result = run_nightly(settings, report=False, **STANDINS)
+    finally:
+        release.set()
+        recorder.join(60)
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT run_id FROM runs").fetchall() == [(result["run_id"],)]
+
+
 def test_the_build_file_of_a_killed_run_is_removed_by_the_next_run(settings):
     """A nightly killed mid-write (its container stopped) leaves a whole new DuckDB file next to the
     live one; on the shared data volume it would stay for good."""

@@ -148,7 +148,8 @@ def test_the_decision_is_recorded_while_an_analyst_has_the_file_open_read_only(s
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         assert con.execute("SELECT run_id, model_version, gate_decision FROM runs").fetchall() == [
             ("new", "v2", "promote")]
-    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["wardwatch.duckdb"]  # no copy left behind
+    # no copy left behind (the lock file stays, as the nightly's does)
+    assert sorted(p.name for p in settings.data_dir.iterdir()) == [".wardwatch.duckdb.lock", "wardwatch.duckdb"]
 
 
 def test_recording_beside_a_reader_never_overwrites_a_file_swapped_in_meanwhile(settings, monkeypatch):
@@ -164,13 +165,85 @@ def test_recording_beside_a_reader_never_overwrites_a_file_swapped_in_meanwhile(
         con.execute("INSERT INTO runs VALUES ('tonight', '2024-01-03 00:00+00')")
     record = retrain._record
 
-    def nightly_swaps_first(con, card):  # writing the copy: the nightly's swap lands now
+    def nightly_swaps_first(con, card, run_id=None):  # writing the copy: the nightly's swap lands now
         os.replace(newer, settings.duckdb_path)
-        record(con, card)
+        record(con, card, run_id)
 
     monkeypatch.setattr(retrain, "_record", nightly_swaps_first)
     with analyst_reading(settings.duckdb_path), pytest.raises(duckdb.IOException):  # the reader forces the copy
         record_in_runs(settings, {"version": "v2", "metrics": {}, "gate": {"decision": "promote", "reasons": []}})
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         assert con.execute("SELECT run_id FROM runs").fetchall() == [("tonight",)]
-    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["wardwatch.duckdb"]
+    assert sorted(p.name for p in settings.data_dir.iterdir()) == [".wardwatch.duckdb.lock", "wardwatch.duckdb"]
+
+
+# --- the nightly's lock --------------------------------------------------------------------------
+
+DECISION = {"version": "v2", "metrics": {}, "gate": {"decision": "promote", "reasons": []}}
+
+
+def test_a_decision_recorded_while_a_nightly_swaps_the_file_is_kept_next_to_the_nightlys_row(settings, monkeypatch):
+    """`batch train` records its gate decision while a nightly, having read `runs`, writes its new file:
+    written into the old file, the decision was lost when the nightly swapped its file in. The train
+    waits for the nightly, then records into the row of the run it trained on, not the nightly's."""
+    import threading
+
+    from batch import nightly
+    from tests.batch.test_nightly import stage1
+    from tests.batch.test_rebuild import STANDINS
+
+    stage1(settings.archive_dir)
+    trained_on = nightly.run_nightly(settings, report=False, **STANDINS)["run_id"]
+    inside, release, waiting = threading.Event(), threading.Event(), threading.Event()
+    create_views = nightly.create_views
+
+    def slow_views(con):  # the new file holds `runs` by now; the swap comes next
+        inside.set()
+        assert release.wait(60), "the test never let the nightly go on"
+        create_views(con)
+
+    monkeypatch.setattr(nightly, "create_views", slow_views)
+    outcome: dict = {}
+
+    def run(name, job):
+        try:
+            outcome[name] = job()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test, not lost in the thread
+            outcome[name] = exc
+
+    second = threading.Thread(target=run, args=("nightly", lambda: nightly.run_nightly(
+        settings, full=False, report=False, **STANDINS)))
+    second.start()
+    recorder = threading.Thread(target=run, args=("train", lambda: record_in_runs(
+        settings, DECISION, run_id=trained_on, on_wait=lambda holder: waiting.set())))
+    try:
+        assert inside.wait(60), "the second nightly never reached its write"
+        recorder.start()
+        recorder.join(2)  # unlocked, the decision is in the old file by now
+        assert not recorder.is_alive() or waiting.is_set()
+    finally:
+        release.set()
+        second.join(60)
+        if recorder.is_alive() or recorder.ident is not None:
+            recorder.join(60)
+    assert not isinstance(outcome.get("train"), BaseException), outcome["train"]
+    assert not isinstance(outcome.get("nightly"), BaseException), outcome["nightly"]
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        rows = con.execute("SELECT run_id, model_version, gate_decision FROM runs ORDER BY started_at").fetchall()
+    assert rows == [(trained_on, "v2", "promote"), (outcome["nightly"]["run_id"], None, None)]
+
+
+def test_a_train_that_waited_too_long_for_the_nightly_says_so_and_leaves_the_file_alone(settings):
+    from batch.nightly import NIGHTLY, NightlyBusy, writer_lock
+
+    settings.data_dir.mkdir()
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ, model_version VARCHAR)")
+        con.execute("INSERT INTO runs VALUES ('a', '2024-01-02 00:00+00', NULL)")
+    told = []
+    with writer_lock(settings.duckdb_path, NIGHTLY):
+        with pytest.raises(NightlyBusy, match=r"^nightly still holds .*\.wardwatch\.duckdb\.lock after 1 s"):
+            record_in_runs(settings, DECISION, wait_s=1.0, on_wait=told.append)
+    assert told == [NIGHTLY]  # the CLI prints what it waits for
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        assert con.execute("SELECT model_version FROM runs").fetchall() == [(None,)]
