@@ -21,7 +21,7 @@ Readers of the old file keep a consistent view until they reopen; a crash mid-bu
 file untouched. One writer at a time per file (a lock next to it, writer_lock): a second run started
 meanwhile (the scheduler's and one by hand) stops with NightlyBusy, a run started while `batch train`
 records its decision (batch/retrain.py) waits for it, and the writer holding the lock removes the build
-files a killed run left behind. `runs` is carried over from the previous file and gains one row per run; every
+and record copies a killed writer left behind. `runs` is carried over from the previous file and gains one row per run; every
 other table is a pure function of the archive.
 
 Incremental (`full=False`, the CLI default): the `archive_parts` table lists the part files the
@@ -431,7 +431,7 @@ def writer_lock(target: Path, who: str, *, patience: Callable[[str], float] = la
     decision), waiting up to `patience(holder)` seconds for it, else raise NightlyBusy. flock: the
     kernel drops it when the process dies, so a killed run never leaves the next one locked out.
     The lock file names its holder, so a waiter can tell a nightly (minutes) from a train's record
-    (seconds). Whoever holds it removes what killed nightlies left: no writer is running meanwhile."""
+    (seconds). Whoever holds it removes what killed writers left: no other writer is running."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path(target), "a+") as lock:
         started, tries = time.monotonic(), 0
@@ -452,9 +452,11 @@ def writer_lock(target: Path, who: str, *, patience: Callable[[str], float] = la
         lock.truncate()
         lock.write(f"{who} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
         lock.flush()
-        # a nightly killed mid-write (the scheduler's container stopped) left its whole new file behind
-        for stale in target.parent.glob(f".{target.name}.*.building*"):
-            stale.unlink(missing_ok=True)
+        # a nightly killed mid-write (the scheduler's container stopped) left its whole new file
+        # behind, a train killed while recording beside a reader its copy of the file (retrain.py)
+        for pattern in (f".{target.name}.*.building*", f".{target.name}.*.recording*"):
+            for stale in target.parent.glob(pattern):
+                stale.unlink(missing_ok=True)
         yield
 
 

@@ -247,3 +247,25 @@ def test_a_train_that_waited_too_long_for_the_nightly_says_so_and_leaves_the_fil
     assert told == [NIGHTLY]  # the CLI prints what it waits for
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         assert con.execute("SELECT model_version FROM runs").fetchall() == [(None,)]
+
+
+@pytest.mark.parametrize("writer", ["train", "nightly"])
+def test_the_copy_a_train_killed_while_recording_left_is_removed_by_the_next_writer(settings, writer):
+    """Recording beside a reader writes a whole copy of the DuckDB file (.<file>.<id>.recording); a train
+    killed meanwhile (its container stopped) left it on the data volume for good."""
+    from batch.nightly import run_nightly
+    from tests.batch.test_nightly import stage1
+    from tests.batch.test_rebuild import STANDINS
+
+    stage1(settings.archive_dir)
+    run_nightly(settings, report=False, **STANDINS)
+    target = settings.duckdb_path
+    killed = [target.with_name(f".{target.name}.deadbeef.recording"),
+              target.with_name(f".{target.name}.deadbeef.recording.wal")]
+    for path in killed:
+        path.write_bytes(b"half a database")
+    if writer == "train":
+        record_in_runs(settings, DECISION)
+    else:
+        run_nightly(settings, full=False, report=False, **STANDINS)
+    assert sorted(p.name for p in target.parent.iterdir() if "recording" in p.name) == []
