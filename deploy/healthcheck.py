@@ -8,7 +8,9 @@ with the wrong owner). It prints the problems, never any message content.
 
     python /opt/wardwatch/healthcheck.py      (the Dockerfile copies it there)
     python /opt/wardwatch/healthcheck.py --port-setting receiver_port   also: that port accepts connections
-    python /opt/wardwatch/healthcheck.py --no-broker                     only the directories (the scheduler)
+    python /opt/wardwatch/healthcheck.py --no-broker                     only the directories
+    python /opt/wardwatch/healthcheck.py --no-broker --nightly           and the scheduler's last nightly runs
+                                                                         (wardwatch/nightly_status.py)
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from wardwatch.settings import Settings, settings_errors, unknown_variables
 TIMEOUT_S = 5.0
 
 
-def problems(settings: Settings, *, broker: bool = True, port_setting: str | None = None) -> list[str]:
+def problems(settings: Settings, *, broker: bool = True, port_setting: str | None = None,
+             nightly: bool = False) -> list[str]:
     """Everything that stops a wardwatch service from working; empty when healthy.
 
     port_setting names a Settings field holding a port the service listens on (e.g. receiver_port):
-    the check then also connects to it on this host.
+    the check then also connects to it on this host. nightly: the scheduler's last run failed, or
+    none succeeded for 26 h (its status file in the data dir).
     """
     found = []
     if not os.access(settings.data_dir, os.W_OK):
@@ -39,6 +43,8 @@ def problems(settings: Settings, *, broker: bool = True, port_setting: str | Non
         found.append(f"model dir {settings.model_dir} is not readable")
     if port_setting:
         found += _not_listening(settings, port_setting)
+    if nightly:
+        found += _nightly_problems(settings)
     if not broker:
         return found
     try:
@@ -49,6 +55,19 @@ def problems(settings: Settings, *, broker: bool = True, port_setting: str | Non
     if missing:
         found.append(f"missing topics: {', '.join(missing)}")
     return found
+
+
+def _nightly_problems(settings: Settings) -> list[str]:
+    from datetime import datetime, timezone
+
+    from wardwatch import nightly_status
+
+    path = nightly_status.status_path(settings)
+    try:
+        status = nightly_status.read_status(path)
+    except (OSError, ValueError) as exc:
+        return [f"cannot read the nightly status {path}: {exc}"]
+    return nightly_status.problems(status, datetime.now(timezone.utc))
 
 
 def _not_listening(settings: Settings, port_setting: str) -> list[str]:
@@ -71,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="wardwatch container healthcheck")
     parser.add_argument("--no-broker", action="store_true", help="skip the broker and topic checks")
     parser.add_argument("--port-setting", help="Settings field of a port this service must be listening on")
+    parser.add_argument("--nightly", action="store_true",
+                        help="also unhealthy when the scheduler's last nightly failed or none succeeded for 26 h")
     args = parser.parse_args(argv)
     # unhealthy, and why in one line each, on whatever makes the service itself stop (wardwatch/cli.py)
     found = [f"invalid settings: {line}" for line in unknown_variables(os.environ)]
@@ -80,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         found += [f"invalid settings: {line}" for line in settings_errors(exc)]
     else:
         if not found:
-            found = problems(settings, broker=not args.no_broker, port_setting=args.port_setting)
+            found = problems(settings, broker=not args.no_broker, port_setting=args.port_setting,
+                             nightly=args.nightly)
     for problem in found:
         print(problem, file=sys.stderr)
     return 1 if found else 0

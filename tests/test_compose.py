@@ -133,6 +133,13 @@ def test_every_long_running_service_has_a_healthcheck(compose):
         assert has_healthcheck(svc) or is_one_shot(svc), f"{name} runs forever without a healthcheck"
 
 
+def test_the_schedulers_healthcheck_reports_failed_and_missing_nightlies(compose):
+    """The scheduler's healthcheck reads its nightly status (deploy/healthcheck.py --nightly): without the
+    flag a failed nightly was only a log line and the container stayed healthy."""
+    test = compose["services"]["scheduler"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "/opt/wardwatch/healthcheck.py"] and "--nightly" in test
+
+
 def test_wardwatch_variables_name_real_settings(compose):
     fields = set(Settings.model_fields)
     for name, svc in wardwatch_services(compose).items():

@@ -125,27 +125,48 @@ def prometheus(output: Optional[Path] = typer.Option(None, help="Write here inst
 @deploy_app.command("scheduler")
 def scheduler(
     at: Optional[str] = typer.Option(None, help="Time of day (HH:MM, container time); default WARDWATCH_NIGHTLY_AT"),
-    once: bool = typer.Option(False, help="Run the job once now and exit (for testing the schedule's command)"),
+    once: bool = typer.Option(False, help="Run the job once now and exit (for testing the schedule's command, or "
+                                          "to rerun a failed night: its outcome is recorded as the scheduler's)"),
 ) -> None:
-    """Run `wardwatch batch nightly` every day at --at; a failed night is logged and tried again the next."""
+    """Run `wardwatch batch nightly` every day at --at; a failed night is logged and tried again the next.
+
+    Each run's outcome goes to WARDWATCH_DATA_DIR/nightly-status.json; the container healthcheck
+    (deploy/healthcheck.py --nightly) reads it: unhealthy after a failed run or 26 h without a success."""
+    from wardwatch import nightly_status
     from wardwatch.deploy import DeployError, next_run, parse_clock_time
 
+    settings = _settings()
     try:
-        when = parse_clock_time(at or _settings().nightly_at)
+        when = parse_clock_time(at or settings.nightly_at)
     except DeployError as exc:
         _fail(exc)
-    stop = threading.Event()
     command = [sys.executable, "-m", "wardwatch", "batch", "nightly"]
+    path = nightly_status.status_path(settings)
+
+    def record(change) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nightly_status.update(path, change)
+        except OSError as exc:  # the healthcheck reports the unwritable data dir; the schedule goes on
+            console.print(f"cannot write {path}: {exc.strerror or exc}")
+
+    def now() -> datetime:
+        # wall clock is right here: this is a timetable, not event time
+        return datetime.now().astimezone()
 
     def run(stop: threading.Event) -> None:
+        first = True
         while not stop.is_set():
             if not once:
-                # wall clock is right here: this is a timetable, not event time
-                due = next_run(datetime.now().astimezone(), when)
+                due = next_run(now(), when)
+                record(lambda status: nightly_status.scheduled(status, due, first=first))
+                first = False
                 console.print(f"next nightly run at {due.isoformat(timespec='minutes')}")
-                if stop.wait((due - datetime.now().astimezone()).total_seconds()):
+                if stop.wait((due - now()).total_seconds()):
                     return
+            record(lambda status: nightly_status.started(status, now()))
             code = subprocess.call(command)
+            record(lambda status: nightly_status.finished(status, now(), code))
             console.print(f"nightly run finished with exit code {code}")
             if once:
                 raise typer.Exit(code)

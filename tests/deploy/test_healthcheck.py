@@ -1,6 +1,7 @@
 """deploy/healthcheck.py: what a container's healthcheck reports, against the real broker."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,78 @@ def test_a_misspelt_setting_is_unhealthy_as_the_service_refuses_to_start(healthc
     assert healthcheck.main(["--no-broker"]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("invalid settings: WARDWATCH_PARTITONS is not a wardwatch setting")
+
+
+# --- the scheduler's nightly runs ----------------------------------------------------------------
+
+
+def scheduler_env(clean_env, tmp_path):
+    for name, value in {"WARDWATCH_DATA_DIR": str(tmp_path / "data"),
+                        "WARDWATCH_MODEL_DIR": str(tmp_path / "models")}.items():
+        clean_env.setenv(name, value)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "models").mkdir()
+
+
+def test_the_scheduler_is_unhealthy_after_a_failed_nightly_until_one_succeeds(healthcheck, clean_env, tmp_path,
+                                                                               capsys):
+    """A failed nightly was only the scheduler's log line `nightly run finished with exit code 1`:
+    `docker compose ps` showed the scheduler healthy for as long as nightlies kept failing."""
+    from typer.testing import CliRunner
+
+    from wardwatch.cli import app
+
+    scheduler_env(clean_env, tmp_path)
+    assert healthcheck.main(["--no-broker", "--nightly"]) == 0  # nothing due yet
+
+    # the real job: no archive in the data dir, so `wardwatch batch nightly` exits 1
+    failed = CliRunner().invoke(app, ["deploy", "scheduler", "--once"])
+    assert failed.exit_code == 1, failed.output
+    capsys.readouterr()
+    assert healthcheck.main(["--no-broker", "--nightly"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "the last scheduled nightly" in line and "failed with exit code 1" in line
+    assert healthcheck.main(["--no-broker"]) == 0  # other services' checks are unchanged
+
+    (tmp_path / "data" / "archive").mkdir()  # the operator fixes it and reruns the night
+    rerun = CliRunner().invoke(app, ["deploy", "scheduler", "--once"])
+    assert rerun.exit_code == 0, rerun.output
+    assert healthcheck.main(["--no-broker", "--nightly"]) == 0
+    status = json.loads((tmp_path / "data" / "nightly-status.json").read_text())
+    assert status["last_outcome"] == "succeeded" and status["last_success"] == status["last_end"]
+    assert set(status) == {"last_start", "last_end", "last_outcome", "last_exit_code", "last_success"}
+
+
+@pytest.mark.parametrize(("status", "unhealthy"), [
+    ({"first_due": 27}, "no nightly succeeded for 27 h (the first run was due at"),
+    ({"first_due": 25}, None),
+    ({"first_due": -5}, None),  # not due yet
+    ({"first_due": 50, "last_success": 25, "last_outcome": "succeeded"}, None),
+    ({"first_due": 50, "last_success": 30, "last_outcome": "succeeded"}, "no nightly succeeded for 30 h (the last success"),
+    # restarted two hours ago: a success before the restart does not make it unhealthy at once
+    ({"first_due": 2, "last_success": 100, "last_outcome": "succeeded"}, None),
+])
+def test_the_scheduler_is_unhealthy_when_no_nightly_succeeded_for_26_hours(healthcheck, clean_env, tmp_path,
+                                                                            capsys, status, unhealthy):
+    """The scheduler stopped running nightlies (hung job, clock, a stop that never came back): nothing
+    failed, so only the age of the last success shows it."""
+    from datetime import datetime, timedelta, timezone
+
+    scheduler_env(clean_env, tmp_path)
+    now = datetime.now(timezone.utc)
+    written = {k: v if isinstance(v, str) else (now - timedelta(hours=v, minutes=1)).isoformat(timespec="seconds")
+               for k, v in status.items()}
+    (tmp_path / "data" / "nightly-status.json").write_text(json.dumps(written))
+    code = healthcheck.main(["--no-broker", "--nightly"])
+    err = capsys.readouterr().err
+    if unhealthy is None:
+        assert code == 0, err
+    else:
+        assert code == 1 and unhealthy in err, err
+
+
+def test_an_unreadable_nightly_status_is_unhealthy(healthcheck, clean_env, tmp_path, capsys):
+    scheduler_env(clean_env, tmp_path)
+    (tmp_path / "data" / "nightly-status.json").write_text("{half")
+    assert healthcheck.main(["--no-broker", "--nightly"]) == 1
+    assert "cannot read the nightly status" in capsys.readouterr().err

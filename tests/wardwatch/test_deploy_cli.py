@@ -104,3 +104,31 @@ def test_topics_fails_clearly_when_kafka_is_unreachable(clean_env):
 
     assert result.exit_code == 1
     assert "cannot reach Kafka at 127.0.0.1:1" in result.output
+
+
+def test_the_scheduler_records_when_its_first_run_is_due_for_the_healthcheck(clean_env, tmp_path, monkeypatch):
+    """From that moment on, 26 h without a successful nightly make the scheduler unhealthy (a job that
+    never starts fails nothing); a restart keeps the last outcome."""
+    from datetime import datetime, timedelta
+
+    from wardwatch import cli
+
+    class StopAtTheFirstWait:
+        def is_set(self):
+            return False
+
+        def wait(self, timeout):
+            assert 0 < timeout <= 24 * 3600
+            return True  # SIGTERM while waiting
+
+    monkeypatch.setattr(cli, "_run_until_signal", lambda run: run(StopAtTheFirstWait()))
+    status_file = tmp_path / "nightly-status.json"
+    status_file.write_text(json.dumps({"last_outcome": "failed", "last_exit_code": 1}))
+    result = invoke("scheduler", "--at", "02:30", env={"WARDWATCH_DATA_DIR": str(tmp_path)})
+
+    assert result.exit_code == 0, result.output
+    status = json.loads(status_file.read_text())
+    due = datetime.fromisoformat(status["first_due"])
+    assert status["next_due"] == status["first_due"] and due.astimezone().strftime("%H:%M") == "02:30"
+    assert timedelta(0) < due - datetime.now(due.tzinfo) <= timedelta(days=1)
+    assert status["last_outcome"] == "failed"  # still unhealthy until a run succeeds
