@@ -11,6 +11,8 @@ with the wrong owner). It prints the problems, never any message content.
     python /opt/wardwatch/healthcheck.py --no-broker                     only the directories
     python /opt/wardwatch/healthcheck.py --no-broker --nightly           and the scheduler's last nightly runs
                                                                          (wardwatch/nightly_status.py)
+    python /opt/wardwatch/healthcheck.py --ready                         also: the service's own /readyz says 200
+                                                                         (the worker's: consuming, not stalled)
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ TIMEOUT_S = 5.0
 
 
 def problems(settings: Settings, *, broker: bool = True, port_setting: str | None = None,
-             nightly: bool = False) -> list[str]:
+             nightly: bool = False, ready: bool = False) -> list[str]:
     """Everything that stops a wardwatch service from working; empty when healthy.
 
     port_setting names a Settings field holding a port the service listens on (e.g. receiver_port):
     the check then also connects to it on this host. nightly: the scheduler's last run failed, or
-    none succeeded for 26 h (its status file in the data dir).
+    none succeeded for 26 h (its status file in the data dir). ready: the service's /readyz on
+    settings.metrics_port answers 200 (the worker's is 503 while it recovers or its consumption
+    watchdog sees messages waiting that it does not apply; the receiver's while it cannot write).
     """
     found = []
     if not os.access(settings.data_dir, os.W_OK):
@@ -45,6 +49,8 @@ def problems(settings: Settings, *, broker: bool = True, port_setting: str | Non
         found += _not_listening(settings, port_setting)
     if nightly:
         found += _nightly_problems(settings)
+    if ready:
+        found += _not_ready(settings)
     if not broker:
         return found
     try:
@@ -70,6 +76,22 @@ def _nightly_problems(settings: Settings) -> list[str]:
     return nightly_status.problems(status, datetime.now(timezone.utc))
 
 
+def _not_ready(settings: Settings) -> list[str]:
+    import urllib.error
+    import urllib.request
+
+    if settings.metrics_port is None:  # the service serves no /readyz: nothing to ask
+        return []
+    url = f"http://127.0.0.1:{settings.metrics_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S):
+            return []
+    except urllib.error.HTTPError as exc:
+        return [f"not ready: {url} answers {exc.code} (the service's log says why)"]
+    except OSError as exc:
+        return [f"not ready: nothing answers {url}: {getattr(exc, 'reason', exc)}"]
+
+
 def _not_listening(settings: Settings, port_setting: str) -> list[str]:
     port = getattr(settings, port_setting)
     try:
@@ -92,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-setting", help="Settings field of a port this service must be listening on")
     parser.add_argument("--nightly", action="store_true",
                         help="also unhealthy when the scheduler's last nightly failed or none succeeded for 26 h")
+    parser.add_argument("--ready", action="store_true",
+                        help="also unhealthy when the service's /readyz (on WARDWATCH_METRICS_PORT) does not answer 200")
     args = parser.parse_args(argv)
     # unhealthy, and why in one line each, on whatever makes the service itself stop (wardwatch/cli.py)
     found = [f"invalid settings: {line}" for line in unknown_variables(os.environ)]
@@ -102,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not found:
             found = problems(settings, broker=not args.no_broker, port_setting=args.port_setting,
-                             nightly=args.nightly)
+                             nightly=args.nightly, ready=args.ready)
     for problem in found:
         print(problem, file=sys.stderr)
     return 1 if found else 0

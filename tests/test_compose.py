@@ -133,6 +133,14 @@ def test_every_long_running_service_has_a_healthcheck(compose):
         assert has_healthcheck(svc) or is_one_shot(svc), f"{name} runs forever without a healthcheck"
 
 
+def test_the_workers_healthcheck_asks_its_readiness(compose):
+    """The worker's /readyz is 503 while it applies nothing it should (its consumption watchdog):
+    its container must show unhealthy then, so its healthcheck asks /readyz (deploy/healthcheck.py --ready)."""
+    for name in ("worker", "ingest", "archiver"):
+        test = compose["services"][name]["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "/opt/wardwatch/healthcheck.py"] and "--ready" in test, name
+
+
 def test_the_schedulers_healthcheck_reports_failed_and_missing_nightlies(compose):
     """The scheduler's healthcheck reads its nightly status (deploy/healthcheck.py --nightly): without the
     flag a failed nightly was only a log line and the container stayed healthy."""

@@ -174,3 +174,26 @@ def test_an_unreadable_nightly_status_is_unhealthy(healthcheck, clean_env, tmp_p
     (tmp_path / "data" / "nightly-status.json").write_text("{half")
     assert healthcheck.main(["--no-broker", "--nightly"]) == 1
     assert "cannot read the nightly status" in capsys.readouterr().err
+
+
+def test_ready_asks_the_services_own_readyz(healthcheck, tmp_path):
+    """--ready (compose's long-running services): the worker's /readyz is 503 while it recovers or
+    its consumption watchdog sees messages waiting that it does not apply; unhealthy then."""
+    from wardwatch import observability
+    from wardwatch.settings import Settings
+
+    ready = [False]
+    server = observability.serve(0, ready=lambda: ready[0])
+    try:
+        settings = Settings(metrics_port=server.server_port, data_dir=tmp_path, model_dir=tmp_path)
+        (found,) = healthcheck.problems(settings, broker=False, ready=True)
+        assert found.startswith("not ready:") and "answers 503" in found
+        ready[0] = True
+        assert healthcheck.problems(settings, broker=False, ready=True) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    (gone,) = healthcheck.problems(settings, broker=False, ready=True)  # nothing serves it any more
+    assert gone.startswith("not ready: nothing answers")
+    # a service without a metrics port has no /readyz to ask
+    assert healthcheck.problems(Settings(data_dir=tmp_path, model_dir=tmp_path), broker=False, ready=True) == []
