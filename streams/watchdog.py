@@ -61,8 +61,9 @@ class StallWatchdog:
 
     `read_applied()` returns {assigned partition: next offset applied, or None}, and raises when it
     cannot tell (the consumer is not started, or mid-rebalance). `busy()` is True while the worker
-    rebalances or recovers its table: it is not ready then, and that time counts towards a stall
-    (a recovery that never ends is one too)."""
+    rebalances or recovers its table: it is not ready then, and that time does not count towards a
+    stall: recovering a large table takes minutes, and exiting in the middle would only start it
+    again, for ever."""
 
     def __init__(self, stall_after_s: float, probe: WatermarkProbe, read_applied: Callable[[], dict[int, int | None]],
                  busy: Callable[[], bool], on_stall: Callable[[dict[int, float], dict[int, int]], None] | None = None,
@@ -85,6 +86,11 @@ class StallWatchdog:
 
     def check(self) -> None:
         """One observation; calls `on_stall` if a partition is stalled."""
+        if self.busy():  # rebalancing or recovering: every window starts again afterwards
+            with self._lock:
+                self.watch.unobservable()
+                self._last_observed = None
+            return
         try:
             applied = self.read_applied()
             watermarks = self.probe.watermarks(sorted(applied))

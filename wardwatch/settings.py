@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     worker_parsed_cache_patients: int = Field(5000, ge=1, description="Parsed patient records the worker keeps in memory beyond the table's bytes (most recently active)")
     worker_fetch_wait_ms: int = Field(10, ge=1, description="The worker consumer's fetch.max.wait.ms (faust hard-codes 1500; a broker that holds fetches that long adds it to every event's latency)")
     worker_web_port: int | None = Field(None, description="faust web port; None disables the web server")
-    worker_stall_timeout_s: float = Field(300.0, ge=0, description="A worker whose canonical partitions have messages waiting and apply none for this long (seconds) is not ready (/readyz 503) and exits, so that its restart recovers; longer than the worker's longest table recovery; 0: no watchdog")
+    worker_stall_timeout_s: float = Field(300.0, ge=0, description="A worker whose canonical partitions have messages waiting and apply none for this long (seconds) is not ready (/readyz 503) and exits, so that its restart recovers (rebalances and table recoveries do not count); 0: no watchdog")
 
     # rest-hook receiver (streams/receiver.py)
     receiver_host: str = Field("127.0.0.1", description="Address the rest-hook receiver binds (0.0.0.0 for all)")

@@ -52,7 +52,12 @@ def test_the_watchdog_sees_waiting_messages_on_the_broker_and_calls_a_partition_
         assert dog.ready() and not stalls
         busy[0] = True
         assert not dog.ready()  # rebalancing or recovering
+        clock.now += 30.0
+        dog.check()  # a recovery as long as the window is no stall: the window starts again after it
+        assert not stalls and not dog.ready()
         busy[0] = False
+        dog.check()
+        assert dog.ready() and not stalls
 
         clock.now += 30.0
         dog.check()
