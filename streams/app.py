@@ -610,7 +610,20 @@ class AppliedOnlyConsumer(AIOKafkaConsumer):
     past unapplied messages and had to rewind (in the chaos soak, for tens of seconds per restart).
 
     faust still records every ack and gap for its commit; only its commit trims those records, so
-    they are dropped here, where its commit would have read them (else one entry per message, forever)."""
+    they are dropped here, where its commit would have read them (else one entry per message, forever).
+
+    Each fetch also gets a copy of the active partitions, not faust's live set (`_getmany`)."""
+
+    async def _getmany(self, active_partitions, timeout: float):
+        # faust hands its live set of active partitions to the consumer thread, which reads it when the
+        # fetch runs there. At the end of recovery faust pauses the changelog partitions before it
+        # resumes the canonical ones, so the set can be empty by then, and aiokafka reads an empty set as
+        # "every partition" (fetcher.fetched_records: `if partitions and tp not in partitions`). It
+        # returned the canonical messages it had prefetched, faust dropped them as not active, and
+        # aiokafka's position was already past them: with no committed offset to seek back to, they
+        # were never read (the worker idled after "Worker ready" with its input unread). A copy holds
+        # the partitions faust checked were active when it asked for the fetch
+        return await super()._getmany(None if active_partitions is None else set(active_partitions), timeout)
 
     def _filter_committable_offsets(self, tps) -> dict:
         for tp in tps:
