@@ -97,10 +97,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Where the archive (Parquet) and the DuckDB file live")
 
     # promotion gate (batch/retrain.py): a new model must beat `current` and NEWS2 on held-out patients
-    gate_min_auroc_gain: float = Field(0.0, gt=float("-inf"),
-                                       description="Min AUROC gain over current and NEWS2 to promote a new model")
-    gate_min_auprc_gain: float = Field(0.0, gt=float("-inf"),
-                                       description="Min AUPRC gain over current and NEWS2 to promote a new model")
+    gate_min_auroc_gain: float = Field(0.0, description="Min AUROC gain over current and NEWS2 to promote a new model "
+                                                        "(0 or more: 0 promotes a model at least as good)")
+    gate_min_auprc_gain: float = Field(0.0, description="Min AUPRC gain over current and NEWS2 to promote a new model "
+                                                        "(0 or more: 0 promotes a model at least as good)")
     # de-identified export (batch/export.py): keys the HMAC of ids and the per-patient date shift
     deid_secret: SecretStr | None = Field(None, description="Secret for the de-identified export; keep it outside the export")
 
@@ -154,6 +154,16 @@ class Settings(BaseSettings):
         # would silently mean "no token": an open receiver, or "Bearer " sent to the FHIR server
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("set but empty: give the token, or unset the variable for none")
+        return value
+
+    @field_validator("gate_min_auroc_gain", "gate_min_auprc_gain")
+    @classmethod
+    def _gain_not_negative(cls, value):
+        # a negative margin lets the gate promote a model worse than NEWS2 or the model serving now: a
+        # worse model is never served automatically (`wardwatch model promote` records a human's reason)
+        if not value >= 0:  # NaN too: the gate's `gain < NaN` is never true, it would promote anything
+            raise ValueError("must be 0 or more: a negative margin would promote a model worse than NEWS2 or "
+                             "the current model; promote one by hand with `wardwatch model promote VERSION --reason`")
         return value
 
     @field_validator("cds_issuers", "cds_algorithms", mode="before")

@@ -78,6 +78,20 @@ def test_settings_that_contradict_each_other_are_refused_naming_both(clean_env, 
     assert "Value error" not in result.output
 
 
+@pytest.mark.parametrize("variable", ["WARDWATCH_GATE_MIN_AUROC_GAIN", "WARDWATCH_GATE_MIN_AUPRC_GAIN"])
+@pytest.mark.parametrize("value", ["-0.05", "nan"])
+def test_a_promotion_margin_that_would_promote_a_worse_model_is_refused(clean_env, variable, value):
+    # the margins were only required to be above -inf: -0.05 let `batch train` make current a model
+    # whose AUROC was 0.05 below NEWS2's or the serving model's; NaN passed every comparison
+    result = invoke("config", "show", env={variable: value})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"{variable}='{value}': Value error, must be 0 or more: a negative margin would promote a model worse " \
+           "than NEWS2 or the current model" in result.output
+    assert invoke("config", "show", env={variable: "0.02"}).exit_code == 0
+    assert invoke("config", "show", env={variable: "0"}).exit_code == 0
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("env", "says"), [
     # each of these was a KafkaException or logging traceback once a service built its first client
