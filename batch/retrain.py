@@ -32,7 +32,7 @@ import polars as pl
 from batch import registry
 from batch.features import features_as_of_issued
 from batch.nightly import TRAIN, NightlyBusy, writer_lock
-from batch.train import make_labels, split_patients, train_model
+from batch.train import SERVED, make_labels, split_patients, train_model
 from wardwatch.settings import Settings
 
 GATE_METRICS = ("auroc", "auprc")
@@ -83,12 +83,13 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
 
 
 def _held_out(features: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
-    """The rows batch.train.train_model evaluates on: same join, same patient split (defaults)."""
+    """The rows batch.train.train_model evaluates on: same join, same patient split (defaults), at risk,
+    and served by the model (every NEWS2 input charted; the worker takes the rule path elsewhere)."""
     keys = [k for k in _KEYS if k in features.columns and k in labels.columns]
     data = features.join(labels.select(*keys, "label").unique(subset=keys), on=keys).filter(
         pl.col("label").is_not_null())
     _, test_ids = split_patients(data["patient_id"].to_list())
-    held_out = data.filter(pl.col("patient_id").is_in(sorted(test_ids)))
+    held_out = data.filter(pl.col("patient_id").is_in(sorted(test_ids)) & SERVED)
     if "at_risk" in labels.columns:  # the onset label: rows already deteriorated at T are not evaluated
         held_out = held_out.join(labels.filter(pl.col("at_risk")).select(keys).unique(), on=keys, how="semi")
     return held_out

@@ -35,7 +35,10 @@ missing (the graph imputes it with the card's `imputation` values); output "prob
 Evaluation (held-out patients; the model and NEWS2 on the same rows): AUROC, AUPRC, Brier, a
 reliability table, and at the operating threshold (settings.alert_threshold for the model, NEWS2 >=
 5 for the rule) the alert rate per 100 patient-days, the sensitivity for onset episodes and the
-median lead time (operating_metrics).
+median lead time (operating_metrics). The rows are those where the worker serves the model: every
+NEWS2 input charted (streams/scoring.py); a point missing one takes the NEWS2 rule path, so the model
+never scores it and never alerts there. `metrics.all_rows` repeats AUROC/AUPRC/Brier on every at-risk
+row, rule-path rows included (the figures of cards before this), for comparison.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from batch import registry
 from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TOLERANCE, features_as_of_issued,
                             final_facts)
 from schemas import codes
-from schemas.features import FEATURE_NAMES
+from schemas.features import DERIVED, FEATURE_NAMES
 from schemas.model_contract import CONTRACT_METADATA_KEY, contract_metadata
 
 # Every feature is numeric (consciousness is its ACVPU ordinal); the NEWS2 sub-scores give a
@@ -88,6 +91,10 @@ LABEL_DEFINITION = (f"first onset of deterioration within (T, T+horizon]: the pa
                     "deteriorated are excluded (at_risk = false); ICU transfer and death are not in the data")
 
 _KEYS = ("patient_id", "scoring_ms", "partition", "offset")
+# the worker serves the model only where every NEWS2 input is charted; elsewhere it takes the NEWS2
+# rule path whatever the model would say (streams/scoring.py Scorer.score)
+NEWS2_INPUTS: tuple[str, ...] = next(d.inputs for d in DERIVED if d.name == "news2")
+SERVED = pl.all_horizontal(pl.col(c).is_not_null() for c in NEWS2_INPUTS).alias("_served")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
@@ -205,25 +212,38 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
     test_all = data.filter(pl.col("patient_id").is_in(list(test_ids)))
     train, test = train_all.filter(pl.col("at_risk")), test_all.filter(pl.col("at_risk"))
     x_train, y_train = _matrix(train), train["label"].to_numpy().astype(int)
-    y_test = test["label"].to_numpy().astype(int)
     if len(set(y_train)) < 2:
         raise ValueError("training rows hold a single label class; cannot fit a classifier")
 
     pipeline = fit_pipeline(x_train, y_train)
     imputation = dict(zip(MODEL_FEATURES, (float(v) for v in pipeline.named_steps["impute"].statistics_)))
 
-    # every held-out row (at risk or not) is scored, for the alert burden; the rest use the at-risk rows
-    scored = test_all.with_columns(_score=pl.Series(pipeline.predict_proba(_matrix(test_all))[:, 1]))
-    probability = scored.filter(pl.col("at_risk"))["_score"].to_numpy()
+    # every held-out row (at risk or not) is scored, for the alert burden; the rest use the at-risk rows.
+    # `_score` is what the worker serves: none on the rule path (a missing score never alerts)
+    scored = test_all.with_columns(_all=pl.Series(pipeline.predict_proba(_matrix(test_all))[:, 1]),
+                                   _served=SERVED).with_columns(_score=pl.when(pl.col("_served")).then(pl.col("_all")))
+    evaluated = scored.filter(pl.col("at_risk") & pl.col("_served"))
+    y_test, probability = evaluated["label"].to_numpy().astype(int), evaluated["_score"].to_numpy()
     metrics = {"model": _metrics(y_test, probability)
                | {"reliability": reliability_table(y_test, probability),
                   "operating": operating_metrics(scored, threshold=alert_threshold)}}
-    if "news2" in data.columns:
-        metrics["news2"] = _news2_metrics(train, test_all, imputation.get("news2"))
+    fill = imputation.get("news2")
+    metrics["news2"] = _news2_metrics(train, scored, fill)
+    at_risk = scored.filter(pl.col("at_risk"))
+    y_all = at_risk["label"].to_numpy().astype(int)
+    metrics["all_rows"] = {"model": _metrics(y_all, at_risk["_all"].to_numpy()),
+                           "news2": _metrics(y_all, *_news2_scores(train, at_risk, fill))}
     metrics["evaluation"] = {
-        "rows": "held-out patients' scoring points at risk (not already deteriorated at T)",
+        "rows": "held-out patients' scoring points at risk (not already deteriorated at T) where the worker serves "
+                "the model: every NEWS2 input charted in 24 h",
         "excluded_rows_already_deteriorated": test_all.height - test.height,
+        "excluded_rows_rule_path": test.height - evaluated.height,
+        "rule_path": "a point missing a NEWS2 input takes the NEWS2 rule path: the model never scores it, so it is "
+                     "left out of the model's and NEWS2's metrics and the model never alerts there",
+        "all_rows": "metrics.all_rows: AUROC/AUPRC/Brier on every held-out at-risk row, rule-path rows included "
+                    "(the model imputing their missing inputs, NEWS2 the training median): not what is served",
         "operating_rows": "every held-out scoring point, at risk or not (the alert burden a ward would see)",
+        "training_rows": "every at-risk row of the training patients, rule-path rows included",
     }
 
     onnx_bytes = to_onnx(pipeline, imputation)
@@ -244,6 +264,7 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         "n_test_patients": len(test_ids),
         "n_train_rows": train.height,
         "n_test_rows": test.height,
+        "n_test_rows_served": evaluated.height,
         "n_excluded_rows": data.height - train.height - test.height,
         "train_positive_fraction": round(float(y_train.mean()), 4),
         "metrics": metrics,
@@ -364,22 +385,28 @@ def operating_metrics(rows: pl.DataFrame, *, threshold: float, score: str = "_sc
     }
 
 
-def _news2_metrics(train: pl.DataFrame, test_all: pl.DataFrame, fill: float | None) -> dict:
-    """NEWS2 on the same held-out rows: the score ranks for AUROC/AUPRC; for Brier and the
-    reliability table it is mapped to a probability by a one-feature logistic fit on the training
-    rows. Missing NEWS2 takes the training median (as the model's input does), except for the
-    operating point (NEWS2 >= 5), where a missing score never alerts."""
+def _news2_scores(train: pl.DataFrame, rows: pl.DataFrame, fill: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """NEWS2 of `rows` as a ranking score, and mapped to a probability by a one-feature logistic fit on
+    the training rows. Missing NEWS2 (rule-path rows, in metrics.all_rows only) takes the training median,
+    as the model's input does."""
     def news2(frame: pl.DataFrame) -> np.ndarray:
         return frame["news2"].cast(pl.Float64).fill_null(fill if fill is not None else 0.0).to_numpy()
 
     calibration = LogisticRegression().fit(news2(train).reshape(-1, 1), train["label"].to_numpy().astype(int))
-    test = test_all.filter(pl.col("at_risk"))
-    score = news2(test)
-    probability = calibration.predict_proba(score.reshape(-1, 1))[:, 1] if len(score) else score
+    score = news2(rows)
+    return score, calibration.predict_proba(score.reshape(-1, 1))[:, 1] if len(score) else score
+
+
+def _news2_metrics(train: pl.DataFrame, scored: pl.DataFrame, fill: float | None) -> dict:
+    """NEWS2 on the model's evaluation rows (held-out, at risk, served: `_served`): the score ranks for
+    AUROC/AUPRC, its calibrated probability gives Brier and the reliability table. The operating point
+    (NEWS2 >= 5) counts every held-out point, where a missing NEWS2 never alerts."""
+    test = scored.filter(pl.col("at_risk") & pl.col("_served"))
+    score, probability = _news2_scores(train, test, fill)
     y = test["label"].to_numpy().astype(int)
     return _metrics(y, score, probability) | {
         "reliability": reliability_table(y, probability),
-        "operating": operating_metrics(test_all, threshold=NEWS2_ALERT, score="news2")}
+        "operating": operating_metrics(scored, threshold=NEWS2_ALERT, score="news2")}
 
 
 def to_onnx(pipeline: Pipeline, imputation: dict[str, float] | None = None) -> bytes:

@@ -391,8 +391,10 @@ def train_summary(card: dict, model_dir: Path) -> str:
     metrics = card["metrics"]
     model, news2 = metrics["model"], metrics.get("news2") or {}
     gate = card.get("gate", {})
+    rule_path = (metrics.get("evaluation") or {}).get("excluded_rows_rule_path")
     lines = [f"{card['version']} in {model_dir}: {card['n_train_patients']} training / {card['n_test_patients']} "
-             f"held-out patients, {model.get('n_rows')} held-out rows at risk ({model.get('positives')} positive)",
+             f"held-out patients, {model.get('n_rows')} held-out rows at risk the model serves ({model.get('positives')} "
+             "positive" + (f"; {rule_path} on the NEWS2 rule path left out" if rule_path else "") + ")",
              f"  model  AUROC {num(model.get('auroc'))}  AUPRC {num(model.get('auprc'))}  Brier {num(model.get('brier'))}",
              f"  NEWS2  AUROC {num(news2.get('auroc'))}  AUPRC {num(news2.get('auprc'))}",
              f"gate: {gate.get('decision', '?')}" + (f", kept as {gate['outcome']}" if gate.get("outcome") not in

@@ -376,7 +376,42 @@ def test_rows_already_deteriorated_are_left_out_of_training_and_evaluation(tmp_p
     excluded = labels.filter(~pl.col("at_risk")).height
     assert card["n_excluded_rows"] == excluded
     assert card["n_train_rows"] + card["n_test_rows"] == features.height - excluded
-    assert card["metrics"]["model"]["n_rows"] == card["n_test_rows"] == card["metrics"]["news2"]["n_rows"]
+    assert card["metrics"]["all_rows"]["model"]["n_rows"] == card["n_test_rows"]
+    # the model's own figures: the at-risk rows it serves (a heart rate charted: the rest is the rule path)
+    assert card["metrics"]["model"]["n_rows"] == card["n_test_rows_served"] == card["metrics"]["news2"]["n_rows"]
+    assert card["n_test_rows_served"] == card["n_test_rows"] - card["metrics"]["evaluation"]["excluded_rows_rule_path"]
+
+
+def test_held_out_metrics_are_those_of_the_points_the_worker_serves_the_model(tmp_path):
+    """A point missing a NEWS2 input takes the rule path in the worker (streams/scoring.py): the model never
+    scores it. Those points here are all onsets the model, imputing the missing heart rate, ranks low; counted
+    in, they made the card's AUROC and the gate judge a model on points it is never asked about."""
+    from sklearn.metrics import roc_auc_score
+
+    from batch.retrain import _held_out
+    from batch.train import split_patients
+
+    features = synthetic_features()
+    rule_path = features[HR].is_null()  # every other NEWS2 input is charted in the synthetic frame
+    labels = labels_for(features).with_columns(label=pl.when(rule_path).then(1).otherwise(pl.col("label")).cast(pl.Int8))
+    card = train_model(features, labels, tmp_path, "v1")
+
+    _, held_out = split_patients(features["patient_id"].to_list())
+    test = features.join(labels, on=["patient_id", "scoring_ms"]).filter(pl.col("patient_id").is_in(sorted(held_out)))
+    served = test.filter(pl.col(HR).is_not_null())
+    assert 0 < served.height < test.height
+    x = served.select(pl.col(f).cast(pl.Float64) for f in card["features"]).to_numpy().astype(np.float32)
+    [probabilities] = session_for(tmp_path, "v1").run([card["output_name"]], {card["input_name"]: x})
+    model, news2 = card["metrics"]["model"], card["metrics"]["news2"]
+    assert model["n_rows"] == news2["n_rows"] == served.height
+    assert model["auroc"] == pytest.approx(roc_auc_score(served["label"], probabilities[:, 1]), abs=1e-4)
+    assert news2["auroc"] == pytest.approx(roc_auc_score(served["label"], served["news2"]), abs=1e-9)
+    assert card["metrics"]["evaluation"]["excluded_rows_rule_path"] == test.height - served.height
+    # the figures with the rule-path points are still in the card, apart and lower
+    everything = card["metrics"]["all_rows"]
+    assert everything["model"]["n_rows"] == test.height and everything["model"]["auroc"] < model["auroc"] - 0.02
+    # the gate judges the current model on the same served rows
+    assert _held_out(features, labels).height == served.height
 
 
 # --- evaluation at the operating threshold -------------------------------------------------------
