@@ -6,12 +6,17 @@ Features as of `issued` (no leakage) at every online scoring point, labels from 
 (batch/train.py), a new version in the registry. Then the gate decides what the new version becomes:
 
     promote     it beats `current` and NEWS2 on the held-out patients by the configured margins
-                (settings.gate_min_auroc_gain / gate_min_auprc_gain) and passes the contract check:
-                `current` points at it (registry.promote records who/when/why)
+                (settings.gate_min_auroc_gain / gate_min_auprc_gain, on the point estimates), its gain
+                over NEWS2 is above 0 across its 95 % interval (the paired patient-level bootstrap of
+                batch/train.py: the model must be shown better than the rule, not just on this draw of
+                75 patients), and it passes the contract check: `current` points at it
+                (registry.promote records who/when/why)
     candidate   otherwise: the `candidate` pointer names it, so the worker can shadow-score it
 
-`current` is evaluated on the same held-out rows as the new model (its card's metrics come from
-another split and are not comparable). The decision and its reasons go into the new card (`gate`)
+Against `current`, the point estimates only: a retrained model is expected to be about as good as the
+one serving (which passed the NEWS2 test itself), and with 75 held-out patients an interval of the gain
+would rarely exclude 0, which would keep `current` forever. `current` is evaluated on the same held-out
+rows as the new model (its card's metrics come from another split and are not comparable). The decision and its reasons go into the new card (`gate`)
 and into the latest `runs` row of the DuckDB file.
 """
 
@@ -52,12 +57,16 @@ class GateDecision:
 
 
 def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_auroc_gain: float,
-                  min_auprc_gain: float, contract_problems: list[str] = ()) -> GateDecision:
+                  min_auprc_gain: float, contract_problems: list[str] = (),
+                  news2_gain_ci95: dict | None = None) -> GateDecision:
     """Promote only when every gate metric of `new` is at least the reference's plus its margin, for
-    NEWS2 and (when there is one) the current model, and the contract holds. Pure: metrics in, verdict out.
+    NEWS2 and (when there is one) the current model, the low end of the 95 % interval of each gain over
+    NEWS2 (`news2_gain_ci95`: {"auroc": [low, high], "auprc": [...]}, card metrics.model_vs_news2) is
+    above 0, and the contract holds. Pure: metrics in, verdict out. Without news2_gain_ci95 (None) the
+    interval is not checked: retrain always passes it.
 
     Each metrics dict holds `auroc` and `auprc` on the same held-out rows; None means not computable
-    (one class only), which never passes."""
+    (one class only), which never passes; so does an interval that is None."""
     margins = {"auroc": min_auroc_gain, "auprc": min_auprc_gain}
     reasons: list[str] = [f"contract: {p}" for p in contract_problems]
     references = {"NEWS2": news2, "current model": current}
@@ -76,6 +85,15 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
                 reasons.append(f"{metric} {mine:.4f} does not beat {name} {theirs:.4f} by {margins[metric]:g}")
             else:
                 passed.append(f"{metric} {mine:.4f} beats {name} {theirs:.4f} by >= {margins[metric]:g}")
+    for metric in GATE_METRICS if news2 is not None and news2_gain_ci95 is not None else ():
+        ci = news2_gain_ci95.get(metric)
+        if ci is None:
+            reasons.append(f"{metric} gain over NEWS2: no 95 % interval (too few held-out patients of both classes)")
+        elif ci[0] <= 0:
+            reasons.append(f"{metric} gain over NEWS2 not shown: its 95 % interval {ci[0]:+.4f} to {ci[1]:+.4f} "
+                           "(patient-level bootstrap) includes 0")
+        else:
+            passed.append(f"{metric} gain over NEWS2 95 % interval {ci[0]:+.4f} to {ci[1]:+.4f} is above 0")
     compared = {"new": new, "news2": news2, "current": current}
     if reasons:
         return GateDecision("candidate", reasons, compared, margins)
@@ -231,7 +249,9 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     decision = gate_decision(card["metrics"]["model"], card["metrics"].get("news2"), current_metrics,
                              min_auroc_gain=settings.gate_min_auroc_gain,
                              min_auprc_gain=settings.gate_min_auprc_gain,
-                             contract_problems=registry.contract_problems(settings.model_dir, version))
+                             contract_problems=registry.contract_problems(settings.model_dir, version),
+                             news2_gain_ci95={m: (card["metrics"].get("model_vs_news2") or {}).get(f"{m}_gain", {})
+                                              .get("ci95") for m in GATE_METRICS})
     outcome = apply_gate(settings, version, decision, promote_if_none=promote_if_none)
     card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome}
     card["promoted"] = outcome == "promoted"

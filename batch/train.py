@@ -39,6 +39,12 @@ median lead time (operating_metrics). The rows are those where the worker serves
 NEWS2 input charted (streams/scoring.py); a point missing one takes the NEWS2 rule path, so the model
 never scores it and never alerts there. `metrics.all_rows` repeats AUROC/AUPRC/Brier on every at-risk
 row, rule-path rows included (the figures of cards before this), for comparison.
+
+Uncertainty: 95 % percentile intervals (`ci95`) of AUROC, AUPRC, sensitivity and alerts per 100
+patient-days, for the model and NEWS2, and of the model's gain over NEWS2 (`model_vs_news2`), from a
+patient-level (cluster) bootstrap: the held-out patients are drawn with replacement and every row of a
+drawn patient is taken (rows of one patient are not independent), BOOTSTRAP_RESAMPLES draws with a fixed
+seed, so the same data gives the same card. The draws are shared, so the gain's interval is paired.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from scipy.stats import rankdata
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
@@ -95,6 +102,9 @@ _KEYS = ("patient_id", "scoring_ms", "partition", "offset")
 # rule path whatever the model would say (streams/scoring.py Scorer.score)
 NEWS2_INPUTS: tuple[str, ...] = next(d.inputs for d in DERIVED if d.name == "news2")
 SERVED = pl.all_horizontal(pl.col(c).is_not_null() for c in NEWS2_INPUTS).alias("_served")
+BOOTSTRAP_RESAMPLES = 500  # ~2 s of `batch train` on 75 held-out patients
+BOOTSTRAP_SEED = 0
+CI_METRICS = ("auroc", "auprc", "sensitivity", "alerts_per_100_patient_days")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
@@ -229,6 +239,22 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
                   "operating": operating_metrics(scored, threshold=alert_threshold)}}
     fill = imputation.get("news2")
     metrics["news2"] = _news2_metrics(train, scored, fill)
+    news2_score, _ = _news2_scores(train, evaluated, fill)
+    intervals = bootstrap_intervals(
+        sorted(test_ids), evaluated["patient_id"].to_list(), y_test, {"model": probability, "news2": news2_score},
+        {"model": operating_per_patient(scored, threshold=alert_threshold),
+         "news2": operating_per_patient(scored, threshold=NEWS2_ALERT, score="news2")})
+    for name in ("model", "news2"):
+        metrics[name]["ci95"] = intervals[name]
+    metrics["model_vs_news2"] = {
+        f"{m}_gain": {"estimate": None if None in (metrics["model"][m], metrics["news2"][m])
+                      else metrics["model"][m] - metrics["news2"][m], "ci95": intervals["gain"][m]}
+        for m in ("auroc", "auprc")}
+    metrics["bootstrap"] = {
+        "method": "patient-level (cluster) percentile bootstrap: held-out patients drawn with replacement, every "
+                  "row of a drawn patient taken; the same draws for the model and NEWS2 (the gain is paired)",
+        "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "patients": len(test_ids),
+        "skipped_one_class": intervals["skipped"]}
     at_risk = scored.filter(pl.col("at_risk"))
     y_all = at_risk["label"].to_numpy().astype(int)
     metrics["all_rows"] = {"model": _metrics(y_all, at_risk["_all"].to_numpy()),
@@ -359,30 +385,118 @@ def operating_metrics(rows: pl.DataFrame, *, threshold: float, score: str = "_sc
     median_lead_time_h        onset minus the first such point, over the detected episodes
     A missing score never alerts.
     """
+    per_patient, first_alert = _operating(rows, threshold=threshold, score=score, horizon_h=horizon_h)
+    alerts, episodes = int(per_patient["alerts"].sum()), int(per_patient["episodes"].sum())
+    patient_days = float(per_patient["span_ms"].sum() or 0) / DAY_MS
+    lead_h = ((first_alert["onset_ms"] - first_alert["t"]) / HOUR_MS).to_numpy()
+    return {
+        "threshold": threshold,
+        "alerts": alerts,
+        "patient_days": round(patient_days, 3),
+        "alerts_per_100_patient_days": round(100 * alerts / patient_days, 3) if patient_days else None,
+        "onset_episodes": episodes,
+        "episodes_detected": first_alert.height,
+        "sensitivity": first_alert.height / episodes if episodes else None,
+        "median_lead_time_h": float(np.median(lead_h)) if len(lead_h) else None,
+    }
+
+
+def operating_per_patient(rows: pl.DataFrame, *, threshold: float, score: str = "_score",
+                          horizon_h: float = HORIZON_H) -> pl.DataFrame:
+    """operating_metrics' counts per patient (patient_id, alerts, span_ms, episodes, detected): the
+    totals are their sums, so a draw of patients (the bootstrap) sums its own."""
+    return _operating(rows, threshold=threshold, score=score, horizon_h=horizon_h)[0]
+
+
+def _operating(rows: pl.DataFrame, *, threshold: float, score: str, horizon_h: float
+               ) -> tuple[pl.DataFrame, pl.DataFrame]:
     horizon_ms = int(horizon_h * HOUR_MS)
     ordered = rows.sort("patient_id", "scoring_ms").with_columns(
         _high=(pl.col(score).cast(pl.Float64) >= threshold).fill_null(False))
     edges = ordered.with_columns(_prev=pl.col("_high").shift(1).over("patient_id").fill_null(False)).filter(
         pl.col("_high") & ~pl.col("_prev"))
-    span = ordered.group_by("patient_id").agg(d=(pl.col("scoring_ms").max() - pl.col("scoring_ms").min()))
-    patient_days = float(span["d"].sum() or 0) / DAY_MS
     episodes = ordered.filter((pl.col("label") == 1) & pl.col("onset_ms").is_not_null()).select(
         "patient_id", "onset_ms").unique()
     high = ordered.filter(pl.col("_high")).select("patient_id", t=pl.col("scoring_ms"))
     first_alert = (episodes.join(high, on="patient_id", how="inner")
                    .filter((pl.col("t") >= pl.col("onset_ms") - horizon_ms) & (pl.col("t") < pl.col("onset_ms")))
                    .group_by("patient_id", "onset_ms").agg(pl.col("t").min()))
-    lead_h = ((first_alert["onset_ms"] - first_alert["t"]) / HOUR_MS).to_numpy()
-    return {
-        "threshold": threshold,
-        "alerts": edges.height,
-        "patient_days": round(patient_days, 3),
-        "alerts_per_100_patient_days": round(100 * edges.height / patient_days, 3) if patient_days else None,
-        "onset_episodes": episodes.height,
-        "episodes_detected": first_alert.height,
-        "sensitivity": first_alert.height / episodes.height if episodes.height else None,
-        "median_lead_time_h": float(np.median(lead_h)) if len(lead_h) else None,
-    }
+    per_patient = (ordered.group_by("patient_id").agg(span_ms=pl.col("scoring_ms").max() - pl.col("scoring_ms").min())
+                   .join(edges.group_by("patient_id").len("alerts"), on="patient_id", how="left")
+                   .join(episodes.group_by("patient_id").len("episodes"), on="patient_id", how="left")
+                   .join(first_alert.group_by("patient_id").len("detected"), on="patient_id", how="left")
+                   .with_columns(pl.col("alerts", "episodes", "detected").fill_null(0))
+                   .sort("patient_id"))
+    return per_patient, first_alert
+
+
+def fast_auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """roc_auc_score (the Mann-Whitney U of the ranks, ties averaged) without scikit-learn's input checks,
+    which cost the bootstrap more than the sums do. Both classes must be present."""
+    ranks = rankdata(score)
+    positives = int(y.sum())
+    negatives = len(y) - positives
+    return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def fast_average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """average_precision_score (sum over thresholds of recall gained times precision, tied scores one
+    threshold), without scikit-learn's input checks. At least one positive."""
+    order = np.argsort(-score, kind="mergesort")
+    y_sorted, s_sorted = y[order], score[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(y) - 1]  # the last row of each tied run
+    tp = np.cumsum(y_sorted)[last]
+    precision, recall = tp / (last + 1), tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def bootstrap_intervals(patients: list[str], row_patients: list[str], y: np.ndarray, scores: dict[str, np.ndarray],
+                        operating: dict[str, pl.DataFrame], *, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> dict:
+    """95 % percentile intervals from a patient-level bootstrap: each draw takes len(patients) patients
+    with replacement and every evaluation row (`row_patients`, `y`, `scores`) and operating count
+    (operating_per_patient frames) of each drawn patient, once per time drawn.
+
+    Returns {name: {metric: [low, high] | None} for each score, "gain": {"auroc"|"auprc": [low, high] |
+    None} (the first score minus the second, in the same draws), "skipped": draws whose rows held one
+    class (no AUROC/AUPRC; their operating counts still count)}. None: no draw could compute it."""
+    index = {p: i for i, p in enumerate(patients)}
+    codes_ = np.array([index[p] for p in row_patients], dtype=np.int64)
+    rows_of = [np.flatnonzero(codes_ == i) for i in range(len(patients))]
+    counts = {}
+    for name, frame in operating.items():
+        by = dict(zip(frame["patient_id"].to_list(), frame.select("alerts", "span_ms", "episodes", "detected").rows()))
+        counts[name] = np.array([by.get(p, (0, 0, 0, 0)) for p in patients], dtype=np.float64)
+    names = list(scores)
+    draws: dict[str, dict[str, list[float]]] = {n: {m: [] for m in CI_METRICS} for n in [*names, "gain"]}
+    skipped = 0
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        drawn = rng.integers(0, len(patients), len(patients))
+        for name in names:
+            alerts, span_ms, episodes, detected = counts[name][drawn].sum(axis=0)
+            if span_ms:
+                draws[name]["alerts_per_100_patient_days"].append(100 * alerts / (span_ms / DAY_MS))
+            if episodes:
+                draws[name]["sensitivity"].append(detected / episodes)
+        rows = np.concatenate([rows_of[i] for i in drawn])
+        if len(set(y[rows].tolist())) < 2:
+            skipped += 1
+            continue
+        for metric, fn in (("auroc", fast_auroc), ("auprc", fast_average_precision)):
+            values = [float(fn(y[rows], scores[name][rows])) for name in names]
+            for name, value in zip(names, values):
+                draws[name][metric].append(value)
+            if len(values) == 2:
+                draws["gain"][metric].append(values[0] - values[1])
+
+    def interval(values: list[float]) -> list[float] | None:
+        return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])] if values else None
+
+    out = {name: {m: interval(draws[name][m]) for m in CI_METRICS} for name in names}
+    out["gain"] = {m: interval(draws["gain"][m]) for m in ("auroc", "auprc")}
+    out["skipped"] = skipped
+    return out
 
 
 def _news2_scores(train: pl.DataFrame, rows: pl.DataFrame, fill: float | None) -> tuple[np.ndarray, np.ndarray]:

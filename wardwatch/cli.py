@@ -388,6 +388,12 @@ def train_summary(card: dict, model_dir: Path) -> str:
     def num(x):
         return "n/a" if x is None else f"{x:.3f}"
 
+    def span(interval):
+        return "" if not interval else f" (95% CI {interval[0]:.3f} to {interval[1]:.3f})"
+
+    def ci(metric, block, values=None):  # a figure and its interval, when the card has one
+        return num((values or block).get(metric)) + span((block.get("ci95") or {}).get(metric))
+
     metrics = card["metrics"]
     model, news2 = metrics["model"], metrics.get("news2") or {}
     gate = card.get("gate", {})
@@ -395,9 +401,22 @@ def train_summary(card: dict, model_dir: Path) -> str:
     lines = [f"{card['version']} in {model_dir}: {card['n_train_patients']} training / {card['n_test_patients']} "
              f"held-out patients, {model.get('n_rows')} held-out rows at risk the model serves ({model.get('positives')} "
              "positive" + (f"; {rule_path} on the NEWS2 rule path left out" if rule_path else "") + ")",
-             f"  model  AUROC {num(model.get('auroc'))}  AUPRC {num(model.get('auprc'))}  Brier {num(model.get('brier'))}",
-             f"  NEWS2  AUROC {num(news2.get('auroc'))}  AUPRC {num(news2.get('auprc'))}",
-             f"gate: {gate.get('decision', '?')}" + (f", kept as {gate['outcome']}" if gate.get("outcome") not in
+             f"  model  AUROC {ci('auroc', model)}  AUPRC {ci('auprc', model)}  Brier {num(model.get('brier'))}",
+             f"  NEWS2  AUROC {ci('auroc', news2)}  AUPRC {ci('auprc', news2)}"]
+    gain = metrics.get("model_vs_news2") or {}
+    if gain:
+        lines.append("  model - NEWS2  " + "  ".join(
+            f"{m.upper()} {num(gain[f'{m}_gain'].get('estimate'))}{span(gain[f'{m}_gain'].get('ci95'))}"
+            for m in ("auroc", "auprc")))
+    for name, label in ((model, "model >= "), (news2, "NEWS2 >= ")):
+        op = name.get("operating") or {}
+        if op:
+            lines.append(f"  {label}{op['threshold']:g}: sensitivity {ci('sensitivity', name, op)}, "
+                         f"{ci('alerts_per_100_patient_days', name, op)} alerts per 100 patient-days")
+    if metrics.get("bootstrap"):
+        lines.append(f"  (95 % intervals: patient-level bootstrap, {metrics['bootstrap']['resamples']} resamples of "
+                     f"the {metrics['bootstrap']['patients']} held-out patients)")
+    lines += [f"gate: {gate.get('decision', '?')}" + (f", kept as {gate['outcome']}" if gate.get("outcome") not in
                                                       (None, gate.get("decision"), "promoted") else "")]
     lines += [f"  - {reason}" for reason in gate.get("reasons", [])]
     if model.get("auroc") is None:

@@ -61,6 +61,24 @@ def test_uncomputable_metrics_and_contract_problems_never_pass():
     assert not decision.promote and decision.reasons == ["contract: ONNX input takes 28 features"]
 
 
+def test_a_gain_over_news2_whose_95_percent_interval_includes_0_is_not_promoted():
+    """0.03 better than NEWS2 on 75 held-out patients may be the luck of the draw: the model must be shown
+    better than the rule it adds to, across the paired patient-level bootstrap's interval of the gain."""
+    new = {"auroc": 0.80, "auprc": 0.40}
+    unsure = {"auroc": [-0.02, 0.08], "auprc": [0.01, 0.19]}
+    decision = gate_decision(new, {"auroc": 0.77, "auprc": 0.30}, None, min_auroc_gain=0, min_auprc_gain=0,
+                             news2_gain_ci95=unsure)
+    assert decision.decision == "candidate"
+    assert decision.reasons == ["auroc gain over NEWS2 not shown: its 95 % interval -0.0200 to +0.0800 "
+                                "(patient-level bootstrap) includes 0"]
+    shown = gate_decision(new, {"auroc": 0.77, "auprc": 0.30}, None, min_auroc_gain=0, min_auprc_gain=0,
+                          news2_gain_ci95={"auroc": [0.004, 0.06], "auprc": [0.01, 0.19]})
+    assert shown.promote and "auroc gain over NEWS2 95 % interval +0.0040 to +0.0600 is above 0" in shown.reasons
+    no_interval = gate_decision(new, {"auroc": 0.77, "auprc": 0.30}, None, min_auroc_gain=0, min_auprc_gain=0,
+                                news2_gain_ci95={"auroc": None, "auprc": [0.01, 0.19]})
+    assert not no_interval.promote
+
+
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     models = tmp_path / "models"

@@ -472,3 +472,50 @@ def test_card_reports_the_model_and_news2_at_their_operating_points(trained):
         assert metrics["operating"]["patient_days"] > 0
         assert metrics["operating"]["onset_episodes"] == 0  # these labels carry no onset times
         assert metrics["operating"]["sensitivity"] is None
+
+
+# --- uncertainty ---------------------------------------------------------------------------------
+
+
+def test_held_out_figures_carry_reproducible_patient_level_95_percent_intervals(trained, tmp_path):
+    """40 patients' worth of held-out rows give wide intervals: the card and `batch train`'s summary show
+    them for the model and NEWS2, and for the model's gain over NEWS2 (the gate reads that one)."""
+    from wardwatch.cli import train_summary
+
+    model_dir, card, _ = trained
+    metrics = card["metrics"]
+    for name in ("model", "news2"):
+        low, high = metrics[name]["ci95"]["auroc"]
+        assert low < metrics[name]["auroc"] < high and high - low > 0.02
+        assert metrics[name]["ci95"]["auprc"][0] < metrics[name]["auprc"] < metrics[name]["ci95"]["auprc"][1]
+        assert metrics[name]["ci95"]["alerts_per_100_patient_days"] is not None
+    gain = metrics["model_vs_news2"]["auroc_gain"]
+    assert gain["estimate"] == pytest.approx(metrics["model"]["auroc"] - metrics["news2"]["auroc"])
+    assert gain["ci95"][0] < gain["estimate"] < gain["ci95"][1]
+    assert metrics["bootstrap"]["resamples"] >= 200 and metrics["bootstrap"]["patients"] == card["n_test_patients"]
+    summary = train_summary(card, model_dir)
+    low, high = metrics["model"]["ci95"]["auroc"]
+    assert f"AUROC {metrics['model']['auroc']:.3f} (95% CI {low:.3f} to {high:.3f})" in summary
+    assert "model - NEWS2  AUROC" in summary and "patient-level bootstrap" in summary
+
+
+def test_intervals_resample_patients_so_copies_of_their_rows_do_not_narrow_them():
+    """Rows of one patient are not independent: a bootstrap of rows would narrow the interval each time a
+    patient is scored more often. Drawing patients, ten copies of every row give the same interval."""
+    from batch.train import bootstrap_intervals
+
+    rng = np.random.default_rng(8)
+    patients = [f"p{i}" for i in range(30)]
+    row_patients = [p for p in patients for _ in range(4)]
+    y = np.array([i % 3 == 0 for i in range(len(row_patients))], dtype=int)
+    scores = {"model": y + rng.normal(0, 0.8, len(y)), "news2": y + rng.normal(0, 1.2, len(y))}
+    operating = {name: pl.DataFrame({"patient_id": patients, "alerts": [i % 2 for i in range(30)],
+                                     "span_ms": [24 * HOUR] * 30, "episodes": [1] * 30,
+                                     "detected": [i % 3 != 0 for i in range(30)]}) for name in scores}
+    once = bootstrap_intervals(patients, row_patients, y, scores, operating, resamples=200)
+    copies = np.tile(np.arange(len(y)), 10)
+    tenfold = bootstrap_intervals(patients, [row_patients[i] for i in copies], y[copies],
+                                  {k: v[copies] for k, v in scores.items()}, operating, resamples=200)
+    assert tenfold == once
+    assert once["model"]["auroc"][1] - once["model"]["auroc"][0] > 0.05
+    assert once == bootstrap_intervals(patients, row_patients, y, scores, operating, resamples=200)  # fixed seed
