@@ -62,7 +62,8 @@ COLUMNS: dict[str, str] = {
     "fact_id": "Names one clinical fact across its versions",
     "version": "Orders the versions of one fact (CDC lsn, FHIR versionId)",
     "event_id": "Names one version of one fact (hash of fact_id and version)",
-    "provenance": "Where the event came from in its source, as JSON",
+    "provenance": "Where the event came from in its source, as JSON (a consciousness fact charted as a GCS "
+                  "keeps the total: gcs_total)",
     "partition": "Partition of the canonical message the event/point belongs to",
     "offset": "Offset of the canonical message the event/point belongs to",
     "idx": "Position of the event inside its canonical micro-batch",

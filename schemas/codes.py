@@ -47,6 +47,29 @@ SNOMED_ACVPU = {
     "422768004": "U",  # unresponsive
 }
 
+# Glasgow Coma Scale total (LOINC 9269-2, 3..15), what most US EHRs chart instead of ACVPU. Ingest maps it
+# onto the consciousness code (one fact, the ACVPU ordinal), so features, NEWS2, qSOFA and the offline
+# rebuild read one scale. NEWS2 (RCP 2017) scores anything but Alert 3: GCS 15 is A, any lower total
+# is not. The other levels follow the median GCS of each AVPU level in two published comparisons,
+# Kelly et al. 2004 (Ann Emerg Med 44:108; A 15, V 13, P 8, U 3) and McNarry & Goldhill 2004
+# (Anaesthesia 59:34; A 15, V 13, P 8, U 6): V 11-13 and P 7-10 (cut halfway between 13 and 8),
+# U 3-6 (up to the higher U median). 14 is C: one point below normal, nearly always a confused verbal
+# response (GCS V4), what ACVPU's C names. A GCS cannot say whether confusion is new (README,
+# "Consciousness charted as a GCS").
+GCS_TOTAL = "9269-2"
+GCS_RANGE = (3, 15)
+
+
+def gcs_acvpu(total: int) -> str:
+    """The ACVPU letter a GCS total (3..15, checked by the caller) stands for."""
+    if total >= 15:
+        return "A"
+    if total == 14:
+        return "C"
+    if total >= 11:
+        return "V"
+    return "P" if total >= 7 else "U"
+
 
 @dataclass(frozen=True, slots=True)
 class CodeInfo:

@@ -9,6 +9,8 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   wardwatch code becomes one event per code: a BP panel gives systolic and diastolic, a pulse-oximetry
   Observation gives SpO2 (2708-6 and 59408-5 are one fact) and its O2-flow and FiO2 (3150-0) components.
   Units go to the canonical unit (degF -> Cel, WBC /uL -> 10*3/uL); ACVPU SNOMED codes -> ordinal + letter.
+  A GCS total (9269-2, valueInteger or valueQuantity 3..15) is a consciousness fact (80288-4): the ACVPU
+  level it stands for (schemas.codes.gcs_acvpu), the total kept in provenance `gcs_total`.
   fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (else meta.lastUpdated in ms, else 1).
 - Encounter -> CONTEXT facts (schemas/codes.py, the same semantics as the CDC `encounters` table):
   ADMISSION (period.start; value_text the encounter class: "IMP" -> "inpatient", ...), LOCATION (the
@@ -61,11 +63,12 @@ import orjson
 
 from schemas.canonical import LOINC, CanonicalEvent, Source, Status
 from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES, CONSCIOUSNESS, CONTEXT,
-                           DIASTOLIC_BP, DISCHARGE, FIO2, LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2, SYSTOLIC_BP,
-                           canonical_code, to_canonical_unit)
+                           DIASTOLIC_BP, DISCHARGE, FIO2, GCS_TOTAL, LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2,
+                           SYSTOLIC_BP, canonical_code, gcs_acvpu, to_canonical_unit)
 from schemas.deadletter import Reason, Rejection
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
-from schemas.ingest_values import reject_future_measurements, acvpu_letter, finite_number, iso_to_ms, plausible
+from schemas.ingest_values import (reject_future_measurements, acvpu_letter, finite_number, gcs_total, iso_to_ms,
+                                   plausible)
 
 SNOMED = "http://snomed.info/sct"
 CONTROL_TYPES = ("handshake", "heartbeat", "query-status")
@@ -628,13 +631,13 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
         # a retracted Observation may arrive stripped of some or all of its components: retract every
         # component it can carry (both pressures of a panel; a pulse oximetry's oxygen, else still
         # "on oxygen" for NEWS2). A retraction of a fact never seen changes nothing.
-        codes = [code for code, _ in measured]
+        codes = [code for code, _, _ in measured]
         codes += [c for c in RETRACTED_WITH.get(_loinc(obs.get("code")), ()) if c not in codes]
         values = {code: (None, None) for code in codes}
     else:
         values = {}
-        for code, holder in measured:
-            value = _value(code, holder)
+        for code, holder, sent_as in measured:
+            value = _gcs(holder) if sent_as == GCS_TOTAL else _value(code, holder)
             if value is None:
                 ctx.skip("no_value")
             else:
@@ -644,9 +647,9 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
             patient_id=patient, code=code, value=value, unit=CODES[code].unit,
             effective_ms=effective_ms, issued_ms=issued_ms, status=status, source=Source.FHIR,
             fact_id=f"fhir:Observation/{obs_id}:{code}", version=version, encounter_id=encounter,
-            value_text=text, provenance=provenance,
+            value_text=text, provenance={**provenance, "gcs_total": gcs[0]} if gcs else provenance,
         )
-        for code, (value, text) in values.items()
+        for code, (value, text, *gcs) in values.items()  # a GCS: its ACVPU level, the total in provenance
     ]
     if not issued:
         # the effective time stands in for the issued time, so it bounds nothing: the notification's
@@ -758,26 +761,27 @@ validate_observation = validate_resource  # the name earlier callers use
 RETRACTED_WITH: dict[str, tuple[str, ...]] = {BP_PANEL: (SYSTOLIC_BP, DIASTOLIC_BP), SPO2: (O2_FLOW, FIO2)}
 
 
-def _measured_codes(obs: dict) -> list[tuple[str, dict]]:
-    """(canonical code, element holding value[x]) for the Observation itself and its components."""
+def _measured_codes(obs: dict) -> list[tuple[str, dict, str]]:
+    """(canonical code, element holding value[x], the code it was sent as) for the Observation itself
+    and its components. A GCS total is sent as 9269-2 and measures consciousness (80288-4)."""
     measured = []
-    code = _loinc(obs.get("code"))
-    if code in CODES:
-        measured.append((code, obs))
-    for component in _dicts(obs.get("component")):
-        if (code := _loinc(component.get("code"))) in CODES:
-            measured.append((code, component))
+    for holder in (obs, *_dicts(obs.get("component"))):
+        code = _loinc(holder.get("code"))
+        if code in CODES:
+            measured.append((code, holder, code))
+        elif code == GCS_TOTAL:
+            measured.append((CONSCIOUSNESS, holder, code))
     return measured
 
 
 def _loinc(concept: Any) -> str | None:
-    """The first LOINC coding that is a wardwatch code (or the BP panel)."""
+    """The first LOINC coding that is a wardwatch code (or the BP panel, or a GCS total)."""
     if not isinstance(concept, dict):
         return None
     for coding in _dicts(concept.get("coding")):
         if coding.get("system") in (LOINC, None) and isinstance(coding.get("code"), str):
             code = coding["code"]
-            if code == BP_PANEL:
+            if code in (BP_PANEL, GCS_TOTAL):
                 return code
             if canonical := canonical_code(code):
                 return canonical
@@ -824,6 +828,28 @@ def _consciousness(holder: dict) -> tuple[float, str] | None:
             letter = SNOMED_ACVPU[coding["code"]]
             return float(ACVPU_ORDINAL[letter]), letter
     raise Reject(Reason.BAD_VALUE, "consciousness: no ACVPU SNOMED coding")
+
+
+def _gcs(holder: dict) -> tuple[float, str, int] | None:
+    """(ACVPU ordinal, letter, GCS total) of a GCS total in valueInteger or a unitless valueQuantity."""
+    what = "GCS total"
+    if "valueInteger" in holder:
+        total = gcs_total(holder["valueInteger"], what)
+    elif (quantity := holder.get("valueQuantity")) is not None:
+        if not isinstance(quantity, dict):
+            raise Reject(Reason.BAD_VALUE, f"{what}: valueQuantity is not an object")
+        if quantity.get("comparator") is not None:  # "<8": a bound, not a score
+            raise Reject(Reason.BAD_VALUE, f"{what}: value has a comparator, a bound and not a measurement")
+        ucum = quantity.get("code")
+        if ucum is not None and not (ucum == "1" or (isinstance(ucum, str) and ucum.startswith("{"))):
+            raise Reject(Reason.UNKNOWN_UNIT, f"{what}: a score has no unit")  # "1" or an annotation: {score}
+        total = gcs_total(quantity.get("value"), what)
+    elif any(k.startswith("value") for k in holder):
+        raise Reject(Reason.BAD_VALUE, f"{what}: value is neither an integer nor a Quantity")
+    else:
+        return None
+    letter = gcs_acvpu(total)
+    return float(ACVPU_ORDINAL[letter]), letter, total
 
 
 def _patient_id(subject: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""Value checks shared by the CDC and FHIR parsers: times, numbers, plausibility, ACVPU.
+"""Value checks shared by the CDC and FHIR parsers: times, numbers, plausibility, ACVPU, GCS.
 
 Each helper raises `Reject` so a parser can abandon the whole message in one place.
 """
@@ -9,7 +9,7 @@ import math
 import re
 from datetime import datetime, timedelta, timezone
 
-from schemas.codes import ACVPU_ORDINAL, CODES, CONTEXT
+from schemas.codes import ACVPU_ORDINAL, CODES, CONTEXT, GCS_RANGE
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Reject
 
@@ -69,6 +69,18 @@ def acvpu_letter(raw: object, what: str) -> str:
     if letter not in ACVPU_ORDINAL:
         raise Reject(Reason.BAD_VALUE, f"{what}: not one of A, C, V, P, U")
     return letter
+
+
+def gcs_total(raw: object, what: str) -> int:
+    """A Glasgow Coma Scale total: an integer 3..15 (a number, or an integral float such as 14.0). The
+    detail never echoes the value."""
+    value = finite_number(raw, what)
+    if not value.is_integer():
+        raise Reject(Reason.BAD_VALUE, f"{what}: not an integer")
+    low, high = GCS_RANGE
+    if not low <= value <= high:
+        raise Reject(Reason.IMPLAUSIBLE_VALUE, f"{what}: outside the GCS range [{low}, {high}]")
+    return int(value)
 
 
 # A measurement cannot be taken after it was recorded. An effective time more than this past the

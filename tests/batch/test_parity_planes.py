@@ -15,6 +15,7 @@ one plane strays from the spec. The parity report's 1e-9 tolerance is a margin, 
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -26,10 +27,13 @@ from batch.features import classify_events, features_at, scoring_points
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
 from schemas.features import AGGREGATIONS, FEATURE_NAMES, FEATURES
+from schemas.fhir import parse_notification
+from schemas.ingest_outcome import Parsed
 from streams.features import compute_features
 from streams.patient_agent import CanonicalMessage, PatientProcessor
 from streams.scoring import Scorer
 from streams.state import apply_batch
+from tests.fixtures.ingest.corpus import gcs_bundle
 from wardwatch.settings import Settings
 
 LATENESS_MS = 2 * 3600 * 1000
@@ -278,6 +282,18 @@ def context(fact_id: str, hours: float) -> CanonicalEvent:
                           code_system=codes.CONTEXT, value_text="ward-7")
 
 
+def gcs(total: int, hours: float, obs_id: str) -> list[CanonicalEvent]:
+    """The events the FHIR parser makes of a GCS total (LOINC 9269-2) of p1 charted `hours` after T0."""
+    effective = datetime.fromtimestamp((T0 + int(hours * HOUR)) / 1000, timezone.utc).isoformat()
+    outcome = parse_notification(gcs_bundle("p1", effective, {"valueInteger": total}, obs_id=obs_id),
+                                 topic="ww.fhir.notifications", partition=0, offset=0)
+    return outcome.events if isinstance(outcome, Parsed) else []  # before 9269-2 was read: Ignored, no event
+
+
+def round_without_consciousness(prefix: str, hours: float) -> list[CanonicalEvent]:
+    return [hr(f"{prefix}:{c}", v, hours, code=c) for c, v in ROUND_ON_AIR.items() if c != codes.CONSCIOUSNESS]
+
+
 HAND_CASES = {
     # slope = 12 / 2 h = 6.0 per hour; delta = 92 - 80 = 12
     "two readings 2 h apart": (2, [[hr("a", 80, 0)], [hr("b", 92, 2)]],
@@ -337,6 +353,19 @@ HAND_CASES = {
         2, [[hr("r1:fio2", 28, 1, code=codes.FIO2)] + [hr(f"r1:{c}", v, 1, code=c) for c, v in ROUND_ON_AIR.items()],
             [hr(f"r2:{c}", v, 2, code=c) for c, v in ROUND_ON_AIR.items()]],
         {"fio2_last_24h": 28.0, "fio2_time_since_last_s_24h": 3600.0, "on_oxygen": 0, "news2": 0}),
+    # consciousness charted as a GCS total is the same parameter as ACVPU: an A, then a GCS of 7 an hour
+    # later (P, ordinal 3): the latest wins, NEWS2 consciousness 3, qSOFA altered mentation 1. Before GCS was
+    # read: A, NEWS2 0
+    "a GCS after an ACVPU: the latest wins": (
+        1, [[hr(f"r1:{c}", v, 0, code=c) for c, v in ROUND_ON_AIR.items()],
+            round_without_consciousness("r2", 1) + gcs(7, 1, "gcs-1")],
+        {"consciousness_last_24h": 3.0, "consciousness_max_24h": 3.0, "news2_consciousness": 3, "news2": 3,
+         "qsofa": 1}),
+    # a GCS of 3 (U), then an ACVPU A an hour later: A now (NEWS2 0), the U still the worst of 24 h
+    "an ACVPU after a GCS: the latest wins": (
+        1, [round_without_consciousness("r1", 0) + gcs(3, 0, "gcs-1"),
+            [hr(f"r2:{c}", v, 1, code=c) for c, v in ROUND_ON_AIR.items()]],
+        {"consciousness_last_24h": 0.0, "consciousness_max_24h": 4.0, "news2_consciousness": 0, "news2": 0}),
 }
 
 @pytest.mark.parametrize("case", list(HAND_CASES))

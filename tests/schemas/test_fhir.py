@@ -18,7 +18,7 @@ from schemas.fhir import (complete_notification, gone_delete_entry, gone_version
                           parse_notification, read_status,
                           relative_reference, version_before_delete)
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Parsed, Rejected
-from tests.fixtures.ingest.corpus import fhir_bundle, fhir_names, raw_file, replace_nth_value
+from tests.fixtures.ingest.corpus import fhir_bundle, fhir_names, gcs_bundle, raw_file, replace_nth_value
 
 SUBSCRIPTION = "https://ehr.example.org/fhir/Subscription/ww-vitals"
 EFFECTIVE_MS = 1_718_460_396_537  # 2024-06-15T14:06:36.537419Z, floored to ms
@@ -180,6 +180,52 @@ def test_each_acvpu_snomed_code_is_its_level(snomed, letter):
 def test_a_snomed_code_outside_acvpu_is_a_bad_value():
     body = fhir_bundle("r4b_status_event").replace(b'"450847001"', b'"284592002"')
     assert rejection_of(body).reason is Reason.BAD_VALUE
+
+
+# --- Glasgow Coma Scale total (9269-2): the consciousness input on EHRs that chart no ACVPU -----------
+
+GCS_AT = "2024-06-15T14:06:36Z"
+
+
+def gcs(value: dict, status: str = "final") -> bytes:
+    return gcs_bundle("MRN-0001", GCS_AT, value, status=status)
+
+
+@pytest.mark.parametrize("total, letter", [
+    (15, "A"), (14, "C"), (13, "V"), (11, "V"), (10, "P"), (7, "P"), (6, "U"), (3, "U"),
+])
+@pytest.mark.parametrize("form", ["valueInteger", "valueQuantity"])
+def test_a_gcs_total_is_consciousness_at_the_acvpu_level_it_stands_for(total, letter, form):
+    # before, 9269-2 was an unmapped code: skipped, so NEWS2 never had its consciousness input
+    value = ({"valueInteger": total} if form == "valueInteger" else
+             {"valueQuantity": {"value": total, "system": "http://unitsofmeasure.org", "code": "{score}"}})
+    (loc,) = parsed_body(gcs(value)).events
+    assert (loc.code, loc.value, loc.value_text) == (codes.CONSCIOUSNESS, float(codes.ACVPU_ORDINAL[letter]), letter)
+    assert loc.fact_id == f"fhir:Observation/gcs-1:{codes.CONSCIOUSNESS}" and loc.unit == "{score}"
+    assert loc.provenance["gcs_total"] == total  # the charted score is kept beside the level it maps to
+
+
+def test_an_entered_in_error_gcs_retracts_its_consciousness_fact():
+    (loc,) = parsed_body(gcs({"valueInteger": 3}, status="entered-in-error")).events
+    assert (loc.code, loc.value, loc.status) == (codes.CONSCIOUSNESS, None, Status.ENTERED_IN_ERROR)
+    assert loc.fact_id == f"fhir:Observation/gcs-1:{codes.CONSCIOUSNESS}"
+
+
+@pytest.mark.parametrize("value, reason", [
+    ({"valueInteger": 0}, Reason.IMPLAUSIBLE_VALUE),
+    ({"valueInteger": 2}, Reason.IMPLAUSIBLE_VALUE),
+    ({"valueInteger": 16}, Reason.IMPLAUSIBLE_VALUE),
+    ({"valueQuantity": {"value": 99}}, Reason.IMPLAUSIBLE_VALUE),
+    ({"valueQuantity": {"value": 14.5}}, Reason.BAD_VALUE),  # a total is a sum of integers
+    ({"valueQuantity": {"value": 8, "comparator": "<"}}, Reason.BAD_VALUE),  # a bound, not a score
+    ({"valueQuantity": {"value": 8, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}, Reason.UNKNOWN_UNIT),
+    ({"valueString": "E4V5M6"}, Reason.BAD_VALUE),
+])
+def test_a_gcs_outside_3_to_15_or_not_an_integer_is_dead_lettered_without_its_value(value, reason):
+    r = rejection_of(gcs(value))
+    assert r.reason is reason and r.detail.startswith("GCS total")
+    charted = value["valueQuantity"]["value"] if "valueQuantity" in value else next(iter(value.values()))
+    assert str(charted) not in r.detail
 
 
 def parsed_body(body: bytes) -> Parsed:

@@ -4,6 +4,7 @@ idempotence when a batch is reprocessed after a restart."""
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timezone
 
 import orjson
 import pytest
@@ -11,8 +12,11 @@ import pytest
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status, encode_batch, make_event_id
 from schemas.deadletter import Reason
+from schemas.fhir import parse_notification
+from schemas.ingest_outcome import Parsed
 from streams.patient_agent import CanonicalMessage, PatientProcessor, PatientRecord
 from streams.scoring import Scorer
+from tests.fixtures.ingest.corpus import gcs_bundle
 from wardwatch.settings import Settings
 
 T0 = 1_718_000_000_000
@@ -695,3 +699,66 @@ def test_an_fio2_charted_on_its_own_is_a_new_vitals_set(processor):
     [snapshot] = [orjson.loads(v) for _, v, _ in out.features]
     assert (snapshot["trigger"], snapshot["scoring_ms"], snapshot["features"]["news2"]) == ("vitals", T0 + 10 * MIN, 6)
     assert [a["header"]["tier"] for a in alerts_of(out)] == ["medium"]
+
+
+# --- consciousness charted as a Glasgow Coma Scale total (FHIR 9269-2) ---------------------------------
+
+
+def gcs(patient: str, t: int, total: int, obs_id: str) -> list[CanonicalEvent]:
+    """The canonical events the FHIR parser makes of a GCS total charted at t (ms)."""
+    effective = datetime.fromtimestamp(t / 1000, timezone.utc).isoformat()
+    outcome = parse_notification(gcs_bundle(patient, effective, {"valueInteger": total}, obs_id=obs_id),
+                                 topic="ww.fhir.notifications", partition=0, offset=0)
+    return outcome.events if isinstance(outcome, Parsed) else []  # before 9269-2 was read: Ignored, no event
+
+
+def six_normal(patient: str, t: int, n: int) -> list[CanonicalEvent]:
+    """A FHIR round charting every NEWS2 input but consciousness, each scoring 0 (air: no flow, no FiO2)."""
+    return [e for e in fhir_round(patient, t, n, rr=16, spo2=97, hr=72) if e.code != codes.CONSCIOUSNESS]
+
+
+def test_a_gcs_of_3_scores_consciousness_3_and_the_model_scores_the_point(tmp_path):
+    root = registry_with(tmp_path)
+    (root / "current").write_text("v0001")
+    s = Settings(model_dir=root, allowed_lateness_s=3600)
+    processor = PatientProcessor(s, Scorer(root, s))
+    store: dict[str, PatientRecord] = {}
+
+    out = run(processor, [msg(0, six_normal("p1", T0, 1) + gcs("p1", T0, 3, "gcs-1"))], store)
+
+    [snapshot] = [orjson.loads(v)["features"] for _, v, _ in out.features]
+    # GCS 3 is U: NEWS2 consciousness 3. Before, 9269-2 was skipped: no consciousness, no NEWS2, and the
+    # point fell to the rule path with nothing charted scoring (tier none for an unresponsive patient)
+    assert (snapshot["consciousness_last_24h"], snapshot["news2_consciousness"], snapshot["news2"]) == (4, 3, 3)
+    [score] = [orjson.loads(v) for _, v, _ in out.scores]
+    assert score["missing"] == [] and score["model_version"] == "v0001" and score["probability"] is not None
+    # a single parameter scoring 3 is its own NEWS2 trigger, whatever the model says
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in alerts_of(out)] == [("open", "medium")]
+
+
+def test_a_gcs_of_15_is_alert_and_scores_0(processor):
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, six_normal("p1", T0, 1) + gcs("p1", T0, 15, "gcs-1"))], store)
+    [snapshot] = [orjson.loads(v)["features"] for _, v, _ in out.features]
+    assert (snapshot["consciousness_last_24h"], snapshot["news2_consciousness"], snapshot["news2"]) == (0, 0, 0)
+    assert alerts_of(out) == []
+
+
+def test_the_most_recent_consciousness_observation_wins_whichever_scale_it_is_on(processor):
+    store: dict[str, PatientRecord] = {}
+
+    def consciousness(out) -> list[tuple[float, int]]:
+        return [(f["consciousness_last_24h"], f["news2_consciousness"])
+                for f in (orjson.loads(v)["features"] for _, v, _ in out.features)]
+
+    # ACVPU A (a CDC row), then a GCS of 7 half an hour later: P, 3 points, a medium alert
+    assert consciousness(run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)) == [(0, 0)]
+    out = run(processor, [msg(1, six_normal("p1", T0 + 30 * MIN, 2) + gcs("p1", T0 + 30 * MIN, 7, "gcs-2"))], store)
+    assert consciousness(out) == [(3, 3)]
+    assert [a["header"]["tier"] for a in alerts_of(out)] == ["medium"]
+    # charted alert on ACVPU at 60 min: A again
+    assert consciousness(run(processor, [msg(2, vitals("p1", T0 + 60 * MIN, 3, **NORMAL))], store)) == [(0, 0)]
+    # a GCS of 3 charted at 45 min arrives after it: older by event time, so the next round (without a
+    # consciousness observation) still reads the A of 60 min, not the U that arrived last
+    run(processor, [msg(3, gcs("p1", T0 + 45 * MIN, 3, "gcs-3"))], store)
+    assert consciousness(run(processor, [msg(4, six_normal("p1", T0 + 90 * MIN, 4))], store)) == [(0, 0)]
