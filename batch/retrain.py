@@ -9,7 +9,8 @@ Features as of `issued` (no leakage) at every online scoring point, labels from 
                 (settings.gate_min_auroc_gain / gate_min_auprc_gain, on the point estimates), its gain
                 over NEWS2 is above 0 across its 95 % interval (the paired patient-level bootstrap of
                 batch/train.py: the model must be shown better than the rule, not just on this draw of
-                75 patients), and it passes the contract check: `current` points at it
+                75 patients), it passes the contract check and the directional check (batch/directional.py:
+                a worse consciousness level, RR, SpO2, SBP or O2 flow never lowers its risk): `current` points at it
                 (registry.promote records who/when/why)
     candidate   otherwise: the `candidate` pointer names it, so the worker can shadow-score it
 
@@ -35,6 +36,7 @@ import orjson
 import polars as pl
 
 from batch import registry
+from batch.directional import directional_table, directional_violations, model_scorer
 from batch.features import features_as_of_issued
 from batch.nightly import TRAIN, NightlyBusy, writer_lock
 from batch.train import SERVED, make_labels, split_patients, train_model
@@ -58,17 +60,20 @@ class GateDecision:
 
 def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_auroc_gain: float,
                   min_auprc_gain: float, contract_problems: list[str] = (),
-                  news2_gain_ci95: dict | None = None) -> GateDecision:
+                  news2_gain_ci95: dict | None = None, directional_problems: list[str] = ()) -> GateDecision:
     """Promote only when every gate metric of `new` is at least the reference's plus its margin, for
     NEWS2 and (when there is one) the current model, the low end of the 95 % interval of each gain over
     NEWS2 (`news2_gain_ci95`: {"auroc": [low, high], "auprc": [...]}, card metrics.model_vs_news2) is
-    above 0, and the contract holds. Pure: metrics in, verdict out. Without news2_gain_ci95 (None) the
-    interval is not checked: retrain always passes it.
+    above 0, the contract holds and the model passed the directional check (`directional_problems`: the
+    lines of batch.directional.directional_violations, none). Pure: metrics in, verdict out. Without
+    news2_gain_ci95 (None) the interval is not checked: retrain always passes it.
 
     Each metrics dict holds `auroc` and `auprc` on the same held-out rows; None means not computable
     (one class only), which never passes; so does an interval that is None."""
     margins = {"auroc": min_auroc_gain, "auprc": min_auprc_gain}
     reasons: list[str] = [f"contract: {p}" for p in contract_problems]
+    # a worse vital sign lowering the risk is a safety defect, whatever the discrimination
+    reasons += [f"directional check: {p}" for p in directional_problems]
     references = {"NEWS2": news2, "current model": current}
     if news2 is None:
         reasons.append("no NEWS2 metrics on the held-out rows: cannot show the model beats the rule")
@@ -242,6 +247,7 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     card = train_model(feats, labels, settings.model_dir, version, alert_threshold=settings.alert_threshold)
 
+    table = directional_table(model_scorer(settings.model_dir, version))
     current = registry.current_version(settings.model_dir)
     current_metrics = None
     if current is not None and registry.integrity(settings.model_dir, current) == "ok":
@@ -251,10 +257,12 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
                              min_auprc_gain=settings.gate_min_auprc_gain,
                              contract_problems=registry.contract_problems(settings.model_dir, version),
                              news2_gain_ci95={m: (card["metrics"].get("model_vs_news2") or {}).get(f"{m}_gain", {})
-                                              .get("ci95") for m in GATE_METRICS})
+                                              .get("ci95") for m in GATE_METRICS},
+                             directional_problems=directional_violations(table))
     outcome = apply_gate(settings, version, decision, promote_if_none=promote_if_none)
     card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome}
     card["promoted"] = outcome == "promoted"
+    card["directional_check"] = table  # the probability at each step: what a reviewer reads first
     registry.write_card(settings.model_dir, version, card)
     try:
         record_in_runs(settings, card, run_id=trained_on, wait_s=record_wait_s, on_wait=on_wait)

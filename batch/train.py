@@ -27,8 +27,13 @@ The features come from batch.features.features_as_of_issued, so training never s
 was issued by the time the point was scored (known_at_ms), which includes the point's own vitals
 round (committed a minute or two after it was charted at T), as the served model sees it.
 
-The model (impute missing with training medians -> standardize -> logistic regression) is exported
-with skl2onnx: input "features" float32 [None, n_features] in the card's feature order, NaN meaning
+The model (impute missing with training medians -> standardize -> logistic regression) is trained on
+the at-risk rows of the training patients where the worker serves it (every NEWS2 input charted, as
+the evaluation below). Each coefficient keeps the clinical direction its feature declares
+(schemas/features.py: a worse SpO2, consciousness level, NEWS2... never lowers the risk): an
+unconstrained fit gave correlated features of one parameter opposite signs where the data is thin (no
+C, 23 V rows), and the model answered an unresponsive patient with a risk of 0.000, a confused one
+with 0.99 (batch/directional.py checks whole rounds). It is exported with skl2onnx: input "features" float32 [None, n_features] in the card's feature order, NaN meaning
 missing (the graph imputes it with the card's `imputation` values); output "probabilities" float32
 [N, 2] (column 1 = onset of deterioration within the horizon).
 
@@ -59,6 +64,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from scipy.optimize import minimize
+from scipy.special import expit
 from scipy.stats import rankdata
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
@@ -72,12 +79,14 @@ from batch import registry
 from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TOLERANCE, features_as_of_issued,
                             final_facts)
 from schemas import codes
-from schemas.features import DERIVED, FEATURE_NAMES
+from schemas.features import DERIVED, FEATURE_DIRECTIONS, FEATURE_NAMES
 from schemas.model_contract import CONTRACT_METADATA_KEY, contract_metadata
 
 # Every feature is numeric (consciousness is its ACVPU ordinal); the NEWS2 sub-scores give a
 # linear model the clinical band edges it cannot learn itself.
 MODEL_FEATURES: tuple[str, ...] = FEATURE_NAMES
+# the sign each coefficient must keep (schemas/features.py: +1 higher is worse, -1 lower is worse, None free)
+MODEL_DIRECTIONS: tuple[int | None, ...] = tuple(FEATURE_DIRECTIONS[f] for f in MODEL_FEATURES)
 INPUT_NAME = "features"
 GRAPH_NAME = "wardwatch_deterioration"
 OUTPUT_NAME = "probabilities"
@@ -204,7 +213,7 @@ def split_patients(patient_ids, test_fraction: float = 0.25, seed: int = 0) -> t
 def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Path | str, version: str, *,
                 test_fraction: float = 0.25, seed: int = 0,
                 alert_threshold: float = DEFAULT_ALERT_THRESHOLD) -> dict:
-    """Train on the at-risk rows of the training patients, evaluate on the held-out patients, export
+    """Train on the at-risk, served rows of the training patients, evaluate on the held-out patients, export
     model.onnx + card.json under out_dir/version.
 
     Rows are matched on the point keys both frames share; labels without `at_risk` count as all at
@@ -220,7 +229,9 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
     train_ids, test_ids = split_patients(data["patient_id"].to_list(), test_fraction, seed)
     train_all = data.filter(pl.col("patient_id").is_in(list(train_ids)))
     test_all = data.filter(pl.col("patient_id").is_in(list(test_ids)))
-    train, test = train_all.filter(pl.col("at_risk")), test_all.filter(pl.col("at_risk"))
+    train_at_risk, test = train_all.filter(pl.col("at_risk")), test_all.filter(pl.col("at_risk"))
+    # trained on what it will serve: a rule-path row's missing NEWS2 inputs, imputed, never reach the model
+    train = train_at_risk.filter(SERVED)
     x_train, y_train = _matrix(train), train["label"].to_numpy().astype(int)
     if len(set(y_train)) < 2:
         raise ValueError("training rows hold a single label class; cannot fit a classifier")
@@ -269,14 +280,17 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         "all_rows": "metrics.all_rows: AUROC/AUPRC/Brier on every held-out at-risk row, rule-path rows included "
                     "(the model imputing their missing inputs, NEWS2 the training median): not what is served",
         "operating_rows": "every held-out scoring point, at risk or not (the alert burden a ward would see)",
-        "training_rows": "every at-risk row of the training patients, rule-path rows included",
+        "training_rows": "the training patients' at-risk rows the worker would serve the model (every NEWS2 input "
+                         "charted), as evaluated",
     }
 
     onnx_bytes = to_onnx(pipeline, imputation)
     card = {
         "version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": "StandardScaler + LogisticRegression (scikit-learn), median imputation",
+        "model": "StandardScaler + LogisticRegression (scikit-learn), median imputation, coefficients sign-constrained "
+                 "to the clinical directions (schemas/features.py)",
+        "coefficient_directions": {f: d for f, d in zip(MODEL_FEATURES, MODEL_DIRECTIONS) if d is not None},
         "features": list(MODEL_FEATURES),
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
@@ -291,7 +305,8 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         "n_train_rows": train.height,
         "n_test_rows": test.height,
         "n_test_rows_served": evaluated.height,
-        "n_excluded_rows": data.height - train.height - test.height,
+        "n_train_rows_rule_path": train_at_risk.height - train.height,
+        "n_excluded_rows": data.height - train_at_risk.height - test.height,
         "train_positive_fraction": round(float(y_train.mean()), 4),
         "metrics": metrics,
         "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
@@ -300,13 +315,61 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
     return card
 
 
-def fit_pipeline(x: np.ndarray, y: np.ndarray) -> Pipeline:
-    """Median imputation (NaN = missing) -> standardization -> logistic regression."""
-    return Pipeline([
-        ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
-        ("scale", StandardScaler()),
-        ("classify", LogisticRegression(max_iter=2000)),
-    ]).fit(x, y)
+def fit_pipeline(x: np.ndarray, y: np.ndarray, directions: tuple[int | None, ...] | None = MODEL_DIRECTIONS
+                 ) -> Pipeline:
+    """Median imputation (NaN = missing) -> standardization -> logistic regression whose coefficients
+    keep the declared clinical directions (sign_constrained_logistic; None: unconstrained, scikit-learn's
+    own fit). A scaler divides by a positive scale, so a sign on a standardized feature is its sign on
+    the raw one."""
+    if directions is None:
+        return Pipeline([
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+            ("scale", StandardScaler()),
+            ("classify", LogisticRegression(max_iter=2000)),
+        ]).fit(x, y)
+    impute = SimpleImputer(strategy="median", keep_empty_features=True).fit(x)
+    scale = StandardScaler().fit(impute.transform(x))
+    classify = sign_constrained_logistic(scale.transform(impute.transform(x)), y, directions)
+    return Pipeline([("impute", impute), ("scale", scale), ("classify", classify)])
+
+
+def sign_constrained_logistic(z: np.ndarray, y: np.ndarray, directions: tuple[int | None, ...], *,
+                              c: float = 1.0) -> LogisticRegression:
+    """A fitted LogisticRegression (binary, classes 0/1) with coefficient j >= 0 where directions[j] is +1,
+    <= 0 where it is -1, free where None: scikit-learn's own objective (L2 penalty 1/(2C) |w|^2, the
+    intercept not penalized, C = 1.0 its default), minimized by L-BFGS-B with those bounds.
+
+    Why: features derived from one parameter (the consciousness ordinals, NEWS2's consciousness points,
+    NEWS2, qSOFA) are correlated, and where the data is thin (few V/P/U rows, no C) an unconstrained fit
+    gives them opposite signs, so a worse level can lower the risk. The result is set on a plain
+    LogisticRegression, so the ONNX export (skl2onnx) and the scorer's rationale are unchanged.
+    Deterministic: a fixed start (zeros) and no randomness."""
+    z = np.asarray(z, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, k = z.shape
+    if len(directions) != k:
+        raise ValueError(f"{len(directions)} directions for {k} features")
+    l2 = 1.0 / (c * n)  # the objective divided by n: the same minimum, better scaled for the optimizer
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:k], theta[k]
+        margin = z @ w + b
+        loss = float(np.mean(np.logaddexp(0.0, margin) - y * margin) + 0.5 * l2 * (w @ w))
+        residual = (expit(margin) - y) / n
+        return loss, np.r_[z.T @ residual + l2 * w, residual.sum()]
+
+    bounds = [(0.0, None) if d == 1 else (None, 0.0) if d == -1 else (None, None) for d in directions]
+    result = minimize(objective, np.zeros(k + 1), jac=True, method="L-BFGS-B", bounds=[*bounds, (None, None)],
+                      options={"maxiter": 15000, "maxfun": 30000, "ftol": 1e-13, "gtol": 1e-9})
+    if not result.success:
+        raise RuntimeError(f"sign-constrained logistic regression did not converge: {result.message}")
+    model = LogisticRegression()  # C = 1.0, the penalty minimized above
+    model.classes_ = np.array([0, 1])
+    model.coef_ = result.x[None, :k].copy()
+    model.intercept_ = result.x[k:].copy()
+    model.n_features_in_ = k
+    model.n_iter_ = np.array([result.nit], dtype=np.int32)
+    return model
 
 
 def _joined(features_df: pl.DataFrame, labels_df: pl.DataFrame) -> pl.DataFrame:

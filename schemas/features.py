@@ -46,6 +46,12 @@ from schemas import codes
 from schemas.scores import (air_or_oxygen_score, consciousness_score, news2_subscores, pulse_score, qsofa,
                             resp_rate_score, spo2_scale1_score, systolic_bp_score, temperature_score)
 
+# The clinically expected direction of a feature's effect on the risk of deterioration: +1 higher is worse,
+# -1 lower is worse, None either way or unknown. Training constrains the sign of each coefficient to it
+# (batch/train.py) and the promotion gate checks it on whole rounds (batch/directional.py). Declared only
+# where it is clinically unambiguous within the ranges the training data holds; None is never wrong.
+Direction = Literal[1, -1, None]
+
 Aggregation = Literal["last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope"]
 AGGREGATIONS: tuple[str, ...] = ("last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope")
 
@@ -58,10 +64,13 @@ class FeatureSpec:
     code: str  # canonical code (schemas.codes)
     agg: Aggregation
     window_s: int
+    direction: Direction = None
 
     def __post_init__(self) -> None:
         if self.agg not in AGGREGATIONS:
             raise ValueError(f"feature {self.name!r}: unknown aggregation {self.agg!r}; use one of {AGGREGATIONS}")
+        if self.direction not in (1, -1, None):
+            raise ValueError(f"feature {self.name!r}: direction must be +1, -1 or None")
         if self.window_s <= 0:
             raise ValueError(f"feature {self.name!r}: window_s must be a positive number of seconds")
 
@@ -73,43 +82,50 @@ class DerivedSpec:
     fn: Callable[..., float | int | None]
     # inputs `fn` takes after `inputs`, possibly None (the rest: a missing input makes the feature missing)
     optional: tuple[str, ...] = ()
+    direction: Direction = None
 
 
 # Names carry the aggregation and the window (heart_rate_slope_6h). Short windows (1 h) catch an
 # acute change in frequently charted vitals, 6 h a trend across a few observation rounds, 24 h the
 # labs (drawn once or twice a day) and the last known value of anything. The order is the model's
 # input order (schemas/model_contract.py): retrain when it changes.
+# Directions (the last field, see Direction): +1 the worst values a window keeps (HR/RR max, consciousness
+# ordinals, oxygen, lactate), -1 SpO2 and systolic BP, its fall too (slope, delta: the training data
+# holds no SBP above 153, so the hypertensive end NEWS2 also scores is out of range, and a falling BP is
+# the way to shock). None: what is bad both ways in the data (heart rate last/mean: 57-140; respiratory
+# rate last/mean: 8-33, 314 points at <= 11 score in NEWS2 too; temperature), the other trends, counts,
+# times since, WBC and creatinine (not a deterioration criterion here).
 FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("heart_rate_last_24h", codes.HEART_RATE, "last", 24 * HOUR),
     FeatureSpec("heart_rate_mean_1h", codes.HEART_RATE, "mean", 1 * HOUR),
-    FeatureSpec("heart_rate_max_1h", codes.HEART_RATE, "max", 1 * HOUR),
+    FeatureSpec("heart_rate_max_1h", codes.HEART_RATE, "max", 1 * HOUR, +1),
     FeatureSpec("heart_rate_mean_6h", codes.HEART_RATE, "mean", 6 * HOUR),
-    FeatureSpec("heart_rate_max_6h", codes.HEART_RATE, "max", 6 * HOUR),
+    FeatureSpec("heart_rate_max_6h", codes.HEART_RATE, "max", 6 * HOUR, +1),
     FeatureSpec("heart_rate_slope_6h", codes.HEART_RATE, "slope", 6 * HOUR),
     FeatureSpec("heart_rate_delta_24h", codes.HEART_RATE, "delta", 24 * HOUR),
     FeatureSpec("heart_rate_time_since_last_s_24h", codes.HEART_RATE, "time_since_last_s", 24 * HOUR),
     FeatureSpec("resp_rate_last_24h", codes.RESP_RATE, "last", 24 * HOUR),
     FeatureSpec("resp_rate_mean_1h", codes.RESP_RATE, "mean", 1 * HOUR),
-    FeatureSpec("resp_rate_max_6h", codes.RESP_RATE, "max", 6 * HOUR),
+    FeatureSpec("resp_rate_max_6h", codes.RESP_RATE, "max", 6 * HOUR, +1),
     FeatureSpec("resp_rate_slope_6h", codes.RESP_RATE, "slope", 6 * HOUR),
     FeatureSpec("resp_rate_time_since_last_s_24h", codes.RESP_RATE, "time_since_last_s", 24 * HOUR),
-    FeatureSpec("spo2_last_24h", codes.SPO2, "last", 24 * HOUR),
-    FeatureSpec("spo2_min_1h", codes.SPO2, "min", 1 * HOUR),
-    FeatureSpec("spo2_min_6h", codes.SPO2, "min", 6 * HOUR),
+    FeatureSpec("spo2_last_24h", codes.SPO2, "last", 24 * HOUR, -1),
+    FeatureSpec("spo2_min_1h", codes.SPO2, "min", 1 * HOUR, -1),
+    FeatureSpec("spo2_min_6h", codes.SPO2, "min", 6 * HOUR, -1),
     FeatureSpec("spo2_slope_6h", codes.SPO2, "slope", 6 * HOUR),
-    FeatureSpec("o2_flow_last_24h", codes.O2_FLOW, "last", 24 * HOUR),
-    FeatureSpec("systolic_bp_last_24h", codes.SYSTOLIC_BP, "last", 24 * HOUR),
-    FeatureSpec("systolic_bp_min_6h", codes.SYSTOLIC_BP, "min", 6 * HOUR),
-    FeatureSpec("systolic_bp_slope_6h", codes.SYSTOLIC_BP, "slope", 6 * HOUR),
-    FeatureSpec("systolic_bp_delta_24h", codes.SYSTOLIC_BP, "delta", 24 * HOUR),
+    FeatureSpec("o2_flow_last_24h", codes.O2_FLOW, "last", 24 * HOUR, +1),
+    FeatureSpec("systolic_bp_last_24h", codes.SYSTOLIC_BP, "last", 24 * HOUR, -1),
+    FeatureSpec("systolic_bp_min_6h", codes.SYSTOLIC_BP, "min", 6 * HOUR, -1),
+    FeatureSpec("systolic_bp_slope_6h", codes.SYSTOLIC_BP, "slope", 6 * HOUR, -1),
+    FeatureSpec("systolic_bp_delta_24h", codes.SYSTOLIC_BP, "delta", 24 * HOUR, -1),
     FeatureSpec("temperature_last_24h", codes.TEMPERATURE, "last", 24 * HOUR),
     FeatureSpec("temperature_max_24h", codes.TEMPERATURE, "max", 24 * HOUR),
     FeatureSpec("temperature_slope_6h", codes.TEMPERATURE, "slope", 6 * HOUR),
     FeatureSpec("temperature_time_since_last_s_24h", codes.TEMPERATURE, "time_since_last_s", 24 * HOUR),
-    FeatureSpec("consciousness_last_24h", codes.CONSCIOUSNESS, "last", 24 * HOUR),
-    FeatureSpec("consciousness_max_24h", codes.CONSCIOUSNESS, "max", 24 * HOUR),  # worst ACVPU level
-    FeatureSpec("lactate_last_24h", codes.LACTATE, "last", 24 * HOUR),
-    FeatureSpec("lactate_max_24h", codes.LACTATE, "max", 24 * HOUR),
+    FeatureSpec("consciousness_last_24h", codes.CONSCIOUSNESS, "last", 24 * HOUR, +1),
+    FeatureSpec("consciousness_max_24h", codes.CONSCIOUSNESS, "max", 24 * HOUR, +1),  # worst ACVPU level
+    FeatureSpec("lactate_last_24h", codes.LACTATE, "last", 24 * HOUR, +1),
+    FeatureSpec("lactate_max_24h", codes.LACTATE, "max", 24 * HOUR, +1),
     FeatureSpec("lactate_delta_24h", codes.LACTATE, "delta", 24 * HOUR),
     FeatureSpec("lactate_time_since_last_s_24h", codes.LACTATE, "time_since_last_s", 24 * HOUR),
     FeatureSpec("wbc_last_24h", codes.WBC, "last", 24 * HOUR),
@@ -124,7 +140,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("o2_flow_time_since_last_s_24h", codes.O2_FLOW, "time_since_last_s", 24 * HOUR),
     # oxygen charted as an inhaled concentration (venturi mask, high flow) instead of a flow. Appended:
     # a model reads its inputs by name from its card, so one trained before these ignores them
-    FeatureSpec("fio2_last_24h", codes.FIO2, "last", 24 * HOUR),
+    FeatureSpec("fio2_last_24h", codes.FIO2, "last", 24 * HOUR, +1),
     FeatureSpec("fio2_time_since_last_s_24h", codes.FIO2, "time_since_last_s", 24 * HOUR),
 )
 
@@ -208,17 +224,21 @@ def _qsofa(rr, sbp, acvpu) -> int:
     return qsofa(rr, sbp, int(acvpu) > 0)
 
 
+# every score point is worse: NEWS2, each of its sub-scores (temperature's too: points both ways), qSOFA
 DERIVED: tuple[DerivedSpec, ...] = (
     DerivedSpec("on_oxygen", (), _on_oxygen,
                 optional=("o2_flow_last_24h", "o2_flow_time_since_last_s_24h", "spo2_time_since_last_s_24h",
-                          "fio2_last_24h", "fio2_time_since_last_s_24h")),
-    DerivedSpec("news2", _NEWS2_INPUTS, _news2),
-    *(DerivedSpec(f"news2_{part}", _NEWS2_INPUTS, _news2_sub(part))
+                          "fio2_last_24h", "fio2_time_since_last_s_24h"), direction=+1),
+    DerivedSpec("news2", _NEWS2_INPUTS, _news2, direction=+1),
+    *(DerivedSpec(f"news2_{part}", _NEWS2_INPUTS, _news2_sub(part), direction=+1)
       for part in ("resp_rate", "spo2", "air_or_oxygen", "systolic_bp", "pulse", "consciousness", "temperature")),
-    DerivedSpec("qsofa", ("resp_rate_last_24h", "systolic_bp_last_24h", "consciousness_last_24h"), _qsofa),
+    DerivedSpec("qsofa", ("resp_rate_last_24h", "systolic_bp_last_24h", "consciousness_last_24h"), _qsofa,
+                direction=+1),
 )
 
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES) + tuple(d.name for d in DERIVED)
+# name -> direction, in FEATURE_NAMES order
+FEATURE_DIRECTIONS: dict[str, Direction] = {s.name: s.direction for s in (*FEATURES, *DERIVED)}
 
 
 def derive(base: dict[str, float | int | None]) -> dict[str, float | int | None]:

@@ -79,6 +79,46 @@ def test_a_gain_over_news2_whose_95_percent_interval_includes_0_is_not_promoted(
     assert not no_interval.promote
 
 
+def test_a_model_whose_risk_falls_as_a_vital_sign_worsens_is_kept_as_candidate_naming_the_parameter():
+    """Better than NEWS2 and current on every metric, but an unresponsive patient scores below a confused one:
+    a safety defect no discrimination figure makes up for."""
+    problem = "consciousness (first round): risk falls from 0.995 at C to 0.630 at V"
+    decision = gate_decision({"auroc": 0.90, "auprc": 0.60}, NEWS2, CURRENT, min_auroc_gain=0, min_auprc_gain=0,
+                             directional_problems=[problem])
+    assert decision.decision == "candidate"
+    assert decision.reasons == [f"directional check: {problem}"]
+
+
+def test_retrain_runs_the_directional_check_on_the_model_it_trained(tmp_path, monkeypatch):
+    """The unconstrained model shipped before (tests/fixtures/models/unconstrained) as what training gave."""
+    import shutil
+
+    import polars as pl
+
+    from tests.batch.test_directional import UNCONSTRAINED
+
+    settings = Settings(model_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        con.execute("CREATE TABLE canonical_events AS SELECT 1 AS x")
+        con.execute('CREATE TABLE features_online AS SELECT \'p\' AS patient_id, 0 AS scoring_ms, 0 AS "partition", '
+                    '0 AS "offset"')
+        con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ)")
+        con.execute("INSERT INTO runs VALUES ('r1', '2024-01-01 00:00+00')")
+
+    def trained(features, labels, model_dir, version, **kwargs):
+        shutil.copytree(UNCONSTRAINED / "v0001", model_dir / version)
+        return registry.load_card(model_dir, version) | {"version": version}
+
+    monkeypatch.setattr(retrain, "features_as_of_issued", lambda *a, **k: pl.DataFrame())
+    monkeypatch.setattr(retrain, "make_labels", lambda *a, **k: pl.DataFrame())
+    monkeypatch.setattr(retrain, "train_model", trained)
+    card = retrain.retrain(settings, version="v0001")
+    assert card["gate"]["outcome"] == "candidate" and registry.current_version(settings.model_dir) is None
+    assert any(r.startswith("directional check: consciousness") for r in card["gate"]["reasons"])
+    assert dict(card["directional_check"]["consciousness"]["first round"])["U"] < 0.01
+
+
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     models = tmp_path / "models"

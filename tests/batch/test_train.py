@@ -68,11 +68,32 @@ def test_onnx_probabilities_equal_sklearn_predict_proba():
     x = rng.normal(0, 1, (300, 5)).astype(np.float32)
     x[rng.random(x.shape) < 0.1] = np.nan
     y = (np.nan_to_num(x[:, 0]) + 0.3 * rng.normal(0, 1, 300) > 0).astype(int)
-    pipeline = fit_pipeline(x, y)
-    session = ort.InferenceSession(to_onnx(pipeline), providers=["CPUExecutionProvider"])
-    [probabilities] = session.run(["probabilities"], {"features": x})
-    assert probabilities.shape == (300, 2)
-    np.testing.assert_allclose(probabilities, pipeline.predict_proba(x), atol=1e-5)
+    # the sign-constrained fit (coefficients set on a LogisticRegression) converts as scikit-learn's own does
+    for directions in (None, (+1, -1, None, +1, -1)):
+        pipeline = fit_pipeline(x, y, directions)
+        session = ort.InferenceSession(to_onnx(pipeline), providers=["CPUExecutionProvider"])
+        [probabilities] = session.run(["probabilities"], {"features": x})
+        assert probabilities.shape == (300, 2)
+        np.testing.assert_allclose(probabilities, pipeline.predict_proba(x), atol=1e-5)
+
+
+def test_a_feature_that_worsens_the_risk_never_gets_a_protective_coefficient():
+    """Two copies of one parameter, the second noisier (the consciousness ordinal and NEWS2's consciousness
+    points): unconstrained, the fit gives the noisy copy a negative weight, so a worse value of it lowers the
+    risk. Declared +1, no coefficient is negative; where the constraint does not bind, the fit is
+    scikit-learn's (the same objective, C = 1)."""
+    rng = np.random.default_rng(5)
+    signal = rng.normal(0, 1, 2000)
+    copy = signal + 0.3 * rng.normal(0, 1, 2000)
+    other = rng.normal(0, 1, 2000)
+    y = (signal - 0.8 * copy + 0.5 * other + 0.5 * rng.normal(0, 1, 2000) > 0).astype(int)
+    x = np.c_[signal, copy, other].astype(np.float32)
+    free = fit_pipeline(x, y, None).named_steps["classify"].coef_[0]
+    assert free[1] < 0  # the defect: a protective weight on a feature whose higher values are worse
+    constrained = fit_pipeline(x, y, (+1, +1, None)).named_steps["classify"].coef_[0]
+    assert constrained[0] > 0 and constrained[1] == 0.0
+    unbound = fit_pipeline(x, y, (None, None, None)).named_steps["classify"].coef_[0]
+    np.testing.assert_allclose(unbound, free, atol=1e-3)
 
 
 # --- train_model ---------------------------------------------------------------------------------
@@ -375,7 +396,7 @@ def test_rows_already_deteriorated_are_left_out_of_training_and_evaluation(tmp_p
     card = train_model(features, labels, tmp_path, "v1")
     excluded = labels.filter(~pl.col("at_risk")).height
     assert card["n_excluded_rows"] == excluded
-    assert card["n_train_rows"] + card["n_test_rows"] == features.height - excluded
+    assert card["n_train_rows"] + card["n_train_rows_rule_path"] + card["n_test_rows"] == features.height - excluded
     assert card["metrics"]["all_rows"]["model"]["n_rows"] == card["n_test_rows"]
     # the model's own figures: the at-risk rows it serves (a heart rate charted: the rest is the rule path)
     assert card["metrics"]["model"]["n_rows"] == card["n_test_rows_served"] == card["metrics"]["news2"]["n_rows"]
@@ -412,6 +433,10 @@ def test_held_out_metrics_are_those_of_the_points_the_worker_serves_the_model(tm
     assert everything["model"]["n_rows"] == test.height and everything["model"]["auroc"] < model["auroc"] - 0.02
     # the gate judges the current model on the same served rows
     assert _held_out(features, labels).height == served.height
+    # and it is trained on such rows only: the training patients' rule-path rows (all onsets here) are left out
+    training = features.filter(~pl.col("patient_id").is_in(sorted(held_out)))
+    assert card["n_train_rows"] == training.filter(pl.col(HR).is_not_null()).height
+    assert card["n_train_rows_rule_path"] == training.filter(pl.col(HR).is_null()).height > 0
 
 
 # --- evaluation at the operating threshold -------------------------------------------------------

@@ -50,3 +50,15 @@ def test_the_shipped_model_scores_a_complete_snapshot_on_the_model_path():
     observed = derive(snapshot)  # the base features given, and what the scorer derives from them
     assert result.rationale and all(observed[r["feature"]] is not None
                                     for r in result.rationale)  # imputed features never explain a score
+
+
+def test_the_shipped_model_never_lowers_the_risk_as_a_vital_sign_worsens():
+    """Consciousness A->C->V->P->U, RR 16->35, SpO2 97->88, SBP 125->80, O2 0->6 L/min on an otherwise calm
+    round (batch/directional.py). The model shipped before its coefficients were sign-constrained failed: an
+    unresponsive patient scored 0.000, a confused one 0.99, SBP 80 below SBP 90."""
+    from batch.directional import directional_table, directional_violations, model_scorer
+
+    table = directional_table(model_scorer(BUNDLED_MODELS, read_current(BUNDLED_MODELS)))
+    assert directional_violations(table) == []
+    levels = dict(table["consciousness"]["first round"])
+    assert levels["U"] > 10 * levels["A"]
