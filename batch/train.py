@@ -33,8 +33,8 @@ the evaluation below). Each coefficient keeps the clinical direction its feature
 (schemas/features.py: a worse SpO2, consciousness level, NEWS2... never lowers the risk): an
 unconstrained fit gave correlated features of one parameter opposite signs where the data is thin (no
 C, 23 V rows), and the model answered an unresponsive patient with a risk of 0.000, a confused one
-with 0.99 (batch/directional.py checks whole rounds). It is exported with skl2onnx: input "features" float32 [None, n_features] in the card's feature order, NaN meaning
-missing (the graph imputes it with the card's `imputation` values); output "probabilities" float32
+with 0.99 (batch/directional.py checks whole rounds). It is exported with skl2onnx: input "features"
+float32 [None, n_features] in the card's feature order, NaN meaning missing (the graph imputes it with the card's `imputation` values); output "probabilities" float32
 [N, 2] (column 1 = onset of deterioration within the horizon).
 
 Evaluation (held-out patients; the model and NEWS2 on the same rows): AUROC, AUPRC, Brier, a
