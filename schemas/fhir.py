@@ -61,7 +61,7 @@ from typing import Any
 
 import orjson
 
-from schemas.canonical import LOINC, CanonicalEvent, Source, Status
+from schemas.canonical import LOINC, CanonicalEvent, Source, Status, new_event
 from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES, CONSCIOUSNESS, CONTEXT,
                            DIASTOLIC_BP, DISCHARGE, FIO2, GCS_TOTAL, LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2,
                            SYSTOLIC_BP, canonical_code, gcs_acvpu, to_canonical_unit)
@@ -642,13 +642,10 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
                 ctx.skip("no_value")
             else:
                 values.setdefault(code, value)
-    events = [
-        CanonicalEvent(
-            patient_id=patient, code=code, value=value, unit=CODES[code].unit,
-            effective_ms=effective_ms, issued_ms=issued_ms, status=status, source=Source.FHIR,
-            fact_id=f"fhir:Observation/{obs_id}:{code}", version=version, encounter_id=encounter,
-            value_text=text, provenance={**provenance, "gcs_total": gcs[0]} if gcs else provenance,
-        )
+    events = [  # new_event: CanonicalEvent(...) with its fields in order, without the frozen dataclass's cost
+        new_event(patient, code, value, CODES[code].unit, effective_ms, issued_ms, status, Source.FHIR,
+                  f"fhir:Observation/{obs_id}:{code}", version, encounter, LOINC, text,
+                  {**provenance, "gcs_total": gcs[0]} if gcs else provenance)
         for code, (value, text, *gcs) in values.items()  # a GCS: its ACVPU level, the total in provenance
     ]
     if not issued:
@@ -950,12 +947,9 @@ def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
     provenance = _provenance(f"Encounter/{enc_id}", ctx)
 
     def fact(code: str, effective_ms: int, suffix: str, text: str | None) -> CanonicalEvent:
-        return CanonicalEvent(
-            patient_id=patient, code=code, value=None, unit=None, effective_ms=effective_ms, issued_ms=issued_ms,
-            status=event_status, source=Source.FHIR, fact_id=f"fhir:Encounter:{enc_id}:{suffix}", version=version,
-            encounter_id=encounter_key, code_system=CONTEXT, value_text=None if event_status.retracts else text,
-            provenance=provenance,
-        )
+        return new_event(patient, code, None, None, effective_ms, issued_ms, event_status, Source.FHIR,
+                         f"fhir:Encounter:{enc_id}:{suffix}", version, encounter_key, CONTEXT,
+                         None if event_status.retracts else text, provenance)
 
     events = [fact(ADMISSION, admitted_ms, ADMISSION, _encounter_class(enc.get("class")))]
     location = _current_location(enc.get("location"))

@@ -5,6 +5,7 @@ Expected values are worked out by hand from the fixture text, not taken from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import orjson
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from schemas import codes
-from schemas.canonical import Source, Status
+from schemas.canonical import CanonicalEvent, Source, Status, make_event_id
 from schemas.deadletter import Reason
 from schemas.fhir import (complete_notification, gone_delete_entry, gone_version_delete, history_decides,
                           parse_notification, read_status,
@@ -88,6 +89,18 @@ def test_r4b_subscription_status_bundle_of_vitals():
     # no `issued`: meta.lastUpdated 14:07:00Z is when the value became available
     assert events[codes.SPO2].issued_ms == 1_718_460_420_000
 
+
+
+@pytest.mark.parametrize("name", ["r4b_status_event", "r4b_encounter_transferred"])
+def test_fhir_events_are_frozen_canonical_events_with_their_own_ids(name):
+    # built with schemas.canonical.new_event (unfrozen, then made a CanonicalEvent): still one, and frozen
+    for event in parsed(name).events:
+        assert type(event) is CanonicalEvent
+        assert event == CanonicalEvent(**{f.name: getattr(event, f.name) for f in dataclasses.fields(event)
+                                          if f.init})
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            event.value = 0.0
+        assert event.event_id == make_event_id(event.fact_id, event.version)
 
 def with_fio2(quantity: dict) -> bytes:
     """The r4b bundle with the pulse-ox Observation's FiO2 component holding `quantity`."""
