@@ -83,8 +83,10 @@ def _not_ready(settings: Settings) -> list[str]:
     if settings.metrics_port is None:  # the service serves no /readyz: nothing to ask
         return []
     url = f"http://127.0.0.1:{settings.metrics_port}/readyz"
+    # no proxy: urlopen would send this local request to an HTTP(S)_PROXY set for the container
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S):
+        with opener.open(url, timeout=TIMEOUT_S):
             return []
     except urllib.error.HTTPError as exc:
         return [f"not ready: {url} answers {exc.code} (the service's log says why)"]

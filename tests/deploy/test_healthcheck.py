@@ -197,3 +197,22 @@ def test_ready_asks_the_services_own_readyz(healthcheck, tmp_path):
     assert gone.startswith("not ready: nothing answers")
     # a service without a metrics port has no /readyz to ask
     assert healthcheck.problems(Settings(data_dir=tmp_path, model_dir=tmp_path), broker=False, ready=True) == []
+
+
+def test_ready_asks_the_service_itself_even_with_a_proxy_in_the_environment(healthcheck, tmp_path, monkeypatch):
+    """A container given HTTP_PROXY (a site's outbound proxy, in wardwatch.env) must not send its own
+    /readyz through it: every --ready service would be unhealthy for good."""
+    from wardwatch import observability
+    from wardwatch.settings import Settings
+
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:1")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = observability.serve(0, ready=lambda: True)
+    try:
+        settings = Settings(metrics_port=server.server_port, data_dir=tmp_path, model_dir=tmp_path)
+        assert healthcheck.problems(settings, broker=False, ready=True) == []
+    finally:
+        server.shutdown()
+        server.server_close()
