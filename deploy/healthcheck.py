@@ -71,9 +71,9 @@ def _nightly_problems(settings: Settings) -> list[str]:
     path = nightly_status.status_path(settings)
     try:
         status = nightly_status.read_status(path)
-    except (OSError, ValueError) as exc:
+        return nightly_status.problems(status, datetime.now(timezone.utc))
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a time without its zone, or not a string
         return [f"cannot read the nightly status {path}: {exc}"]
-    return nightly_status.problems(status, datetime.now(timezone.utc))
 
 
 def _not_ready(settings: Settings) -> list[str]:

@@ -169,9 +169,16 @@ def test_the_scheduler_is_unhealthy_when_no_nightly_succeeded_for_26_hours(healt
         assert code == 1 and unhealthy in err, err
 
 
-def test_an_unreadable_nightly_status_is_unhealthy(healthcheck, clean_env, tmp_path, capsys):
+@pytest.mark.parametrize("text", [
+    "{half",
+    '{"last_success": "yesterday"}',  # not a time
+    '{"last_success": "2026-11-25T02:30:00"}',  # a time without its zone
+    '{"first_due": 7}',  # not a string
+])
+def test_an_unreadable_nightly_status_is_unhealthy(healthcheck, clean_env, tmp_path, capsys, text):
+    """One line that says so, not a traceback (a file edited by hand, or written by another version)."""
     scheduler_env(clean_env, tmp_path)
-    (tmp_path / "data" / "nightly-status.json").write_text("{half")
+    (tmp_path / "data" / "nightly-status.json").write_text(text)
     assert healthcheck.main(["--no-broker", "--nightly"]) == 1
     assert "cannot read the nightly status" in capsys.readouterr().err
 
