@@ -42,7 +42,7 @@ from streams.faust_tuning import broker_credentials, set_fetch_max_wait_ms
 from streams.gc_tuning import freeze_startup_heap
 from streams.stats import StatsPublisher
 from streams.topics import Topics, ensure_topics, topics_for
-from streams.watchdog import StallWatchdog, WatermarkProbe
+from streams.watchdog import OffsetsProbe, StallWatchdog
 from wardwatch import observability
 from wardwatch.settings import Settings
 
@@ -418,14 +418,16 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         await committer.run()
 
     app.consumption_watchdog = None  # run_worker's /readyz: always ready without a watchdog
-    if settings.worker_stall_timeout_s:
-        def read_applied() -> dict[int, int | None]:
-            assigned = [tp.partition for tp in app.consumer.assignment() if tp.topic == topics.canonical]
-            return {p: table.applied_offset(p) for p in assigned}
+    if settings.stall_timeout_s:
+        probe = OffsetsProbe(settings, "worker")
+
+        def look_at_consumption():
+            assigned = [(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic == topics.canonical]
+            return {tp: table.applied_offset(tp[1]) for tp in assigned}, probe.watermarks(assigned)
 
         watchdog = app.consumption_watchdog = StallWatchdog(
-            settings.worker_stall_timeout_s, WatermarkProbe(settings, topics.canonical), read_applied,
-            busy=lambda: bool(app.rebalancing or app.in_recovery))
+            settings.stall_timeout_s, look_at_consumption, service="worker",
+            busy=lambda: bool(app.rebalancing or app.in_recovery), close=probe.close)
 
         @app.task
         async def _watch_consumption() -> None:  # once faust's consumer exists

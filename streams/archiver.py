@@ -399,9 +399,10 @@ class Archiver:
         self.seen_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last seen
         self.consumed: dict[str, int] = {kind: 0 for kind in self._kinds.values()}
         self.files_written = 0
+        self._group_id = f"{settings.group_prefix}.archiver"
         self._consumer = Consumer({
             **settings.kafka_client_config("archiver"),
-            "group.id": f"{settings.group_prefix}.archiver",
+            "group.id": self._group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
@@ -409,10 +410,19 @@ class Archiver:
             "heartbeat.interval.ms": int(settings.heartbeat_interval_s * 1000),
         })
         self.assigned = threading.Event()
+        # the partitions it holds, for its consumption watchdog's thread (replaced, never mutated)
+        self.partitions: frozenset[tuple[str, int]] = frozenset()
         # flush before partitions move to another member, so it starts after our durable rows
         self._callback_error: Exception | None = None
-        self._consumer.subscribe(list(self._kinds), on_assign=lambda consumer, partitions: self.assigned.set(),
-                                 on_revoke=self._on_revoke)
+        self._consumer.subscribe(list(self._kinds), on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    @property
+    def group_id(self) -> str:
+        return self._group_id
+
+    def _on_assign(self, consumer, partitions) -> None:
+        self.partitions = self.partitions | {(tp.topic, tp.partition) for tp in partitions}
+        self.assigned.set()
 
     def poll_once(self, timeout_s: float = 1.0) -> int:
         """Consume up to batch_size records, buffer their rows, flush when due. Returns records seen."""
@@ -474,6 +484,7 @@ class Archiver:
         commit_offsets(self._consumer, self._pending_offsets, log)
 
     def _on_revoke(self, consumer, partitions) -> None:
+        self.partitions = self.partitions - {(tp.topic, tp.partition) for tp in partitions}
         # runs inside consume(): an exception here would surface as a bare KafkaError (not an
         # Exception), so keep it and raise it from poll_once instead
         try:

@@ -46,6 +46,7 @@ from streams.fhir_fetch import FhirClient, resolve
 from streams.stats import StatsPublisher
 from streams.commits import AckedProducer, CommitResults, commit_offsets, skip_consumer_error
 from streams.topics import Topics, topics_for
+from streams.watchdog import watching
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,8 @@ class IngestWorker:
         self.stats = StatsPublisher("ingest", self.stats_snapshot, self._producer, topics.stats,
                                     interval_s=settings.stats_interval_s)
         self._prepared: dict[int, tuple[str, Outcome, list[tuple[str, bytes]]]] = {}  # id(msg) -> parse, this batch
+        # the raw partitions this worker holds, for its consumption watchdog's thread (replaced, never mutated)
+        self.assigned: frozenset[tuple[str, int]] = frozenset()
         # paused state does not survive a reassignment in librdkafka: the clocks are reset with it
         self._consumer.subscribe(topics.raw, on_assign=self._on_assign, on_revoke=self._on_revoke)
 
@@ -346,11 +349,13 @@ class IngestWorker:
             self._consumer.resume([TopicPartition(t, p) for t, p in resumed])
 
     def _on_assign(self, consumer, partitions) -> None:
+        self.assigned = self.assigned | {(tp.topic, tp.partition) for tp in partitions}
         if self.aligner is not None:
             self.aligner.assign([(tp.topic, tp.partition) for tp in partitions], time.monotonic())
 
     def _on_revoke(self, consumer, partitions) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self.assigned = self.assigned - revoked
         # what was published from them is committed now, while they are still ours; and never again
         # later (at close), which would move the next owner's committed offset back: forgotten first,
         # so a commit that raises (the worker stops) leaves nothing of them for close() to commit
@@ -468,5 +473,6 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 def run_ingest(settings: Settings, stop: threading.Event) -> IngestCounters:
     """CLI entry point: run one ingest worker until `stop` is set; returns the final counters."""
     worker = IngestWorker(settings, topics_for(settings))
-    worker.run(stop)
+    with watching(settings, "ingest", worker.group_id, lambda: worker.assigned):
+        worker.run(stop)
     return worker.counters

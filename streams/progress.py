@@ -1,4 +1,4 @@
-"""Is a consumer making progress? The watchdog behind the worker's /readyz and its stall exit.
+"""Is a consumer making progress? The logic of the consumption watchdogs (streams/watchdog.py).
 
 A worker can be up, in its group, "ready" in faust's sense, and still apply nothing: a fetcher that
 stopped fetching, an event loop stuck in an await. Nothing crashes, so nothing restarts it, and
@@ -66,3 +66,21 @@ class ConsumptionWatch:
     def seconds_without_progress(self, now: float) -> float:
         """The longest time any partition with lag has gone without progress (0: none has lag)."""
         return max((now - t.since for p, t in self._tracks.items() if self.lag.get(p, 0) > 0), default=0.0)
+
+
+ALL_ASSIGNED = "all assigned partitions"
+
+
+def as_one(applied: dict, watermarks: dict[object, tuple[int, int]]) -> tuple[dict, dict]:
+    """Every partition as one (key ALL_ASSIGNED), for a consumer that holds partitions back on purpose
+    (the ingest's event-time alignment pauses those ahead while the ones behind move): it is stalled
+    only when none moves while any has messages waiting. Each partition's lag is clipped at 0 before
+    the sum: the embedded broker's end offset can be below a partition's position, and that surplus
+    must not hide another partition's lag."""
+    position, lag = 0, 0
+    for key, (low, high) in watermarks.items():
+        at = applied.get(key)
+        at = low if at is None else max(at, low)
+        position += at
+        lag += max(0, high - at)
+    return {ALL_ASSIGNED: position}, {ALL_ASSIGNED: (0, position + lag)}

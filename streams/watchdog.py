@@ -1,14 +1,21 @@
-"""The worker's consumption watchdog: a thread that notices a worker which applies nothing.
+"""Consumption watchdogs: a thread per service that notices a consumer which applies nothing.
 
-Every `interval_s` it reads the worker's assigned canonical partitions and the offsets its table has
-applied, asks the broker for those partitions' watermarks with its own client, and feeds both to a
-`ConsumptionWatch` (streams/progress.py, the logic). When a partition has had messages waiting and
-none was applied for `stall_after_s`, the worker logs one critical line (partitions, lag, seconds;
-never message content) and exits: in compose (`restart: unless-stopped`) the restart re-joins the
-group and recovers, and exiting at any moment loses nothing (docs/patient-state.md, "Durability").
+Every `interval_s` it looks at the service's assigned input partitions: what the service has applied
+(the worker: its table's next-offset markers; the ingest and archiver: their group's committed
+offsets, which each commits only once its outputs are durable) and those partitions' watermarks,
+asked of the broker by a client of its own. A `ConsumptionWatch` (streams/progress.py, the logic)
+decides. When messages have waited for `stall_after_s` and nothing was applied, the service logs
+one critical line (partitions, lag, seconds; never message content) and exits: in compose
+(`restart: unless-stopped`) the restart re-joins the group and starts again from what was
+committed, and exiting at any moment loses nothing (at-least-once: nothing unapplied is committed).
 
-A thread, not a faust timer, and its own confluent-kafka client, not faust's: the stall it looks
-for may be faust's fetcher or the event loop itself, and a timer on a stuck loop never fires.
+A thread, not a timer of the service's own loop, and its own confluent-kafka client: the stall it
+looks for may be the loop itself (a faust event loop stuck in an await, a poll loop that never
+returns), and a timer on a stuck loop never fires.
+
+The worker watches each canonical partition on its own. The ingest watches its raw partitions as
+one: its event-time alignment holds partitions that ran ahead on purpose, sometimes for long in a
+backlog, while the ones behind move (streams/alignment.py). The archiver likewise, as one.
 """
 
 from __future__ import annotations
@@ -17,39 +24,56 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 from confluent_kafka import Consumer, TopicPartition
 
-from streams.progress import ConsumptionWatch
+from streams.progress import ConsumptionWatch, as_one
 from wardwatch import observability
 from wardwatch.settings import Settings
 
-log = logging.getLogger("wardwatch.worker")
+log = logging.getLogger("wardwatch.watchdog")
 
-WATERMARK_TIMEOUT_S = 5.0
-STALL_EXIT_CODE = 70  # as a batch that could not be completed: the supervisor restarts the worker
+BROKER_TIMEOUT_S = 5.0
+STALL_EXIT_CODE = 70  # as a worker batch that could not be completed: the supervisor restarts the service
+
+TP = tuple[str, int]  # (topic, partition)
+Offsets = dict[TP, "int | None"]
+Watermarks = dict[TP, tuple[int, int]]
 
 
 def check_interval(stall_after_s: float) -> float:
     return max(0.5, min(10.0, stall_after_s / 6))
 
 
-class WatermarkProbe:
-    """(low, high) watermarks of partitions of one topic, from a client of its own (no group)."""
+class OffsetsProbe:
+    """Watermarks of partitions and, given a group, its committed offsets: from a client of its own,
+    which never joins, subscribes or commits (group.id only names the group whose commits it reads)."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
-        self.topic, self._settings = topic, settings
+    def __init__(self, settings: Settings, service: str, group_id: str | None = None) -> None:
+        self._settings, self._service = settings, service
+        self._group_id = group_id or f"{settings.group_prefix}-{service}-watchdog"
         self._client: Consumer | None = None  # created at the first look: an app built and never run has none
 
-    def watermarks(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
+    def _consumer(self) -> Consumer:
         if self._client is None:
-            # group.id only because librdkafka asks for one; this client never joins, subscribes or commits
-            self._client = Consumer({**self._settings.kafka_client_config("worker-watchdog"),
-                                     "group.id": f"{self._settings.group_prefix}-worker-watchdog",
-                                     "enable.auto.commit": False})
-        return {p: self._client.get_watermark_offsets(TopicPartition(self.topic, p), timeout=WATERMARK_TIMEOUT_S,
-                                                      cached=False) for p in partitions}
+            self._client = Consumer({**self._settings.kafka_client_config(f"{self._service}-watchdog"),
+                                     "group.id": self._group_id, "enable.auto.commit": False})
+        return self._client
+
+    def watermarks(self, partitions: Iterable[TP]) -> Watermarks:
+        client = self._consumer()
+        return {(t, p): client.get_watermark_offsets(TopicPartition(t, p), timeout=BROKER_TIMEOUT_S, cached=False)
+                for t, p in partitions}
+
+    def committed(self, partitions: Iterable[TP]) -> Offsets:
+        """The group's committed offsets (None: nothing committed there)."""
+        partitions = list(partitions)
+        if not partitions:
+            return {}
+        got = self._consumer().committed([TopicPartition(t, p) for t, p in partitions], timeout=BROKER_TIMEOUT_S)
+        return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in got}
 
     def close(self) -> None:
         if self._client is not None:
@@ -57,60 +81,65 @@ class WatermarkProbe:
 
 
 class StallWatchdog:
-    """Runs the watch in a daemon thread; `ready()` is the worker's /readyz.
+    """Runs the watch in a daemon thread; `ready()` is the service's /readyz.
 
-    `read_applied()` returns {assigned partition: next offset applied, or None}, and raises when it
-    cannot tell (the consumer is not started, or mid-rebalance). `busy()` is True while the worker
-    rebalances or recovers its table: it is not ready then, and that time does not count towards a
-    stall: recovering a large table takes minutes, and exiting in the middle would only start it
-    again, for ever."""
+    `look()` returns (applied, watermarks) of the assigned partitions, and raises when it cannot tell
+    (the broker does not answer, the consumer is not started): nothing is known that round, and
+    every window starts again. `busy()` is True while the service rebalances or recovers its state:
+    it is not ready then, and that time does not count towards a stall: recovering a large table
+    takes minutes, and exiting in the middle would only start it again, for ever. `together`: the
+    partitions are watched as one (streams.progress.as_one)."""
 
-    def __init__(self, stall_after_s: float, probe: WatermarkProbe, read_applied: Callable[[], dict[int, int | None]],
-                 busy: Callable[[], bool], on_stall: Callable[[dict[int, float], dict[int, int]], None] | None = None,
+    def __init__(self, stall_after_s: float, look: Callable[[], tuple[Offsets, Watermarks]], *,
+                 service: str, busy: Callable[[], bool] = lambda: False, together: bool = False,
+                 on_stall: Callable[[dict, dict], None] | None = None, close: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.watch = ConsumptionWatch(stall_after_s)
         self.interval_s = check_interval(stall_after_s)
-        self.probe, self.read_applied, self.busy, self.clock = probe, read_applied, busy, clock
-        self.on_stall = on_stall or exit_on_stall
+        self.look, self.busy, self.together, self.clock, self._close = look, busy, together, clock, close
+        self.service = service
+        self.on_stall = on_stall or (lambda stalled, lag: exit_on_stall(service, stalled, lag))
         self._last_observed: float | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the watch is read by the metrics server's threads too
-        self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{service}-stall-watchdog", daemon=True)
 
     def start(self) -> None:
-        observability.expose_gauges("worker", self.gauges)
+        observability.expose_gauges(self.service, self.gauges)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
 
     def check(self) -> None:
-        """One observation; calls `on_stall` if a partition is stalled."""
+        """One observation; calls `on_stall` if something is stalled."""
         if self.busy():  # rebalancing or recovering: every window starts again afterwards
-            with self._lock:
-                self.watch.unobservable()
-                self._last_observed = None
+            self._unobservable()
             return
         try:
-            applied = self.read_applied()
-            watermarks = self.probe.watermarks(sorted(applied))
+            applied, watermarks = self.look()
         except Exception as exc:  # broker away, consumer not started, assignment changing
-            log.info("consumption watchdog: no observation this round (%s)", type(exc).__name__)
-            with self._lock:
-                self.watch.unobservable()
-                self._last_observed = None
+            log.info("%s consumption watchdog: no observation this round (%s)", self.service, type(exc).__name__)
+            self._unobservable()
             return
+        if self.together:
+            applied, watermarks = as_one(applied, watermarks)
         now = self.clock()
         with self._lock:
             self.watch.observe(now, applied, watermarks)
             self._last_observed = now
             stalled = self.watch.stalled(now)
-            lag = {p: self.watch.lag[p] for p in stalled}
+            lag = {key: self.watch.lag[key] for key in stalled}
         if stalled:
             self.on_stall(stalled, lag)
 
+    def _unobservable(self) -> None:
+        with self._lock:
+            self.watch.unobservable()
+            self._last_observed = None
+
     def ready(self) -> bool:
-        """Observed recently, not rebalancing or recovering, and no partition stalled."""
+        """Observed recently, not rebalancing or recovering, and nothing stalled."""
         now = self.clock()
         with self._lock:
             observed = self._last_observed is not None and now - self._last_observed <= 3 * self.interval_s
@@ -125,13 +154,51 @@ class StallWatchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.check()
-        self.probe.close()
+        self._close()
 
 
-def exit_on_stall(stalled: dict[int, float], lag: dict[int, int]) -> None:
-    parts = ", ".join(f"{p} (lag {lag[p]}, {seconds:.0f} s)" for p, seconds in sorted(stalled.items()))
-    log.critical("canonical partitions %s have messages waiting and none was applied; exiting so that the "
-                 "restart re-joins the group and recovers (nothing is lost: unapplied offsets are not "
-                 "committed)", parts)
+def exit_on_stall(service: str, stalled: dict, lag: dict) -> None:
+    parts = ", ".join(f"{_name(key)} (lag {lag[key]}, {seconds:.0f} s)" for key, seconds in sorted(stalled.items()))
+    log.critical("%s: no progress on %s: messages waiting and none applied; exiting so that the restart "
+                 "re-joins the group and resumes (nothing is lost: unapplied offsets are not committed)",
+                 service, parts)
     logging.shutdown()
     os._exit(STALL_EXIT_CODE)
+
+
+def _name(key) -> str:
+    if isinstance(key, tuple):
+        return f"partition {key[0]}[{key[1]}]"
+    return str(key)
+
+
+def group_watchdog(settings: Settings, service: str, group_id: str,
+                   assigned: Callable[[], Iterable[TP]]) -> StallWatchdog | None:
+    """The watchdog of a confluent-kafka service (ingest, archiver): its group's committed offsets on
+    the partitions it holds, watched as one. None when settings turn watchdogs off."""
+    if not settings.stall_timeout_s:
+        return None
+    probe = OffsetsProbe(settings, service, group_id)
+
+    def look() -> tuple[Offsets, Watermarks]:
+        partitions = sorted(assigned())
+        return probe.committed(partitions), probe.watermarks(partitions)
+
+    return StallWatchdog(settings.stall_timeout_s, look, service=service, together=True, close=probe.close)
+
+
+@contextmanager
+def watching(settings: Settings, service: str, group_id: str, assigned: Callable[[], Iterable[TP]]
+             ) -> Iterator[StallWatchdog | None]:
+    """Run a confluent-kafka service's watchdog (group_watchdog) while the block runs; its /readyz
+    answers from it."""
+    watchdog = group_watchdog(settings, service, group_id, assigned)
+    if watchdog is None:
+        yield None
+        return
+    observability.set_readiness(watchdog.ready)
+    watchdog.start()
+    try:
+        yield watchdog
+    finally:
+        watchdog.stop()  # a stop is not a stall, however long it takes

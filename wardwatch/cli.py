@@ -202,12 +202,19 @@ def archiver() -> None:
     Exits 2 when the broker (WARDWATCH_BOOTSTRAP_SERVERS) does not answer within 15 s."""
     from streams.archiver import Archiver
     from streams.topics import ensure_topics, topics_for
+    from streams.watchdog import watching
 
     settings = _kafka_settings()
     _observe("archiver")
     topics = topics_for(settings)
     ensure_topics(settings, topics)
-    _run_until_signal(lambda stop: Archiver(settings, topics).run(stop))
+
+    def run(stop) -> None:
+        archiver = Archiver(settings, topics)
+        with watching(settings, "archiver", archiver.group_id, lambda: archiver.partitions):
+            archiver.run(stop)
+
+    _run_until_signal(run)
 
 
 subscriptions_app = typer.Typer(help="FHIR subscriptions: the gap and heartbeat watcher (run without a subcommand).")

@@ -201,12 +201,23 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(port: int | None, *, host: str = "127.0.0.1", ready: Callable[[], bool] = lambda: True
+_readiness: Callable[[], bool] = lambda: True  # the service's, once it says (set_readiness)
+
+
+def set_readiness(ready: Callable[[], bool]) -> None:
+    """What /readyz answers from now on, for a service whose readiness exists only once it runs (its
+    consumption watchdog, streams/watchdog.py) while the endpoint was started before."""
+    global _readiness
+    _readiness = ready
+
+
+def serve(port: int | None, *, host: str = "127.0.0.1", ready: Callable[[], bool] | None = None
           ) -> ThreadingHTTPServer | None:
-    """Start the metrics/health server in a daemon thread; None when `port` is None (disabled)."""
+    """Start the metrics/health server in a daemon thread; None when `port` is None (disabled).
+    /readyz asks `ready`, else what set_readiness() last gave (200 until then)."""
     if port is None:
         return None
-    handler = type("Handler", (_Handler,), {"ready": staticmethod(ready)})
+    handler = type("Handler", (_Handler,), {"ready": staticmethod(ready or (lambda: _readiness()))})
     server = ThreadingHTTPServer((host, port), handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     logging.getLogger(__name__).info("metrics and health endpoints listening", extra={"port": server.server_port})

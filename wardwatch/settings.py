@@ -104,13 +104,15 @@ class Settings(BaseSettings):
     # de-identified export (batch/export.py): keys the HMAC of ids and the per-patient date shift
     deid_secret: SecretStr | None = Field(None, description="Secret for the de-identified export; keep it outside the export")
 
+    # consumption watchdogs (streams/watchdog.py)
+    stall_timeout_s: float = Field(300.0, ge=0, description="A consumer service (worker, ingest, archiver) whose input partitions have messages waiting and apply none for this long (seconds) is not ready (/readyz 503) and exits, so that its restart resumes (rebalances and table recoveries do not count); 0: no watchdog")
+
     # worker
     worker_batch_size: int = Field(2000, ge=1, description="Max canonical messages the worker takes per batch")
     worker_batch_within_s: float = Field(0.005, gt=0, description="Max wait to fill a worker batch (seconds)")
     worker_parsed_cache_patients: int = Field(5000, ge=1, description="Parsed patient records the worker keeps in memory beyond the table's bytes (most recently active)")
     worker_fetch_wait_ms: int = Field(10, ge=1, description="The worker consumer's fetch.max.wait.ms (faust hard-codes 1500; a broker that holds fetches that long adds it to every event's latency)")
     worker_web_port: int | None = Field(None, description="faust web port; None disables the web server")
-    worker_stall_timeout_s: float = Field(300.0, ge=0, description="A worker whose canonical partitions have messages waiting and apply none for this long (seconds) is not ready (/readyz 503) and exits, so that its restart recovers (rebalances and table recoveries do not count); 0: no watchdog")
 
     # rest-hook receiver (streams/receiver.py)
     receiver_host: str = Field("127.0.0.1", description="Address the rest-hook receiver binds (0.0.0.0 for all)")

@@ -1,7 +1,7 @@
 """The consumption watch: a partition with messages waiting and nothing applied for the window is
 stalled; an idle partition, one that moves, or one that could not be observed is not."""
 
-from streams.progress import ConsumptionWatch
+from streams.progress import ALL_ASSIGNED, ConsumptionWatch, as_one
 
 WINDOW = 60.0
 
@@ -74,3 +74,26 @@ def test_only_the_stuck_partition_is_named_and_a_revoked_one_is_forgotten():
     watch.observe(61.0, {1: 21}, {1: (0, 25)})  # partition 0 went to another worker
     assert watch.stalled(61.0) == {}
     assert watch.lag == {1: 4}
+
+
+def test_partitions_watched_as_one_stall_only_when_none_moves():
+    """The ingest holds partitions that ran ahead in event time on purpose (alignment): one paused
+    partition with messages waiting is no stall while another moves."""
+    watch = ConsumptionWatch(WINDOW)
+    for t in range(0, 300, 30):  # partition b is held back for 5 min while a moves
+        watch.observe(float(t), *as_one({"a": t, "b": 5}, {"a": (0, 1000), "b": (0, 50)}))
+    assert watch.stalled(270.0) == {}
+    watch.observe(300.0, *as_one({"a": 300, "b": 5}, {"a": (0, 1000), "b": (0, 50)}))
+    watch.observe(360.0, *as_one({"a": 300, "b": 5}, {"a": (0, 1000), "b": (0, 50)}))
+    assert watch.stalled(360.0) == {ALL_ASSIGNED: 60.0}
+    assert watch.lag == {ALL_ASSIGNED: 700 + 45}
+
+
+def test_as_one_never_lets_one_partitions_surplus_hide_anothers_lag():
+    # the embedded broker reports a's end (last batch's base + 1) below what was applied there
+    applied, watermarks = as_one({"a": 18, "b": 0}, {"a": (0, 7), "b": (0, 1)})
+    watch = ConsumptionWatch(WINDOW)
+    watch.observe(0.0, applied, watermarks)
+    assert watch.lag == {ALL_ASSIGNED: 1}
+    # nothing committed yet counts from the low watermark, as for one partition
+    assert as_one({"a": None}, {"a": (10, 15)}) == ({ALL_ASSIGNED: 10}, {ALL_ASSIGNED: (0, 15)})

@@ -1,6 +1,7 @@
-"""The worker's consumption watchdog on the real embedded broker: it reads the broker's watermarks
-with its own client, says the worker is not ready and exits it when a partition with messages
-waiting applies nothing for the window; and a real worker whose fetcher stops is restarted clean."""
+"""The consumption watchdogs on the real embedded broker: they read the broker's watermarks and a
+group's commits with a client of their own, say the service is not ready and exit it when messages
+wait and nothing is applied for the window; a real worker whose fetcher stops, and a real ingest
+whose consumer stops, exit and their restarts apply everything."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import pytest
 from confluent_kafka import Producer
 
 from streams.topics import ensure_topics, topics_for
-from streams.watchdog import STALL_EXIT_CODE, StallWatchdog, WatermarkProbe
+from streams.watchdog import STALL_EXIT_CODE, OffsetsProbe, StallWatchdog
 from tests.streams.worker_runs import Publisher, canonical_messages, collect_results
-from wardwatch.procs import start_service, stop_service, wait_for_group
+from wardwatch.procs import start_service, stop_service, wait_for_commits, wait_for_group
 from wardwatch.worker_results import wait_for_applied
 
 
@@ -35,6 +36,17 @@ def _produce(settings, topic: str, partition: int, n: int) -> None:
     assert producer.flush(30) == 0
 
 
+def _worker_like(settings, topic, applied, **kwargs):
+    """A watchdog looking at `applied` (partition -> next offset) of `topic`, as the worker's does."""
+    probe = OffsetsProbe(settings, "test")
+
+    def look():
+        current = {(topic, p): offset for p, offset in applied().items()}
+        return current, probe.watermarks(current)
+
+    return StallWatchdog(30.0, look, service="worker", close=probe.close, **kwargs), probe
+
+
 @pytest.mark.timeout(120)
 def test_the_watchdog_sees_waiting_messages_on_the_broker_and_calls_a_partition_that_never_moves_stalled(settings):
     topics = topics_for(settings)
@@ -43,12 +55,13 @@ def test_the_watchdog_sees_waiting_messages_on_the_broker_and_calls_a_partition_
     applied: dict[int, int | None] = {0: None, 1: None}
     stalls = []
     clock, busy = _Clock(), [False]
-    dog = StallWatchdog(30.0, WatermarkProbe(settings, topics.canonical), lambda: dict(applied),
-                        busy=lambda: busy[0], on_stall=lambda s, lag: stalls.append((s, lag)), clock=clock)
+    dog, probe = _worker_like(settings, topics.canonical, lambda: dict(applied), busy=lambda: busy[0],
+                              on_stall=lambda s, lag: stalls.append((s, lag)), clock=clock)
+    one, zero = (topics.canonical, 1), (topics.canonical, 0)
     try:
         assert not dog.ready()  # nothing observed yet
         dog.check()
-        assert dog.watch.lag[1] >= 1 and dog.watch.lag[0] == 0  # partition 1's messages wait, 0 is empty
+        assert dog.watch.lag[one] >= 1 and dog.watch.lag[zero] == 0  # partition 1's messages wait, 0 is empty
         assert dog.ready() and not stalls
         busy[0] = True
         assert not dog.ready()  # rebalancing or recovering
@@ -61,7 +74,7 @@ def test_the_watchdog_sees_waiting_messages_on_the_broker_and_calls_a_partition_
 
         clock.now += 30.0
         dog.check()
-        assert [set(s) for s, _ in stalls] == [{1}] and stalls[0][1][1] >= 1
+        assert [set(s) for s, _ in stalls] == [{one}] and stalls[0][1][one] >= 1
         assert not dog.ready()
         assert dog.gauges()["consumption"]["seconds_without_progress"] == 30
 
@@ -69,9 +82,9 @@ def test_the_watchdog_sees_waiting_messages_on_the_broker_and_calls_a_partition_
         stalls.clear()
         clock.now += 30.0
         dog.check()
-        assert dog.watch.lag == {0: 0, 1: 0} and dog.ready() and not stalls
+        assert dog.watch.lag == {zero: 0, one: 0} and dog.ready() and not stalls
     finally:
-        dog.probe.close()
+        probe.close()
 
 
 @pytest.mark.timeout(60)
@@ -82,13 +95,13 @@ def test_a_round_that_cannot_be_observed_is_not_ready_and_restarts_the_window(se
     clock, failing = _Clock(), [False]
     stalls = []
 
-    def read_applied():
+    def applied():
         if failing[0]:
             raise RuntimeError("the consumer is not started")
         return {0: None}
 
-    dog = StallWatchdog(30.0, WatermarkProbe(settings, topics.canonical), read_applied, busy=lambda: False,
-                        on_stall=lambda s, lag: stalls.append(s), clock=clock)
+    dog, probe = _worker_like(settings, topics.canonical, applied, on_stall=lambda s, lag: stalls.append(s),
+                              clock=clock)
     try:
         dog.check()
         failing[0] = True
@@ -101,9 +114,9 @@ def test_a_round_that_cannot_be_observed_is_not_ready_and_restarts_the_window(se
         assert not stalls and dog.ready()
         clock.now += 30.0
         dog.check()
-        assert [set(s) for s in stalls] == [{0}]
+        assert [set(s) for s in stalls] == [{(topics.canonical, 0)}]
     finally:
-        dog.probe.close()
+        probe.close()
 
 
 # Loaded into the worker through PYTHONPATH: once the marker file exists, faust's fetcher returns no
@@ -150,7 +163,7 @@ def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(s
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("WW_TEST_STALL_MARKER", str(marker))
     port = _free_port()
-    stalling = settings.model_copy(update={"worker_stall_timeout_s": 6.0, "metrics_port": port, "log_level": "INFO"})
+    stalling = settings.model_copy(update={"stall_timeout_s": 6.0, "metrics_port": port, "log_level": "INFO"})
     topics = topics_for(stalling)
     ensure_topics(stalling, topics)
     messages = canonical_messages(4, 6)
@@ -180,7 +193,7 @@ def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(s
         stop_service(worker)
     text = log.read_text()
     assert code == STALL_EXIT_CODE, text[-3000:]
-    (line,) = [line for line in text.splitlines() if "have messages waiting and none was applied" in line]
+    (line,) = [line for line in text.splitlines() if "messages waiting and none applied" in line]
     assert '"level":"critical"' in line and "p0" not in line  # partitions and counts, never a patient id
     assert waited >= 5.0  # not before the window (6 s from the first look that saw the rest waiting)
 
@@ -195,3 +208,97 @@ def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(s
         assert stop_service(worker) == 0
     results = collect_results(stalling, topics)
     assert results.known_fact_ids() == set().union(*(facts for _, _, facts in messages))
+
+
+@pytest.mark.timeout(60)
+def test_the_probe_reads_a_groups_commits_without_joining_it(settings):
+    from confluent_kafka import Consumer, TopicPartition
+
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    _produce(settings, topics.canonical, 2, 5)
+    group = f"{settings.group_prefix}-probe-check"
+    owner = Consumer({**settings.kafka_client_config(), "group.id": group, "enable.auto.commit": False})
+    probe = OffsetsProbe(settings, "test", group)
+    try:
+        owner.commit(offsets=[TopicPartition(topics.canonical, 2, 4)], asynchronous=False)
+        got = probe.committed([(topics.canonical, 2), (topics.canonical, 0)])
+        assert got == {(topics.canonical, 2): 4, (topics.canonical, 0): None}
+    finally:
+        probe.close()
+        owner.close()
+
+
+# Loaded into the ingest or archiver through PYTHONPATH (before either imports confluent_kafka's Consumer):
+# once the marker file exists, their consumer returns nothing.
+STALLING_CONSUMER = '''
+import os, time
+import confluent_kafka
+
+
+class _StallingConsumer(confluent_kafka.Consumer):
+    def consume(self, num_messages=1, timeout=-1):
+        marker = os.environ["WW_TEST_STALL_MARKER"]
+        if os.path.exists(marker):
+            open(marker + ".seen", "w").close()
+            time.sleep(max(timeout, 0.01))
+            return []
+        return super().consume(num_messages=num_messages, timeout=timeout)
+
+
+confluent_kafka.Consumer = _StallingConsumer
+'''
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("service", ["ingest", "archiver"])
+def test_a_service_whose_consumer_stops_exits_and_its_restart_processes_everything(settings, tmp_path, monkeypatch,
+                                                                                   service):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(STALLING_CONSUMER)
+    marker = tmp_path / "stall"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("WW_TEST_STALL_MARKER", str(marker))
+    port = _free_port()
+    stalling = settings.model_copy(update={"stall_timeout_s": 6.0, "metrics_port": port, "log_level": "INFO"})
+    topics = topics_for(stalling)
+    ensure_topics(stalling, topics)
+    # not what either expects: the ingest dead-letters them, the archiver keeps them as unreadable rows;
+    # both count as processed, and are committed
+    if service == "ingest":
+        source, group = topics.cdc["vital_signs"], f"{stalling.group_prefix}-ingest"
+    else:
+        source, group = topics.scores, f"{stalling.group_prefix}.archiver"
+    deadline = time.monotonic() + 200
+
+    log = tmp_path / f"{service}-0.log"
+    proc = start_service([service], stalling, log)
+    try:
+        wait_for_group(stalling, group, alive=proc)
+        _produce(stalling, source, 0, 5)
+        wait_for_commits(stalling, group, {(source, 0): 5}, deadline=deadline)
+        while _readyz(port) != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+        marker.touch()  # from now on its consumer returns nothing
+        seen = Path(f"{marker}.seen")
+        while not seen.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        _produce(stalling, source, 0, 5)
+        code = proc.wait(timeout=60)
+    finally:
+        stop_service(proc)
+    text = log.read_text()
+    assert code == STALL_EXIT_CODE, text[-3000:]
+    (line,) = [line for line in text.splitlines() if "messages waiting and none applied" in line]
+    assert '"level":"critical"' in line and f"{service}: no progress on all assigned partitions" in line
+
+    marker.unlink()
+    proc = start_service([service], stalling, tmp_path / f"{service}-1.log")
+    try:
+        wait_for_commits(stalling, group, {(source, 0): 10}, deadline=deadline)  # what waited, processed
+    finally:
+        assert stop_service(proc) == 0

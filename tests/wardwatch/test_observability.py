@@ -115,3 +115,17 @@ def test_worker_batch_phases_are_scraped_as_histograms():
         assert "wardwatch_worker_batch_messages_count" in body
     finally:
         server.shutdown()
+
+
+def test_a_service_that_knows_its_readiness_only_once_it_runs_sets_it_later():
+    """The ingest and archiver serve /metrics before their consumption watchdog exists: /readyz
+    answers 200 until they set their readiness, then what the watchdog says."""
+    server = obs.serve(0)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/readyz"
+        assert _get(url)[0] == 200
+        obs.set_readiness(lambda: False)
+        assert _get(url)[0] == 503
+    finally:
+        obs.set_readiness(lambda: True)
+        server.shutdown()
