@@ -154,16 +154,28 @@ def _readyz(port: int) -> int | None:
         return None
 
 
-@pytest.mark.timeout(240)
-def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(settings, tmp_path, monkeypatch):
+def _injected(settings, tmp_path, monkeypatch, sitecustomize: str):
+    """Settings of a service started with `sitecustomize` loaded (PYTHONPATH), a 6 s stall window and
+    a metrics port; returns them, the marker file that starts the stall, and the port."""
     inject = tmp_path / "inject"
     inject.mkdir()
-    (inject / "sitecustomize.py").write_text(STALLING_FETCHER)
+    (inject / "sitecustomize.py").write_text(sitecustomize)
     marker = tmp_path / "stall"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("WW_TEST_STALL_MARKER", str(marker))
     port = _free_port()
-    stalling = settings.model_copy(update={"stall_timeout_s": 6.0, "metrics_port": port, "log_level": "INFO"})
+    return settings.model_copy(update={"stall_timeout_s": 6.0, "metrics_port": port, "log_level": "INFO"}), marker, port
+
+
+def _until(done, proc, log, deadline: float) -> None:
+    while not done():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(settings, tmp_path, monkeypatch):
+    stalling, marker, port = _injected(settings, tmp_path, monkeypatch, STALLING_FETCHER)
     topics = topics_for(stalling)
     ensure_topics(stalling, topics)
     messages = canonical_messages(4, 6)
@@ -176,15 +188,10 @@ def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(s
         wait_for_group(stalling, f"{stalling.group_prefix}-worker", alive=worker)
         ends = Publisher(stalling, topics.canonical, first).start().join(60)
         wait_for_applied(stalling, topics, ends, deadline=deadline)
-        while _readyz(port) != 200:  # consuming, caught up: ready
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        _until(lambda: _readyz(port) == 200, worker, log, deadline)  # consuming, caught up: ready
 
         marker.touch()  # from now on the worker fetches nothing
-        seen = Path(f"{marker}.seen")
-        while not seen.exists():
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+        _until(Path(f"{marker}.seen").exists, worker, log, deadline)  # the stall took hold
         rest_ends = Publisher(stalling, topics.canonical, rest).start().join(60)
         stalled_at = time.monotonic()
         code = worker.wait(timeout=60)
@@ -254,14 +261,7 @@ confluent_kafka.Consumer = _StallingConsumer
 @pytest.mark.parametrize("service", ["ingest", "archiver"])
 def test_a_service_whose_consumer_stops_exits_and_its_restart_processes_everything(settings, tmp_path, monkeypatch,
                                                                                    service):
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(STALLING_CONSUMER)
-    marker = tmp_path / "stall"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setenv("WW_TEST_STALL_MARKER", str(marker))
-    port = _free_port()
-    stalling = settings.model_copy(update={"stall_timeout_s": 6.0, "metrics_port": port, "log_level": "INFO"})
+    stalling, marker, port = _injected(settings, tmp_path, monkeypatch, STALLING_CONSUMER)
     topics = topics_for(stalling)
     ensure_topics(stalling, topics)
     # not what either expects: the ingest dead-letters them, the archiver keeps them as unreadable rows;
@@ -278,15 +278,10 @@ def test_a_service_whose_consumer_stops_exits_and_its_restart_processes_everythi
         wait_for_group(stalling, group, alive=proc)
         _produce(stalling, source, 0, 5)
         wait_for_commits(stalling, group, {(source, 0): 5}, deadline=deadline)
-        while _readyz(port) != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        _until(lambda: _readyz(port) == 200, proc, log, deadline)  # consuming, caught up: ready
 
         marker.touch()  # from now on its consumer returns nothing
-        seen = Path(f"{marker}.seen")
-        while not seen.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+        _until(Path(f"{marker}.seen").exists, proc, log, deadline)  # the stall took hold
         _produce(stalling, source, 0, 5)
         code = proc.wait(timeout=60)
     finally:
