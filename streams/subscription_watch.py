@@ -54,6 +54,7 @@ from streams.fhir_fetch import FetchError, FhirClient
 from streams.stats import StatsPublisher
 from streams.subscriptions import CatchUpClock, SubscriptionState, SubscriptionTracker
 from streams.topics import Topics, ensure_topics, topics_for
+from streams.watchdog import watching
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class SubscriptionWatcher:
         # a partition stuck this long would delay a missed-heartbeat alarm by as much again: release it
         self.clock = CatchUpClock([tp.partition for tp in start], stall_ms=self.tracker.heartbeat_timeout_ms)
         self._consumer.assign(start)
+        self.partitions = frozenset((tp.topic, tp.partition) for tp in start)  # all of them, for its watchdog
         self.stats = StatsPublisher("subscriptions", self.snapshot, self._producer, topics.stats,
                                     gauges=self.gauges, interval_s=settings.stats_interval_s)
 
@@ -280,7 +282,8 @@ def run_subscription_watch(settings: Settings, stop: threading.Event) -> Subscri
     topics = topics_for(settings)
     ensure_topics(settings, topics)
     watcher = SubscriptionWatcher(settings, topics)
-    watcher.run(stop)
+    with watching(settings, "subscriptions", group_id(settings), lambda: watcher.partitions):
+        watcher.run(stop)
     return watcher
 
 

@@ -1,8 +1,8 @@
 """Consumption watchdogs: a thread per service that notices a consumer which applies nothing.
 
 Every `interval_s` it looks at the service's assigned input partitions: what the service has applied
-(the worker: its table's next-offset markers; the ingest and archiver: their group's committed
-offsets, which each commits only once its outputs are durable) and those partitions' watermarks,
+(the worker: its table's next-offset markers; the ingest, archiver and subscription watcher: their
+group's committed offsets, which each commits only once its outputs are durable) and those partitions' watermarks,
 asked of the broker by a client of its own. A `ConsumptionWatch` (streams/progress.py, the logic)
 decides. When messages have waited for `stall_after_s` and nothing was applied, the service logs
 one critical line (partitions, lag, seconds; never message content) and exits: in compose
@@ -15,7 +15,8 @@ returns), and a timer on a stuck loop never fires.
 
 The worker watches each canonical partition on its own. The ingest watches its raw partitions as
 one: its event-time alignment holds partitions that ran ahead on purpose, sometimes for long in a
-backlog, while the ones behind move (streams/alignment.py). The archiver likewise, as one.
+backlog, while the ones behind move (streams/alignment.py). The archiver and the subscription
+watcher likewise, as one.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def _name(key) -> str:
 
 def group_watchdog(settings: Settings, service: str, group_id: str,
                    assigned: Callable[[], Iterable[TP]]) -> StallWatchdog | None:
-    """The watchdog of a confluent-kafka service (ingest, archiver): its group's committed offsets on
+    """The watchdog of a confluent-kafka service (ingest, archiver, subscriptions): its group's commits on
     the partitions it holds, watched as one. None when settings turn watchdogs off."""
     if not settings.stall_timeout_s:
         return None

@@ -236,7 +236,8 @@ def test_the_probe_reads_a_groups_commits_without_joining_it(settings):
         owner.close()
 
 
-# Loaded into the ingest or archiver through PYTHONPATH (before either imports confluent_kafka's Consumer):
+# Loaded into the ingest, archiver or subscription watcher through PYTHONPATH (before any imports
+# confluent_kafka's Consumer):
 # once the marker file exists, their consumer returns nothing.
 STALLING_CONSUMER = '''
 import os, time
@@ -258,24 +259,24 @@ confluent_kafka.Consumer = _StallingConsumer
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("service", ["ingest", "archiver"])
+@pytest.mark.parametrize("service", ["ingest", "archiver", "subscriptions"])
 def test_a_service_whose_consumer_stops_exits_and_its_restart_processes_everything(settings, tmp_path, monkeypatch,
                                                                                    service):
     stalling, marker, port = _injected(settings, tmp_path, monkeypatch, STALLING_CONSUMER)
     topics = topics_for(stalling)
     ensure_topics(stalling, topics)
-    # not what either expects: the ingest dead-letters them, the archiver keeps them as unreadable rows;
-    # both count as processed, and are committed
-    if service == "ingest":
-        source, group = topics.cdc["vital_signs"], f"{stalling.group_prefix}-ingest"
-    else:
-        source, group = topics.scores, f"{stalling.group_prefix}.archiver"
+    # not what any of them expects: the ingest dead-letters them, the archiver keeps them as unreadable
+    # rows, the subscription watcher counts them unreadable; each counts as processed, and is committed
+    source, group = {"ingest": (topics.cdc["vital_signs"], f"{stalling.group_prefix}-ingest"),
+                     "archiver": (topics.scores, f"{stalling.group_prefix}.archiver"),
+                     "subscriptions": (topics.fhir, f"{stalling.group_prefix}-subscriptions")}[service]
     deadline = time.monotonic() + 200
 
     log = tmp_path / f"{service}-0.log"
     proc = start_service([service], stalling, log)
     try:
-        wait_for_group(stalling, group, alive=proc)
+        if service != "subscriptions":  # the watcher assigns itself every partition: no group to join
+            wait_for_group(stalling, group, alive=proc)
         _produce(stalling, source, 0, 5)
         wait_for_commits(stalling, group, {(source, 0): 5}, deadline=deadline)
         _until(lambda: _readyz(port) == 200, proc, log, deadline)  # consuming, caught up: ready
