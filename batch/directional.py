@@ -5,7 +5,7 @@
 
 It does not read the coefficients (a model with constrained signs can still respond the wrong way
 through a free feature, a trend or the imputation): it scores whole observation rounds. A calm
-patient's round (tests/streams/worker_runs.py CALM: NEWS2 0) has one parameter worsened step by step,
+patient's round (CALM: NEWS2 0; the worker tests' calm rounds too) has one parameter worsened step by step,
 the others kept calm, and the features are computed by the stream's own code (streams/state.py and
 streams/features.py on canonical events), so the model sees what the worker would send it. Each
 parameter is checked twice: as a patient's first round (no trend, windows of one value) and as the

@@ -12,6 +12,7 @@ from typing import Callable
 
 from confluent_kafka import Producer
 
+from batch.directional import CALM  # NEWS2 0
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
 from wardwatch.settings import Settings
@@ -20,8 +21,6 @@ from wardwatch.worker_results import (Results, changelog_topic, collect_results,
 
 T0 = 1_718_000_000_000
 ROW_MS = 15 * 60_000
-CALM = {codes.RESP_RATE: 16, codes.SPO2: 97, codes.O2_FLOW: 0.0, codes.SYSTOLIC_BP: 125, codes.HEART_RATE: 75,
-        codes.CONSCIOUSNESS: 0, codes.TEMPERATURE: 37.0}
 SICK = {codes.RESP_RATE: 27, codes.SPO2: 90, codes.O2_FLOW: 2.0, codes.SYSTOLIC_BP: 88, codes.HEART_RATE: 135,
         codes.CONSCIOUSNESS: 3, codes.TEMPERATURE: 39.5}  # NEWS2 well above 7
 
