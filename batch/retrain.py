@@ -17,8 +17,9 @@ Features as of `issued` (no leakage) at every online scoring point, labels from 
 Against `current`, the point estimates only: a retrained model is expected to be about as good as the
 one serving (which passed the NEWS2 test itself), and with 75 held-out patients an interval of the gain
 would rarely exclude 0, which would keep `current` forever. `current` is evaluated on the same held-out
-rows as the new model (its card's metrics come from another split and are not comparable). The decision and its reasons go into the new card (`gate`)
-and into the latest `runs` row of the DuckDB file.
+rows as the new model (its card's metrics come from another split and are not comparable). The
+decision and its reasons go into the new card (`gate`) and into the `runs` row of the nightly whose
+file the model was trained on (record_in_runs).
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ the evaluation below). Each coefficient keeps the clinical direction its feature
 unconstrained fit gave correlated features of one parameter opposite signs where the data is thin (no
 C, 23 V rows), and the model answered an unresponsive patient with a risk of 0.000, a confused one
 with 0.99 (batch/directional.py checks whole rounds). It is exported with skl2onnx: input "features"
-float32 [None, n_features] in the card's feature order, NaN meaning missing (the graph imputes it with the card's `imputation` values); output "probabilities" float32
-[N, 2] (column 1 = onset of deterioration within the horizon).
+float32 [None, n_features] in the card's feature order, NaN meaning missing (the graph imputes it
+with the card's `imputation` values); output "probabilities" float32 [N, 2] (column 1 = onset of
+deterioration within the horizon).
 
 Evaluation (held-out patients; the model and NEWS2 on the same rows): AUROC, AUPRC, Brier, a
 reliability table, and at the operating threshold (settings.alert_threshold for the model, NEWS2 >=
@@ -79,7 +80,7 @@ from batch import registry
 from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TOLERANCE, features_as_of_issued,
                             final_facts)
 from schemas import codes
-from schemas.features import DERIVED, FEATURE_DIRECTIONS, FEATURE_NAMES
+from schemas.features import FEATURE_DIRECTIONS, FEATURE_NAMES, NEWS2_INPUTS
 from schemas.model_contract import CONTRACT_METADATA_KEY, contract_metadata
 
 # Every feature is numeric (consciousness is its ACVPU ordinal); the NEWS2 sub-scores give a
@@ -109,7 +110,6 @@ LABEL_DEFINITION = (f"first onset of deterioration within (T, T+horizon]: the pa
 _KEYS = ("patient_id", "scoring_ms", "partition", "offset")
 # the worker serves the model only where every NEWS2 input is charted; elsewhere it takes the NEWS2
 # rule path whatever the model would say (streams/scoring.py Scorer.score)
-NEWS2_INPUTS: tuple[str, ...] = next(d.inputs for d in DERIVED if d.name == "news2")
 SERVED = pl.all_horizontal(pl.col(c).is_not_null() for c in NEWS2_INPUTS).alias("_served")
 BOOTSTRAP_RESAMPLES = 500  # ~2 s of `batch train` on 75 held-out patients
 BOOTSTRAP_SEED = 0

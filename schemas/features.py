@@ -237,6 +237,9 @@ DERIVED: tuple[DerivedSpec, ...] = (
 )
 
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES) + tuple(d.name for d in DERIVED)
+# what NEWS2 reads: the worker serves the model only where all are charted (streams/scoring.py), and the
+# offline evaluation and training take the same rows (batch/train.py SERVED)
+NEWS2_INPUTS: tuple[str, ...] = _NEWS2_INPUTS
 # name -> direction, in FEATURE_NAMES order
 FEATURE_DIRECTIONS: dict[str, Direction] = {s.name: s.direction for s in (*FEATURES, *DERIVED)}
 

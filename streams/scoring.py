@@ -63,7 +63,7 @@ from typing import Literal, Sequence, TypedDict
 import numpy as np
 import onnxruntime as ort
 
-from schemas.features import DERIVED, derive, news2_charted_parts
+from schemas.features import DERIVED, NEWS2_INPUTS, derive, news2_charted_parts
 from schemas.model_contract import ContractError, ModelContract, check_contract
 from schemas.scores import news2_risk
 from streams.alerting import TIER_RANK
@@ -80,7 +80,6 @@ DEFAULT_HIGH_THRESHOLD = 0.7
 TOP_REASONS = 3
 
 # NEWS2 and its sub-scores are derived from the same inputs, in the same order (schemas.features)
-NEWS2_INPUTS: tuple[str, ...] = next(d.inputs for d in DERIVED if d.name == "news2")
 _NEWS2_PARTS: tuple[str, ...] = tuple(d.name for d in DERIVED if d.name.startswith("news2_"))
 NEWS2_PART_INPUT: dict[str, str] = dict(zip(_NEWS2_PARTS, NEWS2_INPUTS, strict=True))
 
