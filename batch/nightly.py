@@ -21,8 +21,8 @@ Readers of the old file keep a consistent view until they reopen; a crash mid-bu
 file untouched. One writer at a time per file (a lock next to it, writer_lock): a second run started
 meanwhile (the scheduler's and one by hand) stops with NightlyBusy, a run started while `batch train`
 records its decision (batch/retrain.py) waits for it, and the writer holding the lock removes the build
-and record copies a killed writer left behind. `runs` is carried over from the previous file and gains one row per run; every
-other table is a pure function of the archive.
+and record copies a killed writer left behind. `runs` is carried over from the previous file and
+gains one row per run; every other table is a pure function of the archive.
 
 Incremental (`full=False`, the CLI default): the `archive_parts` table lists the part files the
 file was built from; a run reads only the other ones and takes everything else from the previous
