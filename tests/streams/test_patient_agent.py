@@ -751,6 +751,9 @@ def test_the_most_recent_consciousness_observation_wins_whichever_scale_it_is_on
         return [(f["consciousness_last_24h"], f["news2_consciousness"])
                 for f in (orjson.loads(v)["features"] for _, v, _ in out.features)]
 
+    def worst_of_24h(out) -> list[float]:
+        return [orjson.loads(v)["features"]["consciousness_max_24h"] for _, v, _ in out.features]
+
     # ACVPU A (a CDC row), then a GCS of 7 half an hour later: P, 3 points, a medium alert
     assert consciousness(run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)) == [(0, 0)]
     out = run(processor, [msg(1, six_normal("p1", T0 + 30 * MIN, 2) + gcs("p1", T0 + 30 * MIN, 7, "gcs-2"))], store)
@@ -760,5 +763,11 @@ def test_the_most_recent_consciousness_observation_wins_whichever_scale_it_is_on
     assert consciousness(run(processor, [msg(2, vitals("p1", T0 + 60 * MIN, 3, **NORMAL))], store)) == [(0, 0)]
     # a GCS of 3 charted at 45 min arrives after it: older by event time, so the next round (without a
     # consciousness observation) still reads the A of 60 min, not the U that arrived last
-    run(processor, [msg(3, gcs("p1", T0 + 45 * MIN, 3, "gcs-3"))], store)
-    assert consciousness(run(processor, [msg(4, six_normal("p1", T0 + 90 * MIN, 4))], store)) == [(0, 0)]
+    late_u = gcs("p1", T0 + 45 * MIN, 3, "gcs-3")
+    assert [(e.code, e.value) for e in late_u] == [(codes.CONSCIOUSNESS, 4.0)]  # the parser made the U
+    run(processor, [msg(3, late_u)], store)
+    out = run(processor, [msg(4, six_normal("p1", T0 + 90 * MIN, 4))], store)
+    assert consciousness(out) == [(0, 0)]
+    # the late U is in the patient's state (the worst of 24 h), only not the latest: without this, a GCS
+    # never parsed or a late event dropped would pass the check above as well
+    assert worst_of_24h(out) == [4.0]
