@@ -348,26 +348,33 @@ def test_a_nightly_started_while_a_train_records_its_decision_waits_for_it(setti
     """`batch train` holds the file's lock for the seconds it takes to record its gate decision; the
     scheduler's nightly starting then must not fail for the night, as it does for another nightly."""
     import threading
+    import time
 
     from batch.nightly import TRAIN, writer_lock
 
     stage1(settings.archive_dir)
     holding, release = threading.Event(), threading.Event()
+    released_at: list[float] = []
+    steps: list[float] = []
 
     def train_records():
         with writer_lock(settings.duckdb_path, TRAIN):
             holding.set()
             release.wait(60)
+            released_at.append(time.monotonic())  # still held: the nightly's steps must all come later
 
     recorder = threading.Thread(target=train_records)
     recorder.start()
     try:
         assert holding.wait(60)
         threading.Timer(1.0, release.set).start()
-        result = run_nightly(settings, report=False, **STANDINS)
+        result = run_nightly(settings, report=False, progress=lambda step: steps.append(time.monotonic()),
+                             **STANDINS)
     finally:
         release.set()
         recorder.join(60)
+    # it waited for the train's lock (a nightly that took no lock, or another file's, also gets its row)
+    assert released_at and steps and steps[0] > released_at[0]
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         assert con.execute("SELECT run_id FROM runs").fetchall() == [(result["run_id"],)]
 
