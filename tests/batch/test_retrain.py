@@ -277,8 +277,9 @@ def test_a_decision_recorded_while_a_nightly_swaps_the_file_is_kept_next_to_the_
     try:
         assert inside.wait(60), "the second nightly never reached its write"
         recorder.start()
-        recorder.join(2)  # unlocked, the decision is in the old file by now
-        assert not recorder.is_alive() or waiting.is_set()
+        # the train waits for the nightly's lock (told through on_wait) instead of writing the old file
+        assert waiting.wait(30), "the train never waited for the nightly's lock"
+        assert recorder.is_alive()  # and still waits: the nightly holds its lock until released
     finally:
         release.set()
         second.join(60)
