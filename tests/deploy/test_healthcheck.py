@@ -112,6 +112,7 @@ def scheduler_env(clean_env, tmp_path):
     (tmp_path / "models").mkdir()
 
 
+@pytest.mark.timeout(120)  # runs `wardwatch batch nightly` twice as subprocesses (the scheduler's real job)
 def test_the_scheduler_is_unhealthy_after_a_failed_nightly_until_one_succeeds(healthcheck, clean_env, tmp_path,
                                                                                capsys):
     """A failed nightly was only the scheduler's log line `nightly run finished with exit code 1`:
