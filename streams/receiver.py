@@ -23,7 +23,8 @@ What is refused (400) and why:
   never lost silently. Its headers have no source topic/offset: it never was on a topic.
 
 GET /healthz answers 200 while the process serves; GET /readyz answers 200 only when the producer
-reaches the broker and the notifications topic exists.
+reaches the broker and the notifications topic exists. `wardwatch receiver` answers the /readyz of its
+metrics port (WARDWATCH_METRICS_PORT, what an orchestrator probes) the same way.
 
 Keying: a notification's events are normally of one patient; with several, the first event's
 patient is the key (the ingest worker re-keys every event by its own patient). Handshakes,
@@ -225,11 +226,11 @@ class Receiver:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        if await asyncio.to_thread(self._broker_reachable):
+        if await asyncio.to_thread(self.broker_reachable):
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "broker unreachable or notifications topic missing"}, status=503)
 
-    def _broker_reachable(self) -> bool:
+    def broker_reachable(self) -> bool:
         try:
             md = self._producer.list_topics(self.topics.fhir, timeout=2)
         except Exception:  # KafkaException: no broker answered
@@ -379,8 +380,11 @@ def run_receiver(settings: Settings) -> None:
     """CLI entry point: serve until SIGINT/SIGTERM (aiohttp handles the signals and cleans up).
     receiver_port 0: any free port, logged once bound (wardwatch/listen.py)."""
     from streams.topics import ensure_topics
+    from wardwatch import observability
 
     receiver = Receiver(settings)
+    # the metrics port's /readyz (what an orchestrator probes) answers as the receiver's own
+    observability.set_readiness(receiver.broker_reachable)
     try:
         ensure_topics(settings, receiver.topics, timeout_s=10)
     except Exception as exc:  # serve anyway: /readyz says 503 until the broker and topics are there

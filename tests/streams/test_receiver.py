@@ -18,7 +18,7 @@ from streams.receiver import (Accept, BackgroundReceiver, Receiver, Refuse, clas
                               token_ok)
 from streams.stats import read_stats, summarize
 from streams.topics import ensure_topics, topics_for
-from wardwatch.broker import closed_port
+from wardwatch.broker import EmbeddedBroker, closed_port, free_port
 from wardwatch.procs import start_http_service, stop_service
 from wardwatch.settings import Settings
 from tests.fixtures.ingest.corpus import fhir_bundle, raw_file
@@ -327,3 +327,39 @@ def test_wardwatch_receiver_serves_until_sigterm_and_publishes_its_counters(sett
     counters = summary["services"]["receiver"]["counters"]
     assert counters["responses"] == {"200": 1, "400": 1}
     assert counters["accepted"] == {"event": 1} and counters["dead_lettered"] == {"invalid_structure": 1}
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=10).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def _wait_for_status(url: str, status: int, deadline_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + deadline_s
+    while (got := _status(url)) != status:
+        assert time.monotonic() < deadline, f"{url} still answers {got}, not {status}"
+        time.sleep(0.2)
+
+
+@pytest.mark.integration
+def test_the_metrics_ports_readyz_follows_the_broker(settings, tmp_path):
+    """An orchestrator probes /readyz on WARDWATCH_METRICS_PORT: while the broker cannot take the
+    receiver's writes it must say 503 there too (it answered 200 whatever the broker did)."""
+    with EmbeddedBroker.start(log_path=tmp_path / "broker.log") as broker:
+        metrics_port = free_port()
+        service_settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap, "receiver_port": 0,
+                                                       "metrics_port": metrics_port})
+        proc, _port = start_http_service(["receiver"], service_settings, tmp_path / "receiver.log")
+        ready = f"http://127.0.0.1:{metrics_port}/readyz"
+        try:
+            _wait_for_status(ready, 200)
+            broker.pause()  # SIGSTOP: the broker answers nothing
+            try:
+                _wait_for_status(ready, 503)
+            finally:
+                broker.resume()
+            _wait_for_status(ready, 200)
+        finally:
+            assert stop_service(proc) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
