@@ -38,7 +38,8 @@ def problems(settings: Settings, *, broker: bool = True, port_setting: str | Non
     the check then also connects to it on this host. nightly: the scheduler's last run failed, or
     none succeeded for 26 h (its status file in the data dir). ready: the service's /readyz on
     settings.metrics_port answers 200 (the worker's is 503 while it recovers or its consumption
-    watchdog sees messages waiting that it does not apply; the receiver's while it cannot write).
+    watchdog sees messages waiting that it does not apply; the receiver's while it cannot write; the
+    CDS service's until it has re-read the scores topic after a start).
     """
     found = []
     if not os.access(settings.data_dir, os.W_OK):

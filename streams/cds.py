@@ -3,7 +3,9 @@
     GET  /cds-services                            discovery: service `wardwatch-deterioration`,
                                                   hook patient-view, no prefetch
     POST /cds-services/wardwatch-deterioration    CDS Hooks request -> {"cards": [card]} or {"cards": []}
-    GET  /healthz                                 {"patients": n, "records_read": n, "records_skipped": n}
+    GET  /healthz                                 {"patients": n, "records_read": n, "records_skipped": n,
+                                                   "caught_up": bool}
+    GET  /readyz                                  200 once the scores topic is read up to its end at start, else 503
 
 Request: `context.patientId` is the FHIR Patient id (a "Patient/<id>" reference is accepted too).
 wardwatch keys patients the way the ingest does (schemas/fhir.py): by the MRN when the source
@@ -34,7 +36,10 @@ record), so memory grows with the number of patients, never with the number of s
 by a consumer of the scores topic that starts at the beginning of every partition and commits
 nothing. Kafka is the durable store: after a restart the service rebuilds the same table by
 re-reading the topic (the topic's retention bounds how far back a patient's latest score can
-be); while it catches up, a patient may still answer `{"cards": []}`. Shadow scores (scores.shadow)
+be). Until it has read up to the end offsets the topic had when it started (CatchUp), a service
+call answers 503 with Retry-After, never `{"cards": []}`: an empty answer would tell the clinician
+"no risk" for a patient whose high score is not read yet. GET /readyz (and the metrics port's)
+answers 503 until then too; /healthz says `caught_up`. Shadow scores (scores.shadow)
 are never served. Logs never carry patient ids or values.
 """
 
@@ -51,7 +56,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jwt
 import orjson
@@ -408,8 +413,32 @@ def authenticate(auth: ClientAuth, authorization: str | None, now: float | None 
 # --- wiring: HTTP and the Kafka feed ---------------------------------------------------------------------
 
 
-def make_app(latest: LatestScores, auth: ClientAuth | None = None) -> web.Application:
-    """auth None: anonymous service calls (load_client_auth decides when that is allowed)."""
+CATCHING_UP_RETRY_S = 5
+
+
+class CatchUp:
+    """Whether a reader of a topic from its beginning has reached the end offsets the topic had when
+    it started. `ends`: partition -> (low, high) watermarks then; an empty partition is done at once."""
+
+    def __init__(self, ends: dict[int, tuple[int, int]]):
+        self.remaining = {p: high for p, (low, high) in ends.items() if high > low}
+        self.partitions = len(ends)
+        self.done = threading.Event()
+        if not self.remaining:
+            self.done.set()
+
+    def seen(self, partition: int, offset: int) -> None:
+        """A record at `offset` of `partition` was read."""
+        end = self.remaining.get(partition)
+        if end is not None and offset + 1 >= end:
+            del self.remaining[partition]
+            if not self.remaining:
+                self.done.set()
+
+
+def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool]) -> web.Application:
+    """auth None: anonymous service calls (load_client_auth decides when that is allowed). ready: the
+    scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503."""
 
     async def discovery(_request: web.Request) -> web.Response:
         return web.json_response(DISCOVERY)
@@ -422,6 +451,10 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None) -> web.Applic
                 # RFC 6750: a missing token gets the bare challenge, a bad one error="invalid_token"
                 challenge = 'Bearer realm="wardwatch"' + (', error="invalid_token"' if e.token_sent else "")
                 return web.json_response({"error": str(e)}, status=401, headers={"WWW-Authenticate": challenge})
+        if not ready():  # an empty answer now could hide a high score not read yet
+            return web.json_response(
+                {"error": "the CDS service is still reading the latest scores since its start: retry shortly"},
+                status=503, headers={"Retry-After": str(CATCHING_UP_RETRY_S)})
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -435,22 +468,30 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None) -> web.Applic
 
     async def health(_request: web.Request) -> web.Response:
         return web.json_response({"patients": len(latest.by_patient), "records_read": latest.records_read,
-                                  "records_skipped": latest.records_skipped})
+                                  "records_skipped": latest.records_skipped, "caught_up": ready()})
+
+    async def readiness(_request: web.Request) -> web.Response:
+        if ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "still reading the scores topic"}, status=503)
 
     app = web.Application()
     app.router.add_get("/cds-services", discovery)
     app.router.add_post(f"/cds-services/{SERVICE_ID}", service)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/readyz", readiness)
     return app
 
 
 class ScoresFeed(threading.Thread):
-    """Reads the scores topic from the beginning into `latest`, until stop is set."""
+    """Reads the scores topic from the beginning into `latest`, until stop is set. `caught_up` is set
+    once it has read up to the end offsets the topic had when it started."""
 
     def __init__(self, settings: Settings, topic: str, latest: LatestScores):
         super().__init__(name="cds-scores-feed", daemon=True)
         self.settings, self.topic, self.latest = settings, topic, latest
         self.stop_event = threading.Event()
+        self.caught_up = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -465,6 +506,9 @@ class ScoresFeed(threading.Thread):
         })
         try:
             partitions = consumer.list_topics(self.topic, timeout=30).topics[self.topic].partitions
+            started = time.monotonic()
+            catch_up = CatchUp({p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
+                                for p in partitions})
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
             while not self.stop_event.is_set():
                 for message in consumer.consume(num_messages=500, timeout=0.2):
@@ -472,6 +516,12 @@ class ScoresFeed(threading.Thread):
                         log.warning("scores feed: %s", message.error())
                         continue
                     self.latest.update(message.value())
+                    catch_up.seen(message.partition(), message.offset())
+                if catch_up.done.is_set() and not self.caught_up.is_set():
+                    self.caught_up.set()
+                    log.info("scores read up to the end of %s at start: %d records in %.1f s; serving cards",
+                             self.topic, self.latest.records_read + self.latest.records_skipped,
+                             time.monotonic() - started)
         except Exception as e:  # infrastructure: stop the service rather than serve stale risk
             self.error = e
             log.error("scores feed stopped (%s: %s); stopping the CDS service", type(e).__name__, e)
@@ -484,6 +534,7 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     """Blocking: serve CDS Hooks on settings.cds_host:cds_port until SIGINT/SIGTERM (cds_port 0: any
     free port, logged once bound: wardwatch/listen.py). `auth`: load_client_auth(settings)."""
     from streams.topics import ensure_topics, topics_for
+    from wardwatch import observability
 
     if auth is not None:
         log.info("CDS client authentication: %s", auth.describe())
@@ -499,7 +550,8 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     latest = LatestScores.empty()
     feed = ScoresFeed(settings, topics.scores, latest)
     feed.start()
-    app = make_app(latest, auth)
+    observability.set_readiness(feed.caught_up.is_set)  # the metrics port's /readyz too
+    app = make_app(latest, auth, ready=feed.caught_up.is_set)
 
     async def stop_feed(_app: web.Application) -> None:
         feed.stop_event.set()

@@ -136,8 +136,9 @@ def test_every_long_running_service_has_a_healthcheck(compose):
 def test_the_workers_healthcheck_asks_its_readiness(compose):
     """The worker's /readyz is 503 while it applies nothing it should (its consumption watchdog):
     its container must show unhealthy then, so its healthcheck asks /readyz (deploy/healthcheck.py --ready).
-    The receiver's is 503 while its producer cannot reach the broker: the FHIR server's posts then fail."""
-    for name in ("worker", "ingest", "archiver", "subscriptions", "receiver"):
+    The receiver's is 503 while its producer cannot reach the broker: the FHIR server's posts then fail;
+    the CDS service's until it has re-read the scores after a start: its calls answer 503 meanwhile."""
+    for name in ("worker", "ingest", "archiver", "subscriptions", "receiver", "cds"):
         test = compose["services"][name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "/opt/wardwatch/healthcheck.py"] and "--ready" in test, name
 

@@ -18,9 +18,10 @@ from confluent_kafka import Producer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from streams.cds import (SERVICE_ID, AuthConfigError, BadRequest, LatestScores, SeenTokens, card,
+from streams.cds import (SERVICE_ID, AuthConfigError, BadRequest, CatchUp, LatestScores, SeenTokens, card,
                          load_client_auth, make_app, patient_keys)
 from streams.topics import ensure_topics, topics_for
+from wardwatch.broker import free_port
 from wardwatch.procs import start_http_service, stop_service
 
 T = 1_704_096_000_000  # 2024-01-01T08:00:00Z
@@ -127,7 +128,7 @@ def test_over_http_a_malformed_request_is_a_400_and_a_bad_score_never_a_500():
     latest.update(orjson.dumps(score(minute=10, tier="low")))
 
     async def post(body: dict) -> tuple[int, dict]:
-        async with TestClient(TestServer(make_app(latest))) as client:
+        async with TestClient(TestServer(make_app(latest, ready=lambda: True))) as client:
             response = await client.post(f"/cds-services/{SERVICE_ID}", json=body)
             return response.status, await response.json()
 
@@ -200,7 +201,7 @@ def call(latest: LatestScores, auth, headers: dict, *, path: str = f"/cds-servic
     """POST (GET for discovery and health) `tokens` times; [(status, body, response headers)]."""
     async def go():
         answers = []
-        async with TestClient(TestServer(make_app(latest, auth))) as client:
+        async with TestClient(TestServer(make_app(latest, auth, ready=lambda: True))) as client:
             for _ in range(tokens):
                 if path.startswith("/cds-services/"):
                     response = await client.post(path, headers=headers, json={
@@ -342,6 +343,44 @@ def test_a_jwks_the_service_cannot_use_stops_it_in_one_line(ehr_key, tmp_path, c
     assert f"/cds-services/{SERVICE_ID}" in refusal(tmp_path / "ok.json", "https://wardwatch.example.org/cds-services")
 
 
+def test_catch_up_is_done_once_every_partition_is_read_to_its_end_at_start():
+    catch_up = CatchUp({0: (0, 3), 1: (5, 5), 2: (10, 12)})  # partition 1 was empty (or all expired)
+    assert not catch_up.done.is_set()
+    catch_up.seen(0, 2)
+    catch_up.seen(2, 10)
+    assert not catch_up.done.is_set()  # partition 2's record 11 is not read yet
+    catch_up.seen(2, 11)
+    assert catch_up.done.is_set()
+    assert CatchUp({0: (0, 0), 1: (7, 7)}).done.is_set()  # nothing to read: ready at once
+
+
+def test_until_the_scores_are_read_a_call_is_a_503_never_an_empty_answer():
+    """An empty `cards` while the service re-reads the topic after a restart would tell the clinician
+    "no risk" for a patient whose high score it has not read yet."""
+    latest = LatestScores.empty()
+    caught_up = False
+
+    async def calls() -> list[tuple[int, dict, dict]]:
+        async with TestClient(TestServer(make_app(latest, ready=lambda: caught_up))) as client:
+            answers = []
+            for method, path in [("post", f"/cds-services/{SERVICE_ID}"), ("get", "/readyz"),
+                                 ("get", "/healthz"), ("get", "/cds-services")]:
+                body = {"hook": "patient-view", "context": {"patientId": "p-1"}} if method == "post" else None
+                response = await getattr(client, method)(path, json=body)
+                answers.append((response.status, await response.json(), dict(response.headers)))
+            return answers
+
+    (call, call_body, headers), (ready, _, _), (health, health_body, _), (discovery, _, _) = asyncio.run(calls())
+    assert call == 503 and int(headers["Retry-After"]) > 0 and "retry" in call_body["error"]
+    assert ready == 503 and health == 200 and health_body["caught_up"] is False
+    assert discovery == 200  # the EHR may still discover the service
+    latest.update(orjson.dumps(score()))
+    caught_up = True
+    (call, call_body, _), (ready, _, _), (health, health_body, _), _ = asyncio.run(calls())
+    assert call == 200 and call_body["cards"][0]["summary"].startswith("Deterioration risk HIGH")
+    assert ready == 200 and health_body["caught_up"] is True
+
+
 # --- over real HTTP, fed from the real broker -------------------------------------------------------------
 
 
@@ -366,9 +405,13 @@ def wait_for_card(base: str, patient_id: str, proc, expect, timeout_s: float = 6
         if proc.poll() is not None:
             raise RuntimeError(f"wardwatch cds exited with code {proc.returncode}")
         try:
-            last = ask(base, patient_id).json()["cards"]
-            if expect(last):
-                return last
+            answer = ask(base, patient_id)
+            if answer.status_code == 503:  # still reading the scores topic since its start
+                last = answer.json()
+            else:
+                last = answer.json()["cards"]
+                if expect(last):
+                    return last
         except httpx.TransportError:  # not listening yet
             pass
         time.sleep(0.2)
@@ -426,6 +469,38 @@ def test_cds_service_over_http_serves_the_latest_score_and_rebuilds_after_restar
 
 
 @pytest.mark.integration
+def test_a_restarted_cds_service_never_answers_no_card_for_a_scored_patient(settings, tmp_path):
+    """After a (re)start the service re-reads the whole scores topic: until it is read to the end it
+    had at start, a call for a patient whose high score sits at the end is 503, never `{"cards": []}`."""
+    settings = settings.model_copy(update={"cds_port": 0, "metrics_port": free_port()})
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    publish(settings, topics.scores, [score(f"other-{i}", i % 600, tier="low", probability=0.1)
+                                      for i in range(20_000)])
+    publish(settings, topics.scores, [score("p-late", 30, tier="high", probability=0.91)])
+
+    proc, port = start_http_service(["cds"], settings, tmp_path / "cds.log")
+    base, metrics = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{settings.metrics_port}"
+    answers = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, f"no card for p-late within 60 s: {answers[-3:]}"
+            response = ask(base, "p-late")
+            answers.append((response.status_code, response.json()))
+            if response.status_code == 200:
+                break
+            time.sleep(0.02)
+        assert httpx.get(f"{metrics}/readyz", timeout=5).status_code == 200
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+    finally:
+        stop_service(proc)
+    status, body = answers[-1]
+    assert body["cards"] and "HIGH" in body["cards"][0]["summary"], answers[-1]
+    assert all(status == 503 for status, _ in answers[:-1]), answers[:5]
+
+
+@pytest.mark.integration
 def test_cds_service_with_client_keys_answers_only_signed_calls(settings, tmp_path, ehr_key):
     settings = settings.model_copy(update={
         "cds_port": 0, "cds_jwks_file": write_jwks(tmp_path / "jwks.json", ehr_key), "cds_issuers": [ISSUER],
@@ -442,8 +517,8 @@ def test_cds_service_with_client_keys_answers_only_signed_calls(settings, tmp_pa
         while not cards and time.monotonic() < deadline:  # (a new token each call: a jti is used once)
             signed_call = httpx.post(f"{base}/cds-services/{SERVICE_ID}", json=body, timeout=5,
                                      headers={"Authorization": f"Bearer {signed(ehr_key)}"})
-            assert signed_call.status_code == 200, signed_call.text
-            cards = signed_call.json()["cards"]
+            assert signed_call.status_code in (200, 503), signed_call.text  # 503: still reading the scores
+            cards = signed_call.json().get("cards")
             time.sleep(0.2)
         assert cards and "probability 0.91" in cards[0]["summary"]
         anonymous = httpx.post(f"{base}/cds-services/{SERVICE_ID}", json=body, timeout=5)
