@@ -25,6 +25,18 @@ the key that verifies it). Discovery and /healthz stay open: they hold no patien
 JWK Set the service takes anonymous calls, and starts only on a loopback address or with
 WARDWATCH_CDS_ALLOW_ANONYMOUS=true (load_client_auth).
 
+Key rotation and revocation without a restart (ClientKeys): the JWK Set file is stat()ed at most every
+WARDWATCH_CDS_JWKS_CHECK_S (5 s) when a service call comes, and re-read only when it changed (device,
+inode, size, mtime or ctime); a call with an unknown `kid` may look once more per interval, so an
+EHR's first call with its new key finds it. At most two stat()s per interval, and a read only for a
+changed file: no token, valid or not, makes the service touch the disk per request.
+The new file's keys replace the old ones whole: a key removed from the file stops verifying within
+that interval. A changed file that cannot be read, is not JSON or not a usable JWK Set (no key, a
+private key, ...) keeps the last good keys: one error line `CDS client keys NOT reloaded: ...` (no key
+material), the counter `client_keys.reload_failures` and the gauge `client_keys.file_unusable` (1 until
+a good file is in place) on the metrics endpoint; a good reload logs `CDS client keys reloaded ...`
+with the kids added and removed. A file that was never usable stops the service at start, as before.
+
 Card: summary (< 140 chars, no identifiers: the tier and the probability or NEWS2, and "preliminary
 results" when a reading the score rests on is a preliminary result), indicator by tier (high
 critical, medium warning, low/none info), source.label "wardwatch", detail (markdown: the top
@@ -287,20 +299,121 @@ class SeenTokens:
         return len(self._until)
 
 
+class ClientKeys:
+    """The trusted client keys of WARDWATCH_CDS_JWKS_FILE, kept in step with the file without a restart.
+
+    The file is stat()ed at most every `check_s` seconds, when a service call asks for a key, and read
+    only when its identity, size or modification time changed. A call whose `kid` is unknown may make
+    one extra stat() at most once per `check_s` (the EHR's first call with a rotated key finds it at
+    once), so no token, valid or not, makes the service touch the disk per request. A changed file
+    replaces the keys whole: a key removed from it stops verifying. A changed file that cannot be read
+    or is not a usable JWK Set keeps the last good keys, says so in one error line (no key material)
+    and counts it (client_keys.reload_failures; gauge client_keys.file_unusable is 1 until a good file
+    is in place). Service calls run on one event loop: no lock is needed."""
+
+    def __init__(self, path: Path, algorithms: list[str], *, check_s: float = 5.0,
+                 clock=time.monotonic):
+        self.path, self.algorithms, self.check_s, self._clock = Path(path), list(algorithms), check_s, clock
+        self.checks = self.reloads = self.reload_failures = 0
+        self.file_unusable = False
+        self._version = self._stat()  # AuthConfigError at start: the service does not start
+        self.keys = self._read()
+        self._checked = self._forced = clock()
+
+    def _where(self) -> str:
+        return f"WARDWATCH_CDS_JWKS_FILE={self.path}"
+
+    def _stat(self) -> tuple:
+        try:
+            st = os.stat(self.path)  # (follows a symlink: a Kubernetes ConfigMap swaps its target)
+        except OSError as e:
+            raise AuthConfigError(f"{self._where()} cannot be read ({e.strerror}; in a container: mount the "
+                                  f"file there)") from None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def _read(self) -> dict[tuple[str, str], jwt.PyJWK]:
+        try:
+            jwks = orjson.loads(self.path.read_bytes())
+        except OSError as e:
+            raise AuthConfigError(f"{self._where()} cannot be read ({e.strerror}; in a container: mount the "
+                                  f"file there)") from None
+        except orjson.JSONDecodeError:
+            raise AuthConfigError(f"{self._where()} is not JSON (a JWK Set of the CDS clients' public keys)") from None
+        try:
+            return client_keys(jwks, self.algorithms)
+        except AuthConfigError as e:
+            raise AuthConfigError(f"{self._where()} {e}") from None
+
+    def get(self, kid: str, alg: str) -> jwt.PyJWK | None:
+        """The key for a token's (kid, alg), or None; re-reads a changed file first (see the class)."""
+        now = self._clock()
+        looked = now - self._checked >= self.check_s
+        if looked:
+            self._refresh(now)
+        key = self.keys.get((kid, alg))
+        if key is None and not looked and now - self._forced >= self.check_s:
+            self._forced = now  # an unknown kid: one extra look per interval, whatever the tokens say
+            self._refresh(now)
+            key = self.keys.get((kid, alg))
+        return key
+
+    def _refresh(self, now: float) -> None:
+        self._checked = now
+        self.checks += 1
+        try:
+            version = self._stat()
+        except AuthConfigError as e:
+            self._failed(("gone",), e)
+            return
+        if version == self._version:
+            return
+        try:  # the version seen before the read: a write during the read is seen (and read) next time
+            keys = self._read()
+        except AuthConfigError as e:
+            self._failed(version, e)
+            return
+        before, after = {kid for kid, _ in self.keys}, {kid for kid, _ in keys}
+        self.keys, self._version, self.file_unusable = keys, version, False
+        self.reloads += 1
+        log.info("CDS client keys reloaded from %s: %d key(s); kids added: %s; removed: %s", self._where(),
+                    len(after), ", ".join(sorted(after - before)) or "none",
+                    ", ".join(sorted(before - after)) or "none")
+
+    def _failed(self, version: tuple, error: AuthConfigError) -> None:
+        if version == self._version:
+            return  # this broken state was reported already: one line per change, not one per interval
+        self._version, self.file_unusable = version, True
+        self.reload_failures += 1
+        kids = sorted({kid for kid, _ in self.keys})
+        log.error("CDS client keys NOT reloaded: %s; still verifying with the %d key(s) loaded before (kids %s)",
+                  error, len(kids), ", ".join(kids))
+
+    def kids(self) -> set[str]:
+        return {kid for kid, _ in self.keys}
+
+    def counters(self) -> dict:
+        return {"client_keys": {"checks": self.checks, "reloads": self.reloads,
+                                "reload_failures": self.reload_failures}}
+
+    def gauges(self) -> dict:
+        return {"client_keys": {"loaded": len(self.kids()), "file_unusable": int(self.file_unusable)}}
+
+
 @dataclass
 class ClientAuth:
-    """What a CDS client's token is checked against (built once at start by load_client_auth)."""
+    """What a CDS client's token is checked against (built at start by load_client_auth; its keys
+    follow the JWK Set file: ClientKeys)."""
 
-    keys: dict[tuple[str, str], jwt.PyJWK]  # (kid, alg) -> the public key, bound to that algorithm
+    keys: ClientKeys
     issuers: list[str]
     audience: str
     algorithms: list[str]
     seen: SeenTokens = field(default_factory=SeenTokens)
 
     def describe(self) -> str:
-        kids = {kid for kid, _ in self.keys}
-        return (f"signed JWT required on every service call ({len(kids)} client key(s), {len(self.issuers)} "
-                f"issuer(s), algorithms {', '.join(self.algorithms)})")
+        return (f"signed JWT required on every service call ({len(self.keys.kids())} client key(s), "
+                f"{len(self.issuers)} issuer(s), algorithms {', '.join(self.algorithms)}; "
+                f"{self.keys.path} re-read when it changes, checked every {self.keys.check_s:g} s at most)")
 
 
 def client_keys(jwks: Any, algorithms: list[str]) -> dict[tuple[str, str], jwt.PyJWK]:
@@ -329,7 +442,7 @@ def client_keys(jwks: Any, algorithms: list[str]) -> dict[tuple[str, str], jwt.P
     return keys
 
 
-def load_client_auth(settings: Settings) -> ClientAuth | None:
+def load_client_auth(settings: Settings, *, clock=time.monotonic) -> ClientAuth | None:
     """The client checks `wardwatch cds` runs with (None: anonymous calls), or AuthConfigError: one
     line saying what to set. Anonymous only where nobody else can connect (a loopback address), unless
     the operator says so: on the compose network every container reaches the port."""
@@ -341,17 +454,8 @@ def load_client_auth(settings: Settings) -> ClientAuth | None:
             "risk to anyone who reaches the port: set WARDWATCH_CDS_JWKS_FILE (the EHRs' public keys), "
             "WARDWATCH_CDS_ISSUERS and WARDWATCH_CDS_AUDIENCE to require signed tokens, or "
             "WARDWATCH_CDS_ALLOW_ANONYMOUS=true to accept that")
-    where = f"WARDWATCH_CDS_JWKS_FILE={settings.cds_jwks_file}"
-    try:
-        jwks = orjson.loads(Path(settings.cds_jwks_file).read_bytes())
-    except OSError as e:
-        raise AuthConfigError(f"{where} cannot be read ({e.strerror}; in a container: mount the file there)") from None
-    except orjson.JSONDecodeError:
-        raise AuthConfigError(f"{where} is not JSON (a JWK Set of the CDS clients' public keys)") from None
-    try:
-        keys = client_keys(jwks, settings.cds_algorithms)
-    except AuthConfigError as e:
-        raise AuthConfigError(f"{where} {e}") from None
+    keys = ClientKeys(settings.cds_jwks_file, settings.cds_algorithms, check_s=settings.cds_jwks_check_s,
+                      clock=clock)
     audience = settings.cds_audience or ""
     # CDS Hooks: aud is the URL of the endpoint called, and a service's endpoint is <base>/cds-services/<id>
     endpoint = f"/cds-services/{SERVICE_ID}"
@@ -379,7 +483,7 @@ def authenticate(auth: ClientAuth, authorization: str | None, now: float | None 
     alg, kid = header.get("alg"), header.get("kid")
     if alg not in auth.algorithms:  # none and HMAC are never in the list (settings.py)
         raise Unauthorized(f"the token's signing algorithm is not accepted (only {', '.join(auth.algorithms)})")
-    key = auth.keys.get((kid, alg)) if isinstance(kid, str) else None
+    key = auth.keys.get(kid, alg) if isinstance(kid, str) else None
     if key is None:
         raise Unauthorized("the token's `kid` names no trusted client key for its algorithm")
     try:
@@ -537,7 +641,11 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     from wardwatch import observability
 
     if auth is not None:
+        from wardwatch import observability
+
         log.info("CDS client authentication: %s", auth.describe())
+        observability.expose_counters("cds", auth.keys.counters)  # read at scrape time: nothing on the hot path
+        observability.expose_gauges("cds", auth.keys.gauges)
     elif is_loopback(settings.cds_host):
         log.info("CDS client authentication: off, anonymous service calls accepted (loopback address only); "
                  "set WARDWATCH_CDS_JWKS_FILE to require the EHR's signed tokens")

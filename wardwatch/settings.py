@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     cds_issuers: Annotated[list[str], NoDecode] = Field(
         [], description="The `iss` values accepted in CDS clients' tokens, comma-separated (required with WARDWATCH_CDS_JWKS_FILE)")
     cds_audience: str | None = Field(None, description="The `aud` a CDS client's token must carry: the URL of this service's endpoint as the EHR calls it, https://<host>/cds-services/wardwatch-deterioration (required with WARDWATCH_CDS_JWKS_FILE)")
+    cds_jwks_check_s: float = Field(5.0, gt=0, le=300, description="How often, at most, `wardwatch cds` looks whether WARDWATCH_CDS_JWKS_FILE changed (seconds): a changed file's keys replace the old ones without a restart (a key removed from it stops verifying within this time); an unreadable or invalid new file keeps the last good keys")
     cds_algorithms: Annotated[list[str], NoDecode] = Field(
         ["ES384", "RS384"], description="JWS algorithms accepted for CDS clients' tokens, comma-separated: asymmetric only (default: ES384 and RS384, the ones CDS Hooks recommends)")
     cds_allow_anonymous: bool = Field(False, description="Without WARDWATCH_CDS_JWKS_FILE, let `wardwatch cds` listen on a non-loopback address anyway: anyone who reaches the port reads any patient's latest risk")

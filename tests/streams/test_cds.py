@@ -529,3 +529,223 @@ def test_cds_service_with_client_keys_answers_only_signed_calls(settings, tmp_pa
         stop_service(proc)
     log = (tmp_path / "cds.log").read_text()
     assert "CDS client authentication: signed JWT required" in log and ISSUER not in log
+
+
+# --- client keys follow the JWK Set file: rotation and revocation without a restart -----------------------
+
+NEW_KID = "ehr-2025"
+
+
+def write_keys(path, *pairs, atomic: bool = True):
+    """The JWK Set of (private key, kid) pairs' public halves; atomic: written beside and renamed over
+    (what an operator's `mv` or a ConfigMap update does), else rewritten in place."""
+    keys = [orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(k.public_key())) | {"kid": kid, "use": "sig"}
+            for k, kid in pairs]
+    if atomic:
+        spare = path.with_name(path.name + ".new")
+        spare.write_bytes(orjson.dumps({"keys": keys}))
+        spare.replace(path)
+    else:
+        path.write_bytes(orjson.dumps({"keys": keys}))
+    return path
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def rotating(ehr_key, tmp_path, clean_env):
+    """(auth, jwks path, clock): client auth on a JWK Set file holding ehr_key, with a clock the test moves."""
+    from wardwatch.settings import Settings
+
+    path = write_keys(tmp_path / "jwks.json", (ehr_key, KID))
+    clock = Clock()
+    settings = Settings(cds_host="0.0.0.0", cds_jwks_file=path, cds_issuers=ISSUER, cds_audience=AUDIENCE,
+                        cds_jwks_check_s=5)
+    return load_client_auth(settings, clock=clock), path, clock
+
+
+def status_of(scored, auth, key, kid=KID) -> int:
+    [(status, _, _)] = call(scored, auth, {"Authorization": f"Bearer {signed(key, kid=kid)}"})
+    return status
+
+
+def test_a_rotated_key_verifies_and_a_revoked_one_stops_without_a_restart(scored, rotating, ehr_key):
+    auth, path, clock = rotating
+    new_key = ec.generate_private_key(ec.SECP384R1())
+    assert status_of(scored, auth, ehr_key) == 200 and status_of(scored, auth, new_key, NEW_KID) == 401
+    clock.now += 5
+    assert status_of(scored, auth, ehr_key) == 200  # the periodic look: nothing changed
+
+    write_keys(path, (ehr_key, KID), (new_key, NEW_KID))  # the EHR publishes its next key beside the old one
+    clock.now += 1  # before the next periodic look: the unknown kid makes the one extra look, and finds it
+    assert status_of(scored, auth, new_key, NEW_KID) == 200
+    assert status_of(scored, auth, ehr_key) == 200  # both verify while the EHR switches
+
+    write_keys(path, (new_key, NEW_KID), atomic=False)  # the old key revoked (the file rewritten in place)
+    clock.now += 5
+    assert status_of(scored, auth, ehr_key) == 401
+    assert status_of(scored, auth, new_key, NEW_KID) == 200
+    assert auth.keys.counters()["client_keys"]["reloads"] == 2
+    assert auth.keys.gauges() == {"client_keys": {"loaded": 1, "file_unusable": 0}}
+
+
+def test_a_revoked_key_keeps_verifying_no_longer_than_the_interval(scored, rotating, ehr_key):
+    auth, path, clock = rotating
+    other = ec.generate_private_key(ec.SECP384R1())
+    write_keys(path, (other, NEW_KID))
+    clock.now += 4.9  # the file is not looked at before the interval: a known kid costs no stat
+    assert status_of(scored, auth, ehr_key) == 200
+    clock.now += 0.1
+    assert status_of(scored, auth, ehr_key) == 401
+
+
+BROKEN = {
+    "not JSON": lambda path, key: path.write_text('{"keys": [{"kty": "EC", "crv": "P-384", "x'),
+    "removed": lambda path, key: path.unlink(),
+    "no keys": lambda path, key: path.write_text('{"keys": []}'),
+    "a private key": lambda path, key: path.write_bytes(orjson.dumps({"keys": [
+        orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(key)) | {"kid": NEW_KID}]})),
+    "unreadable": lambda path, key: path.mkdir() if path.unlink() is None else None,  # a directory now
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_new_file_keeps_the_last_good_keys_in_one_log_line(case, scored, rotating, ehr_key, caplog):
+    auth, path, clock = rotating
+    new_key = ec.generate_private_key(ec.SECP384R1())
+    BROKEN[case](path, new_key)
+    caplog.set_level("INFO", logger="streams.cds")
+    for _ in range(3):  # three intervals: the same broken file is reported once
+        clock.now += 5
+        assert status_of(scored, auth, ehr_key) == 200
+    [line] = [r for r in caplog.records if r.name == "streams.cds"]
+    assert line.levelname == "ERROR" and line.getMessage().startswith("CDS client keys NOT reloaded")
+    assert "still verifying with the 1 key(s) loaded before" in line.getMessage()
+    public = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(ehr_key))
+    secret = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(new_key))
+    for material in (public["x"], public["y"], secret["x"], secret["d"]):
+        assert material not in line.getMessage()
+    assert auth.keys.counters()["client_keys"]["reload_failures"] == 1
+    assert auth.keys.gauges()["client_keys"]["file_unusable"] == 1
+
+    if path.is_dir():
+        path.rmdir()
+    write_keys(path, (new_key, NEW_KID))  # fixed: the new file's keys, and only those
+    clock.now += 5
+    assert status_of(scored, auth, new_key, NEW_KID) == 200 and status_of(scored, auth, ehr_key) == 401
+    assert auth.keys.gauges() == {"client_keys": {"loaded": 1, "file_unusable": 0}}
+    assert "CDS client keys reloaded" in caplog.records[-1].getMessage()
+
+
+def test_no_token_makes_the_service_touch_the_disk_per_request(scored, rotating, ehr_key, monkeypatch):
+    from streams.cds import ClientKeys
+
+    auth, path, clock = rotating
+    touched = {"stat": 0, "read": 0}
+
+    def counting(name):
+        real = getattr(ClientKeys, name)
+
+        def spy(self, *args):
+            touched[name.strip("_")] += 1
+            return real(self, *args)
+        return spy
+
+    monkeypatch.setattr(ClientKeys, "_stat", counting("_stat"))
+    monkeypatch.setattr(ClientKeys, "_read", counting("_read"))
+    unknown = [{"Authorization": f"Bearer {signed(ehr_key, kid=f'probe-{i}')}"} for i in range(40)]
+    valid = [{"Authorization": f"Bearer {signed(ehr_key)}"} for _ in range(40)]
+    clock.now += 5  # one interval has passed: one look is due
+
+    async def go():
+        answers = []
+        async with TestClient(TestServer(make_app(scored, auth))) as client:
+            for headers in (h for pair in zip(unknown, valid) for h in pair):
+                response = await client.post(f"/cds-services/{SERVICE_ID}", headers=headers, json={
+                    "hook": "patient-view", "context": {"patientId": "p-1"}})
+                answers.append(response.status)
+        return answers
+
+    answers = asyncio.run(go())
+    assert answers == [401, 200] * 40
+    # 80 calls in one interval, 40 naming unknown kids: the periodic look and the one an unknown kid may
+    # add, each a stat() of an unchanged file; nothing read
+    assert touched == {"stat": 2, "read": 0}
+    write_keys(path, (ehr_key, KID), atomic=False)
+    clock.now += 5
+    asyncio.run(go())
+    assert touched == {"stat": 4, "read": 1}  # the changed file is read once
+
+
+@pytest.mark.integration
+def test_cds_service_follows_its_jwks_file_without_a_restart(settings, tmp_path, ehr_key):
+    """The real `wardwatch cds` process: a rotated key verifies, a revoked one stops, a broken file keeps
+    the last good keys with one log line and a metric, all without a restart."""
+    jwks = write_keys(tmp_path / "jwks.json", (ehr_key, KID))
+    settings = settings.model_copy(update={
+        "cds_port": 0, "cds_jwks_file": jwks, "cds_issuers": [ISSUER], "cds_audience": AUDIENCE,
+        "cds_jwks_check_s": 1.0, "metrics_port": 0})
+    new_key = ec.generate_private_key(ec.SECP384R1())
+    log_path = tmp_path / "cds.log"
+    proc, port = start_http_service(["cds"], settings, log_path)
+    base = f"http://127.0.0.1:{port}"
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-9"}}
+
+    def status(key, kid=KID) -> int:
+        return httpx.post(f"{base}/cds-services/{SERVICE_ID}", json=body, timeout=5,
+                          headers={"Authorization": f"Bearer {signed(key, kid=kid)}"}).status_code
+
+    def until(expected: int, key, kid=KID, timeout_s: float = 10.0) -> float:
+        """Seconds until a call signed by `key` gets `expected` (a new token each call)."""
+        start = time.monotonic()
+        while (got := status(key, kid)) != expected:
+            assert time.monotonic() - start < timeout_s, f"still {got} after {timeout_s}s"
+            assert proc.poll() is None, "wardwatch cds exited"
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def metrics() -> str:
+        lines = [orjson.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+        [metrics_port] = [e["port"] for e in lines if e["msg"] == "metrics and health endpoints listening"]
+        return httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+
+    try:
+        assert status(ehr_key) == 200 and status(new_key, NEW_KID) == 401
+        write_keys(jwks, (ehr_key, KID), (new_key, NEW_KID))  # rotation: the new key beside the old
+        assert until(200, new_key, NEW_KID) < 3
+        assert status(ehr_key) == 200
+
+        write_keys(jwks, (new_key, NEW_KID))  # revocation of the old key
+        assert until(401, ehr_key) < 3
+        assert status(new_key, NEW_KID) == 200
+
+        jwks.write_text('{"keys": [')  # a half-written file: the last good keys stay
+        deadline = time.monotonic() + 10
+        while "CDS client keys NOT reloaded" not in log_path.read_text():
+            assert time.monotonic() < deadline, "the broken file was never noticed"
+            assert status(new_key, NEW_KID) == 200
+            time.sleep(0.2)
+        for _ in range(15):  # a few more intervals: still the old keys, still one line
+            assert status(new_key, NEW_KID) == 200 and status(ehr_key) == 401
+            time.sleep(0.2)
+        scraped = metrics()
+        assert 'wardwatch_counter_total{counter="client_keys.reload_failures",service="cds"} 1.0' in scraped
+        assert 'wardwatch_gauge{gauge="client_keys.file_unusable",service="cds"} 1.0' in scraped
+        assert 'wardwatch_counter_total{counter="client_keys.reloads",service="cds"} 2.0' in scraped
+
+        write_keys(jwks, (ehr_key, KID))  # fixed (and the old key trusted again)
+        until(200, ehr_key)
+        assert 'wardwatch_gauge{gauge="client_keys.file_unusable",service="cds"} 0.0' in metrics()
+        assert proc.poll() is None  # the same process throughout
+    finally:
+        stop_service(proc)
+    text = log_path.read_text()
+    assert text.count("CDS client keys NOT reloaded") == 1 and text.count("CDS client keys reloaded") == 3
+    public = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(new_key.public_key()))
+    assert public["x"] not in text and ISSUER not in text
