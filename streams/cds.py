@@ -58,7 +58,6 @@ are never served. Logs never carry patient ids or values.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 import os
 import signal
@@ -75,7 +74,7 @@ import orjson
 from aiohttp import web
 
 from schemas.codes import parameter_name
-from wardwatch.listen import run_http
+from wardwatch.listen import is_loopback, run_http
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -263,15 +262,6 @@ class Unauthorized(Exception):
     def __init__(self, message: str, *, token_sent: bool = True):
         super().__init__(message)
         self.token_sent = token_sent
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to any interface
-        return False
 
 
 class SeenTokens:

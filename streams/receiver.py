@@ -52,7 +52,7 @@ from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Rejected
 from streams.commits import kafka_error
 from streams.stats import StatsPublisher
 from streams.topics import Topics, topics_for
-from wardwatch.listen import run_http
+from wardwatch.listen import is_loopback, run_http
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,18 @@ def _subscription_key(body: bytes) -> bytes | None:
 
 def _encode(text: Any) -> bytes | None:
     return text.encode() if isinstance(text, str) and text else None
+
+
+def open_receiver_refusal(settings: Settings) -> str | None:
+    """One line saying what to set when the receiver would take anyone's notifications from beyond this
+    host (no token on a non-loopback address, not allowed by the operator); None when it may start.
+    A notification is clinical input: an unauthenticated one could add readings to any patient."""
+    if settings.receiver_token is not None or is_loopback(settings.receiver_host) or settings.receiver_allow_anonymous:
+        return None
+    return (f"WARDWATCH_RECEIVER_HOST={settings.receiver_host} without WARDWATCH_RECEIVER_TOKEN would store "
+            "notifications (vital signs, lab results) from anyone who reaches the port: set "
+            "WARDWATCH_RECEIVER_TOKEN (subscription-init gives it to the FHIR server), or "
+            "WARDWATCH_RECEIVER_ALLOW_ANONYMOUS=true to accept that")
 
 
 def content_type_ok(content_type: str) -> bool:
@@ -382,6 +394,17 @@ def run_receiver(settings: Settings) -> None:
     from streams.topics import ensure_topics
     from wardwatch import observability
 
+    refusal = open_receiver_refusal(settings)
+    if refusal:
+        raise ValueError(refusal)
+    if settings.receiver_token is not None:
+        log.info("receiver authentication: bearer token required on every notification")
+    elif is_loopback(settings.receiver_host):
+        log.info("receiver authentication: off, notifications accepted without a token (loopback address only); "
+                 "set WARDWATCH_RECEIVER_TOKEN to require one")
+    else:
+        log.warning("receiver authentication: off, notifications accepted without a token from anyone who reaches "
+                    "the port (WARDWATCH_RECEIVER_ALLOW_ANONYMOUS=true); set WARDWATCH_RECEIVER_TOKEN to require one")
     receiver = Receiver(settings)
     # the metrics port's /readyz (what an orchestrator probes) answers as the receiver's own
     observability.set_readiness(receiver.broker_reachable)

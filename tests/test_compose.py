@@ -559,6 +559,19 @@ def test_the_cds_service_takes_no_anonymous_calls_on_the_compose_network_unless_
     assert load_client_auth(settings_from_env(told, monkeypatch)) is None
 
 
+def test_the_receiver_takes_no_anonymous_notifications_on_the_compose_network_unless_told(monkeypatch):
+    """Every container on the network reaches the receiver port: without WARDWATCH_RECEIVER_TOKEN it must
+    not start (anyone could post readings into any patient's record), unless the operator says so."""
+    from streams.receiver import open_receiver_refusal
+
+    settings = settings_from_env(load_compose()["services"]["receiver"]["environment"], monkeypatch)
+    assert settings.receiver_host == "0.0.0.0" and settings.receiver_token is None
+    assert "WARDWATCH_RECEIVER_ALLOW_ANONYMOUS=true" in open_receiver_refusal(settings)
+    told = load_compose({"WARDWATCH_RECEIVER_ALLOW_ANONYMOUS": "true"})["services"]["receiver"]["environment"]
+    assert open_receiver_refusal(settings_from_env(told, monkeypatch)) is None
+    assert open_receiver_refusal(settings.model_copy(update={"receiver_token": "s3cret"})) is None
+
+
 # --- observability ---------------------------------------------------------------------------------
 
 

@@ -654,12 +654,17 @@ def receiver(
     stored on the notifications topic and answered 2xx only once the broker acknowledged it.
 
     Token, size limit, in-flight bound and ack timeout: WARDWATCH_RECEIVER_* (see wardwatch/settings.py)."""
-    from streams.receiver import run_receiver
+    from streams.receiver import open_receiver_refusal, run_receiver
 
-    settings = _kafka_settings()
-    _observe("receiver")
+    settings = _settings()
     overrides = {k: v for k, v in {"receiver_host": host, "receiver_port": port}.items() if v is not None}
-    run_receiver(settings.model_copy(update=overrides))
+    settings = settings.model_copy(update=overrides)
+    refusal = open_receiver_refusal(settings)
+    if refusal:  # before the broker: a receiver open to anyone never starts
+        _fail(refusal)
+    _require_broker(settings)
+    _observe("receiver")
+    run_receiver(settings)
 
 
 class CheckSource(str, Enum):

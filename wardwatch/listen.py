@@ -13,12 +13,24 @@ as before: web.run_app(host, port).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import time
 from pathlib import Path
 
 LISTENING = re.compile(r"listening on http://(?:\[[^\]]*\]|[^\s/\[\]\"]+?):(\d+)")
+
+
+def is_loopback(host: str) -> bool:
+    """Only this host can connect to a service bound to `host` (a host name other than localhost may
+    resolve to any interface)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def url_host(host: str) -> str:

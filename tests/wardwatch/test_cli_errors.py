@@ -271,3 +271,28 @@ def test_the_cds_service_refuses_to_listen_beyond_loopback_without_client_keys(c
     assert "cannot reach the Kafka broker" not in refused.output  # refused before it tries the broker
     # told to accept anonymous calls, it goes on (to the broker, which is not there here)
     assert told.exit_code == 2 and "cannot reach the Kafka broker" in told.output, told.output
+
+
+@pytest.mark.timeout(60)
+def test_the_receiver_refuses_to_listen_beyond_loopback_without_a_token(clean_env):
+    # anyone on the compose network could post vital signs and lab results into any patient's record
+    clean_env.setattr(preflight, "BROKER_WAIT_S", 1.0)
+    with closed_port() as port:
+        broker = {"WARDWATCH_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "WARDWATCH_RECEIVER_HOST": "0.0.0.0"}
+        refused = invoke("receiver", env=broker)
+        refused_by_option = invoke("receiver", "--host", "0.0.0.0",
+                                   env=broker | {"WARDWATCH_RECEIVER_HOST": "127.0.0.1"})
+        with_token = invoke("receiver", env=broker | {"WARDWATCH_RECEIVER_TOKEN": "s3cret-rx-token"})
+        told = invoke("receiver", env=broker | {"WARDWATCH_RECEIVER_ALLOW_ANONYMOUS": "true"})
+        on_loopback = invoke("receiver", env=broker | {"WARDWATCH_RECEIVER_HOST": "127.0.0.1"})
+
+    for result in (refused, refused_by_option):
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert result.output.count("\n") == 1
+        assert "WARDWATCH_RECEIVER_HOST=0.0.0.0 without WARDWATCH_RECEIVER_TOKEN" in result.output
+        assert "WARDWATCH_RECEIVER_ALLOW_ANONYMOUS=true" in result.output
+        assert "cannot reach the Kafka broker" not in result.output  # refused before it tries the broker
+    # with a token, told to accept anonymous posts, or on loopback, it goes on (to the broker, not there here)
+    for result in (with_token, told, on_loopback):
+        assert result.exit_code == 2 and "cannot reach the Kafka broker" in result.output, result.output
+        assert "s3cret-rx-token" not in result.output
