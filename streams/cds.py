@@ -631,8 +631,6 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     from wardwatch import observability
 
     if auth is not None:
-        from wardwatch import observability
-
         log.info("CDS client authentication: %s", auth.describe())
         observability.expose_counters("cds", auth.keys.counters)  # read at scrape time: nothing on the hot path
         observability.expose_gauges("cds", auth.keys.gauges)

@@ -665,7 +665,7 @@ def test_no_token_makes_the_service_touch_the_disk_per_request(scored, rotating,
 
     async def go():
         answers = []
-        async with TestClient(TestServer(make_app(scored, auth))) as client:
+        async with TestClient(TestServer(make_app(scored, auth, ready=lambda: True))) as client:
             for headers in (h for pair in zip(unknown, valid) for h in pair):
                 response = await client.post(f"/cds-services/{SERVICE_ID}", headers=headers, json={
                     "hook": "patient-view", "context": {"patientId": "p-1"}})
@@ -716,6 +716,10 @@ def test_cds_service_follows_its_jwks_file_without_a_restart(settings, tmp_path,
         return httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
 
     try:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/readyz", timeout=5).status_code != 200:  # the scores topic read (503 before)
+            assert time.monotonic() < deadline and proc.poll() is None, "wardwatch cds never became ready"
+            time.sleep(0.1)
         assert status(ehr_key) == 200 and status(new_key, NEW_KID) == 401
         write_keys(jwks, (ehr_key, KID), (new_key, NEW_KID))  # rotation: the new key beside the old
         assert until(200, new_key, NEW_KID) < 3
