@@ -27,8 +27,10 @@ Shapes:
   converted from the unit column to the code's canonical unit (no conversion -> UNKNOWN_UNIT).
   fact id cdc:<table>:<pk>:<canonical code>, effective = collection time, issued = the result time
   (labs are available hours after collection; the commit time only when the column is missing),
-  status from the status column (entered-in-error retracts). An update that changes the code retracts
-  the old code's fact. A delete whose `before` lacks the code retracts every code the table may carry.
+  status from the status column (entered-in-error retracts, and so does cancelled: not started or not
+  completed; a row created cancelled is Ignored("cancelled"), nothing earlier to retract). An update
+  that changes the code retracts the old code's fact. A delete whose `before` lacks the code retracts
+  every code the table may carry.
 - ContextTable (encounters, patients): one CONTEXT event per declared fact present in the row
   (value None and the payload in value_text; birth year as value, never the date). A per-time fact
   (LOCATION) is named by its effective time, so each transfer is its own fact and a redelivery
@@ -87,6 +89,10 @@ BIRTH_YEARS = (1880, 2100)  # a birth date outside is a unit mix-up, not a patie
 # the status column of a long table (FHIR Observation.status vocabulary)
 STATUSES = {s.value: s for s in (Status.PRELIMINARY, Status.FINAL, Status.AMENDED, Status.CORRECTED,
                                  Status.ENTERED_IN_ERROR)}
+# not started or not completed: a valid state, not bad input; what the row said before no longer counts, so
+# it retracts as entered-in-error does (the FHIR parser reads a cancelled Observation the same way)
+CANCELLED = "cancelled"
+STATUSES[CANCELLED] = Status.ENTERED_IN_ERROR
 
 _INTEGER = re.compile(r"-?\d+")
 _MISSING_PATIENT_HINT = ("delete without patient_id: set REPLICA IDENTITY FULL on the table "
@@ -339,6 +345,8 @@ class _LongChange(_Change):
         raw = row.get(m.value_column)
         if raw == UNAVAILABLE:
             return events
+        if self.op == "c" and self._cancelled(row):  # a new row: no earlier version gave a value to retract
+            return events or Ignored(CANCELLED)
         if status.retracts or raw is None:
             if status.retracts or (self.op == "u" and self._was_set_before(m.value_column)):
                 events.append(self._retraction(patient, encounter, code, effective_ms, issued_ms=issued_ms))
@@ -370,6 +378,10 @@ class _LongChange(_Change):
         raw = _text(row.get(self.mapping.code_column))
         code = canonical_code(raw) if raw else None
         return code if code in self.mapping.codes else None
+
+    def _cancelled(self, row: dict) -> bool:
+        raw = row.get(self.mapping.status_column)
+        return isinstance(raw, str) and raw.strip().lower() == CANCELLED
 
     def _status(self, row: dict) -> Status:
         raw = row.get(self.mapping.status_column)

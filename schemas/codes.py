@@ -186,7 +186,7 @@ class LongTable:
     unit_column: str  # UCUM; converted to the code's canonical unit (to_canonical_unit)
     time_column: str  # effective: when the specimen was collected
     issued_column: str  # issued: when the result became available (hours after collection for labs)
-    status_column: str  # preliminary | final | amended | corrected | entered-in-error (retracts)
+    status_column: str  # preliminary | final | amended | corrected | entered-in-error, cancelled (retract)
     codes: tuple[str, ...]  # the codes a row may carry; a delete whose `before` lacks the code retracts each
     encounter_column: str | None = None
     pk_column: str = "id"

@@ -44,11 +44,20 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   entry is; a version reference `Type/id/_history/n` answered 410 (the version the delete created) with
   the DELETE entry of version n `gone_version_delete()` describes, holding the vread of version n-1.
 
+Observation status (FHIR R4 ObservationStatus): `final`, `amended`, `corrected` and `preliminary` are read;
+`entered-in-error` retracts the resource's facts (every code it can carry, value None). `cancelled` ("not
+started or not completed") is a clinical state, not bad input: it retracts exactly as entered-in-error does
+(the event's status is entered-in-error, provenance `fhir_status` says cancelled; without effective[x] its
+issued time dates the retraction), since whatever an earlier (preliminary) version said must stop counting;
+version 1 (`meta.versionId` "1") had no earlier version, so it is skipped and counted as `cancelled`, as a
+`registered` one (ordered, not yet resulted) is as `not_yet_resulted`. `unknown` ("one of the listed statuses
+is presumed to apply, but the source does not know which") is dead-lettered: it may be final or
+entered-in-error, so neither scoring nor retracting its value is safe without a person.
+
 **One bad resource (Observation, Encounter, Patient) rejects the whole notification** (invalid
-resource, unusable status (`cancelled`, `unknown`; a `registered` one, a lab ordered but not yet resulted,
-is skipped and counted), bad or implausible value, a value with a comparator (`<35`: a bound,
-not a measurement), unknown unit, no patient or time): the dead-lettered original can be replayed
-whole, and its event numbers are not half-consumed.
+resource, status `unknown` or not a FHIR status, bad or implausible value, a value with a comparator
+(`<35`: a bound, not a measurement), unknown unit, no patient or time): the dead-lettered original can
+be replayed whole, and its event numbers are not half-consumed.
 """
 
 from __future__ import annotations
@@ -75,6 +84,14 @@ CONTROL_TYPES = ("handshake", "heartbeat", "query-status")
 EVENT_TYPES = ("event-notification", "query-event")
 COMPARATORS = ("<", "<=", ">=", ">", "ad")  # Quantity.comparator (R5 adds "ad")
 USED_STATUSES = {s.value: s for s in Status}  # final, preliminary, amended, corrected, entered-in-error
+# "not started or not completed" (FHIR R4 ObservationStatus): a valid state, not bad input. Whatever an
+# earlier version of the resource said no longer counts, so it is retracted as entered-in-error is
+CANCELLED = "cancelled"
+# FHIR R4 ObservationStatus `unknown`: "one of the listed statuses is presumed to apply, but the
+# authoring/source system does not know which" -- final, or entered-in-error, or cancelled. Neither
+# scoring the value nor retracting it is safe to decide here: it is dead-lettered for a person
+UNKNOWN_STATUS_DETAIL = ("Observation status 'unknown': the source does not know whether the value stands "
+                         "(final, cancelled or entered-in-error); neither scored nor retracted")
 R4B, R5 = "R4B", "R5"
 # the resource types of FHIR R4B and R5 (as fhir.resources defines them): a skipped resource of any
 # other type is counted as OTHER_TYPE, so input cannot add counter keys (stats, /metrics, logs)
@@ -608,24 +625,33 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
     obs_id = obs.get("id")
     if not isinstance(obs_id, str) or not obs_id:
         raise Reject(Reason.INVALID_STRUCTURE, "Observation without id")
-    if obs.get("status") == "registered":  # ordered, no result yet (a lab order): nothing to score, nothing wrong
+    raw_status = obs.get("status")
+    meta = obs.get("meta") if isinstance(obs.get("meta"), dict) else {}
+    if raw_status == "registered":  # ordered, no result yet (a lab order): nothing to score, nothing wrong
         ctx.skip("not_yet_resulted")
         return []
-    status = USED_STATUSES.get(obs.get("status"))
+    if raw_status == CANCELLED and str(meta.get("versionId")).strip() == "1":
+        # never started or not completed, and no earlier version can have given a value: nothing to retract
+        ctx.skip(CANCELLED)
+        return []
+    status = Status.ENTERED_IN_ERROR if raw_status == CANCELLED else USED_STATUSES.get(raw_status)
     if status is None:
-        raise Reject(Reason.BAD_VALUE, f"Observation status {str(obs.get('status'))[:20]!r} is not ingested")
+        if raw_status == "unknown":
+            raise Reject(Reason.BAD_VALUE, UNKNOWN_STATUS_DETAIL)
+        raise Reject(Reason.BAD_VALUE, f"Observation status {str(raw_status)[:20]!r} is not ingested")
     patient = _patient_id(obs.get("subject"))
     if patient is None:
         raise Reject(Reason.MISSING_PATIENT, "Observation subject is not a Patient")
-    effective_ms = _effective_ms(obs)
-    meta = obs.get("meta") if isinstance(obs.get("meta"), dict) else {}
     issued = obs.get("issued") or meta.get("lastUpdated")
+    effective_ms = _effective_ms(obs, None if raw_status != CANCELLED else issued)
     issued_ms = iso_to_ms(issued, "issued") if issued else effective_ms
     version = _resource_version(meta)  # an Observation without versionId: lastUpdated orders its versions
     encounter = _business_id(obs.get("encounter"), "Encounter")
     provenance = {"resource": f"Observation/{obs_id}", "subscription": ctx.status.subscription,
                   "topic": ctx.topic, "partition": ctx.partition, "offset": ctx.offset,
                   "fhir_version": ctx.status.fhir_version}
+    if raw_status == CANCELLED:  # retracted as entered-in-error is; the archive keeps why
+        provenance["fhir_status"] = CANCELLED
 
     if status.retracts:
         # a retracted Observation may arrive stripped of some or all of its components: retract every
@@ -886,9 +912,11 @@ def _reference_id(reference: str | None, resource_type: str) -> str | None:
     return None
 
 
-def _effective_ms(obs: dict) -> int:
+def _effective_ms(obs: dict, fallback: Any = None) -> int:
+    """effective[x]; `fallback` (a cancelled Observation's issued time: a measurement never taken may
+    have no clinical time) when it has none."""
     period = obs.get("effectivePeriod") if isinstance(obs.get("effectivePeriod"), dict) else {}
-    effective = obs.get("effectiveDateTime") or obs.get("effectiveInstant") or period.get("start")
+    effective = obs.get("effectiveDateTime") or obs.get("effectiveInstant") or period.get("start") or fallback
     if not isinstance(effective, str):
         raise Reject(Reason.MISSING_TIME, "Observation has no effective time")
     return iso_to_ms(effective, "effective")

@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS lab_results (
     loinc_code      text NOT NULL,
     value           numeric(12, 4),
     unit            text,                      -- UCUM
-    status          text NOT NULL DEFAULT 'final',  -- preliminary | final | amended | corrected | entered-in-error
+    status          text NOT NULL DEFAULT 'final',  -- preliminary | final | amended | corrected | entered-in-error | cancelled
     collected_at    timestamp NOT NULL,        -- effective (clinical) time
     resulted_at     timestamp NOT NULL         -- issued: when the value became available
 );

@@ -33,7 +33,7 @@ from streams.features import compute_features
 from streams.patient_agent import CanonicalMessage, PatientProcessor
 from streams.scoring import Scorer
 from streams.state import apply_batch
-from tests.fixtures.ingest.corpus import gcs_bundle
+from tests.fixtures.ingest.corpus import fhir_bundle, gcs_bundle
 from wardwatch.settings import Settings
 
 LATENESS_MS = 2 * 3600 * 1000
@@ -290,6 +290,20 @@ def gcs(total: int, hours: float, obs_id: str) -> list[CanonicalEvent]:
     return outcome.events if isinstance(outcome, Parsed) else []  # before 9269-2 was read: Ignored, no event
 
 
+def fhir_hr(value: float, hours: float, status: str, version: int) -> list[CanonicalEvent]:
+    """The events the FHIR parser makes of version `version` of one heart-rate Observation of p1
+    (fhir/cancelled_status) charted `hours` after T0 with `status`."""
+    doc = orjson.loads(fhir_bundle("cancelled_status"))
+    obs = doc["entry"][1]["resource"]
+    effective = datetime.fromtimestamp((T0 + int(hours * HOUR)) / 1000, timezone.utc).isoformat()
+    obs.update(status=status, effectiveDateTime=effective, meta={"versionId": str(version), "lastUpdated": effective})
+    obs["valueQuantity"]["value"] = value
+    obs["subject"]["identifier"]["value"] = "p1"
+    doc["entry"][0]["resource"]["notificationEvent"][0]["timestamp"] = effective
+    outcome = parse_notification(orjson.dumps(doc), topic="ww.fhir.notifications", partition=0, offset=0)
+    return outcome.events if isinstance(outcome, Parsed) else []  # before cancelled was read: dead-lettered
+
+
 def round_without_consciousness(prefix: str, hours: float) -> list[CanonicalEvent]:
     return [hr(f"{prefix}:{c}", v, hours, code=c) for c, v in ROUND_ON_AIR.items() if c != codes.CONSCIOUSNESS]
 
@@ -366,6 +380,12 @@ HAND_CASES = {
         1, [round_without_consciousness("r1", 0) + gcs(3, 0, "gcs-1"),
             [hr(f"r2:{c}", v, 1, code=c) for c, v in ROUND_ON_AIR.items()]],
         {"consciousness_last_24h": 0.0, "consciousness_max_24h": 4.0, "news2_consciousness": 0, "news2": 0}),
+    # a preliminary FHIR heart rate of 130 at 2 h, then its version 2 cancelled (never completed): it stops
+    # counting in both planes, back to the 80 at 0 h (the clock stays at 2 h). Before cancelled was read,
+    # the notification was dead-lettered and the 130 stayed live: last 130, max 130
+    "a cancelled observation retracts its preliminary value": (
+        2, [[hr("a", 80, 0)], fhir_hr(130, 2, "preliminary", 1), fhir_hr(130, 2, "cancelled", 2)],
+        {"heart_rate_last_24h": 80.0, "heart_rate_max_6h": 80.0, "vitals_count_6h": 1}),
 }
 
 @pytest.mark.parametrize("case", list(HAND_CASES))

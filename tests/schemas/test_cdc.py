@@ -450,6 +450,18 @@ def test_a_lab_row_moved_to_another_patient_leaves_the_old_patients_record():
     assert by_patient["MRN-0001"].status.retracts and by_patient["MRN-0009"].value == 3.4
 
 
+def test_a_lab_set_to_cancelled_retracts_it_and_a_row_created_cancelled_is_ignored():
+    # not started or not completed: a clinical state, not bad input (it was dead-lettered as a BAD_VALUE)
+    (retraction,) = parse(lab_row_update(status="cancelled")).events
+    assert retraction.status.retracts and retraction.value is None
+    assert retraction.fact_id == "cdc:lab_results:503:2524-7"
+    msg = cdc_message("lab_amended")
+    doc = json.loads(msg.value)
+    doc["op"], doc["before"], doc["after"]["status"] = "c", None, "Cancelled"
+    outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode()))
+    assert isinstance(outcome, Ignored) and outcome.kind == "cancelled"  # nothing earlier to retract
+
+
 def test_a_lab_with_an_unknown_status_is_a_bad_value():
     outcome = parse(lab_row_update(status="maybe"))
     assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.BAD_VALUE

@@ -279,6 +279,60 @@ def test_entered_in_error_observations_stripped_of_some_components_retract_all_o
                          "fhir:Observation/vs-spo2-1:3150-0"}
 
 
+def cancelled(version: str, **changes) -> bytes:
+    """fhir/cancelled_status (a heart rate of 80, status cancelled) as version `version`, with `changes`."""
+    doc = json.loads(fhir_bundle("cancelled_status"))
+    obs = doc["entry"][1]["resource"]
+    obs["meta"]["versionId"] = version
+    obs.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del obs[key]
+    return json.dumps(doc).encode()
+
+
+def test_a_cancelled_observation_retracts_what_its_earlier_version_said():
+    """`cancelled`: not started or not completed (FHIR R4 ObservationStatus). Its preliminary version 1
+    (a heart rate) must stop counting. It used to dead-letter the whole notification (BAD_VALUE), so the
+    preliminary value stayed live and an operator had to triage a legitimate clinical state."""
+    (hr,) = parsed_body(cancelled("2")).events
+    assert (hr.fact_id, hr.version) == ("fhir:Observation/vs-hr-c:8867-4", 2)
+    assert hr.status is Status.ENTERED_IN_ERROR and hr.value is None  # downstream retracts it as entered-in-error
+    assert hr.provenance["fhir_status"] == "cancelled" and hr.effective_ms == EFFECTIVE_MS
+
+
+def test_a_cancelled_observation_without_an_effective_time_is_retracted_at_its_issued_time():
+    # a measurement never taken may have no clinical time: the retraction is dated when it was issued
+    (hr,) = parsed_body(cancelled("2", effectiveDateTime=None)).events
+    assert hr.status.retracts and hr.effective_ms == hr.issued_ms == 1_718_460_420_000  # lastUpdated 14:07:00Z
+
+
+def test_a_cancelled_panel_retracts_both_pressures_it_may_have_given():
+    doc = json.loads(fhir_bundle("r4b_entered_in_error"))
+    doc["entry"][1]["resource"]["status"] = "cancelled"
+    events = parsed_body(json.dumps(doc).encode()).events
+    assert {e.fact_id for e in events} == {"fhir:Observation/vs-bp-1:8480-6", "fhir:Observation/vs-bp-1:8462-4"}
+    assert all(e.status.retracts and e.value is None for e in events)
+
+
+def test_a_cancelled_first_version_is_skipped_and_counted_and_the_rest_is_read():
+    # version 1: no earlier version gave a value, nothing to retract: accounted as skipped, not dead-lettered
+    outcome = parse(fhir_bundle("cancelled_status"))
+    assert isinstance(outcome, Ignored) and outcome.kind == "cancelled"
+    assert outcome.detail["skipped"] == {"cancelled": 1} and outcome.detail["event_numbers"] == [52]
+    doc = json.loads(fhir_bundle("r4b_status_event"))
+    doc["entry"].append(json.loads(fhir_bundle("cancelled_status"))["entry"][1])
+    outcome = parsed_body(json.dumps(doc).encode())
+    assert codes.SYSTOLIC_BP in by_code(outcome) and outcome.skipped.get("cancelled") == 1
+
+
+def test_an_unknown_status_is_dead_lettered_saying_why():
+    """`unknown`: "one of the listed statuses is presumed to apply, but the source does not know which":
+    the value may be final or entered-in-error, so it is neither scored nor retracted."""
+    r = rejection_of(cancelled("2", status="unknown"))
+    assert r.reason is Reason.BAD_VALUE and "'unknown'" in r.detail and "80" not in r.detail
+    assert rejection_of(cancelled("2", status="withdrawn")).reason is Reason.BAD_VALUE  # not a FHIR status
+
+
 def test_amended_observation_with_reference_only_subject():
     (hr,) = parsed("r4b_amended_reference_only").events
     assert hr.patient_id == "pt-e4f5d6254795"  # from "Patient/pt-e4f5d6254795"
@@ -752,7 +806,6 @@ def test_a_resource_whose_type_is_not_a_string_is_counted_as_other_and_the_rest_
 @pytest.mark.parametrize(("name", "reason"), [
     ("heart_rate_5000", Reason.IMPLAUSIBLE_VALUE),
     ("negative_spo2", Reason.IMPLAUSIBLE_VALUE),
-    ("cancelled_status", Reason.BAD_VALUE),
     ("invalid_resource", Reason.INVALID_RESOURCE),
     ("unknown_unit", Reason.UNKNOWN_UNIT),
     ("subject_not_patient", Reason.MISSING_PATIENT),
