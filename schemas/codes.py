@@ -58,6 +58,17 @@ SNOMED_ACVPU = {
 # "Consciousness charted as a GCS").
 GCS_TOTAL = "9269-2"
 GCS_RANGE = (3, 15)
+# The three GCS components (LOINC): a 9269-2 panel charted without its total is the sum of the three, when
+# all three are there (an intubated patient's verbal response is "not testable": no total). Each is an
+# integer score, or a LOINC answer of its own answer list (LL355-9, LL356-7, LL357-5, as the FHIR GCS
+# Questionnaire example lists them), worst to best.
+GCS_EYE, GCS_VERBAL, GCS_MOTOR = "9267-6", "9270-0", "9268-4"
+GCS_COMPONENTS = {GCS_EYE: ("GCS eye", (1, 4)), GCS_VERBAL: ("GCS verbal", (1, 5)), GCS_MOTOR: ("GCS motor", (1, 6))}
+GCS_ANSWERS = {
+    GCS_EYE: {"LA6553-7": 1, "LA6554-5": 2, "LA6555-2": 3, "LA6556-0": 4},
+    GCS_VERBAL: {"LA6557-8": 1, "LA6558-6": 2, "LA6559-4": 3, "LA6560-2": 4, "LA6561-0": 5},
+    GCS_MOTOR: {"LA6562-8": 1, "LA6563-6": 2, "LA6564-4": 3, "LA6565-1": 4, "LA6566-9": 5, "LA6567-7": 6},
+}
 
 
 def gcs_acvpu(total: int) -> str:

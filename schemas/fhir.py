@@ -10,7 +10,11 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   Observation gives SpO2 (2708-6 and 59408-5 are one fact) and its O2-flow and FiO2 (3150-0) components.
   Units go to the canonical unit (degF -> Cel, WBC /uL -> 10*3/uL); ACVPU SNOMED codes -> ordinal + letter.
   A GCS total (9269-2, valueInteger or valueQuantity 3..15) is a consciousness fact (80288-4): the ACVPU
-  level it stands for (schemas.codes.gcs_acvpu), the total kept in provenance `gcs_total`.
+  level it stands for (schemas.codes.gcs_acvpu), the total kept in provenance `gcs_total`. Without a total,
+  the sum of its eye, verbal and motor components (9267-6, 9270-0, 9268-4: integers, or LOINC answers)
+  when all three are there, else skipped as `gcs_incomplete`; a total its components contradict is
+  dead-lettered. Components in Observations of their own are not summed across resources (charted at
+  other times): skipped as `gcs_components`.
   fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (else meta.lastUpdated in ms, else 1).
 - Encounter -> CONTEXT facts (schemas/codes.py, the same semantics as the CDC `encounters` table):
   ADMISSION (period.start; value_text the encounter class: "IMP" -> "inpatient", ...), LOCATION (the
@@ -72,8 +76,9 @@ import orjson
 
 from schemas.canonical import LOINC, CanonicalEvent, Source, Status, new_event
 from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES, CONSCIOUSNESS, CONTEXT,
-                           DIASTOLIC_BP, DISCHARGE, FIO2, GCS_TOTAL, LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2,
-                           SYSTOLIC_BP, canonical_code, gcs_acvpu, to_canonical_unit)
+                           DIASTOLIC_BP, DISCHARGE, FIO2, GCS_ANSWERS, GCS_COMPONENTS, GCS_RANGE, GCS_TOTAL,
+                           LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2, SYSTOLIC_BP, canonical_code, gcs_acvpu,
+                           to_canonical_unit)
 from schemas.deadletter import Reason, Rejection
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import (reject_future_measurements, acvpu_letter, finite_number, gcs_total, iso_to_ms,
@@ -618,7 +623,9 @@ def _version_after(meta: dict, deleted: _Delete) -> int:
 def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
     measured = _measured_codes(obs)
     if not measured and _loinc(obs.get("code")) != BP_PANEL:
-        ctx.skip("unmapped_code")
+        # GCS components without a total to hold them (their own Observations, or another panel): not summed
+        # across resources, which may be charted at different times; counted apart so an operator sees them
+        ctx.skip(GCS_COMPONENTS_ONLY if _gcs_components(obs) else "unmapped_code")
         return []
     validate_observation(obs, ctx.status.fhir_version)
 
@@ -663,9 +670,9 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
     else:
         values = {}
         for code, holder, sent_as in measured:
-            value = _gcs(holder) if sent_as == GCS_TOTAL else _value(code, holder)
+            value = _gcs(holder, obs) if sent_as == GCS_TOTAL else _value(code, holder)
             if value is None:
-                ctx.skip("no_value")
+                ctx.skip(GCS_INCOMPLETE if sent_as == GCS_TOTAL and _gcs_components(obs) else "no_value")
             else:
                 values.setdefault(code, value)
     events = [  # new_event: CanonicalEvent(...) with its fields in order, without the frozen dataclass's cost
@@ -804,7 +811,7 @@ def _loinc(concept: Any) -> str | None:
     for coding in _dicts(concept.get("coding")):
         if coding.get("system") in (LOINC, None) and isinstance(coding.get("code"), str):
             code = coding["code"]
-            if code in (BP_PANEL, GCS_TOTAL):
+            if code in (BP_PANEL, GCS_TOTAL) or code in GCS_COMPONENTS:
                 return code
             if canonical := canonical_code(code):
                 return canonical
@@ -853,12 +860,50 @@ def _consciousness(holder: dict) -> tuple[float, str] | None:
     raise Reject(Reason.BAD_VALUE, "consciousness: no ACVPU SNOMED coding")
 
 
-def _gcs(holder: dict) -> tuple[float, str, int] | None:
-    """(ACVPU ordinal, letter, GCS total) of a GCS total in valueInteger or a unitless valueQuantity."""
+GCS_INCOMPLETE = "gcs_incomplete"  # skip kind: a GCS panel without a total and without all three components
+GCS_COMPONENTS_ONLY = "gcs_components"  # skip kind: GCS components with no 9269-2 total to sum them into
+
+
+def _gcs(holder: dict, obs: dict) -> tuple[float, str, int] | None:
+    """(ACVPU ordinal, letter, GCS total) of a GCS total in valueInteger or a unitless valueQuantity; without
+    a value, the sum of the eye, verbal and motor components of its Observation when all three have one
+    (None otherwise: nothing to map). A total and its three components that disagree are dead-lettered:
+    which one is right is not for wardwatch to guess."""
     what = "GCS total"
+    components = _gcs_components(obs)
+    total = _gcs_score(holder, what, GCS_RANGE)
+    summed = None
+    if len(components) == len(GCS_COMPONENTS):
+        scores = [_gcs_score(components[code], *GCS_COMPONENTS[code], answers=GCS_ANSWERS[code])
+                  for code in GCS_COMPONENTS]
+        summed = None if None in scores else sum(scores)
+    if total is not None and summed is not None and total != summed:
+        raise Reject(Reason.BAD_VALUE, f"{what}: disagrees with the sum of its eye, verbal and motor components")
+    total = summed if total is None else total
+    if total is None:
+        return None
+    letter = gcs_acvpu(total)
+    return float(ACVPU_ORDINAL[letter]), letter, total
+
+
+def _gcs_components(obs: dict) -> dict[str, dict]:
+    """The GCS eye / verbal / motor elements of an Observation (its components, or itself), by LOINC code;
+    the first of each."""
+    found: dict[str, dict] = {}
+    for holder in (obs, *_dicts(obs.get("component"))):
+        code = _loinc(holder.get("code"))
+        if code in GCS_COMPONENTS:
+            found.setdefault(code, holder)
+    return found
+
+
+def _gcs_score(holder: dict, what: str, bounds: tuple[int, int], answers: dict[str, int] | None = None) -> int | None:
+    """An integer GCS score (a total or one component) in valueInteger, a unitless valueQuantity or (a
+    component) a LOINC answer code of its scale; None without a value (e.g. dataAbsentReason: not testable).
+    The detail never echoes the value."""
     if "valueInteger" in holder:
-        total = gcs_total(holder["valueInteger"], what)
-    elif (quantity := holder.get("valueQuantity")) is not None:
+        return gcs_total(holder["valueInteger"], what, bounds)
+    if (quantity := holder.get("valueQuantity")) is not None:
         if not isinstance(quantity, dict):
             raise Reject(Reason.BAD_VALUE, f"{what}: valueQuantity is not an object")
         if quantity.get("comparator") is not None:  # "<8": a bound, not a score
@@ -866,13 +911,16 @@ def _gcs(holder: dict) -> tuple[float, str, int] | None:
         ucum = quantity.get("code")
         if ucum is not None and not (ucum == "1" or (isinstance(ucum, str) and ucum.startswith("{"))):
             raise Reject(Reason.UNKNOWN_UNIT, f"{what}: a score has no unit")  # "1" or an annotation: {score}
-        total = gcs_total(quantity.get("value"), what)
-    elif any(k.startswith("value") for k in holder):
-        raise Reject(Reason.BAD_VALUE, f"{what}: value is neither an integer nor a Quantity")
-    else:
-        return None
-    letter = gcs_acvpu(total)
-    return float(ACVPU_ORDINAL[letter]), letter, total
+        return gcs_total(quantity.get("value"), what, bounds)
+    if answers is not None and (concept := holder.get("valueCodeableConcept")) is not None:
+        for coding in _dicts(concept.get("coding") if isinstance(concept, dict) else None):
+            if coding.get("system") in (LOINC, None) and coding.get("code") in answers:
+                return answers[coding["code"]]
+        raise Reject(Reason.BAD_VALUE, f"{what}: no LOINC answer code of its scale")
+    if any(k.startswith("value") for k in holder):
+        raise Reject(Reason.BAD_VALUE, f"{what}: value is neither an integer nor a Quantity"
+                     + (" nor a LOINC answer" if answers is not None else ""))
+    return None
 
 
 def _patient_id(subject: Any) -> str | None:

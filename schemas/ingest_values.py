@@ -71,13 +71,13 @@ def acvpu_letter(raw: object, what: str) -> str:
     return letter
 
 
-def gcs_total(raw: object, what: str) -> int:
-    """A Glasgow Coma Scale total: an integer 3..15 (a number, or an integral float such as 14.0). The
-    detail never echoes the value."""
+def gcs_total(raw: object, what: str, bounds: tuple[int, int] = GCS_RANGE) -> int:
+    """A Glasgow Coma Scale score: an integer within bounds (a total 3..15, or one component's range), a
+    number or an integral float such as 14.0. The detail never echoes the value."""
     value = finite_number(raw, what)
     if not value.is_integer():
         raise Reject(Reason.BAD_VALUE, f"{what}: not an integer")
-    low, high = GCS_RANGE
+    low, high = bounds
     if not low <= value <= high:
         raise Reject(Reason.IMPLAUSIBLE_VALUE, f"{what}: outside the GCS range [{low}, {high}]")
     return int(value)

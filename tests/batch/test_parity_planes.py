@@ -282,10 +282,12 @@ def context(fact_id: str, hours: float) -> CanonicalEvent:
                           code_system=codes.CONTEXT, value_text="ward-7")
 
 
-def gcs(total: int, hours: float, obs_id: str) -> list[CanonicalEvent]:
-    """The events the FHIR parser makes of a GCS total (LOINC 9269-2) of p1 charted `hours` after T0."""
+def gcs(total: int | dict, hours: float, obs_id: str) -> list[CanonicalEvent]:
+    """The events the FHIR parser makes of a GCS total (LOINC 9269-2) of p1 charted `hours` after T0 (a
+    dict: the panel's value[x] / components instead)."""
     effective = datetime.fromtimestamp((T0 + int(hours * HOUR)) / 1000, timezone.utc).isoformat()
-    outcome = parse_notification(gcs_bundle("p1", effective, {"valueInteger": total}, obs_id=obs_id),
+    value = total if isinstance(total, dict) else {"valueInteger": total}
+    outcome = parse_notification(gcs_bundle("p1", effective, value, obs_id=obs_id),
                                  topic="ww.fhir.notifications", partition=0, offset=0)
     return outcome.events if isinstance(outcome, Parsed) else []  # before 9269-2 was read: Ignored, no event
 
@@ -380,6 +382,14 @@ HAND_CASES = {
         1, [round_without_consciousness("r1", 0) + gcs(3, 0, "gcs-1"),
             [hr(f"r2:{c}", v, 1, code=c) for c, v in ROUND_ON_AIR.items()]],
         {"consciousness_last_24h": 0.0, "consciousness_max_24h": 4.0, "news2_consciousness": 0, "news2": 0}),
+    # a GCS panel charted as its components only, eye 2 + verbal 2 + motor 4 = 8 (P, ordinal 3), an hour after an
+    # A: NEWS2 consciousness 3, qSOFA 1. Before components were summed: skipped (no value), A still, NEWS2 0
+    "a GCS charted as its three components": (
+        1, [[hr(f"r1:{c}", v, 0, code=c) for c, v in ROUND_ON_AIR.items()],
+            round_without_consciousness("r2", 1) + gcs({"component": [
+                {"code": {"coding": [{"system": "http://loinc.org", "code": code}]}, "valueInteger": score}
+                for code, score in ((codes.GCS_EYE, 2), (codes.GCS_VERBAL, 2), (codes.GCS_MOTOR, 4))]}, 1, "gcs-2")],
+        {"consciousness_last_24h": 3.0, "news2_consciousness": 3, "news2": 3, "qsofa": 1}),
     # a preliminary FHIR heart rate of 130 at 2 h, then its version 2 cancelled (never completed): it stops
     # counting in both planes, back to the 80 at 0 h (the clock stays at 2 h). Before cancelled was read,
     # the notification was dead-lettered and the 130 stayed live: last 130, max 130

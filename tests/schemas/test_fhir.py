@@ -241,6 +241,74 @@ def test_a_gcs_outside_3_to_15_or_not_an_integer_is_dead_lettered_without_its_va
     assert str(charted) not in r.detail
 
 
+def gcs_part(code: str, value: dict) -> dict:
+    return {"code": {"coding": [{"system": "http://loinc.org", "code": code}]}, **value}
+
+
+EYE, VERBAL, MOTOR = codes.GCS_EYE, codes.GCS_VERBAL, codes.GCS_MOTOR
+
+
+@pytest.mark.parametrize("parts, total, letter", [
+    ({EYE: {"valueInteger": 3}, VERBAL: {"valueInteger": 4}, MOTOR: {"valueInteger": 6}}, 13, "V"),
+    ({EYE: {"valueInteger": 1}, VERBAL: {"valueInteger": 1}, MOTOR: {"valueInteger": 1}}, 3, "U"),
+    ({EYE: {"valueQuantity": {"value": 4, "code": "{score}"}}, VERBAL: {"valueInteger": 5},
+      MOTOR: {"valueInteger": 6}}, 15, "A"),
+    # LOINC answers: eyes open spontaneously (4), confused (4), obeys commands (6)
+    ({EYE: {"valueCodeableConcept": {"coding": [{"system": "http://loinc.org", "code": "LA6556-0"}]}},
+      VERBAL: {"valueCodeableConcept": {"coding": [{"system": "http://loinc.org", "code": "LA6560-2"}]}},
+      MOTOR: {"valueCodeableConcept": {"coding": [{"system": "http://loinc.org", "code": "LA6567-7"}]}}}, 14, "C"),
+])
+def test_a_gcs_panel_charted_as_its_three_components_is_their_sum(parts, total, letter):
+    """Many EHRs chart a 9269-2 panel with the eye, verbal and motor scores as components and no total. It
+    was skipped as "no value": the patient's consciousness, a NEWS2 input worth 3 points, was missing."""
+    (loc,) = parsed_body(gcs({"component": [gcs_part(c, v) for c, v in parts.items()]})).events
+    assert (loc.code, loc.value_text, loc.provenance["gcs_total"]) == (codes.CONSCIOUSNESS, letter, total)
+    assert loc.value == float(codes.ACVPU_ORDINAL[letter])
+
+
+def test_a_gcs_total_that_disagrees_with_its_components_is_dead_lettered():
+    parts = [gcs_part(code, {"valueInteger": score}) for code, score in ((EYE, 4), (VERBAL, 5), (MOTOR, 6))]
+    (loc,) = parsed_body(gcs({"valueInteger": 15, "component": parts})).events
+    assert loc.provenance["gcs_total"] == 15  # they agree: the total
+    r = rejection_of(gcs({"valueInteger": 9, "component": parts}))
+    assert r.reason is Reason.BAD_VALUE and "disagrees" in r.detail
+
+
+def test_a_gcs_panel_without_its_total_and_a_component_is_skipped_and_counted():
+    # intubated: the verbal response is not testable, so there is no total to map (guessing one would be wrong)
+    parts = [gcs_part(EYE, {"valueInteger": 2}), gcs_part(MOTOR, {"valueInteger": 5}),
+             gcs_part(VERBAL, {"dataAbsentReason": {"coding": [{
+                 "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "not-performed"}]}})]
+    outcome = parse(gcs({"component": parts}))
+    assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"gcs_incomplete": 1}
+    outcome = parse(gcs({"component": parts[:2]}))  # verbal not charted at all
+    assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"gcs_incomplete": 1}
+
+
+def test_gcs_components_charted_as_their_own_observations_are_not_summed_but_counted():
+    """Three Observations may be charted minutes apart: summing them across resources would make a total
+    nobody assessed. Each is skipped, counted apart from unmapped codes so an operator can see them."""
+    doc = json.loads(gcs({"valueInteger": 4}))
+    doc["entry"][1]["resource"]["code"] = {"coding": [{"system": "http://loinc.org", "code": EYE}]}
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"gcs_components": 1}
+
+
+@pytest.mark.parametrize("code, value, reason", [
+    (MOTOR, {"valueInteger": 7}, Reason.IMPLAUSIBLE_VALUE),  # motor is 1..6
+    (EYE, {"valueInteger": 0}, Reason.IMPLAUSIBLE_VALUE),
+    (VERBAL, {"valueQuantity": {"value": 4.5}}, Reason.BAD_VALUE),
+    (VERBAL, {"valueCodeableConcept": {"coding": [{"system": "http://loinc.org", "code": "LA6567-7"}]}},
+     Reason.BAD_VALUE),  # a motor answer on the verbal scale
+    (EYE, {"valueString": "E4"}, Reason.BAD_VALUE),
+])
+def test_a_gcs_component_outside_its_scale_is_dead_lettered_without_its_value(code, value, reason):
+    parts = {EYE: {"valueInteger": 3}, VERBAL: {"valueInteger": 4}, MOTOR: {"valueInteger": 5}} | {code: value}
+    r = rejection_of(gcs({"component": [gcs_part(c, v) for c, v in parts.items()]}))
+    assert r.reason is reason and r.detail.startswith("GCS ")
+    assert "7" not in r.detail and "4.5" not in r.detail and "LA6567" not in r.detail
+
+
 def parsed_body(body: bytes) -> Parsed:
     outcome = parse(body)
     assert isinstance(outcome, Parsed), outcome
