@@ -107,7 +107,7 @@ class EmbeddedBroker:
               cert: Path | None = None, key: Path | None = None) -> "EmbeddedBroker":
         if port is not None:
             if not _port_free(port):
-                raise BrokerError(f"port {port} on 127.0.0.1 is in use: pick another or omit it for a free one")
+                raise BrokerError(f"port {port} on 127.0.0.1 is in use: pick another (`wardwatch broker --port N`)")
             return cls._start(port, log_path, timeout_s, cert, key)
         # a free port can be taken by another process before Tansu binds it: then try another one (3 tries)
         for _ in range(2):

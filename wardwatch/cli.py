@@ -268,9 +268,13 @@ def subscriptions_recover() -> None:
 @app.command()
 def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1")) -> None:
     """Run the embedded Tansu broker in the foreground (Ctrl-C stops it)."""
-    from wardwatch.broker import EmbeddedBroker
+    from wardwatch.broker import BrokerError, EmbeddedBroker
 
-    with EmbeddedBroker.start(port=port) as b:
+    try:
+        b = EmbeddedBroker.start(port=port)
+    except BrokerError as exc:  # a port in use (another broker, a docker-compose Kafka): one line, no traceback
+        _fail(f"cannot start the embedded broker: {exc}")
+    with b:
         console.print(f"Kafka-protocol broker on {b.bootstrap} (memory storage). Ctrl-C to stop.")
         _run_until_signal(lambda stop: stop.wait())
 

@@ -296,3 +296,13 @@ def test_the_receiver_refuses_to_listen_beyond_loopback_without_a_token(clean_en
     for result in (with_token, told, on_loopback):
         assert result.exit_code == 2 and "cannot reach the Kafka broker" in result.output, result.output
         assert "s3cret-rx-token" not in result.output
+
+
+def test_the_embedded_broker_on_a_port_in_use_says_so_in_one_line(clean_env):
+    # e.g. `wardwatch broker` (default 9092) beside another broker: was a BrokerError traceback
+    with closed_port() as port:
+        result = invoke("broker", "--port", str(port))
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.count("\n") == 1
+    assert f"port {port} on 127.0.0.1 is in use" in result.output and "--port" in result.output
