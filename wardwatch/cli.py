@@ -184,6 +184,7 @@ def cds() -> None:
     starts only on a loopback address or with WARDWATCH_CDS_ALLOW_ANONYMOUS=true (exit 2 otherwise).
     """
     from streams.cds import AuthConfigError, load_client_auth, run_cds
+    from wardwatch.listen import ListenError
 
     settings = _settings()
     try:  # before the broker: a service that would be open to anyone never starts
@@ -192,7 +193,11 @@ def cds() -> None:
         _fail(str(exc))
     _require_broker(settings)
     _observe("cds")
-    run_cds(settings, auth)
+    try:
+        run_cds(settings, auth)
+    except ListenError as exc:
+        _fail(f"{exc}: set WARDWATCH_CDS_PORT to a free port (0: any), or WARDWATCH_CDS_HOST to an address of "
+              "this host")
 
 
 @app.command()
@@ -659,6 +664,7 @@ def receiver(
 
     Token, size limit, in-flight bound and ack timeout: WARDWATCH_RECEIVER_* (see wardwatch/settings.py)."""
     from streams.receiver import open_receiver_refusal, run_receiver
+    from wardwatch.listen import ListenError
 
     settings = _settings()
     overrides = {k: v for k, v in {"receiver_host": host, "receiver_port": port}.items() if v is not None}
@@ -668,7 +674,11 @@ def receiver(
         _fail(refusal)
     _require_broker(settings)
     _observe("receiver")
-    run_receiver(settings)
+    try:
+        run_receiver(settings)
+    except ListenError as exc:
+        _fail(f"{exc}: set WARDWATCH_RECEIVER_PORT (or --port) to a free port (0: any), or WARDWATCH_RECEIVER_HOST "
+              "(--host) to an address of this host")
 
 
 class CheckSource(str, Enum):

@@ -14,6 +14,7 @@ as before: web.run_app(host, port).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import time
@@ -56,20 +57,35 @@ def log_listening(log, what: str, host: str, port: int, after: str = "") -> None
     log.warning("%s listening on http://%s:%d%s", what, url_host(host), port, after, extra={"port": port})
 
 
+class ListenError(RuntimeError):
+    """The service could not bind its address (a port in use, an address not on this host)."""
+
+
 def run_http(app, host: str, port: int, *, log, what: str, after: str = "") -> None:
     """Serve `app` (aiohttp) until SIGINT/SIGTERM; port 0: any free port. Logs `<what> listening on
-    http://host:port<after>` once the port is bound (log_listening)."""
+    http://host:port<after>` once the port is bound (log_listening). Raises ListenError, saying why in
+    one line, when the address cannot be bound."""
     from aiohttp import web
 
-    def listening(bound: int) -> None:
-        log_listening(log, what, host, bound, after)
+    bound: list[int] = []
 
-    if port == 0:
-        sock = bind_free_port(host)
-        listening(sock.getsockname()[1])
-        web.run_app(app, sock=sock, print=None, access_log=None)
-    else:  # run_app's print runs once its sites are started
-        web.run_app(app, host=host, port=port, print=lambda _message: listening(port), access_log=None)
+    def listening(port_: int) -> None:
+        bound.append(port_)
+        log_listening(log, what, host, port_, after)
+
+    try:
+        if port == 0:
+            sock = bind_free_port(host)
+            listening(sock.getsockname()[1])
+            web.run_app(app, sock=sock, print=None, access_log=None)
+        else:  # run_app's print runs once its sites are started
+            web.run_app(app, host=host, port=port, print=lambda _message: listening(port), access_log=None)
+    except OSError as exc:
+        if bound:  # not a bind failure
+            raise
+        # asyncio's message repeats the address as a tuple; the errno's own text is the reason
+        why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
+        raise ListenError(f"{what} cannot listen on {url_host(host)}:{port}: {why}") from exc
 
 
 def listening_port(text: str) -> int | None:

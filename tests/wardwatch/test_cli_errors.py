@@ -306,3 +306,20 @@ def test_the_embedded_broker_on_a_port_in_use_says_so_in_one_line(clean_env):
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert result.output.count("\n") == 1
     assert f"port {port} on 127.0.0.1 is in use" in result.output and "--port" in result.output
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("command", "port_variable"), [(["receiver"], "WARDWATCH_RECEIVER_PORT"),
+                                                        (["cds"], "WARDWATCH_CDS_PORT")])
+def test_an_http_service_whose_port_is_taken_says_so_in_one_line(command, port_variable, settings, clean_env, capfd):
+    # a second receiver on one host, or the port of another program: was aiohttp's OSError traceback
+    from wardwatch.procs import settings_env
+
+    with closed_port() as port:
+        result = invoke(*command, env=settings_env(settings) | {port_variable: str(port)})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Traceback" not in result.output
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
+    assert f"set {port_variable} to a free port" in result.output or f"set {port_variable} (or --port)" in result.output
