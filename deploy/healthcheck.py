@@ -18,6 +18,7 @@ with the wrong owner). It prints the problems, never any message content.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -28,6 +29,13 @@ from streams.topics import topics_for
 from wardwatch.settings import Settings, settings_errors, unknown_variables
 
 TIMEOUT_S = 5.0
+
+# librdkafka logs every failed connection attempt to stderr (one line per 50 ms, ~100 in TIMEOUT_S);
+# Docker keeps only the first 4 KB of a healthcheck's output, so they would push out the one line
+# that says why (`docker inspect` .State.Health)
+_quiet = logging.getLogger("wardwatch.healthcheck.librdkafka")
+_quiet.addHandler(logging.NullHandler())
+_quiet.propagate = False
 
 
 def problems(settings: Settings, *, broker: bool = True, port_setting: str | None = None,
@@ -107,7 +115,8 @@ def _not_listening(settings: Settings, port_setting: str) -> list[str]:
 def _topic_names(settings: Settings) -> set[str]:
     from confluent_kafka.admin import AdminClient
 
-    conf = {**settings.kafka_client_config(), "socket.connection.setup.timeout.ms": int(TIMEOUT_S * 1000)}
+    conf = {**settings.kafka_client_config(), "socket.connection.setup.timeout.ms": int(TIMEOUT_S * 1000),
+            "logger": _quiet}
     return set(AdminClient(conf).list_topics(timeout=TIMEOUT_S).topics)
 
 

@@ -56,6 +56,22 @@ def test_an_unreachable_broker_is_reported(healthcheck, tmp_path):
     assert len(found) == 1 and "unreachable" in found[0]
 
 
+def test_an_unreachable_broker_is_said_in_the_first_line_docker_keeps(healthcheck, clean_env, tmp_path, capfd):
+    # Docker stores only the first 4 KB of a healthcheck's output: librdkafka's connection errors (one
+    # line every 50 ms) used to fill them, and `docker inspect` .State.Health never showed the reason
+    from wardwatch.broker import closed_port
+
+    with closed_port() as port:
+        clean_env.setenv("WARDWATCH_BOOTSTRAP_SERVERS", f"127.0.0.1:{port}")
+        clean_env.setenv("WARDWATCH_DATA_DIR", str(tmp_path))
+        clean_env.setenv("WARDWATCH_MODEL_DIR", str(tmp_path))
+        assert healthcheck.main([]) == 1
+    err = capfd.readouterr().err
+
+    [line] = err.splitlines()
+    assert line.startswith(f"broker 127.0.0.1:{port} unreachable") and len(err) < 4096
+
+
 def test_a_service_port_that_nobody_listens_on_is_reported(healthcheck, tmp_path):
     import socket
 
