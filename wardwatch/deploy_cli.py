@@ -48,8 +48,12 @@ def topics(timeout_s: float = typer.Option(60.0, help="How long to wait for the 
     """Create every wardwatch topic with its partitions and configs; fail if one exists with another
     partition count."""
     from wardwatch.deploy import DeployError, create_topics, topic_specs
+    from wardwatch.preflight import broker_problem
 
     settings = _settings()
+    problem = broker_problem(settings, timeout_s)  # one line, not librdkafka's every 50 ms until the timeout
+    if problem:
+        _fail(problem)
     try:
         created = create_topics(settings, timeout_s=timeout_s)
     except DeployError as exc:
