@@ -96,8 +96,10 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
         if ci is None:
             reasons.append(f"{metric} gain over NEWS2: no 95 % interval (too few held-out patients of both classes)")
         elif ci[0] <= 0:
+            # an interval wholly below 0 shows the model worse than NEWS2, which "includes 0" would hide
+            where = "includes 0" if ci[1] >= 0 else "is below 0: the model is worse than NEWS2"
             reasons.append(f"{metric} gain over NEWS2 not shown: its 95 % interval {ci[0]:+.4f} to {ci[1]:+.4f} "
-                           "(patient-level bootstrap) includes 0")
+                           f"(patient-level bootstrap) {where}")
         else:
             passed.append(f"{metric} gain over NEWS2 95 % interval {ci[0]:+.4f} to {ci[1]:+.4f} is above 0")
     compared = {"new": new, "news2": news2, "current": current}

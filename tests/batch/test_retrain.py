@@ -79,6 +79,16 @@ def test_a_gain_over_news2_whose_95_percent_interval_includes_0_is_not_promoted(
     assert not no_interval.promote
 
 
+def test_a_gain_over_news2_whose_interval_is_wholly_below_0_is_said_to_be_worse_not_to_include_0():
+    # `batch train` on the demo printed "its 95 % interval -0.1216 to -0.0833 ... includes 0"
+    decision = gate_decision({"auroc": 0.69, "auprc": 0.15}, {"auroc": 0.81, "auprc": 0.23}, None, min_auroc_gain=0,
+                             min_auprc_gain=0, news2_gain_ci95={"auroc": [-0.1216, -0.0833], "auprc": [-0.02, 0.01]})
+    assert "auroc gain over NEWS2 not shown: its 95 % interval -0.1216 to -0.0833 (patient-level bootstrap) is below 0: " \
+           "the model is worse than NEWS2" in decision.reasons
+    assert "auprc gain over NEWS2 not shown: its 95 % interval -0.0200 to +0.0100 (patient-level bootstrap) " \
+           "includes 0" in decision.reasons
+
+
 def test_a_model_whose_risk_falls_as_a_vital_sign_worsens_is_kept_as_candidate_naming_the_parameter():
     """Better than NEWS2 and current on every metric, but an unresponsive patient scores below a confused one:
     a safety defect no discrimination figure makes up for."""
