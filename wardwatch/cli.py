@@ -455,6 +455,11 @@ def model_list() -> None:
         console.print(f"no model versions in {settings.model_dir} (train one with `wardwatch batch train`)")
         return
     table = Table("version", "pointer", "sha256", "AUROC", "AUPRC", "NEWS2 AUROC", "gate", "created")
+    # a narrow terminal (80 columns) cut every cell to "v202611…": nothing is cut now, the version
+    # (`model promote VERSION` takes it) is kept whole on one line, the other columns wrap
+    for column in table.columns:
+        column.overflow = "fold"
+    table.columns[0].no_wrap, table.columns[0].min_width = True, max(len(r["version"]) for r in rows)
 
     def num(x):
         return "-" if x is None else f"{x:.3f}"

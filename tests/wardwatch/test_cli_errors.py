@@ -323,3 +323,19 @@ def test_an_http_service_whose_port_is_taken_says_so_in_one_line(command, port_v
     assert "Traceback" not in err and "Traceback" not in result.output
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
     assert f"set {port_variable} to a free port" in result.output or f"set {port_variable} (or --port)" in result.output
+
+
+def test_model_list_in_an_80_column_terminal_cuts_no_version_name(clean_env, tmp_path):
+    # `docker compose exec worker wardwatch model list` (80 columns): every timestamped version read
+    # "v202611…", and `model promote VERSION` needs it whole
+    import shutil
+
+    from wardwatch.demo import BUNDLED_MODELS
+
+    shutil.copytree(BUNDLED_MODELS / "v0001", tmp_path / "v20261126T200741")
+    (tmp_path / "current").write_text("v20261126T200741\n")
+    result = invoke("model", "list", env={"WARDWATCH_MODEL_DIR": str(tmp_path), "COLUMNS": "80"})
+
+    assert result.exit_code == 0, result.output
+    assert any(line.startswith("│ v20261126T200741 │") for line in result.output.splitlines()), result.output
+    assert "…" not in result.output  # nor any other cell cut
