@@ -117,6 +117,19 @@ def test_wardwatch_services_wait_for_the_broker_and_the_topics(compose):
         assert deps.get("topics-init", {}).get("condition") == "service_completed_successfully", name
 
 
+def test_the_broker_hint_of_every_command_names_the_address_compose_gives_this_host(compose):
+    # `wardwatch stats` on the host after `docker compose up`: the one-line error said to start the
+    # compose kafka, and nothing of localhost:29092, where the host reaches it
+    from wardwatch import preflight
+    from wardwatch.settings import Settings
+
+    kafka = compose["services"]["kafka"]
+    assert f"127.0.0.1:{preflight.COMPOSE_KAFKA_HOST_PORT}:29092" in kafka["ports"]
+    assert f"HOST://localhost:{preflight.COMPOSE_KAFKA_HOST_PORT}" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    hint = preflight.broker_problem(Settings(bootstrap_servers="127.0.0.1:1"), timeout_s=0.5)
+    assert f"localhost:{preflight.COMPOSE_KAFKA_HOST_PORT}" in hint and "WARDWATCH_BOOTSTRAP_SERVERS" in hint
+
+
 def test_every_named_volume_is_declared_and_every_bind_source_exists(compose):
     declared = set(compose.get("volumes") or {})
     for name, svc in compose["services"].items():

@@ -11,6 +11,8 @@ import logging
 from wardwatch.settings import Settings
 
 BROKER_WAIT_S = 15.0
+# the compose Kafka's listener for tools on the host (docker-compose.yml: KAFKA_HOST_PORT, default)
+COMPOSE_KAFKA_HOST_PORT = 29092
 
 _quiet = logging.getLogger("wardwatch.preflight.librdkafka")
 _quiet.addHandler(logging.NullHandler())
@@ -35,7 +37,8 @@ def broker_problem(settings: Settings, timeout_s: float | None = None) -> str | 
     except KafkaException as exc:
         why = _why(exc)
     return (f"cannot reach the Kafka broker at {settings.bootstrap_servers} within {timeout_s:g} s ({why}): "
-            "start it (`wardwatch broker` runs an embedded one on 127.0.0.1:9092; `docker compose up -d kafka`) "
+            "start it (`wardwatch broker` runs an embedded one on 127.0.0.1:9092; docker-compose.yml's `kafka` "
+            f"serves this host on localhost:{COMPOSE_KAFKA_HOST_PORT}, its containers on kafka:9092) "
             "or point WARDWATCH_BOOTSTRAP_SERVERS at it (and check WARDWATCH_KAFKA_SECURITY_PROTOCOL / SASL)")
 
 
