@@ -213,8 +213,19 @@ def redrive(
     idle_s: float = typer.Option(5.0, help="Stop when no dead letter arrived for this long (seconds)"),
 ) -> None:
     """Send dead letters back to the topic they came from (after deploying the fix that parses them)."""
+    import difflib
+
+    from schemas.deadletter import Reason
+    from wardwatch.cli import _fail as fail
     from wardwatch.deploy import DeployError, redrive_deadletters
 
+    # a misspelt reason matched nothing: "0 redriven", and the dead letters wanted stayed where they were
+    known = sorted({r.value for r in Reason})
+    for name in reason or ():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            fail(f"--reason {name}: no dead letter has that reason"
+                 + (f" (did you mean {close[0]}?)" if close else "") + f"; the reasons are {', '.join(known)}")
     try:
         counts = redrive_deadletters(_kafka_settings(), set(reason) if reason else None, dry_run=dry_run, idle_s=idle_s)
     except DeployError as exc:

@@ -134,3 +134,18 @@ def test_the_scheduler_records_when_its_first_run_is_due_for_the_healthcheck(cle
     assert status["next_due"] == status["first_due"] and due.astimezone().strftime("%H:%M") == "02:30"
     assert timedelta(0) < due - datetime.now(due.tzinfo) <= timedelta(days=1)
     assert status["last_outcome"] == "failed"  # still unhealthy until a run succeeds
+
+
+@pytest.mark.timeout(60)
+def test_redrive_refuses_a_reason_no_dead_letter_can_have_and_names_the_close_one(clean_env):
+    # `--reason fetch-failed` matched nothing: "0 redriven", and the dead letters wanted stayed put
+    from wardwatch.broker import closed_port
+
+    with closed_port() as port:  # refused before the broker is asked
+        result = invoke("redrive", "--reason", "fetch-failed", "--dry-run",
+                        env={"WARDWATCH_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.count("\n") == 1
+    assert "--reason fetch-failed: no dead letter has that reason (did you mean fetch_failed?)" in result.output
+    assert "cannot reach the Kafka broker" not in result.output
