@@ -133,6 +133,12 @@ def demo(
         check_wipeable(data_dir.resolve())
     except ValueError as exc:
         _fail(str(exc))
+    if bootstrap:  # before the earlier run is wiped; was a KafkaException traceback after 30 s
+        from wardwatch.preflight import broker_problem
+
+        problem = broker_problem(_settings().model_copy(update={"bootstrap_servers": bootstrap}))
+        if problem:
+            _fail(f"--bootstrap {bootstrap}: {problem}")
     summary = run_demo(DemoOptions(patients=patients, seed=seed, faults=faults, train=train, data_dir=data_dir,
                                    bootstrap=bootstrap), console)
     if summary_json:
