@@ -92,6 +92,17 @@ def _require_broker(settings: Settings) -> Settings:
     return settings
 
 
+def _require_bootstrap(bootstrap: str | None) -> None:
+    """A run's --bootstrap broker (demo, soak) answers: checked before the earlier run's directory is wiped
+    (it was a KafkaException traceback after ~30 s)."""
+    if bootstrap:
+        from wardwatch.preflight import broker_problem
+
+        problem = broker_problem(_settings().model_copy(update={"bootstrap_servers": bootstrap}))
+        if problem:
+            _fail(f"--bootstrap {bootstrap}: {problem}")
+
+
 def _observe(service: str) -> None:
     """Every long-running service: JSON logs and the metrics/health endpoint, from settings."""
     from wardwatch import observability
@@ -133,12 +144,7 @@ def demo(
         check_wipeable(data_dir.resolve())
     except ValueError as exc:
         _fail(str(exc))
-    if bootstrap:  # before the earlier run is wiped; was a KafkaException traceback after 30 s
-        from wardwatch.preflight import broker_problem
-
-        problem = broker_problem(_settings().model_copy(update={"bootstrap_servers": bootstrap}))
-        if problem:
-            _fail(f"--bootstrap {bootstrap}: {problem}")
+    _require_bootstrap(bootstrap)
     summary = run_demo(DemoOptions(patients=patients, seed=seed, faults=faults, train=train, data_dir=data_dir,
                                    bootstrap=bootstrap), console)
     if summary_json:
@@ -609,6 +615,7 @@ def soak(
         check_wipeable(data_dir.resolve())
     except ValueError as exc:
         _fail(str(exc))
+    _require_bootstrap(bootstrap)
     # SIGTERM unwinds like Ctrl-C, so the broker and the child services are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     figures = run_soak(SoakOptions(events=events, kills=kills, seed=seed, kill_ingest=kill_ingest, rate=rate,

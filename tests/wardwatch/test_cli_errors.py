@@ -342,14 +342,15 @@ def test_model_list_in_an_80_column_terminal_cuts_no_version_name(clean_env, tmp
 
 
 @pytest.mark.timeout(60)
-def test_the_demo_on_an_unreachable_bootstrap_says_so_in_one_line_and_keeps_the_earlier_run(clean_env, tmp_path):
+@pytest.mark.parametrize("command", ["demo", "soak"])
+def test_a_run_on_an_unreachable_bootstrap_says_so_in_one_line_and_keeps_the_earlier_run(command, clean_env, tmp_path):
     # `wardwatch demo --bootstrap HOST:PORT` with nothing there: a KafkaException traceback after 30 s
     clean_env.setattr(preflight, "BROKER_WAIT_S", 1.0)
-    earlier = tmp_path / "demo"
+    earlier = tmp_path / "run"
     earlier.mkdir()
     (earlier / "wardwatch.duckdb").write_text("an earlier run's file")
     with closed_port() as port:
-        result = invoke("demo", "--bootstrap", f"127.0.0.1:{port}", "--data-dir", str(earlier))
+        result = invoke(command, "--bootstrap", f"127.0.0.1:{port}", "--data-dir", str(earlier))
 
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert result.output.startswith(f"--bootstrap 127.0.0.1:{port}: cannot reach the Kafka broker at 127.0.0.1:{port}")
