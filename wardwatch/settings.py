@@ -160,6 +160,14 @@ class Settings(BaseSettings):
             raise ValueError("set but empty: give the token, or unset the variable for none")
         return value
 
+    @field_validator("data_dir", "model_dir", "shadow_model_dir", "cds_jwks_file", mode="before")
+    @classmethod
+    def _path_not_blank(cls, value):
+        # WARDWATCH_DATA_DIR= (or a ${DIR} the shell left unset) would silently mean the current directory
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("set but empty: give a path, or unset the variable for the default")
+        return value
+
     @field_validator("gate_min_auroc_gain", "gate_min_auprc_gain")
     @classmethod
     def _gain_not_negative(cls, value):

@@ -218,6 +218,16 @@ def test_a_token_set_to_nothing_is_refused_instead_of_meaning_no_token(clean_env
     assert f"{variable}=(secret): Value error, set but empty" in result.output
 
 
+@pytest.mark.parametrize("variable", ["WARDWATCH_DATA_DIR", "WARDWATCH_MODEL_DIR", "WARDWATCH_CDS_JWKS_FILE"])
+def test_a_path_set_to_nothing_is_refused_instead_of_meaning_the_current_directory(clean_env, variable):
+    # WARDWATCH_DATA_DIR= (or a ${DIR} the shell left unset) put the archive and DuckDB file wherever the
+    # command happened to run
+    result = invoke("config", "show", "--json", env={variable: ""})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert variable in result.output and "set but empty" in result.output
+
+
 @pytest.mark.parametrize(("env", "says"), [
     ({"WARDWATCH_CDS_JWKS_FILE": "/etc/wardwatch/cds-jwks.json"},
      "WARDWATCH_CDS_JWKS_FILE set without WARDWATCH_CDS_ISSUERS and WARDWATCH_CDS_AUDIENCE"),
