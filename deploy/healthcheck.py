@@ -123,7 +123,8 @@ def _topic_names(settings: Settings) -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="wardwatch container healthcheck")
     parser.add_argument("--no-broker", action="store_true", help="skip the broker and topic checks")
-    parser.add_argument("--port-setting", help="Settings field of a port this service must be listening on")
+    parser.add_argument("--port-setting", help="Settings field of a port this service must be listening on",
+                        choices=sorted(name for name in Settings.model_fields if name.endswith("_port")))
     parser.add_argument("--nightly", action="store_true",
                         help="also unhealthy when the scheduler's last nightly failed or none succeeded for 26 h")
     parser.add_argument("--ready", action="store_true",

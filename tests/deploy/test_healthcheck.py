@@ -108,6 +108,15 @@ def test_invalid_settings_are_unhealthy_in_one_line_not_a_traceback(healthcheck,
     assert line.startswith("invalid settings: WARDWATCH_PARTITIONS='many': Input should be a valid integer")
 
 
+def test_a_port_setting_that_names_no_port_is_refused_in_one_line(healthcheck, capsys):
+    # a compose override with `--port-setting reciever_port` was an AttributeError traceback in docker inspect
+    with pytest.raises(SystemExit) as exited:
+        healthcheck.main(["--no-broker", "--port-setting", "reciever_port"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "invalid choice: 'reciever_port'" in err and "receiver_port" in err
+
+
 def test_a_misspelt_setting_is_unhealthy_as_the_service_refuses_to_start(healthcheck, clean_env, capsys):
     """The CLI refuses a WARDWATCH_* variable that names no setting (the service never starts): the
     container's healthcheck must not call it healthy meanwhile."""
