@@ -122,23 +122,22 @@ def _wait_until_processed(settings: Settings, archiver: Archiver, raw_end_offset
 
 # written into every run's data directory: a directory holding it is a run's, and the next run wipes it
 RUN_MARK = ".wardwatch-run"
-# what runs left before the mark (demo, batch dataset, soak): a directory holding nothing else is theirs
-RUN_ENTRIES = frozenset({"archive", "faust", "logs", "models", "reports", "wardwatch.duckdb", "wardwatch.duckdb.wal",
-                         "dataset.json", "r", "k"})
 
 
 def check_wipeable(data_dir: Path) -> None:
     """Refuse to wipe a directory that is neither empty nor an earlier run's (`--out .`, a home
-    directory, `data` with the clinosim cache in it): ValueError naming it. A run's directory holds
-    RUN_MARK, or (runs before it) nothing but RUN_ENTRIES: a home directory with a `logs` folder is not."""
+    directory, `data` with the clinosim cache in it, a deployment's data directory with its archive and
+    DuckDB file): ValueError naming it. Only RUN_MARK makes a directory a run's: what a run leaves
+    (archive/, wardwatch.duckdb) is also what a live deployment holds."""
     if not data_dir.exists():
         return
     if not data_dir.is_dir():
         raise ValueError(f"{data_dir} is a file, not a directory: choose a new or empty directory")
     entries = {p.name for p in data_dir.iterdir()}
-    if entries and RUN_MARK not in entries and not entries <= RUN_ENTRIES:
+    if entries and RUN_MARK not in entries:
         raise ValueError(f"refusing to wipe {data_dir}: it is not empty and is not an earlier run's (no {RUN_MARK}; "
-                         f"it holds {len(entries - RUN_ENTRIES)} other entries); choose a new or empty directory")
+                         f"it holds {len(entries)} entries); choose a new or empty directory, or delete it yourself "
+                         "if it is a run's from before wardwatch marked them")
 
 
 def start_run_dir(data_dir: Path) -> None:

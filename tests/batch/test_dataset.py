@@ -100,8 +100,7 @@ def test_a_cohort_of_no_patient_is_refused_before_anything_runs_or_is_cached(pat
 @pytest.mark.parametrize("command", [["batch", "dataset", "--out"], ["demo", "--data-dir"], ["soak", "--data-dir"]])
 def test_a_directory_that_holds_no_earlier_run_is_never_wiped(command, tmp_path, monkeypatch):
     """--out / --data-dir is wiped first: `--out .` in a checkout, or `--out data` (the clinosim cache),
-    used to be deleted whole. Only an empty directory or an earlier run's (logs/, archive/,
-    wardwatch.duckdb) is wiped."""
+    used to be deleted whole. Only an empty directory or an earlier run's (marked) is wiped."""
     import wardwatch.demo
 
     def no_broker(*a, **k):
@@ -116,17 +115,22 @@ def test_a_directory_that_holds_no_earlier_run_is_never_wiped(command, tmp_path,
 
     from wardwatch.demo import RUN_MARK, check_wipeable
 
-    earlier = tmp_path / "earlier"
-    (earlier / "logs").mkdir(parents=True)
-    (earlier / "dataset.json").write_text("{}")
-    check_wipeable(earlier)  # a run's directory from before the mark (nothing but what runs leave): wiped
     check_wipeable(tmp_path / "new")
+    # a deployment's data directory holds what a run leaves too (archive/, wardwatch.duckdb): never a run's
+    # without the mark (`wardwatch demo --data-dir /var/lib/wardwatch/data` wiped the archive)
+    deployed = tmp_path / "deployed"
+    (deployed / "archive").mkdir(parents=True)
+    (deployed / "wardwatch.duckdb").write_text("the reconciled state")
+    with pytest.raises(ValueError, match="refusing to wipe"):
+        check_wipeable(deployed)
     # a home directory that happens to hold a `logs` folder is not a run's
     home = tmp_path / "home"
     (home / "logs").mkdir(parents=True)
     (home / "thesis.tex").write_text("years")
     with pytest.raises(ValueError, match="refusing to wipe"):
         check_wipeable(home)
+    earlier = tmp_path / "earlier"
+    (earlier / "logs").mkdir(parents=True)
     (earlier / "models-ship").mkdir()  # what an analyst adds to a marked run's directory goes with it
     (earlier / RUN_MARK).write_text("")
     check_wipeable(earlier)
