@@ -56,7 +56,8 @@ COLUMNS: dict[str, str] = {
     "unit": "UCUM unit of `value`",
     "value_text": "Text value: ACVPU letter, encounter class, ward, sex",
     "effective_ms": "Clinical time of the fact (when measured)" + _MS,
-    "issued_ms": "When the value became available (FHIR issued, CDC commit)" + _MS,
+    "issued_ms": ("When this version became available (FHIR issued, CDC commit or a lab's result time; a version "
+                  "after the first never before its source stored it: FHIR meta.lastUpdated, CDC commit)" + _MS),
     "status": "final, preliminary, amended, corrected or entered-in-error (a retraction)",
     "source": "Input the event came from: cdc or fhir",
     "fact_id": "Names one clinical fact across its versions",

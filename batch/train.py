@@ -25,7 +25,9 @@ label. A fact effective before T but issued after the point was scored neither e
 
 The features come from batch.features.features_as_of_issued, so training never sees the future: what
 was issued by the time the point was scored (known_at_ms), which includes the point's own vitals
-round (committed a minute or two after it was charted at T), as the served model sees it.
+round (committed a minute or two after it was charted at T), as the served model sees it. An amended
+version is issued no earlier than its source stored it, though sources often keep the first result's
+time on it (schemas/fhir.py, schemas/cdc.py; docs/patient-state.md, "Issued time").
 
 The model (impute missing with training medians -> standardize -> logistic regression) is trained on
 the at-risk rows of the training patients where the worker serves it (every NEWS2 input charted, as

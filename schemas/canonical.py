@@ -6,8 +6,10 @@ A wide `vital_signs` CDC row becomes several events; a FHIR BP panel becomes one
 Times are integer milliseconds since the Unix epoch, UTC:
 - `effective_ms`: the clinical time (FHIR effective[x], the row's measurement time). Windows and
   ordering use it.
-- `issued_ms`: when the value became available (FHIR issued, CDC commit time). Offline as-of joins
-  use it so training never sees the future.
+- `issued_ms`: when this version of the value became available (FHIR issued; CDC commit time, a lab's
+  result time). A version after the first is never issued before its source stored it (FHIR
+  meta.lastUpdated, CDC commit): sources keep the first result's time on an amendment. Offline as-of
+  joins use it so training never sees the future; the online plane does not read it.
 
 Identity (see streams/dedupe.py for the rule):
 - `fact_id` names the clinical fact across its versions: an amendment or a retraction carries the

@@ -26,7 +26,10 @@ Shapes:
   (aliases accepted); a code wardwatch does not use -> Ignored("unmapped_code"). The value is
   converted from the unit column to the code's canonical unit (no conversion -> UNKNOWN_UNIT).
   fact id cdc:<table>:<pk>:<canonical code>, effective = collection time, issued = the result time
-  (labs are available hours after collection; the commit time only when the column is missing),
+  (labs are available hours after collection; the commit time only when the column is missing); an
+  update (an amendment, a retraction, a preliminary result made final) is issued no earlier than its
+  commit, max(result time, commit): it may keep the first result's time (under REPLICA IDENTITY DEFAULT
+  nothing shows whether it did), and the offline as-of joins (training) must not see it before it existed,
   status from the status column (entered-in-error retracts, and so does cancelled: not started or not
   completed; a row created cancelled is Ignored("cancelled"), nothing earlier to retract). An update
   that changes the code retracts the old code's fact. A delete whose `before` lacks the code retracts
@@ -337,9 +340,10 @@ class _LongChange(_Change):
         if code is None:
             return events or Ignored("unmapped_code")
         issued_ms = self._time(row, m.issued_column) or self.issued_ms  # (the commit time if missing)
-        if self.op == "u" and not self._changed(m.issued_column):
-            # a new version (an amendment, a retraction) under the old result time became available at
-            # its commit: dating it back would let as-of joins (training) see it before it existed
+        if self.op == "u":
+            # a new version (an amendment, a retraction) did not exist before its commit, whatever result time
+            # the row states: the old one kept (REPLICA IDENTITY DEFAULT cannot even show it was kept), or one
+            # dated back. Dating it earlier would let as-of joins (training) see it before it existed
             issued_ms = max(issued_ms, self.issued_ms)
         status = self._status(row)
         raw = row.get(m.value_column)

@@ -16,6 +16,13 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   dead-lettered. Components in Observations of their own are not summed across resources (charted at
   other times): skipped as `gcs_components`.
   fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (else meta.lastUpdated in ms, else 1).
+  issued = `issued` (when "this version" was made available, FHIR R4), else meta.lastUpdated, else the
+  effective time. A version after the first (versionId above 1, or none: which one it is cannot be told) is
+  issued at max(issued, meta.lastUpdated): servers often keep the first release's `issued` on an amended,
+  corrected or entered-in-error version, which would date the new value back to the first result and let
+  the offline as-of joins (training) see it hours before it existed. Version 1 keeps its `issued`: it is its
+  own release time, and its lastUpdated (when the server stored it) only seconds later, as a CDC lab row
+  created is issued at its result time, not its commit. The online plane never reads a measurement's issued_ms.
 - Encounter -> CONTEXT facts (schemas/codes.py, the same semantics as the CDC `encounters` table):
   ADMISSION (period.start; value_text the encounter class: "IMP" -> "inpatient", ...), LOCATION (the
   active location's display, else its Location id; effective its period.start, else period.start),
@@ -653,6 +660,10 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
     effective_ms = _effective_ms(obs, None if raw_status != CANCELLED else issued)
     issued_ms = iso_to_ms(issued, "issued") if issued else effective_ms
     version = _resource_version(meta)  # an Observation without versionId: lastUpdated orders its versions
+    if obs.get("issued") and _after_first_version(meta) and isinstance(meta.get("lastUpdated"), str):
+        # servers often keep the first release's `issued` on an amended / corrected / entered-in-error version:
+        # this version did not exist before the server stored it, so training's as-of joins must not see it earlier
+        issued_ms = max(issued_ms, iso_to_ms(meta["lastUpdated"], "meta.lastUpdated"))
     encounter = _business_id(obs.get("encounter"), "Encounter")
     provenance = {"resource": f"Observation/{obs_id}", "subscription": ctx.status.subscription,
                   "topic": ctx.topic, "partition": ctx.partition, "offset": ctx.offset,
@@ -1071,6 +1082,13 @@ def _resource_id(resource: dict) -> str:
     if not isinstance(rid, str) or not rid:
         raise Reject(Reason.INVALID_STRUCTURE, f"{resource.get('resourceType')} without id")
     return rid
+
+
+def _after_first_version(meta: dict) -> bool:
+    """Whether an Observation may be a version after its first: meta.versionId above 1, or no versionId (which
+    version it is cannot be told). Its `issued` may then be the first release's: FHIR R4 defines it as when
+    "this version" was made available, but servers often carry it over unchanged to later versions."""
+    return meta.get("versionId") is None or _version(meta.get("versionId")) > 1
 
 
 def _resource_version(meta: dict) -> int:

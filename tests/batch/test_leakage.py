@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import orjson
 import polars as pl
 import pytest
 
 from batch.features import features_as_of_issued, features_at
-from batch.train import make_labels
+from batch.train import labelled_rows, make_labels
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
 from schemas.features import FEATURE_NAMES
@@ -155,3 +156,66 @@ def test_a_vitals_point_is_trained_on_its_own_round_as_the_served_model_sees_it(
     drawn_at_t2 = T0 + 2 * HOUR  # a lactate drawn with the round at hour 2, resulted 3 h later
     at_t2 = trained.filter(pl.col("scoring_ms") == drawn_at_t2)
     assert at_t2["lactate_last_24h"].to_list() == [None, None]
+
+
+# --- an amendment under the first release's result time, as the ingest parses it ------------------
+
+DRAWN = T0 + 8 * HOUR  # a lactate drawn at 08:00
+RELEASED = T0 + 9 * HOUR  # resulted 2.1 mmol/L at 09:00
+AMENDED = T0 + 13 * HOUR  # amended to 4.6 (>= 4: deteriorated) at 13:00, under the 09:00 result time
+
+
+def _fhir_lactate() -> list[CanonicalEvent]:
+    """Versions 1 and 2 of a lab Observation as the replay writes them (streams.replay.next_version keeps
+    `issued`, as servers often do; meta.lastUpdated is when the server stored each version)."""
+    from schemas.fhir import parse_notification
+    from streams.replay import LAB_SUBSCRIPTION, format_time_us, next_version, notification_bundle
+
+    first = {"resourceType": "Observation", "id": "lab-lac-7", "status": "final",
+             "meta": {"versionId": "1", "lastUpdated": format_time_us(RELEASED * 1000 + 2_000_000)},
+             "code": {"coding": [{"system": "http://loinc.org", "code": codes.LACTATE}]},
+             "subject": {"reference": "Patient/p7"}, "effectiveDateTime": format_time_us(DRAWN * 1000),
+             "issued": format_time_us(RELEASED * 1000),
+             "valueQuantity": {"value": 2.1, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"}}
+    amended = next_version(first, AMENDED * 1000, "amended", 4.6)
+    events = []
+    for n, (resource, at_ms) in enumerate([(first, RELEASED), (amended, AMENDED)], start=1):
+        bundle = notification_bundle(LAB_SUBSCRIPTION, "event-notification", n, at_ms * 1000, n, resource)
+        events += parse_notification(orjson.dumps(bundle), topic="ww.fhir.notifications", partition=0, offset=n).events
+    return events
+
+
+def _cdc_lactate() -> list[CanonicalEvent]:
+    """The same result through CDC: created, then amended by an update under REPLICA IDENTITY DEFAULT (`before`
+    null, so it cannot show the result time was kept)."""
+    from schemas.cdc import parse_cdc
+
+    row = {"id": 77, "patient_id": "p7", "encounter_id": None, "loinc_code": codes.LACTATE, "value": 2.1,
+           "unit": "mmol/L", "status": "final", "collected_at": DRAWN * 1000, "resulted_at": RELEASED * 1000}
+    changes = [("c", None, row, RELEASED + 1_000),
+               ("u", None, {**row, "value": 4.6, "status": "amended"}, AMENDED)]
+    events = []
+    for lsn, (op, before, after, commit_ms) in enumerate(changes, start=1):
+        value = {"before": before, "after": after, "op": op, "ts_ms": commit_ms,
+                 "source": {"ts_ms": commit_ms, "lsn": lsn, "table": "lab_results"}}
+        events += parse_cdc("ehr.public.lab_results", orjson.dumps({"id": 77}), orjson.dumps(value), partition=0,
+                            offset=lsn, cdc_topic_prefix="ehr.public").events
+    return events
+
+
+@pytest.mark.parametrize("source", ["fhir", "cdc"])
+def test_an_amendment_under_the_first_result_time_is_invisible_to_training_until_it_was_stored(source):
+    """FHIR servers often keep the first release's `issued` on an amended version, and a CDC update may keep the
+    old resulted_at (under REPLICA IDENTITY DEFAULT it cannot show it): taken as they stood, the amended 4.6
+    was known from 09:00, hours before it existed. Training then read it at 10:00 and 12:00 and dropped those
+    points as already deteriorated, which the stream, scoring them with 2.1, never saw."""
+    events = frame(_fhir_lactate() if source == "fhir" else _cdc_lactate())
+    points = pl.DataFrame({"patient_id": ["p7"] * 4, "scoring_ms": [T0 + h * HOUR for h in (10, 12, 13, 14)]})
+    rows = labelled_rows(events, points)
+    assert rows["lactate_last_24h"].to_list() == [2.1, 2.1, 4.6, 4.6]
+    assert rows["at_risk"].to_list() == [True, True, False, False]
+    # the correction point the stream makes when the amendment arrives (T = the patient's clock, 08:00) is
+    # known when its message was issued: it sees the amendment it applies, as the stream does
+    amendment = events.filter(pl.col("version") == pl.col("version").max())
+    correction = amendment.select("patient_id", "partition", "offset", "idx", scoring_ms=pl.lit(DRAWN))
+    assert features_as_of_issued(events, correction)["lactate_last_24h"].to_list() == [4.6]

@@ -377,7 +377,9 @@ def test_an_amended_lab_supersedes_the_first_result_as_a_new_version_of_the_same
     assert amended.status is Status.AMENDED and amended.value == 3.4  # string decimal "3.4000"
     assert amended.fact_id == "cdc:lab_results:503:2524-7" and amended.version == 25030000
     assert amended.effective_ms == COLLECTED_MS  # the same specimen
-    assert amended.issued_ms == utc_ms("2024-06-15T17:45:00")  # known only from the amendment on
+    # known only from the amendment on: its commit (17:45:00.900), not the result time it states (17:45:00.000),
+    # for an update never became available before it was committed
+    assert amended.issued_ms == utc_ms("2024-06-15T17:45:00") + 900
 
 
 def test_an_amendment_under_the_old_result_time_is_known_from_its_commit_on():
@@ -389,6 +391,24 @@ def test_an_amendment_under_the_old_result_time_is_known_from_its_commit_on():
     (amended,) = outcome.events
     assert amended.status is Status.AMENDED
     assert amended.issued_ms == envelope["source"]["ts_ms"] > utc_ms("2024-06-15T17:45:00")  # its commit
+
+
+@pytest.mark.parametrize("before", ["default_identity", "result_time_dated_back"])
+def test_an_amendment_is_never_known_before_its_commit_whatever_result_time_it_states(before):
+    """Under REPLICA IDENTITY DEFAULT `before` is null, so an update cannot show that it kept the old result
+    time (2 h 15 min before the amendment's commit): it used to be taken as a new result time and the amended value
+    was visible to training's as-of joins from the first release on. Likewise a result time the update moves
+    back (even behind the first release): the new version still did not exist before its commit."""
+    msg = cdc_message("lab_amended")
+    envelope = json.loads(msg.value).get("payload", json.loads(msg.value))
+    first_resulted_us = envelope["before"]["resulted_at"]
+    if before == "default_identity":
+        changed = _changed(msg, before=None, resulted_at=first_resulted_us)
+    else:
+        changed = _changed(msg, resulted_at=first_resulted_us - 3_600_000_000)
+    (amended,) = parse(changed).events
+    assert amended.status is Status.AMENDED and amended.value == 3.4
+    assert amended.issued_ms == envelope["source"]["ts_ms"] == first_resulted_us // 1000 + 8_100_900  # 17:45:00.9
 
 
 def test_a_lab_dated_decades_ahead_by_a_wrong_lab_clock_is_dead_lettered_though_its_result_time_agrees():

@@ -62,7 +62,9 @@ def test_r4_parameters_status_with_one_heart_rate():
     assert (hr.patient_id, hr.code, hr.value, hr.unit) == ("MRN-0001", codes.HEART_RATE, 80, "/min")
     assert hr.encounter_id == "enc-4d8ac7e31e96"
     assert hr.effective_ms == EFFECTIVE_MS
-    assert hr.issued_ms == 1_718_460_400_000  # issued 14:06:40Z
+    # version 2 (meta.versionId "2"), issued 14:06:40Z, stored 14:07:00Z: a version after the first is known
+    # from max(issued, meta.lastUpdated), as servers keep the first release's `issued` on later versions
+    assert hr.issued_ms == 1_718_460_420_000
     assert hr.fact_id == "fhir:Observation/vs-hr-1:8867-4" and hr.version == 2  # meta.versionId "2"
     assert hr.status is Status.FINAL and hr.source is Source.FHIR
     assert hr.provenance["resource"] == "Observation/vs-hr-1" and hr.provenance["offset"] == 0
@@ -159,6 +161,34 @@ def test_r5_labs_with_unit_conversion_and_integer64_counters():
     assert events[codes.LACTATE].effective_ms == 1_719_210_300_000
     assert events[codes.LACTATE].issued_ms == 1_719_218_153_426
     assert events[codes.CREATININE].issued_ms == 1_719_219_600_000  # meta.lastUpdated 09:00Z
+
+
+def _heart_rate_version(meta: dict, status: str = "final", value: float = 80) -> CanonicalEvent:
+    """r4_parameters_event's heart rate (issued 14:06:40Z) as the version `meta` describes."""
+    doc = json.loads(fhir_bundle("r4_parameters_event"))
+    [obs] = [e["resource"] for e in doc["entry"] if e.get("resource", {}).get("resourceType") == "Observation"]
+    obs.update(meta=meta, status=status)
+    obs["valueQuantity"]["value"] = value
+    (hr,) = parsed_body(json.dumps(doc).encode()).events
+    return hr
+
+
+ISSUED_MS = 1_718_460_400_000  # the fixture's `issued`, 14:06:40Z
+
+
+def test_an_amendment_under_the_first_release_issued_time_is_known_from_when_the_server_stored_it():
+    """FHIR R4 `issued`: when "this version" was made available; servers often keep the first release's on
+    version 2+. Taken as it stood, the amended value (120 for 80) was visible to training's as-of joins from
+    14:06:40, three hours before it existed (DOMAIN.md section 3)."""
+    first = _heart_rate_version({"versionId": "1", "lastUpdated": "2024-06-15T14:07:00Z"})
+    assert first.issued_ms == ISSUED_MS  # version 1: its own release time (stored 20 s later)
+    amended = _heart_rate_version({"versionId": "2", "lastUpdated": "2024-06-15T17:06:40Z"}, "amended", 120)
+    assert amended.issued_ms == ISSUED_MS + 3 * 3_600_000
+    retracted = _heart_rate_version({"versionId": "3", "lastUpdated": "2024-06-15T18:06:40Z"}, "entered-in-error")
+    assert retracted.status.retracts and retracted.issued_ms == ISSUED_MS + 4 * 3_600_000
+    # without a versionId the version cannot be told: lastUpdated still bounds when it was known
+    unversioned = _heart_rate_version({"lastUpdated": "2024-06-15T17:06:40Z"}, "amended", 120)
+    assert unversioned.issued_ms == ISSUED_MS + 3 * 3_600_000
 
 
 def test_an_observation_without_version_id_is_ordered_by_last_updated():
