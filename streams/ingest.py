@@ -43,6 +43,7 @@ from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
 from streams.alignment import Aligner
 from streams.fhir_fetch import FhirClient, resolve
+from streams.gc_tuning import freeze_startup_heap
 from streams.stats import StatsPublisher
 from streams.commits import AckedProducer, CommitResults, commit_offsets, skip_consumer_error
 from streams.topics import Topics, topics_for
@@ -473,6 +474,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 def run_ingest(settings: Settings, stop: threading.Event) -> IngestCounters:
     """CLI entry point: run one ingest worker until `stop` is set; returns the final counters."""
     worker = IngestWorker(settings, topics_for(settings))
+    freeze_startup_heap()  # imports (the FHIR models) and the clients
     with watching(settings, "ingest", worker.group_id, lambda: worker.assigned):
         worker.run(stop)
     return worker.counters
