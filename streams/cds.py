@@ -256,6 +256,10 @@ class AuthConfigError(ValueError):
     """`wardwatch cds` cannot start with these settings; the message is one line saying what to set."""
 
 
+class KeysUnreadable(AuthConfigError):
+    """The JWK Set file could not be read at all (an I/O error, which may pass), not a bad content."""
+
+
 class Unauthorized(Exception):
     """A service call without a valid client token; the message says what is wrong in general terms."""
 
@@ -306,6 +310,7 @@ class ClientKeys:
         self.path, self.algorithms, self.check_s, self._clock = Path(path), list(algorithms), check_s, clock
         self.checks = self.reloads = self.reload_failures = 0
         self.file_unusable = False
+        self._reported: tuple | None = None  # the file version whose failure was logged (one line per version)
         self._version = self._stat()  # AuthConfigError at start: the service does not start
         self.keys = self._read()
         self._checked = self._forced = clock()
@@ -325,8 +330,8 @@ class ClientKeys:
         try:
             jwks = orjson.loads(self.path.read_bytes())
         except OSError as e:
-            raise AuthConfigError(f"{self._where()} cannot be read ({e.strerror}; in a container: mount the "
-                                  f"file there)") from None
+            raise KeysUnreadable(f"{self._where()} cannot be read ({e.strerror}; in a container: mount the "
+                                 f"file there)") from None
         except orjson.JSONDecodeError:
             raise AuthConfigError(f"{self._where()} is not JSON (a JWK Set of the CDS clients' public keys)") from None
         try:
@@ -363,16 +368,20 @@ class ClientKeys:
             self._failed(version, e)
             return
         before, after = {kid for kid, _ in self.keys}, {kid for kid, _ in keys}
-        self.keys, self._version, self.file_unusable = keys, version, False
+        self.keys, self._version, self.file_unusable, self._reported = keys, version, False, None
         self.reloads += 1
         log.info("CDS client keys reloaded from %s: %d key(s); kids added: %s; removed: %s", self._where(),
                     len(after), ", ".join(sorted(after - before)) or "none",
                     ", ".join(sorted(before - after)) or "none")
 
     def _failed(self, version: tuple, error: AuthConfigError) -> None:
-        if version == self._version:
+        self.file_unusable = True
+        # a bad content is read again only once the file changes; an I/O error may pass (EIO, EMFILE, a
+        # permission being fixed), so that version is read again at the next look
+        self._version = None if isinstance(error, KeysUnreadable) else version
+        if version == self._reported:
             return  # this broken state was reported already: one line per change, not one per interval
-        self._version, self.file_unusable = version, True
+        self._reported = version
         self.reload_failures += 1
         kids = sorted({kid for kid, _ in self.keys})
         log.error("CDS client keys NOT reloaded: %s; still verifying with the %d key(s) loaded before (kids %s)",
@@ -415,6 +424,8 @@ def client_keys(jwks: Any, algorithms: list[str]) -> dict[tuple[str, str], jwt.P
         if not isinstance(jwk, dict) or not isinstance(jwk.get("kid"), str) or not jwk["kid"]:
             raise AuthConfigError("has a key without a `kid` (CDS Hooks: the token's kid names its key)")
         kid, kty = jwk["kid"], jwk.get("kty")
+        if not isinstance(kty, str):
+            raise AuthConfigError(f"key {kid!r} has no `kty` (key type) string")
         if kty == "oct" or "d" in jwk:
             raise AuthConfigError(f"key {kid!r} is a secret or private key: give the clients' public keys only")
         if jwk.get("use", "sig") != "sig":

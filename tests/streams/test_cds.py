@@ -612,6 +612,8 @@ BROKEN = {
     "a private key": lambda path, key: path.write_bytes(orjson.dumps({"keys": [
         orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(key)) | {"kid": NEW_KID}]})),
     "unreadable": lambda path, key: path.mkdir() if path.unlink() is None else None,  # a directory now
+    "a kty list": lambda path, key: path.write_bytes(orjson.dumps({"keys": [  # was a TypeError: a 500 per look
+        orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())) | {"kid": NEW_KID, "kty": ["EC"]}]})),
 }
 
 
@@ -642,6 +644,34 @@ def test_a_broken_new_file_keeps_the_last_good_keys_in_one_log_line(case, scored
     assert auth.keys.gauges() == {"client_keys": {"loaded": 1, "file_unusable": 0}}
     # (its own records: with the root logger at INFO, as a CLI command left it, aiohttp's access lines come too)
     assert "CDS client keys reloaded" in [r for r in caplog.records if r.name == "streams.cds"][-1].getMessage()
+
+
+def test_a_read_error_that_passes_is_read_again_at_the_next_look(scored, rotating, ehr_key, monkeypatch):
+    """An I/O error reading a changed, valid file (EIO, EMFILE, a permission being fixed) may pass: the
+    file is read again at the next look, not only once it changes again (the new key got 401 for good)."""
+    import errno
+    from pathlib import Path
+
+    auth, path, clock = rotating
+    new_key = ec.generate_private_key(ec.SECP384R1())
+    write_keys(path, (new_key, NEW_KID))
+    real_read = Path.read_bytes
+    failing = {"left": 1}
+
+    def flaky_read(self):
+        if self == path and failing["left"]:
+            failing["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky_read)
+    clock.now += 5
+    assert status_of(scored, auth, new_key, NEW_KID) == 401 and status_of(scored, auth, ehr_key) == 200
+    assert auth.keys.gauges()["client_keys"]["file_unusable"] == 1
+    clock.now += 5  # the same file, readable now
+    assert status_of(scored, auth, new_key, NEW_KID) == 200 and status_of(scored, auth, ehr_key) == 401
+    assert auth.keys.gauges()["client_keys"]["file_unusable"] == 0
+    assert auth.keys.counters()["client_keys"]["reload_failures"] == 1
 
 
 def test_no_token_makes_the_service_touch_the_disk_per_request(scored, rotating, ehr_key, monkeypatch):
