@@ -522,23 +522,45 @@ CATCHING_UP_RETRY_S = 5
 
 
 class CatchUp:
-    """Whether a reader of a topic from its beginning has reached the end offsets the topic had when
-    it started. `ends`: partition -> (low, high) watermarks then; an empty partition is done at once."""
+    """Whether a reader of a topic from its beginning has read everything the topic held when it started.
 
-    def __init__(self, ends: dict[int, tuple[int, int]]):
+    `ends`: partition -> (low, high) watermarks at start. The embedded broker (Tansu) reports a
+    partition's high watermark as its last record batch's base offset + 1, not its true end (as
+    streams/app.py ExactEndRecovery and streams/stats.py read_stats found): the rest of that batch comes
+    in the same fetch, so the reader is done `quiet_s` of reading after it reached every partition's
+    reported end, not at once. And whatever those ends say, it is done when nothing has come for
+    `idle_s` and the broker's current ends are no further than the reader's positions (`at_end`):
+    records below the start ends that can never come (a tail removed, a topic recreated smaller) do not
+    keep it waiting, while a broker that does not answer keeps it not done."""
+
+    def __init__(self, ends: dict[int, tuple[int, int]], now: float, *, quiet_s: float = 0.5, idle_s: float = 2.0):
         self.remaining = {p: high for p, (low, high) in ends.items() if high > low}
-        self.partitions = len(ends)
+        self.quiet_s, self.idle_s = quiet_s, idle_s
+        self.reached_at = now if not self.remaining else None
+        self.last_record_at = self.last_probe_at = now
         self.done = threading.Event()
-        if not self.remaining:
-            self.done.set()
 
-    def seen(self, partition: int, offset: int) -> None:
+    def seen(self, partition: int, offset: int, now: float) -> None:
         """A record at `offset` of `partition` was read."""
+        self.last_record_at = now
         end = self.remaining.get(partition)
         if end is not None and offset + 1 >= end:
             del self.remaining[partition]
             if not self.remaining:
-                self.done.set()
+                self.reached_at = now
+
+    def tick(self, now: float) -> bool:
+        """After each read: True when the reader should ask the broker whether it is at the end (idle)."""
+        if self.reached_at is not None and now - self.reached_at >= self.quiet_s:
+            self.done.set()
+        if self.done.is_set() or now - max(self.last_record_at, self.last_probe_at) < self.idle_s:
+            return False
+        self.last_probe_at = now
+        return True
+
+    def at_end(self) -> None:
+        """The broker says nothing more is there to read: done."""
+        self.done.set()
 
 
 def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool]) -> web.Application:
@@ -608,20 +630,25 @@ class ScoresFeed(threading.Thread):
             "group.id": f"{self.settings.group_prefix}-cds-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,  # Tansu answers a fetch only when this wait expires
+            "auto.offset.reset": "earliest",  # a position lost (a topic recreated): read it all again, not skip
         })
         try:
-            partitions = consumer.list_topics(self.topic, timeout=30).topics[self.topic].partitions
+            topic = consumer.list_topics(self.topic, timeout=30).topics.get(self.topic)
+            if topic is None or topic.error is not None or not topic.partitions:  # never "ready" reading nothing
+                raise RuntimeError(f"the scores topic {self.topic} does not exist (WARDWATCH_TOPIC_PREFIX?)")
+            tps = [TopicPartition(self.topic, p) for p in sorted(topic.partitions)]
             started = time.monotonic()
-            catch_up = CatchUp({p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)
-                                for p in partitions})
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
+            catch_up = CatchUp({tp.partition: consumer.get_watermark_offsets(tp, timeout=30) for tp in tps}, started)
+            consumer.assign([TopicPartition(self.topic, tp.partition, OFFSET_BEGINNING) for tp in tps])
             while not self.stop_event.is_set():
                 for message in consumer.consume(num_messages=500, timeout=0.2):
                     if message.error():
                         log.warning("scores feed: %s", message.error())
                         continue
                     self.latest.update(message.value())
-                    catch_up.seen(message.partition(), message.offset())
+                    catch_up.seen(message.partition(), message.offset(), time.monotonic())
+                if catch_up.tick(time.monotonic()) and self._at_end(consumer, tps):
+                    catch_up.at_end()
                 if catch_up.done.is_set() and not self.caught_up.is_set():
                     self.caught_up.set()
                     log.info("scores read up to the end of %s at start: %d records in %.1f s; serving cards",
@@ -633,6 +660,17 @@ class ScoresFeed(threading.Thread):
             os.kill(os.getpid(), signal.SIGTERM)  # run_app turns it into a clean shutdown
         finally:
             consumer.close()
+
+    @staticmethod
+    def _at_end(consumer, tps) -> bool:
+        """Every partition's current end is at or below the next offset this consumer reads (no answer: no)."""
+        from confluent_kafka import KafkaException
+
+        try:
+            positions = {tp.partition: tp.offset for tp in consumer.position(tps)}
+            return all(consumer.get_watermark_offsets(tp, timeout=2)[1] <= positions[tp.partition] for tp in tps)
+        except KafkaException:
+            return False
 
 
 def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
@@ -653,11 +691,11 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
                     "the port (WARDWATCH_CDS_ALLOW_ANONYMOUS=true); set WARDWATCH_CDS_JWKS_FILE to require the "
                     "EHR's signed tokens")
     topics = topics_for(settings)
-    ensure_topics(settings, topics)
     latest = LatestScores.empty()
     feed = ScoresFeed(settings, topics.scores, latest)
+    observability.set_readiness(feed.caught_up.is_set)  # the metrics port's /readyz too, from now on
+    ensure_topics(settings, topics)
     feed.start()
-    observability.set_readiness(feed.caught_up.is_set)  # the metrics port's /readyz too
     app = make_app(latest, auth, ready=feed.caught_up.is_set)
 
     async def stop_feed(_app: web.Application) -> None:

@@ -343,15 +343,29 @@ def test_a_jwks_the_service_cannot_use_stops_it_in_one_line(ehr_key, tmp_path, c
     assert f"/cds-services/{SERVICE_ID}" in refusal(tmp_path / "ok.json", "https://wardwatch.example.org/cds-services")
 
 
-def test_catch_up_is_done_once_every_partition_is_read_to_its_end_at_start():
-    catch_up = CatchUp({0: (0, 3), 1: (5, 5), 2: (10, 12)})  # partition 1 was empty (or all expired)
-    assert not catch_up.done.is_set()
-    catch_up.seen(0, 2)
-    catch_up.seen(2, 10)
-    assert not catch_up.done.is_set()  # partition 2's record 11 is not read yet
-    catch_up.seen(2, 11)
+def test_catch_up_reads_on_past_the_reported_ends_and_never_waits_for_records_that_cannot_come():
+    catch_up = CatchUp({0: (0, 3), 1: (5, 5), 2: (10, 12)}, 0.0, quiet_s=0.5, idle_s=2.0)  # 1: empty
+    catch_up.seen(0, 2, 0.1)
+    catch_up.seen(2, 10, 0.1)
+    assert not catch_up.tick(0.2) and not catch_up.done.is_set()  # partition 2's record 11 is not read yet
+    catch_up.seen(2, 11, 0.3)  # every reported end reached, but on Tansu an end is a batch's base + 1:
+    assert not catch_up.tick(0.7) and not catch_up.done.is_set()  # the rest of that batch is still coming
+    catch_up.tick(0.8)
     assert catch_up.done.is_set()
-    assert CatchUp({0: (0, 0), 1: (7, 7)}).done.is_set()  # nothing to read: ready at once
+
+    empty = CatchUp({0: (0, 0), 1: (7, 7)}, 0.0, quiet_s=0.5)
+    empty.tick(0.5)
+    assert empty.done.is_set()  # nothing to read: ready after the quiet time
+
+    short = CatchUp({0: (0, 100)}, 0.0, quiet_s=0.5, idle_s=2.0)  # e.g. recreated with fewer records since
+    short.seen(0, 40, 1.0)
+    assert not short.tick(2.9)  # records came 1.9 s ago
+    assert short.tick(3.0)  # idle: ask the broker where the ends are now
+    assert not short.done.is_set()  # (no answer, or more there: not done)
+    assert not short.tick(4.0)  # asked 1 s ago
+    assert short.tick(5.0)
+    short.at_end()  # the broker has nothing past the positions: done
+    assert short.done.is_set()
 
 
 def test_until_the_scores_are_read_a_call_is_a_503_never_an_empty_answer():
@@ -466,6 +480,58 @@ def test_cds_service_over_http_serves_the_latest_score_and_rebuilds_after_restar
         assert health["patients"] == 2 and health["records_read"] == 4
     finally:
         stop_service(proc)
+
+
+@pytest.mark.integration
+def test_the_feed_is_caught_up_only_once_the_last_record_of_a_big_last_batch_is_read(settings):
+    """Tansu reports a partition's end as its last record batch's base + 1: a feed that trusted it was
+    ready 500 records into a 2,000-record batch, and for ~90 ms answered "no card" for its last patient."""
+    import threading
+
+    from streams.cds import ScoresFeed
+
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    producer = Producer({**settings.kafka_client_config(), "linger.ms": 500, "compression.type": "lz4",
+                         "batch.num.messages": 100_000, "batch.size": 1_000_000})
+    records = [score(f"other-{i}", i % 600, tier="low", probability=0.1) for i in range(2_000)]
+    for r in [*records, score("p-late", 30, tier="high", probability=0.91)]:
+        producer.produce(topics.scores, partition=0, key=r["patient_id"].encode(), value=orjson.dumps(r))
+    assert producer.flush(30) == 0
+
+    latest = LatestScores.empty()
+    present_when_ready = []
+
+    class Snapshot(threading.Event):
+        def set(self):
+            present_when_ready.append("p-late" in latest.by_patient)
+            super().set()
+
+    feed = ScoresFeed(settings, topics.scores, latest)
+    feed.caught_up = Snapshot()
+    feed.start()
+    try:
+        assert feed.caught_up.wait(60), feed.error
+    finally:
+        feed.stop_event.set()
+        feed.join(10)
+    assert present_when_ready == [True]
+
+
+@pytest.mark.integration
+def test_a_feed_of_a_missing_topic_stops_the_service_instead_of_serving_no_card_for_everyone(settings, monkeypatch):
+    import signal
+
+    import streams.cds
+    from streams.cds import ScoresFeed
+
+    signals = []
+    monkeypatch.setattr(streams.cds.os, "kill", lambda pid, sig: signals.append(sig))  # the service's own stop
+    feed = ScoresFeed(settings, f"{settings.topic_prefix}.no-such-scores", LatestScores.empty())
+    feed.start()
+    feed.join(60)
+    assert not feed.is_alive() and not feed.caught_up.is_set()
+    assert "does not exist" in str(feed.error) and signals == [signal.SIGTERM]
 
 
 @pytest.mark.integration
