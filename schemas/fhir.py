@@ -879,14 +879,20 @@ def _gcs(holder: dict, obs: dict) -> tuple[float, str, int] | None:
     """(ACVPU ordinal, letter, GCS total) of a GCS total in valueInteger or a unitless valueQuantity; without
     a value, the sum of the eye, verbal and motor components of its Observation when all three have one
     (None otherwise: nothing to map). A total and its three components that disagree are dead-lettered:
-    which one is right is not for wardwatch to guess."""
+    which one is right is not for wardwatch to guess; a total whose components it cannot read (coded
+    another way) is the total."""
     what = "GCS total"
     components = _gcs_components(obs)
     total = _gcs_score(holder, what, GCS_RANGE)
     summed = None
     if len(components) == len(GCS_COMPONENTS):
-        scores = [_gcs_score(components[code], *GCS_COMPONENTS[code], answers=GCS_ANSWERS[code])
-                  for code in GCS_COMPONENTS]
+        try:
+            scores = [_gcs_score(components[code], *GCS_COMPONENTS[code], answers=GCS_ANSWERS[code])
+                      for code in GCS_COMPONENTS]
+        except Reject:
+            if total is None:  # the components are the value: a bad one is a bad value
+                raise
+            scores = [None]  # a charted total stands; components coded otherwise (SNOMED, "E4") are no cross-check
         summed = None if None in scores else sum(scores)
     if total is not None and summed is not None and total != summed:
         raise Reject(Reason.BAD_VALUE, f"{what}: disagrees with the sum of its eye, verbal and motor components")

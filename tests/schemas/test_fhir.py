@@ -304,6 +304,19 @@ def test_a_gcs_total_that_disagrees_with_its_components_is_dead_lettered():
     assert r.reason is Reason.BAD_VALUE and "disagrees" in r.detail
 
 
+@pytest.mark.parametrize("eye", [
+    {"valueString": "E4"},
+    {"valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "281395000"}]}},
+    {"valueInteger": 9},  # off its scale
+])
+def test_a_gcs_total_with_components_coded_another_way_is_the_total(eye):
+    """Components wardwatch cannot read are no cross-check, not a reason to dead-letter the charted total
+    (and with it every other vital sign of the notification)."""
+    parts = [gcs_part(EYE, eye), gcs_part(VERBAL, {"valueInteger": 5}), gcs_part(MOTOR, {"valueInteger": 6})]
+    (loc,) = parsed_body(gcs({"valueInteger": 15, "component": parts})).events
+    assert (loc.value_text, loc.provenance["gcs_total"]) == ("A", 15)
+
+
 def test_a_gcs_panel_without_its_total_and_a_component_is_skipped_and_counted():
     # intubated: the verbal response is not testable, so there is no total to map (guessing one would be wrong)
     parts = [gcs_part(EYE, {"valueInteger": 2}), gcs_part(MOTOR, {"valueInteger": 5}),
