@@ -7,7 +7,13 @@ Sections, all read from the DuckDB file:
     onset label   scoring points at risk / already deteriorated (batch/train.py: only at-risk rows are
                   evaluated), onset episodes, and how many an alert (open or escalate) preceded within
                   the horizon, with the median lead time to the onset
-    ROC           the served risk (model probability) vs NEWS2 on the same labelled at-risk points
+    ROC           the served risk (model probability) vs NEWS2 on the same labelled at-risk points, with
+                  AUROC/AUPRC and their 95 % intervals for both and for the paired gain (model - NEWS2),
+                  from the patient-level bootstrap of batch/train.py (a patient's points are not
+                  independent: patients are drawn, not points)
+    model         the model trained on this run (`batch train`, its `runs` row), if any: its held-out
+                  figures with the card's intervals next to NEWS2's, the paired gains over NEWS2 and over
+                  the model current then (non-inferiority margin), the gate's decision and its reasons
     calibration   predicted vs observed onset rate in ten probability bins; NEWS2's observed rate per
                   clinical band (NEWS2 is a score, not a probability); at-risk points
     alert burden  alerts opened per 100 patient-days; a patient-day is a day between a patient's
@@ -26,6 +32,7 @@ import numpy as np
 import orjson
 
 from batch.catalog import LABEL_HORIZON_MS
+from batch.train import BOOTSTRAP_RESAMPLES, bootstrap_intervals, fast_auroc, fast_average_precision
 from wardwatch.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
@@ -74,6 +81,32 @@ def onset_detection(episodes: list[tuple[str, int]], alerts: list[tuple[str, int
         if before:
             leads.append((onset - min(before)) / 3_600_000)
     return len(leads), float(np.median(leads)) if leads else None
+
+
+def discrimination(y: np.ndarray, probability: np.ndarray, news2: np.ndarray, patients: list[str],
+                   resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """AUROC/AUPRC of the model and NEWS2 on the same rows, with the paired gain (model - NEWS2): each
+    {"estimate", "ci95": [low, high] | None}, intervals from the patient-level bootstrap (batch/train.py),
+    the same draws for both scores. Needs both classes."""
+    y = y.astype(int)
+    cis = bootstrap_intervals(sorted(set(patients)), patients, y, {"model": probability, "news2": news2}, {},
+                              resamples=resamples)
+    out: dict = {"resamples": resamples, "patients": len(set(patients))}
+    for metric, fn in (("auroc", fast_auroc), ("auprc", fast_average_precision)):
+        model, rule = fn(y, probability), fn(y, news2)
+        out[metric] = {"model": {"estimate": model, "ci95": cis["model"][metric]},
+                       "news2": {"estimate": rule, "ci95": cis["news2"][metric]},
+                       "gain": {"estimate": model - rule, "ci95": cis["gain"][metric]}}
+    return out
+
+
+def with_interval(estimate: float | None, ci95: list[float] | None, digits: int = 3, signed: bool = False) -> str:
+    """0.843 (0.708 to 0.966); '-' when there is no estimate, the estimate alone when there is no interval."""
+    if estimate is None:
+        return "-"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    text = fmt.format(estimate)
+    return text + (f" ({fmt.format(ci95[0])} to {fmt.format(ci95[1])})" if ci95 else " (no interval)")
 
 
 # --- SVG -----------------------------------------------------------------------------------------
@@ -128,7 +161,7 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
     latest = dict(zip(columns, run.fetchone()))
     # the onset label is evaluated on at-risk rows only (already deteriorated patients are excluded)
     labelled = con.execute("""
-        SELECT s.probability, s.news2, l.label FROM scores s
+        SELECT s.probability, s.news2, l.label, s.patient_id FROM scores s
         JOIN labels l USING (patient_id, scoring_ms, "partition", "offset")
         WHERE s.news2 IS NOT NULL AND l.at_risk""").fetchall()
     points, at_risk = con.execute("SELECT count(*), count(*) FILTER (WHERE at_risk) FROM labels").fetchone()
@@ -193,6 +226,17 @@ def render(data: dict) -> str:
         sections.append(svg_plot([(f"model AUROC {auc(*model_roc):.3f}", *map(list, model_roc), "#1f77b4"),
                                   (f"NEWS2 AUROC {auc(*news2_roc):.3f}", *map(list, news2_roc), "#d62728")],
                                  "false positive rate", "true positive rate"))
+        shown = discrimination(y, probability, news2, [r[3] for r in rows])
+        sections.append(_table(["", "AUROC (95 % CI)", "AUPRC (95 % CI)"], [
+            [name, *(with_interval(shown[m][key]["estimate"], shown[m][key]["ci95"], signed=key == "gain")
+                     for m in ("auroc", "auprc"))]
+            for key, name in (("model", "served model"), ("news2", "NEWS2"), ("gain", "model - NEWS2 (paired)"))]))
+        sections.append(f"<p>95 % intervals: patient-level bootstrap ({shown['resamples']} draws of the "
+                        f"{shown['patients']} patients with labelled at-risk model-path points, every point of a drawn "
+                        "patient taken; the same draws for the model and NEWS2, so the gain's interval is paired). "
+                        "An interval of the gain that includes 0 does not show a difference. These are every patient the "
+                        "stream scored, not held-out patients: for a model trained on this file they flatter it (its "
+                        "held-out figures: the model section below, after `wardwatch batch train`).</p>")
         bins = reliability(y, probability)
         sections.append("<h2>Calibration</h2>")
         sections.append(svg_plot([("model", [b[0] for b in bins], [b[1] for b in bins], "#1f77b4")],
@@ -207,6 +251,8 @@ def render(data: dict) -> str:
         sections.append(f"<p>Not computable: {len(rows)} labelled model-path scores, "
                         f"{int(y.sum()) if len(rows) else 0} positive (needs both classes).</p>")
 
+    sections += _model_section(run)
+
     burden = alerts_per_100_patient_days(data["alerts_opened"], data["patient_days"])
     sections.append("<h2>Alert burden</h2>")
     sections.append(_table(["alerts opened", "patient-days", "alerts per 100 patient-days"],
@@ -215,6 +261,43 @@ def render(data: dict) -> str:
              "margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>wardwatch nightly report</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
+
+
+def _model_section(run: dict) -> list[str]:
+    """The model trained on this run (`batch train` records it in the run's row): held-out figures with
+    their intervals, the paired gains, the gate's decision and reasons. Nothing when none was trained."""
+    if not run.get("model_version"):
+        return []
+    metrics = orjson.loads(run["model_metrics_json"]) if run.get("model_metrics_json") else {}
+    reasons = orjson.loads(run["gate_reasons_json"]) if run.get("gate_reasons_json") else []
+    out = [f"<h2>Model {html.escape(str(run['model_version']))} trained on this run: held-out patients</h2>"]
+    rows = []
+    for key, name in (("model", "model"), ("news2", "NEWS2")):
+        block = metrics.get(key) or {}
+        ci = block.get("ci95") or {}
+        rows.append([name, *(with_interval(block.get(m), ci.get(m)) for m in ("auroc", "auprc"))])
+    vs_news2 = metrics.get("model_vs_news2") or {}
+    if vs_news2:
+        rows.append(["model - NEWS2 (paired)", *(with_interval((vs_news2.get(f"{m}_gain") or {}).get("estimate"),
+                                                               (vs_news2.get(f"{m}_gain") or {}).get("ci95"), signed=True)
+                                                 for m in ("auroc", "auprc"))])
+    vs_current = metrics.get("model_vs_current") or {}
+    if vs_current:
+        margin = vs_current.get("noninferiority_margin") or {}
+        rows.append([f"model - current {vs_current.get('current_version', '')} (paired; non-inferiority margin "
+                     + ", ".join(f"{m.upper()} -{margin[m]:g}" for m in ("auroc", "auprc") if m in margin) + ")",
+                     *(with_interval((vs_current.get(f"{m}_gain") or {}).get("estimate"),
+                                     (vs_current.get(f"{m}_gain") or {}).get("ci95"), signed=True)
+                       for m in ("auroc", "auprc"))])
+    out.append(_table(["", "AUROC (95 % CI)", "AUPRC (95 % CI)"], rows))
+    bootstrap = metrics.get("bootstrap") or {}
+    if bootstrap:
+        out.append(f"<p>95 % intervals: patient-level bootstrap, {bootstrap.get('resamples')} draws of the "
+                   f"{bootstrap.get('patients')} held-out patients (the model card's <code>ci95</code>, "
+                   "<code>model_vs_news2</code>, <code>model_vs_current</code>).</p>")
+    out.append(f"<p>Gate: <b>{html.escape(str(run.get('gate_decision')))}</b></p>")
+    out.append("<ul>" + "".join(f"<li>{html.escape(str(r))}</li>" for r in reasons) + "</ul>")
+    return out
 
 
 def write_report(settings: Settings, out: Path | None = None) -> Path:

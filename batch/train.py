@@ -520,7 +520,8 @@ def bootstrap_intervals(patients: list[str], row_patients: list[str], y: np.ndar
                         seed: int = BOOTSTRAP_SEED) -> dict:
     """95 % percentile intervals from a patient-level bootstrap: each draw takes len(patients) patients
     with replacement and every evaluation row (`row_patients`, `y`, `scores`) and operating count
-    (operating_per_patient frames) of each drawn patient, once per time drawn.
+    (operating_per_patient frames, none for a score absent from `operating`) of each drawn patient, once
+    per time drawn.
 
     Returns {name: {metric: [low, high] | None} for each score, "gain": {"auroc"|"auprc": [low, high] |
     None} (the first score minus the second, in the same draws), "skipped": draws whose rows held one
@@ -538,7 +539,7 @@ def bootstrap_intervals(patients: list[str], row_patients: list[str], y: np.ndar
     rng = np.random.default_rng(seed)
     for _ in range(resamples):
         drawn = rng.integers(0, len(patients), len(patients))
-        for name in names:
+        for name in counts:  # a score without operating counts (a ranking compared only) has none
             alerts, span_ms, episodes, detected = counts[name][drawn].sum(axis=0)
             if span_ms:
                 draws[name]["alerts_per_100_patient_days"].append(100 * alerts / (span_ms / DAY_MS))

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 from typer.testing import CliRunner
 
 from batch.nightly import run_nightly
 from batch.report import auc, onset_detection, reliability, render, roc_points
+from batch.train import bootstrap_intervals
 from tests.batch.test_nightly import deteriorate, stage1, stage2
 from tests.batch.test_rebuild import STANDINS, build_archive
 from wardwatch.cli import app
@@ -95,12 +96,77 @@ def test_roc_matches_sklearn_and_is_drawn_for_model_and_news2():
     run = {"run_id": "r1", "started_at": "2024-06-10", "full": True, "new_parts": 3, "points_checked": 300,
            "values_checked": 9000, "mismatched": 0, "match_rate": 1.0, "max_abs_diff": 0.0, "late_published": 0,
            "late_recomputed": 0, "late_mismatched": 0, "parity_ok": True, "parity_json": orjson.dumps({}).decode()}
-    html = render({"run": run, "labelled": list(zip(probability, news2, y)), "alerts_opened": 6,
+    patients = [f"p{i % 30}" for i in range(300)]
+    html = render({"run": run, "labelled": list(zip(probability, news2, y, patients)), "alerts_opened": 6,
                    "patient_days": 12.0})
     assert html.count("<svg") == 2
     assert f"model AUROC {roc_auc_score(y, probability):.3f}" in html
     assert f"NEWS2 AUROC {roc_auc_score(y, news2):.3f}" in html
     assert "<td>50</td>" in html  # 6 alerts over 12 patient-days = 50 per 100 patient-days
+
+
+RUN = {"run_id": "r1", "started_at": "2024-06-10", "full": True, "new_parts": 3, "points_checked": 300,
+       "values_checked": 9000, "mismatched": 0, "match_rate": 1.0, "max_abs_diff": 0.0, "late_published": 0,
+       "late_recomputed": 0, "late_mismatched": 0, "parity_ok": True, "parity_json": "{}"}
+
+
+def table_after(html: str, heading: str) -> dict[str, list[str]]:
+    """The first table after `heading`, as {first cell: the other cells}."""
+    table = html[html.index(heading):]
+    table = table[table.index("<table>"):table.index("</table>")]
+    rows = [re.findall(r"<td>([^<]*)</td>", row) for row in table.split("<tr>")]
+    return {cells[0]: cells[1:] for cells in rows if cells}
+
+
+def test_the_report_gives_each_auroc_and_auprc_its_patient_level_interval_and_the_paired_gain():
+    """A data scientist reading the report sees how sure each figure is: the model's and NEWS2's AUROC and
+    AUPRC with 95 % intervals, and the model's gain over NEWS2 with the interval of the paired difference,
+    patients (not points) drawn, as the model card computes them."""
+    rng = np.random.default_rng(5)
+    patients = [f"p{i // 20}" for i in range(600)]  # 30 patients, 20 points each
+    y = (rng.random(600) < 0.15).astype(float)
+    probability = np.clip(0.25 * y + rng.random(600) * 0.75, 0, 1)
+    news2 = np.round(2 * y + rng.integers(0, 7, 600))
+    html = render({"run": RUN, "labelled": list(zip(probability, news2, y, patients)), "alerts_opened": 6,
+                   "patient_days": 12.0})
+    shown = table_after(html, "Discrimination")
+    ci = bootstrap_intervals(sorted(set(patients)), patients, y.astype(int), {"model": probability, "news2": news2}, {})
+    auroc = {"model": roc_auc_score(y, probability), "news2": roc_auc_score(y, news2)}
+    auprc = {"model": average_precision_score(y, probability), "news2": average_precision_score(y, news2)}
+
+    def fmt(value, interval, sign=""):
+        return f"{value:{sign}.3f} ({interval[0]:{sign}.3f} to {interval[1]:{sign}.3f})"
+
+    assert shown["served model"] == [fmt(auroc["model"], ci["model"]["auroc"]), fmt(auprc["model"], ci["model"]["auprc"])]
+    assert shown["NEWS2"] == [fmt(auroc["news2"], ci["news2"]["auroc"]), fmt(auprc["news2"], ci["news2"]["auprc"])]
+    assert shown["model - NEWS2 (paired)"] == [fmt(auroc["model"] - auroc["news2"], ci["gain"]["auroc"], "+"),
+                                               fmt(auprc["model"] - auprc["news2"], ci["gain"]["auprc"], "+")]
+    assert "patient-level bootstrap (500 draws of the 30 patients" in html
+
+
+def test_the_report_shows_the_trained_models_intervals_gains_and_the_gates_decision():
+    """After `batch train`, the run's row holds the card's metrics and the gate's reasons: the report shows
+    the held-out figures with their intervals, the gains over NEWS2 and over the current model, and why."""
+    metrics = {"model": {"auroc": 0.8434, "auprc": 0.6604, "ci95": {"auroc": [0.7078, 0.9658], "auprc": [0.4288, 0.875]}},
+               "news2": {"auroc": 0.8417, "auprc": 0.3829, "ci95": {"auroc": [0.7553, 0.9225], "auprc": [0.2246, 0.5805]}},
+               "model_vs_news2": {"auroc_gain": {"estimate": 0.0016, "ci95": [-0.097, 0.0901]},
+                                  "auprc_gain": {"estimate": 0.2775, "ci95": [0.086, 0.449]}},
+               "model_vs_current": {"current_version": "v0001", "noninferiority_margin": {"auroc": 0.02, "auprc": 0.05},
+                                    "auroc_gain": {"estimate": -0.004, "ci95": [-0.012, 0.003]},
+                                    "auprc_gain": {"estimate": 0.01, "ci95": [-0.03, 0.05]}},
+               "bootstrap": {"resamples": 500, "patients": 75}}
+    reasons = ["auroc gain over NEWS2 not shown: its 95 % interval -0.0970 to +0.0895 (patient-level bootstrap) "
+               "includes 0"]
+    run = RUN | {"model_version": "v0002", "gate_decision": "candidate", "gate_reasons_json": orjson.dumps(reasons).decode(),
+                 "model_metrics_json": orjson.dumps(metrics).decode()}
+    html = render({"run": run, "labelled": [], "alerts_opened": 0, "patient_days": 1.0})
+    shown = table_after(html, "Model v0002 trained on this run")
+    assert shown["model"] == ["0.843 (0.708 to 0.966)", "0.660 (0.429 to 0.875)"]
+    assert shown["NEWS2"] == ["0.842 (0.755 to 0.922)", "0.383 (0.225 to 0.581)"]
+    assert shown["model - NEWS2 (paired)"] == ["+0.002 (-0.097 to +0.090)", "+0.278 (+0.086 to +0.449)"]
+    assert shown["model - current v0001 (paired; non-inferiority margin AUROC -0.02, AUPRC -0.05)"] == [
+        "-0.004 (-0.012 to +0.003)", "+0.010 (-0.030 to +0.050)"]
+    assert "Gate: <b>candidate</b>" in html and f"<li>{reasons[0]}</li>" in html
 
 
 def test_reliability_bins_predicted_against_observed():
