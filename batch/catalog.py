@@ -178,7 +178,8 @@ PER_TABLE: dict[str, dict[str, str]] = {
         "parity_ok": "Whether the unexplained mismatch rate was within bound", "parity_json": "Parity summary, JSON",
         "model_version": "Version trained after this run", "gate_decision": "promote or candidate",
         "gate_reasons_json": "Why the gate decided so, JSON",
-        "model_metrics_json": "Held-out metrics of the new model and NEWS2, JSON",
+        "model_metrics_json": "Held-out metrics of the new model and NEWS2 with 95 % intervals, and the paired gains "
+                              "over NEWS2 and the current model (model_vs_current), JSON",
     },
 }
 

@@ -5,21 +5,27 @@
 Features as of `issued` (no leakage) at every online scoring point, labels from canonical state
 (batch/train.py), a new version in the registry. Then the gate decides what the new version becomes:
 
-    promote     it beats `current` and NEWS2 on the held-out patients by the configured margins
-                (settings.gate_min_auroc_gain / gate_min_auprc_gain, on the point estimates), its gain
+    promote     it beats NEWS2 on the held-out patients by the configured margins
+                (settings.gate_min_auroc_gain / gate_min_auprc_gain, on the point estimates) and its gain
                 over NEWS2 is above 0 across its 95 % interval (the paired patient-level bootstrap of
                 batch/train.py: the model must be shown better than the rule, not just on this draw of
-                75 patients), it passes the contract check and the directional check (batch/directional.py:
-                a worse consciousness level, RR, SpO2, SBP or O2 flow never lowers its risk): `current` points at it
+                75 patients); it is not shown worse than `current` (non-inferiority, below); it passes the
+                contract check and the directional check (batch/directional.py: a worse consciousness
+                level, RR, SpO2, SBP or O2 flow never lowers its risk): `current` points at it
                 (registry.promote records who/when/why)
     candidate   otherwise: the `candidate` pointer names it, so the worker can shadow-score it
 
-Against `current`, the point estimates only: a retrained model is expected to be about as good as the
-one serving (which passed the NEWS2 test itself), and with 75 held-out patients an interval of the gain
-would rarely exclude 0, which would keep `current` forever. `current` is evaluated on the same held-out
-rows as the new model (its card's metrics come from another split and are not comparable). The
-decision and its reasons go into the new card (`gate`) and into the `runs` row of the nightly whose
-file the model was trained on (record_in_runs).
+Against `current`, non-inferiority with a declared margin (settings.gate_noninferiority_auroc /
+_auprc): the low end of the 95 % interval of the paired gain (new - current, both models scored on the
+same held-out rows, the same patient-level bootstrap draws) must not lie below -margin. Comparing point
+estimates let noise decide: a retrain 0.003 worse on 75 patients was refused, one 0.003 better promoted,
+though either difference is far inside what another draw of patients gives. Requiring the gain shown
+above 0 instead would keep `current` forever (a retrain is expected to be about as good as the model
+serving, which passed the NEWS2 test itself); the margin states how much worse a model may possibly be
+and still replace it. `current` is evaluated on the same held-out rows as the new model (its card's
+metrics come from another split and are not comparable); the gain and its interval go into the new
+card (`metrics.model_vs_current`). The decision and its reasons go into the new card (`gate`) and into
+the `runs` row of the nightly whose file the model was trained on (record_in_runs).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from batch import registry
 from batch.directional import directional_table, directional_violations, model_scorer
 from batch.features import features_as_of_issued
 from batch.nightly import TRAIN, NightlyBusy, writer_lock
-from batch.train import SERVED, make_labels, split_patients, train_model
+from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, bootstrap_intervals, make_labels,
+                         split_patients, train_model)
 from wardwatch.settings import Settings
 
 GATE_METRICS = ("auroc", "auprc")
@@ -61,36 +68,40 @@ class GateDecision:
 
 def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_auroc_gain: float,
                   min_auprc_gain: float, contract_problems: list[str] = (),
-                  news2_gain_ci95: dict | None = None, directional_problems: list[str] = ()) -> GateDecision:
-    """Promote only when every gate metric of `new` is at least the reference's plus its margin, for
-    NEWS2 and (when there is one) the current model, the low end of the 95 % interval of each gain over
-    NEWS2 (`news2_gain_ci95`: {"auroc": [low, high], "auprc": [...]}, card metrics.model_vs_news2) is
-    above 0, the contract holds and the model passed the directional check (`directional_problems`: the
+                  news2_gain_ci95: dict | None = None, directional_problems: list[str] = (),
+                  current_gain: dict | None = None, noninferiority: dict | None = None) -> GateDecision:
+    """Promote only when every gate metric of `new` is at least NEWS2's plus its margin, the low end of
+    the 95 % interval of each gain over NEWS2 (`news2_gain_ci95`: {"auroc": [low, high], "auprc": [...]},
+    card metrics.model_vs_news2) is above 0, the model is non-inferior to the current model (when there
+    is one), the contract holds and the model passed the directional check (`directional_problems`: the
     lines of batch.directional.directional_violations, none). Pure: metrics in, verdict out. Without
-    news2_gain_ci95 (None) the interval is not checked: retrain always passes it.
+    news2_gain_ci95 (None) the NEWS2 interval is not checked: retrain always passes it.
+
+    Non-inferiority to `current`: `current_gain` is metrics.model_vs_current ({"auroc_gain": {"estimate",
+    "ci95": [low, high]}, "auprc_gain": ...}: new - current, paired); each interval's low end must be at
+    least -noninferiority[metric] ({"auroc": margin, "auprc": margin}, 0 or more). Point estimates alone
+    never decide against `current`: an interval that is None (one class in every draw), or a current
+    model with no interval of its gain, never passes.
 
     Each metrics dict holds `auroc` and `auprc` on the same held-out rows; None means not computable
     (one class only), which never passes; so does an interval that is None."""
     margins = {"auroc": min_auroc_gain, "auprc": min_auprc_gain}
+    noninferiority = {"auroc": 0.0, "auprc": 0.0} | (noninferiority or {})
     reasons: list[str] = [f"contract: {p}" for p in contract_problems]
     # a worse vital sign lowering the risk is a safety defect, whatever the discrimination
     reasons += [f"directional check: {p}" for p in directional_problems]
-    references = {"NEWS2": news2, "current model": current}
+    passed = []
     if news2 is None:
         reasons.append("no NEWS2 metrics on the held-out rows: cannot show the model beats the rule")
-    passed = []
-    for name, ref in references.items():
-        if ref is None:
-            continue
-        for metric in GATE_METRICS:
-            mine, theirs = new.get(metric), ref.get(metric)
-            if mine is None or theirs is None:
-                reasons.append(f"{metric} vs {name} not computable (the {new.get('n_rows', '?')} held-out rows at "
-                               f"risk hold {new.get('positives', '?')} positive: one class or none)")
-            elif mine - theirs < margins[metric]:
-                reasons.append(f"{metric} {mine:.4f} does not beat {name} {theirs:.4f} by {margins[metric]:g}")
-            else:
-                passed.append(f"{metric} {mine:.4f} beats {name} {theirs:.4f} by >= {margins[metric]:g}")
+    for metric in GATE_METRICS if news2 is not None else ():
+        mine, theirs = new.get(metric), news2.get(metric)
+        if mine is None or theirs is None:
+            reasons.append(f"{metric} vs NEWS2 not computable (the {new.get('n_rows', '?')} held-out rows at "
+                           f"risk hold {new.get('positives', '?')} positive: one class or none)")
+        elif mine - theirs < margins[metric]:
+            reasons.append(f"{metric} {mine:.4f} does not beat NEWS2 {theirs:.4f} by {margins[metric]:g}")
+        else:
+            passed.append(f"{metric} {mine:.4f} beats NEWS2 {theirs:.4f} by >= {margins[metric]:g}")
     for metric in GATE_METRICS if news2 is not None and news2_gain_ci95 is not None else ():
         ci = news2_gain_ci95.get(metric)
         if ci is None:
@@ -102,15 +113,37 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
                            f"(patient-level bootstrap) {where}")
         else:
             passed.append(f"{metric} gain over NEWS2 95 % interval {ci[0]:+.4f} to {ci[1]:+.4f} is above 0")
+    for metric in GATE_METRICS if current is not None else ():
+        gain = (current_gain or {}).get(f"{metric}_gain") or {}
+        estimate, ci, limit = gain.get("estimate"), gain.get("ci95"), -noninferiority[metric]
+        if new.get(metric) is None or current.get(metric) is None or estimate is None:
+            reasons.append(f"{metric} vs current model not computable (the {new.get('n_rows', '?')} held-out rows "
+                           f"at risk hold {new.get('positives', '?')} positive: one class or none)")
+        elif ci is None:
+            reasons.append(f"{metric} gain over current model {estimate:+.4f}: no 95 % interval (too few held-out "
+                           "patients of both classes), so non-inferiority is not shown")
+        elif ci[0] < limit:
+            reasons.append(f"{metric} may be worse than current model: gain {estimate:+.4f}, 95 % interval "
+                           f"{ci[0]:+.4f} to {ci[1]:+.4f} (paired patient-level bootstrap) reaches below the "
+                           f"non-inferiority margin {limit:+g}")
+        else:
+            passed.append(f"{metric} non-inferior to current model: gain {estimate:+.4f}, 95 % interval "
+                          f"{ci[0]:+.4f} to {ci[1]:+.4f} above the margin {limit:+g}")
     compared = {"new": new, "news2": news2, "current": current}
+    gate_margins = margins | {"noninferiority_vs_current": noninferiority}
     if reasons:
-        return GateDecision("candidate", reasons, compared, margins)
-    return GateDecision("promote", passed, compared, margins)
+        return GateDecision("candidate", reasons, compared, gate_margins)
+    return GateDecision("promote", passed, compared, gate_margins)
 
 
 def _held_out(features: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
     """The rows batch.train.train_model evaluates on: same join, same patient split (defaults), at risk,
     and served by the model (every NEWS2 input charted; the worker takes the rule path elsewhere)."""
+    return _held_out_and_patients(features, labels)[0]
+
+
+def _held_out_and_patients(features: pl.DataFrame, labels: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+    """_held_out's rows and every held-out patient (sorted), the bootstrap's draws (as train_model's)."""
     keys = [k for k in _KEYS if k in features.columns and k in labels.columns]
     data = features.join(labels.select(*keys, "label").unique(subset=keys), on=keys).filter(
         pl.col("label").is_not_null())
@@ -118,13 +151,12 @@ def _held_out(features: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
     held_out = data.filter(pl.col("patient_id").is_in(sorted(test_ids)) & SERVED)
     if "at_risk" in labels.columns:  # the onset label: rows already deteriorated at T are not evaluated
         held_out = held_out.join(labels.filter(pl.col("at_risk")).select(keys).unique(), on=keys, how="semi")
-    return held_out
+    return held_out, sorted(test_ids)
 
 
-def model_metrics_on(model_dir, version: str, rows: pl.DataFrame) -> dict:
-    """AUROC/AUPRC of a registered model scored with onnxruntime on `rows` (features + label)."""
+def model_probabilities(model_dir, version: str, rows: pl.DataFrame) -> np.ndarray:
+    """The risk a registered model gives `rows`, scored with onnxruntime as the worker serves it."""
     import onnxruntime as ort
-    from sklearn.metrics import average_precision_score, roc_auc_score
 
     card = registry.load_card(model_dir, version)
     session = ort.InferenceSession(str(registry.model_path(model_dir, version)), providers=["CPUExecutionProvider"])
@@ -132,12 +164,41 @@ def model_metrics_on(model_dir, version: str, rows: pl.DataFrame) -> dict:
     # the worker serves it (the model imputes it): the gate still compares, it does not crash
     x = rows.select(pl.col(f).cast(pl.Float64) if f in rows.columns else pl.lit(None, pl.Float64).alias(f)
                     for f in card["features"]).to_numpy().astype(np.float32)
-    probability = session.run([card["output_name"]], {card["input_name"]: x})[0][:, card.get("positive_class_index", 1)]
-    y = rows["label"].to_numpy().astype(int)
+    return session.run([card["output_name"]], {card["input_name"]: x})[0][:, card.get("positive_class_index", 1)]
+
+
+def model_metrics_on(model_dir, version: str, rows: pl.DataFrame) -> dict:
+    """AUROC/AUPRC of a registered model scored with onnxruntime on `rows` (features + label)."""
+    return _ranking_metrics(rows["label"].to_numpy().astype(int), model_probabilities(model_dir, version, rows))
+
+
+def _ranking_metrics(y: np.ndarray, probability: np.ndarray) -> dict:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     if len(set(y.tolist())) < 2:
         return {"auroc": None, "auprc": None, "n_rows": len(y)}
     return {"auroc": float(roc_auc_score(y, probability)), "auprc": float(average_precision_score(y, probability)),
             "n_rows": len(y)}
+
+
+def compare_with_current(model_dir, version: str, current: str, rows: pl.DataFrame, patients: list[str], *,
+                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """The new model against the current one on the same held-out rows (features, label, patient_id):
+    both scored with onnxruntime, their AUROC/AUPRC and the paired gain (new - current) with its 95 %
+    interval from the patient-level bootstrap of batch/train.py (`patients`: every held-out patient, the
+    draws; the same draws for both models). Returns the card's metrics.model_vs_current."""
+    new_p, current_p = model_probabilities(model_dir, version, rows), model_probabilities(model_dir, current, rows)
+    y = rows["label"].to_numpy().astype(int)
+    new, cur = _ranking_metrics(y, new_p), _ranking_metrics(y, current_p)
+    intervals = bootstrap_intervals(patients, rows["patient_id"].to_list(), y, {"new": new_p, "current": current_p},
+                                    {}, resamples=resamples, seed=seed)
+    out = {"current_version": current, "current": cur | {"ci95": {m: intervals["current"][m] for m in GATE_METRICS}},
+           "new": new | {"ci95": {m: intervals["new"][m] for m in GATE_METRICS}},
+           "n_rows": len(y), "positives": int(y.sum()), "patients": len(patients)}
+    for m in GATE_METRICS:
+        estimate = None if None in (new[m], cur[m]) else new[m] - cur[m]
+        out[f"{m}_gain"] = {"estimate": estimate, "ci95": intervals["gain"][m]}
+    return out
 
 
 def apply_gate(settings: Settings, version: str, decision: GateDecision, *, promote_if_none: bool = True) -> str:
@@ -227,6 +288,40 @@ def _record(con: duckdb.DuckDBPyConnection, card: dict, run_id: str | None = Non
                  orjson.dumps(card.get("metrics", {}), option=orjson.OPT_SORT_KEYS).decode(), run_id])
 
 
+def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFrame, *,
+          promote_if_none: bool = True) -> dict:
+    """The gate on a version train_model just published from `feats`/`labels`: the directional check,
+    the paired comparison with `current` on the same held-out rows, the decision, the pointers moved
+    and the card rewritten with all of it (`gate`, `metrics.model_vs_current`, `directional_check`).
+    Returns the card."""
+    version = card["version"]
+    table = directional_table(model_scorer(settings.model_dir, version))
+    current = registry.current_version(settings.model_dir)
+    current_metrics = vs_current = None
+    if current is not None and registry.integrity(settings.model_dir, current) == "ok":
+        rows, patients = _held_out_and_patients(feats, labels)
+        vs_current = compare_with_current(settings.model_dir, version, current, rows, patients)
+        vs_current["noninferiority_margin"] = {"auroc": settings.gate_noninferiority_auroc,
+                                               "auprc": settings.gate_noninferiority_auprc}
+        current_metrics = vs_current["current"]
+        card["metrics"]["model_vs_current"] = vs_current  # the card, `runs` row and report show the interval
+    decision = gate_decision(card["metrics"]["model"], card["metrics"].get("news2"), current_metrics,
+                             min_auroc_gain=settings.gate_min_auroc_gain,
+                             min_auprc_gain=settings.gate_min_auprc_gain,
+                             contract_problems=registry.contract_problems(settings.model_dir, version),
+                             news2_gain_ci95={m: (card["metrics"].get("model_vs_news2") or {}).get(f"{m}_gain", {})
+                                              .get("ci95") for m in GATE_METRICS},
+                             directional_problems=directional_violations(table), current_gain=vs_current,
+                             noninferiority={"auroc": settings.gate_noninferiority_auroc,
+                                             "auprc": settings.gate_noninferiority_auprc})
+    outcome = apply_gate(settings, version, decision, promote_if_none=promote_if_none)
+    card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome}
+    card["promoted"] = outcome == "promoted"
+    card["directional_check"] = table  # the probability at each step: what a reviewer reads first
+    registry.write_card(settings.model_dir, version, card)
+    return card
+
+
 def retrain(settings: Settings, *, version: str | None = None, promote_if_none: bool = True,
             record_wait_s: float = RECORD_WAIT_S, on_wait: Callable[[str], None] | None = None) -> dict:
     """Train a new version from settings.duckdb_path into settings.model_dir, gate it; returns its card.
@@ -250,28 +345,12 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     card = train_model(feats, labels, settings.model_dir, version, alert_threshold=settings.alert_threshold)
 
-    table = directional_table(model_scorer(settings.model_dir, version))
-    current = registry.current_version(settings.model_dir)
-    current_metrics = None
-    if current is not None and registry.integrity(settings.model_dir, current) == "ok":
-        current_metrics = model_metrics_on(settings.model_dir, current, _held_out(feats, labels))
-    decision = gate_decision(card["metrics"]["model"], card["metrics"].get("news2"), current_metrics,
-                             min_auroc_gain=settings.gate_min_auroc_gain,
-                             min_auprc_gain=settings.gate_min_auprc_gain,
-                             contract_problems=registry.contract_problems(settings.model_dir, version),
-                             news2_gain_ci95={m: (card["metrics"].get("model_vs_news2") or {}).get(f"{m}_gain", {})
-                                              .get("ci95") for m in GATE_METRICS},
-                             directional_problems=directional_violations(table))
-    outcome = apply_gate(settings, version, decision, promote_if_none=promote_if_none)
-    card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome}
-    card["promoted"] = outcome == "promoted"
-    card["directional_check"] = table  # the probability at each step: what a reviewer reads first
-    registry.write_card(settings.model_dir, version, card)
+    card = judge(settings, card, feats, labels, promote_if_none=promote_if_none)
     try:
         record_in_runs(settings, card, run_id=trained_on, wait_s=record_wait_s, on_wait=on_wait)
     except NightlyBusy as exc:  # what the operator has to know: the model is live, the runs row is not
-        raise NightlyBusy(f"model {version} is in {settings.model_dir} ({outcome}; its card holds the gate's "
-                          f"decision) but the decision is not in the runs table: {exc}") from None
+        raise NightlyBusy(f"model {version} is in {settings.model_dir} ({card['gate']['outcome']}; its card holds "
+                          f"the gate's decision) but the decision is not in the runs table: {exc}") from None
     return card
 
 

@@ -361,8 +361,10 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
                 record_wait_s: float = typer.Option(1800.0, min=0, help="How long to wait for a nightly run "
                                                     "holding the DuckDB file before recording the decision (s)")) -> None:
     """Train a model on the nightly's DuckDB file (WARDWATCH_DATA_DIR/wardwatch.duckdb) into the model registry
-    (WARDWATCH_MODEL_DIR), then run the promotion gate: it becomes `current` only when it beats the current model
-    and NEWS2 on the held-out patients (WARDWATCH_GATE_MIN_AUROC_GAIN / _AUPRC_GAIN), else `candidate`.
+    (WARDWATCH_MODEL_DIR), then run the promotion gate: it becomes `current` only when it beats NEWS2 on the
+    held-out patients (WARDWATCH_GATE_MIN_AUROC_GAIN / _AUPRC_GAIN, and the gain's 95 % interval above 0) and is
+    not shown worse than the current model (the paired gain's interval above -WARDWATCH_GATE_NONINFERIORITY_AUROC
+    / _AUPRC), else `candidate`.
     The decision goes into the file's `runs` table; a nightly run writing the file meanwhile is waited for."""
     import duckdb
 
@@ -436,6 +438,13 @@ def train_summary(card: dict, model_dir: Path) -> str:
         lines.append("  model - NEWS2  " + "  ".join(
             f"{m.upper()} {num(gain[f'{m}_gain'].get('estimate'))}{span(gain[f'{m}_gain'].get('ci95'))}"
             for m in ("auroc", "auprc")))
+    vs_current = metrics.get("model_vs_current") or {}
+    if vs_current:
+        margin = vs_current.get("noninferiority_margin") or {}
+        lines.append(f"  model - current {vs_current.get('current_version')}  " + "  ".join(
+            f"{m.upper()} {num(vs_current[f'{m}_gain'].get('estimate'))}{span(vs_current[f'{m}_gain'].get('ci95'))}"
+            for m in ("auroc", "auprc")) + "  (paired; non-inferiority margins "
+            + ", ".join(f"{m.upper()} -{margin[m]:g}" for m in ("auroc", "auprc") if m in margin) + ")")
     for name, label in ((model, "model >= "), (news2, "NEWS2 >= ")):
         op = name.get("operating") or {}
         if op:

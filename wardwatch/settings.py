@@ -98,10 +98,17 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="Where the archive (Parquet) and the DuckDB file live")
 
     # promotion gate (batch/retrain.py): a new model must beat `current` and NEWS2 on held-out patients
-    gate_min_auroc_gain: float = Field(0.0, description="Min AUROC gain over current and NEWS2 to promote a new model "
+    gate_min_auroc_gain: float = Field(0.0, description="Min AUROC gain over NEWS2 to promote a new model "
                                                         "(0 or more: 0 promotes a model at least as good)")
-    gate_min_auprc_gain: float = Field(0.0, description="Min AUPRC gain over current and NEWS2 to promote a new model "
+    gate_min_auprc_gain: float = Field(0.0, description="Min AUPRC gain over NEWS2 to promote a new model "
                                                         "(0 or more: 0 promotes a model at least as good)")
+    # against `current`: non-inferiority, the low end of the paired gain's 95 % interval at least -margin
+    gate_noninferiority_auroc: float = Field(0.02, description="How much lower the AUROC of a new model may possibly "
+                                             "be than the current model's (low end of the 95 % interval of the "
+                                             "paired gain) and still replace it (0 or more)")
+    gate_noninferiority_auprc: float = Field(0.05, description="How much lower the AUPRC of a new model may possibly "
+                                             "be than the current model's (low end of the 95 % interval of the "
+                                             "paired gain) and still replace it (0 or more)")
     # de-identified export (batch/export.py): keys the HMAC of ids and the per-patient date shift
     deid_secret: SecretStr | None = Field(None, description="Secret for the de-identified export; keep it outside the export")
 
@@ -171,11 +178,20 @@ class Settings(BaseSettings):
     @field_validator("gate_min_auroc_gain", "gate_min_auprc_gain")
     @classmethod
     def _gain_not_negative(cls, value):
-        # a negative margin lets the gate promote a model worse than NEWS2 or the model serving now: a
-        # worse model is never served automatically (`wardwatch model promote` records a human's reason)
+        # a negative margin lets the gate promote a model worse than NEWS2: a worse model is never served
+        # automatically (`wardwatch model promote` records a human's reason)
         if not value >= 0:  # NaN too: the gate's `gain < NaN` is never true, it would promote anything
-            raise ValueError("must be 0 or more: a negative margin would promote a model worse than NEWS2 or "
-                             "the current model; promote one by hand with `wardwatch model promote VERSION --reason`")
+            raise ValueError("must be 0 or more: a negative margin would promote a model worse than NEWS2; "
+                             "promote one by hand with `wardwatch model promote VERSION --reason`")
+        return value
+
+    @field_validator("gate_noninferiority_auroc", "gate_noninferiority_auprc")
+    @classmethod
+    def _margin_in_range(cls, value):
+        # NaN would never compare below the interval (anything passes); 1 or more allows any model at all
+        if not 0 <= value < 1:
+            raise ValueError("must be from 0 (the gain over the current model shown not negative) to below 1 "
+                             "(1 would let any model replace it)")
         return value
 
     @field_validator("cds_issuers", "cds_algorithms", mode="before")

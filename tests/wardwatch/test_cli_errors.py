@@ -82,12 +82,24 @@ def test_settings_that_contradict_each_other_are_refused_naming_both(clean_env, 
 @pytest.mark.parametrize("value", ["-0.05", "nan"])
 def test_a_promotion_margin_that_would_promote_a_worse_model_is_refused(clean_env, variable, value):
     # the margins were only required to be above -inf: -0.05 let `batch train` make current a model
-    # whose AUROC was 0.05 below NEWS2's or the serving model's; NaN passed every comparison
+    # whose AUROC was 0.05 below NEWS2's; NaN passed every comparison
     result = invoke("config", "show", env={variable: value})
 
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert f"{variable}='{value}': Value error, must be 0 or more: a negative margin would promote a model worse " \
-           "than NEWS2 or the current model" in result.output
+           "than NEWS2" in result.output
+    assert invoke("config", "show", env={variable: "0.02"}).exit_code == 0
+    assert invoke("config", "show", env={variable: "0"}).exit_code == 0
+
+
+@pytest.mark.parametrize("variable", ["WARDWATCH_GATE_NONINFERIORITY_AUROC", "WARDWATCH_GATE_NONINFERIORITY_AUPRC"])
+@pytest.mark.parametrize("value", ["-0.01", "nan", "1"])
+def test_a_noninferiority_margin_that_would_let_any_model_replace_the_current_one_is_refused(clean_env, variable, value):
+    # NaN: the gate's `low < -NaN` is never true, so any model would pass; 1 or more: any AUROC would
+    result = invoke("config", "show", env={variable: value})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"{variable}='{value}': Value error, must be from 0" in result.output
     assert invoke("config", "show", env={variable: "0.02"}).exit_code == 0
     assert invoke("config", "show", env={variable: "0"}).exit_code == 0
 
