@@ -115,6 +115,25 @@ def csv_vitals(cohort) -> dict[tuple[str, int], dict]:
 # --- the cohort -----------------------------------------------------------------------------------
 
 
+def test_a_big_cohorts_clinosim_gets_time_in_proportion_to_its_patients(tmp_path, monkeypatch):
+    """`batch dataset --patients 1000` (the README's bigger training set) was killed at a fixed 300 s
+    per clinosim worker; it takes ~761 s on this machine."""
+    timeouts = []
+
+    def clinosim_stopped(args, *, timeout, **_):
+        timeouts.append(timeout)
+        return subprocess.CompletedProcess(args, 1, "", "stopped by the test")
+
+    monkeypatch.setattr(subprocess, "run", clinosim_stopped)
+    given = {}
+    for patients in (1000, 8):
+        timeouts.clear()
+        with pytest.raises(RuntimeError, match="clinosim failed"):
+            generate_cohort(tmp_path / "cache", patients=patients, seed=11)
+        given[patients] = set(timeouts)
+    assert min(given[1000]) >= 1500 and given[8] == {300.0}
+
+
 def test_cohort_is_cached_and_patients_of_different_runs_do_not_collide(cache, cohort, monkeypatch):
     def no_clinosim(*a, **k):
         raise AssertionError("clinosim ran again for a cached cohort")
