@@ -23,6 +23,16 @@ def broker(tmp_path_factory):
         b.stop()
 
 
+@pytest.fixture(autouse=True)
+def _readiness_of_the_test_process():
+    """A service command run in-process (CliRunner: `wardwatch receiver`, ...) tells /readyz how to answer
+    for the whole process (observability.set_readiness): put back the default after each test."""
+    from wardwatch import observability
+
+    yield
+    observability.set_readiness(lambda: True)
+
+
 @pytest.fixture
 def unique() -> str:
     return uuid.uuid4().hex[:8]
