@@ -527,8 +527,8 @@ class CatchUp:
     `ends`: partition -> (low, high) watermarks at start. The embedded broker (Tansu) reports a
     partition's high watermark as its last record batch's base offset + 1, not its true end (as
     streams/app.py ExactEndRecovery and streams/stats.py read_stats found): the rest of that batch comes
-    in the same fetch, so the reader is done `quiet_s` of reading after it reached every partition's
-    reported end, not at once. And whatever those ends say, it is done when nothing has come for
+    in the same fetch, so the reader is done once it reached every partition's reported end, at least
+    `quiet_s` has passed since, and a read has come back short (what was fetched is all delivered). And whatever those ends say, it is done when nothing has come for
     `idle_s` and the broker's current ends are no further than the reader's positions (`at_end`):
     records below the start ends that can never come (a tail removed, a topic recreated smaller) do not
     keep it waiting, while a broker that does not answer keeps it not done."""
@@ -549,9 +549,10 @@ class CatchUp:
             if not self.remaining:
                 self.reached_at = now
 
-    def tick(self, now: float) -> bool:
-        """After each read: True when the reader should ask the broker whether it is at the end (idle)."""
-        if self.reached_at is not None and now - self.reached_at >= self.quiet_s:
+    def tick(self, now: float, *, drained: bool) -> bool:
+        """After each read (`drained`: it returned fewer records than asked for): True when the reader
+        should ask the broker whether it is at the end (idle)."""
+        if self.reached_at is not None and now - self.reached_at >= self.quiet_s and drained:
             self.done.set()
         if self.done.is_set() or now - max(self.last_record_at, self.last_probe_at) < self.idle_s:
             return False
@@ -610,9 +611,12 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
     return app
 
 
+FEED_BATCH = 500  # records per read of the scores feed
+
+
 class ScoresFeed(threading.Thread):
     """Reads the scores topic from the beginning into `latest`, until stop is set. `caught_up` is set
-    once it has read up to the end offsets the topic had when it started."""
+    once it has read all the topic held when it started (CatchUp)."""
 
     def __init__(self, settings: Settings, topic: str, latest: LatestScores):
         super().__init__(name="cds-scores-feed", daemon=True)
@@ -641,13 +645,14 @@ class ScoresFeed(threading.Thread):
             catch_up = CatchUp({tp.partition: consumer.get_watermark_offsets(tp, timeout=30) for tp in tps}, started)
             consumer.assign([TopicPartition(self.topic, tp.partition, OFFSET_BEGINNING) for tp in tps])
             while not self.stop_event.is_set():
-                for message in consumer.consume(num_messages=500, timeout=0.2):
+                messages = consumer.consume(num_messages=FEED_BATCH, timeout=0.2)
+                for message in messages:
                     if message.error():
                         log.warning("scores feed: %s", message.error())
                         continue
                     self.latest.update(message.value())
                     catch_up.seen(message.partition(), message.offset(), time.monotonic())
-                if catch_up.tick(time.monotonic()) and self._at_end(consumer, tps):
+                if catch_up.tick(time.monotonic(), drained=len(messages) < FEED_BATCH) and self._at_end(consumer, tps):
                     catch_up.at_end()
                 if catch_up.done.is_set() and not self.caught_up.is_set():
                     self.caught_up.set()
@@ -668,7 +673,12 @@ class ScoresFeed(threading.Thread):
 
         try:
             positions = {tp.partition: tp.offset for tp in consumer.position(tps)}
-            return all(consumer.get_watermark_offsets(tp, timeout=2)[1] <= positions[tp.partition] for tp in tps)
+            for tp in tps:
+                low, high = consumer.get_watermark_offsets(tp, timeout=2)
+                at = positions[tp.partition]
+                if high > (at if at >= 0 else low):  # (no position yet: nothing read from it, so its start)
+                    return False
+            return True
         except KafkaException:
             return False
 

@@ -347,23 +347,25 @@ def test_catch_up_reads_on_past_the_reported_ends_and_never_waits_for_records_th
     catch_up = CatchUp({0: (0, 3), 1: (5, 5), 2: (10, 12)}, 0.0, quiet_s=0.5, idle_s=2.0)  # 1: empty
     catch_up.seen(0, 2, 0.1)
     catch_up.seen(2, 10, 0.1)
-    assert not catch_up.tick(0.2) and not catch_up.done.is_set()  # partition 2's record 11 is not read yet
+    assert not catch_up.tick(0.2, drained=True) and not catch_up.done.is_set()  # partition 2's 11 not read yet
     catch_up.seen(2, 11, 0.3)  # every reported end reached, but on Tansu an end is a batch's base + 1:
-    assert not catch_up.tick(0.7) and not catch_up.done.is_set()  # the rest of that batch is still coming
-    catch_up.tick(0.8)
+    assert not catch_up.tick(0.7, drained=True) and not catch_up.done.is_set()  # the rest may still come
+    catch_up.tick(0.8, drained=False)
+    assert not catch_up.done.is_set()  # a full read: more was fetched than delivered yet
+    catch_up.tick(0.9, drained=True)
     assert catch_up.done.is_set()
 
     empty = CatchUp({0: (0, 0), 1: (7, 7)}, 0.0, quiet_s=0.5)
-    empty.tick(0.5)
+    empty.tick(0.5, drained=True)
     assert empty.done.is_set()  # nothing to read: ready after the quiet time
 
     short = CatchUp({0: (0, 100)}, 0.0, quiet_s=0.5, idle_s=2.0)  # e.g. recreated with fewer records since
     short.seen(0, 40, 1.0)
-    assert not short.tick(2.9)  # records came 1.9 s ago
-    assert short.tick(3.0)  # idle: ask the broker where the ends are now
+    assert not short.tick(2.9, drained=True)  # records came 1.9 s ago
+    assert short.tick(3.0, drained=True)  # idle: ask the broker where the ends are now
     assert not short.done.is_set()  # (no answer, or more there: not done)
-    assert not short.tick(4.0)  # asked 1 s ago
-    assert short.tick(5.0)
+    assert not short.tick(4.0, drained=True)  # asked 1 s ago
+    assert short.tick(5.0, drained=True)
     short.at_end()  # the broker has nothing past the positions: done
     assert short.done.is_set()
 
@@ -516,6 +518,37 @@ def test_the_feed_is_caught_up_only_once_the_last_record_of_a_big_last_batch_is_
         feed.stop_event.set()
         feed.join(10)
     assert present_when_ready == [True]
+
+
+@pytest.mark.integration
+def test_the_broker_says_a_feed_is_at_its_end_even_with_a_partition_it_never_read_from(settings):
+    """The idle rule's question to the broker: a partition nothing was read from has no position yet
+    (-1001); it is at its end when the broker holds nothing there. It answered "no" for ever."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from streams.cds import ScoresFeed
+
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    producer = Producer(settings.kafka_client_config())
+    for i in range(10):
+        producer.produce(topics.scores, partition=0, value=orjson.dumps(score(f"p-{i}")))
+    assert producer.flush(30) == 0
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-end",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    try:
+        partitions = sorted(consumer.list_topics(topics.scores, timeout=30).topics[topics.scores].partitions)
+        assert len(partitions) > 1  # the others stay empty
+        tps = [TopicPartition(topics.scores, p) for p in partitions]
+        consumer.assign([TopicPartition(topics.scores, p, 0) for p in partitions])
+        assert not ScoresFeed._at_end(consumer, tps)  # nothing read yet
+        read, deadline = 0, time.monotonic() + 30
+        while read < 10 and time.monotonic() < deadline:
+            read += sum(1 for m in consumer.consume(num_messages=100, timeout=0.5) if m.error() is None)
+        assert read == 10
+        assert ScoresFeed._at_end(consumer, tps)
+    finally:
+        consumer.close()
 
 
 @pytest.mark.integration
