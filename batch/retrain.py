@@ -98,7 +98,7 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
         if mine is None or theirs is None:
             reasons.append(f"{metric} vs NEWS2 not computable (the {new.get('n_rows', '?')} held-out rows at "
                            f"risk hold {new.get('positives', '?')} positive: one class or none)")
-        elif mine - theirs < margins[metric]:
+        elif not mine - theirs >= margins[metric]:  # (NaN: not shown)
             reasons.append(f"{metric} {mine:.4f} does not beat NEWS2 {theirs:.4f} by {margins[metric]:g}")
         else:
             passed.append(f"{metric} {mine:.4f} beats NEWS2 {theirs:.4f} by >= {margins[metric]:g}")
@@ -106,7 +106,7 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
         ci = news2_gain_ci95.get(metric)
         if ci is None:
             reasons.append(f"{metric} gain over NEWS2: no 95 % interval (too few held-out patients of both classes)")
-        elif ci[0] <= 0:
+        elif not ci[0] > 0:  # (NaN: not shown)
             # an interval wholly below 0 shows the model worse than NEWS2, which "includes 0" would hide
             where = "includes 0" if ci[1] >= 0 else "is below 0: the model is worse than NEWS2"
             reasons.append(f"{metric} gain over NEWS2 not shown: its 95 % interval {ci[0]:+.4f} to {ci[1]:+.4f} "
@@ -122,7 +122,7 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
         elif ci is None:
             reasons.append(f"{metric} gain over current model {estimate:+.4f}: no 95 % interval (too few held-out "
                            "patients of both classes), so non-inferiority is not shown")
-        elif ci[0] < limit:
+        elif not ci[0] >= limit:  # (NaN: not shown)
             reasons.append(f"{metric} may be worse than current model: gain {estimate:+.4f}, 95 % interval "
                            f"{ci[0]:+.4f} to {ci[1]:+.4f} (paired patient-level bootstrap) reaches below the "
                            f"non-inferiority margin {limit:+g}")
@@ -314,6 +314,12 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
                              directional_problems=directional_violations(table), current_gain=vs_current,
                              noninferiority={"auroc": settings.gate_noninferiority_auroc,
                                              "auprc": settings.gate_noninferiority_auprc})
+    if current is not None and vs_current is None:  # a current model that fails its integrity check
+        problem = (f"current model {current} failed its integrity check "
+                   f"({registry.integrity(settings.model_dir, current)}): not compared, so not replaced "
+                   "automatically; check the registry, then `wardwatch model promote VERSION --reason ...`")
+        decision = GateDecision("candidate", [*([] if decision.promote else decision.reasons), problem],
+                                decision.compared, decision.margins)
     outcome = apply_gate(settings, version, decision, promote_if_none=promote_if_none)
     card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome}
     card["promoted"] = outcome == "promoted"

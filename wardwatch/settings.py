@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     # batch / archive
     data_dir: Path = Field(Path("data"), description="Where the archive (Parquet) and the DuckDB file live")
 
-    # promotion gate (batch/retrain.py): a new model must beat `current` and NEWS2 on held-out patients
+    # promotion gate (batch/retrain.py): a new model must beat NEWS2 and be non-inferior to `current` on held-out patients
     gate_min_auroc_gain: float = Field(0.0, description="Min AUROC gain over NEWS2 to promote a new model "
                                                         "(0 or more: 0 promotes a model at least as good)")
     gate_min_auprc_gain: float = Field(0.0, description="Min AUPRC gain over NEWS2 to promote a new model "

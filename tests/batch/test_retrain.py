@@ -383,6 +383,38 @@ def test_the_copy_a_train_killed_while_recording_left_is_removed_by_the_next_wri
     assert sorted(p.name for p in target.parent.iterdir() if "recording" in p.name) == []
 
 
+def test_a_current_model_that_fails_its_integrity_check_is_not_replaced_unseen(tmp_path, monkeypatch):
+    """A tampered `current` used to be skipped as if there were none: the new model replaced it with no
+    word of the comparison that never happened."""
+    from batch.train import train_model
+    from tests.batch.test_train import labels_for, synthetic_features
+
+    monkeypatch.setattr(retrain, "directional_violations", lambda table: [])  # (see the test below)
+    settings = Settings(model_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    features = synthetic_features(n_patients=80, seed=3)
+    labels = labels_for(features)
+    train_model(features, labels, settings.model_dir, "v1")
+    registry.promote(settings.model_dir, "v1", why="first")
+    registry.model_path(settings.model_dir, "v1").write_bytes(b"not the model the card describes")
+
+    card = retrain.judge(settings, train_model(features, labels, settings.model_dir, "v2"), features, labels)
+    assert card["gate"]["outcome"] == "candidate" and registry.current_version(settings.model_dir) == "v1"
+    assert any(r.startswith("current model v1 failed its integrity check (tampered)") for r in card["gate"]["reasons"])
+
+
+@pytest.mark.parametrize("where", ["news2 gain", "current gain"])
+def test_an_interval_that_is_not_a_number_shows_nothing(where):
+    nan = float("nan")
+    new, news2 = {"auroc": 0.9, "auprc": 0.8}, {"auroc": 0.7, "auprc": 0.5}
+    news2_ci = {m: [nan, nan] if where == "news2 gain" else [0.1, 0.3] for m in ("auroc", "auprc")}
+    current_gain = {f"{m}_gain": {"estimate": 0.0, "ci95": [nan, nan] if where == "current gain" else [-0.01, 0.01]}
+                    for m in ("auroc", "auprc")}
+    decision = retrain.gate_decision(new, news2, dict(new), min_auroc_gain=0.0, min_auprc_gain=0.0,
+                                     news2_gain_ci95=news2_ci, current_gain=current_gain,
+                                     noninferiority={"auroc": 0.02, "auprc": 0.05})
+    assert decision.decision == "candidate", decision.reasons
+
+
 def test_against_the_current_model_two_trained_models_are_compared_on_the_paired_interval(tmp_path, monkeypatch):
     """Real models, trained and scored through ONNX: a retrain on the same 80 patients with another 5 % of
     label noise is a little worse than the current model on both point estimates (the point-estimate rule
