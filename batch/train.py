@@ -515,6 +515,32 @@ def fast_average_precision(y: np.ndarray, score: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+class RankedRows:
+    """One score's evaluation rows sorted once (highest first) with their runs of tied scores, so the
+    AUROC and average precision of any weighting of the rows (a bootstrap draw: each row weighted by how
+    many times its patient was drawn) cost a pass over the rows, not a sort of a copy of them."""
+
+    def __init__(self, y: np.ndarray, score: np.ndarray):
+        self.order = np.argsort(-score, kind="mergesort")
+        self.y = y[self.order].astype(np.float64)
+        self.run = np.r_[0, np.cumsum(np.diff(score[self.order]) != 0)]  # tied run of each sorted row
+        self.runs = int(self.run[-1]) + 1 if len(self.run) else 0
+
+    def metrics(self, weight: np.ndarray) -> tuple[float, float]:
+        """(AUROC, average precision) of the rows weighted by `weight` (in the rows' own order), as
+        fast_auroc / fast_average_precision give for the rows repeated that many times. Both classes
+        must have weight."""
+        w = weight[self.order]
+        pos = np.bincount(self.run, w * self.y, self.runs)
+        neg = np.bincount(self.run, w * (1.0 - self.y), self.runs)
+        positives, negatives = pos.sum(), neg.sum()
+        below = negatives - np.cumsum(neg)  # negative weight scored lower than each run
+        auroc = float((pos * (below + 0.5 * neg)).sum() / (positives * negatives))  # ties count half
+        seen = np.cumsum(pos + neg)
+        precision = np.divide(np.cumsum(pos), seen, out=np.zeros(self.runs), where=seen > 0)
+        return auroc, float((pos / positives * precision).sum())
+
+
 def bootstrap_intervals(patients: list[str], row_patients: list[str], y: np.ndarray, scores: dict[str, np.ndarray],
                         operating: dict[str, pl.DataFrame], *, resamples: int = BOOTSTRAP_RESAMPLES,
                         seed: int = BOOTSTRAP_SEED) -> dict:
@@ -528,7 +554,8 @@ def bootstrap_intervals(patients: list[str], row_patients: list[str], y: np.ndar
     class (no AUROC/AUPRC; their operating counts still count)}. None: no draw could compute it."""
     index = {p: i for i, p in enumerate(patients)}
     codes_ = np.array([index[p] for p in row_patients], dtype=np.int64)
-    rows_of = [np.flatnonzero(codes_ == i) for i in range(len(patients))]
+    ranked = {name: RankedRows(y, score) for name, score in scores.items()}
+    y_float = y.astype(np.float64)
     counts = {}
     for name, frame in operating.items():
         by = dict(zip(frame["patient_id"].to_list(), frame.select("alerts", "span_ms", "episodes", "detected").rows()))
@@ -545,16 +572,17 @@ def bootstrap_intervals(patients: list[str], row_patients: list[str], y: np.ndar
                 draws[name]["alerts_per_100_patient_days"].append(100 * alerts / (span_ms / DAY_MS))
             if episodes:
                 draws[name]["sensitivity"].append(detected / episodes)
-        rows = np.concatenate([rows_of[i] for i in drawn])
-        if len(set(y[rows].tolist())) < 2:
+        weight = np.bincount(drawn, minlength=len(patients))[codes_].astype(np.float64)  # rows once per draw
+        positive = float(weight @ y_float)
+        if positive == 0 or positive == weight.sum():  # the drawn rows hold one class (or none)
             skipped += 1
             continue
-        for metric, fn in (("auroc", fast_auroc), ("auprc", fast_average_precision)):
-            values = [float(fn(y[rows], scores[name][rows])) for name in names]
+        values = [ranked[name].metrics(weight) for name in names]
+        for k, metric in enumerate(("auroc", "auprc")):
             for name, value in zip(names, values):
-                draws[name][metric].append(value)
+                draws[name][metric].append(value[k])
             if len(values) == 2:
-                draws["gain"][metric].append(values[0] - values[1])
+                draws["gain"][metric].append(values[0][k] - values[1][k])
 
     def interval(values: list[float]) -> list[float] | None:
         return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])] if values else None
