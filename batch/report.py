@@ -11,7 +11,7 @@ Sections, all read from the DuckDB file:
                   AUROC/AUPRC and their 95 % intervals for both and for the paired gain (model - NEWS2),
                   from the patient-level bootstrap of batch/train.py (a patient's points are not
                   independent: patients are drawn, not points)
-    model         the model trained on this run (`batch train`, its `runs` row), if any: its held-out
+    model         the last model trained (`batch train`, its `runs` row: this run or an earlier one): its held-out
                   figures with the card's intervals next to NEWS2's, the paired gains over NEWS2 and over
                   the model current then (non-inferiority margin), the gate's decision and its reasons
     calibration   predicted vs observed onset rate in ten probability bins; NEWS2's observed rate per
@@ -159,6 +159,9 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
     run = con.execute("SELECT * FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 1")
     columns = [d[0] for d in run.description]
     latest = dict(zip(columns, run.fetchone()))
+    # the nightly writes its report before any `batch train` on it: show the last model trained, on whichever run
+    trained = con.execute("SELECT * FROM runs WHERE model_version IS NOT NULL "
+                          "ORDER BY started_at DESC, run_id DESC LIMIT 1").fetchone()
     # the onset label is evaluated on at-risk rows only (already deteriorated patients are excluded)
     labelled = con.execute("""
         SELECT s.probability, s.news2, l.label, s.patient_id FROM scores s
@@ -179,7 +182,7 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
                bool_and(parity_ok) FROM runs
         WHERE started_at >= (SELECT coalesce(max(started_at), TIMESTAMPTZ '-infinity') FROM runs WHERE "full")
         """).fetchone()
-    return {"run": latest, "since_full": since_full, "labelled": labelled, "alerts_opened": int(opened),
+    return {"run": latest, "trained": dict(zip(columns, trained)) if trained else None, "since_full": since_full, "labelled": labelled, "alerts_opened": int(opened),
             "patient_days": float(span_ms) / DAY_MS,
             "onset": {"points": int(points), "at_risk": int(at_risk), "episodes": len(episodes),
                       "detected": detected, "median_lead_time_h": lead_h}}
@@ -251,7 +254,7 @@ def render(data: dict) -> str:
         sections.append(f"<p>Not computable: {len(rows)} labelled model-path scores, "
                         f"{int(y.sum()) if len(rows) else 0} positive (needs both classes).</p>")
 
-    sections += _model_section(run)
+    sections += _model_section(data.get("trained", run), this_run=run)
 
     burden = alerts_per_100_patient_days(data["alerts_opened"], data["patient_days"])
     sections.append("<h2>Alert burden</h2>")
@@ -263,14 +266,16 @@ def render(data: dict) -> str:
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
 
 
-def _model_section(run: dict) -> list[str]:
-    """The model trained on this run (`batch train` records it in the run's row): held-out figures with
-    their intervals, the paired gains, the gate's decision and reasons. Nothing when none was trained."""
-    if not run.get("model_version"):
+def _model_section(run: dict | None, *, this_run: dict) -> list[str]:
+    """The last model trained (`batch train` records it in the row of the run it trained on, `run`):
+    held-out figures with their intervals, the paired gains, the gate's decision and reasons. Nothing when
+    none was trained."""
+    if not run or not run.get("model_version"):
         return []
+    on = "this run" if run.get("run_id") == this_run.get("run_id") else f"run {run.get('run_id')} ({run.get('started_at')})"
     metrics = orjson.loads(run["model_metrics_json"]) if run.get("model_metrics_json") else {}
     reasons = orjson.loads(run["gate_reasons_json"]) if run.get("gate_reasons_json") else []
-    out = [f"<h2>Model {html.escape(str(run['model_version']))} trained on this run: held-out patients</h2>"]
+    out = [f"<h2>Model {html.escape(str(run['model_version']))} trained on {html.escape(on)}: held-out patients</h2>"]
     rows = []
     for key, name in (("model", "model"), ("news2", "NEWS2")):
         block = metrics.get(key) or {}

@@ -169,6 +169,23 @@ def test_the_report_shows_the_trained_models_intervals_gains_and_the_gates_decis
     assert "Gate: <b>candidate</b>" in html and f"<li>{reasons[0]}</li>" in html
 
 
+def test_the_next_nightlys_report_shows_the_model_trained_on_the_run_before(settings):
+    """The nightly writes its report before anyone trains on it, and the scheduler never trains: the gate's
+    decision recorded in the previous run's row never reached a report an operator opens."""
+    import duckdb
+
+    stage1(settings.archive_dir)
+    first = run_nightly(settings, report=False, **STANDINS)
+    with duckdb.connect(str(settings.duckdb_path)) as con:  # as `wardwatch batch train` records it
+        con.execute("UPDATE runs SET model_version = 'v0007', gate_decision = 'candidate', "
+                    "gate_reasons_json = '[\"auroc gain over NEWS2 not shown\"]', model_metrics_json = '{}' "
+                    "WHERE run_id = ?", [first["run_id"]])
+    stage2(settings.archive_dir)
+    text = Path(run_nightly(settings, full=False, **STANDINS)["report_path"]).read_text()
+    assert f"Model v0007 trained on run {first['run_id']}" in text
+    assert "Gate: <b>candidate</b>" in text and "<li>auroc gain over NEWS2 not shown</li>" in text
+
+
 def test_reliability_bins_predicted_against_observed():
     y = np.array([0, 0, 1, 1, 1, 0])
     p = np.array([0.05, 0.05, 0.95, 0.95, 0.55, 0.55])
