@@ -29,8 +29,9 @@ def _readiness_of_the_test_process():
     for the whole process (observability.set_readiness): put back the default after each test."""
     from wardwatch import observability
 
+    before = observability._readiness
     yield
-    observability.set_readiness(lambda: True)
+    observability.set_readiness(before)
 
 
 @pytest.fixture

@@ -131,7 +131,7 @@ def test_a_big_cohorts_clinosim_gets_time_in_proportion_to_its_patients(tmp_path
         with pytest.raises(RuntimeError, match="clinosim failed"):
             generate_cohort(tmp_path / "cache", patients=patients, seed=11)
         given[patients] = set(timeouts)
-    assert min(given[1000]) >= 1500 and given[8] == {300.0}
+    assert min(given[1000]) >= 2 * 761 and given[8] == {300.0}  # 761 s measured for 1,000 patients
 
 
 def test_cohort_is_cached_and_patients_of_different_runs_do_not_collide(cache, cohort, monkeypatch):
