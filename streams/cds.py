@@ -612,6 +612,7 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
 
 
 FEED_BATCH = 500  # records per read of the scores feed
+TOPIC_WAIT_S = 10.0  # for the scores topic's metadata after ensure_topics
 
 
 class ScoresFeed(threading.Thread):
@@ -637,9 +638,14 @@ class ScoresFeed(threading.Thread):
             "auto.offset.reset": "earliest",  # a position lost (a topic recreated): read it all again, not skip
         })
         try:
-            topic = consumer.list_topics(self.topic, timeout=30).topics.get(self.topic)
-            if topic is None or topic.error is not None or not topic.partitions:  # never "ready" reading nothing
-                raise RuntimeError(f"the scores topic {self.topic} does not exist (WARDWATCH_TOPIC_PREFIX?)")
+            deadline = time.monotonic() + TOPIC_WAIT_S
+            while True:  # a topic just created may take a moment to show in every broker's metadata
+                topic = consumer.list_topics(self.topic, timeout=30).topics.get(self.topic)
+                if topic is not None and topic.error is None and topic.partitions:
+                    break
+                if time.monotonic() >= deadline or self.stop_event.is_set():  # never "ready" reading nothing
+                    raise RuntimeError(f"the scores topic {self.topic} does not exist (WARDWATCH_TOPIC_PREFIX?)")
+                time.sleep(0.5)
             tps = [TopicPartition(self.topic, p) for p in sorted(topic.partitions)]
             started = time.monotonic()
             catch_up = CatchUp({tp.partition: consumer.get_watermark_offsets(tp, timeout=30) for tp in tps}, started)
