@@ -277,6 +277,16 @@ def test_cds_issuers_and_algorithms_are_comma_separated(clean_env):
     assert env["WARDWATCH_CDS_ALGORITHMS"] == "ES384,RS384"
 
 
+def assert_refused_open(says: str, escape: str, *results) -> None:
+    """A service refused to listen beyond loopback unprotected: in one line naming what to set, before it
+    tried the broker."""
+    for result in results:
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert result.output.count("\n") == 1
+        assert says in result.output and escape in result.output
+        assert "cannot reach the Kafka broker" not in result.output
+
+
 @pytest.mark.timeout(60)
 def test_the_cds_service_refuses_to_listen_beyond_loopback_without_client_keys(clean_env):
     # anyone on the compose network could read any patient's latest risk by id
@@ -286,11 +296,8 @@ def test_the_cds_service_refuses_to_listen_beyond_loopback_without_client_keys(c
         refused = invoke("cds", env=broker)
         told = invoke("cds", env=broker | {"WARDWATCH_CDS_ALLOW_ANONYMOUS": "true"})
 
-    assert refused.exit_code == 2 and isinstance(refused.exception, SystemExit), refused.output
-    assert refused.output.count("\n") == 1
-    assert "WARDWATCH_CDS_HOST=0.0.0.0 without WARDWATCH_CDS_JWKS_FILE" in refused.output
-    assert "WARDWATCH_CDS_ALLOW_ANONYMOUS=true" in refused.output
-    assert "cannot reach the Kafka broker" not in refused.output  # refused before it tries the broker
+    assert_refused_open("WARDWATCH_CDS_HOST=0.0.0.0 without WARDWATCH_CDS_JWKS_FILE",
+                        "WARDWATCH_CDS_ALLOW_ANONYMOUS=true", refused)
     # told to accept anonymous calls, it goes on (to the broker, which is not there here)
     assert told.exit_code == 2 and "cannot reach the Kafka broker" in told.output, told.output
 
@@ -308,12 +315,8 @@ def test_the_receiver_refuses_to_listen_beyond_loopback_without_a_token(clean_en
         told = invoke("receiver", env=broker | {"WARDWATCH_RECEIVER_ALLOW_ANONYMOUS": "true"})
         on_loopback = invoke("receiver", env=broker | {"WARDWATCH_RECEIVER_HOST": "127.0.0.1"})
 
-    for result in (refused, refused_by_option):
-        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
-        assert result.output.count("\n") == 1
-        assert "WARDWATCH_RECEIVER_HOST=0.0.0.0 without WARDWATCH_RECEIVER_TOKEN" in result.output
-        assert "WARDWATCH_RECEIVER_ALLOW_ANONYMOUS=true" in result.output
-        assert "cannot reach the Kafka broker" not in result.output  # refused before it tries the broker
+    assert_refused_open("WARDWATCH_RECEIVER_HOST=0.0.0.0 without WARDWATCH_RECEIVER_TOKEN",
+                        "WARDWATCH_RECEIVER_ALLOW_ANONYMOUS=true", refused, refused_by_option)
     # with a token, told to accept anonymous posts, or on loopback, it goes on (to the broker, not there here)
     for result in (with_token, told, on_loopback):
         assert result.exit_code == 2 and "cannot reach the Kafka broker" in result.output, result.output
