@@ -217,7 +217,7 @@ class IngestWorker:
         self._prepared: dict[int, tuple[str, Outcome, list[tuple[str, bytes]]]] = {}  # id(msg) -> parse, this batch
         # the raw partitions this worker holds, for its consumption watchdog's thread (replaced, never mutated)
         self.assigned: frozenset[tuple[str, int]] = frozenset()
-        # paused state does not survive a reassignment in librdkafka: the clocks are reset with it
+        # a reassignment resets the clocks and resumes the partitions in librdkafka too (_on_assign)
         self._consumer.subscribe(topics.raw, on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def run(self, stop: threading.Event) -> None:
@@ -350,12 +350,19 @@ class IngestWorker:
             self._consumer.resume([TopicPartition(t, p) for t, p in resumed])
 
     def _on_assign(self, consumer, partitions) -> None:
+        log.info("ingest: %d raw partitions assigned", len(partitions))
         self.assigned = self.assigned | {(tp.topic, tp.partition) for tp in partitions}
         if self.aligner is not None:
+            # librdkafka keeps a pause() through a rebalance that hands the partition back (even after
+            # it was another member's meanwhile), while the aligner starts it afresh, unpaused: nothing
+            # would ever resume it (a session timeout on a slow broker left the raw topics full, unread)
+            consumer.resume(partitions)
             self.aligner.assign([(tp.topic, tp.partition) for tp in partitions], time.monotonic())
 
     def _on_revoke(self, consumer, partitions) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
+        log.info("ingest: %d raw partitions revoked (%d paused by alignment)", len(revoked),
+                 len(revoked & self.aligner.paused) if self.aligner is not None else 0)
         self.assigned = self.assigned - revoked
         # what was published from them is committed now, while they are still ours; and never again
         # later (at close), which would move the next owner's committed offset back: forgotten first,

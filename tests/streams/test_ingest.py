@@ -17,7 +17,7 @@ from schemas.cdc import parse_cdc
 from schemas.deadletter import Reason
 from schemas.fhir import parse_notification
 from streams import ingest
-from streams.ingest import PRODUCED_NS_HEADER, IngestCounters, IngestWorker, group_id
+from streams.ingest import PRODUCED_NS_HEADER, IngestCounters, IngestWorker, consumer_config, group_id
 from streams.topics import ensure_topics, topics_for
 from wardwatch.settings import Settings
 from tests.fixtures.ingest.corpus import (CDC_PREFIX, cdc_message, cdc_messages, fhir_bundle,
@@ -651,6 +651,71 @@ def test_the_same_backlog_without_alignment_comes_out_days_out_of_order(settings
           f"{late} of {len(behind)} events beyond the allowed lateness")
     assert worker.aligner is None and "alignment" not in worker.stats_snapshot()
     assert max(behind) > settings.allowed_lateness_s * 1000 and late > 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_a_partition_paused_by_alignment_is_read_again_after_a_rebalance(settings):
+    """librdkafka keeps a partition's pause() through a rebalance that hands it back to the same
+    consumer, while the aligner starts it afresh, unpaused: nothing would ever resume it. With a
+    broker slow enough to miss the 6 s session timeout (a 1000-patient `batch dataset` replay), the
+    ingest then stopped applying anything with its raw partitions still full, until its watchdog exited."""
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    raw = _backlog(settings, topics)
+    _produce(settings, raw)
+    worker = IngestWorker(settings.model_copy(update={"ingest_max_skew_s": 3600}), topics)
+    reader = _reader(settings, topics)
+    by_patient, dead, read_events = defaultdict(list), [], 0
+
+    def read() -> None:
+        nonlocal read_events
+        for msg in reader.consume(num_messages=1000, timeout=0.05):
+            assert msg.error() is None, msg.error()
+            if msg.topic() == topics.canonical:
+                events = decode_batch(msg.value())
+                by_patient[msg.key().decode()] += events
+                read_events += len(events)
+            else:
+                dead.append(msg)
+
+    deadline = time.monotonic() + DEADLINE_S
+    other = None
+    try:
+        while not worker.aligner.paused:  # the labs run ahead of the vitals and are held back
+            assert time.monotonic() < deadline, "alignment never paused a partition"
+            worker.poll_once()
+        # a second member joins and leaves: two rebalances hand the ingest every partition back. Meanwhile
+        # its consumer is only served (what it returns is dropped: never committed, so read again after
+        # the reassignment), so the aligner cannot resume the labs first
+        all_raw = len(topics.raw) * topics.partitions
+        other = Consumer(consumer_config(settings))
+        other.subscribe(topics.raw)
+        while not other.assignment():
+            assert time.monotonic() < deadline, "the second member got no partition"
+            worker._consumer.consume(num_messages=100, timeout=0.05)
+            other.consume(num_messages=1, timeout=0.05)
+        other.close()
+        other = None
+        while len(worker._consumer.assignment()) < all_raw:
+            assert time.monotonic() < deadline, "the ingest did not get its partitions back"
+            worker._consumer.consume(num_messages=100, timeout=0.05)
+        while True:
+            snap = worker.counters.snapshot()["cdc"]
+            if (snap["messages_in"] == len(raw) and read_events == snap["events_out"]
+                    and len(dead) == sum(snap["dead_lettered"].values())):
+                break
+            assert time.monotonic() < deadline, f"the ingest stopped with raw messages waiting: {snap}"
+            worker.poll_once()
+            read()
+    finally:
+        if other is not None:
+            other.close()
+        worker.close()
+        reader.close()
+    expected, _ = _expected_events(settings, raw)
+    assert set(e.event_id for events in by_patient.values() for e in events) == set(expected)  # nothing lost
+    assert not worker.aligner.paused
 
 
 @pytest.mark.timeout(30)
