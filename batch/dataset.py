@@ -58,6 +58,7 @@ class DatasetOptions:
     diseases: tuple[str, ...] = TRAINING_DISEASES
     faults: bool = True
     timeout_s: float | None = None  # default: scales with the cohort (see stream_timeout_s)
+    bootstrap: str | None = None  # a Kafka to use instead of a fresh embedded broker (big cohorts: see README)
 
 
 def stream_timeout_s(patients: int) -> float:
@@ -97,7 +98,7 @@ def build_dataset(opts: DatasetOptions, console: Console | None = None) -> dict:
     timeout = opts.timeout_s if opts.timeout_s is not None else stream_timeout_s(opts.patients)
     demo = run_demo(DemoOptions(patients=opts.patients, seed=opts.seed, faults=opts.faults, train=False,
                                 data_dir=opts.out, cache_dir=opts.cache_dir, diseases=opts.diseases,
-                                timeout_s=timeout), console)
+                                timeout_s=timeout, bootstrap=opts.bootstrap), console)
     pipeline_s = time.monotonic() - started
     settings = Settings(data_dir=opts.out.resolve())
     with console.status("counting onset labels (features as of issued at every scoring point)"):

@@ -335,17 +335,20 @@ def batch_dataset(
     out: Path = typer.Option(Path("data/train"), help="Where the archive, DuckDB file and dataset.json go (wiped first)"),
     cache_dir: Path = typer.Option(Path("data/cache"), help="clinosim cohort cache (keyed by its parameters)"),
     faults: bool = typer.Option(True, help="Inject the replay's realistic faults, as in production"),
+    bootstrap: Optional[str] = typer.Option(None, help="Use this Kafka instead of a fresh embedded broker (the "
+                                            "embedded one cannot carry ~1000 patients: README)"),
 ) -> None:
     """Training data through the real pipeline: clinosim -> replay -> stream -> archive -> nightly rebuild."""
     from batch.dataset import DatasetOptions, build_dataset
     from wardwatch.demo import check_wipeable
 
+    _require_bootstrap(bootstrap)
     try:
         check_wipeable(out.resolve())
     except ValueError as exc:
         _fail(str(exc))
     summary = build_dataset(DatasetOptions(patients=patients, seed=seed, out=out, cache_dir=cache_dir,
-                                           faults=faults), console)
+                                           faults=faults, bootstrap=bootstrap), console)
     console.print_json(data={k: summary[k] for k in ("duckdb_path", "labels", "parity_ok", "seconds")})
     if not summary["parity_ok"]:
         raise typer.Exit(1)

@@ -147,3 +147,22 @@ def test_a_run_marks_its_directory_before_it_starts(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         run_demo(DemoOptions(data_dir=tmp_path / "run"))
     assert (tmp_path / "run" / RUN_MARK).exists() and (tmp_path / "run" / "logs").is_dir()
+
+
+def test_a_dataset_runs_on_the_kafka_it_is_given(tmp_path, monkeypatch):
+    """`batch dataset --bootstrap`: the embedded broker cannot carry ~1000 patients (README), so a big
+    training set needs a real Kafka, which the pipeline run must then use."""
+    import batch.dataset
+    import wardwatch.demo
+
+    seen = {}
+
+    def pipeline(opts, console):
+        seen["bootstrap"] = opts.bootstrap
+        raise RuntimeError("stop after the pipeline's options")
+
+    monkeypatch.setattr(wardwatch.demo, "run_demo", pipeline)
+    with pytest.raises(RuntimeError, match="stop after"):
+        batch.dataset.build_dataset(batch.dataset.DatasetOptions(patients=2, out=tmp_path / "d",
+                                                                 bootstrap="kafka.example.org:9092"), None)
+    assert seen == {"bootstrap": "kafka.example.org:9092"}
