@@ -351,7 +351,11 @@ class _Draft:
         known = self.known
         if self._crossed_gc_period(horizon_ms):
             cutoff = self.clock - horizon_ms
-            known = {fid: k for fid, k in known.items() if k[1] >= cutoff}  # k[1]: effective_ms
+            # an expired key whose fact is still live (lateness + the longest window beyond the horizon)
+            # stays: a later event of that fact drops the stale copy through it, as it would had no sweep
+            # run yet (else the outcome would depend on where a micro-batch ended)
+            still_live = {fact[FACT_ID] for rows in facts.values() for fact in rows[:bisect_left(rows, (cutoff,))]}
+            known = {fid: k for fid, k in known.items() if k[1] >= cutoff or fid in still_live}  # k[1]: effective_ms
         return PatientState(known, facts, self.clock)
 
     def _crossed_gc_period(self, horizon_ms: int) -> bool:
