@@ -528,7 +528,8 @@ class CatchUp:
     partition's high watermark as its last record batch's base offset + 1, not its true end (as
     streams/app.py ExactEndRecovery and streams/stats.py read_stats found): the rest of that batch comes
     in the same fetch, so the reader is done once it reached every partition's reported end, at least
-    `quiet_s` has passed since, and a read has come back short (what was fetched is all delivered). And whatever those ends say, it is done when nothing has come for
+    `quiet_s` has passed since, and a read has come back short (what was fetched is all delivered), or
+    ten times `quiet_s` has passed (new records that never let a read come back short: a flood). And whatever those ends say, it is done when nothing has come for
     `idle_s` and the broker's current ends are no further than the reader's positions (`at_end`):
     records below the start ends that can never come (a tail removed, a topic recreated smaller) do not
     keep it waiting, while a broker that does not answer keeps it not done."""
@@ -552,7 +553,8 @@ class CatchUp:
     def tick(self, now: float, *, drained: bool) -> bool:
         """After each read (`drained`: it returned fewer records than asked for): True when the reader
         should ask the broker whether it is at the end (idle)."""
-        if self.reached_at is not None and now - self.reached_at >= self.quiet_s and drained:
+        if self.reached_at is not None and (now - self.reached_at >= 10 * self.quiet_s or
+                                            (now - self.reached_at >= self.quiet_s and drained)):
             self.done.set()
         if self.done.is_set() or now - max(self.last_record_at, self.last_probe_at) < self.idle_s:
             return False

@@ -355,6 +355,13 @@ def test_catch_up_reads_on_past_the_reported_ends_and_never_waits_for_records_th
     catch_up.tick(0.9, drained=True)
     assert catch_up.done.is_set()
 
+    flooded = CatchUp({0: (0, 3)}, 0.0, quiet_s=0.5)  # new scores keep every read full
+    flooded.seen(0, 2, 0.1)
+    flooded.tick(5.0, drained=False)
+    assert not flooded.done.is_set()
+    flooded.tick(5.1, drained=False)  # ten times the quiet time past the ends: what was fetched is read
+    assert flooded.done.is_set()
+
     empty = CatchUp({0: (0, 0), 1: (7, 7)}, 0.0, quiet_s=0.5)
     empty.tick(0.5, drained=True)
     assert empty.done.is_set()  # nothing to read: ready after the quiet time
