@@ -30,9 +30,10 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import orjson
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from batch.catalog import LABEL_HORIZON_MS
-from batch.train import BOOTSTRAP_RESAMPLES, bootstrap_intervals, fast_auroc, fast_average_precision
+from batch.train import BOOTSTRAP_RESAMPLES, bootstrap_intervals
 from wardwatch.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
@@ -92,8 +93,8 @@ def discrimination(y: np.ndarray, probability: np.ndarray, news2: np.ndarray, pa
     cis = bootstrap_intervals(sorted(set(patients)), patients, y, {"model": probability, "news2": news2}, {},
                               resamples=resamples)
     out: dict = {"resamples": resamples, "patients": len(set(patients))}
-    for metric, fn in (("auroc", fast_auroc), ("auprc", fast_average_precision)):
-        model, rule = fn(y, probability), fn(y, news2)
+    for metric, fn in (("auroc", roc_auc_score), ("auprc", average_precision_score)):
+        model, rule = float(fn(y, probability)), float(fn(y, news2))
         out[metric] = {"model": {"estimate": model, "ci95": cis["model"][metric]},
                        "news2": {"estimate": rule, "ci95": cis["news2"][metric]},
                        "gain": {"estimate": model - rule, "ci95": cis["gain"][metric]}}

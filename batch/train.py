@@ -69,7 +69,6 @@ import numpy as np
 import polars as pl
 from scipy.optimize import minimize
 from scipy.special import expit
-from scipy.stats import rankdata
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
@@ -495,26 +494,6 @@ def _operating(rows: pl.DataFrame, *, threshold: float, score: str, horizon_h: f
     return per_patient, first_alert
 
 
-def fast_auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """roc_auc_score (the Mann-Whitney U of the ranks, ties averaged) without scikit-learn's input checks,
-    which cost the bootstrap more than the sums do. Both classes must be present."""
-    ranks = rankdata(score)
-    positives = int(y.sum())
-    negatives = len(y) - positives
-    return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def fast_average_precision(y: np.ndarray, score: np.ndarray) -> float:
-    """average_precision_score (sum over thresholds of recall gained times precision, tied scores one
-    threshold), without scikit-learn's input checks. At least one positive."""
-    order = np.argsort(-score, kind="mergesort")
-    y_sorted, s_sorted = y[order], score[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(y) - 1]  # the last row of each tied run
-    tp = np.cumsum(y_sorted)[last]
-    precision, recall = tp / (last + 1), tp / tp[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
 class RankedRows:
     """One score's evaluation rows sorted once (highest first) with their runs of tied scores, so the
     AUROC and average precision of any weighting of the rows (a bootstrap draw: each row weighted by how
@@ -528,7 +507,8 @@ class RankedRows:
 
     def metrics(self, weight: np.ndarray) -> tuple[float, float]:
         """(AUROC, average precision) of the rows weighted by `weight` (in the rows' own order), as
-        fast_auroc / fast_average_precision give for the rows repeated that many times. Both classes
+        scikit-learn's roc_auc_score / average_precision_score give for the rows repeated that many
+        times, without their input checks (which would cost each draw more than the sums). Both classes
         must have weight."""
         w = weight[self.order]
         pos = np.bincount(self.run, w * self.y, self.runs)
