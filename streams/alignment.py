@@ -23,8 +23,8 @@ The rules, per assigned raw (topic, partition):
   fetch to arrive (the small labs topic's, say) cannot publish days before the vitals' has arrived.
 - take(): a batch is merged across partitions in event-time order; a message is published only if
   its event time is within the bound, which rises as the slowest partition publishes. The first
-  message beyond it ends its partition's prefix: the caller seeks the partition back to it and
-  pauses it. The partition at the minimum position can always publish its next message, so the
+  message beyond it ends its partition's prefix: the caller pauses the partition and keeps its
+  messages from that one on until the resume. The partition at the minimum position can always publish its next message, so the
   slowest partition is never paused.
 - resume(): a paused partition resumes once the bound reaches its held-back message, or when no
   unpaused partition is active (the bound then comes from the paused ones alone, so the lowest of
@@ -65,14 +65,14 @@ class PartitionClock:
 @dataclass
 class Plan(Generic[M]):
     taken: list[M] = field(default_factory=list)  # to publish, in this order (event-time merge)
-    held: dict[TopicPartition, M] = field(default_factory=dict)  # first held-back message: seek + pause
+    held: dict[TopicPartition, M] = field(default_factory=dict)  # first held-back message: pause
 
 
 @dataclass
 class AlignmentCounters:
     pauses: int = 0
     resumes: int = 0
-    held_messages: int = 0  # delivered but not taken (re-read after the resume)
+    held_messages: int = 0  # delivered but not taken (kept by the caller until the resume)
 
 
 class Aligner:
@@ -160,7 +160,7 @@ class Aligner:
             if clock is None:  # delivered before its assignment was seen: track it from here
                 clock = self.clocks[tp] = PartitionClock()
             if clock.paused:
-                continue  # stale: fetched before the pause; the seek re-delivers it after the resume
+                continue  # stale: fetched before the pause; the caller keeps it with the held-back ones
             clock.seen_s, clock.next_at, clock.fresh = now, None, False
             self._fresh.discard(tp)
             live[tp] = (messages, clock)

@@ -527,7 +527,7 @@ def _backlog(settings, topics, *, patients=4, days=3, vitals_every_min=2, labs_e
         for mrn in mrns:
             add("labs", topics.cdc["lab_results"], mrn, lab,
                 {"collected_at": t_ms * 1000, "resulted_at": (t_ms + HOUR_MS) * 1000}, t_ms + HOUR_MS)
-        if step == days * 24 // labs_every_h // 2:  # mid-way: read ahead, held back, re-read
+        if step == days * 24 // labs_every_h // 2:  # mid-way: read ahead, held back, published at the resume
             raw["labs"].append((topics.cdc["lab_results"], json.dumps({"patient_id": mrns[0]}).encode(),
                                 raw_file("cdc", "malformed.txt")))
             raw["labs"].append((topics.cdc["lab_results"], json.dumps({"patient_id": mrns[1]}).encode(), None))
@@ -612,7 +612,7 @@ def _assert_every_message_once(settings, worker, raw, by_patient, dead):
     expected, _ = _expected_events(settings, raw)
     published = Counter(e.event_id for events in by_patient.values() for e in events)
     assert published == expected  # nothing lost, nothing twice
-    assert len(dead) == 1 and dead[0].value() == raw_file("cdc", "malformed.txt")  # one dead letter, not one per re-read
+    assert len(dead) == 1 and dead[0].value() == raw_file("cdc", "malformed.txt")  # one dead letter, not one per holding back
     committed = _committed_counts(settings, topics_for(settings))
     assert committed == dict(Counter(topic for topic, _, _ in raw))  # commits cover exactly what was published
 
@@ -723,24 +723,67 @@ def test_a_partition_paused_by_alignment_is_read_again_after_a_rebalance(setting
 
 
 @pytest.mark.timeout(30)
-def test_a_partition_ahead_in_event_time_is_paused_at_its_first_held_message_and_nothing_of_it_counted(fake_worker):
-    vitals = _cdc("create_bare", 0)  # measured 2024-06-15T14:06Z
+def _lab_ahead(offset, hours):
+    """A creatinine result of MRN-0002 collected `hours` after the bare vitals' measurement."""
     lab = json.loads(cdc_message("lab_creatinine_umol_bare").value)
-    ahead_us = lab["after"]["collected_at"] + 8 * HOUR_MS * 1000  # beyond the default max skew (6 h: half of 12 h)
+    ahead_us = lab["after"]["collected_at"] + hours * HOUR_MS * 1000
     lab["after"].update(collected_at=ahead_us, resulted_at=ahead_us)
     lab["source"].update(ts_ms=ahead_us // 1000)
-    lab_topic = cdc_message("lab_creatinine_umol_bare").topic
-    held = FakeMessage(lab_topic, b'{"patient_id": "MRN-0002"}', json.dumps(lab).encode(), offset=0)
+    topic = cdc_message("lab_creatinine_umol_bare").topic
+    return FakeMessage(topic, b'{"patient_id": "MRN-0002"}', json.dumps(lab).encode(), offset=offset)
+
+
+def test_a_partition_ahead_in_event_time_is_paused_and_its_messages_are_published_once_at_the_resume(
+        fake_worker, monkeypatch):
+    """The held-back messages stay in memory: librdkafka resumes a paused partition after the last message
+    it delivered, so nothing of them is read again (no seek) and nothing is lost, even a message that
+    arrives while its partition is paused."""
+    now = [1000.0]
+    monkeypatch.setattr(ingest.time, "monotonic", lambda: now[0])
+    vitals = _cdc("create_bare", 0)  # measured 2024-06-15T14:06Z
+    held = _lab_ahead(0, 8)  # beyond the default max skew (6 h: half of 12 h)
+    lab_topic = held.topic()
     malformed = FakeMessage(lab_topic, b'{"patient_id": "MRN-0002"}', raw_file("cdc", "malformed.txt"), offset=1)
     worker, fake = fake_worker([held, malformed, vitals])
 
     assert worker.poll_once() == 1  # only the vitals: the labs are 8 h ahead of them
-    assert fake.calls == [("pause", [(lab_topic, 0)]), ("seek", (lab_topic, 0, 0)), ("flush",),
-                          ("commit", {(vitals.topic(), 0): 1})]
-    assert fake.on(worker.topics.deadletter) == []  # the malformed lab is dead-lettered when re-read, once
-    snap = worker.counters.snapshot()["cdc"]
-    assert snap["messages_in"] == 1 and worker.counters.balanced()
+    assert fake.calls == [("pause", [(lab_topic, 0)]), ("flush",), ("commit", {(vitals.topic(), 0): 1})]
+    assert fake.on(worker.topics.deadletter) == []  # the malformed lab is dead-lettered once, when published
+    assert worker.counters.snapshot()["cdc"]["messages_in"] == 1 and worker.counters.balanced()
     assert worker.aligner.paused == {(lab_topic, 0)}
+
+    fake.calls.clear()
+    fake.batch = [_lab_ahead(2, 9)]  # fetched before the pause took effect: kept behind the other two
+    assert worker.poll_once() == 0 and fake.calls == []
+
+    now[0] += worker.settings.ingest_idle_s  # the vitals went quiet: they hold the labs back no longer
+    assert worker.poll_once() == 3
+    assert fake.calls == [("resume", [(lab_topic, 0)]), ("flush",), ("commit", {(lab_topic, 0): 3})]
+    published = [e for m in fake.on(worker.topics.canonical) for e in decode_batch(m.value())]
+    labs = [e.effective_ms for e in published if e.patient_id == "MRN-0002" and e.code_system == "http://loinc.org"
+            and e.source is Source.CDC and e.effective_ms > _events(vitals)[0].effective_ms]
+    assert labs == [e.effective_ms for e in _events(held) + _events(_lab_ahead(2, 9))]  # each once, in order
+    assert len(fake.on(worker.topics.deadletter)) == 1
+    assert worker.counters.snapshot()["cdc"]["messages_in"] == 4 and worker.counters.balanced()
+    assert not worker.aligner.paused
+
+
+def test_held_back_messages_of_a_revoked_partition_are_dropped_and_read_from_the_committed_offset(fake_worker):
+    """A partition revoked while paused is read from its committed offset by whoever gets it, this
+    worker too: what was held of it must not be published besides (twice) or keep it paused."""
+    vitals = _cdc("create_bare", 0)
+    held = _lab_ahead(0, 8)
+    tp = TopicPartition(held.topic(), 0)
+    worker, fake = fake_worker([held, vitals])
+    assert worker.poll_once() == 1 and worker.aligner.paused == {(held.topic(), 0)}
+
+    fake.on_revoke(fake, [tp, TopicPartition(vitals.topic(), 0)])
+    fake.on_assign(fake, [tp])  # handed back: librdkafka fetches it from the committed offset (0)
+    fake.batch = [_lab_ahead(0, 8)]
+    assert worker.poll_once() == 1
+    labs = [m for m in fake.on(worker.topics.canonical) if m.key() == b"MRN-0002"
+            and any(e.effective_ms > _events(vitals)[0].effective_ms for e in decode_batch(m.value()))]
+    assert len(labs) == 1 and not worker.aligner.paused
 
 
 @pytest.mark.timeout(30)
