@@ -16,8 +16,9 @@ time of the slowest active raw partition are published (merged in event-time ord
 ran ahead is paused from its first held-back message on until the others catch up. In a backlog
 (restart after an outage, first load) the small raw topics would otherwise be read days of event time
 ahead of vital signs, whose events would then all be late downstream. Held-back messages are kept in
-memory (at most about a batch per paused partition) and published first once their partition
-resumes: librdkafka resumes a paused partition after the last message it delivered. They are neither
+memory (up to a batch per paused partition; beyond, it is sought back to the first) and published
+first once their partition resumes: librdkafka resumes a paused partition after the last message it
+delivered. They are neither
 counted, dead-lettered nor committed until then; a crash or a rebalance re-reads them from the
 committed offset.
 
@@ -343,13 +344,18 @@ class IngestWorker:
                 batch[tp].append(msg)
         self.aligner.set_caught_up(self._caught_up())
         plan = self.aligner.take(batch, self._event_time, time.monotonic())
+        read_again = []
         for tp, first in plan.held.items():
             messages = batch[tp]
             start = next(i for i, msg in enumerate(messages) if msg is first)
-            self._held[tp] = messages[start:]
+            if len(messages) - start <= self.settings.ingest_batch_size:
+                self._held[tp] = messages[start:]  # resumed, it is fetched from after the last one delivered
+            else:  # memory stays bounded: more than a batch is read again from the first (a seek back)
+                read_again.append(TopicPartition(tp[0], tp[1], first.offset()))
         if plan.held:
-            # no seek: a resumed partition is fetched from after the last message delivered (the held ones)
             self._consumer.pause([TopicPartition(t, p) for t, p in plan.held])
+            for tp in read_again:  # after the pause: no fetch may start between the seek and the pause
+                self._consumer.seek(tp)
             log.debug("alignment: paused %d raw partitions ahead in event time", len(plan.held))
         return plan.taken
 
@@ -368,7 +374,8 @@ class IngestWorker:
         self.aligner.set_caught_up(self._caught_up())
         resumed = self.aligner.resume(time.monotonic())
         for tp in resumed:
-            self._released[tp] = self._held.pop(tp)
+            if (held := self._held.pop(tp, None)) is not None:  # else sought back: fetched again
+                self._released[tp] = held
         if resumed:
             self._consumer.resume([TopicPartition(t, p) for t, p in resumed])
 

@@ -148,11 +148,11 @@ FAKE_SETTINGS = Settings(topic_prefix="ww", cdc_topic_prefix=CDC_PREFIX)
 def fake_worker(monkeypatch):
     """An IngestWorker wired to a FakeBroker holding `batch`: the worker's own code, no broker."""
 
-    def make(batch, delivery_error=None):
+    def make(batch, delivery_error=None, settings=FAKE_SETTINGS):
         fake = FakeBroker(batch, delivery_error)
         monkeypatch.setattr(ingest, "Consumer", lambda conf: fake)
         monkeypatch.setattr(ingest, "Producer", lambda conf: fake)
-        return IngestWorker(FAKE_SETTINGS, topics_for(FAKE_SETTINGS)), fake
+        return IngestWorker(settings, topics_for(settings)), fake
 
     return make
 
@@ -766,6 +766,24 @@ def test_a_partition_ahead_in_event_time_is_paused_and_its_messages_are_publishe
     assert len(fake.on(worker.topics.deadletter)) == 1
     assert worker.counters.snapshot()["cdc"]["messages_in"] == 4 and worker.counters.balanced()
     assert not worker.aligner.paused
+
+
+def test_more_held_back_messages_than_a_batch_are_read_again_instead_of_kept(fake_worker, monkeypatch):
+    """Memory stays bounded: a paused partition keeps at most a batch of messages; beyond, it is sought
+    back to its first held-back one and fetched again at the resume."""
+    now = [1000.0]
+    monkeypatch.setattr(ingest.time, "monotonic", lambda: now[0])
+    vitals = _cdc("create_bare", 0)
+    labs = [_lab_ahead(0, 8), _lab_ahead(1, 9)]
+    worker, fake = fake_worker([*labs, vitals], settings=FAKE_SETTINGS.model_copy(update={"ingest_batch_size": 1}))
+
+    assert worker.poll_once() == 1
+    assert fake.calls[:2] == [("pause", [(labs[0].topic(), 0)]), ("seek", (labs[0].topic(), 0, 0))]
+    now[0] += worker.settings.ingest_idle_s
+    fake.calls.clear()
+    fake.batch = [_lab_ahead(0, 8)]  # the seek: fetched again from the first held-back one
+    assert worker.poll_once() == 1
+    assert fake.calls == [("resume", [(labs[0].topic(), 0)]), ("flush",), ("commit", {(labs[0].topic(), 0): 1})]
 
 
 def test_held_back_messages_of_a_revoked_partition_are_dropped_and_read_from_the_committed_offset(fake_worker):
