@@ -409,8 +409,9 @@ class IngestWorker:
 
     def _forget_held(self, tps: set[tuple[str, int]]) -> None:
         for tp in tps:
-            self._held.pop(tp, None)
-            self._released.pop(tp, None)
+            for held in (self._held.pop(tp, None), self._released.pop(tp, None)):
+                if held:  # its parse too: keyed by id(), which the next message read may reuse once it is freed
+                    self._prepared.pop(id(held[0]), None)
 
     def parse(self, msg: Message) -> tuple[str, Outcome]:
         topic = msg.topic()
