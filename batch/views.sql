@@ -64,9 +64,14 @@ COMMENT ON VIEW alert_outcomes IS 'Each alert record (every kind: filter kind = 
 
 -- Per UTC day and model version: discrimination (AUROC by the rank-sum formula, ties averaged) of the
 -- served risk and of NEWS2 on the same labelled at-risk scoring points (the label's evaluation rows), and the
--- alert rate over every scored point.
+-- volume and alert rate over every score the stream published: the rule path's points without NEWS2 (and the
+-- alerts they opened) have no model version and count under 'news2-rule' (they have no risk to rank).
 CREATE OR REPLACE VIEW model_performance_daily AS
-WITH scored AS (
+WITH served AS (
+    SELECT CAST(epoch_ms(scoring_ms) AS DATE) AS day, coalesce(model_version, 'news2-rule') AS model_version,
+           patient_id
+    FROM scores
+), scored AS (
     SELECT CAST(epoch_ms(s.scoring_ms) AS DATE) AS day, coalesce(s.model_version, 'news2-rule') AS model_version,
            s.patient_id, coalesce(s.probability, s.news2) AS risk, s.news2 AS news2, l.label, l.at_risk
     FROM scores s JOIN labels l USING (patient_id, scoring_ms, "partition", "offset")
@@ -87,19 +92,22 @@ WITH scored AS (
     FROM ranked GROUP BY day, model_version
 ), volume AS (
     SELECT day, model_version, count(*) AS scored_points, count(DISTINCT patient_id) AS patients
-    FROM scored GROUP BY day, model_version
+    FROM served GROUP BY day, model_version
 ), opened AS (
     SELECT CAST(epoch_ms(scoring_ms) AS DATE) AS day, coalesce(model_version, 'news2-rule') AS model_version,
            count(*) AS alerts_opened
     FROM alerts WHERE kind = 'open' GROUP BY 1, 2
+), days AS (  -- an alert whose score is not archived still counts
+    SELECT day, model_version FROM volume UNION SELECT day, model_version FROM opened
 )
-SELECT v.day, v.model_version, v.scored_points, v.patients,
+SELECT d.day, d.model_version, coalesce(v.scored_points, 0) AS scored_points, coalesce(v.patients, 0) AS patients,
        coalesce(p.at_risk_points, 0) AS at_risk_points, coalesce(p.positives, 0) AS positives,
        p.positives / p.at_risk_points AS positive_rate, p.auroc, p.news2_auroc,
        coalesce(o.alerts_opened, 0) AS alerts_opened,
-       100.0 * coalesce(o.alerts_opened, 0) / v.patients AS alerts_per_100_patients
-FROM volume v
+       100.0 * coalesce(o.alerts_opened, 0) / nullif(v.patients, 0) AS alerts_per_100_patients
+FROM days d
+LEFT JOIN volume v USING (day, model_version)
 LEFT JOIN perf p USING (day, model_version)
 LEFT JOIN opened o USING (day, model_version)
-ORDER BY v.day, v.model_version;
-COMMENT ON VIEW model_performance_daily IS 'Per UTC day and model version: AUROC of the served risk and of NEWS2 on labelled at-risk scoring points, onset positives among them, alerts opened per 100 patients scored';
+ORDER BY d.day, d.model_version;
+COMMENT ON VIEW model_performance_daily IS 'Per UTC day and model version (news2-rule: rule-path points without NEWS2, no model version): AUROC of the served risk and of NEWS2 on labelled at-risk scoring points, onset positives among them, every score and alert opened, alerts opened per 100 patients scored';

@@ -274,6 +274,26 @@ def test_daily_performance_counts_only_at_risk_points(settings):
     assert day.rows() == [(7, 6, 4, 2)]
 
 
+def test_daily_performance_counts_every_score_and_alert_opened(settings):
+    """A rule-path point without NEWS2 (an input not charted: no model version, no probability) and the
+    alert opened there are in the day's volume and alert burden, under news2-rule. Before, the view counted
+    only points with NEWS2, so those alerts vanished from alerts_opened (3 of the demo's 17 opened)."""
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    deteriorate(settings.archive_dir)
+    _, scores = point_rows([(0, 1), (0, 2), (0, 4), (1, 0), (1, 1)])
+    rule_path = {"model_version": None, "path": "rule", "probability": None, "news2": None, "tier": "high"}
+    write(settings.archive_dir, "scores", "s2", [s | rule_path if s["patient_id"] == "p2" else s for s in scores])
+    write(settings.archive_dir, "alerts", "s4", [ALERT | {"alert_id": "al3", "patient_id": "p2", "encounter_id": "e2",
+                                                          "model_version": None, "path": "rule"} | kafka(0, 2)])
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    days = frame(db, "SELECT model_version, scored_points, patients, at_risk_points, alerts_opened, "
+                     "alerts_per_100_patients, auroc FROM model_performance_daily ORDER BY model_version")
+    assert days.rows() == [("m1", 5, 1, 4, 2, 200.0, None), ("news2-rule", 2, 1, 0, 1, 100.0, None)]
+    totals = frame(db, "SELECT (SELECT count(*) FROM scores), (SELECT count(*) FROM alerts WHERE kind = 'open')")
+    assert totals.rows() == [(7, 3)]
+
+
 def test_daily_auroc_matches_sklearn(settings):
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)
