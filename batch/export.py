@@ -15,7 +15,8 @@ so a column added to the DuckDB file later stays inside until someone decides ho
     shift      times (ms since epoch) move by the patient's offset: a whole number of days in
                -365..-1 or +1..+365 derived from the patient's HMAC, the same in every table, so
                intervals within a patient are exact
-    keep       codes, values, units, statuses, scores, labels, model versions
+    keep       codes, values, units, statuses, scores, labels, model versions, an alert's status and
+               whether a correction withdrew it
     age_band   birth year becomes a 10-year age band at the patient's first measurement (90+ capped)
 
 Never exported: names (wardwatch stores none), free text (value_text, rationale, provenance, dead
@@ -59,6 +60,7 @@ class TablePolicy:
 
 
 _PATIENT = {"patient_id": "patient"}
+_ALERT_IDS = _PATIENT | {"encounter_id": "encounter", "alert_id": "alert", "original_alert_id": "alert"}
 _SCORE_KEEP = ("model_version", "path", "probability", "news2", "tier", "preliminary_basis")
 POLICY: dict[str, TablePolicy] = {
     "patients": TablePolicy(_PATIENT, ("first_effective_ms", "last_effective_ms"), ("sex", "encounters"),
@@ -78,12 +80,12 @@ POLICY: dict[str, TablePolicy] = {
     "scores": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP, point_id=True),
     "scores_shadow": TablePolicy(_PATIENT | {"snapshot_id": "snapshot"}, ("scoring_ms",), _SCORE_KEEP,
                                  point_id=True),
-    "alerts": TablePolicy(_PATIENT | {"encounter_id": "encounter", "alert_id": "alert"}, ("scoring_ms",),
-                          ("kind", "tier", "model_version", "path", "preliminary_basis")),
-    "alert_outcomes": TablePolicy(_PATIENT | {"encounter_id": "encounter", "alert_id": "alert"},
-                                  ("scoring_ms", "outcome_ms"),
-                                  ("kind", "tier", "model_version", "path", "outcome_criterion", "outcome_followed",
-                                   "lead_time_h")),
+    # status and original_alert_id (hashed like alert_id): which alert a correction amends or withdraws
+    "alerts": TablePolicy(_ALERT_IDS, ("scoring_ms",),
+                          ("kind", "tier", "status", "reason", "model_version", "path", "preliminary_basis")),
+    "alert_outcomes": TablePolicy(_ALERT_IDS, ("scoring_ms", "outcome_ms"),
+                                  ("kind", "tier", "status", "withdrawn", "model_version", "path", "outcome_criterion",
+                                   "outcome_followed", "lead_time_h")),
 }
 
 
@@ -127,6 +129,8 @@ def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
         out, hashed = out.with_columns(point_id=point), {"point_id": "point", **hashed}
     columns = []
     for column, kind in hashed.items():
+        if column not in out.columns:  # a file from before the column existed
+            continue
         values = out[column].unique().drop_nulls().to_list()
         mapping = {v: keyed_hash(secret, kind, str(v)) for v in values}
         columns.append(pl.col(column).cast(pl.String).replace_strict(mapping, default=None, return_dtype=pl.String))

@@ -45,12 +45,19 @@ COMMENT ON VIEW label_events IS 'Onset episodes of the first-onset label: patien
 -- Each alert against the label of its scoring point: was the patient at risk then (not yet deteriorated),
 -- did the first onset follow within the horizon, and the lead time to it. outcome_followed is null when the
 -- alert cannot be evaluated: the patient was already deteriorated, or the alert is not at a labelled point.
+-- withdrawn: a correction later withdrew the alert (entered-in-error: its basis was wrong), so a count of
+-- alerts that stood leaves it out; the correction records themselves carry original_alert_id instead.
 CREATE OR REPLACE VIEW alert_outcomes AS
 WITH at_point AS (  -- every label row of one patient and time carries the same at_risk and onset
     SELECT patient_id, scoring_ms, bool_or(at_risk) AS at_risk, min(onset_ms) AS onset_ms
     FROM labels GROUP BY patient_id, scoring_ms
+), last_correction AS (  -- a patient's alerts share one partition: the offset orders its corrections
+    SELECT original_alert_id, arg_max(status, kafka_offset) AS status
+    FROM alerts WHERE kind = 'correction' AND original_alert_id IS NOT NULL GROUP BY original_alert_id
 )
 SELECT a.alert_id, a.kind, a.tier, a.patient_id, a.encounter_id, a.ward, a.scoring_ms, a.model_version, a.path,
+       a.status, a.original_alert_id,
+       CASE WHEN a.kind <> 'correction' THEN coalesce(c.status = 'entered-in-error', false) END AS withdrawn,
        l.at_risk,
        CASE WHEN l.at_risk THEN l.onset_ms END AS outcome_ms,
        CASE WHEN l.at_risk THEN e.criterion END AS outcome_criterion,
@@ -59,8 +66,9 @@ SELECT a.alert_id, a.kind, a.tier, a.patient_id, a.encounter_id, a.ward, a.scori
 FROM alerts a
 LEFT JOIN at_point l ON l.patient_id = a.patient_id AND l.scoring_ms = a.scoring_ms
 LEFT JOIN label_events e ON e.patient_id = a.patient_id AND e.onset_ms = l.onset_ms
+LEFT JOIN last_correction c ON c.original_alert_id = a.alert_id
 ORDER BY a.scoring_ms, a.alert_id, a.kind;
-COMMENT ON VIEW alert_outcomes IS 'Each alert record (every kind: filter kind = ''open'' for episodes opened) against the onset label of its scoring point: at_risk, did the first onset follow within the horizon (outcome_followed; null when not evaluable), its criterion and the lead time in hours';
+COMMENT ON VIEW alert_outcomes IS 'Each alert record (every kind: filter kind = ''open'' for episodes opened, AND NOT withdrawn for those that stood) against the onset label of its scoring point: at_risk, did the first onset follow within the horizon (outcome_followed; null when not evaluable), its criterion and the lead time in hours';
 
 -- Per UTC day and model version: discrimination (AUROC by the rank-sum formula, ties averaged) of the
 -- served risk and of NEWS2 on the same labelled at-risk scoring points (the label's evaluation rows), and the

@@ -123,6 +123,34 @@ def test_ids_are_stable_keyed_hashes_and_birth_year_becomes_an_age_band(settings
     assert set(three["patient_id"]).isdisjoint(set(one["patient_id"]))
 
 
+def build_withdrawn(settings: Settings) -> None:
+    """build's alert, then withdrawn by a correction (its basis was entered in error)."""
+    correction = {"alert_id": "correction-1", "kind": "correction", "tier": "high", "status": "entered-in-error",
+                  "original_alert_id": f"alert-for-{PATIENTS[0]}", "patient_id": PATIENTS[0],
+                  "encounter_id": ENCOUNTERS[0], "scoring_ms": T0 + 2 * HOUR_MS, "model_version": "m1",
+                  "path": "model", "resource_json": "{}"}
+    write(settings.archive_dir, "alerts", "b", [correction | kafka(0, 1)])
+    build(settings)
+
+
+def test_a_withdrawn_alert_is_exported_as_withdrawn_and_linked_to_its_correction(tmp_path):
+    """Outside the perimeter an analyst must tell an alert that stood from one withdrawn (entered in
+    error): before, the export dropped status and original_alert_id, so a withdrawn open counted as an
+    alert that stood and its correction named no alert."""
+    settings = built(tmp_path, build_withdrawn)
+    out = tmp_path / "export"
+    export_deidentified(settings, out)
+    alerts = pl.read_parquet(out / "alerts.parquet")
+    opened = alerts.filter(pl.col("kind") == "open")
+    correction = alerts.filter(pl.col("kind") == "correction")
+    assert correction["status"].to_list() == ["entered-in-error"]
+    assert correction["original_alert_id"].to_list() == opened["alert_id"].to_list()  # same keyed hash
+    outcomes = pl.read_parquet(out / "alert_outcomes.parquet").sort("kind")
+    assert outcomes.select("kind", "withdrawn").rows() == [("correction", None), ("open", True)]
+    assert outcomes["status"][0] == "entered-in-error"
+    assert outcomes["original_alert_id"].to_list() == [opened["alert_id"][0], None]
+
+
 def test_export_refuses_to_run_without_a_secret(tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
     with pytest.raises(ExportRefused, match="WARDWATCH_DEID_SECRET"):

@@ -267,6 +267,27 @@ def test_alert_outcomes_are_judged_against_the_onset_label(settings):
     ]
 
 
+def test_alert_outcomes_say_which_alerts_a_correction_withdrew(settings):
+    """An alert later withdrawn (entered-in-error: its basis was wrong) did not stand: counting opened
+    alerts that stood needs it marked. Before, the view had no status, original_alert_id or withdrawn,
+    so a withdrawn open looked like any other (the corrections were only in the alerts table)."""
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    deteriorate(settings.archive_dir)
+    fix = {"kind": "correction", "tier": "high", "patient_id": "p1", "encounter_id": "e1", "model_version": "m1",
+           "path": "model", "resource_json": "{}"}
+    write(settings.archive_dir, "alerts", "s5", [
+        fix | {"alert_id": "c1", "original_alert_id": "al1", "status": "entered-in-error", "scoring_ms": T0} | kafka(0, 3),
+        fix | {"alert_id": "c2", "original_alert_id": "al2", "status": "amended",
+               "scoring_ms": LOW_BP.effective_ms} | kafka(0, 4)])
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    rows = frame(db, "SELECT alert_id, status, original_alert_id, withdrawn FROM alert_outcomes ORDER BY alert_id")
+    assert rows.rows() == [("al1", None, None, True), ("al2", None, None, False),
+                           ("c1", "entered-in-error", "al1", None), ("c2", "amended", "al2", None)]
+    stood = frame(db, "SELECT alert_id FROM alert_outcomes WHERE kind = 'open' AND NOT withdrawn")
+    assert stood.rows() == [("al2",)]
+
+
 def test_daily_performance_counts_only_at_risk_points(settings):
     db = nightly_after_deterioration(settings)
     day = frame(db, "SELECT scored_points, at_risk_points, positives, alerts_opened FROM model_performance_daily")
