@@ -19,6 +19,9 @@ from schemas.features import DERIVED, FEATURES
 VIEWS_SQL = Path(__file__).with_name("views.sql")
 LABEL_HORIZON_MS = 12 * 3600 * 1000  # batch.train.make_labels' default horizon
 UNDOCUMENTED = "undocumented column: describe it in batch/catalog.py"
+# the file's own columns: duckdb_columns() alone also lists ~700 of DuckDB's catalog columns
+COLUMN_COMMENTS_SQL = ("SELECT table_name, column_name, data_type, comment FROM duckdb_columns() "
+                       "WHERE NOT internal ORDER BY table_name, column_index")
 
 TABLES: dict[str, str] = {
     "canonical_events": "Every canonical event as it arrived (deduplicated archive copies), in arrival order, "
@@ -164,6 +167,60 @@ PER_TABLE: dict[str, dict[str, str]] = {
                                     "it. Filter: len(preliminary_basis) > 0"}
        for table in ("scores", "scores_shadow")},
     "features_online": {"idx": _POINT_IDX},
+    # the raw bytes, not a canonical value (the column name is shared with canonical_events)
+    "dead_letters": {"value": "The rejected record's value as it arrived, raw bytes (the CDC message, the FHIR "
+                              "notification; from the receiver, the POST body); it may hold patient data"},
+    "unreadable_records": {"value": "The record's value as it arrived, raw bytes"},
+    "patients": {"first_effective_ms": "Earliest measurement time (context facts such as the admission left out)" + _MS,
+                 "last_effective_ms": "Latest measurement time (context facts such as the discharge left out)" + _MS},
+    "encounters": {"first_effective_ms": "Earliest clinical time of any event of the encounter, the admission "
+                                         "included" + _MS,
+                   "last_effective_ms": "Latest clinical time of any event of the encounter, the discharge included"
+                                        + _MS},
+    # the views' own columns (batch/views.sql); the others keep their tables' comments
+    "patient_timeline": {
+        "time_ms": "When: an observation's effective time, a score's or alert's scoring time" + _MS,
+        "time_utc": "time_ms as a UTC timestamp (no time zone attached)",
+        "kind": "observation, score or alert",
+        "item": "observation: its LOINC code; score: the model version (news2-rule when no model scored); "
+                "alert: its kind (open, escalate, resolve, correction)",
+        "value": "observation: the value in canonical units (canonical_events.unit); score: the model's "
+                 "probability (null on the rule path without a model); alert: null",
+        "detail": "observation: the text value (ACVPU letter); score: news2=<NEWS2> tier=<tier> (? when "
+                  "missing); alert: its tier",
+        "encounter_id": "Encounter (hospital stay) identifier from the EHR; null on score rows",
+    },
+    "label_events": {
+        "onset_ms": "Time of the first deterioration event (the onset)" + _MS,
+        "onset_utc": "onset_ms as a UTC timestamp (no time zone attached)",
+        "criterion": "Criteria met at the onset time: systolic BP <= 90, lactate >= 4, NEWS2 >= 7 (comma-separated)",
+        "positive_points": "At-risk scoring points labelled 1 for this onset (in the 12 h before it)",
+        "first_positive_ms": "The earliest of those points: the longest possible lead time" + _MS,
+    },
+    "alert_outcomes": {
+        "status": "Status of the RiskAssessment: final, amended or entered-in-error (corrections)",
+        "withdrawn": "A correction later withdrew this alert (its latest correction is entered-in-error: the "
+                     "basis was wrong); null on correction records",
+        "at_risk": "The patient was not yet deteriorated at the alert's scoring point (labels.at_risk); null "
+                   "when the alert is at no labelled point",
+        "outcome_ms": "The first onset within 12 h after the alert, when at risk" + _MS,
+        "outcome_criterion": "Criteria met at that onset (label_events.criterion)",
+        "outcome_followed": "An onset followed within 12 h; null when not evaluable (not at risk)",
+        "lead_time_h": "Hours from the alert to that onset",
+    },
+    "model_performance_daily": {
+        "day": "UTC day of the scoring time",
+        "model_version": "Model version that scored; news2-rule when none did (a NEWS2 input missing, no model)",
+        "scored_points": "Scores the stream published that day",
+        "patients": "Distinct patients scored that day",
+        "at_risk_points": "Labelled at-risk scoring points with a risk and a NEWS2 (the AUROCs' rows)",
+        "positives": "Those labelled 1: an onset followed within 12 h",
+        "positive_rate": "positives / at_risk_points",
+        "auroc": "AUROC of the served risk (the model's probability) on the at-risk points; null with one class",
+        "news2_auroc": "AUROC of NEWS2 on the same points; null with one class",
+        "alerts_opened": "Alerts of kind open that day",
+        "alerts_per_100_patients": "100 * alerts_opened / patients",
+    },
     "runs": {
         "run_id": "Id of the nightly run", "started_at": "When the run started (UTC)",
         "finished_at": "When the run finished writing (UTC)", "full": "True for a full rebuild",
@@ -208,10 +265,14 @@ def _quote(text: str) -> str:
 
 
 def apply_comments(con: duckdb.DuckDBPyConnection) -> None:
-    """COMMENT ON every table and column of the main schema."""
+    """COMMENT ON every table and column of the main schema, and every view's column (the views carry
+    their own comment from views.sql)."""
     tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()]
+    views = [r[0] for r in con.execute(
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'").fetchall()]
     for table in tables:
         con.execute(f'COMMENT ON TABLE "{table}" IS {_quote(TABLES.get(table, "undocumented table"))}')
+    for table in tables + views:
         for (column,) in con.execute("SELECT column_name FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = ?", [table]).fetchall():
             con.execute(f'COMMENT ON COLUMN "{table}"."{column}" IS {_quote(column_comment(table, column))}')
 
@@ -242,7 +303,7 @@ def schema_summary(path: Path) -> str:
                 "SELECT view_name, comment FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
                 "ORDER BY 1").fetchall():
             lines.append(f"  view  {name}: {comment or ''}")
-    lines += ["", "Column comments: SELECT table_name, column_name, comment FROM duckdb_columns();",
+    lines += ["", f"Column comments: {COLUMN_COMMENTS_SQL};",
               f"duckdb CLI:  duckdb -readonly {path}",
               f"Python:      import duckdb; con = duckdb.connect('{path}', read_only=True); con.sql('FROM patients')",
               "Here:        wardwatch query \"SELECT * FROM alert_outcomes\" [--csv]"]

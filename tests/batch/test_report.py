@@ -212,5 +212,11 @@ def test_query_prints_rows_csv_and_the_schema_summary(settings):
     assert summary.exit_code == 0
     assert "table patients" in summary.output and "view  alert_outcomes" in summary.output
     assert "duckdb -readonly" in summary.output
+    # the column-comment query it prints lists the file's tables and views, not DuckDB's own catalog
+    hint = summary.output.split("Column comments:", 1)[1].split(";", 1)[0].replace("\n", " ")  # wrapped
+    comments = runner.invoke(app, ["query", hint, "--csv"], env=env)
+    assert comments.exit_code == 0, comments.output
+    listed = {row.split(",")[0] for row in comments.output.splitlines()[1:]}
+    assert {"patients", "alert_outcomes"} <= listed and not {"pg_type", "duckdb_columns"} & listed
     refused = runner.invoke(app, ["query", "DELETE FROM patients"], env=env)
     assert refused.exit_code == 2 and "read-only" in refused.output.lower()
