@@ -186,8 +186,9 @@ PER_TABLE: dict[str, dict[str, str]] = {
                 "alert: its kind (open, escalate, resolve, correction)",
         "value": "observation: the value in canonical units (canonical_events.unit); score: the model's "
                  "probability (null on the rule path without a model); alert: null",
-        "detail": "observation: the text value (ACVPU letter); score: news2=<NEWS2> tier=<tier> (? when "
-                  "missing); alert: its tier",
+        "detail": "observation: the text value (ACVPU letter), and 'late: never in the stream''s state' on a late "
+                  "one (beyond the lateness bound: no score or alert saw it); score: news2=<NEWS2> tier=<tier> (? "
+                  "when missing); alert: its tier",
         "encounter_id": "Encounter (hospital stay) identifier from the EHR; null on score rows",
     },
     "label_events": {
@@ -223,7 +224,8 @@ PER_TABLE: dict[str, dict[str, str]] = {
     },
     "runs": {
         "run_id": "Id of the nightly run", "started_at": "When the run started (UTC)",
-        "finished_at": "When the run finished writing (UTC)", "full": "True for a full rebuild",
+        "finished_at": "When the run finished writing (UTC)",
+        "full": 'True for a full rebuild (FULL is an SQL keyword: write "full" in quotes)',
         "archive_files": "Archive part files in the archive", "new_parts": "Part files this run processed first",
         "recomputed_patients": "Patients whose state this run recomputed",
         "counts_json": "Rows per table, JSON", "timings_json": "Seconds per step, JSON",

@@ -3,10 +3,15 @@
 -- thresholds live in one place.
 
 -- One row per patient, time and item: observations (current versions), scores and alerts together. A
--- measurement both feeds carried is shown once: its cross-source copy (outcome duplicate) is left out.
+-- measurement both feeds carried is shown once: its cross-source copy (outcome duplicate) is left out. A late
+-- one (beyond the lateness bound) is shown at its clinical time but says so: the stream never used it, so it
+-- is not what the scores and alerts around it saw.
 CREATE OR REPLACE VIEW patient_timeline AS
 SELECT patient_id, effective_ms AS time_ms, epoch_ms(effective_ms) AS time_utc, 'observation' AS kind,
-       code AS item, value, value_text AS detail, encounter_id
+       code AS item, value,
+       CASE WHEN outcome = 'late' THEN concat_ws(' ', value_text, 'late: never in the stream''s state')
+            ELSE value_text END AS detail,
+       encounter_id
 FROM observations
 WHERE outcome IS DISTINCT FROM 'duplicate'
 UNION ALL
@@ -16,7 +21,7 @@ FROM scores
 UNION ALL
 SELECT patient_id, scoring_ms, epoch_ms(scoring_ms), 'alert', kind, NULL, tier, encounter_id
 FROM alerts;
-COMMENT ON VIEW patient_timeline IS 'One row per patient, time and item: observations (current versions; a measurement both feeds carried once), scores and alerts; kind says which';
+COMMENT ON VIEW patient_timeline IS 'One row per patient, time and item: observations (current versions; a measurement both feeds carried once; a late one marked in detail), scores and alerts; kind says which';
 
 -- The onset episodes of the label (batch/train.py make_labels): one row per patient and onset time that some
 -- at-risk scoring point predicts, with the criterion met at that time (facts in hindsight, as the label uses).

@@ -212,6 +212,18 @@ def test_the_patient_timeline_shows_a_measurement_both_feeds_carried_once(settin
     assert shown == 1
 
 
+def test_the_patient_timeline_marks_a_late_measurement(settings):
+    """A late event (beyond the lateness bound) stays in observations, at its clinical time, but the stream
+    never used it: the timeline an analyst reads around an alert must not pass it for what the scores saw."""
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)  # C1: 70 min beyond the bound once B1 is in
+    run_nightly(settings)
+    db = settings.duckdb_path
+    late = frame(db, f"SELECT item, value, detail FROM patient_timeline WHERE time_ms = {C1.effective_ms}")
+    assert late.rows() == [(codes.HEART_RATE, 70.0, "late: never in the stream's state")]
+    assert frame(db, "SELECT count(*) FROM patient_timeline WHERE detail LIKE '%late%'").item() == 1
+
+
 @pytest.mark.parametrize("table, column, values", [
     ("scores", "tier", get_args(scoring.Tier)), ("scores_shadow", "path", get_args(scoring.ScoringPath)),
     ("scores", "path", get_args(scoring.ScoringPath)), ("alerts", "kind", get_args(alerting.Kind)),
