@@ -275,6 +275,7 @@ def summarize(settings: Settings, manifest: dict, nightly: dict, consumed: dict,
         "model_auroc": (card or {}).get("metrics", {}).get("model", {}).get("auroc"),
         "archived_records": consumed,
         "duckdb_path": str(settings.duckdb_path),
+        "model_dir": str(settings.model_dir),
         "seconds": round(seconds, 1),
     })
     return summary
@@ -301,6 +302,10 @@ def _print_summary(console: Console, s: dict) -> None:
     # `wardwatch query` reads WARDWATCH_DATA_DIR (default data/), not the demo's directory
     console.print(f"Open the database: `WARDWATCH_DATA_DIR={Path(s['duckdb_path']).parent} wardwatch query` "
                   f"(or duckdb -readonly {s['duckdb_path']})", highlight=False, soft_wrap=True)
+    # the model commands read WARDWATCH_MODEL_DIR (default models/), not the demo's registry
+    if s.get("model_dir"):
+        console.print(f"Its models: `WARDWATCH_MODEL_DIR={s['model_dir']} wardwatch model list` (also for "
+                      "`batch train`, `model promote`)", highlight=False, soft_wrap=True)
 
 
 def write_summary(summary: dict, path: Path) -> None:

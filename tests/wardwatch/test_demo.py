@@ -127,3 +127,17 @@ def test_service_logs_are_json_and_name_no_patient(demo):
         text = log.read_text(errors="replace")
         leaked = sorted(i for i in identifiers if i in text)
         assert not leaked, f"{log.name} names {len(leaked)} patient/encounter identifiers"
+
+
+def test_the_summary_says_where_the_demos_models_are(tmp_path):
+    """The demo's registry is <data dir>/models, but `wardwatch model list` reads WARDWATCH_MODEL_DIR
+    (default models/): following only the database hint, an analyst saw "no model versions"."""
+    from wardwatch.demo import _print_summary
+
+    summary = {k: 0 for k in ("events_in", "events_canonical", "dead_lettered", "duplicates_dropped", "late_events",
+                              "scores", "alerts", "parity_checked", "parity_mismatched", "parity_points", "seconds")}
+    summary |= {"model_trained": None, "parity_ok": True, "duckdb_path": str(tmp_path / "wardwatch.duckdb"),
+                "model_dir": str(tmp_path / "models")}
+    console = Console(record=True, width=300)
+    _print_summary(console, summary)
+    assert f"WARDWATCH_MODEL_DIR={tmp_path / 'models'} wardwatch model list" in console.export_text()
