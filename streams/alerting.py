@@ -19,6 +19,12 @@ Rules
   alerted resolves silently (the consumer never saw it open) and does not restart the window.
 - A scoring point older than the last one seen is stale and changes nothing (the patient clock
   never goes back, so this only happens on a replay of already-applied input).
+- Discharged: a scoring point of a discharged patient (step(discharged=True): the patient's context
+  holds a DISCHARGE at or after its ADMISSION, streams/patient_agent.py) opens no episode and escalates
+  none. The patient has left the ward: a page would reach a nurse who cannot act, and no later point
+  or discharge would ever resolve it, so it would stand on every board for good. Vitals charted late
+  for the stay, or a device still sending after the discharge, are still scored (scores topic, CDS).
+  A readmission (a newer ADMISSION) lifts it; an episode still open lets calm points resolve it.
 
 Corrections (correct()): the open episode keeps its alerts (open, escalate) with their basis, the
 (fact_id, version) of the observations each was based on. When a message corrects (amends or
@@ -183,9 +189,10 @@ def _close(s: AlertState) -> None:
 def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, probability: float | None,
          news2: int | None, path: str, model_version: str | None,
          policy: AlertPolicy = AlertPolicy(), rationale: Sequence = (),
-         basis: Callable[[], Basis] | None = None) -> tuple[AlertState, list[AlertDecision]]:
+         basis: Callable[[], Basis] | None = None, discharged: bool = False) -> tuple[AlertState, list[AlertDecision]]:
     """Apply one scoring point; returns the new state (the input is not modified) and the alerts.
-    `basis` is called only when the point alerts (it costs a lookup per code)."""
+    `basis` is called only when the point alerts (it costs a lookup per code). `discharged`: the patient
+    has left (module docstring): the point neither opens nor escalates an episode."""
     if tier not in TIER_RANK:
         raise ValueError(f"unknown tier {tier!r}; expected one of {list(TIER_RANK)}")
     s: AlertState = {**initial_state(), **(state or {})}
@@ -202,7 +209,7 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
 
     rank = TIER_RANK[tier]
     if not s["open"]:
-        if rank < ALERTING_RANK:
+        if rank < ALERTING_RANK or discharged:
             return s, []
         s.update(episode=s["episode"] + 1, open=True, alerted_tier=None, calm_points=0, alerts=[], revision=0)
 
@@ -219,6 +226,8 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
         return s, [decide("resolve", tier)]
 
     s["calm_points"] = 0
+    if discharged:
+        return s, []
     if s["alerted_tier"] is None:
         in_window = s["last_resolve_ms"] is not None and scoring_ms < s["last_resolve_ms"] + policy.suppression_ms
         if in_window or rank < ALERTING_RANK:

@@ -9,7 +9,8 @@ For each canonical message (all events of one patient, in arrival order):
   after each run: a scoring point if schemas/cadence.py says so ("vitals": a new vitals set, at
     most once per scoring_min_interval_s; "correction": a re-score after a correction), features
     as of its T over the facts visible after the run's last event
-  if a discharge advanced the context: a discharge step (resolves an open alert episode)
+  if a discharge advanced the context: a discharge step (resolves an open alert episode); while the
+    context says discharged, scoring points still score but open no alert (streams/alerting.py)
 After the whole batch: one scoring call (and one for the shadow model), then per patient in
 arrival order: alert corrections (a corrected fact in the open alert's basis), the alert policy, and
 discharges.
@@ -393,7 +394,8 @@ class PatientProcessor:
         if p.corrected:  # (without corrections, correct() changes nothing: step() fills in the same defaults)
             alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, superseded=p.superseded,
                                                       rescore=lambda alert: self._at_alert_time(p, alert), **point)
-        alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy, **point)
+        alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy,
+                                            discharged=p.context.discharged_ms is not None, **point)
         # step() returns a new dict: the record owns it
         records[patient] = PatientRecord(rec.state, alert_state, rec.encounter_id, rec.context, rec.vitals_scored_ms)
         if not decisions and not raised:

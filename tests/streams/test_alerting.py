@@ -357,6 +357,24 @@ def test_a_discharge_before_the_alert_does_not_resolve_it():
     assert discharge(state, patient_id="p1", discharged_ms=T0)[1] == []
 
 
+def test_a_discharged_patient_is_never_paged_by_a_new_or_escalated_alert():
+    """A device still sending, or vitals charted after the discharge was recorded: nobody on the ward can act,
+    and nothing would ever resolve such an alert (the discharge is already applied)."""
+    state, decisions = run([rule_point(0, "medium")])
+    state, _ = discharge(state, patient_id="p1", discharged_ms=T0 + 5 * MIN)
+    for minute in (40, 50, 60):  # past the suppression window
+        state, out = step(state, patient_id="p1", policy=POLICY, discharged=True, **rule_point(minute, "high"))
+        assert out == [] and not state["open"]
+    assert state["last_scoring_ms"] == T0 + 60 * MIN and state["tier"] == "high"  # still the latest risk
+    # readmitted: the next point alerts as usual
+    _, [d] = step(state, patient_id="p1", policy=POLICY, **rule_point(70, "high"))
+    assert (d.kind, d.tier, d.episode) == ("open", "high", 2)
+    # an episode still open when the discharge came (it preceded the first alert) escalates no more
+    state, _ = opened("medium", 0)
+    state, out = step(state, patient_id="p1", policy=POLICY, discharged=True, **rule_point(10, "high"))
+    assert out == [] and state["alerted_tier"] == "medium"
+
+
 def test_states_written_before_corrections_existed_still_step():
     old = {k: v for k, v in opened("high")[0].items() if k not in ("alerts", "revision")}
     state, corrections = correct(old, corrected={"rr:1": 2}, **rule_point(0, "none"))

@@ -327,11 +327,11 @@ def test_retracting_a_retracted_basis_value_again_publishes_nothing_more(process
 def test_a_restated_context_fact_changes_nothing_and_does_not_resolve_again(processor):
     store: dict[str, PatientRecord] = {}
     run(processor, [msg(0, [context("p1", codes.ADMISSION, T0 - 60 * MIN, text="inpatient")])], store)
-    discharge = context("p1", codes.DISCHARGE, T0, fact="cdc:encounters:1:discharge")
-    run(processor, [msg(1, [discharge])], store)
-    # the patient is still on the ward's feed after the discharge was charted: a new episode opens
-    [opened] = alerts_of(run(processor, [msg(2, vitals("p1", T0 + 10 * MIN, 1))], store))
+    [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0 + 10 * MIN, 1))], store))
     assert opened["header"]["kind"] == "open"
+    # a discharge dated before the alert arrives after it: it does not resolve the episode (alerting.discharge)
+    discharge = context("p1", codes.DISCHARGE, T0, fact="cdc:encounters:1:discharge")
+    assert alerts_of(run(processor, [msg(2, [discharge])], store)) == [] and store["p1"].alert["open"]
     before = processor.counters["context_applied"]
     # a re-snapshot re-reads the discharge row: a higher version, the same content
     out = run(processor, [msg(3, [dataclasses.replace(discharge, version=9000)])], store)
@@ -564,6 +564,21 @@ def test_discharge_resolves_the_open_alert_once(processor):
     assert resolved["header"]["encounter_id"] == "enc-1"
     assert resolved["header"]["alert_id"] != opened["header"]["alert_id"]
     assert alerts_of(run(processor, [msg(3, [discharge])], store)) == []  # redelivered: nothing more
+
+
+def test_a_patient_is_not_paged_after_discharge_and_is_again_once_readmitted(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, [context("p1", codes.ADMISSION, T0 - 60 * MIN, text="inpatient")]),
+                    msg(1, [context("p1", codes.DISCHARGE, T0)])], store)
+    # vitals charted late for the stay, then a monitor still sending an hour after the discharge
+    out = run(processor, [msg(2, vitals("p1", T0 - 10 * MIN, 1)), msg(3, vitals("p1", T0 + 60 * MIN, 2))], store)
+    assert alerts_of(out) == []
+    assert [orjson.loads(v)["tier"] for _, v, _ in out.scores] == ["high", "high"]  # still scored (CDS, audit)
+    # readmitted: the same vitals page again
+    run(processor, [msg(4, [context("p1", codes.ADMISSION, T0 + 2 * 60 * MIN, text="inpatient",
+                                    encounter="enc-2")])], store)
+    [opened] = alerts_of(run(processor, [msg(5, vitals("p1", T0 + 3 * 60 * MIN, 3))], store))
+    assert (opened["header"]["kind"], opened["header"]["encounter_id"]) == ("open", "enc-2")
 
 
 def test_records_written_before_context_existed_still_load():
