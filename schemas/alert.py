@@ -28,7 +28,10 @@ flag (streams/alerting.py).
 
 The resource id is the alert id; a correction (kind "correction") is published under the id of the
 alert it corrects, with status "amended" (new probability, basis, rationale) or "entered-in-error",
-so a consumer that upserts resources by id always holds the latest word on each alert. Minimum
+so a consumer that upserts resources by id always holds the latest word on each alert. A resolution
+(kind "resolve") is a resource of its own id carrying the last score, and a note (RESOLVED,
+RESOLVED_BY_DISCHARGE) that says it ends the episode: a reader of the resource alone, without the
+header, must not take it for one more alert. Minimum
 necessary PHI: the patient and encounter ids only, never names, birth dates or the ward (the ward
 is in the header for routing only).
 """
@@ -54,6 +57,12 @@ QUALITATIVE_RISK: dict[str, tuple[str, str]] = {
 CANONICAL_EVENT_SYSTEM = "urn:wardwatch:canonical-event"  # identifier values: schemas.canonical.make_event_id
 OUTCOME = "clinical deterioration"
 HOUR_MS = 3_600_000
+# the note of a resolution (kind "resolve"): its resource carries the last score like any other, so the
+# resource itself must say it ends the episode (a consumer that stores resources, not headers)
+RESOLVED = ("Resolution, not a new alert: the risk is back below the alerting line, so this patient's earlier "
+            "wardwatch alerts no longer stand. The risk shown is the score that resolved them.")
+RESOLVED_BY_DISCHARGE = ("Resolution, not a new alert: the patient was discharged, so this patient's earlier "
+                         "wardwatch alerts no longer stand. The risk shown is the last score before the discharge.")
 
 
 def iso_utc(ms: int) -> str:
@@ -109,9 +118,14 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         resource["basis"] = [basis_reference(*entry) for entry in basis]
     resource["prediction"] = [_prediction(decision, probability if path == "model" else None, news2, rationale,
                                           horizon_h)]
+    notes = []
     if header["preliminary_basis"]:
         names = ", ".join(parameter_name(code) for code in header["preliminary_basis"])
-        resource["note"] = [{"text": f"Based on preliminary results, which may change when final: {names}."}]
+        notes.append({"text": f"Based on preliminary results, which may change when final: {names}."})
+    if decision.kind == "resolve":  # else a FHIR reader sees one more (say "high") risk, not an end
+        notes.append({"text": RESOLVED_BY_DISCHARGE if header["reason"] == "discharge" else RESOLVED})
+    if notes:
+        resource["note"] = notes
 
     # our own output: an invalid resource is a bug here, never something to publish
     RiskAssessment.model_validate(resource)

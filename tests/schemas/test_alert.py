@@ -137,6 +137,23 @@ def test_tier_maps_to_risk_probability(tier, code):
     assert alert["header"]["kind"] == "resolve"
 
 
+@pytest.mark.parametrize("reason, says", [(None, "back below the alerting line"), ("discharge", "discharged")])
+def test_a_resolution_says_in_the_resource_that_it_ends_the_episode_not_that_the_risk_is_high(reason, says):
+    """A consumer that stores the resources (upsert by id) and never reads the header must not see a
+    resolution, which carries the last score (here high), as one more high-risk assessment."""
+    resolve = AlertDecision(alert_id="9d9d9d9d-1111-5222-8333-444444444444", kind="resolve", tier="high",
+                            episode=1, scoring_ms=T, reason=reason)
+    resource = build_alert(resolve, patient_id="p", encounter_id="e", probability=0.93, news2=8,
+                           model_version="v", path="model", rationale=[], basis=[])["resource"]
+    RiskAssessment.model_validate(resource)
+    [note] = resource["note"]
+    assert note["text"].startswith("Resolution, not a new alert") and says in note["text"]
+    assert "earlier wardwatch alerts no longer stand" in note["text"]
+    assert orjson.dumps(resource) == fhir_dump(resource)
+    # an alert has no such note
+    assert "note" not in model_alert()["resource"]
+
+
 @pytest.mark.parametrize("probability", [1.5, -0.1, float("nan")])
 def test_impossible_probability_is_refused(probability):
     with pytest.raises(ValueError):
