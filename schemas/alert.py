@@ -57,6 +57,10 @@ QUALITATIVE_RISK: dict[str, tuple[str, str]] = {
 CANONICAL_EVENT_SYSTEM = "urn:wardwatch:canonical-event"  # identifier values: schemas.canonical.make_event_id
 OUTCOME = "clinical deterioration"
 HOUR_MS = 3_600_000
+# the rationale of a rule-path resource without a NEWS2 (an input not charted within 24 h): its tier comes
+# from the parameters charted (a single 3, or the sum of their points, which NEWS2 is at least)
+NEWS2_INCOMPLETE = ("NEWS2 incomplete (not every parameter charted in the last 24 h): "
+                    "tier from the parameters charted, NEWS2 is at least their sum")
 # the note of a resolution (kind "resolve"): its resource carries the last score like any other, so the
 # resource itself must say it ends the episode (a consumer that stores resources, not headers)
 RESOLVED = ("Resolution, not a new alert: the risk is back below the alerting line, so this patient's earlier "
@@ -117,7 +121,7 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
     if basis:
         resource["basis"] = [basis_reference(*entry) for entry in basis]
     resource["prediction"] = [_prediction(decision, probability if path == "model" else None, news2, rationale,
-                                          horizon_h)]
+                                          horizon_h, incomplete_news2=path == "rule" and news2 is None)]
     notes = []
     if header["preliminary_basis"]:
         names = ", ".join(parameter_name(code) for code in header["preliminary_basis"])
@@ -155,7 +159,7 @@ def basis_reference(fact_id: str, version: int, preliminary_code: str | None = N
 
 
 def _prediction(decision, probability: float | None, news2: int | None, rationale: Sequence[Mapping[str, Any]],
-                horizon_h: int) -> dict[str, Any]:
+                horizon_h: int, incomplete_news2: bool = False) -> dict[str, Any]:
     code, display = QUALITATIVE_RISK[decision.tier]
     start, end = decision.scoring_ms, decision.scoring_ms + horizon_h * HOUR_MS
     prediction: dict[str, Any] = {"outcome": {"text": OUTCOME}}
@@ -166,6 +170,8 @@ def _prediction(decision, probability: float | None, news2: int | None, rational
     prediction["qualitativeRisk"] = {"coding": [{"system": RISK_PROBABILITY, "code": code, "display": display}]}
     prediction["whenPeriod"] = {"start": fhir_datetime(start), "end": fhir_datetime(end)}
     reason_text = _rationale_text(rationale, news2)
+    if incomplete_news2:  # else a reader takes the tier for a full NEWS2 (streams/scoring.py rule_tier)
+        reason_text = f"{reason_text}; {NEWS2_INCOMPLETE}" if reason_text else NEWS2_INCOMPLETE
     if reason_text:
         prediction["rationale"] = reason_text
     return prediction

@@ -128,6 +128,22 @@ def test_rule_alert_has_no_probability():
     assert "encounter" not in resource and "basis" not in resource
 
 
+def test_a_rule_alert_without_a_full_news2_says_its_tier_is_not_a_complete_news2():
+    """The rule path alerts on the parameters charted when one was not (a single 3, or their sum): the
+    resource must not read as a full NEWS2 whose value was merely left out."""
+    reasons = [{"feature": "spo2_last_24h", "value": 91.1, "contribution": 3.0}]
+    partial = build_alert(decision(tier="high"), patient_id="p-17", encounter_id=None, probability=None, news2=None,
+                          model_version=None, path="rule", rationale=reasons, basis=[])["resource"]
+    assert partial["prediction"][0]["rationale"] == (
+        "top contributing features: spo2_last_24h=91.1; NEWS2 incomplete (not every parameter charted in the last "
+        "24 h): tier from the parameters charted, NEWS2 is at least their sum")
+    assert orjson.dumps(partial) == fhir_dump(partial)
+    full = build_alert(decision(tier="high"), patient_id="p-17", encounter_id=None, probability=None, news2=7,
+                       model_version=None, path="rule", rationale=reasons, basis=[])["resource"]
+    assert "incomplete" not in full["prediction"][0]["rationale"]
+    assert "incomplete" not in model_alert(news2=None)["resource"]["prediction"][0]["rationale"]
+
+
 @pytest.mark.parametrize("tier, code", [("none", "negligible"), ("low", "low"), ("medium", "moderate"),
                                         ("high", "high")])
 def test_tier_maps_to_risk_probability(tier, code):
