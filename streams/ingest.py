@@ -218,7 +218,9 @@ class IngestWorker:
         # counters snapshot on the stats topic (`wardwatch stats`), sent with the next batch's flush
         self.stats = StatsPublisher("ingest", self.stats_snapshot, self._producer, topics.stats,
                                     interval_s=settings.stats_interval_s)
-        self._prepared: dict[int, tuple[str, Outcome, list[tuple[str, bytes]]]] = {}  # id(msg) -> parse, this batch
+        # (topic, partition, offset) -> parse, this batch and a held-back partition's first message: never
+        # id(msg), which a message read after a rebalance dropped the held ones may reuse (lost messages)
+        self._prepared: dict[tuple[str, int, int], tuple[str, Outcome, list[tuple[str, bytes]]]] = {}
         # alignment: the delivered messages of each paused partition, from its first held-back one, in
         # offset order; then those of the partitions resumed, published first with the next batch.
         # Reading them again instead (a seek back) parsed each raw message about 3 times in a backlog.
@@ -272,14 +274,14 @@ class IngestWorker:
             return self._publish(records) if records else 0
         finally:
             # a held-back partition's first message was parsed already (its event time): keep that
-            self._prepared = {id(held[0]): self._prepared[id(held[0])] for held in self._held.values()
-                              if id(held[0]) in self._prepared}
+            kept = (_position(held[0]) for held in self._held.values())
+            self._prepared = {k: self._prepared[k] for k in kept if k in self._prepared}
 
     def _publish(self, records: list[Message]) -> int:
         by_patient: dict[str, list[bytes]] = defaultdict(list)  # patient -> encoded events, publish order
         first_produced: dict[str, bytes] = {}  # patient -> earliest raw produce stamp (end-to-end latency)
         for msg in records:
-            source, outcome, encoded = self._prepared.get(id(msg)) or self._prepare(msg)
+            source, outcome, encoded = self._prepared.get(_position(msg)) or self._prepare(msg)
             self.counters.record(source, outcome)
             if isinstance(outcome, Rejected):
                 self._dead_letter(msg, outcome.rejection, _STAGES[source])
@@ -321,9 +323,10 @@ class IngestWorker:
         booked for next week, exempt from the future-time check): at its own time its partition would stay
         paused until every other partition had read that far, in a backlog to its end, and the transfers
         and discharges behind it with it. Live, it is published at once anyway (nothing holds it)."""
-        prepared = self._prepared.get(id(msg))  # a held-back message was parsed when it was held
+        key = _position(msg)
+        prepared = self._prepared.get(key)  # a held-back message was parsed when it was held
         if prepared is None:
-            prepared = self._prepared[id(msg)] = self._prepare(msg)
+            prepared = self._prepared[key] = self._prepare(msg)
         _, outcome, encoded = prepared
         if not encoded:
             return None
@@ -410,8 +413,8 @@ class IngestWorker:
     def _forget_held(self, tps: set[tuple[str, int]]) -> None:
         for tp in tps:
             for held in (self._held.pop(tp, None), self._released.pop(tp, None)):
-                if held:  # its parse too: keyed by id(), which the next message read may reuse once it is freed
-                    self._prepared.pop(id(held[0]), None)
+                if held:  # and its parse (harmless, as the same offset is the same message, but memory)
+                    self._prepared.pop(_position(held[0]), None)
 
     def parse(self, msg: Message) -> tuple[str, Outcome]:
         topic = msg.topic()
@@ -473,6 +476,10 @@ class IngestWorker:
         # the outputs are acknowledged already (flush): the commit need not be awaited
         commit_offsets(self._consumer, offsets, log, asynchronous=True)
         self._next_commit_at = time.monotonic() + self.settings.commit_interval_s
+
+
+def _position(msg: Message) -> tuple[str, int, int]:
+    return msg.topic(), msg.partition(), msg.offset()
 
 
 def _produced_ns(msg: Message) -> bytes | None:
