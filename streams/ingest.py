@@ -223,7 +223,7 @@ class IngestWorker:
         self._prepared: dict[tuple[str, int, int], tuple[str, Outcome, list[tuple[str, bytes]]]] = {}
         # alignment: the delivered messages of each paused partition, from its first held-back one, in
         # offset order; then those of the partitions resumed, published first with the next batch.
-        # Reading them again instead (a seek back) parsed each raw message about 3 times in a backlog.
+        # Reading them again instead (a seek back) fetched each raw message about 3 times in a backlog.
         self._held: dict[tuple[str, int], list[Message]] = {}
         self._released: dict[tuple[str, int], list[Message]] = {}
         # the raw partitions this worker holds, for its consumption watchdog's thread (replaced, never mutated)
