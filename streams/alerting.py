@@ -24,7 +24,8 @@ Rules
   none. The patient has left the ward: a page would reach a nurse who cannot act, and no later point
   or discharge would ever resolve it, so it would stand on every board for good. Vitals charted late
   for the stay, or a device still sending after the discharge, are still scored (scores topic, CDS).
-  A readmission (a newer ADMISSION) lifts it; an episode still open lets calm points resolve it.
+  A readmission (a newer ADMISSION) lifts it; an episode still open lets calm points resolve it (one
+  that such points opened before the discharge arrived is resolved by the discharge: discharge()).
 
 Corrections (correct()): the open episode keeps its alerts (open, escalate) with their basis, the
 (fact_id, version) of the observations each was based on. When a message corrects (amends or
@@ -64,7 +65,11 @@ shows (and would read as standing again), so only the kept basis is brought up t
 than the bound is not judged: its windows may be pruned, and at the clock the patient's state says nothing
 about the alert's time.
 Discharge (discharge()): a discharge at or after the open episode's first alert resolves it (kind
-"resolve", reason "discharge"); an episode that never alerted closes silently.
+"resolve", reason "discharge"); an episode that never alerted closes silently. A discharge dated before
+the first alert may be an earlier stay's arriving late, and then leaves the episode open; but one at or
+after the current admission (`admitted_ms`) is this stay's, and resolves it whatever the alert's time: vitals
+sent after the discharge (a monitor still attached) can arrive before it and open the episode, which no
+later point of the discharged patient would escalate or, without calm points, ever resolve.
 
 Alert ids: alert_id = uuid5(NAMESPACE, f"{patient_id}|{episode}|{tier}|{kind}") (plus f"|{revision}"
 after an entered-in-error correction in that episode).
@@ -344,16 +349,19 @@ def _touched(alerts: Sequence[dict], corrected: Mapping[str, int],
     return touched
 
 
-def discharge(state: dict | None, *, patient_id: str, discharged_ms: int) -> tuple[AlertState, list[AlertDecision]]:
-    """A discharge resolves the open episode if it happened at or after the episode's first alert."""
+def discharge(state: dict | None, *, patient_id: str, discharged_ms: int,
+              admitted_ms: int | None = None) -> tuple[AlertState, list[AlertDecision]]:
+    """A discharge resolves the open episode if it happened at or after the episode's first alert, or if
+    it is the current stay's (at or after `admitted_ms`, the current admission): module docstring."""
     s: AlertState = {**initial_state(), **(state or {})}
     if not s["open"]:
         return s, []
     if s["alerted_tier"] is None:  # never alerted: the consumer never saw it open
         _close(s)
         return s, []
-    if s["alerts"] and discharged_ms < s["alerts"][0]["scoring_ms"]:  # an earlier stay's discharge arriving late
-        return s, []
+    this_stay = admitted_ms is not None and discharged_ms >= admitted_ms
+    if s["alerts"] and discharged_ms < s["alerts"][0]["scoring_ms"] and not this_stay:
+        return s, []  # may be an earlier stay's discharge arriving late
     tier = s["tier"]
     d = AlertDecision(alert_id(patient_id, s["episode"], tier, "resolve", s["revision"]), "resolve", tier,
                       s["episode"], discharged_ms, reason="discharge")

@@ -422,7 +422,8 @@ class PatientProcessor:
 
     def _emit_discharge(self, s: _Discharge, records, out: Outputs) -> None:
         rec = records[s.patient]
-        alert_state, decisions = alerting.discharge(rec.alert, patient_id=s.patient, discharged_ms=s.discharged_ms)
+        alert_state, decisions = alerting.discharge(rec.alert, patient_id=s.patient, discharged_ms=s.discharged_ms,
+                                                    admitted_ms=s.context.admitted_ms)
         records[s.patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context, rec.vitals_scored_ms)
         for d in decisions:
             self._publish(s.patient, d, alert_state, s.context, out, _headers(s.msg))

@@ -355,6 +355,18 @@ def test_discharge_resolves_the_open_episode_once():
 def test_a_discharge_before_the_alert_does_not_resolve_it():
     state, _ = opened("high", 60)
     assert discharge(state, patient_id="p1", discharged_ms=T0)[1] == []
+    # an earlier stay's, as far as anyone knows: the current admission is after it
+    assert discharge(state, patient_id="p1", discharged_ms=T0, admitted_ms=T0 + 30 * MIN)[1] == []
+
+
+def test_the_current_stays_discharge_resolves_an_alert_opened_after_it_by_vitals_that_arrived_first():
+    """A monitor still sending after the discharge: its vitals reach the stream before the discharge
+    row (charted later, dated back) and open an episode. The discharge must end it, or it stands on
+    the board for good: the discharged patient's later points neither escalate nor open anything."""
+    state, _ = opened("high", 10)
+    state, [d] = discharge(state, patient_id="p1", discharged_ms=T0, admitted_ms=T0 - 60 * MIN)
+    assert (d.kind, d.reason, d.tier, d.episode) == ("resolve", "discharge", "high", 1) and not state["open"]
+    assert discharge(state, patient_id="p1", discharged_ms=T0, admitted_ms=T0 - 60 * MIN)[1] == []  # once
 
 
 def test_a_discharged_patient_is_never_paged_by_a_new_or_escalated_alert():

@@ -327,15 +327,15 @@ def test_retracting_a_retracted_basis_value_again_publishes_nothing_more(process
 def test_a_restated_context_fact_changes_nothing_and_does_not_resolve_again(processor):
     store: dict[str, PatientRecord] = {}
     run(processor, [msg(0, [context("p1", codes.ADMISSION, T0 - 60 * MIN, text="inpatient")])], store)
-    [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0 + 10 * MIN, 1))], store))
+    [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0, 1))], store))
     assert opened["header"]["kind"] == "open"
-    # a discharge dated before the alert arrives after it: it does not resolve the episode (alerting.discharge)
-    discharge = context("p1", codes.DISCHARGE, T0, fact="cdc:encounters:1:discharge")
-    assert alerts_of(run(processor, [msg(2, [discharge])], store)) == [] and store["p1"].alert["open"]
+    discharge = context("p1", codes.DISCHARGE, T0 + 60 * MIN, fact="cdc:encounters:1:discharge")
+    [resolved] = alerts_of(run(processor, [msg(2, [discharge])], store))
+    assert resolved["header"]["kind"] == "resolve"
     before = processor.counters["context_applied"]
     # a re-snapshot re-reads the discharge row: a higher version, the same content
     out = run(processor, [msg(3, [dataclasses.replace(discharge, version=9000)])], store)
-    assert out.alerts == []  # the open episode is not resolved by a discharge it has already seen
+    assert out.alerts == []  # not resolved again by a discharge it has already seen
     assert processor.counters["context_applied"] == before and processor.counters["context_unchanged"] == 1
 
 
@@ -579,6 +579,21 @@ def test_a_patient_is_not_paged_after_discharge_and_is_again_once_readmitted(pro
                                     encounter="enc-2")])], store)
     [opened] = alerts_of(run(processor, [msg(5, vitals("p1", T0 + 3 * 60 * MIN, 3))], store))
     assert (opened["header"]["kind"], opened["header"]["encounter_id"]) == ("open", "enc-2")
+
+
+def test_a_discharge_that_arrives_after_vitals_sent_after_it_resolves_their_alert(processor):
+    """The discharge is charted (dated back to 10:00) after a monitor still attached sent a high set at
+    10:10: that set, arriving first, pages. The discharge must resolve it; before, being dated before
+    the alert, it was taken for an earlier stay's and the alert stood on the old ward's board for good
+    (the discharged patient's later points escalate and open nothing)."""
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, [context("p1", codes.ADMISSION, T0 - 60 * MIN, text="inpatient")])], store)
+    [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0 + 10 * MIN, 1))], store))
+    [resolved] = alerts_of(run(processor, [msg(2, [context("p1", codes.DISCHARGE, T0)])], store))
+    assert (resolved["header"]["kind"], resolved["header"]["reason"]) == ("resolve", "discharge")
+    assert resolved["resource"]["note"][0]["text"].startswith("Resolution, not a new alert")
+    assert not store["p1"].alert["open"]
+    assert alerts_of(run(processor, [msg(3, vitals("p1", T0 + 20 * MIN, 2))], store)) == []  # still discharged
 
 
 def test_records_written_before_context_existed_still_load():
