@@ -140,7 +140,7 @@ def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
         columns.append(pl.struct("birth_year", "first_effective_ms")
                        .map_elements(lambda r: age_band(r["birth_year"], r["first_effective_ms"]),
                                      return_dtype=pl.String).alias("age_band"))
-    order = ["patient_id", *(c for c in policy.shift if c in out.columns), *(c for c in hashed if c != "patient_id")]
+    order = ["patient_id", *(c for c in (*policy.shift, *hashed) if c != "patient_id" and c in out.columns)]
     return out.select(columns).sort(order, nulls_last=True, maintain_order=True)
 
 

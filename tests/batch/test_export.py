@@ -151,6 +151,20 @@ def test_a_withdrawn_alert_is_exported_as_withdrawn_and_linked_to_its_correction
     assert outcomes["original_alert_id"].to_list() == [opened["alert_id"][0], None]
 
 
+def test_a_file_whose_views_predate_the_withdrawn_columns_still_exports(settings, tmp_path):
+    """A DuckDB file written before alert_outcomes had status, original_alert_id and withdrawn (the
+    export reads the file's views as they are): the export leaves out what the file lacks. Before, it
+    skipped hashing the missing original_alert_id, then sorted on it and failed (ColumnNotFoundError)."""
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        con.execute("CREATE TABLE outcomes_before AS "
+                    "SELECT * EXCLUDE (status, original_alert_id, withdrawn) FROM alert_outcomes")
+        con.execute("CREATE OR REPLACE VIEW alert_outcomes AS SELECT * FROM outcomes_before")
+    out = tmp_path / "export"
+    assert export_deidentified(settings, out)["alert_outcomes"] == 1
+    outcomes = pl.read_parquet(out / "alert_outcomes.parquet")
+    assert outcomes["kind"].to_list() == ["open"] and "original_alert_id" not in outcomes.columns
+
+
 def test_export_refuses_to_run_without_a_secret(tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
     with pytest.raises(ExportRefused, match="WARDWATCH_DEID_SECRET"):
