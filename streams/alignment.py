@@ -24,8 +24,9 @@ The rules, per assigned raw (topic, partition):
 - take(): a batch is merged across partitions in event-time order; a message is published only if
   its event time is within the bound, which rises as the slowest partition publishes. The first
   message beyond it ends its partition's prefix: the caller pauses the partition and keeps its
-  messages from that one on until the resume. The partition at the minimum position can always publish its next message, so the
-  slowest partition is never paused.
+  messages from that one on until the resume (beyond a batch of them, it seeks the partition back to
+  that one instead). The partition at the minimum position can always publish its next message, so
+  the slowest partition is never paused.
 - resume(): a paused partition resumes once the bound reaches its held-back message, or when no
   unpaused partition is active (the bound then comes from the paused ones alone, so the lowest of
   them resumes: no deadlock). A partition just assigned that has not delivered yet may bring older
@@ -160,7 +161,9 @@ class Aligner:
             if clock is None:  # delivered before its assignment was seen: track it from here
                 clock = self.clocks[tp] = PartitionClock()
             if clock.paused:
-                continue  # stale: fetched before the pause; the caller keeps it with the held-back ones
+                # stale: fetched before the pause; the caller keeps it with the held-back ones, or, if it
+                # sought the partition back, reads it again after the resume
+                continue
             clock.seen_s, clock.next_at, clock.fresh = now, None, False
             self._fresh.discard(tp)
             live[tp] = (messages, clock)

@@ -821,7 +821,6 @@ def test_a_member_joining_and_leaving_while_messages_are_held_back_loses_none_of
         assert all(b == a + 1 or b <= a for a, b in zip(offsets, offsets[1:])), tp
 
 
-@pytest.mark.timeout(30)
 def _lab_ahead(offset, hours):
     """A creatinine result of MRN-0002 collected `hours` after the bare vitals' measurement."""
     lab = json.loads(cdc_message("lab_creatinine_umol_bare").value)
@@ -832,6 +831,7 @@ def _lab_ahead(offset, hours):
     return FakeMessage(topic, b'{"patient_id": "MRN-0002"}', json.dumps(lab).encode(), offset=offset)
 
 
+@pytest.mark.timeout(30)
 def test_a_partition_ahead_in_event_time_is_paused_and_its_messages_are_published_once_at_the_resume(
         fake_worker, monkeypatch):
     """The held-back messages stay in memory: librdkafka resumes a paused partition after the last message
