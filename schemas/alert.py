@@ -66,7 +66,8 @@ NEWS2_INCOMPLETE = ("NEWS2 incomplete (not every parameter charted in the last 2
 RESOLVED = ("Resolution, not a new alert: the risk is back below the alerting line, so this patient's earlier "
             "wardwatch alerts no longer stand. The risk shown is the score that resolved them.")
 RESOLVED_BY_DISCHARGE = ("Resolution, not a new alert: the patient was discharged, so this patient's earlier "
-                         "wardwatch alerts no longer stand. The risk shown is the last score before the discharge.")
+                         "wardwatch alerts no longer stand. The risk shown is the last score when the discharge was "
+                         "received, which may postdate the discharge.")
 
 
 def iso_utc(ms: int) -> str:

@@ -592,6 +592,8 @@ def test_a_discharge_that_arrives_after_vitals_sent_after_it_resolves_their_aler
     [resolved] = alerts_of(run(processor, [msg(2, [context("p1", codes.DISCHARGE, T0)])], store))
     assert (resolved["header"]["kind"], resolved["header"]["reason"]) == ("resolve", "discharge")
     assert resolved["resource"]["note"][0]["text"].startswith("Resolution, not a new alert")
+    # the risk it shows is the 10:10 score: the note must not date it before the 10:00 discharge
+    assert "before the discharge" not in resolved["resource"]["note"][0]["text"]
     assert not store["p1"].alert["open"]
     assert alerts_of(run(processor, [msg(3, vitals("p1", T0 + 20 * MIN, 2))], store)) == []  # still discharged
 
