@@ -653,6 +653,16 @@ def test_the_same_backlog_without_alignment_comes_out_days_out_of_order(settings
     assert max(behind) > settings.allowed_lateness_s * 1000 and late > 0
 
 
+def _aligned_backlog(settings):
+    """The backlog produced, an ingest worker aligning it to 1 h of skew, and a reader of its outputs."""
+    topics = topics_for(settings)
+    ensure_topics(settings, topics)
+    raw = _backlog(settings, topics)
+    _produce(settings, raw)
+    worker = IngestWorker(settings.model_copy(update={"ingest_max_skew_s": 3600}), topics)
+    return topics, raw, worker, _reader(settings, topics)
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_a_partition_paused_by_alignment_is_read_again_after_a_rebalance(settings):
@@ -660,12 +670,7 @@ def test_a_partition_paused_by_alignment_is_read_again_after_a_rebalance(setting
     consumer, while the aligner starts it afresh, unpaused: nothing would ever resume it. With a
     broker slow enough to miss the 6 s session timeout (a 1000-patient `batch dataset` replay), the
     ingest then stopped applying anything with its raw partitions still full, until its watchdog exited."""
-    topics = topics_for(settings)
-    ensure_topics(settings, topics)
-    raw = _backlog(settings, topics)
-    _produce(settings, raw)
-    worker = IngestWorker(settings.model_copy(update={"ingest_max_skew_s": 3600}), topics)
-    reader = _reader(settings, topics)
+    topics, raw, worker, reader = _aligned_backlog(settings)
     by_patient, dead, read_events = defaultdict(list), [], 0
 
     def read() -> None:
@@ -732,12 +737,7 @@ def test_a_member_joining_and_leaving_while_messages_are_held_back_loses_none_of
     committed (9 of 69,192 events lost in a run). Every event must come out, no commit may pass an
     offset not published, and each raw partition is published in offset order (after a rebalance it
     may start again from its committed offset: at least once)."""
-    topics = topics_for(settings)
-    ensure_topics(settings, topics)
-    raw = _backlog(settings, topics)
-    _produce(settings, raw)
-    worker = IngestWorker(settings.model_copy(update={"ingest_max_skew_s": 3600}), topics)
-    reader = _reader(settings, topics)
+    topics, raw, worker, reader = _aligned_backlog(settings)
     by_patient, dead = defaultdict(list), []
     published: dict[tuple[str, int], list[int]] = defaultdict(list)  # raw offsets, in publish order
     passed: list[tuple[tuple[str, int], int]] = []  # commits beyond an unpublished offset
