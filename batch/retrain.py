@@ -136,14 +136,10 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
     return GateDecision("promote", passed, compared, gate_margins)
 
 
-def _held_out(features: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+def _held_out(features: pl.DataFrame, labels: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     """The rows batch.train.train_model evaluates on: same join, same patient split (defaults), at risk,
-    and served by the model (every NEWS2 input charted; the worker takes the rule path elsewhere)."""
-    return _held_out_and_patients(features, labels)[0]
-
-
-def _held_out_and_patients(features: pl.DataFrame, labels: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
-    """_held_out's rows and every held-out patient (sorted), the bootstrap's draws (as train_model's)."""
+    and served by the model (every NEWS2 input charted; the worker takes the rule path elsewhere); and
+    every held-out patient (sorted), the bootstrap's draws (as train_model's)."""
     keys = [k for k in _KEYS if k in features.columns and k in labels.columns]
     data = features.join(labels.select(*keys, "label").unique(subset=keys), on=keys).filter(
         pl.col("label").is_not_null())
@@ -165,11 +161,6 @@ def model_probabilities(model_dir, version: str, rows: pl.DataFrame) -> np.ndarr
     x = rows.select(pl.col(f).cast(pl.Float64) if f in rows.columns else pl.lit(None, pl.Float64).alias(f)
                     for f in card["features"]).to_numpy().astype(np.float32)
     return session.run([card["output_name"]], {card["input_name"]: x})[0][:, card.get("positive_class_index", 1)]
-
-
-def model_metrics_on(model_dir, version: str, rows: pl.DataFrame) -> dict:
-    """AUROC/AUPRC of a registered model scored with onnxruntime on `rows` (features + label)."""
-    return _ranking_metrics(rows["label"].to_numpy().astype(int), model_probabilities(model_dir, version, rows))
 
 
 def _ranking_metrics(y: np.ndarray, probability: np.ndarray) -> dict:
@@ -297,12 +288,12 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
     version = card["version"]
     table = directional_table(model_scorer(settings.model_dir, version))
     current = registry.current_version(settings.model_dir)
+    noninferiority = {"auroc": settings.gate_noninferiority_auroc, "auprc": settings.gate_noninferiority_auprc}
     current_metrics = vs_current = None
     if current is not None and registry.integrity(settings.model_dir, current) == "ok":
-        rows, patients = _held_out_and_patients(feats, labels)
+        rows, patients = _held_out(feats, labels)
         vs_current = compare_with_current(settings.model_dir, version, current, rows, patients)
-        vs_current["noninferiority_margin"] = {"auroc": settings.gate_noninferiority_auroc,
-                                               "auprc": settings.gate_noninferiority_auprc}
+        vs_current["noninferiority_margin"] = noninferiority
         current_metrics = vs_current["current"]
         card["metrics"]["model_vs_current"] = vs_current  # the card, `runs` row and report show the interval
     decision = gate_decision(card["metrics"]["model"], card["metrics"].get("news2"), current_metrics,
@@ -312,8 +303,7 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
                              news2_gain_ci95={m: (card["metrics"].get("model_vs_news2") or {}).get(f"{m}_gain", {})
                                               .get("ci95") for m in GATE_METRICS},
                              directional_problems=directional_violations(table), current_gain=vs_current,
-                             noninferiority={"auroc": settings.gate_noninferiority_auroc,
-                                             "auprc": settings.gate_noninferiority_auprc})
+                             noninferiority=noninferiority)
     if current is not None and vs_current is None:  # a current model that fails its integrity check
         problem = (f"current model {current} failed its integrity check "
                    f"({registry.integrity(settings.model_dir, current)}): not compared, so not replaced "

@@ -432,7 +432,7 @@ def test_held_out_metrics_are_those_of_the_points_the_worker_serves_the_model(tm
     everything = card["metrics"]["all_rows"]
     assert everything["model"]["n_rows"] == test.height and everything["model"]["auroc"] < model["auroc"] - 0.02
     # the gate judges the current model on the same served rows
-    assert _held_out(features, labels).height == served.height
+    assert _held_out(features, labels)[0].height == served.height
     # and it is trained on such rows only: the training patients' rule-path rows (all onsets here) are left out
     training = features.filter(~pl.col("patient_id").is_in(sorted(held_out)))
     assert card["n_train_rows"] == training.filter(pl.col(HR).is_not_null()).height
