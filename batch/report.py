@@ -282,19 +282,19 @@ def _model_section(run: dict | None, *, this_run: dict) -> list[str]:
         block = metrics.get(key) or {}
         ci = block.get("ci95") or {}
         rows.append([name, *(with_interval(block.get(m), ci.get(m)) for m in ("auroc", "auprc"))])
+    def gains(block: dict) -> list[str]:  # the paired gains' cells (card metrics.model_vs_*)
+        return [with_interval((block.get(f"{m}_gain") or {}).get("estimate"), (block.get(f"{m}_gain") or {}).get("ci95"),
+                              signed=True) for m in ("auroc", "auprc")]
+
     vs_news2 = metrics.get("model_vs_news2") or {}
     if vs_news2:
-        rows.append(["model - NEWS2 (paired)", *(with_interval((vs_news2.get(f"{m}_gain") or {}).get("estimate"),
-                                                               (vs_news2.get(f"{m}_gain") or {}).get("ci95"), signed=True)
-                                                 for m in ("auroc", "auprc"))])
+        rows.append(["model - NEWS2 (paired)", *gains(vs_news2)])
     vs_current = metrics.get("model_vs_current") or {}
     if vs_current:
         margin = vs_current.get("noninferiority_margin") or {}
         rows.append([f"model - current {vs_current.get('current_version', '')} (paired; non-inferiority margin "
                      + ", ".join(f"{m.upper()} -{margin[m]:g}" for m in ("auroc", "auprc") if m in margin) + ")",
-                     *(with_interval((vs_current.get(f"{m}_gain") or {}).get("estimate"),
-                                     (vs_current.get(f"{m}_gain") or {}).get("ci95"), signed=True)
-                       for m in ("auroc", "auprc"))])
+                     *gains(vs_current)])
     out.append(_table(["", "AUROC (95 % CI)", "AUPRC (95 % CI)"], rows))
     bootstrap = metrics.get("bootstrap") or {}
     if bootstrap:

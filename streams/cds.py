@@ -529,7 +529,8 @@ class CatchUp:
     streams/app.py ExactEndRecovery and streams/stats.py read_stats found): the rest of that batch comes
     in the same fetch, so the reader is done once it reached every partition's reported end, at least
     `quiet_s` has passed since, and a read has come back short (what was fetched is all delivered), or
-    ten times `quiet_s` has passed (new records that never let a read come back short: a flood). And whatever those ends say, it is done when nothing has come for
+    ten times `quiet_s` has passed (new records that never let a read come back short: a flood). And
+    whatever those ends say, it is done when nothing has come for
     `idle_s` and the broker's current ends are no further than the reader's positions (`at_end`):
     records below the start ends that can never come (a tail removed, a topic recreated smaller) do not
     keep it waiting, while a broker that does not answer keeps it not done."""

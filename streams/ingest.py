@@ -18,9 +18,8 @@ ran ahead is paused from its first held-back message on until the others catch u
 ahead of vital signs, whose events would then all be late downstream. Held-back messages are kept in
 memory (up to a batch per paused partition; beyond, it is sought back to the first) and published
 first once their partition resumes: librdkafka resumes a paused partition after the last message it
-delivered. They are neither
-counted, dead-lettered nor committed until then; a crash or a rebalance re-reads them from the
-committed offset.
+delivered. They are neither counted, dead-lettered nor committed until then; a crash or a rebalance
+re-reads them from the committed offset.
 
 A plain confluent-kafka consumer-group worker rather than a faust agent: the hop is stateless, and
 batching the consume and the produce is what makes it fast. Data errors are dead-lettered and
