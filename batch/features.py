@@ -29,7 +29,7 @@ import duckdb
 import polars as pl
 
 from schemas import codes
-from schemas.cadence import VITAL_SIGN_CODES, Trigger, snapshot_id
+from schemas.cadence import VITAL_SIGN_CODES, Trigger, news2_points, snapshot_id
 from schemas.canonical import Status
 from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec
 from wardwatch.settings import Settings
@@ -107,7 +107,8 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
 
     Runs (adjacent measurement events of one message sharing an effective time) and what each could
     trigger are vectorized; which runs do trigger is one pass over the candidate runs in arrival
-    order, because the minimum interval counts from the last point actually taken."""
+    order, because the minimum interval counts from the last point actually taken (and a run inside it
+    still scores when one of its accepted vitals scores NEWS2 points: schemas.cadence.news2_points)."""
     classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
     message = pl.struct("patient_id", "partition", "offset")
     new_run = ((message != message.shift(1)) | (pl.col("effective_ms") != pl.col("effective_ms").shift(1))).fill_null(True)
@@ -120,14 +121,17 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
             .agg(pl.col("patient_id", "partition", "offset").first(), pl.col("idx").last(),
                  pl.col("effective_ms").first(), pl.col("_clock_after").last(),
                  _vital=pl.col("event_id").filter(vital).first(),
+                 _vital_readings=pl.struct("code", "value", "status").filter(vital),
                  _correction=pl.col("event_id").filter(pl.col("_kind") == CORRECTED).first())
             .filter(pl.col("_vital").is_not_null() | pl.col("_correction").is_not_null()))
     points, vitals_scored_ms = [], {}
-    for patient, partition, offset, idx, T, clock, vital_event, correction_event in runs.select(
+    for patient, partition, offset, idx, T, clock, vital_event, readings, correction_event in runs.select(
             "patient_id", "partition", "offset", "idx", "effective_ms", "_clock_after", "_vital",
-            "_correction").iter_rows():
+            "_vital_readings", "_correction").iter_rows():
         last = vitals_scored_ms.get(patient)
-        if vital_event is not None and (last is None or (T > last and T - last >= min_interval_ms)):
+        if vital_event is not None and (last is None or (T > last and (
+                T - last >= min_interval_ms  # an abnormal reading is scored inside the interval too
+                or any(news2_points(r["code"], r["value"], r["status"] == RETRACTED) for r in readings)))):
             vitals_scored_ms[patient] = T
             points.append((patient, T, partition, offset, idx, Trigger.VITALS.value, vital_event))
         elif correction_event is not None and last is not None:

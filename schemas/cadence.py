@@ -11,8 +11,14 @@ restart or a rebuild finds the same points, snapshots and alerts.
   The point of a run is taken after its last event, position (partition, offset, idx of that event).
 - Trigger "vitals": the run holds an *accepted* event of a VITAL_SIGN_CODES code, its time T is
   newer than the patient's last vitals point, and at least `scoring_min_interval_s` of event time
-  after it (0: every newer vitals set). Point at T. Labs and other codes never trigger by themselves:
-  the next vitals set picks them up. Late events never trigger (they are not accepted).
+  after it (0: every newer vitals set), or sooner when one of those accepted readings scores NEWS2
+  points on its own (news2_points > 0: a repeat set taken minutes after a normal one, a BP charted
+  two minutes after the rest of the round). Point at T. Labs and other codes never trigger by
+  themselves: the next vitals set picks them up. Late events never trigger (they are not accepted).
+  The interval bounds the points of a normal patient; it must never hold back an abnormal reading,
+  which would otherwise wait for the next round (hours) or, replaced by then, never be scored. A
+  reading that scores 0 can lower NEWS2 but never raise it, so the NEWS2 tier of a point skipped by
+  the interval is never above the previous point's (the model's may be: it waits for the next point).
 - Trigger "correction": otherwise, the run holds a *corrected* event (an amendment or a retraction
   of a known fact; not a restatement, a new version with the same content, which is a duplicate) and
   the patient has a vitals point already. Point at T = the patient clock after
@@ -33,6 +39,9 @@ import hashlib
 from enum import StrEnum
 
 from schemas import codes
+from schemas.features import ROOM_AIR_FIO2
+from schemas.scores import (pulse_score, resp_rate_score, spo2_scale1_score, systolic_bp_score,
+                            temperature_score)
 
 # the NEWS2 parameters: a new measurement of any of them is a new vitals set (air or oxygen is
 # charted as a flow or as an inhaled concentration, FiO2)
@@ -40,6 +49,26 @@ VITAL_SIGN_CODES: frozenset[str] = frozenset({
     codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.FIO2, codes.SYSTOLIC_BP, codes.HEART_RATE,
     codes.CONSCIOUSNESS, codes.TEMPERATURE,
 })
+
+
+# a reading's NEWS2 points on its own (RCP 2017 chart, SpO2 scale 1); air or oxygen: any oxygen scores 2
+_READING_POINTS = {
+    codes.RESP_RATE: resp_rate_score,
+    codes.SPO2: spo2_scale1_score,
+    codes.O2_FLOW: lambda flow: 2 if flow > 0 else 0,
+    codes.FIO2: lambda fio2: 2 if fio2 > ROOM_AIR_FIO2 else 0,
+    codes.SYSTOLIC_BP: systolic_bp_score,
+    codes.HEART_RATE: pulse_score,
+    codes.CONSCIOUSNESS: lambda ordinal: 0 if ordinal == 0 else 3,  # A scores 0; C, V, P, U score 3
+    codes.TEMPERATURE: temperature_score,
+}
+
+
+def news2_points(code: str, value: float | None, retracts: bool = False) -> int:
+    """The NEWS2 points one vital-sign reading scores on its own: what lets it be scored inside the
+    minimum interval. 0 for another code, a reading without a value or a retraction."""
+    score = _READING_POINTS.get(code)
+    return 0 if score is None or value is None or retracts else score(value)
 
 
 class Trigger(StrEnum):

@@ -197,6 +197,10 @@ def test_scoring_points_follow_vitals_sets_and_corrections():
                                                      (T0 + 10 * MIN, 2, 0, "correction")]
     # with no minimum interval every newer vitals set scores, at its own time (not the lab's clock)
     assert points_of(a, min_interval_ms=0)[-1] == (T0 + 12 * MIN, 5, 0, "vitals")
+    # inside the interval a reading that scores NEWS2 points is scored anyway (schemas.cadence.news2_points)
+    a.send(event("f4", 135, T0 + 13 * MIN))  # offset 6: pulse >= 131 scores 3
+    a.send(event("f5", 135, T0 + 14 * MIN, status=Status.ENTERED_IN_ERROR))  # offset 7: an error scores nothing
+    assert points_of(a, min_interval_ms=5 * MIN)[-1] == (T0 + 13 * MIN, 6, 0, "vitals")
 
 
 def test_a_restatement_is_a_duplicate_and_makes_no_correction_point():

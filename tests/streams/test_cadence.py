@@ -46,11 +46,46 @@ def test_a_lab_alone_does_not_score_and_the_next_vitals_set_picks_it_up(processo
     assert snapshot["scoring_ms"] == T0 + 20 * MIN and snapshot["features"]["lactate_last_24h"] == 4.5
 
 
-def test_vitals_sets_within_the_minimum_interval_are_not_scored(processor):
+def test_normal_vitals_sets_within_the_minimum_interval_are_not_scored(processor):
     store: dict[str, PatientRecord] = {}
-    out = run(processor, [msg(0, vitals("p1", T0, 1) + vitals("p1", T0 + 2 * MIN, 2)),
-                          msg(1, vitals("p1", T0 + INTERVAL_S * 1000, 3))], store)
+    out = run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL) + vitals("p1", T0 + 2 * MIN, 2, **NORMAL)),
+                          msg(1, vitals("p1", T0 + INTERVAL_S * 1000, 3, **NORMAL))], store)
     assert [p[0] for p in points(out)] == [T0, T0 + INTERVAL_S * 1000]
+
+
+def one_reading(t: int, row: int, code: str, value: float) -> list[CanonicalEvent]:
+    """One vital charted on its own (a FHIR Observation, or a row with one column charted)."""
+    return [CanonicalEvent(patient_id="p1", code=code, value=value, unit=None, effective_ms=t, issued_ms=t,
+                           status=Status.FINAL, source=Source.CDC, fact_id=f"cdc:vital_signs:{row}:{code}",
+                           version=row)]
+
+
+@pytest.mark.parametrize("code, value", [
+    (codes.SYSTOLIC_BP, 80.0),  # SBP <= 90: 3 points, a trigger on its own (RCP 2017)
+    (codes.RESP_RATE, 26.0),  # RR >= 25: 3
+    (codes.CONSCIOUSNESS, 2.0),  # responds to voice: 3
+    (codes.HEART_RATE, 135.0),  # pulse >= 131: 3
+])
+def test_an_abnormal_reading_inside_the_minimum_interval_is_scored_and_alerts_at_once(processor, code, value):
+    # A normal round, then one reading charted 2 min later (the BP cuff after the monitor, a repeat check):
+    # held back by the interval, it waited for the next round, hours away, and was never scored if that
+    # round's reading was normal again. NEWS2 (RCP 2017): a single parameter scoring 3 needs an urgent review.
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)
+    out = run(processor, [msg(1, one_reading(T0 + 2 * MIN, 2, code, value))], store)
+    assert points(out) == [(T0 + 2 * MIN, "vitals", 0)]
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in map(orjson.loads, (v for _, v, _ in out.alerts))] \
+        == [("open", "medium")]
+    # a normal reading inside the interval still waits (it can lower NEWS2, never raise it)
+    assert points(run(processor, [msg(2, one_reading(T0 + 3 * MIN, 3, codes.HEART_RATE, 72.0))], store)) == []
+
+
+def test_a_deteriorated_repeat_set_inside_the_minimum_interval_raises_the_high_alert(processor):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)
+    out = run(processor, [msg(1, vitals("p1", T0 + 4 * MIN, 2))], store)  # the defaults score NEWS2 >= 7
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in map(orjson.loads, (v for _, v, _ in out.alerts))] \
+        == [("open", "high")]
 
 
 def test_two_vitals_sets_in_one_message_are_two_points_each_seeing_only_what_came_before(processor):
@@ -113,4 +148,5 @@ def test_the_same_events_cut_into_other_messages_give_the_same_points_snapshots_
 
     one_by_one = published([1] * len(rows))
     assert one_by_one == published([len(rows)]) == published([2, 3, 2]) == published([3, 1, 3])
-    assert len(one_by_one[0]) == 5 and len(one_by_one[1]) >= 2  # points and alerts to compare
+    # points and alerts to compare (the high row inside the interval is a point: its readings score NEWS2 points)
+    assert len(one_by_one[0]) == 6 and len(one_by_one[1]) >= 2
