@@ -7,8 +7,10 @@ import orjson
 import pytest
 
 from schemas import codes
+from schemas.cadence import news2_points
 from schemas.canonical import CanonicalEvent, Source, Status
 from streams.patient_agent import PatientProcessor, PatientRecord
+from tests.schemas import test_scores as chart
 from streams.scoring import Scorer
 from tests.streams.test_patient_agent import NORMAL, T0, MIN, amendment, msg, run, vitals
 from wardwatch.settings import Settings
@@ -150,3 +152,16 @@ def test_the_same_events_cut_into_other_messages_give_the_same_points_snapshots_
     assert one_by_one == published([len(rows)]) == published([2, 3, 2]) == published([3, 1, 3])
     # points and alerts to compare (the high row inside the interval is a point: its readings score NEWS2 points)
     assert len(one_by_one[0]) == 6 and len(one_by_one[1]) >= 2
+
+
+@pytest.mark.parametrize("code, table", [
+    (codes.RESP_RATE, chart.RESP_RATE), (codes.SPO2, chart.SPO2_SCALE1), (codes.SYSTOLIC_BP, chart.SYSTOLIC_BP),
+    (codes.HEART_RATE, chart.PULSE), (codes.TEMPERATURE, chart.TEMPERATURE),
+    (codes.CONSCIOUSNESS, [(codes.ACVPU_ORDINAL[level], points) for level, points in chart.CONSCIOUSNESS]),
+    (codes.O2_FLOW, [(0.0, 0), (0.5, 2), (15.0, 2)]), (codes.FIO2, [(21.0, 0), (21.5, 2), (60.0, 2)]),
+])
+def test_a_readings_own_news2_points_follow_the_chart_on_every_band_edge(code, table):
+    # what lets a reading be scored inside the minimum interval: the RCP 2017 chart's points, edge by edge
+    assert [news2_points(code, float(value)) for value, _ in table] == [points for _, points in table]
+    assert news2_points(code, None) == 0 and news2_points(code, float(table[0][0]), retracts=True) == 0
+    assert news2_points(codes.LACTATE, 9.0) == 0  # labs never score a point by themselves
