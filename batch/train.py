@@ -82,7 +82,8 @@ from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TO
                             final_facts)
 from schemas import codes
 from schemas.features import FEATURE_DIRECTIONS, FEATURE_NAMES, NEWS2_INPUTS
-from schemas.model_contract import CONTRACT_METADATA_KEY, contract_metadata
+from schemas.model_contract import (CONTRACT_METADATA_KEY, FEATURE_DEFINITIONS_KEY, contract_metadata,
+                                    feature_definitions)
 
 # Every feature is numeric (consciousness is its ACVPU ordinal); the NEWS2 sub-scores give a
 # linear model the clinical band edges it cannot learn itself.
@@ -293,6 +294,8 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
                  "to the clinical directions (schemas/features.py)",
         "coefficient_directions": {f: d for f, d in zip(MODEL_FEATURES, MODEL_DIRECTIONS) if d is not None},
         "features": list(MODEL_FEATURES),
+        # what each was computed from: a worker whose specs differ refuses the model (schemas/model_contract.py)
+        FEATURE_DEFINITIONS_KEY: feature_definitions(MODEL_FEATURES),
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "positive_class_index": 1,
@@ -613,7 +616,8 @@ def to_onnx(pipeline: Pipeline, imputation: dict[str, float] | None = None) -> b
     if imputation is not None:
         entry = onx.metadata_props.add()
         entry.key = CONTRACT_METADATA_KEY
-        entry.value = contract_metadata(MODEL_FEATURES, imputation, INPUT_NAME, OUTPUT_NAME)
+        entry.value = contract_metadata(MODEL_FEATURES, imputation, INPUT_NAME, OUTPUT_NAME,
+                                        feature_definitions(MODEL_FEATURES))
     return onx.SerializeToString()
 
 

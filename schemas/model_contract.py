@@ -18,6 +18,12 @@ The card's sha256 pins model.onnx, but not the card itself: an edited feature li
 feature to the wrong weight, silently. So training writes the contract into the ONNX model's own
 metadata (CONTRACT_METADATA_KEY, covered by the sha256), and the check compares the card with it. A
 model registered before that has no such entry and is checked as before.
+
+A name alone does not pin what a feature is: a release may change a spec's code, aggregation or window, or
+a derived feature's inputs, and keep its name. The card (and the embedded contract) therefore also carry
+each feature's definition as training computed it (`feature_definitions`, FEATURE_DEFINITIONS_KEY), and a
+model whose definitions differ from this code base's is refused, not fed values it never saw in training.
+A card without them (registered before) is checked by name only.
 """
 
 from __future__ import annotations
@@ -27,11 +33,24 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
-from schemas.features import FEATURE_NAMES
+from schemas.features import DERIVED, FEATURE_NAMES, FEATURES
 
 ONNX_FLOAT = "tensor(float)"
 # the ONNX metadata_props key holding the contract the model was trained with (contract_metadata)
 CONTRACT_METADATA_KEY = "wardwatch.contract"
+# the card's (and the embedded contract's) key for what each feature was computed from at training
+FEATURE_DEFINITIONS_KEY = "feature_definitions"
+# what each feature of this code base is computed from: a base feature's [code, aggregation, window_s], a
+# derived one's ["derived", inputs, optional inputs] (JSON-ready lists: a card read back compares equal)
+FEATURE_DEFINITIONS: dict[str, list] = {
+    **{f.name: [f.code, f.agg, f.window_s] for f in FEATURES},
+    **{d.name: ["derived", list(d.inputs), list(d.optional)] for d in DERIVED},
+}
+
+
+def feature_definitions(features: Sequence[str]) -> dict[str, list]:
+    """The definitions of `features` as this code base computes them (for a card written at training)."""
+    return {f: FEATURE_DEFINITIONS[f] for f in features}
 
 
 class ContractError(Exception):
@@ -53,6 +72,7 @@ class ModelContract:
     output_name: str
     imputation: dict[str, float | None]
     sha256: str | None = None
+    definitions: dict[str, list] | None = None  # FEATURE_DEFINITIONS_KEY; None: a card from before them
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> ModelContract:
@@ -70,16 +90,20 @@ class ModelContract:
                 output_name=card["output_name"],
                 imputation=dict(card["imputation"] or {}),
                 sha256=card.get("sha256"),
+                definitions=None if card.get(FEATURE_DEFINITIONS_KEY) is None else dict(card[FEATURE_DEFINITIONS_KEY]),
             )
         except (TypeError, ValueError) as e:  # e.g. "features": 7 in a hand-edited card: refused, not a crash
             raise ContractError(f"model card fields have the wrong type ({e}); re-register the model") from None
 
 
 def contract_metadata(features: Sequence[str], imputation: Mapping[str, float | None], input_name: str,
-                      output_name: str) -> str:
+                      output_name: str, definitions: Mapping[str, list] | None = None) -> str:
     """The contract as training embeds it in the ONNX model (CONTRACT_METADATA_KEY): canonical JSON."""
-    return json.dumps({"features": list(features), "imputation": dict(imputation), "input_name": input_name,
-                       "output_name": output_name}, sort_keys=True, separators=(",", ":"))
+    contract = {"features": list(features), "imputation": dict(imputation), "input_name": input_name,
+                "output_name": output_name}
+    if definitions is not None:
+        contract[FEATURE_DEFINITIONS_KEY] = dict(definitions)
+    return json.dumps(contract, sort_keys=True, separators=(",", ":"))
 
 
 def check_contract(contract: ModelContract, onnx_inputs: Sequence[TensorSignature],
@@ -101,6 +125,15 @@ def _feature_problems(contract: ModelContract) -> list[str]:
     if unknown:
         problems.append(f"card features {unknown} are not in schemas.features.FEATURE_NAMES "
                         "(renamed or removed feature? retrain against the current feature specs)")
+    if contract.definitions is not None:
+        # same name, other values: the model's weights would meet a feature it was not trained on
+        changed = {f: (contract.definitions.get(f), FEATURE_DEFINITIONS[f]) for f in contract.features
+                   if f in FEATURE_DEFINITIONS and contract.definitions.get(f) != FEATURE_DEFINITIONS[f]}
+        if changed:
+            listed = "; ".join(f"{f}: trained on {was}, computed here as {now}" for f, (was, now) in changed.items())
+            problems.append(f"card features are computed differently by this wardwatch than when the model was "
+                            f"trained ({listed}): retrain against the current feature specs, or run the wardwatch "
+                            "release the model was trained with")
     duplicates = sorted({f for f in contract.features if contract.features.count(f) > 1})
     if duplicates:
         problems.append(f"card lists features more than once: {duplicates}")
@@ -119,10 +152,13 @@ def _embedded_problems(contract: ModelContract, metadata: Mapping[str, str]) -> 
     try:
         embedded = json.loads(raw)
         trained = {k: embedded[k] for k in ("features", "imputation", "input_name", "output_name")}
+        if FEATURE_DEFINITIONS_KEY in embedded:  # (a model trained before them embeds none)
+            trained[FEATURE_DEFINITIONS_KEY] = embedded[FEATURE_DEFINITIONS_KEY]
     except (ValueError, TypeError, KeyError):
         return [f"model.onnx metadata {CONTRACT_METADATA_KEY!r} is unreadable: re-register the model"]
     card = {"features": list(contract.features), "imputation": contract.imputation,
-            "input_name": contract.input_name, "output_name": contract.output_name}
+            "input_name": contract.input_name, "output_name": contract.output_name,
+            FEATURE_DEFINITIONS_KEY: contract.definitions}
     differ = [k for k in trained if trained[k] != card[k]]
     if differ:
         return [f"card {differ} differ from the contract model.onnx was trained with (the card was edited "

@@ -107,6 +107,11 @@ def test_card_matches_the_onnx_signature(trained):
     assert model_input.type == "tensor(float)"
     assert model_input.shape[1] == len(card["features"])
     assert card["features"] == list(MODEL_FEATURES)
+    # what each feature was computed from, in the card and in the contract the model embeds
+    from schemas.model_contract import CONTRACT_METADATA_KEY, feature_definitions
+    assert card["feature_definitions"] == feature_definitions(MODEL_FEATURES)
+    embedded = json.loads(session.get_modelmeta().custom_metadata_map[CONTRACT_METADATA_KEY])
+    assert embedded["feature_definitions"] == card["feature_definitions"]
     assert card["output_name"] in [o.name for o in session.get_outputs()]
     on_disk = json.loads(registry.card_path(model_dir, "v1").read_text())
     assert on_disk == card

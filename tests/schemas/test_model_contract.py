@@ -40,6 +40,22 @@ def test_a_matching_card_and_model_pass():
     assert contract.features == tuple(FEATURES)  # order is the column order of the model input
 
 
+def test_a_feature_computed_otherwise_than_in_training_is_refused():
+    """A release that redefines a feature under the same name (here the lactate's window, 24 h -> 48 h, as
+    if the card came from such a release) must not have the model served: its weights would read values
+    it was never trained on, silently."""
+    from schemas.model_contract import FEATURE_DEFINITIONS_KEY, feature_definitions
+
+    same = feature_definitions(FEATURES)
+    check_contract(ModelContract.from_card(card(**{FEATURE_DEFINITIONS_KEY: same})), INPUTS, OUTPUTS)
+    code, agg, _ = same["lactate_last_24h"]
+    other = {**same, "lactate_last_24h": [code, agg, 48 * 3600]}
+    message = contract_error(card(**{FEATURE_DEFINITIONS_KEY: other}))
+    assert "lactate_last_24h" in message and "172800" in message and "86400" in message
+    assert "computed differently" in message and "retrain" in message
+    assert "resp_rate_last_24h" not in message  # only the feature that changed is named
+
+
 def test_unknown_feature_is_named():
     message = contract_error(card(features=["resp_rate_last_24h", "spo2_last_24h", "pulse_pressure_6h"],
                                   imputation={"resp_rate_last_24h": 1, "spo2_last_24h": 1, "pulse_pressure_6h": 1}))

@@ -34,6 +34,24 @@ def test_the_shipped_model_embeds_its_contract():
     assert CONTRACT_METADATA_KEY in metadata
 
 
+def test_the_shipped_model_is_refused_by_a_worker_that_computes_a_feature_otherwise(monkeypatch):
+    """A release that changes what a feature name computes (its window here) must not serve a model
+    trained on the old definition: the worker refuses it at start with the reason, as for a renamed
+    feature, instead of scoring every patient with inputs the weights were not fitted to."""
+    import pytest
+
+    from schemas import model_contract
+    from schemas.model_contract import ContractError, feature_definitions
+
+    version = read_current(BUNDLED_MODELS)
+    model = load_model(BUNDLED_MODELS, version)
+    assert model.contract.definitions == feature_definitions(model.contract.features)
+    code, agg, _ = model_contract.FEATURE_DEFINITIONS["heart_rate_mean_1h"]
+    monkeypatch.setitem(model_contract.FEATURE_DEFINITIONS, "heart_rate_mean_1h", [code, agg, 2 * 3600])
+    with pytest.raises(ContractError, match="heart_rate_mean_1h: trained on .*3600.*computed here as .*7200"):
+        Scorer(BUNDLED_MODELS, Settings())
+
+
 def test_the_shipped_model_scores_a_complete_snapshot_on_the_model_path():
     # a patient on the way down: every NEWS2 input present (NEWS2 3, no single 3, so the NEWS2 floor
     # leaves the tier to the model), trends and labs missing (imputed)
