@@ -146,9 +146,20 @@ class ExactEndRecovery(Recovery):
     it can even roll an in-memory value back. Instead, on assignment the worker appends a barrier
     record to each of its changelog partitions (the source partitions are paused, so nothing follows
     it) and recovers up to the barrier's own offset, which the produce response gives exactly. Standby
-    partitions keep faust's estimate: they are only a warm start, and take-over recovers them again."""
+    partitions keep faust's estimate, raised to what the standby copy has read already: they are only a
+    warm start, and take-over recovers them again."""
 
     async def _build_highwaters(self, consumer, tps, destination, title: str) -> None:
+        if title == "standby":
+            await super()._build_highwaters(consumer, tps, destination, title)
+            # a standby kept across a rebalance may have read that low estimate's batch to its end
+            # already (before the active owner's barrier lands): faust's consistency check then took
+            # the copy for corrupt and stopped the worker. The copy reads on to the real end anyway.
+            for tp in tps:
+                read = self.standby_offsets.get(tp)
+                if read is not None and read > destination.get(tp, -1):
+                    destination[tp] = read
+            return
         if title != "active" or not tps:
             return await super()._build_highwaters(consumer, tps, destination, title)
         started = time.monotonic()

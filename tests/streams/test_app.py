@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -316,3 +317,31 @@ def test_a_graceful_stop_waits_for_the_commit_in_flight_and_a_silent_broker_cann
     silent = _CommittingConsumer(hang=True)
     with pytest.raises(asyncio.TimeoutError):  # the shutdown handler logs it and the stop goes on
         asyncio.run(asyncio.wait_for(stop_while_committing(silent, 0.2), 5))
+
+
+class _TansuHighwaters:
+    """What the embedded broker answers for a changelog partition whose last record batch holds several
+    records (a worker batch's patient records and its next-offset marker): the batch's base offset + 1."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    async def highwaters(self, *tps):
+        return {tp: self.answers[tp] for tp in tps}
+
+
+def test_a_standby_copy_read_past_the_brokers_high_watermark_estimate_is_not_taken_for_corrupt():
+    from faust.types import TP as FaustTP
+
+    from streams.app import ExactEndRecovery
+
+    kept, fresh = FaustTP("w-patient_state-changelog", 0), FaustTP("w-patient_state-changelog", 1)
+    recovery = ExactEndRecovery.__new__(ExactEndRecovery)  # its highwater step only; no app needed
+    recovery.log = logging.getLogger("test-recovery")
+    recovery.standby_offsets = Counter({kept: 34, fresh: None})  # kept across the rebalance, read to its end
+    highwaters = Counter()
+    asyncio.run(recovery._build_highwaters(_TansuHighwaters({kept: 34, fresh: 12}), {kept, fresh}, highwaters,
+                                           "standby"))
+    # faust's check (recovery_consistency_check) stops the worker when a standby offset exceeds this
+    assert highwaters[kept] >= recovery.standby_offsets[kept]
+    assert highwaters[fresh] == 11  # a copy not read yet keeps the broker's estimate (faust's last-record convention)

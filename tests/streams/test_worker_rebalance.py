@@ -97,3 +97,65 @@ def test_survivor_takes_over_a_killed_workers_partitions_and_ends_like_a_single_
     assert set(got.features) == set(ref.features) and set(got.scores) == set(ref.scores)
     assert got.alerts == ref.alerts and ref.alerts
     assert got.differing_repeats() == []
+
+
+@pytest.mark.timeout(300)
+def test_a_rolling_restart_of_a_dynamic_group_loses_nothing_and_stops_no_worker(settings, tmp_path):
+    """Two workers without static membership, restarted one after the other (SIGTERM, then start
+    again) while the stream is quiet, as a rolling upgrade does: each rebalance moves partitions to the
+    other worker and back, and a worker may keep a standby copy it has read to the end. The embedded
+    broker's high watermark of a changelog partition can lie below that end, which faust's standby
+    check took for a corrupt store: the worker stopped. Then the rest of the stream: the results equal
+    a single undisturbed worker's."""
+    messages = canonical_messages(PATIENTS, ROWS)
+    before, after = messages[:len(messages) // 2], messages[len(messages) // 2:]
+    ref_settings, pair_settings = _sibling(settings, "rs"), _sibling(settings, "rp")
+    ref_topics, topics = topics_for(ref_settings), topics_for(pair_settings)
+    ensure_topics(ref_settings, ref_topics)
+    ensure_topics(pair_settings, topics)
+    everything = set(range(topics.partitions))
+    split = lambda ps: 0 < len(ps) < len(everything)  # noqa: E731
+    deadline = time.monotonic() + 270
+    logs = tmp_path
+
+    def start(name: str):
+        return start_service(["worker", "--loglevel", "INFO"], pair_settings, logs / f"{name}.log")
+
+    ref_worker = start_service(["worker", "--loglevel", "INFO"], ref_settings, logs / "single.log")
+    workers = {"a": start("a-1"), "b": start("b-1")}
+    workers_log = {name: logs / f"{name}-1.log" for name in workers}
+    procs = {"single worker": ref_worker, **workers}
+    try:
+        wait_for_group(ref_settings, f"{ref_settings.group_prefix}-worker", alive=ref_worker)
+        wait_for_assignment(workers_log["b"], topics.canonical, split, deadline=deadline, alive=workers["b"])
+        ref_pub = Publisher(ref_settings, ref_topics.canonical, messages).start()
+        ends = Publisher(pair_settings, topics.canonical, before).start().join(deadline - time.monotonic())
+        wait_for_applied(pair_settings, topics, ends, deadline=deadline, on_wait=lambda: check_alive(procs, logs))
+        for name, other in (("b", "a"), ("a", "b")):
+            time.sleep(3)  # the other worker's standby copies read to the end of the quiet changelog
+            assert stop_service(workers[name]) == 0  # SIGTERM: a graceful stop
+            del procs[name]
+            wait_for_assignment(workers_log[other], topics.canonical, lambda ps: ps == everything,
+                                deadline=deadline, alive=workers[other])
+            workers[name] = procs[name] = start(f"{name}-2")
+            workers_log[name] = logs / f"{name}-2.log"
+            wait_for_assignment(workers_log[name], topics.canonical, split, deadline=deadline, alive=workers[name])
+            wait_for_assignment(workers_log[other], topics.canonical, split, deadline=deadline, alive=workers[other])
+        rest = Publisher(pair_settings, topics.canonical, after).start().join(deadline - time.monotonic())
+        ends = {tp: max(ends.get(tp, 0), end) for tp, end in rest.items()}
+        ref_ends = ref_pub.join(deadline - time.monotonic())
+        wait_for_applied(pair_settings, topics, ends, deadline=deadline, on_wait=lambda: check_alive(procs, logs))
+        wait_for_applied(ref_settings, ref_topics, ref_ends, deadline=deadline,
+                         on_wait=lambda: check_alive(procs, logs))
+        check_alive(procs, logs)
+    finally:
+        for proc in (*workers.values(), ref_worker):
+            stop_service(proc)
+
+    ref = collect_results(ref_settings, ref_topics)
+    got = collect_results(pair_settings, topics)
+    assert got.known_fact_ids() == ref.known_fact_ids() == set().union(*(facts for _, _, facts in messages))
+    assert got.state == ref.state
+    assert set(got.scores) == set(ref.scores)
+    assert got.alerts == ref.alerts and ref.alerts
+    assert got.differing_repeats() == []
