@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,21 @@ def _wait_for_receiver(url: str, proc, logs: Path, deadline: float) -> None:
         if time.monotonic() >= deadline:
             raise TimeoutError(f"the receiver did not become ready: see {logs}/receiver.log")
         time.sleep(0.2)
+
+
+def _poller(archiver: Archiver, *, every_s: float) -> Callable[[], None]:
+    """A callable that polls the archiver (without waiting) at most every `every_s`. The replay's
+    publish calls it: an archiver left unpolled for longer than max.poll.interval.ms (300 s; a slow
+    machine, a bigger --patients) is dropped from its group by librdkafka and has to rejoin."""
+    last = time.monotonic()
+
+    def poll() -> None:
+        nonlocal last
+        if time.monotonic() - last >= every_s:
+            archiver.poll_once(timeout_s=0)
+            last = time.monotonic()
+
+    return poll
 
 
 def _wait_for_quiet(archiver: Archiver, *, quiet_s: float, deadline: float, topics: set[str] | None = None) -> None:
@@ -205,9 +221,14 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict:
 
         n = len(replay.messages)
         step = progress.add_task("replaying CDC rows + POSTing FHIR notifications", total=n)
+        keep_archiving = _poller(archiver, every_s=1.0)
+
+        def on_published(done: int) -> None:
+            progress.update(step, completed=done)
+            keep_archiving()
+
         with httpx.Client(timeout=30) as http:
-            published = publish(replay, settings, topics, rate=opts.rate,
-                                progress=lambda done: progress.update(step, completed=done),
+            published = publish(replay, settings, topics, rate=opts.rate, progress=on_published,
                                 post_fhir=lambda body: post_notification(http, f"{receiver_url}/fhir/notifications",
                                                                          body))
 

@@ -141,3 +141,68 @@ def test_the_summary_says_where_the_demos_models_are(tmp_path):
     console = Console(record=True, width=300)
     _print_summary(console, summary)
     assert f"WARDWATCH_MODEL_DIR={tmp_path / 'models'} wardwatch model list" in console.export_text()
+
+
+@pytest.mark.timeout(240)
+def test_the_archiver_stays_in_its_group_while_the_replay_publishes(broker, cohort_cache, tmp_path, monkeypatch,
+                                                                     caplog):
+    """The demo's in-process archiver used to be polled only before and after the replay's publish: a
+    publish longer than max.poll.interval.ms made librdkafka drop it from its group ("maximum poll
+    interval exceeded"), and it rejoined. Here the interval is 6 s (its floor: the session timeout) and
+    the publish is paced to last longer than that."""
+    import time
+
+    import confluent_kafka
+
+    import wardwatch.demo as demo_module
+
+    max_poll_ms = 6000
+    real_consumer = confluent_kafka.Consumer
+
+    def consumer(conf):  # only the archiver's consumer gets the short interval
+        if conf.get("group.id", "").endswith(".archiver"):
+            conf = {**conf, "max.poll.interval.ms": max_poll_ms}
+        return real_consumer(conf)
+
+    monkeypatch.setattr(confluent_kafka, "Consumer", consumer)
+    archivers = []
+
+    class RecordingArchiver(demo_module.Archiver):
+        def __init__(self, *args, **kwargs):
+            self.assignments = 0
+            self.polls: list[float] = []
+            super().__init__(*args, **kwargs)
+            archivers.append(self)
+
+        def _on_assign(self, consumer, partitions):
+            self.assignments += 1
+            super()._on_assign(consumer, partitions)
+
+        def poll_once(self, timeout_s: float = 1.0) -> int:
+            self.polls.append(time.monotonic())
+            return super().poll_once(timeout_s)
+
+    publishing = {}
+    real_publish = demo_module.publish
+
+    def publish(*args, **kwargs):
+        publishing["start"] = time.monotonic()
+        result = real_publish(*args, **kwargs)
+        publishing["end"] = time.monotonic()
+        publishing["archived_meanwhile"] = sum(archivers[0].consumed.values())
+        return result
+
+    monkeypatch.setattr(demo_module, "Archiver", RecordingArchiver)
+    monkeypatch.setattr(demo_module, "publish", publish)
+    summary = run_demo(DemoOptions(patients=2, seed=7, data_dir=tmp_path / "data", cache_dir=cohort_cache,
+                                   train=False, rate=40.0, bootstrap=broker.bootstrap), Console(quiet=True))
+
+    assert publishing["end"] - publishing["start"] > max_poll_ms / 1000 + 1  # else the test proves nothing
+    (archiver,) = archivers
+    assert not [r.getMessage() for r in caplog.records if "archiver consume error" in r.getMessage()]
+    assert archiver.assignments == 1  # joined once, never dropped and rejoined
+    assert publishing["archived_meanwhile"] > 0  # it archived the stream's output as it came
+    during = [publishing["start"]] + [t for t in archiver.polls
+                                      if publishing["start"] < t < publishing["end"]] + [publishing["end"]]
+    assert max(b - a for a, b in zip(during, during[1:])) < 2.0
+    assert summary["parity_ok"]
