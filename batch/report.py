@@ -14,6 +14,8 @@ Sections, all read from the DuckDB file:
     model         the last model trained (`batch train`, its `runs` row: this run or an earlier one): its held-out
                   figures with the card's intervals next to NEWS2's, the paired gains over NEWS2 and over
                   the model current then (non-inferiority margin), the gate's decision and its reasons
+    (ROC and model open with a warning when their patients are too few to judge a model by:
+    batch.train.too_few_to_judge)
     calibration   predicted vs observed onset rate in ten probability bins; NEWS2's observed rate per
                   clinical band (NEWS2 is a score, not a probability); at-risk points
     alert burden  alerts opened per 100 patient-days; a patient-day is a day between a patient's
@@ -33,7 +35,7 @@ import orjson
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from batch.catalog import LABEL_HORIZON_MS
-from batch.train import BOOTSTRAP_RESAMPLES, bootstrap_intervals
+from batch.train import BOOTSTRAP_RESAMPLES, bootstrap_intervals, held_out_too_small, too_few_to_judge
 from wardwatch.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
@@ -224,6 +226,8 @@ def render(data: dict) -> str:
     sections.append("<h2>Discrimination: served model vs NEWS2 (same labelled at-risk scoring points)</h2>")
     y = np.array([r[2] for r in rows], dtype=float)
     if len(rows) and 0 < y.sum() < len(y):
+        if small := too_few_to_judge(len({r[3] for r in rows}), len({r[3] for r in rows if r[2] == 1})):
+            sections.append(_warning("Too few patients to judge", small))
         probability = np.array([r[0] for r in rows], dtype=float)
         news2 = np.array([r[1] for r in rows], dtype=float)
         model_roc, news2_roc = roc_points(y, probability), roc_points(y, news2)
@@ -262,9 +266,14 @@ def render(data: dict) -> str:
     sections.append(_table(["alerts opened", "patient-days", "alerts per 100 patient-days"],
                            [[data["alerts_opened"], data["patient_days"], burden]]))
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;"
-             "margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}")
+             "margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"
+             ".warning{border-left:.3em solid #d62728;padding-left:.5em}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>wardwatch nightly report</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
+
+
+def _warning(title: str, text: str) -> str:
+    return f"<p class='warning'><b>{html.escape(title)}</b>: {html.escape(text)}</p>"
 
 
 def _model_section(run: dict | None, *, this_run: dict) -> list[str]:
@@ -277,6 +286,8 @@ def _model_section(run: dict | None, *, this_run: dict) -> list[str]:
     metrics = orjson.loads(run["model_metrics_json"]) if run.get("model_metrics_json") else {}
     reasons = orjson.loads(run["gate_reasons_json"]) if run.get("gate_reasons_json") else []
     out = [f"<h2>Model {html.escape(str(run['model_version']))} trained on {html.escape(on)}: held-out patients</h2>"]
+    if small := held_out_too_small(metrics):
+        out.append(_warning("Held-out set too small to judge", small))
     rows = []
     for key, name in (("model", "model"), ("news2", "NEWS2")):
         block = metrics.get(key) or {}

@@ -118,6 +118,13 @@ BOOTSTRAP_SEED = 0
 CI_METRICS = ("auroc", "auprc", "sensitivity", "alerts_per_100_patient_days")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
+# Floors below which held-out figures say nothing about a model (not sizes that suffice: validation
+# guidance asks for 100+ events, Collins et al. 2016). AUROC/AUPRC rank the patients with an onset
+# against the others: with fewer than 10 of them one patient can move AUROC by a tenth or more; and
+# a patient-level bootstrap of fewer than 20 patients redraws the same few, so its percentile intervals
+# come out too narrow, not merely wide.
+MIN_JUDGED_PATIENTS = 20
+MIN_JUDGED_ONSET_PATIENTS = 10
 
 
 # --- labels --------------------------------------------------------------------------------------
@@ -267,6 +274,8 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         "method": "patient-level (cluster) percentile bootstrap: held-out patients drawn with replacement, every "
                   "row of a drawn patient taken; the same draws for the model and NEWS2 (the gain is paired)",
         "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "patients": len(test_ids),
+        # the events the figures rest on (too_few_to_judge): patients, not rows, are independent
+        "patients_with_onset": evaluated.filter(pl.col("label") == 1)["patient_id"].n_unique(),
         "skipped_one_class": intervals["skipped"]}
     at_risk = scored.filter(pl.col("at_risk"))
     y_all = at_risk["label"].to_numpy().astype(int)
@@ -400,6 +409,28 @@ def _matrix(frame: pl.DataFrame) -> np.ndarray:
 
 
 # --- evaluation ----------------------------------------------------------------------------------
+
+
+def too_few_to_judge(patients: int, onset_patients: int | None) -> str | None:
+    """Why figures from `patients` patients, `onset_patients` of them with an onset among the rows
+    evaluated (None: not known), are too few to judge a model by (one sentence); None when enough."""
+    if patients >= MIN_JUDGED_PATIENTS and (onset_patients is None or onset_patients >= MIN_JUDGED_ONSET_PATIENTS):
+        return None
+    counted = f"{patients} patients" + ("" if onset_patients is None else f", {onset_patients} of them with an onset")
+    return (f"{counted}: too few to judge a model by (at least {MIN_JUDGED_PATIENTS} patients and "
+            f"{MIN_JUDGED_ONSET_PATIENTS} with an onset are needed); these AUROC/AUPRC figures and their 95 % "
+            "intervals are noise, not evidence")
+
+
+def held_out_too_small(metrics: dict) -> str | None:
+    """too_few_to_judge for a card's held-out figures (card["metrics"], or a runs row's model_metrics_json);
+    None without a bootstrap block (no intervals to judge)."""
+    bootstrap = metrics.get("bootstrap") or {}
+    if bootstrap.get("patients") is None:
+        return None
+    # cards from before patients_with_onset: their positive rows, at least as many as those patients
+    onset = bootstrap.get("patients_with_onset", (metrics.get("model") or {}).get("positives"))
+    return too_few_to_judge(bootstrap["patients"], onset)
 
 
 def _metrics(y: np.ndarray, score: np.ndarray, probability: np.ndarray | None = None) -> dict:

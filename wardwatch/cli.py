@@ -418,6 +418,8 @@ def orjson_dumps(data: dict) -> str:
 
 def train_summary(card: dict, model_dir: Path) -> str:
     """What a data scientist reads after `batch train`: held-out metrics next to NEWS2, and the gate's verdict."""
+    from batch.train import held_out_too_small
+
     def num(x):
         return "n/a" if x is None else f"{x:.3f}"
 
@@ -436,6 +438,8 @@ def train_summary(card: dict, model_dir: Path) -> str:
              "positive" + (f"; {rule_path} on the NEWS2 rule path left out" if rule_path else "") + ")",
              f"  model  AUROC {ci('auroc', model)}  AUPRC {ci('auprc', model)}  Brier {num(model.get('brier'))}",
              f"  NEWS2  AUROC {ci('auroc', news2)}  AUPRC {ci('auprc', news2)}"]
+    if small := held_out_too_small(metrics):  # before the figures are read as a verdict
+        lines.insert(1, f"  warning: held-out set too small: {small}")
     gain = metrics.get("model_vs_news2") or {}
     if gain:
         lines.append("  model - NEWS2  " + "  ".join(

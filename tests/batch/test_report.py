@@ -169,6 +169,38 @@ def test_the_report_shows_the_trained_models_intervals_gains_and_the_gates_decis
     assert "Gate: <b>candidate</b>" in html and f"<li>{reasons[0]}</li>" in html
 
 
+def test_the_report_says_when_its_patients_are_too_few_to_judge_a_model():
+    """The demo's 8 patients hold out 2: an AUROC and a 95 % interval from them were shown like any other.
+    Both the held-out figures and the served model's figures now open with a plain warning, and a cohort
+    large enough shows none."""
+    rng = np.random.default_rng(5)
+
+    def rendered(n_patients: int, held_out: int, held_out_with_onset: int | None) -> str:
+        patients = [f"p{i // 20}" for i in range(20 * n_patients)]
+        y = np.array([i % 20 == 0 and i // 20 % 3 == 0 for i in range(len(patients))], dtype=float)
+        probability = np.clip(0.25 * y + rng.random(len(y)) * 0.75, 0, 1)
+        metrics = {"model": {"auroc": 0.9, "auprc": 0.5, "positives": 7},
+                   "bootstrap": {"resamples": 500, "patients": held_out}
+                   | ({} if held_out_with_onset is None else {"patients_with_onset": held_out_with_onset})}
+        run = RUN | {"model_version": "v0002", "gate_decision": "candidate", "gate_reasons_json": "[]",
+                     "model_metrics_json": orjson.dumps(metrics).decode()}
+        return render({"run": run, "labelled": list(zip(probability, np.round(rng.random(len(y)) * 9), y, patients)),
+                       "alerts_opened": 0, "patient_days": 1.0})
+
+    tiny = rendered(n_patients=8, held_out=2, held_out_with_onset=1)
+    model = tiny[tiny.index("Model v0002"):]
+    assert model.index("<b>Held-out set too small to judge</b>: 2 patients, 1 of them with an onset: too few to "
+                       "judge a model by") < model.index("<table>")  # read before the figures
+    served = tiny[tiny.index("Discrimination"):tiny.index("Model v0002")]
+    assert "<b>Too few patients to judge</b>: 8 patients, 3 of them with an onset" in served
+
+    large = rendered(n_patients=60, held_out=75, held_out_with_onset=12)
+    assert "too few to judge" not in large and "class='warning'" not in large
+    # a card from before patients_with_onset: its positive rows stand in (never fewer than those patients)
+    assert "75 patients, 7 of them with an onset: too few" in rendered(n_patients=60, held_out=75,
+                                                                        held_out_with_onset=None)
+
+
 def test_the_next_nightlys_report_shows_the_model_trained_on_the_run_before(settings):
     """The nightly writes its report before anyone trains on it, and the scheduler never trains: the gate's
     decision recorded in the previous run's row never reached a report an operator opens."""

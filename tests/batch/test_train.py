@@ -529,6 +529,32 @@ def test_held_out_figures_carry_reproducible_patient_level_95_percent_intervals(
     assert "model - NEWS2  AUROC" in summary and "patient-level bootstrap" in summary
 
 
+def test_batch_trains_summary_says_when_the_held_out_set_is_too_small_to_judge(trained):
+    """10 held-out patients (a quarter of 40): `batch train` printed their AUROC and intervals like any
+    others. The card now counts the held-out patients with an onset, and the summary warns before the
+    figures; a large enough held-out set gets no warning."""
+    import copy
+
+    from wardwatch.cli import train_summary
+
+    model_dir, card, features = trained
+    bootstrap = card["metrics"]["bootstrap"]
+    assert bootstrap["patients"] == card["n_test_patients"] == 10
+    # labels_for: a heart rate over 100 (or 5 % noise) is an onset; a patient with ~15 points has some
+    assert 0 < bootstrap["patients_with_onset"] <= 10
+    lines = train_summary(card, model_dir).splitlines()
+    assert lines[1] == (f"  warning: held-out set too small: 10 patients, {bootstrap['patients_with_onset']} of them "
+                        "with an onset: too few to judge a model by (at least 20 patients and 10 with an onset are "
+                        "needed); these AUROC/AUPRC figures and their 95 % intervals are noise, not evidence")
+    assert lines[2].startswith("  model  AUROC")
+
+    larger = copy.deepcopy(card)
+    larger["metrics"]["bootstrap"] |= {"patients": 75, "patients_with_onset": 12}
+    assert "warning" not in train_summary(larger, model_dir)
+    larger["metrics"]["bootstrap"]["patients_with_onset"] = 9
+    assert "warning: held-out set too small: 75 patients, 9 of them" in train_summary(larger, model_dir)
+
+
 def test_intervals_resample_patients_so_copies_of_their_rows_do_not_narrow_them():
     """Rows of one patient are not independent: a bootstrap of rows would narrow the interval each time a
     patient is scored more often. Drawing patients, ten copies of every row give the same interval."""
