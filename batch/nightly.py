@@ -73,7 +73,7 @@ MakeLabels = Callable[..., pl.DataFrame]
 POINT_KEYS = list(rebuild.POINT_KEYS)
 LABEL_COLUMNS = ("label", "at_risk", "onset_ms", "label_news2_high", "label_low_sbp", "label_high_lactate")
 LABELS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
-                 "news2": pl.Float64, "label": pl.Int8, "at_risk": pl.Boolean, "onset_ms": pl.Int64,
+                 "news2": rebuild.FEATURE_DTYPES["news2"], "label": pl.Int8, "at_risk": pl.Boolean, "onset_ms": pl.Int64,
                  "label_news2_high": pl.Boolean, "label_low_sbp": pl.Boolean, "label_high_lactate": pl.Boolean}
 PARITY_ORDER = ["check", "partition", "offset", "patient_id", "scoring_ms", "feature", "event_id"]
 _PENDING = (pl.col("check") == "point") & pl.col("detail").str.starts_with("pending")
@@ -116,14 +116,15 @@ def default_labels(events: pl.DataFrame, points: pl.DataFrame, *, allowed_latene
     return make_labels(events, known, **rules)
 
 
-def _no_null_columns(frame: pl.DataFrame) -> pl.DataFrame:
-    """Give all-null untyped columns a type DuckDB can store (features are numbers, the rest text)."""
-    return frame.with_columns([pl.col(c).cast(pl.Float64 if c in FEATURE_NAMES else pl.String)
-                               for c, t in frame.schema.items() if t == pl.Null])
+def _storable(frame: pl.DataFrame, table: str) -> pl.DataFrame:
+    """Feature columns typed by their specs (rebuild.with_feature_types: the same SQL type in every table),
+    other all-null untyped columns as text: types DuckDB can store."""
+    frame = rebuild.with_feature_types(frame, table)
+    return frame.with_columns([pl.col(c).cast(pl.String) for c, t in frame.schema.items() if t == pl.Null])
 
 
 def _write_table(con: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> None:
-    arrow = _no_null_columns(frame).to_arrow()
+    arrow = _storable(frame, name).to_arrow()
     con.register("_incoming", arrow)
     try:
         con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _incoming')
@@ -377,9 +378,9 @@ def _points_to_redo(points: pl.DataFrame, done: pl.DataFrame, new_events: pl.Dat
 def _labels(frame: pl.DataFrame) -> pl.DataFrame:
     """The labels table's columns; a labeller without the onset columns counts every row at risk
     (as batch.train does)."""
-    defaults = {"news2": pl.lit(None, pl.Float64), "at_risk": pl.lit(True), "onset_ms": pl.lit(None, pl.Int64)}
+    defaults = {"news2": pl.lit(None, LABELS_SCHEMA["news2"]), "at_risk": pl.lit(True), "onset_ms": pl.lit(None, pl.Int64)}
     frame = frame.with_columns(**{c: v for c, v in defaults.items() if c not in frame.columns})
-    return frame.select(list(LABELS_SCHEMA)).cast(LABELS_SCHEMA)
+    return rebuild.with_feature_types(frame.select(list(LABELS_SCHEMA)), "labels").cast(LABELS_SCHEMA)
 
 
 def _wal(database: Path) -> Path:

@@ -28,12 +28,17 @@ import polars as pl
 
 from schemas import codes
 from schemas.canonical import Status
-from schemas.features import FEATURE_NAMES
+from schemas.features import FEATURE_NAMES, FEATURE_TYPES
 from streams.archiver import ARCHIVE_SCHEMAS, part_files
 
 ARRIVAL = ("partition", "offset", "idx")
 POINT_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
 _KAFKA_POSITION = ("kafka_partition", "kafka_offset")
+# each feature's column type in the DuckDB file, from its spec (schemas.features.FEATURE_TYPES): the same in
+# features_online (decoded from JSON, where 7 and 7.0 look alike), features_offline and labels.news2, so an
+# analyst compares or unions them without a cast (BIGINT as scores.news2 is; DOUBLE)
+FEATURE_DTYPES: dict[str, pl.DataType] = {name: {"integer": pl.Int64, "real": pl.Float64}[value_type]
+                                          for name, value_type in FEATURE_TYPES.items()}
 
 
 def empty_archive_frame(kind: str) -> pl.DataFrame:
@@ -93,6 +98,19 @@ def _expanded(snapshots: pl.DataFrame) -> pl.DataFrame:
     feature_struct = pl.Struct({name: pl.Float64 for name in FEATURE_NAMES})
     return (snapshots.with_columns(pl.col("features_json").str.json_decode(dtype=feature_struct).alias("_features"))
             .select("snapshot_id", *POINT_KEYS, "idx", "trigger", pl.col("_features").struct.unnest()))
+
+
+def with_feature_types(frame: pl.DataFrame, table: str) -> pl.DataFrame:
+    """`frame` with every feature column it has cast to FEATURE_DTYPES (what the nightly stores; parity
+    compares the values as decoded). A fraction in an integer feature (both planes compute those with
+    the same integer scoring rules) is refused, ValueError naming `table` and the column, not truncated."""
+    present = [c for c in frame.columns if c in FEATURE_DTYPES]
+    for name in present:
+        if FEATURE_DTYPES[name] == pl.Int64 and frame.schema[name].is_float() and frame.select(
+                (pl.col(name) != pl.col(name).round()).any()).item():
+            raise ValueError(f"{table}.{name} holds a fraction, but its spec declares whole numbers "
+                             "(schemas/features.py): one plane computes it differently")
+    return frame.with_columns(pl.col(c).cast(FEATURE_DTYPES[c]) for c in present)
 
 
 def scoring_points(online: pl.DataFrame) -> pl.DataFrame:

@@ -55,6 +55,16 @@ Direction = Literal[1, -1, None]
 Aggregation = Literal["last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope"]
 AGGREGATIONS: tuple[str, ...] = ("last", "mean", "min", "max", "count", "time_since_last_s", "delta", "slope")
 
+# What a feature's values are: whole numbers (a count, a score, a flag) or real numbers. Stored with this
+# type wherever a feature is stored (the DuckDB file's features_online, features_offline, labels.news2:
+# batch/rebuild.py FEATURE_DTYPES), so the stream's and the batch's copies compare without a cast.
+ValueType = Literal["integer", "real"]
+# an aggregation of measured values keeps their type (real: canonical values are doubles); a count is whole;
+# times since are seconds from milliseconds, so fractions
+AGGREGATION_TYPES: dict[str, ValueType] = {
+    "last": "real", "mean": "real", "min": "real", "max": "real", "count": "integer",
+    "time_since_last_s": "real", "delta": "real", "slope": "real"}
+
 HOUR = 3600
 
 
@@ -74,6 +84,10 @@ class FeatureSpec:
         if self.window_s <= 0:
             raise ValueError(f"feature {self.name!r}: window_s must be a positive number of seconds")
 
+    @property
+    def value_type(self) -> ValueType:
+        return AGGREGATION_TYPES[self.agg]
+
 
 @dataclass(frozen=True, slots=True)
 class DerivedSpec:
@@ -83,6 +97,11 @@ class DerivedSpec:
     # inputs `fn` takes after `inputs`, possibly None (the rest: a missing input makes the feature missing)
     optional: tuple[str, ...] = ()
     direction: Direction = None
+    value_type: ValueType = "integer"  # `fn`'s values: every derived feature so far is a score or a flag
+
+    def __post_init__(self) -> None:
+        if self.value_type not in ("integer", "real"):
+            raise ValueError(f"feature {self.name!r}: value_type must be 'integer' or 'real'")
 
 
 # Names carry the aggregation and the window (heart_rate_slope_6h). Short windows (1 h) catch an
@@ -242,6 +261,8 @@ FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES) + tuple(d.name 
 NEWS2_INPUTS: tuple[str, ...] = _NEWS2_INPUTS
 # name -> direction, in FEATURE_NAMES order
 FEATURE_DIRECTIONS: dict[str, Direction] = {s.name: s.direction for s in (*FEATURES, *DERIVED)}
+# name -> value type, in FEATURE_NAMES order
+FEATURE_TYPES: dict[str, ValueType] = {s.name: s.value_type for s in (*FEATURES, *DERIVED)}
 
 
 def derive(base: dict[str, float | int | None]) -> dict[str, float | int | None]:

@@ -673,3 +673,51 @@ def test_a_file_from_before_a_feature_was_added_is_rebuilt_in_full(settings, tab
     full = twin(settings)
     run_nightly(full, full=True, **STANDINS)
     assert_same_tables(settings.duckdb_path, full.duckdb_path)
+
+
+def column_types(path: Path, table: str) -> dict[str, str]:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ?",
+                                [table]).fetchall())
+
+
+def test_every_feature_has_the_same_sql_type_online_and_offline_the_one_its_spec_declares(settings):
+    """An analyst comparing the planes met features_online.news2 DOUBLE next to features_offline.news2
+    BIGINT (and so for the counts, the NEWS2 sub-scores, on_oxygen and qSOFA): a type mismatch in a UNION
+    or a silent cast in a join. Every feature column now has its spec's type in both tables, after a first
+    run and after an incremental one that appends to what the first stored; labels.news2 too, like
+    scores.news2."""
+    from schemas.features import FEATURE_NAMES, FEATURE_TYPES
+
+    declared = {name: {"integer": "BIGINT", "real": "DOUBLE"}[FEATURE_TYPES[name]] for name in FEATURE_NAMES}
+    assert {"news2", "qsofa", "vitals_count_6h", "on_oxygen"} <= {n for n, t in declared.items() if t == "BIGINT"}
+
+    def assert_declared_types() -> None:
+        online = column_types(settings.duckdb_path, "features_online")
+        offline = column_types(settings.duckdb_path, "features_offline")
+        assert {n: online[n] for n in FEATURE_NAMES} == declared
+        assert {n: offline[n] for n in FEATURE_NAMES} == declared
+        assert column_types(settings.duckdb_path, "labels")["news2"] == declared["news2"]
+        assert column_types(settings.duckdb_path, "scores")["news2"] == declared["news2"]
+
+    stage1(settings.archive_dir)
+    run_nightly(settings, report=False)  # the real recomputation
+    assert_declared_types()
+    stage2(settings.archive_dir)
+    run_nightly(settings, full=False, report=False)  # the first run's rows read back, the new ones appended
+    assert_declared_types()
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:  # what an analyst writes
+        both = con.execute("SELECT typeof(news2) FROM (SELECT news2 FROM features_online "
+                           "UNION ALL SELECT news2 FROM features_offline) GROUP BY ALL").fetchall()
+    assert both == [("BIGINT",)]
+
+
+def test_a_fraction_in_a_whole_number_feature_is_refused_not_truncated():
+    """Storing NEWS2 as BIGINT must not turn a published 6.5 (a plane computing it wrongly) into 6."""
+    from batch.rebuild import with_feature_types
+
+    typed = with_feature_types(pl.DataFrame({"news2": [7.0, None], "spo2_last_24h": [97, 95]}), "features_online")
+    assert typed.schema == {"news2": pl.Int64, "spo2_last_24h": pl.Float64}
+    assert typed["news2"].to_list() == [7, None]
+    with pytest.raises(ValueError, match=r"features_online\.news2 holds a fraction"):
+        with_feature_types(pl.DataFrame({"news2": [6.5]}), "features_online")
