@@ -107,8 +107,9 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
 
     Runs (adjacent measurement events of one message sharing an effective time) and what each could
     trigger are vectorized; which runs do trigger is one pass over the candidate runs in arrival
-    order, because the minimum interval counts from the last point actually taken (and a run inside it
-    still scores when one of its accepted vitals scores NEWS2 points: schemas.cadence.news2_points)."""
+    order, because the minimum interval counts from the last point actually taken (and a run inside it,
+    or at the last point's own time, still scores when one of its accepted vitals scores NEWS2 points:
+    schemas.cadence.news2_points)."""
     classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
     message = pl.struct("patient_id", "partition", "offset")
     new_run = ((message != message.shift(1)) | (pl.col("effective_ms") != pl.col("effective_ms").shift(1))).fill_null(True)
@@ -129,9 +130,11 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
             "patient_id", "partition", "offset", "idx", "effective_ms", "_clock_after", "_vital",
             "_vital_readings", "_correction").iter_rows():
         last = vitals_scored_ms.get(patient)
-        if vital_event is not None and (last is None or (T > last and (
-                T - last >= min_interval_ms  # an abnormal reading is scored inside the interval too
-                or any(news2_points(r["code"], r["value"], r["status"] == RETRACTED) for r in readings)))):
+        if vital_event is not None and (
+                last is None or (T > last and T - last >= min_interval_ms)
+                # an abnormal reading is scored inside the interval too, and at the last point's own time
+                or (T >= last and any(news2_points(r["code"], r["value"], r["status"] == RETRACTED)
+                                      for r in readings))):
             vitals_scored_ms[patient] = T
             points.append((patient, T, partition, offset, idx, Trigger.VITALS.value, vital_event))
         elif correction_event is not None and last is not None:

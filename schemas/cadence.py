@@ -19,6 +19,10 @@ restart or a rebuild finds the same points, snapshots and alerts.
   which would otherwise wait for the next round (hours) or, replaced by then, never be scored. A
   reading that scores 0 can lower NEWS2 but never raise it, so the NEWS2 tier of a point skipped by
   the interval is never above the previous point's (the model's may be: it waits for the next point).
+  For the same reason a run at T *equal* to the last vitals point's time is a point when one of its
+  accepted vitals scores NEWS2 points: the rest of that round sent in other messages (one FHIR
+  Observation per notification; the ingest writes each raw record into its own message). Its snapshot
+  id differs (its trigger event is in it), so it is a new score at T, not a replacement of the first.
 - Trigger "correction": otherwise, the run holds a *corrected* event (an amendment or a retraction
   of a known fact; not a restatement, a new version with the same content, which is a duplicate) and
   the patient has a vitals point already. Point at T = the patient clock after
@@ -29,8 +33,12 @@ restart or a rebuild finds the same points, snapshots and alerts.
 Limit: a run never spans two messages. The ingest worker writes the events of one raw record into
 one message (unless a message reaches canonical_max_message_bytes), so cutting a stream of raw records
 into messages differently changes nothing unless two raw records with the same effective time end up
-adjacent (a CDC row and its FHIR twin): then the point is at the same T with the same snapshot id,
-and sees the twin or not.
+adjacent: one run then, separate runs when cut apart. For a CDC row and its FHIR twin the point is at
+the same T with the same snapshot id and sees the twin or not (the twin is a duplicate). For the
+Observations of one round (HR in one, SBP in the next) one message gives one point at T seeing all of
+them, separate messages a point per run holding a reading that scores NEWS2 points, each seeing the
+readings before it: extra scores at T under other snapshot ids, the last of them seeing every reading
+that scores points (a 0-point one after it waits for the next point: it can only lower NEWS2).
 """
 
 from __future__ import annotations

@@ -203,6 +203,23 @@ def test_scoring_points_follow_vitals_sets_and_corrections():
     assert points_of(a, min_interval_ms=5 * MIN)[-1] == (T0 + 13 * MIN, 6, 0, "vitals")
 
 
+def test_the_rest_of_a_round_sent_in_other_messages_at_the_same_time_is_scored_when_abnormal():
+    # one Observation per message (FHIR notifications), all at T: the first makes the point at T; an abnormal
+    # one at T == the last point's time is a point too (SBP 80, RR 26: 3 points each), a normal one waits
+    T = T0 + 4 * HOUR
+    a = Archive()
+    a.send(event("fhir:Observation/hr:hr", 72, T))  # offset 0
+    a.send(event("fhir:Observation/sbp:sbp", 80, T, code=codes.SYSTOLIC_BP, source=Source.FHIR))  # offset 1
+    a.send(event("fhir:Observation/rr:rr", 26, T, code=codes.RESP_RATE, source=Source.FHIR))  # offset 2
+    a.send(event("fhir:Observation/t:t", 37.0, T, code=codes.TEMPERATURE, source=Source.FHIR))  # offset 3
+    assert points_of(a, min_interval_ms=5 * MIN) == [(T, 0, 0, "vitals"), (T, 1, 0, "vitals"), (T, 2, 0, "vitals")]
+    points = scoring_points(a.frame(), **RULES, min_interval_ms=5 * MIN)
+    assert points["snapshot_id"].n_unique() == 3  # three scores, none replacing another
+    # the as-of joins tell points at one T apart by their arrival position: each sees what came before it
+    seen = features_at(a.frame(), points, **RULES).select("systolic_bp_last_24h", "resp_rate_last_24h").rows()
+    assert seen == [(None, None), (80.0, None), (80.0, 26.0)]
+
+
 def test_a_restatement_is_a_duplicate_and_makes_no_correction_point():
     a = Archive()
     a.send(event("f1", 80, T0), event("f2", 82, T0 + 10 * MIN, status=Status.PRELIMINARY))  # offset 0

@@ -90,6 +90,37 @@ def test_a_deteriorated_repeat_set_inside_the_minimum_interval_raises_the_high_a
         == [("open", "high")]
 
 
+def fhir_reading(t: int, observation: str, code: str, value: float) -> list[CanonicalEvent]:
+    """One FHIR Observation of a vitals round: a notification of its own, so a canonical message of its own."""
+    return [CanonicalEvent(patient_id="p1", code=code, value=value, unit=None, effective_ms=t, issued_ms=t,
+                           status=Status.FINAL, source=Source.FHIR, fact_id=f"fhir:Observation/{observation}:{code}",
+                           version=1)]
+
+
+def test_the_rest_of_a_vitals_round_sent_as_separate_observations_is_scored_at_the_same_time(processor):
+    # One round at T charted as one Observation per parameter (DOMAIN.md 2-3: one notification each). The
+    # first one makes the point at T; the rest arrive at T == the last point's time, which the trigger
+    # required to be exceeded: SBP 80 (3 points: an urgent review on its own, RCP 2017) was never scored.
+    store: dict[str, PatientRecord] = {}
+    T = T0 + 4 * 60 * MIN
+    run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)
+    first = run(processor, [msg(1, fhir_reading(T, "hr", codes.HEART_RATE, 72.0))], store)
+    assert points(first) == [(T, "vitals", 0)] and first.alerts == []
+    second = run(processor, [msg(2, fhir_reading(T, "sbp", codes.SYSTOLIC_BP, 80.0)),
+                             msg(3, fhir_reading(T, "rr", codes.RESP_RATE, 26.0)),
+                             msg(4, fhir_reading(T, "spo2", codes.SPO2, 91.0))], store)
+    snapshots = [orjson.loads(v) for _, v, _ in second.features]
+    # a new point per abnormal Observation, each its own snapshot (the trigger event is in the id)
+    assert [(s["scoring_ms"], s["trigger"], s["offset"]) for s in snapshots] == [(T, "vitals", o) for o in (2, 3, 4)]
+    assert len({s["snapshot_id"] for s in snapshots} | {orjson.loads(first.features[0][1])["snapshot_id"]}) == 4
+    assert [s["features"]["news2"] for s in snapshots] == [3, 6, 9]  # SBP 3, + RR 3, + SpO2 3
+    # two points at one event time are not out of order: the second escalates (NEWS2 9 >= 7 is high)
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in map(orjson.loads, (v for _, v, _ in second.alerts))] \
+        == [("open", "medium"), ("escalate", "high")]
+    # a 0-point reading at T can only lower NEWS2: it waits, as inside the interval
+    assert points(run(processor, [msg(5, fhir_reading(T, "temp", codes.TEMPERATURE, 37.0))], store)) == []
+
+
 def test_two_vitals_sets_in_one_message_are_two_points_each_seeing_only_what_came_before(processor):
     first, second = vitals("p1", T0, 1, hr=80), vitals("p1", T0 + 30 * MIN, 2, hr=120)
     out = run(processor, [msg(0, first + second)], {})
