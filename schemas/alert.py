@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from schemas.canonical import make_event_id
-from schemas.codes import parameter_name
+from schemas.codes import DERIVED_CODES, parameter_name
 
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 # wardwatch tier -> risk-probability code and display
@@ -151,7 +151,7 @@ def basis_reference(fact_id: str, version: int, preliminary_code: str | None = N
     if fact_id.startswith("cdc:") and fact_id.count(":") >= 3:  # schemas/cdc.py: cdc:<table>:<pk>:<code>
         _, table, rest = fact_id.split(":", 2)
         row, code = rest.rsplit(":", 1)
-        entry["display"] = f"EHR {table} row {row}, LOINC {code}"
+        entry["display"] = f"EHR {table} row {row}, " + (parameter_name(code) if code in DERIVED_CODES else f"LOINC {code}")
         if preliminary_code is not None:
             entry["display"] += " (preliminary result)"
     elif preliminary_code is not None:

@@ -52,10 +52,10 @@ from schemas.scores import (pulse_score, resp_rate_score, spo2_scale1_score, sys
                             temperature_score)
 
 # the NEWS2 parameters: a new measurement of any of them is a new vitals set (air or oxygen is
-# charted as a flow or as an inhaled concentration, FiO2)
+# charted as a flow, as an inhaled concentration, FiO2, or as oxygen without a flow)
 VITAL_SIGN_CODES: frozenset[str] = frozenset({
-    codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.FIO2, codes.SYSTOLIC_BP, codes.HEART_RATE,
-    codes.CONSCIOUSNESS, codes.TEMPERATURE,
+    codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.FIO2, codes.SUPPLEMENTAL_O2, codes.SYSTOLIC_BP,
+    codes.HEART_RATE, codes.CONSCIOUSNESS, codes.TEMPERATURE,
 })
 
 
@@ -65,6 +65,7 @@ _READING_POINTS = {
     codes.SPO2: spo2_scale1_score,
     codes.O2_FLOW: lambda flow: 2 if flow > 0 else 0,
     codes.FIO2: lambda fio2: 2 if fio2 > ROOM_AIR_FIO2 else 0,
+    codes.SUPPLEMENTAL_O2: lambda given: 2 if given > 0 else 0,  # on oxygen, flow not charted
     codes.SYSTOLIC_BP: systolic_bp_score,
     codes.HEART_RATE: pulse_score,
     codes.CONSCIOUSNESS: lambda ordinal: 0 if ordinal == 0 else 3,  # A scores 0; C, V, P, U score 3

@@ -21,7 +21,11 @@ it and never names a table. Common to every shape:
 Shapes:
 - TableMapping (wide, vital_signs): one event per non-null mapped column, fact id
   cdc:<table>:<pk>:<code>, effective = the time column, issued = commit time (source.ts_ms).
-  On air is a fact: a null oxygen flow with the on-oxygen flag false is an O2 flow of 0.0.
+  On air is a fact: a null oxygen flow with the on-oxygen flag false is an O2 flow of 0.0. So is
+  oxygen: a null flow with the flag true is a SUPPLEMENTAL_O2 fact of 1.0 (on oxygen, flow not charted;
+  NEWS2 scores it as oxygen, no flow is invented), fact id cdc:<table>:<pk>:supplemental-oxygen. An
+  update that no longer says so retracts it, and so does a delete (or a move to another patient) of a
+  row that said so, or whose `before` cannot tell.
 - LongTable (lab_results): one row = one result. The code column goes through codes.canonical_code
   (aliases accepted); a code wardwatch does not use -> Ignored("unmapped_code"). The value is
   converted from the unit column to the code's canonical unit (no conversion -> UNKNOWN_UNIT).
@@ -70,7 +74,7 @@ import orjson
 
 from schemas.canonical import LOINC, CanonicalEvent, Source, Status, new_event
 from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONTEXT, CONTEXT_CODES, O2_FLOW,
-                          CdcMapping, ContextFact, ContextTable, LongTable, TableMapping, canonical_code,
+                          SUPPLEMENTAL_O2, WARDWATCH, CdcMapping, ContextFact, ContextTable, LongTable, TableMapping, canonical_code,
                           to_canonical_unit)
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Reject, rejected
@@ -271,13 +275,31 @@ class _WideChange(_Change):
         for column, (code, value, text) in self._values(row).items():
             if value is not None:
                 events.append(self._event(patient, encounter, code, value, text, effective_ms, Status.FINAL))
-            elif self.op == "u" and (self._was_set_before(column) or self._charted_air_before(column)):
+            elif self.op == "u" and self._charted_before(column):
                 events.append(self._retraction(patient, encounter, code, effective_ms))
         old_patient = self._moved_from(patient)
         if old_patient is not None:  # the row's facts leave the old patient's record
             events += self._retractions(old_patient, None, self._time(self.before, self.mapping.time_column)
                                         or effective_ms)
         return events
+
+    def _charted_before(self, column: str) -> bool:
+        """Whether the column (null now) gave the row a fact before the update, which it must retract."""
+        on_air = self.mapping.on_air
+        if on_air and column == on_air[1]:
+            return self._charted_oxygen_before()
+        return self._was_set_before(column) or self._charted_air_before(column)
+
+    def _charted_oxygen_before(self) -> bool:
+        """Whether the row carried the derived "on oxygen, flow not charted" fact before (flow null, flag
+        true). Without a full `before` assume it did, as _was_set_before does."""
+        flow, flag = self.mapping.on_air
+        if self.before is None or flow not in self.before or flag not in self.before:
+            return True
+        try:  # a null flag is not captured (a delete's `before` under REPLICA IDENTITY DEFAULT): cannot tell
+            return self.before[flow] is None and _decode_bool(self.before[flag], flag) in (True, None)
+        except Reject:  # an unreadable old flag: retract, a retraction of an unknown fact is harmless
+            return True
 
     def _charted_air_before(self, column: str) -> bool:
         """Whether the flow column was null before with the on-air flag false: the row then carried a
@@ -305,9 +327,12 @@ class _WideChange(_Change):
             else:
                 values[column] = (code, self._number(code, raw, column, unit), None)
         on_air = self.mapping.on_air
-        if on_air and on_air[0] in values and values[on_air[0]][1] is None:
-            if _decode_bool(row.get(on_air[1]), on_air[1]) is False:
+        if on_air and on_air[0] in values:
+            flag = _decode_bool(row.get(on_air[1]), on_air[1]) if values[on_air[0]][1] is None else None
+            if flag is False:
                 values[on_air[0]] = (O2_FLOW, 0.0, None)
+            # on oxygen, flow not charted: NEWS2 needs only "air or oxygen"; no flow value is invented
+            values[on_air[1]] = (SUPPLEMENTAL_O2, 1.0 if flag is True else None, None)
         return values
 
     def retract_row(self) -> list[CanonicalEvent]:
@@ -316,6 +341,8 @@ class _WideChange(_Change):
 
     def _retractions(self, patient: str, encounter: str | None, effective_ms: int) -> list[CanonicalEvent]:
         codes = dict.fromkeys(code for code, _unit in self.mapping.columns.values())
+        if self.mapping.on_air and self._charted_oxygen_before():
+            codes[SUPPLEMENTAL_O2] = None
         return [self._retraction(patient, encounter, code, effective_ms) for code in codes]
 
 
@@ -478,6 +505,7 @@ _SHAPES: dict[type, type[_Change]] = {TableMapping: _WideChange, LongTable: _Lon
 
 # code -> (unit, code system) of its events; who/where (context) facts: no unit, their own code system
 _UNIT_AND_SYSTEM = {**{code: (info.unit, LOINC) for code, info in CODES.items()},
+                    SUPPLEMENTAL_O2: (CODES[SUPPLEMENTAL_O2].unit, WARDWATCH),
                     **dict.fromkeys(CONTEXT_CODES, (None, CONTEXT))}
 
 

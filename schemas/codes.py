@@ -14,6 +14,13 @@ RESP_RATE = "9279-1"
 SPO2 = "59408-5"  # pulse oximetry; 2708-6 is accepted as an alias
 O2_FLOW = "3151-8"  # inhaled oxygen flow, L/min; > 0 means on oxygen
 FIO2 = "3150-0"  # inhaled oxygen concentration, %; above 21 (room air) means on oxygen
+# On supplemental oxygen with the flow not charted (a CDC vitals row: on-oxygen flag true, flow null):
+# value 1.0. NEWS2 needs only "air or oxygen", so this counts as oxygen there, while no flow value is
+# invented (the flow feature stays missing). wardwatch's own code, not LOINC: it is derived, never read
+# from a source's code (canonical_code ignores it), and its events carry code system WARDWATCH.
+SUPPLEMENTAL_O2 = "supplemental-oxygen"
+WARDWATCH = "urn:wardwatch:observation"
+DERIVED_CODES = frozenset({SUPPLEMENTAL_O2})
 SYSTOLIC_BP = "8480-6"
 DIASTOLIC_BP = "8462-4"
 TEMPERATURE = "8310-5"
@@ -99,6 +106,7 @@ CODES: dict[str, CodeInfo] = {
         CodeInfo(O2_FLOW, "o2_flow", "L/min", (0, 80)),
         # room air is 21 %: a lower concentration is not a measurement (e.g. a fraction sent as "%")
         CodeInfo(FIO2, "fio2", "%", (21, 100)),
+        CodeInfo(SUPPLEMENTAL_O2, "supplemental_oxygen", "{flag}", (1, 1)),
         CodeInfo(SYSTOLIC_BP, "systolic_bp", "mm[Hg]", (30, 300)),
         CodeInfo(DIASTOLIC_BP, "diastolic_bp", "mm[Hg]", (10, 200)),
         CodeInfo(TEMPERATURE, "temperature", "Cel", (25, 45)),
@@ -114,13 +122,15 @@ CODES: dict[str, CodeInfo] = {
 def parameter_name(code: str) -> str:
     """A code's parameter for a human, e.g. "lactate (LOINC 2524-7)"."""
     info = CODES.get(code)
+    if code in DERIVED_CODES:
+        return "supplemental oxygen, flow not charted"
     return f"{info.name.replace('_', ' ')} (LOINC {code})" if info else f"LOINC {code}"
 
 
 def canonical_code(code: str) -> str | None:
     """The canonical code for a source code, or None when wardwatch does not use it."""
     code = ALIASES.get(code, code)
-    return code if code in CODES else None
+    return code if code in CODES and code not in DERIVED_CODES else None
 
 
 # unit conversions to the canonical unit: (code, source unit) -> function
@@ -182,7 +192,8 @@ class TableMapping:
     columns: dict[str, tuple[str, str]]  # column -> (canonical code, unit of the column)
     encounter_column: str | None = None
     pk_column: str = "id"  # names the row in fact ids: cdc:<table>:<pk>:<code>
-    # (flow column, on-oxygen flag column): a null flow with the flag false is a flow of 0 (on air)
+    # (flow column, on-oxygen flag column): a null flow with the flag false is a flow of 0 (on air), with
+    # the flag true a SUPPLEMENTAL_O2 fact (on oxygen, flow not charted), fact id cdc:<table>:<pk>:<that code>
     on_air: tuple[str, str] | None = None
 
 

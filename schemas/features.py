@@ -161,6 +161,8 @@ FEATURES: tuple[FeatureSpec, ...] = (
     # a model reads its inputs by name from its card, so one trained before these ignores them
     FeatureSpec("fio2_last_24h", codes.FIO2, "last", 24 * HOUR, +1),
     FeatureSpec("fio2_time_since_last_s_24h", codes.FIO2, "time_since_last_s", 24 * HOUR),
+    # on oxygen with the flow not charted (schemas.codes.SUPPLEMENTAL_O2): when, for on_oxygen (appended)
+    FeatureSpec("supplemental_oxygen_time_since_last_s_24h", codes.SUPPLEMENTAL_O2, "time_since_last_s", 24 * HOUR),
 )
 
 MAX_WINDOW_S = max(f.window_s for f in FEATURES)
@@ -173,16 +175,22 @@ ROOM_AIR_FIO2 = 21.0  # % oxygen in room air: an FiO2 above it is supplemental o
 
 
 def _on_oxygen(flow: float | None, o2_age_s: float | None, spo2_age_s: float | None,
-               fio2: float | None = None, fio2_age_s: float | None = None) -> int | None:
+               fio2: float | None = None, fio2_age_s: float | None = None,
+               unmetered_age_s: float | None = None) -> int | None:
     """NEWS2's "air or oxygen" at the latest SpO2 reading: 1 when a flow above 0 or an FiO2 above 21 %
-    (room air) was charted in that observation round. A round without either is air: FHIR feeds chart
-    oxygen only while it is given, so an older flow or FiO2 is a past episode, not the present one (a
-    CDC row charts air as flow 0). None when neither SpO2 nor oxygen was charted in 24 h; without the
+    (room air) was charted in that observation round, or oxygen without a flow (`unmetered_age_s`: a
+    SUPPLEMENTAL_O2 fact) that no later flow or FiO2 contradicts. A round without any is air: FHIR feeds
+    chart oxygen only while it is given, so an older flow or FiO2 is a past episode, not the present one
+    (a CDC row charts air as flow 0). None when neither SpO2 nor oxygen was charted in 24 h; without the
     times (a snapshot archived before they existed) the latest flow and FiO2 decide, as the flow used
     to. A snapshot archived before FiO2 was read has no FiO2 keys: the flow alone decides, as before."""
-    if flow is None and fio2 is None:
+    if flow is None and fio2 is None and unmetered_age_s is None:
         return None if spo2_age_s is None else 0
-    return int(_given(flow, 0.0, o2_age_s, spo2_age_s) or _given(fio2, ROOM_AIR_FIO2, fio2_age_s, spo2_age_s))
+    unmetered = (unmetered_age_s is not None
+                 and (spo2_age_s is None or unmetered_age_s <= spo2_age_s + SAME_ROUND_S)
+                 and all(age is None or unmetered_age_s <= age for age in (o2_age_s, fio2_age_s)))
+    return int(unmetered or _given(flow, 0.0, o2_age_s, spo2_age_s)
+               or _given(fio2, ROOM_AIR_FIO2, fio2_age_s, spo2_age_s))
 
 
 def _given(value: float | None, air: float, age_s: float | None, spo2_age_s: float | None) -> bool:
@@ -247,7 +255,8 @@ def _qsofa(rr, sbp, acvpu) -> int:
 DERIVED: tuple[DerivedSpec, ...] = (
     DerivedSpec("on_oxygen", (), _on_oxygen,
                 optional=("o2_flow_last_24h", "o2_flow_time_since_last_s_24h", "spo2_time_since_last_s_24h",
-                          "fio2_last_24h", "fio2_time_since_last_s_24h"), direction=+1),
+                          "fio2_last_24h", "fio2_time_since_last_s_24h",
+                          "supplemental_oxygen_time_since_last_s_24h"), direction=+1),
     DerivedSpec("news2", _NEWS2_INPUTS, _news2, direction=+1),
     *(DerivedSpec(f"news2_{part}", _NEWS2_INPUTS, _news2_sub(part), direction=+1)
       for part in ("resp_rate", "spo2", "air_or_oxygen", "systolic_bp", "pulse", "consciousness", "temperature")),

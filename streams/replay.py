@@ -405,11 +405,14 @@ def load_context(cohort_dir: Path) -> tuple[list[PatientRow], list[EncounterRow]
 
 def cdc_fact_ids(row_id: int, values: dict[str, Any]) -> list[str]:
     """The facts schemas.cdc makes of a vitals row: one per non-null mapped column, plus the O2 flow
-    of 0.0 that an empty flow column with the on-oxygen flag false stands for (on air is a fact)."""
+    of 0.0 that an empty flow column with the on-oxygen flag false stands for (on air is a fact), or
+    the supplemental-oxygen fact it stands for with the flag true (on oxygen, flow not charted)."""
     flow, flag = _VITAL_MAPPING.on_air or (None, None)
     on_air = flow is not None and values.get(flow) is None and values.get(flag) is False
+    on_oxygen = flow is not None and values.get(flow) is None and values.get(flag) is True
     return [f"cdc:vital_signs:{row_id}:{code}" for column, (code, _) in _VITAL_MAPPING.columns.items()
-            if values.get(column) is not None or (on_air and column == flow)]
+            if values.get(column) is not None or (on_air and column == flow)] + (
+        [f"cdc:vital_signs:{row_id}:{codes.SUPPLEMENTAL_O2}"] if on_oxygen else [])
 
 
 def fhir_fact_id(observation: dict[str, Any], code: str) -> str:

@@ -44,10 +44,12 @@ T0 = 1_700_000_000_000
 MIN_INTERVAL_MS = 30 * MIN  # steps are 20 min apart: some vitals sets fall inside it
 
 VITALS = [codes.HEART_RATE, codes.RESP_RATE, codes.SPO2, codes.SYSTOLIC_BP, codes.TEMPERATURE,
-          codes.CONSCIOUSNESS, codes.O2_FLOW, codes.FIO2, codes.LACTATE, codes.WBC, codes.CREATININE]
+          codes.CONSCIOUSNESS, codes.O2_FLOW, codes.FIO2, codes.SUPPLEMENTAL_O2, codes.LACTATE, codes.WBC,
+          codes.CREATININE]
 VALUES = {codes.HEART_RATE: (40, 160), codes.RESP_RATE: (6, 35), codes.SPO2: (85, 100),
           codes.SYSTOLIC_BP: (80, 200), codes.TEMPERATURE: (34, 41), codes.CONSCIOUSNESS: (0, 4),
           codes.O2_FLOW: (0, 6), codes.FIO2: (21, 40),  # room air (21 %: not oxygen) up to a venturi mask
+          codes.SUPPLEMENTAL_O2: (1, 1),  # on oxygen, flow not charted (a CDC row's flag)
           codes.LACTATE: (0, 8), codes.WBC: (1, 30), codes.CREATININE: (0, 6)}
 # decimals as the EHR sends them (37.4 C, 1.35 mg/dL), so sums carry rounding error
 DECIMALS = [0.0, 0.0, 0.1, 0.35, 0.04]
@@ -369,6 +371,19 @@ HAND_CASES = {
         2, [[hr("r1:fio2", 28, 1, code=codes.FIO2)] + [hr(f"r1:{c}", v, 1, code=c) for c, v in ROUND_ON_AIR.items()],
             [hr(f"r2:{c}", v, 2, code=c) for c, v in ROUND_ON_AIR.items()]],
         {"fio2_last_24h": 28.0, "fio2_time_since_last_s_24h": 3600.0, "on_oxygen": 0, "news2": 0}),
+    # a CDC row flagged on oxygen with its flow column empty (schemas.codes.SUPPLEMENTAL_O2), the round an
+    # hour before on air: on oxygen, NEWS2 air/oxygen 2 (the rest 0), and the flow stays missing (never
+    # invented). Before the flag was read the row gave no oxygen fact: on air, NEWS2 0
+    "oxygen with the flow not charted is oxygen": (
+        1, [[hr(f"r1:{c}", v, 0, code=c) for c, v in ROUND_ON_AIR.items()],
+            [hr(f"r2:{c}", v, 1, code=c) for c, v in ROUND_ON_AIR.items()] + [hr("r2:o2", 1.0, 1, code=codes.SUPPLEMENTAL_O2)]],
+        {"supplemental_oxygen_time_since_last_s_24h": 0.0, "o2_flow_last_24h": None, "on_oxygen": 1,
+         "news2_air_or_oxygen": 2, "news2": 2}),
+    # a flow of 0 (air) charted after it in the same round (within SAME_ROUND_S of the SpO2) says air now
+    "air charted after oxygen without a flow is air": (
+        2, [[hr(f"r1:{c}", v, 1.9, code=c) for c, v in ROUND_ON_AIR.items()] + [hr("r1:o2", 1.0, 1.9, code=codes.SUPPLEMENTAL_O2)],
+            [hr("r2:flow", 0.0, 2, code=codes.O2_FLOW), hr("r2:spo2", 97, 2, code=codes.SPO2)]],
+        {"supplemental_oxygen_time_since_last_s_24h": 360.0, "o2_flow_last_24h": 0.0, "on_oxygen": 0, "news2": 0}),
     # consciousness charted as a GCS total is the same parameter as ACVPU: an A, then a GCS of 7 an hour
     # later (P, ordinal 3): the latest wins, NEWS2 consciousness 3, qSOFA altered mentation 1. Before GCS was
     # read: A, NEWS2 0

@@ -23,6 +23,8 @@ MEASURED_MS = 1_718_460_396_123  # 2024-06-15T14:06:36.123275Z (fixture µs 1718
 COMMIT_MS = 1_718_460_400_500
 ALL_VITAL_CODES = {codes.HEART_RATE, codes.RESP_RATE, codes.SPO2, codes.O2_FLOW, codes.SYSTOLIC_BP,
                    codes.DIASTOLIC_BP, codes.TEMPERATURE, codes.CONSCIOUSNESS}
+# what a removed vitals row whose `before` cannot tell retracts: every code, oxygen without a flow too
+ROW_CODES = ALL_VITAL_CODES | {codes.SUPPLEMENTAL_O2}
 
 
 def parse(msg: RawMessage, offset: int = 0):
@@ -116,7 +118,9 @@ def test_update_is_a_new_version_and_a_nulled_column_retracts(name):
     spo2 = events[codes.SPO2]
     assert spo2.status is Status.ENTERED_IN_ERROR and spo2.value is None
     assert spo2.fact_id == "cdc:vital_signs:7:59408-5"  # same fact as the create: a retraction of it
-    assert all(e.status is Status.FINAL for c, e in events.items() if c != codes.SPO2)
+    # without a full `before` nothing shows the row did not say "on oxygen, flow not charted": retracted
+    retracted = {codes.SPO2} | ({codes.SUPPLEMENTAL_O2} if name == "update_default_identity" else set())
+    assert {c for c, e in events.items() if e.status is not Status.FINAL} == retracted
 
 
 def test_update_with_unchanged_toasted_column_skips_that_column():
@@ -157,13 +161,32 @@ def test_an_update_that_no_longer_says_on_air_retracts_the_air_flow_it_charted()
     assert by_code(parse(unchanged))[codes.O2_FLOW].value == 0.0  # still air
 
 
+def test_on_oxygen_with_the_flow_not_charted_is_a_supplemental_oxygen_fact_without_a_flow():
+    # on_supplemental_oxygen true, oxygen_flow_rate_lpm NULL: no oxygen fact at all made NEWS2 score the
+    # patient as on air (2 points lost). The row says "oxygen", not how much: no flow value is invented.
+    msg = cdc_message("update_full")
+    before = json.loads(msg.value).get("payload", json.loads(msg.value))["before"]
+    on_oxygen = dict(before, oxygen_flow_rate_lpm=None, on_supplemental_oxygen=True)
+    events = by_code(parse(_changed(msg, op="c", before=None, after=on_oxygen)))
+    assert codes.O2_FLOW not in events
+    given = events[codes.SUPPLEMENTAL_O2]
+    assert (given.value, given.status, given.fact_id) == (1.0, Status.FINAL, "cdc:vital_signs:7:supplemental-oxygen")
+    assert given.code_system == codes.WARDWATCH  # wardwatch's own code, not a LOINC one
+    # charted with its flow: the flow is the fact; an update that now gives the flow (or says air) retracts it
+    for after in (dict(on_oxygen, oxygen_flow_rate_lpm=2.0), dict(on_oxygen, on_supplemental_oxygen=False)):
+        update = by_code(parse(_changed(msg, before=on_oxygen, after=after)))
+        assert update[codes.SUPPLEMENTAL_O2].status is Status.ENTERED_IN_ERROR
+    # a row that never said it (full `before`: flow charted) retracts nothing
+    assert codes.SUPPLEMENTAL_O2 not in by_code(parse(_changed(msg, before=before, after=dict(before))))
+
+
 # --- deletes, tombstones, primary-key change -----------------------------------------------------
 
 
 def test_delete_with_full_identity_retracts_every_code_then_tombstone_is_control():
     delete, tombstone = (parse(m) for m in cdc_messages("delete_full"))
     assert isinstance(delete, Parsed)
-    assert {e.code for e in delete.events} == ALL_VITAL_CODES
+    assert {e.code for e in delete.events} == ALL_VITAL_CODES  # its full `before` was not on oxygen without a flow
     assert all(e.status is Status.ENTERED_IN_ERROR and e.value is None for e in delete.events)
     assert {e.patient_id for e in delete.events} == {"MRN-0002"}
     assert {e.effective_ms for e in delete.events} == {MEASURED_MS}
@@ -173,7 +196,7 @@ def test_delete_with_full_identity_retracts_every_code_then_tombstone_is_control
 def test_delete_with_default_identity_takes_patient_from_key_and_time_from_commit():
     events = parsed("delete_key_only").events
     assert {e.patient_id for e in events} == {"MRN-0001"}
-    assert {e.fact_id for e in events} == {f"cdc:vital_signs:42:{c}" for c in ALL_VITAL_CODES}
+    assert {e.fact_id for e in events} == {f"cdc:vital_signs:42:{c}" for c in ROW_CODES}
     assert {e.effective_ms for e in events} == {COMMIT_MS}
 
 

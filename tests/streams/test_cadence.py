@@ -190,6 +190,7 @@ def test_the_same_events_cut_into_other_messages_give_the_same_points_snapshots_
     (codes.HEART_RATE, chart.PULSE), (codes.TEMPERATURE, chart.TEMPERATURE),
     (codes.CONSCIOUSNESS, [(codes.ACVPU_ORDINAL[level], points) for level, points in chart.CONSCIOUSNESS]),
     (codes.O2_FLOW, [(0.0, 0), (0.5, 2), (15.0, 2)]), (codes.FIO2, [(21.0, 0), (21.5, 2), (60.0, 2)]),
+    (codes.SUPPLEMENTAL_O2, [(1.0, 2)]),  # on oxygen, flow not charted
 ])
 def test_a_readings_own_news2_points_follow_the_chart_on_every_band_edge(code, table):
     # what lets a reading be scored inside the minimum interval: the RCP 2017 chart's points, edge by edge

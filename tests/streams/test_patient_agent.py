@@ -803,3 +803,21 @@ def test_the_most_recent_consciousness_observation_wins_whichever_scale_it_is_on
     # the late U is in the patient's state (the worst of 24 h), only not the latest: without this, a GCS
     # never parsed or a late event dropped would pass the check above as well
     assert worst_of_24h(out) == [4.0]
+
+
+def test_a_cdc_row_on_oxygen_with_the_flow_not_charted_scores_oxygen_and_opens_the_medium_alert(processor):
+    # on_supplemental_oxygen true, oxygen_flow_rate_lpm NULL: the row gave no oxygen fact, so NEWS2 scored
+    # the patient as on air. RR 21 (2) + SpO2 95 (1) + oxygen (2) = 5: medium, an urgent review (RCP 2017);
+    # scored on air it was 3, low, and no alert.
+    from schemas.cdc import parse_cdc
+    from tests.fixtures.ingest.corpus import CDC_PREFIX, cdc_message
+    raw = cdc_message("create_bare")
+    doc = orjson.loads(raw.value)
+    doc["after"].update(respiratory_rate=21, oxygen_flow_rate_lpm=None, on_supplemental_oxygen=True)
+    outcome = parse_cdc(raw.topic, raw.key, orjson.dumps(doc), partition=0, offset=0, cdc_topic_prefix=CDC_PREFIX)
+    assert isinstance(outcome, Parsed)
+    out = run(processor, [msg(0, outcome.events)], {})
+    [snapshot] = [orjson.loads(v)["features"] for _, v, _ in out.features]
+    assert snapshot["o2_flow_last_24h"] is None  # no flow value invented
+    assert (snapshot["on_oxygen"], snapshot["news2_air_or_oxygen"], snapshot["news2"]) == (1, 2, 5)
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in alerts_of(out)] == [("open", "medium")]
