@@ -12,7 +12,9 @@ Rules
   "escalate" (medium -> high). A tier that stays, or dips and comes back, alerts nothing.
 - Hysteresis: a scoring point is *calm* when its tier is none/low and, on the model path, its
   probability is below `alert_reset`. The episode resolves after `resolve_after` consecutive calm
-  points (a non-calm point resets the count) and alerts "resolve" (tier = the tier at resolution).
+  points at distinct times (a non-calm point resets the count) and alerts "resolve" (tier = the tier
+  at resolution). Points at one time (a vitals round sent as several messages, a correction's
+  re-score at the clock) count once: one calm round never resolves an episode by itself.
 - Suppression: an episode that opens within `suppression_ms` of the last alerted resolution is
   silent while the window lasts. It is deferred, not dropped: at its first scoring point after the
   window, if still medium/high, it alerts "open" at the tier of that point. An episode that never
@@ -201,7 +203,8 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
     if tier not in TIER_RANK:
         raise ValueError(f"unknown tier {tier!r}; expected one of {list(TIER_RANK)}")
     s: AlertState = {**initial_state(), **(state or {})}
-    if s["last_scoring_ms"] is not None and scoring_ms < s["last_scoring_ms"]:
+    previous_ms = s["last_scoring_ms"]
+    if previous_ms is not None and scoring_ms < previous_ms:
         return s, []
     s.update(last_scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
              model_version=model_version)
@@ -220,7 +223,8 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
 
     calm = rank < ALERTING_RANK and not (path == "model" and (probability is None or probability >= policy.alert_reset))
     if calm:
-        s["calm_points"] += 1
+        if scoring_ms != previous_ms:  # another point at the same time is the same moment, not one more
+            s["calm_points"] += 1
         if s["calm_points"] < policy.resolve_after:
             return s, []
         alerted = s["alerted_tier"] is not None

@@ -134,6 +134,17 @@ def test_low_never_opens_an_episode():
     assert state["episode"] == 0 and not state["open"]
 
 
+def test_calm_points_at_one_time_count_once_toward_resolution():
+    # one vitals round sent as several messages scores at the same time more than once (schemas/cadence.py);
+    # counted as two calm rounds it resolved the episode, and a later deterioration then waited out the
+    # suppression window in silence
+    points = [rule_point(0, "high"), rule_point(5, "low"), rule_point(5, "low"), rule_point(5, "none")]
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "high", 1, 0)]
+    _, decisions = run([*points, rule_point(10, "low")])  # a second calm round does
+    assert summary(decisions) == [("open", "high", 1, 0), ("resolve", "low", 1, 10)]
+
+
 def test_event_time_not_arrival_order_decides():
     state, _ = run([rule_point(0, "medium")])
     stale, decisions = step(state, patient_id="p1", policy=POLICY, **rule_point(-5, "high"))
