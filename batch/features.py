@@ -130,15 +130,17 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
             "patient_id", "partition", "offset", "idx", "effective_ms", "_clock_after", "_vital",
             "_vital_readings", "_correction").iter_rows():
         last = vitals_scored_ms.get(patient)
+        abnormal = any(news2_points(r["code"], r["value"], r["status"] == RETRACTED) for r in readings)
         if vital_event is not None and (
                 last is None or (T > last and T - last >= min_interval_ms)
                 # an abnormal reading is scored inside the interval too, and at the last point's own time
-                or (T >= last and any(news2_points(r["code"], r["value"], r["status"] == RETRACTED)
-                                      for r in readings))):
+                or (T >= last and abnormal)):
             vitals_scored_ms[patient] = T
             points.append((patient, T, partition, offset, idx, Trigger.VITALS.value, vital_event))
-        elif correction_event is not None and last is not None:
-            points.append((patient, clock, partition, offset, idx, Trigger.CORRECTION.value, correction_event))
+        elif (correction_event is not None or abnormal) and last is not None:
+            # (an abnormal reading older than the last vitals point, back-charted: re-scored at the clock)
+            points.append((patient, clock, partition, offset, idx, Trigger.CORRECTION.value,
+                           correction_event or vital_event))
     return (pl.DataFrame([(*p[:6], snapshot_id(p[0], p[5], p[1], p[6])) for p in points],
                          schema=POINTS_SCHEMA, orient="row")
             .sort("partition", "offset", "idx", maintain_order=True))

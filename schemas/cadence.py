@@ -18,7 +18,8 @@ restart or a rebuild finds the same points, snapshots and alerts.
   The interval bounds the points of a normal patient; it must never hold back an abnormal reading,
   which would otherwise wait for the next round (hours) or, replaced by then, never be scored. A
   reading that scores 0 can lower NEWS2 but never raise it, so the NEWS2 tier of a point skipped by
-  the interval is never above the previous point's (the model's may be: it waits for the next point).
+  the interval is never above the previous point's (the model's may be: it waits for the next point;
+  an older reading that scores points is re-scored at the clock: trigger "correction" below).
   For the same reason a run at T *equal* to the last vitals point's time is a point when one of its
   accepted vitals scores NEWS2 points: the rest of that round sent in other messages (one FHIR
   Observation per notification; the ingest writes each raw record into its own message). Its snapshot
@@ -27,7 +28,11 @@ restart or a rebuild finds the same points, snapshots and alerts.
   of a known fact; not a restatement, a new version with the same content, which is a duplicate) and
   the patient has a vitals point already. Point at T = the patient clock after
   the run (a re-score "now" with the corrected facts), never rate-limited: an open alert whose basis
-  changed must be corrected at once. It does not move the last vitals point.
+  changed must be corrected at once. It does not move the last vitals point. A run older than the
+  last vitals point (back-charted: a BP taken at 09:58 charted after the 10:00 round) holding an
+  accepted vital that scores NEWS2 points is such a point too, its first accepted vital the trigger
+  event: it changes the picture now, and would otherwise wait for the next round (never scored if that
+  round charts the parameter again).
 - At most one point per run; "vitals" wins when both apply.
 
 Limit: a run never spans two messages. The ingest worker writes the events of one raw record into

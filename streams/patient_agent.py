@@ -8,7 +8,8 @@ For each canonical message (all events of one patient, in arrival order):
     panel) -> apply_batch (dedupe, lateness, corrections) -> late records
   after each run: a scoring point if schemas/cadence.py says so ("vitals": a new vitals set, at
     most once per scoring_min_interval_s unless it holds a reading scoring NEWS2 points, which also scores
-    at the last point's own time; "correction": a re-score after a correction), features
+    at the last point's own time; "correction": a re-score after a correction or a back-charted reading
+    scoring NEWS2 points), features
     as of its T over the facts visible after the run's last event
   if a discharge advanced the context: a discharge step (resolves an open alert episode); while the
     context says discharged, scoring points still score but open no alert (streams/alerting.py)
@@ -234,15 +235,19 @@ def scoring_trigger(outcomes: list, *, vitals_scored_ms: int | None,
     """Whether one applied run makes a scoring point: (trigger, event_id of the triggering event) or None."""
     T = outcomes[0].event.effective_ms  # a run shares one effective time
     vitals = [o.event for o in outcomes if o.kind is Kind.ACCEPTED and o.event.code in VITAL_SIGN_CODES]
+    abnormal = any(news2_points(e.code, e.value, e.status.retracts) for e in vitals)
     if vitals and (vitals_scored_ms is None
                    or (T > vitals_scored_ms and T - vitals_scored_ms >= min_interval_ms)
                    # an abnormal reading never waits: inside the interval, nor at the last point's own time (the
                    # rest of its round in other messages: one FHIR Observation per notification)
-                   or (T >= vitals_scored_ms and any(news2_points(e.code, e.value, e.status.retracts) for e in vitals))):
+                   or (T >= vitals_scored_ms and abnormal)):
         return Trigger.VITALS, vitals[0].event_id
     correction = next((o.event for o in outcomes if o.kind is Kind.CORRECTED), None)
-    if correction is not None and vitals_scored_ms is not None:  # nothing scored yet: nothing to correct
-        return Trigger.CORRECTION, correction.event_id
+    if vitals_scored_ms is not None:  # nothing scored yet: nothing to correct
+        if correction is not None:
+            return Trigger.CORRECTION, correction.event_id
+        if abnormal:  # older than the last vitals point (back-charted): it changes the picture now, as a correction
+            return Trigger.CORRECTION, vitals[0].event_id
     return None
 
 

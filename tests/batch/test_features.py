@@ -220,6 +220,18 @@ def test_the_rest_of_a_round_sent_in_other_messages_at_the_same_time_is_scored_w
     assert seen == [(None, None), (80.0, None), (80.0, 26.0)]
 
 
+def test_a_back_charted_abnormal_reading_is_a_point_at_the_clock():
+    # a reading older than the last vitals point (charted after it) makes a point at the clock when it scores
+    # NEWS2 points (SBP 80: 3), as the stream does; a normal one (HR 72) waits for the next round
+    a = Archive()
+    a.send(event("hr1", 72, T0))  # offset 0: the round's point
+    a.send(event("sbp", 80, T0 - 2 * MIN, code=codes.SYSTOLIC_BP))  # 1: back-charted, abnormal
+    a.send(event("hr0", 72, T0 - MIN))  # 2: back-charted, normal
+    assert points_of(a, min_interval_ms=5 * MIN) == [(T0, 0, 0, "vitals"), (T0, 1, 0, "correction")]
+    points = scoring_points(a.frame(), **RULES, min_interval_ms=5 * MIN)
+    assert features_at(a.frame(), points, **RULES)["systolic_bp_last_24h"].to_list() == [None, 80.0]
+
+
 def test_a_restatement_is_a_duplicate_and_makes_no_correction_point():
     a = Archive()
     a.send(event("f1", 80, T0), event("f2", 82, T0 + 10 * MIN, status=Status.PRELIMINARY))  # offset 0

@@ -130,13 +130,30 @@ def test_two_vitals_sets_in_one_message_are_two_points_each_seeing_only_what_cam
     assert [s["features"]["heart_rate_last_24h"] for s in snapshots] == [80, 120]
 
 
-def test_out_of_order_vitals_within_lateness_update_state_but_do_not_score(processor):
+def test_out_of_order_normal_vitals_within_lateness_update_state_but_do_not_score(processor):
     store: dict[str, PatientRecord] = {}
     run(processor, [msg(0, vitals("p1", T0, 1))], store)
-    assert points(run(processor, [msg(1, vitals("p1", T0 - 20 * MIN, 2))], store)) == []
+    assert points(run(processor, [msg(1, vitals("p1", T0 - 20 * MIN, 2, **NORMAL))], store)) == []
     out = run(processor, [msg(2, vitals("p1", T0 + 20 * MIN, 3))], store)
     [snapshot] = [orjson.loads(v) for _, v, _ in out.features]
     assert snapshot["features"]["vitals_count_6h"] == 3  # the out-of-order set counts at the next point
+
+
+def test_a_back_charted_abnormal_reading_is_scored_at_once_at_the_clock(processor):
+    # A round at 10:00 without a BP, then a BP of 80 taken at 09:58 and charted after it (back-charting): older
+    # than the last vitals point, it never triggered, and waited for the next round (hours), never scored at all
+    # if that round's BP was normal. SBP <= 90 scores 3, an urgent review on its own (RCP 2017).
+    store: dict[str, PatientRecord] = {}
+    round_without_bp = [e for e in vitals("p1", T0, 1, **NORMAL) if e.code != codes.SYSTOLIC_BP]
+    run(processor, [msg(0, round_without_bp)], store)
+    out = run(processor, [msg(1, one_reading(T0 - 2 * MIN, 2, codes.SYSTOLIC_BP, 80.0))], store)
+    assert points(out) == [(T0, "correction", 0)]  # re-scored "now", as a correction is: the clock
+    [snapshot] = [orjson.loads(v)["features"] for _, v, _ in out.features]
+    assert snapshot["systolic_bp_last_24h"] == 80.0 and snapshot["news2_systolic_bp"] == 3
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in map(orjson.loads, (v for _, v, _ in out.alerts))] \
+        == [("open", "medium")]
+    # a normal back-charted reading still waits (it can lower NEWS2, never raise it)
+    assert points(run(processor, [msg(2, one_reading(T0 - MIN, 3, codes.HEART_RATE, 72.0))], store)) == []
 
 
 def test_late_vitals_never_score(processor):
