@@ -39,12 +39,14 @@ is in the header for routing only).
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
+from schemas import codes
 from schemas.canonical import make_event_id
 from schemas.codes import DERIVED_CODES, parameter_name
+from schemas.features import DERIVED, FEATURES, NEWS2_INPUTS, news2_charted_parts
 
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 # wardwatch tier -> risk-probability code and display
@@ -70,6 +72,86 @@ RESOLVED_BY_DISCHARGE = ("Resolution, not a new alert: the patient was discharge
                          "received, which may postdate the discharge.")
 
 
+# A reading older than this at the scoring time is named in the rationale as not rechecked. RCP 2017's
+# clinical response chart asks for observations at least every 4-6 h at a NEWS2 of 1-4 (hourly at 5-6):
+# past 4 h even a low-scoring patient is due a new round, so the alert may rest on an old value.
+STALE_AFTER_MS = 4 * HOUR_MS
+MINUTE_MS = 60_000
+# a parameter in a nurse's words, and its unit after a value (the reading of a feature: READING_CODE)
+WORDS: dict[str, tuple[str, str]] = {
+    codes.HEART_RATE: ("heart rate", "/min"), codes.RESP_RATE: ("respiratory rate", "/min"),
+    codes.SPO2: ("SpO2", " %"), codes.O2_FLOW: ("O2 flow", " L/min"), codes.FIO2: ("FiO2", " %"),
+    codes.SYSTOLIC_BP: ("systolic BP", " mmHg"), codes.TEMPERATURE: ("temperature", " °C"),
+    codes.CONSCIOUSNESS: ("level of consciousness", ""), codes.LACTATE: ("lactate", " mmol/L"),
+    codes.WBC: ("WBC", " x10^3/uL"), codes.CREATININE: ("creatinine", " mg/dL"),
+}
+# the one reading a feature's value rests on: a parameter's latest value, a NEWS2 sub-score's input;
+# NEWS2's air or oxygen is read at the latest SpO2's round (schemas.features._on_oxygen). Trends, means,
+# counts and NEWS2 itself rest on several readings (their basis entries carry each one's time).
+READING_CODE: dict[str, str] = {f.name: f.code for f in FEATURES if f.agg == "last"} | {"on_oxygen": codes.SPO2}
+_NEWS2_PART_INPUT = dict(zip((d.name for d in DERIVED if d.name.startswith("news2_")), NEWS2_INPUTS, strict=True))
+READING_CODE |= {part: READING_CODE[name] for part, name in _NEWS2_PART_INPUT.items()}
+
+
+def format_age(ms: int) -> str:
+    """A duration for a human: "14 h 44 min", "35 min", "3 h", "less than 1 min"."""
+    hours, minutes = divmod(abs(ms) // MINUTE_MS, 60)
+    if not hours:
+        return f"{minutes} min" if minutes else "less than 1 min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def age_before(taken_ms: int, at_ms: int, what: str = "this assessment") -> str:
+    """How long before `at_ms` (the assessment) a reading was taken, e.g. "14 h 44 min before this assessment"."""
+    return f"{format_age(at_ms - taken_ms)} {'before' if taken_ms <= at_ms else 'after'} {what}"
+
+
+def taken_words(taken_ms: int, at_ms: int) -> str:
+    """ "taken 2024-06-15T03:10:00Z, 14 h 44 min before this assessment" (a basis entry's display)."""
+    return f"taken {_iso_seconds(taken_ms)}, {age_before(taken_ms, at_ms)}"
+
+
+def stale_readings(features: Mapping[str, Any], rationale: Sequence[Mapping[str, Any]],
+                   taken_ms: Callable[[str], int | None], scoring_ms: int,
+                   stale_after_ms: int = STALE_AFTER_MS) -> list[list]:
+    """[feature, value, taken_ms] for each NEWS2 parameter scoring points and each rationale feature whose
+    one reading (READING_CODE) was taken more than `stale_after_ms` before `scoring_ms`: in NEWS2 input
+    order, then the rationale's. `taken_ms(code)`: when the reading the score used was taken (None: none)."""
+    names = [_NEWS2_PART_INPUT[part] for part, points in news2_charted_parts(features).items() if points]
+    stale = []
+    for name in dict.fromkeys([*names, *(r["feature"] for r in rationale)]):
+        code, value = READING_CODE.get(name), features.get(name)
+        if code is None or value is None or (taken := taken_ms(code)) is None:
+            continue
+        if scoring_ms - taken > stale_after_ms:
+            stale.append([name, float(value), taken])
+    return stale
+
+
+def stale_words(stale: Sequence[Sequence], at_ms: int, what: str = "this assessment") -> list[str]:
+    """Each stale reading in plain words: "systolic BP 85 mmHg taken 14 h 44 min before this assessment,
+    not rechecked" (its value is the clinician's, as in the rationale; never in a log)."""
+    return [f"{reading_value(name, value)} taken {age_before(taken, at_ms, what)}, not rechecked"
+            for name, value, taken in stale]
+
+
+def reading_value(feature: str, value: float) -> str:
+    """A feature's reading in words: "systolic BP 85 mmHg", "level of consciousness V", "on oxygen at the
+    SpO2 round", a NEWS2 sub-score "systolic BP (NEWS2 3 points)"."""
+    if (part_of := _NEWS2_PART_INPUT.get(feature)) is not None:  # its points, not the reading's value
+        words = "air or oxygen" if part_of == "on_oxygen" else WORDS[READING_CODE[part_of]][0]
+        return f"{words} (NEWS2 {_number(value)} points)"
+    if feature == "on_oxygen":  # a flag read at the latest SpO2 (schemas.features._on_oxygen)
+        return ("on oxygen" if value else "on air") + " at the SpO2 round"
+    code = READING_CODE[feature]
+    words, unit = WORDS.get(code, (f"LOINC {code}", ""))
+    return f"{words} {codes.ACVPU[int(value)]}" if code == codes.CONSCIOUSNESS else f"{words} {_number(value)}{unit}"
+
+
+def _iso_seconds(ms: int) -> str:
+    return datetime.fromtimestamp(ms // 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def iso_utc(ms: int) -> str:
     """Epoch milliseconds -> ISO-8601 UTC with millisecond precision, e.g. 2024-01-01T08:00:00.000Z."""
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -87,8 +169,10 @@ def fhir_datetime(ms: int) -> str:
 
 def build_alert(decision, *, patient_id: str, encounter_id: str | None, probability: float | None,
                 news2: int | None, model_version: str | None, path: str, rationale: Sequence[Mapping[str, Any]],
-                basis: Sequence[Sequence], horizon_h: int = 12, ward: str | None = None) -> dict[str, Any]:
-    """`decision` is a streams.alerting.AlertDecision; `rationale` items carry feature, value, contribution."""
+                basis: Sequence[Sequence], horizon_h: int = 12, ward: str | None = None,
+                stale: Sequence[Sequence] = ()) -> dict[str, Any]:
+    """`decision` is a streams.alerting.AlertDecision; `rationale` items carry feature, value, contribution;
+    `stale` the old readings it rests on (stale_readings(), module docstring)."""
     status = getattr(decision, "status", "final")
     original = getattr(decision, "original_alert_id", None)
     header = {
@@ -104,7 +188,7 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         "status": status,
         "original_alert_id": original,
         "reason": getattr(decision, "reason", None),
-        "preliminary_basis": [entry[2] for entry in basis if len(entry) > 2],
+        "preliminary_basis": [entry[2] for entry in basis if len(entry) > 2 and entry[2]],
     }
     # Built directly in the form the FHIR model serialises (its field order, its dateTime format, no
     # nulls): the same bytes as RiskAssessment.model_validate(...).model_dump(mode="json",
@@ -120,9 +204,9 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         resource["encounter"] = {"reference": f"Encounter/{encounter_id}"}
     resource["occurrenceDateTime"] = fhir_datetime(decision.scoring_ms)
     if basis:
-        resource["basis"] = [basis_reference(*entry) for entry in basis]
+        resource["basis"] = [basis_reference(*entry, at_ms=decision.scoring_ms) for entry in basis]
     resource["prediction"] = [_prediction(decision, probability if path == "model" else None, news2, rationale,
-                                          horizon_h, incomplete_news2=path == "rule" and news2 is None)]
+                                          horizon_h, incomplete_news2=path == "rule" and news2 is None, stale=stale)]
     notes = []
     if header["preliminary_basis"]:
         names = ", ".join(parameter_name(code) for code in header["preliminary_basis"])
@@ -140,27 +224,38 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
 _FHIR_OBSERVATION = "fhir:Observation/"  # schemas/fhir.py: fact_id = fhir:Observation/<id>:<code>
 
 
-def basis_reference(fact_id: str, version: int, preliminary_code: str | None = None) -> dict[str, Any]:
+def basis_reference(fact_id: str, version: int, preliminary_code: str | None = None, taken_ms: int | None = None,
+                    *, at_ms: int | None = None) -> dict[str, Any]:
     """One basis entry, in the field order the FHIR model serialises (reference, identifier, display).
-    `preliminary_code`: the reading's code when it is a preliminary result (None: final)."""
+    `preliminary_code`: the reading's code when it is a preliminary result (None: final); `taken_ms` its
+    effective time, said in the display with its age at `at_ms` (the occurrence time)."""
     entry: dict[str, Any] = {}
+    observation_code = None  # the code of a FHIR reading (its fact_id ends ":<code>")
+    taken = f", {taken_words(taken_ms, at_ms)}" if taken_ms is not None and at_ms is not None else ""
     if fact_id.startswith(_FHIR_OBSERVATION):
-        observation_id = fact_id[len(_FHIR_OBSERVATION):].rsplit(":", 1)[0]  # FHIR ids have no ":"
+        rest = fact_id[len(_FHIR_OBSERVATION):]  # FHIR ids have no ":"
+        observation_id, _, observation_code = rest.rpartition(":") if ":" in rest else (rest, "", None)
         entry["reference"] = f"Observation/{observation_id}/_history/{version}"
     entry["identifier"] = {"system": CANONICAL_EVENT_SYSTEM, "value": make_event_id(fact_id, version)}
     if fact_id.startswith("cdc:") and fact_id.count(":") >= 3:  # schemas/cdc.py: cdc:<table>:<pk>:<code>
         _, table, rest = fact_id.split(":", 2)
         row, code = rest.rsplit(":", 1)
-        entry["display"] = f"EHR {table} row {row}, " + (parameter_name(code) if code in DERIVED_CODES else f"LOINC {code}")
-        if preliminary_code is not None:
-            entry["display"] += " (preliminary result)"
-    elif preliminary_code is not None:
-        entry["display"] = f"{parameter_name(preliminary_code)}, preliminary result"
+        said = [WORDS[code][0]] if code in WORDS else []
+        said += ["preliminary result"] if preliminary_code else []
+        entry["display"] = (f"EHR {table} row {row}, "
+                            + (parameter_name(code) if code in DERIVED_CODES else f"LOINC {code}")
+                            + (f" ({', '.join(said)})" if said else "") + taken)
+    elif observation_code:
+        code = observation_code
+        name = f"{WORDS[code][0]} (LOINC {code})" if code in WORDS else parameter_name(code)
+        entry["display"] = name + (", preliminary result" if preliminary_code else "") + taken
+    elif preliminary_code:
+        entry["display"] = f"{parameter_name(preliminary_code)}, preliminary result{taken}"
     return entry
 
 
 def _prediction(decision, probability: float | None, news2: int | None, rationale: Sequence[Mapping[str, Any]],
-                horizon_h: int, incomplete_news2: bool = False) -> dict[str, Any]:
+                horizon_h: int, incomplete_news2: bool = False, stale: Sequence[Sequence] = ()) -> dict[str, Any]:
     code, display = QUALITATIVE_RISK[decision.tier]
     start, end = decision.scoring_ms, decision.scoring_ms + horizon_h * HOUR_MS
     prediction: dict[str, Any] = {"outcome": {"text": OUTCOME}}
@@ -173,6 +268,8 @@ def _prediction(decision, probability: float | None, news2: int | None, rational
     reason_text = _rationale_text(rationale, news2)
     if incomplete_news2:  # else a reader takes the tier for a full NEWS2 (streams/scoring.py rule_tier)
         reason_text = f"{reason_text}; {NEWS2_INCOMPLETE}" if reason_text else NEWS2_INCOMPLETE
+    if stale:  # else "NEWS2 6" reads as a fresh deterioration, whatever the age of what it rests on
+        reason_text = "; ".join([*([reason_text] if reason_text else []), *stale_words(stale, decision.scoring_ms)])
     if reason_text:
         prediction["rationale"] = reason_text
     return prediction

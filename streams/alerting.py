@@ -94,8 +94,9 @@ from wardwatch.settings import Settings
 Tier = Literal["none", "low", "medium", "high"]
 Kind = Literal["open", "escalate", "resolve", "correction"]
 Status = Literal["final", "amended", "entered-in-error"]
-# [[fact_id, version], ...]: the observations an alert was based on; a preliminary reading's entry
-# adds its code, [fact_id, version, code] (streams.patient_agent._basis)
+# [[fact_id, version, preliminary code or None, taken_ms], ...]: the observations an alert was based on
+# (streams.patient_agent._basis); alerts stored before the time was kept have [fact_id, version] or, for a
+# preliminary reading, [fact_id, version, code]
 Basis = list[list]
 
 TIER_RANK: dict[str, int] = {"none": 0, "low": 1, "medium": 2, "high": 3}
@@ -156,6 +157,9 @@ class EpisodeAlert(TypedDict):
     model_version: str | None
     rationale: list
     basis: Basis
+    # [feature, value, taken_ms]: the readings it rests on older than schemas.alert.STALE_AFTER_MS, said in
+    # its rationale (an alert stored before it existed has no "stale": none is said)
+    stale: list
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +200,8 @@ def _close(s: AlertState) -> None:
 def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, probability: float | None,
          news2: int | None, path: str, model_version: str | None,
          policy: AlertPolicy = AlertPolicy(), rationale: Sequence = (),
-         basis: Callable[[], Basis] | None = None, discharged: bool = False) -> tuple[AlertState, list[AlertDecision]]:
+         basis: Callable[[], Basis] | None = None, discharged: bool = False,
+         stale: Sequence = ()) -> tuple[AlertState, list[AlertDecision]]:
     """Apply one scoring point; returns the new state (the input is not modified) and the alerts.
     `basis` is called only when the point alerts (it costs a lookup per code). `discharged`: the patient
     has left (module docstring): the point neither opens nor escalates an episode."""
@@ -250,14 +255,15 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
     d = decide(kind, tier)
     s["alerts"] = [*s["alerts"], EpisodeAlert(
         alert_id=d.alert_id, kind=kind, tier=tier, scoring_ms=scoring_ms, probability=probability, news2=news2,
-        path=path, model_version=model_version, rationale=list(rationale), basis=basis() if basis else [])]
+        path=path, model_version=model_version, rationale=list(rationale), basis=basis() if basis else [],
+        stale=list(stale))]
     return s, [d]
 
 
 def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int, tier: Tier,
             probability: float | None, news2: int | None, path: str, model_version: str | None,
             rationale: Sequence = (), basis: Callable[[], Basis] | None = None,
-            superseded: Mapping[str, str] | None = None,
+            superseded: Mapping[str, str] | None = None, stale: Sequence = (),
             rescore: Callable[[EpisodeAlert], dict | None] | None = None) -> tuple[AlertState, list[AlertDecision]]:
     """Correct each alert of the open episode whose basis `corrected` (fact_id -> new version, the
     corrections applied by one message) touches, oldest first: the open one and any escalation stand
@@ -270,7 +276,7 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
     (docs/patient-state.md rule 4): a basis naming the preliminary fact is touched by that correction."""
     s: AlertState = {**initial_state(), **(state or {})}
     default = dict(scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
-                   model_version=model_version, rationale=rationale, basis=basis)
+                   model_version=model_version, rationale=rationale, basis=basis, stale=stale)
     decisions = _correct_closed(s, corrected, superseded, rescore, default)
     touched = corrected_alerts(s, corrected=corrected, superseded=superseded)
     if not touched:
@@ -285,7 +291,8 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
                                       "probability": point["probability"], "news2": point["news2"],
                                       "path": point["path"], "model_version": point["model_version"],
                                       "rationale": list(point.get("rationale", ())),
-                                      "basis": made() if made else current["basis"]})
+                                      "basis": made() if made else current["basis"],
+                                      "stale": list(point.get("stale", ()))})
             s["alerts"] = [*s["alerts"][:at], amended, *s["alerts"][at + 1:]]
             decisions.append(AlertDecision(cid, "correction", point["tier"], s["episode"], point["scoring_ms"],
                                            "amended", current["alert_id"]))
@@ -319,7 +326,8 @@ def _correct_closed(s: AlertState, corrected: Mapping[str, int], superseded: Map
         if TIER_RANK[point["tier"]] >= TIER_RANK[current["tier"]]:
             made = point.get("basis")
             if made:
-                s["closed"] = [*s["closed"][:at], {**current, "basis": made()}, *s["closed"][at + 1:]]
+                s["closed"] = [*s["closed"][:at], {**current, "basis": made(), "stale": list(point.get("stale", ()))},
+                               *s["closed"][at + 1:]]
             continue
         s["closed"] = [*s["closed"][:at], *s["closed"][at + 1:]]
         decisions.append(AlertDecision(correction_id(current["alert_id"], in_basis), "correction", current["tier"],

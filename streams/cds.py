@@ -41,7 +41,11 @@ Card: summary (< 140 chars, no identifiers: the tier and the probability or NEWS
 results" when a reading the score rests on is a preliminary result), indicator by tier (high
 critical, medium warning, low/none info), source.label "wardwatch", detail (markdown: the top
 contributing features, the scoring time, the model version or NEWS2 rule, and which parameters were
-preliminary: the score record's `preliminary_basis` codes, never their values).
+preliminary: the score record's `preliminary_basis` codes, never their values). A score resting on a
+reading older than schemas.alert.STALE_AFTER_MS (the record's `stale_readings`: a NEWS2 parameter scoring
+points or a top feature) says so: "; readings over 4 h old" in the summary, and each such reading, its
+value and its age at the scoring time in the detail ("systolic BP 85 mmHg taken 14 h 44 min before this
+score, not rechecked"), so the clinician does not take it for a fresh deterioration.
 
 State: the latest score record per patient (the greatest scoring_ms; a tie goes to the later
 record), so memory grows with the number of patients, never with the number of scores. It is fed
@@ -73,6 +77,7 @@ import jwt
 import orjson
 from aiohttp import web
 
+from schemas.alert import STALE_AFTER_MS, stale_words
 from schemas.codes import parameter_name
 from wardwatch.listen import is_loopback, run_http
 from wardwatch.settings import Settings
@@ -173,13 +178,22 @@ def card(record: dict) -> dict:
     preliminary = record.get("preliminary_basis") or []  # (absent from records written before it existed)
     if not isinstance(preliminary, list) or not all(isinstance(code, str) for code in preliminary):
         raise TypeError("preliminary_basis is not a list of codes")
+    stale = record.get("stale_readings") or []  # (absent from records written before it existed)
+    if not isinstance(stale, list) or not all(isinstance(r, list) and len(r) == 3 for r in stale):
+        raise TypeError("stale_readings is not a list of [feature, value, taken_ms]")
     flag = "; based on preliminary results" if preliminary else ""
+    if stale:
+        flag += f"; readings over {STALE_AFTER_MS // 3_600_000} h old"
     summary = f"Deterioration risk {tier.upper()} ({measure}){flag}"[:SUMMARY_MAX]
     lines = [f"Scored at {_iso(record['scoring_ms'])} by {method}."]
     if preliminary:
         lines.append("")
         lines.append(f"Based on preliminary results, which may change when final: "
                      f"{', '.join(parameter_name(code) for code in preliminary)}.")
+    if stale:
+        lines.append("")
+        lines.append("Old readings the score rests on:")
+        lines += [f"- {words}" for words in stale_words(stale, record["scoring_ms"], "this score")]
     reasons = record.get("rationale") or []
     if reasons:
         lines.append("")

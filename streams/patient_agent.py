@@ -30,7 +30,9 @@ Score record (scores and scores.shadow topics), one per scoring point:
    features_hash,                                               blake2b of the snapshot's features
    input_watermark: {partition, offset, idx, event_ms},         input consumed up to, patient clock
    model_version, path (model | rule | shadow), probability, news2, tier, rationale, missing,
-   preliminary_basis}                                           codes whose latest reading at T is preliminary
+   preliminary_basis,                                           codes whose latest reading at T is preliminary
+   stale_readings}                                              [feature, value, taken_ms] of readings it rests on
+                                                                older than schemas.alert.STALE_AFTER_MS at T
 The snapshot itself is on the features topic under the same snapshot_id, which is
 schemas.cadence.snapshot_id(patient, trigger, T, trigger_event_id): no Kafka offset in it, so a
 restart's re-emission or a replay cut into other messages repeats it.
@@ -46,7 +48,7 @@ from typing import Callable, NamedTuple
 
 import orjson
 
-from schemas.alert import build_alert
+from schemas.alert import build_alert, stale_readings
 from schemas.cadence import VITAL_SIGN_CODES, Trigger, news2_points, snapshot_id
 from schemas.canonical import decode_batch
 from schemas.codes import ADMISSION, CODES, DISCHARGE, LOCATION, is_context
@@ -179,17 +181,26 @@ def _latest(facts: list, T: int):
     return facts[i - 1] if i else None
 
 
+def _reading(state: PatientState, code: str, T: int):
+    """The fact of `code` the score at T used (its latest at T within the code's window), or None."""
+    fact = _latest(state.live(code), T)
+    return fact if fact is not None and fact[EFFECTIVE_MS] > T - _BASIS_WINDOW_MS[code] else None
+
+
 def _basis(state: PatientState, T: int) -> list[list]:
-    """[fact_id, version] of the latest fact of each code at T in its window (_BASIS_WINDOW_MS): what the
-    score was based on; a preliminary reading's entry adds its code, [fact_id, version, code]
-    (schemas/alert.py flags it)."""
-    basis = []
-    for code in _BASIS_CODES:
-        fact = _latest(state.live(code), T)
-        if fact is not None and fact[EFFECTIVE_MS] > T - _BASIS_WINDOW_MS[code]:
-            entry = [fact[FACT_ID], fact[VERSION]]
-            basis.append([*entry, code] if is_preliminary(fact) else entry)
-    return basis
+    """[fact_id, version, code or None, effective_ms] of the latest fact of each code at T in its window
+    (_BASIS_WINDOW_MS): what the score was based on, and when each reading was taken (schemas/alert.py
+    says it); the code is there only for a preliminary reading (schemas/alert.py flags it)."""
+    return [[fact[FACT_ID], fact[VERSION], code if is_preliminary(fact) else None, fact[EFFECTIVE_MS]]
+            for code in _BASIS_CODES if (fact := _reading(state, code, T)) is not None]
+
+
+def _stale(state: PatientState, T: int, features: dict, rationale: list) -> list[list]:
+    """The readings the score at T rests on that are too old to be taken as today's (schemas.alert)."""
+    def taken(code: str) -> int | None:
+        fact = _reading(state, code, T) if code in _BASIS_WINDOW_MS else None
+        return None if fact is None else fact[EFFECTIVE_MS]
+    return stale_readings(features, rationale, taken, T)
 
 
 def preliminary_codes(state: PatientState, T: int) -> list[str]:
@@ -376,7 +387,7 @@ class PatientProcessor:
         self.counters[f"rejected_{reason.value}"] += 1
 
     @staticmethod
-    def _score_record(p: _Point, score) -> dict:
+    def _score_record(p: _Point, score, stale: list | None = None) -> dict:
         return {"snapshot_id": p.snapshot_id, "patient_id": p.patient,
                 "scoring_ms": p.T, "partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
                 "trigger": p.trigger.value, "trigger_event_id": p.trigger_event_id,
@@ -385,7 +396,8 @@ class PatientProcessor:
                                     "event_ms": p.state.clock},
                 "model_version": score.model_version, "path": score.path, "probability": score.probability,
                 "news2": score.news2, "tier": score.tier, "rationale": score.rationale, "missing": score.missing,
-                "preliminary_basis": p.preliminary}
+                "preliminary_basis": p.preliminary,
+                "stale_readings": _stale(p.state, p.T, p.features, score.rationale) if stale is None else stale}
 
     def _emit_point(self, p: _Point, score, records, out: Outputs) -> None:
         patient, T = p.patient, p.T
@@ -393,12 +405,13 @@ class PatientProcessor:
         out.features.append((key, orjson.dumps({"snapshot_id": p.snapshot_id, "patient_id": patient, "scoring_ms": T,
                                                 "partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
                                                 "trigger": p.trigger.value, "features": p.features}), headers))
-        out.scores.append((key, orjson.dumps(self._score_record(p, score)), headers))
+        stale = _stale(p.state, T, p.features, score.rationale)
+        out.scores.append((key, orjson.dumps(self._score_record(p, score, stale)), headers))
         self.counters["scores"] += 1
         rec = records[patient]
         point = dict(scoring_ms=T, tier=score.tier, probability=score.probability, news2=score.news2,
                      path=score.path, model_version=score.model_version, rationale=score.rationale,
-                     basis=lambda: _basis(p.state, T))
+                     basis=lambda: _basis(p.state, T), stale=stale)
         alert_state, decisions = rec.alert, []
         if p.corrected:  # (without corrections, correct() changes nothing: step() fills in the same defaults)
             alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, superseded=p.superseded,
@@ -414,7 +427,8 @@ class PatientProcessor:
         for d in decisions + raised:
             # the alert the resource describes: a raised one, an amended one, or a withdrawn one as it was
             described = after.get(d.original_alert_id or d.alert_id) or before.get(d.original_alert_id)
-            self._publish(patient, d, described or alert_state, p.context, out, headers)
+            # a resolution: the resolving point's score, and its old readings ("calm" may rest on them)
+            self._publish(patient, d, described or {**alert_state, "stale": stale}, p.context, out, headers)
 
     def _at_alert_time(self, p: _Point, alert: alerting.EpisodeAlert) -> dict | None:
         """The point a correction of an alert is judged on: the alert re-scored at its own time with the
@@ -424,18 +438,22 @@ class PatientProcessor:
         at = alert["scoring_ms"]
         if at == p.T or at < p.state.clock - self.lateness_ms:
             return None
-        [score] = self.scorer.score([compute_features(p.state, at)])
+        features = compute_features(p.state, at)
+        [score] = self.scorer.score([features])
         return dict(scoring_ms=at, tier=score.tier, probability=score.probability, news2=score.news2,
                     path=score.path, model_version=score.model_version, rationale=score.rationale,
-                    basis=lambda: _basis(p.state, at))
+                    basis=lambda: _basis(p.state, at), stale=_stale(p.state, at, features, score.rationale))
 
     def _emit_discharge(self, s: _Discharge, records, out: Outputs) -> None:
         rec = records[s.patient]
         alert_state, decisions = alerting.discharge(rec.alert, patient_id=s.patient, discharged_ms=s.discharged_ms,
                                                     admitted_ms=s.context.admitted_ms)
         records[s.patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context, rec.vitals_scored_ms)
+        if decisions:  # the last score's old readings, as of its time (its rationale is not kept: NEWS2's)
+            last_ms = rec.alert.get("last_scoring_ms")
+            stale = [] if last_ms is None else _stale(rec.state, last_ms, compute_features(rec.state, last_ms), [])
         for d in decisions:
-            self._publish(s.patient, d, alert_state, s.context, out, _headers(s.msg))
+            self._publish(s.patient, d, {**alert_state, "stale": stale}, s.context, out, _headers(s.msg))
 
     def _publish(self, patient: str, d: alerting.AlertDecision, described: dict, context: PatientContext,
                  out: Outputs, headers) -> None:
@@ -446,7 +464,7 @@ class PatientProcessor:
                             model_version=described.get("model_version"), path=described.get("path") or "rule",
                             rationale=described.get("rationale") or [],
                             basis=described.get("basis", []),
-                            ward=context.ward)
+                            ward=context.ward, stale=described.get("stale") or [])
         out.alerts.append((patient.encode(), orjson.dumps(alert), headers))
         self.counters[f"alerts_{d.kind}" if d.kind != "correction" else f"alerts_correction_{d.status}"] += 1
 

@@ -168,8 +168,10 @@ def test_preliminary_final_resnapshot_and_delete_reach_the_app_as_the_correction
             assert header["path"] == "rule"  # no model: the NEWS2 rule decides
             assert header["preliminary_basis"] == [codes.LACTATE]
             lab_basis = [b for b in resource["basis"] if f"row {LAB_ROW}," in b.get("display", "")]
+            # ... and when it was collected: the display a nurse reads, through the broker
             assert [b["display"] for b in lab_basis] == [f"EHR lab_results row {LAB_ROW}, LOINC {codes.LACTATE} "
-                                                         "(preliminary result)"]
+                                                         "(lactate, preliminary result), taken 2024-06-15T13:40:00Z, "
+                                                         "20 min before this assessment"]
             assert "preliminary" in resource["note"][0]["text"]
 
             # ... the lactate made final with the same value: the alert amended, the flag cleared

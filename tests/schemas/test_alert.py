@@ -4,12 +4,14 @@ import orjson
 import pytest
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from schemas.alert import build_alert, fhir_datetime, iso_utc
+from schemas.alert import STALE_AFTER_MS, build_alert, fhir_datetime, format_age, iso_utc, stale_readings
 from schemas.canonical import make_event_id
 from streams.alerting import AlertDecision
 
 T = 1_704_096_000_000  # 2024-01-01T08:00:00Z
-BASIS = [["fhir:Observation/vs-bp-1:8480-6", 2], ["cdc:vital_signs:42:8867-4", 7]]
+MIN, HOUR = 60_000, 3_600_000
+# [fact_id, version, preliminary code or None, taken_ms] (streams.patient_agent._basis)
+BASIS = [["fhir:Observation/vs-bp-1:8480-6", 2, None, T - 14 * HOUR - 44 * MIN], ["cdc:vital_signs:42:8867-4", 7, None, T]]
 RATIONALE = [{"feature": "resp_rate_last_24h", "value": 26.0, "contribution": 1.4},
              {"feature": "spo2_last_24h", "value": 91.0, "contribution": 0.9}]
 
@@ -37,13 +39,16 @@ def test_model_alert_is_a_valid_risk_assessment():
     assert resource["encounter"] == {"reference": "Encounter/enc-9"}
     assert resource["occurrenceDateTime"] == "2024-01-01T08:00:00Z"
     assert resource["method"] == {"text": "wardwatch model 2024-01-01.1"}
-    # the FHIR reading's Observation version; the database reading's table row; both the canonical event id
+    # the FHIR reading's Observation version; the database reading's table row; both the canonical event id;
+    # each says when it was taken, and how long before this assessment
     assert resource["basis"] == [
         {"reference": "Observation/vs-bp-1/_history/2",
          "identifier": {"system": "urn:wardwatch:canonical-event",
-                        "value": make_event_id("fhir:Observation/vs-bp-1:8480-6", 2)}},
+                        "value": make_event_id("fhir:Observation/vs-bp-1:8480-6", 2)},
+         "display": "systolic BP (LOINC 8480-6), taken 2023-12-31T17:16:00Z, 14 h 44 min before this assessment"},
         {"identifier": {"system": "urn:wardwatch:canonical-event", "value": make_event_id("cdc:vital_signs:42:8867-4", 7)},
-         "display": "EHR vital_signs row 42, LOINC 8867-4"}]
+         "display": "EHR vital_signs row 42, LOINC 8867-4 (heart rate), taken 2024-01-01T08:00:00Z, "
+                    "less than 1 min before this assessment"}]
 
 
 def test_prediction_carries_probability_risk_horizon_and_rationale():
@@ -72,8 +77,9 @@ def test_header_routes_without_parsing_the_resource():
 
 
 # a preliminary reading's basis entry adds its code (streams.patient_agent._basis)
-PRELIMINARY_BASIS = [["fhir:Observation/lab-7:2524-7", 1, "2524-7"], ["cdc:lab_results:9:2160-0", 4, "2160-0"],
-                     ["cdc:vital_signs:42:8867-4", 7]]
+PRELIMINARY_BASIS = [["fhir:Observation/lab-7:2524-7", 1, "2524-7", T - 2 * HOUR], ["cdc:lab_results:9:2160-0", 4, "2160-0",
+                                                                                   T - 90 * MIN],
+                     ["cdc:vital_signs:42:8867-4", 7, None, T - 5 * MIN]]
 
 
 def test_an_alert_on_preliminary_results_says_so_in_header_basis_and_note():
@@ -82,16 +88,18 @@ def test_an_alert_on_preliminary_results_says_so_in_header_basis_and_note():
     resource = alert["resource"]
     RiskAssessment.model_validate(resource)
     assert [b.get("display") for b in resource["basis"]] == [
-        "lactate (LOINC 2524-7), preliminary result",
-        "EHR lab_results row 9, LOINC 2160-0 (preliminary result)",
-        "EHR vital_signs row 42, LOINC 8867-4"]  # the final reading is not flagged
+        "lactate (LOINC 2524-7), preliminary result, taken 2024-01-01T06:00:00Z, 2 h before this assessment",
+        "EHR lab_results row 9, LOINC 2160-0 (creatinine, preliminary result), taken 2024-01-01T06:30:00Z, "
+        "1 h 30 min before this assessment",
+        "EHR vital_signs row 42, LOINC 8867-4 (heart rate), taken 2024-01-01T07:55:00Z, "
+        "5 min before this assessment"]  # the final reading is not flagged
     assert resource["basis"][0]["reference"] == "Observation/lab-7/_history/1"
     assert resource["note"] == [{"text": "Based on preliminary results, which may change when final: "
                                          "lactate (LOINC 2524-7), creatinine (LOINC 2160-0)."}]
 
 
 def test_an_alert_on_final_results_is_not_flagged():
-    alert = model_alert(basis=[entry[:2] for entry in PRELIMINARY_BASIS])
+    alert = model_alert(basis=[[fact_id, version, None, taken] for fact_id, version, _, taken in PRELIMINARY_BASIS])
     assert alert["header"]["preliminary_basis"] == []
     assert "note" not in alert["resource"]
     assert "preliminary" not in orjson.dumps(alert["resource"]).decode()
@@ -229,3 +237,66 @@ def test_fhir_datetime_is_how_the_model_writes_an_iso_utc_time():
                                                 "subject": {"reference": "Patient/p"},
                                                 "occurrenceDateTime": iso_utc(ms)}).model_dump(mode="json")
         assert fhir_datetime(ms) == dumped["occurrenceDateTime"], ms
+
+
+# --- how old the readings are (a nurse must tell a fresh deterioration from a value never rechecked) -------
+
+
+@pytest.mark.parametrize("ms, words", [(0, "less than 1 min"), (59_999, "less than 1 min"), (MIN, "1 min"),
+                                       (59 * MIN + 59_999, "59 min"), (4 * HOUR, "4 h"),
+                                       (14 * HOUR + 44 * MIN + 30_000, "14 h 44 min"), (25 * HOUR + MIN, "25 h 1 min")])
+def test_format_age(ms, words):
+    assert format_age(ms) == words
+
+
+# NEWS2 inputs (schemas.features) of a rule-path point: SBP 85 (3), RR 22 (2), on oxygen (2), HR 95 (1), 37 degC (0)
+FEATURES = {"resp_rate_last_24h": 22.0, "spo2_last_24h": 96.0, "on_oxygen": 1, "systolic_bp_last_24h": 85.0,
+            "heart_rate_last_24h": 95.0, "consciousness_last_24h": 0.0, "temperature_last_24h": 37.0,
+            "lactate_last_24h": 4.1, "heart_rate_max_6h": 120.0, "news2": 8, "news2_resp_rate": 2, "news2_spo2": 0,
+            "news2_air_or_oxygen": 2, "news2_systolic_bp": 3, "news2_pulse": 1, "news2_consciousness": 0,
+            "news2_temperature": 0}
+
+
+def test_stale_readings_are_the_scoring_parameters_and_top_features_on_readings_over_4_h_old():
+    taken = {"8480-6": T - 14 * HOUR, "9279-1": T - 10 * MIN, "59408-5": T - 5 * HOUR, "8867-4": T - STALE_AFTER_MS,
+             "8310-5": T - 20 * HOUR, "2524-7": T - 9 * HOUR, "80288-4": T - 20 * HOUR}
+    rationale = [{"feature": "systolic_bp_last_24h", "value": 85.0, "contribution": 3.0},
+                 {"feature": "lactate_last_24h", "value": 4.1, "contribution": 0.8},
+                 {"feature": "heart_rate_max_6h", "value": 120.0, "contribution": 0.5}]
+    assert stale_readings(FEATURES, rationale, taken.get, T) == [
+        ["on_oxygen", 1.0, T - 5 * HOUR],  # air or oxygen is read at the SpO2's round, 5 h old
+        ["systolic_bp_last_24h", 85.0, T - 14 * HOUR],
+        ["lactate_last_24h", 4.1, T - 9 * HOUR]]  # a top feature, though no NEWS2 input
+    # not said: RR (fresh), HR (exactly 4 h: not older), temperature and consciousness (old, but 0 points),
+    # the 6 h maximum (several readings: their basis entries carry each one's time)
+
+
+def test_the_rationale_says_each_old_reading_in_plain_words_for_every_kind_of_alert():
+    stale = [["systolic_bp_last_24h", 85.0, T - 14 * HOUR - 44 * MIN], ["on_oxygen", 1.0, T - 5 * HOUR],
+             ["consciousness_last_24h", 2.0, T - 6 * HOUR]]
+    for kind in ("open", "escalate", "resolve", "correction"):
+        d = AlertDecision(alert_id="a", kind=kind, tier="medium", episode=1, scoring_ms=T,
+                          status="amended" if kind == "correction" else "final",
+                          original_alert_id="o" if kind == "correction" else None)
+        resource = build_alert(d, patient_id="p", encounter_id=None, probability=None, news2=6, model_version=None,
+                               path="rule", rationale=[], basis=BASIS, stale=stale)["resource"]
+        assert orjson.dumps(resource) == fhir_dump(resource)  # valid, and as the FHIR model writes it
+        assert resource["prediction"][0]["rationale"] == (
+            "NEWS2 6; systolic BP 85 mmHg taken 14 h 44 min before this assessment, not rechecked; "
+            "on oxygen at the SpO2 round taken 5 h before this assessment, not rechecked; "
+            "level of consciousness V taken 6 h before this assessment, not rechecked"), kind
+
+
+def test_nothing_old_nothing_said():
+    assert "not rechecked" not in model_alert()["resource"]["prediction"][0]["rationale"]
+
+
+def test_a_basis_stored_before_reading_times_were_kept_still_builds_without_a_time():
+    """An open alert in a changelog written by the previous version: [fact_id, version] and, preliminary,
+    [fact_id, version, code]. It is corrected and published after the upgrade."""
+    alert = model_alert(basis=[["fhir:Observation/lab-7:2524-7", 1, "2524-7"], ["cdc:vital_signs:42:8867-4", 7],
+                               ["fhir:Observation/o:8867-4", 3]])
+    assert alert["header"]["preliminary_basis"] == ["2524-7"]
+    assert [b["display"] for b in alert["resource"]["basis"]] == [
+        "lactate (LOINC 2524-7), preliminary result", "EHR vital_signs row 42, LOINC 8867-4 (heart rate)",
+        "heart rate (LOINC 8867-4)"]

@@ -59,6 +59,18 @@ def test_a_score_resting_on_preliminary_results_says_so_on_the_card():
         assert "preliminary" not in card(record)["summary"] + card(record)["detail"]
 
 
+def test_a_score_resting_on_readings_over_4_h_old_says_which_and_how_old_on_the_card():
+    stale = [["systolic_bp_last_24h", 85.0, T - (14 * 60 + 44) * 60_000], ["on_oxygen", 1.0, T - 5 * 3_600_000]]
+    c = card(score(path="rule", tier="medium", news2=6) | {"stale_readings": stale})
+    assert c["summary"] == "Deterioration risk MEDIUM (NEWS2 6); readings over 4 h old"
+    assert ("Old readings the score rests on:\n"
+            "- systolic BP 85 mmHg taken 14 h 44 min before this score, not rechecked\n"
+            "- on oxygen at the SpO2 round taken 5 h before this score, not rechecked") in c["detail"]
+    # none old, or a record from before the field existed: nothing said
+    for record in (score() | {"stale_readings": []}, score()):
+        assert "old" not in card(record)["summary"] and "rechecked" not in card(record)["detail"]
+
+
 @pytest.mark.parametrize("tier, indicator", [("high", "critical"), ("medium", "warning"), ("low", "info"),
                                              ("none", "info")])
 def test_indicator_follows_the_tier(tier, indicator):
@@ -84,7 +96,8 @@ def test_latest_is_by_scoring_time_not_arrival():
 @pytest.mark.parametrize("bad", [{"scoring_ms": 1e20}, {"probability": "0.8"},
                                  {"rationale": "resp_rate"}, {"rationale": [{"feature": "x"}]}, {"missing": [5]},
                                  {"tier": ["high"]}, {"preliminary_basis": "2524-7"},
-                                 {"preliminary_basis": [{"code": "2524-7"}]}])
+                                 {"preliminary_basis": [{"code": "2524-7"}]}, {"stale_readings": "sbp"},
+                                 {"stale_readings": [["systolic_bp_last_24h", 85.0]]}])
 def test_a_score_that_cannot_make_a_card_is_skipped_and_counted(bad):
     latest = LatestScores.empty()
     assert latest.update(orjson.dumps(score(minute=5))) is True

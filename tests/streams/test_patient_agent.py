@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 import orjson
 import pytest
+from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status, encode_batch, make_event_id
@@ -418,7 +419,8 @@ def test_a_preliminary_basis_result_made_final_with_the_same_value_amends_the_al
     assert correction["header"]["preliminary_basis"] == [] and "note" not in correction["resource"]
     assert {"reference": "Observation/lac-1/_history/2",
             "identifier": {"system": "urn:wardwatch:canonical-event",
-                           "value": make_event_id(f"fhir:Observation/lac-1:{codes.LACTATE}", 2)}} \
+                           "value": make_event_id(f"fhir:Observation/lac-1:{codes.LACTATE}", 2)},
+            "display": "lactate (LOINC 2524-7), taken 2024-06-10T05:43:20Z, 30 min before this assessment"} \
         in correction["resource"]["basis"]
     assert correction["header"]["tier"] == "high"  # the same value: the same risk
     assert replay({}) == [opened, correction]  # a replay from scratch repeats them, ids included
@@ -591,6 +593,7 @@ def test_a_discharge_that_arrives_after_vitals_sent_after_it_resolves_their_aler
     [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0 + 10 * MIN, 1))], store))
     [resolved] = alerts_of(run(processor, [msg(2, [context("p1", codes.DISCHARGE, T0)])], store))
     assert (resolved["header"]["kind"], resolved["header"]["reason"]) == ("resolve", "discharge")
+    RiskAssessment.model_validate(resolved["resource"])
     assert resolved["resource"]["note"][0]["text"].startswith("Resolution, not a new alert")
     # the risk it shows is the 10:10 score: the note must not date it before the 10:00 discharge
     assert "before the discharge" not in resolved["resource"]["note"][0]["text"]
@@ -821,3 +824,102 @@ def test_a_cdc_row_on_oxygen_with_the_flow_not_charted_scores_oxygen_and_opens_t
     assert snapshot["o2_flow_last_24h"] is None  # no flow value invented
     assert (snapshot["on_oxygen"], snapshot["news2_air_or_oxygen"], snapshot["news2"]) == (1, 2, 5)
     assert [(a["header"]["kind"], a["header"]["tier"]) for a in alerts_of(out)] == [("open", "medium")]
+
+
+# --- how old the readings an alert rests on are (schemas.alert: basis display, stale readings) ---------
+
+HOUR = 60 * MIN
+# NEWS2 inputs at 0 points; a row leaves out the ones not charted in that round
+CALM = {codes.RESP_RATE: 16, codes.SPO2: 97, codes.O2_FLOW: 0.0, codes.SYSTOLIC_BP: 125, codes.HEART_RATE: 75,
+        codes.CONSCIOUSNESS: 0, codes.TEMPERATURE: 37.0}
+
+
+def round_of(patient: str, t: int, row: int, **values: float):
+    """One vitals round charting only `values` (by CALM's code names below)."""
+    names = {"rr": codes.RESP_RATE, "spo2": codes.SPO2, "flow": codes.O2_FLOW, "sbp": codes.SYSTOLIC_BP,
+             "hr": codes.HEART_RATE, "acvpu": codes.CONSCIOUSNESS, "temp": codes.TEMPERATURE}
+    return [CanonicalEvent(patient_id=patient, code=names[n], value=float(v), unit=None, effective_ms=t, issued_ms=t,
+                           status=Status.FINAL, source=Source.CDC, fact_id=f"cdc:vital_signs:{row}:{names[n]}",
+                           version=1) for n, v in values.items()]
+
+
+def sbp_85_never_rechecked(processor, store: dict) -> tuple[dict, dict, dict]:
+    """Row 1 at T0: SBP 85 (3 points) and 38.5 degC (1 point), the rest calm: a medium alert on fresh readings.
+    Row 2, 14 h 44 min later, rechecks all but SBP and temperature: RR 25 (3), SpO2 93 (2) on top of the old
+    SBP (3) and temperature (1) make NEWS2 9, an escalation resting on an SBP nobody took again. Returns
+    both alerts and the escalating point's score record."""
+    [opened] = alerts_of(run(processor, [msg(0, round_of("p1", T0, 1, rr=16, spo2=97, flow=0, sbp=85, hr=75, acvpu=0,
+                                                         temp=38.5))], store))
+    out = run(processor, [msg(1, round_of("p1", T0 + 14 * HOUR + 44 * MIN, 2, rr=25, spo2=93, flow=0, hr=75,
+                                          acvpu=0))], store)
+    [escalated], [score] = alerts_of(out), [orjson.loads(v) for _, v, _ in out.scores]
+    return opened, escalated, score
+
+
+STALE_SBP = "systolic BP 85 mmHg taken 14 h 44 min before this assessment, not rechecked"
+STALE_TEMP = "temperature 38.5 °C taken 14 h 44 min before this assessment, not rechecked"
+
+
+def test_an_escalation_resting_on_an_old_sbp_says_when_it_was_taken_and_that_it_was_not_rechecked(processor):
+    store: dict[str, PatientRecord] = {}
+    opened, escalated, score = sbp_85_never_rechecked(processor, store)
+    assert (opened["header"]["kind"], opened["header"]["tier"]) == ("open", "medium")
+    assert "not rechecked" not in opened["resource"]["prediction"][0]["rationale"]  # fresh readings: nothing said
+    assert (escalated["header"]["kind"], escalated["header"]["tier"]) == ("escalate", "high")
+    resource = escalated["resource"]
+    RiskAssessment.model_validate(resource)
+    rationale = resource["prediction"][0]["rationale"]
+    # the top 3 are SBP, RR, SpO2: the temperature's 1 point is not among them, but rests on an old reading too
+    assert rationale.endswith(f"NEWS2 9; {STALE_SBP}; {STALE_TEMP}"), rationale
+    assert "respiratory rate" not in rationale  # rechecked: nothing to say
+    displays = {b["identifier"]["value"]: b["display"] for b in resource["basis"]}
+    assert displays[make_event_id(f"cdc:vital_signs:1:{codes.SYSTOLIC_BP}", 1)] == (
+        "EHR vital_signs row 1, LOINC 8480-6 (systolic BP), taken 2024-06-10T06:13:20Z, "
+        "14 h 44 min before this assessment")
+    assert displays[make_event_id(f"cdc:vital_signs:2:{codes.RESP_RATE}", 1)] == (
+        "EHR vital_signs row 2, LOINC 9279-1 (respiratory rate), taken 2024-06-10T20:57:20Z, "
+        "less than 1 min before this assessment")
+    # the CDS card of that score says it too, in its summary and detail
+    from streams.cds import card
+    shown = card(score)
+    assert shown["summary"] == "Deterioration risk HIGH (NEWS2 9); readings over 4 h old"
+    assert (f"- {STALE_SBP}".replace("this assessment", "this score")) in shown["detail"].splitlines()
+
+
+def test_an_amendment_of_the_old_sbp_says_its_age_in_the_amended_alerts(processor):
+    store: dict[str, PatientRecord] = {}
+    opened, escalated, _ = sbp_85_never_rechecked(processor, store)
+    corrections = alerts_of(run(processor, [msg(2, [amendment("p1", T0, 1, codes.SYSTOLIC_BP, 2, 80.0)])], store))
+    assert [(c["header"]["status"], c["header"]["original_alert_id"]) for c in corrections] == [
+        ("amended", opened["header"]["alert_id"]), ("amended", escalated["header"]["alert_id"])]
+    for c in corrections:
+        RiskAssessment.model_validate(c["resource"])
+        assert c["resource"]["prediction"][0]["rationale"].endswith(
+            f"NEWS2 9; {STALE_SBP.replace('85', '80')}; {STALE_TEMP}")
+        sbp = next(b for b in c["resource"]["basis"] if f"LOINC {codes.SYSTOLIC_BP}" in b["display"])
+        assert sbp["display"].endswith("taken 2024-06-10T06:13:20Z, 14 h 44 min before this assessment")
+
+
+def test_a_resolution_on_an_old_reading_does_not_read_as_a_fresh_calm_round(processor):
+    store: dict[str, PatientRecord] = {}
+    sbp_85_never_rechecked(processor, store)
+    # two calm rounds recheck everything but the temperature: 38.5 degC from row 1 still scores its 1 point
+    calm = dict(rr=16, spo2=97, flow=0, sbp=125, hr=75, acvpu=0)
+    run(processor, [msg(2, round_of("p1", T0 + 15 * HOUR, 3, **calm))], store)
+    [resolved] = alerts_of(run(processor, [msg(3, round_of("p1", T0 + 15 * HOUR + 30 * MIN, 4, **calm))], store))
+    assert resolved["header"]["kind"] == "resolve"
+    RiskAssessment.model_validate(resolved["resource"])
+    assert resolved["resource"]["prediction"][0]["rationale"] == (
+        "NEWS2 1; temperature 38.5 °C taken 15 h 30 min before this assessment, not rechecked")
+
+
+def test_a_resolution_by_discharge_says_the_last_score_rested_on_old_readings(processor):
+    store: dict[str, PatientRecord] = {}
+    sbp_85_never_rechecked(processor, store)
+    [resolved] = alerts_of(run(processor, [msg(2, [context("p1", codes.DISCHARGE, T0 + 15 * HOUR)])], store))
+    assert (resolved["header"]["kind"], resolved["header"]["reason"]) == ("resolve", "discharge")
+    RiskAssessment.model_validate(resolved["resource"])
+    # said at the resource's time (the discharge), 16 min after the last score; NEWS2 is the last score's
+    assert resolved["resource"]["prediction"][0]["rationale"] == (
+        "NEWS2 9; systolic BP 85 mmHg taken 15 h before this assessment, not rechecked; "
+        "temperature 38.5 °C taken 15 h before this assessment, not rechecked")
