@@ -12,9 +12,12 @@ Rules
   "escalate" (medium -> high). A tier that stays, or dips and comes back, alerts nothing.
 - Hysteresis: a scoring point is *calm* when its tier is none/low and, on the model path, its
   probability is below `alert_reset`. The episode resolves after `resolve_after` consecutive calm
-  points at distinct times (a non-calm point resets the count) and alerts "resolve" (tier = the tier
-  at resolution). Points at one time (a vitals round sent as several messages, a correction's
-  re-score at the clock) count once: one calm round never resolves an episode by itself.
+  points at distinct times (a non-calm point resets the count), once the patient has been calm for
+  `calm_for_ms` of event time since the episode's last non-calm point, and alerts "resolve" (tier =
+  the tier at resolution). Points at one time (a vitals round sent as several messages, a correction's
+  re-score at the clock) count once, and points scored sooner than the cadence's interval (a reading
+  scoring NEWS2 points, schemas/cadence.py: a monitor charting every minute) do not make it resolve
+  sooner than regular rounds would: calm_for_ms is resolve_after scoring intervals.
 - Suppression: an episode that opens within `suppression_ms` of the last alerted resolution is
   silent while the window lasts. It is deferred, not dropped: at its first scoring point after the
   window, if still medium/high, it alerts "open" at the tier of that point. An episode that never
@@ -85,6 +88,7 @@ after an entered-in-error correction in that episode).
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Sequence, TypedDict
@@ -112,6 +116,9 @@ MINUTE_MS = 60_000
 class AlertPolicy:
     alert_reset: float = 0.4  # model probability below which a point can be calm
     resolve_after: int = 2  # consecutive calm scoring points that resolve an episode
+    # event time from the last non-calm point before they may (from_settings: resolve_after scoring
+    # intervals, what consecutive points took before readings scoring NEWS2 points were scored sooner)
+    calm_for_ms: int = 0
     suppression_ms: int = 30 * MINUTE_MS  # re-alert hold-off after an alerted resolution
     # how long (event time behind the latest scoring point) a closed episode's alert can still be
     # withdrawn by a correction: the lateness bound, beyond which its windows may be pruned
@@ -119,7 +126,10 @@ class AlertPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> AlertPolicy:
-        return cls(alert_reset=settings.alert_reset, correctable_ms=settings.allowed_lateness_s * 1000, **overrides)
+        policy = cls(alert_reset=settings.alert_reset, correctable_ms=settings.allowed_lateness_s * 1000, **overrides)
+        if "calm_for_ms" in overrides:
+            return policy
+        return dataclasses.replace(policy, calm_for_ms=policy.resolve_after * settings.scoring_min_interval_s * 1000)
 
 
 class AlertState(TypedDict):
@@ -127,6 +137,7 @@ class AlertState(TypedDict):
     open: bool
     alerted_tier: str | None  # highest tier alerted in the open episode; None: not alerted (yet)
     calm_points: int  # consecutive calm points in the open episode
+    last_not_calm_ms: int | None  # scoring time of the open episode's last non-calm point (None: before it was kept)
     last_alert_ms: int | None  # scoring time of the last open/escalate
     last_resolve_ms: int | None  # scoring time of the last alerted resolution (suppression window)
     # the latest scoring point, kept so the latest risk per patient can be served
@@ -175,7 +186,7 @@ class AlertDecision:
 
 
 def initial_state() -> AlertState:
-    return AlertState(episode=0, open=False, alerted_tier=None, calm_points=0, last_alert_ms=None,
+    return AlertState(episode=0, open=False, alerted_tier=None, calm_points=0, last_not_calm_ms=None, last_alert_ms=None,
                       last_resolve_ms=None, last_scoring_ms=None, tier="none", probability=None, news2=None,
                       path=None, model_version=None, alerts=[], revision=0, closed=[])
 
@@ -230,7 +241,9 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
     if calm:
         if scoring_ms != previous_ms:  # another point at the same time is the same moment, not one more
             s["calm_points"] += 1
-        if s["calm_points"] < policy.resolve_after:
+        calm_since = s["last_not_calm_ms"]
+        if s["calm_points"] < policy.resolve_after or (
+                calm_since is not None and scoring_ms - calm_since < policy.calm_for_ms):
             return s, []
         alerted = s["alerted_tier"] is not None
         _close(s)
@@ -239,7 +252,7 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
         s["last_resolve_ms"] = scoring_ms
         return s, [decide("resolve", tier)]
 
-    s["calm_points"] = 0
+    s["calm_points"], s["last_not_calm_ms"] = 0, scoring_ms
     if discharged:
         return s, []
     if s["alerted_tier"] is None:

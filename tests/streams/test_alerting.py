@@ -145,6 +145,29 @@ def test_calm_points_at_one_time_count_once_toward_resolution():
     assert summary(decisions) == [("open", "high", 1, 0), ("resolve", "low", 1, 10)]
 
 
+def test_points_scored_sooner_than_the_interval_do_not_resolve_an_episode_sooner():
+    # a reading scoring NEWS2 points is scored inside the scoring interval (schemas/cadence.py): a monitor
+    # charting every minute must not turn two calm minutes into a resolution that regular rounds (5 min
+    # apart, resolve_after 2) reach only 10 min after the last non-calm point
+    policy = AlertPolicy(alert_reset=0.4, resolve_after=2, suppression_ms=30 * MIN, calm_for_ms=2 * 5 * MIN)
+    every_minute = [rule_point(0, "high"), *(rule_point(m, "low") for m in range(1, 12))]
+    _, decisions = run(every_minute, policy=policy)
+    assert summary(decisions) == [("open", "high", 1, 0), ("resolve", "low", 1, 10)]
+    _, decisions = run([rule_point(0, "high"), rule_point(5, "low"), rule_point(10, "low")], policy=policy)
+    assert summary(decisions) == [("open", "high", 1, 0), ("resolve", "low", 1, 10)]  # regular rounds: as before
+    # a non-calm point restarts the clock
+    _, decisions = run([*every_minute[:9], rule_point(9, "medium"), *(rule_point(m, "low") for m in range(10, 21))],
+                       policy=policy)
+    assert summary(decisions) == [("open", "high", 1, 0), ("resolve", "low", 1, 19)]
+
+
+def test_from_settings_the_calm_time_is_resolve_after_scoring_intervals():
+    from wardwatch.settings import Settings
+
+    assert AlertPolicy.from_settings(Settings(scoring_min_interval_s=300)).calm_for_ms == 2 * 300_000
+    assert AlertPolicy.from_settings(Settings(scoring_min_interval_s=0)).calm_for_ms == 0  # every set is scored
+
+
 def test_event_time_not_arrival_order_decides():
     state, _ = run([rule_point(0, "medium")])
     stale, decisions = step(state, patient_id="p1", policy=POLICY, **rule_point(-5, "high"))
