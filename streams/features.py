@@ -9,8 +9,9 @@ some spec reads are looked at: anything else in the state (e.g. a context fact) 
 Floats follow the spec's arithmetic to the letter (sums as left folds in window order, slope times
 in hours from the window's first fact), because the batch reproduces them to the last bit.
 
-Cost per scoring point: per code with facts a bisect for T, then per window (widest first, until
-one is empty) a bisect and one pass over it, plus a pass for mean, min, max and slope.
+Cost per scoring point: per code with facts a bisect for T, a bisect for its widest window and one
+pass over it (its values); each narrower window (until one is empty) is a bisect in the widest and a
+slice of its facts and values; plus a pass for mean, min, max and slope.
 State is pruned at MAX_WINDOW_S (streams/state.py), so a window holds at most a day of one code's
 facts.
 """
@@ -33,19 +34,24 @@ Aggregate = Callable[[Sequence[LiveFact], list[float], int], float | int | None]
 def compute_features(state: PatientState, T: int) -> dict[str, float | int | None]:
     """Every base feature (in FEATURES order), then the derived ones (schemas.features.derive)."""
     values = list(_EMPTY_WINDOW)  # what an empty window gives: missing, or 0 for a count
-    for code, windows in _PLAN:
+    for code, (width_ms, aggregations), narrower in _PLAN:
         facts = state.facts.get(code)
         if not facts:
             continue
         hi = bisect_left(facts, (T + 1,))  # every window of a code ends at T
-        for width_ms, aggregations in windows:  # widest first
-            lo = bisect_left(facts, (T - width_ms + 1,), 0, hi)
-            if lo == hi:
+        lo = bisect_left(facts, (T - width_ms + 1,), 0, hi)
+        window, window_values = _with_values(facts[lo:hi])
+        if not window:
+            continue  # the narrower windows are empty too
+        for i, aggregate in aggregations:
+            values[i] = aggregate(window, window_values, T)
+        for width_ms, aggregations in narrower:  # each a tail of the widest: its facts and values sliced
+            lo = bisect_left(window, (T - width_ms + 1,))
+            if lo == len(window):
                 break  # the narrower windows are empty too
-            window, window_values = _with_values(facts[lo:hi])
-            if window:
-                for i, aggregate in aggregations:
-                    values[i] = aggregate(window, window_values, T)
+            narrow, narrow_values = window[lo:], window_values[lo:]
+            for i, aggregate in aggregations:
+                values[i] = aggregate(narrow, narrow_values, T)
     features = dict(zip(_BASE_NAMES, values))
     add_derived(features)
     return features
@@ -132,20 +138,26 @@ def _slope_per_hour(facts: Sequence[LiveFact], values: list[float]) -> float | N
 # --- the specs as a plan, made once at import ----------------------------------------------------
 
 
-# code -> its windows, widest first: (width_ms, ((position of the spec in FEATURES, its aggregation), ...))
-_CodePlan = tuple[str, tuple[tuple[int, tuple[tuple[int, Aggregate], ...]], ...]]
+# a window of a code: (width_ms, ((position of the spec in FEATURES, its aggregation), ...))
+_WindowPlan = tuple[int, tuple[tuple[int, Aggregate], ...]]
+# code -> its widest window, then the narrower ones, widest first
+_CodePlan = tuple[str, _WindowPlan, tuple[_WindowPlan, ...]]
 
 
 def _plan() -> tuple[_CodePlan, ...]:
-    """FEATURES grouped by code, then by window (widest first), so each window is sliced once per
-    scoring point. A window holds the facts with T - width < effective_ms <= T (integer ms)."""
+    """FEATURES grouped by code, then by window (widest first), so that a code's facts are sliced and
+    their values listed once per scoring point: a narrower window is a tail of the widest. A window
+    holds the facts with T - width < effective_ms <= T (integer ms)."""
     grouped: dict[str, dict[int, list[tuple[int, Aggregate]]]] = {}
     for i, spec in enumerate(FEATURES):
         if spec.agg not in AGGREGATES:
             raise ValueError(f"feature {spec.name!r}: no stream implementation of aggregation {spec.agg!r}")
         grouped.setdefault(spec.code, {}).setdefault(spec.window_s * 1000, []).append((i, AGGREGATES[spec.agg]))
-    return tuple((code, tuple((width_ms, tuple(aggs)) for width_ms, aggs in sorted(windows.items(), reverse=True)))
-                 for code, windows in grouped.items())
+    plan = []
+    for code, windows in grouped.items():
+        widest, *narrower = ((width_ms, tuple(aggs)) for width_ms, aggs in sorted(windows.items(), reverse=True))
+        plan.append((code, widest, tuple(narrower)))
+    return tuple(plan)
 
 
 _PLAN = _plan()

@@ -356,7 +356,8 @@ def _top_reasons(names: Sequence[str], values: np.ndarray, weights: np.ndarray) 
     order = np.argsort(-weights, axis=1, kind="stable")[:, :TOP_REASONS]
     top_values = np.take_along_axis(values, order, axis=1).tolist()
     top_weights = np.take_along_axis(weights, order, axis=1).tolist()
-    return [[Reason(feature=names[i], value=v, contribution=w) for i, v, w in zip(row, vs, ws) if w > 0]
+    # dict displays, not Reason(...) calls: a TypedDict call is a dict(**kwargs) call, 3 per row
+    return [[{"feature": names[i], "value": v, "contribution": w} for i, v, w in zip(row, vs, ws) if w > 0]
             for row, vs, ws in zip(order.tolist(), top_values, top_weights)]
 
 
