@@ -142,7 +142,8 @@ class PatientRecord:
     vitals_scored_ms: int | None = None  # T of the patient's last "vitals" scoring point (cadence)
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({"s": self.state.to_dict(), "a": self.alert, "e": self.encounter_id, "c": self.context,
+        # held by the table and the parsed cache: an exact-size copy (_output_json)
+        return _output_json({"s": self.state.to_dict(), "a": self.alert, "e": self.encounter_id, "c": self.context,
                              "v": self.vitals_scored_ms})
 
     @classmethod
@@ -354,7 +355,7 @@ class PatientProcessor:
             for idx, o in outcomes:
                 self.counters[_OUTCOME_COUNTER[o.kind, o.duplicate_kind]] += 1
                 if o.kind is Kind.LATE:
-                    out.late.append((patient.encode(), orjson.dumps(
+                    out.late.append((patient.encode(), _output_json(
                         {"event": o.event.to_dict(), "late_by_ms": o.late_by_ms,
                          "partition": msg.partition, "offset": msg.offset, "idx": idx}), []))
             view = context_view(context)
@@ -372,7 +373,7 @@ class PatientProcessor:
             if shadow_scorer is not None:
                 for i, shadow in shadow_scorer.score_shadow(snapshots):
                     p = points[i]
-                    out.shadow.append((p.patient.encode(), orjson.dumps(self._score_record(p, shadow)),
+                    out.shadow.append((p.patient.encode(), _output_json(self._score_record(p, shadow)),
                                        _headers(p.msg)))
                     self.counters["shadow_scores"] += 1
         for s in steps:
@@ -402,11 +403,11 @@ class PatientProcessor:
     def _emit_point(self, p: _Point, score, records, out: Outputs) -> None:
         patient, T = p.patient, p.T
         key, headers = patient.encode(), _headers(p.msg)
-        out.features.append((key, orjson.dumps({"snapshot_id": p.snapshot_id, "patient_id": patient, "scoring_ms": T,
+        out.features.append((key, _output_json({"snapshot_id": p.snapshot_id, "patient_id": patient, "scoring_ms": T,
                                                 "partition": p.msg.partition, "offset": p.msg.offset, "idx": p.idx,
                                                 "trigger": p.trigger.value, "features": p.features}), headers))
         stale = _stale(p.state, T, p.features, score.rationale)
-        out.scores.append((key, orjson.dumps(self._score_record(p, score, stale)), headers))
+        out.scores.append((key, _output_json(self._score_record(p, score, stale)), headers))
         self.counters["scores"] += 1
         rec = records[patient]
         point = dict(scoring_ms=T, tier=score.tier, probability=score.probability, news2=score.news2,
@@ -465,8 +466,16 @@ class PatientProcessor:
                             rationale=described.get("rationale") or [],
                             basis=described.get("basis", []),
                             ward=context.ward, stale=described.get("stale") or [])
-        out.alerts.append((patient.encode(), orjson.dumps(alert), headers))
+        out.alerts.append((patient.encode(), _output_json(alert), headers))
         self.counters[f"alerts_{d.kind}" if d.kind != "correction" else f"alerts_correction_{d.status}"] += 1
+
+
+def _output_json(value) -> bytes:
+    """orjson.dumps(value) as an exact-size copy, for bytes held past the call. orjson's result is an
+    over-allocated buffer shrunk in place, and holding many costs in malloc: a batch's outputs (held
+    until it is produced) ~10 us per scoring point, the copies ~0.2 us (as CanonicalEvent.to_json); a
+    ~20 KB patient record 30 us to serialise when held, 25 us with the copy."""
+    return memoryview(orjson.dumps(value)).tobytes()
 
 
 def _headers(msg: CanonicalMessage) -> list[tuple[str, bytes]]:
