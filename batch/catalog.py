@@ -36,13 +36,15 @@ TABLES: dict[str, str] = {
     "dead_letters": "Input the pipeline rejected, with the reason and where it came from.",
     "unreadable_records": "Output records the archiver could not decode, kept as raw bytes.",
     "features_online": "The feature snapshots the stream published, one column per feature.",
-    "features_offline": "The same features recomputed by the batch from the archive at every online scoring point.",
+    "features_offline": "The same features recomputed by the batch from the archive at every online scoring point "
+                        "(one row per snapshot_id of features_online: join on snapshot_id).",
     "scores": "Every score the stream published (model or NEWS2 rule path).",
     "scores_shadow": "Scores of the shadow (candidate) model; they never alert.",
     "alerts": "Alerts the stream published, with the FHIR RiskAssessment JSON.",
     "gaps": "FHIR subscription gaps and missed heartbeats detected by the subscription watcher.",
-    "labels": "The first-onset training label at every online scoring point (batch/train.py LABEL_DEFINITION); "
-              "rows with at_risk = false (already deteriorated) are not evaluated.",
+    "labels": "The first-onset training label at every online scoring point (batch/train.py LABEL_DEFINITION; "
+              "one row per snapshot_id of features_online and scores: join on snapshot_id); rows with at_risk = "
+              "false (already deteriorated) are not evaluated.",
     "parity_report": "Online vs offline disagreements, and scoring points still pending (match = true; "
                      "checked again by the next run); empty when the planes agree and nothing is pending.",
     "archive_parts": "The archive part files the DuckDB file was built from (what incremental runs skip).",
@@ -144,6 +146,12 @@ COLUMNS: dict[str, str] = {
 }
 _POINT_IDX = ("Position in the canonical message of the last event of the run that made the point "
               "(null in archive parts from before the stream sent it)")
+# patient, scoring_ms, partition and offset do not name a point: one message can hold two points of a
+# patient at one time (schemas/cadence.py), apart only in idx and snapshot_id
+_POINT_ID = {"snapshot_id": "The scoring point: the snapshot_id of its features_online row and score (the key to "
+                            "join on; patient, scoring_ms, partition and offset can be shared by two points of one "
+                            "message)",
+             "idx": _POINT_IDX + "; as the stream published it in features_online"}
 PER_TABLE: dict[str, dict[str, str]] = {
     "archive_parts": {"kind": "Archive kind (canonical, features, scores, ...)",
                       "path": "Part file path relative to the archive directory"},
@@ -152,7 +160,8 @@ PER_TABLE: dict[str, dict[str, str]] = {
     "observations": {"outcome": "How the fact first entered the system: accepted, late, duplicate (a "
                                 "cross-source copy) or corrected (the final result of the other source's "
                                 "preliminary one, which it replaced)"},
-    "labels": {"news2": "NEWS2 at the scoring point from the facts issued by T (what training sees)"},
+    "labels": _POINT_ID | {"news2": "NEWS2 at the scoring point from the facts issued by T (what training sees; "
+                                    "two points of one message and time see the same facts)"},
     "alerts": {"tier": "open/escalate: the tier alerted, medium or high; resolve: the tier at resolution (none "
                        "or low), or the patient's latest tier on a resolve by discharge (streams/alerting.py)",
                "ward": "The patient's ward when the alert was raised (routing header; null when unknown)",
@@ -167,6 +176,7 @@ PER_TABLE: dict[str, dict[str, str]] = {
                                     "it. Filter: len(preliminary_basis) > 0"}
        for table in ("scores", "scores_shadow")},
     "features_online": {"idx": _POINT_IDX},
+    "features_offline": _POINT_ID,
     # the raw bytes, not a canonical value (the column name is shared with canonical_events)
     "dead_letters": {"value": "The rejected record's value as it arrived, raw bytes (the CDC message, the FHIR "
                               "notification; from the receiver, the POST body); it may hold patient data"},

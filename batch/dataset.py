@@ -73,7 +73,8 @@ def label_summary(duckdb_path: Path, settings: Settings) -> dict:
 
     with duckdb.connect(str(duckdb_path), read_only=True) as con:
         events = con.sql("SELECT * FROM canonical_events").pl()
-        points = con.sql('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online').pl()
+        # one row per scoring point (its snapshot): two of one message can share patient, time and position
+        points = con.sql('SELECT patient_id, scoring_ms, "partition", "offset", snapshot_id FROM features_online').pl()
     rows = labelled_rows(events, points, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
                          cross_source_tolerance=settings.cross_source_tolerance)
     at_risk = rows.filter(pl.col("at_risk"))

@@ -8,10 +8,12 @@ so a column added to the DuckDB file later stays inside until someone decides ho
     hash       identifiers (patient, encounter, fact, event, snapshot, alert ids) are replaced by
                HMAC-SHA256(settings.deid_secret, "<kind>|<id>") in hex: stable across tables and
                exports with the same secret (analysts can join), not reversible without it
-    point_id   features_offline, labels, scores and scores_shadow: the scoring point (patient,
-               scoring_ms and its canonical partition/offset) hashed the same way, the key that
-               joins them one to one (a correction re-scores a patient at the time of an earlier
-               point, so patient_id + scoring_ms is not unique)
+    point_id   features_offline, labels, scores and scores_shadow: the scoring point (its
+               snapshot_id) hashed the same way, the key that joins them one to one (a correction
+               re-scores a patient at the time of an earlier point, so patient_id + scoring_ms is
+               not unique, and one canonical message can hold two points of a patient at one time,
+               so neither is patient, time, partition and offset). A file written before
+               features_offline and labels carried snapshot_id: those four columns, in every table
     shift      times (ms since epoch) move by the patient's offset: a whole number of days in
                -365..-1 or +1..+365 derived from the patient's HMAC, the same in every table, so
                intervals within a patient are exact
@@ -56,10 +58,12 @@ class TablePolicy:
     shift: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
     age_band: bool = False  # patients only: birth_year -> age_band
-    point_id: bool = False  # a hashed scoring-point key from patient_id, scoring_ms, partition, offset
+    point_id: bool = False  # a hashed scoring-point key: snapshot_id (POINT_POSITION in older files)
 
 
 _PATIENT = {"patient_id": "patient"}
+# the point key of a file from before features_offline and labels carried snapshot_id (not unique)
+POINT_POSITION = ("patient_id", "scoring_ms", "partition", "offset")
 _ALERT_IDS = _PATIENT | {"encounter_id": "encounter", "alert_id": "alert", "original_alert_id": "alert"}
 _SCORE_KEEP = ("model_version", "path", "probability", "news2", "tier", "preliminary_basis")
 POLICY: dict[str, TablePolicy] = {
@@ -113,9 +117,10 @@ def age_band(birth_year: int | None, at_ms: int | None) -> str | None:
     return f"{low}-{low + 9}"
 
 
-def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
+def deidentify(name: str, frame: pl.DataFrame, secret: bytes, *, point_by_snapshot: bool = True) -> pl.DataFrame:
     """One table through its policy: hashed ids, shifted times, kept columns; nothing else. Rows in
-    the order of those values, so the row order says nothing the columns do not."""
+    the order of those values, so the row order says nothing the columns do not. `point_by_snapshot`:
+    point_id from snapshot_id (else from POINT_POSITION: every table of the export must agree)."""
     policy = POLICY[name]
     patients = frame["patient_id"].unique().drop_nulls().to_list()
     offsets = pl.DataFrame({"patient_id": patients,
@@ -124,8 +129,8 @@ def deidentify(name: str, frame: pl.DataFrame, secret: bytes) -> pl.DataFrame:
     out = frame.join(offsets, on="patient_id", how="left", maintain_order="left")
     hashed = dict(policy.hash)
     if policy.point_id:
-        point = pl.concat_str([pl.col(c).cast(pl.String) for c in ("patient_id", "scoring_ms", "partition", "offset")],
-                              separator="|")
+        point = (pl.col("snapshot_id") if point_by_snapshot else
+                 pl.concat_str([pl.col(c).cast(pl.String) for c in POINT_POSITION], separator="|"))
         out, hashed = out.with_columns(point_id=point), {"point_id": "point", **hashed}
     columns = []
     for column, kind in hashed.items():
@@ -169,11 +174,15 @@ def export_deidentified(settings: Settings, out_dir: Path, *, compression: str =
         present = {r[0] for r in con.execute(
             "SELECT table_name FROM duckdb_tables() UNION SELECT view_name FROM duckdb_views() "
             "WHERE NOT internal").fetchall()}
+        with_snapshot = {r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_columns() WHERE column_name = 'snapshot_id'").fetchall()}
+        # point ids must join across tables: from snapshot_id only when every point table has it
+        by_snapshot = all(name in with_snapshot for name, p in POLICY.items() if p.point_id and name in present)
         for name in POLICY:
             if name not in present:
                 continue
             frame = pl.from_arrow(con.sql(f'SELECT * FROM "{name}"').to_arrow_table())
-            clean = deidentify(name, frame, secret)
+            clean = deidentify(name, frame, secret, point_by_snapshot=by_snapshot)
             tmp = out_dir / f".{name}.parquet.tmp"
             clean.write_parquet(tmp, compression=compression)
             tmp.replace(out_dir / f"{name}.parquet")

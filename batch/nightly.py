@@ -71,10 +71,14 @@ ClassifyEvents = Callable[..., pl.DataFrame]
 MakeLabels = Callable[..., pl.DataFrame]
 
 POINT_KEYS = list(rebuild.POINT_KEYS)
+POINT = list(rebuild.POINT)  # a point's row: its snapshot_id (the identity) and where it was taken
 LABEL_COLUMNS = ("label", "at_risk", "onset_ms", "label_news2_high", "label_low_sbp", "label_high_lactate")
-LABELS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
+LABELS_SCHEMA = {"snapshot_id": pl.String, "patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64,
+                 "offset": pl.Int64, "idx": pl.Int64,
                  "news2": rebuild.FEATURE_DTYPES["news2"], "label": pl.Int8, "at_risk": pl.Boolean, "onset_ms": pl.Int64,
                  "label_news2_high": pl.Boolean, "label_low_sbp": pl.Boolean, "label_high_lactate": pl.Boolean}
+# rows of features_offline and labels: arrival order, then the point (two points can share a message and time)
+_POINT_ORDER = ["partition", "offset", "idx", "patient_id", "scoring_ms", "snapshot_id"]
 PARITY_ORDER = ["check", "partition", "offset", "patient_id", "scoring_ms", "feature", "event_id"]
 _PENDING = (pl.col("check") == "point") & pl.col("detail").str.starts_with("pending")
 
@@ -111,9 +115,11 @@ def default_labels(events: pl.DataFrame, points: pl.DataFrame, *, allowed_latene
     if points.is_empty():
         return pl.DataFrame(schema=LABELS_SCHEMA)
     rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
-    # every state feature make_labels needs, so it does not compute the features a second time
-    known = features_as_of_issued(events, points, **rules).select(*POINT_KEYS, *STATE_FEATURES)
-    return make_labels(events, known, **rules)
+    # every state feature make_labels needs, so it does not compute the features a second time; as of
+    # what was issued by the end of the point's message, as training takes it (batch/retrain.py): idx
+    # only tells apart two points of one message here (features_as_of_issued would cut at it)
+    state = features_as_of_issued(events, points.select("snapshot_id", *POINT_KEYS), **rules).select(*STATE_FEATURES)
+    return make_labels(events, points.select(POINT).hstack(state), **rules)
 
 
 def _storable(frame: pl.DataFrame, table: str) -> pl.DataFrame:
@@ -186,7 +192,7 @@ def _current_columns() -> dict[str, list[str]]:
     # a new column, which an incremental run would not add to the previous file's features_offline
     return columns | {"canonical_events": [*ARCHIVE_SCHEMAS["canonical"].names, "supersedes"],
                       "features_online": ["snapshot_id", *POINT_KEYS, "idx", "trigger", *FEATURE_NAMES],
-                      "features_offline": [*POINT_KEYS, *FEATURE_NAMES],
+                      "features_offline": [*POINT, *FEATURE_NAMES],
                       "labels": list(LABELS_SCHEMA)}
 
 
@@ -260,8 +266,8 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     versions = rebuild.observation_versions(classified)
 
     step("offline")
-    checked_online = online.join(new_points, on=POINT_KEYS, how="semi")
-    feature_points = checked_online.select("snapshot_id", *POINT_KEYS, "idx")
+    checked_online = online.join(new_points, on="snapshot_id", how="semi")
+    feature_points = checked_online.select(*POINT)
     derived = None
     if scoring_points is not None:
         derived = scoring_points(their_events, **rules, min_interval_ms=min_interval_ms)
@@ -269,13 +275,14 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     offline_new = features_at(their_events, feature_points, **rules)
     if derived is not None:  # stored and compared under the point the stream published
         offline_new = offline_new.with_columns(partition=pl.col("_online_partition").cast(pl.Int64),
-                                               offset=pl.col("_online_offset").cast(pl.Int64)).drop(
-            "_online_partition", "_online_offset")
-    stored_new = offline_new.select(*POINT_KEYS, *FEATURE_NAMES)
+                                               offset=pl.col("_online_offset").cast(pl.Int64),
+                                               idx=pl.col("_online_idx").cast(pl.Int64)).drop(
+            "_online_partition", "_online_offset", "_online_idx")
+    stored_new = offline_new.select(*POINT, *FEATURE_NAMES)
     offline = stored_new if prev_offline is None else pl.concat(
-        [prev_offline.join(new_points, on=POINT_KEYS, how="anti"), stored_new.select(prev_offline.columns)],
+        [prev_offline.join(new_points, on="snapshot_id", how="anti"), stored_new.select(prev_offline.columns)],
         how="vertical_relaxed")
-    offline = offline.sort("partition", "offset", "patient_id", "scoring_ms")
+    offline = offline.sort(*_POINT_ORDER, nulls_last=True)
 
     step("labels")
     their_points = points.filter(pl.col("patient_id").is_in(recompute.implode()))
@@ -283,7 +290,7 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     if "labels" in previous:
         kept = previous["labels"].filter(~pl.col("patient_id").is_in(recompute.implode()))
         labels = pl.concat([kept.cast(LABELS_SCHEMA), labels], how="vertical_relaxed")
-    labels = labels.sort("partition", "offset", "patient_id", "scoring_ms")
+    labels = labels.sort(*_POINT_ORDER, nulls_last=True)
 
     step("parity")
     late_published = rebuild.late_events(_merged("late", previous.get("late_events"), new_raw["late"]))
@@ -351,12 +358,13 @@ def _at_derived_positions(points: pl.DataFrame, derived: pl.DataFrame) -> pl.Dat
     take the stream's word for where it scored (the point check reports a point the stream placed
     elsewhere). A snapshot the rule does not derive keeps its own position (the point check blames
     it as online only); one without idx (archived before snapshots carried it) sees its whole
-    message. The online partition and offset are kept aside as _online_partition/_online_offset."""
+    message. The online partition, offset and idx are kept aside as _online_partition/_online_offset/
+    _online_idx."""
     rule = derived.unique("snapshot_id", keep="first").select(
         "snapshot_id", _partition="partition", _offset="offset", _idx="idx")
     found = pl.col("_partition").is_not_null()
     return (points.join(rule, on="snapshot_id", how="left", maintain_order="left")
-            .with_columns(_online_partition="partition", _online_offset="offset")
+            .with_columns(_online_partition="partition", _online_offset="offset", _online_idx="idx")
             .with_columns(partition=pl.when(found).then("_partition").otherwise("partition").cast(pl.Int64),
                           offset=pl.when(found).then("_offset").otherwise("offset").cast(pl.Int64),
                           idx=pl.when(found).then("_idx").otherwise("idx").cast(pl.Int64))
@@ -370,9 +378,9 @@ def _points_to_redo(points: pl.DataFrame, done: pl.DataFrame, new_events: pl.Dat
     first_new = (new_events.group_by("patient_id", "partition").agg(pl.col("offset").min().alias("_first_new"))
                  .cast({"partition": pl.Int64}))
     stale = (points.join(first_new, on=["patient_id", "partition"])
-             .filter(pl.col("offset") >= pl.col("_first_new")).select(POINT_KEYS))
-    missing = points.join(done.select(POINT_KEYS), on=POINT_KEYS, how="anti")
-    return pl.concat([missing, stale]).unique().sort("partition", "offset", "patient_id", "scoring_ms")
+             .filter(pl.col("offset") >= pl.col("_first_new")).select(POINT))
+    missing = points.join(done.select("snapshot_id"), on="snapshot_id", how="anti").select(POINT)
+    return pl.concat([missing, stale]).unique().sort(*_POINT_ORDER, nulls_last=True)
 
 
 def _labels(frame: pl.DataFrame) -> pl.DataFrame:

@@ -1,6 +1,7 @@
 """Online/offline parity: the features the stream published vs the features recomputed from the archive.
 
-Both frames have one row per scoring point (patient_id, scoring_ms, partition, offset) and one
+Both frames have one row per scoring point (patient_id, scoring_ms, partition, offset; two points of
+one message can share those, so they are matched by snapshot_id when both frames have it) and one
 column per feature. Every online point is compared, feature by feature:
 
     match  both missing, or both present and |online - offline| <= tolerance

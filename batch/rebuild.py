@@ -33,6 +33,11 @@ from streams.archiver import ARCHIVE_SCHEMAS, part_files
 
 ARRIVAL = ("partition", "offset", "idx")
 POINT_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
+# A point's identity is its snapshot_id, not POINT_KEYS: one message can make two points of a patient
+# at one time (a run at the last vitals time holding an abnormal reading, a correction or back-charted
+# abnormal reading re-scored at the clock), told apart only by idx and snapshot_id. POINT is the columns
+# each point row carries in features_offline and labels, so they join features_online and scores one to one.
+POINT = ("snapshot_id", *POINT_KEYS, "idx")
 _KAFKA_POSITION = ("kafka_partition", "kafka_offset")
 # each feature's column type in the DuckDB file, from its spec (schemas.features.FEATURE_TYPES): the same in
 # features_online (decoded from JSON, where 7 and 7.0 look alike), features_offline and labels.news2, so an
@@ -114,8 +119,9 @@ def with_feature_types(frame: pl.DataFrame, table: str) -> pl.DataFrame:
 
 
 def scoring_points(online: pl.DataFrame) -> pl.DataFrame:
-    """The distinct scoring points of the online snapshots, in arrival order."""
-    return online.select(*POINT_KEYS).unique().sort("partition", "offset", "patient_id", "scoring_ms")
+    """The scoring points of the online snapshots (POINT columns), one per snapshot, in arrival order."""
+    return (online.select(*POINT).unique(subset=["snapshot_id"], keep="first")
+            .sort("partition", "offset", "idx", "patient_id", "scoring_ms", "snapshot_id", nulls_last=True))
 
 
 def scores(raw: pl.DataFrame) -> pl.DataFrame:

@@ -168,7 +168,7 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
     # the onset label is evaluated on at-risk rows only (already deteriorated patients are excluded)
     labelled = con.execute("""
         SELECT s.probability, s.news2, l.label, s.patient_id FROM scores s
-        JOIN labels l USING (patient_id, scoring_ms, "partition", "offset")
+        JOIN labels l USING (snapshot_id)
         WHERE s.news2 IS NOT NULL AND l.at_risk""").fetchall()
     points, at_risk = con.execute("SELECT count(*), count(*) FILTER (WHERE at_risk) FROM labels").fetchone()
     episodes = con.execute("SELECT DISTINCT patient_id, onset_ms FROM labels "

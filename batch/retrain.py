@@ -328,7 +328,8 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         trained_on = latest_run(con) if _has_runs(con) else None
         events = con.sql("SELECT * FROM canonical_events").pl()
-        points = con.sql('SELECT DISTINCT patient_id, scoring_ms, "partition", "offset" FROM features_online '
+        # one row per scoring point (its snapshot): two of one message can share patient, time and position
+        points = con.sql('SELECT patient_id, scoring_ms, "partition", "offset", snapshot_id FROM features_online '
                          'ORDER BY ALL').pl()
     if points.is_empty():
         raise ValueError("no scoring points in the DuckDB file: run the stream and `wardwatch batch nightly` first")

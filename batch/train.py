@@ -109,7 +109,8 @@ LABEL_DEFINITION = (f"first onset of deterioration within (T, T+horizon]: the pa
                     f"{HIGH_LACTATE:g} effective in the window (facts in hindsight); rows of patients already "
                     "deteriorated are excluded (at_risk = false); ICU transfer and death are not in the data")
 
-_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
+# a point: where it was taken and its snapshot_id (two points of one message can share the rest)
+_KEYS = ("patient_id", "scoring_ms", "partition", "offset", "snapshot_id")
 # the worker serves the model only where every NEWS2 input is charted; elsewhere it takes the NEWS2
 # rule path whatever the model would say (streams/scoring.py Scorer.score)
 SERVED = pl.all_horizontal(pl.col(c).is_not_null() for c in NEWS2_INPUTS).alias("_served")

@@ -87,7 +87,7 @@ WITH served AS (
 ), scored AS (
     SELECT CAST(epoch_ms(s.scoring_ms) AS DATE) AS day, coalesce(s.model_version, 'news2-rule') AS model_version,
            s.patient_id, coalesce(s.probability, s.news2) AS risk, s.news2 AS news2, l.label, l.at_risk
-    FROM scores s JOIN labels l USING (patient_id, scoring_ms, "partition", "offset")
+    FROM scores s JOIN labels l USING (snapshot_id)  -- one label per scoring point: its snapshot
     WHERE coalesce(s.probability, s.news2) IS NOT NULL AND s.news2 IS NOT NULL
 ), ranked AS (
     SELECT *,

@@ -675,6 +675,23 @@ def test_a_file_from_before_a_feature_was_added_is_rebuilt_in_full(settings, tab
     assert_same_tables(settings.duckdb_path, full.duckdb_path)
 
 
+@pytest.mark.parametrize("table", ["features_offline", "labels"])
+def test_a_file_from_before_points_carried_their_snapshot_id_is_rebuilt_in_full(settings, table):
+    """features_offline and labels without snapshot_id (one message's two points at one time were not
+    told apart): an incremental run on such a file rebuilds everything, or it would keep those rows."""
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    with duckdb.connect(str(settings.duckdb_path)) as con:  # the shape the version before wrote
+        con.execute(f"ALTER TABLE {table} DROP COLUMN snapshot_id")
+        con.execute(f"ALTER TABLE {table} DROP COLUMN idx")
+    again = run_nightly(settings, full=False, **STANDINS)
+    assert again["recomputed_patients"] == 2
+    full = twin(settings)
+    run_nightly(full, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path)
+
+
 def column_types(path: Path, table: str) -> dict[str, str]:
     with duckdb.connect(str(path), read_only=True) as con:
         return dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = ?",
@@ -721,3 +738,75 @@ def test_a_fraction_in_a_whole_number_feature_is_refused_not_truncated():
     assert typed["news2"].to_list() == [7, None]
     with pytest.raises(ValueError, match=r"features_online\.news2 holds a fraction"):
         with_feature_types(pl.DataFrame({"news2": [6.5]}), "features_online")
+
+
+# --- two scoring points of one message at one time -----------------------------------------------
+
+
+def archive_the_stream(settings: Settings, messages: list[list[CanonicalEvent]]) -> None:
+    """The real patient worker over `messages` (partition 0, one per offset) and what the archiver
+    would store of its input and outputs."""
+    from streams.archiver import RawRecord, rows_for, write_part
+    from streams.patient_agent import CanonicalMessage, PatientProcessor
+    from streams.scoring import Scorer
+    from schemas.canonical import encode_batch
+
+    processor = PatientProcessor(settings, Scorer(settings.model_dir, settings))  # no model: the NEWS2 rule
+    records, rows = {}, {"canonical": [], "features": [], "scores": [], "alerts": []}
+    for offset, batch in enumerate(messages):
+        value = encode_batch(batch)
+        rows["canonical"] += [r.values for r in rows_for("canonical", RawRecord("c", 0, offset, T0, b"p", value))]
+        new, out = processor.process([CanonicalMessage(0, offset, value)], records.get)
+        records.update(new)
+        for kind, published in (("features", out.features), ("scores", out.scores), ("alerts", out.alerts)):
+            for _, record, *_ in published:
+                rows[kind] += [r.values for r in rows_for(kind, RawRecord(kind, 0, len(rows[kind]), T0, b"p", record))]
+    for kind, kind_rows in rows.items():
+        write_part(settings.archive_dir, kind, "2024-06-10", kind_rows)
+
+
+def test_two_points_of_one_message_at_one_time_are_two_rows_in_every_table_and_the_export(tmp_path):
+    """One FHIR bundle: the 10:00 round, then a BP of 80 taken at 09:58 (back-charted, re-scored at the
+    clock: schemas/cadence.py). The worker scores twice at 10:00 in that one message, a NEWS2 of 0 and
+    then a medium alert: the two points share patient, time, partition and offset and differ in idx
+    and snapshot_id. features_offline and labels held one row per (patient, time, partition, offset)
+    point or two rows no column told apart, so every join to features_online or scores on them
+    doubled rows, and the export's point_id was the same for both points."""
+    from pydantic import SecretStr
+
+    from batch.dataset import label_summary
+    from batch.export import export_deidentified
+
+    settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "no-models", allowed_lateness_s=3600,
+                        deid_secret=SecretStr("s" * 32))
+    normal = [hr(f, 1, T0, v, code=c) for f, v, c in (("hr", 80.0, codes.HEART_RATE), ("rr", 16.0, codes.RESP_RATE))]
+    low_bp = hr("sbp", 1, T0 - 2 * 60_000, 80.0, code=codes.SYSTOLIC_BP)
+    later = [hr("hr2", 1, T0 + 4 * HOUR_MS, 90.0), hr("sbp2", 1, T0 + 4 * HOUR_MS, 120.0, code=codes.SYSTOLIC_BP)]
+    archive_the_stream(settings, [[*normal, low_bp], later])
+    result = run_nightly(settings, report=False)  # the real recomputation
+    assert result["parity_ok"]
+    online = frame(settings.duckdb_path, 'SELECT snapshot_id, idx, trigger FROM features_online WHERE "offset" = 0 '
+                                         "ORDER BY idx")
+    assert online.select("idx", "trigger").rows() == [(1, "vitals"), (2, "correction")]  # one key, two points
+
+    out = tmp_path / "export"
+    export_deidentified(settings, out)
+    exported = {name: pl.read_parquet(out / f"{name}.parquet") for name in ("features_offline", "labels", "scores")}
+    assert [exported[name]["point_id"].n_unique() for name in exported] == [3, 3, 3]
+    assert exported["labels"].join(exported["features_offline"], on="point_id").height == 3
+    assert exported["labels"].join(exported["scores"], on="point_id").height == 3
+    # the training set (batch dataset's label counts, as batch train reads the points): one row per point
+    assert label_summary(settings.duckdb_path, settings)["scoring_points"] == 3
+
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
+        def rows(sql: str) -> list[tuple]:
+            return con.execute(sql).fetchall()
+
+        # each online point has its own offline row: the SBP of 80 only at the point that saw it
+        assert rows("SELECT o.idx, f.idx, f.systolic_bp_last_24h FROM features_online o JOIN features_offline f "
+                    'USING (snapshot_id) WHERE o."offset" = 0 ORDER BY o.idx') == [(1, 1, None), (2, 2, 80.0)]
+        assert rows("SELECT count(*) FROM features_offline") == [(3,)]
+        # one label per score, joined by the point's snapshot
+        assert rows("SELECT count(*), count(DISTINCT snapshot_id) FROM labels") == [(3, 3)]
+        assert rows("SELECT s.tier, l.idx FROM scores s JOIN labels l USING (snapshot_id) "
+                    'WHERE s."offset" = 0 ORDER BY l.idx') == [("none", 1), ("medium", 2)]

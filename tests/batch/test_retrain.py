@@ -155,7 +155,7 @@ def test_retrain_runs_the_directional_check_on_the_model_it_trained(tmp_path, mo
     with duckdb.connect(str(settings.duckdb_path)) as con:
         con.execute("CREATE TABLE canonical_events AS SELECT 1 AS x")
         con.execute('CREATE TABLE features_online AS SELECT \'p\' AS patient_id, 0 AS scoring_ms, 0 AS "partition", '
-                    '0 AS "offset"')
+                    '0 AS "offset", \'s1\' AS snapshot_id')
         con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ)")
         con.execute("INSERT INTO runs VALUES ('r1', '2024-01-01 00:00+00')")
 
