@@ -167,7 +167,7 @@ def test_train_on_too_little_data_says_why_and_how_to_get_more(clean_env, tmp_pa
     with duckdb.connect(str(tmp_path / "wardwatch.duckdb")) as con:  # a nightly file with no scoring point yet
         con.execute("CREATE TABLE canonical_events (patient_id VARCHAR)")
         con.execute('CREATE TABLE features_online (patient_id VARCHAR, scoring_ms BIGINT, "partition" INTEGER, '
-                    '"offset" BIGINT)')
+                    '"offset" BIGINT, snapshot_id VARCHAR)')
 
     result = invoke("batch", "train", env={"WARDWATCH_DATA_DIR": str(tmp_path),
                                            "WARDWATCH_MODEL_DIR": str(tmp_path / "models")})
