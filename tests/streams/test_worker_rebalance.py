@@ -103,10 +103,9 @@ def test_survivor_takes_over_a_killed_workers_partitions_and_ends_like_a_single_
 def test_a_rolling_restart_of_a_dynamic_group_loses_nothing_and_stops_no_worker(settings, tmp_path):
     """Two workers without static membership, restarted one after the other (SIGTERM, then start
     again) while the stream is quiet, as a rolling upgrade does: each rebalance moves partitions to the
-    other worker and back, and a worker may keep a standby copy it has read to the end. The embedded
-    broker's high watermark of a changelog partition can lie below that end, which faust's standby
-    check took for a corrupt store: the worker stopped. Then the rest of the stream: the results equal
-    a single undisturbed worker's."""
+    other worker and back, and a worker may keep a standby copy across it (the race in which faust's
+    standby check stopped a worker on the embedded broker is tested in tests/streams/test_app.py). Then
+    the rest of the stream: the results equal a single undisturbed worker's."""
     messages = canonical_messages(PATIENTS, ROWS)
     before, after = messages[:len(messages) // 2], messages[len(messages) // 2:]
     ref_settings, pair_settings = _sibling(settings, "rs"), _sibling(settings, "rp")
@@ -132,7 +131,6 @@ def test_a_rolling_restart_of_a_dynamic_group_loses_nothing_and_stops_no_worker(
         ends = Publisher(pair_settings, topics.canonical, before).start().join(deadline - time.monotonic())
         wait_for_applied(pair_settings, topics, ends, deadline=deadline, on_wait=lambda: check_alive(procs, logs))
         for name, other in (("b", "a"), ("a", "b")):
-            time.sleep(3)  # the other worker's standby copies read to the end of the quiet changelog
             assert stop_service(workers[name]) == 0  # SIGTERM: a graceful stop
             del procs[name]
             wait_for_assignment(workers_log[other], topics.canonical, lambda ps: ps == everything,
