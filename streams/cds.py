@@ -77,7 +77,7 @@ import jwt
 import orjson
 from aiohttp import web
 
-from schemas.alert import STALE_AFTER_MS, stale_words
+from schemas.alert import HOUR_MS, STALE_AFTER_MS, stale_words
 from schemas.codes import parameter_name
 from wardwatch.listen import is_loopback, run_http
 from wardwatch.settings import Settings
@@ -183,7 +183,7 @@ def card(record: dict) -> dict:
         raise TypeError("stale_readings is not a list of [feature, value, taken_ms]")
     flag = "; based on preliminary results" if preliminary else ""
     if stale:
-        flag += f"; readings over {STALE_AFTER_MS // 3_600_000} h old"
+        flag += f"; readings over {STALE_AFTER_MS // HOUR_MS} h old"
     summary = f"Deterioration risk {tier.upper()} ({measure}){flag}"[:SUMMARY_MAX]
     lines = [f"Scored at {_iso(record['scoring_ms'])} by {method}."]
     if preliminary:
