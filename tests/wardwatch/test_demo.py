@@ -204,5 +204,7 @@ def test_the_archiver_stays_in_its_group_while_the_replay_publishes(broker, coho
     assert publishing["archived_meanwhile"] > 0  # it archived the stream's output as it came
     during = [publishing["start"]] + [t for t in archiver.polls
                                       if publishing["start"] < t < publishing["end"]] + [publishing["end"]]
-    assert max(b - a for a, b in zip(during, during[1:])) < 2.0
+    # never left unpolled as long as librdkafka allows (the poller runs every second; a tighter bound would
+    # time the machine's load, not the demo)
+    assert max(b - a for a, b in zip(during, during[1:])) < max_poll_ms / 1000
     assert summary["parity_ok"]
