@@ -126,17 +126,36 @@ def wait_for_applied(settings: Settings, topics: Topics, ends: dict, *, deadline
     partition) -> offset after the last message), by the table's own next-offset markers in its
     changelog. Correctness rests on those markers; the worker commits them once durable
     (streams.app.AppliedOffsetCommitter), but a commit lost to a rebalance only lands with the next
-    batch, so this does not wait on commits."""
-    import time
+    batch, so this does not wait on commits.
+
+    Read-only: it tails the changelog with a client of its own (assigned, never in a group) and writes
+    nothing. `collect_results` appends end markers to every topic it reads, which must not land in the
+    changelog of a worker that is still running: the worker reads them back (as a standby, or in its
+    next recovery) as records it cannot decode. `on_wait()` runs between polls (e.g. to check that the
+    workers are alive)."""
+    from confluent_kafka import Consumer, TopicPartition
 
     wanted = {p: n for (_, p), n in ends.items()}
-    while True:
-        applied = collect_results(settings, topics, timeout_s=max(5.0, deadline - time.monotonic())).next_offsets
-        behind = {p: n for p, n in wanted.items() if applied.get(p, 0) < n}
-        if not behind:
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"the worker has not applied everything: partitions behind {sorted(behind)}")
-        if on_wait is not None:
-            on_wait()
-        time.sleep(0.5)
+    applied: dict[int, int] = {}
+    marker_prefix = orjson.dumps(NEXT_OFFSET_PREFIX)[:-1]  # the JSON-encoded key without its closing quote
+    reader = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-applied-reader",
+                       "enable.auto.commit": False, "fetch.wait.max.ms": 50})
+    reader.assign([TopicPartition(changelog_topic(settings), p, 0) for p in range(topics.partitions)])
+    try:
+        while True:
+            for msg in reader.consume(1000, timeout=0.2):
+                key, value = msg.key(), msg.value()
+                if msg.error() or value is None or not key or not key.startswith(marker_prefix):
+                    continue
+                # in offset order per partition: the last marker read is the table's latest
+                applied[int(orjson.loads(key).removeprefix(NEXT_OFFSET_PREFIX))] = int(value)
+            behind = {p: n for p, n in wanted.items() if applied.get(p, 0) < n}
+            if not behind:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the worker has not applied everything: partitions behind {sorted(behind)} "
+                                   f"(applied {dict(sorted(applied.items()))}, wanted {dict(sorted(wanted.items()))})")
+            if on_wait is not None:
+                on_wait()
+    finally:
+        reader.close()

@@ -179,6 +179,18 @@ def _stall_exit_line(code: int, log) -> str:
     return line
 
 
+def _applied(settings, topics, ends, proc, log, deadline: float) -> None:
+    """wait_for_applied, failing at once with the worker's log if it exits, and with the log on a
+    timeout too (a worker that idles says why only there)."""
+    def alive() -> None:
+        assert proc.poll() is None, log.read_text()[-3000:]
+
+    try:
+        wait_for_applied(settings, topics, ends, deadline=deadline, on_wait=alive)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n--- worker log (last 6000 characters) ---\n{log.read_text()[-6000:]}") from None
+
+
 def _until(done, proc, log, deadline: float) -> None:
     while not done():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -199,7 +211,7 @@ def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(s
     try:
         wait_for_group(stalling, f"{stalling.group_prefix}-worker", alive=worker)
         ends = Publisher(stalling, topics.canonical, first).start().join(60)
-        wait_for_applied(stalling, topics, ends, deadline=deadline)
+        _applied(stalling, topics, ends, worker, log, deadline)
         _until(lambda: _readyz(port) == 200, worker, log, deadline)  # consuming, caught up: ready
 
         marker.touch()  # from now on the worker fetches nothing
@@ -215,9 +227,10 @@ def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(s
     marker.unlink()
     applied_before = collect_results(stalling, topics).next_offsets
     assert sum(applied_before.values()) == len(first)  # the stall held: nothing of the rest was applied
-    worker = start_service(["worker"], stalling, tmp_path / "worker-1.log")
+    log = tmp_path / "worker-1.log"
+    worker = start_service(["worker"], stalling, log)
     try:
-        wait_for_applied(stalling, topics, {**ends, **rest_ends}, deadline=deadline)  # later ends are higher
+        _applied(stalling, topics, {**ends, **rest_ends}, worker, log, deadline)  # later ends are higher
     finally:
         assert stop_service(worker) == 0
     results = collect_results(stalling, topics)
