@@ -436,12 +436,24 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
             assigned = [(tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic == topics.canonical]
             return {tp: table.applied_offset(tp[1]) for tp in assigned}, probe.watermarks(assigned)
 
+        def rebalance_or_recovery_progress():
+            # what moves while a rebalance or recovery makes progress: its phase, the changelog offsets
+            # recovery has read, and the canonical offsets applied (a rebalance waits for the batch in
+            # progress). Copies: the loop changes them while this thread reads
+            recovery = app.tables.recovery
+            return (app.rebalancing, app.in_recovery, dict(recovery.active_offsets), dict(recovery.standby_offsets),
+                    [table.applied_offset(p) for p in range(topics.partitions)])
+
         watchdog = app.consumption_watchdog = StallWatchdog(
             settings.stall_timeout_s, look_at_consumption, service="worker",
-            busy=lambda: bool(app.rebalancing or app.in_recovery), close=probe.close)
+            busy=lambda: bool(app.rebalancing or app.in_recovery), busy_progress=rebalance_or_recovery_progress,
+            close=probe.close)
 
-        @app.task
-        async def _watch_consumption() -> None:  # once faust's consumer exists
+        # at the first assignment, once faust's consumer exists and while its first table recovery runs:
+        # faust starts an app's tasks and timers only after that recovery, so one stuck in it (or in the
+        # rebalance before it) would never be watched
+        @app.on_partitions_assigned.connect
+        async def _watch_consumption(sender, assigned, **kwargs) -> None:
             watchdog.start()
 
     @app.agent(canonical, name="patients")

@@ -68,6 +68,34 @@ class ConsumptionWatch:
         return max((now - t.since for p, t in self._tracks.items() if self.lag.get(p, 0) > 0), default=0.0)
 
 
+class BusyWatch:
+    """Is a rebalance or table recovery moving? Neither counts towards a stall while it moves (a large
+    table takes minutes to recover, and exiting in the middle would only start it again), but one that
+    moves nothing for `stall_after_s` is a stuck worker, not a busy one (a rebalance waiting for a batch
+    that never ends, a recovery waiting for records that never come): without a bound it would be
+    exempt for ever, and every alert behind it would wait.
+
+    `token` is anything that changes when the rebalance or recovery makes progress (the phase, the
+    changelog offsets read, the offsets applied); None: not busy."""
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = stall_after_s
+        self._token: object = None
+        self._since: float | None = None
+
+    def observe(self, now: float, token: object) -> None:
+        if token is None:
+            self._token, self._since = None, None
+        elif self._since is None or token != self._token:
+            self._token, self._since = token, now
+
+    def stuck(self, now: float) -> float | None:
+        """Seconds busy without progress, once they reach `stall_after_s`; else None."""
+        if self._since is None or now - self._since < self.stall_after_s:
+            return None
+        return now - self._since
+
+
 ALL_ASSIGNED = "all assigned partitions"
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 
 from confluent_kafka import Consumer, TopicPartition
 
-from streams.progress import ConsumptionWatch, as_one
+from streams.progress import BusyWatch, ConsumptionWatch, as_one
 from wardwatch import observability
 from wardwatch.settings import Settings
 
@@ -89,13 +89,22 @@ class StallWatchdog:
     every window starts again. `busy()` is True while the service rebalances or recovers its state:
     it is not ready then, and that time does not count towards a stall: recovering a large table
     takes minutes, and exiting in the middle would only start it again, for ever. `together`: the
-    partitions are watched as one (streams.progress.as_one)."""
+    partitions are watched as one (streams.progress.as_one). `busy_progress()`, when given, returns
+    something that changes whenever that rebalance or recovery makes progress: busy without progress
+    for the window is a stall too (streams.progress.BusyWatch; `on_busy_stall`, by default an exit)."""
 
     def __init__(self, stall_after_s: float, look: Callable[[], tuple[Offsets, Watermarks]], *,
                  service: str, busy: Callable[[], bool] = lambda: False, together: bool = False,
                  on_stall: Callable[[dict, dict], None] | None = None, close: Callable[[], None] = lambda: None,
+                 busy_progress: Callable[[], object] | None = None,
+                 on_busy_stall: Callable[[float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.watch = ConsumptionWatch(stall_after_s)
+        self.busy_watch = BusyWatch(stall_after_s)
+        self.busy_progress = busy_progress
+        self.on_busy_stall = on_busy_stall or (lambda seconds: exit_on_busy_stall(service, seconds))
+        self._unobservable_since: float | None = None
+        self._warned_unobservable = False
         self.interval_s = check_interval(stall_after_s)
         self.look, self.busy, self.together, self.clock, self._close = look, busy, together, clock, close
         self.service = service
@@ -106,6 +115,9 @@ class StallWatchdog:
         self._thread = threading.Thread(target=self._run, name=f"{service}-stall-watchdog", daemon=True)
 
     def start(self) -> None:
+        """Start watching (once: later calls do nothing)."""
+        if self._thread.is_alive() or self._stop.is_set():
+            return
         observability.expose_gauges(self.service, self.gauges)
         self._thread.start()
 
@@ -114,18 +126,27 @@ class StallWatchdog:
 
     def check(self) -> None:
         """One observation; calls `on_stall` if something is stalled."""
+        now = self.clock()
         if self.busy():  # rebalancing or recovering: every window starts again afterwards
             self._unobservable()
+            self._unobservable_since, self._warned_unobservable = None, False
+            if self.busy_progress is not None:
+                self.busy_watch.observe(now, self._progress_token())
+                seconds = self.busy_watch.stuck(now)
+                if seconds is not None:
+                    self.on_busy_stall(seconds)
             return
+        self.busy_watch.observe(now, None)
         try:
             applied, watermarks = self.look()
         except Exception as exc:  # broker away, consumer not started, assignment changing
             log.info("%s consumption watchdog: no observation this round (%s)", self.service, type(exc).__name__)
             self._unobservable()
+            self._note_unobservable(now, exc)
             return
+        self._unobservable_since, self._warned_unobservable = None, False
         if self.together:
             applied, watermarks = as_one(applied, watermarks)
-        now = self.clock()
         with self._lock:
             self.watch.observe(now, applied, watermarks)
             self._last_observed = now
@@ -133,6 +154,22 @@ class StallWatchdog:
             lag = {key: self.watch.lag[key] for key in stalled}
         if stalled:
             self.on_stall(stalled, lag)
+
+    def _progress_token(self) -> object:
+        try:
+            return self.busy_progress()
+        except Exception:  # read from this thread while the service's loop changes it: count as progress
+            return object()
+
+    def _note_unobservable(self, now: float, exc: Exception) -> None:
+        """A watchdog that cannot look for a whole window says so once (it does not exit: a broker away
+        is not this service's stall, and it is not ready meanwhile)."""
+        if self._unobservable_since is None:
+            self._unobservable_since = now
+        elif not self._warned_unobservable and now - self._unobservable_since >= self.watch.stall_after_s:
+            self._warned_unobservable = True
+            log.warning("%s consumption watchdog: no observation for %.0f s (%s); not ready until it can look "
+                        "again", self.service, now - self._unobservable_since, type(exc).__name__)
 
     def _unobservable(self) -> None:
         with self._lock:
@@ -163,6 +200,14 @@ def exit_on_stall(service: str, stalled: dict, lag: dict) -> None:
     log.critical("%s: no progress on %s: messages waiting and none applied; exiting so that the restart "
                  "re-joins the group and resumes (nothing is lost: unapplied offsets are not committed)",
                  service, parts)
+    logging.shutdown()
+    os._exit(STALL_EXIT_CODE)
+
+
+def exit_on_busy_stall(service: str, seconds: float) -> None:
+    log.critical("%s: rebalancing or recovering its state for %.0f s without any progress; exiting so that "
+                 "the restart re-joins the group and recovers again (nothing is lost: unapplied offsets are "
+                 "not committed)", service, seconds)
     logging.shutdown()
     os._exit(STALL_EXIT_CODE)
 

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     deid_secret: SecretStr | None = Field(None, description="Secret for the de-identified export; keep it outside the export")
 
     # consumption watchdogs (streams/watchdog.py)
-    stall_timeout_s: float = Field(300.0, ge=0, description="A consumer service (worker, ingest, archiver, subscription watcher) whose input partitions have messages waiting and apply none for this long (seconds) is not ready (/readyz 503) and exits, so that its restart resumes (rebalances and table recoveries do not count); 0: no watchdog")
+    stall_timeout_s: float = Field(300.0, ge=0, description="A consumer service (worker, ingest, archiver, subscription watcher) whose input partitions have messages waiting and apply none for this long (seconds) is not ready (/readyz 503) and exits, so that its restart resumes (the worker's rebalances and table recoveries count only while they make no progress either); 0: no watchdog")
 
     # worker
     worker_batch_size: int = Field(2000, ge=1, description="Max canonical messages the worker takes per batch")

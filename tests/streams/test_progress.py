@@ -97,3 +97,20 @@ def test_as_one_never_lets_one_partitions_surplus_hide_anothers_lag():
     assert watch.lag == {ALL_ASSIGNED: 1}
     # nothing committed yet counts from the low watermark, as for one partition
     assert as_one({"a": None}, {"a": (10, 15)}) == ({ALL_ASSIGNED: 10}, {ALL_ASSIGNED: (0, 15)})
+
+
+def test_a_rebalance_or_recovery_that_moves_nothing_for_the_window_is_stuck_and_one_that_moves_is_not():
+    from streams.progress import BusyWatch
+
+    busy = BusyWatch(WINDOW)
+    for t, token in [(0.0, ("recovering", 5)), (30.0, ("recovering", 900)), (80.0, ("recovering", 2000))]:
+        busy.observe(t, token)  # a long recovery that reads records: never stuck
+        assert busy.stuck(t) is None
+    busy.observe(139.0, ("recovering", 2000))
+    assert busy.stuck(139.0) is None  # 59 s without progress
+    busy.observe(140.0, ("recovering", 2000))
+    assert busy.stuck(140.0) == 60.0
+    busy.observe(141.0, None)  # no longer busy: forgotten
+    assert busy.stuck(500.0) is None
+    busy.observe(600.0, ("recovering", 2000))  # busy again, same offsets: a new episode, its own window
+    assert busy.stuck(659.0) is None and busy.stuck(660.0) == 60.0

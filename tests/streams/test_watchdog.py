@@ -237,6 +237,57 @@ def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(s
     assert results.known_fact_ids() == set().union(*(facts for _, _, facts in messages))
 
 
+# Loaded into the worker through PYTHONPATH: while the marker file exists, faust's table recovery
+# never finds itself done (it reads the changelog to its end and then waits for ever), as a recovery
+# waiting for records that never come would.
+STUCK_RECOVERY = '''
+import os
+from faust.tables import recovery as _recovery
+
+_need = _recovery.Recovery.need_recovery
+
+def _never_done(self):
+    return True if os.path.exists(os.environ["WW_TEST_STALL_MARKER"]) else _need(self)
+
+_recovery.Recovery.need_recovery = _never_done
+'''
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_whose_recovery_never_ends_exits_and_its_restart_applies_everything(settings, tmp_path, monkeypatch):
+    stuck, marker, port = _injected(settings, tmp_path, monkeypatch, STUCK_RECOVERY)
+    topics = topics_for(stuck)
+    ensure_topics(stuck, topics)
+    messages = canonical_messages(4, 6)
+    ends = Publisher(stuck, topics.canonical, messages).start().join(60)
+    deadline = time.monotonic() + 200
+
+    marker.touch()
+    log = tmp_path / "worker-0.log"
+    started = time.monotonic()
+    worker = start_service(["worker"], stuck, log)
+    try:
+        code = worker.wait(timeout=90)
+    finally:
+        stop_service(worker)
+    text = log.read_text()
+    assert code == STALL_EXIT_CODE, text[-3000:]
+    (line,) = [line for line in text.splitlines() if "without any progress" in line]
+    seconds = int(re.search(r"state for (\d+) s", line).group(1))
+    assert '"level":"critical"' in line and 6 <= seconds < time.monotonic() - started, line
+    assert _readyz(port) is None  # gone, not answering "ready"
+
+    marker.unlink()  # the restart recovers normally and applies what waited
+    log = tmp_path / "worker-1.log"
+    worker = start_service(["worker"], stuck, log)
+    try:
+        _applied(stuck, topics, ends, worker, log, deadline)
+    finally:
+        assert stop_service(worker) == 0
+    results = collect_results(stuck, topics)
+    assert results.known_fact_ids() == set().union(*(facts for _, _, facts in messages))
+
+
 @pytest.mark.timeout(60)
 def test_the_probe_reads_a_groups_commits_without_joining_it(settings):
     from confluent_kafka import Consumer, TopicPartition
@@ -316,3 +367,52 @@ def test_a_service_whose_consumer_stops_exits_and_its_restart_processes_everythi
         wait_for_commits(stalling, group, {(source, 0): 10}, deadline=deadline)  # what waited, processed
     finally:
         assert stop_service(proc) == 0
+
+
+def _fake_dog(busy, progress, clock, **kwargs):
+    """A watchdog over no partitions, with a busy flag and a progress token under the test's control."""
+    return StallWatchdog(30.0, lambda: ({}, {}), service="worker", busy=lambda: busy[0],
+                         busy_progress=lambda: progress[0], clock=clock, **kwargs)
+
+
+def test_a_rebalance_or_recovery_without_progress_for_the_window_exits_and_one_that_moves_does_not():
+    clock, busy, progress, stuck = _Clock(), [True], [0], []
+    dog = _fake_dog(busy, progress, clock, on_busy_stall=stuck.append)
+    for _ in range(10):  # five minutes of a recovery that keeps reading: exempt, not ready
+        dog.check()
+        clock.now += 30.0
+        progress[0] += 100
+    assert not stuck and not dog.ready()
+    dog.check()
+    clock.now += 29.0
+    dog.check()
+    assert not stuck  # 29 s without progress
+    clock.now += 1.0
+    dog.check()
+    assert stuck == [30.0]
+
+
+def test_without_a_progress_reading_a_rebalance_or_recovery_is_exempt_however_long():
+    clock, stuck = _Clock(), []
+    dog = StallWatchdog(30.0, lambda: ({}, {}), service="ingest", busy=lambda: True, clock=clock,
+                        on_stall=lambda s, lag: stuck.append(s))
+    for _ in range(20):
+        dog.check()
+        clock.now += 30.0
+    assert not stuck and not dog.ready()
+
+
+def test_a_watchdog_that_cannot_look_for_a_whole_window_warns_once(caplog):
+    clock, stalls = _Clock(), []
+
+    def look():
+        raise RuntimeError("the broker does not answer")
+
+    dog = StallWatchdog(30.0, look, service="worker", clock=clock, on_stall=lambda s, lag: stalls.append(s))
+    with caplog.at_level("WARNING", logger="wardwatch.watchdog"):
+        for _ in range(6):
+            dog.check()
+            clock.now += 15.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "no observation for 30 s (RuntimeError)" in warnings[0]
+    assert not stalls and not dog.ready()  # a broker away is not this service's stall
