@@ -98,10 +98,17 @@ class DerivedSpec:
     optional: tuple[str, ...] = ()
     direction: Direction = None
     value_type: ValueType = "integer"  # `fn`'s values: every derived feature so far is a score or a flag
+    # Which function computes it from `inputs`: bump it whenever `fn` (or what it calls, schemas/scores.py)
+    # gives another value for the same inputs (a NEWS2 band moved, a new rule). The model contract records it
+    # (schemas/model_contract.py feature_definitions), so a model trained on the old function is refused, as
+    # it is for a changed input: the inputs alone do not show a change of what is computed from them.
+    definition_version: int = 1
 
     def __post_init__(self) -> None:
         if self.value_type not in ("integer", "real"):
             raise ValueError(f"feature {self.name!r}: value_type must be 'integer' or 'real'")
+        if type(self.definition_version) is not int or self.definition_version < 1:
+            raise ValueError(f"feature {self.name!r}: definition_version must be a whole number from 1")
 
 
 # Names carry the aggregation and the window (heart_rate_slope_6h). Short windows (1 h) catch an

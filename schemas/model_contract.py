@@ -20,10 +20,12 @@ metadata (CONTRACT_METADATA_KEY, covered by the sha256), and the check compares 
 model registered before that has no such entry and is checked as before.
 
 A name alone does not pin what a feature is: a release may change a spec's code, aggregation or window, or
-a derived feature's inputs, and keep its name. The card (and the embedded contract) therefore also carry
+a derived feature's inputs or its function (how NEWS2 is computed from the same inputs: the spec's declared
+definition_version), and keep its name. The card (and the embedded contract) therefore also carry
 each feature's definition as training computed it (`feature_definitions`, FEATURE_DEFINITIONS_KEY), and a
 model whose definitions differ from this code base's is refused, not fed values it never saw in training.
-A card without them (registered before) is checked by name only.
+A card without them (registered before) is checked by name only; a card whose derived definitions carry no
+version (registered before versions) is read as version 1 (UNRECORDED_DEFINITION_VERSION says why that holds).
 """
 
 from __future__ import annotations
@@ -40,17 +42,38 @@ ONNX_FLOAT = "tensor(float)"
 CONTRACT_METADATA_KEY = "wardwatch.contract"
 # the card's (and the embedded contract's) key for what each feature was computed from at training
 FEATURE_DEFINITIONS_KEY = "feature_definitions"
-# what each feature of this code base is computed from: a base feature's [code, aggregation, window_s], a
-# derived one's ["derived", inputs, optional inputs] (JSON-ready lists: a card read back compares equal)
-FEATURE_DEFINITIONS: dict[str, list] = {
-    **{f.name: [f.code, f.agg, f.window_s] for f in FEATURES},
-    **{d.name: ["derived", list(d.inputs), list(d.optional)] for d in DERIVED},
-}
+# A derived feature's definition in a card written before definition versions were recorded: ["derived",
+# inputs, optional inputs], read as version 1. That is honest, not a guess: no derived function changed its
+# values between the first card that recorded definitions (13a99f9) and the versions' introduction (news2,
+# its sub-scores and qsofa unchanged since the shipped v0001 was trained, af4fa12; on_oxygen's one change,
+# bd8bf90, added an optional input, which such a card does not list, so it is refused by its inputs anyway).
+# So the shipped v0001, and any model trained since, were trained on version 1 of every derived feature.
+UNRECORDED_DEFINITION_VERSION = 1
+
+
+def definitions_of(features, derived) -> dict[str, list]:
+    """What each feature is computed from: a base feature's [code, aggregation, window_s], a derived
+    one's ["derived", inputs, optional inputs, definition_version] (JSON-ready lists: a card read back
+    compares equal)."""
+    return {**{f.name: [f.code, f.agg, f.window_s] for f in features},
+            **{d.name: ["derived", list(d.inputs), list(d.optional), d.definition_version] for d in derived}}
+
+
+# what each feature of this code base is computed from (definitions_of the specs)
+FEATURE_DEFINITIONS: dict[str, list] = definitions_of(FEATURES, DERIVED)
 
 
 def feature_definitions(features: Sequence[str]) -> dict[str, list]:
     """The definitions of `features` as this code base computes them (for a card written at training)."""
     return {f: FEATURE_DEFINITIONS[f] for f in features}
+
+
+def as_recorded_now(definition: Any) -> Any:
+    """A card's definition of one feature in today's form: a derived one without a definition version
+    (a card from before them) is at UNRECORDED_DEFINITION_VERSION."""
+    if isinstance(definition, list) and len(definition) == 3 and definition[0] == "derived":
+        return [*definition, UNRECORDED_DEFINITION_VERSION]
+    return definition
 
 
 class ContractError(Exception):
@@ -127,10 +150,11 @@ def _feature_problems(contract: ModelContract) -> list[str]:
                         "(renamed or removed feature? retrain against the current feature specs)")
     if contract.definitions is not None:
         # same name, other values: the model's weights would meet a feature it was not trained on
-        changed = {f: (contract.definitions.get(f), FEATURE_DEFINITIONS[f]) for f in contract.features
-                   if f in FEATURE_DEFINITIONS and contract.definitions.get(f) != FEATURE_DEFINITIONS[f]}
+        trained = {f: as_recorded_now(contract.definitions.get(f)) for f in contract.features}
+        changed = {f: (trained[f], FEATURE_DEFINITIONS[f]) for f in contract.features
+                   if f in FEATURE_DEFINITIONS and trained[f] != FEATURE_DEFINITIONS[f]}
         if changed:
-            listed = "; ".join(f"{f}: trained on {was}, computed here as {now}" for f, (was, now) in changed.items())
+            listed = "; ".join(_changed(f, was, now) for f, (was, now) in changed.items())
             problems.append(f"card features are computed differently by this wardwatch than when the model was "
                             f"trained ({listed}): retrain against the current feature specs, or run the wardwatch "
                             "release the model was trained with")
@@ -142,6 +166,14 @@ def _feature_problems(contract: ModelContract) -> list[str]:
         problems.append(f"card imputation has no finite value for {no_value} "
                         "(every feature needs one: a missing input is imputed before scoring)")
     return problems
+
+
+def _changed(feature: str, was: Any, now: list) -> str:
+    """One feature trained on one definition and computed here by another, in words."""
+    if isinstance(was, list) and len(was) == 4 and was[:3] == now[:3]:  # same inputs, another function
+        return (f"{feature}: trained on definition version {was[3]} of its function, computed here by version "
+                f"{now[3]} (schemas/features.py DerivedSpec.definition_version)")
+    return f"{feature}: trained on {was}, computed here as {now}"
 
 
 def _embedded_problems(contract: ModelContract, metadata: Mapping[str, str]) -> list[str]:

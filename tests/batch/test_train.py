@@ -233,6 +233,21 @@ def test_a_card_edited_after_registration_is_refused_where_the_model_is_loaded(t
         load_model(tmp_path, "v1")
 
 
+def test_model_promote_refuses_a_model_trained_on_another_news2_function(tmp_path, monkeypatch):
+    """`wardwatch model promote` (registry.promote) runs the contract check: a model trained while NEWS2 was
+    computed by definition version 1 is refused once this code computes version 2, naming the feature."""
+    from schemas import model_contract
+    from tests.schemas.test_model_contract import with_function_changed
+
+    features = synthetic_features(n_patients=8)
+    train_model(features, labels_for(features), tmp_path, "v1")
+    assert registry.load_card(tmp_path, "v1")["feature_definitions"]["news2"][-1] == 1
+    monkeypatch.setattr(model_contract, "FEATURE_DEFINITIONS", with_function_changed("news2"))
+    with pytest.raises(registry.PromotionRefused, match=r"news2: trained on definition version 1 of its function"):
+        registry.promote(tmp_path, "v1", why="new NEWS2")
+    assert registry.current_version(tmp_path) is None
+
+
 def test_current_pointer_round_trips(tmp_path):
     assert registry.current_version(tmp_path) is None
     assert registry.list_versions(tmp_path) == []

@@ -56,6 +56,51 @@ def test_a_feature_computed_otherwise_than_in_training_is_refused():
     assert "resp_rate_last_24h" not in message  # only the feature that changed is named
 
 
+def with_function_changed(name: str) -> dict[str, list]:
+    """This code base's definitions as a release would give them that changed how `name` is computed from
+    the same inputs: its spec's definition_version bumped, nothing else."""
+    from dataclasses import replace
+
+    from schemas.features import DERIVED, FEATURES as SPECS
+    from schemas.model_contract import definitions_of
+
+    return definitions_of(SPECS, tuple(replace(d, definition_version=d.definition_version + 1) if d.name == name
+                                       else d for d in DERIVED))
+
+
+DERIVED_FEATURES = ["news2", "news2_pulse", "resp_rate_last_24h"]
+DERIVED_CARD = {"features": DERIVED_FEATURES, "imputation": {"news2": 1.0, "news2_pulse": 0.0, "resp_rate_last_24h": 16.0}}
+
+
+def test_a_derived_feature_computed_by_another_function_from_the_same_inputs_is_refused(monkeypatch):
+    """NEWS2 computed another way from the same seven inputs (a band moved): its inputs alone, all the card
+    recorded, would not show it, and the model would be served values it was not trained on."""
+    from schemas import model_contract
+    from schemas.model_contract import FEATURE_DEFINITIONS_KEY, feature_definitions
+
+    trained = card(**DERIVED_CARD, **{FEATURE_DEFINITIONS_KEY: feature_definitions(DERIVED_FEATURES)})
+    assert trained[FEATURE_DEFINITIONS_KEY]["news2"][-1] == 1  # the version is in the contract training writes
+    check_contract(ModelContract.from_card(trained), INPUTS, OUTPUTS)
+    monkeypatch.setattr(model_contract, "FEATURE_DEFINITIONS", with_function_changed("news2"))
+    message = contract_error(trained)
+    assert "news2: trained on definition version 1 of its function, computed here by version 2" in message
+    assert "retrain" in message and "news2_pulse" not in message  # only the feature that changed is named
+
+
+def test_a_card_from_before_definition_versions_reads_as_version_1(monkeypatch):
+    """Cards written before the versions (the shipped v0001) list a derived feature's inputs only: they load
+    as trained on version 1, today's, and are refused once the function changes."""
+    from schemas import model_contract
+    from schemas.model_contract import FEATURE_DEFINITIONS_KEY, feature_definitions
+
+    unversioned = {f: d[:3] if d[0] == "derived" else d for f, d in feature_definitions(DERIVED_FEATURES).items()}
+    old = card(**DERIVED_CARD, **{FEATURE_DEFINITIONS_KEY: unversioned})
+    check_contract(ModelContract.from_card(old), INPUTS, OUTPUTS)
+    monkeypatch.setattr(model_contract, "FEATURE_DEFINITIONS", with_function_changed("news2_pulse"))
+    message = contract_error(old)
+    assert "news2_pulse: trained on definition version 1 of its function, computed here by version 2" in message
+
+
 def test_unknown_feature_is_named():
     message = contract_error(card(features=["resp_rate_last_24h", "spo2_last_24h", "pulse_pressure_6h"],
                                   imputation={"resp_rate_last_24h": 1, "spo2_last_24h": 1, "pulse_pressure_6h": 1}))

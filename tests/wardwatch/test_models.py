@@ -43,14 +43,33 @@ def test_the_shipped_model_is_refused_by_a_worker_that_computes_a_feature_otherw
     import pytest
 
     from schemas import model_contract
-    from schemas.model_contract import ContractError, feature_definitions
+    from schemas.model_contract import ContractError, as_recorded_now, feature_definitions
 
     version = read_current(BUNDLED_MODELS)
     model = load_model(BUNDLED_MODELS, version)
-    assert model.contract.definitions == feature_definitions(model.contract.features)
+    # (its card lists no derived definition versions: read as 1, schemas.model_contract.as_recorded_now)
+    assert {f: as_recorded_now(d) for f, d in model.contract.definitions.items()} == feature_definitions(
+        model.contract.features)
     code, agg, _ = model_contract.FEATURE_DEFINITIONS["heart_rate_mean_1h"]
     monkeypatch.setitem(model_contract.FEATURE_DEFINITIONS, "heart_rate_mean_1h", [code, agg, 2 * 3600])
     with pytest.raises(ContractError, match="heart_rate_mean_1h: trained on .*3600.*computed here as .*7200"):
+        Scorer(BUNDLED_MODELS, Settings())
+
+
+def test_the_shipped_model_is_refused_by_a_worker_that_computes_news2_by_another_function(monkeypatch):
+    """The same seven inputs, another NEWS2 (its spec's definition_version bumped, as a release that moves a
+    band must): the shipped model, whose card predates the versions and so reads as version 1, is refused
+    with the feature named, not served NEWS2 values it was not trained on."""
+    import pytest
+
+    from schemas import model_contract
+    from schemas.model_contract import ContractError
+    from tests.schemas.test_model_contract import with_function_changed
+
+    Scorer(BUNDLED_MODELS, Settings())  # today it loads
+    monkeypatch.setattr(model_contract, "FEATURE_DEFINITIONS", with_function_changed("news2"))
+    with pytest.raises(ContractError, match=r"news2: trained on definition version 1 of its function, computed "
+                                            r"here by version 2"):
         Scorer(BUNDLED_MODELS, Settings())
 
 
