@@ -69,12 +69,11 @@ def stream_timeout_s(patients: int) -> float:
 
 def label_summary(duckdb_path: Path, settings: Settings) -> dict:
     """Onset-label counts over every scoring point of the rebuilt file (features as of `issued`)."""
-    from batch.train import labelled_rows
+    from batch.train import labelled_rows, published_points
 
     with duckdb.connect(str(duckdb_path), read_only=True) as con:
         events = con.sql("SELECT * FROM canonical_events").pl()
-        # one row per scoring point (its snapshot): two of one message can share patient, time and position
-        points = con.sql('SELECT patient_id, scoring_ms, "partition", "offset", snapshot_id FROM features_online').pl()
+        points = published_points(con)  # as `batch train` reads them
     rows = labelled_rows(events, points, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
                          cross_source_tolerance=settings.cross_source_tolerance)
     at_risk = rows.filter(pl.col("at_risk"))

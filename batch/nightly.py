@@ -116,9 +116,9 @@ def default_labels(events: pl.DataFrame, points: pl.DataFrame, *, allowed_latene
         return pl.DataFrame(schema=LABELS_SCHEMA)
     rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
     # every state feature make_labels needs, so it does not compute the features a second time; as of
-    # what was issued by the end of the point's message, as training takes it (batch/retrain.py): idx
-    # only tells apart two points of one message here (features_as_of_issued would cut at it)
-    state = features_as_of_issued(events, points.select("snapshot_id", *POINT_KEYS), **rules).select(*STATE_FEATURES)
+    # what was issued by the point's idx in its message, as the stream's point saw it and training takes
+    # it (batch/retrain.py): events later in the message are not the point's to know
+    state = features_as_of_issued(events, points.select(POINT), **rules).select(*STATE_FEATURES)
     return make_labels(events, points.select(POINT).hstack(state), **rules)
 
 

@@ -47,11 +47,13 @@ from batch.directional import directional_table, directional_violations, model_s
 from batch.features import features_as_of_issued
 from batch.nightly import TRAIN, NightlyBusy, writer_lock
 from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, bootstrap_intervals, make_labels,
-                         split_patients, train_model)
+                         published_points, split_patients, train_model)
 from wardwatch.settings import Settings
 
 GATE_METRICS = ("auroc", "auprc")
-_KEYS = ("patient_id", "scoring_ms", "partition", "offset")
+# as batch/train.py joins them: snapshot_id tells apart two points of one message at one time (cut at their
+# idx, their features and labels may differ)
+_KEYS = ("patient_id", "scoring_ms", "partition", "offset", "snapshot_id")
 
 
 @dataclass(frozen=True)
@@ -328,9 +330,7 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         trained_on = latest_run(con) if _has_runs(con) else None
         events = con.sql("SELECT * FROM canonical_events").pl()
-        # one row per scoring point (its snapshot): two of one message can share patient, time and position
-        points = con.sql('SELECT patient_id, scoring_ms, "partition", "offset", snapshot_id FROM features_online '
-                         'ORDER BY ALL').pl()
+        points = published_points(con)  # with idx: each cut where the stream's point saw its message
     if points.is_empty():
         raise ValueError("no scoring points in the DuckDB file: run the stream and `wardwatch batch nightly` first")
     lateness_ms = settings.allowed_lateness_s * 1000

@@ -78,8 +78,8 @@ from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 
 from batch import registry
-from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TOLERANCE, features_as_of_issued,
-                            final_facts)
+from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TOLERANCE, END_OF_MESSAGE,
+                            features_as_of_issued, final_facts)
 from schemas import codes
 from schemas.features import FEATURE_DIRECTIONS, FEATURE_NAMES, NEWS2_INPUTS
 from schemas.model_contract import (CONTRACT_METADATA_KEY, FEATURE_DEFINITIONS_KEY, contract_metadata,
@@ -179,11 +179,30 @@ def _known_at(events_df: pl.DataFrame, points: pl.DataFrame, rules: dict) -> pl.
 
 def _ever(points: pl.DataFrame, state: pl.Series) -> pl.Series:
     """Per point (input order): was `state` true at this or any earlier point of the patient? Points
-    at the same time share one answer (the same facts were known)."""
-    frame = points.select("patient_id", "scoring_ms").with_columns(_s=state)
-    per_time = (frame.group_by("patient_id", "scoring_ms").agg(pl.col("_s").any()).sort("scoring_ms")
-                .with_columns(_ever=pl.col("_s").cum_max().over("patient_id")))
-    return frame.join(per_time, on=["patient_id", "scoring_ms"], how="left", maintain_order="left")["_ever"]
+    at the same time share one answer, except two of one message (partition, offset): the stream's
+    point at idx saw its message's events up to idx only, so one later in the message (a higher idx)
+    does not answer for it (without idx: the whole message, one answer)."""
+    if not {"partition", "offset"} <= set(points.columns):
+        frame = points.select("patient_id", "scoring_ms").with_columns(_s=state)
+        per_time = (frame.group_by("patient_id", "scoring_ms").agg(pl.col("_s").any()).sort("scoring_ms")
+                    .with_columns(_ever=pl.col("_s").cum_max().over("patient_id")))
+        return frame.join(per_time, on=["patient_id", "scoring_ms"], how="left", maintain_order="left")["_ever"]
+    time, message = ["patient_id", "scoring_ms"], ["patient_id", "scoring_ms", "partition", "offset"]
+    point_idx = pl.col("idx").cast(pl.Int64).fill_null(END_OF_MESSAGE) if "idx" in points.columns else pl.lit(END_OF_MESSAGE)
+    frame = points.select(*time, pl.col("partition", "offset").cast(pl.Int64), idx=point_idx).with_columns(_s=state)
+    # at an earlier time of the patient
+    per_time = (frame.group_by(time).agg(pl.col("_s").any()).sort("scoring_ms")
+                .with_columns(_before=pl.col("_s").cum_max().shift(1).over("patient_id").fill_null(False))
+                .drop("_s"))
+    # at this time in another message, or in this one up to the point's idx
+    per_message = frame.group_by(message).agg(_m=pl.col("_s").any()).with_columns(
+        _others=(pl.col("_m").cast(pl.Int64).sum().over(time) - pl.col("_m").cast(pl.Int64)) > 0).drop("_m")
+    up_to_idx = (frame.group_by(*message, "idx").agg(pl.col("_s").any()).sort("idx")
+                 .with_columns(_upto=pl.col("_s").cum_max().over(message)).drop("_s"))
+    return (frame.join(per_time, on=time, how="left", maintain_order="left")
+            .join(per_message, on=message, how="left", maintain_order="left")
+            .join(up_to_idx, on=[*message, "idx"], how="left", maintain_order="left")
+            .select(_ever=pl.col("_before") | pl.col("_others") | pl.col("_upto"))["_ever"])
 
 
 def _first_within(points: pl.DataFrame, times: pl.DataFrame, horizon_ms: int) -> pl.Series:
@@ -195,6 +214,20 @@ def _first_within(points: pl.DataFrame, times: pl.DataFrame, horizon_ms: int) ->
                          strategy="forward", allow_exact_matches=False, check_sortedness=False)  # sorted above
     within = pl.when(pl.col("t") - pl.col("scoring_ms") <= horizon_ms).then(pl.col("t")).alias("t")
     return nxt.sort("_point").select(within)["t"]
+
+
+def published_points(con) -> pl.DataFrame:
+    """The scoring points training pairs rows with, from a nightly DuckDB file (`con`): one per point the
+    stream published (features_online; two of one message can share patient, time and position: its
+    snapshot_id names it), with the point's idx, the position in its message of the last event it saw.
+    The features and labels are cut there, as the stream's point saw its message (batch.features
+    known_at_ms, _ever): without idx, events later in the same message leak into the point. A file whose
+    features_online has no idx column (none in any release that writes snapshot_id) gives null: the
+    whole message."""
+    columns = {row[0] for row in con.execute("DESCRIBE features_online").fetchall()}
+    idx = '"idx"' if "idx" in columns else "NULL::BIGINT AS idx"
+    return con.sql(f'SELECT patient_id, scoring_ms, "partition", "offset", {idx}, snapshot_id FROM features_online '
+                   "ORDER BY ALL").pl()
 
 
 def labelled_rows(events_df: pl.DataFrame, points_df: pl.DataFrame, *, horizon_h: float = HORIZON_H,

@@ -219,3 +219,100 @@ def test_an_amendment_under_the_first_result_time_is_invisible_to_training_until
     amendment = events.filter(pl.col("version") == pl.col("version").max())
     correction = amendment.select("patient_id", "partition", "offset", "idx", scoring_ms=pl.lit(DRAWN))
     assert features_as_of_issued(events, correction)["lactate_last_24h"].to_list() == [4.6]
+
+
+# --- a point sees its message up to its idx ------------------------------------------------------
+
+POINT_T = T0 + 10 * HOUR
+ROUND = ((codes.RESP_RATE, 16.0), (codes.SPO2, 97.0), (codes.O2_FLOW, 0.0), (codes.SYSTOLIC_BP, 120.0),
+         (codes.HEART_RATE, 80.0), (codes.CONSCIOUSNESS, 0.0), (codes.TEMPERATURE, 37.0))
+
+
+def _message_with_a_lactate_after_the_point() -> pl.DataFrame:
+    """One canonical message of p1 (partition 0, offset 3): a calm vitals round charted at T and committed a
+    minute later (idx 0-6, NEWS2 0), then at idx 7 a lactate of 4.6 drawn 2 h before T and resulted 20 min
+    after it, which ingest put into the same micro-batch. The stream's point of the round is taken at idx 6,
+    before the lactate: it scored a patient not known to be deteriorated."""
+    events = [_event("p1", n, code, value, POINT_T, POINT_T + 60_000) for n, (code, value) in enumerate(ROUND)]
+    events.append(_event("p1", 7, codes.LACTATE, 4.6, POINT_T - 2 * HOUR, POINT_T + 20 * 60_000))
+    return pl.DataFrame([e.to_dict() | {"status": e.status.value, "source": e.source.value, "partition": 0,
+                                        "offset": 3, "idx": idx} for idx, e in enumerate(events)]).drop("provenance")
+
+
+LATER_IN_MESSAGE = _message_with_a_lactate_after_the_point()
+PUBLISHED = pl.DataFrame({"patient_id": ["p1"], "scoring_ms": [POINT_T], "partition": [0], "offset": [3], "idx": [6],
+                          "snapshot_id": ["s-round"]})
+
+
+def _nightly_file(path) -> None:
+    """The two tables training reads, as a nightly writes them (features_online: only the point's keys)."""
+    import duckdb
+
+    events, points = LATER_IN_MESSAGE, PUBLISHED  # noqa: F841 (read by DuckDB below)
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE canonical_events AS SELECT * FROM events")
+        con.execute("CREATE TABLE features_online AS SELECT * FROM points")
+
+
+def test_batch_train_cuts_a_points_features_and_label_at_its_idx_not_at_the_end_of_its_message(tmp_path, monkeypatch):
+    """`batch train` read the points without their idx, so each saw its whole message: the lactate issued 20 min
+    after T, later in the message than the point, was known at T (4.6, deteriorated), and the point, which the
+    stream scored at NEWS2 0 with no lactate, was dropped from training as already deteriorated."""
+    from batch import retrain
+    from wardwatch.settings import Settings
+
+    settings = Settings(model_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    _nightly_file(settings.duckdb_path)
+    trained_on = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(features, labels, *args, **kwargs):
+        trained_on.update(features=features, labels=labels)
+        raise Captured
+
+    monkeypatch.setattr(retrain, "train_model", capture)
+    with pytest.raises(Captured):
+        retrain.retrain(settings, version="v1")
+    row = trained_on["features"].row(0, named=True)
+    assert (row["lactate_last_24h"], row["news2"], row["heart_rate_time_since_last_s_24h"]) == (None, 0, 0.0)
+    assert trained_on["labels"]["at_risk"].to_list() == [True]
+    # the same row as the stream's features at that position (by arrival, not issue time)
+    served = features_at(LATER_IN_MESSAGE, PUBLISHED)
+    assert all(same(row[f], served[f][0]) for f in FEATURE_NAMES)
+
+    # `batch dataset`'s label counts read the points as `batch train` does
+    from batch.dataset import label_summary
+
+    assert label_summary(settings.duckdb_path, settings)["at_risk_points"] == 1
+
+
+def test_the_nightlys_labels_table_cuts_a_point_at_its_idx():
+    """The `labels` table (batch/nightly.py default_labels) took the state at T from the end of the point's
+    message too: the same point was stored as not at risk."""
+    from batch.nightly import default_labels
+
+    labels = default_labels(LATER_IN_MESSAGE, PUBLISHED.with_columns(pl.col("partition", "offset", "idx").cast(pl.Int64)),
+                            allowed_lateness_ms=12 * HOUR, cross_source_tolerance=0.0)
+    assert labels.select("snapshot_id", "at_risk", "news2").rows() == [("s-round", True, 0)]
+    # the whole message (a point archived before the stream sent idx) still sees the lactate
+    whole = default_labels(LATER_IN_MESSAGE, PUBLISHED.with_columns(idx=pl.lit(None, pl.Int64),
+                                                                    partition=pl.lit(0, pl.Int64), offset=pl.lit(3, pl.Int64)),
+                           allowed_lateness_ms=12 * HOUR, cross_source_tolerance=0.0)
+    assert whole["at_risk"].to_list() == [False]
+
+
+def test_a_point_is_not_excluded_by_a_later_point_of_its_own_message_at_the_same_time():
+    """Two points of one message at one time (schemas/cadence.py: a run at the last vitals time, then an abnormal
+    reading re-scored), apart only in idx: the first scored a patient not deteriorated (NEWS2 2), the second
+    one deteriorated (NEWS2 8). 'Deteriorated at T or before, by what was known then' is not known at the first."""
+    events = frame([_event("p1", 1, codes.HEART_RATE, 80.0, POINT_T, POINT_T)])
+    points = pl.DataFrame({"patient_id": ["p1"] * 3, "scoring_ms": [POINT_T, POINT_T, POINT_T + HOUR],
+                           "partition": [0, 0, 0], "offset": [3, 3, 4], "idx": [6, 8, 6], "news2": [2, 8, 2],
+                           "systolic_bp_last_24h": [120.0] * 3, "lactate_last_24h": [None] * 3},
+                          schema_overrides={"lactate_last_24h": pl.Float64})
+    assert make_labels(events, points)["at_risk"].to_list() == [True, False, False]
+    # without idx each sees the whole message: one answer for both, as for points of two messages at one time
+    assert make_labels(events, points.drop("idx"))["at_risk"].to_list() == [False, False, False]
