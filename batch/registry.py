@@ -215,16 +215,31 @@ class PromotionRefused(ValueError):
     """The version failed the checks a model must pass before it is served."""
 
 
+def held_out_too_small(model_dir: Path | str, version: str) -> str | None:
+    """Why the held-out figures on `version`'s card are too few to judge it by (batch.train.held_out_too_small:
+    fewer than 20 held-out patients or 10 with an onset), or None (enough, or a card without them)."""
+    from batch.train import held_out_too_small as too_small  # (the training stack: only when promoting)
+
+    return too_small(load_card(model_dir, version).get("metrics") or {})
+
+
 def promote(model_dir: Path | str, version: str, *, why: str, who: str | None = None) -> dict:
-    """Make `version` current after the hash and contract checks; record who/when/why. Returns the entry."""
+    """Make `version` current after the hash and contract checks; record who/when/why. Returns the entry.
+
+    A version whose held-out set was too small to judge it is promoted all the same (the gate does not
+    promote it on its own; a promotion by hand, with its reason, is someone's decision), and the entry
+    records why its figures say nothing (`held_out_too_small`), for the history and the caller to show."""
     problems = contract_problems(model_dir, version)
     if problems:
         raise PromotionRefused(f"refusing to promote {version!r}:\n  - " + "\n  - ".join(problems))
+    small = held_out_too_small(model_dir, version)
     previous = current_version(model_dir)
     _write_pointer(model_dir, CURRENT_FILE, version)
     if candidate_version(model_dir) == version:
         clear_candidate(model_dir)
     entry = _audit("promote", CURRENT_FILE, previous, version, who, why)
+    if small:
+        entry["held_out_too_small"] = small
     _append_history(model_dir, entry)
     return entry
 

@@ -15,6 +15,11 @@ Features as of `issued` (no leakage) at every online scoring point, labels from 
                 (registry.promote records who/when/why)
     candidate   otherwise: the `candidate` pointer names it, so the worker can shadow-score it
 
+Never promoted automatically on a held-out set too small to judge a model by (fewer than 20 patients or 10
+with an onset: batch.train.too_few_to_judge), whatever its figures: the reason says what to do (more data;
+`batch train --allow-small-holdout`, which lets the other checks decide and is recorded in the card's
+`gate`; or `wardwatch model promote` by hand, recorded in history.jsonl with the same warning).
+
 Against `current`, non-inferiority with a declared margin (settings.gate_noninferiority_auroc /
 _auprc): the low end of the 95 % interval of the paired gain (new - current, both models scored on the
 same held-out rows, the same patient-level bootstrap draws) must not lie below -margin. Comparing point
@@ -46,11 +51,13 @@ from batch import registry
 from batch.directional import directional_table, directional_violations, model_scorer
 from batch.features import features_as_of_issued
 from batch.nightly import TRAIN, NightlyBusy, writer_lock
-from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, bootstrap_intervals, make_labels,
-                         published_points, split_patients, train_model)
+from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, bootstrap_intervals, held_out_too_small,
+                         make_labels, published_points, split_patients, train_model)
 from wardwatch.settings import Settings
 
 GATE_METRICS = ("auroc", "auprc")
+# what "more data" means when the held-out set is too small (README, "The offline plane")
+MORE_DATA = "`wardwatch batch dataset --patients 300`, or the nightlies of more patients"
 # as batch/train.py joins them: snapshot_id tells apart two points of one message at one time (cut at their
 # idx, their features and labels may differ)
 _KEYS = ("patient_id", "scoring_ms", "partition", "offset", "snapshot_id")
@@ -71,7 +78,8 @@ class GateDecision:
 def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_auroc_gain: float,
                   min_auprc_gain: float, contract_problems: list[str] = (),
                   news2_gain_ci95: dict | None = None, directional_problems: list[str] = (),
-                  current_gain: dict | None = None, noninferiority: dict | None = None) -> GateDecision:
+                  current_gain: dict | None = None, noninferiority: dict | None = None,
+                  held_out_too_small: str | None = None, allow_small_holdout: bool = False) -> GateDecision:
     """Promote only when every gate metric of `new` is at least NEWS2's plus its margin, the low end of
     the 95 % interval of each gain over NEWS2 (`news2_gain_ci95`: {"auroc": [low, high], "auprc": [...]},
     card metrics.model_vs_news2) is above 0, the model is non-inferior to the current model (when there
@@ -86,7 +94,12 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
     model with no interval of its gain, never passes.
 
     Each metrics dict holds `auroc` and `auprc` on the same held-out rows; None means not computable
-    (one class only), which never passes; so does an interval that is None."""
+    (one class only), which never passes; so does an interval that is None.
+
+    `held_out_too_small` (batch.train.held_out_too_small of the card's metrics: why its held-out patients are
+    too few to judge a model by, or None) never passes either, whatever the figures: on 2 held-out patients
+    an interval "above 0" is noise. `allow_small_holdout` (`batch train --allow-small-holdout`) lets the
+    other checks decide anyway, and says so among the reasons."""
     margins = {"auroc": min_auroc_gain, "auprc": min_auprc_gain}
     noninferiority = {"auroc": 0.0, "auprc": 0.0} | (noninferiority or {})
     reasons: list[str] = [f"contract: {p}" for p in contract_problems]
@@ -131,6 +144,14 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
         else:
             passed.append(f"{metric} non-inferior to current model: gain {estimate:+.4f}, 95 % interval "
                           f"{ci[0]:+.4f} to {ci[1]:+.4f} above the margin {limit:+g}")
+    if held_out_too_small and not allow_small_holdout:
+        reasons.append(f"held-out set too small to judge a model: {held_out_too_small}; not promoted automatically. "
+                       f"Train on more patients ({MORE_DATA}), or re-run with `wardwatch batch train "
+                       "--allow-small-holdout` to let the gate decide on these figures (recorded in the card), "
+                       "or promote it by hand: `wardwatch model promote VERSION --reason ...`")
+    elif held_out_too_small:
+        passed.append(f"held-out set too small to judge a model: {held_out_too_small}; the gate decided on it "
+                      "anyway (--allow-small-holdout)")
     compared = {"new": new, "news2": news2, "current": current}
     gate_margins = margins | {"noninferiority_vs_current": noninferiority}
     if reasons:
@@ -282,15 +303,16 @@ def _record(con: duckdb.DuckDBPyConnection, card: dict, run_id: str | None = Non
 
 
 def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFrame, *,
-          promote_if_none: bool = True) -> dict:
+          promote_if_none: bool = True, allow_small_holdout: bool = False) -> dict:
     """The gate on a version train_model just published from `feats`/`labels`: the directional check,
-    the paired comparison with `current` on the same held-out rows, the decision, the pointers moved
-    and the card rewritten with all of it (`gate`, `metrics.model_vs_current`, `directional_check`).
-    Returns the card."""
+    the paired comparison with `current` on the same held-out rows, the held-out set's size, the decision,
+    the pointers moved and the card rewritten with all of it (`gate`, with `held_out_too_small` and
+    `allow_small_holdout`; `metrics.model_vs_current`, `directional_check`). Returns the card."""
     version = card["version"]
     table = directional_table(model_scorer(settings.model_dir, version))
     current = registry.current_version(settings.model_dir)
     noninferiority = {"auroc": settings.gate_noninferiority_auroc, "auprc": settings.gate_noninferiority_auprc}
+    small = held_out_too_small(card["metrics"])
     current_metrics = vs_current = None
     if current is not None and registry.integrity(settings.model_dir, current) == "ok":
         rows, patients = _held_out(feats, labels)
@@ -305,7 +327,8 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
                              news2_gain_ci95={m: (card["metrics"].get("model_vs_news2") or {}).get(f"{m}_gain", {})
                                               .get("ci95") for m in GATE_METRICS},
                              directional_problems=directional_violations(table), current_gain=vs_current,
-                             noninferiority=noninferiority)
+                             noninferiority=noninferiority, held_out_too_small=small,
+                             allow_small_holdout=allow_small_holdout)
     if current is not None and vs_current is None:  # a current model that fails its integrity check
         problem = (f"current model {current} failed its integrity check "
                    f"({registry.integrity(settings.model_dir, current)}): not compared, so not replaced "
@@ -313,7 +336,8 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
         decision = GateDecision("candidate", [*([] if decision.promote else decision.reasons), problem],
                                 decision.compared, decision.margins)
     outcome = apply_gate(settings, version, decision, promote_if_none=promote_if_none)
-    card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome}
+    card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome,
+                                       "held_out_too_small": small, "allow_small_holdout": allow_small_holdout}
     card["promoted"] = outcome == "promoted"
     card["directional_check"] = table  # the probability at each step: what a reviewer reads first
     registry.write_card(settings.model_dir, version, card)
@@ -321,10 +345,13 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
 
 
 def retrain(settings: Settings, *, version: str | None = None, promote_if_none: bool = True,
-            record_wait_s: float = RECORD_WAIT_S, on_wait: Callable[[str], None] | None = None) -> dict:
+            allow_small_holdout: bool = False, record_wait_s: float = RECORD_WAIT_S,
+            on_wait: Callable[[str], None] | None = None) -> dict:
     """Train a new version from settings.duckdb_path into settings.model_dir, gate it; returns its card.
 
     `promote_if_none=False` keeps even a gate-passing model out of an empty `current` (as candidate).
+    `allow_small_holdout=True` lets the gate promote on a held-out set too small to judge a model by
+    (gate_decision; recorded in the card's `gate`).
     The decision goes into the runs row of the file trained on (record_in_runs: `record_wait_s`,
     `on_wait`); NightlyBusy when a nightly kept the file longer, after the model is published."""
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
@@ -342,7 +369,8 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     card = train_model(feats, labels, settings.model_dir, version, alert_threshold=settings.alert_threshold)
 
-    card = judge(settings, card, feats, labels, promote_if_none=promote_if_none)
+    card = judge(settings, card, feats, labels, promote_if_none=promote_if_none,
+                 allow_small_holdout=allow_small_holdout)
     try:
         record_in_runs(settings, card, run_id=trained_on, wait_s=record_wait_s, on_wait=on_wait)
     except NightlyBusy as exc:  # what the operator has to know: the model is live, the runs row is not

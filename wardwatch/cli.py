@@ -360,6 +360,9 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
                                                                  "(default: v<UTC timestamp>)"),
                 promote_if_none: bool = typer.Option(True, help="Make it current when no model is current (the gate "
                                                                 "still has to pass)"),
+                allow_small_holdout: bool = typer.Option(
+                    False, "--allow-small-holdout", help="Let the gate promote even when the held-out patients are "
+                    "too few to judge a model by (fewer than 20, or 10 with an onset); recorded in the model card"),
                 as_json: bool = typer.Option(False, "--json", help="Print the whole model card as JSON"),
                 record_wait_s: float = typer.Option(1800.0, min=0, help="How long to wait for a nightly run "
                                                     "holding the DuckDB file before recording the decision (s)")) -> None:
@@ -367,7 +370,8 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
     (WARDWATCH_MODEL_DIR), then run the promotion gate: it becomes `current` only when it beats NEWS2 on the
     held-out patients (WARDWATCH_GATE_MIN_AUROC_GAIN / _AUPRC_GAIN, and the gain's 95 % interval above 0) and is
     not shown worse than the current model (the paired gain's interval above -WARDWATCH_GATE_NONINFERIORITY_AUROC
-    / _AUPRC), else `candidate`.
+    / _AUPRC), else `candidate`. Never automatically on fewer than 20 held-out patients or 10 with an onset
+    (too few to judge a model by) unless --allow-small-holdout.
     The decision goes into the file's `runs` table; a nightly run writing the file meanwhile is waited for."""
     import duckdb
 
@@ -395,7 +399,7 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
                                   highlight=False, soft_wrap=True)
 
             card = retrain(settings, version=version, promote_if_none=promote_if_none,
-                           record_wait_s=record_wait_s, on_wait=waiting)
+                           allow_small_holdout=allow_small_holdout, record_wait_s=record_wait_s, on_wait=waiting)
     except NightlyBusy as exc:  # the model is published; only its row in `runs` is missing
         _fail(str(exc), code=1)
     except ValueError as exc:  # too little data: no points, one patient, one label class
@@ -503,7 +507,9 @@ def model_list() -> None:
 @model_app.command("promote")
 def model_promote(version: str = typer.Argument(..., help="The version to make current"),
                   reason: str = typer.Option("manual promotion", "--reason", help="Why (kept in the registry history)")) -> None:
-    """Make VERSION current after checking its sha256 and contract; the switch is atomic and recorded."""
+    """Make VERSION current after checking its sha256 and contract; the switch is atomic and recorded.
+    A version whose held-out set was too small to judge it (which `batch train` never promotes on its own)
+    is promoted with a warning, kept in the history."""
     from batch.registry import PromotionRefused, check_version_name, promote
 
     model_dir = _settings().model_dir
@@ -515,6 +521,9 @@ def model_promote(version: str = typer.Argument(..., help="The version to make c
     except (PromotionRefused, ValueError) as exc:
         _fail(str(exc), code=1)
     console.print(f"current: {entry['from']} -> {entry['to']} (by {entry['who']} at {entry['at']})")
+    if entry.get("held_out_too_small"):  # done, by hand: said, and kept in history.jsonl with the entry
+        err_console.print(f"warning: {version}'s held-out set was too small to judge it: {entry['held_out_too_small']}; "
+                          "promoted on your decision (recorded in the registry history)", highlight=False, soft_wrap=True)
 
 
 @model_app.command("rollback")

@@ -81,6 +81,9 @@ def test_train_on_the_dataset_reports_held_out_metrics_and_the_gate(dataset, tmp
     # the seeded dataset's one held-out patient gives rows of one class: the summary says what that means
     assert card["metrics"]["model"]["auroc"] is None
     assert "held-out metrics are not computable" in result.output and "--patients 300" in result.output
+    # and the gate says it does not promote on one held-out patient, and what to do
+    assert "held-out set too small to judge a model" in result.output and "--allow-small-holdout" in result.output
+    assert card["gate"]["held_out_too_small"] and card["gate"]["allow_small_holdout"] is False
 
 
 @pytest.mark.parametrize("patients", ["0", "-3"])

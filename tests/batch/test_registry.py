@@ -146,3 +146,25 @@ def test_a_rewritten_card_is_on_disk_before_it_replaces_the_old_one(models, monk
     # the new card's bytes, then the directory holding the rename
     assert synced == [registry.card_path(models, "v1").stat().st_ino, (models / "v1").stat().st_ino]
     assert registry.load_card(models, "v1")["promoted"] is True
+
+
+def test_promoting_by_hand_a_version_judged_on_too_few_patients_works_and_says_so(models):
+    """The gate never promotes on such a held-out set; a person may (the shipped model was made current by
+    hand), but is told the figures say nothing, and the history keeps that with the reason given."""
+    path = registry.card_path(models, "v2")
+    card = json.loads(path.read_text())
+    card["metrics"]["bootstrap"] = {"patients": 2, "patients_with_onset": 1, "resamples": 500}
+    path.write_text(json.dumps(card))
+
+    result = CliRunner().invoke(app, ["model", "promote", "v2", "--reason", "demo, judged by eye"],
+                                  env={"WARDWATCH_MODEL_DIR": str(models)})
+    assert result.exit_code == 0, result.output
+    assert registry.current_version(models) == "v2"
+    assert "current: None -> v2" in result.stdout
+    assert "warning: v2's held-out set was too small to judge it: 2 patients, 1 of them with an onset" in result.stderr
+    [entry] = registry.read_history(models)
+    assert entry["why"] == "demo, judged by eye" and entry["held_out_too_small"].startswith("2 patients, 1 of them")
+    # a version judged on enough patients: no warning, no such field
+    result = cli(models, "promote", "v3")
+    assert result.exit_code == 0 and "warning" not in result.output
+    assert "held_out_too_small" not in registry.read_history(models)[-1]

@@ -472,3 +472,86 @@ def test_against_the_current_model_two_trained_models_are_compared_on_the_paired
         reasons, metrics = con.execute("SELECT gate_reasons_json, model_metrics_json FROM runs").fetchone()
     assert orjson.loads(metrics)["model_vs_current"]["auroc_gain"] == gain
     assert any(r.startswith("auroc may be worse than current model") for r in orjson.loads(reasons))
+
+
+# --- a held-out set too small to judge a model ---------------------------------------------------
+
+TOO_SMALL = "2 patients, 1 of them with an onset: too few to judge a model by"
+
+
+def test_a_model_that_passes_every_check_on_too_few_held_out_patients_is_not_promoted_automatically():
+    """On 2 held-out patients a gain "shown above 0" is noise: the figures pass, the gate keeps a candidate and
+    says why and what to do."""
+    new, shown = {"auroc": 0.95, "auprc": 0.90}, {"auroc": [0.1, 0.3], "auprc": [0.2, 0.5]}
+    decision = gate_decision(new, NEWS2, None, min_auroc_gain=0, min_auprc_gain=0, news2_gain_ci95=shown,
+                             held_out_too_small=TOO_SMALL)
+    assert decision.decision == "candidate"
+    [reason] = decision.reasons
+    assert reason.startswith(f"held-out set too small to judge a model: {TOO_SMALL}; not promoted automatically")
+    assert "wardwatch batch dataset --patients 300" in reason and "--allow-small-holdout" in reason
+    assert "wardwatch model promote VERSION" in reason
+    # the override lets the other checks decide, and says so; it never passes a model they refuse
+    allowed = gate_decision(new, NEWS2, None, min_auroc_gain=0, min_auprc_gain=0, news2_gain_ci95=shown,
+                            held_out_too_small=TOO_SMALL, allow_small_holdout=True)
+    assert allowed.promote and any("decided on it anyway (--allow-small-holdout)" in r for r in allowed.reasons)
+    worse = gate_decision({"auroc": 0.6, "auprc": 0.2}, NEWS2, None, min_auroc_gain=0, min_auprc_gain=0,
+                          held_out_too_small=TOO_SMALL, allow_small_holdout=True)
+    assert not worse.promote
+    assert decide({"auroc": 0.80, "auprc": 0.40}).promote  # enough held-out patients: as before
+
+
+def test_batch_train_on_a_small_cohort_keeps_a_candidate_unless_told_and_records_the_override(tmp_path, monkeypatch):
+    """A real model on 40 synthetic patients (10 held out) beats NEWS2 on every figure: it was made current.
+    Now it stays a candidate; with --allow-small-holdout (retrain's allow_small_holdout) it is promoted, and the
+    card and the registry history say on what."""
+    from batch.train import train_model
+    from tests.batch.test_train import labels_for, synthetic_features
+
+    monkeypatch.setattr(retrain, "directional_violations", lambda table: [])  # N(0, 1) noise, not vitals
+    features = synthetic_features(n_patients=40, seed=3)
+    labels = labels_for(features)
+
+    settings = Settings(model_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    card = retrain.judge(settings, train_model(features, labels, settings.model_dir, "v1"), features, labels)
+    assert card["metrics"]["bootstrap"]["patients"] == 10
+    assert card["gate"]["outcome"] == "candidate" and registry.current_version(settings.model_dir) is None
+    assert card["gate"]["held_out_too_small"].startswith("10 patients")
+    assert card["gate"]["allow_small_holdout"] is False
+    assert [r for r in card["gate"]["reasons"] if r.startswith("held-out set too small")] == card["gate"]["reasons"]
+    assert registry.candidate_version(settings.model_dir) == "v1"
+
+    allowed = Settings(model_dir=tmp_path / "allowed", data_dir=tmp_path / "data")
+    card = retrain.judge(allowed, train_model(features, labels, allowed.model_dir, "v1"), features, labels,
+                         allow_small_holdout=True)
+    assert card["gate"]["outcome"] == "promoted" and registry.current_version(allowed.model_dir) == "v1"
+    assert card["gate"]["allow_small_holdout"] is True
+    assert registry.load_card(allowed.model_dir, "v1")["gate"]["allow_small_holdout"] is True
+    [entry] = registry.read_history(allowed.model_dir)
+    assert entry["who"] == "batch retrain" and entry["held_out_too_small"].startswith("10 patients")
+    assert "--allow-small-holdout" in entry["why"]
+
+
+def test_batch_train_passes_allow_small_holdout_and_prints_why_it_kept_a_candidate(tmp_path, clean_env, monkeypatch):
+    from typer.testing import CliRunner
+
+    from wardwatch.cli import app
+
+    (tmp_path / "wardwatch.duckdb").touch()
+    told = {}
+    reasons = [f"held-out set too small to judge a model: {TOO_SMALL}; not promoted automatically. Train on more"]
+
+    def fake_retrain(settings, **kwargs):
+        told.update(kwargs)
+        return {"version": "v1", "n_train_patients": 6, "n_test_patients": 2,
+                "metrics": {"model": {"auroc": 0.9, "auprc": 0.8, "n_rows": 30, "positives": 4},
+                            "bootstrap": {"patients": 2, "patients_with_onset": 1, "resamples": 500}},
+                "gate": {"decision": "candidate", "reasons": reasons, "outcome": "candidate"}}
+
+    monkeypatch.setattr(retrain, "retrain", fake_retrain)
+    env = {"WARDWATCH_DATA_DIR": str(tmp_path), "WARDWATCH_MODEL_DIR": str(tmp_path / "models")}
+    plain = CliRunner().invoke(app, ["batch", "train"], env=env)
+    assert plain.exit_code == 0, plain.output
+    assert told["allow_small_holdout"] is False
+    assert "gate: candidate" in plain.output and "held-out set too small to judge a model" in plain.output
+    allowed = CliRunner().invoke(app, ["batch", "train", "--allow-small-holdout"], env=env)
+    assert allowed.exit_code == 0 and told["allow_small_holdout"] is True, allowed.output
