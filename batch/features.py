@@ -29,9 +29,9 @@ import duckdb
 import polars as pl
 
 from schemas import codes
-from schemas.cadence import VITAL_SIGN_CODES, Trigger, news2_points, snapshot_id
+from schemas.cadence import VITAL_SIGN_CODES, Trigger, news2_points, raises_news2, scored_news2, snapshot_id
 from schemas.canonical import Status
-from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec
+from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec, news2_charted_parts
 from wardwatch.settings import Settings
 
 ACCEPTED, CORRECTED, DUPLICATE, LATE = "accepted", "corrected", "duplicate", "late"
@@ -107,9 +107,11 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
 
     Runs (adjacent measurement events of one message sharing an effective time) and what each could
     trigger are vectorized; which runs do trigger is one pass over the candidate runs in arrival
-    order, because the minimum interval counts from the last point actually taken (and a run inside it,
-    or at the last point's own time, still scores when one of its accepted vitals scores NEWS2 points:
-    schemas.cadence.news2_points)."""
+    order, because the minimum interval counts from the last point actually taken, and a run inside it
+    (or at the last point's own time, or back-charted) scores only when one of its accepted vitals scores
+    more NEWS2 points than its parameter gave at the last point taken (schemas.cadence.raises_news2).
+    Those per-parameter points are the NEWS2 sub-scores of the features at that point, computed
+    beforehand at every candidate point a later rise could be compared with (_candidate_news2)."""
     classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
     message = pl.struct("patient_id", "partition", "offset")
     new_run = ((message != message.shift(1)) | (pl.col("effective_ms") != pl.col("effective_ms").shift(1))).fill_null(True)
@@ -125,25 +127,55 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
                  _vital_readings=pl.struct("code", "value", "status").filter(vital),
                  _correction=pl.col("event_id").filter(pl.col("_kind") == CORRECTED).first())
             .filter(pl.col("_vital").is_not_null() | pl.col("_correction").is_not_null()))
-    points, vitals_scored_ms = [], {}
-    for patient, partition, offset, idx, T, clock, vital_event, readings, correction_event in runs.select(
-            "patient_id", "partition", "offset", "idx", "effective_ms", "_clock_after", "_vital",
-            "_vital_readings", "_correction").iter_rows():
+    rows = runs.select("patient_id", "partition", "offset", "idx", "effective_ms", "_clock_after", "_vital",
+                       "_vital_readings", "_correction").rows()
+    news2_at = _candidate_news2(classified, runs, [r[7] for r in rows])
+    points, vitals_scored_ms, last_news2 = [], {}, {}
+    for patient, partition, offset, idx, T, clock, vital_event, readings, correction_event in rows:
         last = vitals_scored_ms.get(patient)
-        abnormal = any(news2_points(r["code"], r["value"], r["status"] == RETRACTED) for r in readings)
+        # a reading scoring more points than its parameter gave at the last point taken (any trigger)
+        scored = last_news2.get(patient, {})
+        raises = any(raises_news2(r["code"], r["value"], r["status"] == RETRACTED, scored) for r in readings)
         if vital_event is not None and (
                 last is None or (T > last and T - last >= min_interval_ms)
-                # an abnormal reading is scored inside the interval too, and at the last point's own time
-                or (T >= last and abnormal)):
+                # a rise is scored inside the interval too, and at the last point's own time
+                or (T >= last and raises)):
             vitals_scored_ms[patient] = T
+            last_news2[patient] = news2_at.get((patient, T, partition, offset, idx))
             points.append((patient, T, partition, offset, idx, Trigger.VITALS.value, vital_event))
-        elif (correction_event is not None or abnormal) and last is not None:
-            # (an abnormal reading older than the last vitals point, back-charted: re-scored at the clock)
+        elif (correction_event is not None or raises) and last is not None:
+            # (a rise older than the last vitals point, back-charted: re-scored at the clock)
+            last_news2[patient] = news2_at.get((patient, clock, partition, offset, idx))
             points.append((patient, clock, partition, offset, idx, Trigger.CORRECTION.value,
                            correction_event or vital_event))
     return (pl.DataFrame([(*p[:6], snapshot_id(p[0], p[5], p[1], p[6])) for p in points],
                          schema=POINTS_SCHEMA, orient="row")
             .sort("partition", "offset", "idx", maintain_order=True))
+
+
+# the base features NEWS2's sub-scores are derived from (DERIVED's inputs): what _candidate_news2 computes
+_NEWS2_BASE = tuple(s for s in FEATURES if any(s.name in (*d.inputs, *d.optional) for d in DERIVED))
+
+
+def _candidate_news2(classified: pl.DataFrame, runs: pl.DataFrame,
+                     readings: list[list[dict]]) -> dict[tuple, dict[str, int]]:
+    """schemas.cadence.scored_news2 of the features at each point a candidate run (`runs`, with its
+    accepted vitals' `readings`) could make, keyed by (patient, T, partition, offset, idx): at its
+    effective time (vitals) and at the clock after it (correction). Only for the runs before a patient's
+    last run holding a reading scoring NEWS2 points, the only kind a rise needs: a later point's is
+    never read (absent)."""
+    abnormal = [any(news2_points(r["code"], r["value"], r["status"] == RETRACTED) for r in run) for run in readings]
+    position = pl.col("patient_id", "partition", "offset", "idx")
+    frame = (runs.select(position, "effective_ms", "_clock_after", _abnormal=pl.Series(abnormal, dtype=pl.Boolean))
+             .with_row_index("_i")
+             .filter(pl.col("_i") < pl.col("_i").filter("_abnormal").max().over("patient_id")))
+    candidates = pl.concat([frame.select(position, scoring_ms="effective_ms"),
+                            frame.select(position, scoring_ms="_clock_after")]).unique()
+    if candidates.is_empty():
+        return {}
+    at = _features_at_arrival(_fact_versions(classified), candidates, _NEWS2_BASE)
+    return {(r["patient_id"], r["scoring_ms"], r["partition"], r["offset"], r["idx"]):
+            scored_news2(news2_charted_parts(r)) for r in at.iter_rows(named=True)}
 
 
 def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
@@ -341,7 +373,13 @@ def features_at(events: pl.DataFrame, points: pl.DataFrame, *,
 
     Returns the points (input order, input columns) plus one column per FEATURE_NAMES entry.
     """
-    versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
+    return _features_at_arrival(_fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance)),
+                                points)
+
+
+def _features_at_arrival(versions: pl.DataFrame, points: pl.DataFrame,
+                         specs: tuple[FeatureSpec, ...] = FEATURES) -> pl.DataFrame:
+    """features_at from the fact versions (_fact_versions), of `specs` and the derived features."""
     points = points.with_columns(pl.col("scoring_ms", "partition", "offset").cast(pl.Int64))
     point_idx = pl.col("idx").cast(pl.Int64).fill_null(END_OF_MESSAGE) if "idx" in points.columns else pl.lit(END_OF_MESSAGE)
     at_position = points.select("partition", "offset", idx=point_idx)
@@ -353,7 +391,7 @@ def features_at(events: pl.DataFrame, points: pl.DataFrame, *,
         versions.join(positions, on=["partition", "offset", "idx"], how="left", maintain_order="left"),
         "_until", pl.col("_pos").shift(-1), "_vrow").with_columns(_from=pl.col("_pos"))
     at = at_position.join(positions, on=["partition", "offset", "idx"], how="left", maintain_order="left")["_pos"]
-    return _features(versions, points, at)
+    return _features(versions, points, at, specs)
 
 
 def features_as_of_issued(events: pl.DataFrame, points: pl.DataFrame, *,
@@ -398,8 +436,10 @@ def known_at_ms(events: pl.DataFrame, points: pl.DataFrame) -> pl.Series:
     return pl.DataFrame({"t": scoring, "i": seen["_issued"]}).select(known_at_ms=pl.max_horizontal("t", "i"))["known_at_ms"]
 
 
-def _features(versions: pl.DataFrame, points: pl.DataFrame, at: pl.Series) -> pl.DataFrame:
-    """Window aggregations of every spec, then the derived features.
+def _features(versions: pl.DataFrame, points: pl.DataFrame, at: pl.Series,
+              specs: tuple[FeatureSpec, ...] = FEATURES) -> pl.DataFrame:
+    """Window aggregations of every spec (of `specs`: they must hold the derived features' inputs), then
+    the derived features.
 
     `versions` carry a visibility interval [_from, _until) in the same units as `at` (one value per
     point): arrival positions or issue times. Intervals of one fact never overlap, so a point sees
@@ -409,12 +449,13 @@ def _features(versions: pl.DataFrame, points: pl.DataFrame, at: pl.Series) -> pl
              .select("patient_id", "fact_id", "code", "effective_ms", "value", "_from", "_until"))
     keyed = points.with_row_index("_point").with_columns(_at=at.cast(pl.Int64))
     out = keyed
-    for code, specs in _specs_by_code().items():
-        aggregated = _window_aggregates(facts.filter(pl.col("code") == code), keyed, specs)
+    for code, of_code in _specs_by_code(specs).items():
+        aggregated = _window_aggregates(facts.filter(pl.col("code") == code), keyed, of_code)
         out = out.join(aggregated, on="_point", how="left", maintain_order="left")
-    counts = [s.name for s in FEATURES if s.agg == "count"]
+    counts = [s.name for s in specs if s.agg == "count"]
     out = out.with_columns(pl.col(counts).fill_null(0))
-    return _with_derived(out).select(*points.columns, *FEATURE_NAMES)
+    names = FEATURE_NAMES if specs is FEATURES else (*(s.name for s in specs), *(d.name for d in DERIVED))
+    return _with_derived(out).select(*points.columns, *names)
 
 
 def measurements(events: pl.DataFrame) -> pl.DataFrame:
@@ -425,9 +466,9 @@ def measurements(events: pl.DataFrame) -> pl.DataFrame:
     return events.filter(pl.col("code_system").is_null() | (pl.col("code_system") != codes.CONTEXT))
 
 
-def _specs_by_code() -> dict[str, list[FeatureSpec]]:
+def _specs_by_code(specs: tuple[FeatureSpec, ...] = FEATURES) -> dict[str, list[FeatureSpec]]:
     by_code: dict[str, list[FeatureSpec]] = {}
-    for spec in FEATURES:
+    for spec in specs:
         by_code.setdefault(spec.code, []).append(spec)
     return by_code
 

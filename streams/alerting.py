@@ -16,7 +16,7 @@ Rules
   `calm_for_ms` of event time since the episode's last non-calm point, and alerts "resolve" (tier =
   the tier at resolution). Points at one time (a vitals round sent as several messages, a correction's
   re-score at the clock) count once, and points scored sooner than the cadence's interval (a reading
-  scoring NEWS2 points, schemas/cadence.py: a monitor charting every minute) do not make it resolve
+  raising its parameter's NEWS2 points, schemas/cadence.py) do not make it resolve
   sooner than regular rounds would: calm_for_ms is resolve_after scoring intervals.
 - Suppression: an episode that opens within `suppression_ms` of the last alerted resolution is
   silent while the window lasts. It is deferred, not dropped: at its first scoring point after the

@@ -7,10 +7,10 @@ For each canonical message (all events of one patient, in arrival order):
   measurement events, run by run (adjacent events of one effective time: one CDC row or FHIR
     panel) -> apply_batch (dedupe, lateness, corrections) -> late records
   after each run: a scoring point if schemas/cadence.py says so ("vitals": a new vitals set, at
-    most once per scoring_min_interval_s unless it holds a reading scoring NEWS2 points, which also scores
-    at the last point's own time; "correction": a re-score after a correction or a back-charted reading
-    scoring NEWS2 points), features
-    as of its T over the facts visible after the run's last event
+    most once per scoring_min_interval_s unless it holds a reading scoring more NEWS2 points than its
+    parameter gave at the last point (the record keeps those), which also scores at the last point's own
+    time; "correction": a re-score after a correction or a back-charted reading raising its parameter so),
+    features as of its T over the facts visible after the run's last event
   if a discharge advanced the context: a discharge step (resolves an open alert episode); while the
     context says discharged, scoring points still score but open no alert (streams/alerting.py)
 After the whole batch: one scoring call (and one for the shadow model), then per patient in
@@ -49,11 +49,11 @@ from typing import Callable, NamedTuple
 import orjson
 
 from schemas.alert import build_alert, stale_readings
-from schemas.cadence import VITAL_SIGN_CODES, Trigger, news2_points, snapshot_id
+from schemas.cadence import VITAL_SIGN_CODES, Trigger, raises_news2, scored_news2, snapshot_id
 from schemas.canonical import decode_batch
 from schemas.codes import ADMISSION, CODES, DISCHARGE, LOCATION, is_context
 from schemas.deadletter import Reason, Rejection
-from schemas.features import FEATURES
+from schemas.features import FEATURES, news2_charted_parts
 from streams import alerting
 from streams.features import compute_features
 from streams.state import (EFFECTIVE_MS, FACT_ID, VERSION, DuplicateKind, Kind, PatientState, apply_batch,
@@ -140,16 +140,21 @@ class PatientRecord:
     encounter_id: str | None = None  # from measurement events; the context's encounter wins
     context: dict = field(default_factory=dict)  # context code -> entry (see apply_context)
     vitals_scored_ms: int | None = None  # T of the patient's last "vitals" scoring point (cadence)
+    # the non-zero NEWS2 points per parameter at the patient's last scoring point, of either trigger
+    # (schemas.cadence.scored_news2): inside the interval only a reading raising its parameter above them scores
+    scored_news2: dict = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         # held by the table and the parsed cache: an exact-size copy (_output_json)
         return _output_json({"s": self.state.to_dict(), "a": self.alert, "e": self.encounter_id, "c": self.context,
-                             "v": self.vitals_scored_ms})
+                             "v": self.vitals_scored_ms, "n": self.scored_news2})
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "PatientRecord":
-        d = orjson.loads(raw)  # records written before issue #5 have no "c" (nor "v": the next vitals set scores)
-        return cls(PatientState.from_dict(d["s"]), d["a"], d.get("e"), d.get("c") or {}, d.get("v"))
+        # records written before issue #5 have no "c" (nor "v": the next vitals set scores); before "n" was
+        # kept, none: every parameter counts 0 until the next point, so any reading scoring points scores, as it did
+        d = orjson.loads(raw)
+        return cls(PatientState.from_dict(d["s"]), d["a"], d.get("e"), d.get("c") or {}, d.get("v"), d.get("n") or {})
 
     @property
     def current_encounter(self) -> str | None:
@@ -242,23 +247,26 @@ def measurement_runs(events: list) -> list[tuple[list[int], list]]:
     return runs
 
 
-def scoring_trigger(outcomes: list, *, vitals_scored_ms: int | None,
-                    min_interval_ms: int) -> tuple[Trigger, str] | None:
-    """Whether one applied run makes a scoring point: (trigger, event_id of the triggering event) or None."""
+def scoring_trigger(outcomes: list, *, vitals_scored_ms: int | None, min_interval_ms: int,
+                    last_news2: dict[str, int] | None = None) -> tuple[Trigger, str] | None:
+    """Whether one applied run makes a scoring point: (trigger, event_id of the triggering event) or None.
+    `last_news2`: the NEWS2 points per parameter at the patient's last point (PatientRecord.scored_news2)."""
     T = outcomes[0].event.effective_ms  # a run shares one effective time
     vitals = [o.event for o in outcomes if o.kind is Kind.ACCEPTED and o.event.code in VITAL_SIGN_CODES]
-    abnormal = any(news2_points(e.code, e.value, e.status.retracts) for e in vitals)
+    # a reading scoring more points than its parameter gave at the last point; one scoring as many or fewer
+    # cannot raise the NEWS2 the last point scored (a monitor charting HR 95 every minute: 1 point each time)
+    raises = any(raises_news2(e.code, e.value, e.status.retracts, last_news2 or {}) for e in vitals)
     if vitals and (vitals_scored_ms is None
                    or (T > vitals_scored_ms and T - vitals_scored_ms >= min_interval_ms)
-                   # an abnormal reading never waits: inside the interval, nor at the last point's own time (the
-                   # rest of its round in other messages: one FHIR Observation per notification)
-                   or (T >= vitals_scored_ms and abnormal)):
+                   # a rise never waits: inside the interval, nor at the last point's own time (the rest of its
+                   # round in other messages: one FHIR Observation per notification)
+                   or (T >= vitals_scored_ms and raises)):
         return Trigger.VITALS, vitals[0].event_id
     correction = next((o.event for o in outcomes if o.kind is Kind.CORRECTED), None)
     if vitals_scored_ms is not None:  # nothing scored yet: nothing to correct
         if correction is not None:
             return Trigger.CORRECTION, correction.event_id
-        if abnormal:  # older than the last vitals point (back-charted): it changes the picture now, as a correction
+        if raises:  # older than the last vitals point (back-charted): it changes the picture now, as a correction
             return Trigger.CORRECTION, vitals[0].event_id
     return None
 
@@ -325,7 +333,7 @@ class PatientProcessor:
                 continue
             rec = records.get(patient) or load(patient) or PatientRecord(PatientState(), alerting.initial_state())
             context_events = [e for e in events if is_context(e.code_system)]
-            state, scored, points, outcomes = rec.state, rec.vitals_scored_ms, [], []
+            state, scored, news2, points, outcomes = rec.state, rec.vitals_scored_ms, rec.scored_news2, [], []
             try:
                 context, context_changed = apply_context(rec.context, context_events)
                 for indices, run in measurement_runs(events):
@@ -335,15 +343,16 @@ class PatientProcessor:
                     state = result.state
                     outcomes += zip(indices, result.outcomes)
                     trigger = scoring_trigger(result.outcomes, vitals_scored_ms=scored,
-                                              min_interval_ms=self.min_interval_ms)
+                                              min_interval_ms=self.min_interval_ms, last_news2=news2)
                     if trigger is None:
                         continue
                     T = run[0].effective_ms if trigger[0] is Trigger.VITALS else state.clock
                     scored = T if trigger[0] is Trigger.VITALS else scored
+                    features = compute_features(state, T)
+                    news2 = scored_news2(news2_charted_parts(features))
                     corrected = {o.event.fact_id: o.event.version for o in result.outcomes if o.kind is Kind.CORRECTED}
                     superseded = {o.supersedes: o.event.fact_id for o in result.outcomes if o.supersedes}
-                    points.append((T, indices[-1], *trigger, compute_features(state, T), state, corrected,
-                                   superseded))
+                    points.append((T, indices[-1], *trigger, features, state, corrected, superseded))
             except Exception as exc:  # a bug or an event the rules cannot take: keep it for replay after a fix
                 self._reject(out, msg, Reason.INTERNAL_ERROR, "patient state could not apply the batch", exc)
                 continue
@@ -351,7 +360,7 @@ class PatientProcessor:
             self.counters["context_unchanged"] += len(context_events) - len(context_changed)
             encounter = next((e.encounter_id for _, o in reversed(outcomes) if (e := o.event).encounter_id),
                              rec.encounter_id)
-            records[patient] = PatientRecord(state, rec.alert, encounter, context, scored)
+            records[patient] = PatientRecord(state, rec.alert, encounter, context, scored, news2)
             for idx, o in outcomes:
                 self.counters[_OUTCOME_COUNTER[o.kind, o.duplicate_kind]] += 1
                 if o.kind is Kind.LATE:
@@ -420,7 +429,8 @@ class PatientProcessor:
         alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy,
                                             discharged=p.context.discharged_ms is not None, **point)
         # step() returns a new dict: the record owns it
-        records[patient] = PatientRecord(rec.state, alert_state, rec.encounter_id, rec.context, rec.vitals_scored_ms)
+        records[patient] = PatientRecord(rec.state, alert_state, rec.encounter_id, rec.context, rec.vitals_scored_ms,
+                                         rec.scored_news2)
         if not decisions and not raised:
             return  # most points: nothing to publish
         before = {a["alert_id"]: a for a in (*rec.alert.get("alerts", []), *rec.alert.get("closed", []))}
@@ -449,7 +459,8 @@ class PatientProcessor:
         rec = records[s.patient]
         alert_state, decisions = alerting.discharge(rec.alert, patient_id=s.patient, discharged_ms=s.discharged_ms,
                                                     admitted_ms=s.context.admitted_ms)
-        records[s.patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context, rec.vitals_scored_ms)
+        records[s.patient] = PatientRecord(rec.state, dict(alert_state), rec.encounter_id, rec.context,
+                                           rec.vitals_scored_ms, rec.scored_news2)
         if decisions:  # the last score's old readings, as of its time (its rationale is not kept: NEWS2's)
             last_ms = rec.alert.get("last_scoring_ms")
             stale = [] if last_ms is None else _stale(rec.state, last_ms, compute_features(rec.state, last_ms), [])

@@ -432,3 +432,76 @@ def test_both_planes_give_the_hand_computed_values(case):
                 assert got is None, f"{plane} {name}: expected missing, got {got}"
             else:
                 assert got == pytest.approx(value, abs=1e-12), f"{plane} {name}"
+
+
+# --- cadence: inside the interval only a rise of a parameter's points scores, on both planes -------
+# Each case: micro-batches in arrival order and the points both planes must derive, (minutes after T0, trigger),
+# with a 5 min interval. A monitor charting every minute: one HR reading a message.
+
+
+def reading(fact_id: str, code: str, value: float, minutes: float) -> CanonicalEvent:
+    return hr(fact_id, value, minutes / 60, code=code)
+
+
+def round_at(prefix: str, minutes: float, **changed: float) -> list[CanonicalEvent]:
+    """One round on air (NEWS2 0) charted at `minutes`, with some parameters changed (by code)."""
+    return [reading(f"{prefix}:{c}", c, changed.get(c, v), minutes) for c, v in ROUND_ON_AIR.items()]
+
+
+SPO2, SBP = codes.SPO2, codes.SYSTOLIC_BP
+CADENCE_CASES = {
+    # HR 95 (1 point) in the round and every minute after it: the interval's cadence only
+    "HR 95 every minute for an hour": (
+        [round_at("r", 0, **{HR: 95})] + [[reading(f"m{k}", HR, 95, k)] for k in range(1, 61)],
+        [(m, "vitals") for m in range(0, 61, 5)]),
+    # 1 -> 2 points at 2 min: scored; HR 95 at 1 min and HR 100 at 3 min (1 point, fewer than 2): not
+    "HR 95 then HR 112 inside the interval": (
+        [round_at("r", 0, **{HR: 95}), [reading("m1", HR, 95, 1)], [reading("m2", HR, 112, 2)],
+         [reading("m3", HR, 100, 3)], [reading("m4", HR, 112, 4)]],
+        [(0, "vitals"), (2, "vitals")]),
+    "SpO2 94 then 91 inside the interval": (
+        [round_at("r", 0, **{SPO2: 94}), [reading("m1", SPO2, 94, 1)], [reading("m2", SPO2, 91, 2)]],
+        [(0, "vitals"), (2, "vitals")]),
+    # a normal round, then SBP 80 in a message of its own at the round's time (0 -> 3): a second point at 0;
+    # a second SBP 80 at that time (3, as the point before): none
+    "the rest of a round in another message": (
+        [[r for r in round_at("r", 0) if r.code != SBP], [reading("o1", SBP, 80, 0)], [reading("o2", SBP, 80, 0)]],
+        [(0, "vitals"), (0, "vitals")]),
+    # SBP 80 taken 2 min before the round, charted after it: re-scored at the clock; SBP 85 a minute before it:
+    # 3 points, as SBP gave at that re-score: not
+    "back-charted readings": (
+        [[r for r in round_at("r", 10) if r.code != SBP], [reading("b1", SBP, 80, 8)], [reading("b2", SBP, 85, 9)]],
+        [(10, "vitals"), (10, "correction")]),
+    # air/oxygen and consciousness are parameters too: on oxygen (2) and responding to voice (3) in the round,
+    # then a flow, a V and an FiO2 of 28 % (2) inside the interval: nothing new
+    "oxygen and consciousness as charted at the last point": (
+        [round_at("r", 0, **{codes.CONSCIOUSNESS: 2}) + [reading("r:flow", codes.O2_FLOW, 2, 0)],
+         [reading("m1", codes.O2_FLOW, 2, 1)], [reading("m2", codes.CONSCIOUSNESS, 2, 2)],
+         [reading("m3", codes.FIO2, 28, 3)]],
+        [(0, "vitals")]),
+    # ... and each scores as it rises: oxygen started (0 -> 2), new confusion (0 -> 3)
+    "oxygen started, new confusion": (
+        [round_at("r", 0), [reading("m1", codes.O2_FLOW, 2, 1)], [reading("m2", codes.CONSCIOUSNESS, 1, 2)],
+         [reading("m3", codes.SUPPLEMENTAL_O2, 1, 3)]],
+        [(0, "vitals"), (1, "vitals"), (2, "vitals")]),
+    # an amendment's re-score is the last point too: SBP amended to 85 (3), then SBP 88 (3) and 150 (0) inside
+    # the interval: not; HR 112 (0 -> 2): scored
+    "a correction's re-score is the last point": (
+        [round_at("r", 0), [hr("r:" + SBP, 85, 0, code=SBP, version=2, status=Status.AMENDED)],
+         [reading("m1", SBP, 88, 1)], [reading("m2", SBP, 150, 2)], [reading("m3", HR, 112, 3)]],
+        [(0, "vitals"), (0, "correction"), (3, "vitals")]),
+}
+
+
+@pytest.mark.parametrize("case", list(CADENCE_CASES))
+def test_both_planes_score_inside_the_interval_only_a_rise_of_a_parameters_points(case):
+    batches, expected = CADENCE_CASES[case]
+    interval = 5 * MIN
+    rows, _, _ = online(batches, interval)
+    events = offline_frame(batches)
+    points = scoring_points(events, **RULES, min_interval_ms=interval)
+    assert [tuple(r[k] for k in POINT) for r in rows] == list(points.select(POINT).iter_rows())
+    assert [((r["scoring_ms"] - T0) / MIN, r["trigger"]) for r in rows] == expected
+    offline = features_at(events, points, **RULES)
+    for on, off in zip(rows, offline.iter_rows(named=True), strict=True):
+        assert {f: on[f] for f in FEATURE_NAMES} == {f: off[f] for f in FEATURE_NAMES}

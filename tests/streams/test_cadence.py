@@ -179,9 +179,9 @@ def test_a_correction_before_any_point_does_not_score(processor):
 
 
 def test_the_same_events_cut_into_other_messages_give_the_same_points_snapshots_and_alerts(processor):
-    # raw records in arrival order: high, a lab, high inside the interval, calm, calm, a correction
-    # raising the calm row 3 again (its own time, not adjacent to that row), calm
-    rows = [vitals("p1", T0, 1), [lab(T0 + 5 * MIN, 1)], vitals("p1", T0 + 2 * MIN, 2),
+    # raw records in arrival order: high (HR 112), a lab, higher inside the interval (HR 135), calm, calm, a
+    # correction raising the calm row 3 again (its own time, not adjacent to that row), calm
+    rows = [vitals("p1", T0, 1, hr=112), [lab(T0 + 5 * MIN, 1)], vitals("p1", T0 + 2 * MIN, 2),
             vitals("p1", T0 + 15 * MIN, 3, **NORMAL), vitals("p1", T0 + 30 * MIN, 4, **NORMAL),
             [amendment("p1", T0 + 15 * MIN, 3, codes.RESP_RATE, 4, 26.0)], vitals("p1", T0 + 45 * MIN, 5, **NORMAL)]
 
@@ -198,7 +198,7 @@ def test_the_same_events_cut_into_other_messages_give_the_same_points_snapshots_
 
     one_by_one = published([1] * len(rows))
     assert one_by_one == published([len(rows)]) == published([2, 3, 2]) == published([3, 1, 3])
-    # points and alerts to compare (the high row inside the interval is a point: its readings score NEWS2 points)
+    # points and alerts to compare (the row inside the interval is a point: its HR raises the pulse's points 2 -> 3)
     assert len(one_by_one[0]) == 6 and len(one_by_one[1]) >= 2
 
 
@@ -214,3 +214,78 @@ def test_a_readings_own_news2_points_follow_the_chart_on_every_band_edge(code, t
     assert [news2_points(code, float(value)) for value, _ in table] == [points for _, points in table]
     assert news2_points(code, None) == 0 and news2_points(code, float(table[0][0]), retracts=True) == 0
     assert news2_points(codes.LACTATE, 9.0) == 0  # labs never score a point by themselves
+
+
+# --- inside the interval only a rise of a parameter's points scores -----------------------------
+
+
+def test_a_monitor_charting_a_mildly_abnormal_heart_rate_every_minute_is_scored_at_the_regular_cadence(processor):
+    # A round with HR 95 (1 NEWS2 point), then the monitor charting HR 95 every minute for an hour: each reading
+    # scored 1 point on its own and made a point every minute (60 scores for nothing: NEWS2 cannot rise when
+    # every parameter scores what it scored at the last point). Now only the interval's cadence scores.
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "hr": 95}))], store)
+    scored = [p[0] for k in range(1, 61)
+              for p in points(run(processor, [msg(k, one_reading(T0 + k * MIN, k + 1, codes.HEART_RATE, 95.0))],
+                                  store))]
+    assert scored == [T0 + k * INTERVAL_S * 1000 for k in range(1, 13)]
+    assert store["p1"].scored_news2 == {"news2_pulse": 1}  # what the last point scored, kept in the record
+
+
+@pytest.mark.parametrize("code, value, same, higher, news2", [
+    (codes.HEART_RATE, "hr", 95.0, 112.0, 2),  # pulse 91-110: 1 point, 111-130: 2
+    (codes.SPO2, "spo2", 94.0, 91.0, 3),  # SpO2 scale 1 94-95: 1 point, <= 91: 3 (an urgent review on its own)
+])
+def test_a_reading_raising_its_parameters_points_inside_the_interval_is_scored(processor, code, value, same, higher,
+                                                                                news2):
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, value: same}))], store)
+    # the same points again a minute later: nothing new (before, a point: the reading scored points on its own)
+    assert points(run(processor, [msg(1, one_reading(T0 + MIN, 2, code, same))], store)) == []
+    out = run(processor, [msg(2, one_reading(T0 + 2 * MIN, 3, code, higher))], store)
+    assert points(out) == [(T0 + 2 * MIN, "vitals", 0)]
+    [snapshot] = [orjson.loads(v)["features"] for _, v, _ in out.features]
+    assert snapshot["news2"] == news2
+    # back to fewer points inside the interval: waits for the cadence (a fall can only lower NEWS2)
+    assert points(run(processor, [msg(3, one_reading(T0 + 3 * MIN, 4, code, same))], store)) == []
+
+
+def test_a_reading_at_the_last_points_time_scores_only_when_it_raises_its_parameter(processor):
+    # The split round (one FHIR Observation per message): a normal round at T, then SBP 80 at T in a message
+    # of its own still scores (SBP not charted in the round: 0 -> 3); a second SBP 80 at T (another
+    # Observation of the same round) scores 3 again, as the point before: no new score.
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)
+    out = run(processor, [msg(1, fhir_reading(T0, "sbp", codes.SYSTOLIC_BP, 80.0))], store)
+    assert points(out) == [(T0, "vitals", 0)]
+    assert [orjson.loads(v)["header"]["kind"] for _, v, _ in out.alerts] == ["open"]
+    assert points(run(processor, [msg(2, fhir_reading(T0, "sbp-2", codes.SYSTOLIC_BP, 85.0))], store)) == []
+
+
+def test_a_back_charted_reading_is_re_scored_only_when_it_raises_its_parameter(processor):
+    store: dict[str, PatientRecord] = {}
+    round_without_bp = [e for e in vitals("p1", T0, 1, **NORMAL) if e.code != codes.SYSTOLIC_BP]
+    run(processor, [msg(0, round_without_bp)], store)
+    # SBP 80 taken at 09:58, charted after the 10:00 round: 0 -> 3, re-scored at the clock
+    assert points(run(processor, [msg(1, one_reading(T0 - 2 * MIN, 2, codes.SYSTOLIC_BP, 80.0))], store)) \
+        == [(T0, "correction", 0)]
+    # SBP 85 taken at 09:59: 3 points, as SBP gave at that re-score: the picture now is the same
+    assert points(run(processor, [msg(2, one_reading(T0 - MIN, 3, codes.SYSTOLIC_BP, 85.0))], store)) == []
+    # HR 95 taken at 09:59: 1 point where the pulse gave 0 (HR 72 at 10:00 is the latest: the re-score
+    # sees 72 in NEWS2, the 95 in the model's windows), re-scored as before
+    assert points(run(processor, [msg(3, one_reading(T0 - MIN, 4, codes.HEART_RATE, 95.0))], store)) \
+        == [(T0, "correction", 0)]
+
+
+def test_a_record_written_before_the_points_were_kept_scores_any_reading_scoring_points(processor):
+    # A record of the release before (no "n"): every parameter counts 0 until its next point, so a reading
+    # scoring points scores inside the interval as it did then, rather than being held back on a guess
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "hr": 95}))], store)
+    current = store["p1"].to_bytes()
+    old = {k: v for k, v in orjson.loads(current).items() if k != "n"}
+    reading = [msg(1, one_reading(T0 + MIN, 2, codes.HEART_RATE, 95.0))]
+    assert points(run(processor, reading, {"p1": PatientRecord.from_bytes(current)})) == []
+    upgraded: dict[str, PatientRecord] = {"p1": PatientRecord.from_bytes(orjson.dumps(old))}
+    assert points(run(processor, reading, upgraded)) == [(T0 + MIN, "vitals", 0)]
+    assert upgraded["p1"].scored_news2 == {"news2_pulse": 1}  # from then on, as a record of this release
