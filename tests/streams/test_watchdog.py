@@ -191,6 +191,19 @@ def _applied(settings, topics, ends, proc, log, deadline: float) -> None:
         raise AssertionError(f"{exc}\n--- worker log (last 6000 characters) ---\n{log.read_text()[-6000:]}") from None
 
 
+def _restart_applies_everything(settings, topics, ends, messages, tmp_path, deadline: float) -> None:
+    """The restart (a supervisor's job; compose's `restart: unless-stopped`) applies every message up
+    to `ends`: its table holds every fact of `messages`."""
+    log = tmp_path / "worker-1.log"
+    worker = start_service(["worker"], settings, log)
+    try:
+        _applied(settings, topics, ends, worker, log, deadline)
+    finally:
+        assert stop_service(worker) == 0
+    results = collect_results(settings, topics)
+    assert results.known_fact_ids() == set().union(*(facts for _, _, facts in messages))
+
+
 def _until(done, proc, log, deadline: float) -> None:
     while not done():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -227,14 +240,7 @@ def test_a_worker_whose_fetcher_stops_exits_and_its_restart_applies_everything(s
     marker.unlink()
     applied_before = collect_results(stalling, topics).next_offsets
     assert sum(applied_before.values()) == len(first)  # the stall held: nothing of the rest was applied
-    log = tmp_path / "worker-1.log"
-    worker = start_service(["worker"], stalling, log)
-    try:
-        _applied(stalling, topics, {**ends, **rest_ends}, worker, log, deadline)  # later ends are higher
-    finally:
-        assert stop_service(worker) == 0
-    results = collect_results(stalling, topics)
-    assert results.known_fact_ids() == set().union(*(facts for _, _, facts in messages))
+    _restart_applies_everything(stalling, topics, {**ends, **rest_ends}, messages, tmp_path, deadline)
 
 
 # Loaded into the worker through PYTHONPATH: while the marker file exists, faust's table recovery
@@ -278,14 +284,7 @@ def test_a_worker_whose_recovery_never_ends_exits_and_its_restart_applies_everyt
     assert _readyz(port) is None  # gone, not answering "ready"
 
     marker.unlink()  # the restart recovers normally and applies what waited
-    log = tmp_path / "worker-1.log"
-    worker = start_service(["worker"], stuck, log)
-    try:
-        _applied(stuck, topics, ends, worker, log, deadline)
-    finally:
-        assert stop_service(worker) == 0
-    results = collect_results(stuck, topics)
-    assert results.known_fact_ids() == set().union(*(facts for _, _, facts in messages))
+    _restart_applies_everything(stuck, topics, ends, messages, tmp_path, deadline)
 
 
 @pytest.mark.timeout(60)
