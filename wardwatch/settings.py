@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="Model registry directory (holds `current`)")
     alert_threshold: float = Field(0.5, ge=0, le=1, description="Model probability at/above which an alert episode opens (above the high tier's 0.7 it is where high starts too)")
     alert_reset: float = Field(0.4, ge=0, le=1, description="Probability below which an open alert episode resolves (hysteresis; at most alert_threshold)")
-    scoring_min_interval_s: int = Field(300, ge=0, description="Event time between two vitals scoring points of a patient (seconds; 0: every new vitals set; schemas/cadence.py)")
+    scoring_min_interval_s: int = Field(300, ge=0, description="Event time between two vitals scoring points of a patient (seconds; 0: every new vitals set); sooner only for a reading raising its parameter's NEWS2 points (schemas/cadence.py)")
     shadow_model_dir: Path | None = Field(
         None, description="Registry of the shadow (candidate) model: its `current` names the version to shadow-score. "
                           "None: the main registry's `candidate` pointer, if any")
