@@ -508,8 +508,8 @@ def model_list() -> None:
 def model_promote(version: str = typer.Argument(..., help="The version to make current"),
                   reason: str = typer.Option("manual promotion", "--reason", help="Why (kept in the registry history)")) -> None:
     """Make VERSION current after checking its sha256 and contract; the switch is atomic and recorded.
-    A version whose held-out set was too small to judge it (which `batch train` never promotes on its own)
-    is promoted with a warning, kept in the history."""
+    A version whose held-out set was too small to judge it (which `batch train` promotes only with
+    --allow-small-holdout) is promoted with a warning, kept in the history."""
     from batch.registry import PromotionRefused, check_version_name, promote
 
     model_dir = _settings().model_dir
