@@ -59,6 +59,13 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _unreadable(path: Path, exc: Exception) -> str:
+    """What to say of a DuckDB file a batch command cannot read: duckdb's first line (a catalog error goes on
+    with a 'LINE 1: <sql>' excerpt that means nothing to the reader) and what to do."""
+    return (f"cannot read {path}: {str(exc).splitlines()[0]} (is it a wardwatch nightly file? rebuild it with "
+            "`wardwatch batch nightly --full`)")
+
+
 def _settings() -> Settings:
     import os
 
@@ -406,8 +413,7 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
         _fail(f"cannot train on {settings.duckdb_path}: {exc}. A model needs patients who deteriorate and patients "
               "who do not: build more data (`wardwatch batch dataset --patients 300`; README, 'The offline plane')")
     except duckdb.Error as exc:
-        _fail(f"cannot read {settings.duckdb_path}: {exc} (is it a wardwatch nightly file? rebuild it with "
-              "`wardwatch batch nightly --full`)")
+        _fail(_unreadable(settings.duckdb_path, exc))
     if as_json:
         typer.echo(orjson_dumps(card))
         return
@@ -560,13 +566,19 @@ def batch_export(out_dir: Path = typer.Argument(..., help="Directory for the Par
 @batch_app.command("report")
 def batch_report(out: Optional[Path] = typer.Option(None, help="HTML file to write (default: <data_dir>/reports/nightly-<run>.html)")) -> None:
     """Write the self-contained HTML report of the latest nightly run (parity, ROC/calibration vs NEWS2, alert burden)."""
+    import duckdb
+
     from batch.report import write_report
 
     settings = _settings()
     if not settings.duckdb_path.exists():
-        console.print(f"[red]{settings.duckdb_path} does not exist:[/] run `wardwatch batch nightly` first")
-        raise typer.Exit(1)
-    console.print(f"report written to {write_report(settings, out)}")
+        _fail(f"{settings.duckdb_path} does not exist: run `wardwatch batch nightly` first, or point WARDWATCH_DATA_DIR "
+              "at the directory that holds wardwatch.duckdb (the demo's: WARDWATCH_DATA_DIR=data/demo)", code=1)
+    try:
+        written = write_report(settings, out)
+    except duckdb.Error as exc:  # not a nightly file: no `runs` table, or not DuckDB at all
+        _fail(_unreadable(settings.duckdb_path, exc))
+    console.print(f"report written to {written}")
 
 
 @app.command()

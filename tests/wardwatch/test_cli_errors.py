@@ -219,6 +219,39 @@ def test_query_without_the_file_says_which_setting_picks_it(clean_env, tmp_path)
     assert "WARDWATCH_DATA_DIR" in result.output and "data/demo" in result.output
 
 
+def test_report_without_the_file_says_which_setting_picks_it_in_one_line(clean_env, tmp_path):
+    # it printed a wrapped line on stdout without the setting, unlike query and train
+    result = invoke("batch", "report", env={"WARDWATCH_DATA_DIR": str(tmp_path / "nowhere")})
+
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{tmp_path / 'nowhere' / 'wardwatch.duckdb'} does not exist" in result.output
+    assert "wardwatch batch nightly" in result.output and "WARDWATCH_DATA_DIR" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def not_a_nightly_file(path):
+    import duckdb
+
+    duckdb.connect(str(path)).close()  # a DuckDB file without the nightly's tables (`runs`, ...)
+
+
+def not_a_duckdb_file(path):
+    path.write_text("hello")
+
+
+@pytest.mark.parametrize("make", [not_a_nightly_file, not_a_duckdb_file])
+def test_report_on_a_file_that_is_not_a_nightly_file_says_so_in_one_line(clean_env, tmp_path, make):
+    # a traceback (duckdb's CatalogException / IOException) before
+    make(tmp_path / "wardwatch.duckdb")
+    result = invoke("batch", "report", env={"WARDWATCH_DATA_DIR": str(tmp_path)})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"cannot read {tmp_path / 'wardwatch.duckdb'}" in result.output
+    assert "wardwatch batch nightly --full" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "reports").exists()
+
+
 @pytest.mark.parametrize("variable", ["WARDWATCH_RECEIVER_TOKEN", "WARDWATCH_FHIR_AUTH_TOKEN"])
 @pytest.mark.parametrize("value", ["", "  "])
 def test_a_token_set_to_nothing_is_refused_instead_of_meaning_no_token(clean_env, variable, value):
