@@ -687,11 +687,15 @@ def query(
     if not path.exists():
         _fail(f"{path} does not exist: run `wardwatch batch nightly` first, or point WARDWATCH_DATA_DIR at the "
               "directory that holds wardwatch.duckdb (the demo's: WARDWATCH_DATA_DIR=data/demo)", code=1)
-    if sql is None:
-        console.print(schema_summary(path))
-        return
     import duckdb
 
+    if sql is None:
+        try:
+            summary = schema_summary(path)
+        except duckdb.Error as exc:  # not DuckDB at all (a nightly file with fewer tables lists what it has)
+            _fail(_unreadable(path, exc))
+        console.print(summary)
+        return
     try:
         if csv:
             import sys

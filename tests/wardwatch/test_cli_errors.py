@@ -252,6 +252,17 @@ def test_report_on_a_file_that_is_not_a_nightly_file_says_so_in_one_line(clean_e
     assert not (tmp_path / "reports").exists()
 
 
+def test_query_of_a_file_that_is_not_duckdb_says_so_in_one_line(clean_env, tmp_path):
+    # the schema summary (no SQL given) died with duckdb's IOException traceback
+    not_a_duckdb_file(tmp_path / "wardwatch.duckdb")
+    result = invoke("query", env={"WARDWATCH_DATA_DIR": str(tmp_path)})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"cannot read {tmp_path / 'wardwatch.duckdb'}" in result.output
+    assert "wardwatch batch nightly --full" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("variable", ["WARDWATCH_RECEIVER_TOKEN", "WARDWATCH_FHIR_AUTH_TOKEN"])
 @pytest.mark.parametrize("value", ["", "  "])
 def test_a_token_set_to_nothing_is_refused_instead_of_meaning_no_token(clean_env, variable, value):
