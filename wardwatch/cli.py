@@ -59,6 +59,15 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _model_dir(settings: Settings) -> Path:
+    """settings.model_dir, refused in one line when it names a file (model.onnx, say): the registry is the
+    directory that holds the version directories and `current`."""
+    if settings.model_dir.exists() and not settings.model_dir.is_dir():
+        _fail(f"WARDWATCH_MODEL_DIR={settings.model_dir} is a file: point it at the model registry, the directory "
+              "holding the version directories and `current` (default: models)")
+    return settings.model_dir
+
+
 def _unreadable(path: Path, exc: Exception) -> str:
     """What to say of a DuckDB file a batch command cannot read: duckdb's first line (a catalog error goes on
     with a 'LINE 1: <sql>' excerpt that means nothing to the reader) and what to do."""
@@ -387,6 +396,7 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
     from batch.retrain import retrain
 
     settings = _settings()
+    _model_dir(settings)  # before the data is read: retrain creates it only then
     if not settings.duckdb_path.exists():
         _fail(f"{settings.duckdb_path} does not exist: run `wardwatch batch nightly` (or `wardwatch batch dataset`) "
               "first, or point WARDWATCH_DATA_DIR at the directory that holds wardwatch.duckdb")
@@ -488,7 +498,7 @@ def model_list() -> None:
     from batch.registry import describe
 
     settings = _settings()
-    rows = describe(settings.model_dir)
+    rows = describe(_model_dir(settings))
     if not rows:
         console.print(f"no model versions in {settings.model_dir} (train one with `wardwatch batch train`)")
         return
@@ -518,7 +528,7 @@ def model_promote(version: str = typer.Argument(..., help="The version to make c
     --allow-small-holdout) is promoted with a warning, kept in the history."""
     from batch.registry import PromotionRefused, check_version_name, promote
 
-    model_dir = _settings().model_dir
+    model_dir = _model_dir(_settings())
     try:
         if not (model_dir / check_version_name(version)).is_dir():
             raise PromotionRefused(f"no model version {version!r} in {model_dir} (WARDWATCH_MODEL_DIR): "
@@ -538,7 +548,7 @@ def model_rollback(reason: str = typer.Option("manual rollback", "--reason", hel
     from batch.registry import PromotionRefused, rollback
 
     try:
-        entry = rollback(_settings().model_dir, why=reason)
+        entry = rollback(_model_dir(_settings()), why=reason)
     except (PromotionRefused, ValueError) as exc:
         _fail(str(exc), code=1)
     console.print(f"current: {entry['from']} -> {entry['to']} (by {entry['who']} at {entry['at']})")

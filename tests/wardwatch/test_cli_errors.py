@@ -197,6 +197,21 @@ def test_promoting_a_version_that_is_not_there_names_it_and_the_registry(clean_e
     assert "FileNotFoundError" not in result.output
 
 
+@pytest.mark.parametrize("command", [["model", "list"], ["model", "promote", "v0001"], ["model", "rollback"],
+                                     ["batch", "train"]])
+def test_a_model_dir_that_is_a_file_is_named_as_such_in_one_line(clean_env, tmp_path, command):
+    # e.g. WARDWATCH_MODEL_DIR=.../v0001/model.onnx: list and rollback died with NotADirectoryError, promote said
+    # "no model version", train computed every feature and label first, then died with FileExistsError
+    (tmp_path / "wardwatch.duckdb").touch()
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    result = invoke(*command, env={"WARDWATCH_MODEL_DIR": str(tmp_path / "model.onnx"),
+                                   "WARDWATCH_DATA_DIR": str(tmp_path)})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"WARDWATCH_MODEL_DIR={tmp_path / 'model.onnx'} is a file" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_rolling_back_with_no_current_model_says_so(clean_env, tmp_path):
     result = invoke("model", "rollback", env={"WARDWATCH_MODEL_DIR": str(tmp_path)})
 
