@@ -68,6 +68,14 @@ def _model_dir(settings: Settings) -> Path:
     return settings.model_dir
 
 
+def _nightly_file(path: Path, *, code: int = 1, or_: str = "") -> Path:
+    """`path` (the nightly's DuckDB file), refused in one line saying how to get one when it is missing."""
+    if not path.exists():
+        _fail(f"{path} does not exist: run `wardwatch batch nightly`{or_} first, or point WARDWATCH_DATA_DIR at the "
+              "directory that holds wardwatch.duckdb (the demo's: WARDWATCH_DATA_DIR=data/demo)", code=code)
+    return path
+
+
 def _unreadable(path: Path, exc: Exception) -> str:
     """What to say of a DuckDB file a batch command cannot read: duckdb's first line (a catalog error goes on
     with a 'LINE 1: <sql>' excerpt that means nothing to the reader) and what to do."""
@@ -397,9 +405,7 @@ def batch_train(version: Optional[str] = typer.Option(None, help="Version name: 
 
     settings = _settings()
     _model_dir(settings)  # before the data is read: retrain creates it only then
-    if not settings.duckdb_path.exists():
-        _fail(f"{settings.duckdb_path} does not exist: run `wardwatch batch nightly` (or `wardwatch batch dataset`) "
-              "first, or point WARDWATCH_DATA_DIR at the directory that holds wardwatch.duckdb")
+    _nightly_file(settings.duckdb_path, code=2, or_=" (or `wardwatch batch dataset`)")
     try:
         if version is not None:
             check_version_name(version)
@@ -581,9 +587,7 @@ def batch_report(out: Optional[Path] = typer.Option(None, help="HTML file to wri
     from batch.report import write_report
 
     settings = _settings()
-    if not settings.duckdb_path.exists():
-        _fail(f"{settings.duckdb_path} does not exist: run `wardwatch batch nightly` first, or point WARDWATCH_DATA_DIR "
-              "at the directory that holds wardwatch.duckdb (the demo's: WARDWATCH_DATA_DIR=data/demo)", code=1)
+    _nightly_file(settings.duckdb_path)
     try:
         written = write_report(settings, out)
     except duckdb.Error as exc:  # not a nightly file: no `runs` table, or not DuckDB at all
@@ -693,10 +697,7 @@ def query(
     tables and views with their comments and how to open it elsewhere."""
     from batch.catalog import query_csv, query_result, schema_summary
 
-    path = _settings().duckdb_path
-    if not path.exists():
-        _fail(f"{path} does not exist: run `wardwatch batch nightly` first, or point WARDWATCH_DATA_DIR at the "
-              "directory that holds wardwatch.duckdb (the demo's: WARDWATCH_DATA_DIR=data/demo)", code=1)
+    path = _nightly_file(_settings().duckdb_path)
     import duckdb
 
     if sql is None:
