@@ -116,7 +116,7 @@ class StallWatchdog:
 
     def start(self) -> None:
         """Start watching (once: later calls do nothing)."""
-        if self._thread.is_alive() or self._stop.is_set():
+        if self._thread.ident is not None or self._stop.is_set():  # a thread starts once, even one that ended
             return
         observability.expose_gauges(self.service, self.gauges)
         self._thread.start()
@@ -191,7 +191,12 @@ class StallWatchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # a bug here must not end the watch for good: say it, and look again
+                log.error("%s consumption watchdog: a check failed (%s); looking again in %.0f s", self.service,
+                          type(exc).__name__, self.interval_s)
+                self._unobservable()
         self._close()
 
 

@@ -272,16 +272,20 @@ def test_a_worker_whose_recovery_never_ends_exits_and_its_restart_applies_everyt
     log = tmp_path / "worker-0.log"
     started = time.monotonic()
     worker = start_service(["worker"], stuck, log)
+    answers = set()  # /readyz while it is stuck: never ready
     try:
-        code = worker.wait(timeout=90)
+        while worker.poll() is None and time.monotonic() - started < 90:
+            answers.add(_readyz(port))
+            time.sleep(0.2)
+        code = worker.wait(timeout=5)
     finally:
         stop_service(worker)
     text = log.read_text()
     assert code == STALL_EXIT_CODE, text[-3000:]
+    assert 503 in answers and 200 not in answers, answers
     (line,) = [line for line in text.splitlines() if "without any progress" in line]
     seconds = int(re.search(r"state for (\d+) s", line).group(1))
     assert '"level":"critical"' in line and 6 <= seconds < time.monotonic() - started, line
-    assert _readyz(port) is None  # gone, not answering "ready"
 
     marker.unlink()  # the restart recovers normally and applies what waited
     _restart_applies_everything(stuck, topics, ends, messages, tmp_path, deadline)
@@ -415,3 +419,29 @@ def test_a_watchdog_that_cannot_look_for_a_whole_window_warns_once(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "no observation for 30 s (RuntimeError)" in warnings[0]
     assert not stalls and not dog.ready()  # a broker away is not this service's stall
+
+
+def test_a_watchdog_whose_check_fails_keeps_watching_and_starting_it_again_does_not_raise(caplog):
+    # the worker calls start() at each assignment (faust's on_partitions_assigned): a later rebalance must
+    # neither raise (a thread starts once; raising there would crash the worker) nor start a second watch;
+    # and a check that raises (a bug) must not end the watch for good
+    calls = []
+
+    def busy():
+        calls.append(1)
+        raise RuntimeError("a bug in the busy check")
+
+    dog = StallWatchdog(0.1, lambda: ({}, {}), service="worker-start-twice", busy=busy)
+    with caplog.at_level("ERROR", logger="wardwatch.watchdog"):
+        dog.start()
+        first = dog._thread
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dog.start()
+        assert dog._thread is first and first.is_alive() and len(calls) >= 3
+        assert not dog.ready()
+        dog.stop()
+        first.join(timeout=10)
+        dog.start()  # after a stop too
+    assert any("a check failed (RuntimeError)" in r.getMessage() for r in caplog.records)
