@@ -157,11 +157,18 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+class NoNightlyRun(LookupError):
+    """The file has the nightly's tables but no run recorded in `runs`: nothing to report on."""
+
+
 def gather(con: duckdb.DuckDBPyConnection) -> dict:
     """Everything the report shows, as plain values."""
     run = con.execute("SELECT * FROM runs ORDER BY started_at DESC, run_id DESC LIMIT 1")
     columns = [d[0] for d in run.description]
-    latest = dict(zip(columns, run.fetchone()))
+    row = run.fetchone()
+    if row is None:
+        raise NoNightlyRun("no nightly run recorded in its `runs` table")
+    latest = dict(zip(columns, row))
     # the nightly writes its report before any `batch train` on it: show the last model trained, on whichever run
     trained = con.execute("SELECT * FROM runs WHERE model_version IS NOT NULL "
                           "ORDER BY started_at DESC, run_id DESC LIMIT 1").fetchone()

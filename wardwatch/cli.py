@@ -584,7 +584,7 @@ def batch_report(out: Optional[Path] = typer.Option(None, help="HTML file to wri
     """Write the self-contained HTML report of the latest nightly run (parity, ROC/calibration vs NEWS2, alert burden)."""
     import duckdb
 
-    from batch.report import write_report
+    from batch.report import NoNightlyRun, write_report
 
     settings = _settings()
     _nightly_file(settings.duckdb_path)
@@ -592,6 +592,8 @@ def batch_report(out: Optional[Path] = typer.Option(None, help="HTML file to wri
         written = write_report(settings, out)
     except duckdb.Error as exc:  # not a nightly file: no `runs` table, or not DuckDB at all
         _fail(_unreadable(settings.duckdb_path, exc))
+    except NoNightlyRun as exc:  # the tables without a run (emptied by hand, or made by other tooling)
+        _fail(f"nothing to report in {settings.duckdb_path}: {exc} (run `wardwatch batch nightly` first)")
     console.print(f"report written to {written}")
 
 

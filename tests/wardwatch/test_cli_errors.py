@@ -444,3 +444,17 @@ def test_a_run_on_an_unreachable_bootstrap_says_so_in_one_line_and_keeps_the_ear
     assert result.output.startswith(f"--bootstrap 127.0.0.1:{port}: cannot reach the Kafka broker at 127.0.0.1:{port}")
     assert result.output.count("\n") == 1
     assert (earlier / "wardwatch.duckdb").exists()
+
+
+def test_report_on_a_nightly_file_without_a_run_says_so_in_one_line(clean_env, tmp_path):
+    # a TypeError traceback ('NoneType' object is not iterable) before
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "wardwatch.duckdb")) as con:
+        con.execute("CREATE TABLE runs (run_id VARCHAR, started_at TIMESTAMPTZ, model_version VARCHAR)")
+    result = invoke("batch", "report", env={"WARDWATCH_DATA_DIR": str(tmp_path)})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "no nightly run recorded" in result.output and "wardwatch batch nightly" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "reports").exists()
