@@ -117,7 +117,8 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
     new_run = ((message != message.shift(1)) | (pl.col("effective_ms") != pl.col("effective_ms").shift(1))).fill_null(True)
     clock_after = (pl.when(pl.col("_kind") == ACCEPTED).then(pl.col("effective_ms"))
                    .cum_max().forward_fill().over("patient_id"))
-    vital = (pl.col("_kind") == ACCEPTED) & pl.col("code").is_in(list(VITAL_SIGN_CODES))
+    # a retraction of a fact never seen is accepted but is no reading (schemas/cadence.py)
+    vital = (pl.col("_kind") == ACCEPTED) & pl.col("code").is_in(list(VITAL_SIGN_CODES)) & (pl.col("status") != RETRACTED)
     runs = (classified
             .with_columns(_run=new_run.cum_sum(), _clock_after=clock_after)
             .group_by("_run", maintain_order=True)

@@ -13,7 +13,8 @@ restart or a rebuild finds the same points, snapshots and alerts.
   (NEWS2_PARAMETER: air/oxygen for a flow, an FiO2 or oxygen without a flow) gave at the patient's
   last scoring point of either trigger (scored_news2 of that point's features: the sub-scores of
   schemas.features.news2_charted_parts; a parameter not charted there counts 0): raises_news2.
-- Trigger "vitals": the run holds an *accepted* event of a VITAL_SIGN_CODES code, its time T is
+- Trigger "vitals": the run holds an *accepted* reading (a retraction of a fact never seen is no reading) of a
+  VITAL_SIGN_CODES code, its time T is
   newer than the patient's last vitals point, and at least `scoring_min_interval_s` of event time
   after it (0: every newer vitals set), or sooner when one of those accepted readings rises (a
   repeat set taken minutes after a normal one, a BP charted two minutes after the rest of the round,

@@ -252,7 +252,9 @@ def scoring_trigger(outcomes: list, *, vitals_scored_ms: int | None, min_interva
     """Whether one applied run makes a scoring point: (trigger, event_id of the triggering event) or None.
     `last_news2`: the NEWS2 points per parameter at the patient's last point (PatientRecord.scored_news2)."""
     T = outcomes[0].event.effective_ms  # a run shares one effective time
-    vitals = [o.event for o in outcomes if o.kind is Kind.ACCEPTED and o.event.code in VITAL_SIGN_CODES]
+    # a retraction of a fact never seen (a CDC delete's null columns, at its commit time) is accepted but is no reading
+    vitals = [o.event for o in outcomes
+              if o.kind is Kind.ACCEPTED and o.event.code in VITAL_SIGN_CODES and not o.event.status.retracts]
     # a reading scoring more points than its parameter gave at the last point; one scoring as many or fewer
     # cannot raise the NEWS2 the last point scored (a monitor charting HR 95 every minute: 1 point each time)
     raises = any(raises_news2(e.code, e.value, e.status.retracts, last_news2 or {}) for e in vitals)

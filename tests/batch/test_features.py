@@ -232,6 +232,19 @@ def test_a_back_charted_abnormal_reading_is_a_point_at_the_clock():
     assert features_at(a.frame(), points, **RULES)["systolic_bp_last_24h"].to_list() == [None, 80.0]
 
 
+def test_a_retraction_of_a_fact_never_seen_is_no_vitals_set():
+    # a CDC delete under REPLICA IDENTITY DEFAULT retracts every column at the commit time, the null ones too
+    # (facts never seen: accepted, never live); as in the stream, that is no reading, so no "vitals" point: the
+    # delete is a correction, and the round taken before its commit, charted after it, is still scored
+    a = Archive()
+    a.send(event("cdc:vital_signs:1:hr", 72, T0))  # offset 0
+    a.send(retraction("cdc:vital_signs:1:hr", T0 + 30 * MIN, 2),
+           retraction("cdc:vital_signs:1:t", T0 + 30 * MIN, 2, code=codes.TEMPERATURE))  # 1: the delete
+    a.send(event("cdc:vital_signs:3:hr", 74, T0 + 25 * MIN))  # 2
+    assert points_of(a, min_interval_ms=5 * MIN) == [(T0, 0, 0, "vitals"), (T0 + 30 * MIN, 1, 1, "correction"),
+                                                     (T0 + 25 * MIN, 2, 0, "vitals")]
+
+
 def test_a_restatement_is_a_duplicate_and_makes_no_correction_point():
     a = Archive()
     a.send(event("f1", 80, T0), event("f2", 82, T0 + 10 * MIN, status=Status.PRELIMINARY))  # offset 0

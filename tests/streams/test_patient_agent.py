@@ -178,6 +178,24 @@ def test_retracting_the_value_that_raised_the_alert_publishes_entered_in_error(p
     assert again == correction
 
 
+def test_a_deleted_vitals_row_is_no_vitals_set_and_the_next_round_is_still_scored(processor):
+    # A Debezium delete of a vitals row under REPLICA IDENTITY DEFAULT (PostgreSQL's default): `before` holds only
+    # the key, so schemas/cdc.py retracts every column's fact, dated at the delete's commit time. The columns the
+    # row charted are corrections; one it left null (here the temperature) is a retraction of a fact never seen,
+    # accepted but never live. It is no reading: before, it made a "vitals" point at the commit time, and the next
+    # round, minutes after it, fell inside the minimum interval of that point and was never scored (no score, no
+    # model risk, the CDS card stale)
+    store: dict[str, PatientRecord] = {}
+    row1 = [e for e in vitals("p1", T0, 1, **NORMAL) if e.code != codes.TEMPERATURE]
+    assert len(run(processor, [msg(0, row1)], store).scores) == 1
+    deleted = [retraction("p1", T0 + 30 * MIN, 1, code, 2) for code in (*(e.code for e in row1), codes.TEMPERATURE)]
+    out = run(processor, [msg(1, deleted)], store)
+    assert [orjson.loads(v)["trigger"] for _, v, _ in out.scores] == ["correction"]
+    out = run(processor, [msg(2, vitals("p1", T0 + 32 * MIN, 3, **NORMAL))], store)
+    assert [(s["trigger"], s["scoring_ms"]) for s in map(orjson.loads, (v for _, v, _ in out.scores))] == [
+        ("vitals", T0 + 32 * MIN)]
+
+
 def test_amending_a_basis_value_that_keeps_the_risk_high_publishes_amended(processor):
     store: dict[str, PatientRecord] = {}
     [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1))], store))  # NEWS2 >= 7: high
