@@ -22,8 +22,12 @@ Rules
   silent while the window lasts. It is deferred, not dropped: at its first scoring point after the
   window, if still medium/high, it alerts "open" at the tier of that point. An episode that never
   alerted resolves silently (the consumer never saw it open) and does not restart the window.
-- A scoring point older than the last one seen is stale and changes nothing (the patient clock
-  never goes back, so this only happens on a replay of already-applied input).
+- A scoring point older than the last one seen is a vitals round charted after a correction was
+  re-scored at the patient clock (a lab collected after the last round moves the clock; schemas/
+  cadence.py): the newest vitals, older than the clock. It opens or escalates as any point does, but
+  never counts as calm and leaves the latest risk (last_scoring_ms, tier, ...) to the newer point.
+  (Before, it was taken for a replay and dropped: a NEWS2 of 19 charted so opened no alert. A replay
+  of applied input makes no point: the patient state dedupes it.)
 - Discharged: a scoring point of a discharged patient (step(discharged=True): the patient's context
   holds a DISCHARGE at or after its ADMISSION, streams/patient_agent.py) opens no episode and escalates
   none. The patient has left the ward: a page would reach a nurse who cannot act, and no later point
@@ -220,10 +224,12 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
         raise ValueError(f"unknown tier {tier!r}; expected one of {list(TIER_RANK)}")
     s: AlertState = {**initial_state(), **(state or {})}
     previous_ms = s["last_scoring_ms"]
-    if previous_ms is not None and scoring_ms < previous_ms:
-        return s, []
-    s.update(last_scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
-             model_version=model_version)
+    older = previous_ms is not None and scoring_ms < previous_ms  # a round charted after a correction point
+    if older and TIER_RANK[tier] < ALERTING_RANK:
+        return s, []  # opens nothing, and an old calm point does not make the episode calmer now
+    if not older:
+        s.update(last_scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
+                 model_version=model_version)
     if s["closed"] and s["closed"][0]["scoring_ms"] < scoring_ms - policy.correctable_ms:
         s["closed"] = [a for a in s["closed"] if a["scoring_ms"] >= scoring_ms - policy.correctable_ms]
 
@@ -252,7 +258,7 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
         s["last_resolve_ms"] = scoring_ms
         return s, [decide("resolve", tier)]
 
-    s["calm_points"], s["last_not_calm_ms"] = 0, scoring_ms
+    s["calm_points"], s["last_not_calm_ms"] = 0, max(scoring_ms, s["last_not_calm_ms"] or scoring_ms)
     if discharged:
         return s, []
     if s["alerted_tier"] is None:

@@ -168,10 +168,19 @@ def test_from_settings_the_calm_time_is_resolve_after_scoring_intervals():
     assert AlertPolicy.from_settings(Settings(scoring_min_interval_s=0)).calm_for_ms == 0  # every set is scored
 
 
-def test_event_time_not_arrival_order_decides():
+def test_an_older_point_alerts_but_never_calms_nor_replaces_the_latest_risk():
+    # an older point is a vitals round charted after a correction point at the clock (streams/alerting.py): the
+    # newest vitals. Before, it was dropped as a replay and a high NEWS2 charted so alerted nothing
     state, _ = run([rule_point(0, "medium")])
-    stale, decisions = step(state, patient_id="p1", policy=POLICY, **rule_point(-5, "high"))
-    assert decisions == [] and stale == state
+    after, decisions = step(state, patient_id="p1", policy=POLICY, **rule_point(-5, "high"))
+    assert summary(decisions) == [("escalate", "high", 1, -5)]
+    assert (after["last_scoring_ms"], after["tier"]) == (state["last_scoring_ms"], "medium")
+    closed, _ = run([rule_point(0, "low")])  # never alerted: nothing open
+    opened, decisions = step(closed, patient_id="p1", policy=POLICY, **rule_point(-5, "high"))
+    assert summary(decisions) == [("open", "high", 1, -5)]
+    # an older calm point changes nothing: it says nothing about the patient now
+    calm, decisions = step(state, patient_id="p1", policy=POLICY, **rule_point(-5, "low"))
+    assert decisions == [] and calm == state
 
 
 def test_same_time_rescore_after_a_correction_is_applied():

@@ -196,6 +196,28 @@ def test_a_deleted_vitals_row_is_no_vitals_set_and_the_next_round_is_still_score
         ("vitals", T0 + 32 * MIN)]
 
 
+def test_a_round_older_than_a_correction_point_at_the_clock_still_opens_its_alert(processor):
+    # A correction is re-scored at the patient clock, which a lab collected after the last round has moved on.
+    # A vitals round taken before that clock but charted after the correction is a vitals point older than it
+    # (schemas/cadence.py): before, the alert policy took it for a replay ("stale") and dropped it, so a NEWS2
+    # of 19 opened no alert at all
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)
+    lactate = CanonicalEvent(patient_id="p1", code=codes.LACTATE, value=1.1, unit=None, effective_ms=T0 + 20 * MIN,
+                             issued_ms=T0 + 60 * MIN, status=Status.FINAL, source=Source.CDC,
+                             fact_id=f"cdc:lab_results:9:{codes.LACTATE}", version=9)
+    run(processor, [msg(1, [lactate])], store)
+    out = run(processor, [msg(2, [amendment("p1", T0, 1, codes.HEART_RATE, 2, 75.0)])], store)
+    assert [orjson.loads(v)["scoring_ms"] for _, v, _ in out.scores] == [T0 + 20 * MIN]  # at the clock
+    out = run(processor, [msg(3, vitals("p1", T0 + 15 * MIN, 3))], store)  # NEWS2 19, taken at 10:15
+    assert [orjson.loads(v)["scoring_ms"] for _, v, _ in out.scores] == [T0 + 15 * MIN]
+    [opened] = alerts_of(out)
+    assert (opened["header"]["kind"], opened["header"]["tier"], opened["header"]["scoring_ms"]) == (
+        "open", "high", T0 + 15 * MIN)
+    # the latest risk stays the newest point's; calm points resolve the episode as usual afterwards
+    assert store["p1"].alert["last_scoring_ms"] == T0 + 20 * MIN and store["p1"].alert["open"]
+
+
 def test_amending_a_basis_value_that_keeps_the_risk_high_publishes_amended(processor):
     store: dict[str, PatientRecord] = {}
     [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1))], store))  # NEWS2 >= 7: high
