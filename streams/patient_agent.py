@@ -255,14 +255,14 @@ def scoring_trigger(outcomes: list, *, vitals_scored_ms: int | None, min_interva
     # a retraction of a fact never seen (a CDC delete's null columns, at its commit time) is accepted but is no reading
     vitals = [o.event for o in outcomes
               if o.kind is Kind.ACCEPTED and o.event.code in VITAL_SIGN_CODES and not o.event.status.retracts]
+    if vitals and (vitals_scored_ms is None or (T > vitals_scored_ms and T - vitals_scored_ms >= min_interval_ms)):
+        return Trigger.VITALS, vitals[0].event_id  # most runs: their readings' points need not be looked at
     # a reading scoring more points than its parameter gave at the last point; one scoring as many or fewer
     # cannot raise the NEWS2 the last point scored (a monitor charting HR 95 every minute: 1 point each time)
     raises = any(raises_news2(e.code, e.value, e.status.retracts, last_news2 or {}) for e in vitals)
-    if vitals and (vitals_scored_ms is None
-                   or (T > vitals_scored_ms and T - vitals_scored_ms >= min_interval_ms)
-                   # a rise never waits: inside the interval, nor at the last point's own time (the rest of its
-                   # round in other messages: one FHIR Observation per notification)
-                   or (T >= vitals_scored_ms and raises)):
+    # a rise never waits: inside the interval, nor at the last point's own time (the rest of its round in
+    # other messages: one FHIR Observation per notification)
+    if raises and T >= vitals_scored_ms:
         return Trigger.VITALS, vitals[0].event_id
     correction = next((o.event for o in outcomes if o.kind is Kind.CORRECTED), None)
     if vitals_scored_ms is not None:  # nothing scored yet: nothing to correct
