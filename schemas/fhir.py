@@ -17,7 +17,8 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   other times): skipped as `gcs_components`.
   fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (else meta.lastUpdated in ms, else 1).
   issued = `issued` (when "this version" was made available, FHIR R4), else meta.lastUpdated, else the
-  effective time. A version after the first (versionId above 1, or none: which one it is cannot be told) is
+  effective time (then checked for a future date against the notification's timestamp, else the Kafka
+  record's; with neither, dead-lettered as missing_time: nothing can tell a typo from a reading). A version after the first (versionId above 1, or none: which one it is cannot be told) is
   issued at max(issued, meta.lastUpdated): servers often keep the first release's `issued` on an amended,
   corrected or entered-in-error version, which would date the new value back to the first result and let
   the offline as-of joins (training) see it hours before it existed. Version 1 keeps its `issued`: it is its
@@ -138,9 +139,12 @@ RESOURCE_TYPES = frozenset("""
 OTHER_TYPE = "other"
 
 
-def parse_notification(value: bytes | None, *, topic: str, partition: int, offset: int) -> Outcome:
+def parse_notification(value: bytes | None, *, topic: str, partition: int, offset: int,
+                       received_ms: int | None = None) -> Outcome:
+    """received_ms: when the message reached Kafka (the raw record's timestamp), None when unknown
+    (offline checks): the bound of last resort for the future-time check (see _observation_events)."""
     try:
-        return _parse(value, topic, partition, offset)
+        return _parse(value, topic, partition, offset, received_ms)
     except Reject as r:
         return rejected(r.reason, r.detail, r.exception)
     except orjson.JSONDecodeError as exc:
@@ -172,13 +176,14 @@ class _Context:
     topic: str
     partition: int
     offset: int
+    received_ms: int | None = None
     skipped: dict[str, int] = field(default_factory=dict)
 
     def skip(self, kind: str) -> None:
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
 
 
-def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outcome:
+def _parse(value: bytes | None, topic: str, partition: int, offset: int, received_ms: int | None = None) -> Outcome:
     if value is None:
         raise Reject(Reason.INVALID_STRUCTURE, "notification message has no value")
     bundle = orjson.loads(value)
@@ -198,7 +203,7 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int) -> Outc
     if references:
         return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, NOT_CONFIGURED_DETAIL),
                           references=tuple(references), priors=tuple(priors))
-    ctx = _Context(status, topic, partition, offset)
+    ctx = _Context(status, topic, partition, offset, received_ms)
     carried = None  # read only when the notification deletes something (nearly none do)
     events = []
     for entry in entries[1:]:
@@ -692,10 +697,18 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
                   {**provenance, "gcs_total": gcs[0]} if gcs else provenance)
         for code, (value, text, *gcs) in values.items()  # a GCS: its ACVPU level, the total in provenance
     ]
-    if not issued:
-        # the effective time stands in for the issued time, so it bounds nothing: the notification's
-        # timestamp (the server's clock) does (_parse checks every event against its issued time)
-        reject_future_measurements(events, ctx.status.timestamp_ms)
+    if not issued and events:
+        # the effective time stands in for the issued time, so it bounds nothing (_parse checks every event
+        # against its issued time). The server's clock does: the notification's timestamp; else when the
+        # message reached Kafka (the record's timestamp: the receiver wrote it on delivery, so nothing in it
+        # was measured later; a record holds one even in a backlog). With no clock at all a 2099 typo cannot
+        # be told from a reading, and taking it would move the patient's clock for good: dead-lettered, as a
+        # consumer that cannot check a time does not trust it (replayable once a time is known)
+        bound = ctx.status.timestamp_ms if ctx.status.timestamp_ms is not None else ctx.received_ms
+        if bound is None:
+            raise Reject(Reason.MISSING_TIME, "Observation has no issued, meta.lastUpdated or notification "
+                                              "timestamp, and no record time: its effective time cannot be checked")
+        reject_future_measurements(events, bound)
     return events
 
 

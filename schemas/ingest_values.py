@@ -93,8 +93,8 @@ MAX_FUTURE_SKEW_MS = 3_600_000
 
 def reject_future_measurements(events, recorded_ms: int | None = None) -> None:
     """recorded_ms: when the source's own server recorded the message (a CDC row's commit time; a FHIR
-    notification's timestamp for an Observation with neither `issued` nor meta.lastUpdated, whose
-    effective time stands in for its issued time), None when unknown. It bounds the effective time too:
+    notification's timestamp, else the Kafka record's, for an Observation with neither `issued` nor
+    meta.lastUpdated, whose effective time stands in for its issued time), None when unknown. It bounds the effective time too:
     the issued time can come from the clock that dated the measurement (a lab's resulted_at), so one
     wrong clock moves both."""
     for e in events:

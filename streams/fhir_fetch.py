@@ -245,7 +245,7 @@ class FhirClient:
 
 
 def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *, topic: str, partition: int,
-            offset: int) -> Outcome:
+            offset: int, received_ms: int | None = None) -> Outcome:
     """Turn a NeedsFetch into the outcome of the completed notification; other outcomes pass through."""
     if not isinstance(outcome, NeedsFetch):
         return outcome
@@ -254,7 +254,7 @@ def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *,
     try:
         fetched, gone = _fetch(client, outcome.references, outcome.priors)
         result = parse_notification(complete_notification(value, fetched, gone), topic=topic, partition=partition,
-                                    offset=offset)
+                                    offset=offset, received_ms=received_ms)
     except FetchError as exc:
         return rejected(exc.reason, exc.detail, exc.exception)
     except Exception as exc:  # a bug (e.g. JSON orjson reads but cannot write back): keep the message for replay

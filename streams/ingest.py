@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message, Producer, TopicPartition
 
 from schemas.cdc import parse_cdc
 from schemas.codes import is_context
@@ -420,10 +420,12 @@ class IngestWorker:
         if topic in self._cdc_topics:
             return "cdc", parse_cdc(topic, msg.key(), msg.value(), partition=msg.partition(), offset=msg.offset(),
                                     cdc_topic_prefix=self.settings.cdc_topic_prefix)
-        outcome = parse_notification(msg.value(), topic=topic, partition=msg.partition(), offset=msg.offset())
+        received_ms = _record_ms(msg)
+        outcome = parse_notification(msg.value(), topic=topic, partition=msg.partition(), offset=msg.offset(),
+                                     received_ms=received_ms)
         if isinstance(outcome, NeedsFetch):  # id-only: the only path that talks to the FHIR server
             outcome = resolve(outcome, msg.value(), self._fhir, topic=topic, partition=msg.partition(),
-                              offset=msg.offset())
+                              offset=msg.offset(), received_ms=received_ms)
         return "fhir", outcome
 
     def close(self) -> None:
@@ -479,6 +481,13 @@ class IngestWorker:
 
 def _position(msg: Message) -> tuple[str, int, int]:
     return msg.topic(), msg.partition(), msg.offset()
+
+
+def _record_ms(msg: Message) -> int | None:
+    """The raw record's timestamp (the receiver's CreateTime, or the broker's LogAppendTime) in epoch ms;
+    None when the record has none."""
+    kind, ms = msg.timestamp()
+    return ms if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else None
 
 
 def _produced_ns(msg: Message) -> bytes | None:

@@ -20,6 +20,9 @@ value (plain-string keys, malformed bodies); anything else is serialised as comp
 The CDC table is the last dot-separated segment of the topic (`<prefix>.<schema>.<table>`, any
 prefix). Bare lines, and envelopes without a topic, use `--topic`. The partition is the envelope's
 or 0; the offset the envelope's or the line's index (0-based), so provenance points at the line.
+An envelope's `timestamp` (the Kafka record's, epoch ms) is what the ingest checks a FHIR Observation
+with no server time against (issued, meta.lastUpdated, notification timestamp); without one such an
+Observation is rejected as missing_time, as the ingest would reject a record without a timestamp.
 
 Output: one JSON line per outcome, in input order, each with the 1-based input `line`:
 
@@ -58,20 +61,22 @@ ENVELOPE_KEYS = frozenset({"topic", "key", "value", "headers", "partition", "off
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def read_messages(lines: list[bytes], default_topic: str) -> Iterator[tuple[int, str, bytes | None, bytes | None, int, int]]:
-    """(line number, topic, key, value, partition, offset) for every non-blank line."""
+def read_messages(lines: list[bytes], default_topic: str
+                  ) -> Iterator[tuple[int, str, bytes | None, bytes | None, int, int, int | None]]:
+    """(line number, topic, key, value, partition, offset, record timestamp ms or None) for every non-blank line."""
     for index, line in enumerate(lines):
         line = line.rstrip(b"\r\n")
         if not line.strip():
             continue
         envelope = as_envelope(line)
         if envelope is None:
-            yield index + 1, default_topic, None, line, 0, index
+            yield index + 1, default_topic, None, line, 0, index, None
             continue
         topic = envelope.get("topic") if isinstance(envelope.get("topic"), str) else default_topic
         partition = envelope.get("partition") if _is_int(envelope.get("partition")) else 0
         offset = envelope.get("offset") if _is_int(envelope.get("offset")) else index
-        yield index + 1, topic, _raw(envelope.get("key")), _raw(envelope["value"]), partition, offset
+        timestamp = envelope.get("timestamp") if _is_int(envelope.get("timestamp")) else None
+        yield index + 1, topic, _raw(envelope.get("key")), _raw(envelope["value"]), partition, offset, timestamp
 
 
 def as_envelope(line: bytes) -> dict[str, Any] | None:
@@ -98,12 +103,12 @@ def _is_int(raw: Any) -> bool:
 
 
 def parse_message(source: str, topic: str, key: bytes | None, value: bytes | None, partition: int,
-                  offset: int) -> Outcome:
+                  offset: int, received_ms: int | None = None) -> Outcome:
     if source == "cdc":
         # the table is the topic's last segment, whatever the prefix of this feed
         prefix = topic.rsplit(".", 1)[0] if "." in topic else ""
         return parse_cdc(topic, key, value, partition=partition, offset=offset, cdc_topic_prefix=prefix)
-    return parse_notification(value, topic=topic, partition=partition, offset=offset)
+    return parse_notification(value, topic=topic, partition=partition, offset=offset, received_ms=received_ms)
 
 
 def iso_utc(ms: int) -> str:
@@ -138,8 +143,8 @@ def check_lines(source: str, lines: list[bytes], default_topic: str | None = Non
         raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     counters = IngestCounters()
     topic = default_topic or DEFAULT_TOPICS[source]
-    for line, msg_topic, key, value, partition, offset in read_messages(lines, topic):
-        outcome = parse_message(source, msg_topic, key, value, partition, offset)
+    for line, msg_topic, key, value, partition, offset, received_ms in read_messages(lines, topic):
+        outcome = parse_message(source, msg_topic, key, value, partition, offset, received_ms)
         try:
             rendered = [orjson.dumps(doc) for doc in outcome_lines(line, outcome)]
         except (orjson.JSONEncodeError, OverflowError, TypeError) as exc:  # as the worker: kept, not fatal

@@ -464,6 +464,39 @@ def test_an_observation_dated_decades_ahead_without_an_issued_time_is_dead_lette
                                          b'"effectiveDateTime": "2024-06-15T14:37:00Z"')), Parsed)
 
 
+def _without_server_time(effective: str) -> bytes:
+    """r4b_amended_reference_only with no clock of the server at all: neither `issued`, meta.lastUpdated,
+    a notificationEvent timestamp nor a Bundle timestamp."""
+    doc = json.loads(fhir_bundle("r4b_amended_reference_only"))
+    doc.pop("timestamp")
+    for event in doc["entry"][0]["resource"]["notificationEvent"]:
+        event.pop("timestamp")
+    doc["entry"][1]["resource"]["effectiveDateTime"] = effective
+    return json.dumps(doc).encode()
+
+
+def test_an_observation_with_no_server_time_is_bounded_by_when_the_message_reached_kafka():
+    """Without any server time, the effective time was checked against itself: a 2099 typo was taken
+    and moved the patient's clock 75 years ahead (every later reading late). The Kafka record's
+    timestamp (when the receiver wrote it) bounds it; with no record time either, nothing can tell a
+    typo from a measurement: dead-lettered as having no time to check against, never scored."""
+    received_ms = EFFECTIVE_MS + 60_000  # the receiver wrote it a minute after the measurement
+    future = _without_server_time("2099-06-15T14:06:36Z")
+    outcome = parse_notification(future, topic="t", partition=0, offset=0, received_ms=received_ms)
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.FUTURE_TIME
+    good = _without_server_time("2024-06-15T14:06:36Z")
+    assert isinstance(parse_notification(good, topic="t", partition=0, offset=0, received_ms=received_ms), Parsed)
+    for body in (future, good):  # offline (wardwatch check without a record timestamp): no clock at all
+        r = rejection_of(body)
+        assert r.reason is Reason.MISSING_TIME and "2099" not in r.detail and "2024" not in r.detail
+    # a server time still comes first: the notification's timestamp (2024) rejects 2099 whatever Kafka says
+    doc = json.loads(future)
+    doc["timestamp"] = "2024-06-15T14:07:01Z"
+    outcome = parse_notification(json.dumps(doc).encode(), topic="t", partition=0, offset=0,
+                                 received_ms=4_000_000_000_000)
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.FUTURE_TIME
+
+
 def test_redelivered_notification_has_the_same_event_ids():
     first, again = parse(fhir_bundle("r4b_status_event"), 1), parse(fhir_bundle("r4b_status_event"), 99)
     assert [e.event_id for e in first.events] == [e.event_id for e in again.events]

@@ -10,7 +10,8 @@ from collections import Counter, defaultdict
 from types import SimpleNamespace
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError,
+                             KafkaException, Producer, TopicPartition)
 
 from schemas.canonical import Source, Status, decode_batch, encode_batch
 from schemas.cdc import parse_cdc
@@ -56,9 +57,16 @@ def _fields(msg):
 
 
 class FakeMessage:
-    def __init__(self, topic, key, value, *, partition=0, offset=0, headers=None):
+    def __init__(self, topic, key, value, *, partition=0, offset=0, headers=None, timestamp_ms=None):
         self._topic, self._key, self._value = topic, key, value
         self._partition, self._offset, self._headers = partition, offset, headers
+        # a producer's CreateTime, as a real record carries (the receiver's clock when it wrote it)
+        self._timestamp_ms = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+
+    def timestamp(self):
+        if self._timestamp_ms < 0:
+            return TIMESTAMP_NOT_AVAILABLE, -1
+        return TIMESTAMP_CREATE_TIME, self._timestamp_ms
 
     def topic(self):
         return self._topic
@@ -187,6 +195,27 @@ def test_worker_publishes_one_message_per_patient_in_arrival_order_then_commits(
     assert dict(canonical[b"MRN-0001"].headers())[PRODUCED_NS_HEADER] == b"123"  # forwarded from the raw message
     assert fake.on(topics.deadletter) == []
     assert fake.calls == [("flush",), ("commit", {(a.topic(), 0): 2, (f.topic(), 0): 1})]
+
+
+def test_an_observation_with_no_server_time_is_checked_against_the_kafka_record_time(fake_worker):
+    """A FHIR Observation with no issued, meta.lastUpdated or notification timestamp, dated 2099 by a
+    typo: the ingest bounds it by the raw record's timestamp and dead-letters it as future-dated,
+    instead of publishing it and moving the patient's clock to 2099."""
+    doc = json.loads(fhir_bundle("r4b_amended_reference_only"))
+    doc.pop("timestamp")
+    for event in doc["entry"][0]["resource"]["notificationEvent"]:
+        event.pop("timestamp")
+    doc["entry"][1]["resource"]["effectiveDateTime"] = "2099-06-15T14:06:36Z"
+    topic = topics_for(FAKE_SETTINGS).fhir
+    typo = FakeMessage(topic, b"MRN-0001", json.dumps(doc).encode(), offset=0, timestamp_ms=1_718_460_456_000)
+    doc["entry"][1]["resource"]["effectiveDateTime"] = "2024-06-15T14:06:36Z"
+    good = FakeMessage(topic, b"MRN-0001", json.dumps(doc).encode(), offset=1, timestamp_ms=1_718_460_456_000)
+    worker, fake = fake_worker([typo, good])
+    assert worker.poll_once() == 2
+    (dead,) = fake.on(worker.topics.deadletter)
+    assert dict(dead.headers())["ww.reason"] == Reason.FUTURE_TIME.value.encode() and dead.value() == typo.value()
+    (published,) = fake.on(worker.topics.canonical)
+    assert [e.effective_ms for e in decode_batch(published.value())] == [1_718_460_396_000]
 
 
 def test_an_lsn_wider_than_int64_is_dead_lettered_by_the_parser(fake_worker):

@@ -109,3 +109,20 @@ def test_envelope_is_told_apart_from_bare_values():
 def test_help_shows_an_example():
     result = runner.invoke(app, ["check", "--help"])
     assert result.exit_code == 0 and "Example" in result.stdout
+
+
+def test_an_envelope_timestamp_bounds_a_fhir_observation_without_a_server_time():
+    """As in the ingest: an Observation with no issued, meta.lastUpdated or notification timestamp is checked
+    against the record's timestamp (2099 is future-dated); without one it cannot be checked (missing_time)."""
+    from wardwatch.check import check_lines
+    from tests.fixtures.ingest.corpus import fhir_bundle
+
+    doc = orjson.loads(fhir_bundle("r4b_amended_reference_only"))
+    doc.pop("timestamp")
+    for event in doc["entry"][0]["resource"]["notificationEvent"]:
+        event.pop("timestamp")
+    doc["entry"][1]["resource"]["effectiveDateTime"] = "2099-06-15T14:06:36Z"
+    lines = [orjson.dumps({"value": doc, "timestamp": 1_718_460_456_000}), orjson.dumps({"value": doc})]
+    out = []
+    check_lines("fhir", lines, emit=lambda b: out.append(orjson.loads(b)))
+    assert [d["reason"] for d in _by_kind(out, "rejected")] == ["future_time", "missing_time"]
