@@ -53,7 +53,9 @@ Shapes:
 Columns are decoded by the Debezium semantic type in the schema when present (MicroTimestamp,
 Timestamp, NanoTimestamp, ZonedTimestamp, Date, Decimal with `scale`, VariableScaleDecimal) and
 leniently without a schema: numbers, numeric strings (decimal.handling.mode double / string), ISO
-strings, µs integers for timestamp columns and day integers for date columns.
+strings, µs integers for timestamp columns and day integers for date columns. A measurement's own time
+column (measured_at, collected_at) holding a date alone (a `date` column, an ISO date) is missing_time:
+it cannot be placed in an hourly window, and read as midnight UTC it was.
 
 **One bad value rejects the whole message.** A value of the wrong type, NaN/Infinity, undecodable
 (BAD_VALUE), in a unit with no conversion (UNKNOWN_UNIT) or outside schemas.codes plausible range
@@ -78,7 +80,8 @@ from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONT
                           to_canonical_unit)
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Reject, rejected
-from schemas.ingest_values import reject_future_measurements, acvpu_letter, checked_time_ms, finite_number, iso_to_ms, plausible
+from schemas.ingest_values import (reject_future_measurements, acvpu_letter, checked_time_ms, date_only_detail,
+                                   finite_number, iso_to_ms, measurement_time_ms, plausible)
 
 UNAVAILABLE = "__debezium_unavailable_value"
 
@@ -224,14 +227,16 @@ class _Change:
         column = self.mapping.encounter_column
         return _text(row.get(column)) if column else None
 
-    def _time(self, row: dict, column: str) -> int | None:
+    def _time(self, row: dict, column: str, *, time_of_day: bool = False) -> int | None:
         raw = row.get(column)
         if raw is None or raw == UNAVAILABLE:
             return None
-        return _decode_time_ms(raw, self.schemas.get(column), column)
+        return _decode_time_ms(raw, self.schemas.get(column), column, time_of_day=time_of_day)
 
     def _required_time(self, row: dict, column: str) -> int:
-        ms = self._time(row, column)
+        """When the row's reading was taken: a date alone (a `date` column, an ISO date) is dead-lettered,
+        as it cannot be placed in an hourly window (read as midnight UTC it was scored at 00:00)."""
+        ms = self._time(row, column, time_of_day=True)
         if ms is None:
             raise Reject(Reason.MISSING_TIME, f"row has no {column}")
         return ms
@@ -649,12 +654,13 @@ def _unscaled(b64: str, scale: int, what: str) -> float:
     return unscaled / 10**scale
 
 
-def _decode_time_ms(raw: Any, schema: dict | None, what: str) -> int:
+def _decode_time_ms(raw: Any, schema: dict | None, what: str, *, time_of_day: bool = False) -> int:
+    """time_of_day: the time a reading was taken, which a date alone cannot give (MISSING_TIME)."""
     name = schema.get("name") if isinstance(schema, dict) else None
     if isinstance(raw, str) and _INTEGER.fullmatch(raw.strip()):
         raw = int(raw)
     if isinstance(raw, str):
-        return iso_to_ms(raw, what)
+        return measurement_time_ms(raw, what) if time_of_day else iso_to_ms(raw, what)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise Reject(Reason.BAD_VALUE, f"{what}: not a time")
     n = int(finite_number(raw, what))
@@ -665,6 +671,8 @@ def _decode_time_ms(raw: Any, schema: dict | None, what: str) -> int:
     elif name == NANO_TIMESTAMP:
         ms = n // 1_000_000
     elif name in DATE_DAYS:
+        if time_of_day:
+            raise Reject(Reason.MISSING_TIME, date_only_detail(what))
         ms = n * 86_400_000
     else:
         raise Reject(Reason.BAD_VALUE, f"{what}: unsupported time type {str(name)[:60]}")

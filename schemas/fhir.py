@@ -68,7 +68,9 @@ entered-in-error, so neither scoring nor retracting its value is safe without a 
 
 **One bad resource (Observation, Encounter, Patient) rejects the whole notification** (invalid
 resource, status `unknown` or not a FHIR status, bad or implausible value, a value with a comparator
-(`<35`: a bound, not a measurement), unknown unit, no patient or time): the dead-lettered original can
+(`<35`: a bound, not a measurement), unknown unit, no patient or time; an effective[x] of date, year-month or
+year precision, which FHIR R4 dateTime allows, is no time either: missing_time, as a reading without a time
+of day cannot be placed in an hourly window): the dead-lettered original can
 be replayed whole, and its event numbers are not half-consumed.
 """
 
@@ -90,7 +92,7 @@ from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES
 from schemas.deadletter import Reason, Rejection
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import (reject_future_measurements, acvpu_letter, finite_number, gcs_total, iso_to_ms,
-                                   plausible)
+                                   measurement_time_ms, plausible)
 
 SNOMED = "http://snomed.info/sct"
 CONTROL_TYPES = ("handshake", "heartbeat", "query-status")
@@ -997,7 +999,7 @@ def _effective_ms(obs: dict, fallback: Any = None) -> int:
     effective = obs.get("effectiveDateTime") or obs.get("effectiveInstant") or period.get("start") or fallback
     if not isinstance(effective, str):
         raise Reject(Reason.MISSING_TIME, "Observation has no effective time")
-    return iso_to_ms(effective, "effective")
+    return measurement_time_ms(effective, "effective")  # a date alone: dead-lettered, not read as midnight
 
 
 def _version(raw: Any) -> int:

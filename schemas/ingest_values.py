@@ -33,6 +33,29 @@ def iso_to_ms(text: str, what: str) -> int:
     return checked_time_ms((dt - _EPOCH) // timedelta(milliseconds=1), what)
 
 
+# a date without a time of day: FHIR R4 dateTime may be YYYY, YYYY-MM or YYYY-MM-DD ("a date, date-time
+# or partial date"); a `date` column or an ISO date string in CDC. (The ISO basic and week forms too.)
+_DATE_ONLY = re.compile(r"\d{4}(?:-\d{2}(?:-\d{2})?)?|\d{8}|\d{4}-?W\d{2}(?:-?\d)?")
+
+
+def date_only_detail(what: str) -> str:
+    return f"{what}: a date without a time of day cannot be placed in an hourly window"
+
+
+def measurement_time_ms(text: str, what: str) -> int:
+    """iso_to_ms for when a reading was taken. A date alone (any FHIR dateTime precision coarser than a
+    time of day) is dead-lettered as MISSING_TIME: read as midnight UTC it would be scored in the 00:00
+    window, up to a day from when it was taken, and move the patient's clock. The detail never has the date."""
+    stripped = text.strip() if isinstance(text, str) else text
+    if isinstance(stripped, str) and _DATE_ONLY.fullmatch(stripped):
+        try:  # a malformed date (month 13) stays a bad value
+            datetime.fromisoformat(stripped + "-01" * (2 - stripped.count("-")) if len(stripped) < 8 else stripped)
+        except ValueError as exc:
+            raise Reject(Reason.BAD_VALUE, f"{what}: not an ISO-8601 date-time") from exc
+        raise Reject(Reason.MISSING_TIME, date_only_detail(what))
+    return iso_to_ms(text, what)
+
+
 def checked_time_ms(ms: int, what: str) -> int:
     if not _MIN_MS <= ms < _MAX_MS:
         raise Reject(Reason.BAD_VALUE, f"{what}: time outside 1980-2100 (wrong time unit?)")

@@ -245,6 +245,42 @@ def test_a_decimal_scale_beyond_postgres_range_is_a_bad_value_not_a_hang(spo2):
     assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.BAD_VALUE
 
 
+def _measured_as_date(msg: RawMessage, value, schema_name: str | None = None) -> RawMessage:
+    doc = json.loads(msg.value)
+    envelope = doc.get("payload", doc)
+    envelope["after"]["measured_at"] = value
+    if schema_name:
+        for part in doc["schema"]["fields"]:
+            for column in part.get("fields", []):
+                if column["field"] == "measured_at":
+                    column.update(type="int32", name=schema_name)
+    return RawMessage(msg.topic, msg.key, json.dumps(doc).encode())
+
+
+def test_a_vitals_row_dated_without_a_time_of_day_is_dead_lettered_not_scored_at_midnight():
+    """A `date` measurement column (Debezium io.debezium.time.Date: days since the epoch) or an ISO date
+    string was read as midnight UTC: the round landed in the 00:00 hourly window, up to 24 h from when it
+    was taken. Dead-lettered instead, saying why, without the date."""
+    for msg in (_measured_as_date(cdc_message("create_schema_wrapped"), 19_889, "io.debezium.time.Date"),
+                _measured_as_date(cdc_message("create_bare"), "2024-06-15"),
+                _measured_as_date(cdc_message("create_bare"), "2024-06")):
+        outcome = parse(msg)
+        assert isinstance(outcome, Rejected), outcome
+        r = outcome.rejection
+        assert r.reason is Reason.MISSING_TIME and "time of day" in r.detail and "measured_at" in r.detail
+        assert "2024" not in r.detail and "19889" not in r.detail
+    # a full timestamp string is still read
+    assert isinstance(parse(_measured_as_date(cdc_message("create_bare"), "2024-06-15T14:06:36Z")), Parsed)
+
+
+def test_a_lab_collected_on_a_date_without_a_time_is_dead_lettered():
+    msg = cdc_messages("lab_create_schema_wrapped")[0]
+    doc = json.loads(msg.value)
+    doc["payload"]["after"]["collected_at"] = "2024-06-15"
+    outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(doc).encode()))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.MISSING_TIME
+
+
 def test_rejection_detail_names_the_column_but_not_the_value():
     detail = rejection("heart_rate_5000").detail
     assert "heart_rate" in detail and "5000" not in detail and "MRN" not in detail

@@ -497,6 +497,25 @@ def test_an_observation_with_no_server_time_is_bounded_by_when_the_message_reach
     assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.FUTURE_TIME
 
 
+@pytest.mark.parametrize("effective", ["2024-06-15", "2024-06", "2024"])
+def test_a_vital_sign_dated_without_a_time_of_day_is_dead_lettered_not_scored_at_midnight(effective):
+    """FHIR R4 dateTime allows year, year-month and date precision. A date-only effectiveDateTime was
+    read as midnight UTC (a year-month was a bad value saying only "not an ISO-8601 date-time"): a
+    reading that cannot be placed in an hourly window is dead-lettered, saying why, without the date."""
+    body = fhir_bundle("r4b_status_event")
+    doc = json.loads(body)
+    for entry in doc["entry"][1:]:
+        if entry.get("resource", {}).get("resourceType") == "Observation":
+            entry["resource"]["effectiveDateTime"] = effective
+    r = rejection_of(json.dumps(doc).encode())
+    assert r.reason is Reason.MISSING_TIME and "time of day" in r.detail and "2024" not in r.detail
+    for entry in doc["entry"][1:]:
+        if entry.get("resource", {}).get("resourceType") == "Observation":
+            entry["resource"].pop("effectiveDateTime", None)
+            entry["resource"]["effectivePeriod"] = {"start": effective}
+    assert rejection_of(json.dumps(doc).encode()).reason is Reason.MISSING_TIME
+
+
 def test_redelivered_notification_has_the_same_event_ids():
     first, again = parse(fhir_bundle("r4b_status_event"), 1), parse(fhir_bundle("r4b_status_event"), 99)
     assert [e.event_id for e in first.events] == [e.event_id for e in again.events]
