@@ -53,7 +53,10 @@ Shapes:
 Columns are decoded by the Debezium semantic type in the schema when present (MicroTimestamp,
 Timestamp, NanoTimestamp, ZonedTimestamp, Date, Decimal with `scale`, VariableScaleDecimal) and
 leniently without a schema: numbers, numeric strings (decimal.handling.mode double / string), ISO
-strings, µs integers for timestamp columns and day integers for date columns. A measurement's own time
+strings, µs integers for timestamp columns and day integers for date columns. A naive timestamp (a
+`timestamp` column: Timestamp, MicroTimestamp, NanoTimestamp, an integer without a schema, an ISO string
+without an offset) is the database's wall-clock reading, read in `cdc_timezone` (settings.cdc_timezone,
+default UTC; DST: ingest_values.wall_to_utc_ms); a ZonedTimestamp (`timestamptz`) is an instant. A measurement's own time
 column (measured_at, collected_at) holding a date alone (a `date` column, an ISO date) is missing_time:
 it cannot be placed in an hourly window, and read as midnight UTC it was.
 
@@ -71,6 +74,7 @@ import binascii
 import re
 from datetime import date, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -81,7 +85,7 @@ from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONT
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import (reject_future_measurements, acvpu_letter, checked_time_ms, date_only_detail,
-                                   finite_number, iso_to_ms, measurement_time_ms, plausible)
+                                   finite_number, iso_to_ms, measurement_time_ms, plausible, wall_to_utc_ms)
 
 UNAVAILABLE = "__debezium_unavailable_value"
 
@@ -110,9 +114,11 @@ _MISSING_PATIENT_HINT = ("delete without patient_id: set REPLICA IDENTITY FULL o
 
 
 def parse_cdc(topic: str, key: bytes | None, value: bytes | None, *, partition: int, offset: int,
-              cdc_topic_prefix: str) -> Outcome:
+              cdc_topic_prefix: str, cdc_timezone: str = "UTC") -> Outcome:
+    """cdc_timezone: the IANA zone of the database's zone-less `timestamp` columns (settings.cdc_timezone)."""
     try:
-        return _parse(topic, key, value, partition, offset, cdc_topic_prefix)
+        return _parse(topic, key, value, partition, offset, cdc_topic_prefix,
+                      None if cdc_timezone == "UTC" else ZoneInfo(cdc_timezone))
     except Reject as r:
         return rejected(r.reason, r.detail, r.exception)
     except orjson.JSONDecodeError as exc:
@@ -122,7 +128,7 @@ def parse_cdc(topic: str, key: bytes | None, value: bytes | None, *, partition: 
 
 
 def _parse(topic: str, key: bytes | None, value: bytes | None, partition: int, offset: int,
-           prefix: str) -> Outcome:
+           prefix: str, zone: ZoneInfo | None = None) -> Outcome:
     table = topic[len(prefix) + 1:] if topic.startswith(prefix + ".") else None
     if value is None:
         return Control("tombstone", {"table": table})
@@ -145,7 +151,7 @@ def _parse(topic: str, key: bytes | None, value: bytes | None, partition: int, o
     if mapping is None:
         raise Reject(Reason.UNKNOWN_TABLE, f"no mapping for table {str(table)[:80]!r}")
     change = _SHAPES[type(mapping)](envelope, source, key_row, _column_schemas(value_schema, mapping.table),
-                                    mapping, topic, partition, offset)
+                                    mapping, topic, partition, offset, zone)
     events = change.retract_row() if op == "d" else change.row_events()
     if isinstance(events, Ignored):
         return events
@@ -157,8 +163,9 @@ class _Change:
     """One decoded change event of any table shape: what every shape shares."""
 
     def __init__(self, envelope: dict, source: dict, key_row: dict, schemas: dict[str, dict],
-                 mapping: CdcMapping, topic: str, partition: int, offset: int):
+                 mapping: CdcMapping, topic: str, partition: int, offset: int, zone: ZoneInfo | None = None):
         self.op = envelope["op"]
+        self.zone = zone  # of naive timestamps (None: UTC)
         self.before = envelope.get("before") if isinstance(envelope.get("before"), dict) else None
         self.after = envelope.get("after") if isinstance(envelope.get("after"), dict) else None
         self.key_row = key_row
@@ -231,7 +238,7 @@ class _Change:
         raw = row.get(column)
         if raw is None or raw == UNAVAILABLE:
             return None
-        return _decode_time_ms(raw, self.schemas.get(column), column, time_of_day=time_of_day)
+        return _decode_time_ms(raw, self.schemas.get(column), column, time_of_day=time_of_day, zone=self.zone)
 
     def _required_time(self, row: dict, column: str) -> int:
         """When the row's reading was taken: a date alone (a `date` column, an ISO date) is dead-lettered,
@@ -654,13 +661,17 @@ def _unscaled(b64: str, scale: int, what: str) -> float:
     return unscaled / 10**scale
 
 
-def _decode_time_ms(raw: Any, schema: dict | None, what: str, *, time_of_day: bool = False) -> int:
-    """time_of_day: the time a reading was taken, which a date alone cannot give (MISSING_TIME)."""
+def _decode_time_ms(raw: Any, schema: dict | None, what: str, *, time_of_day: bool = False,
+                    zone: ZoneInfo | None = None) -> int:
+    """time_of_day: the time a reading was taken, which a date alone cannot give (MISSING_TIME). zone: of
+    a naive timestamp (a `timestamp` column: Timestamp, MicroTimestamp, NanoTimestamp, an integer without
+    a schema, an ISO string without an offset), which Debezium sends as its wall-clock reading "as if UTC";
+    None: UTC. A ZonedTimestamp (`timestamptz`) string carries its offset and is an instant already."""
     name = schema.get("name") if isinstance(schema, dict) else None
     if isinstance(raw, str) and _INTEGER.fullmatch(raw.strip()):
         raw = int(raw)
     if isinstance(raw, str):
-        return measurement_time_ms(raw, what) if time_of_day else iso_to_ms(raw, what)
+        return measurement_time_ms(raw, what, zone) if time_of_day else iso_to_ms(raw, what, zone)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise Reject(Reason.BAD_VALUE, f"{what}: not a time")
     n = int(finite_number(raw, what))
@@ -676,6 +687,8 @@ def _decode_time_ms(raw: Any, schema: dict | None, what: str, *, time_of_day: bo
         ms = n * 86_400_000
     else:
         raise Reject(Reason.BAD_VALUE, f"{what}: unsupported time type {str(name)[:60]}")
+    if zone is not None and name not in DATE_DAYS:
+        ms = wall_to_utc_ms(checked_time_ms(ms, what), zone)  # (checked first: datetime's range is narrower)
     return checked_time_ms(ms, what)
 
 

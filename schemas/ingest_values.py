@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 
 from schemas.codes import ACVPU_ORDINAL, CODES, CONTEXT, GCS_RANGE
 from schemas.deadletter import Reason
@@ -17,17 +17,19 @@ from schemas.ingest_outcome import Reject
 _MIN_MS = 315_532_800_000  # 1980-01-01
 _MAX_MS = 4_102_444_800_000  # 2100-01-01
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_NAIVE = datetime(1970, 1, 1)
 _FRACTION = re.compile(r"(\.\d{6})\d+")  # nanosecond fractions: keep microseconds
 
 
-def iso_to_ms(text: str, what: str) -> int:
-    """ISO-8601 date or date-time -> epoch ms; a naive value is taken as UTC."""
+def iso_to_ms(text: str, what: str, naive_zone: tzinfo | None = None) -> int:
+    """ISO-8601 date or date-time -> epoch ms; a naive value is wall-clock time in naive_zone (a CDC
+    database's zone, see wall_to_utc_ms), UTC when None."""
     try:
         dt = datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip()))
     except (ValueError, AttributeError) as exc:
         raise Reject(Reason.BAD_VALUE, f"{what}: not an ISO-8601 date-time") from exc
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=naive_zone or timezone.utc)  # fold=0: see wall_to_utc_ms
     # floor to ms with integer arithmetic, as CDC µs are floored: the same instant from both sources
     # must give the same effective_ms (cross-source dedupe compares it exactly)
     return checked_time_ms((dt - _EPOCH) // timedelta(milliseconds=1), what)
@@ -42,7 +44,7 @@ def date_only_detail(what: str) -> str:
     return f"{what}: a date without a time of day cannot be placed in an hourly window"
 
 
-def measurement_time_ms(text: str, what: str) -> int:
+def measurement_time_ms(text: str, what: str, naive_zone: tzinfo | None = None) -> int:
     """iso_to_ms for when a reading was taken. A date alone (any FHIR dateTime precision coarser than a
     time of day) is dead-lettered as MISSING_TIME: read as midnight UTC it would be scored in the 00:00
     window, up to a day from when it was taken, and move the patient's clock. The detail never has the date."""
@@ -53,7 +55,19 @@ def measurement_time_ms(text: str, what: str) -> int:
         except ValueError as exc:
             raise Reject(Reason.BAD_VALUE, f"{what}: not an ISO-8601 date-time") from exc
         raise Reject(Reason.MISSING_TIME, date_only_detail(what))
-    return iso_to_ms(text, what)
+    return iso_to_ms(text, what, naive_zone)
+
+
+def wall_to_utc_ms(wall_ms: int, zone: tzinfo) -> int:
+    """A wall-clock reading in `zone`, as epoch ms "as if UTC" (what Debezium sends for a PostgreSQL
+    `timestamp` column), -> epoch ms of the instant. DST, by zoneinfo with fold=0, as java.time resolves a
+    local date-time (so a Java FHIR server over the same database gives the same instant, and CDC/FHIR
+    duplicates still match): a wall time of the repeated fall-back hour, which happened twice and which a
+    zone-less column cannot tell apart, is the first one (the offset before the change: summer time); one
+    of the skipped spring-forward hour, which never happened on the wall, is read with the offset before
+    the jump too (02:30 in Europe/Berlin is 01:30Z = 03:30 CEST), as PostgreSQL reads it."""
+    wall = _EPOCH_NAIVE + timedelta(milliseconds=wall_ms)
+    return wall_ms - wall.replace(tzinfo=zone).utcoffset() // timedelta(milliseconds=1)
 
 
 def checked_time_ms(ms: int, what: str) -> int:

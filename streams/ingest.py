@@ -419,7 +419,8 @@ class IngestWorker:
         topic = msg.topic()
         if topic in self._cdc_topics:
             return "cdc", parse_cdc(topic, msg.key(), msg.value(), partition=msg.partition(), offset=msg.offset(),
-                                    cdc_topic_prefix=self.settings.cdc_topic_prefix)
+                                    cdc_topic_prefix=self.settings.cdc_topic_prefix,
+                                    cdc_timezone=self.settings.cdc_timezone)
         received_ms = _record_ms(msg)
         outcome = parse_notification(msg.value(), topic=topic, partition=msg.partition(), offset=msg.offset(),
                                      received_ms=received_ms)

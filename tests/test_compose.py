@@ -171,6 +171,15 @@ def test_wardwatch_variables_name_real_settings(compose):
                 assert var.removeprefix(ENV_PREFIX).lower() in fields, f"{name}: {var} is not a setting"
 
 
+@pytest.mark.parametrize("zone", [None, "Europe/Berlin"])
+def test_every_service_reads_cdc_times_in_the_zone_set_in_env(zone, monkeypatch):
+    """WARDWATCH_CDC_TIMEZONE in .env reaches every wardwatch service (the ingest reads CDC times in it);
+    unset, UTC."""
+    compose = load_compose({"WARDWATCH_CDC_TIMEZONE": zone} if zone else {})
+    for name, svc in wardwatch_services(compose).items():
+        assert settings_from_env(svc["environment"], monkeypatch).cdc_timezone == (zone or "UTC"), name
+
+
 def test_topics_init_creates_the_topics_from_the_code(compose):
     init = compose["services"]["topics-init"]
     assert "build" in init and init["command"] == ["deploy", "topics"]

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024, description="Largest message wardwatch writes (producer message.max.bytes; raw notifications and dead-letter topics are created with it)")
     canonical_max_message_bytes: int = Field(512 * 1024, ge=1024, description="Max bytes of one canonical micro-batch message (below the broker's message.max.bytes)")
     cdc_topic_prefix: str = Field("ehr.public", description="Debezium topic prefix: <prefix>.<table>")
+    cdc_timezone: str = Field("UTC", description="IANA time zone (e.g. Europe/Berlin) of the EHR database's `timestamp` (without time zone) columns, which Debezium sends as wall-clock time: a database keeping local time needs its zone, or every CDC time is off by the UTC offset. DST by zoneinfo: a time in the repeated fall-back hour is its first occurrence, one in the skipped spring-forward hour takes the offset before the jump. `timestamptz` columns are unaffected")
 
     # FHIR server (id-only notifications are fetched from it) and subscription tracking
     fhir_server_url: str | None = Field(None, description="FHIR base URL, e.g. https://ehr.example.org/fhir; None: id-only notifications are dead-lettered")
@@ -173,6 +174,20 @@ class Settings(BaseSettings):
         # WARDWATCH_DATA_DIR= (or a ${DIR} the shell left unset) would silently mean the current directory
         if isinstance(value, str) and not value.strip():
             raise ValueError("set but empty: give a path, or unset the variable for the default")
+        return value
+
+    @field_validator("cdc_timezone")
+    @classmethod
+    def _iana_zone(cls, value):
+        # checked at startup: a typo would otherwise dead-letter every CDC message (internal_error) or, read
+        # as UTC, shift every reading by hours without a word
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("not an IANA time zone name such as UTC, Europe/Berlin or America/New_York "
+                             "(an offset such as +02:00 has no DST rules)") from exc
         return value
 
     @field_validator("gate_min_auroc_gain", "gate_min_auprc_gain")

@@ -96,6 +96,71 @@ def test_zoned_timestamp_and_variable_scale_decimal():
     assert events[codes.HEART_RATE].effective_ms == MEASURED_MS  # 16:06:36.123+02:00
 
 
+# --- naive `timestamp` columns in the database's time zone (WARDWATCH_CDC_TIMEZONE) -----------------
+
+
+def parse_in(msg: RawMessage, zone: str):
+    return parse_cdc(msg.topic, msg.key, msg.value, partition=3, offset=0, cdc_topic_prefix=CDC_PREFIX,
+                     cdc_timezone=zone)
+
+
+def test_naive_timestamps_are_wall_clock_time_in_the_databases_zone():
+    """Debezium sends a `timestamp` (no zone) column as its wall-clock reading "as if UTC". A hospital
+    database keeping local time at +02:00 had every CDC time read 2 h late: CDC and FHIR copies of one
+    reading no longer matched, and a row taken at its commit looked 2 h in the future (dead-lettered)."""
+    berlin_ms = MEASURED_MS - 2 * 3_600_000  # 14:06:36.123 CEST (+02:00) is 12:06:36.123Z
+    for name in ("create_schema_wrapped", "create_bare"):  # MicroTimestamp; µs without a schema
+        (hr,) = [e for e in parse_in(cdc_message(name), "Europe/Berlin").events if e.code == codes.HEART_RATE]
+        assert hr.effective_ms == berlin_ms and hr.issued_ms == COMMIT_MS  # the commit time is a real instant
+    naive = _changed(cdc_message("create_bare_strings"), measured_at="2024-06-15T14:57:36.123275")  # ISO, no offset
+    assert by_code(parse_in(naive, "Europe/Berlin"))[codes.TEMPERATURE].effective_ms == berlin_ms + 51 * 60_000
+    # an ISO string with its offset ("...Z") is an instant: unaffected
+    assert by_code(parse_in(cdc_message("create_bare_strings"), "Europe/Berlin"))[codes.TEMPERATURE].effective_ms \
+        == MEASURED_MS + 51 * 60_000
+    # timestamptz (ZonedTimestamp: an ISO string with its offset) is an instant already: unaffected
+    zoned = by_code(parse_in(cdc_message("zoned_variable_scale"), "America/New_York"))
+    assert zoned[codes.HEART_RATE].effective_ms == MEASURED_MS
+    # UTC is the default and changes nothing
+    assert by_code(parse_in(cdc_message("create_schema_wrapped"), "UTC")) == by_code(parsed("create_schema_wrapped"))
+
+
+def test_a_row_taken_at_its_commit_in_local_time_is_not_future_dated():
+    commit_local_us = (COMMIT_MS + 2 * 3_600_000) * 1000  # the commit instant on a +02:00 wall clock
+    msg = _changed(cdc_message("create_bare"), measured_at=commit_local_us)
+    assert parse(msg).rejection.reason is Reason.FUTURE_TIME  # read as UTC: 2 h after its own commit
+    (hr,) = [e for e in parse_in(msg, "Europe/Berlin").events if e.code == codes.HEART_RATE]
+    assert hr.effective_ms == COMMIT_MS
+
+
+@pytest.mark.parametrize("timestamp_type, scale", [("io.debezium.time.Timestamp", 1),
+                                                   ("io.debezium.time.MicroTimestamp", 1000),
+                                                   ("io.debezium.time.NanoTimestamp", 1_000_000)])
+def test_every_naive_debezium_timestamp_type_is_read_in_the_zone_across_dst(timestamp_type, scale):
+    """Wall times around Europe/Berlin's 2024 transitions. Fall-back (27 Oct, 03:00 CEST -> 02:00 CET): a wall
+    time in 02:00-03:00 happened twice and a zone-less column cannot say which: the first (CEST, +02:00),
+    as java.time resolves it. Spring-forward (31 Mar, 02:00 CET -> 03:00 CEST): 02:00-03:00 never happened
+    on the wall; read with the offset before the jump (+01:00), i.e. 03:30 CEST, as java.time and
+    PostgreSQL do."""
+    cases = {"2024-10-27T01:30:00": "2024-10-26T23:30:00",  # CEST
+             "2024-10-27T02:30:00": "2024-10-27T00:30:00",  # repeated: the first (CEST)
+             "2024-10-27T03:30:00": "2024-10-27T02:30:00",  # CET
+             "2024-03-31T01:30:00": "2024-03-31T00:30:00",  # CET
+             "2024-03-31T02:30:00": "2024-03-31T01:30:00",  # skipped: +01:00 (= 03:30 CEST)
+             "2024-03-31T03:30:00": "2024-03-31T01:30:00"}  # CEST
+    for wall, instant in cases.items():
+        doc = json.loads(cdc_message("create_schema_wrapped").value)
+        for part in doc["schema"]["fields"]:
+            for column in part.get("fields", []):
+                if column["field"] == "measured_at":
+                    column["name"] = timestamp_type
+        doc["payload"]["after"]["measured_at"] = utc_ms(wall) * scale
+        doc["payload"]["source"]["ts_ms"] = utc_ms(instant) + 1000  # committed a second later
+        msg = RawMessage("ehr.public.vital_signs", cdc_message("create_schema_wrapped").key, json.dumps(doc).encode())
+        outcome = parse_in(msg, "Europe/Berlin")
+        assert isinstance(outcome, Parsed), (wall, outcome)
+        assert {e.effective_ms for e in outcome.events} == {utc_ms(instant)}, wall
+
+
 @pytest.mark.parametrize("name", ["snapshot_read", "snapshot_read_bool"])
 def test_snapshot_reads_are_facts_flagged_as_snapshot(name):
     outcome = parsed(name)

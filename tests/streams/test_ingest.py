@@ -218,6 +218,16 @@ def test_an_observation_with_no_server_time_is_checked_against_the_kafka_record_
     assert [e.effective_ms for e in decode_batch(published.value())] == [1_718_460_396_000]
 
 
+def test_the_ingest_reads_naive_cdc_timestamps_in_the_configured_database_zone(fake_worker):
+    """WARDWATCH_CDC_TIMEZONE reaches the CDC parser: a vitals row whose `timestamp` column holds
+    14:06:36.123 Berlin time (CEST) is published at 12:06:36.123Z, not two hours late."""
+    berlin = FAKE_SETTINGS.model_copy(update={"cdc_timezone": "Europe/Berlin"})
+    worker, fake = fake_worker([_cdc("create_bare", 0)], settings=berlin)
+    assert worker.poll_once() == 1
+    (published,) = fake.on(worker.topics.canonical)
+    assert {e.effective_ms for e in decode_batch(published.value())} == {1_718_460_396_123 - 2 * 3_600_000}
+
+
 def test_an_lsn_wider_than_int64_is_dead_lettered_by_the_parser(fake_worker):
     doc = json.loads(cdc_message("create_bare").value)
     doc["source"]["lsn"] = "123456789012345678901234567890"

@@ -41,3 +41,17 @@ def test_each_service_names_itself_to_the_broker_and_keeps_the_shared_security_s
     assert consumer_config(s)["client.id"] == producer_config(s)["client.id"] == "wardwatch-ingest"
     assert changelog_producer_config(s)["client.id"] == "wardwatch-worker-changelog"
     assert consumer_config(s)["sasl.password"] == "p" and consumer_config(s)["security.protocol"] == "SASL_SSL"
+
+
+def test_the_cdc_time_zone_is_utc_by_default_and_a_name_that_is_no_iana_zone_stops_startup(monkeypatch):
+    """A database keeping `timestamp` columns in local wall time needs its zone; a typo must not start an
+    ingest that shifts every CDC time by hours (or silently reads them as UTC)."""
+    assert Settings().cdc_timezone == "UTC"
+    assert Settings(cdc_timezone="Europe/Berlin").cdc_timezone == "Europe/Berlin"
+    monkeypatch.setenv("WARDWATCH_CDC_TIMEZONE", "Europe/Berlinn")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 2
+    assert "WARDWATCH_CDC_TIMEZONE='Europe/Berlinn'" in result.output and "IANA" in result.output
+    for bad in ("", "+02:00", "../../etc/passwd"):
+        monkeypatch.setenv("WARDWATCH_CDC_TIMEZONE", bad)
+        assert CliRunner().invoke(app, ["config", "show"]).exit_code == 2, bad
