@@ -103,11 +103,12 @@ def _is_int(raw: Any) -> bool:
 
 
 def parse_message(source: str, topic: str, key: bytes | None, value: bytes | None, partition: int,
-                  offset: int, received_ms: int | None = None) -> Outcome:
+                  offset: int, received_ms: int | None = None, cdc_timezone: str = "UTC") -> Outcome:
     if source == "cdc":
         # the table is the topic's last segment, whatever the prefix of this feed
         prefix = topic.rsplit(".", 1)[0] if "." in topic else ""
-        return parse_cdc(topic, key, value, partition=partition, offset=offset, cdc_topic_prefix=prefix)
+        return parse_cdc(topic, key, value, partition=partition, offset=offset, cdc_topic_prefix=prefix,
+                         cdc_timezone=cdc_timezone)
     return parse_notification(value, topic=topic, partition=partition, offset=offset, received_ms=received_ms)
 
 
@@ -137,14 +138,15 @@ def outcome_lines(line: int, outcome: Outcome) -> list[dict[str, Any]]:
 
 
 def check_lines(source: str, lines: list[bytes], default_topic: str | None = None,
-                emit: Callable[[bytes], None] = print) -> dict[str, Any]:
-    """Parse every message, emit one JSON line per outcome and the summary; returns the summary."""
+                emit: Callable[[bytes], None] = print, cdc_timezone: str = "UTC") -> dict[str, Any]:
+    """Parse every message, emit one JSON line per outcome and the summary; returns the summary.
+    cdc_timezone: of the database's zone-less timestamps, as the ingest's settings.cdc_timezone."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     counters = IngestCounters()
     topic = default_topic or DEFAULT_TOPICS[source]
     for line, msg_topic, key, value, partition, offset, received_ms in read_messages(lines, topic):
-        outcome = parse_message(source, msg_topic, key, value, partition, offset, received_ms)
+        outcome = parse_message(source, msg_topic, key, value, partition, offset, received_ms, cdc_timezone)
         try:
             rendered = [orjson.dumps(doc) for doc in outcome_lines(line, outcome)]
         except (orjson.JSONEncodeError, OverflowError, TypeError) as exc:  # as the worker: kept, not fatal
@@ -160,5 +162,5 @@ def check_lines(source: str, lines: list[bytes], default_topic: str | None = Non
 
 
 def check_file(source: str, path: Path, default_topic: str | None = None,
-               emit: Callable[[bytes], None] = print) -> dict[str, Any]:
-    return check_lines(source, Path(path).read_bytes().split(b"\n"), default_topic, emit)
+               emit: Callable[[bytes], None] = print, cdc_timezone: str = "UTC") -> dict[str, Any]:
+    return check_lines(source, Path(path).read_bytes().split(b"\n"), default_topic, emit, cdc_timezone)

@@ -767,15 +767,23 @@ def check(
                                      '{"topic", "key", "value", "headers"}'),
     topic: Optional[str] = typer.Option(None, help="Topic assumed for bare lines; for CDC its last segment is the "
                                                    "table (default: ehr.public.vital_signs / ww.fhir.notifications)"),
+    cdc_timezone: str = typer.Option("UTC", envvar="WARDWATCH_CDC_TIMEZONE",
+                                     help="IANA zone of the database's zone-less timestamp columns, as the ingest "
+                                          "reads them (default: WARDWATCH_CDC_TIMEZONE, else UTC)"),
 ) -> None:
     """Run the ingest parsers offline on FILE and print one JSON line per outcome (event, rejected,
     control, ignored) and a summary. Exit code 0 even when messages are rejected. No Kafka, no FHIR server."""
     import sys
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     from wardwatch.check import check_file
 
+    try:
+        ZoneInfo(cdc_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        _fail(f"--cdc-timezone {cdc_timezone!r}: not an IANA time zone name such as UTC or Europe/Berlin")
     out = sys.stdout.buffer
-    check_file(source.value, file, topic, emit=lambda line: out.write(line + b"\n"))
+    check_file(source.value, file, topic, emit=lambda line: out.write(line + b"\n"), cdc_timezone=cdc_timezone)
     out.flush()
 
 

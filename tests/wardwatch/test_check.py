@@ -126,3 +126,28 @@ def test_an_envelope_timestamp_bounds_a_fhir_observation_without_a_server_time()
     out = []
     check_lines("fhir", lines, emit=lambda b: out.append(orjson.loads(b)))
     assert [d["reason"] for d in _by_kind(out, "rejected")] == ["future_time", "missing_time"]
+
+
+def test_cdc_timezone_reads_zone_less_times_as_the_ingest_does(tmp_path, monkeypatch):
+    """`check cdc` read a local-time database's rows as UTC whatever WARDWATCH_CDC_TIMEZONE said, so an offline
+    check of a capture showed every time shifted (or future_time) where the ingest parsed it fine."""
+    from tests.fixtures.ingest.corpus import cdc_message
+
+    capture = tmp_path / "cdc.jsonl"
+    msg = cdc_message("create_bare")
+    capture.write_bytes(orjson.dumps({"topic": msg.topic, "key": None, "value": orjson.loads(msg.value)}) + b"\n")
+    monkeypatch.delenv("WARDWATCH_CDC_TIMEZONE", raising=False)
+
+    def heart_rate_effective(*args: str, env: dict | None = None) -> str:
+        result = runner.invoke(app, ["check", "cdc", str(capture), *args], env=env)
+        assert result.exit_code == 0, result.output
+        (hr,) = [line["event"] for line in map(orjson.loads, result.stdout.splitlines())
+                 if line["kind"] == "event" and line["event"]["code"] == "8867-4"]
+        return hr["effective"]
+
+    utc = heart_rate_effective()
+    assert utc == "2024-06-15T14:06:36.123Z"
+    assert heart_rate_effective("--cdc-timezone", "Europe/Berlin") == "2024-06-15T12:06:36.123Z"  # CEST, +02:00
+    assert heart_rate_effective(env={"WARDWATCH_CDC_TIMEZONE": "Europe/Berlin"}) == "2024-06-15T12:06:36.123Z"
+    bad = runner.invoke(app, ["check", "cdc", str(capture), "--cdc-timezone", "+02:00"])
+    assert bad.exit_code == 2 and "not an IANA time zone" in bad.output
