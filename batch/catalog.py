@@ -337,8 +337,11 @@ def query_csv(path: Path, sql: str) -> str:
 
 
 def query_result(path: Path, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run SQL on a read-only connection (writes fail): column names and rows."""
+    """Run SQL on a read-only connection (writes fail): column names and rows; none of either when the
+    text holds no statement (empty, blank or only a comment: DuckDB then returns no cursor)."""
     with duckdb.connect(str(path), read_only=True) as con:
         cursor = con.execute(sql)
+        if cursor is None:
+            return [], []
         columns = [d[0] for d in cursor.description or []]
         return columns, cursor.fetchall()

@@ -709,6 +709,8 @@ def query(
             _fail(_unreadable(path, exc))
         console.print(summary)
         return
+    if not sql.strip():
+        _fail("query: no SQL given (omit the argument for the schema summary)")
     try:
         if csv:
             import sys
@@ -718,12 +720,26 @@ def query(
         columns, rows = query_result(path, sql)
     except duckdb.Error as exc:
         _fail(f"query failed: {exc}")
-    from rich.table import Table
+    if columns:
+        _print_rows(columns, rows)
 
-    table = Table(*columns)
+
+def _print_rows(columns: list[str], rows: list[tuple]) -> None:
+    """The result as a table that shows every value as stored: cells are plain text (rich would read a value
+    such as `effective[x]` as markup and drop it, `:smile:` as an emoji, and stop on `[/]`), and wrapped on
+    a terminal narrower than the table, never cut to an ellipsis (an id or a time in ms cut short reads as
+    another one); into a file or a pipe the table is as wide as its widest row."""
+    from rich.console import Console
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    table = Table(*(Column(Text(name), overflow="fold") for name in columns))
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    console.print(table)
+        table.add_row(*(Text("" if v is None else str(v)) for v in row))
+    out = console
+    if not console.is_terminal:  # no terminal width to fit: rich would squeeze the table into 80 columns
+        out = Console(width=Console(width=1 << 20).measure(table).maximum, highlight=False)
+    out.print(table)
 
 
 @app.command()
