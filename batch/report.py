@@ -180,8 +180,10 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
     points, at_risk = con.execute("SELECT count(*), count(*) FILTER (WHERE at_risk) FROM labels").fetchone()
     episodes = con.execute("SELECT DISTINCT patient_id, onset_ms FROM labels "
                            "WHERE label = 1 AND at_risk AND onset_ms IS NOT NULL").fetchall()
-    raised = con.execute("SELECT patient_id, scoring_ms FROM alerts "
-                         "WHERE kind IN ('open', 'escalate') AND scoring_ms IS NOT NULL").fetchall()
+    # an alert a correction withdrew (its basis was entered in error) caught nothing: not a detection. It
+    # still paged someone, so it stays in the burden (alerts opened)
+    raised = con.execute("SELECT patient_id, scoring_ms FROM alert_outcomes WHERE kind IN ('open', 'escalate') "
+                         "AND scoring_ms IS NOT NULL AND NOT withdrawn").fetchall()
     opened = con.execute("SELECT count(*) FROM alerts WHERE kind = 'open'").fetchone()[0]
     span_ms = con.execute("SELECT coalesce(sum(last_effective_ms - first_effective_ms), 0) FROM patients").fetchone()[0]
     detected, lead_h = onset_detection(episodes, raised)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from batch.nightly import run_nightly
 from batch.report import auc, onset_detection, reliability, render, roc_points
 from batch.train import bootstrap_intervals
-from tests.batch.test_nightly import deteriorate, stage1, stage2
-from tests.batch.test_rebuild import STANDINS, build_archive
+from tests.batch.test_nightly import ALERT, deteriorate, stage1, stage2
+from tests.batch.test_rebuild import STANDINS, T0, build_archive, kafka, write
 from wardwatch.cli import app
 from wardwatch.settings import Settings
 
@@ -75,6 +75,23 @@ def test_report_evaluates_the_onset_label_on_at_risk_points(settings):
     cells = re.findall(r"<td>([^<]*)</td>", onset)
     # 7 points, 1 already deteriorated; the one onset was preceded by the first alert by 3 h
     assert cells == ["7", "6", "1", "1", "1", "3"]
+
+
+def test_an_alert_withdrawn_by_a_correction_detects_no_onset_but_still_counts_as_opened(settings):
+    """The report counted al1 as catching p1's onset 3 h ahead even after a correction withdrew it (its basis
+    was entered in error): a detection that rested on an error."""
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    deteriorate(settings.archive_dir)
+    withdrawal = ALERT | {"alert_id": "c1", "kind": "correction", "status": "entered-in-error",
+                          "original_alert_id": "al1", "scoring_ms": T0 + 60_000}
+    write(settings.archive_dir, "alerts", "s4", [withdrawal | kafka(0, 2)])
+    text = Path(run_nightly(settings, **STANDINS)["report_path"]).read_text()
+    onset = text[text.index("Onset label"):text.index("Discrimination")]
+    # 7 points, 1 already deteriorated, the one onset: al2 came at the onset itself, al1 was withdrawn
+    assert re.findall(r"<td>([^<]*)</td>", onset) == ["7", "6", "1", "1", "0", "-"]
+    burden = text[text.index("Alert burden"):]
+    assert re.findall(r"<td>([^<]*)</td>", burden)[0] == "2"  # al1 and al2 still paged
 
 
 def test_onset_counts_as_detected_only_by_an_alert_within_the_horizon_before_it():
