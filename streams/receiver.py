@@ -3,7 +3,8 @@
     FHIR server (rest-hook channel)
         |  POST /fhir/notifications  (or POST /)   body: one notification Bundle
         |  checks, in order: in-flight bound (503), bearer token (401), content type (415),
-        |  body size (413), a notification Bundle schemas.fhir accepts (400 + dead letter)
+        |  body size (413), the whole body within settings.receiver_read_timeout_s (408),
+        |  a notification Bundle schemas.fhir accepts (400 + dead letter)
         v
     <prefix>.fhir.notifications   key: patient id of the events (else the subscription)
                                   value: the POSTed bytes, unchanged
@@ -268,10 +269,21 @@ class Receiver:
         max_bytes = self.settings.receiver_max_bytes
         if request.content_length is not None and request.content_length > max_bytes:
             return self._answer(413, "too-costly", f"notification larger than {max_bytes} bytes")
+        read_timeout_s = self.settings.receiver_read_timeout_s
         try:
-            body = await request.read()
+            # bounded: aiohttp never times out a body, so a sender stalling mid-body would keep its
+            # in-flight place for ever, and max_inflight of them would refuse every notification (503)
+            body = await asyncio.wait_for(request.read(), read_timeout_s)
         except web.HTTPRequestEntityTooLarge:  # chunked bodies have no Content-Length to check first
             return self._answer(413, "too-costly", f"notification larger than {max_bytes} bytes")
+        except asyncio.TimeoutError:
+            response = self._answer(408, "timeout", f"notification body not received within {read_timeout_s:g} s")
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            # hang up now: aiohttp would otherwise keep reading the rest of the body for 10 s more
+            request.protocol.force_close()
+            return response
 
         decision = await asyncio.to_thread(classify, body)  # FHIR validation is CPU work: keep the loop free
         try:

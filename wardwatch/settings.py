@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     receiver_max_bytes: int = Field(5 * 1024 * 1024, ge=1, description="Largest notification body accepted (bytes); larger -> 413")
     receiver_max_inflight: int = Field(64, ge=1, description="Requests handled at once; more -> 503 with Retry-After")
     receiver_ack_timeout_s: float = Field(10.0, gt=0, description="Max wait for the broker to acknowledge a write; then 503")
+    receiver_read_timeout_s: float = Field(30.0, gt=0, description="Max time to receive a notification's whole body once its headers are in (seconds); then 408 and the connection is closed, so a sender that stalls mid-body (a hung FHIR server connection, a slow-drip client) does not hold one of WARDWATCH_RECEIVER_MAX_INFLIGHT's places for ever")
 
     # deployment (wardwatch/deploy.py, docker-compose.yml)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Port of the Prometheus /metrics, /healthz and /readyz endpoints (None: off; compose sets 9108, one per container)")

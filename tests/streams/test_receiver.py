@@ -145,6 +145,53 @@ def test_an_authorization_header_that_is_not_utf8_gets_401(monkeypatch):
     assert asyncio.run(post_raw()).split()[1] == b"401"
 
 
+class AckingProducer:
+    """A producer whose broker acknowledges every write at once."""
+
+    class Stored:
+        def partition(self):
+            return 0
+
+        def offset(self):
+            return 0
+
+    def produce(self, topic, *, on_delivery=None, **kwargs):
+        if on_delivery is not None:
+            on_delivery(None, self.Stored())
+
+    def poll(self, timeout):
+        return 0
+
+    def flush(self, timeout=None):
+        return 0
+
+
+def test_a_sender_stalling_mid_body_gets_408_and_frees_its_place(monkeypatch):
+    # was: aiohttp never times out a body, so a sender that sent its headers and part of its body kept
+    # its in-flight place for ever; WARDWATCH_RECEIVER_MAX_INFLIGHT of them and every notification got 503
+    monkeypatch.setattr("confluent_kafka.Producer", lambda config: AckingProducer())
+    receiver = Receiver(Settings(topic_prefix="t", receiver_max_inflight=1, receiver_read_timeout_s=0.5))
+    body = fhir_bundle("r4b_status_event")
+
+    async def stall_then_post() -> tuple[bytes, int]:
+        async with TestServer(receiver.app) as server:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"POST /fhir/notifications HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))  # the rest never comes
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readuntil(b'"}]}'), 5)  # up to the OperationOutcome's end
+            assert await asyncio.wait_for(reader.read(), 2) == b""  # then it hung up, waiting for nothing more
+            async with TestClient(server) as client:  # while the stalled sender is still connected
+                response = await client.post("/fhir/notifications", data=body, headers=FHIR_JSON)
+            writer.close()
+            return answer, response.status
+
+    answer, after = asyncio.run(stall_then_post())
+    assert answer.split()[1] == b"408" and b"not received within 0.5 s" in answer
+    assert b"Connection: close" in answer
+    assert after == 200 and receiver.inflight == 0  # the next notification is stored, not throttled
+
+
 # --- real HTTP, real broker ----------------------------------------------------------------------
 
 
