@@ -35,6 +35,9 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
 - Patient -> SEX (gender) and BIRTH_YEAR (the year of birthDate, nothing finer), effective
   meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`), else the Patient id, the same
   ids Observation subjects resolve to. fact ids "fhir:Patient:<id>:sex" / ":birth-year".
+- Patient key of an Observation / Encounter: subject.identifier.value (the MRN) when present, else the MRN
+  of the Patient the subject references when the notification carries it (matched by "Patient/<id>", an
+  absolute reference to it, or the entry's fullUrl).
 - Observations of unused codes and other resources are skipped and counted (by resource type; a type
   FHIR does not define as "other"); a notification with nothing usable is Ignored (still carrying its
   event numbers for gap detection).
@@ -180,6 +183,8 @@ class _Context:
     offset: int
     received_ms: int | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    # "Patient/<id>" and Patient entries' fullUrls -> MRN, of the Patients this notification carries
+    patients: dict[str, str] = field(default_factory=dict)
 
     def skip(self, kind: str) -> None:
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
@@ -205,7 +210,7 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int, receive
     if references:
         return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, NOT_CONFIGURED_DETAIL),
                           references=tuple(references), priors=tuple(priors))
-    ctx = _Context(status, topic, partition, offset, received_ms)
+    ctx = _Context(status, topic, partition, offset, received_ms, patients=_carried_mrns(entries[1:]))
     carried = None  # read only when the notification deletes something (nearly none do)
     events = []
     for entry in entries[1:]:
@@ -660,7 +665,7 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
         if raw_status == "unknown":
             raise Reject(Reason.BAD_VALUE, UNKNOWN_STATUS_DETAIL)
         raise Reject(Reason.BAD_VALUE, f"Observation status {str(raw_status)[:20]!r} is not ingested")
-    patient = _patient_id(obs.get("subject"))
+    patient = _patient_id(obs.get("subject"), ctx)
     if patient is None:
         raise Reject(Reason.MISSING_PATIENT, "Observation subject is not a Patient")
     issued = obs.get("issued") or meta.get("lastUpdated")
@@ -955,9 +960,39 @@ def _gcs_score(holder: dict, what: str, bounds: tuple[int, int], answers: dict[s
     return None
 
 
-def _patient_id(subject: Any) -> str | None:
-    """The MRN (subject.identifier.value) when present, else the id of a Patient reference."""
+def _patient_id(subject: Any, ctx: _Context) -> str | None:
+    """The MRN (subject.identifier.value) when present; else the MRN of the referenced Patient when the
+    notification carries it (a FHIR server's Patient id is its own, and may equal another patient's MRN);
+    else the id of a Patient reference."""
+    if isinstance(subject, dict) and not _identifier_value(subject):
+        reference = _reference(subject)
+        rid = _reference_id(reference, "Patient")
+        mrn = ctx.patients.get(reference) or (ctx.patients.get(f"Patient/{rid}") if rid else None)
+        if mrn:
+            return mrn
     return _business_id(subject, "Patient")
+
+
+def _carried_mrns(entries: list[dict]) -> dict[str, str]:
+    """"Patient/<id>" (and the entry's fullUrl, e.g. urn:uuid:...) -> MRN of each Patient resource in the
+    notification that has one (the identifier typed MR, as patient_events keys it)."""
+    mrns = {}
+    for entry in entries:
+        resource = entry.get("resource")
+        if isinstance(resource, dict) and resource.get("resourceType") == "Patient" \
+                and (mrn := _mrn(resource.get("identifier"))):
+            if isinstance(resource.get("id"), str) and resource["id"]:
+                mrns[f"Patient/{resource['id']}"] = mrn
+            if isinstance(entry.get("fullUrl"), str) and entry["fullUrl"]:
+                mrns[entry["fullUrl"]] = mrn
+    return mrns
+
+
+def _identifier_value(reference: dict) -> str | None:
+    identifier = reference.get("identifier")
+    if isinstance(identifier, dict) and isinstance(identifier.get("value"), str) and identifier["value"].strip():
+        return identifier["value"].strip()
+    return None
 
 
 def _own_identifier(resource: dict) -> str | None:
@@ -975,9 +1010,8 @@ def _business_id(reference: Any, resource_type: str) -> str | None:
     the reference. A FHIR server's resource ids are its own and rarely equal the database keys."""
     if not isinstance(reference, dict):
         return None
-    identifier = reference.get("identifier")
-    if isinstance(identifier, dict) and isinstance(identifier.get("value"), str) and identifier["value"].strip():
-        return identifier["value"].strip()
+    if value := _identifier_value(reference):
+        return value
     return _reference_id(_reference(reference), resource_type)
 
 
@@ -1038,7 +1072,7 @@ def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
     if status in NOT_ADMITTED:
         ctx.skip("Encounter")
         return []
-    patient = _patient_id(enc.get("subject"))
+    patient = _patient_id(enc.get("subject"), ctx)
     if patient is None:
         raise Reject(Reason.MISSING_PATIENT, "Encounter subject is not a Patient")
     period = _period(enc.get("period") or enc.get("actualPeriod"))  # R5 renamed it actualPeriod

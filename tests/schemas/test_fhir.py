@@ -620,6 +620,47 @@ def test_invalid_encounter_is_rejected_naming_the_field():
     assert "period" in outcome.rejection.detail and "lunch" not in outcome.rejection.detail
 
 
+def with_patient(name: str, *, full_url: str | None = None, reference: str | None = None) -> bytes:
+    """Notification `name` with the Patient of r4b_patient (id pt-e4f5d6254795, MRN MRN-0001) added."""
+    bundle = json.loads(fhir_bundle(name))
+    patient = json.loads(fhir_bundle("r4b_patient"))["entry"][1]["resource"]
+    bundle["entry"].append({"fullUrl": full_url or "https://ehr.example.org/fhir/Patient/pt-e4f5d6254795",
+                            "resource": patient})
+    if reference is not None:
+        bundle["entry"][1]["resource"]["subject"] = {"reference": reference}
+    return json.dumps(bundle).encode()
+
+
+def test_a_reference_only_subject_takes_the_mrn_of_the_patient_in_the_same_notification():
+    """A FHIR server's Patient id is its own (HAPI: 1, 2, 3...) and may equal another patient's MRN: keyed
+    by it, this reading would join that other patient's state. The Patient the notification carries says
+    whose it is."""
+    hr = next(e for e in parse(with_patient("r4b_amended_reference_only")).events if e.code == codes.HEART_RATE)
+    assert hr.patient_id == "MRN-0001"
+    # an absolute reference names the same Patient
+    hr = next(e for e in parse(with_patient("r4b_amended_reference_only",
+                                            reference="https://ehr.example.org/fhir/Patient/pt-e4f5d6254795"))
+              .events if e.code == codes.HEART_RATE)
+    assert hr.patient_id == "MRN-0001"
+    # a transaction-style urn:uuid reference resolves through the Patient entry's fullUrl
+    hr = next(e for e in parse(with_patient("r4b_amended_reference_only", full_url="urn:uuid:7f1c",
+                                            reference="urn:uuid:7f1c")).events if e.code == codes.HEART_RATE)
+    assert hr.patient_id == "MRN-0001"
+
+
+def test_an_encounter_subject_takes_the_mrn_of_the_patient_in_the_same_notification():
+    events = parse(with_patient("r5_encounter_discharged")).events
+    assert {e.patient_id for e in events} == {"MRN-0001"}
+
+
+def test_a_subject_identifier_wins_over_a_patient_in_the_notification():
+    bundle = json.loads(with_patient("r4b_amended_reference_only"))
+    bundle["entry"][1]["resource"]["subject"]["identifier"] = {"value": "MRN-0042"}
+    hr = next(e for e in parse(json.dumps(bundle).encode()).events if e.code == codes.HEART_RATE)
+    assert hr.patient_id == "MRN-0042"
+
+
+
 # --- id-only payloads ----------------------------------------------------------------------------
 
 
