@@ -33,11 +33,15 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   `entered-in-error` or `cancelled` retracts those facts (one without a period.start never gave any: a
   cancelled booking is skipped like a planned one).
 - Patient -> SEX (gender) and BIRTH_YEAR (the year of birthDate, nothing finer), effective
-  meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`), else the Patient id, the same
-  ids Observation subjects resolve to. fact ids "fhir:Patient:<id>:sex" / ":birth-year".
+  meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`), the same ids Observation subjects
+  resolve to; without one, the Patient id when `fhir_patient_ids_are_mrns`, else missing_patient. fact ids "fhir:Patient:<id>:sex" / ":birth-year".
 - Patient key of an Observation / Encounter: subject.identifier.value (the MRN) when present, else the MRN
   of the Patient the subject references when the notification carries it (matched by "Patient/<id>", an
-  absolute reference to it, or the entry's fullUrl).
+  absolute reference to it, or the entry's fullUrl), or when streams/fhir_fetch.py read it (`patient_mrns`);
+  else, with `fhir_patient_ids_are_mrns` (settings: a facade whose Patient.id is the EHR's key), the id of
+  the Patient reference; else NeedsFetch with `patients` (the FHIR server's id is its own, HAPI's 1, 2, 3...,
+  and may equal another patient's MRN: keyed by it, two patients' facts would merge), which without a server
+  is dead-lettered no_fhir_server saying what to set.
 - Observations of unused codes and other resources are skipped and counted (by resource type; a type
   FHIR does not define as "other"); a notification with nothing usable is Ignored (still carrying its
   event numbers for gap detection).
@@ -81,6 +85,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Any
@@ -142,14 +147,19 @@ RESOURCE_TYPES = frozenset("""
     VisionPrescription
 """.split())
 OTHER_TYPE = "other"
+UNKNOWN_PATIENT = ""  # the key of a subject whose MRN must be read first (never in an outcome: see _patient_id)
 
 
 def parse_notification(value: bytes | None, *, topic: str, partition: int, offset: int,
-                       received_ms: int | None = None) -> Outcome:
+                       received_ms: int | None = None, fhir_patient_ids_are_mrns: bool = False,
+                       patient_mrns: Mapping[str, str] | None = None) -> Outcome:
     """received_ms: when the message reached Kafka (the raw record's timestamp), None when unknown
-    (offline checks): the bound of last resort for the future-time check (see _observation_events)."""
+    (offline checks): the bound of last resort for the future-time check (see _observation_events).
+    fhir_patient_ids_are_mrns: settings.fhir_patient_ids_are_mrns (the server's Patient ids are the EHR's
+    patient keys); patient_mrns: "Patient/<id>" -> MRN of subjects the notification does not identify,
+    as streams/fhir_fetch.py read them after a NeedsFetch with `patients`."""
     try:
-        return _parse(value, topic, partition, offset, received_ms)
+        return _parse(value, topic, partition, offset, received_ms, fhir_patient_ids_are_mrns, patient_mrns)
     except Reject as r:
         return rejected(r.reason, r.detail, r.exception)
     except orjson.JSONDecodeError as exc:
@@ -184,13 +194,17 @@ class _Context:
     received_ms: int | None = None
     skipped: dict[str, int] = field(default_factory=dict)
     # "Patient/<id>" and Patient entries' fullUrls -> MRN, of the Patients this notification carries
+    # (and of the ones streams/fhir_fetch.py read for it)
     patients: dict[str, str] = field(default_factory=dict)
+    ids_are_mrns: bool = False  # settings.fhir_patient_ids_are_mrns
+    unknown_patients: list[str] = field(default_factory=list)  # "Patient/<id>" whose MRN must be read
 
     def skip(self, kind: str) -> None:
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
 
 
-def _parse(value: bytes | None, topic: str, partition: int, offset: int, received_ms: int | None = None) -> Outcome:
+def _parse(value: bytes | None, topic: str, partition: int, offset: int, received_ms: int | None = None,
+           ids_are_mrns: bool = False, patient_mrns: Mapping[str, str] | None = None) -> Outcome:
     if value is None:
         raise Reject(Reason.INVALID_STRUCTURE, "notification message has no value")
     bundle = orjson.loads(value)
@@ -210,7 +224,8 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int, receive
     if references:
         return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, NOT_CONFIGURED_DETAIL),
                           references=tuple(references), priors=tuple(priors))
-    ctx = _Context(status, topic, partition, offset, received_ms, patients=_carried_mrns(entries[1:]))
+    ctx = _Context(status, topic, partition, offset, received_ms,
+                   patients={**(patient_mrns or {}), **_carried_mrns(entries[1:])}, ids_are_mrns=ids_are_mrns)
     carried = None  # read only when the notification deletes something (nearly none do)
     events = []
     for entry in entries[1:]:
@@ -223,6 +238,9 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int, receive
         elif isinstance(resource, dict):
             events += _resource_events(resource, ctx)
         # else: an id-only entry of a resource this notification also deletes: the delete supersedes it
+    if ctx.unknown_patients:  # whose they are is known only once their Patients are read
+        return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, UNKNOWN_PATIENT_DETAIL),
+                          patients=tuple(dict.fromkeys(ctx.unknown_patients)))
     if not events:
         kind = max(ctx.skipped, key=ctx.skipped.get) if ctx.skipped else "empty"
         return Ignored(kind, {**status.detail(), "skipped": ctx.skipped})
@@ -351,6 +369,12 @@ def _reference(raw: Any) -> str | None:
 
 # --- id-only payloads ----------------------------------------------------------------------------
 
+UNKNOWN_PATIENT_DETAIL = ("a subject names its Patient by the FHIR server's id only (no identifier, no Patient "
+                          "in the notification): whose MRN it is must be read from the FHIR server; set "
+                          "WARDWATCH_FHIR_SERVER_URL, or WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true if that server's "
+                          "Patient ids are the EHR's patient keys, then replay this message from the dead-letter topic")
+NO_MRN_DETAIL = ("{what} has no identifier typed MR (the MRN the EHR keys patients by) and "
+                 "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS is not set: its FHIR id may be another patient's MRN")
 NOT_CONFIGURED_DETAIL = ("id-only notification: its resources must be fetched from the FHIR server; "
                          "set WARDWATCH_FHIR_SERVER_URL (and WARDWATCH_FHIR_AUTH_TOKEN if it needs one), "
                          "then replay this message from the dead-letter topic")
@@ -970,7 +994,17 @@ def _patient_id(subject: Any, ctx: _Context) -> str | None:
         mrn = ctx.patients.get(reference) or (ctx.patients.get(f"Patient/{rid}") if rid else None)
         if mrn:
             return mrn
+        if rid and not ctx.ids_are_mrns:
+            # the server's own id, not the EHR's key: keying by it could merge two patients. Its MRN is read
+            # from the server (NeedsFetch); the placeholder never leaves this parse
+            ctx.unknown_patients.append(f"Patient/{rid}")
+            return UNKNOWN_PATIENT
     return _business_id(subject, "Patient")
+
+
+def mrn_of(patient: Any) -> str | None:
+    """The MRN of a Patient resource (its identifier typed MR), as patient_events keys it."""
+    return _mrn(patient.get("identifier")) if isinstance(patient, dict) else None
 
 
 def _carried_mrns(entries: list[dict]) -> dict[str, str]:
@@ -1113,7 +1147,9 @@ def patient_events(pat: dict, ctx: _Context) -> list[CanonicalEvent]:
     if not meta.get("lastUpdated"):
         raise Reject(Reason.MISSING_TIME, "Patient has no meta.lastUpdated (the record's update time)")
     updated_ms = iso_to_ms(meta["lastUpdated"], "meta.lastUpdated")
-    patient = _mrn(pat.get("identifier")) or pat_id
+    patient = _mrn(pat.get("identifier")) or (pat_id if ctx.ids_are_mrns else None)
+    if patient is None:
+        raise Reject(Reason.MISSING_PATIENT, NO_MRN_DETAIL.format(what="Patient"))
     common = dict(patient_id=patient, unit=None, effective_ms=updated_ms, issued_ms=updated_ms, status=Status.FINAL,
                   source=Source.FHIR, version=_resource_version(meta), code_system=CONTEXT,
                   provenance=_provenance(f"Patient/{pat_id}", ctx))

@@ -55,6 +55,9 @@ class NeedsFetch(Rejected):
     references: tuple[str, ...] = ()  # relative "Type/id" (or "Type/id/_history/v"), in focus order
     # those of them that are the version before a DELETE entry: a 410 for one is a failed read, not a delete
     priors: tuple[str, ...] = ()
+    # "Patient/<id>" of subjects without an identifier whose Patient the notification does not carry: only
+    # their MRN is wanted (streams/fhir_fetch.py reads it, cached, and parses again with `patient_mrns`)
+    patients: tuple[str, ...] = ()
 
 
 Outcome = Parsed | Rejected | Control | Ignored

@@ -20,6 +20,11 @@ as if the server had sent them inline, so id-only and full-resource payloads giv
         v
     parse_notification() again -> Parsed | Rejected | Ignored
 
+Subjects naming their Patient by the server's id alone (NeedsFetch `patients`, after the id-only round if
+any): FhirClient.patient_mrn() reads "Patient/<id>" once (bounded LRU, PATIENT_CACHE_SIZE) for its MRN and
+the notification is parsed again with `patient_mrns`; a Patient without an MRN -> MISSING_PATIENT. The
+Patient itself adds no facts here (a cached one could not): its own notifications give its sex and birth year.
+
 Failures are data outcomes, never exceptions, so the ingest worker dead-letters the original bytes:
     no server configured          -> FHIR_SERVER_NOT_CONFIGURED (replay after setting WARDWATCH_FHIR_SERVER_URL)
     404 for a reference           -> RESOURCE_NOT_FOUND (never visible to this client)
@@ -54,20 +59,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import httpx
 import orjson
 
 from schemas.deadletter import Reason
-from schemas.fhir import (HISTORY, complete_notification, gone_delete_entry, gone_version_delete, history_decides,
-                          maps_type, parse_notification, version_before_delete)
+from schemas.fhir import (HISTORY, NO_MRN_DETAIL, complete_notification, gone_delete_entry, gone_version_delete,
+                          history_decides, maps_type, mrn_of, parse_notification, version_before_delete)
 from schemas.ingest_outcome import NeedsFetch, Outcome, Rejected, rejected
 from wardwatch.settings import Settings
 
 log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
+PATIENT_CACHE_SIZE = 10_000  # Patient id -> MRN entries kept (a few hundred bytes each)
 _RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
 _GONE_STATUSES = {404, 410}
 
@@ -103,6 +110,8 @@ class FhirClient:
         self._unavailable_until = float("-inf")  # (monotonic) no GET before then: the server just failed
         self._sleep = sleep
         self._monotonic = monotonic
+        # "Patient/<id>" -> MRN: each subject's Patient is read once, not for every notification of it
+        self._mrns: OrderedDict[str, str] = OrderedDict()
 
     def read(self, reference: str) -> dict:
         """GET one relative reference ("Type/id" or "Type/id/_history/v") -> the resource as a dict;
@@ -110,6 +119,20 @@ class FhirClient:
         if reference.endswith(f"/{HISTORY}"):
             return self._version_before_delete(reference)
         return _resource(self._get(reference), reference)
+
+    def patient_mrn(self, reference: str) -> str | None:
+        """The MRN of "Patient/<id>" (its identifier typed MR), None when it has none; read from the server
+        once, then from a bounded LRU cache (PATIENT_CACHE_SIZE; a Patient without an MRN is not cached)."""
+        mrn = self._mrns.get(reference)
+        if mrn is not None:
+            self._mrns.move_to_end(reference)
+            return mrn
+        mrn = mrn_of(self.read(reference))
+        if mrn is not None:
+            self._mrns[reference] = mrn
+            if len(self._mrns) > PATIENT_CACHE_SIZE:
+                self._mrns.popitem(last=False)
+        return mrn
 
     def _version_before_delete(self, reference: str) -> dict:
         resource = version_before_delete(self._history(reference), reference)
@@ -245,24 +268,37 @@ class FhirClient:
 
 
 def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *, topic: str, partition: int,
-            offset: int, received_ms: int | None = None) -> Outcome:
-    """Turn a NeedsFetch into the outcome of the completed notification; other outcomes pass through."""
+            offset: int, received_ms: int | None = None, fhir_patient_ids_are_mrns: bool = False) -> Outcome:
+    """Turn a NeedsFetch into the outcome of the completed notification; other outcomes pass through.
+    First the id-only references (the completed notification is parsed again), then the MRNs of subjects
+    named by the server's Patient id only (`patients`: parsed again with them)."""
     if not isinstance(outcome, NeedsFetch):
         return outcome
     if client is None:
         return Rejected(outcome.rejection)  # FHIR_SERVER_NOT_CONFIGURED, with what to set
     try:
-        fetched, gone = _fetch(client, outcome.references, outcome.priors)
-        result = parse_notification(complete_notification(value, fetched, gone), topic=topic, partition=partition,
-                                    offset=offset, received_ms=received_ms)
+        if outcome.references:
+            value = complete_notification(value, *_fetch(client, outcome.references, outcome.priors))
+            outcome = parse_notification(value, topic=topic, partition=partition, offset=offset,
+                                         received_ms=received_ms, fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns)
+            if isinstance(outcome, NeedsFetch) and outcome.references:  # other resources than the ones referenced
+                return rejected(Reason.FETCH_FAILED, "the fetched resources do not match the notification's references")
+        if isinstance(outcome, NeedsFetch):
+            mrns = {ref: client.patient_mrn(ref) for ref in outcome.patients}
+            if None in mrns.values():
+                return rejected(Reason.MISSING_PATIENT, NO_MRN_DETAIL.format(what="the subject's Patient (read from "
+                                                                                  "the FHIR server)"))
+            outcome = parse_notification(value, topic=topic, partition=partition, offset=offset,
+                                         received_ms=received_ms, fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns,
+                                         patient_mrns=mrns)
     except FetchError as exc:
         return rejected(exc.reason, exc.detail, exc.exception)
     except Exception as exc:  # a bug (e.g. JSON orjson reads but cannot write back): keep the message for replay
         return rejected(Reason.INTERNAL_ERROR, "unexpected error completing an id-only notification",
                         type(exc).__name__)
-    if isinstance(result, NeedsFetch):  # the server returned resources other than the ones referenced
-        return rejected(Reason.FETCH_FAILED, "the fetched resources do not match the notification's references")
-    return result
+    if isinstance(outcome, NeedsFetch):  # only a bug gets here: every subject's MRN was given
+        return rejected(Reason.INTERNAL_ERROR, "subjects still unresolved after reading their Patients")
+    return outcome
 
 
 def _fetch(client: FhirClient, references: tuple[str, ...],

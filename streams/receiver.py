@@ -79,9 +79,11 @@ class Refuse:
     rejection: Rejection
 
 
-def classify(body: bytes) -> Accept | Refuse:
-    """Accept a notification (with its Kafka key) or refuse it with the parser's reason."""
-    return decide(body, parse_notification(body, topic="receiver", partition=-1, offset=-1))
+def classify(body: bytes, fhir_patient_ids_are_mrns: bool = False) -> Accept | Refuse:
+    """Accept a notification (with its Kafka key) or refuse it with the parser's reason; the patient keys
+    as the ingest worker reads them (settings.fhir_patient_ids_are_mrns)."""
+    return decide(body, parse_notification(body, topic="receiver", partition=-1, offset=-1,
+                                           fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns))
 
 
 def decide(body: bytes, outcome: Outcome) -> Accept | Refuse:
@@ -285,7 +287,7 @@ class Receiver:
             request.protocol.force_close()
             return response
 
-        decision = await asyncio.to_thread(classify, body)  # FHIR validation is CPU work: keep the loop free
+        decision = await asyncio.to_thread(classify, body, self.settings.fhir_patient_ids_are_mrns)  # FHIR validation is CPU work: keep the loop free
         try:
             if isinstance(decision, Refuse):
                 await self._write(self.topics.deadletter, None, body,

@@ -103,13 +103,17 @@ def _is_int(raw: Any) -> bool:
 
 
 def parse_message(source: str, topic: str, key: bytes | None, value: bytes | None, partition: int,
-                  offset: int, received_ms: int | None = None, cdc_timezone: str = "UTC") -> Outcome:
+                  offset: int, received_ms: int | None = None, cdc_timezone: str = "UTC",
+                  fhir_patient_ids_are_mrns: bool = False) -> Outcome:
     if source == "cdc":
         # the table is the topic's last segment, whatever the prefix of this feed
         prefix = topic.rsplit(".", 1)[0] if "." in topic else ""
         return parse_cdc(topic, key, value, partition=partition, offset=offset, cdc_topic_prefix=prefix,
                          cdc_timezone=cdc_timezone)
-    return parse_notification(value, topic=topic, partition=partition, offset=offset, received_ms=received_ms)
+    # no FHIR server offline: a subject named by the server's Patient id alone is rejected (no_fhir_server),
+    # as the ingest without WARDWATCH_FHIR_SERVER_URL would, unless the ids are the MRNs
+    return parse_notification(value, topic=topic, partition=partition, offset=offset, received_ms=received_ms,
+                              fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns)
 
 
 def iso_utc(ms: int) -> str:
@@ -138,15 +142,18 @@ def outcome_lines(line: int, outcome: Outcome) -> list[dict[str, Any]]:
 
 
 def check_lines(source: str, lines: list[bytes], default_topic: str | None = None,
-                emit: Callable[[bytes], None] = print, cdc_timezone: str = "UTC") -> dict[str, Any]:
+                emit: Callable[[bytes], None] = print, cdc_timezone: str = "UTC",
+                fhir_patient_ids_are_mrns: bool = False) -> dict[str, Any]:
     """Parse every message, emit one JSON line per outcome and the summary; returns the summary.
-    cdc_timezone: of the database's zone-less timestamps, as the ingest's settings.cdc_timezone."""
+    cdc_timezone: of the database's zone-less timestamps, as the ingest's settings.cdc_timezone;
+    fhir_patient_ids_are_mrns: as the ingest's settings.fhir_patient_ids_are_mrns."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     counters = IngestCounters()
     topic = default_topic or DEFAULT_TOPICS[source]
     for line, msg_topic, key, value, partition, offset, received_ms in read_messages(lines, topic):
-        outcome = parse_message(source, msg_topic, key, value, partition, offset, received_ms, cdc_timezone)
+        outcome = parse_message(source, msg_topic, key, value, partition, offset, received_ms, cdc_timezone,
+                                fhir_patient_ids_are_mrns)
         try:
             rendered = [orjson.dumps(doc) for doc in outcome_lines(line, outcome)]
         except (orjson.JSONEncodeError, OverflowError, TypeError) as exc:  # as the worker: kept, not fatal
@@ -162,5 +169,7 @@ def check_lines(source: str, lines: list[bytes], default_topic: str | None = Non
 
 
 def check_file(source: str, path: Path, default_topic: str | None = None,
-               emit: Callable[[bytes], None] = print, cdc_timezone: str = "UTC") -> dict[str, Any]:
-    return check_lines(source, Path(path).read_bytes().split(b"\n"), default_topic, emit, cdc_timezone)
+               emit: Callable[[bytes], None] = print, cdc_timezone: str = "UTC",
+               fhir_patient_ids_are_mrns: bool = False) -> dict[str, Any]:
+    return check_lines(source, Path(path).read_bytes().split(b"\n"), default_topic, emit, cdc_timezone,
+                       fhir_patient_ids_are_mrns)

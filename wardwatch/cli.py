@@ -786,6 +786,10 @@ def check(
     cdc_timezone: str = typer.Option("UTC", envvar="WARDWATCH_CDC_TIMEZONE",
                                      help="IANA zone of the database's zone-less timestamp columns, as the ingest "
                                           "reads them (default: WARDWATCH_CDC_TIMEZONE, else UTC)"),
+    fhir_patient_ids_are_mrns: bool = typer.Option(
+        False, envvar="WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS",
+        help="The FHIR server's Patient ids are the EHR's patient keys, as the ingest's setting (default: "
+             "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS, else off: a subject named by that id alone is rejected)"),
 ) -> None:
     """Run the ingest parsers offline on FILE and print one JSON line per outcome (event, rejected,
     control, ignored) and a summary. Exit code 0 even when messages are rejected. No Kafka, no FHIR server."""
@@ -799,7 +803,8 @@ def check(
     except (ZoneInfoNotFoundError, ValueError):
         _fail(f"--cdc-timezone {cdc_timezone!r}: not an IANA time zone name such as UTC or Europe/Berlin")
     out = sys.stdout.buffer
-    check_file(source.value, file, topic, emit=lambda line: out.write(line + b"\n"), cdc_timezone=cdc_timezone)
+    check_file(source.value, file, topic, emit=lambda line: out.write(line + b"\n"), cdc_timezone=cdc_timezone,
+               fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns)
     out.flush()
 
 

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     # FHIR server (id-only notifications are fetched from it) and subscription tracking
     fhir_server_url: str | None = Field(None, description="FHIR base URL, e.g. https://ehr.example.org/fhir; None: id-only notifications are dead-lettered")
     fhir_auth_token: SecretStr | None = Field(None, description="Bearer token for the FHIR server, if it needs one")
+    fhir_patient_ids_are_mrns: bool = Field(False, description="Set only for a FHIR facade whose Patient.id is the EHR's patient key (the MRN the CDC rows carry). Otherwise a subject naming its Patient by the server's id alone (no identifier, no Patient in the notification) is keyed by the MRN read from WARDWATCH_FHIR_SERVER_URL (Patient/<id>, cached), else dead-lettered no_fhir_server, and a Patient without an MRN (identifier typed MR) is dead-lettered missing_patient: a server's own ids (HAPI: 1, 2, 3, ...) can equal another patient's MRN and merge the two patients' readings and alerts; the CDS service likewise keys a call by its prefetched Patient's MRN, not context.patientId")
     fhir_timeout_s: float = Field(5.0, gt=0, description="Timeout of one FHIR GET (seconds)")
     fhir_retries: int = Field(3, ge=0, description="Retries of a FHIR GET after a timeout, connection error, 429 or 5xx")
     fhir_retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay (seconds); doubles each retry")

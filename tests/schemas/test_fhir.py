@@ -445,17 +445,42 @@ def test_an_unknown_status_is_dead_lettered_saying_why():
 
 
 def test_amended_observation_with_reference_only_subject():
-    (hr,) = parsed("r4b_amended_reference_only").events
+    # keyed by the Patient id only where the operator says the server's Patient ids are the MRNs (a facade)
+    outcome = parse_notification(fhir_bundle("r4b_amended_reference_only"), topic="t", partition=0, offset=0,
+                                 fhir_patient_ids_are_mrns=True)
+    (hr,) = outcome.events
     assert hr.patient_id == "pt-e4f5d6254795"  # from "Patient/pt-e4f5d6254795"
     assert hr.status is Status.AMENDED and hr.version == 4 and hr.value == 84
     assert hr.issued_ms == hr.effective_ms  # neither issued nor lastUpdated: effective stands in
+
+
+def test_a_subject_named_by_the_server_id_alone_asks_for_its_patients_mrn():
+    """A FHIR server's Patient id is its own (HAPI: 1, 2, 3...): keyed by it, a reading could join another
+    patient whose MRN is that number. Without the operator's word that the ids are the MRNs, the MRN is read
+    from the server (NeedsFetch `patients`); without a server it is a rejection saying what to set."""
+    outcome = parse(fhir_bundle("r4b_amended_reference_only"))
+    assert isinstance(outcome, NeedsFetch) and outcome.patients == ("Patient/pt-e4f5d6254795",)
+    assert outcome.references == ()  # the Observation itself is here: only the MRN is wanted
+    r = outcome.rejection
+    assert r.reason is Reason.FHIR_SERVER_NOT_CONFIGURED
+    assert "WARDWATCH_FHIR_SERVER_URL" in r.detail and "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS" in r.detail
+    assert "pt-e4f5d6254795" not in r.detail
+    # the MRN the fetch read: the reading is that patient's
+    outcome = parse_notification(fhir_bundle("r4b_amended_reference_only"), topic="t", partition=0, offset=0,
+                                 patient_mrns={"Patient/pt-e4f5d6254795": "MRN-0001"})
+    assert [e.patient_id for e in outcome.events] == ["MRN-0001"]
+
+
+def test_an_encounter_subject_named_by_the_server_id_alone_asks_for_its_patients_mrn():
+    outcome = parse(fhir_bundle("r5_encounter_discharged"))
+    assert isinstance(outcome, NeedsFetch) and outcome.patients == ("Patient/pt-e4f5d6254795",)
 
 
 def test_an_observation_dated_decades_ahead_without_an_issued_time_is_dead_lettered():
     """Neither `issued` nor meta.lastUpdated: the effective time stands in for the issued time, so only
     the notification's timestamp (the server's clock, 2024) shows that 2099 is a wrong clock. Accepted, it
     would move the patient's clock 75 years ahead and every later reading would be late."""
-    body = fhir_bundle("r4b_amended_reference_only")
+    body = with_patient("r4b_amended_reference_only")  # whose: the Patient it carries
     outcome = parse(body.replace(b'"effectiveDateTime": "2024-06-15T14:06:36Z"',
                                  b'"effectiveDateTime": "2099-06-15T14:06:36Z"'))
     assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.FUTURE_TIME
@@ -467,7 +492,7 @@ def test_an_observation_dated_decades_ahead_without_an_issued_time_is_dead_lette
 def _without_server_time(effective: str) -> bytes:
     """r4b_amended_reference_only with no clock of the server at all: neither `issued`, meta.lastUpdated,
     a notificationEvent timestamp nor a Bundle timestamp."""
-    doc = json.loads(fhir_bundle("r4b_amended_reference_only"))
+    doc = json.loads(with_patient("r4b_amended_reference_only"))  # whose: the Patient it carries
     doc.pop("timestamp")
     for event in doc["entry"][0]["resource"]["notificationEvent"]:
         event.pop("timestamp")
@@ -551,7 +576,8 @@ def test_transferred_encounter_gives_admission_and_the_active_ward():
 
 
 def test_r5_completed_encounter_gives_discharge_and_versions_by_last_updated():
-    facts = context_facts("r5_encounter_discharged")
+    facts = {e.code: e for e in parse(with_patient("r5_encounter_discharged")).events if e.code_system == codes.CONTEXT
+             and e.code in (codes.ADMISSION, codes.LOCATION, codes.DISCHARGE)}
     assert set(facts) == {codes.ADMISSION, codes.LOCATION, codes.DISCHARGE}
     admitted_ms = 1_718_827_800_000  # actualPeriod.start 2024-06-19T22:10+02:00 = 20:10Z
     assert facts[codes.ADMISSION].effective_ms == admitted_ms
@@ -563,7 +589,10 @@ def test_r5_completed_encounter_gives_discharge_and_versions_by_last_updated():
     assert facts[codes.DISCHARGE].fact_id == "fhir:Encounter:enc-77aa01:discharge"
     # no versionId: meta.lastUpdated 2024-06-20T10:30Z in ms orders the versions
     assert {e.version for e in facts.values()} == {1_718_879_400_000}
-    assert facts[codes.ADMISSION].patient_id == "pt-e4f5d6254795"  # a reference-only subject
+    # a reference-only subject: the MRN of the Patient read for it (here given as a fetch would)
+    outcome = parse_notification(fhir_bundle("r5_encounter_discharged"), topic="t", partition=0, offset=0,
+                                 patient_mrns={"Patient/pt-e4f5d6254795": "MRN-0001"})
+    assert {e.patient_id for e in outcome.events} == {"MRN-0001"}
 
 
 def test_entered_in_error_encounter_retracts_the_same_facts():
@@ -605,10 +634,16 @@ def test_patient_gives_sex_and_birth_year_under_the_mrn():
     assert {e.version for e in facts.values()} == {2}
 
 
-def test_patient_without_an_mrn_falls_back_to_its_id():
+def test_patient_without_an_mrn_is_dead_lettered_unless_its_id_is_the_mrn():
+    """Keyed by its FHIR id, a Patient's sex and birth year could land on another patient whose MRN that id
+    is; only where the operator says the server's Patient ids are the MRNs is the id its key."""
     bundle = json.loads(fhir_bundle("r4b_patient"))
     del bundle["entry"][1]["resource"]["identifier"][1]["type"]
-    events = parse(json.dumps(bundle).encode()).events
+    body = json.dumps(bundle).encode()
+    r = rejection_of(body)
+    assert r.reason is Reason.MISSING_PATIENT and "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS" in r.detail
+    assert "pt-e4f5d6254795" not in r.detail
+    events = parse_notification(body, topic="t", partition=0, offset=0, fhir_patient_ids_are_mrns=True).events
     assert {e.patient_id for e in events} == {"pt-e4f5d6254795"}
 
 

@@ -76,7 +76,8 @@ def outcome_of(m: Message) -> list:
     elif isinstance(outcome, Rejected):
         r = outcome.rejection
         line = [type(outcome).__name__, r.reason.value, r.detail, r.exception,
-                list(outcome.references) if isinstance(outcome, NeedsFetch) else None]
+                # the references to fetch, then the Patients whose MRN must be read ("Patient/<id>")
+                list(outcome.references) + list(outcome.patients) if isinstance(outcome, NeedsFetch) else None]
     elif isinstance(outcome, (Control, Ignored)):
         line = [type(outcome).__name__, outcome.kind, outcome.detail]
     else:

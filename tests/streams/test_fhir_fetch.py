@@ -211,6 +211,79 @@ def test_the_client_refuses_to_start_without_a_url():
         FhirClient(Settings(fhir_server_url=None))
 
 
+# --- subjects named by the server's Patient id only -------------------------------------------------
+
+PATIENT = "/fhir/Patient/pt-e4f5d6254795"
+
+
+def served_patient(**changes) -> bytes:
+    patient = json.loads((SERVED / "Patient" / "pt-e4f5d6254795.json").read_bytes())
+    return json.dumps({**patient, **changes}).encode()
+
+
+def test_a_subject_named_by_the_server_id_alone_is_keyed_by_its_patients_mrn_read_once(fhir_server):
+    """The server's Patient id (HAPI: 1, 2, 3...) may be another patient's MRN: keyed by it, this heart rate
+    would join that patient's state and alerts. Its MRN is read from the server, once per patient."""
+    client = client_for(fhir_server.url)
+    for _ in range(3):  # three notifications of the same patient
+        outcome = resolve_body(fhir_bundle("r4b_amended_reference_only"), client)
+        assert isinstance(outcome, Parsed) and [(e.patient_id, e.value) for e in outcome.events] == [("MRN-0001", 84)]
+    assert fhir_server.requests == [(PATIENT, f"Bearer {TOKEN}")]  # cached after the first read
+    # an Encounter's subject alike
+    outcome = resolve_body(fhir_bundle("r5_encounter_discharged"), client)
+    assert isinstance(outcome, Parsed) and {e.patient_id for e in outcome.events} == {"MRN-0001"}
+    assert len(fhir_server.requests) == 1
+
+
+def test_the_patient_cache_is_bounded(fhir_server, monkeypatch):
+    import streams.fhir_fetch as fhir_fetch
+    monkeypatch.setattr(fhir_fetch, "PATIENT_CACHE_SIZE", 1)
+    other = "/fhir/Patient/pt-2"
+    fhir_server.script[other] = deque([(200, served_patient(id="pt-2", identifier=[
+        {"type": {"coding": [{"code": "MR"}]}, "value": "MRN-0002"}]))])
+    client = client_for(fhir_server.url)
+    assert client.patient_mrn("Patient/pt-e4f5d6254795") == "MRN-0001"
+    assert client.patient_mrn("Patient/pt-2") == "MRN-0002"  # evicts pt-e4f5d6254795
+    assert client.patient_mrn("Patient/pt-e4f5d6254795") == "MRN-0001"
+    assert [path for path, _ in fhir_server.requests] == [PATIENT, other, PATIENT]
+
+
+def test_a_fetched_patient_without_an_mrn_is_dead_lettered_as_missing_patient(fhir_server):
+    fhir_server.script[PATIENT] = deque([(200, served_patient(identifier=[{"value": "not-typed"}]))])
+    r = rejection(resolve_body(fhir_bundle("r4b_amended_reference_only"), client_for(fhir_server.url)))
+    assert r.reason is Reason.MISSING_PATIENT and "pt-e4f5d6254795" not in r.detail
+
+
+def test_a_subject_whose_patient_is_gone_is_dead_lettered_as_not_found(fhir_server):
+    fhir_server.script[PATIENT] = deque([(404, b'{"resourceType": "OperationOutcome"}')])
+    r = rejection(resolve_body(fhir_bundle("r4b_amended_reference_only"), client_for(fhir_server.url)))
+    assert r.reason is Reason.RESOURCE_NOT_FOUND
+
+
+def test_without_a_server_a_subject_named_by_the_server_id_alone_is_dead_lettered_saying_what_to_set():
+    r = rejection(resolve_body(fhir_bundle("r4b_amended_reference_only"), None))
+    assert r.reason is Reason.FHIR_SERVER_NOT_CONFIGURED
+    assert "WARDWATCH_FHIR_SERVER_URL" in r.detail and "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS" in r.detail
+    assert "pt-e4f5d6254795" not in r.detail
+
+
+def test_an_id_only_reading_whose_subject_is_the_server_id_alone_reads_both(fhir_server):
+    """The id-only Observation, once read, names its Patient by id only: its MRN is read next."""
+    served = json.loads((SERVED / "Observation" / "vs-hr-9.json").read_bytes())
+    served["subject"] = {"reference": "Patient/pt-e4f5d6254795"}
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(200, json.dumps(served).encode())])
+    outcome = fetch_and_parse("r4b_id_only", client_for(fhir_server.url))
+    assert isinstance(outcome, Parsed) and [(e.patient_id, e.value) for e in outcome.events] == [("MRN-0001", 112)]
+    assert [path for path, _ in fhir_server.requests] == ["/fhir/Observation/vs-hr-9", PATIENT]
+
+
+def test_with_ids_that_are_mrns_nothing_is_read(fhir_server):
+    raw = fhir_bundle("r4b_amended_reference_only")
+    outcome = parse_notification(raw, topic="t", partition=0, offset=0, fhir_patient_ids_are_mrns=True)
+    assert isinstance(outcome, Parsed) and [e.patient_id for e in outcome.events] == ["pt-e4f5d6254795"]
+    assert fhir_server.requests == []
+
+
 # --- deletes ---------------------------------------------------------------------------------------
 
 BP_V1 = "/fhir/Observation/vs-bp-1/_history/1"

@@ -206,6 +206,8 @@ def test_an_observation_with_no_server_time_is_checked_against_the_kafka_record_
     for event in doc["entry"][0]["resource"]["notificationEvent"]:
         event.pop("timestamp")
     doc["entry"][1]["resource"]["effectiveDateTime"] = "2099-06-15T14:06:36Z"
+    # whose reading it is (the fixture's subject is the FHIR server's id alone, which is not the MRN)
+    doc["entry"][1]["resource"]["subject"]["identifier"] = {"value": "MRN-0001"}
     topic = topics_for(FAKE_SETTINGS).fhir
     typo = FakeMessage(topic, b"MRN-0001", json.dumps(doc).encode(), offset=0, timestamp_ms=1_718_460_456_000)
     doc["entry"][1]["resource"]["effectiveDateTime"] = "2024-06-15T14:06:36Z"
@@ -216,6 +218,26 @@ def test_an_observation_with_no_server_time_is_checked_against_the_kafka_record_
     assert dict(dead.headers())["ww.reason"] == Reason.FUTURE_TIME.value.encode() and dead.value() == typo.value()
     (published,) = fake.on(worker.topics.canonical)
     assert [e.effective_ms for e in decode_batch(published.value())] == [1_718_460_396_000]
+
+
+def test_a_reading_whose_subject_is_the_fhir_servers_patient_id_alone_is_not_keyed_by_that_id(fake_worker):
+    """The FHIR server's Patient id (HAPI: 1, 2, 3...) may be another patient's MRN: published under it, this
+    heart rate would join that patient's state and alerts. With no server to read the MRN from, it is
+    dead-lettered saying what to set; only WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS keys it by the id."""
+    topic = topics_for(FAKE_SETTINGS).fhir
+    msg = FakeMessage(topic, None, fhir_bundle("r4b_amended_reference_only"), offset=0, timestamp_ms=1_718_460_456_000)
+    worker, fake = fake_worker([msg])
+    assert worker.poll_once() == 1
+    assert fake.on(worker.topics.canonical) == []
+    (dead,) = fake.on(worker.topics.deadletter)
+    headers = dict(dead.headers())
+    assert headers["ww.reason"] == Reason.FHIR_SERVER_NOT_CONFIGURED.value.encode()
+    assert b"WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS" in headers["ww.detail"] and b"pt-e4f5" not in headers["ww.detail"]
+    facade = FAKE_SETTINGS.model_copy(update={"fhir_patient_ids_are_mrns": True})
+    worker, fake = fake_worker([msg], settings=facade)
+    assert worker.poll_once() == 1
+    (published,) = fake.on(worker.topics.canonical)
+    assert [e.patient_id for e in decode_batch(published.value())] == ["pt-e4f5d6254795"]
 
 
 def test_the_ingest_reads_naive_cdc_timestamps_in_the_configured_database_zone(fake_worker):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -64,6 +65,22 @@ def test_notifications_with_deletes_are_accepted_not_refused():
     assert classify(fhir_bundle("r4b_update_and_delete_bp")) == Accept(b"MRN-0001", "event")
     # a delete alone needs the version before it, which the ingest worker reads from the FHIR server
     assert classify(fhir_bundle("r4b_delete_bp")) == Accept(SUBSCRIPTION, "needs_fetch")
+
+
+def test_a_subject_named_by_the_fhir_servers_patient_id_alone_is_accepted_for_the_ingest_to_read_its_mrn():
+    """The ingest worker reads the Patient's MRN from the FHIR server: the receiver must not refuse it, nor key
+    it by the server's id (which may be another patient's MRN)."""
+    body = fhir_bundle("r4b_amended_reference_only")
+    assert classify(body) == Accept(SUBSCRIPTION, "needs_fetch")
+    assert classify(body, fhir_patient_ids_are_mrns=True) == Accept(b"pt-e4f5d6254795", "event")
+
+
+def test_a_patient_without_an_mrn_is_refused_unless_its_id_is_the_mrn():
+    bundle = json.loads(fhir_bundle("r4b_patient"))
+    del bundle["entry"][1]["resource"]["identifier"][1]["type"]
+    body = json.dumps(bundle).encode()
+    assert classify(body).rejection.reason is Reason.MISSING_PATIENT
+    assert classify(body, fhir_patient_ids_are_mrns=True) == Accept(b"pt-e4f5d6254795", "event")
 
 
 def test_bad_bodies_are_refused_with_the_parser_reason():

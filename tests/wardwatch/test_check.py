@@ -151,3 +151,22 @@ def test_cdc_timezone_reads_zone_less_times_as_the_ingest_does(tmp_path, monkeyp
     assert heart_rate_effective(env={"WARDWATCH_CDC_TIMEZONE": "Europe/Berlin"}) == "2024-06-15T12:06:36.123Z"
     bad = runner.invoke(app, ["check", "cdc", str(capture), "--cdc-timezone", "+02:00"])
     assert bad.exit_code == 2 and "not an IANA time zone" in bad.output
+
+
+def test_a_subject_named_by_the_fhir_servers_patient_id_alone_is_checked_as_the_ingest_would(tmp_path, monkeypatch):
+    """Offline there is no FHIR server to read the MRN from: such a reading is reported rejected
+    (no_fhir_server), as the ingest without WARDWATCH_FHIR_SERVER_URL dead-letters it; with
+    --fhir-patient-ids-are-mrns (or its variable) it is keyed by the id, as that ingest would."""
+    from tests.fixtures.ingest.corpus import fhir_bundle
+
+    capture = tmp_path / "fhir.jsonl"
+    capture.write_bytes(orjson.dumps(orjson.loads(fhir_bundle("r4b_amended_reference_only"))) + b"\n")
+    monkeypatch.delenv("WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS", raising=False)
+    code, lines = _run("fhir", str(capture))
+    assert code == 0 and [d["reason"] for d in _by_kind(lines, "rejected")] == ["no_fhir_server"]
+    assert _by_kind(lines, "event") == []
+    for args, env in ((["--fhir-patient-ids-are-mrns"], None), ([], {"WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS": "true"})):
+        result = runner.invoke(app, ["check", "fhir", str(capture), *args], env=env)
+        assert result.exit_code == 0, result.output
+        events = [line["event"] for line in map(orjson.loads, result.stdout.splitlines()) if line["kind"] == "event"]
+        assert [e["patient_id"] for e in events] == ["pt-e4f5d6254795"]

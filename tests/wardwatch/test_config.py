@@ -55,3 +55,12 @@ def test_the_cdc_time_zone_is_utc_by_default_and_a_name_that_is_no_iana_zone_sto
     for bad in ("", "+02:00", "../../etc/passwd"):
         monkeypatch.setenv("WARDWATCH_CDC_TIMEZONE", bad)
         assert CliRunner().invoke(app, ["config", "show"]).exit_code == 2, bad
+
+
+def test_fhir_patient_ids_are_not_taken_for_mrns_unless_the_operator_says_so(monkeypatch):
+    """A FHIR server's own Patient ids may equal other patients' MRNs: keying by them is opt-in."""
+    monkeypatch.delenv("WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS", raising=False)
+    assert Settings().fhir_patient_ids_are_mrns is False
+    monkeypatch.setenv("WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS", "true")
+    assert Settings().fhir_patient_ids_are_mrns is True
+    assert "Patient.id" in Settings.model_fields["fhir_patient_ids_are_mrns"].description
