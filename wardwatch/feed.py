@@ -23,6 +23,7 @@ from typing import Any
 from streams import replay
 
 FHIR_BATCH = 100  # entries per transaction Bundle
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"  # identifier types: MR = medical record number
 EPOCH = datetime(1970, 1, 1)
 
 
@@ -141,7 +142,9 @@ def fhir_resources(cohort_dir: Path) -> list[dict[str, Any]]:
         ref = f"Patient/{p['id']}"
         if ref in patient_first:
             trimmed = {k: p[k] for k in ("resourceType", "id", "gender", "birthDate") if k in p}
-            trimmed["identifier"] = [{"system": replay.MRN_SYSTEM, "value": _mrn(p)}]
+            # typed MR: the MRN wardwatch keys the Patient (and subjects naming it by id alone) by
+            trimmed["identifier"] = [{"type": {"coding": [{"system": V2_0203, "code": "MR"}]},
+                                      "system": replay.MRN_SYSTEM, "value": _mrn(p)}]
             out.append((patient_first[ref], 0, trimmed))
     return [r for _, _, r in sorted(out, key=lambda item: (item[0], item[1]))]
 

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from schemas.fhir import mrn_of
 from tests.deploy.conftest import ehr_database, postgres_server  # noqa: F401  (fixtures)
 from wardwatch.feed import ehr_changes, fhir_resources, transaction_bundles, write_changes
 
@@ -79,7 +80,12 @@ def test_fhir_resources_are_ordered_trimmed_and_valid_transactions(cohort):
     assert [(r["resourceType"], r.get("status")) for r in resources] == [
         ("Patient", None), ("Encounter", "in-progress"), ("Observation", "final"), ("Encounter", "finished")]
     patient, observation = resources[0], resources[2]
-    assert "name" not in patient and patient["identifier"] == [{"system": MRN, "value": "MRN-1"}]
+    # typed MR: without it wardwatch would not take it for the MRN (missing_patient), nor key the subjects
+    # that name this Patient by its id alone
+    assert "name" not in patient and patient["identifier"] == [
+        {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+         "system": MRN, "value": "MRN-1"}]
+    assert mrn_of(patient) == "MRN-1"
     assert "performer" not in observation  # references that would not resolve on an empty server
     assert "serviceProvider" not in resources[1]
     bundles = transaction_bundles(resources, size=3)
