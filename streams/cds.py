@@ -1,17 +1,26 @@
 """`wardwatch cds`: a CDS Hooks service that answers `patient-view` with the patient's latest risk.
 
     GET  /cds-services                            discovery: service `wardwatch-deterioration`,
-                                                  hook patient-view, no prefetch
-    POST /cds-services/wardwatch-deterioration    CDS Hooks request -> {"cards": [card]} or {"cards": []}
+                                                  hook patient-view, prefetch patient: Patient/{{context.patientId}}
+    POST /cds-services/wardwatch-deterioration    CDS Hooks request -> {"cards": [card]} or {"cards": []};
+                                                  412 when the patient's MRN cannot be known
     GET  /healthz                                 {"patients": n, "records_read": n, "records_skipped": n,
                                                    "caught_up": bool}
     GET  /readyz                                  200 once the scores topic is read up to its end at start, else 503
 
 Request: `context.patientId` is the FHIR Patient id (a "Patient/<id>" reference is accepted too).
-wardwatch keys patients the way the ingest does (schemas/fhir.py): by the MRN when the source
-gives one, else by the Patient id. A request may carry the Patient resource as `prefetch.patient`;
-then its MRN (identifier typed MR, else the only identifier) is tried first, then the id.
-Answers `{"cards": []}` for a patient wardwatch has not scored, 400 (with a JSON `error` saying
+wardwatch keys patients by the EHR's MRN (the CDC rows' patient_id; schemas/fhir.py reads FHIR subjects
+to it), never by a FHIR server's own Patient id, which may equal another patient's MRN: a card for it
+would be another patient's risk. So the key is the MRN of the Patient the EHR prefetches
+(`prefetch.patient`, which discovery asks for as `Patient/{{context.patientId}}`: identifier typed MR,
+else the only identifier); the bare `context.patientId` is tried after it only with
+WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true (a facade whose Patient.id is the EHR's key). A prefetched
+Patient of another id than context.patientId is a 400. Without a usable prefetch (absent, null, an
+OperationOutcome, no MRN) and without that setting the answer is 412 Precondition Failed (CDS Hooks:
+"unable to retrieve the necessary FHIR data ... either through a prefetch request or directly calling the
+FHIR server"; this service does not call the EHR's fhirServer itself), with a JSON `error` saying what to
+configure and no id: never `{"cards": []}`, which would read as "no risk", as during catch-up below.
+Answers `{"cards": []}` for a known MRN wardwatch has not scored, 400 (with a JSON `error` saying
 what to fix) for a malformed request.
 
 Client authentication (CDS Hooks "Trusting CDS Clients"): with WARDWATCH_CDS_JWKS_FILE set, every
@@ -98,7 +107,8 @@ DISCOVERY = {"services": [{
     "title": "wardwatch deterioration risk",
     "description": "The latest wardwatch risk of clinical deterioration for the patient in view "
                    "(model probability or NEWS2), with its top contributing features.",
-    "prefetch": {},
+    # the Patient, for its MRN: wardwatch keys patients by it, not by the FHIR id (patient_keys)
+    "prefetch": {"patient": "Patient/{{context.patientId}}"},
 }]}
 
 
@@ -109,6 +119,16 @@ class BadRequest(ValueError):
     """The CDS Hooks request cannot be answered as sent; the message says what to fix."""
 
 
+class UnknownMrn(ValueError):
+    """Whose risk is asked cannot be known: no prefetched Patient with an MRN (412 Precondition Failed)."""
+
+
+UNKNOWN_MRN = ("no prefetched Patient with an MRN (identifier typed MR): wardwatch keys patients by the EHR's MRN, "
+               "not by the FHIR Patient id, which may be another patient's MRN. Send the prefetch `patient` "
+               "(Patient/{{context.patientId}}) this service's discovery declares, or set "
+               "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true if the FHIR Patient ids are the EHR's patient keys")
+
+
 def _echo(value: Any) -> str:
     shown = repr(value)
     return shown if len(shown) <= ECHO_MAX else shown[:ECHO_MAX] + "..."
@@ -117,8 +137,9 @@ def _echo(value: Any) -> str:
 # --- pure: request -> patient keys, score record -> card --------------------------------------------------
 
 
-def patient_keys(request: Any) -> list[str]:
-    """The wardwatch patient keys to try for a CDS Hooks request, best first."""
+def patient_keys(request: Any, fhir_patient_ids_are_mrns: bool = False) -> list[str]:
+    """The wardwatch patient keys to try for a CDS Hooks request, best first: the prefetched Patient's MRN,
+    then (only when the FHIR Patient ids are the MRNs) context.patientId. UnknownMrn when there is none."""
     if not isinstance(request, dict):
         raise BadRequest("the request body must be a JSON object (a CDS Hooks request)")
     if request.get("hook", HOOK) != HOOK:
@@ -133,11 +154,19 @@ def patient_keys(request: Any) -> list[str]:
     if patient_id.startswith("Patient/"):
         patient_id = patient_id.removeprefix("Patient/").split("/")[0]
     keys = []
-    mrn = _mrn((request.get("prefetch") or {}).get("patient") if isinstance(request.get("prefetch"), dict) else None)
+    patient = (request.get("prefetch") or {}).get("patient") if isinstance(request.get("prefetch"), dict) else None
+    if isinstance(patient, dict) and patient.get("resourceType", "Patient") != "Patient":
+        patient = None  # CDS Hooks 2: an OperationOutcome for a prefetch the client could not fetch
+    if isinstance(patient, dict) and patient.get("id") is not None and patient.get("id") != patient_id:
+        # its MRN would be another patient's key: a card of someone else's risk
+        raise BadRequest("`prefetch.patient` is not the Patient of `context.patientId` (their ids differ)")
+    mrn = _mrn(patient)
     if mrn:
         keys.append(mrn)
-    if patient_id not in keys:
+    if fhir_patient_ids_are_mrns and patient_id not in keys:
         keys.append(patient_id)
+    if not keys:
+        raise UnknownMrn(UNKNOWN_MRN)
     return keys
 
 
@@ -581,9 +610,11 @@ class CatchUp:
         self.done.set()
 
 
-def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool]) -> web.Application:
+def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool],
+             fhir_patient_ids_are_mrns: bool = False) -> web.Application:
     """auth None: anonymous service calls (load_client_auth decides when that is allowed). ready: the
-    scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503."""
+    scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503.
+    fhir_patient_ids_are_mrns: settings.fhir_patient_ids_are_mrns (see patient_keys)."""
 
     async def discovery(_request: web.Request) -> web.Response:
         return web.json_response(DISCOVERY)
@@ -605,9 +636,11 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
         except orjson.JSONDecodeError:
             return web.json_response({"error": "the request body is not JSON: send a CDS Hooks request"}, status=400)
         try:
-            keys = patient_keys(body)
+            keys = patient_keys(body, fhir_patient_ids_are_mrns)
         except BadRequest as e:
             return web.json_response({"error": str(e)}, status=400)
+        except UnknownMrn as e:  # never {"cards": []}: it would read as "no risk"
+            return web.json_response({"error": str(e)}, status=412)
         found = latest.card_for(keys)
         return web.json_response({"cards": [found] if found else []})
 
@@ -729,7 +762,8 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     observability.set_readiness(feed.caught_up.is_set)  # the metrics port's /readyz too, from now on
     ensure_topics(settings, topics)
     feed.start()
-    app = make_app(latest, auth, ready=feed.caught_up.is_set)
+    app = make_app(latest, auth, ready=feed.caught_up.is_set,
+                   fhir_patient_ids_are_mrns=settings.fhir_patient_ids_are_mrns)
 
     async def stop_feed(_app: web.Application) -> None:
         feed.stop_event.set()

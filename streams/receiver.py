@@ -287,7 +287,8 @@ class Receiver:
             request.protocol.force_close()
             return response
 
-        decision = await asyncio.to_thread(classify, body, self.settings.fhir_patient_ids_are_mrns)  # FHIR validation is CPU work: keep the loop free
+        # FHIR validation is CPU work: keep the loop free
+        decision = await asyncio.to_thread(classify, body, self.settings.fhir_patient_ids_are_mrns)
         try:
             if isinstance(decision, Refuse):
                 await self._write(self.topics.deadletter, None, body,

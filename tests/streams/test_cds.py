@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from streams.cds import (SERVICE_ID, AuthConfigError, BadRequest, CatchUp, LatestScores, SeenTokens, card,
-                         load_client_auth, make_app, patient_keys)
+                         UnknownMrn, load_client_auth, make_app, patient_keys)
 from streams.topics import ensure_topics, topics_for
 from wardwatch.broker import free_port
 from wardwatch.procs import start_http_service, stop_service
@@ -113,13 +113,69 @@ def test_a_scoring_time_sent_as_a_string_is_kept_as_a_number():
     assert "2024-01-01T08:10:00Z" in card(latest.get(["p-1"]))["detail"]
 
 
-def test_patient_keys_prefer_the_mrn_then_the_fhir_id():
+def prefetched(patient_id: str, mrn: str | None = None) -> dict:
+    """The `prefetch` an EHR sends for discovery's Patient/{{context.patientId}}: the Patient, with its MRN
+    (by default the same string as its id: these tests are about other things than keys)."""
+    fhir_id = patient_id.removeprefix("Patient/")
+    return {"patient": {"resourceType": "Patient", "id": fhir_id,
+                        "identifier": [{"type": {"coding": [{"code": "MR"}]}, "value": mrn or fhir_id}]}}
+
+
+def test_patient_keys_are_the_prefetched_mrn_and_the_fhir_id_only_when_the_ids_are_mrns():
     request = {"hook": "patient-view", "context": {"patientId": "Patient/123"},
                "prefetch": {"patient": {"resourceType": "Patient", "id": "123", "identifier": [
                    {"system": "urn:ssn", "value": "999"},
                    {"type": {"coding": [{"code": "MR"}]}, "value": "MRN-77"}]}}}
-    assert patient_keys(request) == ["MRN-77", "123"]
-    assert patient_keys({"context": {"patientId": "123"}}) == ["123"]
+    # the FHIR id "123" may be another patient's MRN: never a key unless the operator says the ids are MRNs
+    assert patient_keys(request) == ["MRN-77"]
+    assert patient_keys(request, fhir_patient_ids_are_mrns=True) == ["MRN-77", "123"]
+    assert patient_keys({"context": {"patientId": "123"}}, fhir_patient_ids_are_mrns=True) == ["123"]
+
+
+@pytest.mark.parametrize("prefetch", [None, {}, {"patient": None},
+                                      {"patient": {"resourceType": "OperationOutcome", "issue": []}},
+                                      {"patient": {"resourceType": "Patient", "id": "123", "identifier": []}}])
+def test_without_a_prefetched_mrn_the_patient_is_unknown_not_the_fhir_id(prefetch):
+    request = {"hook": "patient-view", "context": {"patientId": "123"}}
+    if prefetch is not None:
+        request["prefetch"] = prefetch
+    with pytest.raises(UnknownMrn) as unknown:
+        patient_keys(request)
+    assert "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS" in str(unknown.value) and "123" not in str(unknown.value)
+
+
+def test_a_prefetched_patient_of_another_id_is_refused():
+    # its MRN would key another patient's card
+    with pytest.raises(BadRequest, match="context.patientId"):
+        patient_keys({"hook": "patient-view", "context": {"patientId": "123"}, "prefetch": prefetched("456", "MRN-9")})
+
+
+def test_over_http_a_call_keyed_by_a_fhir_id_that_is_another_patients_mrn_gets_a_412_not_their_card():
+    """FHIR Patient "p-1" is not the patient whose MRN is "p-1": without a prefetched MRN, the service must
+    not show that patient's HIGH risk card, nor `{"cards": []}` (no risk); 412 (CDS Hooks: the service could
+    not retrieve the FHIR data it needs). With the prefetched MRN, the right patient's card (or none)."""
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score(minute=5, tier="high")))  # MRN p-1
+
+    async def post(body: dict, **options) -> tuple[int, dict]:
+        async with TestClient(TestServer(make_app(latest, ready=lambda: True, **options))) as client:
+            response = await client.post(f"/cds-services/{SERVICE_ID}", json=body)
+            return response.status, await response.json()
+
+    bare = {"hook": "patient-view", "context": {"patientId": "p-1"}}
+    status, answer = asyncio.run(post(bare))
+    assert status == 412 and "cards" not in answer and "prefetch" in answer["error"]
+    status, answer = asyncio.run(post({**bare, "prefetch": prefetched("p-1", "MRN-OTHER")}))
+    assert status == 200 and answer == {"cards": []}  # the patient in view is MRN-OTHER: not scored
+    status, answer = asyncio.run(post(bare, fhir_patient_ids_are_mrns=True))  # a facade: the id is the MRN
+    assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk HIGH")
+
+
+def test_discovery_asks_the_ehr_to_prefetch_the_patient():
+    async def get() -> dict:
+        async with TestClient(TestServer(make_app(LatestScores.empty(), ready=lambda: True))) as client:
+            return await (await client.get("/cds-services")).json()
+    assert asyncio.run(get())["services"][0]["prefetch"] == {"patient": "Patient/{{context.patientId}}"}
 
 
 MALFORMED_PATIENTS = [{"identifier": 5}, {"identifier": [{"value": "M1", "type": "MR"}]},
@@ -145,7 +201,8 @@ def test_over_http_a_malformed_request_is_a_400_and_a_bad_score_never_a_500():
             response = await client.post(f"/cds-services/{SERVICE_ID}", json=body)
             return response.status, await response.json()
 
-    status, answer = asyncio.run(post({"hook": "patient-view", "context": {"patientId": "p-1"}}))
+    status, answer = asyncio.run(post({"hook": "patient-view", "context": {"patientId": "p-1"},
+                                       "prefetch": prefetched("p-1")}))
     assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk LOW")
     for patient in MALFORMED_PATIENTS:
         status, answer = asyncio.run(post({"hook": "patient-view", "context": {"patientId": "p-1"},
@@ -218,7 +275,8 @@ def call(latest: LatestScores, auth, headers: dict, *, path: str = f"/cds-servic
             for _ in range(tokens):
                 if path.startswith("/cds-services/"):
                     response = await client.post(path, headers=headers, json={
-                        "hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-1"}})
+                        "hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-1"},
+                        "prefetch": prefetched("p-1")})
                 else:
                     response = await client.get(path, headers=headers)
                 answers.append((response.status, await response.json(), dict(response.headers)))
@@ -401,7 +459,8 @@ def test_until_the_scores_are_read_a_call_is_a_503_never_an_empty_answer():
             answers = []
             for method, path in [("post", f"/cds-services/{SERVICE_ID}"), ("get", "/readyz"),
                                  ("get", "/healthz"), ("get", "/cds-services")]:
-                body = {"hook": "patient-view", "context": {"patientId": "p-1"}} if method == "post" else None
+                body = ({"hook": "patient-view", "context": {"patientId": "p-1"}, "prefetch": prefetched("p-1")}
+                        if method == "post" else None)
                 response = await getattr(client, method)(path, json=body)
                 answers.append((response.status, await response.json(), dict(response.headers)))
             return answers
@@ -430,7 +489,8 @@ def publish(settings, topic: str, records: list[dict]) -> None:
 def ask(base: str, patient_id: str) -> httpx.Response:
     return httpx.post(f"{base}/cds-services/wardwatch-deterioration", timeout=5,
                       json={"hook": "patient-view", "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
-                            "context": {"userId": "Practitioner/1", "patientId": patient_id}})
+                            "context": {"userId": "Practitioner/1", "patientId": patient_id},
+                            "prefetch": prefetched(patient_id)})
 
 
 def wait_for_card(base: str, patient_id: str, proc, expect, timeout_s: float = 60.0) -> dict:
@@ -476,7 +536,8 @@ def test_cds_service_over_http_serves_the_latest_score_and_rebuilds_after_restar
         discovery = httpx.get(f"{base}/cds-services", timeout=5).json()
         assert discovery["services"] == [{
             "id": "wardwatch-deterioration", "hook": "patient-view", "title": "wardwatch deterioration risk",
-            "description": discovery["services"][0]["description"], "prefetch": {}}]
+            "description": discovery["services"][0]["description"],
+            "prefetch": {"patient": "Patient/{{context.patientId}}"}}]
         assert ask(base, "p-3").json() == {"cards": []}  # shadow-only and unknown patients: no card
         assert ask(base, "nobody").json() == {"cards": []}
         bad = httpx.post(f"{base}/cds-services/wardwatch-deterioration", content=b"{not json", timeout=5)
@@ -630,7 +691,8 @@ def test_cds_service_with_client_keys_answers_only_signed_calls(settings, tmp_pa
 
     proc, port = start_http_service(["cds"], settings, tmp_path / "cds.log")
     base = f"http://127.0.0.1:{port}"
-    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-9"}}
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-9"},
+            "prefetch": prefetched("p-9")}
     try:
         deadline, cards = time.monotonic() + 60, []
         while not cards and time.monotonic() < deadline:  # (a new token each call: a jti is used once)
@@ -818,7 +880,7 @@ def test_no_token_makes_the_service_touch_the_disk_per_request(scored, rotating,
         async with TestClient(TestServer(make_app(scored, auth, ready=lambda: True))) as client:
             for headers in (h for pair in zip(unknown, valid) for h in pair):
                 response = await client.post(f"/cds-services/{SERVICE_ID}", headers=headers, json={
-                    "hook": "patient-view", "context": {"patientId": "p-1"}})
+                    "hook": "patient-view", "context": {"patientId": "p-1"}, "prefetch": prefetched("p-1")})
                 answers.append(response.status)
         return answers
 
@@ -845,7 +907,8 @@ def test_cds_service_follows_its_jwks_file_without_a_restart(settings, tmp_path,
     log_path = tmp_path / "cds.log"
     proc, port = start_http_service(["cds"], settings, log_path)
     base = f"http://127.0.0.1:{port}"
-    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-9"}}
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-9"},
+            "prefetch": prefetched("p-9")}
 
     def status(key, kid=KID) -> int:
         return httpx.post(f"{base}/cds-services/{SERVICE_ID}", json=body, timeout=5,
