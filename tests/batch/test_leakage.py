@@ -174,7 +174,8 @@ def _fhir_lactate() -> list[CanonicalEvent]:
     first = {"resourceType": "Observation", "id": "lab-lac-7", "status": "final",
              "meta": {"versionId": "1", "lastUpdated": format_time_us(RELEASED * 1000 + 2_000_000)},
              "code": {"coding": [{"system": "http://loinc.org", "code": codes.LACTATE}]},
-             "subject": {"reference": "Patient/p7"}, "effectiveDateTime": format_time_us(DRAWN * 1000),
+             "subject": {"reference": "Patient/p7", "identifier": {"value": "p7"}},  # as the replay: the MRN
+             "effectiveDateTime": format_time_us(DRAWN * 1000),
              "issued": format_time_us(RELEASED * 1000),
              "valueQuantity": {"value": 2.1, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"}}
     amended = next_version(first, AMENDED * 1000, "amended", 4.6)
