@@ -117,13 +117,22 @@ def fhir_resources(cohort_dir: Path) -> list[dict[str, Any]]:
     to what references resolve on an empty server (no practitioners, locations, organisations)."""
     out: list[tuple[int, int, dict[str, Any]]] = []
     labs = replay.load_labs(cohort_dir)
+    patients = _patients_fhir(cohort_dir)
+    # subjects name their Patient by id and by MRN, as EHR interfaces that know the MRN do: wardwatch keys
+    # patients by MRN and takes a server's Patient id for one only if told to (WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS)
+    mrn_by_ref = {f"Patient/{p['id']}": _mrn(p) for p in patients}
+
+    def subject(ref: str) -> dict[str, Any]:
+        mrn = mrn_by_ref.get(ref)
+        return {"reference": ref, **({"identifier": _mr_identifier(mrn)} if mrn else {})}
+
     patient_first: dict[str, int] = {}
     encounters = [json.loads(line) for line in (cohort_dir / "fhir_r4" / "Encounter.ndjson").open() if line.strip()]
     for e in encounters:
         start = replay.parse_time_us(e["period"]["start"])
         ref = e["subject"]["reference"]
         patient_first[ref] = min(patient_first.get(ref, start), start)
-        base = {k: e[k] for k in ("resourceType", "id", "identifier", "class", "subject") if k in e}
+        base = {k: e[k] for k in ("resourceType", "id", "identifier", "class") if k in e} | {"subject": subject(ref)}
         out.append((start, 1, {**base, "status": "in-progress", "period": {"start": e["period"]["start"]}}))
         if e.get("period", {}).get("end"):
             out.append((replay.parse_time_us(e["period"]["end"]), 1, {**base, "status": "finished", "period": e["period"]}))
@@ -134,19 +143,22 @@ def fhir_resources(cohort_dir: Path) -> list[dict[str, Any]]:
         keep = ("resourceType", "id", "status", "category", "code", "subject", "encounter", "effectiveDateTime",
                 "issued", "valueQuantity", "interpretation", "referenceRange")
         obs = {k: r[k] for k in keep if k in r}
-        obs["subject"] = {"reference": ref, **({"identifier": r["subject"]["identifier"]} if "identifier" in r["subject"] else {})}
+        obs["subject"] = subject(ref)
         if "encounter" in obs:
             obs["encounter"] = {"reference": obs["encounter"]["reference"]}
         out.append((lab.issued_us, 2, obs))
-    for p in _patients_fhir(cohort_dir):
+    for p in patients:
         ref = f"Patient/{p['id']}"
         if ref in patient_first:
             trimmed = {k: p[k] for k in ("resourceType", "id", "gender", "birthDate") if k in p}
             # typed MR: the MRN wardwatch keys the Patient (and subjects naming it by id alone) by
-            trimmed["identifier"] = [{"type": {"coding": [{"system": V2_0203, "code": "MR"}]},
-                                      "system": replay.MRN_SYSTEM, "value": _mrn(p)}]
+            trimmed["identifier"] = [_mr_identifier(_mrn(p))]
             out.append((patient_first[ref], 0, trimmed))
     return [r for _, _, r in sorted(out, key=lambda item: (item[0], item[1]))]
+
+
+def _mr_identifier(mrn: str | None) -> dict[str, Any]:
+    return {"type": {"coding": [{"system": V2_0203, "code": "MR"}]}, "system": replay.MRN_SYSTEM, "value": mrn}
 
 
 def transaction_bundles(resources: list[dict[str, Any]], size: int = FHIR_BATCH) -> list[dict[str, Any]]:

@@ -86,6 +86,10 @@ def test_fhir_resources_are_ordered_trimmed_and_valid_transactions(cohort):
         {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
          "system": MRN, "value": "MRN-1"}]
     assert mrn_of(patient) == "MRN-1"
+    # the Encounters and the lab name their Patient by MRN too: without a FHIR server to read the Patient from,
+    # a subject with only `Patient/pt-1` would be dead-lettered (no_fhir_server) under the compose defaults
+    for resource in resources[1:]:
+        assert resource["subject"] == {"reference": "Patient/pt-1", "identifier": patient["identifier"][0]}
     assert "performer" not in observation  # references that would not resolve on an empty server
     assert "serviceProvider" not in resources[1]
     bundles = transaction_bundles(resources, size=3)
