@@ -12,8 +12,8 @@ Request: `context.patientId` is the FHIR Patient id (a "Patient/<id>" reference 
 wardwatch keys patients by the EHR's MRN (the CDC rows' patient_id; schemas/fhir.py reads FHIR subjects
 to it), never by a FHIR server's own Patient id, which may equal another patient's MRN: a card for it
 would be another patient's risk. So the key is the MRN of the Patient the EHR prefetches
-(`prefetch.patient`, which discovery asks for as `Patient/{{context.patientId}}`: identifier typed MR,
-else the only identifier); the bare `context.patientId` is tried after it only with
+(`prefetch.patient`, which discovery asks for as `Patient/{{context.patientId}}`: the identifier typed
+MR, as the ingest reads it); the bare `context.patientId` is tried after it only with
 WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true (a facade whose Patient.id is the EHR's key). A prefetched
 Patient of another id than context.patientId is a 400. Without a usable prefetch (absent, null, an
 OperationOutcome, no MRN) and without that setting the answer is 412 Precondition Failed (CDS Hooks:
@@ -177,9 +177,10 @@ def _mrn(patient: Any) -> str | None:
     if not isinstance(raw, list):
         raise BadRequest("`prefetch.patient.identifier` must be an array (a FHIR Patient)")
     identifiers = [i for i in raw if isinstance(i, dict) and isinstance(i.get("value"), str)]
+    # typed MR only, as the ingest keys a Patient (schemas/fhir.py): an untyped identifier may be of another
+    # namespace (a national number, the server's own), whose value could be someone else's MRN
     typed = [i for i in identifiers if "MR" in _type_codes(i)]
-    chosen = typed or (identifiers if len(identifiers) == 1 else [])
-    return chosen[0]["value"].strip() or None if chosen else None
+    return typed[0]["value"].strip() or None if typed else None
 
 
 def _type_codes(identifier: dict) -> list[Any]:

@@ -134,7 +134,11 @@ def test_patient_keys_are_the_prefetched_mrn_and_the_fhir_id_only_when_the_ids_a
 
 @pytest.mark.parametrize("prefetch", [None, {}, {"patient": None},
                                       {"patient": {"resourceType": "OperationOutcome", "issue": []}},
-                                      {"patient": {"resourceType": "Patient", "id": "123", "identifier": []}}])
+                                      {"patient": {"resourceType": "Patient", "id": "123", "identifier": []}},
+                                      # an untyped identifier (here a national number) is no MRN: the ingest
+                                      # would not key the patient by it, and its value may be someone's MRN
+                                      {"patient": {"resourceType": "Patient", "id": "123",
+                                                   "identifier": [{"system": "urn:ssn", "value": "999"}]}}])
 def test_without_a_prefetched_mrn_the_patient_is_unknown_not_the_fhir_id(prefetch):
     request = {"hook": "patient-view", "context": {"patientId": "123"}}
     if prefetch is not None:
