@@ -794,14 +794,14 @@ def check(
     """Run the ingest parsers offline on FILE and print one JSON line per outcome (event, rejected,
     control, ignored) and a summary. Exit code 0 even when messages are rejected. No Kafka, no FHIR server."""
     import sys
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     from wardwatch.check import check_file
+    from wardwatch.settings import iana_zone
 
     try:
-        ZoneInfo(cdc_timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        _fail(f"--cdc-timezone {cdc_timezone!r}: not an IANA time zone name such as UTC or Europe/Berlin")
+        iana_zone(cdc_timezone)
+    except ValueError as exc:
+        _fail(f"--cdc-timezone {cdc_timezone!r}: {exc}")
     out = sys.stdout.buffer
     check_file(source.value, file, topic, emit=lambda line: out.write(line + b"\n"), cdc_timezone=cdc_timezone,
                fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns)

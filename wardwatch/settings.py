@@ -20,6 +20,18 @@ ASYMMETRIC_JWS_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512
                              "EdDSA")
 
 
+
+def iana_zone(value: str) -> str:
+    """`value` when it names an IANA time zone (zoneinfo knows it), else ValueError saying what is wanted."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError("not an IANA time zone name such as UTC, Europe/Berlin or America/New_York "
+                         "(an offset such as +02:00 has no DST rules)") from exc
+    return value
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WARDWATCH_", frozen=True, extra="ignore")
 
@@ -183,14 +195,7 @@ class Settings(BaseSettings):
     def _iana_zone(cls, value):
         # checked at startup: a typo would otherwise dead-letter every CDC message (internal_error) or, read
         # as UTC, shift every reading by hours without a word
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError("not an IANA time zone name such as UTC, Europe/Berlin or America/New_York "
-                             "(an offset such as +02:00 has no DST rules)") from exc
-        return value
+        return iana_zone(value)
 
     @field_validator("gate_min_auroc_gain", "gate_min_auprc_gain")
     @classmethod
