@@ -997,7 +997,11 @@ def _patient_id(subject: Any, ctx: _Context) -> str | None:
         if rid and not ctx.ids_are_mrns:
             # the server's own id, not the EHR's key: keying by it could merge two patients. Its MRN is read
             # from the server (NeedsFetch); the placeholder never leaves this parse
-            ctx.unknown_patients.append(f"Patient/{rid}")
+            fetchable = relative_reference(f"Patient/{rid}")
+            if fetchable is None:  # not a FHIR id ("123?_format=xml", ".."): no GET of whatever path it names
+                raise Reject(Reason.MISSING_PATIENT, "subject names its Patient by a reference that is not a FHIR "
+                                                     "resource id, and has no identifier")
+            ctx.unknown_patients.append(fetchable)
             return UNKNOWN_PATIENT
     return _business_id(subject, "Patient")
 

@@ -471,6 +471,16 @@ def test_a_subject_named_by_the_server_id_alone_asks_for_its_patients_mrn():
     assert [e.patient_id for e in outcome.events] == ["MRN-0001"]
 
 
+@pytest.mark.parametrize("reference", ["Patient/123?_format=xml", "Patient/..", "Patient/a b", "Patient/" + "9" * 65])
+def test_a_subject_reference_that_is_no_fhir_id_is_dead_lettered_not_read_from_the_server(reference):
+    # was: NeedsFetch of "Patient/123?_format=xml" (or "Patient/.."), which the ingest would GET with its token
+    doc = json.loads(fhir_bundle("r4b_amended_reference_only"))
+    doc["entry"][1]["resource"]["subject"] = {"reference": reference}
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Rejected) and not isinstance(outcome, NeedsFetch), outcome
+    assert outcome.rejection.reason is Reason.MISSING_PATIENT and "123" not in outcome.rejection.detail
+
+
 def test_an_encounter_subject_named_by_the_server_id_alone_asks_for_its_patients_mrn():
     outcome = parse(fhir_bundle("r5_encounter_discharged"))
     assert isinstance(outcome, NeedsFetch) and outcome.patients == ("Patient/pt-e4f5d6254795",)
