@@ -326,11 +326,17 @@ def test_a_row_dated_decades_ahead_does_not_make_the_patients_later_events_late(
         published = publish_messages(settings, pipe.topics, messages, rate=2000)
         pipe.wait_processed(published["end_offsets"], deadline=time.monotonic() + DEADLINE_S)
         pipe.check_alive()
+    dead = archived(settings, "deadletter")
+    assert list(dead["reason"]) == ["future_time"]  # the 2099 row, and nothing else
     late = archived(settings, "late")
-    late_valid = late.filter(late["patient_id"] == patient).height if late.height else 0
-    print(f"\n{late_valid} of {sum(k[0] == patient for k in expected)} valid events of the patient went late "
+    mine = late.filter(late["patient_id"] == patient) if late.height else late
+    print(f"\n{mine.height} of {sum(k[0] == patient for k in expected)} valid events of the patient went late "
           "after one row dated 2099")
-    assert late_valid == 0
+    # taken, the 2099 row would have set the patient's clock 75 years ahead: every later event late by decades.
+    # A few FHIR labs can still arrive days behind the CDC rows when the loaded machine delivers one raw
+    # partition's batch late (the ingest's alignment cannot wait for data it has not seen): hours to days,
+    # never years (a CI run at 619de0c: 4 of 491, 23-71 h)
+    assert mine.height == 0 or mine["late_by_ms"].max() < 30 * 24 * 3_600_000, mine["late_by_ms"].to_list()
 
 
 def encounter_with_long_text(n: int, text_bytes: int) -> RawMessage:
