@@ -80,8 +80,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import aiohttp_cors
 import jwt
 import orjson
 from aiohttp import web
@@ -112,6 +113,7 @@ DISCOVERY = {"services": [{
 }]}
 
 
+CORS_MAX_AGE_S = 600  # how long a browser may reuse a preflight answer
 ECHO_MAX = 64  # characters of a request value an error message may quote (a 1 MB `hook` is not echoed back)
 
 
@@ -612,10 +614,11 @@ class CatchUp:
 
 
 def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool],
-             fhir_patient_ids_are_mrns: bool = False) -> web.Application:
+             fhir_patient_ids_are_mrns: bool = False, cors_origins: Sequence[str] = ()) -> web.Application:
     """auth None: anonymous service calls (load_client_auth decides when that is allowed). ready: the
     scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503.
-    fhir_patient_ids_are_mrns: settings.fhir_patient_ids_are_mrns (see patient_keys)."""
+    fhir_patient_ids_are_mrns: settings.fhir_patient_ids_are_mrns (see patient_keys).
+    cors_origins: settings.cds_cors_origins (see allow_cors)."""
 
     async def discovery(_request: web.Request) -> web.Response:
         return web.json_response(DISCOVERY)
@@ -659,7 +662,26 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
     app.router.add_post(f"/cds-services/{SERVICE_ID}", service)
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", readiness)
+    allow_cors(app, cors_origins)
     return app
+
+
+def allow_cors(app: web.Application, origins: Sequence[str]) -> None:
+    """CORS for browser-based CDS clients (CDS Hooks: "CDS Services and browser-based CDS Clients will
+    require CORS support"), for the named origins only, on discovery and the service: a preflight
+    (OPTIONS) from one of them is answered with the methods and the Authorization and Content-Type
+    headers a call sends; its answers carry Access-Control-Allow-Origin, and expose WWW-Authenticate and
+    Retry-After (what a 401 or a 503 tells the app to do). No credentials (cookies): a call authenticates
+    with its bearer JWT. Any other origin gets no CORS header, so the browser withholds the answer; no
+    origins (the default), none at all."""
+    if not origins:
+        return
+    options = aiohttp_cors.ResourceOptions(allow_credentials=False, allow_headers=("Authorization", "Content-Type"),
+                                           expose_headers=("WWW-Authenticate", "Retry-After"), max_age=CORS_MAX_AGE_S)
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        if route.resource is not None and route.resource.canonical.startswith("/cds-services"):
+            cors.add(route)
 
 
 FEED_BATCH = 500  # records per read of the scores feed
@@ -764,7 +786,8 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     ensure_topics(settings, topics)
     feed.start()
     app = make_app(latest, auth, ready=feed.caught_up.is_set,
-                   fhir_patient_ids_are_mrns=settings.fhir_patient_ids_are_mrns)
+                   fhir_patient_ids_are_mrns=settings.fhir_patient_ids_are_mrns,
+                   cors_origins=settings.cds_cors_origins)
 
     async def stop_feed(_app: web.Application) -> None:
         feed.stop_event.set()

@@ -32,6 +32,20 @@ def iana_zone(value: str) -> str:
                          "(an offset such as +02:00 has no DST rules)") from exc
     return value
 
+
+def _is_web_origin(value: str) -> bool:
+    """scheme://host[:port] as a browser's `Origin` header writes it: http(s), a host, nothing after."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and value == f"{parts.scheme}://{parts.netloc}"
+            and "@" not in parts.netloc and "*" not in value)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WARDWATCH_", frozen=True, extra="ignore")
 
@@ -106,6 +120,8 @@ class Settings(BaseSettings):
     cds_jwks_check_s: float = Field(5.0, gt=0, le=300, description="How often, at most, `wardwatch cds` looks whether WARDWATCH_CDS_JWKS_FILE changed (seconds): a changed file's keys replace the old ones without a restart (a key removed from it stops verifying within this time); an unreadable or invalid new file keeps the last good keys")
     cds_algorithms: Annotated[list[str], NoDecode] = Field(
         ["ES384", "RS384"], description="JWS algorithms accepted for CDS clients' tokens, comma-separated: asymmetric only (default: ES384 and RS384, the ones CDS Hooks recommends)")
+    cds_cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="Web origins (scheme://host[:port]) of browser-based CDS clients allowed to call the service across origins (CORS), comma-separated. Empty: no CORS headers, so a browser withholds the answers from a web app on another origin (EHRs calling from their servers need none). Never `*`: name each origin")
     cds_allow_anonymous: bool = Field(False, description="Without WARDWATCH_CDS_JWKS_FILE, let `wardwatch cds` listen on a non-loopback address anyway: anyone who reaches the port reads any patient's latest risk")
 
     # batch / archive
@@ -216,12 +232,22 @@ class Settings(BaseSettings):
                              "(1 would let any model replace it)")
         return value
 
-    @field_validator("cds_issuers", "cds_algorithms", mode="before")
+    @field_validator("cds_issuers", "cds_algorithms", "cds_cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         # an environment variable holds "a,b" (NoDecode: not JSON); blanks between commas are dropped
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cds_cors_origins")
+    @classmethod
+    def _web_origins(cls, value):
+        # an origin is what a browser sends in `Origin`: compared exactly, so a path or a slash would never match
+        refused = [origin for origin in value if not _is_web_origin(origin)]
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: not a web origin; name each as scheme://host[:port] "
+                             "(http or https, no path, no trailing slash, no wildcard)")
         return value
 
     @field_validator("cds_algorithms")

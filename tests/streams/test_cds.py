@@ -970,3 +970,72 @@ def test_cds_service_follows_its_jwks_file_without_a_restart(settings, tmp_path,
     assert text.count("CDS client keys NOT reloaded") == 1 and text.count("CDS client keys reloaded") == 3
     public = orjson.loads(jwt.algorithms.ECAlgorithm.to_jwk(new_key.public_key()))
     assert public["x"] not in text and ISSUER not in text
+
+
+EHR_APP = "https://ehr-app.example.org"  # a browser-based CDS client's origin
+
+
+def browser(scored, auth, origins, *requests) -> list[tuple[int, dict]]:
+    """What a browser on EHR_APP (or another origin) sees: [(status, headers)] of each (method, path,
+    headers) sent to a service allowing `origins`."""
+    async def go():
+        answers = []
+        app = make_app(scored, auth, ready=lambda: True, cors_origins=origins)
+        async with TestClient(TestServer(app)) as client:
+            for method, path, headers in requests:
+                body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": "p-1"},
+                        "prefetch": prefetched("p-1")} if method == "POST" else None
+                response = await client.request(method, path, headers=headers, json=body)
+                answers.append((response.status, dict(response.headers)))
+        return answers
+    return asyncio.run(go())
+
+
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+def test_a_browser_app_on_an_allowed_origin_can_call_the_service_with_its_token(scored, client_auth, ehr_key):
+    """CDS Hooks: browser-based CDS clients need CORS. The preflight allows the POST with its Authorization
+    header; the answer names the origin (else the browser withholds the card), and a 401's challenge is
+    readable by the app."""
+    service = f"/cds-services/{SERVICE_ID}"
+    bearer = {"Origin": EHR_APP, "Authorization": f"Bearer {signed(ehr_key)}"}
+    (pre, pre_h), (ok, ok_h), (denied, denied_h), (found, found_h) = browser(
+        scored, client_auth, [EHR_APP], ("OPTIONS", service, {"Origin": EHR_APP} | PREFLIGHT),
+        ("POST", service, bearer), ("POST", service, {"Origin": EHR_APP}),
+        ("GET", "/cds-services", {"Origin": EHR_APP}))
+    assert pre == 200 and pre_h["Access-Control-Allow-Origin"] == EHR_APP
+    assert "POST" in pre_h["Access-Control-Allow-Methods"]
+    assert {"AUTHORIZATION", "CONTENT-TYPE"} <= {h.strip().upper() for h in pre_h["Access-Control-Allow-Headers"].split(",")}
+    assert "Access-Control-Allow-Credentials" not in pre_h  # the JWT authenticates, never a cookie
+    assert ok == 200 and ok_h["Access-Control-Allow-Origin"] == EHR_APP
+    assert denied == 401 and denied_h["Access-Control-Allow-Origin"] == EHR_APP
+    assert "WWW-AUTHENTICATE" in denied_h["Access-Control-Expose-Headers"].upper()
+    assert found == 200 and found_h["Access-Control-Allow-Origin"] == EHR_APP  # discovery too
+
+
+def test_another_origin_or_no_allowed_origins_gets_no_cors_headers(scored, client_auth, ehr_key):
+    """A page on an origin not named (or any page, with none named) cannot read the answers: the browser
+    refuses a response without Access-Control-Allow-Origin. A token still decides what a server-side
+    caller gets."""
+    service = f"/cds-services/{SERVICE_ID}"
+    for origins, origin in (([EHR_APP], "https://evil.example.net"), ([], EHR_APP)):
+        bearer = {"Authorization": f"Bearer {signed(ehr_key)}"}  # a token is good once
+        (pre, pre_h), (post, post_h) = browser(
+            scored, client_auth, origins, ("OPTIONS", service, {"Origin": origin} | PREFLIGHT),
+            ("POST", service, {"Origin": origin} | bearer))
+        assert pre != 200 or "Access-Control-Allow-Origin" not in pre_h
+        assert post == 200 and "Access-Control-Allow-Origin" not in post_h
+
+
+@pytest.mark.parametrize("value", ["*", "https://ehr.example.org/", "ehr.example.org", "https://ehr.example.org/app"])
+def test_cors_origins_must_be_exact_web_origins(value, clean_env):
+    from pydantic import ValidationError
+
+    from wardwatch.settings import Settings
+
+    clean_env.setenv("WARDWATCH_CDS_CORS_ORIGINS", f"{EHR_APP}, {value}")
+    with pytest.raises(ValidationError, match="scheme://host"):
+        Settings()
+    clean_env.setenv("WARDWATCH_CDS_CORS_ORIGINS", f"{EHR_APP}, http://localhost:3000")
+    assert Settings().cds_cors_origins == [EHR_APP, "http://localhost:3000"]
