@@ -33,9 +33,13 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   `entered-in-error` or `cancelled` retracts those facts (one without a period.start never gave any: a
   cancelled booking is skipped like a planned one).
 - Patient -> SEX (gender) and BIRTH_YEAR (the year of birthDate, nothing finer), effective
-  meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`), the same ids Observation subjects
-  resolve to; without one, the Patient id when `fhir_patient_ids_are_mrns`, else missing_patient. fact ids "fhir:Patient:<id>:sex" / ":birth-year".
-- Patient key of an Observation / Encounter: subject.identifier.value (the MRN) when present, else the MRN
+  meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`, and of system `mrn_system` when
+  that is given), the same ids Observation subjects resolve to; without one, the Patient id when
+  `fhir_patient_ids_are_mrns`, else missing_patient. fact ids "fhir:Patient:<id>:sex" / ":birth-year".
+- Patient key of an Observation / Encounter: subject.identifier.value (the MRN) when present (and, when
+  `mrn_system` is given (settings.mrn_system), only when the identifier's system is that one: an identifier
+  of another namespace, a national number or an insurer's id, may equal another patient's MRN, so it is
+  taken for no identifier at all and the rules below apply; without `mrn_system` any identifier is), else the MRN
   of the Patient the subject references when the notification carries it (matched by "Patient/<id>", an
   absolute reference to it, or the entry's fullUrl), or when streams/fhir_fetch.py read it (`patient_mrns`);
   else, with `fhir_patient_ids_are_mrns` (settings: a facade whose Patient.id is the EHR's key), the id of
@@ -152,14 +156,16 @@ UNKNOWN_PATIENT = ""  # the key of a subject whose MRN must be read first (never
 
 def parse_notification(value: bytes | None, *, topic: str, partition: int, offset: int,
                        received_ms: int | None = None, fhir_patient_ids_are_mrns: bool = False,
-                       patient_mrns: Mapping[str, str] | None = None) -> Outcome:
+                       patient_mrns: Mapping[str, str] | None = None, mrn_system: str | None = None) -> Outcome:
     """received_ms: when the message reached Kafka (the raw record's timestamp), None when unknown
     (offline checks): the bound of last resort for the future-time check (see _observation_events).
     fhir_patient_ids_are_mrns: settings.fhir_patient_ids_are_mrns (the server's Patient ids are the EHR's
     patient keys); patient_mrns: "Patient/<id>" -> MRN of subjects the notification does not identify,
-    as streams/fhir_fetch.py read them after a NeedsFetch with `patients`."""
+    as streams/fhir_fetch.py read them after a NeedsFetch with `patients`; mrn_system: settings.mrn_system
+    (the identifier system of the MRN; None: a subject's identifier is the MRN whatever its system)."""
     try:
-        return _parse(value, topic, partition, offset, received_ms, fhir_patient_ids_are_mrns, patient_mrns)
+        return _parse(value, topic, partition, offset, received_ms, fhir_patient_ids_are_mrns, patient_mrns,
+                      mrn_system)
     except Reject as r:
         return rejected(r.reason, r.detail, r.exception)
     except orjson.JSONDecodeError as exc:
@@ -197,6 +203,7 @@ class _Context:
     # (and of the ones streams/fhir_fetch.py read for it)
     patients: dict[str, str] = field(default_factory=dict)
     ids_are_mrns: bool = False  # settings.fhir_patient_ids_are_mrns
+    mrn_system: str | None = None  # settings.mrn_system
     unknown_patients: list[str] = field(default_factory=list)  # "Patient/<id>" whose MRN must be read
 
     def skip(self, kind: str) -> None:
@@ -204,7 +211,8 @@ class _Context:
 
 
 def _parse(value: bytes | None, topic: str, partition: int, offset: int, received_ms: int | None = None,
-           ids_are_mrns: bool = False, patient_mrns: Mapping[str, str] | None = None) -> Outcome:
+           ids_are_mrns: bool = False, patient_mrns: Mapping[str, str] | None = None,
+           mrn_system: str | None = None) -> Outcome:
     if value is None:
         raise Reject(Reason.INVALID_STRUCTURE, "notification message has no value")
     bundle = orjson.loads(value)
@@ -225,7 +233,8 @@ def _parse(value: bytes | None, topic: str, partition: int, offset: int, receive
         return NeedsFetch(Rejection(Reason.FHIR_SERVER_NOT_CONFIGURED, NOT_CONFIGURED_DETAIL),
                           references=tuple(references), priors=tuple(priors))
     ctx = _Context(status, topic, partition, offset, received_ms,
-                   patients={**(patient_mrns or {}), **_carried_mrns(entries[1:])}, ids_are_mrns=ids_are_mrns)
+                   patients={**(patient_mrns or {}), **_carried_mrns(entries[1:], mrn_system)},
+                   ids_are_mrns=ids_are_mrns, mrn_system=mrn_system)
     carried = None  # read only when the notification deletes something (nearly none do)
     events = []
     for entry in entries[1:]:
@@ -373,11 +382,21 @@ UNKNOWN_PATIENT_DETAIL = ("a subject names its Patient by the FHIR server's id o
                           "in the notification): whose MRN it is must be read from the FHIR server; set "
                           "WARDWATCH_FHIR_SERVER_URL, or WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true if that server's "
                           "Patient ids are the EHR's patient keys, then replay this message from the dead-letter topic")
-NO_MRN_DETAIL = ("{what} has no identifier typed MR (the MRN the EHR keys patients by) and "
+NO_MRN_DETAIL = ("{what} has no identifier typed MR{of_system} (the MRN the EHR keys patients by) and "
                  "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS is not set: its FHIR id may be another patient's MRN")
+OF_MRN_SYSTEM = " of the system WARDWATCH_MRN_SYSTEM names"  # NO_MRN_DETAIL's of_system when that is set
+OTHER_SYSTEM_DETAIL = ("{what} subject's identifier is not of the system WARDWATCH_MRN_SYSTEM names (another "
+                       "namespace's value may be another patient's MRN) and it names no Patient by reference")
 NOT_CONFIGURED_DETAIL = ("id-only notification: its resources must be fetched from the FHIR server; "
                          "set WARDWATCH_FHIR_SERVER_URL (and WARDWATCH_FHIR_AUTH_TOKEN if it needs one), "
                          "then replay this message from the dead-letter topic")
+
+
+def no_mrn_detail(what: str, mrn_system: str | None) -> str:
+    """NO_MRN_DETAIL for `what`: the dead-letter detail of a Patient without an MRN (never its id)."""
+    return NO_MRN_DETAIL.format(what=what, of_system=OF_MRN_SYSTEM if mrn_system else "")
+
+
 # a resource reference, relative or absolute: .../<Type>/<id>[/_history/<version>]
 _REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(/_history/[A-Za-z0-9\-.]{1,64})?/?$")
 
@@ -689,7 +708,7 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
         if raw_status == "unknown":
             raise Reject(Reason.BAD_VALUE, UNKNOWN_STATUS_DETAIL)
         raise Reject(Reason.BAD_VALUE, f"Observation status {str(raw_status)[:20]!r} is not ingested")
-    patient = _patient_id(obs.get("subject"), ctx)
+    patient = _patient_id(obs.get("subject"), ctx, "Observation")
     if patient is None:
         raise Reject(Reason.MISSING_PATIENT, "Observation subject is not a Patient")
     issued = obs.get("issued") or meta.get("lastUpdated")
@@ -984,41 +1003,56 @@ def _gcs_score(holder: dict, what: str, bounds: tuple[int, int], answers: dict[s
     return None
 
 
-def _patient_id(subject: Any, ctx: _Context) -> str | None:
-    """The MRN (subject.identifier.value) when present; else the MRN of the referenced Patient when the
-    notification carries it (a FHIR server's Patient id is its own, and may equal another patient's MRN);
-    else the id of a Patient reference."""
-    if isinstance(subject, dict) and not _identifier_value(subject):
-        reference = _reference(subject)
-        rid = _reference_id(reference, "Patient")
-        mrn = ctx.patients.get(reference) or (ctx.patients.get(f"Patient/{rid}") if rid else None)
-        if mrn:
-            return mrn
-        if rid and not ctx.ids_are_mrns:
-            # the server's own id, not the EHR's key: keying by it could merge two patients. Its MRN is read
-            # from the server (NeedsFetch); the placeholder never leaves this parse
-            fetchable = relative_reference(f"Patient/{rid}")
-            if fetchable is None:  # not a FHIR id ("123?_format=xml", ".."): no GET of whatever path it names
-                raise Reject(Reason.MISSING_PATIENT, "subject names its Patient by a reference that is not a FHIR "
-                                                     "resource id, and has no identifier")
-            ctx.unknown_patients.append(fetchable)
-            return UNKNOWN_PATIENT
-    return _business_id(subject, "Patient")
+def _patient_id(subject: Any, ctx: _Context, what: str) -> str | None:
+    """The MRN (subject.identifier.value, of system ctx.mrn_system when that is set) when present; else the MRN
+    of the referenced Patient when the notification carries it (a FHIR server's Patient id is its own, and may
+    equal another patient's MRN); else the id of a Patient reference. With ctx.mrn_system, an identifier of
+    another system is no identifier: a subject naming no Patient by reference besides is missing_patient."""
+    if not isinstance(subject, dict):
+        return None
+    if mrn := _subject_mrn(subject, ctx.mrn_system):
+        return mrn
+    reference = _reference(subject)
+    rid = _reference_id(reference, "Patient")
+    mrn = ctx.patients.get(reference) or (ctx.patients.get(f"Patient/{rid}") if rid else None)
+    if mrn:
+        return mrn
+    if rid and not ctx.ids_are_mrns:
+        # the server's own id, not the EHR's key: keying by it could merge two patients. Its MRN is read
+        # from the server (NeedsFetch); the placeholder never leaves this parse
+        fetchable = relative_reference(f"Patient/{rid}")
+        if fetchable is None:  # not a FHIR id ("123?_format=xml", ".."): no GET of whatever path it names
+            raise Reject(Reason.MISSING_PATIENT, "subject names its Patient by a reference that is not a FHIR "
+                                                 "resource id, and has no identifier")
+        ctx.unknown_patients.append(fetchable)
+        return UNKNOWN_PATIENT
+    if rid is None and _identifier_value(subject):  # an identifier of another system than mrn_system, only
+        raise Reject(Reason.MISSING_PATIENT, OTHER_SYSTEM_DETAIL.format(what=what))
+    return rid
 
 
-def mrn_of(patient: Any) -> str | None:
-    """The MRN of a Patient resource (its identifier typed MR), as patient_events keys it."""
-    return _mrn(patient.get("identifier")) if isinstance(patient, dict) else None
+def _subject_mrn(subject: dict, mrn_system: str | None) -> str | None:
+    """subject.identifier.value when it is the MRN: of system `mrn_system` when that is set, else any."""
+    value = _identifier_value(subject)
+    if value is None or mrn_system is None:
+        return value
+    return value if subject["identifier"].get("system") == mrn_system else None
 
 
-def _carried_mrns(entries: list[dict]) -> dict[str, str]:
+def mrn_of(patient: Any, mrn_system: str | None = None) -> str | None:
+    """The MRN of a Patient resource (its identifier typed MR, of system `mrn_system` when that is set: settings.
+    mrn_system), as patient_events keys it."""
+    return _mrn(patient.get("identifier"), mrn_system) if isinstance(patient, dict) else None
+
+
+def _carried_mrns(entries: list[dict], mrn_system: str | None = None) -> dict[str, str]:
     """"Patient/<id>" (and the entry's fullUrl, e.g. urn:uuid:...) -> MRN of each Patient resource in the
-    notification that has one (the identifier typed MR, as patient_events keys it)."""
+    notification that has one (the identifier typed MR, of `mrn_system` if set, as patient_events keys it)."""
     mrns = {}
     for entry in entries:
         resource = entry.get("resource")
         if isinstance(resource, dict) and resource.get("resourceType") == "Patient" \
-                and (mrn := _mrn(resource.get("identifier"))):
+                and (mrn := _mrn(resource.get("identifier"), mrn_system)):
             if isinstance(resource.get("id"), str) and resource["id"]:
                 mrns[f"Patient/{resource['id']}"] = mrn
             if isinstance(entry.get("fullUrl"), str) and entry["fullUrl"]:
@@ -1110,7 +1144,7 @@ def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
     if status in NOT_ADMITTED:
         ctx.skip("Encounter")
         return []
-    patient = _patient_id(enc.get("subject"), ctx)
+    patient = _patient_id(enc.get("subject"), ctx, "Encounter")
     if patient is None:
         raise Reject(Reason.MISSING_PATIENT, "Encounter subject is not a Patient")
     period = _period(enc.get("period") or enc.get("actualPeriod"))  # R5 renamed it actualPeriod
@@ -1151,9 +1185,9 @@ def patient_events(pat: dict, ctx: _Context) -> list[CanonicalEvent]:
     if not meta.get("lastUpdated"):
         raise Reject(Reason.MISSING_TIME, "Patient has no meta.lastUpdated (the record's update time)")
     updated_ms = iso_to_ms(meta["lastUpdated"], "meta.lastUpdated")
-    patient = _mrn(pat.get("identifier")) or (pat_id if ctx.ids_are_mrns else None)
+    patient = _mrn(pat.get("identifier"), ctx.mrn_system) or (pat_id if ctx.ids_are_mrns else None)
     if patient is None:
-        raise Reject(Reason.MISSING_PATIENT, NO_MRN_DETAIL.format(what="Patient"))
+        raise Reject(Reason.MISSING_PATIENT, no_mrn_detail("Patient", ctx.mrn_system))
     common = dict(patient_id=patient, unit=None, effective_ms=updated_ms, issued_ms=updated_ms, status=Status.FINAL,
                   source=Source.FHIR, version=_resource_version(meta), code_system=CONTEXT,
                   provenance=_provenance(f"Patient/{pat_id}", ctx))
@@ -1231,9 +1265,12 @@ def _current_location(raw: Any) -> tuple[str, int | None] | None:
     return None
 
 
-def _mrn(identifiers: Any) -> str | None:
-    """The value of the identifier typed MR (medical record number), as Observation subjects carry it."""
+def _mrn(identifiers: Any, mrn_system: str | None = None) -> str | None:
+    """The value of the identifier typed MR (medical record number), as Observation subjects carry it; with
+    `mrn_system`, the one typed MR and of that system (a Patient may have several typed MR: one per facility)."""
     for identifier in _dicts(identifiers):
+        if mrn_system is not None and identifier.get("system") != mrn_system:
+            continue
         concept = identifier.get("type") if isinstance(identifier.get("type"), dict) else {}
         if any(c.get("code") == MRN_TYPE for c in _dicts(concept.get("coding"))):
             value = identifier.get("value")

@@ -13,7 +13,7 @@ wardwatch keys patients by the EHR's MRN (the CDC rows' patient_id; schemas/fhir
 to it), never by a FHIR server's own Patient id, which may equal another patient's MRN: a card for it
 would be another patient's risk. So the key is the MRN of the Patient the EHR prefetches
 (`prefetch.patient`, which discovery asks for as `Patient/{{context.patientId}}`: the identifier typed
-MR, as the ingest reads it); the bare `context.patientId` is tried after it only with
+MR, and of WARDWATCH_MRN_SYSTEM when that is set, as the ingest reads it); the bare `context.patientId` is tried after it only with
 WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true (a facade whose Patient.id is the EHR's key). A prefetched
 Patient of another id than context.patientId is a 400. Without a usable prefetch (absent, null, an
 OperationOutcome, no MRN) and without that setting the answer is 412 Precondition Failed (CDS Hooks:
@@ -125,7 +125,7 @@ class UnknownMrn(ValueError):
     """Whose risk is asked cannot be known: no prefetched Patient with an MRN (412 Precondition Failed)."""
 
 
-UNKNOWN_MRN = ("no prefetched Patient with an MRN (identifier typed MR): wardwatch keys patients by the EHR's MRN, "
+UNKNOWN_MRN = ("no prefetched Patient with an MRN (identifier typed MR, of WARDWATCH_MRN_SYSTEM if set): wardwatch keys patients by the EHR's MRN, "
                "not by the FHIR Patient id, which may be another patient's MRN. Send the prefetch `patient` "
                "(Patient/{{context.patientId}}) this service's discovery declares, or set "
                "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true if the FHIR Patient ids are the EHR's patient keys")
@@ -139,9 +139,10 @@ def _echo(value: Any) -> str:
 # --- pure: request -> patient keys, score record -> card --------------------------------------------------
 
 
-def patient_keys(request: Any, fhir_patient_ids_are_mrns: bool = False) -> list[str]:
-    """The wardwatch patient keys to try for a CDS Hooks request, best first: the prefetched Patient's MRN,
-    then (only when the FHIR Patient ids are the MRNs) context.patientId. UnknownMrn when there is none."""
+def patient_keys(request: Any, fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None) -> list[str]:
+    """The wardwatch patient keys to try for a CDS Hooks request, best first: the prefetched Patient's MRN (its
+    identifier typed MR, of `mrn_system` when set: settings.mrn_system), then (only when the FHIR Patient ids
+    are the MRNs) context.patientId. UnknownMrn when there is none."""
     if not isinstance(request, dict):
         raise BadRequest("the request body must be a JSON object (a CDS Hooks request)")
     if request.get("hook", HOOK) != HOOK:
@@ -162,7 +163,7 @@ def patient_keys(request: Any, fhir_patient_ids_are_mrns: bool = False) -> list[
     if isinstance(patient, dict) and patient.get("id") is not None and patient.get("id") != patient_id:
         # its MRN would be another patient's key: a card of someone else's risk
         raise BadRequest("`prefetch.patient` is not the Patient of `context.patientId` (their ids differ)")
-    mrn = _mrn(patient)
+    mrn = _mrn(patient, mrn_system)
     if mrn:
         keys.append(mrn)
     if fhir_patient_ids_are_mrns and patient_id not in keys:
@@ -172,7 +173,7 @@ def patient_keys(request: Any, fhir_patient_ids_are_mrns: bool = False) -> list[
     return keys
 
 
-def _mrn(patient: Any) -> str | None:
+def _mrn(patient: Any, mrn_system: str | None = None) -> str | None:
     if not isinstance(patient, dict):  # CDS Hooks sends null for a prefetch the client could not fetch
         return None
     raw = patient.get("identifier") or []
@@ -182,6 +183,8 @@ def _mrn(patient: Any) -> str | None:
     # typed MR only, as the ingest keys a Patient (schemas/fhir.py): an untyped identifier may be of another
     # namespace (a national number, the server's own), whose value could be someone else's MRN
     typed = [i for i in identifiers if "MR" in _type_codes(i)]
+    if mrn_system is not None:  # one typed MR per facility may be there: only the EHR's namespace is its key
+        typed = [i for i in typed if i.get("system") == mrn_system]
     return typed[0]["value"].strip() or None if typed else None
 
 
@@ -614,10 +617,11 @@ class CatchUp:
 
 
 def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool],
-             fhir_patient_ids_are_mrns: bool = False, cors_origins: Sequence[str] = ()) -> web.Application:
+             fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None,
+             cors_origins: Sequence[str] = ()) -> web.Application:
     """auth None: anonymous service calls (load_client_auth decides when that is allowed). ready: the
     scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503.
-    fhir_patient_ids_are_mrns: settings.fhir_patient_ids_are_mrns (see patient_keys).
+    fhir_patient_ids_are_mrns, mrn_system: the settings of those names (see patient_keys).
     cors_origins: settings.cds_cors_origins (see allow_cors)."""
 
     async def discovery(_request: web.Request) -> web.Response:
@@ -640,7 +644,7 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
         except orjson.JSONDecodeError:
             return web.json_response({"error": "the request body is not JSON: send a CDS Hooks request"}, status=400)
         try:
-            keys = patient_keys(body, fhir_patient_ids_are_mrns)
+            keys = patient_keys(body, fhir_patient_ids_are_mrns, mrn_system)
         except BadRequest as e:
             return web.json_response({"error": str(e)}, status=400)
         except UnknownMrn as e:  # never {"cards": []}: it would read as "no risk"
@@ -786,7 +790,7 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     ensure_topics(settings, topics)
     feed.start()
     app = make_app(latest, auth, ready=feed.caught_up.is_set,
-                   fhir_patient_ids_are_mrns=settings.fhir_patient_ids_are_mrns,
+                   fhir_patient_ids_are_mrns=settings.fhir_patient_ids_are_mrns, mrn_system=settings.mrn_system,
                    cors_origins=settings.cds_cors_origins)
 
     async def stop_feed(_app: web.Application) -> None:

@@ -21,9 +21,10 @@ as if the server had sent them inline, so id-only and full-resource payloads giv
     parse_notification() again -> Parsed | Rejected | Ignored
 
 Subjects naming their Patient by the server's id alone (NeedsFetch `patients`, after the id-only round if
-any): FhirClient.patient_mrn() reads "Patient/<id>" once (bounded LRU, PATIENT_CACHE_SIZE) for its MRN and
-the notification is parsed again with `patient_mrns`; a Patient without an MRN -> MISSING_PATIENT. The
-Patient itself adds no facts here (a cached one could not): its own notifications give its sex and birth year.
+any): FhirClient.patient_mrn() reads "Patient/<id>" once (bounded LRU, PATIENT_CACHE_SIZE) for its MRN (the
+identifier typed MR, of WARDWATCH_MRN_SYSTEM when set) and the notification is parsed again with
+`patient_mrns`; a Patient without an MRN -> MISSING_PATIENT. The Patient itself adds no facts here (a cached
+one could not): its own notifications give its sex and birth year.
 
 Failures are data outcomes, never exceptions, so the ingest worker dead-letters the original bytes:
     no server configured          -> FHIR_SERVER_NOT_CONFIGURED (replay after setting WARDWATCH_FHIR_SERVER_URL)
@@ -66,8 +67,8 @@ import httpx
 import orjson
 
 from schemas.deadletter import Reason
-from schemas.fhir import (HISTORY, NO_MRN_DETAIL, complete_notification, gone_delete_entry, gone_version_delete,
-                          history_decides, maps_type, mrn_of, parse_notification, version_before_delete)
+from schemas.fhir import (HISTORY, complete_notification, gone_delete_entry, gone_version_delete, history_decides,
+                          maps_type, mrn_of, no_mrn_detail, parse_notification, version_before_delete)
 from schemas.ingest_outcome import NeedsFetch, Outcome, Rejected, rejected
 from wardwatch.settings import Settings
 
@@ -110,6 +111,7 @@ class FhirClient:
         self._unavailable_until = float("-inf")  # (monotonic) no GET before then: the server just failed
         self._sleep = sleep
         self._monotonic = monotonic
+        self.mrn_system = settings.mrn_system
         # "Patient/<id>" -> MRN: each subject's Patient is read once, not for every notification of it
         self._mrns: OrderedDict[str, str] = OrderedDict()
 
@@ -121,13 +123,14 @@ class FhirClient:
         return _resource(self._get(reference), reference)
 
     def patient_mrn(self, reference: str) -> str | None:
-        """The MRN of "Patient/<id>" (its identifier typed MR), None when it has none; read from the server
-        once, then from a bounded LRU cache (PATIENT_CACHE_SIZE; a Patient without an MRN is not cached)."""
+        """The MRN of "Patient/<id>" (its identifier typed MR, of settings.mrn_system when set), None when it has
+        none; read from the server once, then from a bounded LRU cache (PATIENT_CACHE_SIZE; a Patient without an
+        MRN is not cached)."""
         mrn = self._mrns.get(reference)
         if mrn is not None:
             self._mrns.move_to_end(reference)
             return mrn
-        mrn = mrn_of(self.read(reference))
+        mrn = mrn_of(self.read(reference), self.mrn_system)
         if mrn is not None:
             self._mrns[reference] = mrn
             if len(self._mrns) > PATIENT_CACHE_SIZE:
@@ -268,7 +271,8 @@ class FhirClient:
 
 
 def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *, topic: str, partition: int,
-            offset: int, received_ms: int | None = None, fhir_patient_ids_are_mrns: bool = False) -> Outcome:
+            offset: int, received_ms: int | None = None, fhir_patient_ids_are_mrns: bool = False,
+            mrn_system: str | None = None) -> Outcome:
     """Turn a NeedsFetch into the outcome of the completed notification; other outcomes pass through.
     First the id-only references (the completed notification is parsed again), then the MRNs of subjects
     named by the server's Patient id only (`patients`: parsed again with them)."""
@@ -280,17 +284,18 @@ def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *,
         if outcome.references:
             value = complete_notification(value, *_fetch(client, outcome.references, outcome.priors))
             outcome = parse_notification(value, topic=topic, partition=partition, offset=offset,
-                                         received_ms=received_ms, fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns)
+                                         received_ms=received_ms, fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns,
+                                         mrn_system=mrn_system)
             if isinstance(outcome, NeedsFetch) and outcome.references:  # other resources than the ones referenced
                 return rejected(Reason.FETCH_FAILED, "the fetched resources do not match the notification's references")
         if isinstance(outcome, NeedsFetch):
             mrns = {ref: client.patient_mrn(ref) for ref in outcome.patients}
             if None in mrns.values():
-                return rejected(Reason.MISSING_PATIENT, NO_MRN_DETAIL.format(what="the subject's Patient (read from "
-                                                                                  "the FHIR server)"))
+                return rejected(Reason.MISSING_PATIENT, no_mrn_detail("the subject's Patient (read from the FHIR "
+                                                                      "server)", mrn_system))
             outcome = parse_notification(value, topic=topic, partition=partition, offset=offset,
                                          received_ms=received_ms, fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns,
-                                         patient_mrns=mrns)
+                                         patient_mrns=mrns, mrn_system=mrn_system)
     except FetchError as exc:
         return rejected(exc.reason, exc.detail, exc.exception)
     except Exception as exc:  # a bug (e.g. JSON orjson reads but cannot write back): keep the message for replay

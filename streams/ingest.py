@@ -422,12 +422,14 @@ class IngestWorker:
                                     cdc_topic_prefix=self.settings.cdc_topic_prefix,
                                     cdc_timezone=self.settings.cdc_timezone)
         received_ms = _record_ms(msg)
-        ids_are_mrns = self.settings.fhir_patient_ids_are_mrns
+        ids_are_mrns, mrn_system = self.settings.fhir_patient_ids_are_mrns, self.settings.mrn_system
         outcome = parse_notification(msg.value(), topic=topic, partition=msg.partition(), offset=msg.offset(),
-                                     received_ms=received_ms, fhir_patient_ids_are_mrns=ids_are_mrns)
+                                     received_ms=received_ms, fhir_patient_ids_are_mrns=ids_are_mrns,
+                                     mrn_system=mrn_system)
         if isinstance(outcome, NeedsFetch):  # id-only, or subjects' MRNs: the only path that talks to the FHIR server
             outcome = resolve(outcome, msg.value(), self._fhir, topic=topic, partition=msg.partition(),
-                              offset=msg.offset(), received_ms=received_ms, fhir_patient_ids_are_mrns=ids_are_mrns)
+                              offset=msg.offset(), received_ms=received_ms, fhir_patient_ids_are_mrns=ids_are_mrns,
+                              mrn_system=mrn_system)
         return "fhir", outcome
 
     def close(self) -> None:

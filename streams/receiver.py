@@ -79,11 +79,11 @@ class Refuse:
     rejection: Rejection
 
 
-def classify(body: bytes, fhir_patient_ids_are_mrns: bool = False) -> Accept | Refuse:
+def classify(body: bytes, fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None) -> Accept | Refuse:
     """Accept a notification (with its Kafka key) or refuse it with the parser's reason; the patient keys
-    as the ingest worker reads them (settings.fhir_patient_ids_are_mrns)."""
+    as the ingest worker reads them (settings.fhir_patient_ids_are_mrns, settings.mrn_system)."""
     return decide(body, parse_notification(body, topic="receiver", partition=-1, offset=-1,
-                                           fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns))
+                                           fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns, mrn_system=mrn_system))
 
 
 def decide(body: bytes, outcome: Outcome) -> Accept | Refuse:
@@ -288,7 +288,8 @@ class Receiver:
             return response
 
         # FHIR validation is CPU work: keep the loop free
-        decision = await asyncio.to_thread(classify, body, self.settings.fhir_patient_ids_are_mrns)
+        decision = await asyncio.to_thread(classify, body, self.settings.fhir_patient_ids_are_mrns,
+                                           self.settings.mrn_system)
         try:
             if isinstance(decision, Refuse):
                 await self._write(self.topics.deadletter, None, body,

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from compose_spec import PyOptions
 
+from streams import replay
 from streams.topics import topics_for
 from wardwatch.deploy import topic_specs
 from wardwatch.settings import Settings
@@ -178,6 +179,16 @@ def test_every_service_reads_cdc_times_in_the_zone_set_in_env(zone, monkeypatch)
     compose = load_compose({"WARDWATCH_CDC_TIMEZONE": zone} if zone else {})
     for name, svc in wardwatch_services(compose).items():
         assert settings_from_env(svc["environment"], monkeypatch).cdc_timezone == (zone or "UTC"), name
+
+
+@pytest.mark.parametrize("system", [None, "urn:oid:2.16.840.1.113883.19.5"])
+def test_every_service_takes_for_the_mrn_only_identifiers_of_the_mrn_system(system, monkeypatch):
+    """WARDWATCH_MRN_SYSTEM reaches every wardwatch service (the ingest and the receiver key subjects by it, the
+    CDS service its prefetched Patient); unset in .env, the system the demo feeder writes its MRNs in, so the
+    demo's subjects keep their MRN (a subject identifier of another system would be no MRN)."""
+    compose = load_compose({"WARDWATCH_MRN_SYSTEM": system} if system else {})
+    for name, svc in wardwatch_services(compose).items():
+        assert settings_from_env(svc["environment"], monkeypatch).mrn_system == (system or replay.MRN_SYSTEM), name
 
 
 def test_topics_init_creates_the_topics_from_the_code(compose):

@@ -104,7 +104,7 @@ def _is_int(raw: Any) -> bool:
 
 def parse_message(source: str, topic: str, key: bytes | None, value: bytes | None, partition: int,
                   offset: int, received_ms: int | None = None, cdc_timezone: str = "UTC",
-                  fhir_patient_ids_are_mrns: bool = False) -> Outcome:
+                  fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None) -> Outcome:
     if source == "cdc":
         # the table is the topic's last segment, whatever the prefix of this feed
         prefix = topic.rsplit(".", 1)[0] if "." in topic else ""
@@ -113,7 +113,7 @@ def parse_message(source: str, topic: str, key: bytes | None, value: bytes | Non
     # no FHIR server offline: a subject named by the server's Patient id alone is rejected (no_fhir_server),
     # as the ingest without WARDWATCH_FHIR_SERVER_URL would, unless the ids are the MRNs
     return parse_notification(value, topic=topic, partition=partition, offset=offset, received_ms=received_ms,
-                              fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns)
+                              fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns, mrn_system=mrn_system)
 
 
 def iso_utc(ms: int) -> str:
@@ -143,17 +143,17 @@ def outcome_lines(line: int, outcome: Outcome) -> list[dict[str, Any]]:
 
 def check_lines(source: str, lines: list[bytes], default_topic: str | None = None,
                 emit: Callable[[bytes], None] = print, cdc_timezone: str = "UTC",
-                fhir_patient_ids_are_mrns: bool = False) -> dict[str, Any]:
+                fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None) -> dict[str, Any]:
     """Parse every message, emit one JSON line per outcome and the summary; returns the summary.
     cdc_timezone: of the database's zone-less timestamps, as the ingest's settings.cdc_timezone;
-    fhir_patient_ids_are_mrns: as the ingest's settings.fhir_patient_ids_are_mrns."""
+    fhir_patient_ids_are_mrns, mrn_system: as the ingest's settings of those names."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}: use one of {', '.join(SOURCES)}")
     counters = IngestCounters()
     topic = default_topic or DEFAULT_TOPICS[source]
     for line, msg_topic, key, value, partition, offset, received_ms in read_messages(lines, topic):
         outcome = parse_message(source, msg_topic, key, value, partition, offset, received_ms, cdc_timezone,
-                                fhir_patient_ids_are_mrns)
+                                fhir_patient_ids_are_mrns, mrn_system)
         try:
             rendered = [orjson.dumps(doc) for doc in outcome_lines(line, outcome)]
         except (orjson.JSONEncodeError, OverflowError, TypeError) as exc:  # as the worker: kept, not fatal
@@ -170,6 +170,6 @@ def check_lines(source: str, lines: list[bytes], default_topic: str | None = Non
 
 def check_file(source: str, path: Path, default_topic: str | None = None,
                emit: Callable[[bytes], None] = print, cdc_timezone: str = "UTC",
-               fhir_patient_ids_are_mrns: bool = False) -> dict[str, Any]:
+               fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None) -> dict[str, Any]:
     return check_lines(source, Path(path).read_bytes().split(b"\n"), default_topic, emit, cdc_timezone,
-                       fhir_patient_ids_are_mrns)
+                       fhir_patient_ids_are_mrns, mrn_system)

@@ -790,21 +790,30 @@ def check(
         False, envvar="WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS",
         help="The FHIR server's Patient ids are the EHR's patient keys, as the ingest's setting (default: "
              "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS, else off: a subject named by that id alone is rejected)"),
+    mrn_system: Optional[str] = typer.Option(
+        None, envvar="WARDWATCH_MRN_SYSTEM",
+        help="Identifier system URI of the EHR's MRN, as the ingest's setting: a subject's identifier of another "
+             "system is not taken for the MRN (default: WARDWATCH_MRN_SYSTEM, else any system is)"),
 ) -> None:
     """Run the ingest parsers offline on FILE and print one JSON line per outcome (event, rejected,
     control, ignored) and a summary. Exit code 0 even when messages are rejected. No Kafka, no FHIR server."""
     import sys
 
     from wardwatch.check import check_file
-    from wardwatch.settings import iana_zone
+    from wardwatch.settings import iana_zone, identifier_system
 
     try:
         iana_zone(cdc_timezone)
     except ValueError as exc:
         _fail(f"--cdc-timezone {cdc_timezone!r}: {exc}")
+    if mrn_system is not None:
+        try:
+            identifier_system(mrn_system)
+        except ValueError as exc:
+            _fail(f"--mrn-system {mrn_system!r}: {exc}")
     out = sys.stdout.buffer
     check_file(source.value, file, topic, emit=lambda line: out.write(line + b"\n"), cdc_timezone=cdc_timezone,
-               fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns)
+               fhir_patient_ids_are_mrns=fhir_patient_ids_are_mrns, mrn_system=mrn_system)
     out.flush()
 
 

@@ -6,6 +6,7 @@ Pass it down; never call os.getenv deep in modules.
 from __future__ import annotations
 
 import difflib
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,20 @@ def _is_web_origin(value: str) -> bool:
         return False
     return (parts.scheme in ("http", "https") and bool(parts.hostname) and value == f"{parts.scheme}://{parts.netloc}"
             and "@" not in parts.netloc and "*" not in value)
+
+
+# RFC 3986: scheme ":" then the rest (http://..., urn:oid:..., urn:uuid:...); a URI holds no whitespace
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$")
+
+
+def identifier_system(value: str) -> str:
+    """`value` when it is an identifier system URI (FHIR Identifier.system), else ValueError saying what is wanted."""
+    if not value.strip():
+        raise ValueError("set but empty: give the MRN's identifier system URI, or unset the variable")
+    if not _URI.match(value):
+        raise ValueError("not a URI such as http://hospital.example.org/identifiers/mrn or urn:oid:2.16.840.1.113883.19.5 "
+                         "(compared exactly with the identifiers' `system`: no spaces)")
+    return value
 
 
 class Settings(BaseSettings):
@@ -86,6 +101,7 @@ class Settings(BaseSettings):
     fhir_server_url: str | None = Field(None, description="FHIR base URL, e.g. https://ehr.example.org/fhir; None: id-only notifications are dead-lettered")
     fhir_auth_token: SecretStr | None = Field(None, description="Bearer token for the FHIR server, if it needs one")
     fhir_patient_ids_are_mrns: bool = Field(False, description="Set only for a FHIR facade whose Patient.id is the EHR's patient key (the MRN the CDC rows carry). Otherwise a subject naming its Patient by the server's id alone (no identifier, no Patient in the notification) is keyed by the MRN read from WARDWATCH_FHIR_SERVER_URL (Patient/<id>, cached), else dead-lettered no_fhir_server, and a Patient without an MRN (identifier typed MR) is dead-lettered missing_patient: a server's own ids (HAPI: 1, 2, 3, ...) can equal another patient's MRN and merge the two patients' readings and alerts; the CDS service likewise keys a call by its prefetched Patient's MRN, not context.patientId")
+    mrn_system: str | None = Field(None, description="The identifier system (URI) of the EHR's MRN, e.g. urn:oid:2.16.840.1.113883.19.5: set it in production. A FHIR subject's `identifier` is then the MRN only when its `system` is this one (one of another namespace, a national number or an insurer's id, may equal another patient's MRN and merge the two patients: it is taken for no identifier, and the subject's Patient reference decides), and a Patient's MRN is its identifier typed MR of this system (the CDS service's prefetched Patient too). None: a subject's identifier is the MRN whatever its system, and a Patient's any identifier typed MR")
     fhir_timeout_s: float = Field(5.0, gt=0, description="Timeout of one FHIR GET (seconds)")
     fhir_retries: int = Field(3, ge=0, description="Retries of a FHIR GET after a timeout, connection error, 429 or 5xx")
     fhir_retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay (seconds); doubles each retry")
@@ -205,6 +221,13 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             raise ValueError("set but empty: give a path, or unset the variable for the default")
         return value
+
+    @field_validator("mrn_system")
+    @classmethod
+    def _identifier_system(cls, value):
+        # checked at startup: a blank or mistyped system would match no identifier, and every subject would then
+        # be keyed by its Patient reference's MRN or dead-lettered; say so now rather than in the dead letters
+        return value if value is None else identifier_system(value)
 
     @field_validator("cdc_timezone")
     @classmethod

@@ -705,6 +705,74 @@ def test_a_subject_identifier_wins_over_a_patient_in_the_notification():
     assert hr.patient_id == "MRN-0042"
 
 
+MRN_SYSTEM = "urn:oid:2.16.840.1.113883.19.5"  # the fixtures' MRN namespace (settings.mrn_system in production)
+NATIONAL_ID = {"system": "urn:oid:2.16.840.1.113883.4.1", "value": "MRN-0042"}  # another namespace, same value
+
+
+def parse_in(body: bytes, mrn_system: str | None = MRN_SYSTEM, **kwargs):
+    return parse_notification(body, topic="t", partition=0, offset=0, mrn_system=mrn_system, **kwargs)
+
+
+def with_subject(name: str, subject: dict, *, carry_patient: bool = False) -> bytes:
+    bundle = json.loads(with_patient(name) if carry_patient else fhir_bundle(name))
+    bundle["entry"][1]["resource"]["subject"] = subject
+    return json.dumps(bundle).encode()
+
+
+@pytest.mark.parametrize("name", ["r4b_amended_reference_only", "r5_encounter_discharged"])
+def test_with_an_mrn_system_a_subject_identifier_of_another_system_is_not_the_mrn(name):
+    """A national number (or an insurer's id) whose value is another patient's MRN merged the two patients: with
+    WARDWATCH_MRN_SYSTEM it is no identifier at all, and the subject's Patient reference says whose it is."""
+    subject = {"reference": "Patient/pt-e4f5d6254795", "identifier": NATIONAL_ID}
+    # unset: taken for the MRN whatever its system (today's behaviour, documented)
+    assert {e.patient_id for e in parse_in(with_subject(name, subject), None).events} == {"MRN-0042"}
+    # set: the Patient the notification carries (MRN-0001 of MRN_SYSTEM) decides
+    events = parse_in(with_subject(name, subject, carry_patient=True)).events
+    assert events and {e.patient_id for e in events} == {"MRN-0001"}
+    # ... else the FHIR server's read of that Patient, as for a subject without an identifier
+    outcome = parse_in(with_subject(name, subject))
+    assert isinstance(outcome, NeedsFetch) and outcome.patients == ("Patient/pt-e4f5d6254795",)
+    assert outcome.rejection.reason is Reason.FHIR_SERVER_NOT_CONFIGURED
+    # an identifier of the MRN's system is the MRN
+    mrn = {"reference": "Patient/pt-e4f5d6254795", "identifier": {"system": MRN_SYSTEM, "value": "MRN-0042"}}
+    assert {e.patient_id for e in parse_in(with_subject(name, mrn)).events} == {"MRN-0042"}
+
+
+def test_with_an_mrn_system_a_subject_with_only_another_systems_identifier_is_missing_patient():
+    r = parse_in(with_subject("r4b_amended_reference_only", {"identifier": NATIONAL_ID})).rejection
+    assert r.reason is Reason.MISSING_PATIENT and "WARDWATCH_MRN_SYSTEM" in r.detail
+    assert "MRN-0042" not in r.detail and "2.16.840.1.113883.4.1" not in r.detail
+    # an identifier without a system is not of the MRN's system either
+    r = parse_in(with_subject("r4b_amended_reference_only", {"identifier": {"value": "MRN-0042"}})).rejection
+    assert r.reason is Reason.MISSING_PATIENT
+    # with the operator's word that the server's Patient ids are the MRNs, the reference's id
+    events = parse_in(with_subject("r4b_amended_reference_only", {"reference": "Patient/pt-9", "identifier": NATIONAL_ID}),
+                      fhir_patient_ids_are_mrns=True).events
+    assert {e.patient_id for e in events} == {"pt-9"}
+
+
+def test_with_an_mrn_system_a_patients_mrn_is_its_identifier_typed_mr_of_that_system():
+    """A Patient may carry several identifiers typed MR (one per facility or registry): the MRN is the one
+    of the EHR's system, for its own facts and for the subjects it resolves."""
+    bundle = json.loads(fhir_bundle("r4b_patient"))
+    identifiers = bundle["entry"][1]["resource"]["identifier"]
+    other_mr = {**identifiers[1], "system": "urn:oid:1.2.3.4.5", "value": "MRN-0042"}
+    identifiers.insert(0, other_mr)  # first: without the setting, it is the MRN
+    body = json.dumps(bundle).encode()
+    assert {e.patient_id for e in parse_in(body, None).events} == {"MRN-0042"}
+    assert {e.patient_id for e in parse_in(body).events} == {"MRN-0001"}
+    # a reference-only subject resolved through that Patient in the same notification
+    obs = json.loads(fhir_bundle("r4b_amended_reference_only"))
+    obs["entry"].append({"fullUrl": "urn:uuid:7f1c", "resource": bundle["entry"][1]["resource"]})
+    obs["entry"][1]["resource"]["subject"] = {"reference": "urn:uuid:7f1c"}
+    assert {e.patient_id for e in parse_in(json.dumps(obs).encode()).events} == {"MRN-0001"}
+    # typed MR of another system only: no MRN, dead-lettered saying which setting decides
+    del identifiers[2]
+    r = parse_in(json.dumps(bundle).encode()).rejection
+    assert r.reason is Reason.MISSING_PATIENT and "WARDWATCH_MRN_SYSTEM" in r.detail and "MRN-0042" not in r.detail
+    assert {e.patient_id for e in parse_in(json.dumps(bundle).encode(), None).events} == {"MRN-0042"}
+
+
 
 # --- id-only payloads ----------------------------------------------------------------------------
 

@@ -148,6 +148,42 @@ def test_without_a_prefetched_mrn_the_patient_is_unknown_not_the_fhir_id(prefetc
     assert "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS" in str(unknown.value) and "123" not in str(unknown.value)
 
 
+MRN_SYSTEM = "urn:oid:2.16.840.1.113883.19.5"
+
+
+def test_with_an_mrn_system_the_prefetched_patients_mrn_is_the_identifier_typed_mr_of_that_system():
+    """A Patient typed MR in two namespaces (another facility's first): its card is the EHR's MRN's, never the
+    other value's, which may be another patient's MRN (the ingest keys the Patient so too)."""
+    other = {"type": {"coding": [{"code": "MR"}]}, "system": "urn:oid:1.2.3.4.5", "value": "MRN-9"}
+    ours = {"type": {"coding": [{"code": "MR"}]}, "system": MRN_SYSTEM, "value": "MRN-77"}
+    request = {"hook": "patient-view", "context": {"patientId": "123"},
+               "prefetch": {"patient": {"resourceType": "Patient", "id": "123", "identifier": [other, ours]}}}
+    assert patient_keys(request) == ["MRN-9"]  # unset: the first typed MR, as before
+    assert patient_keys(request, mrn_system=MRN_SYSTEM) == ["MRN-77"]
+    request["prefetch"]["patient"]["identifier"] = [other]
+    with pytest.raises(UnknownMrn) as unknown:
+        patient_keys(request, mrn_system=MRN_SYSTEM)
+    assert "WARDWATCH_MRN_SYSTEM" in str(unknown.value) and "MRN-9" not in str(unknown.value)
+
+
+def test_over_http_the_service_keys_the_prefetched_patient_by_the_mrn_system():
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score(minute=5, tier="high")))  # MRN p-1
+    other = {"type": {"coding": [{"code": "MR"}]}, "system": "urn:oid:1.2.3.4.5", "value": "p-1"}
+    body = {"hook": "patient-view", "context": {"patientId": "123"},
+            "prefetch": {"patient": {"resourceType": "Patient", "id": "123", "identifier": [other]}}}
+
+    async def post(**options) -> tuple[int, dict]:
+        async with TestClient(TestServer(make_app(latest, ready=lambda: True, **options))) as client:
+            response = await client.post(f"/cds-services/{SERVICE_ID}", json=body)
+            return response.status, await response.json()
+
+    status, answer = asyncio.run(post())
+    assert status == 200 and answer["cards"]  # unset: another facility's MRN p-1 shows p-1's card
+    status, answer = asyncio.run(post(mrn_system=MRN_SYSTEM))
+    assert status == 412 and "cards" not in answer  # not this patient's MRN: never p-1's risk
+
+
 def test_a_prefetched_patient_of_another_id_is_refused():
     # its MRN would key another patient's card
     with pytest.raises(BadRequest, match="context.patientId"):

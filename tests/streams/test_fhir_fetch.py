@@ -248,6 +248,26 @@ def test_the_patient_cache_is_bounded(fhir_server, monkeypatch):
     assert [path for path, _ in fhir_server.requests] == [PATIENT, other, PATIENT]
 
 
+def test_with_an_mrn_system_a_fetched_patients_mrn_is_the_identifier_typed_mr_of_that_system(fhir_server):
+    """A Patient typed MR in two namespaces (another facility's first): only the EHR's is its key."""
+    other = {"type": {"coding": [{"code": "MR"}]}, "system": "urn:oid:1.2.3.4.5", "value": "MRN-0042"}
+    patient = json.loads(served_patient())
+    fhir_server.script[PATIENT] = deque([(200, served_patient(identifier=[other, *patient["identifier"]]))] * 2)
+    raw = fhir_bundle("r4b_amended_reference_only")
+    unset = resolve_body(raw, client_for(fhir_server.url))
+    assert [e.patient_id for e in unset.events] == ["MRN-0042"]  # unset: the first typed MR, as before
+    system = "urn:oid:2.16.840.1.113883.19.5"
+    outcome = resolve(parse(raw), raw, client_for(fhir_server.url, mrn_system=system), topic="t", partition=0,
+                      offset=0, mrn_system=system)
+    assert [e.patient_id for e in outcome.events] == ["MRN-0001"]
+    # typed MR of another system only: no MRN, dead-lettered naming the setting
+    fhir_server.script[PATIENT] = deque([(200, served_patient(identifier=[other]))])
+    outcome = resolve(parse(raw), raw, client_for(fhir_server.url, mrn_system=system), topic="t", partition=0,
+                      offset=0, mrn_system=system)
+    r = rejection(outcome)
+    assert r.reason is Reason.MISSING_PATIENT and "WARDWATCH_MRN_SYSTEM" in r.detail and "MRN-0042" not in r.detail
+
+
 def test_a_fetched_patient_without_an_mrn_is_dead_lettered_as_missing_patient(fhir_server):
     fhir_server.script[PATIENT] = deque([(200, served_patient(identifier=[{"value": "not-typed"}]))])
     r = rejection(resolve_body(fhir_bundle("r4b_amended_reference_only"), client_for(fhir_server.url)))

@@ -240,6 +240,27 @@ def test_a_reading_whose_subject_is_the_fhir_servers_patient_id_alone_is_not_key
     assert [e.patient_id for e in decode_batch(published.value())] == ["pt-e4f5d6254795"]
 
 
+def test_with_an_mrn_system_the_ingest_does_not_key_a_reading_by_another_systems_identifier(fake_worker):
+    """WARDWATCH_MRN_SYSTEM reaches the parser: a subject identifier of another namespace (a national number equal
+    to patient MRN-0042's MRN) was published as MRN-0042's heart rate; with the setting it is no MRN, and with no
+    FHIR server to read the subject's Patient the reading is dead-lettered saying what to set."""
+    bundle = json.loads(fhir_bundle("r4b_amended_reference_only"))
+    bundle["entry"][1]["resource"]["subject"]["identifier"] = {"system": "urn:oid:2.16.840.1.113883.4.1",
+                                                               "value": "MRN-0042"}
+    msg = FakeMessage(topics_for(FAKE_SETTINGS).fhir, None, json.dumps(bundle).encode(), offset=0,
+                      timestamp_ms=1_718_460_456_000)
+    worker, fake = fake_worker([msg])
+    assert worker.poll_once() == 1
+    (published,) = fake.on(worker.topics.canonical)  # unset: any system, as before
+    assert [e.patient_id for e in decode_batch(published.value())] == ["MRN-0042"]
+    settings = FAKE_SETTINGS.model_copy(update={"mrn_system": "urn:oid:2.16.840.1.113883.19.5"})
+    worker, fake = fake_worker([msg], settings=settings)
+    assert worker.poll_once() == 1
+    assert fake.on(worker.topics.canonical) == []
+    (dead,) = fake.on(worker.topics.deadletter)
+    assert dict(dead.headers())["ww.reason"] == Reason.FHIR_SERVER_NOT_CONFIGURED.value.encode()
+
+
 def test_the_ingest_reads_naive_cdc_timestamps_in_the_configured_database_zone(fake_worker):
     """WARDWATCH_CDC_TIMEZONE reaches the CDC parser: a vitals row whose `timestamp` column holds
     14:06:36.123 Berlin time (CEST) is published at 12:06:36.123Z, not two hours late."""

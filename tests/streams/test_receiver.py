@@ -132,6 +132,49 @@ def post_with_producer(monkeypatch, producer, body: bytes, headers=FHIR_JSON):
     return asyncio.run(post())
 
 
+MRN_SYSTEM = "urn:oid:2.16.840.1.113883.19.5"  # the fixtures' MRN namespace
+
+
+def national_id_subject() -> bytes:
+    """A reading whose subject names its Patient by reference and by a national number equal to MRN-0042."""
+    bundle = json.loads(fhir_bundle("r4b_amended_reference_only"))
+    bundle["entry"][1]["resource"]["subject"]["identifier"] = {"system": "urn:oid:2.16.840.1.113883.4.1",
+                                                               "value": "MRN-0042"}
+    return json.dumps(bundle).encode()
+
+
+class RecordingProducer(RefusingProducer):
+    """A producer that stores every write at once (partition 0, offset n) and keeps (topic, key)."""
+
+    def __init__(self):
+        self.written: list[tuple[str, bytes | None]] = []
+
+    def produce(self, topic, *, key=None, value=None, headers=None, on_delivery=None):
+        self.written.append((topic, key))
+        if on_delivery is not None:
+            on_delivery(None, type("Stored", (), {"partition": lambda s: 0, "offset": lambda s: len(self.written)})())
+
+
+def test_with_an_mrn_system_a_subject_identifier_of_another_system_is_not_the_raw_key(monkeypatch):
+    """The receiver keys a notification as the ingest will read it: with WARDWATCH_MRN_SYSTEM a national number
+    equal to another patient's MRN is no MRN (the ingest reads the subject's Patient for it), so the message is
+    not partitioned as that other patient's."""
+    assert classify(national_id_subject()) == Accept(b"MRN-0042", "event")  # unset: any identifier, as before
+    assert classify(national_id_subject(), mrn_system=MRN_SYSTEM) == Accept(SUBSCRIPTION, "needs_fetch")
+    producer = RecordingProducer()
+    monkeypatch.setattr("confluent_kafka.Producer", lambda config: producer)
+    receiver = Receiver(Settings(topic_prefix="t", mrn_system=MRN_SYSTEM))
+
+    async def post():
+        async with TestClient(TestServer(receiver.app)) as client:
+            response = await client.post("/fhir/notifications", data=national_id_subject(), headers=FHIR_JSON)
+            await response.read()
+            return response.status
+
+    assert asyncio.run(post()) in (200, 201)
+    assert [key for topic, key in producer.written if not topic.endswith(".stats")] == [SUBSCRIPTION]
+
+
 def test_only_a_write_over_the_size_limit_is_unstorable_the_rest_is_retried(monkeypatch):
     unknown_topic = RefusingProducer(KafkaError._UNKNOWN_TOPIC)
     for name in ("r4b_status_event", "heart_rate_5000"):  # stored, and refused (its dead letter)

@@ -153,6 +153,29 @@ def test_cdc_timezone_reads_zone_less_times_as_the_ingest_does(tmp_path, monkeyp
     assert bad.exit_code == 2 and "not an IANA time zone" in bad.output
 
 
+def test_check_fhir_takes_the_mrn_system_as_the_ingest_does(tmp_path, monkeypatch):
+    """--mrn-system (or WARDWATCH_MRN_SYSTEM): a subject identifier of another system is no MRN offline either
+    (here a national number equal to MRN-0042, whose Patient only the FHIR server could tell: no_fhir_server)."""
+    from tests.fixtures.ingest.corpus import fhir_bundle
+
+    bundle = orjson.loads(fhir_bundle("r4b_amended_reference_only"))
+    bundle["entry"][1]["resource"]["subject"]["identifier"] = {"system": "urn:oid:2.16.840.1.113883.4.1",
+                                                               "value": "MRN-0042"}
+    capture = tmp_path / "fhir.jsonl"
+    capture.write_bytes(orjson.dumps(bundle) + b"\n")
+    monkeypatch.delenv("WARDWATCH_MRN_SYSTEM", raising=False)
+    code, lines = _run("fhir", str(capture))
+    assert code == 0 and [d["event"]["patient_id"] for d in _by_kind(lines, "event")] == ["MRN-0042"]
+    system = "urn:oid:2.16.840.1.113883.19.5"
+    for args, env in ((["--mrn-system", system], None), ([], {"WARDWATCH_MRN_SYSTEM": system})):
+        result = runner.invoke(app, ["check", "fhir", str(capture), *args], env=env)
+        assert result.exit_code == 0, result.output
+        lines = [orjson.loads(line) for line in result.stdout.splitlines()]
+        assert _by_kind(lines, "event") == [] and [d["reason"] for d in _by_kind(lines, "rejected")] == ["no_fhir_server"]
+    bad = runner.invoke(app, ["check", "fhir", str(capture), "--mrn-system", "MRN"])
+    assert bad.exit_code == 2 and "not a URI" in bad.output
+
+
 def test_a_subject_named_by_the_fhir_servers_patient_id_alone_is_checked_as_the_ingest_would(tmp_path, monkeypatch):
     """Offline there is no FHIR server to read the MRN from: such a reading is reported rejected
     (no_fhir_server), as the ingest without WARDWATCH_FHIR_SERVER_URL dead-letters it; with

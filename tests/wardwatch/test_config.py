@@ -57,6 +57,20 @@ def test_the_cdc_time_zone_is_utc_by_default_and_a_name_that_is_no_iana_zone_sto
         assert CliRunner().invoke(app, ["config", "show"]).exit_code == 2, bad
 
 
+def test_the_mrn_system_is_unset_by_default_and_refused_unless_a_uri(monkeypatch):
+    """A blank or mistyped WARDWATCH_MRN_SYSTEM would match no subject identifier: every reading would be keyed by
+    its Patient reference or dead-lettered. Refused at startup, saying what is wanted."""
+    monkeypatch.delenv("WARDWATCH_MRN_SYSTEM", raising=False)
+    assert Settings().mrn_system is None
+    for good in ("urn:oid:2.16.840.1.113883.19.5", "http://hospital.example.org/identifiers/mrn"):
+        monkeypatch.setenv("WARDWATCH_MRN_SYSTEM", good)
+        assert Settings().mrn_system == good
+    for bad in ("", "  ", "MRN", "http://hospital.example.org/ids mrn", " urn:oid:1.2"):
+        monkeypatch.setenv("WARDWATCH_MRN_SYSTEM", bad)
+        result = CliRunner().invoke(app, ["config", "show"])
+        assert result.exit_code == 2 and "WARDWATCH_MRN_SYSTEM" in result.output, bad
+
+
 def test_fhir_patient_ids_are_not_taken_for_mrns_unless_the_operator_says_so(monkeypatch):
     """A FHIR server's own Patient ids may equal other patients' MRNs: keying by them is opt-in."""
     monkeypatch.delenv("WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS", raising=False)

@@ -12,6 +12,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from schemas.fhir import mrn_of
+from streams import replay
 from tests.deploy.conftest import ehr_database, postgres_server  # noqa: F401  (fixtures)
 from wardwatch.feed import ehr_changes, fhir_resources, transaction_bundles, write_changes
 
@@ -86,6 +87,8 @@ def test_fhir_resources_are_ordered_trimmed_and_valid_transactions(cohort):
         {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
          "system": MRN, "value": "MRN-1"}]
     assert mrn_of(patient) == "MRN-1"
+    # of the system docker-compose.yml sets WARDWATCH_MRN_SYSTEM to by default: the demo keeps its MRNs
+    assert MRN == replay.MRN_SYSTEM and mrn_of(patient, replay.MRN_SYSTEM) == "MRN-1"
     # the Encounters and the lab name their Patient by MRN too: without a FHIR server to read the Patient from,
     # a subject with only `Patient/pt-1` would be dead-lettered (no_fhir_server) under the compose defaults
     for resource in resources[1:]:
