@@ -21,10 +21,12 @@ as if the server had sent them inline, so id-only and full-resource payloads giv
     parse_notification() again -> Parsed | Rejected | Ignored
 
 Subjects naming their Patient by the server's id alone (NeedsFetch `patients`, after the id-only round if
-any): FhirClient.patient_mrn() reads "Patient/<id>" once (bounded LRU, PATIENT_CACHE_SIZE) for its MRN (the
-identifier typed MR, of WARDWATCH_MRN_SYSTEM when set) and the notification is parsed again with
-`patient_mrns`; a Patient without an MRN -> MISSING_PATIENT. The Patient itself adds no facts here (a cached
-one could not): its own notifications give its sex and birth year.
+any): FhirClient.patient_mrn() reads "Patient/<id>" for its MRN (the identifier typed MR, of
+WARDWATCH_MRN_SYSTEM when set) and the notification is parsed again with `patient_mrns`; a Patient without an
+MRN -> MISSING_PATIENT. The MRN is cached (bounded LRU, PATIENT_CACHE_SIZE) for WARDWATCH_FHIR_PATIENT_CACHE_TTL_S
+(monotonic clock): a patient merge or an MRN corrected on the server applies to the notifications read that
+long after it at the latest, without a restart. The Patient itself adds no facts here (a cached one could
+not): its own notifications give its sex and birth year.
 
 Failures are data outcomes, never exceptions, so the ingest worker dead-letters the original bytes:
     no server configured          -> FHIR_SERVER_NOT_CONFIGURED (replay after setting WARDWATCH_FHIR_SERVER_URL)
@@ -112,8 +114,10 @@ class FhirClient:
         self._sleep = sleep
         self._monotonic = monotonic
         self.mrn_system = settings.mrn_system
-        # "Patient/<id>" -> MRN: each subject's Patient is read once, not for every notification of it
-        self._mrns: OrderedDict[str, str] = OrderedDict()
+        self.patient_cache_ttl_s = settings.fhir_patient_cache_ttl_s
+        # "Patient/<id>" -> (MRN, monotonic time read): a subject's Patient is read once per TTL, not for every
+        # notification of it
+        self._mrns: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def read(self, reference: str) -> dict:
         """GET one relative reference ("Type/id" or "Type/id/_history/v") -> the resource as a dict;
@@ -124,15 +128,18 @@ class FhirClient:
 
     def patient_mrn(self, reference: str) -> str | None:
         """The MRN of "Patient/<id>" (its identifier typed MR, of settings.mrn_system when set), None when it has
-        none; read from the server once, then from a bounded LRU cache (PATIENT_CACHE_SIZE; a Patient without an
-        MRN is not cached)."""
-        mrn = self._mrns.get(reference)
-        if mrn is not None:
+        none; read from the server, then from a bounded LRU cache (PATIENT_CACHE_SIZE) for
+        settings.fhir_patient_cache_ttl_s: a merge or MRN correction on the server is read after that at the
+        latest (a Patient without an MRN is not cached). The monotonic clock: cache freshness, not event time."""
+        now = self._monotonic()
+        cached = self._mrns.get(reference)
+        if cached is not None and now - cached[1] < self.patient_cache_ttl_s:
             self._mrns.move_to_end(reference)
-            return mrn
+            return cached[0]
+        self._mrns.pop(reference, None)  # expired: read again
         mrn = mrn_of(self.read(reference), self.mrn_system)
         if mrn is not None:
-            self._mrns[reference] = mrn
+            self._mrns[reference] = (mrn, now)
             if len(self._mrns) > PATIENT_CACHE_SIZE:
                 self._mrns.popitem(last=False)
         return mrn

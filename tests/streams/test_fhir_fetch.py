@@ -248,6 +248,30 @@ def test_the_patient_cache_is_bounded(fhir_server, monkeypatch):
     assert [path for path, _ in fhir_server.requests] == [PATIENT, other, PATIENT]
 
 
+def test_a_cached_mrn_expires_so_a_merge_on_the_server_applies_without_a_restart(fhir_server):
+    """The server merged pt-e4f5d6254795 into the patient of MRN-0009 (or corrected its MRN): a cache that never
+    expired kept keying its readings by MRN-0001 until the ingest restarted. Cache freshness is on the
+    monotonic clock (injected here), never on event time."""
+    now = [1000.0]
+    fhir_server.script[PATIENT] = deque([(200, served_patient()), (200, served_patient(identifier=[
+        {"type": {"coding": [{"code": "MR"}]}, "value": "MRN-0009"}]))])
+    client = FhirClient(Settings(fhir_server_url=fhir_server.url, fhir_patient_cache_ttl_s=600),
+                        monotonic=lambda: now[0])
+    assert client.patient_mrn("Patient/pt-e4f5d6254795") == "MRN-0001"
+    now[0] += 599.0
+    assert client.patient_mrn("Patient/pt-e4f5d6254795") == "MRN-0001"  # within the TTL: not read again
+    assert len(fhir_server.requests) == 1
+    now[0] += 1.0
+    outcome = resolve_body(fhir_bundle("r4b_amended_reference_only"), client)
+    assert [e.patient_id for e in outcome.events] == ["MRN-0009"]  # read again: the server's MRN now
+    assert [path for path, _ in fhir_server.requests] == [PATIENT, PATIENT]
+
+
+def test_the_patient_cache_ttl_is_a_setting_of_an_hour_by_default():
+    assert Settings().fhir_patient_cache_ttl_s == 3600
+    assert "monotonic" in Settings.model_fields["fhir_patient_cache_ttl_s"].description
+
+
 def test_with_an_mrn_system_a_fetched_patients_mrn_is_the_identifier_typed_mr_of_that_system(fhir_server):
     """A Patient typed MR in two namespaces (another facility's first): only the EHR's is its key."""
     other = {"type": {"coding": [{"code": "MR"}]}, "system": "urn:oid:1.2.3.4.5", "value": "MRN-0042"}
