@@ -37,17 +37,22 @@ Rules
   that such points opened before the discharge arrived is resolved by the discharge: discharge()).
 
 Corrections (correct()): the open episode keeps its alerts (open, escalate) with their basis, the
-(fact_id, version) of the observations each was based on. When a message corrects (amends or
-retracts) a fact in the basis of one of the episode's alerts (the open one and an escalation stand
-together, so each alert the fact is in is corrected, oldest first), a re-score *at that alert's scoring
-time* with the corrected facts decides (streams/patient_agent.py makes it; the correction's own
-scoring point, at the patient clock, is published as usual and goes to step()). Judged at the clock
-instead, an alert whose patient had improved since would be withdrawn as entered-in-error by any
-correction of its basis, even one that changes nothing at its time (a lactate made final, a
-temperature amended within its NEWS2 band), and one whose patient had worsened would be amended
-whatever the error. Limit: when the alert is older than the lateness bound (its time before
-clock - allowed_lateness) the state may no longer hold every reading of its windows (pruning,
-docs/patient-state.md), so the re-score is the correction's point at the clock, as it was.
+(fact_id, version) of the observations each was based on (the latest reading of each parameter, what
+the published RiskAssessment.basis names). When a message corrects (amends or retracts) a fact one of
+the episode's alerts read (the open one and an escalation stand together, so each alert that read it is
+corrected, oldest first), a re-score *at that alert's scoring time* with the corrected facts decides
+(streams/patient_agent.py makes it; the correction's own scoring point, at the patient clock, is
+published as usual and goes to step()). Judged at the clock instead, an alert whose patient had improved
+since would be withdrawn as entered-in-error by any correction it read, even one that changes nothing at
+its time (a lactate made final, a temperature amended within its NEWS2 band), and one whose patient had
+worsened would be amended whatever the error.
+An alert read a fact when the fact is in its basis, or when a window feature read it at the alert's time
+though it was not the latest reading (`read_at`: the heart rate that set heart_rate_max_6h, one of a
+slope's window). streams.patient_agent.read_at tells that from the corrected reading's code and time,
+before and after the correction, and the windows ending at the alert's time of the features reading more
+than the latest (mean, min, max, count, slope, delta), so the alert state keeps nothing more than the
+basis (a 6 h window of a monitor charting every minute holds 360 heart rates). Before, only the basis was
+matched, and an alert whose model risk rested on an erroneous earlier reading stood.
 - its tier still meets the alert's tier: kind "correction", status "amended" (new probability and
   basis); the alert stays the open one.
 - it does not: kind "correction", status "entered-in-error"; the alert is withdrawn. The latest
@@ -55,7 +60,13 @@ docs/patient-state.md), so the re-score is the correction's point at the clock, 
   suppression window: an error is not a recovery), so a still-alerting patient opens a new episode.
   Later alerts in that episode carry a revision in their id, so no withdrawn id is ever reused.
   correction id = uuid5(NAMESPACE, f"{original_id}|correction|{fact_id}@{version},...") over the
-  corrected basis facts, sorted: a restart that replays the correction repeats the id.
+  corrected facts the alert read (basis and windows), sorted: a restart that replays the correction
+  repeats the id.
+Limit: when the alert is older than the lateness bound (its time before clock - allowed_lateness) the
+state may no longer hold every reading of its windows (pruning, docs/patient-state.md), so the re-score
+is the correction's point at the clock, as it was, and only a fact in its basis reaches it (read_at gives
+nothing there: judged at the clock, a correction of an earlier reading would withdraw the alert of a
+patient who has since improved).
 A preliminary result in the basis that becomes final (a new version of the same fact, status final,
 or a final result of the same measurement through the other source, which replaces it:
 docs/patient-state.md rule 4) is such a correction too, whether or not its value changed: the alert the consumer holds says it rests
@@ -66,9 +77,9 @@ re-snapshot, a versionId bump; docs/patient-state.md rule 2) is not a correction
 correct().
 After the episode is over (resolved, or discharged) its alerts stand no more, but a reading one of them
 rested on may still be amended or entered in error. Such an alert is kept (AlertState.closed) while it is
-within the lateness bound of the patient clock (AlertPolicy.correctable_ms), and a correction of its basis
-re-scores it at its own time as above: if its tier no longer holds, it is withdrawn (kind "correction",
-status "entered-in-error"), so a record or an audit never keeps an alert that rested on an error. If the
+within the lateness bound of the patient clock (AlertPolicy.correctable_ms), and a correction of a fact it
+read (its basis or its windows) re-scores it at its own time as above: if its tier no longer holds, it is
+withdrawn (kind "correction", status "entered-in-error"), so a record or an audit never keeps an alert that rested on an error. If the
 tier holds, nothing is published: an amendment of an alert that no longer stands changes nothing a consumer
 shows (and would read as standing again), so only the kept basis is brought up to date. An alert older
 than the bound is not judged: its windows may be pruned, and at the clock the patient's state says nothing
@@ -95,7 +106,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence, TypedDict
+from typing import Callable, Iterable, Literal, Mapping, Sequence, TypedDict
 
 from wardwatch.settings import Settings
 
@@ -106,6 +117,8 @@ Status = Literal["final", "amended", "entered-in-error"]
 # (streams.patient_agent._basis); alerts stored before the time was kept have [fact_id, version] or, for a
 # preliminary reading, [fact_id, version, code]
 Basis = list[list]
+# scoring time T -> the corrected facts (ids) a feature read at T, within its window (streams.patient_agent.read_at)
+ReadAt = Callable[[int], Iterable[str]]
 
 TIER_RANK: dict[str, int] = {"none": 0, "low": 1, "medium": 2, "high": 3}
 ALERTING_RANK = TIER_RANK["medium"]
@@ -283,7 +296,8 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
             probability: float | None, news2: int | None, path: str, model_version: str | None,
             rationale: Sequence = (), basis: Callable[[], Basis] | None = None,
             superseded: Mapping[str, str] | None = None, stale: Sequence = (),
-            rescore: Callable[[EpisodeAlert], dict | None] | None = None) -> tuple[AlertState, list[AlertDecision]]:
+            rescore: Callable[[EpisodeAlert], dict | None] | None = None,
+            read_at: ReadAt | None = None) -> tuple[AlertState, list[AlertDecision]]:
     """Correct each alert of the open episode whose basis `corrected` (fact_id -> new version, the
     corrections applied by one message) touches, oldest first: the open one and any escalation stand
     together, so one resting on a corrected reading must not stand unamended because a later one was
@@ -292,12 +306,14 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
     docstring). Call it before step() for the correction's scoring point. Returns the new state and
     one correction per touched alert. `superseded`: preliminary fact_id -> the fact_id (in
     `corrected`) of the final result that came through the other source and replaced it
-    (docs/patient-state.md rule 4): a basis naming the preliminary fact is touched by that correction."""
+    (docs/patient-state.md rule 4): a basis naming the preliminary fact is touched by that correction.
+    `read_at(T)`: the facts of `corrected` a feature read at scoring time T (within its window), not only
+    the latest of each code the basis names: an alert is touched by those at its time too (module docstring)."""
     s: AlertState = {**initial_state(), **(state or {})}
     default = dict(scoring_ms=scoring_ms, tier=tier, probability=probability, news2=news2, path=path,
                    model_version=model_version, rationale=rationale, basis=basis, stale=stale)
-    decisions = _correct_closed(s, corrected, superseded, rescore, default)
-    touched = corrected_alerts(s, corrected=corrected, superseded=superseded)
+    decisions = _correct_closed(s, corrected, superseded, rescore, default, read_at)
+    touched = corrected_alerts(s, corrected=corrected, superseded=superseded, read_at=read_at)
     if not touched:
         return s, decisions
     for current, in_basis in touched:
@@ -328,10 +344,11 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
 
 
 def _correct_closed(s: AlertState, corrected: Mapping[str, int], superseded: Mapping[str, str] | None,
-                    rescore: Callable[[EpisodeAlert], dict | None] | None, default: dict) -> list[AlertDecision]:
+                    rescore: Callable[[EpisodeAlert], dict | None] | None, default: dict,
+                    read_at: ReadAt | None = None) -> list[AlertDecision]:
     """Withdraw each closed episode's alert whose basis the corrections touch and whose tier no longer holds
     at its own time (module docstring); one it still holds only gets its basis brought up to date."""
-    touched = _touched(s["closed"], corrected, superseded) if s["closed"] and corrected else []
+    touched = _touched(s["closed"], corrected, superseded, read_at) if s["closed"] and corrected else []
     decisions = []
     for current, in_basis in touched:
         point = rescore(current) if rescore else None
@@ -355,17 +372,18 @@ def _correct_closed(s: AlertState, corrected: Mapping[str, int], superseded: Map
     return decisions
 
 
-def corrected_alerts(state: dict | None, *, corrected: Mapping[str, int],
-                     superseded: Mapping[str, str] | None = None) -> list[tuple[EpisodeAlert, dict[str, int]]]:
-    """The open episode's alerts whose basis these corrections touch, oldest first, each with the touched
-    facts (fact_id -> new version; a superseded preliminary fact is named by its final result)."""
+def corrected_alerts(state: dict | None, *, corrected: Mapping[str, int], superseded: Mapping[str, str] | None = None,
+                     read_at: ReadAt | None = None) -> list[tuple[EpisodeAlert, dict[str, int]]]:
+    """The open episode's alerts whose basis these corrections touch, or a reading a feature read at their
+    time (`read_at`, see correct()), oldest first, each with the touched facts (fact_id -> new version; a
+    superseded preliminary fact is named by its final result)."""
     if not state or not state.get("open") or not state.get("alerts") or not corrected:
         return []
-    return _touched(state["alerts"], corrected, superseded)
+    return _touched(state["alerts"], corrected, superseded, read_at)
 
 
-def _touched(alerts: Sequence[dict], corrected: Mapping[str, int],
-             superseded: Mapping[str, str] | None) -> list[tuple[EpisodeAlert, dict[str, int]]]:
+def _touched(alerts: Sequence[dict], corrected: Mapping[str, int], superseded: Mapping[str, str] | None,
+             read_at: ReadAt | None = None) -> list[tuple[EpisodeAlert, dict[str, int]]]:
     superseded = superseded or {}
     touched = []
     for alert in alerts:
@@ -375,6 +393,13 @@ def _touched(alerts: Sequence[dict], corrected: Mapping[str, int],
                 in_basis[fact_id] = v
             elif (final := superseded.get(fact_id)) is not None:
                 in_basis[final] = corrected[final]  # the id names the final result's fact and version
+        if read_at is not None:
+            # a reading a window feature read at the alert's time; one its basis names at this version or a
+            # later one is no news to it (one it names at an older version is in in_basis already)
+            named = {entry[0] for entry in alert["basis"]}
+            for fact_id in read_at(alert["scoring_ms"]):
+                if fact_id not in named and fact_id in corrected:
+                    in_basis[fact_id] = corrected[fact_id]
         if in_basis:
             touched.append((alert, in_basis))
     return touched

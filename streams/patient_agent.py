@@ -14,8 +14,8 @@ For each canonical message (all events of one patient, in arrival order):
   if a discharge advanced the context: a discharge step (resolves an open alert episode); while the
     context says discharged, scoring points still score but open no alert (streams/alerting.py)
 After the whole batch: one scoring call (and one for the shadow model), then per patient in
-arrival order: alert corrections (a corrected fact in the open alert's basis), the alert policy, and
-discharges.
+arrival order: alert corrections (a corrected fact an alert read: in its basis, or in a window a feature
+read at its time, read_at), the alert policy, and discharges.
 
 Context rule (event time): per context code the record holds the event with the greatest
 (effective_ms, version); a newer version of the held fact replaces it whatever its time, and its
@@ -41,7 +41,7 @@ restart's re-emission or a replay cut into other messages repeats it.
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -65,9 +65,15 @@ RESERVED_KEY_PREFIX = "__wardwatch_"
 # an alert's basis: the latest fact of each code a feature reads, if it lies within that code's longest
 # feature window at T (the readings the score could use): never a code no feature reads (diastolic BP,
 # platelets), nor a reading older than every window (a lactate from last week)
+_LATEST_ONLY = ("last", "time_since_last_s")
 _BASIS_WINDOW_MS = {code: max(f.window_s for f in FEATURES if f.code == code) * 1000
                     for code in CODES if any(f.code == code for f in FEATURES)}
 _BASIS_CODES = tuple(_BASIS_WINDOW_MS)
+# per code, the widest window of a feature reading every reading in it, not only the latest (`last`,
+# time_since_last_s): a correction of any reading there reaches an alert scored at its end (read_at)
+_READ_ALL_MS = {code: max(f.window_s for f in FEATURES if f.code == code and f.agg not in _LATEST_ONLY) * 1000
+                for code in _BASIS_WINDOW_MS
+                if any(f.code == code and f.agg not in _LATEST_ONLY for f in FEATURES)}
 # counter name of each outcome: its kind, or duplicate_<kind of duplicate>
 _OUTCOME_COUNTER = {(kind, None): kind.value for kind in Kind} | {
     (Kind.DUPLICATE, duplicate): f"duplicate_{duplicate.value}" for duplicate in DuplicateKind}
@@ -201,6 +207,53 @@ def _basis(state: PatientState, T: int) -> list[list]:
             for code in _BASIS_CODES if (fact := _reading(state, code, T)) is not None]
 
 
+def _live_copy(state: PatientState, fact_id: str, code: str) -> tuple[str, int] | None:
+    """(code, effective_ms) of a fact's live copy in `state`, or None (retracted, pruned, never seen). It sits
+    at the time its known entry records, under `code` unless a correction changed its code."""
+    entry = state.known.get(fact_id)
+    if entry is None:
+        return None
+    key = (entry[1], fact_id)
+    for c in (code, *(c for c in state.facts if c != code)):
+        facts = state.facts.get(c)
+        if facts and (i := bisect_left(facts, key)) < len(facts) and facts[i][:2] == key:
+            return c, entry[1]
+    return None
+
+
+def corrected_readings(before: PatientState, outcomes: list) -> dict[str, tuple[tuple[str, int, bool], ...]]:
+    """fact_id -> (code, effective_ms, new) of each reading a run's corrections changed: its live copy before
+    the run (new False; a retraction's own time may be a commit time, not the reading's) and the one after
+    (new True; none for a retraction); for a final result replacing its preliminary twin (rule 4), the twin's."""
+    readings: dict[str, tuple[tuple[str, int, bool], ...]] = {}
+    for o in outcomes:
+        if o.kind is not Kind.CORRECTED:
+            continue
+        e = o.event
+        was = [_live_copy(before, fact_id, e.code) for fact_id in (e.fact_id, o.supersedes) if fact_id]
+        spots = [(*spot, False) for spot in was if spot is not None]
+        if not e.status.retracts:
+            spots.append((e.code, e.effective_ms, True))
+        readings[e.fact_id] = (*readings.get(e.fact_id, ()), *spots)
+    return readings
+
+
+def read_at(readings: dict[str, tuple[tuple[str, int, bool], ...]], state: PatientState, T: int) -> list[str]:
+    """The facts of `readings` (corrected_readings) a feature read at scoring time T, before or after their
+    correction: a reading within the window of a feature of its code that reads every reading in it (mean,
+    min, max, count, slope; delta, its first) (_READ_ALL_MS), or, after the correction, the latest of its code
+    at T (what `last` and time_since_last_s read: `state` is after it). Before the correction the latest was
+    the alert's basis, matched by streams.alerting. A reading after T, older than every window, or of a code
+    no feature reads is none."""
+    def read(fact_id: str, code: str, effective_ms: int, new: bool) -> bool:
+        if code in _READ_ALL_MS and T - _READ_ALL_MS[code] < effective_ms <= T:
+            return True
+        return new and code in _BASIS_WINDOW_MS and (latest := _reading(state, code, T)) is not None \
+            and latest[FACT_ID] == fact_id
+
+    return [fact_id for fact_id, spots in readings.items() if any(read(fact_id, *spot) for spot in spots)]
+
+
 def _stale(state: PatientState, T: int, features: dict, rationale: list) -> list[list]:
     """The readings the score at T rests on that are too old to be taken as today's (schemas.alert)."""
     def taken(code: str) -> int | None:
@@ -283,6 +336,7 @@ class _Point(NamedTuple):
     features: dict
     state: PatientState  # as of the point
     corrected: dict  # fact_id -> version of the corrections the point's run applied
+    readings: dict  # fact_id in corrected -> where its readings were, before and after (corrected_readings)
     superseded: dict  # fact_id of a preliminary result -> fact_id of its final cross-source twin (in corrected)
     context: PatientContext  # as of this message (ward and encounter of its alerts)
     snapshot_id: str  # schemas.cadence.snapshot_id of the point
@@ -291,10 +345,12 @@ class _Point(NamedTuple):
 
 
 def _point(patient: str, T: int, msg: CanonicalMessage, idx: int, trigger: Trigger, trigger_event_id: str,
-           features: dict, state: PatientState, corrected: dict, superseded: dict, context: PatientContext) -> _Point:
+           features: dict, state: PatientState, corrected: dict, readings: dict, superseded: dict,
+           context: PatientContext) -> _Point:
     """A point with its two hashes and preliminary codes, computed once (the features, score and shadow
     records share them)."""
-    return _Point(patient, T, msg, idx, trigger, trigger_event_id, features, state, corrected, superseded, context,
+    return _Point(patient, T, msg, idx, trigger, trigger_event_id, features, state, corrected, readings, superseded,
+                  context,
                   snapshot_id(patient, trigger, T, trigger_event_id), features_hash(features),
                   preliminary_codes(state, T))
 
@@ -339,6 +395,7 @@ class PatientProcessor:
             try:
                 context, context_changed = apply_context(rec.context, context_events)
                 for indices, run in measurement_runs(events):
+                    before = state
                     result = apply_batch(state, run, allowed_lateness_ms=self.lateness_ms,
                                          dedupe_horizon_ms=self.horizon_ms,
                                          cross_source_tolerance=self.settings.cross_source_tolerance)
@@ -353,8 +410,9 @@ class PatientProcessor:
                     features = compute_features(state, T)
                     news2 = scored_news2(news2_charted_parts(features))
                     corrected = {o.event.fact_id: o.event.version for o in result.outcomes if o.kind is Kind.CORRECTED}
+                    readings = corrected_readings(before, result.outcomes) if corrected else {}
                     superseded = {o.supersedes: o.event.fact_id for o in result.outcomes if o.supersedes}
-                    points.append((T, indices[-1], *trigger, features, state, corrected, superseded))
+                    points.append((T, indices[-1], *trigger, features, state, corrected, readings, superseded))
             except Exception as exc:  # a bug or an event the rules cannot take: keep it for replay after a fix
                 self._reject(out, msg, Reason.INTERNAL_ERROR, "patient state could not apply the batch", exc)
                 continue
@@ -371,8 +429,9 @@ class PatientProcessor:
                          "partition": msg.partition, "offset": msg.offset, "idx": idx}), []))
             view = context_view(context)
             view = view._replace(encounter_id=view.encounter_id or encounter)
-            steps += (_point(patient, T, msg, idx, trigger, trigger_event, features, at, corrected, superseded, view)
-                      for T, idx, trigger, trigger_event, features, at, corrected, superseded in points)
+            steps += (_point(patient, T, msg, idx, trigger, trigger_event, features, at, corrected, readings,
+                             superseded, view)
+                      for T, idx, trigger, trigger_event, features, at, corrected, readings, superseded in points)
             if DISCHARGE in context_changed and view.discharged_ms is not None:
                 steps.append(_Discharge(patient, view.discharged_ms, msg, view))
 
@@ -427,6 +486,7 @@ class PatientProcessor:
         alert_state, decisions = rec.alert, []
         if p.corrected:  # (without corrections, correct() changes nothing: step() fills in the same defaults)
             alert_state, decisions = alerting.correct(rec.alert, corrected=p.corrected, superseded=p.superseded,
+                                                      read_at=lambda at: self._read_at(p, at),
                                                       rescore=lambda alert: self._at_alert_time(p, alert), **point)
         alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy,
                                             discharged=p.context.discharged_ms is not None, **point)
@@ -442,6 +502,15 @@ class PatientProcessor:
             described = after.get(d.original_alert_id or d.alert_id) or before.get(d.original_alert_id)
             # a resolution: the resolving point's score, and its old readings ("calm" may rest on them)
             self._publish(patient, d, described or {**alert_state, "stale": stale}, p.context, out, headers)
+
+    def _read_at(self, p: _Point, at: int) -> list[str]:
+        """The facts p's corrections changed that a feature read at an alert's time `at` (read_at): a
+        correction of one reaches the alert even when it is not the latest reading (its basis), e.g. the
+        heart rate that set heart_rate_max_6h. Only for an alert within the lateness bound, the one judged at
+        its own time (_at_alert_time): beyond it only its basis is matched, and judged at the clock, as before."""
+        if at < p.state.clock - self.lateness_ms:
+            return []
+        return read_at(p.readings, p.state, at)
 
     def _at_alert_time(self, p: _Point, alert: alerting.EpisodeAlert) -> dict | None:
         """The point a correction of an alert is judged on: the alert re-scored at its own time with the

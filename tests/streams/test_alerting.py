@@ -300,6 +300,50 @@ def test_a_reading_both_alerts_rest_on_corrects_each_of_them_oldest_first():
     assert not state["open"] and state["alerts"] == []  # nothing stands: closed, no suppression window
 
 
+def test_a_reading_a_window_feature_read_at_the_alerts_time_corrects_it_though_not_in_its_basis():
+    """hr:0 is no basis entry (not the latest heart rate), but a window feature read it at the alert's time
+    (read_at says so): its error withdraws the alert judged at its own time, or amends it where the tier holds."""
+    read_at_open = lambda T: ["hr:0"] if T == T0 else []  # noqa: E731
+    state, original = opened("high")
+    withdrawn, [c] = correct(state, corrected={"hr:0": 2}, read_at=read_at_open, rescore=judged_at("none"),
+                             **rule_point(30, "high"))
+    assert (c.status, c.original_alert_id, c.scoring_ms) == ("entered-in-error", original.alert_id, T0)
+    assert c.alert_id == str(uuid.uuid5(NAMESPACE, f"{original.alert_id}|correction|hr:0@2"))
+    assert not withdrawn["open"]
+    amended, [c] = correct(state, corrected={"hr:0": 2}, read_at=read_at_open, rescore=judged_at("high"),
+                           **rule_point(30, "none"))
+    assert (c.status, c.original_alert_id, c.scoring_ms) == ("amended", original.alert_id, T0)
+    assert amended["alerts"][0]["basis"] == BASIS()  # the rescore made none: the latest readings stay
+    # a reading no feature read at the alert's time (after it, older than every window) touches nothing
+    assert correct(state, corrected={"hr:0": 2}, read_at=lambda T: [], rescore=judged_at("none"),
+                   **rule_point(30, "none")) == (state, [])
+
+
+def test_a_window_reading_corrects_only_the_alerts_whose_time_read_it_and_is_named_once():
+    state, first, esc = escalated_over_a_shared_reading()
+    # rr:0 was read at the escalation's time only (taken between the two alerts); hr:1 is in both bases
+    state, corrections = correct(state, corrected={"rr:0": 2, "hr:1": 2},
+                                 read_at=lambda T: ["rr:0", "hr:1"] if T == T0 + 5 * MIN else ["hr:1"],
+                                 rescore=lambda alert: judged_at("high")(alert) | {"basis": lambda: [["hr:1", 2]]},
+                                 **rule_point(5, "high"))
+    assert [(c.status, c.original_alert_id) for c in corrections] == [("amended", first.alert_id),
+                                                                      ("amended", esc.alert_id)]
+    assert corrections[0].alert_id == str(uuid.uuid5(NAMESPACE, f"{first.alert_id}|correction|hr:1@2"))
+    assert corrections[1].alert_id == str(uuid.uuid5(NAMESPACE, f"{esc.alert_id}|correction|hr:1@2,rr:0@2"))
+    # a version the basis already names (the amendments made it) is no news to the alert
+    assert correct(state, corrected={"hr:1": 2}, read_at=lambda T: ["hr:1"], rescore=judged_at("none"),
+                   **rule_point(5, "none"))[1] == []
+
+
+def test_a_closed_alert_is_withdrawn_by_an_error_in_a_reading_its_windows_read():
+    state, original = resolved_episode()
+    state, [c] = correct(state, corrected={"spo2:0": 2}, read_at=lambda T: ["spo2:0"] if T == T0 else [],
+                         rescore=judged_at("none"), **rule_point(10, "none"))
+    assert (c.kind, c.status, c.original_alert_id, c.scoring_ms) == (
+        "correction", "entered-in-error", original.alert_id, T0)
+    assert state["closed"] == []
+
+
 def resolved_episode(close=None):
     """An open high alert on BASIS at minute 0, then two calm points: the episode resolves at minute 10
     (or `close` ends it)."""

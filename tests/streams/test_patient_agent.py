@@ -4,6 +4,7 @@ idempotence when a batch is reprocessed after a restart."""
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from datetime import datetime, timezone
 
 import orjson
@@ -16,7 +17,8 @@ from schemas.deadletter import Reason
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Parsed
 from streams.patient_agent import CanonicalMessage, PatientProcessor, PatientRecord
-from streams.scoring import Scorer
+from streams.alerting import NAMESPACE
+from streams.scoring import Scorer, ScoreResult
 from tests.fixtures.ingest.corpus import gcs_bundle
 from wardwatch.settings import Settings
 
@@ -268,11 +270,15 @@ def test_an_error_in_the_open_alerts_basis_withdraws_it_under_an_escalation_that
 
     # the first row's RR was 16, not 26: at T0 the patient scored NEWS2 2, no alert
     out = run(processor, [msg(2, [amendment("p1", T0, 1, codes.RESP_RATE, 5, 16.0)])], store)
-    [correction] = alerts_of(out)
+    [correction, amended] = alerts_of(out)
     assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
     assert correction["resource"]["status"] == "entered-in-error"
     assert correction["resource"]["occurrenceDateTime"] == opened["resource"]["occurrenceDateTime"]
-    # the escalation rests on the second row only: it stands, and the episode with it
+    # the escalation's NEWS2 rests on the second row, but its 6 h RR features (max, slope) read the first row's
+    # RR too: re-scored at its own time it is still high, so it is amended, and stands with the episode
+    assert (amended["header"]["original_alert_id"], amended["resource"]["status"]) == (
+        escalated["header"]["alert_id"], "amended")
+    assert amended["resource"]["occurrenceDateTime"] == escalated["resource"]["occurrenceDateTime"]
     alert_state = store["p1"].alert
     assert alert_state["open"] and [a["alert_id"] for a in alert_state["alerts"]] == [escalated["header"]["alert_id"]]
 
@@ -328,6 +334,129 @@ def test_correcting_a_value_outside_the_basis_publishes_nothing(processor):
     out = run(processor, [msg(2, [amendment("p1", T0 + 5 * MIN, 2, codes.RESP_RATE, 3, 30.0)])], store)
     assert out.alerts == [] and len(out.scores) == 1
 
+
+
+# --- corrections of a reading a window feature read, not the latest (the alert's basis) ------------------
+
+
+class SlopeScorer:
+    """A model whose risk is the heart rate's 6 h trend alone (heart_rate_slope_6h, per hour / 100): an alert
+    it raises rests on every heart rate of those 6 h, while its basis names only the latest."""
+
+    def score(self, snapshots):
+        return [self._one(features) for features in snapshots]
+
+    @staticmethod
+    def _one(features):
+        slope = features["heart_rate_slope_6h"]
+        p = 0.05 if slope is None else min(0.99, max(0.01, slope / 100))
+        tier = "high" if p >= 0.7 else "medium" if p >= 0.5 else "low" if p >= 0.4 else "none"
+        rationale = [] if slope is None else [{"feature": "heart_rate_slope_6h", "value": slope, "contribution": 1.0}]
+        return ScoreResult(probability=p, path="model", model_version="slope-1", news2=features["news2"], tier=tier,
+                           rationale=rationale)
+
+
+@pytest.fixture
+def trend(settings):
+    return PatientProcessor(settings, SlopeScorer())
+
+
+def rising(processor, store):
+    """HR 80 at T0, then 120 at T0+30 min (80/h: high, alerted at T0+30 on both), then 160 at T0+60 (still
+    high, nothing new). The open alert's basis names the T0+30 heart rate only."""
+    assert alerts_of(run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "hr": 80}))], store)) == []
+    [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0 + 30 * MIN, 2, **{**NORMAL, "hr": 120}))], store))
+    assert (opened["header"]["kind"], opened["header"]["tier"], opened["header"]["scoring_ms"]) == (
+        "open", "high", T0 + 30 * MIN)
+    assert make_event_id(f"cdc:vital_signs:1:{codes.HEART_RATE}", 1) not in {
+        b["identifier"]["value"] for b in opened["resource"]["basis"]}
+    assert alerts_of(run(processor, [msg(2, vitals("p1", T0 + 60 * MIN, 3, **{**NORMAL, "hr": 160}))], store)) == []
+    return opened
+
+
+def test_an_error_in_an_earlier_heart_rate_a_model_alerts_trend_rested_on_withdraws_it(trend):
+    """The T0 heart rate is not the alert's latest reading, but its trend feature read it: entered in error, the
+    alert at T0+30 had one heart rate and no trend, so no risk. Before, only the basis was matched: the alert
+    stood. Judged at the clock (T0+60: 120 -> 160 is still a steep trend) it would have been amended."""
+    store: dict[str, PatientRecord] = {}
+    opened = rising(trend, store)
+
+    out = run(trend, [msg(3, [retraction("p1", T0, 1, codes.HEART_RATE, 2)])], store)
+
+    [correction, reopened] = alerts_of(out)
+    assert (correction["header"]["kind"], correction["resource"]["status"]) == ("correction", "entered-in-error")
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["resource"]["occurrenceDateTime"] == opened["resource"]["occurrenceDateTime"]
+    # the correction's own point, at the clock, is still high: with its only alert withdrawn, a new episode
+    # opens there (no suppression window: an error is no recovery)
+    [score] = [orjson.loads(v) for _, v, _ in out.scores]
+    assert (score["scoring_ms"], score["tier"]) == (T0 + 60 * MIN, "high")
+    assert (reopened["header"]["kind"], reopened["header"]["scoring_ms"]) == ("open", T0 + 60 * MIN)
+    assert reopened["header"]["alert_id"] != opened["header"]["alert_id"]
+    # a restart that replays the input repeats the correction's id
+    fresh: dict[str, PatientRecord] = {}
+    rising(trend, fresh)
+    assert alerts_of(run(trend, [msg(3, [retraction("p1", T0, 1, codes.HEART_RATE, 2)])], fresh)) == [
+        correction, reopened]
+
+
+def test_an_amended_earlier_heart_rate_that_keeps_the_trend_high_amends_the_model_alert(trend):
+    store: dict[str, PatientRecord] = {}
+    opened = rising(trend, store)
+    assert opened["resource"]["prediction"][0]["probabilityDecimal"] == 0.8
+
+    out = run(trend, [msg(3, [amendment("p1", T0, 1, codes.HEART_RATE, 2, 70.0)])], store)
+
+    [correction] = alerts_of(out)  # 70 -> 120 in 30 min: still high, a steeper trend
+    assert (correction["header"]["kind"], correction["resource"]["status"]) == ("correction", "amended")
+    assert correction["resource"]["id"] == opened["header"]["alert_id"]
+    assert correction["header"]["tier"] == "high" and correction["header"]["scoring_ms"] == T0 + 30 * MIN
+    assert correction["resource"]["prediction"][0]["probabilityDecimal"] == 0.99
+    assert correction["resource"]["basis"] == opened["resource"]["basis"]  # still the latest readings
+    assert store["p1"].alert["open"] and store["p1"].alert["alerts"][0]["probability"] == 0.99
+
+
+def test_an_amended_earlier_reading_amends_a_news2_alert_whose_tier_still_holds(processor):
+    """NEWS2 reads the latest readings only, but the score's window features (HR mean and max) read the
+    earlier heart rate too: the alert is re-scored at its time and amended (its NEWS2 tier holds)."""
+    store: dict[str, PatientRecord] = {}
+    assert alerts_of(run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)) == []
+    [opened] = alerts_of(run(processor, [msg(1, vitals("p1", T0 + 30 * MIN, 2))], store))  # NEWS2 19: high
+    assert run(processor, [msg(2, vitals("p1", T0 + 60 * MIN, 3, **{**NORMAL, "sbp": 85}))], store).alerts == []
+
+    out = run(processor, [msg(3, [amendment("p1", T0, 1, codes.HEART_RATE, 2, 75.0)])], store)
+
+    [correction] = alerts_of(out)
+    assert (correction["header"]["kind"], correction["resource"]["status"]) == ("correction", "amended")
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["header"]["tier"] == "high" and correction["header"]["scoring_ms"] == T0 + 30 * MIN
+    assert correction["resource"]["basis"] == opened["resource"]["basis"]
+
+
+def test_a_reading_outside_every_window_of_the_alert_does_not_touch_it(trend):
+    """A heart rate from 25 h before the alert (beyond every 24 h window) is corrected: nothing is published.
+    A deleted vitals row dated at its commit time (REPLICA IDENTITY DEFAULT, after the alert) is matched at
+    the time its readings were taken, and its correction names the readings the alert's features read: not
+    the O2 flow (only its latest reading is read, the next row's), nor the old heart rate deleted with it."""
+    store: dict[str, PatientRecord] = {}
+    old_hr = [e for e in vitals("p1", T0 - 25 * 60 * MIN, 0, hr=70) if e.code == codes.HEART_RATE]
+    run(trend, [msg(0, old_hr)], store)
+    opened = rising(trend, store)
+
+    out = run(trend, [msg(3, [amendment("p1", T0 - 25 * 60 * MIN, 0, codes.HEART_RATE, 2, 75.0)])], store)
+    assert out.alerts == [] and len(out.scores) == 1 and store["p1"].alert["open"]
+
+    commit = T0 + 61 * MIN
+    deleted = [retraction("p1", commit, 1, e.code, 2) for e in vitals("p1", T0, 1)]
+    out = run(trend, [msg(4, [retraction("p1", commit, 0, codes.HEART_RATE, 3), *deleted])], store)
+
+    correction, *_ = alerts_of(out)  # (then the still steep trend at the clock opens a new episode)
+    assert (correction["header"]["original_alert_id"], correction["resource"]["status"]) == (
+        opened["header"]["alert_id"], "entered-in-error")
+    read = sorted(f"cdc:vital_signs:1:{code}@2" for code in (
+        codes.RESP_RATE, codes.SPO2, codes.SYSTOLIC_BP, codes.HEART_RATE, codes.CONSCIOUSNESS, codes.TEMPERATURE))
+    assert correction["header"]["alert_id"] == str(uuid.uuid5(
+        NAMESPACE, f"{opened['header']['alert_id']}|correction|{','.join(read)}"))
 
 
 def resnapshot(events, lsn: int):
