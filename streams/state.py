@@ -34,13 +34,15 @@ from schemas.features import MAX_WINDOW_S
 
 MAX_WINDOW_MS = MAX_WINDOW_S * 1000
 # bump when the to_dict layout changes (2: a live fact may carry the preliminary mark; 3: a known entry
-# may carry the content of a fact without a live copy)
-STATE_FORMAT = 3
+# may carry the content of a fact without a live copy; 4: a known entry that its live fact implies is
+# not written, and a live fact without a known entry has a null one)
+STATE_FORMAT = 4
 # formats from_dict reads: a format-1 state is a format-2 state whose facts are all taken as final (its
 # layout did not keep the status; a preliminary reading in it goes unflagged until it is superseded); a
 # format-1 or 2 state is a format-3 state whose retracted and pruned facts have an unknown content (any
-# higher version of one is a correction, as before)
-READABLE_FORMATS = (1, 2, STATE_FORMAT)
+# higher version of one is a correction, as before); a format-3 state is a format-4 state with every
+# known entry written (the same state)
+READABLE_FORMATS = (1, 2, 3, STATE_FORMAT)
 
 
 class Kind(StrEnum):
@@ -103,27 +105,64 @@ class PatientState:
     known: dict[str, Known] = field(default_factory=dict)
     facts: dict[str, list[LiveFact]] = field(default_factory=dict)
     clock: int | None = None
+    # not state, what to_dict writes of `known`, kept by apply_batch as it goes (so that a table write
+    # costs no pass over the state): every entry but the implied ones, an implied entry being
+    # (version, effective_ms, False) of its fact's live copy (most keys: a fact accepted and not changed
+    # since). None: to_dict works it out (a state not made by apply_batch or from_dict)
+    explicit: dict[str, Known] | None = field(default=None, compare=False, repr=False)
 
     def live(self, code: str) -> list[LiveFact]:
         return self.facts.get(code, [])
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready and compact (rows are arrays). Shares the state's containers: serialise it, don't edit it."""
-        return {"format": STATE_FORMAT, "clock": self.clock, "known": self.known, "facts": self.facts}
+        """JSON-ready and compact (rows are arrays; from_dict derives the known entries the live facts
+        imply). Shares the state's containers: serialise it, don't edit it."""
+        known = self.explicit if self.explicit is not None else explicit_known(self.known, self.facts)
+        if known is None:  # a live fact without a known entry, or live twice (not made by apply_batch)
+            known = self.known | {fact[FACT_ID]: None for rows in self.facts.values() for fact in rows
+                                  if fact[FACT_ID] not in self.known}  # every entry, a null for no entry
+        return {"format": STATE_FORMAT, "clock": self.clock, "known": known, "facts": self.facts}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PatientState:
-        if d.get("format") not in READABLE_FORMATS:
+        fmt = d.get("format")
+        if fmt not in READABLE_FORMATS:
             # a state written by a newer wardwatch (a rolled-back image): stop rather than guess, since a
             # guess would lose dedupe state (docs/operations.md, "Upgrade and roll back wardwatch")
-            raise ValueError(f"unsupported patient state format {d.get('format')!r}: this worker reads formats "
+            raise ValueError(f"unsupported patient state format {fmt!r}: this worker reads formats "
                              f"{READABLE_FORMATS}; run a wardwatch version that reads it (docs/operations.md)")
-        # JSON gives lists; rows must be tuples again (bisect compares them with tuple keys)
-        return cls(
-            known=dict(zip(d["known"], map(tuple, d["known"].values()))),
-            facts={code: list(map(tuple, rows)) for code, rows in d["facts"].items()},
-            clock=d["clock"],
-        )
+        # JSON gives lists; rows must be tuples again (bisect compares them with tuple keys), and so must
+        # a pruned fact's content
+        facts = {code: list(map(tuple, rows)) for code, rows in d["facts"].items()}
+        written = d["known"]
+        explicit = {fid: tuple(entry) if len(entry) == GONE or entry[GONE] is None else (*entry[:GONE], tuple(entry[GONE]))
+                    for fid, entry in written.items() if entry is not None}
+        if fmt < 4:  # every entry written
+            return cls(explicit, facts, d["clock"], explicit_known(explicit, facts))
+        known = explicit.copy()
+        for rows in facts.values():
+            for fact in rows:
+                if fact[FACT_ID] not in written:
+                    known[fact[FACT_ID]] = (fact[VERSION], fact[EFFECTIVE_MS], False)
+        # a null entry (a live fact without one) is not kept up as the state changes: to_dict works it out
+        return cls(known, facts, d["clock"], explicit if len(explicit) == len(written) else None)
+
+
+def explicit_known(known: dict[str, Known], facts: dict[str, list[LiveFact]]) -> dict[str, Known] | None:
+    """The entries of `known` that their live fact does not imply (PatientState.explicit), or None when a
+    live fact has no entry or a fact is live twice (then to_dict writes every entry)."""
+    explicit = known.copy()
+    live = set()
+    for rows in facts.values():
+        for fact in rows:
+            fid = fact[FACT_ID]
+            entry = known.get(fid)
+            if entry is None or fid in live:
+                return None
+            live.add(fid)
+            if entry == (fact[VERSION], fact[EFFECTIVE_MS], False):
+                del explicit[fid]
+    return explicit
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,15 +201,19 @@ def apply_batch(
 class _Draft:
     """A copy-on-write working copy of a PatientState: copies a part only when it first changes."""
 
-    __slots__ = ("base", "known", "facts", "clock", "_own_known", "_own_codes")
+    __slots__ = ("base", "known", "facts", "clock", "explicit", "_own_known", "_own_codes", "_own_explicit")
 
     def __init__(self, base: PatientState):
         self.base = base
         self.known = base.known
         self.facts = base.facts
         self.clock = base.clock
+        # kept as `known` changes (_set_explicit); None (a live fact without an entry, or live twice: not
+        # made here) stays None
+        self.explicit = base.explicit if base.explicit is not None else explicit_known(base.known, base.facts)
         self._own_known = False
         self._own_codes: set[str] | None = None  # None: self.facts is still the base dict
+        self._own_explicit = False
 
     # --- the rules -------------------------------------------------------------------------
 
@@ -301,6 +344,21 @@ class _Draft:
             self.known = dict(self.known)
             self._own_known = True
         self.known[fact_id] = entry
+        # written until _live finds that its new live copy implies it. (A live copy is only removed along
+        # with a _set_known of its fact: corrected, finalised, made an alias, or pruned with its content.)
+        self._set_explicit(fact_id, entry)
+
+    def _set_explicit(self, fact_id: str, entry: Known | None) -> None:
+        """PatientState.explicit[fact_id] = entry, or no entry if None."""
+        if self.explicit is None:
+            return
+        if not self._own_explicit:
+            self.explicit = dict(self.explicit)
+            self._own_explicit = True
+        if entry is None:
+            self.explicit.pop(fact_id, None)
+        else:
+            self.explicit[fact_id] = entry
 
     def _writable(self, code: str) -> list[LiveFact]:
         if self._own_codes is None:
@@ -314,6 +372,9 @@ class _Draft:
     def _live(self, e: CanonicalEvent) -> None:
         fact = (e.effective_ms, e.fact_id, e.value, e.source.value, e.version)
         insort(self._writable(e.code), (*fact, True) if e.status is _PRELIMINARY else fact)
+        # always after its _remember: the new copy implies the entry, unless it is an alias's
+        if self.explicit is not None and self.known.get(e.fact_id) == (e.version, e.effective_ms, False):
+            self._set_explicit(e.fact_id, None)
 
     def _unlive(self, e: CanonicalEvent, known_effective_ms: int) -> None:
         """Remove the live copy of e's fact, if any (it sits at the effective time `known` recorded)."""
@@ -332,7 +393,7 @@ class _Draft:
 
     def finish(self, horizon_ms: int, lateness_ms: int) -> PatientState:
         if self.clock is None:
-            return PatientState(self.known, self.facts, self.clock)
+            return PatientState(self.known, self.facts, self.clock, self.explicit)
         # a vitals point can be as old as clock - lateness (an out-of-order set that is not late), so
         # no window reaches a fact at or before this again
         floor = self.clock - lateness_ms - MAX_WINDOW_MS
@@ -363,7 +424,8 @@ class _Draft:
                 for fid in expired:
                     if fid not in still_live:
                         del known[fid]
-        return PatientState(known, facts, self.clock)
+                        self._set_explicit(fid, None)
+        return PatientState(known, facts, self.clock, self.explicit)
 
     def _crossed_gc_period(self, horizon_ms: int) -> bool:
         """Sweep `known` only when the clock enters a new period of horizon/8: lookups already treat

@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 
 from streams.app import NEXT_OFFSET_PREFIX
+from streams.state import PatientState
 from streams.topics import Topics
 from wardwatch.procs import read_to_end, total_committed
 from wardwatch.settings import Settings
@@ -33,7 +34,8 @@ class Results:
     records_per_id: dict[str, int] = field(default_factory=dict)  # alert id -> times delivered
 
     def known_fact_ids(self) -> set[str]:
-        return {fact for rec in self.state.values() for fact in rec["s"]["known"]}
+        # read as the worker reads them: a record leaves out the keys its live facts imply (state format 4)
+        return {fact for rec in self.state.values() for fact in PatientState.from_dict(rec["s"]).known}
 
     def differing_repeats(self) -> list[str]:
         """Ids published more than once with different contents (must be none)."""
