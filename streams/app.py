@@ -394,7 +394,7 @@ def create_app(settings: Settings, topics: Topics | None = None) -> faust.App:
         flushed = time.perf_counter()
         partition_of = {m.key: m.partition for m in msgs}  # canonical messages are keyed by patient id
         for patient, rec in records.items():
-            raw = rec.to_bytes()
+            raw = rec.to_bytes(settings.state_write_format)
             partition = partition_of.get(patient.encode())
             if partition is None:  # a producer broke the key contract: keep the state, say so
                 log.warning("a canonical message's key is not its patient id; its state goes where the "

@@ -56,8 +56,8 @@ from schemas.deadletter import Reason, Rejection
 from schemas.features import FEATURES, news2_charted_parts
 from streams import alerting
 from streams.features import compute_features
-from streams.state import (EFFECTIVE_MS, FACT_ID, VERSION, DuplicateKind, Kind, PatientState, apply_batch,
-                           is_preliminary)
+from streams.state import (EFFECTIVE_MS, FACT_ID, STATE_FORMAT, VERSION, DuplicateKind, Kind, PatientState,
+                           apply_batch, is_preliminary)
 from wardwatch.settings import Settings
 
 # table keys the worker writes besides patient records (streams/app.py) begin with this: never a patient id
@@ -150,16 +150,20 @@ class PatientRecord:
     # (schemas.cadence.scored_news2): inside the interval only a reading raising its parameter above them scores
     scored_news2: dict = field(default_factory=dict)
 
-    def to_bytes(self) -> bytes:
-        # held by the table and the parsed cache: an exact-size copy (_output_json)
-        return _output_json({"s": self.state.to_dict(), "a": self.alert, "e": self.encounter_id, "c": self.context,
+    def to_bytes(self, state_format: int = STATE_FORMAT) -> bytes:
+        # held by the table and the parsed cache: an exact-size copy (_output_json). state_format:
+        # settings.state_write_format (state.WRITABLE_FORMATS)
+        return _output_json({"s": self.state.to_dict(state_format), "a": self.alert, "e": self.encounter_id, "c": self.context,
                              "v": self.vitals_scored_ms, "n": self.scored_news2})
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "PatientRecord":
         # records written before issue #5 have no "c" (nor "v": the next vitals set scores); before "n" was
         # kept, none: every parameter counts 0 until the next point, so any reading scoring points scores, as it did
-        d = orjson.loads(raw)
+        return cls.from_dict(orjson.loads(raw))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PatientRecord":
         return cls(PatientState.from_dict(d["s"]), d["a"], d.get("e"), d.get("c") or {}, d.get("v"), d.get("n") or {})
 
     @property

@@ -43,6 +43,9 @@ STATE_FORMAT = 4
 # higher version of one is a correction, as before); a format-3 state is a format-4 state with every
 # known entry written (the same state)
 READABLE_FORMATS = (1, 2, 3, STATE_FORMAT)
+# formats to_dict writes: 3 too, so that an upgrade from a format-3 release can be rolled back until the
+# operator switches to 4 (settings.state_write_format; docs/operations.md "Upgrade and roll back wardwatch")
+WRITABLE_FORMATS = (3, STATE_FORMAT)
 
 
 class Kind(StrEnum):
@@ -114,9 +117,12 @@ class PatientState:
     def live(self, code: str) -> list[LiveFact]:
         return self.facts.get(code, [])
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, fmt: int = STATE_FORMAT) -> dict[str, Any]:
         """JSON-ready and compact (rows are arrays; from_dict derives the known entries the live facts
-        imply). Shares the state's containers: serialise it, don't edit it."""
+        imply). Shares the state's containers: serialise it, don't edit it. fmt: WRITABLE_FORMATS, 3 for
+        a release before format 4 to read (settings.state_write_format)."""
+        if fmt == 3:  # every known entry written, as format 3 was (the same state, ~half as large again)
+            return {"format": 3, "clock": self.clock, "known": self.known, "facts": self.facts}
         known = self.explicit if self.explicit is not None else explicit_known(self.known, self.facts)
         if known is None:  # a live fact without a known entry, or live twice (not made by apply_batch)
             known = self.known | {fact[FACT_ID]: None for rows in self.facts.values() for fact in rows

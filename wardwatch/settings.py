@@ -165,6 +165,7 @@ class Settings(BaseSettings):
     # worker
     worker_batch_size: int = Field(2000, ge=1, description="Max canonical messages the worker takes per batch")
     worker_batch_within_s: float = Field(0.005, gt=0, description="Max wait to fill a worker batch (seconds)")
+    state_write_format: int = Field(4, ge=3, le=4, description="Format of the patient state the worker writes to its table (streams/state.py): 4, the current one; 3, the one releases before format 4 read (every dedupe key written, records about half as large again), for an upgrade you may have to roll back: run the new release with 3 until you keep it, then set 4 (docs/operations.md, \"Upgrade and roll back wardwatch\"). Either is read by this release")
     worker_parsed_cache_patients: int = Field(5000, ge=1, description="Parsed patient records the worker keeps in memory beyond the table's bytes (most recently active)")
     worker_fetch_wait_ms: int = Field(10, ge=1, description="The worker consumer's fetch.max.wait.ms (faust hard-codes 1500; a broker that holds fetches that long adds it to every event's latency)")
     worker_web_port: int | None = Field(None, description="faust web port; None disables the web server")

@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 
 from streams.app import NEXT_OFFSET_PREFIX
+from streams.patient_agent import PatientRecord
 from streams.state import PatientState
 from streams.topics import Topics
 from wardwatch.procs import read_to_end, total_committed
@@ -36,6 +37,10 @@ class Results:
     def known_fact_ids(self) -> set[str]:
         # read as the worker reads them: a record leaves out the keys its live facts imply (state format 4)
         return {fact for rec in self.state.values() for fact in PatientState.from_dict(rec["s"]).known}
+
+    def records(self) -> dict[str, PatientRecord]:
+        """The patient records as the worker reads them, whatever state format each was written in."""
+        return {patient: PatientRecord.from_dict(rec) for patient, rec in self.state.items()}
 
     def differing_repeats(self) -> list[str]:
         """Ids published more than once with different contents (must be none)."""

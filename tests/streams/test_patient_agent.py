@@ -121,6 +121,15 @@ def test_a_record_written_in_state_format_3_loads_as_the_record_it_was(processor
     assert again.features == [] and processor.counters["duplicate_redelivery"] == 7  # its dedupe keys hold
 
 
+def test_state_write_format_3_writes_the_record_the_release_before_format_4_wrote(processor):
+    """WARDWATCH_STATE_WRITE_FORMAT=3, for an upgrade that may be rolled back: the bytes are the ones a
+    format-3 release wrote (so it reads them), and this release reads them back as the same record."""
+    store: dict[str, PatientRecord] = {}
+    run(processor, [msg(0, vitals("p1", T0, 1, **NORMAL))], store)
+    assert store["p1"].to_bytes(3) == FORMAT_3_RECORD
+    assert PatientRecord.from_bytes(store["p1"].to_bytes(3)) == store["p1"]
+
+
 def test_late_events_are_output_with_late_by_and_not_scored(processor):
     store: dict[str, PatientRecord] = {}
     run(processor, [msg(0, vitals("p1", T0 + 3 * 3600_000, 1))], store)

@@ -628,6 +628,14 @@ def test_a_live_fact_without_a_key_stays_without_one():
     assert "a" not in then.known and round_trip(then) == then  # (written in full: a null for "a")
 
 
+def test_a_state_written_in_format_3_keeps_every_key_and_reads_back_the_same():
+    """settings.state_write_format 3: what a release before format 4 reads (it derives no key)."""
+    s = apply(None, ev("a", 80.0, T0), ev("b", 90.0, T0 + MIN), ev("x", None, T0, status=Status.ENTERED_IN_ERROR)).state
+    written = s.to_dict(3)
+    assert written["format"] == 3 and written["known"] == s.known and set(written["known"]) == {"a", "b", "x"}
+    assert PatientState.from_dict(orjson.loads(orjson.dumps(written))) == s
+
+
 def test_a_state_written_in_format_3_loads_as_the_same_state():
     """Format 3 wrote every key: the state is the same, and is written back in format 4."""
     raw = (b'{"format":3,"clock":1700000060000,"known":{"a":[1,1700000000000,false],"b":[2,1700000060000,false],'

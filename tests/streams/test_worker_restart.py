@@ -2,7 +2,8 @@
 
 Two `wardwatch worker` processes on the real embedded broker, each with its own topics and group:
 a reference that runs undisturbed, and one that is killed (SIGKILL, no shutdown at all) several times
-while it processes a paced canonical stream, plus one clean SIGTERM restart. Afterwards both must hold
+while it processes a paced canonical stream, plus one clean SIGTERM restart; its restarts switch the state
+format they write (WARDWATCH_STATE_WRITE_FORMAT 3 and 4, as an upgrade and a rollback would). Afterwards both must hold
 the same patient state in the table changelog, have scored every canonical message, and published the
 same alerts; anything published twice must be byte-identical."""
 
@@ -69,7 +70,11 @@ def test_sigkilled_worker_ends_with_the_same_state_and_alerts_as_an_undisturbed_
             at_kill = total_committed(chaos_settings, group, topics.canonical, topics.partitions)
             restarts += 1
             started = time.monotonic()
-            worker = start_service(["worker", "--loglevel", "INFO"], chaos_settings, logs / f"worker-{restarts}.log")
+            # an upgrade and its rollback path: the first and the last restart write state format 3 (what a
+            # release before format 4 reads), the others 4, so each restart recovers records of the other
+            restart_settings = chaos_settings.model_copy(
+                update={"state_write_format": 3 if restarts in (1, KILLS + 1) else 4})
+            worker = start_service(["worker", "--loglevel", "INFO"], restart_settings, logs / f"worker-{restarts}.log")
             committed = wait_for_progress(chaos_settings, group, topics.canonical, topics.partitions, at_kill,
                                           deadline=deadline, alive=worker)
             recoveries.append(time.monotonic() - started)
@@ -99,7 +104,10 @@ def test_sigkilled_worker_ends_with_the_same_state_and_alerts_as_an_undisturbed_
 
     assert ref.known_fact_ids() == all_facts  # the oracle itself is sound: every event reached the state
     assert got.known_fact_ids() == all_facts  # no canonical event lost across the kills
-    assert got.state == ref.state
+    assert got.records() == ref.records()  # read back whatever format each record was written in
+    # the last run wrote format 3 after recovering format 4, the reference format 4 throughout
+    assert {rec["s"]["format"] for rec in got.state.values()} == {3}
+    assert {rec["s"]["format"] for rec in ref.state.values()} == {4}
     assert got.next_offsets == {p: end for (_, p), end in ends.items()}
     # rows are 15 min apart, more than the scoring cadence (scoring_min_interval_s): each one is a point
     assert got.snapshot_points == canonical_points == ref.snapshot_points
