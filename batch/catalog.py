@@ -70,6 +70,8 @@ COLUMNS: dict[str, str] = {
     "event_id": "Names one version of one fact (hash of fact_id and version)",
     "provenance": "Where the event came from in its source, as JSON (a consciousness fact charted as a GCS "
                   "keeps the total: gcs_total)",
+    "version_codes": "FHIR Observation events: every code of the event's version (a version replaces its "
+                     "resource's facts, docs/patient-state.md rule 6); null on CDC events and older archives",
     "partition": "Partition of the canonical message the event/point belongs to",
     "offset": "Offset of the canonical message the event/point belongs to",
     "idx": "Position of the event inside its canonical micro-batch",

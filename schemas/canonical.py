@@ -15,6 +15,13 @@ Identity (see streams/dedupe.py for the rule):
 - `fact_id` names the clinical fact across its versions: an amendment or a retraction carries the
   same fact_id with a higher `version`.
 - `event_id` names one version of that fact: fact_id + version. A redelivery has the same event_id.
+
+A FHIR Observation version carries several facts (one per code, each its own event) and replaces all of
+the resource's earlier facts (docs/patient-state.md, rule 6): each of its events carries
+`version_codes`, every code that version carries (the codes of all its events), so the patient state
+can retract a code an earlier version had and this one dropped, whichever of its events arrives first.
+None on every other event (CDC rows retract a dropped code themselves: the update's `before`), and on
+FHIR events archived before the field existed: the rule then does not apply to them.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ class CanonicalEvent:
     code_system: str = LOINC
     value_text: str | None = None  # e.g. ACVPU letter for consciousness (value holds its ordinal)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # FHIR Observation events only: the codes of every event of this version of the resource, sorted (rule 6)
+    version_codes: tuple[str, ...] | None = None
     # event_id, hashed on first use and kept (a hash per access was a hot spot, and the worker reads
     # few of them); not compared: equal facts and versions give equal ids
     _event_id: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -78,7 +87,13 @@ class CanonicalEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """A shallow dict (dataclasses.asdict deep-copies provenance: 20x slower on the ingest hot path).
-        It shares `provenance` with the event: serialise it, don't mutate it."""
+        It shares `provenance` with the event: serialise it, don't mutate it. `version_codes` only when set
+        (a CDC event's JSON is as it was before the field existed)."""
+        if self.version_codes is not None:
+            return {**self._dict(), "version_codes": self.version_codes}
+        return self._dict()
+
+    def _dict(self) -> dict[str, Any]:
         return {"patient_id": self.patient_id, "code": self.code, "value": self.value, "unit": self.unit,
                 "effective_ms": self.effective_ms, "issued_ms": self.issued_ms, "status": self.status,
                 "source": self.source, "fact_id": self.fact_id, "version": self.version,
@@ -100,7 +115,8 @@ class CanonicalEvent:
             status, source = Status(d["status"]), Source(d["source"])
         event = new_event(d["patient_id"], d["code"], d.get("value"), d.get("unit"), int(d["effective_ms"]),
                           int(d["issued_ms"]), status, source, d["fact_id"], int(d["version"]), d.get("encounter_id"),
-                          d.get("code_system", LOINC), d.get("value_text"), d.get("provenance") or {})
+                          d.get("code_system", LOINC), d.get("value_text"), d.get("provenance") or {},
+                          _codes(d.get("version_codes")))
         if not event.fits():  # a record that decodes but would fail further on: name, table key, Arrow
             field_name = event.misfit()  # the field and its type only: the value may be clinical
             raise ValueError(f"canonical event field {field_name}: a {type(getattr(event, field_name)).__name__} "
@@ -131,7 +147,9 @@ class CanonicalEvent:
                 and (self.unit is None or type(self.unit) is str)
                 and (self.encounter_id is None or type(self.encounter_id) is str)
                 and (self.value_text is None or type(self.value_text) is str)
-                and type(self.provenance) is dict)
+                and type(self.provenance) is dict
+                and (self.version_codes is None
+                     or (type(self.version_codes) is tuple and all(type(c) is str for c in self.version_codes))))
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(CanonicalEvent))
@@ -143,8 +161,14 @@ _Unfrozen = dataclasses.make_dataclass(
                   for f in fields(CanonicalEvent)], slots=True, eq=False, repr=False, match_args=False)
 
 
+def _codes(raw: Any) -> Any:
+    """version_codes as decoded: a JSON list becomes the tuple the field holds (anything else stays, for fits())."""
+    return tuple(raw) if type(raw) is list else raw
+
+
 def new_event(*args) -> CanonicalEvent:
-    """CanonicalEvent(*fields), all 14 given in field order, for the hot paths (the worker's decode, the CDC
+    """CanonicalEvent(*fields), the first 14 (or 15, with version_codes) given in field order, for the hot paths
+    (the worker's decode, the CDC
     parser): built unfrozen, then made a CanonicalEvent (frozen from then on)."""
     event = _Unfrozen(*args)
     event.__class__ = CanonicalEvent

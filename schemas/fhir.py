@@ -16,6 +16,9 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   dead-lettered. Components in Observations of their own are not summed across resources (charted at
   other times): skipped as `gcs_components`.
   fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (else meta.lastUpdated in ms, else 1).
+  Each event carries `version_codes`, the codes of all the version's events: the version replaces the
+  resource's earlier facts, so the patient state retracts a code it no longer carries (docs/patient-state.md
+  rule 6; a version with no code wardwatch maps gives no event, and so retracts nothing).
   issued = `issued` (when "this version" was made available, FHIR R4), else meta.lastUpdated, else the
   effective time (then checked for a future date against the notification's timestamp, else the Kafka
   record's; with neither, dead-lettered as missing_time: nothing can tell a typo from a reading). A version after the first (versionId above 1, or none: which one it is cannot be told) is
@@ -741,10 +744,13 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
                 ctx.skip(GCS_INCOMPLETE if sent_as == GCS_TOTAL and _gcs_components(obs) else "no_value")
             else:
                 values.setdefault(code, value)
+    # every code this version carries, on each of its events: the version replaces the resource's earlier facts,
+    # and the patient state retracts a code an earlier version had and this one has not (docs/patient-state.md)
+    version_codes = tuple(sorted(values))
     events = [  # new_event: CanonicalEvent(...) with its fields in order, without the frozen dataclass's cost
         new_event(patient, code, value, CODES[code].unit, effective_ms, issued_ms, status, Source.FHIR,
                   f"fhir:Observation/{obs_id}:{code}", version, encounter, LOINC, text,
-                  {**provenance, "gcs_total": gcs[0]} if gcs else provenance)
+                  {**provenance, "gcs_total": gcs[0]} if gcs else provenance, version_codes)
         for code, (value, text, *gcs) in values.items()  # a GCS: its ACVPU level, the total in provenance
     ]
     if not issued and events:

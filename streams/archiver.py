@@ -54,18 +54,20 @@ log = logging.getLogger(__name__)
 # --- schemas: one fixed Arrow schema per kind, so every file of a kind reads the same ------------
 
 _S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.binary()
+_CODES = pa.list_(_S)  # e.g. an alert's preliminary_basis, a FHIR event's version_codes: LOINC codes
 
 _EVENT_FIELDS = [
     ("patient_id", _S), ("code", _S), ("value", _F), ("unit", _S), ("effective_ms", _I),
     ("issued_ms", _I), ("status", _S), ("source", _S), ("fact_id", _S), ("version", _I),
     ("encounter_id", _S), ("code_system", _S), ("value_text", _S), ("provenance", _S), ("event_id", _S),
+    # null on CDC events and in part files written before the column existed (read as null)
+    ("version_codes", _CODES),
 ]
 _KAFKA_FIELDS = [("kafka_partition", _I), ("kafka_offset", _I), ("kafka_timestamp_ms", _I)]
 # a scoring point (docs/patient-state.md "Scoring points"): idx is its run's last event in the message
 _POINT_FIELDS = [("snapshot_id", _S), ("patient_id", _S), ("scoring_ms", _I), ("partition", _I), ("offset", _I),
                  ("idx", _I), ("trigger", _S)]
 _WATERMARK = pa.struct([("partition", _I), ("offset", _I), ("idx", _I), ("event_ms", _I)])
-_CODES = pa.list_(_S)  # e.g. an alert's preliminary_basis: LOINC codes
 
 ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {
     "canonical": pa.schema([*_EVENT_FIELDS, ("partition", _I), ("offset", _I), ("idx", _I),
@@ -159,6 +161,7 @@ def _event_columns(d: dict[str, Any]) -> dict[str, Any]:
     row = e.to_dict()
     row["status"], row["source"] = e.status.value, e.source.value
     row["provenance"] = _json_text(e.provenance)
+    row["version_codes"] = None if e.version_codes is None else list(e.version_codes)
     return row
 
 

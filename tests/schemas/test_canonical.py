@@ -80,8 +80,19 @@ def test_decoded_events_are_still_frozen():
 
 
 def test_every_field_is_written():  # a field added to the dataclass must reach to_dict() and the decoders
-    written = set(heart_rate().to_dict())
+    written = set(heart_rate(version_codes=("8867-4",)).to_dict())
     assert written == {f.name for f in dataclasses.fields(CanonicalEvent)} - {"_event_id"} | {"event_id"}
+
+
+def test_version_codes_are_written_only_when_set_and_read_back_from_old_and_new_json():
+    # a CDC event (and one archived before the field) has none: its JSON is as before
+    assert "version_codes" not in heart_rate().to_dict()
+    assert decode_batch(encode_batch([heart_rate()]))[0].version_codes is None
+    fhir = heart_rate(source=Source.FHIR, version_codes=("59408-5", "3151-8"))
+    decoded = decode_batch(encode_batch([fhir]))[0]
+    assert decoded.version_codes == ("59408-5", "3151-8") and decoded == fhir
+    with pytest.raises(ValueError, match="version_codes"):
+        CanonicalEvent.from_dict({**fhir.to_dict(), "version_codes": [42]})
 
 
 def test_a_new_version_gets_a_new_event_id_and_equality_ignores_nothing_else():
