@@ -30,7 +30,7 @@ import polars as pl
 
 from schemas import codes
 from schemas.cadence import VITAL_SIGN_CODES, Trigger, news2_points, raises_news2, scored_news2, snapshot_id
-from schemas.canonical import Status
+from schemas.canonical import Status, make_event_id
 from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec, news2_charted_parts
 from wardwatch.settings import Settings
 
@@ -38,8 +38,14 @@ ACCEPTED, CORRECTED, DUPLICATE, LATE = "accepted", "corrected", "duplicate", "la
 # Internally the kinds of duplicate stay apart: an alias's later versions must be ignored, and a
 # restatement (a higher version, the same content) sets no version of a fact.
 _REDELIVERED, _RESTATED, _ALIAS = "redelivered", "restated", "alias"
+# rule 6: a retraction the rules add after a FHIR version's row that has nothing to retract (its fact not live
+# at a lower version): it is no event, and is dropped once the rules are applied
+_VOID = "void"
+# rule 6: a new fact of a resource known at a higher version (a stale version): a duplicate that, unlike a
+# redelivery, leaves its fact unknown
+_STALE = "stale"
 _OUTCOME = {ACCEPTED: ACCEPTED, CORRECTED: CORRECTED, LATE: LATE, _REDELIVERED: DUPLICATE, _RESTATED: DUPLICATE,
-            _ALIAS: DUPLICATE}
+            _ALIAS: DUPLICATE, "stale": DUPLICATE}
 
 RETRACTED = Status.ENTERED_IN_ERROR.value
 PRELIMINARY = Status.PRELIMINARY.value
@@ -82,6 +88,11 @@ def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_
     - a new fact with status entered-in-error is accepted: it enters `known` and moves the clock
       like any accepted fact, but is never live;
     - the latest version wins: a retracted fact corrected again with another status is live again;
+    - rule 6 (a FHIR Observation version replaces its resource's facts): after each row carrying
+      `version_codes`, a retraction at its version, effective and issued time of each code an earlier
+      row of its resource had and that version does not carry (in code order), kept only where it is a
+      correction (the fact live at a lower version); outcome corrected, `replaced_by` the row's fact_id.
+      A new fact of a resource known at a higher version is a redelivery (a duplicate);
     - state never expires here (no dedupe horizon, no pruning): the same results as the stream as
       long as redeliveries arrive within the dedupe horizon of event time. The one exception is the
       final result of a preliminary one through the other source (rule 4): it is checked before
@@ -93,7 +104,7 @@ def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_
                           late_by_ms=pl.when(pl.col("_kind") == LATE)
                           .then(pl.col("_clock") - allowed_lateness_ms - pl.col("effective_ms")))
             .rename({"_supersedes": "supersedes"})
-            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_clock"))
+            .drop("_row", "_fact_repeats", "_key_shared", "_kind", "_clock", *_RULE6_COLUMNS))
 
 
 POINTS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64, "offset": pl.Int64,
@@ -182,10 +193,12 @@ def _candidate_news2(classified: pl.DataFrame, runs: pl.DataFrame,
 def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
     """Rows in arrival order with `_row`, `_kind` (internal outcome), `_supersedes` (the fact_id of the
     preliminary result a final twin replaces, on that corrected row) and `_clock` (clock before the row)."""
-    rows = (measurements(events)
-            .with_columns(pl.col("effective_ms", "issued_ms", "version", "partition", "offset", "idx").cast(pl.Int64),
-                          pl.col("value").cast(pl.Float64))
-            .sort(_ARRIVAL, maintain_order=True)
+    rows = (_with_replacements(measurements(events)
+                               .with_columns(pl.col("effective_ms", "issued_ms", "version", "partition", "offset",
+                                                    "idx").cast(pl.Int64),
+                                             pl.col("value").cast(pl.Float64)))
+            # a rule 6 retraction right after its row, in code order
+            .sort([*_ARRIVAL, pl.when(pl.col("replaced_by").is_not_null()).then(pl.col("code"))], maintain_order=True)
             .with_row_index("_row")
             # only a fact with several rows has a history; only a row sharing (patient, code,
             # effective time) with another row can be or meet an alias: later steps skip the rest
@@ -196,17 +209,63 @@ def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.
     for _ in range(rows.height + 1):  # converges within (longest patient history + 1) passes
         step = _one_pass(rows, guess, lateness_ms, tolerance)
         if step.select(guess.columns).equals(guess):
-            return rows.hstack(step)
+            return rows.hstack(step).filter(pl.col("_kind") != _VOID)
         guess = step.select(guess.columns)
     raise AssertionError("state rules did not converge")  # impossible: each row depends only on earlier rows
 
 
+_RULE6_COLUMNS = ("replaced_by", "_resource", "_resource_repeats")
+_ALL_CODES = sorted(codes.CODES)
+
+
+def _with_replacements(rows: pl.DataFrame) -> pl.DataFrame:
+    """Rule 6's candidate retractions: after each row carrying `version_codes` (a FHIR Observation version),
+    one per code that an earlier row of the same resource (its fact_id up to ":<code>") had and the version
+    does not carry. Adds `replaced_by` (a candidate's: the row's fact_id; else null), `_resource` and
+    `_resource_repeats` (the row's resource has several rows, one carrying version_codes: only those rows
+    can meet rule 6). Candidates are placed by _classified's sort, right after their row, in code order."""
+    if "version_codes" not in rows.columns:  # an archive or frame from before the field: no rule 6
+        rows = rows.with_columns(version_codes=pl.lit(None, pl.List(pl.String)))
+    fact_id, code = pl.col("fact_id"), pl.col("code")
+    resource = (pl.when(code.is_in(_ALL_CODES) & fact_id.str.ends_with(pl.lit(":") + code))
+                .then(fact_id.str.head(fact_id.str.len_chars() - code.str.len_chars() - 1)))
+    group = ["patient_id", "_resource"]
+    rows = (rows.with_columns(_resource=resource, replaced_by=pl.lit(None, pl.String))
+            .sort(_ARRIVAL, maintain_order=True).with_row_index("_seq")
+            .with_columns(_resource_repeats=(pl.col("_resource").is_not_null()
+                                             & pl.col("version_codes").is_not_null().any().over(group)
+                                             & (pl.len().over(group) > 1))))
+    if not rows["_resource_repeats"].any():  # nearly always: no FHIR resource with two rows
+        return rows.drop("_seq")
+    members = rows.filter("_resource_repeats")
+    first_seen = members.group_by(*group, "code").agg(_first=pl.col("_seq").min())
+    versions = members.filter(pl.col("version_codes").is_not_null()).drop("code")
+    candidates = (versions.join(first_seen, on=group)
+                  .filter(pl.col("_first") < pl.col("_seq"), ~pl.col("version_codes").list.contains(pl.col("code")))
+                  .unique(subset=["_seq", "code"], keep="first")
+                  .with_columns(replaced_by=pl.col("fact_id"), fact_id=pl.col("_resource") + ":" + pl.col("code"),
+                                value=pl.lit(None, pl.Float64), unit=pl.lit(None, pl.String),
+                                status=pl.lit(RETRACTED), value_text=pl.lit(None, pl.String))
+                  .drop("_first"))
+    if candidates.is_empty():
+        return rows.drop("_seq")
+    candidates = candidates.with_columns(event_id=pl.struct("fact_id", "version").map_elements(
+        lambda r: make_event_id(r["fact_id"], r["version"]), return_dtype=pl.String))
+    return pl.concat([rows, candidates.select(rows.columns)], how="vertical_relaxed").drop("_seq")
+
+
 def _one_pass(rows: pl.DataFrame, guess: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
-    """Each row's outcome given the guessed outcomes of the rows before it (rules 1-5)."""
+    """Each row's outcome given the guessed outcomes of the rows before it (rules 1-6)."""
     r = rows.hstack(guess)
     # rules 1-2: the highest version `known` holds before this row; late arrivals never enter it
-    r = _over_repeated_facts(r, "_known_version", pl.when(pl.col("_kind") != LATE).then(pl.col("version"))
+    enters_known = ~pl.col("_kind").is_in([LATE, _VOID, _STALE])
+    r = _over_repeated_facts(r, "_known_version", pl.when(enters_known).then(pl.col("version"))
                              .shift(1).cum_max().forward_fill())
+    # rule 6: the highest version known of any fact of the row's resource before it
+    resource_version = (pl.when(enters_known).then(pl.col("version")).shift(1).cum_max().forward_fill()
+                        .over("patient_id", "_resource"))
+    repeated = r.filter("_resource_repeats").select("_row", resource_version.alias("_resource_version"))
+    r = r.join(repeated, on="_row", how="left", maintain_order="left")
     # the patient clock before this row: max effective time of accepted new facts
     r = r.with_columns(_clock=pl.when(pl.col("_kind") == ACCEPTED).then(pl.col("effective_ms"))
                        .shift(1).cum_max().forward_fill().over("patient_id"))
@@ -226,8 +285,13 @@ def _one_pass(rows: pl.DataFrame, guess: pl.DataFrame, lateness_ms: int, toleran
     finals = r.filter(final & (is_new | (newer & (is_alias.fill_null(False) | ~_restates))).fill_null(False))
     r = r.drop("_supersedes").join(_finalising_rows(versions, finals, lateness_ms), on="_row", how="left",
                                    maintain_order="left")
+    # rule 6: a new fact of a resource known at a higher version is a stale version (before rules 3 and 4)
+    stale = (is_new & pl.col("replaced_by").is_null() & pl.col("version_codes").is_not_null()
+             & (pl.col("_resource_version") > pl.col("version"))).fill_null(False)
+    r = r.with_columns(_supersedes=pl.when(stale).then(None).otherwise(pl.col("_supersedes")))
     finalises = pl.col("_supersedes").is_not_null()
-    kind = (pl.when(~is_new).then(pl.when(pl.col("version") <= pl.col("_known_version")).then(pl.lit(_REDELIVERED))
+    kind = (pl.when(stale).then(pl.lit(_STALE))
+            .when(~is_new).then(pl.when(pl.col("version") <= pl.col("_known_version")).then(pl.lit(_REDELIVERED))
                                   .when(finalises).then(pl.lit(CORRECTED))
                                   .when(_restates).then(pl.lit(_RESTATED))
                                   .otherwise(pl.lit(CORRECTED)))
@@ -235,6 +299,8 @@ def _one_pass(rows: pl.DataFrame, guess: pl.DataFrame, lateness_ms: int, toleran
             .when(is_late).then(pl.lit(LATE))
             .when(pl.col("_row").is_in(alias_rows.implode())).then(pl.lit(_ALIAS))
             .otherwise(pl.lit(ACCEPTED)))
+    # a rule 6 retraction is one only where it corrects (its fact live at a lower version): else it is void
+    kind = pl.when(pl.col("replaced_by").is_not_null() & (kind != CORRECTED)).then(pl.lit(_VOID)).otherwise(kind)
     return r.select(kind.alias("_kind"), pl.col("_supersedes"), pl.col("_clock"))
 
 
@@ -359,7 +425,8 @@ def final_facts(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLO
     versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
     return (versions.unique(subset=_FACT, keep="last", maintain_order=True)
             .filter((pl.col("status") != RETRACTED) & pl.col("value").is_not_null())
-            .drop("_row", "_vrow", "_fact_repeats", "_key_shared", "_kind", "_supersedes", "_clock"))
+            .drop("_row", "_vrow", "_fact_repeats", "_key_shared", "_kind", "_supersedes", "_clock",
+                  *_RULE6_COLUMNS))
 
 
 # --- features ------------------------------------------------------------------------------------

@@ -304,6 +304,20 @@ def measurement_runs(events: list) -> list[tuple[list[int], list]]:
     return runs
 
 
+def _positioned(indices: list[int], outcomes: list) -> list[tuple[int, object]]:
+    """Each outcome of an applied run with its event's index in the message. A retraction the state made
+    (rule 6: a FHIR version dropped a code) follows its version's event and shares its index."""
+    if len(indices) == len(outcomes):  # nearly always: no version dropped a code
+        return list(zip(indices, outcomes))
+    positioned, position = [], iter(indices)
+    idx = None
+    for o in outcomes:
+        if o.replaced_by is None:
+            idx = next(position)
+        positioned.append((idx, o))
+    return positioned
+
+
 def scoring_trigger(outcomes: list, *, vitals_scored_ms: int | None, min_interval_ms: int,
                     last_news2: dict[str, int] | None = None) -> tuple[Trigger, str] | None:
     """Whether one applied run makes a scoring point: (trigger, event_id of the triggering event) or None.
@@ -404,7 +418,7 @@ class PatientProcessor:
                                          dedupe_horizon_ms=self.horizon_ms,
                                          cross_source_tolerance=self.settings.cross_source_tolerance)
                     state = result.state
-                    outcomes += zip(indices, result.outcomes)
+                    outcomes += _positioned(indices, result.outcomes)
                     trigger = scoring_trigger(result.outcomes, vitals_scored_ms=scored,
                                               min_interval_ms=self.min_interval_ms, last_news2=news2)
                     if trigger is None:
@@ -426,7 +440,9 @@ class PatientProcessor:
                              rec.encounter_id)
             records[patient] = PatientRecord(state, rec.alert, encounter, context, scored, news2)
             for idx, o in outcomes:
-                self.counters[_OUTCOME_COUNTER[o.kind, o.duplicate_kind]] += 1
+                # a retraction the state made (rule 6) is no canonical event: counted apart, so the outcome
+                # counters still add up to the events applied
+                self.counters["replaced" if o.replaced_by else _OUTCOME_COUNTER[o.kind, o.duplicate_kind]] += 1
                 if o.kind is Kind.LATE:
                     out.late.append((patient.encode(), _output_json(
                         {"event": o.event.to_dict(), "late_by_ms": o.late_by_ms,

@@ -16,6 +16,13 @@ time, any value) replaces it (rule 4): outcome corrected, with `supersedes` nami
 which becomes the alias. This holds for a new fact and for a fact's own new version made final; and a
 preliminary result arriving after the other source's final one is its alias, whatever its value.
 
+A FHIR Observation version replaces all of the resource's facts (rule 6): applying an event that carries
+its version's codes (`version_codes`) retracts every fact of the same resource known at a lower version,
+live (not retracted, not an alias), whose code that version does not carry: one more outcome, corrected,
+right after the event's own, its event a retraction of that fact at the version (`replaced_by` names the
+event). A new fact of a resource already known at a higher version is a stale version: a duplicate
+(redelivery), never live.
+
 Expiry is applied *logically* on every lookup (a `known` entry older than clock - horizon counts as
 unknown; a live fact at or before clock - lateness - MAX_WINDOW never matches), so outcomes depend only on the
 arrival order of events, not on how they were cut into micro-batches nor on when the physical
@@ -29,7 +36,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from schemas.canonical import CanonicalEvent, Status
+from schemas.canonical import CanonicalEvent, Status, new_event
+from schemas.codes import CODES
 from schemas.features import MAX_WINDOW_S
 
 MAX_WINDOW_MS = MAX_WINDOW_S * 1000
@@ -68,6 +76,9 @@ class Outcome(NamedTuple):
     late_by_ms: int | None = None  # only for late events: clock - allowed_lateness - effective_ms
     # only for a final result replacing its preliminary cross-source twin (rule 4): the twin's fact_id
     supersedes: str | None = None
+    # only for a retraction the state made itself (rule 6: a FHIR version dropped the fact's code): the fact_id
+    # of the event of that version whose outcome it follows (it has no arrival position of its own)
+    replaced_by: str | None = None
 
 
 # State rows are plain tuples, not objects: the whole state is serialised on every micro-batch (the
@@ -94,6 +105,8 @@ def is_preliminary(fact: LiveFact) -> bool:
 # globals: an Enum class attribute costs ~150 ns per event (Python 3.11), the retracts property more
 _PRELIMINARY = Status.PRELIMINARY
 _RETRACTION = Status.ENTERED_IN_ERROR  # Status.retracts
+# rule 6: the codes a resource's facts can have, in the order the retractions of dropped ones follow an event
+_RESOURCE_CODES = tuple(sorted(CODES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +203,7 @@ def apply_batch(
     dedupe_horizon_ms: int,
     cross_source_tolerance: float,
 ) -> BatchResult:
-    """Apply one micro-batch of one patient's events in arrival order (rules 1-5), then prune."""
+    """Apply one micro-batch of one patient's events in arrival order (rules 1-6), then prune."""
     if dedupe_horizon_ms <= allowed_lateness_ms:
         # otherwise a redelivery whose key expired could be accepted a second time
         raise ValueError("dedupe horizon must exceed the allowed lateness")
@@ -201,6 +214,9 @@ def apply_batch(
         outcome = draft.apply(e, allowed_lateness_ms, dedupe_horizon_ms, cross_source_tolerance)
         changed = changed or outcome.kind is Kind.ACCEPTED or outcome.kind is Kind.CORRECTED
         outcomes.append(outcome)
+        if e.version_codes is not None and (replaced := draft.replace(e, dedupe_horizon_ms)):  # rule 6
+            outcomes += replaced
+            changed = True
     return BatchResult(draft.finish(dedupe_horizon_ms, allowed_lateness_ms), outcomes, changed)
 
 
@@ -247,6 +263,10 @@ class _Draft:
                     self._live(e)
                 return Outcome(e, Kind.CORRECTED)
 
+        # rule 6: a new fact of a resource already known at a higher version: that version does not carry it
+        if e.version_codes is not None and self._superseded(e, horizon_ms):
+            return Outcome(e, Kind.DUPLICATE, DuplicateKind.REDELIVERY)
+
         # rule 4 reads the other source's live facts at e's time, before and after rule 3: one lookup
         others = self._other_source_at(e, lateness_ms)
         # rule 4, before rule 3: the final version of a live preliminary result is a correction, never late
@@ -269,6 +289,40 @@ class _Draft:
         if self.clock is None or e.effective_ms > self.clock:
             self.clock = e.effective_ms
         return Outcome(e, Kind.ACCEPTED)
+
+    def _resource_facts(self, e: CanonicalEvent, horizon_ms: int):
+        """(code, fact_id, known entry) of the facts of e's resource known and not expired (rule 6), by code."""
+        resource = e.fact_id[:-len(e.code) - 1]
+        if not e.fact_id.endswith(e.code) or e.fact_id[len(resource)] != ":":
+            return
+        floor = None if self.clock is None else self.clock - horizon_ms
+        known = self.known
+        for code in _RESOURCE_CODES:
+            fact_id = f"{resource}:{code}"
+            entry = known.get(fact_id)
+            if entry is not None and (floor is None or entry[1] >= floor):
+                yield code, fact_id, entry
+
+    def _superseded(self, e: CanonicalEvent, horizon_ms: int) -> bool:
+        """Whether a fact of e's resource is known at a version above e's (rule 6)."""
+        return any(entry[0] > e.version for _, _, entry in self._resource_facts(e, horizon_ms))
+
+    def replace(self, e: CanonicalEvent, horizon_ms: int) -> list[Outcome]:
+        """Rule 6: retract each fact of e's resource known at a lower version, not retracted and not an
+        alias, whose code e's version does not carry. A retraction at e's version, effective and issued
+        time (what a new version of the fact retracting it would be); outcome corrected."""
+        outcomes = []
+        for code, fact_id, entry in self._resource_facts(e, horizon_ms):
+            if (code in e.version_codes or entry[0] >= e.version or entry[2]
+                    or (len(entry) > GONE and entry[GONE] is None)):
+                continue
+            retraction = new_event(e.patient_id, code, None, None, e.effective_ms, e.issued_ms, _RETRACTION,
+                                   e.source, fact_id, e.version, e.encounter_id, e.code_system, None, e.provenance,
+                                   e.version_codes)
+            self._remember(retraction, False, True)
+            self._unlive(retraction, entry[1])
+            outcomes.append(Outcome(retraction, Kind.CORRECTED, replaced_by=e.fact_id))
+        return outcomes
 
     def _restates(self, e: CanonicalEvent, entry: Known) -> bool:
         """Whether e (a higher version of a known fact, not an alias) has the fact's current content:

@@ -470,3 +470,51 @@ def test_an_archive_without_code_system_is_all_measurements():
     a.send(event("f1", 80, T0))
     [row] = features_at(a.frame().drop("code_system"), pl.DataFrame([a.point(T0, 0)]), **RULES).to_dicts()
     assert row[HR_LAST.name] == 80
+
+
+# --- rule 6: a FHIR Observation version replaces all of its resource's facts -----------------------
+
+
+def obs(code: str, value: float | None, version: int, version_codes: tuple[str, ...], *, eff: int = T0,
+        status: Status = Status.FINAL) -> dict:
+    """An event of version `version` of FHIR Observation/o1, which carries `version_codes`."""
+    d = event(f"fhir:Observation/o1:{code}", value, eff, code=code, version=version, status=status,
+              source=Source.FHIR)
+    return {**d, "version_codes": sorted(version_codes)}
+
+
+def live(archive: Archive) -> dict[str, float]:
+    return dict(final_facts(archive.frame(), **RULES).select("code", "value").iter_rows())
+
+
+def test_a_version_dropping_a_component_retracts_the_earlier_versions_fact_of_it():
+    a = Archive()
+    a.send(obs(codes.SPO2, 95, 1, (codes.SPO2, codes.O2_FLOW)), obs(codes.O2_FLOW, 2, 1, (codes.SPO2, codes.O2_FLOW)))
+    a.send(obs(codes.SPO2, 95, 2, (codes.SPO2,)))
+    a.send(obs(codes.O2_FLOW, 2, 1, (codes.SPO2, codes.O2_FLOW)))  # version 1 redelivered
+    assert outcomes(a) == [("fhir:Observation/o1:59408-5", 1, "accepted", None),
+                           ("fhir:Observation/o1:3151-8", 1, "accepted", None),
+                           ("fhir:Observation/o1:59408-5", 2, "duplicate", None),
+                           ("fhir:Observation/o1:3151-8", 2, "corrected", None),  # retracted by version 2
+                           ("fhir:Observation/o1:3151-8", 1, "duplicate", None)]
+    assert live(a) == {codes.SPO2: 95.0}
+    # the retraction is a correction: a point at the clock after it, without the flow
+    points = scoring_points(a.frame(), **RULES)
+    assert points.select("offset", "trigger").rows() == [(0, "vitals"), (1, "correction")]
+    assert features_at(a.frame(), points, **RULES)["o2_flow_last_24h"].to_list() == [2.0, None]
+
+
+def test_a_version_correcting_the_code_retracts_the_old_codes_fact():
+    a = Archive()
+    a.send(obs(codes.HEART_RATE, 18, 1, (codes.HEART_RATE,)))
+    a.send(obs(codes.RESP_RATE, 18, 2, (codes.RESP_RATE,)))
+    assert [o[2] for o in outcomes(a)] == ["accepted", "accepted", "corrected"]
+    assert live(a) == {codes.RESP_RATE: 18.0}
+
+
+def test_an_older_version_arriving_after_the_newer_one_neither_resurrects_nor_retracts():
+    a = Archive()
+    a.send(obs(codes.SPO2, 96, 2, (codes.SPO2,)))
+    a.send(obs(codes.SPO2, 95, 1, (codes.SPO2, codes.O2_FLOW)), obs(codes.O2_FLOW, 2, 1, (codes.SPO2, codes.O2_FLOW)))
+    assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "duplicate"]
+    assert live(a) == {codes.SPO2: 96.0}

@@ -87,7 +87,7 @@ def patient_events(draw):
         source = draw(st.sampled_from([Source.CDC, Source.FHIR]))
         kind = draw(st.sampled_from(["none"] * 5 + ["redeliver", "cross", "amend", "retract", "restate", "finalise",
                                                     "twin_final", "twin_preliminary", "prelim_apart",
-                                                    "prelim_after_final"]))
+                                                    "prelim_after_final", "drop_code", "correct_code"]))
         status = (Status.PRELIMINARY if kind.startswith("twin") or kind == "prelim_apart"
                   else Status.FINAL if kind == "prelim_after_final"
                   else draw(st.sampled_from([Status.FINAL] * 3 + [Status.PRELIMINARY])))
@@ -136,6 +136,28 @@ def patient_events(draw):
                                                     value=min(hi, value + draw(st.sampled_from([0, 1])))))
             if draw(st.booleans()):
                 new_versions.append(dataclasses.replace(second, version=2, issued_ms=t + 2 * MIN, status=Status.FINAL))
+        elif kind in ("drop_code", "correct_code"):
+            # a FHIR Observation of two codes (fact ids "fhir:<i>:<code>": its resource "fhir:<i>") whose next
+            # version drops one (a component removed) or names another code (the code corrected): it replaces
+            # all of the resource's facts (rule 6), perhaps arriving first (out of order), perhaps twice
+            second = draw(st.sampled_from([c for c in VITALS if c != code]))
+            third = draw(st.sampled_from([c for c in VITALS if c not in (code, second)]))
+            first_codes = tuple(sorted({code, second}))
+            ev = dataclasses.replace(ev, source=Source.FHIR, fact_id=f"fhir:{i}:{code}", version_codes=first_codes)
+            events[-1] = ev
+            lo2, hi2 = VALUES[second]
+            events.append(dataclasses.replace(ev, code=second, value=float(lo2), fact_id=f"fhir:{i}:{second}"))
+            next_code = code if kind == "drop_code" else third
+            lo3, _ = VALUES[next_code]
+            v2 = dataclasses.replace(ev, code=next_code, value=ev.value if kind == "drop_code" else float(lo3),
+                                     fact_id=f"fhir:{i}:{next_code}", version=2, issued_ms=t + MIN,
+                                     version_codes=(next_code,))
+            if draw(st.booleans()):  # the new version arrives first: the older one must change nothing
+                events.insert(len(events) - 2, v2)
+            else:
+                new_versions.append(v2)
+            if draw(st.booleans()):
+                new_versions.append(v2)
         elif kind == "prelim_after_final":  # the other source's preliminary version lags the final result
             prelim = CanonicalEvent(patient_id=patient, code=code, value=value + draw(st.sampled_from([0, 2])),
                                     unit=None, effective_ms=t, issued_ms=t - MIN, status=Status.PRELIMINARY,
@@ -211,8 +233,10 @@ def offline_frame(batches) -> pl.DataFrame:
         for idx, e in enumerate(batch):
             d = e.to_dict()
             d.pop("provenance")
-            rows.append({**d, "partition": 0, "offset": offset, "idx": idx})
-    return pl.DataFrame(rows, infer_schema_length=None)
+            codes_ = d.get("version_codes")
+            rows.append({**d, "version_codes": None if codes_ is None else list(codes_),
+                         "partition": 0, "offset": offset, "idx": idx})
+    return pl.DataFrame(rows, infer_schema_length=None, schema_overrides={"version_codes": pl.List(pl.String)})
 
 
 def same(a, b) -> bool:

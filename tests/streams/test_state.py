@@ -651,3 +651,70 @@ def test_a_state_written_in_format_3_loads_as_the_same_state():
     assert round_trip(s) == s
     assert restated(apply(s, ev("p", 70.0, T0 - 100_000_000, version=2, status=Status.PRELIMINARY))) == [RESTATEMENT]
     assert kinds(apply(s, ev("a", 80.0, T0), ev("b", 90.0, T0 + MIN, version=2))) == ["duplicate", "duplicate"]
+
+
+# --- rule 6: a FHIR Observation version replaces all of its resource's facts -----------------------
+
+SPO2, FLOW, RR = codes.SPO2, codes.O2_FLOW, codes.RESP_RATE
+
+
+def obs(code: str, value: float | None, version: int, version_codes: tuple[str, ...], *, eff: int = T0,
+        status: Status = Status.FINAL) -> CanonicalEvent:
+    """An event of version `version` of FHIR Observation/o1, which carries `version_codes`."""
+    return CanonicalEvent(patient_id="p1", code=code, value=value, unit=None, effective_ms=eff, issued_ms=eff,
+                          status=status, source=Source.FHIR, fact_id=f"fhir:Observation/o1:{code}", version=version,
+                          version_codes=tuple(sorted(version_codes)))
+
+
+def live_codes(state: PatientState) -> dict[str, list[float]]:
+    return {code: [f[VALUE] for f in rows] for code, rows in state.facts.items() if rows}
+
+
+def test_a_version_dropping_a_component_retracts_the_earlier_versions_fact_of_it():
+    # an O2 flow of 2 L/min charted on an SpO2 by mistake; version 2 has the SpO2 alone
+    first = apply(None, obs(SPO2, 95.0, 1, (SPO2, FLOW)), obs(FLOW, 2.0, 1, (SPO2, FLOW)))
+    r = apply(first.state, obs(SPO2, 95.0, 2, (SPO2,)))
+    assert [(o.event.fact_id, o.kind, o.event.status) for o in r.outcomes] == [
+        ("fhir:Observation/o1:59408-5", "duplicate", Status.FINAL),  # the SpO2 restated
+        ("fhir:Observation/o1:3151-8", "corrected", Status.ENTERED_IN_ERROR)]  # the flow retracted at version 2
+    assert r.outcomes[1].replaced_by == "fhir:Observation/o1:59408-5" and r.outcomes[1].event.version == 2
+    assert r.changed
+    assert live_codes(r.state) == {SPO2: [95.0]}
+    assert compute_features(r.state, T0)["on_oxygen"] == 0
+    # idempotent: the same version again, or version 1 redelivered, changes nothing
+    again = apply(r.state, obs(SPO2, 95.0, 2, (SPO2,)), obs(FLOW, 2.0, 1, (SPO2, FLOW)))
+    assert kinds(again) == ["duplicate", "duplicate"] and not again.changed
+    assert live_codes(again.state) == {SPO2: [95.0]}
+
+
+def test_a_version_correcting_the_code_retracts_the_old_codes_fact():
+    first = apply(None, obs(codes.HEART_RATE, 18.0, 1, (codes.HEART_RATE,)))
+    r = apply(first.state, obs(RR, 18.0, 2, (RR,)))
+    assert [(o.event.fact_id, o.kind) for o in r.outcomes] == [
+        ("fhir:Observation/o1:9279-1", "accepted"), ("fhir:Observation/o1:8867-4", "corrected")]
+    assert live_codes(r.state) == {RR: [18.0]}
+
+
+def test_an_older_version_arriving_after_the_newer_one_neither_resurrects_nor_retracts():
+    newer = apply(None, obs(SPO2, 96.0, 2, (SPO2,)))
+    r = apply(newer.state, obs(SPO2, 95.0, 1, (SPO2, FLOW)), obs(FLOW, 2.0, 1, (SPO2, FLOW)))
+    assert [(o.kind, o.duplicate_kind) for o in r.outcomes] == [("duplicate", "redelivery")] * 2
+    assert not r.changed
+    assert live_codes(r.state) == {SPO2: [96.0]}
+
+
+def test_an_entered_in_error_version_retracts_every_fact_of_the_resource():
+    first = apply(None, obs(SPO2, 95.0, 1, (SPO2, FLOW)), obs(FLOW, 2.0, 1, (SPO2, FLOW)))
+    # the retracted version arrives stripped of its flow component: the flow goes too
+    r = apply(first.state, obs(SPO2, None, 2, (SPO2,), status=Status.ENTERED_IN_ERROR))
+    assert kinds(r) == ["corrected", "corrected"]
+    assert live_codes(r.state) == {}
+
+
+def test_events_without_version_codes_keep_the_old_behaviour():
+    # a FHIR event archived before version_codes existed: the rule does not apply
+    first = apply(None, ev("fhir:Observation/o1:59408-5", 95.0, code=SPO2, source=Source.FHIR),
+                  ev("fhir:Observation/o1:3151-8", 2.0, code=FLOW, source=Source.FHIR))
+    r = apply(first.state, ev("fhir:Observation/o1:59408-5", 95.0, code=SPO2, source=Source.FHIR, version=2))
+    assert kinds(r) == ["duplicate"]
+    assert live_codes(r.state) == {SPO2: [95.0], FLOW: [2.0]}
