@@ -18,10 +18,27 @@ WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true (a facade whose Patient.id is the EHR's
 Patient of another id than context.patientId is a 400. Without a usable prefetch (absent, null, an
 OperationOutcome, no MRN) and without that setting the answer is 412 Precondition Failed (CDS Hooks:
 "unable to retrieve the necessary FHIR data ... either through a prefetch request or directly calling the
-FHIR server"; this service does not call the EHR's fhirServer itself), with a JSON `error` saying what to
-configure and no id: never `{"cards": []}`, which would read as "no risk", as during catch-up below.
-Answers `{"cards": []}` for a known MRN wardwatch has not scored, 400 (with a JSON `error` saying
-what to fix) for a malformed request.
+FHIR server"), with a JSON `error` saying what to configure and no id: never `{"cards": []}`, which would
+read as "no risk", as during catch-up below. Answers `{"cards": []}` for a known MRN wardwatch has not
+scored, 400 (with a JSON `error` saying what to fix) for a malformed request.
+
+Reading the Patient from the EHR (CDS Hooks "FHIR Resource Access", PatientReader): a call whose
+`prefetch.patient` is absent or null (not one the EHR answered with an OperationOutcome or a Patient
+without MRN: that answer stands) but which sends `fhirServer` and `fhirAuthorization` has its Patient read
+from there, `GET <fhirServer>/Patient/<context.patientId>` with `Authorization: Bearer <access_token>` and
+`Accept: application/fhir+json`, and is keyed by that Patient's MRN by the prefetch's rule (_mrn). Only
+from a server listed in WARDWATCH_CDS_FHIR_SERVERS (base URLs compared without a trailing slash; https, or
+http on a loopback host; empty, the default: never, the 412 above): a call never chooses which host the
+service calls (SSRF), a fhirServer not listed is a 412 saying to list it. The patientId must be a FHIR id
+(schemas.fhir.relative_reference's rule, no "/"), the token an RFC 6750 bearer token, else 400 and no
+request. The read has WARDWATCH_CDS_FHIR_TIMEOUT_S (5 s) in all, follows no redirect, reads at most
+FHIR_PATIENT_MAX_BYTES, keeps no cookie, and runs on the event loop (aiohttp client). Any failure (no
+answer in time, a status other than 200, not JSON, not a Patient, a Patient of another id, no MRN) is a
+412 with a JSON `error` saying which, never `{"cards": []}` nor a 500: CDS Hooks names 412 for data it
+could not get "directly calling the FHIR server", and an EHR treats the spec's codes, not a 502, as "no
+decision support for this call". The token serves that one GET and is never cached, logged or echoed;
+nothing is cached (every call reads its Patient); the log line of a failure names the server and the
+reason, never the patient id.
 
 Client authentication (CDS Hooks "Trusting CDS Clients"): with WARDWATCH_CDS_JWKS_FILE set, every
 service call must carry `Authorization: Bearer <JWT>`, signed (ES384 or RS384 unless
@@ -70,9 +87,11 @@ are never served. Logs never carry patient ids or values.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -82,6 +101,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import aiohttp
 import aiohttp_cors
 import jwt
 import orjson
@@ -89,6 +109,7 @@ from aiohttp import web
 
 from schemas.alert import HOUR_MS, STALE_AFTER_MS, stale_words
 from schemas.codes import parameter_name
+from schemas.fhir import relative_reference
 from wardwatch.listen import is_loopback, run_http
 from wardwatch.settings import Settings
 
@@ -128,7 +149,9 @@ class UnknownMrn(ValueError):
 UNKNOWN_MRN = ("no prefetched Patient with an MRN (identifier typed MR, of WARDWATCH_MRN_SYSTEM if set): wardwatch keys patients by the EHR's MRN, "
                "not by the FHIR Patient id, which may be another patient's MRN. Send the prefetch `patient` "
                "(Patient/{{context.patientId}}) this service's discovery declares, or set "
-               "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true if the FHIR Patient ids are the EHR's patient keys")
+               "WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true if the FHIR Patient ids are the EHR's patient keys; or, "
+               "for calls sending `fhirServer` and `fhirAuthorization`, list that server in "
+               "WARDWATCH_CDS_FHIR_SERVERS so this service reads the Patient from it")
 
 
 def _echo(value: Any) -> str:
@@ -194,6 +217,149 @@ def _type_codes(identifier: dict) -> list[Any]:
     if not isinstance(coding, list):
         raise BadRequest("`prefetch.patient.identifier[].type` must be a CodeableConcept with a `coding` array")
     return [c.get("code") for c in coding if isinstance(c, dict)]
+
+
+# --- without a prefetch: the Patient read from the call's fhirServer (CDS Hooks "FHIR Resource Access") ------
+
+
+FHIR_JSON = "application/fhir+json"
+FHIR_PATIENT_MAX_BYTES = 1 << 20  # a Patient's JSON read from a fhirServer (a photo inline is the most it holds)
+# RFC 6750 b64token: an OAuth 2.0 bearer token, which can never break the Authorization header it is sent in
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # fullmatch: "$" would let a "\n" end through
+BEARER_TOKEN_MAX = 8192  # characters of an access token sent on (a JWT with many scopes is a few thousand)
+
+
+class PatientNotRead(UnknownMrn):
+    """The Patient could not be read from the call's fhirServer, or has no MRN there (412, as UnknownMrn)."""
+
+
+@dataclass(frozen=True)
+class PatientRead:
+    """What reading a call's Patient takes: the allow-listed base URL, the FHIR id, the call's access token
+    (used for this one GET only: never stored beyond the call, logged or echoed)."""
+
+    server: str
+    patient_id: str
+    token: str = field(repr=False)
+
+
+def patient_read(request: dict, servers: Sequence[str]) -> PatientRead | None:
+    """The read of the Patient of a CDS Hooks request (one patient_keys found no MRN for, so `context.patientId`
+    is a string) when this service is to make it: no prefetched Patient (`prefetch.patient` absent or null; a
+    prefetched Patient without an MRN, or an OperationOutcome, is the EHR's answer already: not read again), and
+    `fhirServer` and `fhirAuthorization` sent. None: nothing to read. `servers`: settings.cds_fhir_servers (each
+    without a trailing slash); a fhirServer not among them is never called (PatientNotRead: a 412 saying to
+    list it). BadRequest for a malformed fhirServer, fhirAuthorization or a patientId that is not a FHIR id."""
+    prefetch = request.get("prefetch")
+    if isinstance(prefetch, dict) and prefetch.get("patient") is not None:
+        return None
+    server, authorization = request.get("fhirServer"), request.get("fhirAuthorization")
+    if server is None or not servers:
+        return None
+    if not isinstance(server, str) or not server.strip():
+        raise BadRequest("`fhirServer` must be the base URL of the EHR's FHIR server (a string)")
+    base = server.strip().rstrip("/")
+    if base not in servers:  # SSRF: a request never decides which host the service calls
+        raise PatientNotRead(f"`fhirServer` {_echo(base)} is not a FHIR server this service may read from: list it "
+                             "in WARDWATCH_CDS_FHIR_SERVERS, or send the prefetch `patient` (Patient/{{context."
+                             "patientId}}) this service's discovery declares")
+    if authorization is None:
+        raise PatientNotRead("`fhirServer` sent without `fhirAuthorization`: no access token to read the Patient "
+                             "with; send one, or the prefetch `patient` this service's discovery declares")
+    if not isinstance(authorization, dict):
+        raise BadRequest("`fhirAuthorization` must be an object (CDS Hooks: access_token, token_type, ...)")
+    token_type, token = authorization.get("token_type"), authorization.get("access_token")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise BadRequest("`fhirAuthorization.token_type` must be \"Bearer\"")
+    if not isinstance(token, str) or len(token) > BEARER_TOKEN_MAX or not _BEARER_TOKEN.fullmatch(token):
+        # never echoed: it is a credential
+        raise BadRequest(f"`fhirAuthorization.access_token` must be an OAuth 2.0 bearer token (RFC 6750 characters, "
+                         f"at most {BEARER_TOKEN_MAX})")
+    patient_id = request["context"]["patientId"].strip().removeprefix("Patient/")
+    # a FHIR id only ([A-Za-z0-9-.]{1,64}, not "." or ".."), as the ingest reads a Patient: the id is put in
+    # the URL path, so "a/b", "../x", "1/_history/2" or "1?_format=xml" would read another resource
+    if "/" in patient_id or relative_reference(f"Patient/{patient_id}") != f"Patient/{patient_id}":
+        raise BadRequest("`context.patientId` is not a FHIR id (1 to 64 of A-Z a-z 0-9 - .): the Patient cannot "
+                         "be read from `fhirServer` by it")
+    return PatientRead(base, patient_id, token)
+
+
+class PatientReader:
+    """Reads the Patient of a call sent without its prefetch from the call's fhirServer, when that server is
+    one of `servers` (settings.cds_fhir_servers): GET <fhirServer>/Patient/<id> with the call's bearer token,
+    within `timeout_s` (connection and body), no redirect followed, at most FHIR_PATIENT_MAX_BYTES, no cookie
+    kept; nothing is cached. Its `session` is opened and closed with the app (make_app)."""
+
+    def __init__(self, servers: Sequence[str], timeout_s: float, mrn_system: str | None = None):
+        self.servers = tuple(server.rstrip("/") for server in servers)
+        self.timeout_s, self.mrn_system = timeout_s, mrn_system
+        self.session: aiohttp.ClientSession | None = None
+
+    async def session_context(self, _app: web.Application):
+        """aiohttp cleanup_ctx: one client session (and its connection pool) for the app's life."""
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+                                         timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
+            self.session = session
+            yield
+            self.session = None
+
+    async def mrn(self, read: PatientRead) -> str:
+        """The MRN of the Patient `read` names, by the rule of a prefetched Patient (_mrn); PatientNotRead
+        (412) saying why not, never with the patient's id or the token. Logged: the server and why."""
+        try:
+            return self._mrn_of(await self._get(read), read)
+        except PatientNotRead as e:
+            log.warning("CDS: no MRN for a call from its fhirServer %s: %s", read.server, e)
+            raise
+
+    async def _get(self, read: PatientRead) -> bytes:
+        what = "reading the Patient from `fhirServer`"
+        if self.session is None:
+            raise PatientNotRead(f"{what}: the service is stopping")
+        headers = {"Authorization": f"Bearer {read.token}", "Accept": FHIR_JSON}
+        try:
+            async with asyncio.timeout(self.timeout_s):  # the whole read, whatever the server trickles
+                async with self.session.get(f"{read.server}/Patient/{read.patient_id}", headers=headers,
+                                            allow_redirects=False) as response:
+                    if response.status != 200:  # a redirect too: it would name a host nobody allow-listed
+                        raise PatientNotRead(f"{what}: the server answered {response.status} "
+                                             "(CDS Hooks: data the service needs could not be retrieved)")
+                    if (response.content_length or 0) > FHIR_PATIENT_MAX_BYTES:
+                        raise PatientNotRead(f"{what}: the answer is over {FHIR_PATIENT_MAX_BYTES} bytes")
+                    body, size = [], 0
+                    async for chunk in response.content.iter_chunked(64 * 1024):
+                        size += len(chunk)
+                        if size > FHIR_PATIENT_MAX_BYTES:
+                            raise PatientNotRead(f"{what}: the answer is over {FHIR_PATIENT_MAX_BYTES} bytes")
+                        body.append(chunk)
+                    return b"".join(body)
+        except PatientNotRead:  # (a ValueError: not the one below)
+            raise
+        except TimeoutError:
+            raise PatientNotRead(f"{what}: no answer within {self.timeout_s:g} s "
+                                 "(WARDWATCH_CDS_FHIR_TIMEOUT_S)") from None
+        except (aiohttp.ClientError, OSError, ValueError) as e:  # the type only: a message may carry the URL
+            raise PatientNotRead(f"{what}: {type(e).__name__}") from None
+
+    def _mrn_of(self, body: bytes, read: PatientRead) -> str:
+        what = "the Patient read from `fhirServer`"
+        try:
+            patient = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise PatientNotRead(f"{what} is not JSON") from None
+        if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
+            raise PatientNotRead(f"{what} is not a Patient resource")
+        if patient.get("id") != read.patient_id:  # its MRN would key another patient's card
+            raise PatientNotRead(f"{what} is not the Patient of `context.patientId` (their ids differ)")
+        try:
+            mrn = _mrn(patient, self.mrn_system)
+        except BadRequest:
+            raise PatientNotRead(f"{what} has a malformed `identifier`") from None
+        if mrn is None:
+            of_system = ", of WARDWATCH_MRN_SYSTEM" if self.mrn_system else ""
+            raise PatientNotRead(f"{what} has no MRN (identifier typed MR{of_system}): wardwatch keys patients "
+                                 "by the EHR's MRN, not by the FHIR Patient id")
+        return mrn
 
 
 def _iso(ms: int) -> str:
@@ -618,11 +784,14 @@ class CatchUp:
 
 def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool],
              fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None,
-             cors_origins: Sequence[str] = ()) -> web.Application:
+             cors_origins: Sequence[str] = (), fhir_servers: Sequence[str] = (),
+             fhir_timeout_s: float = 5.0) -> web.Application:
     """auth None: anonymous service calls (load_client_auth decides when that is allowed). ready: the
     scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503.
     fhir_patient_ids_are_mrns, mrn_system: the settings of those names (see patient_keys).
-    cors_origins: settings.cds_cors_origins (see allow_cors)."""
+    cors_origins: settings.cds_cors_origins (see allow_cors). fhir_servers, fhir_timeout_s:
+    settings.cds_fhir_servers and cds_fhir_timeout_s (see PatientReader; none: no FHIR server is ever called)."""
+    reader = PatientReader(fhir_servers, fhir_timeout_s, mrn_system) if fhir_servers else None
 
     async def discovery(_request: web.Request) -> web.Response:
         return web.json_response(DISCOVERY)
@@ -648,7 +817,15 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
         except BadRequest as e:
             return web.json_response({"error": str(e)}, status=400)
         except UnknownMrn as e:  # never {"cards": []}: it would read as "no risk"
-            return web.json_response({"error": str(e)}, status=412)
+            try:
+                read = patient_read(body, reader.servers) if reader is not None else None
+                if read is None:
+                    return web.json_response({"error": str(e)}, status=412)
+                keys = [await reader.mrn(read)]  # (with fhir_patient_ids_are_mrns, no UnknownMrn gets here)
+            except BadRequest as bad:
+                return web.json_response({"error": str(bad)}, status=400)
+            except UnknownMrn as unknown:  # CDS Hooks: 412 when the data cannot be had from the FHIR server either
+                return web.json_response({"error": str(unknown)}, status=412)
         found = latest.card_for(keys)
         return web.json_response({"cards": [found] if found else []})
 
@@ -667,6 +844,8 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", readiness)
     allow_cors(app, cors_origins)
+    if reader is not None:
+        app.cleanup_ctx.append(reader.session_context)
     return app
 
 
@@ -791,7 +970,12 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     feed.start()
     app = make_app(latest, auth, ready=feed.caught_up.is_set,
                    fhir_patient_ids_are_mrns=settings.fhir_patient_ids_are_mrns, mrn_system=settings.mrn_system,
-                   cors_origins=settings.cds_cors_origins)
+                   cors_origins=settings.cds_cors_origins, fhir_servers=settings.cds_fhir_servers,
+                   fhir_timeout_s=settings.cds_fhir_timeout_s)
+    if settings.cds_fhir_servers:
+        log.info("CDS: a call without its prefetched Patient has it read from its fhirServer when that is one of "
+                 "WARDWATCH_CDS_FHIR_SERVERS (%s; timeout %g s)", ", ".join(settings.cds_fhir_servers),
+                 settings.cds_fhir_timeout_s)
 
     async def stop_feed(_app: web.Application) -> None:
         feed.stop_event.set()

@@ -47,6 +47,29 @@ def _is_web_origin(value: str) -> bool:
             and "@" not in parts.netloc and "*" not in value)
 
 
+def fhir_base_url(value: str) -> str:
+    """`value` without a trailing slash when it is a FHIR server's base URL the CDS service may read from:
+    https (http only on a loopback host), a host, a path at most, no user, query or fragment; else ValueError."""
+    from urllib.parse import urlsplit
+
+    from wardwatch.listen import is_loopback
+
+    base = value.rstrip("/")
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
+            or parts.query or parts.fragment or "?" in base or "#" in base or any(c.isspace() for c in base)):
+        raise ValueError(f"{value}: not a FHIR base URL such as https://ehr.example.org/fhir/r4 "
+                         "(http(s), a host, a path; no user, query or fragment)")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError(f"{value}: http to another host than this one would send the EHR's access token in clear; "
+                         "use https (http is accepted for a loopback host only)")
+    return base
+
+
 # RFC 3986: scheme ":" then the rest (http://..., urn:oid:..., urn:uuid:...); a URI holds no whitespace
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$")
 
@@ -139,6 +162,9 @@ class Settings(BaseSettings):
         ["ES384", "RS384"], description="JWS algorithms accepted for CDS clients' tokens, comma-separated: asymmetric only (default: ES384 and RS384, the ones CDS Hooks recommends)")
     cds_cors_origins: Annotated[list[str], NoDecode] = Field(
         [], description="Web origins (scheme://host[:port]) of browser-based CDS clients allowed to call the service across origins (CORS), comma-separated. Empty: no CORS headers, so a browser withholds the answers from a web app on another origin (EHRs calling from their servers need none). Never `*`: name each origin")
+    cds_fhir_servers: Annotated[list[str], NoDecode] = Field(
+        [], description="Base URLs of the EHR FHIR servers the CDS service may read a call's Patient from (comma-separated, compared with the call's `fhirServer` after dropping a trailing slash; https, or http on a loopback host). A call sent without its prefetched Patient but with `fhirServer` and `fhirAuthorization` then has its Patient read from there (GET Patient/<context.patientId> with the call's access token) for its MRN. Empty (the default): the service never calls a FHIR server, and such a call is a 412")
+    cds_fhir_timeout_s: float = Field(5.0, gt=0, le=30, description="Time the CDS service gives a FHIR server to answer the read of a call's Patient, connection and body included (seconds); keep it well under the EHR's own timeout for the CDS call. Past it the call is a 412")
     cds_allow_anonymous: bool = Field(False, description="Without WARDWATCH_CDS_JWKS_FILE, let `wardwatch cds` listen on a non-loopback address anyway: anyone who reaches the port reads any patient's latest risk")
 
     # batch / archive
@@ -257,7 +283,7 @@ class Settings(BaseSettings):
                              "(1 would let any model replace it)")
         return value
 
-    @field_validator("cds_issuers", "cds_algorithms", "cds_cors_origins", mode="before")
+    @field_validator("cds_issuers", "cds_algorithms", "cds_cors_origins", "cds_fhir_servers", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         # an environment variable holds "a,b" (NoDecode: not JSON); blanks between commas are dropped
@@ -274,6 +300,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{', '.join(refused)}: not a web origin; name each as scheme://host[:port] "
                              "(http or https, no path, no trailing slash, no wildcard)")
         return value
+
+    @field_validator("cds_fhir_servers")
+    @classmethod
+    def _fhir_base_urls(cls, value):
+        # the only servers the service ever sends an EHR's access token to: checked here, not per call
+        return [fhir_base_url(url) for url in value]
 
     @field_validator("cds_algorithms")
     @classmethod

@@ -1075,3 +1075,209 @@ def test_cors_origins_must_be_exact_web_origins(value, clean_env):
         Settings()
     clean_env.setenv("WARDWATCH_CDS_CORS_ORIGINS", f"{EHR_APP}, http://localhost:3000")
     assert Settings().cds_cors_origins == [EHR_APP, "http://localhost:3000"]
+
+
+# --- without a prefetch: the Patient read from the call's fhirServer (WARDWATCH_CDS_FHIR_SERVERS) ----------
+
+FHIR_TOKEN = "eyJhbGciOiJSUzM4NCJ9.fhir-access_token~for+wardwatch/1=="  # an RFC 6750 bearer token
+MR = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+OUR_MRN = {"type": MR, "system": MRN_SYSTEM, "value": "p-1"}
+OTHER_FACILITY_MRN = {"type": MR, "system": "urn:oid:1.2.3.4.5", "value": "p-2"}
+NATIONAL_NUMBER = {"system": "urn:ssn", "value": "p-1"}
+
+
+def fhir_patient(fhir_id: str, *identifiers: dict) -> dict:
+    return {"resourceType": "Patient", "id": fhir_id, "identifier": list(identifiers)}
+
+
+class FakeFhir:
+    """The EHR's FHIR server, on a loopback port: GET /fhir/Patient/<id> answers what `answers` holds for the
+    id (a resource, or (status, body)); "slow" answers only once `release` is set. Every request it gets is
+    kept in `received` as (path, headers)."""
+
+    def __init__(self, answers: dict):
+        from aiohttp import web
+
+        self.answers, self.received = answers, []
+        self.release = asyncio.Event()
+
+        async def patient(request: web.Request) -> web.StreamResponse:
+            self.received.append((request.path, dict(request.headers)))
+            fhir_id = request.match_info["id"]
+            if fhir_id == "slow":
+                await self.release.wait()
+            if fhir_id == "moved":  # a redirect to a resource that would give a card: never followed
+                raise web.HTTPFound("/elsewhere/Patient/fhir-a1")
+            if fhir_id == "fhir-streamed":  # a body without Content-Length that never ends: read up to the bound
+                response = web.StreamResponse(headers={"Content-Type": "application/fhir+json"})
+                await response.prepare(request)
+                await response.write(b'{"resourceType": "Patient", "id": "fhir-streamed", "text": "')
+                while not self.release.is_set():
+                    await response.write(b"x" * 65536)
+                return response
+            answer = self.answers.get(fhir_id, (404, {"resourceType": "OperationOutcome", "issue": []}))
+            status, body = answer if isinstance(answer, tuple) else (200, answer)
+            # a session cookie of this caller's: sent back on a later call, it could stand in for its token
+            return web.Response(status=status, body=body if isinstance(body, bytes) else orjson.dumps(body),
+                                content_type="application/fhir+json", headers={"Set-Cookie": "session=ehr-user-1"})
+
+        self.app = web.Application()
+        self.app.router.add_get("/fhir/Patient/{id}", patient)
+        self.app.router.add_get("/elsewhere/Patient/{id}", patient)
+
+
+FHIR_ANSWERS = {
+    "fhir-a1": fhir_patient("fhir-a1", NATIONAL_NUMBER, OUR_MRN),  # MRN p-1, scored HIGH
+    "fhir-two-mrns": fhir_patient("fhir-two-mrns", OTHER_FACILITY_MRN, OUR_MRN),  # p-2 (LOW) first, then p-1
+    "fhir-no-mrn": fhir_patient("fhir-no-mrn", NATIONAL_NUMBER),  # p-1, but not typed MR: no MRN
+    "fhir-other-id": fhir_patient("fhir-a1", OUR_MRN),  # another Patient than the one asked for
+    "fhir-observation": {"resourceType": "Observation", "id": "fhir-observation"},
+    "fhir-html": (200, b"<html>login</html>"),
+    "fhir-huge": fhir_patient("fhir-huge", OUR_MRN) | {"text": {"div": "x" * (2 << 20)}},
+    "fhir-forbidden": (403, {"resourceType": "OperationOutcome", "issue": []}),
+    "slow": fhir_patient("slow", OUR_MRN),
+}
+
+
+def call_reading_fhir(patient_id: str, *, servers=None, timeout_s: float = 5.0, mrn_system: str | None = None,
+                      calls: int = 1, host: str = "127.0.0.1", **request) -> tuple[int, dict, list, float]:
+    """POST a patient-view call without prefetch, with fhirServer (the fake's base URL, with a trailing slash)
+    and fhirAuthorization, to a service that may read from `servers` (default: the fake's base URL), `calls`
+    times; `host` names the fake in the URLs. (status, answer, the requests the FHIR server got, seconds the
+    call took) of the last call."""
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score("p-1", minute=5, tier="high")))
+    latest.update(orjson.dumps(score("p-2", minute=5, tier="low", probability=0.1)))
+
+    async def go():
+        fhir = FakeFhir(FHIR_ANSWERS)
+        async with TestServer(fhir.app, host="127.0.0.1") as server:
+            base = f"http://{host}:{server.port}/fhir"
+            body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "context": {"patientId": patient_id},
+                    "fhirServer": base + "/",
+                    "fhirAuthorization": {"access_token": FHIR_TOKEN, "token_type": "Bearer", "expires_in": 300,
+                                          "scope": "patient/Patient.read", "subject": "wardwatch"}} | request
+            app = make_app(latest, ready=lambda: True, mrn_system=mrn_system, fhir_timeout_s=timeout_s,
+                           fhir_servers=[base] if servers is None else servers)
+            async with TestClient(TestServer(app)) as client:
+                for _ in range(calls):
+                    started = time.monotonic()
+                    response = await client.post(f"/cds-services/{SERVICE_ID}", json=body)
+                    took = time.monotonic() - started
+                    answer = await response.json()
+            fhir.release.set()
+            return response.status, answer, fhir.received, took
+    return asyncio.run(go())
+
+
+def test_without_a_prefetch_the_patient_read_from_the_fhir_server_keys_the_card_by_its_mrn():
+    """CDS Hooks lets a service read what the EHR did not prefetch from `fhirServer` with `fhirAuthorization`:
+    the Patient's MRN (not its FHIR id) finds its card, with the EHR's token sent as a bearer token."""
+    for prefetch in ({}, {"prefetch": {}}, {"prefetch": {"patient": None}}, {"prefetch": None}):
+        # (localhost: a client keeps no cookie of an IP address's)
+        status, answer, received, _ = call_reading_fhir("Patient/fhir-a1", calls=2, host="localhost", **prefetch)
+        assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk HIGH"), prefetch
+        assert len(received) == 2  # nothing cached: each call reads with its own token
+        for path, headers in received:
+            assert path == "/fhir/Patient/fhir-a1"
+            assert headers["Authorization"] == f"Bearer {FHIR_TOKEN}"
+            assert headers["Accept"] == "application/fhir+json"
+            assert "Cookie" not in headers  # the first answer's session cookie is not sent back
+
+
+def test_the_read_patients_mrn_follows_the_prefetch_rule_with_the_mrn_system():
+    # the first typed MR without WARDWATCH_MRN_SYSTEM (another facility's p-2: LOW), the EHR's own with it
+    status, answer, _, _ = call_reading_fhir("fhir-two-mrns")
+    assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk LOW")
+    status, answer, _, _ = call_reading_fhir("fhir-two-mrns", mrn_system=MRN_SYSTEM)
+    assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk HIGH")
+
+
+def test_a_fhir_server_not_allow_listed_is_never_called():
+    """SSRF: the request names the server; only the operator's list decides whether it is called. Not listed:
+    412 saying to list it; no list (the default): the 412 of a call without prefetch, as before."""
+    status, answer, received, _ = call_reading_fhir("fhir-a1", servers=["https://ehr.example.org/fhir"])
+    assert status == 412 and "cards" not in answer and received == []
+    assert "WARDWATCH_CDS_FHIR_SERVERS" in answer["error"] and "127.0.0.1" in answer["error"]
+    status, answer, received, _ = call_reading_fhir("fhir-a1", servers=[])
+    assert status == 412 and received == [] and "prefetch" in answer["error"]
+    status, answer, received, _ = call_reading_fhir("fhir-a1", fhirServer="http://127.0.0.1:1/fhir" + "x" * 500)
+    assert status == 412 and received == [] and len(answer["error"]) < 400  # the URL is not echoed whole
+
+
+def test_a_prefetched_patient_is_never_read_again():
+    # the EHR answered the prefetch (a Patient without MRN, or an OperationOutcome): its answer stands
+    for patient in (fhir_patient("fhir-a1", NATIONAL_NUMBER), {"resourceType": "OperationOutcome", "issue": []}):
+        status, answer, received, _ = call_reading_fhir("fhir-a1", prefetch={"patient": patient})
+        assert status == 412 and received == [] and "cards" not in answer
+
+
+@pytest.mark.parametrize("patient_id, error", [
+    ("fhir-no-mrn", "no MRN"),  # an untyped identifier is no MRN, as in a prefetch
+    ("fhir-other-id", "ids differ"),  # its MRN would be another patient's card
+    ("fhir-observation", "not a Patient"),
+    ("fhir-html", "not JSON"),
+    ("fhir-huge", "bytes"),
+    ("fhir-streamed", "bytes"),
+    ("fhir-missing", "answered 404"),
+    ("fhir-forbidden", "answered 403"),  # the token does not reach it
+    ("moved", "answered 302"),  # a redirect is not followed
+])
+def test_a_patient_that_cannot_be_read_or_has_no_mrn_is_a_412_never_no_cards(patient_id, error):
+    status, answer, received, _ = call_reading_fhir(patient_id)
+    assert status == 412 and "cards" not in answer and error in answer["error"]
+    assert patient_id not in answer["error"] and FHIR_TOKEN not in answer["error"]
+    assert [path for path, _ in received] == [f"/fhir/Patient/{patient_id}"]  # one GET, nothing elsewhere
+
+
+def test_a_fhir_server_slower_than_the_timeout_is_a_412_within_the_timeout():
+    status, answer, received, took = call_reading_fhir("slow", timeout_s=0.5)
+    assert status == 412 and "WARDWATCH_CDS_FHIR_TIMEOUT_S" in answer["error"] and len(received) == 1
+    assert took < 2.5  # the EHR gets its answer, not a hung call
+
+
+@pytest.mark.parametrize("patient_id", ["fhir-a1/x", "Patient/../Observation/1", "..", "Patient/..", "1/_history/2",
+                                        "1?_format=xml", "a%2Fb", "x" * 65])
+def test_a_patient_id_that_is_not_a_fhir_id_is_a_400_and_no_request(patient_id):
+    status, answer, received, _ = call_reading_fhir(patient_id)
+    assert status == 400 and "FHIR id" in answer["error"] and received == []
+
+
+@pytest.mark.parametrize("authorization", [
+    {"access_token": FHIR_TOKEN + "\r\nX-Injected: 1", "token_type": "Bearer"},
+    {"access_token": FHIR_TOKEN + "\n", "token_type": "Bearer"},
+    {"access_token": "", "token_type": "Bearer"},
+    {"access_token": FHIR_TOKEN, "token_type": "MAC"},
+    {"token_type": "Bearer"},
+    "Bearer " + FHIR_TOKEN,
+])
+def test_a_malformed_fhir_authorization_is_a_400_and_no_request(authorization):
+    status, answer, received, _ = call_reading_fhir("fhir-a1", fhirAuthorization=authorization)
+    assert status == 400 and "fhirAuthorization" in answer["error"] and received == []
+    assert FHIR_TOKEN not in answer["error"]
+
+
+def test_reading_the_patient_logs_neither_the_token_nor_the_patient_id(caplog):
+    caplog.set_level("DEBUG")
+    for patient_id in ("fhir-a1", "fhir-no-mrn", "fhir-missing", "fhir-html"):
+        call_reading_fhir(patient_id)
+    ours = [r.getMessage() for r in caplog.records if r.name != "aiohttp.access"]  # (the fake server's own log)
+    assert any("no MRN for a call from its fhirServer http://127.0.0.1" in line for line in ours)
+    for line in ours:
+        assert FHIR_TOKEN not in line and "fhir-" not in line, line
+
+
+@pytest.mark.parametrize("value, error", [("http://ehr.example.org/fhir", "https"), ("ehr.example.org/fhir", "base URL"),
+                                          ("https://user:pw@ehr.example.org/fhir", "base URL"),
+                                          ("https://ehr.example.org/fhir?_format=json", "base URL")])
+def test_fhir_servers_must_be_https_base_urls(value, error, clean_env):
+    from pydantic import ValidationError
+
+    from wardwatch.settings import Settings
+
+    clean_env.setenv("WARDWATCH_CDS_FHIR_SERVERS", f"https://ehr.example.org/fhir/r4, {value}")
+    with pytest.raises(ValidationError, match=error):
+        Settings()
+    clean_env.setenv("WARDWATCH_CDS_FHIR_SERVERS", "https://ehr.example.org/fhir/r4/, http://localhost:8080/fhir")
+    assert Settings().cds_fhir_servers == ["https://ehr.example.org/fhir/r4", "http://localhost:8080/fhir"]
+    assert Settings().cds_fhir_timeout_s == 5.0
