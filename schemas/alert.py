@@ -7,6 +7,9 @@
      "resource": <RiskAssessment as a JSON dict>}
 
 Header (routing without parsing the resource): `kind` open | escalate | resolve | correction;
+`encounter_id` the patient's current stay: the EHR's visit number, or "fhir:Encounter/<id>" when only the FHIR
+server's Encounter id is known (schemas.fhir: a bare server id may equal another stay's visit number), which
+the resource references as "Encounter/<id>";
 `ward` the patient's current ward (None when no LOCATION is known); `status` the resource status;
 `original_alert_id` the alert a correction corrects (else None); `reason` "discharge" for a
 resolution by discharge (else None); `preliminary_basis` the LOINC codes of the basis readings that
@@ -45,6 +48,7 @@ from schemas import codes
 from schemas.canonical import make_event_id
 from schemas.codes import DERIVED_CODES, parameter_name
 from schemas.features import DERIVED, FEATURES, NEWS2_INPUTS, news2_charted_parts
+from schemas.fhir import fhir_encounter_server_id
 
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 # wardwatch tier -> risk-probability code and display
@@ -200,8 +204,8 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         "method": {"text": f"wardwatch model {model_version}" if path == "model" else "NEWS2 rule"},
         "subject": {"reference": f"Patient/{patient_id}"},
     }
-    if encounter_id:
-        resource["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    if encounter_id:  # a key from the FHIR server's id (schemas.fhir) references that Encounter, not "fhir:..."
+        resource["encounter"] = {"reference": f"Encounter/{fhir_encounter_server_id(encounter_id) or encounter_id}"}
     resource["occurrenceDateTime"] = fhir_datetime(decision.scoring_ms)
     if basis:
         resource["basis"] = [basis_reference(*entry, at_ms=decision.scoring_ms) for entry in basis]

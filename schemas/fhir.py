@@ -35,6 +35,10 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   else meta.lastUpdated in ms. A `planned` Encounter is skipped (nobody was admitted yet); status
   `entered-in-error` or `cancelled` retracts those facts (one without a period.start never gave any: a
   cancelled booking is skipped like a planned one).
+- Encounter key (encounter_id) of an Encounter: its first identifier's value (the EHR's visit number, what the
+  CDC rows carry); of an Observation: encounter.identifier.value. Without one, the FHIR server's Encounter id,
+  namespaced "fhir:Encounter/<id>" (FHIR_ENCOUNTER_PREFIX): the server's ids are its own and may equal a visit
+  number of another stay, of another patient. The same stay by CDC and by FHIR without identifier has two keys.
 - Patient -> SEX (gender) and BIRTH_YEAR (the year of birthDate, nothing finer), effective
   meta.lastUpdated; the patient id is the MRN (the identifier typed `MR`, and of system `mrn_system` when
   that is given), the same ids Observation subjects resolve to; without one, the Patient id when
@@ -722,7 +726,7 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
         # servers often keep the first release's `issued` on an amended / corrected / entered-in-error version:
         # this version did not exist before the server stored it, so training's as-of joins must not see it earlier
         issued_ms = max(issued_ms, iso_to_ms(meta["lastUpdated"], "meta.lastUpdated"))
-    encounter = _business_id(obs.get("encounter"), "Encounter")
+    encounter = _encounter_key(obs.get("encounter"))
     provenance = {"resource": f"Observation/{obs_id}", "subscription": ctx.status.subscription,
                   "topic": ctx.topic, "partition": ctx.partition, "offset": ctx.offset,
                   "fhir_version": ctx.status.fhir_version}
@@ -1082,15 +1086,31 @@ def _own_identifier(resource: dict) -> str | None:
     return None
 
 
-def _business_id(reference: Any, resource_type: str) -> str | None:
-    """The EHR's own key of a referenced resource: reference.identifier.value (the MRN, the visit
-    number: what the EHR database and so the CDC rows use) when present, else the resource id of
-    the reference. A FHIR server's resource ids are its own and rarely equal the database keys."""
+# An encounter known only by the FHIR server's own id is keyed "fhir:Encounter/<id>": the server numbers its
+# resources (HAPI's 1, 2, 3...), so a bare id may equal a visit number the EHR (and the CDC rows) gave another
+# stay, of this patient or of another, and be shown in an alert header or the analysts' tables as that visit.
+FHIR_ENCOUNTER_PREFIX = "fhir:Encounter/"
+
+
+def fhir_encounter_key(server_id: str) -> str:
+    return FHIR_ENCOUNTER_PREFIX + server_id
+
+
+def fhir_encounter_server_id(encounter_id: str) -> str | None:
+    """The FHIR server's Encounter id an encounter key derived from it names (None for a visit number)."""
+    return encounter_id.removeprefix(FHIR_ENCOUNTER_PREFIX) if encounter_id.startswith(FHIR_ENCOUNTER_PREFIX) else None
+
+
+def _encounter_key(reference: Any) -> str | None:
+    """The encounter key of a reference to an Encounter: reference.identifier.value (the visit number:
+    what the EHR database and so the CDC rows use) when present, else "fhir:Encounter/<id>" from the
+    resource id of the reference. A FHIR server's resource ids are its own, not the database keys."""
     if not isinstance(reference, dict):
         return None
     if value := _identifier_value(reference):
         return value
-    return _reference_id(_reference(reference), resource_type)
+    server_id = _reference_id(_reference(reference), "Encounter")
+    return None if server_id is None else fhir_encounter_key(server_id)
 
 
 def _reference_id(reference: str | None, resource_type: str) -> str | None:
@@ -1145,7 +1165,8 @@ MRN_TYPE = "MR"  # HL7 v2-0203 identifier type "Medical record number"
 def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
     validate_resource(enc, ctx.status.fhir_version)
     enc_id = _resource_id(enc)
-    encounter_key = _own_identifier(enc) or enc_id  # the visit number the EHR rows (and CDC) use
+    # the visit number the EHR rows (and CDC) use; without one, the server's id, namespaced (FHIR_ENCOUNTER_PREFIX)
+    encounter_key = _own_identifier(enc) or fhir_encounter_key(enc_id)
     status = enc.get("status")
     if status in NOT_ADMITTED:
         ctx.skip("Encounter")

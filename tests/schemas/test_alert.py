@@ -217,7 +217,7 @@ def fhir_dump(resource: dict) -> bytes:
                                                ("model", 1.0), ("model", 1 / 3), ("rule", None)])
 @pytest.mark.parametrize("encounter_id, basis, rationale, news2", [
     ("enc-9", BASIS, RATIONALE, 6), (None, [], [], None), ("", [["fhir:Observation/o:8867-4", 1]], [], 0),
-    ("e", [], RATIONALE, None), ("enc-9", PRELIMINARY_BASIS, RATIONALE, 6)])
+    ("e", [], RATIONALE, None), ("enc-9", PRELIMINARY_BASIS, RATIONALE, 6), ("fhir:Encounter/45", [], [], 6)])
 @pytest.mark.parametrize("scoring_ms", [T, T + 1, T + 10, T + 250, T + 999, 1_718_417_760_123])
 def test_the_resource_is_byte_for_byte_the_fhir_models_own_serialisation(status, original, path, probability,
                                                                           encounter_id, basis, rationale, news2,
@@ -228,6 +228,16 @@ def test_the_resource_is_byte_for_byte_the_fhir_models_own_serialisation(status,
                            model_version="v2", path=path, rationale=rationale, basis=basis)["resource"]
     assert orjson.dumps(resource) == fhir_dump(resource)
 
+
+
+def test_an_encounter_keyed_by_the_fhir_servers_id_is_named_so_and_referenced_as_that_encounter():
+    """schemas.fhir keys an Encounter sent without an identifier "fhir:Encounter/<server id>": the header says
+    so (a consumer must not look "45" up as a visit number: another patient's stay may have it), and the
+    resource references the server's Encounter itself; "Encounter/fhir:Encounter/45" would be no FHIR id."""
+    alert = model_alert(encounter_id="fhir:Encounter/45")
+    assert alert["header"]["encounter_id"] == "fhir:Encounter/45"
+    assert alert["resource"]["encounter"] == {"reference": "Encounter/45"}
+    RiskAssessment.model_validate(alert["resource"])
 
 def test_fhir_datetime_is_how_the_model_writes_an_iso_utc_time():
     rng = random.Random(5)

@@ -60,7 +60,7 @@ def test_r4_parameters_status_with_one_heart_rate():
     assert outcome.subscription == SUBSCRIPTION and outcome.event_numbers == [12]  # "12" as valueString
     (hr,) = outcome.events
     assert (hr.patient_id, hr.code, hr.value, hr.unit) == ("MRN-0001", codes.HEART_RATE, 80, "/min")
-    assert hr.encounter_id == "enc-4d8ac7e31e96"
+    assert hr.encounter_id == "fhir:Encounter/enc-4d8ac7e31e96"  # no identifier: the server's id, namespaced
     assert hr.effective_ms == EFFECTIVE_MS
     # version 2 (meta.versionId "2"), issued 14:06:40Z, stored 14:07:00Z: a version after the first is known
     # from max(issued, meta.lastUpdated), as servers keep the first release's `issued` on later versions
@@ -580,7 +580,7 @@ def test_transferred_encounter_gives_admission_and_the_active_ward():
     assert location.effective_ms == DAY_2024_06_15_MS + (12 * 60 + 54) * 60_000
     assert location.fact_id == f"fhir:Encounter:{ENCOUNTER}:location:{location.effective_ms}"
     for fact in (admission, location):
-        assert (fact.patient_id, fact.encounter_id, fact.version) == ("MRN-0001", ENCOUNTER, 3)
+        assert (fact.patient_id, fact.encounter_id, fact.version) == ("MRN-0001", f"fhir:Encounter/{ENCOUNTER}", 3)
         assert fact.value is None and fact.status is Status.FINAL
         assert fact.issued_ms == DAY_2024_06_15_MS + 16 * 3_600_000  # meta.lastUpdated 16:00Z
 
@@ -1196,6 +1196,24 @@ def test_mutated_bundles_never_raise_and_never_hit_internal_errors(mutation):
     if isinstance(outcome, Rejected):
         assert outcome.rejection.reason is not Reason.INTERNAL_ERROR, outcome
 
+
+
+def test_an_encounter_known_only_by_the_servers_id_never_takes_a_visit_number():
+    """HAPI numbers its Encounters 1, 2, 3...: Encounter/45 of patient MRN-0001, sent without an identifier,
+    must not be keyed "45", the visit number the EHR (and so a CDC encounters row) gave another patient's stay,
+    or its ward and discharge would be shown under that visit (the alert header, the encounters table)."""
+    bundle = orjson.loads(fhir_bundle("r4b_encounter_transferred").replace(ENCOUNTER.encode(), b"45"))
+    enc = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter")
+    assert enc["id"] == "45" and "identifier" not in enc
+    events = parse(orjson.dumps(bundle), 1).events
+    assert events and {e.encounter_id for e in events} == {"fhir:Encounter/45"}
+    assert all(e.fact_id.startswith("fhir:Encounter:45:") for e in events)  # fact ids unchanged
+
+    bundle = orjson.loads(fhir_bundle("r4b_status_event"))
+    for entry in bundle["entry"][1:]:  # the reference alone, relative or absolute
+        entry["resource"]["encounter"] = {"reference": "https://ehr.example.org/fhir/Encounter/45/_history/3"}
+    observations = parse(orjson.dumps(bundle), 1).events
+    assert observations and {e.encounter_id for e in observations} == {"fhir:Encounter/45"}
 
 def test_the_ehr_visit_number_names_the_encounter_when_the_server_sends_it():
     """A FHIR server's resource ids are its own; the CDC rows carry the EHR's visit number. Both
