@@ -31,7 +31,9 @@ TABLES: dict[str, str] = {
     "observations": "The current (highest) version of each measured fact; retracted facts, context facts and "
                     "preliminary results replaced by the other source's final one excluded.",
     "patients": "One row per patient: sex and birth year from context facts (no names, no birth dates).",
-    "encounters": "One row per encounter: class, admission/discharge times and the latest ward from context facts.",
+    "encounters": "One row per patient and encounter id (an encounter id names a stay only within its patient: join "
+                  "on patient_id and encounter_id): class, admission/discharge times and the latest ward from "
+                  "context facts.",
     "late_events": "Events the stream published as too late (beyond the lateness bound); they never entered state.",
     "dead_letters": "Input the pipeline rejected, with the reason and where it came from.",
     "unreadable_records": "Output records the archiver could not decode, kept as raw bytes.",
@@ -54,7 +56,8 @@ TABLES: dict[str, str] = {
 _MS = " (ms since epoch, UTC)"
 COLUMNS: dict[str, str] = {
     "patient_id": "Patient identifier from the EHR",
-    "encounter_id": "Encounter (hospital stay) identifier from the EHR",
+    "encounter_id": ("Encounter (hospital stay) identifier: the EHR's visit number (CDC rows; a FHIR Encounter's "
+                     "identifier), else fhir:Encounter/<FHIR server id>; unique only within a patient"),
     "code": "Canonical code: LOINC for measurements, a schemas.codes CONTEXT code for context facts",
     "code_system": f"Code system of `code`: http://loinc.org or {codes.CONTEXT}",
     "value": "Value in canonical units; null for retractions and text-valued context facts",
@@ -86,7 +89,8 @@ COLUMNS: dict[str, str] = {
     "versions": "How many versions of the fact were seen",
     "sex": "Administrative sex: male, female, other or unknown",
     "birth_year": "Year of birth (the only date of birth kept)",
-    "encounters": "Number of distinct encounters",
+    "encounters": "Number of distinct encounter ids of the patient (a stay seen by CDC and by a FHIR Encounter "
+                  "without identifier counts twice)",
     "first_effective_ms": "Earliest clinical time seen" + _MS,
     "last_effective_ms": "Latest clinical time seen" + _MS,
     "encounter_class": "Encounter class from the admission fact (e.g. inpatient)",
@@ -201,7 +205,8 @@ PER_TABLE: dict[str, dict[str, str]] = {
         "detail": "observation: the text value (ACVPU letter), and 'late: never in the stream''s state' on a late "
                   "one (beyond the lateness bound: no score or alert saw it); score: news2=<NEWS2> tier=<tier> (? "
                   "when missing); alert: its tier",
-        "encounter_id": "Encounter (hospital stay) identifier from the EHR; null on score rows",
+        "encounter_id": ("Encounter (hospital stay) identifier: the EHR's visit number, else fhir:Encounter/<FHIR "
+                         "server id>; unique only within a patient; null on score rows"),
     },
     "label_events": {
         "onset_ms": "Time of the first deterioration event (the onset)" + _MS,

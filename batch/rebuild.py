@@ -208,11 +208,12 @@ def context_facts(events: pl.DataFrame) -> pl.DataFrame:
             .filter(pl.col("status") != Status.ENTERED_IN_ERROR.value))
 
 
-def _latest(facts: pl.DataFrame, code: str, key: str, value: pl.Expr, name: str) -> pl.DataFrame:
+def _latest(facts: pl.DataFrame, code: str, key: str | tuple[str, ...], value: pl.Expr, name: str) -> pl.DataFrame:
     """Per key, the value of the latest fact of `code` by (effective_ms, issued_ms, fact_id)."""
+    keys = (key,) if isinstance(key, str) else key
     return (facts.filter(pl.col("code") == code)
-            .sort(key, "effective_ms", "issued_ms", "fact_id")
-            .group_by(key, maintain_order=True).agg(value.last().alias(name)))
+            .sort(*keys, "effective_ms", "issued_ms", "fact_id")
+            .group_by(*keys, maintain_order=True).agg(value.last().alias(name)))
 
 
 def patients(events: pl.DataFrame) -> pl.DataFrame:
@@ -236,25 +237,32 @@ def patients(events: pl.DataFrame) -> pl.DataFrame:
             .sort("patient_id"))
 
 
+# An encounter id names a stay only within its patient: CDC rows carry the EHR's visit number, FHIR the
+# Encounter's identifier (of any system) or, without one, the server's own id (schemas/fhir.py), so two
+# patients' encounters can share an id. Keyed by encounter id alone, one patient's admission, discharge and
+# ward would be shown as another's.
+ENCOUNTER_KEY = ("patient_id", "encounter_id")
+
+
 def encounters(events: pl.DataFrame) -> pl.DataFrame:
-    """One row per encounter id seen on any event: class, admission/discharge times, the latest ward."""
+    """One row per patient and encounter id seen on any event of that patient: class, admission/discharge
+    times, the latest ward. Never merges two patients' encounters that share an id."""
     facts = context_facts(events).filter(pl.col("encounter_id").is_not_null())
     seen = (events.filter(pl.col("encounter_id").is_not_null())
-            .group_by("encounter_id").agg(pl.col("patient_id").sort().first(),
-                                          first_effective_ms=pl.col("effective_ms").min(),
+            .group_by(*ENCOUNTER_KEY).agg(first_effective_ms=pl.col("effective_ms").min(),
                                           last_effective_ms=pl.col("effective_ms").max()))
-    admissions = (facts.filter(pl.col("code") == codes.ADMISSION).sort("encounter_id", "effective_ms", "fact_id")
-                  .group_by("encounter_id", maintain_order=True)
+    admissions = (facts.filter(pl.col("code") == codes.ADMISSION).sort(*ENCOUNTER_KEY, "effective_ms", "fact_id")
+                  .group_by(*ENCOUNTER_KEY, maintain_order=True)
                   .agg(admitted_ms=pl.col("effective_ms").first(), encounter_class=pl.col("value_text").last()))
     discharges = (facts.filter(pl.col("code") == codes.DISCHARGE)
-                  .group_by("encounter_id").agg(discharged_ms=pl.col("effective_ms").max()))
-    locations = facts.filter(pl.col("code") == codes.LOCATION).group_by("encounter_id").agg(
+                  .group_by(*ENCOUNTER_KEY).agg(discharged_ms=pl.col("effective_ms").max()))
+    locations = facts.filter(pl.col("code") == codes.LOCATION).group_by(*ENCOUNTER_KEY).agg(
         ward_moves=pl.len().cast(pl.Int64))
-    ward = _latest(facts, codes.LOCATION, "encounter_id", pl.col("value_text"), "ward")
+    ward = _latest(facts, codes.LOCATION, ENCOUNTER_KEY, pl.col("value_text"), "ward")
     out = seen
     for part in (admissions, discharges, ward, locations):
-        out = out.join(part, on="encounter_id", how="left")
+        out = out.join(part, on=ENCOUNTER_KEY, how="left")
     return (out.with_columns(pl.col("ward_moves").fill_null(0))
             .select("encounter_id", "patient_id", "encounter_class", "admitted_ms", "discharged_ms", "ward",
                     "ward_moves", "first_effective_ms", "last_effective_ms")
-            .sort("encounter_id"))
+            .sort("encounter_id", "patient_id"))

@@ -149,6 +149,28 @@ def test_patients_and_encounters_come_from_context_facts(settings):
                                  ("e2", "p2", None, None, None, None, 0)]
 
 
+
+def test_two_patients_encounters_sharing_an_id_stay_two_rows_each_with_its_own_stay(settings):
+    """Encounter ids are unique only within a patient: p1's CDC visit number "45" and p2's FHIR Encounter
+    whose identifier (of another system, say an account number) is also "45". Keyed by encounter id alone,
+    one row said p1 (the first sorted) with p2's later admission, p2's discharge and p2's ward."""
+    def stay(patient, source, admitted_ms, ward, discharged_ms):
+        events = [ctx(f"{patient}:adm", codes.ADMISSION, admitted_ms, text="inpatient", patient=patient,
+                      encounter="45"),
+                  ctx(f"{patient}:loc", codes.LOCATION, admitted_ms, text=ward, patient=patient, encounter="45")]
+        if discharged_ms is not None:
+            events.append(ctx(f"{patient}:dis", codes.DISCHARGE, discharged_ms, patient=patient, encounter="45"))
+        return [dataclasses.replace(e, source=source) for e in events]
+    p1 = stay("p1", Source.CDC, T0 - 2 * HOUR_MS, "ward 7", None)  # still admitted
+    p2 = stay("p2", Source.FHIR, T0 - HOUR_MS, "ICU", T0 + HOUR_MS)
+    write(settings.archive_dir, "canonical", "s1", canonical({(0, 0): [A1, *p1], (1, 0): [D1, *p2]}))
+    db = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    rows = frame(db, "SELECT encounter_id, patient_id, admitted_ms, discharged_ms, ward, ward_moves, "
+                     "first_effective_ms, last_effective_ms FROM encounters").rows()
+    assert rows == [("45", "p1", T0 - 2 * HOUR_MS, None, "ward 7", 1, T0 - 2 * HOUR_MS, T0 - 2 * HOUR_MS),
+                    ("45", "p2", T0 - HOUR_MS, T0 + HOUR_MS, "ICU", 1, T0 - HOUR_MS, T0 + HOUR_MS)]
+    assert frame(db, "SELECT patient_id, encounters FROM patients").rows() == [("p1", 1), ("p2", 1)]
+
 def test_observations_exclude_context_facts(settings):
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)
