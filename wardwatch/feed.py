@@ -144,8 +144,8 @@ def fhir_resources(cohort_dir: Path) -> list[dict[str, Any]]:
                 "issued", "valueQuantity", "interpretation", "referenceRange")
         obs = {k: r[k] for k in keep if k in r}
         obs["subject"] = subject(ref)
-        if "encounter" in obs:
-            obs["encounter"] = {"reference": obs["encounter"]["reference"]}
+        if "encounter" in obs:  # with the visit number load_labs put there: the key the CDC rows and Encounter use
+            obs["encounter"] = {k: obs["encounter"][k] for k in ("reference", "identifier") if k in obs["encounter"]}
         out.append((lab.issued_us, 2, obs))
     for p in patients:
         ref = f"Patient/{p['id']}"

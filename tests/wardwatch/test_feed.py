@@ -7,13 +7,15 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from schemas.fhir import mrn_of
+from schemas.fhir import mrn_of, parse_notification
 from streams import replay
 from tests.deploy.conftest import ehr_database, postgres_server  # noqa: F401  (fixtures)
+from tests.schemas.test_ingest_golden import _bundle as notification
 from wardwatch.feed import ehr_changes, fhir_resources, transaction_bundles, write_changes
 
 MRN = "http://hospital.example.org/identifiers/mrn"
@@ -94,6 +96,11 @@ def test_fhir_resources_are_ordered_trimmed_and_valid_transactions(cohort):
     for resource in resources[1:]:
         assert resource["subject"] == {"reference": "Patient/pt-1", "identifier": patient["identifier"][0]}
     assert "performer" not in observation  # references that would not resolve on an empty server
+    # the lab names its stay by the visit number too, as the Encounter and the CDC rows do: by the reference
+    # alone it would be keyed "fhir:Encounter/enc-1", a second encounter of the patient in the analysts' tables
+    assert observation["encounter"] == {"reference": "Encounter/enc-1", "identifier": {"system": ENC_KEY, "value": "ENC-1"}}
+    assert {e.encounter_id for r in resources if r["resourceType"] != "Patient"
+            for e in parse_notification(orjson.dumps(notification(r)), topic="t", partition=0, offset=0).events} == {"ENC-1"}
     assert "serviceProvider" not in resources[1]
     bundles = transaction_bundles(resources, size=3)
     assert [len(b["entry"]) for b in bundles] == [3, 1]
