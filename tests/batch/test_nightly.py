@@ -149,7 +149,6 @@ def test_patients_and_encounters_come_from_context_facts(settings):
                                  ("e2", "p2", None, None, None, None, 0)]
 
 
-
 def test_two_patients_encounters_sharing_an_id_stay_two_rows_each_with_its_own_stay(settings):
     """Encounter ids are unique only within a patient: p1's CDC visit number "45" and p2's FHIR Encounter
     whose identifier (of another system, say an account number) is also "45". Keyed by encounter id alone,
@@ -170,6 +169,7 @@ def test_two_patients_encounters_sharing_an_id_stay_two_rows_each_with_its_own_s
     assert rows == [("45", "p1", T0 - 2 * HOUR_MS, None, "ward 7", 1, T0 - 2 * HOUR_MS, T0 - 2 * HOUR_MS),
                     ("45", "p2", T0 - HOUR_MS, T0 + HOUR_MS, "ICU", 1, T0 - HOUR_MS, T0 + HOUR_MS)]
     assert frame(db, "SELECT patient_id, encounters FROM patients").rows() == [("p1", 1), ("p2", 1)]
+
 
 def test_observations_exclude_context_facts(settings):
     stage1(settings.archive_dir)

@@ -229,7 +229,6 @@ def test_the_resource_is_byte_for_byte_the_fhir_models_own_serialisation(status,
     assert orjson.dumps(resource) == fhir_dump(resource)
 
 
-
 def test_an_encounter_keyed_by_the_fhir_servers_id_is_named_so_and_referenced_as_that_encounter():
     """schemas.fhir keys an Encounter sent without an identifier "fhir:Encounter/<server id>": the header says
     so (a consumer must not look "45" up as a visit number: another patient's stay may have it), and the
@@ -238,6 +237,7 @@ def test_an_encounter_keyed_by_the_fhir_servers_id_is_named_so_and_referenced_as
     assert alert["header"]["encounter_id"] == "fhir:Encounter/45"
     assert alert["resource"]["encounter"] == {"reference": "Encounter/45"}
     RiskAssessment.model_validate(alert["resource"])
+
 
 def test_fhir_datetime_is_how_the_model_writes_an_iso_utc_time():
     rng = random.Random(5)

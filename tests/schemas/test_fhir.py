@@ -1197,7 +1197,6 @@ def test_mutated_bundles_never_raise_and_never_hit_internal_errors(mutation):
         assert outcome.rejection.reason is not Reason.INTERNAL_ERROR, outcome
 
 
-
 def test_an_encounter_known_only_by_the_servers_id_never_takes_a_visit_number():
     """HAPI numbers its Encounters 1, 2, 3...: Encounter/45 of patient MRN-0001, sent without an identifier,
     must not be keyed "45", the visit number the EHR (and so a CDC encounters row) gave another patient's stay,
@@ -1214,6 +1213,7 @@ def test_an_encounter_known_only_by_the_servers_id_never_takes_a_visit_number():
         entry["resource"]["encounter"] = {"reference": "https://ehr.example.org/fhir/Encounter/45/_history/3"}
     observations = parse(orjson.dumps(bundle), 1).events
     assert observations and {e.encounter_id for e in observations} == {"fhir:Encounter/45"}
+
 
 def test_the_ehr_visit_number_names_the_encounter_when_the_server_sends_it():
     """A FHIR server's resource ids are its own; the CDC rows carry the EHR's visit number. Both
