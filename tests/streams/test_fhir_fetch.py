@@ -267,7 +267,7 @@ def test_a_cached_mrn_expires_so_a_merge_on_the_server_applies_without_a_restart
     assert [path for path, _ in fhir_server.requests] == [PATIENT, PATIENT]
 
 
-def test_the_patient_cache_ttl_is_a_setting_of_an_hour_by_default():
+def test_the_patient_cache_ttl_is_a_setting_of_an_hour_by_default(clean_env):  # (not the shell's WARDWATCH_*)
     assert Settings().fhir_patient_cache_ttl_s == 3600
     assert "monotonic" in Settings.model_fields["fhir_patient_cache_ttl_s"].description
 
