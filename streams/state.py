@@ -292,9 +292,12 @@ class _Draft:
 
     def _resource_facts(self, e: CanonicalEvent, horizon_ms: int):
         """(code, fact_id, known entry) of the facts of e's resource known and not expired (rule 6), by code."""
-        resource = e.fact_id[:-len(e.code) - 1]
-        if not e.fact_id.endswith(e.code) or e.fact_id[len(resource)] != ":":
+        # a code of the mapping only, as batch.features._with_replacements (a foreign producer's event of
+        # another code, or an empty one, is no fact of a resource: it neither retracts nor is stale)
+        fact_id, code = e.fact_id, e.code
+        if code not in CODES or not fact_id.endswith(code) or fact_id[-len(code) - 1:-len(code)] != ":":
             return
+        resource = fact_id[:-len(code) - 1]
         floor = None if self.clock is None else self.clock - horizon_ms
         known = self.known
         for code in _RESOURCE_CODES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 from hypothesis import given, settings as hyp_settings, strategies as st
@@ -747,3 +749,15 @@ def test_rule_6_outcomes_do_not_depend_on_micro_batches_and_its_state_reads_back
         state, outcomes = r.state, outcomes + r.outcomes
     assert outcomes == whole.outcomes
     assert round_trip(whole.state) == whole.state
+
+
+def test_an_event_of_a_code_outside_the_mapping_is_no_fact_of_a_resource():
+    """A foreign producer's event carrying version_codes, of a code wardwatch does not map (or none, with
+    an empty fact_id): applied like any fact, as the batch plane does (its `_resource` is null), never
+    retracting the resource's facts nor an error that dead-letters the patient's message."""
+    first = apply(None, obs(SPO2, 95.0, 1, (SPO2,)))
+    foreign = dataclasses.replace(obs(SPO2, 1.0, 2, ("zzz",)), code="zzz", fact_id="fhir:Observation/o1:zzz")
+    r = apply(first.state, foreign)
+    assert kinds(r) == ["accepted"] and live_codes(r.state) == {SPO2: [95.0], "zzz": [1.0]}
+    empty = dataclasses.replace(obs(SPO2, 1.0, 2, ()), code="", fact_id="")
+    assert kinds(apply(first.state, empty)) == ["accepted"]
