@@ -218,11 +218,13 @@ def _live_copy(state: PatientState, fact_id: str, code: str) -> tuple[str, int] 
     if entry is None:
         return None
     key = (entry[1], fact_id)
-    for c in (code, *(c for c in state.facts if c != code)):
-        facts = state.facts.get(c)
-        if facts and (i := bisect_left(facts, key)) < len(facts) and facts[i][:2] == key:
-            return c, entry[1]
-    return None
+
+    def holds(facts: list) -> bool:
+        return (i := bisect_left(facts, key)) < len(facts) and facts[i][:2] == key
+
+    if holds(state.live(code)):  # nearly always: the other codes are searched only for a changed code
+        return code, entry[1]
+    return next(((c, entry[1]) for c, facts in state.facts.items() if c != code and holds(facts)), None)
 
 
 def corrected_readings(before: PatientState, outcomes: list) -> dict[str, tuple[tuple[str, int, bool], ...]]:
