@@ -109,7 +109,7 @@ from aiohttp import web
 
 from schemas.alert import HOUR_MS, STALE_AFTER_MS, stale_words
 from schemas.codes import parameter_name
-from schemas.fhir import relative_reference
+from schemas.fhir import mrn_of, relative_reference
 from wardwatch.listen import is_loopback, run_http
 from wardwatch.settings import Settings
 
@@ -202,13 +202,13 @@ def _mrn(patient: Any, mrn_system: str | None = None) -> str | None:
     raw = patient.get("identifier") or []
     if not isinstance(raw, list):
         raise BadRequest("`prefetch.patient.identifier` must be an array (a FHIR Patient)")
-    identifiers = [i for i in raw if isinstance(i, dict) and isinstance(i.get("value"), str)]
-    # typed MR only, as the ingest keys a Patient (schemas/fhir.py): an untyped identifier may be of another
-    # namespace (a national number, the server's own), whose value could be someone else's MRN
-    typed = [i for i in identifiers if "MR" in _type_codes(i)]
-    if mrn_system is not None:  # one typed MR per facility may be there: only the EHR's namespace is its key
-        typed = [i for i in typed if i.get("system") == mrn_system]
-    return typed[0]["value"].strip() or None if typed else None
+    for identifier in raw:  # a malformed `type` is the request's fault (400), not "no MRN"
+        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
+            _type_codes(identifier)
+    # the ingest's rule (schemas.fhir.mrn_of), so a card is keyed as the readings are: typed MR only (an untyped
+    # identifier may be of another namespace, a national number or the server's own, whose value could be someone
+    # else's MRN), of `mrn_system` when set (one typed MR per facility may be there: only the EHR's is its key)
+    return mrn_of(patient, mrn_system)
 
 
 def _type_codes(identifier: dict) -> list[Any]:

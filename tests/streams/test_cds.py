@@ -1281,3 +1281,14 @@ def test_fhir_servers_must_be_https_base_urls(value, error, clean_env):
     clean_env.setenv("WARDWATCH_CDS_FHIR_SERVERS", "https://ehr.example.org/fhir/r4/, http://localhost:8080/fhir")
     assert Settings().cds_fhir_servers == ["https://ehr.example.org/fhir/r4", "http://localhost:8080/fhir"]
     assert Settings().cds_fhir_timeout_s == 5.0
+
+
+def test_the_prefetched_patients_mrn_is_the_one_the_ingest_keys_its_readings_by():
+    """A Patient whose first identifier typed MR is blank and whose second is its MRN: the ingest keys its
+    readings by that second one (schemas.fhir.mrn_of), so the card must be asked by it too, not a 412."""
+    from schemas.fhir import mrn_of
+
+    patient = {"resourceType": "Patient", "id": "123", "identifier": [
+        {"type": {"coding": [{"code": "MR"}]}, "value": "  "}, {"type": {"coding": [{"code": "MR"}]}, "value": "p-1"}]}
+    request = {"hook": "patient-view", "context": {"patientId": "123"}, "prefetch": {"patient": patient}}
+    assert patient_keys(request) == [mrn_of(patient)] == ["p-1"]
