@@ -10,6 +10,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import SplitResult, urlsplit
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -34,34 +35,33 @@ def iana_zone(value: str) -> str:
     return value
 
 
-def _is_web_origin(value: str) -> bool:
-    """scheme://host[:port] as a browser's `Origin` header writes it: http(s), a host, nothing after."""
-    from urllib.parse import urlsplit
-
+def _http_url(value: str) -> SplitResult | None:
+    """The parts of an http(s) URL with a host, no user and a numeric port (if any); else None."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 (raises on a port that is not a number)
     except ValueError:
-        return False
-    return (parts.scheme in ("http", "https") and bool(parts.hostname) and value == f"{parts.scheme}://{parts.netloc}"
-            and "@" not in parts.netloc and "*" not in value)
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        return None
+    return parts
+
+
+def _is_web_origin(value: str) -> bool:
+    """scheme://host[:port] as a browser's `Origin` header writes it: http(s), a host, nothing after."""
+    parts = _http_url(value)
+    return parts is not None and value == f"{parts.scheme}://{parts.netloc}" and "*" not in value
 
 
 def fhir_base_url(value: str) -> str:
     """`value` without a trailing slash when it is a FHIR server's base URL the CDS service may read from:
     https (http only on a loopback host), a host, a path at most, no user, query or fragment; else ValueError."""
-    from urllib.parse import urlsplit
-
     from wardwatch.listen import is_loopback
 
     base = value.rstrip("/")
-    try:
-        parts = urlsplit(base)
-        parts.port  # noqa: B018 (raises on a port that is not a number)
-    except ValueError:
-        parts = None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
-            or parts.query or parts.fragment or "?" in base or "#" in base or any(c.isspace() for c in base)):
+    parts = _http_url(base)
+    if (parts is None or parts.query or parts.fragment or "?" in base or "#" in base
+            or any(c.isspace() for c in base)):
         raise ValueError(f"{value}: not a FHIR base URL such as https://ehr.example.org/fhir/r4 "
                          "(http(s), a host, a path; no user, query or fragment)")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
