@@ -254,7 +254,7 @@ def patient_read(request: dict, servers: Sequence[str]) -> PatientRead | None:
     if isinstance(prefetch, dict) and prefetch.get("patient") is not None:
         return None
     server, authorization = request.get("fhirServer"), request.get("fhirAuthorization")
-    if server is None or not servers:
+    if server is None:
         return None
     if not isinstance(server, str) or not server.strip():
         raise BadRequest("`fhirServer` must be the base URL of the EHR's FHIR server (a string)")
