@@ -15,7 +15,10 @@ would be another patient's risk. So the key is the MRN of the Patient the EHR pr
 (`prefetch.patient`, which discovery asks for as `Patient/{{context.patientId}}`: the identifier typed
 MR, and of WARDWATCH_MRN_SYSTEM when that is set, as the ingest reads it); the bare `context.patientId` is tried after it only with
 WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS=true (a facade whose Patient.id is the EHR's key). A prefetched
-Patient of another id than context.patientId is a 400. Without a usable prefetch (absent, null, an
+Patient of another id than context.patientId (or without an id) is a 400, as is a call whose
+`fhirAuthorization.patient` (CDS Hooks: the FHIR id of the patient a patient/ scoped token is restricted to) is
+not a FHIR id or not context.patientId: the call names two patients, so it gets no card and makes no FHIR
+request, and neither id is echoed or logged. Without a usable prefetch (absent, null, an
 OperationOutcome, no MRN) and without that setting the answer is 412 Precondition Failed (CDS Hooks:
 "unable to retrieve the necessary FHIR data ... either through a prefetch request or directly calling the
 FHIR server"), with a JSON `error` saying what to configure and no id: never `{"cards": []}`, which would
@@ -179,13 +182,23 @@ def patient_keys(request: Any, fhir_patient_ids_are_mrns: bool = False, mrn_syst
     patient_id = raw.strip()
     if patient_id.startswith("Patient/"):
         patient_id = patient_id.removeprefix("Patient/").split("/")[0]
+    scoped = _token_patient(request.get("fhirAuthorization"))
+    if scoped is not None and scoped != patient_id:
+        # the EHR's token is for one patient, its context names another: which one is in view is not known, and
+        # a card for the wrong one is worse than none (neither id is echoed or logged)
+        raise BadRequest("`fhirAuthorization.patient` (the patient the access token is restricted to) is not "
+                         "`context.patientId`: the call names two patients, so no card is given; the EHR must "
+                         "send the token of the patient in context")
     keys = []
     patient = (request.get("prefetch") or {}).get("patient") if isinstance(request.get("prefetch"), dict) else None
     if isinstance(patient, dict) and patient.get("resourceType", "Patient") != "Patient":
         patient = None  # CDS Hooks 2: an OperationOutcome for a prefetch the client could not fetch
-    if isinstance(patient, dict) and patient.get("id") is not None and patient.get("id") != patient_id:
-        # its MRN would be another patient's key: a card of someone else's risk
-        raise BadRequest("`prefetch.patient` is not the Patient of `context.patientId` (their ids differ)")
+    if isinstance(patient, dict) and patient.get("id") != patient_id:
+        # its MRN would be another patient's key: a card of someone else's risk; a Patient without an id cannot
+        # be shown to be the one in context (the prefetch Patient/{{context.patientId}} is a read: it has one)
+        raise BadRequest("`prefetch.patient` is not the Patient of `context.patientId` (their ids differ)"
+                         if patient.get("id") is not None else
+                         "`prefetch.patient` has no `id`: it cannot be checked to be the Patient of `context.patientId`")
     mrn = _mrn(patient, mrn_system)
     if mrn:
         keys.append(mrn)
@@ -194,6 +207,20 @@ def patient_keys(request: Any, fhir_patient_ids_are_mrns: bool = False, mrn_syst
     if not keys:
         raise UnknownMrn(UNKNOWN_MRN)
     return keys
+
+
+def _token_patient(authorization: Any) -> str | None:
+    """`fhirAuthorization.patient` (CDS Hooks: the FHIR id of the patient a token with patient/ scopes is restricted
+    to) when sent, else None; BadRequest when it is not a FHIR id. The rest of fhirAuthorization is checked only
+    when the service reads with it (patient_read)."""
+    if not isinstance(authorization, dict) or authorization.get("patient") is None:
+        return None
+    scoped = authorization["patient"]
+    if (not isinstance(scoped, str) or "/" in scoped
+            or relative_reference(f"Patient/{scoped}") != f"Patient/{scoped}"):
+        raise BadRequest("`fhirAuthorization.patient` is not a FHIR id (1 to 64 of A-Z a-z 0-9 - .): CDS Hooks "
+                         "sends there the id of the patient the access token is restricted to")
+    return scoped
 
 
 def _mrn(patient: Any, mrn_system: str | None = None) -> str | None:

@@ -190,6 +190,14 @@ def test_a_prefetched_patient_of_another_id_is_refused():
         patient_keys({"hook": "patient-view", "context": {"patientId": "123"}, "prefetch": prefetched("456", "MRN-9")})
 
 
+def test_a_prefetched_patient_without_an_id_is_refused():
+    # it cannot be shown to be the Patient in context: its MRN could key another patient's card
+    patient = prefetched("123", "MRN-9")
+    del patient["patient"]["id"]
+    with pytest.raises(BadRequest, match="no `id`"):
+        patient_keys({"hook": "patient-view", "context": {"patientId": "123"}, "prefetch": patient})
+
+
 def test_over_http_a_call_keyed_by_a_fhir_id_that_is_another_patients_mrn_gets_a_412_not_their_card():
     """FHIR Patient "p-1" is not the patient whose MRN is "p-1": without a prefetched MRN, the service must
     not show that patient's HIGH risk card, nor `{"cards": []}` (no risk); 412 (CDS Hooks: the service could
@@ -224,7 +232,7 @@ MALFORMED_PATIENTS = [{"identifier": 5}, {"identifier": [{"value": "M1", "type":
 
 @pytest.mark.parametrize("request_body", [[], {"hook": "patient-view"}, {"context": {"patientId": ""}},
                                           {"hook": "order-select", "context": {"patientId": "1"}},
-                                          *({"context": {"patientId": "1"}, "prefetch": {"patient": patient}}
+                                          *({"context": {"patientId": "1"}, "prefetch": {"patient": {"id": "1", **patient}}}
                                             for patient in MALFORMED_PATIENTS)])
 def test_malformed_requests_are_refused(request_body):
     with pytest.raises(BadRequest):
@@ -246,7 +254,7 @@ def test_over_http_a_malformed_request_is_a_400_and_a_bad_score_never_a_500():
     assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk LOW")
     for patient in MALFORMED_PATIENTS:
         status, answer = asyncio.run(post({"hook": "patient-view", "context": {"patientId": "p-1"},
-                                           "prefetch": {"patient": patient}}))
+                                           "prefetch": {"patient": {"id": "p-1", **patient}}}))
         assert status == 400 and "identifier" in answer["error"]
 
 
@@ -1292,3 +1300,36 @@ def test_the_prefetched_patients_mrn_is_the_one_the_ingest_keys_its_readings_by(
         {"type": {"coding": [{"code": "MR"}]}, "value": "  "}, {"type": {"coding": [{"code": "MR"}]}, "value": "p-1"}]}
     request = {"hook": "patient-view", "context": {"patientId": "123"}, "prefetch": {"patient": patient}}
     assert patient_keys(request) == [mrn_of(patient)] == ["p-1"]
+
+
+# --- fhirAuthorization.patient: the patient the EHR's token is restricted to -------------------------------
+
+
+@pytest.mark.parametrize("scoped, error", [("fhir-b2", "is not `context.patientId`"),
+                                           ("Patient/fhir-a1", "not a FHIR id"), ("../fhir-a1", "not a FHIR id"),
+                                           (123, "not a FHIR id"), ("", "not a FHIR id")])
+def test_a_token_restricted_to_another_patient_than_the_context_is_a_400_and_no_request(scoped, error, caplog):
+    """CDS Hooks: fhirAuthorization.patient is the FHIR id of the patient a patient/ scoped token is for. Another
+    patient than context.patientId (or not an id): the EHR is confused about who is in view, so no card for
+    either, whether the Patient is prefetched or would be read, nothing read, and neither id said or logged."""
+    caplog.set_level("DEBUG")
+    authorization = {"access_token": FHIR_TOKEN, "token_type": "Bearer", "expires_in": 300,
+                     "scope": "patient/Patient.read", "subject": "wardwatch", "patient": scoped}
+    for prefetch in ({}, {"prefetch": prefetched("fhir-a1", "p-1")}):
+        status, answer, received, _ = call_reading_fhir("fhir-a1", fhirAuthorization=authorization, **prefetch)
+        assert status == 400 and "cards" not in answer and received == [], prefetch
+        assert error in answer["error"] and "fhirAuthorization.patient" in answer["error"]
+        assert "fhir-a1" not in answer["error"] and "fhir-b2" not in answer["error"]
+    ours = [r.getMessage() for r in caplog.records if r.name != "aiohttp.access"]
+    assert not [line for line in ours if "fhir-a1" in line or "fhir-b2" in line]
+
+
+def test_a_token_restricted_to_the_patient_in_context_reads_it_as_before():
+    authorization = {"access_token": FHIR_TOKEN, "token_type": "Bearer", "expires_in": 300,
+                     "scope": "patient/Patient.read", "subject": "wardwatch", "patient": "fhir-a1"}
+    for patient_id in ("fhir-a1", "Patient/fhir-a1"):
+        status, answer, received, _ = call_reading_fhir(patient_id, fhirAuthorization=authorization)
+        assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk HIGH")
+        assert [path for path, _ in received] == ["/fhir/Patient/fhir-a1"]
+    status, answer, _, _ = call_reading_fhir("fhir-a1", fhirAuthorization=authorization | {"patient": None})
+    assert status == 200 and answer["cards"]  # null: not sent (a token with user/ scopes)
