@@ -53,6 +53,9 @@ be after their retries anyway). The ingest worker reads CDC and FHIR in one loop
 an outage would hold every batch for the retries of each id-only notification in it (4 attempts of 5 s
 by default) and the vital signs behind them would reach the patient worker minutes late.
 
+The token goes only to an https server or a loopback one unless WARDWATCH_FHIR_ALLOW_PLAIN_HTTP=true
+(settings refuse it at load).
+
 Runs inside the ingest worker, only for id-only notifications and DELETE entries whose version before
 the delete the notification does not carry; other full-resource ones never get here. Details and logs
 name resource types only, never ids.

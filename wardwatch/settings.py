@@ -122,7 +122,8 @@ class Settings(BaseSettings):
 
     # FHIR server (id-only notifications are fetched from it) and subscription tracking
     fhir_server_url: str | None = Field(None, description="FHIR base URL, e.g. https://ehr.example.org/fhir; None: id-only notifications are dead-lettered")
-    fhir_auth_token: SecretStr | None = Field(None, description="Bearer token for the FHIR server, if it needs one")
+    fhir_auth_token: SecretStr | None = Field(None, description="Bearer token for the FHIR server, if it needs one (with an http:// WARDWATCH_FHIR_SERVER_URL, only on a loopback host or with WARDWATCH_FHIR_ALLOW_PLAIN_HTTP=true)")
+    fhir_allow_plain_http: bool = Field(False, description="Let the ingest send WARDWATCH_FHIR_AUTH_TOKEN to an http:// (not https) WARDWATCH_FHIR_SERVER_URL on another host than this one: anyone on the network path reads the token and the patient data. Only for a server on a network segment you trust (e.g. a compose network)")
     fhir_patient_ids_are_mrns: bool = Field(False, description="Set only for a FHIR facade whose Patient.id is the EHR's patient key (the MRN the CDC rows carry). Otherwise a subject naming its Patient by the server's id alone (no identifier, no Patient in the notification) is keyed by the MRN read from WARDWATCH_FHIR_SERVER_URL (Patient/<id>, cached), else dead-lettered no_fhir_server, and a Patient without an MRN (identifier typed MR) is dead-lettered missing_patient: a server's own ids (HAPI: 1, 2, 3, ...) can equal another patient's MRN and merge the two patients' readings and alerts; the CDS service likewise keys a call by its prefetched Patient's MRN, not context.patientId")
     mrn_system: str | None = Field(None, description="The identifier system (URI) of the EHR's MRN, e.g. urn:oid:2.16.840.1.113883.19.5: set it in production. A FHIR subject's `identifier` is then the MRN only when its `system` is this one (one of another namespace, a national number or an insurer's id, may equal another patient's MRN and merge the two patients: it is taken for no identifier, and the subject's Patient reference decides), and a Patient's MRN is its identifier typed MR of this system (the CDS service's prefetched Patient too). None: a subject's identifier is the MRN whatever its system, and a Patient's any identifier typed MR")
     fhir_patient_cache_ttl_s: float = Field(3600.0, ge=0, description="How long the ingest keeps the MRN it read from the FHIR server for a subject named by Patient id alone (seconds, monotonic clock): a patient merge or an MRN corrected on the server applies to notifications read after that at the latest, without a restart; 0: read the Patient for every notification")
@@ -345,6 +346,16 @@ class Settings(BaseSettings):
         if self.kafka_ssl_cafile and not self.kafka_ssl_cafile.is_file():
             raise ValueError(f"WARDWATCH_KAFKA_SSL_CAFILE={self.kafka_ssl_cafile} is not a file (in a container: "
                              "mount the CA certificate there)")
+        # the ingest's FHIR token in clear on the network: as the CDS servers list, https or a loopback host
+        if self.fhir_auth_token is not None and self.fhir_server_url and not self.fhir_allow_plain_http:
+            from wardwatch.listen import is_loopback
+
+            parts = urlsplit(self.fhir_server_url.strip())
+            if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+                raise ValueError(f"WARDWATCH_FHIR_AUTH_TOKEN set with WARDWATCH_FHIR_SERVER_URL on http:// to another "
+                                 f"host ({parts.hostname}): the token would cross the network in clear; use the "
+                                 "server's https URL, or set WARDWATCH_FHIR_ALLOW_PLAIN_HTTP=true if the network "
+                                 "path is trusted (e.g. a compose network)")
         # CDS client authentication: a token is only as good as the checks of who issued it and for whom
         if self.cds_jwks_file is not None:
             missing = [v for v, on in (("WARDWATCH_CDS_ISSUERS", self.cds_issuers),

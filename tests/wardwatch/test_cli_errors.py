@@ -458,3 +458,28 @@ def test_report_on_a_nightly_file_without_a_run_says_so_in_one_line(clean_env, t
     assert "no nightly run recorded" in result.output and "wardwatch batch nightly" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("url", ["http://fhir:8080/fhir", "http://ehr.example.org/fhir", "HTTP://10.0.0.5/fhir"])
+def test_a_fhir_token_for_a_plain_http_server_on_another_host_is_refused_unless_allowed(clean_env, url):
+    # the ingest would send `Authorization: Bearer <token>` in clear across the network (the CDS servers list
+    # already requires https)
+    env = {"WARDWATCH_FHIR_SERVER_URL": url, "WARDWATCH_FHIR_AUTH_TOKEN": "s3cret-fhir"}
+    result = invoke("config", "show", "--json", env=env)
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "WARDWATCH_FHIR_AUTH_TOKEN set with WARDWATCH_FHIR_SERVER_URL on http://" in result.output
+    assert "https" in result.output and "WARDWATCH_FHIR_ALLOW_PLAIN_HTTP=true" in result.output
+    assert "s3cret-fhir" not in result.output
+    result = invoke("config", "show", "--json", env=env | {"WARDWATCH_FHIR_ALLOW_PLAIN_HTTP": "true"})
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("env", [
+    {"WARDWATCH_FHIR_SERVER_URL": "https://ehr.example.org/fhir", "WARDWATCH_FHIR_AUTH_TOKEN": "t"},
+    {"WARDWATCH_FHIR_SERVER_URL": "http://127.0.0.1:8080/fhir", "WARDWATCH_FHIR_AUTH_TOKEN": "t"},
+    {"WARDWATCH_FHIR_SERVER_URL": "http://localhost:8080/fhir", "WARDWATCH_FHIR_AUTH_TOKEN": "t"},
+    {"WARDWATCH_FHIR_SERVER_URL": "http://fhir:8080/fhir"},  # no token: nothing secret in clear
+])
+def test_a_fhir_token_over_https_or_to_this_host_or_no_token_is_accepted(clean_env, env):
+    assert invoke("config", "show", "--json", env=env).exit_code == 0
