@@ -29,7 +29,8 @@ Reading the Patient from the EHR (CDS Hooks "FHIR Resource Access", PatientReade
 `prefetch.patient` is absent or null (not one the EHR answered with an OperationOutcome or a Patient
 without MRN: that answer stands) but which sends `fhirServer` and `fhirAuthorization` has its Patient read
 from there, `GET <fhirServer>/Patient/<context.patientId>` with `Authorization: Bearer <access_token>` and
-`Accept: application/fhir+json`, and is keyed by that Patient's MRN by the prefetch's rule (_mrn). Only
+`Accept: application/fhir+json` (through WARDWATCH_FHIR_PROXY_URL when set; never a proxy from the
+environment: trust_env=False), and is keyed by that Patient's MRN by the prefetch's rule (_mrn). Only
 from a server listed in WARDWATCH_CDS_FHIR_SERVERS (base URLs compared without a trailing slash; https, or
 http on a loopback host; empty, the default: never, the 412 above): a call never chooses which host the
 service calls (SSRF), a fhirServer not listed is a 412 saying to list it. The patientId must be a FHIR id
@@ -91,6 +92,7 @@ are never served. Logs never carry patient ids or values.
 from __future__ import annotations
 
 import asyncio
+import base64
 import heapq
 import logging
 import os
@@ -317,10 +319,14 @@ class PatientReader:
     within `timeout_s` (connection and body), no redirect followed, at most FHIR_PATIENT_MAX_BYTES, no cookie
     kept; nothing is cached. Its `session` is opened and closed with the app (make_app)."""
 
-    def __init__(self, servers: Sequence[str], timeout_s: float, mrn_system: str | None = None):
+    def __init__(self, servers: Sequence[str], timeout_s: float, mrn_system: str | None = None,
+                 proxy_url: str | None = None):
         self.servers = tuple(server.rstrip("/") for server in servers)
         self.timeout_s, self.mrn_system = timeout_s, mrn_system
         self.session: aiohttp.ClientSession | None = None
+        # settings.fhir_proxy_url: the only proxy (trust_env=False: none from the environment, which would get
+        # the tokens); its credentials go in Proxy-Authorization, never in a log line
+        self.proxy, self.proxy_headers = _proxy(proxy_url)
 
     async def session_context(self, _app: web.Application):
         """aiohttp cleanup_ctx: one client session (and its connection pool) for the app's life."""
@@ -344,10 +350,15 @@ class PatientReader:
         if self.session is None:
             raise PatientNotRead(f"{what}: the service is stopping")
         headers = {"Authorization": f"Bearer {read.token}", "Accept": FHIR_JSON}
+        if self.proxy_headers and read.server.startswith("http://"):
+            # a plain-http request goes to the proxy itself, which aiohttp sends proxy_headers to only in a
+            # CONNECT (https): here they travel with the request (never into an https tunnel: the server would get them)
+            headers |= self.proxy_headers
         try:
             async with asyncio.timeout(self.timeout_s):  # the whole read, whatever the server trickles
                 async with self.session.get(f"{read.server}/Patient/{read.patient_id}", headers=headers,
-                                            allow_redirects=False) as response:
+                                            allow_redirects=False, proxy=self.proxy,
+                                            proxy_headers=self.proxy_headers) as response:
                     if response.status != 200:  # a redirect too: it would name a host nobody allow-listed
                         raise PatientNotRead(f"{what}: the server answered {response.status} "
                                              "(CDS Hooks: data the service needs could not be retrieved)")
@@ -387,6 +398,20 @@ class PatientReader:
             raise PatientNotRead(f"{what} has no MRN (identifier typed MR{of_system}): wardwatch keys patients "
                                  "by the EHR's MRN, not by the FHIR Patient id")
         return mrn
+
+
+def _proxy(url: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """(proxy URL without credentials, headers with its Proxy-Authorization) for aiohttp, which takes no
+    credentials from an explicit proxy URL."""
+    if url is None:
+        return None, None
+    from yarl import URL
+
+    parsed = URL(url)
+    if parsed.user is None and parsed.password is None:
+        return str(parsed), None
+    credentials = base64.b64encode(f"{parsed.user or ''}:{parsed.password or ''}".encode()).decode()
+    return str(parsed.with_user(None)), {"Proxy-Authorization": f"Basic {credentials}"}
 
 
 def _iso(ms: int) -> str:
@@ -812,13 +837,14 @@ class CatchUp:
 def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool],
              fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None,
              cors_origins: Sequence[str] = (), fhir_servers: Sequence[str] = (),
-             fhir_timeout_s: float = 5.0) -> web.Application:
+             fhir_timeout_s: float = 5.0, fhir_proxy_url: str | None = None) -> web.Application:
     """auth None: anonymous service calls (load_client_auth decides when that is allowed). ready: the
     scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503.
     fhir_patient_ids_are_mrns, mrn_system: the settings of those names (see patient_keys).
     cors_origins: settings.cds_cors_origins (see allow_cors). fhir_servers, fhir_timeout_s:
-    settings.cds_fhir_servers and cds_fhir_timeout_s (see PatientReader; none: no FHIR server is ever called)."""
-    reader = PatientReader(fhir_servers, fhir_timeout_s, mrn_system) if fhir_servers else None
+    settings.cds_fhir_servers and cds_fhir_timeout_s (see PatientReader; none: no FHIR server is ever called).
+    fhir_proxy_url: settings.fhir_proxy_url's value (None: FHIR servers are reached directly)."""
+    reader = PatientReader(fhir_servers, fhir_timeout_s, mrn_system, fhir_proxy_url) if fhir_servers else None
 
     async def discovery(_request: web.Request) -> web.Response:
         return web.json_response(DISCOVERY)
@@ -998,11 +1024,15 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     app = make_app(latest, auth, ready=feed.caught_up.is_set,
                    fhir_patient_ids_are_mrns=settings.fhir_patient_ids_are_mrns, mrn_system=settings.mrn_system,
                    cors_origins=settings.cds_cors_origins, fhir_servers=settings.cds_fhir_servers,
-                   fhir_timeout_s=settings.cds_fhir_timeout_s)
+                   fhir_timeout_s=settings.cds_fhir_timeout_s,
+                   fhir_proxy_url=settings.fhir_proxy_url.get_secret_value() if settings.fhir_proxy_url else None)
     if settings.cds_fhir_servers:
+        from streams.fhir_fetch import warn_of_environment_proxy
+
+        warn_of_environment_proxy(log, settings.fhir_proxy_url)
         log.info("CDS: a call without its prefetched Patient has it read from its fhirServer when that is one of "
-                 "WARDWATCH_CDS_FHIR_SERVERS (%s; timeout %g s)", ", ".join(settings.cds_fhir_servers),
-                 settings.cds_fhir_timeout_s)
+                 "WARDWATCH_CDS_FHIR_SERVERS (%s; timeout %g s%s)", ", ".join(settings.cds_fhir_servers),
+                 settings.cds_fhir_timeout_s, "; through WARDWATCH_FHIR_PROXY_URL" if settings.fhir_proxy_url else "")
 
     async def stop_feed(_app: web.Application) -> None:
         feed.stop_event.set()

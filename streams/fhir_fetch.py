@@ -53,7 +53,9 @@ be after their retries anyway). The ingest worker reads CDC and FHIR in one loop
 an outage would hold every batch for the retries of each id-only notification in it (4 attempts of 5 s
 by default) and the vital signs behind them would reach the patient worker minutes late.
 
-The token goes only to an https server or a loopback one unless WARDWATCH_FHIR_ALLOW_PLAIN_HTTP=true
+Network: WARDWATCH_FHIR_PROXY_URL, when set, is the proxy of every request (its credentials from the URL go to
+the proxy only); no proxy from the environment (HTTP_PROXY, ...) is ever used, since it would receive the token.
+The token itself goes only to an https server or a loopback one unless WARDWATCH_FHIR_ALLOW_PLAIN_HTTP=true
 (settings refuse it at load).
 
 Runs inside the ingest worker, only for id-only notifications and DELETE entries whose version before
@@ -85,6 +87,18 @@ _RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
 _GONE_STATUSES = {404, 410}
 
 
+def warn_of_environment_proxy(log: logging.Logger, proxy_url) -> None:
+    """One warning when the environment names a proxy (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, lower case too) that
+    FHIR requests do not use because WARDWATCH_FHIR_PROXY_URL is unset: a deployment that relied on it (the
+    ingest followed it before the setting existed) would otherwise just see its reads fail. Never the value."""
+    import urllib.request
+
+    if proxy_url is None and {"http", "https", "all"} & set(urllib.request.getproxies_environment()):
+        log.warning("a proxy is set in the environment (HTTP_PROXY, HTTPS_PROXY or ALL_PROXY) but FHIR requests "
+                    "do not use it (it would receive the bearer tokens): set WARDWATCH_FHIR_PROXY_URL if the FHIR "
+                    "server is reachable only through a proxy")
+
+
 class FetchError(Exception):
     """A reference could not be fetched; `reason` is the dead-letter reason."""
 
@@ -108,7 +122,12 @@ class FhirClient:
         if settings.fhir_auth_token is not None:
             headers["Authorization"] = f"Bearer {settings.fhir_auth_token.get_secret_value()}"
         self._base = httpx.URL(settings.fhir_server_url.rstrip("/") + "/")
-        self._http = httpx.Client(base_url=self._base, headers=headers, timeout=settings.fhir_timeout_s)
+        # a transport of its own: httpx then takes no proxy from the environment (HTTP_PROXY, ...), which would
+        # receive the token; WARDWATCH_FHIR_PROXY_URL is the only proxy (CA bundles: SSL_CERT_FILE still applies)
+        proxy = settings.fhir_proxy_url.get_secret_value() if settings.fhir_proxy_url is not None else None
+        warn_of_environment_proxy(log, proxy)
+        self._http = httpx.Client(base_url=self._base, headers=headers, timeout=settings.fhir_timeout_s,
+                                  transport=httpx.HTTPTransport(proxy=proxy))
         self.retries = settings.fhir_retries
         self.history_pages = settings.fhir_history_max_pages
         self.backoff_s = settings.fhir_retry_backoff_s

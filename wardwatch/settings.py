@@ -124,6 +124,7 @@ class Settings(BaseSettings):
     fhir_server_url: str | None = Field(None, description="FHIR base URL, e.g. https://ehr.example.org/fhir; None: id-only notifications are dead-lettered")
     fhir_auth_token: SecretStr | None = Field(None, description="Bearer token for the FHIR server, if it needs one (with an http:// WARDWATCH_FHIR_SERVER_URL, only on a loopback host or with WARDWATCH_FHIR_ALLOW_PLAIN_HTTP=true)")
     fhir_allow_plain_http: bool = Field(False, description="Let the ingest send WARDWATCH_FHIR_AUTH_TOKEN to an http:// (not https) WARDWATCH_FHIR_SERVER_URL on another host than this one: anyone on the network path reads the token and the patient data. Only for a server on a network segment you trust (e.g. a compose network)")
+    fhir_proxy_url: SecretStr | None = Field(None, description="HTTP(S) proxy through which the ingest (WARDWATCH_FHIR_SERVER_URL) and the CDS service (WARDWATCH_CDS_FHIR_SERVERS) reach FHIR servers, e.g. http://user:password@proxy.hospital.example:3128 (a secret: it may hold the proxy's credentials). Unset: they connect directly; HTTP_PROXY, HTTPS_PROXY and the like from the environment are never used (they would receive the bearer tokens)")
     fhir_patient_ids_are_mrns: bool = Field(False, description="Set only for a FHIR facade whose Patient.id is the EHR's patient key (the MRN the CDC rows carry). Otherwise a subject naming its Patient by the server's id alone (no identifier, no Patient in the notification) is keyed by the MRN read from WARDWATCH_FHIR_SERVER_URL (Patient/<id>, cached), else dead-lettered no_fhir_server, and a Patient without an MRN (identifier typed MR) is dead-lettered missing_patient: a server's own ids (HAPI: 1, 2, 3, ...) can equal another patient's MRN and merge the two patients' readings and alerts; the CDS service likewise keys a call by its prefetched Patient's MRN, not context.patientId")
     mrn_system: str | None = Field(None, description="The identifier system (URI) of the EHR's MRN, e.g. urn:oid:2.16.840.1.113883.19.5: set it in production. A FHIR subject's `identifier` is then the MRN only when its `system` is this one (one of another namespace, a national number or an insurer's id, may equal another patient's MRN and merge the two patients: it is taken for no identifier, and the subject's Patient reference decides), and a Patient's MRN is its identifier typed MR of this system (the CDS service's prefetched Patient too). None: a subject's identifier is the MRN whatever its system, and a Patient's any identifier typed MR")
     fhir_patient_cache_ttl_s: float = Field(3600.0, ge=0, description="How long the ingest keeps the MRN it read from the FHIR server for a subject named by Patient id alone (seconds, monotonic clock): a patient merge or an MRN corrected on the server applies to notifications read after that at the latest, without a restart; 0: read the Patient for every notification")
@@ -307,6 +308,25 @@ class Settings(BaseSettings):
     def _fhir_base_urls(cls, value):
         # the only servers the service ever sends an EHR's access token to: checked here, not per call
         return [fhir_base_url(url) for url in value]
+
+    @field_validator("fhir_proxy_url")
+    @classmethod
+    def _proxy_url(cls, value):
+        # the value is never shown: it may hold the proxy's password
+        if value is None:
+            return value
+        url = value.get_secret_value().strip()
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.path not in ("", "/") or parts.query or parts.fragment or any(c.isspace() for c in url)):
+            raise ValueError("not a proxy URL such as http://proxy.hospital.example:3128 or "
+                             "http://user:password@proxy.hospital.example:3128 (http or https, a host, a port; no "
+                             "path, query or fragment; percent-encode reserved characters of the credentials)")
+        return SecretStr(url)
 
     @field_validator("cds_algorithms")
     @classmethod

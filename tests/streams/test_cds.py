@@ -1333,3 +1333,57 @@ def test_a_token_restricted_to_the_patient_in_context_reads_it_as_before():
         assert [path for path, _ in received] == ["/fhir/Patient/fhir-a1"]
     status, answer, _, _ = call_reading_fhir("fhir-a1", fhirAuthorization=authorization | {"patient": None})
     assert status == 200 and answer["cards"]  # null: not sent (a token with user/ scopes)
+
+
+# --- WARDWATCH_FHIR_PROXY_URL: a FHIR server reachable only through an HTTP proxy ---------------------------
+
+
+def call_through_proxy(proxy_url_of, patient_id: str = "fhir-a1") -> tuple[int, dict, list, list]:
+    """A call without prefetch whose fhirServer is a loopback port nothing answers on, to a service given
+    `proxy_url_of(proxy)` as settings.fhir_proxy_url; the proxy (credentials ward:pa ss) forwards requests for
+    that address to the EHR's FHIR server. (status, answer, the proxy's requests, the FHIR server's requests)."""
+    from tests.streams.forward_proxy import ForwardProxy
+    from wardwatch.broker import closed_port
+
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score("p-1", minute=5, tier="high")))
+
+    async def go():
+        fhir = FakeFhir(FHIR_ANSWERS)
+        async with TestServer(fhir.app, host="127.0.0.1") as server:
+            with closed_port() as port:
+                proxy = ForwardProxy({f"127.0.0.1:{port}": ("127.0.0.1", server.port)}, credentials="ward:pa ss")
+                try:
+                    base = f"http://127.0.0.1:{port}/fhir"
+                    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+                            "context": {"patientId": patient_id}, "fhirServer": base,
+                            "fhirAuthorization": {"access_token": FHIR_TOKEN, "token_type": "Bearer"}}
+                    app = make_app(latest, ready=lambda: True, fhir_servers=[base],
+                                   fhir_proxy_url=proxy_url_of(proxy))
+                    async with TestClient(TestServer(app)) as client:
+                        response = await client.post(f"/cds-services/{SERVICE_ID}", json=body)
+                        answer = await response.json()
+                finally:
+                    proxy.stop()
+            return response.status, answer, proxy.requests, fhir.received
+    return asyncio.run(go())
+
+
+def test_with_a_proxy_url_the_patient_is_read_through_that_proxy_with_its_credentials(caplog):
+    caplog.set_level("DEBUG")
+    status, answer, via_proxy, received = call_through_proxy(lambda p: p.url.replace("http://", "http://ward:pa%20ss@"))
+    assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk HIGH")
+    [(method, target, credentials)] = via_proxy
+    assert method == "GET" and target.endswith("/fhir/Patient/fhir-a1") and credentials == "Basic d2FyZDpwYSBzcw=="
+    [(path, headers)] = received  # forwarded by the proxy, with the EHR's token for the FHIR server
+    assert path == "/fhir/Patient/fhir-a1" and headers["Authorization"] == f"Bearer {FHIR_TOKEN}"
+    assert "Proxy-Authorization" not in headers  # the proxy's credentials are the proxy's only
+    assert not [r for r in caplog.records if "pa ss" in r.getMessage() or "pa%20ss" in r.getMessage()]
+
+
+def test_without_a_proxy_url_no_proxy_is_used_and_wrong_proxy_credentials_are_a_412():
+    status, answer, via_proxy, received = call_through_proxy(lambda p: None)
+    assert status == 412 and "ClientConnectorError" in answer["error"] and via_proxy == [] and received == []
+    status, answer, via_proxy, received = call_through_proxy(lambda p: p.url.replace("http://", "http://ward:wrong@"))
+    assert status == 412 and "answered 407" in answer["error"] and "wrong" not in answer["error"]
+    assert len(via_proxy) == 1 and received == []

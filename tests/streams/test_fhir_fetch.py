@@ -757,3 +757,54 @@ def test_ingest_worker_fetches_id_only_notifications_into_canonical_events(setti
     assert headers["ww.reason"] == Reason.RESOURCE_NOT_FOUND.value.encode()
     assert dead.value() == fhir_bundle("r4b_id_only")  # the original id-only bytes, replayable
     assert worker.counters.snapshot()["fhir"]["dead_lettered"] == {"resource_not_found": 1}
+
+
+# --- WARDWATCH_FHIR_PROXY_URL: the only proxy the FHIR client uses ----------------------------------------
+
+
+@pytest.fixture
+def unreachable_fhir(fhir_server):
+    """(the FHIR server's URL at a loopback port nothing answers on, a proxy that forwards requests for that
+    address to the FHIR server): a read that succeeds went through the proxy."""
+    from tests.streams.forward_proxy import ForwardProxy
+    from wardwatch.broker import closed_port
+
+    with closed_port() as port:
+        proxy = ForwardProxy({f"127.0.0.1:{port}": ("127.0.0.1", int(fhir_server.origin.rsplit(":", 1)[1]))},
+                             credentials="ward:pa ss")
+        try:
+            yield f"http://127.0.0.1:{port}/fhir", proxy
+        finally:
+            proxy.stop()
+
+
+def test_with_a_proxy_url_the_fhir_reads_go_through_that_proxy_with_its_credentials(fhir_server, unreachable_fhir):
+    """A hospital whose FHIR server is reachable only through an HTTP proxy: the reads go through it (the server's
+    own address refuses connections here), with the proxy's credentials from the URL and the server's token."""
+    url, proxy = unreachable_fhir
+    outcome = fetch_and_parse("r4b_id_only", client_for(url, fhir_proxy_url=SecretStr(
+        proxy.url.replace("http://", "http://ward:pa%20ss@")), fhir_retries=0))
+    assert isinstance(outcome, Parsed) and [e.value for e in outcome.events] == [112]
+    assert [(method, target) for method, target, _ in proxy.requests] == [("GET", f"{url}/Observation/vs-hr-9")]
+    assert proxy.requests[0][2] == "Basic d2FyZDpwYSBzcw=="  # ward:pa ss
+    assert fhir_server.requests == [("/fhir/Observation/vs-hr-9", f"Bearer {TOKEN}")]  # the proxy forwarded it
+
+
+def test_without_a_proxy_url_no_proxy_from_the_environment_gets_the_token(fhir_server, unreachable_fhir, monkeypatch,
+                                                                          caplog):
+    """HTTP_PROXY and the like are not the operator's choice of where the FHIR token goes: ignored (httpx would
+    follow them by default); wrong proxy credentials: a FETCH_FAILED saying 407, without them in the detail."""
+    url, proxy = unreachable_fhir
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy.url.replace("http://", "http://ward:pa%20ss@"))
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    rejected_ = rejection(fetch_and_parse("r4b_id_only", client_for(url, fhir_retries=0)))
+    assert rejected_.reason is Reason.FETCH_FAILED and "ConnectError" in rejected_.detail
+    [warning] = [r.getMessage() for r in caplog.records if "proxy is set in the environment" in r.getMessage()]
+    assert "WARDWATCH_FHIR_PROXY_URL" in warning and "pa%20ss" not in warning and proxy.url not in warning
+    assert proxy.requests == [] and fhir_server.requests == []
+    wrong = SecretStr(proxy.url.replace("http://", "http://ward:wrong@"))
+    rejected_ = rejection(fetch_and_parse("r4b_id_only", client_for(url, fhir_proxy_url=wrong, fhir_retries=0)))
+    assert rejected_.reason is Reason.FETCH_FAILED and "407" in rejected_.detail and "wrong" not in rejected_.detail
+    assert fhir_server.requests == []

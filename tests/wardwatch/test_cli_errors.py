@@ -483,3 +483,20 @@ def test_a_fhir_token_for_a_plain_http_server_on_another_host_is_refused_unless_
 ])
 def test_a_fhir_token_over_https_or_to_this_host_or_no_token_is_accepted(clean_env, env):
     assert invoke("config", "show", "--json", env=env).exit_code == 0
+
+
+@pytest.mark.parametrize("value", ["proxy.example:3128", "socks5://ward:pa55w0rd@proxy:1080",
+                                   "http://ward:pa55w0rd@proxy:3128/path", "http://ward:pa55w0rd@proxy:port",
+                                   "http://ward:pa55w0rd@proxy:3128?x=1", ""])
+def test_a_fhir_proxy_url_that_is_not_one_is_refused_without_showing_it(clean_env, value):
+    result = invoke("config", "show", "--json", env={"WARDWATCH_FHIR_PROXY_URL": value})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "WARDWATCH_FHIR_PROXY_URL=(secret)" in result.output and "pa55w0rd" not in result.output
+
+
+def test_a_fhir_proxy_url_with_credentials_is_shown_masked(clean_env):
+    result = invoke("config", "show", "--json", env={"WARDWATCH_FHIR_PROXY_URL": "http://ward:pa55w0rd@proxy.example:3128"})
+
+    assert result.exit_code == 0, result.output
+    assert '"fhir_proxy_url": "********"' in result.output and "pa55w0rd" not in result.output
