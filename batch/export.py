@@ -7,7 +7,9 @@ so a column added to the DuckDB file later stays inside until someone decides ho
 
     hash       identifiers (patient, encounter, fact, event, snapshot, alert ids) are replaced by
                HMAC-SHA256(settings.deid_secret, "<kind>|<id>") in hex: stable across tables and
-               exports with the same secret (analysts can join), not reversible without it
+               exports with the same secret (analysts can join), not reversible without it. An
+               encounter's <id> is "<patient_id>|<encounter_id>" (a visit number is unique within its
+               patient only; before 2026-11-27 it was the encounter id alone)
     point_id   features_offline, labels, scores and scores_shadow: the scoring point (its
                snapshot_id) hashed the same way, the key that joins them one to one (a correction
                re-scores a patient at the time of an earlier point, so patient_id + scoring_ms is
@@ -128,6 +130,11 @@ def deidentify(name: str, frame: pl.DataFrame, secret: bytes, *, point_by_snapsh
                            schema={"patient_id": pl.String, "_shift_ms": pl.Int64})
     out = frame.join(offsets, on="patient_id", how="left", maintain_order="left")
     hashed = dict(policy.hash)
+    if "encounter_id" in hashed and "encounter_id" in out.columns:
+        # a visit number is unique within its patient only (encounters are keyed (patient_id, encounter_id)):
+        # hashed alone, two patients' visit "45" would share one hash, joining one's stay to the other's rows
+        out = out.with_columns(pl.concat_str([pl.col("patient_id"), pl.col("encounter_id").cast(pl.String)],
+                                             separator="|").alias("encounter_id"))
     if policy.point_id:
         point = (pl.col("snapshot_id") if point_by_snapshot else
                  pl.concat_str([pl.col(c).cast(pl.String) for c in POINT_POSITION], separator="|"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import duckdb
@@ -283,3 +284,24 @@ def test_exported_labels_say_which_rows_count_and_join_their_features_one_to_one
     assert labels["point_id"].n_unique() == features["point_id"].n_unique() == scores["point_id"].n_unique() == POINTS
     assert labels.join(features, on="point_id").height == POINTS
     assert labels.join(scores, on="point_id").height == POINTS
+
+
+def build_same_visit_number(settings: Settings) -> None:
+    messages = {(p, 0): [dataclasses.replace(e, encounter_id="45") for e in (
+        event(p, 0, codes.ADMISSION, None, T0 - 5 * HOUR_MS, codes.CONTEXT, "inpatient"),
+        event(p, 3, codes.HEART_RATE, 80.0 + p, T0))] for p in (0, 1)}
+    write(settings.archive_dir, "canonical", "a", canonical(messages))
+    run_nightly(settings, **STANDINS)
+
+
+def test_two_patients_with_the_same_visit_number_get_different_encounter_hashes(tmp_path):
+    """Encounters are keyed (patient_id, encounter_id): one hospital's visit "45" and a FHIR server's
+    Encounter 45 of another patient are two stays, and an analyst joining on the hashed encounter alone
+    must not join one patient's stay to the other's rows. Within a patient the hash joins every table."""
+    settings = built(tmp_path / "db", build_same_visit_number)
+    export_deidentified(settings, tmp_path / "out")
+    encounters = pl.read_parquet(tmp_path / "out" / "encounters.parquet")
+    observations = pl.read_parquet(tmp_path / "out" / "observations.parquet")
+    assert encounters.height == 2 and encounters["encounter_id"].n_unique() == 2
+    joined = observations.join(encounters, on="encounter_id", how="inner")
+    assert joined.height == 2 and (joined["patient_id"] == joined["patient_id_right"]).all()
