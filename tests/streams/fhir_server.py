@@ -8,10 +8,10 @@ import json
 import threading
 from collections import deque
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from tests.fixtures.ingest.corpus import HERE
+from tests.streams.local_http import QuietHandler, serve
 
 SERVED = HERE / "fhir" / "server"
 
@@ -33,29 +33,17 @@ class FhirServer:
         self.release = threading.Event()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Authorization")))
                 if server.stall.is_set():
                     server.release.wait(10)
                 status, body, *extra = server.answer(self.path)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in (extra[0] if extra else {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
+                self.answer(status, body, {"Content-Type": "application/fhir+json", **(extra[0] if extra else {})})
 
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = serve(Handler)
         self.origin = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self.url = f"{self.origin}/fhir"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
 
     def answer(self, path: str) -> tuple[int, bytes]:
         if self.script.get(path):

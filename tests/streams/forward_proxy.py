@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import http.client
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+from tests.streams.local_http import QuietHandler, serve
 
 _HOP_BY_HOP = {"proxy-authorization", "proxy-connection", "connection", "keep-alive", "transfer-encoding"}
 
@@ -23,7 +23,7 @@ class ForwardProxy:
         expected = f"Basic {base64.b64encode(credentials.encode()).decode()}" if credentials else None
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
@@ -31,9 +31,9 @@ class ForwardProxy:
                 proxy.requests.append(("GET", self.path, sent))
                 target = urlsplit(self.path)
                 if target.scheme != "http" or not target.hostname:
-                    return self._answer(400, b"absolute http URL expected")
+                    return self.answer(400, b"absolute http URL expected")
                 if expected is not None and sent != expected:
-                    return self._answer(407, b"proxy authentication required",
+                    return self.answer(407, b"proxy authentication required",
                                         {"Proxy-Authenticate": 'Basic realm="test"'})
                 host, port = proxy.routes.get(target.netloc, (target.hostname, target.port or 80))
                 upstream = http.client.HTTPConnection(host, port, timeout=10)
@@ -45,26 +45,12 @@ class ForwardProxy:
                     body = response.read()
                     keep = {k: v for k, v in response.getheaders()
                             if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length"}
-                    self._answer(response.status, body, keep | {"Via": "1.1 test-proxy"})
+                    self.answer(response.status, body, keep | {"Via": "1.1 test-proxy"})
                 finally:
                     upstream.close()
 
-            def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None):
-                self.send_response(status)
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = serve(Handler)
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
 
     def stop(self):
         self._httpd.shutdown()
