@@ -35,14 +35,14 @@ def iana_zone(value: str) -> str:
     return value
 
 
-def _http_url(value: str) -> SplitResult | None:
-    """The parts of an http(s) URL with a host, no user and a numeric port (if any); else None."""
+def _http_url(value: str, user: bool = False) -> SplitResult | None:
+    """The parts of an http(s) URL with a host, a numeric port (if any) and no user (unless `user`); else None."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 (raises on a port that is not a number)
     except ValueError:
         return None
-    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+    if parts.scheme not in ("http", "https") or not parts.hostname or ("@" in parts.netloc and not user):
         return None
     return parts
 
@@ -53,17 +53,24 @@ def _is_web_origin(value: str) -> bool:
     return parts is not None and value == f"{parts.scheme}://{parts.netloc}" and "*" not in value
 
 
-def fhir_base_url(value: str) -> str:
-    """`value` without a trailing slash when it is a FHIR server's base URL the CDS service may read from:
-    https (http only on a loopback host), a host, a path at most, no user, query or fragment; else ValueError."""
-    from wardwatch.listen import is_loopback
-
+def _base_url(value: str) -> tuple[str, SplitResult]:
+    """`value` without a trailing slash, and its parts, when it is a FHIR base URL: http(s), a host, a path at
+    most, no user, query or fragment; else ValueError."""
     base = value.rstrip("/")
     parts = _http_url(base)
     if (parts is None or parts.query or parts.fragment or "?" in base or "#" in base
             or any(c.isspace() for c in base)):
         raise ValueError(f"{value}: not a FHIR base URL such as https://ehr.example.org/fhir/r4 "
                          "(http(s), a host, a path; no user, query or fragment)")
+    return base, parts
+
+
+def fhir_base_url(value: str) -> str:
+    """`value` without a trailing slash when it is a FHIR server's base URL the CDS service may read from:
+    https (http only on a loopback host), a host, a path at most, no user, query or fragment; else ValueError."""
+    from wardwatch.listen import is_loopback
+
+    base, parts = _base_url(value)
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ValueError(f"{value}: http to another host than this one would send the EHR's access token in clear; "
                          "use https (http is accepted for a loopback host only)")
@@ -309,6 +316,13 @@ class Settings(BaseSettings):
         # the only servers the service ever sends an EHR's access token to: checked here, not per call
         return [fhir_base_url(url) for url in value]
 
+    @field_validator("fhir_server_url")
+    @classmethod
+    def _fhir_server_url(cls, value):
+        # the ingest joins resource paths to it and sends the token there: a typo (ftp://, a query, a user) must
+        # stop the ingest at start, not dead-letter every id-only notification fetch_failed
+        return None if value is None or not value.strip() else _base_url(value.strip())[0]
+
     @field_validator("fhir_proxy_url")
     @classmethod
     def _proxy_url(cls, value):
@@ -316,13 +330,9 @@ class Settings(BaseSettings):
         if value is None:
             return value
         url = value.get_secret_value().strip()
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 (raises on a port that is not a number)
-        except ValueError:
-            parts = None
-        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
-                or parts.path not in ("", "/") or parts.query or parts.fragment or any(c.isspace() for c in url)):
+        parts = _http_url(url, user=True)
+        if (parts is None or parts.path not in ("", "/") or parts.query or parts.fragment
+                or any(c.isspace() for c in url)):
             raise ValueError("not a proxy URL such as http://proxy.hospital.example:3128 or "
                              "http://user:password@proxy.hospital.example:3128 (http or https, a host, a port; no "
                              "path, query or fragment; percent-encode reserved characters of the credentials)")

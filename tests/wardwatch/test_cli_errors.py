@@ -485,6 +485,23 @@ def test_a_fhir_token_over_https_or_to_this_host_or_no_token_is_accepted(clean_e
     assert invoke("config", "show", "--json", env=env).exit_code == 0
 
 
+@pytest.mark.parametrize("url", ["ftp://ehr.example.org/fhir", "ehr.example.org/fhir", "https://ward:pw@ehr.example.org/fhir",
+                                 "https://ehr.example.org/fhir?_format=json", "https://ehr.example.org:port/fhir"])
+def test_a_fhir_server_url_that_is_not_a_base_url_stops_every_command_at_start(clean_env, url):
+    # before, the ingest took it as it was and dead-lettered every id-only notification fetch_failed
+    result = invoke("config", "show", "--json", env={"WARDWATCH_FHIR_SERVER_URL": url})
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "WARDWATCH_FHIR_SERVER_URL" in result.output and "not a FHIR base URL" in result.output
+
+
+def test_a_fhir_server_url_is_kept_without_its_trailing_slash(clean_env):
+    result = invoke("config", "show", "--json", env={"WARDWATCH_FHIR_SERVER_URL": " https://ehr.example.org/fhir/ "})
+
+    assert result.exit_code == 0, result.output
+    assert '"fhir_server_url": "https://ehr.example.org/fhir"' in result.output.replace("\n", "")
+
+
 @pytest.mark.parametrize("value", ["proxy.example:3128", "socks5://ward:pa55w0rd@proxy:1080",
                                    "http://ward:pa55w0rd@proxy:3128/path", "http://ward:pa55w0rd@proxy:port",
                                    "http://ward:pa55w0rd@proxy:3128?x=1", ""])
