@@ -30,7 +30,7 @@ import polars as pl
 
 from schemas import codes
 from schemas.cadence import VITAL_SIGN_CODES, Trigger, news2_points, raises_news2, scored_news2, snapshot_id
-from schemas.canonical import Status, make_event_id
+from schemas.canonical import LOINC, Status, make_event_id
 from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec, news2_charted_parts
 from wardwatch.settings import Settings
 
@@ -92,7 +92,9 @@ def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_
       `version_codes`, a retraction at its version, effective and issued time of each code an earlier
       row of its resource had and that version does not carry (in code order), kept only where it is a
       correction (the fact live at a lower version); outcome corrected, `replaced_by` the row's fact_id.
-      A new fact of a resource known at a higher version is a redelivery (a duplicate);
+      A new fact of a resource known at a higher version is a redelivery (a duplicate). A version carrying
+      none of the mapped codes is one row, its version marker (code schemas.codes.VERSION_MARK, empty
+      `version_codes`, a retraction of a fact never live): every code an earlier row had is dropped;
     - state never expires here (no dedupe horizon, no pruning): the same results as the stream as
       long as redeliveries arrive within the dedupe horizon of event time. The one exception is the
       final result of a preliminary one through the other source (rule 4): it is checked before
@@ -215,7 +217,9 @@ def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.
 
 
 _RULE6_COLUMNS = ("replaced_by", "_resource", "_resource_repeats")
-_ALL_CODES = sorted(codes.CODES)
+# the codes of a resource's facts, and its version marker's (a version carrying none of them: never live, so
+# its candidate retraction is always void; it makes an older version arriving after it stale)
+_ALL_CODES = sorted((*codes.CODES, codes.VERSION_MARK))
 
 
 def _with_replacements(rows: pl.DataFrame) -> pl.DataFrame:
@@ -245,7 +249,9 @@ def _with_replacements(rows: pl.DataFrame) -> pl.DataFrame:
                   .unique(subset=["_seq", "code"], keep="first")
                   .with_columns(replaced_by=pl.col("fact_id"), fact_id=pl.col("_resource") + ":" + pl.col("code"),
                                 value=pl.lit(None, pl.Float64), unit=pl.lit(None, pl.String),
-                                status=pl.lit(RETRACTED), value_text=pl.lit(None, pl.String))
+                                status=pl.lit(RETRACTED), value_text=pl.lit(None, pl.String),
+                                # a fact of a mapped code, whichever row retracts it (a version marker too)
+                                **({"code_system": pl.lit(LOINC)} if "code_system" in versions.columns else {}))
                   .drop("_first"))
     if candidates.is_empty():
         return rows.drop("_seq")

@@ -268,6 +268,17 @@ def is_context(code_system: str) -> bool:
     return code_system == CONTEXT
 
 
+# --- version markers: a FHIR Observation version that carries no mapped code ---------------------
+# A version after the first whose code wardwatch does not map (recoded), or whose every value is absent
+# (dataAbsentReason, an incomplete GCS), still replaces its resource's earlier facts (docs/patient-state.md,
+# rule 6). It becomes one canonical event of code VERSION_MARK (code_system VERSION_MARKS, fact id
+# "fhir:Observation/<id>:version"), status entered-in-error, no value, `version_codes` empty: the retraction
+# of a fact that is never live, so no feature, score or table reads it as a reading; rule 6 retracts every
+# fact of the resource an earlier version gave, and an older version arriving after it is stale.
+VERSION_MARK = "version"
+VERSION_MARKS = "urn:wardwatch:version"
+
+
 # --- the mapping itself ----------------------------------------------------------------------------
 ADMINISTRATIVE_SEX = ("male", "female", "other", "unknown")
 

@@ -21,7 +21,10 @@ its version's codes (`version_codes`) retracts every fact of the same resource k
 live (not retracted, not an alias), whose code that version does not carry: one more outcome, corrected,
 right after the event's own, its event a retraction of that fact at the version (`replaced_by` names the
 event). A new fact of a resource already known at a higher version is a stale version: a duplicate
-(redelivery), never live.
+(redelivery), never live. A version carrying none of the mapped codes is one event, its version marker
+(schemas.codes.VERSION_MARK: a retraction of a fact never live, `version_codes` empty): applied like any
+retraction of a new fact (accepted, late or a duplicate; known, never live) and then replacing every fact
+of the resource.
 
 Expiry is applied *logically* on every lookup (a `known` entry older than clock - horizon counts as
 unknown; a live fact at or before clock - lateness - MAX_WINDOW never matches), so outcomes depend only on the
@@ -36,8 +39,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from schemas.canonical import CanonicalEvent, Status, new_event
-from schemas.codes import CODES
+from schemas.canonical import LOINC, CanonicalEvent, Status, new_event
+from schemas.codes import CODES, VERSION_MARK
 from schemas.features import MAX_WINDOW_S
 
 MAX_WINDOW_MS = MAX_WINDOW_S * 1000
@@ -105,8 +108,11 @@ def is_preliminary(fact: LiveFact) -> bool:
 # globals: an Enum class attribute costs ~150 ns per event (Python 3.11), the retracts property more
 _PRELIMINARY = Status.PRELIMINARY
 _RETRACTION = Status.ENTERED_IN_ERROR  # Status.retracts
-# rule 6: the codes a resource's facts can have, in the order the retractions of dropped ones follow an event
-_RESOURCE_CODES = tuple(sorted(CODES))
+# rule 6: the codes a resource's facts can have, in the order the retractions of dropped ones follow an event,
+# and its version marker's (a version carrying none of them: schemas.codes.VERSION_MARK), known like a retracted
+# fact so that an older version arriving after it is stale; it is never live, so never retracted
+_RESOURCE_CODES = tuple(sorted((*CODES, VERSION_MARK)))
+_RESOURCE_CODE_SET = frozenset(_RESOURCE_CODES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,10 +298,10 @@ class _Draft:
 
     def _resource_facts(self, e: CanonicalEvent, horizon_ms: int):
         """(code, fact_id, known entry) of the facts of e's resource known and not expired (rule 6), by code."""
-        # a code of the mapping only, as batch.features._with_replacements (a foreign producer's event of
-        # another code, or an empty one, is no fact of a resource: it neither retracts nor is stale)
+        # a code of the mapping (or a version marker) only, as batch.features._with_replacements (a foreign
+        # producer's event of another code, or an empty one, is no fact of a resource: it neither retracts nor is stale)
         fact_id, code = e.fact_id, e.code
-        if code not in CODES or not fact_id.endswith(code) or fact_id[-len(code) - 1:-len(code)] != ":":
+        if code not in _RESOURCE_CODE_SET or not fact_id.endswith(code) or fact_id[-len(code) - 1:-len(code)] != ":":
             return
         resource = fact_id[:-len(code) - 1]
         floor = None if self.clock is None else self.clock - horizon_ms
@@ -319,8 +325,9 @@ class _Draft:
             if (code in e.version_codes or entry[0] >= e.version or entry[2]
                     or (len(entry) > GONE and entry[GONE] is None)):
                 continue
+            # (LOINC: the fact is one of a mapped code, whichever event retracts it, a version marker too)
             retraction = new_event(e.patient_id, code, None, None, e.effective_ms, e.issued_ms, _RETRACTION,
-                                   e.source, fact_id, e.version, e.encounter_id, e.code_system, None, e.provenance,
+                                   e.source, fact_id, e.version, e.encounter_id, LOINC, None, e.provenance,
                                    e.version_codes)
             self._remember(retraction, False, True)
             self._unlive(retraction, entry[1])

@@ -518,3 +518,37 @@ def test_an_older_version_arriving_after_the_newer_one_neither_resurrects_nor_re
     a.send(obs(codes.SPO2, 95, 1, (codes.SPO2, codes.O2_FLOW)), obs(codes.O2_FLOW, 2, 1, (codes.SPO2, codes.O2_FLOW)))
     assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "duplicate"]
     assert live(a) == {codes.SPO2: 96.0}
+
+
+def marker(version: int, *, eff: int = T0) -> dict:
+    """Version `version` of FHIR Observation/o1 carrying none of the mapped codes: its version marker, as
+    schemas/fhir.py gives it (recoded to a code wardwatch does not map, or its value absent)."""
+    d = event(f"fhir:Observation/o1:{codes.VERSION_MARK}", None, eff, code=codes.VERSION_MARK, version=version,
+              status=Status.ENTERED_IN_ERROR, source=Source.FHIR)
+    return {**d, "code_system": codes.VERSION_MARKS, "version_codes": []}
+
+
+def test_a_version_carrying_no_mapped_code_retracts_the_earlier_versions_facts():
+    """v1 a heart rate of 140; v2 recoded to a code wardwatch does not map: the 140 is retracted offline too,
+    a correction point re-scoring without it, and neither the marker's redelivery nor v1 again brings it back."""
+    a = Archive()
+    a.send(obs(codes.HEART_RATE, 140, 1, (codes.HEART_RATE,)))
+    a.send(marker(2))
+    a.send(marker(2), obs(codes.HEART_RATE, 140, 1, (codes.HEART_RATE,)))
+    mark, hr = f"fhir:Observation/o1:{codes.VERSION_MARK}", f"fhir:Observation/o1:{codes.HEART_RATE}"
+    assert outcomes(a) == [(hr, 1, "accepted", None), (mark, 2, "accepted", None),
+                           (hr, 2, "corrected", None),  # retracted by the marker
+                           (mark, 2, "duplicate", None), (hr, 1, "duplicate", None)]
+    assert live(a) == {}
+    points = scoring_points(a.frame(), **RULES)
+    assert points.select("offset", "trigger").rows() == [(0, "vitals"), (1, "correction")]
+    assert features_at(a.frame(), points, **RULES)["heart_rate_last_24h"].to_list() == [140.0, None]
+
+
+def test_a_version_marker_arriving_first_makes_the_older_version_stale():
+    a = Archive()
+    a.send(marker(2))
+    a.send(obs(codes.HEART_RATE, 140, 1, (codes.HEART_RATE,)))
+    a.send(obs(codes.HEART_RATE, 90, 3, (codes.HEART_RATE,)))
+    assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "accepted"]
+    assert live(a) == {codes.HEART_RATE: 90.0}

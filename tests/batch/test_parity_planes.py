@@ -87,7 +87,8 @@ def patient_events(draw):
         source = draw(st.sampled_from([Source.CDC, Source.FHIR]))
         kind = draw(st.sampled_from(["none"] * 5 + ["redeliver", "cross", "amend", "retract", "restate", "finalise",
                                                     "twin_final", "twin_preliminary", "prelim_apart",
-                                                    "prelim_after_final", "drop_code", "correct_code"]))
+                                                    "prelim_after_final", "drop_code", "correct_code",
+                                                    "unmap_code"]))
         status = (Status.PRELIMINARY if kind.startswith("twin") or kind == "prelim_apart"
                   else Status.FINAL if kind == "prelim_after_final"
                   else draw(st.sampled_from([Status.FINAL] * 3 + [Status.PRELIMINARY])))
@@ -136,9 +137,10 @@ def patient_events(draw):
                                                     value=min(hi, value + draw(st.sampled_from([0, 1])))))
             if draw(st.booleans()):
                 new_versions.append(dataclasses.replace(second, version=2, issued_ms=t + 2 * MIN, status=Status.FINAL))
-        elif kind in ("drop_code", "correct_code"):
+        elif kind in ("drop_code", "correct_code", "unmap_code"):
             # a FHIR Observation of two codes (fact ids "fhir:<i>:<code>": its resource "fhir:<i>") whose next
-            # version drops one (a component removed) or names another code (the code corrected): it replaces
+            # version drops one (a component removed), names another code (the code corrected) or carries no
+            # mapped code (recoded to an unmapped one, its values absent: its version marker): it replaces
             # all of the resource's facts (rule 6), perhaps arriving first (out of order), perhaps twice
             second = draw(st.sampled_from([c for c in VITALS if c != code]))
             third = draw(st.sampled_from([c for c in VITALS if c not in (code, second)]))
@@ -152,6 +154,10 @@ def patient_events(draw):
             v2 = dataclasses.replace(ev, code=next_code, value=ev.value if kind == "drop_code" else float(lo3),
                                      fact_id=f"fhir:{i}:{next_code}", version=2, issued_ms=t + MIN,
                                      version_codes=(next_code,))
+            if kind == "unmap_code":
+                v2 = dataclasses.replace(v2, code=codes.VERSION_MARK, value=None, status=Status.ENTERED_IN_ERROR,
+                                         fact_id=f"fhir:{i}:{codes.VERSION_MARK}", code_system=codes.VERSION_MARKS,
+                                         version_codes=())
             if draw(st.booleans()):  # the new version arrives first: the older one must change nothing
                 events.insert(len(events) - 2, v2)
             else:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings as hyp_settings, strategies as st
 
 from schemas import codes
-from schemas.canonical import CanonicalEvent, Source, Status
+from schemas.canonical import LOINC, CanonicalEvent, Source, Status
 from streams.features import compute_features
 from streams.state import STATE_FORMAT, VALUE, DuplicateKind, Kind, PatientState, apply_batch, is_preliminary
 
@@ -722,6 +722,65 @@ def test_events_without_version_codes_keep_the_old_behaviour():
     assert live_codes(r.state) == {SPO2: [95.0], FLOW: [2.0]}
 
 
+def marker(version: int, *, eff: int = T0) -> CanonicalEvent:
+    """Version `version` of FHIR Observation/o1 carrying none of the mapped codes (recoded to a code wardwatch
+    does not map, or its value absent): its version marker, as schemas/fhir.py gives it."""
+    return CanonicalEvent(patient_id="p1", code=codes.VERSION_MARK, value=None, unit=None, effective_ms=eff,
+                          issued_ms=eff, status=Status.ENTERED_IN_ERROR, source=Source.FHIR,
+                          fact_id=f"fhir:Observation/o1:{codes.VERSION_MARK}", version=version,
+                          code_system=codes.VERSION_MARKS, version_codes=())
+
+
+HR = codes.HEART_RATE
+MARK_ID, HR_ID = f"fhir:Observation/o1:{codes.VERSION_MARK}", f"fhir:Observation/o1:{codes.HEART_RATE}"
+
+
+def test_a_version_carrying_no_mapped_code_retracts_the_earlier_versions_facts():
+    """v1 a heart rate of 140; v2 recoded to a code wardwatch does not map (or its value withdrawn: a
+    dataAbsentReason). Before, v2 gave no event and the 140 stayed live: features and alerts rested on a
+    reading the EHR had withdrawn."""
+    first = apply(None, obs(HR, 140.0, 1, (HR,)))
+    assert live_codes(first.state) == {HR: [140.0]} and compute_features(first.state, T0)["heart_rate_last_24h"] == 140
+    r = apply(first.state, marker(2))
+    assert [(o.event.fact_id, o.kind, o.event.status, o.replaced_by) for o in r.outcomes] == [
+        (MARK_ID, "accepted", Status.ENTERED_IN_ERROR, None),  # the marker: a retraction of a fact never live
+        (HR_ID, "corrected", Status.ENTERED_IN_ERROR, MARK_ID)]  # the heart rate retracted at version 2
+    assert r.outcomes[1].event.version == 2 and r.outcomes[1].event.code_system == LOINC
+    assert r.changed and live_codes(r.state) == {}
+    assert compute_features(r.state, T0)["heart_rate_last_24h"] is None
+    # its redelivery, and version 1 arriving again after it, change nothing
+    again = apply(r.state, marker(2), obs(HR, 140.0, 1, (HR,)))
+    assert [(o.kind, o.duplicate_kind) for o in again.outcomes] == [("duplicate", "redelivery")] * 2
+    assert not again.changed and live_codes(again.state) == {}
+    assert round_trip(r.state) == r.state  # the marker's known entry is a retracted fact's (format unchanged)
+    # a later version with a mapped code makes the resource's fact live again; the marker is never retracted
+    back = apply(r.state, obs(HR, 90.0, 3, (HR,)))
+    assert [(o.event.fact_id, o.kind) for o in back.outcomes] == [(HR_ID, "corrected")]
+    assert live_codes(back.state) == {HR: [90.0]}
+
+
+def test_a_version_marker_arriving_first_makes_the_older_version_stale():
+    r = apply(None, marker(2))
+    assert kinds(r) == ["accepted"] and live_codes(r.state) == {} and not any(o.replaced_by for o in r.outcomes)
+    older = apply(r.state, obs(HR, 140.0, 1, (HR,)))
+    assert [(o.kind, o.duplicate_kind) for o in older.outcomes] == [("duplicate", "redelivery")]
+    assert live_codes(older.state) == {}
+    # and a marker older than a known version is stale too: it retracts nothing
+    newer = apply(None, obs(HR, 90.0, 3, (HR,)))
+    late_marker = apply(newer.state, marker(2))
+    assert [(o.kind, o.duplicate_kind) for o in late_marker.outcomes] == [("duplicate", "redelivery")]
+    assert live_codes(late_marker.state) == {HR: [90.0]}
+
+
+def test_a_second_version_marker_is_a_restatement_and_an_entered_in_error_one_retracts_alike():
+    first = apply(None, obs(SPO2, 95.0, 1, (SPO2, FLOW)), obs(FLOW, 2.0, 1, (SPO2, FLOW)))
+    r = apply(first.state, marker(2), marker(3))
+    assert [(o.event.fact_id, o.kind, o.duplicate_kind) for o in r.outcomes] == [
+        (MARK_ID, "accepted", None), ("fhir:Observation/o1:3151-8", "corrected", None),
+        ("fhir:Observation/o1:59408-5", "corrected", None), (MARK_ID, "duplicate", "restatement")]
+    assert live_codes(r.state) == {}
+
+
 _version_event = st.builds(
     lambda code, others, version, value, hours, status: obs(
         code, None if status is Status.ENTERED_IN_ERROR else value, version, (code, *others),
@@ -731,8 +790,12 @@ _version_event = st.builds(
     status=st.sampled_from([Status.FINAL, Status.AMENDED, Status.ENTERED_IN_ERROR, Status.PRELIMINARY]))
 
 
+_marker_event = st.builds(lambda version, hours: marker(version, eff=T0 + hours * HOUR),
+                          version=st.integers(1, 3), hours=st.sampled_from([0, 1, 25, 50]))
+
+
 @hyp_settings(max_examples=300, deadline=None)
-@given(events=st.lists(st.one_of(_version_event, _event), max_size=25), cuts=st.sets(st.integers(1, 24)),
+@given(events=st.lists(st.one_of(_version_event, _marker_event, _event), max_size=25), cuts=st.sets(st.integers(1, 24)),
        lateness=st.sampled_from([1 * HOUR, 30 * HOUR]))
 def test_rule_6_outcomes_do_not_depend_on_micro_batches_and_its_state_reads_back_from_json(events, cuts, lateness):
     """Versions dropping and adding codes, out of order, retracted, mixed with other facts: the outcomes
