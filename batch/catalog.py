@@ -58,8 +58,9 @@ COLUMNS: dict[str, str] = {
     "patient_id": "Patient identifier from the EHR",
     "encounter_id": ("Encounter (hospital stay) identifier: the EHR's visit number (CDC rows; a FHIR Encounter's "
                      "identifier), else fhir:Encounter/<FHIR server id>; unique only within a patient"),
-    "code": "Canonical code: LOINC for measurements, a schemas.codes CONTEXT code for context facts",
-    "code_system": f"Code system of `code`: http://loinc.org or {codes.CONTEXT}",
+    "code": ("Canonical code: LOINC for measurements, a schemas.codes CONTEXT code for context facts, "
+             f"{codes.VERSION_MARK!r} for a FHIR version marker (a version carrying no mapped code: no reading)"),
+    "code_system": f"Code system of `code`: http://loinc.org, {codes.CONTEXT} or {codes.VERSION_MARKS} (version markers)",
     "value": "Value in canonical units; null for retractions and text-valued context facts",
     "unit": "UCUM unit of `value`",
     "value_text": "Text value: ACVPU letter, encounter class, ward, sex",
@@ -72,9 +73,11 @@ COLUMNS: dict[str, str] = {
     "version": "Orders the versions of one fact (CDC lsn, FHIR versionId)",
     "event_id": "Names one version of one fact (hash of fact_id and version)",
     "provenance": "Where the event came from in its source, as JSON (a consciousness fact charted as a GCS "
-                  "keeps the total: gcs_total)",
+                  "keeps the total: gcs_total; a version marker why its version carries no mapped code: "
+                  "version_marker, unmapped_code or no_value)",
     "version_codes": "FHIR Observation events: every code of the event's version (a version replaces its "
-                     "resource's facts, docs/patient-state.md rule 6); null on CDC events and older archives",
+                     "resource's facts, docs/patient-state.md rule 6); empty on a version marker (a later version "
+                     "carrying none of the mapped codes: it retracts them all); null on CDC events and older archives",
     "partition": "Partition of the canonical message the event/point belongs to",
     "offset": "Offset of the canonical message the event/point belongs to",
     "idx": "Position of the event inside its canonical micro-batch",

@@ -18,7 +18,9 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   fact_id = "fhir:Observation/<id>:<code>", version = meta.versionId (else meta.lastUpdated in ms, else 1).
   Each event carries `version_codes`, the codes of all the version's events: the version replaces the
   resource's earlier facts, so the patient state retracts a code it no longer carries (docs/patient-state.md
-  rule 6; a version with no code wardwatch maps gives no event, and so retracts nothing).
+  rule 6). A version after the first holding none of the mapped codes (its code unmapped, or every value
+  absent) gives one event, its version marker (schemas.codes.VERSION_MARK, `version_codes` empty), which
+  retracts them all; version 1 gives nothing, as before.
   issued = `issued` (when "this version" was made available, FHIR R4), else meta.lastUpdated, else the
   effective time (then checked for a future date against the notification's timestamp, else the Kafka
   record's; with neither, dead-lettered as missing_time: nothing can tell a typo from a reading). A version after the first (versionId above 1, or none: which one it is cannot be told) is
@@ -106,8 +108,8 @@ import orjson
 from schemas.canonical import LOINC, CanonicalEvent, Source, Status, new_event
 from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES, CONSCIOUSNESS, CONTEXT,
                            DIASTOLIC_BP, DISCHARGE, FIO2, GCS_ANSWERS, GCS_COMPONENTS, GCS_RANGE, GCS_TOTAL,
-                           LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2, SYSTOLIC_BP, canonical_code, gcs_acvpu,
-                           to_canonical_unit)
+                           LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2, SYSTOLIC_BP, VERSION_MARK, VERSION_MARKS,
+                           canonical_code, gcs_acvpu, to_canonical_unit)
 from schemas.deadletter import Reason, Rejection
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import (reject_future_measurements, acvpu_letter, finite_number, gcs_total, iso_to_ms,
@@ -695,7 +697,29 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
         # GCS components without a total to hold them (their own Observations, or another panel): not summed
         # across resources, which may be charted at different times; counted apart so an operator sees them
         ctx.skip(GCS_COMPONENTS_ONLY if _gcs_components(obs) else "unmapped_code")
+        return _unmapped_version(obs, ctx)
+    return _observation_events(obs, measured, ctx)
+
+
+def _unmapped_version(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
+    """An Observation of no code wardwatch maps: nothing, unless it is a version after the first (meta.versionId
+    above 1, or none), whose earlier version may have carried a mapped code (a code corrected to another):
+    then its version marker (_version_marker), when it is otherwise valid. It never rejects the notification
+    (an unmapped Observation is no reason to), and its skips are counted once, as `unmapped_code` (above)."""
+    meta = obs.get("meta") if isinstance(obs.get("meta"), dict) else {}
+    quiet = dataclasses.replace(ctx, skipped={}, unknown_patients=[])
+    try:
+        if not _after_first_version(meta):  # version 1 (most unmapped labs): nothing to replace
+            return []
+        events = _observation_events(obs, [], quiet)
+    except Reject:  # invalid, of a status not ingested, without a patient or a time: skipped as before
         return []
+    ctx.unknown_patients += quiet.unknown_patients  # its subject's MRN must be read, as a mapped one's
+    return events
+
+
+def _observation_events(obs: dict, measured: list, ctx: _Context) -> list[CanonicalEvent]:
+    """The events of an Observation (`measured`: _measured_codes(obs), empty for a code wardwatch does not map)."""
     validate_observation(obs, ctx.status.fhir_version)
 
     obs_id = obs.get("id")
@@ -757,19 +781,49 @@ def observation_events(obs: dict, ctx: _Context) -> list[CanonicalEvent]:
                   {**provenance, "gcs_total": gcs[0]} if gcs else provenance, version_codes)
         for code, (value, text, *gcs) in values.items()  # a GCS: its ACVPU level, the total in provenance
     ]
-    if not issued and events:
+    if not events:
+        # version 1 (or, without versionId, one whose lastUpdated is missing too: 1) has no earlier one to replace
+        if version <= 1 or not _after_first_version(meta):
+            return []
+        # a later version holding none of the mapped codes (recoded to an unmapped one, every value absent)
+        # still replaces the resource's earlier facts: its marker, when its times can be trusted
+        marker = _version_marker(obs_id, patient, effective_ms, issued_ms, version, encounter, provenance,
+                                 "no_value" if measured else "unmapped_code")
+        try:
+            reject_future_measurements([marker], None if issued else _clock_bound(ctx))
+        except Reject:  # nothing bounds its time, or it lies in the future: no marker (it would move the clock)
+            return []
+        return [marker]
+    if not issued:
         # the effective time stands in for the issued time, so it bounds nothing (_parse checks every event
         # against its issued time). The server's clock does: the notification's timestamp; else when the
         # message reached Kafka (the record's timestamp: the receiver wrote it on delivery, so nothing in it
         # was measured later; a record holds one even in a backlog). With no clock at all a 2099 typo cannot
         # be told from a reading, and taking it would move the patient's clock for good: dead-lettered, as a
         # consumer that cannot check a time does not trust it (replayable once a time is known)
-        bound = ctx.status.timestamp_ms if ctx.status.timestamp_ms is not None else ctx.received_ms
+        bound = _clock_bound(ctx)
         if bound is None:
             raise Reject(Reason.MISSING_TIME, "Observation has no issued, meta.lastUpdated or notification "
                                               "timestamp, and no record time: its effective time cannot be checked")
         reject_future_measurements(events, bound)
     return events
+
+
+def _clock_bound(ctx: _Context) -> int | None:
+    """What bounds an effective time standing in for a missing issued time: the notification's timestamp,
+    else the Kafka record's; None with neither."""
+    return ctx.status.timestamp_ms if ctx.status.timestamp_ms is not None else ctx.received_ms
+
+
+def _version_marker(obs_id: str, patient: str, effective_ms: int, issued_ms: int, version: int,
+                    encounter: str | None, provenance: dict, why: str) -> CanonicalEvent:
+    """A version that carries none of the mapped codes (schemas.codes.VERSION_MARK): the retraction of a fact
+    that is never live, with empty `version_codes`, so that the patient state retracts every fact the
+    resource's earlier versions gave (docs/patient-state.md, rule 6). `why` (provenance `version_marker`):
+    unmapped_code (its code is none wardwatch maps) or no_value (every value absent)."""
+    return new_event(patient, VERSION_MARK, None, None, effective_ms, issued_ms, Status.ENTERED_IN_ERROR,
+                     Source.FHIR, f"fhir:Observation/{obs_id}:{VERSION_MARK}", version, encounter, VERSION_MARKS,
+                     None, {**provenance, "version_marker": why}, ())
 
 
 @cache

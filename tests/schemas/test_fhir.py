@@ -1231,3 +1231,77 @@ def test_the_ehr_visit_number_names_the_encounter_when_the_server_sends_it():
                                           "identifier": {"value": "ENC-MRN-0001-77"}}
     observations = parse(orjson.dumps(bundle), 1).events
     assert observations and {e.encounter_id for e in observations} == {"ENC-MRN-0001-77"}
+
+
+# --- a version carrying no mapped code still replaces its resource's facts (rule 6) ----------------
+
+ABSENT = {"dataAbsentReason": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                                           "code": "error"}]}}
+UNMAPPED = {"coding": [{"system": "http://loinc.org", "code": "2339-0", "display": "Glucose [Mass/volume] in Blood"}]}
+
+
+def heart_rate_observation(version: str | None, **changes) -> bytes:
+    """r4_parameters_event's heart rate (Observation/vs-hr-1) as version `version` (None: no versionId), with
+    `changes` (a key set to None is removed)."""
+    doc = json.loads(fhir_bundle("r4_parameters_event"))
+    obs = doc["entry"][1]["resource"]
+    obs["meta"] = {"lastUpdated": "2024-06-15T15:00:00Z", **({"versionId": version} if version else {})}
+    obs.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del obs[key]
+    return json.dumps(doc).encode()
+
+
+def assert_marker(outcome, version: int, why: str, status: Status = Status.ENTERED_IN_ERROR):
+    assert isinstance(outcome, Parsed), outcome
+    (m,) = outcome.events
+    assert (m.code, m.code_system, m.fact_id) == (codes.VERSION_MARK, codes.VERSION_MARKS,
+                                                   f"fhir:Observation/vs-hr-1:{codes.VERSION_MARK}")
+    assert (m.version, m.value, m.status, m.version_codes) == (version, None, status, ())
+    assert m.patient_id == "MRN-0001" and m.effective_ms == EFFECTIVE_MS
+    assert m.issued_ms == 1_718_463_600_000  # a later version: known from when the server stored it (15:00Z)
+    assert m.provenance["version_marker"] == why and m.provenance["resource"] == "Observation/vs-hr-1"
+    return m
+
+
+def test_a_later_version_recoded_to_an_unmapped_code_is_a_version_marker():
+    """v1 a heart rate, v2 the same resource recoded (the nurse picked the wrong code and the EHR corrected it)
+    to a code wardwatch does not map. It gave no event, so the heart rate stayed live; now its marker carries
+    'version 2 holds none of the mapped codes', which retracts it downstream (docs/patient-state.md rule 6)."""
+    outcome = parse(heart_rate_observation("2", code=UNMAPPED))
+    assert_marker(outcome, 2, "unmapped_code")
+    assert outcome.skipped == {"unmapped_code": 1}  # still counted as an unmapped Observation
+    # cancelled as well as recoded: the same marker (the cancelled status only retracts)
+    m = assert_marker(parse(heart_rate_observation("3", code=UNMAPPED, status="cancelled")), 3, "unmapped_code")
+    assert m.provenance["fhir_status"] == "cancelled"
+    # without a versionId the version cannot be told: it may replace one, by lastUpdated
+    assert_marker(parse(heart_rate_observation(None, code=UNMAPPED)), 1_718_463_600_000, "unmapped_code")
+    # version 1 (most unmapped labs): no earlier version to replace, so nothing new on the canonical topic
+    outcome = parse(heart_rate_observation("1", code=UNMAPPED))
+    assert isinstance(outcome, Ignored) and outcome.kind == "unmapped_code"
+    assert outcome.detail["skipped"] == {"unmapped_code": 1}
+    # an unmapped Observation is no reason to dead-letter a notification: one that is not valid gives no
+    # marker, and is skipped as before
+    for broken in ({"status": "unknown"}, {"subject": None}, {"effectiveDateTime": None}):
+        outcome = parse(heart_rate_observation("2", code=UNMAPPED, **broken))
+        assert isinstance(outcome, Ignored) and outcome.detail["skipped"] == {"unmapped_code": 1}, broken
+
+
+def test_a_later_version_whose_value_is_absent_is_a_version_marker():
+    # v2 amended with a dataAbsentReason "error" instead of the value: the value stands withdrawn
+    outcome = parse(heart_rate_observation("2", status="amended", valueQuantity=None, **ABSENT))
+    assert_marker(outcome, 2, "no_value")
+    assert outcome.skipped == {"no_value": 1}
+    # version 1 without a value: nothing, as before
+    assert isinstance(parse(heart_rate_observation("1", valueQuantity=None, **ABSENT)), Ignored)
+
+
+def test_a_later_gcs_version_without_a_total_or_its_three_components_is_a_version_marker():
+    doc = json.loads(gcs({"component": [gcs_part(EYE, {"valueInteger": 2}), gcs_part(MOTOR, {"valueInteger": 5})]}))
+    doc["entry"][1]["resource"]["meta"]["versionId"] = "2"
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Parsed) and outcome.skipped == {"gcs_incomplete": 1}
+    (m,) = outcome.events
+    assert (m.code, m.fact_id, m.version, m.version_codes) == (
+        codes.VERSION_MARK, f"fhir:Observation/gcs-1:{codes.VERSION_MARK}", 2, ())
+    assert m.provenance["version_marker"] == "no_value"

@@ -19,7 +19,7 @@ from schemas.ingest_outcome import Parsed
 from streams.patient_agent import CanonicalMessage, PatientProcessor, PatientRecord
 from streams.alerting import NAMESPACE
 from streams.scoring import Scorer, ScoreResult
-from tests.fixtures.ingest.corpus import gcs_bundle
+from tests.fixtures.ingest.corpus import fhir_bundle, gcs_bundle
 from wardwatch.settings import Settings
 
 T0 = 1_718_000_000_000
@@ -1133,3 +1133,53 @@ def test_a_resolution_by_discharge_says_the_last_score_rested_on_old_readings(pr
     assert resolved["resource"]["prediction"][0]["rationale"] == (
         "NEWS2 9; systolic BP 85 mmHg taken 15 h before this assessment, not rechecked; "
         "temperature 38.5 °C taken 15 h before this assessment, not rechecked")
+
+
+# --- a FHIR version carrying no mapped code replaces its resource's earlier facts (rule 6) ---------------
+
+
+def fhir_heart_rate(patient: str, t: int, version: str, **changes) -> list[CanonicalEvent]:
+    """The canonical events the FHIR parser makes of Observation/vs-hr-1 (fixture r4_parameters_event: a heart
+    rate) charted at t (ms) for `patient`, as version `version`, with `changes` (a key set to None is removed)."""
+    doc = orjson.loads(fhir_bundle("r4_parameters_event"))
+    obs = doc["entry"][1]["resource"]
+    at = datetime.fromtimestamp(t / 1000, timezone.utc).isoformat()
+    obs.update(effectiveDateTime=at, issued=at, meta={"versionId": version, "lastUpdated": at})
+    obs["subject"]["identifier"]["value"] = patient
+    obs.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del obs[key]
+    outcome = parse_notification(orjson.dumps(doc), topic="ww.fhir.notifications", partition=0, offset=0)
+    return outcome.events if isinstance(outcome, Parsed) else []  # before the version marker: Ignored, no event
+
+
+@pytest.mark.parametrize("v2", [
+    {"code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]}},  # recoded to an unmapped code
+    {"status": "amended", "valueQuantity": None,  # the value withdrawn: "absent: error"
+     "dataAbsentReason": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                                      "code": "error"}]}},
+], ids=["recoded", "value_absent"])
+def test_an_alert_resting_on_a_heart_rate_its_next_version_withdraws_is_withdrawn(processor, v2):
+    """HR 140 (NEWS2 3 on its own: a medium alert), then its Observation's version 2 re-codes it to a code
+    wardwatch does not map, or amends it to "value absent: error". Version 2 gave no event: the 140 stayed live,
+    and the alert (and every later score) kept resting on a reading the EHR had withdrawn."""
+    store: dict[str, PatientRecord] = {}
+    others = [e for e in vitals("p1", T0, 1, **NORMAL) if e.code != codes.HEART_RATE]
+    [hr] = fhir_heart_rate("p1", T0, "1", valueQuantity={"value": 140, "unit": "/min",
+                                                         "system": "http://unitsofmeasure.org", "code": "/min"})
+    [opened] = alerts_of(run(processor, [msg(0, [*others, hr])], store))
+    assert (opened["header"]["kind"], opened["header"]["tier"]) == ("open", "medium")
+
+    [marker] = fhir_heart_rate("p1", T0, "2", **v2)
+    out = run(processor, [msg(1, [marker])], store)
+    [snapshot] = [orjson.loads(v) for _, v, _ in out.features]
+    assert snapshot["trigger"] == "correction" and snapshot["features"]["heart_rate_last_24h"] is None
+    assert snapshot["features"]["news2"] is None  # no heart rate left to score: NEWS2 incomplete
+    [correction] = alerts_of(out)
+    assert correction["header"]["kind"] == "correction"
+    assert correction["header"]["original_alert_id"] == opened["header"]["alert_id"]
+    assert correction["resource"]["status"] == "entered-in-error"  # withdrawn: nothing else supports it
+    assert processor.counters["replaced"] == 1 and store["p1"].state.facts.get(codes.HEART_RATE, []) == []
+    # the marker redelivered, or version 1 again: nothing more
+    again = run(processor, [msg(2, [marker]), msg(3, [hr])], store)
+    assert again.features == [] and again.alerts == []
