@@ -262,11 +262,8 @@ class _Draft:
                 # sources sent the preliminary result, too far apart in value to be one fact)
                 if (twin := self._preliminary_twin(e, self._other_source_at(e, lateness_ms))) is not None:
                     return self._finalise(e, twin, entry)
-                retracts = e.status is _RETRACTION
-                self._remember(e, False, retracts)
                 self._unlive(e, known_effective_ms)
-                if not retracts:
-                    self._live(e)
+                self._remember_live(e)
                 return Outcome(e, Kind.CORRECTED)
 
         # rule 6: a new fact of a resource already known at a higher version: that version does not carry it
@@ -288,10 +285,7 @@ class _Draft:
 
         if entry is not None and not alias:  # an expired key taken as new: drop any stale copy
             self._unlive(e, known_effective_ms)
-        retracts = e.status is _RETRACTION
-        self._remember(e, False, retracts)  # rule 5
-        if not retracts:
-            self._live(e)
+        self._remember_live(e)  # rule 5
         if self.clock is None or e.effective_ms > self.clock:
             self.clock = e.effective_ms
         return Outcome(e, Kind.ACCEPTED)
@@ -398,8 +392,7 @@ class _Draft:
         self._set_known(twin_id, (known[0] if known else twin[VERSION], twin[EFFECTIVE_MS], True))
         if stale is not None and not stale[2]:  # an expired key of e taken as new: drop any stale copy
             self._unlive(e, stale[1])
-        self._remember(e, False, False)
-        self._live(e)
+        self._remember_live(e)
         return Outcome(e, Kind.CORRECTED, supersedes=twin_id)
 
     # --- copy-on-write mutations -----------------------------------------------------------
@@ -409,12 +402,29 @@ class _Draft:
         self._set_known(e.fact_id, (e.version, e.effective_ms, alias, None) if retracts else
                         (e.version, e.effective_ms, alias))
 
+    def _remember_live(self, e: CanonicalEvent) -> None:
+        """e's fact is known at e's version and, unless e retracts it, live as e says (rule 5)."""
+        if e.status is _RETRACTION:
+            self._remember(e, False, True)
+            return
+        # the live copy implies the entry (version, effective_ms, not an alias): it is not written
+        # (PatientState.explicit). Set here rather than written by _set_known and dropped again: no copy
+        # of `explicit` for a run of new facts, two calls less per event
+        if not self._own_known:
+            self.known = dict(self.known)
+            self._own_known = True
+        self.known[e.fact_id] = (e.version, e.effective_ms, False)
+        if self.explicit is not None and e.fact_id in self.explicit:  # written before: a correction
+            self._set_explicit(e.fact_id, None)
+        fact = (e.effective_ms, e.fact_id, e.value, e.source.value, e.version)
+        insort(self._writable(e.code), (*fact, True) if e.status is _PRELIMINARY else fact)
+
     def _set_known(self, fact_id: str, entry: Known) -> None:
         if not self._own_known:
             self.known = dict(self.known)
             self._own_known = True
         self.known[fact_id] = entry
-        # written until _live finds that its new live copy implies it. (A live copy is only removed along
+        # written: an entry a live copy implies is set by _remember_live. (A live copy is only removed along
         # with a _set_known of its fact: corrected, finalised, made an alias, or pruned with its content.)
         self._set_explicit(fact_id, entry)
 
@@ -438,13 +448,6 @@ class _Draft:
             self.facts[code] = list(self.facts.get(code, ()))
             self._own_codes.add(code)
         return self.facts[code]
-
-    def _live(self, e: CanonicalEvent) -> None:
-        fact = (e.effective_ms, e.fact_id, e.value, e.source.value, e.version)
-        insort(self._writable(e.code), (*fact, True) if e.status is _PRELIMINARY else fact)
-        # always after its _remember: the new copy implies the entry, unless it is an alias's
-        if self.explicit is not None and self.known.get(e.fact_id) == (e.version, e.effective_ms, False):
-            self._set_explicit(e.fact_id, None)
 
     def _unlive(self, e: CanonicalEvent, known_effective_ms: int) -> None:
         """Remove the live copy of e's fact, if any (it sits at the effective time `known` recorded)."""
