@@ -37,6 +37,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from schemas.canonical import LOINC, CanonicalEvent, Status, new_event
@@ -226,6 +227,13 @@ def apply_batch(
     return BatchResult(draft.finish(dedupe_horizon_ms, allowed_lateness_ms), outcomes, changed)
 
 
+@lru_cache(maxsize=256)
+def _resource_fact_ids(resource: str) -> tuple[tuple[str, str], ...]:
+    """(code, fact_id) of each fact a resource can have (rule 6), in _RESOURCE_CODES order. Cached: every event
+    of a FHIR panel (several codes, one resource) looks them all up, some twice (_superseded, replace)."""
+    return tuple((code, f"{resource}:{code}") for code in _RESOURCE_CODES)
+
+
 class _Draft:
     """A copy-on-write working copy of a PatientState: copies a part only when it first changes."""
 
@@ -297,11 +305,9 @@ class _Draft:
         fact_id, code = e.fact_id, e.code
         if code not in _RESOURCE_CODE_SET or not fact_id.endswith(code) or fact_id[-len(code) - 1:-len(code)] != ":":
             return
-        resource = fact_id[:-len(code) - 1]
         floor = None if self.clock is None else self.clock - horizon_ms
         known = self.known
-        for code in _RESOURCE_CODES:
-            fact_id = f"{resource}:{code}"
+        for code, fact_id in _resource_fact_ids(fact_id[:-len(code) - 1]):
             entry = known.get(fact_id)
             if entry is not None and (floor is None or entry[1] >= floor):
                 yield code, fact_id, entry
