@@ -265,19 +265,34 @@ def without_secrets(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if "header" in r.get("channel", {}) else r for r in resources]
 
 
-def put_fhir_resources(fhir_url: str, resources: list[dict[str, Any]], timeout_s: float = 180.0) -> None:
+def put_fhir_resources(fhir_url: str, resources: list[dict[str, Any]], timeout_s: float = 180.0, *,
+                       token: str | None = None, proxy: str | None = None) -> None:
     """(Talks to the FHIR server.) PUT each resource by id (idempotent: a rerun updates in place),
-    retrying while the server starts."""
+    retrying while the server starts. `token`: sent as `Authorization: Bearer`; `proxy`: the only proxy (none
+    from the environment, HTTP_PROXY and the like: the Subscriptions carry the receiver token, and `token`).
+    The caller passes them for WARDWATCH_FHIR_SERVER_URL only (fhir_access)."""
     import time as clock
 
     import httpx
 
     base = fhir_url.rstrip("/")
     deadline = clock.monotonic() + timeout_s
-    with httpx.Client(timeout=30.0, headers={"Content-Type": "application/fhir+json"}) as http:
+    headers = {"Content-Type": "application/fhir+json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    # a transport of its own: httpx then takes no proxy from the environment (as streams/fhir_fetch.py)
+    with httpx.Client(timeout=30.0, headers=headers, transport=httpx.HTTPTransport(proxy=proxy)) as http:
         for r in resources:
             send_until_success(deadline, lambda r=r: http.put(f"{base}/{r['resourceType']}/{r['id']}", json=r),
                          what=f"PUT {r['resourceType']}/{r['id']} to the FHIR server at {base}")
+
+
+def fhir_access(settings: Settings, fhir_url: str) -> dict[str, str | None]:
+    """put_fhir_resources' `token` and `proxy` for `fhir_url`: WARDWATCH_FHIR_AUTH_TOKEN and
+    WARDWATCH_FHIR_PROXY_URL when it is WARDWATCH_FHIR_SERVER_URL (the server they are for: the token goes to no
+    other, and compose's own HAPI server is reached directly even when the EHR's is behind a proxy); else none."""
+    if not settings.fhir_server_url or fhir_url.rstrip("/") != settings.fhir_server_url.rstrip("/"):
+        return {"token": None, "proxy": None}
+    return {"token": settings.fhir_auth_token.get_secret_value() if settings.fhir_auth_token else None,
+            "proxy": settings.fhir_proxy_url.get_secret_value() if settings.fhir_proxy_url else None}
 
 
 def send_until_success(deadline: float, send, what: str):

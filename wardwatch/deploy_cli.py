@@ -91,15 +91,17 @@ def connector(
 @deploy_app.command("subscriptions")
 def subscriptions(
     apply: Optional[str] = typer.Option(None, help="FHIR base URL to PUT the resources to, e.g. "
-                                                   "http://fhir:8080/fhir; without it, print them"),
+                                                   "http://fhir:8080/fhir; without it, print them. When it is "
+                                                   "WARDWATCH_FHIR_SERVER_URL, with WARDWATCH_FHIR_AUTH_TOKEN "
+                                                   "and through WARDWATCH_FHIR_PROXY_URL (if set)"),
     receiver: str = typer.Option("receiver", help="Host name the FHIR server uses to reach `wardwatch receiver`"),
     heartbeat_s: int = typer.Option(60, min=1, help="Heartbeat period the FHIR server promises (seconds)"),
     timeout_s: float = typer.Option(300.0, help="How long to wait for the FHIR server (seconds)"),
 ) -> None:
     """Generate the R4B SubscriptionTopics and backport Subscriptions (rest-hook to the receiver); printed
     with the receiver token masked, sent with it by --apply."""
-    from wardwatch.deploy import (DeployError, put_fhir_resources, receiver_url, subscription_resources,
-                                  without_secrets)
+    from wardwatch.deploy import (DeployError, fhir_access, put_fhir_resources, receiver_url,
+                                  subscription_resources, without_secrets)
 
     settings = _settings()
     resources = subscription_resources(settings, receiver_url(settings, receiver), heartbeat_s)
@@ -107,7 +109,7 @@ def subscriptions(
         print(json.dumps(without_secrets(resources), indent=2))
         return
     try:
-        put_fhir_resources(apply, resources, timeout_s=timeout_s)
+        put_fhir_resources(apply, resources, timeout_s=timeout_s, **fhir_access(settings, apply))
     except DeployError as exc:
         _fail(exc)
     console.print(f"{len(resources)} subscription resources on {apply}")

@@ -3,7 +3,7 @@
 (default: that host and port) with http.client, answering with the upstream's answer. Every request it gets is
 kept in `requests` as (method, absolute URL, Proxy-Authorization header). With `credentials` ("user:password")
 a request without them in Proxy-Authorization (Basic) is answered 407 and not forwarded. No CONNECT (https
-targets): the tests reach plain-http servers on loopback ports."""
+targets): the tests reach plain-http servers on loopback ports. GET and PUT."""
 
 from __future__ import annotations
 
@@ -27,8 +27,15 @@ class ForwardProxy:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
+                self.forward("GET")
+
+            def do_PUT(self):
+                self.forward("PUT")
+
+            def forward(self, method: str):
                 sent = self.headers.get("Proxy-Authorization")
-                proxy.requests.append(("GET", self.path, sent))
+                proxy.requests.append((method, self.path, sent))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 target = urlsplit(self.path)
                 if target.scheme != "http" or not target.hostname:
                     return self.answer(400, b"absolute http URL expected")
@@ -40,7 +47,7 @@ class ForwardProxy:
                 try:
                     path = target.path + (f"?{target.query}" if target.query else "")
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                    upstream.request("GET", path or "/", headers=headers)
+                    upstream.request(method, path or "/", body=body or None, headers=headers)
                     response = upstream.getresponse()
                     body = response.read()
                     keep = {k: v for k, v in response.getheaders()

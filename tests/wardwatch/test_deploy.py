@@ -210,6 +210,57 @@ def test_put_fhir_resources_retries_a_starting_server_and_puts_by_id():
     assert paths[1:] == [f"/fhir/{r['resourceType']}/{r['id']}" for r in resources]
 
 
+class _FhirRecorder(BaseHTTPRequestHandler):
+    calls: list[tuple[str, str | None]] = []
+
+    def do_PUT(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).calls.append((self.path, self.headers.get("Authorization")))
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_put_fhir_resources_to_the_fhir_server_url_uses_its_token_and_proxy_and_never_an_environment_proxy(
+        monkeypatch):
+    """`deploy subscriptions --apply` to WARDWATCH_FHIR_SERVER_URL: the ingest's token and
+    WARDWATCH_FHIR_PROXY_URL (credentials to the proxy only), as the ingest reaches that server. To any other
+    URL (compose's own HAPI server): direct, no token. HTTP_PROXY is never used: the Subscriptions carry the
+    receiver token."""
+    from tests.streams.forward_proxy import ForwardProxy
+    from wardwatch.deploy import fhir_access
+
+    _FhirRecorder.calls = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FhirRecorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = ForwardProxy(routes={"ehr.example:8443": ("127.0.0.1", server.server_port)}, credentials="ward:pa ss")
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)  # a proxy from the environment: must never be used
+    monkeypatch.setenv("NO_PROXY", "")
+    try:
+        settings = Settings(fhir_server_url="http://ehr.example:8443/fhir", fhir_auth_token="ehr-token-1",
+                            fhir_allow_plain_http=True, receiver_token="rx-token-123456",
+                            fhir_proxy_url=f"http://ward:pa%20ss@{proxy.url.removeprefix('http://')}")
+        resources = subscription_resources(settings)
+        put_fhir_resources("http://ehr.example:8443/fhir/", resources, timeout_s=30,
+                           **fhir_access(settings, "http://ehr.example:8443/fhir/"))
+        assert [auth for _, _, auth in proxy.requests] == ["Basic d2FyZDpwYSBzcw=="] * len(resources)  # ward:pa ss
+        assert [auth for _, auth in _FhirRecorder.calls] == ["Bearer ehr-token-1"] * len(resources)
+
+        proxy.requests.clear()
+        _FhirRecorder.calls = []
+        local = f"http://127.0.0.1:{server.server_port}/fhir"
+        put_fhir_resources(local, resources, timeout_s=30, **fhir_access(settings, local))
+        assert proxy.requests == []  # neither WARDWATCH_FHIR_PROXY_URL nor HTTP_PROXY
+        assert [auth for _, auth in _FhirRecorder.calls] == [None] * len(resources)  # the token is not sent there
+    finally:
+        proxy.stop()
+        server.shutdown()
+        server.server_close()
+
+
 # --- Prometheus, scheduler -------------------------------------------------------------------------
 
 
