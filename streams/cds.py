@@ -213,11 +213,14 @@ def patient_keys(request: Any, fhir_patient_ids_are_mrns: bool = False, mrn_syst
 
 def _token_patient(authorization: Any) -> str | None:
     """`fhirAuthorization.patient` (CDS Hooks: the FHIR id of the patient a token with patient/ scopes is restricted
-    to) when sent, else None; BadRequest when it is not a FHIR id. The rest of fhirAuthorization is checked only
+    to) when sent, else None; BadRequest when it is not a FHIR id (a "Patient/" prefix is dropped, as
+    context.patientId's). The rest of fhirAuthorization is checked only
     when the service reads with it (patient_read)."""
     if not isinstance(authorization, dict) or authorization.get("patient") is None:
         return None
     scoped = authorization["patient"]
+    if isinstance(scoped, str):  # "Patient/<id>" (some EHRs) as context.patientId: the same patient, not a refusal
+        scoped = scoped.strip().removeprefix("Patient/")
     if (not isinstance(scoped, str) or "/" in scoped
             or relative_reference(f"Patient/{scoped}") != f"Patient/{scoped}"):
         raise BadRequest("`fhirAuthorization.patient` is not a FHIR id (1 to 64 of A-Z a-z 0-9 - .): CDS Hooks "

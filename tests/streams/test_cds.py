@@ -1306,7 +1306,8 @@ def test_the_prefetched_patients_mrn_is_the_one_the_ingest_keys_its_readings_by(
 
 
 @pytest.mark.parametrize("scoped, error", [("fhir-b2", "is not `context.patientId`"),
-                                           ("Patient/fhir-a1", "not a FHIR id"), ("../fhir-a1", "not a FHIR id"),
+                                           ("Patient/fhir-b2", "is not `context.patientId`"),
+                                           ("Patient/../fhir-a1", "not a FHIR id"), ("../fhir-a1", "not a FHIR id"),
                                            (123, "not a FHIR id"), ("", "not a FHIR id")])
 def test_a_token_restricted_to_another_patient_than_the_context_is_a_400_and_no_request(scoped, error, caplog):
     """CDS Hooks: fhirAuthorization.patient is the FHIR id of the patient a patient/ scoped token is for. Another
@@ -1331,6 +1332,10 @@ def test_a_token_restricted_to_the_patient_in_context_reads_it_as_before():
         status, answer, received, _ = call_reading_fhir(patient_id, fhirAuthorization=authorization)
         assert status == 200 and answer["cards"][0]["summary"].startswith("Deterioration risk HIGH")
         assert [path for path, _ in received] == ["/fhir/Patient/fhir-a1"]
+        # sent as a reference, as some EHRs do (CDS Hooks says an id): the same patient, so no reason to refuse
+        status, answer, received, _ = call_reading_fhir(patient_id,
+                                                        fhirAuthorization=authorization | {"patient": "Patient/fhir-a1"})
+        assert status == 200 and answer["cards"] and [path for path, _ in received] == ["/fhir/Patient/fhir-a1"]
     status, answer, _, _ = call_reading_fhir("fhir-a1", fhirAuthorization=authorization | {"patient": None})
     assert status == 200 and answer["cards"]  # null: not sent (a token with user/ scopes)
 
