@@ -789,9 +789,12 @@ def _observation_events(obs: dict, measured: list, ctx: _Context) -> list[Canoni
         # still replaces the resource's earlier facts: its marker, when its times can be trusted
         marker = _version_marker(obs_id, patient, effective_ms, issued_ms, version, encounter, provenance,
                                  "no_value" if measured else "unmapped_code")
+        bound = None if issued else _clock_bound(ctx)
+        if not issued and bound is None:  # nothing bounds its time (checked against itself, 2099 would pass)
+            return []
         try:
-            reject_future_measurements([marker], None if issued else _clock_bound(ctx))
-        except Reject:  # nothing bounds its time, or it lies in the future: no marker (it would move the clock)
+            reject_future_measurements([marker], bound)
+        except Reject:  # its time lies in the future: no marker (it would move the clock)
             return []
         return [marker]
     if not issued:

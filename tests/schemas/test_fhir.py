@@ -1305,3 +1305,22 @@ def test_a_later_gcs_version_without_a_total_or_its_three_components_is_a_versio
     assert (m.code, m.fact_id, m.version, m.version_codes) == (
         codes.VERSION_MARK, f"fhir:Observation/gcs-1:{codes.VERSION_MARK}", 2, ())
     assert m.provenance["version_marker"] == "no_value"
+
+
+def test_a_version_marker_with_no_time_to_check_against_is_not_made():
+    """A later unmapped version with neither `issued`, meta.lastUpdated, a notification timestamp nor a record
+    time: its effective time was checked against itself, so a 2099 typo gave a marker, accepted downstream as a
+    new fact, moving the patient's clock 75 years ahead (every later reading late). A mapped version is
+    dead-lettered missing_time there; an unmapped one gives no marker and is skipped, as before."""
+    for effective in ("2099-06-15T14:06:36Z", "2024-06-15T14:06:36Z"):
+        doc = json.loads(_without_server_time(effective))
+        obs = doc["entry"][1]["resource"]
+        obs.update(meta={"versionId": "2"}, code=UNMAPPED)
+        outcome = parse(json.dumps(doc).encode())
+        assert isinstance(outcome, Parsed) and outcome.skipped == {"unmapped_code": 1}
+        assert not [e for e in outcome.events if e.code == codes.VERSION_MARK], effective
+        # with the record's time (the ingest worker's usual case) the 2024 version still gives its marker
+        received = parse_notification(json.dumps(doc).encode(), topic="t", partition=0, offset=0,
+                                      received_ms=EFFECTIVE_MS + 60_000)
+        assert [e.code for e in received.events if e.code == codes.VERSION_MARK] == (
+            [] if effective.startswith("2099") else [codes.VERSION_MARK])
