@@ -279,10 +279,13 @@ def put_fhir_resources(fhir_url: str, resources: list[dict[str, Any]], timeout_s
     deadline = clock.monotonic() + timeout_s
     headers = {"Content-Type": "application/fhir+json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     # a transport of its own: httpx then takes no proxy from the environment (as streams/fhir_fetch.py)
+    # the Subscriptions' channel headers hold the receiver token: never in an error a server's answer echoes
+    secrets = (token, *(h.partition(":")[2].strip().removeprefix("Bearer ").strip()
+                        for r in resources for h in r.get("channel", {}).get("header", [])))
     with httpx.Client(timeout=30.0, headers=headers, transport=httpx.HTTPTransport(proxy=proxy)) as http:
         for r in resources:
             send_until_success(deadline, lambda r=r: http.put(f"{base}/{r['resourceType']}/{r['id']}", json=r),
-                         what=f"PUT {r['resourceType']}/{r['id']} to the FHIR server at {base}")
+                               what=f"PUT {r['resourceType']}/{r['id']} to the FHIR server at {base}", secrets=secrets)
 
 
 def fhir_access(settings: Settings, fhir_url: str) -> dict[str, str | None]:
@@ -295,24 +298,31 @@ def fhir_access(settings: Settings, fhir_url: str) -> dict[str, str | None]:
             "proxy": settings.fhir_proxy_url.get_secret_value() if settings.fhir_proxy_url else None}
 
 
-def send_until_success(deadline: float, send, what: str):
+def send_until_success(deadline: float, send, what: str, secrets: tuple[str | None, ...] = ()):
     """Send until a 2xx; connection errors and 5xx are retried (the server may still be starting),
-    a 4xx is a configuration error and fails at once with the server's answer."""
+    a 4xx is a configuration error and fails at once with the server's answer. `secrets` (tokens the request
+    carries) are masked in the error: a server's 4xx may echo the resource it refused, headers included."""
     import time as clock
 
     import httpx
+
+    def masked(text: str) -> str:
+        for secret in secrets:
+            if secret:
+                text = text.replace(secret, "********")
+        return text
 
     last = "no answer"
     while clock.monotonic() < deadline:
         try:
             resp = send()
         except httpx.HTTPError as exc:
-            last = f"{type(exc).__name__}: {exc}"
+            last = masked(f"{type(exc).__name__}: {exc}")
         else:
             if resp.is_success:
                 return resp
             if 400 <= resp.status_code < 500:
-                raise DeployError(f"could not {what}: HTTP {resp.status_code}: {resp.text[:500]}")
+                raise DeployError(f"could not {what}: HTTP {resp.status_code}: {masked(resp.text)[:500]}")
             last = f"HTTP {resp.status_code}"
         clock.sleep(2.0)
     raise DeployError(f"could not {what} before the deadline ({last}): is the server up and reachable?")

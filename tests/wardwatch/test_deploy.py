@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, datetime, time, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -403,3 +404,37 @@ def read_all(settings, topic: str, expected_quiet_s: float = 3.0) -> list:
     finally:
         consumer.close()
     return seen
+
+
+class _FhirEcho(BaseHTTPRequestHandler):
+    """Refuses every PUT with a 422 whose OperationOutcome quotes the resource it got, headers included, as
+    some servers' validation messages do."""
+
+    def do_PUT(self):
+        sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        quoted = f"invalid channel.header {sent.get('channel', {}).get('header')} with {self.headers.get('Authorization')}"
+        answer = json.dumps({"resourceType": "OperationOutcome", "issue": [{"diagnostics": quoted}]}).encode()
+        self.send_response(422)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_refused_put_names_the_servers_answer_without_the_receiver_or_fhir_token():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FhirEcho)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        resources = subscription_resources(Settings(receiver_token="rx-token-123456"))
+        subscription = [r for r in resources if r["resourceType"] == "Subscription"][:1]
+        with pytest.raises(DeployError) as refused:
+            put_fhir_resources(f"http://127.0.0.1:{server.server_port}/fhir", subscription, timeout_s=30,
+                               token="ehr-token-1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(refused.value)
+    assert "HTTP 422" in message and "invalid" in message  # the server's answer, for the operator
+    assert "rx-token-123456" not in message and "ehr-token-1" not in message
