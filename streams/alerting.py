@@ -18,6 +18,12 @@ Rules
   re-score at the clock) count once, and points scored sooner than the cadence's interval (a reading
   raising its parameter's NEWS2 points, schemas/cadence.py) do not make it resolve
   sooner than regular rounds would: calm_for_ms is resolve_after scoring intervals.
+  Both are settings (WARDWATCH_ALERT_RESOLVE_AFTER, default 2; WARDWATCH_ALERT_CALM_FOR_S, unset: that
+  rule), as is suppression_ms (WARDWATCH_ALERT_SUPPRESSION_S, 30 min): more calm before resolving pages a
+  patient hovering at the threshold less often, at the cost that a new deterioration to the tier already
+  alerted inside the still-open episode pages nothing (a higher tier still escalates). A change applies
+  from the next point: the episode counter is in the state, so published ids stay, new episodes take new
+  numbers, and an open episode keeps its id and resolves by the new rule.
 - Suppression: an episode that opens within `suppression_ms` of the last alerted resolution is
   silent while the window lasts. It is deferred, not dropped: at its first scoring point after the
   window, if still medium/high, it alerts "open" at the tier of that point. An episode that never
@@ -143,9 +149,15 @@ class AlertPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> AlertPolicy:
-        policy = cls(alert_reset=settings.alert_reset, correctable_ms=settings.allowed_lateness_s * 1000, **overrides)
+        """The policy every plane runs (worker, benchmarks, tests): WARDWATCH_ALERT_RESET, _RESOLVE_AFTER,
+        _CALM_FOR_S (unset: resolve_after scoring intervals), _SUPPRESSION_S and the lateness bound."""
+        policy = cls(**{"alert_reset": settings.alert_reset, "resolve_after": settings.alert_resolve_after,
+                        "suppression_ms": settings.alert_suppression_s * 1000,
+                        "correctable_ms": settings.allowed_lateness_s * 1000, **overrides})
         if "calm_for_ms" in overrides:
             return policy
+        if settings.alert_calm_for_s is not None:
+            return dataclasses.replace(policy, calm_for_ms=settings.alert_calm_for_s * 1000)
         return dataclasses.replace(policy, calm_for_ms=policy.resolve_after * settings.scoring_min_interval_s * 1000)
 
 

@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     alert_threshold: float = Field(0.5, ge=0, le=1, description="Model probability at/above which an alert episode opens (above the high tier's 0.7 it is where high starts too)")
     alert_reset: float = Field(0.4, ge=0, le=1, description="Probability below which an open alert episode resolves (hysteresis; at most alert_threshold)")
     scoring_min_interval_s: int = Field(300, ge=0, description="Event time between two vitals scoring points of a patient (seconds; 0: every new vitals set); sooner only for a reading raising its parameter's NEWS2 points (schemas/cadence.py)")
+    # the calm rule of the alert policy (streams/alerting.py): a trade-off for the ward's clinical owners (README)
+    alert_resolve_after: int = Field(2, description="Consecutive calm scoring points (tier none/low, model risk below WARDWATCH_ALERT_RESET, at distinct times) that resolve an alert episode. More: a patient hovering at the NEWS2 threshold is paged less often, but a new deterioration to the tier already alerted inside the still-open episode is not paged (a higher tier still escalates)")
+    alert_calm_for_s: int | None = Field(None, description="Event time (seconds) a patient must also have been calm since the episode's last non-calm point before it resolves. Unset: WARDWATCH_ALERT_RESOLVE_AFTER x WARDWATCH_SCORING_MIN_INTERVAL_S, what that many regular rounds take")
+    alert_suppression_s: int = Field(1800, description="Re-alert hold-off (seconds): an episode opening within this long of the last alerted resolution pages at its first scoring point after it, if still medium/high (deferred, not dropped); 0: off")
     shadow_model_dir: Path | None = Field(
         None, description="Registry of the shadow (candidate) model: its `current` names the version to shadow-score. "
                           "None: the main registry's `candidate` pointer, if any")
@@ -272,6 +276,22 @@ class Settings(BaseSettings):
         # checked at startup: a typo would otherwise dead-letter every CDC message (internal_error) or, read
         # as UTC, shift every reading by hours without a word
         return iana_zone(value)
+
+    @field_validator("alert_resolve_after")
+    @classmethod
+    def _resolve_after_positive(cls, value):
+        if value < 1:  # 0 would resolve an episode on the very point that opened it
+            raise ValueError("must be 1 or more: the consecutive calm scoring points that resolve an alert "
+                             "episode (default 2); to make resolving stricter raise it, or set WARDWATCH_ALERT_CALM_FOR_S")
+        return value
+
+    @field_validator("alert_calm_for_s", "alert_suppression_s")
+    @classmethod
+    def _alert_time_not_negative(cls, value):
+        if value is not None and value < 0:
+            raise ValueError("must be 0 or more seconds of event time (0: no time condition); "
+                             "leave WARDWATCH_ALERT_CALM_FOR_S unset for WARDWATCH_ALERT_RESOLVE_AFTER scoring intervals")
+        return value
 
     @field_validator("gate_min_auroc_gain", "gate_min_auprc_gain")
     @classmethod

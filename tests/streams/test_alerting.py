@@ -168,6 +168,70 @@ def test_from_settings_the_calm_time_is_resolve_after_scoring_intervals():
     assert AlertPolicy.from_settings(Settings(scoring_min_interval_s=0)).calm_for_ms == 0  # every set is scored
 
 
+# --- the calm rule as the ward's clinical owners set it (WARDWATCH_ALERT_RESOLVE_AFTER, _CALM_FOR_S, _SUPPRESSION_S)
+
+def news2_point(hour, news2):
+    """An hourly NEWS2 round on the rule path: 5-6 medium, 7+ high, else none (streams/scoring.py)."""
+    tier = "high" if news2 >= 7 else "medium" if news2 >= 5 else "none"
+    return dict(scoring_ms=T0 + hour * 60 * MIN, tier=tier, probability=None, news2=news2, path="rule",
+                model_version=None)
+
+
+def test_resolve_after_set_to_3_keeps_the_episode_open_through_two_calm_points_and_resolves_at_the_third():
+    policy = AlertPolicy.from_settings(Settings(alert_resolve_after=3))
+    points = [rule_point(0, "medium"), rule_point(5, "low"), rule_point(10, "low")]
+    state, decisions = run(points, policy=policy)
+    assert summary(decisions) == [("open", "medium", 1, 0)] and state["open"]  # the default resolves here
+    _, decisions = run([*points, rule_point(15, "low")], policy=policy)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "low", 1, 15)]
+
+
+def test_a_longer_calm_duration_keeps_open_an_episode_the_default_resolves():
+    rounds = [rule_point(0, "high"), *(rule_point(m, "none") for m in range(5, 65, 5))]
+    _, decisions = run(rounds, policy=AlertPolicy.from_settings(Settings()))
+    assert summary(decisions) == [("open", "high", 1, 0), ("resolve", "none", 1, 10)]
+    _, decisions = run(rounds, policy=AlertPolicy.from_settings(Settings(alert_calm_for_s=3600)))
+    assert summary(decisions) == [("open", "high", 1, 0), ("resolve", "none", 1, 60)]  # an hour calm
+
+
+def test_the_suppression_window_is_a_setting():
+    # the default holds back a reopening 10 min after the resolution; with the hold-off off it pages at once
+    points = [rule_point(0, "medium"), rule_point(5, "none"), rule_point(10, "none"), rule_point(20, "medium")]
+    _, decisions = run(points, policy=AlertPolicy.from_settings(Settings()))
+    assert [d.kind for d in decisions] == ["open", "resolve"]
+    _, decisions = run(points, policy=AlertPolicy.from_settings(Settings(alert_suppression_s=0)))
+    assert summary(decisions)[-1] == ("open", "medium", 2, 20)
+
+
+# a patient hovering at the NEWS2 threshold (README): 5, then two rounds at 4, then 5 again, hourly for a day.
+# (Strictly alternating 5, 4, 5, 4 never resolves even by default: two calm points in a row are needed.)
+HOVERING = [news2_point(h, 5 if h % 3 == 0 else 4) for h in range(24)]
+
+
+@pytest.mark.parametrize("stricter", [{"alert_resolve_after": 3}, {"alert_calm_for_s": 3 * 3600}])
+def test_a_stricter_calm_rule_opens_fewer_episodes_for_a_patient_hovering_at_the_threshold(stricter):
+    _, default = run(HOVERING, policy=AlertPolicy.from_settings(Settings()))
+    _, strict = run(HOVERING, policy=AlertPolicy.from_settings(Settings(**stricter)))
+    opens = lambda decisions: [d for d in decisions if d.kind == "open"]  # noqa: E731
+    assert len(opens(default)) == 8  # paged at every return to 5
+    assert summary(strict) == [("open", "medium", 1, 0)]  # one episode, open all day
+
+
+def test_the_cost_of_a_stricter_calm_rule_a_new_deterioration_in_the_open_episode_is_not_paged_unless_higher():
+    # after two calm rounds the patient is back at NEWS2 6: by default a new episode pages (an hour after the
+    # resolution, past the hold-off); with resolve_after 3 the episode is still open at medium and 6 is medium:
+    # no page. A NEWS2 of 7 (high) still escalates inside the episode.
+    points = [news2_point(0, 5), news2_point(1, 4), news2_point(2, 4), news2_point(3, 6)]
+    _, default = run(points, policy=AlertPolicy.from_settings(Settings()))
+    assert [(d.kind, d.tier, d.episode) for d in default] == [("open", "medium", 1), ("resolve", "none", 1),
+                                                              ("open", "medium", 2)]
+    strict = AlertPolicy.from_settings(Settings(alert_resolve_after=3))
+    state, decisions = run(points, policy=strict)
+    assert [(d.kind, d.tier, d.episode) for d in decisions] == [("open", "medium", 1)]  # the NEWS2 of 6: silent
+    _, decisions = run([news2_point(4, 7)], state=state, policy=strict)
+    assert [(d.kind, d.tier, d.episode) for d in decisions] == [("escalate", "high", 1)]
+
+
 def test_an_older_point_alerts_but_never_calms_nor_replaces_the_latest_risk():
     # an older point is a vitals round charted after a correction point at the clock (streams/alerting.py): the
     # newest vitals. Before, it was dropped as a replay and a high NEWS2 charted so alerted nothing
@@ -205,6 +269,7 @@ def test_unknown_tier_is_a_bug():
 
 def test_policy_from_settings_takes_alert_reset():
     assert AlertPolicy.from_settings(Settings(alert_reset=0.25)).alert_reset == 0.25
+
 
 
 # --- corrections and discharge -------------------------------------------------------------------

@@ -324,6 +324,21 @@ def test_an_error_in_the_open_alerts_basis_withdraws_it_under_an_escalation_that
     assert alert_state["open"] and [a["alert_id"] for a in alert_state["alerts"]] == [escalated["header"]["alert_id"]]
 
 
+def test_the_worker_resolves_an_episode_by_the_calm_rule_its_settings_set(tmp_path):
+    """WARDWATCH_ALERT_RESOLVE_AFTER reaches the worker's policy: with 3, two calm rounds (which resolve by
+    default, the test below) leave the episode open and the third resolves it."""
+    settings = Settings(model_dir=tmp_path / "no-models", allowed_lateness_s=3600, alert_resolve_after=3)
+    processor = PatientProcessor(settings, Scorer(settings.model_dir, settings))
+    store: dict[str, PatientRecord] = {}
+    [opened] = alerts_of(run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "rr": 26, "spo2": 93}))], store))
+    assert opened["header"]["kind"] == "open"
+    calm = run(processor, [msg(1, vitals("p1", T0 + 10 * MIN, 2, **NORMAL)),
+                           msg(2, vitals("p1", T0 + 20 * MIN, 3, **NORMAL))], store)
+    assert alerts_of(calm) == [] and store["p1"].alert["open"]
+    third = run(processor, [msg(3, vitals("p1", T0 + 30 * MIN, 4, **NORMAL))], store)
+    assert [a["header"]["kind"] for a in alerts_of(third)] == ["resolve"]
+
+
 def test_an_error_behind_an_alert_whose_episode_resolved_withdraws_it(processor):
     """The patient recovered and the episode resolved; then the reading the alert rested on is entered
     in error. The alert is history now, but it rested on an error: it is withdrawn (DOMAIN.md: if an

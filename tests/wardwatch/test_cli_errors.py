@@ -78,6 +78,29 @@ def test_settings_that_contradict_each_other_are_refused_naming_both(clean_env, 
     assert "Value error" not in result.output
 
 
+@pytest.mark.parametrize(("env", "says"), [
+    ({"WARDWATCH_ALERT_RESOLVE_AFTER": "0"}, "WARDWATCH_ALERT_RESOLVE_AFTER='0': Value error, must be 1 or more"),
+    ({"WARDWATCH_ALERT_CALM_FOR_S": "-60"}, "WARDWATCH_ALERT_CALM_FOR_S='-60': Value error, must be 0 or more seconds"),
+    ({"WARDWATCH_ALERT_SUPPRESSION_S": "-1"}, "WARDWATCH_ALERT_SUPPRESSION_S='-1': Value error, must be 0 or more"),
+])
+def test_an_alert_calm_rule_that_cannot_work_is_refused_saying_what_to_set(clean_env, env, says):
+    # resolve_after 0 would resolve an episode on the point that opened it; a negative time is a typo
+    result = invoke("config", "show", env=env)
+
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert says in result.output
+
+
+def test_the_alert_calm_rule_settings_are_read(clean_env):
+    result = invoke("config", "show", "--json", env={"WARDWATCH_ALERT_RESOLVE_AFTER": "3",
+                                                     "WARDWATCH_ALERT_CALM_FOR_S": "1800",
+                                                     "WARDWATCH_ALERT_SUPPRESSION_S": "0"})
+
+    assert result.exit_code == 0, result.output
+    for said in ('"alert_resolve_after": 3', '"alert_calm_for_s": 1800', '"alert_suppression_s": 0'):
+        assert said in result.output
+
+
 @pytest.mark.parametrize("variable", ["WARDWATCH_GATE_MIN_AUROC_GAIN", "WARDWATCH_GATE_MIN_AUPRC_GAIN"])
 @pytest.mark.parametrize("value", ["-0.05", "nan"])
 def test_a_promotion_margin_that_would_promote_a_worse_model_is_refused(clean_env, variable, value):
