@@ -285,6 +285,12 @@ class Settings(BaseSettings):
                              "episode (default 2); to make resolving stricter raise it, or set WARDWATCH_ALERT_CALM_FOR_S")
         return value
 
+    @field_validator("alert_calm_for_s", mode="before")
+    @classmethod
+    def _calm_for_empty_is_unset(cls, value):
+        # `WARDWATCH_ALERT_CALM_FOR_S=` in an env file means "not set" (the default rule), not "no integer"
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("alert_calm_for_s", "alert_suppression_s")
     @classmethod
     def _alert_time_not_negative(cls, value):

@@ -101,6 +101,14 @@ def test_the_alert_calm_rule_settings_are_read(clean_env):
         assert said in result.output
 
 
+def test_an_empty_alert_calm_duration_in_an_env_file_is_unset_not_an_error(clean_env):
+    # `WARDWATCH_ALERT_CALM_FOR_S=` (an env file's way of leaving it blank) is the default rule
+    result = invoke("config", "show", "--json", env={"WARDWATCH_ALERT_CALM_FOR_S": " "})
+
+    assert result.exit_code == 0, result.output
+    assert '"alert_calm_for_s": null' in result.output
+
+
 @pytest.mark.parametrize("variable", ["WARDWATCH_GATE_MIN_AUROC_GAIN", "WARDWATCH_GATE_MIN_AUPRC_GAIN"])
 @pytest.mark.parametrize("value", ["-0.05", "nan"])
 def test_a_promotion_margin_that_would_promote_a_worse_model_is_refused(clean_env, variable, value):
