@@ -13,6 +13,8 @@ What it does (one embedded broker for everything):
    process's user+sys (getrusage), and per thread from /proc/self/task (librdkafka names its threads
    rdk:main, rdk:broker..., ; the main thread is the Python loop; threads that ended meanwhile are in
    "exited");
+   then it polls the empty input for `--idle-s` more and reports that CPU per second (a figure that
+   spans more than the ingest's own work, as the bench's, counts this idle polling too);
 3. the codec-only figure: benchmarks.codec.ingest_pass (parse + encode + batch_values, no Kafka) over the
    same messages, in this process, best of 5 by CPU time.
 
@@ -120,7 +122,7 @@ def _instrument(worker, stages: Stages) -> None:
 
 
 def child(expected: int, producer_conf: dict, consumer_conf: dict, profile: bool, timeout_s: float,
-          breakdown: bool = False) -> dict:
+          breakdown: bool = False, idle_s: float = 0.0) -> dict:
     import streams.ingest as ingest
     from streams.gc_tuning import freeze_startup_heap
     from streams.topics import topics_for
@@ -167,6 +169,17 @@ def child(expected: int, producer_conf: dict, consumer_conf: dict, profile: bool
         profiler.disable()
     cpu1, wall1, threads1 = _rusage(), time.monotonic(), _thread_cpu()
     snapshot = worker.stats_snapshot()
+    idle = {}
+    if idle_s > 0:  # the backlog is read: what polling an empty input costs, per second
+        idle_end = time.monotonic() + idle_s
+        while time.monotonic() < idle_end:
+            worker.poll_once()
+            worker.stats.maybe_publish()
+        threads2, cpu2 = _thread_cpu(), _rusage()
+        for tid, (name, seconds) in threads2.items():
+            group = _group(tid, name)
+            idle[group] = idle.get(group, 0.0) + (seconds - threads1.get(tid, (name, 0.0))[1]) / idle_s
+        idle["all"] = (cpu2 - cpu1) / idle_s
     worker.close()
 
     by_group: dict[str, float] = {}
@@ -177,7 +190,7 @@ def child(expected: int, producer_conf: dict, consumer_conf: dict, profile: bool
     by_group["exited (threads that ended meanwhile)"] = total - sum(by_group.values())
     result = {"messages": counted(), "cpu_s": total, "wall_s": wall1 - wall0, "polls": polls,
               "threads_cpu_s": by_group, "canonical_messages": snapshot["canonical_messages"],
-              "batches": snapshot["batches"], "alignment": snapshot.get("alignment")}
+              "batches": snapshot["batches"], "alignment": snapshot.get("alignment"), "idle_cpu_s_per_s": idle}
     if breakdown:
         result["stages_s"] = stages.seconds
         result["stage_calls"] = stages.calls
@@ -230,7 +243,8 @@ def run_child(settings, tree: Path, expected: int, args) -> dict:
     env.update(settings_env(settings.model_copy(update={"group_prefix": f"cpu{uuid.uuid4().hex[:8]}"})))
     env.update(dict(kv.split("=", 1) for kv in args.env))
     env["PYTHONPATH"] = str(tree)
-    cmd = [sys.executable, str(HERE), "--child", str(expected), "--timeout", str(args.timeout)]
+    cmd = [sys.executable, str(HERE), "--child", str(expected), "--timeout", str(args.timeout),
+           "--idle-s", str(args.idle_s)]
     for kv in args.producer_conf:
         cmd += ["--producer-conf", kv]
     for kv in args.consumer_conf:
@@ -269,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="librdkafka setting merged into the ingest's consumer config")
     parser.add_argument("--env", action="append", default=[], metavar="WARDWATCH_X=V",
                         help="a setting for the ingest child (e.g. WARDWATCH_INGEST_BATCH_SIZE=1000)")
+    parser.add_argument("--idle-s", type=float, default=3.0,
+                        help="after the backlog, poll the empty input this long and report its CPU per second")
     parser.add_argument("--timeout", type=float, default=300.0, help="per ingest run (seconds)")
     parser.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="clinosim cohort cache")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
@@ -278,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.child is not None:
         result = child(args.child, _conf(args.producer_conf), _conf(args.consumer_conf), args.profile, args.timeout,
-                       args.breakdown)
+                       args.breakdown, args.idle_s)
         print(json.dumps(result))
         return result
     if args.repeat < 1 or args.runs < 1:
@@ -323,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["trees"][tree] = {
             "runs_us_per_msg": [round(r["cpu_s"] / n * 1e6, 1) for r in runs],
             "median_us_per_msg": round(statistics.median(r["cpu_s"] / n * 1e6 for r in runs), 1),
+            "idle_ms_cpu_per_s": round(statistics.median(r["idle_cpu_s_per_s"].get("all", 0.0) for r in runs) * 1e3, 1),
             "threads_median_us_per_msg": {g: round(statistics.median(r["threads_cpu_s"].get(g, 0.0) / n * 1e6
                                                                      for r in runs), 1) for g in groups},
         }
@@ -331,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
               f" codec alone {codec:.1f}")
         for group, us in sorted(s["threads_median_us_per_msg"].items(), key=lambda kv: -kv[1]):
             print(f"    {group:<40} {us:>7.1f} µs/raw message")
+        if args.idle_s > 0:
+            print(f"    idle afterwards (input read, polling on): {s['idle_ms_cpu_per_s']:.1f} ms of CPU per second")
     if breakdown is not None:
         main_s = breakdown["threads_cpu_s"]["main (python loop)"]
         print(f"\nmain thread by stage (CPU clock; a run with the timers in: {breakdown['cpu_s'] / n * 1e6:.1f} "
