@@ -788,7 +788,8 @@ def _observation_events(obs: dict, measured: list, ctx: _Context) -> list[Canoni
         # a later version holding none of the mapped codes (recoded to an unmapped one, every value absent)
         # still replaces the resource's earlier facts: its marker, when its times can be trusted
         marker = _version_marker(obs_id, patient, effective_ms, issued_ms, version, encounter, provenance,
-                                 "no_value" if measured else "unmapped_code")
+                                 # a BP panel has no value of its own: without components it holds none
+                                 "no_value" if measured or _loinc(obs.get("code")) == BP_PANEL else "unmapped_code")
         bound = None if issued else _clock_bound(ctx)
         if not issued and bound is None:  # nothing bounds its time (checked against itself, 2099 would pass)
             return []

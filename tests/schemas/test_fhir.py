@@ -1307,6 +1307,20 @@ def test_a_later_gcs_version_without_a_total_or_its_three_components_is_a_versio
     assert m.provenance["version_marker"] == "no_value"
 
 
+def test_a_later_bp_panel_version_without_its_pressures_is_a_no_value_marker():
+    # the panel's code is mapped (its components carry the values): a version without them holds no value,
+    # which its marker says (not "unmapped_code", which would send an operator looking at the coding)
+    doc = json.loads(fhir_bundle("r4b_status_event"))
+    bp = doc["entry"][1]["resource"]
+    bp["meta"]["versionId"] = "2"
+    del bp["component"]
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Parsed), outcome
+    (m,) = [e for e in outcome.events if e.fact_id.startswith("fhir:Observation/vs-bp-1:")]
+    assert (m.code, m.fact_id, m.version) == (codes.VERSION_MARK, f"fhir:Observation/vs-bp-1:{codes.VERSION_MARK}", 2)
+    assert m.provenance["version_marker"] == "no_value"
+
+
 def test_a_version_marker_with_no_time_to_check_against_is_not_made():
     """A later unmapped version with neither `issued`, meta.lastUpdated, a notification timestamp nor a record
     time: its effective time was checked against itself, so a 2099 typo gave a marker, accepted downstream as a
