@@ -271,7 +271,6 @@ def test_policy_from_settings_takes_alert_reset():
     assert AlertPolicy.from_settings(Settings(alert_reset=0.25)).alert_reset == 0.25
 
 
-
 # --- corrections and discharge -------------------------------------------------------------------
 
 BASIS = lambda: [["hr:1", 1], ["rr:1", 1]]  # noqa: E731  the observations the alert was based on
