@@ -291,12 +291,19 @@ class Settings(BaseSettings):
         # `WARDWATCH_ALERT_CALM_FOR_S=` in an env file means "not set" (the default rule), not "no integer"
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("alert_calm_for_s", "alert_suppression_s")
+    @field_validator("alert_calm_for_s")
     @classmethod
-    def _alert_time_not_negative(cls, value):
+    def _calm_for_not_negative(cls, value):
         if value is not None and value < 0:
             raise ValueError("must be 0 or more seconds of event time (0: no time condition); "
                              "leave WARDWATCH_ALERT_CALM_FOR_S unset for WARDWATCH_ALERT_RESOLVE_AFTER scoring intervals")
+        return value
+
+    @field_validator("alert_suppression_s")
+    @classmethod
+    def _suppression_not_negative(cls, value):
+        if value < 0:
+            raise ValueError("must be 0 or more seconds of event time (0: no re-alert hold-off; default 1800)")
         return value
 
     @field_validator("gate_min_auroc_gain", "gate_min_auprc_gain")

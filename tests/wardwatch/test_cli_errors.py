@@ -91,6 +91,15 @@ def test_an_alert_calm_rule_that_cannot_work_is_refused_saying_what_to_set(clean
     assert says in result.output
 
 
+def test_a_negative_suppression_is_refused_saying_what_suppression_means_not_the_calm_rule(clean_env):
+    # the hold-off's own meaning of 0 (off); not the calm duration's advice (leave CALM_FOR_S unset)
+    result = invoke("config", "show", env={"WARDWATCH_ALERT_SUPPRESSION_S": "-1"})
+
+    assert result.exit_code == 2, result.output
+    said = result.output.split("WARDWATCH_ALERT_SUPPRESSION_S='-1'")[1].split("(Re-alert")[0]
+    assert "0: no re-alert hold-off" in said and "CALM_FOR_S" not in said
+
+
 def test_the_alert_calm_rule_settings_are_read(clean_env):
     result = invoke("config", "show", "--json", env={"WARDWATCH_ALERT_RESOLVE_AFTER": "3",
                                                      "WARDWATCH_ALERT_CALM_FOR_S": "1800",
