@@ -121,10 +121,20 @@ def _instrument(worker, stages: Stages) -> None:
     worker.stats.maybe_publish = stages.wrap("stats.maybe_publish", worker.stats.maybe_publish)
 
 
+def _gc_as_run_ingest() -> None:
+    """The garbage collector set-up the child's tree's run_ingest makes after building the worker: its
+    start-up heap frozen (streams/gc_tuning.py); a tree from before 7c72429 (an A/B's base, `--tree`) has
+    no such module and ran with CPython's defaults, as its child then does."""
+    try:
+        from streams.gc_tuning import freeze_startup_heap
+    except ImportError:
+        return
+    freeze_startup_heap()
+
+
 def child(expected: int, producer_conf: dict, consumer_conf: dict, profile: bool, timeout_s: float,
           breakdown: bool = False, idle_s: float = 0.0) -> dict:
     import streams.ingest as ingest
-    from streams.gc_tuning import freeze_startup_heap
     from streams.topics import topics_for
     from wardwatch.settings import Settings
 
@@ -136,7 +146,7 @@ def child(expected: int, producer_conf: dict, consumer_conf: dict, profile: bool
         ingest.consumer_config = lambda s: {**base_consumer(s), **consumer_conf}
     settings = Settings()
     worker = ingest.IngestWorker(settings, topics_for(settings))
-    freeze_startup_heap()  # as run_ingest
+    _gc_as_run_ingest()
 
     def counted() -> int:
         return sum(c.messages_in for c in worker.counters.sources.values())
