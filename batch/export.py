@@ -198,6 +198,10 @@ def export_deidentified(settings: Settings, out_dir: Path, *, compression: str =
                                                   "shifted": list(p.shift),
                                                   "kept": list(p.keep), "age_band": p.age_band}
                                               for n, p in POLICY.items() if n in written},
-                "date_shift": f"whole days, per patient, within +-{MAX_SHIFT_DAYS}, never 0"}
+                "date_shift": f"whole days, per patient, within +-{MAX_SHIFT_DAYS}, never 0",
+                # what an export's hashes join with: an export from before 2026-11-27 hashed encounter_id alone
+                "hash": {"function": "HMAC-SHA256(secret, '<kind>|<id>')",
+                         "encounter_id": "<id> is '<patient_id>|<encounter_id>' (since 2026-11-27; the encounter "
+                                         "id alone before: those exports' encounter hashes do not join these)"}}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return written

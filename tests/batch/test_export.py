@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import duckdb
@@ -305,3 +306,13 @@ def test_two_patients_with_the_same_visit_number_get_different_encounter_hashes(
     assert encounters.height == 2 and encounters["encounter_id"].n_unique() == 2
     joined = observations.join(encounters, on="encounter_id", how="inner")
     assert joined.height == 2 and (joined["patient_id"] == joined["patient_id_right"]).all()
+
+
+
+def test_the_manifest_says_an_encounter_hash_is_of_patient_and_encounter(tmp_path):
+    # an analyst holding an export from before the change finds its encounter hashes join nothing here:
+    # the manifest says why (the hash's input), not only that the column is hashed
+    settings = built(tmp_path / "db", build_same_visit_number)
+    export_deidentified(settings, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "'<patient_id>|<encounter_id>'" in manifest["hash"]["encounter_id"]
