@@ -2,31 +2,30 @@
 
 import os
 import sys
-import time
 from types import SimpleNamespace
 
 from benchmarks.ingest_cpu import Stages, _group, child
 
 
-def _burn(seconds: float) -> None:
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
-
-
 def test_a_stage_excludes_the_stages_timed_inside_it():
     # the breakdown sums to the main thread's CPU only if nothing is counted twice (poll_once contains
-    # _align, which contains _prepare)
-    stages = Stages()
-    inner = stages.wrap("inner", lambda: _burn(0.05))
+    # _align, which contains _prepare); a clock the test advances, so no timing is asserted
+    now = [0.0]
+    stages = Stages(clock=lambda: now[0])
+
+    def spend(seconds: float) -> None:
+        now[0] += seconds
+
+    inner = stages.wrap("inner", lambda: spend(0.05))
 
     def outer_body():
-        _burn(0.02)
+        spend(0.02)
         inner()
+        spend(0.01)
 
     stages.wrap("outer", outer_body)()
-    assert 0.05 <= stages.seconds["inner"] < 0.07
-    assert 0.02 <= stages.seconds["outer"] < 0.04  # its own 20 ms, not the inner 50 ms
+    assert stages.seconds["inner"] == 0.05
+    assert round(stages.seconds["outer"], 9) == 0.03  # its own 30 ms, not the inner 50 ms
     assert stages.calls == {"inner": 1, "outer": 1}
 
 
