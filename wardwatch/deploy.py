@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from schemas import codes
 from schemas.deadletter import Stage
@@ -280,8 +281,11 @@ def put_fhir_resources(fhir_url: str, resources: list[dict[str, Any]], timeout_s
     headers = {"Content-Type": "application/fhir+json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     # a transport of its own: httpx then takes no proxy from the environment (as streams/fhir_fetch.py)
     # the Subscriptions' channel headers hold the receiver token: never in an error a server's answer echoes
-    secrets = (token, *(h.partition(":")[2].strip().removeprefix("Bearer ").strip()
-                        for r in resources for h in r.get("channel", {}).get("header", [])))
+    # (and the proxy's password, as in the URL and decoded: a proxy's refusal or an error may quote either)
+    password = urlsplit(proxy).password if proxy else None
+    secrets = (token, password, unquote(password) if password else None,
+               *(h.partition(":")[2].strip().removeprefix("Bearer ").strip()
+                 for r in resources for h in r.get("channel", {}).get("header", [])))
     with httpx.Client(timeout=30.0, headers=headers, transport=httpx.HTTPTransport(proxy=proxy)) as http:
         for r in resources:
             send_until_success(deadline, lambda r=r: http.put(f"{base}/{r['resourceType']}/{r['id']}", json=r),

@@ -438,3 +438,37 @@ def test_a_refused_put_names_the_servers_answer_without_the_receiver_or_fhir_tok
     message = str(refused.value)
     assert "HTTP 422" in message and "invalid" in message  # the server's answer, for the operator
     assert "rx-token-123456" not in message and "ehr-token-1" not in message
+
+
+class _ProxyQuotingCredentials(BaseHTTPRequestHandler):
+    """A proxy refusing every request with a 400 that quotes the credentials it was sent (decoded)."""
+
+    def do_PUT(self):
+        import base64
+
+        self.rfile.read(int(self.headers["Content-Length"]))
+        sent = (self.headers.get("Proxy-Authorization") or "").removeprefix("Basic ")
+        answer = f"refused for {base64.b64decode(sent).decode()} at {self.path}".encode()
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_proxys_refusal_is_shown_without_the_proxy_password():
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyQuotingCredentials)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        resources = [r for r in subscription_resources(Settings()) if r["resourceType"] == "SubscriptionTopic"][:1]
+        with pytest.raises(DeployError) as refused:
+            put_fhir_resources("http://ehr.example:8080/fhir", resources, timeout_s=30,
+                               proxy=f"http://ward:pa%20ss-w0rd@127.0.0.1:{proxy.server_port}")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    message = str(refused.value)
+    assert "HTTP 400" in message and "refused for ward:" in message
+    assert "pa ss-w0rd" not in message and "pa%20ss-w0rd" not in message
