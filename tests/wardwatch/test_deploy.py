@@ -16,6 +16,7 @@ from schemas import codes
 from schemas.cdc import parse_cdc
 from schemas.ingest_outcome import Parsed
 from streams.topics import topics_for
+from tests.streams.local_http import QuietHandler
 from wardwatch.deploy import (BACKPORT, DeployError, EhrDatabase, cdc_prefix_parts, connector_config,
                               create_topics, next_run, parse_clock_time, partition_mismatches,
                               prometheus_config, put_fhir_resources, receiver_url, subscription_resources,
@@ -406,21 +407,14 @@ def read_all(settings, topic: str, expected_quiet_s: float = 3.0) -> list:
     return seen
 
 
-class _FhirEcho(BaseHTTPRequestHandler):
+class _FhirEcho(QuietHandler):
     """Refuses every PUT with a 422 whose OperationOutcome quotes the resource it got, headers included, as
     some servers' validation messages do."""
 
     def do_PUT(self):
         sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         quoted = f"invalid channel.header {sent.get('channel', {}).get('header')} with {self.headers.get('Authorization')}"
-        answer = json.dumps({"resourceType": "OperationOutcome", "issue": [{"diagnostics": quoted}]}).encode()
-        self.send_response(422)
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args):
-        pass
+        self.answer(422, json.dumps({"resourceType": "OperationOutcome", "issue": [{"diagnostics": quoted}]}).encode())
 
 
 def test_a_refused_put_names_the_servers_answer_without_the_receiver_or_fhir_token():
@@ -440,7 +434,7 @@ def test_a_refused_put_names_the_servers_answer_without_the_receiver_or_fhir_tok
     assert "rx-token-123456" not in message and "ehr-token-1" not in message
 
 
-class _ProxyQuotingCredentials(BaseHTTPRequestHandler):
+class _ProxyQuotingCredentials(QuietHandler):
     """A proxy refusing every request with a 400 that quotes the credentials it was sent (decoded)."""
 
     def do_PUT(self):
@@ -448,14 +442,7 @@ class _ProxyQuotingCredentials(BaseHTTPRequestHandler):
 
         self.rfile.read(int(self.headers["Content-Length"]))
         sent = (self.headers.get("Proxy-Authorization") or "").removeprefix("Basic ")
-        answer = f"refused for {base64.b64decode(sent).decode()} at {self.path}".encode()
-        self.send_response(400)
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args):
-        pass
+        self.answer(400, f"refused for {base64.b64decode(sent).decode()} at {self.path}".encode())
 
 
 def test_a_proxys_refusal_is_shown_without_the_proxy_password():
