@@ -78,6 +78,10 @@ def fhir_base_url(value: str) -> str:
 
 
 # RFC 3986: scheme ":" then the rest (http://..., urn:oid:..., urn:uuid:...); a URI holds no whitespace
+# upper bounds of the alert calm rule's settings: beyond them an episode would in practice never resolve (or a
+# re-alert never page), which a typo (milliseconds for seconds) would otherwise cause without a word
+MAX_CALM_POINTS = 96
+MAX_ALERT_HOLD_S = 86_400
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$")
 
 
@@ -283,6 +287,10 @@ class Settings(BaseSettings):
         if value < 1:  # 0 would resolve an episode on the very point that opened it
             raise ValueError("must be 1 or more: the consecutive calm scoring points that resolve an alert "
                              "episode (default 2); to make resolving stricter raise it, or set WARDWATCH_ALERT_CALM_FOR_S")
+        if value > MAX_CALM_POINTS:  # an episode that can never resolve never pages its patient again
+            raise ValueError(f"must be at most {MAX_CALM_POINTS} calm scoring points (a day of 15-minute rounds): "
+                             "an episode needing more would not resolve before the patient's next deterioration, which "
+                             "would then page nothing; to require a long calm, set WARDWATCH_ALERT_CALM_FOR_S")
         return value
 
     @field_validator("alert_calm_for_s", mode="before")
@@ -297,6 +305,9 @@ class Settings(BaseSettings):
         if value is not None and value < 0:
             raise ValueError("must be 0 or more seconds of event time (0: no time condition); "
                              "leave WARDWATCH_ALERT_CALM_FOR_S unset for WARDWATCH_ALERT_RESOLVE_AFTER scoring intervals")
+        if value is not None and value > MAX_ALERT_HOLD_S:  # typically milliseconds typed for seconds
+            raise ValueError(f"must be at most {MAX_ALERT_HOLD_S} seconds (24 h; is it in milliseconds?): an episode "
+                             "calm for longer would not resolve, and its patient's next deterioration would page nothing")
         return value
 
     @field_validator("alert_suppression_s")
@@ -304,6 +315,9 @@ class Settings(BaseSettings):
     def _suppression_not_negative(cls, value):
         if value < 0:
             raise ValueError("must be 0 or more seconds of event time (0: no re-alert hold-off; default 1800)")
+        if value > MAX_ALERT_HOLD_S:  # typically milliseconds typed for seconds
+            raise ValueError(f"must be at most {MAX_ALERT_HOLD_S} seconds (24 h; is it in milliseconds?): the hold-off "
+                             "defers the page of a patient deteriorating again after a resolved alert")
         return value
 
     @field_validator("gate_min_auroc_gain", "gate_min_auprc_gain")

@@ -82,6 +82,10 @@ def test_settings_that_contradict_each_other_are_refused_naming_both(clean_env, 
     ({"WARDWATCH_ALERT_RESOLVE_AFTER": "0"}, "WARDWATCH_ALERT_RESOLVE_AFTER='0': Value error, must be 1 or more"),
     ({"WARDWATCH_ALERT_CALM_FOR_S": "-60"}, "WARDWATCH_ALERT_CALM_FOR_S='-60': Value error, must be 0 or more seconds"),
     ({"WARDWATCH_ALERT_SUPPRESSION_S": "-1"}, "WARDWATCH_ALERT_SUPPRESSION_S='-1': Value error, must be 0 or more"),
+    # milliseconds typed for seconds: an episode that never resolves (or a re-alert held for 20 days) pages nothing
+    ({"WARDWATCH_ALERT_RESOLVE_AFTER": "97"}, "WARDWATCH_ALERT_RESOLVE_AFTER='97': Value error, must be at most 96"),
+    ({"WARDWATCH_ALERT_CALM_FOR_S": "1800000"}, "WARDWATCH_ALERT_CALM_FOR_S='1800000': Value error, must be at most 86400 seconds"),
+    ({"WARDWATCH_ALERT_SUPPRESSION_S": "1800000"}, "WARDWATCH_ALERT_SUPPRESSION_S='1800000': Value error, must be at most 86400"),
 ])
 def test_an_alert_calm_rule_that_cannot_work_is_refused_saying_what_to_set(clean_env, env, says):
     # resolve_after 0 would resolve an episode on the point that opened it; a negative time is a typo
