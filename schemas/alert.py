@@ -9,7 +9,8 @@
 Header (routing without parsing the resource): `kind` open | escalate | resolve | correction;
 `encounter_id` the patient's current stay: the EHR's visit number, or "fhir:Encounter/<id>" when only the FHIR
 server's Encounter id is known (schemas.fhir: a bare server id may equal another stay's visit number), which
-the resource references as "Encounter/<id>";
+the resource references as "Encounter/<id>"; a visit number it names by identifier (type VN), never as
+"Encounter/<visit number>", the server's Encounter of that id, which may be another patient's stay;
 `ward` the patient's current ward (None when no LOCATION is known); `status` the resource status;
 `original_alert_id` the alert a correction corrects (else None); `reason` "discharge" for a
 resolution by discharge (else None); `preliminary_basis` the LOINC codes of the basis readings that
@@ -34,7 +35,12 @@ alert it corrects, with status "amended" (new probability, basis, rationale) or 
 so a consumer that upserts resources by id always holds the latest word on each alert. A resolution
 (kind "resolve") is a resource of its own id carrying the last score, and a note (RESOLVED,
 RESOLVED_BY_DISCHARGE) that says it ends the episode: a reader of the resource alone, without the
-header, must not take it for one more alert. Minimum
+header, must not take it for one more alert. `subject` names
+the patient by MRN (an identifier typed MR, of WARDWATCH_MRN_SYSTEM when set), the key wardwatch has: a
+literal "Patient/<MRN>" would be the FHIR server's Patient of that id (HAPI numbers patients 1, 2, 3...),
+which may be another patient, and a ward app resolving it would show this alert under that patient's
+name. Only when the server is a facade whose Patient ids are the MRNs (WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS)
+is it the reference "Patient/<id>". Minimum
 necessary PHI: the patient and encounter ids only, never names, birth dates or the ward (the ward
 is in the header for routing only).
 """
@@ -59,6 +65,10 @@ QUALITATIVE_RISK: dict[str, tuple[str, str]] = {
     "high": ("high", "High likelihood"),
 }
 CANONICAL_EVENT_SYSTEM = "urn:wardwatch:canonical-event"  # identifier values: schemas.canonical.make_event_id
+# identifier types (HL7 v2 table 0203): the patient's MRN, the stay's visit number
+IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
+MRN_TYPE = {"coding": [{"system": IDENTIFIER_TYPE, "code": "MR", "display": "Medical record number"}]}
+VISIT_NUMBER_TYPE = {"coding": [{"system": IDENTIFIER_TYPE, "code": "VN", "display": "Visit number"}]}
 OUTCOME = "clinical deterioration"
 HOUR_MS = 3_600_000
 # the rationale of a rule-path resource without a NEWS2 (an input not charted within 24 h): its tier comes
@@ -172,9 +182,11 @@ def fhir_datetime(ms: int) -> str:
 def build_alert(decision, *, patient_id: str, encounter_id: str | None, probability: float | None,
                 news2: int | None, model_version: str | None, path: str, rationale: Sequence[Mapping[str, Any]],
                 basis: Sequence[Sequence], horizon_h: int = 12, ward: str | None = None,
-                stale: Sequence[Sequence] = ()) -> dict[str, Any]:
+                stale: Sequence[Sequence] = (), mrn_system: str | None = None,
+                patient_ids_are_fhir_ids: bool = False) -> dict[str, Any]:
     """`decision` is a streams.alerting.AlertDecision; `rationale` items carry feature, value, contribution;
-    `stale` the old readings it rests on (stale_readings(), module docstring)."""
+    `stale` the old readings it rests on (stale_readings(), module docstring). `mrn_system` (settings.mrn_system)
+    and `patient_ids_are_fhir_ids` (settings.fhir_patient_ids_are_mrns) say how `subject` names the patient."""
     status = getattr(decision, "status", "final")
     original = getattr(decision, "original_alert_id", None)
     header = {
@@ -202,10 +214,10 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         "id": original or decision.alert_id,
         "status": status,
         "method": {"text": f"wardwatch model {model_version}" if path == "model" else "NEWS2 rule"},
-        "subject": {"reference": f"Patient/{patient_id}"},
+        "subject": patient_reference(patient_id, mrn_system, patient_ids_are_fhir_ids),
     }
-    if encounter_id:  # a key from the FHIR server's id (schemas.fhir) references that Encounter, not "fhir:..."
-        resource["encounter"] = {"reference": f"Encounter/{fhir_encounter_server_id(encounter_id) or encounter_id}"}
+    if encounter_id:
+        resource["encounter"] = encounter_reference(encounter_id)
     resource["occurrenceDateTime"] = fhir_datetime(decision.scoring_ms)
     if basis:
         resource["basis"] = [basis_reference(*entry, at_ms=decision.scoring_ms) for entry in basis]
@@ -220,6 +232,22 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
     if notes:
         resource["note"] = notes
     return {"header": header, "resource": resource}
+
+
+def patient_reference(patient_id: str, mrn_system: str | None = None,
+                      patient_ids_are_fhir_ids: bool = False) -> dict[str, Any]:
+    """The RiskAssessment's subject: the patient by MRN (module docstring), or "Patient/<id>" on a facade."""
+    if patient_ids_are_fhir_ids:
+        return {"reference": f"Patient/{patient_id}"}
+    return {"type": "Patient", "identifier": {"type": MRN_TYPE, **({"system": mrn_system} if mrn_system else {}),
+                                              "value": patient_id}}
+
+
+def encounter_reference(encounter_id: str) -> dict[str, Any]:
+    """A key from the FHIR server's id (schemas.fhir) references that Encounter; a visit number is an identifier."""
+    if (server_id := fhir_encounter_server_id(encounter_id)) is not None:
+        return {"reference": f"Encounter/{server_id}"}
+    return {"type": "Encounter", "identifier": {"type": VISIT_NUMBER_TYPE, "value": encounter_id}}
 
 
 _FHIR_OBSERVATION = "fhir:Observation/"  # schemas/fhir.py: fact_id = fhir:Observation/<id>:<code>

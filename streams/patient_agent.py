@@ -569,7 +569,9 @@ class PatientProcessor:
                             model_version=described.get("model_version"), path=described.get("path") or "rule",
                             rationale=described.get("rationale") or [],
                             basis=described.get("basis", []),
-                            ward=context.ward, stale=described.get("stale") or [])
+                            ward=context.ward, stale=described.get("stale") or [],
+                            mrn_system=self.settings.mrn_system,
+                            patient_ids_are_fhir_ids=self.settings.fhir_patient_ids_are_mrns)
         out.alerts.append((patient.encode(), _output_json(alert), headers))
         self.counters[f"alerts_{d.kind}" if d.kind != "correction" else f"alerts_correction_{d.status}"] += 1
 

@@ -4,7 +4,8 @@ import orjson
 import pytest
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from schemas.alert import STALE_AFTER_MS, build_alert, fhir_datetime, format_age, iso_utc, stale_readings
+from schemas.alert import (MRN_TYPE, STALE_AFTER_MS, VISIT_NUMBER_TYPE, build_alert, fhir_datetime, format_age, iso_utc,
+                          stale_readings)
 from schemas.canonical import make_event_id
 from streams.alerting import AlertDecision
 
@@ -35,8 +36,8 @@ def test_model_alert_is_a_valid_risk_assessment():
     assert resource["resourceType"] == "RiskAssessment"
     assert resource["id"] == "3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b"  # the alert id: consumers upsert by it
     assert resource["status"] == "final"
-    assert resource["subject"] == {"reference": "Patient/p-17"}
-    assert resource["encounter"] == {"reference": "Encounter/enc-9"}
+    assert resource["subject"] == {"type": "Patient", "identifier": {"type": MRN_TYPE, "value": "p-17"}}
+    assert resource["encounter"] == {"type": "Encounter", "identifier": {"type": VISIT_NUMBER_TYPE, "value": "enc-9"}}
     assert resource["occurrenceDateTime"] == "2024-01-01T08:00:00Z"
     assert resource["method"] == {"text": "wardwatch model 2024-01-01.1"}
     # the FHIR reading's Observation version; the database reading's table row; both the canonical event id;
@@ -196,8 +197,11 @@ def test_no_names_or_other_identifiers_beyond_the_ids():
             for v in node:
                 yield from keys(v)
 
-    assert not {"name", "display"} & {k for k in keys(resource["subject"])}
-    assert not {"name", "birthDate", "identifier", "contained"} & set(keys({**resource, "basis": None}))
+    # the patient and the stay by the ids the header carries (MRN, visit number), nothing else of the person
+    assert resource["subject"]["identifier"]["value"] == "p-17" and "display" not in resource["subject"]
+    assert resource["encounter"]["identifier"]["value"] == "enc-9" and "display" not in resource["encounter"]
+    assert not {"name", "birthDate", "identifier", "contained"} & set(
+        keys({**resource, "basis": None, "subject": None, "encounter": None}))
     # the basis identifies readings, not people: canonical event ids only
     assert {b["identifier"]["system"] for b in resource["basis"]} == {"urn:wardwatch:canonical-event"}
     assert not {"name", "birthDate", "contained"} & set(keys(resource["basis"]))
@@ -237,6 +241,27 @@ def test_an_encounter_keyed_by_the_fhir_servers_id_is_named_so_and_referenced_as
     assert alert["header"]["encounter_id"] == "fhir:Encounter/45"
     assert alert["resource"]["encounter"] == {"reference": "Encounter/45"}
     RiskAssessment.model_validate(alert["resource"])
+
+
+def test_the_patient_and_a_visit_number_are_named_by_identifier_not_as_the_fhir_servers_resources_of_that_id():
+    """wardwatch keys a patient by MRN and a stay by the EHR's visit number (schemas.fhir): neither is the FHIR
+    server's resource id (HAPI numbers them 1, 2, 3...). "Patient/<MRN>" is the server's Patient of that id,
+    maybe another patient: a ward app resolving the subject would show this high risk under that one's name.
+    So both are logical references (identifier typed MR / VN, of WARDWATCH_MRN_SYSTEM when set)."""
+    alert = model_alert(patient_id="12", encounter_id="7", mrn_system="urn:oid:2.16.840.1.113883.19.5")
+    resource = alert["resource"]
+    RiskAssessment.model_validate(resource)
+    assert "reference" not in resource["subject"] and "reference" not in resource["encounter"]
+    assert resource["subject"] == {"type": "Patient", "identifier": {
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR",
+                             "display": "Medical record number"}]},
+        "system": "urn:oid:2.16.840.1.113883.19.5", "value": "12"}}
+    assert resource["encounter"]["identifier"]["value"] == "7"
+    assert resource["encounter"]["identifier"]["type"]["coding"][0]["code"] == "VN"
+    assert orjson.dumps(resource) == fhir_dump(resource)
+    # a facade whose Patient ids are the MRNs (WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS): that Patient is the patient
+    facade = model_alert(patient_id="12", patient_ids_are_fhir_ids=True)["resource"]
+    assert facade["subject"] == {"reference": "Patient/12"}
 
 
 def test_fhir_datetime_is_how_the_model_writes_an_iso_utc_time():

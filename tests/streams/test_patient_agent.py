@@ -68,6 +68,21 @@ def test_a_changed_message_is_one_scoring_point_and_a_high_news2_opens_one_alert
     assert make_event_id(f"cdc:vital_signs:1:{codes.HEART_RATE}", 1) in basis
 
 
+def test_an_alert_names_its_patient_by_mrn_not_as_the_fhir_servers_patient_of_that_id(tmp_path):
+    """The key is the MRN (the CDC rows' patient key): "Patient/<MRN>" would be the server's Patient of that
+    id, another patient's on a HAPI server numbering 1, 2, 3... A facade's Patient ids are the MRNs."""
+    for facade in (False, True):
+        settings = Settings(model_dir=tmp_path / "no-models", mrn_system="urn:oid:1.2.3", fhir_patient_ids_are_mrns=facade)
+        out = run(PatientProcessor(settings, Scorer(settings.model_dir, settings)), [msg(0, vitals("4711", T0, 1))], {})
+        [alert] = [orjson.loads(v) for _, v, _ in out.alerts]
+        if facade:
+            assert alert["resource"]["subject"] == {"reference": "Patient/4711"}
+        else:
+            assert alert["resource"]["subject"]["identifier"]["system"] == "urn:oid:1.2.3"
+            assert alert["resource"]["subject"]["identifier"]["value"] == "4711"
+            assert "reference" not in alert["resource"]["subject"]
+
+
 def test_a_single_news2_parameter_scoring_3_opens_an_alert_and_keeps_it_open(processor):
     store: dict[str, PatientRecord] = {}
     out = run(processor, [msg(0, vitals("p1", T0, 1, **{**NORMAL, "sbp": 85}))], store)
