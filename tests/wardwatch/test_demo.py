@@ -76,7 +76,9 @@ def test_alerts_are_valid_risk_assessments_with_deterministic_ids(demo):
         else:
             assert original_alert_id is None
             assert ra.id == alert_id
-        assert ra.subject.reference.startswith("Patient/")
+        # by MRN (typed MR), never as "Patient/<MRN>": the FHIR server's Patient of that id may be another patient
+        assert ra.subject.reference is None and ra.subject.identifier.value
+        assert ra.subject.identifier.type.coding[0].code == "MR"
 
 
 @pytest.mark.timeout(240)
