@@ -95,7 +95,9 @@ def subscriptions(
                                                    "WARDWATCH_FHIR_SERVER_URL, with WARDWATCH_FHIR_AUTH_TOKEN "
                                                    "and through WARDWATCH_FHIR_PROXY_URL (if set)"),
     receiver: str = typer.Option("receiver", help="Host name the FHIR server uses to reach `wardwatch receiver`"),
-    heartbeat_s: int = typer.Option(60, min=1, help="Heartbeat period the FHIR server promises (seconds)"),
+    heartbeat_s: Optional[int] = typer.Option(None, min=1, help="Heartbeat period the FHIR server promises (seconds); "
+                                                           "default WARDWATCH_FHIR_HEARTBEAT_PERIOD_S, the period the "
+                                                           "subscriptions watcher expects"),
     timeout_s: float = typer.Option(300.0, help="How long to wait for the FHIR server (seconds)"),
 ) -> None:
     """Generate the R4B SubscriptionTopics and backport Subscriptions (rest-hook to the receiver); printed
@@ -104,6 +106,17 @@ def subscriptions(
                                   subscription_resources, without_secrets)
 
     settings = _settings()
+    # the watcher (`wardwatch subscriptions`) reports a channel heartbeat-missed after
+    # WARDWATCH_FHIR_HEARTBEAT_MISSED_PERIODS x WARDWATCH_FHIR_HEARTBEAT_PERIOD_S of silence: a server asked for a
+    # longer period than that raises a false alarm between every two heartbeats
+    expected_s = max(1, int(settings.fhir_heartbeat_period_s))  # unsignedInt; rounded down, never later
+    if heartbeat_s is None:
+        heartbeat_s = expected_s
+    elif heartbeat_s > expected_s:
+        console.print(f"warning: --heartbeat-s {heartbeat_s} is longer than WARDWATCH_FHIR_HEARTBEAT_PERIOD_S="
+                      f"{settings.fhir_heartbeat_period_s:g}, the period the subscriptions watcher expects: set that "
+                      "setting to the same value for every wardwatch service, or the watcher reports missed heartbeats",
+                      highlight=False, soft_wrap=True)
     resources = subscription_resources(settings, receiver_url(settings, receiver), heartbeat_s)
     if apply is None:  # to check what will be sent: the receiver token stays out of terminals and logs
         print(json.dumps(without_secrets(resources), indent=2))

@@ -149,3 +149,26 @@ def test_redrive_refuses_a_reason_no_dead_letter_can_have_and_names_the_close_on
     assert result.output.count("\n") == 1
     assert "--reason fetch-failed: no dead letter has that reason (did you mean fetch_failed?)" in result.output
     assert "cannot reach the Kafka broker" not in result.output
+
+
+def _heartbeats(result) -> set[int]:
+    subs = [r for r in json.loads(result.stdout) if r["resourceType"] == "Subscription"]
+    return {ext["valueUnsignedInt"] for s in subs for ext in s["channel"]["extension"]
+            if ext["url"].endswith("/backport-heartbeat-period")}
+
+
+def test_subscriptions_ask_for_the_heartbeat_period_the_watcher_expects(clean_env):
+    # subscription-init runs without --heartbeat-s: with a fixed 60 s, a site that set
+    # WARDWATCH_FHIR_HEARTBEAT_PERIOD_S=15 had its watcher report every channel heartbeat-missed (45 s of silence)
+    result = invoke("subscriptions", env={"WARDWATCH_FHIR_HEARTBEAT_PERIOD_S": "15"})
+
+    assert result.exit_code == 0, result.output
+    assert _heartbeats(result) == {15}
+
+
+def test_subscriptions_warn_of_a_heartbeat_longer_than_the_watcher_expects(clean_env):
+    result = invoke("subscriptions", "--heartbeat-s", "120", env={"WARDWATCH_FHIR_HEARTBEAT_PERIOD_S": "60"})
+
+    assert result.exit_code == 0, result.output
+    assert _heartbeats(result) == {120}
+    assert "--heartbeat-s 120 is longer than WARDWATCH_FHIR_HEARTBEAT_PERIOD_S=60" in result.stderr
