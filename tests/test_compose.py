@@ -637,3 +637,23 @@ def test_dockerfile_passes_hadolint():
         pytest.skip("hadolint is not installed (not on PyPI); https://github.com/hadolint/hadolint")
     result = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+
+def test_the_connector_reaches_the_hospitals_database_set_in_env(monkeypatch):
+    # docs/operations.md, "Against a real EHR": EHR_DB_HOST in .env points connector-init at the hospital's
+    # database; hard-coded to `postgres`, the connector kept reading the demo database whatever .env said
+    from typer.testing import CliRunner
+
+    from wardwatch.cli import app
+
+    init_env = load_compose({"EHR_DB_HOST": "ehr-db.hospital.example", "EHR_DB_PORT": "6432",
+                             "EHR_DB_NAME": "clinical"})["services"]["connector-init"]["environment"]
+    for name in [k for k in os.environ if k.startswith(ENV_PREFIX) or k.startswith(("EHR_DB_", "DEBEZIUM_DB_"))]:
+        monkeypatch.delenv(name)
+    result = CliRunner().invoke(app, ["deploy", "connector"], env={k: str(v) for k, v in init_env.items()})
+
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)["config"]
+    assert (config["database.hostname"], config["database.port"], config["database.dbname"]) == (
+        "ehr-db.hospital.example", "6432", "clinical")
