@@ -267,6 +267,16 @@ class Settings(BaseSettings):
             raise ValueError("set but empty: give a path, or unset the variable for the default")
         return value
 
+    @field_validator("nightly_at")
+    @classmethod
+    def _clock_time(cls, value):
+        # the pattern lets 25:00 or 07:60 through: the scheduler then stopped at start, and compose restarted it
+        # for ever, with a line that did not name the variable
+        hour, minute = (int(part) for part in value.split(":"))
+        if hour > 23 or minute > 59:
+            raise ValueError("not a time of day: HH:MM from 00:00 to 23:59, e.g. 02:30")
+        return value
+
     @field_validator("mrn_system")
     @classmethod
     def _identifier_system(cls, value):

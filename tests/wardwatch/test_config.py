@@ -78,3 +78,13 @@ def test_fhir_patient_ids_are_not_taken_for_mrns_unless_the_operator_says_so(mon
     monkeypatch.setenv("WARDWATCH_FHIR_PATIENT_IDS_ARE_MRNS", "true")
     assert Settings().fhir_patient_ids_are_mrns is True
     assert "Patient.id" in Settings.model_fields["fhir_patient_ids_are_mrns"].description
+
+
+def test_a_nightly_time_that_is_no_time_of_day_is_refused_with_its_variable(monkeypatch):
+    # the scheduler used to crash-loop on WARDWATCH_NIGHTLY_AT=24:00 with "'24:00' is not a time of day"
+    monkeypatch.setenv("WARDWATCH_NIGHTLY_AT", "24:00")
+    result = CliRunner().invoke(app, ["config", "show"])
+
+    assert result.exit_code == 2
+    assert "WARDWATCH_NIGHTLY_AT='24:00'" in result.output and "00:00 to 23:59" in result.output
+    assert Settings(nightly_at="23:59").nightly_at == "23:59"
