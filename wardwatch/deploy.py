@@ -70,7 +70,11 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     existing = {name: len(t.partitions) for name, t in metadata.topics.items()}
     problems = partition_mismatches(specs, existing)
     if problems:
-        raise DeployError("; ".join(problems) + ": recreate these topics or set WARDWATCH_PARTITIONS to match")
+        # recreating a topic would throw its backlog (CDC and raw inputs not yet read) away: never advise it
+        raise DeployError("; ".join(problems) + ": set WARDWATCH_PARTITIONS back to the topics' count, or, for more "
+                          "partitions, move to a new set of topics (new WARDWATCH_TOPIC_PREFIX, "
+                          "WARDWATCH_CDC_TOPIC_PREFIX and WARDWATCH_GROUP_PREFIX: docs/operations.md, \"More "
+                          "partitions: a new set of topics\"); do not delete these topics, that loses their backlog")
     wanted = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=settings.replication_factor,
                        config=s.config)
               for s in specs if s.name not in existing]

@@ -70,8 +70,10 @@ def test_create_topics_creates_all_then_is_idempotent(settings):
 def test_create_topics_refuses_a_topic_with_another_partition_count(settings):
     create_topics(settings.model_copy(update={"partitions": 2}))
 
-    with pytest.raises(DeployError, match=r"has 2 partitions, expected 4.*WARDWATCH_PARTITIONS"):
+    with pytest.raises(DeployError, match=r"has 2 partitions, expected 4.*WARDWATCH_PARTITIONS") as refused:
         create_topics(settings)
+    # the way to more partitions that keeps the backlog, never "recreate these topics" (which loses it)
+    assert "More partitions: a new set of topics" in str(refused.value) and "recreate" not in str(refused.value)
 
 
 # --- Debezium connector ----------------------------------------------------------------------------
