@@ -176,6 +176,23 @@ def test_single_class_labels_are_refused(tmp_path):
 
 
 
+def test_a_patient_trained_on_is_never_held_out_when_the_cohort_grows():
+    """The gate scores `current` (trained on last night's file) on tonight's held-out patients: a patient it
+    was trained on must not be among them, or `current` is judged on its own training data and a good
+    retrain refused. With a permutation of the sorted ids, one patient more in 300 moved 35 of the 75
+    held-out patients to the other side."""
+    from batch.train import split_patients
+
+    cohort = [f"P{i:04d}" for i in range(300)]
+    trained_on, held_out = split_patients(cohort)
+    assert 0.15 * len(cohort) < len(held_out) < 0.35 * len(cohort)
+    for grown in (cohort + ["P9999"], cohort + [f"Q{i:03d}" for i in range(100)], cohort[50:] + ["P9999"]):
+        train_now, held_out_now = split_patients(grown)
+        assert not held_out_now & trained_on
+        assert held_out_now >= held_out & set(grown)
+    assert all(all(split_patients([f"x{i}" for i in range(n)])) for n in range(2, 12))  # never an empty side
+
+
 def test_held_out_patients_with_no_row_at_risk_give_a_model_whose_metrics_are_not_computable(tmp_path):
     """Every held-out patient already deteriorated at each point: no held-out row to judge the model on.
     It is published with metrics None (the gate keeps it as a candidate), not a scikit-learn error."""
@@ -548,7 +565,7 @@ def test_held_out_figures_carry_reproducible_patient_level_95_percent_intervals(
 
 
 def test_batch_trains_summary_says_when_the_held_out_set_is_too_small_to_judge(trained):
-    """10 held-out patients (a quarter of 40): `batch train` printed their AUROC and intervals like any
+    """14 held-out patients (about a quarter of 40): `batch train` printed their AUROC and intervals like any
     others. The card now counts the held-out patients with an onset, and the summary warns before the
     figures; a large enough held-out set gets no warning."""
     import copy
@@ -557,11 +574,11 @@ def test_batch_trains_summary_says_when_the_held_out_set_is_too_small_to_judge(t
 
     model_dir, card, features = trained
     bootstrap = card["metrics"]["bootstrap"]
-    assert bootstrap["patients"] == card["n_test_patients"] == 10
+    assert bootstrap["patients"] == card["n_test_patients"] == 14
     # labels_for: a heart rate over 100 (or 5 % noise) is an onset; a patient with ~15 points has some
-    assert 0 < bootstrap["patients_with_onset"] <= 10
+    assert 0 < bootstrap["patients_with_onset"] <= 14
     lines = train_summary(card, model_dir).splitlines()
-    assert lines[1] == (f"  warning: held-out set too small: 10 patients, {bootstrap['patients_with_onset']} of them "
+    assert lines[1] == (f"  warning: held-out set too small: 14 patients, {bootstrap['patients_with_onset']} of them "
                         "with an onset: too few to judge a model by (at least 20 patients and 10 with an onset are "
                         "needed); these AUROC/AUPRC figures and their 95 % intervals are noise, not evidence")
     assert lines[2].startswith("  model  AUROC")
