@@ -173,10 +173,20 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
     trained = con.execute("SELECT * FROM runs WHERE model_version IS NOT NULL "
                           "ORDER BY started_at DESC, run_id DESC LIMIT 1").fetchone()
     # the onset label is evaluated on at-risk rows only (already deteriorated patients are excluded)
+    # one model's discrimination: pooling the points of two versions (before and after a promotion) would give
+    # a figure of neither. The version serving last; the others per day in model_performance_daily
+    served = con.execute("SELECT model_version FROM scores WHERE model_version IS NOT NULL AND probability IS NOT NULL "
+                         "ORDER BY scoring_ms DESC, model_version DESC LIMIT 1").fetchone()
+    served = served[0] if served else None
     labelled = con.execute("""
         SELECT s.probability, s.news2, l.label, s.patient_id FROM scores s
         JOIN labels l USING (snapshot_id)
-        WHERE s.news2 IS NOT NULL AND l.at_risk""").fetchall()
+        WHERE s.news2 IS NOT NULL AND l.at_risk AND s.model_version IS NOT DISTINCT FROM $served""",
+                           {"served": served}).fetchall()
+    other_versions = con.execute("""
+        SELECT count(*), count(DISTINCT s.model_version) FROM scores s JOIN labels l USING (snapshot_id)
+        WHERE s.news2 IS NOT NULL AND l.at_risk AND s.probability IS NOT NULL
+          AND s.model_version IS DISTINCT FROM $served""", {"served": served}).fetchone()
     points, at_risk = con.execute("SELECT count(*), count(*) FILTER (WHERE at_risk) FROM labels").fetchone()
     episodes = con.execute("SELECT DISTINCT patient_id, onset_ms FROM labels "
                            "WHERE label = 1 AND at_risk AND onset_ms IS NOT NULL").fetchall()
@@ -194,7 +204,10 @@ def gather(con: duckdb.DuckDBPyConnection) -> dict:
                bool_and(parity_ok) FROM runs
         WHERE started_at >= (SELECT coalesce(max(started_at), TIMESTAMPTZ '-infinity') FROM runs WHERE "full")
         """).fetchone()
-    return {"run": latest, "trained": dict(zip(columns, trained)) if trained else None, "since_full": since_full, "labelled": labelled, "alerts_opened": int(opened),
+    return {"run": latest, "trained": dict(zip(columns, trained)) if trained else None, "since_full": since_full,
+            "labelled": labelled, "served_model": served,
+            "other_versions": {"points": int(other_versions[0]), "versions": int(other_versions[1])},
+            "alerts_opened": int(opened),
             "patient_days": float(span_ms) / DAY_MS,
             "onset": {"points": int(points), "at_risk": int(at_risk), "episodes": len(episodes),
                       "detected": detected, "median_lead_time_h": lead_h}}
@@ -232,7 +245,14 @@ def render(data: dict) -> str:
               onset["detected"], onset["median_lead_time_h"]]]))
 
     rows = [r for r in data["labelled"] if r[0] is not None]
-    sections.append("<h2>Discrimination: served model vs NEWS2 (same labelled at-risk scoring points)</h2>")
+    served = data.get("served_model")
+    sections.append("<h2>Discrimination: served model" + (f" {html.escape(served)}" if served else "")
+                    + " vs NEWS2 (same labelled at-risk scoring points)</h2>")
+    if (others := data.get("other_versions") or {}).get("points"):
+        sections.append(f"<p>The file also holds {others['points']} labelled at-risk points scored by "
+                        f"{others['versions']} other model version(s) (before a promotion or a rollback): left out here, "
+                        "a figure pooling two models describes neither; `model_performance_daily` gives each version "
+                        "per day.</p>")
     y = np.array([r[2] for r in rows], dtype=float)
     if len(rows) and 0 < y.sum() < len(y):
         if small := too_few_to_judge(len({r[3] for r in rows}), len({r[3] for r in rows if r[2] == 1})):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import orjson
 import pytest
@@ -12,7 +13,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from typer.testing import CliRunner
 
 from batch.nightly import run_nightly
-from batch.report import auc, onset_detection, reliability, render, roc_points
+from batch.report import auc, gather, onset_detection, reliability, render, roc_points
 from batch.train import bootstrap_intervals
 from tests.batch.test_nightly import ALERT, deteriorate, stage1, stage2
 from tests.batch.test_rebuild import STANDINS, T0, build_archive, kafka, write
@@ -269,3 +270,28 @@ def test_query_prints_rows_csv_and_the_schema_summary(settings):
     assert {"patients", "alert_outcomes"} <= listed and not {"pg_type", "duckdb_columns"} & listed
     refused = runner.invoke(app, ["query", "DELETE FROM patients"], env=env)
     assert refused.exit_code == 2 and "read-only" in refused.output.lower()
+
+
+def test_discrimination_is_one_model_versions_not_a_pool_of_two(settings):
+    """After a promotion the file holds points scored by two versions; one AUROC over both describes neither
+    model. The report shows the version serving last and says how many points of other versions it left out."""
+    stage1(settings.archive_dir)
+    stage2(settings.archive_dir)
+    deteriorate(settings.archive_dir)
+    run_nightly(settings, **STANDINS)
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        scored = con.execute("SELECT count(*) FROM scores s JOIN labels l USING (snapshot_id) "
+                             "WHERE s.news2 IS NOT NULL AND l.at_risk AND s.probability IS NOT NULL").fetchone()[0]
+        first = con.execute("SELECT min(scoring_ms) FROM scores WHERE probability IS NOT NULL").fetchone()[0]
+        con.execute("UPDATE scores SET model_version = 'v0001' WHERE scoring_ms = ?", [first])
+        con.execute("UPDATE scores SET model_version = 'v0002' WHERE scoring_ms > ?", [first])
+        old = con.execute("SELECT count(*) FROM scores s JOIN labels l USING (snapshot_id) WHERE s.news2 IS NOT NULL "
+                          "AND l.at_risk AND s.model_version = 'v0001'").fetchone()[0]
+        data = gather(con)
+
+    assert scored > 2 and old >= 1
+    assert data["served_model"] == "v0002"
+    assert len([r for r in data["labelled"] if r[0] is not None]) == scored - old
+    assert data["other_versions"] == {"points": old, "versions": 1}
+    html = render(data)
+    assert "served model v0002 vs NEWS2" in html and f"{old} labelled at-risk points scored by 1 other" in html
