@@ -17,6 +17,11 @@ it and never names a table. Common to every shape:
 - Tombstone (null value) -> Control("tombstone"); `m` (logical message), `t` (truncate) and a row with no
   fact -> Ignored.
 - An unchanged TOASTed column (`__debezium_unavailable_value`) is skipped: it carries no new value.
+- A mapped column missing from the `after` row altogether (Debezium sends every captured column, null or
+  not: it was renamed or dropped, or the connector excludes it) is unknown, not null: no event and no
+  retraction for it, counted in Parsed.skipped (Ignored.detail["skipped"]) as `missing_column:<column>`.
+  Without the time, patient or key column the row is still rejected; an absent on-air flow still lets the
+  flag say air or oxygen; an absent encounter class leaves the admission without it.
 
 Shapes:
 - TableMapping (wide, vital_signs): one event per non-null mapped column, fact id
@@ -156,7 +161,9 @@ def _parse(topic: str, key: bytes | None, value: bytes | None, partition: int, o
     if isinstance(events, Ignored):
         return events
     reject_future_measurements(events, change.issued_ms)  # the commit time: the database's clock
-    return Parsed(events) if events else Ignored("no_values")  # e.g. only unchanged TOASTed columns
+    if not events:  # e.g. only unchanged TOASTed columns
+        return Ignored("no_values", {"skipped": change.skipped} if change.skipped else {})
+    return Parsed(events, skipped=change.skipped)
 
 
 class _Change:
@@ -171,6 +178,8 @@ class _Change:
         self.key_row = key_row
         self.schemas = schemas
         self.mapping = mapping
+        self.skipped: dict[str, int] = {}  # mapped columns the `after` row lacks, as missing_column:<column>
+        self.absent: set[str] = set()  # those columns
         self.lsn = _int_field(source.get("lsn"), "source.lsn")
         ts_ms = source.get("ts_ms", envelope.get("ts_ms"))
         self.issued_ms = _int_field(ts_ms, "source.ts_ms")
@@ -215,6 +224,18 @@ class _Change:
         """The patient an update moved the row away from, if it did."""
         old = self._patient(self.before) if self.op == "u" and self.before else None
         return old if old is not None and old != patient else None
+
+    def _absent(self, row: dict, column: str) -> bool:
+        """Whether a mapped column is missing from the row altogether (not null: Debezium sends every captured
+        column, null or not): renamed or dropped by a schema change, or excluded by the connector's
+        column.exclude.list. Its value is unknown, neither a reading nor a removal: nothing is emitted for it
+        (a null would retract the row's earlier value on every update) and it is counted as skipped."""
+        if column in row:
+            return False
+        self.absent.add(column)
+        kind = f"missing_column:{column}"  # a mapped column's name, never input: a bounded set of counter keys
+        self.skipped[kind] = self.skipped.get(kind, 0) + 1
+        return True
 
     def _was_set_before(self, column: str) -> bool:
         """Without a full `before` (REPLICA IDENTITY DEFAULT) assume it was set: a retraction of an
@@ -287,7 +308,7 @@ class _WideChange(_Change):
         for column, (code, value, text) in self._values(row).items():
             if value is not None:
                 events.append(self._event(patient, encounter, code, value, text, effective_ms, Status.FINAL))
-            elif self.op == "u" and self._charted_before(column):
+            elif self.op == "u" and column not in self.absent and self._charted_before(column):
                 events.append(self._retraction(patient, encounter, code, effective_ms))
         old_patient = self._moved_from(patient)
         if old_patient is not None:  # the row's facts leave the old patient's record
@@ -327,7 +348,10 @@ class _WideChange(_Change):
     def _values(self, row: dict) -> dict[str, tuple[str, float | None, str | None]]:
         """column -> (code, canonical value or None when null, text); unavailable columns omitted."""
         values = {}
+        on_air = self.mapping.on_air
         for column, (code, unit) in self.mapping.columns.items():
+            if self._absent(row, column) and not (on_air and column == on_air[0]):
+                continue  # (an absent flow is no flow for the on-air flag, but never retracted: row_events)
             raw = row.get(column)
             if raw is None:
                 values[column] = (code, None, None)
@@ -338,8 +362,7 @@ class _WideChange(_Change):
                 values[column] = (code, float(ACVPU_ORDINAL[letter]), letter)
             else:
                 values[column] = (code, self._number(code, raw, column, unit), None)
-        on_air = self.mapping.on_air
-        if on_air and on_air[0] in values:
+        if on_air and on_air[0] in values and not self._absent(row, on_air[1]):
             flag = _decode_bool(row.get(on_air[1]), on_air[1]) if values[on_air[0]][1] is None else None
             if flag is False:
                 values[on_air[0]] = (O2_FLOW, 0.0, None)
@@ -367,6 +390,8 @@ class _LongChange(_Change):
     def row_events(self) -> list[CanonicalEvent] | Ignored:
         m = self.mapping
         row, patient = self._after_row()
+        if self._absent(row, m.code_column):  # which test it is cannot be told: not "unmapped_code"
+            return Ignored("no_values", {"skipped": self.skipped})
         code = self._code(row)
         effective_ms = self._required_time(row, m.time_column)
         encounter = self._encounter(row)
@@ -386,7 +411,7 @@ class _LongChange(_Change):
             issued_ms = max(issued_ms, self.issued_ms)
         status = self._status(row)
         raw = row.get(m.value_column)
-        if raw == UNAVAILABLE:
+        if raw == UNAVAILABLE or self._absent(row, m.value_column):
             return events
         if self.op == "c" and self._cancelled(row):  # a new row: no earlier version gave a value to retract
             return events or Ignored(CANCELLED)
@@ -447,8 +472,11 @@ class _ContextChange(_Change):
         encounter = self._encounter(row)
         events = []
         for fact in self.mapping.facts:
-            if any(row.get(c) == UNAVAILABLE for c in (fact.presence, fact.text_column, fact.year_column) if c):
+            columns = [c for c in dict.fromkeys((fact.presence, fact.text_column, fact.year_column)) if c]
+            if any(row.get(c) == UNAVAILABLE for c in columns):
                 continue  # an unchanged TOASTed column carries no new value
+            if [c for c in columns if self._absent(row, c)] and fact.presence in self.absent:
+                continue  # (each absent column counted; one that only adds to the fact, e.g. the class, is null)
             if fact.presence and row.get(fact.presence) is None:
                 if self.op == "u" and not fact.per_time and self._was_set_before(fact.presence):
                     events.append(self._retraction(patient, encounter, fact.code, self._effective(row, fact)))

@@ -194,6 +194,44 @@ def test_update_with_unchanged_toasted_column_skips_that_column():
     assert events[codes.HEART_RATE].value == 99
 
 
+def _without(name: str, *columns: str, op: str | None = None) -> RawMessage:
+    """The fixture's message with columns removed from its `after` row (a schema change renamed or
+    dropped them, or the connector's column.exclude.list leaves them out)."""
+    msg = cdc_message(name)
+    value = json.loads(msg.value)
+    for column in columns:
+        del value["after"][column]
+    if op:
+        value["op"] = op
+    return RawMessage(msg.topic, msg.key, json.dumps(value).encode())
+
+
+@pytest.mark.parametrize("op", ["c", "u"])
+def test_a_column_missing_from_the_row_is_counted_not_null(op):
+    """heart_rate renamed to pulse in the EHR: every row arrives without it. A null would retract the
+    row's heart rate on each update (a live value gone); nothing at all would hide that the pipeline
+    lost every heart rate."""
+    outcome = parse(_without("update_default_identity", "heart_rate", op=op))
+    assert isinstance(outcome, Parsed), outcome
+    assert codes.HEART_RATE not in by_code(outcome)
+    assert outcome.skipped == {"missing_column:heart_rate": 1}
+    assert by_code(outcome)[codes.RESP_RATE].status is Status.FINAL  # the rest of the row as before
+
+
+def test_a_lab_row_without_its_code_column_is_not_an_unmapped_code():
+    outcome = parse(_without("lab_creatinine_umol_bare", "loinc_code"))
+    assert isinstance(outcome, Ignored) and outcome.detail == {"skipped": {"missing_column:loinc_code": 1}}
+    outcome = parse(_without("lab_creatinine_umol_bare", "value", op="u"))  # not a retraction of the result
+    assert isinstance(outcome, Ignored) and outcome.detail == {"skipped": {"missing_column:value": 1}}
+
+
+def test_an_encounter_without_its_discharge_column_retracts_no_discharge():
+    outcome = parse(_without("encounter_update_default_identity", "discharged_at"))
+    assert isinstance(outcome, Parsed), outcome
+    assert all(e.status is Status.FINAL for e in outcome.events)
+    assert outcome.skipped == {"missing_column:discharged_at": 1}
+
+
 def test_update_that_moves_the_row_to_another_patient_retracts_from_the_old_one():
     outcome = parsed("update_patient_moved")
     new = [e for e in outcome.events if e.patient_id == "MRN-0009"]
