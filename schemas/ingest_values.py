@@ -19,13 +19,15 @@ _MAX_MS = 4_102_444_800_000  # 2100-01-01
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
 _FRACTION = re.compile(r"(\.\d{6})\d+")  # nanosecond fractions: keep microseconds
+# a leap second (FHIR dateTime/instant allow seconds 60): read as second 59, as java.time's ISO_INSTANT parses it
+_LEAP_SECOND = re.compile(r"(T\d{2}:\d{2}:)60(?=\D|$)")
 
 
 def iso_to_ms(text: str, what: str, naive_zone: tzinfo | None = None) -> int:
     """ISO-8601 date or date-time -> epoch ms; a naive value is wall-clock time in naive_zone (a CDC
     database's zone, see wall_to_utc_ms), UTC when None."""
     try:
-        dt = datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip()))
+        dt = datetime.fromisoformat(_LEAP_SECOND.sub(r"\g<1>59", _FRACTION.sub(r"\1", text.strip()), count=1))
     except (ValueError, AttributeError) as exc:
         raise Reject(Reason.BAD_VALUE, f"{what}: not an ISO-8601 date-time") from exc
     if dt.tzinfo is None:

@@ -1338,3 +1338,16 @@ def test_a_version_marker_with_no_time_to_check_against_is_not_made():
                                       received_ms=EFFECTIVE_MS + 60_000)
         assert [e.code for e in received.events if e.code == codes.VERSION_MARK] == (
             [] if effective.startswith("2099") else [codes.VERSION_MARK])
+
+
+def test_a_reading_taken_in_a_leap_second_is_ingested_as_second_59():
+    """FHIR dateTime and instant allow seconds 60 (2016-12-31T23:59:60Z happened); it was dead-lettered as
+    not an ISO-8601 date-time. Read as 23:59:59, as java.time's ISO_INSTANT parses it."""
+    doc = json.loads(fhir_bundle("r4b_full_resource_hr9"))
+    obs = doc["entry"][1]["resource"]
+    obs["effectiveDateTime"] = "2016-12-31T23:59:60.5Z"
+    obs["issued"] = obs["meta"]["lastUpdated"] = "2017-01-01T00:00:10Z"
+    outcome = parse(json.dumps(doc).encode())
+    assert isinstance(outcome, Parsed), outcome
+    (event,) = outcome.events
+    assert event.effective_ms == 1_483_228_799_500 and event.value == 112  # 2016-12-31T23:59:59.5Z
