@@ -24,10 +24,14 @@ Rules
   alerted inside the still-open episode pages nothing (a higher tier still escalates). A change applies
   from the next point: the episode counter is in the state, so published ids stay, new episodes take new
   numbers, and an open episode keeps its id and resolves by the new rule.
-- Suppression: an episode that opens within `suppression_ms` of the last alerted resolution is
-  silent while the window lasts. It is deferred, not dropped: at its first scoring point after the
-  window, if still medium/high, it alerts "open" at the tier of that point. An episode that never
-  alerted resolves silently (the consumer never saw it open) and does not restart the window.
+- Suppression (the re-alert hold-off): an episode that opens at *medium* within `suppression_ms` of the
+  last alerted resolution is silent while the window lasts (a patient flapping around the threshold). It
+  is deferred, not dropped: at its first scoring point after the window, if still medium/high, it alerts
+  "open" at the tier of that point. A *high* point never waits: NEWS2 >= 7 is RCP 2017's emergency-response
+  trigger, so an episode opening high, or a deferred medium one becoming high inside the window, alerts
+  "open" at high at once (the same id as a deferred high opening had: patient|episode|high|open). An
+  episode that never alerted resolves silently (the consumer never saw it open) and does not restart
+  the window.
 - A scoring point older than the last one seen is a vitals round charted after a correction was
   re-scored at the patient clock (a lab collected after the last round moves the clock; schemas/
   cadence.py): the newest vitals, older than the clock. It opens or escalates as any point does, but
@@ -128,6 +132,7 @@ ReadAt = Callable[[int], Iterable[str]]
 
 TIER_RANK: dict[str, int] = {"none": 0, "low": 1, "medium": 2, "high": 3}
 ALERTING_RANK = TIER_RANK["medium"]
+HIGH_RANK = TIER_RANK["high"]
 
 # fixed forever: changing it changes every alert id and breaks consumers' dedupe
 NAMESPACE = uuid.UUID("5b0d5f8e-6a36-5c3e-9a53-2f1d0c7e4a11")
@@ -287,7 +292,10 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
     if discharged:
         return s, []
     if s["alerted_tier"] is None:
-        in_window = s["last_resolve_ms"] is not None and scoring_ms < s["last_resolve_ms"] + policy.suppression_ms
+        # the hold-off defers a medium opening only (the flapping it exists for): a high one (NEWS2 >= 7, RCP
+        # 2017's emergency-response trigger) never waits, nor a deferred medium one that becomes high
+        in_window = (rank < HIGH_RANK and s["last_resolve_ms"] is not None
+                     and scoring_ms < s["last_resolve_ms"] + policy.suppression_ms)
         if in_window or rank < ALERTING_RANK:
             return s, []
         kind: Kind = "open"

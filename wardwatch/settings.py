@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     # the calm rule of the alert policy (streams/alerting.py): a trade-off for the ward's clinical owners (README)
     alert_resolve_after: int = Field(2, description="Consecutive calm scoring points (tier none/low, model risk below WARDWATCH_ALERT_RESET, at distinct times) that resolve an alert episode. More: a patient hovering at the NEWS2 threshold is paged less often, but a new deterioration to the tier already alerted inside the still-open episode is not paged (a higher tier still escalates)")
     alert_calm_for_s: int | None = Field(None, description="Event time (seconds) a patient must also have been calm since the episode's last non-calm point before it resolves. Unset: WARDWATCH_ALERT_RESOLVE_AFTER x WARDWATCH_SCORING_MIN_INTERVAL_S, what that many regular rounds take")
-    alert_suppression_s: int = Field(1800, description="Re-alert hold-off (seconds): an episode opening within this long of the last alerted resolution pages at its first scoring point after it, if still medium/high (deferred, not dropped); 0: off")
+    alert_suppression_s: int = Field(1800, description="Re-alert hold-off (seconds): an episode opening at medium within this long of the last alerted resolution pages at its first scoring point after it, if still medium/high (deferred, not dropped); a high point (NEWS2 >= 7, an emergency trigger) pages at once, whatever the hold-off; 0: off")
     shadow_model_dir: Path | None = Field(
         None, description="Registry of the shadow (candidate) model: its `current` names the version to shadow-score. "
                           "None: the main registry's `candidate` pointer, if any")

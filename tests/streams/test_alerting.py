@@ -103,15 +103,39 @@ def test_resolve_after_is_configurable():
     assert summary(decisions)[-1] == ("resolve", "low", 1, 15)
 
 
-def test_reopening_inside_the_suppression_window_is_deferred_not_dropped():
+def test_a_medium_reopening_inside_the_suppression_window_is_deferred_not_dropped():
     points = [rule_point(0, "medium"), rule_point(5, "none"), rule_point(10, "none"),  # resolved at 10
-              rule_point(20, "medium"),  # episode 2 opens 10 min after the resolution: silent
-              rule_point(35, "high"),  # still inside the window (until 40): silent
-              rule_point(40, "high"),  # first point after the window: alerted now
-              rule_point(45, "high")]
+              rule_point(20, "medium"),  # episode 2 opens at medium 10 min after the resolution: silent
+              rule_point(35, "medium"),  # still inside the window (until 40): silent
+              rule_point(40, "medium"),  # first point after the window: alerted now
+              rule_point(45, "medium")]
     _, decisions = run(points)
-    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 10), ("open", "high", 2, 40)]
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 10), ("open", "medium", 2, 40)]
+    assert decisions[-1].alert_id == expected_id("p1", 2, "medium", "open")
+
+
+def test_a_high_opening_inside_the_suppression_window_pages_at_once():
+    # NEWS2 >= 7 is RCP 2017's emergency-response trigger: the hold-off must not hold it. Before, a high point 5
+    # and 20 min after the resolution paged nothing, and "open high" came at the first point after the window
+    points = [rule_point(0, "medium"), rule_point(10, "none"), rule_point(20, "none"),  # resolved at 20
+              rule_point(25, "high"), rule_point(40, "high"), rule_point(51, "high")]
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 20), ("open", "high", 2, 25)]
     assert decisions[-1].alert_id == expected_id("p1", 2, "high", "open")
+
+
+def test_a_deferred_medium_opening_that_becomes_high_inside_the_window_pages_at_once_as_high():
+    points = [rule_point(0, "medium"), rule_point(5, "none"), rule_point(10, "none"),  # resolved at 10
+              rule_point(20, "medium"),  # deferred
+              rule_point(25, "high"),  # inside the window (until 40): pages now, as high
+              rule_point(40, "high"), rule_point(45, "medium"), rule_point(50, "high")]  # the episode's open stands
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 10), ("open", "high", 2, 25)]
+    assert decisions[-1].alert_id == expected_id("p1", 2, "high", "open")
+    # a restart replaying the same points (from the state before them, as the changelog gives it back) repeats them
+    state, before = run(points[:4])
+    _, after = run(points[4:], state=json.loads(json.dumps(state)))
+    assert before + after == decisions
 
 
 def test_a_silent_episode_resolves_silently():
