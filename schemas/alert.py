@@ -35,7 +35,11 @@ alert it corrects, with status "amended" (new probability, basis, rationale) or 
 so a consumer that upserts resources by id always holds the latest word on each alert. A resolution
 (kind "resolve") is a resource of its own id carrying the last score, and a note (RESOLVED,
 RESOLVED_BY_DISCHARGE) that says it ends the episode: a reader of the resource alone, without the
-header, must not take it for one more alert. `subject` names
+header, must not take it for one more alert. A resolution whose calm rested on an incomplete NEWS2 (a
+NEWS2 input not charted in 24 h at the resolving point or a calm point counted towards it: the rule path
+then scores the parameters charted, streams/scoring.py) says so instead (RESOLVED_INCOMPLETE): the episode
+ended on an incomplete NEWS2, the parameters not charted (names, never values), and not that the risk is
+back below the alerting line, which is not known. `subject` names
 the patient by MRN (an identifier typed MR, of WARDWATCH_MRN_SYSTEM when set), the key wardwatch has: a
 literal "Patient/<MRN>" would be the FHIR server's Patient of that id (HAPI numbers patients 1, 2, 3...),
 which may be another patient, and a ward app resolving it would show this alert under that patient's
@@ -79,6 +83,14 @@ NEWS2_INCOMPLETE = ("NEWS2 incomplete (not every parameter charted in the last 2
 # resource itself must say it ends the episode (a consumer that stores resources, not headers)
 RESOLVED = ("Resolution, not a new alert: the risk is back below the alerting line, so this patient's earlier "
             "wardwatch alerts no longer stand. The risk shown is the score that resolved them.")
+# the note of a resolution whose calm rested on an incomplete NEWS2 (AlertDecision.missing: an input not charted
+# in 24 h at the resolving point or a calm point counted towards it): the parameters charted scored below the
+# alerting line, the missing ones are unknown, so it must not say the risk is back below the line
+RESOLVED_INCOMPLETE = ("Resolution, not a new alert: this episode ended on an incomplete NEWS2 (not charted in "
+                       "the last 24 h: {missing}), so whether the risk is back below the alerting line is not "
+                       "known, only that the parameters charted scored below it. This patient's earlier wardwatch "
+                       "alerts no longer stand; a new deterioration pages as a new alert. The risk shown is the "
+                       "score that resolved them.")
 RESOLVED_BY_DISCHARGE = ("Resolution, not a new alert: the patient was discharged, so this patient's earlier "
                          "wardwatch alerts no longer stand. The risk shown is the last score when the discharge was "
                          "received, which may postdate the discharge.")
@@ -103,6 +115,23 @@ WORDS: dict[str, tuple[str, str]] = {
 READING_CODE: dict[str, str] = {f.name: f.code for f in FEATURES if f.agg == "last"} | {"on_oxygen": codes.SPO2}
 _NEWS2_PART_INPUT = dict(zip((d.name for d in DERIVED if d.name.startswith("news2_")), NEWS2_INPUTS, strict=True))
 READING_CODE |= {part: READING_CODE[name] for part, name in _NEWS2_PART_INPUT.items()}
+
+
+def news2_input_words(name: str) -> str:
+    """A NEWS2 input (schemas.features.NEWS2_INPUTS) in a nurse's words: "respiratory rate", "air or oxygen"."""
+    if name == "on_oxygen":  # read at the SpO2 round (schemas.features._on_oxygen), not a reading of its own
+        return "air or oxygen"
+    code = READING_CODE.get(name)
+    return WORDS[code][0] if code in WORDS else name
+
+
+def resolved_note(decision) -> str:
+    """The note of a resolution: by discharge, on an incomplete NEWS2 (naming the inputs, never values), or calm."""
+    if getattr(decision, "reason", None) == "discharge":
+        return RESOLVED_BY_DISCHARGE
+    if missing := getattr(decision, "missing", ()):
+        return RESOLVED_INCOMPLETE.format(missing=", ".join(news2_input_words(name) for name in missing))
+    return RESOLVED
 
 
 def format_age(ms: int) -> str:
@@ -228,7 +257,7 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         names = ", ".join(parameter_name(code) for code in header["preliminary_basis"])
         notes.append({"text": f"Based on preliminary results, which may change when final: {names}."})
     if decision.kind == "resolve":  # else a FHIR reader sees one more (say "high") risk, not an end
-        notes.append({"text": RESOLVED_BY_DISCHARGE if header["reason"] == "discharge" else RESOLVED})
+        notes.append({"text": resolved_note(decision)})
     if notes:
         resource["note"] = notes
     return {"header": header, "resource": resource}

@@ -14,7 +14,13 @@ Rules
   probability is below `alert_reset`. The episode resolves after `resolve_after` consecutive calm
   points at distinct times (a non-calm point resets the count), once the patient has been calm for
   `calm_for_ms` of event time since the episode's last non-calm point, and alerts "resolve" (tier =
-  the tier at resolution). Points at one time (a vitals round sent as several messages, a correction's
+  the tier at resolution). A calm point may rest on an incomplete NEWS2 (an input not charted in 24 h:
+  the rule path's tier from the parameters charted, streams/scoring.py): it counts all the same (resolving
+  makes the next deterioration page again, as a new episode; refusing would silence re-deteriorations on
+  a feed that never charts one parameter), but the resolution names the inputs not charted at it or any
+  calm point counted towards it (AlertDecision.missing, kept in the state as calm_missing), and its
+  resource says the episode ended on an incomplete NEWS2, not that the risk is below the line
+  (schemas/alert.py). Points at one time (a vitals round sent as several messages, a correction's
   re-score at the clock) count once, and points scored sooner than the cadence's interval (a reading
   raising its parameter's NEWS2 points, schemas/cadence.py) do not make it resolve
   sooner than regular rounds would: calm_for_ms is resolve_after scoring intervals.
@@ -116,7 +122,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Mapping, Sequence, TypedDict
+from typing import Callable, Iterable, Literal, Mapping, NotRequired, Sequence, TypedDict
 
 from wardwatch.settings import Settings
 
@@ -171,6 +177,9 @@ class AlertState(TypedDict):
     open: bool
     alerted_tier: str | None  # highest tier alerted in the open episode; None: not alerted (yet)
     calm_points: int  # consecutive calm points in the open episode
+    # the NEWS2 inputs not charted in 24 h at any of those calm points (step(missing=...)), in the order first
+    # met; kept only while not empty, so a record without it (and every older one) loads as []
+    calm_missing: NotRequired[list[str]]
     last_not_calm_ms: int | None  # scoring time of the open episode's last non-calm point (None: before it was kept)
     last_alert_ms: int | None  # scoring time of the last open/escalate
     last_resolve_ms: int | None  # scoring time of the last alerted resolution (suppression window)
@@ -217,6 +226,9 @@ class AlertDecision:
     status: Status = "final"
     original_alert_id: str | None = None  # corrections: the alert they correct
     reason: str | None = None  # e.g. "discharge" for a resolution by discharge
+    # a resolution (kind "resolve") on an incomplete NEWS2: the NEWS2 inputs not charted in 24 h at the
+    # resolving point or a calm point counted towards it (schemas.alert says so in its note); () else
+    missing: tuple[str, ...] = ()
 
 
 def initial_state() -> AlertState:
@@ -240,16 +252,19 @@ def _close(s: AlertState) -> None:
     if s["alerts"]:
         s["closed"] = [*s["closed"], *({**a, "episode": s["episode"]} for a in s["alerts"])]
     s.update(open=False, alerted_tier=None, calm_points=0, alerts=[], revision=0)
+    s.pop("calm_missing", None)
 
 
 def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, probability: float | None,
          news2: int | None, path: str, model_version: str | None,
          policy: AlertPolicy = AlertPolicy(), rationale: Sequence = (),
          basis: Callable[[], Basis] | None = None, discharged: bool = False,
-         stale: Sequence = ()) -> tuple[AlertState, list[AlertDecision]]:
+         stale: Sequence = (), missing: Sequence[str] = ()) -> tuple[AlertState, list[AlertDecision]]:
     """Apply one scoring point; returns the new state (the input is not modified) and the alerts.
     `basis` is called only when the point alerts (it costs a lookup per code). `discharged`: the patient
-    has left (module docstring): the point neither opens nor escalates an episode."""
+    has left (module docstring): the point neither opens nor escalates an episode. `missing`: the NEWS2
+    inputs not charted in 24 h at this point (streams.scoring.ScoreResult.missing), named by a resolution
+    it counts towards (module docstring)."""
     if tier not in TIER_RANK:
         raise ValueError(f"unknown tier {tier!r}; expected one of {list(TIER_RANK)}")
     s: AlertState = {**initial_state(), **(state or {})}
@@ -272,23 +287,27 @@ def step(state: dict | None, *, patient_id: str, scoring_ms: int, tier: Tier, pr
         if rank < ALERTING_RANK or discharged:
             return s, []
         s.update(episode=s["episode"] + 1, open=True, alerted_tier=None, calm_points=0, alerts=[], revision=0)
+        s.pop("calm_missing", None)
 
     calm = rank < ALERTING_RANK and not (path == "model" and (probability is None or probability >= policy.alert_reset))
     if calm:
         if scoring_ms != previous_ms:  # another point at the same time is the same moment, not one more
             s["calm_points"] += 1
+        if missing:  # its calm rests on an incomplete NEWS2 (even at a time already counted)
+            s["calm_missing"] = list(dict.fromkeys([*s.get("calm_missing", ()), *missing]))
         calm_since = s["last_not_calm_ms"]
         if s["calm_points"] < policy.resolve_after or (
                 calm_since is not None and scoring_ms - calm_since < policy.calm_for_ms):
             return s, []
-        alerted = s["alerted_tier"] is not None
+        alerted, incomplete = s["alerted_tier"] is not None, tuple(s.get("calm_missing", ()))
         _close(s)
         if not alerted:
             return s, []
         s["last_resolve_ms"] = scoring_ms
-        return s, [decide("resolve", tier)]
+        return s, [dataclasses.replace(decide("resolve", tier), missing=incomplete)]
 
     s["calm_points"], s["last_not_calm_ms"] = 0, max(scoring_ms, s["last_not_calm_ms"] or scoring_ms)
+    s.pop("calm_missing", None)
     if discharged:
         return s, []
     if s["alerted_tier"] is None:
@@ -358,6 +377,7 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
             s["alerted_tier"] = s["alerts"][-1]["tier"]
         else:  # the only alert left was an error: close without a suppression window
             s.update(open=False, alerted_tier=None, calm_points=0, alerts=[])
+            s.pop("calm_missing", None)
         decisions.append(AlertDecision(cid, "correction", current["tier"], s["episode"], point["scoring_ms"],
                                        "entered-in-error", current["alert_id"]))
     return s, decisions

@@ -511,7 +511,8 @@ class PatientProcessor:
                                                       read_at=lambda at: self._read_at(p, at),
                                                       rescore=lambda alert: self._at_alert_time(p, alert), **point)
         alert_state, raised = alerting.step(alert_state, patient_id=patient, policy=self.policy,
-                                            discharged=p.context.discharged_ms is not None, **point)
+                                            discharged=p.context.discharged_ms is not None, missing=score.missing,
+                                            **point)
         # step() returns a new dict: the record owns it
         records[patient] = PatientRecord(rec.state, alert_state, rec.encounter_id, rec.context, rec.vitals_scored_ms,
                                          rec.scored_news2)

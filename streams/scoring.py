@@ -15,7 +15,9 @@ Paths
   triggers (RCP 2017): >= 7 high (emergency response), 5-6 medium (urgent response), a single
   parameter scoring 3 also medium (its own trigger: urgent ward-based response), else none.
   Missing NEWS2 (an input not charted in 24 h): the charted parameters still trigger, a single 3
-  and the sum of their points (NEWS2 is at least that); nothing charted -> none.
+  and the sum of their points (NEWS2 is at least that); nothing charted -> none. Such a point's none
+  is not known to be calm: it still counts towards resolving an episode, but the resolution names the
+  inputs not charted and does not say the risk is below the line (streams/alerting.py, schemas/alert.py).
 - NEWS2 is the floor of the model path: a point whose NEWS2 tier is above the model's takes the
   NEWS2 tier, with path "rule" and the NEWS2 rationale (the probability stays on the record). The
   model adds earlier warnings; it never silences the national escalation standard, and it is

@@ -568,3 +568,64 @@ def test_states_written_before_corrections_existed_still_step():
     assert corrections == [] and state["open"]  # no recorded basis: nothing to correct, nothing breaks
     _, [d] = discharge(old, patient_id="p1", discharged_ms=T0)
     assert d.kind == "resolve"
+
+
+# --- a resolution resting on an incomplete NEWS2 (an input not charted in 24 h: the rule path's partial sum)
+
+def incomplete_point(minute, tier, *missing):
+    """A rule-path point without a NEWS2 (streams/scoring.py: tier from the parameters charted)."""
+    return dict(rule_point(minute, tier), missing=list(missing))
+
+
+def resolution_resource(decision):
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    from schemas.alert import build_alert
+
+    resource = build_alert(decision, patient_id="p1", encounter_id="e1", probability=None, news2=None,
+                           model_version=None, path="rule", rationale=[], basis=[])["resource"]
+    RiskAssessment.model_validate(resource)  # still a valid FHIR R4B RiskAssessment
+    [note] = resource["note"]
+    return note["text"]
+
+
+def test_a_resolution_on_incomplete_news2_names_the_parameters_not_charted_and_claims_no_calm():
+    # the calm points' partial NEWS2 (< 5, no single 3) is tier none: they resolve the episode (the safe
+    # direction for paging), but nothing says the risk is back below the line: respiratory rate is unknown
+    points = [rule_point(0, "medium"), incomplete_point(5, "none", "resp_rate_last_24h"),
+              incomplete_point(10, "none", "resp_rate_last_24h", "on_oxygen")]
+    state, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 10)]
+    assert decisions[-1].missing == ("resp_rate_last_24h", "on_oxygen")
+    text = resolution_resource(decisions[-1])
+    assert text.startswith("Resolution, not a new alert") and "earlier wardwatch alerts no longer stand" in text
+    assert "ended on an incomplete NEWS2" in text and "respiratory rate, air or oxygen" in text
+    assert "the risk is back below the alerting line, so" not in text and "below the alerting line is not known" in text
+    assert "calm_missing" not in state  # closed: nothing kept
+
+
+def test_an_incomplete_calm_point_counted_towards_the_resolution_is_named_though_the_resolving_one_is_complete():
+    points = [rule_point(0, "high"), incomplete_point(5, "none", "systolic_bp_last_24h"), rule_point(10, "low")]
+    _, decisions = run(points)
+    assert decisions[-1].kind == "resolve" and decisions[-1].missing == ("systolic_bp_last_24h",)
+    assert "not charted in the last 24 h: systolic BP" in resolution_resource(decisions[-1])
+    # kept across a restart: the state between the calm points, as the changelog gives it back
+    state, before = run(points[:2])
+    assert state["calm_missing"] == ["systolic_bp_last_24h"]
+    _, after = run(points[2:], state=json.loads(json.dumps(state)))
+    assert before + after == decisions
+
+
+def test_a_resolution_on_complete_points_keeps_its_note_and_a_non_calm_point_forgets_earlier_incomplete_ones():
+    from schemas.alert import RESOLVED
+
+    complete = [rule_point(0, "medium"), rule_point(5, "none"), rule_point(10, "none")]
+    _, decisions = run(complete)
+    assert decisions[-1].missing == () and resolution_resource(decisions[-1]) == RESOLVED
+    # an incomplete calm point, then a non-calm one: the count restarts, and the two complete calm points after
+    # it resolve as before (the incomplete point did not count towards this resolution)
+    points = [rule_point(0, "medium"), incomplete_point(5, "none", "heart_rate_last_24h"), rule_point(10, "medium"),
+              rule_point(15, "none"), rule_point(20, "none")]
+    _, decisions = run(points)
+    assert summary(decisions)[-1] == ("resolve", "none", 1, 20)
+    assert decisions[-1].missing == () and resolution_resource(decisions[-1]) == RESOLVED

@@ -215,6 +215,25 @@ def alerts_of(out):
     return [orjson.loads(v) for _, v, _ in out.alerts]
 
 
+def test_a_resolution_on_vitals_never_charting_a_news2_parameter_says_so_and_names_it(processor):
+    """No respiratory rate in 24 h: the rule path scores the parameters charted (streams/scoring.py), so normal
+    rounds resolve the episode, and the resolution must say it ended on an incomplete NEWS2, naming the
+    parameter (never a value), not that the risk is back below the alerting line."""
+    def without_rr(*args, **kw):
+        return [e for e in vitals(*args, **kw) if e.code != codes.RESP_RATE]
+
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, without_rr("p1", T0, 1)), msg(1, without_rr("p1", T0 + 15 * MIN, 2, **NORMAL)),
+                          msg(2, without_rr("p1", T0 + 30 * MIN, 3, **NORMAL))], store)
+    alerts = alerts_of(out)
+    assert [(a["header"]["kind"], a["header"]["tier"]) for a in alerts] == [("open", "high"), ("resolve", "none")]
+    resource = alerts[-1]["resource"]
+    RiskAssessment.model_validate(resource)
+    [note] = resource["note"]
+    assert "ended on an incomplete NEWS2 (not charted in the last 24 h: respiratory rate)" in note["text"]
+    assert "the risk is back below the alerting line, so" not in note["text"]
+
+
 def test_retracting_the_value_that_raised_the_alert_publishes_entered_in_error(processor):
     store: dict[str, PatientRecord] = {}
     # RR 26 scores 3 and SpO2 93 scores 2: NEWS2 5, medium, on these two values
