@@ -15,7 +15,9 @@ For each canonical message (all events of one patient, in arrival order):
     context says discharged, scoring points still score but open no alert (streams/alerting.py)
 After the whole batch: one scoring call (and one for the shadow model), then per patient in
 arrival order: alert corrections (a corrected fact an alert read: in its basis, or in a window a feature
-read at its time, read_at), the alert policy, and discharges.
+read at its time, read_at), the alert policy, and discharges. A message whose state step raises is
+dead-lettered (internal_error) before it changes the record; one whose point or discharge raises there is
+dead-lettered too, that step's outputs and alert state dropped (its events stay applied): never the batch.
 
 Context rule (event time): per context code the record holds the event with the greatest
 (effective_ms, version); a newer version of the held fact replaces it whatever its time, and its
@@ -468,11 +470,30 @@ class PatientProcessor:
                     out.shadow.append((p.patient.encode(), _output_json(self._score_record(p, shadow)),
                                        _headers(p.msg)))
                     self.counters["shadow_scores"] += 1
+        failed: set[tuple[int, int]] = set()  # (partition, offset) of the messages dead-lettered below
         for s in steps:
-            if isinstance(s, _Point):
-                self._emit_point(s, next(scores), records, out)
-            else:
-                self._emit_discharge(s, records, out)
+            # one step's outputs and counts are kept apart until it completes: a step that raises (a bug, or
+            # an input the alert cannot express, e.g. a time beyond what a FHIR dateTime holds) must not
+            # take the batch down with it (the worker would exit and fail on it again at every restart,
+            # for every patient), nor leave half of its outputs or its alert state behind
+            rec, staged, counts = records[s.patient], Outputs(), Counter()
+            try:
+                if isinstance(s, _Point):
+                    self._emit_point(s, next(scores), records, staged, counts)
+                else:
+                    self._emit_discharge(s, records, staged, counts)
+            except Exception as exc:
+                records[s.patient] = rec
+                if (s.msg.partition, s.msg.offset) not in failed:
+                    failed.add((s.msg.partition, s.msg.offset))
+                    self._reject(out, s.msg, Reason.INTERNAL_ERROR,
+                                 "the alert policy could not take the message's scoring point or discharge "
+                                 "(its events were applied: a replay is a redelivery)", exc)
+                continue
+            out.features += staged.features
+            out.scores += staged.scores
+            out.alerts += staged.alerts
+            self.counters.update(counts)
         return records, out
 
     def _reject(self, out: Outputs, msg: CanonicalMessage, reason: Reason, detail: str, exc: Exception) -> None:
@@ -492,7 +513,7 @@ class PatientProcessor:
                 "preliminary_basis": p.preliminary,
                 "stale_readings": _stale(p.state, p.T, p.features, score.rationale) if stale is None else stale}
 
-    def _emit_point(self, p: _Point, score, records, out: Outputs) -> None:
+    def _emit_point(self, p: _Point, score, records, out: Outputs, counts: Counter) -> None:
         patient, T = p.patient, p.T
         key, headers = patient.encode(), _headers(p.msg)
         out.features.append((key, _output_json({"snapshot_id": p.snapshot_id, "patient_id": patient, "scoring_ms": T,
@@ -500,7 +521,7 @@ class PatientProcessor:
                                                 "trigger": p.trigger.value, "features": p.features}), headers))
         stale = _stale(p.state, T, p.features, score.rationale)
         out.scores.append((key, _output_json(self._score_record(p, score, stale)), headers))
-        self.counters["scores"] += 1
+        counts["scores"] += 1
         rec = records[patient]
         point = dict(scoring_ms=T, tier=score.tier, probability=score.probability, news2=score.news2,
                      path=score.path, model_version=score.model_version, rationale=score.rationale,
@@ -524,7 +545,7 @@ class PatientProcessor:
             # the alert the resource describes: a raised one, an amended one, or a withdrawn one as it was
             described = after.get(d.original_alert_id or d.alert_id) or before.get(d.original_alert_id)
             # a resolution: the resolving point's score, and its old readings ("calm" may rest on them)
-            self._publish(patient, d, described or {**alert_state, "stale": stale}, p.context, out, headers)
+            self._publish(patient, d, described or {**alert_state, "stale": stale}, p.context, out, headers, counts)
 
     def _read_at(self, p: _Point, at: int) -> list[str]:
         """The facts p's corrections changed that a feature read at an alert's time `at` (read_at): a
@@ -549,7 +570,7 @@ class PatientProcessor:
                     path=score.path, model_version=score.model_version, rationale=score.rationale,
                     basis=lambda: _basis(p.state, at), stale=_stale(p.state, at, features, score.rationale))
 
-    def _emit_discharge(self, s: _Discharge, records, out: Outputs) -> None:
+    def _emit_discharge(self, s: _Discharge, records, out: Outputs, counts: Counter) -> None:
         rec = records[s.patient]
         alert_state, decisions = alerting.discharge(rec.alert, patient_id=s.patient, discharged_ms=s.discharged_ms,
                                                     admitted_ms=s.context.admitted_ms)
@@ -559,10 +580,10 @@ class PatientProcessor:
             last_ms = rec.alert.get("last_scoring_ms")
             stale = [] if last_ms is None else _stale(rec.state, last_ms, compute_features(rec.state, last_ms), [])
         for d in decisions:
-            self._publish(s.patient, d, {**alert_state, "stale": stale}, s.context, out, _headers(s.msg))
+            self._publish(s.patient, d, {**alert_state, "stale": stale}, s.context, out, _headers(s.msg), counts)
 
     def _publish(self, patient: str, d: alerting.AlertDecision, described: dict, context: PatientContext,
-                 out: Outputs, headers) -> None:
+                 out: Outputs, headers, counts: Counter) -> None:
         """One alert message. `described` is the episode alert it is about (an EpisodeAlert, with its
         basis and rationale) or, for a resolution, the alert state after the resolving point."""
         alert = build_alert(d, patient_id=patient, encounter_id=context.encounter_id,
@@ -574,7 +595,7 @@ class PatientProcessor:
                             mrn_system=self.settings.mrn_system,
                             patient_ids_are_fhir_ids=self.settings.fhir_patient_ids_are_mrns)
         out.alerts.append((patient.encode(), _output_json(alert), headers))
-        self.counters[f"alerts_{d.kind}" if d.kind != "correction" else f"alerts_correction_{d.status}"] += 1
+        counts[f"alerts_{d.kind}" if d.kind != "correction" else f"alerts_correction_{d.status}"] += 1
 
 
 def _output_json(value) -> bytes:

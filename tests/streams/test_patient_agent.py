@@ -194,6 +194,24 @@ def test_an_event_the_rules_cannot_take_is_an_internal_error_and_the_batch_goes_
     assert list(store) == ["p4"]
 
 
+
+def test_a_scoring_point_the_alert_cannot_express_dead_letters_its_message_not_the_batch(processor):
+    """Vitals at 9999-12-31 20:00 fit the canonical contract (times up to 2**53 ms) but their alert's
+    12-hour window ends past what a FHIR dateTime (or Python) can write. That one message is dead-lettered;
+    the batch's other patients keep their outputs (the whole batch raised: the worker exited and failed on
+    it again at every restart, for every patient of its partitions)."""
+    far = int(datetime(9999, 12, 31, 20, tzinfo=timezone.utc).timestamp() * 1000)
+    store: dict[str, PatientRecord] = {}
+    out = run(processor, [msg(0, vitals("p1", T0, 1)), msg(1, vitals("p2", far, 1)), msg(2, vitals("p3", T0, 1))],
+              store)
+    assert [(m.offset, r.reason) for m, r in out.rejected] == [(1, Reason.INTERNAL_ERROR)]
+    assert [orjson.loads(v)["header"]["patient_id"] for _, v, _ in out.alerts] == ["p1", "p3"]
+    assert [orjson.loads(v)["patient_id"] for _, v, _ in out.scores] == ["p1", "p3"]
+    assert [orjson.loads(v)["patient_id"] for _, v, _ in out.features] == ["p1", "p3"]
+    assert store["p1"].alert["open"] and store["p3"].alert["open"]
+    assert not store["p2"].alert.get("open")  # no alert state for an alert never published
+    assert processor.counters["alerts_open"] == 2 and processor.counters["scores"] == 2
+
 # --- corrections of an open alert ------------------------------------------------------------------
 
 NORMAL = dict(rr=16, spo2=97, flow=0.0, sbp=125, hr=72, acvpu=0, temp=37.0)
