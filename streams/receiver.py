@@ -3,11 +3,12 @@
     FHIR server (rest-hook channel)
         |  POST /fhir/notifications  (or POST /)   body: one notification Bundle
         |  checks, in order: in-flight bound (503), bearer token (401), content type (415),
-        |  body size (413), the whole body within settings.receiver_read_timeout_s (408),
+        |  body size (413), the whole body within settings.receiver_read_timeout_s (408), a body that
+        |  decodes (400: a corrupt gzip/deflate Content-Encoding or chunked framing; nothing to dead-letter),
         |  a notification Bundle schemas.fhir accepts (400 + dead letter)
         v
     <prefix>.fhir.notifications   key: patient id of the events (else the subscription)
-                                  value: the POSTed bytes, unchanged
+                                  value: the POSTed bytes, unchanged (decoded if sent gzip/deflate)
         |  2xx only once the broker acknowledged the write; no ack within
         |  settings.receiver_ack_timeout_s, or a failed write -> 503 + Retry-After: the server retries
         v
@@ -278,6 +279,13 @@ class Receiver:
             body = await asyncio.wait_for(request.read(), read_timeout_s)
         except web.HTTPRequestEntityTooLarge:  # chunked bodies have no Content-Length to check first
             return self._answer(413, "too-costly", f"notification larger than {max_bytes} bytes")
+        except web.RequestPayloadError:
+            # a body that cannot be decoded (a corrupt gzip/deflate Content-Encoding, broken chunked framing) is
+            # the sender's to fix: a 5xx would have the FHIR server retry it for ever. No bytes to dead-letter
+            response = self._answer(400, "invalid", "notification body cannot be read (corrupt Content-Encoding "
+                                    "or chunked framing)")
+            response.force_close()
+            return response
         except asyncio.TimeoutError:
             response = self._answer(408, "timeout", f"notification body not received within {read_timeout_s:g} s")
             response.force_close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import threading
 import time
@@ -250,6 +251,21 @@ def test_a_sender_stalling_mid_body_gets_408_and_frees_its_place(monkeypatch):
     assert answer.split()[1] == b"408" and b"not received within 0.5 s" in answer
     assert b"Connection: close" in answer
     assert after == 200 and receiver.inflight == 0  # the next notification is stored, not throttled
+
+
+def test_a_body_whose_content_encoding_does_not_decode_is_a_400_not_a_500(monkeypatch):
+    # was: aiohttp's RequestPayloadError escaped the handler as a 500, which a FHIR server retries for ever
+    producer = RecordingProducer()
+    body = fhir_bundle("r4b_status_event")
+    corrupt = gzip.compress(body)[:12] + b"\xff" * 40  # a gzip header, then no valid deflate block
+    for encoding, sent in (("gzip", body), ("deflate", b"not deflate"), ("gzip", corrupt)):
+        response = post_with_producer(monkeypatch, producer, sent, headers=FHIR_JSON | {"Content-Encoding": encoding})
+        assert response.status == 400, encoding
+        assert response.headers["Content-Type"] == "application/fhir+json"
+    assert [topic for topic, _ in producer.written if not topic.endswith(".stats")] == []  # nothing stored
+    stored = post_with_producer(monkeypatch, producer, gzip.compress(body),
+                                headers=FHIR_JSON | {"Content-Encoding": "gzip"})
+    assert stored.status == 200  # a body that decodes is still taken
 
 
 # --- real HTTP, real broker ----------------------------------------------------------------------
