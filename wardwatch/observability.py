@@ -123,13 +123,19 @@ def expose_gauges(service: str, gauges: Callable[[], dict]) -> None:
 # --- logs ----------------------------------------------------------------------------------------
 
 # Values that look like clinical identifiers in free text (MRNs such as C0-0001, FHIR ids, UUIDs).
-# Exception messages are the one place input can leak into a log line; they are scrubbed.
+# Exception messages are the one place input can leak into a log line; they are scrubbed (of credential
+# header values too: _CREDENTIAL_HEADER).
 _IDENTIFIER_LIKE = re.compile(r"(?i)\b(?:[a-z]{1,4}\d?-)?\d{3,}(?:-\d+)*\b|\b[0-9a-f]{8}-[0-9a-f-]{27}\b")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 
+# A credential header as a parser error quotes its line (aiohttp logs a malformed request's offending header,
+# e.g. b'Authorization: Bearer <token>\x01', with its traceback): the value goes, up to the quote or line end
+_CREDENTIAL_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-api-key)(\s*:\s*)[^'\"\r\n]*")
+
+
 def redact(text: str) -> str:
-    return _IDENTIFIER_LIKE.sub("<redacted>", text)
+    return _IDENTIFIER_LIKE.sub("<redacted>", _CREDENTIAL_HEADER.sub(r"\1\2<redacted>", text))
 
 
 class JsonFormatter(logging.Formatter):

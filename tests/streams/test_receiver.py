@@ -206,6 +206,39 @@ def test_an_authorization_header_that_is_not_utf8_gets_401(monkeypatch):
     assert asyncio.run(post_raw()).split()[1] == b"401"
 
 
+def test_a_malformed_authorization_header_never_puts_the_token_in_the_log(monkeypatch, capsys):
+    # was: aiohttp logs a malformed request's offending header line with its traceback, and the log's scrubbing
+    # took out identifier-like values only: the sender's bearer token went into the receiver's log as it was
+    import logging
+
+    from wardwatch import observability
+
+    monkeypatch.setattr("confluent_kafka.Producer", lambda config: RefusingProducer(KafkaError._UNKNOWN_TOPIC))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    async def post_raw() -> bytes:
+        receiver = Receiver(Settings(topic_prefix="t", receiver_token=SecretStr("s3cret-token-abc")))
+        async with TestServer(receiver.app) as server:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"POST /fhir/notifications HTTP/1.1\r\nHost: x\r\nContent-Type: application/fhir+json\r\n"
+                         b"Authorization: Bearer s3cret-token-abc\x01\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            status_line = await reader.readline()
+            writer.close()
+            return status_line
+
+    try:
+        for json_logs in (True, False):
+            observability.configure_logging("receiver", "INFO", json_logs=json_logs)
+            assert asyncio.run(post_raw()).split()[1] == b"400"
+            err = capsys.readouterr().err
+            assert "Authorization: <redacted>" in err  # the line is logged, its value is not
+            assert "s3cret-token-abc" not in err
+    finally:
+        root.handlers[:], root.level = handlers, level
+
+
 class AckingProducer:
     """A producer whose broker acknowledges every write at once."""
 
