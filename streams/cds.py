@@ -868,6 +868,9 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return web.json_response({"error": "the request body is not JSON: send a CDS Hooks request"}, status=400)
+        except web.RequestPayloadError:  # a corrupt gzip/deflate Content-Encoding, broken chunked framing: not a 500
+            return web.json_response({"error": "the request body cannot be read (corrupt Content-Encoding or "
+                                               "chunked framing)"}, status=400)
         try:
             keys = patient_keys(body, fhir_patient_ids_are_mrns, mrn_system)
         except BadRequest as e:

@@ -258,6 +258,18 @@ def test_over_http_a_malformed_request_is_a_400_and_a_bad_score_never_a_500():
         assert status == 400 and "identifier" in answer["error"]
 
 
+def test_a_body_whose_content_encoding_does_not_decode_is_a_400_not_a_500():
+    # was: aiohttp's RequestPayloadError escaped the handler as a 500
+    async def go():
+        async with TestClient(TestServer(make_app(LatestScores.empty(), None, ready=lambda: True))) as client:
+            response = await client.post(f"/cds-services/{SERVICE_ID}", data=b"\x1f\x8b\x08\x00" + b"\xff" * 40,
+                                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+            return response.status, await response.json()
+
+    status, body = asyncio.run(go())
+    assert status == 400 and "cannot be read" in body["error"]
+
+
 def test_a_huge_hook_value_is_not_echoed_back_whole():
     with pytest.raises(BadRequest) as refused:
         patient_keys({"hook": "x" * 100_000, "context": {"patientId": "1"}})
