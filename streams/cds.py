@@ -745,6 +745,8 @@ def authenticate(auth: ClientAuth, authorization: str | None, now: float | None 
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("the Authorization header is not `Bearer <JWT>`")
+    if not token.isascii():  # a JWT is base64url; header bytes that are not UTF-8 would make PyJWT raise (a 500)
+        raise Unauthorized("the bearer token is not a JWT")
     try:
         header = jwt.get_unverified_header(token)
     except jwt.DecodeError:

@@ -405,6 +405,24 @@ def test_a_call_without_a_valid_client_token_is_a_401_without_the_card(case, sco
         assert value not in body["error"]
 
 
+def test_an_authorization_header_that_is_not_utf8_is_a_401_not_a_500(scored, client_auth):
+    # was: aiohttp hands such header bytes over as surrogates, on which PyJWT raised UnicodeEncodeError: a 500
+    async def post_raw(token: bytes) -> bytes:
+        async with TestServer(make_app(scored, client_auth, ready=lambda: True)) as server:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"POST /cds-services/%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer %s\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+                         % (SERVICE_ID.encode(), token))
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            return answer
+
+    for token in (b"\xff\xfe", b"eyJhbGciOiJFUzM4NCJ9\xff.e30.sig"):
+        answer = asyncio.run(post_raw(token))
+        assert answer.split()[1] == b"401" and b'error="invalid_token"' in answer, answer[:200]
+
+
 def test_a_replayed_token_is_refused(scored, client_auth, ehr_key):
     headers = {"Authorization": f"Bearer {signed(ehr_key)}"}
     first, replay = call(scored, client_auth, headers, tokens=2)
