@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from datetime import date, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -90,7 +89,8 @@ from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONT
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import (reject_future_measurements, acvpu_letter, checked_time_ms, date_only_detail,
-                                   finite_number, iso_to_ms, measurement_time_ms, plausible, wall_to_utc_ms)
+                                   finite_number, iso_to_ms, measurement_time_ms, plausible, wall_to_utc_ms,
+                                   INTEGER_TEXT, undecodable_json)
 
 UNAVAILABLE = "__debezium_unavailable_value"
 
@@ -113,7 +113,7 @@ STATUSES = {s.value: s for s in (Status.PRELIMINARY, Status.FINAL, Status.AMENDE
 CANCELLED = "cancelled"
 STATUSES[CANCELLED] = Status.ENTERED_IN_ERROR
 
-_INTEGER = re.compile(r"-?\d+")
+_INTEGER = INTEGER_TEXT  # ASCII digits only: int() reads "8_8" and any script's digits
 _MISSING_PATIENT_HINT = ("delete without patient_id: set REPLICA IDENTITY FULL on the table "
                          "or include patient_id in the connector's message.key.columns")
 
@@ -127,7 +127,7 @@ def parse_cdc(topic: str, key: bytes | None, value: bytes | None, *, partition: 
     except Reject as r:
         return rejected(r.reason, r.detail, r.exception)
     except orjson.JSONDecodeError as exc:
-        return rejected(Reason.MALFORMED_JSON, "key or value is not UTF-8 JSON", type(exc).__name__)
+        return rejected(*undecodable_json(exc, "key or value"), type(exc).__name__)
     except Exception as exc:  # a bug: keep the message for replay after the fix
         return rejected(Reason.INTERNAL_ERROR, "unexpected error parsing a CDC message", type(exc).__name__)
 
@@ -648,7 +648,10 @@ def _commit_lsn(sequence: Any) -> int | None:
     """`source.sequence` is a JSON array inside a string: [last commit lsn, current lsn]."""
     try:
         items = orjson.loads(sequence) if isinstance(sequence, str) else sequence
-        lsn = int(items[0]) if isinstance(items, list) and items and items[0] is not None else None
+        first = items[0] if isinstance(items, list) and items else None
+        if isinstance(first, str) and INTEGER_TEXT.fullmatch(first.strip()):  # not "8_8", "1.5", other scripts' digits
+            first = int(first)
+        lsn = first if isinstance(first, int) and not isinstance(first, bool) else None
         return lsn if lsn is None or INT64_MIN <= lsn <= INT64_MAX else None
     except (orjson.JSONDecodeError, ValueError, TypeError):
         return None

@@ -49,8 +49,10 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
   `mrn_system` is given (settings.mrn_system), only when the identifier's system is that one: an identifier
   of another namespace, a national number or an insurer's id, may equal another patient's MRN, so it is
   taken for no identifier at all and the rules below apply; without `mrn_system` any identifier is), else the MRN
-  of the Patient the subject references when the notification carries it (matched by "Patient/<id>", an
-  absolute reference to it, or the entry's fullUrl), or when streams/fhir_fetch.py read it (`patient_mrns`);
+  of a contained Patient the subject names ("#id": its identifier typed MR, of `mrn_system` when given; without
+  one missing_patient, its local id never a key), else the MRN of the Patient the subject references when the
+  notification carries it (matched by "Patient/<id>", an absolute reference to it, or the entry's fullUrl; a
+  urn:uuid reference that names none is missing_patient, saying so), or when streams/fhir_fetch.py read it (`patient_mrns`);
   else, with `fhir_patient_ids_are_mrns` (settings: a facade whose Patient.id is the EHR's key), the id of
   the Patient reference; else NeedsFetch with `patients` (the FHIR server's id is its own, HAPI's 1, 2, 3...,
   and may equal another patient's MRN: keyed by it, two patients' facts would merge), which without a server
@@ -90,7 +92,8 @@ entered-in-error, so neither scoring nor retracting its value is safe without a 
 resource, status `unknown` or not a FHIR status, bad or implausible value, a value with a comparator
 (`<35`: a bound, not a measurement), unknown unit, no patient or time; an effective[x] of date, year-month or
 year precision, which FHIR R4 dateTime allows, is no time either: missing_time, as a reading without a time
-of day cannot be placed in an hourly window): the dead-lettered original can
+of day cannot be placed in an hourly window; an effectivePeriod is read at its start, and one with an end only
+is missing_time too: FHIR's Period says a missing start is not known): the dead-lettered original can
 be replayed whole, and its event numbers are not half-consumed.
 """
 
@@ -112,8 +115,8 @@ from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES
                            canonical_code, gcs_acvpu, to_canonical_unit)
 from schemas.deadletter import Reason, Rejection
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
-from schemas.ingest_values import (reject_future_measurements, acvpu_letter, finite_number, gcs_total, iso_to_ms,
-                                   measurement_time_ms, plausible)
+from schemas.ingest_values import (INTEGER_TEXT, reject_future_measurements, acvpu_letter, finite_number, gcs_total,
+                                   iso_to_ms, measurement_time_ms, plausible, undecodable_json)
 
 SNOMED = "http://snomed.info/sct"
 CONTROL_TYPES = ("handshake", "heartbeat", "query-status")
@@ -178,7 +181,7 @@ def parse_notification(value: bytes | None, *, topic: str, partition: int, offse
     except Reject as r:
         return rejected(r.reason, r.detail, r.exception)
     except orjson.JSONDecodeError as exc:
-        return rejected(Reason.MALFORMED_JSON, "notification is not UTF-8 JSON", type(exc).__name__)
+        return rejected(*undecodable_json(exc, "notification"), type(exc).__name__)
     except Exception as exc:  # a bug: keep the message for replay after the fix
         return rejected(Reason.INTERNAL_ERROR, "unexpected error parsing a FHIR notification", type(exc).__name__)
 
@@ -367,7 +370,10 @@ def _counter(raw: Any) -> int | None:
         return None
     if isinstance(raw, bool):
         raise ValueError("boolean counter")
-    counter = int(str(raw).strip())
+    text = str(raw).strip()
+    if not INTEGER_TEXT.fullmatch(text):  # int() would read "8_8" and any script's digits
+        raise ValueError("counter is not an integer")
+    counter = int(text)
     if not 0 <= counter < 2**63:  # kept and serialised as an int64 downstream (the watcher's state)
         raise ValueError("counter outside the int64 range")
     return counter
@@ -396,6 +402,11 @@ NO_MRN_DETAIL = ("{what} has no identifier typed MR{of_system} (the MRN the EHR 
 OF_MRN_SYSTEM = " of the system WARDWATCH_MRN_SYSTEM names"  # NO_MRN_DETAIL's of_system when that is set
 OTHER_SYSTEM_DETAIL = ("{what} subject's identifier is not of the system WARDWATCH_MRN_SYSTEM names (another "
                        "namespace's value may be another patient's MRN) and it names no Patient by reference")
+CONTAINED_NO_MRN_DETAIL = ("{what} subject is a contained Patient without an identifier typed MR{of_system} (the MRN "
+                           "the EHR keys patients by; a contained resource's id is local to it, never a patient key)")
+CONTAINED_MISSING_DETAIL = "{what} subject references a contained resource ('#...') that the {what} does not contain"
+UNRESOLVED_URN_DETAIL = ("{what} subject references a Patient by a urn: reference that names no Patient with an MRN "
+                         "in the notification (a urn:uuid is resolved within its Bundle only)")
 NOT_CONFIGURED_DETAIL = ("id-only notification: its resources must be fetched from the FHIR server; "
                          "set WARDWATCH_FHIR_SERVER_URL (and WARDWATCH_FHIR_AUTH_TOKEN if it needs one), "
                          "then replay this message from the dead-letter topic")
@@ -739,7 +750,7 @@ def _observation_events(obs: dict, measured: list, ctx: _Context) -> list[Canoni
         if raw_status == "unknown":
             raise Reject(Reason.BAD_VALUE, UNKNOWN_STATUS_DETAIL)
         raise Reject(Reason.BAD_VALUE, f"Observation status {str(raw_status)[:20]!r} is not ingested")
-    patient = _patient_id(obs.get("subject"), ctx, "Observation")
+    patient = _patient_id(obs.get("subject"), ctx, "Observation", obs)
     if patient is None:
         raise Reject(Reason.MISSING_PATIENT, "Observation subject is not a Patient")
     issued = obs.get("issued") or meta.get("lastUpdated")
@@ -1071,20 +1082,26 @@ def _gcs_score(holder: dict, what: str, bounds: tuple[int, int], answers: dict[s
     return None
 
 
-def _patient_id(subject: Any, ctx: _Context, what: str) -> str | None:
+def _patient_id(subject: Any, ctx: _Context, what: str, resource: dict | None = None) -> str | None:
     """The MRN (subject.identifier.value, of system ctx.mrn_system when that is set) when present; else the MRN
-    of the referenced Patient when the notification carries it (a FHIR server's Patient id is its own, and may
+    of the referenced Patient when `resource` contains it ("#id": its identifier typed MR, as a Patient in the
+    notification is read) or the notification carries it (a FHIR server's Patient id is its own, and may
     equal another patient's MRN); else the id of a Patient reference. With ctx.mrn_system, an identifier of
-    another system is no identifier: a subject naming no Patient by reference besides is missing_patient."""
+    another system is no identifier: a subject naming no Patient by reference besides is missing_patient.
+    None: the subject is not a Patient."""
     if not isinstance(subject, dict):
         return None
     if mrn := _subject_mrn(subject, ctx.mrn_system):
         return mrn
     reference = _reference(subject)
+    if reference is not None and reference.startswith("#"):
+        return _contained_patient_mrn(reference[1:], resource, ctx, what)
     rid = _reference_id(reference, "Patient")
     mrn = ctx.patients.get(reference) or (ctx.patients.get(f"Patient/{rid}") if rid else None)
     if mrn:
         return mrn
+    if rid is None and reference is not None and reference.startswith("urn:"):  # urn:uuid / urn:oid: no entry
+        raise Reject(Reason.MISSING_PATIENT, UNRESOLVED_URN_DETAIL.format(what=what))
     if rid and not ctx.ids_are_mrns:
         # the server's own id, not the EHR's key: keying by it could merge two patients. Its MRN is read
         # from the server (NeedsFetch); the placeholder never leaves this parse
@@ -1097,6 +1114,22 @@ def _patient_id(subject: Any, ctx: _Context, what: str) -> str | None:
     if rid is None and _identifier_value(subject):  # an identifier of another system than mrn_system, only
         raise Reject(Reason.MISSING_PATIENT, OTHER_SYSTEM_DETAIL.format(what=what))
     return rid
+
+
+def _contained_patient_mrn(local_id: str, resource: dict | None, ctx: _Context, what: str) -> str | None:
+    """The MRN of the Patient `resource` contains as `local_id` (a subject "#<local_id>"); None when the
+    contained resource is not a Patient. Its id is local to the resource, so without an MRN it is
+    missing_patient, whatever ctx.ids_are_mrns says."""
+    contained = resource.get("contained") if isinstance(resource, dict) else None
+    target = next((r for r in _dicts(contained) if r.get("id") == local_id), None)
+    if target is None:
+        raise Reject(Reason.MISSING_PATIENT, CONTAINED_MISSING_DETAIL.format(what=what))
+    if target.get("resourceType") != "Patient":
+        return None
+    if mrn := mrn_of(target, ctx.mrn_system):
+        return mrn
+    raise Reject(Reason.MISSING_PATIENT, CONTAINED_NO_MRN_DETAIL.format(
+        what=what, of_system=OF_MRN_SYSTEM if ctx.mrn_system else ""))
 
 
 def _subject_mrn(subject: dict, mrn_system: str | None) -> str | None:
@@ -1184,10 +1217,16 @@ def _reference_id(reference: str | None, resource_type: str) -> str | None:
 
 def _effective_ms(obs: dict, fallback: Any = None) -> int:
     """effective[x]; `fallback` (a cancelled Observation's issued time: a measurement never taken may
-    have no clinical time) when it has none."""
+    have no clinical time) when it has none. An effectivePeriod is read at its start, when the measurement
+    began; one with an end only is not read at its end: FHIR's Period says a missing start is not known (the
+    reading may span any time before the end: an averaged or accumulated value), and placing it at the end
+    would put the same measurement in another window than when its start is sent. Dead-lettered, saying so."""
     period = obs.get("effectivePeriod") if isinstance(obs.get("effectivePeriod"), dict) else {}
     effective = obs.get("effectiveDateTime") or obs.get("effectiveInstant") or period.get("start") or fallback
     if not isinstance(effective, str):
+        if period.get("end"):
+            raise Reject(Reason.MISSING_TIME, "Observation effectivePeriod has no start (FHIR: a missing start is "
+                                              "not known), so when it was measured is not known")
         raise Reject(Reason.MISSING_TIME, "Observation has no effective time")
     return measurement_time_ms(effective, "effective")  # a date alone: dead-lettered, not read as midnight
 
@@ -1195,10 +1234,10 @@ def _effective_ms(obs: dict, fallback: Any = None) -> int:
 def _version(raw: Any) -> int:
     if raw is None:
         return 1
-    try:
-        version = int(str(raw))
-    except ValueError as exc:
-        raise Reject(Reason.BAD_VALUE, "meta.versionId is not an integer") from exc
+    text = str(raw).strip()
+    if not INTEGER_TEXT.fullmatch(text):  # int() would read "8_8" and any script's digits
+        raise Reject(Reason.BAD_VALUE, "meta.versionId is not an integer")
+    version = int(text)
     if not 0 <= version < 2**63:  # the version orders facts as an int64 downstream
         raise Reject(Reason.BAD_VALUE, "meta.versionId is outside the int64 range")
     return version
@@ -1229,7 +1268,7 @@ def encounter_events(enc: dict, ctx: _Context) -> list[CanonicalEvent]:
     if status in NOT_ADMITTED:
         ctx.skip("Encounter")
         return []
-    patient = _patient_id(enc.get("subject"), ctx, "Encounter")
+    patient = _patient_id(enc.get("subject"), ctx, "Encounter", enc)
     if patient is None:
         raise Reject(Reason.MISSING_PATIENT, "Encounter subject is not a Patient")
     period = _period(enc.get("period") or enc.get("actualPeriod"))  # R5 renamed it actualPeriod

@@ -78,22 +78,48 @@ def checked_time_ms(ms: int, what: str) -> int:
     return ms
 
 
+# A number sent as a string must be written as JSON writes one (ASCII digits, a minus sign, a fraction, an
+# exponent; leading zeros too, unambiguous in decimal): float() and int() also read "8_8" as 88, "+88", " .5",
+# and the digits of any script ("١٢٠" as 120), which no database or FHIR server writes as a number: such a
+# string is a bad value, not a reading. (re's \d matches every script's digits: these say [0-9].)
+INTEGER_TEXT = re.compile(r"-?[0-9]+")
+NUMBER_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_NON_FINITE = {"nan", "inf", "infinity"}
+
+
 def finite_number(raw: object, what: str) -> float:
-    """A JSON number or numeric string as a finite float; booleans, NaN and Infinity are bad values."""
+    """A JSON number or numeric string (NUMBER_TEXT, surrounding blanks aside) as a finite float; booleans,
+    NaN and Infinity are bad values."""
     if isinstance(raw, bool):
         raise Reject(Reason.BAD_VALUE, f"{what}: boolean where a number was expected")
     if isinstance(raw, (int, float)):
         value = float(raw)
     elif isinstance(raw, str):
-        try:
-            value = float(raw.strip())
-        except ValueError as exc:
-            raise Reject(Reason.BAD_VALUE, f"{what}: not a number") from exc
+        text = raw.strip()
+        if not NUMBER_TEXT.fullmatch(text):
+            if text.lower().lstrip("+-") in _NON_FINITE:
+                raise Reject(Reason.BAD_VALUE, f"{what}: NaN or Infinity")
+            raise Reject(Reason.BAD_VALUE, f"{what}: not a number")
+        value = float(text)
     else:
         raise Reject(Reason.BAD_VALUE, f"{what}: {type(raw).__name__} where a number was expected")
     if not math.isfinite(value):
         raise Reject(Reason.BAD_VALUE, f"{what}: NaN or Infinity")
     return value
+
+
+def undecodable_json(exc: ValueError, what: str) -> tuple[Reason, str]:
+    """The dead-letter reason and detail of JSON orjson refused (`what`: the message part, e.g. "value").
+    Valid JSON it cannot hold is told apart from bytes that are not JSON: a number beyond a 64-bit float
+    (orjson reads an integer past 64 bits as a float, and refuses one past ~1.8e308 as infinity) is a bad
+    value, as the same number sent as a string ("1e400") is; nesting deeper than orjson's 1024 levels stays
+    malformed_json, saying so. The detail never holds the value."""
+    message = str(getattr(exc, "msg", ""))
+    if message.startswith("number is infinity"):
+        return Reason.BAD_VALUE, f"{what} holds a number outside the 64-bit range (valid JSON, not readable)"
+    if message.startswith("depth limit"):
+        return Reason.MALFORMED_JSON, f"{what} is JSON nested deeper than 1024 levels"
+    return Reason.MALFORMED_JSON, f"{what} is not UTF-8 JSON"
 
 
 def plausible(code: str, value: float, what: str) -> float:

@@ -949,3 +949,38 @@ def test_a_column_schema_whose_type_name_is_not_a_string_rejects_the_message_as_
         outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(value).encode()))
         assert isinstance(outcome, Rejected), outcome
         assert outcome.rejection.reason is Reason.BAD_VALUE, outcome
+
+
+# --- numbers a reviewer's hostile inputs read wrongly ----------------------------------------------
+
+
+def _with_heart_rate(raw_json: bytes) -> RawMessage:
+    msg = cdc_message("create_bare")
+    value = json.loads(msg.value)
+    value["after"]["heart_rate"] = "@HR@"
+    return RawMessage(msg.topic, msg.key, json.dumps(value).encode().replace(b'"@HR@"', raw_json))
+
+
+@pytest.mark.parametrize("text", ["8_8", "١٢٠", "+88", "８８", "0x58"])
+def test_a_numeric_string_not_written_as_json_writes_numbers_is_a_bad_value(text):
+    """float() reads "8_8" as 88 and any script's digits as numbers; a database writes neither."""
+    rejection = parse(_with_heart_rate(json.dumps(text).encode())).rejection
+    assert rejection.reason is Reason.BAD_VALUE and rejection.detail.startswith("heart_rate: not a number")
+    # what JSON writes as a number is still read, blanks aside
+    assert by_code(parse(_with_heart_rate(b'" 8.8e1 "')))[codes.HEART_RATE].value == 88
+
+
+def test_a_number_beyond_64_bits_is_a_bad_value_not_undecodable_bytes():
+    """Valid JSON orjson cannot hold: an operator told "not UTF-8 JSON" would look for an encoding fault."""
+    rejection = parse(_with_heart_rate(b"1" + b"0" * 400)).rejection
+    assert rejection.reason is Reason.BAD_VALUE and rejection.exception == "JSONDecodeError"
+    assert "outside the 64-bit range" in rejection.detail and "UTF-8" not in rejection.detail
+
+
+@pytest.mark.parametrize("sequence", ['["2_4",null]', '["٢٤",null]'])
+def test_a_commit_lsn_in_other_digits_is_not_read(sequence):
+    msg = cdc_message("create_bare")
+    value = json.loads(msg.value)
+    value["source"]["sequence"] = sequence
+    outcome = parse(RawMessage(msg.topic, msg.key, json.dumps(value).encode()))
+    assert all(e.provenance.get("commit_lsn") is None for e in outcome.events)

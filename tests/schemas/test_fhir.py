@@ -1351,3 +1351,70 @@ def test_a_reading_taken_in_a_leap_second_is_ingested_as_second_59():
     assert isinstance(outcome, Parsed), outcome
     (event,) = outcome.events
     assert event.effective_ms == 1_483_228_799_500 and event.value == 112  # 2016-12-31T23:59:59.5Z
+
+
+# --- subjects a reviewer's hostile inputs read wrongly ---------------------------------------------
+
+MR_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+
+
+def heart_rate_with(**changes) -> bytes:
+    bundle = json.loads(fhir_bundle("r4b_full_resource_hr9"))
+    observation = bundle["entry"][1]["resource"]
+    for key, value in changes.items():
+        if value is None:
+            observation.pop(key, None)
+        else:
+            observation[key] = value
+    return json.dumps(bundle).encode()
+
+
+def test_a_contained_patient_subject_is_keyed_by_its_mrn():
+    """subject "#p" names the Patient the Observation contains: its MRN is the patient, as a Patient the
+    notification carries is read (the identifier typed MR, of WARDWATCH_MRN_SYSTEM when that is set)."""
+    contained = [{"resourceType": "Patient", "id": "p", "identifier": [
+        {"system": "urn:oid:other", "type": MR_TYPE, "value": "MRN-OTHER"},
+        {"system": MRN_SYSTEM, "type": MR_TYPE, "value": "MRN-0077"}]}]
+    body = heart_rate_with(subject={"reference": "#p"}, contained=contained)
+    assert {e.patient_id for e in parse(body).events} == {"MRN-OTHER"}  # no mrn_system: the first typed MR
+    assert {e.patient_id for e in parse_in(body).events} == {"MRN-0077"}  # of the MRN system
+    # without an MRN: missing_patient saying so; its local id is never a patient key, whatever the setting
+    without = heart_rate_with(subject={"reference": "#p"}, contained=[{"resourceType": "Patient", "id": "p"}])
+    outcome = parse_in(without, fhir_patient_ids_are_mrns=True)
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.MISSING_PATIENT
+    assert "contained Patient without an identifier typed MR" in outcome.rejection.detail
+    # "#q" that the Observation does not contain
+    outcome = parse(heart_rate_with(subject={"reference": "#q"}, contained=contained))
+    assert isinstance(outcome, Rejected) and "does not contain" in outcome.rejection.detail
+
+
+def test_a_urn_uuid_subject_not_in_the_notification_says_so():
+    outcome = parse(heart_rate_with(subject={"reference": "urn:uuid:9a1c0e5e-0000-4000-8000-000000000001"}))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.MISSING_PATIENT
+    assert "in the notification" in outcome.rejection.detail and "not a Patient" not in outcome.rejection.detail
+
+
+def test_an_effective_period_without_a_start_is_missing_time_saying_so():
+    """FHIR Period: a missing start is not known; the end alone would place a reading that may span hours
+    in another window than the same reading sent with its start. Dead-lettered, with a detail that says why."""
+    outcome = parse(heart_rate_with(effectiveDateTime=None, effectivePeriod={"end": "2024-06-15T14:06:00Z"}))
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.MISSING_TIME
+    assert "effectivePeriod has no start" in outcome.rejection.detail
+
+
+def test_a_number_beyond_64_bits_is_a_bad_value_not_undecodable_bytes():
+    """Valid JSON that orjson cannot hold (a number past a 64-bit float) is not "not UTF-8 JSON"."""
+    body = heart_rate_with().replace(b'"value": 112', b'"value": 1' + b"0" * 400)
+    outcome = parse(body)
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.BAD_VALUE
+    assert "64-bit" in outcome.rejection.detail and "UTF-8" not in outcome.rejection.detail
+
+
+@pytest.mark.parametrize("number", ["٣٢", "3_2", "+32"])
+def test_an_event_number_in_other_digits_is_not_read(number):
+    """int() reads "3_2" and any script's digits as 32: a counter the watcher would take for event 32.
+    (A resource's numbers never get that far: FHIR validation refuses such a value or versionId.)"""
+    bundle = json.loads(fhir_bundle("r4b_full_resource_hr9"))
+    bundle["entry"][0]["resource"]["notificationEvent"][0]["eventNumber"] = number
+    outcome = parse(json.dumps(bundle).encode())
+    assert isinstance(outcome, Rejected) and outcome.rejection.reason is Reason.INVALID_STRUCTURE
