@@ -23,7 +23,8 @@ OperationOutcome, no MRN) and without that setting the answer is 412 Preconditio
 "unable to retrieve the necessary FHIR data ... either through a prefetch request or directly calling the
 FHIR server"), with a JSON `error` saying what to configure and no id: never `{"cards": []}`, which would
 read as "no risk", as during catch-up below. Answers `{"cards": []}` for a known MRN wardwatch has not
-scored, 400 (with a JSON `error` saying what to fix) for a malformed request.
+scored, 400 (with a JSON `error` saying what to fix) for a malformed request, 408 (and the connection
+closed) for a body not received whole within WARDWATCH_CDS_READ_TIMEOUT_S (30 s).
 
 Reading the Patient from the EHR (CDS Hooks "FHIR Resource Access", PatientReader): a call whose
 `prefetch.patient` is absent or null (not one the EHR answered with an OperationOutcome or a Patient
@@ -842,13 +843,15 @@ class CatchUp:
 def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Callable[[], bool],
              fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None,
              cors_origins: Sequence[str] = (), fhir_servers: Sequence[str] = (),
-             fhir_timeout_s: float = 5.0, fhir_proxy_url: str | None = None) -> web.Application:
+             fhir_timeout_s: float = 5.0, fhir_proxy_url: str | None = None,
+             read_timeout_s: float = 30.0) -> web.Application:
     """auth None: anonymous service calls (load_client_auth decides when that is allowed). ready: the
     scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503.
     fhir_patient_ids_are_mrns, mrn_system: the settings of those names (see patient_keys).
     cors_origins: settings.cds_cors_origins (see allow_cors). fhir_servers, fhir_timeout_s:
     settings.cds_fhir_servers and cds_fhir_timeout_s (see PatientReader; none: no FHIR server is ever called).
-    fhir_proxy_url: settings.fhir_proxy_url's value (None: FHIR servers are reached directly)."""
+    fhir_proxy_url: settings.fhir_proxy_url's value (None: FHIR servers are reached directly).
+    read_timeout_s: settings.cds_read_timeout_s (a body not received whole within it: 408, connection closed)."""
     reader = PatientReader(fhir_servers, fhir_timeout_s, mrn_system, fhir_proxy_url) if fhir_servers else None
 
     async def discovery(_request: web.Request) -> web.Response:
@@ -867,7 +870,18 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
                 {"error": "the CDS service is still reading the latest scores since its start: retry shortly"},
                 status=503, headers={"Retry-After": str(CATCHING_UP_RETRY_S)})
         try:
-            body = orjson.loads(await request.read())
+            # bounded: aiohttp never times out a body, so a client trickling one would hold its connection
+            # (and its handler) for ever; without client authentication anyone can
+            body = orjson.loads(await asyncio.wait_for(request.read(), read_timeout_s))
+        except asyncio.TimeoutError:
+            response = web.json_response({"error": f"the request body was not received within {read_timeout_s:g} s"},
+                                         status=408)
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            # hang up now: aiohttp would otherwise keep reading the rest of the body for 10 s more
+            request.protocol.force_close()
+            return response
         except orjson.JSONDecodeError:
             return web.json_response({"error": "the request body is not JSON: send a CDS Hooks request"}, status=400)
         except web.RequestPayloadError:  # a corrupt gzip/deflate Content-Encoding, broken chunked framing: not a 500
@@ -1032,7 +1046,7 @@ def run_cds(settings: Settings, auth: ClientAuth | None) -> None:
     app = make_app(latest, auth, ready=feed.caught_up.is_set,
                    fhir_patient_ids_are_mrns=settings.fhir_patient_ids_are_mrns, mrn_system=settings.mrn_system,
                    cors_origins=settings.cds_cors_origins, fhir_servers=settings.cds_fhir_servers,
-                   fhir_timeout_s=settings.cds_fhir_timeout_s,
+                   fhir_timeout_s=settings.cds_fhir_timeout_s, read_timeout_s=settings.cds_read_timeout_s,
                    fhir_proxy_url=settings.fhir_proxy_url.get_secret_value() if settings.fhir_proxy_url else None)
     if settings.cds_fhir_servers:
         from streams.fhir_fetch import warn_of_environment_proxy

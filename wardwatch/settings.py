@@ -182,6 +182,7 @@ class Settings(BaseSettings):
     cds_fhir_servers: Annotated[list[str], NoDecode] = Field(
         [], description="Base URLs of the EHR FHIR servers the CDS service may read a call's Patient from (comma-separated, compared with the call's `fhirServer` after dropping a trailing slash; https, or http on a loopback host). A call sent without its prefetched Patient but with `fhirServer` and `fhirAuthorization` then has its Patient read from there (GET Patient/<context.patientId> with the call's access token) for its MRN. Empty (the default): the service never calls a FHIR server, and such a call is a 412")
     cds_fhir_timeout_s: float = Field(5.0, gt=0, le=30, description="Time the CDS service gives a FHIR server to answer the read of a call's Patient, connection and body included (seconds); keep it well under the EHR's own timeout for the CDS call. Past it the call is a 412")
+    cds_read_timeout_s: float = Field(30.0, gt=0, description="Max time to receive a CDS call's whole body once its headers are in (seconds); then 408 and the connection is closed, so a client that stalls mid-body (or trickles it, which anyone can without WARDWATCH_CDS_JWKS_FILE) does not hold a connection for ever")
     cds_allow_anonymous: bool = Field(False, description="Without WARDWATCH_CDS_JWKS_FILE, let `wardwatch cds` listen on a non-loopback address anyway: anyone who reaches the port reads any patient's latest risk")
 
     # batch / archive

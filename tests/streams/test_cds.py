@@ -270,6 +270,28 @@ def test_a_body_whose_content_encoding_does_not_decode_is_a_400_not_a_500():
     assert status == 400 and "cannot be read" in body["error"]
 
 
+def test_a_client_stalling_mid_body_gets_408_and_is_hung_up_on():
+    # was: aiohttp never times out a body, so a client that sent its headers and part of its body held its
+    # connection (and handler) for ever; with anonymous calls, anyone could
+    body = orjson.dumps({"hook": "patient-view", "context": {"patientId": "p-1"}})
+
+    async def stall() -> tuple[bytes, bytes]:
+        app = make_app(LatestScores.empty(), None, ready=lambda: True, read_timeout_s=0.5)
+        async with TestServer(app) as server:
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(b"POST /cds-services/%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (SERVICE_ID.encode(), len(body), body[:10]))
+            await writer.drain()  # the rest never comes
+            answer = await asyncio.wait_for(reader.readuntil(b"}"), 5)  # up to the JSON error's end
+            rest = await asyncio.wait_for(reader.read(), 2)  # then it hung up, waiting for nothing more
+            writer.close()
+            return answer, rest
+
+    answer, rest = asyncio.run(stall())
+    assert answer.split()[1] == b"408" and b"not received within 0.5 s" in answer
+    assert b"Connection: close" in answer and rest == b""
+
+
 def test_a_huge_hook_value_is_not_echoed_back_whole():
     with pytest.raises(BadRequest) as refused:
         patient_keys({"hook": "x" * 100_000, "context": {"patientId": "1"}})
