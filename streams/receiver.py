@@ -25,7 +25,8 @@ What is refused (400) and why:
   never lost silently. Its headers have no source topic/offset: it never was on a topic.
 
 GET /healthz answers 200 while the process serves; GET /readyz answers 200 only when the producer
-reaches the broker and the notifications topic exists. `wardwatch receiver` answers the /readyz of its
+reaches the broker and the notifications topic exists (probes arriving while that check runs, up to 2 s
+with the broker down, share its answer: they never take more than one of the validation threads). `wardwatch receiver` answers the /readyz of its
 metrics port (WARDWATCH_METRICS_PORT, what an orchestrator probes) the same way.
 
 Keying: a notification's events are normally of one patient; with several, the first event's
@@ -198,6 +199,7 @@ class Receiver:
         self._stop_polling = threading.Event()
         self._poller: threading.Thread | None = None
         self._stats_task: asyncio.Task | None = None
+        self._readiness_check: asyncio.Future | None = None  # the broker check /readyz probes share
         self.app = web.Application(client_max_size=settings.receiver_max_bytes)
         for path in NOTIFICATION_PATHS:
             self.app.router.add_post(path, self.handle_notification)
@@ -242,9 +244,18 @@ class Receiver:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        if await asyncio.to_thread(self.broker_reachable):
+        if await self._broker_check():
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "broker unreachable or notifications topic missing"}, status=503)
+
+    async def _broker_check(self) -> bool:
+        """broker_reachable on a worker thread, one at a time: probes arriving while a check runs wait for
+        its answer instead of starting their own. The check takes up to 2 s with the broker down, on the
+        thread pool that validates notifications: N probes at once must cost one thread, not N."""
+        if self._readiness_check is None or self._readiness_check.done():
+            self._readiness_check = asyncio.ensure_future(asyncio.to_thread(self.broker_reachable))
+        # shielded: a prober hanging up must not cancel the check the others wait for
+        return await asyncio.shield(self._readiness_check)
 
     def broker_reachable(self) -> bool:
         try:

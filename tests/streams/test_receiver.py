@@ -260,6 +260,41 @@ class AckingProducer:
         return 0
 
 
+class UnreachableBrokerProducer(AckingProducer):
+    """A producer whose metadata requests wait `wait_s`, then fail: the broker is down."""
+
+    def __init__(self, wait_s: float):
+        self.wait_s, self.metadata_requests = wait_s, 0
+        self._lock = threading.Lock()
+
+    def list_topics(self, topic=None, timeout=-1):
+        with self._lock:
+            self.metadata_requests += 1
+        time.sleep(self.wait_s)
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+
+def test_concurrent_readyz_probes_share_one_broker_check(monkeypatch):
+    # was: every /readyz ran its own broker check (up to 2 s with the broker down) on the thread pool that
+    # validates notifications, so probes hammering it while the broker was down delayed notifications
+    producer = UnreachableBrokerProducer(wait_s=1.0)
+    monkeypatch.setattr("confluent_kafka.Producer", lambda config: producer)
+    receiver = Receiver(Settings(topic_prefix="t"))
+
+    async def probe() -> tuple[list[int], int, int]:
+        async with TestClient(TestServer(receiver.app)) as client:
+            async def one() -> int:
+                return (await client.get("/readyz")).status
+            statuses = list(await asyncio.gather(*(one() for _ in range(8))))
+            checks = producer.metadata_requests
+            await one()  # a probe after that check finished asks the broker again
+            return statuses, checks, producer.metadata_requests
+
+    statuses, checks, after = asyncio.run(probe())
+    assert statuses == [503] * 8  # every probe answered: not ready
+    assert (checks, after) == (1, 2)
+
+
 def test_a_sender_stalling_mid_body_gets_408_and_frees_its_place(monkeypatch):
     # was: aiohttp never times out a body, so a sender that sent its headers and part of its body kept
     # its in-flight place for ever; WARDWATCH_RECEIVER_MAX_INFLIGHT of them and every notification got 503
