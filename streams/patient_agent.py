@@ -460,17 +460,15 @@ class PatientProcessor:
                 steps.append(_Discharge(patient, view.discharged_ms, msg, view))
 
         points = [s for s in steps if isinstance(s, _Point)]
+        shadow_of: dict[int, object] = {}  # a point's index in `points` -> its shadow score
         if points:
             snapshots = [p.features for p in points]
             scores = iter(self.scorer.score(snapshots))
             shadow_scorer = getattr(self.scorer, "shadow", None)
             if shadow_scorer is not None:
-                for i, shadow in shadow_scorer.score_shadow(snapshots):
-                    p = points[i]
-                    out.shadow.append((p.patient.encode(), _output_json(self._score_record(p, shadow)),
-                                       _headers(p.msg)))
-                    self.counters["shadow_scores"] += 1
+                shadow_of = dict(shadow_scorer.score_shadow(snapshots))
         failed: set[tuple[int, int]] = set()  # (partition, offset) of the messages dead-lettered below
+        point_index = -1
         for s in steps:
             # one step's outputs and counts are kept apart until it completes: a step that raises (a bug, or
             # an input the alert cannot express, e.g. a time beyond what a FHIR dateTime holds) must not
@@ -479,7 +477,12 @@ class PatientProcessor:
             rec, staged, counts = records[s.patient], Outputs(), Counter()
             try:
                 if isinstance(s, _Point):
+                    point_index += 1
                     self._emit_point(s, next(scores), records, staged, counts)
+                    if (shadow := shadow_of.get(point_index)) is not None:  # with its point, or not at all
+                        staged.shadow.append((s.patient.encode(), _output_json(self._score_record(s, shadow)),
+                                              _headers(s.msg)))
+                        counts["shadow_scores"] += 1
                 else:
                     self._emit_discharge(s, records, staged, counts)
             except Exception as exc:
@@ -493,6 +496,7 @@ class PatientProcessor:
             out.features += staged.features
             out.scores += staged.scores
             out.alerts += staged.alerts
+            out.shadow += staged.shadow
             self.counters.update(counts)
         return records, out
 

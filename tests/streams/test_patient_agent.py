@@ -1250,3 +1250,22 @@ def test_an_alert_resting_on_a_heart_rate_its_next_version_withdraws_is_withdraw
     # the marker redelivered, or version 1 again: nothing more
     again = run(processor, [msg(2, [marker]), msg(3, [hr])], store)
     assert again.features == [] and again.alerts == []
+
+
+def test_a_point_dead_lettered_by_the_alert_policy_publishes_no_shadow_score_either(tmp_path):
+    """The message whose point the alert cannot express is dead-lettered with its features and score dropped:
+    its shadow score went out all the same, a candidate's score for a point the served model never scored."""
+    from datetime import datetime, timezone
+    root = registry_with(tmp_path, {"v0001": {}, "v0002-cand": {}})
+    (root / "current").write_text("v0001")
+    (root / "candidate").write_text("v0002-cand")
+    s = Settings(model_dir=root)
+    processor = PatientProcessor(s, Scorer(root, s))
+    far = int(datetime(9999, 12, 31, 20, tzinfo=timezone.utc).timestamp() * 1000)
+
+    out = run(processor, [msg(0, vitals("p1", T0, 1)), msg(1, vitals("p2", far, 1)), msg(2, vitals("p3", T0, 1))], {})
+
+    assert [(m.offset, r.reason) for m, r in out.rejected] == [(1, Reason.INTERNAL_ERROR)]
+    assert [orjson.loads(v)["patient_id"] for _, v, _ in out.shadow] == ["p1", "p3"]
+    assert processor.counters["shadow_scores"] == 2
+
