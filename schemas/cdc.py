@@ -33,7 +33,9 @@ Shapes:
   row that said so, or whose `before` cannot tell.
 - LongTable (lab_results): one row = one result. The code column goes through codes.canonical_code
   (aliases accepted); a code wardwatch does not use -> Ignored("unmapped_code"). The value is
-  converted from the unit column to the code's canonical unit (no conversion -> UNKNOWN_UNIT).
+  converted from the unit column to the code's canonical unit (no conversion -> UNKNOWN_UNIT; a null or
+  absent unit is the canonical unit only for a code reported in one unit, else UNKNOWN_UNIT:
+  codes.MULTI_UNIT_CODES).
   fact id cdc:<table>:<pk>:<canonical code>, effective = collection time, issued = the result time
   (labs are available hours after collection; the commit time only when the column is missing); an
   update (an amendment, a retraction, a preliminary result made final) is issued no earlier than its
@@ -85,7 +87,7 @@ import orjson
 from schemas.canonical import LOINC, CanonicalEvent, Source, Status, new_event
 from schemas.codes import (ACVPU_ORDINAL, CDC_TABLES, CODES, CONSCIOUSNESS, CONTEXT, CONTEXT_CODES, O2_FLOW,
                           SUPPLEMENTAL_O2, WARDWATCH, CdcMapping, ContextFact, ContextTable, LongTable, TableMapping, canonical_code,
-                          to_canonical_unit)
+                          missing_unit_detail, to_canonical_unit)
 from schemas.deadletter import Reason
 from schemas.ingest_outcome import Control, Ignored, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import (reject_future_measurements, acvpu_letter, checked_time_ms, date_only_detail,
@@ -288,6 +290,8 @@ class _Change:
     def _number(self, code: str, raw: Any, column: str, unit: str | None) -> float:
         """A measurement in the canonical unit of `code`, checked for plausibility."""
         value = to_canonical_unit(code, _decode_number(raw, self.schemas.get(column), column), unit)
+        if value is None and unit is None:  # a null unit column for a code reported in more than one unit
+            raise Reject(Reason.UNKNOWN_UNIT, f"{column}: {missing_unit_detail(code)}")
         if value is None:
             raise Reject(Reason.UNKNOWN_UNIT, f"{column}: no conversion from unit {str(unit)[:20]!r} "
                                               f"to {CODES[code].unit} for {CODES[code].name}")

@@ -142,35 +142,50 @@ def _fraction_to_percent(v: float) -> float:
     return round(v * 100.0, 1)  # 0.28 * 100 is 28.000000000000004: one decimal gives 28.0
 
 
+# a conversion here means the code is reported in more than one unit (see MULTI_UNIT_CODES)
 UNIT_CONVERSIONS = {
     (TEMPERATURE, "[degF]"): _f_to_c,
     (TEMPERATURE, "degF"): _f_to_c,
     (TEMPERATURE, "°F"): _f_to_c,
     (WBC, "/uL"): lambda v: v / 1000.0,
-    (WBC, "10*9/L"): lambda v: v,
-    (PLATELETS, "10*9/L"): lambda v: v,
     (CREATININE, "umol/L"): lambda v: round(v / 88.42, 3),
-    (HEART_RATE, "{beats}/min"): lambda v: v,
-    (RESP_RATE, "{breaths}/min"): lambda v: v,
-    (O2_FLOW, "L/min"): lambda v: v,
     # FiO2 as a fraction (0.28): UCUM's dimensionless "1", a volume fraction, or an annotation
     (FIO2, "1"): _fraction_to_percent,
     (FIO2, "L/L"): _fraction_to_percent,
     (FIO2, "{fraction}"): _fraction_to_percent,
-    (SPO2, "%"): lambda v: v,
+}
+# other spellings of a code's canonical unit (the same number): not a second unit
+UNIT_SPELLINGS = {
+    (WBC, "10*9/L"), (PLATELETS, "10*9/L"), (HEART_RATE, "{beats}/min"), (RESP_RATE, "{breaths}/min"),
 }
 # "degC" is not UCUM but EHRs send it, as they send "degF" (converted above)
 UNIT_ALIASES = {"Cel": "Cel", "C": "Cel", "°C": "Cel", "degC": "Cel", "mmHg": "mm[Hg]", "bpm": "/min", "beats/min": "/min",
                 "breaths/min": "/min"}
+# units a code is reported in that wardwatch does not convert (a value in one is dead-lettered unknown_unit):
+# lactate in mg/dL (some US labs; 18 mg/dL is 2 mmol/L)
+UNCONVERTED_UNITS = {LACTATE: ("mg/dL",)}
+# Codes reported in more than one unit: for these a value without a unit is ambiguous (a lactate of 18 may be
+# mg/dL, ~2 mmol/L, not a critical 18 mmol/L), so it is dead-lettered unknown_unit. For any other code (SpO2 %,
+# heart rate /min, ...) a value without a unit is in the canonical unit, the common case for vitals.
+MULTI_UNIT_CODES = frozenset(code for code, _ in UNIT_CONVERSIONS) | frozenset(UNCONVERTED_UNITS)
 
 
 def to_canonical_unit(code: str, value: float, unit: str | None) -> float | None:
-    """Convert value to the canonical unit of code; None when the unit is unknown for that code."""
+    """Convert value to the canonical unit of code; None when the unit is unknown for that code, or missing
+    (None) for a code reported in more than one unit (MULTI_UNIT_CODES; see missing_unit_detail)."""
     info = CODES[code]
-    if unit is None or unit == info.unit or UNIT_ALIASES.get(unit) == info.unit:
+    if unit is None:
+        return None if code in MULTI_UNIT_CODES else value
+    if unit == info.unit or UNIT_ALIASES.get(unit) == info.unit or (code, unit) in UNIT_SPELLINGS:
         return value
     conv = UNIT_CONVERSIONS.get((code, unit))
     return conv(value) if conv else None
+
+
+def missing_unit_detail(code: str) -> str:
+    """The dead-letter detail of a value without a unit for a code in MULTI_UNIT_CODES (never the value)."""
+    name = CODES[code].name
+    return f"{name}: value without a unit, and {name} is reported in more than one unit"
 
 
 # --- the one declarative CDC mapping: one entry per EHR table, saying its shape ------------------

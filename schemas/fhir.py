@@ -8,7 +8,9 @@ entry[0] is the status: an R4 `Parameters` or an R4B/R5 `SubscriptionStatus`.
 - Event notifications with full resources: each Observation whose code (or a component's code) is a
   wardwatch code becomes one event per code: a BP panel gives systolic and diastolic, a pulse-oximetry
   Observation gives SpO2 (2708-6 and 59408-5 are one fact) and its O2-flow and FiO2 (3150-0) components.
-  Units go to the canonical unit (degF -> Cel, WBC /uL -> 10*3/uL); ACVPU SNOMED codes -> ordinal + letter.
+  Units go to the canonical unit (degF -> Cel, WBC /uL -> 10*3/uL); a value without a unit is in the canonical
+  unit only for a code reported in one unit (else UNKNOWN_UNIT: codes.MULTI_UNIT_CODES); ACVPU SNOMED codes ->
+  ordinal + letter.
   A GCS total (9269-2, valueInteger or valueQuantity 3..15) is a consciousness fact (80288-4): the ACVPU
   level it stands for (schemas.codes.gcs_acvpu), the total kept in provenance `gcs_total`. Without a total,
   the sum of its eye, verbal and motor components (9267-6, 9270-0, 9268-4: integers, or LOINC answers)
@@ -112,7 +114,7 @@ from schemas.canonical import LOINC, CanonicalEvent, Source, Status, new_event
 from schemas.codes import (ACVPU_ORDINAL, ADMISSION, BIRTH_YEAR, BP_PANEL, CODES, CONSCIOUSNESS, CONTEXT,
                            DIASTOLIC_BP, DISCHARGE, FIO2, GCS_ANSWERS, GCS_COMPONENTS, GCS_RANGE, GCS_TOTAL,
                            LOCATION, O2_FLOW, SEX, SNOMED_ACVPU, SPO2, SYSTOLIC_BP, VERSION_MARK, VERSION_MARKS,
-                           canonical_code, gcs_acvpu, to_canonical_unit)
+                           canonical_code, gcs_acvpu, missing_unit_detail, to_canonical_unit)
 from schemas.deadletter import Reason, Rejection
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Reject, rejected
 from schemas.ingest_values import (INTEGER_TEXT, reject_future_measurements, acvpu_letter, finite_number, gcs_total,
@@ -977,8 +979,11 @@ def _value(code: str, holder: dict) -> tuple[float, str | None] | None:
         return _consciousness(holder)
     quantity = holder.get("valueQuantity")
     if quantity is None:
-        if "valueInteger" in holder:
-            return plausible(code, finite_number(holder["valueInteger"], CODES[code].name), CODES[code].name), None
+        if "valueInteger" in holder:  # a bare number: no unit (see _value's Quantity without a unit below)
+            number = finite_number(holder["valueInteger"], CODES[code].name)
+            if to_canonical_unit(code, number, None) is None:
+                raise Reject(Reason.UNKNOWN_UNIT, missing_unit_detail(code))
+            return plausible(code, number, CODES[code].name), None
         if any(k.startswith("value") for k in holder):
             raise Reject(Reason.BAD_VALUE, f"{CODES[code].name}: value is not a Quantity")
         return None
@@ -991,11 +996,15 @@ def _value(code: str, holder: dict) -> tuple[float, str | None] | None:
         named = comparator if comparator in COMPARATORS else "unrecognised"  # the validator lets any string by
         raise Reject(Reason.BAD_VALUE, f"{what}: value has a comparator ({named}), a bound and not a measurement")
     number = finite_number(quantity.get("value"), what)
-    # the UCUM code first, then the display unit; no unit at all means the canonical unit
-    for unit in [u for u in (quantity.get("code"), quantity.get("unit")) if u] or [None]:
+    # the UCUM code first, then the display unit; no unit at all means the canonical unit, except for a code
+    # reported in more than one unit (lactate mmol/L or mg/dL, ...: schemas.codes.MULTI_UNIT_CODES)
+    units = [u for u in (quantity.get("code"), quantity.get("unit")) if u]
+    for unit in units or [None]:
         converted = to_canonical_unit(code, number, unit)
         if converted is not None:
             return plausible(code, converted, what), None
+    if not units:
+        raise Reject(Reason.UNKNOWN_UNIT, missing_unit_detail(code))
     raise Reject(Reason.UNKNOWN_UNIT, f"{what}: no conversion to {CODES[code].unit}")
 
 

@@ -664,6 +664,32 @@ def test_impossible_or_unconvertible_labs_are_dead_lettered_with_a_reason(name, 
     assert r.reason is reason and words in r.detail and "MRN" not in r.detail
 
 
+def lab_row_created(drop: tuple[str, ...] = (), **changes) -> RawMessage:
+    """The amended lactate row as a create, with `changes` and without the columns in `drop`."""
+    msg = cdc_message("lab_amended")
+    doc = json.loads(msg.value)
+    doc["op"], doc["before"] = "c", None
+    doc["after"] = {k: v for k, v in {**doc["after"], **changes}.items() if k not in drop}
+    return RawMessage(msg.topic, msg.key, json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("row", [{"unit": None}, {"unit": " "}, {"drop": ("unit",)}])
+def test_a_lactate_row_without_a_unit_is_dead_lettered_not_read_as_mmol_per_litre(row):
+    # 18 with no unit may be mg/dL (~2 mmol/L): it was read as a critical 18 mmol/L, into qSOFA and the model
+    outcome = parse(lab_row_created(value="18.0000", **row))
+    assert isinstance(outcome, Rejected), outcome
+    r = outcome.rejection
+    assert r.reason is Reason.UNKNOWN_UNIT
+    assert "lactate" in r.detail and "without a unit" in r.detail and "more than one unit" in r.detail
+    assert "18" not in r.detail and "MRN" not in r.detail
+
+
+def test_a_platelet_row_without_a_unit_is_read_in_its_one_unit():
+    # 10*9/L is 10*3/uL by another name: platelets are reported in one unit, so no unit is that unit
+    (event,) = parse(lab_row_created(loinc_code=codes.PLATELETS, value="250", unit=None)).events
+    assert (event.code, event.value, event.unit) == (codes.PLATELETS, 250.0, "10*3/uL")
+
+
 # --- encounters: admission, location (transfers), discharge --------------------------------------
 
 ADMIT_MS, TRANSFER_MS, DISCHARGE_MS = (utc_ms("2024-06-15T12:54:00"), utc_ms("2024-06-16T03:10:00"),

@@ -163,6 +163,43 @@ def test_r5_labs_with_unit_conversion_and_integer64_counters():
     assert events[codes.CREATININE].issued_ms == 1_719_219_600_000  # meta.lastUpdated 09:00Z
 
 
+def with_lab_value(obs_id: str, value: dict) -> bytes:
+    """r5_labs_event with the value[x] of Observation `obs_id` replaced by `value` (e.g. {"valueQuantity": ...})."""
+    doc = json.loads(fhir_bundle("r5_labs_event"))
+    [obs] = [e["resource"] for e in doc["entry"][1:] if e["resource"].get("id") == obs_id]
+    obs.pop("valueQuantity")
+    obs.update(value)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("value", [
+    {"valueQuantity": {"value": 18}},
+    {"valueQuantity": {"value": 18, "system": "http://unitsofmeasure.org"}},
+    {"valueInteger": 18},
+])
+def test_a_lactate_without_a_unit_is_dead_lettered_not_read_as_mmol_per_litre(value):
+    # 18 with no unit may be mg/dL (~2 mmol/L): it was read as a critical 18 mmol/L, into qSOFA and the model
+    r = rejection_of(with_lab_value("lab-lac-1", value))
+    assert r.reason is Reason.UNKNOWN_UNIT
+    assert "lactate" in r.detail and "without a unit" in r.detail and "more than one unit" in r.detail
+    assert "18" not in r.detail and "MRN" not in r.detail
+
+
+def test_a_temperature_without_a_unit_is_dead_lettered_as_celsius_and_fahrenheit_are_both_sent():
+    r = rejection_of(with_temperature({"value": 38.2}))
+    assert r.reason is Reason.UNKNOWN_UNIT and "temperature" in r.detail and "without a unit" in r.detail
+    assert "38" not in r.detail
+
+
+def test_a_heart_rate_without_a_unit_is_still_read_per_minute():
+    # only one unit is in use for a heart rate: no unit is the canonical /min, the common case for vitals
+    doc = json.loads(fhir_bundle("r4b_full_resource_hr9"))
+    [obs] = [e["resource"] for e in doc["entry"][1:]]
+    obs["valueQuantity"] = {"value": 112}
+    (hr,) = parsed_body(json.dumps(doc).encode()).events
+    assert (hr.code, hr.value, hr.unit) == (codes.HEART_RATE, 112, "/min")
+
+
 def _heart_rate_version(meta: dict, status: str = "final", value: float = 80) -> CanonicalEvent:
     """r4_parameters_event's heart rate (issued 14:06:40Z) as the version `meta` describes."""
     doc = json.loads(fhir_bundle("r4_parameters_event"))
