@@ -378,7 +378,9 @@ def correct(state: dict | None, *, corrected: Mapping[str, int], scoring_ms: int
         else:  # the only alert left was an error: close without a suppression window
             s.update(open=False, alerted_tier=None, calm_points=0, alerts=[])
             s.pop("calm_missing", None)
-        decisions.append(AlertDecision(cid, "correction", current["tier"], s["episode"], point["scoring_ms"],
+        # withdrawn as it was published: its own time (a point at the clock, beyond the lateness bound, would
+        # move the withdrawn alert's occurrenceDateTime and whenPeriod to the correction's time)
+        decisions.append(AlertDecision(cid, "correction", current["tier"], s["episode"], current["scoring_ms"],
                                        "entered-in-error", current["alert_id"]))
     return s, decisions
 

@@ -317,6 +317,16 @@ def test_retracting_a_basis_fact_that_made_the_risk_withdraws_the_alert():
     assert (again.kind, again.episode) == ("open", 2) and again.alert_id != original.alert_id
 
 
+def test_an_alert_withdrawn_beyond_the_lateness_bound_keeps_its_own_time():
+    """An alert older than the lateness bound is judged by the correction's point at the clock (no re-score at
+    its time). Withdrawn, it is the resource as published, with status entered-in-error: its occurrenceDateTime
+    moved to the correction's time, and a consumer upserting by id saw the withdrawn alert jump hours later."""
+    state, original = opened("high", 0)
+    state, [c] = correct(state, corrected={"rr:1": 2}, **rule_point(300, "none"))  # rescore: none, at the clock
+    assert (c.status, c.original_alert_id) == ("entered-in-error", original.alert_id)
+    assert c.scoring_ms == original.scoring_ms == T0
+
+
 def test_amending_a_basis_fact_that_keeps_the_tier_amends_the_alert():
     state, original = opened("high")
     new_basis = [["hr:1", 1], ["rr:1", 3]]
