@@ -154,11 +154,12 @@ def taken_words(taken_ms: int, at_ms: int) -> str:
 
 def stale_readings(features: Mapping[str, Any], rationale: Sequence[Mapping[str, Any]],
                    taken_ms: Callable[[str], int | None], scoring_ms: int,
-                   stale_after_ms: int = STALE_AFTER_MS) -> list[list]:
-    """[feature, value, taken_ms] for each NEWS2 parameter scoring points and each rationale feature whose
+                   stale_after_ms: int = STALE_AFTER_MS, every_part: bool = False) -> list[list]:
+    """[feature, value, taken_ms] for each NEWS2 parameter scoring points (`every_part`: each charted, for a
+    resolution, whose calm rests on the parameters scoring 0 too) and each rationale feature whose
     one reading (READING_CODE) was taken more than `stale_after_ms` before `scoring_ms`: in NEWS2 input
     order, then the rationale's. `taken_ms(code)`: when the reading the score used was taken (None: none)."""
-    names = [_NEWS2_PART_INPUT[part] for part, points in news2_charted_parts(features).items() if points]
+    names = [_NEWS2_PART_INPUT[part] for part, points in news2_charted_parts(features).items() if points or every_part]
     stale = []
     for name in dict.fromkeys([*names, *(r["feature"] for r in rationale)]):
         code, value = READING_CODE.get(name), features.get(name)

@@ -262,12 +262,14 @@ def read_at(readings: dict[str, tuple[tuple[str, int, bool], ...]], state: Patie
     return [fact_id for fact_id, spots in readings.items() if any(read(fact_id, *spot) for spot in spots)]
 
 
-def _stale(state: PatientState, T: int, features: dict, rationale: list) -> list[list]:
-    """The readings the score at T rests on that are too old to be taken as today's (schemas.alert)."""
+def _stale(state: PatientState, T: int, features: dict, rationale: list, every_part: bool = False) -> list[list]:
+    """The readings the score at T rests on that are too old to be taken as today's (schemas.alert);
+    `every_part`: every NEWS2 parameter charted, not only those scoring points (a resolution's calm rests on
+    the readings scoring 0 too)."""
     def taken(code: str) -> int | None:
         fact = _reading(state, code, T) if code in _BASIS_WINDOW_MS else None
         return None if fact is None else fact[EFFECTIVE_MS]
-    return stale_readings(features, rationale, taken, T)
+    return stale_readings(features, rationale, taken, T, every_part=every_part)
 
 
 def preliminary_codes(state: PatientState, T: int) -> list[str]:
@@ -548,8 +550,11 @@ class PatientProcessor:
         for d in decisions + raised:
             # the alert the resource describes: a raised one, an amended one, or a withdrawn one as it was
             described = after.get(d.original_alert_id or d.alert_id) or before.get(d.original_alert_id)
-            # a resolution: the resolving point's score, and its old readings ("calm" may rest on them)
-            self._publish(patient, d, described or {**alert_state, "stale": stale}, p.context, out, headers, counts)
+            # a resolution: the resolving point's score, and its old readings: "calm" rests on every NEWS2
+            # parameter, a 20 h old normal blood pressure as much as one scoring points
+            if described is None:
+                described = {**alert_state, "stale": _stale(p.state, T, p.features, score.rationale, every_part=True)}
+            self._publish(patient, d, described, p.context, out, headers, counts)
 
     def _read_at(self, p: _Point, at: int) -> list[str]:
         """The facts p's corrections changed that a feature read at an alert's time `at` (read_at): a

@@ -1190,6 +1190,21 @@ def test_a_resolution_on_an_old_reading_does_not_read_as_a_fresh_calm_round(proc
         "NEWS2 1; temperature 38.5 °C taken 15 h 30 min before this assessment, not rechecked")
 
 
+def test_a_resolution_says_which_calm_readings_are_old_even_those_scoring_0(processor):
+    """The calm rounds recheck everything but the level of consciousness: its A scores 0 points, but the
+    resolution's "back below the alerting line" rests on it as much as on the rest, and it is over 4 h old.
+    Only readings scoring points were named, so the resolution read as a fully rechecked calm patient."""
+    store: dict[str, PatientRecord] = {}
+    sbp_85_never_rechecked(processor, store)  # consciousness A last charted at T0 + 14 h 44 min
+    calm = dict(rr=16, spo2=97, flow=0, sbp=125, hr=75, temp=37.0)  # no consciousness charted
+    run(processor, [msg(2, round_of("p1", T0 + 19 * HOUR, 3, **calm))], store)
+    [resolved] = alerts_of(run(processor, [msg(3, round_of("p1", T0 + 19 * HOUR + 30 * MIN, 4, **calm))], store))
+    assert resolved["header"]["kind"] == "resolve"
+    RiskAssessment.model_validate(resolved["resource"])
+    assert resolved["resource"]["prediction"][0]["rationale"] == (
+        "NEWS2 0; level of consciousness A taken 4 h 46 min before this assessment, not rechecked")
+
+
 def test_a_resolution_by_discharge_says_the_last_score_rested_on_old_readings(processor):
     store: dict[str, PatientRecord] = {}
     sbp_85_never_rechecked(processor, store)
