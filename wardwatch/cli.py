@@ -141,6 +141,18 @@ def _observe(service: str) -> None:
         raise typer.Exit(2)
 
 
+def _sigterm_unwinds() -> None:
+    """SIGTERM (`timeout`, a CI job cancelled, `kill`) unwinds like Ctrl-C, so a command that started an
+    embedded broker and child services stops them on the way out: they run in sessions of their own,
+    and the default SIGTERM would end this process alone and leave them running."""
+    import signal
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _run_until_signal(run) -> None:
     """Run a blocking `run(stop)` loop; SIGTERM/SIGINT set `stop` so it finishes cleanly."""
     import signal
@@ -169,6 +181,7 @@ def demo(
     except ValueError as exc:
         _fail(str(exc))
     _require_bootstrap(bootstrap)
+    _sigterm_unwinds()
     summary = run_demo(DemoOptions(patients=patients, seed=seed, faults=faults, train=train, data_dir=data_dir,
                                    bootstrap=bootstrap), console)
     if summary_json:
@@ -371,6 +384,7 @@ def batch_dataset(
         check_wipeable(out.resolve())
     except ValueError as exc:
         _fail(str(exc))
+    _sigterm_unwinds()
     summary = build_dataset(DatasetOptions(patients=patients, seed=seed, out=out, cache_dir=cache_dir,
                                            faults=faults, bootstrap=bootstrap), console)
     console.print_json(data={k: summary[k] for k in ("duckdb_path", "labels", "parity_ok", "seconds")})
@@ -621,6 +635,7 @@ def bench(
     to the relay's at the same load, the max sustained rate with its latency, and the worker's memory
     per 10k patients. The relay runs in a process of its own, as ingest and worker do.
     """
+    _sigterm_unwinds()
     if batch:
         from benchmarks.batch import run_batch_bench
 
@@ -659,8 +674,6 @@ def soak(
     scoring points and feature values, and nightly parity on the chaos run's archive. Exits 1 when
     any check fails (the missing ids and the log directory are printed).
     """
-    import signal
-
     from wardwatch.demo import check_wipeable
     from wardwatch.soak import SoakOptions, run_soak, write_json
 
@@ -669,8 +682,7 @@ def soak(
     except ValueError as exc:
         _fail(str(exc))
     _require_bootstrap(bootstrap)
-    # SIGTERM unwinds like Ctrl-C, so the broker and the child services are stopped on the way out
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _sigterm_unwinds()
     figures = run_soak(SoakOptions(events=events, kills=kills, seed=seed, kill_ingest=kill_ingest, rate=rate,
                                    data_dir=data_dir, bootstrap=bootstrap), console)
     if json_path:
