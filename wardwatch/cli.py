@@ -614,15 +614,15 @@ def batch_report(out: Optional[Path] = typer.Option(None, help="HTML file to wri
 @app.command()
 def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here"),
-    patients: int = typer.Option(8, help="Patients in the replayed cohort"),
-    repeat: int = typer.Option(60, help="Replay the cohort this many times (fresh patient ids each time)"),
+    patients: int = typer.Option(8, min=1, help="Patients in the replayed cohort"),
+    repeat: int = typer.Option(60, min=1, help="Replay the cohort this many times (fresh patient ids each time)"),
     rates: str = typer.Option("1000,10000", help="Offered loads (raw msg/s) for the latency phases, comma-separated; "
                                                  "empty for none"),
-    paced_seconds: float = typer.Option(10.0, help="Length of each paced latency phase (seconds)"),
+    paced_seconds: float = typer.Option(10.0, min=0.1, help="Length of each paced latency phase (seconds)"),
     batch: bool = typer.Option(False, "--batch", help="Benchmark the nightly rebuild + parity instead, on a large "
                                                       "archive, next to a plain DuckDB scan of the same Parquet"),
-    events: int = typer.Option(5_000_000, help="With --batch: canonical events in the archive"),
-    state_patients: int = typer.Option(1000, help="Patients for the live-state memory measurement (0: skip)"),
+    events: int = typer.Option(5_000_000, min=1, help="With --batch: canonical events in the archive"),
+    state_patients: int = typer.Option(1000, min=0, help="Patients for the live-state memory measurement (0: skip)"),
     sustained: bool = typer.Option(True, "--sustained/--no-sustained",
                                    help="Search the max sustained rate: paced phases from 20% of the unpaced "
                                         "events/s up by 25% a step while each keeps up with a steady "
@@ -648,6 +648,8 @@ def bench(
         offered = tuple(int(r) for r in rates.split(",") if r.strip())
     except ValueError:
         raise typer.BadParameter("--rates takes integers separated by commas, e.g. 1000,10000")
+    if any(r < 1 for r in offered):
+        raise typer.BadParameter(f"--rates {rates}: offered loads are messages/s, at least 1 each (e.g. 1000,10000)")
     result = run_bench(patients=patients, repeat=repeat, console=console, rates=offered, paced_s=paced_seconds,
                        state_patients=state_patients, find_sustained=sustained)
     _write_json(result, json_path)

@@ -561,3 +561,21 @@ def test_a_fhir_proxy_url_with_credentials_is_shown_masked(clean_env):
 
     assert result.exit_code == 0, result.output
     assert '"fhir_proxy_url": "********"' in result.output and "pa55w0rd" not in result.output
+
+
+@pytest.mark.parametrize("args, says", [(["--repeat", "0"], "--repeat"), (["--patients", "-1"], "--patients"),
+                                        (["--rates", "1000,-5"], "at least 1"), (["--paced-seconds", "0"], "--paced-seconds"),
+                                        (["--batch", "--events", "0"], "--events")])
+def test_bench_refuses_a_size_or_rate_below_one_before_starting_anything(args, says, clean_env, monkeypatch):
+    import benchmarks.batch
+    import benchmarks.pipeline
+
+    def started(**_):
+        raise AssertionError("the benchmark started")
+
+    monkeypatch.setattr(benchmarks.pipeline, "run_bench", started)
+    monkeypatch.setattr(benchmarks.batch, "run_batch_bench", started)
+    result = invoke("bench", *args)
+
+    assert result.exit_code == 2, result.output
+    assert says in result.output
