@@ -526,5 +526,13 @@ class Archiver:
         self.flush()
         return dict(self.consumed)
 
-    def close(self) -> None:
-        self._consumer.close()
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Leave the group. librdkafka's close can block for ever while the group is still being joined (an
+        interrupt moments after start): it gets `timeout_s` on a helper thread, then the caller goes on to
+        stop the rest (the demo's services and broker) instead of hanging with them all still running; the
+        broker drops the member after its session timeout. Flushed files are not at stake: flush() wrote them."""
+        closing = threading.Thread(target=self._consumer.close, name="archiver-close", daemon=True)
+        closing.start()
+        closing.join(timeout_s)
+        if closing.is_alive():
+            log.warning("the archiver's consumer did not close within %.0f s; going on without it", timeout_s)
