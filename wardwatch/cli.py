@@ -181,6 +181,7 @@ def demo(
     except ValueError as exc:
         _fail(str(exc))
     _require_bootstrap(bootstrap)
+    _check_result_path(summary_json)
     _sigterm_unwinds()
     summary = run_demo(DemoOptions(patients=patients, seed=seed, faults=faults, train=train, data_dir=data_dir,
                                    bootstrap=bootstrap), console)
@@ -635,6 +636,7 @@ def bench(
     to the relay's at the same load, the max sustained rate with its latency, and the worker's memory
     per 10k patients. The relay runs in a process of its own, as ingest and worker do.
     """
+    _check_result_path(json_path)
     _sigterm_unwinds()
     if batch:
         from benchmarks.batch import run_batch_bench
@@ -684,6 +686,7 @@ def soak(
     except ValueError as exc:
         _fail(str(exc))
     _require_bootstrap(bootstrap)
+    _check_result_path(json_path)
     _sigterm_unwinds()
     figures = run_soak(SoakOptions(events=events, kills=kills, seed=seed, kill_ingest=kill_ingest, rate=rate,
                                    data_dir=data_dir, bootstrap=bootstrap), console)
@@ -694,12 +697,25 @@ def soak(
         raise typer.Exit(1)
 
 
+def _check_result_path(path: Optional[Path]) -> None:
+    """Before a long run: a results path that cannot be written fails now (exit 2), not after the run."""
+    if path is None:
+        return
+    from wardwatch.result_files import check_writable
+
+    try:
+        check_writable(path)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _write_json(result: dict, json_path: Optional[Path]) -> None:
     if json_path:
         import orjson
 
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        from wardwatch.result_files import write_atomically
+
+        write_atomically(json_path, orjson.dumps(result, option=orjson.OPT_INDENT_2))
         console.print(f"written to {json_path}")
 
 

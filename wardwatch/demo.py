@@ -29,6 +29,7 @@ from streams.topics import ensure_topics, topics_for
 from wardwatch.broker import EmbeddedBroker
 from wardwatch.procs import (check_alive, start_http_service, start_service, stop_service, wait_for_commits,
                              wait_for_group)
+from wardwatch.result_files import write_atomically
 from wardwatch.settings import Settings
 
 BUNDLED_MODELS = Path(__file__).parent / "models"
@@ -330,5 +331,4 @@ def _print_summary(console: Console, s: dict) -> None:
 
 
 def write_summary(summary: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    write_atomically(path, orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))

@@ -70,6 +70,7 @@ from wardwatch.demo import _wait_for_quiet, seed_models, start_run_dir
 from wardwatch.mirror import TopicMirror
 from wardwatch.procs import (committed_offsets, kill_service, start_service, stop_service, wait_for_commits,
                              wait_for_group)
+from wardwatch.result_files import write_atomically
 from wardwatch.settings import Settings
 from wardwatch.worker_results import Results, changelog_topic, collect_results, recovery_seconds
 
@@ -733,5 +734,4 @@ def print_report(console: Console, f: dict) -> None:
 
 
 def write_json(figures: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+    write_atomically(path, orjson.dumps(figures, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
