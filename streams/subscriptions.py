@@ -16,7 +16,9 @@ and for each notification:
   silently, after it was reported it is counted as a late fill;
 - a gap still open `grace` after it was noticed, **in the server's event time**, is reported once.
   Event time, not the watcher's clock: re-reading a backlog (or restarting) gives the same reports.
-- handshake and heartbeat consume no event numbers (DOMAIN.md sec. 2); they advance the clock.
+- handshake and heartbeat consume no event numbers (DOMAIN.md sec. 2); they advance the clock. One
+  newer than anything seen whose `eventsSinceSubscriptionStart` is below `high` is a counter reset (the
+  server restarted or recreated the subscription): tracking starts again from its counter.
 
 The baseline: tracking starts at the lowest number seen (`low`), or at 1 after a handshake (it says 0
 events so far). Because partitions interleave, a lower number can be read after a higher one: during
@@ -135,13 +137,18 @@ class SubscriptionTracker:
 
         if status.type in CONTROL_TYPES:
             state.count(status.type)
-            if status.type == "handshake" and status.events_since_start is not None:
-                if state.high is not None and status.events_since_start < state.high and newest:
-                    # the counter went back in a handshake newer than anything seen: the server restarted
-                    # or recreated the subscription, and reuses numbers from here (an older handshake
-                    # read late from another partition is not a reset)
-                    state.count("counter_resets")
-                    state.high, state.low, state.gaps = None, None, []
+            went_back = (state.high is not None and status.events_since_start is not None
+                         and status.events_since_start < state.high and newest)
+            if went_back and status.type in ("handshake", "heartbeat"):
+                # the counter went back in a handshake or heartbeat newer than anything seen: the server
+                # restarted (a restart need not handshake again: its next heartbeat carries the reset
+                # counter) or recreated the subscription, and reuses numbers from here; an older one read
+                # late from another partition is not a reset. Without this every renumbered event would
+                # be a "duplicate" and no gap among them found until the counter passed the old high.
+                state.count("counter_resets")
+                state.high, state.low, state.gaps = None, None, []
+                _track_from(state, status.events_since_start + 1)  # nothing before it
+            elif status.type == "handshake" and status.events_since_start is not None:
                 _track_from(state, status.events_since_start + 1)  # nothing before it
             elif state.high is None and status.events_since_start is not None:
                 state.high = status.events_since_start  # baseline: that many events happened before

@@ -111,6 +111,28 @@ def test_a_handshake_that_resets_the_counter_starts_the_numbering_again():
     assert t.states[SUB].counts.get("counter_resets") == 1 and t.states[SUB].counts.get("duplicate_events", 0) == 0
 
 
+def test_a_heartbeat_whose_counter_went_back_is_a_reset_too():
+    """A FHIR server restarted without a new handshake: its next heartbeat carries the reset counter. The
+    events after it are new (not duplicates) and a gap among them is found; was: every renumbered event a
+    duplicate, no gap until the counter passed the old high."""
+    t = tracker()
+    feed(t, [control("handshake", 0, T0), *(event(n, at=T0 + n) for n in range(1, 51))])
+    assert feed(t, [control("heartbeat", 0, T0 + 100), event(1, at=T0 + 101), event(3, at=T0 + 102)]) == []
+    assert gaps(feed(t, [event(4, at=T0 + 102 + GRACE_MS)])) == [(2, 2)]
+    counts = t.states[SUB].counts
+    assert counts.get("counter_resets") == 1 and counts.get("duplicate_events", 0) == 0 and t.stats()["events"] == 53
+
+
+def test_an_older_heartbeat_read_late_is_not_a_reset():
+    t = tracker()
+    feed(t, [control("handshake", 0, T0), control("heartbeat", 0, T0 + 1)])
+    feed(t, [event(n, at=T0 + 10 + n) for n in range(1, 6)])
+    feed(t, [control("heartbeat", 0, T0 + 2)])  # sent before event 1, read late from another partition
+    assert t.states[SUB].high == 5 and t.states[SUB].counts.get("counter_resets", 0) == 0
+    feed(t, [event(5, at=T0 + 20)])
+    assert t.stats()["duplicates"] == 1
+
+
 def test_the_first_notification_seen_sets_the_baseline():
     t = tracker()
     assert feed(t, [event(40, at=T0), event(41, at=T0 + GRACE_MS * 2)]) == []  # 1..39 came before us
