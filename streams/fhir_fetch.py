@@ -2,7 +2,8 @@
 as if the server had sent them inline, so id-only and full-resource payloads give identical events.
 
     NeedsFetch(references)                           (schemas.fhir.parse_notification)
-        |  GET <fhir_server_url>/<Type>/<id> for each reference (timeout, retries with backoff);
+        |  GET <fhir_server_url>/<Type>/<id> for each reference (timeout, retries with backoff doubling from
+        |  WARDWATCH_FHIR_RETRY_BACKOFF_S, each wait at most MAX_RETRY_DELAY_S);
         |  for a DELETE entry the version before the delete: vread <Type>/<id>/_history/<n-1> when the
         |  delete's version n is known (its response.etag), else the instance history <Type>/<id>/_history;
         |  a reference answered 410 Gone (deleted; id-only notifications of deletes carry no DELETE entry):
@@ -85,6 +86,10 @@ FHIR_JSON = "application/fhir+json"
 PATIENT_CACHE_SIZE = 10_000  # Patient id -> MRN entries kept (a few hundred bytes each)
 _RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
 _GONE_STATUSES = {404, 410}
+# the longest wait between two attempts: the delay doubles from WARDWATCH_FHIR_RETRY_BACKOFF_S, and each wait
+# blocks the ingest worker (CDC included): unbounded, 10 retries of 0.5 s would sleep 256 s before the last
+# one, past the consumption watchdog's WARDWATCH_STALL_TIMEOUT_S
+MAX_RETRY_DELAY_S = 10.0
 
 
 def warn_of_environment_proxy(log: logging.Logger, proxy_url) -> None:
@@ -285,7 +290,7 @@ class FhirClient:
             if attempt >= self.retries:
                 self._pause_after(failure)
                 raise FetchError(failure.reason, f"{failure.detail} (after {attempt + 1} attempts)", failure.exception)
-            self._sleep(self.backoff_s * 2**attempt)
+            self._sleep(min(self.backoff_s * 2**attempt, MAX_RETRY_DELAY_S))
             attempt += 1
 
     def _pause_after(self, failure: FetchError) -> None:

@@ -98,6 +98,18 @@ def test_a_server_that_keeps_failing_dead_letters_as_fetch_failed(fhir_server):
     assert len(fhir_server.requests) == 2
 
 
+def test_the_wait_between_retries_doubles_but_is_bounded(fhir_server):
+    """Each wait blocks the ingest worker: was 1, 2, 4, ..., 128 s for 8 retries of 1 s (255 s in all, past
+    the consumption watchdog), now at most MAX_RETRY_DELAY_S (10 s) a wait."""
+    waits = []
+    client = FhirClient(Settings(fhir_server_url=fhir_server.url, fhir_retries=8, fhir_retry_backoff_s=1.0,
+                                 fhir_unavailable_pause_s=0), sleep=waits.append)
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(503, b"busy")] * 9)
+    r = rejection(fetch_and_parse("r4b_id_only", client))
+    assert r.reason is Reason.FETCH_FAILED and "9 attempts" in r.detail
+    assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
+
+
 class Clock:
     def __init__(self):
         self.now = 1000.0
