@@ -33,7 +33,9 @@ Unreadable notifications are counted, not dead-lettered: the ingest worker dead-
 Recovery (`wardwatch subscriptions recover`, `recover_gaps`): for each reported gap still open in the
 saved state, ask the FHIR server for the missing notifications with the `$events` operation and
 republish its answer (a query-event Bundle) to the notifications topic: the ingest worker turns it into
-canonical events (dedupe makes a repeat harmless) and the watcher sees the gap fill (late_fills).
+canonical events (dedupe makes a repeat harmless) and the watcher sees the gap fill (late_fills). An
+answer without some of the gap's numbers (a server capping the range, or keeping events only so long) says
+which are still missing; one without any is not republished.
 """
 
 from __future__ import annotations
@@ -289,7 +291,9 @@ def run_subscription_watch(settings: Settings, stop: threading.Event) -> Subscri
 
 def recover_gaps(settings: Settings, topics: Topics, client: FhirClient) -> list[dict[str, Any]]:
     """Republish the missing notifications of every reported, still open gap from the server's `$events`.
-    Returns one result per gap: {"subscription", "first_missing", "last_missing", "republished", "error"}."""
+    Returns one result per gap: {"subscription", "first_missing", "last_missing", "republished", "error"}; an
+    answer holding none of the gap's numbers is not republished, one holding only some is, and its error names
+    the numbers still missing (a server may cap or trim the range: the gap stays open for the rest)."""
     producer = Producer({**settings.kafka_client_config(), "acks": "all", "partitioner": "murmur2_random"})
     results, errors = [], []
     for state in restore_states(settings, topics, producer).values():
@@ -306,9 +310,26 @@ def recover_gaps(settings: Settings, topics: Topics, client: FhirClient) -> list
             except FetchError as exc:
                 result["error"] = exc.detail
                 continue
+            status = read_status(bundle)
+            numbers = sorted({n for n in (status.event_numbers if status else ()) if gap.first <= n <= gap.last})
+            if not numbers:  # nothing to fill the gap with (a server that keeps no events, or another answer)
+                result["error"] = "the server's $events answer holds none of the missing event numbers"
+                continue
             producer.produce(topics.fhir, key=state.subscription.encode(), value=bundle,
                              on_delivery=lambda err, _msg: errors.append(str(err)) if err else None)
             result["republished"] = True
+            if still := _missing_ranges(gap.first, gap.last, numbers):  # a server capping or trimming the range
+                result["error"] = f"the server's $events answer lacks event numbers {', '.join(still)}"
     if producer.flush(30) or errors:
         raise KafkaException(f"could not republish recovered notifications to {topics.fhir}: {errors[:3]}")
     return results
+
+
+def _missing_ranges(first: int, last: int, numbers: list[int]) -> list[str]:
+    """The ranges "a..b" of first..last not in `numbers` (sorted, all within first..last)."""
+    ranges, expected = [], first
+    for n in [*numbers, last + 1]:
+        if n > expected:
+            ranges.append(f"{expected}..{n - 1}")
+        expected = n + 1
+    return ranges

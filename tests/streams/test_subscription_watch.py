@@ -325,6 +325,46 @@ def test_one_gap_record_survives_sigkill_and_restart(settings, tmp_path):
     assert [g[:2] for g in latest["gaps"]] == [[4, 5]] and latest["gaps"][0][3] is True
 
 
+def events_answer(*numbers: int, at_ms: int = T0) -> bytes:
+    """A $events answer: a query-event Bundle with these event numbers (statuses only)."""
+    status = {"resourceType": "SubscriptionStatus", "status": "active", "type": "query-event",
+              "eventsSinceSubscriptionStart": "9", "subscription": {"reference": SUB},
+              "notificationEvent": [{"eventNumber": str(n), "timestamp": iso(at_ms)} for n in numbers]}
+    return orjson.dumps({"resourceType": "Bundle", "type": "history", "timestamp": iso(at_ms),
+                         "entry": [{"resource": status}]})
+
+
+@pytest.mark.parametrize(("answered", "republished", "error"), [
+    ((4, 5, 6), True, None),
+    ((4,), True, "the server's $events answer lacks event numbers 5..6"),  # was: no error for the last two
+    ((4, 6), True, "the server's $events answer lacks event numbers 5..5"),
+    ((3, 9), False, "the server's $events answer holds none of the missing event numbers"),  # was: republished
+])
+def test_recover_says_which_missing_numbers_the_servers_answer_lacks(monkeypatch, answered, republished, error):
+    from collections import deque
+
+    from streams.fhir_fetch import FhirClient
+    from streams.subscriptions import Gap, SubscriptionState
+    from tests.streams.fhir_server import FhirServer
+
+    saved = SubscriptionState(SUB, high=9, low=1, clock_ms=T0, gaps=[Gap(4, 6, T0, reported=True)])
+    producer = StandInKafka({})
+    monkeypatch.setattr(subscription_watch, "Producer", lambda config: producer)
+    monkeypatch.setattr(subscription_watch, "restore_states", lambda *args: {SUB: saved})
+    server = FhirServer()
+    path = "/fhir/Subscription/ww-vitals/$events?eventsSinceNumber=4&eventsUntilNumber=6&content=full-resource"
+    server.script[path] = deque([(200, events_answer(*answered))])
+    client = FhirClient(Settings(fhir_server_url=server.url, fhir_retries=0))
+    try:
+        results = subscription_watch.recover_gaps(Settings(), topics_for(Settings()), client)
+    finally:
+        client.close()
+        server.stop()
+    assert results == [{"subscription": SUB, "first_missing": 4, "last_missing": 6, "republished": republished,
+                        "error": error}]
+    assert [value for _, _, value in producer.produced] == ([events_answer(*answered)] if republished else [])
+
+
 @pytest.mark.integration
 def test_recover_republishes_the_missing_notifications_of_an_open_gap(settings):
     from collections import deque
@@ -339,7 +379,7 @@ def test_recover_republishes_the_missing_notifications_of_an_open_gap(settings):
     saved = SubscriptionState(SUB, high=9, low=1, clock_ms=T0, gaps=[Gap(4, 5, T0, reported=True),
                                                                       Gap(8, 8, T0, reported=False)])
     publish(settings, topics.subscription_state, [(SUB.encode(), orjson.dumps(saved.to_dict()))])
-    missing = notification("query-event", 4, T0)  # stands in for the server's $events answer
+    missing = events_answer(4, 5)  # the server's $events answer
     server = FhirServer()
     expected_path = "/fhir/Subscription/ww-vitals/$events?eventsSinceNumber=4&eventsUntilNumber=5&content=full-resource"
     server.script[expected_path] = deque([(200, missing)])
