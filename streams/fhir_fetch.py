@@ -11,7 +11,8 @@ as if the server had sent them inline, so id-only and full-resource payloads giv
         |    <Type>/<id>/_history/<n> (servers answer a vread of the version a delete created so): as a
         |    DELETE entry with etag W/"n", the vread of <n-1>
         |  the instance history is read page by page (HAPI pages it by 20) along its `next` links, only on
-        |  the configured server (scheme, host and port: another one would get the token), until the version
+        |  the configured server (scheme, host, port and under its base path: another one would get the
+        |  token), until the version
         |  before the newest delete is listed, at most WARDWATCH_FHIR_HISTORY_MAX_PAGES pages (each is a
         |  blocking GET of the worker; next links going round in a circle must not stall it)
         |  complete_notification(): the same status entry + the fetched resources (a DELETE entry gets the
@@ -43,8 +44,8 @@ Failures are data outcomes, never exceptions, so the ingest worker dead-letters 
     timeouts, connection errors, undecodable (e.g. broken gzip) bodies, 429 and 5xx after every retry,
     other 4xx (401/403: a token problem), a body that is not the resource asked for
                                   -> FETCH_FAILED (replayable once the server is back)
-    a history whose next page is on another server (not read: set WARDWATCH_FHIR_SERVER_URL to the address the
-    server names itself by, if it is the same), or without the version before the delete in its first
+    a history whose next page is on another server or outside the base path (not read: set
+    WARDWATCH_FHIR_SERVER_URL to the address the server names itself by, if it is the same), or without the version before the delete in its first
     WARDWATCH_FHIR_HISTORY_MAX_PAGES pages -> FETCH_FAILED (replayable after that change)
     anything unexpected (a bug)   -> INTERNAL_ERROR (replayable after the fix)
 
@@ -237,7 +238,8 @@ class FhirClient:
 
     def _same_server(self, link: str, kind: str) -> str:
         """A next link as an absolute URL, relative ones resolved against the server's base URL (FHIR's rule);
-        one on another scheme, host or port is refused: the request, with its token, would go there."""
+        one on another scheme, host or port, or outside the base path, is refused: the request, with its
+        token, would go there."""
         try:
             url = self._base.join(link)
         except httpx.InvalidURL as exc:
@@ -246,6 +248,11 @@ class FhirClient:
             raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the next page of the history is on another server "
                                                   f"and was not read (it would get the token); if that is this "
                                                   f"server's own address, set WARDWATCH_FHIR_SERVER_URL to it")
+        # under the base path too (HAPI's "<base>?_getpages=..." is the base itself): another application
+        # behind the same host and port (a reverse proxy's /admin, /other-app) must not get the token either
+        if url.path != self._base.path.rstrip("/") and not url.path.startswith(self._base.path):
+            raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the next page of the history is outside the FHIR "
+                                                  f"base path and was not read (it would get the token)")
         return str(url)
 
     def subscription_events(self, subscription: str, first: int, last: int) -> bytes:

@@ -649,6 +649,19 @@ def test_a_next_page_on_another_server_is_not_read(fhir_server, elsewhere):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("outside", ["/admin", "/fhirx", "/fhir/.."])
+def test_a_next_page_outside_the_base_path_is_not_read(fhir_server, outside):
+    """Same host and port, another application behind it (a reverse proxy's other paths): it would get the
+    token too. Was: read (only scheme, host and port were compared)."""
+    fhir_server.next_link = lambda path, page: f"{fhir_server.origin}{outside}{path.removeprefix('/fhir')}?_page={page}"
+    bp_deleted(fhir_server)
+    fhir_server.page_size = 1
+    r = rejection(resolve_body(id_only("Observation/vs-bp-1"), client_for(fhir_server.url)))
+    assert r.reason is Reason.FETCH_FAILED and "outside the FHIR base path" in r.detail
+    assert [path for path, _ in fhir_server.requests] == [BP, HISTORY]
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(("pages", "read"), [(3, False), (6, True)])
 def test_the_history_is_read_up_to_the_page_bound(fhir_server, pages, read):
     # re-created as 4 to 7 after the delete: version 2 is on page 6 at one entry a page
