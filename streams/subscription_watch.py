@@ -1,6 +1,7 @@
 """The subscription watcher (`wardwatch subscriptions`): gaps and missed heartbeats per FHIR subscription.
 
-Notifications are keyed by patient, so one subscription's notifications spread over every partition
+Event notifications are keyed by patient (streams/receiver.py; heartbeats and handshakes by subscription), so
+one subscription's notifications spread over every partition
 and no per-partition ingest worker can see its gaps. This one small service reads them all:
 
     <prefix>.fhir.notifications   every partition, assigned (one instance); offsets committed under
