@@ -1,8 +1,8 @@
 """The subscription watcher (`wardwatch subscriptions`): gaps and missed heartbeats per FHIR subscription.
 
 Event notifications are keyed by patient (streams/receiver.py; heartbeats and handshakes by subscription), so
-one subscription's notifications spread over every partition
-and no per-partition ingest worker can see its gaps. This one small service reads them all:
+one subscription's notifications spread over every partition and no per-partition ingest worker can see its
+gaps. This one small service reads them all:
 
     <prefix>.fhir.notifications   every partition, assigned (one instance); offsets committed under
         |                         group <group_prefix>-subscriptions
