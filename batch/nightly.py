@@ -72,7 +72,6 @@ MakeLabels = Callable[..., pl.DataFrame]
 
 POINT_KEYS = list(rebuild.POINT_KEYS)
 POINT = list(rebuild.POINT)  # a point's row: its snapshot_id (the identity) and where it was taken
-LABEL_COLUMNS = ("label", "at_risk", "onset_ms", "label_news2_high", "label_low_sbp", "label_high_lactate")
 LABELS_SCHEMA = {"snapshot_id": pl.String, "patient_id": pl.String, "scoring_ms": pl.Int64, "partition": pl.Int64,
                  "offset": pl.Int64, "idx": pl.Int64,
                  "news2": rebuild.FEATURE_DTYPES["news2"], "label": pl.Int8, "at_risk": pl.Boolean, "onset_ms": pl.Int64,

@@ -101,7 +101,6 @@ DECIMAL = "org.apache.kafka.connect.data.Decimal"
 VARIABLE_SCALE_DECIMAL = "io.debezium.data.VariableScaleDecimal"
 MICRO_TIMESTAMP = "io.debezium.time.MicroTimestamp"
 NANO_TIMESTAMP = "io.debezium.time.NanoTimestamp"
-ZONED_TIMESTAMP = "io.debezium.time.ZonedTimestamp"
 TIMESTAMP_MS = ("io.debezium.time.Timestamp", "org.apache.kafka.connect.data.Timestamp")
 DATE_DAYS = ("io.debezium.time.Date", "org.apache.kafka.connect.data.Date")
 MAX_DECIMAL_SCALE = 1000  # PostgreSQL numeric scale range is [-1000, 1000]

@@ -51,8 +51,6 @@ ENCOUNTER_KEY_SYSTEM = "urn:clinosim:identifier:encounter-key"
 FHIR_BASE = "https://ehr.example.org/fhir"
 LAB_CODES = (codes.LACTATE, codes.WBC, codes.CREATININE, codes.PLATELETS)
 
-DEMO_PATIENTS = 8  # ~10 s of clinosim on a busy 2-core machine, ~1,100 messages
-
 # A mix: severe sepsis deteriorates; moderate pneumonia / heart failure may; mild cellulitis and
 # UTI mostly do not. "name:severity" is passed to `clinosim test-disease --severity`.
 DEFAULT_DISEASES = (
