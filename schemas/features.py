@@ -173,7 +173,6 @@ FEATURES: tuple[FeatureSpec, ...] = (
 )
 
 MAX_WINDOW_S = max(f.window_s for f in FEATURES)
-FEATURE_CODES: frozenset[str] = frozenset(f.code for f in FEATURES)  # codes that feed any feature
 
 # oxygen charted this long before the latest SpO2 still belongs to its observation round (clinosim
 # charts the flow 5 s before the saturation)
