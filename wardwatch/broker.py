@@ -103,28 +103,25 @@ class EmbeddedBroker:
         return self.process.pid
 
     @classmethod
-    def start(cls, *, port: int | None = None, log_path: Path | None = None, timeout_s: float = 30.0,
-              cert: Path | None = None, key: Path | None = None) -> "EmbeddedBroker":
+    def start(cls, *, port: int | None = None, log_path: Path | None = None,
+              timeout_s: float = 30.0) -> "EmbeddedBroker":
         if port is not None:
             if not _port_free(port):
                 raise BrokerError(f"port {port} on 127.0.0.1 is in use: pick another (`wardwatch broker --port N`)")
-            return cls._start(port, log_path, timeout_s, cert, key)
+            return cls._start(port, log_path, timeout_s)
         # a free port can be taken by another process before Tansu binds it: then try another one (3 tries)
         for _ in range(2):
             try:
-                return cls._start(free_port(), log_path, timeout_s, cert, key)
+                return cls._start(free_port(), log_path, timeout_s)
             except PortTaken:
                 pass
-        return cls._start(free_port(), log_path, timeout_s, cert, key)
+        return cls._start(free_port(), log_path, timeout_s)
 
     @classmethod
-    def _start(cls, port: int, log_path: Path | None, timeout_s: float, cert: Path | None,
-               key: Path | None) -> "EmbeddedBroker":
+    def _start(cls, port: int, log_path: Path | None, timeout_s: float) -> "EmbeddedBroker":
         url = f"tcp://127.0.0.1:{port}"
         cmd = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                "--storage-engine", "memory://tansu/"]
-        if cert and key:
-            cmd += ["--cert", str(cert), "--key", str(key)]
         log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         # own session/process group: Ctrl-C in the terminal does not hit it first, and we can kill the group
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
