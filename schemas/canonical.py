@@ -11,7 +11,7 @@ Times are integer milliseconds since the Unix epoch, UTC:
   meta.lastUpdated, CDC commit): sources keep the first result's time on an amendment. Offline as-of
   joins use it so training never sees the future; the online plane does not read it.
 
-Identity (see streams/dedupe.py for the rule):
+Identity (the dedupe rule: docs/patient-state.md, rules 1 and 2, applied in streams/state.py):
 - `fact_id` names the clinical fact across its versions: an amendment or a retraction carries the
   same fact_id with a higher `version`.
 - `event_id` names one version of that fact: fact_id + version. A redelivery has the same event_id.
