@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from benchmarks.batch import canonical_polls, renamed, run_batch_bench

@@ -16,8 +16,7 @@ from batch.directional import CALM  # NEWS2 0
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status, encode_batch
 from wardwatch.settings import Settings
-from wardwatch.worker_results import (Results, changelog_topic, collect_results,  # noqa: F401 (re-exported)
-                                      recovery_seconds, wait_for_progress)
+from wardwatch.worker_results import collect_results, recovery_seconds, wait_for_progress  # noqa: F401 (re-exported)
 
 T0 = 1_718_000_000_000
 ROW_MS = 15 * 60_000
