@@ -360,6 +360,11 @@ HAND_CASES = {
                                  # c is its own fact (same source as b): 80@0, 92@2, 92@2 -> mean t 4/3,
                                  # mean v 88; sxy = 32/3 + 8/3 + 8/3 = 16; sxx = 16/9 + 4/9 + 4/9 = 8/3
                                  {"heart_rate_slope_6h": 6.0, "heart_rate_delta_24h": 12.0, "vitals_count_6h": 3}),
+    # the same lactate via FHIR exactly the cross-source tolerance (0.05) away is the same reading: one lab,
+    # no delta. (0.1 - 0.05 is 0.05 to the bit; the generator's offsets never land on the bound)
+    "a cross-source copy at exactly the tolerance": (
+        0, [[hr("l1", 0.05, 0, code=LACTATE)], [hr("fhir:l1", 0.1, 0, code=LACTATE, source=Source.FHIR)]],
+        {"lactate_last_24h": 0.05, "lactate_max_24h": 0.05, "lactate_delta_24h": None}),
     # 110 at 3 h is retracted: back to 80@0, 92@2 (clock stays at 3 h)
     "retraction": (3, [[hr("a", 80, 0), hr("b", 92, 2)], [hr("c", 110, 3)],
                     [hr("c", None, 3, version=2, status=Status.ENTERED_IN_ERROR)]],
@@ -380,6 +385,13 @@ HAND_CASES = {
     # 60 sits exactly 6 h before T: outside the 6 h slope (80 -> 92 over 2 h = 6), inside the 24 h delta
     "window edges": (6, [[hr("a", 60, 0), hr("b", 80, 4), hr("c", 92, 6)]],
                      {"heart_rate_slope_6h": 6.0, "heart_rate_delta_24h": 32.0, "heart_rate_max_6h": 92.0}),
+    # the same edge of the widest window (24 h: the stream slices it first, the batch bounds its join by
+    # it): 60 and lactate 5.0 sit exactly 24 h before T, outside; delta 92 - 80, lactate max 2.0 and no
+    # delta (one lab). The generator never makes a visible fact exactly 24 h old (a day back is late)
+    "24 h window edge": (24, [[hr("a", 60, 0), hr("l1", 5.0, 0, code=LACTATE)], [hr("b", 80, 23)],
+                              [hr("c", 92, 24), hr("l2", 2.0, 24, code=LACTATE)]],
+                         {"heart_rate_delta_24h": 12.0, "heart_rate_last_24h": 92.0, "lactate_max_24h": 2.0,
+                          "lactate_delta_24h": None, "lactate_time_since_last_s_24h": 0.0}),
     # a transfer 5 h ahead neither moves the clock (T stays 2 h) nor enters any window
     "context facts are not measurements": (2, [[hr("a", 80, 0), context("ctx:1", 5)], [hr("b", 92, 2)]],
                                            {"heart_rate_slope_6h": 6.0, "heart_rate_delta_24h": 12.0}),
