@@ -10,6 +10,10 @@ SPO2_SCALE1 = [(91, 3), (92, 2), (93, 2), (94, 1), (95, 1), (96, 0)]
 SYSTOLIC_BP = [(90, 3), (91, 2), (100, 2), (101, 1), (110, 1), (111, 0), (219, 0), (220, 3)]
 PULSE = [(40, 3), (41, 1), (50, 1), (51, 0), (90, 0), (91, 1), (110, 1), (111, 2), (130, 2), (131, 3)]
 TEMPERATURE = [(35.0, 3), (35.1, 1), (36.0, 1), (36.1, 0), (38.0, 0), (38.1, 1), (39.0, 1), (39.1, 2)]
+# a measured temperature takes its charted value, to 0.1 C (schemas.scores._chart_1dp) before the bands: 35.04 charts 35.0
+# (3 points), 38.04 charts 38.0 (0), 38.06 charts 38.1 (1). Both planes read this function (schemas/features.py
+# DERIVED): parity cannot catch a change to it, only these cases
+TEMPERATURE += [(35.04, 3), (36.04, 1), (38.04, 0), (38.06, 1), (39.04, 1)]
 CONSCIOUSNESS = [("A", 0), ("C", 3), ("V", 3), ("P", 3), ("U", 3)]
 
 
