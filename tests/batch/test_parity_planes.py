@@ -532,6 +532,12 @@ CADENCE_CASES = {
         [round_at("r", 0), [hr("r:" + SBP, 85, 0, code=SBP, version=2, status=Status.AMENDED)],
          [reading("m1", SBP, 88, 1)], [reading("m2", SBP, 150, 2)], [reading("m3", HR, 112, 3)]],
         [(0, "vitals"), (0, "correction"), (3, "vitals")]),
+    # a retraction is a correction (re-scored at the clock); the same retraction again at a higher version
+    # restates it (rule 2): no second point
+    "a retraction repeated at a higher version": (
+        [round_at("r", 0), [reading("m1", HR, 95, 10)], [hr("m1", None, 10 / 60, version=2, status=Status.ENTERED_IN_ERROR)],
+         [hr("m1", None, 10 / 60, version=3, status=Status.ENTERED_IN_ERROR)]],
+        [(0, "vitals"), (10, "vitals"), (10, "correction")]),
 }
 
 
