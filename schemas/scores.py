@@ -7,6 +7,13 @@
 Band edges follow the published charts. Charted values are integers except temperature (one
 decimal); a fractional value between two bands (e.g. SpO2 95.5) takes the band of the value rounded
 half-up to the chart's precision, which is how a nurse charts it.
+
+The same charts are declared a second time below as data (NEWS2_BANDS, NEWS2_DECIMALS,
+NEWS2_OXYGEN_POINTS, NEWS2_CONSCIOUSNESS_POINTS, QSOFA_CRITERIA, QSOFA_ALTERED_MENTATION). The two
+encodings are the two planes' computations: the stream calls the functions (schemas/features.py
+DERIVED), the batch builds Polars expressions from the tables (batch/features.py), so parity compares
+two independent encodings of one chart; tests/schemas/test_scores.py checks both against the
+published chart and against each other at every charted value.
 """
 
 from __future__ import annotations
@@ -14,6 +21,28 @@ from __future__ import annotations
 import math
 
 CONSCIOUSNESS_LEVELS = ("A", "C", "V", "P", "U")
+
+
+# NEWS2 (RCP 2017, SpO2 scale 1) as data. Per measured parameter, its bands in ascending order as
+# (inclusive upper bound, points): the value charted to NEWS2_DECIMALS[parameter] decimals (rounded half
+# up: floor(x * 10**d + 0.5) / 10**d) takes the points of the first band whose bound it does not exceed.
+NEWS2_BANDS: dict[str, tuple[tuple[float, int], ...]] = {
+    "resp_rate": ((8, 3), (11, 1), (20, 0), (24, 2), (math.inf, 3)),
+    "spo2": ((91, 3), (93, 2), (95, 1), (math.inf, 0)),
+    "systolic_bp": ((90, 3), (100, 2), (110, 1), (219, 0), (math.inf, 3)),
+    "pulse": ((40, 3), (50, 1), (90, 0), (110, 1), (130, 2), (math.inf, 3)),
+    "temperature": ((35.0, 3), (36.0, 1), (38.0, 0), (39.0, 1), (math.inf, 2)),
+}
+NEWS2_DECIMALS: dict[str, int] = {"resp_rate": 0, "spo2": 0, "systolic_bp": 0, "pulse": 0, "temperature": 1}
+NEWS2_OXYGEN_POINTS = 2  # air_or_oxygen: on supplemental oxygen; air scores 0
+NEWS2_CONSCIOUSNESS_POINTS: dict[str, int] = {"A": 0, "C": 3, "V": 3, "P": 3, "U": 3}
+# the seven parameters, in the order news2_subscores (and schemas.features NEWS2_INPUTS) lists them
+NEWS2_PARTS: tuple[str, ...] = ("resp_rate", "spo2", "air_or_oxygen", "systolic_bp", "pulse", "consciousness",
+                                "temperature")
+# qSOFA (Sepsis-3): a criterion is met when the charted integer lies in its inclusive range (RR >= 22,
+# SBP <= 100); the third is altered mentation, a consciousness level other than alert
+QSOFA_CRITERIA: dict[str, tuple[float, float]] = {"resp_rate": (22, math.inf), "systolic_bp": (-math.inf, 100)}
+QSOFA_ALTERED_MENTATION: frozenset[str] = frozenset({"C", "V", "P", "U"})
 
 
 def _chart_int(x: float) -> int:
