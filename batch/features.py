@@ -2,7 +2,10 @@
 
 An independent implementation of docs/patient-state.md (the state rules) and schemas/features.py
 (the feature semantics): it shares the specs (FEATURES, DERIVED) with the stream, never its code.
-Polars applies the state rules; DuckDB computes the window aggregations.
+Polars applies the state rules; DuckDB computes the window aggregations; NEWS2, its sub-scores and
+qSOFA are Polars expressions built from the charts as data (schemas/scores.py NEWS2_BANDS ...), not the
+stream's scoring functions. Shared with the stream, by design: on_oxygen's function and the scoring
+cadence's (see "derived features" below).
 
 Shapes
     events  one row per canonical event: the CanonicalEvent fields (patient_id, code, value, unit,
@@ -31,7 +34,10 @@ import polars as pl
 from schemas import codes
 from schemas.cadence import VITAL_SIGN_CODES, Trigger, news2_points, raises_news2, scored_news2, snapshot_id
 from schemas.canonical import LOINC, Status, make_event_id
-from schemas.features import DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, FeatureSpec, news2_charted_parts
+from schemas.features import (DERIVED, FEATURE_NAMES, FEATURES, MAX_WINDOW_S, NEWS2_INPUTS, FeatureSpec,
+                              news2_charted_parts)
+from schemas.scores import (NEWS2_BANDS, NEWS2_CONSCIOUSNESS_POINTS, NEWS2_DECIMALS, NEWS2_OXYGEN_POINTS, NEWS2_PARTS,
+                            QSOFA_ALTERED_MENTATION, QSOFA_CRITERIA)
 from wardwatch.settings import Settings
 
 ACCEPTED, CORRECTED, DUPLICATE, LATE = "accepted", "corrected", "duplicate", "late"
@@ -628,10 +634,82 @@ def _window_aggregates(facts: pl.DataFrame, points: pl.DataFrame, specs: list[Fe
     return result.with_columns(pl.col("_point").cast(points.schema["_point"]))
 
 
+# --- derived features: NEWS2 and qSOFA from the charts as data -----------------------------------
+# The stream scores with the if-chains of schemas/scores.py; the batch builds Polars expressions from the
+# same charts declared as data there (NEWS2_BANDS, QSOFA_CRITERIA, ...), so parity compares two encodings of
+# the chart: a band edge or a rounding wrong in either shows as a mismatch. Charting uses the functions'
+# float operations (floor(x * 10**d + 0.5) / 10**d), so the charted values, and the points, are identical.
+# Two derived rules stay shared, as Python functions both planes call:
+# - on_oxygen (schemas.features._on_oxygen): which flow, FiO2 or unmetered-oxygen fact belongs to the latest
+#   SpO2's round is a rule of the patient state (times since, the same-round tolerance), not a chart; its
+#   inputs are the windowed features both planes compute independently, which parity does compare;
+# - the scoring cadence (schemas/cadence.py raises_news2, scored_news2, news2_points via
+#   schemas.features.news2_charted_parts), which decides when a point is taken: parity compares the points
+#   the two planes take, not a second encoding of the rule.
+
+# the feature each NEWS2 parameter reads (schemas.features NEWS2_INPUTS lists them in NEWS2_PARTS order)
+_NEWS2_INPUT = dict(zip(NEWS2_PARTS, NEWS2_INPUTS, strict=True))
+_QSOFA_INPUT = {"resp_rate": _NEWS2_INPUT["resp_rate"], "systolic_bp": _NEWS2_INPUT["systolic_bp"],
+                "consciousness": _NEWS2_INPUT["consciousness"]}
+
+
+def _charted(part: str) -> pl.Expr:
+    """The parameter's input charted to the chart's precision, rounded half up."""
+    x = pl.col(_NEWS2_INPUT[part]).cast(pl.Float64)
+    scale = 10 ** NEWS2_DECIMALS[part]
+    return (x + 0.5).floor() if scale == 1 else (x * scale + 0.5).floor() / scale
+
+
+def _acvpu_level() -> pl.Expr:
+    """The ACVPU letter of the consciousness ordinal (truncated to a whole number, as int() does)."""
+    return (pl.col(_NEWS2_INPUT["consciousness"]).cast(pl.Int64)
+            .replace_strict(dict(enumerate(codes.ACVPU)), return_dtype=pl.String))
+
+
+def _news2_part(part: str) -> pl.Expr:
+    if part == "air_or_oxygen":
+        return pl.when(pl.col(_NEWS2_INPUT[part]) == 1).then(NEWS2_OXYGEN_POINTS).otherwise(0)
+    if part == "consciousness":
+        return _acvpu_level().replace_strict(NEWS2_CONSCIOUSNESS_POINTS, return_dtype=pl.Int64)
+    charted = _charted(part)
+    (upper, points), *rest = NEWS2_BANDS[part]
+    chain = pl.when(charted <= upper).then(points)
+    for upper, points in rest:
+        chain = chain.when(charted <= upper).then(points)
+    return chain
+
+
+def _qsofa() -> pl.Expr:
+    met = []
+    for part, (lo, hi) in QSOFA_CRITERIA.items():
+        charted = (pl.col(_QSOFA_INPUT[part]).cast(pl.Float64) + 0.5).floor()
+        met.append(((charted >= lo) & (charted <= hi)).cast(pl.Int64))
+    met.append(_acvpu_level().is_in(sorted(QSOFA_ALTERED_MENTATION)).cast(pl.Int64))
+    return pl.sum_horizontal(met)
+
+
+def _derived_expressions() -> dict[str, pl.Expr]:
+    parts = {f"news2_{part}": _news2_part(part) for part in NEWS2_PARTS}
+    return {**parts, "news2": pl.sum_horizontal(list(parts.values())), "qsofa": _qsofa()}
+
+
+_DERIVED_EXPRESSIONS = _derived_expressions()
+_SHARED_DERIVED = frozenset({"on_oxygen"})  # see above: computed with the shared function
+_unplanned = {d.name for d in DERIVED} - set(_DERIVED_EXPRESSIONS) - _SHARED_DERIVED
+if _unplanned:  # a new derived feature needs its batch computation decided, not a silent default
+    raise ImportError(f"batch/features.py computes no derived feature {sorted(_unplanned)}")
+
+
 def _with_derived(frame: pl.DataFrame) -> pl.DataFrame:
-    """Apply DERIVED in order with the shared scoring functions, once per distinct complete input
-    tuple (far fewer than points), then join the results back; a missing input gives missing."""
+    """Apply DERIVED in order: NEWS2, its sub-scores and qSOFA as expressions built from the charts'
+    tables (_DERIVED_EXPRESSIONS), missing when a required input is; on_oxygen with its shared function,
+    once per distinct input tuple (far fewer than points), joined back."""
     for d in DERIVED:
+        if d.name in _DERIVED_EXPRESSIONS:
+            complete = pl.all_horizontal(pl.col(list(d.inputs)).is_not_null())
+            frame = frame.with_columns(pl.when(complete).then(_DERIVED_EXPRESSIONS[d.name])
+                                       .cast(pl.Int64).alias(d.name))
+            continue
         inputs = [*d.inputs, *d.optional]
         combos = frame.select(inputs).unique()
         if d.inputs:  # a missing required input gives missing; an optional one is passed as None

@@ -284,7 +284,9 @@ FEATURE_TYPES: dict[str, ValueType] = {s.name: s.value_type for s in (*FEATURES,
 
 
 def derive(base: dict[str, float | int | None]) -> dict[str, float | int | None]:
-    """Add the derived features to a dict of base features (shared by both planes: pure scoring rules)."""
+    """Add the derived features to a dict of base features: the stream's computation (streams/features.py,
+    streams/scoring.py). The batch computes NEWS2, its sub-scores and qSOFA itself, from the charts as data
+    (batch/features.py _with_derived); only on_oxygen's function is shared."""
     out = dict(base)
     add_derived(out)
     return out

@@ -552,3 +552,39 @@ def test_a_version_marker_arriving_first_makes_the_older_version_stale():
     a.send(obs(codes.HEART_RATE, 90, 3, (codes.HEART_RATE,)))
     assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "accepted"]
     assert live(a) == {codes.HEART_RATE: 90.0}
+
+
+# --- NEWS2 and qSOFA: the batch's expressions from the charts' tables vs the stream's functions -------
+
+
+def test_batch_news2_and_qsofa_equal_the_streams_functions_at_every_charted_value():
+    """The batch scores from schemas/scores.py's tables, the stream with its if-chains: at every integer
+    (temperature: 0.1 C) value of each parameter and the half-steps between (where charting rounds up),
+    on air and on oxygen, at each ACVPU level, with an input missing, both give the same NEWS2, sub-scores
+    and qSOFA. Deterministic, where the random parity test (test_parity_planes) may miss a band edge."""
+    from batch.features import _with_derived
+    from schemas.features import DERIVED, derive
+
+    normal = {"resp_rate_last_24h": 16.0, "spo2_last_24h": 97.0, "systolic_bp_last_24h": 125.0,
+              "heart_rate_last_24h": 72.0, "consciousness_last_24h": 0.0, "temperature_last_24h": 37.0}
+    sweeps = {"resp_rate_last_24h": [i / 2 for i in range(0, 121)], "spo2_last_24h": [i / 2 for i in range(140, 201)],
+              "systolic_bp_last_24h": [i / 2 for i in range(120, 601)],
+              "heart_rate_last_24h": [i / 2 for i in range(40, 501)],
+              "temperature_last_24h": [i / 20 for i in range(600, 901)],
+              "consciousness_last_24h": [0.0, 1.0, 2.0, 3.0, 4.0]}
+    rows = [{**normal, name: v} for name, values in sweeps.items() for v in values]
+    rows += [{**normal, name: None} for name in normal]  # a missing input: every score missing
+    oxygen = {"o2_flow_last_24h": None, "o2_flow_time_since_last_s_24h": None, "spo2_time_since_last_s_24h": 0.0,
+              "fio2_last_24h": None, "fio2_time_since_last_s_24h": None,
+              "supplemental_oxygen_time_since_last_s_24h": None}
+    rows = [{**r, **oxygen, "o2_flow_last_24h": flow, "o2_flow_time_since_last_s_24h": 0.0} for r in rows
+            for flow in (0.0, 2.0)]
+    frame = pl.DataFrame(rows, schema={name: pl.Float64 for name in rows[0]})
+    batch = _with_derived(frame)
+    names = [d.name for d in DERIVED]
+    assert {batch.schema[n] for n in names} == {pl.Int64}
+    online = [derive(r) for r in rows]
+    differ = [(r, {n: (b[n], o[n]) for n in names if b[n] != o[n]})
+              for r, o, b in zip(rows, online, batch.iter_rows(named=True), strict=True)
+              if any(b[n] != o[n] for n in names)]
+    assert not differ, differ[:3]
