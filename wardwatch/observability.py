@@ -214,7 +214,39 @@ def set_readiness(ready: Callable[[], bool]) -> None:
     """What /readyz answers from now on, for a service whose readiness exists only once it runs (its
     consumption watchdog, streams/watchdog.py) while the endpoint was started before."""
     global _readiness
-    _readiness = ready
+    _readiness = single_flight(ready)
+
+
+def single_flight(check: Callable[[], bool]) -> Callable[[], bool]:
+    """`check`, with concurrent calls sharing one run: a caller arriving while it runs waits for that run's
+    answer instead of starting its own. The metrics server answers each request on a thread of its own, and a
+    readiness check can take seconds (the receiver's broker check: 2 s with the broker down), so probes
+    hammering /readyz must not start one broker request each."""
+    lock = threading.Lock()
+    state: dict = {"running": None}  # the run in progress: an Event set when its answer is in `answer`
+
+    def shared() -> bool:
+        with lock:
+            run = state["running"]
+            leader = run is None
+            if leader:
+                run = state["running"] = {"done": threading.Event(), "answer": False, "error": None}
+        if not leader:
+            run["done"].wait()
+        else:
+            try:
+                run["answer"] = check()
+            except BaseException as exc:  # handed to every waiter, as the check's own callers would get it
+                run["error"] = exc
+            finally:
+                with lock:
+                    state["running"] = None
+                run["done"].set()
+        if run["error"] is not None:
+            raise run["error"]
+        return run["answer"]
+
+    return shared
 
 
 def serve(port: int | None, *, host: str = "127.0.0.1", ready: Callable[[], bool] | None = None

@@ -129,3 +129,43 @@ def test_a_service_that_knows_its_readiness_only_once_it_runs_sets_it_later():
     finally:
         obs.set_readiness(lambda: True)
         server.shutdown()
+
+
+def test_concurrent_readyz_probes_on_the_metrics_port_share_one_check():
+    """The receiver's readiness asks the broker (up to 2 s when it is down), and the metrics server answers each
+    request on a thread of its own: 8 probes at once started 8 broker requests. Now they share one."""
+    import threading
+
+    calls, release = [], threading.Event()
+
+    def slow_broker_check() -> bool:
+        calls.append(1)
+        release.wait(10)
+        return False
+
+    server = obs.serve(0)
+    try:
+        obs.set_readiness(slow_broker_check)
+        url = f"http://127.0.0.1:{server.server_port}/readyz"
+        answers: list[int] = []
+        probes = [threading.Thread(target=lambda: answers.append(_get(url)[0])) for _ in range(8)]
+        before = threading.active_count()
+        for p in probes:
+            p.start()
+        # every probe's request is being answered (a server thread each) while the first one's check runs
+        for _ in range(2000):
+            if calls and threading.active_count() >= before + 16:
+                break
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.3)
+        release.set()
+        for p in probes:
+            p.join(30)
+        assert answers == [503] * 8
+        assert len(calls) == 1
+        release.clear()
+        release.set()
+        assert _get(url)[0] == 503 and len(calls) == 2  # the next probe after it checks again: no caching
+    finally:
+        obs.set_readiness(lambda: True)
+        server.shutdown()
