@@ -20,7 +20,8 @@ of one replay make two different canonical streams, whose alerts differ for that
 Afterwards the chaos worker must match the reference worker:
     0. kills mid-stream     every kill landed while the feed was still flowing (a kill waits until
                             the previous restart applies new messages, so slow restarts push kills
-                            past the end)
+                            past the end), killed the worker (it died of the SIGKILL) and a new
+                            process replaced it; the reference worker never exited on its own
     1. no alert lost        the chaos run's alert ids == the reference's (none lost, none extra)
     2. duplicates identical every id (alert, snapshot, score) delivered more than once carries one
                             identical record, in both runs
@@ -30,10 +31,12 @@ Afterwards the chaos worker must match the reference worker:
                             counters also saw each once), the mirror copied every canonical record to
                             its own offset, and each worker's table applied every canonical offset
                             (its next-offset markers)
-    4. same scoring         the same snapshot ids and scores, the same feature values at each
-                            snapshot, the same alert records
+    4. same scoring         the same snapshot ids, the same snapshot and score records under each
+                            (feature values, point, probability, tier...), the same alert records,
+                            and the same patient table at the end
     5. parity               the nightly rebuild (batch.nightly.run_nightly) of the chaos run's archive
                             passes parity
+None passes vacuously: no alert, snapshot, patient, canonical message or parity point compared fails.
 
 "Caught up" is read from each worker's table (its next-offset markers, tailed from the changelog),
 the truth the worker commits from once a batch is durable (a commit lost to a rebalance lands only
@@ -49,6 +52,7 @@ each kill falls at a random moment of its own slice of the feed.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 import uuid
@@ -319,6 +323,8 @@ def compare(ref: Results, got: Results) -> dict:
     both = set(ref.alerts) & set(got.alerts)
     ref_points, got_points = feature_values(ref.features), feature_values(got.features)
     shared_points = set(ref_points) & set(got_points)
+    shared_scores = set(ref.scores) & set(got.scores)
+    ref_state, got_state = ref.records(), got.records()
     return {
         "alerts": len(ref.alerts),
         "alerts_compared": len(both),
@@ -338,6 +344,44 @@ def compare(ref: Results, got: Results) -> dict:
         "scores_extra_ids": sorted(set(got.scores) - set(ref.scores)),
         "feature_values_compared": sum(len(ref_points[s]) for s in shared_points),
         "feature_mismatch_ids": sorted(s for s in shared_points if ref_points[s] != got_points[s]),
+        # the whole record, not only its feature values: its point (partition, offset, idx), trigger, patient
+        "snapshots_differing_ids": sorted(s for s in shared_points if ref.features[s] != got.features[s]),
+        # a score's probability, tier, rationale, stale readings... under the same snapshot id
+        "scores_differing_ids": sorted(s for s in shared_scores if ref.scores[s] != got.scores[s]),
+        # the table both end with (what the next message is scored against), as the worker reads it
+        "patients": len(ref_state),
+        "state_missing_ids": sorted(set(ref_state) - set(got_state)),
+        "state_extra_ids": sorted(set(got_state) - set(ref_state)),
+        "state_differing_ids": sorted(p for p in set(ref_state) & set(got_state) if ref_state[p] != got_state[p]),
+    }
+
+
+SCORING_DIFFERENCES = ("snapshots_missing_ids", "snapshots_extra_ids", "snapshots_differing_ids", "feature_mismatch_ids",
+                       "scores_missing_ids", "scores_extra_ids", "scores_differing_ids", "alerts_differing_ids",
+                       "state_missing_ids", "state_extra_ids", "state_differing_ids")
+
+
+def soak_checks(kills: list[dict], cmp: dict, acct: dict, nightly: dict, unplanned: dict) -> dict[str, bool]:
+    """The soak's verdict per check (`ok` is all of them). None may pass vacuously: a run that compared
+    no snapshot, no alert or no parity point, or whose kills cannot be shown to have happened, fails."""
+    workers = [acct["reference"], acct["chaos"]]
+    return {
+        # a kill after the feed ended tests nothing: each restart must catch up before the next moment;
+        # and each kill must be one: the victim died of the SIGKILL and a new process (pid) replaced it
+        "kills_mid_stream": bool(kills) and all(k["mid_stream"] and k.get("sigkilled") and k.get("restarted")
+                                                for k in kills),
+        # the comparison is against an undisturbed worker: one that exited and was restarted is not
+        "reference_undisturbed": not unplanned.get("reference", {}).get("worker"),
+        "no_alert_lost": not cmp["alerts_lost"] and not cmp["alerts_extra_ids"] and cmp["alerts"] > 0,
+        "duplicates_identical": not (cmp["duplicates_differing_ids"] or cmp["reference_duplicates_differing_ids"]),
+        # applied (the table's own next-offset markers), not committed: correctness rests on the
+        # markers; a commit that lags only means a restart re-reads and drops messages already applied
+        "accounting": (acct["raw"]["balanced"] and acct["raw"]["all_read"] and acct["mirror"]["exact"]
+                       and all(not w["canonical_unapplied"] for w in workers)
+                       and all(w["canonical_messages"] > 0 for w in workers)),
+        "same_scoring": (not any(cmp[k] for k in SCORING_DIFFERENCES) and cmp["snapshots"] > 0
+                         and cmp["feature_values_compared"] > 0 and cmp["patients"] > 0),
+        "parity": bool(nightly.get("parity_ok")) and int(nightly.get("parity", {}).get("points_checked", 0)) > 0,
     }
 
 
@@ -525,7 +569,9 @@ def run_soak(opts: SoakOptions, console: Console | None = None) -> dict:
 
     acct = {
         "raw": raw_accounting(stats, published, raw_uncommitted,
-                              ingest_killed=any("ingest" in k["services"] for k in kills)),
+                              # a restarted ingest (killed, or exited on its own) counted only since its start
+                              ingest_killed=any("ingest" in k["services"] for k in kills)
+                              or bool(ref.unplanned.get("ingest"))),
         "mirror": mirror_accounting(ends, mirror.copied, chaos_ends, mirror.shifted),
         **{name: canonical_accounting(ends, results[name].next_offsets, committed[name]) for name in results},
     }
@@ -588,8 +634,9 @@ def _chaos(ref: _Run, chaos: _Run, feed: _Feed, mirror: TopicMirror, opts: SoakO
         sent, mid_stream = feed.sent, not feed.done
         victims = [(chaos, "worker"), (ref, "ingest")] if with_ingest else [(chaos, "worker")]
         rng.shuffle(victims)  # with ingest: either may die first
-        for run, service in victims:
-            kill_service(run.procs[service])
+        killed = [run.procs[service] for run, service in victims]
+        for proc in killed:
+            kill_service(proc)
         killed_at = time.monotonic()
         held_at_kill = sum(mirror.read.values())
         barriers_at_kill = dict(chaos.markers.barriers)
@@ -597,6 +644,10 @@ def _chaos(ref: _Run, chaos: _Run, feed: _Feed, mirror: TopicMirror, opts: SoakO
         reference_applied = ref.markers.total()  # the undisturbed worker's progress, for comparison
         for run, service in victims:
             run.start(service)
+        # proof the kill was one: each victim died of the SIGKILL (not before it, on its own), and
+        # a new process took its place
+        sigkilled = all(proc.returncode == -signal.SIGKILL for proc in killed)
+        restarted = all(run.procs[service].pid != proc.pid for (run, service), proc in zip(victims, killed))
         while not chaos.markers.applied_since(barriers_at_kill):
             _until(deadline, f"the chaos worker did not apply anything new after kill {k + 1}: see {chaos.logs}")
             if feed.done and mirror.quiet_for() >= QUIET_S and sum(mirror.read.values()) == held_at_kill:
@@ -604,7 +655,8 @@ def _chaos(ref: _Run, chaos: _Run, feed: _Feed, mirror: TopicMirror, opts: SoakO
             tick()
         recovery = time.monotonic() - killed_at
         kills.append({"kill": k + 1, "services": sorted(s for _, s in victims), "raw_sent": sent,
-                      "mid_stream": mid_stream, "canonical_at_kill": held_at_kill,
+                      "mid_stream": mid_stream, "sigkilled": sigkilled, "restarted": restarted,
+                      "canonical_at_kill": held_at_kill,
                       "applied_at_kill": applied_at_kill, "reference_applied_at_kill": reference_applied,
                       "applied_after": chaos.markers.total(),
                       "recovery_s": round(recovery, 2)})
@@ -621,19 +673,7 @@ def _figures(opts, messages, copies, rate, kills, cmp, acct, nightly, chaos, unp
     ready = [s for n in range(1, chaos.starts.get("worker", 1))
              for s in recovery_seconds(chaos.log_path("worker", n)) if chaos.log_path("worker", n).exists()]
     workers = [acct["reference"], acct["chaos"]]
-    checks = {
-        # a kill after the feed ended tests nothing: each restart must catch up before the next moment
-        "kills_mid_stream": bool(kills) and all(k["mid_stream"] for k in kills),
-        "no_alert_lost": not cmp["alerts_lost"] and not cmp["alerts_extra_ids"] and cmp["alerts"] > 0,
-        "duplicates_identical": not (cmp["duplicates_differing_ids"] or cmp["reference_duplicates_differing_ids"]),
-        # applied (the table's own next-offset markers), not committed: correctness rests on the
-        # markers; a commit that lags only means a restart re-reads and drops messages already applied
-        "accounting": (acct["raw"]["balanced"] and acct["raw"]["all_read"] and acct["mirror"]["exact"]
-                       and all(not w["canonical_unapplied"] for w in workers)),
-        "same_scoring": not any(cmp[k] for k in ("snapshots_missing_ids", "snapshots_extra_ids", "feature_mismatch_ids",
-                                                 "scores_missing_ids", "scores_extra_ids", "alerts_differing_ids")),
-        "parity": bool(nightly.get("parity_ok")),
-    }
+    checks = soak_checks(kills, cmp, acct, nightly, unplanned)
     recoveries = [k["recovery_s"] for k in kills]
     return {
         "events": acct["raw"]["canonical_events"],
@@ -645,6 +685,7 @@ def _figures(opts, messages, copies, rate, kills, cmp, acct, nightly, chaos, unp
         "feed_rate_per_s": round(rate, 1),
         "kills": sum(1 for k in kills if "worker" in k["services"]),
         "kills_mid_stream": sum(1 for k in kills if k["mid_stream"]),
+        "kills_verified": sum(1 for k in kills if k["sigkilled"] and k["restarted"]),
         "ingest_kills": sum(1 for k in kills if "ingest" in k["services"]),
         "restarts": sum(len(k["services"]) for k in kills),
         "unplanned_restarts": unplanned,
@@ -666,6 +707,10 @@ def _figures(opts, messages, copies, rate, kills, cmp, acct, nightly, chaos, unp
         "scores_extra": len(cmp["scores_extra_ids"]),
         "feature_values_compared": cmp["feature_values_compared"],
         "feature_mismatches": len(cmp["feature_mismatch_ids"]),
+        "snapshots_differing": len(cmp["snapshots_differing_ids"]),
+        "scores_differing": len(cmp["scores_differing_ids"]),
+        "state_patients": cmp["patients"],
+        "state_differing": sum(len(cmp[k]) for k in ("state_missing_ids", "state_extra_ids", "state_differing_ids")),
         "mirror_exact": acct["mirror"]["exact"],
         "recovery_s": recoveries,
         "recovery_s_max": max(recoveries, default=None),
@@ -684,7 +729,9 @@ def _figures(opts, messages, copies, rate, kills, cmp, acct, nightly, chaos, unp
                                                     "duplicates_differing_ids", "reference_duplicates_differing_ids",
                                                     "snapshots_missing_ids",
                                                     "snapshots_extra_ids", "scores_missing_ids", "scores_extra_ids",
-                                                    "feature_mismatch_ids")},
+                                                    "feature_mismatch_ids", "snapshots_differing_ids",
+                                                    "scores_differing_ids", "state_missing_ids", "state_extra_ids",
+                                                    "state_differing_ids")},
     }
 
 
@@ -697,8 +744,11 @@ def print_report(console: Console, f: dict) -> None:
     c, acct = f["checks"], f["accounting"]
     raw, mirror = acct["raw"], acct["mirror"]
     t.add_row("0. kills mid-stream", ok[c["kills_mid_stream"]],
-              f"{f['kills_mid_stream']} of {len(f['kill_log'])} kills while data flowed; kill -> the restarted "
+              f"{f['kills_mid_stream']} of {len(f['kill_log'])} kills while data flowed, {f['kills_verified']} "
+              f"died of the SIGKILL and were replaced; kill -> the restarted "
               f"worker applies new messages (s): {', '.join(f'{s:.1f}' for s in f['recovery_s'])}")
+    t.add_row("   reference undisturbed", ok[c["reference_undisturbed"]],
+              f"restarts of services that exited on their own: {f['unplanned_restarts']}")
     t.add_row("1. no alert lost", ok[c["no_alert_lost"]],
               f"{f['alerts']:,} alert ids in the reference, {f['alerts_lost']} lost, {f['alerts_extra']} extra")
     t.add_row("2. duplicates identical", ok[c["duplicates_identical"]],
@@ -714,9 +764,11 @@ def print_report(console: Console, f: dict) -> None:
               f"{len(acct['reference']['canonical_uncommitted'])}, {len(acct['chaos']['canonical_uncommitted'])})")
     t.add_row("4. same scoring", ok[c["same_scoring"]],
               f"{f['snapshots']:,} snapshot ids ({f['snapshots_missing']} missing, {f['snapshots_extra']} extra), "
-              f"{f['feature_values_compared']:,} feature values compared, {f['feature_mismatches']} mismatched; "
-              f"scores {f['scores_missing']} missing, {f['scores_extra']} extra; "
-              f"{f['alerts_differing']} of {f['alerts_compared']:,} alerts differing")
+              f"{f['feature_values_compared']:,} feature values compared, {f['feature_mismatches']} mismatched, "
+              f"{f['snapshots_differing']} records differing; scores {f['scores_missing']} missing, "
+              f"{f['scores_extra']} extra, {f['scores_differing']} differing; "
+              f"{f['alerts_differing']} of {f['alerts_compared']:,} alerts differing; final table: "
+              f"{f['state_differing']} of {f['state_patients']:,} patients differing")
     t.add_row("5. parity (nightly on the chaos archive)", ok[c["parity"]],
               f"{f['parity_points']:,} points, {f['parity_values']:,} values, {f['parity_mismatched']} mismatched")
     console.print(t)

@@ -4,9 +4,11 @@ the same canonical stream (wardwatch.soak, what `wardwatch soak` runs: one inges
 topic mirrored record for record to the chaos worker's). The figures go to
 benchmarks/results/reliability/chaos.json.
 
-Asserted: the chaos worker published exactly the reference's alert ids (none lost, none extra) with
-the same records; an alert delivered more than once is the same record each time; the same scoring
-snapshot ids and scores, and identical feature values at each snapshot; every raw message accounted
+Asserted: every kill killed (the worker died of the SIGKILL and a new process replaced it) and the
+reference worker never restarted; the chaos worker published exactly the reference's alert ids (none
+lost, none extra) with the same records; an alert delivered more than once is the same record each
+time; the same scoring snapshot ids, identical snapshot and score records under each, and the same
+patient table at the end; every raw message accounted
 for, the mirror exact, and every canonical offset applied by both workers' tables (their own
 next-offset markers; a committed offset lagging them is only reported); and the nightly rebuild of
 the chaos run's archive passes parity.
@@ -31,11 +33,13 @@ def test_sigkilled_worker_loses_nothing_over_200k_events(broker, cohort_cache, t
                        cache_dir=cohort_cache, timeout_s=840)
     f = run_soak(opts, Console(width=120))
     record_figures("chaos", {k: f[k] for k in (
-        "events", "canonical_messages", "raw_messages", "patients", "kills", "kills_mid_stream", "ingest_kills",
+        "events", "canonical_messages", "raw_messages", "patients", "kills", "kills_mid_stream", "kills_verified",
+        "ingest_kills",
         "restarts", "alerts", "alerts_compared", "alerts_lost", "alerts_extra", "alerts_differing", "losses",
         "duplicates_delivered", "duplicate_alert_ids", "duplicates_differing", "reference_duplicates_differing",
         "snapshots", "snapshots_missing",
         "snapshots_extra", "scores_missing", "scores_extra", "feature_values_compared", "feature_mismatches",
+        "snapshots_differing", "scores_differing", "state_patients", "state_differing",
         "mirror_exact", "recovery_s", "recovery_s_max", "worker_ready_after_assignment_s", "parity_points",
         "parity_values", "parity_mismatched", "checks", "phases_s", "seconds", "unplanned_restarts", "kill_log")})
     where = f"service logs: {f['logs']}; details: {f['details']}"
@@ -43,6 +47,9 @@ def test_sigkilled_worker_loses_nothing_over_200k_events(broker, cohort_cache, t
     # a kill waits for the previous restart to apply new data: a slow recovery pushes kills past the feed
     assert f["events"] >= EVENTS and f["kills"] >= KILLS, f["kill_log"]
     assert f["kills_mid_stream"] >= KILLS, (f"recovery after each kill (s): {f['recovery_s']}", f["kill_log"])
+    # each kill killed (the worker died of the SIGKILL, a new process replaced it); the reference never restarted
+    assert f["kills_verified"] >= KILLS, f["kill_log"]
+    assert f["checks"]["reference_undisturbed"], f["unplanned_restarts"]
     # the comparison means something only if both workers read one stream, record for record
     assert f["accounting"]["mirror"]["exact"], f["accounting"]["mirror"]
     # 1. no alert lost, none extra, and each the same record as the reference's
@@ -58,10 +65,11 @@ def test_sigkilled_worker_loses_nothing_over_200k_events(broker, cohort_cache, t
         assert acct["canonical_unapplied"] == {}, (run, acct, where)
         # and committed: a restart after the run would not re-read what the table already holds
         assert acct["canonical_uncommitted"] == {}, (run, acct, where)
-    # 4. the same scoring points, scores and feature values
-    assert f["snapshots"] > 0 and f["feature_values_compared"] > 0, where
+    # 4. the same scoring points, the same snapshot and score records under each, the same table at the end
+    assert f["snapshots"] > 0 and f["feature_values_compared"] > 0 and f["state_patients"] > 0, where
     assert (f["snapshots_missing"], f["snapshots_extra"], f["scores_missing"], f["scores_extra"],
-            f["feature_mismatches"]) == (0, 0, 0, 0, 0), where
+            f["feature_mismatches"], f["snapshots_differing"], f["scores_differing"],
+            f["state_differing"]) == (0, 0, 0, 0, 0, 0, 0, 0), where
     # 5. the nightly rebuild of the chaos run's archive agrees with what the stream published
     assert f["checks"]["parity"] and f["parity_points"] > 0 and f["parity_mismatched"] == 0, where
     assert f["ok"], f["checks"]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import orjson
 
 from streams.app import NEXT_OFFSET_PREFIX
+from streams.patient_agent import PatientRecord
+from streams.state import PatientState
 from wardwatch.soak import (canonical_accounting, compare, is_recovery_barrier, kill_moments,
-                            mirror_accounting, next_offset_marker, raw_accounting)
+                            mirror_accounting, next_offset_marker, raw_accounting, soak_checks)
 from wardwatch.worker_results import Results, recovery_seconds
 
 
@@ -15,15 +17,25 @@ def _alert(alert_id: str, tier: str = "high") -> bytes:
     return orjson.dumps({"header": {"alert_id": alert_id, "tier": tier}})
 
 
-def _point(features: dict) -> bytes:
-    return orjson.dumps({"features": features, "partition": 0, "offset": 1})
+def _point(features: dict, offset: int = 1) -> bytes:
+    return orjson.dumps({"features": features, "partition": 0, "offset": offset})
 
 
-def _results(alerts: dict[str, list[bytes]], points: dict[str, dict] | None = None) -> Results:
+def _score(probability: float = 0.1) -> bytes:
+    return orjson.dumps({"probability": probability, "tier": "low"})
+
+
+def _patient(vitals_scored_ms: int | None = None) -> dict:
+    return orjson.loads(PatientRecord(PatientState(), {}, vitals_scored_ms=vitals_scored_ms).to_bytes())
+
+
+def _results(alerts: dict[str, list[bytes]], points: dict[str, dict] | None = None, *,
+             scores: dict[str, bytes] | None = None, state: dict[str, dict] | None = None) -> Results:
     points = points if points is not None else {"s1": {"hr_last": 80.0}}
-    return Results(state={}, next_offsets={},
+    scores = scores or {}
+    return Results(state=state if state is not None else {"p1": _patient()}, next_offsets={},
                    features={s: {_point(f)} for s, f in points.items()},
-                   scores={s: {b"score"} for s in points},
+                   scores={s: {scores.get(s, _score())} for s in points},
                    alerts={i: set(records) for i, records in alerts.items()},
                    records_per_id={i: len(records) for i, records in alerts.items()})
 
@@ -70,6 +82,87 @@ def test_scoring_differences_are_named_by_snapshot_id():
     assert cmp["feature_mismatch_ids"] == ["s2"]
     assert cmp["snapshots_missing_ids"] == ["s3"] and cmp["snapshots_extra_ids"] == ["s4"]
     assert cmp["scores_missing_ids"] == ["s3"] and cmp["scores_extra_ids"] == ["s4"]
+
+
+def test_a_score_or_snapshot_record_that_differs_under_the_same_id_is_named():
+    """Same snapshot ids and feature values, but the chaos worker scored one point otherwise (a
+    re-emission after a restart that differed in its probability) and put another at another offset."""
+    ref = _results({}, {"s1": {"hr_last": 80.0}, "s2": {"hr_last": 90.0}})
+    got = _results({}, {"s1": {"hr_last": 80.0}, "s2": {"hr_last": 90.0}}, scores={"s2": _score(0.1000001)})
+    got.features["s1"] = {_point({"hr_last": 80.0}, offset=7)}
+
+    cmp = compare(ref, got)
+
+    assert cmp["feature_mismatch_ids"] == []  # the feature values alone are the same
+    assert cmp["scores_differing_ids"] == ["s2"] and cmp["snapshots_differing_ids"] == ["s1"]
+    assert not soak_checks(_kills(), cmp, _acct(), _nightly(), _calm())["same_scoring"]
+
+
+def test_a_patient_table_that_ends_differently_is_named():
+    ref = _results({}, state={"p1": _patient(), "p2": _patient(1_000), "p3": _patient()})
+    got = _results({}, state={"p1": _patient(), "p2": _patient(2_000), "p4": _patient()})
+
+    cmp = compare(ref, got)
+
+    assert cmp["patients"] == 3
+    assert (cmp["state_missing_ids"], cmp["state_extra_ids"], cmp["state_differing_ids"]) == (["p3"], ["p4"], ["p2"])
+    assert not soak_checks(_kills(), cmp, _acct(), _nightly(), _calm())["same_scoring"]
+
+
+def _kills(n: int = 2, **over) -> list[dict]:
+    return [{"kill": k + 1, "services": ["worker"], "mid_stream": True, "sigkilled": True, "restarted": True, **over}
+            for k in range(n)]
+
+
+def _acct(messages: int = 10) -> dict:
+    worker = {"canonical_messages": messages, "canonical_unapplied": {}, "canonical_uncommitted": {}}
+    return {"raw": {"balanced": True, "all_read": True}, "mirror": {"exact": True},
+            "reference": worker, "chaos": dict(worker)}
+
+
+def _nightly(points: int = 5) -> dict:
+    return {"parity_ok": True, "parity": {"points_checked": points}}
+
+
+def _calm() -> dict:
+    return {"reference": {}, "chaos": {}}
+
+
+def _clean_cmp() -> dict:
+    return compare(_results({"a1": [_alert("a1")]}), _results({"a1": [_alert("a1")]}))
+
+
+def test_a_clean_soak_passes_every_check():
+    assert all(soak_checks(_kills(), _clean_cmp(), _acct(), _nightly(), _calm()).values())
+
+
+def test_a_soak_that_compared_nothing_fails():
+    """An empty feed, a worker that scored nothing, or a nightly that checked no point: both sides
+    agree on nothing, which must not read as "nothing lost"."""
+    nothing = compare(_results({}, {}, state={}), _results({}, {}, state={}))
+    checks = soak_checks(_kills(), nothing, _acct(messages=0), _nightly(points=0), _calm())
+
+    assert not checks["no_alert_lost"] and not checks["same_scoring"]
+    assert not checks["accounting"] and not checks["parity"]
+    # and each on its own
+    no_points = compare(_results({"a1": [_alert("a1")]}, {}), _results({"a1": [_alert("a1")]}, {}))
+    assert not soak_checks(_kills(), no_points, _acct(), _nightly(), _calm())["same_scoring"]
+    assert not soak_checks(_kills(), _clean_cmp(), _acct(), _nightly(points=0), _calm())["parity"]
+
+
+def test_a_kill_that_did_not_happen_or_a_disturbed_reference_fails():
+    cmp, acct, nightly = _clean_cmp(), _acct(), _nightly()
+    assert not soak_checks([], cmp, acct, nightly, _calm())["kills_mid_stream"]
+    # the worker had already exited when the SIGKILL came (a crash, not the kill), or was not replaced
+    assert not soak_checks(_kills(sigkilled=False), cmp, acct, nightly, _calm())["kills_mid_stream"]
+    assert not soak_checks(_kills(restarted=False), cmp, acct, nightly, _calm())["kills_mid_stream"]
+    assert not soak_checks(_kills(mid_stream=False), cmp, acct, nightly, _calm())["kills_mid_stream"]
+    # the reference worker exited on its own and was restarted: it is no undisturbed reference
+    checks = soak_checks(_kills(), cmp, acct, nightly, {"reference": {"worker": 1}, "chaos": {}})
+    assert not checks["reference_undisturbed"]
+    # an ingest restart is shared by both workers, a chaos worker's own exit is part of the chaos
+    assert soak_checks(_kills(), cmp, acct, nightly, {"reference": {"ingest": 1}, "chaos": {"worker": 1}})[
+        "reference_undisturbed"]
 
 
 def test_canonical_accounting_names_partitions_not_applied_or_not_committed():
