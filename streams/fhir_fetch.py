@@ -3,7 +3,8 @@ as if the server had sent them inline, so id-only and full-resource payloads giv
 
     NeedsFetch(references)                           (schemas.fhir.parse_notification)
         |  GET <fhir_server_url>/<Type>/<id> for each reference (timeout, retries with backoff doubling from
-        |  WARDWATCH_FHIR_RETRY_BACKOFF_S, each wait at most MAX_RETRY_DELAY_S);
+        |  WARDWATCH_FHIR_RETRY_BACKOFF_S, or after a 429/503's Retry-After (seconds or an HTTP-date) when
+        |  it sends one, each wait at most MAX_RETRY_DELAY_S);
         |  for a DELETE entry the version before the delete: vread <Type>/<id>/_history/<n-1> when the
         |  delete's version n is known (its response.etag), else the instance history <Type>/<id>/_history;
         |  a reference answered 410 Gone (deleted; id-only notifications of deletes carry no DELETE entry):
@@ -67,6 +68,8 @@ name resource types only, never ids.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import logging
 import time
 from collections import OrderedDict
@@ -89,8 +92,9 @@ _RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
 _GONE_STATUSES = {404, 410}
 # the longest wait between two attempts: the delay doubles from WARDWATCH_FHIR_RETRY_BACKOFF_S, and each wait
 # blocks the ingest worker (CDC included): unbounded, 10 retries of 0.5 s would sleep 256 s before the last
-# one, past the consumption watchdog's WARDWATCH_STALL_TIMEOUT_S
+# one, past the consumption watchdog's WARDWATCH_STALL_TIMEOUT_S; a longer Retry-After is waited this long too
 MAX_RETRY_DELAY_S = 10.0
+_RETRY_AFTER_STATUSES = {429, 503}  # the answers whose Retry-After sets the wait before the next attempt
 
 
 def warn_of_environment_proxy(log: logging.Logger, proxy_url) -> None:
@@ -270,7 +274,8 @@ class FhirClient:
         return response.content
 
     def _get(self, reference: str, params: dict[str, str] | None = None, *, kind: str | None = None) -> httpx.Response:
-        """GET with retries on timeouts, connection errors, undecodable bodies, 408/429/5xx; 200 -> the response.
+        """GET with retries on timeouts, connection errors, undecodable bodies, 408/429/5xx (after the backoff, or
+        a 429/503's Retry-After, at most MAX_RETRY_DELAY_S); 200 -> the response.
         `kind` names what is read in details (default: the reference's _kind; a next-page URL holds ids)."""
         kind = kind or _kind(reference)
         paused_s = self._unavailable_until - self._monotonic()
@@ -280,6 +285,7 @@ class FhirClient:
                                                   f"it is back)")
         attempt = 0
         while True:
+            retry_after_s = None  # what the server asked the client to wait (429 / 503 with Retry-After)
             try:
                 response = self._http.get(reference, params=params)
             except httpx.HTTPError as exc:  # timeouts, refused connections, protocol errors, undecodable bodies
@@ -294,10 +300,15 @@ class FhirClient:
                                      f"GET {kind}: the FHIR server answered {response.status_code}")
                 if response.status_code not in _RETRIED_STATUSES:
                     raise failure  # 401/403/400...: retrying will not help, an operator must act
+                if response.status_code in _RETRY_AFTER_STATUSES:
+                    retry_after_s = retry_after(response.headers.get("Retry-After"))
             if attempt >= self.retries:
                 self._pause_after(failure)
-                raise FetchError(failure.reason, f"{failure.detail} (after {attempt + 1} attempts)", failure.exception)
-            self._sleep(min(self.backoff_s * 2**attempt, MAX_RETRY_DELAY_S))
+                asked = "" if retry_after_s is None else f"; the server asked to retry after {retry_after_s:.0f} s"
+                raise FetchError(failure.reason, f"{failure.detail} (after {attempt + 1} attempts{asked})",
+                                 failure.exception)
+            wait_s = self.backoff_s * 2**attempt if retry_after_s is None else retry_after_s
+            self._sleep(min(wait_s, MAX_RETRY_DELAY_S))
             attempt += 1
 
     def _pause_after(self, failure: FetchError) -> None:
@@ -309,6 +320,24 @@ class FhirClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+def retry_after(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
+    """A Retry-After header -> the seconds to wait (0 for a date already past), None when absent or unreadable
+    (the backoff then applies). Either delay-seconds ("120") or an HTTP-date ("Fri, 31 Dec 1999 23:59:59 GMT",
+    against the wall clock `now`)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": HTTP-dates are in GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - now())
 
 
 def resolve(outcome: Outcome, value: bytes | None, client: FhirClient | None, *, topic: str, partition: int,

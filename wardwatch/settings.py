@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     fhir_patient_cache_ttl_s: float = Field(3600.0, ge=0, description="How long the ingest keeps the MRN it read from the FHIR server for a subject named by Patient id alone (seconds, monotonic clock): a patient merge or an MRN corrected on the server applies to notifications read after that at the latest, without a restart; 0: read the Patient for every notification")
     fhir_timeout_s: float = Field(5.0, gt=0, description="Timeout of one FHIR GET (seconds)")
     fhir_retries: int = Field(3, ge=0, description="Retries of a FHIR GET after a timeout, connection error, 429 or 5xx")
-    fhir_retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay (seconds); doubles each retry, up to 10 s a wait")
+    fhir_retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay (seconds); doubles each retry, up to 10 s a wait (a 429/503's Retry-After instead, bounded the same)")
     fhir_unavailable_pause_s: float = Field(30.0, ge=0, description="After a FHIR GET fails every retry (timeouts, connection errors, 408/429/5xx), id-only notifications are dead-lettered fetch_failed at once for this long (redrive them once the server is back) instead of each waiting out its own retries, so a FHIR outage does not hold up the CDC vital signs the same ingest worker reads; 0: off")
     fhir_history_max_pages: int = Field(10, ge=1, description="Pages of a resource's history read to find the version before a delete (each page is a blocking GET of the ingest worker; 10 is 200 versions at HAPI's default page size); beyond them the notification is dead-lettered fetch_failed")
     fhir_gap_grace_s: float = Field(300.0, ge=0, description="Event time a missing notification may be late before its gap is reported")

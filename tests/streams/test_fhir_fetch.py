@@ -19,7 +19,7 @@ from schemas.canonical import Status
 from schemas.fhir import complete_notification, parse_notification
 from schemas.ingest_outcome import Ignored, NeedsFetch, Parsed, Rejected
 from schemas.ingest_values import iso_to_ms
-from streams.fhir_fetch import FhirClient, resolve
+from streams.fhir_fetch import FhirClient, resolve, retry_after
 from streams.features import compute_features
 from streams.ingest import IngestWorker
 from streams.state import Kind, apply_batch
@@ -108,6 +108,52 @@ def test_the_wait_between_retries_doubles_but_is_bounded(fhir_server):
     r = rejection(fetch_and_parse("r4b_id_only", client))
     assert r.reason is Reason.FETCH_FAILED and "9 attempts" in r.detail
     assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
+
+
+
+def http_date(seconds_from_now: float) -> str:
+    from email.utils import formatdate
+    return formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+def test_a_busy_server_is_asked_again_after_its_retry_after_not_the_backoff(fhir_server):
+    """A 429/503 saying when to come back (seconds or an HTTP-date) was asked again after the backoff (0.01 s
+    here: it kept hammering an overloaded server, then gave up before the time it named). Its Retry-After is
+    now the wait, at most MAX_RETRY_DELAY_S; a status without it keeps the backoff."""
+    waits = []
+    client = FhirClient(Settings(fhir_server_url=fhir_server.url, fhir_retries=4, fhir_retry_backoff_s=0.01,
+                                 fhir_unavailable_pause_s=0), sleep=waits.append)
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([
+        (429, b"slow down", {"Retry-After": "3"}),
+        (503, b"busy", {"Retry-After": "120"}),  # longer than the bound: waits the bound
+        (503, b"busy", {"Retry-After": http_date(3600)}),
+        (500, b"oops", {"Retry-After": "7"}),  # not a 429 / 503: the backoff
+    ])
+    outcome = fetch_and_parse("r4b_id_only", client)
+    assert isinstance(outcome, Parsed) and [e.value for e in outcome.events] == [112]
+    assert waits == [3.0, 10.0, 10.0, 0.08]
+
+
+def test_a_server_still_busy_at_the_last_attempt_says_when_it_asked_to_be_retried(fhir_server):
+    waits = []
+    client = FhirClient(Settings(fhir_server_url=fhir_server.url, fhir_retries=1, fhir_retry_backoff_s=0.01,
+                                 fhir_unavailable_pause_s=0), sleep=waits.append)
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(503, b"busy", {"Retry-After": "600"})] * 2)
+    r = rejection(fetch_and_parse("r4b_id_only", client))
+    assert r.reason is Reason.FETCH_FAILED and "2 attempts" in r.detail
+    assert "the server asked to retry after 600 s" in r.detail
+    assert waits == [10.0]
+
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("5", 5.0), (" 0 ", 0.0),
+    ("Sun, 06 Nov 1994 08:49:42 GMT", 5.0),  # RFC 9110's example date, 5 s after `now`
+    ("Sun, 06 Nov 1994 08:49:30 GMT", 0.0),  # already past: at once
+    ("soon", None), ("-3", None), ("", None), (None, None),  # unreadable: the backoff
+])
+def test_retry_after_is_read_as_seconds_or_an_http_date(value, seconds):
+    assert retry_after(value, now=lambda: 784111777.0) == seconds
 
 
 class Clock:
