@@ -121,6 +121,11 @@ class Gone(FetchError):
     """The server answered 410 Gone: the resource existed and was deleted."""
 
 
+class Paused(FetchError):
+    """Not sent: the server failed every retry moments ago (WARDWATCH_FHIR_UNAVAILABLE_PAUSE_S). The detail
+    advises the ingest's redrive; other callers (subscriptions recover) give their own advice."""
+
+
 class FhirClient:
     """A small synchronous FHIR read client (the ingest worker is a synchronous loop)."""
 
@@ -280,7 +285,7 @@ class FhirClient:
         kind = kind or _kind(reference)
         paused_s = self._unavailable_until - self._monotonic()
         if paused_s > 0:
-            raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: not sent, the FHIR server failed every retry moments "
+            raise Paused(Reason.FETCH_FAILED, f"GET {kind}: not sent, the FHIR server failed every retry moments "
                                                   f"ago (asked again in {paused_s:.0f} s; redrive fetch_failed once "
                                                   f"it is back)")
         attempt = 0

@@ -36,7 +36,9 @@ saved state, ask the FHIR server for the missing notifications with the `$events
 republish its answer (a query-event Bundle) to the notifications topic: the ingest worker turns it into
 canonical events (dedupe makes a repeat harmless) and the watcher sees the gap fill (late_fills). An
 answer without some of the gap's numbers (a server capping the range, or keeping events only so long) says
-which are still missing; one without any is not republished.
+which are still missing; one without any is not republished. Once a `$events` read failed every retry,
+the client's unavailable pause skips the remaining gaps: their results say to run recover again once the
+server answers.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer
 
 from schemas.fhir import read_status, relative_reference
 from streams.commits import AckedProducer, skip_consumer_error
-from streams.fhir_fetch import FetchError, FhirClient
+from streams.fhir_fetch import FetchError, FhirClient, Paused
 from streams.stats import StatsPublisher
 from streams.subscriptions import CatchUpClock, SubscriptionState, SubscriptionTracker
 from streams.topics import Topics, ensure_topics, topics_for
@@ -308,6 +310,10 @@ def recover_gaps(settings: Settings, topics: Topics, client: FhirClient) -> list
                 continue
             try:
                 bundle = client.subscription_events(subscription, gap.first, gap.last)
+            except Paused:  # (its detail advises the ingest's redrive, which does not ask $events again)
+                result["error"] = ("$events not asked: the FHIR server failed every retry moments ago; run "
+                                   "`wardwatch subscriptions recover` again once it answers")
+                continue
             except FetchError as exc:
                 result["error"] = exc.detail
                 continue

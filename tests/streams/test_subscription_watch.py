@@ -365,6 +365,38 @@ def test_recover_says_which_missing_numbers_the_servers_answer_lacks(monkeypatch
     assert [value for _, _, value in producer.produced] == ([events_answer(*answered)] if republished else [])
 
 
+def test_recover_after_the_server_failed_says_to_run_recover_again_not_to_redrive(monkeypatch):
+    """After one $events read failed every retry, the client's unavailable pause skips the other gaps; their
+    results said "redrive fetch_failed once it is back" (the ingest's advice: nothing was dead-lettered, a
+    redrive would not ask $events). They now say to run recover again once the server answers."""
+    from collections import deque
+
+    from streams.fhir_fetch import FhirClient
+    from streams.subscriptions import Gap, SubscriptionState
+    from tests.streams.fhir_server import FhirServer
+
+    saved = SubscriptionState(SUB, high=9, low=1, clock_ms=T0, gaps=[Gap(2, 3, T0, reported=True),
+                                                                      Gap(5, 6, T0, reported=True)])
+    producer = StandInKafka({})
+    monkeypatch.setattr(subscription_watch, "Producer", lambda config: producer)
+    monkeypatch.setattr(subscription_watch, "restore_states", lambda *args: {SUB: saved})
+    server = FhirServer()
+    first = "/fhir/Subscription/ww-vitals/$events?eventsSinceNumber=2&eventsUntilNumber=3&content=full-resource"
+    server.script[first] = deque([(503, b"busy")])
+    client = FhirClient(Settings(fhir_server_url=server.url, fhir_retries=0, fhir_unavailable_pause_s=30.0))
+    try:
+        results = subscription_watch.recover_gaps(Settings(), topics_for(Settings()), client)
+    finally:
+        client.close()
+        server.stop()
+    assert [path for path, _ in server.requests] == [first]  # the second gap waits for the server to answer
+    assert [(r["first_missing"], r["republished"]) for r in results] == [(2, False), (5, False)]
+    assert "503" in results[0]["error"]
+    assert "redrive" not in results[1]["error"]
+    assert "run `wardwatch subscriptions recover` again once it answers" in results[1]["error"]
+    assert producer.produced == []
+
+
 @pytest.mark.integration
 def test_recover_republishes_the_missing_notifications_of_an_open_gap(settings):
     from collections import deque
