@@ -190,8 +190,12 @@ PER_TABLE: dict[str, dict[str, str]] = {
     "dead_letters": {"value": "The rejected record's value as it arrived, raw bytes (the CDC message, the FHIR "
                               "notification; from the receiver, the POST body); it may hold patient data"},
     "unreadable_records": {"value": "The record's value as it arrived, raw bytes"},
-    "patients": {"first_effective_ms": "Earliest measurement time (context facts such as the admission left out)" + _MS,
-                 "last_effective_ms": "Latest measurement time (context facts such as the discharge left out)" + _MS},
+    "patients": {"first_effective_ms": "Earliest time of a measurement that stood (the observations the "
+                                       "patient_timeline view shows: retracted readings, cross-source copies and "
+                                       "context facts such as the admission left out)" + _MS,
+                 "last_effective_ms": "Latest time of a measurement that stood (the observations the "
+                                      "patient_timeline view shows: retracted readings, cross-source copies and "
+                                      "context facts such as the discharge left out)" + _MS},
     "encounters": {"first_effective_ms": "Earliest clinical time of any event of the encounter, the admission "
                                          "included" + _MS,
                    "last_effective_ms": "Latest clinical time of any event of the encounter, the discharge included"

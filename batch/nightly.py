@@ -312,11 +312,12 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
                                mismatches.filter(is_copies)]).unique(maintain_order=True)
         mismatches = pl.concat([earlier, earlier_points, mismatches.filter(~is_copies), copy_rows])
 
+    observations = rebuild.observations(versions)
     tables = {
         "canonical_events": classified,
         "observation_versions": versions,
-        "observations": rebuild.observations(versions),
-        "patients": rebuild.patients(events),
+        "observations": observations,
+        "patients": rebuild.patients(events, observations),
         "encounters": rebuild.encounters(events),
         "features_online": online,
         "features_offline": offline,

@@ -216,14 +216,17 @@ def _latest(facts: pl.DataFrame, code: str, key: str | tuple[str, ...], value: p
             .group_by(*keys, maintain_order=True).agg(value.last().alias(name)))
 
 
-def patients(events: pl.DataFrame) -> pl.DataFrame:
+def patients(events: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
     """One row per patient with any canonical event: sex, birth year (no names, no birth dates) and
-    the span of their measurements."""
+    the span of their measurements that stood: the `observations` rows the patient_timeline view shows
+    (current versions; retracted facts, preliminary results the other source's final one replaced and
+    cross-source copies left out). Over every event, a reading entered in error days after the stay
+    stretched the span, and the report's patient-days with it. No such measurement: null span."""
     facts = context_facts(events)
-    measured = events.filter(~_IS_CONTEXT.fill_null(False))
+    stood = observations.filter(pl.col("outcome").ne_missing("duplicate"))
     base = (events.select("patient_id").unique()
-            .join(measured.group_by("patient_id").agg(first_effective_ms=pl.col("effective_ms").min(),
-                                                      last_effective_ms=pl.col("effective_ms").max()),
+            .join(stood.group_by("patient_id").agg(first_effective_ms=pl.col("effective_ms").min(),
+                                                   last_effective_ms=pl.col("effective_ms").max()),
                   on="patient_id", how="left"))
     encounter_count = (events.filter(pl.col("encounter_id").is_not_null())
                        .group_by("patient_id").agg(encounters=pl.col("encounter_id").n_unique()))

@@ -19,7 +19,8 @@ Sections, all read from the DuckDB file:
     calibration   predicted vs observed onset rate in ten probability bins; NEWS2's observed rate per
                   clinical band (NEWS2 is a score, not a probability); at-risk points
     alert burden  alerts opened per 100 patient-days; a patient-day is a day between a patient's
-                  first and last measurement
+                  first and last measurement that stood (patients.first/last_effective_ms: a retracted
+                  reading does not stretch the stay)
 
 The numbers are computed here with numpy (pure functions below), independently of the SQL views.
 """

@@ -379,3 +379,32 @@ def test_a_preliminary_result_replaced_by_the_other_sources_final_one_is_no_curr
     assert current.select("fact_id", "value", "outcome").rows() == [("fhir:Observation/9:2524-7", 1.5, "corrected")]
     assert "supersedes" not in current.columns  # (holds a fact id: observations are exported de-identified)
     assert sorted(versions["fact_id"].to_list()) == ["cdc:labs:1:2524-7", "fhir:Observation/9:2524-7"]
+
+
+def test_a_retracted_reading_after_the_stay_does_not_stretch_the_patients_span():
+    """A heart rate charted 3 days after the patient's last real reading, then entered in error (and its FHIR
+    copy, an alias that never counted): patients.last_effective_ms was the withdrawn reading's time, so the
+    report's patient-days (last - first) counted 3 days of a stay that had ended. The span is over the
+    readings that stood, the observations the patient_timeline view shows."""
+    from batch.features import classify_events
+    from batch.rebuild import observation_versions, observations, patients
+    from schemas.canonical import CanonicalEvent, Source
+
+    t = 1_800_000_000_000
+    stray = t + HOUR_MS + 3 * 24 * HOUR_MS
+
+    def event(fact, version, at, value, status, offset, source=Source.CDC):
+        e = CanonicalEvent("MRN-0001", codes.HEART_RATE, value, "/min", at, at, status, source, fact, version)
+        return {**{k: v for k, v in e.to_dict().items() if k != "provenance"}, "partition": 0, "offset": offset, "idx": 0}
+
+    events = pl.DataFrame([event("cdc:vital_signs:1", 1, t, 80.0, Status.FINAL, 0),
+                           event("cdc:vital_signs:2", 1, t + HOUR_MS, 84.0, Status.FINAL, 1),
+                           event("cdc:vital_signs:3", 1, stray, 150.0, Status.FINAL, 2),
+                           event("fhir:Observation/3", 1, stray, 150.0, Status.FINAL, 3, Source.FHIR),
+                           event("cdc:vital_signs:3", 2, stray, None, Status.ENTERED_IN_ERROR, 4)],
+                          infer_schema_length=None)
+    classified = classify_events(events, allowed_lateness_ms=3_600_000, cross_source_tolerance=0.05)
+    assert classified["outcome"].to_list()[3] == "duplicate"  # the FHIR copy: an alias of the CDC reading
+    current = observations(observation_versions(classified))
+    span = patients(events, current).select("patient_id", "first_effective_ms", "last_effective_ms").rows()
+    assert span == [("MRN-0001", t, t + HOUR_MS)]  # 1 h, not 3 days and 1 h
