@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from batch.nightly import run_nightly
 from batch.report import auc, gather, onset_detection, reliability, render, roc_points
 from batch.train import bootstrap_intervals
-from tests.batch.test_nightly import ALERT, deteriorate, stage1, stage2
-from tests.batch.test_rebuild import STANDINS, T0, build_archive, kafka, write
+from tests.batch.test_nightly import ALERT, canonical, deteriorate, point_rows, stage1, stage2, twin
+from tests.batch.test_rebuild import B1, STANDINS, T0, build_archive, hr, kafka, write
 from wardwatch.cli import app
 from wardwatch.settings import Settings
 
@@ -51,20 +51,51 @@ def test_report_cli_writes_where_asked(settings, tmp_path):
     assert "Alert burden" in out.read_text()
 
 
+def whole_file_parity(report: Path) -> list[str]:
+    text = report.read_text()
+    return re.findall(r"<td>([^<]*)</td>", text[text.index("The whole file"):text.index("Onset label")])
+
+
+def full_rebuild_parity(settings: Settings) -> list[str]:
+    """What `batch nightly --full` over a copy of the same archive reports: points, values, mismatched,
+    max abs diff, parity ok."""
+    p = run_nightly(twin(settings), full=True, report=False, **STANDINS)
+    return [str(p["parity"][k]) for k in ("points_checked", "values_checked", "mismatched")] + [
+        f"{p['parity']['max_abs_diff']:.4g}", str(p["parity_ok"])]
+
+
 def test_a_quiet_nights_report_still_shows_what_parity_has_checked_in_the_file(settings):
     """An incremental run with no new archive parts checks no point: its own row says 0, so the report
-    also sums the runs since the last full rebuild (here a full one, then one adding stage 2's points)."""
+    also shows parity over the whole file (here after a full run, then one adding stage 2's points):
+    the figures a full rebuild of the same archive reports."""
     stage1(settings.archive_dir)
     checked = [run_nightly(settings, report=False, **STANDINS)]
     stage2(settings.archive_dir)
     checked.append(run_nightly(settings, full=False, report=False, **STANDINS))
     quiet = run_nightly(settings, full=False, **STANDINS)  # as `wardwatch batch nightly` runs
     assert quiet["parity"]["points_checked"] == 0 < min(r["parity"]["points_checked"] for r in checked)
-    text = Path(quiet["report_path"]).read_text()
-    since = text[text.index("Since the last full rebuild"):text.index("Onset label")]
-    cells = re.findall(r"<td>([^<]*)</td>", since)
-    sums = [str(sum(r["parity"][k] for r in checked)) for k in ("points_checked", "values_checked", "mismatched")]
-    assert cells[:4] == [str(len(checked) + 1), *sums]  # the quiet run included
+    assert whole_file_parity(Path(quiet["report_path"])) == [str(len(checked) + 1), *full_rebuild_parity(settings)]
+
+
+def test_the_whole_file_parity_counts_a_point_checked_again_once_with_its_latest_verdict(settings):
+    """Night 1: the archiver landed the snapshot at (0, 2) before the event it saw, so the offline side
+    lacks it: a mismatch. Night 2 archives the event and checks that point again: it matches. The report
+    summed the runs' checks since the last full rebuild: 4 points (the file holds 3), 2 mismatched (the
+    file's parity_report holds 1), unlike a full rebuild of the same archive."""
+    stage1(settings.archive_dir)
+    features, scores = point_rows([(0, 2)])
+    features[0]["features_json"] = orjson.dumps({"heart_rate_last_24h": 100.0}).decode()  # E seen
+    write(settings.archive_dir, "features", "early", features)
+    write(settings.archive_dir, "scores", "early", scores)
+    first = run_nightly(settings, full=False, report=False, **STANDINS)
+    assert first["parity"]["mismatched"] == 2  # (0, 1) for good; (0, 2) until E is archived
+    write(settings.archive_dir, "canonical", "late", canonical({(0, 2): [hr("E", 1, B1.effective_ms, 100.0)]}))
+    again = run_nightly(settings, full=False, report=False, **STANDINS)
+    assert (again["parity"]["points_checked"], again["parity"]["mismatched"]) == (1, 0)
+    quiet = run_nightly(settings, full=False, **STANDINS)
+    full = full_rebuild_parity(settings)
+    assert (full[0], full[2]) == ("3", "1")  # 3 points; (0, 1)'s mismatch stands
+    assert whole_file_parity(Path(quiet["report_path"])) == ["3", *full]
 
 
 def test_report_evaluates_the_onset_label_on_at_risk_points(settings):
