@@ -32,7 +32,10 @@ point parity left pending) has their events reclassified and their labels recomp
 whole history (the patient-state rules carry no expiry in the batch, and a label looks 12 h ahead,
 so an old point's label can change); offline features and parity are computed for new scoring points and for
 points at or after a newly archived event of the patient (the archiver can land a features part
-before the canonical part that point saw). Everyone else's rows are copied. Same archive, same tables as `full=True`: tests/batch/test_nightly.py checks it. A part
+before the canonical part that point saw). A snapshot a new part archives again (a restart re-emits
+snapshots; the archiver may land the re-emitted copy first) is taken from every copy in the archive, old
+parts included, so the copy kept is the first in Kafka order (its point checked again when that is
+another copy), as in a full build. Everyone else's rows are copied. Same archive, same tables as `full=True`: tests/batch/test_nightly.py checks it. A part
 file deleted from the archive stays in an incremental build until the next full one.
 """
 
@@ -240,15 +243,32 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
         [_as_raw("canonical", prev_events.drop("outcome", "late_by_ms")), new_raw["canonical"]],
         how="diagonal_relaxed"))
     events = rebuild.canonical_events(raw_events)
-    new_online = rebuild.features_online(new_raw["features"])
-    copies = _repeated_snapshots(previous.get("features_online"), new_raw["features"])
-    online = (new_online if "features_online" not in previous else
-              pl.concat([previous["features_online"], new_online], how="diagonal_relaxed")
+    prev_online = previous.get("features_online")
+    # snapshots a new part repeats, or at their points: every archived copy of them, old parts too, so
+    # the copy kept (the first in Kafka order) and the copies check are the full build's
+    again = _snapshots_again(prev_online, new_raw["features"])
+    features_raw = pl.concat([new_raw["features"], _old_copies(archive_dir, parts, done, again)],
+                             how="diagonal_relaxed")
+    new_online = rebuild.features_online(features_raw)
+    copies = _repeated_snapshots(features_raw)
+    online = (new_online if prev_online is None else
+              pl.concat([prev_online.filter(~pl.col("snapshot_id").is_in(again.implode())), new_online],
+                        how="diagonal_relaxed")
               .unique(subset=["snapshot_id"], keep="first")
               .sort("partition", "offset", "patient_id", "scoring_ms", "snapshot_id"))
     points = rebuild.scoring_points(online)
     prev_offline = previous.get("features_offline")
-    new_points = points if prev_offline is None else _points_to_redo(points, prev_offline, new_raw["canonical"])
+    # a snapshot whose kept copy is now another (an earlier one in Kafka order) is checked again
+    def kept(frame: pl.DataFrame) -> pl.DataFrame:  # (values as decoded, whatever type they were stored in)
+        return frame.filter(pl.col("snapshot_id").is_in(again.implode())).select(
+            *[pl.col(c).cast(pl.Float64) if c in FEATURE_NAMES else pl.col(c) for c in new_online.columns])
+    kept_another = (None if prev_online is None else
+                    kept(new_online).join(kept(prev_online), on=new_online.columns, how="anti",
+                                          nulls_equal=True)["snapshot_id"])
+    new_points = points if prev_offline is None else pl.concat([
+        _points_to_redo(points, prev_offline, new_raw["canonical"]),
+        points.filter(pl.col("snapshot_id").is_in(kept_another.implode()))]).unique().sort(*_POINT_ORDER,
+                                                                                          nulls_last=True)
     # the patients whose state this run recomputes: new events or new scoring points, or a point
     # still pending (the stream's snapshot may have been archived since, or will never be)
     recompute = (events["patient_id"].unique() if not previous else
@@ -307,8 +327,12 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
         earlier_points = (previous["parity_report"].filter(pl.col("check") == "point").cast(PARITY_ROW_SCHEMA)
                           .filter(~pl.col("patient_id").is_in(recompute.implode())))
         # copies that differed stay reported; a later copy that differs again gives the same row
+        # (those at the points of snapshots archived again are redone from every copy)
         is_copies = pl.col("check") == "copies"
-        copy_rows = pl.concat([previous["parity_report"].filter(is_copies).cast(PARITY_ROW_SCHEMA),
+        redone = prev_online.filter(pl.col("snapshot_id").is_in(again.implode())).select(
+            [pl.col(k).cast(PARITY_ROW_SCHEMA[k]) for k in POINT_KEYS])
+        copy_rows = pl.concat([previous["parity_report"].filter(is_copies).cast(PARITY_ROW_SCHEMA)
+                               .join(redone, on=POINT_KEYS, how="anti", nulls_equal=True),
                                mismatches.filter(is_copies)]).unique(maintain_order=True)
         mismatches = pl.concat([earlier, earlier_points, mismatches.filter(~is_copies), copy_rows])
 
@@ -333,15 +357,37 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     return tables, summary, facts
 
 
-def _repeated_snapshots(kept: pl.DataFrame | None, raw: pl.DataFrame) -> pl.DataFrame:
-    """Every copy of the snapshots archived more than once, for the parity check of copies: the copy
-    an earlier run kept (features_online) first, then the new part files' copies."""
-    ids = raw["snapshot_id"] if kept is None else pl.concat([kept["snapshot_id"], raw["snapshot_id"]])
-    repeated = ids.filter(ids.is_duplicated()).unique().implode()
-    new = rebuild.snapshot_copies(raw.filter(pl.col("snapshot_id").is_in(repeated)))
+def _snapshots_again(kept: pl.DataFrame | None, raw: pl.DataFrame) -> pl.Series:
+    """The snapshots an earlier run kept that the new parts archive again, and the others it kept at
+    their points (the parity rows of copies name a point, not a snapshot)."""
     if kept is None:
-        return new
-    return pl.concat([kept.filter(pl.col("snapshot_id").is_in(repeated)), new], how="diagonal_relaxed")
+        return pl.Series("snapshot_id", [], pl.String)
+    repeated = kept.filter(pl.col("snapshot_id").is_in(raw["snapshot_id"].unique().implode()))
+    keys = [pl.col(k).cast(pl.String) for k in POINT_KEYS]
+    at_their_points = pl.concat_str(keys, separator="|", ignore_nulls=True)
+    return kept.filter(at_their_points.is_in(repeated.select(at_their_points.alias("_p"))["_p"].implode()))[
+        "snapshot_id"].unique()
+
+
+def _old_copies(archive_dir: Path, parts: pl.DataFrame, done: set[str], ids: pl.Series) -> pl.DataFrame:
+    """Every copy of `ids` in the part files an earlier run read (only when a new part repeats one: a
+    restart re-emits snapshots, and the copy a full build keeps is the first in Kafka order)."""
+    if ids.is_empty():
+        return rebuild.empty_archive_frame("features")
+    old = parts.filter((pl.col("kind") == "features") & pl.col("path").is_in(sorted(done)))["path"].to_list()
+    wanted = pl.col("snapshot_id").is_in(ids.implode())
+    return pl.concat([rebuild.empty_archive_frame("features"),
+                      *[pl.scan_parquet(archive_dir / p, hive_partitioning=False).filter(wanted).collect()
+                        for p in old]],
+                     how="diagonal_relaxed")
+
+
+def _repeated_snapshots(raw: pl.DataFrame) -> pl.DataFrame:
+    """Every copy of the snapshots archived more than once, in Kafka order, for the parity check of
+    copies (`raw` holds every copy of the snapshots an earlier run kept and a new part repeats)."""
+    ids = raw["snapshot_id"]
+    repeated = ids.filter(ids.is_duplicated()).unique().implode()
+    return rebuild.snapshot_copies(raw.filter(pl.col("snapshot_id").is_in(repeated)))
 
 
 def _with_outcomes(events: pl.DataFrame, classified: pl.DataFrame) -> pl.DataFrame:

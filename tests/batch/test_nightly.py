@@ -518,6 +518,27 @@ def test_a_differing_copy_archived_on_a_later_night_fails_that_night(settings):
     assert_same_tables(settings.duckdb_path, full.duckdb_path)
 
 
+def test_an_earlier_copy_of_a_snapshot_archived_on_a_later_night_is_kept_as_in_full(settings):
+    """A restart re-emitted snapshot s0-0 (Kafka offset 5, another value) and that copy reached the
+    archive first; the original (offset 0) lands the next night. A full build keeps the first copy in
+    Kafka order and checks it against the offline features; the incremental run kept the copy it had,
+    so features_online and parity_report said 80 where --full says 999 (a mismatch it never reported)."""
+    stage1(settings.archive_dir)
+    features, _ = point_rows([(0, 0)])
+    def copy(value: float, position: int) -> dict:
+        return features[0] | {"features_json": orjson.dumps({"heart_rate_last_24h": value}).decode()} | kafka(0, position)
+    write(settings.archive_dir, "features", "restart", [copy(80.0, 5)])
+    run_nightly(settings, full=False, **STANDINS)
+    write(settings.archive_dir, "features", "original", [copy(999.0, 0)])
+    later = run_nightly(settings, full=False, **STANDINS)
+    assert later["parity"]["per_feature_mismatches"] == {"heart_rate_last_24h": 1}  # s0-0 checked again: 999 vs 80
+    query = 'SELECT heart_rate_last_24h FROM features_online WHERE snapshot_id = \'s0-0\''
+    assert frame(settings.duckdb_path, query).item() == 999.0
+    full = twin(settings)
+    run_nightly(full, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, full.duckdb_path)
+
+
 def test_running_incremental_twice_is_idempotent(settings):
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)
