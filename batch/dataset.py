@@ -75,7 +75,8 @@ def label_summary(duckdb_path: Path, settings: Settings) -> dict:
         events = con.sql("SELECT * FROM canonical_events").pl()
         points = published_points(con)  # as `batch train` reads them
     rows = labelled_rows(events, points, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
-                         cross_source_tolerance=settings.cross_source_tolerance)
+                         cross_source_tolerance=settings.cross_source_tolerance,
+                         dedupe_horizon_ms=settings.dedupe_horizon_s * 1000)
     at_risk = rows.filter(pl.col("at_risk"))
     positives = at_risk.filter(pl.col("label") == 1)
     return {

@@ -59,6 +59,7 @@ PRELIMINARY = Status.PRELIMINARY.value
 # defaults come from the one settings object's declared defaults (no environment read here)
 DEFAULT_ALLOWED_LATENESS_MS: int = Settings.model_fields["allowed_lateness_s"].default * 1000
 DEFAULT_CROSS_SOURCE_TOLERANCE: float = Settings.model_fields["cross_source_tolerance"].default
+DEFAULT_DEDUPE_HORIZON_MS: int = Settings.model_fields["dedupe_horizon_s"].default * 1000
 DEFAULT_MIN_INTERVAL_MS: int = Settings.model_fields["scoring_min_interval_s"].default * 1000
 END_OF_MESSAGE = 2**62  # the idx of a point given without one: it sees its whole message
 
@@ -70,7 +71,8 @@ _ARRIVAL = ["patient_id", "partition", "offset", "idx"]
 
 
 def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
-                    cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+                    cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE,
+                dedupe_horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """The measurement events (context facts left out) in arrival order (patient, partition, offset,
     idx) with three added columns:
     `outcome` (accepted / corrected / duplicate / late), `late_by_ms` (null unless late) and
@@ -101,12 +103,16 @@ def classify_events(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_
       A new fact of a resource known at a higher version is a redelivery (a duplicate). A version carrying
       none of the mapped codes is one row, its version marker (code schemas.codes.VERSION_MARK, empty
       `version_codes`, a retraction of a fact never live): every code an earlier row had is dropped;
-    - state never expires here (no dedupe horizon, no pruning): the same results as the stream as
-      long as redeliveries arrive within the dedupe horizon of event time. The one exception is the
-      final result of a preliminary one through the other source (rule 4): it is checked before
-      lateness, so the stream's pruning bound (clock - lateness - MAX_WINDOW) is applied to it.
+    - a fact's `known` entry expires as the stream's does (`dedupe_horizon_ms`): the entry is the
+      version and effective time of the fact's last row that set it (accepted, corrected, restated or
+      an alias), and once that effective time is before (the clock before the row) - horizon the row
+      is a new fact (rule 3: late when before clock - lateness; a redelivery of an old version too).
+      Rule 6 reads only unexpired entries of the resource's facts. Live facts are not pruned here: no
+      window reaches them, except for the final result of a preliminary one through the other source
+      (rule 4): it is checked before lateness, so the stream's pruning bound (clock - lateness -
+      MAX_WINDOW) is applied to it.
     """
-    classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
+    classified = _classified(events, allowed_lateness_ms, cross_source_tolerance, dedupe_horizon_ms)
     return (classified
             .with_columns(outcome=pl.col("_kind").replace_strict(_OUTCOME, return_dtype=pl.String),
                           late_by_ms=pl.when(pl.col("_kind") == LATE)
@@ -121,7 +127,8 @@ POINTS_SCHEMA = {"patient_id": pl.String, "scoring_ms": pl.Int64, "partition": p
 
 def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
                    cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE,
-                   min_interval_ms: int = DEFAULT_MIN_INTERVAL_MS) -> pl.DataFrame:
+                   min_interval_ms: int = DEFAULT_MIN_INTERVAL_MS,
+                   dedupe_horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """The scoring points of schemas/cadence.py, in arrival order (POINTS_SCHEMA).
 
     Runs (adjacent measurement events of one message sharing an effective time) and what each could
@@ -131,7 +138,7 @@ def scoring_points(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_A
     more NEWS2 points than its parameter gave at the last point taken (schemas.cadence.raises_news2).
     Those per-parameter points are the NEWS2 sub-scores of the features at that point, computed
     beforehand at every candidate point a later rise could be compared with (_candidate_news2)."""
-    classified = _classified(events, allowed_lateness_ms, cross_source_tolerance)
+    classified = _classified(events, allowed_lateness_ms, cross_source_tolerance, dedupe_horizon_ms)
     message = pl.struct("patient_id", "partition", "offset")
     new_run = ((message != message.shift(1)) | (pl.col("effective_ms") != pl.col("effective_ms").shift(1))).fill_null(True)
     clock_after = (pl.when(pl.col("_kind") == ACCEPTED).then(pl.col("effective_ms"))
@@ -198,7 +205,8 @@ def _candidate_news2(classified: pl.DataFrame, runs: pl.DataFrame,
             scored_news2(news2_charted_parts(r)) for r in at.iter_rows(named=True)}
 
 
-def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
+def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float,
+                horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """Rows in arrival order with `_row`, `_kind` (internal outcome), `_supersedes` (the fact_id of the
     preliminary result a final twin replaces, on that corrected row) and `_clock` (clock before the row)."""
     rows = (_with_replacements(measurements(events)
@@ -215,7 +223,7 @@ def _classified(events: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.
     guess = pl.DataFrame({"_kind": pl.repeat(ACCEPTED, rows.height, dtype=pl.String, eager=True),
                           "_supersedes": pl.repeat(None, rows.height, dtype=pl.String, eager=True)})
     for _ in range(rows.height + 1):  # converges within (longest patient history + 1) passes
-        step = _one_pass(rows, guess, lateness_ms, tolerance)
+        step = _one_pass(rows, guess, lateness_ms, tolerance, horizon_ms)
         if step.select(guess.columns).equals(guess):
             return rows.hstack(step).filter(pl.col("_kind") != _VOID)
         guess = step.select(guess.columns)
@@ -266,21 +274,27 @@ def _with_replacements(rows: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([rows, candidates.select(rows.columns)], how="vertical_relaxed").drop("_seq")
 
 
-def _one_pass(rows: pl.DataFrame, guess: pl.DataFrame, lateness_ms: int, tolerance: float) -> pl.DataFrame:
+def _one_pass(rows: pl.DataFrame, guess: pl.DataFrame, lateness_ms: int, tolerance: float,
+              horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """Each row's outcome given the guessed outcomes of the rows before it (rules 1-6)."""
     r = rows.hstack(guess)
-    # rules 1-2: the highest version `known` holds before this row; late arrivals never enter it
-    enters_known = ~pl.col("_kind").is_in([LATE, _VOID, _STALE])
-    r = _over_repeated_facts(r, "_known_version", pl.when(enters_known).then(pl.col("version"))
-                             .shift(1).cum_max().forward_fill())
-    # rule 6: the highest version known of any fact of the row's resource before it
-    resource_version = (pl.when(enters_known).then(pl.col("version")).shift(1).cum_max().forward_fill()
-                        .over("patient_id", "_resource"))
-    repeated = r.filter("_resource_repeats").select("_row", resource_version.alias("_resource_version"))
-    r = r.join(repeated, on="_row", how="left", maintain_order="left")
     # the patient clock before this row: max effective time of accepted new facts
     r = r.with_columns(_clock=pl.when(pl.col("_kind") == ACCEPTED).then(pl.col("effective_ms"))
                        .shift(1).cum_max().forward_fill().over("patient_id"))
+    # rules 1-2: the fact's `known` entry before this row, as the stream's: the version and effective time
+    # of its last row that set it (accepted, corrected, restated or an alias; a redelivery, a late or a
+    # stale row leaves it). Each such row has a higher version than the one before (or the entry had
+    # expired), so the version is the highest known
+    sets_known = pl.col("_kind").is_in([ACCEPTED, CORRECTED, _RESTATED, _ALIAS])
+    repeated = r.filter("_fact_repeats").select(
+        "_row", *(pl.when(sets_known).then(pl.col(c)).shift(1).forward_fill().over(_FACT).alias(f"_known_{c}")
+                  for c in ("version", "effective_ms")))
+    r = r.join(repeated, on="_row", how="left", maintain_order="left")
+    # the entry expires once its effective time is older than clock - dedupe horizon (the stream forgets
+    # it): the row is then a new fact (rule 3 may make it late)
+    expired = (pl.col("_known_effective_ms") < pl.col("_clock") - horizon_ms).fill_null(False)
+    r = r.with_columns(_known_version=pl.when(expired).then(None).otherwise(pl.col("_known_version")))
+    r = _with_resource_version(r, sets_known, horizon_ms)
     is_new = pl.col("_known_version").is_null()
     is_late = (is_new & (pl.col("effective_ms") < pl.col("_clock") - lateness_ms)).fill_null(False)
     candidates = r.filter(is_new & ~is_late & pl.col("value").is_not_null() & pl.col("_key_shared"))
@@ -314,6 +328,25 @@ def _one_pass(rows: pl.DataFrame, guess: pl.DataFrame, lateness_ms: int, toleran
     # a rule 6 retraction is one only where it corrects (its fact live at a lower version): else it is void
     kind = pl.when(pl.col("replaced_by").is_not_null() & (kind != CORRECTED)).then(pl.lit(_VOID)).otherwise(kind)
     return r.select(kind.alias("_kind"), pl.col("_supersedes"), pl.col("_clock"))
+
+
+def _with_resource_version(r: pl.DataFrame, sets_known: pl.Expr, horizon_ms: int) -> pl.DataFrame:
+    """Rule 6: add `_resource_version`, the highest version of the `known` entries of the row's resource's
+    facts before it that have not expired (effective time >= clock - horizon, as the stream's
+    _superseded); null for rows of a resource without rule 6 (not `_resource_repeats`)."""
+    members = r.filter("_resource_repeats")
+    if members.is_empty():  # nearly always: no FHIR resource with two rows
+        return r.with_columns(_resource_version=pl.lit(None, pl.Int64))
+    group = ["patient_id", "_resource"]
+    setters = members.filter(sets_known).select(*group, "fact_id", _set_row="_row", _set_version="version",
+                                                _set_effective_ms="effective_ms")
+    # each fact's entry before the row: its last setting row before it
+    entries = (members.select("_row", *group, "_clock").join(setters, on=group)
+               .filter(pl.col("_set_row") < pl.col("_row"))
+               .filter(pl.col("_set_row") == pl.col("_set_row").max().over("_row", "fact_id")))
+    live = pl.col("_clock").is_null() | (pl.col("_set_effective_ms") >= pl.col("_clock") - horizon_ms)
+    versions = entries.filter(live).group_by("_row").agg(_resource_version=pl.col("_set_version").max())
+    return r.join(versions, on="_row", how="left", maintain_order="left")
 
 
 def _with_current_content(r: pl.DataFrame) -> pl.DataFrame:
@@ -431,10 +464,12 @@ def _over_repeated_facts(frame: pl.DataFrame, name: str, expr: pl.Expr, key: str
 
 
 def final_facts(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
-                cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+                cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE,
+                dedupe_horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """The live facts once everything has arrived (hindsight, e.g. for labels): each accepted fact at
     its latest version, retracted facts removed; the event columns of that version."""
-    versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
+    versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance,
+                                          dedupe_horizon_ms))
     return (versions.unique(subset=_FACT, keep="last", maintain_order=True)
             .filter((pl.col("status") != RETRACTED) & pl.col("value").is_not_null())
             .drop("_row", "_vrow", "_fact_repeats", "_key_shared", "_kind", "_supersedes", "_clock",
@@ -446,15 +481,16 @@ def final_facts(events: pl.DataFrame, *, allowed_lateness_ms: int = DEFAULT_ALLO
 
 def features_at(events: pl.DataFrame, points: pl.DataFrame, *,
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
-                cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+                cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE,
+                dedupe_horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """Every feature at each point, over the facts visible at the point's arrival position: each
     fact at its latest version with arrival position <= (partition, offset, idx) of the point (a
     point without idx sees its whole message); retracted facts excluded.
 
     Returns the points (input order, input columns) plus one column per FEATURE_NAMES entry.
     """
-    return _features_at_arrival(_fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance)),
-                                points)
+    classified = _classified(events, allowed_lateness_ms, cross_source_tolerance, dedupe_horizon_ms)
+    return _features_at_arrival(_fact_versions(classified), points)
 
 
 def _features_at_arrival(versions: pl.DataFrame, points: pl.DataFrame,
@@ -476,14 +512,16 @@ def _features_at_arrival(versions: pl.DataFrame, points: pl.DataFrame,
 
 def features_as_of_issued(events: pl.DataFrame, points: pl.DataFrame, *,
                           allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
-                          cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+                          cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE,
+                dedupe_horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """Every feature at each point from what could be known when it was scored: each fact at its
     highest version issued by then (known_at_ms), effective in the windows ending at scoring_ms
     (training without leakage). The state rules (dedupe, lateness, aliases) are the same as online;
     points need only patient_id, scoring_ms (then known at scoring_ms); with partition and offset
     (and idx) the issue time of the message that triggered the point counts too.
     """
-    versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance))
+    versions = _fact_versions(_classified(events, allowed_lateness_ms, cross_source_tolerance,
+                                          dedupe_horizon_ms))
     # version v is the visible one from its issue time until a later version has been issued
     issued_later = pl.col("issued_ms").reverse().cum_min().reverse().shift(-1)
     versions = _over_repeated_facts(versions, "_until", issued_later, "_vrow").with_columns(_from=pl.col("issued_ms"))

@@ -109,14 +109,16 @@ def _default_scoring_points() -> Callable[..., pl.DataFrame]:
 
 
 def default_labels(events: pl.DataFrame, points: pl.DataFrame, *, allowed_lateness_ms: int,
-                   cross_source_tolerance: float) -> pl.DataFrame:
+                   cross_source_tolerance: float,
+                   dedupe_horizon_ms: int = Settings.model_fields["dedupe_horizon_s"].default * 1000) -> pl.DataFrame:
     """Training labels at `points`: the state at T as of issue time, outcomes in hindsight (batch/train.py)."""
     from batch.features import features_as_of_issued
     from batch.train import STATE_FEATURES, make_labels
 
     if points.is_empty():
         return pl.DataFrame(schema=LABELS_SCHEMA)
-    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
+    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance,
+             "dedupe_horizon_ms": dedupe_horizon_ms}
     # every state feature make_labels needs, so it does not compute the features a second time; as of
     # what was issued by the point's idx in its message, as the stream's point saw it and training takes
     # it (batch/retrain.py): events later in the message are not the point's to know
@@ -220,6 +222,7 @@ def _patients(frame: pl.DataFrame) -> pl.Series:
 
 
 def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_tolerance: float,
+                 dedupe_horizon_ms: int,
                  features_at: FeaturesAt, classify_events: ClassifyEvents, make_labels: MakeLabels,
                  step: Callable[[str], None], previous: dict[str, pl.DataFrame] | None = None,
                  scoring_points: Callable[..., pl.DataFrame] | None = None, min_interval_ms: int = 0,
@@ -229,7 +232,8 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     `scoring_points` the online points are taken as given (no point check; features at each
     snapshot's idx, or after its whole message when the snapshot has none)."""
     previous = previous or {}
-    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
+    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance,
+             "dedupe_horizon_ms": dedupe_horizon_ms}
 
     step("read")
     parts = archive_parts(archive_dir)
@@ -558,7 +562,8 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
         previous = _previous_state(target, full)
         tables, summary, facts = build_tables(
             archive_dir, allowed_lateness_ms=settings.allowed_lateness_s * 1000,
-            cross_source_tolerance=settings.cross_source_tolerance, features_at=features_at,
+            cross_source_tolerance=settings.cross_source_tolerance,
+            dedupe_horizon_ms=settings.dedupe_horizon_s * 1000, features_at=features_at,
             classify_events=classify_events, make_labels=make_labels, step=step, previous=previous,
             scoring_points=scoring_points, min_interval_ms=settings.scoring_min_interval_s * 1000)
         ok = parity_ok(summary)

@@ -361,10 +361,10 @@ def retrain(settings: Settings, *, version: str | None = None, promote_if_none: 
     if points.is_empty():
         raise ValueError("no scoring points in the DuckDB file: run the stream and `wardwatch batch nightly` first")
     lateness_ms = settings.allowed_lateness_s * 1000
-    feats = features_as_of_issued(events, points, allowed_lateness_ms=lateness_ms,
-                                  cross_source_tolerance=settings.cross_source_tolerance)
-    labels = make_labels(events, feats, allowed_lateness_ms=lateness_ms,
-                         cross_source_tolerance=settings.cross_source_tolerance)
+    rules = {"allowed_lateness_ms": lateness_ms, "cross_source_tolerance": settings.cross_source_tolerance,
+             "dedupe_horizon_ms": settings.dedupe_horizon_s * 1000}
+    feats = features_as_of_issued(events, points, **rules)
+    labels = make_labels(events, feats, **rules)
     version = version or datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S")
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     card = train_model(feats, labels, settings.model_dir, version, alert_threshold=settings.alert_threshold)

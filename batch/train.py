@@ -78,7 +78,8 @@ from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 
 from batch import registry
-from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TOLERANCE, END_OF_MESSAGE,
+from batch.features import (DEFAULT_ALLOWED_LATENESS_MS, DEFAULT_CROSS_SOURCE_TOLERANCE, DEFAULT_DEDUPE_HORIZON_MS,
+                            END_OF_MESSAGE,
                             features_as_of_issued, final_facts)
 from schemas import codes
 from schemas.features import FEATURE_DIRECTIONS, FEATURE_NAMES, NEWS2_INPUTS
@@ -133,7 +134,8 @@ MIN_JUDGED_ONSET_PATIENTS = 10
 
 def make_labels(events_df: pl.DataFrame, points_df: pl.DataFrame, horizon_h: float = HORIZON_H, *,
                 allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
-                cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+                cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE,
+                dedupe_horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """The points (input order and columns) plus `label` (0/1), `at_risk`, `onset_ms` (the onset
     time when label = 1, else null) and one boolean per criterion met in (T, T + H]:
     label_news2_high, label_low_sbp, label_high_lactate.
@@ -142,7 +144,8 @@ def make_labels(events_df: pl.DataFrame, points_df: pl.DataFrame, horizon_h: flo
     frame); the missing ones are computed as of issue time at each point.
     """
     horizon_ms = int(horizon_h * HOUR_MS)
-    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
+    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance,
+             "dedupe_horizon_ms": dedupe_horizon_ms}
     points = points_df.with_columns(pl.col("scoring_ms").cast(pl.Int64))
     known = _known_at(events_df, points, rules)
     deteriorated = ((known["news2"] >= NEWS2_EMERGENCY) | (known["systolic_bp_last_24h"] <= LOW_SYSTOLIC_BP)
@@ -232,9 +235,11 @@ def published_points(con) -> pl.DataFrame:
 
 def labelled_rows(events_df: pl.DataFrame, points_df: pl.DataFrame, *, horizon_h: float = HORIZON_H,
                   allowed_lateness_ms: int = DEFAULT_ALLOWED_LATENESS_MS,
-                  cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE) -> pl.DataFrame:
+                  cross_source_tolerance: float = DEFAULT_CROSS_SOURCE_TOLERANCE,
+                  dedupe_horizon_ms: int = DEFAULT_DEDUPE_HORIZON_MS) -> pl.DataFrame:
     """Features as of `issued` at every point, with their labels (the training table)."""
-    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance}
+    rules = {"allowed_lateness_ms": allowed_lateness_ms, "cross_source_tolerance": cross_source_tolerance,
+             "dedupe_horizon_ms": dedupe_horizon_ms}
     features = features_as_of_issued(events_df, points_df, **rules)
     return make_labels(events_df, features, horizon_h, **rules)
 

@@ -16,7 +16,8 @@ HOUR = 60 * MIN
 T0 = 1_700_000_000_000
 LATENESS = HOUR
 TOL = 0.05
-RULES = {"allowed_lateness_ms": LATENESS, "cross_source_tolerance": TOL}
+HORIZON = 48 * HOUR  # the dedupe horizon (settings.dedupe_horizon_s's default)
+RULES = {"allowed_lateness_ms": LATENESS, "cross_source_tolerance": TOL, "dedupe_horizon_ms": HORIZON}
 
 
 def spec(code: str, agg: str):
@@ -133,6 +134,42 @@ def test_fact_whose_first_arrival_was_late_is_new_again_when_a_later_version_arr
     a.send(event("f2", 62, T0 + 9 * HOUR + 30 * MIN, version=2))  # and now known: a redelivery
     assert outcomes(a) == [("f1", 1, "accepted", None), ("f2", 1, "late", 4 * HOUR), ("f2", 2, "accepted", None),
                            ("f2", 2, "duplicate", None)]
+
+
+def test_a_new_version_of_a_fact_past_the_dedupe_horizon_is_late_as_the_stream_forgot_the_fact():
+    """The stream forgets a fact once its effective time is older than clock - horizon: a lab amended 5 days
+    later, or version 1 redelivered then, is a new fact to it, and late (rule 3). The batch must say the same,
+    not corrected / a duplicate (parity would report the late events as published only)."""
+    a = Archive()
+    a.send(event("f1", 80, T0))
+    a.send(event("f2", 81, T0 + 120 * HOUR))
+    a.send(event("f1", 90, T0, version=2, status=Status.AMENDED))
+    a.send(event("f1", 80, T0))
+    late_by = 120 * HOUR - LATENESS
+    assert outcomes(a) == [("f1", 1, "accepted", None), ("f2", 1, "accepted", None), ("f1", 2, "late", late_by),
+                           ("f1", 1, "late", late_by)]
+    # the late amendment changes nothing: no correction point
+    assert scoring_points(a.frame(), **RULES).select("offset", "trigger").rows() == [(0, "vitals"), (1, "vitals")]
+
+
+def test_the_dedupe_horizon_bound_is_inclusive_and_counts_from_the_facts_latest_version():
+    a = Archive()
+    a.send(event("f1", 80, T0))
+    a.send(event("f2", 81, T0 + HORIZON))
+    a.send(event("f1", 90, T0, version=2, status=Status.AMENDED))  # exactly at clock - horizon: still known
+    a.send(event("f3", 82, T0 + HORIZON + 1))
+    a.send(event("f1", 95, T0, version=3, status=Status.AMENDED))  # 1 ms past it: forgotten, late
+    assert outcomes(a) == [("f1", 1, "accepted", None), ("f2", 1, "accepted", None), ("f1", 2, "corrected", None),
+                           ("f3", 1, "accepted", None), ("f1", 3, "late", HORIZON + 1 - LATENESS)]
+
+
+def test_a_forgotten_fact_whose_new_version_is_recent_is_accepted_as_new():
+    a = Archive()
+    a.send(event("f1", 80, T0))
+    a.send(event("f2", 81, T0 + 120 * HOUR))
+    a.send(event("f1", 90, T0 + 120 * HOUR, version=2, status=Status.AMENDED))  # a new fact to the stream
+    a.send(event("f1", 90, T0 + 120 * HOUR, version=2, status=Status.AMENDED))  # now known again: a redelivery
+    assert [o[2] for o in outcomes(a)] == ["accepted", "accepted", "accepted", "duplicate"]
 
 
 def test_cross_source_duplicate_within_tolerance_but_not_outside_or_same_source():
@@ -518,6 +555,18 @@ def test_an_older_version_arriving_after_the_newer_one_neither_resurrects_nor_re
     a.send(obs(codes.SPO2, 95, 1, (codes.SPO2, codes.O2_FLOW)), obs(codes.O2_FLOW, 2, 1, (codes.SPO2, codes.O2_FLOW)))
     assert [o[2] for o in outcomes(a)] == ["accepted", "duplicate", "duplicate"]
     assert live(a) == {codes.SPO2: 96.0}
+
+
+def test_a_resources_newer_version_past_the_dedupe_horizon_no_longer_makes_an_older_one_stale():
+    """Rule 6 reads only known entries not expired (the stream's _superseded): version 1 of a resource
+    redelivered 3 days after version 2 is a new fact, late, not a stale version (a duplicate)."""
+    a = Archive()
+    a.send(obs(codes.SPO2, 96, 2, (codes.SPO2,)))
+    a.send(event("f2", 81, T0 + 72 * HOUR))
+    a.send(obs(codes.SPO2, 95, 1, (codes.SPO2, codes.O2_FLOW)), obs(codes.O2_FLOW, 2, 1, (codes.SPO2, codes.O2_FLOW)))
+    late_by = 72 * HOUR - LATENESS
+    assert [o[2:] for o in outcomes(a)] == [("accepted", None), ("accepted", None), ("late", late_by),
+                                            ("late", late_by)]
 
 
 def marker(version: int, *, eff: int = T0) -> dict:

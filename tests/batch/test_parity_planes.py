@@ -251,13 +251,19 @@ def same(a, b) -> bool:
     return float(a) == float(b)
 
 
-RULES = {"allowed_lateness_ms": LATENESS_MS, "cross_source_tolerance": TOL}
+RULES = {"allowed_lateness_ms": LATENESS_MS, "cross_source_tolerance": TOL, "dedupe_horizon_ms": HORIZON_MS}
 POINT = ["patient_id", "snapshot_id", "scoring_ms", "partition", "offset", "idx", "trigger"]
 
 
 @hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(patient_streams(), st.sampled_from([0, MIN_INTERVAL_MS]))
 def test_online_points_and_features_equal_offline_recomputation(batches, min_interval_ms):
+    assert_planes_agree(batches, min_interval_ms)
+
+
+def assert_planes_agree(batches, min_interval_ms: int) -> set:
+    """The late events, the scoring points and every feature at them agree; returns the late events
+    (event_id, offset, late_by_ms)."""
     rows, late_online, _ = online(batches, min_interval_ms)
     events = offline_frame(batches)
     classified = classify_events(events, **RULES)
@@ -267,12 +273,12 @@ def test_online_points_and_features_equal_offline_recomputation(batches, min_int
     # the batch derives the scoring points itself: the same points, at the same arrival positions
     points = scoring_points(events, **RULES, min_interval_ms=min_interval_ms)
     assert [tuple(r[k] for k in POINT) for r in rows] == list(points.select(POINT).iter_rows())
-    if not rows:
-        return
-    offline = features_at(events, points, **RULES)
-    for on, off in zip(rows, offline.iter_rows(named=True), strict=True):
-        diffs = {f: (on[f], off[f]) for f in FEATURE_NAMES if not same(on[f], off[f])}
-        assert not diffs, f"point {on['patient_id']}@{on['offset']}.{on['idx']}: {diffs}"
+    if rows:
+        offline = features_at(events, points, **RULES)
+        for on, off in zip(rows, offline.iter_rows(named=True), strict=True):
+            diffs = {f: (on[f], off[f]) for f in FEATURE_NAMES if not same(on[f], off[f])}
+            assert not diffs, f"point {on['patient_id']}@{on['offset']}.{on['idx']}: {diffs}"
+    return late_online
 
 
 @hsettings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -474,6 +480,46 @@ def test_both_planes_give_the_hand_computed_values(case):
                 assert got is None, f"{plane} {name}: expected missing, got {got}"
             else:
                 assert got == pytest.approx(value, abs=1e-12), f"{plane} {name}"
+
+
+# --- past the dedupe horizon: the stream has forgotten the fact, and so must the batch ---------------
+# Each case: micro-batches in arrival order, then the (fact_id, version, late_by in hours) both planes must
+# report late (dedupe horizon 48 h, lateness 2 h). In production labs are amended days later.
+
+
+def obs_hr(code: str, value: float | None, hours: float, version: int, version_codes: tuple[str, ...]) -> CanonicalEvent:
+    """Version `version` of FHIR Observation/o1 of p1, carrying `version_codes` (rule 6)."""
+    return dataclasses.replace(hr(f"fhir:Observation/o1:{code}", value, hours, code=code, version=version,
+                                  source=Source.FHIR), version_codes=tuple(sorted(version_codes)))
+
+
+EXPIRY_CASES = {
+    # the reading's known entry expired 3 days before the amendment: a new fact to the stream, late by
+    # 120 - 2 - 0 = 118 h; never a correction (no correction point, the 92 stays live)
+    "a lab amended 5 days after the reading": (
+        [[hr("a", 92, 0)], [hr("b", 80, 120)], [hr("a", 104, 0, version=2, status=Status.AMENDED)]],
+        {("a", 2, 118)}),
+    "an entered-in-error 3 days after the reading": (
+        [[hr("a", 92, 0)], [hr("b", 80, 72)], [hr("a", None, 0, version=2, status=Status.ENTERED_IN_ERROR)]],
+        {("a", 2, 70)}),
+    "version 1 redelivered 3 days later": (
+        [[hr("a", 92, 0)], [hr("b", 80, 72)], [hr("a", 92, 0)]],
+        {("a", 1, 70)}),
+    # rule 6 reads the resource's unexpired entries only: version 1 after version 2 expired is late, not stale
+    "a resource's version 1 redelivered 3 days after version 2": (
+        [[obs_hr(codes.SPO2, 96, 0, 2, (codes.SPO2,))], [hr("b", 80, 72)],
+         [obs_hr(codes.SPO2, 95, 0, 1, (codes.SPO2, codes.O2_FLOW)),
+          obs_hr(codes.O2_FLOW, 2, 0, 1, (codes.SPO2, codes.O2_FLOW))]],
+        {(f"fhir:Observation/o1:{codes.SPO2}", 1, 70), (f"fhir:Observation/o1:{codes.O2_FLOW}", 1, 70)}),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPIRY_CASES))
+def test_both_planes_treat_a_fact_past_the_dedupe_horizon_as_new(case):
+    batches, expected = EXPIRY_CASES[case]
+    late = assert_planes_agree(batches, MIN_INTERVAL_MS)
+    by_id = {e.event_id: (e.fact_id, e.version) for batch in batches for e in batch}
+    assert {(*by_id[event_id], late_by // HOUR) for event_id, _, late_by in late} == expected
 
 
 # --- cadence: inside the interval only a rise of a parameter's points scores, on both planes -------

@@ -31,7 +31,8 @@ ARRIVAL = ["partition", "offset", "idx"]
 # --- stand-ins for batch.features ----------------------------------------------------------------
 
 
-def classify_standin(events: pl.DataFrame, *, allowed_lateness_ms: int, cross_source_tolerance: float) -> pl.DataFrame:
+def classify_standin(events: pl.DataFrame, *, allowed_lateness_ms: int, cross_source_tolerance: float,
+                     dedupe_horizon_ms: int) -> pl.DataFrame:
     events = events.sort(ARRIVAL)
     known: dict[str, int] = {}
     clock: dict[str, int] = {}
