@@ -259,7 +259,10 @@ class FhirClient:
                                                   f"server's own address, set WARDWATCH_FHIR_SERVER_URL to it")
         # under the base path too (HAPI's "<base>?_getpages=..." is the base itself): another application
         # behind the same host and port (a reverse proxy's /admin, /other-app) must not get the token either
-        if url.path != self._base.path.rstrip("/") and not url.path.startswith(self._base.path):
+        # url.path is decoded: a percent-encoded dot segment ("<base>/%2e%2e/admin", left as sent by the join,
+        # which removes only literal ones) starts with the base here but is /admin to a server normalising it
+        if (url.path != self._base.path.rstrip("/") and not url.path.startswith(self._base.path)) or any(
+                segment in (".", "..") for segment in url.path.split("/")):
             raise FetchError(Reason.FETCH_FAILED, f"GET {kind}: the next page of the history is outside the FHIR "
                                                   f"base path and was not read (it would get the token)")
         return str(url)

@@ -695,7 +695,7 @@ def test_a_next_page_on_another_server_is_not_read(fhir_server, elsewhere):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("outside", ["/admin", "/fhirx", "/fhir/.."])
+@pytest.mark.parametrize("outside", ["/admin", "/fhirx", "/fhir/..", "/fhir/%2e%2e", "/fhir/.%2E", "/fhir/..%2F"])
 def test_a_next_page_outside_the_base_path_is_not_read(fhir_server, outside):
     """Same host and port, another application behind it (a reverse proxy's other paths): it would get the
     token too. Was: read (only scheme, host and port were compared)."""
