@@ -18,7 +18,9 @@ and for each notification:
   Event time, not the watcher's clock: re-reading a backlog (or restarting) gives the same reports.
 - handshake and heartbeat consume no event numbers (DOMAIN.md sec. 2); they advance the clock. One
   newer than anything seen whose `eventsSinceSubscriptionStart` is below `high` is a counter reset (the
-  server restarted or recreated the subscription): tracking starts again from its counter.
+  server restarted or recreated the subscription): tracking starts again from its counter. A heartbeat
+  only when it carries the server's timestamp: by arrival time alone, a heartbeat overtaken in delivery
+  by the next event looks the same, and a false reset would drop the open gaps unreported.
 
 The baseline: tracking starts at the lowest number seen (`low`), or at 1 after a handshake (it says 0
 events so far). Because partitions interleave, a lower number can be read after a higher one: during
@@ -139,7 +141,11 @@ class SubscriptionTracker:
             state.count(status.type)
             went_back = (state.high is not None and status.events_since_start is not None
                          and status.events_since_start < state.high and newest)
-            if went_back and status.type in ("handshake", "heartbeat"):
+            # a heartbeat only with the server's own time (Bundle.timestamp): by arrival time, a heartbeat whose
+            # delivery was overtaken by the next event's (concurrent POSTs, a retried heartbeat) also reads as
+            # newest with a counter below that event's, and a false reset would drop the open gaps unreported
+            if went_back and (status.type == "handshake"
+                              or (status.type == "heartbeat" and status.timestamp_ms is not None)):
                 # the counter went back in a handshake or heartbeat newer than anything seen: the server
                 # restarted (a restart need not handshake again: its next heartbeat carries the reset
                 # counter) or recreated the subscription, and reuses numbers from here; an older one read

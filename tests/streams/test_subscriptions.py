@@ -133,6 +133,19 @@ def test_an_older_heartbeat_read_late_is_not_a_reset():
     assert t.stats()["duplicates"] == 1
 
 
+def test_a_heartbeat_without_a_timestamp_overtaken_by_an_event_is_not_a_reset():
+    """A heartbeat (no Bundle.timestamp: its time is its arrival) sent when the counter was 3, delivered after
+    event 4 (concurrent POSTs): its counter is below the high and it is the newest by arrival. Was: a counter
+    reset that dropped the open gap 3..3, never reported."""
+    t = tracker()
+    feed(t, [control("handshake", 0, T0), event(1, at=T0 + 1), event(2, at=T0 + 2), event(4, at=T0 + 4)])
+    heartbeat = NotificationStatus(type="heartbeat", subscription=SUB, events_since_start=3, event_numbers=[],
+                                   focus=[], fhir_version="R4B", timestamp_ms=None)
+    t.observe(heartbeat, arrival_ms=T0 + 5)
+    assert t.states[SUB].counts.get("counter_resets", 0) == 0
+    assert gaps(feed(t, [event(5, at=T0 + 4 + GRACE_MS)])) == [(3, 3)]
+
+
 def test_the_first_notification_seen_sets_the_baseline():
     t = tracker()
     assert feed(t, [event(40, at=T0), event(41, at=T0 + GRACE_MS * 2)]) == []  # 1..39 came before us
