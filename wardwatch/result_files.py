@@ -26,10 +26,19 @@ def check_writable(path: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` all or nothing: readers see the old file or the new one, never half."""
+    """Write `data` to `path` all or nothing: readers see the old file or the new one, never half. The file
+    gets the mode a plain write gives it (the old file's, else 0666 less the umask), not mkstemp's 0600: a
+    CI job or a host user reading a container's bind-mounted results must still be able to."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

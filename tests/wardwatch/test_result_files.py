@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 from typer.testing import CliRunner
 
@@ -59,3 +62,19 @@ def test_a_write_that_fails_midway_leaves_the_previous_results_whole(tmp_path, m
     monkeypatch.setattr(os, "replace", real_replace)
     assert path.read_bytes() == b'{"old": true}'
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temp file left behind
+
+
+def test_a_result_file_is_as_readable_as_a_plain_write_makes_it(tmp_path):
+    """mkstemp's 0600 made the results unreadable to anyone else (a CI job, the host user of a bind mount)."""
+    old = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.json"
+        write_atomically(fresh, b"{}")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        kept = tmp_path / "kept.json"
+        kept.write_bytes(b"{}")
+        kept.chmod(0o664)
+        write_atomically(kept, b"{}")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
