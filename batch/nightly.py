@@ -29,8 +29,8 @@ file was built from; a run reads only the other ones and takes everything else f
 file (a previous file missing a column this version writes is rebuilt in full). The unit of
 recomputation is the patient: a patient with an event in a new part (or a new scoring point, or a
 point parity left pending) has their events reclassified and their labels recomputed from their
-whole history (the patient-state rules carry no expiry in the batch, and a label looks 12 h ahead,
-so an old point's label can change); offline features and parity are computed for new scoring points and for
+whole history (an event's outcome depends on every earlier event of the patient, the dedupe horizon's
+expiry included, and a label looks 12 h ahead, so an old point's label can change); offline features and parity are computed for new scoring points and for
 points at or after a newly archived event of the patient (the archiver can land a features part
 before the canonical part that point saw). A snapshot a new part archives again (a restart re-emits
 snapshots; the archiver may land the re-emitted copy first) is taken from every copy in the archive, old
