@@ -413,6 +413,10 @@ class Settings(BaseSettings):
         if self.alert_reset > self.alert_threshold:
             raise ValueError(f"WARDWATCH_ALERT_RESET={self.alert_reset} is above WARDWATCH_ALERT_THRESHOLD="
                              f"{self.alert_threshold}: an episode would resolve at probabilities that open one")
+        if self.dedupe_horizon_s <= self.allowed_lateness_s:  # the worker refused it on every batch, in a loop
+            raise ValueError(f"WARDWATCH_DEDUPE_HORIZON_S={self.dedupe_horizon_s} must be above "
+                             f"WARDWATCH_ALLOWED_LATENESS_S={self.allowed_lateness_s}: a redelivery arriving after "
+                             "its dedupe key expired must be late, or it enters the state again as a new reading")
         if self.heartbeat_interval_s >= self.session_timeout_s:
             raise ValueError(f"WARDWATCH_HEARTBEAT_INTERVAL_S={self.heartbeat_interval_s} must be below "
                              f"WARDWATCH_SESSION_TIMEOUT_S={self.session_timeout_s} (Kafka drops a member that "

@@ -68,6 +68,9 @@ def test_the_compose_files_own_variables_are_not_taken_for_typos(clean_env):
     ({"WARDWATCH_ALERT_THRESHOLD": "0.3"}, "WARDWATCH_ALERT_RESET=0.4 is above WARDWATCH_ALERT_THRESHOLD=0.3"),
     ({"WARDWATCH_HEARTBEAT_INTERVAL_S": "6"}, "WARDWATCH_HEARTBEAT_INTERVAL_S=6.0 must be below WARDWATCH_SESSION_TIMEOUT_S=6.0"),
     ({"WARDWATCH_ALERT_THRESHOLD": "2"}, "WARDWATCH_ALERT_THRESHOLD='2': Input should be less than or equal to 1"),
+    # the worker refused it on every batch (a crash loop); the batch plane took it without a word
+    ({"WARDWATCH_DEDUPE_HORIZON_S": "3600", "WARDWATCH_ALLOWED_LATENESS_S": "7200"},
+     "WARDWATCH_DEDUPE_HORIZON_S=3600 must be above WARDWATCH_ALLOWED_LATENESS_S=7200"),
 ])
 def test_settings_that_contradict_each_other_are_refused_naming_both(clean_env, env, says):
     # an alert that resolves above the probability that opens it would open and resolve on one point
