@@ -222,6 +222,8 @@ def single_flight(check: Callable[[], bool]) -> Callable[[], bool]:
     answer instead of starting its own. The metrics server answers each request on a thread of its own, and a
     readiness check can take seconds (the receiver's broker check: 2 s with the broker down), so probes
     hammering /readyz must not start one broker request each."""
+    if getattr(check, "single_flight", False):  # already shared: wrapping again would nest a level per call
+        return check
     lock = threading.Lock()
     state: dict = {"running": None}  # the run in progress: an Event set when its answer is in `answer`
 
@@ -246,6 +248,7 @@ def single_flight(check: Callable[[], bool]) -> Callable[[], bool]:
             raise run["error"]
         return run["answer"]
 
+    shared.single_flight = True  # type: ignore[attr-defined]
     return shared
 
 

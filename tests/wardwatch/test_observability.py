@@ -169,3 +169,16 @@ def test_concurrent_readyz_probes_on_the_metrics_port_share_one_check():
     finally:
         obs.set_readiness(lambda: True)
         server.shutdown()
+
+
+def test_setting_readiness_again_and_again_never_nests_the_shared_check():
+    """Each set_readiness wrapped the check in one more single-flight layer: a test suite (or a service) setting
+    it back thousands of times made /readyz recurse past Python's limit and answer 503 for ever."""
+    obs.set_readiness(lambda: True)
+    try:
+        for _ in range(3000):
+            obs.set_readiness(obs._readiness)
+        assert obs._readiness() is True
+    finally:
+        obs.set_readiness(lambda: True)
+
