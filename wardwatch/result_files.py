@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -30,15 +31,14 @@ def write_atomically(path: Path, data: bytes) -> None:
     gets the mode a plain write gives it (the old file's, else 0666 less the umask), not mkstemp's 0600: a
     CI job or a host user reading a container's bind-mounted results must still be able to."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    # created 0666 less the umask, as a plain write would be (no umask juggling: it is process-wide)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        mode = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
+        try:
+            os.fchmod(fd, path.stat().st_mode & 0o7777)  # replacing a file: keep its mode
+        except FileNotFoundError:
+            pass
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
