@@ -20,19 +20,20 @@ def never_run(*args, **kwargs):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("command", "module", "runner"), [
-    (["demo", "--summary-json"], wardwatch.demo, "run_demo"),
-    (["soak", "--json"], wardwatch.soak, "run_soak"),
-    (["bench", "--json"], benchmarks.pipeline, "run_bench"),
+@pytest.mark.parametrize(("option", "extra", "module", "runner"), [
+    (["demo", "--summary-json"], ["--data-dir", "{tmp}/data"], wardwatch.demo, "run_demo"),
+    (["soak", "--json"], ["--data-dir", "{tmp}/data"], wardwatch.soak, "run_soak"),
+    (["bench", "--json"], [], benchmarks.pipeline, "run_bench"),
 ])
-def test_a_results_path_that_cannot_be_written_fails_before_the_run(command, module, runner, tmp_path, monkeypatch):
+def test_a_results_path_that_cannot_be_written_fails_before_the_run(option, extra, module, runner, tmp_path,
+                                                                    monkeypatch):
     """A path under a regular file: the run (minutes; the batch bench 20) used to finish first and then end in a
     traceback, its results lost."""
     monkeypatch.setattr(module, runner, never_run)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    result = CliRunner().invoke(app, [*command, str(blocker / "out.json"), "--data-dir" if command[0] != "bench"
-                                      else "--patients", str(tmp_path / "data") if command[0] != "bench" else "1"],
+    args = [*option, str(blocker / "out.json"), *(a.format(tmp=tmp_path) for a in extra)]
+    result = CliRunner().invoke(app, args,
                                 env={"WARDWATCH_BOOTSTRAP_SERVERS": ""})
     assert result.exit_code == 2, result.output
     assert "cannot write the results to" in result.output
