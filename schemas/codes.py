@@ -149,6 +149,8 @@ UNIT_CONVERSIONS = {
     (TEMPERATURE, "°F"): _f_to_c,
     (WBC, "/uL"): lambda v: v / 1000.0,
     (CREATININE, "umol/L"): lambda v: round(v / 88.42, 3),
+    # lactate in mg/dL (some US labs): 90.08 g/mol, so 9.008 mg/dL per mmol/L (18 mg/dL is 2.0 mmol/L)
+    (LACTATE, "mg/dL"): lambda v: round(v / 9.008, 2),
     # FiO2 as a fraction (0.28): UCUM's dimensionless "1", a volume fraction, or an annotation
     (FIO2, "1"): _fraction_to_percent,
     (FIO2, "L/L"): _fraction_to_percent,
@@ -161,13 +163,10 @@ UNIT_SPELLINGS = {
 # "degC" is not UCUM but EHRs send it, as they send "degF" (converted above)
 UNIT_ALIASES = {"Cel": "Cel", "C": "Cel", "°C": "Cel", "degC": "Cel", "mmHg": "mm[Hg]", "bpm": "/min", "beats/min": "/min",
                 "breaths/min": "/min"}
-# units a code is reported in that wardwatch does not convert (a value in one is dead-lettered unknown_unit):
-# lactate in mg/dL (some US labs; 18 mg/dL is 2 mmol/L)
-UNCONVERTED_UNITS = {LACTATE: ("mg/dL",)}
 # Codes reported in more than one unit: for these a value without a unit is ambiguous (a lactate of 18 may be
 # mg/dL, ~2 mmol/L, not a critical 18 mmol/L), so it is dead-lettered unknown_unit. For any other code (SpO2 %,
 # heart rate /min, ...) a value without a unit is in the canonical unit, the common case for vitals.
-MULTI_UNIT_CODES = frozenset(code for code, _ in UNIT_CONVERSIONS) | frozenset(UNCONVERTED_UNITS)
+MULTI_UNIT_CODES = frozenset(code for code, _ in UNIT_CONVERSIONS)
 
 
 def to_canonical_unit(code: str, value: float, unit: str | None) -> float | None:

@@ -657,7 +657,7 @@ def test_a_lab_code_wardwatch_does_not_use_is_ignored_and_counted():
 
 @pytest.mark.parametrize(("name", "reason", "words"), [
     ("lab_absurd_value", Reason.IMPLAUSIBLE_VALUE, "plausible"),  # lactate 400 mmol/L
-    ("lab_unknown_unit", Reason.UNKNOWN_UNIT, "mg/dL"),  # lactate in mg/dL: no conversion declared
+    ("lab_unknown_unit", Reason.UNKNOWN_UNIT, "mmol"),  # lactate in mmol, an amount: no conversion declared
 ])
 def test_impossible_or_unconvertible_labs_are_dead_lettered_with_a_reason(name, reason, words):
     r = rejection(name)
@@ -682,6 +682,13 @@ def test_a_lactate_row_without_a_unit_is_dead_lettered_not_read_as_mmol_per_litr
     assert r.reason is Reason.UNKNOWN_UNIT
     assert "lactate" in r.detail and "without a unit" in r.detail and "more than one unit" in r.detail
     assert "18" not in r.detail and "MRN" not in r.detail
+
+
+@pytest.mark.parametrize(("value", "mmol_per_l"), [("18.0000", 2.0), ("9.9", 1.1), ("40.5", 4.5)])
+def test_a_lactate_row_in_milligrams_per_decilitre_is_converted_to_mmol_per_litre(value, mmol_per_l):
+    # some US labs report lactate in mg/dL (9.008 mg/dL per mmol/L): it was dead-lettered unknown_unit
+    (event,) = parse(lab_row_created(value=value, unit="mg/dL")).events
+    assert (event.code, event.value, event.unit) == (codes.LACTATE, mmol_per_l, "mmol/L")
 
 
 def test_a_platelet_row_without_a_unit_is_read_in_its_one_unit():

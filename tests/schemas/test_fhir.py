@@ -185,6 +185,14 @@ def test_a_lactate_without_a_unit_is_dead_lettered_not_read_as_mmol_per_litre(va
     assert "18" not in r.detail and "MRN" not in r.detail
 
 
+def test_a_lactate_in_milligrams_per_decilitre_is_converted_to_mmol_per_litre():
+    # some US labs report lactate in mg/dL: it was dead-lettered unknown_unit, so qSOFA and the model never saw it
+    body = with_lab_value("lab-lac-1", {"valueQuantity": {"value": 36, "system": "http://unitsofmeasure.org",
+                                                          "code": "mg/dL", "unit": "mg/dL"}})
+    (lactate,) = [e for e in parsed_body(body).events if e.code == codes.LACTATE]
+    assert (lactate.value, lactate.unit) == (4.0, "mmol/L")  # 36 / 9.008 mg/dL per mmol/L
+
+
 def test_a_temperature_without_a_unit_is_dead_lettered_as_celsius_and_fahrenheit_are_both_sent():
     r = rejection_of(with_temperature({"value": 38.2}))
     assert r.reason is Reason.UNKNOWN_UNIT and "temperature" in r.detail and "without a unit" in r.detail
