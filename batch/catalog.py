@@ -196,10 +196,12 @@ PER_TABLE: dict[str, dict[str, str]] = {
                  "last_effective_ms": "Latest time of a measurement that stood (the observations the "
                                       "patient_timeline view shows: retracted readings, cross-source copies and "
                                       "context facts such as the discharge left out)" + _MS},
-    "encounters": {"first_effective_ms": "Earliest clinical time of any event of the encounter, the admission "
-                                         "included" + _MS,
-                   "last_effective_ms": "Latest clinical time of any event of the encounter, the discharge included"
-                                        + _MS},
+    "encounters": {"first_effective_ms": "Earliest clinical time of an event of the encounter that stood (the "
+                                         "admission included; retracted readings, superseded versions and "
+                                         "cross-source copies left out)" + _MS,
+                   "last_effective_ms": "Latest clinical time of an event of the encounter that stood (the "
+                                        "discharge included; retracted readings, superseded versions and "
+                                        "cross-source copies left out)" + _MS},
     # the views' own columns (batch/views.sql); the others keep their tables' comments
     "patient_timeline": {
         "time_ms": "When: an observation's effective time, a score's or alert's scoring time" + _MS,

@@ -346,7 +346,7 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
         "observation_versions": versions,
         "observations": observations,
         "patients": rebuild.patients(events, observations),
-        "encounters": rebuild.encounters(events),
+        "encounters": rebuild.encounters(events, observations),
         "features_online": online,
         "features_offline": offline,
         "labels": labels,

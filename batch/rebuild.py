@@ -247,13 +247,24 @@ def patients(events: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
 ENCOUNTER_KEY = ("patient_id", "encounter_id")
 
 
-def encounters(events: pl.DataFrame) -> pl.DataFrame:
+def encounters(events: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
     """One row per patient and encounter id seen on any event of that patient: class, admission/discharge
-    times, the latest ward. Never merges two patients' encounters that share an id."""
+    times, the latest ward. Never merges two patients' encounters that share an id.
+
+    The span (first/last_effective_ms) is over the events of the encounter that stood, as the patients'
+    span: the `observations` rows the patient_timeline view shows (retracted readings, superseded
+    versions, preliminary results the other source's final one replaced and cross-source copies left
+    out) and the current context facts (the admission and discharge included, retracted ones left out).
+    Over every event, a reading entered in error days after the stay stretched it. None stood: null span."""
     facts = context_facts(events).filter(pl.col("encounter_id").is_not_null())
-    seen = (events.filter(pl.col("encounter_id").is_not_null())
-            .group_by(*ENCOUNTER_KEY).agg(first_effective_ms=pl.col("effective_ms").min(),
-                                          last_effective_ms=pl.col("effective_ms").max()))
+    stood = pl.concat([observations.filter(pl.col("outcome").ne_missing("duplicate")).select(*ENCOUNTER_KEY,
+                                                                                             "effective_ms"),
+                       facts.select(*ENCOUNTER_KEY, "effective_ms")], how="vertical_relaxed")
+    seen = (events.filter(pl.col("encounter_id").is_not_null()).select(*ENCOUNTER_KEY).unique()
+            .join(stood.filter(pl.col("encounter_id").is_not_null())
+                  .group_by(*ENCOUNTER_KEY).agg(first_effective_ms=pl.col("effective_ms").min(),
+                                                last_effective_ms=pl.col("effective_ms").max()),
+                  on=ENCOUNTER_KEY, how="left"))
     admissions = (facts.filter(pl.col("code") == codes.ADMISSION).sort(*ENCOUNTER_KEY, "effective_ms", "fact_id")
                   .group_by(*ENCOUNTER_KEY, maintain_order=True)
                   .agg(admitted_ms=pl.col("effective_ms").first(), encounter_class=pl.col("value_text").last()))

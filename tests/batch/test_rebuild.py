@@ -409,3 +409,41 @@ def test_a_retracted_reading_after_the_stay_does_not_stretch_the_patients_span()
     current = observations(observation_versions(classified))
     span = patients(events, current).select("patient_id", "first_effective_ms", "last_effective_ms").rows()
     assert span == [("MRN-0001", t, t + HOUR_MS)]  # 1 h, not 3 days and 1 h
+
+
+def test_a_retracted_reading_after_the_stay_does_not_stretch_the_encounters_span():
+    """The encounter's span, as the patient's: a heart rate charted 3 days after the stay's last reading
+    (and its FHIR copy), then entered in error, kept encounters.last_effective_ms at the withdrawn reading's
+    time, a stay 3 days longer than it was. The span is over what stood: the admission and the readings the
+    patient_timeline view shows; a retracted admission does not start it."""
+    from batch.features import classify_events
+    from batch.rebuild import encounters, observation_versions, observations
+    from schemas.canonical import LOINC, CanonicalEvent, Source
+
+    t = 1_800_000_000_000
+    stray = t + HOUR_MS + 3 * 24 * HOUR_MS
+
+    def event(fact, version, at, value, status, offset, source=Source.CDC, code=codes.HEART_RATE,
+              system=LOINC, text=None):
+        e = CanonicalEvent("MRN-0001", code, value, "/min", at, at, status, source, fact, version,
+                           encounter_id="V-1", code_system=system, value_text=text)
+        return {**{k: v for k, v in e.to_dict().items() if k != "provenance"}, "partition": 0, "offset": offset, "idx": 0}
+
+    admit = dict(code=codes.ADMISSION, system=codes.CONTEXT)
+    events = pl.DataFrame([event("cdc:encounters:0:admission", 1, t - 2 * 24 * HOUR_MS, None, Status.FINAL, 0,
+                                 text="inpatient", **admit),
+                           event("cdc:encounters:0:admission", 2, t - 2 * 24 * HOUR_MS, None,
+                                 Status.ENTERED_IN_ERROR, 1, **admit),
+                           event("cdc:encounters:1:admission", 1, t - HOUR_MS, None, Status.FINAL, 2,
+                                 text="inpatient", **admit),
+                           event("cdc:vital_signs:1", 1, t, 80.0, Status.FINAL, 3),
+                           event("cdc:vital_signs:2", 1, t + HOUR_MS, 84.0, Status.FINAL, 4),
+                           event("cdc:vital_signs:3", 1, stray, 150.0, Status.FINAL, 5),
+                           event("fhir:Observation/3", 1, stray, 150.0, Status.FINAL, 6, Source.FHIR),
+                           event("cdc:vital_signs:3", 2, stray, None, Status.ENTERED_IN_ERROR, 7)],
+                          infer_schema_length=None)
+    classified = classify_events(events, allowed_lateness_ms=3_600_000, cross_source_tolerance=0.05)
+    current = observations(observation_versions(classified))
+    span = encounters(events, current).select("encounter_id", "admitted_ms", "first_effective_ms",
+                                              "last_effective_ms").rows()
+    assert span == [("V-1", t - HOUR_MS, t - HOUR_MS, t + HOUR_MS)]  # admission to last reading, not 3 days more
