@@ -54,7 +54,10 @@ A server that failed every retry (timeouts, connection errors, 408/429/5xx) is n
 WARDWATCH_FHIR_UNAVAILABLE_PAUSE_S: id-only notifications are FETCH_FAILED at once meanwhile (they would
 be after their retries anyway). The ingest worker reads CDC and FHIR in one loop, so without the pause
 an outage would hold every batch for the retries of each id-only notification in it (4 attempts of 5 s
-by default) and the vital signs behind them would reach the patient worker minutes late.
+by default) and the vital signs behind them would reach the patient worker minutes late. When the last
+answer was a 429/503 with a longer Retry-After, the pause is that long (at most MAX_UNAVAILABLE_PAUSE_S,
+10 min): the server said when to come back. The log line and the paused notifications' detail say how long
+and why.
 
 Network: WARDWATCH_FHIR_PROXY_URL, when set, is the proxy of every request (its credentials from the URL go to
 the proxy only); no proxy from the environment (HTTP_PROXY, ...) is ever used, since it would receive the token.
@@ -95,6 +98,10 @@ _GONE_STATUSES = {404, 410}
 # one, past the consumption watchdog's WARDWATCH_STALL_TIMEOUT_S; a longer Retry-After is waited this long too
 MAX_RETRY_DELAY_S = 10.0
 _RETRY_AFTER_STATUSES = {429, 503}  # the answers whose Retry-After sets the wait before the next attempt
+# the longest pause a final 429/503's Retry-After sets after every retry failed (WARDWATCH_FHIR_UNAVAILABLE_PAUSE_S
+# is the pause otherwise, and the shortest): the server named when to come back, but a broken or hostile header
+# ("Retry-After: 86400") must not stop every id-only read for a day
+MAX_UNAVAILABLE_PAUSE_S = 600.0
 
 
 def warn_of_environment_proxy(log: logging.Logger, proxy_url) -> None:
@@ -148,6 +155,7 @@ class FhirClient:
         self.backoff_s = settings.fhir_retry_backoff_s
         self.unavailable_pause_s = settings.fhir_unavailable_pause_s
         self._unavailable_until = float("-inf")  # (monotonic) no GET before then: the server just failed
+        self._unavailable_why = ""  # said with the pause: the server's Retry-After, when it set the pause
         self._sleep = sleep
         self._monotonic = monotonic
         self.mrn_system = settings.mrn_system
@@ -289,8 +297,8 @@ class FhirClient:
         paused_s = self._unavailable_until - self._monotonic()
         if paused_s > 0:
             raise Paused(Reason.FETCH_FAILED, f"GET {kind}: not sent, the FHIR server failed every retry moments "
-                                                  f"ago (asked again in {paused_s:.0f} s; redrive fetch_failed once "
-                                                  f"it is back)")
+                                                  f"ago (asked again in {paused_s:.0f} s{self._unavailable_why}; "
+                                                  f"redrive fetch_failed once it is back)")
         attempt = 0
         while True:
             retry_after_s = None  # what the server asked the client to wait (429 / 503 with Retry-After)
@@ -311,7 +319,7 @@ class FhirClient:
                 if response.status_code in _RETRY_AFTER_STATUSES:
                     retry_after_s = retry_after(response.headers.get("Retry-After"))
             if attempt >= self.retries:
-                self._pause_after(failure)
+                self._pause_after(failure, retry_after_s)
                 asked = "" if retry_after_s is None else f"; the server asked to retry after {retry_after_s:.0f} s"
                 raise FetchError(failure.reason, f"{failure.detail} (after {attempt + 1} attempts{asked})",
                                  failure.exception)
@@ -319,12 +327,20 @@ class FhirClient:
             self._sleep(min(wait_s, MAX_RETRY_DELAY_S))
             attempt += 1
 
-    def _pause_after(self, failure: FetchError) -> None:
+    def _pause_after(self, failure: FetchError, retry_after_s: float | None) -> None:
+        """No GET for WARDWATCH_FHIR_UNAVAILABLE_PAUSE_S, or for the final answer's Retry-After when longer
+        (at most MAX_UNAVAILABLE_PAUSE_S): a server that asked for 120 s was asked again after 30. 0: off."""
         if self.unavailable_pause_s <= 0:
             return
-        self._unavailable_until = self._monotonic() + self.unavailable_pause_s
+        pause_s, self._unavailable_why = self.unavailable_pause_s, ""
+        if retry_after_s is not None and min(retry_after_s, MAX_UNAVAILABLE_PAUSE_S) > pause_s:
+            pause_s = min(retry_after_s, MAX_UNAVAILABLE_PAUSE_S)
+            capped = f", at most {MAX_UNAVAILABLE_PAUSE_S:.0f} s" if retry_after_s > MAX_UNAVAILABLE_PAUSE_S else ""
+            self._unavailable_why = f", as the server asked with Retry-After: {retry_after_s:.0f} s{capped}"
+        self._unavailable_until = self._monotonic() + pause_s
         log.warning("the FHIR server failed every retry (%s): id-only notifications are dead-lettered "
-                    "fetch_failed for the next %.0f s", failure.detail, self.unavailable_pause_s)
+                    "fetch_failed for the next %.0f s%s", failure.detail, pause_s,
+                    self._unavailable_why or " (WARDWATCH_FHIR_UNAVAILABLE_PAUSE_S)")
 
     def close(self) -> None:
         self._http.close()

@@ -4,6 +4,7 @@ resources (tests/fixtures/ingest/fhir/server/<Type>/<id>.json), then once throug
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -19,7 +20,7 @@ from schemas.canonical import Status
 from schemas.fhir import complete_notification, parse_notification
 from schemas.ingest_outcome import Ignored, NeedsFetch, Parsed, Rejected
 from schemas.ingest_values import iso_to_ms
-from streams.fhir_fetch import FhirClient, resolve, retry_after
+from streams.fhir_fetch import MAX_UNAVAILABLE_PAUSE_S, FhirClient, resolve, retry_after
 from streams.features import compute_features
 from streams.ingest import IngestWorker
 from streams.state import Kind, apply_batch
@@ -185,6 +186,36 @@ def test_after_a_server_failed_every_retry_notifications_are_dead_lettered_at_on
     outcome = fetch_and_parse("r4b_id_only", client)
     assert isinstance(outcome, Parsed) and [e.value for e in outcome.events] == [112]
     assert len(fhir_server.requests) == 3
+
+
+def test_the_pause_after_a_busy_server_lasts_as_long_as_its_retry_after_asked(fhir_server, caplog):
+    """The final 503 said Retry-After: 120; the pause ended after WARDWATCH_FHIR_UNAVAILABLE_PAUSE_S (30 s)
+    and the ingest asked again a server that had asked for 120 s. The pause is now the Retry-After, and the
+    paused notifications' detail and the log say how long and why (no ids); a Retry-After past
+    MAX_UNAVAILABLE_PAUSE_S (10 min) pauses that long, not a day."""
+    clock = Clock()
+    client = FhirClient(Settings(fhir_server_url=fhir_server.url, fhir_retries=0,
+                                 fhir_unavailable_pause_s=30.0), monotonic=clock, sleep=lambda s: None)
+    fhir_server.script["/fhir/Observation/vs-hr-9"] = deque([(503, b"busy", {"Retry-After": "120"}),
+                                                            (503, b"busy", {"Retry-After": "86400"})])
+    with caplog.at_level(logging.WARNING, logger="streams.fhir_fetch"):
+        assert rejection(fetch_and_parse("r4b_id_only", client)).reason is Reason.FETCH_FAILED
+    assert "for the next 120 s, as the server asked with Retry-After: 120 s" in caplog.text
+    assert "vs-hr-9" not in caplog.text
+
+    clock.now += 60  # past the 30 s setting, within the server's 120 s: still not asked
+    paused = rejection(fetch_and_parse("r4b_id_only", client))
+    assert "asked again in 60 s, as the server asked with Retry-After: 120 s" in paused.detail
+    assert "vs-hr-9" not in paused.detail and len(fhir_server.requests) == 1
+
+    clock.now += 61  # the 120 s are over: asked again; it now asks for a day and gets 10 min
+    assert rejection(fetch_and_parse("r4b_id_only", client)).reason is Reason.FETCH_FAILED
+    assert len(fhir_server.requests) == 2
+    clock.now += MAX_UNAVAILABLE_PAUSE_S - 1
+    assert "asked again in 1 s, as the server asked with Retry-After: 86400 s, at most 600 s" in rejection(
+        fetch_and_parse("r4b_id_only", client)).detail
+    clock.now += 2
+    assert isinstance(fetch_and_parse("r4b_id_only", client), Parsed) and len(fhir_server.requests) == 3
 
 
 def test_a_missing_resource_or_a_refused_token_does_not_pause_the_reads(fhir_server):
