@@ -3,7 +3,7 @@
     build_alert(decision, patient_id=..., encounter_id=..., probability=..., news2=...,
                 model_version=..., path=..., rationale=[...], basis=[[fact_id, version], ...], ward=...) ->
     {"header": {alert_id, kind, tier, patient_id, encounter_id, ward, scoring_ms, model_version, path,
-                status, original_alert_id, reason, preliminary_basis},
+                status, original_alert_id, reason, preliminary_basis, incomplete_news2},
      "resource": <RiskAssessment as a JSON dict>}
 
 Header (routing without parsing the resource): `kind` open | escalate | resolve | correction;
@@ -14,7 +14,10 @@ the resource references as "Encounter/<id>"; a visit number it names by identifi
 `ward` the patient's current ward (None when no LOCATION is known); `status` the resource status;
 `original_alert_id` the alert a correction corrects (else None); `reason` "discharge" for a
 resolution by discharge (else None); `preliminary_basis` the LOINC codes of the basis readings that
-are preliminary results, in basis order ([] when every reading is final: filter on it). Every header
+are preliminary results, in basis order ([] when every reading is final: filter on it); `incomplete_news2`
+the NEWS2 inputs (schemas.features names, e.g. "resp_rate_last_24h", "on_oxygen") not charted in 24 h that
+a resolution's calm rested on (its note is then RESOLVED_INCOMPLETE; [] for a resolution on a complete
+NEWS2, by discharge, and for every other kind: filter on it). Every header
 alert_id is unique per message and deterministic (see streams/alerting.py), so a consumer drops
 duplicates by it.
 
@@ -233,6 +236,8 @@ def build_alert(decision, *, patient_id: str, encounter_id: str | None, probabil
         "original_alert_id": original,
         "reason": getattr(decision, "reason", None),
         "preliminary_basis": [entry[2] for entry in basis if len(entry) > 2 and entry[2]],
+        # a resolution resting on an incomplete NEWS2 (its note says so): the inputs not charted
+        "incomplete_news2": list(getattr(decision, "missing", ())) if decision.kind == "resolve" else [],
     }
     # Built directly in the form the FHIR model serialises (its field order, its dateTime format, no
     # nulls): the same bytes as RiskAssessment.model_validate(...).model_dump(mode="json",

@@ -74,7 +74,8 @@ def test_header_routes_without_parsing_the_resource():
     assert model_alert(ward="ICU-3")["header"] == {
         "alert_id": "3f2c9a52-6a3e-5d7e-8a1b-0c4d5e6f7a8b", "kind": "open", "tier": "high", "patient_id": "p-17",
         "encounter_id": "enc-9", "ward": "ICU-3", "scoring_ms": T, "model_version": "2024-01-01.1", "path": "model",
-        "status": "final", "original_alert_id": None, "reason": None, "preliminary_basis": []}
+        "status": "final", "original_alert_id": None, "reason": None, "preliminary_basis": [],
+        "incomplete_news2": []}
 
 
 # a preliminary reading's basis entry adds its code (streams.patient_agent._basis)

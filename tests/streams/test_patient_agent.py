@@ -252,6 +252,24 @@ def test_a_resolution_on_vitals_never_charting_a_news2_parameter_says_so_and_nam
     assert "the risk is back below the alerting line, so" not in note["text"]
 
 
+def test_an_app_routing_on_the_alert_header_tells_a_resolution_on_an_incomplete_news2(processor):
+    """The resolution's note said it rested on an incomplete NEWS2, but an app routing on the message's header
+    (without parsing the resource) saw the same kind, tier and status as a resolution on complete scores. The
+    header's incomplete_news2 names the inputs not charted; [] on the open alert and on a complete resolution."""
+    def without_rr(*args, **kw):
+        return [e for e in vitals(*args, **kw) if e.code != codes.RESP_RATE]
+
+    incomplete = alerts_of(run(processor, [msg(0, without_rr("p1", T0, 1)),
+                                           msg(1, without_rr("p1", T0 + 15 * MIN, 2, **NORMAL)),
+                                           msg(2, without_rr("p1", T0 + 30 * MIN, 3, **NORMAL))], {}))
+    assert [(a["header"]["kind"], a["header"]["incomplete_news2"]) for a in incomplete] == [
+        ("open", []), ("resolve", ["resp_rate_last_24h"])]
+    complete = alerts_of(run(processor, [msg(0, vitals("p2", T0, 1)), msg(1, vitals("p2", T0 + 15 * MIN, 2, **NORMAL)),
+                                         msg(2, vitals("p2", T0 + 30 * MIN, 3, **NORMAL))], {}))
+    assert [(a["header"]["kind"], a["header"]["incomplete_news2"]) for a in complete] == [
+        ("open", []), ("resolve", [])]
+
+
 def test_retracting_the_value_that_raised_the_alert_publishes_entered_in_error(processor):
     store: dict[str, PatientRecord] = {}
     # RR 26 scores 3 and SpO2 93 scores 2: NEWS2 5, medium, on these two values
