@@ -9,7 +9,8 @@ Features as of `issued` (no leakage) at every online scoring point, labels from 
                 (settings.gate_min_auroc_gain / gate_min_auprc_gain, on the point estimates) and its gain
                 over NEWS2 is above 0 across its 95 % interval (the paired patient-level bootstrap of
                 batch/train.py: the model must be shown better than the rule, not just on this draw of
-                75 patients); it is not shown worse than `current` (non-inferiority, below); it passes the
+                75 patients); its probabilities are calibrated at least as well as NEWS2's (Brier, held-out
+                rows: the alert threshold applies to them); it is not shown worse than `current` (non-inferiority, below); it passes the
                 contract check and the directional check (batch/directional.py: a worse consciousness
                 level, RR, SpO2, SBP or O2 flow never lowers its risk): `current` points at it
                 (registry.promote records who/when/why)
@@ -93,6 +94,10 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
     never decide against `current`: an interval that is None (one class in every draw), or a current
     model with no interval of its gain, never passes.
 
+    Calibration: when the metrics carry a Brier score (`brier`, as the card's do), the new model's must be at
+    most NEWS2's (NEWS2 mapped to a probability on the training rows): ranking metrics cannot see
+    probabilities shifted up or down, and the alert threshold is applied to the probability.
+
     Each metrics dict holds `auroc` and `auprc` on the same held-out rows; None means not computable
     (one class only), which never passes; so does an interval that is None.
 
@@ -128,6 +133,20 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
                            f"(patient-level bootstrap) {where}")
         else:
             passed.append(f"{metric} gain over NEWS2 95 % interval {ci[0]:+.4f} to {ci[1]:+.4f} is above 0")
+    if news2 is not None and ("brier" in new or "brier" in news2):  # (a card's metrics always carry it)
+        # AUROC/AUPRC only rank: the alert threshold is applied to the probability itself, so a model
+        # whose probabilities are off (overconfident: alerts on most patients; underconfident: none)
+        # ranks as well and would still be promoted. The floor: its Brier score on the held-out rows at
+        # most that of NEWS2 mapped to a probability (a one-feature logistic fit on the training rows).
+        mine, theirs = new.get("brier"), news2.get("brier")
+        if mine is None or theirs is None:
+            reasons.append("calibration vs NEWS2 not computable (no Brier score on the held-out rows)")
+        elif not mine <= theirs:  # (NaN: not shown)
+            reasons.append(f"calibration: Brier {mine:.4f} is worse than NEWS2's {theirs:.4f} (NEWS2 mapped to a "
+                           "probability): the probabilities the alert threshold is applied to are less accurate "
+                           "than the rule's")
+        else:
+            passed.append(f"calibration: Brier {mine:.4f} at most NEWS2's {theirs:.4f}")
     for metric in GATE_METRICS if current is not None else ():
         gain = (current_gain or {}).get(f"{metric}_gain") or {}
         estimate, ci, limit = gain.get("estimate"), gain.get("ci95"), -noninferiority[metric]

@@ -555,3 +555,19 @@ def test_batch_train_passes_allow_small_holdout_and_prints_why_it_kept_a_candida
     assert "gate: candidate" in plain.output and "held-out set too small to judge a model" in plain.output
     allowed = CliRunner().invoke(app, ["batch", "train", "--allow-small-holdout"], env=env)
     assert allowed.exit_code == 0 and told["allow_small_holdout"] is True, allowed.output
+
+
+def test_a_model_that_ranks_well_but_whose_probabilities_are_off_is_not_promoted():
+    """AUROC/AUPRC only rank: a model that ranks as well but gives everyone a probability far too high (alerts on
+    most of a ward at WARDWATCH_ALERT_THRESHOLD) must not be promoted for its ranking. Its Brier score on the
+    held-out rows must be at most NEWS2's mapped to a probability."""
+    news2 = {"auroc": 0.70, "auprc": 0.30, "brier": 0.084}
+    calibrated = {"auroc": 0.80, "auprc": 0.40, "brier": 0.060}
+    assert decide(calibrated, news2=news2).promote
+    overconfident = calibrated | {"brier": 0.31}
+    decision = decide(overconfident, news2=news2)
+    assert not decision.promote
+    assert decision.reasons == ["calibration: Brier 0.3100 is worse than NEWS2's 0.0840 (NEWS2 mapped to a "
+                                "probability): the probabilities the alert threshold is applied to are less "
+                                "accurate than the rule's"]
+    assert not decide(calibrated | {"brier": None}, news2=news2).promote  # not computable never passes
