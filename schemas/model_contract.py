@@ -38,6 +38,7 @@ from typing import Any, Mapping, Protocol, Sequence
 from schemas.features import DERIVED, FEATURE_NAMES, FEATURES
 
 ONNX_FLOAT = "tensor(float)"
+_ONNX_PROBABILITY_TYPES = (ONNX_FLOAT, "tensor(double)")
 # the ONNX metadata_props key holding the contract the model was trained with (contract_metadata)
 CONTRACT_METADATA_KEY = "wardwatch.contract"
 # the card's (and the embedded contract's) key for what each feature was computed from at training
@@ -222,9 +223,16 @@ def _signature_problems(contract: ModelContract, onnx_inputs: Sequence[TensorSig
     if output is None:
         problems.append(f"card output_name {contract.output_name!r} but the ONNX model has outputs "
                         f"{[o.name for o in onnx_outputs]} (export the classifier with zipmap disabled)")
+    elif output.shape is not None and len(output.shape) != 2:
+        # e.g. skl2onnx's "label" output ([N] int64): it passed, and every score then failed on its column 1
+        problems.append(f"ONNX output {output.name!r} has shape {list(output.shape)}; expected [N, 2] probabilities "
+                        "(column 1 = deterioration)")
     elif _dim(output.shape, 1) not in (None, 2):
         problems.append(f"ONNX output {output.name!r} has {_dim(output.shape, 1)} columns; expected 2 "
                         "(column 1 = deterioration)")
+    elif getattr(output, "type", ONNX_FLOAT) not in _ONNX_PROBABILITY_TYPES:
+        problems.append(f"ONNX output {output.name!r} is {output.type}, expected probabilities "
+                        f"({' or '.join(_ONNX_PROBABILITY_TYPES)})")
     return problems
 
 

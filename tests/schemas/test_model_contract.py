@@ -162,3 +162,12 @@ def test_card_without_required_fields():
     with pytest.raises(ContractError, match="features"):
         ModelContract.from_card({"version": "v1", "input_name": "features", "output_name": "probabilities",
                                  "imputation": {}})
+
+
+@pytest.mark.parametrize("output", [Tensor("label", [None], "tensor(int64)"),  # skl2onnx's class label output
+                                    Tensor("label", [None, 2], "tensor(int64)")])
+def test_a_card_naming_an_output_that_is_not_the_probabilities_is_refused_at_load(output):
+    """A card whose output_name is the classifier's label output ([N] int64) passed the check (its second
+    dimension unknown), and the worker then failed on column 1 of every score instead of refusing the model."""
+    message = contract_error(card(output_name="label"), outputs=[output, Tensor("probabilities", [None, 2])])
+    assert "'label'" in message and "expected" in message
