@@ -329,6 +329,9 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         "method": "patient-level (cluster) percentile bootstrap: held-out patients drawn with replacement, every "
                   "row of a drawn patient taken; the same draws for the model and NEWS2 (the gain is paired)",
         "resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "patients": len(test_ids),
+        # those with a row the AUROC/AUPRC rest on (a patient deteriorated at every point, or never served,
+        # has none: drawn, it adds nothing to them), what too_few_to_judge counts
+        "patients_evaluated": evaluated["patient_id"].n_unique(),
         # the events the figures rest on (too_few_to_judge): patients, not rows, are independent
         "patients_with_onset": evaluated.filter(pl.col("label") == 1)["patient_id"].n_unique(),
         "skipped_one_class": intervals["skipped"]}
@@ -479,13 +482,15 @@ def too_few_to_judge(patients: int, onset_patients: int | None) -> str | None:
 
 def held_out_too_small(metrics: dict) -> str | None:
     """too_few_to_judge for a card's held-out figures (card["metrics"], or a runs row's model_metrics_json);
-    None without a bootstrap block (no intervals to judge)."""
+    None without a bootstrap block (no intervals to judge). The patients counted are those with a row the
+    figures are computed on (`patients_evaluated`; cards from before it: every held-out patient): 25 held out
+    of whom 13 were deteriorated at every point give AUROC/AUPRC and intervals from 12."""
     bootstrap = metrics.get("bootstrap") or {}
     if bootstrap.get("patients") is None:
         return None
     # cards from before patients_with_onset: their positive rows, at least as many as those patients
     onset = bootstrap.get("patients_with_onset", (metrics.get("model") or {}).get("positives"))
-    return too_few_to_judge(bootstrap["patients"], onset)
+    return too_few_to_judge(bootstrap.get("patients_evaluated", bootstrap["patients"]), onset)
 
 
 def _metrics(y: np.ndarray, score: np.ndarray, probability: np.ndarray | None = None) -> dict:

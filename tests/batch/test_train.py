@@ -584,7 +584,7 @@ def test_batch_trains_summary_says_when_the_held_out_set_is_too_small_to_judge(t
     assert lines[2].startswith("  model  AUROC")
 
     larger = copy.deepcopy(card)
-    larger["metrics"]["bootstrap"] |= {"patients": 75, "patients_with_onset": 12}
+    larger["metrics"]["bootstrap"] |= {"patients": 75, "patients_evaluated": 75, "patients_with_onset": 12}
     assert "warning" not in train_summary(larger, model_dir)
     larger["metrics"]["bootstrap"]["patients_with_onset"] = 9
     assert "warning: held-out set too small: 75 patients, 9 of them" in train_summary(larger, model_dir)
@@ -629,3 +629,21 @@ def test_weighted_rows_give_the_metrics_of_the_rows_repeated():
     auroc, ap = RankedRows(y, score).metrics(weight.astype(float))
     assert auroc == pytest.approx(roc_auc_score(y[repeated], score[repeated]), abs=1e-12)
     assert ap == pytest.approx(average_precision_score(y[repeated], score[repeated]), abs=1e-12)
+
+
+def test_held_out_patients_without_a_row_judged_do_not_count_towards_enough_to_judge(tmp_path):
+    """The floor (20 held-out patients, 10 with an onset) counted every held-out patient, also those deteriorated
+    at every point, who have no row the AUROC/AUPRC are computed on: ~25 held out, 12 of them judged, passed as
+    enough, though the figures and their bootstrap rest on 12 patients."""
+    from batch.train import held_out_too_small, split_patients
+
+    features = synthetic_features(n_patients=100)
+    _, held_out = split_patients(features["patient_id"].to_list())
+    judged = sorted(held_out)[:12]
+    labels = labels_for(features).with_columns(
+        at_risk=~pl.col("patient_id").is_in(sorted(held_out)) | pl.col("patient_id").is_in(judged))
+    card = train_model(features, labels, tmp_path, "v1")
+    assert (held_out_too_small(card["metrics"]) or "").startswith("12 patients")
+    bootstrap = card["metrics"]["bootstrap"]
+    assert bootstrap["patients"] == len(held_out) >= 20 and bootstrap["patients_evaluated"] == 12
+    assert bootstrap["patients_with_onset"] >= 10  # the onset floor alone would not have caught it
