@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from enum import Enum
 from pathlib import Path
@@ -12,8 +13,38 @@ from rich.console import Console
 
 from wardwatch.settings import Settings, load_settings
 
-app = typer.Typer(help="wardwatch: streaming early-warning pipeline for hospital wards.", no_args_is_help=True,
-                  add_completion=False)
+
+
+class _ScrubbedTyper(typer.Typer):
+    """The root command. An exception that escapes a command (a bug, a full disk, a broker error) ends it
+    with exit code 1 and its traceback scrubbed of identifier-like values (observability.redact), as in a
+    log line: Typer's handler printed it whole on stderr, the container's log, so the archiver's scrubbed
+    "archiver stopped" line was followed by the patient id it had scrubbed (`could not convert 'C0-0001'`)."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:  # SystemExit and KeyboardInterrupt (Ctrl-C) go on as they are
+            _report_uncaught(exc)
+            sys.exit(1)
+
+
+def _report_uncaught(exc: BaseException) -> None:
+    import logging
+    import traceback
+
+    from wardwatch.observability import JsonFormatter, PlainFormatter, redact
+
+    if any(isinstance(h.formatter, (JsonFormatter, PlainFormatter)) for h in logging.getLogger().handlers):
+        # a service (configure_logging): one log line like the others, its traceback scrubbed by the formatter
+        logging.getLogger("wardwatch").critical("exiting on an uncaught %s", type(exc).__name__, exc_info=exc)
+    else:
+        sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+        sys.stderr.flush()
+
+
+app = _ScrubbedTyper(help="wardwatch: streaming early-warning pipeline for hospital wards.", no_args_is_help=True,
+                     add_completion=False)
 batch_app = typer.Typer(help="The offline plane: nightly rebuild, parity, retraining.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
 

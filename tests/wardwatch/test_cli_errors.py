@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -582,3 +583,37 @@ def test_bench_refuses_a_size_or_rate_below_one_before_starting_anything(args, s
 
     assert result.exit_code == 2, result.output
     assert says in result.output
+
+
+@pytest.mark.parametrize("service", [False, True])
+def test_an_exception_escaping_a_command_leaves_no_patient_id_on_stderr(service, clean_env, capsys, tmp_path):
+    """stderr is the container's log. Typer printed an escaping exception's traceback whole there: the
+    archiver's scrubbed "archiver stopped" line was followed by the message it had scrubbed (a row that
+    could not be converted, quoting its patient id). Now the traceback is scrubbed like a log line's, in
+    a service's log format once it has one, and the exit code is 1 as before."""
+    import logging
+
+    import batch.export
+    from wardwatch import observability
+
+    def fails(settings, out_dir):
+        raise ValueError("could not convert 'C0-0001' for column patient_id")
+
+    clean_env.setattr(batch.export, "export_deidentified", fails)
+    clean_env.setenv("WARDWATCH_DEID_SECRET", "s" * 32)
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    try:
+        root.handlers[:] = []  # a one-shot command: no log handler (another test's may be left)
+        if service:
+            observability.configure_logging("archiver")  # what a service's _observe does first
+        with pytest.raises(SystemExit) as exited:
+            app(["batch", "export", "--deidentify", str(tmp_path / "out")], prog_name="wardwatch")
+    finally:
+        root.handlers[:] = handlers
+    err = capsys.readouterr().err
+    assert exited.value.code == 1
+    assert "C0-0001" not in err and "could not convert '<redacted>' for column patient_id" in err
+    if service:
+        [line] = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        assert line["level"] == "critical" and line["exc_type"] == "ValueError"
