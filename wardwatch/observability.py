@@ -122,10 +122,11 @@ def expose_gauges(service: str, gauges: Callable[[], dict]) -> None:
 
 # --- logs ----------------------------------------------------------------------------------------
 
-# Values that look like clinical identifiers in free text (MRNs such as C0-0001, FHIR ids, UUIDs).
-# Exception messages are the one place input can leak into a log line; they are scrubbed (of credential
-# header values too: _CREDENTIAL_HEADER).
-_IDENTIFIER_LIKE = re.compile(r"(?i)\b(?:[a-z]{1,4}\d?-)?\d{3,}(?:-\d+)*\b|\b[0-9a-f]{8}-[0-9a-f-]{27}\b")
+# Values that look like clinical identifiers in free text (MRNs such as C0-0001, E1234567 or MRN_0012345:
+# up to 4 letters, a digit, a hyphen or underscore, then 3 or more digits; FHIR ids, UUIDs). Exception
+# messages are the one place input can leak into a log line; they are scrubbed (of credential header values
+# too: _CREDENTIAL_HEADER). A word such as sha256 goes too: a scrubbed word costs less than a kept MRN.
+_IDENTIFIER_LIKE = re.compile(r"(?i)\b(?:[a-z]{1,4}\d?[-_]?)?\d{3,}(?:[-_]\d+)*\b|\b[0-9a-f]{8}-[0-9a-f-]{27}\b")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
 

@@ -3,6 +3,7 @@ import urllib.error
 import urllib.request
 
 import orjson
+import pytest
 
 from wardwatch import observability as obs
 
@@ -47,6 +48,18 @@ def test_exception_text_is_scrubbed_in_plain_text_logs_too(capsys):
     err = capsys.readouterr().err
     assert "could not parse a message" in err and "ValueError" in err
     assert "C0-0001" not in err and "8b0f8d2e" not in err and "<redacted>" in err
+
+
+@pytest.mark.parametrize("mrn", ["E1234567", "MRN0012345", "MRN_0012345", "Patient/pat12345"])
+def test_an_mrn_of_letters_then_digits_is_scrubbed_from_exception_text(mrn, capsys):
+    # only a hyphenated prefix (C0-0001) or digits alone were scrubbed: a hospital's E1234567 was logged whole
+    obs.configure_logging("worker", "INFO")
+    try:
+        raise KeyError(mrn)
+    except KeyError:
+        logging.getLogger("wardwatch.test").exception("could not find a patient")
+    entry = orjson.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert mrn.removeprefix("Patient/") not in entry["exc"] and "<redacted>" in entry["exc"]
 
 
 def test_metrics_health_and_readiness_endpoints():
