@@ -611,16 +611,19 @@ def batch_export(out_dir: Path = typer.Argument(..., help="Directory for the Par
                  deidentify: bool = typer.Option(False, "--deidentify",
                                                  help="Required: hash ids with WARDWATCH_DEID_SECRET, shift dates, drop free text")) -> None:
     """Export the analyst tables as de-identified Parquet for use outside the clinical perimeter."""
+    import duckdb
+
     from batch.export import ExportRefused, export_deidentified
 
     if not deidentify:
-        console.print("[red]only de-identified exports leave the clinical perimeter:[/] pass --deidentify")
-        raise typer.Exit(2)
+        _fail("only de-identified exports leave the clinical perimeter: pass --deidentify")
+    settings = _settings()
     try:
-        written = export_deidentified(_settings(), out_dir)
+        written = export_deidentified(settings, out_dir)
     except ExportRefused as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(2)
+        _fail(str(exc))
+    except duckdb.Error as exc:  # not a nightly file, or not DuckDB at all: duckdb's traceback before
+        _fail(_unreadable(settings.duckdb_path, exc))
     for name, rows in written.items():
         console.print(f"{out_dir / (name + '.parquet')}: {rows} rows")
 

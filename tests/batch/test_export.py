@@ -316,3 +316,20 @@ def test_the_manifest_says_an_encounter_hash_is_of_patient_and_encounter(tmp_pat
     export_deidentified(settings, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert "'<patient_id>|<encounter_id>'" in manifest["hash"]["encounter_id"]
+
+
+def test_the_export_command_says_why_it_refuses_on_stderr_in_one_line(tmp_path):
+    """Its refusals went to stdout (the list of files written) and a file that is not a nightly file
+    ended in duckdb's traceback; now one line on stderr, exit code 2, nothing on stdout."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "wardwatch.duckdb").write_bytes(b"not a duckdb file, " * 100)
+    env = {"WARDWATCH_DATA_DIR": str(data), "WARDWATCH_DEID_SECRET": SECRET}
+    for args, says in ((["--deidentify"], f"cannot read {data / 'wardwatch.duckdb'}"),
+                       ([], "pass --deidentify")):
+        result = CliRunner().invoke(app, ["batch", "export", *args, str(tmp_path / "out")], env=env)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert result.stdout == "" and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = CliRunner().invoke(app, ["batch", "export", "--deidentify", str(tmp_path / "out")],
+                                env=env | {"WARDWATCH_DEID_SECRET": "short"})
+    assert result.exit_code == 2 and result.stdout == "" and "WARDWATCH_DEID_SECRET" in result.stderr
