@@ -139,6 +139,28 @@ def redact(text: str) -> str:
     return _IDENTIFIER_LIKE.sub("<redacted>", _CREDENTIAL_HEADER.sub(r"\1\2<redacted>", text))
 
 
+class _Scrubbed:
+    """An exception given as a log line's argument ("... (%s)", exc), formatted scrubbed."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __str__(self) -> str:
+        return redact(str(self.exc))
+
+    def __repr__(self) -> str:
+        return redact(repr(self.exc))
+
+
+def _scrub_exception_args(record: logging.LogRecord) -> bool:
+    """Handler filter: an exception among a record's arguments is scrubbed like a traceback. Our lines
+    (the scores feed stopped, a changelog not confirmed) and libraries' ("Error in grouping key : %r")
+    put the exception's message in the line itself, where only exc_info was scrubbed."""
+    if isinstance(record.args, tuple) and any(isinstance(a, BaseException) for a in record.args):
+        record.args = tuple(_Scrubbed(a) if isinstance(a, BaseException) else a for a in record.args)
+    return True
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str):
         super().__init__()
@@ -172,6 +194,7 @@ def configure_logging(service: str, level: str = "INFO", *, json_logs: bool = Tr
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service) if json_logs else
                          PlainFormatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+    handler.addFilter(_scrub_exception_args)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -62,6 +62,17 @@ def test_an_mrn_of_letters_then_digits_is_scrubbed_from_exception_text(mrn, caps
     assert mrn.removeprefix("Patient/") not in entry["exc"] and "<redacted>" in entry["exc"]
 
 
+@pytest.mark.parametrize("json_logs", [True, False])
+def test_an_exception_given_as_a_log_lines_argument_is_scrubbed(json_logs, capsys):
+    # "scores feed stopped (%s: %s)", exc: only exc_info was scrubbed, the message went out whole
+    obs.configure_logging("cds", "INFO", json_logs=json_logs)
+    exc = ValueError("could not convert 'C0-0001' for column patient_id")
+    logging.getLogger("wardwatch.test").error("scores feed stopped (%s: %s); %r", type(exc).__name__, exc, exc)
+    err = capsys.readouterr().err
+    assert "scores feed stopped (ValueError: could not convert '<redacted>' for column patient_id)" in err
+    assert "C0-0001" not in err
+
+
 def test_metrics_health_and_readiness_endpoints():
     ready = {"ok": False}
     server = obs.serve(0, ready=lambda: ready["ok"])
