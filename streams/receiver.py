@@ -228,6 +228,11 @@ class Receiver:
         self._stop_polling.set()
         if self._poller:
             self._poller.join(5)
+        # a stopped receiver holds no Kafka client: it would go on reconnecting (and logging each failure)
+        # for as long as the object lives. What the broker has not acknowledged by now was never answered
+        # 2xx: the FHIR server sends it again
+        self._producer.purge()
+        self._producer.close()
 
     def _poll_loop(self) -> None:
         while not self._stop_polling.is_set():

@@ -118,6 +118,12 @@ class RefusingProducer:
     def flush(self, timeout=None):
         return 0
 
+    def purge(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        return True
+
 
 def post_with_producer(monkeypatch, producer, body: bytes, headers=FHIR_JSON):
     """POST `body` to a receiver whose producer is `producer`; the aiohttp response, read."""
@@ -258,6 +264,12 @@ class AckingProducer:
 
     def flush(self, timeout=None):
         return 0
+
+    def purge(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        return True
 
 
 class UnreachableBrokerProducer(AckingProducer):
@@ -465,6 +477,22 @@ def test_unreachable_broker_answers_503_with_retry_after(settings):
             assert bad.status_code == 503
             assert httpx.get(f"{receiver.url}/readyz", timeout=10).status_code == 503
             assert httpx.get(f"{receiver.url}/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.integration
+def test_a_stopped_receiver_stops_reconnecting_to_an_unreachable_broker(settings, capfd):
+    # its producer lived on after stop(), retrying the broker and printing librdkafka's connection errors
+    # to stderr for as long as anything referenced the receiver (the next test's output, in this suite)
+    with closed_port() as port:
+        closed = settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{port}", "receiver_port": 0,
+                                             "receiver_ack_timeout_s": 1.0})
+        receiver = BackgroundReceiver(closed)
+        assert httpx.get(f"{receiver.url}/readyz", timeout=10).status_code == 503
+        receiver.stop()
+        capfd.readouterr()
+        time.sleep(2)
+        assert "%3|" not in capfd.readouterr().err
+        assert receiver.receiver is not None  # still referenced: the producer is closed, not collected
 
 
 @pytest.mark.integration
