@@ -189,15 +189,58 @@ def contract_problems(model_dir: Path | str, version: str) -> list[str]:
 
 
 def read_history(model_dir: Path | str) -> list[dict]:
+    """Every entry of history.jsonl. A line cut short by a crash while it was written is left out: its
+    pointer write, which comes after it (promote, rollback), never happened."""
     path = Path(model_dir) / HISTORY_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue  # (a blank line too)
+    return entries
+
+
+def unapplied_entry(model_dir: Path | str, history: list[dict] | None = None) -> dict | None:
+    """The last `current` entry of the history when its pointer write never happened, else None.
+
+    promote and rollback append their history line first and move the pointer second (both durable): a
+    crash between the two leaves a last entry from the version `current` still names to another one.
+    That entry did not take effect; the history, `model rollback` and `model list` must not count it."""
+    entries = [e for e in (read_history(model_dir) if history is None else history)
+               if e.get("pointer", CURRENT_FILE) == CURRENT_FILE]
+    if not entries or entries[-1].get("action") == NOT_APPLIED:
+        return None
+    last, now = entries[-1], current_version(model_dir)
+    return last if last.get("to") != now and last.get("from") == now else None
+
+
+NOT_APPLIED = "not_applied"  # history action: the entry before it never moved the pointer (a crash)
+
+
+def _settled_history(model_dir: Path | str) -> list[dict]:
+    """The history, after recording that its last entry never took effect (when so): before a new entry."""
+    history = read_history(model_dir)
+    void = unapplied_entry(model_dir, history)
+    if void is not None:
+        entry = _audit(NOT_APPLIED, CURRENT_FILE, void.get("from"), void.get("from"), "wardwatch",
+                       f"the {void.get('action')} to {void.get('to')} recorded at {void.get('at')} never moved the "
+                       f"pointer (interrupted): current still names {void.get('from')}")
+        _append_history(model_dir, entry)
+        history.append(entry)
+    return history
 
 
 def _append_history(model_dir: Path | str, entry: dict) -> None:
-    with open(Path(model_dir) / HISTORY_FILE, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    path = Path(model_dir) / HISTORY_FILE
+    with open(path, "a+b") as f:
+        torn = False  # the last line cut short by a crash: the new one starts on a line of its own
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        f.write((("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -233,23 +276,31 @@ def promote(model_dir: Path | str, version: str, *, why: str, who: str | None = 
     if problems:
         raise PromotionRefused(f"refusing to promote {version!r}:\n  - " + "\n  - ".join(problems))
     small = held_out_too_small(model_dir, version)
+    _settled_history(model_dir)
     previous = current_version(model_dir)
-    _write_pointer(model_dir, CURRENT_FILE, version)
-    if candidate_version(model_dir) == version:
-        clear_candidate(model_dir)
     entry = _audit("promote", CURRENT_FILE, previous, version, who, why)
     if small:
         entry["held_out_too_small"] = small
+    # the history line first, the pointer second: a crash between them leaves an entry that never took
+    # effect (unapplied_entry tells it), never a `current` moved with no entry rollback could undo
     _append_history(model_dir, entry)
+    _write_pointer(model_dir, CURRENT_FILE, version)
+    if candidate_version(model_dir) == version:
+        clear_candidate(model_dir)
     return entry
 
 
 def _current_stack(history: list[dict]) -> list[str]:
     """The versions `current` has pointed at, oldest first, with rolled-back ones removed."""
     stack: list[str] = []
+    before: list[str] | None = None  # the stack before the last entry (a not_applied entry restores it)
     for e in history:
         if e.get("pointer", CURRENT_FILE) != CURRENT_FILE:
             continue
+        if e["action"] == NOT_APPLIED:
+            stack, before = (before if before is not None else stack), None
+            continue
+        before = list(stack)
         if e["action"] == "promote":
             if not stack and e.get("from"):
                 stack.append(e["from"])  # the version that was current before the history began
@@ -261,7 +312,9 @@ def _current_stack(history: list[dict]) -> list[str]:
 
 def rollback(model_dir: Path | str, *, why: str, who: str | None = None) -> dict:
     """Point `current` back at the version it named before the last promotion (still verified)."""
-    stack = _current_stack(read_history(model_dir))
+    history = read_history(model_dir)
+    void = unapplied_entry(model_dir, history)
+    stack = _current_stack([e for e in history if e is not void])
     now = current_version(model_dir)
     if now is None:
         raise PromotionRefused(f"nothing to roll back to: no model is current in {Path(model_dir)}; use "
@@ -274,9 +327,10 @@ def rollback(model_dir: Path | str, *, why: str, who: str | None = None) -> dict
     problems = contract_problems(model_dir, target)
     if problems:
         raise PromotionRefused(f"refusing to roll back to {target!r}:\n  - " + "\n  - ".join(problems))
-    _write_pointer(model_dir, CURRENT_FILE, target)
+    _settled_history(model_dir)
     entry = _audit("rollback", CURRENT_FILE, now, target, who, why)
-    _append_history(model_dir, entry)
+    _append_history(model_dir, entry)  # first, as promote does
+    _write_pointer(model_dir, CURRENT_FILE, target)
     return entry
 
 

@@ -547,7 +547,7 @@ def model_list() -> None:
     """List model versions: which is current/candidate, held-out metrics, and whether model.onnx matches its card."""
     from rich.table import Table
 
-    from batch.registry import describe
+    from batch.registry import describe, unapplied_entry
 
     settings = _settings()
     rows = describe(_model_dir(settings))
@@ -570,6 +570,11 @@ def model_list() -> None:
         table.add_row(r["version"], pointer, integrity, num(r["auroc"]), num(r["auprc"]), num(r["news2_auroc"]),
                       r["gate"] or "-", r["created"] or "-")
     console.print(table)
+    void = unapplied_entry(_model_dir(settings))
+    if void is not None:  # a promote/rollback interrupted between its history line and the pointer
+        console.print(f"note: the last {void.get('action')} in history.jsonl ({void.get('from')} -> {void.get('to')}, "
+                      f"by {void.get('who')} at {void.get('at')}) never took effect: current still names "
+                      f"{void.get('from')}", highlight=False, soft_wrap=True)
 
 
 @model_app.command("promote")

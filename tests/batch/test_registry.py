@@ -168,3 +168,49 @@ def test_promoting_by_hand_a_version_judged_on_too_few_patients_works_and_says_s
     result = cli(models, "promote", "v3")
     assert result.exit_code == 0 and "warning" not in result.output
     assert "held_out_too_small" not in registry.read_history(models)[-1]
+
+
+def test_a_crash_between_the_history_line_and_the_pointer_leaves_rollback_and_list_truthful(models, monkeypatch):
+    """A promotion writes two files (history.jsonl, the `current` pointer): interrupted after the first,
+    whichever it is, `model rollback` still works and `model list` names the model that is served."""
+    registry.promote(models, "v1", why="first")
+    registry.promote(models, "v2", why="second")
+    writes = {"n": 0}
+
+    def crashing(real):
+        def write(*args, **kwargs):
+            writes["n"] += 1
+            if writes["n"] == 2:  # the second of the promotion's two writes: the process dies
+                raise OSError("simulated crash")
+            return real(*args, **kwargs)
+        return write
+
+    monkeypatch.setattr(registry, "_write_pointer", crashing(registry._write_pointer))
+    monkeypatch.setattr(registry, "_append_history", crashing(registry._append_history))
+    with pytest.raises(OSError, match="simulated crash"):
+        registry.promote(models, "v3", why="third")
+    monkeypatch.undo()
+    served = registry.current_version(models)
+    listed = cli(models, "list")
+    assert listed.exit_code == 0, listed.output
+    if served == "v2":  # the promotion never took effect: list says the v3 entry did not
+        assert "never took effect: current still names v2" in listed.output
+    result = cli(models, "rollback", "--reason", "after the crash")
+    assert result.exit_code == 0, result.output
+    # back to the version before the one served: v2 -> v1 (the interrupted v3 never counted)
+    assert f"{served} -> v1" in result.output and registry.current_version(models) == "v1"
+    assert "never took effect" not in cli(models, "list").output
+    # and the history goes on: promoting v3 for real, then rolling back, returns to v1
+    registry.promote(models, "v3", why="again")
+    assert registry.rollback(models, why="again")["to"] == "v1"
+
+
+def test_a_history_line_cut_short_by_a_crash_does_not_break_the_registry(models):
+    registry.promote(models, "v1", why="first")
+    registry.promote(models, "v2", why="second")
+    with open(models / registry.HISTORY_FILE, "a") as f:
+        f.write('{"action": "promote", "fr')
+    assert [e["to"] for e in registry.read_history(models)] == ["v1", "v2"]
+    assert registry.rollback(models, why="torn line")["to"] == "v1"
+    # the next line starts on a line of its own: the history stays readable
+    assert [e["to"] for e in registry.read_history(models)] == ["v1", "v2", "v1"]
