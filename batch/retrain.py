@@ -30,7 +30,9 @@ above 0 instead would keep `current` forever (a retrain is expected to be about 
 serving, which passed the NEWS2 test itself); the margin states how much worse a model may possibly be
 and still replace it. `current` is evaluated on the same held-out rows as the new model (its card's
 metrics come from another split and are not comparable); the gain and its interval go into the new
-card (`metrics.model_vs_current`). The decision and its reasons go into the new card (`gate`) and into
+card (`metrics.model_vs_current`). Same rows, not necessarily unseen by `current`: when its card does not
+record the new card's split rule (`split`; a model trained before 2026-11-27 records none), some of them
+may be its training patients, the comparison favours it, and the verdict says so (split_difference). The decision and its reasons go into the new card (`gate`) and into
 the `runs` row of the nightly whose file the model was trained on (record_in_runs).
 """
 
@@ -80,7 +82,8 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
                   min_auprc_gain: float, contract_problems: list[str] = (),
                   news2_gain_ci95: dict | None = None, directional_problems: list[str] = (),
                   current_gain: dict | None = None, noninferiority: dict | None = None,
-                  held_out_too_small: str | None = None, allow_small_holdout: bool = False) -> GateDecision:
+                  held_out_too_small: str | None = None, allow_small_holdout: bool = False,
+                  current_split_differs: str | None = None) -> GateDecision:
     """Promote only when every gate metric of `new` is at least NEWS2's plus its margin, the low end of
     the 95 % interval of each gain over NEWS2 (`news2_gain_ci95`: {"auroc": [low, high], "auprc": [...]},
     card metrics.model_vs_news2) is above 0, the model is non-inferior to the current model (when there
@@ -104,7 +107,14 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
     `held_out_too_small` (batch.train.held_out_too_small of the card's metrics: why its held-out patients are
     too few to judge a model by, or None) never passes either, whatever the figures: on 2 held-out patients
     an interval "above 0" is noise. `allow_small_holdout` (`batch train --allow-small-holdout`) lets the
-    other checks decide anyway, and says so among the reasons."""
+    other checks decide anyway, and says so among the reasons.
+
+    `current_split_differs` (judge: why `current`'s card does not record the new model's split rule) adds a
+    line to the verdict, promote or not: some held-out patients may be `current`'s training patients, so the
+    comparison favours `current`. Non-inferiority is still required: the bias only makes `current` look
+    better, so a pass still shows the new model not worse, and a new model is never swapped in on a
+    comparison that was not made; a fail may be that bias, which the line says (review the candidate, e.g.
+    shadow-scored, and promote it by hand)."""
     margins = {"auroc": min_auroc_gain, "auprc": min_auprc_gain}
     noninferiority = {"auroc": 0.0, "auprc": 0.0} | (noninferiority or {})
     reasons: list[str] = [f"contract: {p}" for p in contract_problems]
@@ -171,6 +181,10 @@ def gate_decision(new: dict, news2: dict | None, current: dict | None, *, min_au
     elif held_out_too_small:
         passed.append(f"held-out set too small to judge a model: {held_out_too_small}; the gate decided on it "
                       "anyway (--allow-small-holdout)")
+    if current is not None and current_split_differs:
+        note = (f"{current_split_differs}: some of these held-out patients may be its training patients; the "
+                "comparison favours current (non-inferiority still required: a pass stands, a fail may be that bias)")
+        (reasons if reasons else passed).append(note)
     compared = {"new": new, "news2": news2, "current": current}
     gate_margins = margins | {"noninferiority_vs_current": noninferiority}
     if reasons:
@@ -321,6 +335,17 @@ def _record(con: duckdb.DuckDBPyConnection, card: dict, run_id: str | None = Non
                  orjson.dumps(card.get("metrics", {}), option=orjson.OPT_SORT_KEYS).decode(), run_id])
 
 
+def split_difference(new_card: dict, current_card: dict) -> str | None:
+    """Why `current` may have trained on some of the new model's held-out patients (None: both cards record
+    the same split rule, batch.train.split_rule: a patient is held out by both or by neither)."""
+    mine, theirs = new_card.get("split"), current_card.get("split")
+    if mine is not None and mine == theirs:
+        return None
+    what = ("its card records no split rule: a permutation of the sorted ids, before 2026-11-27" if theirs is None
+            else f"{theirs.get('method')}, held-out fraction {theirs.get('held_out_fraction')}, seed {theirs.get('seed')}")
+    return f"current {current_card.get('version')} was trained with another split ({what})"
+
+
 def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFrame, *,
           promote_if_none: bool = True, allow_small_holdout: bool = False) -> dict:
     """The gate on a version train_model just published from `feats`/`labels`: the directional check,
@@ -332,11 +357,13 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
     current = registry.current_version(settings.model_dir)
     noninferiority = {"auroc": settings.gate_noninferiority_auroc, "auprc": settings.gate_noninferiority_auprc}
     small = held_out_too_small(card["metrics"])
-    current_metrics = vs_current = None
+    current_metrics = vs_current = split_differs = None
     if current is not None and registry.integrity(settings.model_dir, current) == "ok":
         rows, patients = _held_out(feats, labels)
         vs_current = compare_with_current(settings.model_dir, version, current, rows, patients)
         vs_current["noninferiority_margin"] = noninferiority
+        split_differs = split_difference(card, registry.load_card(settings.model_dir, current))
+        vs_current["same_split"] = split_differs is None
         current_metrics = vs_current["current"]
         card["metrics"]["model_vs_current"] = vs_current  # the card, `runs` row and report show the interval
     decision = gate_decision(card["metrics"]["model"], card["metrics"].get("news2"), current_metrics,
@@ -347,7 +374,7 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
                                               .get("ci95") for m in GATE_METRICS},
                              directional_problems=directional_violations(table), current_gain=vs_current,
                              noninferiority=noninferiority, held_out_too_small=small,
-                             allow_small_holdout=allow_small_holdout)
+                             allow_small_holdout=allow_small_holdout, current_split_differs=split_differs)
     if current is not None and vs_current is None:  # a current model that fails its integrity check
         problem = (f"current model {current} failed its integrity check "
                    f"({registry.integrity(settings.model_dir, current)}): not compared, so not replaced "

@@ -247,6 +247,17 @@ def labelled_rows(events_df: pl.DataFrame, points_df: pl.DataFrame, *, horizon_h
 # --- training ------------------------------------------------------------------------------------
 
 
+SPLIT_METHOD = "patient_id_hash"
+
+
+def split_rule(test_fraction: float = 0.25, seed: int = 0) -> dict:
+    """What identifies split_patients' rule, recorded in the card (`split`): two models whose cards hold the
+    same rule hold out the same patients of a cohort. A card without it (before 2026-11-27) was split by a
+    permutation of the sorted ids, which depended on the whole cohort: not reproducible."""
+    return {"method": SPLIT_METHOD, "hash": "blake2b, 8-byte digest of '<seed>|<patient_id>' over 2**64",
+            "held_out_fraction": test_fraction, "seed": seed}
+
+
 def split_patients(patient_ids, test_fraction: float = 0.25, seed: int = 0) -> tuple[set[str], set[str]]:
     """A reproducible patient-level split: no patient has rows on both sides.
 
@@ -371,6 +382,7 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
         "horizon_h": HORIZON_H,
         "training_range": {"min_scoring_ms": int(train["scoring_ms"].min()),
                            "max_scoring_ms": int(train["scoring_ms"].max())},
+        "split": split_rule(test_fraction, seed),  # how the held-out patients were chosen (the gate compares)
         "n_train_patients": len(train_ids),
         "n_test_patients": len(test_ids),
         "n_train_rows": train.height,

@@ -524,6 +524,9 @@ def train_summary(card: dict, model_dir: Path) -> str:
             f"{m.upper()} {num(vs_current[f'{m}_gain'].get('estimate'))}{span(vs_current[f'{m}_gain'].get('ci95'))}"
             for m in ("auroc", "auprc")) + "  (paired; non-inferiority margins "
             + ", ".join(f"{m.upper()} -{margin[m]:g}" for m in ("auroc", "auprc") if m in margin) + ")")
+        if vs_current.get("same_split") is False:  # the gate's reasons below say why
+            lines.append(f"  warning: {vs_current.get('current_version')} was trained with another split: some of "
+                         "these held-out patients may be its training patients; the comparison favours current")
     for name, label in ((model, "model >= "), (news2, "NEWS2 >= ")):
         op = name.get("operating") or {}
         if op:

@@ -571,3 +571,41 @@ def test_a_model_that_ranks_well_but_whose_probabilities_are_off_is_not_promoted
                                 "probability): the probabilities the alert threshold is applied to are less "
                                 "accurate than the rule's"]
     assert not decide(calibrated | {"brier": None}, news2=news2).promote  # not computable never passes
+
+
+def test_a_current_model_trained_with_another_split_is_compared_but_the_verdict_says_it_is_favoured(
+        tmp_path, monkeypatch):
+    """The shipped v0001 was split by a permutation of the sorted ids: some of a new model's held-out
+    patients may be its training patients. The card records the split rule; when `current`'s does not
+    match, the verdict and the `batch train` summary say the comparison favours current (non-inferiority
+    still applies); with the same rule they say nothing of it."""
+    from batch.train import split_rule, train_model
+    from tests.batch.test_train import labels_for, synthetic_features
+    from wardwatch.cli import train_summary
+
+    monkeypatch.setattr(retrain, "directional_violations", lambda table: [])  # (see the test above)
+    settings = Settings(model_dir=tmp_path / "models", data_dir=tmp_path / "data")
+    features = synthetic_features(n_patients=80, seed=3)
+    labels = labels_for(features)
+    v1 = train_model(features, labels, settings.model_dir, "v1")
+    assert v1["split"] == split_rule() and v1["split"]["method"] == "patient_id_hash"
+    registry.promote(settings.model_dir, "v1", why="first")
+    same = retrain.judge(settings, train_model(features, labels_for(features, seed=12), settings.model_dir, "v2"),
+                         features, labels)
+    assert same["metrics"]["model_vs_current"]["same_split"] is True
+    assert not any("another split" in r for r in same["gate"]["reasons"])
+
+    old = registry.load_card(settings.model_dir, "v2")
+    del old["split"]  # as a card trained before 2026-11-27
+    registry.write_card(settings.model_dir, "v2", old)
+    card = retrain.judge(settings, train_model(features, labels_for(features, seed=12), settings.model_dir, "v3"),
+                         features, labels)
+    assert card["metrics"]["model_vs_current"]["same_split"] is False
+    note = ("current v2 was trained with another split (its card records no split rule: a permutation of the sorted "
+            "ids, before 2026-11-27): some of these held-out patients may be its training patients; the comparison "
+            "favours current")
+    assert any(r.startswith(note) for r in card["gate"]["reasons"]), card["gate"]["reasons"]
+    assert any(r.startswith("auroc non-inferior to current model") or r.startswith("auroc may be worse")
+               for r in card["gate"]["reasons"])  # the check still ran
+    summary = train_summary(card, settings.model_dir)
+    assert "warning: v2 was trained with another split" in summary and note in summary
