@@ -54,8 +54,9 @@ from batch import registry
 from batch.directional import directional_table, directional_violations, model_scorer
 from batch.features import features_as_of_issued
 from batch.nightly import TRAIN, NightlyBusy, writer_lock
-from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, bootstrap_intervals, held_out_too_small,
-                         make_labels, published_points, split_patients, train_model)
+from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, _joined, bootstrap_intervals,
+                         held_out_too_small, make_labels, operating_metrics, published_points, split_patients,
+                         train_model)
 from wardwatch.settings import Settings
 
 GATE_METRICS = ("auroc", "auprc")
@@ -248,6 +249,27 @@ def compare_with_current(model_dir, version: str, current: str, rows: pl.DataFra
     return out
 
 
+def alert_burden(model_dir, version: str, current: str, features: pl.DataFrame, labels: pl.DataFrame, *,
+                 threshold: float) -> dict:
+    """How many alerts the new model and `current` would raise at `threshold` on the same held-out rows:
+    every scoring point of the held-out patients (at risk or not; none on the NEWS2 rule path, where the
+    worker serves no model), both scored with onnxruntime, counted by batch.train.operating_metrics (rising
+    edges, per 100 patient-days, with the sensitivity). Reported, not gated: a promotion that doubles
+    the ward's alerts at the same sensitivity is then in plain sight."""
+    data = _joined(features, labels)
+    _, test_ids = split_patients(data["patient_id"].to_list())
+    rows = data.filter(pl.col("patient_id").is_in(sorted(test_ids))).with_columns(_served=SERVED)
+    out = {"threshold": threshold, "rows": "every held-out scoring point, at risk or not (the model's score where the "
+                                           "worker serves it); alerts per 100 patient-days", "current_version": current}
+    for name, v in (("new", version), ("current", current)):
+        scored = rows.with_columns(_p=pl.Series(model_probabilities(model_dir, v, rows), dtype=pl.Float64))
+        out[name] = operating_metrics(scored.with_columns(_score=pl.when(pl.col("_served")).then(pl.col("_p"))),
+                                      threshold=threshold)
+    new_rate, current_rate = out["new"]["alerts_per_100_patient_days"], out["current"]["alerts_per_100_patient_days"]
+    out["ratio_new_to_current"] = round(new_rate / current_rate, 3) if new_rate is not None and current_rate else None
+    return out
+
+
 def apply_gate(settings: Settings, version: str, decision: GateDecision, *, promote_if_none: bool = True) -> str:
     """Move the pointers as the gate decided; returns what the version became."""
     model_dir = settings.model_dir
@@ -364,6 +386,8 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
         vs_current["noninferiority_margin"] = noninferiority
         split_differs = split_difference(card, registry.load_card(settings.model_dir, current))
         vs_current["same_split"] = split_differs is None
+        vs_current["alert_burden"] = alert_burden(settings.model_dir, version, current, feats, labels,
+                                                  threshold=settings.alert_threshold)
         current_metrics = vs_current["current"]
         card["metrics"]["model_vs_current"] = vs_current  # the card, `runs` row and report show the interval
     decision = gate_decision(card["metrics"]["model"], card["metrics"].get("news2"), current_metrics,
@@ -383,6 +407,7 @@ def judge(settings: Settings, card: dict, feats: pl.DataFrame, labels: pl.DataFr
                                 decision.compared, decision.margins)
     outcome = apply_gate(settings, version, decision, promote_if_none=promote_if_none)
     card["gate"] = asdict(decision) | {"current_version": current, "outcome": outcome,
+                                       "alert_burden": (vs_current or {}).get("alert_burden"),
                                        "held_out_too_small": small, "allow_small_holdout": allow_small_holdout}
     card["promoted"] = outcome == "promoted"
     card["directional_check"] = table  # the probability at each step: what a reviewer reads first

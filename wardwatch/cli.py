@@ -524,6 +524,14 @@ def train_summary(card: dict, model_dir: Path) -> str:
             f"{m.upper()} {num(vs_current[f'{m}_gain'].get('estimate'))}{span(vs_current[f'{m}_gain'].get('ci95'))}"
             for m in ("auroc", "auprc")) + "  (paired; non-inferiority margins "
             + ", ".join(f"{m.upper()} -{margin[m]:g}" for m in ("auroc", "auprc") if m in margin) + ")")
+        if burden := vs_current.get("alert_burden"):  # reported, not gated
+            new_op, cur_op = burden["new"], burden["current"]
+            ratio = burden.get("ratio_new_to_current")
+            lines.append(f"  alerts at >= {burden['threshold']:g} per 100 patient-days (every held-out scoring point, "
+                         f"same rows): model {num(new_op['alerts_per_100_patient_days'])}, current "
+                         f"{vs_current.get('current_version')} {num(cur_op['alerts_per_100_patient_days'])}"
+                         + (f" (x{ratio:.2f})" if ratio is not None else "")
+                         + f"; sensitivity {num(new_op['sensitivity'])} vs {num(cur_op['sensitivity'])} (not gated)")
         if vs_current.get("same_split") is False:  # the gate's reasons below say why
             lines.append(f"  warning: {vs_current.get('current_version')} was trained with another split: some of "
                          "these held-out patients may be its training patients; the comparison favours current")

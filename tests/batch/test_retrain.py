@@ -609,3 +609,34 @@ def test_a_current_model_trained_with_another_split_is_compared_but_the_verdict_
                for r in card["gate"]["reasons"])  # the check still ran
     summary = train_summary(card, settings.model_dir)
     assert "warning: v2 was trained with another split" in summary and note in summary
+
+
+def test_the_gate_reports_the_alerts_the_new_model_and_current_would_raise_on_the_same_held_out_rows(
+        tmp_path, monkeypatch):
+    """A promotion could double the ward's alerts at the same sensitivity: the card's gate, model_vs_current
+    and the `batch train` summary carry both models' alerts per 100 patient-days at the alert threshold,
+    on the same held-out scoring points; each agrees with what that model's own card counted on them."""
+    from batch.train import train_model
+    from tests.batch.test_train import labels_for, synthetic_features
+    from wardwatch.cli import train_summary
+
+    monkeypatch.setattr(retrain, "directional_violations", lambda table: [])  # (see the tests above)
+    settings = Settings(model_dir=tmp_path / "models", data_dir=tmp_path / "data", alert_threshold=0.3,
+                        alert_reset=0.2)
+    features = synthetic_features(n_patients=80, seed=3)
+    labels = labels_for(features)
+    v1 = train_model(features, labels, settings.model_dir, "v1", alert_threshold=0.3)
+    registry.promote(settings.model_dir, "v1", why="first")
+    v2 = train_model(features, labels_for(features, seed=12), settings.model_dir, "v2", alert_threshold=0.3)
+    card = retrain.judge(settings, v2, features, labels)
+    burden = card["gate"]["alert_burden"]
+    assert burden == card["metrics"]["model_vs_current"]["alert_burden"] and burden["threshold"] == 0.3
+    for name, trained in (("new", v2), ("current", v1)):
+        own = trained["metrics"]["model"]["operating"]  # the model's own card, on these held-out patients
+        assert burden[name]["alerts"] == own["alerts"] > 0
+        assert burden[name]["alerts_per_100_patient_days"] == own["alerts_per_100_patient_days"]
+    assert burden["new"]["patient_days"] == burden["current"]["patient_days"]  # the same rows
+    new_rate, current_rate = (burden[n]["alerts_per_100_patient_days"] for n in ("new", "current"))
+    assert burden["ratio_new_to_current"] == pytest.approx(new_rate / current_rate, abs=1e-3)
+    assert (f"alerts at >= 0.3 per 100 patient-days (every held-out scoring point, same rows): model {new_rate:.3f}, "
+            f"current v1 {current_rate:.3f} (x{new_rate / current_rate:.2f})") in train_summary(card, settings.model_dir)
