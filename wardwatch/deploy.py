@@ -387,6 +387,7 @@ SOURCE_TOPIC_HEADER = "ww.source.topic"
 REASON_HEADER = "ww.reason"
 STAGE_HEADER = "ww.stage"
 REDRIVEN_HEADER = "ww.redriven-from"
+OMITTED_HEADER = "ww.value.omitted_bytes"  # the ingest's: the original was too large to copy into the dead letter
 
 
 def redrive_target(headers: dict[str, bytes], redrivable: set[str], reasons: set[str] | None,
@@ -418,10 +419,19 @@ def redrive_deadletters(settings: Settings, reasons: set[str] | None, *, dry_run
     the fix that makes them parse. A consumer group per choice of reasons (redrive_group) remembers
     what was handled, so a second run for the same reasons never sends the same dead letter twice; the pipeline's dedupe makes a
     redrive of already-processed facts harmless. Stops when no dead letter arrived for idle_s.
-    Returns counts: redriven, skipped (kept: other reason or source)."""
+
+    A run handles the dead letters written before it started (by their timestamps; in each partition it
+    stops at the first one written since): a message that fails again is dead-lettered again while the
+    run goes on, and reading on would send it back again and again until the timeout. Those are left (not
+    committed) for the next run. (Not the end offsets at the start: the embedded broker reports them low.)
+    Clocks apart by more than the time a message takes through the ingest could still resend one a few times.
+    The producer partitions by key as the Java clients do (murmur2), as every other writer of these
+    topics: a canonical message must land on its patient's partition, where its state is.
+    Returns counts: redriven, skipped (kept: other reason or source), omitted (kept: the dead letter
+    does not hold the original bytes, too large to copy; its ww.source.* headers say where it is)."""
     import time as clock
 
-    from confluent_kafka import Consumer, KafkaException, Producer
+    from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
     topics = topics_for(settings)
     redrivable = {*topics.raw, topics.canonical}
@@ -430,38 +440,50 @@ def redrive_deadletters(settings: Settings, reasons: set[str] | None, *, dry_run
                          "session.timeout.ms": int(settings.session_timeout_s * 1000),
                          "heartbeat.interval.ms": int(settings.heartbeat_interval_s * 1000),
                          "fetch.wait.max.ms": 10})
-    producer = Producer({**settings.kafka_client_config(), "enable.idempotence": True, "linger.ms": 5})
-    counts = {"redriven": 0, "skipped": 0}
+    producer = Producer({**settings.kafka_client_config(), "enable.idempotence": True, "linger.ms": 5,
+                         "partitioner": "murmur2_random"})  # the key's partition, as the ingest and the feeders
+    counts = {"redriven": 0, "skipped": 0, "omitted": 0}
     assigned = []  # the idle clock starts once the group has given us the partitions
     consumer.subscribe([topics.deadletter], on_assign=lambda c, parts: assigned.append(clock.monotonic()))
     deadline = clock.monotonic() + timeout_s
     idle_since = None
     try:
+        started_ms = int(clock.time() * 1000)  # the dead letters of this run: those written before it
+        fenced: set[int] = set()  # partitions read up to a dead letter written since the run started
         while clock.monotonic() < deadline and (idle_since is None or clock.monotonic() - idle_since < idle_s):
             batch = consumer.consume(500, timeout=0.5)
             if idle_since is None and assigned:
                 idle_since = assigned[0]
-            if not batch:
-                continue
-            idle_since = clock.monotonic()
+            handled: dict[int, int] = {}  # partition -> next offset to commit
             for msg in batch:
                 if msg.error():
                     raise DeployError(f"reading {topics.deadletter} failed: {msg.error()}")
+                if msg.partition() in fenced or msg.timestamp()[1] >= started_ms:
+                    fenced.add(msg.partition())  # dead-lettered since the run started (perhaps by it): the next run's
+                    continue
+                idle_since = clock.monotonic()
+                handled[msg.partition()] = msg.offset() + 1
                 headers = dict(msg.headers() or [])
                 target = redrive_target(headers, redrivable, reasons, topics.fhir)
                 if target is None:
                     counts["skipped"] += 1
                     continue
+                if OMITTED_HEADER in headers:  # a null value would be a tombstone, not the message
+                    counts["omitted"] += 1
+                    continue
                 counts["redriven"] += 1
                 if not dry_run:
                     origin = f"{msg.topic()}:{msg.partition()}:{msg.offset()}".encode()
                     producer.produce(target, value=msg.value(), key=msg.key(), headers=[(REDRIVEN_HEADER, origin)])
-            if not dry_run:
+            if not dry_run and handled:
                 if producer.flush(30) > 0:
                     raise DeployError("the broker did not acknowledge the redriven messages; nothing committed, run again")
-                consumer.commit(asynchronous=False)  # only after the broker has them: never lost
+                # only after the broker has them: never lost; and never past the run's end offsets
+                consumer.commit(offsets=[TopicPartition(topics.deadletter, p, o) for p, o in handled.items()],
+                                asynchronous=False)
     except KafkaException as exc:
         raise DeployError(f"Kafka error during redrive: {exc}") from exc
     finally:
         consumer.close()
     return counts
+

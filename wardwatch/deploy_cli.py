@@ -247,3 +247,6 @@ def redrive(
         _fail(exc)
     verb = "would be redriven" if dry_run else "redriven"
     console.print(f"{counts['redriven']} {verb}, {counts['skipped']} kept in the dead-letter topic")
+    if counts.get("omitted"):
+        console.print(f"{counts['omitted']} kept because the dead letter does not hold the original (too large "
+                      "to copy): its ww.source.topic/partition/offset headers say where to read it")

@@ -343,8 +343,8 @@ def test_redrive_sends_dead_letters_back_once(settings):
     first = redrive_deadletters(settings, {"bad_value"}, idle_s=2)
     second = redrive_deadletters(settings, {"bad_value"}, idle_s=2)
 
-    assert first == {"redriven": 1, "skipped": 2}
-    assert second == {"redriven": 0, "skipped": 0}  # the group remembers what was handled
+    assert first == {"redriven": 1, "skipped": 2, "omitted": 0}
+    assert second == {"redriven": 0, "skipped": 0, "omitted": 0}  # the group remembers what was handled
     consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-check",
                          "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10})
     consumer.assign([TopicPartition(vitals, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
@@ -381,11 +381,112 @@ def test_a_redrive_for_one_reason_leaves_the_others_for_a_later_redrive(settings
         Rejection(Reason.UNKNOWN_UNIT, "heart rate: no conversion"), "/fhir/notifications"))
     assert producer.flush(10) == 0
 
-    assert redrive_deadletters(settings, {"bad_value"}, idle_s=2) == {"redriven": 1, "skipped": 2}
-    assert redrive_deadletters(settings, {"unknown_unit"}, idle_s=2) == {"redriven": 2, "skipped": 1}
-    assert redrive_deadletters(settings, {"unknown_unit"}, idle_s=2) == {"redriven": 0, "skipped": 0}
+    assert redrive_deadletters(settings, {"bad_value"}, idle_s=2) == {"redriven": 1, "skipped": 2, "omitted": 0}
+    assert redrive_deadletters(settings, {"unknown_unit"}, idle_s=2) == {"redriven": 2, "skipped": 1, "omitted": 0}
+    assert redrive_deadletters(settings, {"unknown_unit"}, idle_s=2) == {"redriven": 0, "skipped": 0, "omitted": 0}
     assert sorted((m.key(), m.value()) for m in read_all(settings, vitals)) == [(b"k0", b"v0"), (b"k1", b"v1")]
     assert [m.value() for m in read_all(settings, topics.fhir)] == [b"posted"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_redrive_does_not_resend_what_fails_again_while_it_runs(settings):
+    """A dead letter whose fix is not deployed yet is dead-lettered again by the ingest while the redrive
+    runs; the redrive read on into those and sent the message back again and again until its timeout.
+    A run handles the dead letters there when it started; the new one is the next run's."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+    from wardwatch.deploy import redrive_deadletters
+
+    topics = topics_for(settings)
+    create_topics(settings)
+    vitals = topics.cdc["vital_signs"]
+    headers = [("ww.reason", b"bad_value"), ("ww.source.topic", vitals.encode())]
+    failed_again = []
+    producer = Producer(settings.kafka_client_config())
+    producer.produce(topics.deadletter, key=b"k0", value=b"v0", headers=headers)
+    assert producer.flush(10) == 0
+
+    stop = threading.Event()
+
+    def failing_ingest():  # every message on the raw topic fails again: dead-lettered as it came
+        consumer = Consumer({**settings.kafka_client_config(), "group.id": f"{settings.group_prefix}-ingest",
+                             "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10})
+        consumer.assign([TopicPartition(vitals, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
+        try:
+            while not stop.is_set():
+                for m in consumer.consume(10, timeout=0.2):
+                    if not m.error():
+                        producer.produce(topics.deadletter, key=m.key(), value=m.value(), headers=headers)
+                        failed_again.append(m.offset())
+                producer.flush(10)
+        finally:
+            consumer.close()
+
+    ingest = threading.Thread(target=failing_ingest, daemon=True)
+    ingest.start()
+    try:
+        counts = redrive_deadletters(settings, {"bad_value"}, idle_s=4, timeout_s=40)
+    finally:
+        stop.set()
+        ingest.join(10)
+
+    assert failed_again  # it did fail again while the redrive ran
+    assert counts == {"redriven": 1, "skipped": 0, "omitted": 0}
+    # the dead letter made again is left for the next run (after the fix), not lost to the group
+    again = redrive_deadletters(settings, {"bad_value"}, dry_run=True, idle_s=2)
+    assert again["redriven"] == len(failed_again) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_redriven_canonical_message_lands_on_its_patients_partition(settings):
+    """Canonical messages are partitioned by patient with the Java clients' hash (murmur2): the patient's
+    state lives on that partition. The redrive sent them with librdkafka's default hash instead."""
+    from confluent_kafka import Producer
+
+    from wardwatch.deploy import redrive_deadletters
+
+    topics = topics_for(settings)
+    create_topics(settings)
+    patients = [f"P{i:04d}".encode() for i in range(12)]
+    writer = Producer({**settings.kafka_client_config(), "partitioner": "murmur2_random"})  # as the ingest
+    for key in patients:
+        writer.produce(topics.canonical, key=key, value=b"before")
+        writer.produce(topics.deadletter, key=key, value=b"again", headers=[
+            ("ww.reason", b"internal_error"), ("ww.stage", b"patient_state"),
+            ("ww.source.topic", topics.canonical.encode())])
+    assert writer.flush(10) == 0
+
+    assert redrive_deadletters(settings, None, idle_s=2)["redriven"] == len(patients)
+
+    partitions: dict[bytes, set[int]] = {}
+    for m in read_all(settings, topics.canonical):
+        partitions.setdefault(m.key(), set()).add(m.partition())
+    assert {key: len(ps) for key, ps in partitions.items()} == {key: 1 for key in patients}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_dead_letter_without_its_original_is_not_redriven_as_a_tombstone(settings):
+    """The ingest leaves out an original too large to copy (ww.value.omitted_bytes): sent back, the null value
+    was a tombstone on the CDC topic, counted as a control message there, and the change was gone."""
+    from confluent_kafka import Producer
+
+    from wardwatch.deploy import redrive_deadletters
+
+    topics = topics_for(settings)
+    create_topics(settings)
+    vitals = topics.cdc["vital_signs"]
+    producer = Producer(settings.kafka_client_config())
+    producer.produce(topics.deadletter, key=b"k0", value=None, headers=[
+        ("ww.reason", b"fetch_failed"), ("ww.source.topic", vitals.encode()), ("ww.source.partition", b"0"),
+        ("ww.source.offset", b"7"), ("ww.value.omitted_bytes", b"9000000")])
+    assert producer.flush(10) == 0
+
+    counts = redrive_deadletters(settings, None, idle_s=2)
+    assert [m.value() for m in read_all(settings, vitals)] == []  # no tombstone in its place
+    assert counts == {"redriven": 0, "skipped": 0, "omitted": 1}
 
 
 def read_all(settings, topic: str, expected_quiet_s: float = 3.0) -> list:
