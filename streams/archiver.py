@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from schemas.canonical import CanonicalEvent
 from streams.commits import commit_offsets
 from streams.topics import Topics
+from wardwatch import observability
 from wardwatch.observability import redact
 from wardwatch.settings import Settings
 
@@ -401,7 +402,10 @@ class Archiver:
         self._pending_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset
         self.seen_offsets: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset after the last seen
         self.consumed: dict[str, int] = {kind: 0 for kind in self._kinds.values()}
+        # records of each kind kept as `unreadable` rows (undecodable, or not fitting the kind's columns)
+        self.unreadable: dict[str, int] = {kind: 0 for kind in self._kinds.values()}
         self.files_written = 0
+        observability.expose_counters("archiver", self.counters)  # /metrics, read at scrape time
         self._group_id = f"{settings.group_prefix}.archiver"
         self._consumer = Consumer({
             **settings.kafka_client_config("archiver"),
@@ -452,6 +456,8 @@ class Archiver:
             for row in rows_for(kind, rec):
                 self._buffer.setdefault((row.kind, row.date), []).append(row.values)
                 self._buffered_rows += 1
+                if row.kind == "unreadable":
+                    self.unreadable[kind] += 1
             if self._oldest_buffered is None:
                 self._oldest_buffered = time.monotonic()
             self._pending_offsets[(rec.topic, rec.partition)] = rec.offset + 1
@@ -461,6 +467,12 @@ class Archiver:
         if self._flush_due():
             self.flush()
         return seen
+
+    def counters(self) -> dict[str, Any]:
+        """Records consumed and kept as unreadable, per kind, and part files written: on /metrics as
+        wardwatch_counter_total{service="archiver", counter="unreadable.<kind>"} and so on."""
+        return {"consumed": dict(self.consumed), "unreadable": dict(self.unreadable),
+                "files_written": self.files_written}
 
     def _flush_due(self) -> bool:
         if self._oldest_buffered is None:

@@ -16,7 +16,7 @@ Every service's counters are the ones it already keeps for the stats topic (stre
 `expose_counters(service, snapshot_fn)` (called by StatsPublisher) makes each integer leaf of the
 nested snapshot a sample, read at scrape time, so the hot path pays nothing:
 
-    wardwatch_counter_total{service="ingest", counter="cdc.dead_lettered.bad_json"}  3
+    wardwatch_counter_total{service="ingest", counter="cdc.dead_lettered.malformed_json"}  3
 
 and the service's gauges (its current values, e.g. the subscription watcher's open gaps), given
 with `expose_gauges(service, gauges_fn)`, as gauges (they go down too):

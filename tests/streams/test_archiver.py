@@ -195,6 +195,24 @@ def test_one_badly_typed_record_does_not_stop_the_archive(monkeypatch, tmp_path)
     assert archiver._consumer.commits == [{(topics.canonical, 0): 2}]
 
 
+def test_a_record_kept_as_unreadable_moves_a_counter_on_metrics(monkeypatch, tmp_path):
+    """The archiver kept a bad record as an `unreadable` row, and nothing on /metrics said so (it exposed
+    no counters at all): an operator learned of it only by reading the archive."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    monkeypatch.setattr("confluent_kafka.Consumer", StandInConsumer)
+    settings = Settings(topic_prefix="t", data_dir=tmp_path)
+    topics = topics_for(settings)
+    archiver = Archiver(settings, topics, flush_rows=1)
+    archiver._consumer.messages = [Message(topics.canonical, 0, encode_batch([event("f1")])),
+                                   Message(topics.canonical, 1, b"not json")]
+    assert archiver.poll_once() == 2
+
+    metrics = generate_latest(REGISTRY).decode()
+    assert 'wardwatch_counter_total{counter="unreadable.canonical",service="archiver"} 1.0' in metrics
+    assert 'wardwatch_counter_total{counter="consumed.canonical",service="archiver"} 2.0' in metrics
+
+
 def test_full_disk_stops_the_archiver_without_a_commit_or_a_left_over_file_and_a_restart_loses_nothing(
         monkeypatch, tmp_path, caplog):
     import errno
