@@ -399,8 +399,11 @@ class IngestWorker:
         self.assigned = self.assigned - revoked
         # what was published from them is committed now, while they are still ours; and never again
         # later (at close), which would move the next owner's committed offset back: forgotten first,
-        # so a commit that raises (the worker stops) leaves nothing of them for close() to commit
-        uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp in revoked}
+        # so a commit that raises (the worker stops) leaves nothing of them for close() to commit.
+        # All of it, not only what no commit was sent for: the last asynchronous commit may be the one
+        # the rebalance made fail (REBALANCE_IN_PROGRESS, only logged), and the next owner would read
+        # and count those messages again
+        uncommitted = {tp: o for tp, o in self._last_commit.items() if tp in revoked}
         for tp in revoked:
             self._uncommitted.pop(tp, None)
             self._last_commit.pop(tp, None)

@@ -1038,6 +1038,24 @@ def test_commits_go_out_at_most_once_per_interval_and_the_rest_when_idle_or_revo
     assert ("commit", {tp: 3}) not in fake.calls[2:]
 
 
+@pytest.mark.timeout(30)
+def test_a_revoke_commits_what_an_asynchronous_commit_lost_to_the_rebalance_did_not(fake_worker, monkeypatch):
+    """The batch's asynchronous commit failed with REBALANCE_IN_PROGRESS (only logged); the revoke then
+    committed nothing, as nothing was left uncommitted: the next owner read the batch again, and the
+    summed counters counted its messages twice (messages_in above what was published)."""
+    monkeypatch.setattr(ingest.time, "monotonic", lambda: 1000.0)
+    first = _cdc("create_bare", 0)
+    tp = (first.topic(), 0)
+    worker, fake = fake_worker([first])
+    worker.poll_once()
+    assert fake.calls[-1] == ("commit", {tp: 1})  # sent asynchronously...
+    worker._commits(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), [TopicPartition(*tp, 1)])  # ...and lost
+
+    fake.calls.clear()
+    fake.on_revoke(fake, [TopicPartition(*tp)])
+    assert fake.calls == [("commit", {tp: 1})]  # committed while still ours
+
+
 def test_a_stop_whose_last_commit_failed_on_a_partition_raises_and_still_closes(fake_worker):
     worker, fake = fake_worker([_cdc("create_bare", 0)])
     worker.poll_once()
