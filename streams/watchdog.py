@@ -118,7 +118,7 @@ class StallWatchdog:
         """Start watching (once: later calls do nothing)."""
         if self._thread.ident is not None or self._stop.is_set():  # a thread starts once, even one that ended
             return
-        observability.expose_gauges(self.service, self.gauges)
+        observability.expose_gauges(self.service, self.gauges, part="consumption")  # next to the service's own
         self._thread.start()
 
     def stop(self) -> None:

@@ -89,15 +89,17 @@ class _SnapshotCollector:
 
     def __init__(self) -> None:
         self.sources: dict[str, Callable[[], dict]] = {}
-        self.gauges: dict[str, Callable[[], dict]] = {}
+        # (service, part) -> gauges: a service's own gauges and its consumption watchdog's, side by side
+        self.gauges: dict[tuple[str, str], Callable[[], dict]] = {}
 
     def collect(self):
         counters = CounterMetricFamily("wardwatch_counter", "Cumulative counters of each wardwatch service",
                                        labels=["service", "counter"])
         gauges = GaugeMetricFamily("wardwatch_gauge", "Current values of each wardwatch service",
                                    labels=["service", "gauge"])
-        for family, sources in ((counters, self.sources), (gauges, self.gauges)):
-            for service, snapshot in list(sources.items()):
+        for family, sources in ((counters, {(s, ""): fn for s, fn in list(self.sources.items())}),
+                                (gauges, dict(self.gauges))):
+            for (service, _), snapshot in sources.items():
                 try:
                     leaves = flatten(snapshot())
                 except Exception:  # a scrape never takes a service down
@@ -116,8 +118,10 @@ def expose_counters(service: str, snapshot: Callable[[], dict]) -> None:
     _COLLECTOR.sources[service] = snapshot
 
 
-def expose_gauges(service: str, gauges: Callable[[], dict]) -> None:
-    _COLLECTOR.gauges[service] = gauges
+def expose_gauges(service: str, gauges: Callable[[], dict], *, part: str = "service") -> None:
+    """`part`: whose gauges these are, so that the service's own (e.g. subscriptions.open_gaps) and its
+    consumption watchdog's (consumption.lag) both show; exposing a part again replaces it."""
+    _COLLECTOR.gauges[(service, part)] = gauges
 
 
 # --- logs ----------------------------------------------------------------------------------------

@@ -111,6 +111,24 @@ def test_gauges_are_scraped_as_gauges_not_as_counters():
         server.shutdown()
 
 
+def test_a_services_own_gauges_and_its_watchdogs_both_show():
+    """The subscription watcher's gauges (subscriptions.open_gaps, ...) and its consumption watchdog's
+    (consumption.lag, ...) are both documented on /metrics; the watchdog, started second, replaced them."""
+    from streams.watchdog import StallWatchdog
+
+    obs.expose_gauges("both-test", lambda: {"subscriptions": {"open_gaps": 2}})  # as StatsPublisher does
+    dog = StallWatchdog(30.0, lambda: ({}, {}), service="both-test")
+    dog.start()
+    server = obs.serve(0)
+    try:
+        body = _get(f"http://127.0.0.1:{server.server_port}/metrics")[1]
+        assert b'wardwatch_gauge{gauge="subscriptions.open_gaps",service="both-test"} 2.0' in body
+        assert b'wardwatch_gauge{gauge="consumption.lag",service="both-test"} 0.0' in body
+    finally:
+        server.shutdown()
+        dog.stop()
+
+
 def test_a_failing_readiness_probe_means_not_ready():
     def broken() -> bool:
         raise RuntimeError("broker down")
