@@ -51,7 +51,7 @@ MIN_SECRET_CHARS = 16
 
 
 class ExportRefused(ValueError):
-    """The export cannot run safely (no secret, no database)."""
+    """The export cannot run safely (no secret, no database, a directory holding other files)."""
 
 
 @dataclass(frozen=True)
@@ -169,13 +169,60 @@ def _secret(settings: Settings) -> bytes:
     return secret.encode()
 
 
+MANIFEST = "manifest.json"
+
+
+def _previous_export(out_dir: Path) -> list[Path]:
+    """The files an earlier export left in OUT_DIR (its manifest's tables, the manifest, `.tmp` files of
+    a run that stopped), refused when OUT_DIR holds anything else: a table no manifest lists may come
+    from another run or another secret, and its hashes and shifts would join these rows wrongly."""
+    if not out_dir.exists():
+        return []
+    if not out_dir.is_dir():
+        raise ExportRefused(f"{out_dir} is a file: give a new or empty directory for the export")
+    present = sorted(out_dir.iterdir())
+    if not present:
+        return []
+    listed: set[str] = set()
+    try:
+        tables = json.loads((out_dir / MANIFEST).read_text())["tables"]
+        listed = {MANIFEST, *(f"{name}.parquet" for name in tables if name in POLICY)}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()  # no manifest (or not ours): not a previous export
+    ours = [p for p in present if p.name in listed or (p.name.startswith(".") and p.name.endswith(".parquet.tmp"))]
+    others = [p.name for p in present if p not in ours]
+    if others or MANIFEST not in listed:
+        what = (f"is not a previous export (no {MANIFEST})" if MANIFEST not in listed
+                else "holds files its manifest does not list")
+        raise ExportRefused(f"{out_dir} {what}: {len(others)} file(s) such as {others[0]!r}; an export leaves only its "
+                            "own files, so give a new or empty directory, or empty this one")
+    return ours
+
+
 def export_deidentified(settings: Settings, out_dir: Path, *, compression: str = "zstd") -> dict[str, int]:
     """Write OUT_DIR/<table>.parquet for every table in POLICY present in the DuckDB file, plus
-    manifest.json (tables, rows, the policy; never the secret). Returns rows per table."""
+    manifest.json (tables, rows, the policy; never the secret). Returns rows per table.
+
+    OUT_DIR ends holding this run's files only: a previous export there is removed first (the files its
+    manifest lists), any other content is refused, and a run that fails removes what it wrote."""
     secret = _secret(settings)
     if not settings.duckdb_path.exists():
         raise ExportRefused(f"{settings.duckdb_path} does not exist: run `wardwatch batch nightly` first")
+    stale = _previous_export(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for path in stale:  # the manifest last: a run stopped here is still recognised as a previous export
+        if path.name != MANIFEST:
+            path.unlink(missing_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    try:
+        return _write(settings, secret, out_dir, compression)
+    except BaseException:
+        for path in out_dir.iterdir():  # only this run's files are left there (checked above)
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _write(settings: Settings, secret: bytes, out_dir: Path, compression: str) -> dict[str, int]:
     written: dict[str, int] = {}
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as con:
         present = {r[0] for r in con.execute(
@@ -203,5 +250,5 @@ def export_deidentified(settings: Settings, out_dir: Path, *, compression: str =
                 "hash": {"function": "HMAC-SHA256(secret, '<kind>|<id>')",
                          "encounter_id": "<id> is '<patient_id>|<encounter_id>' (since 2026-11-27; the encounter "
                                          "id alone before: those exports' encounter hashes do not join these)"}}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return written

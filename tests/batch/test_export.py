@@ -333,3 +333,55 @@ def test_the_export_command_says_why_it_refuses_on_stderr_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["batch", "export", "--deidentify", str(tmp_path / "out")],
                                 env=env | {"WARDWATCH_DEID_SECRET": "short"})
     assert result.exit_code == 2 and result.stdout == "" and "WARDWATCH_DEID_SECRET" in result.stderr
+
+
+# --- the export directory holds one run's files only ---------------------------------------------
+
+
+def test_a_re_export_leaves_no_table_of_the_earlier_run(settings, tmp_path):
+    """A researcher reads every table in the directory: a table an earlier run wrote and this one did
+    not (its pseudonyms from another run, perhaps another secret) was left there, unlisted in the
+    manifest, and joined wrongly. Now the earlier export's files (and a stopped run's .tmp) go first."""
+    out = tmp_path / "export"
+    export_deidentified(settings, out)
+    assert (out / "alert_outcomes.parquet").exists()
+    (out / ".labels.parquet.tmp").write_bytes(b"half a table of a run that stopped")
+    with duckdb.connect(str(settings.duckdb_path)) as con:
+        con.execute("DROP VIEW alert_outcomes")  # this run writes no alert_outcomes
+    written = export_deidentified(settings, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "alert_outcomes" not in written
+    listed = ["manifest.json", *(f"{n}.parquet" for n in manifest["tables"])]
+    assert sorted(p.name for p in out.iterdir()) == sorted(listed)
+
+
+def test_the_export_refuses_a_directory_that_is_not_a_previous_export(settings, tmp_path):
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "scores.parquet").write_bytes(b"someone else's table")
+    result = CliRunner().invoke(app, ["batch", "export", "--deidentify", str(out)],
+                                env={"WARDWATCH_DATA_DIR": str(settings.data_dir), "WARDWATCH_DEID_SECRET": SECRET})
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "not a previous export" in result.stderr and "new or empty directory" in result.stderr
+    assert (out / "scores.parquet").read_bytes() == b"someone else's table"
+    export_deidentified(settings, tmp_path / "export")
+    (tmp_path / "export" / "notes.txt").write_text("my notes")  # a previous export, plus a file it did not write
+    with pytest.raises(ExportRefused, match="does not list"):
+        export_deidentified(settings, tmp_path / "export")
+    assert (tmp_path / "export" / "notes.txt").exists() and (tmp_path / "export" / "manifest.json").exists()
+
+
+def test_a_failed_export_leaves_no_table_behind(settings, tmp_path, monkeypatch):
+    import batch.export
+
+    real = batch.export.deidentify
+
+    def fails_on_labels(name, *args, **kwargs):
+        if name == "labels":
+            raise RuntimeError("disk full")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(batch.export, "deidentify", fails_on_labels)
+    with pytest.raises(RuntimeError):
+        export_deidentified(settings, tmp_path / "export")
+    assert list((tmp_path / "export").iterdir()) == []
