@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,6 +171,17 @@ def _secret(settings: Settings) -> bytes:
 
 
 MANIFEST = "manifest.json"
+# pseudonymous, not anonymous (whoever holds the secret, or links enough kept values, re-identifies a row):
+# readable by the exporting user only until someone decides to hand it on
+DIR_MODE, FILE_MODE = 0o700, 0o600
+ACCESS = (f"pseudonymous, not anonymous: still personal health data, to be handled as such; written readable "
+          f"by its owner only (directory {DIR_MODE:o} when the export created it, files {FILE_MODE:o})")
+
+
+def _private(path: Path):
+    """PATH opened for writing, created FILE_MODE (never readable by others, not even for a moment)."""
+    path.unlink(missing_ok=True)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
 
 
 def _previous_export(out_dir: Path) -> list[Path]:
@@ -209,7 +221,7 @@ def export_deidentified(settings: Settings, out_dir: Path, *, compression: str =
     if not settings.duckdb_path.exists():
         raise ExportRefused(f"{settings.duckdb_path} does not exist: run `wardwatch batch nightly` first")
     stale = _previous_export(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)  # an existing directory keeps its mode
     for path in stale:  # the manifest last: a run stopped here is still recognised as a previous export
         if path.name != MANIFEST:
             path.unlink(missing_ok=True)
@@ -238,17 +250,20 @@ def _write(settings: Settings, secret: bytes, out_dir: Path, compression: str) -
             frame = pl.from_arrow(con.sql(f'SELECT * FROM "{name}"').to_arrow_table())
             clean = deidentify(name, frame, secret, point_by_snapshot=by_snapshot)
             tmp = out_dir / f".{name}.parquet.tmp"
-            clean.write_parquet(tmp, compression=compression)
+            with _private(tmp) as f:
+                clean.write_parquet(f, compression=compression)
             tmp.replace(out_dir / f"{name}.parquet")
             written[name] = clean.height
     manifest = {"tables": written, "policy": {n: {"hashed": sorted([*p.hash, *(["point_id"] if p.point_id else [])]),
                                                   "shifted": list(p.shift),
                                                   "kept": list(p.keep), "age_band": p.age_band}
                                               for n, p in POLICY.items() if n in written},
+                "access": ACCESS,
                 "date_shift": f"whole days, per patient, within +-{MAX_SHIFT_DAYS}, never 0",
                 # what an export's hashes join with: an export from before 2026-11-27 hashed encounter_id alone
                 "hash": {"function": "HMAC-SHA256(secret, '<kind>|<id>')",
                          "encounter_id": "<id> is '<patient_id>|<encounter_id>' (since 2026-11-27; the encounter "
                                          "id alone before: those exports' encounter hashes do not join these)"}}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    with _private(out_dir / MANIFEST) as f:
+        f.write((json.dumps(manifest, indent=2) + "\n").encode())
     return written

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 from pathlib import Path
 
 import duckdb
@@ -385,3 +387,18 @@ def test_a_failed_export_leaves_no_table_behind(settings, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError):
         export_deidentified(settings, tmp_path / "export")
     assert list((tmp_path / "export").iterdir()) == []
+
+
+def test_the_export_is_readable_by_its_owner_only_and_says_it_is_pseudonymous(settings, tmp_path):
+    """Pseudonymous rows are still personal data: they were written with the umask's modes (0644 files
+    in a 0755 directory, readable by every account on the host). Now 0700 and 0600, and the manifest
+    tells the researcher what the files are."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "export"
+        export_deidentified(settings, out)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: 0o600 for p in out.iterdir()}
+    assert json.loads((out / "manifest.json").read_text())["access"].startswith("pseudonymous, not anonymous")
