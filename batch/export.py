@@ -49,6 +49,7 @@ from wardwatch.settings import Settings
 DAY_MS = 24 * 3600 * 1000
 MAX_SHIFT_DAYS = 365
 MIN_SECRET_CHARS = 16
+MIN_DISTINCT_CHARS = 8
 
 
 class ExportRefused(ValueError):
@@ -161,13 +162,22 @@ def deidentify(name: str, frame: pl.DataFrame, secret: bytes, *, point_by_snapsh
 
 
 def _secret(settings: Settings) -> bytes:
+    """The HMAC key, refused when missing, short or obviously weak (`"s" * 32`, `"12345678..."`): a key
+    a guess finds re-identifies every id and undoes every date shift of every export made with it."""
     secret = settings.deid_secret.get_secret_value() if settings.deid_secret else ""
+    kinds = {"lower" if ch.islower() else "upper" if ch.isupper() else "digit" if ch.isdigit() else "other"
+             for ch in secret}
     if len(secret) < MIN_SECRET_CHARS:
-        raise ExportRefused(
-            "the de-identified export needs WARDWATCH_DEID_SECRET (at least 16 characters), e.g. "
-            "`export WARDWATCH_DEID_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')`; "
-            "keep it out of the export: whoever holds it can re-identify the ids")
-    return secret.encode()
+        problem = f"needs WARDWATCH_DEID_SECRET (at least {MIN_SECRET_CHARS} characters)"
+    elif len(set(secret)) < MIN_DISTINCT_CHARS or len(kinds) < 2:
+        problem = (f"refuses a weak WARDWATCH_DEID_SECRET (fewer than {MIN_DISTINCT_CHARS} distinct characters, "
+                   "or only letters of one case, only digits or only symbols)")
+    else:
+        return secret.encode()
+    raise ExportRefused(
+        f"the de-identified export {problem}: generate one with "
+        "`export WARDWATCH_DEID_SECRET=$(python -c \"import secrets; print(secrets.token_urlsafe(32))\")`; "
+        "keep it out of the export: whoever holds it can re-identify the ids")
 
 
 MANIFEST = "manifest.json"

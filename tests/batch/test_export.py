@@ -402,3 +402,18 @@ def test_the_export_is_readable_by_its_owner_only_and_says_it_is_pseudonymous(se
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: 0o600 for p in out.iterdir()}
     assert json.loads((out / "manifest.json").read_text())["access"].startswith("pseudonymous, not anonymous")
+
+
+@pytest.mark.parametrize("weak", ["s" * 32, "abcdefghijklmnopqrstuvwxyz", "20260101202601012026",
+                                  "abababababcdcdcd1212"])
+def test_the_export_refuses_an_obviously_weak_secret_and_says_how_to_make_one(weak, settings, tmp_path):
+    """The secret was checked for length only: "s" * 32 keyed every hash and date shift, and a guess
+    re-identifies the whole export. Refused now, in one line saying how to generate a key."""
+    env = {"WARDWATCH_DATA_DIR": str(settings.data_dir), "WARDWATCH_DEID_SECRET": weak}
+    result = CliRunner().invoke(app, ["batch", "export", "--deidentify", str(tmp_path / "out")], env=env)
+    assert result.exit_code == 2 and result.stdout == "" and not (tmp_path / "out").exists()
+    assert "weak WARDWATCH_DEID_SECRET" in result.stderr and "secrets.token_urlsafe(32)" in result.stderr
+    assert weak not in result.stderr
+    strong = env | {"WARDWATCH_DEID_SECRET": "Tr0ub4dor&3-wardwatch"}
+    result = CliRunner().invoke(app, ["batch", "export", "--deidentify", str(tmp_path / "out")], env=strong)
+    assert result.exit_code == 0, result.output

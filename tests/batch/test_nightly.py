@@ -812,7 +812,7 @@ def test_two_points_of_one_message_at_one_time_are_two_rows_in_every_table_and_t
     from batch.export import export_deidentified
 
     settings = Settings(data_dir=tmp_path / "data", model_dir=tmp_path / "no-models", allowed_lateness_s=3600,
-                        deid_secret=SecretStr("s" * 32))
+                        deid_secret=SecretStr("wardwatch-test-secret-7Qx2"))
     normal = [hr(f, 1, T0, v, code=c) for f, v, c in (("hr", 80.0, codes.HEART_RATE), ("rr", 16.0, codes.RESP_RATE))]
     low_bp = hr("sbp", 1, T0 - 2 * 60_000, 80.0, code=codes.SYSTOLIC_BP)
     later = [hr("hr2", 1, T0 + 4 * HOUR_MS, 90.0), hr("sbp2", 1, T0 + 4 * HOUR_MS, 120.0, code=codes.SYSTOLIC_BP)]
