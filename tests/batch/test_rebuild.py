@@ -18,7 +18,7 @@ import pytest
 from batch.nightly import run_nightly
 from schemas import codes
 from schemas.cadence import snapshot_id
-from schemas.canonical import CanonicalEvent, Source, Status
+from schemas.canonical import LOINC, CanonicalEvent, Source, Status
 from schemas.features import FEATURE_NAMES
 from streams.archiver import ARCHIVE_SCHEMAS
 from wardwatch.settings import Settings
@@ -382,6 +382,14 @@ def test_a_preliminary_result_replaced_by_the_other_sources_final_one_is_no_curr
     assert sorted(versions["fact_id"].to_list()) == ["cdc:labs:1:2524-7", "fhir:Observation/9:2524-7"]
 
 
+def archived_event(fact, version, at, value, status, offset, source=Source.CDC, code=codes.HEART_RATE,
+                   system=LOINC, text=None, encounter_id=None) -> dict:
+    """A canonical event of MRN-0001 as an archived row (partition 0, `offset`), without its provenance."""
+    e = CanonicalEvent("MRN-0001", code, value, "/min", at, at, status, source, fact, version,
+                       encounter_id=encounter_id, code_system=system, value_text=text)
+    return {**{k: v for k, v in e.to_dict().items() if k != "provenance"}, "partition": 0, "offset": offset, "idx": 0}
+
+
 def test_a_retracted_reading_after_the_stay_does_not_stretch_the_patients_span():
     """A heart rate charted 3 days after the patient's last real reading, then entered in error (and its FHIR
     copy, an alias that never counted): patients.last_effective_ms was the withdrawn reading's time, so the
@@ -389,15 +397,10 @@ def test_a_retracted_reading_after_the_stay_does_not_stretch_the_patients_span()
     readings that stood, the observations the patient_timeline view shows."""
     from batch.features import classify_events
     from batch.rebuild import observation_versions, observations, patients
-    from schemas.canonical import CanonicalEvent, Source
 
     t = 1_800_000_000_000
     stray = t + HOUR_MS + 3 * 24 * HOUR_MS
-
-    def event(fact, version, at, value, status, offset, source=Source.CDC):
-        e = CanonicalEvent("MRN-0001", codes.HEART_RATE, value, "/min", at, at, status, source, fact, version)
-        return {**{k: v for k, v in e.to_dict().items() if k != "provenance"}, "partition": 0, "offset": offset, "idx": 0}
-
+    event = archived_event
     events = pl.DataFrame([event("cdc:vital_signs:1", 1, t, 80.0, Status.FINAL, 0),
                            event("cdc:vital_signs:2", 1, t + HOUR_MS, 84.0, Status.FINAL, 1),
                            event("cdc:vital_signs:3", 1, stray, 150.0, Status.FINAL, 2),
@@ -418,16 +421,12 @@ def test_a_retracted_reading_after_the_stay_does_not_stretch_the_encounters_span
     patient_timeline view shows; a retracted admission does not start it."""
     from batch.features import classify_events
     from batch.rebuild import encounters, observation_versions, observations
-    from schemas.canonical import LOINC, CanonicalEvent, Source
 
     t = 1_800_000_000_000
     stray = t + HOUR_MS + 3 * 24 * HOUR_MS
 
-    def event(fact, version, at, value, status, offset, source=Source.CDC, code=codes.HEART_RATE,
-              system=LOINC, text=None):
-        e = CanonicalEvent("MRN-0001", code, value, "/min", at, at, status, source, fact, version,
-                           encounter_id="V-1", code_system=system, value_text=text)
-        return {**{k: v for k, v in e.to_dict().items() if k != "provenance"}, "partition": 0, "offset": offset, "idx": 0}
+    def event(*args, **kwargs):
+        return archived_event(*args, **kwargs, encounter_id="V-1")
 
     admit = dict(code=codes.ADMISSION, system=codes.CONTEXT)
     events = pl.DataFrame([event("cdc:encounters:0:admission", 1, t - 2 * 24 * HOUR_MS, None, Status.FINAL, 0,
