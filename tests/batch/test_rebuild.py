@@ -390,6 +390,16 @@ def archived_event(fact, version, at, value, status, offset, source=Source.CDC, 
     return {**{k: v for k, v in e.to_dict().items() if k != "provenance"}, "partition": 0, "offset": offset, "idx": 0}
 
 
+def two_readings_and_a_withdrawn_stray(event, t: int, stray: int, *, first_offset: int) -> list[dict]:
+    """Heart rates at t and t + 1 h that stand, and one at `stray` (with its FHIR copy) entered in error."""
+    o = first_offset
+    return [event("cdc:vital_signs:1", 1, t, 80.0, Status.FINAL, o),
+            event("cdc:vital_signs:2", 1, t + HOUR_MS, 84.0, Status.FINAL, o + 1),
+            event("cdc:vital_signs:3", 1, stray, 150.0, Status.FINAL, o + 2),
+            event("fhir:Observation/3", 1, stray, 150.0, Status.FINAL, o + 3, Source.FHIR),
+            event("cdc:vital_signs:3", 2, stray, None, Status.ENTERED_IN_ERROR, o + 4)]
+
+
 def test_a_retracted_reading_after_the_stay_does_not_stretch_the_patients_span():
     """A heart rate charted 3 days after the patient's last real reading, then entered in error (and its FHIR
     copy, an alias that never counted): patients.last_effective_ms was the withdrawn reading's time, so the
@@ -400,12 +410,7 @@ def test_a_retracted_reading_after_the_stay_does_not_stretch_the_patients_span()
 
     t = 1_800_000_000_000
     stray = t + HOUR_MS + 3 * 24 * HOUR_MS
-    event = archived_event
-    events = pl.DataFrame([event("cdc:vital_signs:1", 1, t, 80.0, Status.FINAL, 0),
-                           event("cdc:vital_signs:2", 1, t + HOUR_MS, 84.0, Status.FINAL, 1),
-                           event("cdc:vital_signs:3", 1, stray, 150.0, Status.FINAL, 2),
-                           event("fhir:Observation/3", 1, stray, 150.0, Status.FINAL, 3, Source.FHIR),
-                           event("cdc:vital_signs:3", 2, stray, None, Status.ENTERED_IN_ERROR, 4)],
+    events = pl.DataFrame(two_readings_and_a_withdrawn_stray(archived_event, t, stray, first_offset=0),
                           infer_schema_length=None)
     classified = classify_events(events, allowed_lateness_ms=3_600_000, cross_source_tolerance=0.05)
     assert classified["outcome"].to_list()[3] == "duplicate"  # the FHIR copy: an alias of the CDC reading
@@ -435,11 +440,7 @@ def test_a_retracted_reading_after_the_stay_does_not_stretch_the_encounters_span
                                  Status.ENTERED_IN_ERROR, 1, **admit),
                            event("cdc:encounters:1:admission", 1, t - HOUR_MS, None, Status.FINAL, 2,
                                  text="inpatient", **admit),
-                           event("cdc:vital_signs:1", 1, t, 80.0, Status.FINAL, 3),
-                           event("cdc:vital_signs:2", 1, t + HOUR_MS, 84.0, Status.FINAL, 4),
-                           event("cdc:vital_signs:3", 1, stray, 150.0, Status.FINAL, 5),
-                           event("fhir:Observation/3", 1, stray, 150.0, Status.FINAL, 6, Source.FHIR),
-                           event("cdc:vital_signs:3", 2, stray, None, Status.ENTERED_IN_ERROR, 7)],
+                           *two_readings_and_a_withdrawn_stray(event, t, stray, first_offset=3)],
                           infer_schema_length=None)
     classified = classify_events(events, allowed_lateness_ms=3_600_000, cross_source_tolerance=0.05)
     current = observations(observation_versions(classified))
