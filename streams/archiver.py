@@ -22,7 +22,8 @@ preliminary_basis of alerts and scores) are nullable: part files written before 
                 schema: raw key/value + the error, so nothing leaves the system unrecorded
 
 Durability: rows are buffered, written to a hidden `.part-*.tmp` file in the target directory,
-fsynced and renamed; only then are the consumed offsets committed. A crash therefore loses no
+fsynced and renamed (the directory fsynced, and a newly made date/kind directory's parent too); only
+then are the consumed offsets committed. A crash therefore loses no
 record (it is re-read) but may archive one twice; batch/rebuild.py removes those duplicates by id.
 Readers glob `part-*.parquet`, so a left-over `.tmp` file is never read.
 """
@@ -350,10 +351,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_part(archive_dir: Path, kind: str, date: str, rows: list[dict[str, Any]]) -> Path:
-    """Write one part file atomically: hidden temp file, fsync, rename, fsync the directory."""
-    directory = archive_dir / kind / f"date={date}"
+def _make_durable_dirs(directory: Path) -> None:
+    """mkdir -p, then fsync the parent of every directory it created: a new date directory's own entry
+    lives in its parent, and without that fsync a power cut after the offsets were committed can take
+    the directory, and every part file renamed into it, away."""
+    created = []
+    d = directory
+    while not d.is_dir():
+        created.append(d)
+        d = d.parent
     directory.mkdir(parents=True, exist_ok=True)
+    for d in reversed(created):
+        _fsync_dir(d.parent)
+
+
+def write_part(archive_dir: Path, kind: str, date: str, rows: list[dict[str, Any]]) -> Path:
+    """Write one part file atomically: hidden temp file, fsync, rename, fsync the directory (and the
+    parents of any directory created for it)."""
+    directory = archive_dir / kind / f"date={date}"
+    _make_durable_dirs(directory)
     name = f"part-{uuid.uuid4().hex}.parquet"
     tmp = directory / f".{name}.tmp"
     table = pa.Table.from_pylist(rows, schema=ARCHIVE_SCHEMAS[kind])

@@ -271,6 +271,31 @@ def test_part_file_is_complete_and_no_temp_file_remains(tmp_path):
     assert pl.read_parquet(path)["fact_id"].to_list() == ["f1", "f2"]
 
 
+def test_a_new_date_directory_is_made_durable_before_the_part_file_counts_as_written(monkeypatch, tmp_path):
+    """The part file and its directory were fsynced, but not the entry of a newly made date= (or kind)
+    directory in its parent: the offsets were then committed, and a power cut could take the whole new
+    day's directory, with the rows the broker no longer re-delivers."""
+    import os
+
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    rows = [r.values for r in rows_for("canonical", record(encode_batch([event("f1")])))]
+    path = write_part(archive, "canonical", "2024-06-10", rows)
+    assert {str(archive), str(archive / "canonical"), str(path.parent)} <= set(synced)
+
+    synced.clear()  # the next part of that day: its directory exists, only the file and it are synced
+    write_part(archive, "canonical", "2024-06-10", rows)
+    assert str(archive / "canonical") not in synced and str(path.parent) in synced
+
+
 def test_left_over_temp_file_is_never_read(tmp_path):
     rows = [r.values for r in rows_for("canonical", record(encode_batch([event("f1")])))]
     path = write_part(tmp_path, "canonical", "2024-06-10", rows)
