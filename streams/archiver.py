@@ -1,7 +1,8 @@
 """Archiver: every output topic -> Parquet, crash-safe, at-least-once.
 
 Layout: <archive_dir>/<kind>/date=YYYY-MM-DD/part-<uuid>.parquet, kind one of ARCHIVE_SCHEMAS.
-The date is the record's clinical/scoring time where it has one, else the Kafka timestamp.
+The date is the record's clinical/scoring time where it has one, else the Kafka timestamp (one beyond
+the years 1-9999 clamped to them).
 
 One row per archived thing (`kafka_*` columns are the record's own position on its topic):
 
@@ -137,6 +138,16 @@ def utc_date(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
+def kafka_date(ms: int) -> str:
+    """The date of a Kafka timestamp: any int64 a producer set, one beyond the years 1-9999 (a timestamp
+    in microseconds, say) clamped to them. utc_date raised on it outside any row maker, so one such record
+    stopped the archiver at every restart: no topic was archived until that record left retention."""
+    try:
+        return utc_date(ms)
+    except (ValueError, OverflowError, OSError):
+        return "0001-01-01" if ms < 0 else "9999-12-31"
+
+
 def _json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
@@ -199,7 +210,7 @@ def _deadletter_rows(rec: RawRecord) -> list[Row]:
         else:
             row[column] = text
     row["other_headers_json"] = _json_text(other) if other else None
-    return [Row("deadletter", utc_date(rec.timestamp_ms), row | _kafka(rec))]
+    return [Row("deadletter", kafka_date(rec.timestamp_ms), row | _kafka(rec))]
 
 
 def _snapshot_point(d: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +258,7 @@ def _gaps_rows(rec: RawRecord) -> list[Row]:
     subscription = d.get("subscription") or (rec.key.decode("utf-8", errors="replace") if rec.key else None)
     row = {"subscription": _text(subscription), "gap_kind": _text(d.get("kind") or d.get("type")),
            "record_json": _json_text(d)} | _kafka(rec)
-    return [Row("gaps", utc_date(rec.timestamp_ms), row)]
+    return [Row("gaps", kafka_date(rec.timestamp_ms), row)]
 
 
 def _alerts_rows(rec: RawRecord) -> list[Row]:
@@ -260,8 +271,8 @@ def _alerts_rows(rec: RawRecord) -> list[Row]:
            "status": _text(h.get("status")), "original_alert_id": _text(h.get("original_alert_id")),
            "reason": _text(h.get("reason")), "resource_json": _json_text(d.get("resource")),
            "preliminary_basis": h.get("preliminary_basis")} | _kafka(rec)
-    date_ms = row["scoring_ms"] if row["scoring_ms"] is not None else rec.timestamp_ms
-    return [Row("alerts", utc_date(date_ms), row)]
+    date = utc_date(row["scoring_ms"]) if row["scoring_ms"] is not None else kafka_date(rec.timestamp_ms)
+    return [Row("alerts", date, row)]
 
 
 _ROW_MAKERS = {"canonical": _canonical_rows, "late": _late_rows, "deadletter": _deadletter_rows,
@@ -337,7 +348,7 @@ def rows_for(kind: str, rec: RawRecord) -> list[Row]:
     except Exception as exc:  # data error: keep the bytes, never stop the archive
         row = {"topic": rec.topic, "key": rec.key, "value": rec.value,
                "error": f"{type(exc).__name__}: {exc}"[:1000]} | _kafka(rec)
-        return [Row("unreadable", utc_date(rec.timestamp_ms), row)]
+        return [Row("unreadable", kafka_date(rec.timestamp_ms), row)]
 
 
 # --- durable files -------------------------------------------------------------------------------

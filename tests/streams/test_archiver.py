@@ -195,6 +195,37 @@ def test_one_badly_typed_record_does_not_stop_the_archive(monkeypatch, tmp_path)
     assert archiver._consumer.commits == [{(topics.canonical, 0): 2}]
 
 
+class StampedMessage(Message):
+    def __init__(self, topic: str, offset: int, value: bytes, timestamp_ms: int):
+        super().__init__(topic, offset, value)
+        self._timestamp_ms = timestamp_ms
+
+    def timestamp(self):
+        from confluent_kafka import TIMESTAMP_CREATE_TIME
+
+        return TIMESTAMP_CREATE_TIME, self._timestamp_ms
+
+
+def test_a_record_with_a_timestamp_beyond_year_9999_is_archived_and_does_not_stop_the_archiver(monkeypatch, tmp_path):
+    """A producer that set its Kafka timestamps in microseconds (the broker accepts any int64): dating the
+    dead letter, or the unreadable row of a bad record, raised outside every row maker, so the archiver
+    stopped on that record at every restart and archived no topic any more."""
+    monkeypatch.setattr("confluent_kafka.Consumer", StandInConsumer)
+    settings = Settings(topic_prefix="t", data_dir=tmp_path)
+    topics = topics_for(settings)
+    archiver = Archiver(settings, topics, flush_rows=1)
+    micros = T0 * 1000
+    archiver._consumer.messages = [StampedMessage(topics.deadletter, 0, NOT_UTF8, micros),
+                                   StampedMessage(topics.canonical, 0, b"not json", micros),
+                                   StampedMessage(topics.canonical, 1, encode_batch([event("f1")]), -micros)]
+
+    assert archiver.poll_once() == 3
+    assert rebuild.read_archive(settings.archive_dir, "deadletter")["value"].to_list() == [NOT_UTF8]
+    assert rebuild.read_archive(settings.archive_dir, "unreadable")["value"].to_list() == [b"not json"]
+    assert rebuild.read_archive(settings.archive_dir, "canonical")["fact_id"].to_list() == ["f1"]
+    assert archiver._consumer.commits == [{(topics.deadletter, 0): 1, (topics.canonical, 0): 2}]
+
+
 def test_a_record_kept_as_unreadable_moves_a_counter_on_metrics(monkeypatch, tmp_path):
     """The archiver kept a bad record as an `unreadable` row, and nothing on /metrics said so (it exposed
     no counters at all): an operator learned of it only by reading the archive."""
