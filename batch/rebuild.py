@@ -14,7 +14,7 @@ same record); each kind has one dedupe key, the first archived row wins:
     scores      snapshot_id
     alerts      alert_id + kind
     scores_shadow  snapshot_id (+ model_version: a shadow score is per candidate model)
-    gaps        the gap record's own Kafka position
+    gaps        the gap record's id (a watcher restart republishes it identically), else its Kafka position
 
 Context facts (code_system schemas.codes.CONTEXT: admission, location, discharge, sex, birth year)
 are not observations: they become the `patients` and `encounters` tables instead.
@@ -145,7 +145,14 @@ def scores_shadow(raw: pl.DataFrame) -> pl.DataFrame:
 
 
 def gaps(raw: pl.DataFrame) -> pl.DataFrame:
-    return _first_per_key(raw, list(_KAFKA_POSITION), []).sort(*_KAFKA_POSITION)
+    """One row per gap record: by its id (streams/subscriptions.py record_id, deterministic: the watcher
+    killed before its commit publishes the same record again at a later offset), the first in Kafka
+    order; a record without an id by its own Kafka position."""
+    record_id = pl.col("record_json").str.json_path_match("$.id")
+    dedupe_key = (pl.when(record_id.is_not_null()).then(pl.concat_str([pl.lit("id"), record_id], separator="|"))
+                  .otherwise(pl.concat_str([pl.lit("kafka"), *_KAFKA_POSITION], separator="|")))
+    return (_first_per_key(raw.with_columns(_dedupe_key=dedupe_key), ["_dedupe_key"], list(_KAFKA_POSITION))
+            .drop("_dedupe_key").sort(*_KAFKA_POSITION))
 
 
 _IS_CONTEXT = pl.col("code_system") == codes.CONTEXT

@@ -182,6 +182,34 @@ def test_observations_exclude_context_facts(settings):
                      f"'{codes.CONTEXT}'")["n"][0] == 8  # kept in the raw event table
 
 
+def test_a_gap_the_subscription_watcher_published_again_after_a_kill_is_one_row_incremental_or_full(settings):
+    """The watcher, SIGKILLed after publishing a gap but before its commit, publishes the same record (same
+    deterministic id) again at a later offset. The gaps table kept both (deduplicated by Kafka position only):
+    the analyst saw two gaps where the FHIR server lost one run of notifications."""
+    from streams.archiver import rows_for
+    from streams.archiver import RawRecord
+    from streams.subscriptions import record_id
+
+    gap = {"id": record_id("sub-1", "gap", 5, 6), "subscription": "sub-1", "kind": "gap", "first_missing": 5,
+           "last_missing": 6, "detected_at_ms": T0, "last_seen_event_number": 7}
+    other = gap | {"id": record_id("sub-1", "gap", 9, 9), "first_missing": 9, "last_missing": 9}
+
+    def gap_rows(*records: tuple[int, dict]) -> list[dict]:
+        return [row.values for offset, value in records for row in rows_for("gaps", RawRecord(
+            "t.fhir.gaps", 0, offset, T0, b"sub-1", orjson.dumps(value)))]
+
+    stage1(settings.archive_dir)
+    write(settings.archive_dir, "gaps", "g1", gap_rows((0, gap)))
+    run_nightly(settings, **STANDINS)  # the first night saw the first copy
+    write(settings.archive_dir, "gaps", "g2", gap_rows((1, gap), (2, other)))  # the copy after the kill
+    full = twin(settings)
+    incremental = Path(run_nightly(settings, **STANDINS)["duckdb_path"])
+    rebuilt = Path(run_nightly(full, full=True, **STANDINS)["duckdb_path"])
+    for db in (incremental, rebuilt):
+        assert frame(db, 'SELECT kafka_offset, json_extract_string(record_json, \'$.first_missing\') AS first '
+                         'FROM gaps ORDER BY kafka_offset').rows() == [(0, "5"), (2, "9")]
+
+
 def test_shadow_scores_gaps_and_labels_are_tables(settings):
     stage1(settings.archive_dir)
     stage2(settings.archive_dir)
