@@ -26,7 +26,8 @@ Durability: rows are buffered, written to a hidden `.part-*.tmp` file in the tar
 fsynced and renamed (the directory fsynced, and a newly made date/kind directory's parent too); only
 then are the consumed offsets committed. A crash therefore loses no
 record (it is re-read) but may archive one twice; batch/rebuild.py removes those duplicates by id.
-Readers glob `part-*.parquet`, so a left-over `.tmp` file is never read.
+Readers glob `part-*.parquet`, so a left-over `.tmp` file is never read; an archiver starting removes
+those older than an hour (their writer was killed mid-write).
 """
 
 from __future__ import annotations
@@ -391,13 +392,33 @@ def write_part(archive_dir: Path, kind: str, date: str, rows: list[dict[str, Any
             os.fsync(f.fileno())
     except BaseException:
         # a full disk fails mid-file: the half-written file would hold on to the space the
-        # restarted archiver needs (nothing reads or removes a .tmp file later)
+        # restarted archiver needs (nothing reads it; only a restart an hour on removes it)
         tmp.unlink(missing_ok=True)
         raise
     final = directory / name
     os.replace(tmp, final)
     _fsync_dir(directory)
     return final
+
+
+STALE_TEMP_S = 3600.0  # a part is written in seconds: a temp file untouched this long lost its writer
+
+
+def remove_stale_temp_files(archive_dir: Path, older_than_s: float = STALE_TEMP_S) -> int:
+    """Remove the temp files of writers killed mid-write (SIGKILL, OOM, power cut: no `except` ran), which
+    nothing reads and which otherwise held their space for ever. Only old ones: another archiver sharing the
+    volume may be writing one now (and if it were not, its rename fails and its records are re-read).
+    Returns how many were removed."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for tmp in archive_dir.glob("*/date=*/.part-*.parquet.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+    return removed
 
 
 def part_files(archive_dir: Path, kind: str) -> list[Path]:
@@ -419,6 +440,8 @@ class Archiver:
         from confluent_kafka import Consumer
 
         self.archive_dir = settings.archive_dir
+        if self.archive_dir.is_dir() and (stale := remove_stale_temp_files(self.archive_dir)):
+            log.warning("removed %d temp file(s) an archiver killed mid-write left behind", stale)
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size

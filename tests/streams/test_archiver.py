@@ -335,6 +335,28 @@ def test_left_over_temp_file_is_never_read(tmp_path):
     assert rebuild.read_archive(tmp_path, "canonical")["fact_id"].to_list() == ["f1"]
 
 
+def test_a_restarted_archiver_removes_the_temp_file_a_kill_mid_write_left_but_not_a_live_one(monkeypatch, tmp_path):
+    """SIGKILLed mid-write, no `except` runs: the hidden temp file stayed on the archive volume for ever,
+    one per kill, and nothing ever removed it."""
+    import os
+    import time
+
+    monkeypatch.setattr("confluent_kafka.Consumer", StandInConsumer)
+    settings = Settings(topic_prefix="t", data_dir=tmp_path)
+    rows = [r.values for r in rows_for("canonical", record(encode_batch([event("f1")])))]
+    path = write_part(settings.archive_dir, "canonical", "2024-06-10", rows)
+    killed = path.parent / ".part-killed.parquet.tmp"
+    killed.write_bytes(b"PAR1 half written")
+    two_hours_ago = time.time() - 7200
+    os.utime(killed, (two_hours_ago, two_hours_ago))
+    live = path.parent / ".part-being-written.parquet.tmp"  # another archiver on the volume, writing now
+    live.write_bytes(b"PAR1 being written")
+
+    Archiver(settings, topics_for(settings))
+    assert not killed.exists()
+    assert live.exists() and path.exists()
+
+
 # --- the worker on the real broker ---------------------------------------------------------------
 
 
