@@ -68,6 +68,21 @@ def test_a_changed_message_is_one_scoring_point_and_a_high_news2_opens_one_alert
     assert make_event_id(f"cdc:vital_signs:1:{codes.HEART_RATE}", 1) in basis
 
 
+def test_an_alert_carries_the_raw_produce_time_of_the_message_that_triggered_it(processor):
+    # the bench's event-to-alert latency (benchmarks/pipeline.py) reads ww.produced_ns on the alert
+    # record: the raw produce time of the message that raised it, not of an earlier one in the batch
+    store: dict[str, PatientRecord] = {}
+    calm = dataclasses.replace(msg(0, vitals("p2", T0, 1, rr=16, spo2=97, flow=0.0, sbp=120, hr=70, acvpu=0,
+                                                 temp=37.0)), produced_ns=111)
+    high = dataclasses.replace(msg(1, vitals("p2", T0 + 15 * MIN, 2)), produced_ns=222)
+    out = run(processor, [calm, high], store)
+    [(_, value, headers)] = out.alerts
+    assert orjson.loads(value)["header"]["kind"] == "open"
+    assert headers == [("ww.produced_ns", b"222")]
+    scores = {orjson.loads(v)["offset"]: h for _, v, h in out.scores}
+    assert scores[1] == headers  # as on the score record of the same point
+
+
 def test_an_alert_names_its_patient_by_mrn_not_as_the_fhir_servers_patient_of_that_id(tmp_path):
     """The key is the MRN (the CDC rows' patient key): "Patient/<MRN>" would be the server's Patient of that
     id, another patient's on a HAPI server numbering 1, 2, 3... A facade's Patient ids are the MRNs."""
