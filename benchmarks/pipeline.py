@@ -5,11 +5,15 @@
                    same raw message values the pipeline gets, as many of them
       2. pipeline  replay (clinosim cohort, no faults, repeated with fresh patient ids)
                      -> `wardwatch ingest` + `wardwatch worker` (child processes, fresh prefixes)
-                     -> scores topic, read by a confluent-kafka consumer in this process
+                     -> scores and alerts topics, read by a confluent-kafka consumer in this process
 
     pipeline events/s = raw messages / (last score record received - first measured message produced)
     latency           = score record received - its `ww.produced_ns` header (the raw message's
                         produce time, carried by ingest onto the canonical message, then by the worker)
+    alert latency     = alert record received - its `ww.produced_ns` header: event-to-alert, from the
+                        raw message whose scoring point raised (amended, resolved) the alert to the
+                        alert record a clinicians' app reads; the worker produces it in the same batch
+                        as that point's score record
 
 Order of the phases: the unpaced backlog; the paced loads (`--rates`) up to its events/s; the search
 for the max sustained rate; the paced loads beyond its events/s last, since an overload leaves the
@@ -110,6 +114,25 @@ class ScoreArrival:
     produced_ns: int | None  # the ww.produced_ns header, None when a hop dropped it
     patient_id: str
     path: str | None  # "model" | "rule"
+
+
+@dataclass(frozen=True, slots=True)
+class AlertArrival:
+    received_ns: int
+    produced_ns: int | None  # the ww.produced_ns header of the message that triggered the alert
+    patient_id: str  # the record's key
+
+
+def alert_figures(arrivals: list[AlertArrival]) -> dict:
+    """Event-to-alert latency in ms over a phase's alert records (every kind: open, escalate, amend,
+    resolve); the latencies are None when no alert record (with a produce time) arrived."""
+    latencies_ms = [(a.received_ns - a.produced_ns) / 1e6 for a in arrivals if a.produced_ns is not None]
+    return {
+        "n_alerts": len(arrivals),
+        "alert_latency_ms_p50": percentile(latencies_ms, 50) if latencies_ms else None,
+        "alert_latency_ms_p99": percentile(latencies_ms, 99) if latencies_ms else None,
+        "alert_latency_ms_max": max(latencies_ms) if latencies_ms else None,
+    }
 
 
 def pipeline_figures(n_events: int, first_produced_ns: int, fed_ns: int, arrivals: list[ScoreArrival]) -> dict:
@@ -254,11 +277,14 @@ def combine(pipeline: dict, baseline: dict, facts: dict) -> dict:
 
 @dataclass
 class ScoreCollector:
-    """A background consumer of the scores topic that timestamps each record as it is handed over."""
+    """A background consumer of the scores topic (and of the alerts topic, when given) that timestamps
+    each record as it is handed over. `arrivals` are the score records, `alerts` the alert records."""
 
     settings: Settings
     topic: str
+    alerts_topic: str | None = None
     arrivals: list[ScoreArrival] = field(default_factory=list)
+    alerts: list[AlertArrival] = field(default_factory=list)
     error: BaseException | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _changed: threading.Condition = field(default_factory=threading.Condition)
@@ -276,6 +302,13 @@ class ScoreCollector:
     def snapshot(self) -> list[ScoreArrival]:
         """A copy of the arrivals so far (raises the consumer's error, if it failed)."""
         return self.wait_for(lambda _: True, 0)
+
+    def alert_snapshot(self) -> list[AlertArrival]:
+        """A copy of the alert arrivals so far (raises the consumer's error, if it failed)."""
+        with self._changed:
+            if self.error is not None:
+                raise self.error
+            return list(self.alerts)
 
     def wait_for(self, predicate, timeout_s: float) -> list[ScoreArrival] | None:
         """A copy of the arrivals once predicate(arrivals) holds, or None after timeout_s."""
@@ -299,23 +332,27 @@ class ScoreCollector:
             "fetch.wait.max.ms": 10,  # as the baseline's sink: no 500 ms fetch hold in the latency
         })
         try:
-            consumer.subscribe([self.topic])
+            consumer.subscribe([self.topic, *filter(None, [self.alerts_topic])])
             while not self._stop.is_set():
                 # a short timeout: consume() holds what it has until 500 records or the timeout, and
                 # that wait would count as pipeline latency
                 batch = consumer.consume(num_messages=500, timeout=POLL_S)
                 received_ns = time.time_ns()
-                got = []
+                got, alerts = [], []
                 for msg in batch:
                     if msg.error():
                         raise KafkaException(msg.error())
                     produced = next((v for k, v in msg.headers() or () if k == PRODUCED_NS_HEADER), None)
+                    produced_ns = int(produced) if produced else None
+                    if msg.topic() == self.alerts_topic:  # keyed by patient id (streams/topics.py)
+                        alerts.append(AlertArrival(received_ns, produced_ns, (msg.key() or b"").decode()))
+                        continue
                     record = orjson.loads(msg.value())
-                    got.append(ScoreArrival(received_ns, int(produced) if produced else None,
-                                            record["patient_id"], record.get("path")))
-                if got:
+                    got.append(ScoreArrival(received_ns, produced_ns, record["patient_id"], record.get("path")))
+                if got or alerts:
                     with self._changed:
                         self.arrivals.extend(got)
+                        self.alerts.extend(alerts)
                         self._changed.notify_all()
         except BaseException as exc:  # handed to the caller's thread
             with self._changed:
@@ -330,7 +367,7 @@ class ScoreCollector:
 CHECK_EVERY_S = 0.5  # how often a wait also checks that the child services are still running
 
 
-def _is_measured(a: ScoreArrival) -> bool:
+def _is_measured(a: ScoreArrival | AlertArrival) -> bool:
     return not a.patient_id.endswith(WARMUP_SUFFIX)
 
 
@@ -492,7 +529,7 @@ def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, me
     """Offer `messages` (made by paced_messages with this tag and rate) at `rate` msg/s and report the
     latency of their scores."""
     tag = f"-{tag}{rate}c"
-    before = len(collector.snapshot())
+    before, alerts_before = len(collector.snapshot()), len(collector.alert_snapshot())
     outcomes_before = worker_outcomes(settings, topics)
     started_ns = time.time_ns()
     sent = publish(Replay(messages, {}), settings, topics, rate=rate)
@@ -503,6 +540,7 @@ def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, me
                              "late": outcomes["worker_late"] - outcomes_before["worker_late"]})
     arrivals = [a for a in collector.snapshot()[before:] if tag in a.patient_id]
     figures = pipeline_figures(len(messages), started_ns, fed_ns, arrivals)
+    alerts = [a for a in collector.alert_snapshot()[alerts_before:] if tag in a.patient_id]
     worked_ns = max((a.received_ns for a in arrivals), default=fed_ns)
     achieved = len(messages) / sent["seconds"] if sent["seconds"] > 0 else float("nan")
     return {"offered_per_s": rate, "achieved_offer_per_s": round(achieved, 1),
@@ -511,6 +549,8 @@ def _run_paced(settings: Settings, topics: Topics, collector: ScoreCollector, me
             # the pipeline kept up when its output rate matched the offer over the phase
             "kept_up": figures["pipeline_events_per_s"] >= 0.9 * min(rate, achieved),
             "latency_grew": backlog_grew(arrivals),
+            # event-to-alert: the alert records of the phase's patients (their scores' batches)
+            **alert_figures(alerts),
             # late events are cheap and unscored: a phase that made them did not do the whole work
             "late_share": phase_late,
             "cpu_us_per_msg": cpu.per_message(started_ns, worked_ns, len(messages)) if cpu else None}
@@ -540,7 +580,7 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
     max-sustained-rate try (tag "s"), made when the phase is about to run."""
     logs = settings.data_dir / "logs"
     with ExitStack() as stack:
-        collector = ScoreCollector(settings, topics.scores)
+        collector = ScoreCollector(settings, topics.scores, topics.alerts)
         collector.start()
         stack.callback(collector.stop)
         procs = {}
@@ -567,6 +607,7 @@ def _run_pipeline(settings: Settings, topics: Topics, warmup: list[RawMessage], 
                                                      logs=logs)
             outcomes = _wait_until_drained(settings, topics, deadline=deadline, procs=procs, logs=logs)
         result = {**pipeline_figures(len(measured), first_produced_ns, fed_ns, arrivals), "went_quiet": went_quiet,
+                  **alert_figures([a for a in collector.alert_snapshot() if _is_measured(a)]),
                   **outcomes, "cpu_us_per_msg": cpu.per_message(
                       first_produced_ns, max((a.received_ns for a in arrivals), default=fed_ns), len(measured))}
         phases = []
@@ -688,6 +729,11 @@ def run_bench(*, patients: int = 8, repeat: int = 60, console: Console | None = 
     return result
 
 
+def _ms(value: float | None) -> str:
+    """A latency cell: "none" when the phase had no alert record to time."""
+    return "none" if value is None else f"{value:,.1f}"
+
+
 def print_table(console: Console, r: dict) -> None:
     t = Table(title="wardwatch bench (embedded broker)")
     t.add_column("")
@@ -699,6 +745,10 @@ def print_table(console: Console, r: dict) -> None:
     t.add_row("backlog latency p99 (ms)", f"{r['latency_ms_p99']:,.1f}", "")
     t.add_row("raw messages in", f"{r['n_events']:,}", f"{r['baseline_n']:,}")
     t.add_row("score records out", f"{r['n_scores']:,}", "")
+    if "n_alerts" in r:  # event-to-alert (the alert records of the backlog's patients)
+        t.add_row("alert records out", f"{r['n_alerts']:,}", "")
+        t.add_row("backlog alert latency p50 (ms)", _ms(r["alert_latency_ms_p50"]), "")
+        t.add_row("backlog alert latency p99 (ms)", _ms(r["alert_latency_ms_p99"]), "")
     console.print(t)
     if r.get("late_share") is not None:
         why = ("; read out of step across the raw topics, they went to the late topic, unscored, which "
@@ -706,10 +756,12 @@ def print_table(console: Console, r: dict) -> None:
         console.print(f"late canonical events in the backlog: {r['worker_late']:,} of "
                       f"{r['worker_late'] + r['worker_accepted']:,} ({r['late_share']:.0%}{why})")
     if r.get("paced") or r.get("sustained"):
-        pt = Table(title="latency at an offered load (raw produce -> score record; max: the highest load tried "
-                         "that was sustained)")
+        pt = Table(title="latency at an offered load (raw produce -> score record; alert: raw produce -> alert "
+                         "record, none when the phase raised no alert; max: the highest load tried that was "
+                         "sustained)")
         for col in ("offered/s", "achieved offer/s", "p50 ms", "p99 ms", "max ms", "sustained",
-                    "baseline p50 ms", "baseline p99 ms"):
+                    "baseline p50 ms", "baseline p99 ms", "alerts", "alert p50 ms", "alert p99 ms",
+                    "alert max ms"):
             pt.add_column(col, justify="right")
         max_row = [{**r["sustained"], "label": f"{r['sustained']['offered_per_s']:,} max"}
                    ] if r.get("sustained") else []
@@ -718,7 +770,9 @@ def print_table(console: Console, r: dict) -> None:
                        f"{ph['latency_ms_p50']:,.1f}", f"{ph['latency_ms_p99']:,.1f}", f"{ph['latency_ms_max']:,.1f}",
                        sustained_verdict(ph),
                        f"{ph.get('baseline_latency_ms_p50', float('nan')):,.1f}",
-                       f"{ph.get('baseline_latency_ms_p99', float('nan')):,.1f}")
+                       f"{ph.get('baseline_latency_ms_p99', float('nan')):,.1f}",
+                       f"{ph['n_alerts']:,}" if "n_alerts" in ph else "", _ms(ph.get("alert_latency_ms_p50")),
+                       _ms(ph.get("alert_latency_ms_p99")), _ms(ph.get("alert_latency_ms_max")))
         console.print(pt)
     phases = [*r.get("paced", []), *filter(None, [r.get("sustained")])]
     cpu_rows = [("backlog", r.get("cpu_us_per_msg")),

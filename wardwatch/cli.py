@@ -683,8 +683,8 @@ def bench(
 
     Prints events/s (unpaced: a backlog fed as fast as one producer goes) next to the baseline's
     (a plain relay of the same payloads, pre-filled), latency percentiles at each offered load next
-    to the relay's at the same load, the max sustained rate with its latency, and the worker's memory
-    per 10k patients. The relay runs in a process of its own, as ingest and worker do.
+    to the relay's at the same load (raw produce -> score record, and -> alert record: event-to-alert),
+    the max sustained rate with its latency, and the worker's memory per 10k patients. The relay runs in a process of its own, as ingest and worker do.
     """
     _check_result_path(json_path)
     _sigterm_unwinds()

@@ -6,7 +6,7 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from benchmarks.pipeline import (WARMUP_SUFFIX, ScoreArrival, ScoreCollector, _wait_until_quiet, backlog_grew, combine,
+from benchmarks.pipeline import (WARMUP_SUFFIX, AlertArrival, ScoreArrival, alert_figures, print_table, ScoreCollector, _wait_until_quiet, backlog_grew, combine,
                                  CpuSampler, Epochs, cpu_per_message, event_span_ms, cpu_seconds, id_pattern, late_share, memory_figures, paced_messages, pipeline_figures, repeated,
                                  next_search_rate, run_bench, search_rates, split_by_capacity, sustained, sustained_verdict, with_suffix)
 from schemas.cdc import parse_cdc
@@ -279,6 +279,61 @@ def test_no_scores_means_no_throughput():
     assert figures["pipeline_events_per_s"] == 0.0 and math.isnan(figures["latency_ms_p99"])
 
 
+def test_alert_latency_is_from_the_raw_produce_to_the_alert_record():
+    ms = 1_000_000
+    alerts = [AlertArrival(1_010 * ms, 1_000 * ms, "a"), AlertArrival(2_040 * ms, 2_000 * ms, "b"),
+              AlertArrival(3_020 * ms, 3_000 * ms, "a"), AlertArrival(3_500 * ms, None, "c")]
+    figures = alert_figures(alerts)
+
+    assert figures["n_alerts"] == 4  # the headerless one is counted, not timed
+    assert figures["alert_latency_ms_p50"] == pytest.approx(20.0)  # of 10, 40, 20 ms
+    assert figures["alert_latency_ms_max"] == pytest.approx(40.0)
+    assert 20.0 <= figures["alert_latency_ms_p99"] <= 40.0
+
+
+def test_a_phase_without_alerts_reports_no_alert_latency_rather_than_a_number():
+    assert alert_figures([]) == {"n_alerts": 0, "alert_latency_ms_p50": None, "alert_latency_ms_p99": None,
+                                 "alert_latency_ms_max": None}
+
+
+def test_the_printed_tables_show_alert_latency_next_to_the_unchanged_score_latency():
+    from rich.console import Console
+
+    phase = {"offered_per_s": 1000, "achieved_offer_per_s": 1000.0, "latency_ms_p50": 12.0, "latency_ms_p99": 34.0,
+             "latency_ms_max": 56.0, "kept_up": True, "latency_grew": False, "late_share": 0.0,
+             "baseline_latency_ms_p50": 1.0, "baseline_latency_ms_p99": 2.0,
+             "n_alerts": 7, "alert_latency_ms_p50": 13.5, "alert_latency_ms_p99": 41.25, "alert_latency_ms_max": 77.0}
+    quiet = {**phase, "offered_per_s": 10000, "n_alerts": 0, "alert_latency_ms_p50": None,
+             "alert_latency_ms_p99": None, "alert_latency_ms_max": None}
+    r = {"pipeline_events_per_s": 5000.0, "baseline_events_per_s": 9000.0, "latency_ms_p50": 900.0,
+         "latency_ms_p99": 1900.0, "n_events": 100, "baseline_n": 100, "n_scores": 40, "paced": [phase, quiet],
+         "n_alerts": 3, "alert_latency_ms_p50": 950.0, "alert_latency_ms_p99": 1950.0, "alert_latency_ms_max": 2000.0,
+         "went_quiet": True, "n_scores_restamped": 0, "n_scores_without_produced_ns": 0, "ratio": 0.55,
+         "n_patients": 2, "scoring_paths": {"rule": 40}, "cpu_count": 2, "python_version": "3.11", "timestamp": "t"}
+    console = Console(record=True, width=400)
+    print_table(console, r)
+    lines = console.export_text().splitlines()
+
+    [row_1k] = [line for line in lines if line.lstrip("│ ").startswith("1,000 ")]
+    cells = [c.strip() for c in row_1k.split("│") if c.strip()]
+    assert cells[2:5] == ["12.0", "34.0", "56.0"]  # score latency as before
+    assert cells[-4:] == ["7", "13.5", "41.2", "77.0"]  # alerts, alert p50, p99, max
+    [row_10k] = [line for line in lines if line.lstrip("│ ").startswith("10,000 ")]
+    assert [c.strip() for c in row_10k.split("│") if c.strip()][-4:] == ["0", "none", "none", "none"]
+    assert any("alert records out" in line and "3" in line for line in lines)
+    assert any("backlog alert latency p99 (ms)" in line and "1,950.0" in line for line in lines)
+
+
+def test_the_collector_keeps_alert_records_apart_from_score_records():
+    collector = ScoreCollector(Settings(), "scores", "alerts")
+    with collector._changed:
+        collector.alerts.append(AlertArrival(2, 1, "C0-0001-r0"))
+    assert collector.snapshot() == [] and collector.alert_snapshot() == [AlertArrival(2, 1, "C0-0001-r0")]
+    collector.error = RuntimeError("broker gone")
+    with pytest.raises(RuntimeError, match="broker gone"):
+        collector.alert_snapshot()
+
+
 def test_ratio_is_pipeline_over_baseline():
     baseline = {"baseline_events_per_s": 2000.0, "feed_per_s": 3000.0,
                 "n": 10}
@@ -365,6 +420,11 @@ def test_a_small_run_measures_both_sides(tmp_path):
     (phase,) = result["paced"]
     assert phase["offered_per_s"] == 200 and phase["n_events"] == 200 and phase["n_scores"] > 0
     assert math.isfinite(phase["latency_ms_p99"]) and phase["latency_ms_p99"] >= phase["latency_ms_p50"]
+    # event-to-alert: the alert records are read too, each timed from its raw produce like the scores
+    for figures in (result, phase):
+        assert figures["n_alerts"] >= 0 and (figures["alert_latency_ms_p99"] is None) == (figures["n_alerts"] == 0)
+        if figures["n_alerts"]:
+            assert 0 < figures["alert_latency_ms_p50"] <= figures["alert_latency_ms_p99"] <= figures["alert_latency_ms_max"]
     # next to the baseline's hop latency at the same offered load
     assert math.isfinite(phase["baseline_latency_ms_p99"]) and phase["baseline_latency_ms_p99"] > 0
     # the backlog's events are accounted for as applied or late, and the late share is reported
