@@ -139,8 +139,23 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 _CREDENTIAL_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-api-key)(\s*:\s*)[^'\"\r\n]*")
 
 
-def redact(text: str) -> str:
+# a traceback's frame line (`  File "/app/streams/app.py", line 412, in process_batch`): its line number is
+# never input, and is kept, so a maintainer can find the line; the path and the name are scrubbed as the rest
+_FRAME_LINE = re.compile(r'^(\s*File "[^"\n]*", )line (\d+)(, in .*)$')
+
+
+def _redact_line(line: str) -> str:
+    if frame := _FRAME_LINE.match(line):
+        return f"{_redact_text(frame[1])}line {frame[2]}{_redact_text(frame[3])}"
+    return _redact_text(line)
+
+
+def _redact_text(text: str) -> str:
     return _IDENTIFIER_LIKE.sub("<redacted>", _CREDENTIAL_HEADER.sub(r"\1\2<redacted>", text))
+
+
+def redact(text: str) -> str:
+    return "\n".join(_redact_line(line) for line in text.split("\n"))
 
 
 class _Scrubbed:

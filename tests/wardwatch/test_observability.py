@@ -50,6 +50,20 @@ def test_exception_text_is_scrubbed_in_plain_text_logs_too(capsys):
     assert "C0-0001" not in err and "8b0f8d2e" not in err and "<redacted>" in err
 
 
+def test_a_tracebacks_frame_lines_keep_their_line_numbers_while_its_message_is_scrubbed(capsys):
+    # every line number of 3 or more digits was scrubbed with the identifiers: "line <redacted>, in ..."
+    obs.configure_logging("worker", "INFO")
+    try:
+        exec(compile("\n" * 1233 + "raise ValueError('no MRN-0001234 here')", "/app/streams/deep.py", "exec"))
+    except ValueError:
+        logging.getLogger("wardwatch.test").exception("could not parse a message")
+    entry = orjson.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert 'File "/app/streams/deep.py", line 1234, in <module>' in entry["exc"]
+    assert "0001234" not in entry["exc"] and "<redacted>" in entry["exc"]
+    # input shaped as a frame line keeps only its number
+    assert obs.redact('  File "x", line 7, in MRN0012345') == '  File "x", line 7, in <redacted>'
+
+
 @pytest.mark.parametrize("mrn", ["E1234567", "MRN0012345", "MRN_0012345", "Patient/pat12345"])
 def test_an_mrn_of_letters_then_digits_is_scrubbed_from_exception_text(mrn, capsys):
     # only a hyphenated prefix (C0-0001) or digits alone were scrubbed: a hospital's E1234567 was logged whole
