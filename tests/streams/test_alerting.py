@@ -554,6 +554,14 @@ def test_the_current_stays_discharge_resolves_an_alert_opened_after_it_by_vitals
     assert discharge(state, patient_id="p1", discharged_ms=T0, admitted_ms=T0 - 60 * MIN)[1] == []  # once
 
 
+def test_a_discharge_at_the_very_time_of_the_current_admission_is_this_stays():
+    """"At or after" the admission (discharge()): an admission and its discharge charted at one time (a
+    cancelled admission, a day case) end the alert that vitals arriving first opened; otherwise it would
+    stand on the board for good."""
+    state, _ = opened("high", 10)
+    state, [d] = discharge(state, patient_id="p1", discharged_ms=T0, admitted_ms=T0)
+    assert (d.kind, d.reason, d.tier) == ("resolve", "discharge", "high") and not state["open"]
+
 def test_a_discharged_patient_is_never_paged_by_a_new_or_escalated_alert():
     """A device still sending, or vitals charted after the discharge was recorded: nobody on the ward can act,
     and nothing would ever resolve such an alert (the discharge is already applied)."""
@@ -639,3 +647,19 @@ def test_a_resolution_on_complete_points_keeps_its_note_and_a_non_calm_point_for
     _, decisions = run(points)
     assert summary(decisions)[-1] == ("resolve", "none", 1, 20)
     assert decisions[-1].missing == () and resolution_resource(decisions[-1]) == RESOLVED
+
+
+def test_a_point_at_the_time_of_the_last_one_is_the_latest_not_an_older_round():
+    """A vitals round sent as several messages scores several points at one time: the later one is the
+    latest risk (a discharge resolves at its tier), and an incomplete calm one is named by the resolution it
+    counts towards, though its time was counted already (module docstring)."""
+    state, decisions = run([rule_point(0, "high"), rule_point(5, "high"), rule_point(5, "low")])
+    assert state["tier"] == "low"
+    _, [d] = discharge(state, patient_id="p1", discharged_ms=T0 + 6 * MIN)
+    assert (d.kind, d.tier) == ("resolve", "low")
+    points = [rule_point(0, "medium"), rule_point(5, "none"), incomplete_point(5, "none", "resp_rate_last_24h"),
+              rule_point(10, "none")]
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0), ("resolve", "none", 1, 10)]
+    assert decisions[-1].missing == ("resp_rate_last_24h",)
+    assert "ended on an incomplete NEWS2" in resolution_resource(decisions[-1])

@@ -357,6 +357,14 @@ def test_a_dedupe_key_inside_the_horizon_is_still_a_duplicate_even_when_late():
     assert kinds(apply(s, ev("old", 80.0, T0))) == ["duplicate"]
 
 
+def test_a_dedupe_key_exactly_at_the_horizon_has_not_expired():
+    """docs/patient-state.md: a key expires when effective_ms < clock - horizon, as in the batch plane
+    (batch.features): a redelivery exactly at the edge is a duplicate, not a record on the late topic."""
+    s = apply(None, ev("old", 80.0, T0)).state
+    s = apply(s, ev("new", 80.0, T0 + 48 * HOUR)).state
+    r = apply(s, ev("old", 80.0, T0))
+    assert kinds(r) == ["duplicate"] and not r.late
+
 def test_dedupe_keys_do_not_expire_on_wall_clock_time():
     long_ago = 978_307_200_000  # 2001-01-01: decades of wall time ago
     s = apply(None, ev("a", 80.0, long_ago)).state
