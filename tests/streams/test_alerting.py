@@ -513,6 +513,31 @@ def test_a_discharge_before_the_next_round_leaves_the_alert_judged_by_the_correc
     assert decisions == [] and [a["alert_id"] for a in state["closed"]] == [original.alert_id]
 
 
+def test_forgetting_a_closed_alert_beyond_the_lateness_bound_keeps_a_later_episodes_one_within_it():
+    """The bound is per alert: a scoring point that forgets an old episode's alert must keep a newer
+    closed one still within it (here exactly at it), which a correction of its reading still withdraws."""
+    policy = AlertPolicy(alert_reset=0.4, resolve_after=2, suppression_ms=30 * MIN, correctable_ms=60 * MIN)
+    state, _ = opened("high", 0)
+    state, _ = run([rule_point(5, "low"), rule_point(10, "low")], state=state, policy=policy)
+    second = dict(rule_point(40, "high"), basis=lambda: [["hr:2", 1]])
+    state, [original] = step(state, patient_id="p1", policy=policy, **second)
+    state, _ = run([rule_point(45, "low"), rule_point(50, "low")], state=state, policy=policy)
+    assert len(state["closed"]) == 2
+    state, _ = run([rule_point(100, "none")], state=state, policy=policy)  # episode 2's: exactly at the bound
+    assert [a["alert_id"] for a in state["closed"]] == [original.alert_id]
+    _, [c] = correct(state, corrected={"hr:2": 2}, rescore=judged_at("low"), **rule_point(100, "none"))
+    assert (c.status, c.original_alert_id) == ("entered-in-error", original.alert_id)
+
+
+def test_a_model_point_exactly_at_the_reset_probability_is_not_calm():
+    """Hysteresis: calm is a probability below alert_reset (module docstring). A point at exactly the reset
+    (tier low) restarts the count; only two points below it resolve the episode."""
+    points = [model_point(0, "medium", 0.6), model_point(5, "low", 0.4), model_point(10, "low", 0.3)]
+    _, decisions = run(points)
+    assert summary(decisions) == [("open", "medium", 1, 0)]
+    _, decisions = run([*points, model_point(15, "low", 0.3)])
+    assert summary(decisions)[-1] == ("resolve", "low", 1, 15)
+
 def test_a_closed_alert_beyond_the_lateness_bound_is_not_judged():
     state, _ = resolved_episode()
     # not judgeable at its time (the rescore says so): nothing is published, the alert is kept; the

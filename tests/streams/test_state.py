@@ -274,6 +274,12 @@ def test_a_cross_source_value_outside_tolerance_is_a_separate_fact():
     assert sorted(hr_values(r.state)) == [80.0, 80.5]
 
 
+def test_a_cross_source_value_exactly_the_tolerance_apart_is_the_same_measurement():
+    """docs/patient-state.md rule 4: |value - other.value| <= tolerance (the batch plane's bound too): a
+    difference of exactly the tolerance is one measurement, not a second fact doubling a mean or count."""
+    r = apply(None, ev("cdc:1", 80.0), ev("fhir:1", 80.5, source=Source.FHIR), tolerance=0.5)
+    assert kinds(r) == ["accepted", "duplicate"] and hr_values(r.state) == [80.0]
+
 def test_cross_source_needs_another_source_the_same_code_and_the_same_time():
     base = apply(None, ev("cdc:1", 80.0)).state
     same_source = ev("cdc:2", 80.0)
