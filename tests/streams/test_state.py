@@ -531,6 +531,17 @@ def test_a_preliminary_result_arriving_after_the_other_sources_final_one_is_its_
     assert kinds(apply(s, ev("fhir:2", 95.0, source=Source.FHIR))) == ["accepted"]
 
 
+def test_a_final_twin_at_the_pruning_floor_is_late_however_the_events_are_batched():
+    """A preliminary result at exactly clock - lateness - the longest window is pruned at the batch's end:
+    its final version from the other source must be late inside that batch too, not a correction that
+    only a batch cut at another place would have made (outcomes never depend on micro-batches)."""
+    prelim = ev("fhir:1", 80.0, T0, source=Source.FHIR, status=Status.PRELIMINARY)
+    clock = ev("b", 70.0, T0 + LATENESS + 24 * HOUR)
+    final = ev("cdc:1", 95.0, T0)
+    whole = apply(None, prelim, clock, final)
+    cut = apply(apply(None, prelim, clock).state, final)
+    assert kinds(whole)[-1] == kinds(cut)[-1] == "late"
+
 def test_a_final_twin_is_never_late_while_its_preliminary_result_is_live():
     # like a correction (rule 2): the 1 h lateness bound has long passed, the fact is still live
     s = apply(None, ev("cdc:1", 80.0, status=Status.PRELIMINARY), ev("b", 90.0, T0 + 5 * HOUR)).state
