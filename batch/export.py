@@ -211,14 +211,15 @@ def _previous_export(out_dir: Path) -> list[Path]:
         listed = {MANIFEST, *(f"{name}.parquet" for name in tables if name in POLICY)}
     except (OSError, ValueError, KeyError, TypeError):
         listed = set()  # no manifest (or not ours): not a previous export
-    ours = [p for p in present if p.name in listed or (p.name.startswith(".") and p.name.endswith(".parquet.tmp"))]
+    temps = {f".{name}.parquet.tmp" for name in POLICY}  # what _write leaves when it is killed (SIGKILL, OOM)
+    ours = [p for p in present if p.name in listed or p.name in temps]
     others = [p.name for p in present if p not in ours]
-    if others or MANIFEST not in listed:
-        what = (f"is not a previous export (no {MANIFEST})" if MANIFEST not in listed
-                else "holds files its manifest does not list")
-        raise ExportRefused(f"{out_dir} {what}: {len(others)} file(s) such as {others[0]!r}; an export leaves only its "
-                            "own files, so give a new or empty directory, or empty this one")
-    return ours
+    if not others:  # a previous export, or a run killed writing its first table (its manifest already gone)
+        return ours
+    what = (f"is not a previous export (no {MANIFEST})" if MANIFEST not in listed
+            else "holds files its manifest does not list")
+    raise ExportRefused(f"{out_dir} {what}: {len(others)} file(s) such as {others[0]!r}; an export leaves only its "
+                        "own files, so give a new or empty directory, or empty this one")
 
 
 def export_deidentified(settings: Settings, out_dir: Path, *, compression: str = "zstd") -> dict[str, int]:

@@ -417,3 +417,15 @@ def test_the_export_refuses_an_obviously_weak_secret_and_says_how_to_make_one(we
     strong = env | {"WARDWATCH_DEID_SECRET": "Tr0ub4dor&3-wardwatch"}
     result = CliRunner().invoke(app, ["batch", "export", "--deidentify", str(tmp_path / "out")], env=strong)
     assert result.exit_code == 0, result.output
+
+
+def test_an_export_killed_while_writing_its_first_table_is_exported_again(settings, tmp_path):
+    """Killed (SIGKILL, OOM) while writing its first table, an export leaves only that table's hidden
+    `.tmp` file (the earlier export's files and manifest are removed first). Running it again stopped on
+    an IndexError traceback (the refusal named `others[0]` of an empty list): no way on but by hand."""
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / ".patients.parquet.tmp").write_bytes(b"half a table of a run that was killed")
+    written = export_deidentified(settings, out)
+    listed = ["manifest.json", *(f"{n}.parquet" for n in written)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(listed)
