@@ -217,6 +217,17 @@ def configure_logging(service: str, level: str = "INFO", *, json_logs: bool = Tr
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    threading.excepthook = _log_thread_exception
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception ending a thread (the receiver's producer poller, a watchdog): a log line with its
+    traceback scrubbed by the formatter, not threading's default hook, which printed it whole on stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("wardwatch").critical("thread %s stopped on an uncaught %s", name, args.exc_type.__name__,
+                                            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 # --- the metrics/health endpoint -----------------------------------------------------------------

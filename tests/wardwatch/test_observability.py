@@ -87,6 +87,27 @@ def test_an_exception_given_as_a_log_lines_argument_is_scrubbed(json_logs, capsy
     assert "C0-0001" not in err
 
 
+@pytest.mark.parametrize("json_logs", [True, False])
+def test_an_exception_ending_a_services_thread_is_logged_scrubbed(json_logs, capsys, monkeypatch):
+    """An exception that ends a thread of a service (the receiver's producer poller, a consumption
+    watchdog) went to threading's default hook: its whole traceback on stderr, the container's log, with
+    the patient id in its message. Now one log line like the others, the traceback scrubbed."""
+    import threading
+
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored after the test
+    obs.configure_logging("receiver", "INFO", json_logs=json_logs)
+
+    def fails():
+        raise ValueError("could not convert 'C0-0001' for column patient_id")
+
+    thread = threading.Thread(target=fails, name="receiver-producer-poll")
+    thread.start()
+    thread.join()
+    err = capsys.readouterr().err
+    assert "C0-0001" not in err
+    assert "receiver-producer-poll" in err and "ValueError" in err and "<redacted>" in err
+
+
 def test_metrics_health_and_readiness_endpoints():
     ready = {"ok": False}
     server = obs.serve(0, ready=lambda: ready["ok"])
