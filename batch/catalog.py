@@ -178,7 +178,10 @@ PER_TABLE: dict[str, dict[str, str]] = {
                "reason": "Why the alert was resolved: discharge; null otherwise",
                "preliminary_basis": "LOINC codes of the readings the alert rests on that are preliminary results "
                                     "(the RiskAssessment says so too); empty when all are final, null in archive "
-                                    "parts from before the stream sent it. Filter: len(preliminary_basis) > 0"},
+                                    "parts from before the stream sent it. Filter: len(preliminary_basis) > 0",
+               "incomplete_news2": "On a resolve: the NEWS2 inputs not charted in the 24 h before it (the episode "
+                                   "ended on an incomplete NEWS2, its note says so); empty otherwise, null in "
+                                   "archive parts from before the stream sent it"},
     **{table: {"idx": _POINT_IDX,
                "preliminary_basis": "LOINC codes of the readings the score rests on that are preliminary results; "
                                     "empty when all are final, null in archive parts from before the stream sent "

@@ -114,6 +114,21 @@ def test_alert_header_routing_fields_become_columns():
     assert (row.values["kind"], row.values["reason"]) == ("resolve", "discharge")
 
 
+def test_a_resolution_on_an_incomplete_news2_reaches_the_analysts_alerts_table(tmp_path):
+    # the live alert's header names the NEWS2 inputs not charted; the archived row dropped them
+    header = {"alert_id": "a1", "kind": "resolve", "tier": "none", "patient_id": "p1", "encounter_id": "e1",
+              "ward": None, "scoring_ms": T, "model_version": None, "path": "rule", "status": "final",
+              "original_alert_id": None, "reason": None, "preliminary_basis": []}
+    rows = [r.values for h in (header | {"incomplete_news2": ["resp_rate_last_24h"]},
+                                header | {"alert_id": "a2", "incomplete_news2": []},
+                                header | {"alert_id": "a3"})
+            for r in rows_for("alerts", record("x.alerts", {"header": h, "resource": {}}))]
+    assert [r["incomplete_news2"] for r in rows] == [["resp_rate_last_24h"], [], None]  # null: sent before it
+    write_part(tmp_path, "alerts", "2026-01-01", rows)
+    alerts = rebuild.alerts(rebuild.read_archive(tmp_path, "alerts"))
+    assert alerts.filter(alerts["incomplete_news2"].list.len() > 0)["alert_id"].to_list() == ["a1"]
+
+
 def test_an_alerts_preliminary_basis_is_a_list_column_analysts_filter_on(tmp_path):
     header = {"alert_id": "a1", "kind": "open", "tier": "high", "patient_id": "p1", "encounter_id": "e1",
               "ward": None, "scoring_ms": T, "model_version": None, "path": "rule", "status": "final",
