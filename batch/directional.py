@@ -83,18 +83,27 @@ def directional_violations(table: dict[str, dict[str, list[tuple[str, float]]]])
     return out
 
 
-def model_scorer(model_dir, version: str) -> Score:
-    """A registered model (its card's feature order and imputation inside the ONNX graph) as a Score."""
-    import onnxruntime as ort
-
+def registered_model(model_dir, version: str):
+    """(contract, session) of a registered version, opened as the worker opens it (without its checks: the
+    gate reports a broken contract as a reason, it does not crash on it)."""
     from batch import registry
+    from schemas.model_contract import ModelContract
+    from streams.scoring import inference_session
 
-    card = registry.load_card(model_dir, version)
-    session = ort.InferenceSession(str(registry.model_path(model_dir, version)), providers=["CPUExecutionProvider"])
+    path = registry.model_path(model_dir, version)
+    return ModelContract.from_card(registry.load_card(model_dir, version)), inference_session(path.read_bytes(),
+                                                                                              path.parent)
+
+
+def model_scorer(model_dir, version: str) -> Score:
+    """A registered model as a Score, fed as the worker feeds it (streams/scoring.py model_input: the card's
+    feature order, its imputation values for missing features, float32, one run per row)."""
+    from streams.scoring import feature_matrix, model_input, model_probabilities
+
+    contract, session = registered_model(model_dir, version)
 
     def score(rows: Sequence[dict]) -> np.ndarray:
-        x = np.array([[np.nan if r.get(f) is None else float(r[f]) for f in card["features"]] for r in rows],
-                     dtype=np.float32)
-        return session.run([card["output_name"]], {card["input_name"]: x})[0][:, card.get("positive_class_index", 1)]
+        x, _ = model_input(contract, feature_matrix(contract.features, rows))
+        return model_probabilities(session, contract, x)
 
     return score

@@ -51,7 +51,7 @@ import orjson
 import polars as pl
 
 from batch import registry
-from batch.directional import directional_table, directional_violations, model_scorer
+from batch.directional import directional_table, directional_violations, model_scorer, registered_model
 from batch.features import features_as_of_issued
 from batch.nightly import TRAIN, NightlyBusy, writer_lock
 from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, _joined, bootstrap_intervals,
@@ -208,16 +208,19 @@ def _held_out(features: pl.DataFrame, labels: pl.DataFrame) -> tuple[pl.DataFram
 
 
 def model_probabilities(model_dir, version: str, rows: pl.DataFrame) -> np.ndarray:
-    """The risk a registered model gives `rows`, scored with onnxruntime as the worker serves it."""
-    import onnxruntime as ort
+    """The risk a registered model gives `rows`, fed as the worker feeds it (streams/scoring.py model_input:
+    the card's feature order, its imputation values for missing features, float32, one run per row), so the
+    gate judges the model the worker would serve, whether or not its graph imputes by itself."""
+    from streams.scoring import model_input
+    from streams.scoring import model_probabilities as served_probabilities
 
-    card = registry.load_card(model_dir, version)
-    session = ort.InferenceSession(str(registry.model_path(model_dir, version)), providers=["CPUExecutionProvider"])
+    contract, session = registered_model(model_dir, version)
     # a feature the rows no longer have (renamed or dropped since the model was trained) is missing, as
-    # the worker serves it (the model imputes it): the gate still compares, it does not crash
-    x = rows.select(pl.col(f).cast(pl.Float64) if f in rows.columns else pl.lit(None, pl.Float64).alias(f)
-                    for f in card["features"]).to_numpy().astype(np.float32)
-    return session.run([card["output_name"]], {card["input_name"]: x})[0][:, card.get("positive_class_index", 1)]
+    # the worker serves it (imputed from the card): the gate still compares, it does not crash
+    raw = rows.select(pl.col(f).cast(pl.Float64) if f in rows.columns else pl.lit(None, pl.Float64).alias(f)
+                      for f in contract.features).to_numpy().astype(np.float64)
+    x, _ = model_input(contract, raw)
+    return served_probabilities(session, contract, x)
 
 
 def _ranking_metrics(y: np.ndarray, probability: np.ndarray) -> dict:

@@ -23,6 +23,11 @@ Paths
   model adds earlier warnings; it never silences the national escalation standard, and it is
   trained only on patients not yet deteriorated (NEWS2 >= 7 is part of its label).
 
+Model input (model_input, model_probabilities): the card's feature order, a missing feature at the card's
+imputation value (the graph never sees a NaN, whether or not it has an Imputer), float32, one run per row.
+The promotion gate and the directional check (batch/retrain.py, batch/directional.py) feed a model the same
+way, so a model is judged on what the worker serves.
+
 Model tiers (probability p): p >= max(high_threshold (0.7), alert_threshold) high; p >= settings.alert_threshold medium;
 p >= settings.alert_reset low (elevated, below the alerting line); else none.
 
@@ -60,7 +65,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence, TypedDict
+from typing import Literal, Mapping, Sequence, TypedDict
 
 import numpy as np
 import onnxruntime as ort
@@ -193,7 +198,7 @@ def load_model(model_dir: Path, version: str) -> LoadedModel:
     if digest != contract.sha256:
         raise ContractError(f"{version_dir}/model.onnx has sha256 {digest}, the card says {contract.sha256}: "
                             "the file was modified after registration; re-register it or restore it")
-    session = _inference_session(model_bytes, version_dir)
+    session = inference_session(model_bytes, version_dir)
     check_contract(contract, session.get_inputs(), session.get_outputs(),
                    session.get_modelmeta().custom_metadata_map)
     return LoadedModel(contract, session, _linear_terms(model_bytes, len(contract.features)))
@@ -209,7 +214,8 @@ def _read_card(path: Path) -> dict:
     return card
 
 
-def _inference_session(model_bytes: bytes, version_dir: Path) -> ort.InferenceSession:
+def inference_session(model_bytes: bytes, version_dir: Path) -> ort.InferenceSession:
+    """An onnxruntime session as the worker opens one (the promotion gate's too)."""
     # one thread, in-process: the worker scores small micro-batches and shares the host
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -324,32 +330,57 @@ class Scorer:
 
     def _score_model(self, model: LoadedModel, rows: list[dict]) -> list[ScoreResult]:
         contract = model.contract
-        raw = np.array([list(map(r.get, contract.features)) for r in rows],
-                       dtype=np.float64)  # a missing feature (None) becomes NaN
-        observed = ~np.isnan(raw)
-        imputation = np.array([contract.imputation[name] for name in contract.features], dtype=np.float64)
-        x = np.where(observed, raw, imputation)
-        # one run per row: onnxruntime's kernels differ by batch size (a row alone and the same row in
-        # a batch of 64 can differ in the 7th digit), so a snapshot re-scored after a restart, in
-        # another batch, must take the same path to get the same probability and the same decision.
-        # A run of one row costs ~5 us here, of ~130 us of CPU per scoring point (benchmarks/processor.py).
-        x32 = x.astype(np.float32)
-        proba = np.vstack([model.session.run([contract.output_name], {contract.input_name: x32[i:i + 1]})[0]
-                           for i in range(len(x32))])
+        x, observed = model_input(contract, feature_matrix(contract.features, rows))
+        probability = model_probabilities(model.session, contract, x)
         if model.linear is not None:
             weights = model.linear.coef * (x - model.linear.offset) * model.linear.scale
         else:
+            imputation = _imputation(contract)
             weights = np.abs(x - imputation) / np.maximum(np.abs(imputation), 1.0)
         weights = np.where(observed, weights, 0.0)  # an imputed value is not a reason
 
         results = []
-        for p, reasons, r in zip(proba[:, 1].tolist(), _top_reasons(contract.features, x, weights), rows):
+        for p, reasons, r in zip(probability.tolist(), _top_reasons(contract.features, x, weights), rows):
             results.append(ScoreResult(
                 probability=p, path="model", model_version=contract.version, news2=r.get("news2"),
                 tier=model_tier(p, alert_threshold=self.alert_threshold, high_threshold=self.high_threshold,
                                 alert_reset=self.alert_reset),
                 rationale=reasons, missing=[]))
         return results
+
+
+def feature_matrix(features: Sequence[str], rows: Sequence[Mapping]) -> np.ndarray:
+    """rows (feature name -> value | None) as float64 columns in `features` order; a feature a row lacks, or
+    holds as None, is NaN (missing)."""
+    return np.array([list(map(r.get, features)) for r in rows], dtype=np.float64).reshape(len(rows), len(features))
+
+
+def _imputation(contract: ModelContract) -> np.ndarray:
+    # a feature without a value is refused by check_contract before the worker scores; NaN here only
+    # reaches the graph for a card the worker would not serve (the gate still scores it, it does not crash)
+    return np.array([contract.imputation.get(name, np.nan) for name in contract.features], dtype=np.float64)
+
+
+def model_input(contract: ModelContract, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The model's input as the worker serves it, for both planes (the promotion gate and the directional
+    check call it too, so a model is judged on what it is served): `raw` rows x contract.features (float64,
+    card order, NaN = missing) -> (x, observed), x with every missing feature at the card's imputation value.
+    The graph never sees a NaN, so a model with or without an Imputer of its own scores the same."""
+    observed = ~np.isnan(raw)
+    return np.where(observed, raw, _imputation(contract)), observed
+
+
+def model_probabilities(session: ort.InferenceSession, contract: ModelContract, x: np.ndarray) -> np.ndarray:
+    """P(deterioration) (output column 1) for each row of `x` (model_input's), as float32, one run per row."""
+    # one run per row: onnxruntime's kernels differ by batch size (a row alone and the same row in
+    # a batch of 64 can differ in the 7th digit), so a snapshot re-scored after a restart, in
+    # another batch, must take the same path to get the same probability and the same decision.
+    # A run of one row costs ~5 us here, of ~130 us of CPU per scoring point (benchmarks/processor.py).
+    x32 = x.astype(np.float32)
+    if not len(x32):
+        return np.empty(0, dtype=np.float32)
+    return np.vstack([session.run([contract.output_name], {contract.input_name: x32[i:i + 1]})[0]
+                      for i in range(len(x32))])[:, 1]
 
 
 def _top_reasons(names: Sequence[str], values: np.ndarray, weights: np.ndarray) -> list[list[Reason]]:

@@ -232,6 +232,28 @@ def test_the_current_model_is_judged_on_rows_without_a_feature_it_reads_as_the_w
     assert len(without) == 40 and (without == as_missing).all() and bool(np.isfinite(without).all())
 
 
+def test_a_model_whose_graph_does_not_impute_is_judged_on_what_the_worker_serves(tmp_path):
+    """The model contract does not require an Imputer in the graph. A model without one (here StandardScaler +
+    LogisticRegression) scored on a snapshot with lactate not charted: the worker fills in the card's value
+    and gets a risk; the gate and the directional check must get the same risk (they fed the graph NaN and
+    judged a NaN probability: a model ranked on one thing and served as another)."""
+    import polars as pl
+
+    from batch.directional import model_scorer
+    from streams.scoring import Scorer
+    from tests.streams.test_scoring import FEATURES, NORMAL, fit_linear, onnx_bytes, register
+
+    model_dir = tmp_path / "models"
+    register(model_dir, "v1", onnx_bytes(fit_linear()))
+    snapshots = [NORMAL | {"lactate_last_24h": None}, NORMAL | {"lactate_last_24h": 4.0, "resp_rate_last_24h": 26.0},
+                 NORMAL | {"resp_rate_last_24h": 24.0, "lactate_last_24h": None}]
+    served = [r.probability for r in Scorer(model_dir, Settings(model_dir=model_dir)).score(snapshots)]
+    assert all(r is not None and 0 < r < 1 for r in served)
+    gate = retrain.model_probabilities(model_dir, "v1", pl.DataFrame([{f: s[f] for f in FEATURES} for s in snapshots]))
+    assert gate.tolist() == served
+    assert model_scorer(model_dir, "v1")(snapshots).tolist() == served
+
+
 @contextmanager
 def analyst_reading(path: Path):
     """Another process holding the DuckDB file open read-only (a lock that refuses writers), as
