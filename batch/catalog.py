@@ -257,6 +257,9 @@ PER_TABLE: dict[str, dict[str, str]] = {
         "full": 'True for a full rebuild (FULL is an SQL keyword: write "full" in quotes)',
         "archive_files": "Archive part files in the archive", "new_parts": "Part files this run processed first",
         "recomputed_patients": "Patients whose state this run recomputed",
+        "quarantined_parts": "Unreadable archive part files this run moved to <archive>/quarantine/ "
+                             "(batch nightly --quarantine-unreadable); their rows are in no table",
+        "quarantine_files": "Files held in <archive>/quarantine/ at this run: their rows are in no table",
         "counts_json": "Rows per table, JSON", "timings_json": "Seconds per step, JSON",
         "points_checked": "Scoring points parity checked in this run", "values_checked": "Feature values compared",
         "mismatched": "Feature values that disagreed", "match_rate": "Share of values that agreed",

@@ -37,6 +37,12 @@ snapshots; the archiver may land the re-emitted copy first) is taken from every 
 parts included, so the copy kept is the first in Kafka order (its point checked again when that is
 another copy), as in a full build. Everyone else's rows are copied. Same archive, same tables as `full=True`: tests/batch/test_nightly.py checks it. A part
 file deleted from the archive stays in an incremental build until the next full one.
+
+A part file that cannot be read (truncated, not Parquet, a disk error) stops the run with UnreadableParts,
+which names every such file by its path in the archive, before anything is written. With
+`quarantine=True` they are moved to <archive>/quarantine/<same path> instead (kept, never deleted; no
+longer a part file, so no later run reads them) and the run goes on without their rows; the run's
+`quarantined_parts` counts them, `quarantine_files` every file held there (a full build lacks their rows).
 """
 
 from __future__ import annotations
@@ -68,6 +74,21 @@ log = logging.getLogger(__name__)
 class NightlyBusy(RuntimeError):
     """Another writer (a nightly run, a `batch train` recording its decision) holds the DuckDB file's lock."""
 
+
+class UnreadableParts(RuntimeError):
+    """Archive part files the nightly cannot read: {path relative to the archive: the reader's error}."""
+
+    def __init__(self, parts: dict[str, str]):
+        self.parts = parts
+        listing = "; ".join(f"{path} ({why})" for path, why in sorted(parts.items()))
+        super().__init__(
+            f"{len(parts)} archive part file(s) cannot be read: {listing}. Nothing was written (the previous "
+            f"tables stay). Put back a readable copy if you have one (a backup), or set the file(s) aside with "
+            f"`wardwatch batch nightly --quarantine-unreadable`: it moves them to {QUARANTINE}/ in the archive "
+            f"(kept, never deleted) and builds without their rows")
+
+
+QUARANTINE = "quarantine"  # <archive>/quarantine/<kind>/date=.../part-*.parquet: set aside, never read
 
 FeaturesAt = Callable[..., pl.DataFrame]
 ClassifyEvents = Callable[..., pl.DataFrame]
@@ -169,9 +190,46 @@ def archive_parts(archive_dir: Path) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"kind": pl.String, "path": pl.String, "bytes": pl.Int64}).sort("kind", "path")
 
 
-def read_parts(archive_dir: Path, kind: str, paths: list[str]) -> pl.DataFrame:
-    frames = [pl.read_parquet(archive_dir / p, hive_partitioning=False) for p in paths]
+def read_parts(archive_dir: Path, kind: str, paths: list[str], unreadable: dict[str, str] | None = None,
+               where: pl.Expr | None = None) -> pl.DataFrame:
+    """The part files `paths` as one frame (rows matching `where`). A file that cannot be read raises
+    UnreadableParts, or, given `unreadable`, is skipped and recorded there (path -> the reader's error)."""
+    frames = []
+    for p in paths:
+        try:
+            frames.append(pl.read_parquet(archive_dir / p, hive_partitioning=False) if where is None else
+                          pl.scan_parquet(archive_dir / p, hive_partitioning=False).filter(where).collect())
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+            if unreadable is None:
+                raise UnreadableParts({p: why}) from exc
+            unreadable[p] = why
     return pl.concat([rebuild.empty_archive_frame(kind), *frames], how="diagonal_relaxed")
+
+
+def quarantined_files(archive_dir: Path) -> list[str]:
+    """Files set aside in <archive>/quarantine/, relative to it."""
+    folder = archive_dir / QUARANTINE
+    return sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+
+
+def _set_aside(archive_dir: Path, unreadable: dict[str, str], quarantine: bool) -> None:
+    """Stop on unreadable part files, or (`quarantine`) move each to <archive>/quarantine/<its path>
+    (a name already there gets a number: nothing is overwritten)."""
+    if not unreadable:
+        return
+    if not quarantine:
+        raise UnreadableParts(unreadable)
+    for path, why in sorted(unreadable.items()):
+        source, dest = archive_dir / path, archive_dir / QUARANTINE / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{Path(path).stem}.{n}{Path(path).suffix}")
+        os.replace(source, dest)
+        log.warning("archive part %s cannot be read (%s): moved to %s", path, why,
+                    dest.relative_to(archive_dir))
 
 
 def _previous_state(target: Path, full: bool) -> dict[str, pl.DataFrame]:
@@ -226,9 +284,10 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
                  features_at: FeaturesAt, classify_events: ClassifyEvents, make_labels: MakeLabels,
                  step: Callable[[str], None], previous: dict[str, pl.DataFrame] | None = None,
                  scoring_points: Callable[..., pl.DataFrame] | None = None, min_interval_ms: int = 0,
-                 ) -> tuple[dict[str, pl.DataFrame], dict, dict]:
+                 quarantine: bool = False) -> tuple[dict[str, pl.DataFrame], dict, dict]:
     """Every table except `runs`, the parity summary of this run, and run facts. Pure given the
-    archive and the previous tables (`previous` empty or None: a full build). Without
+    archive and the previous tables (`previous` empty or None: a full build), except that with
+    `quarantine` unreadable part files are moved aside (else they raise UnreadableParts). Without
     `scoring_points` the online points are taken as given (no point check; features at each
     snapshot's idx, or after its whole message when the snapshot has none)."""
     previous = previous or {}
@@ -239,8 +298,11 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     parts = archive_parts(archive_dir)
     done = set(previous["archive_parts"]["path"].to_list()) if previous else set()
     new_parts = parts.filter(~pl.col("path").is_in(sorted(done)))
-    new_raw = {kind: read_parts(archive_dir, kind, new_parts.filter(pl.col("kind") == kind)["path"].to_list())
+    unreadable: dict[str, str] = {}
+    new_raw = {kind: read_parts(archive_dir, kind, new_parts.filter(pl.col("kind") == kind)["path"].to_list(),
+                                unreadable)
                for kind in ARCHIVE_SCHEMAS}
+    _set_aside(archive_dir, unreadable, quarantine)
 
     prev_events = previous.get("canonical_events")
     raw_events = (new_raw["canonical"] if prev_events is None else pl.concat(
@@ -251,8 +313,13 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     # snapshots a new part repeats, or at their points: every archived copy of them, old parts too, so
     # the copy kept (the first in Kafka order) and the copies check are the full build's
     again = _snapshots_again(prev_online, new_raw["features"])
-    features_raw = pl.concat([new_raw["features"], _old_copies(archive_dir, parts, done, again)],
+    old_unreadable: dict[str, str] = {}  # an old part damaged since an earlier run read it (a disk error)
+    features_raw = pl.concat([new_raw["features"], _old_copies(archive_dir, parts, done, again, old_unreadable)],
                              how="diagonal_relaxed")
+    _set_aside(archive_dir, old_unreadable, quarantine)
+    unreadable |= old_unreadable
+    parts = parts.filter(~pl.col("path").is_in(sorted(unreadable)))
+    new_parts = new_parts.filter(~pl.col("path").is_in(sorted(unreadable)))
     new_online = rebuild.features_online(features_raw)
     copies = _repeated_snapshots(features_raw)
     online = (new_online if prev_online is None else
@@ -357,7 +424,8 @@ def build_tables(archive_dir: Path, *, allowed_lateness_ms: int, cross_source_to
     for name, (kind, clean) in _ARCHIVE_TABLES.items():
         tables[name] = late_published if name == "late_events" else clean(
             _merged(kind, previous.get(name), new_raw[kind]))
-    facts = {"new_parts": new_parts.height, "recomputed_patients": recompute.len()}
+    facts = {"new_parts": new_parts.height, "recomputed_patients": recompute.len(),
+             "quarantined_parts": len(unreadable), "quarantine_files": len(quarantined_files(archive_dir))}
     return tables, summary, facts
 
 
@@ -373,17 +441,14 @@ def _snapshots_again(kept: pl.DataFrame | None, raw: pl.DataFrame) -> pl.Series:
         "snapshot_id"].unique()
 
 
-def _old_copies(archive_dir: Path, parts: pl.DataFrame, done: set[str], ids: pl.Series) -> pl.DataFrame:
+def _old_copies(archive_dir: Path, parts: pl.DataFrame, done: set[str], ids: pl.Series,
+                unreadable: dict[str, str]) -> pl.DataFrame:
     """Every copy of `ids` in the part files an earlier run read (only when a new part repeats one: a
     restart re-emits snapshots, and the copy a full build keeps is the first in Kafka order)."""
     if ids.is_empty():
         return rebuild.empty_archive_frame("features")
     old = parts.filter((pl.col("kind") == "features") & pl.col("path").is_in(sorted(done)))["path"].to_list()
-    wanted = pl.col("snapshot_id").is_in(ids.implode())
-    return pl.concat([rebuild.empty_archive_frame("features"),
-                      *[pl.scan_parquet(archive_dir / p, hive_partitioning=False).filter(wanted).collect()
-                        for p in old]],
-                     how="diagonal_relaxed")
+    return read_parts(archive_dir, "features", old, unreadable, where=pl.col("snapshot_id").is_in(ids.implode()))
 
 
 def _repeated_snapshots(raw: pl.DataFrame) -> pl.DataFrame:
@@ -451,6 +516,7 @@ def _run_row(run_id: str, started: datetime, finished: datetime, full: bool, arc
         "run_id": run_id, "started_at": started, "finished_at": finished, "full": full,
         "archive_files": archive_files, "new_parts": facts["new_parts"],
         "recomputed_patients": facts["recomputed_patients"],
+        "quarantined_parts": facts["quarantined_parts"], "quarantine_files": facts["quarantine_files"],
         "counts_json": orjson.dumps(counts, option=orjson.OPT_SORT_KEYS).decode(),
         "timings_json": orjson.dumps(timings, option=orjson.OPT_SORT_KEYS).decode(),
         "points_checked": summary["points_checked"], "values_checked": summary["values_checked"],
@@ -528,12 +594,14 @@ def _busy(target: Path, who: str, holder: str, waited: float) -> str:
 
 def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[str], None] | None = None,
                 features_at: FeaturesAt | None = None, classify_events: ClassifyEvents | None = None,
-                make_labels: MakeLabels | None = None, report: bool = True) -> dict:
+                make_labels: MakeLabels | None = None, report: bool = True, quarantine: bool = False) -> dict:
     """Rebuild the DuckDB file from the archive and swap it in; returns counts, parity and the path.
 
     `full=False` builds on the previous file (only new archive parts; same result). `features_at` /
     `classify_events` / `make_labels` default to batch.features / batch.train (parameters so tests
-    can stand in). `report` writes the HTML report of the run next to the database."""
+    can stand in). `report` writes the HTML report of the run next to the database. An archive part
+    file that cannot be read raises UnreadableParts before anything is written; with `quarantine` it is
+    moved to <archive>/quarantine/ and the run goes on without it (`quarantined_parts` in the result)."""
     # the point check needs the real recomputation (stand-ins of features_at don't take idx)
     scoring_points = _default_scoring_points() if features_at is None and classify_events is None else None
     if features_at is None or classify_events is None:
@@ -565,7 +633,8 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
             cross_source_tolerance=settings.cross_source_tolerance,
             dedupe_horizon_ms=settings.dedupe_horizon_s * 1000, features_at=features_at,
             classify_events=classify_events, make_labels=make_labels, step=step, previous=previous,
-            scoring_points=scoring_points, min_interval_ms=settings.scoring_min_interval_s * 1000)
+            scoring_points=scoring_points, min_interval_ms=settings.scoring_min_interval_s * 1000,
+            quarantine=quarantine)
         ok = parity_ok(summary)
         counts = {name: frame.height for name, frame in tables.items()}
 
@@ -596,6 +665,9 @@ def run_nightly(settings: Settings, *, full: bool = True, progress: Callable[[st
 
     log.info("nightly run %s: %d tables, %d new parts, parity ok=%s, mismatched=%d", run_id, len(tables) + 1,
              facts["new_parts"], ok, summary["mismatched"])
+    if facts["quarantine_files"]:
+        log.warning("%d file(s) in %s/%s are not read: the tables lack their rows (docs/operations.md)",
+                    facts["quarantine_files"], archive_dir, QUARANTINE)
     result = {"run_id": run_id, "duckdb_path": str(target), "counts": counts | {"runs": runs.height},
               "parity": summary, "parity_ok": ok, "timings": timings, **facts}
     if report:

@@ -367,12 +367,19 @@ def broker(port: int = typer.Option(9092, help="Port on 127.0.0.1")) -> None:
 
 @batch_app.command("nightly")
 def batch_nightly(full: bool = typer.Option(False, "--full",
-                                           help="Rebuild from every archive part (default: only parts not yet processed)")) -> None:
+                                           help="Rebuild from every archive part (default: only parts not yet processed)"),
+                  quarantine_unreadable: bool = typer.Option(
+                      False, "--quarantine-unreadable",
+                      help="Move archive part files that cannot be read to <archive>/quarantine/ (kept) and build "
+                           "without their rows (default: stop, naming them)")) -> None:
     """Rebuild the DuckDB file from the archive, recompute features offline and check parity.
 
     Reads WARDWATCH_DATA_DIR/archive (the archiver's Parquet parts) and writes WARDWATCH_DATA_DIR/wardwatch.duckdb
-    and an HTML report under WARDWATCH_DATA_DIR/reports. Exits 1 when parity fails."""
-    from batch.nightly import NightlyBusy, run_nightly
+    and an HTML report under WARDWATCH_DATA_DIR/reports. Exits 1 when parity fails, or when an archive part file
+    cannot be read (without --quarantine-unreadable)."""
+    from rich.markup import escape
+
+    from batch.nightly import QUARANTINE, NightlyBusy, UnreadableParts, quarantined_files, run_nightly
 
     settings = _settings()
     if not settings.archive_dir.is_dir():
@@ -384,12 +391,22 @@ def batch_nightly(full: bool = typer.Option(False, "--full",
             console.log(step)
 
         try:
-            result = run_nightly(settings, full=full, progress=progress)
-        except NightlyBusy as exc:  # the scheduler's run and one started by hand: the first one wins
+            result = run_nightly(settings, full=full, progress=progress, quarantine=quarantine_unreadable)
+        except (NightlyBusy, UnreadableParts) as exc:  # busy: the scheduler's run and one by hand, the first wins
             _fail(str(exc), code=1)
     p = result["parity"]
     console.print(f"{result['duckdb_path']}: {result['new_parts']} new archive parts, {p['points_checked']} scoring "
                   f"points, {p['values_checked']} values, {p['mismatched']} mismatched")
+    quarantine = settings.archive_dir / QUARANTINE
+    if result["quarantined_parts"]:
+        console.print(f"[yellow]set aside {result['quarantined_parts']} unreadable archive part file(s) in "
+                      f"{escape(str(quarantine))}"
+                      "[/yellow] (kept; their rows are in no table)")
+    if result["quarantine_files"] and (full or result["quarantined_parts"]):
+        held = quarantined_files(settings.archive_dir)
+        console.print(f"[yellow]{len(held)} file(s) in {escape(str(quarantine))} were not read[/yellow] "
+                      f"({escape(', '.join(held[:5]))}{', ...' if len(held) > 5 else ''}): the tables lack their rows. Move a "
+                      "readable copy back to its path under the archive and the next nightly reads it")
     if result.get("report_path"):
         console.print(f"report: {result['report_path']}")
     if not result["parity_ok"]:

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from batch.catalog import column_comment
 from batch.features import scoring_points
-from batch.nightly import run_nightly
+from batch.nightly import QUARANTINE, UnreadableParts, run_nightly
 from schemas import codes
 from schemas.canonical import CanonicalEvent, Source, Status
 from streams import alerting, scoring
@@ -872,3 +872,86 @@ def test_two_points_of_one_message_at_one_time_are_two_rows_in_every_table_and_t
         assert rows("SELECT count(*), count(DISTINCT snapshot_id) FROM labels") == [(3, 3)]
         assert rows("SELECT s.tier, l.idx FROM scores s JOIN labels l USING (snapshot_id) "
                     'WHERE s."offset" = 0 ORDER BY l.idx') == [("none", 1), ("medium", 2)]
+
+
+# --- unreadable archive part files ---------------------------------------------------------------
+
+DAY = "date=2024-06-10"
+
+
+def damage_stage2(archive: Path) -> dict[str, bytes]:
+    """Two of night 2's part files unreadable: one truncated (copied before it was complete), one
+    garbage under the name (a disk error). Their bytes, by path relative to the archive."""
+    truncated, garbage = f"canonical/{DAY}/part-s2.parquet", f"features/{DAY}/part-s2.parquet"
+    whole = (archive / truncated).read_bytes()
+    (archive / truncated).write_bytes(whole[: len(whole) // 2])
+    (archive / garbage).write_bytes(b"\x00not parquet at all\x17" * 40)
+    return {p: (archive / p).read_bytes() for p in (truncated, garbage)}
+
+
+def test_an_unreadable_part_stops_the_nightly_naming_it_and_moves_nothing(settings):
+    """Before, the night failed with polars' 'File out of specification' and no file name, every night."""
+    stage1(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    stage2(settings.archive_dir)
+    damaged = damage_stage2(settings.archive_dir)
+    before = tables(settings.duckdb_path)
+
+    with pytest.raises(UnreadableParts) as failed:
+        run_nightly(settings, full=False, **STANDINS)
+
+    message = str(failed.value)
+    assert set(failed.value.parts) == set(damaged)
+    for path in damaged:
+        assert path in message and str(settings.archive_dir) not in message  # relative to the archive
+    assert "--quarantine-unreadable" in message and "Nothing was written" in message
+    assert not re.search(r"\bp[12]\b|\be[12]\b", message)  # no patient or encounter id
+    assert {p: (settings.archive_dir / p).read_bytes() for p in damaged} == damaged  # nothing moved
+    assert not (settings.archive_dir / QUARANTINE).exists()
+    assert tables(settings.duckdb_path)["runs"].num_rows == before["runs"].num_rows == 1  # old file kept
+
+
+def test_quarantine_sets_unreadable_parts_aside_and_later_nights_go_on_without_them(settings):
+    stage1(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    stage2(settings.archive_dir)
+    damaged = damage_stage2(settings.archive_dir)
+
+    night2 = run_nightly(settings, full=False, quarantine=True, **STANDINS)
+
+    assert (night2["quarantined_parts"], night2["quarantine_files"]) == (2, 2)
+    assert night2["new_parts"] == 5  # stage 2's seven parts but the two set aside
+    for path, content in damaged.items():  # kept byte for byte, at the same path under quarantine/
+        assert not (settings.archive_dir / path).exists()
+        assert (settings.archive_dir / QUARANTINE / path).read_bytes() == content
+    # the same tables as a full build of the archive without them
+    without = twin(settings)
+    shutil.rmtree(without.archive_dir / QUARANTINE)
+    run_nightly(without, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, without.duckdb_path)
+    # the next nights, without the option, neither read nor trip on them; a full one counts them
+    night3 = run_nightly(settings, full=False, **STANDINS)
+    assert (night3["new_parts"], night3["quarantined_parts"], night3["quarantine_files"]) == (0, 0, 2)
+    full = run_nightly(settings, full=True, **STANDINS)
+    assert (full["quarantined_parts"], full["quarantine_files"]) == (0, 2)
+    assert_same_tables(settings.duckdb_path, without.duckdb_path)
+    runs = frame(settings.duckdb_path, 'SELECT "full", quarantined_parts, quarantine_files FROM runs '
+                                       "ORDER BY started_at")
+    assert runs.rows() == [(True, 0, 0), (False, 2, 2), (False, 0, 2), (True, 0, 2)]  # the first night: no file yet
+
+
+def test_a_readable_copy_put_back_is_read_by_the_next_incremental_night(settings):
+    stage1(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    stage2(settings.archive_dir)
+    good = twin(settings)  # the copy a backup holds
+    damage_stage2(settings.archive_dir)
+    run_nightly(settings, full=False, quarantine=True, **STANDINS)
+
+    for path in (f"canonical/{DAY}/part-s2.parquet", f"features/{DAY}/part-s2.parquet"):
+        shutil.copy(good.archive_dir / path, settings.archive_dir / path)
+    restored = run_nightly(settings, full=False, **STANDINS)
+
+    assert restored["new_parts"] == 2
+    run_nightly(good, full=True, **STANDINS)
+    assert_same_tables(settings.duckdb_path, good.duckdb_path)

@@ -617,3 +617,29 @@ def test_an_exception_escaping_a_command_leaves_no_patient_id_on_stderr(service,
     if service:
         [line] = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
         assert line["level"] == "critical" and line["exc_type"] == "ValueError"
+
+
+def test_nightly_with_an_unreadable_archive_part_names_it_and_quarantines_it_only_when_asked(clean_env, tmp_path):
+    from tests.batch.test_nightly import stage1
+
+    archive, env = tmp_path / "archive", {"WARDWATCH_DATA_DIR": str(tmp_path)}
+    stage1(archive)
+    broken = archive / "scores" / "date=2024-06-10" / "part-s1.parquet"
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated
+
+    stopped = invoke("batch", "nightly", env=env)
+    assert stopped.exit_code == 1 and isinstance(stopped.exception, SystemExit), stopped.output
+    assert "scores/date=2024-06-10/part-s1.parquet" in stopped.output
+    assert "--quarantine-unreadable" in stopped.output and "Traceback" not in stopped.output
+    assert broken.exists() and not (tmp_path / "wardwatch.duckdb").exists()
+
+    moved = invoke("batch", "nightly", "--quarantine-unreadable", env=env)
+    # built (stage 1's stand-in features fail parity against the real rules: exit 1 for that, not the file)
+    assert "new archive parts" in moved.output and (tmp_path / "wardwatch.duckdb").exists(), moved.output
+    assert "set aside 1 unreadable archive part file(s)" in moved.output
+    assert (archive / "quarantine" / "scores" / "date=2024-06-10" / "part-s1.parquet").exists()
+
+    full = invoke("batch", "nightly", "--full", env=env)
+    assert "new archive parts" in full.output, full.output
+    assert "1 file(s) in" in full.output and "were not read" in full.output
+    assert "scores/date=2024-06-10/part-s1.parquet" in full.output
