@@ -141,7 +141,7 @@ _CREDENTIAL_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization|cookie|set-coo
 
 # a traceback's frame line (`  File "/app/streams/app.py", line 412, in process_batch`): its line number is
 # never input, and is kept, so a maintainer can find the line; the path and the name are scrubbed as the rest
-_FRAME_LINE = re.compile(r'^(\s*File "[^"\n]*", )line (\d+)(, in .*)$')
+_FRAME_LINE = re.compile(r'^((?:\s*\|)*\s*File "[^"\n]*", )line (\d+)(, in .*)$')  # "  | File": an ExceptionGroup's
 
 
 def _redact_line(line: str) -> str:
@@ -218,6 +218,7 @@ def configure_logging(service: str, level: str = "INFO", *, json_logs: bool = Tr
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
 
 
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
@@ -228,6 +229,14 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
     name = args.thread.name if args.thread is not None else "?"
     logging.getLogger("wardwatch").critical("thread %s stopped on an uncaught %s", name, args.exc_type.__name__,
                                             exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_unraisable(unraisable) -> None:
+    """An exception Python cannot raise (in a __del__, a finalizer, a garbage-collected generator): a log
+    line with its traceback scrubbed, not the default hook's whole text on stderr."""
+    exc = unraisable.exc_value
+    logging.getLogger("wardwatch").error("an exception was ignored in %s", type(unraisable.object).__name__,
+                                         exc_info=(unraisable.exc_type, exc, unraisable.exc_traceback))
 
 
 # --- the metrics/health endpoint -----------------------------------------------------------------

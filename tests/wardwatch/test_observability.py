@@ -1,4 +1,5 @@
 import logging
+import sys
 import urllib.error
 import urllib.request
 
@@ -106,6 +107,28 @@ def test_an_exception_ending_a_services_thread_is_logged_scrubbed(json_logs, cap
     err = capsys.readouterr().err
     assert "C0-0001" not in err
     assert "receiver-producer-poll" in err and "ValueError" in err and "<redacted>" in err
+
+
+@pytest.mark.parametrize("json_logs", [True, False])
+def test_an_exception_python_cannot_raise_is_logged_scrubbed(json_logs, capsys, monkeypatch):
+    # an exception in a __del__ went to sys.unraisablehook's default: its message whole on stderr
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    obs.configure_logging("worker", "INFO", json_logs=json_logs)
+
+    class Holder:
+        def __del__(self):
+            raise ValueError("could not close the record of 'C0-0001'")
+
+    Holder()
+    err = capsys.readouterr().err
+    assert "C0-0001" not in err and "ValueError" in err and "<redacted>" in err
+
+
+def test_an_exception_groups_frame_lines_keep_their_line_numbers():
+    # a TaskGroup's failure prints its inner tracebacks with "  | " before each frame line
+    assert obs.redact('    |   File "/app/streams/app.py", line 1234, in process_batch') == \
+        '    |   File "/app/streams/app.py", line 1234, in process_batch'
+    assert obs.redact('    | ValueError: MRN0012345') == '    | ValueError: <redacted>'
 
 
 def test_metrics_health_and_readiness_endpoints():
