@@ -40,7 +40,8 @@ file deleted from the archive stays in an incremental build until the next full 
 
 A part file that cannot be read (truncated, not Parquet, a disk error) stops the run with UnreadableParts,
 which names every such file by its path in the archive, before anything is written. With
-`quarantine=True` they are moved to <archive>/quarantine/<same path> instead (kept, never deleted; no
+`quarantine=True` they are moved to <archive>/quarantine/<same path> instead (only files not Parquet on a
+second read: an OSError or a passing failure stops the run, moving nothing; kept, never deleted; no
 longer a part file, so no later run reads them) and the run goes on without their rows; the run's
 `quarantined_parts` counts them, `quarantine_files` every file held there (a full build lacks their rows).
 """
@@ -200,11 +201,24 @@ def read_parts(archive_dir: Path, kind: str, paths: list[str], unreadable: dict[
             frames.append(pl.read_parquet(archive_dir / p, hive_partitioning=False) if where is None else
                           pl.scan_parquet(archive_dir / p, hive_partitioning=False).filter(where).collect())
         except (pl.exceptions.PolarsError, OSError) as exc:
-            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+            why = _why(exc)
             if unreadable is None:
                 raise UnreadableParts({p: why}) from exc
             unreadable[p] = why
     return pl.concat([rebuild.empty_archive_frame(kind), *frames], how="diagonal_relaxed")
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+
+
+def _read_error(file: Path) -> Exception | None:
+    """None when `file` reads as Parquet now, else the reader's error."""
+    try:
+        pl.read_parquet(file, hive_partitioning=False)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        return exc
+    return None
 
 
 def quarantined_files(archive_dir: Path) -> list[str]:
@@ -220,6 +234,18 @@ def _set_aside(archive_dir: Path, unreadable: dict[str, str], quarantine: bool) 
         return
     if not quarantine:
         raise UnreadableParts(unreadable)
+    # only a file whose bytes are not Parquet, twice, is moved: an OS error (permissions, EIO on a network
+    # volume, too many open files) or a failure the second read does not repeat says nothing of the file,
+    # and moving a readable part would drop its rows from every later table. Then nothing is moved.
+    kept = {}
+    for path, why in sorted(unreadable.items()):
+        again = _read_error(archive_dir / path)
+        if again is None:
+            kept[path] = f"{why}; read on a second attempt: not moved, rerun the night"
+        elif isinstance(again, OSError):
+            kept[path] = f"{_why(again)}; an error of the system, not of the file: not moved, fix it and rerun"
+    if kept:
+        raise UnreadableParts(kept)
     for path, why in sorted(unreadable.items()):
         source, dest = archive_dir / path, archive_dir / QUARANTINE / path
         dest.parent.mkdir(parents=True, exist_ok=True)

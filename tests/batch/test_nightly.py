@@ -955,3 +955,29 @@ def test_a_readable_copy_put_back_is_read_by_the_next_incremental_night(settings
     assert restored["new_parts"] == 2
     run_nightly(good, full=True, **STANDINS)
     assert_same_tables(settings.duckdb_path, good.duckdb_path)
+
+
+def test_quarantine_moves_no_part_whose_read_failed_for_a_passing_reason(settings, monkeypatch):
+    """A read that fails once (EIO on a network volume) or with an OS error says nothing of the file:
+    before, --quarantine-unreadable moved the readable part and every later table lacked its rows."""
+    stage1(settings.archive_dir)
+    run_nightly(settings, full=False, **STANDINS)
+    stage2(settings.archive_dir)
+    healthy = f"canonical/{DAY}/part-s2.parquet"
+    content = (settings.archive_dir / healthy).read_bytes()
+    read, failed = pl.read_parquet, []
+
+    def flaky(source, *args, **kwargs):
+        if str(source).endswith(healthy) and not failed:
+            failed.append(source)
+            raise OSError(5, "Input/output error")
+        return read(source, *args, **kwargs)
+
+    monkeypatch.setattr(pl, "read_parquet", flaky)
+    with pytest.raises(UnreadableParts) as stopped:
+        run_nightly(settings, full=False, quarantine=True, **STANDINS)
+
+    assert set(stopped.value.parts) == {healthy} and "not moved" in str(stopped.value)
+    assert (settings.archive_dir / healthy).read_bytes() == content  # still read by the next night
+    assert not (settings.archive_dir / QUARANTINE).exists()
+    assert run_nightly(settings, full=False, quarantine=True, **STANDINS)["quarantined_parts"] == 0
