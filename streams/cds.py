@@ -70,7 +70,10 @@ with the kids added and removed. A file that was never usable stops the service 
 
 Card: summary (< 140 chars, no identifiers: the tier and the probability or NEWS2, and "preliminary
 results" when a reading the score rests on is a preliminary result), indicator by tier (high
-critical, medium warning, low/none info), source.label "wardwatch", detail (markdown: the top
+critical, medium warning, low/none info), source.label "wardwatch", the score's age when the card is asked
+for (", scored 25 min ago"; past SCORE_CURRENT_MS, 12 h: ", scored 30 h ago: NOT CURRENT", and the detail says no
+score came since: a patient no longer scored, discharged or not charted, keeps a latest score that is not the risk
+now), a probability never rounded to a certainty (">0.99", "<0.01", not "1.00", "0.00"), detail (markdown: the top
 contributing features, the scoring time, the model version or NEWS2 rule, and which parameters were
 preliminary: the score record's `preliminary_basis` codes, never their values). A score resting on a
 reading older than schemas.alert.STALE_AFTER_MS (the record's `stale_readings`: a NEWS2 parameter scoring
@@ -113,7 +116,7 @@ import jwt
 import orjson
 from aiohttp import web
 
-from schemas.alert import HOUR_MS, STALE_AFTER_MS, stale_words
+from schemas.alert import HOUR_MS, MINUTE_MS, STALE_AFTER_MS, format_age, stale_words
 from schemas.codes import parameter_name
 from schemas.fhir import mrn_of, relative_reference
 from wardwatch.listen import is_loopback, run_http
@@ -125,6 +128,8 @@ SERVICE_ID = "wardwatch-deterioration"
 HOOK = "patient-view"
 SOURCE_LABEL = "wardwatch"
 SUMMARY_MAX = 139  # CDS Hooks: summary SHOULD be < 140 characters
+# a score older than this when shown is NOT CURRENT on its card: NEWS2 0 is observed at least every 12 h (RCP)
+SCORE_CURRENT_MS = 12 * HOUR_MS
 INDICATOR = {"high": "critical", "medium": "warning", "low": "info", "none": "info"}
 # card uuids are deterministic per score record (a stable card across re-reads of the topic)
 CARD_NAMESPACE = uuid.UUID("0c7a3d52-2f0e-5b7a-9d0e-6f2b1a4c8e31")
@@ -422,15 +427,37 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def card(record: dict) -> dict:
-    """One card for a score record (see the module docstring)."""
+def _probability(p: float) -> str:
+    """Two decimals, never rounded to a certainty: 0.996 is ">0.99", not "1.00"; 0.003 is "<0.01", not "0.00"."""
+    if p >= 0.995 and p < 1:
+        return ">0.99"
+    if 0 < p < 0.005:
+        return "<0.01"
+    return f"{p:.2f}"
+
+
+def _ago(ms: int) -> str:
+    """A score's age in a summary: "less than 1 min", "25 min", "7 h", "3 d", ">99 d"."""
+    minutes = max(ms, 0) // MINUTE_MS
+    if minutes < 1:
+        return "less than 1 min"
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 48 * 60:
+        return f"{minutes // 60} h"
+    return f"{minutes // (24 * 60)} d" if minutes < 100 * 24 * 60 else ">99 d"
+
+
+def card(record: dict, now_ms: int | None = None) -> dict:
+    """One card for a score record (see the module docstring); `now_ms`: when it is shown, so the summary says how
+    old the score is, and NOT CURRENT past SCORE_CURRENT_MS (None: the age is not said)."""
     tier = record.get("tier") if record.get("tier") in INDICATOR else "none"
     probability, news2 = record.get("probability"), record.get("news2")
     if record.get("path") == "model" and probability is not None:
-        measure = f"probability {probability:.2f}"
+        measure = f"probability {_probability(probability)}"
         method = f"model {record.get('model_version')}"
     else:
-        measure = f"NEWS2 {news2}" if news2 is not None else "NEWS2 unavailable (missing vital signs)"
+        measure = f"NEWS2 {news2}" if news2 is not None else "no NEWS2: vitals missing"
         method = "NEWS2 rule"
     preliminary = record.get("preliminary_basis") or []  # (absent from records written before it existed)
     if not isinstance(preliminary, list) or not all(isinstance(code, str) for code in preliminary):
@@ -438,11 +465,19 @@ def card(record: dict) -> dict:
     stale = record.get("stale_readings") or []  # (absent from records written before it existed)
     if not isinstance(stale, list) or not all(isinstance(r, list) and len(r) == 3 for r in stale):
         raise TypeError("stale_readings is not a list of [feature, value, taken_ms]")
-    flag = "; based on preliminary results" if preliminary else ""
+    flag = ""
+    if now_ms is not None:  # a score computed hours ago is not the patient's risk now: say how old it is
+        age = now_ms - record["scoring_ms"]
+        flag += f", scored {_ago(age)} ago" + (": NOT CURRENT" if age > SCORE_CURRENT_MS else "")
+    flag += "; based on preliminary results" if preliminary else ""
     if stale:
         flag += f"; readings over {STALE_AFTER_MS // HOUR_MS} h old"
     summary = f"Deterioration risk {tier.upper()} ({measure}){flag}"[:SUMMARY_MAX]
     lines = [f"Scored at {_iso(record['scoring_ms'])} by {method}."]
+    if now_ms is not None and now_ms - record["scoring_ms"] > SCORE_CURRENT_MS:
+        lines.append("")
+        lines.append(f"No score since, {format_age(now_ms - record['scoring_ms'])} ago: this is not the current "
+                     f"risk. Check the latest observations or chart a new vitals set.")
     if preliminary:
         lines.append("")
         lines.append(f"Based on preliminary results, which may change when final: "
@@ -507,8 +542,12 @@ class LatestScores:
     def get(self, keys: list[str]) -> dict | None:
         return next((self.by_patient[k] for k in keys if k in self.by_patient), None)
 
-    def card_for(self, keys: list[str]) -> dict | None:
-        return next((self.cards[k] for k in keys if k in self.by_patient), None)
+    def card_for(self, keys: list[str], now_ms: int | None = None) -> dict | None:
+        """The card of the first key's latest score; with `now_ms`, saying how old it is then (card())."""
+        if now_ms is None:
+            return next((self.cards[k] for k in keys if k in self.by_patient), None)
+        record = self.get(keys)  # (update() built its card once already: it builds)
+        return card(record, now_ms) if record is not None else None
 
 
 # --- pure: CDS client authentication (CDS Hooks "Trusting CDS Clients") -------------------------------------
@@ -844,7 +883,7 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
              fhir_patient_ids_are_mrns: bool = False, mrn_system: str | None = None,
              cors_origins: Sequence[str] = (), fhir_servers: Sequence[str] = (),
              fhir_timeout_s: float = 5.0, fhir_proxy_url: str | None = None,
-             read_timeout_s: float = 30.0) -> web.Application:
+             read_timeout_s: float = 30.0, clock: Callable[[], float] = time.time) -> web.Application:
     """auth None: anonymous service calls (load_client_auth decides when that is allowed). ready: the
     scores are read up to the topic's end at start (CatchUp.done.is_set); until then calls get 503.
     fhir_patient_ids_are_mrns, mrn_system: the settings of those names (see patient_keys).
@@ -901,7 +940,7 @@ def make_app(latest: LatestScores, auth: ClientAuth | None = None, *, ready: Cal
                 return web.json_response({"error": str(bad)}, status=400)
             except UnknownMrn as unknown:  # CDS Hooks: 412 when the data cannot be had from the FHIR server either
                 return web.json_response({"error": str(unknown)}, status=412)
-        found = latest.card_for(keys)
+        found = latest.card_for(keys, int(clock() * 1000))
         return web.json_response({"cards": [found] if found else []})
 
     async def health(_request: web.Request) -> web.Response:

@@ -82,6 +82,47 @@ def test_rule_card_shows_news2():
     assert c["summary"] == "Deterioration risk MEDIUM (NEWS2 5)" and "NEWS2 rule" in c["detail"]
 
 
+def test_the_card_says_how_old_the_score_is_and_not_current_past_12_h_keeping_the_tier_indicator():
+    fresh = card(score(), now_ms=T + 25 * 60_000)
+    assert fresh["summary"] == "Deterioration risk HIGH (probability 0.83), scored 25 min ago"
+    old = card(score(), now_ms=T + 30 * 3_600_000)  # the patient's last score, none since (discharged, no vitals)
+    assert old["summary"] == "Deterioration risk HIGH (probability 0.83), scored 30 h ago: NOT CURRENT"
+    assert old["indicator"] == "critical" and "this is not the current risk" in old["detail"]
+    assert "NOT CURRENT" not in card(score(), now_ms=T + 12 * 3_600_000)["summary"]
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score()))
+    assert latest.card_for(["p-1"], T + 3 * 86_400_000)["summary"].endswith("scored 3 d ago: NOT CURRENT")
+
+
+def test_over_http_the_card_says_how_old_the_score_is_when_asked():
+    latest = LatestScores.empty()
+    latest.update(orjson.dumps(score()))
+    body = {"hook": "patient-view", "context": {"patientId": "123"}, "prefetch": prefetched("123", "p-1")}
+
+    async def post() -> tuple[int, dict]:
+        app = make_app(latest, ready=lambda: True, clock=lambda: (T + 20 * 3_600_000) / 1000)
+        async with TestClient(TestServer(app)) as client:
+            response = await client.post(f"/cds-services/{SERVICE_ID}", json=body)
+            return response.status, await response.json()
+
+    status, answer = asyncio.run(post())
+    assert status == 200 and answer["cards"][0]["summary"].endswith("scored 20 h ago: NOT CURRENT")
+
+
+@pytest.mark.parametrize("tier", ["high", "medium", "low", "none"])
+def test_no_summary_is_cut_at_140_characters_for_any_tier_path_or_flag(tier):
+    for path, news2, age_ms in [("model", 7, 0), ("rule", 20, 5 * 3_600_000), ("rule", None, 10 ** 13)]:
+        record = score(tier=tier, path=path, news2=news2) | {
+            "preliminary_basis": ["2524-7"], "stale_readings": [["on_oxygen", 1.0, T - 5 * 3_600_000]]}
+        summary = card(record, now_ms=T + age_ms)["summary"]
+        assert len(summary) < 140 and summary.endswith("; based on preliminary results; readings over 4 h old")
+
+
+@pytest.mark.parametrize("probability, shown", [(0.996, ">0.99"), (0.003, "<0.01"), (0.834, "0.83"), (1.0, "1.00")])
+def test_a_probability_is_never_rounded_to_a_certainty(probability, shown):
+    assert card(score(probability=probability))["summary"] == f"Deterioration risk HIGH (probability {shown})"
+
+
 def test_latest_is_by_scoring_time_not_arrival():
     latest = LatestScores.empty()
     latest.update(orjson.dumps(score(minute=10, tier="medium")))
@@ -631,7 +672,8 @@ def test_cds_service_over_http_serves_the_latest_score_and_rebuilds_after_restar
         assert c["indicator"] == "critical" and c["source"]["label"] == "wardwatch"
         assert "probability 0.83" in c["summary"] and "model v0001" in c["detail"]
         [rule] = wait_for_card(base, "Patient/p-2", proc, lambda cards: bool(cards))
-        assert rule["summary"] == "Deterioration risk MEDIUM (NEWS2 5)"
+        # scored in 2024: shown today as the old score it is
+        assert rule["summary"] == "Deterioration risk MEDIUM (NEWS2 5), scored >99 d ago: NOT CURRENT"
 
         discovery = httpx.get(f"{base}/cds-services", timeout=5).json()
         assert discovery["services"] == [{
