@@ -16,7 +16,8 @@ One row per archived thing (`kafka_*` columns are the record's own position on i
     alerts      the header fields + resource_json (the FHIR RiskAssessment)
 
 Columns added later (idx, trigger, ... of features/scores; ward, status, original_alert_id, reason,
-preliminary_basis of alerts and scores, incomplete_news2 of alerts) are nullable: part files written before them read with nulls there.
+preliminary_basis of alerts and scores, incomplete_news2 of alerts) are nullable: part files written before
+them read with nulls there.
     scores_shadow  the shadow (candidate) model's score records, in the scores shape
     gaps        FHIR subscription gap / missed-heartbeat records: subscription, gap_kind, record_json
     unreadable  an output record the archiver could not decode, or whose values do not fit its kind's
@@ -271,7 +272,8 @@ def _alerts_rows(rec: RawRecord) -> list[Row]:
            "model_version": _text(h.get("model_version")), "path": _text(h.get("path")),
            "status": _text(h.get("status")), "original_alert_id": _text(h.get("original_alert_id")),
            "reason": _text(h.get("reason")), "resource_json": _json_text(d.get("resource")),
-           "preliminary_basis": h.get("preliminary_basis"), "incomplete_news2": h.get("incomplete_news2")} | _kafka(rec)
+           "preliminary_basis": h.get("preliminary_basis"),
+           "incomplete_news2": h.get("incomplete_news2")} | _kafka(rec)
     date = utc_date(row["scoring_ms"]) if row["scoring_ms"] is not None else kafka_date(rec.timestamp_ms)
     return [Row("alerts", date, row)]
 
