@@ -44,6 +44,10 @@ class Rejection:
     exception: str | None = None  # exception class name, when one was raised
 
 
+# on a dead letter whose original was too large to copy: its size; the ww.source.* headers say where it is
+VALUE_OMITTED_HEADER = "ww.value.omitted_bytes"
+
+
 def deadletter_headers(rejection: Rejection, stage: Stage, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
     return [
         ("ww.reason", rejection.reason.value.encode()),

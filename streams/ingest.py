@@ -41,7 +41,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message, Producer
 
 from schemas.cdc import parse_cdc
 from schemas.codes import is_context
-from schemas.deadletter import Reason, Rejection, Stage, deadletter_headers
+from schemas.deadletter import VALUE_OMITTED_HEADER, Reason, Rejection, Stage, deadletter_headers
 from schemas.fhir import parse_notification
 from schemas.ingest_outcome import Control, Ignored, NeedsFetch, Outcome, Parsed, Rejected, rejected
 from streams.alignment import Aligner
@@ -458,7 +458,7 @@ class IngestWorker:
         if value is not None and len(value) > self.settings.max_message_bytes - DEADLETTER_HEADROOM:
             # larger than anything we may write: the dead letter points at the original on its raw
             # topic (partition and offset are in the headers) instead of failing on every restart
-            headers.append(("ww.value.omitted_bytes", str(len(value)).encode()))
+            headers.append((VALUE_OMITTED_HEADER, str(len(value)).encode()))
             value = None
         self._produce(self.topics.deadletter, msg.key(), value, headers)
 

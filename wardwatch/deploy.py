@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from schemas import codes
-from schemas.deadletter import Stage
+from schemas.deadletter import VALUE_OMITTED_HEADER, Stage
 from streams.topics import topic_configs, topics_for
 from wardwatch.settings import Settings
 
@@ -387,7 +387,6 @@ SOURCE_TOPIC_HEADER = "ww.source.topic"
 REASON_HEADER = "ww.reason"
 STAGE_HEADER = "ww.stage"
 REDRIVEN_HEADER = "ww.redriven-from"
-OMITTED_HEADER = "ww.value.omitted_bytes"  # the ingest's: the original was too large to copy into the dead letter
 
 
 def redrive_target(headers: dict[str, bytes], redrivable: set[str], reasons: set[str] | None,
@@ -468,7 +467,7 @@ def redrive_deadletters(settings: Settings, reasons: set[str] | None, *, dry_run
                 if target is None:
                     counts["skipped"] += 1
                     continue
-                if OMITTED_HEADER in headers:  # a null value would be a tombstone, not the message
+                if VALUE_OMITTED_HEADER in headers:  # a null value would be a tombstone, not the message
                     counts["omitted"] += 1
                     continue
                 counts["redriven"] += 1
