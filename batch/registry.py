@@ -203,6 +203,9 @@ def read_history(model_dir: Path | str) -> list[dict]:
     return entries
 
 
+NOT_APPLIED = "not_applied"  # history action: the entry before it never moved the pointer (a crash)
+
+
 def unapplied_entry(model_dir: Path | str, history: list[dict] | None = None) -> dict | None:
     """The last `current` entry of the history when its pointer write never happened, else None.
 
@@ -217,20 +220,14 @@ def unapplied_entry(model_dir: Path | str, history: list[dict] | None = None) ->
     return last if last.get("to") != now and last.get("from") == now else None
 
 
-NOT_APPLIED = "not_applied"  # history action: the entry before it never moved the pointer (a crash)
-
-
-def _settled_history(model_dir: Path | str) -> list[dict]:
-    """The history, after recording that its last entry never took effect (when so): before a new entry."""
-    history = read_history(model_dir)
-    void = unapplied_entry(model_dir, history)
+def _settle_history(model_dir: Path | str) -> None:
+    """Record that the history's last entry never took effect (when so): before a new entry."""
+    void = unapplied_entry(model_dir)
     if void is not None:
-        entry = _audit(NOT_APPLIED, CURRENT_FILE, void.get("from"), void.get("from"), "wardwatch",
-                       f"the {void.get('action')} to {void.get('to')} recorded at {void.get('at')} never moved the "
-                       f"pointer (interrupted): current still names {void.get('from')}")
-        _append_history(model_dir, entry)
-        history.append(entry)
-    return history
+        _append_history(model_dir, _audit(
+            NOT_APPLIED, CURRENT_FILE, void.get("from"), void.get("from"), "wardwatch",
+            f"the {void.get('action')} to {void.get('to')} recorded at {void.get('at')} never moved the "
+            f"pointer (interrupted): current still names {void.get('from')}"))
 
 
 def _append_history(model_dir: Path | str, entry: dict) -> None:
@@ -276,7 +273,7 @@ def promote(model_dir: Path | str, version: str, *, why: str, who: str | None = 
     if problems:
         raise PromotionRefused(f"refusing to promote {version!r}:\n  - " + "\n  - ".join(problems))
     small = held_out_too_small(model_dir, version)
-    _settled_history(model_dir)
+    _settle_history(model_dir)
     previous = current_version(model_dir)
     entry = _audit("promote", CURRENT_FILE, previous, version, who, why)
     if small:
@@ -327,7 +324,7 @@ def rollback(model_dir: Path | str, *, why: str, who: str | None = None) -> dict
     problems = contract_problems(model_dir, target)
     if problems:
         raise PromotionRefused(f"refusing to roll back to {target!r}:\n  - " + "\n  - ".join(problems))
-    _settled_history(model_dir)
+    _settle_history(model_dir)
     entry = _audit("rollback", CURRENT_FILE, now, target, who, why)
     _append_history(model_dir, entry)  # first, as promote does
     _write_pointer(model_dir, CURRENT_FILE, target)
