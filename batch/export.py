@@ -205,7 +205,6 @@ def _previous_export(out_dir: Path) -> list[Path]:
     present = sorted(out_dir.iterdir())
     if not present:
         return []
-    listed: set[str] = set()
     try:
         tables = json.loads((out_dir / MANIFEST).read_text())["tables"]
         listed = {MANIFEST, *(f"{name}.parquet" for name in tables if name in POLICY)}
