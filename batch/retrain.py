@@ -54,7 +54,7 @@ from batch import registry
 from batch.directional import directional_table, directional_violations, model_scorer, registered_model
 from batch.features import features_as_of_issued
 from batch.nightly import TRAIN, NightlyBusy, writer_lock
-from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, _joined, bootstrap_intervals,
+from batch.train import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SERVED, bootstrap_intervals, features_with_labels,
                          held_out_too_small, make_labels, operating_metrics, published_points, split_patients,
                          train_model)
 from wardwatch.settings import Settings
@@ -259,7 +259,7 @@ def alert_burden(model_dir, version: str, current: str, features: pl.DataFrame, 
     worker serves no model), both scored with onnxruntime, counted by batch.train.operating_metrics (rising
     edges, per 100 patient-days, with the sensitivity). Reported, not gated: a promotion that doubles
     the ward's alerts at the same sensitivity is then in plain sight."""
-    data = _joined(features, labels)
+    data = features_with_labels(features, labels)
     _, test_ids = split_patients(data["patient_id"].to_list())
     rows = data.filter(pl.col("patient_id").is_in(sorted(test_ids))).with_columns(_served=SERVED)
     out = {"threshold": threshold, "rows": "every held-out scoring point, at risk or not (the model's score where the "

@@ -299,7 +299,7 @@ def train_model(features_df: pl.DataFrame, labels_df: pl.DataFrame, out_dir: Pat
     if target.exists():
         raise FileExistsError(f"model version {version!r} already exists in {out_dir}")
 
-    data = _joined(features_df, labels_df)
+    data = features_with_labels(features_df, labels_df)
     # split on every patient (retrain._held_out does the same), then keep the rows at risk
     train_ids, test_ids = split_patients(data["patient_id"].to_list(), test_fraction, seed)
     train_all = data.filter(pl.col("patient_id").is_in(list(train_ids)))
@@ -455,7 +455,8 @@ def sign_constrained_logistic(z: np.ndarray, y: np.ndarray, directions: tuple[in
     return model
 
 
-def _joined(features_df: pl.DataFrame, labels_df: pl.DataFrame) -> pl.DataFrame:
+def features_with_labels(features_df: pl.DataFrame, labels_df: pl.DataFrame) -> pl.DataFrame:
+    """Each scoring point's features joined with its label (on patient_id, scoring_ms and the point keys both carry)."""
     keys = [k for k in _KEYS if k in features_df.columns and k in labels_df.columns]
     if "patient_id" not in keys or "scoring_ms" not in keys:
         raise ValueError("features and labels must both carry patient_id and scoring_ms")
