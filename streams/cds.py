@@ -466,17 +466,17 @@ def card(record: dict, now_ms: int | None = None) -> dict:
     if not isinstance(stale, list) or not all(isinstance(r, list) and len(r) == 3 for r in stale):
         raise TypeError("stale_readings is not a list of [feature, value, taken_ms]")
     flag = ""
-    if now_ms is not None:  # a score computed hours ago is not the patient's risk now: say how old it is
-        age = now_ms - record["scoring_ms"]
+    age = None if now_ms is None else now_ms - record["scoring_ms"]
+    if age is not None:  # a score computed hours ago is not the patient's risk now: say how old it is
         flag += f", scored {_ago(age)} ago" + (": NOT CURRENT" if age > SCORE_CURRENT_MS else "")
     flag += "; based on preliminary results" if preliminary else ""
     if stale:
         flag += f"; readings over {STALE_AFTER_MS // HOUR_MS} h old"
     summary = f"Deterioration risk {tier.upper()} ({measure}){flag}"[:SUMMARY_MAX]
     lines = [f"Scored at {_iso(record['scoring_ms'])} by {method}."]
-    if now_ms is not None and now_ms - record["scoring_ms"] > SCORE_CURRENT_MS:
+    if age is not None and age > SCORE_CURRENT_MS:
         lines.append("")
-        lines.append(f"No score since, {format_age(now_ms - record['scoring_ms'])} ago: this is not the current "
+        lines.append(f"No score since, {format_age(age)} ago: this is not the current "
                      f"risk. Check the latest observations or chart a new vitals set.")
     if preliminary:
         lines.append("")
@@ -511,7 +511,6 @@ class LatestScores:
     dict operations on one key are atomic under the GIL and records are never mutated."""
 
     by_patient: dict[str, dict]
-    cards: dict[str, dict] = field(default_factory=dict)  # each patient's card, built once as its record arrives
     records_read: int = 0
     records_skipped: int = 0
 
@@ -527,7 +526,7 @@ class LatestScores:
             if not isinstance(patient, str):
                 raise TypeError("patient_id is not a string")
             record = record | {"scoring_ms": scoring_ms}  # kept converted: the next update compares it
-            built = card(record)  # a record that cannot make a card is skipped here, not a 500 when asked for
+            card(record)  # a record that cannot make a card is skipped here, not a 500 when asked for
         except (TypeError, KeyError, ValueError, OverflowError, OSError):  # JSONDecodeError is a ValueError
             self.records_skipped += 1  # our own topic: a bug upstream, counted (never a patient value in logs)
             return False
@@ -535,7 +534,6 @@ class LatestScores:
         held = self.by_patient.get(patient)
         if held is not None and held["scoring_ms"] > scoring_ms:
             return False
-        self.cards[patient] = built  # (before the record: a reader that finds the record finds its card)
         self.by_patient[patient] = record
         return True
 
@@ -543,10 +541,9 @@ class LatestScores:
         return next((self.by_patient[k] for k in keys if k in self.by_patient), None)
 
     def card_for(self, keys: list[str], now_ms: int | None = None) -> dict | None:
-        """The card of the first key's latest score; with `now_ms`, saying how old it is then (card())."""
-        if now_ms is None:
-            return next((self.cards[k] for k in keys if k in self.by_patient), None)
-        record = self.get(keys)  # (update() built its card once already: it builds)
+        """The card of the first key's latest score; with `now_ms`, saying how old it is then (card()). Built
+        when asked for: its summary depends on the time it is shown."""
+        record = self.get(keys)
         return card(record, now_ms) if record is not None else None
 
 
