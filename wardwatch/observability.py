@@ -97,9 +97,9 @@ class _SnapshotCollector:
                                        labels=["service", "counter"])
         gauges = GaugeMetricFamily("wardwatch_gauge", "Current values of each wardwatch service",
                                    labels=["service", "gauge"])
-        for family, sources in ((counters, {(s, ""): fn for s, fn in list(self.sources.items())}),
-                                (gauges, dict(self.gauges))):
-            for (service, _), snapshot in sources.items():
+        for family, sources in ((counters, list(self.sources.items())),
+                                (gauges, [(service, fn) for (service, _), fn in list(self.gauges.items())])):
+            for service, snapshot in sources:
                 try:
                     leaves = flatten(snapshot())
                 except Exception:  # a scrape never takes a service down
