@@ -14,7 +14,6 @@ from rich.console import Console
 from wardwatch.settings import Settings, load_settings
 
 
-
 class _ScrubbedTyper(typer.Typer):
     """The root command. An exception that escapes a command (a bug, a full disk, a broker error) ends it
     with exit code 1 and its traceback scrubbed of identifier-like values (observability.redact), as in a
